@@ -1,0 +1,139 @@
+//! The cryptographer: the [`Backend`] trait and its implementations, one module each.
+//!
+//! A backend generates keys and uses them; it never hands key material to the keystore. What it
+//! needs to find a key again is a *locator* (a string, bound into the key ID) and, optionally, an
+//! opaque *blob* that the keystore stores in the key's record under the record MAC (the software
+//! backend's encrypted key; a TPM's wrapped key). Backends keep no key records of their own.
+
+pub mod software;
+
+use std::fmt;
+
+use crate::error::Result;
+use crate::key::{KeySpec, KeyType, Purpose, SignatureFormat};
+use crate::public_key::PublicKey;
+use crate::secret::SecretBytes;
+
+/// Which key types, with which purposes, a backend can create and use.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Capabilities {
+    supported: Vec<(KeyType, Purpose)>,
+}
+
+impl Capabilities {
+    /// Capabilities from an explicit list.
+    pub fn new(supported: Vec<(KeyType, Purpose)>) -> Self {
+        Self { supported }
+    }
+
+    /// Whether keys of `key_type` with `purpose` are supported.
+    pub fn supports(&self, key_type: KeyType, purpose: Purpose) -> bool {
+        self.supported.contains(&(key_type, purpose))
+    }
+
+    /// Every supported pair.
+    pub fn iter(&self) -> impl Iterator<Item = (KeyType, Purpose)> + '_ {
+        self.supported.iter().copied()
+    }
+}
+
+/// The identity of a key as the keystore knows it, handed to the backend with every call.
+///
+/// The backend binds its material to these fields (the software backend uses them as AEAD AAD), so a
+/// blob moved to another record is refused.
+#[derive(Debug, Clone, Copy)]
+pub struct KeyContext<'a> {
+    /// The store's identity.
+    pub store_id: &'a [u8; 16],
+    /// The key's record identifier.
+    pub uuid: &'a [u8; 16],
+    /// Type, purpose and algorithm.
+    pub spec: &'a KeySpec,
+}
+
+/// A key as stored: its identity plus what the backend returned when it was generated.
+#[derive(Debug, Clone, Copy)]
+pub struct KeyRef<'a> {
+    /// The key's identity.
+    pub context: KeyContext<'a>,
+    /// Where the backend finds the key.
+    pub locator: &'a str,
+    /// The backend's opaque blob, if it returned one.
+    pub blob: Option<&'a [u8]>,
+}
+
+/// What [`Backend::generate`] returns for the keystore to record.
+#[derive(Debug)]
+pub struct GeneratedKey {
+    /// Where the backend finds the key again.
+    pub locator: String,
+    /// Opaque, backend-protected bytes the keystore stores with the record.
+    pub blob: Option<Vec<u8>>,
+    /// The public key, for asymmetric types.
+    pub public_key: Option<PublicKey>,
+}
+
+/// An AEAD ciphertext as the backend makes or takes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Sealed {
+    /// The nonce the backend chose.
+    pub nonce: Vec<u8>,
+    /// Ciphertext with the tag appended.
+    pub ciphertext: Vec<u8>,
+}
+
+/// A backend: somewhere keys are generated and used without leaving it.
+///
+/// Every method blocks until the operation is done (hardware backends wait for the device).
+/// Implementations are `Send + Sync`: one backend serves every thread of a keystore. The keystore
+/// checks purposes and input sizes before calling; backends check only what their device needs.
+pub trait Backend: Send + Sync + fmt::Debug {
+    /// The backend instance's name, as recorded in key records and IDs (`software`, `hsm1`, …).
+    fn name(&self) -> &str;
+
+    /// The key types and purposes this backend can create.
+    fn capabilities(&self) -> &Capabilities;
+
+    /// Creates a key inside the backend.
+    ///
+    /// # Errors
+    /// [`crate::Error::Unsupported`] for a type the backend cannot make; a backend error otherwise.
+    fn generate(&self, context: KeyContext<'_>) -> Result<GeneratedKey>;
+
+    /// Reads the public key back from the backend (the keystore normally uses the recorded copy).
+    ///
+    /// # Errors
+    /// A backend error; [`crate::Error::InvalidInput`] for a symmetric key.
+    fn public_key(&self, key: KeyRef<'_>) -> Result<PublicKey>;
+
+    /// Signs `message` (the backend hashes it as the key's algorithm says).
+    ///
+    /// # Errors
+    /// A backend error.
+    fn sign(&self, key: KeyRef<'_>, message: &[u8], format: SignatureFormat) -> Result<Vec<u8>>;
+
+    /// Encrypts with a symmetric key; `aad` is authenticated, not encrypted.
+    ///
+    /// # Errors
+    /// A backend error.
+    fn encrypt(&self, key: KeyRef<'_>, plaintext: &[u8], aad: &[u8]) -> Result<Sealed>;
+
+    /// Decrypts: AEAD for symmetric keys (`sealed.nonce` set), RSA-OAEP for asymmetric ones (empty
+    /// nonce, `aad` is the OAEP label).
+    ///
+    /// # Errors
+    /// [`crate::Error::DecryptionFailed`] for any ciphertext that does not authenticate.
+    fn decrypt(&self, key: KeyRef<'_>, sealed: &Sealed, aad: &[u8]) -> Result<SecretBytes>;
+
+    /// Computes a MAC tag over `data`.
+    ///
+    /// # Errors
+    /// A backend error.
+    fn mac(&self, key: KeyRef<'_>, data: &[u8]) -> Result<Vec<u8>>;
+
+    /// Destroys the key in the backend. Destroying a key that is already gone succeeds.
+    ///
+    /// # Errors
+    /// A backend error.
+    fn destroy(&self, key: KeyRef<'_>) -> Result<()>;
+}

@@ -1,0 +1,159 @@
+//! Input, output, the passphrase, and opening the keystore.
+
+use std::fs::File;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::path::Path;
+
+use keyhold::{Keystore, PassphraseSealer, MAX_INPUT};
+use secrecy::SecretString;
+use zeroize::Zeroizing;
+
+use super::{Context, Failure};
+
+/// The message a broken pipe turns into; `main` treats it as success.
+pub const BROKEN_PIPE: &str = "broken pipe";
+
+/// Reads the whole input (a file, or stdin for `None`), at most one byte past the limit so that the
+/// library can refuse oversized input with its own message.
+pub fn read_input(path: Option<&Path>) -> Result<Vec<u8>, Failure> {
+    let limit = MAX_INPUT as u64 + 1;
+    let mut data = Vec::new();
+    let result = match path {
+        Some(p) => File::open(p)
+            .and_then(|f| f.take(limit).read_to_end(&mut data))
+            .map_err(|e| Failure::Cli(format!("cannot read {}: {e}", p.display()))),
+        None => std::io::stdin()
+            .lock()
+            .take(limit)
+            .read_to_end(&mut data)
+            .map_err(|e| Failure::Cli(format!("cannot read stdin: {e}"))),
+    };
+    result.map(|_| data)
+}
+
+/// Reads a small file named by an option (a signature, a tag).
+pub fn read_small_file(path: &Path, what: &str) -> Result<Vec<u8>, Failure> {
+    let mut data = Vec::new();
+    File::open(path)
+        .and_then(|f| f.take(64 * 1024).read_to_end(&mut data))
+        .map_err(|e| Failure::Cli(format!("cannot read the {what} {}: {e}", path.display())))?;
+    Ok(data)
+}
+
+/// Writes output to a file (created private by the umask) or to stdout.
+pub fn write_output(path: Option<&Path>, data: &[u8]) -> Result<(), Failure> {
+    match path {
+        Some(p) => std::fs::write(p, data)
+            .map_err(|e| Failure::Cli(format!("cannot write {}: {e}", p.display()))),
+        None => {
+            let mut out = std::io::stdout().lock();
+            out.write_all(data).and_then(|()| out.flush()).map_err(|e| {
+                if e.kind() == std::io::ErrorKind::BrokenPipe {
+                    Failure::Cli(BROKEN_PIPE.into())
+                } else {
+                    Failure::Cli(format!("cannot write to stdout: {e}"))
+                }
+            })
+        }
+    }
+}
+
+/// Prints one line of text output.
+pub fn print_line(line: &str) -> Result<(), Failure> {
+    let mut text = String::with_capacity(line.len() + 1);
+    text.push_str(line);
+    text.push('\n');
+    write_output(None, text.as_bytes())
+}
+
+/// Prints a JSON value on one line.
+pub fn print_json(value: &serde_json::Value) -> Result<(), Failure> {
+    print_line(&value.to_string())
+}
+
+/// Finds the passphrase: `--passphrase-file`, then `$KEYHOLD_PASSPHRASE`, then the terminal.
+pub fn passphrase(ctx: &Context, confirm: bool) -> Result<SecretString, Failure> {
+    if let Some(path) = &ctx.passphrase_file {
+        let file = File::open(path).map_err(|e| {
+            Failure::Cli(format!(
+                "cannot read the passphrase file {}: {e}",
+                path.display()
+            ))
+        })?;
+        let mut line = Zeroizing::new(String::new());
+        BufReader::new(file)
+            .read_line(&mut line)
+            .map_err(|e| Failure::Cli(format!("cannot read {}: {e}", path.display())))?;
+        return Ok(SecretString::from(trim_newline(&line).to_owned()));
+    }
+    if let Some(value) = std::env::var_os("KEYHOLD_PASSPHRASE") {
+        let value = Zeroizing::new(
+            value
+                .into_string()
+                .map_err(|_| Failure::Cli("KEYHOLD_PASSPHRASE is not valid UTF-8".into()))?,
+        );
+        return Ok(SecretString::from(value.as_str().to_owned()));
+    }
+    prompt(confirm)
+}
+
+fn trim_newline(line: &str) -> &str {
+    line.strip_suffix('\n')
+        .map(|l| l.strip_suffix('\r').unwrap_or(l))
+        .unwrap_or(line)
+}
+
+/// Asks on the controlling terminal with echo off; twice when `confirm`.
+fn prompt(confirm: bool) -> Result<SecretString, Failure> {
+    use rustix::termios::{tcgetattr, tcsetattr, LocalModes, OptionalActions};
+    let no_source = || {
+        Failure::Cli(
+            "no passphrase: set KEYHOLD_PASSPHRASE, pass --passphrase-file FILE, \
+             or run keyhold in a terminal"
+                .into(),
+        )
+    };
+    let tty = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/tty")
+        .map_err(|_| no_source())?;
+    let saved = tcgetattr(&tty).map_err(|_| no_source())?;
+    let mut quiet = saved.clone();
+    quiet.local_modes.remove(LocalModes::ECHO);
+    quiet.local_modes.insert(LocalModes::ECHONL);
+    let ask = |label: &str| -> Result<Zeroizing<String>, Failure> {
+        let mut out = &tty;
+        let _ = out.write_all(label.as_bytes());
+        tcsetattr(&tty, OptionalActions::Flush, &quiet)
+            .map_err(|e| Failure::Cli(format!("cannot turn terminal echo off: {e}")))?;
+        let mut line = Zeroizing::new(String::new());
+        let read = BufReader::new(&tty).read_line(&mut line);
+        let _ = tcsetattr(&tty, OptionalActions::Flush, &saved);
+        read.map_err(|e| Failure::Cli(format!("cannot read the passphrase: {e}")))?;
+        Ok(Zeroizing::new(trim_newline(&line).to_owned()))
+    };
+    let first = ask("keyhold passphrase: ")?;
+    if confirm {
+        let second = ask("repeat the passphrase: ")?;
+        if *first != *second {
+            return Err(Failure::Cli(
+                "the passphrases differ: nothing was changed".into(),
+            ));
+        }
+    }
+    Ok(SecretString::from(first.as_str().to_owned()))
+}
+
+/// Opens and unseals the store named by the context.
+pub fn open_keystore(ctx: &Context) -> Result<Keystore, Failure> {
+    // Look for the store before asking for a passphrase nobody can use.
+    if !ctx.store.join(keyhold::store::DB_FILE).is_file() {
+        return Err(keyhold::Error::StoreNotFound {
+            path: ctx.store.clone(),
+        }
+        .into());
+    }
+    let sealer = PassphraseSealer::new(passphrase(ctx, false)?);
+    Ok(Keystore::open(&ctx.store, &sealer)?)
+}

@@ -1,0 +1,66 @@
+//! `keyhold init`.
+
+use clap::{Args, ValueEnum};
+use keyhold::{Argon2Params, Keystore, PassphraseSealer};
+
+use super::{io, CmdResult, Context};
+
+/// How the store's root secret is sealed.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum SealerKind {
+    /// Argon2id from a passphrase
+    Passphrase,
+}
+
+#[derive(Debug, Args)]
+pub struct InitArgs {
+    /// How to protect the store's root secret
+    #[arg(long, value_enum)]
+    sealer: SealerKind,
+
+    /// Argon2id memory in MiB (at least 8)
+    #[arg(long, value_name = "MIB", default_value_t = Argon2Params::default().memory_mib)]
+    argon2_memory_mib: u32,
+
+    /// Argon2id passes over memory
+    #[arg(long, value_name = "N", default_value_t = Argon2Params::default().iterations)]
+    argon2_iterations: u32,
+
+    /// Argon2id lanes
+    #[arg(long, value_name = "N", default_value_t = Argon2Params::default().parallelism)]
+    argon2_parallelism: u32,
+}
+
+pub fn init(ctx: &Context, args: &InitArgs) -> CmdResult {
+    let params = Argon2Params {
+        memory_mib: args.argon2_memory_mib,
+        iterations: args.argon2_iterations,
+        parallelism: args.argon2_parallelism,
+    };
+    params.validate()?;
+    if ctx.store.join(keyhold::store::DB_FILE).exists() {
+        return Err(keyhold::Error::StoreExists {
+            path: ctx.store.clone(),
+        }
+        .into());
+    }
+    let ks = match args.sealer {
+        SealerKind::Passphrase => {
+            let sealer = PassphraseSealer::new(io::passphrase(ctx, true)?).with_params(params)?;
+            Keystore::create(&ctx.store, &sealer)?
+        }
+    };
+    if ctx.json {
+        io::print_json(&serde_json::json!({
+            "store": ctx.store.display().to_string(),
+            "store_id": ks.store_id(),
+            "sealer": "passphrase",
+        }))
+    } else {
+        io::print_line(&format!(
+            "initialised keyhold store {} (store id {}, sealer passphrase)",
+            ctx.store.display(),
+            ks.store_id()
+        ))
+    }
+}

@@ -1,0 +1,189 @@
+//! The one error type of keyhold.
+//!
+//! Every variant names something the caller can act on. Messages are lowercase, never contain key
+//! material, passphrases or plaintext, and say what to do next where there is something to do.
+
+use std::path::PathBuf;
+
+/// A boxed foreign error kept as a source, never part of the public API.
+type Source = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// The result type of keyhold.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Everything that can go wrong in keyhold.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// A key ID was modified, malformed, or issued by another store. Never used for a genuine ID.
+    #[error("key ID failed authentication: {reason}")]
+    KeyIdAuthentication {
+        /// Why the ID was refused.
+        reason: &'static str,
+    },
+
+    /// A genuine key ID whose key no longer exists in this store.
+    #[error("no such key: `{namespace}/{name}` is not in this store (it was destroyed)")]
+    NoSuchKey {
+        /// The key's namespace.
+        namespace: String,
+        /// The key's name.
+        name: String,
+    },
+
+    /// The store's root secret could not be unsealed.
+    #[error("cannot unseal the store: {reason}")]
+    Unseal {
+        /// Why, and what to do.
+        reason: String,
+    },
+
+    /// A stored record failed its MAC or could not be decoded: the store was changed outside keyhold.
+    #[error("integrity check failed: {what}: the store was modified outside keyhold; restore it from a backup")]
+    Integrity {
+        /// What failed the check.
+        what: String,
+    },
+
+    /// There is no store at the given path.
+    #[error("no keyhold store at {}: run `keyhold init` first, or pass --store", path.display())]
+    StoreNotFound {
+        /// The path that was looked at.
+        path: PathBuf,
+    },
+
+    /// `init` was asked to create a store where one already exists.
+    #[error("a keyhold store already exists at {}: refusing to overwrite it", path.display())]
+    StoreExists {
+        /// The existing store.
+        path: PathBuf,
+    },
+
+    /// The store exists but cannot be read as a keyhold store.
+    #[error("the store at {} is unusable: {reason}", path.display())]
+    StoreUnusable {
+        /// The store's path.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+        /// The underlying error, if any.
+        #[source]
+        source: Option<Source>,
+    },
+
+    /// A key with this name already exists in the namespace.
+    #[error("a key named `{namespace}/{name}` already exists: choose another name")]
+    KeyExists {
+        /// The namespace.
+        namespace: String,
+        /// The name.
+        name: String,
+    },
+
+    /// The operation is not allowed by the key's purpose.
+    #[error("key `{key}` has purpose {purpose}: it cannot {operation}")]
+    WrongPurpose {
+        /// `namespace/name` of the key.
+        key: String,
+        /// The key's purpose.
+        purpose: &'static str,
+        /// What was asked.
+        operation: &'static str,
+    },
+
+    /// A backend cannot do what was asked.
+    #[error("backend `{backend}` does not support {what}")]
+    Unsupported {
+        /// The backend's name.
+        backend: String,
+        /// What it lacks.
+        what: String,
+    },
+
+    /// No backend of that name is configured.
+    #[error("no backend named `{name}`: configured backends: {available}")]
+    NoSuchBackend {
+        /// The requested name.
+        name: String,
+        /// The configured names, comma separated.
+        available: String,
+    },
+
+    /// The caller's input was refused before any key was touched.
+    #[error("{0}")]
+    InvalidInput(String),
+
+    /// A signature or MAC tag did not verify. Deliberately undetailed.
+    #[error("{what} invalid")]
+    VerificationFailed {
+        /// `signature` or `tag`.
+        what: &'static str,
+    },
+
+    /// Decryption failed. Deliberately undetailed beyond format problems: no padding or tag oracle.
+    #[error("decryption failed: {reason}")]
+    DecryptionFailed {
+        /// A fixed description.
+        reason: &'static str,
+    },
+
+    /// The cryptographic library failed where it should not have.
+    #[error("cryptographic operation failed: {operation}")]
+    Crypto {
+        /// The operation.
+        operation: &'static str,
+    },
+
+    /// A generated key failed its pairwise consistency test; it was discarded.
+    #[error("the generated {key_type} key failed its pairwise consistency test and was discarded")]
+    ConsistencyTest {
+        /// The key type.
+        key_type: &'static str,
+    },
+
+    /// The key-storage database failed.
+    #[error("key storage: {context}")]
+    Storage {
+        /// What keyhold was doing.
+        context: &'static str,
+        /// The database error.
+        #[source]
+        source: Source,
+    },
+
+    /// A file or device could not be used.
+    #[error("{context}")]
+    Io {
+        /// What keyhold was doing, with the path.
+        context: String,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl Error {
+    /// Wraps an I/O error with what was being done.
+    pub(crate) fn io(context: impl Into<String>, source: std::io::Error) -> Self {
+        Self::Io {
+            context: context.into(),
+            source,
+        }
+    }
+
+    /// Wraps a database error with what was being done.
+    pub(crate) fn storage(
+        context: &'static str,
+        source: impl std::error::Error + Send + Sync + 'static,
+    ) -> Self {
+        Self::Storage {
+            context,
+            source: Box::new(source),
+        }
+    }
+
+    /// A failure of the cryptographic library.
+    pub(crate) fn crypto(operation: &'static str) -> Self {
+        Self::Crypto { operation }
+    }
+}

@@ -1,0 +1,625 @@
+//! The application-facing keystore: creates keys, resolves authenticated key IDs, enforces each
+//! key's one purpose, and calls the backend that holds the key.
+
+mod envelope;
+mod key_id;
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use aws_lc_rs::{constant_time, hkdf, hmac};
+
+use crate::backend::software::SoftwareBackend;
+use crate::backend::{Backend, KeyContext, KeyRef, Sealed};
+use crate::error::{Error, Result};
+use crate::key::{validate_name, Algorithm, KeySpec, KeyState, Purpose, SignatureFormat};
+use crate::public_key::PublicKey;
+use crate::sealer::{RootSecret, Sealer};
+use crate::secret::{harden_process, SecretBytes};
+use crate::store::{KeyRecord, Store, StoreMeta};
+
+use key_id::KeyIdCodec;
+pub use key_id::{KeyIdFields, PREFIX as KEY_ID_PREFIX};
+
+/// The most bytes any single operation takes as input: 64 MiB.
+pub const MAX_INPUT: usize = 64 * 1024 * 1024;
+
+/// The most random bytes [`random_bytes`] returns at once.
+pub const MAX_RANDOM: usize = 65536;
+
+/// The namespace used when none is given.
+pub const DEFAULT_NAMESPACE: &str = "default";
+
+/// What to create.
+#[derive(Debug, Clone)]
+pub struct KeyRequest {
+    /// The namespace.
+    pub namespace: String,
+    /// The name, unique in the namespace.
+    pub name: String,
+    /// Type, purpose and algorithm.
+    pub spec: KeySpec,
+    /// The backend instance; `None` means `software`.
+    pub backend: Option<String>,
+}
+
+/// What the keystore tells about a key: everything but its material.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyInfo {
+    /// The authenticated key ID applications hold.
+    pub id: String,
+    /// The store's identity, hex.
+    pub store_id: String,
+    /// Namespace.
+    pub namespace: String,
+    /// Name.
+    pub name: String,
+    /// Type, purpose and algorithm.
+    pub spec: KeySpec,
+    /// Backend instance.
+    pub backend: String,
+    /// Where the backend finds the key.
+    pub locator: String,
+    /// Lifecycle state.
+    pub state: KeyState,
+    /// Key version.
+    pub version: u32,
+    /// Creation time, seconds since the Unix epoch.
+    pub created_at: i64,
+}
+
+/// An open, unsealed keystore. `Send + Sync`: share it between threads behind an `Arc`.
+#[derive(Debug)]
+pub struct Keystore {
+    store: Store,
+    store_id: [u8; 16],
+    ids: KeyIdCodec,
+    record_mac: hmac::Key,
+    backends: Vec<Arc<dyn Backend>>,
+}
+
+/// Keys derived from the root secret, each for one job (HKDF-SHA256, salt = store ID).
+struct DerivedKeys {
+    key_id_mac: SecretBytes,
+    record_mac: SecretBytes,
+    software_kek: SecretBytes,
+}
+
+fn derive_keys(root: &RootSecret, store_id: &[u8; 16]) -> Result<DerivedKeys> {
+    let prk = hkdf::Salt::new(hkdf::HKDF_SHA256, store_id).extract(root.expose());
+    let expand = |info: &'static [u8]| -> Result<SecretBytes> {
+        let mut out = SecretBytes::zeroed(32);
+        prk.expand(&[info], hkdf::HKDF_SHA256)
+            .and_then(|okm| okm.fill(out.expose_mut()))
+            .map_err(|_| Error::crypto("derive the store's keys"))?;
+        Ok(out)
+    };
+    Ok(DerivedKeys {
+        key_id_mac: expand(b"keyhold v1 key-id mac")?,
+        record_mac: expand(b"keyhold v1 record mac")?,
+        software_kek: expand(b"keyhold v1 software kek")?,
+    })
+}
+
+fn now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+}
+
+/// Refuses empty and oversized input before any key is touched.
+fn check_input(data: &[u8], operation: &str) -> Result<()> {
+    if data.is_empty() {
+        return Err(Error::InvalidInput(format!(
+            "input is empty: nothing to {operation}"
+        )));
+    }
+    if data.len() > MAX_INPUT {
+        return Err(Error::InvalidInput(format!(
+            "input is larger than the 64 MiB limit ({} bytes)",
+            data.len()
+        )));
+    }
+    Ok(())
+}
+
+/// `n` random bytes from the system CSPRNG through aws-lc.
+///
+/// # Errors
+/// [`Error::InvalidInput`] unless `1 <= n <= MAX_RANDOM`; [`Error::Crypto`] if the RNG fails.
+pub fn random_bytes(n: usize) -> Result<Vec<u8>> {
+    if n == 0 || n > MAX_RANDOM {
+        return Err(Error::InvalidInput(format!(
+            "ask for between 1 and {MAX_RANDOM} random bytes, not {n}"
+        )));
+    }
+    let mut out = vec![0u8; n];
+    aws_lc_rs::rand::fill(&mut out).map_err(|_| Error::crypto("random generation"))?;
+    Ok(out)
+}
+
+/// A resolved key: its verified record and parsed spec.
+struct Resolved {
+    record: KeyRecord,
+    spec: KeySpec,
+}
+
+impl Resolved {
+    fn label(&self) -> String {
+        format!("{}/{}", self.record.namespace, self.record.name)
+    }
+}
+
+impl Keystore {
+    /// Creates a store in `dir`, sealing a fresh root secret with `sealer`.
+    ///
+    /// Makes the process non-dumpable first (see [`harden_process`]).
+    ///
+    /// # Errors
+    /// [`Error::StoreExists`] if there is already a store; sealer, I/O and storage errors.
+    pub fn create(dir: &Path, sealer: &dyn Sealer) -> Result<Self> {
+        harden_process();
+        if dir.join(crate::store::DB_FILE).exists() {
+            return Err(Error::StoreExists {
+                path: dir.to_path_buf(),
+            });
+        }
+        let mut store_id = [0u8; 16];
+        aws_lc_rs::rand::fill(&mut store_id).map_err(|_| Error::crypto("make a store ID"))?;
+        let root = RootSecret::generate()?;
+        let sealed_root = sealer.seal(&root, &store_id)?;
+        let meta = StoreMeta {
+            store_id,
+            sealed_root,
+            created_at: now(),
+        };
+        let store = Store::create(dir, &meta)?;
+        tracing::info!(store = %dir.display(), sealer = sealer.kind(), "created store");
+        Self::with_root(store, &root)
+    }
+
+    /// Opens the store in `dir` and unseals its root secret with `sealer`.
+    ///
+    /// Makes the process non-dumpable first (see [`harden_process`]).
+    ///
+    /// # Errors
+    /// [`Error::StoreNotFound`], [`Error::StoreUnusable`], [`Error::Unseal`].
+    pub fn open(dir: &Path, sealer: &dyn Sealer) -> Result<Self> {
+        harden_process();
+        let store = Store::open(dir)?;
+        let meta = store.meta();
+        if meta.sealed_root.sealer != sealer.kind() {
+            return Err(Error::Unseal {
+                reason: format!(
+                    "the store is sealed by `{}`, but a `{}` sealer was given",
+                    meta.sealed_root.sealer,
+                    sealer.kind()
+                ),
+            });
+        }
+        let root = sealer.unseal(&meta.sealed_root, &meta.store_id)?;
+        Self::with_root(store, &root)
+    }
+
+    fn with_root(store: Store, root: &RootSecret) -> Result<Self> {
+        let store_id = store.meta().store_id;
+        let keys = derive_keys(root, &store_id)?;
+        let software: Arc<dyn Backend> = Arc::new(SoftwareBackend::new(&keys.software_kek)?);
+        Ok(Self {
+            ids: KeyIdCodec::new(store_id, keys.key_id_mac.expose()),
+            record_mac: hmac::Key::new(hmac::HMAC_SHA256, keys.record_mac.expose()),
+            store,
+            store_id,
+            backends: vec![software],
+        })
+    }
+
+    /// The store's identity, hex.
+    pub fn store_id(&self) -> String {
+        crate::hex::encode(&self.store_id)
+    }
+
+    /// The store's directory.
+    pub fn dir(&self) -> &Path {
+        self.store.dir()
+    }
+
+    /// The configured backends, `software` first.
+    pub fn backends(&self) -> impl Iterator<Item = &dyn Backend> {
+        self.backends.iter().map(|b| b.as_ref())
+    }
+
+    fn backend(&self, name: &str) -> Result<&Arc<dyn Backend>> {
+        self.backends
+            .iter()
+            .find(|b| b.name() == name)
+            .ok_or_else(|| Error::NoSuchBackend {
+                name: name.to_owned(),
+                available: self
+                    .backends
+                    .iter()
+                    .map(|b| b.name())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            })
+    }
+
+    fn seal_record(&self, record: &mut KeyRecord) {
+        let tag = hmac::sign(&self.record_mac, &record.mac_input(&self.store_id));
+        record.mac = tag.as_ref().to_vec();
+    }
+
+    fn check_record(&self, record: &KeyRecord) -> Result<()> {
+        let expected = hmac::sign(&self.record_mac, &record.mac_input(&self.store_id));
+        constant_time::verify_slices_are_equal(expected.as_ref(), &record.mac).map_err(|_| {
+            Error::Integrity {
+                what: format!(
+                    "the record of key {} failed its MAC",
+                    crate::hex::encode(&record.uuid)
+                ),
+            }
+        })
+    }
+
+    fn spec_of(record: &KeyRecord) -> Result<KeySpec> {
+        KeySpec::from_names(&record.key_type, &record.purpose, &record.algorithm)
+    }
+
+    fn info(&self, resolved: &Resolved) -> Result<KeyInfo> {
+        let r = &resolved.record;
+        let id = self.ids.encode(&KeyIdFields {
+            store_id: self.store_id,
+            uuid: r.uuid,
+            namespace: r.namespace.clone(),
+            name: r.name.clone(),
+            backend: r.backend.clone(),
+            locator: r.locator.clone(),
+            spec: resolved.spec,
+        })?;
+        Ok(KeyInfo {
+            id,
+            store_id: self.store_id(),
+            namespace: r.namespace.clone(),
+            name: r.name.clone(),
+            spec: resolved.spec,
+            backend: r.backend.clone(),
+            locator: r.locator.clone(),
+            state: r.state.parse()?,
+            version: r.version,
+            created_at: r.created_at,
+        })
+    }
+
+    /// Checks a record's MAC and decodes what it says; the one way records come out of the store.
+    fn verified(&self, record: KeyRecord) -> Result<Resolved> {
+        self.check_record(&record)?;
+        let spec = Self::spec_of(&record).map_err(|e| Error::Integrity {
+            what: format!("an authenticated record names an unknown algorithm ({e})"),
+        })?;
+        Ok(Resolved { record, spec })
+    }
+
+    /// Authenticates `id` and loads its key's verified record.
+    fn resolve(&self, id: &str) -> Result<Resolved> {
+        let fields = self.ids.decode(id)?;
+        let record = self
+            .store
+            .key(&fields.uuid)?
+            .ok_or_else(|| Error::NoSuchKey {
+                namespace: fields.namespace.clone(),
+                name: fields.name.clone(),
+            })?;
+        let resolved = self.verified(record)?;
+        let r = &resolved.record;
+        let same = r.namespace == fields.namespace
+            && r.name == fields.name
+            && r.backend == fields.backend
+            && r.locator == fields.locator
+            && resolved.spec == fields.spec;
+        if !same {
+            return Err(Error::Integrity {
+                what: "the key's record does not match its key ID".into(),
+            });
+        }
+        let state: KeyState = r.state.parse().map_err(|_| Error::Integrity {
+            what: format!("the record of `{}` has an unknown state", resolved.label()),
+        })?;
+        match state {
+            KeyState::Active => Ok(resolved),
+        }
+    }
+
+    /// Resolves `id`, checks that its purpose is `purpose`, and runs `op` with its backend.
+    fn use_key<T>(
+        &self,
+        id: &str,
+        purpose: Purpose,
+        operation: &'static str,
+        op: impl FnOnce(&dyn Backend, KeyRef<'_>, &Resolved) -> Result<T>,
+    ) -> Result<T> {
+        let resolved = self.resolve(id)?;
+        if resolved.spec.purpose() != purpose {
+            return Err(Error::WrongPurpose {
+                key: resolved.label(),
+                purpose: resolved.spec.purpose().as_str(),
+                operation,
+            });
+        }
+        let backend = self.backend(&resolved.record.backend)?;
+        let key = KeyRef {
+            context: KeyContext {
+                store_id: &self.store_id,
+                uuid: &resolved.record.uuid,
+                spec: &resolved.spec,
+            },
+            locator: &resolved.record.locator,
+            blob: resolved.record.blob.as_deref(),
+        };
+        op(backend.as_ref(), key, &resolved)
+    }
+
+    /// Creates a key in its backend and records it; returns its info with the key ID.
+    ///
+    /// # Errors
+    /// [`Error::InvalidInput`] for a bad name, [`Error::KeyExists`], [`Error::Unsupported`] if the
+    /// backend cannot make that type, backend and storage errors.
+    pub fn create_key(&self, request: &KeyRequest) -> Result<KeyInfo> {
+        validate_name("namespace", &request.namespace)?;
+        validate_name("key name", &request.name)?;
+        let backend = self.backend(request.backend.as_deref().unwrap_or(SoftwareBackend::NAME))?;
+        let spec = request.spec;
+        if !backend
+            .capabilities()
+            .supports(spec.key_type(), spec.purpose())
+        {
+            return Err(Error::Unsupported {
+                backend: backend.name().to_owned(),
+                what: format!("{} keys with purpose {}", spec.key_type(), spec.purpose()),
+            });
+        }
+        let mut uuid = [0u8; 16];
+        aws_lc_rs::rand::fill(&mut uuid).map_err(|_| Error::crypto("make a key uuid"))?;
+        let context = KeyContext {
+            store_id: &self.store_id,
+            uuid: &uuid,
+            spec: &spec,
+        };
+        let generated = backend.generate(context)?;
+        let created_at = now();
+        let mut record = KeyRecord {
+            uuid,
+            namespace: request.namespace.clone(),
+            name: request.name.clone(),
+            key_type: spec.key_type().as_str().to_owned(),
+            purpose: spec.purpose().as_str().to_owned(),
+            algorithm: spec.algorithm().as_str().to_owned(),
+            backend: backend.name().to_owned(),
+            locator: generated.locator.clone(),
+            state: KeyState::Active.as_str().to_owned(),
+            version: 1,
+            created_at,
+            updated_at: created_at,
+            blob: generated.blob,
+            public_key: generated.public_key.map(|p| p.spki_der().to_vec()),
+            mac: Vec::new(),
+        };
+        self.seal_record(&mut record);
+        if let Err(e) = self.store.insert_key(&record) {
+            // Never leave a key in the backend that no record points to.
+            let key = KeyRef {
+                context,
+                locator: &record.locator,
+                blob: record.blob.as_deref(),
+            };
+            if let Err(cleanup) = backend.destroy(key) {
+                tracing::error!(
+                    backend = backend.name(),
+                    locator = %record.locator,
+                    "could not destroy a key whose record was not stored: {cleanup}"
+                );
+            }
+            return Err(e);
+        }
+        tracing::info!(
+            namespace = %record.namespace, name = %record.name,
+            key_type = %spec.key_type(), backend = %record.backend, "created key"
+        );
+        self.info(&Resolved { record, spec })
+    }
+
+    /// The info of the key `id`.
+    ///
+    /// # Errors
+    /// [`Error::KeyIdAuthentication`], [`Error::NoSuchKey`], [`Error::Integrity`].
+    pub fn key_info(&self, id: &str) -> Result<KeyInfo> {
+        let resolved = self.resolve(id)?;
+        self.info(&resolved)
+    }
+
+    /// Every key of `namespace` (or of every namespace), sorted by namespace and name.
+    ///
+    /// # Errors
+    /// [`Error::Integrity`] if any record fails its MAC: a listing never shows forged keys.
+    pub fn list_keys(&self, namespace: Option<&str>) -> Result<Vec<KeyInfo>> {
+        self.store
+            .keys(namespace)?
+            .into_iter()
+            .map(|record| self.info(&self.verified(record)?))
+            .collect()
+    }
+
+    /// The recorded public key of the asymmetric key `id`.
+    ///
+    /// # Errors
+    /// [`Error::InvalidInput`] for a symmetric key; resolution errors.
+    pub fn public_key(&self, id: &str) -> Result<PublicKey> {
+        let resolved = self.resolve(id)?;
+        Self::recorded_public_key(&resolved)
+    }
+
+    fn recorded_public_key(resolved: &Resolved) -> Result<PublicKey> {
+        let der = resolved.record.public_key.clone().ok_or_else(|| {
+            Error::InvalidInput(format!(
+                "key `{}` is a {} secret key: it has no public key",
+                resolved.label(),
+                resolved.spec.key_type()
+            ))
+        })?;
+        Ok(PublicKey::from_spki_der(
+            resolved.spec.key_type(),
+            resolved.spec.algorithm(),
+            der,
+        ))
+    }
+
+    /// Asks the key's backend for its public key (the recorded one is what [`Self::public_key`]
+    /// returns); for consistency checks.
+    ///
+    /// # Errors
+    /// Resolution and backend errors.
+    pub fn backend_public_key(&self, id: &str) -> Result<PublicKey> {
+        let resolved = self.resolve(id)?;
+        let backend = self.backend(&resolved.record.backend)?;
+        backend.public_key(KeyRef {
+            context: KeyContext {
+                store_id: &self.store_id,
+                uuid: &resolved.record.uuid,
+                spec: &resolved.spec,
+            },
+            locator: &resolved.record.locator,
+            blob: resolved.record.blob.as_deref(),
+        })
+    }
+
+    /// Signs `message` with the signing key `id`.
+    ///
+    /// # Errors
+    /// [`Error::WrongPurpose`], [`Error::InvalidInput`] for empty or oversized input, resolution
+    /// and backend errors.
+    pub fn sign(&self, id: &str, message: &[u8], format: SignatureFormat) -> Result<Vec<u8>> {
+        self.use_key(id, Purpose::Sign, "sign", |backend, key, _| {
+            check_input(message, "sign")?;
+            backend.sign(key, message, format)
+        })
+    }
+
+    /// Checks `signature` over `message` with the public half of the signing key `id`.
+    ///
+    /// # Errors
+    /// [`Error::VerificationFailed`] for an invalid signature; [`Error::WrongPurpose`]; resolution
+    /// errors.
+    pub fn verify(
+        &self,
+        id: &str,
+        message: &[u8],
+        signature: &[u8],
+        format: SignatureFormat,
+    ) -> Result<()> {
+        self.use_key(id, Purpose::Sign, "verify", |_, _, resolved| {
+            check_input(message, "verify")?;
+            Self::recorded_public_key(resolved)?.verify(message, signature, format)
+        })
+    }
+
+    /// Encrypts `plaintext` to the key `id`: AES-256-GCM in the backend for `encrypt` keys,
+    /// RSA-OAEP on the public key for RSA `decrypt` keys. Returns an envelope.
+    ///
+    /// # Errors
+    /// [`Error::WrongPurpose`], [`Error::InvalidInput`] (empty, oversized, or too long for OAEP).
+    pub fn encrypt(&self, id: &str, plaintext: &[u8], aad: &[u8]) -> Result<Vec<u8>> {
+        let resolved = self.resolve(id)?;
+        let header = |algorithm| envelope::Header {
+            algorithm,
+            uuid: resolved.record.uuid,
+            version: resolved.record.version,
+        };
+        match resolved.spec.algorithm() {
+            Algorithm::RsaOaepSha256 => {
+                check_input(plaintext, "encrypt")?;
+                let header = header(Algorithm::RsaOaepSha256);
+                let body = Self::recorded_public_key(&resolved)?
+                    .encrypt_oaep(plaintext, &header.aad(aad))?;
+                Ok(envelope::encode(header, &[], &body))
+            }
+            _ => self.use_key(id, Purpose::Encrypt, "encrypt", |backend, key, _| {
+                check_input(plaintext, "encrypt")?;
+                let header = header(Algorithm::Aes256Gcm);
+                let sealed = backend.encrypt(key, plaintext, &header.aad(aad))?;
+                Ok(envelope::encode(header, &sealed.nonce, &sealed.ciphertext))
+            }),
+        }
+    }
+
+    /// Decrypts an envelope made by [`Self::encrypt`] for the key `id`, with the same `aad`.
+    ///
+    /// # Errors
+    /// [`Error::DecryptionFailed`] for anything that does not authenticate (deliberately
+    /// undetailed); [`Error::WrongPurpose`].
+    pub fn decrypt(&self, id: &str, input: &[u8], aad: &[u8]) -> Result<SecretBytes> {
+        let purpose = match self.resolve(id)?.spec.algorithm() {
+            Algorithm::RsaOaepSha256 => Purpose::Decrypt,
+            _ => Purpose::Encrypt,
+        };
+        self.use_key(id, purpose, "decrypt", |backend, key, resolved| {
+            check_input(input, "decrypt")?;
+            let env = envelope::decode(input)?;
+            if env.header.uuid != resolved.record.uuid
+                || env.header.algorithm != resolved.spec.algorithm()
+            {
+                return Err(Error::DecryptionFailed {
+                    reason: "the envelope was made for another key",
+                });
+            }
+            let sealed = Sealed {
+                nonce: env.nonce.to_vec(),
+                ciphertext: env.body.to_vec(),
+            };
+            backend.decrypt(key, &sealed, &env.header.aad(aad))
+        })
+    }
+
+    /// Computes the HMAC-SHA256 tag of `data` with the MAC key `id`.
+    ///
+    /// # Errors
+    /// [`Error::WrongPurpose`], [`Error::InvalidInput`]; resolution and backend errors.
+    pub fn mac(&self, id: &str, data: &[u8]) -> Result<Vec<u8>> {
+        self.use_key(id, Purpose::Mac, "compute a MAC", |backend, key, _| {
+            check_input(data, "mac")?;
+            backend.mac(key, data)
+        })
+    }
+
+    /// Checks `tag` over `data` in constant time.
+    ///
+    /// # Errors
+    /// [`Error::VerificationFailed`] for a wrong tag; as [`Self::mac`] otherwise.
+    pub fn verify_mac(&self, id: &str, data: &[u8], tag: &[u8]) -> Result<()> {
+        let expected = self.mac(id, data)?;
+        constant_time::verify_slices_are_equal(&expected, tag)
+            .map_err(|_| Error::VerificationFailed { what: "tag" })
+    }
+
+    /// Destroys the key `id` in its backend and deletes its record; its ID then gives
+    /// [`Error::NoSuchKey`].
+    ///
+    /// # Errors
+    /// Resolution, backend and storage errors.
+    pub fn destroy_key(&self, id: &str) -> Result<KeyInfo> {
+        let resolved = self.resolve(id)?;
+        let info = self.info(&resolved)?;
+        let backend = self.backend(&resolved.record.backend)?;
+        backend.destroy(KeyRef {
+            context: KeyContext {
+                store_id: &self.store_id,
+                uuid: &resolved.record.uuid,
+                spec: &resolved.spec,
+            },
+            locator: &resolved.record.locator,
+            blob: resolved.record.blob.as_deref(),
+        })?;
+        self.store.delete_key(&resolved.record.uuid)?;
+        tracing::info!(namespace = %info.namespace, name = %info.name, "destroyed key");
+        Ok(info)
+    }
+}

@@ -1,0 +1,48 @@
+//! keyhold: a hardware-backed keystore.
+//!
+//! Applications use keys without holding them. A [`Keystore`] creates keys inside a [`Backend`]
+//! (PKCS#11 tokens and TPM 2.0 in later releases; the encrypted [`backend::software`] backend now)
+//! and hands out authenticated key IDs: strings that name a key, hold no secret, and are refused if
+//! changed in any way. Operations take a key ID and input and return output; key material never
+//! leaves the backend.
+//!
+//! ```no_run
+//! use keyhold::{KeyRequest, KeySpec, KeyType, Keystore, PassphraseSealer, SignatureFormat};
+//! use secrecy::SecretString;
+//!
+//! # fn main() -> Result<(), keyhold::Error> {
+//! let sealer = PassphraseSealer::new(SecretString::from("a long passphrase".to_owned()));
+//! let ks = Keystore::create(std::path::Path::new("/tmp/store"), &sealer)?;
+//! let key = ks.create_key(&KeyRequest {
+//!     namespace: "default".into(),
+//!     name: "web".into(),
+//!     spec: KeySpec::new(KeyType::EcdsaP256, None, None)?,
+//!     backend: None,
+//! })?;
+//! let sig = ks.sign(&key.id, b"hello", SignatureFormat::Der)?;
+//! ks.verify(&key.id, b"hello", &sig, SignatureFormat::Der)?;
+//! # Ok(())
+//! # }
+//! ```
+
+pub mod backend;
+mod error;
+pub mod hex;
+mod key;
+mod keystore;
+mod public_key;
+pub mod sealer;
+pub mod secret;
+pub mod store;
+
+pub use backend::Backend;
+pub use error::{Error, Result};
+pub use key::{
+    validate_name, Algorithm, KeySpec, KeyState, KeyType, Purpose, RsaPadding, SignatureFormat,
+};
+pub use keystore::{
+    random_bytes, KeyIdFields, KeyInfo, KeyRequest, Keystore, DEFAULT_NAMESPACE, KEY_ID_PREFIX,
+    MAX_INPUT, MAX_RANDOM,
+};
+pub use public_key::PublicKey;
+pub use sealer::{Argon2Params, PassphraseSealer, Sealer};

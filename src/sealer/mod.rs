@@ -1,0 +1,92 @@
+//! Sealers protect the store's root secret at rest.
+//!
+//! The root secret is 32 random bytes made once at `init`. Everything else is derived from it (key-ID
+//! MAC key, record MAC key, software KEK), so the sealer is the one thing standing between a copy of
+//! the store and its keys. This issue brings the `passphrase` sealer; TPM and PKCS#11 sealers plug
+//! into the same trait.
+
+pub mod passphrase;
+
+use std::fmt;
+
+use crate::error::{Error, Result};
+use crate::secret::SecretBytes;
+
+pub use passphrase::{Argon2Params, PassphraseSealer};
+
+/// The store's root secret: 32 random bytes, in a locked, zeroizing buffer.
+#[derive(Debug)]
+pub struct RootSecret(SecretBytes);
+
+impl RootSecret {
+    /// The length of a root secret in bytes.
+    pub const LEN: usize = 32;
+
+    /// A fresh root secret from the system's CSPRNG (through aws-lc).
+    ///
+    /// # Errors
+    /// [`Error::Crypto`] if the RNG fails.
+    pub fn generate() -> Result<Self> {
+        let mut bytes = SecretBytes::zeroed(Self::LEN);
+        aws_lc_rs::rand::fill(bytes.expose_mut())
+            .map_err(|_| Error::crypto("generate the root secret"))?;
+        Ok(Self(bytes))
+    }
+
+    /// Wraps unsealed bytes, checking their length.
+    ///
+    /// # Errors
+    /// [`Error::Integrity`] if `bytes` is not 32 bytes long.
+    pub fn from_bytes(bytes: SecretBytes) -> Result<Self> {
+        if bytes.len() != Self::LEN {
+            return Err(Error::Integrity {
+                what: "the unsealed root secret has the wrong length".into(),
+            });
+        }
+        Ok(Self(bytes))
+    }
+
+    /// The secret bytes. Used only to derive the store's keys.
+    pub(crate) fn expose(&self) -> &[u8] {
+        self.0.expose()
+    }
+}
+
+/// The sealed root secret as the store keeps it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct SealedRoot {
+    /// Which sealer made it (`passphrase`, `tpm`, `pkcs11`).
+    pub sealer: String,
+    /// The sealer's public parameters (KDF settings, salt, key handles), authenticated by the seal.
+    pub params: Vec<u8>,
+    /// The sealed secret.
+    pub blob: Vec<u8>,
+}
+
+impl fmt::Debug for SealedRoot {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SealedRoot")
+            .field("sealer", &self.sealer)
+            .field("params", &String::from_utf8_lossy(&self.params))
+            .field("blob_len", &self.blob.len())
+            .finish()
+    }
+}
+
+/// Something that can seal and unseal a store's root secret.
+pub trait Sealer: Send + Sync + fmt::Debug {
+    /// The sealer's kind, as recorded in the store (`passphrase`, …).
+    fn kind(&self) -> &'static str;
+
+    /// Seals `root` for the store `store_id`.
+    ///
+    /// # Errors
+    /// A sealer-specific error; nothing is written.
+    fn seal(&self, root: &RootSecret, store_id: &[u8; 16]) -> Result<SealedRoot>;
+
+    /// Unseals the root secret of the store `store_id`.
+    ///
+    /// # Errors
+    /// [`Error::Unseal`] when the secret cannot be recovered (wrong passphrase, changed blob).
+    fn unseal(&self, sealed: &SealedRoot, store_id: &[u8; 16]) -> Result<RootSecret>;
+}

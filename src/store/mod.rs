@@ -1,0 +1,305 @@
+//! Key storage: one SQLite database (`keyhold.db`) in a private directory.
+//!
+//! The store keeps bytes; it does not judge them. The keystore computes and checks every record's
+//! MAC, and the sealer authenticates the sealed root secret. Opening a store never writes to it
+//! unless its schema must be migrated, so a failed command leaves the file byte-for-byte unchanged.
+
+mod record;
+mod schema;
+
+use std::fs;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard};
+
+use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
+
+use crate::error::{Error, Result};
+use crate::sealer::SealedRoot;
+
+pub use record::KeyRecord;
+
+/// The database file's name inside the store directory.
+pub const DB_FILE: &str = "keyhold.db";
+
+/// What the store knows about itself.
+#[derive(Debug, Clone)]
+pub struct StoreMeta {
+    /// The store's random identity, bound into every key ID and record MAC.
+    pub store_id: [u8; 16],
+    /// The sealed root secret.
+    pub sealed_root: SealedRoot,
+    /// When the store was created (seconds since the Unix epoch).
+    pub created_at: i64,
+}
+
+/// An open store.
+#[derive(Debug)]
+pub struct Store {
+    dir: PathBuf,
+    conn: Mutex<Connection>,
+    meta: StoreMeta,
+}
+
+impl Store {
+    /// Creates a new store in `dir` (made 0700 if absent) holding `meta`.
+    ///
+    /// The database is built under a temporary name and linked into place only when complete, so a
+    /// failed or concurrent `init` never leaves a half-made store or overwrites one.
+    ///
+    /// # Errors
+    /// [`Error::StoreExists`] if `dir` already holds a store; I/O and storage errors.
+    pub fn create(dir: &Path, meta: &StoreMeta) -> Result<Self> {
+        let db_path = dir.join(DB_FILE);
+        if db_path.exists() {
+            return Err(Error::StoreExists {
+                path: dir.to_path_buf(),
+            });
+        }
+        if dir.exists() {
+            if !dir.is_dir() {
+                return Err(Error::io(
+                    format!("{} exists and is not a directory", dir.display()),
+                    std::io::Error::from(std::io::ErrorKind::AlreadyExists),
+                ));
+            }
+            fs::set_permissions(dir, fs::Permissions::from_mode(0o700))
+                .map_err(|e| Error::io(format!("make {} private", dir.display()), e))?;
+        } else {
+            fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)
+                .map_err(|e| Error::io(format!("create store directory {}", dir.display()), e))?;
+        }
+        let tmp_path = dir.join(format!(".{DB_FILE}.init-{}", std::process::id()));
+        let built = Self::build(&tmp_path, meta);
+        let linked = built.and_then(|()| {
+            fs::hard_link(&tmp_path, &db_path).map_err(|e| {
+                if e.kind() == std::io::ErrorKind::AlreadyExists {
+                    Error::StoreExists {
+                        path: dir.to_path_buf(),
+                    }
+                } else {
+                    Error::io(format!("create {}", db_path.display()), e)
+                }
+            })
+        });
+        let _ = fs::remove_file(&tmp_path);
+        linked?;
+        Self::open(dir)
+    }
+
+    fn build(path: &Path, meta: &StoreMeta) -> Result<()> {
+        // Create the file 0600 ourselves: SQLite gives its journal the database file's mode.
+        fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(path)
+            .map_err(|e| Error::io(format!("create {}", path.display()), e))?;
+        let mut conn = Connection::open_with_flags(
+            path,
+            OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .map_err(|e| Error::storage("open the new database", e))?;
+        schema::migrate(&mut conn)?;
+        let tx = conn
+            .transaction()
+            .map_err(|e| Error::storage("begin writing store metadata", e))?;
+        let put = |key: &str, value: &[u8]| {
+            tx.execute(
+                "INSERT INTO meta (key, value) VALUES (?1, ?2)",
+                params![key, value],
+            )
+            .map_err(|e| Error::storage("write store metadata", e))
+        };
+        put("store_id", &meta.store_id)?;
+        put("sealer", meta.sealed_root.sealer.as_bytes())?;
+        put("sealer_params", &meta.sealed_root.params)?;
+        put("sealed_root", &meta.sealed_root.blob)?;
+        put("created_at", meta.created_at.to_string().as_bytes())?;
+        tx.commit()
+            .map_err(|e| Error::storage("commit store metadata", e))?;
+        conn.close()
+            .map_err(|(_, e)| Error::storage("close the new database", e))
+    }
+
+    /// Opens the store in `dir`, migrating its schema if it is older than this keyhold.
+    ///
+    /// # Errors
+    /// [`Error::StoreNotFound`] if there is none; [`Error::StoreUnusable`] if the file is not a
+    /// keyhold database, is damaged, or comes from a newer keyhold.
+    pub fn open(dir: &Path) -> Result<Self> {
+        let db_path = dir.join(DB_FILE);
+        if !db_path.is_file() {
+            return Err(Error::StoreNotFound {
+                path: dir.to_path_buf(),
+            });
+        }
+        let unusable = |reason: &str, e: rusqlite::Error| Error::StoreUnusable {
+            path: dir.to_path_buf(),
+            reason: reason.to_owned(),
+            source: Some(Box::new(e)),
+        };
+        let mut conn = Connection::open_with_flags(
+            &db_path,
+            OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .map_err(|e| unusable("cannot open the database", e))?;
+        conn.busy_timeout(std::time::Duration::from_secs(10))
+            .map_err(|e| unusable("cannot configure the database", e))?;
+        schema::check_and_migrate(&mut conn, dir)?;
+        let meta = read_meta(&conn, dir)?;
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            conn: Mutex::new(conn),
+            meta,
+        })
+    }
+
+    /// The store's directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The store's metadata, read at open.
+    pub fn meta(&self) -> &StoreMeta {
+        &self.meta
+    }
+
+    fn conn(&self) -> MutexGuard<'_, Connection> {
+        // A panic while holding the lock cannot leave the connection half-written: every write is
+        // one statement or one transaction, which SQLite rolls back.
+        self.conn
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Adds a key record.
+    ///
+    /// # Errors
+    /// [`Error::KeyExists`] if the namespace already has a key of that name; storage errors.
+    pub fn insert_key(&self, rec: &KeyRecord) -> Result<()> {
+        let conn = self.conn();
+        let result = conn.execute(
+            "INSERT INTO keys (uuid, namespace, name, key_type, purpose, algorithm, backend, \
+             locator, state, version, created_at, updated_at, blob, public_key, mac) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)",
+            params![
+                rec.uuid,
+                rec.namespace,
+                rec.name,
+                rec.key_type,
+                rec.purpose,
+                rec.algorithm,
+                rec.backend,
+                rec.locator,
+                rec.state,
+                rec.version,
+                rec.created_at,
+                rec.updated_at,
+                rec.blob,
+                rec.public_key,
+                rec.mac,
+            ],
+        );
+        match result {
+            Ok(_) => Ok(()),
+            Err(rusqlite::Error::SqliteFailure(e, _))
+                if e.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_UNIQUE =>
+            {
+                Err(Error::KeyExists {
+                    namespace: rec.namespace.clone(),
+                    name: rec.name.clone(),
+                })
+            }
+            Err(e) => Err(Error::storage("insert a key record", e)),
+        }
+    }
+
+    /// The record with identifier `uuid`, if any. The caller checks its MAC.
+    ///
+    /// # Errors
+    /// Storage errors; [`Error::Integrity`] if the row cannot be decoded.
+    pub fn key(&self, uuid: &[u8; 16]) -> Result<Option<KeyRecord>> {
+        let conn = self.conn();
+        let mut stmt = conn
+            .prepare_cached(&format!(
+                "SELECT {} FROM keys WHERE uuid = ?1",
+                record::COLUMNS
+            ))
+            .map_err(|e| Error::storage("read a key record", e))?;
+        stmt.query_row(params![uuid.as_slice()], record::from_row)
+            .optional()
+            .map_err(record::decode_error)
+    }
+
+    /// Every record, or those of one namespace, ordered by namespace and name.
+    ///
+    /// # Errors
+    /// Storage errors; [`Error::Integrity`] if a row cannot be decoded.
+    pub fn keys(&self, namespace: Option<&str>) -> Result<Vec<KeyRecord>> {
+        let conn = self.conn();
+        let sql = format!(
+            "SELECT {} FROM keys WHERE ?1 IS NULL OR namespace = ?1 ORDER BY namespace, name",
+            record::COLUMNS
+        );
+        let mut stmt = conn
+            .prepare_cached(&sql)
+            .map_err(|e| Error::storage("list key records", e))?;
+        let rows = stmt
+            .query_map(params![namespace], record::from_row)
+            .map_err(|e| Error::storage("list key records", e))?;
+        rows.map(|r| r.map_err(record::decode_error)).collect()
+    }
+
+    /// Deletes the record `uuid`; returns whether there was one.
+    ///
+    /// # Errors
+    /// Storage errors.
+    pub fn delete_key(&self, uuid: &[u8; 16]) -> Result<bool> {
+        let conn = self.conn();
+        let n = conn
+            .execute("DELETE FROM keys WHERE uuid = ?1", params![uuid.as_slice()])
+            .map_err(|e| Error::storage("delete a key record", e))?;
+        Ok(n > 0)
+    }
+}
+
+fn read_meta(conn: &Connection, dir: &Path) -> Result<StoreMeta> {
+    let get = |key: &str| -> Result<Vec<u8>> {
+        conn.query_row(
+            "SELECT value FROM meta WHERE key = ?1",
+            params![key],
+            |row| row.get::<_, Vec<u8>>(0),
+        )
+        .map_err(|e| Error::StoreUnusable {
+            path: dir.to_path_buf(),
+            reason: format!("its metadata entry `{key}` is missing or damaged"),
+            source: Some(Box::new(e)),
+        })
+    };
+    let damaged = |what: &str| Error::StoreUnusable {
+        path: dir.to_path_buf(),
+        reason: format!("its metadata entry `{what}` is damaged"),
+        source: None,
+    };
+    let store_id: [u8; 16] = get("store_id")?
+        .try_into()
+        .map_err(|_| damaged("store_id"))?;
+    let sealer = String::from_utf8(get("sealer")?).map_err(|_| damaged("sealer"))?;
+    let created_at = String::from_utf8(get("created_at")?)
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| damaged("created_at"))?;
+    Ok(StoreMeta {
+        store_id,
+        sealed_root: SealedRoot {
+            sealer,
+            params: get("sealer_params")?,
+            blob: get("sealed_root")?,
+        },
+        created_at,
+    })
+}

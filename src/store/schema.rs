@@ -1,0 +1,106 @@
+//! The database schema and its migrations.
+//!
+//! `PRAGMA application_id` marks the file as keyhold's; `PRAGMA user_version` is the schema version.
+//! Migrations run in order, each in one transaction with the version bump, so a store is always at
+//! exactly one version. A store from a newer keyhold is refused rather than guessed at.
+
+use std::path::Path;
+
+use rusqlite::Connection;
+
+use crate::error::{Error, Result};
+
+/// `khld` in ASCII.
+const APPLICATION_ID: i64 = 0x6b68_6c64;
+
+/// Migration `i` takes the schema from version `i` to `i + 1`.
+const MIGRATIONS: &[&str] = &[
+    // 1: the first schema. `version` and `state` leave room for rotation and the SP 800-57 states.
+    "CREATE TABLE meta (
+        key   TEXT PRIMARY KEY NOT NULL,
+        value BLOB NOT NULL
+    ) STRICT;
+    CREATE TABLE keys (
+        uuid       BLOB PRIMARY KEY NOT NULL,
+        namespace  TEXT NOT NULL,
+        name       TEXT NOT NULL,
+        key_type   TEXT NOT NULL,
+        purpose    TEXT NOT NULL,
+        algorithm  TEXT NOT NULL,
+        backend    TEXT NOT NULL,
+        locator    TEXT NOT NULL,
+        state      TEXT NOT NULL,
+        version    INTEGER NOT NULL,
+        created_at INTEGER NOT NULL,
+        updated_at INTEGER NOT NULL,
+        blob       BLOB,
+        public_key BLOB,
+        mac        BLOB NOT NULL,
+        UNIQUE (namespace, name)
+    ) STRICT;",
+];
+
+/// The schema version this keyhold writes.
+pub const CURRENT_VERSION: i64 = MIGRATIONS.len() as i64;
+
+/// Brings a brand-new, empty database to the current schema.
+pub(super) fn migrate(conn: &mut Connection) -> Result<()> {
+    conn.pragma_update(None, "application_id", APPLICATION_ID)
+        .map_err(|e| Error::storage("mark the database as keyhold's", e))?;
+    apply_from(conn, 0)
+}
+
+/// Checks that an existing database is a keyhold store this version can use, migrating it forward
+/// if it is older. Reads only, unless a migration is due.
+pub(super) fn check_and_migrate(conn: &mut Connection, dir: &Path) -> Result<()> {
+    let unusable = |reason: String, source: Option<rusqlite::Error>| Error::StoreUnusable {
+        path: dir.to_path_buf(),
+        reason,
+        source: source.map(|e| Box::new(e) as _),
+    };
+    let app_id: i64 = conn
+        .pragma_query_value(None, "application_id", |r| r.get(0))
+        .map_err(|e| {
+            unusable(
+                "keyhold.db is not a readable SQLite database (damaged or not keyhold's)".into(),
+                Some(e),
+            )
+        })?;
+    if app_id != APPLICATION_ID {
+        return Err(unusable(
+            "keyhold.db is a SQLite database but not a keyhold store".into(),
+            None,
+        ));
+    }
+    let version: i64 = conn
+        .pragma_query_value(None, "user_version", |r| r.get(0))
+        .map_err(|e| unusable("cannot read the schema version".into(), Some(e)))?;
+    if version > CURRENT_VERSION {
+        return Err(unusable(
+            format!(
+                "its schema version {version} is newer than this keyhold understands \
+                 ({CURRENT_VERSION}): upgrade keyhold"
+            ),
+            None,
+        ));
+    }
+    if version < 1 {
+        return Err(unusable("its schema was never created".into(), None));
+    }
+    apply_from(conn, version)
+}
+
+fn apply_from(conn: &mut Connection, from: i64) -> Result<()> {
+    for (index, sql) in MIGRATIONS.iter().enumerate().skip(from as usize) {
+        let tx = conn
+            .transaction()
+            .map_err(|e| Error::storage("begin a schema migration", e))?;
+        tx.execute_batch(sql)
+            .map_err(|e| Error::storage("migrate the schema", e))?;
+        tx.pragma_update(None, "user_version", index as i64 + 1)
+            .map_err(|e| Error::storage("record the schema version", e))?;
+        tx.commit()
+            .map_err(|e| Error::storage("commit a schema migration", e))?;
+    }
+    Ok(())
+}
