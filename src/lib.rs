@@ -42,7 +42,7 @@ pub use key::{
 };
 pub use keystore::{
     random_bytes, KeyIdFields, KeyInfo, KeyRequest, Keystore, DEFAULT_NAMESPACE, KEY_ID_PREFIX,
-    MAX_INPUT, MAX_RANDOM,
+    MAX_ENVELOPE, MAX_INPUT, MAX_RANDOM,
 };
 pub use public_key::PublicKey;
 pub use sealer::{Argon2Params, PassphraseSealer, Sealer};

@@ -4,7 +4,7 @@ use std::fs::File;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::Path;
 
-use keyhold::{Keystore, PassphraseSealer, MAX_INPUT};
+use keyhold::{Keystore, PassphraseSealer, MAX_ENVELOPE, MAX_INPUT};
 use secrecy::SecretString;
 use zeroize::Zeroizing;
 
@@ -16,7 +16,16 @@ pub const BROKEN_PIPE: &str = "broken pipe";
 /// Reads the whole input (a file, or stdin for `None`), at most one byte past the limit so that the
 /// library can refuse oversized input with its own message.
 pub fn read_input(path: Option<&Path>) -> Result<Vec<u8>, Failure> {
-    let limit = MAX_INPUT as u64 + 1;
+    read_limited(path, MAX_INPUT)
+}
+
+/// Reads an envelope for `decrypt`, which may be a little larger than [`MAX_INPUT`].
+pub fn read_envelope(path: Option<&Path>) -> Result<Vec<u8>, Failure> {
+    read_limited(path, MAX_ENVELOPE)
+}
+
+fn read_limited(path: Option<&Path>, max: usize) -> Result<Vec<u8>, Failure> {
+    let limit = max as u64 + 1;
     let mut data = Vec::new();
     let result = match path {
         Some(p) => File::open(p)

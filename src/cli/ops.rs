@@ -129,7 +129,7 @@ pub fn encrypt(ctx: &Context, args: &EncryptArgs) -> CmdResult {
 
 pub fn decrypt(ctx: &Context, args: &EncryptArgs) -> CmdResult {
     let ks = io::open_keystore(ctx)?;
-    let envelope = io::read_input(args.input.as_deref())?;
+    let envelope = io::read_envelope(args.input.as_deref())?;
     let plaintext = ks.decrypt(&args.key, &envelope, args.aad.as_bytes())?;
     io::write_output(args.out.as_deref(), plaintext.expose())
 }

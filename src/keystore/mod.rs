@@ -25,6 +25,10 @@ pub use key_id::{KeyIdFields, PREFIX as KEY_ID_PREFIX};
 /// The most bytes any single operation takes as input: 64 MiB.
 pub const MAX_INPUT: usize = 64 * 1024 * 1024;
 
+/// The largest envelope `decrypt` takes: one holding [`MAX_INPUT`] bytes of plaintext, plus room
+/// for the header, nonce and tag (or an RSA-4096 ciphertext).
+pub const MAX_ENVELOPE: usize = MAX_INPUT + 1024;
+
 /// The most random bytes [`random_bytes`] returns at once.
 pub const MAX_RANDOM: usize = 65536;
 
@@ -110,12 +114,16 @@ fn now() -> i64 {
 
 /// Refuses empty and oversized input before any key is touched.
 fn check_input(data: &[u8], operation: &str) -> Result<()> {
+    check_size(data, operation, MAX_INPUT)
+}
+
+fn check_size(data: &[u8], operation: &str, limit: usize) -> Result<()> {
     if data.is_empty() {
         return Err(Error::InvalidInput(format!(
             "input is empty: nothing to {operation}"
         )));
     }
-    if data.len() > MAX_INPUT {
+    if data.len() > limit {
         return Err(Error::InvalidInput(format!(
             "input is larger than the 64 MiB limit ({} bytes)",
             data.len()
@@ -562,7 +570,7 @@ impl Keystore {
             _ => Purpose::Encrypt,
         };
         self.use_key(id, purpose, "decrypt", |backend, key, resolved| {
-            check_input(input, "decrypt")?;
+            check_size(input, "decrypt", MAX_ENVELOPE)?;
             let env = envelope::decode(input)?;
             if env.header.uuid != resolved.record.uuid
                 || env.header.algorithm != resolved.spec.algorithm()

@@ -1,0 +1,392 @@
+//! The library API on real stores in temp dirs: every key type, tampering, bad input.
+
+mod support;
+
+use std::sync::Arc;
+
+use keyhold::{Error, KeyRequest, KeySpec, KeyType, Keystore, Purpose, SignatureFormat};
+use support::{sealer, TestStore, PASSPHRASE};
+
+fn assert_send_sync<T: Send + Sync>() {}
+
+#[test]
+fn keystore_and_backends_are_send_and_sync() {
+    assert_send_sync::<Keystore>();
+    assert_send_sync::<Arc<dyn keyhold::Backend>>();
+}
+
+#[test]
+fn every_type_and_purpose_works_end_to_end() {
+    let t = TestStore::new();
+    for key_type in KeyType::ALL {
+        for &purpose in key_type.purposes() {
+            let name = format!("{}-{}", key_type, purpose);
+            let info = t.create(&name, key_type, Some(purpose));
+            assert_eq!(info.spec.key_type(), key_type);
+            let id = &info.id;
+            match purpose {
+                Purpose::Sign => {
+                    for format in [SignatureFormat::Der, SignatureFormat::Raw] {
+                        let sig = t.ks.sign(id, b"message", format).unwrap();
+                        t.ks.verify(id, b"message", &sig, format).unwrap();
+                        let err = t.ks.verify(id, b"massage", &sig, format).unwrap_err();
+                        assert!(matches!(err, Error::VerificationFailed { .. }), "{err}");
+                    }
+                    let recorded = t.ks.public_key(id).unwrap();
+                    assert_eq!(recorded, t.ks.backend_public_key(id).unwrap());
+                }
+                Purpose::Decrypt | Purpose::Encrypt => {
+                    let env = t.ks.encrypt(id, b"secret data", b"aad").unwrap();
+                    let pt = t.ks.decrypt(id, &env, b"aad").unwrap();
+                    assert_eq!(pt.expose(), b"secret data");
+                    let err = t.ks.decrypt(id, &env, b"other").unwrap_err();
+                    assert!(matches!(err, Error::DecryptionFailed { .. }), "{err}");
+                }
+                Purpose::Mac => {
+                    let tag = t.ks.mac(id, b"data").unwrap();
+                    assert_eq!(tag.len(), 32);
+                    t.ks.verify_mac(id, b"data", &tag).unwrap();
+                    assert!(t.ks.verify_mac(id, b"dat", &tag).is_err());
+                }
+                _ => unreachable!("no other purposes"),
+            }
+        }
+    }
+    assert_eq!(t.ks.list_keys(None).unwrap().len(), 11);
+}
+
+#[test]
+fn ecdsa_raw_signatures_have_fixed_width() {
+    let t = TestStore::new();
+    let p256 = t.create("a", KeyType::EcdsaP256, None);
+    let p384 = t.create("b", KeyType::EcdsaP384, None);
+    assert_eq!(
+        t.ks.sign(&p256.id, b"m", SignatureFormat::Raw)
+            .unwrap()
+            .len(),
+        64
+    );
+    assert_eq!(
+        t.ks.sign(&p384.id, b"m", SignatureFormat::Raw)
+            .unwrap()
+            .len(),
+        96
+    );
+    // A DER signature is not accepted as raw, nor the other way round.
+    let der = t.ks.sign(&p256.id, b"m", SignatureFormat::Der).unwrap();
+    assert!(t
+        .ks
+        .verify(&p256.id, b"m", &der, SignatureFormat::Raw)
+        .is_err());
+}
+
+#[test]
+fn ids_survive_reopening_and_keys_keep_working() {
+    let t = TestStore::new();
+    let key = t.create("k", KeyType::Ed25519, None);
+    let sig = t.ks.sign(&key.id, b"m", SignatureFormat::Der).unwrap();
+    drop(t.ks.list_keys(None).unwrap());
+    let again = t.reopen().unwrap();
+    again
+        .verify(&key.id, b"m", &sig, SignatureFormat::Der)
+        .unwrap();
+    assert_eq!(again.key_info(&key.id).unwrap(), key);
+}
+
+#[test]
+fn an_id_from_another_store_is_refused() {
+    let a = TestStore::new();
+    let b = TestStore::new();
+    let key = a.create("same-name", KeyType::HmacSha256, None);
+    b.create("same-name", KeyType::HmacSha256, None);
+    let err = b.ks.mac(&key.id, b"x").unwrap_err();
+    assert!(matches!(err, Error::KeyIdAuthentication { .. }), "{err}");
+    assert!(err.to_string().contains("another store"), "{err}");
+}
+
+#[test]
+fn destroyed_keys_are_no_such_key_not_bad_ids() {
+    let t = TestStore::new();
+    let key = t.create("gone", KeyType::Aes256Gcm, None);
+    t.ks.destroy_key(&key.id).unwrap();
+    let err = t.ks.encrypt(&key.id, b"x", b"").unwrap_err();
+    assert!(matches!(err, Error::NoSuchKey { .. }), "{err}");
+    assert!(err.to_string().contains("default/gone"), "{err}");
+    // The name is free again, and the new key has a new ID.
+    let again = t.create("gone", KeyType::Aes256Gcm, None);
+    assert_ne!(again.id, key.id);
+    assert!(t.ks.encrypt(&key.id, b"x", b"").is_err());
+}
+
+#[test]
+fn wrong_purpose_is_refused_and_named() {
+    let t = TestStore::new();
+    let signer = t.create("signer", KeyType::EcdsaP256, None);
+    let aes = t.create("aes", KeyType::Aes256Gcm, None);
+    let rsa_dec = t.create("rsa", KeyType::Rsa2048, Some(Purpose::Decrypt));
+    let before = t.snapshot();
+    let err = t.ks.encrypt(&signer.id, b"x", b"").unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "key `default/signer` has purpose sign: it cannot encrypt"
+    );
+    let err = t.ks.sign(&aes.id, b"x", SignatureFormat::Der).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::WrongPurpose {
+                purpose: "encrypt",
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert!(t.ks.mac(&signer.id, b"x").is_err());
+    assert!(t.ks.sign(&rsa_dec.id, b"x", SignatureFormat::Der).is_err());
+    assert!(t.ks.public_key(&aes.id).is_err());
+    assert_eq!(t.snapshot(), before);
+}
+
+#[test]
+fn empty_and_oversized_input_is_refused_before_use() {
+    let t = TestStore::new();
+    let signer = t.create("s", KeyType::EcdsaP256, None);
+    let aes = t.create("a", KeyType::Aes256Gcm, None);
+    let mac = t.create("m", KeyType::HmacSha256, None);
+    let big = vec![0u8; keyhold::MAX_INPUT + 1];
+    let before = t.snapshot();
+    for err in [
+        t.ks.sign(&signer.id, b"", SignatureFormat::Der)
+            .unwrap_err(),
+        t.ks.encrypt(&aes.id, b"", b"").unwrap_err(),
+        t.ks.mac(&mac.id, b"").unwrap_err(),
+    ] {
+        assert!(
+            err.to_string().starts_with("input is empty: nothing to"),
+            "{err}"
+        );
+    }
+    for err in [
+        t.ks.sign(&signer.id, &big, SignatureFormat::Der)
+            .unwrap_err(),
+        t.ks.encrypt(&aes.id, &big, b"").unwrap_err(),
+        t.ks.mac(&mac.id, &big).unwrap_err(),
+    ] {
+        assert!(err.to_string().contains("64 MiB limit"), "{err}");
+    }
+    // Exactly the limit is accepted.
+    let max = vec![7u8; keyhold::MAX_INPUT];
+    let env = t.ks.encrypt(&aes.id, &max, b"").unwrap();
+    assert_eq!(t.ks.decrypt(&aes.id, &env, b"").unwrap().expose(), &max[..]);
+    assert_eq!(t.snapshot(), before);
+}
+
+#[test]
+fn modified_envelopes_fail_without_detail() {
+    let t = TestStore::new();
+    let aes = t.create("a", KeyType::Aes256Gcm, None);
+    let other = t.create("b", KeyType::Aes256Gcm, None);
+    let env = t.ks.encrypt(&aes.id, b"attack at dawn", b"ctx").unwrap();
+    assert_eq!(&env[..4], b"KHE1");
+    for i in 0..env.len() {
+        let mut bad = env.clone();
+        bad[i] ^= 0x01;
+        let err = t.ks.decrypt(&aes.id, &bad, b"ctx").unwrap_err();
+        assert!(
+            matches!(err, Error::DecryptionFailed { .. }),
+            "byte {i}: {err}"
+        );
+    }
+    for cut in 0..env.len() {
+        assert!(
+            t.ks.decrypt(&aes.id, &env[..cut], b"ctx").is_err(),
+            "cut {cut}"
+        );
+    }
+    let err = t.ks.decrypt(&other.id, &env, b"ctx").unwrap_err();
+    assert!(err.to_string().contains("another key"), "{err}");
+    let err = t.ks.decrypt(&aes.id, &env, b"").unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "decryption failed: the ciphertext, its AAD or the key does not match"
+    );
+}
+
+#[test]
+fn rsa_oaep_plaintext_limit_is_explained() {
+    let t = TestStore::new();
+    let key = t.create("r", KeyType::Rsa2048, Some(Purpose::Decrypt));
+    let ok = vec![1u8; 190];
+    let env = t.ks.encrypt(&key.id, &ok, b"").unwrap();
+    assert_eq!(t.ks.decrypt(&key.id, &env, b"").unwrap().expose(), &ok[..]);
+    let err = t.ks.encrypt(&key.id, &[1u8; 191], b"").unwrap_err();
+    assert!(err.to_string().contains("at most 190 bytes"), "{err}");
+}
+
+#[test]
+fn wrong_passphrase_is_refused_and_changes_nothing() {
+    let t = TestStore::new();
+    t.create("k", KeyType::EcdsaP256, None);
+    let before = t.snapshot();
+    let err = Keystore::open(&t.path, &sealer("not the passphrase")).unwrap_err();
+    assert!(matches!(err, Error::Unseal { .. }), "{err}");
+    assert!(err.to_string().contains("wrong passphrase"), "{err}");
+    assert!(!err.to_string().contains(PASSPHRASE));
+    assert_eq!(t.snapshot(), before);
+}
+
+#[test]
+fn missing_existing_and_corrupt_stores_are_explained() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("nothing-here");
+    let err = Keystore::open(&missing, &sealer(PASSPHRASE)).unwrap_err();
+    assert!(err.to_string().contains("keyhold init"), "{err}");
+    assert!(!missing.exists(), "opening must not create a store");
+
+    let t = TestStore::new();
+    let before = t.snapshot();
+    let err = Keystore::create(&t.path, &sealer(PASSPHRASE)).unwrap_err();
+    assert!(matches!(err, Error::StoreExists { .. }), "{err}");
+    assert_eq!(t.snapshot(), before);
+
+    std::fs::write(t.db(), b"this is not a database, just garbage bytes....").unwrap();
+    let err = t.reopen().unwrap_err();
+    assert!(matches!(err, Error::StoreUnusable { .. }), "{err}");
+    assert!(
+        err.to_string().contains("not a readable SQLite database"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_store_from_a_newer_keyhold_is_refused() {
+    let t = TestStore::new();
+    {
+        let conn = rusqlite::Connection::open(t.db()).unwrap();
+        conn.pragma_update(None, "user_version", 99).unwrap();
+    }
+    let err = t.reopen().unwrap_err();
+    assert!(err.to_string().contains("newer than this keyhold"), "{err}");
+}
+
+#[test]
+fn store_files_are_private() {
+    use std::os::unix::fs::PermissionsExt;
+    let t = TestStore::new();
+    t.create("k", KeyType::EcdsaP256, None);
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&t.path), 0o700);
+    for file in t.snapshot().keys() {
+        assert_eq!(mode(file), 0o600, "{}", file.display());
+    }
+}
+
+/// Each column of a key record, changed in the database behind keyhold's back.
+fn tamper(t: &TestStore, sql: &str) {
+    let conn = rusqlite::Connection::open(t.db()).unwrap();
+    let n = conn.execute(sql, []).unwrap();
+    assert_eq!(n, 1, "{sql} changed {n} rows");
+}
+
+#[test]
+fn tampered_records_are_refused() {
+    let cases = [
+        "UPDATE keys SET name = 'other'",
+        "UPDATE keys SET namespace = 'other'",
+        "UPDATE keys SET key_type = 'ecdsa-p384'",
+        "UPDATE keys SET algorithm = 'ecdsa-p384-sha384'",
+        "UPDATE keys SET locator = 'x' || locator",
+        "UPDATE keys SET state = 'active '",
+        "UPDATE keys SET version = 2",
+        "UPDATE keys SET created_at = created_at - 1",
+        "UPDATE keys SET public_key = NULL",
+        "UPDATE keys SET public_key = CAST(public_key || x'00' AS BLOB)",
+        "UPDATE keys SET blob = substr(blob, 1, length(blob) - 1)",
+        "UPDATE keys SET mac = zeroblob(32)",
+        "UPDATE keys SET uuid = zeroblob(16)",
+    ];
+    for sql in cases {
+        let t = TestStore::new();
+        let key = t.create("k", KeyType::EcdsaP256, None);
+        tamper(&t, sql);
+        let before = t.snapshot();
+        let ks = t.reopen().unwrap();
+        let err = ks.sign(&key.id, b"m", SignatureFormat::Der).expect_err(sql);
+        match (&err, sql.contains("uuid")) {
+            // The record is gone from where the ID points: it cannot be told from a destroyed key.
+            (Error::NoSuchKey { .. }, true) => {}
+            (Error::Integrity { .. }, false) => {}
+            _ => panic!("{sql}: unexpected {err}"),
+        }
+        let listed = ks.list_keys(None).unwrap_err();
+        assert!(matches!(listed, Error::Integrity { .. }), "{sql}: {listed}");
+        assert_eq!(t.snapshot(), before, "{sql} changed the store");
+    }
+}
+
+#[test]
+fn records_swapped_between_keys_are_refused() {
+    let t = TestStore::new();
+    let a = t.create("a", KeyType::HmacSha256, None);
+    let b = t.create("b", KeyType::HmacSha256, None);
+    // Give `a` the sealed material of `b`: its MAC covers the blob, so `a` must refuse it.
+    tamper(
+        &t,
+        "UPDATE keys SET blob = (SELECT blob FROM keys WHERE name = 'b') WHERE name = 'a'",
+    );
+    let err = t.ks.mac(&a.id, b"x").unwrap_err();
+    assert!(matches!(err, Error::Integrity { .. }), "{err}");
+    t.ks.mac(&b.id, b"x").unwrap();
+}
+
+#[test]
+fn many_threads_share_one_keystore() {
+    let t = TestStore::new();
+    let key = t.create("k", KeyType::EcdsaP256, None);
+    let ks = Arc::new(t.reopen().unwrap());
+    let handles: Vec<_> = (0..4)
+        .map(|i| {
+            let ks = Arc::clone(&ks);
+            let id = key.id.clone();
+            std::thread::spawn(move || {
+                for j in 0..50 {
+                    let msg = format!("{i}-{j}");
+                    let sig = ks.sign(&id, msg.as_bytes(), SignatureFormat::Der).unwrap();
+                    ks.verify(&id, msg.as_bytes(), &sig, SignatureFormat::Der)
+                        .unwrap();
+                }
+            })
+        })
+        .collect();
+    for h in handles {
+        h.join().unwrap();
+    }
+}
+
+#[test]
+fn duplicate_names_and_bad_names_are_refused() {
+    let t = TestStore::new();
+    let first = t.create("dup", KeyType::Ed25519, None);
+    let request = |name: &str| KeyRequest {
+        namespace: "default".into(),
+        name: name.into(),
+        spec: KeySpec::new(KeyType::Ed25519, None, None).unwrap(),
+        backend: None,
+    };
+    let err = t.ks.create_key(&request("dup")).unwrap_err();
+    assert!(matches!(err, Error::KeyExists { .. }), "{err}");
+    t.ks.sign(&first.id, b"still works", SignatureFormat::Der)
+        .unwrap();
+    for bad in ["", "../x", "a/b", &"x".repeat(65)] {
+        assert!(t.ks.create_key(&request(bad)).is_err(), "{bad:?} accepted");
+    }
+    let mut elsewhere = request("dup");
+    elsewhere.namespace = "team-b".into();
+    t.ks.create_key(&elsewhere).unwrap();
+    assert_eq!(t.ks.list_keys(Some("team-b")).unwrap().len(), 1);
+    assert_eq!(t.ks.list_keys(Some("default")).unwrap().len(), 1);
+    let mut unknown = request("x");
+    unknown.backend = Some("hsm".into());
+    let err = t.ks.create_key(&unknown).unwrap_err();
+    assert!(err.to_string().contains("no backend named `hsm`"), "{err}");
+}
