@@ -1,4 +1,5 @@
 //! The library API on real stores in temp dirs: every key type, tampering, bad input.
+#![allow(clippy::unwrap_used)] // test helpers: a panic is the failure report
 
 mod support;
 

@@ -1,4 +1,5 @@
 //! Property tests: any change to a key ID, or to any byte of a stored record, is refused.
+#![allow(clippy::unwrap_used)] // test helpers: a panic is the failure report
 
 mod support;
 
