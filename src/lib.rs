@@ -46,3 +46,8 @@ pub use keystore::{
 };
 pub use public_key::PublicKey;
 pub use sealer::{Argon2Params, PassphraseSealer, Sealer};
+
+/// The README's Rust example is compiled as a doctest, so it cannot drift from the API.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;
