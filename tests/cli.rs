@@ -1,0 +1,3145 @@
+//! The CLI contract of docs/cli.md, checked against the real binary in temp stores.
+//!
+//! Each test builds its own store (Argon2 at 8 MiB / 1 iteration), drives `keyhold` as a
+//! subprocess, and checks exit codes, stdout formats and stderr messages exactly; failures must
+//! leave the store byte-for-byte unchanged. Signatures and public keys are cross-checked with
+//! `openssl`.
+
+use common::json::{self, Json};
+use common::*;
+
+// ---------------------------------------------------------------------------------------------
+// 1. init
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn init_creates_private_store_and_refuses_a_second_init() {
+    let env = Env::new();
+    let out = env.run(INIT_ARGS, b"");
+    assert_ok(&out, "init");
+    let line = stdout_str(&out);
+    let prefix = format!("initialised keyhold store {} (store id ", env.store_str());
+    assert!(
+        line.starts_with(&prefix) && line.ends_with(", sealer passphrase)\n") && line.lines().count() == 1,
+        "init: expected `initialised keyhold store DIR (store id HEX, sealer passphrase)`, got {line:?}"
+    );
+    let hex = &line[prefix.len()..line.len() - ", sealer passphrase)\n".len()];
+    assert!(
+        is_lower_hex(hex),
+        "init: expected the store id to be lowercase hex, got {hex:?}"
+    );
+
+    let check_modes = |when: &str| {
+        let modes = modes_under(&env.store);
+        assert!(
+            modes.len() > 1,
+            "{when}: expected files inside the store dir"
+        );
+        for (path, is_dir, mode) in modes {
+            let want = if is_dir { 0o700 } else { 0o600 };
+            assert_eq!(
+                mode,
+                want,
+                "{when}: expected {} to have mode {want:o}, got {mode:o}",
+                path.display()
+            );
+        }
+    };
+    check_modes("after init");
+
+    let before = env.snapshot();
+    let again = env.run(INIT_ARGS, b"");
+    assert_fail(&again, 1, "already exists", "second init on the same store");
+    env.assert_unchanged(&before, "second init");
+
+    // Files created later (keys) are private too.
+    env.create_key("k", "ecdsa-p256", &[]);
+    env.create_key("h", "hmac-sha256", &[]);
+    check_modes("after key create");
+}
+
+#[test]
+fn init_refuses_argon2_memory_below_8_mib() {
+    let env = Env::new();
+    let out = env.run(
+        &[
+            "init",
+            "--sealer",
+            "passphrase",
+            "--argon2-memory-mib",
+            "4",
+            "--argon2-iterations",
+            "1",
+        ],
+        b"",
+    );
+    assert_clean_failure(&out, "init with 4 MiB Argon2 memory (minimum is 8)");
+    assert!(
+        env.snapshot().is_empty(),
+        "init refused: expected no store files to be written"
+    );
+}
+
+/// `--store`, else `$KEYHOLD_STORE`, else `$XDG_DATA_HOME/keyhold`, else `~/.local/share/keyhold`.
+#[test]
+fn store_location_follows_the_documented_order() {
+    let env = Env::new();
+    let home = env.dir.path();
+    // No --store here: the harness' `command` always passes one.
+    let run_init = |vars: &[(&str, &std::path::Path)], store_flag: Option<&std::path::Path>| {
+        let mut cmd = std::process::Command::new(BIN);
+        if let Some(dir) = store_flag {
+            cmd.arg("--store").arg(dir);
+        }
+        cmd.args(INIT_ARGS)
+            .env("KEYHOLD_PASSPHRASE", PASS)
+            .env_remove("KEYHOLD_STORE")
+            .env_remove("KEYHOLD_NAMESPACE")
+            .env_remove("XDG_DATA_HOME")
+            .env("HOME", home)
+            .current_dir(home);
+        for (k, v) in vars {
+            cmd.env(k, v);
+        }
+        let out = run_command(cmd, Some(b""));
+        assert_ok(&out, &format!("init with {vars:?}, --store {store_flag:?}"));
+    };
+    let has_store = |dir: &std::path::Path| {
+        std::fs::read_dir(dir)
+            .map(|d| d.count() > 0)
+            .unwrap_or(false)
+    };
+
+    run_init(&[], None);
+    let default = home.join(".local/share/keyhold");
+    assert!(
+        has_store(&default),
+        "no --store, KEYHOLD_STORE or XDG_DATA_HOME: expected the store in ~/.local/share/keyhold"
+    );
+
+    let xdg = home.join("xdg");
+    run_init(&[("XDG_DATA_HOME", &xdg)], None);
+    assert!(
+        has_store(&xdg.join("keyhold")),
+        "XDG_DATA_HOME set: expected the store in $XDG_DATA_HOME/keyhold"
+    );
+
+    let ks = home.join("ks");
+    let xdg2 = home.join("xdg2");
+    run_init(&[("KEYHOLD_STORE", &ks), ("XDG_DATA_HOME", &xdg2)], None);
+    assert!(
+        has_store(&ks),
+        "KEYHOLD_STORE set: expected the store there"
+    );
+    assert!(
+        !xdg2.join("keyhold").exists(),
+        "KEYHOLD_STORE set: expected XDG_DATA_HOME to be ignored"
+    );
+
+    let flag = home.join("flag");
+    let ks2 = home.join("ks2");
+    run_init(&[("KEYHOLD_STORE", &ks2)], Some(&flag));
+    assert!(has_store(&flag), "--store given: expected the store there");
+    assert!(
+        !ks2.exists(),
+        "--store given: expected KEYHOLD_STORE to be ignored"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// 2. sign / verify with openssl interop, every key type
+// ---------------------------------------------------------------------------------------------
+
+enum Verifier {
+    /// `openssl dgst -<digest> -verify` with extra sigopts.
+    Dgst(&'static str, &'static [&'static str]),
+    /// `openssl pkeyutl -verify -rawin` (Ed25519).
+    PkeyutlRaw,
+}
+
+fn openssl_verify(v: &Verifier, pub_pem: &str, msg: &str, sig: &str) -> std::process::Output {
+    match v {
+        Verifier::Dgst(digest, opts) => {
+            let mut args = vec!["dgst", digest, "-verify", pub_pem, "-signature", sig];
+            args.extend_from_slice(opts);
+            args.push(msg);
+            openssl(&args)
+        }
+        Verifier::PkeyutlRaw => openssl(&[
+            "pkeyutl", "-verify", "-pubin", "-inkey", pub_pem, "-rawin", "-in", msg, "-sigfile",
+            sig,
+        ]),
+    }
+}
+
+/// Create → pubkey (openssl parses it) → sign → keyhold verify → openssl verify → modified
+/// message and modified signature both fail. Returns the env (with `pub.pem`, `msg`, `sig`
+/// scratch files) and the key ID for extra checks.
+fn sign_verify_roundtrip(ty: &str, create_extra: &[&str], verifier: Verifier) -> (Env, String) {
+    let env = Env::init();
+    let id = env.create_key("signer", ty, create_extra);
+    let pem = env.pubkey_pem(&id);
+    let pub_pem = env.write("pub.pem", pem.as_bytes());
+    openssl_ok(
+        &["pkey", "-pubin", "-in", &pub_pem, "-noout"],
+        &format!("{ty}: openssl parses the PEM"),
+    );
+
+    let mut msg = b"keyhold says hello to openssl\n".repeat(7);
+    msg.extend(0u8..=255);
+    let msg_path = env.write("msg", &msg);
+    let sig_path = env.path_str("sig");
+
+    // sign with --in/--out: nothing on stdout, signature in the file.
+    let out = env.ok(
+        &["sign", "--key", &id, "--in", &msg_path, "--out", &sig_path],
+        b"",
+        &format!("{ty}: sign --in --out"),
+    );
+    assert!(
+        out.is_empty(),
+        "{ty}: sign --out: expected nothing on stdout, got {} bytes",
+        out.len()
+    );
+    let sig = std::fs::read(&sig_path).expect("read signature");
+    assert!(!sig.is_empty(), "{ty}: expected a non-empty signature file");
+
+    // sign from stdin to stdout also verifies.
+    let sig2 = env.ok(
+        &["sign", "--key", &id],
+        &msg,
+        &format!("{ty}: sign stdin→stdout"),
+    );
+    let sig2_path = env.write("sig2", &sig2);
+
+    for (what, sp) in [
+        ("--out signature", &sig_path),
+        ("stdout signature", &sig2_path),
+    ] {
+        let v = env.ok(
+            &["verify", "--key", &id, "--signature", sp, "--in", &msg_path],
+            b"",
+            &format!("{ty}: keyhold verify ({what})"),
+        );
+        assert_eq!(
+            String::from_utf8_lossy(&v),
+            "signature valid\n",
+            "{ty}: verify: expected stdout `signature valid`"
+        );
+        let o = openssl_verify(&verifier, &pub_pem, &msg_path, sp);
+        assert!(
+            o.status.success(),
+            "{ty}: expected openssl to verify the {what}\n{}",
+            show(&o)
+        );
+    }
+    // verify reading the message from stdin
+    env.ok(
+        &["verify", "--key", &id, "--signature", &sig_path],
+        &msg,
+        &format!("{ty}: verify message on stdin"),
+    );
+
+    // A modified message fails, in keyhold and (as a control) in openssl.
+    let bad_msg = flip(&msg, 17);
+    let bad_msg_path = env.write("msg.bad", &bad_msg);
+    let before = env.snapshot();
+    let o = env.run(
+        &[
+            "verify",
+            "--key",
+            &id,
+            "--signature",
+            &sig_path,
+            "--in",
+            &bad_msg_path,
+        ],
+        b"",
+    );
+    assert_fail(
+        &o,
+        1,
+        "signature invalid",
+        &format!("{ty}: verify of a modified message"),
+    );
+    assert!(
+        o.stdout.is_empty() || !stdout_str(&o).contains("signature valid"),
+        "{ty}: modified message: expected no `signature valid` on stdout"
+    );
+    let o = openssl_verify(&verifier, &pub_pem, &bad_msg_path, &sig_path);
+    assert!(
+        !o.status.success(),
+        "{ty}: control: expected openssl to reject the modified message"
+    );
+
+    // A modified signature fails too.
+    let bad_sig_path = env.write("sig.bad", &flip(&sig, sig.len() - 1));
+    let o = env.run(
+        &[
+            "verify",
+            "--key",
+            &id,
+            "--signature",
+            &bad_sig_path,
+            "--in",
+            &msg_path,
+        ],
+        b"",
+    );
+    assert_fail(
+        &o,
+        1,
+        "signature invalid",
+        &format!("{ty}: verify of a modified signature"),
+    );
+    env.assert_unchanged(&before, &format!("{ty}: failed verifications"));
+    (env, id)
+}
+
+fn raw_format_check(env: &Env, id: &str, ty: &str, raw_len: usize, digest: &'static str) {
+    let msg_path = env.path_str("msg");
+    let raw_path = env.path_str("sig.raw");
+    env.ok(
+        &[
+            "sign", "--key", id, "--format", "raw", "--in", &msg_path, "--out", &raw_path,
+        ],
+        b"",
+        &format!("{ty}: sign --format raw"),
+    );
+    let raw = std::fs::read(&raw_path).expect("read raw signature");
+    assert_eq!(
+        raw.len(),
+        raw_len,
+        "{ty}: expected a {raw_len}-byte r‖s signature with --format raw"
+    );
+    let v = env.ok(
+        &[
+            "verify",
+            "--key",
+            id,
+            "--signature",
+            &raw_path,
+            "--in",
+            &msg_path,
+            "--format",
+            "raw",
+        ],
+        b"",
+        &format!("{ty}: verify --format raw"),
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&v),
+        "signature valid\n",
+        "{ty}: verify raw: expected `signature valid`"
+    );
+    // r‖s really is r‖s: re-encoded as DER, openssl accepts it.
+    let der_path = env.write("sig.fromraw.der", &raw_ecdsa_to_der(&raw));
+    let o = openssl(&[
+        "dgst",
+        digest,
+        "-verify",
+        &env.path_str("pub.pem"),
+        "-signature",
+        &der_path,
+        &msg_path,
+    ]);
+    assert!(
+        o.status.success(),
+        "{ty}: expected openssl to verify the raw signature re-encoded as DER\n{}",
+        show(&o)
+    );
+    // A raw signature read as DER (the default) is not valid.
+    let o = env.run(
+        &[
+            "verify",
+            "--key",
+            id,
+            "--signature",
+            &raw_path,
+            "--in",
+            &msg_path,
+        ],
+        b"",
+    );
+    assert_fail(
+        &o,
+        1,
+        "signature invalid",
+        &format!("{ty}: raw signature verified as DER"),
+    );
+    // A modified raw signature fails.
+    let bad = env.write("sig.raw.bad", &flip(&raw, 5));
+    let o = env.run(
+        &[
+            "verify",
+            "--key",
+            id,
+            "--signature",
+            &bad,
+            "--in",
+            &msg_path,
+            "--format",
+            "raw",
+        ],
+        b"",
+    );
+    assert_fail(
+        &o,
+        1,
+        "signature invalid",
+        &format!("{ty}: modified raw signature"),
+    );
+}
+
+#[test]
+fn sign_verify_ecdsa_p256_with_openssl() {
+    let (env, id) = sign_verify_roundtrip("ecdsa-p256", &[], Verifier::Dgst("-sha256", &[]));
+    let sig = std::fs::read(env.file("sig")).expect("sig");
+    assert_eq!(
+        sig[0], 0x30,
+        "ecdsa-p256: expected a DER SEQUENCE signature by default"
+    );
+    raw_format_check(&env, &id, "ecdsa-p256", 64, "-sha256");
+
+    // Another P-256 key does not verify this key's signature.
+    let other = env.create_key("other", "ecdsa-p256", &[]);
+    let o = env.run(
+        &[
+            "verify",
+            "--key",
+            &other,
+            "--signature",
+            &env.path_str("sig"),
+            "--in",
+            &env.path_str("msg"),
+        ],
+        b"",
+    );
+    assert_fail(
+        &o,
+        1,
+        "signature invalid",
+        "ecdsa-p256: signature checked against another key",
+    );
+}
+
+#[test]
+fn sign_verify_ecdsa_p384_with_openssl() {
+    let (env, id) = sign_verify_roundtrip("ecdsa-p384", &[], Verifier::Dgst("-sha384", &[]));
+    let sig = std::fs::read(env.file("sig")).expect("sig");
+    assert_eq!(
+        sig[0], 0x30,
+        "ecdsa-p384: expected a DER SEQUENCE signature by default"
+    );
+    raw_format_check(&env, &id, "ecdsa-p384", 96, "-sha384");
+}
+
+#[test]
+fn sign_verify_ed25519_with_openssl() {
+    let (env, id) = sign_verify_roundtrip("ed25519", &[], Verifier::PkeyutlRaw);
+    let sig = std::fs::read(env.file("sig")).expect("sig");
+    assert_eq!(sig.len(), 64, "ed25519: expected a 64-byte signature");
+    // Ed25519 is deterministic, and --format is ignored for it.
+    let again = env.ok(
+        &[
+            "sign",
+            "--key",
+            &id,
+            "--format",
+            "raw",
+            "--in",
+            &env.path_str("msg"),
+        ],
+        b"",
+        "ed25519: sign again",
+    );
+    assert_eq!(
+        again, sig,
+        "ed25519: expected the same signature again (deterministic; --format changes nothing)"
+    );
+}
+
+const PSS: &[&str] = &[
+    "-sigopt",
+    "rsa_padding_mode:pss",
+    "-sigopt",
+    "rsa_pss_saltlen:auto",
+];
+const PSS_SALT_32: &[&str] = &[
+    "-sigopt",
+    "rsa_padding_mode:pss",
+    "-sigopt",
+    "rsa_pss_saltlen:32",
+];
+
+#[test]
+fn sign_verify_rsa2048_pss_with_openssl() {
+    let (env, _id) = sign_verify_roundtrip("rsa-2048", &[], Verifier::Dgst("-sha256", PSS));
+    let sig = std::fs::read(env.file("sig")).expect("sig");
+    assert_eq!(sig.len(), 256, "rsa-2048: expected a 256-byte signature");
+    // The documented salt length is 32.
+    let o = openssl_verify(
+        &Verifier::Dgst("-sha256", PSS_SALT_32),
+        &env.path_str("pub.pem"),
+        &env.path_str("msg"),
+        &env.path_str("sig"),
+    );
+    assert!(
+        o.status.success(),
+        "rsa-2048 PSS: expected openssl to verify with salt length exactly 32\n{}",
+        show(&o)
+    );
+    // PSS is not PKCS#1 v1.5.
+    let o = openssl_verify(
+        &Verifier::Dgst("-sha256", &[]),
+        &env.path_str("pub.pem"),
+        &env.path_str("msg"),
+        &env.path_str("sig"),
+    );
+    assert!(
+        !o.status.success(),
+        "rsa-2048 default padding: expected PSS (openssl's PKCS#1 v1.5 check must fail)"
+    );
+}
+
+#[test]
+fn sign_verify_rsa2048_pkcs1v15_with_openssl() {
+    let (env, id) = sign_verify_roundtrip(
+        "rsa-2048",
+        &["--padding", "pkcs1v15"],
+        Verifier::Dgst("-sha256", &[]),
+    );
+    let sig = std::fs::read(env.file("sig")).expect("sig");
+    let again = env.ok(
+        &["sign", "--key", &id, "--in", &env.path_str("msg")],
+        b"",
+        "rsa pkcs1v15: sign again",
+    );
+    assert_eq!(
+        again, sig,
+        "rsa-2048 pkcs1v15: expected a deterministic signature"
+    );
+}
+
+#[test]
+fn sign_verify_rsa3072_pss_with_openssl() {
+    let (env, _id) = sign_verify_roundtrip("rsa-3072", &[], Verifier::Dgst("-sha256", PSS));
+    let sig = std::fs::read(env.file("sig")).expect("sig");
+    assert_eq!(sig.len(), 384, "rsa-3072: expected a 384-byte signature");
+}
+
+#[test]
+fn sign_verify_rsa4096_pss_with_openssl() {
+    let (env, _id) = sign_verify_roundtrip("rsa-4096", &[], Verifier::Dgst("-sha256", PSS));
+    let sig = std::fs::read(env.file("sig")).expect("sig");
+    assert_eq!(sig.len(), 512, "rsa-4096: expected a 512-byte signature");
+}
+
+// ---------------------------------------------------------------------------------------------
+// 3. public key formats
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn pubkey_der_equals_pem_body_and_openssl_der() {
+    let env = Env::init();
+    for ty in ["ecdsa-p256", "ecdsa-p384", "ed25519", "rsa-2048"] {
+        let id = env.create_key(&format!("k-{ty}"), ty, &[]);
+        let pem = env.pubkey_pem(&id);
+        let pem_path = env.write(&format!("{ty}.pem"), pem.as_bytes());
+        let der = env.ok(
+            &["key", "pubkey", "--key", &id, "--format", "der"],
+            b"",
+            &format!("{ty}: pubkey --format der"),
+        );
+        assert_eq!(
+            der,
+            pem_body(&pem),
+            "{ty}: expected --format der to be the PEM body, base64-decoded"
+        );
+        let ossl_der_path = env.path_str(&format!("{ty}.ossl.der"));
+        openssl_ok(
+            &[
+                "pkey",
+                "-pubin",
+                "-in",
+                &pem_path,
+                "-outform",
+                "DER",
+                "-out",
+                &ossl_der_path,
+            ],
+            "openssl pkey -outform DER",
+        );
+        let ossl_der = std::fs::read(&ossl_der_path).expect("read openssl DER");
+        assert_eq!(
+            der, ossl_der,
+            "{ty}: expected --format der to equal openssl's DER of the same key"
+        );
+
+        // --out writes the same bytes to a file, nothing to stdout.
+        let out_path = env.path_str(&format!("{ty}.out.pem"));
+        let o = env.ok(
+            &["key", "pubkey", "--key", &id, "--out", &out_path],
+            b"",
+            &format!("{ty}: pubkey --out"),
+        );
+        assert!(
+            o.is_empty(),
+            "{ty}: pubkey --out: expected nothing on stdout"
+        );
+        assert_eq!(
+            std::fs::read_to_string(&out_path).expect("read --out"),
+            pem,
+            "{ty}: expected --out to hold the PEM"
+        );
+    }
+}
+
+fn jwk_of(env: &Env, id: &str, ty: &str) -> Json {
+    let out = env.ok(
+        &["key", "pubkey", "--key", id, "--format", "jwk"],
+        b"",
+        &format!("{ty}: pubkey --format jwk"),
+    );
+    let text = String::from_utf8(out).expect("JWK is UTF-8");
+    assert!(
+        text.trim_start().starts_with('{'),
+        "{ty}: expected the JWK to be a JSON object, got {text:?}"
+    );
+    json::parse(&text)
+        .unwrap_or_else(|e| panic!("{ty}: expected the JWK to parse as JSON ({e}): {text:?}"))
+}
+
+#[test]
+fn pubkey_jwk_has_expected_kty_crv_and_coordinates() {
+    let env = Env::init();
+    for (ty, kty, crv, coord) in [
+        ("ecdsa-p256", "EC", Some("P-256"), 32usize),
+        ("ecdsa-p384", "EC", Some("P-384"), 48),
+        ("ed25519", "OKP", Some("Ed25519"), 32),
+        ("rsa-2048", "RSA", None, 256),
+    ] {
+        let id = env.create_key(&format!("j-{ty}"), ty, &[]);
+        let der = env.ok(
+            &["key", "pubkey", "--key", &id, "--format", "der"],
+            b"",
+            "pubkey der",
+        );
+        let jwk = jwk_of(&env, &id, ty);
+        assert_eq!(
+            jwk.str_of("kty"),
+            Some(kty),
+            "{ty}: expected JWK kty {kty}, got {jwk:?}"
+        );
+        assert_eq!(
+            jwk.str_of("crv"),
+            crv,
+            "{ty}: expected JWK crv {crv:?}, got {jwk:?}"
+        );
+        match kty {
+            "EC" => {
+                let x = b64decode(jwk.str_of("x").expect("EC JWK has x"));
+                let y = b64decode(jwk.str_of("y").expect("EC JWK has y"));
+                assert_eq!(
+                    (x.len(), y.len()),
+                    (coord, coord),
+                    "{ty}: expected {coord}-byte x and y"
+                );
+                let mut point = vec![4u8];
+                point.extend(&x);
+                point.extend(&y);
+                assert!(
+                    der.ends_with(&point),
+                    "{ty}: expected JWK x,y to be the SPKI's public point"
+                );
+            }
+            "OKP" => {
+                let x = b64decode(jwk.str_of("x").expect("OKP JWK has x"));
+                assert_eq!(x.len(), 32, "{ty}: expected a 32-byte x");
+                assert!(
+                    der.ends_with(&x),
+                    "{ty}: expected JWK x to be the SPKI's public key"
+                );
+            }
+            _ => {
+                let n = b64decode(jwk.str_of("n").expect("RSA JWK has n"));
+                assert_eq!(
+                    n.len(),
+                    coord,
+                    "{ty}: expected a {coord}-byte modulus without leading zero"
+                );
+                assert!(
+                    der.windows(n.len()).any(|w| w == n.as_slice()),
+                    "{ty}: expected JWK n inside the SPKI"
+                );
+                assert_eq!(
+                    jwk.str_of("e"),
+                    Some("AQAB"),
+                    "{ty}: expected e = AQAB (65537)"
+                );
+            }
+        }
+        assert!(
+            jwk.get("d").is_none(),
+            "{ty}: expected no private part `d` in the JWK"
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// 4. AES-256-GCM
+// ---------------------------------------------------------------------------------------------
+
+const AES_HEADER: usize = 4 + 1 + 16 + 4; // magic, algorithm, key uuid, key version
+
+#[test]
+fn aes_gcm_round_trips_and_envelope_layout() {
+    let env = Env::init();
+    let id = env.create_key("aes", "aes-256-gcm", &[]);
+
+    let text = b"attack at dawn, bring snacks".to_vec();
+    let binary: Vec<u8> = (0u8..=255).cycle().take(1000).collect();
+    let big = pseudo_random(1024 * 1024, 7);
+    for (what, pt) in [("text", &text), ("binary", &binary), ("1 MiB", &big)] {
+        for aad in [None, Some("purpose=test; user=42")] {
+            let mut enc_args = vec!["encrypt", "--key", id.as_str()];
+            if let Some(a) = aad {
+                enc_args.extend(["--aad", a]);
+            }
+            let envlp = env.ok(&enc_args, pt, &format!("encrypt {what} aad={aad:?}"));
+            assert!(
+                envlp.starts_with(b"KHE1"),
+                "encrypt {what}: expected the envelope to start with KHE1"
+            );
+            assert_eq!(
+                envlp[4], 1,
+                "encrypt {what}: expected algorithm byte 1 (AES-256-GCM)"
+            );
+            assert_eq!(
+                envlp[AES_HEADER], 12,
+                "encrypt {what}: expected a 96-bit (12-byte) nonce"
+            );
+            assert_eq!(
+                envlp.len(),
+                AES_HEADER + 1 + 12 + pt.len() + 16,
+                "encrypt {what}: expected header + nonce + ciphertext + 16-byte tag"
+            );
+            assert!(
+                !envlp.windows(16).any(|w| w == &pt[..16]),
+                "encrypt {what}: expected no plaintext in the envelope"
+            );
+            let mut dec_args = vec!["decrypt", "--key", id.as_str()];
+            if let Some(a) = aad {
+                dec_args.extend(["--aad", a]);
+            }
+            let back = env.ok(&dec_args, &envlp, &format!("decrypt {what} aad={aad:?}"));
+            assert!(
+                back == *pt,
+                "decrypt {what}: expected the original plaintext back"
+            );
+        }
+    }
+
+    // The envelope's key version (u32 BE) is the key's version from `key show`.
+    let shown = String::from_utf8(env.ok(&["key", "show", "--key", &id], b"", "key show"))
+        .expect("key show is UTF-8");
+    let version: u32 = shown
+        .lines()
+        .find_map(|l| l.strip_prefix("version: "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("key show: expected a numeric `version:` line in {shown:?}"));
+    let envlp = env.ok(
+        &["encrypt", "--key", &id],
+        &text,
+        "encrypt for the version check",
+    );
+    assert_eq!(
+        envlp[21..25],
+        version.to_be_bytes(),
+        "envelope: expected bytes 21..25 to be the key version {version} (u32 BE)"
+    );
+    let other = env.create_key("aes-other", "aes-256-gcm", &[]);
+    let other_env = env.ok(
+        &["encrypt", "--key", &other],
+        &text,
+        "encrypt with a second key",
+    );
+    assert_ne!(
+        envlp[5..21],
+        other_env[5..21],
+        "envelope: expected two keys to put different key uuids in bytes 5..21"
+    );
+
+    // Random nonce: the same plaintext twice gives different envelopes.
+    let a = env.ok(&["encrypt", "--key", &id], &text, "encrypt #1");
+    let b = env.ok(&["encrypt", "--key", &id], &text, "encrypt #2");
+    assert_ne!(
+        a[AES_HEADER + 1..AES_HEADER + 13],
+        b[AES_HEADER + 1..AES_HEADER + 13],
+        "expected a fresh nonce per message"
+    );
+
+    // --in / --out files.
+    let pt_path = env.write("pt", &big);
+    let ct_path = env.path_str("ct");
+    let rt_path = env.path_str("rt");
+    let o = env.ok(
+        &["encrypt", "--key", &id, "--in", &pt_path, "--out", &ct_path],
+        b"",
+        "encrypt --in --out",
+    );
+    assert!(o.is_empty(), "encrypt --out: expected nothing on stdout");
+    env.ok(
+        &["decrypt", "--key", &id, "--in", &ct_path, "--out", &rt_path],
+        b"",
+        "decrypt --in --out",
+    );
+    assert!(
+        std::fs::read(&rt_path).expect("read rt") == big,
+        "decrypt --out: expected the 1 MiB plaintext back"
+    );
+}
+
+fn assert_decrypt_fails(env: &Env, args: &[&str], input: &[u8], plaintext: &[u8], ctx: &str) {
+    let o = env.run(args, input);
+    assert_fail(&o, 1, "decryption failed", ctx);
+    assert!(
+        o.stdout.is_empty(),
+        "{ctx}: expected no plaintext (nothing) on stdout, got {} bytes",
+        o.stdout.len()
+    );
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !err.contains(std::str::from_utf8(plaintext).expect("text pt")),
+        "{ctx}: expected no plaintext in stderr"
+    );
+}
+
+#[test]
+fn aes_gcm_tampering_wrong_aad_and_wrong_key_fail_cleanly() {
+    let env = Env::init();
+    let id = env.create_key("aes", "aes-256-gcm", &[]);
+    let other = env.create_key("aes2", "aes-256-gcm", &[]);
+    let pt = b"the eagle lands at midnight, confidential";
+    let aad = "tenant=7";
+    let envlp = env.ok(
+        &["encrypt", "--key", &id, "--aad", aad],
+        pt,
+        "encrypt with aad",
+    );
+    let plain = env.ok(&["encrypt", "--key", &id], pt, "encrypt without aad");
+    let before = env.snapshot();
+
+    assert_decrypt_fails(
+        &env,
+        &["decrypt", "--key", &id, "--aad", "tenant=8"],
+        &envlp,
+        pt,
+        "decrypt with the wrong AAD",
+    );
+    assert_decrypt_fails(
+        &env,
+        &["decrypt", "--key", &id],
+        &envlp,
+        pt,
+        "decrypt without the AAD it was made with",
+    );
+    assert_decrypt_fails(
+        &env,
+        &["decrypt", "--key", &id, "--aad", aad],
+        &plain,
+        pt,
+        "decrypt with an AAD it was not made with",
+    );
+    assert_decrypt_fails(
+        &env,
+        &["decrypt", "--key", &other, "--aad", aad],
+        &envlp,
+        pt,
+        "decrypt with another AES key",
+    );
+
+    let n = envlp.len();
+    for cut in [
+        n - 1,
+        n - 16,
+        AES_HEADER + 13,
+        AES_HEADER + 1,
+        AES_HEADER,
+        10,
+        4,
+        1,
+    ] {
+        assert_decrypt_fails(
+            &env,
+            &["decrypt", "--key", &id, "--aad", aad],
+            &envlp[..cut],
+            pt,
+            &format!("decrypt an envelope truncated to {cut} bytes"),
+        );
+    }
+    let mut longer = envlp.clone();
+    longer.push(0);
+    assert_decrypt_fails(
+        &env,
+        &["decrypt", "--key", &id, "--aad", aad],
+        &longer,
+        pt,
+        "decrypt an envelope with a trailing byte",
+    );
+
+    let named = [
+        (0, "magic"),
+        (3, "magic"),
+        (4, "algorithm"),
+        (5, "key uuid"),
+        (20, "key uuid"),
+        (21, "key version"),
+        (24, "key version"),
+        (AES_HEADER, "nonce length"),
+        (AES_HEADER + 1, "nonce"),
+        (AES_HEADER + 12, "nonce"),
+        (AES_HEADER + 13, "ciphertext"),
+        (AES_HEADER + 13 + pt.len() / 2, "ciphertext"),
+        (n - 16, "tag"),
+        (n - 1, "tag"),
+    ];
+    for (pos, what) in named {
+        assert_decrypt_fails(
+            &env,
+            &["decrypt", "--key", &id, "--aad", aad],
+            &flip(&envlp, pos),
+            pt,
+            &format!("decrypt with byte {pos} ({what}) flipped"),
+        );
+    }
+
+    // A failed decrypt with --out leaves no plaintext in the output file.
+    let out_path = env.path_str("should-not-hold-plaintext");
+    let o = env.run(
+        &[
+            "decrypt", "--key", &id, "--aad", "wrong", "--out", &out_path,
+        ],
+        &envlp,
+    );
+    assert_fail(
+        &o,
+        1,
+        "decryption failed",
+        "decrypt --out with the wrong AAD",
+    );
+    let written = std::fs::read(&out_path).unwrap_or_default();
+    assert!(
+        written.is_empty(),
+        "decrypt --out failed: expected no (partial) plaintext in the output file, found {} bytes",
+        written.len()
+    );
+
+    env.assert_unchanged(&before, "failed decryptions");
+    // The genuine envelope still decrypts.
+    let back = env.ok(
+        &["decrypt", "--key", &id, "--aad", aad],
+        &envlp,
+        "decrypt the untouched envelope",
+    );
+    assert_eq!(
+        back, pt,
+        "expected the untouched envelope to decrypt after the failures"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// 5. RSA-OAEP
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn rsa_oaep_round_trip_and_plaintext_limit() {
+    let env = Env::init();
+    let id = env.create_key("rsa-dec", "rsa-2048", &["--purpose", "decrypt"]);
+    for (what, pt) in [
+        ("short", b"wrap me".to_vec()),
+        ("190 bytes (the limit)", pseudo_random(190, 3)),
+    ] {
+        for aad in [None, Some("ctx-1")] {
+            let mut enc = vec!["encrypt", "--key", id.as_str()];
+            let mut dec = vec!["decrypt", "--key", id.as_str()];
+            if let Some(a) = aad {
+                enc.extend(["--aad", a]);
+                dec.extend(["--aad", a]);
+            }
+            let envlp = env.ok(&enc, &pt, &format!("rsa encrypt {what} aad={aad:?}"));
+            assert!(
+                envlp.starts_with(b"KHE1"),
+                "rsa encrypt {what}: expected KHE1"
+            );
+            assert_eq!(
+                envlp[4], 2,
+                "rsa encrypt {what}: expected algorithm byte 2 (RSA-OAEP-SHA256)"
+            );
+            let nl = usize::from(envlp[AES_HEADER]);
+            assert_eq!(
+                envlp.len(),
+                AES_HEADER + 1 + nl + 256,
+                "rsa encrypt {what}: expected header + nonce + 256-byte ciphertext"
+            );
+            let back = env.ok(&dec, &envlp, &format!("rsa decrypt {what} aad={aad:?}"));
+            assert_eq!(back, pt, "rsa decrypt {what}: expected the plaintext back");
+        }
+    }
+    let before = env.snapshot();
+    let o = env.run(&["encrypt", "--key", &id], &pseudo_random(191, 4));
+    assert_fail(
+        &o,
+        1,
+        "190",
+        "rsa-2048 encrypt of 191 bytes (limit 190): expected a message naming the limit",
+    );
+    assert!(
+        o.stdout.is_empty(),
+        "rsa encrypt over the limit: expected no envelope on stdout"
+    );
+
+    env.assert_unchanged(&before, "rsa-2048 encrypt over the limit");
+    let rsa3072 = env.create_key("rsa-dec-3072", "rsa-3072", &["--purpose", "decrypt"]);
+    let pt318 = pseudo_random(318, 5);
+    let envlp = env.ok(
+        &["encrypt", "--key", &rsa3072],
+        &pt318,
+        "rsa-3072 encrypt of 318 bytes (the limit)",
+    );
+    let back = env.ok(
+        &["decrypt", "--key", &rsa3072],
+        &envlp,
+        "rsa-3072 decrypt of 318 bytes",
+    );
+    assert_eq!(
+        back, pt318,
+        "rsa-3072: expected the 318-byte plaintext back"
+    );
+    let o = env.run(&["encrypt", "--key", &rsa3072], &pseudo_random(319, 6));
+    assert_fail(
+        &o,
+        1,
+        "318",
+        "rsa-3072 encrypt of 319 bytes (limit 318): expected a message naming the limit",
+    );
+    let before = env.snapshot();
+
+    // Tampering and wrong AAD fail as `decryption failed`.
+    let pt = b"rsa secret payload";
+    let envlp = env.ok(&["encrypt", "--key", &id, "--aad", "a"], pt, "rsa encrypt");
+    assert_decrypt_fails(
+        &env,
+        &["decrypt", "--key", &id, "--aad", "b"],
+        &envlp,
+        pt,
+        "rsa decrypt with the wrong AAD",
+    );
+    for pos in [0, 4, 8, 22, envlp.len() - 100, envlp.len() - 1] {
+        assert_decrypt_fails(
+            &env,
+            &["decrypt", "--key", &id, "--aad", "a"],
+            &flip(&envlp, pos),
+            pt,
+            &format!("rsa decrypt with byte {pos} flipped"),
+        );
+    }
+    assert_decrypt_fails(
+        &env,
+        &["decrypt", "--key", &id, "--aad", "a"],
+        &envlp[..envlp.len() - 1],
+        pt,
+        "rsa decrypt of a truncated envelope",
+    );
+    env.assert_unchanged(&before, "rsa failures");
+}
+
+#[test]
+fn rsa_oaep_decrypts_what_openssl_encrypts_with_the_documented_label() {
+    let env = Env::init();
+    let id = env.create_key("rsa-dec", "rsa-2048", &["--purpose", "decrypt"]);
+    let pem = env.pubkey_pem(&id);
+    let pub_path = env.write("pub.pem", pem.as_bytes());
+    let aad = "ctx-1";
+    // A keyhold envelope gives the header; the label is header-before-nonce-length ‖ aad.
+    let template = env.ok(
+        &["encrypt", "--key", &id, "--aad", aad],
+        b"template",
+        "rsa encrypt template",
+    );
+    let nl = usize::from(template[AES_HEADER]);
+    let mut label = template[..AES_HEADER].to_vec();
+    label.extend_from_slice(aad.as_bytes());
+    let label_hex: String = label.iter().map(|b| format!("{b:02x}")).collect();
+    let pt = b"encrypted by openssl, decrypted by keyhold";
+    let pt_path = env.write("pt", pt);
+    let ct_path = env.path_str("ct");
+    openssl_ok(
+        &[
+            "pkeyutl",
+            "-encrypt",
+            "-pubin",
+            "-inkey",
+            &pub_path,
+            "-in",
+            &pt_path,
+            "-out",
+            &ct_path,
+            "-pkeyopt",
+            "rsa_padding_mode:oaep",
+            "-pkeyopt",
+            "rsa_oaep_md:sha256",
+            "-pkeyopt",
+            "rsa_mgf1_md:sha256",
+            "-pkeyopt",
+            &format!("rsa_oaep_label:{label_hex}"),
+        ],
+        "openssl RSA-OAEP-SHA256 encrypt",
+    );
+    let mut envlp = template[..AES_HEADER + 1 + nl].to_vec();
+    envlp.extend(std::fs::read(&ct_path).expect("read openssl ciphertext"));
+    let back = env.ok(
+        &["decrypt", "--key", &id, "--aad", aad],
+        &envlp,
+        "keyhold decrypt of openssl's OAEP ciphertext",
+    );
+    assert_eq!(back, pt, "expected keyhold to decrypt openssl's RSA-OAEP-SHA256/MGF1-SHA256 ciphertext with the documented label");
+}
+
+// ---------------------------------------------------------------------------------------------
+// 6. HMAC
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn hmac_mac_and_mac_verify() {
+    let env = Env::init();
+    let id = env.create_key("mac", "hmac-sha256", &[]);
+    let msg = b"message to authenticate".to_vec();
+    let tag = env.ok(&["mac", "--key", &id], &msg, "mac");
+    assert_eq!(tag.len(), 32, "mac: expected a 32-byte binary tag");
+    assert_eq!(
+        env.ok(&["mac", "--key", &id], &msg, "mac again"),
+        tag,
+        "mac: expected HMAC to be deterministic"
+    );
+    let msg_path = env.write("msg", &msg);
+    let tag_path = env.write("tag", &tag);
+    let out_path = env.path_str("tag.out");
+    let o = env.ok(
+        &["mac", "--key", &id, "--in", &msg_path, "--out", &out_path],
+        b"",
+        "mac --in --out",
+    );
+    assert!(o.is_empty(), "mac --out: expected nothing on stdout");
+    assert_eq!(
+        std::fs::read(&out_path).expect("read tag"),
+        tag,
+        "mac --out: expected the same tag in the file"
+    );
+
+    let v = env.ok(
+        &[
+            "mac-verify",
+            "--key",
+            &id,
+            "--tag",
+            &tag_path,
+            "--in",
+            &msg_path,
+        ],
+        b"",
+        "mac-verify",
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&v),
+        "tag valid\n",
+        "mac-verify: expected stdout `tag valid`"
+    );
+    env.ok(
+        &["mac-verify", "--key", &id, "--tag", &tag_path],
+        &msg,
+        "mac-verify message on stdin",
+    );
+
+    let before = env.snapshot();
+    for pos in [0, 15, 31] {
+        let bad = env.write("tag.bad", &flip(&tag, pos));
+        let o = env.run(
+            &["mac-verify", "--key", &id, "--tag", &bad, "--in", &msg_path],
+            b"",
+        );
+        assert_eq!(
+            o.status.code(),
+            Some(1),
+            "mac-verify with tag byte {pos} flipped: expected exit 1\n{}",
+            show(&o)
+        );
+        assert_clean_stderr(&o, "mac-verify bad tag");
+        assert!(
+            !stdout_str(&o).contains("tag valid"),
+            "mac-verify bad tag: expected no `tag valid`"
+        );
+    }
+    let short = env.write("tag.short", &tag[..31]);
+    let o = env.run(
+        &[
+            "mac-verify",
+            "--key",
+            &id,
+            "--tag",
+            &short,
+            "--in",
+            &msg_path,
+        ],
+        b"",
+    );
+    assert_eq!(
+        o.status.code(),
+        Some(1),
+        "mac-verify with a 31-byte tag: expected exit 1\n{}",
+        show(&o)
+    );
+    let o = env.run(
+        &["mac-verify", "--key", &id, "--tag", &tag_path],
+        &flip(&msg, 3),
+    );
+    assert_eq!(
+        o.status.code(),
+        Some(1),
+        "mac-verify of a modified message: expected exit 1\n{}",
+        show(&o)
+    );
+    assert_clean_stderr(&o, "mac-verify modified message");
+    env.assert_unchanged(&before, "failed mac-verify");
+    let other = env.create_key("mac2", "hmac-sha256", &[]);
+    let o = env.run(
+        &[
+            "mac-verify",
+            "--key",
+            &other,
+            "--tag",
+            &tag_path,
+            "--in",
+            &msg_path,
+        ],
+        b"",
+    );
+    assert_eq!(
+        o.status.code(),
+        Some(1),
+        "mac-verify with another HMAC key: expected exit 1\n{}",
+        show(&o)
+    );
+    let tag2 = env.ok(&["mac", "--key", &other], &msg, "mac with the other key");
+    assert_ne!(tag2, tag, "expected two HMAC keys to give different tags");
+}
+
+// ---------------------------------------------------------------------------------------------
+// 7. authenticated key IDs
+// ---------------------------------------------------------------------------------------------
+
+fn replacement_for(id: &str, pos: usize) -> Vec<char> {
+    let chars: Vec<char> = id.chars().collect();
+    let mut alphabet: Vec<char> = chars.clone();
+    alphabet.sort_unstable();
+    alphabet.dedup();
+    let c = chars[pos];
+    // Prefer characters the ID's own alphabet uses, so the change is well-formed, not just malformed.
+    let mut reps: Vec<char> = alphabet.into_iter().filter(|&x| x != c).collect();
+    if reps.is_empty() {
+        reps.push(if c == 'a' { 'b' } else { 'a' });
+    }
+    reps
+}
+
+fn with_char(id: &str, pos: usize, rep: char) -> String {
+    id.chars()
+        .enumerate()
+        .map(|(i, c)| if i == pos { rep } else { c })
+        .collect()
+}
+
+#[test]
+fn key_id_with_any_character_changed_fails_authentication() {
+    let env = Env::init();
+    let id = env.create_key("target", "ecdsa-p256", &[]);
+    let _other = env.create_key("bystander", "ecdsa-p256", &[]);
+    assert!(
+        id.starts_with("kh1_"),
+        "expected key IDs to start with `kh1_`, got {id}"
+    );
+    let before = env.snapshot();
+    let n = id.chars().count();
+    for pos in 0..n {
+        let reps = replacement_for(&id, pos);
+        // Three alternatives at the prefix and the last character (whose spare bits a lax
+        // decoder could ignore), one elsewhere.
+        let tries = if pos < 4 || pos == n - 1 { 3 } else { 1 };
+        for rep in reps.iter().take(tries).copied() {
+            let bad = with_char(&id, pos, rep);
+            let o = env.run(&["key", "show", &format!("--key={bad}")], b"");
+            assert_fail(
+                &o,
+                3,
+                "key ID failed authentication",
+                &format!("key show with char {pos} of the ID changed to {rep:?} ({bad})"),
+            );
+            assert!(
+                o.stdout.is_empty(),
+                "modified ID {bad}: expected nothing on stdout"
+            );
+        }
+    }
+    for pos in [0, 2, n / 2, n - 1] {
+        let bad = with_char(&id, pos, replacement_for(&id, pos)[0]);
+        let o = env.run(&["sign", &format!("--key={bad}")], b"payload");
+        assert_fail(
+            &o,
+            3,
+            "key ID failed authentication",
+            &format!("sign with char {pos} of the ID changed"),
+        );
+        assert!(
+            o.stdout.is_empty(),
+            "sign with modified ID: expected no signature on stdout"
+        );
+    }
+    env.assert_unchanged(&before, "modified key IDs");
+    env.ok(
+        &["sign", "--key", &id],
+        b"payload",
+        "the genuine ID still works",
+    );
+}
+
+#[test]
+fn malformed_key_ids_fail_authentication() {
+    let env = Env::init();
+    let id = env.create_key("target", "ed25519", &[]);
+    let before = env.snapshot();
+    let half = &id[..id.len() / 2];
+    let minus_one = &id[..id.len() - 1];
+    let plus_one = format!("{id}A");
+    let upper = id.to_uppercase();
+    let cases: Vec<(&str, String)> = vec![
+        ("truncated by one char", minus_one.to_owned()),
+        ("truncated to half", half.to_owned()),
+        ("prefix only", "kh1_".to_owned()),
+        ("empty", String::new()),
+        ("garbage", "not-a-key-id".to_owned()),
+        (
+            "garbage with prefix",
+            "kh1_zzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzz".to_owned(),
+        ),
+        ("one char appended", plus_one),
+        ("upper-cased", upper),
+        ("the name instead of the ID", "target".to_owned()),
+    ];
+    for (what, bad) in cases {
+        if bad == id {
+            continue; // upper-casing may be a no-op only if the ID has no letters (it has)
+        }
+        let o = env.run(&["key", "show", &format!("--key={bad}")], b"");
+        assert_fail(
+            &o,
+            3,
+            "key ID failed authentication",
+            &format!("key show with a {what} ID {bad:?}"),
+        );
+    }
+    env.assert_unchanged(&before, "malformed IDs");
+}
+
+#[test]
+fn key_id_from_another_store_fails_authentication() {
+    let one = Env::init();
+    let two = Env::init();
+    let id1 = one.create_key("same-name", "ecdsa-p256", &[]);
+    let _id2 = two.create_key("same-name", "ecdsa-p256", &[]);
+    let before = two.snapshot();
+    let o = two.run(&["key", "show", "--key", &id1], b"");
+    assert_fail(
+        &o,
+        3,
+        "key ID failed authentication",
+        "key show in store two with store one's ID",
+    );
+    let o = two.run(&["sign", "--key", &id1], b"payload");
+    assert_fail(
+        &o,
+        3,
+        "key ID failed authentication",
+        "sign in store two with store one's ID",
+    );
+    assert!(
+        o.stdout.is_empty(),
+        "sign with a foreign ID: expected no signature"
+    );
+    two.assert_unchanged(&before, "foreign ID");
+}
+
+#[test]
+fn destroyed_key_gives_no_such_key() {
+    let env = Env::init();
+    let id = env.create_key("doomed", "ecdsa-p256", &[]);
+    let keep = env.create_key("keeper", "ecdsa-p256", &[]);
+    let out = env.ok(&["key", "destroy", "--key", &id], b"", "key destroy");
+    assert_eq!(
+        String::from_utf8_lossy(&out),
+        "destroyed default/doomed\n",
+        "key destroy: expected `destroyed NS/NAME`"
+    );
+    let before = env.snapshot();
+    let o = env.run(&["key", "show", "--key", &id], b"");
+    assert_fail(&o, 5, "no such key", "key show of a destroyed key");
+    let o = env.run(&["sign", "--key", &id], b"payload");
+    assert_fail(&o, 5, "no such key", "sign with a destroyed key");
+    assert!(
+        o.stdout.is_empty(),
+        "sign with a destroyed key: expected no signature"
+    );
+    let o = env.run(&["key", "pubkey", "--key", &id], b"");
+    assert_fail(&o, 5, "no such key", "pubkey of a destroyed key");
+    let o = env.run(&["key", "destroy", "--key", &id], b"");
+    assert_fail(&o, 5, "no such key", "destroying a destroyed key again");
+    env.assert_unchanged(&before, "uses of a destroyed key");
+    env.ok(
+        &["sign", "--key", &keep],
+        b"payload",
+        "the other key still signs",
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// 8. passphrases
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn wrong_passphrase_cannot_unseal() {
+    let env = Env::init();
+    let id = env.create_key("k", "ecdsa-p256", &[]);
+    let aes = env.create_key("a", "aes-256-gcm", &[]);
+    let envlp = env.ok(&["encrypt", "--key", &aes], b"secret", "encrypt");
+    let before = env.snapshot();
+    let wrong = "not-the-passphrase-9f3c";
+    let cases: Vec<(Vec<&str>, &[u8])> = vec![
+        (
+            vec!["key", "create", "new", "--type", "ecdsa-p256"],
+            &b""[..],
+        ),
+        (vec!["sign", "--key", &id], &b"payload"[..]),
+        (vec!["decrypt", "--key", &aes], &envlp[..]),
+        (vec!["encrypt", "--key", &aes], &b"payload"[..]),
+    ];
+    for (args, input) in &cases {
+        let o = env.run_with(args, Some(input), |c| {
+            c.env("KEYHOLD_PASSPHRASE", wrong);
+        });
+        assert_fail(
+            &o,
+            4,
+            "cannot unseal the store",
+            &format!("{args:?} with the wrong passphrase"),
+        );
+        assert!(
+            !stderr(&o).contains(wrong),
+            "{args:?}: expected the wrong passphrase not to be echoed"
+        );
+        assert!(
+            o.stdout.is_empty(),
+            "{args:?} wrong passphrase: expected nothing on stdout"
+        );
+    }
+    let wrong_file = env.write("wrong.pass", format!("{wrong}\n").as_bytes());
+    let o = env.run(
+        &["--passphrase-file", &wrong_file, "sign", "--key", &id],
+        b"payload",
+    );
+    assert_fail(
+        &o,
+        4,
+        "cannot unseal the store",
+        "sign with a wrong --passphrase-file",
+    );
+    env.assert_unchanged(&before, "wrong passphrase");
+}
+
+#[test]
+fn no_passphrase_source_names_keyhold_passphrase() {
+    let env = Env::init();
+    let id = env.create_key("k", "ecdsa-p256", &[]);
+    let msg = env.write("msg", b"payload");
+    let before = env.snapshot();
+    // Detached from any terminal (new session, stdin /dev/null), no env, no file.
+    let run_detached = |env: &Env, args: &[&str]| {
+        // setsid(1) drops the controlling terminal, so no /dev/tty prompt can appear (or hang).
+        let prog = if std::path::Path::new("/usr/bin/setsid").exists() {
+            let mut p = std::process::Command::new("/usr/bin/setsid");
+            p.arg("--wait").arg(BIN);
+            p
+        } else {
+            std::process::Command::new(BIN)
+        };
+        let mut cmd = env.command_via(prog, args);
+        cmd.env_remove("KEYHOLD_PASSPHRASE");
+        run_command(cmd, None)
+    };
+    for args in [
+        vec!["sign", "--key", id.as_str(), "--in", msg.as_str()],
+        vec!["key", "create", "x", "--type", "ed25519"],
+    ] {
+        let o = run_detached(&env, &args);
+        assert_clean_failure(&o, &format!("{args:?} with no passphrase source"));
+        let err = stderr(&o);
+        assert!(
+            err.contains("KEYHOLD_PASSPHRASE"),
+            "{args:?}: expected the error to name KEYHOLD_PASSPHRASE\n{}",
+            show(&o)
+        );
+        assert!(
+            err.contains("--passphrase-file"),
+            "{args:?}: expected the error to name --passphrase-file too (all three sources)\n{}",
+            show(&o)
+        );
+        assert!(
+            err.contains("terminal") || err.contains("tty"),
+            "{args:?}: expected the error to name the terminal prompt too (all three sources)\n{}",
+            show(&o)
+        );
+    }
+    env.assert_unchanged(&before, "no passphrase");
+
+    let fresh = Env::new();
+    let o = run_detached(&fresh, INIT_ARGS);
+    assert_clean_failure(&o, "init with no passphrase source");
+    assert!(
+        stderr(&o).contains("KEYHOLD_PASSPHRASE"),
+        "init without passphrase: expected KEYHOLD_PASSPHRASE named\n{}",
+        show(&o)
+    );
+    assert!(
+        fresh.snapshot().is_empty(),
+        "init without passphrase: expected no store files to be written"
+    );
+}
+
+#[test]
+fn passphrase_file_works_and_comes_first() {
+    let env = Env::new();
+    let pass_file = env.write(
+        "pass",
+        format!("{PASS}\nsecond line is ignored\n").as_bytes(),
+    );
+    let mut init = vec!["--passphrase-file", pass_file.as_str()];
+    init.extend_from_slice(INIT_ARGS);
+    let o = env.run_with(&init, Some(b""), |c| {
+        c.env_remove("KEYHOLD_PASSPHRASE");
+    });
+    assert_ok(&o, "init with --passphrase-file only");
+    // Created with the file, used with the environment variable: same passphrase.
+    let id = env.create_key("k", "ecdsa-p256", &[]);
+    let o = env.run_with(
+        &["--passphrase-file", &pass_file, "sign", "--key", &id],
+        Some(b"payload"),
+        |c| {
+            c.env_remove("KEYHOLD_PASSPHRASE");
+        },
+    );
+    assert_ok(&o, "sign with --passphrase-file only");
+    let o = env.run_with(
+        &["--passphrase-file", &pass_file, "sign", "--key", &id],
+        Some(b"payload"),
+        |c| {
+            c.env("KEYHOLD_PASSPHRASE", "wrong-env-passphrase");
+        },
+    );
+    assert_ok(
+        &o,
+        "--passphrase-file (right) takes precedence over KEYHOLD_PASSPHRASE (wrong)",
+    );
+    let wrong = env.write("wrong", b"wrong-file-passphrase\n");
+    let o = env.run(
+        &["--passphrase-file", &wrong, "sign", "--key", &id],
+        b"payload",
+    );
+    assert_fail(
+        &o,
+        4,
+        "cannot unseal the store",
+        "--passphrase-file (wrong) over KEYHOLD_PASSPHRASE (right)",
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// 9. missing and corrupt stores
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn missing_store_says_to_run_keyhold_init() {
+    let env = Env::new();
+    for args in [
+        vec!["key", "list"],
+        vec!["key", "create", "k", "--type", "ed25519"],
+        vec!["sign", "--key", "kh1_x"],
+    ] {
+        let o = env.run(&args, b"payload");
+        assert_clean_failure(&o, &format!("{args:?} without a store"));
+        assert!(
+            stderr(&o).contains("keyhold init"),
+            "{args:?} without a store: expected the message to mention `keyhold init`\n{}",
+            show(&o)
+        );
+        assert!(
+            !env.store.exists(),
+            "{args:?} without a store: expected the store dir not to be created"
+        );
+    }
+}
+
+#[test]
+fn corrupt_database_is_a_clean_error() {
+    for (what, garbage) in [("garbage", pseudo_random(8192, 99)), ("empty", Vec::new())] {
+        let env = Env::init();
+        let id = env.create_key("k", "ecdsa-p256", &[]);
+        let db = env.database_file();
+        std::fs::write(&db, &garbage).expect("overwrite database");
+        let before = env.snapshot();
+        for args in [
+            vec!["key", "list"],
+            vec!["sign", "--key", id.as_str()],
+            vec!["key", "create", "n", "--type", "ed25519"],
+        ] {
+            let o = env.run(&args, b"payload");
+            assert_clean_failure(
+                &o,
+                &format!("{args:?} on a database overwritten with {what}"),
+            );
+            assert!(
+                stderr(&o).lines().any(|l| l.starts_with("keyhold: ")),
+                "{args:?} corrupt store: expected a `keyhold: ` message\n{}",
+                show(&o)
+            );
+            assert!(
+                o.stdout.is_empty(),
+                "{args:?} corrupt store: expected nothing on stdout"
+            );
+        }
+        env.assert_unchanged(
+            &before,
+            &format!("commands on a database overwritten with {what} (must not re-create it)"),
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// 11. purposes, types and names
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn operations_refuse_a_key_of_the_wrong_purpose() {
+    let env = Env::init();
+    // Neutral names, so a purpose found in the message is not just part of the key's name.
+    let ec = env.create_key("k1", "ecdsa-p256", &[]);
+    let ed = env.create_key("k2", "ed25519", &[]);
+    let aes = env.create_key("k3", "aes-256-gcm", &[]);
+    let mac = env.create_key("k4", "hmac-sha256", &[]);
+    let rsa_sign = env.create_key("k5", "rsa-2048", &[]);
+    let rsa_dec = env.create_key("k6", "rsa-2048", &["--purpose", "decrypt"]);
+    let sig_path = env.write("sig", &[0x30, 0x06, 0x02, 0x01, 0x01, 0x02, 0x01, 0x01]);
+    let before = env.snapshot();
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (vec!["encrypt", "--key", &ec], "sign"),
+        (vec!["decrypt", "--key", &ec], "sign"),
+        (vec!["mac", "--key", &ed], "sign"),
+        (vec!["sign", "--key", &aes], "encrypt"),
+        (vec!["mac", "--key", &aes], "encrypt"),
+        (
+            vec!["verify", "--key", &aes, "--signature", &sig_path],
+            "encrypt",
+        ),
+        (vec!["sign", "--key", &mac], "mac"),
+        (vec!["encrypt", "--key", &mac], "mac"),
+        (vec!["encrypt", "--key", &rsa_sign], "sign"),
+        (vec!["decrypt", "--key", &rsa_sign], "sign"),
+        (vec!["sign", "--key", &rsa_dec], "decrypt"),
+        (vec!["mac", "--key", &rsa_dec], "decrypt"),
+    ];
+    for (args, purpose) in cases {
+        let o = env.run(&args, b"KHE1 some input that is not empty");
+        assert_fail(
+            &o,
+            1,
+            purpose,
+            &format!(
+                "{args:?}: wrong purpose, expected a message naming the key's purpose `{purpose}`"
+            ),
+        );
+        assert!(o.stdout.is_empty(), "{args:?}: expected nothing on stdout");
+    }
+    env.assert_unchanged(&before, "wrong-purpose operations");
+}
+
+fn listed_names(env: &Env, extra_global: &[&str]) -> Vec<String> {
+    let mut args = extra_global.to_vec();
+    args.extend(["key", "list"]);
+    let out = env.ok(&args, b"", "key list");
+    let text = String::from_utf8(out).expect("key list is UTF-8");
+    text.lines()
+        .skip(1)
+        .filter_map(|l| l.split_whitespace().next().map(str::to_owned))
+        .collect()
+}
+
+#[test]
+fn invalid_type_and_purpose_combinations_are_refused() {
+    let env = Env::init();
+    let before = env.snapshot();
+    for (ty, purpose) in [
+        ("ed25519", "decrypt"),
+        ("aes-256-gcm", "sign"),
+        ("ecdsa-p256", "encrypt"),
+        ("hmac-sha256", "sign"),
+        ("ecdsa-p384", "mac"),
+    ] {
+        let o = env.run(
+            &["key", "create", "bad", "--type", ty, "--purpose", purpose],
+            b"",
+        );
+        let code = assert_clean_failure(&o, &format!("key create --type {ty} --purpose {purpose}"));
+        assert!(
+            code == 1 || code == 2,
+            "{ty}/{purpose}: expected exit 1 or 2, got {code}"
+        );
+        assert!(
+            stderr(&o).contains(purpose),
+            "{ty}/{purpose}: expected the message to name the refused purpose\n{}",
+            show(&o)
+        );
+    }
+    let o = env.run(&["key", "create", "bad", "--type", "foo"], b"");
+    assert_fail(
+        &o,
+        2,
+        "foo",
+        "key create --type foo: expected a usage error (exit 2)",
+    );
+    let o = env.run(&["key", "create", "bad"], b"");
+    assert_eq!(
+        o.status.code(),
+        Some(2),
+        "key create without --type: expected a usage error (exit 2)\n{}",
+        show(&o)
+    );
+    let o = env.run(&["frobnicate"], b"");
+    assert_eq!(
+        o.status.code(),
+        Some(2),
+        "unknown command: expected a usage error (exit 2)\n{}",
+        show(&o)
+    );
+    env.assert_unchanged(&before, "refused key creations");
+    assert!(
+        listed_names(&env, &[]).is_empty(),
+        "expected no key to have been created by refused commands"
+    );
+}
+
+#[test]
+fn duplicate_key_name_is_refused_and_first_key_still_works() {
+    let env = Env::init();
+    let first = env.create_key("dup", "ecdsa-p256", &[]);
+    let before = env.snapshot();
+    for ty in ["ecdsa-p256", "hmac-sha256"] {
+        let o = env.run(&["key", "create", "dup", "--type", ty], b"");
+        assert_fail(&o, 1, "dup", &format!("second key named `dup` ({ty})"));
+        assert!(
+            o.stdout.is_empty(),
+            "duplicate name: expected no ID on stdout"
+        );
+    }
+    env.assert_unchanged(&before, "duplicate name");
+    let sig = env.ok(
+        &["sign", "--key", &first],
+        b"payload",
+        "first `dup` key signs",
+    );
+    let sig_path = env.write("sig", &sig);
+    env.ok(
+        &["verify", "--key", &first, "--signature", &sig_path],
+        b"payload",
+        "first `dup` key verifies",
+    );
+    // The same name in another namespace is fine.
+    env.ok(
+        &[
+            "--namespace",
+            "other",
+            "key",
+            "create",
+            "dup",
+            "--type",
+            "ecdsa-p256",
+        ],
+        b"",
+        "same name, other namespace",
+    );
+}
+
+#[test]
+fn bad_names_and_namespaces_are_refused() {
+    let env = Env::init();
+    let long65 = "a".repeat(65);
+    let before = env.snapshot();
+    for name in [
+        "../x",
+        "",
+        long65.as_str(),
+        "a/b",
+        "a b",
+        ".hidden",
+        "x\u{e9}",
+        "x;y",
+        "-dash",
+    ] {
+        let args = if name.starts_with('-') {
+            vec!["key", "create", "--type", "ed25519", "--", name]
+        } else {
+            vec!["key", "create", name, "--type", "ed25519"]
+        };
+        let o = env.run(&args, b"");
+        assert_clean_failure(&o, &format!("key create with bad name {name:?}"));
+        assert!(
+            o.stdout.is_empty(),
+            "bad name {name:?}: expected no ID on stdout"
+        );
+    }
+    for ns in ["../ns", "", long65.as_str(), "a/b", ".ns"] {
+        let o = env.run(
+            &["--namespace", ns, "key", "create", "k", "--type", "ed25519"],
+            b"",
+        );
+        assert_clean_failure(&o, &format!("key create in bad namespace {ns:?}"));
+    }
+    env.assert_unchanged(&before, "bad names");
+    assert!(
+        listed_names(&env, &[]).is_empty(),
+        "expected no key created with a bad name"
+    );
+
+    // The edges that are allowed.
+    let long64 = "Z".repeat(64);
+    for name in ["a", long64.as_str(), "A-z_0.9-x", "0start"] {
+        env.create_key(name, "ed25519", &[]);
+    }
+    env.ok(
+        &[
+            "--namespace",
+            &long64,
+            "key",
+            "create",
+            "k",
+            "--type",
+            "ed25519",
+        ],
+        b"",
+        "64-char namespace",
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// 12. input limits
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn empty_input_is_refused() {
+    let env = Env::init();
+    let ec = env.create_key("ec", "ecdsa-p256", &[]);
+    let aes = env.create_key("aes", "aes-256-gcm", &[]);
+    let mac = env.create_key("mac", "hmac-sha256", &[]);
+    let sig = env.ok(&["sign", "--key", &ec], b"x", "sign");
+    let sig_path = env.write("sig", &sig);
+    let tag = env.ok(&["mac", "--key", &mac], b"x", "mac");
+    let tag_path = env.write("tag", &tag);
+    let empty = env.write("empty", b"");
+    let before = env.snapshot();
+    for (args, op) in [
+        (vec!["sign", "--key", ec.as_str()], "sign"),
+        (vec!["encrypt", "--key", aes.as_str()], "encrypt"),
+        (vec!["decrypt", "--key", aes.as_str()], "decrypt"),
+        (vec!["mac", "--key", mac.as_str()], "mac"),
+    ] {
+        let o = env.run(&args, b"");
+        assert_fail(
+            &o,
+            1,
+            &format!("input is empty: nothing to {op}"),
+            &format!("{op} of empty stdin"),
+        );
+        assert!(
+            o.stdout.is_empty(),
+            "{op} of empty input: expected nothing on stdout"
+        );
+        let mut with_file = args.clone();
+        with_file.extend(["--in", empty.as_str()]);
+        let o = env.run(&with_file, b"");
+        assert_fail(
+            &o,
+            1,
+            "input is empty",
+            &format!("{op} of an empty --in file"),
+        );
+    }
+    let o = env.run(&["verify", "--key", &ec, "--signature", &sig_path], b"");
+    assert_fail(&o, 1, "input is empty", "verify of an empty message");
+    let o = env.run(&["mac-verify", "--key", &mac, "--tag", &tag_path], b"");
+    assert_fail(&o, 1, "input is empty", "mac-verify of an empty message");
+    env.assert_unchanged(&before, "empty inputs");
+}
+
+#[test]
+fn input_over_64_mib_is_refused() {
+    let env = Env::init();
+    let ec = env.create_key("ec", "ecdsa-p256", &[]);
+    let aes = env.create_key("aes", "aes-256-gcm", &[]);
+    let mac = env.create_key("mac", "hmac-sha256", &[]);
+    let sig = env.ok(&["sign", "--key", &ec], b"x", "sign");
+    let sig_path = env.write("sig", &sig);
+    let tag = env.ok(&["mac", "--key", &mac], b"x", "mac");
+    let tag_path = env.write("tag", &tag);
+    let mut big = vec![0x5au8; LIMIT + 1];
+    big[LIMIT] = 0xa5;
+    let big_path = env.write("big", &big);
+    let before = env.snapshot();
+    let cases: Vec<Vec<&str>> = vec![
+        vec!["sign", "--key", &ec, "--in", &big_path],
+        vec!["encrypt", "--key", &aes, "--in", &big_path],
+        vec!["mac", "--key", &mac, "--in", &big_path],
+        vec![
+            "verify",
+            "--key",
+            &ec,
+            "--signature",
+            &sig_path,
+            "--in",
+            &big_path,
+        ],
+        vec![
+            "mac-verify",
+            "--key",
+            &mac,
+            "--tag",
+            &tag_path,
+            "--in",
+            &big_path,
+        ],
+    ];
+    for args in cases {
+        let o = env.run(&args, b"");
+        assert_fail(
+            &o,
+            1,
+            "input is larger than the 64 MiB limit",
+            &format!("{args:?} with 64 MiB + 1 byte"),
+        );
+        assert!(
+            o.stdout.is_empty(),
+            "{args:?} over the limit: expected nothing on stdout"
+        );
+    }
+    // From stdin as well.
+    let o = env.run(&["mac", "--key", &mac], &big);
+    assert_fail(&o, 1, "64 MiB limit", "mac of 64 MiB + 1 byte on stdin");
+    env.assert_unchanged(&before, "oversized inputs");
+}
+
+/// docs/cli.md: *every* operation refuses input over 64 MiB, `decrypt` included (kept apart so a
+/// different rule for envelopes shows up on its own).
+#[test]
+fn decrypt_input_over_the_envelope_limit_is_refused() {
+    let env = Env::init();
+    let aes = env.create_key("aes", "aes-256-gcm", &[]);
+    // A genuine envelope's header followed by filler: one byte more than the largest envelope
+    // (64 MiB of plaintext + 1 KiB of framing) that decrypt takes.
+    let mut big = env.ok(&["encrypt", "--key", &aes], b"x", "encrypt");
+    big.resize(LIMIT + 1024 + 1, 0x5a);
+    let big_path = env.write("big", &big);
+    let before = env.snapshot();
+    let o = env.run(&["decrypt", "--key", &aes, "--in", &big_path], b"");
+    assert_fail(
+        &o,
+        1,
+        "input is larger than the 64 MiB limit",
+        "decrypt with 64 MiB + 1 KiB + 1 byte of input",
+    );
+    assert!(
+        o.stdout.is_empty(),
+        "decrypt over the limit: expected nothing on stdout"
+    );
+    env.assert_unchanged(&before, "oversized decrypt");
+}
+
+#[test]
+fn input_of_exactly_64_mib_is_accepted() {
+    let env = Env::init();
+    let ec = env.create_key("ec", "ecdsa-p256", &[]);
+    let path = env.write("exact", &vec![0x11u8; LIMIT]);
+    let sig_path = env.path_str("sig");
+    env.ok(
+        &["sign", "--key", &ec, "--in", &path, "--out", &sig_path],
+        b"",
+        "sign exactly 64 MiB",
+    );
+    env.ok(
+        &[
+            "verify",
+            "--key",
+            &ec,
+            "--signature",
+            &sig_path,
+            "--in",
+            &path,
+        ],
+        b"",
+        "verify exactly 64 MiB",
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// 13. random
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn random_prints_lowercase_hex_and_checks_bounds() {
+    let env = Env::init();
+    let hex_of = |n: &str| -> String {
+        let out = env.ok(&["random", n], b"", &format!("random {n}"));
+        let s = String::from_utf8(out).expect("random output is UTF-8");
+        let hex = s
+            .strip_suffix('\n')
+            .unwrap_or_else(|| panic!("random {n}: expected a trailing newline, got {s:?}"));
+        assert!(
+            is_lower_hex(hex),
+            "random {n}: expected lowercase hex only, got {hex:?}"
+        );
+        hex.to_owned()
+    };
+    let a = hex_of("32");
+    assert_eq!(a.len(), 64, "random 32: expected 64 hex characters");
+    let b = hex_of("32");
+    assert_ne!(a, b, "random 32 twice: expected different output");
+    assert_eq!(hex_of("1").len(), 2, "random 1: expected 2 hex characters");
+    assert_eq!(
+        hex_of("65536").len(),
+        131072,
+        "random 65536: expected 131072 hex characters"
+    );
+    for n in ["0", "65537", "-1", "abc"] {
+        let o = env.run(&["random", n], b"");
+        assert_clean_failure(&o, &format!("random {n}: expected an error"));
+        assert!(o.stdout.is_empty(), "random {n}: expected no output");
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// 14. --json
+// ---------------------------------------------------------------------------------------------
+
+fn parse_json_out(out: &[u8], ctx: &str) -> Json {
+    let text =
+        String::from_utf8(out.to_vec()).unwrap_or_else(|_| panic!("{ctx}: expected UTF-8 JSON"));
+    json::parse(&text).unwrap_or_else(|e| panic!("{ctx}: expected valid JSON ({e}), got {text:?}"))
+}
+
+const KEY_FIELDS: [&str; 12] = [
+    "id",
+    "store_id",
+    "namespace",
+    "name",
+    "type",
+    "purpose",
+    "algorithm",
+    "backend",
+    "locator",
+    "state",
+    "version",
+    "created",
+];
+
+#[test]
+fn json_outputs_are_json_with_the_documented_fields() {
+    let env = Env::new();
+    let mut init = vec!["--json"];
+    init.extend_from_slice(INIT_ARGS);
+    let out = env.ok(&init, b"", "init --json");
+    let v = parse_json_out(&out, "init --json");
+    for f in ["store", "store_id", "sealer"] {
+        assert!(
+            v.get(f).is_some(),
+            "init --json: expected field {f:?} in {v:?}"
+        );
+    }
+    assert_eq!(
+        v.str_of("sealer"),
+        Some("passphrase"),
+        "init --json: expected sealer \"passphrase\""
+    );
+    assert_eq!(
+        v.str_of("store"),
+        Some(env.store_str()),
+        "init --json: expected store to be the store directory"
+    );
+    let store_id = v
+        .str_of("store_id")
+        .expect("store_id is a string")
+        .to_owned();
+
+    let out = env.ok(
+        &["--json", "key", "create", "jk", "--type", "ecdsa-p256"],
+        b"",
+        "key create --json",
+    );
+    let created = parse_json_out(&out, "key create --json");
+    for f in KEY_FIELDS {
+        assert!(
+            created.get(f).is_some(),
+            "key create --json: expected field {f:?} in {created:?}"
+        );
+    }
+    let id = created.str_of("id").expect("id is a string").to_owned();
+    assert_eq!(
+        created.str_of("name"),
+        Some("jk"),
+        "key create --json: name"
+    );
+    assert_eq!(
+        created.str_of("namespace"),
+        Some("default"),
+        "key create --json: namespace"
+    );
+    assert_eq!(
+        created.str_of("type"),
+        Some("ecdsa-p256"),
+        "key create --json: type"
+    );
+    assert_eq!(
+        created.str_of("purpose"),
+        Some("sign"),
+        "key create --json: purpose"
+    );
+    assert_eq!(
+        created.str_of("backend"),
+        Some("software"),
+        "key create --json: backend"
+    );
+    assert_eq!(
+        created.str_of("store_id"),
+        Some(store_id.as_str()),
+        "key create --json: store_id equals init's"
+    );
+
+    let out = env.ok(
+        &["--json", "key", "show", "--key", &id],
+        b"",
+        "key show --json",
+    );
+    let shown = parse_json_out(&out, "key show --json");
+    assert_eq!(
+        shown, created,
+        "key show --json: expected the same object as key create --json"
+    );
+
+    env.create_key("second", "hmac-sha256", &[]);
+    let out = env.ok(&["--json", "key", "list"], b"", "key list --json");
+    let list = parse_json_out(&out, "key list --json");
+    let Json::Arr(items) = &list else {
+        panic!("key list --json: expected an array, got {list:?}")
+    };
+    let names: Vec<&str> = items.iter().filter_map(|o| o.str_of("name")).collect();
+    assert_eq!(
+        names,
+        ["jk", "second"],
+        "key list --json: expected both keys, sorted by name"
+    );
+    for item in items {
+        for f in KEY_FIELDS {
+            assert!(
+                item.get(f).is_some(),
+                "key list --json: expected field {f:?} in {item:?}"
+            );
+        }
+    }
+
+    // Binary outputs are never wrapped.
+    let sig = env.ok(&["--json", "sign", "--key", &id], b"payload", "sign --json");
+    assert_eq!(
+        sig.first(),
+        Some(&0x30),
+        "sign --json: expected the raw DER signature, not JSON"
+    );
+    let sig_path = env.write("sig", &sig);
+    let out = env.ok(
+        &["--json", "verify", "--key", &id, "--signature", &sig_path],
+        b"payload",
+        "verify --json",
+    );
+    assert_eq!(
+        parse_json_out(&out, "verify --json"),
+        Json::Obj(vec![("valid".into(), Json::Bool(true))]),
+        "verify --json: expected {{\"valid\":true}}"
+    );
+
+    let mac = env.create_key("m", "hmac-sha256", &[]);
+    let tag = env.ok(&["--json", "mac", "--key", &mac], b"payload", "mac --json");
+    assert_eq!(tag.len(), 32, "mac --json: expected the raw 32-byte tag");
+    let tag_path = env.write("tag", &tag);
+    let out = env.ok(
+        &["--json", "mac-verify", "--key", &mac, "--tag", &tag_path],
+        b"payload",
+        "mac-verify --json",
+    );
+    assert_eq!(
+        parse_json_out(&out, "mac-verify --json"),
+        Json::Obj(vec![("valid".into(), Json::Bool(true))]),
+        "mac-verify --json: expected {{\"valid\":true}}"
+    );
+
+    let out = env.ok(&["--json", "random", "16"], b"", "random --json");
+    let r = parse_json_out(&out, "random --json");
+    let hex = r
+        .str_of("hex")
+        .unwrap_or_else(|| panic!("random --json: expected {{\"hex\": ...}}, got {r:?}"));
+    assert!(
+        hex.len() == 32 && is_lower_hex(hex),
+        "random --json 16: expected 32 lowercase hex chars, got {hex:?}"
+    );
+
+    let pem = env.ok(
+        &["--json", "key", "pubkey", "--key", &id, "--format", "der"],
+        b"",
+        "pubkey der --json",
+    );
+    assert_eq!(
+        pem.first(),
+        Some(&0x30),
+        "pubkey --format der --json: expected raw DER, not JSON"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// 15. list, show, namespaces
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn key_list_is_a_table_sorted_by_name() {
+    let env = Env::init();
+    let z = env.create_key("zeta", "ed25519", &[]);
+    let a = env.create_key("alpha", "aes-256-gcm", &[]);
+    let m = env.create_key("mid", "rsa-2048", &["--purpose", "decrypt"]);
+    let out = env.ok(&["key", "list"], b"", "key list");
+    let text = String::from_utf8(out).expect("UTF-8");
+    let mut lines = text.lines();
+    let header: Vec<&str> = lines
+        .next()
+        .expect("a header line")
+        .split_whitespace()
+        .collect();
+    assert_eq!(
+        header,
+        ["NAME", "TYPE", "PURPOSE", "BACKEND", "STATE", "ID"],
+        "key list: expected the documented header"
+    );
+    let rows: Vec<Vec<&str>> = lines.map(|l| l.split_whitespace().collect()).collect();
+    let expected = [
+        ("alpha", "aes-256-gcm", "encrypt", &a),
+        ("mid", "rsa-2048", "decrypt", &m),
+        ("zeta", "ed25519", "sign", &z),
+    ];
+    assert_eq!(rows.len(), 3, "key list: expected three rows, got:\n{text}");
+    for (row, (name, ty, purpose, id)) in rows.iter().zip(expected) {
+        assert_eq!(row.len(), 6, "key list: expected 6 columns in {row:?}");
+        assert_eq!(
+            (row[0], row[1], row[2], row[3], row[5]),
+            (name, ty, purpose, "software", id.as_str()),
+            "key list row (sorted by name)"
+        );
+    }
+}
+
+#[test]
+fn key_show_prints_the_documented_fields() {
+    let env = Env::init();
+    let id = env.create_key("shown", "ecdsa-p384", &[]);
+    let out = env.ok(&["key", "show", "--key", &id], b"", "key show");
+    let text = String::from_utf8(out).expect("UTF-8");
+    let fields: Vec<(&str, &str)> = text
+        .lines()
+        .map(|l| {
+            l.split_once(": ")
+                .unwrap_or_else(|| panic!("key show: expected `field: value` lines, got {l:?}"))
+        })
+        .collect();
+    let names: Vec<&str> = fields.iter().map(|(k, _)| k.trim()).collect();
+    assert_eq!(
+        names,
+        [
+            "id",
+            "store",
+            "namespace",
+            "name",
+            "type",
+            "purpose",
+            "algorithm",
+            "backend",
+            "locator",
+            "state",
+            "version",
+            "created"
+        ],
+        "key show: expected the documented fields in order"
+    );
+    let get = |k: &str| {
+        fields
+            .iter()
+            .find(|(f, _)| f.trim() == k)
+            .map(|(_, v)| v.trim())
+            .unwrap_or_default()
+    };
+    assert_eq!(get("id"), id, "key show: id");
+    assert_eq!(get("namespace"), "default", "key show: namespace");
+    assert_eq!(get("name"), "shown", "key show: name");
+    assert_eq!(get("type"), "ecdsa-p384", "key show: type");
+    assert_eq!(get("purpose"), "sign", "key show: purpose");
+    assert_eq!(get("backend"), "software", "key show: backend");
+    assert!(!text.contains(PASS), "key show: expected no passphrase");
+}
+
+#[test]
+fn namespaces_isolate_listing() {
+    let env = Env::init();
+    let ida = env.ok(
+        &[
+            "--namespace",
+            "a",
+            "key",
+            "create",
+            "only-in-a",
+            "--type",
+            "ed25519",
+        ],
+        b"",
+        "create in namespace a",
+    );
+    let ida = parse_id_line(&ida, "create in a");
+    env.ok(
+        &[
+            "--namespace",
+            "b",
+            "key",
+            "create",
+            "only-in-b",
+            "--type",
+            "ed25519",
+        ],
+        b"",
+        "create in namespace b",
+    );
+    env.create_key("in-default", "ed25519", &[]);
+    assert_eq!(
+        listed_names(&env, &["--namespace", "a"]),
+        ["only-in-a"],
+        "namespace a: expected only its own key"
+    );
+    assert_eq!(
+        listed_names(&env, &["--namespace", "b"]),
+        ["only-in-b"],
+        "namespace b: expected only its own key"
+    );
+    assert_eq!(
+        listed_names(&env, &[]),
+        ["in-default"],
+        "default namespace: expected only its own key"
+    );
+    let o = env.run_with(&["key", "list"], Some(b""), |c| {
+        c.env("KEYHOLD_NAMESPACE", "a");
+    });
+    assert_ok(&o, "key list with KEYHOLD_NAMESPACE=a");
+    let names: Vec<String> = stdout_str(&o)
+        .lines()
+        .skip(1)
+        .filter_map(|l| l.split_whitespace().next().map(str::to_owned))
+        .collect();
+    assert_eq!(
+        names,
+        ["only-in-a"],
+        "KEYHOLD_NAMESPACE=a: expected namespace a's key"
+    );
+    let out = env.ok(
+        &["--namespace", "a", "key", "destroy", "--key", &ida],
+        b"",
+        "destroy in a",
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out),
+        "destroyed a/only-in-a\n",
+        "key destroy: expected `destroyed NS/NAME`"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Fixtures (inline so this file is self-contained: tests/support/ belongs to the library tests)
+// ---------------------------------------------------------------------------------------------
+
+/// A temp store driven through the real binary.
+///
+/// Every command runs as a separate process with a clean environment (no `KEYHOLD_STORE`,
+/// `KEYHOLD_NAMESPACE`, `XDG_DATA_HOME`; `HOME` in the temp dir), a timeout, and its stdin written
+/// from a thread so large inputs cannot deadlock against a full stdout pipe.
+mod common {
+    use std::collections::BTreeMap;
+    use std::io::{Read, Write};
+    use std::os::unix::fs::PermissionsExt;
+    use std::path::{Path, PathBuf};
+    use std::process::{Command, Output, Stdio};
+    use std::time::{Duration, Instant};
+
+    use tempfile::TempDir;
+
+    pub const BIN: &str = env!("CARGO_BIN_EXE_keyhold");
+
+    /// The passphrase of every test store; distinctive so a leak into stderr is unmistakable.
+    pub const PASS: &str = "Tr0ub4dor&3-correct-horse-battery-staple";
+
+    /// Fast Argon2 settings (the documented minimum memory) so each test's `init` is quick.
+    pub const INIT_ARGS: &[&str] = &[
+        "init",
+        "--sealer",
+        "passphrase",
+        "--argon2-memory-mib",
+        "8",
+        "--argon2-iterations",
+        "1",
+    ];
+
+    /// 64 MiB, the documented input limit.
+    pub const LIMIT: usize = 64 * 1024 * 1024;
+
+    const TIMEOUT: Duration = Duration::from_secs(240);
+
+    /// A temp directory holding a store directory (`DIR/store`) and scratch files (`DIR/*`).
+    pub struct Env {
+        pub dir: TempDir,
+        pub store: PathBuf,
+    }
+
+    /// Every file under the store: relative path → bytes, sorted by path.
+    pub type Snapshot = BTreeMap<String, Vec<u8>>;
+
+    impl Env {
+        /// A temp dir whose store has not been initialised.
+        pub fn new() -> Self {
+            let dir = tempfile::Builder::new()
+                .prefix("keyhold-cli-")
+                .tempdir()
+                .expect("create a temp dir");
+            let store = dir.path().join("store");
+            Env { dir, store }
+        }
+
+        /// A temp dir with an initialised passphrase store.
+        pub fn init() -> Self {
+            let env = Self::new();
+            let out = env.run(INIT_ARGS, b"");
+            assert_ok(&out, "keyhold init (fixture)");
+            env
+        }
+
+        pub fn store_str(&self) -> &str {
+            self.store.to_str().expect("temp paths are UTF-8")
+        }
+
+        /// The command with `--store`, the passphrase in the environment, and nothing inherited
+        /// that could point keyhold elsewhere.
+        pub fn command(&self, args: &[&str]) -> Command {
+            self.command_via(Command::new(BIN), args)
+        }
+
+        /// As `command`, but `cmd` (e.g. `setsid --wait BIN`) is the process to start.
+        pub fn command_via(&self, mut cmd: Command, args: &[&str]) -> Command {
+            cmd.arg("--store")
+                .arg(&self.store)
+                .args(args)
+                .env("KEYHOLD_PASSPHRASE", PASS)
+                .env_remove("KEYHOLD_STORE")
+                .env_remove("KEYHOLD_NAMESPACE")
+                .env_remove("XDG_DATA_HOME")
+                .env_remove("KEYHOLD_LOG")
+                .env_remove("RUST_LOG")
+                .env("HOME", self.dir.path())
+                .current_dir(self.dir.path());
+            cmd
+        }
+
+        /// Runs keyhold with `args` after `--store`, feeding `stdin`.
+        pub fn run(&self, args: &[&str], stdin: &[u8]) -> Output {
+            run_command(self.command(args), Some(stdin))
+        }
+
+        /// Runs keyhold after `adjust` changes the command (environment, stdin source).
+        pub fn run_with(
+            &self,
+            args: &[&str],
+            stdin: Option<&[u8]>,
+            adjust: impl FnOnce(&mut Command),
+        ) -> Output {
+            let mut cmd = self.command(args);
+            adjust(&mut cmd);
+            run_command(cmd, stdin)
+        }
+
+        /// Runs keyhold, asserts exit 0 and a clean stderr, returns stdout.
+        pub fn ok(&self, args: &[&str], stdin: &[u8], ctx: &str) -> Vec<u8> {
+            let out = self.run(args, stdin);
+            assert_ok(&out, ctx);
+            out.stdout
+        }
+
+        /// A scratch path outside the store.
+        pub fn file(&self, name: &str) -> PathBuf {
+            self.dir.path().join(name)
+        }
+
+        /// Writes a scratch file outside the store and returns its path as a string.
+        pub fn write(&self, name: &str, data: &[u8]) -> String {
+            let path = self.file(name);
+            std::fs::write(&path, data).unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
+            path.to_str().expect("temp paths are UTF-8").to_owned()
+        }
+
+        pub fn path_str(&self, name: &str) -> String {
+            self.file(name)
+                .to_str()
+                .expect("temp paths are UTF-8")
+                .to_owned()
+        }
+
+        /// `key create NAME --type TY EXTRA...`; asserts stdout is the ID alone plus a newline.
+        pub fn create_key(&self, name: &str, ty: &str, extra: &[&str]) -> String {
+            let mut args = vec!["key", "create", name, "--type", ty];
+            args.extend_from_slice(extra);
+            let out = self.run(&args, b"");
+            assert_ok(&out, &format!("key create {name} --type {ty} {extra:?}"));
+            parse_id_line(&out.stdout, &format!("key create {name} --type {ty}"))
+        }
+
+        /// `key pubkey --key ID` as PEM text.
+        pub fn pubkey_pem(&self, id: &str) -> String {
+            let out = self.ok(&["key", "pubkey", "--key", id], b"", "key pubkey (PEM)");
+            let pem = String::from_utf8(out).expect("PEM output is UTF-8");
+            assert!(
+                pem.starts_with("-----BEGIN PUBLIC KEY-----\n")
+                    && pem.trim_end().ends_with("-----END PUBLIC KEY-----"),
+                "key pubkey: expected a SubjectPublicKeyInfo PEM (BEGIN/END PUBLIC KEY), got:\n{pem}"
+            );
+            pem
+        }
+
+        /// Every regular file under the store dir.
+        pub fn snapshot(&self) -> Snapshot {
+            let mut snap = Snapshot::new();
+            walk(&self.store, &self.store, &mut snap);
+            snap
+        }
+
+        /// Asserts that the store's files are byte-for-byte what `before` recorded.
+        pub fn assert_unchanged(&self, before: &Snapshot, ctx: &str) {
+            assert_snapshots_equal(before, &self.snapshot(), ctx);
+        }
+
+        /// The SQLite database file in the store (found by its header; else the largest file).
+        pub fn database_file(&self) -> PathBuf {
+            let snap = self.snapshot();
+            assert!(
+                !snap.is_empty(),
+                "expected files in the initialised store {}",
+                self.store.display()
+            );
+            let by_header = snap
+                .iter()
+                .find(|(_, bytes)| bytes.starts_with(b"SQLite format 3\0"))
+                .map(|(p, _)| p.clone());
+            let name = by_header.unwrap_or_else(|| {
+                snap.iter()
+                    .max_by_key(|(_, b)| b.len())
+                    .map(|(p, _)| p.clone())
+                    .expect("store has files")
+            });
+            self.store.join(name)
+        }
+    }
+
+    fn walk(root: &Path, dir: &Path, snap: &mut Snapshot) {
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return;
+        };
+        for entry in entries {
+            let entry = entry.expect("read store dir entry");
+            let path = entry.path();
+            let meta = std::fs::symlink_metadata(&path).expect("stat store entry");
+            if meta.is_dir() {
+                walk(root, &path, snap);
+            } else {
+                let rel = path
+                    .strip_prefix(root)
+                    .expect("entry under root")
+                    .to_string_lossy()
+                    .into_owned();
+                let bytes = std::fs::read(&path).unwrap_or_default();
+                snap.insert(rel, bytes);
+            }
+        }
+    }
+
+    pub fn assert_snapshots_equal(before: &Snapshot, after: &Snapshot, ctx: &str) {
+        if before == after {
+            return;
+        }
+        let mut diffs = Vec::new();
+        for (path, bytes) in before {
+            match after.get(path) {
+                None => diffs.push(format!("{path}: removed")),
+                Some(b) if b != bytes => diffs.push(format!(
+                    "{path}: changed ({} → {} bytes)",
+                    bytes.len(),
+                    b.len()
+                )),
+                Some(_) => {}
+            }
+        }
+        for path in after.keys().filter(|p| !before.contains_key(*p)) {
+            diffs.push(format!("{path}: added"));
+        }
+        panic!(
+            "{ctx}: expected the store to be byte-for-byte unchanged, but: {}",
+            diffs.join("; ")
+        );
+    }
+
+    /// (path, is a directory, permission bits) of `root` and of everything below it.
+    pub fn modes_under(root: &Path) -> Vec<(PathBuf, bool, u32)> {
+        fn rec(p: &Path, out: &mut Vec<(PathBuf, bool, u32)>) {
+            let meta = std::fs::symlink_metadata(p).expect("stat");
+            out.push((
+                p.to_path_buf(),
+                meta.is_dir(),
+                meta.permissions().mode() & 0o7777,
+            ));
+            if meta.is_dir() {
+                for e in std::fs::read_dir(p).expect("read dir") {
+                    rec(&e.expect("dir entry").path(), out);
+                }
+            }
+        }
+        let mut out = Vec::new();
+        rec(root, &mut out);
+        out
+    }
+
+    /// Starts `cmd`, writes `stdin` (or gives it /dev/null), collects stdout and stderr, and
+    /// kills it after a timeout.
+    pub fn run_command(mut cmd: Command, stdin: Option<&[u8]>) -> Output {
+        cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+        match stdin {
+            Some(_) => cmd.stdin(Stdio::piped()),
+            None => cmd.stdin(Stdio::null()),
+        };
+        let mut child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e}"));
+        let writer = stdin.map(|data| {
+            let mut pipe = child.stdin.take().expect("piped stdin");
+            let data = data.to_vec();
+            // A process that exits before reading all its input gives EPIPE here: that is fine.
+            std::thread::spawn(move || {
+                let _ = pipe.write_all(&data);
+            })
+        });
+        let mut out_pipe = child.stdout.take().expect("piped stdout");
+        let mut err_pipe = child.stderr.take().expect("piped stderr");
+        let out_t = std::thread::spawn(move || {
+            let mut v = Vec::new();
+            let _ = out_pipe.read_to_end(&mut v);
+            v
+        });
+        let err_t = std::thread::spawn(move || {
+            let mut v = Vec::new();
+            let _ = err_pipe.read_to_end(&mut v);
+            v
+        });
+        let start = Instant::now();
+        let status = loop {
+            if let Some(status) = child.try_wait().expect("wait for keyhold") {
+                break status;
+            }
+            if start.elapsed() > TIMEOUT {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("{cmd:?}: expected it to finish within {TIMEOUT:?}, it hung (killed)");
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        };
+        if let Some(w) = writer {
+            let _ = w.join();
+        }
+        Output {
+            status,
+            stdout: out_t.join().expect("stdout reader"),
+            stderr: err_t.join().expect("stderr reader"),
+        }
+    }
+
+    fn preview(bytes: &[u8]) -> String {
+        match std::str::from_utf8(bytes) {
+            Ok(s) if s.len() <= 4000 => s.to_owned(),
+            _ => {
+                let hex: String = bytes.iter().take(64).map(|b| format!("{b:02x}")).collect();
+                format!("<{} bytes, first 64 as hex: {hex}>", bytes.len())
+            }
+        }
+    }
+
+    /// A readable dump of an Output for assertion messages.
+    pub fn show(out: &Output) -> String {
+        format!(
+            "status: {}\n--- stdout ({} bytes) ---\n{}\n--- stderr ---\n{}",
+            out.status,
+            out.stdout.len(),
+            preview(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    }
+
+    pub fn stderr(out: &Output) -> String {
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    }
+
+    pub fn stdout_str(out: &Output) -> String {
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// stderr never leaks the passphrase and never shows a panic.
+    pub fn assert_clean_stderr(out: &Output, ctx: &str) {
+        let err = stderr(out);
+        assert!(
+            !err.contains(PASS),
+            "{ctx}: expected stderr never to contain the passphrase\n{}",
+            show(out)
+        );
+        assert!(
+            !err.contains("panicked"),
+            "{ctx}: expected a clean error, not a panic\n{}",
+            show(out)
+        );
+    }
+
+    pub fn assert_ok(out: &Output, ctx: &str) {
+        assert!(
+            out.status.success(),
+            "{ctx}: expected exit 0\n{}",
+            show(out)
+        );
+        assert_clean_stderr(out, ctx);
+    }
+
+    /// Exact exit code, stderr containing `needle`, `keyhold: ` first (except for clap's usage
+    /// errors, exit 2), no passphrase, no panic.
+    pub fn assert_fail(out: &Output, code: i32, needle: &str, ctx: &str) {
+        assert_eq!(
+            out.status.code(),
+            Some(code),
+            "{ctx}: expected exit {code} with stderr containing {needle:?}\n{}",
+            show(out)
+        );
+        let err = stderr(out);
+        assert!(
+            err.contains(needle),
+            "{ctx}: expected stderr to contain {needle:?}\n{}",
+            show(out)
+        );
+        assert_clean_stderr(out, ctx);
+        if code != 2 {
+            assert!(
+                err.lines().any(|l| l.starts_with("keyhold: ")),
+                "{ctx}: expected the error message to start with `keyhold: `\n{}",
+                show(out)
+            );
+        }
+    }
+
+    /// A failure whose exact code the contract leaves open: non-zero, not a panic (101) or a
+    /// signal, a message on stderr, no passphrase. Returns the exit code.
+    pub fn assert_clean_failure(out: &Output, ctx: &str) -> i32 {
+        let code = out.status.code();
+        assert!(
+            matches!(code, Some(c) if c != 0 && c != 101),
+            "{ctx}: expected a clean non-zero exit (not 0, not a panic's 101, not a signal)\n{}",
+            show(out)
+        );
+        assert!(
+            !out.stderr.is_empty(),
+            "{ctx}: expected an error message on stderr\n{}",
+            show(out)
+        );
+        assert_clean_stderr(out, ctx);
+        code.unwrap_or(-1)
+    }
+
+    /// The ID printed by `key create`: one non-empty token, then exactly one newline.
+    pub fn parse_id_line(stdout: &[u8], ctx: &str) -> String {
+        let s = std::str::from_utf8(stdout).expect("key ID is UTF-8");
+        let id = s
+            .strip_suffix('\n')
+            .unwrap_or_else(|| panic!("{ctx}: expected the ID followed by a newline, got {s:?}"));
+        assert!(
+            !id.is_empty() && !id.chars().any(char::is_whitespace),
+            "{ctx}: expected stdout to be the key ID alone plus a newline, got {s:?}"
+        );
+        id.to_owned()
+    }
+
+    /// Runs openssl; returns its Output (not asserted).
+    pub fn openssl(args: &[&str]) -> Output {
+        let mut cmd = Command::new("openssl");
+        cmd.args(args);
+        run_command(cmd, None)
+    }
+
+    /// Runs openssl and asserts it succeeded.
+    pub fn openssl_ok(args: &[&str], ctx: &str) -> Vec<u8> {
+        let out = openssl(args);
+        assert!(
+            out.status.success(),
+            "{ctx}: expected `openssl {}` to succeed\n{}",
+            args.join(" "),
+            show(&out)
+        );
+        out.stdout
+    }
+
+    /// Deterministic pseudo-random bytes (xorshift64*), so failures reproduce.
+    pub fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
+        let mut x = seed | 1;
+        let mut out = Vec::with_capacity(len + 8);
+        while out.len() < len {
+            x ^= x >> 12;
+            x ^= x << 25;
+            x ^= x >> 27;
+            out.extend_from_slice(&x.wrapping_mul(0x2545_F491_4F6C_DD1D).to_le_bytes());
+        }
+        out.truncate(len);
+        out
+    }
+
+    /// Base64 decoding of either alphabet (standard or URL-safe), ignoring padding and newlines.
+    pub fn b64decode(s: &str) -> Vec<u8> {
+        let mut out = Vec::new();
+        let (mut buf, mut bits) = (0u32, 0u32);
+        for c in s.bytes() {
+            let v = match c {
+                b'A'..=b'Z' => c - b'A',
+                b'a'..=b'z' => c - b'a' + 26,
+                b'0'..=b'9' => c - b'0' + 52,
+                b'+' | b'-' => 62,
+                b'/' | b'_' => 63,
+                b'=' | b'\n' | b'\r' => continue,
+                _ => panic!("invalid base64 character {:?} in {s:?}", c as char),
+            };
+            buf = (buf << 6) | u32::from(v);
+            bits += 6;
+            if bits >= 8 {
+                bits -= 8;
+                out.push((buf >> bits) as u8);
+                buf &= (1 << bits) - 1;
+            }
+        }
+        out
+    }
+
+    /// The DER bytes inside a PEM block.
+    pub fn pem_body(pem: &str) -> Vec<u8> {
+        let body: String = pem
+            .lines()
+            .filter(|l| !l.starts_with("-----"))
+            .collect::<Vec<_>>()
+            .concat();
+        b64decode(&body)
+    }
+
+    /// r‖s (fixed width) → DER ECDSA-Sig-Value, to hand raw signatures to openssl.
+    pub fn raw_ecdsa_to_der(raw: &[u8]) -> Vec<u8> {
+        fn int(bytes: &[u8]) -> Vec<u8> {
+            let mut b: Vec<u8> = bytes.iter().copied().skip_while(|&x| x == 0).collect();
+            if b.is_empty() || b[0] & 0x80 != 0 {
+                b.insert(0, 0);
+            }
+            let mut out = vec![0x02, b.len() as u8];
+            out.extend(b);
+            out
+        }
+        let (r, s) = raw.split_at(raw.len() / 2);
+        let mut body = int(r);
+        body.extend(int(s));
+        let mut out = vec![0x30, body.len() as u8];
+        out.extend(body);
+        out
+    }
+
+    pub fn flip(data: &[u8], pos: usize) -> Vec<u8> {
+        let mut v = data.to_vec();
+        v[pos] ^= 0x01;
+        v
+    }
+
+    pub fn is_lower_hex(s: &str) -> bool {
+        !s.is_empty()
+            && s.bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    }
+
+    /// A minimal, strict JSON parser (RFC 8259), enough to check `--json` output really is JSON
+    /// without a JSON crate among the dev-dependencies.
+    pub mod json {
+        #[derive(Debug, Clone, PartialEq)]
+        pub enum Json {
+            Null,
+            Bool(bool),
+            Num(f64),
+            Str(String),
+            Arr(Vec<Json>),
+            Obj(Vec<(String, Json)>),
+        }
+
+        impl Json {
+            pub fn get(&self, key: &str) -> Option<&Json> {
+                match self {
+                    Json::Obj(members) => members.iter().find(|(k, _)| k == key).map(|(_, v)| v),
+                    _ => None,
+                }
+            }
+
+            pub fn str_of(&self, key: &str) -> Option<&str> {
+                match self.get(key) {
+                    Some(Json::Str(s)) => Some(s),
+                    _ => None,
+                }
+            }
+        }
+
+        pub fn parse(text: &str) -> Result<Json, String> {
+            let mut p = Parser {
+                b: text.as_bytes(),
+                i: 0,
+            };
+            p.ws();
+            let v = p.value(0)?;
+            p.ws();
+            if p.i != p.b.len() {
+                return Err(format!("trailing characters at byte {}", p.i));
+            }
+            Ok(v)
+        }
+
+        struct Parser<'a> {
+            b: &'a [u8],
+            i: usize,
+        }
+
+        impl Parser<'_> {
+            fn ws(&mut self) {
+                while matches!(self.peek(), Some(b' ' | b'\t' | b'\n' | b'\r')) {
+                    self.i += 1;
+                }
+            }
+
+            fn peek(&self) -> Option<u8> {
+                self.b.get(self.i).copied()
+            }
+
+            fn eat(&mut self, c: u8) -> Result<(), String> {
+                if self.peek() == Some(c) {
+                    self.i += 1;
+                    Ok(())
+                } else {
+                    Err(format!("expected {:?} at byte {}", c as char, self.i))
+                }
+            }
+
+            fn lit(&mut self, word: &str, v: Json) -> Result<Json, String> {
+                if self.b[self.i..].starts_with(word.as_bytes()) {
+                    self.i += word.len();
+                    Ok(v)
+                } else {
+                    Err(format!("bad literal at byte {}", self.i))
+                }
+            }
+
+            fn value(&mut self, depth: usize) -> Result<Json, String> {
+                if depth > 64 {
+                    return Err("nesting too deep".into());
+                }
+                match self.peek() {
+                    Some(b'{') => self.object(depth),
+                    Some(b'[') => self.array(depth),
+                    Some(b'"') => Ok(Json::Str(self.string()?)),
+                    Some(b't') => self.lit("true", Json::Bool(true)),
+                    Some(b'f') => self.lit("false", Json::Bool(false)),
+                    Some(b'n') => self.lit("null", Json::Null),
+                    Some(b'-' | b'0'..=b'9') => self.number(),
+                    other => Err(format!("unexpected {other:?} at byte {}", self.i)),
+                }
+            }
+
+            fn object(&mut self, depth: usize) -> Result<Json, String> {
+                self.eat(b'{')?;
+                let mut members = Vec::new();
+                self.ws();
+                if self.peek() == Some(b'}') {
+                    self.i += 1;
+                    return Ok(Json::Obj(members));
+                }
+                loop {
+                    self.ws();
+                    let k = self.string()?;
+                    self.ws();
+                    self.eat(b':')?;
+                    self.ws();
+                    let v = self.value(depth + 1)?;
+                    members.push((k, v));
+                    self.ws();
+                    match self.peek() {
+                        Some(b',') => self.i += 1,
+                        Some(b'}') => {
+                            self.i += 1;
+                            return Ok(Json::Obj(members));
+                        }
+                        _ => return Err(format!("expected ',' or '}}' at byte {}", self.i)),
+                    }
+                }
+            }
+
+            fn array(&mut self, depth: usize) -> Result<Json, String> {
+                self.eat(b'[')?;
+                let mut items = Vec::new();
+                self.ws();
+                if self.peek() == Some(b']') {
+                    self.i += 1;
+                    return Ok(Json::Arr(items));
+                }
+                loop {
+                    self.ws();
+                    items.push(self.value(depth + 1)?);
+                    self.ws();
+                    match self.peek() {
+                        Some(b',') => self.i += 1,
+                        Some(b']') => {
+                            self.i += 1;
+                            return Ok(Json::Arr(items));
+                        }
+                        _ => return Err(format!("expected ',' or ']' at byte {}", self.i)),
+                    }
+                }
+            }
+
+            fn hex4(&mut self) -> Result<u32, String> {
+                let h = self
+                    .b
+                    .get(self.i..self.i + 4)
+                    .and_then(|h| std::str::from_utf8(h).ok())
+                    .and_then(|h| u32::from_str_radix(h, 16).ok())
+                    .ok_or_else(|| format!("bad \\u escape at byte {}", self.i))?;
+                self.i += 4;
+                Ok(h)
+            }
+
+            fn string(&mut self) -> Result<String, String> {
+                self.eat(b'"')?;
+                let mut out = Vec::new();
+                loop {
+                    let c = self.peek().ok_or("unterminated string")?;
+                    self.i += 1;
+                    match c {
+                        b'"' => break,
+                        b'\\' => {
+                            let e = self.peek().ok_or("unterminated escape")?;
+                            self.i += 1;
+                            let ch = match e {
+                                b'"' => '"',
+                                b'\\' => '\\',
+                                b'/' => '/',
+                                b'b' => '\u{8}',
+                                b'f' => '\u{c}',
+                                b'n' => '\n',
+                                b'r' => '\r',
+                                b't' => '\t',
+                                b'u' => {
+                                    let mut cp = self.hex4()?;
+                                    if (0xD800..0xDC00).contains(&cp) {
+                                        self.eat(b'\\')?;
+                                        self.eat(b'u')?;
+                                        let lo = self.hex4()?;
+                                        if !(0xDC00..0xE000).contains(&lo) {
+                                            return Err("unpaired surrogate".into());
+                                        }
+                                        cp = 0x10000 + ((cp - 0xD800) << 10) + (lo - 0xDC00);
+                                    }
+                                    char::from_u32(cp).ok_or("bad code point")?
+                                }
+                                _ => return Err(format!("bad escape at byte {}", self.i)),
+                            };
+                            let mut buf = [0u8; 4];
+                            out.extend_from_slice(ch.encode_utf8(&mut buf).as_bytes());
+                        }
+                        c if c < 0x20 => {
+                            return Err(format!("control character in string at byte {}", self.i))
+                        }
+                        c => out.push(c),
+                    }
+                }
+                String::from_utf8(out).map_err(|e| e.to_string())
+            }
+
+            fn number(&mut self) -> Result<Json, String> {
+                let start = self.i;
+                if self.peek() == Some(b'-') {
+                    self.i += 1;
+                }
+                let digits = |p: &mut Self| {
+                    let s = p.i;
+                    while matches!(p.peek(), Some(b'0'..=b'9')) {
+                        p.i += 1;
+                    }
+                    p.i > s
+                };
+                if !digits(self) {
+                    return Err(format!("bad number at byte {start}"));
+                }
+                if self.peek() == Some(b'.') {
+                    self.i += 1;
+                    if !digits(self) {
+                        return Err(format!("bad fraction at byte {start}"));
+                    }
+                }
+                if matches!(self.peek(), Some(b'e' | b'E')) {
+                    self.i += 1;
+                    if matches!(self.peek(), Some(b'+' | b'-')) {
+                        self.i += 1;
+                    }
+                    if !digits(self) {
+                        return Err(format!("bad exponent at byte {start}"));
+                    }
+                }
+                let s = std::str::from_utf8(&self.b[start..self.i]).map_err(|e| e.to_string())?;
+                s.parse::<f64>().map(Json::Num).map_err(|e| e.to_string())
+            }
+        }
+    }
+}
