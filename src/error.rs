@@ -100,6 +100,41 @@ pub enum Error {
         what: String,
     },
 
+    /// The backend's device is gone (token removed, TPM unreachable). Retry once it is back:
+    /// keyhold reconnects by itself.
+    #[error("backend `{backend}` is unavailable: {reason}")]
+    BackendUnavailable {
+        /// The backend's name.
+        backend: String,
+        /// What happened, and what to check.
+        reason: String,
+    },
+
+    /// Logging in to a backend failed. keyhold never retries a login by itself: tokens lock PINs.
+    #[error("cannot log in to backend `{backend}`: {reason}")]
+    BackendLogin {
+        /// The backend's name.
+        backend: String,
+        /// Why, and what to do.
+        reason: String,
+    },
+
+    /// A backend's device returned an error keyhold does not handle itself.
+    #[error("backend `{backend}`: {operation} failed")]
+    Backend {
+        /// The backend's name.
+        backend: String,
+        /// What keyhold asked of it.
+        operation: String,
+        /// The device library's error.
+        #[source]
+        source: Source,
+    },
+
+    /// The configuration is invalid.
+    #[error("configuration: {0}")]
+    Config(String),
+
     /// No backend of that name is configured.
     #[error("no backend named `{name}`: configured backends: {available}")]
     NoSuchBackend {

@@ -26,6 +26,8 @@
 //! ```
 
 pub mod backend;
+pub mod config;
+mod der;
 mod error;
 pub mod hex;
 mod key;
@@ -34,6 +36,8 @@ mod public_key;
 pub mod sealer;
 pub mod secret;
 pub mod store;
+#[cfg(feature = "testing")]
+pub mod testing;
 
 pub use backend::Backend;
 pub use error::{Error, Result};

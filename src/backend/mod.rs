@@ -5,6 +5,7 @@
 //! opaque *blob* that the keystore stores in the key's record under the record MAC (the software
 //! backend's encrypted key; a TPM's wrapped key). Backends keep no key records of their own.
 
+pub mod pkcs11;
 pub mod software;
 
 use std::fmt;
@@ -18,12 +19,30 @@ use crate::secret::SecretBytes;
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Capabilities {
     supported: Vec<(KeyType, Purpose)>,
+    missing: Vec<(KeyType, Purpose, String)>,
 }
 
 impl Capabilities {
     /// Capabilities from an explicit list.
     pub fn new(supported: Vec<(KeyType, Purpose)>) -> Self {
-        Self { supported }
+        Self {
+            supported,
+            missing: Vec::new(),
+        }
+    }
+
+    /// Adds, for unsupported pairs, what the device lacks (for error messages and `doctor`).
+    pub fn with_missing(mut self, missing: Vec<(KeyType, Purpose, String)>) -> Self {
+        self.missing = missing;
+        self
+    }
+
+    /// What the device lacks for `key_type` with `purpose`, if that is known.
+    pub fn missing(&self, key_type: KeyType, purpose: Purpose) -> Option<&str> {
+        self.missing
+            .iter()
+            .find(|(t, p, _)| *t == key_type && *p == purpose)
+            .map(|(_, _, why)| why.as_str())
     }
 
     /// Whether keys of `key_type` with `purpose` are supported.
@@ -47,6 +66,8 @@ pub struct KeyContext<'a> {
     pub store_id: &'a [u8; 16],
     /// The key's record identifier.
     pub uuid: &'a [u8; 16],
+    /// `namespace/name`, for devices that label their objects (`CKA_LABEL`).
+    pub label: &'a str,
     /// Type, purpose and algorithm.
     pub spec: &'a KeySpec,
 }
@@ -71,6 +92,8 @@ pub struct GeneratedKey {
     pub blob: Option<Vec<u8>>,
     /// The public key, for asymmetric types.
     pub public_key: Option<PublicKey>,
+    /// What the device reports about the key (e.g. `never_extractable`), recorded with it.
+    pub attributes: Vec<(String, String)>,
 }
 
 /// An AEAD ciphertext as the backend makes or takes it.
@@ -91,8 +114,11 @@ pub trait Backend: Send + Sync + fmt::Debug {
     /// The backend instance's name, as recorded in key records and IDs (`software`, `hsm1`, …).
     fn name(&self) -> &str;
 
-    /// The key types and purposes this backend can create.
-    fn capabilities(&self) -> &Capabilities;
+    /// The key types and purposes this backend can create (asking the device the first time).
+    ///
+    /// # Errors
+    /// [`crate::Error::BackendUnavailable`] if the device cannot be reached.
+    fn capabilities(&self) -> Result<Capabilities>;
 
     /// Creates a key inside the backend.
     ///

@@ -342,8 +342,8 @@ impl Backend for SoftwareBackend {
         &self.name
     }
 
-    fn capabilities(&self) -> &Capabilities {
-        &self.capabilities
+    fn capabilities(&self) -> Result<Capabilities> {
+        Ok(self.capabilities.clone())
     }
 
     fn generate(&self, context: KeyContext<'_>) -> Result<GeneratedKey> {
@@ -356,6 +356,7 @@ impl Backend for SoftwareBackend {
             locator: crate::hex::encode(context.uuid),
             blob: Some(blob),
             public_key: fresh.public,
+            attributes: Vec::new(),
         })
     }
 
@@ -472,6 +473,7 @@ mod tests {
                 let ctx = KeyContext {
                     store_id: &[1; 16],
                     uuid: &[2; 16],
+                    label: "default/k",
                     spec: &spec,
                 };
                 let made = be.generate(ctx).unwrap();
@@ -494,6 +496,7 @@ mod tests {
         let ctx = KeyContext {
             store_id: &[1; 16],
             uuid: &[2; 16],
+            label: "default/k",
             spec: &spec,
         };
         let made = be.generate(ctx).unwrap();

@@ -4,14 +4,17 @@
 mod envelope;
 mod key_id;
 
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use aws_lc_rs::{constant_time, hkdf, hmac};
 
+use crate::backend::pkcs11::Pkcs11Backend;
 use crate::backend::software::SoftwareBackend;
 use crate::backend::{Backend, KeyContext, KeyRef, Sealed};
+use crate::config::{BackendConfig, Config, Fallback};
 use crate::error::{Error, Result};
 use crate::key::{validate_name, Algorithm, KeySpec, KeyState, Purpose, SignatureFormat};
 use crate::public_key::PublicKey;
@@ -71,6 +74,9 @@ pub struct KeyInfo {
     pub version: u32,
     /// Creation time, seconds since the Unix epoch.
     pub created_at: i64,
+    /// What the backend reported about the key (`never_extractable`, …) and, for a software key
+    /// made in place of a hardware backend's, `fallback_for`.
+    pub attributes: BTreeMap<String, String>,
 }
 
 /// An open, unsealed keystore. `Send + Sync`: share it between threads behind an `Arc`.
@@ -81,6 +87,8 @@ pub struct Keystore {
     ids: KeyIdCodec,
     record_mac: hmac::Key,
     backends: Vec<Arc<dyn Backend>>,
+    fallbacks: HashMap<String, Fallback>,
+    sealer_kind: String,
 }
 
 /// Keys derived from the root secret, each for one job (HKDF-SHA256, salt = store ID).
@@ -167,6 +175,14 @@ impl Keystore {
     /// # Errors
     /// [`Error::StoreExists`] if there is already a store; sealer, I/O and storage errors.
     pub fn create(dir: &Path, sealer: &dyn Sealer) -> Result<Self> {
+        Self::create_with(dir, sealer, &Config::default())
+    }
+
+    /// Creates a store in `dir` with the backends of `config`.
+    ///
+    /// # Errors
+    /// As [`Self::create`]; [`Error::Config`] and [`Error::BackendUnavailable`] for backends.
+    pub fn create_with(dir: &Path, sealer: &dyn Sealer, config: &Config) -> Result<Self> {
         harden_process();
         if dir.join(crate::store::DB_FILE).exists() {
             return Err(Error::StoreExists {
@@ -182,9 +198,11 @@ impl Keystore {
             sealed_root,
             created_at: now(),
         };
+        // Build the backends before writing anything, so a bad configuration leaves no store.
+        let backends = build_backends(config)?;
         let store = Store::create(dir, &meta)?;
         tracing::info!(store = %dir.display(), sealer = sealer.kind(), "created store");
-        Self::with_root(store, &root)
+        Self::with_root(store, &root, backends)
     }
 
     /// Opens the store in `dir` and unseals its root secret with `sealer`.
@@ -194,6 +212,14 @@ impl Keystore {
     /// # Errors
     /// [`Error::StoreNotFound`], [`Error::StoreUnusable`], [`Error::Unseal`].
     pub fn open(dir: &Path, sealer: &dyn Sealer) -> Result<Self> {
+        Self::open_with(dir, sealer, &Config::default())
+    }
+
+    /// Opens the store in `dir` with the backends of `config`.
+    ///
+    /// # Errors
+    /// As [`Self::open`]; [`Error::Config`] and [`Error::BackendUnavailable`] for backends.
+    pub fn open_with(dir: &Path, sealer: &dyn Sealer, config: &Config) -> Result<Self> {
         harden_process();
         let store = Store::open(dir)?;
         let meta = store.meta();
@@ -207,20 +233,30 @@ impl Keystore {
             });
         }
         let root = sealer.unseal(&meta.sealed_root, &meta.store_id)?;
-        Self::with_root(store, &root)
+        let backends = build_backends(config)?;
+        Self::with_root(store, &root, backends)
     }
 
-    fn with_root(store: Store, root: &RootSecret) -> Result<Self> {
+    fn with_root(store: Store, root: &RootSecret, configured: Configured) -> Result<Self> {
         let store_id = store.meta().store_id;
         let keys = derive_keys(root, &store_id)?;
         let software: Arc<dyn Backend> = Arc::new(SoftwareBackend::new(&keys.software_kek)?);
+        let mut backends = vec![software];
+        backends.extend(configured.backends);
         Ok(Self {
             ids: KeyIdCodec::new(store_id, keys.key_id_mac.expose()),
             record_mac: hmac::Key::new(hmac::HMAC_SHA256, keys.record_mac.expose()),
+            sealer_kind: store.meta().sealed_root.sealer.clone(),
             store,
             store_id,
-            backends: vec![software],
+            backends,
+            fallbacks: configured.fallbacks,
         })
+    }
+
+    /// The kind of sealer protecting this store's root secret.
+    pub fn sealer_kind(&self) -> &str {
+        &self.sealer_kind
     }
 
     /// The store's identity, hex.
@@ -296,6 +332,12 @@ impl Keystore {
             state: r.state.parse()?,
             version: r.version,
             created_at: r.created_at,
+            attributes: serde_json::from_str(&r.attributes).map_err(|_| Error::Integrity {
+                what: format!(
+                    "the record of `{}` has unreadable attributes",
+                    resolved.label()
+                ),
+            })?,
         })
     }
 
@@ -355,10 +397,12 @@ impl Keystore {
             });
         }
         let backend = self.backend(&resolved.record.backend)?;
+        let label = resolved.label();
         let key = KeyRef {
             context: KeyContext {
                 store_id: &self.store_id,
                 uuid: &resolved.record.uuid,
+                label: &label,
                 spec: &resolved.spec,
             },
             locator: &resolved.record.locator,
@@ -375,25 +419,25 @@ impl Keystore {
     pub fn create_key(&self, request: &KeyRequest) -> Result<KeyInfo> {
         validate_name("namespace", &request.namespace)?;
         validate_name("key name", &request.name)?;
-        let backend = self.backend(request.backend.as_deref().unwrap_or(SoftwareBackend::NAME))?;
+        let asked = request.backend.as_deref().unwrap_or(SoftwareBackend::NAME);
         let spec = request.spec;
-        if !backend
-            .capabilities()
-            .supports(spec.key_type(), spec.purpose())
-        {
-            return Err(Error::Unsupported {
-                backend: backend.name().to_owned(),
-                what: format!("{} keys with purpose {}", spec.key_type(), spec.purpose()),
-            });
-        }
+        let (backend, fallback_for) = self.choose_backend(asked, &spec)?;
         let mut uuid = [0u8; 16];
         aws_lc_rs::rand::fill(&mut uuid).map_err(|_| Error::crypto("make a key uuid"))?;
+        let label = format!("{}/{}", request.namespace, request.name);
         let context = KeyContext {
             store_id: &self.store_id,
             uuid: &uuid,
+            label: &label,
             spec: &spec,
         };
         let generated = backend.generate(context)?;
+        let mut attributes: BTreeMap<String, String> = generated.attributes.into_iter().collect();
+        if let Some(original) = fallback_for {
+            attributes.insert("fallback_for".into(), original.to_owned());
+        }
+        let attributes =
+            serde_json::to_string(&attributes).map_err(|_| Error::crypto("encode attributes"))?;
         let created_at = now();
         let mut record = KeyRecord {
             uuid,
@@ -410,6 +454,7 @@ impl Keystore {
             updated_at: created_at,
             blob: generated.blob,
             public_key: generated.public_key.map(|p| p.spki_der().to_vec()),
+            attributes,
             mac: Vec::new(),
         };
         self.seal_record(&mut record);
@@ -434,6 +479,43 @@ impl Keystore {
             key_type = %spec.key_type(), backend = %record.backend, "created key"
         );
         self.info(&Resolved { record, spec })
+    }
+
+    /// The backend to create a `spec` key in when `asked` was asked for: `asked` itself if it can,
+    /// else the software backend if `asked` is configured to fall back, else an error naming what
+    /// the device lacks.
+    fn choose_backend<'a>(
+        &'a self,
+        asked: &'a str,
+        spec: &KeySpec,
+    ) -> Result<(&'a Arc<dyn Backend>, Option<&'a str>)> {
+        let backend = self.backend(asked)?;
+        let capabilities = backend.capabilities()?;
+        if capabilities.supports(spec.key_type(), spec.purpose()) {
+            return Ok((backend, None));
+        }
+        let what = capabilities
+            .missing(spec.key_type(), spec.purpose())
+            .map_or_else(
+                || format!("{} keys with purpose {}", spec.key_type(), spec.purpose()),
+                |why| {
+                    format!(
+                        "{} keys with purpose {}: {why}",
+                        spec.key_type(),
+                        spec.purpose()
+                    )
+                },
+            );
+        match self.fallbacks.get(asked) {
+            Some(Fallback::Software) => {
+                tracing::info!(backend = asked, "{what}; creating the key in software");
+                Ok((self.backend(SoftwareBackend::NAME)?, Some(asked)))
+            }
+            _ => Err(Error::Unsupported {
+                backend: asked.to_owned(),
+                what,
+            }),
+        }
     }
 
     /// The info of the key `id`.
@@ -489,10 +571,12 @@ impl Keystore {
     pub fn backend_public_key(&self, id: &str) -> Result<PublicKey> {
         let resolved = self.resolve(id)?;
         let backend = self.backend(&resolved.record.backend)?;
+        let label = resolved.label();
         backend.public_key(KeyRef {
             context: KeyContext {
                 store_id: &self.store_id,
                 uuid: &resolved.record.uuid,
+                label: &label,
                 spec: &resolved.spec,
             },
             locator: &resolved.record.locator,
@@ -617,10 +701,12 @@ impl Keystore {
         let resolved = self.resolve(id)?;
         let info = self.info(&resolved)?;
         let backend = self.backend(&resolved.record.backend)?;
+        let label = resolved.label();
         backend.destroy(KeyRef {
             context: KeyContext {
                 store_id: &self.store_id,
                 uuid: &resolved.record.uuid,
+                label: &label,
                 spec: &resolved.spec,
             },
             locator: &resolved.record.locator,
@@ -630,4 +716,28 @@ impl Keystore {
         tracing::info!(namespace = %info.namespace, name = %info.name, "destroyed key");
         Ok(info)
     }
+}
+
+/// Backends built from a configuration, with their fallback policies.
+struct Configured {
+    backends: Vec<Arc<dyn Backend>>,
+    fallbacks: HashMap<String, Fallback>,
+}
+
+fn build_backends(config: &Config) -> Result<Configured> {
+    let mut configured = Configured {
+        backends: Vec::new(),
+        fallbacks: HashMap::new(),
+    };
+    for (name, backend) in &config.backends {
+        match backend {
+            BackendConfig::Pkcs11(p) => {
+                configured
+                    .backends
+                    .push(Arc::new(Pkcs11Backend::new(name, p)?));
+                configured.fallbacks.insert(name.clone(), p.fallback);
+            }
+        }
+    }
+    Ok(configured)
 }

@@ -184,8 +184,8 @@ impl Store {
         let conn = self.conn();
         let result = conn.execute(
             "INSERT INTO keys (uuid, namespace, name, key_type, purpose, algorithm, backend, \
-             locator, state, version, created_at, updated_at, blob, public_key, mac) \
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)",
+             locator, state, version, created_at, updated_at, blob, public_key, attributes, mac) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)",
             params![
                 rec.uuid,
                 rec.namespace,
@@ -201,6 +201,7 @@ impl Store {
                 rec.updated_at,
                 rec.blob,
                 rec.public_key,
+                rec.attributes,
                 rec.mac,
             ],
         );

@@ -4,7 +4,7 @@ use crate::error::Error;
 
 /// The columns of `keys`, in the order [`from_row`] reads them.
 pub(super) const COLUMNS: &str = "uuid, namespace, name, key_type, purpose, algorithm, backend, \
-     locator, state, version, created_at, updated_at, blob, public_key, mac";
+     locator, state, version, created_at, updated_at, blob, public_key, attributes, mac";
 
 /// One key as the store holds it. Every field but `mac` is covered by `mac`.
 #[derive(Clone, PartialEq, Eq)]
@@ -37,6 +37,9 @@ pub struct KeyRecord {
     pub blob: Option<Vec<u8>>,
     /// The DER SubjectPublicKeyInfo of an asymmetric key.
     pub public_key: Option<Vec<u8>>,
+    /// A JSON object of strings: what the backend reported (`never_extractable`, …) and how the
+    /// key came to be where it is (`fallback_for`).
+    pub attributes: String,
     /// HMAC-SHA256 over [`KeyRecord::mac_input`].
     pub mac: Vec<u8>,
 }
@@ -55,6 +58,7 @@ impl std::fmt::Debug for KeyRecord {
             .field("state", &self.state)
             .field("version", &self.version)
             .field("blob_len", &self.blob.as_ref().map(Vec::len))
+            .field("attributes", &self.attributes)
             .finish_non_exhaustive()
     }
 }
@@ -93,6 +97,7 @@ impl KeyRecord {
         field(Some(&self.updated_at.to_be_bytes()));
         field(self.blob.as_deref());
         field(self.public_key.as_deref());
+        field(Some(self.attributes.as_bytes()));
         out
     }
 }
@@ -121,7 +126,8 @@ pub(super) fn from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<KeyRecord> {
         updated_at: row.get(11)?,
         blob: row.get(12)?,
         public_key: row.get(13)?,
-        mac: row.get(14)?,
+        attributes: row.get(14)?,
+        mac: row.get(15)?,
     })
 }
 

@@ -15,7 +15,8 @@ const APPLICATION_ID: i64 = 0x6b68_6c64;
 
 /// Migration `i` takes the schema from version `i` to `i + 1`.
 const MIGRATIONS: &[&str] = &[
-    // 1: the first schema. `version` and `state` leave room for rotation and the SP 800-57 states.
+    // 1: the first schema. `version` and `state` leave room for rotation and the SP 800-57 states;
+    // `attributes` (a JSON object of strings) holds what a backend reports about a key.
     "CREATE TABLE meta (
         key   TEXT PRIMARY KEY NOT NULL,
         value BLOB NOT NULL
@@ -35,6 +36,7 @@ const MIGRATIONS: &[&str] = &[
         updated_at INTEGER NOT NULL,
         blob       BLOB,
         public_key BLOB,
+        attributes TEXT NOT NULL,
         mac        BLOB NOT NULL,
         UNIQUE (namespace, name)
     ) STRICT;",

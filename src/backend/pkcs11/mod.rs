@@ -1,0 +1,788 @@
+//! The PKCS#11 backend: keys generated and used inside a token; they never leave it.
+//!
+//! Keys are token objects with `CKA_ID` = 16 random bytes (the locator, in hex) and `CKA_LABEL` =
+//! `namespace/name`, private and sensitive, never extractable, with one purpose each. Messages are
+//! hashed in software and signed with the raw mechanisms (`CKM_ECDSA`, `CKM_RSA_PKCS_PSS`,
+//! `CKM_RSA_PKCS` over a DigestInfo), which every token has, including SoftHSM 2.6 that lacks
+//! `CKM_ECDSA_SHA256`.
+
+mod errors;
+mod module;
+mod pool;
+
+use std::collections::HashMap;
+use std::sync::{Mutex, OnceLock};
+
+use aws_lc_rs::digest;
+use cryptoki::mechanism::aead::GcmParams;
+use cryptoki::mechanism::eddsa::{EddsaParams, EddsaSignatureScheme};
+use cryptoki::mechanism::rsa::{PkcsMgfType, PkcsOaepParams, PkcsOaepSource, PkcsPssParams};
+use cryptoki::mechanism::{Mechanism, MechanismType};
+use cryptoki::object::{
+    Attribute, AttributeInfo, AttributeType, KeyType as CkKeyType, ObjectClass, ObjectHandle,
+};
+use cryptoki::session::Session;
+
+use self::pool::{Disposition, Pool};
+use crate::backend::{Backend, Capabilities, GeneratedKey, KeyContext, KeyRef, Sealed};
+use crate::config::Pkcs11Config;
+use crate::der;
+use crate::error::{Error, Result};
+use crate::key::{Algorithm, KeyType, Purpose, SignatureFormat};
+use crate::public_key::PublicKey;
+use crate::secret::SecretBytes;
+
+/// The default bound on sessions per token.
+const DEFAULT_MAX_SESSIONS: usize = 8;
+
+/// A PKCS#11 token as a keyhold backend.
+pub struct Pkcs11Backend {
+    name: String,
+    pool: Pool,
+    capabilities: OnceLock<Capabilities>,
+    /// Object handles by (`CKA_ID`, class); valid for every session of this process.
+    handles: Mutex<HashMap<(Vec<u8>, u64), ObjectHandle>>,
+}
+
+impl std::fmt::Debug for Pkcs11Backend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pkcs11Backend")
+            .field("name", &self.name)
+            .field("pool", &self.pool)
+            .finish_non_exhaustive()
+    }
+}
+
+fn class_key(class: ObjectClass) -> u64 {
+    if class == ObjectClass::PRIVATE_KEY {
+        1
+    } else if class == ObjectClass::SECRET_KEY {
+        2
+    } else {
+        3
+    }
+}
+
+fn locator_bytes(locator: &str) -> Result<Vec<u8>> {
+    let bad = || Error::Integrity {
+        what: format!("PKCS#11 locator `{locator}` is not 32 hex digits"),
+    };
+    if locator.len() != 32 {
+        return Err(bad());
+    }
+    (0..16)
+        .map(|i| {
+            u8::from_str_radix(locator.get(2 * i..2 * i + 2).ok_or_else(bad)?, 16)
+                .map_err(|_| bad())
+        })
+        .collect()
+}
+
+/// Which object class holds a key's private or secret half.
+fn secret_class(algorithm: Algorithm) -> ObjectClass {
+    match algorithm {
+        Algorithm::Aes256Gcm | Algorithm::HmacSha256 => ObjectClass::SECRET_KEY,
+        _ => ObjectClass::PRIVATE_KEY,
+    }
+}
+
+impl Pkcs11Backend {
+    /// A backend for the token `config` selects. Loads (once per process) and initialises the
+    /// module and reads the PIN; the token itself is first touched when a key is used.
+    ///
+    /// # Errors
+    /// [`Error::Config`] for a bad selector or PIN source; [`Error::BackendUnavailable`] if the
+    /// module cannot be loaded.
+    pub fn new(name: &str, config: &Pkcs11Config) -> Result<Self> {
+        let selector = config.token_selector()?;
+        let pin = config.pin()?;
+        let module = module::module(name, &config.module)?;
+        Ok(Self {
+            name: name.to_owned(),
+            pool: Pool::new(
+                name.to_owned(),
+                module,
+                selector,
+                pin,
+                config.max_sessions.unwrap_or(DEFAULT_MAX_SESSIONS),
+            ),
+            capabilities: OnceLock::new(),
+            handles: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// How many times this backend has called `C_Login`.
+    pub fn login_attempts(&self) -> u64 {
+        self.pool.login_attempts()
+    }
+
+    fn handles(&self) -> std::sync::MutexGuard<'_, HashMap<(Vec<u8>, u64), ObjectHandle>> {
+        self.handles
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Runs `op` on a leased session, recovering once from a lost session, a lost login or a stale
+    /// handle, and turning a vanished token into [`Error::BackendUnavailable`].
+    fn run<T>(
+        &self,
+        operation: &str,
+        mut op: impl FnMut(&Self, &Session) -> std::result::Result<T, cryptoki::error::Error>,
+    ) -> Result<T> {
+        let mut last = None;
+        for _attempt in 0..3 {
+            let mut lease = self.pool.checkout()?;
+            match op(self, lease.session()) {
+                Ok(value) => return Ok(value),
+                Err(e) => {
+                    match pool::disposition(&e) {
+                        Disposition::NewSession => lease.discard(),
+                        Disposition::Relogin => {
+                            lease.discard();
+                            self.pool.forget_login();
+                        }
+                        Disposition::StaleHandle => self.handles().clear(),
+                        Disposition::DeviceGone => {
+                            lease.discard();
+                            drop(lease);
+                            self.handles().clear();
+                            self.pool.device_gone();
+                            return Err(errors::map(&self.name, operation, e));
+                        }
+                        Disposition::Fail => return Err(errors::map(&self.name, operation, e)),
+                    }
+                    last = Some(e);
+                }
+            }
+        }
+        Err(match last {
+            Some(e) => errors::map(&self.name, operation, e),
+            None => Error::crypto("PKCS#11 retry loop"),
+        })
+    }
+
+    /// The handle of the object with `id` and `class`, from the cache or `C_FindObjects`.
+    fn find(
+        &self,
+        session: &Session,
+        id: &[u8],
+        class: ObjectClass,
+    ) -> std::result::Result<ObjectHandle, cryptoki::error::Error> {
+        let key = (id.to_vec(), class_key(class));
+        if let Some(&h) = self.handles().get(&key) {
+            return Ok(h);
+        }
+        let found = session.find_objects(&[Attribute::Id(id.to_vec()), Attribute::Class(class)])?;
+        match found.first() {
+            Some(&h) => {
+                self.handles().insert(key, h);
+                Ok(h)
+            }
+            // No object: report it like a stale handle so that the caller's error names the key.
+            None => Err(cryptoki::error::Error::Pkcs11(
+                cryptoki::error::RvError::KeyHandleInvalid,
+                cryptoki::context::Function::FindObjects,
+            )),
+        }
+    }
+
+    fn with_key<T>(
+        &self,
+        key: &KeyRef<'_>,
+        operation: &str,
+        mut op: impl FnMut(&Session, ObjectHandle) -> std::result::Result<T, cryptoki::error::Error>,
+    ) -> Result<T> {
+        let id = locator_bytes(key.locator)?;
+        let class = secret_class(key.context.spec.algorithm());
+        self.run(operation, |me, session| {
+            let handle = me.find(session, &id, class)?;
+            op(session, handle)
+        })
+        .map_err(|e| match e {
+            Error::Backend { source, .. }
+                if source.to_string().contains("KeyHandleInvalid")
+                    || source.to_string().contains("key handle") =>
+            {
+                Error::BackendUnavailable {
+                    backend: self.name.clone(),
+                    reason: format!(
+                        "the key object {} is not on the token (was the token re-initialised?)",
+                        key.locator
+                    ),
+                }
+            }
+            other => other,
+        })
+    }
+
+    fn compute_capabilities(&self) -> Result<Capabilities> {
+        let slot = self.pool.slot()?;
+        let module = self.pool.module();
+        let mechanisms = module
+            .get_mechanism_list(slot)
+            .map_err(|e| errors::map(&self.name, "list mechanisms (C_GetMechanismList)", e))?;
+        let has = |m: MechanismType| mechanisms.contains(&m);
+        let token = module
+            .get_token_info(slot)
+            .map(|i| {
+                format!(
+                    "token `{}` ({})",
+                    i.label().trim_end(),
+                    i.model().trim_end()
+                )
+            })
+            .unwrap_or_else(|_| "the token".into());
+        let rsa_range = module
+            .get_mechanism_info(slot, MechanismType::RSA_PKCS_KEY_PAIR_GEN)
+            .ok()
+            .map(|i| (i.min_key_size(), i.max_key_size()));
+        let oaep_sha256 = has(MechanismType::RSA_PKCS_OAEP) && self.probe_oaep_sha256()?;
+
+        let mut supported = Vec::new();
+        let mut missing = Vec::new();
+        for key_type in KeyType::ALL {
+            for &purpose in key_type.purposes() {
+                let need: Result<(), String> = match (key_type, purpose) {
+                    (KeyType::EcdsaP256 | KeyType::EcdsaP384, _) => require(
+                        &has,
+                        &[MechanismType::ECC_KEY_PAIR_GEN, MechanismType::ECDSA],
+                    ),
+                    (KeyType::Ed25519, _) => require(
+                        &has,
+                        &[
+                            MechanismType::ECC_EDWARDS_KEY_PAIR_GEN,
+                            MechanismType::EDDSA,
+                        ],
+                    ),
+                    (KeyType::Rsa2048 | KeyType::Rsa3072 | KeyType::Rsa4096, purpose) => {
+                        let bits = key_type.rsa_bits().unwrap_or(0);
+                        let size_ok = rsa_range.is_some_and(|(lo, hi)| lo <= bits && bits <= hi);
+                        let mechs: &[MechanismType] = if purpose == Purpose::Sign {
+                            &[
+                                MechanismType::RSA_PKCS_KEY_PAIR_GEN,
+                                MechanismType::RSA_PKCS_PSS,
+                                MechanismType::RSA_PKCS,
+                            ]
+                        } else {
+                            &[
+                                MechanismType::RSA_PKCS_KEY_PAIR_GEN,
+                                MechanismType::RSA_PKCS_OAEP,
+                            ]
+                        };
+                        require(&has, mechs).and_then(|()| {
+                            if !size_ok {
+                                Err(format!("{bits}-bit RSA keys"))
+                            } else if purpose == Purpose::Decrypt && !oaep_sha256 {
+                                Err(
+                                    "CKM_RSA_PKCS_OAEP with SHA-256 (it does OAEP with SHA-1 only)"
+                                        .into(),
+                                )
+                            } else {
+                                Ok(())
+                            }
+                        })
+                    }
+                    (KeyType::Aes256Gcm, _) => {
+                        require(&has, &[MechanismType::AES_KEY_GEN, MechanismType::AES_GCM])
+                    }
+                    (KeyType::HmacSha256, _) => require(
+                        &has,
+                        &[
+                            MechanismType::GENERIC_SECRET_KEY_GEN,
+                            MechanismType::SHA256_HMAC,
+                        ],
+                    ),
+                };
+                match need {
+                    Ok(()) => supported.push((key_type, purpose)),
+                    Err(what) => missing.push((key_type, purpose, format!("{token} lacks {what}"))),
+                }
+            }
+        }
+        Ok(Capabilities::new(supported).with_missing(missing))
+    }
+
+    /// Whether the token decrypts RSA-OAEP with SHA-256 (SoftHSM 2.6 does SHA-1 only): tried once
+    /// with a throwaway session key, since no mechanism flag tells.
+    fn probe_oaep_sha256(&self) -> Result<bool> {
+        self.run("probe RSA-OAEP-SHA256 support", |_, session| {
+            let (public, private) = session.generate_key_pair(
+                &Mechanism::RsaPkcsKeyPairGen,
+                &[
+                    Attribute::Token(false),
+                    Attribute::Encrypt(true),
+                    Attribute::ModulusBits(2048.into()),
+                    Attribute::PublicExponent(vec![1, 0, 1]),
+                ],
+                &[
+                    Attribute::Token(false),
+                    Attribute::Decrypt(true),
+                    Attribute::Sensitive(true),
+                ],
+            )?;
+            let params = PkcsOaepParams::new(
+                MechanismType::SHA256,
+                PkcsMgfType::MGF1_SHA256,
+                PkcsOaepSource::empty(),
+            );
+            let result = session.decrypt(&Mechanism::RsaPkcsOaep(params), private, &[0u8; 256]);
+            let _ = session.destroy_object(public);
+            let _ = session.destroy_object(private);
+            Ok(match result {
+                Ok(_) => true,
+                Err(cryptoki::error::Error::Pkcs11(
+                    rv,
+                    cryptoki::context::Function::DecryptInit,
+                )) => {
+                    tracing::debug!("RSA-OAEP-SHA256 refused at C_DecryptInit: {rv:?}");
+                    false
+                }
+                // Init accepted the parameters; the garbage ciphertext then failed, as it should.
+                Err(_) => true,
+            })
+        })
+    }
+
+    /// Makes the key's objects; returns the public key and what the token reports about the key.
+    fn generate_objects(&self, context: &KeyContext<'_>, id: &[u8]) -> Result<Made> {
+        let spec = context.spec;
+        let label = context.label.as_bytes().to_vec();
+        let common_private = |usage: Attribute| {
+            vec![
+                Attribute::Token(true),
+                Attribute::Private(true),
+                Attribute::Sensitive(true),
+                Attribute::Extractable(false),
+                Attribute::Id(id.to_vec()),
+                Attribute::Label(label.clone()),
+                usage,
+            ]
+        };
+        let common_public = |usage: Attribute, extra: Vec<Attribute>| {
+            let mut attrs = vec![
+                Attribute::Token(true),
+                Attribute::Private(false),
+                Attribute::Id(id.to_vec()),
+                Attribute::Label(label.clone()),
+                usage,
+            ];
+            attrs.extend(extra);
+            attrs
+        };
+        let secret_handle = self.run(
+            "generate a key (C_GenerateKey/C_GenerateKeyPair)",
+            |_, session| match spec.algorithm() {
+                Algorithm::EcdsaP256Sha256 | Algorithm::EcdsaP384Sha384 | Algorithm::Ed25519 => {
+                    let (mechanism, oid) = match spec.key_type() {
+                        KeyType::EcdsaP256 => (Mechanism::EccKeyPairGen, der::P256_OID),
+                        KeyType::EcdsaP384 => (Mechanism::EccKeyPairGen, der::P384_OID),
+                        _ => (Mechanism::EccEdwardsKeyPairGen, der::ED25519_OID),
+                    };
+                    let (_, private) = session.generate_key_pair(
+                        &mechanism,
+                        &common_public(
+                            Attribute::Verify(true),
+                            vec![Attribute::EcParams(oid.to_vec())],
+                        ),
+                        &common_private(Attribute::Sign(true)),
+                    )?;
+                    Ok(private)
+                }
+                Algorithm::RsaPssSha256 | Algorithm::RsaPkcs1Sha256 | Algorithm::RsaOaepSha256 => {
+                    let bits = spec.key_type().rsa_bits().unwrap_or(2048) as u64;
+                    let (public_usage, private_usage) = if spec.purpose() == Purpose::Decrypt {
+                        (Attribute::Encrypt(true), Attribute::Decrypt(true))
+                    } else {
+                        (Attribute::Verify(true), Attribute::Sign(true))
+                    };
+                    let (_, private) = session.generate_key_pair(
+                        &Mechanism::RsaPkcsKeyPairGen,
+                        &common_public(
+                            public_usage,
+                            vec![
+                                Attribute::ModulusBits(bits.into()),
+                                Attribute::PublicExponent(vec![1, 0, 1]),
+                            ],
+                        ),
+                        &common_private(private_usage),
+                    )?;
+                    Ok(private)
+                }
+                Algorithm::Aes256Gcm | Algorithm::HmacSha256 => {
+                    let (mechanism, key_type, usages) = if spec.algorithm() == Algorithm::Aes256Gcm
+                    {
+                        (
+                            Mechanism::AesKeyGen,
+                            CkKeyType::AES,
+                            [Attribute::Encrypt(true), Attribute::Decrypt(true)],
+                        )
+                    } else {
+                        (
+                            Mechanism::GenericSecretKeyGen,
+                            CkKeyType::GENERIC_SECRET,
+                            [Attribute::Sign(true), Attribute::Verify(true)],
+                        )
+                    };
+                    let mut attrs = common_private(Attribute::Class(ObjectClass::SECRET_KEY));
+                    attrs.push(Attribute::KeyType(key_type));
+                    attrs.push(Attribute::ValueLen(32.into()));
+                    attrs.extend(usages);
+                    session.generate_key(&mechanism, &attrs)
+                }
+            },
+        )?;
+        let class = secret_class(spec.algorithm());
+        self.handles()
+            .insert((id.to_vec(), class_key(class)), secret_handle);
+
+        // Read back what the token says about the key and record it.
+        let flags = self.run("read key attributes (C_GetAttributeValue)", |_, session| {
+            session.get_attributes(
+                secret_handle,
+                &[
+                    AttributeType::AlwaysSensitive,
+                    AttributeType::NeverExtractable,
+                ],
+            )
+        })?;
+        let mut attributes = Vec::new();
+        for attr in flags {
+            match attr {
+                Attribute::AlwaysSensitive(v) => {
+                    attributes.push(("always_sensitive".into(), v.to_string()))
+                }
+                Attribute::NeverExtractable(v) => {
+                    attributes.push(("never_extractable".into(), v.to_string()))
+                }
+                _ => {}
+            }
+        }
+        let public = if spec.key_type().is_asymmetric() {
+            Some(self.read_public_key(spec.key_type(), spec.algorithm(), id)?)
+        } else {
+            None
+        };
+        Ok(Made { public, attributes })
+    }
+
+    fn read_public_key(
+        &self,
+        key_type: KeyType,
+        algorithm: Algorithm,
+        id: &[u8],
+    ) -> Result<PublicKey> {
+        let attrs = self.run(
+            "read the public key (C_GetAttributeValue)",
+            |me, session| {
+                let handle = me.find(session, id, ObjectClass::PUBLIC_KEY)?;
+                session.get_attributes(
+                    handle,
+                    &[
+                        AttributeType::EcPoint,
+                        AttributeType::Modulus,
+                        AttributeType::PublicExponent,
+                    ],
+                )
+            },
+        )?;
+        let mut point = None;
+        let mut modulus = None;
+        let mut exponent = None;
+        for attr in attrs {
+            match attr {
+                Attribute::EcPoint(p) => point = Some(p),
+                Attribute::Modulus(n) => modulus = Some(n),
+                Attribute::PublicExponent(e) => exponent = Some(e),
+                _ => {}
+            }
+        }
+        let spki = match (key_type, point, modulus, exponent) {
+            (KeyType::EcdsaP256 | KeyType::EcdsaP384 | KeyType::Ed25519, Some(point), _, _) => {
+                der::spki_from_point(key_type, &point)?
+            }
+            (KeyType::Rsa2048 | KeyType::Rsa3072 | KeyType::Rsa4096, _, Some(n), Some(e)) => {
+                use aws_lc_rs::encoding::AsDer;
+                aws_lc_rs::rsa::PublicKeyComponents {
+                    n: n.as_slice(),
+                    e: e.as_slice(),
+                }
+                .as_der()
+                .map_err(|_| Error::crypto("encode the token's RSA public key"))?
+                .as_ref()
+                .to_vec()
+            }
+            _ => return Err(Error::crypto("read a public key from the token")),
+        };
+        Ok(PublicKey::from_spki_der(key_type, algorithm, spki))
+    }
+
+    fn destroy_objects(&self, id: &[u8]) -> Result<()> {
+        self.run("destroy key objects (C_DestroyObject)", |_, session| {
+            for handle in session.find_objects(&[Attribute::Id(id.to_vec())])? {
+                session.destroy_object(handle)?;
+            }
+            Ok(())
+        })?;
+        self.handles().retain(|(k, _), _| k != id);
+        Ok(())
+    }
+
+    /// Whether `CKA_VALUE` of the key's private or secret object is refused as sensitive.
+    ///
+    /// # Errors
+    /// Backend errors.
+    pub fn is_value_sensitive(&self, key: KeyRef<'_>) -> Result<bool> {
+        self.with_key(
+            &key,
+            "read CKA_VALUE (C_GetAttributeValue)",
+            |session, handle| {
+                let info = session.get_attribute_info(handle, &[AttributeType::Value])?;
+                Ok(matches!(info.first(), Some(AttributeInfo::Sensitive)))
+            },
+        )
+    }
+}
+
+/// Initialises a fresh token with `label` in the first free slot of the module at `module_path`,
+/// sets its user PIN, and logs out again (for test fixtures).
+///
+/// # Errors
+/// [`Error::BackendUnavailable`] if the module cannot be loaded or has no free slot; backend
+/// errors from the token.
+pub(crate) fn init_token(
+    module_path: &std::path::Path,
+    label: &str,
+    so_pin: &secrecy::SecretString,
+    user_pin: &secrecy::SecretString,
+) -> Result<()> {
+    const NAME: &str = "token setup";
+    let module = module::module(NAME, module_path)?;
+    let ck = |what: &str, e: cryptoki::error::Error| errors::map(NAME, what, e);
+    let slot = module
+        .get_all_slots()
+        .map_err(|e| ck("list slots (C_GetSlotList)", e))?
+        .into_iter()
+        .find(|&s| {
+            module
+                .get_token_info(s)
+                .is_ok_and(|info| !info.token_initialized())
+        })
+        .ok_or_else(|| Error::BackendUnavailable {
+            backend: NAME.into(),
+            reason: format!("{} offers no free slot", module_path.display()),
+        })?;
+    module
+        .init_token(slot, so_pin, label)
+        .map_err(|e| ck("C_InitToken", e))?;
+    let session = module
+        .open_rw_session(slot)
+        .map_err(|e| ck("C_OpenSession", e))?;
+    session
+        .login(cryptoki::session::UserType::So, Some(so_pin))
+        .map_err(|e| ck("C_Login (SO)", e))?;
+    session.init_pin(user_pin).map_err(|e| ck("C_InitPIN", e))?;
+    session.logout().map_err(|e| ck("C_Logout", e))?;
+    Ok(())
+}
+
+/// What generating a key's objects produced.
+struct Made {
+    public: Option<PublicKey>,
+    attributes: Vec<(String, String)>,
+}
+
+fn require(
+    has: &impl Fn(MechanismType) -> bool,
+    mechanisms: &[MechanismType],
+) -> Result<(), String> {
+    let missing: Vec<String> = mechanisms
+        .iter()
+        .filter(|m| !has(**m))
+        .map(|m| format!("{m}"))
+        .collect();
+    if missing.is_empty() {
+        Ok(())
+    } else {
+        Err(missing.join(" and "))
+    }
+}
+
+impl Backend for Pkcs11Backend {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn capabilities(&self) -> Result<Capabilities> {
+        if let Some(c) = self.capabilities.get() {
+            return Ok(c.clone());
+        }
+        let computed = self.compute_capabilities()?;
+        Ok(self.capabilities.get_or_init(|| computed).clone())
+    }
+
+    fn generate(&self, context: KeyContext<'_>) -> Result<GeneratedKey> {
+        let capabilities = self.capabilities()?;
+        let (key_type, purpose) = (context.spec.key_type(), context.spec.purpose());
+        if !capabilities.supports(key_type, purpose) {
+            return Err(Error::Unsupported {
+                backend: self.name.clone(),
+                what: capabilities
+                    .missing(key_type, purpose)
+                    .unwrap_or("this key type")
+                    .to_owned(),
+            });
+        }
+        let mut id = [0u8; 16];
+        aws_lc_rs::rand::fill(&mut id).map_err(|_| Error::crypto("make a CKA_ID"))?;
+        match self.generate_objects(&context, &id) {
+            Ok(made) => Ok(GeneratedKey {
+                locator: crate::hex::encode(&id),
+                blob: None,
+                public_key: made.public,
+                attributes: made.attributes,
+            }),
+            Err(e) => {
+                // Leave nothing half-made on the token.
+                if let Err(cleanup) = self.destroy_objects(&id) {
+                    tracing::error!(backend = %self.name, "could not remove a half-made key: {cleanup}");
+                }
+                Err(e)
+            }
+        }
+    }
+
+    fn public_key(&self, key: KeyRef<'_>) -> Result<PublicKey> {
+        let spec = key.context.spec;
+        if !spec.key_type().is_asymmetric() {
+            return Err(Error::InvalidInput(format!(
+                "a {} key is secret: it has no public key",
+                spec.key_type()
+            )));
+        }
+        self.read_public_key(
+            spec.key_type(),
+            spec.algorithm(),
+            &locator_bytes(key.locator)?,
+        )
+    }
+
+    fn sign(&self, key: KeyRef<'_>, message: &[u8], format: SignatureFormat) -> Result<Vec<u8>> {
+        let algorithm = key.context.spec.algorithm();
+        let (mechanism, input): (Mechanism<'_>, Vec<u8>) = match algorithm {
+            Algorithm::EcdsaP256Sha256 => (
+                Mechanism::Ecdsa,
+                digest::digest(&digest::SHA256, message).as_ref().to_vec(),
+            ),
+            Algorithm::EcdsaP384Sha384 => (
+                Mechanism::Ecdsa,
+                digest::digest(&digest::SHA384, message).as_ref().to_vec(),
+            ),
+            Algorithm::Ed25519 => (
+                Mechanism::Eddsa(EddsaParams::new(EddsaSignatureScheme::Pure)),
+                message.to_vec(),
+            ),
+            Algorithm::RsaPssSha256 => (
+                Mechanism::RsaPkcsPss(PkcsPssParams {
+                    hash_alg: MechanismType::SHA256,
+                    mgf: PkcsMgfType::MGF1_SHA256,
+                    s_len: 32.into(),
+                }),
+                digest::digest(&digest::SHA256, message).as_ref().to_vec(),
+            ),
+            Algorithm::RsaPkcs1Sha256 => {
+                let mut info = der::SHA256_DIGEST_INFO_PREFIX.to_vec();
+                info.extend_from_slice(digest::digest(&digest::SHA256, message).as_ref());
+                (Mechanism::RsaPkcs, info)
+            }
+            _ => {
+                return Err(Error::crypto(
+                    "signing with a key whose algorithm does not sign",
+                ))
+            }
+        };
+        let sig = self.with_key(&key, "sign (C_Sign)", |session, handle| {
+            session.sign(&mechanism, handle, &input)
+        })?;
+        match (algorithm, format) {
+            (Algorithm::EcdsaP256Sha256 | Algorithm::EcdsaP384Sha384, SignatureFormat::Der) => {
+                der::ecdsa_raw_to_der(&sig)
+            }
+            _ => Ok(sig),
+        }
+    }
+
+    fn encrypt(&self, key: KeyRef<'_>, plaintext: &[u8], aad: &[u8]) -> Result<Sealed> {
+        if key.context.spec.algorithm() != Algorithm::Aes256Gcm {
+            return Err(Error::crypto("symmetric encryption with a non-AES key"));
+        }
+        let mut nonce = [0u8; 12];
+        aws_lc_rs::rand::fill(&mut nonce).map_err(|_| Error::crypto("make a GCM nonce"))?;
+        let ciphertext = self.with_key(
+            &key,
+            "encrypt (C_Encrypt, CKM_AES_GCM)",
+            |session, handle| {
+                let mut iv = nonce;
+                let params = GcmParams::new(&mut iv, aad, 128.into())?;
+                session.encrypt(&Mechanism::AesGcm(params), handle, plaintext)
+            },
+        )?;
+        Ok(Sealed {
+            nonce: nonce.to_vec(),
+            ciphertext,
+        })
+    }
+
+    fn decrypt(&self, key: KeyRef<'_>, sealed: &Sealed, aad: &[u8]) -> Result<SecretBytes> {
+        let failed = || Error::DecryptionFailed {
+            reason: "the ciphertext, its AAD or the key does not match",
+        };
+        let plaintext = match key.context.spec.algorithm() {
+            Algorithm::Aes256Gcm => {
+                if sealed.nonce.len() != 12 || sealed.ciphertext.len() < 16 {
+                    return Err(failed());
+                }
+                self.with_key(
+                    &key,
+                    "decrypt (C_Decrypt, CKM_AES_GCM)",
+                    |session, handle| {
+                        let mut iv = sealed.nonce.clone();
+                        let params = GcmParams::new(&mut iv, aad, 128.into())?;
+                        session.decrypt(&Mechanism::AesGcm(params), handle, &sealed.ciphertext)
+                    },
+                )
+            }
+            Algorithm::RsaOaepSha256 => self.with_key(
+                &key,
+                "decrypt (C_Decrypt, CKM_RSA_PKCS_OAEP)",
+                |session, handle| {
+                    let params = PkcsOaepParams::new(
+                        MechanismType::SHA256,
+                        PkcsMgfType::MGF1_SHA256,
+                        PkcsOaepSource::data_specified(aad),
+                    );
+                    session.decrypt(&Mechanism::RsaPkcsOaep(params), handle, &sealed.ciphertext)
+                },
+            ),
+            _ => return Err(Error::crypto("decryption with a key that does not decrypt")),
+        };
+        match plaintext {
+            Ok(bytes) => Ok(SecretBytes::from_zeroizing(zeroize::Zeroizing::new(bytes))),
+            // Any failure of the device to decrypt is the same opaque failure to the caller.
+            Err(Error::Backend { .. }) | Err(Error::DecryptionFailed { .. }) => Err(failed()),
+            Err(other) => Err(other),
+        }
+    }
+
+    fn mac(&self, key: KeyRef<'_>, data: &[u8]) -> Result<Vec<u8>> {
+        if key.context.spec.algorithm() != Algorithm::HmacSha256 {
+            return Err(Error::crypto("MAC with a non-HMAC key"));
+        }
+        self.with_key(&key, "mac (C_Sign, CKM_SHA256_HMAC)", |session, handle| {
+            session.sign(&Mechanism::Sha256Hmac, handle, data)
+        })
+    }
+
+    fn destroy(&self, key: KeyRef<'_>) -> Result<()> {
+        self.destroy_objects(&locator_bytes(key.locator)?)
+    }
+}

@@ -1,0 +1,340 @@
+//! A bounded pool of sessions on one token, logged in once, recovering from lost sessions.
+//!
+//! A cryptoki `Session` is `Send` but not `Sync`: each is leased to one thread at a time and comes
+//! back to the pool when the lease drops. PKCS#11 login state belongs to the application, not the
+//! session, so one `C_Login` serves every session; it is never repeated after a PIN failure,
+//! because real tokens lock the PIN after a few.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Condvar, Mutex, MutexGuard};
+use std::time::Duration;
+
+use cryptoki::context::Pkcs11;
+use cryptoki::error::{Error as CkError, RvError};
+use cryptoki::session::{Session, UserType};
+use cryptoki::slot::{Limit, Slot};
+use secrecy::SecretString;
+
+use super::module::find_token;
+use crate::config::TokenSelector;
+use crate::error::{Error, Result};
+
+/// How long a caller waits for a free session before giving up.
+const CHECKOUT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// What to do after a PKCS#11 error.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) enum Disposition {
+    /// The session is gone (closed, invalidated): use a new one.
+    NewSession,
+    /// The token forgot our login (e.g. after all sessions closed): log in again, once.
+    Relogin,
+    /// The token or device is gone: drop everything and report "unavailable".
+    DeviceGone,
+    /// A cached object handle went stale: find the object again.
+    StaleHandle,
+    /// Anything else: report it.
+    Fail,
+}
+
+pub(super) fn disposition(e: &CkError) -> Disposition {
+    match e {
+        CkError::Pkcs11(rv, _) => match rv {
+            RvError::SessionHandleInvalid | RvError::SessionClosed => Disposition::NewSession,
+            RvError::UserNotLoggedIn => Disposition::Relogin,
+            RvError::DeviceRemoved
+            | RvError::TokenNotPresent
+            | RvError::TokenNotRecognized
+            | RvError::DeviceError
+            | RvError::SlotIdInvalid
+            | RvError::CryptokiNotInitialized => Disposition::DeviceGone,
+            RvError::ObjectHandleInvalid | RvError::KeyHandleInvalid => Disposition::StaleHandle,
+            _ => Disposition::Fail,
+        },
+        _ => Disposition::Fail,
+    }
+}
+
+struct State {
+    slot: Option<Slot>,
+    idle: Vec<Session>,
+    open: usize,
+    logged_in: bool,
+    /// Bumped when the device goes away: sessions from an older generation are closed, not reused.
+    generation: u64,
+    /// Set after a PIN failure: no further `C_Login` until the process restarts.
+    login_refused: Option<String>,
+}
+
+/// The session pool of one token.
+pub(super) struct Pool {
+    pub(super) backend: String,
+    module: Pkcs11,
+    selector: TokenSelector,
+    pin: SecretString,
+    max: usize,
+    state: Mutex<State>,
+    available: Condvar,
+    login_lock: Mutex<()>,
+    login_attempts: AtomicU64,
+}
+
+impl std::fmt::Debug for Pool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pool")
+            .field("backend", &self.backend)
+            .field("token", &self.selector.describe())
+            .field("max", &self.max)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A session leased from the pool; returned (or closed, if broken) on drop.
+pub(super) struct Lease<'a> {
+    pool: &'a Pool,
+    session: Option<Session>,
+    generation: u64,
+    broken: bool,
+}
+
+impl Lease<'_> {
+    pub(super) fn session(&self) -> &Session {
+        // Present from checkout until drop.
+        self.session
+            .as_ref()
+            .expect("a lease holds its session until dropped")
+    }
+
+    /// Marks the session unusable: it is closed instead of returned.
+    pub(super) fn discard(&mut self) {
+        self.broken = true;
+    }
+}
+
+impl Drop for Lease<'_> {
+    fn drop(&mut self) {
+        let Some(session) = self.session.take() else {
+            return;
+        };
+        let mut state = self.pool.lock();
+        if self.broken || self.generation != state.generation {
+            state.open = state.open.saturating_sub(1);
+            drop(state);
+            drop(session); // C_CloseSession; errors on a dead token are irrelevant
+        } else {
+            state.idle.push(session);
+            drop(state);
+        }
+        self.pool.available.notify_one();
+    }
+}
+
+impl Pool {
+    pub(super) fn new(
+        backend: String,
+        module: Pkcs11,
+        selector: TokenSelector,
+        pin: SecretString,
+        max: usize,
+    ) -> Self {
+        Self {
+            backend,
+            module,
+            selector,
+            pin,
+            max,
+            state: Mutex::new(State {
+                slot: None,
+                idle: Vec::new(),
+                open: 0,
+                logged_in: false,
+                generation: 0,
+                login_refused: None,
+            }),
+            available: Condvar::new(),
+            login_lock: Mutex::new(()),
+            login_attempts: AtomicU64::new(0),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    pub(super) fn module(&self) -> &Pkcs11 {
+        &self.module
+    }
+
+    /// How many times `C_Login` was called (for tests and `doctor`).
+    pub(super) fn login_attempts(&self) -> u64 {
+        self.login_attempts.load(Ordering::SeqCst)
+    }
+
+    /// The token's slot, looked up again after the device went away.
+    pub(super) fn slot(&self) -> Result<Slot> {
+        let mut state = self.lock();
+        if let Some(slot) = state.slot {
+            return Ok(slot);
+        }
+        let slot = find_token(&self.backend, &self.module, &self.selector)?;
+        state.slot = Some(slot);
+        Ok(slot)
+    }
+
+    /// The most sessions this pool opens: the configured bound, capped by the token's own limit.
+    pub(super) fn effective_max(&self, slot: Slot) -> usize {
+        let token_max =
+            self.module
+                .get_token_info(slot)
+                .ok()
+                .and_then(|info| match info.max_session_count() {
+                    Limit::Max(n) if n > 0 => usize::try_from(n).ok(),
+                    _ => None,
+                });
+        token_max.map_or(self.max, |t| t.min(self.max))
+    }
+
+    /// Leases a logged-in session, opening one if the pool is below its bound, waiting otherwise.
+    pub(super) fn checkout(&self) -> Result<Lease<'_>> {
+        let slot = self.slot()?;
+        let max = self.effective_max(slot);
+        let mut state = self.lock();
+        loop {
+            if let Some(msg) = &state.login_refused {
+                return Err(Error::BackendLogin {
+                    backend: self.backend.clone(),
+                    reason: msg.clone(),
+                });
+            }
+            if let Some(session) = state.idle.pop() {
+                let generation = state.generation;
+                drop(state);
+                return Ok(Lease {
+                    pool: self,
+                    session: Some(session),
+                    generation,
+                    broken: false,
+                });
+            }
+            if state.open < max {
+                state.open += 1;
+                let generation = state.generation;
+                drop(state);
+                return match self.open_session(slot) {
+                    Ok(session) => Ok(Lease {
+                        pool: self,
+                        session: Some(session),
+                        generation,
+                        broken: false,
+                    }),
+                    Err(e) => {
+                        self.lock().open -= 1;
+                        self.available.notify_one();
+                        Err(e)
+                    }
+                };
+            }
+            let (next, timeout) = self
+                .available
+                .wait_timeout(state, CHECKOUT_TIMEOUT)
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            state = next;
+            if timeout.timed_out() && state.idle.is_empty() && state.open >= max {
+                return Err(Error::BackendUnavailable {
+                    backend: self.backend.clone(),
+                    reason: format!(
+                        "all {max} sessions were busy for {} s",
+                        CHECKOUT_TIMEOUT.as_secs()
+                    ),
+                });
+            }
+        }
+    }
+
+    fn open_session(&self, slot: Slot) -> Result<Session> {
+        let session = self.module.open_rw_session(slot).map_err(|e| {
+            if disposition(&e) == Disposition::DeviceGone {
+                self.device_gone();
+            }
+            super::errors::map(&self.backend, "open a session (C_OpenSession)", e)
+        })?;
+        self.ensure_login(&session)?;
+        Ok(session)
+    }
+
+    /// Logs in once for the whole application, never after a PIN failure.
+    pub(super) fn ensure_login(&self, session: &Session) -> Result<()> {
+        let _one_at_a_time = self
+            .login_lock
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        {
+            let state = self.lock();
+            if let Some(msg) = &state.login_refused {
+                return Err(Error::BackendLogin {
+                    backend: self.backend.clone(),
+                    reason: msg.clone(),
+                });
+            }
+            if state.logged_in {
+                return Ok(());
+            }
+        }
+        self.login_attempts.fetch_add(1, Ordering::SeqCst);
+        let token = self.selector.describe();
+        let refuse = |msg: String| {
+            self.lock().login_refused = Some(msg.clone());
+            Err(Error::BackendLogin {
+                backend: self.backend.clone(),
+                reason: msg,
+            })
+        };
+        match session.login(UserType::User, Some(&self.pin)) {
+            Ok(()) | Err(CkError::Pkcs11(RvError::UserAlreadyLoggedIn, _)) => {
+                self.lock().logged_in = true;
+                Ok(())
+            }
+            Err(CkError::Pkcs11(
+                RvError::PinIncorrect | RvError::PinInvalid | RvError::PinLenRange,
+                _,
+            )) => refuse(format!(
+                "wrong user PIN for the {token}: keyhold will not try again (tokens lock PINs); \
+                     fix the PIN source in the configuration and restart"
+            )),
+            Err(CkError::Pkcs11(RvError::PinLocked, _)) => refuse(format!(
+                "the user PIN of the {token} is locked: unlock it with the SO PIN \
+                 (e.g. `pkcs11-tool --login --login-type so --init-pin`)"
+            )),
+            Err(CkError::Pkcs11(RvError::PinExpired, _)) => refuse(format!(
+                "the user PIN of the {token} has expired: set a new one"
+            )),
+            Err(e) => {
+                if disposition(&e) == Disposition::DeviceGone {
+                    self.device_gone();
+                }
+                Err(super::errors::map(&self.backend, "log in (C_Login)", e))
+            }
+        }
+    }
+
+    /// Forgets the login, so that the next session logs in again (after `CKR_USER_NOT_LOGGED_IN`).
+    pub(super) fn forget_login(&self) {
+        self.lock().logged_in = false;
+    }
+
+    /// The token went away: forget the slot, the login and every session.
+    pub(super) fn device_gone(&self) {
+        let idle = {
+            let mut state = self.lock();
+            state.slot = None;
+            state.logged_in = false;
+            state.generation += 1;
+            state.open = state.open.saturating_sub(state.idle.len());
+            std::mem::take(&mut state.idle)
+        };
+        drop(idle);
+        self.available.notify_all();
+    }
+}

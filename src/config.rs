@@ -1,0 +1,308 @@
+//! The backend configuration: a TOML file with one table per backend instance.
+//!
+//! ```toml
+//! [backends.hsm]
+//! type = "pkcs11"
+//! module = "/usr/lib/softhsm/libsofthsm2.so"
+//! token_label = "keyhold"
+//! pin_env = "KEYHOLD_HSM_PIN"
+//! ```
+//!
+//! Secrets never live in this file: PINs come from an environment variable, a file, or a systemd
+//! credential, named here. See `hsm-config/` for commented samples.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use secrecy::SecretString;
+use serde::Deserialize;
+use zeroize::Zeroizing;
+
+use crate::error::{Error, Result};
+
+/// The whole configuration.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Backend instances by name. `software` is always present and cannot be configured here.
+    #[serde(default)]
+    pub backends: BTreeMap<String, BackendConfig>,
+}
+
+/// One backend instance.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(tag = "type", rename_all = "lowercase", deny_unknown_fields)]
+#[non_exhaustive]
+pub enum BackendConfig {
+    /// A PKCS#11 token.
+    Pkcs11(Pkcs11Config),
+}
+
+/// What to do when a backend is asked for a key type it cannot make.
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Fallback {
+    /// Refuse with an "unsupported" error naming the backend and what it lacks.
+    #[default]
+    Refuse,
+    /// Create the key in the software backend, sealed by the store's sealer; its record says so.
+    Software,
+}
+
+/// A PKCS#11 token.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Pkcs11Config {
+    /// (Required) The module's path, e.g. `/usr/lib/softhsm/libsofthsm2.so`.
+    pub module: PathBuf,
+    /// The token's label. One of `token_label`, `token_serial`, `token_uri` is required.
+    pub token_label: Option<String>,
+    /// The token's serial number.
+    pub token_serial: Option<String>,
+    /// An RFC 7512 URI selecting the token (`pkcs11:token=keyhold;serial=…`).
+    pub token_uri: Option<String>,
+    /// The environment variable holding the user PIN. One PIN source is required.
+    pub pin_env: Option<String>,
+    /// A file whose first line is the user PIN.
+    pub pin_file: Option<PathBuf>,
+    /// A systemd credential name, read from `$CREDENTIALS_DIRECTORY/<name>`.
+    pub pin_credential: Option<String>,
+    /// (Optional) The most sessions keyhold opens on the token; default 8, capped by the token.
+    pub max_sessions: Option<usize>,
+    /// (Optional) What to do with key types the token cannot make; default `refuse`.
+    #[serde(default)]
+    pub fallback: Fallback,
+}
+
+/// How a token is picked: never by slot number, which changes as tokens are added.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenSelector {
+    /// Label to match, if given.
+    pub label: Option<String>,
+    /// Serial to match, if given.
+    pub serial: Option<String>,
+}
+
+impl TokenSelector {
+    /// A human description, for errors.
+    pub fn describe(&self) -> String {
+        match (&self.label, &self.serial) {
+            (Some(l), Some(s)) => format!("token labelled `{l}` with serial `{s}`"),
+            (Some(l), None) => format!("token labelled `{l}`"),
+            (None, Some(s)) => format!("token with serial `{s}`"),
+            (None, None) => "any token".into(),
+        }
+    }
+}
+
+impl Pkcs11Config {
+    /// The token selector from `token_label`, `token_serial` or `token_uri`.
+    ///
+    /// # Errors
+    /// [`Error::Config`] unless exactly one way is given, or if the URI cannot be parsed.
+    pub fn token_selector(&self) -> Result<TokenSelector> {
+        match (&self.token_label, &self.token_serial, &self.token_uri) {
+            (Some(label), None, None) => Ok(TokenSelector {
+                label: Some(label.clone()),
+                serial: None,
+            }),
+            (None, Some(serial), None) => Ok(TokenSelector {
+                label: None,
+                serial: Some(serial.clone()),
+            }),
+            (None, None, Some(uri)) => parse_token_uri(uri),
+            _ => Err(Error::Config(
+                "give exactly one of token_label, token_serial, token_uri".into(),
+            )),
+        }
+    }
+
+    /// Reads the user PIN from its one configured source.
+    ///
+    /// # Errors
+    /// [`Error::Config`] unless exactly one source is configured and readable.
+    pub fn pin(&self) -> Result<SecretString> {
+        match (&self.pin_env, &self.pin_file, &self.pin_credential) {
+            (Some(var), None, None) => {
+                let value = std::env::var(var).map_err(|_| {
+                    Error::Config(format!("the PIN variable {var} is not set (or not UTF-8)"))
+                })?;
+                Ok(SecretString::from(value))
+            }
+            (None, Some(path), None) => read_pin_file(path),
+            (None, None, Some(name)) => {
+                let dir = std::env::var_os("CREDENTIALS_DIRECTORY").ok_or_else(|| {
+                    Error::Config(format!(
+                        "pin_credential `{name}` needs $CREDENTIALS_DIRECTORY (systemd LoadCredential=)"
+                    ))
+                })?;
+                if name.contains('/') {
+                    return Err(Error::Config(format!(
+                        "pin_credential `{name}` must be a name, not a path"
+                    )));
+                }
+                read_pin_file(&Path::new(&dir).join(name))
+            }
+            _ => Err(Error::Config(
+                "give exactly one PIN source: pin_env, pin_file or pin_credential".into(),
+            )),
+        }
+    }
+}
+
+fn read_pin_file(path: &Path) -> Result<SecretString> {
+    let text =
+        Zeroizing::new(std::fs::read_to_string(path).map_err(|e| {
+            Error::Config(format!("cannot read the PIN file {}: {e}", path.display()))
+        })?);
+    let line = text.lines().next().unwrap_or("");
+    Ok(SecretString::from(line.to_owned()))
+}
+
+/// Parses the token part of an RFC 7512 URI: `token` and `serial` attributes, percent-decoded.
+fn parse_token_uri(uri: &str) -> Result<TokenSelector> {
+    let bad = |why: &str| Error::Config(format!("token_uri `{uri}`: {why}"));
+    let path = uri
+        .strip_prefix("pkcs11:")
+        .ok_or_else(|| bad("it must start with `pkcs11:`"))?;
+    let path = path.split('?').next().unwrap_or("");
+    let mut selector = TokenSelector {
+        label: None,
+        serial: None,
+    };
+    for attr in path.split(';').filter(|a| !a.is_empty()) {
+        let (key, value) = attr
+            .split_once('=')
+            .ok_or_else(|| bad("each attribute must be name=value"))?;
+        let value = percent_decode(value).ok_or_else(|| bad("bad percent-encoding"))?;
+        match key {
+            "token" => selector.label = Some(value),
+            "serial" => selector.serial = Some(value),
+            // Other attributes (manufacturer, model, object, …) do not select a token here.
+            _ => {}
+        }
+    }
+    if selector.label.is_none() && selector.serial.is_none() {
+        return Err(bad("it names neither `token` nor `serial`"));
+    }
+    Ok(selector)
+}
+
+fn percent_decode(s: &str) -> Option<String> {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = std::str::from_utf8(bytes.get(i + 1..i + 3)?).ok()?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+impl Config {
+    /// Parses a configuration from TOML text.
+    ///
+    /// # Errors
+    /// [`Error::Config`] with the parser's message (line and column), or for invalid settings.
+    pub fn from_toml(text: &str) -> Result<Self> {
+        let config: Config = toml::from_str(text).map_err(|e| Error::Config(e.to_string()))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Reads and parses a configuration file.
+    ///
+    /// # Errors
+    /// [`Error::Config`] if the file cannot be read or is invalid.
+    pub fn load(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| Error::Config(format!("cannot read {}: {e}", path.display())))?;
+        Self::from_toml(&text).map_err(|e| match e {
+            Error::Config(msg) => Error::Config(format!("{}: {msg}", path.display())),
+            other => other,
+        })
+    }
+
+    fn validate(&self) -> Result<()> {
+        for (name, backend) in &self.backends {
+            crate::key::validate_name("backend name", name)
+                .map_err(|e| Error::Config(e.to_string()))?;
+            if name == crate::backend::software::SoftwareBackend::NAME {
+                return Err(Error::Config(
+                    "`software` is built in: give the backend another name".into(),
+                ));
+            }
+            match backend {
+                BackendConfig::Pkcs11(p) => {
+                    p.token_selector()
+                        .map_err(|e| Error::Config(format!("backends.{name}: {e}")))?;
+                    let sources = [
+                        p.pin_env.is_some(),
+                        p.pin_file.is_some(),
+                        p.pin_credential.is_some(),
+                    ];
+                    if sources.iter().filter(|s| **s).count() != 1 {
+                        return Err(Error::Config(format!(
+                            "backends.{name}: give exactly one PIN source: pin_env, pin_file or \
+                             pin_credential (never the PIN itself)"
+                        )));
+                    }
+                    if p.max_sessions == Some(0) {
+                        return Err(Error::Config(format!(
+                            "backends.{name}: max_sessions must be at least 1"
+                        )));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_a_full_pkcs11_backend() {
+        let config = Config::from_toml(
+            r#"
+            [backends.hsm]
+            type = "pkcs11"
+            module = "/usr/lib/softhsm/libsofthsm2.so"
+            token_uri = "pkcs11:token=key%20hold;serial=abc;manufacturer=SoftHSM"
+            pin_env = "PIN"
+            max_sessions = 4
+            fallback = "software"
+            "#,
+        )
+        .unwrap();
+        let BackendConfig::Pkcs11(p) = &config.backends["hsm"];
+        let selector = p.token_selector().unwrap();
+        assert_eq!(selector.label.as_deref(), Some("key hold"));
+        assert_eq!(selector.serial.as_deref(), Some("abc"));
+        assert_eq!(p.fallback, Fallback::Software);
+    }
+
+    #[test]
+    fn refuses_bad_configs_with_reasons() {
+        let cases = [
+            ("[backends.hsm]\ntype = \"pkcs11\"\nmodule = \"m\"\npin_env = \"P\"", "exactly one of token_label"),
+            ("[backends.hsm]\ntype = \"pkcs11\"\nmodule = \"m\"\ntoken_label = \"t\"", "exactly one PIN source"),
+            ("[backends.hsm]\ntype = \"pkcs11\"\nmodule = \"m\"\ntoken_label = \"t\"\npin = \"1234\"", "unknown field `pin`"),
+            ("[backends.software]\ntype = \"pkcs11\"\nmodule = \"m\"\ntoken_label = \"t\"\npin_env = \"P\"", "built in"),
+            ("[backends.hsm]\ntype = \"nope\"", "unknown variant `nope`"),
+            ("[backends.hsm]\ntype = \"pkcs11\"\nmodule = \"m\"\ntoken_uri = \"http://x\"\npin_env = \"P\"", "must start with `pkcs11:`"),
+        ];
+        for (text, expected) in cases {
+            let err = Config::from_toml(text).unwrap_err().to_string();
+            assert!(err.contains(expected), "{text:?}: {err}");
+        }
+    }
+}

@@ -1,0 +1,188 @@
+//! Test fixtures for your own CI: real emulators, set up and torn down for you.
+//!
+//! Enabled by the `testing` feature. [`SoftHsm`] makes a fresh, initialised SoftHSM2 token and gives
+//! you a keyhold backend configuration for it:
+//!
+//! ```no_run
+//! # fn main() -> Result<(), keyhold::Error> {
+//! use keyhold::testing::SoftHsm;
+//! let hsm = SoftHsm::new()?;                  // a new token, deleted on drop
+//! let config = hsm.config("hsm");             // [backends.hsm] pointing at it
+//! // Keystore::create_with(dir, &sealer, &config)?, then create keys with backend "hsm".
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! SoftHSM2 reads its configuration once, when the module is initialised, so every `SoftHsm` in a
+//! process shares one token directory (made on first use, `SOFTHSM2_CONF` pointing at it) and gets
+//! its own token in it, labelled uniquely. Create fixtures before opening keystores on other
+//! SoftHSM configurations in the same process. Fixtures in parallel threads are safe; with
+//! cargo-nextest each test is its own process and gets its own directory.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::{Mutex, OnceLock};
+
+use secrecy::SecretString;
+
+use crate::config::{BackendConfig, Config, Fallback, Pkcs11Config};
+use crate::error::{Error, Result};
+
+/// Where Debian (and most distributions) install SoftHSM2's module.
+pub const SOFTHSM_MODULE: &str = "/usr/lib/softhsm/libsofthsm2.so";
+
+/// The user PIN of every fixture token. Test tokens only: never a real PIN.
+pub const TEST_USER_PIN: &str = "1234";
+/// The SO PIN of every fixture token.
+pub const TEST_SO_PIN: &str = "5678";
+
+static HOME: OnceLock<std::result::Result<PathBuf, String>> = OnceLock::new();
+static TOKEN_INIT: Mutex<()> = Mutex::new(());
+
+fn fixture_error(what: impl std::fmt::Display) -> Error {
+    Error::Config(format!("SoftHSM test fixture: {what}"))
+}
+
+/// The process's SoftHSM directory (config file and tokens), made on first use.
+fn home() -> Result<&'static Path> {
+    let home = HOME.get_or_init(|| {
+        let base = std::env::temp_dir();
+        remove_stale_homes(&base);
+        let dir = base.join(format!("keyhold-softhsm-{}", std::process::id()));
+        let tokens = dir.join("tokens");
+        std::fs::create_dir_all(&tokens)
+            .map_err(|e| format!("create {}: {e}", tokens.display()))?;
+        let conf = dir.join("softhsm2.conf");
+        let text = format!(
+            "# keyhold::testing::SoftHsm, process {}\ndirectories.tokendir = {}\n\
+             objectstore.backend = file\nlog.level = ERROR\nslots.removable = false\n",
+            std::process::id(),
+            tokens.display()
+        );
+        std::fs::write(&conf, text).map_err(|e| format!("write {}: {e}", conf.display()))?;
+        // Set before the module is first loaded: SoftHSM reads it in C_Initialize. Fixtures are
+        // made under `TOKEN_INIT`, and this runs once.
+        std::env::set_var("SOFTHSM2_CONF", &conf);
+        Ok(dir)
+    });
+    home.as_deref().map_err(fixture_error)
+}
+
+/// Removes the directories of fixture processes that have exited.
+fn remove_stale_homes(base: &Path) {
+    let Ok(entries) = std::fs::read_dir(base) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix("keyhold-softhsm-"))
+        else {
+            continue;
+        };
+        if pid.parse::<u32>().is_ok() && !Path::new("/proc").join(pid).exists() {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
+}
+
+/// A fresh SoftHSM2 token, initialised with [`TEST_USER_PIN`] and [`TEST_SO_PIN`], deleted on drop.
+#[derive(Debug)]
+pub struct SoftHsm {
+    label: String,
+    pin_file: PathBuf,
+}
+
+impl SoftHsm {
+    /// Initialises a new token with a unique label.
+    ///
+    /// # Errors
+    /// [`Error::Config`] or [`Error::BackendUnavailable`] if SoftHSM2 is not installed or the
+    /// token cannot be initialised.
+    pub fn new() -> Result<Self> {
+        let _one_at_a_time = TOKEN_INIT
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let home = home()?;
+        let mut suffix = [0u8; 6];
+        aws_lc_rs::rand::fill(&mut suffix).map_err(|_| Error::crypto("random label"))?;
+        let label = format!("keyhold-test-{}", crate::hex::encode(&suffix));
+        crate::backend::pkcs11::init_token(
+            Path::new(SOFTHSM_MODULE),
+            &label,
+            &SecretString::from(TEST_SO_PIN.to_owned()),
+            &SecretString::from(TEST_USER_PIN.to_owned()),
+        )?;
+        let pin_file = home.join(format!("{label}.pin"));
+        std::fs::write(&pin_file, TEST_USER_PIN)
+            .map_err(|e| fixture_error(format!("write {}: {e}", pin_file.display())))?;
+        Ok(Self { label, pin_file })
+    }
+
+    /// The token's label.
+    pub fn label(&self) -> &str {
+        &self.label
+    }
+
+    /// The `SOFTHSM2_CONF` file this process uses.
+    ///
+    /// # Errors
+    /// As [`SoftHsm::new`].
+    pub fn conf_file() -> Result<PathBuf> {
+        Ok(home()?.join("softhsm2.conf"))
+    }
+
+    /// A backend configuration for this token (PIN from a file; fallback refused).
+    pub fn backend_config(&self) -> Pkcs11Config {
+        Pkcs11Config {
+            module: PathBuf::from(SOFTHSM_MODULE),
+            token_label: Some(self.label.clone()),
+            token_serial: None,
+            token_uri: None,
+            pin_env: None,
+            pin_file: Some(self.pin_file.clone()),
+            pin_credential: None,
+            max_sessions: None,
+            fallback: Fallback::Refuse,
+        }
+    }
+
+    /// A whole configuration with this token as the backend `name`.
+    pub fn config(&self, name: &str) -> Config {
+        let mut config = Config::default();
+        config.backends.insert(
+            name.to_owned(),
+            BackendConfig::Pkcs11(self.backend_config()),
+        );
+        config
+    }
+
+    /// Deletes the token now, as `softhsm2-util --delete-token` does (for token-loss tests).
+    ///
+    /// # Errors
+    /// [`Error::Config`] if `softhsm2-util` fails.
+    pub fn delete_token(&self) -> Result<()> {
+        let conf = Self::conf_file()?;
+        let out = Command::new("softhsm2-util")
+            .args(["--delete-token", "--token", &self.label])
+            .env("SOFTHSM2_CONF", &conf)
+            .output()
+            .map_err(|e| fixture_error(format!("run softhsm2-util: {e}")))?;
+        if out.status.success() {
+            Ok(())
+        } else {
+            Err(fixture_error(format!(
+                "softhsm2-util --delete-token failed: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            )))
+        }
+    }
+}
+
+impl Drop for SoftHsm {
+    fn drop(&mut self) {
+        let _ = self.delete_token();
+        let _ = std::fs::remove_file(&self.pin_file);
+    }
+}
