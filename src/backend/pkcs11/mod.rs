@@ -19,7 +19,7 @@ use cryptoki::mechanism::eddsa::{EddsaParams, EddsaSignatureScheme};
 use cryptoki::mechanism::rsa::{PkcsMgfType, PkcsOaepParams, PkcsOaepSource, PkcsPssParams};
 use cryptoki::mechanism::{Mechanism, MechanismType};
 use cryptoki::object::{
-    Attribute, AttributeInfo, AttributeType, KeyType as CkKeyType, ObjectClass, ObjectHandle,
+    Attribute, AttributeType, KeyType as CkKeyType, ObjectClass, ObjectHandle,
 };
 use cryptoki::session::Session;
 
@@ -526,21 +526,6 @@ impl Pkcs11Backend {
         self.handles().retain(|(k, _), _| k != id);
         Ok(())
     }
-
-    /// Whether `CKA_VALUE` of the key's private or secret object is refused as sensitive.
-    ///
-    /// # Errors
-    /// Backend errors.
-    pub fn is_value_sensitive(&self, key: KeyRef<'_>) -> Result<bool> {
-        self.with_key(
-            &key,
-            "read CKA_VALUE (C_GetAttributeValue)",
-            |session, handle| {
-                let info = session.get_attribute_info(handle, &[AttributeType::Value])?;
-                Ok(matches!(info.first(), Some(AttributeInfo::Sensitive)))
-            },
-        )
-    }
 }
 
 /// Initialises a fresh token with `label` in the first free slot of the module at `module_path`,
@@ -549,6 +534,7 @@ impl Pkcs11Backend {
 /// # Errors
 /// [`Error::BackendUnavailable`] if the module cannot be loaded or has no free slot; backend
 /// errors from the token.
+#[cfg(feature = "testing")]
 pub(crate) fn init_token(
     module_path: &std::path::Path,
     label: &str,
