@@ -2293,7 +2293,8 @@ fn key_show_prints_the_documented_fields() {
             "locator",
             "state",
             "version",
-            "created"
+            "created",
+            "attributes"
         ],
         "key show: expected the documented fields in order"
     );
@@ -2309,7 +2310,16 @@ fn key_show_prints_the_documented_fields() {
     assert_eq!(get("name"), "shown", "key show: name");
     assert_eq!(get("type"), "ecdsa-p384", "key show: type");
     assert_eq!(get("purpose"), "sign", "key show: purpose");
-    assert_eq!(get("backend"), "software", "key show: backend");
+    assert_eq!(
+        get("backend"),
+        "software (sealed by passphrase)",
+        "key show: backend"
+    );
+    assert_eq!(
+        get("attributes"),
+        "-",
+        "key show: a software key has no attributes"
+    );
     assert!(!text.contains(PASS), "key show: expected no passphrase");
 }
 

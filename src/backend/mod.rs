@@ -96,6 +96,29 @@ pub struct GeneratedKey {
     pub attributes: Vec<(String, String)>,
 }
 
+/// What `keyhold doctor` shows about a backend.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct BackendReport {
+    /// The kind of backend (`software`, `pkcs11`).
+    pub kind: String,
+    /// Facts worth showing, in order (module, token, session limits, PIN state, …).
+    pub details: Vec<(String, String)>,
+    /// The key objects the device holds, for devices that hold them (`None` for software).
+    pub objects: Option<Vec<DeviceObject>>,
+}
+
+/// A key object found on a device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceObject {
+    /// The locator keyhold would record for it.
+    pub locator: String,
+    /// Its label on the device.
+    pub label: String,
+    /// What it is (`private key`, `public key`, `secret key`), comma-joined when several objects
+    /// share the locator.
+    pub kind: String,
+}
+
 /// An AEAD ciphertext as the backend makes or takes it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Sealed {
@@ -156,6 +179,19 @@ pub trait Backend: Send + Sync + fmt::Debug {
     /// # Errors
     /// A backend error.
     fn mac(&self, key: KeyRef<'_>, data: &[u8]) -> Result<Vec<u8>>;
+
+    /// Describes the backend and lists the key objects on its device.
+    ///
+    /// # Errors
+    /// [`crate::Error::BackendUnavailable`] and device errors.
+    fn report(&self) -> Result<BackendReport>;
+
+    /// Destroys every object with `locator` on the device, whether or not a record names it (for
+    /// objects left behind by a crash between generation and recording).
+    ///
+    /// # Errors
+    /// Device errors; [`crate::Error::InvalidInput`] for a backend without device objects.
+    fn destroy_object(&self, locator: &str) -> Result<()>;
 
     /// Destroys the key in the backend. Destroying a key that is already gone succeeds.
     ///

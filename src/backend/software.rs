@@ -14,7 +14,9 @@ use aws_lc_rs::rsa::{
 use aws_lc_rs::signature::{self, EcdsaKeyPair, Ed25519KeyPair, KeyPair as _};
 use aws_lc_rs::{hmac, rand};
 
-use crate::backend::{Backend, Capabilities, GeneratedKey, KeyContext, KeyRef, Sealed};
+use crate::backend::{
+    Backend, BackendReport, Capabilities, GeneratedKey, KeyContext, KeyRef, Sealed,
+};
 use crate::error::{Error, Result};
 use crate::key::{Algorithm, KeyType, SignatureFormat};
 use crate::public_key::PublicKey;
@@ -447,6 +449,23 @@ impl Backend for SoftwareBackend {
         let material = self.unseal(&key)?;
         let hkey = hmac::Key::new(hmac::HMAC_SHA256, material.expose());
         Ok(hmac::sign(&hkey, data).as_ref().to_vec())
+    }
+
+    fn report(&self) -> Result<BackendReport> {
+        Ok(BackendReport {
+            kind: "software".into(),
+            details: vec![(
+                "keys".into(),
+                "in their records, sealed with AES-256-GCM under the store's KEK".into(),
+            )],
+            objects: None,
+        })
+    }
+
+    fn destroy_object(&self, _locator: &str) -> Result<()> {
+        Err(Error::InvalidInput(
+            "software keys live only in their records: destroy them with `key destroy`".into(),
+        ))
     }
 
     fn destroy(&self, _key: KeyRef<'_>) -> Result<()> {

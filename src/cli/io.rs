@@ -4,7 +4,11 @@ use std::fs::File;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::Path;
 
-use keyhold::{Keystore, PassphraseSealer, MAX_ENVELOPE, MAX_INPUT};
+use std::sync::Arc;
+
+use keyhold::backend::pkcs11::Pkcs11Backend;
+use keyhold::config::BackendConfig;
+use keyhold::{Keystore, PassphraseSealer, Pkcs11Sealer, MAX_ENVELOPE, MAX_INPUT};
 use secrecy::SecretString;
 use zeroize::Zeroizing;
 
@@ -154,15 +158,36 @@ fn prompt(confirm: bool) -> Result<SecretString, Failure> {
     Ok(SecretString::from(first.as_str().to_owned()))
 }
 
-/// Opens and unseals the store named by the context.
+/// Opens and unseals the store named by the context, with the sealer the store was made with.
 pub fn open_keystore(ctx: &Context) -> Result<Keystore, Failure> {
-    // Look for the store before asking for a passphrase nobody can use.
-    if !ctx.store.join(keyhold::store::DB_FILE).is_file() {
-        return Err(keyhold::Error::StoreNotFound {
-            path: ctx.store.clone(),
+    // Look for the store (and its sealer) before asking for a passphrase nobody can use.
+    let sealed = keyhold::store::Store::open(&ctx.store)?
+        .meta()
+        .sealed_root
+        .clone();
+    match sealed.sealer.as_str() {
+        "pkcs11" => {
+            let name = Pkcs11Sealer::backend_of(&sealed)?;
+            let sealer = Pkcs11Sealer::new(Arc::new(pkcs11_backend(ctx, &name)?));
+            Ok(Keystore::open_with(&ctx.store, &sealer, &ctx.config)?)
         }
-        .into());
+        _ => {
+            let sealer = PassphraseSealer::new(passphrase(ctx, false)?);
+            Ok(Keystore::open_with(&ctx.store, &sealer, &ctx.config)?)
+        }
     }
-    let sealer = PassphraseSealer::new(passphrase(ctx, false)?);
-    Ok(Keystore::open(&ctx.store, &sealer)?)
+}
+
+/// The configured PKCS#11 backend `name`, for the `pkcs11` sealer.
+pub fn pkcs11_backend(ctx: &Context, name: &str) -> Result<Pkcs11Backend, Failure> {
+    match ctx.config.backends.get(name) {
+        Some(BackendConfig::Pkcs11(p)) => Ok(Pkcs11Backend::new(name, p)?),
+        Some(_) => Err(Failure::Cli(format!(
+            "backend `{name}` is not a PKCS#11 backend: the pkcs11 sealer needs one"
+        ))),
+        None => Err(Failure::Cli(format!(
+            "the store is sealed by the PKCS#11 backend `{name}`, which the configuration does \
+             not define: pass --config (or set KEYHOLD_CONFIG) with [backends.{name}]"
+        ))),
+    }
 }

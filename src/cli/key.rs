@@ -161,11 +161,12 @@ fn show(ctx: &Context, args: &KeyArg) -> CmdResult {
         ("type", info.spec.key_type().to_string()),
         ("purpose", info.spec.purpose().to_string()),
         ("algorithm", info.spec.algorithm().to_string()),
-        ("backend", info.backend.clone()),
+        ("backend", backend_text(&info, ks.sealer_kind())),
         ("locator", info.locator.clone()),
         ("state", info.state.to_string()),
         ("version", info.version.to_string()),
         ("created", utc(info.created_at)),
+        ("attributes", attributes_text(&info)),
     ];
     let mut out = String::new();
     for (field, value) in fields {
@@ -199,6 +200,28 @@ fn destroy(ctx: &Context, args: &KeyArg) -> CmdResult {
     }
 }
 
+/// `hsm`, or `software (sealed by passphrase)`, or `software (fallback for hsm, sealed by tpm)`.
+fn backend_text(info: &KeyInfo, sealer: &str) -> String {
+    if info.backend != "software" {
+        return info.backend.clone();
+    }
+    match info.attributes.get("fallback_for") {
+        Some(original) => format!("software (fallback for {original}, sealed by {sealer})"),
+        None => format!("software (sealed by {sealer})"),
+    }
+}
+
+fn attributes_text(info: &KeyInfo) -> String {
+    if info.attributes.is_empty() {
+        return "-".into();
+    }
+    info.attributes
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 fn info_json(info: &KeyInfo) -> serde_json::Value {
     serde_json::json!({
         "id": info.id,
@@ -213,6 +236,7 @@ fn info_json(info: &KeyInfo) -> serde_json::Value {
         "state": info.state.as_str(),
         "version": info.version,
         "created": utc(info.created_at),
+        "attributes": info.attributes,
     })
 }
 

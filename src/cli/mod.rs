@@ -1,5 +1,6 @@
 //! Argument parsing, dispatch, output and exit codes. One file per group of subcommands.
 
+mod doctor;
 mod io;
 mod key;
 mod ops;
@@ -28,6 +29,10 @@ pub struct Args {
         default_value = keyhold::DEFAULT_NAMESPACE
     )]
     namespace: String,
+
+    /// The backend configuration (TOML; see hsm-config/)
+    #[arg(long, global = true, value_name = "FILE", env = "KEYHOLD_CONFIG")]
+    config: Option<PathBuf>,
 
     /// Read the store's passphrase from the first line of FILE
     #[arg(long, global = true, value_name = "FILE")]
@@ -62,6 +67,8 @@ enum Command {
     MacVerify(ops::MacVerifyArgs),
     /// Print N random bytes as hex
     Random(ops::RandomArgs),
+    /// Check backends and tokens; find orphaned or missing key objects
+    Doctor(doctor::DoctorArgs),
 }
 
 /// Why a command failed, and so its exit code.
@@ -105,6 +112,7 @@ impl Failure {
             Self::Keyhold(E::Unseal { .. }) => 4,
             Self::Keyhold(E::NoSuchKey { .. }) => 5,
             Self::Keyhold(E::Integrity { .. }) => 6,
+            Self::Keyhold(E::BackendUnavailable { .. } | E::BackendLogin { .. }) => 7,
             _ => 1,
         }
     }
@@ -116,6 +124,7 @@ pub type CmdResult = Result<(), Failure>;
 /// Settings every command shares, resolved from the global options.
 pub struct Context {
     store: PathBuf,
+    config: keyhold::config::Config,
     namespace: String,
     passphrase_file: Option<PathBuf>,
     json: bool,
@@ -127,8 +136,13 @@ impl Context {
             Some(dir) => dir.clone(),
             None => default_store()?,
         };
+        let config = match &args.config {
+            Some(path) => keyhold::config::Config::load(path)?,
+            None => keyhold::config::Config::default(),
+        };
         Ok(Self {
             store,
+            config,
             namespace: args.namespace.clone(),
             passphrase_file: args.passphrase_file.clone(),
             json: args.json,
@@ -196,6 +210,7 @@ fn run(args: &Args) -> CmdResult {
         Command::Mac(a) => ops::mac(&ctx, a),
         Command::MacVerify(a) => ops::mac_verify(&ctx, a),
         Command::Random(a) => ops::random(&ctx, a),
+        Command::Doctor(a) => doctor::run(&ctx, a),
     }
 }
 

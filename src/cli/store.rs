@@ -1,15 +1,19 @@
 //! `keyhold init`.
 
 use clap::{Args, ValueEnum};
-use keyhold::{Argon2Params, Keystore, PassphraseSealer};
+use std::sync::Arc;
 
-use super::{io, CmdResult, Context};
+use keyhold::{Argon2Params, Keystore, PassphraseSealer, Pkcs11Sealer};
+
+use super::{io, CmdResult, Context, Failure};
 
 /// How the store's root secret is sealed.
 #[derive(Debug, Clone, Copy, ValueEnum)]
 pub enum SealerKind {
     /// Argon2id from a passphrase
     Passphrase,
+    /// A non-extractable AES key in a PKCS#11 token (needs --backend)
+    Pkcs11,
 }
 
 #[derive(Debug, Args)]
@@ -17,6 +21,10 @@ pub struct InitArgs {
     /// How to protect the store's root secret
     #[arg(long, value_enum)]
     sealer: SealerKind,
+
+    /// The configured backend that seals the store (for --sealer pkcs11)
+    #[arg(long, value_name = "NAME")]
+    backend: Option<String>,
 
     /// Argon2id memory in MiB (at least 8)
     #[arg(long, value_name = "MIB", default_value_t = Argon2Params::default().memory_mib)]
@@ -44,23 +52,39 @@ pub fn init(ctx: &Context, args: &InitArgs) -> CmdResult {
         }
         .into());
     }
-    let ks = match args.sealer {
-        SealerKind::Passphrase => {
+    let ks = match (args.sealer, &args.backend) {
+        (SealerKind::Passphrase, None) => {
             let sealer = PassphraseSealer::new(io::passphrase(ctx, true)?).with_params(params)?;
-            Keystore::create(&ctx.store, &sealer)?
+            Keystore::create_with(&ctx.store, &sealer, &ctx.config)?
+        }
+        (SealerKind::Pkcs11, Some(name)) => {
+            let sealer = Pkcs11Sealer::new(Arc::new(io::pkcs11_backend(ctx, name)?));
+            Keystore::create_with(&ctx.store, &sealer, &ctx.config)?
+        }
+        (SealerKind::Passphrase, Some(_)) => {
+            return Err(Failure::Cli(
+                "--backend goes with --sealer pkcs11, not with a passphrase".into(),
+            ))
+        }
+        (SealerKind::Pkcs11, None) => {
+            return Err(Failure::Cli(
+                "--sealer pkcs11 needs --backend NAME, a PKCS#11 backend of the configuration"
+                    .into(),
+            ))
         }
     };
     if ctx.json {
         io::print_json(&serde_json::json!({
             "store": ctx.store.display().to_string(),
             "store_id": ks.store_id(),
-            "sealer": "passphrase",
+            "sealer": ks.sealer_kind(),
         }))
     } else {
         io::print_line(&format!(
-            "initialised keyhold store {} (store id {}, sealer passphrase)",
+            "initialised keyhold store {} (store id {}, sealer {})",
             ctx.store.display(),
-            ks.store_id()
+            ks.store_id(),
+            ks.sealer_kind()
         ))
     }
 }

@@ -13,7 +13,7 @@ use aws_lc_rs::{constant_time, hkdf, hmac};
 
 use crate::backend::pkcs11::Pkcs11Backend;
 use crate::backend::software::SoftwareBackend;
-use crate::backend::{Backend, KeyContext, KeyRef, Sealed};
+use crate::backend::{Backend, BackendReport, Capabilities, KeyContext, KeyRef, Sealed};
 use crate::config::{BackendConfig, Config, Fallback};
 use crate::error::{Error, Result};
 use crate::key::{validate_name, Algorithm, KeySpec, KeyState, Purpose, SignatureFormat};
@@ -77,6 +77,40 @@ pub struct KeyInfo {
     /// What the backend reported about the key (`never_extractable`, …) and, for a software key
     /// made in place of a hardware backend's, `fallback_for`.
     pub attributes: BTreeMap<String, String>,
+}
+
+/// What `doctor` found: each backend's state, and where the store and the devices disagree.
+#[derive(Debug)]
+pub struct Doctor {
+    /// Every backend, `software` first.
+    pub backends: Vec<BackendHealth>,
+    /// Key objects on a device that no record names: left by a crash between generation and
+    /// recording, or made by another application. Remove them with [`Keystore::remove_orphan`].
+    pub orphans: Vec<Orphan>,
+    /// Records whose key object is not on its device (token re-initialised or objects deleted).
+    pub missing: Vec<KeyInfo>,
+}
+
+/// One backend as `doctor` sees it.
+#[derive(Debug)]
+pub struct BackendHealth {
+    /// The backend's name.
+    pub name: String,
+    /// Its report, or why there is none.
+    pub report: Result<BackendReport>,
+    /// What it can create, or why that is unknown.
+    pub capabilities: Result<Capabilities>,
+}
+
+/// A device object no record names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Orphan {
+    /// The backend holding it.
+    pub backend: String,
+    /// Its locator.
+    pub locator: String,
+    /// Its label on the device.
+    pub label: String,
 }
 
 /// An open, unsealed keystore. `Send + Sync`: share it between threads behind an `Arc`.
@@ -516,6 +550,96 @@ impl Keystore {
                 what,
             }),
         }
+    }
+
+    /// Checks every backend and compares the store's records with what the devices hold.
+    ///
+    /// # Errors
+    /// [`Error::Integrity`] if a record fails its MAC; backend failures are reported per backend.
+    pub fn doctor(&self) -> Result<Doctor> {
+        let records = self
+            .store
+            .keys(None)?
+            .into_iter()
+            .map(|r| self.verified(r))
+            .collect::<Result<Vec<_>>>()?;
+        let sealer_key = self.sealer_key_locator();
+        let mut doctor = Doctor {
+            backends: Vec::new(),
+            orphans: Vec::new(),
+            missing: Vec::new(),
+        };
+        for backend in &self.backends {
+            let name = backend.name();
+            let report = backend.report();
+            if let Ok(BackendReport {
+                objects: Some(objects),
+                ..
+            }) = &report
+            {
+                let recorded = |locator: &str| {
+                    records
+                        .iter()
+                        .any(|r| r.record.backend == name && r.record.locator == locator)
+                        || sealer_key
+                            .as_ref()
+                            .is_some_and(|(b, l)| b == name && l == locator)
+                };
+                for object in objects.iter().filter(|o| !recorded(&o.locator)) {
+                    doctor.orphans.push(Orphan {
+                        backend: name.to_owned(),
+                        locator: object.locator.clone(),
+                        label: object.label.clone(),
+                    });
+                }
+                for r in records.iter().filter(|r| r.record.backend == name) {
+                    if !objects.iter().any(|o| o.locator == r.record.locator) {
+                        doctor.missing.push(self.info(r)?);
+                    }
+                }
+            }
+            doctor.backends.push(BackendHealth {
+                name: name.to_owned(),
+                capabilities: backend.capabilities(),
+                report,
+            });
+        }
+        Ok(doctor)
+    }
+
+    /// The backend and locator of the token key sealing the root secret, if any.
+    fn sealer_key_locator(&self) -> Option<(String, String)> {
+        let sealed = &self.store.meta().sealed_root;
+        if sealed.sealer != "pkcs11" {
+            return None;
+        }
+        let backend = crate::sealer::Pkcs11Sealer::backend_of(sealed).ok()?;
+        let locator = crate::sealer::Pkcs11Sealer::locator_of(sealed).ok()?;
+        Some((backend, locator))
+    }
+
+    /// Destroys the device objects at `locator` in `backend`, which no record may name.
+    ///
+    /// # Errors
+    /// [`Error::InvalidInput`] if a record (or the sealer) uses that locator; backend errors.
+    pub fn remove_orphan(&self, backend: &str, locator: &str) -> Result<()> {
+        let used = self
+            .store
+            .keys(None)?
+            .into_iter()
+            .any(|r| r.backend == backend && r.locator == locator)
+            || self
+                .sealer_key_locator()
+                .is_some_and(|(b, l)| b == backend && l == locator);
+        if used {
+            return Err(Error::InvalidInput(format!(
+                "object {locator} in backend `{backend}` belongs to a key of this store: \
+                 it is not an orphan"
+            )));
+        }
+        self.backend(backend)?.destroy_object(locator)?;
+        tracing::info!(backend, locator, "removed an orphaned device object");
+        Ok(())
     }
 
     /// The info of the key `id`.

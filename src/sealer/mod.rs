@@ -6,6 +6,7 @@
 //! into the same trait.
 
 pub mod passphrase;
+pub mod pkcs11;
 
 use std::fmt;
 
@@ -13,6 +14,7 @@ use crate::error::{Error, Result};
 use crate::secret::SecretBytes;
 
 pub use passphrase::{Argon2Params, PassphraseSealer};
+pub use pkcs11::Pkcs11Sealer;
 
 /// The store's root secret: 32 random bytes, in a locked, zeroizing buffer.
 #[derive(Debug)]

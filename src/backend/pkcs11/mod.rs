@@ -18,13 +18,13 @@ use cryptoki::mechanism::aead::GcmParams;
 use cryptoki::mechanism::eddsa::{EddsaParams, EddsaSignatureScheme};
 use cryptoki::mechanism::rsa::{PkcsMgfType, PkcsOaepParams, PkcsOaepSource, PkcsPssParams};
 use cryptoki::mechanism::{Mechanism, MechanismType};
-use cryptoki::object::{
-    Attribute, AttributeType, KeyType as CkKeyType, ObjectClass, ObjectHandle,
-};
+use cryptoki::object::{Attribute, AttributeType, KeyType as CkKeyType, ObjectClass, ObjectHandle};
 use cryptoki::session::Session;
 
 use self::pool::{Disposition, Pool};
-use crate::backend::{Backend, Capabilities, GeneratedKey, KeyContext, KeyRef, Sealed};
+use crate::backend::{
+    Backend, BackendReport, Capabilities, DeviceObject, GeneratedKey, KeyContext, KeyRef, Sealed,
+};
 use crate::config::Pkcs11Config;
 use crate::der;
 use crate::error::{Error, Result};
@@ -38,6 +38,7 @@ const DEFAULT_MAX_SESSIONS: usize = 8;
 /// A PKCS#11 token as a keyhold backend.
 pub struct Pkcs11Backend {
     name: String,
+    module_path: std::path::PathBuf,
     pool: Pool,
     capabilities: OnceLock<Capabilities>,
     /// Object handles by (`CKA_ID`, class); valid for every session of this process.
@@ -99,6 +100,7 @@ impl Pkcs11Backend {
         let module = module::module(name, &config.module)?;
         Ok(Self {
             name: name.to_owned(),
+            module_path: config.module.clone(),
             pool: Pool::new(
                 name.to_owned(),
                 module,
@@ -161,29 +163,40 @@ impl Pkcs11Backend {
         })
     }
 
-    /// The handle of the object with `id` and `class`, from the cache or `C_FindObjects`.
+    /// The handle of the object with `id` and `class`, from the cache or `C_FindObjects`;
+    /// `None` when the token has no such object.
     fn find(
         &self,
         session: &Session,
         id: &[u8],
         class: ObjectClass,
-    ) -> std::result::Result<ObjectHandle, cryptoki::error::Error> {
+    ) -> std::result::Result<Option<ObjectHandle>, cryptoki::error::Error> {
         let key = (id.to_vec(), class_key(class));
         if let Some(&h) = self.handles().get(&key) {
-            return Ok(h);
+            return Ok(Some(h));
         }
         let found = session.find_objects(&[Attribute::Id(id.to_vec()), Attribute::Class(class)])?;
-        match found.first() {
-            Some(&h) => {
-                self.handles().insert(key, h);
-                Ok(h)
-            }
-            // No object: report it like a stale handle so that the caller's error names the key.
-            None => Err(cryptoki::error::Error::Pkcs11(
-                cryptoki::error::RvError::KeyHandleInvalid,
-                cryptoki::context::Function::FindObjects,
-            )),
+        if let Some(&h) = found.first() {
+            self.handles().insert(key, h);
         }
+        Ok(found.first().copied())
+    }
+
+    /// [`Self::find`] for an object that must exist: absence is reported as an invalid key handle
+    /// (the PKCS#11 error for using a key that is not there), and flagged in `absent`.
+    fn find_required(
+        &self,
+        session: &Session,
+        id: &[u8],
+        class: ObjectClass,
+        absent: &std::cell::Cell<bool>,
+    ) -> std::result::Result<ObjectHandle, cryptoki::error::Error> {
+        let found = self.find(session, id, class)?;
+        absent.set(found.is_none());
+        found.ok_or(cryptoki::error::Error::Pkcs11(
+            cryptoki::error::RvError::KeyHandleInvalid,
+            cryptoki::context::Function::FindObjects,
+        ))
     }
 
     fn with_key<T>(
@@ -194,25 +207,22 @@ impl Pkcs11Backend {
     ) -> Result<T> {
         let id = locator_bytes(key.locator)?;
         let class = secret_class(key.context.spec.algorithm());
-        self.run(operation, |me, session| {
-            let handle = me.find(session, &id, class)?;
+        // Set when the token has no object for the key (not merely a stale cached handle).
+        let absent = std::cell::Cell::new(false);
+        let result = self.run(operation, |me, session| {
+            let handle = me.find_required(session, &id, class, &absent)?;
             op(session, handle)
-        })
-        .map_err(|e| match e {
-            Error::Backend { source, .. }
-                if source.to_string().contains("KeyHandleInvalid")
-                    || source.to_string().contains("key handle") =>
-            {
-                Error::BackendUnavailable {
-                    backend: self.name.clone(),
-                    reason: format!(
-                        "the key object {} is not on the token (was the token re-initialised?)",
-                        key.locator
-                    ),
-                }
-            }
+        });
+        match result {
+            Err(Error::Backend { .. }) if absent.get() => Err(Error::BackendUnavailable {
+                backend: self.name.clone(),
+                reason: format!(
+                    "the key object {} is not on the token (was the token re-initialised?)",
+                    key.locator
+                ),
+            }),
             other => other,
-        })
+        }
     }
 
     fn compute_capabilities(&self) -> Result<Capabilities> {
@@ -474,7 +484,12 @@ impl Pkcs11Backend {
         let attrs = self.run(
             "read the public key (C_GetAttributeValue)",
             |me, session| {
-                let handle = me.find(session, id, ObjectClass::PUBLIC_KEY)?;
+                let handle = me.find_required(
+                    session,
+                    id,
+                    ObjectClass::PUBLIC_KEY,
+                    &std::cell::Cell::new(false),
+                )?;
                 session.get_attributes(
                     handle,
                     &[
@@ -766,6 +781,130 @@ impl Backend for Pkcs11Backend {
         self.with_key(&key, "mac (C_Sign, CKM_SHA256_HMAC)", |session, handle| {
             session.sign(&Mechanism::Sha256Hmac, handle, data)
         })
+    }
+
+    fn report(&self) -> Result<BackendReport> {
+        let module = self.pool.module();
+        let mut details = vec![("module".to_owned(), self.module_path.display().to_string())];
+        if let Ok(info) = module.get_library_info() {
+            details.push((
+                "library".into(),
+                format!(
+                    "{} ({}), PKCS#11 {}",
+                    info.library_description().trim_end(),
+                    info.manufacturer_id().trim_end(),
+                    info.cryptoki_version()
+                ),
+            ));
+        }
+        let slot = self.pool.slot()?;
+        let info = module
+            .get_token_info(slot)
+            .map_err(|e| errors::map(&self.name, "read token info (C_GetTokenInfo)", e))?;
+        details.push((
+            "token".into(),
+            format!(
+                "`{}` serial {} ({} {})",
+                info.label().trim_end(),
+                info.serial_number().trim_end(),
+                info.manufacturer_id().trim_end(),
+                info.model().trim_end()
+            ),
+        ));
+        let limit = |l: cryptoki::slot::Limit| match l {
+            cryptoki::slot::Limit::Max(n) => n.to_string(),
+            cryptoki::slot::Limit::Infinite => "unlimited".into(),
+            cryptoki::slot::Limit::Unavailable => "not reported".into(),
+        };
+        details.push((
+            "sessions".into(),
+            format!(
+                "token allows {}, keyhold opens at most {}",
+                limit(info.max_session_count()),
+                self.pool.effective_max(slot)
+            ),
+        ));
+        let mut pin = Vec::new();
+        for (flag, text) in [
+            (info.user_pin_initialized(), "initialised"),
+            (
+                info.user_pin_count_low(),
+                "COUNT_LOW (a wrong PIN was entered)",
+            ),
+            (
+                info.user_pin_final_try(),
+                "FINAL_TRY (one more wrong PIN locks it)",
+            ),
+            (info.user_pin_locked(), "LOCKED (unlock with the SO PIN)"),
+            (info.user_pin_to_be_changed(), "TO_BE_CHANGED"),
+        ] {
+            if flag {
+                pin.push(text);
+            }
+        }
+        details.push(("user PIN".into(), pin.join(", ")));
+        details.push((
+            "logins by this process".into(),
+            self.login_attempts().to_string(),
+        ));
+        let raw = self.run("list objects (C_FindObjects)", |_, session| {
+            let mut found = Vec::new();
+            for handle in session.find_objects(&[])? {
+                let attrs = session.get_attributes(
+                    handle,
+                    &[
+                        AttributeType::Id,
+                        AttributeType::Label,
+                        AttributeType::Class,
+                    ],
+                )?;
+                let (mut id, mut label, mut class) = (Vec::new(), String::new(), String::new());
+                for attr in attrs {
+                    match attr {
+                        Attribute::Id(v) => id = v,
+                        Attribute::Label(v) => label = String::from_utf8_lossy(&v).into_owned(),
+                        Attribute::Class(c) => {
+                            class = if c == ObjectClass::PRIVATE_KEY {
+                                "private key".into()
+                            } else if c == ObjectClass::PUBLIC_KEY {
+                                "public key".into()
+                            } else if c == ObjectClass::SECRET_KEY {
+                                "secret key".into()
+                            } else {
+                                format!("{c}")
+                            }
+                        }
+                        _ => {}
+                    }
+                }
+                found.push((crate::hex::encode(&id), label, class));
+            }
+            Ok(found)
+        })?;
+        let mut objects: Vec<DeviceObject> = Vec::new();
+        for (locator, label, kind) in raw {
+            match objects.iter_mut().find(|o| o.locator == locator) {
+                Some(o) => {
+                    o.kind.push_str(", ");
+                    o.kind.push_str(&kind);
+                }
+                None => objects.push(DeviceObject {
+                    locator,
+                    label,
+                    kind,
+                }),
+            }
+        }
+        objects.sort_by(|a, b| a.label.cmp(&b.label).then(a.locator.cmp(&b.locator)));
+        Ok(BackendReport {
+            kind: "pkcs11".into(),
+            details,
+            objects: Some(objects),
+        })
+    }
+
+    fn destroy_object(&self, locator: &str) -> Result<()> {
+        self.destroy_objects(&locator_bytes(locator)?)
     }
 
     fn destroy(&self, key: KeyRef<'_>) -> Result<()> {
