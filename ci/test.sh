@@ -92,8 +92,9 @@ command -v cargo >/dev/null 2>&1 || die "cargo not found: install a Rust toolcha
 step "system packages" install_apt_packages
 step "rust tools" install_rust_tools
 step "format" cargo fmt --all --check
-step "clippy" cargo clippy --all-targets -- -D warnings
-step "tests" cargo nextest run --all-targets --profile ci
-step "doctests" cargo test --doc
+step "clippy" cargo clippy --all-targets --all-features -- -D warnings
+# Benches are measurements (cargo bench), not tests: leave them out of the test run.
+step "tests" cargo nextest run --all-features --lib --bins --tests --profile ci
+step "doctests" cargo test --doc --all-features
 
 banner "all checks passed in $((SECONDS - started)) s"
