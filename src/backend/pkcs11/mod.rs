@@ -138,9 +138,14 @@ impl Pkcs11Backend {
                 Ok(value) => return Ok(value),
                 Err(e) => {
                     match pool::disposition(&e) {
-                        Disposition::NewSession => lease.discard(),
+                        // What killed this session (or the login) killed the idle ones too.
+                        Disposition::NewSession => {
+                            lease.discard();
+                            self.pool.close_idle();
+                        }
                         Disposition::Relogin => {
                             lease.discard();
+                            self.pool.close_idle();
                             self.pool.forget_login();
                         }
                         Disposition::StaleHandle => self.handles().clear(),
@@ -191,11 +196,26 @@ impl Pkcs11Backend {
         class: ObjectClass,
         absent: &std::cell::Cell<bool>,
     ) -> std::result::Result<ObjectHandle, cryptoki::error::Error> {
-        let found = self.find(session, id, class)?;
-        absent.set(found.is_none());
-        found.ok_or(cryptoki::error::Error::Pkcs11(
-            cryptoki::error::RvError::KeyHandleInvalid,
-            cryptoki::context::Function::FindObjects,
+        use cryptoki::context::Function;
+        use cryptoki::error::{Error as CkError, RvError};
+        use cryptoki::session::SessionState;
+        if let Some(handle) = self.find(session, id, class)? {
+            absent.set(false);
+            return Ok(handle);
+        }
+        // Private objects are invisible to a session that is no longer logged in (someone called
+        // C_Logout): that is a lost login, to recover from, not a missing key.
+        let state = session.get_session_info()?.session_state();
+        if !matches!(state, SessionState::RoUser | SessionState::RwUser) {
+            return Err(CkError::Pkcs11(
+                RvError::UserNotLoggedIn,
+                Function::FindObjects,
+            ));
+        }
+        absent.set(true);
+        Err(CkError::Pkcs11(
+            RvError::KeyHandleInvalid,
+            Function::FindObjects,
         ))
     }
 

@@ -324,6 +324,17 @@ impl Pool {
         self.lock().logged_in = false;
     }
 
+    /// Closes every idle session (after one turned out dead, the others likely are too).
+    pub(super) fn close_idle(&self) {
+        let idle = {
+            let mut state = self.lock();
+            state.open = state.open.saturating_sub(state.idle.len());
+            std::mem::take(&mut state.idle)
+        };
+        drop(idle);
+        self.available.notify_all();
+    }
+
     /// The token went away: forget the slot, the login and every session.
     pub(super) fn device_gone(&self) {
         let idle = {
