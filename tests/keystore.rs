@@ -391,3 +391,26 @@ fn duplicate_names_and_bad_names_are_refused() {
     let err = t.ks.create_key(&unknown).unwrap_err();
     assert!(err.to_string().contains("no backend named `hsm`"), "{err}");
 }
+
+#[test]
+fn a_key_destroyed_by_another_process_is_gone_here_too() {
+    // Two keystores on one store are two SQLite connections, as two processes would have.
+    let t = TestStore::new();
+    let key = t.create("shared", KeyType::Ed25519, None);
+    let other = t.reopen().unwrap();
+    // Both have used (and so resolved and cached) the key.
+    t.ks.sign(&key.id, b"m", SignatureFormat::Der).unwrap();
+    other.sign(&key.id, b"m", SignatureFormat::Der).unwrap();
+    other.destroy_key(&key.id).unwrap();
+    let err = t.ks.sign(&key.id, b"m", SignatureFormat::Der).unwrap_err();
+    assert!(matches!(err, Error::NoSuchKey { .. }), "{err}");
+    // And a record changed behind both keystores' backs is re-verified, not served from a cache.
+    let kept = t.create("kept", KeyType::Ed25519, None);
+    t.ks.sign(&kept.id, b"m", SignatureFormat::Der).unwrap();
+    tamper(
+        &t,
+        "UPDATE keys SET created_at = created_at + 1 WHERE name = 'kept'",
+    );
+    let err = t.ks.sign(&kept.id, b"m", SignatureFormat::Der).unwrap_err();
+    assert!(matches!(err, Error::Integrity { .. }), "{err}");
+}

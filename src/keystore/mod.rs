@@ -6,7 +6,7 @@ mod key_id;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use aws_lc_rs::{constant_time, hkdf, hmac};
@@ -123,7 +123,23 @@ pub struct Keystore {
     backends: Vec<Arc<dyn Backend>>,
     fallbacks: HashMap<String, Fallback>,
     sealer_kind: String,
+    cache: Mutex<ResolvedCache>,
 }
+
+/// Keys resolved from their IDs, kept while nobody else has written to the store.
+///
+/// Resolving an ID means an HMAC over the ID, a database read and an HMAC over the record: more
+/// than a token's signature costs. A record is cached only after both MACs verified, and the
+/// whole cache is dropped when another process commits to the database (SQLite's
+/// `data_version`) or this keystore writes to it. Cached records hold no key material in clear.
+#[derive(Debug, Default)]
+struct ResolvedCache {
+    data_version: i64,
+    by_id: HashMap<String, Arc<Resolved>>,
+}
+
+/// The most IDs kept resolved; past it the cache starts over.
+const CACHE_LIMIT: usize = 4096;
 
 /// Keys derived from the root secret, each for one job (HKDF-SHA256, salt = store ID).
 struct DerivedKeys {
@@ -190,6 +206,7 @@ pub fn random_bytes(n: usize) -> Result<Vec<u8>> {
 }
 
 /// A resolved key: its verified record and parsed spec.
+#[derive(Debug)]
 struct Resolved {
     record: KeyRecord,
     spec: KeySpec,
@@ -285,6 +302,7 @@ impl Keystore {
             store_id,
             backends,
             fallbacks: configured.fallbacks,
+            cache: Mutex::new(ResolvedCache::default()),
         })
     }
 
@@ -384,8 +402,43 @@ impl Keystore {
         Ok(Resolved { record, spec })
     }
 
-    /// Authenticates `id` and loads its key's verified record.
-    fn resolve(&self, id: &str) -> Result<Resolved> {
+    fn cache(&self) -> std::sync::MutexGuard<'_, ResolvedCache> {
+        self.cache
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Forgets every resolved key (after this keystore changed the store).
+    fn invalidate(&self) {
+        self.cache().by_id.clear();
+    }
+
+    /// Authenticates `id` and loads its key's verified record, from the cache when the store has
+    /// not changed since.
+    fn resolve(&self, id: &str) -> Result<Arc<Resolved>> {
+        let version = self.store.data_version()?;
+        {
+            let mut cache = self.cache();
+            if cache.data_version != version {
+                cache.by_id.clear();
+                cache.data_version = version;
+            }
+            if let Some(hit) = cache.by_id.get(id) {
+                return Ok(Arc::clone(hit));
+            }
+        }
+        let resolved = Arc::new(self.resolve_uncached(id)?);
+        let mut cache = self.cache();
+        if cache.data_version == version {
+            if cache.by_id.len() >= CACHE_LIMIT {
+                cache.by_id.clear();
+            }
+            cache.by_id.insert(id.to_owned(), Arc::clone(&resolved));
+        }
+        Ok(resolved)
+    }
+
+    fn resolve_uncached(&self, id: &str) -> Result<Resolved> {
         let fields = self.ids.decode(id)?;
         let record = self
             .store
@@ -492,7 +545,9 @@ impl Keystore {
             mac: Vec::new(),
         };
         self.seal_record(&mut record);
-        if let Err(e) = self.store.insert_key(&record) {
+        let inserted = self.store.insert_key(&record);
+        self.invalidate();
+        if let Err(e) = inserted {
             // Never leave a key in the backend that no record points to.
             let key = KeyRef {
                 context,
@@ -836,7 +891,9 @@ impl Keystore {
             locator: &resolved.record.locator,
             blob: resolved.record.blob.as_deref(),
         })?;
-        self.store.delete_key(&resolved.record.uuid)?;
+        let deleted = self.store.delete_key(&resolved.record.uuid);
+        self.invalidate();
+        deleted?;
         tracing::info!(namespace = %info.namespace, name = %info.name, "destroyed key");
         Ok(info)
     }

@@ -176,6 +176,17 @@ impl Store {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
+    /// SQLite's `data_version`: changes whenever another connection (another process) commits a
+    /// change to the database. Lets the keystore keep verified records cached safely.
+    ///
+    /// # Errors
+    /// Storage errors.
+    pub fn data_version(&self) -> Result<i64> {
+        self.conn()
+            .pragma_query_value(None, "data_version", |r| r.get(0))
+            .map_err(|e| Error::storage("read the database's data version", e))
+    }
+
     /// Adds a key record.
     ///
     /// # Errors
