@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # keyhold end to end, for a person to watch: build, create a store, make one key of every type, use
-# each of them, check the results with OpenSSL, and show that a tampered key ID is refused.
+# each of them, check the results with OpenSSL, show that a tampered key ID is refused, then make and
+# use a key inside a PKCS#11 token (SoftHSM2) and see what the token cannot do.
 #
 #   bash ci/demo.sh
 #
 # Everything happens in a temp dir that is deleted on exit. Every step says what it does and checks
 # the outcome it expects; the first unexpected outcome stops the demo with a non-zero exit.
-# Needs: a Rust toolchain, openssl (ci/test.sh installs the rest of what keyhold's tests need).
+# Needs: a Rust toolchain, openssl, softhsm2 and opensc (pkcs11-tool) (ci/test.sh installs the rest
+# of what keyhold's tests need). The SoftHSM2 token is private to the temp dir; the PINs are demo PINs.
 # KEYHOLD_DEMO_BIN=/path/to/keyhold runs the demo on that binary instead of building one.
 set -euo pipefail
 
@@ -44,13 +46,21 @@ show() {
     line+=" $arg"
   done
   line=${line//" $KEYHOLD --store $STORE"/" keyhold"}
+  line=${line//" $REPO/"/" "}
   printf '  $%s\n' "$line" >&3
 }
 run() {
   show "$@"
   "$@"
 }
-kh() { run "$KEYHOLD" --store "$STORE" "$@"; }
+# keyhold on the demo's store; with KH_CONFIG set, also with that backend configuration (--config).
+kh() {
+  if [ -n "${KH_CONFIG:-}" ]; then
+    run "$KEYHOLD" --store "$STORE" --config "$KH_CONFIG" "$@"
+  else
+    run "$KEYHOLD" --store "$STORE" "$@"
+  fi
+}
 
 # expect_refusal CODE TEXT COMMAND...: the command must exit with CODE and say TEXT on stderr.
 expect_refusal() {
@@ -288,8 +298,128 @@ demo_tampered_id() {
 }
 
 # --- hardware backends ------------------------------------------------------------------------
-# Come with their issues: a SoftHSM2 token (hsm-config/softhsm2-token.sh) for the PKCS#11 backend,
-# a swtpm (tpm/swtpm-start.sh) for the TPM 2.0 backend, each a section like the ones above.
+# The PKCS#11 backend on a SoftHSM2 token, below. The TPM 2.0 backend (a swtpm, tpm/swtpm-start.sh)
+# comes with its issue, as a section like this one.
+
+readonly SOFTHSM_MODULE=/usr/lib/softhsm/libsofthsm2.so
+
+# expect_lines TEXT PATTERN...: TEXT (a command's output) must have a line matching each extended
+# regular expression PATTERN.
+expect_lines() {
+  local text=$1 pattern
+  shift
+  for pattern in "$@"; do
+    grep -qE -- "$pattern" <<<"$text" || die "expected a line matching '$pattern'"
+  done
+  ok "$# expected lines"
+}
+
+# The token's objects, as pkcs11-tool lists them (logged in, so private objects are listed too).
+token_objects() {
+  run pkcs11-tool --module "$SOFTHSM_MODULE" --token-label "$HSM_LABEL" --login --pin "$HSM_PIN" \
+    --list-objects 2>/dev/null
+}
+
+demo_softhsm() {
+  section "A PKCS#11 token (SoftHSM2): keys made and used inside it"
+  local tool
+  for tool in softhsm2-util pkcs11-tool; do
+    command -v "$tool" >/dev/null 2>&1 ||
+      die "$tool not found: apt-get install softhsm2 opensc (ci/test.sh installs them)"
+  done
+  [ -e "$SOFTHSM_MODULE" ] || die "no SoftHSM2 module at $SOFTHSM_MODULE"
+
+  step "a private token under the demo's temp dir (DEMO PINs: never use known PINs for real keys)"
+  # The label is the one hsm-config/softhsm2.toml selects, so the sample is used unchanged.
+  HSM_LABEL=keyhold
+  HSM_PIN=1234
+  export SOFTHSM2_TOKEN_LABEL=$HSM_LABEL SOFTHSM2_TOKEN_PIN=$HSM_PIN SOFTHSM2_TOKEN_SO_PIN=5678
+  echo "  \$ export SOFTHSM2_TOKEN_LABEL=$HSM_LABEL SOFTHSM2_TOKEN_PIN=$HSM_PIN SOFTHSM2_TOKEN_SO_PIN=5678"
+  local export_line
+  export_line=$(run "$REPO/hsm-config/softhsm2-token.sh" "$WORK/hsm" 2>hsm-init.txt) || {
+    sed 's/^/    stderr: /' hsm-init.txt
+    die "softhsm2-token.sh failed"
+  }
+  sed 's/^/    /' hsm-init.txt
+  printf '    %s\n' "$export_line"
+  [[ $export_line == "export SOFTHSM2_CONF="* ]] || die "softhsm2-token.sh printed no export line"
+  eval "$export_line"
+  { [ "$SOFTHSM2_CONF" = "$WORK/hsm/softhsm2.conf" ] && [ -f "$SOFTHSM2_CONF" ]; } ||
+    die "SOFTHSM2_CONF is not the token dir's softhsm2.conf: $SOFTHSM2_CONF"
+  ok "SOFTHSM2_CONF=$SOFTHSM2_CONF"
+  local slots
+  slots=$(run softhsm2-util --show-slots 2>/dev/null) || die "softhsm2-util --show-slots failed"
+  grep -qE "^[[:space:]]*Label:[[:space:]]+${HSM_LABEL}[[:space:]]*$" <<<"$slots" ||
+    die "no token labelled $HSM_LABEL in softhsm2-util --show-slots"
+  ok "token $HSM_LABEL initialised, in a slot of SoftHSM's choosing"
+
+  step "keyhold's configuration for it: hsm-config/softhsm2.toml as it is (its settings, comments left out)"
+  run cp "$REPO/hsm-config/softhsm2.toml" hsm.toml
+  grep -Ev '^[[:space:]]*(#|$)' hsm.toml | sed 's/^/    /'
+  grep -qx 'pin_env = "KEYHOLD_HSM_PIN"' hsm.toml || die "hsm.toml does not take the PIN from KEYHOLD_HSM_PIN"
+  grep -qx "token_label = \"$HSM_LABEL\"" hsm.toml || die "hsm.toml does not select the token $HSM_LABEL"
+  ok "backend hsm: token $HSM_LABEL, PIN from \$KEYHOLD_HSM_PIN"
+  export KEYHOLD_HSM_PIN=$HSM_PIN
+  echo "  \$ export KEYHOLD_HSM_PIN=$HSM_PIN"
+  KH_CONFIG=hsm.toml
+
+  step "an ECDSA P-256 key generated inside the token (--backend hsm)"
+  create_key hsm-p256 --type ecdsa-p256 --backend hsm
+  local details locator
+  details=$(kh key show --key "${ID[hsm-p256]}")
+  printf '%s\n' "$details" | sed 's/^/    /'
+  expect_lines "$details" '^backend: hsm$' '^attributes: .*always_sensitive=true' \
+    '^attributes: .*never_extractable=true'
+  locator=$(sed -n 's/^locator: //p' <<<"$details")
+  [[ $locator =~ ^[0-9a-f]{32}$ ]] || die "expected a 32-hex-digit locator (the object's CKA_ID), got '$locator'"
+
+  sign_and_verify hsm-p256 openssl_dgst -sha256
+
+  step "the token's objects, listed by OpenSC's pkcs11-tool: labelled namespace/name, CKA_ID = the locator"
+  local objects
+  objects=$(token_objects) || die "pkcs11-tool --list-objects failed"
+  printf '%s\n' "$objects" | sed 's/^/    /'
+  expect_lines "$objects" '^Private Key Object; EC' '^Public Key Object; EC' \
+    '^[[:space:]]+label:[[:space:]]+default/hsm-p256$' "^[[:space:]]+ID:[[:space:]]+$locator$" \
+    '^[[:space:]]+Access:.*never extractable'
+  [ "$(grep -cE '^[[:space:]]+label:' <<<"$objects")" -eq 2 ] ||
+    die "expected 2 objects on the token (the key pair), got $(grep -cE '^[[:space:]]+label:' <<<"$objects")"
+  ok "the key pair, and nothing else, is on the token"
+
+  step "keyhold doctor: backends, token, key types, session limit, PIN flags, orphaned objects"
+  local report
+  report=$(kh doctor) || die "keyhold doctor failed"
+  printf '%s\n' "$report" | sed 's/^/    /'
+  expect_lines "$report" '^backend hsm$' "token: .*$HSM_LABEL" 'key types: .*ecdsa-p256/sign' \
+    'rsa-2048/decrypt .*OAEP' 'orphaned objects: 0'
+
+  step "an RSA decryption key on this token is refused: SoftHSM 2.6 does RSA-OAEP with SHA-1 only"
+  expect_refusal 1 "OAEP" kh key create hsm-rsa-decrypt --type rsa-2048 --purpose decrypt --backend hsm
+  local list
+  list=$(kh key list) || die "key list failed"
+  ! grep -qE '^hsm-rsa-decrypt[[:space:]]' <<<"$list" || die "the refused key is in the store"
+  ok "no key was created"
+
+  step "the same with fallback = \"software\": the key is made in software, and says so"
+  local edit='s/^#fallback = "refuse"$/fallback = "software"/'
+  printf "  \$ sed '%s' hsm.toml >hsm-fallback.toml\n" "$edit"
+  sed "$edit" hsm.toml >hsm-fallback.toml
+  grep -qx 'fallback = "software"' hsm-fallback.toml || die "hsm-fallback.toml has no fallback = \"software\""
+  ok "hsm-fallback.toml: hsm.toml with fallback = \"software\""
+  KH_CONFIG=hsm-fallback.toml
+  create_key hsm-rsa-decrypt --type rsa-2048 --purpose decrypt --backend hsm
+  details=$(kh key show --key "${ID[hsm-rsa-decrypt]}")
+  printf '%s\n' "$details" | sed 's/^/    /'
+  expect_lines "$details" '^backend: software.*fallback.*hsm' '^algorithm: rsa-oaep-sha256$'
+  printf 'the launch code is 0000\n' >secret.txt
+  kh encrypt --key "${ID[hsm-rsa-decrypt]}" --in secret.txt --out secret.fallback.khe
+  kh decrypt --key "${ID[hsm-rsa-decrypt]}" --in secret.fallback.khe --out secret.fallback.out
+  same_file secret.txt secret.fallback.out
+  objects=$(token_objects) || die "pkcs11-tool --list-objects failed"
+  [ "$(grep -cE '^[[:space:]]+label:' <<<"$objects")" -eq 2 ] || die "the fallback key is on the token"
+  ok "the token still holds only the P-256 key pair"
+  KH_CONFIG=
+}
 
 # --- main -------------------------------------------------------------------------------------
 
@@ -301,6 +431,7 @@ on_exit() {
   fi
 }
 
+REPO=$(pwd)
 WORK=$(mktemp -d -t keyhold-demo.XXXXXX)
 trap on_exit EXIT
 STORE=$WORK/store
@@ -313,5 +444,6 @@ demo_encryption
 demo_mac
 demo_random
 demo_tampered_id
+demo_softhsm
 
 printf '\n=== demo complete: %d checks passed ===\n' "$checks"

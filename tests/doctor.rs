@@ -154,3 +154,135 @@ fn pkcs11_sealer_seals_the_root_secret_in_the_token() {
         "{err}"
     );
 }
+
+#[test]
+fn a_backend_that_cannot_be_set_up_leaves_software_keys_working() {
+    let hsm = SoftHsm::new().unwrap();
+    let mut config = hsm.config("hsm");
+    let keyhold::config::BackendConfig::Pkcs11(p) = config.backends.get_mut("hsm").unwrap() else {
+        unreachable!("the fixture makes a pkcs11 backend")
+    };
+    p.module = "/nonexistent/libnothing.so".into();
+    let dir = tempfile::tempdir().unwrap();
+    let ks = Keystore::create_with(&dir.path().join("s"), &passphrase(), &config).unwrap();
+    let sw = ks
+        .create_key(&KeyRequest {
+            backend: None,
+            ..request("sw", KeyType::HmacSha256)
+        })
+        .unwrap();
+    ks.mac(&sw.id, b"still works").unwrap();
+    let err = ks
+        .create_key(&request("hw", KeyType::EcdsaP256))
+        .unwrap_err();
+    assert!(matches!(err, Error::BackendUnavailable { .. }), "{err}");
+    assert!(err.to_string().contains("libnothing.so"), "{err}");
+    let doctor = ks.doctor().unwrap();
+    let hsm_health = doctor.backends.iter().find(|b| b.name == "hsm").unwrap();
+    let report_err = hsm_health.report.as_ref().unwrap_err().to_string();
+    assert!(
+        report_err.contains("cannot load the PKCS#11 module"),
+        "{report_err}"
+    );
+}
+
+#[test]
+fn token_keys_have_exactly_one_usage() {
+    use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
+    use cryptoki::object::{Attribute, AttributeType};
+    use cryptoki::session::UserType;
+
+    let f = fixture();
+    let signer =
+        f.ks.create_key(&request("signer", KeyType::EcdsaP256))
+            .unwrap();
+    let aes =
+        f.ks.create_key(&request("aes", KeyType::Aes256Gcm))
+            .unwrap();
+    let mac =
+        f.ks.create_key(&request("mac", KeyType::HmacSha256))
+            .unwrap();
+
+    let raw = Pkcs11::new(keyhold::testing::SOFTHSM_MODULE).unwrap();
+    let _ = raw.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK));
+    let slot = raw
+        .get_slots_with_token()
+        .unwrap()
+        .into_iter()
+        .find(|&s| raw.get_token_info(s).unwrap().label().trim_end() == f.hsm.label())
+        .unwrap();
+    let session = raw.open_ro_session(slot).unwrap();
+    match session.login(
+        UserType::User,
+        Some(&SecretString::from(
+            keyhold::testing::TEST_USER_PIN.to_owned(),
+        )),
+    ) {
+        Ok(())
+        | Err(cryptoki::error::Error::Pkcs11(cryptoki::error::RvError::UserAlreadyLoggedIn, _)) => {
+        }
+        Err(e) => panic!("C_Login: {e}"),
+    }
+    let usages = |label: &str| -> Vec<(String, bool)> {
+        let mut out = Vec::new();
+        for handle in session
+            .find_objects(&[Attribute::Label(label.as_bytes().to_vec())])
+            .unwrap()
+        {
+            for attr in session
+                .get_attributes(
+                    handle,
+                    &[
+                        AttributeType::Sign,
+                        AttributeType::Verify,
+                        AttributeType::Encrypt,
+                        AttributeType::Decrypt,
+                        AttributeType::Wrap,
+                        AttributeType::Unwrap,
+                        AttributeType::Derive,
+                    ],
+                )
+                .unwrap()
+            {
+                let (name, on) = match attr {
+                    Attribute::Sign(v) => ("sign", v),
+                    Attribute::Verify(v) => ("verify", v),
+                    Attribute::Encrypt(v) => ("encrypt", v),
+                    Attribute::Decrypt(v) => ("decrypt", v),
+                    Attribute::Wrap(v) => ("wrap", v),
+                    Attribute::Unwrap(v) => ("unwrap", v),
+                    Attribute::Derive(v) => ("derive", v),
+                    _ => continue,
+                };
+                if on {
+                    out.push((name.to_owned(), on));
+                }
+            }
+        }
+        out.sort();
+        out
+    };
+    let on = |v: &[&str]| -> Vec<(String, bool)> {
+        let mut v: Vec<_> = v.iter().map(|s| (s.to_string(), true)).collect();
+        v.sort();
+        v
+    };
+    assert_eq!(
+        usages("default/signer"),
+        on(&["sign", "verify"]),
+        "{}",
+        signer.locator
+    );
+    assert_eq!(
+        usages("default/aes"),
+        on(&["decrypt", "encrypt"]),
+        "{}",
+        aes.locator
+    );
+    assert_eq!(
+        usages("default/mac"),
+        on(&["sign", "verify"]),
+        "{}",
+        mac.locator
+    );
+}

@@ -232,7 +232,8 @@ impl Keystore {
     /// Creates a store in `dir` with the backends of `config`.
     ///
     /// # Errors
-    /// As [`Self::create`]; [`Error::Config`] and [`Error::BackendUnavailable`] for backends.
+    /// As [`Self::create`]. A configured backend that cannot be set up does not stop the store
+    /// from being created: using it reports why ([`Error::BackendUnavailable`]).
     pub fn create_with(dir: &Path, sealer: &dyn Sealer, config: &Config) -> Result<Self> {
         harden_process();
         if dir.join(crate::store::DB_FILE).exists() {
@@ -269,7 +270,9 @@ impl Keystore {
     /// Opens the store in `dir` with the backends of `config`.
     ///
     /// # Errors
-    /// As [`Self::open`]; [`Error::Config`] and [`Error::BackendUnavailable`] for backends.
+    /// As [`Self::open`]. A configured backend that cannot be set up does not stop the store from
+    /// opening: its keys report why they cannot be used ([`Error::BackendUnavailable`]), and
+    /// [`Self::doctor`] shows it.
     pub fn open_with(dir: &Path, sealer: &dyn Sealer, config: &Config) -> Result<Self> {
         harden_process();
         let store = Store::open(dir)?;
@@ -913,12 +916,75 @@ fn build_backends(config: &Config) -> Result<Configured> {
     for (name, backend) in &config.backends {
         match backend {
             BackendConfig::Pkcs11(p) => {
-                configured
-                    .backends
-                    .push(Arc::new(Pkcs11Backend::new(name, p)?));
+                // A backend that cannot be set up (module missing, PIN source unset) must not take
+                // the software keys down with it: its keys report why they cannot be used, and
+                // `doctor` shows it.
+                let built: Arc<dyn Backend> = match Pkcs11Backend::new(name, p) {
+                    Ok(b) => Arc::new(b),
+                    Err(e) => {
+                        tracing::warn!(backend = %name, "backend unavailable: {e}");
+                        Arc::new(Unavailable {
+                            name: name.clone(),
+                            reason: e.to_string(),
+                        })
+                    }
+                };
+                configured.backends.push(built);
                 configured.fallbacks.insert(name.clone(), p.fallback);
             }
         }
     }
     Ok(configured)
+}
+
+/// A configured backend that could not be set up; every use reports why.
+#[derive(Debug)]
+struct Unavailable {
+    name: String,
+    reason: String,
+}
+
+impl Unavailable {
+    fn error(&self) -> Error {
+        Error::BackendUnavailable {
+            backend: self.name.clone(),
+            reason: self.reason.clone(),
+        }
+    }
+}
+
+impl Backend for Unavailable {
+    fn name(&self) -> &str {
+        &self.name
+    }
+    fn capabilities(&self) -> Result<Capabilities> {
+        Err(self.error())
+    }
+    fn generate(&self, _: KeyContext<'_>) -> Result<crate::backend::GeneratedKey> {
+        Err(self.error())
+    }
+    fn public_key(&self, _: KeyRef<'_>) -> Result<PublicKey> {
+        Err(self.error())
+    }
+    fn sign(&self, _: KeyRef<'_>, _: &[u8], _: SignatureFormat) -> Result<Vec<u8>> {
+        Err(self.error())
+    }
+    fn encrypt(&self, _: KeyRef<'_>, _: &[u8], _: &[u8]) -> Result<Sealed> {
+        Err(self.error())
+    }
+    fn decrypt(&self, _: KeyRef<'_>, _: &Sealed, _: &[u8]) -> Result<SecretBytes> {
+        Err(self.error())
+    }
+    fn mac(&self, _: KeyRef<'_>, _: &[u8]) -> Result<Vec<u8>> {
+        Err(self.error())
+    }
+    fn report(&self) -> Result<BackendReport> {
+        Err(self.error())
+    }
+    fn destroy_object(&self, _: &str) -> Result<()> {
+        Err(self.error())
+    }
+    fn destroy(&self, _: KeyRef<'_>) -> Result<()> {
+        Err(self.error())
+    }
 }

@@ -377,24 +377,38 @@ impl Pkcs11Backend {
     fn generate_objects(&self, context: &KeyContext<'_>, id: &[u8]) -> Result<Made> {
         let spec = context.spec;
         let label = context.label.as_bytes().to_vec();
-        let common_private = |usage: Attribute| {
-            vec![
+        let purpose = spec.purpose();
+        // Every usage is set explicitly, false unless it is the key's one purpose: tokens' defaults
+        // (SoftHSM gives a new private key decrypt, sign and unwrap) must not add a second one.
+        let secret_usages = [
+            Attribute::Sign(matches!(purpose, Purpose::Sign | Purpose::Mac)),
+            Attribute::Decrypt(matches!(purpose, Purpose::Decrypt | Purpose::Encrypt)),
+            Attribute::Unwrap(false),
+            Attribute::Derive(false),
+        ];
+        let common_private = |mut extra: Vec<Attribute>| {
+            let mut attrs = vec![
                 Attribute::Token(true),
                 Attribute::Private(true),
                 Attribute::Sensitive(true),
                 Attribute::Extractable(false),
                 Attribute::Id(id.to_vec()),
                 Attribute::Label(label.clone()),
-                usage,
-            ]
+            ];
+            attrs.extend(secret_usages.iter().cloned());
+            attrs.append(&mut extra);
+            attrs
         };
-        let common_public = |usage: Attribute, extra: Vec<Attribute>| {
+        let common_public = |extra: Vec<Attribute>| {
             let mut attrs = vec![
                 Attribute::Token(true),
                 Attribute::Private(false),
                 Attribute::Id(id.to_vec()),
                 Attribute::Label(label.clone()),
-                usage,
+                Attribute::Verify(purpose == Purpose::Sign),
+                Attribute::Encrypt(purpose == Purpose::Decrypt),
+                Attribute::Wrap(false),
+                Attribute::Derive(false),
             ];
             attrs.extend(extra);
             attrs
@@ -410,53 +424,37 @@ impl Pkcs11Backend {
                     };
                     let (_, private) = session.generate_key_pair(
                         &mechanism,
-                        &common_public(
-                            Attribute::Verify(true),
-                            vec![Attribute::EcParams(oid.to_vec())],
-                        ),
-                        &common_private(Attribute::Sign(true)),
+                        &common_public(vec![Attribute::EcParams(oid.to_vec())]),
+                        &common_private(Vec::new()),
                     )?;
                     Ok(private)
                 }
                 Algorithm::RsaPssSha256 | Algorithm::RsaPkcs1Sha256 | Algorithm::RsaOaepSha256 => {
                     let bits = spec.key_type().rsa_bits().unwrap_or(2048) as u64;
-                    let (public_usage, private_usage) = if spec.purpose() == Purpose::Decrypt {
-                        (Attribute::Encrypt(true), Attribute::Decrypt(true))
-                    } else {
-                        (Attribute::Verify(true), Attribute::Sign(true))
-                    };
                     let (_, private) = session.generate_key_pair(
                         &Mechanism::RsaPkcsKeyPairGen,
-                        &common_public(
-                            public_usage,
-                            vec![
-                                Attribute::ModulusBits(bits.into()),
-                                Attribute::PublicExponent(vec![1, 0, 1]),
-                            ],
-                        ),
-                        &common_private(private_usage),
+                        &common_public(vec![
+                            Attribute::ModulusBits(bits.into()),
+                            Attribute::PublicExponent(vec![1, 0, 1]),
+                        ]),
+                        &common_private(Vec::new()),
                     )?;
                     Ok(private)
                 }
                 Algorithm::Aes256Gcm | Algorithm::HmacSha256 => {
-                    let (mechanism, key_type, usages) = if spec.algorithm() == Algorithm::Aes256Gcm
-                    {
-                        (
-                            Mechanism::AesKeyGen,
-                            CkKeyType::AES,
-                            [Attribute::Encrypt(true), Attribute::Decrypt(true)],
-                        )
+                    let (mechanism, key_type) = if spec.algorithm() == Algorithm::Aes256Gcm {
+                        (Mechanism::AesKeyGen, CkKeyType::AES)
                     } else {
-                        (
-                            Mechanism::GenericSecretKeyGen,
-                            CkKeyType::GENERIC_SECRET,
-                            [Attribute::Sign(true), Attribute::Verify(true)],
-                        )
+                        (Mechanism::GenericSecretKeyGen, CkKeyType::GENERIC_SECRET)
                     };
-                    let mut attrs = common_private(Attribute::Class(ObjectClass::SECRET_KEY));
-                    attrs.push(Attribute::KeyType(key_type));
-                    attrs.push(Attribute::ValueLen(32.into()));
-                    attrs.extend(usages);
+                    let attrs = common_private(vec![
+                        Attribute::Class(ObjectClass::SECRET_KEY),
+                        Attribute::KeyType(key_type),
+                        Attribute::ValueLen(32.into()),
+                        Attribute::Verify(purpose == Purpose::Mac),
+                        Attribute::Encrypt(purpose == Purpose::Encrypt),
+                        Attribute::Wrap(false),
+                    ]);
                     session.generate_key(&mechanism, &attrs)
                 }
             },
@@ -863,10 +861,6 @@ impl Backend for Pkcs11Backend {
             }
         }
         details.push(("user PIN".into(), pin.join(", ")));
-        details.push((
-            "logins by this process".into(),
-            self.login_attempts().to_string(),
-        ));
         let raw = self.run("list objects (C_FindObjects)", |_, session| {
             let mut found = Vec::new();
             for handle in session.find_objects(&[])? {
@@ -900,7 +894,23 @@ impl Backend for Pkcs11Backend {
                 found.push((crate::hex::encode(&id), label, class));
             }
             Ok(found)
-        })?;
+        });
+        details.push((
+            "logins by this backend".into(),
+            self.login_attempts().to_string(),
+        ));
+        let raw = match raw {
+            Ok(raw) => raw,
+            Err(e) => {
+                // Token facts need no login: show them even when listing objects failed.
+                details.push(("key objects".into(), format!("cannot be listed: {e}")));
+                return Ok(BackendReport {
+                    kind: "pkcs11".into(),
+                    details,
+                    objects: None,
+                });
+            }
+        };
         let mut objects: Vec<DeviceObject> = Vec::new();
         for (locator, label, kind) in raw {
             match objects.iter_mut().find(|o| o.locator == locator) {
