@@ -290,6 +290,47 @@ mod tests {
         assert_eq!(p.fallback, Fallback::Software);
     }
 
+    fn pkcs11(pin: (&str, &str)) -> Pkcs11Config {
+        let text = format!(
+            "[backends.hsm]\ntype = \"pkcs11\"\nmodule = \"m\"\ntoken_label = \"t\"\n{} = \"{}\"",
+            pin.0, pin.1
+        );
+        let config = Config::from_toml(&text).unwrap();
+        let BackendConfig::Pkcs11(p) = config.backends["hsm"].clone();
+        p
+    }
+
+    #[test]
+    fn pins_come_from_a_file_or_a_systemd_credential() {
+        use secrecy::ExposeSecret;
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("pin"), "4321\nignored second line\n").unwrap();
+        let file = pkcs11(("pin_file", &dir.path().join("pin").display().to_string()));
+        assert_eq!(file.pin().unwrap().expose_secret(), "4321");
+        let missing = pkcs11(("pin_file", "/nonexistent/pin"));
+        let err = missing.pin().unwrap_err().to_string();
+        assert!(
+            err.contains("cannot read the PIN file /nonexistent/pin"),
+            "{err}"
+        );
+        let var = pkcs11(("pin_env", "KEYHOLD_TEST_SURELY_UNSET_PIN_VARIABLE"));
+        let err = var.pin().unwrap_err().to_string();
+        assert!(
+            err.contains("KEYHOLD_TEST_SURELY_UNSET_PIN_VARIABLE is not set"),
+            "{err}"
+        );
+        // $CREDENTIALS_DIRECTORY is process-wide: set it only in this one test.
+        std::env::set_var("CREDENTIALS_DIRECTORY", dir.path());
+        let cred = pkcs11(("pin_credential", "pin"));
+        assert_eq!(cred.pin().unwrap().expose_secret(), "4321");
+        let path = pkcs11(("pin_credential", "../pin"));
+        assert!(path
+            .pin()
+            .unwrap_err()
+            .to_string()
+            .contains("a name, not a path"));
+    }
+
     #[test]
     fn refuses_bad_configs_with_reasons() {
         let cases = [
