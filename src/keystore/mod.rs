@@ -210,11 +210,13 @@ pub fn random_bytes(n: usize) -> Result<Vec<u8>> {
 struct Resolved {
     record: KeyRecord,
     spec: KeySpec,
+    /// `namespace/name`.
+    label: String,
 }
 
 impl Resolved {
-    fn label(&self) -> String {
-        format!("{}/{}", self.record.namespace, self.record.name)
+    fn label(&self) -> &str {
+        &self.label
     }
 }
 
@@ -402,7 +404,12 @@ impl Keystore {
         let spec = Self::spec_of(&record).map_err(|e| Error::Integrity {
             what: format!("an authenticated record names an unknown algorithm ({e})"),
         })?;
-        Ok(Resolved { record, spec })
+        let label = format!("{}/{}", record.namespace, record.name);
+        Ok(Resolved {
+            record,
+            spec,
+            label,
+        })
     }
 
     fn cache(&self) -> std::sync::MutexGuard<'_, ResolvedCache> {
@@ -470,6 +477,20 @@ impl Keystore {
         }
     }
 
+    /// What the backend is handed to find and use a resolved key.
+    fn key_ref<'a>(&'a self, resolved: &'a Resolved) -> KeyRef<'a> {
+        KeyRef {
+            context: KeyContext {
+                store_id: &self.store_id,
+                uuid: &resolved.record.uuid,
+                label: &resolved.label,
+                spec: &resolved.spec,
+            },
+            locator: &resolved.record.locator,
+            blob: resolved.record.blob.as_deref(),
+        }
+    }
+
     /// Resolves `id`, checks that its purpose is `purpose`, and runs `op` with its backend.
     fn use_key<T>(
         &self,
@@ -481,24 +502,13 @@ impl Keystore {
         let resolved = self.resolve(id)?;
         if resolved.spec.purpose() != purpose {
             return Err(Error::WrongPurpose {
-                key: resolved.label(),
+                key: resolved.label().to_owned(),
                 purpose: resolved.spec.purpose().as_str(),
                 operation,
             });
         }
         let backend = self.backend(&resolved.record.backend)?;
-        let label = resolved.label();
-        let key = KeyRef {
-            context: KeyContext {
-                store_id: &self.store_id,
-                uuid: &resolved.record.uuid,
-                label: &label,
-                spec: &resolved.spec,
-            },
-            locator: &resolved.record.locator,
-            blob: resolved.record.blob.as_deref(),
-        };
-        op(backend.as_ref(), key, &resolved)
+        op(backend.as_ref(), self.key_ref(&resolved), &resolved)
     }
 
     /// Creates a key in its backend and records it; returns its info with the key ID.
@@ -570,7 +580,11 @@ impl Keystore {
             namespace = %record.namespace, name = %record.name,
             key_type = %spec.key_type(), backend = %record.backend, "created key"
         );
-        self.info(&Resolved { record, spec })
+        self.info(&Resolved {
+            record,
+            spec,
+            label,
+        })
     }
 
     /// The backend to create a `spec` key in when `asked` was asked for: `asked` itself if it can,
@@ -753,17 +767,7 @@ impl Keystore {
     pub fn backend_public_key(&self, id: &str) -> Result<PublicKey> {
         let resolved = self.resolve(id)?;
         let backend = self.backend(&resolved.record.backend)?;
-        let label = resolved.label();
-        backend.public_key(KeyRef {
-            context: KeyContext {
-                store_id: &self.store_id,
-                uuid: &resolved.record.uuid,
-                label: &label,
-                spec: &resolved.spec,
-            },
-            locator: &resolved.record.locator,
-            blob: resolved.record.blob.as_deref(),
-        })
+        backend.public_key(self.key_ref(&resolved))
     }
 
     /// Signs `message` with the signing key `id`.
@@ -883,17 +887,7 @@ impl Keystore {
         let resolved = self.resolve(id)?;
         let info = self.info(&resolved)?;
         let backend = self.backend(&resolved.record.backend)?;
-        let label = resolved.label();
-        backend.destroy(KeyRef {
-            context: KeyContext {
-                store_id: &self.store_id,
-                uuid: &resolved.record.uuid,
-                label: &label,
-                spec: &resolved.spec,
-            },
-            locator: &resolved.record.locator,
-            blob: resolved.record.blob.as_deref(),
-        })?;
+        backend.destroy(self.key_ref(&resolved))?;
         let deleted = self.store.delete_key(&resolved.record.uuid);
         self.invalidate();
         deleted?;

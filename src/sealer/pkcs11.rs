@@ -125,19 +125,11 @@ impl Sealer for Pkcs11Sealer {
                 ),
             });
         }
-        let mut uuid = [0u8; 16];
-        let uuid_hex = params.uuid.as_bytes();
-        if uuid_hex.len() != 32 {
-            return Err(Error::Unseal {
-                reason: "the store's pkcs11 seal parameters are damaged".into(),
-            });
-        }
-        for (i, byte) in uuid.iter_mut().enumerate() {
-            let pair = std::str::from_utf8(&uuid_hex[2 * i..2 * i + 2]).unwrap_or("zz");
-            *byte = u8::from_str_radix(pair, 16).map_err(|_| Error::Unseal {
+        let uuid: [u8; 16] = crate::hex::decode(&params.uuid)
+            .and_then(|v| v.try_into().ok())
+            .ok_or_else(|| Error::Unseal {
                 reason: "the store's pkcs11 seal parameters are damaged".into(),
             })?;
-        }
         if sealed.blob.len() <= NONCE_LEN {
             return Err(Error::Unseal {
                 reason: "the store's sealed root secret is damaged (length)".into(),

@@ -65,18 +65,11 @@ fn class_key(class: ObjectClass) -> u64 {
 }
 
 fn locator_bytes(locator: &str) -> Result<Vec<u8>> {
-    let bad = || Error::Integrity {
-        what: format!("PKCS#11 locator `{locator}` is not 32 hex digits"),
-    };
-    if locator.len() != 32 {
-        return Err(bad());
-    }
-    (0..16)
-        .map(|i| {
-            u8::from_str_radix(locator.get(2 * i..2 * i + 2).ok_or_else(bad)?, 16)
-                .map_err(|_| bad())
+    crate::hex::decode(locator)
+        .filter(|id| id.len() == 16)
+        .ok_or_else(|| Error::Integrity {
+            what: format!("PKCS#11 locator `{locator}` is not 32 hex digits"),
         })
-        .collect()
 }
 
 /// Which object class holds a key's private or secret half.
