@@ -1,11 +1,13 @@
-//! Shared helpers for the library-level integration tests (keystore.rs, properties.rs).
+//! Shared helpers for the library-level integration tests (keystore.rs, properties.rs,
+//! conformance.rs, pkcs11.rs).
 #![allow(dead_code)]
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use keyhold::{
-    Argon2Params, KeyInfo, KeyRequest, KeySpec, KeyType, Keystore, PassphraseSealer, Purpose,
+    Algorithm, Argon2Params, KeyInfo, KeyRequest, KeySpec, KeyType, Keystore, PassphraseSealer,
+    Purpose,
 };
 use secrecy::SecretString;
 use tempfile::TempDir;
@@ -74,4 +76,104 @@ pub fn snapshot(dir: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
             (p, bytes)
         })
         .collect()
+}
+
+/// Runs `openssl` with `args` in `dir`; returns whether it succeeded, and its stdout and stderr.
+pub fn openssl(dir: &Path, args: &[&str]) -> (bool, String) {
+    let out = std::process::Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("run openssl (is it installed?)");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+/// Asserts that `openssl pkey -pubin` parses `pem` as a public key of `key_type`.
+pub fn assert_openssl_accepts_public_key(pem: &str, key_type: KeyType) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    std::fs::write(dir.path().join("pub.pem"), pem).expect("write pub.pem");
+    let (ok, text) = openssl(dir.path(), &["pkey", "-pubin", "-in", "pub.pem", "-noout"]);
+    assert!(
+        ok,
+        "openssl pkey refused the {key_type} PEM:\n{pem}\n{text}"
+    );
+    // The key is of the type keyhold says it is.
+    let (ok, text) = openssl(
+        dir.path(),
+        &["pkey", "-pubin", "-in", "pub.pem", "-noout", "-text"],
+    );
+    assert!(ok, "openssl pkey -text: {text}");
+    let expected = match key_type {
+        KeyType::EcdsaP256 => "prime256v1",
+        KeyType::EcdsaP384 => "secp384r1",
+        KeyType::Ed25519 => "ED25519",
+        KeyType::Rsa2048 => "(2048 bit)",
+        KeyType::Rsa3072 => "(3072 bit)",
+        KeyType::Rsa4096 => "(4096 bit)",
+        other => panic!("{other} keys have no public key"),
+    };
+    assert!(
+        text.contains(expected),
+        "openssl does not see a {key_type} key ({expected}):\n{text}"
+    );
+}
+
+/// Whether `openssl` verifies `signature` (DER for ECDSA) over `message` with `pem`, as `algorithm`
+/// says (PSS with the 32-byte salt keyhold documents).
+pub fn openssl_verifies(pem: &str, algorithm: Algorithm, message: &[u8], signature: &[u8]) -> bool {
+    let dir = tempfile::tempdir().expect("temp dir");
+    std::fs::write(dir.path().join("pub.pem"), pem).expect("write pub.pem");
+    std::fs::write(dir.path().join("msg"), message).expect("write msg");
+    std::fs::write(dir.path().join("sig"), signature).expect("write sig");
+    let dgst = |digest: &'static str, extra: &[&'static str]| -> Vec<&'static str> {
+        let mut args = vec!["dgst", digest, "-verify", "pub.pem"];
+        args.extend_from_slice(extra);
+        args.extend_from_slice(&["-signature", "sig", "msg"]);
+        args
+    };
+    let args = match algorithm {
+        Algorithm::EcdsaP256Sha256 | Algorithm::RsaPkcs1Sha256 => dgst("-sha256", &[]),
+        Algorithm::EcdsaP384Sha384 => dgst("-sha384", &[]),
+        Algorithm::RsaPssSha256 => dgst(
+            "-sha256",
+            &[
+                "-sigopt",
+                "rsa_padding_mode:pss",
+                "-sigopt",
+                "rsa_pss_saltlen:auto",
+            ],
+        ),
+        Algorithm::Ed25519 => vec![
+            "pkeyutl", "-verify", "-pubin", "-inkey", "pub.pem", "-rawin", "-in", "msg",
+            "-sigfile", "sig",
+        ],
+        other => panic!("{other} does not sign"),
+    };
+    let (ok, text) = openssl(dir.path(), &args);
+    if ok {
+        assert!(
+            text.contains("Verified OK") || text.contains("Signature Verified Successfully"),
+            "openssl succeeded without saying so: {text}"
+        );
+    }
+    if ok && algorithm == Algorithm::RsaPssSha256 {
+        // keyhold documents a 32-byte salt: hold it to that, not only to "some salt".
+        let strict = dgst(
+            "-sha256",
+            &[
+                "-sigopt",
+                "rsa_padding_mode:pss",
+                "-sigopt",
+                "rsa_pss_saltlen:32",
+            ],
+        );
+        let (strict_ok, text) = openssl(dir.path(), &strict);
+        assert!(strict_ok, "the PSS salt is not 32 bytes: {text}");
+    }
+    ok
 }

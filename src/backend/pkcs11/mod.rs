@@ -149,16 +149,38 @@ impl Pkcs11Backend {
                             self.pool.device_gone();
                             return Err(errors::map(&self.name, operation, e));
                         }
-                        Disposition::Fail => return Err(errors::map(&self.name, operation, e)),
+                        Disposition::Fail => {
+                            drop(lease);
+                            return Err(self.failure(operation, e));
+                        }
                     }
                     last = Some(e);
                 }
             }
         }
         Err(match last {
-            Some(e) => errors::map(&self.name, operation, e),
+            Some(e) => self.failure(operation, e),
             None => Error::crypto("PKCS#11 retry loop"),
         })
+    }
+
+    /// The error for a failed operation: "unavailable" if the token itself has gone (some modules
+    /// say only `CKR_GENERAL_ERROR` then), the mapped PKCS#11 error otherwise.
+    fn failure(&self, operation: &str, e: cryptoki::error::Error) -> Error {
+        if self.pool.token_present() {
+            return errors::map(&self.name, operation, e);
+        }
+        self.gone()
+    }
+
+    /// Forgets the token's slot, sessions and handles, and says so.
+    fn gone(&self) -> Error {
+        self.handles().clear();
+        self.pool.device_gone();
+        Error::BackendUnavailable {
+            backend: self.name.clone(),
+            reason: "the token is not there any more; keyhold reconnects once it is back".into(),
+        }
     }
 
     /// The handle of the object with `id` and `class`, from the cache or `C_FindObjects`;
@@ -216,24 +238,45 @@ impl Pkcs11Backend {
         &self,
         key: &KeyRef<'_>,
         operation: &str,
-        mut op: impl FnMut(&Session, ObjectHandle) -> std::result::Result<T, cryptoki::error::Error>,
+        op: impl FnMut(&Session, ObjectHandle) -> std::result::Result<T, cryptoki::error::Error>,
     ) -> Result<T> {
         let id = locator_bytes(key.locator)?;
-        let class = secret_class(key.context.spec.algorithm());
+        self.with_object(
+            &id,
+            secret_class(key.context.spec.algorithm()),
+            operation,
+            op,
+        )
+    }
+
+    /// Runs `op` on the object `id` of `class`; a missing object is reported as such, or as the
+    /// token having gone when it has.
+    fn with_object<T>(
+        &self,
+        id: &[u8],
+        class: ObjectClass,
+        operation: &str,
+        mut op: impl FnMut(&Session, ObjectHandle) -> std::result::Result<T, cryptoki::error::Error>,
+    ) -> Result<T> {
         // Set when the token has no object for the key (not merely a stale cached handle).
         let absent = std::cell::Cell::new(false);
         let result = self.run(operation, |me, session| {
-            let handle = me.find_required(session, &id, class, &absent)?;
+            let handle = me.find_required(session, id, class, &absent)?;
             op(session, handle)
         });
         match result {
-            Err(Error::Backend { .. }) if absent.get() => Err(Error::BackendUnavailable {
-                backend: self.name.clone(),
-                reason: format!(
-                    "the key object {} is not on the token (was the token re-initialised?)",
-                    key.locator
-                ),
-            }),
+            Err(Error::Backend { .. }) if absent.get() => {
+                if !self.pool.token_present() {
+                    return Err(self.gone());
+                }
+                Err(Error::BackendUnavailable {
+                    backend: self.name.clone(),
+                    reason: format!(
+                        "the key object {} is not on the token (was the token re-initialised?)",
+                        crate::hex::encode(id)
+                    ),
+                })
+            }
             other => other,
         }
     }
@@ -492,15 +535,11 @@ impl Pkcs11Backend {
         algorithm: Algorithm,
         id: &[u8],
     ) -> Result<PublicKey> {
-        let attrs = self.run(
+        let attrs = self.with_object(
+            id,
+            ObjectClass::PUBLIC_KEY,
             "read the public key (C_GetAttributeValue)",
-            |me, session| {
-                let handle = me.find_required(
-                    session,
-                    id,
-                    ObjectClass::PUBLIC_KEY,
-                    &std::cell::Cell::new(false),
-                )?;
+            |session, handle| {
                 session.get_attributes(
                     handle,
                     &[

@@ -78,7 +78,10 @@ pub fn find_token(backend: &str, module: &Pkcs11, selector: &TokenSelector) -> R
         let serial = info.serial_number().trim_end().to_owned();
         let label_ok = selector.label.as_ref().is_none_or(|l| *l == label);
         let serial_ok = selector.serial.as_ref().is_none_or(|s| *s == serial);
-        if label_ok && serial_ok && info.token_initialized() {
+        if !info.token_initialized() {
+            continue;
+        }
+        if label_ok && serial_ok {
             return Ok(slot);
         }
         present.push(format!("`{label}` (serial {serial})"));

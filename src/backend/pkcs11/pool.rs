@@ -324,6 +324,27 @@ impl Pool {
         self.lock().logged_in = false;
     }
 
+    /// Whether the selected token still answers in its slot. Some modules report a vanished token
+    /// only as `CKR_GENERAL_ERROR` (SoftHSM after `--delete-token`), so failures are checked here.
+    pub(super) fn token_present(&self) -> bool {
+        let Some(slot) = self.lock().slot else {
+            return false;
+        };
+        self.module.get_token_info(slot).is_ok_and(|info| {
+            let label_ok = self
+                .selector
+                .label
+                .as_ref()
+                .is_none_or(|l| l == info.label().trim_end());
+            let serial_ok = self
+                .selector
+                .serial
+                .as_ref()
+                .is_none_or(|s| s == info.serial_number().trim_end());
+            label_ok && serial_ok
+        })
+    }
+
     /// Closes every idle session (after one turned out dead, the others likely are too).
     pub(super) fn close_idle(&self) {
         let idle = {

@@ -1,0 +1,556 @@
+//! One suite, every backend: each key type and purpose a backend claims is taken through its whole
+//! life (create, public key, use, cross-check with OpenSSL, destroy); each one it does not claim is
+//! asserted to be refused. The macro instantiates the same tests for every backend, as rustls does
+//! for its crypto providers.
+#![allow(clippy::unwrap_used)] // test helpers: a panic is the failure report
+
+mod support;
+
+use keyhold::testing::SoftHsm;
+use keyhold::{
+    Algorithm, Error, KeyInfo, KeyRequest, KeySpec, KeyType, Keystore, Purpose, RsaPadding,
+    SignatureFormat,
+};
+use support::{assert_openssl_accepts_public_key, openssl_verifies, sealer, PASSPHRASE};
+use tempfile::TempDir;
+
+/// A keystore with the backend under test. Fields drop in declaration order: the keystore goes
+/// before the token it uses, and the token before the directory.
+struct Fixture {
+    ks: Keystore,
+    /// The backend keys are created in, as `KeyInfo::backend` names it.
+    backend: &'static str,
+    /// What `KeyRequest::backend` says (`None` for the default, software).
+    requested: Option<&'static str>,
+    /// The pairs this backend is known not to support, with a word its refusal must contain.
+    refused: &'static [(KeyType, Purpose, &'static str)],
+    _hsm: Option<SoftHsm>,
+    _dir: TempDir,
+}
+
+/// SoftHSM 2.6 decrypts RSA-OAEP with SHA-1 only; keyhold's RSA decryption keys are OAEP-SHA-256.
+const SOFTHSM_REFUSES: &[(KeyType, Purpose, &str)] = &[
+    (KeyType::Rsa2048, Purpose::Decrypt, "OAEP"),
+    (KeyType::Rsa3072, Purpose::Decrypt, "OAEP"),
+    (KeyType::Rsa4096, Purpose::Decrypt, "OAEP"),
+];
+
+impl Fixture {
+    /// A plain store: the built-in software backend.
+    fn software() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let ks = Keystore::create(&dir.path().join("store"), &sealer(PASSPHRASE)).unwrap();
+        Self {
+            ks,
+            backend: "software",
+            requested: None,
+            refused: &[],
+            _hsm: None,
+            _dir: dir,
+        }
+    }
+
+    /// A store with a fresh SoftHSM2 token as the backend `hsm`.
+    fn pkcs11() -> Self {
+        let hsm = SoftHsm::new().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let ks = Keystore::create_with(
+            &dir.path().join("store"),
+            &sealer(PASSPHRASE),
+            &hsm.config("hsm"),
+        )
+        .unwrap();
+        Self {
+            ks,
+            backend: "hsm",
+            requested: Some("hsm"),
+            refused: SOFTHSM_REFUSES,
+            _hsm: Some(hsm),
+            _dir: dir,
+        }
+    }
+
+    fn request(&self, name: &str, spec: KeySpec) -> KeyRequest {
+        KeyRequest {
+            namespace: "conformance".into(),
+            name: name.into(),
+            spec,
+            backend: self.requested.map(str::to_owned),
+        }
+    }
+
+    /// `Some(word)` if the backend must refuse `key_type` with `purpose`.
+    fn refusal(&self, key_type: KeyType, purpose: Purpose) -> Option<&'static str> {
+        self.refused
+            .iter()
+            .find(|(t, p, _)| *t == key_type && *p == purpose)
+            .map(|(_, _, word)| *word)
+    }
+
+    fn capabilities(&self) -> keyhold::backend::Capabilities {
+        self.ks
+            .backends()
+            .find(|b| b.name() == self.backend)
+            .unwrap_or_else(|| panic!("no backend `{}` in the keystore", self.backend))
+            .capabilities()
+            .unwrap()
+    }
+}
+
+/// One key to exercise: type, purpose and (for RSA signing keys) padding.
+type Case = (KeyType, Purpose, Option<RsaPadding>);
+
+/// The cases, grouped one group per test. RSA-3072 and RSA-4096 are one group each, so that each
+/// backend generates those slow keys in one test only.
+mod cases {
+    use super::*;
+
+    pub const ECDSA_P256: &[Case] = &[(KeyType::EcdsaP256, Purpose::Sign, None)];
+    pub const ECDSA_P384: &[Case] = &[(KeyType::EcdsaP384, Purpose::Sign, None)];
+    pub const ED25519: &[Case] = &[(KeyType::Ed25519, Purpose::Sign, None)];
+    pub const RSA2048_PSS: &[Case] = &[(KeyType::Rsa2048, Purpose::Sign, Some(RsaPadding::Pss))];
+    pub const RSA2048_PKCS1: &[Case] =
+        &[(KeyType::Rsa2048, Purpose::Sign, Some(RsaPadding::Pkcs1v15))];
+    pub const RSA2048_DECRYPT: &[Case] = &[(KeyType::Rsa2048, Purpose::Decrypt, None)];
+    pub const RSA3072: &[Case] = &[
+        (KeyType::Rsa3072, Purpose::Sign, Some(RsaPadding::Pss)),
+        (KeyType::Rsa3072, Purpose::Decrypt, None),
+    ];
+    pub const RSA4096: &[Case] = &[
+        (KeyType::Rsa4096, Purpose::Sign, Some(RsaPadding::Pkcs1v15)),
+        (KeyType::Rsa4096, Purpose::Decrypt, None),
+    ];
+    pub const AES256GCM: &[Case] = &[(KeyType::Aes256Gcm, Purpose::Encrypt, None)];
+    pub const HMAC_SHA256: &[Case] = &[(KeyType::HmacSha256, Purpose::Mac, None)];
+
+    /// Every group; each has a test in `conformance_tests!`.
+    pub const ALL: &[&[Case]] = &[
+        ECDSA_P256,
+        ECDSA_P384,
+        ED25519,
+        RSA2048_PSS,
+        RSA2048_PKCS1,
+        RSA2048_DECRYPT,
+        RSA3072,
+        RSA4096,
+        AES256GCM,
+        HMAC_SHA256,
+    ];
+}
+
+/// Instantiates the suite for one backend: `conformance_tests!(module_name, fixture_expression)`.
+macro_rules! conformance_tests {
+    ($backend:ident, $fixture:expr) => {
+        mod $backend {
+            use super::*;
+
+            fn fixture() -> Fixture {
+                $fixture
+            }
+
+            #[test]
+            fn capabilities_are_as_expected() {
+                checks::capabilities(&fixture());
+            }
+
+            #[test]
+            fn ecdsa_p256() {
+                checks::exercise(&fixture(), cases::ECDSA_P256);
+            }
+
+            #[test]
+            fn ecdsa_p384() {
+                checks::exercise(&fixture(), cases::ECDSA_P384);
+            }
+
+            #[test]
+            fn ed25519() {
+                checks::exercise(&fixture(), cases::ED25519);
+            }
+
+            #[test]
+            fn rsa2048_pss() {
+                checks::exercise(&fixture(), cases::RSA2048_PSS);
+            }
+
+            #[test]
+            fn rsa2048_pkcs1() {
+                checks::exercise(&fixture(), cases::RSA2048_PKCS1);
+            }
+
+            #[test]
+            fn rsa2048_decrypt() {
+                checks::exercise(&fixture(), cases::RSA2048_DECRYPT);
+            }
+
+            #[test]
+            fn rsa3072() {
+                checks::exercise(&fixture(), cases::RSA3072);
+            }
+
+            #[test]
+            fn rsa4096() {
+                checks::exercise(&fixture(), cases::RSA4096);
+            }
+
+            #[test]
+            fn aes256gcm() {
+                checks::exercise(&fixture(), cases::AES256GCM);
+            }
+
+            #[test]
+            fn hmac_sha256() {
+                checks::exercise(&fixture(), cases::HMAC_SHA256);
+            }
+        }
+    };
+}
+
+conformance_tests!(software, Fixture::software());
+conformance_tests!(pkcs11, Fixture::pkcs11());
+
+#[test]
+fn the_cases_cover_every_type_and_purpose() {
+    let all: Vec<Case> = cases::ALL.iter().flat_map(|g| g.iter().copied()).collect();
+    for key_type in KeyType::ALL {
+        for &purpose in key_type.purposes() {
+            assert!(
+                all.iter().any(|(t, p, _)| *t == key_type && *p == purpose),
+                "no conformance case for {key_type} with purpose {purpose}"
+            );
+        }
+    }
+    for padding in [RsaPadding::Pss, RsaPadding::Pkcs1v15] {
+        assert!(
+            all.iter().any(|(_, _, p)| *p == Some(padding)),
+            "no conformance case for RSA {padding:?}"
+        );
+    }
+}
+
+/// The checks themselves, the same for every backend.
+mod checks {
+    use super::*;
+
+    const MESSAGE: &[u8] = b"keyhold conformance: the same bytes for every backend";
+
+    /// The backend claims exactly the pairs it should, and says why it lacks the others.
+    pub fn capabilities(fx: &Fixture) {
+        let caps = fx.capabilities();
+        for key_type in KeyType::ALL {
+            for &purpose in key_type.purposes() {
+                match fx.refusal(key_type, purpose) {
+                    None => assert!(
+                        caps.supports(key_type, purpose),
+                        "`{}` does not claim {key_type} with purpose {purpose}: {:?}",
+                        fx.backend,
+                        caps.missing(key_type, purpose)
+                    ),
+                    Some(word) => {
+                        assert!(
+                            !caps.supports(key_type, purpose),
+                            "`{}` claims {key_type} with purpose {purpose}",
+                            fx.backend
+                        );
+                        let why = caps.missing(key_type, purpose).unwrap_or_else(|| {
+                            panic!("no reason given for refusing {key_type} {purpose}")
+                        });
+                        assert!(why.contains(word), "{key_type} {purpose}: {why}");
+                    }
+                }
+            }
+        }
+        for (key_type, purpose) in caps.iter() {
+            assert!(
+                key_type.purposes().contains(&purpose),
+                "`{}` claims {key_type} with purpose {purpose}, which keyhold does not define",
+                fx.backend
+            );
+        }
+    }
+
+    /// Each case: its whole life if the backend supports it, an asserted refusal if not.
+    pub fn exercise(fx: &Fixture, cases: &[Case]) {
+        let caps = fx.capabilities();
+        for &(key_type, purpose, padding) in cases {
+            let spec = KeySpec::new(key_type, Some(purpose), padding).unwrap();
+            let name = format!("{key_type}-{purpose}-{}", spec.algorithm());
+            let request = fx.request(&name, spec);
+            match fx.refusal(key_type, purpose) {
+                Some(word) => {
+                    assert!(
+                        !caps.supports(key_type, purpose),
+                        "`{}` claims {key_type} {purpose}",
+                        fx.backend
+                    );
+                    let err = fx.ks.create_key(&request).unwrap_err();
+                    assert!(
+                        matches!(&err, Error::Unsupported { backend, .. } if backend == fx.backend),
+                        "{key_type} {purpose} in `{}`: expected Unsupported, got {err:?}",
+                        fx.backend
+                    );
+                    assert!(err.to_string().contains(word), "{err}");
+                    let left = fx.ks.list_keys(None).unwrap();
+                    assert!(
+                        left.iter().all(|k| k.name != name),
+                        "a refused key left a record"
+                    );
+                }
+                None => {
+                    assert!(
+                        caps.supports(key_type, purpose),
+                        "`{}` does not claim {key_type} {purpose}",
+                        fx.backend
+                    );
+                    let info = fx.ks.create_key(&request).unwrap();
+                    assert_eq!(info.backend, fx.backend, "{name} was made elsewhere");
+                    assert_eq!(info.spec, spec);
+                    assert!(!info.attributes.contains_key("fallback_for"), "{info:?}");
+                    assert_eq!(fx.ks.key_info(&info.id).unwrap(), info);
+                    match purpose {
+                        Purpose::Sign => sign(fx, &info),
+                        Purpose::Decrypt => oaep(fx, &info),
+                        Purpose::Encrypt => aead(fx, &info),
+                        Purpose::Mac => mac(fx, &info),
+                        other => panic!("no conformance check for purpose {other}"),
+                    }
+                    other_purposes_refused(fx, &info);
+                    destroy(fx, &info);
+                }
+            }
+        }
+    }
+
+    /// The recorded public key is the backend's, and OpenSSL reads it as the right type.
+    fn public_key(fx: &Fixture, info: &KeyInfo) -> keyhold::PublicKey {
+        let recorded = fx.ks.public_key(&info.id).unwrap();
+        assert_eq!(recorded, fx.ks.backend_public_key(&info.id).unwrap());
+        assert_eq!(recorded.key_type(), info.spec.key_type());
+        assert_openssl_accepts_public_key(&recorded.to_pem(), info.spec.key_type());
+        recorded
+    }
+
+    fn sign(fx: &Fixture, info: &KeyInfo) {
+        let id = &info.id;
+        let algorithm = info.spec.algorithm();
+        let public = public_key(fx, info);
+        let pem = public.to_pem();
+
+        let sig = fx.ks.sign(id, MESSAGE, SignatureFormat::Der).unwrap();
+        fx.ks
+            .verify(id, MESSAGE, &sig, SignatureFormat::Der)
+            .unwrap();
+        public.verify(MESSAGE, &sig, SignatureFormat::Der).unwrap();
+        let err = fx
+            .ks
+            .verify(id, b"another message", &sig, SignatureFormat::Der)
+            .unwrap_err();
+        assert!(matches!(err, Error::VerificationFailed { .. }), "{err}");
+        let mut bent = sig.clone();
+        let last = bent.len() - 1;
+        bent[last] ^= 1;
+        let err = fx
+            .ks
+            .verify(id, MESSAGE, &bent, SignatureFormat::Der)
+            .unwrap_err();
+        assert!(matches!(err, Error::VerificationFailed { .. }), "{err}");
+
+        assert!(
+            openssl_verifies(&pem, algorithm, MESSAGE, &sig),
+            "openssl refused a {algorithm} signature from `{}`",
+            fx.backend
+        );
+        assert!(
+            !openssl_verifies(&pem, algorithm, b"another message", &sig),
+            "openssl accepted a {algorithm} signature over the wrong message"
+        );
+
+        match algorithm {
+            Algorithm::EcdsaP256Sha256 | Algorithm::EcdsaP384Sha384 => {
+                let width = if algorithm == Algorithm::EcdsaP256Sha256 {
+                    64
+                } else {
+                    96
+                };
+                let raw = fx.ks.sign(id, MESSAGE, SignatureFormat::Raw).unwrap();
+                assert_eq!(raw.len(), width, "{algorithm} raw signature width");
+                fx.ks
+                    .verify(id, MESSAGE, &raw, SignatureFormat::Raw)
+                    .unwrap();
+                assert!(fx
+                    .ks
+                    .verify(id, MESSAGE, &raw, SignatureFormat::Der)
+                    .is_err());
+            }
+            Algorithm::Ed25519 | Algorithm::RsaPkcs1Sha256 => {
+                // Deterministic schemes: the same message gives the same signature.
+                assert_eq!(
+                    fx.ks.sign(id, MESSAGE, SignatureFormat::Der).unwrap(),
+                    sig,
+                    "{algorithm} is deterministic"
+                );
+            }
+            Algorithm::RsaPssSha256 => {}
+            other => panic!("{other} does not sign"),
+        }
+        if let Some(bits) = info.spec.key_type().rsa_bits() {
+            assert_eq!(sig.len(), bits / 8, "RSA signature length");
+        }
+        if algorithm == Algorithm::Ed25519 {
+            assert_eq!(sig.len(), 64, "Ed25519 signature length");
+        }
+
+        let err = fx.ks.sign(id, b"", SignatureFormat::Der).unwrap_err();
+        assert!(matches!(err, Error::InvalidInput(_)), "{err}");
+    }
+
+    fn oaep(fx: &Fixture, info: &KeyInfo) {
+        let id = &info.id;
+        let public = public_key(fx, info);
+        let plaintext = b"a data key, say".as_slice();
+        let env = fx.ks.encrypt(id, plaintext, b"context").unwrap();
+        let again = fx.ks.encrypt(id, plaintext, b"context").unwrap();
+        assert_ne!(env, again, "OAEP is randomised");
+        assert_eq!(
+            fx.ks.decrypt(id, &env, b"context").unwrap().expose(),
+            plaintext
+        );
+        let err = fx.ks.decrypt(id, &env, b"other context").unwrap_err();
+        assert!(matches!(err, Error::DecryptionFailed { .. }), "{err}");
+        let mut bent = env.clone();
+        let last = bent.len() - 1;
+        bent[last] ^= 1;
+        let err = fx.ks.decrypt(id, &bent, b"context").unwrap_err();
+        assert!(matches!(err, Error::DecryptionFailed { .. }), "{err}");
+
+        let max = public.oaep_max_plaintext().unwrap();
+        fx.ks.encrypt(id, &vec![7u8; max], b"").unwrap();
+        let err = fx.ks.encrypt(id, &vec![7u8; max + 1], b"").unwrap_err();
+        assert!(matches!(err, Error::InvalidInput(_)), "{err}");
+    }
+
+    fn no_public_key(fx: &Fixture, info: &KeyInfo) {
+        let err = fx.ks.public_key(&info.id).unwrap_err();
+        assert!(matches!(err, Error::InvalidInput(_)), "{err}");
+        let err = fx.ks.backend_public_key(&info.id).unwrap_err();
+        assert!(matches!(err, Error::InvalidInput(_)), "{err}");
+    }
+
+    fn aead(fx: &Fixture, info: &KeyInfo) {
+        let id = &info.id;
+        no_public_key(fx, info);
+        let plaintext = vec![0x5a; 4096];
+        let env = fx.ks.encrypt(id, &plaintext, b"row 17").unwrap();
+        let again = fx.ks.encrypt(id, &plaintext, b"row 17").unwrap();
+        assert_ne!(env, again, "each encryption takes a fresh nonce");
+        assert_eq!(
+            fx.ks.decrypt(id, &env, b"row 17").unwrap().expose(),
+            plaintext.as_slice()
+        );
+        assert_eq!(
+            fx.ks.decrypt(id, &again, b"row 17").unwrap().expose(),
+            plaintext.as_slice()
+        );
+        let err = fx.ks.decrypt(id, &env, b"row 18").unwrap_err();
+        assert!(matches!(err, Error::DecryptionFailed { .. }), "{err}");
+        let err = fx.ks.decrypt(id, &env, b"").unwrap_err();
+        assert!(matches!(err, Error::DecryptionFailed { .. }), "{err}");
+        for at in [env.len() - 1, env.len() - 20, env.len() / 2] {
+            let mut bent = env.clone();
+            bent[at] ^= 0x80;
+            let err = fx.ks.decrypt(id, &bent, b"row 17").unwrap_err();
+            assert!(
+                matches!(err, Error::DecryptionFailed { .. }),
+                "byte {at}: {err}"
+            );
+        }
+        let err = fx
+            .ks
+            .decrypt(id, &env[..env.len() - 1], b"row 17")
+            .unwrap_err();
+        assert!(matches!(err, Error::DecryptionFailed { .. }), "{err}");
+    }
+
+    fn mac(fx: &Fixture, info: &KeyInfo) {
+        let id = &info.id;
+        no_public_key(fx, info);
+        let tag = fx.ks.mac(id, MESSAGE).unwrap();
+        assert_eq!(tag.len(), 32);
+        assert_eq!(
+            fx.ks.mac(id, MESSAGE).unwrap(),
+            tag,
+            "HMAC is deterministic"
+        );
+        assert_ne!(fx.ks.mac(id, b"another message").unwrap(), tag);
+        fx.ks.verify_mac(id, MESSAGE, &tag).unwrap();
+        let err = fx.ks.verify_mac(id, b"another message", &tag).unwrap_err();
+        assert!(matches!(err, Error::VerificationFailed { .. }), "{err}");
+        let mut bent = tag.clone();
+        bent[0] ^= 1;
+        let err = fx.ks.verify_mac(id, MESSAGE, &bent).unwrap_err();
+        assert!(matches!(err, Error::VerificationFailed { .. }), "{err}");
+        let err = fx.ks.verify_mac(id, MESSAGE, &tag[..31]).unwrap_err();
+        assert!(matches!(err, Error::VerificationFailed { .. }), "{err}");
+    }
+
+    /// A key does its one job only.
+    fn other_purposes_refused(fx: &Fixture, info: &KeyInfo) {
+        let id = &info.id;
+        let purpose = info.spec.purpose();
+        let wrong = |what: &str, result: keyhold::Result<()>| {
+            let err = result.unwrap_err();
+            assert!(
+                matches!(err, Error::WrongPurpose { .. }),
+                "{what} with a {purpose} key: {err:?}"
+            );
+        };
+        if purpose != Purpose::Sign {
+            wrong(
+                "sign",
+                fx.ks.sign(id, MESSAGE, SignatureFormat::Der).map(drop),
+            );
+            wrong(
+                "verify",
+                fx.ks.verify(id, MESSAGE, &[0u8; 64], SignatureFormat::Der),
+            );
+        }
+        if purpose != Purpose::Mac {
+            wrong("mac", fx.ks.mac(id, MESSAGE).map(drop));
+        }
+        if !matches!(purpose, Purpose::Encrypt | Purpose::Decrypt) {
+            wrong("encrypt", fx.ks.encrypt(id, MESSAGE, b"").map(drop));
+        }
+    }
+
+    /// After `destroy_key`, the same ID names a key that no longer exists.
+    fn destroy(fx: &Fixture, info: &KeyInfo) {
+        let id = &info.id;
+        let destroyed = fx.ks.destroy_key(id).unwrap();
+        assert_eq!(&destroyed, info);
+        let gone = |what: &str, result: keyhold::Result<()>| {
+            let err = result.unwrap_err();
+            match &err {
+                Error::NoSuchKey { namespace, name } => {
+                    assert_eq!((namespace, name), (&info.namespace, &info.name), "{what}")
+                }
+                other => panic!("{what} after destroy_key: expected NoSuchKey, got {other:?}"),
+            }
+        };
+        match info.spec.purpose() {
+            Purpose::Sign => gone(
+                "sign",
+                fx.ks.sign(id, MESSAGE, SignatureFormat::Der).map(drop),
+            ),
+            Purpose::Decrypt => gone("decrypt", fx.ks.decrypt(id, &[1u8; 300], b"").map(drop)),
+            Purpose::Encrypt => gone("encrypt", fx.ks.encrypt(id, MESSAGE, b"").map(drop)),
+            Purpose::Mac => gone("mac", fx.ks.mac(id, MESSAGE).map(drop)),
+            other => panic!("no conformance check for purpose {other}"),
+        }
+        gone("key_info", fx.ks.key_info(id).map(drop));
+        gone("destroy_key", fx.ks.destroy_key(id).map(drop));
+        assert!(
+            fx.ks.list_keys(None).unwrap().iter().all(|k| k.id != *id),
+            "a destroyed key is still listed"
+        );
+    }
+}

@@ -1,0 +1,704 @@
+//! The PKCS#11 backend against a real SoftHSM2 token, no mocks: key values stay in the token, the
+//! PIN is tried once, threads share one token, a vanished token is a typed error, fallback and
+//! refusal, reopening. Every test makes its own token.
+#![allow(clippy::unwrap_used)] // test helpers: a panic is the failure report
+
+mod support;
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::Arc;
+use std::time::Instant;
+
+use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
+use cryptoki::error::{Error as CkError, RvError};
+use cryptoki::mechanism::Mechanism;
+use cryptoki::object::{
+    Attribute, AttributeInfo, AttributeType, KeyType as CkKeyType, ObjectClass, ObjectHandle,
+};
+use cryptoki::session::{Session, UserType};
+use keyhold::backend::pkcs11::Pkcs11Backend;
+use keyhold::backend::{Backend, KeyContext, KeyRef};
+use keyhold::config::{BackendConfig, Config, Fallback};
+use keyhold::testing::{SoftHsm, SOFTHSM_MODULE, TEST_USER_PIN};
+use keyhold::{Error, KeyInfo, KeyRequest, KeySpec, KeyType, Keystore, Purpose, SignatureFormat};
+use secrecy::SecretString;
+use support::{assert_openssl_accepts_public_key, sealer, snapshot, PASSPHRASE};
+use tempfile::TempDir;
+
+/// The backend name every test gives its token.
+const HSM: &str = "hsm";
+
+/// A store in a temp dir whose backend `hsm` is a token; drop it before the token.
+struct HsmStore {
+    ks: Keystore,
+    path: PathBuf,
+    config: Config,
+    _dir: TempDir,
+}
+
+impl HsmStore {
+    fn new(config: Config) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store");
+        let ks = Keystore::create_with(&path, &sealer(PASSPHRASE), &config).unwrap();
+        Self {
+            ks,
+            path,
+            config,
+            _dir: dir,
+        }
+    }
+
+    fn on(hsm: &SoftHsm) -> Self {
+        Self::new(hsm.config(HSM))
+    }
+
+    /// Creates `name` (in namespace `tests`) in the token.
+    fn create(&self, name: &str, key_type: KeyType, purpose: Option<Purpose>) -> KeyInfo {
+        self.create_in(Some(HSM), name, key_type, purpose).unwrap()
+    }
+
+    /// Creates `name` (in namespace `tests`) in `backend` (`None`: software).
+    fn create_in(
+        &self,
+        backend: Option<&str>,
+        name: &str,
+        key_type: KeyType,
+        purpose: Option<Purpose>,
+    ) -> keyhold::Result<KeyInfo> {
+        self.ks.create_key(&KeyRequest {
+            namespace: "tests".into(),
+            name: name.into(),
+            spec: KeySpec::new(key_type, purpose, None).unwrap(),
+            backend: backend.map(str::to_owned),
+        })
+    }
+
+    fn reopen(&self) -> Keystore {
+        Keystore::open_with(&self.path, &sealer(PASSPHRASE), &self.config).unwrap()
+    }
+}
+
+fn unhex(hex: &str) -> Vec<u8> {
+    assert_eq!(hex.len() % 2, 0, "odd hex {hex}");
+    (0..hex.len() / 2)
+        .map(|i| u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).unwrap())
+        .collect()
+}
+
+/// The SoftHSM module opened with raw cryptoki, a session on the token labelled `label`, logged in
+/// as the user. keyhold has usually initialised the module and logged in already in this process:
+/// both are fine. Never logs out (that would log keyhold out too).
+fn raw_session(label: &str) -> Session {
+    let module = Pkcs11::new(SOFTHSM_MODULE).unwrap();
+    match module.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)) {
+        Ok(()) | Err(CkError::Pkcs11(RvError::CryptokiAlreadyInitialized, _)) => {}
+        Err(e) => panic!("C_Initialize: {e}"),
+    }
+    let slot = module
+        .get_slots_with_token()
+        .unwrap()
+        .into_iter()
+        // A token another test deleted answers C_GetTokenInfo with an error: skip it.
+        .find(|&s| {
+            module
+                .get_token_info(s)
+                .is_ok_and(|info| info.label().trim_end() == label)
+        })
+        .unwrap_or_else(|| panic!("no token labelled {label}"));
+    let session = module.open_rw_session(slot).unwrap();
+    let pin = SecretString::from(TEST_USER_PIN.to_owned());
+    match session.login(UserType::User, Some(&pin)) {
+        Ok(()) | Err(CkError::Pkcs11(RvError::UserAlreadyLoggedIn, _)) => {}
+        Err(e) => panic!("C_Login: {e}"),
+    }
+    session
+}
+
+/// The usage attributes a key object may carry.
+const USAGES: [AttributeType; 7] = [
+    AttributeType::Sign,
+    AttributeType::Verify,
+    AttributeType::Encrypt,
+    AttributeType::Decrypt,
+    AttributeType::Wrap,
+    AttributeType::Unwrap,
+    AttributeType::Derive,
+];
+
+/// The objects labelled `label` (keyhold labels them `namespace/name`), of `class` if given.
+fn objects(session: &Session, label: &str, class: Option<ObjectClass>) -> Vec<ObjectHandle> {
+    let mut template = vec![Attribute::Label(label.as_bytes().to_vec())];
+    template.extend(class.map(Attribute::Class));
+    session.find_objects(&template).unwrap()
+}
+
+/// Whether `result` says the token itself is gone (not merely one of its objects).
+fn is_backend_unavailable<T: std::fmt::Debug>(result: &keyhold::Result<T>) -> bool {
+    matches!(
+        result,
+        Err(Error::BackendUnavailable { backend, reason })
+            if backend == HSM
+                && (reason.contains("token is not there") || reason.contains("no token labelled"))
+    )
+}
+
+#[test]
+fn private_and_secret_values_cannot_be_read_or_wrapped_out() {
+    let hsm = SoftHsm::new().unwrap();
+    let t = HsmStore::on(&hsm);
+    let keys = [
+        ("ec", KeyType::EcdsaP256, ObjectClass::PRIVATE_KEY),
+        ("aes", KeyType::Aes256Gcm, ObjectClass::SECRET_KEY),
+        ("hmac", KeyType::HmacSha256, ObjectClass::SECRET_KEY),
+    ];
+    let session = raw_session(hsm.label());
+    // A key of the test's own, in the session only, to try to wrap keyhold's keys out with.
+    let wrapping = session
+        .generate_key(
+            &Mechanism::AesKeyGen,
+            &[
+                Attribute::Token(false),
+                Attribute::Class(ObjectClass::SECRET_KEY),
+                Attribute::KeyType(CkKeyType::AES),
+                Attribute::ValueLen(32.into()),
+                Attribute::Wrap(true),
+            ],
+        )
+        .unwrap();
+
+    for (name, key_type, class) in keys {
+        let info = t.create(name, key_type, None);
+        assert_eq!(info.backend, HSM);
+        assert_eq!(
+            info.attributes.get("always_sensitive").map(String::as_str),
+            Some("true"),
+            "{name}: {:?}",
+            info.attributes
+        );
+        assert_eq!(
+            info.attributes.get("never_extractable").map(String::as_str),
+            Some("true"),
+            "{name}: {:?}",
+            info.attributes
+        );
+
+        let label = format!("tests/{name}");
+        let found = objects(&session, &label, Some(class));
+        assert_eq!(found.len(), 1, "{label}: {found:?}");
+        let handle = found[0];
+        let attrs = session
+            .get_attributes(
+                handle,
+                &[
+                    AttributeType::Id,
+                    AttributeType::Token,
+                    AttributeType::Private,
+                    AttributeType::Sensitive,
+                    AttributeType::Extractable,
+                    AttributeType::AlwaysSensitive,
+                    AttributeType::NeverExtractable,
+                ],
+            )
+            .unwrap();
+        for attr in &attrs {
+            match attr {
+                Attribute::Id(id) => assert_eq!(*id, unhex(&info.locator), "{label}: CKA_ID"),
+                Attribute::Token(v) => assert!(*v, "{label}: not a token object"),
+                Attribute::Private(v) => assert!(*v, "{label}: not private"),
+                Attribute::Sensitive(v) => assert!(*v, "{label}: not sensitive"),
+                Attribute::Extractable(v) => assert!(!*v, "{label}: extractable"),
+                Attribute::AlwaysSensitive(v) => assert!(*v, "{label}: not always sensitive"),
+                Attribute::NeverExtractable(v) => assert!(*v, "{label}: once extractable"),
+                other => panic!("unasked-for attribute {other:?}"),
+            }
+        }
+        assert_eq!(attrs.len(), 7, "{label}: {attrs:?}");
+
+        // One purpose: the usages of that purpose and no other, whatever the token's defaults.
+        let allowed: &[AttributeType] = match key_type {
+            KeyType::EcdsaP256 => &[AttributeType::Sign],
+            KeyType::Aes256Gcm => &[AttributeType::Encrypt, AttributeType::Decrypt],
+            _ => &[AttributeType::Sign, AttributeType::Verify],
+        };
+        let usages = session.get_attributes(handle, &USAGES).unwrap();
+        for attr in &usages {
+            let on = match attr {
+                Attribute::Sign(v)
+                | Attribute::Verify(v)
+                | Attribute::Encrypt(v)
+                | Attribute::Decrypt(v)
+                | Attribute::Wrap(v)
+                | Attribute::Unwrap(v)
+                | Attribute::Derive(v) => *v,
+                other => panic!("unasked-for attribute {other:?}"),
+            };
+            let usage = attr.attribute_type();
+            assert_eq!(on, allowed.contains(&usage), "{label}: {usage}");
+        }
+        for usage in allowed {
+            assert!(
+                usages.iter().any(|a| a.attribute_type() == *usage),
+                "{label}: no {usage}"
+            );
+        }
+
+        // CKA_VALUE: CKR_ATTRIBUTE_SENSITIVE.
+        let value = session
+            .get_attribute_info(handle, &[AttributeType::Value])
+            .unwrap();
+        assert!(
+            matches!(value.as_slice(), [AttributeInfo::Sensitive]),
+            "{label}: CKA_VALUE gave {value:?}"
+        );
+
+        // Nor can it be wrapped out under a key the caller holds.
+        let wrapped = session.wrap_key(&Mechanism::AesKeyWrapPad, wrapping, handle);
+        assert!(
+            matches!(wrapped, Err(CkError::Pkcs11(RvError::KeyUnextractable, _))),
+            "{label}: C_WrapKey gave {wrapped:?}"
+        );
+
+        // The key still works after all that.
+        match key_type {
+            KeyType::EcdsaP256 => {
+                let sig = t.ks.sign(&info.id, b"m", SignatureFormat::Der).unwrap();
+                t.ks.verify(&info.id, b"m", &sig, SignatureFormat::Der)
+                    .unwrap();
+            }
+            KeyType::Aes256Gcm => {
+                let env = t.ks.encrypt(&info.id, b"m", b"a").unwrap();
+                assert_eq!(t.ks.decrypt(&info.id, &env, b"a").unwrap().expose(), b"m");
+            }
+            _ => {
+                let tag = t.ks.mac(&info.id, b"m").unwrap();
+                t.ks.verify_mac(&info.id, b"m", &tag).unwrap();
+            }
+        }
+
+        // destroy_key removes every object of the key from the token.
+        assert!(!objects(&session, &label, None).is_empty());
+        t.ks.destroy_key(&info.id).unwrap();
+        assert_eq!(
+            objects(&session, &label, None),
+            vec![],
+            "{label} left objects"
+        );
+    }
+}
+
+#[test]
+fn pkcs11_tool_lists_the_keys_by_label() {
+    let hsm = SoftHsm::new().unwrap();
+    let t = HsmStore::on(&hsm);
+    let signer = t.create("signer", KeyType::EcdsaP256, None);
+    let sealer_key = t.create("sealer", KeyType::Aes256Gcm, None);
+    let out = Command::new("pkcs11-tool")
+        .args([
+            "--module",
+            SOFTHSM_MODULE,
+            "--token-label",
+            hsm.label(),
+            "--login",
+            "--pin",
+            TEST_USER_PIN,
+            "-O",
+        ])
+        .env("SOFTHSM2_CONF", SoftHsm::conf_file().unwrap())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "pkcs11-tool failed: {stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for (info, kind) in [
+        (&signer, "Private Key Object; EC"),
+        (&sealer_key, "Secret Key Object; AES"),
+    ] {
+        let label = format!("{}/{}", info.namespace, info.name);
+        // pkcs11-tool prints each object as a header line and indented `name: value` lines.
+        let object = stdout
+            .split_inclusive('\n')
+            .fold(Vec::<String>::new(), |mut objects, line| {
+                if line.starts_with(char::is_whitespace) {
+                    if let Some(last) = objects.last_mut() {
+                        last.push_str(line);
+                    }
+                } else {
+                    objects.push(line.to_owned());
+                }
+                objects
+            })
+            .into_iter()
+            .find(|o| o.starts_with(kind) && o.contains(&label))
+            .unwrap_or_else(|| panic!("no {kind} labelled {label} in:\n{stdout}"));
+        let line = |name: &str| {
+            object
+                .lines()
+                .find_map(|l| l.trim().strip_prefix(name).map(str::trim))
+                .unwrap_or_else(|| panic!("no {name} in {object}"))
+                .to_owned()
+        };
+        assert_eq!(line("label:"), label, "{object}");
+        assert_eq!(line("ID:"), info.locator, "{object}");
+    }
+}
+
+#[test]
+fn a_wrong_pin_is_tried_once_and_never_again() {
+    let hsm = SoftHsm::new().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let wrong_pin = "987654";
+    assert_ne!(wrong_pin, TEST_USER_PIN);
+    let pin_file = dir.path().join("wrong.pin");
+    std::fs::write(&pin_file, format!("{wrong_pin}\n")).unwrap();
+    let mut config = hsm.backend_config();
+    config.pin_file = Some(pin_file);
+
+    let spec = KeySpec::new(KeyType::EcdsaP256, None, None).unwrap();
+    let context = KeyContext {
+        store_id: &[7u8; 16],
+        uuid: &[9u8; 16],
+        label: "tests/pin",
+        spec: &spec,
+    };
+    let wrong = Pkcs11Backend::new(HSM, &config).unwrap();
+    assert_eq!(wrong.login_attempts(), 0, "logged in before being used");
+    for attempt in 1..=3 {
+        let err = wrong.generate(context).unwrap_err();
+        match &err {
+            Error::BackendLogin { backend, reason } => {
+                assert_eq!(backend, HSM);
+                assert!(reason.contains("wrong user PIN"), "{err}");
+            }
+            other => panic!("attempt {attempt}: expected BackendLogin, got {other:?}"),
+        }
+        let message = err.to_string();
+        assert!(message.contains("wrong user PIN"), "{message}");
+        assert!(message.contains(hsm.label()), "names the token: {message}");
+        assert!(!message.contains(wrong_pin), "the PIN leaked: {message}");
+        assert_eq!(wrong.login_attempts(), 1, "after attempt {attempt}");
+    }
+
+    // The right PIN, in a new backend, works, with one login.
+    let right = Pkcs11Backend::new(HSM, &hsm.backend_config()).unwrap();
+    let made = right.generate(context).unwrap();
+    assert_eq!(right.login_attempts(), 1);
+    let key = KeyRef {
+        context,
+        locator: &made.locator,
+        blob: made.blob.as_deref(),
+    };
+    let sig = right.sign(key, b"m", SignatureFormat::Der).unwrap();
+    made.public_key
+        .as_ref()
+        .unwrap()
+        .verify(b"m", &sig, SignatureFormat::Der)
+        .unwrap();
+    assert_eq!(right.login_attempts(), 1);
+
+    // The refused backend stays refused, without another C_Login, for any operation.
+    let err = wrong.sign(key, b"m", SignatureFormat::Der).unwrap_err();
+    assert!(matches!(err, Error::BackendLogin { .. }), "{err:?}");
+    assert_eq!(wrong.login_attempts(), 1);
+    right.destroy(key).unwrap();
+}
+
+#[test]
+fn eight_threads_sign_a_thousand_times_each_on_one_token() {
+    const THREADS: usize = 8;
+    const PER_THREAD: usize = 1000;
+    let hsm = SoftHsm::new().unwrap();
+    let t = HsmStore::on(&hsm);
+    let key = t.create("busy", KeyType::EcdsaP256, None);
+    let ks = Arc::new(t.ks);
+
+    let start = Instant::now();
+    let workers: Vec<_> = (0..THREADS)
+        .map(|thread| {
+            let ks = Arc::clone(&ks);
+            let id = key.id.clone();
+            std::thread::spawn(move || {
+                let mut signed = Vec::with_capacity(PER_THREAD);
+                let mut errors = Vec::new();
+                for i in 0..PER_THREAD {
+                    let message = format!("thread {thread} message {i}").into_bytes();
+                    match ks.sign(&id, &message, SignatureFormat::Der) {
+                        Ok(sig) => signed.push((message, sig)),
+                        Err(e) => errors.push(format!("{e:?}")),
+                    }
+                }
+                (signed, errors)
+            })
+        })
+        .collect();
+    let mut signed = Vec::new();
+    let mut errors = Vec::new();
+    for worker in workers {
+        let (s, e) = worker.join().unwrap();
+        signed.extend(s);
+        errors.extend(e);
+    }
+    let elapsed = start.elapsed();
+    println!(
+        "{THREADS} threads x {PER_THREAD} P-256 signatures on one SoftHSM token: {:.2?} \
+         ({:.0} signatures/s)",
+        elapsed,
+        (THREADS * PER_THREAD) as f64 / elapsed.as_secs_f64()
+    );
+    assert!(
+        errors.is_empty(),
+        "{} errors, first: {:?}",
+        errors.len(),
+        errors.first()
+    );
+    assert_eq!(signed.len(), THREADS * PER_THREAD);
+
+    // Every signature verifies, against the recorded public key and through the keystore.
+    let public = ks.public_key(&key.id).unwrap();
+    for (message, sig) in &signed {
+        public.verify(message, sig, SignatureFormat::Der).unwrap();
+    }
+    for (message, sig) in signed.iter().step_by(97) {
+        ks.verify(&key.id, message, sig, SignatureFormat::Der)
+            .unwrap();
+    }
+    // And a signature is not good for another thread's message.
+    let (_, sig) = &signed[0];
+    assert!(public
+        .verify(&signed[1].0, sig, SignatureFormat::Der)
+        .is_err());
+}
+
+/// A store with a P-256 and an AES key in a token, both used once (so a session is open and logged
+/// in and their handles are cached), and a software Ed25519 key; then the token is deleted.
+struct DeletedToken {
+    t: HsmStore,
+    _hsm: SoftHsm,
+    signer: KeyInfo,
+    aes: KeyInfo,
+    software: KeyInfo,
+    /// An envelope the AES key made before the deletion.
+    envelope: Vec<u8>,
+    /// The store directory just before the deletion.
+    before: std::collections::BTreeMap<PathBuf, Vec<u8>>,
+}
+
+impl DeletedToken {
+    fn new() -> Self {
+        let hsm = SoftHsm::new().unwrap();
+        let t = HsmStore::on(&hsm);
+        let signer = t.create("in-token", KeyType::EcdsaP256, None);
+        let aes = t.create("aes-in-token", KeyType::Aes256Gcm, None);
+        let software = t
+            .create_in(None, "in-software", KeyType::Ed25519, None)
+            .unwrap();
+        assert_eq!(software.backend, "software");
+        t.ks.sign(&signer.id, b"before", SignatureFormat::Der)
+            .unwrap();
+        let envelope = t.ks.encrypt(&aes.id, b"before", b"").unwrap();
+        let before = snapshot(&t.path);
+        hsm.delete_token().unwrap();
+        Self {
+            t,
+            _hsm: hsm,
+            signer,
+            aes,
+            software,
+            envelope,
+            before,
+        }
+    }
+
+    fn assert_store_unchanged(&self) {
+        assert_eq!(snapshot(&self.t.path), self.before, "the store changed");
+    }
+}
+
+#[test]
+fn a_deleted_token_is_a_typed_error_and_the_store_is_untouched() {
+    let d = DeletedToken::new();
+    let ks = &d.t.ks;
+
+    let first = ks.sign(&d.signer.id, b"after", SignatureFormat::Der);
+    let second = ks.sign(&d.signer.id, b"after", SignatureFormat::Der);
+    let decrypt = ks
+        .decrypt(&d.aes.id, &d.envelope, b"")
+        .map(|p| p.expose().to_vec());
+    let encrypt = ks.encrypt(&d.aes.id, b"after", b"");
+    println!("after delete_token:\n  sign: {first:?}\n  sign again: {second:?}");
+    println!("  decrypt: {decrypt:?}\n  encrypt: {encrypt:?}");
+    assert!(is_backend_unavailable(&first), "sign: {first:?}");
+    assert!(is_backend_unavailable(&second), "sign again: {second:?}");
+    assert!(is_backend_unavailable(&decrypt), "decrypt: {decrypt:?}");
+    assert!(is_backend_unavailable(&encrypt), "encrypt: {encrypt:?}");
+    d.assert_store_unchanged();
+
+    // What needs no token still works: the records, recorded public keys, software keys.
+    assert_eq!(ks.key_info(&d.signer.id).unwrap(), d.signer);
+    assert_eq!(ks.list_keys(None).unwrap().len(), 3);
+    ks.public_key(&d.signer.id).unwrap();
+    let sig = ks.sign(&d.software.id, b"m", SignatureFormat::Der).unwrap();
+    ks.verify(&d.software.id, b"m", &sig, SignatureFormat::Der)
+        .unwrap();
+    d.assert_store_unchanged();
+}
+
+/// The same condition as `sign` above (the key's objects went with the token): the same error.
+#[test]
+fn backend_public_key_of_a_deleted_token_is_backend_unavailable() {
+    let d = DeletedToken::new();
+    let public = d.t.ks.backend_public_key(&d.signer.id);
+    assert!(
+        is_backend_unavailable(&public),
+        "backend_public_key: {public:?}"
+    );
+}
+
+/// A key cannot be made in a token that is gone: the caller should be told it is unavailable.
+#[test]
+fn create_key_in_a_deleted_token_is_backend_unavailable() {
+    let d = DeletedToken::new();
+    let created = d.t.create_in(Some(HSM), "new", KeyType::EcdsaP256, None);
+    d.assert_store_unchanged();
+    assert!(is_backend_unavailable(&created), "create_key: {created:?}");
+}
+
+#[test]
+fn fallback_software_makes_what_the_token_cannot_in_software() {
+    let hsm = SoftHsm::new().unwrap();
+    let mut backend = hsm.backend_config();
+    backend.fallback = Fallback::Software;
+    let mut config = Config::default();
+    config
+        .backends
+        .insert(HSM.into(), BackendConfig::Pkcs11(backend));
+    let t = HsmStore::new(config);
+
+    let info = t
+        .create_in(Some(HSM), "oaep", KeyType::Rsa2048, Some(Purpose::Decrypt))
+        .unwrap();
+    assert_eq!(info.backend, "software");
+    assert_eq!(
+        info.attributes.get("fallback_for").map(String::as_str),
+        Some(HSM),
+        "{:?}",
+        info.attributes
+    );
+    let env = t.ks.encrypt(&info.id, b"a data key", b"aad").unwrap();
+    assert_eq!(
+        t.ks.decrypt(&info.id, &env, b"aad").unwrap().expose(),
+        b"a data key"
+    );
+    let err = t.ks.decrypt(&info.id, &env, b"other").unwrap_err();
+    assert!(matches!(err, Error::DecryptionFailed { .. }), "{err}");
+    // It says so after reopening, too.
+    let again = t.reopen();
+    assert_eq!(again.key_info(&info.id).unwrap(), info);
+
+    // What the token can make still goes to the token.
+    let signer = t
+        .create_in(Some(HSM), "signer", KeyType::EcdsaP256, None)
+        .unwrap();
+    assert_eq!(signer.backend, HSM);
+    assert!(!signer.attributes.contains_key("fallback_for"));
+}
+
+#[test]
+fn refuse_is_the_default_and_names_the_token_and_oaep() {
+    let hsm = SoftHsm::new().unwrap();
+    let t = HsmStore::on(&hsm);
+    let err = t
+        .create_in(Some(HSM), "oaep", KeyType::Rsa2048, Some(Purpose::Decrypt))
+        .unwrap_err();
+    assert!(
+        matches!(&err, Error::Unsupported { backend, .. } if backend == HSM),
+        "{err:?}"
+    );
+    let message = err.to_string();
+    assert!(message.contains(hsm.label()), "{message}");
+    assert!(message.contains("OAEP"), "{message}");
+    assert!(t.ks.list_keys(None).unwrap().is_empty());
+}
+
+#[test]
+fn public_keys_are_spki_that_openssl_reads() {
+    let hsm = SoftHsm::new().unwrap();
+    let t = HsmStore::on(&hsm);
+    for key_type in [
+        KeyType::EcdsaP256,
+        KeyType::EcdsaP384,
+        KeyType::Ed25519,
+        KeyType::Rsa2048,
+    ] {
+        let info = t.create(key_type.as_str(), key_type, None);
+        assert_eq!(info.backend, HSM);
+        let recorded = t.ks.public_key(&info.id).unwrap();
+        assert_eq!(recorded, t.ks.backend_public_key(&info.id).unwrap());
+        let pem = recorded.to_pem();
+        assert!(pem.starts_with("-----BEGIN PUBLIC KEY-----\n"), "{pem}");
+        assert_openssl_accepts_public_key(&pem, key_type);
+        assert_der_matches_openssl(&pem, recorded.spki_der());
+    }
+}
+
+/// OpenSSL re-encodes the PEM to the same DER: the SPKI is canonical.
+fn assert_der_matches_openssl(pem: &str, der: &[u8]) {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("pub.pem"), pem).unwrap();
+    let (ok, text) = support::openssl(
+        dir.path(),
+        &[
+            "pkey", "-pubin", "-in", "pub.pem", "-outform", "DER", "-out", "pub.der",
+        ],
+    );
+    assert!(ok, "{text}");
+    assert_eq!(std::fs::read(dir.path().join("pub.der")).unwrap(), der);
+}
+
+#[test]
+fn token_keys_work_after_reopening() {
+    let hsm = SoftHsm::new().unwrap();
+    let t = HsmStore::on(&hsm);
+    let signer = t.create("signer", KeyType::EcdsaP256, None);
+    let sealer_key = t.create("sealer", KeyType::Aes256Gcm, None);
+    let macer = t.create("macer", KeyType::HmacSha256, None);
+    let sig = t.ks.sign(&signer.id, b"m", SignatureFormat::Der).unwrap();
+    let env = t.ks.encrypt(&sealer_key.id, b"plain", b"aad").unwrap();
+    let tag = t.ks.mac(&macer.id, b"m").unwrap();
+    let HsmStore {
+        ks,
+        path,
+        config,
+        _dir,
+    } = t;
+    drop(ks); // closes every session on the token
+
+    let again = Keystore::open_with(&path, &sealer(PASSPHRASE), &config).unwrap();
+    assert_eq!(again.list_keys(None).unwrap().len(), 3);
+    again
+        .verify(&signer.id, b"m", &sig, SignatureFormat::Der)
+        .unwrap();
+    let fresh = again.sign(&signer.id, b"m2", SignatureFormat::Der).unwrap();
+    again
+        .verify(&signer.id, b"m2", &fresh, SignatureFormat::Der)
+        .unwrap();
+    assert_eq!(
+        again.backend_public_key(&signer.id).unwrap(),
+        again.public_key(&signer.id).unwrap()
+    );
+    assert_eq!(
+        again
+            .decrypt(&sealer_key.id, &env, b"aad")
+            .unwrap()
+            .expose(),
+        b"plain"
+    );
+    assert_eq!(again.mac(&macer.id, b"m").unwrap(), tag);
+    for info in [&signer, &sealer_key, &macer] {
+        assert_eq!(&again.key_info(&info.id).unwrap(), info);
+    }
+}
