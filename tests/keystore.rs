@@ -402,6 +402,8 @@ fn a_key_destroyed_by_another_process_is_gone_here_too() {
     t.ks.sign(&key.id, b"m", SignatureFormat::Der).unwrap();
     other.sign(&key.id, b"m", SignatureFormat::Der).unwrap();
     other.destroy_key(&key.id).unwrap();
+    // Another connection's commit is seen within the keystore's freshness window (1 ms).
+    std::thread::sleep(std::time::Duration::from_millis(5));
     let err = t.ks.sign(&key.id, b"m", SignatureFormat::Der).unwrap_err();
     assert!(matches!(err, Error::NoSuchKey { .. }), "{err}");
     // And a record changed behind both keystores' backs is re-verified, not served from a cache.
@@ -411,6 +413,7 @@ fn a_key_destroyed_by_another_process_is_gone_here_too() {
         &t,
         "UPDATE keys SET created_at = created_at + 1 WHERE name = 'kept'",
     );
+    std::thread::sleep(std::time::Duration::from_millis(5));
     let err = t.ks.sign(&kept.id, b"m", SignatureFormat::Der).unwrap_err();
     assert!(matches!(err, Error::Integrity { .. }), "{err}");
 }

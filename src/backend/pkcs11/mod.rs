@@ -149,7 +149,10 @@ impl Pkcs11Backend {
                             self.pool.device_gone();
                             return Err(errors::map(&self.name, operation, e));
                         }
+                        // An unexpected failure can leave the session mid-operation (SoftHSM leaves
+                        // a failed C_FindObjectsInit active): never hand that session out again.
                         Disposition::Fail => {
+                            lease.discard();
                             drop(lease);
                             return Err(self.failure(operation, e));
                         }
@@ -449,7 +452,7 @@ impl Pkcs11Backend {
             attrs.extend(extra);
             attrs
         };
-        let secret_handle = self.run(
+        let handles = self.run(
             "generate a key (C_GenerateKey/C_GenerateKeyPair)",
             |_, session| match spec.algorithm() {
                 Algorithm::EcdsaP256Sha256 | Algorithm::EcdsaP384Sha384 | Algorithm::Ed25519 => {
@@ -458,16 +461,16 @@ impl Pkcs11Backend {
                         KeyType::EcdsaP384 => (Mechanism::EccKeyPairGen, der::P384_OID),
                         _ => (Mechanism::EccEdwardsKeyPairGen, der::ED25519_OID),
                     };
-                    let (_, private) = session.generate_key_pair(
+                    let (public, private) = session.generate_key_pair(
                         &mechanism,
                         &common_public(vec![Attribute::EcParams(oid.to_vec())]),
                         &common_private(Vec::new()),
                     )?;
-                    Ok(private)
+                    Ok((Some(public), private))
                 }
                 Algorithm::RsaPssSha256 | Algorithm::RsaPkcs1Sha256 | Algorithm::RsaOaepSha256 => {
                     let bits = spec.key_type().rsa_bits().unwrap_or(2048) as u64;
-                    let (_, private) = session.generate_key_pair(
+                    let (public, private) = session.generate_key_pair(
                         &Mechanism::RsaPkcsKeyPairGen,
                         &common_public(vec![
                             Attribute::ModulusBits(bits.into()),
@@ -475,7 +478,7 @@ impl Pkcs11Backend {
                         ]),
                         &common_private(Vec::new()),
                     )?;
-                    Ok(private)
+                    Ok((Some(public), private))
                 }
                 Algorithm::Aes256Gcm | Algorithm::HmacSha256 => {
                     let (mechanism, key_type) = if spec.algorithm() == Algorithm::Aes256Gcm {
@@ -491,13 +494,19 @@ impl Pkcs11Backend {
                         Attribute::Encrypt(purpose == Purpose::Encrypt),
                         Attribute::Wrap(false),
                     ]);
-                    session.generate_key(&mechanism, &attrs)
+                    Ok((None, session.generate_key(&mechanism, &attrs)?))
                 }
             },
         )?;
+        let (public_handle, secret_handle) = handles;
         let class = secret_class(spec.algorithm());
-        self.handles()
-            .insert((id.to_vec(), class_key(class)), secret_handle);
+        // Keep both handles: finding the public key again would scan every object on the token.
+        let mut cache = self.handles();
+        cache.insert((id.to_vec(), class_key(class)), secret_handle);
+        if let Some(public) = public_handle {
+            cache.insert((id.to_vec(), class_key(ObjectClass::PUBLIC_KEY)), public);
+        }
+        drop(cache);
 
         // Read back what the token says about the key and record it.
         let flags = self.run("read key attributes (C_GetAttributeValue)", |_, session| {

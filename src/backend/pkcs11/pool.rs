@@ -56,7 +56,8 @@ pub(super) fn disposition(e: &CkError) -> Disposition {
 }
 
 struct State {
-    slot: Option<Slot>,
+    /// The token's slot and the session bound for it, found once per connection to the token.
+    slot: Option<(Slot, usize)>,
     idle: Vec<Session>,
     open: usize,
     logged_in: bool,
@@ -174,13 +175,19 @@ impl Pool {
 
     /// The token's slot, looked up again after the device went away.
     pub(super) fn slot(&self) -> Result<Slot> {
-        let mut state = self.lock();
-        if let Some(slot) = state.slot {
-            return Ok(slot);
+        self.slot_and_max().map(|(slot, _)| slot)
+    }
+
+    /// The slot and the session bound, computed once: `C_GetTokenInfo` costs more than a token
+    /// HMAC on SoftHSM, so it is not asked on every checkout.
+    fn slot_and_max(&self) -> Result<(Slot, usize)> {
+        if let Some(found) = self.lock().slot {
+            return Ok(found);
         }
         let slot = find_token(&self.backend, &self.module, &self.selector)?;
-        state.slot = Some(slot);
-        Ok(slot)
+        let found = (slot, self.effective_max(slot));
+        self.lock().slot = Some(found);
+        Ok(found)
     }
 
     /// The most sessions this pool opens: the configured bound, capped by the token's own limit.
@@ -198,8 +205,7 @@ impl Pool {
 
     /// Leases a logged-in session, opening one if the pool is below its bound, waiting otherwise.
     pub(super) fn checkout(&self) -> Result<Lease<'_>> {
-        let slot = self.slot()?;
-        let max = self.effective_max(slot);
+        let (slot, max) = self.slot_and_max()?;
         let mut state = self.lock();
         loop {
             if let Some(msg) = &state.login_refused {
@@ -327,7 +333,7 @@ impl Pool {
     /// Whether the selected token still answers in its slot. Some modules report a vanished token
     /// only as `CKR_GENERAL_ERROR` (SoftHSM after `--delete-token`), so failures are checked here.
     pub(super) fn token_present(&self) -> bool {
-        let Some(slot) = self.lock().slot else {
+        let Some((slot, _)) = self.lock().slot else {
             return false;
         };
         self.module.get_token_info(slot).is_ok_and(|info| {
