@@ -921,8 +921,8 @@ fn main() -> BoxResult<()> {
         "notes: ecdsa-p256-sign-digest32: raw signs a 32-byte digest, keyhold (no digest API) signs \
          a 32-byte message and so also hashes it; aes: the raw AAD has keyhold's length (25-byte \
          envelope header + caller AAD); p256-keygen: raw = C_GenerateKeyPair + CKA_EC_POINT read, \
-         keyhold also reads two attributes, finds the public key with C_FindObjects and writes a \
-         SQLite record per key; keys destroyed outside the timed loop on both sides"
+         keyhold also reads two attributes and the public key's point, and writes a SQLite \
+         record per key; keys destroyed outside the timed loop on both sides"
     );
 
     if std::env::var("KEYHOLD_BENCH_BREAKDOWN").is_ok_and(|v| v == "1") {

@@ -39,7 +39,7 @@ pub mod store;
 #[cfg(feature = "testing")]
 pub mod testing;
 
-pub use backend::Backend;
+pub use backend::{Backend, KeyOptions};
 pub use error::{Error, Result};
 pub use key::{
     validate_name, Algorithm, KeySpec, KeyState, KeyType, Purpose, RsaPadding, SignatureFormat,

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use keyhold::backend::pkcs11::Pkcs11Backend;
-use keyhold::backend::{Backend, KeyContext};
+use keyhold::backend::{Backend, KeyContext, KeyOptions};
 use keyhold::testing::SoftHsm;
 use keyhold::{
     Argon2Params, Error, KeyRequest, KeySpec, KeyType, Keystore, PassphraseSealer, Pkcs11Sealer,
@@ -52,12 +52,15 @@ fn orphan(f: &Fixture) -> String {
     let backend = Pkcs11Backend::new("hsm", &f.hsm.backend_config()).unwrap();
     let spec = KeySpec::new(KeyType::EcdsaP256, None, None).unwrap();
     let made = backend
-        .generate(KeyContext {
-            store_id: &[0; 16],
-            uuid: &[1; 16],
-            label: "default/crashed",
-            spec: &spec,
-        })
+        .generate(
+            KeyContext {
+                store_id: &[0; 16],
+                uuid: &[1; 16],
+                label: "default/crashed",
+                spec: &spec,
+            },
+            &KeyOptions::default(),
+        )
         .unwrap();
     made.locator
 }

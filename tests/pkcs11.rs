@@ -18,7 +18,7 @@ use cryptoki::object::{
 };
 use cryptoki::session::{Session, UserType};
 use keyhold::backend::pkcs11::Pkcs11Backend;
-use keyhold::backend::{Backend, KeyContext, KeyRef};
+use keyhold::backend::{Backend, KeyContext, KeyOptions, KeyRef};
 use keyhold::config::{BackendConfig, Config, Fallback};
 use keyhold::testing::{SoftHsm, SOFTHSM_MODULE, TEST_USER_PIN};
 use keyhold::{Error, KeyInfo, KeyRequest, KeySpec, KeyType, Keystore, Purpose, SignatureFormat};
@@ -368,7 +368,7 @@ fn a_wrong_pin_is_tried_once_and_never_again() {
     let wrong = Pkcs11Backend::new(HSM, &config).unwrap();
     assert_eq!(wrong.login_attempts(), 0, "logged in before being used");
     for attempt in 1..=3 {
-        let err = wrong.generate(context).unwrap_err();
+        let err = wrong.generate(context, &KeyOptions::default()).unwrap_err();
         match &err {
             Error::BackendLogin { backend, reason } => {
                 assert_eq!(backend, HSM);
@@ -385,7 +385,7 @@ fn a_wrong_pin_is_tried_once_and_never_again() {
 
     // The right PIN, in a new backend, works, with one login.
     let right = Pkcs11Backend::new(HSM, &hsm.backend_config()).unwrap();
-    let made = right.generate(context).unwrap();
+    let made = right.generate(context, &KeyOptions::default()).unwrap();
     assert_eq!(right.login_attempts(), 1);
     let key = KeyRef {
         context,

@@ -72,6 +72,28 @@ pub struct KeyContext<'a> {
     pub spec: &'a KeySpec,
 }
 
+/// Choices made once, when a key is created.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct KeyOptions {
+    /// Let the key leave its device wrapped under another key (`CKA_EXTRACTABLE`). Off by
+    /// default: keys never leave. Never in clear: extractable token keys stay sensitive.
+    pub extractable: bool,
+}
+
+impl KeyOptions {
+    /// The defaults: a key that never leaves its backend.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Sets [`KeyOptions::extractable`].
+    pub fn extractable(mut self, extractable: bool) -> Self {
+        self.extractable = extractable;
+        self
+    }
+}
+
 /// A key as stored: its identity plus what the backend returned when it was generated.
 #[derive(Debug, Clone, Copy)]
 pub struct KeyRef<'a> {
@@ -147,7 +169,7 @@ pub trait Backend: Send + Sync + fmt::Debug {
     ///
     /// # Errors
     /// [`crate::Error::Unsupported`] for a type the backend cannot make; a backend error otherwise.
-    fn generate(&self, context: KeyContext<'_>) -> Result<GeneratedKey>;
+    fn generate(&self, context: KeyContext<'_>, options: &KeyOptions) -> Result<GeneratedKey>;
 
     /// Reads the public key back from the backend (the keystore normally uses the recorded copy).
     ///

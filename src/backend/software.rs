@@ -15,7 +15,7 @@ use aws_lc_rs::signature::{self, EcdsaKeyPair, Ed25519KeyPair, KeyPair as _};
 use aws_lc_rs::{hmac, rand};
 
 use crate::backend::{
-    Backend, BackendReport, Capabilities, GeneratedKey, KeyContext, KeyRef, Sealed,
+    Backend, BackendReport, Capabilities, GeneratedKey, KeyContext, KeyOptions, KeyRef, Sealed,
 };
 use crate::error::{Error, Result};
 use crate::key::{Algorithm, KeyType, SignatureFormat};
@@ -348,7 +348,9 @@ impl Backend for SoftwareBackend {
         Ok(self.capabilities.clone())
     }
 
-    fn generate(&self, context: KeyContext<'_>) -> Result<GeneratedKey> {
+    fn generate(&self, context: KeyContext<'_>, _options: &KeyOptions) -> Result<GeneratedKey> {
+        // Software keys live sealed in their records either way; `extractable` is recorded by the
+        // keystore for the wrapped export to come.
         let key_type = context.spec.key_type();
         let algorithm = context.spec.algorithm();
         let fresh = generate_material(key_type, algorithm)?;
@@ -495,7 +497,7 @@ mod tests {
                     label: "default/k",
                     spec: &spec,
                 };
-                let made = be.generate(ctx).unwrap();
+                let made = be.generate(ctx, &KeyOptions::default()).unwrap();
                 let key = KeyRef {
                     context: ctx,
                     locator: &made.locator,
@@ -518,7 +520,7 @@ mod tests {
             label: "default/k",
             spec: &spec,
         };
-        let made = be.generate(ctx).unwrap();
+        let made = be.generate(ctx, &KeyOptions::default()).unwrap();
         let moved = KeyRef {
             context: KeyContext {
                 uuid: &[3; 16],

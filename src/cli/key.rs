@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use clap::{Args, Subcommand, ValueEnum};
-use keyhold::{KeyInfo, KeyRequest, KeySpec, KeyType, Purpose, RsaPadding};
+use keyhold::{KeyInfo, KeyOptions, KeyRequest, KeySpec, KeyType, Purpose, RsaPadding};
 
 use super::{io, CmdResult, Context};
 
@@ -41,6 +41,10 @@ pub struct CreateArgs {
     /// The backend to create the key in
     #[arg(long, default_value = "software")]
     backend: String,
+
+    /// Let the key leave its device wrapped under another key (never in clear); off by default
+    #[arg(long)]
+    extractable: bool,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -107,12 +111,15 @@ fn create(ctx: &Context, args: &CreateArgs) -> CmdResult {
     keyhold::validate_name("namespace", &ctx.namespace)?;
     keyhold::validate_name("key name", &args.name)?;
     let ks = io::open_keystore(ctx)?;
-    let info = ks.create_key(&KeyRequest {
-        namespace: ctx.namespace.clone(),
-        name: args.name.clone(),
-        spec,
-        backend: Some(args.backend.clone()),
-    })?;
+    let info = ks.create_key_with(
+        &KeyRequest {
+            namespace: ctx.namespace.clone(),
+            name: args.name.clone(),
+            spec,
+            backend: Some(args.backend.clone()),
+        },
+        &KeyOptions::new().extractable(args.extractable),
+    )?;
     if ctx.json {
         io::print_json(&info_json(&info))
     } else {

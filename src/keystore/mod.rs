@@ -13,7 +13,9 @@ use aws_lc_rs::{constant_time, hkdf, hmac};
 
 use crate::backend::pkcs11::Pkcs11Backend;
 use crate::backend::software::SoftwareBackend;
-use crate::backend::{Backend, BackendReport, Capabilities, KeyContext, KeyRef, Sealed};
+use crate::backend::{
+    Backend, BackendReport, Capabilities, KeyContext, KeyOptions, KeyRef, Sealed,
+};
 use crate::config::{BackendConfig, Config, Fallback};
 use crate::error::{Error, Result};
 use crate::key::{validate_name, Algorithm, KeySpec, KeyState, Purpose, SignatureFormat};
@@ -549,6 +551,14 @@ impl Keystore {
     /// [`Error::InvalidInput`] for a bad name, [`Error::KeyExists`], [`Error::Unsupported`] if the
     /// backend cannot make that type, backend and storage errors.
     pub fn create_key(&self, request: &KeyRequest) -> Result<KeyInfo> {
+        self.create_key_with(request, &KeyOptions::default())
+    }
+
+    /// [`Self::create_key`] with creation options (e.g. an extractable token key).
+    ///
+    /// # Errors
+    /// As [`Self::create_key`].
+    pub fn create_key_with(&self, request: &KeyRequest, options: &KeyOptions) -> Result<KeyInfo> {
         validate_name("namespace", &request.namespace)?;
         validate_name("key name", &request.name)?;
         let asked = request.backend.as_deref().unwrap_or(SoftwareBackend::NAME);
@@ -563,8 +573,11 @@ impl Keystore {
             label: &label,
             spec: &spec,
         };
-        let generated = backend.generate(context)?;
+        let generated = backend.generate(context, options)?;
         let mut attributes: BTreeMap<String, String> = generated.attributes.into_iter().collect();
+        if options.extractable {
+            attributes.insert("extractable".into(), "true".into());
+        }
         if let Some(original) = fallback_for {
             attributes.insert("fallback_for".into(), original.to_owned());
         }
@@ -987,7 +1000,7 @@ impl Backend for Unavailable {
     fn capabilities(&self) -> Result<Capabilities> {
         Err(self.error())
     }
-    fn generate(&self, _: KeyContext<'_>) -> Result<crate::backend::GeneratedKey> {
+    fn generate(&self, _: KeyContext<'_>, _: &KeyOptions) -> Result<crate::backend::GeneratedKey> {
         Err(self.error())
     }
     fn public_key(&self, _: KeyRef<'_>) -> Result<PublicKey> {

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 
 use crate::backend::pkcs11::Pkcs11Backend;
-use crate::backend::{Backend, KeyContext, KeyRef, Sealed};
+use crate::backend::{Backend, KeyContext, KeyOptions, KeyRef, Sealed};
 use crate::error::{Error, Result};
 use crate::key::{KeySpec, KeyType};
 use crate::sealer::{RootSecret, SealedRoot, Sealer};
@@ -90,7 +90,7 @@ impl Sealer for Pkcs11Sealer {
             label: &label,
             spec: &spec,
         };
-        let made = self.backend.generate(context)?;
+        let made = self.backend.generate(context, &KeyOptions::default())?;
         let params = serde_json::to_vec(&StoredParams {
             backend: self.backend.name().to_owned(),
             locator: made.locator.clone(),

@@ -23,7 +23,8 @@ use cryptoki::session::Session;
 
 use self::pool::{Disposition, Pool};
 use crate::backend::{
-    Backend, BackendReport, Capabilities, DeviceObject, GeneratedKey, KeyContext, KeyRef, Sealed,
+    Backend, BackendReport, Capabilities, DeviceObject, GeneratedKey, KeyContext, KeyOptions,
+    KeyRef, Sealed,
 };
 use crate::config::Pkcs11Config;
 use crate::der;
@@ -413,7 +414,12 @@ impl Pkcs11Backend {
     }
 
     /// Makes the key's objects; returns the public key and what the token reports about the key.
-    fn generate_objects(&self, context: &KeyContext<'_>, id: &[u8]) -> Result<Made> {
+    fn generate_objects(
+        &self,
+        context: &KeyContext<'_>,
+        id: &[u8],
+        extractable: bool,
+    ) -> Result<Made> {
         let spec = context.spec;
         let label = context.label.as_bytes().to_vec();
         let purpose = spec.purpose();
@@ -430,7 +436,7 @@ impl Pkcs11Backend {
                 Attribute::Token(true),
                 Attribute::Private(true),
                 Attribute::Sensitive(true),
-                Attribute::Extractable(false),
+                Attribute::Extractable(extractable),
                 Attribute::Id(id.to_vec()),
                 Attribute::Label(label.clone()),
             ];
@@ -680,7 +686,7 @@ impl Backend for Pkcs11Backend {
         Ok(self.capabilities.get_or_init(|| computed).clone())
     }
 
-    fn generate(&self, context: KeyContext<'_>) -> Result<GeneratedKey> {
+    fn generate(&self, context: KeyContext<'_>, options: &KeyOptions) -> Result<GeneratedKey> {
         let capabilities = self.capabilities()?;
         let (key_type, purpose) = (context.spec.key_type(), context.spec.purpose());
         if !capabilities.supports(key_type, purpose) {
@@ -694,7 +700,7 @@ impl Backend for Pkcs11Backend {
         }
         let mut id = [0u8; 16];
         aws_lc_rs::rand::fill(&mut id).map_err(|_| Error::crypto("make a CKA_ID"))?;
-        match self.generate_objects(&context, &id) {
+        match self.generate_objects(&context, &id, options.extractable) {
             Ok(made) => Ok(GeneratedKey {
                 locator: crate::hex::encode(&id),
                 blob: None,

@@ -1,0 +1,332 @@
+//! The command line with a PKCS#11 backend: the real binary against a real SoftHSM2 token.
+#![allow(clippy::unwrap_used)] // test helpers: a panic is the failure report
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+use keyhold::testing::{SoftHsm, TEST_USER_PIN};
+
+const PASS: &str = "cli pkcs11 test passphrase";
+
+struct Env {
+    hsm: SoftHsm,
+    dir: tempfile::TempDir,
+    store: PathBuf,
+    config: PathBuf,
+}
+
+impl Env {
+    fn new() -> Self {
+        let hsm = SoftHsm::new().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let store = dir.path().join("store");
+        let config = dir.path().join("keyhold.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "[backends.hsm]\ntype = \"pkcs11\"\nmodule = \"{}\"\ntoken_label = \"{}\"\n\
+                 pin_env = \"KH_TEST_PIN\"\n",
+                keyhold::testing::SOFTHSM_MODULE,
+                hsm.label()
+            ),
+        )
+        .unwrap();
+        Self {
+            hsm,
+            dir,
+            store,
+            config,
+        }
+    }
+
+    fn run_with_pin(&self, pin: &str, args: &[&str]) -> Output {
+        Command::new(env!("CARGO_BIN_EXE_keyhold"))
+            .arg("--store")
+            .arg(&self.store)
+            .arg("--config")
+            .arg(&self.config)
+            .args(args)
+            .env("SOFTHSM2_CONF", SoftHsm::conf_file().unwrap())
+            .env("KH_TEST_PIN", pin)
+            .env("KEYHOLD_PASSPHRASE", PASS)
+            .env_remove("KEYHOLD_STORE")
+            .env_remove("KEYHOLD_CONFIG")
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    }
+
+    fn run(&self, args: &[&str]) -> Output {
+        self.run_with_pin(TEST_USER_PIN, args)
+    }
+
+    fn ok(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert!(
+            out.status.success(),
+            "{args:?}: expected success, got {:?}: {}",
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    fn init_passphrase(&self) {
+        self.ok(&[
+            "init",
+            "--sealer",
+            "passphrase",
+            "--argon2-memory-mib",
+            "8",
+            "--argon2-iterations",
+            "1",
+        ]);
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    fn db(&self) -> Vec<u8> {
+        std::fs::read(self.store.join(keyhold::store::DB_FILE)).unwrap()
+    }
+}
+
+fn field<'a>(show: &'a str, name: &str) -> &'a str {
+    show.lines()
+        .find_map(|l| l.strip_prefix(&format!("{name}: ")))
+        .unwrap_or_else(|| panic!("no `{name}` in key show:\n{show}"))
+}
+
+fn openssl_verifies(pem: &Path, sig: &Path, msg: &Path) -> bool {
+    Command::new("openssl")
+        .args(["dgst", "-sha256", "-verify"])
+        .arg(pem)
+        .arg("-signature")
+        .arg(sig)
+        .arg(msg)
+        .output()
+        .unwrap()
+        .status
+        .success()
+}
+
+#[test]
+fn a_token_key_signs_and_openssl_verifies() {
+    let env = Env::new();
+    env.init_passphrase();
+    let id = env.ok(&[
+        "key",
+        "create",
+        "web",
+        "--type",
+        "ecdsa-p256",
+        "--backend",
+        "hsm",
+    ]);
+    let id = id.trim_end();
+    let show = env.ok(&["key", "show", "--key", id]);
+    assert_eq!(field(&show, "backend"), "hsm");
+    assert_eq!(
+        field(&show, "attributes"),
+        "always_sensitive=true, never_extractable=true"
+    );
+    let msg = env.path("msg");
+    std::fs::write(&msg, b"signed inside the token").unwrap();
+    let sig = env.path("sig");
+    let pem = env.path("pub.pem");
+    env.ok(&[
+        "sign",
+        "--key",
+        id,
+        "--in",
+        msg.to_str().unwrap(),
+        "--out",
+        sig.to_str().unwrap(),
+    ]);
+    env.ok(&["key", "pubkey", "--key", id, "--out", pem.to_str().unwrap()]);
+    assert!(
+        openssl_verifies(&pem, &sig, &msg),
+        "openssl rejected the token's signature"
+    );
+    std::fs::write(&msg, b"something else").unwrap();
+    assert!(!openssl_verifies(&pem, &sig, &msg));
+}
+
+#[test]
+fn an_extractable_key_is_recorded_as_such() {
+    let env = Env::new();
+    env.init_passphrase();
+    let id = env.ok(&[
+        "key",
+        "create",
+        "wrap-me",
+        "--type",
+        "aes-256-gcm",
+        "--backend",
+        "hsm",
+        "--extractable",
+    ]);
+    let show = env.ok(&["key", "show", "--key", id.trim_end()]);
+    assert_eq!(
+        field(&show, "attributes"),
+        "always_sensitive=true, extractable=true, never_extractable=false"
+    );
+}
+
+#[test]
+fn what_the_token_cannot_do_is_refused_with_the_reason() {
+    let env = Env::new();
+    env.init_passphrase();
+    let before = env.db();
+    let out = env.run(&[
+        "key",
+        "create",
+        "dec",
+        "--type",
+        "rsa-2048",
+        "--purpose",
+        "decrypt",
+        "--backend",
+        "hsm",
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("OAEP"), "{stderr}");
+    assert!(stderr.contains(env.hsm.label()), "{stderr}");
+    assert_eq!(env.db(), before, "a refused key must change nothing");
+}
+
+#[test]
+fn a_wrong_pin_is_exit_7_and_changes_nothing() {
+    let env = Env::new();
+    env.init_passphrase();
+    env.ok(&[
+        "key",
+        "create",
+        "k",
+        "--type",
+        "ed25519",
+        "--backend",
+        "hsm",
+    ]);
+    let before = env.db();
+    let out = env.run_with_pin(
+        "0000",
+        &[
+            "key",
+            "create",
+            "k2",
+            "--type",
+            "ed25519",
+            "--backend",
+            "hsm",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(7));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("wrong user PIN"), "{stderr}");
+    assert!(
+        !stderr.contains("0000"),
+        "the PIN must not be echoed: {stderr}"
+    );
+    assert_eq!(env.db(), before);
+}
+
+#[test]
+fn a_store_sealed_by_the_token_opens_only_with_it() {
+    let env = Env::new();
+    let out = env.ok(&["init", "--sealer", "pkcs11", "--backend", "hsm"]);
+    assert!(out.contains("sealer pkcs11"), "{out}");
+    let id = env.ok(&["key", "create", "sw", "--type", "hmac-sha256"]);
+    let id = id.trim_end();
+    let show = env.ok(&["key", "show", "--key", id]);
+    assert_eq!(field(&show, "backend"), "software (sealed by pkcs11)");
+    let data = env.path("data");
+    std::fs::write(&data, b"data").unwrap();
+    let out = env.run(&["mac", "--key", id, "--in", data.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(out.stdout.len(), 32, "an HMAC-SHA256 tag");
+    // Without the backend's configuration the store cannot be unsealed, and says why.
+    let out = Command::new(env!("CARGO_BIN_EXE_keyhold"))
+        .arg("--store")
+        .arg(&env.store)
+        .args(["key", "list"])
+        .env_remove("KEYHOLD_CONFIG")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("sealed by the PKCS#11 backend `hsm`"),
+        "{stderr}"
+    );
+    // With the wrong PIN: one refused login, exit 7.
+    let out = env.run_with_pin("0000", &["key", "list"]);
+    assert_eq!(
+        out.status.code(),
+        Some(7),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn doctor_shows_the_token_and_no_orphans() {
+    let env = Env::new();
+    env.init_passphrase();
+    env.ok(&[
+        "key",
+        "create",
+        "k",
+        "--type",
+        "ecdsa-p384",
+        "--backend",
+        "hsm",
+    ]);
+    let report = env.ok(&["doctor"]);
+    assert!(
+        report.contains(&format!("token: `{}`", env.hsm.label())),
+        "{report}"
+    );
+    assert!(report.contains("user PIN: initialised"), "{report}");
+    assert!(report.contains("cannot: rsa-2048/decrypt"), "{report}");
+    assert!(report.contains("orphaned objects: 0"), "{report}");
+    assert!(report.contains("missing objects: 0"), "{report}");
+    let json = env.ok(&["--json", "doctor"]);
+    let value: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(value["orphans"].as_array().unwrap().len(), 0);
+}
+
+#[test]
+fn an_absent_token_is_exit_7_naming_the_tokens_present() {
+    let env = Env::new();
+    env.init_passphrase();
+    let text = std::fs::read_to_string(&env.config)
+        .unwrap()
+        .replace(env.hsm.label(), "no-such-token");
+    std::fs::write(&env.config, text).unwrap();
+    let out = env.run(&[
+        "key",
+        "create",
+        "k",
+        "--type",
+        "ed25519",
+        "--backend",
+        "hsm",
+    ]);
+    assert_eq!(out.status.code(), Some(7));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("no token labelled `no-such-token`"),
+        "{stderr}"
+    );
+    assert!(stderr.contains(env.hsm.label()), "{stderr}");
+    // Software keys still work with the token gone.
+    env.ok(&["key", "create", "sw", "--type", "ed25519"]);
+}
