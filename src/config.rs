@@ -211,7 +211,15 @@ impl Config {
     /// # Errors
     /// [`Error::Config`] with the parser's message (line and column), or for invalid settings.
     pub fn from_toml(text: &str) -> Result<Self> {
-        let config: Config = toml::from_str(text).map_err(|e| Error::Config(e.to_string()))?;
+        // toml's Display quotes the offending line, which may hold a PIN someone put there: say
+        // where the problem is, never what the line says.
+        let config: Config = toml::from_str(text).map_err(|e| {
+            let at = e.span().map_or(String::new(), |span| {
+                let line = text[..span.start].matches('\n').count() + 1;
+                format!(" (line {line})")
+            });
+            Error::Config(format!("{}{at}", e.message()))
+        })?;
         config.validate()?;
         Ok(config)
     }
@@ -337,6 +345,7 @@ mod tests {
             ("[backends.hsm]\ntype = \"pkcs11\"\nmodule = \"m\"\npin_env = \"P\"", "exactly one of token_label"),
             ("[backends.hsm]\ntype = \"pkcs11\"\nmodule = \"m\"\ntoken_label = \"t\"", "exactly one PIN source"),
             ("[backends.hsm]\ntype = \"pkcs11\"\nmodule = \"m\"\ntoken_label = \"t\"\npin = \"1234\"", "unknown field `pin`"),
+            ("[backends.hsm]\ntype = \"pkcs11\"\nmodule = \"m\"\ntoken_label = \"t\"\npin = \"1234\"", "(line "),
             ("[backends.software]\ntype = \"pkcs11\"\nmodule = \"m\"\ntoken_label = \"t\"\npin_env = \"P\"", "built in"),
             ("[backends.hsm]\ntype = \"nope\"", "unknown variant `nope`"),
             ("[backends.hsm]\ntype = \"pkcs11\"\nmodule = \"m\"\ntoken_uri = \"http://x\"\npin_env = \"P\"", "must start with `pkcs11:`"),
@@ -344,6 +353,10 @@ mod tests {
         for (text, expected) in cases {
             let err = Config::from_toml(text).unwrap_err().to_string();
             assert!(err.contains(expected), "{text:?}: {err}");
+            assert!(
+                !err.contains("1234"),
+                "a PIN in the file must not be echoed: {err}"
+            );
         }
     }
 }

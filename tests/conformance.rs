@@ -452,7 +452,7 @@ mod checks {
             plaintext.as_slice()
         );
         let err = fx.ks.decrypt(id, &env, b"row 18").unwrap_err();
-        assert!(matches!(err, Error::DecryptionFailed { .. }), "{err}");
+        assert!(matches!(err, Error::DecryptionFailed { .. }), "{err:?}");
         let err = fx.ks.decrypt(id, &env, b"").unwrap_err();
         assert!(matches!(err, Error::DecryptionFailed { .. }), "{err}");
         for at in [env.len() - 1, env.len() - 20, env.len() / 2] {

@@ -49,12 +49,21 @@ fn fixture() -> Fixture {
 /// A key made in the token whose record was never written: what a crash between
 /// `C_GenerateKeyPair` and the SQLite insert leaves behind.
 fn orphan(f: &Fixture) -> String {
+    let store_id: [u8; 16] = keyhold::hex::decode(&f.ks.store_id())
+        .unwrap()
+        .try_into()
+        .unwrap();
+    made_by(f, &store_id)
+}
+
+/// A key object made in the token for the store `store_id`, with no record anywhere.
+fn made_by(f: &Fixture, store_id: &[u8; 16]) -> String {
     let backend = Pkcs11Backend::new("hsm", &f.hsm.backend_config()).unwrap();
     let spec = KeySpec::new(KeyType::EcdsaP256, None, None).unwrap();
     let made = backend
         .generate(
             KeyContext {
-                store_id: &[0; 16],
+                store_id,
                 uuid: &[1; 16],
                 label: "default/crashed",
                 spec: &spec,
@@ -87,6 +96,17 @@ fn doctor_finds_and_removes_an_orphan_left_by_a_crash() {
     assert!(err.to_string().contains("not an orphan"), "{err}");
     f.ks.sign(&kept.id, b"still here", SignatureFormat::Der)
         .unwrap();
+
+    // Another store's object on the same token is neither an orphan nor removable from here.
+    let foreign = made_by(&f, &[0x5a; 16]);
+    let doctor = f.ks.doctor().unwrap();
+    assert_eq!(doctor.orphans.len(), 1, "{:?}", doctor.orphans);
+    assert_eq!(doctor.foreign_objects, 1);
+    let err = f.ks.remove_orphan("hsm", &foreign).unwrap_err();
+    assert!(
+        err.to_string().contains("does not belong to this store"),
+        "{err}"
+    );
 
     f.ks.remove_orphan("hsm", &locator).unwrap();
     let doctor = f.ks.doctor().unwrap();

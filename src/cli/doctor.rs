@@ -78,6 +78,10 @@ pub fn run(ctx: &Context, args: &DoctorArgs) -> CmdResult {
             o.backend, o.locator, o.label, o.backend, o.locator
         ));
     }
+    out.push_str(&format!(
+        "objects of other stores or applications: {} (left alone)\n",
+        doctor.foreign_objects
+    ));
     out.push_str(&format!("missing objects: {}\n", doctor.missing.len()));
     for k in &doctor.missing {
         out.push_str(&format!(
@@ -112,6 +116,7 @@ fn json(doctor: &Doctor) -> serde_json::Value {
         .collect();
     serde_json::json!({
         "backends": backends,
+        "foreign_objects": doctor.foreign_objects,
         "orphans": doctor.orphans.iter().map(|o| serde_json::json!({
             "backend": o.backend, "locator": o.locator, "label": o.label,
         })).collect::<Vec<_>>(),

@@ -87,6 +87,15 @@ pub(crate) fn decode(bytes: &[u8]) -> Result<Envelope<'_>> {
     let mut version = [0u8; 4];
     version.copy_from_slice(&bytes[21..25]);
     let nonce_len = usize::from(bytes[HEADER_LEN]);
+    let expected_nonce = match algorithm {
+        Algorithm::Aes256Gcm => 12,
+        _ => 0,
+    };
+    if nonce_len != expected_nonce {
+        return Err(fail(
+            "the envelope's nonce length does not fit its algorithm",
+        ));
+    }
     let rest = &bytes[HEADER_LEN + 1..];
     let (nonce, body) = rest
         .split_at_checked(nonce_len)

@@ -86,9 +86,11 @@ pub struct KeyInfo {
 pub struct Doctor {
     /// Every backend, `software` first.
     pub backends: Vec<BackendHealth>,
-    /// Key objects on a device that no record names: left by a crash between generation and
-    /// recording, or made by another application. Remove them with [`Keystore::remove_orphan`].
+    /// Key objects of this store on a device that no record names: left by a crash between
+    /// generation and recording. Remove them with [`Keystore::remove_orphan`].
     pub orphans: Vec<Orphan>,
+    /// Objects on the devices that belong to other stores or applications (never touched).
+    pub foreign_objects: usize,
     /// Records whose key object is not on its device (token re-initialised or objects deleted).
     pub missing: Vec<KeyInfo>,
 }
@@ -137,6 +139,9 @@ pub struct Keystore {
 #[derive(Debug, Default)]
 struct ResolvedCache {
     data_version: i64,
+    /// Bumped by every write of this keystore, so that a resolution that raced a write (whose
+    /// commit `data_version` does not show on this connection) is not cached.
+    generation: u64,
     /// When `data_version` was last read; `None` before the first read.
     checked_at: Option<std::time::Instant>,
     by_id: HashMap<String, Arc<Resolved>>,
@@ -429,23 +434,25 @@ impl Keystore {
 
     /// Forgets every resolved key (after this keystore changed the store).
     fn invalidate(&self) {
-        self.cache().by_id.clear();
+        let mut cache = self.cache();
+        cache.by_id.clear();
+        cache.generation += 1;
     }
 
     /// Authenticates `id` and loads its key's verified record, from the cache when the store has
     /// not changed since.
     fn resolve(&self, id: &str) -> Result<Arc<Resolved>> {
-        let version = {
+        let fresh_version = {
             let cache = self.cache();
             let fresh = cache.checked_at.is_some_and(|at| at.elapsed() < FRESHNESS);
             match (fresh, cache.by_id.get(id)) {
                 (true, Some(hit)) => return Ok(Arc::clone(hit)),
-                (true, None) => Some(cache.data_version),
+                (true, None) => Some((cache.data_version, cache.generation)),
                 (false, _) => None,
             }
         };
-        let version = match version {
-            Some(v) => v,
+        let (version, generation) = match fresh_version {
+            Some(seen) => seen,
             None => {
                 let v = self.store.data_version()?;
                 let mut cache = self.cache();
@@ -457,12 +464,13 @@ impl Keystore {
                 if let Some(hit) = cache.by_id.get(id) {
                     return Ok(Arc::clone(hit));
                 }
-                v
+                (v, cache.generation)
             }
         };
         let resolved = Arc::new(self.resolve_uncached(id)?);
         let mut cache = self.cache();
-        if cache.data_version == version {
+        // Cache only if nothing was written in between (by this keystore, or seen from others).
+        if cache.data_version == version && cache.generation == generation {
             if cache.by_id.len() >= CACHE_LIMIT {
                 cache.by_id.clear();
             }
@@ -684,8 +692,10 @@ impl Keystore {
         let mut doctor = Doctor {
             backends: Vec::new(),
             orphans: Vec::new(),
+            foreign_objects: 0,
             missing: Vec::new(),
         };
+        let ours = self.object_prefix();
         for backend in &self.backends {
             let name = backend.name();
             let report = backend.report();
@@ -702,7 +712,14 @@ impl Keystore {
                             .as_ref()
                             .is_some_and(|(b, l)| b == name && l == locator)
                 };
-                for object in objects.iter().filter(|o| !recorded(&o.locator)) {
+                doctor.foreign_objects += objects
+                    .iter()
+                    .filter(|o| !o.locator.starts_with(&ours))
+                    .count();
+                let orphans = objects
+                    .iter()
+                    .filter(|o| o.locator.starts_with(&ours) && !recorded(&o.locator));
+                for object in orphans {
                     doctor.orphans.push(Orphan {
                         backend: name.to_owned(),
                         locator: object.locator.clone(),
@@ -722,6 +739,12 @@ impl Keystore {
             });
         }
         Ok(doctor)
+    }
+
+    /// How this store's device objects begin: the hex of the store ID's first 8 bytes (backends
+    /// that keep objects put it at the start of their identifiers).
+    fn object_prefix(&self) -> String {
+        crate::hex::encode(&self.store_id[..8])
     }
 
     /// The backend and locator of the token key sealing the root secret, if any.
@@ -748,6 +771,12 @@ impl Keystore {
             || self
                 .sealer_key_locator()
                 .is_some_and(|(b, l)| b == backend && l == locator);
+        if !locator.starts_with(&self.object_prefix()) {
+            return Err(Error::InvalidInput(format!(
+                "object {locator} in backend `{backend}` does not belong to this store: \
+                 keyhold removes only its own objects"
+            )));
+        }
         if used {
             return Err(Error::InvalidInput(format!(
                 "object {locator} in backend `{backend}` belongs to a key of this store: \

@@ -437,6 +437,9 @@ impl Pkcs11Backend {
                 Attribute::Private(true),
                 Attribute::Sensitive(true),
                 Attribute::Extractable(extractable),
+                // An extractable key may be wrapped only under keys the SO marked trusted: any
+                // user-made wrapping key would otherwise export it in effect in clear.
+                Attribute::WrapWithTrusted(extractable),
                 Attribute::Id(id.to_vec()),
                 Attribute::Label(label.clone()),
             ];
@@ -651,6 +654,22 @@ pub(crate) fn init_token(
     Ok(())
 }
 
+/// Whether a device error is the token refusing a ciphertext (rather than failing otherwise).
+fn is_decrypt_refusal(e: &(dyn std::error::Error + Send + Sync + 'static)) -> bool {
+    use cryptoki::context::Function;
+    use cryptoki::error::{Error as CkError, RvError};
+    matches!(
+        e.downcast_ref::<CkError>(),
+        Some(CkError::Pkcs11(
+            RvError::EncryptedDataInvalid
+                | RvError::EncryptedDataLenRange
+                | RvError::GeneralError
+                | RvError::FunctionFailed,
+            Function::Decrypt
+        ))
+    )
+}
+
 /// What generating a key's objects produced.
 struct Made {
     public: Option<PublicKey>,
@@ -698,8 +717,11 @@ impl Backend for Pkcs11Backend {
                     .to_owned(),
             });
         }
+        // CKA_ID = the store's first 8 ID bytes, then 8 random bytes: a token shared by several
+        // stores (or applications) still tells which objects belong to which store.
         let mut id = [0u8; 16];
-        aws_lc_rs::rand::fill(&mut id).map_err(|_| Error::crypto("make a CKA_ID"))?;
+        id[..8].copy_from_slice(&context.store_id[..8]);
+        aws_lc_rs::rand::fill(&mut id[8..]).map_err(|_| Error::crypto("make a CKA_ID"))?;
         match self.generate_objects(&context, &id, options.extractable) {
             Ok(made) => Ok(GeneratedKey {
                 locator: crate::hex::encode(&id),
@@ -783,17 +805,25 @@ impl Backend for Pkcs11Backend {
         }
         let mut nonce = [0u8; 12];
         aws_lc_rs::rand::fill(&mut nonce).map_err(|_| Error::crypto("make a GCM nonce"))?;
-        let ciphertext = self.with_key(
+        let (iv, ciphertext) = self.with_key(
             &key,
             "encrypt (C_Encrypt, CKM_AES_GCM)",
             |session, handle| {
                 let mut iv = nonce;
-                let params = GcmParams::new(&mut iv, aad, 128.into())?;
-                session.encrypt(&Mechanism::AesGcm(params), handle, plaintext)
+                let ciphertext = {
+                    let params = GcmParams::new(&mut iv, aad, 128.into())?;
+                    session.encrypt(&Mechanism::AesGcm(params), handle, plaintext)?
+                };
+                Ok((iv, ciphertext))
             },
         )?;
+        // Tokens in FIPS mode make the IV themselves and write it back into the parameters:
+        // the envelope must carry the IV that was used, whoever chose it.
+        if iv != nonce {
+            tracing::debug!(backend = %self.name, "the token chose the GCM IV");
+        }
         Ok(Sealed {
-            nonce: nonce.to_vec(),
+            nonce: iv.to_vec(),
             ciphertext,
         })
     }
@@ -833,8 +863,12 @@ impl Backend for Pkcs11Backend {
         };
         match plaintext {
             Ok(bytes) => Ok(SecretBytes::from_zeroizing(zeroize::Zeroizing::new(bytes))),
-            // Any failure of the device to decrypt is the same opaque failure to the caller.
-            Err(Error::Backend { .. }) | Err(Error::DecryptionFailed { .. }) => Err(failed()),
+            // The ways a token says "this does not decrypt" are one opaque failure to the caller
+            // (no padding or tag oracle). SoftHSM answers a wrong GCM tag with CKR_GENERAL_ERROR
+            // from C_Decrypt; other device errors (memory, parameters) stay what they are.
+            Err(Error::Backend { source, .. }) if is_decrypt_refusal(source.as_ref()) => {
+                Err(failed())
+            }
             Err(other) => Err(other),
         }
     }
@@ -981,7 +1015,13 @@ impl Backend for Pkcs11Backend {
     }
 
     fn destroy_object(&self, locator: &str) -> Result<()> {
-        self.destroy_objects(&locator_bytes(locator)?)
+        // A locator typed by a person, not read from a record: a bad one is bad input.
+        let id = locator_bytes(locator).map_err(|_| {
+            Error::InvalidInput(format!(
+                "`{locator}` is not a locator of this store's objects"
+            ))
+        })?;
+        self.destroy_objects(&id)
     }
 
     fn destroy(&self, key: KeyRef<'_>) -> Result<()> {

@@ -120,6 +120,10 @@ impl Drop for Lease<'_> {
         let mut state = self.pool.lock();
         if self.broken || self.generation != state.generation {
             state.open = state.open.saturating_sub(1);
+            // PKCS#11 logs the application out when its last session closes.
+            if state.open == 0 {
+                state.logged_in = false;
+            }
             drop(state);
             drop(session); // C_CloseSession; errors on a dead token are irrelevant
         } else {
@@ -356,6 +360,9 @@ impl Pool {
         let idle = {
             let mut state = self.lock();
             state.open = state.open.saturating_sub(state.idle.len());
+            if state.open == 0 {
+                state.logged_in = false;
+            }
             std::mem::take(&mut state.idle)
         };
         drop(idle);
