@@ -1,8 +1,8 @@
 //! keyhold: a hardware-backed keystore.
 //!
 //! Applications use keys without holding them. A [`Keystore`] creates keys inside a [`Backend`]
-//! (PKCS#11 tokens and TPM 2.0 in later releases; the encrypted [`backend::software`] backend now)
-//! and hands out authenticated key IDs: strings that name a key, hold no secret, and are refused if
+//! (a PKCS#11 token through [`backend::pkcs11`], or the encrypted [`backend::software`] backend;
+//! TPM 2.0 comes next) and hands out authenticated key IDs: strings that name a key, hold no secret, and are refused if
 //! changed in any way. Operations take a key ID and input and return output; key material never
 //! leaves the backend.
 //!

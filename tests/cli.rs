@@ -3153,3 +3153,41 @@ mod common {
         }
     }
 }
+
+#[test]
+fn out_files_are_private_and_never_follow_links() {
+    use std::os::unix::fs::PermissionsExt;
+    let env = Env::init();
+    let aes = env.create_key("aes", "aes-256-gcm", &[]);
+    let envelope = env.ok(&["encrypt", "--key", &aes], b"top secret", "encrypt");
+    let env_path = env.write("envelope", &envelope);
+    // An existing world-readable file becomes owner-only when plaintext is written into it.
+    let out = env.path_str("plain.txt");
+    std::fs::write(&out, b"old").unwrap();
+    std::fs::set_permissions(&out, std::fs::Permissions::from_mode(0o644)).unwrap();
+    env.ok(
+        &["decrypt", "--key", &aes, "--in", &env_path, "--out", &out],
+        b"",
+        "decrypt",
+    );
+    assert_eq!(std::fs::read(&out).unwrap(), b"top secret");
+    let mode = std::fs::metadata(&out).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "decrypt --out: expected an owner-only file");
+    // A symbolic link planted at --out is not followed.
+    let target = env.path_str("elsewhere");
+    let link = env.path_str("link");
+    std::os::unix::fs::symlink(&target, &link).unwrap();
+    let o = env.run(
+        &["decrypt", "--key", &aes, "--in", &env_path, "--out", &link],
+        b"",
+    );
+    assert_eq!(
+        o.status.code(),
+        Some(1),
+        "decrypt --out onto a symlink must fail"
+    );
+    assert!(
+        !std::path::Path::new(&target).exists(),
+        "the link's target was written"
+    );
+}

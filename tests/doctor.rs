@@ -309,3 +309,29 @@ fn token_keys_have_exactly_one_usage() {
         mac.locator
     );
 }
+
+#[test]
+fn an_empty_pin_is_never_sent() {
+    let hsm = SoftHsm::new().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let pin = dir.path().join("pin");
+    std::fs::write(&pin, b"\n").unwrap();
+    let mut config = hsm.backend_config();
+    config.pin_file = Some(pin);
+    let backend = Pkcs11Backend::new("hsm", &config).unwrap();
+    let spec = KeySpec::new(KeyType::EcdsaP256, None, None).unwrap();
+    let context = KeyContext {
+        store_id: &[7; 16],
+        uuid: &[1; 16],
+        label: "default/k",
+        spec: &spec,
+    };
+    for _ in 0..2 {
+        let err = backend
+            .generate(context, &KeyOptions::default())
+            .unwrap_err();
+        assert!(matches!(err, Error::BackendLogin { .. }), "{err}");
+        assert!(err.to_string().contains("PIN is empty"), "{err}");
+    }
+    assert_eq!(backend.login_attempts(), 0);
+}

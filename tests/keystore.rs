@@ -417,3 +417,21 @@ fn a_key_destroyed_by_another_process_is_gone_here_too() {
     let err = t.ks.sign(&kept.id, b"m", SignatureFormat::Der).unwrap_err();
     assert!(matches!(err, Error::Integrity { .. }), "{err}");
 }
+
+#[test]
+fn init_refuses_a_directory_that_holds_other_things() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let home = dir.path().join("home");
+    std::fs::create_dir(&home).unwrap();
+    std::fs::set_permissions(&home, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::write(home.join("notes.txt"), b"mine").unwrap();
+    let err = Keystore::create(&home, &sealer(PASSPHRASE)).unwrap_err();
+    assert!(err.to_string().contains("is not empty"), "{err}");
+    let mode = std::fs::metadata(&home).unwrap().permissions().mode() & 0o777;
+    assert_eq!(
+        mode, 0o755,
+        "init must not change the permissions of a directory it refused"
+    );
+    assert!(!home.join(keyhold::store::DB_FILE).exists());
+}

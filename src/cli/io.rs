@@ -56,7 +56,7 @@ pub fn read_small_file(path: &Path, what: &str) -> Result<Vec<u8>, Failure> {
 /// Writes output to a file (created private by the umask) or to stdout.
 pub fn write_output(path: Option<&Path>, data: &[u8]) -> Result<(), Failure> {
     match path {
-        Some(p) => std::fs::write(p, data)
+        Some(p) => write_private(p, data)
             .map_err(|e| Failure::Cli(format!("cannot write {}: {e}", p.display()))),
         None => {
             let mut out = std::io::stdout().lock();
@@ -69,6 +69,22 @@ pub fn write_output(path: Option<&Path>, data: &[u8]) -> Result<(), Failure> {
             })
         }
     }
+}
+
+/// Writes `data` to `path` readable by the owner only, whatever mode an existing file had, and
+/// never through a symbolic link (plaintexts go through here).
+fn write_private(path: &Path, data: &[u8]) -> std::io::Result<()> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
+        .open(path)?;
+    file.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+    file.write_all(data)?;
+    file.flush()
 }
 
 /// Prints one line of text output.

@@ -168,8 +168,10 @@ fn default_store() -> Result<PathBuf, Failure> {
 
 /// Runs `keyhold` and turns the outcome into an exit code.
 pub fn main() -> ExitCode {
-    // Files keyhold writes (plaintexts among them) are private to the user.
+    // Files keyhold writes (plaintexts among them) are private to the user, and nothing this
+    // process reads (passphrases, PINs, plaintexts) may end in a core file.
     rustix::process::umask(rustix::fs::Mode::from_bits_truncate(0o077));
+    keyhold::secret::harden_process();
     let args = match Args::try_parse() {
         Ok(args) => args,
         Err(e) => {

@@ -135,7 +135,8 @@ pub struct Keystore {
 /// Resolving an ID means an HMAC over the ID, a database read and an HMAC over the record: more
 /// than a token's signature costs. A record is cached only after both MACs verified, and the
 /// whole cache is dropped when another process commits to the database (SQLite's
-/// `data_version`) or this keystore writes to it. Cached records hold no key material in clear.
+/// `data_version`, read at most every [`FRESHNESS`]) or this keystore writes to it; a resolution
+/// that raced one of this keystore's writes is not cached. Cached records hold no key material in clear.
 #[derive(Debug, Default)]
 struct ResolvedCache {
     data_version: i64,

@@ -2,8 +2,8 @@
 //!
 //! The root secret is 32 random bytes made once at `init`. Everything else is derived from it (key-ID
 //! MAC key, record MAC key, software KEK), so the sealer is the one thing standing between a copy of
-//! the store and its keys. This issue brings the `passphrase` sealer; TPM and PKCS#11 sealers plug
-//! into the same trait.
+//! the store and its keys. Sealers: `passphrase` (Argon2id) and `pkcs11` (a non-extractable AES key
+//! in a token); a TPM sealer will plug into the same trait.
 
 pub mod passphrase;
 pub mod pkcs11;

@@ -63,6 +63,18 @@ impl Store {
                     std::io::Error::from(std::io::ErrorKind::AlreadyExists),
                 ));
             }
+            // Only an empty directory becomes a store (and private): `init --store ~` must not
+            // change the permissions of a directory that holds other things.
+            let empty = fs::read_dir(dir)
+                .map_err(|e| Error::io(format!("read {}", dir.display()), e))?
+                .next()
+                .is_none();
+            if !empty {
+                return Err(Error::InvalidInput(format!(
+                    "{} is not empty: give init a new or empty directory for the store",
+                    dir.display()
+                )));
+            }
             fs::set_permissions(dir, fs::Permissions::from_mode(0o700))
                 .map_err(|e| Error::io(format!("make {} private", dir.display()), e))?;
         } else {

@@ -1,7 +1,8 @@
 //! The PKCS#11 backend: keys generated and used inside a token; they never leave it.
 //!
-//! Keys are token objects with `CKA_ID` = 16 random bytes (the locator, in hex) and `CKA_LABEL` =
-//! `namespace/name`, private and sensitive, never extractable, with one purpose each. Messages are
+//! Keys are token objects with `CKA_ID` = 8 bytes of the store ID then 8 random bytes (the
+//! locator, in hex) and `CKA_LABEL` = `namespace/name`, private and sensitive, not extractable
+//! unless asked for at creation (then only under trusted wrapping keys), with one usage each. Messages are
 //! hashed in software and signed with the raw mechanisms (`CKM_ECDSA`, `CKM_RSA_PKCS_PSS`,
 //! `CKM_RSA_PKCS` over a DigestInfo), which every token has, including SoftHSM 2.6 that lacks
 //! `CKM_ECDSA_SHA256`.

@@ -13,7 +13,7 @@ use cryptoki::context::Pkcs11;
 use cryptoki::error::{Error as CkError, RvError};
 use cryptoki::session::{Session, UserType};
 use cryptoki::slot::{Limit, Slot};
-use secrecy::SecretString;
+use secrecy::{ExposeSecret, SecretString};
 
 use super::module::find_token;
 use crate::config::TokenSelector;
@@ -292,7 +292,6 @@ impl Pool {
                 return Ok(());
             }
         }
-        self.login_attempts.fetch_add(1, Ordering::SeqCst);
         let token = self.selector.describe();
         let refuse = |msg: String| {
             self.lock().login_refused = Some(msg.clone());
@@ -301,6 +300,30 @@ impl Pool {
                 reason: msg,
             })
         };
+        // Spend no try the token cannot afford: another process (or an earlier run) may already
+        // have entered wrong PINs, and the token's flags say so before any C_Login.
+        if self.pin.expose_secret().is_empty() {
+            return refuse("the configured PIN is empty: keyhold will not send it".into());
+        }
+        let flags = self
+            .lock()
+            .slot
+            .and_then(|(slot, _)| self.module.get_token_info(slot).ok());
+        if let Some(info) = flags {
+            if info.user_pin_locked() {
+                return refuse(format!(
+                    "the user PIN of the {token} is locked: unlock it with the SO PIN \
+                     (e.g. `pkcs11-tool --login --login-type so --init-pin`)"
+                ));
+            }
+            if info.user_pin_final_try() {
+                return refuse(format!(
+                    "one more wrong PIN would lock the {token}: keyhold will not try; check \
+                     the PIN source, then log in once by hand (e.g. `pkcs11-tool --login --test`)"
+                ));
+            }
+        }
+        self.login_attempts.fetch_add(1, Ordering::SeqCst);
         match session.login(UserType::User, Some(&self.pin)) {
             Ok(()) | Err(CkError::Pkcs11(RvError::UserAlreadyLoggedIn, _)) => {
                 self.lock().logged_in = true;
