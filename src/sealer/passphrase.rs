@@ -201,7 +201,9 @@ impl Sealer for PassphraseSealer {
         .map_err(|_| damaged("argon2 parameters out of range"))?;
         let salt = base64::engine::general_purpose::STANDARD
             .decode(&stored.salt)
-            .map_err(|_| damaged("salt"))?;
+            .ok()
+            .filter(|s| s.len() == SALT_LEN)
+            .ok_or_else(|| damaged("salt"))?;
         if sealed.blob.len() != NONCE_LEN + RootSecret::LEN + 16 {
             return Err(damaged("length"));
         }

@@ -94,9 +94,17 @@ pub(super) fn check_and_migrate(conn: &mut Connection, dir: &Path) -> Result<()>
 
 fn apply_from(conn: &mut Connection, from: i64) -> Result<()> {
     for (index, sql) in MIGRATIONS.iter().enumerate().skip(from as usize) {
+        // IMMEDIATE takes the write lock up front, and the version is read again under it: two
+        // processes opening an old store at once migrate it once, not twice.
         let tx = conn
-            .transaction()
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
             .map_err(|e| Error::storage("begin a schema migration", e))?;
+        let current: i64 = tx
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .map_err(|e| Error::storage("read the schema version", e))?;
+        if current > index as i64 {
+            continue;
+        }
         tx.execute_batch(sql)
             .map_err(|e| Error::storage("migrate the schema", e))?;
         tx.pragma_update(None, "user_version", index as i64 + 1)

@@ -200,11 +200,30 @@ impl Pkcs11Backend {
         if let Some(&h) = self.handles().get(&key) {
             return Ok(Some(h));
         }
-        let found = session.find_objects(&[Attribute::Id(id.to_vec()), Attribute::Class(class)])?;
-        if let Some(&h) = found.first() {
-            self.handles().insert(key, h);
+        // Only an object the token generated itself (CKA_LOCAL) counts, and only if it is the one
+        // such object with this CKA_ID: a key imported or planted under the same ID by someone
+        // with the PIN is never used in its place.
+        let found = session.find_objects(&[
+            Attribute::Id(id.to_vec()),
+            Attribute::Class(class),
+            Attribute::Local(true),
+        ])?;
+        match found.as_slice() {
+            [h] => {
+                self.handles().insert(key, *h);
+                Ok(Some(*h))
+            }
+            [] => Ok(None),
+            several => {
+                tracing::error!(
+                    backend = %self.name,
+                    locator = %crate::hex::encode(id),
+                    count = several.len(),
+                    "several token objects share this key's CKA_ID: using none of them"
+                );
+                Ok(None)
+            }
         }
-        Ok(found.first().copied())
     }
 
     /// [`Self::find`] for an object that must exist: absence is reported as an invalid key handle
