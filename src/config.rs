@@ -36,6 +36,34 @@ pub struct Config {
 pub enum BackendConfig {
     /// A PKCS#11 token.
     Pkcs11(Pkcs11Config),
+    /// A TPM 2.0.
+    Tpm(TpmConfig),
+}
+
+/// A TPM 2.0.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct TpmConfig {
+    /// (Optional) The TCTI, as tpm2-tools spells it (`device:/dev/tpmrm0`, `tabrmd`,
+    /// `swtpm:host=127.0.0.1,port=2321`); default `$TPM2TOOLS_TCTI`, else `$TCTI`, else
+    /// `device:/dev/tpmrm0`.
+    pub tcti: Option<String>,
+    /// (Optional) What to do with key types the TPM cannot make; default `refuse`.
+    #[serde(default)]
+    pub fallback: Fallback,
+}
+
+impl TpmConfig {
+    /// The TCTI to use: the configured one, else the tpm2-tools environment variables, else the
+    /// kernel's resource manager.
+    pub fn tcti(&self) -> String {
+        self.tcti
+            .clone()
+            .or_else(|| std::env::var("TPM2TOOLS_TCTI").ok())
+            .or_else(|| std::env::var("TCTI").ok())
+            .filter(|t| !t.is_empty())
+            .unwrap_or_else(|| "device:/dev/tpmrm0".into())
+    }
 }
 
 /// What to do when a backend is asked for a key type it cannot make.
@@ -267,6 +295,7 @@ impl Config {
                         )));
                     }
                 }
+                BackendConfig::Tpm(_) => {}
             }
         }
         Ok(())
@@ -291,7 +320,9 @@ mod tests {
             "#,
         )
         .unwrap();
-        let BackendConfig::Pkcs11(p) = &config.backends["hsm"];
+        let BackendConfig::Pkcs11(p) = &config.backends["hsm"] else {
+            panic!("a pkcs11 backend")
+        };
         let selector = p.token_selector().unwrap();
         assert_eq!(selector.label.as_deref(), Some("key hold"));
         assert_eq!(selector.serial.as_deref(), Some("abc"));
@@ -304,7 +335,9 @@ mod tests {
             pin.0, pin.1
         );
         let config = Config::from_toml(&text).unwrap();
-        let BackendConfig::Pkcs11(p) = config.backends["hsm"].clone();
+        let BackendConfig::Pkcs11(p) = config.backends["hsm"].clone() else {
+            panic!("a pkcs11 backend")
+        };
         p
     }
 

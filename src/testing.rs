@@ -25,7 +25,8 @@ use std::sync::{Mutex, OnceLock};
 
 use secrecy::SecretString;
 
-use crate::config::{BackendConfig, Config, Fallback, Pkcs11Config};
+pub use crate::backend::tpm::fixture::Swtpm;
+use crate::config::{BackendConfig, Config, Fallback, Pkcs11Config, TpmConfig};
 use crate::error::{Error, Result};
 
 /// Where Debian (and most distributions) install SoftHSM2's module.
@@ -184,5 +185,20 @@ impl Drop for SoftHsm {
     fn drop(&mut self) {
         let _ = self.delete_token();
         let _ = std::fs::remove_file(&self.pin_file);
+    }
+}
+
+impl Swtpm {
+    /// A whole configuration with this TPM as the backend `name` (fallback refused).
+    pub fn config(&self, name: &str) -> Config {
+        let mut config = Config::default();
+        config.backends.insert(
+            name.to_owned(),
+            BackendConfig::Tpm(TpmConfig {
+                tcti: Some(self.tcti()),
+                fallback: Fallback::Refuse,
+            }),
+        );
+        config
     }
 }

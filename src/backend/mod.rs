@@ -7,6 +7,7 @@
 
 pub mod pkcs11;
 pub mod software;
+pub mod tpm;
 
 use std::fmt;
 

@@ -21,7 +21,7 @@ const TAG_LEN: usize = 16;
 const DOMAIN: &[u8] = b"keyhold key id v1\0";
 const B64: base64::engine::GeneralPurpose = base64::engine::general_purpose::URL_SAFE_NO_PAD;
 
-/// The fields a key ID binds. Produced only by [`KeyIdCodec::decode`] after the tag checked out, or
+/// The fields a key ID binds. Produced only by `KeyIdCodec::decode` after the tag checked out, or
 /// by the keystore from a verified record.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KeyIdFields {

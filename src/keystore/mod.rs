@@ -13,6 +13,7 @@ use aws_lc_rs::{constant_time, hkdf, hmac};
 
 use crate::backend::pkcs11::Pkcs11Backend;
 use crate::backend::software::SoftwareBackend;
+use crate::backend::tpm::TpmBackend;
 use crate::backend::{
     Backend, BackendReport, Capabilities, KeyContext, KeyOptions, KeyRef, Sealed,
 };
@@ -161,6 +162,7 @@ struct DerivedKeys {
     key_id_mac: SecretBytes,
     record_mac: SecretBytes,
     software_kek: SecretBytes,
+    tpm_auth_kek: SecretBytes,
 }
 
 fn derive_keys(root: &RootSecret, store_id: &[u8; 16]) -> Result<DerivedKeys> {
@@ -176,6 +178,7 @@ fn derive_keys(root: &RootSecret, store_id: &[u8; 16]) -> Result<DerivedKeys> {
         key_id_mac: expand(b"keyhold v1 key-id mac")?,
         record_mac: expand(b"keyhold v1 record mac")?,
         software_kek: expand(b"keyhold v1 software kek")?,
+        tpm_auth_kek: expand(b"keyhold v1 tpm auth kek")?,
     })
 }
 
@@ -267,11 +270,9 @@ impl Keystore {
             sealed_root,
             created_at: now(),
         };
-        // Build the backends before writing anything, so a bad configuration leaves no store.
-        let backends = build_backends(config)?;
         let store = Store::create(dir, &meta)?;
         tracing::info!(store = %dir.display(), sealer = sealer.kind(), "created store");
-        Self::with_root(store, &root, backends)
+        Self::with_root(store, &root, config)
     }
 
     /// Opens the store in `dir` and unseals its root secret with `sealer`.
@@ -304,13 +305,13 @@ impl Keystore {
             });
         }
         let root = sealer.unseal(&meta.sealed_root, &meta.store_id)?;
-        let backends = build_backends(config)?;
-        Self::with_root(store, &root, backends)
+        Self::with_root(store, &root, config)
     }
 
-    fn with_root(store: Store, root: &RootSecret, configured: Configured) -> Result<Self> {
+    fn with_root(store: Store, root: &RootSecret, config: &Config) -> Result<Self> {
         let store_id = store.meta().store_id;
         let keys = derive_keys(root, &store_id)?;
+        let configured = build_backends(config, &keys);
         let software: Arc<dyn Backend> = Arc::new(SoftwareBackend::new(&keys.software_kek)?);
         let mut backends = vec![software];
         backends.extend(configured.backends);
@@ -978,33 +979,37 @@ struct Configured {
     fallbacks: HashMap<String, Fallback>,
 }
 
-fn build_backends(config: &Config) -> Result<Configured> {
+fn build_backends(config: &Config, keys: &DerivedKeys) -> Configured {
     let mut configured = Configured {
         backends: Vec::new(),
         fallbacks: HashMap::new(),
     };
     for (name, backend) in &config.backends {
-        match backend {
-            BackendConfig::Pkcs11(p) => {
-                // A backend that cannot be set up (module missing, PIN source unset) must not take
-                // the software keys down with it: its keys report why they cannot be used, and
-                // `doctor` shows it.
-                let built: Arc<dyn Backend> = match Pkcs11Backend::new(name, p) {
-                    Ok(b) => Arc::new(b),
-                    Err(e) => {
-                        tracing::warn!(backend = %name, "backend unavailable: {e}");
-                        Arc::new(Unavailable {
-                            name: name.clone(),
-                            reason: e.to_string(),
-                        })
-                    }
-                };
-                configured.backends.push(built);
-                configured.fallbacks.insert(name.clone(), p.fallback);
-            }
-        }
+        // A backend that cannot be set up (module missing, PIN source unset, TPM unreachable) must
+        // not take the software keys down with it: its keys report why they cannot be used, and
+        // `doctor` shows it.
+        let (built, fallback): (Result<Arc<dyn Backend>>, Fallback) = match backend {
+            BackendConfig::Pkcs11(p) => (
+                Pkcs11Backend::new(name, p).map(|b| Arc::new(b) as Arc<dyn Backend>),
+                p.fallback,
+            ),
+            BackendConfig::Tpm(t) => (
+                TpmBackend::new(name, &t.tcti(), &keys.tpm_auth_kek)
+                    .map(|b| Arc::new(b) as Arc<dyn Backend>),
+                t.fallback,
+            ),
+        };
+        let built = built.unwrap_or_else(|e| {
+            tracing::warn!(backend = %name, "backend unavailable: {e}");
+            Arc::new(Unavailable {
+                name: name.clone(),
+                reason: e.to_string(),
+            })
+        });
+        configured.backends.push(built);
+        configured.fallbacks.insert(name.clone(), fallback);
     }
-    Ok(configured)
+    configured
 }
 
 /// A configured backend that could not be set up; every use reports why.
