@@ -18,30 +18,54 @@ use super::{Context, Failure};
 pub const BROKEN_PIPE: &str = "broken pipe";
 
 /// Reads the whole input (a file, or stdin for `None`), at most one byte past the limit so that the
-/// library can refuse oversized input with its own message.
-pub fn read_input(path: Option<&Path>) -> Result<Vec<u8>, Failure> {
+/// library can refuse oversized input with its own message. Inputs may be plaintexts: the buffer
+/// is zeroized on drop, and so is every smaller buffer it outgrew on the way.
+pub fn read_input(path: Option<&Path>) -> Result<Zeroizing<Vec<u8>>, Failure> {
     read_limited(path, MAX_INPUT)
 }
 
 /// Reads an envelope for `decrypt`, which may be a little larger than [`MAX_INPUT`].
-pub fn read_envelope(path: Option<&Path>) -> Result<Vec<u8>, Failure> {
+pub fn read_envelope(path: Option<&Path>) -> Result<Zeroizing<Vec<u8>>, Failure> {
     read_limited(path, MAX_ENVELOPE)
 }
 
-fn read_limited(path: Option<&Path>, max: usize) -> Result<Vec<u8>, Failure> {
+fn read_limited(path: Option<&Path>, max: usize) -> Result<Zeroizing<Vec<u8>>, Failure> {
     let limit = max as u64 + 1;
-    let mut data = Vec::new();
-    let result = match path {
-        Some(p) => File::open(p)
-            .and_then(|f| f.take(limit).read_to_end(&mut data))
-            .map_err(|e| Failure::Cli(format!("cannot read {}: {e}", p.display()))),
-        None => std::io::stdin()
-            .lock()
-            .take(limit)
-            .read_to_end(&mut data)
+    match path {
+        Some(p) => {
+            let file = File::open(p)
+                .map_err(|e| Failure::Cli(format!("cannot read {}: {e}", p.display())))?;
+            // A regular file says how big it is: one allocation, never outgrown.
+            let hint = file.metadata().map_or(0, |m| m.len().min(limit) as usize);
+            read_zeroizing(file.take(limit), hint)
+                .map_err(|e| Failure::Cli(format!("cannot read {}: {e}", p.display())))
+        }
+        None => read_zeroizing(std::io::stdin().lock().take(limit), 0)
             .map_err(|e| Failure::Cli(format!("cannot read stdin: {e}"))),
-    };
-    result.map(|_| data)
+    }
+}
+
+/// `read_to_end` into a zeroizing buffer that grows by copying into a larger zeroizing buffer, so
+/// no abandoned allocation keeps a copy of what was read.
+fn read_zeroizing(mut reader: impl Read, hint: usize) -> std::io::Result<Zeroizing<Vec<u8>>> {
+    let mut data = Zeroizing::new(Vec::with_capacity(hint.max(8192)));
+    let mut chunk = Zeroizing::new([0u8; 64 * 1024]);
+    loop {
+        let n = match reader.read(&mut chunk[..]) {
+            Ok(0) => return Ok(data),
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        if data.len() + n > data.capacity() {
+            let mut bigger = Zeroizing::new(Vec::with_capacity(
+                (data.len() + n).max(2 * data.capacity()),
+            ));
+            bigger.extend_from_slice(&data);
+            data = bigger;
+        }
+        data.extend_from_slice(&chunk[..n]);
+    }
 }
 
 /// Reads a small file named by an option (a signature, a tag).

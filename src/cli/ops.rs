@@ -122,7 +122,7 @@ pub fn verify(ctx: &Context, args: &VerifyArgs) -> CmdResult {
 
 pub fn encrypt(ctx: &Context, args: &EncryptArgs) -> CmdResult {
     let ks = io::open_keystore(ctx)?;
-    let plaintext = zeroize::Zeroizing::new(io::read_input(args.input.as_deref())?);
+    let plaintext = io::read_input(args.input.as_deref())?;
     let envelope = ks.encrypt(&args.key, &plaintext, args.aad.as_bytes())?;
     io::write_output(args.out.as_deref(), &envelope)
 }
