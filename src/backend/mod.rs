@@ -51,6 +51,24 @@ impl Capabilities {
         self.supported.contains(&(key_type, purpose))
     }
 
+    /// `Ok` if `key_type` with `purpose` is supported, else [`crate::Error::Unsupported`] naming
+    /// `backend` and what its device lacks.
+    ///
+    /// # Errors
+    /// [`crate::Error::Unsupported`].
+    pub fn require(&self, backend: &str, key_type: KeyType, purpose: Purpose) -> Result<()> {
+        if self.supports(key_type, purpose) {
+            return Ok(());
+        }
+        Err(crate::Error::Unsupported {
+            backend: backend.to_owned(),
+            what: self
+                .missing(key_type, purpose)
+                .unwrap_or("this key type")
+                .to_owned(),
+        })
+    }
+
     /// Every supported pair.
     pub fn iter(&self) -> impl Iterator<Item = (KeyType, Purpose)> + '_ {
         self.supported.iter().copied()

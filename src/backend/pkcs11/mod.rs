@@ -726,17 +726,9 @@ impl Backend for Pkcs11Backend {
     }
 
     fn generate(&self, context: KeyContext<'_>, options: &KeyOptions) -> Result<GeneratedKey> {
-        let capabilities = self.capabilities()?;
         let (key_type, purpose) = (context.spec.key_type(), context.spec.purpose());
-        if !capabilities.supports(key_type, purpose) {
-            return Err(Error::Unsupported {
-                backend: self.name.clone(),
-                what: capabilities
-                    .missing(key_type, purpose)
-                    .unwrap_or("this key type")
-                    .to_owned(),
-            });
-        }
+        self.capabilities()?
+            .require(&self.name, key_type, purpose)?;
         // CKA_ID = the store's first 8 ID bytes, then 8 random bytes: a token shared by several
         // stores (or applications) still tells which objects belong to which store.
         let mut id = [0u8; 16];

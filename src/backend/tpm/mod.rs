@@ -345,16 +345,8 @@ impl Backend for TpmBackend {
 
     fn generate(&self, context: KeyContext<'_>, options: &KeyOptions) -> Result<GeneratedKey> {
         let (key_type, purpose) = (context.spec.key_type(), context.spec.purpose());
-        let capabilities = self.capabilities()?;
-        if !capabilities.supports(key_type, purpose) {
-            return Err(Error::Unsupported {
-                backend: self.name.clone(),
-                what: capabilities
-                    .missing(key_type, purpose)
-                    .unwrap_or("this key type")
-                    .to_owned(),
-            });
-        }
+        self.capabilities()?
+            .require(&self.name, key_type, purpose)?;
         if options.extractable {
             return Err(Error::Unsupported {
                 backend: self.name.clone(),
