@@ -137,6 +137,11 @@ pub struct GeneratedKey {
     pub attributes: Vec<(String, String)>,
 }
 
+/// The error every backend gives when asked for the public key of a secret (symmetric) key.
+pub(crate) fn no_public_key(key_type: KeyType) -> crate::Error {
+    crate::Error::InvalidInput(format!("a {key_type} key is secret: it has no public key"))
+}
+
 /// What `keyhold doctor` shows about a backend.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct BackendReport {

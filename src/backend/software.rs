@@ -404,10 +404,7 @@ impl Backend for SoftwareBackend {
                     .to_vec()
             }
             Algorithm::Aes256Gcm | Algorithm::HmacSha256 => {
-                return Err(Error::InvalidInput(format!(
-                    "a {} key is secret: it has no public key",
-                    spec.key_type()
-                )))
+                return Err(crate::backend::no_public_key(spec.key_type()))
             }
         };
         Ok(PublicKey::from_spki_der(

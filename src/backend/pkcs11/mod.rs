@@ -754,10 +754,7 @@ impl Backend for Pkcs11Backend {
     fn public_key(&self, key: KeyRef<'_>) -> Result<PublicKey> {
         let spec = key.context.spec;
         if !spec.key_type().is_asymmetric() {
-            return Err(Error::InvalidInput(format!(
-                "a {} key is secret: it has no public key",
-                spec.key_type()
-            )));
+            return Err(crate::backend::no_public_key(spec.key_type()));
         }
         self.read_public_key(
             spec.key_type(),

@@ -410,10 +410,7 @@ impl Backend for TpmBackend {
     fn public_key(&self, key: KeyRef<'_>) -> Result<PublicKey> {
         let spec = key.context.spec;
         if !spec.key_type().is_asymmetric() {
-            return Err(Error::InvalidInput(format!(
-                "a {} key is secret: it has no public key",
-                spec.key_type()
-            )));
+            return Err(crate::backend::no_public_key(spec.key_type()));
         }
         let blob = self.key_blob(&key)?;
         let public = self.with_key(&key.context, blob, |loaded| loaded.public())?;
