@@ -41,7 +41,7 @@ pub enum BackendConfig {
 }
 
 /// A TPM 2.0.
-#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct TpmConfig {
     /// (Optional) The TCTI, as tpm2-tools spells it (`device:/dev/tpmrm0`, `tabrmd`,
@@ -51,9 +51,64 @@ pub struct TpmConfig {
     /// (Optional) What to do with key types the TPM cannot make; default `refuse`.
     #[serde(default)]
     pub fallback: Fallback,
+    /// (Optional) Keep the storage root key at this persistent handle (`0x81000001` by
+    /// convention), made there on first use; default: derive a transient SRK per connection.
+    #[serde(default)]
+    pub srk_handle: Option<u32>,
+    /// (Optional) How many keys stay loaded between operations; default 2 (a TPM holds about
+    /// three transient objects, the SRK among them).
+    #[serde(default)]
+    pub max_loaded: Option<usize>,
+    /// (Optional) The longest a caller waits for its turn on the TPM, in seconds; default 120.
+    #[serde(default)]
+    pub timeout_secs: Option<u64>,
 }
 
 impl TpmConfig {
+    /// A configuration for the TPM at `tcti` with every other setting at its default.
+    pub fn with_tcti(tcti: impl Into<String>) -> Self {
+        Self {
+            tcti: Some(tcti.into()),
+            fallback: Fallback::Refuse,
+            srk_handle: None,
+            max_loaded: None,
+            timeout_secs: None,
+        }
+    }
+
+    /// The device settings this configuration asks for.
+    ///
+    /// # Errors
+    /// [`Error::Config`] for a handle outside the owner's persistent range, no loaded keys, or a
+    /// zero timeout.
+    pub fn settings(&self) -> Result<crate::backend::tpm::device::DeviceSettings> {
+        let mut settings = crate::backend::tpm::device::DeviceSettings::default();
+        if let Some(handle) = self.srk_handle {
+            if !(0x8100_0000..=0x817F_FFFF).contains(&handle) {
+                return Err(Error::Config(format!(
+                    "srk_handle {handle:#010x} is not an owner persistent handle \
+                     (0x81000000-0x817FFFFF; 0x81000001 is the SRK's by convention)"
+                )));
+            }
+            settings.srk_handle = Some(handle);
+        }
+        if let Some(n) = self.max_loaded {
+            if n == 0 {
+                return Err(Error::Config(
+                    "max_loaded must be at least 1 (keys are loaded to be used)".into(),
+                ));
+            }
+            settings.max_loaded = n;
+        }
+        if let Some(secs) = self.timeout_secs {
+            if secs == 0 {
+                return Err(Error::Config("timeout_secs must be at least 1".into()));
+            }
+            settings.timeout = std::time::Duration::from_secs(secs);
+        }
+        Ok(settings)
+    }
+
     /// The TCTI to use: the configured one, else the tpm2-tools environment variables, else the
     /// kernel's resource manager.
     pub fn tcti(&self) -> String {

@@ -110,6 +110,21 @@ pub enum Error {
         reason: String,
     },
 
+    /// A backend stayed busy longer than its configured wait (a TPM serves one command at a time).
+    /// Nothing was done; try again, or raise the backend's `timeout_secs`.
+    #[error(
+        "backend `{backend}` is busy: waited {waited:?} for {what}; nothing was done: try again, \
+         or raise `timeout_secs` in its configuration"
+    )]
+    Timeout {
+        /// The backend's name.
+        backend: String,
+        /// How long the caller waited.
+        waited: std::time::Duration,
+        /// What it waited for.
+        what: String,
+    },
+
     /// Logging in to a backend failed. keyhold never retries a login by itself: tokens lock PINs.
     #[error("cannot log in to backend `{backend}`: {reason}")]
     BackendLogin {

@@ -49,7 +49,7 @@ pub use keystore::{
     DEFAULT_NAMESPACE, KEY_ID_PREFIX, MAX_ENVELOPE, MAX_INPUT, MAX_RANDOM,
 };
 pub use public_key::PublicKey;
-pub use sealer::{Argon2Params, PassphraseSealer, Pkcs11Sealer, Sealer};
+pub use sealer::{Argon2Params, PassphraseSealer, Pkcs11Sealer, Sealer, TpmSealer};
 
 /// The README's Rust example is compiled as a doctest, so it cannot drift from the API.
 #[cfg(doctest)]

@@ -194,10 +194,7 @@ impl Swtpm {
         let mut config = Config::default();
         config.backends.insert(
             name.to_owned(),
-            BackendConfig::Tpm(TpmConfig {
-                tcti: Some(self.tcti()),
-                fallback: Fallback::Refuse,
-            }),
+            BackendConfig::Tpm(TpmConfig::with_tcti(self.tcti())),
         );
         config
     }

@@ -1061,15 +1061,23 @@ fn rsa_oaep_decrypts_what_openssl_encrypts_with_the_documented_label() {
     let pem = env.pubkey_pem(&id);
     let pub_path = env.write("pub.pem", pem.as_bytes());
     let aad = "ctx-1";
-    // A keyhold envelope gives the header; the label is header-before-nonce-length ‖ aad.
+    // A keyhold envelope gives the header; the label is "KHL1:" ‖ base64url(SHA-256(
+    // header-before-nonce-length ‖ aad)) ‖ 0x00 (docs/cli.md).
     let template = env.ok(
         &["encrypt", "--key", &id, "--aad", aad],
         b"template",
         "rsa encrypt template",
     );
     let nl = usize::from(template[AES_HEADER]);
-    let mut label = template[..AES_HEADER].to_vec();
-    label.extend_from_slice(aad.as_bytes());
+    let mut binding = template[..AES_HEADER].to_vec();
+    binding.extend_from_slice(aad.as_bytes());
+    let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, &binding);
+    let mut label = b"KHL1:".to_vec();
+    label.extend_from_slice(
+        base64::Engine::encode(&base64::engine::general_purpose::URL_SAFE_NO_PAD, digest)
+            .as_bytes(),
+    );
+    label.push(0);
     let label_hex: String = label.iter().map(|b| format!("{b:02x}")).collect();
     let pt = b"encrypted by openssl, decrypted by keyhold";
     let pt_path = env.write("pt", pt);

@@ -40,11 +40,8 @@ const SOFTHSM_REFUSES: &[(KeyType, Purpose, &str)] = &[
 /// RSA-3072 and OAEP decryption are not implemented yet), each with a word of its refusal.
 const SWTPM_REFUSES: &[(KeyType, Purpose, &str)] = &[
     (KeyType::Ed25519, Purpose::Sign, "Ed25519"),
-    (KeyType::Rsa2048, Purpose::Decrypt, "RSA-OAEP"),
-    (KeyType::Rsa3072, Purpose::Sign, "rsa-3072"),
-    (KeyType::Rsa3072, Purpose::Decrypt, "rsa-3072"),
-    (KeyType::Rsa4096, Purpose::Sign, "rsa-4096"),
-    (KeyType::Rsa4096, Purpose::Decrypt, "rsa-4096"),
+    (KeyType::Rsa4096, Purpose::Sign, "4096-bit RSA"),
+    (KeyType::Rsa4096, Purpose::Decrypt, "4096-bit RSA"),
     (KeyType::Aes256Gcm, Purpose::Encrypt, "AES-GCM"),
 ];
 

@@ -210,6 +210,9 @@ fn capabilities_name_what_the_tpm_backend_lacks() {
         (KeyType::EcdsaP256, Purpose::Sign),
         (KeyType::EcdsaP384, Purpose::Sign),
         (KeyType::Rsa2048, Purpose::Sign),
+        (KeyType::Rsa2048, Purpose::Decrypt),
+        (KeyType::Rsa3072, Purpose::Sign),
+        (KeyType::Rsa3072, Purpose::Decrypt),
         (KeyType::HmacSha256, Purpose::Mac),
     ];
     for key_type in KeyType::ALL {
@@ -309,30 +312,46 @@ fn the_auth_value_is_sealed_to_the_store_and_the_record() {
     assert!(matches!(err, Error::Integrity { .. }), "{err:?}");
 }
 
+/// The most transient objects keyhold leaves in the TPM between operations: the SRK and the
+/// default LRU of two loaded keys.
+const MAX_TRANSIENT: usize = 3;
+
 #[test]
-fn no_handle_leaks_after_200_signatures() {
+fn no_handle_leaks_after_1000_operations() {
     let tpm = Swtpm::new().unwrap();
     let backend = backend(&tpm);
-    let key = create(&backend, KeyType::EcdsaP256, Purpose::Sign, None);
-    let hmac = create(&backend, KeyType::HmacSha256, Purpose::Mac, None);
+    // Four keys for an LRU of two: every round evicts and reloads.
+    let keys = [
+        create(&backend, KeyType::EcdsaP256, Purpose::Sign, None),
+        create(&backend, KeyType::EcdsaP384, Purpose::Sign, None),
+        create(&backend, KeyType::HmacSha256, Purpose::Mac, None),
+        create(&backend, KeyType::Rsa2048, Purpose::Sign, None),
+    ];
     let before = backend.transient_handles().unwrap();
-    assert_eq!(before, 1, "only the SRK between operations");
-    for i in 0..200u32 {
-        backend
-            .sign(key.at(), &i.to_be_bytes(), SignatureFormat::Der)
-            .unwrap();
-    }
-    for i in 0..20u32 {
-        backend.mac(hmac.at(), &i.to_be_bytes()).unwrap();
+    assert_eq!(before, MAX_TRANSIENT, "the SRK and two cached keys");
+    let mut high = 0;
+    for i in 0..1000u32 {
+        let key = &keys[(i as usize / 3) % keys.len()];
+        if key.spec.key_type() == KeyType::HmacSha256 {
+            backend.mac(key.at(), &i.to_be_bytes()).unwrap();
+        } else {
+            backend
+                .sign(key.at(), &i.to_be_bytes(), SignatureFormat::Der)
+                .unwrap();
+        }
+        if i % 100 == 0 {
+            high = high.max(backend.transient_handles().unwrap());
+        }
     }
     // Refused records never reach the TPM (the flush after a TPM error is a unit test).
-    let mut bent = key.generated.blob.clone().unwrap();
+    let mut bent = keys[0].generated.blob.clone().unwrap();
     bent[12] ^= 1;
     for _ in 0..5 {
         backend
-            .sign(key.with_blob(&bent), MESSAGE, SignatureFormat::Der)
+            .sign(keys[0].with_blob(&bent), MESSAGE, SignatureFormat::Der)
             .unwrap_err();
     }
+    assert!(high <= MAX_TRANSIENT, "{high} transient objects mid-run");
     assert_eq!(backend.transient_handles().unwrap(), before);
     let report = backend.report().unwrap();
     assert_eq!(report.kind, "tpm");
@@ -345,11 +364,30 @@ fn no_handle_leaks_after_200_signatures() {
             .map(|(_, v)| v.clone())
             .unwrap_or_else(|| panic!("no `{name}` in {:?}", report.details))
     };
-    assert_eq!(detail("transient handles"), "1");
+    assert_eq!(detail("transient handles"), MAX_TRANSIENT.to_string());
     assert_eq!(detail("tcti"), tpm.tcti());
-    assert_eq!(detail("SRK name"), keyhold::hex::encode(backend.srk_name()));
+    assert_eq!(
+        detail("SRK name"),
+        keyhold::hex::encode(&backend.srk_name().unwrap())
+    );
     // swtpm reports IBM's manufacturer code.
     assert_eq!(detail("manufacturer"), "IBM", "{:?}", report.details);
+
+    // Closing the backend flushes everything: tpm2-tools (its own connection, which swtpm
+    // serves once keyhold's is closed) finds no transient object left.
+    drop(backend);
+    let out = std::process::Command::new("tpm2_getcap")
+        .args(["-T", &tpm.tcti(), "handles-transient"])
+        .env("TSS2_LOG", "all+none")
+        .output()
+        .expect("run tpm2_getcap (tpm2-tools)");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let listed = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(listed.trim(), "", "transient objects left behind: {listed}");
 }
 
 #[test]
@@ -359,7 +397,7 @@ fn keys_survive_a_tpm_restart() {
     let ec = create(&backend, KeyType::EcdsaP384, Purpose::Sign, None);
     let hmac = create(&backend, KeyType::HmacSha256, Purpose::Mac, None);
     let tag = backend.mac(hmac.at(), MESSAGE).unwrap();
-    let srk = backend.srk_name().to_vec();
+    let srk = backend.srk_name().unwrap();
     tpm.restart().unwrap();
     // The first call finds the connection dead, reconnects and reloads the blob.
     let sig = backend
@@ -372,8 +410,9 @@ fn keys_survive_a_tpm_restart() {
         .verify(MESSAGE, &sig, SignatureFormat::Der)
         .unwrap();
     assert_eq!(backend.mac(hmac.at(), MESSAGE).unwrap(), tag);
-    assert_eq!(backend.srk_name(), srk.as_slice());
-    assert_eq!(backend.transient_handles().unwrap(), 1);
+    assert_eq!(backend.srk_name().unwrap(), srk);
+    // The SRK and the two keys, reloaded after the reset.
+    assert_eq!(backend.transient_handles().unwrap(), 3);
 }
 
 #[test]
@@ -422,7 +461,11 @@ fn a_killed_tpm_is_unavailable_then_recovers() {
         .unwrap()
         .verify(MESSAGE, &sig, SignatureFormat::Der)
         .unwrap();
-    assert_eq!(backend.transient_handles().unwrap(), 1);
+    assert_eq!(
+        backend.transient_handles().unwrap(),
+        2,
+        "the SRK and the key"
+    );
 }
 
 #[test]
@@ -454,29 +497,92 @@ fn a_cleared_tpm_is_refused_clearly() {
 }
 
 #[test]
-fn four_threads_share_one_backend() {
+fn four_threads_times_200_signatures_without_an_error() {
     let tpm = Swtpm::new().unwrap();
     let backend = Arc::new(backend(&tpm));
-    let key = Arc::new(create(&backend, KeyType::EcdsaP256, Purpose::Sign, None));
+    let keys = Arc::new([
+        create(&backend, KeyType::EcdsaP256, Purpose::Sign, None),
+        create(&backend, KeyType::EcdsaP384, Purpose::Sign, None),
+        create(&backend, KeyType::Rsa2048, Purpose::Sign, None),
+    ]);
     let threads: Vec<_> = (0..4u8)
         .map(|t| {
-            let (backend, key) = (Arc::clone(&backend), Arc::clone(&key));
+            let (backend, keys) = (Arc::clone(&backend), Arc::clone(&keys));
             std::thread::spawn(move || {
-                let public = key.generated.public_key.clone().unwrap();
-                for i in 0..50u8 {
+                let mut errors = 0;
+                for i in 0..200u8 {
+                    // Threads on different keys, so the LRU evicts while others wait.
+                    let key = &keys[(usize::from(t) + usize::from(i)) % keys.len()];
+                    let public = key.generated.public_key.clone().unwrap();
                     let message = [t, i];
-                    let sig = backend
-                        .sign(key.at(), &message, SignatureFormat::Raw)
-                        .unwrap();
-                    public.verify(&message, &sig, SignatureFormat::Raw).unwrap();
+                    match backend.sign(key.at(), &message, SignatureFormat::Raw) {
+                        Ok(sig) => public.verify(&message, &sig, SignatureFormat::Raw).unwrap(),
+                        Err(e) => {
+                            eprintln!("thread {t}, signature {i}: {e}");
+                            errors += 1;
+                        }
+                    }
                 }
+                errors
             })
         })
         .collect();
-    for t in threads {
-        t.join().unwrap();
+    let errors: usize = threads.into_iter().map(|t| t.join().unwrap()).sum();
+    assert_eq!(errors, 0);
+    assert!(backend.transient_handles().unwrap() <= MAX_TRANSIENT);
+}
+
+#[test]
+fn a_caller_waits_a_bounded_time_for_its_turn() {
+    use keyhold::backend::tpm::device::DeviceSettings;
+    let tpm = Swtpm::new().unwrap();
+    let settings = DeviceSettings {
+        timeout: Duration::from_millis(300),
+        ..DeviceSettings::default()
+    };
+    let device = keyhold::backend::tpm::device(&tpm.tcti(), settings).unwrap();
+    let backend = Arc::new(TpmBackend::with_device("tpm", device, &kek()).unwrap());
+    let key = Arc::new(create(&backend, KeyType::EcdsaP256, Purpose::Sign, None));
+    // One thread generates RSA-3072 keys (seconds each on swtpm) while another wants to sign.
+    let generator = {
+        let backend = Arc::clone(&backend);
+        std::thread::spawn(move || {
+            for _ in 0..3 {
+                create(&backend, KeyType::Rsa3072, Purpose::Sign, None);
+            }
+        })
+    };
+    std::thread::sleep(Duration::from_millis(50));
+    let mut timeouts = 0;
+    let mut signed = 0;
+    while !generator.is_finished() {
+        let started = Instant::now();
+        match backend.sign(key.at(), MESSAGE, SignatureFormat::Der) {
+            Ok(_) => signed += 1,
+            Err(Error::Timeout {
+                backend, waited, ..
+            }) => {
+                assert_eq!(backend, "tpm");
+                assert_eq!(waited, Duration::from_millis(300));
+                // The wait is bounded: the timeout, plus scheduling slack.
+                assert!(
+                    started.elapsed() < Duration::from_secs(2),
+                    "{:?}",
+                    started.elapsed()
+                );
+                timeouts += 1;
+            }
+            Err(other) => panic!("{other:?}"),
+        }
     }
-    assert_eq!(backend.transient_handles().unwrap(), 1);
+    generator.join().unwrap();
+    assert!(
+        timeouts > 0,
+        "no timeout while RSA-3072 keys were generated ({signed} signed)"
+    );
+    backend
+        .sign(key.at(), MESSAGE, SignatureFormat::Der)
+        .unwrap();
 }
 
 #[test]
@@ -487,12 +593,18 @@ fn a_unix_socket_tcti_is_refused() {
 }
 
 #[test]
-fn nothing_listening_is_unavailable() {
+fn nothing_listening_is_unavailable_until_the_tpm_appears() {
     let mut tpm = Swtpm::new().unwrap();
     let tcti = tpm.tcti();
     tpm.kill().unwrap();
-    let err = TpmBackend::new("tpm", &tcti, &kek()).unwrap_err();
+    // The backend is made without the TPM (a store opens while its TPM is down)...
+    let backend = TpmBackend::new("tpm", &tcti, &kek()).unwrap();
+    let err = backend.capabilities().unwrap_err();
     assert!(matches!(err, Error::BackendUnavailable { .. }), "{err:?}");
+    // ...and picks it up once it is there, in the same process.
+    tpm.restart().unwrap();
+    let key = create(&backend, KeyType::EcdsaP256, Purpose::Sign, None);
+    sign_and_verify(&backend, &key);
 }
 
 #[test]
@@ -503,7 +615,11 @@ fn destroy_keeps_nothing_in_the_tpm() {
     backend.destroy(key.at()).unwrap();
     let err = backend.destroy_object(&key.generated.locator).unwrap_err();
     assert!(matches!(err, Error::InvalidInput(_)), "{err:?}");
-    assert_eq!(backend.transient_handles().unwrap(), 1);
+    assert_eq!(
+        backend.transient_handles().unwrap(),
+        2,
+        "the SRK and the cached key"
+    );
 }
 
 /// A relay between the TPM client and swtpm that records every byte on the command port, both

@@ -7,8 +7,9 @@ use std::path::Path;
 use std::sync::Arc;
 
 use keyhold::backend::pkcs11::Pkcs11Backend;
-use keyhold::config::BackendConfig;
-use keyhold::{Keystore, PassphraseSealer, Pkcs11Sealer, MAX_ENVELOPE, MAX_INPUT};
+use keyhold::backend::tpm::device::TpmDevice;
+use keyhold::config::{BackendConfig, TpmConfig};
+use keyhold::{Keystore, PassphraseSealer, Pkcs11Sealer, TpmSealer, MAX_ENVELOPE, MAX_INPUT};
 use secrecy::SecretString;
 use zeroize::Zeroizing;
 
@@ -126,7 +127,12 @@ pub fn print_json(value: &serde_json::Value) -> Result<(), Failure> {
 
 /// Finds the passphrase: `--passphrase-file`, then `$KEYHOLD_PASSPHRASE`, then the terminal.
 pub fn passphrase(ctx: &Context, confirm: bool) -> Result<SecretString, Failure> {
-    if let Some(path) = &ctx.passphrase_file {
+    passphrase_from(ctx.passphrase_file.as_deref(), confirm)
+}
+
+/// [`passphrase`] with the file given directly.
+pub fn passphrase_from(file: Option<&Path>, confirm: bool) -> Result<SecretString, Failure> {
+    if let Some(path) = file {
         let file = File::open(path).map_err(|e| {
             Failure::Cli(format!(
                 "cannot read the passphrase file {}: {e}",
@@ -211,11 +217,67 @@ pub fn open_keystore(ctx: &Context) -> Result<Keystore, Failure> {
             let sealer = Pkcs11Sealer::new(Arc::new(pkcs11_backend(ctx, &name)?));
             Ok(Keystore::open_with(&ctx.store, &sealer, &ctx.config)?)
         }
+        "tpm" => {
+            let name = TpmSealer::backend_of(&sealed)?;
+            let (device, name) = tpm_device(ctx, name.as_deref(), true)?;
+            let sealer = TpmSealer::new(device, name);
+            Ok(Keystore::open_with(&ctx.store, &sealer, &ctx.config)?)
+        }
         _ => {
             let sealer = PassphraseSealer::new(passphrase(ctx, false)?);
             Ok(Keystore::open_with(&ctx.store, &sealer, &ctx.config)?)
         }
     }
+}
+
+/// The TPM for the `tpm` sealer, and the name of the configured backend it came from: backend
+/// `name`; without a name, the configuration's only TPM backend, else (none configured) the TPM
+/// that `$TPM2TOOLS_TCTI`, `$TCTI` or `/dev/tpmrm0` names. `sealed` says the store already names
+/// the backend (or none), so no other is guessed.
+pub fn tpm_device(
+    ctx: &Context,
+    name: Option<&str>,
+    sealed: bool,
+) -> Result<(Arc<TpmDevice>, Option<String>), Failure> {
+    let tpms: Vec<(&String, &TpmConfig)> = ctx
+        .config
+        .backends
+        .iter()
+        .filter_map(|(n, b)| match b {
+            BackendConfig::Tpm(t) => Some((n, t)),
+            _ => None,
+        })
+        .collect();
+    let (name, config) = match name {
+        Some(name) => match ctx.config.backends.get(name) {
+            Some(BackendConfig::Tpm(t)) => (Some(name.to_owned()), t.clone()),
+            Some(_) => {
+                return Err(Failure::Cli(format!(
+                    "backend `{name}` is not a TPM backend: the tpm sealer needs one"
+                )))
+            }
+            None => {
+                return Err(Failure::Cli(format!(
+                    "the store is sealed by the TPM of backend `{name}`, which the configuration \
+                     does not define: pass --config (or set KEYHOLD_CONFIG) with [backends.{name}]"
+                )))
+            }
+        },
+        None if sealed => (None, TpmConfig::default()),
+        None => match tpms.as_slice() {
+            [] => (None, TpmConfig::default()),
+            [(name, config)] => (Some((*name).clone()), (*config).clone()),
+            _ => {
+                return Err(Failure::Cli(
+                    "the configuration has several TPM backends: name the one that seals the \
+                     store with --backend NAME"
+                        .into(),
+                ))
+            }
+        },
+    };
+    let device = keyhold::backend::tpm::device(&config.tcti(), config.settings()?)?;
+    Ok((device, name))
 }
 
 /// The configured PKCS#11 backend `name`, for the `pkcs11` sealer.

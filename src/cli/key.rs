@@ -207,13 +207,13 @@ fn destroy(ctx: &Context, args: &KeyArg) -> CmdResult {
     }
 }
 
-/// `hsm`, or `software (sealed by passphrase)`, or `software (fallback for hsm, sealed by tpm)`.
+/// `hsm`, or `software (sealed by passphrase)`, or `software (sealed by tpm; fallback for tpm)`.
 fn backend_text(info: &KeyInfo, sealer: &str) -> String {
     if info.backend != "software" {
         return info.backend.clone();
     }
     match info.attributes.get("fallback_for") {
-        Some(original) => format!("software (fallback for {original}, sealed by {sealer})"),
+        Some(original) => format!("software (sealed by {sealer}; fallback for {original})"),
         None => format!("software (sealed by {sealer})"),
     }
 }

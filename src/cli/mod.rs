@@ -69,6 +69,8 @@ enum Command {
     Random(ops::RandomArgs),
     /// Check backends and tokens; find orphaned or missing key objects
     Doctor(doctor::DoctorArgs),
+    /// Re-bind a TPM-sealed store to the PCRs as they are now (after an intended change)
+    Reseal(store::ResealArgs),
 }
 
 /// Why a command failed, and so its exit code.
@@ -112,7 +114,9 @@ impl Failure {
             Self::Keyhold(E::Unseal { .. }) => 4,
             Self::Keyhold(E::NoSuchKey { .. }) => 5,
             Self::Keyhold(E::Integrity { .. }) => 6,
-            Self::Keyhold(E::BackendUnavailable { .. } | E::BackendLogin { .. }) => 7,
+            Self::Keyhold(
+                E::BackendUnavailable { .. } | E::BackendLogin { .. } | E::Timeout { .. },
+            ) => 7,
             _ => 1,
         }
     }
@@ -213,6 +217,7 @@ fn run(args: &Args) -> CmdResult {
         Command::MacVerify(a) => ops::mac_verify(&ctx, a),
         Command::Random(a) => ops::random(&ctx, a),
         Command::Doctor(a) => doctor::run(&ctx, a),
+        Command::Reseal(a) => store::reseal(&ctx, a),
     }
 }
 

@@ -1,9 +1,10 @@
-//! `keyhold init`.
+//! `keyhold init` and `keyhold reseal`.
 
 use clap::{Args, ValueEnum};
 use std::sync::Arc;
 
-use keyhold::{Argon2Params, Keystore, PassphraseSealer, Pkcs11Sealer};
+use keyhold::sealer::tpm::parse_pcrs;
+use keyhold::{Argon2Params, Keystore, PassphraseSealer, Pkcs11Sealer, TpmSealer};
 
 use super::{io, CmdResult, Context, Failure};
 
@@ -14,6 +15,8 @@ pub enum SealerKind {
     Passphrase,
     /// A non-extractable AES key in a PKCS#11 token (needs --backend)
     Pkcs11,
+    /// A TPM sealed object, optionally bound to PCRs (--pcrs)
+    Tpm,
 }
 
 #[derive(Debug, Args)]
@@ -22,9 +25,19 @@ pub struct InitArgs {
     #[arg(long, value_enum)]
     sealer: SealerKind,
 
-    /// The configured backend that seals the store (for --sealer pkcs11)
+    /// The configured backend that seals the store (--sealer pkcs11; for --sealer tpm, default:
+    /// the configuration's TPM backend, else $TPM2TOOLS_TCTI or /dev/tpmrm0)
     #[arg(long, value_name = "NAME")]
     backend: Option<String>,
+
+    /// With --sealer tpm: bind the seal to these SHA-256 PCRs (e.g. 0,7); a recovery passphrase
+    /// is asked for (as the store passphrase is) unless --no-recovery
+    #[arg(long, value_name = "LIST")]
+    pcrs: Option<String>,
+
+    /// With --pcrs: no recovery passphrase; the store is lost if those PCRs change for good
+    #[arg(long, requires = "pcrs")]
+    no_recovery: bool,
 
     /// Argon2id memory in MiB (at least 8)
     #[arg(long, value_name = "MIB", default_value_t = Argon2Params::default().memory_mib)]
@@ -52,6 +65,9 @@ pub fn init(ctx: &Context, args: &InitArgs) -> CmdResult {
         }
         .into());
     }
+    if args.pcrs.is_some() && !matches!(args.sealer, SealerKind::Tpm) {
+        return Err(Failure::Cli("--pcrs goes with --sealer tpm".into()));
+    }
     let ks = match (args.sealer, &args.backend) {
         (SealerKind::Passphrase, None) => {
             let sealer = PassphraseSealer::new(io::passphrase(ctx, true)?).with_params(params)?;
@@ -61,9 +77,28 @@ pub fn init(ctx: &Context, args: &InitArgs) -> CmdResult {
             let sealer = Pkcs11Sealer::new(Arc::new(io::pkcs11_backend(ctx, name)?));
             Keystore::create_with(&ctx.store, &sealer, &ctx.config)?
         }
+        (SealerKind::Tpm, name) => {
+            let (device, name) = io::tpm_device(ctx, name.as_deref(), false)?;
+            let pcrs = args.pcrs.as_deref().map(parse_pcrs).transpose()?;
+            let mut sealer =
+                TpmSealer::new(device, name).with_pcrs(pcrs.as_deref().unwrap_or(&[]))?;
+            if pcrs.is_some() {
+                if args.no_recovery {
+                    tracing::warn!(
+                        "sealed to PCRs without a recovery passphrase: if those PCRs change for \
+                         good, the store and its software keys are lost"
+                    );
+                } else {
+                    let recovery =
+                        PassphraseSealer::new(io::passphrase(ctx, true)?).with_params(params)?;
+                    sealer = sealer.with_recovery(recovery);
+                }
+            }
+            Keystore::create_with(&ctx.store, &sealer, &ctx.config)?
+        }
         (SealerKind::Passphrase, Some(_)) => {
             return Err(Failure::Cli(
-                "--backend goes with --sealer pkcs11, not with a passphrase".into(),
+                "--backend goes with --sealer pkcs11 or tpm, not with a passphrase".into(),
             ))
         }
         (SealerKind::Pkcs11, None) => {
@@ -85,6 +120,72 @@ pub fn init(ctx: &Context, args: &InitArgs) -> CmdResult {
             ctx.store.display(),
             ks.store_id(),
             ks.sealer_kind()
+        ))
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct ResealArgs {
+    /// Bind the new seal to these SHA-256 PCRs (e.g. 0,7) [default: the PCRs of the old seal]
+    #[arg(long, value_name = "LIST", conflicts_with = "no_pcrs")]
+    pcrs: Option<String>,
+
+    /// Bind the new seal to no PCRs
+    #[arg(long)]
+    no_pcrs: bool,
+}
+
+/// `keyhold reseal`: re-binds a TPM-sealed store to the PCRs as they are now. When the TPM refuses
+/// the old seal (the PCRs changed), the recovery passphrase unseals it.
+pub fn reseal(ctx: &Context, args: &ResealArgs) -> CmdResult {
+    let sealed = keyhold::store::Store::open(&ctx.store)?
+        .meta()
+        .sealed_root
+        .clone();
+    if sealed.sealer != "tpm" {
+        return Err(Failure::Cli(format!(
+            "keyhold reseal re-binds a TPM-sealed store to the TPM's PCRs; this store is sealed by \
+             `{}`",
+            sealed.sealer
+        )));
+    }
+    let name = TpmSealer::backend_of(&sealed)?;
+    let (device, name) = io::tpm_device(ctx, name.as_deref(), true)?;
+    let pcrs = match (&args.pcrs, args.no_pcrs) {
+        (Some(list), _) => parse_pcrs(list)?,
+        (None, true) => Vec::new(),
+        (None, false) => TpmSealer::pcrs_of(&sealed)?,
+    };
+    let file = ctx.passphrase_file.clone();
+    let unsealer = TpmSealer::new(Arc::clone(&device), name.clone()).with_recovery_prompt(
+        Box::new(move || {
+            io::passphrase_from(file.as_deref(), false).map_err(|f| keyhold::Error::Unseal {
+                reason: format!("the recovery passphrase is needed: {f}"),
+            })
+        }),
+    );
+    let resealer = TpmSealer::new(device, name)
+        .with_pcrs(&pcrs)?
+        .keeping_recovery(TpmSealer::recovery_of(&sealed)?);
+    Keystore::reseal(&ctx.store, &unsealer, &resealer)?;
+    if ctx.json {
+        io::print_json(&serde_json::json!({
+            "store": ctx.store.display().to_string(),
+            "sealer": "tpm",
+            "pcrs": pcrs,
+        }))
+    } else {
+        io::print_line(&format!(
+            "re-sealed keyhold store {} to the TPM{}",
+            ctx.store.display(),
+            if pcrs.is_empty() {
+                String::new()
+            } else {
+                format!(
+                    " and PCRs {}",
+                    pcrs.iter().map(u8::to_string).collect::<Vec<_>>().join(",")
+                )
+            }
         ))
     }
 }

@@ -182,6 +182,21 @@ fn derive_keys(root: &RootSecret, store_id: &[u8; 16]) -> Result<DerivedKeys> {
     })
 }
 
+/// Unseals `store`'s root secret with `sealer`, which must be the kind that sealed it.
+fn unseal_root(store: &Store, sealer: &dyn Sealer) -> Result<RootSecret> {
+    let meta = store.meta();
+    if meta.sealed_root.sealer != sealer.kind() {
+        return Err(Error::Unseal {
+            reason: format!(
+                "the store is sealed by `{}`, but a `{}` sealer was given",
+                meta.sealed_root.sealer,
+                sealer.kind()
+            ),
+        });
+    }
+    sealer.unseal(&meta.sealed_root, &meta.store_id)
+}
+
 fn now() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -206,6 +221,25 @@ fn check_size(data: &[u8], operation: &str, limit: usize) -> Result<()> {
         )));
     }
     Ok(())
+}
+
+/// The RSA-OAEP label of an envelope whose header and AAD are `binding`:
+/// `"KHL1:" ‖ base64url(SHA-256(binding)) ‖ 0x00`, 49 bytes.
+///
+/// Not `binding` itself: a TPM takes a label only if it ends in 0x00 and fits in 64 bytes, and the
+/// label must be the same whichever backend holds the key. The digest binds the header and AAD as
+/// firmly as the whole would.
+pub(crate) fn oaep_label(binding: &[u8]) -> Vec<u8> {
+    use base64::Engine as _;
+    let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, binding);
+    let mut label = b"KHL1:".to_vec();
+    label.extend_from_slice(
+        base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .encode(digest.as_ref())
+            .as_bytes(),
+    );
+    label.push(0);
+    label
 }
 
 /// `n` random bytes from the system CSPRNG through aws-lc.
@@ -294,18 +328,34 @@ impl Keystore {
     pub fn open_with(dir: &Path, sealer: &dyn Sealer, config: &Config) -> Result<Self> {
         harden_process();
         let store = Store::open(dir)?;
-        let meta = store.meta();
-        if meta.sealed_root.sealer != sealer.kind() {
+        let root = unseal_root(&store, sealer)?;
+        Self::with_root(store, &root, config)
+    }
+
+    /// Re-seals the root secret of the store in `dir`: unseals it with `unsealer`, seals it with
+    /// `resealer`, checks that `resealer` unseals the new seal, and only then replaces the old one
+    /// (in one transaction). Keys, records and key IDs are unchanged. Used to re-bind a TPM seal
+    /// to PCRs after an intended change, or to move a store to another sealer.
+    ///
+    /// # Errors
+    /// As [`Self::open`] for the unsealing; sealer errors; [`Error::Unseal`] if the new seal
+    /// does not unseal (nothing is changed then); storage errors.
+    pub fn reseal(dir: &Path, unsealer: &dyn Sealer, resealer: &dyn Sealer) -> Result<()> {
+        harden_process();
+        let mut store = Store::open(dir)?;
+        let root = unseal_root(&store, unsealer)?;
+        let meta = store.meta().clone();
+        let sealed = resealer.seal(&root, &meta.store_id)?;
+        let check = resealer.unseal(&sealed, &meta.store_id)?;
+        if constant_time::verify_slices_are_equal(check.expose(), root.expose()).is_err() {
             return Err(Error::Unseal {
-                reason: format!(
-                    "the store is sealed by `{}`, but a `{}` sealer was given",
-                    meta.sealed_root.sealer,
-                    sealer.kind()
-                ),
+                reason: "the new seal did not give back the root secret: nothing was changed"
+                    .into(),
             });
         }
-        let root = sealer.unseal(&meta.sealed_root, &meta.store_id)?;
-        Self::with_root(store, &root, config)
+        store.replace_sealed_root(&sealed)?;
+        tracing::info!(store = %dir.display(), sealer = resealer.kind(), "re-sealed the store");
+        Ok(())
     }
 
     fn with_root(store: Store, root: &RootSecret, config: &Config) -> Result<Self> {
@@ -893,7 +943,7 @@ impl Keystore {
                 check_input(plaintext, "encrypt")?;
                 let header = header(Algorithm::RsaOaepSha256);
                 let body = Self::recorded_public_key(&resolved)?
-                    .encrypt_oaep(plaintext, &header.aad(aad))?;
+                    .encrypt_oaep(plaintext, &oaep_label(&header.aad(aad)))?;
                 Ok(envelope::encode(header, &[], &body))
             }
             _ => self.use_resolved(&resolved, Purpose::Encrypt, "encrypt", |backend, key, _| {
@@ -930,7 +980,11 @@ impl Keystore {
                 nonce: env.nonce.to_vec(),
                 ciphertext: env.body.to_vec(),
             };
-            backend.decrypt(key, &sealed, &env.header.aad(aad))
+            let binding = env.header.aad(aad);
+            match resolved.spec.algorithm() {
+                Algorithm::RsaOaepSha256 => backend.decrypt(key, &sealed, &oaep_label(&binding)),
+                _ => backend.decrypt(key, &sealed, &binding),
+            }
         })
     }
 
@@ -994,7 +1048,9 @@ fn build_backends(config: &Config, keys: &DerivedKeys) -> Configured {
                 p.fallback,
             ),
             BackendConfig::Tpm(t) => (
-                TpmBackend::new(name, &t.tcti(), &keys.tpm_auth_kek)
+                t.settings()
+                    .and_then(|settings| crate::backend::tpm::device(&t.tcti(), settings))
+                    .and_then(|device| TpmBackend::with_device(name, device, &keys.tpm_auth_kek))
                     .map(|b| Arc::new(b) as Arc<dyn Backend>),
                 t.fallback,
             ),

@@ -2,11 +2,12 @@
 //!
 //! The root secret is 32 random bytes made once at `init`. Everything else is derived from it (key-ID
 //! MAC key, record MAC key, software KEK), so the sealer is the one thing standing between a copy of
-//! the store and its keys. Sealers: `passphrase` (Argon2id) and `pkcs11` (a non-extractable AES key
-//! in a token); a TPM sealer will plug into the same trait.
+//! the store and its keys. Sealers: `passphrase` (Argon2id), `pkcs11` (a non-extractable AES key
+//! in a token) and `tpm` (a TPM sealed-data object, optionally bound to PCRs).
 
 pub mod passphrase;
 pub mod pkcs11;
+pub mod tpm;
 
 use std::fmt;
 
@@ -15,6 +16,7 @@ use crate::secret::SecretBytes;
 
 pub use passphrase::{Argon2Params, PassphraseSealer};
 pub use pkcs11::Pkcs11Sealer;
+pub use tpm::TpmSealer;
 
 /// The store's root secret: 32 random bytes, in a locked, zeroizing buffer.
 #[derive(Debug)]

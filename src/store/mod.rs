@@ -188,6 +188,42 @@ impl Store {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
+    /// Replaces the sealed root secret (after `keyhold reseal`), in one transaction: the old seal
+    /// stays in place until the new one is committed.
+    ///
+    /// # Errors
+    /// Storage errors; nothing is changed then.
+    pub fn replace_sealed_root(&mut self, sealed: &SealedRoot) -> Result<()> {
+        let mut conn = self.conn();
+        let tx = conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+            .map_err(|e| Error::storage("begin replacing the sealed root secret", e))?;
+        for (key, value) in [
+            ("sealer", sealed.sealer.as_bytes()),
+            ("sealer_params", sealed.params.as_slice()),
+            ("sealed_root", sealed.blob.as_slice()),
+        ] {
+            let changed = tx
+                .execute(
+                    "UPDATE meta SET value = ?2 WHERE key = ?1",
+                    params![key, value],
+                )
+                .map_err(|e| Error::storage("write the sealed root secret", e))?;
+            if changed != 1 {
+                return Err(Error::StoreUnusable {
+                    path: self.dir.clone(),
+                    reason: format!("its metadata entry `{key}` is missing"),
+                    source: None,
+                });
+            }
+        }
+        tx.commit()
+            .map_err(|e| Error::storage("commit the sealed root secret", e))?;
+        drop(conn);
+        self.meta.sealed_root = sealed.clone();
+        Ok(())
+    }
+
     /// SQLite's `data_version`: changes whenever another connection (another process) commits a
     /// change to the database. Lets the keystore keep verified records cached safely.
     ///

@@ -1,10 +1,13 @@
 //! The bytes a TPM key leaves in its record: the TPM-wrapped key and its sealed authValue.
 //!
 //! ```text
-//! version (1) | u16 len | TPMT_PUBLIC | u16 len | TPM2B_PRIVATE contents | nonce (12) | sealed auth (48)
+//! version (2) | u16 len | SRK Name | u16 len | TPMT_PUBLIC | u16 len | TPM2B_PRIVATE contents
+//!             | nonce (12) | sealed auth (48)
 //! ```
 //!
-//! The public and private parts are what TPM2_Create returned: the private part is already
+//! The SRK Name says which storage key the key was made under, so a key used on a cleared or
+//! another TPM gets a clear error before the TPM is asked to load it. The public and private parts
+//! are what TPM2_Create returned: the private part is already
 //! encrypted and integrity-protected by the TPM under the SRK. The key's authValue is not: anyone
 //! with the record and this TPM could use the key with it. It is therefore sealed with AES-256-GCM
 //! under a key derived from the store's root secret, with AAD binding the store, the key's record,
@@ -18,7 +21,7 @@ use crate::backend::KeyContext;
 use crate::error::{Error, Result};
 use crate::secret::SecretBytes;
 
-const VERSION: u8 = 1;
+const VERSION: u8 = 2;
 const AUTH_LEN: usize = 32;
 const TAG_LEN: usize = 16;
 /// The sealed authValue at the end of every blob.
@@ -28,6 +31,7 @@ const AAD_DOMAIN: &[u8] = b"keyhold tpm key auth v1\0";
 /// A key blob taken apart; the authValue is still sealed.
 #[derive(Debug)]
 pub(super) struct KeyBlob<'a> {
+    pub srk_name: &'a [u8],
     pub public: &'a [u8],
     pub private: &'a [u8],
     sealed_auth: &'a [u8],
@@ -39,10 +43,10 @@ fn damaged(why: &str) -> Error {
     }
 }
 
-fn aad(context: &KeyContext<'_>, public: &[u8], private: &[u8]) -> Vec<u8> {
+fn aad(context: &KeyContext<'_>, srk_name: &[u8], public: &[u8], private: &[u8]) -> Vec<u8> {
     let algorithm = context.spec.algorithm().as_str().as_bytes();
     let mut parts = digest::Context::new(&digest::SHA256);
-    for part in [public, private] {
+    for part in [srk_name, public, private] {
         parts.update(&(part.len() as u64).to_be_bytes());
         parts.update(part);
     }
@@ -69,6 +73,7 @@ fn push_part(blob: &mut Vec<u8>, part: &[u8]) -> Result<()> {
 pub(super) fn seal(
     kek: &RandomizedNonceKey,
     context: &KeyContext<'_>,
+    srk_name: &[u8],
     public: &[u8],
     private: &[u8],
     auth: &SecretBytes,
@@ -81,14 +86,16 @@ pub(super) fn seal(
     sealed.expose_mut()[..AUTH_LEN].copy_from_slice(auth.expose());
     let (body, tag) = sealed.expose_mut().split_at_mut(AUTH_LEN);
     let nonce = kek
-        .seal_in_place_separate_tag(Aad::from(aad(context, public, private)), body)
+        .seal_in_place_separate_tag(Aad::from(aad(context, srk_name, public, private)), body)
         .map(|(nonce, t)| {
             tag.copy_from_slice(t.as_ref());
             nonce
         })
         .map_err(|_| Error::crypto("seal a TPM key's authValue"))?;
-    let mut blob = Vec::with_capacity(1 + 4 + public.len() + private.len() + SEALED_AUTH_LEN);
+    let mut blob =
+        Vec::with_capacity(1 + 6 + srk_name.len() + public.len() + private.len() + SEALED_AUTH_LEN);
     blob.push(VERSION);
+    push_part(&mut blob, srk_name)?;
     push_part(&mut blob, public)?;
     push_part(&mut blob, private)?;
     blob.extend_from_slice(nonce.as_ref());
@@ -112,12 +119,14 @@ pub(super) fn parse(blob: &[u8]) -> Result<KeyBlob<'_>> {
         Some((part, &rest[2 + len..]))
     }
     let truncated = || damaged("the key blob is truncated");
+    let (srk_name, rest) = take(rest).ok_or_else(truncated)?;
     let (public, rest) = take(rest).ok_or_else(truncated)?;
     let (private, rest) = take(rest).ok_or_else(truncated)?;
     if rest.len() != SEALED_AUTH_LEN {
         return Err(truncated());
     }
     Ok(KeyBlob {
+        srk_name,
         public,
         private,
         sealed_auth: rest,
@@ -139,7 +148,7 @@ impl KeyBlob<'_> {
         let len = kek
             .open_in_place(
                 nonce,
-                Aad::from(aad(context, self.public, self.private)),
+                Aad::from(aad(context, self.srk_name, self.public, self.private)),
                 buf.expose_mut(),
             )
             .map_err(|_| refused())?
@@ -171,12 +180,13 @@ mod tests {
         };
         let auth = SecretBytes::copy_from(&[0xa5; 32]);
         let kek = kek();
-        let blob = seal(&kek, &ctx, b"public part", b"private part", &auth).unwrap();
+        let blob = seal(&kek, &ctx, b"srk", b"public part", b"private part", &auth).unwrap();
         assert!(
             !blob.windows(32).any(|w| w == auth.expose()),
             "auth in clear"
         );
         let parsed = parse(&blob).unwrap();
+        assert_eq!(parsed.srk_name, b"srk");
         assert_eq!(parsed.public, b"public part");
         assert_eq!(parsed.private, b"private part");
         assert_eq!(parsed.auth(&kek, &ctx).unwrap().expose(), auth.expose());

@@ -5,22 +5,26 @@ use tss_esapi::constants::tss::{TPM2_RH_NULL, TPM2_ST_HASHCHECK, TPM2_TRANSIENT_
 use tss_esapi::constants::{
     AlgorithmIdentifier, CapabilityType, EccCurveIdentifier, PropertyTag, SessionType,
 };
-use tss_esapi::handles::{KeyHandle, ObjectHandle, SessionHandle};
+use tss_esapi::handles::{KeyHandle, ObjectHandle, PersistentTpmHandle, SessionHandle, TpmHandle};
 use tss_esapi::interface_types::algorithm::{HashingAlgorithm, PublicAlgorithm};
+use tss_esapi::interface_types::dynamic_handles::Persistent;
 use tss_esapi::interface_types::ecc::EccCurve;
-use tss_esapi::interface_types::resource_handles::Hierarchy;
-use tss_esapi::interface_types::session_handles::AuthSession;
+use tss_esapi::interface_types::key_bits::RsaKeyBits;
+use tss_esapi::interface_types::resource_handles::{Hierarchy, Provision};
+use tss_esapi::interface_types::session_handles::{AuthSession, PolicySession};
 use tss_esapi::structures::{
-    Auth, CapabilityData, CreateKeyResult, Digest, EccPoint, HashcheckTicket, MaxBuffer, Private,
-    Public, PublicBuilder, PublicEccParametersBuilder, PublicParameters, Signature,
-    SignatureScheme, SymmetricDefinition, SymmetricDefinitionObject,
+    Auth, CapabilityData, CreateKeyResult, Data, Digest, EccPoint, HashScheme, HashcheckTicket,
+    KeyedHashScheme, MaxBuffer, PcrSelectionList, Private, Public, PublicBuilder,
+    PublicEccParametersBuilder, PublicKeyRsa, PublicKeyedHashParameters, PublicParameters,
+    RsaDecryptionScheme, SensitiveData, Signature, SignatureScheme, SymmetricDefinition,
+    SymmetricDefinitionObject,
 };
 use tss_esapi::tcti_ldr::TctiNameConf;
-use tss_esapi::traits::UnMarshall;
+use tss_esapi::traits::{Marshall, UnMarshall};
 use tss_esapi::tss2_esys::TPMT_TK_HASHCHECK;
 use tss_esapi::{Context, Error as TssError, WrapperErrorKind};
 
-use super::errors::{During, Failure};
+use super::errors::{self, During, Failure};
 use crate::secret::SecretBytes;
 
 /// The command name of a failed connection attempt (mapped to "unavailable").
@@ -39,18 +43,49 @@ pub(super) struct Features {
     pub p256: bool,
     pub p384: bool,
     pub rsa2048: bool,
+    pub rsa3072: bool,
     pub rsa_pss: bool,
     pub rsa_ssa: bool,
+    pub rsa_oaep: bool,
     pub hmac: bool,
+}
+
+/// How a connection is set up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Setup {
+    /// Keep the SRK at this persistent handle (made there on first use) instead of re-deriving a
+    /// transient copy at every connection.
+    pub srk_handle: Option<u32>,
+    /// The most keys kept loaded between operations.
+    pub max_loaded: usize,
+}
+
+/// Which loaded key a cached handle is: the backend instance that loaded it (each has its own
+/// key-encryption key, so one instance's cached key is never another's), and a digest of the
+/// key's blob and record context.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct CacheKey {
+    pub owner: u64,
+    pub digest: [u8; 32],
+}
+
+#[derive(Debug)]
+struct Cached {
+    key: CacheKey,
+    handle: KeyHandle,
 }
 
 /// A live connection: the ESAPI context with the SRK loaded and the salted session set.
 #[derive(Debug)]
 pub(super) struct Connection {
     context: Context,
+    /// The SRK: transient, or persistent when the configuration names a handle.
     srk: KeyHandle,
     session: AuthSession,
     srk_name: Vec<u8>,
+    /// Keys kept loaded, least recently used first; at most `max_loaded`.
+    loaded: Vec<Cached>,
+    max_loaded: usize,
 }
 
 /// The SRK template, modelled on the ECC storage-key template of the TCG TPM v2.0 Provisioning
@@ -89,6 +124,95 @@ fn srk_template() -> tss_esapi::Result<Public> {
         .build()
 }
 
+/// Derives the SRK from the owner seed as a transient object.
+///
+/// The owner hierarchy's authorisation is empty on a provisioned-by-default TPM; a salted session
+/// cannot exist before the key that salts it, so the SRK is made with a password session. From
+/// here on, a failure drops the context, which flushes the SRK.
+fn create_srk(context: &mut Context) -> Result<KeyHandle, Failure> {
+    Ok(context
+        .execute_with_session(Some(AuthSession::Password), |c| {
+            c.create_primary(Hierarchy::Owner, srk_template()?, None, None, None, None)
+        })
+        .during("TPM2_CreatePrimary (storage root key)")?
+        .key_handle)
+}
+
+/// The SRK at the persistent handle `handle`, made and persisted there if the handle is empty.
+///
+/// An object already at the handle is used only if it has exactly keyhold's SRK template (its
+/// unique field aside): another program's key there is an error, never silently adopted.
+fn persistent_srk(context: &mut Context, handle: u32) -> Result<KeyHandle, Failure> {
+    const WHAT: &str = "persistent storage root key";
+    let persistent = PersistentTpmHandle::new(handle).during("persistent SRK handle")?;
+    let found = context
+        .execute_without_session(|c| c.tr_from_tpm_public(TpmHandle::Persistent(persistent)));
+    match found {
+        Ok(object) => {
+            let srk = KeyHandle::from(object);
+            let (public, _, _) = context
+                .execute_without_session(|c| c.read_public(srk))
+                .during("TPM2_ReadPublic (persistent storage root key)")?;
+            if !is_srk(&public) {
+                return Err(Failure {
+                    command: "TPM2_ReadPublic (the object at the SRK handle is not keyhold's SRK)",
+                    error: TssError::WrapperError(WrapperErrorKind::InconsistentParams),
+                });
+            }
+            Ok(srk)
+        }
+        Err(e) if errors::is_missing_handle(e) => {
+            let transient = create_srk(context)?;
+            let persisted = context
+                .execute_with_session(Some(AuthSession::Password), |c| {
+                    c.evict_control(
+                        Provision::Owner,
+                        transient.into(),
+                        Persistent::Persistent(persistent),
+                    )
+                })
+                .during("TPM2_EvictControl (persist the storage root key)");
+            if let Err(e) = context.flush_context(transient.into()) {
+                tracing::debug!("could not flush the transient copy of the SRK: {e}");
+            }
+            tracing::info!("persisted the storage root key at {handle:#010x}");
+            Ok(KeyHandle::from(persisted?))
+        }
+        Err(e) => Err(e).during(WHAT),
+    }
+}
+
+/// Whether `public` is keyhold's SRK template (whatever its unique field).
+fn is_srk(public: &Public) -> bool {
+    let Ok(template) = srk_template() else {
+        return false;
+    };
+    match (public, &template) {
+        (
+            Public::Ecc {
+                object_attributes,
+                name_hashing_algorithm,
+                auth_policy,
+                parameters,
+                ..
+            },
+            Public::Ecc {
+                object_attributes: a,
+                name_hashing_algorithm: n,
+                auth_policy: p,
+                parameters: q,
+                ..
+            },
+        ) => {
+            object_attributes == a
+                && name_hashing_algorithm == n
+                && auth_policy == p
+                && parameters == q
+        }
+        _ => false,
+    }
+}
+
 /// The ticket for signing a digest the TPM did not compute: the NULL ticket, which unrestricted
 /// keys accept (only restricted keys need proof that the TPM hashed the message itself).
 fn null_ticket() -> tss_esapi::Result<HashcheckTicket> {
@@ -105,22 +229,17 @@ fn wrong_value() -> TssError {
 
 impl Connection {
     /// Connects, checks the TPM's self-test result, creates the SRK and starts the session.
-    pub(super) fn open(tcti: &TctiNameConf) -> Result<Self, Failure> {
+    pub(super) fn open(tcti: &TctiNameConf, setup: Setup) -> Result<Self, Failure> {
         let mut context = Context::new(tcti.clone()).during(CONNECT)?;
         let (_, tested) = context
             .execute_without_session(|c| c.get_test_result())
             .during("TPM2_GetTestResult")?;
         tested.during("TPM2_GetTestResult (the TPM failed its self-test)")?;
 
-        // The owner hierarchy's authorisation is empty on a provisioned-by-default TPM; a salted
-        // session cannot exist before the key that salts it, so the SRK is made with a password
-        // session. From here on, a failure drops `context`, which flushes the SRK.
-        let srk = context
-            .execute_with_session(Some(AuthSession::Password), |c| {
-                c.create_primary(Hierarchy::Owner, srk_template()?, None, None, None, None)
-            })
-            .during("TPM2_CreatePrimary (storage root key)")?
-            .key_handle;
+        let srk = match setup.srk_handle {
+            None => create_srk(&mut context)?,
+            Some(handle) => persistent_srk(&mut context, handle)?,
+        };
         let (_, name, _) = context
             .execute_without_session(|c| c.read_public(srk))
             .during("TPM2_ReadPublic (storage root key)")?;
@@ -160,6 +279,8 @@ impl Connection {
             srk,
             session,
             srk_name: name.value().to_vec(),
+            loaded: Vec::new(),
+            max_loaded: setup.max_loaded.max(1),
         })
     }
 
@@ -168,9 +289,14 @@ impl Connection {
     /// handles, and on a TPM that was reset those numbers may already name someone else's objects.
     pub(super) fn abandon(mut self) {
         self.context.clear_sessions();
-        let mut srk = ObjectHandle::from(self.srk);
-        let mut session = ObjectHandle::from(SessionHandle::from(self.session));
-        for handle in [&mut srk, &mut session] {
+        let mut handles: Vec<ObjectHandle> = self
+            .loaded
+            .drain(..)
+            .map(|c| ObjectHandle::from(c.handle))
+            .collect();
+        handles.push(ObjectHandle::from(self.srk));
+        handles.push(ObjectHandle::from(SessionHandle::from(self.session)));
+        for handle in &mut handles {
             if let Err(e) = self.context.tr_close(handle) {
                 tracing::debug!("could not close a stale ESAPI handle: {e}");
             }
@@ -189,36 +315,252 @@ impl Connection {
         auth: &SecretBytes,
     ) -> Result<CreateKeyResult, Failure> {
         let auth = Auth::try_from(auth.expose()).during("TPM2_Create (authValue)")?;
+        // TPM2_Create needs a free object slot for the key it makes.
+        self.make_room(1)?;
         let srk = self.srk;
         self.context
             .create(srk, template, Some(auth), None, None, None)
             .during("TPM2_Create")
     }
 
-    /// Loads a key's blob under the SRK; the guard flushes it when dropped.
-    pub(super) fn load(
+    /// Flushes least recently used keys until `free` more can be loaded.
+    fn make_room(&mut self, free: usize) -> Result<(), Failure> {
+        while !self.loaded.is_empty() && self.loaded.len() + free > self.max_loaded {
+            let oldest = self.loaded.remove(0);
+            self.context
+                .flush_context(oldest.handle.into())
+                .during("TPM2_FlushContext (least recently used key)")?;
+        }
+        Ok(())
+    }
+
+    /// Flushes every cached key (when the TPM ran out of object memory).
+    pub(super) fn flush_cached(&mut self) -> Result<(), Failure> {
+        let keep = self.max_loaded;
+        self.max_loaded = 0;
+        let flushed = self.make_room(0);
+        self.max_loaded = keep;
+        flushed
+    }
+
+    /// The key of a blob, loaded under the SRK: from the cache of loaded keys when `cache` names
+    /// one, else loaded now (and cached under `cache`, or flushed when the guard drops).
+    pub(super) fn key(
         &mut self,
+        cache: Option<CacheKey>,
         public: &[u8],
         private: &[u8],
         auth: &SecretBytes,
     ) -> Result<Loaded<'_>, Failure> {
+        if let Some(wanted) = cache {
+            if let Some(at) = self.loaded.iter().position(|c| c.key == wanted) {
+                let hit = self.loaded.remove(at);
+                let handle = hit.handle;
+                self.loaded.push(hit);
+                return Ok(Loaded {
+                    conn: self,
+                    handle,
+                    cached: cache,
+                    flush: false,
+                });
+            }
+        }
         let public = Public::unmarshall(public).during("TPM2_Load (unmarshal TPMT_PUBLIC)")?;
         let private = Private::try_from(private).during("TPM2_Load (TPM2B_PRIVATE)")?;
         let auth = Auth::try_from(auth.expose()).during("TPM2_Load (authValue)")?;
+        self.make_room(1)?;
         let srk = self.srk;
-        let handle = self
-            .context
-            .load(srk, private, public)
-            .during("TPM2_Load")?;
+        let handle = match self.context.load(srk, private.clone(), public.clone()) {
+            Ok(handle) => handle,
+            // Another program's objects fill the TPM: give back every cached key and try once more.
+            Err(e) if errors::is_object_memory(e) && !self.loaded.is_empty() => {
+                self.flush_cached()?;
+                self.context
+                    .load(srk, private, public)
+                    .during("TPM2_Load")?
+            }
+            Err(e) => return Err(e).during("TPM2_Load"),
+        };
         // The guard exists before anything else can fail, so every path flushes the handle.
-        let loaded = Loaded { conn: self, handle };
+        let mut loaded = Loaded {
+            conn: self,
+            handle,
+            cached: None,
+            flush: true,
+        };
         // ESAPI does not know a loaded key's authValue; the session's HMAC needs it.
         loaded
             .conn
             .context
             .tr_set_auth(handle.into(), auth)
             .during("Esys_TR_SetAuth")?;
+        if let Some(key) = cache {
+            loaded.conn.loaded.push(Cached { key, handle });
+            loaded.cached = cache;
+            loaded.flush = false;
+        }
         Ok(loaded)
+    }
+
+    /// Seals `secret` (at most 128 bytes) under the SRK; with `pcrs`, only a policy session that
+    /// finds those PCRs as they are now can unseal it. Returns the marshalled public area and the
+    /// TPM-wrapped private part.
+    pub(super) fn seal(
+        &mut self,
+        secret: &SecretBytes,
+        pcrs: Option<&PcrSelectionList>,
+    ) -> Result<(Vec<u8>, Vec<u8>), Failure> {
+        let policy = match pcrs {
+            Some(selection) => Some(self.pcr_policy_digest(selection)?),
+            None => None,
+        };
+        // A sealed-data object: KeyedHash, NULL scheme, neither sign nor decrypt. With a PCR
+        // policy, userWithAuth is clear so that no authValue can stand in for the policy.
+        let attributes = ObjectAttributesBuilder::new()
+            .with_fixed_tpm(true)
+            .with_fixed_parent(true)
+            .with_no_da(true)
+            .with_user_with_auth(policy.is_none())
+            .build()
+            .during("TPM2_Create (sealed object attributes)")?;
+        let template = PublicBuilder::new()
+            .with_public_algorithm(PublicAlgorithm::KeyedHash)
+            .with_name_hashing_algorithm(HashingAlgorithm::Sha256)
+            .with_object_attributes(attributes)
+            .with_auth_policy(policy.unwrap_or_default())
+            .with_keyed_hash_parameters(PublicKeyedHashParameters::new(KeyedHashScheme::Null))
+            .with_keyed_hash_unique_identifier(Digest::default())
+            .build()
+            .during("TPM2_Create (sealed object template)")?;
+        let data = SensitiveData::try_from(secret.expose()).during("TPM2_Create (data to seal)")?;
+        self.make_room(1)?;
+        let srk = self.srk;
+        let created = self
+            .context
+            .create(srk, template, None, Some(data), None, None)
+            .during("TPM2_Create (sealed object)")?;
+        let public = created
+            .out_public
+            .marshall()
+            .during("marshal TPMT_PUBLIC")?;
+        Ok((public, created.out_private.value().to_vec()))
+    }
+
+    /// Unseals what [`Self::seal`] sealed, through a salted policy session when it is bound to
+    /// `pcrs` (the TPM answers `TPM_RC_POLICY_FAIL` once they changed).
+    pub(super) fn unseal(
+        &mut self,
+        public: &[u8],
+        private: &[u8],
+        pcrs: Option<&PcrSelectionList>,
+    ) -> Result<SecretBytes, Failure> {
+        let empty = SecretBytes::zeroed(0);
+        let object = self.key(None, public, private, &empty)?;
+        let handle = object.handle;
+        let conn = &mut *object.conn;
+        let data = match pcrs {
+            None => conn.context.unseal(handle.into()).during("TPM2_Unseal")?,
+            Some(selection) => {
+                let srk = conn.srk;
+                let session = conn
+                    .context
+                    .execute_without_session(|c| {
+                        c.start_auth_session(
+                            Some(srk),
+                            None,
+                            None,
+                            SessionType::Policy,
+                            SymmetricDefinition::AES_128_CFB,
+                            HashingAlgorithm::Sha256,
+                        )
+                    })
+                    .during("TPM2_StartAuthSession (policy)")?
+                    .ok_or_else(wrong_value)
+                    .during("TPM2_StartAuthSession (policy)")?;
+                let unsealed = conn.unseal_in_policy(session, handle, selection);
+                if let Err(e) = conn
+                    .context
+                    .flush_context(SessionHandle::from(session).into())
+                {
+                    tracing::warn!("could not flush a policy session: {e}");
+                }
+                unsealed?
+            }
+        };
+        drop(object);
+        Ok(SecretBytes::copy_from(data.value()))
+    }
+
+    fn unseal_in_policy(
+        &mut self,
+        session: AuthSession,
+        object: KeyHandle,
+        selection: &PcrSelectionList,
+    ) -> Result<SensitiveData, Failure> {
+        // The unsealed secret comes back encrypted under the salted session's key.
+        let (attributes, mask) = SessionAttributesBuilder::new().with_encrypt(true).build();
+        self.context
+            .tr_sess_set_attributes(session, attributes, mask)
+            .during("Esys_TRSess_SetAttributes (policy)")?;
+        let policy = PolicySession::try_from(session).during("TPM2_PolicyPCR")?;
+        self.context
+            .execute_without_session(|c| c.policy_pcr(policy, Digest::default(), selection.clone()))
+            .during("TPM2_PolicyPCR")?;
+        self.context
+            .execute_with_session(Some(session), |c| c.unseal(object.into()))
+            .during("TPM2_Unseal")
+    }
+
+    /// The policy digest of "these PCRs hold the values they hold now", from a trial session.
+    fn pcr_policy_digest(&mut self, selection: &PcrSelectionList) -> Result<Digest, Failure> {
+        let trial = self
+            .context
+            .execute_without_session(|c| {
+                c.start_auth_session(
+                    None,
+                    None,
+                    None,
+                    SessionType::Trial,
+                    SymmetricDefinition::AES_128_CFB,
+                    HashingAlgorithm::Sha256,
+                )
+            })
+            .during("TPM2_StartAuthSession (trial)")?
+            .ok_or_else(wrong_value)
+            .during("TPM2_StartAuthSession (trial)")?;
+        let digest = PolicySession::try_from(trial)
+            .and_then(|policy| {
+                self.context.execute_without_session(|c| {
+                    c.policy_pcr(policy, Digest::default(), selection.clone())?;
+                    c.policy_get_digest(policy)
+                })
+            })
+            .during("TPM2_PolicyPCR (trial)");
+        if let Err(e) = self
+            .context
+            .flush_context(SessionHandle::from(trial).into())
+        {
+            tracing::warn!("could not flush a trial session: {e}");
+        }
+        digest
+    }
+
+    /// Extends PCR `index` of the SHA-256 bank with `digest` (tests of PCR-bound sealing).
+    #[cfg(feature = "testing")]
+    pub(super) fn extend_pcr(&mut self, index: u8, digest: &[u8]) -> Result<(), Failure> {
+        use tss_esapi::handles::PcrHandle;
+        use tss_esapi::structures::DigestValues;
+        let handle = PcrHandle::try_from(u32::from(index)).during("TPM2_PCR_Extend (index)")?;
+        let mut values = DigestValues::new();
+        values.set(
+            HashingAlgorithm::Sha256,
+            Digest::try_from(digest).during("TPM2_PCR_Extend (digest)")?,
+        );
+        self.context
+            .execute_with_session(Some(AuthSession::Password), |c| {
+                c.pcr_extend(handle, values)
+            })
+            .during("TPM2_PCR_Extend")
     }
 
     /// How many transient objects the TPM holds (all of them without a resource manager; this
@@ -278,61 +620,121 @@ impl Connection {
                 _ => return Err(wrong_value()).during("TPM2_GetCapability (algorithms)"),
             };
             let has = |a: AlgorithmIdentifier| algorithms.find(a).is_some();
-            let rsa2048 = match super::templates::rsa2048_parameters() {
-                Ok(parameters) => match c.test_parms(PublicParameters::Rsa(parameters)) {
-                    Ok(()) => true,
+            let mut rsa = |bits| -> Result<bool, Failure> {
+                let parameters = super::templates::rsa_parameters(bits)
+                    .during("TPM2_TestParms (RSA template)")?;
+                match c.test_parms(PublicParameters::Rsa(parameters)) {
+                    Ok(()) => Ok(true),
                     // The TPM's answer "no" is an error from the TPM; any other error is real.
                     Err(TssError::Tss2Error(rc))
-                        if super::errors::raw_code(rc).is_some_and(|r| r >> 16 == 0) =>
+                        if errors::raw_code(rc).is_some_and(|r| r >> 16 == 0) =>
                     {
-                        false
+                        Ok(false)
                     }
-                    Err(e) => return Err(e).during("TPM2_TestParms (RSA-2048)"),
-                },
-                Err(e) => return Err(e).during("TPM2_TestParms (RSA-2048 template)"),
+                    Err(e) => Err(e).during("TPM2_TestParms (RSA)"),
+                }
             };
+            let rsa2048 = rsa(RsaKeyBits::Rsa2048)?;
+            let rsa3072 = rsa(RsaKeyBits::Rsa3072)?;
             Ok(Features {
                 p256: curves.contains(&EccCurveIdentifier::NistP256)
                     && has(AlgorithmIdentifier::EcDsa),
                 p384: curves.contains(&EccCurveIdentifier::NistP384)
                     && has(AlgorithmIdentifier::EcDsa),
                 rsa2048: rsa2048 && has(AlgorithmIdentifier::Rsa),
+                rsa3072: rsa3072 && has(AlgorithmIdentifier::Rsa),
                 rsa_pss: has(AlgorithmIdentifier::RsaPss),
                 rsa_ssa: has(AlgorithmIdentifier::RsaSsa),
+                rsa_oaep: has(AlgorithmIdentifier::Oaep),
                 hmac: has(AlgorithmIdentifier::Hmac) && has(AlgorithmIdentifier::KeyedHash),
             })
         })
     }
 }
 
-/// A key loaded into the TPM, flushed when the guard is dropped: a TPM holds about three transient
-/// objects, so a handle left behind soon stops every other key from loading.
+/// A key loaded into the TPM. A cached key stays loaded for the next operation; any other is
+/// flushed when the guard is dropped (a TPM holds about three transient objects, so a handle left
+/// behind soon stops every other key from loading). A cached key the TPM refused the authValue of
+/// is flushed and forgotten too.
 #[derive(Debug)]
 pub(super) struct Loaded<'c> {
     conn: &'c mut Connection,
     handle: KeyHandle,
+    cached: Option<CacheKey>,
+    flush: bool,
 }
 
 impl Loaded<'_> {
+    /// Marks the key for flushing if the TPM refused its authorisation.
+    fn checked<T>(&mut self, result: Result<T, Failure>) -> Result<T, Failure> {
+        if let Err(failure) = &result {
+            if errors::is_auth_failure(failure.error) {
+                self.flush = true;
+            }
+        }
+        result
+    }
+
     /// Signs `digest` with the key's own (fixed) scheme.
     pub(super) fn sign(&mut self, digest: &[u8]) -> Result<Signature, Failure> {
         let digest = Digest::try_from(digest).during("TPM2_Sign (digest)")?;
         let ticket = null_ticket().during("TPM2_Sign (ticket)")?;
-        self.conn
+        let handle = self.handle;
+        let signed = self
+            .conn
             .context
-            .sign(self.handle, digest, SignatureScheme::Null, ticket)
-            .during("TPM2_Sign")
+            .sign(handle, digest, SignatureScheme::Null, ticket)
+            .during("TPM2_Sign");
+        self.checked(signed)
+    }
+
+    /// RSA-OAEP (SHA-256) decryption; `label` must be empty or end in 0x00, at most 64 bytes.
+    /// `None` when the ciphertext does not decrypt (wrong key, label or damaged ciphertext).
+    pub(super) fn oaep_decrypt(
+        &mut self,
+        ciphertext: &[u8],
+        label: &[u8],
+    ) -> Result<Option<SecretBytes>, Failure> {
+        let ciphertext =
+            PublicKeyRsa::try_from(ciphertext).during("TPM2_RSA_Decrypt (ciphertext)")?;
+        let label = Data::try_from(label).during("TPM2_RSA_Decrypt (label)")?;
+        let scheme = RsaDecryptionScheme::Oaep(HashScheme::new(HashingAlgorithm::Sha256));
+        let handle = self.handle;
+        let plain = self
+            .conn
+            .context
+            .rsa_decrypt(handle, ciphertext, scheme, label)
+            .during("TPM2_RSA_Decrypt");
+        match self.checked(plain) {
+            Ok(plain) => Ok(Some(SecretBytes::copy_from(plain.value()))),
+            Err(f) if errors::is_value(f.error) => Ok(None),
+            // libtpms answers a ciphertext whose OAEP padding does not check with
+            // TPM_RC_FAILURE, as if it had failed itself; its self-test result tells the two apart.
+            Err(f) if errors::is_failure(f.error) => {
+                let (_, tested) = self
+                    .conn
+                    .context
+                    .execute_without_session(|c| c.get_test_result())
+                    .during("TPM2_GetTestResult")?;
+                match tested {
+                    Ok(()) => Ok(None),
+                    Err(_) => Err(f),
+                }
+            }
+            Err(f) => Err(f),
+        }
     }
 
     /// HMAC-SHA256 of at most 1024 bytes (`TPM2B_MAX_BUFFER`).
     pub(super) fn hmac(&mut self, data: &[u8]) -> Result<Vec<u8>, Failure> {
         let buffer = MaxBuffer::try_from(data).during("TPM2_HMAC (input)")?;
+        let handle = self.handle;
         let tag = self
             .conn
             .context
-            .hmac(self.handle.into(), buffer, HashingAlgorithm::Sha256)
-            .during("TPM2_HMAC")?;
-        Ok(tag.value().to_vec())
+            .hmac(handle.into(), buffer, HashingAlgorithm::Sha256)
+            .during("TPM2_HMAC");
+        Ok(self.checked(tag)?.value().to_vec())
     }
 
     /// The key's public area as the TPM holds it.
@@ -349,10 +751,16 @@ impl Loaded<'_> {
 
 impl Drop for Loaded<'_> {
     fn drop(&mut self) {
+        if !self.flush {
+            return;
+        }
+        if let Some(key) = self.cached {
+            self.conn.loaded.retain(|c| c.key != key);
+        }
         if let Err(e) = self.conn.context.flush_context(self.handle.into()) {
             // After a lost connection the flush fails too, and the context is rebuilt anyway
             // (a restarted TPM has no transient objects left). Otherwise it is a leak to report.
-            if super::errors::is_disconnect(e) {
+            if errors::is_disconnect(e) {
                 tracing::debug!("flush of a loaded TPM key failed after the connection was lost");
             } else {
                 tracing::warn!("could not flush a loaded TPM key: {e}");

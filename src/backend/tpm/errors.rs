@@ -101,6 +101,44 @@ pub(super) fn is_reset(e: TssError) -> bool {
     )
 }
 
+/// Whether the TPM ran out of room for another loaded object.
+pub(super) fn is_object_memory(e: TssError) -> bool {
+    matches!(
+        tpm_kind(e),
+        Some(Kind::ObjectMemory | Kind::ObjectHandles | Kind::Memory)
+    )
+}
+
+/// Whether the TPM refused an authorisation value (never retried).
+pub(super) fn is_auth_failure(e: TssError) -> bool {
+    matches!(tpm_kind(e), Some(Kind::AuthFail | Kind::BadAuth))
+}
+
+/// Whether the TPM says a handle names no object (an empty persistent handle).
+pub(super) fn is_missing_handle(e: TssError) -> bool {
+    matches!(tpm_kind(e), Some(Kind::Handle))
+}
+
+/// Whether the TPM refused a parameter's value (TPM_RC_VALUE, any parameter).
+pub(super) fn is_value(e: TssError) -> bool {
+    matches!(tpm_kind(e), Some(Kind::Value))
+}
+
+/// Whether the TPM answered TPM_RC_FAILURE.
+pub(super) fn is_failure(e: TssError) -> bool {
+    matches!(tpm_kind(e), Some(Kind::Failure))
+}
+
+/// Whether the TPM found an object damaged or made under another parent.
+pub(super) fn is_integrity(e: TssError) -> bool {
+    matches!(tpm_kind(e), Some(Kind::Integrity))
+}
+
+/// Whether the TPM refused a policy (a PCR-bound secret after its PCRs changed).
+pub(super) fn is_policy_failure(e: TssError) -> bool {
+    matches!(tpm_kind(e), Some(Kind::PolicyFail | Kind::PolicyCc))
+}
+
 /// The TPM's own response code kind, or `None` for codes from the software stack.
 fn tpm_kind(e: TssError) -> Option<Kind> {
     let TssError::Tss2Error(rc) = e else {

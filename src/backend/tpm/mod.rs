@@ -2,34 +2,42 @@
 //!
 //! Each key is made with TPM2_Create under the storage root key (SRK) and never leaves the TPM in
 //! clear. What TPM2_Create returns (the public area and the private part, which the TPM encrypted
-//! under the SRK) goes into the key's record as its blob, with the key's random authValue sealed
-//! under a key derived from the store's root secret (`blob.rs`). Nothing is stored in the TPM: each
-//! operation loads the key from its blob, uses it, and flushes it.
+//! under the SRK) goes into the key's record as its blob, with the SRK's Name and the key's random
+//! authValue sealed under a key derived from the store's root secret (`blob.rs`). Nothing is
+//! stored in the TPM: a key is loaded from its blob when it is used and stays loaded in a small
+//! LRU (`max_loaded`, two by default: a TPM holds about three transient objects) until a newer key
+//! needs the room; every handle is flushed by a guard or by the LRU.
 //!
-//! All commands go through one ESAPI context and one salted HMAC session with parameter encryption
-//! (`connection.rs`). When the connection to the TPM is lost (the TPM was killed or reset), the
-//! context, SRK and session are rebuilt on the next call; the SRK's Name must not change, or the TPM
-//! was cleared or replaced and its keys are gone.
+//! All commands go through one ESAPI context per TPM and one salted HMAC session with parameter
+//! encryption (`connection.rs`), shared by every backend and sealer of the process that uses the
+//! TPM (`device.rs`): callers take turns, waiting at most `timeout_secs`. When the connection to
+//! the TPM is lost (the TPM was killed or reset), the context, SRK and session are rebuilt on the
+//! next call; the SRK's Name must not change, or the TPM was cleared or replaced and its keys are
+//! gone.
 //!
 //! Messages are hashed in software; the TPM signs the digest.
 
 mod blob;
 mod connection;
+pub mod device;
 mod errors;
 #[cfg(feature = "testing")]
 pub mod fixture;
 mod templates;
 
 use std::str::FromStr;
-use std::sync::{Mutex, MutexGuard, OnceLock};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use aws_lc_rs::aead::{RandomizedNonceKey, AES_256_GCM};
 use aws_lc_rs::digest;
-use tss_esapi::structures::Signature;
+use tss_esapi::interface_types::algorithm::HashingAlgorithm;
+use tss_esapi::structures::{PcrSelectionList, PcrSelectionListBuilder, PcrSlot, Signature};
 use tss_esapi::tcti_ldr::TctiNameConf;
 use tss_esapi::traits::Marshall;
 
-use self::connection::{Connection, Features};
+use self::connection::{CacheKey, Connection};
+use self::device::{DeviceSettings, TpmDevice};
 use self::errors::{During, Failure};
 use crate::backend::{
     Backend, BackendReport, Capabilities, GeneratedKey, KeyContext, KeyOptions, KeyRef, Sealed,
@@ -44,32 +52,30 @@ use crate::secret::SecretBytes;
 /// tss-esapi 7.7 does not wrap the HMAC sequence commands, so this is the backend's limit.
 pub const MAX_HMAC_INPUT: usize = 1024;
 
+/// The longest RSA-OAEP label a TPM takes (`TPM2B_DATA`), terminating 0x00 included.
+pub const MAX_OAEP_LABEL: usize = 64;
+
 /// Signed once after generation, to prove the blob loads with its sealed authValue.
 const PCT_MESSAGE: &[u8] = b"keyhold TPM pairwise consistency test";
+
+/// Tells the backend instances apart in the shared cache of loaded keys.
+static NEXT_OWNER: AtomicU64 = AtomicU64::new(1);
 
 /// A TPM 2.0 as a keyhold backend.
 pub struct TpmBackend {
     name: String,
-    tcti: String,
-    tcti_conf: TctiNameConf,
+    device: Arc<TpmDevice>,
     /// Seals each key's authValue in its blob.
     auth_kek: RandomizedNonceKey,
-    /// The SRK's Name when the backend was made: every reconnection must find the same.
-    srk_name: Vec<u8>,
-    /// The one connection, `None` after it was lost. An ESAPI context must never be used by two
-    /// threads at once (every tss-esapi method takes `&mut self`), and without a resource manager
-    /// (swtpm, `/dev/tpm0`) there may be only one per TPM anyway: callers take turns, the way
-    /// Parsec serialises its TPM provider.
-    connection: Mutex<Option<Connection>>,
-    features: OnceLock<Features>,
+    /// This instance's mark on the keys it keeps loaded.
+    owner: u64,
 }
 
 impl std::fmt::Debug for TpmBackend {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("TpmBackend")
             .field("name", &self.name)
-            .field("tcti", &self.tcti)
-            .field("srk_name", &crate::hex::encode(&self.srk_name))
+            .field("device", &self.device)
             .finish_non_exhaustive()
     }
 }
@@ -107,16 +113,139 @@ fn parse_tcti(tcti: &str) -> Result<TctiNameConf> {
     })
 }
 
+/// The TPM at `tcti`, shared with everything else in the process that uses it. Connects lazily.
+///
+/// # Errors
+/// [`Error::Config`] for a TCTI keyhold cannot use (`swtpm:path=…`).
+pub fn device(tcti: &str, settings: DeviceSettings) -> Result<Arc<TpmDevice>> {
+    let conf = parse_tcti(tcti)?;
+    Ok(TpmDevice::shared(tcti.trim(), conf, settings))
+}
+
+/// A selection of SHA-256 PCRs for sealing.
+fn pcr_selection(pcrs: &[u8]) -> Result<PcrSelectionList> {
+    let slots = pcrs
+        .iter()
+        .map(|&i| {
+            if i > 23 {
+                return Err(Error::InvalidInput(format!(
+                    "PCR {i} does not exist: a TPM 2.0 has PCRs 0 to 23"
+                )));
+            }
+            PcrSlot::try_from(1u32 << i)
+                .map_err(|_| Error::InvalidInput(format!("PCR {i} cannot be selected")))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    PcrSelectionListBuilder::new()
+        .with_selection(HashingAlgorithm::Sha256, &slots)
+        .build()
+        .map_err(|e| Error::InvalidInput(format!("PCR selection {pcrs:?}: {e}")))
+}
+
+/// What the TPM sealer keeps: a sealed-data object's public area and TPM-wrapped private part.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SealedObject {
+    /// The marshalled TPMT_PUBLIC (it carries the PCR policy digest).
+    pub public: Vec<u8>,
+    /// The TPM2B_PRIVATE contents, encrypted by the TPM under the SRK.
+    pub private: Vec<u8>,
+}
+
+impl TpmDevice {
+    /// Seals `secret` (at most 128 bytes) to this TPM; with `pcrs` (SHA-256 bank), only while
+    /// those PCRs keep their current values. `who` names the caller in errors.
+    ///
+    /// # Errors
+    /// [`Error::InvalidInput`] for a bad PCR list; [`Error::BackendUnavailable`] and backend
+    /// errors from the TPM.
+    pub fn seal(&self, who: &str, secret: &SecretBytes, pcrs: &[u8]) -> Result<SealedObject> {
+        let selection = (!pcrs.is_empty())
+            .then(|| pcr_selection(pcrs))
+            .transpose()?;
+        let (public, private) = self.run(who, |connection| {
+            connection.seal(secret, selection.as_ref())
+        })?;
+        Ok(SealedObject { public, private })
+    }
+
+    /// Unseals what [`Self::seal`] sealed with the same `pcrs`; `None` when the TPM refused
+    /// because those PCRs no longer hold the values they had at sealing.
+    ///
+    /// # Errors
+    /// [`Error::Unseal`] if the object was made on another TPM (or before this one was cleared);
+    /// [`Error::BackendUnavailable`] if the TPM is not there.
+    pub fn unseal(
+        &self,
+        who: &str,
+        sealed: &SealedObject,
+        pcrs: &[u8],
+    ) -> Result<Option<SecretBytes>> {
+        let selection = (!pcrs.is_empty())
+            .then(|| pcr_selection(pcrs))
+            .transpose()?;
+        let mut refused = None;
+        let result = self.run(who, |connection| {
+            connection
+                .unseal(&sealed.public, &sealed.private, selection.as_ref())
+                .inspect_err(|f| {
+                    if errors::is_policy_failure(f.error) {
+                        refused = Some(true);
+                    } else if errors::is_integrity(f.error) {
+                        refused = Some(false);
+                    }
+                })
+        });
+        match (result, refused) {
+            (Ok(secret), _) => Ok(Some(secret)),
+            (Err(_), Some(true)) => Ok(None),
+            (Err(_), Some(false)) => Err(Error::Unseal {
+                reason: "the TPM refused the sealed root secret as made under another storage \
+                         key: it was sealed by another TPM, or this TPM was cleared since"
+                    .into(),
+            }),
+            (Err(e), None) => Err(e),
+        }
+    }
+
+    /// Extends PCR `index` (SHA-256 bank) with `data`'s digest: for tests of PCR-bound sealing.
+    ///
+    /// # Errors
+    /// [`Error::InvalidInput`] for a PCR that does not exist; TPM errors.
+    #[cfg(feature = "testing")]
+    pub fn extend_pcr(&self, index: u8, data: &[u8]) -> Result<()> {
+        pcr_selection(&[index])?;
+        let digest = digest::digest(&digest::SHA256, data);
+        self.run("tpm", |connection| {
+            connection.extend_pcr(index, digest.as_ref())
+        })
+    }
+
+    /// How many transient objects the TPM holds now (the SRK and the cached keys included).
+    ///
+    /// # Errors
+    /// [`Error::BackendUnavailable`] if the TPM cannot be reached.
+    pub fn transient_handles(&self) -> Result<usize> {
+        self.run("tpm", Connection::transient_handles)
+    }
+}
+
 impl TpmBackend {
-    /// Connects to the TPM at `tcti` (`device:/dev/tpmrm0`, `tabrmd`, `swtpm:host=H,port=P`),
-    /// checks its self-test result, makes the SRK and starts the session. `auth_kek` (32 bytes,
-    /// derived from the store's root secret) seals the keys' authValues.
+    /// A backend on the TPM at `tcti` (`device:/dev/tpmrm0`, `tabrmd`, `swtpm:host=H,port=P`),
+    /// with default settings. `auth_kek` (32 bytes, derived from the store's root secret) seals
+    /// the keys' authValues. The TPM is reached on first use.
     ///
     /// # Errors
     /// [`Error::Config`] for a TCTI keyhold cannot use (`swtpm:path=…`) or a KEK that is not 32
-    /// bytes; [`Error::BackendUnavailable`] if the TPM cannot be reached or failed its self-test.
+    /// bytes.
     pub fn new(name: &str, tcti: &str, auth_kek: &SecretBytes) -> Result<Self> {
-        let tcti_conf = parse_tcti(tcti)?;
+        Self::with_device(name, device(tcti, DeviceSettings::default())?, auth_kek)
+    }
+
+    /// A backend on `device`.
+    ///
+    /// # Errors
+    /// [`Error::Config`] for a KEK that is not 32 bytes.
+    pub fn with_device(name: &str, device: Arc<TpmDevice>, auth_kek: &SecretBytes) -> Result<Self> {
         if auth_kek.len() != 32 {
             return Err(Error::Config(format!(
                 "the TPM backend's key-encryption key must be 32 bytes, not {}",
@@ -125,110 +254,38 @@ impl TpmBackend {
         }
         let auth_kek = RandomizedNonceKey::new(&AES_256_GCM, auth_kek.expose())
             .map_err(|_| Error::crypto("load the TPM key-encryption key"))?;
-        let connection =
-            Connection::open(&tcti_conf).map_err(|f| errors::map_connect(name, tcti.trim(), f))?;
         Ok(Self {
             name: name.to_owned(),
-            tcti: tcti.trim().to_owned(),
-            tcti_conf,
+            device,
             auth_kek,
-            srk_name: connection.srk_name().to_vec(),
-            connection: Mutex::new(Some(connection)),
-            features: OnceLock::new(),
+            owner: NEXT_OWNER.fetch_add(1, Ordering::Relaxed),
         })
     }
 
-    /// The Name of this TPM's SRK (hex in reports): it identifies the TPM's owner seed.
-    pub fn srk_name(&self) -> &[u8] {
-        &self.srk_name
+    /// The TPM this backend uses.
+    pub fn device(&self) -> &Arc<TpmDevice> {
+        &self.device
     }
 
-    /// How many transient objects the TPM holds now (the SRK included): with keyhold alone on the
-    /// TPM, one between operations.
+    /// The Name of this TPM's SRK: it identifies the TPM's owner seed. Connects if needed.
+    ///
+    /// # Errors
+    /// [`Error::BackendUnavailable`] if the TPM cannot be reached.
+    pub fn srk_name(&self) -> Result<Vec<u8>> {
+        self.device.srk_name(&self.name)
+    }
+
+    /// How many transient objects the TPM holds now: the SRK (unless persistent) and the keys
+    /// kept loaded, at most `max_loaded`.
     ///
     /// # Errors
     /// [`Error::BackendUnavailable`] if the TPM cannot be reached.
     pub fn transient_handles(&self) -> Result<usize> {
-        self.run(Connection::transient_handles)
+        self.device.transient_handles()
     }
 
-    fn lock(&self) -> MutexGuard<'_, Option<Connection>> {
-        self.connection.lock().unwrap_or_else(|poisoned| {
-            // A thread panicked mid-command: the context's state is unknown, so start afresh.
-            let mut slot = poisoned.into_inner();
-            *slot = None;
-            self.connection.clear_poison();
-            slot
-        })
-    }
-
-    /// A new connection, checked to reach the same TPM as before.
-    fn connect(&self) -> Result<Connection> {
-        let connection = Connection::open(&self.tcti_conf)
-            .map_err(|f| errors::map_connect(&self.name, &self.tcti, f))?;
-        if connection.srk_name() != self.srk_name.as_slice() {
-            return Err(Error::BackendUnavailable {
-                backend: self.name.clone(),
-                reason: format!(
-                    "the TPM at `{}` has a different storage root key (Name {} instead of {}): the \
-                     TPM was cleared or replaced, and keys made on the old one cannot be used",
-                    self.tcti,
-                    crate::hex::encode(connection.srk_name()),
-                    crate::hex::encode(&self.srk_name)
-                ),
-            });
-        }
-        tracing::info!(backend = %self.name, "reconnected to the TPM");
-        Ok(connection)
-    }
-
-    /// Runs `op` on the connection, connecting first if the last one was lost.
-    ///
-    /// A lost connection, or a TPM that was reset and lost the SRK and session, is rebuilt and `op`
-    /// run once more: the blobs reload under the re-created SRK. If the TPM is still not
-    /// there, the error is [`Error::BackendUnavailable`]. Nothing else is retried: in particular
-    /// not a refused authorisation, which would count towards a dictionary-attack lockout.
-    fn run<T>(&self, mut op: impl FnMut(&mut Connection) -> Result<T, Failure>) -> Result<T> {
-        let mut slot = self.lock();
-        let mut lost = None;
-        for _attempt in 0..2 {
-            let connection = match slot.as_mut() {
-                Some(c) => c,
-                None => slot.insert(self.connect()?),
-            };
-            match op(connection) {
-                Ok(value) => return Ok(value),
-                Err(failure)
-                    if errors::is_disconnect(failure.error) || errors::is_reset(failure.error) =>
-                {
-                    tracing::warn!(
-                        backend = %self.name,
-                        "lost the TPM connection or its objects ({}); reconnecting",
-                        failure.command
-                    );
-                    if let Some(stale) = slot.take() {
-                        stale.abandon();
-                    }
-                    lost = Some(failure);
-                }
-                Err(failure) => return Err(errors::map(&self.name, failure)),
-            }
-        }
-        Err(match lost {
-            Some(failure) => errors::map(&self.name, failure),
-            None => Error::crypto("TPM retry loop"),
-        })
-    }
-
-    fn features(&self) -> Result<Features> {
-        if let Some(f) = self.features.get() {
-            return Ok(*f);
-        }
-        let features = self.run(Connection::features)?;
-        Ok(*self.features.get_or_init(|| features))
-    }
-
-    /// Loads the key in `blob` (sealed for `context`) and runs `op` on it; always flushed after.
+    /// Loads the key in `blob` (sealed for `context`), or finds it still loaded, and runs `op`
+    /// on it.
     fn with_key<T>(
         &self,
         context: &KeyContext<'_>,
@@ -236,9 +293,30 @@ impl TpmBackend {
         mut op: impl FnMut(&mut connection::Loaded<'_>) -> Result<T, Failure>,
     ) -> Result<T> {
         let parts = blob::parse(blob)?;
+        // The authValue decrypts only under this store's key and for this record (SRK Name
+        // included): every use proves both, cached key or not.
         let auth = parts.auth(&self.auth_kek, context)?;
-        self.run(|connection| {
-            let mut loaded = connection.load(parts.public, parts.private, &auth)?;
+        let current = self.device.srk_name(&self.name)?;
+        if parts.srk_name != current.as_slice() {
+            return Err(Error::BackendUnavailable {
+                backend: self.name.clone(),
+                reason: format!(
+                    "key `{}` was made under the storage root key {}, but the TPM at `{}` now \
+                     has {}: the TPM was cleared or replaced, and the key is gone with its old \
+                     owner seed",
+                    context.label,
+                    crate::hex::encode(parts.srk_name),
+                    self.device.tcti(),
+                    crate::hex::encode(&current)
+                ),
+            });
+        }
+        let cache = CacheKey {
+            owner: self.owner,
+            digest: cache_digest(context, blob),
+        };
+        self.device.run(&self.name, |connection| {
+            let mut loaded = connection.key(Some(cache), parts.public, parts.private, &auth)?;
             op(&mut loaded)
         })
     }
@@ -297,31 +375,60 @@ impl TpmBackend {
         }
     }
 
+    /// Proves a new key works through the same path every later use takes: the blob loads with
+    /// its sealed authValue, and the key signs for (or decrypts to) its public key.
+    fn consistency_test(
+        &self,
+        context: &KeyContext<'_>,
+        blob: &[u8],
+        public_key: &PublicKey,
+    ) -> Result<()> {
+        let failed = || Error::ConsistencyTest {
+            key_type: context.spec.key_type().as_str(),
+        };
+        if context.spec.algorithm() == Algorithm::RsaOaepSha256 {
+            let label = oaep_label(b"keyhold TPM pairwise consistency test");
+            let ciphertext = public_key.encrypt_oaep(PCT_MESSAGE, &label)?;
+            let plain =
+                self.with_key(context, blob, |key| key.oaep_decrypt(&ciphertext, &label))?;
+            return match plain {
+                Some(plain) if plain.expose() == PCT_MESSAGE => Ok(()),
+                _ => Err(failed()),
+            };
+        }
+        let sig = self.sign_blob(context, blob, PCT_MESSAGE, SignatureFormat::Der)?;
+        public_key
+            .verify(PCT_MESSAGE, &sig, SignatureFormat::Der)
+            .map_err(|_| failed())
+    }
+
     fn compute_capabilities(&self) -> Result<Capabilities> {
-        let f = self.features()?;
-        let not_yet = "keyhold's TPM backend does not make these keys yet";
+        let f = self.device.features(&self.name)?;
         let mut supported = Vec::new();
         let mut missing = Vec::new();
         for key_type in KeyType::ALL {
             for &purpose in key_type.purposes() {
-                let lacks: Option<String> = match (key_type, purpose) {
-                    (KeyType::EcdsaP256, _) => (!f.p256).then(|| "ECDSA on NIST P-256".into()),
-                    (KeyType::EcdsaP384, _) => (!f.p384).then(|| "ECDSA on NIST P-384".into()),
-                    (KeyType::Rsa2048, Purpose::Sign) => {
-                        if !f.rsa2048 {
-                            Some("2048-bit RSA keys".into())
-                        } else if !(f.rsa_pss && f.rsa_ssa) {
-                            Some("RSASSA-PSS and RSASSA-PKCS1-v1_5".into())
-                        } else {
-                            None
-                        }
+                let rsa = |size: bool, bits: &str| -> Option<String> {
+                    if !size {
+                        Some(format!("{bits}-bit RSA keys"))
+                    } else if purpose == Purpose::Sign && !(f.rsa_pss && f.rsa_ssa) {
+                        Some("RSASSA-PSS and RSASSA-PKCS1-v1_5".into())
+                    } else if purpose == Purpose::Decrypt && !f.rsa_oaep {
+                        Some("RSA-OAEP".into())
+                    } else {
+                        None
                     }
-                    (KeyType::HmacSha256, _) => (!f.hmac).then(|| "HMAC keys".into()),
-                    (KeyType::Ed25519, _) => Some("Ed25519 (TPM 2.0 does not define it)".into()),
-                    (KeyType::Aes256Gcm, _) => Some("AES-GCM (TPM 2.0 does not define it)".into()),
-                    (KeyType::Rsa2048, _) => Some(format!("RSA-OAEP decryption: {not_yet}")),
-                    (KeyType::Rsa3072 | KeyType::Rsa4096, _) => {
-                        Some(format!("{key_type} keys: {not_yet}"))
+                };
+                let lacks: Option<String> = match key_type {
+                    KeyType::EcdsaP256 => (!f.p256).then(|| "ECDSA on NIST P-256".into()),
+                    KeyType::EcdsaP384 => (!f.p384).then(|| "ECDSA on NIST P-384".into()),
+                    KeyType::Rsa2048 => rsa(f.rsa2048, "2048"),
+                    KeyType::Rsa3072 => rsa(f.rsa3072, "3072"),
+                    KeyType::HmacSha256 => (!f.hmac).then(|| "HMAC keys".into()),
+                    KeyType::Ed25519 => Some("Ed25519 (TPM 2.0 does not define it)".into()),
+                    KeyType::Aes256Gcm => Some("AES-GCM (TPM 2.0 does not define it)".into()),
+                    KeyType::Rsa4096 => {
+                        Some("4096-bit RSA keys (TPM 2.0 devices stop at 2048 or 3072 bits)".into())
                     }
                 };
                 match lacks {
@@ -332,6 +439,26 @@ impl TpmBackend {
         }
         Ok(Capabilities::new(supported).with_missing(missing))
     }
+}
+
+/// Which cached loaded key serves a blob: the blob and the record it belongs to.
+fn cache_digest(context: &KeyContext<'_>, blob: &[u8]) -> [u8; 32] {
+    let mut d = digest::Context::new(&digest::SHA256);
+    d.update(b"keyhold tpm loaded key\0");
+    d.update(context.store_id);
+    d.update(context.uuid);
+    d.update(context.spec.algorithm().as_str().as_bytes());
+    d.update(&[0]);
+    d.update(blob);
+    let mut out = [0u8; 32];
+    out.copy_from_slice(d.finish().as_ref());
+    out
+}
+
+/// The RSA-OAEP label keyhold uses for `binding` (see `keystore::envelope`): the TPM takes a label
+/// only if it ends in 0x00 and is at most 64 bytes, so the binding is hashed into one.
+pub(crate) fn oaep_label(binding: &[u8]) -> Vec<u8> {
+    crate::keystore::oaep_label(binding)
 }
 
 impl Backend for TpmBackend {
@@ -354,17 +481,21 @@ impl Backend for TpmBackend {
             });
         }
         let algorithm = context.spec.algorithm();
-        let template = templates::template(algorithm).ok_or_else(|| Error::Unsupported {
-            backend: self.name.clone(),
-            what: format!("{algorithm} keys"),
-        })?;
+        let template =
+            templates::template(key_type, algorithm).ok_or_else(|| Error::Unsupported {
+                backend: self.name.clone(),
+                what: format!("{algorithm} keys"),
+            })?;
         let template = template
             .during("TPM2_Create (template)")
             .map_err(|f| errors::map(&self.name, f))?;
         let mut auth = SecretBytes::zeroed(32);
         aws_lc_rs::rand::fill(auth.expose_mut())
             .map_err(|_| Error::crypto("make a TPM key's authValue"))?;
-        let created = self.run(|connection| connection.create(template.clone(), &auth))?;
+        let srk_name = self.srk_name()?;
+        let created = self.device.run(&self.name, |connection| {
+            connection.create(template.clone(), &auth)
+        })?;
         let public = created
             .out_public
             .marshall()
@@ -373,6 +504,7 @@ impl Backend for TpmBackend {
         let blob = blob::seal(
             &self.auth_kek,
             &context,
+            &srk_name,
             &public,
             created.out_private.value(),
             &auth,
@@ -383,12 +515,7 @@ impl Backend for TpmBackend {
             let public_key = templates::public_key(&created.out_public, key_type, algorithm)?;
             // The pairwise consistency test, through the same path every later use takes: it
             // proves the blob loads with its sealed authValue and signs for this public key.
-            let sig = self.sign_blob(&context, &blob, PCT_MESSAGE, SignatureFormat::Der)?;
-            public_key
-                .verify(PCT_MESSAGE, &sig, SignatureFormat::Der)
-                .map_err(|_| Error::ConsistencyTest {
-                    key_type: key_type.as_str(),
-                })?;
+            self.consistency_test(&context, &blob, &public_key)?;
             Some(public_key)
         } else {
             self.with_key(&context, &blob, |key| key.hmac(PCT_MESSAGE))?;
@@ -401,7 +528,7 @@ impl Backend for TpmBackend {
             blob: Some(blob),
             public_key,
             attributes: vec![
-                ("srk_name".into(), crate::hex::encode(&self.srk_name)),
+                ("srk_name".into(), crate::hex::encode(&srk_name)),
                 ("never_extractable".into(), "true".into()),
             ],
         })
@@ -429,10 +556,31 @@ impl Backend for TpmBackend {
         })
     }
 
-    fn decrypt(&self, key: KeyRef<'_>, _sealed: &Sealed, _aad: &[u8]) -> Result<SecretBytes> {
-        Err(Error::Unsupported {
-            backend: self.name.clone(),
-            what: format!("decryption with a {} key", key.context.spec.key_type()),
+    fn decrypt(&self, key: KeyRef<'_>, sealed: &Sealed, label: &[u8]) -> Result<SecretBytes> {
+        if key.context.spec.algorithm() != Algorithm::RsaOaepSha256 {
+            return Err(Error::Unsupported {
+                backend: self.name.clone(),
+                what: format!("decryption with a {} key", key.context.spec.key_type()),
+            });
+        }
+        if label.len() > MAX_OAEP_LABEL || label.last().is_some_and(|&b| b != 0) {
+            return Err(Error::crypto(
+                "a TPM RSA-OAEP label must end in 0x00, within 64 bytes",
+            ));
+        }
+        let bits = key.context.spec.key_type().rsa_bits().unwrap_or(0);
+        if sealed.ciphertext.len() != bits / 8 {
+            return Err(Error::DecryptionFailed {
+                reason: "the ciphertext, its AAD or the key does not match",
+            });
+        }
+        let blob = self.key_blob(&key)?;
+        self.with_key(&key.context, blob, |loaded| {
+            loaded.oaep_decrypt(&sealed.ciphertext, label)
+        })?
+        // Says no more than software does about why: it does not decrypt.
+        .ok_or(Error::DecryptionFailed {
+            reason: "the ciphertext, its AAD or the key does not match",
         })
     }
 
@@ -453,17 +601,18 @@ impl Backend for TpmBackend {
     }
 
     fn report(&self) -> Result<BackendReport> {
-        let (manufacturer, vendor, handles) = self.run(|connection| {
+        let srk_name = self.srk_name()?;
+        let (manufacturer, vendor, handles) = self.device.run(&self.name, |connection| {
             let (manufacturer, vendor) = connection.vendor()?;
             Ok((manufacturer, vendor, connection.transient_handles()?))
         })?;
         Ok(BackendReport {
             kind: "tpm".into(),
             details: vec![
-                ("tcti".into(), self.tcti.clone()),
+                ("tcti".into(), self.device.tcti().to_owned()),
                 ("manufacturer".into(), manufacturer),
                 ("vendor".into(), vendor),
-                ("SRK name".into(), crate::hex::encode(&self.srk_name)),
+                ("SRK name".into(), crate::hex::encode(&srk_name)),
                 ("transient handles".into(), handles.to_string()),
                 (
                     "keys".into(),
@@ -507,10 +656,11 @@ mod tests {
         assert!(parse_tcti("device:/dev/tpmrm0").is_ok());
     }
 
-    /// The guard flushes a loaded key when the TPM refuses the command that uses it.
+    /// A failed command leaves no handle behind: the key stays cached (one handle), and nothing
+    /// else stays loaded.
     #[cfg(feature = "testing")]
     #[test]
-    fn a_failed_command_still_flushes_the_key() {
+    fn a_failed_command_leaks_no_handle() {
         use crate::key::KeySpec;
         let tpm = fixture::Swtpm::new().unwrap();
         let backend =
@@ -525,7 +675,8 @@ mod tests {
         };
         let key = backend.generate(context, &KeyOptions::new()).unwrap();
         let blob = key.blob.unwrap();
-        assert_eq!(backend.transient_handles().unwrap(), 1);
+        // The SRK and the new key, cached by its consistency test.
+        assert_eq!(backend.transient_handles().unwrap(), 2);
         for _ in 0..10 {
             // A 31-byte digest for a SHA-256 scheme: TPM2_Sign fails after TPM2_Load succeeded.
             let err = backend
@@ -533,6 +684,6 @@ mod tests {
                 .unwrap_err();
             assert!(matches!(err, Error::Backend { .. }), "{err:?}");
         }
-        assert_eq!(backend.transient_handles().unwrap(), 1);
+        assert_eq!(backend.transient_handles().unwrap(), 2);
     }
 }

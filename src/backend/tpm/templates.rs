@@ -1,7 +1,7 @@
 //! Key templates for TPM2_Create, and public areas turned into keyhold public keys.
 //!
-//! Every key is an unrestricted signing (or HMAC) key with a fixed scheme, so a key can only ever
-//! be used with the one algorithm its record names. Attributes:
+//! Every key is an unrestricted signing, HMAC or decryption key with a fixed scheme, so a key can
+//! only ever be used with the one algorithm its record names. Attributes:
 //!
 //! - fixedTPM, fixedParent: the key never leaves this TPM (no duplication);
 //! - sensitiveDataOrigin: the TPM generated the secret;
@@ -25,36 +25,46 @@ use crate::error::{Error, Result};
 use crate::key::{Algorithm, KeyType};
 use crate::public_key::PublicKey;
 
-fn attributes() -> tss_esapi::Result<ObjectAttributes> {
+/// - sign (signing and HMAC keys) or decrypt (RSA-OAEP keys), never both.
+fn attributes(decrypt: bool) -> tss_esapi::Result<ObjectAttributes> {
     ObjectAttributesBuilder::new()
         .with_fixed_tpm(true)
         .with_fixed_parent(true)
         .with_sensitive_data_origin(true)
         .with_user_with_auth(true)
         .with_no_da(true)
-        .with_sign_encrypt(true)
-        .with_decrypt(false)
+        .with_sign_encrypt(!decrypt)
+        .with_decrypt(decrypt)
         .with_restricted(false)
         .build()
 }
 
-/// RSA-2048 signing parameters with a NULL scheme (for TPM2_TestParms).
-pub(super) fn rsa2048_parameters() -> tss_esapi::Result<PublicRsaParameters> {
+/// RSA signing parameters of `bits` with a NULL scheme (for TPM2_TestParms).
+pub(super) fn rsa_parameters(bits: RsaKeyBits) -> tss_esapi::Result<PublicRsaParameters> {
     PublicRsaParametersBuilder::new_unrestricted_signing_key(
         RsaScheme::Null,
-        RsaKeyBits::Rsa2048,
+        bits,
         RsaExponent::default(),
     )
     .build()
 }
 
-/// The template for a key of `algorithm`, or `None` if the TPM backend does not make it.
-pub(super) fn template(algorithm: Algorithm) -> Option<tss_esapi::Result<Public>> {
+/// The template for a key of `key_type` and `algorithm`, or `None` if the TPM backend does not
+/// make it.
+pub(super) fn template(
+    key_type: KeyType,
+    algorithm: Algorithm,
+) -> Option<tss_esapi::Result<Public>> {
+    let bits = match key_type {
+        KeyType::Rsa2048 => RsaKeyBits::Rsa2048,
+        KeyType::Rsa3072 => RsaKeyBits::Rsa3072,
+        _ => RsaKeyBits::Rsa2048,
+    };
     let ecc = |curve, hash| -> tss_esapi::Result<Public> {
         PublicBuilder::new()
             .with_public_algorithm(PublicAlgorithm::Ecc)
             .with_name_hashing_algorithm(HashingAlgorithm::Sha256)
-            .with_object_attributes(attributes()?)
+            .with_object_attributes(attributes(false)?)
             .with_ecc_parameters(
                 PublicEccParametersBuilder::new_unrestricted_signing_key(
                     EccScheme::EcDsa(HashScheme::new(hash)),
@@ -65,34 +75,47 @@ pub(super) fn template(algorithm: Algorithm) -> Option<tss_esapi::Result<Public>
             .with_ecc_unique_identifier(EccPoint::default())
             .build()
     };
-    let rsa = |scheme| -> tss_esapi::Result<Public> {
+    let rsa = |scheme, decrypt: bool| -> tss_esapi::Result<Public> {
         PublicBuilder::new()
             .with_public_algorithm(PublicAlgorithm::Rsa)
             .with_name_hashing_algorithm(HashingAlgorithm::Sha256)
-            .with_object_attributes(attributes()?)
+            .with_object_attributes(attributes(decrypt)?)
             .with_rsa_parameters(
-                PublicRsaParametersBuilder::new_unrestricted_signing_key(
-                    scheme,
-                    RsaKeyBits::Rsa2048,
-                    RsaExponent::default(),
-                )
-                .build()?,
+                PublicRsaParametersBuilder::new()
+                    .with_scheme(scheme)
+                    .with_key_bits(bits)
+                    .with_exponent(RsaExponent::default())
+                    .with_is_signing_key(!decrypt)
+                    .with_is_decryption_key(decrypt)
+                    .with_restricted(false)
+                    .build()?,
             )
             .with_rsa_unique_identifier(PublicKeyRsa::default())
             .build()
     };
+    if !matches!(
+        key_type,
+        KeyType::EcdsaP256
+            | KeyType::EcdsaP384
+            | KeyType::Rsa2048
+            | KeyType::Rsa3072
+            | KeyType::HmacSha256
+    ) {
+        return None;
+    }
     let sha256 = HashScheme::new(HashingAlgorithm::Sha256);
     Some(match algorithm {
         Algorithm::EcdsaP256Sha256 => ecc(EccCurve::NistP256, HashingAlgorithm::Sha256),
         Algorithm::EcdsaP384Sha384 => ecc(EccCurve::NistP384, HashingAlgorithm::Sha384),
-        // The TPM's PSS salt is the hash length for 2048-bit keys (`CryptRsaPssSaltSize`): 32
-        // bytes, as keyhold's RSA-PSS-SHA256 specifies.
-        Algorithm::RsaPssSha256 => rsa(RsaScheme::RsaPss(sha256)),
-        Algorithm::RsaPkcs1Sha256 => rsa(RsaScheme::RsaSsa(sha256)),
+        // The TPM's PSS salt is the hash length for 2048- and 3072-bit keys
+        // (`CryptRsaPssSaltSize`): 32 bytes, as keyhold's RSA-PSS-SHA256 specifies.
+        Algorithm::RsaPssSha256 => rsa(RsaScheme::RsaPss(sha256), false),
+        Algorithm::RsaPkcs1Sha256 => rsa(RsaScheme::RsaSsa(sha256), false),
+        Algorithm::RsaOaepSha256 => rsa(RsaScheme::Oaep(sha256), true),
         Algorithm::HmacSha256 => PublicBuilder::new()
             .with_public_algorithm(PublicAlgorithm::KeyedHash)
             .with_name_hashing_algorithm(HashingAlgorithm::Sha256)
-            .with_object_attributes(match attributes() {
+            .with_object_attributes(match attributes(false) {
                 Ok(a) => a,
                 Err(e) => return Some(Err(e)),
             })

@@ -1,0 +1,288 @@
+//! One TPM, shared by everything in the process that uses it: TPM backends and the TPM sealer.
+//!
+//! A TPM without a resource manager (swtpm, `/dev/tpm0`) serves one connection at a time, and an
+//! ESAPI context must never be used by two threads at once (every tss-esapi method takes
+//! `&mut self`). So there is one [`TpmDevice`] per TCTI in a process, holding one connection, and
+//! callers take turns on it, the way Parsec serialises its TPM provider. A caller waits at most
+//! the configured timeout for its turn and then gets [`Error::Timeout`].
+//!
+//! The connection is made on first use and rebuilt after it was lost, so a TPM that is not there
+//! when the store opens, or that restarts, is picked up again without restarting the process.
+//! Every connection must find the same SRK Name as the first: a different one means the TPM was
+//! cleared or replaced.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, PoisonError, Weak};
+use std::time::{Duration, Instant};
+
+use tss_esapi::tcti_ldr::TctiNameConf;
+
+use super::connection::{Connection, Features, Setup};
+use super::errors::{self, Failure};
+use crate::error::{Error, Result};
+
+/// How long a caller waits for its turn on the TPM by default. Generous: an RSA-3072 key
+/// generation on a slow discrete TPM takes tens of seconds, and everyone else waits for it.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// How many keys stay loaded between operations by default: a TPM holds about three transient
+/// objects, and the SRK is one of them.
+pub const DEFAULT_MAX_LOADED: usize = 2;
+
+/// How a device is used: where its SRK lives, how many keys stay loaded, how long callers wait.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DeviceSettings {
+    /// Keep the SRK at this persistent handle (`0x81000001` by convention) instead of deriving a
+    /// transient copy at every connection.
+    pub srk_handle: Option<u32>,
+    /// The most keys kept loaded between operations (at least 1).
+    pub max_loaded: usize,
+    /// The longest a caller waits for its turn.
+    pub timeout: Duration,
+}
+
+impl Default for DeviceSettings {
+    fn default() -> Self {
+        Self {
+            srk_handle: None,
+            max_loaded: DEFAULT_MAX_LOADED,
+            timeout: DEFAULT_TIMEOUT,
+        }
+    }
+}
+
+/// A TPM reached through one TCTI.
+pub struct TpmDevice {
+    tcti: String,
+    tcti_conf: TctiNameConf,
+    settings: DeviceSettings,
+    /// The connection and whether someone is using it. The user takes the connection out of the
+    /// slot for its turn, so the lock is held only to hand it over.
+    slot: Mutex<Slot>,
+    freed: Condvar,
+    /// The SRK's Name at the first connection: every later one must find the same.
+    srk_name: OnceLock<Vec<u8>>,
+    features: OnceLock<Features>,
+}
+
+#[derive(Debug, Default)]
+struct Slot {
+    busy: bool,
+    connection: Option<Connection>,
+    /// Callers waiting for their turn, first come first served: a thread that just had its turn
+    /// must not barge ahead of one that has been waiting.
+    queue: std::collections::VecDeque<u64>,
+    next_ticket: u64,
+}
+
+impl std::fmt::Debug for TpmDevice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TpmDevice")
+            .field("tcti", &self.tcti)
+            .field("settings", &self.settings)
+            .field(
+                "srk_name",
+                &self.srk_name.get().map(|n| crate::hex::encode(n)),
+            )
+            .finish_non_exhaustive()
+    }
+}
+
+/// The devices of this process, by TCTI.
+fn registry() -> MutexGuard<'static, HashMap<String, Weak<TpmDevice>>> {
+    static DEVICES: OnceLock<Mutex<HashMap<String, Weak<TpmDevice>>>> = OnceLock::new();
+    DEVICES
+        .get_or_init(Mutex::default)
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+}
+
+/// A caller's turn on the device; gives the connection back when dropped.
+struct Turn<'d> {
+    device: &'d TpmDevice,
+    connection: Option<Connection>,
+}
+
+impl Drop for Turn<'_> {
+    fn drop(&mut self) {
+        // A panic mid-command leaves the context in an unknown state: start afresh.
+        let connection = if std::thread::panicking() {
+            None
+        } else {
+            self.connection.take()
+        };
+        let mut slot = self.device.lock_slot();
+        slot.connection = connection;
+        slot.busy = false;
+        drop(slot);
+        self.device.freed.notify_all();
+    }
+}
+
+impl TpmDevice {
+    /// The device for `tcti` in this process, made if nobody holds it. Connects lazily: the TPM
+    /// need not be there yet.
+    ///
+    /// `tcti` must already be checked (see `parse_tcti`). A device already open with other
+    /// settings keeps its own; a warning says so.
+    pub(super) fn shared(
+        tcti: &str,
+        tcti_conf: TctiNameConf,
+        settings: DeviceSettings,
+    ) -> Arc<Self> {
+        let mut devices = registry();
+        devices.retain(|_, d| d.strong_count() > 0);
+        if let Some(device) = devices.get(tcti).and_then(Weak::upgrade) {
+            if device.settings != settings {
+                tracing::warn!(
+                    tcti,
+                    "the TPM is already open in this process with other settings; using those"
+                );
+            }
+            return device;
+        }
+        let device = Arc::new(Self {
+            tcti: tcti.to_owned(),
+            tcti_conf,
+            settings,
+            slot: Mutex::default(),
+            freed: Condvar::new(),
+            srk_name: OnceLock::new(),
+            features: OnceLock::new(),
+        });
+        devices.insert(tcti.to_owned(), Arc::downgrade(&device));
+        device
+    }
+
+    /// The TCTI this device is reached through.
+    pub fn tcti(&self) -> &str {
+        &self.tcti
+    }
+
+    fn lock_slot(&self) -> MutexGuard<'_, Slot> {
+        self.slot.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Waits, at most the timeout, for the connection to be free, and takes it.
+    fn turn(&self, who: &str) -> Result<Turn<'_>> {
+        let deadline = Instant::now() + self.settings.timeout;
+        let mut slot = self.lock_slot();
+        let ticket = slot.next_ticket;
+        slot.next_ticket = slot.next_ticket.wrapping_add(1);
+        slot.queue.push_back(ticket);
+        while slot.busy || slot.queue.front() != Some(&ticket) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                slot.queue.retain(|&t| t != ticket);
+                drop(slot);
+                // The next in line may be free to go now.
+                self.freed.notify_all();
+                return Err(Error::Timeout {
+                    backend: who.to_owned(),
+                    waited: self.settings.timeout,
+                    what: "its turn on the TPM, which serves one command at a time".into(),
+                });
+            }
+            slot = self
+                .freed
+                .wait_timeout(slot, left)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
+        slot.queue.pop_front();
+        slot.busy = true;
+        let connection = slot.connection.take();
+        Ok(Turn {
+            device: self,
+            connection,
+        })
+    }
+
+    /// A new connection, checked to reach the same TPM as the first one did.
+    fn connect(&self, who: &str) -> Result<Connection> {
+        let setup = Setup {
+            srk_handle: self.settings.srk_handle,
+            max_loaded: self.settings.max_loaded,
+        };
+        let connection = Connection::open(&self.tcti_conf, setup)
+            .map_err(|f| errors::map_connect(who, &self.tcti, f))?;
+        let first = self.srk_name.get_or_init(|| connection.srk_name().to_vec());
+        if connection.srk_name() != first.as_slice() {
+            return Err(Error::BackendUnavailable {
+                backend: who.to_owned(),
+                reason: format!(
+                    "the TPM at `{}` has a different storage root key (Name {} instead of {}): \
+                     the TPM was cleared or replaced, and keys made on the old one cannot be used",
+                    self.tcti,
+                    crate::hex::encode(connection.srk_name()),
+                    crate::hex::encode(first)
+                ),
+            });
+        }
+        tracing::debug!(tcti = %self.tcti, "connected to the TPM");
+        Ok(connection)
+    }
+
+    /// Runs `op` on the connection, connecting first if there is none.
+    ///
+    /// A lost connection, or a TPM that was reset and lost the SRK, session and loaded keys, is
+    /// rebuilt and `op` run once more: blobs reload under the re-created SRK. If the TPM is
+    /// still not there, the error is [`Error::BackendUnavailable`]. Nothing else is retried: in
+    /// particular not a refused authorisation, which would count towards a dictionary-attack
+    /// lockout. `who` names the backend (or sealer) in errors.
+    pub(super) fn run<T>(
+        &self,
+        who: &str,
+        mut op: impl FnMut(&mut Connection) -> Result<T, Failure>,
+    ) -> Result<T> {
+        let mut turn = self.turn(who)?;
+        let mut lost = None;
+        for _attempt in 0..2 {
+            let connection = match turn.connection.as_mut() {
+                Some(c) => c,
+                None => turn.connection.insert(self.connect(who)?),
+            };
+            match op(connection) {
+                Ok(value) => return Ok(value),
+                Err(failure)
+                    if errors::is_disconnect(failure.error) || errors::is_reset(failure.error) =>
+                {
+                    tracing::warn!(
+                        backend = %who,
+                        "lost the TPM connection or its objects ({}); reconnecting",
+                        failure.command
+                    );
+                    if let Some(stale) = turn.connection.take() {
+                        stale.abandon();
+                    }
+                    lost = Some(failure);
+                }
+                Err(failure) => return Err(errors::map(who, failure)),
+            }
+        }
+        Err(match lost {
+            Some(failure) => errors::map(who, failure),
+            None => Error::crypto("TPM retry loop"),
+        })
+    }
+
+    /// The SRK's Name, connecting first if needed.
+    ///
+    /// # Errors
+    /// [`Error::BackendUnavailable`] if the TPM cannot be reached.
+    pub fn srk_name(&self, who: &str) -> Result<Vec<u8>> {
+        if let Some(name) = self.srk_name.get() {
+            return Ok(name.clone());
+        }
+        self.run(who, |connection| Ok(connection.srk_name().to_vec()))
+    }
+
+    /// What the TPM supports, asked once.
+    pub(super) fn features(&self, who: &str) -> Result<Features> {
+        if let Some(f) = self.features.get() {
+            return Ok(*f);
+        }
+        let features = self.run(who, Connection::features)?;
+        Ok(*self.features.get_or_init(|| features))
+    }
+}
