@@ -1,8 +1,12 @@
 //! The command line with a PKCS#11 backend: the real binary against a real SoftHSM2 token.
 #![allow(clippy::unwrap_used)] // test helpers: a panic is the failure report
 
-use std::path::{Path, PathBuf};
+mod support;
+
+use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};
+
+use support::{field, openssl_dgst_verifies};
 
 use keyhold::testing::{SoftHsm, TEST_USER_PIN};
 
@@ -92,27 +96,8 @@ impl Env {
     }
 }
 
-fn field<'a>(show: &'a str, name: &str) -> &'a str {
-    show.lines()
-        .find_map(|l| l.strip_prefix(&format!("{name}: ")))
-        .unwrap_or_else(|| panic!("no `{name}` in key show:\n{show}"))
-}
-
-fn openssl_verifies(pem: &Path, sig: &Path, msg: &Path) -> bool {
-    Command::new("openssl")
-        .args(["dgst", "-sha256", "-verify"])
-        .arg(pem)
-        .arg("-signature")
-        .arg(sig)
-        .arg(msg)
-        .output()
-        .unwrap()
-        .status
-        .success()
-}
-
 #[test]
-fn a_token_key_signs_and_openssl_verifies() {
+fn a_token_key_signs_and_openssl_dgst_verifies() {
     let env = Env::new();
     env.init_passphrase();
     let id = env.ok(&[
@@ -146,11 +131,11 @@ fn a_token_key_signs_and_openssl_verifies() {
     ]);
     env.ok(&["key", "pubkey", "--key", id, "--out", pem.to_str().unwrap()]);
     assert!(
-        openssl_verifies(&pem, &sig, &msg),
+        openssl_dgst_verifies(&pem, &sig, &msg),
         "openssl rejected the token's signature"
     );
     std::fs::write(&msg, b"something else").unwrap();
-    assert!(!openssl_verifies(&pem, &sig, &msg));
+    assert!(!openssl_dgst_verifies(&pem, &sig, &msg));
 }
 
 #[test]

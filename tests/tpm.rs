@@ -376,17 +376,11 @@ fn no_handle_leaks_after_1000_operations() {
     // Closing the backend flushes everything: tpm2-tools (its own connection, which swtpm
     // serves once keyhold's is closed) finds no transient object left.
     drop(backend);
-    let out = std::process::Command::new("tpm2_getcap")
-        .args(["-T", &tpm.tcti(), "handles-transient"])
-        .env("TSS2_LOG", "all+none")
-        .output()
-        .expect("run tpm2_getcap (tpm2-tools)");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let listed = support::tpm2_tool(
+        &tpm.tcti(),
+        tpm.state_dir(),
+        &["tpm2_getcap", "handles-transient"],
     );
-    let listed = String::from_utf8_lossy(&out.stdout);
     assert_eq!(listed.trim(), "", "transient objects left behind: {listed}");
 }
 
@@ -475,25 +469,11 @@ fn a_cleared_tpm_is_refused_clearly() {
     let key = create(&backend, KeyType::EcdsaP256, Purpose::Sign, None);
     // Restart so that the backend's connection is dead and tpm2_clear can connect.
     tpm.restart().unwrap();
-    let out = std::process::Command::new("tpm2_clear")
-        .args(["-T", &tpm.tcti(), "-c", "p"])
-        .env("TSS2_LOG", "all+none")
-        .output()
-        .expect("run tpm2_clear (tpm2-tools)");
-    assert!(
-        out.status.success(),
-        "tpm2_clear: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    support::tpm2_tool(&tpm.tcti(), tpm.state_dir(), &["tpm2_clear", "-c", "p"]);
     let err = backend
         .sign(key.at(), MESSAGE, SignatureFormat::Der)
         .unwrap_err();
-    match &err {
-        Error::BackendUnavailable { reason, .. } => {
-            assert!(reason.contains("cleared or replaced"), "{reason}")
-        }
-        other => panic!("expected BackendUnavailable, got {other:?}"),
-    }
+    support::assert_tpm_replaced(&err);
 }
 
 #[test]

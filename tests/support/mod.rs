@@ -177,3 +177,53 @@ pub fn openssl_verifies(pem: &str, algorithm: Algorithm, message: &[u8], signatu
     }
     ok
 }
+
+/// The value of the `name: value` line `name` in `keyhold key show` output.
+pub fn field<'a>(show: &'a str, name: &str) -> &'a str {
+    show.lines()
+        .find_map(|l| l.strip_prefix(&format!("{name}: ")))
+        .unwrap_or_else(|| panic!("no `{name}` in key show:\n{show}"))
+}
+
+/// Whether `openssl dgst -sha256 -verify` accepts the signature file `sig` of the file `msg`.
+pub fn openssl_dgst_verifies(pem: &Path, sig: &Path, msg: &Path) -> bool {
+    std::process::Command::new("openssl")
+        .args(["dgst", "-sha256", "-verify"])
+        .arg(pem)
+        .arg("-signature")
+        .arg(sig)
+        .arg(msg)
+        .output()
+        .expect("run openssl")
+        .status
+        .success()
+}
+
+/// Runs the tpm2-tools command `args` against the TPM at `tcti` in `dir` and returns its stdout;
+/// panics if it fails. swtpm serves one connection at a time: no keyhold connection to the same
+/// TPM may be open meanwhile.
+pub fn tpm2_tool(tcti: &str, dir: &Path, args: &[&str]) -> String {
+    let out = std::process::Command::new(args[0])
+        .args(&args[1..])
+        .args(["-T", tcti])
+        .env("TSS2_LOG", "all+none")
+        .current_dir(dir)
+        .output()
+        .unwrap_or_else(|e| panic!("run {} (tpm2-tools): {e}", args[0]));
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Asserts that `err` says the TPM was cleared or replaced since the key was made.
+pub fn assert_tpm_replaced(err: &keyhold::Error) {
+    match err {
+        keyhold::Error::BackendUnavailable { reason, .. } => {
+            assert!(reason.contains("cleared or replaced"), "{reason}")
+        }
+        other => panic!("expected BackendUnavailable, got {other:?}"),
+    }
+}

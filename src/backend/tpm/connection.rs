@@ -30,6 +30,9 @@ use crate::secret::SecretBytes;
 /// The command name of a failed connection attempt (mapped to "unavailable").
 pub(super) const CONNECT: &str = "connect (Esys_Initialize)";
 
+/// The failure of finding another object than keyhold's SRK at the configured SRK handle.
+pub(super) const FOREIGN_SRK: &str = "TPM2_ReadPublic (the object at the SRK handle)";
+
 // The backend keeps its `Connection` in a `Mutex`, so the context must be able to move between
 // threads. tss-esapi declares nothing itself: this fails to build if the bindings ever change that.
 const _: fn() = || {
@@ -155,7 +158,7 @@ fn persistent_srk(context: &mut Context, handle: u32) -> Result<KeyHandle, Failu
                 .during("TPM2_ReadPublic (persistent storage root key)")?;
             if !is_srk(&public) {
                 return Err(Failure {
-                    command: "TPM2_ReadPublic (the object at the SRK handle is not keyhold's SRK)",
+                    command: FOREIGN_SRK,
                     error: TssError::WrapperError(WrapperErrorKind::InconsistentParams),
                 });
             }

@@ -205,7 +205,7 @@ impl TpmDevice {
             max_loaded: self.settings.max_loaded,
         };
         let connection = Connection::open(&self.tcti_conf, setup)
-            .map_err(|f| errors::map_connect(who, &self.tcti, f))?;
+            .map_err(|f| errors::map_connect(who, &self.tcti, self.settings.srk_handle, f))?;
         let first = self.srk_name.get_or_init(|| connection.srk_name().to_vec());
         if connection.srk_name() != first.as_slice() {
             return Err(Error::BackendUnavailable {

@@ -82,7 +82,9 @@ pub(super) fn is_reset(e: TssError) -> bool {
     matches!(
         tpm_kind(e),
         Some(
-            Kind::Initialize
+            // TPM_RC_HANDLE: a handle keyhold holds (a cached key) names nothing any more.
+            Kind::Handle
+                | Kind::Initialize
                 | Kind::ReferenceH0
                 | Kind::ReferenceH1
                 | Kind::ReferenceH2
@@ -159,7 +161,20 @@ fn code_text(e: TssError) -> String {
 }
 
 /// Maps a failed attempt to connect to the TPM at `tcti` (and set up the SRK and session).
-pub(super) fn map_connect(backend: &str, tcti: &str, failure: Failure) -> Error {
+pub(super) fn map_connect(
+    backend: &str,
+    tcti: &str,
+    srk_handle: Option<u32>,
+    failure: Failure,
+) -> Error {
+    if failure.command == super::connection::FOREIGN_SRK {
+        let handle = srk_handle.unwrap_or_default();
+        return Error::Config(format!(
+            "backend `{backend}`: the persistent handle {handle:#010x} (srk_handle) holds an \
+             object that is not keyhold's storage root key: choose another srk_handle, or, if \
+             nothing uses that object, evict it with `tpm2_evictcontrol -C o -c {handle:#010x}`"
+        ));
+    }
     if failure.command == super::connection::CONNECT || is_disconnect(failure.error) {
         return Error::BackendUnavailable {
             backend: backend.to_owned(),

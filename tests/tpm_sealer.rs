@@ -1,0 +1,368 @@
+//! The TPM sealer and TPM-backed stores through the keystore, against real swtpm instances: PCR
+//! binding, recovery and reseal, a fresh TPM, a restarted TPM, the software fallback, the
+//! persistent SRK.
+#![allow(clippy::unwrap_used)] // test helpers: a panic is the failure report
+
+mod support;
+
+use std::sync::Arc;
+
+use keyhold::backend::tpm::device::{DeviceSettings, TpmDevice};
+use keyhold::config::{BackendConfig, Config, Fallback, TpmConfig};
+use keyhold::testing::Swtpm;
+use keyhold::{
+    Error, KeyRequest, KeySpec, KeyType, Keystore, PassphraseSealer, Purpose, Sealer,
+    SignatureFormat, TpmSealer,
+};
+use secrecy::SecretString;
+use support::{sealer, PASSPHRASE};
+
+const MESSAGE: &[u8] = b"keyhold TPM sealer test";
+/// PCR 16 is the debug PCR: resettable, and extendable from locality 0 on swtpm.
+const PCR: u8 = 16;
+
+fn device(tpm: &Swtpm) -> Arc<TpmDevice> {
+    keyhold::backend::tpm::device(&tpm.tcti(), DeviceSettings::default()).unwrap()
+}
+
+fn config(tpm: &Swtpm, fallback: Fallback) -> Config {
+    let mut config = Config::default();
+    let mut t = TpmConfig::with_tcti(tpm.tcti());
+    t.fallback = fallback;
+    config.backends.insert("tpm".into(), BackendConfig::Tpm(t));
+    config
+}
+
+fn request(name: &str, key_type: KeyType, purpose: Option<Purpose>) -> KeyRequest {
+    KeyRequest {
+        namespace: "sealer".into(),
+        name: name.into(),
+        spec: KeySpec::new(key_type, purpose, None).unwrap(),
+        backend: Some("tpm".into()),
+    }
+}
+
+fn recovery() -> PassphraseSealer {
+    sealer(PASSPHRASE)
+}
+
+/// Extends PCR 16 with a connection of its own: no keyhold object may hold the TPM meanwhile
+/// (swtpm serves one connection at a time).
+fn extend_pcr(tpm: &Swtpm) {
+    device(tpm).extend_pcr(PCR, b"a new boot loader").unwrap();
+}
+
+fn sign_works(ks: &Keystore, id: &str) {
+    let sig = ks.sign(id, MESSAGE, SignatureFormat::Der).unwrap();
+    ks.verify(id, MESSAGE, &sig, SignatureFormat::Der).unwrap();
+}
+
+fn unseal_reason(err: Error) -> String {
+    match err {
+        Error::Unseal { reason } => reason,
+        other => panic!("expected Error::Unseal, got {other:?}"),
+    }
+}
+
+/// A store sealed by the TPM (no PCRs) opens again, and its TPM and fallback keys work.
+#[test]
+fn a_tpm_sealed_store_opens_again_with_its_keys() {
+    let tpm = Swtpm::new().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("store");
+    let config = config(&tpm, Fallback::Software);
+    let (ec, aes) = {
+        let tpm_sealer = TpmSealer::new(device(&tpm), Some("tpm".into()));
+        let ks = Keystore::create_with(&store, &tpm_sealer, &config).unwrap();
+        assert_eq!(ks.sealer_kind(), "tpm");
+        let ec = ks
+            .create_key(&request("ec", KeyType::EcdsaP256, None))
+            .unwrap();
+        assert_eq!(ec.backend, "tpm");
+        let aes = ks
+            .create_key(&request("aes", KeyType::Aes256Gcm, None))
+            .unwrap();
+        // AES-GCM is not a TPM 2.0 algorithm: made in software, sealed by the TPM's root.
+        assert_eq!(aes.backend, "software");
+        assert_eq!(aes.attributes.get("fallback_for").unwrap(), "tpm");
+        (ec.id, aes.id)
+    };
+    let sealed = keyhold::store::Store::open(&store)
+        .unwrap()
+        .meta()
+        .sealed_root
+        .clone();
+    assert_eq!(sealed.sealer, "tpm");
+    assert_eq!(TpmSealer::pcrs_of(&sealed).unwrap(), Vec::<u8>::new());
+    assert_eq!(TpmSealer::recovery_of(&sealed).unwrap(), None);
+    // The root secret is not in the store in clear: it is the TPM's sealed object.
+    let tpm_sealer = TpmSealer::new(device(&tpm), Some("tpm".into()));
+    let ks = Keystore::open_with(&store, &tpm_sealer, &config).unwrap();
+    sign_works(&ks, &ec);
+    let env = ks.encrypt(&aes, MESSAGE, b"aad").unwrap();
+    assert_eq!(ks.decrypt(&aes, &env, b"aad").unwrap().expose(), MESSAGE);
+    // A passphrase does not open it.
+    drop(ks);
+    let err = Keystore::open_with(&store, &sealer(PASSPHRASE), &config).unwrap_err();
+    assert!(unseal_reason(err).contains("sealed by `tpm`"));
+}
+
+/// `--pcrs`: once the PCR changes the TPM refuses, the recovery passphrase re-binds the seal to
+/// the new value, and every key ID still works.
+#[test]
+fn a_pcr_bound_seal_breaks_on_change_and_reseal_rebinds_it() {
+    let tpm = Swtpm::new().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("store");
+    let config = config(&tpm, Fallback::Refuse);
+    let id = {
+        let sealer = TpmSealer::new(device(&tpm), Some("tpm".into()))
+            .with_pcrs(&[PCR])
+            .unwrap()
+            .with_recovery(recovery());
+        let ks = Keystore::create_with(&store, &sealer, &config).unwrap();
+        ks.create_key(&request("ec", KeyType::EcdsaP384, None))
+            .unwrap()
+            .id
+    };
+    // Unchanged PCRs: it opens.
+    {
+        let sealer = TpmSealer::new(device(&tpm), Some("tpm".into()));
+        sign_works(&Keystore::open_with(&store, &sealer, &config).unwrap(), &id);
+    }
+    let before = support::snapshot(&store);
+    extend_pcr(&tpm);
+    let plain = || TpmSealer::new(device(&tpm), Some("tpm".into()));
+    let reason = unseal_reason(Keystore::open_with(&store, &plain(), &config).unwrap_err());
+    assert!(reason.contains("PCRs [16]"), "{reason}");
+    assert!(reason.contains("keyhold reseal"), "{reason}");
+    // Refusing changed nothing.
+    assert_eq!(support::snapshot(&store), before);
+
+    // A wrong recovery passphrase: refused, nothing changed.
+    let wrong = plain().with_recovery_prompt(Box::new(|| Ok(SecretString::from("wrong"))));
+    let resealer = || {
+        let sealed = keyhold::store::Store::open(&store)
+            .unwrap()
+            .meta()
+            .sealed_root
+            .clone();
+        plain()
+            .with_pcrs(&[PCR])
+            .unwrap()
+            .keeping_recovery(TpmSealer::recovery_of(&sealed).unwrap())
+    };
+    let err = Keystore::reseal(&store, &wrong, &resealer()).unwrap_err();
+    assert!(matches!(err, Error::Unseal { .. }), "{err:?}");
+    assert_eq!(support::snapshot(&store), before);
+
+    // The right one re-binds to the PCR's new value.
+    let asked = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let right = {
+        let asked = Arc::clone(&asked);
+        plain().with_recovery_prompt(Box::new(move || {
+            asked.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            Ok(SecretString::from(PASSPHRASE))
+        }))
+    };
+    Keystore::reseal(&store, &right, &resealer()).unwrap();
+    assert_eq!(asked.load(std::sync::atomic::Ordering::SeqCst), 1);
+    let ks = Keystore::open_with(&store, &plain(), &config).unwrap();
+    sign_works(&ks, &id);
+    drop(ks);
+    // The recovery seal was kept: the next change can be recovered too.
+    let sealed = keyhold::store::Store::open(&store)
+        .unwrap()
+        .meta()
+        .sealed_root
+        .clone();
+    assert!(TpmSealer::recovery_of(&sealed).unwrap().is_some());
+    assert_eq!(TpmSealer::pcrs_of(&sealed).unwrap(), vec![PCR]);
+
+    // While the PCRs still match, reseal needs no passphrase (here: drop the PCR binding).
+    let never = plain().with_recovery_prompt(Box::new(|| panic!("the passphrase was asked for")));
+    Keystore::reseal(&store, &never, &plain()).unwrap();
+    extend_pcr(&tpm);
+    sign_works(
+        &Keystore::open_with(&store, &plain(), &config).unwrap(),
+        &id,
+    );
+}
+
+/// Sealed to PCRs without a recovery passphrase: a change is final, and the error says so.
+#[test]
+fn without_recovery_a_pcr_change_is_final_and_says_so() {
+    let tpm = Swtpm::new().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("store");
+    {
+        let sealer = TpmSealer::new(device(&tpm), None)
+            .with_pcrs(&[PCR])
+            .unwrap();
+        Keystore::create_with(&store, &sealer, &Config::default()).unwrap();
+    }
+    extend_pcr(&tpm);
+    let sealer = TpmSealer::new(device(&tpm), None).with_recovery_prompt(Box::new(|| {
+        panic!("there is no recovery seal to use it on")
+    }));
+    let reason = unseal_reason(Keystore::open(&store, &sealer).unwrap_err());
+    assert!(reason.contains("no recovery passphrase"), "{reason}");
+}
+
+/// A store sealed by one TPM, opened against another (or a cleared one): a clear refusal.
+#[test]
+fn a_store_opened_against_a_fresh_tpm_is_refused_clearly() {
+    let first = Swtpm::new().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let tpm_sealed = dir.path().join("tpm-sealed");
+    let pass_sealed = dir.path().join("pass-sealed");
+    let key = {
+        let tpm_sealer = TpmSealer::new(device(&first), None);
+        Keystore::create_with(&tpm_sealed, &tpm_sealer, &Config::default()).unwrap();
+        let ks = Keystore::create_with(
+            &pass_sealed,
+            &sealer(PASSPHRASE),
+            &config(&first, Fallback::Refuse),
+        )
+        .unwrap();
+        ks.create_key(&request("ec", KeyType::EcdsaP256, None))
+            .unwrap()
+            .id
+    };
+    let fresh = Swtpm::new().unwrap();
+    let tpm_sealer = TpmSealer::new(device(&fresh), None);
+    let reason = unseal_reason(Keystore::open(&tpm_sealed, &tpm_sealer).unwrap_err());
+    assert!(
+        reason.contains("another TPM") && reason.contains("cleared"),
+        "{reason}"
+    );
+    drop(tpm_sealer);
+    // The passphrase-sealed store opens, but its TPM key says where it went.
+    let ks = Keystore::open_with(
+        &pass_sealed,
+        &sealer(PASSPHRASE),
+        &config(&fresh, Fallback::Refuse),
+    )
+    .unwrap();
+    support::assert_tpm_replaced(&ks.sign(&key, MESSAGE, SignatureFormat::Der).unwrap_err());
+}
+
+/// The sealed root secret names its store: a seal copied into another store does not open it.
+#[test]
+fn a_seal_copied_to_another_store_is_refused() {
+    let tpm = Swtpm::new().unwrap();
+    let tpm_sealer = TpmSealer::new(device(&tpm), None);
+    let root = keyhold::sealer::RootSecret::generate().unwrap();
+    let sealed = tpm_sealer.seal(&root, &[1; 16]).unwrap();
+    tpm_sealer.unseal(&sealed, &[1; 16]).unwrap();
+    let reason = unseal_reason(tpm_sealer.unseal(&sealed, &[2; 16]).unwrap_err());
+    assert!(reason.contains("another store"), "{reason}");
+}
+
+/// swtpm restarted between operations on a live keystore: every key works on, without reopening.
+#[test]
+fn a_live_keystore_survives_a_tpm_restart() {
+    let mut tpm = Swtpm::new().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("store");
+    let tpm_sealer = TpmSealer::new(device(&tpm), Some("tpm".into()));
+    let ks = Keystore::create_with(&store, &tpm_sealer, &config(&tpm, Fallback::Refuse)).unwrap();
+    let ids: Vec<String> = [KeyType::EcdsaP256, KeyType::EcdsaP384, KeyType::Rsa2048]
+        .into_iter()
+        .enumerate()
+        .map(|(i, t)| {
+            ks.create_key(&request(&format!("k{i}"), t, None))
+                .unwrap()
+                .id
+        })
+        .collect();
+    let mac = ks
+        .create_key(&request("mac", KeyType::HmacSha256, None))
+        .unwrap()
+        .id;
+    let tag = ks.mac(&mac, MESSAGE).unwrap();
+    for round in 0..3 {
+        tpm.restart().unwrap();
+        for id in &ids {
+            sign_works(&ks, id);
+        }
+        assert_eq!(ks.mac(&mac, MESSAGE).unwrap(), tag, "round {round}");
+    }
+}
+
+/// `srk_handle`: the SRK is persisted at 0x81000001 once and found there afterwards; it is the
+/// same key as the transient SRK (same Name), so keys made either way load under it.
+#[test]
+fn the_srk_can_live_at_a_persistent_handle() {
+    let tpm = Swtpm::new().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("store");
+    let mut config = config(&tpm, Fallback::Refuse);
+    let transient_key = {
+        let ks = Keystore::create_with(&store, &sealer(PASSPHRASE), &config).unwrap();
+        ks.create_key(&request("transient", KeyType::EcdsaP256, None))
+            .unwrap()
+            .id
+    };
+    let Some(BackendConfig::Tpm(t)) = config.backends.get_mut("tpm") else {
+        panic!("no tpm backend")
+    };
+    t.srk_handle = Some(0x8100_0001);
+    for round in 0..2 {
+        let ks = Keystore::open_with(&store, &sealer(PASSPHRASE), &config).unwrap();
+        sign_works(&ks, &transient_key);
+        let id = ks
+            .create_key(&request(
+                &format!("persistent{round}"),
+                KeyType::EcdsaP256,
+                None,
+            ))
+            .unwrap()
+            .id;
+        sign_works(&ks, &id);
+    }
+    let listed = support::tpm2_tool(
+        &tpm.tcti(),
+        dir.path(),
+        &["tpm2_getcap", "handles-persistent"],
+    );
+    assert_eq!(listed.trim(), "- 0x81000001");
+}
+
+/// Another program's key at the configured SRK handle is never adopted.
+#[test]
+fn a_foreign_object_at_the_srk_handle_is_refused() {
+    let tpm = Swtpm::new().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let run = |args: &[&str]| support::tpm2_tool(&tpm.tcti(), dir.path(), args);
+    // An RSA primary (not keyhold's ECC SRK template) persisted at 0x81000001.
+    run(&[
+        "tpm2_createprimary",
+        "-C",
+        "o",
+        "-G",
+        "rsa2048",
+        "-c",
+        "primary.ctx",
+    ]);
+    run(&[
+        "tpm2_evictcontrol",
+        "-C",
+        "o",
+        "-c",
+        "primary.ctx",
+        "0x81000001",
+    ]);
+    let settings = DeviceSettings {
+        srk_handle: Some(0x8100_0001),
+        ..DeviceSettings::default()
+    };
+    let device = keyhold::backend::tpm::device(&tpm.tcti(), settings).unwrap();
+    let err = device.srk_name("tpm").unwrap_err();
+    assert!(matches!(err, Error::Config(_)), "{err:?}");
+    let text = err.to_string();
+    assert!(
+        text.contains("0x81000001") && text.contains("tpm2_evictcontrol"),
+        "{text}"
+    );
+}
