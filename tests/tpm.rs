@@ -523,19 +523,23 @@ fn a_caller_waits_a_bounded_time_for_its_turn() {
     let device = keyhold::backend::tpm::device(&tpm.tcti(), settings).unwrap();
     let backend = Arc::new(TpmBackend::with_device("tpm", device, &kek()).unwrap());
     let key = Arc::new(create(&backend, KeyType::EcdsaP256, Purpose::Sign, None));
-    // One thread generates RSA-3072 keys (seconds each on swtpm) while another wants to sign.
+    // One thread generates RSA-3072 keys (often seconds each on swtpm) while this one signs,
+    // until a signature has timed out (or ten keys were made, which would fail the test).
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let generator = {
-        let backend = Arc::clone(&backend);
+        let (backend, stop) = (Arc::clone(&backend), Arc::clone(&stop));
         std::thread::spawn(move || {
-            for _ in 0..3 {
+            for _ in 0..10 {
+                if stop.load(std::sync::atomic::Ordering::SeqCst) {
+                    break;
+                }
                 create(&backend, KeyType::Rsa3072, Purpose::Sign, None);
             }
         })
     };
-    std::thread::sleep(Duration::from_millis(50));
     let mut timeouts = 0;
     let mut signed = 0;
-    while !generator.is_finished() {
+    while !generator.is_finished() && timeouts == 0 {
         let started = Instant::now();
         match backend.sign(key.at(), MESSAGE, SignatureFormat::Der) {
             Ok(_) => signed += 1,
@@ -555,6 +559,7 @@ fn a_caller_waits_a_bounded_time_for_its_turn() {
             Err(other) => panic!("{other:?}"),
         }
     }
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
     generator.join().unwrap();
     assert!(
         timeouts > 0,
