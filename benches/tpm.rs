@@ -27,13 +27,14 @@
 //!   program that keeps no session would do; it is one TPM command more than clearing
 //!   continueSession would cost.
 //! - *load per signature* (informational): one reused session; per signature: SHA-256, TPM2_Load
-//!   of the key's blobs, Esys_TR_SetAuth, TPM2_Sign, TPM2_FlushContext of the key. This is the TPM
-//!   work keyhold does today, so keyhold/this is what keyhold itself adds (key ID resolution,
-//!   unsealing the authValue, the connection mutex, blob parsing).
+//!   of the key's blobs, Esys_TR_SetAuth, TPM2_Sign, TPM2_FlushContext of the key: what keyhold
+//!   did before it kept keys loaded, and what it does when more keys are in use than its LRU holds.
 //!
 //! keyhold signs a 32-byte message with `Keystore::sign(id, msg, SignatureFormat::Raw)` (it hashes
-//! in software); today each signature also loads the key from its blob (TPM2_Load) and flushes it
-//! afterwards, on keyhold's one reused session.
+//! in software) on its one reused session; the key is loaded by the first signature and stays in
+//! keyhold's LRU of loaded keys (two by default), so the TPM work per signature is TPM2_Sign, as in
+//! the reused-session variant, and keyhold/reused-session is what keyhold itself adds (key ID
+//! resolution, unsealing the authValue, the turn on the device, blob parsing).
 //!
 //! swtpm's TCP server serves one client at a time: while one connection is open, a second client's
 //! connect succeeds (the kernel's listen backlog) but its first command waits, with no error, until
@@ -345,7 +346,7 @@ enum RawMode {
     ReusedSession,
     /// A new salted session per signature; the key loaded once.
     SessionPerCommand,
-    /// One session; the key loaded and flushed around every signature, as keyhold does today.
+    /// One session; the key loaded and flushed around every signature (keyhold before its LRU).
     LoadPerSignature,
 }
 
@@ -1147,10 +1148,10 @@ fn main() -> BoxResult<()> {
     }
     println!(
         "notes: tpm: raw signs SHA-256(msg) computed in the loop, keyhold signs the 32-byte msg \
-         (hashing it); keyhold loads and flushes its key per signature on one reused session; \
+         (hashing it); keyhold keeps its key loaded (LRU) and uses one reused session; \
          session-per-command = StartAuthSession (salted, bound) + SetAttributes + Sign + \
          FlushContext per signature, key kept loaded; load-per-signature = Load + SetAuth + Sign + \
-         FlushContext(key) per signature on one session, as keyhold does today; each TPM round \
+         FlushContext(key) per signature on one session; each TPM round \
          has its own connection (swtpm serves one client at a time); sw aes: raw AAD as long as keyhold's 25-byte header + \
          caller AAD, raw copies the input into a new buffer as keyhold does; openssl ecdsap256 \
          signs 20 bytes with no hashing or DER"
