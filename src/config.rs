@@ -24,9 +24,23 @@ use crate::error::{Error, Result};
 #[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
-    /// Backend instances by name. `software` is always present and cannot be configured here.
+    /// Backend instances by name. `software` is always present and is configured in `software`.
     #[serde(default)]
     pub backends: BTreeMap<String, BackendConfig>,
+    /// The built-in software backend.
+    #[serde(default)]
+    pub software: SoftwareConfig,
+}
+
+/// The built-in software backend (`[software]`).
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct SoftwareConfig {
+    /// (Optional) Keep a parsed signing key this many seconds after its last use instead of
+    /// unsealing and parsing it for every signature; default 0 (never). Parsing costs more than an
+    /// ECDSA signature, but a kept key lives in ordinary (unlocked) memory until it expires.
+    #[serde(default)]
+    pub key_cache_secs: u64,
 }
 
 /// One backend instance.
@@ -445,6 +459,48 @@ mod tests {
                 !err.contains("1234"),
                 "a PIN in the file must not be echoed: {err}"
             );
+        }
+    }
+
+    #[test]
+    fn parses_tpm_and_software_settings() {
+        let config = Config::from_toml(
+            "[software]\nkey_cache_secs = 30\n\n[backends.tpm]\ntype = \"tpm\"\n\
+             tcti = \"device:/dev/tpmrm0\"\nfallback = \"software\"\nsrk_handle = 0x81000001\n\
+             max_loaded = 3\ntimeout_secs = 5\n",
+        )
+        .unwrap();
+        assert_eq!(config.software.key_cache_secs, 30);
+        let Some(BackendConfig::Tpm(tpm)) = config.backends.get("tpm") else {
+            panic!("no tpm backend: {config:?}")
+        };
+        assert_eq!(tpm.fallback, Fallback::Software);
+        let settings = tpm.settings().unwrap();
+        assert_eq!(settings.srk_handle, Some(0x8100_0001));
+        assert_eq!(settings.max_loaded, 3);
+        assert_eq!(settings.timeout, std::time::Duration::from_secs(5));
+        // Defaults: no cache, a transient SRK, two loaded keys, two minutes.
+        let config = Config::from_toml("[backends.tpm]\ntype = \"tpm\"\n").unwrap();
+        assert_eq!(config.software.key_cache_secs, 0);
+        let Some(BackendConfig::Tpm(tpm)) = config.backends.get("tpm") else {
+            panic!("no tpm backend")
+        };
+        assert_eq!(
+            tpm.settings().unwrap(),
+            crate::backend::tpm::device::DeviceSettings::default()
+        );
+        for (text, expected) in [
+            ("srk_handle = 0x80000001", "not an owner persistent handle"),
+            ("max_loaded = 0", "at least 1"),
+            ("timeout_secs = 0", "at least 1"),
+        ] {
+            let config =
+                Config::from_toml(&format!("[backends.tpm]\ntype = \"tpm\"\n{text}\n")).unwrap();
+            let Some(BackendConfig::Tpm(tpm)) = config.backends.get("tpm") else {
+                panic!("no tpm backend")
+            };
+            let err = tpm.settings().unwrap_err().to_string();
+            assert!(err.contains(expected), "{text}: {err}");
         }
     }
 }

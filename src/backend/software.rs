@@ -4,7 +4,13 @@
 //! are sealed with AES-256-GCM under a key-encryption key derived from the store's root secret, with
 //! AAD binding the store, the key's record and its algorithm. The sealed blob lives in the key's
 //! record. Each operation unseals into a locked, zeroizing buffer, loads the key, uses it, and drops
-//! both; nothing is cached.
+//! both.
+//!
+//! Loading a private key costs more than using it (parsing PKCS#8 and checking the key pair takes
+//! longer than an ECDSA signature), so a store may opt in to keeping parsed **signing** keys for a
+//! while: `[software] key_cache_secs = N` keeps each for N seconds after its last use. They then
+//! live in aws-lc's memory (freed, and cleared by aws-lc, when they expire or the keystore is
+//! dropped; expired entries go at the next operation), not in locked pages. Off by default.
 
 use aws_lc_rs::aead::{self, Aad, Nonce, RandomizedNonceKey, AES_256_GCM};
 use aws_lc_rs::encoding::AsDer;
@@ -33,6 +39,68 @@ pub struct SoftwareBackend {
     name: String,
     kek: RandomizedNonceKey,
     capabilities: Capabilities,
+    /// Parsed signing keys kept after use; `None` unless the configuration asks for it.
+    cache: Option<SigningCache>,
+}
+
+/// The most parsed signing keys kept at once.
+const CACHE_LIMIT: usize = 256;
+
+/// Parsed signing keys, each kept until `idle` has passed since its last use.
+struct SigningCache {
+    idle: std::time::Duration,
+    entries: std::sync::Mutex<std::collections::HashMap<[u8; 32], Cached>>,
+}
+
+struct Cached {
+    pair: std::sync::Arc<SigningPair>,
+    used: std::time::Instant,
+}
+
+/// A private key ready to sign.
+enum SigningPair {
+    Ecdsa(EcdsaKeyPair),
+    Ed25519(Ed25519KeyPair),
+    Rsa(aws_lc_rs::rsa::KeyPair),
+}
+
+impl SigningCache {
+    /// The key for `id`, parsed by `load` unless a fresh one is kept.
+    fn get_or_load(
+        &self,
+        id: [u8; 32],
+        load: impl FnOnce() -> Result<SigningPair>,
+    ) -> Result<std::sync::Arc<SigningPair>> {
+        let now = std::time::Instant::now();
+        {
+            let mut entries = self
+                .entries
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            entries.retain(|_, c| now.duration_since(c.used) < self.idle);
+            if let Some(hit) = entries.get_mut(&id) {
+                hit.used = now;
+                return Ok(std::sync::Arc::clone(&hit.pair));
+            }
+        }
+        // Parsed outside the lock: other threads' keys need not wait for this one.
+        let pair = std::sync::Arc::new(load()?);
+        let mut entries = self
+            .entries
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if entries.len() >= CACHE_LIMIT {
+            entries.clear();
+        }
+        entries.insert(
+            id,
+            Cached {
+                pair: std::sync::Arc::clone(&pair),
+                used: now,
+            },
+        );
+        Ok(pair)
+    }
 }
 
 impl std::fmt::Debug for SoftwareBackend {
@@ -62,7 +130,32 @@ impl SoftwareBackend {
             name: Self::NAME.to_owned(),
             kek,
             capabilities: Capabilities::new(supported),
+            cache: None,
         })
+    }
+
+    /// Keeps parsed signing keys for `idle` after their last use (zero: never, the default).
+    #[must_use]
+    pub fn with_key_cache(mut self, idle: std::time::Duration) -> Self {
+        self.cache = (!idle.is_zero()).then(|| SigningCache {
+            idle,
+            entries: std::sync::Mutex::default(),
+        });
+        self
+    }
+
+    /// Which cached signing key serves `key` in `format`: its record and its sealed blob.
+    fn cache_id(key: &KeyRef<'_>, blob: &[u8], format: SignatureFormat) -> [u8; 32] {
+        let mut d = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);
+        d.update(b"keyhold software signing key\0");
+        d.update(key.context.store_id);
+        d.update(key.context.uuid);
+        d.update(key.context.spec.algorithm().as_str().as_bytes());
+        d.update(&[0, u8::from(format == SignatureFormat::Der)]);
+        d.update(blob);
+        let mut id = [0u8; 32];
+        id.copy_from_slice(d.finish().as_ref());
+        id
     }
 
     fn aad(context: &KeyContext<'_>) -> Vec<u8> {
@@ -205,46 +298,66 @@ fn ecdsa_signing(
     })
 }
 
+impl SigningPair {
+    /// Parses `material` (PKCS#8) as a signing key of `algorithm` for `format`.
+    fn parse(algorithm: Algorithm, format: SignatureFormat, material: &[u8]) -> Result<Self> {
+        let rejected = || Error::Integrity {
+            what: "software key material is not a valid private key".into(),
+        };
+        Ok(match algorithm {
+            Algorithm::EcdsaP256Sha256 | Algorithm::EcdsaP384Sha384 => Self::Ecdsa(
+                EcdsaKeyPair::from_pkcs8(ecdsa_signing(algorithm, format)?, material)
+                    .map_err(|_| rejected())?,
+            ),
+            Algorithm::Ed25519 => {
+                Self::Ed25519(Ed25519KeyPair::from_pkcs8(material).map_err(|_| rejected())?)
+            }
+            Algorithm::RsaPssSha256 | Algorithm::RsaPkcs1Sha256 => {
+                Self::Rsa(aws_lc_rs::rsa::KeyPair::from_pkcs8(material).map_err(|_| rejected())?)
+            }
+            Algorithm::RsaOaepSha256 | Algorithm::Aes256Gcm | Algorithm::HmacSha256 => {
+                return Err(Error::crypto(
+                    "signing with a key whose algorithm does not sign",
+                ))
+            }
+        })
+    }
+
+    fn sign(&self, algorithm: Algorithm, message: &[u8]) -> Result<Vec<u8>> {
+        let failed = || Error::crypto("signing");
+        match self {
+            Self::Ecdsa(pair) => Ok(pair
+                .sign(&rand::SystemRandom::new(), message)
+                .map_err(|_| failed())?
+                .as_ref()
+                .to_vec()),
+            Self::Ed25519(pair) => Ok(pair
+                .try_sign(message)
+                .map_err(|_| failed())?
+                .as_ref()
+                .to_vec()),
+            Self::Rsa(pair) => {
+                let encoding = if algorithm == Algorithm::RsaPssSha256 {
+                    &signature::RSA_PSS_SHA256
+                } else {
+                    &signature::RSA_PKCS1_SHA256
+                };
+                let mut sig = vec![0u8; pair.public_modulus_len()];
+                pair.sign(encoding, &rand::SystemRandom::new(), message, &mut sig)
+                    .map_err(|_| failed())?;
+                Ok(sig)
+            }
+        }
+    }
+}
+
 fn sign_with(
     algorithm: Algorithm,
     material: &[u8],
     message: &[u8],
     format: SignatureFormat,
 ) -> Result<Vec<u8>> {
-    let rejected = || Error::Integrity {
-        what: "software key material is not a valid private key".into(),
-    };
-    let failed = || Error::crypto("signing");
-    match algorithm {
-        Algorithm::EcdsaP256Sha256 | Algorithm::EcdsaP384Sha384 => {
-            let pair = EcdsaKeyPair::from_pkcs8(ecdsa_signing(algorithm, format)?, material)
-                .map_err(|_| rejected())?;
-            let sig = pair
-                .sign(&rand::SystemRandom::new(), message)
-                .map_err(|_| failed())?;
-            Ok(sig.as_ref().to_vec())
-        }
-        Algorithm::Ed25519 => {
-            let pair = Ed25519KeyPair::from_pkcs8(material).map_err(|_| rejected())?;
-            let sig = pair.try_sign(message).map_err(|_| failed())?;
-            Ok(sig.as_ref().to_vec())
-        }
-        Algorithm::RsaPssSha256 | Algorithm::RsaPkcs1Sha256 => {
-            let pair = aws_lc_rs::rsa::KeyPair::from_pkcs8(material).map_err(|_| rejected())?;
-            let encoding = if algorithm == Algorithm::RsaPssSha256 {
-                &signature::RSA_PSS_SHA256
-            } else {
-                &signature::RSA_PKCS1_SHA256
-            };
-            let mut sig = vec![0u8; pair.public_modulus_len()];
-            pair.sign(encoding, &rand::SystemRandom::new(), message, &mut sig)
-                .map_err(|_| failed())?;
-            Ok(sig)
-        }
-        Algorithm::RsaOaepSha256 | Algorithm::Aes256Gcm | Algorithm::HmacSha256 => Err(
-            Error::crypto("signing with a key whose algorithm does not sign"),
-        ),
-    }
+    SigningPair::parse(algorithm, format, material)?.sign(algorithm, message)
 }
 
 fn oaep_decrypt(material: &[u8], ciphertext: &[u8], label: &[u8]) -> Result<SecretBytes> {
@@ -415,13 +528,16 @@ impl Backend for SoftwareBackend {
     }
 
     fn sign(&self, key: KeyRef<'_>, message: &[u8], format: SignatureFormat) -> Result<Vec<u8>> {
+        let algorithm = key.context.spec.algorithm();
+        if let (Some(cache), Some(blob)) = (&self.cache, key.blob) {
+            let pair = cache.get_or_load(Self::cache_id(&key, blob, format), || {
+                let material = self.unseal(&key)?;
+                SigningPair::parse(algorithm, format, material.expose())
+            })?;
+            return pair.sign(algorithm, message);
+        }
         let material = self.unseal(&key)?;
-        sign_with(
-            key.context.spec.algorithm(),
-            material.expose(),
-            message,
-            format,
-        )
+        sign_with(algorithm, material.expose(), message, format)
     }
 
     fn encrypt(&self, key: KeyRef<'_>, plaintext: &[u8], aad: &[u8]) -> Result<Sealed> {
@@ -505,6 +621,54 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// Kept signing keys: used again while fresh, never for a changed blob or another format,
+    /// and gone once idle longer than the setting.
+    #[test]
+    fn the_signing_key_cache_keeps_only_fresh_exact_keys() {
+        let be = backend().with_key_cache(std::time::Duration::from_millis(200));
+        let cache = be.cache.as_ref().unwrap();
+        let count = || cache.entries.lock().unwrap().len();
+        let spec = KeySpec::new(KeyType::EcdsaP256, None, None).unwrap();
+        let ctx = KeyContext {
+            store_id: &[1; 16],
+            uuid: &[2; 16],
+            label: "default/k",
+            spec: &spec,
+        };
+        let made = be.generate(ctx, &KeyOptions::default()).unwrap();
+        let public = made.public_key.clone().unwrap();
+        fn key<'a>(ctx: KeyContext<'a>, locator: &'a str, blob: &'a [u8]) -> KeyRef<'a> {
+            KeyRef {
+                context: ctx,
+                locator,
+                blob: Some(blob),
+            }
+        }
+        let key = |blob| key(ctx, &made.locator, blob);
+        let blob = made.blob.clone().unwrap();
+        for format in [
+            SignatureFormat::Der,
+            SignatureFormat::Raw,
+            SignatureFormat::Der,
+        ] {
+            let sig = be.sign(key(&blob), b"m", format).unwrap();
+            public.verify(b"m", &sig, format).unwrap();
+        }
+        assert_eq!(count(), 2, "one parsed key per signature format");
+        // A changed blob is not served from the cache: it is unsealed, and refused.
+        let mut bent = blob.clone();
+        let last = bent.len() - 1;
+        bent[last] ^= 1;
+        let err = be.sign(key(&bent), b"m", SignatureFormat::Der).unwrap_err();
+        assert!(matches!(err, Error::Integrity { .. }), "{err:?}");
+        // Idle past the setting: dropped at the next operation.
+        std::thread::sleep(std::time::Duration::from_millis(250));
+        be.sign(key(&blob), b"m", SignatureFormat::Raw).unwrap();
+        assert_eq!(count(), 1);
+        // Off by default.
+        assert!(backend().cache.is_none());
     }
 
     #[test]

@@ -362,7 +362,10 @@ impl Keystore {
         let store_id = store.meta().store_id;
         let keys = derive_keys(root, &store_id)?;
         let configured = build_backends(config, &keys);
-        let software: Arc<dyn Backend> = Arc::new(SoftwareBackend::new(&keys.software_kek)?);
+        let software: Arc<dyn Backend> =
+            Arc::new(SoftwareBackend::new(&keys.software_kek)?.with_key_cache(
+                std::time::Duration::from_secs(config.software.key_cache_secs),
+            ));
         let mut backends = vec![software];
         backends.extend(configured.backends);
         Ok(Self {
