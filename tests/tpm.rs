@@ -462,6 +462,50 @@ fn a_killed_tpm_is_unavailable_then_recovers() {
     );
 }
 
+/// swtpm killed while it works on a command (an RSA-3072 key generation): the caller gets
+/// "unavailable" within a bounded time, not a hang, and the backend recovers once it is back.
+#[test]
+fn a_tpm_killed_mid_command_is_unavailable_within_seconds() {
+    let mut tpm = Swtpm::new().unwrap();
+    let backend = Arc::new(backend(&tpm));
+    let (tx, rx) = std::sync::mpsc::channel();
+    {
+        let backend = Arc::clone(&backend);
+        std::thread::spawn(move || {
+            let spec = KeySpec::new(KeyType::Rsa3072, None, None).unwrap();
+            // Key generations back to back until one fails: the kill lands inside one of them.
+            for n in 0u8..=255 {
+                let uuid = [n; 16];
+                let context = KeyContext {
+                    store_id: &STORE,
+                    uuid: &uuid,
+                    label: "test/rsa",
+                    spec: &spec,
+                };
+                if let Err(e) = backend.generate(context, &KeyOptions::new()) {
+                    let _ = tx.send((e, Instant::now()));
+                    return;
+                }
+            }
+        });
+    }
+    std::thread::sleep(Duration::from_millis(400));
+    let killed = Instant::now();
+    tpm.kill().unwrap();
+    let (err, failed) = rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("no answer within 10 s from a TPM killed mid-command");
+    assert!(matches!(err, Error::BackendUnavailable { .. }), "{err:?}");
+    assert!(
+        failed.duration_since(killed) < Duration::from_secs(5),
+        "{:?}",
+        failed.duration_since(killed)
+    );
+    tpm.restart().unwrap();
+    let key = create(&backend, KeyType::EcdsaP256, Purpose::Sign, None);
+    sign_and_verify(&backend, &key);
+}
+
 #[test]
 fn a_cleared_tpm_is_refused_clearly() {
     let mut tpm = Swtpm::new().unwrap();
