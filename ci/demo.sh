@@ -1,14 +1,19 @@
 #!/usr/bin/env bash
 # keyhold end to end, for a person to watch: build, create a store, make one key of every type, use
 # each of them, check the results with OpenSSL, show that a tampered key ID is refused, then make and
-# use a key inside a PKCS#11 token (SoftHSM2) and see what the token cannot do.
+# use a key inside a PKCS#11 token (SoftHSM2) and see what the token cannot do; then a second store
+# whose root secret a TPM 2.0 (swtpm) seals to PCR 16: keys made and used inside the TPM (ECDSA,
+# RSA-OAEP), an AES key the TPM cannot make falling back to software, and a PCR change that locks the
+# store until `keyhold reseal` re-binds it with the recovery passphrase.
 #
 #   bash ci/demo.sh
 #
 # Everything happens in a temp dir that is deleted on exit. Every step says what it does and checks
 # the outcome it expects; the first unexpected outcome stops the demo with a non-zero exit.
-# Needs: a Rust toolchain, openssl, softhsm2 and opensc (pkcs11-tool) (ci/test.sh installs the rest
-# of what keyhold's tests need). The SoftHSM2 token is private to the temp dir; the PINs are demo PINs.
+# Needs: a Rust toolchain, openssl, softhsm2 and opensc (pkcs11-tool), swtpm, swtpm-tools and
+# tpm2-tools (ci/test.sh installs them, and the rest of what keyhold's tests need). The SoftHSM2
+# token and the swtpm (on two free TCP ports of 127.0.0.1) are private to the temp dir and stopped on
+# exit; the PINs and passphrases are demo ones.
 # KEYHOLD_DEMO_BIN=/path/to/keyhold runs the demo on that binary instead of building one.
 set -euo pipefail
 
@@ -298,8 +303,7 @@ demo_tampered_id() {
 }
 
 # --- hardware backends ------------------------------------------------------------------------
-# The PKCS#11 backend on a SoftHSM2 token, below. The TPM 2.0 backend (a swtpm, tpm/swtpm-start.sh)
-# comes with its issue, as a section like this one.
+# The PKCS#11 backend on a SoftHSM2 token, then the TPM 2.0 backend and sealer on a swtpm.
 
 readonly SOFTHSM_MODULE=/usr/lib/softhsm/libsofthsm2.so
 
@@ -421,10 +425,183 @@ demo_softhsm() {
   KH_CONFIG=
 }
 
+# --- TPM 2.0 ----------------------------------------------------------------------------------
+
+# Starts a private swtpm in $WORK/tpm on a free pair of TCP ports of 127.0.0.1 (tpm/swtpm-start.sh
+# --tcp; keyhold's TPM library, tss-esapi 7.7, cannot reach swtpm over a Unix socket) and sets TCTI.
+# Ports are picked below Linux's ephemeral range; a pair found taken is replaced by another.
+start_swtpm() {
+  local attempt port line rc
+  for attempt in 1 2 3 4 5 6 7 8 9 10; do
+    port=$((20000 + RANDOM % 12000))
+    rc=0
+    line=$(run "$REPO/tpm/swtpm-start.sh" --tcp "$port" "$WORK/tpm" 2>swtpm-start.txt) || rc=$?
+    sed 's/^/    stderr: /' swtpm-start.txt
+    case $rc in
+      0) break ;;
+      2) printf '    ports %d and %d are taken (attempt %d): trying another pair\n' "$port" $((port + 1)) "$attempt" ;;
+      *) die "swtpm-start.sh failed with exit $rc" ;;
+    esac
+  done
+  [ "$rc" -eq 0 ] || die "no free pair of TCP ports for swtpm after 10 attempts"
+  printf '    %s\n' "$line"
+  [ "$line" = "TPM2TOOLS_TCTI=swtpm:host=127.0.0.1,port=$port" ] || die "swtpm-start.sh printed '$line'"
+  TCTI=${line#TPM2TOOLS_TCTI=}
+  ok "swtpm serves commands on 127.0.0.1:$port and control on 127.0.0.1:$((port + 1))"
+}
+
+# The current SHA-256 value of PCR 16, as 64 lowercase hex digits.
+pcr16() {
+  run tpm2_pcrread -T "$TCTI" sha256:16 | sed -n 's/^ *16: 0x\([0-9A-Fa-f]\{64\}\)$/\1/p' | tr 'A-F' 'a-f'
+}
+
+# RSA-OAEP label keyhold uses for an envelope header HEADER-FILE and AAD (docs/cli.md), as hex:
+# "KHL1:" || base64url-without-padding(SHA-256(header || aad)) || 0x00.
+oaep_label_hex() {
+  local digest
+  digest=$({ cat "$1"; printf '%s' "$2"; } | openssl dgst -sha256 -binary | openssl base64 -A | tr '+/' '-_' | tr -d '=')
+  printf 'KHL1:%s\0' "$digest" | od -An -v -tx1 | tr -d ' \n'
+}
+
+demo_tpm() {
+  section "A TPM 2.0 (swtpm): a store sealed by the TPM, keys made and used inside it"
+  local tool
+  for tool in swtpm tpm2_pcrread tpm2_pcrextend; do
+    command -v "$tool" >/dev/null 2>&1 ||
+      die "$tool not found: apt-get install swtpm swtpm-tools tpm2-tools (ci/test.sh installs them)"
+  done
+
+  step "a private swtpm under the demo's temp dir, on TCP loopback (keyhold cannot use swtpm's Unix socket)"
+  start_swtpm
+  # tpm2-tss logs every refused TPM command on stderr itself; keyhold's own message says it all.
+  export TSS2_LOG=all+none
+  echo '  $ export TSS2_LOG=all+none   # tpm2-tss: no log lines of its own on stderr'
+
+  step "keyhold's configuration for it: tpm/keyhold-tpm.toml with the TCTI set and fallback = \"software\""
+  local edit_tcti="s|^#tcti = \"device:/dev/tpmrm0\"\$|tcti = \"$TCTI\"|"
+  local edit_fallback='s/^#fallback = "refuse"$/fallback = "software"/'
+  printf "  \$ sed -e '%s' -e '%s' tpm/keyhold-tpm.toml >tpm.toml\n" "$edit_tcti" "$edit_fallback"
+  sed -e "$edit_tcti" -e "$edit_fallback" "$REPO/tpm/keyhold-tpm.toml" >tpm.toml
+  grep -Ev '^[[:space:]]*(#|$)' tpm.toml | sed 's/^/    /'
+  grep -qx "tcti = \"$TCTI\"" tpm.toml || die "tpm.toml does not set tcti = \"$TCTI\""
+  grep -qx 'fallback = "software"' tpm.toml || die "tpm.toml has no fallback = \"software\""
+  ok "backend tpm: $TCTI, fallback software"
+  KH_CONFIG=tpm.toml
+
+  step "a second store, its root secret sealed by the TPM to PCR 16, with a recovery passphrase"
+  echo "  (PCR 16 is the debug PCR, free for demos; a real store binds to what boot measures, e.g. --pcrs 0,7)"
+  local soft_store=$STORE
+  STORE=$WORK/tpm-store
+  unset KEYHOLD_PASSPHRASE
+  echo '  $ unset KEYHOLD_PASSPHRASE   # this store needs none; only the recovery passphrase, once'
+  printf 'keyhold demo recovery passphrase, not a secret\n' >recovery.txt
+  echo '  $ echo "keyhold demo recovery passphrase, not a secret" >recovery.txt'
+  printf '  (below, keyhold means: %s --store %s)\n' "$KEYHOLD" "$STORE"
+  local out
+  out=$(kh --passphrase-file recovery.txt init --sealer tpm --pcrs 16 \
+    --argon2-memory-mib 19 --argon2-iterations 2)
+  printf '    %s\n' "$out"
+  [[ $out == "initialised keyhold store $STORE (store id "*", sealer tpm)" ]] || die "unexpected init output"
+  ok "store initialised, sealed by the TPM"
+
+  step "an ECDSA P-256 key generated inside the TPM (--backend tpm); the store opens with no passphrase"
+  create_key tpm-p256 --type ecdsa-p256 --backend tpm
+  local details
+  details=$(kh key show --key "${ID[tpm-p256]}")
+  printf '%s\n' "$details" | sed 's/^/    /'
+  expect_lines "$details" '^backend: tpm$' '^attributes: .*never_extractable=true' '^attributes: .*srk_name=[0-9a-f]{68}'
+
+  sign_and_verify tpm-p256 openssl_dgst -sha256
+
+  step "AES-256-GCM with --backend tpm: not a TPM algorithm, so made in software under the TPM-sealed root"
+  create_key tpm-aes --type aes-256-gcm --backend tpm
+  details=$(kh key show --key "${ID[tpm-aes]}")
+  printf '%s\n' "$details" | sed 's/^/    /'
+  expect_lines "$details" '^backend: software \(sealed by tpm; fallback for tpm\)$' '^algorithm: aes-256-gcm$'
+  kh encrypt --key "${ID[tpm-aes]}" --aad "order 42" --in secret.txt --out secret.tpm-aes.khe
+  kh decrypt --key "${ID[tpm-aes]}" --aad "order 42" --in secret.tpm-aes.khe --out secret.tpm-aes.out
+  same_file secret.txt secret.tpm-aes.out
+
+  step "RSA-OAEP: an RSA-2048 decryption key inside the TPM; encrypt with its public key, decrypt in the TPM"
+  create_key tpm-rsa-oaep --type rsa-2048 --purpose decrypt --backend tpm
+  details=$(kh key show --key "${ID[tpm-rsa-oaep]}")
+  expect_lines "$details" '^backend: tpm$' '^algorithm: rsa-oaep-sha256$'
+  kh encrypt --key "${ID[tpm-rsa-oaep]}" --aad "order 42" --in secret.txt --out secret.tpm-rsa.khe
+  kh decrypt --key "${ID[tpm-rsa-oaep]}" --aad "order 42" --in secret.tpm-rsa.khe --out secret.tpm-rsa.out
+  same_file secret.txt secret.tpm-rsa.out
+  expect_refusal 1 "decryption failed" kh decrypt --key "${ID[tpm-rsa-oaep]}" --aad "order 43" --in secret.tpm-rsa.khe
+
+  step "OpenSSL encrypts for the TPM key with keyhold's OAEP label (docs/cli.md); the TPM decrypts"
+  echo "  (label = \"KHL1:\" + base64url(SHA-256(envelope header + AAD)) + 0x00; the header is an envelope's first 25 bytes)"
+  head -c 25 secret.tpm-rsa.khe >header.bin
+  kh key pubkey --key "${ID[tpm-rsa-oaep]}" --out tpm-rsa-oaep.pub.pem
+  local label
+  label=$(oaep_label_hex header.bin "order 42")
+  [[ $label =~ ^[0-9a-f]{98}$ ]] || die "expected a 49-byte label, got '$label'"
+  printf '    label: %s\n' "$label"
+  printf 'wrapped by openssl\n' >openssl-secret.txt
+  run openssl pkeyutl -encrypt -pubin -inkey tpm-rsa-oaep.pub.pem -pkeyopt rsa_padding_mode:oaep \
+    -pkeyopt rsa_oaep_md:sha256 -pkeyopt rsa_mgf1_md:sha256 -pkeyopt "rsa_oaep_label:$label" \
+    -in openssl-secret.txt -out openssl.ct
+  { cat header.bin; printf '\0'; cat openssl.ct; } >openssl.khe
+  printf '  $ %s\n' "{ cat header.bin; printf '\\0'; cat openssl.ct; } >openssl.khe   # header, nonce length 0, ciphertext"
+  kh decrypt --key "${ID[tpm-rsa-oaep]}" --aad "order 42" --in openssl.khe --out openssl-secret.out
+  same_file openssl-secret.txt openssl-secret.out
+
+  step "keyhold doctor: the TPM, and which key types it makes (the rest fall back to software)"
+  local report
+  report=$(kh doctor) || die "keyhold doctor failed"
+  printf '%s\n' "$report" | sed -n '/^backend tpm$/,/^$/{/^$/!p;}' | sed 's/^/    /'
+  expect_lines "$report" '^backend tpm$' "tcti: $TCTI" 'key types: .*ecdsa-p256/sign.*rsa-2048/decrypt' \
+    'cannot: aes-256-gcm/encrypt' 'cannot: ed25519/sign'
+
+  step "PCR 16 changes, as PCRs 0-7 do after a firmware, boot loader or Secure Boot change"
+  echo "  (tpm2-tools talk to the TPM only while no keyhold process runs: swtpm serves one client at a time)"
+  local before after
+  before=$(pcr16)
+  printf '    PCR 16: %s\n' "$before"
+  run tpm2_pcrextend -T "$TCTI" "16:sha256=$(printf 'demo: a new boot loader' | sha256sum | cut -c1-64)"
+  after=$(pcr16)
+  printf '    PCR 16: %s\n' "$after"
+  if ! [[ $after =~ ^[0-9a-f]{64}$ ]] || [ "$after" = "$before" ]; then die "PCR 16 did not change"; fi
+  ok "PCR 16 changed"
+  step "the TPM now refuses to unseal the store's root secret: nothing opens it"
+  expect_refusal 4 "run \`keyhold reseal\`" kh key list
+  expect_refusal 4 "cannot unseal the store" kh sign --key "${ID[tpm-p256]}" --in msg.txt
+
+  step "keyhold reseal: with the recovery passphrase, re-binds the store to PCR 16 as it is now"
+  out=$(kh --passphrase-file recovery.txt reseal 2>reseal-err.txt) || {
+    sed 's/^/    stderr: /' reseal-err.txt
+    die "keyhold reseal failed"
+  }
+  sed 's/^[^ ]*Z  WARN /WARN /; s/^/    stderr: /' reseal-err.txt
+  printf '    %s\n' "$out"
+  grep -qF "unsealing with the recovery passphrase" reseal-err.txt || die "reseal did not say it used the recovery passphrase"
+  [ "$out" = "re-sealed keyhold store $STORE to the TPM and PCRs 16" ] || die "unexpected reseal output"
+  ok "re-sealed with the recovery passphrase"
+
+  step "the store opens again with no passphrase, with the same keys"
+  kh sign --key "${ID[tpm-p256]}" --in msg.txt --out tpm-p256.resealed.sig
+  expect_output "Verified OK" run openssl dgst -sha256 -verify tpm-p256.pub.pem -signature tpm-p256.resealed.sig msg.txt
+  kh decrypt --key "${ID[tpm-aes]}" --aad "order 42" --in secret.tpm-aes.khe --out secret.tpm-aes.resealed
+  same_file secret.txt secret.tpm-aes.resealed
+
+  step "stopping the swtpm (its state is deleted with the temp dir)"
+  run "$REPO/tpm/swtpm-stop.sh" "$WORK/tpm" 2>&1 | sed 's/^/    /'
+  [ ! -f "$WORK/tpm/swtpm.pid" ] || die "swtpm-stop.sh left its pid file"
+  ok "swtpm stopped"
+  STORE=$soft_store
+  KH_CONFIG=
+}
+
 # --- main -------------------------------------------------------------------------------------
 
 on_exit() {
   local rc=$?
+  # The demo's swtpm, if it still runs (swtpm-stop.sh signals only the swtpm of that pid file).
+  if [ -f "$WORK/tpm/swtpm.pid" ]; then
+    "$REPO/tpm/swtpm-stop.sh" "$WORK/tpm" >/dev/null 2>&1 || true
+  fi
   rm -rf "$WORK"
   if [ "$rc" -ne 0 ] && [ "$reported" = no ]; then
     printf '\nDEMO FAILED: the last command exited with status %d (see above)\n' "$rc" >&2
@@ -445,5 +622,6 @@ demo_mac
 demo_random
 demo_tampered_id
 demo_softhsm
+demo_tpm
 
 printf '\n=== demo complete: %d checks passed ===\n' "$checks"

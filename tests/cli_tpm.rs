@@ -241,7 +241,7 @@ fn a_pcr_bound_store_is_refused_after_a_change_until_reseal() {
     assert_eq!(out.status.code(), Some(4));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
-        stderr.contains("PCRs [16]") && stderr.contains("keyhold reseal"),
+        stderr.contains("PCRs 16 ") && stderr.contains("keyhold reseal"),
         "{stderr}"
     );
 

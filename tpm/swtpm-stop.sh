@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Stops the swtpm that swtpm-start.sh started in DIR. The TPM state in DIR is kept (start it again
-# on the same DIR to simulate a reboot); delete DIR to forget it. Stopping a DIR where nothing runs
-# is not an error.
+# Stops the swtpm that swtpm-start.sh started in DIR, on Unix sockets or TCP (--tcp). The TPM state
+# in DIR is kept (start it again on the same DIR, and the same port, to simulate a reboot); delete DIR
+# to forget it. Stopping a DIR where nothing runs is not an error.
 #
 #   tpm/swtpm-stop.sh DIR
 set -euo pipefail

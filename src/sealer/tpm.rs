@@ -288,9 +288,14 @@ impl Sealer for TpmSealer {
         };
         let Some(data) = self.device.unseal(WHO, &object, &params.pcrs)? else {
             let why = format!(
-                "the TPM refused to unseal the root secret: PCRs {:?} no longer hold the values \
+                "the TPM refused to unseal the root secret: PCRs {} no longer hold the values \
                  they had when it was sealed (firmware, boot loader or configuration changed)",
-                params.pcrs
+                params
+                    .pcrs
+                    .iter()
+                    .map(u8::to_string)
+                    .collect::<Vec<_>>()
+                    .join(",")
             );
             return self.recover(&params, store_id, why);
         };

@@ -220,6 +220,22 @@ pub(super) fn map(backend: &str, failure: Failure) -> Error {
                  the lockout authorisation; keyhold does not retry"
             ),
         },
+        Some(Kind::AuthFail | Kind::BadAuth)
+            if command.starts_with("TPM2_CreatePrimary")
+                || command.starts_with("TPM2_EvictControl") =>
+        {
+            Error::BackendLogin {
+                backend: backend.to_owned(),
+                reason: format!(
+                    "{command}: the TPM refused the owner hierarchy's authorisation ({}): the \
+                     owner hierarchy has a password, which keyhold does not use. Make the storage \
+                     root key once with that password (keyhold's SRK template, see tpm/NOTES.md), \
+                     persist it with tpm2_evictcontrol, and set `srk_handle` to its handle; \
+                     keyhold does not retry",
+                    code_text(error)
+                ),
+            }
+        }
         Some(Kind::AuthFail | Kind::BadAuth) => Error::BackendLogin {
             backend: backend.to_owned(),
             reason: format!(
@@ -319,6 +335,25 @@ mod tests {
         }
         assert!(!is_reset(tss(0x000A_0910)));
         assert!(!is_reset(tss(0x921)));
+    }
+
+    #[test]
+    fn an_owner_password_is_named_as_such() {
+        let e = map(
+            "tpm",
+            Failure {
+                command: "TPM2_CreatePrimary (storage root key)",
+                error: tss(0x9a2),
+            },
+        );
+        let text = e.to_string();
+        assert!(
+            text.contains("owner hierarchy") && text.contains("srk_handle"),
+            "{text}"
+        );
+        assert!(mapped(0x9a2)
+            .to_string()
+            .contains("does not belong to this key"));
     }
 
     #[test]
