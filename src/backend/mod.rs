@@ -165,6 +165,10 @@ pub struct DeviceObject {
     pub kind: String,
 }
 
+/// Spare capacity a backend may leave in [`Sealed::ciphertext`] so that the keystore can put the
+/// envelope's header and nonce in front without a new buffer (at least 25 + 1 + 12 bytes).
+pub const ENVELOPE_ROOM: usize = 64;
+
 /// An AEAD ciphertext as the backend makes or takes it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Sealed {

@@ -402,7 +402,9 @@ fn aes_open(material: &[u8], sealed: &Sealed, aad: &[u8]) -> Result<SecretBytes>
 
 fn aes_seal(material: &[u8], plaintext: &[u8], aad: &[u8]) -> Result<Sealed> {
     let key = aes_key(material)?;
-    let mut buf = Vec::with_capacity(plaintext.len() + TAG_LEN);
+    // Room for the tag, and for the envelope's header and nonce in front: the keystore prefixes
+    // them in place instead of copying the ciphertext into a new buffer.
+    let mut buf = Vec::with_capacity(plaintext.len() + TAG_LEN + crate::backend::ENVELOPE_ROOM);
     buf.extend_from_slice(plaintext);
     let nonce = key
         .seal_in_place_append_tag(Aad::from(aad), &mut buf)

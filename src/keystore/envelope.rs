@@ -66,6 +66,18 @@ pub(crate) fn encode(header: Header, nonce: &[u8], body: &[u8]) -> Vec<u8> {
     out
 }
 
+/// Writes an envelope around `body`, reusing its buffer: no second copy of a large ciphertext
+/// when the buffer has room for the header and nonce (see `backend::ENVELOPE_ROOM`).
+pub(crate) fn encode_into(header: Header, nonce: &[u8], mut body: Vec<u8>) -> Vec<u8> {
+    let mut prefix = [0u8; HEADER_LEN + 1 + 255];
+    prefix[..HEADER_LEN].copy_from_slice(&header.to_bytes());
+    prefix[HEADER_LEN] = nonce.len() as u8;
+    let end = HEADER_LEN + 1 + nonce.len();
+    prefix[HEADER_LEN + 1..end].copy_from_slice(nonce);
+    body.splice(0..0, prefix[..end].iter().copied());
+    body
+}
+
 /// Reads an envelope, checking only its framing (authentication is the decryption's job).
 ///
 /// # Errors

@@ -953,7 +953,11 @@ impl Keystore {
                 check_input(plaintext, "encrypt")?;
                 let header = header(Algorithm::Aes256Gcm);
                 let sealed = backend.encrypt(key, plaintext, &header.aad(aad))?;
-                Ok(envelope::encode(header, &sealed.nonce, &sealed.ciphertext))
+                Ok(envelope::encode_into(
+                    header,
+                    &sealed.nonce,
+                    sealed.ciphertext,
+                ))
             }),
         }
     }
