@@ -25,7 +25,13 @@
 //! then the 2-thread/1-thread scaling of each side, the targets and whether they are met. A missed
 //! target does not fail the process: this is a measurement.
 
-use std::error::Error as StdError;
+mod common;
+
+use common::{
+    describe, loadavg, median, round_and_warmup, BoxResult, OpResult, ENVELOPE_HEADER_LEN, ROUNDS,
+    USER_AAD,
+};
+
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
@@ -43,20 +49,10 @@ use keyhold::{
 };
 use secrecy::SecretString;
 
-type BoxResult<T> = Result<T, Box<dyn StdError>>;
-/// One timed operation: a failure is counted and reported, not fatal (this is a measurement).
-type OpResult = Result<(), String>;
-
-/// Rounds per side (alternating with the other side); the median is reported.
-const ROUNDS: usize = 3;
 /// The keyhold backend name of the fixture token.
 const BACKEND: &str = "hsm";
 /// DER of the P-256 curve OID (`CKA_EC_PARAMS`).
 const P256_OID: [u8; 10] = [0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07];
-/// keyhold's AES-GCM AAD is its 25-byte envelope header followed by the caller's AAD; the raw side
-/// authenticates an AAD of the same length.
-const ENVELOPE_HEADER_LEN: usize = 25;
-const USER_AAD: &[u8] = b"keyhold-bench";
 const THREAD_COUNTS: [usize; 2] = [1, 2];
 const RATIO_TARGET: f64 = 0.95;
 const SCALING_TARGET: f64 = 1.8;
@@ -298,13 +294,6 @@ fn ecdsa_raw_to_der(sig: &[u8]) -> Vec<u8> {
 }
 
 /// A keyhold error with its cause (the PKCS#11 return value), briefly.
-fn describe(e: &dyn StdError) -> String {
-    match e.source() {
-        Some(source) => format!("{e} [{source:?}]"),
-        None => e.to_string(),
-    }
-}
-
 fn raw_op(case: Case, w: &mut RawWorker, keys: &RawKeys, inputs: &Inputs) -> OpResult {
     let s = &w.session;
     let result = match case {
@@ -495,11 +484,6 @@ fn timed<W: Send>(
     }
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
-
 struct Bench<'a> {
     inputs: &'a Inputs,
     raw_keys: &'a RawKeys,
@@ -636,12 +620,6 @@ fn sanity_checks(
     Ok(())
 }
 
-fn loadavg() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
-        .unwrap_or_else(|_| "?".into())
-}
-
 /// Times the pieces of keyhold's operations on their own, with 1 and 2 threads.
 fn breakdown(bench: &mut Bench<'_>, ctx: &Pkcs11, slot: Slot, d: Duration) {
     type RawStep<'a> = Box<dyn Fn(&mut RawWorker) -> OpResult + Sync + 'a>;
@@ -754,17 +732,7 @@ fn selected_cases() -> Vec<Case> {
 }
 
 fn main() -> BoxResult<()> {
-    let secs: f64 = match std::env::var("KEYHOLD_BENCH_SECS") {
-        Ok(v) => v
-            .parse()
-            .map_err(|_| format!("KEYHOLD_BENCH_SECS={v}: not a number"))?,
-        Err(_) => 3.0,
-    };
-    if !(secs.is_finite() && secs > 0.0) {
-        return Err("KEYHOLD_BENCH_SECS must be positive".into());
-    }
-    let round = Duration::from_secs_f64(secs / ROUNDS as f64);
-    let warmup = Duration::from_secs_f64((secs / 10.0).clamp(0.02, 0.3));
+    let (secs, round, warmup) = round_and_warmup()?;
     let cases = selected_cases();
 
     // One token; one keystore on it (the fixture must come first: it sets SOFTHSM2_CONF).

@@ -72,7 +72,13 @@
 //! reference, then the targets and whether they are met. A missed target does not fail the process:
 //! this is a measurement.
 
-use std::error::Error as StdError;
+mod common;
+
+use common::{
+    describe, loadavg, median, round_and_warmup, BoxResult, OpResult, ENVELOPE_HEADER_LEN, ROUNDS,
+    USER_AAD,
+};
+
 use std::path::Path;
 use std::process::Command;
 use std::str::FromStr;
@@ -84,41 +90,28 @@ use aws_lc_rs::{digest, rand};
 use keyhold::config::Config;
 use keyhold::testing::Swtpm;
 use keyhold::{
-    Argon2Params, KeyRequest, KeySpec, KeyType, Keystore, PassphraseSealer, SignatureFormat,
+    Algorithm, Argon2Params, KeyRequest, KeySpec, KeyType, Keystore, PassphraseSealer,
+    SignatureFormat,
 };
 use secrecy::SecretString;
-use tss_esapi::attributes::{ObjectAttributesBuilder, SessionAttributesBuilder};
+use tss_esapi::attributes::SessionAttributesBuilder;
 use tss_esapi::constants::tss::{TPM2_RH_NULL, TPM2_ST_HASHCHECK};
 use tss_esapi::constants::SessionType;
 use tss_esapi::handles::{KeyHandle, SessionHandle};
-use tss_esapi::interface_types::algorithm::{HashingAlgorithm, PublicAlgorithm};
-use tss_esapi::interface_types::ecc::EccCurve;
+use tss_esapi::interface_types::algorithm::HashingAlgorithm;
 use tss_esapi::interface_types::resource_handles::Hierarchy;
 use tss_esapi::interface_types::session_handles::AuthSession;
 use tss_esapi::structures::{
-    Auth, Digest, EccPoint, EccScheme, HashScheme, HashcheckTicket, Private, Public, PublicBuilder,
-    PublicEccParametersBuilder, Signature, SignatureScheme, SymmetricDefinition,
-    SymmetricDefinitionObject,
+    Auth, Digest, HashcheckTicket, Private, Public, Signature, SignatureScheme, SymmetricDefinition,
 };
 use tss_esapi::tcti_ldr::TctiNameConf;
 use tss_esapi::tss2_esys::TPMT_TK_HASHCHECK;
 use tss_esapi::{Context, WrapperErrorKind};
 
-type BoxResult<T> = Result<T, Box<dyn StdError>>;
-/// One timed operation: a failure is counted and reported, not fatal (this is a measurement).
-type OpResult = Result<(), String>;
-
-/// Rounds per side (alternating with the other side); the median is reported.
-const ROUNDS: usize = 3;
 /// The keyhold backend name of the fixture TPM.
 const BACKEND: &str = "tpm";
-/// keyhold's AES-GCM AAD is its 25-byte envelope header (`src/keystore/envelope.rs`: magic 4,
-/// algorithm 1, key UUID 16, key version 4) followed by the caller's AAD; the raw side
-/// authenticates an AAD of the same length. A sanity check compares an envelope's length.
-const ENVELOPE_HEADER_LEN: usize = 25;
 /// An envelope is the header, a nonce-length byte, the 12-byte nonce, the ciphertext, the tag.
 const ENVELOPE_OVERHEAD: usize = ENVELOPE_HEADER_LEN + 1 + 12 + 16;
-const USER_AAD: &[u8] = b"keyhold-bench";
 const AES_LEN: usize = 1024 * 1024;
 /// keyhold/raw with a reused session; keyhold keeps one session, so it should cost nothing more.
 const TPM_TARGET: f64 = 0.95;
@@ -209,70 +202,21 @@ impl Inputs {
     }
 }
 
-/// A keyhold error with its cause, briefly.
-fn describe(e: &dyn StdError) -> String {
-    match e.source() {
-        Some(source) => format!("{e} [{source:?}]"),
-        None => e.to_string(),
-    }
-}
-
 // ---------------------------------------------------------------------------------------------
 // Raw tss-esapi side
 
-/// keyhold's SRK template (`connection.rs`), so that both sides salt with the same kind of key:
-/// ECC P-256 restricted decryption key, AES-128-CFB, SHA-256 name, empty auth and unique.
+/// keyhold's own SRK template, so that both sides salt with the same kind of key: ECC P-256
+/// restricted decryption key, AES-128-CFB, SHA-256 name, empty auth and unique.
 fn srk_template() -> tss_esapi::Result<Public> {
-    let attributes = ObjectAttributesBuilder::new()
-        .with_fixed_tpm(true)
-        .with_fixed_parent(true)
-        .with_sensitive_data_origin(true)
-        .with_user_with_auth(true)
-        .with_no_da(true)
-        .with_restricted(true)
-        .with_decrypt(true)
-        .with_sign_encrypt(false)
-        .build()?;
-    PublicBuilder::new()
-        .with_public_algorithm(PublicAlgorithm::Ecc)
-        .with_name_hashing_algorithm(HashingAlgorithm::Sha256)
-        .with_object_attributes(attributes)
-        .with_ecc_parameters(
-            PublicEccParametersBuilder::new_restricted_decryption_key(
-                SymmetricDefinitionObject::AES_128_CFB,
-                EccCurve::NistP256,
-            )
-            .build()?,
-        )
-        .with_ecc_unique_identifier(EccPoint::default())
-        .build()
+    keyhold::backend::tpm::raw_templates::srk()
 }
 
-/// keyhold's P-256 signing key template (`templates.rs`): unrestricted, fixed ECDSA-SHA256 scheme.
+/// keyhold's own P-256 signing key template: unrestricted, fixed ECDSA-SHA256 scheme, noDA.
 fn signing_template() -> tss_esapi::Result<Public> {
-    let attributes = ObjectAttributesBuilder::new()
-        .with_fixed_tpm(true)
-        .with_fixed_parent(true)
-        .with_sensitive_data_origin(true)
-        .with_user_with_auth(true)
-        .with_no_da(true)
-        .with_sign_encrypt(true)
-        .with_decrypt(false)
-        .with_restricted(false)
-        .build()?;
-    PublicBuilder::new()
-        .with_public_algorithm(PublicAlgorithm::Ecc)
-        .with_name_hashing_algorithm(HashingAlgorithm::Sha256)
-        .with_object_attributes(attributes)
-        .with_ecc_parameters(
-            PublicEccParametersBuilder::new_unrestricted_signing_key(
-                EccScheme::EcDsa(HashScheme::new(HashingAlgorithm::Sha256)),
-                EccCurve::NistP256,
-            )
-            .build()?,
-        )
-        .with_ecc_unique_identifier(EccPoint::default())
-        .build()
+    keyhold::backend::tpm::raw_templates::key(KeyType::EcdsaP256, Algorithm::EcdsaP256Sha256)
+        .unwrap_or(Err(tss_esapi::Error::WrapperError(
+            WrapperErrorKind::InvalidParam,
+        )))
 }
 
 /// The NULL hashcheck ticket: unrestricted keys sign digests the TPM did not compute.
@@ -548,11 +492,6 @@ fn timed(duration: Duration, op: &mut dyn FnMut() -> OpResult) -> Round {
         failed,
         first_error,
     }
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
 }
 
 /// Failed operations and checks, for the report.
@@ -894,12 +833,6 @@ fn openssl_reference(aes_kh: Option<f64>, sign_kh: Option<f64>, errors: &mut Err
 // ---------------------------------------------------------------------------------------------
 // Setup and report
 
-fn loadavg() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
-        .unwrap_or_else(|_| "?".into())
-}
-
 fn selected_cases() -> Vec<Case> {
     match std::env::var("KEYHOLD_BENCH_CASES") {
         Ok(filter) if !filter.trim().is_empty() => Case::ALL
@@ -925,17 +858,7 @@ fn mb_per_s(ops_per_s: f64, bytes: usize) -> f64 {
 
 fn main() -> BoxResult<()> {
     let started = Instant::now();
-    let secs: f64 = match std::env::var("KEYHOLD_BENCH_SECS") {
-        Ok(v) => v
-            .parse()
-            .map_err(|_| format!("KEYHOLD_BENCH_SECS={v}: not a number"))?,
-        Err(_) => 3.0,
-    };
-    if !(secs.is_finite() && secs > 0.0) {
-        return Err("KEYHOLD_BENCH_SECS must be positive".into());
-    }
-    let round = Duration::from_secs_f64(secs / ROUNDS as f64);
-    let warmup = Duration::from_secs_f64((secs / 10.0).clamp(0.02, 0.3));
+    let (secs, round, warmup) = round_and_warmup()?;
     let cases = selected_cases();
     let selected = |c: Case| cases.contains(&c);
     let mut errors = Errors::default();

@@ -88,6 +88,35 @@ impl Env {
         self.ok(&all).trim_end().to_owned()
     }
 
+    /// Encrypts a message to `key` with `aad`, decrypts it, checks it comes back, and returns the
+    /// envelope's path.
+    fn round_trip(&self, key: &str, aad: &str) -> PathBuf {
+        let (plain, envelope, back) = (self.path("plain"), self.path("env"), self.path("back"));
+        std::fs::write(&plain, b"encrypted under a TPM-sealed store").unwrap();
+        let p = |p: &Path| p.to_str().unwrap().to_owned();
+        for (op, from, to) in [
+            ("encrypt", &plain, &envelope),
+            ("decrypt", &envelope, &back),
+        ] {
+            self.ok(&[
+                op,
+                "--key",
+                key,
+                "--aad",
+                aad,
+                "--in",
+                &p(from),
+                "--out",
+                &p(to),
+            ]);
+        }
+        assert_eq!(
+            std::fs::read(&back).unwrap(),
+            std::fs::read(&plain).unwrap()
+        );
+        envelope
+    }
+
     /// Extends PCR 16 between keyhold runs (swtpm serves one connection at a time).
     fn extend_pcr16(&self) {
         keyhold::backend::tpm::device(&self.tpm.tcti(), DeviceSettings::default())
@@ -135,59 +164,11 @@ fn a_tpm_sealed_store_with_a_tpm_key_and_a_software_fallback() {
         field(&show, "backend"),
         "software (sealed by tpm; fallback for tpm)"
     );
-    let (plain, envelope, back) = (env.path("plain"), env.path("env"), env.path("back"));
-    std::fs::write(&plain, b"encrypted under a TPM-sealed key").unwrap();
-    env.ok(&[
-        "encrypt",
-        "--key",
-        &aes,
-        "--in",
-        &p(&plain),
-        "--out",
-        &p(&envelope),
-    ]);
-    env.ok(&[
-        "decrypt",
-        "--key",
-        &aes,
-        "--in",
-        &p(&envelope),
-        "--out",
-        &p(&back),
-    ]);
-    assert_eq!(
-        std::fs::read(&back).unwrap(),
-        std::fs::read(&plain).unwrap()
-    );
+    env.round_trip(&aes, "");
 
     // RSA-OAEP decryption inside the TPM.
     let rsa = env.create("unwrap", &["--type", "rsa-2048", "--purpose", "decrypt"]);
-    env.ok(&[
-        "encrypt",
-        "--key",
-        &rsa,
-        "--aad",
-        "ctx",
-        "--in",
-        &p(&plain),
-        "--out",
-        &p(&envelope),
-    ]);
-    env.ok(&[
-        "decrypt",
-        "--key",
-        &rsa,
-        "--aad",
-        "ctx",
-        "--in",
-        &p(&envelope),
-        "--out",
-        &p(&back),
-    ]);
-    assert_eq!(
-        std::fs::read(&back).unwrap(),
-        std::fs::read(&plain).unwrap()
-    );
+    let envelope = env.round_trip(&rsa, "ctx");
     let out = env.run(&[
         "decrypt",
         "--key",

@@ -101,7 +101,7 @@ pub(super) struct Connection {
 ///   decrypt (a storage parent: it wraps child keys and cannot sign); empty authValue;
 /// - symmetric AES-128-CFB (protects the children's private parts), scheme NULL, curve NIST P-256,
 ///   KDF NULL.
-fn srk_template() -> tss_esapi::Result<Public> {
+pub(super) fn srk_template() -> tss_esapi::Result<Public> {
     let attributes = ObjectAttributesBuilder::new()
         .with_fixed_tpm(true)
         .with_fixed_parent(true)

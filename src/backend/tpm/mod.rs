@@ -142,6 +142,28 @@ fn pcr_selection(pcrs: &[u8]) -> Result<PcrSelectionList> {
         .map_err(|e| Error::InvalidInput(format!("PCR selection {pcrs:?}: {e}")))
 }
 
+/// keyhold's TPM templates, for benches and tests that drive a TPM directly the way keyhold does
+/// (a copy could drift from what keyhold really uses).
+#[cfg(feature = "testing")]
+pub mod raw_templates {
+    use crate::key::{Algorithm, KeyType};
+    use tss_esapi::structures::Public;
+
+    /// The storage root key's template (see `connection.rs`).
+    ///
+    /// # Errors
+    /// As tss-esapi's builders.
+    pub fn srk() -> tss_esapi::Result<Public> {
+        super::connection::srk_template()
+    }
+
+    /// The template of keyhold's keys of `key_type` and `algorithm`; `None` if the TPM backend
+    /// does not make them.
+    pub fn key(key_type: KeyType, algorithm: Algorithm) -> Option<tss_esapi::Result<Public>> {
+        super::templates::template(key_type, algorithm)
+    }
+}
+
 /// What the TPM sealer keeps: a sealed-data object's public area and TPM-wrapped private part.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SealedObject {
