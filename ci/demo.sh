@@ -10,14 +10,16 @@
 #
 # Everything happens in a temp dir that is deleted on exit. Every step says what it does and checks
 # the outcome it expects; the first unexpected outcome stops the demo with a non-zero exit.
-# Needs: a Rust toolchain, openssl, softhsm2 and opensc (pkcs11-tool), swtpm, swtpm-tools and
-# tpm2-tools (ci/test.sh installs them, and the rest of what keyhold's tests need). The SoftHSM2
+# Needs a Rust toolchain; it installs what else it needs first (ci/install.sh: openssl, softhsm2,
+# opensc, swtpm, tpm2-tss and tpm2-tools, the C toolchain; root or sudo if any is missing). The SoftHSM2
 # token and the swtpm (on two free TCP ports of 127.0.0.1) are private to the temp dir and stopped on
 # exit; the PINs and passphrases are demo ones.
 # KEYHOLD_DEMO_BIN=/path/to/keyhold runs the demo on that binary instead of building one.
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+bash ci/install.sh
 
 checks=0
 reported=no # whether the failure that stops the demo has been explained already
@@ -329,7 +331,7 @@ demo_softhsm() {
   local tool
   for tool in softhsm2-util pkcs11-tool; do
     command -v "$tool" >/dev/null 2>&1 ||
-      die "$tool not found: apt-get install softhsm2 opensc (ci/test.sh installs them)"
+      die "$tool not found: apt-get install softhsm2 opensc (ci/install.sh installs them)"
   done
   [ -e "$SOFTHSM_MODULE" ] || die "no SoftHSM2 module at $SOFTHSM_MODULE"
 
@@ -468,7 +470,7 @@ demo_tpm() {
   local tool
   for tool in swtpm tpm2_pcrread tpm2_pcrextend; do
     command -v "$tool" >/dev/null 2>&1 ||
-      die "$tool not found: apt-get install swtpm swtpm-tools tpm2-tools (ci/test.sh installs them)"
+      die "$tool not found: apt-get install swtpm swtpm-tools tpm2-tools (ci/install.sh installs them)"
   done
 
   step "a private swtpm under the demo's temp dir, on TCP loopback (keyhold cannot use swtpm's Unix socket)"
