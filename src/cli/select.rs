@@ -22,13 +22,16 @@ pub struct KeySelector {
 }
 
 impl KeySelector {
-    /// Refuses, before the store is opened, what cannot name a key: a `--key` value that is not
-    /// a key ID at all (most often a name) is a usage error that says to pass `--name`, unlike a
-    /// modified ID, which fails authentication (exit 3).
+    /// Refuses, before the store is opened, a key name given as `--key`: a usage error that says
+    /// to pass `--name`. Anything else is left to ID authentication, so that a modified ID (IDs
+    /// are 170-200 characters, names at most 64) still fails authentication (exit 3).
     pub fn check(&self) -> Result<(), Failure> {
         if let Some(key) = &self.key {
-            if !key.starts_with(ID_PREFIX) {
-                return Err(not_an_id(key));
+            if !key.starts_with(ID_PREFIX) && keyhold::validate_name("key name", key).is_ok() {
+                return Err(Failure::Usage(format!(
+                    "`{key}` is not a key ID (IDs start with {ID_PREFIX}): to use a key by name, \
+                     pass --name {key}"
+                )));
             }
         }
         if let Some(name) = &self.name {
@@ -62,25 +65,5 @@ pub fn id_of_name(ctx: &Context, ks: &Keystore, name: &str) -> Result<String, Fa
              --namespace {}` lists its keys)",
             ctx.namespace, ctx.namespace
         ))),
-    }
-}
-
-fn not_an_id(value: &str) -> Failure {
-    // Shown back to the user: escaped, and cut short (an ID is about 200 characters).
-    let mut shown: String = value.chars().take(80).collect::<String>();
-    if shown.len() < value.len() {
-        shown.push('…');
-    }
-    let shown = shown.escape_debug().to_string();
-    if keyhold::validate_name("key name", value).is_ok() {
-        Failure::Usage(format!(
-            "`{shown}` is not a key ID (IDs start with {ID_PREFIX}): to use a key by name, pass \
-             --name {shown}"
-        ))
-    } else {
-        Failure::Usage(format!(
-            "`{shown}` is not a key ID (IDs start with {ID_PREFIX}, as `keyhold key create` and \
-             `keyhold key id NAME` print them)"
-        ))
     }
 }
