@@ -3176,6 +3176,23 @@ fn a_fallback_to_software_is_warned_reported_in_json_and_marked_in_list() {
         "six columns\n{}",
         stdout_str(&o)
     );
+    // Without the configuration, using the token's key says where the configuration was looked
+    // for.
+    let o = env.run(&["sign", "--name", "sig", "--out", "-"], b"msg");
+    assert_fail(
+        &o,
+        1,
+        "no backend named `hsm`",
+        "a token key without the configuration",
+    );
+    assert!(
+        stderr(&o).contains(
+            "no configuration file was found, so only the built-in `software` \
+             backend exists (looked for: --config (not given), $KEYHOLD_CONFIG (unset), "
+        ),
+        "{}",
+        show(&o)
+    );
     // key show --json carries `fallback` too, and every attribute, sorted.
     let o = run(&["--json", "key", "show", "--key", &id], &|_| {});
     let v = parse_json_out(&o.stdout, "show --json");
