@@ -306,18 +306,21 @@ impl Config {
     /// Parses a configuration from TOML text.
     ///
     /// # Errors
-    /// [`Error::Config`] with the parser's message (line and column), or for invalid settings.
+    /// [`Error::Config`] with the line and column of the offending key (or of the syntax error)
+    /// and what is wrong, for syntax errors, unknown keys, wrong types and invalid settings.
     pub fn from_toml(text: &str) -> Result<Self> {
         // toml's Display quotes the offending line, which may hold a PIN someone put there: say
         // where the problem is, never what the line says.
         let config: Config = toml::from_str(text).map_err(|e| {
-            let at = e.span().map_or(String::new(), |span| {
-                let line = text[..span.start].matches('\n').count() + 1;
-                format!(" (line {line})")
-            });
-            Error::Config(format!("{}{at}", e.message()))
+            let at = e
+                .span()
+                .map(|span| locate::culprit(text, span, e.message()));
+            Error::Config(locate::message(text, at, e.message()))
         })?;
-        config.validate()?;
+        config.validate().map_err(|invalid| {
+            let at = locate::key_span(text, &invalid.backend, invalid.key);
+            Error::Config(locate::message(text, at, &invalid.message))
+        })?;
         Ok(config)
     }
 
@@ -334,40 +337,168 @@ impl Config {
         })
     }
 
-    fn validate(&self) -> Result<()> {
+    /// The checks serde cannot make, each naming the backend and (where one key is to blame) the
+    /// key, so that the message can give its line.
+    fn validate(&self) -> std::result::Result<(), Invalid> {
         for (name, backend) in &self.backends {
+            let invalid = |key: Option<&'static str>, message: String| Invalid {
+                backend: name.clone(),
+                key,
+                message,
+            };
             crate::key::validate_name("backend name", name)
-                .map_err(|e| Error::Config(e.to_string()))?;
+                .map_err(|e| invalid(None, e.to_string()))?;
             if name == crate::backend::software::SoftwareBackend::NAME {
-                return Err(Error::Config(
+                return Err(invalid(
+                    None,
                     "`software` is built in: give the backend another name".into(),
                 ));
             }
             match backend {
                 BackendConfig::Pkcs11(p) => {
-                    p.token_selector()
-                        .map_err(|e| Error::Config(format!("backends.{name}: {e}")))?;
+                    p.token_selector().map_err(|e| {
+                        let key = p.token_uri.as_ref().map(|_| "token_uri");
+                        invalid(key, format!("backends.{name}: {e}"))
+                    })?;
                     let sources = [
                         p.pin_env.is_some(),
                         p.pin_file.is_some(),
                         p.pin_credential.is_some(),
                     ];
                     if sources.iter().filter(|s| **s).count() != 1 {
-                        return Err(Error::Config(format!(
-                            "backends.{name}: give exactly one PIN source: pin_env, pin_file or \
-                             pin_credential (never the PIN itself)"
-                        )));
+                        return Err(invalid(
+                            None,
+                            format!(
+                                "backends.{name}: give exactly one PIN source: pin_env, pin_file \
+                                 or pin_credential (never the PIN itself)"
+                            ),
+                        ));
                     }
                     if p.max_sessions == Some(0) {
-                        return Err(Error::Config(format!(
-                            "backends.{name}: max_sessions must be at least 1"
-                        )));
+                        return Err(invalid(
+                            Some("max_sessions"),
+                            format!("backends.{name}: max_sessions must be at least 1"),
+                        ));
                     }
                 }
-                BackendConfig::Tpm(_) => {}
+                BackendConfig::Tpm(t) => {
+                    // Found here rather than when the TPM is first used, so that the message
+                    // can name the line.
+                    t.settings().map_err(|e| {
+                        let message = match e {
+                            Error::Config(m) => m,
+                            other => other.to_string(),
+                        };
+                        let key = ["srk_handle", "max_loaded", "timeout_secs"]
+                            .into_iter()
+                            .find(|k| message.starts_with(k));
+                        invalid(key, format!("backends.{name}: {message}"))
+                    })?;
+                }
             }
         }
         Ok(())
+    }
+}
+
+/// A setting found invalid after parsing: in the table of `backend`, at `key` if one key is to
+/// blame (else the table).
+struct Invalid {
+    backend: String,
+    key: Option<&'static str>,
+    message: String,
+}
+
+/// Where in the text a problem is, for messages: `line L, column C: …`.
+mod locate {
+    use std::collections::BTreeMap;
+    use std::ops::Range;
+
+    use serde::Deserialize;
+    use toml::Spanned;
+
+    use super::BackendConfig;
+
+    /// The backend tables with the spans of their keys, parsed leniently (any values).
+    #[derive(Deserialize)]
+    struct Spans {
+        #[serde(default)]
+        backends: BTreeMap<String, Spanned<BTreeMap<Spanned<String>, toml::Value>>>,
+    }
+
+    fn spans(text: &str) -> Option<Spans> {
+        toml::from_str(text).ok()
+    }
+
+    /// `line L, column C: message`, or the message alone if the place is unknown.
+    pub(super) fn message(text: &str, at: Option<Range<usize>>, message: &str) -> String {
+        match at.and_then(|span| line_col(text, span.start)) {
+            Some((line, column)) => format!("line {line}, column {column}: {message}"),
+            None => message.to_owned(),
+        }
+    }
+
+    /// 1-based line and column (in characters) of a byte offset.
+    fn line_col(text: &str, offset: usize) -> Option<(usize, usize)> {
+        let before = text.get(..offset)?;
+        let line = before.matches('\n').count() + 1;
+        let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+        Some((line, column))
+    }
+
+    /// The span of `key` in the table of backend `backend`, else of the table itself.
+    pub(super) fn key_span(text: &str, backend: &str, key: Option<&str>) -> Option<Range<usize>> {
+        let spans = spans(text)?;
+        let table = spans.backends.get(backend)?;
+        let key_span = key.and_then(|key| {
+            table
+                .get_ref()
+                .keys()
+                .find(|k| k.get_ref() == key)
+                .map(Spanned::span)
+        });
+        Some(key_span.unwrap_or_else(|| table.span()))
+    }
+
+    /// A deserialization error inside a backend table is reported by toml at the table (serde
+    /// reads tagged enums into a buffer first, losing the keys' places): find the one key whose
+    /// removal makes the error go away, and point there. Anything else keeps toml's span.
+    pub(super) fn culprit(text: &str, span: Range<usize>, message: &str) -> Range<usize> {
+        let Some(spans) = spans(text) else {
+            return span;
+        };
+        let inside = spans.backends.values().find(|table| {
+            let t = table.span();
+            t.start <= span.start && span.start < t.end.max(t.start + 1)
+        });
+        let Some(table) = inside else {
+            return span;
+        };
+        let as_table = |skip: Option<&str>| -> toml::Table {
+            table
+                .get_ref()
+                .iter()
+                .filter(|(k, _)| Some(k.get_ref().as_str()) != skip)
+                .map(|(k, v)| (k.get_ref().clone(), v.clone()))
+                .collect()
+        };
+        let error_of = |t: toml::Table| {
+            BackendConfig::deserialize(toml::Value::Table(t))
+                .err()
+                .map(|e| e.message().to_owned())
+        };
+        // Only if the table alone gives the same error is the search about this error.
+        if error_of(as_table(None)).as_deref() != Some(message) {
+            return span;
+        }
+        // Serde reports a key's own error (unknown, wrong type) while reading the keys, before
+        // it checks for missing ones: removing an innocent key leaves the error as it was, except
+        // `type`, whose removal changes every error (so it is tried last).
+        let mut keys: Vec<&Spanned<String>> = table.get_ref().keys().collect();
+        keys.sort_by_key(|k| k.get_ref() == "type");
+        keys.into_iter()
+            .find(|k| error_of(as_table(Some(k.get_ref()))).as_deref() != Some(message))
+            .map_or(span, Spanned::span)
     }
 }
 
@@ -447,7 +578,7 @@ mod tests {
             ("[backends.hsm]\ntype = \"pkcs11\"\nmodule = \"m\"\npin_env = \"P\"", "exactly one of token_label"),
             ("[backends.hsm]\ntype = \"pkcs11\"\nmodule = \"m\"\ntoken_label = \"t\"", "exactly one PIN source"),
             ("[backends.hsm]\ntype = \"pkcs11\"\nmodule = \"m\"\ntoken_label = \"t\"\npin = \"1234\"", "unknown field `pin`"),
-            ("[backends.hsm]\ntype = \"pkcs11\"\nmodule = \"m\"\ntoken_label = \"t\"\npin = \"1234\"", "(line "),
+            ("[backends.hsm]\ntype = \"pkcs11\"\nmodule = \"m\"\ntoken_label = \"t\"\npin = \"1234\"", "line 5, column 1: "),
             ("[backends.software]\ntype = \"pkcs11\"\nmodule = \"m\"\ntoken_label = \"t\"\npin_env = \"P\"", "built in"),
             ("[backends.hsm]\ntype = \"nope\"", "unknown variant `nope`"),
             ("[backends.hsm]\ntype = \"pkcs11\"\nmodule = \"m\"\ntoken_uri = \"http://x\"\npin_env = \"P\"", "must start with `pkcs11:`"),
@@ -489,18 +620,70 @@ mod tests {
             tpm.settings().unwrap(),
             crate::backend::tpm::device::DeviceSettings::default()
         );
+        // Invalid TPM settings are refused when the file is read, at their line.
         for (text, expected) in [
             ("srk_handle = 0x80000001", "not an owner persistent handle"),
             ("max_loaded = 0", "at least 1"),
             ("timeout_secs = 0", "at least 1"),
         ] {
-            let config =
-                Config::from_toml(&format!("[backends.tpm]\ntype = \"tpm\"\n{text}\n")).unwrap();
-            let Some(BackendConfig::Tpm(tpm)) = config.backends.get("tpm") else {
-                panic!("no tpm backend")
-            };
-            let err = tpm.settings().unwrap_err().to_string();
+            let err = Config::from_toml(&format!("[backends.tpm]\ntype = \"tpm\"\n{text}\n"))
+                .unwrap_err()
+                .to_string();
             assert!(err.contains(expected), "{text}: {err}");
+            assert!(err.contains("line 3, column 1: "), "{text}: {err}");
         }
+    }
+
+    /// What each kind of mistake names: (text, line, column, what the message says).
+    #[test]
+    fn errors_name_the_line_and_column_of_the_offending_key() {
+        let hsm = "# keyhold\n\n[backends.hsm]\ntype = \"pkcs11\"\nmodule = \"m\"\n";
+        let cases: Vec<(String, usize, usize, &str)> = vec![
+            // Unknown key, after and before other keys (serde sees tagged tables whole).
+            (format!("{hsm}token_label = \"t\"\npin_env = \"P\"\n  pin = \"1234\"\n"), 8, 3, "unknown field `pin`"),
+            (format!("{hsm}colour = 1\ntoken_label = \"t\"\npin_env = \"P\"\n"), 6, 1, "unknown field `colour`"),
+            // Wrong types: an optional key and a required one.
+            (format!("{hsm}token_label = \"t\"\npin_env = \"P\"\nmax_sessions = \"four\"\n"), 8, 1, "invalid type"),
+            ("[backends.hsm]\ntype = \"pkcs11\"\nmodule = 5\ntoken_label = \"t\"\npin_env = \"P\"\n".into(), 3, 1, "invalid type"),
+            // An unknown backend type, a bad fallback.
+            ("\n[backends.x]\ntype = \"nope\"\n".into(), 3, 8, "unknown variant `nope`"),
+            (format!("{hsm}token_label = \"t\"\npin_env = \"P\"\nfallback = \"yes\"\n"), 8, 1, "unknown variant `yes`"),
+            // Outside the backends: [software], and a syntax error.
+            ("\n[software]\nkey_cache_secs = -1\n".into(), 3, 18, ""),
+            ("[software]\nkey_cache_secs = = 3\n".into(), 2, 18, ""),
+            // Found after parsing (validate): at the key to blame, else at the backend's table.
+            (format!("{hsm}token_label = \"t\"\npin_env = \"P\"\nmax_sessions = 0\n"), 8, 1, "max_sessions must be at least 1"),
+            (format!("{hsm}token_uri = \"http://x\"\npin_env = \"P\"\n"), 6, 1, "must start with `pkcs11:`"),
+            (format!("{hsm}token_label = \"t\"\n"), 3, 1, "exactly one PIN source"),
+            ("[backends.tpm]\ntype = \"tpm\"\n\nmax_loaded = 0\n".into(), 4, 1, "max_loaded must be at least 1"),
+            ("\n\n[backends.software]\ntype = \"tpm\"\n".into(), 3, 1, "built in"),
+        ];
+        let mut wrong = Vec::new();
+        for (text, line, column, says) in cases {
+            let err = Config::from_toml(&text).unwrap_err().to_string();
+            if !(err.contains(&format!("line {line}, column {column}: ")) && err.contains(says)) {
+                wrong.push(format!(
+                    "{text:?}: expected line {line}, column {column} and {says:?}, got: {err}"
+                ));
+            }
+            assert!(!err.contains("1234"), "a PIN must not be echoed: {err}");
+        }
+        assert!(wrong.is_empty(), "{}", wrong.join("\n"));
+    }
+
+    #[test]
+    fn a_file_error_names_the_file_line_and_column() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.toml");
+        std::fs::write(&path, "[backends.tpm]\ntype = \"tpm\"\nmax_loaded = 0\n").unwrap();
+        let err = Config::load(&path).unwrap_err().to_string();
+        assert_eq!(
+            err,
+            format!(
+                "configuration: {}: line 3, column 1: backends.tpm: max_loaded must be at least 1 \
+                 (keys are loaded to be used)",
+                path.display()
+            )
+        );
     }
 }

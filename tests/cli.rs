@@ -1334,14 +1334,12 @@ fn malformed_key_ids_fail_authentication() {
         ("truncated to half", half.to_owned()),
         ("prefix only", "kh1_".to_owned()),
         ("empty", String::new()),
-        ("garbage", "not-a-key-id".to_owned()),
         (
             "garbage with prefix",
             "kh1_zzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzz".to_owned(),
         ),
         ("one char appended", plus_one),
         ("upper-cased", upper),
-        ("the name instead of the ID", "target".to_owned()),
     ];
     for (what, bad) in cases {
         if bad == id {
@@ -1353,6 +1351,20 @@ fn malformed_key_ids_fail_authentication() {
             3,
             "key ID failed authentication",
             &format!("key show with a {what} ID {bad:?}"),
+        );
+    }
+    // A name (no kh1_ prefix, at most 64 name characters) is not an ID: a usage error (exit 2)
+    // that says to pass --name.
+    for (what, bad) in [
+        ("garbage", "not-a-key-id"),
+        ("the name instead of the ID", "target"),
+    ] {
+        let o = env.run(&["key", "show", &format!("--key={bad}")], b"");
+        assert_fail(
+            &o,
+            2,
+            &format!("to use a key by name, pass --name {bad}"),
+            what,
         );
     }
     env.assert_unchanged(&before, "malformed IDs");
@@ -2404,6 +2416,850 @@ fn namespaces_isolate_listing() {
 }
 
 // ---------------------------------------------------------------------------------------------
+// 16. What a new user trips over first (issue 8 §4)
+// ---------------------------------------------------------------------------------------------
+
+/// The exact message for a name given where an ID goes.
+fn not_an_id_message(name: &str) -> String {
+    format!("keyhold: `{name}` is not a key ID (IDs start with kh1_): to use a key by name, pass --name {name}\n")
+}
+
+#[test]
+fn a_name_given_as_key_is_a_usage_error_that_says_to_pass_name() {
+    let env = Env::init();
+    let id = env.create_key("web-tls", "ecdsa-p256", &[]);
+    let before = env.snapshot();
+    for args in [
+        vec!["key", "show", "--key", "web-tls"],
+        vec!["key", "pubkey", "--key", "web-tls"],
+        vec!["key", "destroy", "--key", "web-tls"],
+        vec!["sign", "--key", "web-tls", "--out", "sig"],
+        vec!["mac", "--key", "web-tls", "--out", "tag"],
+        vec!["encrypt", "--key", "web-tls", "--out", "env"],
+    ] {
+        let o = env.run(&args, b"data");
+        assert_eq!(
+            o.status.code(),
+            Some(2),
+            "{args:?}: expected exit 2\n{}",
+            show(&o)
+        );
+        assert_eq!(stderr(&o), not_an_id_message("web-tls"), "{args:?}");
+        assert!(o.stdout.is_empty(), "{args:?}: expected nothing on stdout");
+    }
+    // Something that is not a name is checked as an ID.
+    let o = env.run(&["key", "show", "--key", "no such/thing"], b"");
+    assert_fail(&o, 3, "key ID failed authentication", "a non-name");
+    // A modified ID is still an authentication failure (exit 3), not a usage error.
+    let mut tampered = id.clone();
+    tampered.pop();
+    let o = env.run(&["key", "show", "--key", &tampered], b"");
+    assert_fail(&o, 3, "key ID failed authentication", "a truncated ID");
+    env.assert_unchanged(&before, "names given as --key");
+}
+
+#[test]
+fn keys_can_be_named_with_name_and_key_id() {
+    let env = Env::init();
+    let id = env.create_key("web-tls", "ed25519", &[]);
+    let mac = env.create_key("session", "hmac-sha256", &[]);
+    let other = env.ok(
+        &[
+            "--namespace",
+            "other",
+            "key",
+            "create",
+            "web-tls",
+            "--type",
+            "ecdsa-p256",
+        ],
+        b"",
+        "create web-tls in namespace other",
+    );
+    let other = parse_id_line(&other, "create in other");
+
+    // key id NAME prints the ID, resolved in --namespace.
+    let out = env.ok(&["key", "id", "web-tls"], b"", "key id web-tls");
+    assert_eq!(String::from_utf8_lossy(&out), format!("{id}\n"));
+    let out = env.ok(
+        &["--namespace", "other", "key", "id", "web-tls"],
+        b"",
+        "key id in other",
+    );
+    assert_eq!(String::from_utf8_lossy(&out), format!("{other}\n"));
+    let out = env.ok(&["--json", "key", "id", "web-tls"], b"", "key id --json");
+    let v = parse_json_out(&out, "key id --json");
+    assert_eq!(v.str_of("id"), Some(id.as_str()), "key id --json: {v:?}");
+    assert_eq!(
+        v.str_of("namespace"),
+        Some("default"),
+        "key id --json: {v:?}"
+    );
+    let o = env.run(&["--namespace", "third", "key", "id", "web-tls"], b"");
+    assert_fail(
+        &o,
+        5,
+        "there is no key named `web-tls` in namespace `third`",
+        "key id elsewhere",
+    );
+    let o = env.run(&["key", "show", "--name", "nope"], b"");
+    assert_fail(
+        &o,
+        5,
+        "there is no key named `nope` in namespace `default`",
+        "show --name nope",
+    );
+
+    // --name wherever --key is taken; the same results as with the ID.
+    let by_id = env.ok(&["key", "show", "--key", &id], b"", "show --key");
+    let by_name = env.ok(&["key", "show", "--name", "web-tls"], b"", "show --name");
+    assert_eq!(
+        by_name, by_id,
+        "key show --name: expected the same record as --key"
+    );
+    assert_eq!(
+        env.ok(
+            &["key", "pubkey", "--name", "web-tls"],
+            b"",
+            "pubkey --name"
+        ),
+        env.ok(&["key", "pubkey", "--key", &id], b"", "pubkey --key")
+    );
+    for (make, check, flag, name, id) in [
+        ("sign", "verify", "--signature", "web-tls", &id),
+        ("mac", "mac-verify", "--tag", "session", &mac),
+    ] {
+        let made = env.ok(&[make, "--name", name, "--out", "-"], b"msg", make);
+        let path = env.write("made", &made);
+        env.ok(&[check, "--key", id, flag, &path], b"msg", check);
+        env.ok(&[check, "--name", name, flag, &path], b"msg", check);
+    }
+    let aes = env.create_key("files", "aes-256-gcm", &[]);
+    let envelope = env.ok(
+        &["encrypt", "--name", "files", "--out", "-"],
+        b"secret",
+        "encrypt --name",
+    );
+    let plain = env.ok(
+        &["decrypt", "--key", &aes, "--out", "-"],
+        &envelope,
+        "decrypt --key",
+    );
+    assert_eq!(plain, b"secret");
+    let plain = env.ok(
+        &["decrypt", "--name", "files", "--out", "-"],
+        &envelope,
+        "decrypt --name",
+    );
+    assert_eq!(plain, b"secret");
+
+    // Exactly one of --key and --name.
+    let o = env.run(&["key", "show", "--key", &id, "--name", "web-tls"], b"");
+    assert_fail(&o, 2, "cannot be used with", "--key and --name");
+    let o = env.run(&["key", "show"], b"");
+    assert_fail(
+        &o,
+        2,
+        "--key <ID>|--name <NAME>",
+        "neither --key nor --name",
+    );
+
+    let out = env.ok(
+        &[
+            "--namespace",
+            "other",
+            "key",
+            "destroy",
+            "--name",
+            "web-tls",
+        ],
+        b"",
+        "destroy --name",
+    );
+    assert_eq!(String::from_utf8_lossy(&out), "destroyed other/web-tls\n");
+    let o = env.run(&["key", "show", "--key", &other], b"");
+    assert_fail(&o, 5, "no such key", "the destroyed key's ID");
+    env.ok(
+        &["key", "show", "--name", "web-tls"],
+        b"",
+        "the default namespace's web-tls stays",
+    );
+}
+
+/// Someone who can write the store swaps two records' names: `--name` finds the record by name,
+/// but checks its MAC before using the ID it makes, so the swap is refused, not followed.
+#[test]
+fn a_name_resolves_only_through_an_authenticated_record() {
+    let env = Env::init();
+    env.create_key("web-tls", "ed25519", &[]);
+    env.create_key("attacker", "ed25519", &[]);
+    let db = rusqlite::Connection::open(env.database_file()).expect("open the store's database");
+    db.execute_batch(
+        "UPDATE keys SET name = 'swap' WHERE name = 'web-tls';
+         UPDATE keys SET name = 'web-tls' WHERE name = 'attacker';
+         UPDATE keys SET name = 'attacker' WHERE name = 'swap';",
+    )
+    .expect("swap the names");
+    drop(db);
+    for args in [
+        vec!["key", "id", "web-tls"],
+        vec!["sign", "--name", "web-tls", "--out", "-"],
+        vec!["key", "show", "--name", "web-tls"],
+    ] {
+        let o = env.run(&args, b"msg");
+        assert_fail(
+            &o,
+            6,
+            "integrity check failed: the record of key",
+            &format!("{args:?}"),
+        );
+        assert!(
+            o.stdout.is_empty(),
+            "{args:?}: expected no output\n{}",
+            show(&o)
+        );
+    }
+}
+
+#[test]
+fn json_errors_verify_results_and_destroyed_state() {
+    let env = Env::init();
+    let id = env.create_key("signer", "ed25519", &[]);
+    let mac = env.create_key("mac", "hmac-sha256", &[]);
+    let error_of = |o: &std::process::Output, code: i32, kind: &str, says: &str, ctx: &str| {
+        assert_eq!(o.status.code(), Some(code), "{ctx}: exit code\n{}", show(o));
+        assert!(
+            o.stdout.is_empty(),
+            "{ctx}: expected nothing on stdout\n{}",
+            show(o)
+        );
+        let err = stderr(o);
+        assert_eq!(
+            err.lines().count(),
+            1,
+            "{ctx}: expected one JSON line on stderr\n{}",
+            show(o)
+        );
+        let v =
+            json::parse(err.trim_end()).unwrap_or_else(|e| panic!("{ctx}: not JSON ({e}): {err}"));
+        let inner = v
+            .get("error")
+            .unwrap_or_else(|| panic!("{ctx}: no `error` in {v:?}"));
+        assert_eq!(
+            inner.get("code"),
+            Some(&Json::Num(f64::from(code))),
+            "{ctx}: {v:?}"
+        );
+        assert_eq!(inner.str_of("kind"), Some(kind), "{ctx}: {v:?}");
+        let message = inner.str_of("message").unwrap_or_default();
+        assert!(
+            message.contains(says),
+            "{ctx}: expected the message to say {says:?}: {v:?}"
+        );
+    };
+    let mut tampered = id.clone();
+    tampered.pop();
+    error_of(
+        &env.run(&["--json", "key", "show", "--key", &tampered], b""),
+        3,
+        "key_id_authentication",
+        "key ID failed authentication",
+        "tampered ID",
+    );
+    error_of(
+        &env.run(&["--json", "key", "show", "--key", "signer"], b""),
+        2,
+        "usage",
+        "pass --name signer",
+        "a name as --key",
+    );
+    error_of(
+        &env.run(&["--json", "key", "show", "--bogus"], b""),
+        2,
+        "usage",
+        "unexpected argument '--bogus'",
+        "clap's usage error",
+    );
+    error_of(
+        &env.run(&["--json", "key", "show", "--name", "gone"], b""),
+        5,
+        "no_such_key",
+        "no key named `gone`",
+        "unknown name",
+    );
+    error_of(
+        &env.run(&["--json", "mac", "--key", &id, "--out", "-"], b"m"),
+        1,
+        "wrong_purpose",
+        "cannot",
+        "wrong purpose",
+    );
+    error_of(
+        &env.run_with(&["--json", "key", "list"], Some(b""), |c| {
+            c.env("KEYHOLD_PASSPHRASE", "wrong");
+        }),
+        4,
+        "unseal",
+        "cannot unseal",
+        "wrong passphrase",
+    );
+
+    // verify / mac-verify: {"valid":false} on stdout and exit 1, nothing on stderr; without
+    // --json the text message.
+    for (make, check, flag, key, text) in [
+        ("sign", "verify", "--signature", &id, "signature invalid"),
+        ("mac", "mac-verify", "--tag", &mac, "tag invalid"),
+    ] {
+        let made = env.ok(&[make, "--key", key, "--out", "-"], b"signed", make);
+        let path = env.write("made", &made);
+        let o = env.run(&["--json", check, "--key", key, flag, &path], b"other");
+        assert_eq!(
+            o.status.code(),
+            Some(1),
+            "{check} --json, invalid\n{}",
+            show(&o)
+        );
+        assert_eq!(
+            parse_json_out(&o.stdout, check),
+            Json::Obj(vec![("valid".into(), Json::Bool(false))]),
+            "{check} --json, invalid"
+        );
+        assert!(
+            o.stderr.is_empty(),
+            "{check} --json, invalid: stderr\n{}",
+            show(&o)
+        );
+        let o = env.run(&[check, "--key", key, flag, &path], b"other");
+        assert_fail(&o, 1, text, &format!("{check} (text), invalid"));
+        let o = env.run(&["--json", check, "--key", key, flag, &path], b"signed");
+        assert_ok(&o, &format!("{check} --json, valid"));
+        assert_eq!(
+            parse_json_out(&o.stdout, check),
+            Json::Obj(vec![("valid".into(), Json::Bool(true))]),
+            "{check} --json, valid"
+        );
+    }
+
+    let out = env.ok(
+        &["--json", "key", "destroy", "--key", &id],
+        b"",
+        "destroy --json",
+    );
+    let v = parse_json_out(&out, "destroy --json");
+    assert_eq!(
+        v.str_of("state"),
+        Some("destroyed"),
+        "destroy --json: {v:?}"
+    );
+    assert_eq!(v.str_of("name"), Some("signer"), "destroy --json: {v:?}");
+}
+
+/// Runs keyhold with stdout on a terminal (a pty from script(1)); stdout and stderr both arrive in
+/// the output.
+fn run_on_a_terminal(env: &Env, args: &[&str]) -> std::process::Output {
+    let quote = |s: &str| format!("'{}'", s.replace('\'', "'\\''"));
+    let mut line = vec![quote(BIN), "--store".into(), quote(env.store_str())];
+    line.extend(args.iter().map(|a| quote(a)));
+    let mut cmd = std::process::Command::new("script");
+    cmd.args(["-qec", &line.join(" "), "/dev/null"])
+        .env("KEYHOLD_PASSPHRASE", PASS)
+        .env_remove("KEYHOLD_CONFIG")
+        .env_remove("RUST_LOG")
+        .env("HOME", env.dir.path())
+        .current_dir(env.dir.path());
+    run_command(cmd, None)
+}
+
+#[test]
+fn binary_output_to_a_terminal_is_refused_unless_out_is_given() {
+    let env = Env::init();
+    let sig = env.create_key("sig", "ed25519", &[]);
+    let mac = env.create_key("mac", "hmac-sha256", &[]);
+    let aes = env.create_key("aes", "aes-256-gcm", &[]);
+    let msg = env.write("msg", b"to the terminal");
+    let envelope = env.ok(
+        &["encrypt", "--key", &aes, "--in", &msg, "--out", "-"],
+        b"",
+        "encrypt",
+    );
+    let env_path = env.write("envelope", &envelope);
+    let before = env.snapshot();
+    for (args, what) in [
+        (vec!["sign", "--key", &sig, "--in", &msg], "signature"),
+        (vec!["mac", "--key", &mac, "--in", &msg], "tag"),
+        (vec!["encrypt", "--key", &aes, "--in", &msg], "envelope"),
+        (
+            vec!["decrypt", "--key", &aes, "--in", &env_path],
+            "plaintext",
+        ),
+        (
+            vec!["key", "pubkey", "--key", &sig, "--format", "der"],
+            "DER public key",
+        ),
+    ] {
+        let o = run_on_a_terminal(&env, &args);
+        assert_eq!(
+            o.status.code(),
+            Some(2),
+            "{args:?} on a terminal\n{}",
+            show(&o)
+        );
+        let text = stdout_str(&o);
+        assert!(
+            text.contains(&format!(
+                "keyhold: refusing to write the {what} (binary) to a terminal: pass --out FILE"
+            )),
+            "{args:?}: {text}"
+        );
+        // With --out - the user says stdout is meant.
+        let mut insist = args.clone();
+        insist.extend(["--out", "-"]);
+        let o = run_on_a_terminal(&env, &insist);
+        assert_eq!(
+            o.status.code(),
+            Some(0),
+            "{insist:?} on a terminal\n{}",
+            show(&o)
+        );
+    }
+    // Text encodings are not binary.
+    let o = run_on_a_terminal(
+        &env,
+        &["mac", "--key", &mac, "--in", &msg, "--encoding", "hex"],
+    );
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "mac --encoding hex on a terminal\n{}",
+        show(&o)
+    );
+    let o = run_on_a_terminal(&env, &["key", "pubkey", "--key", &sig]);
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "pubkey PEM on a terminal\n{}",
+        show(&o)
+    );
+    env.assert_unchanged(&before, "refused terminal output");
+}
+
+#[test]
+fn sign_and_mac_encodings_and_dash_for_stdin_and_stdout() {
+    use base64::Engine as _;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let env = Env::init();
+    // Ed25519 and HMAC are deterministic: every encoding holds the same bytes.
+    for (ty, op, check, check_flag) in [
+        ("ed25519", "sign", "verify", "--signature"),
+        ("hmac-sha256", "mac", "mac-verify", "--tag"),
+    ] {
+        let id = env.create_key(ty, ty, &[]);
+        let msg = env.write("msg", b"encoded");
+        let raw = env.ok(&[op, "--key", &id, "--in", &msg], b"", &format!("{op} raw"));
+        let hex = env.ok(
+            &[op, "--key", &id, "--in", "-", "--encoding", "hex"],
+            b"encoded",
+            &format!("{op} hex"),
+        );
+        let hex = String::from_utf8(hex).expect("hex is text");
+        assert_eq!(
+            hex,
+            format!(
+                "{}\n",
+                raw.iter().map(|b| format!("{b:02x}")).collect::<String>()
+            ),
+            "{op} --encoding hex"
+        );
+        let base64 = env.ok(
+            &[op, "--key", &id, "--encoding", "base64", "--out", "-"],
+            b"encoded",
+            &format!("{op} base64"),
+        );
+        assert_eq!(
+            String::from_utf8_lossy(&base64),
+            format!("{}\n", b64.encode(&raw)),
+            "{op} --encoding base64"
+        );
+        let out_file = env.path_str("encoded.out");
+        env.ok(
+            &[
+                op,
+                "--key",
+                &id,
+                "--in",
+                &msg,
+                "--encoding",
+                "base64",
+                "--out",
+                &out_file,
+            ],
+            b"",
+            "--out FILE",
+        );
+        assert_eq!(std::fs::read(&out_file).expect("read --out"), base64);
+
+        // Verified in each encoding, from a file or from stdin (`-`, the message then from --in).
+        for (encoding, bytes) in [
+            ("raw", raw.clone()),
+            ("hex", hex.clone().into_bytes()),
+            ("base64", base64.clone()),
+        ] {
+            let file = env.write("check", &bytes);
+            env.ok(
+                &[
+                    check,
+                    "--key",
+                    &id,
+                    check_flag,
+                    &file,
+                    "--encoding",
+                    encoding,
+                ],
+                b"encoded",
+                &format!("{check} {encoding}"),
+            );
+            env.ok(
+                &[
+                    check,
+                    "--key",
+                    &id,
+                    check_flag,
+                    "-",
+                    "--in",
+                    &msg,
+                    "--encoding",
+                    encoding,
+                ],
+                &bytes,
+                &format!("{check} {encoding} from stdin"),
+            );
+            let o = env.run(
+                &[
+                    check,
+                    "--key",
+                    &id,
+                    check_flag,
+                    &file,
+                    "--encoding",
+                    encoding,
+                ],
+                b"changed",
+            );
+            assert_eq!(
+                o.status.code(),
+                Some(1),
+                "{check} {encoding}, changed message\n{}",
+                show(&o)
+            );
+        }
+        let o = env.run(&[check, "--key", &id, check_flag, "-"], &raw);
+        assert_fail(
+            &o,
+            2,
+            "cannot both come from stdin: pass --in FILE",
+            "both on stdin",
+        );
+        let not_hex = env.write("nothex", b"zz\n");
+        let o = env.run(
+            &[
+                check,
+                "--key",
+                &id,
+                check_flag,
+                &not_hex,
+                "--encoding",
+                "hex",
+            ],
+            b"encoded",
+        );
+        assert_fail(&o, 1, "is not hex (--encoding hex)", "not hex");
+    }
+}
+
+/// The message for a backend the configuration lacks says which file was read.
+fn assert_read_from(o: &std::process::Output, path: &std::path::Path) {
+    let says = format!("configuration read from {} (looked for: ", path.display());
+    assert!(stderr(o).contains(&says), "expected {says:?}\n{}", show(o));
+}
+
+#[test]
+fn configuration_file_default_locations_and_where_they_were_looked_for() {
+    let env = Env::init();
+    let home = env.dir.path();
+    let xdg = home.join("xdg");
+    let write = |path: &std::path::Path, text: &str| {
+        std::fs::create_dir_all(path.parent().expect("a parent")).expect("mkdir");
+        std::fs::write(path, text).expect("write a config");
+    };
+    let bad = "[software]\nkey_cache_secs = \"soon\"\n";
+    let good = "[software]\nkey_cache_secs = 0\n";
+    let home_config = home.join(".config/keyhold/config.toml");
+    let xdg_config = xdg.join("keyhold/config.toml");
+    let env_config = home.join("env.toml");
+    let flag_config = home.join("flag.toml");
+    let run = |extra: &[&str], xdg_set: bool, env_set: bool| {
+        let mut args = extra.to_vec();
+        args.extend(["key", "create", "k", "--type", "ed25519"]);
+        args.extend(["--backend", "hsm"]);
+        env.run_with(&args, Some(b""), |c| {
+            if xdg_set {
+                c.env("XDG_CONFIG_HOME", &xdg);
+            }
+            if env_set {
+                c.env("KEYHOLD_CONFIG", &env_config);
+            }
+        })
+    };
+    // No file anywhere: the message lists every place looked at.
+    let o = run(&[], false, false);
+    assert_fail(&o, 1, "no backend named `hsm`", "no configuration");
+    let expected = format!(
+        "no configuration file was found, so only the built-in `software` backend exists (looked \
+         for: --config (not given), $KEYHOLD_CONFIG (unset), {}, /etc/keyhold/config.toml)",
+        home_config.display()
+    );
+    assert!(
+        stderr(&o).contains(&expected),
+        "expected {expected:?}\n{}",
+        show(&o)
+    );
+
+    // ~/.config/keyhold/config.toml is read when XDG_CONFIG_HOME is unset.
+    write(&home_config, good);
+    assert_read_from(&run(&[], false, false), &home_config);
+    write(&home_config, bad);
+    let o = run(&[], false, false);
+    assert_fail(
+        &o,
+        1,
+        &format!("{}: line 2, column 18", home_config.display()),
+        "~/.config read",
+    );
+    // $XDG_CONFIG_HOME/keyhold/config.toml replaces ~/.config.
+    write(&xdg_config, good);
+    assert_read_from(&run(&[], true, false), &xdg_config);
+    // $KEYHOLD_CONFIG comes before both, and must exist.
+    let o = run(&[], true, true);
+    assert_fail(
+        &o,
+        1,
+        &format!("cannot read {}", env_config.display()),
+        "$KEYHOLD_CONFIG missing",
+    );
+    write(&env_config, good);
+    let o = run(&[], true, true);
+    assert!(
+        stderr(&o).contains(&format!(
+            "configuration read from {} (looked for: $KEYHOLD_CONFIG={})",
+            env_config.display(),
+            env_config.display()
+        )),
+        "{}",
+        show(&o)
+    );
+    // --config comes before everything.
+    write(&flag_config, bad);
+    let flag = flag_config.to_str().expect("UTF-8 path");
+    let o = run(&["--config", flag], true, true);
+    assert_fail(
+        &o,
+        1,
+        &format!("{flag}: line 2, column 18"),
+        "--config read",
+    );
+}
+
+/// A SoftHSM2 token that cannot make RSA decryption keys (SoftHSM 2.6 has no OAEP-SHA256), with
+/// `fallback = "software"`: the key is made in software, and every output says so.
+#[test]
+fn a_fallback_to_software_is_warned_reported_in_json_and_marked_in_list() {
+    use keyhold::testing::SoftHsm;
+    let hsm = SoftHsm::new().expect("a SoftHSM2 token");
+    let env = Env::init();
+    let config = env.write(
+        "keyhold.toml",
+        format!(
+            "[backends.hsm]\ntype = \"pkcs11\"\nmodule = \"{}\"\ntoken_label = \"{}\"\n\
+             pin_env = \"KH_TEST_PIN\"\nfallback = \"software\"\n",
+            keyhold::testing::SOFTHSM_MODULE,
+            hsm.label()
+        )
+        .as_bytes(),
+    );
+    let conf_file = SoftHsm::conf_file().expect("SOFTHSM2_CONF");
+    let run = |args: &[&str], adjust: &dyn Fn(&mut std::process::Command)| {
+        let mut all = vec!["--config", config.as_str()];
+        all.extend_from_slice(args);
+        env.run_with(&all, Some(b""), |c| {
+            c.env("SOFTHSM2_CONF", &conf_file)
+                .env("KH_TEST_PIN", keyhold::testing::TEST_USER_PIN);
+            adjust(c);
+        })
+    };
+    // `key create NAME` of a type the token lacks, after `global` options.
+    let create_dec = |global: &[&str], name: &str, adjust: &dyn Fn(&mut std::process::Command)| {
+        let mut args = global.to_vec();
+        args.extend([
+            "key",
+            "create",
+            name,
+            "--type",
+            "rsa-2048",
+            "--purpose",
+            "decrypt",
+        ]);
+        args.extend(["--backend", "hsm"]);
+        run(&args, adjust)
+    };
+    let o = create_dec(&[], "dec", &|_| {});
+    assert_ok(&o, "create with a fallback");
+    let id = parse_id_line(&o.stdout, "create with a fallback");
+    let warning: Vec<String> = stderr(&o).lines().map(str::to_owned).collect();
+    assert_eq!(warning.len(), 1, "expected one warning line\n{}", show(&o));
+    assert!(
+        warning[0].contains("WARN")
+            && warning[0].contains("backend `hsm` cannot make rsa-2048 keys for decrypt (")
+            && warning[0].contains("OAEP")
+            && warning[0].contains("key `default/dec` was created in the software backend instead"),
+        "{}",
+        show(&o)
+    );
+
+    // --json says so, with the reason.
+    let o = create_dec(&["--json"], "dec2", &|_| {});
+    assert_ok(&o, "create --json with a fallback");
+    let v = parse_json_out(&o.stdout, "create --json");
+    assert_eq!(v.str_of("backend"), Some("software"), "{v:?}");
+    let fallback = v
+        .get("fallback")
+        .unwrap_or_else(|| panic!("no `fallback` in {v:?}"));
+    assert_eq!(fallback.str_of("for"), Some("hsm"), "{v:?}");
+    assert!(
+        fallback
+            .str_of("reason")
+            .is_some_and(|r| r.contains("OAEP")),
+        "{v:?}"
+    );
+
+    // key list marks it; a key the token made is not marked.
+    let o = run(
+        &[
+            "key",
+            "create",
+            "sig",
+            "--type",
+            "ecdsa-p256",
+            "--backend",
+            "hsm",
+        ],
+        &|_| {},
+    );
+    assert_ok(&o, "a token key");
+    assert!(o.stderr.is_empty(), "no fallback, no warning\n{}", show(&o));
+    let o = run(&["key", "list"], &|_| {});
+    assert_ok(&o, "key list");
+    let rows: Vec<Vec<String>> = stdout_str(&o)
+        .lines()
+        .skip(1)
+        .map(|l| l.split_whitespace().map(str::to_owned).collect())
+        .collect();
+    let backend_of = |name: &str| {
+        rows.iter()
+            .find(|r| r[0] == name)
+            .map(|r| r[3].clone())
+            .unwrap_or_else(|| panic!("no row {name} in\n{}", stdout_str(&o)))
+    };
+    assert_eq!(backend_of("dec"), "software(fallback:hsm)");
+    assert_eq!(backend_of("sig"), "hsm");
+    assert!(
+        rows.iter().all(|r| r.len() == 6),
+        "six columns\n{}",
+        stdout_str(&o)
+    );
+    // Without the configuration, using the token's key says where the configuration was looked
+    // for.
+    let o = env.run(&["sign", "--name", "sig", "--out", "-"], b"msg");
+    assert_fail(
+        &o,
+        1,
+        "no backend named `hsm`",
+        "a token key without the configuration",
+    );
+    assert!(
+        stderr(&o).contains(
+            "no configuration file was found, so only the built-in `software` \
+             backend exists (looked for: --config (not given), $KEYHOLD_CONFIG (unset), "
+        ),
+        "{}",
+        show(&o)
+    );
+    // key show --json carries `fallback` too, and every attribute, sorted.
+    let o = run(&["--json", "key", "show", "--key", &id], &|_| {});
+    let v = parse_json_out(&o.stdout, "show --json");
+    assert_eq!(
+        v.get("fallback").and_then(|f| f.str_of("for")),
+        Some("hsm"),
+        "{v:?}"
+    );
+    let o = run(&["key", "show", "--name", "sig"], &|_| {});
+    let text = stdout_str(&o);
+    let attributes = text
+        .lines()
+        .find_map(|l| l.strip_prefix("attributes: "))
+        .unwrap_or_else(|| panic!("no attributes line in\n{text}"));
+    let names: Vec<&str> = attributes
+        .split(", ")
+        .filter_map(|a| a.split_once('='))
+        .map(|(k, _)| k)
+        .collect();
+    let mut sorted = names.clone();
+    sorted.sort_unstable();
+    assert!(
+        names.len() >= 2 && names == sorted,
+        "attributes sorted: {attributes}"
+    );
+    let o = run(&["--json", "key", "show", "--name", "sig"], &|_| {});
+    let v = parse_json_out(&o.stdout, "show --json");
+    let Some(Json::Obj(members)) = v.get("attributes") else {
+        panic!("attributes object in {v:?}")
+    };
+    let json_names: Vec<&str> = members.iter().map(|(k, _)| k.as_str()).collect();
+    assert_eq!(
+        json_names, names,
+        "the JSON attributes are the text's, in the same order"
+    );
+
+    // Logging: RUST_LOG=off and -q silence the warning; -v adds info lines.
+    let o = create_dec(&[], "dec3", &|c| {
+        c.env("RUST_LOG", "off");
+    });
+    assert_ok(&o, "RUST_LOG=off");
+    assert!(
+        o.stderr.is_empty(),
+        "RUST_LOG=off: expected nothing on stderr\n{}",
+        show(&o)
+    );
+    let o = create_dec(&["-q"], "dec4", &|_| {});
+    assert_ok(&o, "-q");
+    assert!(
+        o.stderr.is_empty(),
+        "-q: expected nothing on stderr\n{}",
+        show(&o)
+    );
+    let o = run(&["-q", "key", "show", "--key", "dec"], &|_| {});
+    assert_fail(&o, 2, "is not a key ID", "-q keeps errors");
+    let o = create_dec(&["-v"], "dec5", &|c| {
+        c.env("RUST_LOG", "off");
+    });
+    assert_ok(&o, "-v");
+    assert!(
+        stderr(&o).contains(" INFO "),
+        "-v: expected info lines (over RUST_LOG=off)\n{}",
+        show(&o)
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
 // Fixtures (inline so this file is self-contained: tests/support/ belongs to the library tests)
 // ---------------------------------------------------------------------------------------------
 
@@ -2492,6 +3348,8 @@ mod common {
                 .env_remove("XDG_DATA_HOME")
                 .env_remove("KEYHOLD_LOG")
                 .env_remove("RUST_LOG")
+                .env_remove("KEYHOLD_CONFIG")
+                .env_remove("XDG_CONFIG_HOME")
                 .env("HOME", self.dir.path())
                 .current_dir(self.dir.path());
             cmd

@@ -298,3 +298,57 @@ fn bad_sealer_arguments_are_refused_and_create_nothing() {
     );
     assert!(String::from_utf8_lossy(&out.stderr).contains("sealed by `passphrase`"));
 }
+
+/// tpm2-tss logs `ERROR:esys:…` lines of its own for errors keyhold handles and reports itself
+/// (here the PCR policy that no longer holds): keyhold quiets it unless the user set TSS2_LOG.
+#[test]
+fn tpm2_tss_is_quiet_unless_the_user_sets_tss2_log() {
+    let env = Env::new();
+    let out = env.run(&["init", "--sealer", "tpm", "--pcrs", "8", "--no-recovery"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    keyhold::backend::tpm::device(&env.tpm.tcti(), DeviceSettings::default())
+        .unwrap()
+        .extend_pcr(8, b"another boot loader")
+        .unwrap();
+    let run = |tss2_log: Option<&str>| {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_keyhold"));
+        command
+            .arg("--store")
+            .arg(&env.store)
+            .arg("--config")
+            .arg(&env.config)
+            .args(["key", "list"])
+            .env_remove("KEYHOLD_STORE")
+            .env_remove("KEYHOLD_CONFIG")
+            .env_remove("KEYHOLD_PASSPHRASE")
+            .env_remove("RUST_LOG")
+            .env_remove("TSS2_LOG")
+            .stdin(Stdio::null());
+        if let Some(level) = tss2_log {
+            command.env("TSS2_LOG", level);
+        }
+        command.output().unwrap()
+    };
+    let out = run(None);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(4), "{stderr}");
+    assert!(stderr.contains("PCRs 8 "), "{stderr}");
+    assert!(!stderr.contains("ERROR:esys"), "tpm2-tss spoke:\n{stderr}");
+    assert_eq!(
+        stderr.lines().count(),
+        1,
+        "only keyhold's message:\n{stderr}"
+    );
+    // The user's TSS2_LOG is left alone: the same failure, with tpm2-tss's lines.
+    let out = run(Some("esys+error"));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(4), "{stderr}");
+    assert!(
+        stderr.contains("ERROR:esys"),
+        "TSS2_LOG=esys+error:\n{stderr}"
+    );
+}

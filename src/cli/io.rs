@@ -112,6 +112,100 @@ fn write_private(path: &Path, data: &[u8]) -> std::io::Result<()> {
     file.flush()
 }
 
+/// A `--in`/`--out` path, with `-` meaning stdin or stdout (`None`).
+pub fn std_or(path: Option<&Path>) -> Option<&Path> {
+    path.filter(|p| *p != Path::new("-"))
+}
+
+/// Refuses, before anything is done, to write binary output (`what`) to a terminal: it would
+/// garble the terminal and shows nothing useful. `--out FILE` writes a file; `--out -` says stdout
+/// is meant, terminal or not.
+pub fn check_binary_output(
+    out: Option<&Path>,
+    what: &str,
+    text_option: &str,
+) -> Result<(), Failure> {
+    use std::io::IsTerminal;
+    if out.is_none() && std::io::stdout().is_terminal() {
+        return Err(Failure::Usage(format!(
+            "refusing to write the {what} (binary) to a terminal: pass --out FILE, or --out - to \
+             write it to stdout anyway{text_option}"
+        )));
+    }
+    Ok(())
+}
+
+/// How a signature or tag is written and read: as is, or as text.
+#[derive(Debug, Clone, Copy, Default, clap::ValueEnum)]
+pub enum Encoding {
+    /// The bytes as they are
+    #[default]
+    Raw,
+    /// Lowercase hex and a newline (either case when read)
+    Hex,
+    /// Standard base64 with padding and a newline (padding optional when read)
+    Base64,
+}
+
+const BASE64: base64::engine::GeneralPurpose = base64::engine::GeneralPurpose::new(
+    &base64::alphabet::STANDARD,
+    base64::engine::GeneralPurposeConfig::new()
+        .with_decode_padding_mode(base64::engine::DecodePaddingMode::Indifferent),
+);
+
+impl Encoding {
+    fn name(self) -> &'static str {
+        match self {
+            Self::Raw => "raw",
+            Self::Hex => "hex",
+            Self::Base64 => "base64",
+        }
+    }
+
+    /// Whether the output is binary (refused on a terminal).
+    pub fn is_binary(self) -> bool {
+        matches!(self, Self::Raw)
+    }
+
+    /// `bytes` in this encoding, text ones with a newline.
+    pub fn encode(self, bytes: &[u8]) -> Vec<u8> {
+        use base64::Engine as _;
+        let text = match self {
+            Self::Raw => return bytes.to_vec(),
+            Self::Hex => keyhold::hex::encode(bytes),
+            Self::Base64 => BASE64.encode(bytes),
+        };
+        let mut out = text.into_bytes();
+        out.push(b'\n');
+        out
+    }
+
+    /// Decodes a signature or tag (`what`) read from a file; surrounding whitespace is ignored in
+    /// the text encodings.
+    pub fn decode(self, data: Vec<u8>, what: &str) -> Result<Vec<u8>, Failure> {
+        use base64::Engine as _;
+        let text = || {
+            std::str::from_utf8(&data).map(str::trim).map_err(|_| {
+                Failure::Cli(format!(
+                    "the {what} is not text, as --encoding {} expects",
+                    self.name()
+                ))
+            })
+        };
+        match self {
+            Self::Raw => Ok(data),
+            Self::Hex => keyhold::hex::decode(text()?).ok_or_else(|| {
+                Failure::Cli(format!(
+                    "the {what} is not hex (--encoding hex): expected an even number of 0-9a-f"
+                ))
+            }),
+            Self::Base64 => BASE64.decode(text()?).map_err(|e| {
+                Failure::Cli(format!("the {what} is not base64 (--encoding base64): {e}"))
+            }),
+        }
+    }
+}
+
 /// Prints one line of text output.
 pub fn print_line(line: &str) -> Result<(), Failure> {
     let mut text = String::with_capacity(line.len() + 1);

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use clap::{Args, Subcommand, ValueEnum};
 use keyhold::{KeyInfo, KeyOptions, KeyRequest, KeySpec, KeyType, Purpose, RsaPadding};
 
+use super::select::{self, KeySelector};
 use super::{io, CmdResult, Context};
 
 #[derive(Debug, Subcommand)]
@@ -13,12 +14,20 @@ pub enum KeyCommand {
     Create(CreateArgs),
     /// List the keys of the namespace
     List,
-    /// Show a key's record
+    /// Show a key's record, with every attribute it records
     Show(KeyArg),
+    /// Print the key ID of the key NAME in --namespace
+    Id(IdArgs),
     /// Export a key's public key
     Pubkey(PubkeyArgs),
     /// Destroy a key; its ID then gives "no such key"
     Destroy(KeyArg),
+}
+
+#[derive(Debug, Args)]
+pub struct IdArgs {
+    /// The key's name
+    name: String,
 }
 
 #[derive(Debug, Args)]
@@ -38,7 +47,8 @@ pub struct CreateArgs {
     #[arg(long, value_enum)]
     padding: Option<PaddingArg>,
 
-    /// The backend to create the key in
+    /// The backend to create the key in (a name from the configuration); a backend configured
+    /// with fallback = "software" may make the key in software instead, with a warning
     #[arg(long, default_value = "software")]
     backend: String,
 
@@ -55,9 +65,8 @@ enum PaddingArg {
 
 #[derive(Debug, Args)]
 pub struct KeyArg {
-    /// The key ID
-    #[arg(long, value_name = "ID")]
-    key: String,
+    #[command(flatten)]
+    key: KeySelector,
 }
 
 #[derive(Debug, Clone, Copy, Default, ValueEnum)]
@@ -70,15 +79,14 @@ enum PubkeyFormat {
 
 #[derive(Debug, Args)]
 pub struct PubkeyArgs {
-    /// The key ID
-    #[arg(long, value_name = "ID")]
-    key: String,
+    #[command(flatten)]
+    key: KeySelector,
 
-    /// Output format
+    /// Output format (der is binary: refused on a terminal without --out)
     #[arg(long, value_enum, default_value = "pem")]
     format: PubkeyFormat,
 
-    /// Write to FILE instead of stdout
+    /// Write to FILE instead of stdout; - is stdout
     #[arg(long, value_name = "FILE")]
     out: Option<PathBuf>,
 }
@@ -96,6 +104,7 @@ pub fn run(ctx: &Context, command: &KeyCommand) -> CmdResult {
         KeyCommand::Create(a) => create(ctx, a),
         KeyCommand::List => list(ctx),
         KeyCommand::Show(a) => show(ctx, a),
+        KeyCommand::Id(a) => id(ctx, a),
         KeyCommand::Pubkey(a) => pubkey(ctx, a),
         KeyCommand::Destroy(a) => destroy(ctx, a),
     }
@@ -120,10 +129,45 @@ fn create(ctx: &Context, args: &CreateArgs) -> CmdResult {
         },
         &KeyOptions::new().extractable(args.extractable),
     )?;
+    // A key made in software in place of the backend asked for is weaker than asked (its
+    // material lives in this process, not in the device): never only an ID.
+    let fallback = info.attributes.get(FALLBACK_FOR).map(|original| {
+        let reason = fallback_reason(&ks, original, &info.spec);
+        tracing::warn!(
+            "backend `{original}` cannot make {} keys for {} ({reason}): key `{}/{}` was created \
+             in the software backend instead (fallback = \"software\")",
+            info.spec.key_type(),
+            info.spec.purpose(),
+            info.namespace,
+            info.name
+        );
+        serde_json::json!({ "for": original, "reason": reason })
+    });
     if ctx.json {
-        io::print_json(&info_json(&info))
+        let mut json = info_json(&info);
+        if let (Some(fallback), Some(object)) = (fallback, json.as_object_mut()) {
+            object.insert("fallback".into(), fallback);
+        }
+        io::print_json(&json)
     } else {
         io::print_line(&info.id)
+    }
+}
+
+/// The attribute a software key made in place of another backend's records that backend in.
+const FALLBACK_FOR: &str = "fallback_for";
+
+/// Why backend `name` could not make a `spec` key, as its capabilities say.
+fn fallback_reason(ks: &keyhold::Keystore, name: &str, spec: &KeySpec) -> String {
+    let backend = ks.backends().find(|b| b.name() == name);
+    let capabilities = backend.map(|b| b.capabilities());
+    match capabilities {
+        Some(Ok(c)) => c
+            .missing(spec.key_type(), spec.purpose())
+            .unwrap_or("it does not support them")
+            .to_owned(),
+        Some(Err(e)) => format!("its capabilities are unknown: {e}"),
+        None => "it is not configured".into(),
     }
 }
 
@@ -136,17 +180,19 @@ fn list(ctx: &Context) -> CmdResult {
         ));
     }
     let name_width = keys.iter().map(|k| k.name.len()).max().unwrap_or(0).max(4);
+    let backends: Vec<String> = keys.iter().map(backend_cell).collect();
+    let backend_width = backends.iter().map(String::len).max().unwrap_or(0).max(8);
     let mut out = format!(
-        "{:name_width$}  {:11}  {:7}  {:8}  {:6}  ID\n",
+        "{:name_width$}  {:11}  {:7}  {:backend_width$}  {:6}  ID\n",
         "NAME", "TYPE", "PURPOSE", "BACKEND", "STATE"
     );
-    for k in &keys {
+    for (k, backend) in keys.iter().zip(&backends) {
         out.push_str(&format!(
-            "{:name_width$}  {:11}  {:7}  {:8}  {:6}  {}\n",
+            "{:name_width$}  {:11}  {:7}  {:backend_width$}  {:6}  {}\n",
             k.name,
             k.spec.key_type().as_str(),
             k.spec.purpose().as_str(),
-            k.backend,
+            backend,
             k.state.as_str(),
             k.id
         ));
@@ -154,9 +200,36 @@ fn list(ctx: &Context) -> CmdResult {
     io::write_output(None, out.as_bytes())
 }
 
-fn show(ctx: &Context, args: &KeyArg) -> CmdResult {
+/// `key list`'s BACKEND cell: the backend, or `software(fallback:tpm)` for a key made in software
+/// in place of backend `tpm` (one word, so that the table still splits on whitespace).
+fn backend_cell(info: &KeyInfo) -> String {
+    match info.attributes.get(FALLBACK_FOR) {
+        Some(original) => format!("{}(fallback:{original})", info.backend),
+        None => info.backend.clone(),
+    }
+}
+
+fn id(ctx: &Context, args: &IdArgs) -> CmdResult {
+    keyhold::validate_name("namespace", &ctx.namespace)?;
+    keyhold::validate_name("key name", &args.name)?;
     let ks = io::open_keystore(ctx)?;
-    let info = ks.key_info(&args.key)?;
+    let id = select::id_of_name(ctx, &ks, &args.name)?;
+    if ctx.json {
+        io::print_json(&serde_json::json!({
+            "id": id,
+            "namespace": ctx.namespace,
+            "name": args.name,
+        }))
+    } else {
+        io::print_line(&id)
+    }
+}
+
+fn show(ctx: &Context, args: &KeyArg) -> CmdResult {
+    args.key.check()?;
+    let ks = io::open_keystore(ctx)?;
+    let id = args.key.resolve(ctx, &ks)?;
+    let info = ks.key_info(&id)?;
     if ctx.json {
         return io::print_json(&info_json(&info));
     }
@@ -183,8 +256,13 @@ fn show(ctx: &Context, args: &KeyArg) -> CmdResult {
 }
 
 fn pubkey(ctx: &Context, args: &PubkeyArgs) -> CmdResult {
+    args.key.check()?;
+    if matches!(args.format, PubkeyFormat::Der) {
+        io::check_binary_output(args.out.as_deref(), "DER public key", ", or --format pem")?;
+    }
     let ks = io::open_keystore(ctx)?;
-    let public = ks.public_key(&args.key)?;
+    let id = args.key.resolve(ctx, &ks)?;
+    let public = ks.public_key(&id)?;
     let bytes = match args.format {
         PubkeyFormat::Pem => public.to_pem().into_bytes(),
         PubkeyFormat::Der => public.spki_der().to_vec(),
@@ -194,14 +272,21 @@ fn pubkey(ctx: &Context, args: &PubkeyArgs) -> CmdResult {
             jwk.into_bytes()
         }
     };
-    io::write_output(args.out.as_deref(), &bytes)
+    io::write_output(io::std_or(args.out.as_deref()), &bytes)
 }
 
 fn destroy(ctx: &Context, args: &KeyArg) -> CmdResult {
+    args.key.check()?;
     let ks = io::open_keystore(ctx)?;
-    let info = ks.destroy_key(&args.key)?;
+    let id = args.key.resolve(ctx, &ks)?;
+    let info = ks.destroy_key(&id)?;
     if ctx.json {
-        io::print_json(&info_json(&info))
+        // The info is the record as it was before: what is true now is that it is destroyed.
+        let mut json = info_json(&info);
+        if let Some(object) = json.as_object_mut() {
+            object.insert("state".into(), "destroyed".into());
+        }
+        io::print_json(&json)
     } else {
         io::print_line(&format!("destroyed {}/{}", info.namespace, info.name))
     }
@@ -212,12 +297,13 @@ fn backend_text(info: &KeyInfo, sealer: &str) -> String {
     if info.backend != "software" {
         return info.backend.clone();
     }
-    match info.attributes.get("fallback_for") {
+    match info.attributes.get(FALLBACK_FOR) {
         Some(original) => format!("software (sealed by {sealer}; fallback for {original})"),
         None => format!("software (sealed by {sealer})"),
     }
 }
 
+/// Every attribute the record holds, sorted by name: `name=value, …`, or `-` for none.
 fn attributes_text(info: &KeyInfo) -> String {
     if info.attributes.is_empty() {
         return "-".into();
@@ -244,6 +330,7 @@ fn info_json(info: &KeyInfo) -> serde_json::Value {
         "version": info.version,
         "created": utc(info.created_at),
         "attributes": info.attributes,
+        "fallback": info.attributes.get(FALLBACK_FOR).map(|original| serde_json::json!({ "for": original })),
     })
 }
 

@@ -4,6 +4,7 @@ mod doctor;
 mod io;
 mod key;
 mod ops;
+mod select;
 mod store;
 
 use std::fmt;
@@ -20,7 +21,7 @@ pub struct Args {
     #[arg(long, global = true, value_name = "DIR")]
     store: Option<PathBuf>,
 
-    /// The namespace keys are created in and listed from
+    /// The namespace keys are created in, listed from, and looked up by --name in
     #[arg(
         long,
         global = true,
@@ -30,17 +31,27 @@ pub struct Args {
     )]
     namespace: String,
 
-    /// The backend configuration (TOML; see hsm-config/)
-    #[arg(long, global = true, value_name = "FILE", env = "KEYHOLD_CONFIG")]
+    /// The backend configuration (TOML; see hsm-config/) [default: $KEYHOLD_CONFIG, else
+    /// $XDG_CONFIG_HOME/keyhold/config.toml (~/.config/keyhold/config.toml), else
+    /// /etc/keyhold/config.toml, the first that exists]
+    #[arg(long, global = true, value_name = "FILE")]
     config: Option<PathBuf>,
 
     /// Read the store's passphrase from the first line of FILE
     #[arg(long, global = true, value_name = "FILE")]
     passphrase_file: Option<PathBuf>,
 
-    /// Machine-readable output (JSON) on stdout
+    /// Machine-readable output (JSON) on stdout; errors as a JSON object on stderr
     #[arg(long, global = true)]
     json: bool,
+
+    /// Log more on stderr: -v info, -vv debug (overrides RUST_LOG)
+    #[arg(short, long, global = true, action = clap::ArgAction::Count, conflicts_with = "quiet")]
+    verbose: u8,
+
+    /// Log errors only: no warnings on stderr (overrides RUST_LOG)
+    #[arg(short, long, global = true)]
+    quiet: bool,
 
     #[command(subcommand)]
     command: Command,
@@ -80,6 +91,14 @@ pub enum Failure {
     Keyhold(keyhold::Error),
     /// The command line's own trouble (files, terminal).
     Cli(String),
+    /// The command line was used wrongly in a way clap cannot see (exit 2, as clap's errors).
+    Usage(String),
+    /// No key has the name given with `--name` (exit 5, as a destroyed key's ID).
+    NoSuchName(String),
+    /// The command already said what happened on stdout (`{"valid":false}`): exit 1, no message.
+    Quiet,
+    /// A failure with where to look next appended (e.g. where the configuration is looked for).
+    Hinted(Box<Failure>, String),
 }
 
 impl From<keyhold::Error> for Failure {
@@ -91,7 +110,9 @@ impl From<keyhold::Error> for Failure {
 impl fmt::Display for Failure {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Self::Cli(msg) => f.write_str(msg),
+            Self::Cli(msg) | Self::Usage(msg) | Self::NoSuchName(msg) => f.write_str(msg),
+            Self::Quiet => Ok(()),
+            Self::Hinted(inner, hint) => write!(f, "{inner}: {hint}"),
             Self::Keyhold(e) => {
                 write!(f, "{e}")?;
                 let mut source = std::error::Error::source(e);
@@ -110,6 +131,9 @@ impl Failure {
     fn exit_code(&self) -> u8 {
         use keyhold::Error as E;
         match self {
+            Self::Usage(_) => 2,
+            Self::NoSuchName(_) => 5,
+            Self::Hinted(inner, _) => inner.exit_code(),
             Self::Keyhold(E::KeyIdAuthentication { .. }) => 3,
             Self::Keyhold(E::Unseal { .. }) => 4,
             Self::Keyhold(E::NoSuchKey { .. }) => 5,
@@ -120,6 +144,62 @@ impl Failure {
             _ => 1,
         }
     }
+
+    /// A stable machine-readable name of what failed, for `--json` errors (docs/cli.md).
+    fn kind(&self) -> &'static str {
+        use keyhold::Error as E;
+        match self {
+            Self::Cli(_) | Self::Quiet => "cli",
+            Self::Usage(_) => "usage",
+            Self::NoSuchName(_) => "no_such_key",
+            Self::Hinted(inner, _) => inner.kind(),
+            Self::Keyhold(e) => match e {
+                E::KeyIdAuthentication { .. } => "key_id_authentication",
+                E::NoSuchKey { .. } => "no_such_key",
+                E::Unseal { .. } => "unseal",
+                E::Integrity { .. } => "integrity",
+                E::StoreNotFound { .. } => "store_not_found",
+                E::StoreExists { .. } => "store_exists",
+                E::StoreUnusable { .. } => "store_unusable",
+                E::KeyExists { .. } => "key_exists",
+                E::WrongPurpose { .. } => "wrong_purpose",
+                E::Unsupported { .. } => "unsupported",
+                E::BackendUnavailable { .. } => "backend_unavailable",
+                E::Timeout { .. } => "timeout",
+                E::BackendLogin { .. } => "backend_login",
+                E::Backend { .. } => "backend",
+                E::Config(_) => "config",
+                E::NoSuchBackend { .. } => "no_such_backend",
+                E::InvalidInput(_) => "invalid_input",
+                E::VerificationFailed { .. } => "verification_failed",
+                E::DecryptionFailed { .. } => "decryption_failed",
+                E::Crypto { .. } | E::ConsistencyTest { .. } => "crypto",
+                E::Storage { .. } => "storage",
+                E::Io { .. } => "io",
+                _ => "other",
+            },
+        }
+    }
+
+    /// Prints the failure on stderr: `keyhold: message`, or with `--json` one JSON object.
+    fn report(&self, json: bool) {
+        if matches!(self, Self::Quiet) {
+            return;
+        }
+        if json {
+            eprintln!(
+                "{}",
+                error_json(self.exit_code(), self.kind(), &self.to_string())
+            );
+        } else {
+            eprintln!("keyhold: {self}");
+        }
+    }
+}
+
+/// `{"error":{"code":N,"kind":"…","message":"…"}}`.
+fn error_json(code: u8, kind: &str, message: &str) -> serde_json::Value {
+    serde_json::json!({ "error": { "code": code, "kind": kind, "message": message } })
 }
 
 /// What commands return.
@@ -129,6 +209,8 @@ pub type CmdResult = Result<(), Failure>;
 pub struct Context {
     store: PathBuf,
     config: keyhold::config::Config,
+    /// Where the configuration was looked for and which file was read, for messages.
+    config_source: ConfigSource,
     namespace: String,
     passphrase_file: Option<PathBuf>,
     json: bool,
@@ -140,17 +222,85 @@ impl Context {
             Some(dir) => dir.clone(),
             None => default_store()?,
         };
-        let config = match &args.config {
+        let config_source = ConfigSource::locate(args.config.as_deref());
+        let config = match &config_source.read {
             Some(path) => keyhold::config::Config::load(path)?,
             None => keyhold::config::Config::default(),
         };
         Ok(Self {
             store,
             config,
+            config_source,
             namespace: args.namespace.clone(),
             passphrase_file: args.passphrase_file.clone(),
             json: args.json,
         })
+    }
+}
+
+/// Where the configuration comes from: `--config`, else `$KEYHOLD_CONFIG`, else the first of
+/// `$XDG_CONFIG_HOME/keyhold/config.toml` (`~/.config/keyhold/config.toml`) and
+/// `/etc/keyhold/config.toml` that exists.
+#[derive(Debug)]
+struct ConfigSource {
+    /// The file read, if any. A file named by `--config` or `$KEYHOLD_CONFIG` is read even if it
+    /// does not exist, so that a typo is an error rather than an empty configuration.
+    read: Option<PathBuf>,
+    /// How it was chosen, or every place looked at: for messages.
+    tried: Vec<String>,
+}
+
+impl ConfigSource {
+    const SYSTEM: &'static str = "/etc/keyhold/config.toml";
+
+    fn locate(flag: Option<&std::path::Path>) -> Self {
+        if let Some(path) = flag {
+            return Self {
+                read: Some(path.to_owned()),
+                tried: vec![format!("--config {}", path.display())],
+            };
+        }
+        let non_empty = |name| std::env::var_os(name).filter(|v| !v.is_empty());
+        if let Some(path) = non_empty("KEYHOLD_CONFIG") {
+            let path = PathBuf::from(path);
+            return Self {
+                tried: vec![format!("$KEYHOLD_CONFIG={}", path.display())],
+                read: Some(path),
+            };
+        }
+        let mut tried = vec![
+            "--config (not given)".to_owned(),
+            "$KEYHOLD_CONFIG (unset)".to_owned(),
+        ];
+        let user = non_empty("XDG_CONFIG_HOME")
+            .map(PathBuf::from)
+            .or_else(|| non_empty("HOME").map(|home| PathBuf::from(home).join(".config")))
+            .map(|dir| dir.join("keyhold/config.toml"));
+        let candidates = user.into_iter().chain([PathBuf::from(Self::SYSTEM)]);
+        let mut read = None;
+        for path in candidates {
+            tried.push(path.display().to_string());
+            if path.exists() {
+                read = Some(path);
+                break;
+            }
+        }
+        Self { read, tried }
+    }
+
+    /// `configuration read from FILE (looked for: …)` or `no configuration file (looked for: …)`.
+    fn describe(&self) -> String {
+        let looked = self.tried.join(", ");
+        match &self.read {
+            Some(path) => format!(
+                "configuration read from {} (looked for: {looked})",
+                path.display()
+            ),
+            None => format!(
+                "no configuration file was found, so only the built-in `software` backend exists \
+                 (looked for: {looked})"
+            ),
+        }
     }
 }
 
@@ -179,24 +329,55 @@ pub fn main() -> ExitCode {
     let args = match Args::try_parse() {
         Ok(args) => args,
         Err(e) => {
-            let _ = e.print();
-            return ExitCode::from(if e.use_stderr() { 2 } else { 0 });
+            if !e.use_stderr() {
+                // --help, --version
+                let _ = e.print();
+                return ExitCode::SUCCESS;
+            }
+            if json_asked() {
+                let message = e.render().to_string();
+                let message = message.trim().trim_start_matches("error: ");
+                eprintln!("{}", error_json(2, "usage", message));
+            } else {
+                let _ = e.print();
+            }
+            return ExitCode::from(2);
         }
     };
-    init_logging();
+    init_logging(&args);
     match run(&args) {
         Ok(()) => ExitCode::SUCCESS,
         Err(Failure::Cli(msg)) if msg == io::BROKEN_PIPE => ExitCode::SUCCESS,
         Err(failure) => {
-            eprintln!("keyhold: {failure}");
+            failure.report(args.json);
             ExitCode::from(failure.exit_code())
         }
     }
 }
 
-fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("KEYHOLD_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+/// Whether `--json` is among the arguments (before any `--`), for errors found before they parse.
+fn json_asked() -> bool {
+    std::env::args_os()
+        .skip(1)
+        .take_while(|a| a != "--")
+        .any(|a| a == "--json")
+}
+
+/// Log lines on stderr: `-q` errors only, `-v` info, `-vv` debug; otherwise `$KEYHOLD_LOG`, else
+/// `$RUST_LOG` (tracing's filter syntax: `off`, `warn`, `keyhold=debug`, …), else warnings.
+fn init_logging(args: &Args) {
+    use tracing_subscriber::EnvFilter;
+    let filter = if args.quiet {
+        EnvFilter::new("error")
+    } else {
+        match args.verbose {
+            0 => EnvFilter::try_from_env("KEYHOLD_LOG")
+                .or_else(|_| EnvFilter::try_from_default_env())
+                .unwrap_or_else(|_| EnvFilter::new("warn")),
+            1 => EnvFilter::new("info"),
+            _ => EnvFilter::new("debug"),
+        }
+    };
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -206,18 +387,28 @@ fn init_logging() {
 
 fn run(args: &Args) -> CmdResult {
     let ctx = Context::from_args(args)?;
+    dispatch(&ctx, args).map_err(|failure| match failure {
+        // A backend the configuration lacks: say where the configuration was looked for.
+        Failure::Keyhold(keyhold::Error::NoSuchBackend { .. }) => {
+            Failure::Hinted(Box::new(failure), ctx.config_source.describe())
+        }
+        other => other,
+    })
+}
+
+fn dispatch(ctx: &Context, args: &Args) -> CmdResult {
     match &args.command {
-        Command::Init(a) => store::init(&ctx, a),
-        Command::Key(c) => key::run(&ctx, c),
-        Command::Sign(a) => ops::sign(&ctx, a),
-        Command::Verify(a) => ops::verify(&ctx, a),
-        Command::Encrypt(a) => ops::encrypt(&ctx, a),
-        Command::Decrypt(a) => ops::decrypt(&ctx, a),
-        Command::Mac(a) => ops::mac(&ctx, a),
-        Command::MacVerify(a) => ops::mac_verify(&ctx, a),
-        Command::Random(a) => ops::random(&ctx, a),
-        Command::Doctor(a) => doctor::run(&ctx, a),
-        Command::Reseal(a) => store::reseal(&ctx, a),
+        Command::Init(a) => store::init(ctx, a),
+        Command::Key(c) => key::run(ctx, c),
+        Command::Sign(a) => ops::sign(ctx, a),
+        Command::Verify(a) => ops::verify(ctx, a),
+        Command::Encrypt(a) => ops::encrypt(ctx, a),
+        Command::Decrypt(a) => ops::decrypt(ctx, a),
+        Command::Mac(a) => ops::mac(ctx, a),
+        Command::MacVerify(a) => ops::mac_verify(ctx, a),
+        Command::Random(a) => ops::random(ctx, a),
+        Command::Doctor(a) => doctor::run(ctx, a),
+        Command::Reseal(a) => store::reseal(ctx, a),
     }
 }
 

@@ -852,6 +852,29 @@ impl Keystore {
         self.info(&resolved)
     }
 
+    /// The info (with the key ID) of the key named `name` in `namespace`, or `None` if there is
+    /// none. The record's MAC is verified before anything it says is used.
+    ///
+    /// A name is weaker than a key ID: whoever can write the store can destroy a key and create
+    /// another of the same name (another type, purpose or backend), while an ID is authenticated
+    /// and pins all of them. Names are for people; applications should hold IDs.
+    ///
+    /// # Errors
+    /// [`Error::InvalidInput`] for a bad name, [`Error::Integrity`] if the record fails its MAC.
+    pub fn key_info_by_name(&self, namespace: &str, name: &str) -> Result<Option<KeyInfo>> {
+        validate_name("namespace", namespace)?;
+        validate_name("key name", name)?;
+        let found = self
+            .store
+            .keys(Some(namespace))?
+            .into_iter()
+            .find(|record| record.name == name);
+        match found {
+            Some(record) => Ok(Some(self.info(&self.verified(record)?)?)),
+            None => Ok(None),
+        }
+    }
+
     /// Every key of `namespace` (or of every namespace), sorted by namespace and name.
     ///
     /// # Errors
