@@ -499,19 +499,20 @@ impl Pkcs11Backend {
             secret_extra,
         );
         let public_template = is_pair.then_some(&public_template);
-        let (public_handle, secret_handle) = self.run(
+        let generated = self.run(
             "generate a key (C_GenerateKey/C_GenerateKeyPair)",
             |me, session| {
                 let mut stage = 0;
                 loop {
-                    match template::generate_at(
+                    let made = template::generate_at(
                         session,
                         &mechanism,
                         public_template,
                         &secret_template,
                         stage,
-                    ) {
-                        Err(e) if stage + 1 < STAGES && template::is_template_refusal(&e) => {
+                    );
+                    match made {
+                        Err(e) if template::is_template_refusal(&e) && stage + 1 < STAGES => {
                             // A token may leave half a pair behind: nothing else carries this
                             // fresh CKA_ID.
                             for handle in session.find_objects(&[Attribute::Id(id.to_vec())])? {
@@ -520,15 +521,38 @@ impl Pkcs11Backend {
                             stage += 1;
                             tracing::debug!(
                                 backend = %me.name,
-                                "the token refused the key template ({e}); trying again without {}",
+                                "the token refused the key template ({e:?}); trying again without {}",
                                 secret_template.dropped_at(stage)
                             );
                         }
-                        other => return other,
+                        // The required attributes refused: the token cannot make this key as
+                        // keyhold must (CKR_GENERAL_ERROR is left to `run`: it may be a token
+                        // that has gone).
+                        Err(e @ cryptoki::error::Error::Pkcs11(rv, _))
+                            if template::is_template_refusal(&e)
+                                && rv != cryptoki::error::RvError::GeneralError =>
+                        {
+                            return Ok(Err(rv));
+                        }
+                        other => return other.map(Ok),
                     }
                 }
             },
         )?;
+        let (public_handle, secret_handle) = generated.map_err(|rv| Error::Unsupported {
+            backend: self.name.clone(),
+            what: format!(
+                "{} keys with purpose {}{}: {} refused even the required template ({rv:?})",
+                spec.key_type(),
+                spec.purpose(),
+                if expected.is_extractable() {
+                    ", extractable only under trusted keys (CKA_WRAP_WITH_TRUSTED)"
+                } else {
+                    ""
+                },
+                self.token_name()
+            ),
+        })?;
         // Keep both handles: finding the public key again would scan every object on the token.
         let mut cache = self.handles();
         cache.insert(

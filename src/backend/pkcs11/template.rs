@@ -122,6 +122,11 @@ impl Expected {
         }
     }
 
+    /// Whether the key is made extractable (under trusted wrapping keys only).
+    pub(super) fn is_extractable(&self) -> bool {
+        self.extractable
+    }
+
     /// The class of the object holding the private or secret half.
     pub(super) fn secret_class(&self) -> ObjectClass {
         if self.key_type.is_asymmetric() {
