@@ -131,8 +131,8 @@ fn create(ctx: &Context, args: &CreateArgs) -> CmdResult {
     )?;
     // A key made in software in place of the backend asked for is weaker than asked (its
     // material lives in this process, not in the device): never only an ID.
-    let fallback = info.attributes.get(FALLBACK_FOR).map(|original| {
-        let reason = fallback_reason(&ks, original, &info.spec);
+    let fallback = fallback_json(&info);
+    if let Some((original, reason)) = fallback_of(&info) {
         tracing::warn!(
             "backend `{original}` cannot make {} keys for {} ({reason}): key `{}/{}` was created \
              in the software backend instead (fallback = \"software\")",
@@ -141,11 +141,10 @@ fn create(ctx: &Context, args: &CreateArgs) -> CmdResult {
             info.namespace,
             info.name
         );
-        serde_json::json!({ "for": original, "reason": reason })
-    });
+    }
     if ctx.json {
         let mut json = info_json(&info);
-        if let (Some(fallback), Some(object)) = (fallback, json.as_object_mut()) {
+        if let Some(object) = json.as_object_mut() {
             object.insert("fallback".into(), fallback);
         }
         io::print_json(&json)
@@ -156,19 +155,24 @@ fn create(ctx: &Context, args: &CreateArgs) -> CmdResult {
 
 /// The attribute a software key made in place of another backend's records that backend in.
 const FALLBACK_FOR: &str = "fallback_for";
+/// Why it could not make the key there, recorded beside [`FALLBACK_FOR`].
+const FALLBACK_REASON: &str = "fallback_reason";
 
-/// Why backend `name` could not make a `spec` key, as its capabilities say.
-fn fallback_reason(ks: &keyhold::Keystore, name: &str, spec: &KeySpec) -> String {
-    let backend = ks.backends().find(|b| b.name() == name);
-    let capabilities = backend.map(|b| b.capabilities());
-    match capabilities {
-        Some(Ok(c)) => c
-            .missing(spec.key_type(), spec.purpose())
-            .unwrap_or("it does not support them")
-            .to_owned(),
-        Some(Err(e)) => format!("its capabilities are unknown: {e}"),
-        None => "it is not configured".into(),
-    }
+/// The backend a software key was made in place of, and why (as recorded when it was made).
+fn fallback_of(info: &KeyInfo) -> Option<(&str, &str)> {
+    let original = info.attributes.get(FALLBACK_FOR)?;
+    let reason = info
+        .attributes
+        .get(FALLBACK_REASON)
+        .map_or("it could not make them", String::as_str);
+    Some((original, reason))
+}
+
+/// `{"for": BACKEND, "reason": WHY}` for a fallback key, `null` for any other.
+fn fallback_json(info: &KeyInfo) -> serde_json::Value {
+    fallback_of(info).map_or(serde_json::Value::Null, |(original, reason)| {
+        serde_json::json!({ "for": original, "reason": reason })
+    })
 }
 
 fn list(ctx: &Context) -> CmdResult {
@@ -330,7 +334,7 @@ fn info_json(info: &KeyInfo) -> serde_json::Value {
         "version": info.version,
         "created": utc(info.created_at),
         "attributes": info.attributes,
-        "fallback": info.attributes.get(FALLBACK_FOR).map(|original| serde_json::json!({ "for": original })),
+        "fallback": fallback_json(info),
     })
 }
 

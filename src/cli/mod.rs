@@ -137,7 +137,8 @@ impl Failure {
             Self::Keyhold(E::KeyIdAuthentication { .. }) => 3,
             Self::Keyhold(E::Unseal { .. }) => 4,
             Self::Keyhold(E::NoSuchKey { .. }) => 5,
-            Self::Keyhold(E::Integrity { .. }) => 6,
+            // A device object that does not match its record failed an integrity check too.
+            Self::Keyhold(E::Integrity { .. } | E::KeyObjectMismatch { .. }) => 6,
             Self::Keyhold(
                 E::BackendUnavailable { .. } | E::BackendLogin { .. } | E::Timeout { .. },
             ) => 7,
@@ -158,6 +159,7 @@ impl Failure {
                 E::NoSuchKey { .. } => "no_such_key",
                 E::Unseal { .. } => "unseal",
                 E::Integrity { .. } => "integrity",
+                E::KeyObjectMismatch { .. } => "key_object_mismatch",
                 E::StoreNotFound { .. } => "store_not_found",
                 E::StoreExists { .. } => "store_exists",
                 E::StoreUnusable { .. } => "store_unusable",
@@ -420,5 +422,16 @@ mod tests {
     fn arguments_are_consistent() {
         use clap::CommandFactory;
         Args::command().debug_assert();
+    }
+
+    #[test]
+    fn a_replaced_token_object_is_an_integrity_failure() {
+        let failure = Failure::from(keyhold::Error::KeyObjectMismatch {
+            backend: "hsm".into(),
+            key: "default/signer".into(),
+            reason: "CKA_SENSITIVE is false".into(),
+        });
+        assert_eq!(failure.exit_code(), 6);
+        assert_eq!(failure.kind(), "key_object_mismatch");
     }
 }

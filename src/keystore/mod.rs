@@ -626,7 +626,7 @@ impl Keystore {
         validate_name("key name", &request.name)?;
         let asked = request.backend.as_deref().unwrap_or(SoftwareBackend::NAME);
         let spec = request.spec;
-        let (mut backend, mut fallback_for) = self.choose_backend(asked, &spec)?;
+        let (mut backend, mut fallback) = self.choose_backend(asked, &spec)?;
         let mut uuid = [0u8; 16];
         aws_lc_rs::rand::fill(&mut uuid).map_err(|_| Error::crypto("make a key uuid"))?;
         let label = format!("{}/{}", request.namespace, request.name);
@@ -640,12 +640,12 @@ impl Keystore {
             // Some limits show only when the device tries (a token's RSA-OAEP hash): the
             // fallback applies to those as to any the capabilities told.
             Err(Error::Unsupported { what, .. })
-                if fallback_for.is_none()
+                if fallback.is_none()
                     && matches!(self.fallbacks.get(asked), Some(Fallback::Software)) =>
             {
                 tracing::info!(backend = asked, "{what}; creating the key in software");
                 backend = self.backend(SoftwareBackend::NAME)?;
-                fallback_for = Some(asked);
+                fallback = Some((asked, what));
                 backend.generate(context, options)?
             }
             other => other?,
@@ -654,8 +654,10 @@ impl Keystore {
         if options.extractable {
             attributes.insert("extractable".into(), "true".into());
         }
-        if let Some(original) = fallback_for {
+        if let Some((original, reason)) = fallback {
+            // Recorded (under the record MAC) so that `key show` can say why, not only where.
             attributes.insert("fallback_for".into(), original.to_owned());
+            attributes.insert("fallback_reason".into(), reason);
         }
         let attributes =
             serde_json::to_string(&attributes).map_err(|_| Error::crypto("encode attributes"))?;
@@ -709,13 +711,13 @@ impl Keystore {
     }
 
     /// The backend to create a `spec` key in when `asked` was asked for: `asked` itself if it can,
-    /// else the software backend if `asked` is configured to fall back, else an error naming what
-    /// the device lacks.
+    /// else the software backend (with `asked` and what it lacks) if `asked` is configured to fall
+    /// back, else an error naming what the device lacks.
     fn choose_backend<'a>(
         &'a self,
         asked: &'a str,
         spec: &KeySpec,
-    ) -> Result<(&'a Arc<dyn Backend>, Option<&'a str>)> {
+    ) -> Result<(&'a Arc<dyn Backend>, Option<(&'a str, String)>)> {
         let backend = self.backend(asked)?;
         let capabilities = backend.capabilities()?;
         if capabilities.supports(spec.key_type(), spec.purpose()) {
@@ -736,7 +738,7 @@ impl Keystore {
         match self.fallbacks.get(asked) {
             Some(Fallback::Software) => {
                 tracing::info!(backend = asked, "{what}; creating the key in software");
-                Ok((self.backend(SoftwareBackend::NAME)?, Some(asked)))
+                Ok((self.backend(SoftwareBackend::NAME)?, Some((asked, what))))
             }
             _ => Err(Error::Unsupported {
                 backend: asked.to_owned(),
