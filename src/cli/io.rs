@@ -381,3 +381,75 @@ pub fn pkcs11_backend(ctx: &Context, name: &str) -> Result<Pkcs11Backend, Failur
         ))),
     }
 }
+
+#[cfg(test)]
+mod passphrase_tests {
+    use clap::Parser;
+    use secrecy::ExposeSecret;
+
+    use super::super::{Args, Context};
+    use super::*;
+
+    fn context(config: Option<&str>) -> (tempfile::TempDir, Context) {
+        let dir = tempfile::tempdir().unwrap();
+        let mut args = vec![
+            "keyhold".to_owned(),
+            "--store".into(),
+            "/nonexistent".into(),
+        ];
+        if let Some(text) = config {
+            let path = dir.path().join("keyhold.toml");
+            std::fs::write(&path, text).unwrap();
+            args.extend(["--config".into(), path.display().to_string()]);
+        }
+        args.extend(["key".into(), "list".into()]);
+        let ctx = Context::from_args(&Args::try_parse_from(args).unwrap()).unwrap();
+        (dir, ctx)
+    }
+
+    /// L4: `KEYHOLD_PASSPHRASE` is read once and gone from the environment afterwards, so nothing
+    /// keyhold starts later inherits it. (Each nextest test is its own process: setting the
+    /// variable here touches no other test.)
+    #[test]
+    fn the_passphrase_variable_is_removed_once_read() {
+        std::env::set_var("KEYHOLD_PASSPHRASE", "from the environment");
+        let secret = passphrase_from(None, false).unwrap();
+        assert_eq!(secret.expose_secret(), "from the environment");
+        assert_eq!(std::env::var_os("KEYHOLD_PASSPHRASE"), None);
+    }
+
+    /// The file's first line, without its line ending (a CRLF file too), and nothing after it.
+    #[test]
+    fn a_passphrase_file_gives_its_first_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("pass");
+        std::fs::write(&path, b"first line\r\nsecond line\n").unwrap();
+        let secret = passphrase_from(Some(&path), false).unwrap();
+        assert_eq!(secret.expose_secret(), "first line");
+        std::fs::write(&path, b"no newline").unwrap();
+        let secret = passphrase_from(Some(&path), false).unwrap();
+        assert_eq!(secret.expose_secret(), "no newline");
+    }
+
+    /// M1: the sealer is the user's statement: `$KEYHOLD_SEALER`, else `[store] sealer`, else
+    /// passphrase; never the store's.
+    #[test]
+    fn the_stated_sealer_comes_from_the_environment_then_the_configuration() {
+        std::env::remove_var("KEYHOLD_SEALER");
+        let (_d, plain) = context(None);
+        assert_eq!(stated_sealer(&plain).unwrap().0, SealerKind::Passphrase);
+        let (_d, stated) = context(Some("[store]\nsealer = \"tpm\"\n"));
+        assert_eq!(stated_sealer(&stated).unwrap().0, SealerKind::Tpm);
+        let err = check_stated_sealer(&plain, "tpm").unwrap_err();
+        assert!(err.to_string().contains("KEYHOLD_SEALER=tpm"), "{err}");
+        check_stated_sealer(&stated, "tpm").unwrap();
+        std::env::set_var("KEYHOLD_SEALER", "pkcs11");
+        assert_eq!(stated_sealer(&stated).unwrap().0, SealerKind::Pkcs11);
+        std::env::set_var("KEYHOLD_SEALER", "tmp");
+        let err = stated_sealer(&stated).unwrap_err();
+        assert!(
+            err.to_string().contains("passphrase, tpm or pkcs11"),
+            "{err}"
+        );
+    }
+}
