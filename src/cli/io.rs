@@ -267,12 +267,12 @@ pub fn stated_sealer(ctx: &Context) -> Result<(SealerKind, &'static str), Failur
     }
 }
 
-/// Refuses a store that records another sealer than the user stated, saying what to set if the
-/// store is genuinely sealed that way.
-pub fn check_stated_sealer(ctx: &Context, recorded: &str) -> Result<(), Failure> {
+/// The stated sealer, if the store records the same; else a refusal saying what to set if the
+/// store is genuinely sealed the way it records.
+pub fn check_stated_sealer(ctx: &Context, recorded: &str) -> Result<SealerKind, Failure> {
     let (stated, source) = stated_sealer(ctx)?;
     if recorded == stated.as_str() {
-        return Ok(());
+        return Ok(stated);
     }
     Err(keyhold::Error::Unseal {
         reason: format!(
@@ -295,11 +295,11 @@ pub fn open_keystore(ctx: &Context) -> Result<Keystore, Failure> {
         .meta()
         .sealed_root
         .clone();
-    check_stated_sealer(ctx, &sealed.sealer)?;
+    let stated = check_stated_sealer(ctx, &sealed.sealer)?;
     // Which backend reaches the token or TPM comes from the store's parameters: they choose only
     // among the configured backends, and are authenticated with the rest of the metadata once the
     // root is unsealed.
-    match stated_sealer(ctx)?.0 {
+    match stated {
         SealerKind::Pkcs11 => {
             let name = Pkcs11Sealer::backend_of(&sealed)?;
             let sealer = Pkcs11Sealer::new(Arc::new(pkcs11_backend(ctx, &name)?));
