@@ -740,8 +740,8 @@ fn main() -> BoxResult<()> {
     let dir = tempfile::tempdir()?;
     let sealer = PassphraseSealer::new(SecretString::from("keyhold bench passphrase".to_owned()))
         .with_params(Argon2Params {
-        memory_mib: 8,
-        iterations: 1,
+        memory_mib: 19,
+        iterations: 2,
         parallelism: 1,
     })?;
     let ks = Arc::new(Keystore::create_with(

@@ -452,9 +452,9 @@ start_swtpm() {
   ok "swtpm serves commands on 127.0.0.1:$port and control on 127.0.0.1:$((port + 1))"
 }
 
-# The current SHA-256 value of PCR 16, as 64 lowercase hex digits.
-pcr16() {
-  run tpm2_pcrread -T "$TCTI" sha256:16 | sed -n 's/^ *16: 0x\([0-9A-Fa-f]\{64\}\)$/\1/p' | tr 'A-F' 'a-f'
+# The current SHA-256 value of PCR 8, as 64 lowercase hex digits.
+pcr8() {
+  run tpm2_pcrread -T "$TCTI" sha256:8 | sed -n 's/^ *8 *: 0x\([0-9A-Fa-f]\{64\}\)$/\1/p' | tr 'A-F' 'a-f'
 }
 
 # RSA-OAEP label keyhold uses for an envelope header HEADER-FILE and AAD (docs/cli.md), as hex:
@@ -490,8 +490,16 @@ demo_tpm() {
   ok "backend tpm: $TCTI, fallback software"
   KH_CONFIG=tpm.toml
 
-  step "a second store, its root secret sealed by the TPM to PCR 16, with a recovery passphrase"
-  echo "  (PCR 16 is the debug PCR, free for demos; a real store binds to what boot measures, e.g. --pcrs 0,7)"
+  step "state the store's sealer in the configuration: keyhold never takes it from the store's own files"
+  echo "  (else whoever can write the store directory could swap its seal for a TPM seal of a root they know)"
+  printf '\n[store]\nsealer = "tpm"\n' >>tpm.toml
+  echo "  \$ printf '[store]\\nsealer = \"tpm\"\\n' >>tpm.toml"
+  grep -qx 'sealer = "tpm"' tpm.toml || die "tpm.toml does not state sealer = \"tpm\""
+  ok "[store] sealer = \"tpm\""
+
+  step "a second store, its root secret sealed by the TPM to PCR 8, with a recovery passphrase"
+  echo "  (PCR 8 is one the operating system extends and only a reboot resets: swtpm lets the demo extend it;"
+  echo "   a real store binds to what boot measures, e.g. --pcrs 0,7; 16 and 23 are refused: anyone can reset them)"
   local soft_store=$STORE
   STORE=$WORK/tpm-store
   unset KEYHOLD_PASSPHRASE
@@ -499,8 +507,9 @@ demo_tpm() {
   printf 'keyhold demo recovery passphrase, not a secret\n' >recovery.txt
   echo '  $ echo "keyhold demo recovery passphrase, not a secret" >recovery.txt'
   printf '  (below, keyhold means: %s --store %s)\n' "$KEYHOLD" "$STORE"
+  expect_refusal 1 "PCR 16 can be reset by any program" kh --passphrase-file recovery.txt init --sealer tpm --pcrs 16
   local out
-  out=$(kh --passphrase-file recovery.txt init --sealer tpm --pcrs 16 \
+  out=$(kh --passphrase-file recovery.txt init --sealer tpm --pcrs 8 \
     --argon2-memory-mib 19 --argon2-iterations 2)
   printf '    %s\n' "$out"
   [[ $out == "initialised keyhold store $STORE (store id "*", sealer tpm)" ]] || die "unexpected init output"
@@ -557,21 +566,21 @@ demo_tpm() {
   expect_lines "$report" '^backend tpm$' "tcti: $TCTI" 'key types: .*ecdsa-p256/sign.*rsa-2048/decrypt' \
     'cannot: aes-256-gcm/encrypt' 'cannot: ed25519/sign'
 
-  step "PCR 16 changes, as PCRs 0-7 do after a firmware, boot loader or Secure Boot change"
+  step "PCR 8 changes, as PCRs 0-7 do after a firmware, boot loader or Secure Boot change"
   echo "  (tpm2-tools talk to the TPM only while no keyhold process runs: swtpm serves one client at a time)"
   local before after
-  before=$(pcr16)
-  printf '    PCR 16: %s\n' "$before"
-  run tpm2_pcrextend -T "$TCTI" "16:sha256=$(printf 'demo: a new boot loader' | sha256sum | cut -c1-64)"
-  after=$(pcr16)
-  printf '    PCR 16: %s\n' "$after"
-  if ! [[ $after =~ ^[0-9a-f]{64}$ ]] || [ "$after" = "$before" ]; then die "PCR 16 did not change"; fi
-  ok "PCR 16 changed"
+  before=$(pcr8)
+  printf '    PCR 8: %s\n' "$before"
+  run tpm2_pcrextend -T "$TCTI" "8:sha256=$(printf 'demo: a new boot loader' | sha256sum | cut -c1-64)"
+  after=$(pcr8)
+  printf '    PCR 8: %s\n' "$after"
+  if ! [[ $after =~ ^[0-9a-f]{64}$ ]] || [ "$after" = "$before" ]; then die "PCR 8 did not change"; fi
+  ok "PCR 8 changed"
   step "the TPM now refuses to unseal the store's root secret: nothing opens it"
   expect_refusal 4 "run \`keyhold reseal\`" kh key list
   expect_refusal 4 "cannot unseal the store" kh sign --key "${ID[tpm-p256]}" --in msg.txt
 
-  step "keyhold reseal: with the recovery passphrase, re-binds the store to PCR 16 as it is now"
+  step "keyhold reseal: with the recovery passphrase, re-binds the store to PCR 8 as it is now"
   out=$(kh --passphrase-file recovery.txt reseal 2>reseal-err.txt) || {
     sed 's/^/    stderr: /' reseal-err.txt
     die "keyhold reseal failed"
@@ -579,7 +588,7 @@ demo_tpm() {
   sed 's/^[^ ]*Z  WARN /WARN /; s/^/    stderr: /' reseal-err.txt
   printf '    %s\n' "$out"
   grep -qF "unsealing with the recovery passphrase" reseal-err.txt || die "reseal did not say it used the recovery passphrase"
-  [ "$out" = "re-sealed keyhold store $STORE to the TPM and PCRs 16" ] || die "unexpected reseal output"
+  [ "$out" = "re-sealed keyhold store $STORE to the TPM: PCRs 8 → 8" ] || die "unexpected reseal output"
   ok "re-sealed with the recovery passphrase"
 
   step "the store opens again with no passphrase, with the same keys"

@@ -30,6 +30,45 @@ pub struct Config {
     /// The built-in software backend.
     #[serde(default)]
     pub software: SoftwareConfig,
+    /// The store (`[store]`).
+    #[serde(default)]
+    pub store: StoreConfig,
+}
+
+/// The store (`[store]`).
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct StoreConfig {
+    /// (Optional) How the store's root secret is sealed: `"passphrase"` (the default), `"tpm"` or
+    /// `"pkcs11"`; `$KEYHOLD_SEALER` overrides it. The command opens a store only with the sealer
+    /// stated here, never with the one the store's own files name: whoever can write those files
+    /// could otherwise swap a passphrase seal for a TPM seal of a root secret they chose.
+    #[serde(default)]
+    pub sealer: Option<SealerKind>,
+}
+
+/// A kind of sealer, as the user states it.
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum SealerKind {
+    /// Argon2id from a passphrase: the only sealer that needs the user's secret.
+    #[default]
+    Passphrase,
+    /// A TPM sealed object.
+    Tpm,
+    /// A non-extractable AES key in a PKCS#11 token.
+    Pkcs11,
+}
+
+impl SealerKind {
+    /// The name the store records for this kind (`passphrase`, `tpm`, `pkcs11`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Passphrase => "passphrase",
+            Self::Tpm => "tpm",
+            Self::Pkcs11 => "pkcs11",
+        }
+    }
 }
 
 /// The built-in software backend (`[software]`).

@@ -2,8 +2,9 @@
 //!
 //! This is the crate's one module with `unsafe`: `mlock`/`munlock` take raw pointers.
 
+use std::collections::BTreeMap;
 use std::fmt;
-use std::sync::Once;
+use std::sync::{Mutex, Once, PoisonError};
 
 use zeroize::Zeroizing;
 
@@ -13,7 +14,43 @@ use zeroize::Zeroizing;
 /// written to swap), zeroized and unlocked on drop. `Debug` prints only the length.
 pub struct SecretBytes {
     bytes: Zeroizing<Vec<u8>>,
-    locked: bool,
+    /// The pages this secret holds a lock on, if `mlock` succeeded.
+    locked: Option<Pages>,
+}
+
+/// A run of whole pages: the first page's address and how many.
+#[derive(Debug, Clone, Copy)]
+struct Pages {
+    first: usize,
+    count: usize,
+}
+
+impl Pages {
+    fn covering(addr: usize, len: usize) -> Self {
+        let size = rustix::param::page_size();
+        let first = addr & !(size - 1);
+        let end = (addr + len).div_ceil(size) * size;
+        Self {
+            first,
+            count: (end - first) / size,
+        }
+    }
+
+    fn addresses(self) -> impl Iterator<Item = usize> {
+        let size = rustix::param::page_size();
+        (0..self.count).map(move |i| self.first + i * size)
+    }
+}
+
+/// How many live secrets lock each page, process-wide.
+///
+/// Locks do not nest in the kernel: one `munlock` unlocks a page however many `mlock`s it had.
+/// Small secrets share pages (the allocator packs them), so dropping one must unlock only the
+/// pages no other secret still holds.
+fn page_locks() -> std::sync::MutexGuard<'static, BTreeMap<usize, usize>> {
+    static LOCKS: Mutex<BTreeMap<usize, usize>> = Mutex::new(BTreeMap::new());
+    // The map is consistent after every statement: a panic elsewhere cannot leave it half-made.
+    LOCKS.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 impl SecretBytes {
@@ -22,7 +59,7 @@ impl SecretBytes {
         let bytes = Zeroizing::new(vec![0u8; len]);
         let mut secret = Self {
             bytes,
-            locked: false,
+            locked: None,
         };
         secret.locked = secret.lock();
         secret
@@ -39,7 +76,7 @@ impl SecretBytes {
     pub fn from_zeroizing(bytes: Zeroizing<Vec<u8>>) -> Self {
         let mut secret = Self {
             bytes,
-            locked: false,
+            locked: None,
         };
         secret.locked = secret.lock();
         secret
@@ -67,19 +104,32 @@ impl SecretBytes {
 
     /// Whether the pages are locked in memory (false where `RLIMIT_MEMLOCK` or the OS refused).
     pub fn is_locked(&self) -> bool {
-        self.locked
+        self.locked.is_some()
     }
 
+    /// Locks the pages of the allocation and counts this secret as one of their holders.
     #[allow(unsafe_code)]
-    fn lock(&mut self) -> bool {
-        if self.bytes.is_empty() {
-            return false;
+    fn lock(&mut self) -> Option<Pages> {
+        if self.bytes.capacity() == 0 {
+            return None;
         }
-        let ptr = self.bytes.as_mut_ptr().cast::<std::ffi::c_void>();
-        // SAFETY: `ptr..ptr+len` is one live allocation owned by `self.bytes`; its length never
-        // changes (no method grows or shrinks the vector), and it is unlocked in `drop` before the
-        // vector is freed. mlock only changes paging, never the bytes.
-        unsafe { rustix::mm::mlock(ptr, self.bytes.len()) }.is_ok()
+        let pages = Pages::covering(self.bytes.as_ptr() as usize, self.bytes.capacity());
+        let mut locks = page_locks();
+        let size = rustix::param::page_size();
+        // SAFETY: the range is whole pages that hold part of one live allocation owned by
+        // `self.bytes`, whose buffer never moves or changes size (no method grows or shrinks the
+        // vector) until `drop` releases the lock. mlock only changes paging, never memory
+        // contents, and locking a page that is already locked is a no-op; the map is held so that
+        // no other secret unlocks these pages in between.
+        let locked =
+            unsafe { rustix::mm::mlock(pages.first as *mut std::ffi::c_void, pages.count * size) };
+        if locked.is_err() {
+            return None;
+        }
+        for page in pages.addresses() {
+            *locks.entry(page).or_insert(0) += 1;
+        }
+        Some(pages)
     }
 }
 
@@ -87,12 +137,26 @@ impl Drop for SecretBytes {
     #[allow(unsafe_code)]
     fn drop(&mut self) {
         use zeroize::Zeroize;
+        // Zeroize clears the full capacity and frees nothing: the pages are unlocked below,
+        // before the vector's buffer goes back to the allocator.
         self.bytes.zeroize();
-        if self.locked {
-            let ptr = self.bytes.as_mut_ptr().cast::<std::ffi::c_void>();
-            // SAFETY: the same live allocation that `lock` locked; it is freed only after this.
-            // `zeroize` on a Vec clears its full capacity but does not free it.
-            let _ = unsafe { rustix::mm::munlock(ptr, self.bytes.capacity()) };
+        let Some(pages) = self.locked.take() else {
+            return;
+        };
+        let mut locks = page_locks();
+        let size = rustix::param::page_size();
+        for page in pages.addresses() {
+            let Some(count) = locks.get_mut(&page) else {
+                continue;
+            };
+            *count -= 1;
+            if *count == 0 {
+                locks.remove(&page);
+                // SAFETY: one whole page that this secret locked and that no live secret holds
+                // any more (the count, under the map's lock, says so); munlock only changes
+                // paging, never memory contents.
+                let _ = unsafe { rustix::mm::munlock(page as *mut std::ffi::c_void, size) };
+            }
         }
     }
 }
@@ -103,11 +167,15 @@ impl fmt::Debug for SecretBytes {
     }
 }
 
-/// Makes the process non-dumpable and turns core dumps off, once per process.
+/// Makes the process non-dumpable and sets a hard `RLIMIT_CORE` of 0, once per process.
 ///
-/// Called by the keystore before it unseals anything: from then on the process holds secrets, so a
-/// crash must not write them to a core file and other users' debuggers must not attach. Failures are
-/// logged and ignored: this is defence in depth, not a precondition.
+/// A process that holds unsealed secrets should not write them to a core file or let other users'
+/// debuggers attach. The `keyhold` command calls this first thing. The library never does: it
+/// changes the whole host process for good (a hard limit cannot be raised again, and a
+/// non-dumpable process has no core dumps for its own crashes either), which is the application's
+/// choice to make. An application embedding [`crate::Keystore`] opts in by calling this before
+/// it opens a store, ideally before it starts threads. Failures are logged and ignored: this is
+/// defence in depth, not a precondition.
 pub fn harden_process() {
     static ONCE: Once = Once::new();
     ONCE.call_once(|| {
@@ -145,5 +213,68 @@ mod tests {
         // RLIMIT_MEMLOCK is at least 64 KiB on every Linux we target.
         let s = SecretBytes::zeroed(32);
         assert!(s.is_locked());
+        assert!(page_is_locked(s.expose().as_ptr() as usize));
+    }
+
+    /// Whether the kernel reports the page holding `addr` as locked: the `Locked:` size of the
+    /// mapping that contains it in /proc/self/smaps (mlock splits mappings at lock boundaries).
+    fn page_is_locked(addr: usize) -> bool {
+        let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
+        let mut inside = false;
+        for line in smaps.lines() {
+            let range = line
+                .split_whitespace()
+                .next()
+                .and_then(|r| r.split_once('-'))
+                .and_then(|(a, b)| {
+                    Some((
+                        usize::from_str_radix(a, 16).ok()?,
+                        usize::from_str_radix(b, 16).ok()?,
+                    ))
+                });
+            // A mapping's header line starts with its address range; its fields do not.
+            if let Some((start, end)) = range {
+                inside = (start..end).contains(&addr);
+                continue;
+            }
+            if inside {
+                if let Some(kb) = line.strip_prefix("Locked:") {
+                    let kb: usize = kb.trim().trim_end_matches("kB").trim().parse().unwrap();
+                    return kb > 0;
+                }
+            }
+        }
+        panic!("no mapping holds {addr:#x}");
+    }
+
+    /// Two secrets on one page: dropping one leaves the page locked for the other (one munlock
+    /// would unlock it for both, and the survivor could be swapped out).
+    #[test]
+    fn dropping_one_secret_keeps_a_shared_page_locked() {
+        let page = rustix::param::page_size();
+        let mut kept = Vec::new();
+        let pair = loop {
+            let a = SecretBytes::zeroed(32);
+            let b = SecretBytes::zeroed(32);
+            let page_of = |s: &SecretBytes| s.expose().as_ptr() as usize / page;
+            if page_of(&a) == page_of(&b) {
+                break (a, b);
+            }
+            kept.push((a, b));
+            assert!(
+                kept.len() < 1000,
+                "the allocator never put two secrets on one page"
+            );
+        };
+        let (a, b) = pair;
+        assert!(a.is_locked() && b.is_locked());
+        let addr = b.expose().as_ptr() as usize;
+        assert!(page_is_locked(addr));
+        drop(a);
+        assert!(
+            page_is_locked(addr),
+            "dropping a secret unlocked another's page"
+        );
+        drop(b);
     }
 }

@@ -59,7 +59,7 @@ fn init_creates_private_store_and_refuses_a_second_init() {
 }
 
 #[test]
-fn init_refuses_argon2_memory_below_8_mib() {
+fn init_refuses_argon2_memory_below_19_mib() {
     let env = Env::new();
     let out = env.run(
         &[
@@ -67,13 +67,13 @@ fn init_refuses_argon2_memory_below_8_mib() {
             "--sealer",
             "passphrase",
             "--argon2-memory-mib",
-            "4",
+            "18",
             "--argon2-iterations",
-            "1",
+            "2",
         ],
         b"",
     );
-    assert_clean_failure(&out, "init with 4 MiB Argon2 memory (minimum is 8)");
+    assert_clean_failure(&out, "init with 18 MiB Argon2 memory (minimum is 19)");
     assert!(
         env.snapshot().is_empty(),
         "init refused: expected no store files to be written"
@@ -3283,15 +3283,15 @@ mod common {
     /// The passphrase of every test store; distinctive so a leak into stderr is unmistakable.
     pub const PASS: &str = "Tr0ub4dor&3-correct-horse-battery-staple";
 
-    /// Fast Argon2 settings (the documented minimum memory) so each test's `init` is quick.
+    /// Fast Argon2 settings (the documented minimum) so each test's `init` is quick.
     pub const INIT_ARGS: &[&str] = &[
         "init",
         "--sealer",
         "passphrase",
         "--argon2-memory-mib",
-        "8",
+        "19",
         "--argon2-iterations",
-        "1",
+        "2",
     ];
 
     /// 64 MiB, the documented input limit.

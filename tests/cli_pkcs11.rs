@@ -81,9 +81,9 @@ impl Env {
             "--sealer",
             "passphrase",
             "--argon2-memory-mib",
-            "8",
+            "19",
             "--argon2-iterations",
-            "1",
+            "2",
         ]);
     }
 
@@ -227,6 +227,10 @@ fn a_store_sealed_by_the_token_opens_only_with_it() {
     let env = Env::new();
     let out = env.ok(&["init", "--sealer", "pkcs11", "--backend", "hsm"]);
     assert!(out.contains("sealer pkcs11"), "{out}");
+    // keyhold opens a store only with the sealer the user states.
+    let mut config = std::fs::read_to_string(&env.config).unwrap();
+    config.push_str("\n[store]\nsealer = \"pkcs11\"\n");
+    std::fs::write(&env.config, config).unwrap();
     let id = env.ok(&["key", "create", "sw", "--type", "hmac-sha256"]);
     let id = id.trim_end();
     let show = env.ok(&["key", "show", "--key", id]);
@@ -246,6 +250,7 @@ fn a_store_sealed_by_the_token_opens_only_with_it() {
         .arg(&env.store)
         .args(["key", "list"])
         .env_remove("KEYHOLD_CONFIG")
+        .env("KEYHOLD_SEALER", "pkcs11")
         .stdin(Stdio::null())
         .output()
         .unwrap();

@@ -31,7 +31,8 @@ impl Env {
         std::fs::write(
             &config,
             format!(
-                "[backends.tpm]\ntype = \"tpm\"\ntcti = \"{}\"\nfallback = \"software\"\n",
+                "[backends.tpm]\ntype = \"tpm\"\ntcti = \"{}\"\nfallback = \"software\"\n\n\
+                 [store]\nsealer = \"tpm\"\n",
                 tpm.tcti()
             ),
         )
@@ -45,6 +46,15 @@ impl Env {
     }
 
     fn run_with(&self, passphrase: Option<&str>, args: &[&str]) -> Output {
+        let vars: Vec<(&str, &str)> = passphrase
+            .map(|p| ("KEYHOLD_PASSPHRASE", p))
+            .into_iter()
+            .collect();
+        self.run_vars(&vars, args)
+    }
+
+    /// Runs keyhold with these environment variables set (and keyhold's others removed).
+    fn run_vars(&self, vars: &[(&str, &str)], args: &[&str]) -> Output {
         let mut command = Command::new(env!("CARGO_BIN_EXE_keyhold"));
         command
             .arg("--store")
@@ -55,12 +65,29 @@ impl Env {
             .env_remove("KEYHOLD_STORE")
             .env_remove("KEYHOLD_CONFIG")
             .env_remove("KEYHOLD_PASSPHRASE")
+            .env_remove("KEYHOLD_SEALER")
             .env("TSS2_LOG", "all+none")
+            .envs(vars.iter().copied())
             .stdin(Stdio::null());
-        if let Some(p) = passphrase {
-            command.env("KEYHOLD_PASSPHRASE", p);
-        }
         command.output().unwrap()
+    }
+
+    /// Runs keyhold with these variables; it must succeed. Returns stdout and stderr.
+    fn ok_vars(&self, vars: &[(&str, &str)], args: &[&str]) -> (Vec<u8>, String) {
+        let out = self.run_vars(vars, args);
+        let stderr = String::from_utf8(out.stderr).unwrap();
+        assert!(out.status.success(), "{args:?}: expected success: {stderr}");
+        (out.stdout, stderr)
+    }
+
+    /// Runs keyhold with these variables; it must exit `code`, printing nothing on stdout.
+    /// Returns stderr.
+    fn refused(&self, vars: &[(&str, &str)], args: &[&str], code: i32) -> String {
+        let out = self.run_vars(vars, args);
+        let stderr = String::from_utf8(out.stderr).unwrap();
+        assert_eq!(out.status.code(), Some(code), "{args:?}: {stderr}");
+        assert!(out.stdout.is_empty(), "{args:?} printed {:?}", out.stdout);
+        stderr
     }
 
     fn run(&self, args: &[&str]) -> Output {
@@ -117,12 +144,38 @@ impl Env {
         envelope
     }
 
-    /// Extends PCR 16 between keyhold runs (swtpm serves one connection at a time).
-    fn extend_pcr16(&self) {
+    /// Extends PCR 8 between keyhold runs (swtpm serves one connection at a time). Not 16: that
+    /// one anybody can reset, and keyhold refuses to bind to it.
+    fn extend_pcr8(&self) {
         keyhold::backend::tpm::device(&self.tpm.tcti(), DeviceSettings::default())
             .unwrap()
-            .extend_pcr(16, b"new firmware")
+            .extend_pcr(8, b"new firmware")
             .unwrap();
+    }
+
+    /// `init` sealed to PCR 8 with the recovery passphrase [`RECOVERY`].
+    fn init_pcr_bound(&self) {
+        self.ok_vars(
+            &[("KEYHOLD_PASSPHRASE", RECOVERY)],
+            &[
+                "init",
+                "--sealer",
+                "tpm",
+                "--pcrs",
+                "8",
+                "--argon2-memory-mib",
+                "19",
+                "--argon2-iterations",
+                "2",
+            ],
+        );
+    }
+
+    /// The configuration without the `[store]` statement of the sealer.
+    fn unstate_sealer(&self) {
+        let text = std::fs::read_to_string(&self.config).unwrap();
+        let (backends, _) = text.split_once("[store]").unwrap();
+        std::fs::write(&self.config, backends).unwrap();
     }
 
     fn db(&self) -> Vec<u8> {
@@ -194,35 +247,17 @@ fn a_tpm_sealed_store_with_a_tpm_key_and_a_software_fallback() {
 #[test]
 fn a_pcr_bound_store_is_refused_after_a_change_until_reseal() {
     let env = Env::new();
-    let out = env.run_with(
-        Some(RECOVERY),
-        &[
-            "init",
-            "--sealer",
-            "tpm",
-            "--pcrs",
-            "16",
-            "--argon2-memory-mib",
-            "8",
-            "--argon2-iterations",
-            "1",
-        ],
-    );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    env.init_pcr_bound();
     let ec = env.create("ec", &["--type", "ecdsa-p384"]);
     env.ok(&["key", "list"]);
 
-    env.extend_pcr16();
+    env.extend_pcr8();
     let before = env.db();
     let out = env.run(&["key", "list"]);
     assert_eq!(out.status.code(), Some(4));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
-        stderr.contains("PCRs 16 ") && stderr.contains("keyhold reseal"),
+        stderr.contains("PCRs 8 ") && stderr.contains("keyhold reseal"),
         "{stderr}"
     );
 
@@ -242,7 +277,8 @@ fn a_pcr_bound_store_is_refused_after_a_change_until_reseal() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(String::from_utf8_lossy(&out.stdout).contains("PCRs 16"));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("PCRs 8 → 8"), "{stdout}");
     let msg = env.path("msg");
     std::fs::write(&msg, b"after the reseal").unwrap();
     let sig = env.path("sig");
@@ -264,6 +300,14 @@ fn bad_sealer_arguments_are_refused_and_create_nothing() {
         (vec!["init", "--sealer", "tpm", "--pcrs", "24"], "PCR"),
         (vec!["init", "--sealer", "tpm", "--pcrs", "0;7"], "PCR list"),
         (
+            vec!["init", "--sealer", "tpm", "--pcrs", "16"],
+            "PCR 16 can be reset by any program",
+        ),
+        (
+            vec!["init", "--sealer", "tpm", "--pcrs", "0,23"],
+            "PCR 23 can be reset by any program",
+        ),
+        (
             vec!["init", "--sealer", "passphrase", "--pcrs", "7"],
             "--pcrs goes with --sealer tpm",
         ),
@@ -282,7 +326,13 @@ fn bad_sealer_arguments_are_refused_and_create_nothing() {
     // reseal is for TPM-sealed stores.
     let out = env.run_with(
         Some(RECOVERY),
-        &["init", "--sealer", "passphrase", "--argon2-memory-mib", "8"],
+        &[
+            "init",
+            "--sealer",
+            "passphrase",
+            "--argon2-memory-mib",
+            "19",
+        ],
     );
     assert!(
         out.status.success(),
@@ -351,4 +401,118 @@ fn tpm2_tss_is_quiet_unless_the_user_sets_tss2_log() {
         stderr.contains("ERROR:esys"),
         "TSS2_LOG=esys+error:\n{stderr}"
     );
+}
+
+/// M1 end to end: a passphrase store whose sealed root secret an intruder replaced with a TPM seal
+/// of a root they chose (and a metadata MAC forged under it). keyhold refuses it with exit 4,
+/// whether the user states nothing (passphrase, the default) or is talked into stating `tpm`;
+/// nothing is written, and with the original seal back every key is intact.
+#[test]
+fn a_passphrase_store_whose_root_was_replaced_by_a_tpm_seal_is_refused() {
+    let pass = [("KEYHOLD_PASSPHRASE", "cli m1 store passphrase")];
+    let env = Env::new();
+    env.unstate_sealer();
+    env.ok_vars(
+        &pass,
+        &[
+            "init",
+            "--sealer",
+            "passphrase",
+            "--argon2-memory-mib",
+            "19",
+        ],
+    );
+    let (id, _) = env.ok_vars(&pass, &["key", "create", "k", "--type", "hmac-sha256"]);
+    let id = String::from_utf8(id).unwrap();
+    let data = env.path("data");
+    std::fs::write(&data, b"m1").unwrap();
+    let mac = [
+        "mac",
+        "--key",
+        id.trim_end(),
+        "--in",
+        data.to_str().unwrap(),
+    ];
+    let (tag, _) = env.ok_vars(&pass, &mac);
+
+    let original = support::snapshot(&env.store);
+    support::replace_root_with_tpm_seal(&env.store, &env.tpm.tcti(), Some("tpm"));
+    let attacked = env.db();
+    // Nothing stated: keyhold expects a passphrase seal and does not follow the store's `tpm`.
+    for vars in [&[][..], &pass[..]] {
+        let stderr = env.refused(vars, &mac, 4);
+        assert!(
+            stderr.contains("records a `tpm` seal")
+                && stderr.contains("replaced its sealed root secret"),
+            "{stderr}"
+        );
+    }
+    // Stated `tpm` (a user talked into it): the TPM unseals the intruder's root, under which no
+    // record verifies; no key is made under it.
+    let stated = [("KEYHOLD_SEALER", "tpm")];
+    let stderr = env.refused(
+        &stated,
+        &["key", "create", "new", "--type", "hmac-sha256"],
+        4,
+    );
+    assert!(
+        stderr.contains("sealed root secret was replaced"),
+        "{stderr}"
+    );
+    assert_eq!(env.db(), attacked, "a refused open wrote to the store");
+
+    support::restore(&env.store, &original);
+    assert_eq!(env.ok_vars(&pass, &mac).0, tag, "the key changed");
+}
+
+/// A TPM store opened without the user stating its sealer: refused (exit 4), with exactly what to
+/// set; `init` says so up front. Stated through the environment, it opens.
+#[test]
+fn a_tpm_store_tells_its_user_what_to_set() {
+    let env = Env::new();
+    env.unstate_sealer();
+    let (_, note) = env.ok_vars(&[], &["init", "--sealer", "tpm"]);
+    assert!(note.contains("KEYHOLD_SEALER=tpm"), "{note}");
+    let stderr = env.refused(&[], &["key", "list"], 4);
+    assert!(
+        stderr.contains("KEYHOLD_SEALER=tpm")
+            && stderr.contains("sealer = \"tpm\"")
+            && stderr.contains("[store]"),
+        "{stderr}"
+    );
+    env.ok_vars(&[("KEYHOLD_SEALER", "tpm")], &["key", "list"]);
+}
+
+/// M2 end to end: the PCR list in the store is changed behind keyhold's back. To a resettable PCR:
+/// `reseal` refuses it with the reason; to another PCR: the TPM refuses the seal, `reseal`
+/// unseals with the recovery passphrase and then refuses the metadata (exit 6). Nothing is
+/// re-sealed either way.
+#[test]
+fn reseal_refuses_a_pcr_list_changed_behind_its_back() {
+    let recovery = [("KEYHOLD_PASSPHRASE", RECOVERY)];
+    let env = Env::new();
+    env.init_pcr_bound();
+    env.ok(&["key", "list"]);
+
+    let original = support::edit_seal_params(&env.store, |p| p["pcrs"] = serde_json::json!([16]));
+    let before = env.db();
+    let stderr = env.refused(&recovery, &["reseal"], 1);
+    assert!(stderr.contains("PCR 16 can be reset"), "{stderr}");
+    assert_eq!(env.db(), before);
+
+    support::edit_seal_params(&env.store, |p| p["pcrs"] = serde_json::json!([9]));
+    let before = env.db();
+    env.refused(&[], &["key", "list"], 4);
+    let stderr = env.refused(&recovery, &["reseal"], 6);
+    assert!(
+        stderr.contains("sealer metadata") && stderr.contains("nothing was re-sealed"),
+        "{stderr}"
+    );
+    assert_eq!(env.db(), before, "reseal wrote to the store");
+
+    // A resettable PCR asked for at reseal is refused too.
+    support::set_seal_params(&env.store, &original);
+    let stderr = env.refused(&recovery, &["reseal", "--pcrs", "23"], 1);
+    assert!(stderr.contains("PCR 23 can be reset"), "{stderr}");
+    env.ok(&["key", "list"]);
 }

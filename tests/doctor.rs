@@ -16,8 +16,8 @@ use secrecy::SecretString;
 fn passphrase() -> PassphraseSealer {
     PassphraseSealer::new(SecretString::from("doctor tests".to_owned()))
         .with_params(Argon2Params {
-            memory_mib: 8,
-            iterations: 1,
+            memory_mib: 19,
+            iterations: 2,
             parallelism: 1,
         })
         .unwrap()

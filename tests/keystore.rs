@@ -311,7 +311,15 @@ fn tampered_records_are_refused() {
         let key = t.create("k", KeyType::EcdsaP256, None);
         tamper(&t, sql);
         let before = t.snapshot();
-        let ks = t.reopen().unwrap();
+        // A store with a record that fails its MAC no longer opens (see
+        // `a_store_whose_records_fail_their_macs_does_not_open`); a keystore that was open before
+        // the change refuses the record when it is used.
+        let reopened = t.reopen().expect_err(sql);
+        assert!(
+            matches!(reopened, Error::Unseal { .. } | Error::Integrity { .. }),
+            "{sql}: {reopened:?}"
+        );
+        let ks = &t.ks;
         let err = ks.sign(&key.id, b"m", SignatureFormat::Der).expect_err(sql);
         match (&err, sql.contains("uuid")) {
             // The record is gone from where the ID points: it cannot be told from a destroyed key.
@@ -434,4 +442,203 @@ fn init_refuses_a_directory_that_holds_other_things() {
         "init must not change the permissions of a directory it refused"
     );
     assert!(!home.join(keyhold::store::DB_FILE).exists());
+}
+
+/// Changes meta entries behind keyhold's back.
+fn tamper_meta(path: &std::path::Path, sql: &str) {
+    let conn = rusqlite::Connection::open(path.join(keyhold::store::DB_FILE)).unwrap();
+    assert_eq!(conn.execute(sql, []).unwrap(), 1, "{sql}");
+}
+
+/// Every key record is checked under the unsealed root at open: one that fails refuses the store
+/// (a replaced root with one record forged under it must not open), and when none verifies the
+/// error says the sealed root secret was replaced (exit 4 in the command).
+#[test]
+fn a_store_whose_records_fail_their_macs_does_not_open() {
+    let t = TestStore::new();
+    t.create("a", KeyType::HmacSha256, None);
+    t.create("b", KeyType::Ed25519, None);
+    tamper(
+        &t,
+        "UPDATE keys SET created_at = created_at + 1 WHERE name = 'a'",
+    );
+    match t.reopen().unwrap_err() {
+        Error::Integrity { what } => assert!(
+            what.contains("1 of the store's 2 key records fail their MAC"),
+            "{what}"
+        ),
+        other => panic!("expected Error::Integrity, got {other:?}"),
+    }
+    tamper(
+        &t,
+        "UPDATE keys SET created_at = created_at + 1 WHERE name = 'b'",
+    );
+    match t.reopen().unwrap_err() {
+        Error::Unseal { reason } => assert!(
+            reason.contains("sealed root secret was replaced")
+                && reason.contains("none of the store's 2 key records"),
+            "{reason}"
+        ),
+        other => panic!("expected Error::Unseal, got {other:?}"),
+    }
+}
+
+/// The store's metadata is authenticated under the root: a changed or missing MAC, or a changed
+/// entry it covers, refuses the store once unsealed.
+#[test]
+fn store_metadata_is_authenticated_under_the_root() {
+    for sql in [
+        "UPDATE meta SET value = CAST(CAST(CAST(value AS TEXT) + 1 AS TEXT) AS BLOB) \
+         WHERE key = 'created_at'",
+        "UPDATE meta SET value = zeroblob(32) WHERE key = 'meta_mac'",
+        "DELETE FROM meta WHERE key = 'meta_mac'",
+    ] {
+        let t = TestStore::new();
+        t.create("k", KeyType::HmacSha256, None);
+        tamper_meta(&t.path, sql);
+        let before = t.snapshot();
+        match t.reopen().unwrap_err() {
+            Error::Integrity { what } => {
+                assert!(what.contains("sealer metadata"), "{sql}: {what}")
+            }
+            other => panic!("{sql}: expected Error::Integrity, got {other:?}"),
+        }
+        assert_eq!(
+            t.snapshot(),
+            before,
+            "{sql}: the refused open wrote to the store"
+        );
+    }
+}
+
+/// Argon2 parameters lowered in the store (below OWASP's 19 MiB, t=2) are refused before Argon2
+/// runs, with the error that says they were modified.
+#[test]
+fn weakened_argon2_parameters_in_the_store_are_refused() {
+    let t = TestStore::new();
+    support::edit_seal_params(&t.path, |p| p["memory_kib"] = 8192.into());
+    match t.reopen().unwrap_err() {
+        Error::Unseal { reason } => assert!(
+            reason.contains("argon2 parameters were modified") && reason.contains("8192 KiB"),
+            "{reason}"
+        ),
+        other => panic!("expected Error::Unseal, got {other:?}"),
+    }
+}
+
+/// The library leaves the host process alone: opening (and creating) a store changes neither
+/// `RLIMIT_CORE` nor dumpability. Hardening is the application's choice
+/// (`keyhold::secret::harden_process`, which the command calls).
+#[test]
+fn opening_a_store_does_not_change_the_core_limit() {
+    use rustix::process::{getrlimit, Resource};
+    let before = getrlimit(Resource::Core);
+    assert_ne!(
+        before.maximum,
+        Some(0),
+        "the hard core limit is already 0: this test cannot see a change"
+    );
+    let dumpable = rustix::process::dumpable_behavior().unwrap();
+    let t = TestStore::new();
+    t.reopen().unwrap();
+    let after = getrlimit(Resource::Core);
+    assert_eq!(
+        (after.current, after.maximum),
+        (before.current, before.maximum)
+    );
+    assert_eq!(rustix::process::dumpable_behavior().unwrap(), dumpable);
+}
+
+/// A destroyed software key's sealed blob does not stay in the database file's free pages.
+#[test]
+fn a_destroyed_keys_blob_is_wiped_from_the_file() {
+    let t = TestStore::new();
+    let key = t.create("gone", KeyType::Ed25519, None);
+    t.create("kept", KeyType::HmacSha256, None);
+    let blob: Vec<u8> = rusqlite::Connection::open(t.db())
+        .unwrap()
+        .query_row("SELECT blob FROM keys WHERE name = 'gone'", [], |r| {
+            r.get(0)
+        })
+        .unwrap();
+    assert!(blob.len() >= 48, "a sealed key blob");
+    let file = std::fs::read(t.db()).unwrap();
+    let holds = |file: &[u8], piece: &[u8]| file.windows(piece.len()).any(|w| w == piece);
+    assert!(
+        holds(&file, &blob[blob.len() - 32..]),
+        "the blob is in the file before"
+    );
+    t.ks.destroy_key(&key.id).unwrap();
+    for (path, file) in t.snapshot() {
+        // Any 16 bytes of the blob's tail (the AES-GCM tag and ciphertext) would be a leftover.
+        for piece in blob.chunks(16).filter(|c| c.len() == 16) {
+            assert!(
+                !holds(&file, piece),
+                "{} still holds part of the destroyed key's blob",
+                path.display()
+            );
+        }
+    }
+}
+
+/// A store directory or database that group or others can write is refused at open, saying how to
+/// fix it; so is one another user owns (checked when the test runs as root, which can give it away).
+#[test]
+fn a_store_others_can_write_or_own_is_refused() {
+    use std::os::unix::fs::PermissionsExt;
+    let t = TestStore::new();
+    let set = |path: &std::path::Path, mode: u32| {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap()
+    };
+    let refused = |what: &str| match t.reopen().unwrap_err() {
+        Error::StoreUnusable { reason, .. } => reason,
+        other => panic!("{what}: expected Error::StoreUnusable, got {other:?}"),
+    };
+    set(&t.path, 0o770);
+    let reason = refused("group-writable directory");
+    assert!(
+        reason.contains("writable by group or others")
+            && reason.contains(&format!("chmod 700 {}", t.path.display())),
+        "{reason}"
+    );
+    set(&t.path, 0o700);
+    set(&t.db(), 0o606);
+    let reason = refused("world-writable database");
+    assert!(
+        reason.contains(&format!("chmod 600 {}", t.db().display())),
+        "{reason}"
+    );
+    set(&t.db(), 0o600);
+    t.reopen().unwrap();
+    if rustix::process::geteuid().is_root() {
+        std::os::unix::fs::chown(t.db(), Some(65534), None).unwrap();
+        let reason = refused("database of another user");
+        assert!(
+            reason.contains("belongs to uid 65534") && reason.contains("chown"),
+            "{reason}"
+        );
+    }
+}
+
+/// `create` makes the store directory with one mkdir, mode 0700; an existing directory of another
+/// user is refused rather than taken over (checked when the test runs as root).
+#[test]
+fn the_store_directory_is_made_private_in_one_step() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let shared = dir.path().join("shared");
+    std::fs::create_dir(&shared).unwrap();
+    std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o1777)).unwrap();
+    let store = shared.join("store");
+    Keystore::create(&store, &sealer(PASSPHRASE)).unwrap();
+    let mode = std::fs::metadata(&store).unwrap().permissions().mode() & 0o7777;
+    assert_eq!(mode, 0o700);
+    if rustix::process::geteuid().is_root() {
+        let planted = shared.join("planted");
+        std::fs::create_dir(&planted).unwrap();
+        std::os::unix::fs::chown(&planted, Some(65534), Some(65534)).unwrap();
+        let err = Keystore::create(&planted, &sealer(PASSPHRASE)).unwrap_err();
+        assert!(err.to_string().contains("belongs to uid 65534"), "{err}");
+        assert!(!planted.join(keyhold::store::DB_FILE).exists());
+    }
 }

@@ -17,8 +17,8 @@ fn a_logout_behind_keyholds_back_is_recovered_from() {
     let dir = tempfile::tempdir().unwrap();
     let sealer = PassphraseSealer::new(SecretString::from("recovery".to_owned()))
         .with_params(Argon2Params {
-            memory_mib: 8,
-            iterations: 1,
+            memory_mib: 19,
+            iterations: 2,
             parallelism: 1,
         })
         .unwrap();

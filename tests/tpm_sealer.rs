@@ -18,8 +18,9 @@ use secrecy::SecretString;
 use support::{sealer, PASSPHRASE};
 
 const MESSAGE: &[u8] = b"keyhold TPM sealer test";
-/// PCR 16 is the debug PCR: resettable, and extendable from locality 0 on swtpm.
-const PCR: u8 = 16;
+/// An operating-system PCR: extendable from locality 0 on swtpm, and not resettable (keyhold
+/// refuses the resettable 16 and 23), so each test extends it on its own fresh swtpm.
+const PCR: u8 = 8;
 
 fn device(tpm: &Swtpm) -> Arc<TpmDevice> {
     keyhold::backend::tpm::device(&tpm.tcti(), DeviceSettings::default()).unwrap()
@@ -46,10 +47,22 @@ fn recovery() -> PassphraseSealer {
     sealer(PASSPHRASE)
 }
 
-/// Extends PCR 16 with a connection of its own: no keyhold object may hold the TPM meanwhile
+/// Extends [`PCR`] with a connection of its own: no keyhold object may hold the TPM meanwhile
 /// (swtpm serves one connection at a time).
 fn extend_pcr(tpm: &Swtpm) {
     device(tpm).extend_pcr(PCR, b"a new boot loader").unwrap();
+}
+
+/// A store sealed to [`PCR`] with a recovery passphrase, holding one TPM ECDSA key; its ID.
+fn pcr_bound_store(tpm: &Swtpm, store: &std::path::Path, config: &Config) -> String {
+    let sealer = TpmSealer::new(device(tpm), Some("tpm".into()))
+        .with_pcrs(&[PCR])
+        .unwrap()
+        .with_recovery(recovery());
+    let ks = Keystore::create_with(store, &sealer, config).unwrap();
+    ks.create_key(&request("ec", KeyType::EcdsaP384, None))
+        .unwrap()
+        .id
 }
 
 fn sign_works(ks: &Keystore, id: &str) {
@@ -104,7 +117,8 @@ fn a_tpm_sealed_store_opens_again_with_its_keys() {
     // A passphrase does not open it.
     drop(ks);
     let err = Keystore::open_with(&store, &sealer(PASSPHRASE), &config).unwrap_err();
-    assert!(unseal_reason(err).contains("sealed by `tpm`"));
+    let reason = unseal_reason(err);
+    assert!(reason.contains("records a `tpm` seal"), "{reason}");
 }
 
 /// `--pcrs`: once the PCR changes the TPM refuses, the recovery passphrase re-binds the seal to
@@ -115,16 +129,7 @@ fn a_pcr_bound_seal_breaks_on_change_and_reseal_rebinds_it() {
     let dir = tempfile::tempdir().unwrap();
     let store = dir.path().join("store");
     let config = config(&tpm, Fallback::Refuse);
-    let id = {
-        let sealer = TpmSealer::new(device(&tpm), Some("tpm".into()))
-            .with_pcrs(&[PCR])
-            .unwrap()
-            .with_recovery(recovery());
-        let ks = Keystore::create_with(&store, &sealer, &config).unwrap();
-        ks.create_key(&request("ec", KeyType::EcdsaP384, None))
-            .unwrap()
-            .id
-    };
+    let id = pcr_bound_store(&tpm, &store, &config);
     // Unchanged PCRs: it opens.
     {
         let sealer = TpmSealer::new(device(&tpm), Some("tpm".into()));
@@ -134,7 +139,7 @@ fn a_pcr_bound_seal_breaks_on_change_and_reseal_rebinds_it() {
     extend_pcr(&tpm);
     let plain = || TpmSealer::new(device(&tpm), Some("tpm".into()));
     let reason = unseal_reason(Keystore::open_with(&store, &plain(), &config).unwrap_err());
-    assert!(reason.contains("PCRs 16 "), "{reason}");
+    assert!(reason.contains("PCRs 8 "), "{reason}");
     assert!(reason.contains("keyhold reseal"), "{reason}");
     // Refusing changed nothing.
     assert_eq!(support::snapshot(&store), before);
@@ -231,10 +236,21 @@ fn a_store_opened_against_a_fresh_tpm_is_refused_clearly() {
     };
     let fresh = Swtpm::new().unwrap();
     let tpm_sealer = TpmSealer::new(device(&fresh), None);
+    // The SRK Name pinned at init is compared with the Name computed from the public area the
+    // other TPM returns before any session is salted to that key.
+    let salted = keyhold::backend::tpm::salted_sessions();
     let reason = unseal_reason(Keystore::open(&tpm_sealed, &tpm_sealer).unwrap_err());
     assert!(
-        reason.contains("another TPM") && reason.contains("cleared"),
+        reason.contains("pinned")
+            && reason.contains("another TPM")
+            && reason.contains("cleared")
+            && reason.contains("no session was salted"),
         "{reason}"
+    );
+    assert_eq!(
+        keyhold::backend::tpm::salted_sessions(),
+        salted,
+        "a session was salted to an SRK that is not the pinned one"
     );
     drop(tpm_sealer);
     // The passphrase-sealed store opens, but its TPM key says where it went.
@@ -365,4 +381,95 @@ fn a_foreign_object_at_the_srk_handle_is_refused() {
         text.contains("0x81000001") && text.contains("tpm2_evictcontrol"),
         "{text}"
     );
+}
+
+/// M2: the PCR list in the store is changed (to a PCR the intruder controls); the TPM then
+/// refuses the seal, and the user is told to run `reseal`, which unseals with the recovery
+/// passphrase. The metadata MAC, checked right after the unseal, refuses the store before
+/// anything is re-sealed: nothing in the store changes, and it still opens once the list is back.
+#[test]
+fn seal_parameters_changed_behind_keyholds_back_are_refused_before_resealing() {
+    let tpm = Swtpm::new().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("store");
+    let config = config(&tpm, Fallback::Refuse);
+    let id = pcr_bound_store(&tpm, &store, &config);
+    let plain = || TpmSealer::new(device(&tpm), Some("tpm".into()));
+    let original = support::edit_seal_params(&store, |p| p["pcrs"] = serde_json::json!([9]));
+    let before = support::snapshot(&store);
+    // What `keyhold reseal` does: the old seal's (doctored) PCR list, the recovery passphrase.
+    let unsealer = plain().with_recovery_prompt(Box::new(|| Ok(SecretString::from(PASSPHRASE))));
+    let resealer = plain().with_pcrs(&[9]).unwrap();
+    let err = Keystore::reseal(&store, &unsealer, &resealer).unwrap_err();
+    match &err {
+        Error::Integrity { what } => assert!(
+            what.contains("sealer metadata") && what.contains("failed its MAC"),
+            "{what}"
+        ),
+        other => panic!("expected Error::Integrity, got {other:?}"),
+    }
+    assert_eq!(support::snapshot(&store), before, "something was re-sealed");
+    let err = Keystore::open_with(&store, &unsealer, &config).unwrap_err();
+    assert!(matches!(err, Error::Integrity { .. }), "{err:?}");
+    // The recovery seal and the SRK Name are covered too.
+    support::set_seal_params(&store, &original);
+    sign_works(
+        &Keystore::open_with(&store, &plain(), &config).unwrap(),
+        &id,
+    );
+    support::edit_seal_params(&store, |p| p["recovery"] = serde_json::Value::Null);
+    let err = Keystore::open_with(&store, &plain(), &config).unwrap_err();
+    assert!(matches!(err, Error::Integrity { .. }), "{err:?}");
+}
+
+/// The library refuses a store that records another sealer kind than the one the caller passes,
+/// before unsealing anything.
+#[test]
+fn a_store_is_opened_only_with_the_sealer_kind_the_caller_passes() {
+    let tpm = Swtpm::new().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("store");
+    Keystore::create(&store, &sealer(PASSPHRASE)).unwrap();
+    let reason =
+        unseal_reason(Keystore::open(&store, &TpmSealer::new(device(&tpm), None)).unwrap_err());
+    assert!(
+        reason.contains("records a `passphrase` seal") && reason.contains("expects a `tpm` seal"),
+        "{reason}"
+    );
+}
+
+/// M1 in the library: a passphrase store whose sealed root secret was replaced by a TPM seal of a
+/// root the intruder chose, with a metadata MAC forged under that root. A caller that passes its
+/// passphrase sealer is refused (another kind); a caller that passes a TPM sealer (as a user
+/// talked into stating `tpm` would) is refused too, because no record verifies under the new root.
+#[test]
+fn a_sealed_root_replaced_by_a_tpm_seal_of_a_known_root_is_refused() {
+    let tpm = Swtpm::new().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("store");
+    let id = {
+        let ks = Keystore::create(&store, &sealer(PASSPHRASE)).unwrap();
+        ks.create_key(&KeyRequest {
+            namespace: "m1".into(),
+            name: "k".into(),
+            spec: KeySpec::new(KeyType::HmacSha256, None, None).unwrap(),
+            backend: None,
+        })
+        .unwrap()
+        .id
+    };
+    let original = support::snapshot(&store);
+    support::replace_root_with_tpm_seal(&store, &tpm.tcti(), None);
+    let err = Keystore::open(&store, &sealer(PASSPHRASE)).unwrap_err();
+    assert!(unseal_reason(err).contains("records a `tpm` seal"));
+    let reason =
+        unseal_reason(Keystore::open(&store, &TpmSealer::new(device(&tpm), None)).unwrap_err());
+    assert!(
+        reason.contains("sealed root secret was replaced") && reason.contains("1 key records"),
+        "{reason}"
+    );
+    // Put the original back: the key is intact.
+    support::restore(&store, &original);
+    let ks = Keystore::open(&store, &sealer(PASSPHRASE)).unwrap();
+    ks.mac(&id, b"intact").unwrap();
 }

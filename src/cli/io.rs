@@ -1,14 +1,14 @@
 //! Input, output, the passphrase, and opening the keystore.
 
 use std::fs::File;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::path::Path;
 
 use std::sync::Arc;
 
 use keyhold::backend::pkcs11::Pkcs11Backend;
 use keyhold::backend::tpm::device::TpmDevice;
-use keyhold::config::{BackendConfig, TpmConfig};
+use keyhold::config::{BackendConfig, SealerKind, TpmConfig};
 use keyhold::{Keystore, PassphraseSealer, Pkcs11Sealer, TpmSealer, MAX_ENVELOPE, MAX_INPUT};
 use secrecy::SecretString;
 use zeroize::Zeroizing;
@@ -224,7 +224,14 @@ pub fn passphrase(ctx: &Context, confirm: bool) -> Result<SecretString, Failure>
     passphrase_from(ctx.passphrase_file.as_deref(), confirm)
 }
 
+/// The longest passphrase read from a file or the terminal.
+const MAX_PASSPHRASE: usize = 4096;
+
 /// [`passphrase`] with the file given directly.
+///
+/// No copy is left behind: the file and the terminal are read without a `BufReader` (whose buffer
+/// would keep the bytes after it is freed) into zeroizing buffers, and `KEYHOLD_PASSPHRASE` is
+/// removed from the process environment once read, so that nothing started later inherits it.
 pub fn passphrase_from(file: Option<&Path>, confirm: bool) -> Result<SecretString, Failure> {
     if let Some(path) = file {
         let file = File::open(path).map_err(|e| {
@@ -233,27 +240,53 @@ pub fn passphrase_from(file: Option<&Path>, confirm: bool) -> Result<SecretStrin
                 path.display()
             ))
         })?;
-        let mut line = Zeroizing::new(String::new());
-        BufReader::new(file)
-            .read_line(&mut line)
+        let data = read_zeroizing(file.take(MAX_PASSPHRASE as u64), MAX_PASSPHRASE)
             .map_err(|e| Failure::Cli(format!("cannot read {}: {e}", path.display())))?;
-        return Ok(SecretString::from(trim_newline(&line).to_owned()));
+        let line = data.split(|&b| b == b'\n').next().unwrap_or_default();
+        return secret_from_utf8(line, || {
+            format!("the passphrase file {} is not valid UTF-8", path.display())
+        });
     }
     if let Some(value) = std::env::var_os("KEYHOLD_PASSPHRASE") {
-        let value = Zeroizing::new(
-            value
-                .into_string()
-                .map_err(|_| Failure::Cli("KEYHOLD_PASSPHRASE is not valid UTF-8".into()))?,
-        );
-        return Ok(SecretString::from(value.as_str().to_owned()));
+        // The variable is read once per process. Removing it is sound only while no other
+        // thread reads the environment: the command reads the passphrase before it starts any
+        // (backends, which may, are built after the store is unsealed).
+        std::env::remove_var("KEYHOLD_PASSPHRASE");
+        let value = Zeroizing::new(std::os::unix::ffi::OsStringExt::into_vec(value));
+        return secret_from_utf8(&value, || "KEYHOLD_PASSPHRASE is not valid UTF-8".into());
     }
     prompt(confirm)
 }
 
-fn trim_newline(line: &str) -> &str {
-    line.strip_suffix('\n')
-        .map(|l| l.strip_suffix('\r').unwrap_or(l))
-        .unwrap_or(line)
+/// A passphrase from bytes (without a trailing `\r`), copied once into its `SecretString`.
+fn secret_from_utf8(
+    bytes: &[u8],
+    not_utf8: impl FnOnce() -> String,
+) -> Result<SecretString, Failure> {
+    let bytes = bytes.strip_suffix(b"\r").unwrap_or(bytes);
+    let text = std::str::from_utf8(bytes).map_err(|_| Failure::Cli(not_utf8()))?;
+    Ok(SecretString::from(text))
+}
+
+/// Reads one line from the terminal a byte at a time into a buffer allocated once and zeroized
+/// on drop (the terminal gives the line in one go; a `BufReader` would keep its own copy).
+fn read_secret_line(mut tty: &File) -> std::io::Result<Zeroizing<Vec<u8>>> {
+    let mut line = Zeroizing::new(Vec::with_capacity(MAX_PASSPHRASE));
+    let mut byte = [0u8; 1];
+    loop {
+        match tty.read(&mut byte) {
+            Ok(0) => return Ok(line),
+            Ok(_) if byte[0] == b'\n' => return Ok(line),
+            Ok(_) if line.len() == MAX_PASSPHRASE => {
+                return Err(std::io::Error::other(format!(
+                    "the passphrase is longer than {MAX_PASSPHRASE} bytes"
+                )))
+            }
+            Ok(_) => line.push(byte[0]),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
 }
 
 /// Asks on the controlling terminal with echo off; twice when `confirm`.
@@ -275,16 +308,14 @@ fn prompt(confirm: bool) -> Result<SecretString, Failure> {
     let mut quiet = saved.clone();
     quiet.local_modes.remove(LocalModes::ECHO);
     quiet.local_modes.insert(LocalModes::ECHONL);
-    let ask = |label: &str| -> Result<Zeroizing<String>, Failure> {
+    let ask = |label: &str| -> Result<Zeroizing<Vec<u8>>, Failure> {
         let mut out = &tty;
         let _ = out.write_all(label.as_bytes());
         tcsetattr(&tty, OptionalActions::Flush, &quiet)
             .map_err(|e| Failure::Cli(format!("cannot turn terminal echo off: {e}")))?;
-        let mut line = Zeroizing::new(String::new());
-        let read = BufReader::new(&tty).read_line(&mut line);
+        let read = read_secret_line(&tty);
         let _ = tcsetattr(&tty, OptionalActions::Flush, &saved);
-        read.map_err(|e| Failure::Cli(format!("cannot read the passphrase: {e}")))?;
-        Ok(Zeroizing::new(trim_newline(&line).to_owned()))
+        read.map_err(|e| Failure::Cli(format!("cannot read the passphrase: {e}")))
     };
     let first = ask("keyhold passphrase: ")?;
     if confirm {
@@ -295,29 +326,86 @@ fn prompt(confirm: bool) -> Result<SecretString, Failure> {
             ));
         }
     }
-    Ok(SecretString::from(first.as_str().to_owned()))
+    secret_from_utf8(&first, || "the passphrase is not valid UTF-8".into())
 }
 
-/// Opens and unseals the store named by the context, with the sealer the store was made with.
+/// The sealer the user states for the store: `$KEYHOLD_SEALER`, else `sealer` under `[store]` in
+/// the configuration, else `passphrase`, and where that came from (for messages).
+///
+/// Never the sealer the store's own files name: whoever can write them could swap a passphrase
+/// seal for a TPM seal of a root secret they chose, and keyhold would open the store without the
+/// passphrase, making every new key under a key-encryption key they know. A statement outside
+/// the store is what they cannot change; passphrase, the one sealer that needs the user's secret,
+/// is the default.
+pub fn stated_sealer(ctx: &Context) -> Result<(SealerKind, &'static str), Failure> {
+    if let Some(value) = std::env::var_os("KEYHOLD_SEALER").filter(|v| !v.is_empty()) {
+        let kind = match value.to_str() {
+            Some("passphrase") => SealerKind::Passphrase,
+            Some("tpm") => SealerKind::Tpm,
+            Some("pkcs11") => SealerKind::Pkcs11,
+            _ => {
+                return Err(Failure::Cli(format!(
+                    "KEYHOLD_SEALER is `{}`: set it to passphrase, tpm or pkcs11",
+                    value.to_string_lossy()
+                )))
+            }
+        };
+        return Ok((kind, "KEYHOLD_SEALER"));
+    }
+    match ctx.config.store.sealer {
+        Some(kind) => Ok((kind, "the configuration's [store] sealer")),
+        None => Ok((
+            SealerKind::Passphrase,
+            "the default, as no sealer was stated",
+        )),
+    }
+}
+
+/// The stated sealer, if the store records the same; else a refusal saying what to set if the
+/// store is genuinely sealed the way it records.
+pub fn check_stated_sealer(ctx: &Context, recorded: &str) -> Result<SealerKind, Failure> {
+    let (stated, source) = stated_sealer(ctx)?;
+    if recorded == stated.as_str() {
+        return Ok(stated);
+    }
+    Err(keyhold::Error::Unseal {
+        reason: format!(
+            "the store records a `{recorded}` seal, but keyhold expects a `{}` seal ({source}). \
+             If you made this store with `keyhold init --sealer {recorded}`, say so: set \
+             KEYHOLD_SEALER={recorded}, or put `sealer = \"{recorded}\"` under [store] in the \
+             configuration file. If you did not, someone who can write the store directory \
+             replaced its sealed root secret: do not use the store; restore it from a backup",
+            stated.as_str()
+        ),
+    }
+    .into())
+}
+
+/// Opens and unseals the store named by the context, with the sealer the user stated (see
+/// [`stated_sealer`]); a store that records another kind is refused.
 pub fn open_keystore(ctx: &Context) -> Result<Keystore, Failure> {
     // Look for the store (and its sealer) before asking for a passphrase nobody can use.
     let sealed = keyhold::store::Store::open(&ctx.store)?
         .meta()
         .sealed_root
         .clone();
-    match sealed.sealer.as_str() {
-        "pkcs11" => {
+    let stated = check_stated_sealer(ctx, &sealed.sealer)?;
+    // Which backend reaches the token or TPM comes from the store's parameters: they choose only
+    // among the configured backends, and are authenticated with the rest of the metadata once the
+    // root is unsealed.
+    match stated {
+        SealerKind::Pkcs11 => {
             let name = Pkcs11Sealer::backend_of(&sealed)?;
             let sealer = Pkcs11Sealer::new(Arc::new(pkcs11_backend(ctx, &name)?));
             Ok(Keystore::open_with(&ctx.store, &sealer, &ctx.config)?)
         }
-        "tpm" => {
+        SealerKind::Tpm => {
             let name = TpmSealer::backend_of(&sealed)?;
             let (device, name) = tpm_device(ctx, name.as_deref(), true)?;
             let sealer = TpmSealer::new(device, name);
             Ok(Keystore::open_with(&ctx.store, &sealer, &ctx.config)?)
         }
-        _ => {
+        SealerKind::Passphrase => {
             let sealer = PassphraseSealer::new(passphrase(ctx, false)?);
             Ok(Keystore::open_with(&ctx.store, &sealer, &ctx.config)?)
         }
@@ -385,5 +473,77 @@ pub fn pkcs11_backend(ctx: &Context, name: &str) -> Result<Pkcs11Backend, Failur
             "the store is sealed by the PKCS#11 backend `{name}`, which the configuration does \
              not define: pass --config (or set KEYHOLD_CONFIG) with [backends.{name}]"
         ))),
+    }
+}
+
+#[cfg(test)]
+mod passphrase_tests {
+    use clap::Parser;
+    use secrecy::ExposeSecret;
+
+    use super::super::{Args, Context};
+    use super::*;
+
+    fn context(config: Option<&str>) -> (tempfile::TempDir, Context) {
+        let dir = tempfile::tempdir().unwrap();
+        let mut args = vec![
+            "keyhold".to_owned(),
+            "--store".into(),
+            "/nonexistent".into(),
+        ];
+        if let Some(text) = config {
+            let path = dir.path().join("keyhold.toml");
+            std::fs::write(&path, text).unwrap();
+            args.extend(["--config".into(), path.display().to_string()]);
+        }
+        args.extend(["key".into(), "list".into()]);
+        let ctx = Context::from_args(&Args::try_parse_from(args).unwrap()).unwrap();
+        (dir, ctx)
+    }
+
+    /// L4: `KEYHOLD_PASSPHRASE` is read once and gone from the environment afterwards, so nothing
+    /// keyhold starts later inherits it. (Each nextest test is its own process: setting the
+    /// variable here touches no other test.)
+    #[test]
+    fn the_passphrase_variable_is_removed_once_read() {
+        std::env::set_var("KEYHOLD_PASSPHRASE", "from the environment");
+        let secret = passphrase_from(None, false).unwrap();
+        assert_eq!(secret.expose_secret(), "from the environment");
+        assert_eq!(std::env::var_os("KEYHOLD_PASSPHRASE"), None);
+    }
+
+    /// The file's first line, without its line ending (a CRLF file too), and nothing after it.
+    #[test]
+    fn a_passphrase_file_gives_its_first_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("pass");
+        std::fs::write(&path, b"first line\r\nsecond line\n").unwrap();
+        let secret = passphrase_from(Some(&path), false).unwrap();
+        assert_eq!(secret.expose_secret(), "first line");
+        std::fs::write(&path, b"no newline").unwrap();
+        let secret = passphrase_from(Some(&path), false).unwrap();
+        assert_eq!(secret.expose_secret(), "no newline");
+    }
+
+    /// M1: the sealer is the user's statement: `$KEYHOLD_SEALER`, else `[store] sealer`, else
+    /// passphrase; never the store's.
+    #[test]
+    fn the_stated_sealer_comes_from_the_environment_then_the_configuration() {
+        std::env::remove_var("KEYHOLD_SEALER");
+        let (_d, plain) = context(None);
+        assert_eq!(stated_sealer(&plain).unwrap().0, SealerKind::Passphrase);
+        let (_d, stated) = context(Some("[store]\nsealer = \"tpm\"\n"));
+        assert_eq!(stated_sealer(&stated).unwrap().0, SealerKind::Tpm);
+        let err = check_stated_sealer(&plain, "tpm").unwrap_err();
+        assert!(err.to_string().contains("KEYHOLD_SEALER=tpm"), "{err}");
+        check_stated_sealer(&stated, "tpm").unwrap();
+        std::env::set_var("KEYHOLD_SEALER", "pkcs11");
+        assert_eq!(stated_sealer(&stated).unwrap().0, SealerKind::Pkcs11);
+        std::env::set_var("KEYHOLD_SEALER", "tmp");
+        let err = stated_sealer(&stated).unwrap_err();
+        assert!(
+            err.to_string().contains("passphrase, tpm or pkcs11"),
+            "{err}"
+        );
     }
 }

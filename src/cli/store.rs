@@ -39,11 +39,11 @@ pub struct InitArgs {
     #[arg(long, requires = "pcrs")]
     no_recovery: bool,
 
-    /// Argon2id memory in MiB (at least 8)
+    /// Argon2id memory in MiB (at least 19)
     #[arg(long, value_name = "MIB", default_value_t = Argon2Params::default().memory_mib)]
     argon2_memory_mib: u32,
 
-    /// Argon2id passes over memory
+    /// Argon2id passes over memory (at least 2)
     #[arg(long, value_name = "N", default_value_t = Argon2Params::default().iterations)]
     argon2_iterations: u32,
 
@@ -108,6 +108,14 @@ pub fn init(ctx: &Context, args: &InitArgs) -> CmdResult {
             ))
         }
     };
+    // keyhold opens a store only with the sealer the user states, never the one the store names.
+    if io::check_stated_sealer(ctx, ks.sealer_kind()).is_err() {
+        let kind = ks.sealer_kind();
+        eprintln!(
+            "keyhold: note: to open this store, state its sealer: set KEYHOLD_SEALER={kind}, or \
+             put `sealer = \"{kind}\"` under [store] in the configuration file"
+        );
+    }
     if ctx.json {
         io::print_json(&serde_json::json!({
             "store": ctx.store.display().to_string(),
@@ -149,12 +157,17 @@ pub fn reseal(ctx: &Context, args: &ResealArgs) -> CmdResult {
             sealed.sealer
         )));
     }
+    io::check_stated_sealer(ctx, &sealed.sealer)?;
     let name = TpmSealer::backend_of(&sealed)?;
     let (device, name) = io::tpm_device(ctx, name.as_deref(), true)?;
+    // Read before the root is unsealed, and shown only after `Keystore::reseal` authenticated it
+    // with the rest of the metadata: a PCR list changed behind keyhold's back is refused, never
+    // carried over to the new seal.
+    let old_pcrs = TpmSealer::pcrs_of(&sealed)?;
     let pcrs = match (&args.pcrs, args.no_pcrs) {
         (Some(list), _) => parse_pcrs(list)?,
         (None, true) => Vec::new(),
-        (None, false) => TpmSealer::pcrs_of(&sealed)?,
+        (None, false) => old_pcrs.clone(),
     };
     let file = ctx.passphrase_file.clone();
     let unsealer = TpmSealer::new(Arc::clone(&device), name.clone()).with_recovery_prompt(
@@ -172,20 +185,22 @@ pub fn reseal(ctx: &Context, args: &ResealArgs) -> CmdResult {
         io::print_json(&serde_json::json!({
             "store": ctx.store.display().to_string(),
             "sealer": "tpm",
+            "old_pcrs": old_pcrs,
             "pcrs": pcrs,
         }))
     } else {
-        io::print_line(&format!(
-            "re-sealed keyhold store {} to the TPM{}",
-            ctx.store.display(),
+        let list = |pcrs: &[u8]| {
             if pcrs.is_empty() {
-                String::new()
+                "none".to_owned()
             } else {
-                format!(
-                    " and PCRs {}",
-                    pcrs.iter().map(u8::to_string).collect::<Vec<_>>().join(",")
-                )
+                pcrs.iter().map(u8::to_string).collect::<Vec<_>>().join(",")
             }
+        };
+        io::print_line(&format!(
+            "re-sealed keyhold store {} to the TPM: PCRs {} → {}",
+            ctx.store.display(),
+            list(&old_pcrs),
+            list(&pcrs)
         ))
     }
 }

@@ -22,7 +22,7 @@ use crate::error::{Error, Result};
 use crate::key::{validate_name, Algorithm, KeySpec, KeyState, Purpose, SignatureFormat};
 use crate::public_key::PublicKey;
 use crate::sealer::{RootSecret, Sealer};
-use crate::secret::{harden_process, SecretBytes};
+use crate::secret::SecretBytes;
 use crate::store::{KeyRecord, Store, StoreMeta};
 
 use key_id::KeyIdCodec;
@@ -163,6 +163,7 @@ struct DerivedKeys {
     record_mac: SecretBytes,
     software_kek: SecretBytes,
     tpm_auth_kek: SecretBytes,
+    meta_mac: SecretBytes,
 }
 
 fn derive_keys(root: &RootSecret, store_id: &[u8; 16]) -> Result<DerivedKeys> {
@@ -179,22 +180,103 @@ fn derive_keys(root: &RootSecret, store_id: &[u8; 16]) -> Result<DerivedKeys> {
         record_mac: expand(b"keyhold v1 record mac")?,
         software_kek: expand(b"keyhold v1 software kek")?,
         tpm_auth_kek: expand(b"keyhold v1 tpm auth kek")?,
+        meta_mac: expand(b"keyhold v1 store meta mac")?,
     })
 }
 
-/// Unseals `store`'s root secret with `sealer`, which must be the kind that sealed it.
-fn unseal_root(store: &Store, sealer: &dyn Sealer) -> Result<RootSecret> {
+/// The MAC of a store's metadata under the key derived for it.
+fn meta_mac(keys: &DerivedKeys, meta: &StoreMeta) -> Vec<u8> {
+    let key = hmac::Key::new(hmac::HMAC_SHA256, keys.meta_mac.expose());
+    hmac::sign(&key, &meta.mac_input()).as_ref().to_vec()
+}
+
+/// Checks, right after unsealing and before anything is written or re-sealed, that the root
+/// secret is the one the store's records were made under and that the metadata (sealer kind and
+/// parameters: PCRs, SRK Name, recovery seal, KDF settings) is what keyhold wrote.
+///
+/// Whoever can write the store directory can put in a seal of a root they chose, and a MAC under
+/// it: the metadata MAC alone cannot tell that seal from ours. The records can: they were MAC'd
+/// under the old root, so under a replaced one none of them verifies. Every record is checked
+/// (an HMAC each), and any failure refuses the store: a replaced root with one record forged
+/// under it must not open either, or new keys would be made under a key-encryption key the
+/// intruder knows. (A replaced root in a store whose records were all deleted cannot be told
+/// from a new store; the sealer the user states, not the store, is the defence there.)
+fn check_store(store: &Store, keys: &DerivedKeys) -> Result<()> {
+    let meta = store.meta();
+    let record_mac = hmac::Key::new(hmac::HMAC_SHA256, keys.record_mac.expose());
+    let records = store.keys(None)?;
+    let failed: Vec<&KeyRecord> = records
+        .iter()
+        .filter(|r| {
+            let expected = hmac::sign(&record_mac, &r.mac_input(&meta.store_id));
+            constant_time::verify_slices_are_equal(expected.as_ref(), &r.mac).is_err()
+        })
+        .collect();
+    if !records.is_empty() && failed.len() == records.len() {
+        return Err(Error::Unseal {
+            reason: format!(
+                "the sealed root secret was replaced: none of the store's {} key records \
+                 verifies under the root secret the `{}` sealer gave back (someone who can write \
+                 the store directory put in a seal of their own); do not create keys in this \
+                 store, and restore it from a backup",
+                records.len(),
+                meta.sealed_root.sealer
+            ),
+        });
+    }
+    let expected = meta_mac(keys, meta);
+    if meta.mac.is_empty() || constant_time::verify_slices_are_equal(&expected, &meta.mac).is_err()
+    {
+        return Err(Error::Integrity {
+            what: format!(
+                "the store's sealer metadata (sealer `{}`, its parameters such as PCRs, SRK Name \
+                 and recovery seal) {}; nothing was re-sealed",
+                meta.sealed_root.sealer,
+                if meta.mac.is_empty() {
+                    "carries no MAC"
+                } else {
+                    "failed its MAC"
+                }
+            ),
+        });
+    }
+    if let Some(first) = failed.first() {
+        return Err(Error::Integrity {
+            what: format!(
+                "{} of the store's {} key records fail their MAC (the first: key {}): they were \
+                 changed outside keyhold, or the sealed root secret was replaced and records \
+                 were added under it",
+                failed.len(),
+                records.len(),
+                crate::hex::encode(&first.uuid)
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// Unseals `store`'s root secret with `sealer`, which must be the kind that sealed it, and checks
+/// the store against it ([`check_store`]).
+///
+/// The caller's sealer is the expectation the store cannot forge: a store that records another
+/// kind is refused before anything is unsealed, whatever its metadata says.
+fn unseal_root(store: &Store, sealer: &dyn Sealer) -> Result<(RootSecret, DerivedKeys)> {
     let meta = store.meta();
     if meta.sealed_root.sealer != sealer.kind() {
         return Err(Error::Unseal {
             reason: format!(
-                "the store is sealed by `{}`, but a `{}` sealer was given",
+                "the store records a `{}` seal, but the caller expects a `{}` seal: keyhold does \
+                 not follow a change of sealer it did not make (`keyhold reseal` makes one); if \
+                 nobody changed it, its sealed root secret was replaced",
                 meta.sealed_root.sealer,
                 sealer.kind()
             ),
         });
     }
-    sealer.unseal(&meta.sealed_root, &meta.store_id)
+    let root = sealer.unseal(&meta.sealed_root, &meta.store_id)?;
+    let keys = derive_keys(&root, &meta.store_id)?;
+    check_store(store, &keys)?;
+    Ok((root, keys))
 }
 
 fn now() -> i64 {
@@ -275,7 +357,8 @@ impl Resolved {
 impl Keystore {
     /// Creates a store in `dir`, sealing a fresh root secret with `sealer`.
     ///
-    /// Makes the process non-dumpable first (see [`harden_process`]).
+    /// The process is left as it is: an application that wants no core dumps of its secrets calls
+    /// [`crate::secret::harden_process`] itself (the `keyhold` command does).
     ///
     /// # Errors
     /// [`Error::StoreExists`] if there is already a store; sealer, I/O and storage errors.
@@ -289,7 +372,6 @@ impl Keystore {
     /// As [`Self::create`]. A configured backend that cannot be set up does not stop the store
     /// from being created: using it reports why ([`Error::BackendUnavailable`]).
     pub fn create_with(dir: &Path, sealer: &dyn Sealer, config: &Config) -> Result<Self> {
-        harden_process();
         if dir.join(crate::store::DB_FILE).exists() {
             return Err(Error::StoreExists {
                 path: dir.to_path_buf(),
@@ -299,22 +381,31 @@ impl Keystore {
         aws_lc_rs::rand::fill(&mut store_id).map_err(|_| Error::crypto("make a store ID"))?;
         let root = RootSecret::generate()?;
         let sealed_root = sealer.seal(&root, &store_id)?;
-        let meta = StoreMeta {
+        let keys = derive_keys(&root, &store_id)?;
+        let mut meta = StoreMeta {
             store_id,
             sealed_root,
             created_at: now(),
+            mac: Vec::new(),
         };
+        meta.mac = meta_mac(&keys, &meta);
         let store = Store::create(dir, &meta)?;
         tracing::info!(store = %dir.display(), sealer = sealer.kind(), "created store");
-        Self::with_root(store, &root, config)
+        Self::with_root(store, &keys, config)
     }
 
     /// Opens the store in `dir` and unseals its root secret with `sealer`.
     ///
-    /// Makes the process non-dumpable first (see [`harden_process`]).
+    /// `sealer` is the caller's statement of how the store is sealed: a store that records
+    /// another kind is refused. Once unsealed, the store's metadata and every key record are
+    /// checked under the root secret. The process is left as it is (see
+    /// [`crate::secret::harden_process`]).
     ///
     /// # Errors
-    /// [`Error::StoreNotFound`], [`Error::StoreUnusable`], [`Error::Unseal`].
+    /// [`Error::StoreNotFound`]; [`Error::StoreUnusable`] (also for a store directory or database
+    /// another user owns or others may write); [`Error::Unseal`] (also for a store that records
+    /// another sealer kind, or whose sealed root secret was replaced); [`Error::Integrity`] for
+    /// metadata or records changed outside keyhold.
     pub fn open(dir: &Path, sealer: &dyn Sealer) -> Result<Self> {
         Self::open_with(dir, sealer, &Config::default())
     }
@@ -326,10 +417,9 @@ impl Keystore {
     /// opening: its keys report why they cannot be used ([`Error::BackendUnavailable`]), and
     /// [`Self::doctor`] shows it.
     pub fn open_with(dir: &Path, sealer: &dyn Sealer, config: &Config) -> Result<Self> {
-        harden_process();
         let store = Store::open(dir)?;
-        let root = unseal_root(&store, sealer)?;
-        Self::with_root(store, &root, config)
+        let (_root, keys) = unseal_root(&store, sealer)?;
+        Self::with_root(store, &keys, config)
     }
 
     /// Re-seals the root secret of the store in `dir`: unseals it with `unsealer`, seals it with
@@ -337,13 +427,15 @@ impl Keystore {
     /// (in one transaction). Keys, records and key IDs are unchanged. Used to re-bind a TPM seal
     /// to PCRs after an intended change, or to move a store to another sealer.
     ///
+    /// The store's metadata and records are checked under the unsealed root before anything is
+    /// sealed: parameters changed behind keyhold's back (a PCR list) are refused, never re-sealed to.
+    ///
     /// # Errors
     /// As [`Self::open`] for the unsealing; sealer errors; [`Error::Unseal`] if the new seal
     /// does not unseal (nothing is changed then); storage errors.
     pub fn reseal(dir: &Path, unsealer: &dyn Sealer, resealer: &dyn Sealer) -> Result<()> {
-        harden_process();
         let mut store = Store::open(dir)?;
-        let root = unseal_root(&store, unsealer)?;
+        let (root, keys) = unseal_root(&store, unsealer)?;
         let meta = store.meta().clone();
         let sealed = resealer.seal(&root, &meta.store_id)?;
         let check = resealer.unseal(&sealed, &meta.store_id)?;
@@ -353,15 +445,18 @@ impl Keystore {
                     .into(),
             });
         }
-        store.replace_sealed_root(&sealed)?;
+        let new_meta = StoreMeta {
+            sealed_root: sealed,
+            ..meta
+        };
+        store.replace_sealed_root(&new_meta.sealed_root, &meta_mac(&keys, &new_meta))?;
         tracing::info!(store = %dir.display(), sealer = resealer.kind(), "re-sealed the store");
         Ok(())
     }
 
-    fn with_root(store: Store, root: &RootSecret, config: &Config) -> Result<Self> {
+    fn with_root(store: Store, keys: &DerivedKeys, config: &Config) -> Result<Self> {
         let store_id = store.meta().store_id;
-        let keys = derive_keys(root, &store_id)?;
-        let configured = build_backends(config, &keys);
+        let configured = build_backends(config, keys);
         let software: Arc<dyn Backend> =
             Arc::new(SoftwareBackend::new(&keys.software_kek)?.with_key_cache(
                 std::time::Duration::from_secs(config.software.key_cache_secs),

@@ -17,13 +17,18 @@ const SALT_LEN: usize = 16;
 const MAX_MEMORY_MIB: u32 = 4096;
 const MAX_ITERATIONS: u32 = 64;
 const MAX_PARALLELISM: u32 = 64;
+/// OWASP's minimum for Argon2id (Password Storage Cheat Sheet: 19 MiB, 2 passes, 1 lane). Below
+/// it a stolen store's passphrase is cheap to guess; a store that records less was doctored to
+/// make it so (keyhold never wrote less), and is refused before Argon2 runs.
+const MIN_MEMORY_MIB: u32 = 19;
+const MIN_ITERATIONS: u32 = 2;
 
 /// Argon2id cost parameters.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Argon2Params {
-    /// Memory in MiB (at least 8).
+    /// Memory in MiB (at least 19).
     pub memory_mib: u32,
-    /// Passes over memory (at least 1).
+    /// Passes over memory (at least 2).
     pub iterations: u32,
     /// Lanes (at least 1).
     pub parallelism: u32,
@@ -55,8 +60,18 @@ impl Argon2Params {
                 )))
             }
         };
-        check("memory (MiB)", self.memory_mib, 8, MAX_MEMORY_MIB)?;
-        check("iterations", self.iterations, 1, MAX_ITERATIONS)?;
+        check(
+            "memory (MiB)",
+            self.memory_mib,
+            MIN_MEMORY_MIB,
+            MAX_MEMORY_MIB,
+        )?;
+        check(
+            "iterations",
+            self.iterations,
+            MIN_ITERATIONS,
+            MAX_ITERATIONS,
+        )?;
         check("parallelism", self.parallelism, 1, MAX_PARALLELISM)
     }
 }
@@ -116,17 +131,45 @@ impl PassphraseSealer {
         .map_err(|e| Error::Unseal {
             reason: format!("the store's argon2 parameters are invalid: {e}"),
         })?;
+        // Argon2's working memory holds values derived from the passphrase; argon2 0.6 frees its
+        // own without wiping it, so it works in ours, which is wiped on drop (its `zeroize`
+        // feature wipes H0 and the final block).
+        let mut memory =
+            zeroize::Zeroizing::new(vec![argon2::Block::default(); params.block_count()]);
         let kdf = argon2::Argon2::new(argon2::Algorithm::Argon2id, argon2::Version::V0x13, params);
         let mut kek = SecretBytes::zeroed(32);
-        kdf.hash_password_into(
+        kdf.hash_password_into_with_memory(
             self.passphrase.expose_secret().as_bytes(),
             salt,
             kek.expose_mut(),
+            &mut memory[..],
         )
         .map_err(|_| Error::crypto("argon2id key derivation"))?;
         RandomizedNonceKey::new(&AES_256_GCM, kek.expose())
             .map_err(|_| Error::crypto("load the passphrase-derived key"))
     }
+}
+
+/// Refuses stored Argon2 parameters outside keyhold's range before Argon2 runs: below the floor
+/// they make the passphrase cheap to guess, above the ceiling `open` would allocate or spin
+/// without limit. keyhold never writes either, so the store was changed.
+fn check_stored(stored: &StoredParams) -> Result<()> {
+    let kib = |mib: u32| u64::from(mib) * 1024;
+    let memory = u64::from(stored.memory_kib);
+    let in_range = (kib(MIN_MEMORY_MIB)..=kib(MAX_MEMORY_MIB)).contains(&memory)
+        && (MIN_ITERATIONS..=MAX_ITERATIONS).contains(&stored.iterations)
+        && (1..=MAX_PARALLELISM).contains(&stored.parallelism);
+    if in_range {
+        return Ok(());
+    }
+    Err(Error::Unseal {
+        reason: format!(
+            "the store's argon2 parameters were modified ({} KiB, {} passes, {} lanes; keyhold \
+             writes at least {MIN_MEMORY_MIB} MiB and {MIN_ITERATIONS} passes): the passphrase \
+             was not tried; restore the store from a backup",
+            stored.memory_kib, stored.iterations, stored.parallelism
+        ),
+    })
 }
 
 fn aad(store_id: &[u8; 16], params: &[u8]) -> Vec<u8> {
@@ -192,13 +235,7 @@ impl Sealer for PassphraseSealer {
         if stored.kdf != "argon2id-v19" {
             return Err(damaged("unknown KDF"));
         }
-        Argon2Params {
-            memory_mib: stored.memory_kib / 1024,
-            iterations: stored.iterations,
-            parallelism: stored.parallelism,
-        }
-        .validate()
-        .map_err(|_| damaged("argon2 parameters out of range"))?;
+        check_stored(&stored)?;
         let salt = base64::engine::general_purpose::STANDARD
             .decode(&stored.salt)
             .ok()
@@ -228,9 +265,10 @@ impl Sealer for PassphraseSealer {
 mod tests {
     use super::*;
 
+    /// keyhold's floor: the cheapest parameters it accepts.
     const FAST: Argon2Params = Argon2Params {
-        memory_mib: 8,
-        iterations: 1,
+        memory_mib: MIN_MEMORY_MIB,
+        iterations: MIN_ITERATIONS,
         parallelism: 1,
     };
 
@@ -259,7 +297,7 @@ mod tests {
         let mut doctored = sealed.clone();
         doctored.params = String::from_utf8(sealed.params.clone())
             .unwrap()
-            .replace("\"iterations\":1", "\"iterations\":2")
+            .replace("\"iterations\":2", "\"iterations\":3")
             .into_bytes();
         assert_ne!(doctored.params, sealed.params);
         assert!(sealer("correct horse").unseal(&doctored, &[1; 16]).is_err());
@@ -269,12 +307,50 @@ mod tests {
     fn refuses_empty_passphrase_and_bad_params() {
         let root = RootSecret::generate().unwrap();
         assert!(sealer("").seal(&root, &[1; 16]).is_err());
-        let weak = Argon2Params {
-            memory_mib: 1,
-            ..FAST
-        };
-        assert!(PassphraseSealer::new(SecretString::from("x".to_owned()))
-            .with_params(weak)
-            .is_err());
+        for weak in [
+            Argon2Params {
+                memory_mib: MIN_MEMORY_MIB - 1,
+                ..FAST
+            },
+            Argon2Params {
+                iterations: MIN_ITERATIONS - 1,
+                ..FAST
+            },
+        ] {
+            let err = PassphraseSealer::new(SecretString::from("x".to_owned()))
+                .with_params(weak)
+                .unwrap_err();
+            assert!(matches!(err, Error::InvalidInput(_)), "{err:?}");
+        }
+    }
+
+    /// A store whose Argon2 parameters were lowered below the floor (to make a stolen copy cheap
+    /// to attack, or to learn from timing) is refused before Argon2 runs, with the error that
+    /// says they were modified, not "wrong passphrase".
+    #[test]
+    fn weakened_stored_params_are_refused_before_argon2_runs() {
+        let root = RootSecret::generate().unwrap();
+        let sealed = sealer("correct horse").seal(&root, &[1; 16]).unwrap();
+        let text = String::from_utf8(sealed.params.clone()).unwrap();
+        for (from, to) in [
+            ("\"memory_kib\":19456", "\"memory_kib\":8192"),
+            ("\"iterations\":2", "\"iterations\":1"),
+            ("\"memory_kib\":19456", "\"memory_kib\":19455"),
+        ] {
+            let mut doctored = sealed.clone();
+            doctored.params = text.replace(from, to).into_bytes();
+            assert_ne!(doctored.params, sealed.params, "{to}");
+            let err = sealer("correct horse")
+                .unseal(&doctored, &[1; 16])
+                .unwrap_err();
+            match err {
+                Error::Unseal { reason } => assert!(
+                    reason.contains("argon2 parameters were modified")
+                        && reason.contains("passphrase was not tried"),
+                    "{to}: {reason}"
+                ),
+                other => panic!("{to}: expected Error::Unseal, got {other:?}"),
+            }
+        }
     }
 }

@@ -27,13 +27,15 @@ use crate::secret::SecretBytes;
 const KIND: &str = "tpm";
 const WHO: &str = "tpm sealer";
 
-/// What the store records about a TPM seal (public; the TPM authenticates what matters: the
-/// public area and its policy are bound to the private part).
+/// What the store records about a TPM seal (public). The TPM binds the public area and its policy
+/// to the private part; the rest (PCR list, SRK Name, backend, recovery seal) is covered by the
+/// store's metadata MAC, checked once the root secret is unsealed and before any re-seal.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct StoredParams {
     /// The configured TPM backend whose TCTI reaches the TPM, if one was named.
     backend: Option<String>,
-    /// The SRK's Name when sealed: identifies the TPM (and its owner seed).
+    /// The SRK's Name when sealed: identifies the TPM (and its owner seed). Pinned at unseal: a TPM
+    /// whose SRK has another Name gets no session.
     srk_name: String,
     /// PCRs of the SHA-256 bank the seal is bound to; empty for none.
     pcrs: Vec<u8>,
@@ -95,6 +97,28 @@ fn parse_params(sealed: &SealedRoot) -> Result<StoredParams> {
     serde_json::from_slice(&sealed.params).map_err(|_| damaged())
 }
 
+/// PCRs that software at locality 0 can reset to zero (the PC Client profile's debug PCR 16 and
+/// application PCR 23): whoever resets one and extends it with the recorded values recreates the
+/// state a seal is bound to, so binding to it protects nothing.
+pub const RESETTABLE_PCRS: [u8; 2] = [16, 23];
+
+/// Refuses PCRs that do not exist or that anyone can reset.
+fn check_pcrs(pcrs: &[u8]) -> Result<()> {
+    if let Some(bad) = pcrs.iter().find(|&&p| p > 23) {
+        return Err(Error::InvalidInput(format!(
+            "PCR {bad} does not exist: a TPM 2.0 has PCRs 0 to 23"
+        )));
+    }
+    if let Some(bad) = pcrs.iter().find(|p| RESETTABLE_PCRS.contains(p)) {
+        return Err(Error::InvalidInput(format!(
+            "PCR {bad} can be reset by any program on the machine (TPM2_PCR_Reset from locality 0), \
+             so a seal bound to it protects nothing: bind to PCRs that only a boot can reset, such \
+             as 0-7 (firmware, boot loader) or 8-15 (the operating system's)"
+        )));
+    }
+    Ok(())
+}
+
 /// Parses a PCR list such as `0,7` (sorted, duplicates removed).
 ///
 /// # Errors
@@ -135,13 +159,9 @@ impl TpmSealer {
     /// Binds new seals to these PCRs (SHA-256 bank).
     ///
     /// # Errors
-    /// [`Error::InvalidInput`] for a PCR above 23.
+    /// [`Error::InvalidInput`] for a PCR above 23, or a resettable one ([`RESETTABLE_PCRS`]).
     pub fn with_pcrs(mut self, pcrs: &[u8]) -> Result<Self> {
-        if let Some(bad) = pcrs.iter().find(|&&p| p > 23) {
-            return Err(Error::InvalidInput(format!(
-                "PCR {bad} does not exist: a TPM 2.0 has PCRs 0 to 23"
-            )));
-        }
+        check_pcrs(pcrs)?;
         let mut pcrs = pcrs.to_vec();
         pcrs.sort_unstable();
         pcrs.dedup();
@@ -269,19 +289,13 @@ impl Sealer for TpmSealer {
 
     fn unseal(&self, sealed: &SealedRoot, store_id: &[u8; 16]) -> Result<RootSecret> {
         let params = parse_params(sealed)?;
-        let srk_name = self.device.srk_name(WHO)?;
-        if hex::encode(&srk_name) != params.srk_name {
-            return Err(Error::Unseal {
-                reason: format!(
-                    "the store was sealed by a TPM whose storage root key has Name {}, but the \
-                     TPM at `{}` has {}: it is another TPM, or this one was cleared since (its \
-                     keys are then gone too)",
-                    params.srk_name,
-                    self.device.tcti(),
-                    hex::encode(&srk_name)
-                ),
-            });
-        }
+        // The Name recorded at init is the only way to know the key a session is salted to is
+        // this TPM's SRK and not one an intermediary made. It is read before the root is unsealed
+        // (and authenticated with the rest of the metadata right after): a changed Name can only
+        // make the unseal fail, never succeed with another TPM's SRK.
+        let pinned = hex::decode(&params.srk_name).ok_or_else(damaged)?;
+        self.device.pin_srk_name(&pinned)?;
+        self.device.connect_now(WHO)?;
         let object = SealedObject {
             public: hex::decode(&params.public).ok_or_else(damaged)?,
             private: sealed.blob.clone(),
@@ -315,6 +329,18 @@ impl Sealer for TpmSealer {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+
+    #[test]
+    fn resettable_pcrs_are_refused_with_the_reason() {
+        for pcrs in [&[16][..], &[0, 23], &[7, 16, 23]] {
+            let err = check_pcrs(pcrs).unwrap_err();
+            assert!(
+                matches!(&err, Error::InvalidInput(m) if m.contains("can be reset by any program")),
+                "{pcrs:?}: {err:?}"
+            );
+        }
+        check_pcrs(&[0, 7, 8, 15]).unwrap();
+    }
 
     #[test]
     fn pcr_lists_parse_strictly() {

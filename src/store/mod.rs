@@ -8,7 +8,7 @@ mod record;
 mod schema;
 
 use std::fs;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
 
@@ -31,6 +31,29 @@ pub struct StoreMeta {
     pub sealed_root: SealedRoot,
     /// When the store was created (seconds since the Unix epoch).
     pub created_at: i64,
+    /// HMAC-SHA256 over [`StoreMeta::mac_input`] under a key derived from the root secret: the
+    /// sealer's kind and parameters (PCRs, SRK Name, recovery seal, KDF settings) are checked
+    /// once the root is unsealed. Empty when the store holds none.
+    pub mac: Vec<u8>,
+}
+
+impl StoreMeta {
+    /// The canonical bytes [`StoreMeta::mac`] covers: every metadata entry but the MAC itself,
+    /// each length-prefixed so that no two different metadata give the same bytes.
+    pub fn mac_input(&self) -> Vec<u8> {
+        let sealed = &self.sealed_root;
+        let mut out =
+            Vec::with_capacity(64 + sealed.sealer.len() + sealed.params.len() + sealed.blob.len());
+        out.extend_from_slice(b"keyhold store metadata v1\0");
+        out.extend_from_slice(&self.store_id);
+        for field in [sealed.sealer.as_bytes(), &sealed.params, &sealed.blob] {
+            // Metadata entries are far below 4 GiB.
+            out.extend_from_slice(&(field.len() as u32).to_be_bytes());
+            out.extend_from_slice(field);
+        }
+        out.extend_from_slice(&self.created_at.to_be_bytes());
+        out
+    }
 }
 
 /// An open store.
@@ -56,34 +79,7 @@ impl Store {
                 path: dir.to_path_buf(),
             });
         }
-        if dir.exists() {
-            if !dir.is_dir() {
-                return Err(Error::io(
-                    format!("{} exists and is not a directory", dir.display()),
-                    std::io::Error::from(std::io::ErrorKind::AlreadyExists),
-                ));
-            }
-            // Only an empty directory becomes a store (and private): `init --store ~` must not
-            // change the permissions of a directory that holds other things.
-            let empty = fs::read_dir(dir)
-                .map_err(|e| Error::io(format!("read {}", dir.display()), e))?
-                .next()
-                .is_none();
-            if !empty {
-                return Err(Error::InvalidInput(format!(
-                    "{} is not empty: give init a new or empty directory for the store",
-                    dir.display()
-                )));
-            }
-            fs::set_permissions(dir, fs::Permissions::from_mode(0o700))
-                .map_err(|e| Error::io(format!("make {} private", dir.display()), e))?;
-        } else {
-            fs::DirBuilder::new()
-                .recursive(true)
-                .mode(0o700)
-                .create(dir)
-                .map_err(|e| Error::io(format!("create store directory {}", dir.display()), e))?;
-        }
+        make_private_dir(dir)?;
         let tmp_path = dir.join(format!(".{DB_FILE}.init-{}", std::process::id()));
         let built = Self::build(&tmp_path, meta);
         let linked = built.and_then(|()| {
@@ -115,6 +111,7 @@ impl Store {
             OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
         )
         .map_err(|e| Error::storage("open the new database", e))?;
+        secure_delete(&conn).map_err(|e| Error::storage("configure the new database", e))?;
         schema::migrate(&mut conn)?;
         let tx = conn
             .transaction()
@@ -131,6 +128,7 @@ impl Store {
         put("sealer_params", &meta.sealed_root.params)?;
         put("sealed_root", &meta.sealed_root.blob)?;
         put("created_at", meta.created_at.to_string().as_bytes())?;
+        put("meta_mac", &meta.mac)?;
         tx.commit()
             .map_err(|e| Error::storage("commit store metadata", e))?;
         conn.close()
@@ -149,6 +147,8 @@ impl Store {
                 path: dir.to_path_buf(),
             });
         }
+        check_private(dir, dir, "store directory", "700")?;
+        check_private(dir, &db_path, "store database", "600")?;
         let unusable = |reason: &str, e: rusqlite::Error| Error::StoreUnusable {
             path: dir.to_path_buf(),
             reason: reason.to_owned(),
@@ -162,6 +162,7 @@ impl Store {
         conn.busy_timeout(std::time::Duration::from_secs(10))
             .map_err(|e| unusable("cannot configure the database", e))?;
         schema::check_and_migrate(&mut conn, dir)?;
+        secure_delete(&conn).map_err(|e| unusable("cannot configure the database", e))?;
         let meta = read_meta(&conn, dir)?;
         Ok(Self {
             dir: dir.to_path_buf(),
@@ -188,12 +189,13 @@ impl Store {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Replaces the sealed root secret (after `keyhold reseal`), in one transaction: the old seal
-    /// stays in place until the new one is committed.
+    /// Replaces the sealed root secret and the metadata MAC `mac` that covers it (after
+    /// `keyhold reseal`), in one transaction: the old seal stays in place until the new one is
+    /// committed.
     ///
     /// # Errors
     /// Storage errors; nothing is changed then.
-    pub fn replace_sealed_root(&mut self, sealed: &SealedRoot) -> Result<()> {
+    pub fn replace_sealed_root(&mut self, sealed: &SealedRoot, mac: &[u8]) -> Result<()> {
         let mut conn = self.conn();
         let tx = conn
             .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
@@ -217,10 +219,16 @@ impl Store {
                 });
             }
         }
+        tx.execute(
+            "INSERT OR REPLACE INTO meta (key, value) VALUES ('meta_mac', ?1)",
+            params![mac],
+        )
+        .map_err(|e| Error::storage("write the metadata MAC", e))?;
         tx.commit()
             .map_err(|e| Error::storage("commit the sealed root secret", e))?;
         drop(conn);
         self.meta.sealed_root = sealed.clone();
+        self.meta.mac = mac.to_vec();
         Ok(())
     }
 
@@ -353,6 +361,18 @@ fn read_meta(conn: &Connection, dir: &Path) -> Result<StoreMeta> {
         .ok()
         .and_then(|s| s.parse().ok())
         .ok_or_else(|| damaged("created_at"))?;
+    // A missing MAC reads as empty: the keystore refuses it once it can say why.
+    let mac = conn
+        .query_row("SELECT value FROM meta WHERE key = 'meta_mac'", [], |row| {
+            row.get::<_, Vec<u8>>(0)
+        })
+        .optional()
+        .map_err(|e| Error::StoreUnusable {
+            path: dir.to_path_buf(),
+            reason: "its metadata entry `meta_mac` is damaged".into(),
+            source: Some(Box::new(e)),
+        })?
+        .unwrap_or_default();
     Ok(StoreMeta {
         store_id,
         sealed_root: SealedRoot {
@@ -361,5 +381,97 @@ fn read_meta(conn: &Connection, dir: &Path) -> Result<StoreMeta> {
             blob: get("sealed_root")?,
         },
         created_at,
+        mac,
+    })
+}
+
+/// Destroyed keys' sealed blobs must not linger in the file's free pages, where a copy of the
+/// file (a backup, a stolen disk) would still hold them: SQLite overwrites deleted content with
+/// zeros. Set on every connection, as SQLite keeps it per connection.
+fn secure_delete(conn: &Connection) -> rusqlite::Result<()> {
+    conn.pragma_update(None, "secure_delete", "ON")
+}
+
+/// Makes `dir` the store's private directory: created 0700 by one `mkdir` (its parents as usual),
+/// or, if it already exists, accepted only when it is a real directory of this user and empty,
+/// then made 0700.
+///
+/// One `mkdir` of the final directory, not a check followed by a create: under a shared parent,
+/// someone else could create the directory in between and own it.
+fn make_private_dir(dir: &Path) -> Result<()> {
+    if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+        fs::create_dir_all(parent)
+            .map_err(|e| Error::io(format!("create {}", parent.display()), e))?;
+    }
+    match fs::DirBuilder::new().mode(0o700).create(dir) {
+        Ok(()) => return Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => {
+            return Err(Error::io(
+                format!("create store directory {}", dir.display()),
+                e,
+            ))
+        }
+    }
+    let meta =
+        fs::symlink_metadata(dir).map_err(|e| Error::io(format!("read {}", dir.display()), e))?;
+    if !meta.is_dir() {
+        return Err(Error::io(
+            format!("{} exists and is not a directory", dir.display()),
+            std::io::Error::from(std::io::ErrorKind::AlreadyExists),
+        ));
+    }
+    let me = rustix::process::geteuid().as_raw();
+    if meta.uid() != me {
+        return Err(Error::InvalidInput(format!(
+            "{} belongs to uid {}, not to you (uid {me}): give init a directory of your own",
+            dir.display(),
+            meta.uid()
+        )));
+    }
+    // Only an empty directory becomes a store (and private): `init --store ~` must not change
+    // the permissions of a directory that holds other things.
+    let empty = fs::read_dir(dir)
+        .map_err(|e| Error::io(format!("read {}", dir.display()), e))?
+        .next()
+        .is_none();
+    if !empty {
+        return Err(Error::InvalidInput(format!(
+            "{} is not empty: give init a new or empty directory for the store",
+            dir.display()
+        )));
+    }
+    fs::set_permissions(dir, fs::Permissions::from_mode(0o700))
+        .map_err(|e| Error::io(format!("make {} private", dir.display()), e))
+}
+
+/// Refuses a store directory or database that another user owns or that group or others may
+/// write: whoever can write them can replace the sealed root secret or the records.
+fn check_private(dir: &Path, path: &Path, what: &str, mode: &str) -> Result<()> {
+    let meta = fs::metadata(path).map_err(|e| Error::io(format!("read {}", path.display()), e))?;
+    let me = rustix::process::geteuid().as_raw();
+    let reason = if meta.uid() != me {
+        format!(
+            "the {what} {} belongs to uid {}, not to you (uid {me}): run keyhold as its owner, \
+             or `chown {me} {}` if the store is yours",
+            path.display(),
+            meta.uid(),
+            path.display()
+        )
+    } else if meta.mode() & 0o022 != 0 {
+        format!(
+            "the {what} {} is writable by group or others (mode {:o}): anyone who can write it \
+             can replace the store's keys; run `chmod {mode} {}`",
+            path.display(),
+            meta.mode() & 0o7777,
+            path.display()
+        )
+    } else {
+        return Ok(());
+    };
+    Err(Error::StoreUnusable {
+        path: dir.to_path_buf(),
+        reason,
+        source: None,
     })
 }

@@ -14,8 +14,8 @@ use tempfile::TempDir;
 
 /// Cheap Argon2 settings: tests check behaviour, not KDF cost.
 pub const FAST: Argon2Params = Argon2Params {
-    memory_mib: 8,
-    iterations: 1,
+    memory_mib: 19,
+    iterations: 2,
     parallelism: 1,
 };
 
@@ -226,4 +226,95 @@ pub fn assert_tpm_replaced(err: &keyhold::Error) {
         }
         other => panic!("expected BackendUnavailable, got {other:?}"),
     }
+}
+
+/// What an intruder who can write a store directory and use the machine's TPM does (issue 8, M1):
+/// replaces the store's sealed root secret with a TPM seal of a root they chose, and forges the
+/// metadata MAC under that root (keyhold's derivation is public). The seal names `backend` as the
+/// configured TPM backend to reach the TPM through. Returns the chosen root.
+pub fn replace_root_with_tpm_seal(store: &Path, tcti: &str, backend: Option<&str>) -> [u8; 32] {
+    use aws_lc_rs::{hkdf, hmac};
+    use keyhold::sealer::{RootSecret, Sealer};
+    let chosen = [0x42u8; 32];
+    let mut meta = keyhold::store::Store::open(store)
+        .expect("open the store")
+        .meta()
+        .clone();
+    let device = keyhold::backend::tpm::device(tcti, Default::default()).expect("TPM device");
+    let root = RootSecret::from_bytes(keyhold::secret::SecretBytes::copy_from(&chosen))
+        .expect("a 32-byte root");
+    meta.sealed_root = keyhold::TpmSealer::new(device, backend.map(str::to_owned))
+        .seal(&root, &meta.store_id)
+        .expect("seal the chosen root");
+    let mut mac_key = [0u8; 32];
+    hkdf::Salt::new(hkdf::HKDF_SHA256, &meta.store_id)
+        .extract(&chosen)
+        .expand(
+            &[b"keyhold v1 store meta mac".as_slice()],
+            hkdf::HKDF_SHA256,
+        )
+        .and_then(|okm| okm.fill(&mut mac_key))
+        .expect("hkdf");
+    let tag = hmac::sign(
+        &hmac::Key::new(hmac::HMAC_SHA256, &mac_key),
+        &meta.mac_input(),
+    );
+    let conn = rusqlite::Connection::open(store.join(keyhold::store::DB_FILE)).expect("open db");
+    for (key, value) in [
+        ("sealer", meta.sealed_root.sealer.as_bytes()),
+        ("sealer_params", &meta.sealed_root.params[..]),
+        ("sealed_root", &meta.sealed_root.blob[..]),
+        ("meta_mac", tag.as_ref()),
+    ] {
+        let n = conn
+            .execute(
+                "UPDATE meta SET value = ?2 WHERE key = ?1",
+                rusqlite::params![key, value],
+            )
+            .expect("write meta");
+        assert_eq!(n, 1, "meta entry {key}");
+    }
+    chosen
+}
+
+/// Puts a store directory back as `snapshot` holds it.
+pub fn restore(dir: &Path, snapshot: &BTreeMap<PathBuf, Vec<u8>>) {
+    for entry in std::fs::read_dir(dir).expect("read store dir") {
+        let path = entry.expect("dir entry").path();
+        if !snapshot.contains_key(&path) {
+            std::fs::remove_file(&path).expect("remove a file the snapshot lacks");
+        }
+    }
+    for (path, bytes) in snapshot {
+        std::fs::write(path, bytes).expect("restore a store file");
+    }
+}
+
+/// Rewrites the stored seal parameters (JSON) behind keyhold's back; returns the bytes they had
+/// (a JSON round trip reorders keys: put the original bytes back with [`set_seal_params`]).
+pub fn edit_seal_params(store: &Path, edit: impl FnOnce(&mut serde_json::Value)) -> Vec<u8> {
+    let conn = rusqlite::Connection::open(store.join(keyhold::store::DB_FILE)).expect("open db");
+    let params: Vec<u8> = conn
+        .query_row(
+            "SELECT value FROM meta WHERE key = 'sealer_params'",
+            [],
+            |r| r.get(0),
+        )
+        .expect("read the seal parameters");
+    let mut json: serde_json::Value = serde_json::from_slice(&params).expect("JSON parameters");
+    edit(&mut json);
+    set_seal_params(store, &serde_json::to_vec(&json).expect("encode JSON"));
+    params
+}
+
+/// Writes the stored seal parameters behind keyhold's back.
+pub fn set_seal_params(store: &Path, params: &[u8]) {
+    let conn = rusqlite::Connection::open(store.join(keyhold::store::DB_FILE)).expect("open db");
+    let n = conn
+        .execute(
+            "UPDATE meta SET value = ?1 WHERE key = 'sealer_params'",
+            [params],
+        )
+        .expect("write the seal parameters");
+    assert_eq!(n, 1);
 }

@@ -230,9 +230,55 @@ fn wrong_value() -> TssError {
     TssError::WrapperError(WrapperErrorKind::WrongValueFromTpm)
 }
 
+/// How many sessions this process has salted to an SRK: lets tests see that a TPM whose SRK is not
+/// the pinned one never got a session.
+static SALTED_SESSIONS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// The number of sessions salted to an SRK in this process so far.
+#[cfg(feature = "testing")]
+pub(super) fn salted_sessions() -> u64 {
+    SALTED_SESSIONS.load(std::sync::atomic::Ordering::SeqCst)
+}
+
+/// The Name of a TPM object, computed from its public area: nameAlg ‖ H_nameAlg(TPMT_PUBLIC).
+///
+/// Computed here rather than taken from the TPM, which can report any Name it likes: only a Name
+/// computed from the public key that salts the session says which key that is.
+fn name_of(public: &Public) -> Result<Vec<u8>, Failure> {
+    if public.name_hashing_algorithm() != HashingAlgorithm::Sha256 {
+        return Err(wrong_value()).during("TPM2_ReadPublic (the SRK's nameAlg is not SHA-256)");
+    }
+    let marshalled = public
+        .marshall()
+        .during("TPM2_ReadPublic (marshal the SRK's public area)")?;
+    let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, &marshalled);
+    let mut name = Vec::with_capacity(2 + digest.as_ref().len());
+    name.extend_from_slice(&u16::from(AlgorithmIdentifier::Sha256).to_be_bytes());
+    name.extend_from_slice(digest.as_ref());
+    Ok(name)
+}
+
+/// A connection whose SRK is loaded but not yet trusted: no session is salted to it until the
+/// caller has compared [`Unverified::srk_name`] with the Name it expects.
+#[derive(Debug)]
+pub(super) struct Unverified {
+    context: Context,
+    srk: KeyHandle,
+    srk_name: Vec<u8>,
+    max_loaded: usize,
+}
+
+impl Unverified {
+    /// The SRK's Name, computed from the public area the TPM returned.
+    pub(super) fn srk_name(&self) -> &[u8] {
+        &self.srk_name
+    }
+}
+
 impl Connection {
-    /// Connects, checks the TPM's self-test result, creates the SRK and starts the session.
-    pub(super) fn open(tcti: &TctiNameConf, setup: Setup) -> Result<Self, Failure> {
+    /// Connects, checks the TPM's self-test result and creates (or finds) the SRK; the caller
+    /// verifies the SRK's Name, then [`Unverified::salt_session`] starts the session.
+    pub(super) fn open(tcti: &TctiNameConf, setup: Setup) -> Result<Unverified, Failure> {
         let mut context = Context::new(tcti.clone()).during(CONNECT)?;
         let (_, tested) = context
             .execute_without_session(|c| c.get_test_result())
@@ -243,10 +289,32 @@ impl Connection {
             None => create_srk(&mut context)?,
             Some(handle) => persistent_srk(&mut context, handle)?,
         };
-        let (_, name, _) = context
+        let (public, reported, _) = context
             .execute_without_session(|c| c.read_public(srk))
             .during("TPM2_ReadPublic (storage root key)")?;
+        let srk_name = name_of(&public)?;
+        if srk_name != reported.value() {
+            return Err(wrong_value())
+                .during("TPM2_ReadPublic (the SRK's Name does not match its public area)");
+        }
+        Ok(Unverified {
+            context,
+            srk,
+            srk_name,
+            max_loaded: setup.max_loaded.max(1),
+        })
+    }
+}
 
+impl Unverified {
+    /// Starts the session salted to the SRK, which the caller has verified.
+    pub(super) fn salt_session(self) -> Result<Connection, Failure> {
+        let Self {
+            mut context,
+            srk,
+            srk_name,
+            max_loaded,
+        } = self;
         // One session for every command, kept for the life of the connection (a new session per
         // command costs a third of the signing rate). Salted with the SRK, so its session key is
         // secret from anyone on the bus; AES-128-CFB parameter encryption in both directions, so
@@ -277,16 +345,19 @@ impl Connection {
             .tr_sess_set_attributes(session, attributes, mask)
             .during("Esys_TRSess_SetAttributes")?;
         context.set_sessions((Some(session), None, None));
-        Ok(Self {
+        SALTED_SESSIONS.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Ok(Connection {
             context,
             srk,
             session,
-            srk_name: name.value().to_vec(),
+            srk_name,
             loaded: Vec::new(),
-            max_loaded: setup.max_loaded.max(1),
+            max_loaded,
         })
     }
+}
 
+impl Connection {
     /// Closes a connection whose TPM objects are gone (the TPM was reset or the connection lost)
     /// without flushing them: dropping the context would flush the SRK's and the session's
     /// handles, and on a TPM that was reset those numbers may already name someone else's objects.

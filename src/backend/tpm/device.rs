@@ -8,10 +8,13 @@
 //!
 //! The connection is made on first use and rebuilt after it was lost, so a TPM that is not there
 //! when the store opens, or that restarts, is picked up again without restarting the process.
-//! Every connection must find the same SRK Name as the first: a different one means the TPM was
-//! cleared or replaced.
+//! Every connection must find the same SRK Name as the first, or as the one a store pinned (the
+//! `tpm` sealer pins the Name it recorded at init): a different one means the TPM was cleared or
+//! replaced, or someone on the way answers in its place. The Name is computed from the SRK's public
+//! area and compared before any session is salted to that key.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, PoisonError, Weak};
 use std::time::{Duration, Instant};
 
@@ -60,8 +63,11 @@ pub struct TpmDevice {
     /// slot for its turn, so the lock is held only to hand it over.
     slot: Mutex<Slot>,
     freed: Condvar,
-    /// The SRK's Name at the first connection: every later one must find the same.
+    /// The SRK's Name pinned by a store, else the Name at the first connection: every connection
+    /// must find the same.
     srk_name: OnceLock<Vec<u8>>,
+    /// Whether `srk_name` was pinned by a store (rather than learnt at the first connection).
+    pinned: AtomicBool,
     features: OnceLock<Features>,
 }
 
@@ -148,6 +154,7 @@ impl TpmDevice {
             slot: Mutex::default(),
             freed: Condvar::new(),
             srk_name: OnceLock::new(),
+            pinned: AtomicBool::new(false),
             features: OnceLock::new(),
         });
         devices.insert(tcti.to_owned(), Arc::downgrade(&device));
@@ -198,15 +205,19 @@ impl TpmDevice {
         })
     }
 
-    /// A new connection, checked to reach the same TPM as the first one did.
+    /// A new connection, checked to reach the same TPM as the pinned Name (or the first
+    /// connection) says before its session is salted to the SRK.
     fn connect(&self, who: &str) -> Result<Connection> {
         let setup = Setup {
             srk_handle: self.settings.srk_handle,
             max_loaded: self.settings.max_loaded,
         };
-        let connection = Connection::open(&self.tcti_conf, setup)
-            .map_err(|f| errors::map_connect(who, &self.tcti, self.settings.srk_handle, f))?;
+        let map = |f| errors::map_connect(who, &self.tcti, self.settings.srk_handle, f);
+        let connection = Connection::open(&self.tcti_conf, setup).map_err(map)?;
         let first = self.srk_name.get_or_init(|| connection.srk_name().to_vec());
+        if connection.srk_name() != first.as_slice() && self.pinned.load(Ordering::SeqCst) {
+            return Err(self.not_pinned(first, connection.srk_name()));
+        }
         if connection.srk_name() != first.as_slice() {
             return Err(Error::BackendUnavailable {
                 backend: who.to_owned(),
@@ -219,8 +230,45 @@ impl TpmDevice {
                 ),
             });
         }
+        let connection = connection.salt_session().map_err(map)?;
         tracing::debug!(tcti = %self.tcti, "connected to the TPM");
         Ok(connection)
+    }
+
+    fn not_pinned(&self, pinned: &[u8], found: &[u8]) -> Error {
+        Error::Unseal {
+            reason: format!(
+                "the store pinned a TPM whose storage root key has Name {}, but the TPM at `{}` \
+                 has {}: it is another TPM, or this one was cleared since (its keys are then gone \
+                 too), or something between keyhold and the TPM answers in its place; no session \
+                 was salted to that key",
+                crate::hex::encode(pinned),
+                self.tcti,
+                crate::hex::encode(found)
+            ),
+        }
+    }
+
+    /// Pins the SRK Name a store recorded: every connection from now on must find an SRK with
+    /// this Name (computed from its public area) before a session is salted to it.
+    ///
+    /// # Errors
+    /// [`Error::Unseal`] if this device already reached a TPM whose SRK has another Name.
+    pub fn pin_srk_name(&self, name: &[u8]) -> Result<()> {
+        let known = self.srk_name.get_or_init(|| name.to_vec());
+        if known != name {
+            return Err(self.not_pinned(name, known));
+        }
+        self.pinned.store(true, Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// Makes sure the device has a connection (to the pinned SRK, if one was pinned).
+    ///
+    /// # Errors
+    /// [`Error::Unseal`] for an SRK other than the pinned one; [`Error::BackendUnavailable`].
+    pub fn connect_now(&self, who: &str) -> Result<()> {
+        self.run(who, |_| Ok(()))
     }
 
     /// Runs `op` on the connection, connecting first if there is none.

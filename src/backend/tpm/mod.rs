@@ -142,6 +142,13 @@ fn pcr_selection(pcrs: &[u8]) -> Result<PcrSelectionList> {
         .map_err(|e| Error::InvalidInput(format!("PCR selection {pcrs:?}: {e}")))
 }
 
+/// How many sessions this process has salted to a TPM's storage root key: lets tests check that
+/// a TPM whose SRK is not the one a store pinned never gets a session.
+#[cfg(feature = "testing")]
+pub fn salted_sessions() -> u64 {
+    connection::salted_sessions()
+}
+
 /// keyhold's TPM templates, for benches and tests that drive a TPM directly the way keyhold does
 /// (a copy could drift from what keyhold really uses).
 #[cfg(feature = "testing")]
