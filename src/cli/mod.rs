@@ -80,6 +80,8 @@ pub enum Failure {
     Keyhold(keyhold::Error),
     /// The command line's own trouble (files, terminal).
     Cli(String),
+    /// The command ran and found problems (`doctor`): its documented exit code and a summary.
+    Findings { code: u8, summary: String },
 }
 
 impl From<keyhold::Error> for Failure {
@@ -91,7 +93,7 @@ impl From<keyhold::Error> for Failure {
 impl fmt::Display for Failure {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Self::Cli(msg) => f.write_str(msg),
+            Self::Cli(msg) | Self::Findings { summary: msg, .. } => f.write_str(msg),
             Self::Keyhold(e) => {
                 write!(f, "{e}")?;
                 let mut source = std::error::Error::source(e);
@@ -117,6 +119,7 @@ impl Failure {
             Self::Keyhold(
                 E::BackendUnavailable { .. } | E::BackendLogin { .. } | E::Timeout { .. },
             ) => 7,
+            Self::Findings { code, .. } => *code,
             _ => 1,
         }
     }
