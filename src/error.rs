@@ -45,6 +45,22 @@ pub enum Error {
         what: String,
     },
 
+    /// A key's object on a device is not the one keyhold made: it was replaced or altered by
+    /// someone holding the device's PIN (e.g. a same-`CKA_ID` key that is extractable or not
+    /// sensitive). keyhold never uses such an object.
+    #[error(
+        "backend `{backend}`: the device object of key `{key}` does not match its record \
+         ({reason}): it was replaced or altered outside keyhold and will not be used"
+    )]
+    KeyObjectMismatch {
+        /// The backend's name.
+        backend: String,
+        /// `namespace/name` of the key.
+        key: String,
+        /// What differs.
+        reason: String,
+    },
+
     /// There is no store at the given path.
     #[error("no keyhold store at {}: run `keyhold init` first, or pass --store", path.display())]
     StoreNotFound {

@@ -834,3 +834,32 @@ fn doctor_escapes_control_characters_in_token_fields() {
         );
     }
 }
+
+/// On openCryptoki's soft token, shared by every test on the machine: a store sees its own keys
+/// and counts everyone else's objects as foreign, never as its orphans; the fixture removes the
+/// objects of its namespace when dropped.
+#[test]
+fn doctor_on_the_shared_opencryptoki_token_and_fixture_cleanup() {
+    let ock = keyhold::testing::OpenCryptoki::new().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let ks = Keystore::create_with(&dir.path().join("store"), &passphrase(), &ock.config("hsm"))
+        .unwrap();
+    let other = Keystore::create_with(&dir.path().join("other"), &passphrase(), &ock.config("hsm"))
+        .unwrap();
+    let in_ns = |name: &str| KeyRequest {
+        namespace: ock.namespace().to_owned(),
+        ..request(name, KeyType::HmacSha256)
+    };
+    let key = ks.create_key(&in_ns("mine")).unwrap();
+    other.create_key(&in_ns("theirs")).unwrap();
+    let doctor = ks.doctor().unwrap();
+    assert!(doctor.healthy(), "{doctor:?}");
+    assert!(doctor.foreign_objects >= 1, "{doctor:?}");
+    assert!(doctor.orphans.is_empty(), "{:?}", doctor.orphans);
+
+    ks.mac(&key.id, b"on openCryptoki").unwrap();
+    assert_eq!(ock.destroy_objects().unwrap(), 2);
+    let doctor = ks.doctor().unwrap();
+    assert_eq!(doctor.missing.len(), 1, "{:?}", doctor.missing);
+    assert_eq!(doctor.missing[0].absent, ["secret key"]);
+}

@@ -592,7 +592,7 @@ impl Keystore {
         validate_name("key name", &request.name)?;
         let asked = request.backend.as_deref().unwrap_or(SoftwareBackend::NAME);
         let spec = request.spec;
-        let (backend, fallback_for) = self.choose_backend(asked, &spec)?;
+        let (mut backend, mut fallback_for) = self.choose_backend(asked, &spec)?;
         let mut uuid = [0u8; 16];
         aws_lc_rs::rand::fill(&mut uuid).map_err(|_| Error::crypto("make a key uuid"))?;
         let label = format!("{}/{}", request.namespace, request.name);
@@ -602,7 +602,20 @@ impl Keystore {
             label: &label,
             spec: &spec,
         };
-        let generated = backend.generate(context, options)?;
+        let generated = match backend.generate(context, options) {
+            // Some limits show only when the device tries (a token's RSA-OAEP hash): the
+            // fallback applies to those as to any the capabilities told.
+            Err(Error::Unsupported { what, .. })
+                if fallback_for.is_none()
+                    && matches!(self.fallbacks.get(asked), Some(Fallback::Software)) =>
+            {
+                tracing::info!(backend = asked, "{what}; creating the key in software");
+                backend = self.backend(SoftwareBackend::NAME)?;
+                fallback_for = Some(asked);
+                backend.generate(context, options)?
+            }
+            other => other?,
+        };
         let mut attributes: BTreeMap<String, String> = generated.attributes.into_iter().collect();
         if options.extractable {
             attributes.insert("extractable".into(), "true".into());

@@ -6,10 +6,19 @@
 //! hashed in software and signed with the raw mechanisms (`CKM_ECDSA`, `CKM_RSA_PKCS_PSS`,
 //! `CKM_RSA_PKCS` over a DigestInfo), which every token has, including SoftHSM 2.6 that lacks
 //! `CKM_ECDSA_SHA256`.
+//!
+//! Any conformant token should do, not only SoftHSM2: token info is read without failing on odd
+//! fields (`token_info.rs`), capabilities come from what the token says of its mechanisms
+//! (`capabilities.rs`), and templates degrade from hardened to required-only when a token refuses
+//! attributes, recording what it made (`template.rs`).
 
+mod capabilities;
 mod errors;
+mod ffi;
 mod module;
 mod pool;
+mod template;
+mod token_info;
 
 use std::collections::HashMap;
 use std::sync::{Mutex, OnceLock};
@@ -22,7 +31,9 @@ use cryptoki::mechanism::{Mechanism, MechanismType};
 use cryptoki::object::{Attribute, AttributeType, KeyType as CkKeyType, ObjectClass, ObjectHandle};
 use cryptoki::session::Session;
 
+use self::capabilities::Mechanisms;
 use self::pool::{Disposition, Pool};
+use self::template::{Expected, STAGES};
 use crate::backend::{
     Backend, BackendReport, Capabilities, DeviceObject, GeneratedKey, KeyContext, KeyOptions,
     KeyRef, Sealed,
@@ -37,12 +48,25 @@ use crate::secret::SecretBytes;
 /// The default bound on sessions per token.
 const DEFAULT_MAX_SESSIONS: usize = 8;
 
+/// The blob recorded (under the record's MAC) for a key made extractable: lookups of it do not
+/// insist on `CKA_NEVER_EXTRACTABLE`. Keys that never leave the token record no blob.
+const EXTRACTABLE_BLOB: &[u8] = b"keyhold-pkcs11:extractable";
+
+/// A key type with a purpose, and why a token cannot make it.
+type Missing = (KeyType, Purpose, String);
+
+/// What a token's mechanisms allow, and what they lack.
+type MechanismCapabilities = (Vec<(KeyType, Purpose)>, Vec<Missing>);
+
 /// A PKCS#11 token as a keyhold backend.
 pub struct Pkcs11Backend {
     name: String,
     module_path: std::path::PathBuf,
     pool: Pool,
-    capabilities: OnceLock<Capabilities>,
+    /// What the token's mechanisms allow, asked once.
+    mechanisms: OnceLock<MechanismCapabilities>,
+    /// Capabilities learned unsupported by trying them on a real key (RSA-OAEP with SHA-256).
+    learned: Mutex<Vec<Missing>>,
     /// Object handles by (`CKA_ID`, class); valid for every session of this process.
     handles: Mutex<HashMap<(Vec<u8>, u64), ObjectHandle>>,
 }
@@ -74,13 +98,25 @@ fn locator_bytes(locator: &str) -> Result<Vec<u8>> {
         })
 }
 
-/// Which object class holds a key's private or secret half.
-fn secret_class(algorithm: Algorithm) -> ObjectClass {
-    match algorithm {
-        Algorithm::Aes256Gcm | Algorithm::HmacSha256 => ObjectClass::SECRET_KEY,
-        _ => ObjectClass::PRIVATE_KEY,
-    }
+/// How the objects of `key` must look on the token, from its spec and its recorded blob.
+fn expected(key: &KeyRef<'_>) -> Result<Expected> {
+    let extractable = match key.blob {
+        None => false,
+        Some(EXTRACTABLE_BLOB) => true,
+        Some(_) => {
+            return Err(Error::Integrity {
+                what: format!(
+                    "the record of `{}` holds a blob the PKCS#11 backend did not write",
+                    key.context.label
+                ),
+            })
+        }
+    };
+    Ok(Expected::new(key.context.spec, extractable))
 }
+
+/// What the OAEP consistency check decrypts.
+const CHECK_MESSAGE: &[u8] = b"keyhold PKCS#11 new-key check";
 
 impl Pkcs11Backend {
     /// A backend for the token `config` selects. Loads (once per process) and initialises the
@@ -103,7 +139,8 @@ impl Pkcs11Backend {
                 pin,
                 config.max_sessions.unwrap_or(DEFAULT_MAX_SESSIONS),
             ),
-            capabilities: OnceLock::new(),
+            mechanisms: OnceLock::new(),
+            learned: Mutex::new(Vec::new()),
             handles: Mutex::new(HashMap::new()),
         })
     }
@@ -115,6 +152,12 @@ impl Pkcs11Backend {
 
     fn handles(&self) -> std::sync::MutexGuard<'_, HashMap<(Vec<u8>, u64), ObjectHandle>> {
         self.handles
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn learned(&self) -> std::sync::MutexGuard<'_, Vec<Missing>> {
+        self.learned
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
@@ -153,9 +196,12 @@ impl Pkcs11Backend {
                         }
                         // An unexpected failure can leave the session mid-operation (SoftHSM leaves
                         // a failed C_FindObjectsInit active): never hand that session out again.
+                        // Nor trust a cached handle after it: the next use finds (and so checks)
+                        // the object again.
                         Disposition::Fail => {
                             lease.discard();
                             drop(lease);
+                            self.handles().clear();
                             return Err(self.failure(operation, e));
                         }
                     }
@@ -188,26 +234,21 @@ impl Pkcs11Backend {
         }
     }
 
-    /// The handle of the object with `id` and `class`, from the cache or `C_FindObjects`;
-    /// `None` when the token has no such object.
+    /// The handle of the object with `id` and `class` that matches what keyhold made (see
+    /// [`Expected::find_template`]), from the cache or `C_FindObjects`; `None` when the token has
+    /// no such object, or several.
     fn find(
         &self,
         session: &Session,
         id: &[u8],
         class: ObjectClass,
+        expected: &Expected,
     ) -> std::result::Result<Option<ObjectHandle>, cryptoki::error::Error> {
         let key = (id.to_vec(), class_key(class));
         if let Some(&h) = self.handles().get(&key) {
             return Ok(Some(h));
         }
-        // Only an object the token generated itself (CKA_LOCAL) counts, and only if it is the one
-        // such object with this CKA_ID: a key imported or planted under the same ID by someone
-        // with the PIN is never used in its place.
-        let found = session.find_objects(&[
-            Attribute::Id(id.to_vec()),
-            Attribute::Class(class),
-            Attribute::Local(true),
-        ])?;
+        let found = session.find_objects(&expected.find_template(id, class))?;
         match found.as_slice() {
             [h] => {
                 self.handles().insert(key, *h);
@@ -233,12 +274,13 @@ impl Pkcs11Backend {
         session: &Session,
         id: &[u8],
         class: ObjectClass,
+        expected: &Expected,
         absent: &std::cell::Cell<bool>,
     ) -> std::result::Result<ObjectHandle, cryptoki::error::Error> {
         use cryptoki::context::Function;
         use cryptoki::error::{Error as CkError, RvError};
         use cryptoki::session::SessionState;
-        if let Some(handle) = self.find(session, id, class)? {
+        if let Some(handle) = self.find(session, id, class, expected)? {
             absent.set(false);
             return Ok(handle);
         }
@@ -265,33 +307,46 @@ impl Pkcs11Backend {
         op: impl FnMut(&Session, ObjectHandle) -> std::result::Result<T, cryptoki::error::Error>,
     ) -> Result<T> {
         let id = locator_bytes(key.locator)?;
+        let expected = expected(key)?;
         self.with_object(
             &id,
-            secret_class(key.context.spec.algorithm()),
+            expected.secret_class(),
+            &expected,
+            key.context.label,
             operation,
             op,
         )
     }
 
-    /// Runs `op` on the object `id` of `class`; a missing object is reported as such, or as the
-    /// token having gone when it has.
+    /// Runs `op` on the object `id` of `class` (of the key labelled `label`); a missing object is
+    /// reported as such, one that does not match its record as that, and either as the token
+    /// having gone when it has.
     fn with_object<T>(
         &self,
         id: &[u8],
         class: ObjectClass,
+        expected: &Expected,
+        label: &str,
         operation: &str,
         mut op: impl FnMut(&Session, ObjectHandle) -> std::result::Result<T, cryptoki::error::Error>,
     ) -> Result<T> {
         // Set when the token has no object for the key (not merely a stale cached handle).
         let absent = std::cell::Cell::new(false);
         let result = self.run(operation, |me, session| {
-            let handle = me.find_required(session, id, class, &absent)?;
+            let handle = me.find_required(session, id, class, expected, &absent)?;
             op(session, handle)
         });
         match result {
             Err(Error::Backend { .. }) if absent.get() => {
                 if !self.pool.token_present() {
                     return Err(self.gone());
+                }
+                if let Some(reason) = self.mismatch(id, class, expected)? {
+                    return Err(Error::KeyObjectMismatch {
+                        backend: self.name.clone(),
+                        key: label.to_owned(),
+                        reason,
+                    });
                 }
                 Err(Error::BackendUnavailable {
                     backend: self.name.clone(),
@@ -305,277 +360,316 @@ impl Pkcs11Backend {
         }
     }
 
-    fn compute_capabilities(&self) -> Result<Capabilities> {
+    /// When no object matches what keyhold made: how the objects that carry the key's `CKA_ID`
+    /// and class differ from it, if there are any.
+    fn mismatch(
+        &self,
+        id: &[u8],
+        class: ObjectClass,
+        expected: &Expected,
+    ) -> Result<Option<String>> {
+        let template = expected.find_template(id, class);
+        let kinds: Vec<AttributeType> = template.iter().map(Attribute::attribute_type).collect();
+        let found = self.run("check the key's objects (C_FindObjects)", |_, session| {
+            let mut found = Vec::new();
+            for handle in
+                session.find_objects(&[Attribute::Id(id.to_vec()), Attribute::Class(class)])?
+            {
+                found.push(session.get_attributes(handle, &kinds)?);
+            }
+            Ok(found)
+        })?;
+        if found.is_empty() {
+            return Ok(None);
+        }
+        if found.len() > 1 {
+            return Ok(Some(format!(
+                "{} objects carry its CKA_ID {}",
+                found.len(),
+                crate::hex::encode(id)
+            )));
+        }
+        let differs: Vec<String> = template
+            .iter()
+            .filter(|want| !found[0].iter().any(|got| got == *want))
+            .map(|want| format!("{}", want.attribute_type()))
+            .collect();
+        Ok(Some(format!(
+            "the object with its CKA_ID {} differs in {}",
+            crate::hex::encode(id),
+            differs.join(", ")
+        )))
+    }
+
+    /// What the token's mechanisms allow and lack, asked once per backend.
+    fn mechanism_capabilities(&self) -> Result<&MechanismCapabilities> {
+        if let Some(c) = self.mechanisms.get() {
+            return Ok(c);
+        }
         let slot = self.pool.slot()?;
         let module = self.pool.module();
-        let mechanisms = module
-            .get_mechanism_list(slot)
+        let token = self.token_name();
+        let info = module.token_info(slot).ok();
+        let mechanisms = Mechanisms::read(module.pkcs11(), slot)
             .map_err(|e| errors::map(&self.name, "list mechanisms (C_GetMechanismList)", e))?;
-        let has = |m: MechanismType| mechanisms.contains(&m);
-        let token = module
-            .get_token_info(slot)
-            .map(|i| {
-                format!(
-                    "token `{}` ({})",
-                    i.label().trim_end(),
-                    i.model().trim_end()
-                )
-            })
-            .unwrap_or_else(|_| "the token".into());
-        let rsa_range = module
-            .get_mechanism_info(slot, MechanismType::RSA_PKCS_KEY_PAIR_GEN)
-            .ok()
-            .map(|i| (i.min_key_size(), i.max_key_size()));
-        let oaep_sha256 = has(MechanismType::RSA_PKCS_OAEP) && self.probe_oaep_sha256()?;
-
         let mut supported = Vec::new();
         let mut missing = Vec::new();
         for key_type in KeyType::ALL {
             for &purpose in key_type.purposes() {
-                let need: Result<(), String> = match (key_type, purpose) {
-                    (KeyType::EcdsaP256 | KeyType::EcdsaP384, _) => require(
-                        &has,
-                        &[MechanismType::ECC_KEY_PAIR_GEN, MechanismType::ECDSA],
-                    ),
-                    (KeyType::Ed25519, _) => require(
-                        &has,
-                        &[
-                            MechanismType::ECC_EDWARDS_KEY_PAIR_GEN,
-                            MechanismType::EDDSA,
-                        ],
-                    ),
-                    (KeyType::Rsa2048 | KeyType::Rsa3072 | KeyType::Rsa4096, purpose) => {
-                        let bits = key_type.rsa_bits().unwrap_or(0);
-                        let size_ok = rsa_range.is_some_and(|(lo, hi)| lo <= bits && bits <= hi);
-                        let mechs: &[MechanismType] = if purpose == Purpose::Sign {
-                            &[
-                                MechanismType::RSA_PKCS_KEY_PAIR_GEN,
-                                MechanismType::RSA_PKCS_PSS,
-                                MechanismType::RSA_PKCS,
-                            ]
-                        } else {
-                            &[
-                                MechanismType::RSA_PKCS_KEY_PAIR_GEN,
-                                MechanismType::RSA_PKCS_OAEP,
-                            ]
-                        };
-                        require(&has, mechs).and_then(|()| {
-                            if !size_ok {
-                                Err(format!("{bits}-bit RSA keys"))
-                            } else if purpose == Purpose::Decrypt && !oaep_sha256 {
-                                Err(
-                                    "CKM_RSA_PKCS_OAEP with SHA-256 (it does OAEP with SHA-1 only)"
-                                        .into(),
-                                )
-                            } else {
-                                Ok(())
-                            }
-                        })
-                    }
-                    (KeyType::Aes256Gcm, _) => {
-                        require(&has, &[MechanismType::AES_KEY_GEN, MechanismType::AES_GCM])
-                    }
-                    (KeyType::HmacSha256, _) => require(
-                        &has,
-                        &[
-                            MechanismType::GENERIC_SECRET_KEY_GEN,
-                            MechanismType::SHA256_HMAC,
-                        ],
-                    ),
+                let check = if info.as_ref().is_some_and(|i| i.write_protected()) {
+                    Err("write access (it is write-protected)".to_owned())
+                } else {
+                    mechanisms.check(key_type, purpose)
                 };
-                match need {
+                match check {
                     Ok(()) => supported.push((key_type, purpose)),
                     Err(what) => missing.push((key_type, purpose, format!("{token} lacks {what}"))),
                 }
             }
         }
-        Ok(Capabilities::new(supported).with_missing(missing))
+        Ok(self.mechanisms.get_or_init(|| (supported, missing)))
     }
 
-    /// Whether the token decrypts RSA-OAEP with SHA-256 (SoftHSM 2.6 does SHA-1 only): tried once
-    /// with a throwaway session key, since no mechanism flag tells.
-    fn probe_oaep_sha256(&self) -> Result<bool> {
-        self.run("probe RSA-OAEP-SHA256 support", |_, session| {
-            let (public, private) = session.generate_key_pair(
-                &Mechanism::RsaPkcsKeyPairGen,
-                &[
-                    Attribute::Token(false),
-                    Attribute::Encrypt(true),
-                    Attribute::ModulusBits(2048.into()),
-                    Attribute::PublicExponent(vec![1, 0, 1]),
-                ],
-                &[
-                    Attribute::Token(false),
-                    Attribute::Decrypt(true),
-                    Attribute::Sensitive(true),
-                ],
-            )?;
-            let params = PkcsOaepParams::new(
-                MechanismType::SHA256,
-                PkcsMgfType::MGF1_SHA256,
-                PkcsOaepSource::empty(),
-            );
-            let result = session.decrypt(&Mechanism::RsaPkcsOaep(params), private, &[0u8; 256]);
-            let _ = session.destroy_object(public);
-            let _ = session.destroy_object(private);
-            Ok(match result {
-                Ok(_) => true,
-                Err(cryptoki::error::Error::Pkcs11(
-                    rv,
-                    cryptoki::context::Function::DecryptInit,
-                )) => {
-                    tracing::debug!("RSA-OAEP-SHA256 refused at C_DecryptInit: {rv:?}");
-                    false
-                }
-                // Init accepted the parameters; the garbage ciphertext then failed, as it should.
-                Err(_) => true,
-            })
-        })
+    /// "token `label` (model)", for messages; "the token" when its info cannot be read.
+    fn token_name(&self) -> String {
+        self.pool
+            .slot()
+            .ok()
+            .and_then(|slot| self.pool.module().token_info(slot).ok())
+            .map_or_else(
+                || "the token".to_owned(),
+                |i| format!("token `{}` ({})", i.label, i.model),
+            )
     }
 
-    /// Makes the key's objects; returns the public key and what the token reports about the key.
+    /// Makes the key's objects; returns their handles and what the token holds for them.
     fn generate_objects(
         &self,
-        context: &KeyContext<'_>,
+        expected: &Expected,
+        spec: &crate::key::KeySpec,
         id: &[u8],
-        extractable: bool,
+        label: &str,
     ) -> Result<Made> {
-        let spec = context.spec;
-        let label = context.label.as_bytes().to_vec();
-        let purpose = spec.purpose();
-        // Every usage is set explicitly, false unless it is the key's one purpose: tokens' defaults
-        // (SoftHSM gives a new private key decrypt, sign and unwrap) must not add a second one.
-        let secret_usages = [
-            Attribute::Sign(matches!(purpose, Purpose::Sign | Purpose::Mac)),
-            Attribute::Decrypt(matches!(purpose, Purpose::Decrypt | Purpose::Encrypt)),
-            Attribute::Unwrap(false),
-            Attribute::Derive(false),
-        ];
-        let common_private = |mut extra: Vec<Attribute>| {
-            let mut attrs = vec![
-                Attribute::Token(true),
-                Attribute::Private(true),
-                Attribute::Sensitive(true),
-                Attribute::Extractable(extractable),
-                // An extractable key may be wrapped only under keys the SO marked trusted: any
-                // user-made wrapping key would otherwise export it in effect in clear.
-                Attribute::WrapWithTrusted(extractable),
-                Attribute::Id(id.to_vec()),
-                Attribute::Label(label.clone()),
-            ];
-            attrs.extend(secret_usages.iter().cloned());
-            attrs.append(&mut extra);
-            attrs
-        };
-        let common_public = |extra: Vec<Attribute>| {
-            let mut attrs = vec![
-                Attribute::Token(true),
-                Attribute::Private(false),
-                Attribute::Id(id.to_vec()),
-                Attribute::Label(label.clone()),
-                Attribute::Verify(purpose == Purpose::Sign),
-                Attribute::Encrypt(purpose == Purpose::Decrypt),
-                Attribute::Wrap(false),
-                Attribute::Derive(false),
-            ];
-            attrs.extend(extra);
-            attrs
-        };
-        let handles = self.run(
-            "generate a key (C_GenerateKey/C_GenerateKeyPair)",
-            |_, session| match spec.algorithm() {
-                Algorithm::EcdsaP256Sha256 | Algorithm::EcdsaP384Sha384 | Algorithm::Ed25519 => {
-                    let (mechanism, oid) = match spec.key_type() {
-                        KeyType::EcdsaP256 => (Mechanism::EccKeyPairGen, der::P256_OID),
-                        KeyType::EcdsaP384 => (Mechanism::EccKeyPairGen, der::P384_OID),
-                        _ => (Mechanism::EccEdwardsKeyPairGen, der::ED25519_OID),
-                    };
-                    let (public, private) = session.generate_key_pair(
-                        &mechanism,
-                        &common_public(vec![Attribute::EcParams(oid.to_vec())]),
-                        &common_private(Vec::new()),
-                    )?;
-                    Ok((Some(public), private))
-                }
-                Algorithm::RsaPssSha256 | Algorithm::RsaPkcs1Sha256 | Algorithm::RsaOaepSha256 => {
-                    let bits = spec.key_type().rsa_bits().unwrap_or(2048) as u64;
-                    let (public, private) = session.generate_key_pair(
-                        &Mechanism::RsaPkcsKeyPairGen,
-                        &common_public(vec![
-                            Attribute::ModulusBits(bits.into()),
-                            Attribute::PublicExponent(vec![1, 0, 1]),
-                        ]),
-                        &common_private(Vec::new()),
-                    )?;
-                    Ok((Some(public), private))
-                }
-                Algorithm::Aes256Gcm | Algorithm::HmacSha256 => {
-                    let (mechanism, key_type) = if spec.algorithm() == Algorithm::Aes256Gcm {
-                        (Mechanism::AesKeyGen, CkKeyType::AES)
-                    } else {
-                        (Mechanism::GenericSecretKeyGen, CkKeyType::GENERIC_SECRET)
-                    };
-                    let attrs = common_private(vec![
+        let (mechanism, public_extra, secret_extra) = match spec.algorithm() {
+            Algorithm::EcdsaP256Sha256 | Algorithm::EcdsaP384Sha384 | Algorithm::Ed25519 => {
+                let (mechanism, oid) = match spec.key_type() {
+                    KeyType::EcdsaP256 => (Mechanism::EccKeyPairGen, der::P256_OID),
+                    KeyType::EcdsaP384 => (Mechanism::EccKeyPairGen, der::P384_OID),
+                    _ => (Mechanism::EccEdwardsKeyPairGen, der::ED25519_OID),
+                };
+                (
+                    mechanism,
+                    Some(vec![Attribute::EcParams(oid.to_vec())]),
+                    Vec::new(),
+                )
+            }
+            Algorithm::RsaPssSha256 | Algorithm::RsaPkcs1Sha256 | Algorithm::RsaOaepSha256 => {
+                let bits = spec.key_type().rsa_bits().unwrap_or(2048) as u64;
+                (
+                    Mechanism::RsaPkcsKeyPairGen,
+                    Some(vec![
+                        Attribute::ModulusBits(bits.into()),
+                        Attribute::PublicExponent(vec![1, 0, 1]),
+                    ]),
+                    Vec::new(),
+                )
+            }
+            Algorithm::Aes256Gcm | Algorithm::HmacSha256 => {
+                let (mechanism, key_type) = if spec.algorithm() == Algorithm::Aes256Gcm {
+                    (Mechanism::AesKeyGen, CkKeyType::AES)
+                } else {
+                    (Mechanism::GenericSecretKeyGen, CkKeyType::GENERIC_SECRET)
+                };
+                (
+                    mechanism,
+                    None,
+                    vec![
                         Attribute::Class(ObjectClass::SECRET_KEY),
                         Attribute::KeyType(key_type),
                         Attribute::ValueLen(32.into()),
-                        Attribute::Verify(purpose == Purpose::Mac),
-                        Attribute::Encrypt(purpose == Purpose::Encrypt),
-                        Attribute::Wrap(false),
-                    ]);
-                    Ok((None, session.generate_key(&mechanism, &attrs)?))
+                    ],
+                )
+            }
+        };
+        let is_pair = public_extra.is_some();
+        let (public_template, secret_template) = expected.templates(
+            id,
+            label.as_bytes(),
+            public_extra.unwrap_or_default(),
+            secret_extra,
+        );
+        let public_template = is_pair.then_some(&public_template);
+        let generated = self.run(
+            "generate a key (C_GenerateKey/C_GenerateKeyPair)",
+            |me, session| {
+                let mut stage = 0;
+                loop {
+                    let made = template::generate_at(
+                        session,
+                        &mechanism,
+                        public_template,
+                        &secret_template,
+                        stage,
+                    );
+                    match made {
+                        Err(e) if template::is_template_refusal(&e) && stage + 1 < STAGES => {
+                            // A token may leave half a pair behind: nothing else carries this
+                            // fresh CKA_ID.
+                            for handle in session.find_objects(&[Attribute::Id(id.to_vec())])? {
+                                session.destroy_object(handle)?;
+                            }
+                            stage += 1;
+                            tracing::debug!(
+                                backend = %me.name,
+                                "the token refused the key template ({e:?}); trying again without {}",
+                                secret_template.dropped_at(stage)
+                            );
+                        }
+                        // The required attributes refused: the token cannot make this key as
+                        // keyhold must (CKR_GENERAL_ERROR is left to `run`: it may be a token
+                        // that has gone).
+                        Err(e @ cryptoki::error::Error::Pkcs11(rv, _))
+                            if template::is_template_refusal(&e)
+                                && rv != cryptoki::error::RvError::GeneralError =>
+                        {
+                            return Ok(Err(rv));
+                        }
+                        other => return other.map(Ok),
+                    }
                 }
             },
         )?;
-        let (public_handle, secret_handle) = handles;
-        let class = secret_class(spec.algorithm());
+        let (public_handle, secret_handle) = generated.map_err(|rv| Error::Unsupported {
+            backend: self.name.clone(),
+            what: format!(
+                "{} keys with purpose {}{}: {} refused even the required template ({rv:?})",
+                spec.key_type(),
+                spec.purpose(),
+                if expected.is_extractable() {
+                    ", extractable only under trusted keys (CKA_WRAP_WITH_TRUSTED)"
+                } else {
+                    ""
+                },
+                self.token_name()
+            ),
+        })?;
         // Keep both handles: finding the public key again would scan every object on the token.
         let mut cache = self.handles();
-        cache.insert((id.to_vec(), class_key(class)), secret_handle);
+        cache.insert(
+            (id.to_vec(), class_key(expected.secret_class())),
+            secret_handle,
+        );
         if let Some(public) = public_handle {
             cache.insert((id.to_vec(), class_key(ObjectClass::PUBLIC_KEY)), public);
         }
         drop(cache);
 
-        // Read back what the token says about the key and record it.
-        let flags = self.run("read key attributes (C_GetAttributeValue)", |_, session| {
-            session.get_attributes(
-                secret_handle,
-                &[
-                    AttributeType::AlwaysSensitive,
-                    AttributeType::NeverExtractable,
-                ],
-            )
+        let inspection = self.run("read key attributes (C_GetAttributeValue)", |_, session| {
+            expected.inspect(session, public_handle, secret_handle)
         })?;
-        let mut attributes = Vec::new();
-        for attr in flags {
-            match attr {
-                Attribute::AlwaysSensitive(v) => {
-                    attributes.push(("always_sensitive".into(), v.to_string()))
-                }
-                Attribute::NeverExtractable(v) => {
-                    attributes.push(("never_extractable".into(), v.to_string()))
-                }
-                _ => {}
-            }
+        if let Some(problem) = inspection.problem {
+            return Err(Error::Unsupported {
+                backend: self.name.clone(),
+                what: format!(
+                    "{} keys with purpose {} as keyhold makes them: {} made one whose {problem}",
+                    spec.key_type(),
+                    spec.purpose(),
+                    self.token_name()
+                ),
+            });
         }
         let public = if spec.key_type().is_asymmetric() {
-            Some(self.read_public_key(spec.key_type(), spec.algorithm(), id)?)
+            Some(self.read_public_key(spec, expected, id, label)?)
         } else {
             None
         };
-        Ok(Made { public, attributes })
+        Ok(Made {
+            public,
+            secret: secret_handle,
+            attributes: inspection.attributes,
+        })
+    }
+
+    /// Decrypts, on the token, a message encrypted to the new key in software exactly as keyhold
+    /// encrypts to it: no mechanism flag tells whether a token does RSA-OAEP with SHA-256 and a
+    /// label, so this learns it on the real key. A refusal marks RSA decryption unsupported on
+    /// this token (and only that); the caller then destroys the key.
+    fn check_oaep(
+        &self,
+        spec: &crate::key::KeySpec,
+        public: &PublicKey,
+        secret: ObjectHandle,
+    ) -> Result<()> {
+        let label = crate::keystore::oaep_label(CHECK_MESSAGE);
+        let ciphertext = public.encrypt_oaep(CHECK_MESSAGE, &label)?;
+        let outcome = self.run(
+            "check the new key (C_Decrypt, CKM_RSA_PKCS_OAEP)",
+            |_, session| {
+                let params = PkcsOaepParams::new(
+                    MechanismType::SHA256,
+                    PkcsMgfType::MGF1_SHA256,
+                    PkcsOaepSource::data_specified(&label),
+                );
+                match session.decrypt(&Mechanism::RsaPkcsOaep(params), secret, &ciphertext) {
+                    Ok(plain) => Ok(Ok(zeroize::Zeroizing::new(plain))),
+                    // The token's answer to the mechanism itself, not a lost session or token.
+                    Err(e) if pool::disposition(&e) == Disposition::Fail => Ok(Err(e)),
+                    Err(e) => Err(e),
+                }
+            },
+        )?;
+        match outcome {
+            Ok(plain) if plain.as_slice() == CHECK_MESSAGE => Ok(()),
+            Ok(_) => Err(Error::ConsistencyTest {
+                key_type: spec.key_type().as_str(),
+            }),
+            Err(e) => {
+                let why = match &e {
+                    cryptoki::error::Error::Pkcs11(rv, f) => format!("{f}: {rv:?}"),
+                    other => other.to_string(),
+                };
+                let lacks = format!(
+                    "{} lacks CKM_RSA_PKCS_OAEP with SHA-256 and a label (it refused a new key's \
+                     check, {why})",
+                    self.token_name()
+                );
+                tracing::info!(backend = %self.name, "{lacks}");
+                let mut learned = self.learned();
+                for key_type in KeyType::ALL {
+                    if key_type.rsa_bits().is_some()
+                        && !learned
+                            .iter()
+                            .any(|(t, p, _)| *t == key_type && *p == Purpose::Decrypt)
+                    {
+                        learned.push((key_type, Purpose::Decrypt, lacks.clone()));
+                    }
+                }
+                drop(learned);
+                Err(Error::Unsupported {
+                    backend: self.name.clone(),
+                    what: format!(
+                        "{} keys with purpose {}: {lacks}",
+                        spec.key_type(),
+                        spec.purpose()
+                    ),
+                })
+            }
+        }
     }
 
     fn read_public_key(
         &self,
-        key_type: KeyType,
-        algorithm: Algorithm,
+        spec: &crate::key::KeySpec,
+        expected: &Expected,
         id: &[u8],
+        label: &str,
     ) -> Result<PublicKey> {
+        let (key_type, algorithm) = (spec.key_type(), spec.algorithm());
         let attrs = self.with_object(
             id,
             ObjectClass::PUBLIC_KEY,
+            expected,
+            label,
             "read the public key (C_GetAttributeValue)",
             |session, handle| {
                 session.get_attributes(
@@ -630,7 +724,6 @@ impl Pkcs11Backend {
         Ok(())
     }
 }
-
 /// Initialises a fresh token with `label` in the first free slot of the module at `module_path`,
 /// sets its user PIN, and logs out again (for test fixtures).
 ///
@@ -648,22 +741,21 @@ pub(crate) fn init_token(
     let module = module::module(NAME, module_path)?;
     let ck = |what: &str, e: cryptoki::error::Error| errors::map(NAME, what, e);
     let slot = module
+        .pkcs11()
         .get_all_slots()
         .map_err(|e| ck("list slots (C_GetSlotList)", e))?
         .into_iter()
-        .find(|&s| {
-            module
-                .get_token_info(s)
-                .is_ok_and(|info| !info.token_initialized())
-        })
+        .find(|&s| module.token_info(s).is_ok_and(|info| !info.initialized()))
         .ok_or_else(|| Error::BackendUnavailable {
             backend: NAME.into(),
             reason: format!("{} offers no free slot", module_path.display()),
         })?;
     module
+        .pkcs11()
         .init_token(slot, so_pin, label)
         .map_err(|e| ck("C_InitToken", e))?;
     let session = module
+        .pkcs11()
         .open_rw_session(slot)
         .map_err(|e| ck("C_OpenSession", e))?;
     session
@@ -693,23 +785,9 @@ fn is_decrypt_refusal(e: &(dyn std::error::Error + Send + Sync + 'static)) -> bo
 /// What generating a key's objects produced.
 struct Made {
     public: Option<PublicKey>,
+    /// The private or secret object.
+    secret: ObjectHandle,
     attributes: Vec<(String, String)>,
-}
-
-fn require(
-    has: &impl Fn(MechanismType) -> bool,
-    mechanisms: &[MechanismType],
-) -> Result<(), String> {
-    let missing: Vec<String> = mechanisms
-        .iter()
-        .filter(|m| !has(**m))
-        .map(|m| format!("{m}"))
-        .collect();
-    if missing.is_empty() {
-        Ok(())
-    } else {
-        Err(missing.join(" and "))
-    }
 }
 
 impl Backend for Pkcs11Backend {
@@ -718,26 +796,40 @@ impl Backend for Pkcs11Backend {
     }
 
     fn capabilities(&self) -> Result<Capabilities> {
-        if let Some(c) = self.capabilities.get() {
-            return Ok(c.clone());
-        }
-        let computed = self.compute_capabilities()?;
-        Ok(self.capabilities.get_or_init(|| computed).clone())
+        let (supported, missing) = self.mechanism_capabilities()?;
+        let learned = self.learned();
+        let supported = supported
+            .iter()
+            .filter(|(t, p)| !learned.iter().any(|(lt, lp, _)| lt == t && lp == p))
+            .copied()
+            .collect();
+        let mut missing = missing.clone();
+        missing.extend(learned.iter().cloned());
+        Ok(Capabilities::new(supported).with_missing(missing))
     }
 
     fn generate(&self, context: KeyContext<'_>, options: &KeyOptions) -> Result<GeneratedKey> {
-        let (key_type, purpose) = (context.spec.key_type(), context.spec.purpose());
+        let spec = context.spec;
         self.capabilities()?
-            .require(&self.name, key_type, purpose)?;
+            .require(&self.name, spec.key_type(), spec.purpose())?;
         // CKA_ID = the store's first 8 ID bytes, then 8 random bytes: a token shared by several
         // stores (or applications) still tells which objects belong to which store.
         let mut id = [0u8; 16];
         id[..8].copy_from_slice(&context.store_id[..8]);
         aws_lc_rs::rand::fill(&mut id[8..]).map_err(|_| Error::crypto("make a CKA_ID"))?;
-        match self.generate_objects(&context, &id, options.extractable) {
+        let expected = Expected::new(spec, options.extractable);
+        let made = self
+            .generate_objects(&expected, spec, &id, context.label)
+            .and_then(|made| {
+                if let (Algorithm::RsaOaepSha256, Some(public)) = (spec.algorithm(), &made.public) {
+                    self.check_oaep(spec, public, made.secret)?;
+                }
+                Ok(made)
+            });
+        match made {
             Ok(made) => Ok(GeneratedKey {
                 locator: crate::hex::encode(&id),
-                blob: None,
+                blob: options.extractable.then(|| EXTRACTABLE_BLOB.to_vec()),
                 public_key: made.public,
                 attributes: made.attributes,
             }),
@@ -757,9 +849,10 @@ impl Backend for Pkcs11Backend {
             return Err(crate::backend::no_public_key(spec.key_type()));
         }
         self.read_public_key(
-            spec.key_type(),
-            spec.algorithm(),
+            spec,
+            &expected(&key)?,
             &locator_bytes(key.locator)?,
+            key.context.label,
         )
     }
 
@@ -894,7 +987,7 @@ impl Backend for Pkcs11Backend {
     fn report(&self) -> Result<BackendReport> {
         let module = self.pool.module();
         let mut details = vec![("module".to_owned(), self.module_path.display().to_string())];
-        if let Ok(info) = module.get_library_info() {
+        if let Ok(info) = module.pkcs11().get_library_info() {
             details.push((
                 "library".into(),
                 format!(
@@ -907,31 +1000,41 @@ impl Backend for Pkcs11Backend {
         }
         let slot = self.pool.slot()?;
         let info = module
-            .get_token_info(slot)
+            .token_info(slot)
             .map_err(|e| errors::map(&self.name, "read token info (C_GetTokenInfo)", e))?;
         details.push((
             "token".into(),
             format!(
                 "`{}` serial {} ({} {})",
-                info.label().trim_end(),
-                info.serial_number().trim_end(),
-                info.manufacturer_id().trim_end(),
-                info.model().trim_end()
+                info.label, info.serial, info.manufacturer, info.model
             ),
         ));
-        let limit = |l: cryptoki::slot::Limit| match l {
-            cryptoki::slot::Limit::Max(n) => n.to_string(),
-            cryptoki::slot::Limit::Infinite => "unlimited".into(),
-            cryptoki::slot::Limit::Unavailable => "not reported".into(),
-        };
         details.push((
             "sessions".into(),
             format!(
                 "token allows {}, keyhold opens at most {}",
-                limit(info.max_session_count()),
+                info.max_sessions,
                 self.pool.effective_max(slot)
             ),
         ));
+        if let Ok((supported, _)) = self.mechanism_capabilities() {
+            let learned = self.learned();
+            let oaep = match learned.iter().find(|(_, p, _)| *p == Purpose::Decrypt) {
+                Some((_, _, why)) => Some(why.clone()),
+                None => supported
+                    .iter()
+                    .any(|(_, p)| *p == Purpose::Decrypt)
+                    .then(|| {
+                        "not known until an RSA decrypt key is made (no mechanism flag tells; \
+                         keyhold checks each new key and falls back or refuses then)"
+                            .to_owned()
+                    }),
+            };
+            drop(learned);
+            if let Some(oaep) = oaep {
+                details.push(("RSA-OAEP with SHA-256".into(), oaep));
+            }
+        }
         let mut pin = Vec::new();
         for (flag, text) in [
             (info.user_pin_initialized(), "initialised"),
@@ -945,12 +1048,20 @@ impl Backend for Pkcs11Backend {
             ),
             (info.user_pin_locked(), "LOCKED (unlock with the SO PIN)"),
             (info.user_pin_to_be_changed(), "TO_BE_CHANGED"),
+            (
+                info.protected_authentication_path(),
+                "PROTECTED_AUTHENTICATION_PATH (entered on the device)",
+            ),
         ] {
             if flag {
                 pin.push(text);
             }
         }
         details.push(("user PIN".into(), pin.join(", ")));
+        if let Some(clock) = info.clock() {
+            // Kept as the token gives it: openCryptoki's is not the YYYYMMDDhhmmss00 it should be.
+            details.push(("token clock".into(), clock));
+        }
         let raw = self.run("list objects (C_FindObjects)", |_, session| {
             let mut found = Vec::new();
             for handle in session.find_objects(&[])? {

@@ -5,21 +5,55 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 
+use cryptoki::context::Function;
 use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
+use cryptoki::error::{Error as CkError, Rv, RvError};
 use cryptoki::slot::Slot;
 
+use super::ffi::RawModule;
+use super::token_info::TokenInfo;
 use crate::config::TokenSelector;
 use crate::error::{Error, Result};
 
-static MODULES: OnceLock<Mutex<HashMap<PathBuf, Pkcs11>>> = OnceLock::new();
+/// A loaded, initialised module: cryptoki for everything but token info, which keyhold reads
+/// itself (see `ffi.rs`).
+#[derive(Clone, Debug)]
+pub(super) struct Module {
+    pkcs11: Pkcs11,
+    raw: Arc<RawModule>,
+}
+
+impl Module {
+    /// The cryptoki context.
+    pub(super) fn pkcs11(&self) -> &Pkcs11 {
+        &self.pkcs11
+    }
+
+    /// `C_GetTokenInfo` for `slot`, parsed without failing on any field's content.
+    ///
+    /// # Errors
+    /// The PKCS#11 error the module returned, as cryptoki reports errors.
+    pub(super) fn token_info(&self, slot: Slot) -> std::result::Result<TokenInfo, CkError> {
+        match self.raw.token_info(slot.id()) {
+            Ok(raw) => Ok(TokenInfo::parse(&raw)),
+            Err(rv) => Err(match Rv::from(rv) {
+                Rv::Error(e) => CkError::Pkcs11(e, Function::GetTokenInfo),
+                // Not reached: the raw call reports only failures.
+                Rv::Ok => CkError::Pkcs11(RvError::GeneralError, Function::GetTokenInfo),
+            }),
+        }
+    }
+}
+
+static MODULES: OnceLock<Mutex<HashMap<PathBuf, Module>>> = OnceLock::new();
 
 /// The loaded, initialised module at `path` (loading it on first use).
 ///
 /// # Errors
 /// [`Error::BackendUnavailable`] if the module cannot be loaded or initialised.
-pub fn module(backend: &str, path: &Path) -> Result<Pkcs11> {
+pub(super) fn module(backend: &str, path: &Path) -> Result<Module> {
     let modules = MODULES.get_or_init(|| Mutex::new(HashMap::new()));
     let mut modules = modules
         .lock()
@@ -31,20 +65,17 @@ pub fn module(backend: &str, path: &Path) -> Result<Pkcs11> {
         backend: backend.to_owned(),
         reason: what,
     };
-    let module = Pkcs11::new(path).map_err(|e| {
+    let pkcs11 = Pkcs11::new(path).map_err(|e| {
         unavailable(format!(
             "cannot load the PKCS#11 module {}: {e}",
             path.display()
         ))
     })?;
     // OS locking: the module may be called from any thread (sessions are never shared at once).
-    match module.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)) {
+    match pkcs11.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)) {
         Ok(()) => {}
         // Another library in this process initialised it first: that is fine, it is initialised.
-        Err(cryptoki::error::Error::Pkcs11(
-            cryptoki::error::RvError::CryptokiAlreadyInitialized,
-            _,
-        )) => {}
+        Err(cryptoki::error::Error::Pkcs11(RvError::CryptokiAlreadyInitialized, _)) => {}
         Err(e) => {
             return Err(unavailable(format!(
                 "cannot initialise the PKCS#11 module {}: {e}",
@@ -52,6 +83,12 @@ pub fn module(backend: &str, path: &Path) -> Result<Pkcs11> {
             )))
         }
     }
+    let raw = RawModule::open(path)
+        .map_err(|why| unavailable(format!("PKCS#11 module {}: {why}", path.display())))?;
+    let module = Module {
+        pkcs11,
+        raw: Arc::new(raw),
+    };
     modules.insert(path.to_path_buf(), module.clone());
     Ok(module)
 }
@@ -59,40 +96,77 @@ pub fn module(backend: &str, path: &Path) -> Result<Pkcs11> {
 /// Finds the slot holding the selected token. Slot numbers change as tokens come and go, so this
 /// runs again after every device error.
 ///
+/// A token whose info has odd fields is still matched by label and serial. When several tokens
+/// match, none is chosen: the PIN is never sent to a token picked by chance.
+///
 /// # Errors
-/// [`Error::BackendUnavailable`] listing the tokens present when none matches.
-pub fn find_token(backend: &str, module: &Pkcs11, selector: &TokenSelector) -> Result<Slot> {
+/// [`Error::BackendUnavailable`] when no token matches, naming the tokens present and every token
+/// that was passed over with the reason; or when more than one matches, naming their serials.
+pub(super) fn find_token(backend: &str, module: &Module, selector: &TokenSelector) -> Result<Slot> {
     let unavailable = |reason: String| Error::BackendUnavailable {
         backend: backend.to_owned(),
         reason,
     };
     let slots = module
+        .pkcs11()
         .get_slots_with_token()
         .map_err(|e| unavailable(format!("cannot list the module's slots: {e}")))?;
+    let mut matches = Vec::new();
     let mut present = Vec::new();
+    let mut skipped = Vec::new();
     for slot in slots {
-        let Ok(info) = module.get_token_info(slot) else {
-            continue;
+        let info = match module.token_info(slot) {
+            Ok(info) => info,
+            Err(e) => {
+                let why = match &e {
+                    CkError::Pkcs11(rv, _) => format!("C_GetTokenInfo: {rv:?}"),
+                    other => other.to_string(),
+                };
+                skipped.push(format!("slot {}: token info unreadable ({why})", slot.id()));
+                continue;
+            }
         };
-        let label = info.label().trim_end().to_owned();
-        let serial = info.serial_number().trim_end().to_owned();
-        let label_ok = selector.label.as_ref().is_none_or(|l| *l == label);
-        let serial_ok = selector.serial.as_ref().is_none_or(|s| *s == serial);
-        if !info.token_initialized() {
+        if !info.initialized() {
+            skipped.push(format!("slot {}: token not initialised", slot.id()));
             continue;
         }
+        let label_ok = selector.label.as_ref().is_none_or(|l| *l == info.label);
+        let serial_ok = selector.serial.as_ref().is_none_or(|s| *s == info.serial);
         if label_ok && serial_ok {
-            return Ok(slot);
+            matches.push((slot, info));
+        } else {
+            present.push(format!("`{}` (serial {})", info.label, info.serial));
         }
-        present.push(format!("`{label}` (serial {serial})"));
+    }
+    match matches.as_slice() {
+        [(slot, _)] => return Ok(*slot),
+        [] => {}
+        several => {
+            let serials: Vec<String> = several
+                .iter()
+                .map(|(slot, info)| format!("`{}` (slot {})", info.serial, slot.id()))
+                .collect();
+            return Err(unavailable(format!(
+                "{} tokens match the {}: serials {}; keyhold sends the PIN to none of them: \
+                 select one by `token_serial` (or a `token_uri` with serial=)",
+                several.len(),
+                selector.describe(),
+                serials.join(", ")
+            )));
+        }
     }
     let present = if present.is_empty() {
         "none".to_owned()
     } else {
         present.join(", ")
     };
+    let skipped = if skipped.is_empty() {
+        String::new()
+    } else {
+        format!("; passed over: {}", skipped.join(", "))
+    };
     Err(unavailable(format!(
-        "no {} is present: tokens present: {present}",
+        "no {} is present: tokens present: {present}{skipped}",
         selector.describe()
     )))
 }

@@ -9,13 +9,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::Duration;
 
-use cryptoki::context::Pkcs11;
 use cryptoki::error::{Error as CkError, RvError};
 use cryptoki::session::{Session, UserType};
-use cryptoki::slot::{Limit, Slot};
+use cryptoki::slot::Slot;
 use secrecy::{ExposeSecret, SecretString};
 
-use super::module::find_token;
+use super::module::{find_token, Module};
 use crate::config::TokenSelector;
 use crate::error::{Error, Result};
 
@@ -70,7 +69,7 @@ struct State {
 /// The session pool of one token.
 pub(super) struct Pool {
     pub(super) backend: String,
-    module: Pkcs11,
+    module: Module,
     selector: TokenSelector,
     pin: SecretString,
     max: usize,
@@ -137,7 +136,7 @@ impl Drop for Lease<'_> {
 impl Pool {
     pub(super) fn new(
         backend: String,
-        module: Pkcs11,
+        module: Module,
         selector: TokenSelector,
         pin: SecretString,
         max: usize,
@@ -168,7 +167,7 @@ impl Pool {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    pub(super) fn module(&self) -> &Pkcs11 {
+    pub(super) fn module(&self) -> &Module {
         &self.module
     }
 
@@ -196,14 +195,11 @@ impl Pool {
 
     /// The most sessions this pool opens: the configured bound, capped by the token's own limit.
     pub(super) fn effective_max(&self, slot: Slot) -> usize {
-        let token_max =
-            self.module
-                .get_token_info(slot)
-                .ok()
-                .and_then(|info| match info.max_session_count() {
-                    Limit::Max(n) if n > 0 => usize::try_from(n).ok(),
-                    _ => None,
-                });
+        let token_max = self
+            .module
+            .token_info(slot)
+            .ok()
+            .and_then(|info| info.session_limit());
         token_max.map_or(self.max, |t| t.min(self.max))
     }
 
@@ -264,7 +260,7 @@ impl Pool {
     }
 
     fn open_session(&self, slot: Slot) -> Result<Session> {
-        let session = self.module.open_rw_session(slot).map_err(|e| {
+        let session = self.module.pkcs11().open_rw_session(slot).map_err(|e| {
             if disposition(&e) == Disposition::DeviceGone {
                 self.device_gone();
             }
@@ -308,7 +304,7 @@ impl Pool {
         let flags = self
             .lock()
             .slot
-            .and_then(|(slot, _)| self.module.get_token_info(slot).ok());
+            .and_then(|(slot, _)| self.module.token_info(slot).ok());
         if let Some(info) = flags {
             if info.user_pin_locked() {
                 return refuse(format!(
@@ -363,17 +359,17 @@ impl Pool {
         let Some((slot, _)) = self.lock().slot else {
             return false;
         };
-        self.module.get_token_info(slot).is_ok_and(|info| {
+        self.module.token_info(slot).is_ok_and(|info| {
             let label_ok = self
                 .selector
                 .label
                 .as_ref()
-                .is_none_or(|l| l == info.label().trim_end());
+                .is_none_or(|l| *l == info.label);
             let serial_ok = self
                 .selector
                 .serial
                 .as_ref()
-                .is_none_or(|s| s == info.serial_number().trim_end());
+                .is_none_or(|s| *s == info.serial);
             label_ok && serial_ok
         })
     }
