@@ -544,7 +544,11 @@ impl Cli {
         let dir = tempfile::tempdir().unwrap();
         let config = dir.path().join("keyhold.toml");
         let cli = Self { hsm, dir, config };
-        cli.configure(cli.hsm.label(), keyhold::testing::SOFTHSM_MODULE);
+        // NULs padding a label are padding, like spaces: the configured label is without them.
+        cli.configure(
+            cli.hsm.label().trim_end_matches('\0'),
+            keyhold::testing::SOFTHSM_MODULE,
+        );
         cli
     }
 

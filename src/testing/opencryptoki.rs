@@ -324,12 +324,22 @@ struct TokenState {
 }
 
 fn token_state() -> Result<TokenState> {
-    let out = run("pkcsconf", &["-t", "-c", SLOT], "").map_err(|e| {
-        fixture_error(format!(
-            "{e} (pkcsslotd runs, but is it the one listening on /run/pkcsslotd.socket? a second \
-             slot daemon started elsewhere replaces that socket)"
-        ))
-    })?;
+    // With other processes using the token, openCryptoki 3.8.1's pkcsconf now and then sees
+    // "C_GetSlotList returned 0 slots" for a moment: a read-only query is asked again.
+    let mut attempt = 0;
+    let out = loop {
+        attempt += 1;
+        match run("pkcsconf", &["-t", "-c", SLOT], "") {
+            Ok(out) => break out,
+            Err(_) if attempt < 5 => std::thread::sleep(std::time::Duration::from_millis(200)),
+            Err(e) => {
+                return Err(fixture_error(format!(
+                    "{e} (pkcsslotd runs, but is it the one listening on /run/pkcsslotd.socket? \
+                     a second slot daemon started elsewhere replaces that socket)"
+                )))
+            }
+        }
+    };
     let mut state = TokenState::default();
     for line in out.lines().map(str::trim) {
         if let Some(label) = line.strip_prefix("Label:") {
