@@ -620,8 +620,182 @@ fn refuse_is_the_default_and_names_the_token_and_oaep() {
     );
     let message = err.to_string();
     assert!(message.contains(hsm.label()), "{message}");
-    assert!(message.contains("OAEP"), "{message}");
+    assert!(
+        message.contains("lacks CKM_RSA_PKCS_OAEP with SHA-256"),
+        "{message}"
+    );
     assert!(t.ks.list_keys(None).unwrap().is_empty());
+    // Learned on a real key, which is gone again: nothing is left on the token.
+    assert_eq!(
+        raw_session(hsm.label()).find_objects(&[]).unwrap(),
+        vec![],
+        "the refused key left objects"
+    );
+    // Only RSA decryption is marked: the backend still makes everything else.
+    let caps =
+        t.ks.backends()
+            .find(|b| b.name() == HSM)
+            .unwrap()
+            .capabilities()
+            .unwrap();
+    assert!(!caps.supports(KeyType::Rsa3072, Purpose::Decrypt));
+    assert!(caps
+        .missing(KeyType::Rsa3072, Purpose::Decrypt)
+        .unwrap()
+        .contains("OAEP"));
+    assert!(caps.supports(KeyType::Rsa2048, Purpose::Sign));
+    let signer = t.create("signer", KeyType::EcdsaP256, None);
+    assert_eq!(signer.backend, HSM);
+    t.ks.sign(&signer.id, b"m", SignatureFormat::Der).unwrap();
+}
+
+/// The DER OID of P-256, as CKA_EC_PARAMS.
+const P256_PARAMS: &[u8] = &[0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07];
+
+/// M4: someone with the PIN destroys a keyhold key's private object and generates, on the token
+/// (so CKA_LOCAL is true), a replacement with the same CKA_ID and label that is extractable and
+/// not sensitive. keyhold must never sign with it: not through its cached handle, not after
+/// reopening.
+#[test]
+fn a_same_id_replacement_made_with_the_pin_is_never_used() {
+    let hsm = SoftHsm::new().unwrap();
+    let t = HsmStore::on(&hsm);
+    let info = t.create("victim", KeyType::EcdsaP256, None);
+    t.ks.sign(&info.id, b"before", SignatureFormat::Der)
+        .unwrap();
+
+    let session = raw_session(hsm.label());
+    let label = "tests/victim";
+    let id = unhex(&info.locator);
+    let [private] = objects(&session, label, Some(ObjectClass::PRIVATE_KEY))[..] else {
+        panic!("one private object expected");
+    };
+    session.destroy_object(private).unwrap();
+    let (_, planted) = session
+        .generate_key_pair(
+            &Mechanism::EccKeyPairGen,
+            &[
+                Attribute::Token(true),
+                Attribute::Verify(true),
+                Attribute::EcParams(P256_PARAMS.to_vec()),
+                Attribute::Id(id.clone()),
+                Attribute::Label(label.as_bytes().to_vec()),
+            ],
+            &[
+                Attribute::Token(true),
+                Attribute::Private(true),
+                Attribute::Sensitive(false),
+                Attribute::Extractable(true),
+                Attribute::Sign(true),
+                Attribute::Id(id),
+                Attribute::Label(label.as_bytes().to_vec()),
+            ],
+        )
+        .unwrap();
+    // The attacker holds its value: anything signed with it would be forgeable.
+    let value = session
+        .get_attributes(planted, &[AttributeType::Value])
+        .unwrap();
+    assert!(matches!(value.as_slice(), [Attribute::Value(v)] if !v.is_empty()));
+
+    let refused = |result: keyhold::Result<Vec<u8>>| match result {
+        Err(Error::KeyObjectMismatch {
+            backend,
+            key,
+            reason,
+        }) => {
+            assert_eq!(backend, HSM);
+            assert_eq!(key, label);
+            for differs in [
+                "CKA_SENSITIVE",
+                "CKA_ALWAYS_SENSITIVE",
+                "CKA_NEVER_EXTRACTABLE",
+            ] {
+                assert!(reason.contains(differs), "{reason}");
+            }
+        }
+        other => panic!("expected KeyObjectMismatch, got {other:?}"),
+    };
+    refused(t.ks.sign(&info.id, b"after", SignatureFormat::Der));
+    refused(t.reopen().sign(&info.id, b"after", SignatureFormat::Der));
+}
+
+/// L8: a token chosen by label alone is refused when two tokens carry that label, naming both
+/// serials, before any PIN is sent; its serial then picks it.
+#[test]
+fn two_tokens_with_one_label_are_refused_naming_both_serials() {
+    let hsm = SoftHsm::new().unwrap();
+    let module = Pkcs11::new(SOFTHSM_MODULE).unwrap();
+    match module.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)) {
+        Ok(()) | Err(CkError::Pkcs11(RvError::CryptokiAlreadyInitialized, _)) => {}
+        Err(e) => panic!("C_Initialize: {e}"),
+    }
+    let free = module
+        .get_all_slots()
+        .unwrap()
+        .into_iter()
+        .find(|&s| {
+            module
+                .get_token_info(s)
+                .is_ok_and(|i| !i.token_initialized())
+        })
+        .unwrap();
+    let so_pin = SecretString::from(keyhold::testing::TEST_SO_PIN.to_owned());
+    module.init_token(free, &so_pin, hsm.label()).unwrap();
+    let serials: Vec<String> = module
+        .get_slots_with_token()
+        .unwrap()
+        .into_iter()
+        .filter_map(|s| module.get_token_info(s).ok())
+        .filter(|i| i.label().trim_end() == hsm.label())
+        .map(|i| i.serial_number().trim_end().to_owned())
+        .collect();
+    assert_eq!(serials.len(), 2, "{serials:?}");
+    let delete_twin = || {
+        let out = Command::new("softhsm2-util")
+            .args(["--delete-token", "--serial", &serials[1]])
+            .env("SOFTHSM2_CONF", SoftHsm::conf_file().unwrap())
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+    };
+
+    let backend = Pkcs11Backend::new(HSM, &hsm.backend_config()).unwrap();
+    let err = backend.capabilities().unwrap_err();
+    match &err {
+        Error::BackendUnavailable { backend, reason } => {
+            assert_eq!(backend, HSM);
+            assert!(
+                reason.contains(&format!(
+                    "2 tokens match the token labelled `{}`",
+                    hsm.label()
+                )),
+                "{reason}"
+            );
+            for serial in &serials {
+                assert!(reason.contains(&format!("`{serial}`")), "{reason}");
+            }
+        }
+        other => panic!("expected BackendUnavailable, got {other:?}"),
+    }
+    // Nor through the keystore, and no PIN was sent to either.
+    let t = HsmStore::on(&hsm);
+    let created = t.create_in(Some(HSM), "k", KeyType::EcdsaP256, None);
+    assert!(
+        matches!(&created, Err(Error::BackendUnavailable { reason, .. }) if reason.contains("2 tokens match")),
+        "{created:?}"
+    );
+    assert_eq!(backend.login_attempts(), 0);
+
+    let mut by_serial = hsm.backend_config();
+    by_serial.token_label = None;
+    by_serial.token_serial = Some(serials[0].clone());
+    let chosen = Pkcs11Backend::new(HSM, &by_serial).unwrap();
+    assert!(chosen
+        .capabilities()
+        .unwrap()
+        .supports(KeyType::EcdsaP256, Purpose::Sign));
+    delete_twin();
 }
 
 #[test]

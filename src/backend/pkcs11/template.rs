@@ -497,3 +497,141 @@ impl Expected {
         Ok(inspection)
     }
 }
+
+#[cfg(all(test, feature = "testing"))]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use cryptoki::session::UserType;
+    use secrecy::SecretString;
+
+    use super::*;
+    use crate::config::TokenSelector;
+    use crate::testing::{SoftHsm, SOFTHSM_MODULE, TEST_USER_PIN};
+
+    /// The DER OID of P-256, as CKA_EC_PARAMS.
+    const P256: &[u8] = &[0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07];
+
+    fn session(hsm: &SoftHsm) -> Session {
+        let path = std::path::Path::new(SOFTHSM_MODULE);
+        let module = super::super::module::module("test", path).unwrap();
+        let selector = TokenSelector {
+            label: Some(hsm.label().to_owned()),
+            serial: None,
+        };
+        let slot = super::super::module::find_token("test", &module, &selector).unwrap();
+        let session = module.pkcs11().open_rw_session(slot).unwrap();
+        let pin = SecretString::from(TEST_USER_PIN.to_owned());
+        match session.login(UserType::User, Some(&pin)) {
+            Ok(()) | Err(CkError::Pkcs11(RvError::UserAlreadyLoggedIn, _)) => {}
+            Err(e) => panic!("C_Login: {e}"),
+        }
+        session
+    }
+
+    fn value<'a>(inspection: &'a Inspection, name: &str) -> Option<&'a str> {
+        inspection
+            .attributes
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    #[test]
+    fn the_tiers_drop_the_newer_attributes_then_the_hardening_never_the_required() {
+        let spec = KeySpec::new(KeyType::EcdsaP256, None, None).unwrap();
+        let (public, secret) = Expected::new(&spec, false).templates(b"id", b"l", vec![], vec![]);
+        let has = |attrs: &[Attribute], a: &Attribute| attrs.contains(a);
+        let full = secret.at(0);
+        assert!(has(&full, &Attribute::Copyable(false)));
+        assert!(has(&full, &Attribute::Decrypt(false)));
+        let older = secret.at(1);
+        assert!(!has(&older, &Attribute::Copyable(false)));
+        assert!(!has(&older, &Attribute::Destroyable(true)));
+        assert!(has(&older, &Attribute::SignRecover(false)));
+        assert!(has(&older, &Attribute::Modifiable(false)));
+        assert_eq!(secret.dropped_at(1), "CKA_COPYABLE, CKA_DESTROYABLE");
+        for stage in 0..STAGES {
+            for required in [
+                Attribute::Token(true),
+                Attribute::Private(true),
+                Attribute::Sensitive(true),
+                Attribute::Extractable(false),
+                Attribute::Id(b"id".to_vec()),
+                Attribute::Label(b"l".to_vec()),
+                Attribute::Sign(true),
+            ] {
+                assert!(has(&secret.at(stage), &required), "{stage}: {required:?}");
+            }
+            assert!(has(&public.at(stage), &Attribute::Verify(true)));
+        }
+        let required = secret.at(STAGES - 1);
+        assert!(!has(&required, &Attribute::Decrypt(false)));
+        assert!(!has(&required, &Attribute::Modifiable(false)));
+        assert!(!has(&public.at(STAGES - 1), &Attribute::Encrypt(false)));
+    }
+
+    /// SoftHSM gives a private key made from the required template decrypt, unwrap and
+    /// sign-recover by default: cleared when the object is modifiable, recorded when not.
+    #[test]
+    fn usages_a_token_adds_are_cleared_where_it_allows_and_recorded_where_not() {
+        let hsm = SoftHsm::new().unwrap();
+        let session = session(&hsm);
+        let spec = KeySpec::new(KeyType::EcdsaP256, None, None).unwrap();
+        let expected = Expected::new(&spec, false);
+        let (public, secret) = expected.templates(
+            b"usage-test-1",
+            b"t/one",
+            vec![Attribute::EcParams(P256.to_vec())],
+            vec![],
+        );
+        let last = STAGES - 1;
+        let (p, s) = generate_at(
+            &session,
+            &Mechanism::EccKeyPairGen,
+            Some(&public),
+            &secret,
+            last,
+        )
+        .unwrap();
+        let defaults = usages_on(&session, s, PRIVATE_USAGES).unwrap();
+        assert!(defaults.contains(&AttributeType::Decrypt), "{defaults:?}");
+        let cleared = expected.inspect(&session, p, s).unwrap();
+        assert_eq!(cleared.problem, None);
+        assert_eq!(value(&cleared, "usages"), Some("sign"));
+        assert_eq!(value(&cleared, "public_usages"), Some("verify"));
+        assert_eq!(value(&cleared, "extra_usages"), None);
+        assert_eq!(value(&cleared, "never_extractable"), Some("true"));
+
+        let mut locked = secret.at(last);
+        locked.push(Attribute::Modifiable(false));
+        let (p, s) = session
+            .generate_key_pair(&Mechanism::EccKeyPairGen, &public.at(last), &locked)
+            .unwrap();
+        let recorded = expected.inspect(&session, Some(p), s).unwrap();
+        assert_eq!(
+            value(&recorded, "extra_usages"),
+            Some("sign_recover+decrypt+unwrap"),
+            "{:?}",
+            recorded.attributes
+        );
+        assert_eq!(value(&recorded, "modifiable"), Some("false"));
+        // Extra usages are recorded, not fatal; a key that is not sensitive is.
+        assert_eq!(recorded.problem, None);
+
+        let mut exposed: Vec<Attribute> = secret
+            .at(last)
+            .into_iter()
+            .filter(|a| a.attribute_type() != AttributeType::Sensitive)
+            .collect();
+        exposed.push(Attribute::Sensitive(false));
+        let (p, s) = session
+            .generate_key_pair(&Mechanism::EccKeyPairGen, &public.at(last), &exposed)
+            .unwrap();
+        let problem = expected.inspect(&session, Some(p), s).unwrap().problem;
+        assert_eq!(
+            problem.as_deref(),
+            Some("CKA_SENSITIVE is false, CKA_ALWAYS_SENSITIVE is false")
+        );
+    }
+}
