@@ -186,7 +186,7 @@ fn set_up() -> Result<()> {
         return Err(fixture_error(format!(
             "the soft token (slot {SLOT}) is initialised as `{}`, not `{OPENCRYPTOKI_LABEL}`: \
              re-initialising it would destroy its objects, so the fixture will not (see \
-             hsm-config/README.md for a fresh token)",
+             hsm-config/opencryptoki.toml for a fresh token)",
             token.label.escape_default()
         )));
     }
