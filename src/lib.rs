@@ -45,8 +45,8 @@ pub use key::{
     validate_name, Algorithm, KeySpec, KeyState, KeyType, Purpose, RsaPadding, SignatureFormat,
 };
 pub use keystore::{
-    random_bytes, BackendHealth, Doctor, KeyIdFields, KeyInfo, KeyRequest, Keystore, Orphan,
-    DEFAULT_NAMESPACE, KEY_ID_PREFIX, MAX_ENVELOPE, MAX_INPUT, MAX_RANDOM,
+    random_bytes, BackendHealth, Doctor, KeyIdFields, KeyInfo, KeyRequest, Keystore, MissingKey,
+    Orphan, UncheckedKey, DEFAULT_NAMESPACE, KEY_ID_PREFIX, MAX_ENVELOPE, MAX_INPUT, MAX_RANDOM,
 };
 pub use public_key::PublicKey;
 pub use sealer::{Argon2Params, PassphraseSealer, Pkcs11Sealer, Sealer, TpmSealer};

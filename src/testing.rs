@@ -13,6 +13,10 @@
 //! # }
 //! ```
 //!
+//! [`OpenCryptoki`] does the same for openCryptoki's soft token, a second PKCS#11 implementation:
+//! one token per machine, set up by the first fixture (root and the `opencryptoki` package needed),
+//! shared by every test, each fixture isolated by its own namespace and store.
+//!
 //! SoftHSM2 reads its configuration once, when the module is initialised, so every `SoftHsm` in a
 //! process shares one token directory (made on first use, `SOFTHSM2_CONF` pointing at it) and gets
 //! its own token in it, labelled uniquely. Create fixtures before opening keystores on other
@@ -25,9 +29,15 @@ use std::sync::{Mutex, OnceLock};
 
 use secrecy::SecretString;
 
+mod opencryptoki;
+
 pub use crate::backend::tpm::fixture::Swtpm;
 use crate::config::{BackendConfig, Config, Fallback, Pkcs11Config, TpmConfig};
 use crate::error::{Error, Result};
+pub use opencryptoki::{
+    OpenCryptoki, OPENCRYPTOKI_LABEL, OPENCRYPTOKI_MODULE, OPENCRYPTOKI_SO_PIN,
+    OPENCRYPTOKI_USER_PIN,
+};
 
 /// Where Debian (and most distributions) install SoftHSM2's module.
 pub const SOFTHSM_MODULE: &str = "/usr/lib/softhsm/libsofthsm2.so";
@@ -102,23 +112,38 @@ impl SoftHsm {
     /// [`Error::Config`] or [`Error::BackendUnavailable`] if SoftHSM2 is not installed or the
     /// token cannot be initialised.
     pub fn new() -> Result<Self> {
+        let mut suffix = [0u8; 6];
+        aws_lc_rs::rand::fill(&mut suffix).map_err(|_| Error::crypto("random label"))?;
+        Self::with_label(&format!("keyhold-test-{}", crate::hex::encode(&suffix)))
+    }
+
+    /// Initialises a new token labelled `label` (at most 32 bytes, any bytes: tests of how
+    /// keyhold shows hostile labels). A label with a NUL cannot be named to `softhsm2-util`, so
+    /// such a token is not deleted on drop; it goes with the process's token directory, which
+    /// the next fixture process removes.
+    ///
+    /// # Errors
+    /// As [`SoftHsm::new`].
+    pub fn with_label(label: &str) -> Result<Self> {
         let _one_at_a_time = TOKEN_INIT
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         let home = home()?;
-        let mut suffix = [0u8; 6];
-        aws_lc_rs::rand::fill(&mut suffix).map_err(|_| Error::crypto("random label"))?;
-        let label = format!("keyhold-test-{}", crate::hex::encode(&suffix));
         crate::backend::pkcs11::init_token(
             Path::new(SOFTHSM_MODULE),
-            &label,
+            label,
             &SecretString::from(TEST_SO_PIN.to_owned()),
             &SecretString::from(TEST_USER_PIN.to_owned()),
         )?;
-        let pin_file = home.join(format!("{label}.pin"));
+        let mut name = [0u8; 6];
+        aws_lc_rs::rand::fill(&mut name).map_err(|_| Error::crypto("random file name"))?;
+        let pin_file = home.join(format!("{}.pin", crate::hex::encode(&name)));
         std::fs::write(&pin_file, TEST_USER_PIN)
             .map_err(|e| fixture_error(format!("write {}: {e}", pin_file.display())))?;
-        Ok(Self { label, pin_file })
+        Ok(Self {
+            label: label.to_owned(),
+            pin_file,
+        })
     }
 
     /// The token's label.
@@ -136,27 +161,12 @@ impl SoftHsm {
 
     /// A backend configuration for this token (PIN from a file; fallback refused).
     pub fn backend_config(&self) -> Pkcs11Config {
-        Pkcs11Config {
-            module: PathBuf::from(SOFTHSM_MODULE),
-            token_label: Some(self.label.clone()),
-            token_serial: None,
-            token_uri: None,
-            pin_env: None,
-            pin_file: Some(self.pin_file.clone()),
-            pin_credential: None,
-            max_sessions: None,
-            fallback: Fallback::Refuse,
-        }
+        token_config(SOFTHSM_MODULE, &self.label, &self.pin_file)
     }
 
     /// A whole configuration with this token as the backend `name`.
     pub fn config(&self, name: &str) -> Config {
-        let mut config = Config::default();
-        config.backends.insert(
-            name.to_owned(),
-            BackendConfig::Pkcs11(self.backend_config()),
-        );
-        config
+        config_with(name, BackendConfig::Pkcs11(self.backend_config()))
     }
 
     /// Deletes the token now, as `softhsm2-util --delete-token` does (for token-loss tests).
@@ -188,14 +198,31 @@ impl Drop for SoftHsm {
     }
 }
 
+/// A configuration of the token `label` of `module`, PIN from `pin_file`, fallback refused.
+fn token_config(module: &str, label: &str, pin_file: &Path) -> Pkcs11Config {
+    Pkcs11Config {
+        module: PathBuf::from(module),
+        token_label: Some(label.to_owned()),
+        token_serial: None,
+        token_uri: None,
+        pin_env: None,
+        pin_file: Some(pin_file.to_path_buf()),
+        pin_credential: None,
+        max_sessions: None,
+        fallback: Fallback::Refuse,
+    }
+}
+
+/// A whole configuration with `backend` as the backend `name`.
+fn config_with(name: &str, backend: BackendConfig) -> Config {
+    let mut config = Config::default();
+    config.backends.insert(name.to_owned(), backend);
+    config
+}
+
 impl Swtpm {
     /// A whole configuration with this TPM as the backend `name` (fallback refused).
     pub fn config(&self, name: &str) -> Config {
-        let mut config = Config::default();
-        config.backends.insert(
-            name.to_owned(),
-            BackendConfig::Tpm(TpmConfig::with_tcti(self.tcti())),
-        );
-        config
+        config_with(name, BackendConfig::Tpm(TpmConfig::with_tcti(self.tcti())))
     }
 }

@@ -6,7 +6,8 @@
 
 mod support;
 
-use keyhold::testing::{SoftHsm, Swtpm};
+use keyhold::config::{BackendConfig, Config, Fallback};
+use keyhold::testing::{OpenCryptoki, SoftHsm, Swtpm};
 use keyhold::{
     Algorithm, Error, KeyInfo, KeyRequest, KeySpec, KeyType, Keystore, Purpose, RsaPadding,
     SignatureFormat,
@@ -24,7 +25,13 @@ struct Fixture {
     requested: Option<&'static str>,
     /// The pairs this backend is known not to support, with a word its refusal must contain.
     refused: &'static [(KeyType, Purpose, &'static str)],
+    /// The namespace keys are made in (unique per fixture on a token shared between tests).
+    namespace: String,
+    /// The configuration the store was opened with, and the store, to reopen it with fallback.
+    config: Config,
+    store: std::path::PathBuf,
     _hsm: Option<SoftHsm>,
+    _ock: Option<OpenCryptoki>,
     _tpm: Option<Swtpm>,
     _dir: TempDir,
 }
@@ -34,6 +41,20 @@ const SOFTHSM_REFUSES: &[(KeyType, Purpose, &str)] = &[
     (KeyType::Rsa2048, Purpose::Decrypt, "OAEP"),
     (KeyType::Rsa3072, Purpose::Decrypt, "OAEP"),
     (KeyType::Rsa4096, Purpose::Decrypt, "OAEP"),
+];
+
+/// openCryptoki 3.8.1's soft token (Debian 12), as its mechanism list and keyhold's OAEP probe
+/// say: no EC mechanisms at all (`CKM_EC_KEY_PAIR_GEN`, `CKM_EC_EDWARDS_KEY_PAIR_GEN`), no
+/// `CKM_AES_GCM`. Measured, not assumed: a token that gains or loses a type fails this table.
+const OPENCRYPTOKI_REFUSES: &[(KeyType, Purpose, &str)] = &[
+    (KeyType::EcdsaP256, Purpose::Sign, "CKM_EC_KEY_PAIR_GEN"),
+    (KeyType::EcdsaP384, Purpose::Sign, "CKM_EC_KEY_PAIR_GEN"),
+    (
+        KeyType::Ed25519,
+        Purpose::Sign,
+        "CKM_EC_EDWARDS_KEY_PAIR_GEN",
+    ),
+    (KeyType::Aes256Gcm, Purpose::Encrypt, "CKM_AES_GCM"),
 ];
 
 /// What the TPM backend does not make yet (Ed25519, AES-GCM and RSA-4096 are beyond most TPMs;
@@ -49,13 +70,18 @@ impl Fixture {
     /// A plain store: the built-in software backend.
     fn software() -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let ks = Keystore::create(&dir.path().join("store"), &sealer(PASSPHRASE)).unwrap();
+        let store = dir.path().join("store");
+        let ks = Keystore::create(&store, &sealer(PASSPHRASE)).unwrap();
         Self {
             ks,
             backend: "software",
             requested: None,
             refused: &[],
+            namespace: "conformance".into(),
+            config: Config::default(),
+            store,
             _hsm: None,
+            _ock: None,
             _tpm: None,
             _dir: dir,
         }
@@ -65,18 +91,42 @@ impl Fixture {
     fn pkcs11() -> Self {
         let hsm = SoftHsm::new().unwrap();
         let dir = tempfile::tempdir().unwrap();
-        let ks = Keystore::create_with(
-            &dir.path().join("store"),
-            &sealer(PASSPHRASE),
-            &hsm.config("hsm"),
-        )
-        .unwrap();
+        let store = dir.path().join("store");
+        let config = hsm.config("hsm");
+        let ks = Keystore::create_with(&store, &sealer(PASSPHRASE), &config).unwrap();
         Self {
             ks,
             backend: "hsm",
             requested: Some("hsm"),
             refused: SOFTHSM_REFUSES,
+            namespace: "conformance".into(),
+            config,
+            store,
             _hsm: Some(hsm),
+            _ock: None,
+            _tpm: None,
+            _dir: dir,
+        }
+    }
+
+    /// A store whose backend `ock` is openCryptoki's soft token, set up by the fixture if this
+    /// machine has not yet (root and the `opencryptoki` package needed: without them this fails).
+    fn opencryptoki() -> Self {
+        let ock = OpenCryptoki::new().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let store = dir.path().join("store");
+        let config = ock.config("ock");
+        let ks = Keystore::create_with(&store, &sealer(PASSPHRASE), &config).unwrap();
+        Self {
+            ks,
+            backend: "ock",
+            requested: Some("ock"),
+            refused: OPENCRYPTOKI_REFUSES,
+            namespace: ock.namespace().to_owned(),
+            config,
+            store,
+            _hsm: None,
+            _ock: Some(ock),
             _tpm: None,
             _dir: dir,
         }
@@ -86,18 +136,19 @@ impl Fixture {
     fn tpm() -> Self {
         let tpm = Swtpm::new().unwrap();
         let dir = tempfile::tempdir().unwrap();
-        let ks = Keystore::create_with(
-            &dir.path().join("store"),
-            &sealer(PASSPHRASE),
-            &tpm.config("tpm"),
-        )
-        .unwrap();
+        let store = dir.path().join("store");
+        let config = tpm.config("tpm");
+        let ks = Keystore::create_with(&store, &sealer(PASSPHRASE), &config).unwrap();
         Self {
             ks,
             backend: "tpm",
             requested: Some("tpm"),
             refused: SWTPM_REFUSES,
+            namespace: "conformance".into(),
+            config,
+            store,
             _hsm: None,
+            _ock: None,
             _tpm: Some(tpm),
             _dir: dir,
         }
@@ -105,7 +156,7 @@ impl Fixture {
 
     fn request(&self, name: &str, spec: KeySpec) -> KeyRequest {
         KeyRequest {
-            namespace: "conformance".into(),
+            namespace: self.namespace.clone(),
             name: name.into(),
             spec,
             backend: self.requested.map(str::to_owned),
@@ -118,6 +169,22 @@ impl Fixture {
             .iter()
             .find(|(t, p, _)| *t == key_type && *p == purpose)
             .map(|(_, _, word)| *word)
+    }
+
+    /// Reopens the store with every device backend set to `fallback = "software"`.
+    fn reopen_with_software_fallback(&mut self) {
+        let mut config = self.config.clone();
+        for backend in config.backends.values_mut() {
+            match backend {
+                BackendConfig::Pkcs11(p) => p.fallback = Fallback::Software,
+                BackendConfig::Tpm(t) => t.fallback = Fallback::Software,
+                other => panic!("no fallback setting for {other:?}"),
+            }
+        }
+        // swtpm serves one client at a time: the old keystore lets go of it (replaced by a
+        // software-only one) before the new one connects.
+        self.ks = Keystore::create(&self._dir.path().join("interim"), &sealer(PASSPHRASE)).unwrap();
+        self.ks = Keystore::open_with(&self.store, &sealer(PASSPHRASE), &config).unwrap();
     }
 
     fn capabilities(&self) -> keyhold::backend::Capabilities {
@@ -187,6 +254,11 @@ macro_rules! conformance_tests {
             }
 
             #[test]
+            fn refused_types_fall_back_when_allowed() {
+                checks::fallback(fixture());
+            }
+
+            #[test]
             fn ecdsa_p256() {
                 checks::exercise(&fixture(), cases::ECDSA_P256);
             }
@@ -241,6 +313,7 @@ macro_rules! conformance_tests {
 
 conformance_tests!(software, Fixture::software());
 conformance_tests!(pkcs11, Fixture::pkcs11());
+conformance_tests!(opencryptoki, Fixture::opencryptoki());
 conformance_tests!(tpm, Fixture::tpm());
 
 #[test]
@@ -301,6 +374,55 @@ mod checks {
                 "`{}` claims {key_type} with purpose {purpose}, which keyhold does not define",
                 fx.backend
             );
+        }
+    }
+
+    /// With `fallback = "software"`, each refused pair is made in software and recorded as a
+    /// fallback (and works); a supported pair is still made in the backend.
+    pub fn fallback(mut fx: Fixture) {
+        fx.reopen_with_software_fallback();
+        let ks = &fx.ks;
+        for &(key_type, purpose, _) in fx.refused {
+            let spec = KeySpec::new(key_type, Some(purpose), None).unwrap();
+            let info = ks
+                .create_key(&fx.request(&format!("fallback-{key_type}-{purpose}"), spec))
+                .unwrap();
+            assert_eq!(info.backend, "software", "{info:?}");
+            assert_eq!(
+                info.attributes.get("fallback_for").map(String::as_str),
+                Some(fx.backend),
+                "{info:?}"
+            );
+            assert_eq!(ks.key_info(&info.id).unwrap(), info);
+            match purpose {
+                Purpose::Sign => {
+                    let sig = ks.sign(&info.id, MESSAGE, SignatureFormat::Der).unwrap();
+                    ks.verify(&info.id, MESSAGE, &sig, SignatureFormat::Der)
+                        .unwrap();
+                }
+                Purpose::Decrypt | Purpose::Encrypt => {
+                    let env = ks.encrypt(&info.id, MESSAGE, b"").unwrap();
+                    assert_eq!(ks.decrypt(&info.id, &env, b"").unwrap().expose(), MESSAGE);
+                }
+                Purpose::Mac => {
+                    let tag = ks.mac(&info.id, MESSAGE).unwrap();
+                    ks.verify_mac(&info.id, MESSAGE, &tag).unwrap();
+                }
+                other => panic!("no fallback check for purpose {other}"),
+            }
+            ks.destroy_key(&info.id).unwrap();
+        }
+        if fx.backend != "software" {
+            let supported = KeyType::ALL
+                .iter()
+                .flat_map(|&t| t.purposes().iter().map(move |&p| (t, p)))
+                .find(|&(t, p)| fx.refusal(t, p).is_none() && t != KeyType::Rsa4096)
+                .unwrap();
+            let spec = KeySpec::new(supported.0, Some(supported.1), None).unwrap();
+            let info = ks.create_key(&fx.request("not-a-fallback", spec)).unwrap();
+            assert_eq!(info.backend, fx.backend, "{info:?}");
+            assert!(!info.attributes.contains_key("fallback_for"), "{info:?}");
+            ks.destroy_key(&info.id).unwrap();
         }
     }
 

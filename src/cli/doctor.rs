@@ -25,8 +25,54 @@ pub fn run(ctx: &Context, args: &DoctorArgs) -> CmdResult {
     }
     let doctor = ks.doctor()?;
     if ctx.json {
-        return io::print_json(&json(&doctor));
+        io::print_json(&json(&doctor))?;
+    } else {
+        io::write_output(None, text(&ks, &doctor).as_bytes())?;
     }
+    verdict(&doctor)
+}
+
+/// Exit codes beyond the common ones (docs/cli.md): 8 when the store and the devices disagree
+/// (missing objects, orphans), before 7 when something could not be checked (a backend
+/// unavailable, keys of a backend not configured); 6 for a forged record comes from `doctor()`.
+const DISAGREE: u8 = 8;
+const UNCHECKED: u8 = 7;
+
+fn verdict(doctor: &Doctor) -> CmdResult {
+    let unavailable = doctor
+        .backends
+        .iter()
+        .filter(|b| b.report.is_err() || b.capabilities.is_err())
+        .count();
+    let found: Vec<String> = [
+        (
+            doctor.missing.len(),
+            "key with missing objects",
+            "keys with missing objects",
+        ),
+        (doctor.orphans.len(), "orphaned object", "orphaned objects"),
+        (unavailable, "backend unavailable", "backends unavailable"),
+        (doctor.unchecked.len(), "key unchecked", "keys unchecked"),
+    ]
+    .into_iter()
+    .filter(|&(n, _, _)| n > 0)
+    .map(|(n, one, many)| format!("{n} {}", if n == 1 { one } else { many }))
+    .collect();
+    if doctor.healthy() {
+        return Ok(());
+    }
+    let code = if doctor.disagrees() {
+        DISAGREE
+    } else {
+        UNCHECKED
+    };
+    Err(Failure::Findings {
+        code,
+        summary: format!("doctor found problems: {}", found.join(", ")),
+    })
+}
+
+fn text(ks: &keyhold::Keystore, doctor: &Doctor) -> String {
     let mut out = format!(
         "store: {} (id {}, sealer {})\n",
         ks.dir().display(),
@@ -39,13 +85,17 @@ pub fn run(ctx: &Context, args: &DoctorArgs) -> CmdResult {
             Ok(report) => {
                 out.push_str(&format!("  kind: {}\n", report.kind));
                 for (k, v) in &report.details {
-                    out.push_str(&format!("  {k}: {v}\n"));
+                    // Token labels, models and serials are text anyone with the token chose.
+                    out.push_str(&format!("  {k}: {}\n", terminal_safe(v)));
                 }
                 if let Some(objects) = &report.objects {
                     out.push_str(&format!("  key objects: {}\n", objects.len()));
                 }
             }
-            Err(e) => out.push_str(&format!("  UNAVAILABLE: {e}\n")),
+            Err(e) => out.push_str(&format!(
+                "  UNAVAILABLE: {}\n",
+                terminal_safe(&e.to_string())
+            )),
         }
         match &b.capabilities {
             Ok(caps) => {
@@ -58,7 +108,7 @@ pub fn run(ctx: &Context, args: &DoctorArgs) -> CmdResult {
                         } else {
                             cannot.push(format!(
                                 "{t}/{p} ({})",
-                                caps.missing(t, p).unwrap_or("not supported")
+                                terminal_safe(caps.missing(t, p).unwrap_or("not supported"))
                             ));
                         }
                     }
@@ -68,14 +118,21 @@ pub fn run(ctx: &Context, args: &DoctorArgs) -> CmdResult {
                     out.push_str(&format!("  cannot: {c}\n"));
                 }
             }
-            Err(e) => out.push_str(&format!("  key types: unknown ({e})\n")),
+            Err(e) => out.push_str(&format!(
+                "  key types: unknown ({})\n",
+                terminal_safe(&e.to_string())
+            )),
         }
     }
     out.push_str(&format!("\norphaned objects: {}\n", doctor.orphans.len()));
     for o in &doctor.orphans {
         out.push_str(&format!(
             "  {}:{} label `{}` (no record; remove with --remove-orphan {}:{})\n",
-            o.backend, o.locator, o.label, o.backend, o.locator
+            o.backend,
+            o.locator,
+            terminal_safe(&o.label),
+            o.backend,
+            o.locator
         ));
     }
     out.push_str(&format!(
@@ -83,13 +140,59 @@ pub fn run(ctx: &Context, args: &DoctorArgs) -> CmdResult {
         doctor.foreign_objects
     ));
     out.push_str(&format!("missing objects: {}\n", doctor.missing.len()));
-    for k in &doctor.missing {
+    for m in &doctor.missing {
+        let k = &m.key;
         out.push_str(&format!(
-            "  {}/{} in {} (locator {}): its object is not on the device\n",
-            k.namespace, k.name, k.backend, k.locator
+            "  {}/{} in {} (locator {}): its {} not on the device\n",
+            k.namespace,
+            k.name,
+            k.backend,
+            k.locator,
+            match m.absent.as_slice() {
+                [one] => format!("{one} is"),
+                many => format!("{} are", many.join(" and ")),
+            }
         ));
     }
-    io::write_output(None, out.as_bytes())
+    out.push_str(&format!("unchecked keys: {}\n", doctor.unchecked.len()));
+    for u in &doctor.unchecked {
+        let k = &u.key;
+        out.push_str(&format!(
+            "  {}/{} in {}: not checked, {}\n",
+            k.namespace,
+            k.name,
+            k.backend,
+            terminal_safe(&u.reason)
+        ));
+    }
+    out
+}
+
+/// `text` with control characters escaped (`\u{1b}`), so that a token's label cannot move the
+/// cursor, retitle the window or hide text; NUL padding (a run of NULs before the end, a space,
+/// a backtick or a parenthesis, where fields end) is dropped, any other NUL escaped.
+fn terminal_safe(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == '\0' {
+            let mut rest = chars.clone();
+            while rest.peek() == Some(&'\0') {
+                rest.next();
+            }
+            if matches!(rest.peek(), None | Some(' ' | '`' | ')' | ',')) {
+                chars = rest;
+                continue;
+            }
+        }
+        // Bidirectional overrides reorder what the terminal shows: escaped like controls.
+        if c.is_control() || matches!(c, '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}') {
+            out.extend(c.escape_unicode());
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 fn json(doctor: &Doctor) -> serde_json::Value {
@@ -120,9 +223,14 @@ fn json(doctor: &Doctor) -> serde_json::Value {
         "orphans": doctor.orphans.iter().map(|o| serde_json::json!({
             "backend": o.backend, "locator": o.locator, "label": o.label,
         })).collect::<Vec<_>>(),
-        "missing": doctor.missing.iter().map(|k| serde_json::json!({
-            "id": k.id, "namespace": k.namespace, "name": k.name, "backend": k.backend,
-            "locator": k.locator,
+        "missing": doctor.missing.iter().map(|m| serde_json::json!({
+            "id": m.key.id, "namespace": m.key.namespace, "name": m.key.name,
+            "backend": m.key.backend, "locator": m.key.locator, "absent": m.absent,
         })).collect::<Vec<_>>(),
+        "unchecked": doctor.unchecked.iter().map(|u| serde_json::json!({
+            "id": u.key.id, "namespace": u.key.namespace, "name": u.key.name,
+            "backend": u.key.backend, "reason": u.reason,
+        })).collect::<Vec<_>>(),
+        "healthy": doctor.healthy(),
     })
 }

@@ -99,6 +99,8 @@ pub enum Failure {
     Quiet,
     /// A failure with where to look next appended (e.g. where the configuration is looked for).
     Hinted(Box<Failure>, String),
+    /// The command ran and found problems (`doctor`): its documented exit code and a summary.
+    Findings { code: u8, summary: String },
 }
 
 impl From<keyhold::Error> for Failure {
@@ -110,7 +112,10 @@ impl From<keyhold::Error> for Failure {
 impl fmt::Display for Failure {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Self::Cli(msg) | Self::Usage(msg) | Self::NoSuchName(msg) => f.write_str(msg),
+            Self::Cli(msg)
+            | Self::Usage(msg)
+            | Self::NoSuchName(msg)
+            | Self::Findings { summary: msg, .. } => f.write_str(msg),
             Self::Quiet => Ok(()),
             Self::Hinted(inner, hint) => write!(f, "{inner}: {hint}"),
             Self::Keyhold(e) => {
@@ -142,6 +147,7 @@ impl Failure {
             Self::Keyhold(
                 E::BackendUnavailable { .. } | E::BackendLogin { .. } | E::Timeout { .. },
             ) => 7,
+            Self::Findings { code, .. } => *code,
             _ => 1,
         }
     }
@@ -153,6 +159,7 @@ impl Failure {
             Self::Cli(_) | Self::Quiet => "cli",
             Self::Usage(_) => "usage",
             Self::NoSuchName(_) => "no_such_key",
+            Self::Findings { .. } => "doctor_findings",
             Self::Hinted(inner, _) => inner.kind(),
             Self::Keyhold(e) => match e {
                 E::KeyIdAuthentication { .. } => "key_id_authentication",

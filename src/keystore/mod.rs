@@ -1,6 +1,7 @@
 //! The application-facing keystore: creates keys, resolves authenticated key IDs, enforces each
 //! key's one purpose, and calls the backend that holds the key.
 
+mod doctor;
 mod envelope;
 mod key_id;
 
@@ -25,6 +26,7 @@ use crate::sealer::{RootSecret, Sealer};
 use crate::secret::SecretBytes;
 use crate::store::{KeyRecord, Store, StoreMeta};
 
+pub use doctor::{BackendHealth, Doctor, MissingKey, Orphan, UncheckedKey};
 use key_id::KeyIdCodec;
 pub use key_id::{KeyIdFields, PREFIX as KEY_ID_PREFIX};
 
@@ -80,42 +82,6 @@ pub struct KeyInfo {
     /// What the backend reported about the key (`never_extractable`, …) and, for a software key
     /// made in place of a hardware backend's, `fallback_for`.
     pub attributes: BTreeMap<String, String>,
-}
-
-/// What `doctor` found: each backend's state, and where the store and the devices disagree.
-#[derive(Debug)]
-pub struct Doctor {
-    /// Every backend, `software` first.
-    pub backends: Vec<BackendHealth>,
-    /// Key objects of this store on a device that no record names: left by a crash between
-    /// generation and recording. Remove them with [`Keystore::remove_orphan`].
-    pub orphans: Vec<Orphan>,
-    /// Objects on the devices that belong to other stores or applications (never touched).
-    pub foreign_objects: usize,
-    /// Records whose key object is not on its device (token re-initialised or objects deleted).
-    pub missing: Vec<KeyInfo>,
-}
-
-/// One backend as `doctor` sees it.
-#[derive(Debug)]
-pub struct BackendHealth {
-    /// The backend's name.
-    pub name: String,
-    /// Its report, or why there is none.
-    pub report: Result<BackendReport>,
-    /// What it can create, or why that is unknown.
-    pub capabilities: Result<Capabilities>,
-}
-
-/// A device object no record names.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Orphan {
-    /// The backend holding it.
-    pub backend: String,
-    /// Its locator.
-    pub locator: String,
-    /// Its label on the device.
-    pub label: String,
 }
 
 /// An open, unsealed keystore. `Send + Sync`: share it between threads behind an `Arc`.
@@ -842,70 +808,6 @@ impl Keystore {
         }
     }
 
-    /// Checks every backend and compares the store's records with what the devices hold.
-    ///
-    /// # Errors
-    /// [`Error::Integrity`] if a record fails its MAC; backend failures are reported per backend.
-    pub fn doctor(&self) -> Result<Doctor> {
-        let records = self
-            .store
-            .keys(None)?
-            .into_iter()
-            .map(|r| self.verified(r))
-            .collect::<Result<Vec<_>>>()?;
-        let sealer_key = self.sealer_key_locator();
-        let mut doctor = Doctor {
-            backends: Vec::new(),
-            orphans: Vec::new(),
-            foreign_objects: 0,
-            missing: Vec::new(),
-        };
-        let ours = self.object_prefix();
-        for backend in &self.backends {
-            let name = backend.name();
-            let report = backend.report();
-            if let Ok(BackendReport {
-                objects: Some(objects),
-                ..
-            }) = &report
-            {
-                let recorded = |locator: &str| {
-                    records
-                        .iter()
-                        .any(|r| r.record.backend == name && r.record.locator == locator)
-                        || sealer_key
-                            .as_ref()
-                            .is_some_and(|(b, l)| b == name && l == locator)
-                };
-                doctor.foreign_objects += objects
-                    .iter()
-                    .filter(|o| !o.locator.starts_with(&ours))
-                    .count();
-                let orphans = objects
-                    .iter()
-                    .filter(|o| o.locator.starts_with(&ours) && !recorded(&o.locator));
-                for object in orphans {
-                    doctor.orphans.push(Orphan {
-                        backend: name.to_owned(),
-                        locator: object.locator.clone(),
-                        label: object.label.clone(),
-                    });
-                }
-                for r in records.iter().filter(|r| r.record.backend == name) {
-                    if !objects.iter().any(|o| o.locator == r.record.locator) {
-                        doctor.missing.push(self.info(r)?);
-                    }
-                }
-            }
-            doctor.backends.push(BackendHealth {
-                name: name.to_owned(),
-                capabilities: backend.capabilities(),
-                report,
-            });
-        }
-        Ok(doctor)
-    }
-
     /// How this store's device objects begin: the hex of the store ID's first 8 bytes (backends
     /// that keep objects put it at the start of their identifiers).
     fn object_prefix(&self) -> String {
@@ -921,36 +823,6 @@ impl Keystore {
         let backend = crate::sealer::Pkcs11Sealer::backend_of(sealed).ok()?;
         let locator = crate::sealer::Pkcs11Sealer::locator_of(sealed).ok()?;
         Some((backend, locator))
-    }
-
-    /// Destroys the device objects at `locator` in `backend`, which no record may name.
-    ///
-    /// # Errors
-    /// [`Error::InvalidInput`] if a record (or the sealer) uses that locator; backend errors.
-    pub fn remove_orphan(&self, backend: &str, locator: &str) -> Result<()> {
-        let used = self
-            .store
-            .keys(None)?
-            .into_iter()
-            .any(|r| r.backend == backend && r.locator == locator)
-            || self
-                .sealer_key_locator()
-                .is_some_and(|(b, l)| b == backend && l == locator);
-        if !locator.starts_with(&self.object_prefix()) {
-            return Err(Error::InvalidInput(format!(
-                "object {locator} in backend `{backend}` does not belong to this store: \
-                 keyhold removes only its own objects"
-            )));
-        }
-        if used {
-            return Err(Error::InvalidInput(format!(
-                "object {locator} in backend `{backend}` belongs to a key of this store: \
-                 it is not an orphan"
-            )));
-        }
-        self.backend(backend)?.destroy_object(locator)?;
-        tracing::info!(backend, locator, "removed an orphaned device object");
-        Ok(())
     }
 
     /// The info of the key `id`.
