@@ -2593,6 +2593,9 @@ fn a_name_resolves_only_through_an_authenticated_record() {
     let env = Env::init();
     env.create_key("web-tls", "ed25519", &[]);
     env.create_key("attacker", "ed25519", &[]);
+    // An untouched record: with every record failing, the store reads as one whose sealed root
+    // was replaced (exit 4), a different refusal.
+    env.create_key("bystander", "ed25519", &[]);
     let db = rusqlite::Connection::open(env.database_file()).expect("open the store's database");
     db.execute_batch(
         "UPDATE keys SET name = 'swap' WHERE name = 'web-tls';
@@ -2610,7 +2613,7 @@ fn a_name_resolves_only_through_an_authenticated_record() {
         assert_fail(
             &o,
             6,
-            "integrity check failed: the record of key",
+            "integrity check failed: 2 of the store's 3 key records fail their MAC",
             &format!("{args:?}"),
         );
         assert!(

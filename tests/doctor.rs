@@ -605,12 +605,18 @@ impl Cli {
         let mut args = vec![
             "init",
             "--argon2-memory-mib",
-            "8",
+            "19",
             "--argon2-iterations",
-            "1",
+            "2",
         ];
         args.extend_from_slice(sealer);
         let out = self.ok(&args);
+        if let Some(kind) = sealer.iter().skip_while(|a| **a != "--sealer").nth(1) {
+            // A store sealed without a passphrase opens only when the user says so (M1).
+            let mut config = std::fs::read_to_string(&self.config).unwrap();
+            config.push_str(&format!("\n[store]\nsealer = \"{kind}\"\n"));
+            std::fs::write(&self.config, config).unwrap();
+        }
         let id = out.split("store id ").nth(1).unwrap();
         id[..id.find(',').unwrap()].to_owned()
     }

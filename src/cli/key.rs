@@ -170,9 +170,10 @@ fn fallback_of(info: &KeyInfo) -> Option<(&str, &str)> {
 
 /// `{"for": BACKEND, "reason": WHY}` for a fallback key, `null` for any other.
 fn fallback_json(info: &KeyInfo) -> serde_json::Value {
-    fallback_of(info).map_or(serde_json::Value::Null, |(original, reason)| {
-        serde_json::json!({ "for": original, "reason": reason })
-    })
+    fallback_of(info).map_or(
+        serde_json::Value::Null,
+        |(original, reason)| serde_json::json!({ "for": original, "reason": reason }),
+    )
 }
 
 fn list(ctx: &Context) -> CmdResult {

@@ -26,8 +26,10 @@ const SLOT: &str = "3";
 const FACTORY_SO_PIN: &str = "87654321";
 /// The package's tmpfiles entry (lock and data directories).
 const TMPFILES: &str = "/usr/lib/tmpfiles.d/opencryptoki.conf";
-/// Where pkcsslotd keeps its socket.
+/// pkcsslotd's run directory.
 const RUN_DIR: &str = "/run/opencryptoki";
+/// The socket clients reach pkcsslotd on.
+const SLOTD_SOCKET: &str = "/run/pkcsslotd.socket";
 
 /// Setup is done once per process; the file lock orders it between processes.
 static READY: Mutex<bool> = Mutex::new(false);
@@ -151,6 +153,18 @@ fn set_up() -> Result<()> {
     }
     let _lock = lock()?;
     make_directories()?;
+    if daemon_running()? && !Path::new(SLOTD_SOCKET).exists() {
+        // A slot daemon without its socket serves nobody (a second daemon that exited took the
+        // socket with it): every client would fail with CKR_FUNCTION_FAILED. Start afresh.
+        need_root("restart pkcsslotd")?;
+        let _ = Command::new("pkill").args(["-x", "pkcsslotd"]).status();
+        for _ in 0..50 {
+            if !daemon_running()? {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+    }
     if !daemon_running()? {
         need_root("start pkcsslotd")?;
         // It daemonises: its output is not waited for (the daemon would hold a pipe open).
