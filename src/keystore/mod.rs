@@ -320,6 +320,14 @@ impl Resolved {
     }
 }
 
+/// A key made in software because the backend asked for could not make it.
+struct FellBack<'a> {
+    /// The backend asked for.
+    from: &'a str,
+    /// What it lacks.
+    what: String,
+}
+
 impl Keystore {
     /// Creates a store in `dir`, sealing a fresh root secret with `sealer`.
     ///
@@ -706,7 +714,7 @@ impl Keystore {
             {
                 tracing::info!(backend = asked, "{what}; creating the key in software");
                 backend = self.backend(SoftwareBackend::NAME)?;
-                fallback = Some((asked, what));
+                fallback = Some(FellBack { from: asked, what });
                 backend.generate(context, options)?
             }
             other => other?,
@@ -715,10 +723,10 @@ impl Keystore {
         if options.extractable {
             attributes.insert("extractable".into(), "true".into());
         }
-        if let Some((original, reason)) = fallback {
+        if let Some(FellBack { from, what }) = fallback {
             // Recorded (under the record MAC) so that `key show` can say why, not only where.
-            attributes.insert("fallback_for".into(), original.to_owned());
-            attributes.insert("fallback_reason".into(), reason);
+            attributes.insert("fallback_for".into(), from.to_owned());
+            attributes.insert("fallback_reason".into(), what);
         }
         let attributes =
             serde_json::to_string(&attributes).map_err(|_| Error::crypto("encode attributes"))?;
@@ -778,7 +786,7 @@ impl Keystore {
         &'a self,
         asked: &'a str,
         spec: &KeySpec,
-    ) -> Result<(&'a Arc<dyn Backend>, Option<(&'a str, String)>)> {
+    ) -> Result<(&'a Arc<dyn Backend>, Option<FellBack<'a>>)> {
         let backend = self.backend(asked)?;
         let capabilities = backend.capabilities()?;
         if capabilities.supports(spec.key_type(), spec.purpose()) {
@@ -799,7 +807,10 @@ impl Keystore {
         match self.fallbacks.get(asked) {
             Some(Fallback::Software) => {
                 tracing::info!(backend = asked, "{what}; creating the key in software");
-                Ok((self.backend(SoftwareBackend::NAME)?, Some((asked, what))))
+                Ok((
+                    self.backend(SoftwareBackend::NAME)?,
+                    Some(FellBack { from: asked, what }),
+                ))
             }
             _ => Err(Error::Unsupported {
                 backend: asked.to_owned(),
