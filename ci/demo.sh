@@ -2,7 +2,7 @@
 # keyhold end to end, for a person to watch: build, create a store, make one key of every type, use
 # each of them, check the results with OpenSSL, show that a tampered key ID is refused, then make and
 # use a key inside a PKCS#11 token (SoftHSM2) and see what the token cannot do; then a second store
-# whose root secret a TPM 2.0 (swtpm) seals to PCR 16: keys made and used inside the TPM (ECDSA,
+# whose root secret a TPM 2.0 (swtpm) seals to PCR 8: keys made and used inside the TPM (ECDSA,
 # RSA-OAEP), an AES key the TPM cannot make falling back to software, and a PCR change that locks the
 # store until `keyhold reseal` re-binds it with the recovery passphrase.
 #

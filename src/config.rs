@@ -545,6 +545,36 @@ mod locate {
 mod tests {
     use super::*;
 
+    /// The commented samples in hsm-config/ and tpm/ are what users copy: each must parse, and
+    /// with its `[store]` line uncommented must state the sealer it documents.
+    #[test]
+    fn every_sample_configuration_parses() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let mut seen = 0;
+        for dir in ["hsm-config", "tpm"] {
+            for entry in std::fs::read_dir(root.join(dir)).unwrap() {
+                let path = entry.unwrap().path();
+                if path.extension().and_then(|e| e.to_str()) != Some("toml") {
+                    continue;
+                }
+                let config =
+                    Config::load(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+                assert_eq!(config.store.sealer, None, "{}", path.display());
+                assert_eq!(config.backends.len(), 1, "{}", path.display());
+                let text = std::fs::read_to_string(&path).unwrap();
+                let stated = Config::from_toml(&text.replace("#sealer = ", "sealer = "))
+                    .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+                let expected = match config.backends.values().next() {
+                    Some(BackendConfig::Tpm(_)) => SealerKind::Tpm,
+                    _ => SealerKind::Pkcs11,
+                };
+                assert_eq!(stated.store.sealer, Some(expected), "{}", path.display());
+                seen += 1;
+            }
+        }
+        assert_eq!(seen, 5, "hsm-config/ and tpm/ hold five samples");
+    }
+
     #[test]
     fn parses_a_full_pkcs11_backend() {
         let config = Config::from_toml(

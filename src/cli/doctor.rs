@@ -86,7 +86,7 @@ fn text(ks: &keyhold::Keystore, doctor: &Doctor) -> String {
                 out.push_str(&format!("  kind: {}\n", report.kind));
                 for (k, v) in &report.details {
                     // Token labels, models and serials are text anyone with the token chose.
-                    out.push_str(&format!("  {k}: {}\n", terminal_safe(v)));
+                    out.push_str(&format!("  {k}: {}\n", io::terminal_safe(v)));
                 }
                 if let Some(objects) = &report.objects {
                     out.push_str(&format!("  key objects: {}\n", objects.len()));
@@ -94,7 +94,7 @@ fn text(ks: &keyhold::Keystore, doctor: &Doctor) -> String {
             }
             Err(e) => out.push_str(&format!(
                 "  UNAVAILABLE: {}\n",
-                terminal_safe(&e.to_string())
+                io::terminal_safe(&e.to_string())
             )),
         }
         match &b.capabilities {
@@ -108,7 +108,7 @@ fn text(ks: &keyhold::Keystore, doctor: &Doctor) -> String {
                         } else {
                             cannot.push(format!(
                                 "{t}/{p} ({})",
-                                terminal_safe(caps.missing(t, p).unwrap_or("not supported"))
+                                io::terminal_safe(caps.missing(t, p).unwrap_or("not supported"))
                             ));
                         }
                     }
@@ -120,7 +120,7 @@ fn text(ks: &keyhold::Keystore, doctor: &Doctor) -> String {
             }
             Err(e) => out.push_str(&format!(
                 "  key types: unknown ({})\n",
-                terminal_safe(&e.to_string())
+                io::terminal_safe(&e.to_string())
             )),
         }
     }
@@ -130,7 +130,7 @@ fn text(ks: &keyhold::Keystore, doctor: &Doctor) -> String {
             "  {}:{} label `{}` (no record; remove with --remove-orphan {}:{})\n",
             o.backend,
             o.locator,
-            terminal_safe(&o.label),
+            io::terminal_safe(&o.label),
             o.backend,
             o.locator
         ));
@@ -162,35 +162,8 @@ fn text(ks: &keyhold::Keystore, doctor: &Doctor) -> String {
             k.namespace,
             k.name,
             k.backend,
-            terminal_safe(&u.reason)
+            io::terminal_safe(&u.reason)
         ));
-    }
-    out
-}
-
-/// `text` with control characters escaped (`\u{1b}`), so that a token's label cannot move the
-/// cursor, retitle the window or hide text; NUL padding (a run of NULs before the end, a space,
-/// a backtick or a parenthesis, where fields end) is dropped, any other NUL escaped.
-fn terminal_safe(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    let mut chars = text.chars().peekable();
-    while let Some(c) = chars.next() {
-        if c == '\0' {
-            let mut rest = chars.clone();
-            while rest.peek() == Some(&'\0') {
-                rest.next();
-            }
-            if matches!(rest.peek(), None | Some(' ' | '`' | ')' | ',')) {
-                chars = rest;
-                continue;
-            }
-        }
-        // Bidirectional overrides reorder what the terminal shows: escaped like controls.
-        if c.is_control() || matches!(c, '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}') {
-            out.extend(c.escape_unicode());
-        } else {
-            out.push(c);
-        }
     }
     out
 }

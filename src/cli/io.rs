@@ -476,6 +476,44 @@ pub fn pkcs11_backend(ctx: &Context, name: &str) -> Result<Pkcs11Backend, Failur
     }
 }
 
+/// `text` with control characters escaped (`\u{1b}`), so that a token's label cannot move the
+/// cursor, retitle the window or hide text; NUL padding (a run of NULs before the end, a space,
+/// a backtick or a parenthesis, where fields end) is dropped, any other NUL escaped.
+pub fn terminal_safe(text: &str) -> String {
+    terminal_safe_keeping(text, &[])
+}
+
+/// [`terminal_safe`], leaving the control characters in `keep` (an error message's line breaks).
+fn terminal_safe_keeping(text: &str, keep: &[char]) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == '\0' {
+            let mut rest = chars.clone();
+            while rest.peek() == Some(&'\0') {
+                rest.next();
+            }
+            if matches!(rest.peek(), None | Some(' ' | '`' | ')' | ',')) {
+                chars = rest;
+                continue;
+            }
+        }
+        // Bidirectional overrides reorder what the terminal shows: escaped like controls.
+        if (c.is_control() && !keep.contains(&c))
+            || matches!(c, '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}') {
+            out.extend(c.escape_unicode());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// An error message as it may reach a terminal: [`terminal_safe`], but line breaks and tabs kept.
+pub fn terminal_safe_message(text: &str) -> String {
+    terminal_safe_keeping(text, &['\n', '\t'])
+}
+
 #[cfg(test)]
 mod passphrase_tests {
     use clap::Parser;
@@ -545,5 +583,15 @@ mod passphrase_tests {
             err.to_string().contains("passphrase, tpm or pkcs11"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn messages_reach_the_terminal_without_control_characters() {
+        let hostile = "no token labelled `evil\u{1b}]0;owned\u{7}\u{202e}txt` is present:\nnext";
+        assert_eq!(
+            terminal_safe_message(hostile),
+            "no token labelled `evil\\u{1b}]0;owned\\u{7}\\u{202e}txt` is present:\nnext"
+        );
+        assert_eq!(terminal_safe("a\nb\0\0"), "a\\u{a}b");
     }
 }

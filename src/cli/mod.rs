@@ -201,7 +201,9 @@ impl Failure {
                 error_json(self.exit_code(), self.kind(), &self.to_string())
             );
         } else {
-            eprintln!("keyhold: {self}");
+            // Messages carry text from devices and files (a token's label, a path): never let
+            // it drive the terminal.
+            eprintln!("keyhold: {}", io::terminal_safe_message(&self.to_string()));
         }
     }
 }

@@ -199,7 +199,9 @@ fn check_store(store: &Store, keys: &DerivedKeys) -> Result<()> {
                  and recovery seal) {}; nothing was re-sealed",
                 meta.sealed_root.sealer,
                 if meta.mac.is_empty() {
-                    "carries no MAC"
+                    "carries no MAC (stores made by development builds before the metadata MAC \
+                     lack one and do not open with this version; a store made since always has \
+                     one, so a missing MAC was removed)"
                 } else {
                     "failed its MAC"
                 }

@@ -26,6 +26,8 @@ pub(super) enum Limit {
 impl std::fmt::Display for Limit {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
+            // openCryptoki's soft token says 2^64 - 2: a count, technically, but no limit.
+            Self::Max(n) if *n > u64::from(u32::MAX) => f.write_str("unlimited"),
             Self::Max(n) => write!(f, "{n}"),
             Self::Infinite => f.write_str("unlimited"),
             Self::Unavailable => f.write_str("not reported"),
@@ -259,6 +261,7 @@ mod tests {
         assert!(!info.user_pin_locked() && !info.user_pin_final_try());
         assert!(!info.write_protected() && !info.protected_authentication_path());
         assert_eq!(info.max_sessions, Limit::Infinite);
+        assert_eq!(info.max_sessions.to_string(), "unlimited");
         assert_eq!(info.session_limit(), None);
         assert_eq!(info.sessions, None);
         assert_eq!(info.free_private_memory, None);
@@ -277,6 +280,7 @@ mod tests {
         assert!(info.initialized() && info.user_pin_initialized());
         assert!(!info.user_pin_to_be_changed());
         assert_eq!(info.max_sessions, Limit::Max(u64::MAX - 1));
+        assert_eq!(info.max_sessions.to_string(), "unlimited");
         assert_eq!(info.sessions, Some(0));
         assert_eq!(info.free_private_memory, None);
         assert_eq!(info.versions, [(1, 0), (1, 0)]);
