@@ -397,9 +397,9 @@ demo_softhsm() {
   report=$(kh doctor) || die "keyhold doctor failed"
   printf '%s\n' "$report" | sed 's/^/    /'
   expect_lines "$report" '^backend hsm$' "token: .*$HSM_LABEL" 'key types: .*ecdsa-p256/sign' \
-    'rsa-2048/decrypt .*OAEP' 'orphaned objects: 0'
+    'not known until tried: rsa-2048/decrypt .*OAEP' 'orphaned objects: 0'
 
-  step "an RSA decryption key on this token is refused: SoftHSM 2.6 does RSA-OAEP with SHA-1 only"
+  step "an RSA decryption key on this token is tried, then refused: SoftHSM 2.6 does RSA-OAEP with SHA-1 only"
   expect_refusal 1 "OAEP" kh key create hsm-rsa-decrypt --type rsa-2048 --purpose decrypt --backend hsm
   local list
   list=$(kh key list) || die "key list failed"

@@ -294,6 +294,15 @@ fn doctor_shows_the_token_and_no_orphans() {
         report.contains("RSA-OAEP with SHA-256: not known until an RSA decrypt key is made"),
         "{report}"
     );
+    // …and does not promise RSA decryption: it is listed apart, as not known until tried.
+    let types = report
+        .lines()
+        .find(|l| l.trim_start().starts_with("key types:") && !l.contains("rsa-2048/decrypt"));
+    assert!(types.is_some(), "{report}");
+    assert!(
+        report.contains("not known until tried: rsa-2048/decrypt (RSA-OAEP with SHA-256: "),
+        "{report}"
+    );
     assert!(report.contains("orphaned objects: 0"), "{report}");
     assert!(report.contains("missing objects: 0"), "{report}");
     let json = env.ok(&["--json", "doctor"]);

@@ -21,6 +21,9 @@ use crate::secret::SecretBytes;
 pub struct Capabilities {
     supported: Vec<(KeyType, Purpose)>,
     missing: Vec<(KeyType, Purpose, String)>,
+    /// Supported pairs whose support no flag tells: known only once a key is made (a token's
+    /// RSA-OAEP hash). Creating one is tried; the backend refuses it then if it must.
+    unknown: Vec<(KeyType, Purpose, String)>,
 }
 
 impl Capabilities {
@@ -29,7 +32,22 @@ impl Capabilities {
         Self {
             supported,
             missing: Vec::new(),
+            unknown: Vec::new(),
         }
+    }
+
+    /// Marks supported pairs as not known until tried, with why (for `doctor`).
+    pub fn with_unknown(mut self, unknown: Vec<(KeyType, Purpose, String)>) -> Self {
+        self.unknown = unknown;
+        self
+    }
+
+    /// Why support for `key_type` with `purpose` is not known until a key is made, if it is not.
+    pub fn unknown(&self, key_type: KeyType, purpose: Purpose) -> Option<&str> {
+        self.unknown
+            .iter()
+            .find(|(t, p, _)| *t == key_type && *p == purpose)
+            .map(|(_, _, why)| why.as_str())
     }
 
     /// Adds, for unsupported pairs, what the device lacks (for error messages and `doctor`).
@@ -46,7 +64,8 @@ impl Capabilities {
             .map(|(_, _, why)| why.as_str())
     }
 
-    /// Whether keys of `key_type` with `purpose` are supported.
+    /// Whether keys of `key_type` with `purpose` are supported (or, for those [`Self::unknown`],
+    /// worth trying).
     pub fn supports(&self, key_type: KeyType, purpose: Purpose) -> bool {
         self.supported.contains(&(key_type, purpose))
     }

@@ -101,9 +101,12 @@ fn text(ks: &keyhold::Keystore, doctor: &Doctor) -> String {
             Ok(caps) => {
                 let mut can = Vec::new();
                 let mut cannot = Vec::new();
+                let mut unknown = Vec::new();
                 for t in KeyType::ALL {
                     for &p in t.purposes() {
-                        if caps.supports(t, p) {
+                        if let Some(why) = caps.unknown(t, p) {
+                            unknown.push(format!("{t}/{p} ({})", io::terminal_safe(why)));
+                        } else if caps.supports(t, p) {
                             can.push(format!("{t}/{p}"));
                         } else {
                             cannot.push(format!(
@@ -114,6 +117,9 @@ fn text(ks: &keyhold::Keystore, doctor: &Doctor) -> String {
                     }
                 }
                 out.push_str(&format!("  key types: {}\n", can.join(", ")));
+                for u in unknown {
+                    out.push_str(&format!("  not known until tried: {u}\n"));
+                }
                 for c in cannot {
                     out.push_str(&format!("  cannot: {c}\n"));
                 }
@@ -181,13 +187,28 @@ fn json(doctor: &Doctor) -> serde_json::Value {
                 }),
                 Err(e) => serde_json::json!({ "error": e.to_string() }),
             };
-            let types = match &b.capabilities {
-                Ok(caps) => serde_json::Value::from(
-                    caps.iter().map(|(t, p)| format!("{t}/{p}")).collect::<Vec<_>>(),
+            let (types, unknown) = match &b.capabilities {
+                Ok(caps) => (
+                    serde_json::Value::from(
+                        caps.iter()
+                            .filter(|&(t, p)| caps.unknown(t, p).is_none())
+                            .map(|(t, p)| format!("{t}/{p}"))
+                            .collect::<Vec<_>>(),
+                    ),
+                    caps.iter()
+                        .filter_map(|(t, p)| {
+                            caps.unknown(t, p).map(|why| {
+                                serde_json::json!({ "key_type": format!("{t}/{p}"), "why": why })
+                            })
+                        })
+                        .collect::<Vec<_>>(),
                 ),
-                Err(e) => serde_json::json!({ "error": e.to_string() }),
+                Err(e) => (serde_json::json!({ "error": e.to_string() }), Vec::new()),
             };
-            serde_json::json!({ "name": b.name, "report": report, "key_types": types })
+            serde_json::json!({
+                "name": b.name, "report": report, "key_types": types,
+                "unknown_until_tried": unknown,
+            })
         })
         .collect();
     serde_json::json!({

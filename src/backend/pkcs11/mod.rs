@@ -790,6 +790,10 @@ struct Made {
     attributes: Vec<(String, String)>,
 }
 
+/// Why a token's RSA decryption is not known to work until a key is made.
+const OAEP_UNKNOWN: &str = "not known until an RSA decrypt key is made (no mechanism flag tells; \
+     keyhold checks each new key and falls back or refuses then)";
+
 impl Backend for Pkcs11Backend {
     fn name(&self) -> &str {
         &self.name
@@ -798,14 +802,24 @@ impl Backend for Pkcs11Backend {
     fn capabilities(&self) -> Result<Capabilities> {
         let (supported, missing) = self.mechanism_capabilities()?;
         let learned = self.learned();
-        let supported = supported
+        let supported: Vec<(KeyType, Purpose)> = supported
             .iter()
             .filter(|(t, p)| !learned.iter().any(|(lt, lp, _)| lt == t && lp == p))
             .copied()
             .collect();
         let mut missing = missing.clone();
         missing.extend(learned.iter().cloned());
-        Ok(Capabilities::new(supported).with_missing(missing))
+        // RSA decryption needs OAEP with SHA-256, which no mechanism flag tells: until a key
+        // made here shows it (and `learned` records a refusal), it is unknown, not promised.
+        let unknown = supported
+            .iter()
+            .filter(|(_, p)| *p == Purpose::Decrypt)
+            .filter(|(t, p)| !learned.iter().any(|(lt, lp, _)| lt == t && lp == p))
+            .map(|&(t, p)| (t, p, format!("RSA-OAEP with SHA-256: {OAEP_UNKNOWN}")))
+            .collect();
+        Ok(Capabilities::new(supported)
+            .with_missing(missing)
+            .with_unknown(unknown))
     }
 
     fn generate(&self, context: KeyContext<'_>, options: &KeyOptions) -> Result<GeneratedKey> {
@@ -1024,11 +1038,7 @@ impl Backend for Pkcs11Backend {
                 None => supported
                     .iter()
                     .any(|(_, p)| *p == Purpose::Decrypt)
-                    .then(|| {
-                        "not known until an RSA decrypt key is made (no mechanism flag tells; \
-                         keyhold checks each new key and falls back or refuses then)"
-                            .to_owned()
-                    }),
+                    .then(|| OAEP_UNKNOWN.to_owned()),
             };
             drop(learned);
             if let Some(oaep) = oaep {
