@@ -219,3 +219,26 @@ fn remove_orphan_through_a_second_backend_on_the_same_token_is_refused() {
         "doctor lists a recorded key's objects as orphans: {listed:?}"
     );
 }
+
+/// A one-key store whose record was changed behind keyhold's back (the root secret untouched)
+/// reads as "the sealed root secret was replaced" (`Error::Unseal`, exit 4, "store cannot be
+/// unsealed"), not as a record that failed its integrity check (`Error::Integrity`, exit 6, as
+/// docs/cli.md defines it). `tests/keystore.rs::tampered_records_are_refused` accepts either.
+#[test]
+fn a_tampered_record_in_a_one_key_store_is_an_integrity_failure_not_a_replaced_root() {
+    let t = support::TestStore::new();
+    t.create("only", KeyType::EcdsaP256, None);
+    let conn = rusqlite::Connection::open(t.db()).unwrap();
+    assert_eq!(
+        conn.execute("UPDATE keys SET name = 'other'", []).unwrap(),
+        1
+    );
+    drop(conn);
+    match t.reopen() {
+        Err(Error::Integrity { what }) => assert!(what.contains("fail"), "{what}"),
+        Err(Error::Unseal { reason }) => {
+            panic!("one tampered record, root untouched, is reported as a replaced root: {reason}")
+        }
+        other => panic!("expected Error::Integrity, got {other:?}"),
+    }
+}
