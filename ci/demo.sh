@@ -492,8 +492,9 @@ demo_tpm() {
 
   step "state the store's sealer in the configuration: keyhold never takes it from the store's own files"
   echo "  (else whoever can write the store directory could swap its seal for a TPM seal of a root they know)"
-  printf '\n[store]\nsealer = "tpm"\n' >>tpm.toml
-  echo "  \$ printf '[store]\\nsealer = \"tpm\"\\n' >>tpm.toml"
+  local edit_sealer='s/^#sealer = "tpm"$/sealer = "tpm"/'
+  printf "  \$ sed -i '%s' tpm.toml   # under [store]\n" "$edit_sealer"
+  sed -i "$edit_sealer" tpm.toml
   grep -qx 'sealer = "tpm"' tpm.toml || die "tpm.toml does not state sealer = \"tpm\""
   ok "[store] sealer = \"tpm\""
 
