@@ -846,12 +846,23 @@ fn doctor_escapes_control_characters_in_token_fields() {
 
     // Other commands' errors carry token labels too ("tokens present: …"): escaped the same way.
     cli.configure("another-token", keyhold::testing::SOFTHSM_MODULE);
-    let out = cli.run(&["key", "create", "k", "--type", "hmac-sha256", "--backend", "hsm"]);
+    let out = cli.run(&[
+        "key",
+        "create",
+        "k",
+        "--type",
+        "hmac-sha256",
+        "--backend",
+        "hsm",
+    ]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(7), "{stderr}");
     assert!(stderr.contains("kh\\u{1b}]0;owned\\u{7}"), "{stderr:?}");
     for raw in ['\u{1b}', '\u{7}', '\0', '\u{202e}'] {
-        assert!(!stderr.contains(raw), "{raw:?} reached the terminal: {stderr:?}");
+        assert!(
+            !stderr.contains(raw),
+            "{raw:?} reached the terminal: {stderr:?}"
+        );
     }
 }
 

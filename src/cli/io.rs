@@ -240,9 +240,16 @@ pub fn passphrase_from(file: Option<&Path>, confirm: bool) -> Result<SecretStrin
                 path.display()
             ))
         })?;
-        let data = read_zeroizing(file.take(MAX_PASSPHRASE as u64), MAX_PASSPHRASE)
+        // One byte past the limit tells a passphrase that fits from one that would be cut short.
+        let data = read_zeroizing(file.take(MAX_PASSPHRASE as u64 + 1), MAX_PASSPHRASE + 1)
             .map_err(|e| Failure::Cli(format!("cannot read {}: {e}", path.display())))?;
         let line = data.split(|&b| b == b'\n').next().unwrap_or_default();
+        if line.len() > MAX_PASSPHRASE {
+            return Err(Failure::Cli(format!(
+                "the passphrase in {} is longer than {MAX_PASSPHRASE} bytes",
+                path.display()
+            )));
+        }
         return secret_from_utf8(line, || {
             format!("the passphrase file {} is not valid UTF-8", path.display())
         });
@@ -500,7 +507,8 @@ fn terminal_safe_keeping(text: &str, keep: &[char]) -> String {
         }
         // Bidirectional overrides reorder what the terminal shows: escaped like controls.
         if (c.is_control() && !keep.contains(&c))
-            || matches!(c, '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}') {
+            || matches!(c, '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+        {
             out.extend(c.escape_unicode());
         } else {
             out.push(c);
@@ -593,5 +601,25 @@ mod passphrase_tests {
             "no token labelled `evil\\u{1b}]0;owned\\u{7}\\u{202e}txt` is present:\nnext"
         );
         assert_eq!(terminal_safe("a\nb\0\0"), "a\\u{a}b");
+    }
+
+    #[test]
+    fn a_passphrase_file_too_long_is_refused_not_cut() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("pass");
+        std::fs::write(&path, vec![b'a'; MAX_PASSPHRASE]).unwrap();
+        let fits = passphrase_from(Some(&path), false).unwrap();
+        assert_eq!(
+            secrecy::ExposeSecret::expose_secret(&fits).len(),
+            MAX_PASSPHRASE
+        );
+        std::fs::write(&path, vec![b'a'; MAX_PASSPHRASE + 1]).unwrap();
+        match passphrase_from(Some(&path), false) {
+            Err(Failure::Cli(msg)) => assert!(msg.contains("longer than 4096 bytes"), "{msg}"),
+            other => panic!(
+                "expected a refusal, got {:?}",
+                other.map(|_| "a passphrase")
+            ),
+        }
     }
 }

@@ -146,12 +146,16 @@ impl Keystore {
                     objects: Some(objects),
                     ..
                 }) => {
+                    // Whatever backend a record names: two configured backends may be the same
+                    // token (one per PIN source), and a locator (store prefix + 8 random bytes)
+                    // names one object of this store wherever it is reached from.
                     let recorded = |locator: &str| {
-                        records.iter().any(|r| {
-                            r.record.backend == name && same_object(&r.record.locator, locator)
-                        }) || sealer_key
-                            .as_ref()
-                            .is_some_and(|(b, l)| b == name && same_object(l, locator))
+                        records
+                            .iter()
+                            .any(|r| same_object(&r.record.locator, locator))
+                            || sealer_key
+                                .as_ref()
+                                .is_some_and(|(_, l)| same_object(l, locator))
                     };
                     doctor.foreign_objects += objects
                         .iter()
@@ -236,11 +240,10 @@ impl Keystore {
             )));
         }
         // Compared as bytes: a record's locator in another spelling is still the same object.
+        // And whatever backend the record or the sealer names: two configured backends may reach
+        // the same token, and a locator names one object of this store wherever it is.
         let names = |recorded: &str| crate::hex::decode(recorded).is_some_and(|r| r == bytes);
-        if self
-            .sealer_key_locator()
-            .is_some_and(|(b, l)| b == backend && names(&l))
-        {
+        if self.sealer_key_locator().is_some_and(|(_, l)| names(&l)) {
             return Err(Error::InvalidInput(format!(
                 "object {locator} in backend `{backend}` is the key sealing this store's root \
                  secret: it is not an orphan, and destroying it would lose the whole store"
@@ -250,7 +253,7 @@ impl Keystore {
             .store
             .keys(None)?
             .into_iter()
-            .any(|r| r.backend == backend && names(&r.locator));
+            .any(|r| names(&r.locator));
         if used {
             return Err(Error::InvalidInput(format!(
                 "object {locator} in backend `{backend}` belongs to a key of this store: \

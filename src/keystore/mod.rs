@@ -178,13 +178,20 @@ fn check_store(store: &Store, keys: &DerivedKeys) -> Result<()> {
             constant_time::verify_slices_are_equal(expected.as_ref(), &r.mac).is_err()
         })
         .collect();
-    if !records.is_empty() && failed.len() == records.len() {
+    // Every record failing means a root the records were not made under, unless the seal is one
+    // only the user's secret opens: a passphrase seal that opened is genuine, so its records
+    // were changed.
+    if !records.is_empty()
+        && failed.len() == records.len()
+        && meta.sealed_root.sealer != crate::sealer::PassphraseSealer::KIND
+    {
         return Err(Error::Unseal {
             reason: format!(
-                "the sealed root secret was replaced: none of the store's {} key records \
-                 verifies under the root secret the `{}` sealer gave back (someone who can write \
-                 the store directory put in a seal of their own); do not create keys in this \
-                 store, and restore it from a backup",
+                "none of the store's {} key records verifies under the root secret the `{}` \
+                 sealer gave back: its sealed root secret was replaced (someone who can write \
+                 the store directory and use the device put in a seal of their own), or every \
+                 record was changed; do not create keys in this store, and restore it from a \
+                 backup",
                 records.len(),
                 meta.sealed_root.sealer
             ),

@@ -9,7 +9,7 @@ use crate::error::{Error, Result};
 use crate::sealer::{RootSecret, SealedRoot, Sealer};
 use crate::secret::SecretBytes;
 
-const KIND: &str = "passphrase";
+const KIND: &str = PassphraseSealer::KIND;
 const AAD_DOMAIN: &[u8] = b"keyhold root secret v1\0";
 const SALT_LEN: usize = 16;
 /// Bounds on parameters read back from a store, so a doctored store cannot make `open` allocate
@@ -102,6 +102,9 @@ impl std::fmt::Debug for PassphraseSealer {
 }
 
 impl PassphraseSealer {
+    /// The kind recorded in the stores it seals.
+    pub const KIND: &'static str = "passphrase";
+
     /// A sealer for `passphrase` with the default Argon2id parameters (used when sealing; unsealing
     /// reads the parameters from the store).
     pub fn new(passphrase: SecretString) -> Self {

@@ -232,11 +232,16 @@ fn lock() -> Result<File> {
         std::env::temp_dir()
     };
     let path = dir.join("keyhold-opencryptoki-fixture.lock");
-    let file = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&path)
-        .map_err(|e| fixture_error(format!("open {}: {e}", path.display())))?;
+    // flock needs no write access: another user's lock file (made by a root run) opens read-only.
+    let file = match std::fs::File::open(&path) {
+        Ok(file) => file,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .map_err(|e| fixture_error(format!("create {}: {e}", path.display())))?,
+        Err(e) => return Err(fixture_error(format!("open {}: {e}", path.display()))),
+    };
     rustix::fs::flock(&file, rustix::fs::FlockOperation::LockExclusive)
         .map_err(|e| fixture_error(format!("lock {}: {e}", path.display())))?;
     Ok(file)

@@ -186,8 +186,9 @@ impl Expected {
 
     /// What a found object of `class` with `id` must match before keyhold uses it. Besides the
     /// ID, only an object the token generated itself (`CKA_LOCAL`) as keyhold makes its keys
-    /// counts: a same-ID object imported, or generated extractable or not sensitive by someone
-    /// holding the PIN, is never used in the key's place.
+    /// counts: a same-ID object imported, or generated extractable, not sensitive, wrappable
+    /// under untrusted keys or shorter by someone holding the PIN, is never used in the key's
+    /// place.
     pub(super) fn find_template(&self, id: &[u8], class: ObjectClass) -> Vec<Attribute> {
         let mut template = vec![
             Attribute::Id(id.to_vec()),
@@ -205,8 +206,16 @@ impl Expected {
             Attribute::Sensitive(true),
             Attribute::AlwaysSensitive(true),
         ]);
-        if !self.extractable {
+        if self.extractable {
+            // Wrappable only under SO-trusted keys, as made: a replacement wrappable under any
+            // key the PIN holder makes would export everything it protects.
+            template.push(Attribute::WrapWithTrusted(true));
+        } else {
             template.push(Attribute::NeverExtractable(true));
+        }
+        if class == ObjectClass::SECRET_KEY {
+            // keyhold's secret keys are 256-bit: a shorter replacement is a weaker key.
+            template.push(Attribute::ValueLen(32.into()));
         }
         template.extend(self.used_usages().iter().filter_map(|&u| flag(u, true)));
         template

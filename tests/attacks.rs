@@ -1,6 +1,7 @@
-//! Reviewer's tests for issue 8: each performs an attack or misuse the review found still open,
-//! against a real SoftHSM2 token. Each FAILS on the reviewed code (review branch) and passes once
-//! the finding it names is fixed.
+//! Attacks a security review of issue 8's fixes found still open, each performed against a real
+//! SoftHSM2 token: an extractable key replaced by one wrappable under any key (M4), an orphan
+//! removed through a second backend on the same token (M3), and a tampered record reported as a
+//! replaced root. Each failed before its fix.
 #![allow(clippy::unwrap_used)] // test helpers: a panic is the failure report
 
 mod support;
