@@ -146,18 +146,12 @@ fn a_pcr_bound_seal_breaks_on_change_and_reseal_rebinds_it() {
 
     // A wrong recovery passphrase: refused, nothing changed.
     let wrong = plain().with_recovery_prompt(Box::new(|| Ok(SecretString::from("wrong"))));
-    let resealer = || {
-        let sealed = keyhold::store::Store::open(&store)
-            .unwrap()
-            .meta()
-            .sealed_root
-            .clone();
-        plain()
-            .with_pcrs(&[PCR])
-            .unwrap()
-            .keeping_recovery(TpmSealer::recovery_of(&sealed).unwrap())
+    // The new seal keeps the recovery seal of the old one, as `reseal` authenticated it.
+    let resealer = |sealed: &keyhold::sealer::SealedRoot| {
+        let recovery = TpmSealer::recovery_of(sealed)?;
+        Ok((plain().with_pcrs(&[PCR])?.keeping_recovery(recovery), ()))
     };
-    let err = Keystore::reseal(&store, &wrong, &resealer()).unwrap_err();
+    let err = Keystore::reseal(&store, &wrong, resealer).unwrap_err();
     assert!(matches!(err, Error::Unseal { .. }), "{err:?}");
     assert_eq!(support::snapshot(&store), before);
 
@@ -170,7 +164,7 @@ fn a_pcr_bound_seal_breaks_on_change_and_reseal_rebinds_it() {
             Ok(SecretString::from(PASSPHRASE))
         }))
     };
-    Keystore::reseal(&store, &right, &resealer()).unwrap();
+    Keystore::reseal(&store, &right, resealer).unwrap();
     assert_eq!(asked.load(std::sync::atomic::Ordering::SeqCst), 1);
     let ks = Keystore::open_with(&store, &plain(), &config).unwrap();
     sign_works(&ks, &id);
@@ -186,7 +180,7 @@ fn a_pcr_bound_seal_breaks_on_change_and_reseal_rebinds_it() {
 
     // While the PCRs still match, reseal needs no passphrase (here: drop the PCR binding).
     let never = plain().with_recovery_prompt(Box::new(|| panic!("the passphrase was asked for")));
-    Keystore::reseal(&store, &never, &plain()).unwrap();
+    Keystore::reseal(&store, &never, |_| Ok((plain(), ()))).unwrap();
     extend_pcr(&tpm);
     sign_works(
         &Keystore::open_with(&store, &plain(), &config).unwrap(),
@@ -400,7 +394,7 @@ fn seal_parameters_changed_behind_keyholds_back_are_refused_before_resealing() {
     // What `keyhold reseal` does: the old seal's (doctored) PCR list, the recovery passphrase.
     let unsealer = plain().with_recovery_prompt(Box::new(|| Ok(SecretString::from(PASSPHRASE))));
     let resealer = plain().with_pcrs(&[9]).unwrap();
-    let err = Keystore::reseal(&store, &unsealer, &resealer).unwrap_err();
+    let err = Keystore::reseal(&store, &unsealer, |_| Ok((resealer, ()))).unwrap_err();
     match &err {
         Error::Integrity { what } => assert!(
             what.contains("sealer metadata") && what.contains("failed its MAC"),
@@ -420,6 +414,72 @@ fn seal_parameters_changed_behind_keyholds_back_are_refused_before_resealing() {
     support::edit_seal_params(&store, |p| p["recovery"] = serde_json::Value::Null);
     let err = Keystore::open_with(&store, &plain(), &config).unwrap_err();
     assert!(matches!(err, Error::Integrity { .. }), "{err:?}");
+}
+
+/// M2 (reseal race): `keyhold reseal` used to take the old seal's PCR list and recovery seal from
+/// one read of the store and authenticate another. Someone who can write the store showed the
+/// first read a seal with no PCRs and no recovery seal and put the genuine one back for the
+/// second: the store was re-sealed unbound, and MAC'd under the genuine root. Now the new sealer
+/// is built from the metadata `Keystore::reseal` authenticated, in its one open of the store. Here
+/// the intruder rewrites the seal parameters while `reseal` runs (while it asks for the recovery
+/// passphrase, after it read the store): the new sealer still gets the genuine PCR list and
+/// recovery seal, and the store stays bound to the PCR.
+#[test]
+fn a_reseal_builds_the_new_seal_only_from_the_metadata_it_authenticated() {
+    let tpm = Swtpm::new().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("store");
+    let config = config(&tpm, Fallback::Refuse);
+    let id = pcr_bound_store(&tpm, &store, &config);
+    let plain = || TpmSealer::new(device(&tpm), Some("tpm".into()));
+    extend_pcr(&tpm);
+    let swapped = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let unsealer = {
+        let (store, swapped) = (store.clone(), Arc::clone(&swapped));
+        plain().with_recovery_prompt(Box::new(move || {
+            support::edit_seal_params(&store, |p| {
+                p["pcrs"] = serde_json::json!([]);
+                p["recovery"] = serde_json::Value::Null;
+            });
+            swapped.store(true, std::sync::atomic::Ordering::SeqCst);
+            Ok(SecretString::from(PASSPHRASE))
+        }))
+    };
+    let (old_pcrs, kept_recovery) = Keystore::reseal(&store, &unsealer, |verified| {
+        let pcrs = TpmSealer::pcrs_of(verified)?;
+        let recovery = TpmSealer::recovery_of(verified)?;
+        let kept = recovery.is_some();
+        Ok((
+            plain().with_pcrs(&pcrs)?.keeping_recovery(recovery),
+            (pcrs, kept),
+        ))
+    })
+    .unwrap();
+    assert!(swapped.load(std::sync::atomic::Ordering::SeqCst));
+    assert_eq!(
+        old_pcrs,
+        vec![PCR],
+        "the new seal was built from unauthenticated metadata"
+    );
+    assert!(
+        kept_recovery,
+        "the new seal was built from unauthenticated metadata"
+    );
+    let sealed = keyhold::store::Store::open(&store)
+        .unwrap()
+        .meta()
+        .sealed_root
+        .clone();
+    assert_eq!(TpmSealer::pcrs_of(&sealed).unwrap(), vec![PCR]);
+    assert!(TpmSealer::recovery_of(&sealed).unwrap().is_some());
+    sign_works(
+        &Keystore::open_with(&store, &plain(), &config).unwrap(),
+        &id,
+    );
+    // Still bound: the next change of the PCR is refused again.
+    extend_pcr(&tpm);
+    let reason = unseal_reason(Keystore::open_with(&store, &plain(), &config).unwrap_err());
+    assert!(reason.contains("keyhold reseal"), "{reason}");
 }
 
 /// The library refuses a store that records another sealer kind than the one the caller passes,
