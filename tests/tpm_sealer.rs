@@ -146,18 +146,12 @@ fn a_pcr_bound_seal_breaks_on_change_and_reseal_rebinds_it() {
 
     // A wrong recovery passphrase: refused, nothing changed.
     let wrong = plain().with_recovery_prompt(Box::new(|| Ok(SecretString::from("wrong"))));
-    let resealer = || {
-        let sealed = keyhold::store::Store::open(&store)
-            .unwrap()
-            .meta()
-            .sealed_root
-            .clone();
-        plain()
-            .with_pcrs(&[PCR])
-            .unwrap()
-            .keeping_recovery(TpmSealer::recovery_of(&sealed).unwrap())
+    // The new seal keeps the recovery seal of the old one, as `reseal` authenticated it.
+    let resealer = |sealed: &keyhold::sealer::SealedRoot| {
+        let recovery = TpmSealer::recovery_of(sealed)?;
+        Ok((plain().with_pcrs(&[PCR])?.keeping_recovery(recovery), ()))
     };
-    let err = Keystore::reseal(&store, &wrong, &resealer()).unwrap_err();
+    let err = Keystore::reseal(&store, &wrong, resealer).unwrap_err();
     assert!(matches!(err, Error::Unseal { .. }), "{err:?}");
     assert_eq!(support::snapshot(&store), before);
 
@@ -170,7 +164,7 @@ fn a_pcr_bound_seal_breaks_on_change_and_reseal_rebinds_it() {
             Ok(SecretString::from(PASSPHRASE))
         }))
     };
-    Keystore::reseal(&store, &right, &resealer()).unwrap();
+    Keystore::reseal(&store, &right, resealer).unwrap();
     assert_eq!(asked.load(std::sync::atomic::Ordering::SeqCst), 1);
     let ks = Keystore::open_with(&store, &plain(), &config).unwrap();
     sign_works(&ks, &id);
@@ -186,7 +180,7 @@ fn a_pcr_bound_seal_breaks_on_change_and_reseal_rebinds_it() {
 
     // While the PCRs still match, reseal needs no passphrase (here: drop the PCR binding).
     let never = plain().with_recovery_prompt(Box::new(|| panic!("the passphrase was asked for")));
-    Keystore::reseal(&store, &never, &plain()).unwrap();
+    Keystore::reseal(&store, &never, |_| Ok((plain(), ()))).unwrap();
     extend_pcr(&tpm);
     sign_works(
         &Keystore::open_with(&store, &plain(), &config).unwrap(),
@@ -400,7 +394,7 @@ fn seal_parameters_changed_behind_keyholds_back_are_refused_before_resealing() {
     // What `keyhold reseal` does: the old seal's (doctored) PCR list, the recovery passphrase.
     let unsealer = plain().with_recovery_prompt(Box::new(|| Ok(SecretString::from(PASSPHRASE))));
     let resealer = plain().with_pcrs(&[9]).unwrap();
-    let err = Keystore::reseal(&store, &unsealer, &resealer).unwrap_err();
+    let err = Keystore::reseal(&store, &unsealer, |_| Ok((resealer, ()))).unwrap_err();
     match &err {
         Error::Integrity { what } => assert!(
             what.contains("sealer metadata") && what.contains("failed its MAC"),
@@ -420,6 +414,72 @@ fn seal_parameters_changed_behind_keyholds_back_are_refused_before_resealing() {
     support::edit_seal_params(&store, |p| p["recovery"] = serde_json::Value::Null);
     let err = Keystore::open_with(&store, &plain(), &config).unwrap_err();
     assert!(matches!(err, Error::Integrity { .. }), "{err:?}");
+}
+
+/// M2 (reseal race): `keyhold reseal` used to take the old seal's PCR list and recovery seal from
+/// one read of the store and authenticate another. Someone who can write the store showed the
+/// first read a seal with no PCRs and no recovery seal and put the genuine one back for the
+/// second: the store was re-sealed unbound, and MAC'd under the genuine root. Now the new sealer
+/// is built from the metadata `Keystore::reseal` authenticated, in its one open of the store. Here
+/// the intruder rewrites the seal parameters while `reseal` runs (while it asks for the recovery
+/// passphrase, after it read the store): the new sealer still gets the genuine PCR list and
+/// recovery seal, and the store stays bound to the PCR.
+#[test]
+fn a_reseal_builds_the_new_seal_only_from_the_metadata_it_authenticated() {
+    let tpm = Swtpm::new().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("store");
+    let config = config(&tpm, Fallback::Refuse);
+    let id = pcr_bound_store(&tpm, &store, &config);
+    let plain = || TpmSealer::new(device(&tpm), Some("tpm".into()));
+    extend_pcr(&tpm);
+    let swapped = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let unsealer = {
+        let (store, swapped) = (store.clone(), Arc::clone(&swapped));
+        plain().with_recovery_prompt(Box::new(move || {
+            support::edit_seal_params(&store, |p| {
+                p["pcrs"] = serde_json::json!([]);
+                p["recovery"] = serde_json::Value::Null;
+            });
+            swapped.store(true, std::sync::atomic::Ordering::SeqCst);
+            Ok(SecretString::from(PASSPHRASE))
+        }))
+    };
+    let (old_pcrs, kept_recovery) = Keystore::reseal(&store, &unsealer, |verified| {
+        let pcrs = TpmSealer::pcrs_of(verified)?;
+        let recovery = TpmSealer::recovery_of(verified)?;
+        let kept = recovery.is_some();
+        Ok((
+            plain().with_pcrs(&pcrs)?.keeping_recovery(recovery),
+            (pcrs, kept),
+        ))
+    })
+    .unwrap();
+    assert!(swapped.load(std::sync::atomic::Ordering::SeqCst));
+    assert_eq!(
+        old_pcrs,
+        vec![PCR],
+        "the new seal was built from unauthenticated metadata"
+    );
+    assert!(
+        kept_recovery,
+        "the new seal was built from unauthenticated metadata"
+    );
+    let sealed = keyhold::store::Store::open(&store)
+        .unwrap()
+        .meta()
+        .sealed_root
+        .clone();
+    assert_eq!(TpmSealer::pcrs_of(&sealed).unwrap(), vec![PCR]);
+    assert!(TpmSealer::recovery_of(&sealed).unwrap().is_some());
+    sign_works(
+        &Keystore::open_with(&store, &plain(), &config).unwrap(),
+        &id,
+    );
+    // Still bound: the next change of the PCR is refused again.
+    extend_pcr(&tpm);
+    let reason = unseal_reason(Keystore::open_with(&store, &plain(), &config).unwrap_err());
+    assert!(reason.contains("keyhold reseal"), "{reason}");
 }
 
 /// The library refuses a store that records another sealer kind than the one the caller passes,
@@ -472,4 +532,202 @@ fn a_sealed_root_replaced_by_a_tpm_seal_of_a_known_root_is_refused() {
     support::restore(&store, &original);
     let ks = Keystore::open(&store, &sealer(PASSPHRASE)).unwrap();
     ks.mac(&id, b"intact").unwrap();
+}
+
+/// L1: a man-in-the-middle between keyhold and the TPM answers TPM2_CreatePrimary with a key of
+/// its own (here: the TPM's endorsement-hierarchy key of the SRK template, standing in for a key
+/// the intruder holds) and TPM2_ReadPublic of that handle with the genuine SRK. ESAPI salts
+/// sessions to the key CreatePrimary returned, so the SRK Name pinned at init must be compared
+/// with the Name of that key: the store is refused before any session is salted. The relay passes
+/// everything through first, to show that the refusal comes from the forgery.
+#[test]
+fn a_man_in_the_middle_answering_create_primary_with_its_own_key_gets_no_session() {
+    let tpm = Swtpm::new().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("store");
+    drop(
+        Keystore::create_with(
+            &store,
+            &TpmSealer::new(device(&tpm), None),
+            &Config::default(),
+        )
+        .unwrap(),
+    );
+    let relay = mitm::Relay::start(tpm.port());
+    let through_relay = || {
+        TpmSealer::new(
+            keyhold::backend::tpm::device(&relay.tcti(), DeviceSettings::default()).unwrap(),
+            None,
+        )
+    };
+    drop(Keystore::open(&store, &through_relay()).unwrap());
+
+    relay.forge(true);
+    let salted = keyhold::backend::tpm::salted_sessions();
+    let reason = unseal_reason(Keystore::open(&store, &through_relay()).unwrap_err());
+    assert!(
+        relay.forged() > 0,
+        "the relay never saw a TPM2_CreatePrimary to answer"
+    );
+    assert_eq!(
+        keyhold::backend::tpm::salted_sessions(),
+        salted,
+        "a session was salted to the man-in-the-middle's key ({reason})"
+    );
+    assert!(
+        reason.contains("pinned") && reason.contains("no session was salted"),
+        "{reason}"
+    );
+}
+
+/// A TCP relay in front of swtpm's command and control ports that can forge answers to
+/// TPM2_CreatePrimary (owner hierarchy) and to TPM2_ReadPublic of the key it made instead.
+mod mitm {
+    use std::io::{Read, Write};
+    use std::net::{Ipv4Addr, TcpListener, TcpStream};
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use std::sync::{Arc, Mutex};
+
+    const CREATE_PRIMARY: u32 = 0x131;
+    const READ_PUBLIC: u32 = 0x173;
+    const FLUSH_CONTEXT: u32 = 0x165;
+    const RH_OWNER: u32 = 0x4000_0001;
+    const RH_ENDORSEMENT: u32 = 0x4000_000b;
+
+    #[derive(Default)]
+    struct State {
+        forging: AtomicBool,
+        forged: AtomicUsize,
+        /// The forged key's handle and the genuine SRK's TPM2_ReadPublic response.
+        substitute: Mutex<Option<(u32, Vec<u8>)>>,
+    }
+
+    pub struct Relay {
+        port: u16,
+        state: Arc<State>,
+    }
+
+    impl Relay {
+        /// Listens on two consecutive loopback ports and relays them to `upstream` and the port
+        /// after it (swtpm's command and control ports).
+        pub fn start(upstream: u16) -> Self {
+            let (data, ctrl) = (0..20)
+                .find_map(|_| {
+                    let data = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).ok()?;
+                    let port = data.local_addr().ok()?.port();
+                    let ctrl =
+                        TcpListener::bind((Ipv4Addr::LOCALHOST, port.checked_add(1)?)).ok()?;
+                    Some((data, ctrl))
+                })
+                .expect("two free consecutive ports");
+            let port = data.local_addr().unwrap().port();
+            let state = Arc::new(State::default());
+            let shared = Arc::clone(&state);
+            std::thread::spawn(move || {
+                for client in data.incoming().flatten() {
+                    let state = Arc::clone(&shared);
+                    std::thread::spawn(move || commands(client, upstream, &state));
+                }
+            });
+            std::thread::spawn(move || {
+                for client in ctrl.incoming().flatten() {
+                    let Ok(server) = TcpStream::connect((Ipv4Addr::LOCALHOST, upstream + 1)) else {
+                        continue;
+                    };
+                    pipe(client.try_clone().unwrap(), server.try_clone().unwrap());
+                    pipe(server, client);
+                }
+            });
+            Self { port, state }
+        }
+
+        pub fn tcti(&self) -> String {
+            format!("swtpm:host=127.0.0.1,port={}", self.port)
+        }
+
+        pub fn forge(&self, on: bool) {
+            self.state.forging.store(on, Ordering::SeqCst);
+        }
+
+        /// How many TPM2_CreatePrimary answers were forged.
+        pub fn forged(&self) -> usize {
+            self.state.forged.load(Ordering::SeqCst)
+        }
+    }
+
+    fn pipe(mut from: TcpStream, mut to: TcpStream) {
+        std::thread::spawn(move || {
+            let _ = std::io::copy(&mut from, &mut to);
+            let _ = to.shutdown(std::net::Shutdown::Both);
+        });
+    }
+
+    fn u32_at(buf: &[u8], at: usize) -> u32 {
+        u32::from_be_bytes(buf[at..at + 4].try_into().unwrap())
+    }
+
+    /// One command or response: a 10-byte header whose bytes 2..6 give the whole size.
+    fn frame(stream: &mut TcpStream) -> Option<Vec<u8>> {
+        let mut buf = vec![0u8; 10];
+        stream.read_exact(&mut buf).ok()?;
+        let size = usize::try_from(u32_at(&buf, 2)).ok()?;
+        buf.resize(size.max(10), 0);
+        stream.read_exact(&mut buf[10..]).ok()?;
+        Some(buf)
+    }
+
+    fn ask(server: &mut TcpStream, command: &[u8]) -> Option<Vec<u8>> {
+        server.write_all(command).ok()?;
+        frame(server)
+    }
+
+    /// A command with no sessions and one handle.
+    fn on_handle(code: u32, handle: u32) -> Vec<u8> {
+        let mut c = Vec::with_capacity(14);
+        c.extend_from_slice(&0x8001u16.to_be_bytes());
+        c.extend_from_slice(&14u32.to_be_bytes());
+        c.extend_from_slice(&code.to_be_bytes());
+        c.extend_from_slice(&handle.to_be_bytes());
+        c
+    }
+
+    /// Relays one command connection until either side closes it.
+    fn commands(mut client: TcpStream, upstream: u16, state: &State) -> Option<()> {
+        let mut server = TcpStream::connect((Ipv4Addr::LOCALHOST, upstream)).ok()?;
+        while let Some(mut command) = frame(&mut client) {
+            let code = u32_at(&command, 6);
+            let handle = (command.len() >= 14).then(|| u32_at(&command, 10));
+            let forging = state.forging.load(Ordering::SeqCst);
+            let response = if forging && code == CREATE_PRIMARY && handle == Some(RH_OWNER) {
+                // The genuine SRK, to answer TPM2_ReadPublic with; then the forged key.
+                let genuine = ask(&mut server, &command)?;
+                if u32_at(&genuine, 6) == 0 {
+                    let srk = u32_at(&genuine, 10);
+                    let public = ask(&mut server, &on_handle(READ_PUBLIC, srk))?;
+                    ask(&mut server, &on_handle(FLUSH_CONTEXT, srk))?;
+                    command[10..14].copy_from_slice(&RH_ENDORSEMENT.to_be_bytes());
+                    let forged = ask(&mut server, &command)?;
+                    if u32_at(&forged, 6) == 0 {
+                        *state.substitute.lock().unwrap() = Some((u32_at(&forged, 10), public));
+                        state.forged.fetch_add(1, Ordering::SeqCst);
+                    }
+                    forged
+                } else {
+                    genuine
+                }
+            } else {
+                let substitute = state.substitute.lock().unwrap().clone();
+                match substitute {
+                    Some((forged, public))
+                        if forging && code == READ_PUBLIC && handle == Some(forged) =>
+                    {
+                        public
+                    }
+                    _ => ask(&mut server, &command)?,
+                }
+            };
+            client.write_all(&response).ok()?;
+        }
+        Some(())
+    }
 }

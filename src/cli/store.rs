@@ -146,6 +146,8 @@ pub struct ResealArgs {
 /// `keyhold reseal`: re-binds a TPM-sealed store to the PCRs as they are now. When the TPM refuses
 /// the old seal (the PCRs changed), the recovery passphrase unseals it.
 pub fn reseal(ctx: &Context, args: &ResealArgs) -> CmdResult {
+    // Read only to find the sealer kind and the TPM: this read is not authenticated, so nothing
+    // from it goes into the new seal (see the closure below).
     let sealed = keyhold::store::Store::open(&ctx.store)?
         .meta()
         .sealed_root
@@ -160,14 +162,15 @@ pub fn reseal(ctx: &Context, args: &ResealArgs) -> CmdResult {
     io::check_stated_sealer(ctx, &sealed.sealer)?;
     let name = TpmSealer::backend_of(&sealed)?;
     let (device, name) = io::tpm_device(ctx, name.as_deref(), true)?;
-    // Read before the root is unsealed, and shown only after `Keystore::reseal` authenticated it
-    // with the rest of the metadata: a PCR list changed behind keyhold's back is refused, never
-    // carried over to the new seal.
-    let old_pcrs = TpmSealer::pcrs_of(&sealed)?;
-    let pcrs = match (&args.pcrs, args.no_pcrs) {
-        (Some(list), _) => parse_pcrs(list)?,
-        (None, true) => Vec::new(),
-        (None, false) => old_pcrs.clone(),
+    let requested = match (&args.pcrs, args.no_pcrs) {
+        (Some(list), _) => Some(parse_pcrs(list)?),
+        (None, true) => Some(Vec::new()),
+        (None, false) => None,
+    };
+    // A PCR list given here is checked (no resettable PCR) before anything is unsealed.
+    let checked = match &requested {
+        Some(pcrs) => Some(TpmSealer::new(Arc::clone(&device), name.clone()).with_pcrs(pcrs)?),
+        None => None,
     };
     let file = ctx.passphrase_file.clone();
     let unsealer = TpmSealer::new(Arc::clone(&device), name.clone()).with_recovery_prompt(
@@ -177,10 +180,25 @@ pub fn reseal(ctx: &Context, args: &ResealArgs) -> CmdResult {
             })
         }),
     );
-    let resealer = TpmSealer::new(device, name)
-        .with_pcrs(&pcrs)?
-        .keeping_recovery(TpmSealer::recovery_of(&sealed)?);
-    Keystore::reseal(&ctx.store, &unsealer, &resealer)?;
+    // The new seal is built from the old one as `Keystore::reseal` authenticated it, in the same
+    // open of the store: a PCR list or recovery seal changed behind keyhold's back is refused,
+    // never carried over, even if the store was swapped between the read above and that open.
+    let first_backend = TpmSealer::backend_of(&sealed)?;
+    let (old_pcrs, pcrs) = Keystore::reseal(&ctx.store, &unsealer, |verified| {
+        if TpmSealer::backend_of(verified)? != first_backend {
+            return Err(keyhold::Error::Integrity {
+                what: "the TPM backend the seal names changed while keyhold reseal ran".into(),
+            });
+        }
+        let old_pcrs = TpmSealer::pcrs_of(verified)?;
+        let pcrs = requested.unwrap_or_else(|| old_pcrs.clone());
+        let resealer = match checked {
+            Some(sealer) => sealer,
+            None => TpmSealer::new(device, name).with_pcrs(&pcrs)?,
+        }
+        .keeping_recovery(TpmSealer::recovery_of(verified)?);
+        Ok((resealer, (old_pcrs, pcrs)))
+    })?;
     if ctx.json {
         io::print_json(&serde_json::json!({
             "store": ctx.store.display().to_string(),

@@ -405,21 +405,31 @@ impl Keystore {
         Self::with_root(store, &keys, config)
     }
 
-    /// Re-seals the root secret of the store in `dir`: unseals it with `unsealer`, seals it with
-    /// `resealer`, checks that `resealer` unseals the new seal, and only then replaces the old one
-    /// (in one transaction). Keys, records and key IDs are unchanged. Used to re-bind a TPM seal
-    /// to PCRs after an intended change, or to move a store to another sealer.
+    /// Re-seals the root secret of the store in `dir`: unseals it with `unsealer`, builds the new
+    /// sealer with `resealer`, seals with it, checks that it unseals the new seal, and only then
+    /// replaces the old one (in one transaction). Keys, records and key IDs are unchanged. Used to
+    /// re-bind a TPM seal to PCRs after an intended change, or to move a store to another sealer.
     ///
     /// The store's metadata and records are checked under the unsealed root before anything is
-    /// sealed: parameters changed behind keyhold's back (a PCR list) are refused, never re-sealed to.
+    /// sealed: parameters changed behind keyhold's back (a PCR list) are refused, never re-sealed
+    /// to. `resealer` is given the old seal from that authenticated metadata, read in the same
+    /// open: whatever the new seal keeps of the old one (its PCR list, its recovery seal) must come
+    /// from there, never from an earlier read of the store, which someone who can write the store
+    /// may have answered differently. It returns the new sealer and what the caller wants to know
+    /// of the old seal (returned once the new seal is in place).
     ///
     /// # Errors
-    /// As [`Self::open`] for the unsealing; sealer errors; [`Error::Unseal`] if the new seal
-    /// does not unseal (nothing is changed then); storage errors.
-    pub fn reseal(dir: &Path, unsealer: &dyn Sealer, resealer: &dyn Sealer) -> Result<()> {
+    /// As [`Self::open`] for the unsealing; the errors of `resealer`; sealer errors;
+    /// [`Error::Unseal`] if the new seal does not unseal (nothing is changed then); storage errors.
+    pub fn reseal<S: Sealer, T>(
+        dir: &Path,
+        unsealer: &dyn Sealer,
+        resealer: impl FnOnce(&crate::sealer::SealedRoot) -> Result<(S, T)>,
+    ) -> Result<T> {
         let mut store = Store::open(dir)?;
         let (root, keys) = unseal_root(&store, unsealer)?;
         let meta = store.meta().clone();
+        let (resealer, told) = resealer(&meta.sealed_root)?;
         let sealed = resealer.seal(&root, &meta.store_id)?;
         let check = resealer.unseal(&sealed, &meta.store_id)?;
         if constant_time::verify_slices_are_equal(check.expose(), root.expose()).is_err() {
@@ -434,7 +444,7 @@ impl Keystore {
         };
         store.replace_sealed_root(&new_meta.sealed_root, &meta_mac(&keys, &new_meta))?;
         tracing::info!(store = %dir.display(), sealer = resealer.kind(), "re-sealed the store");
-        Ok(())
+        Ok(told)
     }
 
     fn with_root(store: Store, keys: &DerivedKeys, config: &Config) -> Result<Self> {

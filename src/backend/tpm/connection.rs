@@ -132,20 +132,24 @@ pub(super) fn srk_template() -> tss_esapi::Result<Public> {
 /// The owner hierarchy's authorisation is empty on a provisioned-by-default TPM; a salted session
 /// cannot exist before the key that salts it, so the SRK is made with a password session. From
 /// here on, a failure drops the context, which flushes the SRK.
-fn create_srk(context: &mut Context) -> Result<KeyHandle, Failure> {
-    Ok(context
+///
+/// Returns the public area from the TPM2_CreatePrimary response too: ESAPI keeps that one for the
+/// handle, and salts sessions to it.
+fn create_srk(context: &mut Context) -> Result<(KeyHandle, Public), Failure> {
+    let created = context
         .execute_with_session(Some(AuthSession::Password), |c| {
             c.create_primary(Hierarchy::Owner, srk_template()?, None, None, None, None)
         })
-        .during("TPM2_CreatePrimary (storage root key)")?
-        .key_handle)
+        .during("TPM2_CreatePrimary (storage root key)")?;
+    Ok((created.key_handle, created.out_public))
 }
 
 /// The SRK at the persistent handle `handle`, made and persisted there if the handle is empty.
 ///
 /// An object already at the handle is used only if it has exactly keyhold's SRK template (its
-/// unique field aside): another program's key there is an error, never silently adopted.
-fn persistent_srk(context: &mut Context, handle: u32) -> Result<KeyHandle, Failure> {
+/// unique field aside): another program's key there is an error, never silently adopted. Returns
+/// the public area the template was checked on; [`salting_name`] ties it to the one ESAPI holds.
+fn persistent_srk(context: &mut Context, handle: u32) -> Result<(KeyHandle, Public), Failure> {
     const WHAT: &str = "persistent storage root key";
     let persistent = PersistentTpmHandle::new(handle).during("persistent SRK handle")?;
     let found = context
@@ -162,10 +166,10 @@ fn persistent_srk(context: &mut Context, handle: u32) -> Result<KeyHandle, Failu
                     error: TssError::WrapperError(WrapperErrorKind::InconsistentParams),
                 });
             }
-            Ok(srk)
+            Ok((srk, public))
         }
         Err(e) if errors::is_missing_handle(e) => {
-            let transient = create_srk(context)?;
+            let (transient, public) = create_srk(context)?;
             let persisted = context
                 .execute_with_session(Some(AuthSession::Password), |c| {
                     c.evict_control(
@@ -179,7 +183,7 @@ fn persistent_srk(context: &mut Context, handle: u32) -> Result<KeyHandle, Failu
                 tracing::debug!("could not flush the transient copy of the SRK: {e}");
             }
             tracing::info!("persisted the storage root key at {handle:#010x}");
-            Ok(KeyHandle::from(persisted?))
+            Ok((KeyHandle::from(persisted?), public))
         }
         Err(e) => Err(e).during(WHAT),
     }
@@ -246,15 +250,42 @@ pub(super) fn salted_sessions() -> u64 {
 /// computed from the public key that salts the session says which key that is.
 fn name_of(public: &Public) -> Result<Vec<u8>, Failure> {
     if public.name_hashing_algorithm() != HashingAlgorithm::Sha256 {
-        return Err(wrong_value()).during("TPM2_ReadPublic (the SRK's nameAlg is not SHA-256)");
+        return Err(wrong_value()).during("storage root key (its nameAlg is not SHA-256)");
     }
     let marshalled = public
         .marshall()
-        .during("TPM2_ReadPublic (marshal the SRK's public area)")?;
+        .during("storage root key (marshal its public area)")?;
     let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, &marshalled);
     let mut name = Vec::with_capacity(2 + digest.as_ref().len());
     name.extend_from_slice(&u16::from(AlgorithmIdentifier::Sha256).to_be_bytes());
     name.extend_from_slice(digest.as_ref());
+    Ok(name)
+}
+
+/// The Name of the key ESAPI salts sessions to when `srk` is the salt key, checked to be the Name of
+/// `public`.
+///
+/// ESAPI keeps one public area per handle — the one TPM2_CreatePrimary returned, or the one
+/// Esys_TR_FromTPMPublic read — and salts to that; a later TPM2_ReadPublic does not replace it.
+/// So the Name compared with a pinned one must be this one (Esys_TR_GetName computes it from
+/// that public area), not the Name of what another command returned: something between keyhold
+/// and the TPM could answer that command with the real SRK and the first with its own key. The
+/// Name is computed here from `public` as well, so that `public` (whose template the caller may
+/// have checked) is the very key sessions are salted to.
+fn salting_name(
+    context: &mut Context,
+    srk: KeyHandle,
+    public: &Public,
+) -> Result<Vec<u8>, Failure> {
+    let held = context
+        .tr_get_name(srk.into())
+        .during("Esys_TR_GetName (storage root key)")?;
+    let name = name_of(public)?;
+    if held.value() != name.as_slice() {
+        return Err(wrong_value()).during(
+            "Esys_TR_GetName (the SRK that sessions would be salted to is not the one checked)",
+        );
+    }
     Ok(name)
 }
 
@@ -269,7 +300,7 @@ pub(super) struct Unverified {
 }
 
 impl Unverified {
-    /// The SRK's Name, computed from the public area the TPM returned.
+    /// The Name of the SRK that sessions will be salted to (see [`salting_name`]).
     pub(super) fn srk_name(&self) -> &[u8] {
         &self.srk_name
     }
@@ -285,18 +316,11 @@ impl Connection {
             .during("TPM2_GetTestResult")?;
         tested.during("TPM2_GetTestResult (the TPM failed its self-test)")?;
 
-        let srk = match setup.srk_handle {
+        let (srk, public) = match setup.srk_handle {
             None => create_srk(&mut context)?,
             Some(handle) => persistent_srk(&mut context, handle)?,
         };
-        let (public, reported, _) = context
-            .execute_without_session(|c| c.read_public(srk))
-            .during("TPM2_ReadPublic (storage root key)")?;
-        let srk_name = name_of(&public)?;
-        if srk_name != reported.value() {
-            return Err(wrong_value())
-                .during("TPM2_ReadPublic (the SRK's Name does not match its public area)");
-        }
+        let srk_name = salting_name(&mut context, srk, &public)?;
         Ok(Unverified {
             context,
             srk,
@@ -840,5 +864,56 @@ impl Drop for Loaded<'_> {
                 tracing::warn!("could not flush a loaded TPM key: {e}");
             }
         }
+    }
+}
+
+#[cfg(all(test, feature = "testing"))]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use std::str::FromStr;
+
+    /// L1: the Name compared with a pinned one is the Name of the key ESAPI salts sessions to
+    /// (what Esys_TR_GetName reports for the salt handle), not the Name of some public area the
+    /// TPM returned for it. ESAPI holding another key for the handle than the public area checked
+    /// — what a man-in-the-middle who answers TPM2_CreatePrimary with its own key arranges — is
+    /// refused.
+    #[test]
+    fn the_compared_name_is_the_name_of_the_key_sessions_are_salted_to() {
+        let tpm = super::super::fixture::Swtpm::new().unwrap();
+        let mut context = Context::new(TctiNameConf::from_str(&tpm.tcti()).unwrap()).unwrap();
+        let (srk, public) = create_srk(&mut context).unwrap();
+        let name = salting_name(&mut context, srk, &public).unwrap();
+        assert_eq!(
+            name,
+            context.tr_get_name(srk.into()).unwrap().value(),
+            "the Name checked is not the one ESAPI holds for the salt key"
+        );
+        // Another key of the same template (the endorsement hierarchy's), as ESAPI would hold it
+        // for the SRK handle after a forged TPM2_CreatePrimary answer, while the public area
+        // checked is the genuine SRK's.
+        let other = context
+            .execute_with_session(Some(AuthSession::Password), |c| {
+                c.create_primary(
+                    Hierarchy::Endorsement,
+                    srk_template()?,
+                    None,
+                    None,
+                    None,
+                    None,
+                )
+            })
+            .unwrap();
+        assert_ne!(name_of(&other.out_public).unwrap(), name);
+        let refused = salting_name(&mut context, other.key_handle, &public).unwrap_err();
+        assert!(
+            refused.command.contains("salted to is not the one checked"),
+            "{}",
+            refused.command
+        );
+        assert!(matches!(
+            refused.error,
+            TssError::WrapperError(WrapperErrorKind::WrongValueFromTpm)
+        ));
     }
 }
