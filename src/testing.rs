@@ -1,6 +1,7 @@
 //! Test fixtures for your own CI: real emulators, set up and torn down for you.
 //!
-//! Enabled by the `testing` feature. [`SoftHsm`] makes a fresh, initialised SoftHSM2 token and gives
+//! Enabled by the `testing` feature; the token fixtures ([`SoftHsm`], [`OpenCryptoki`]) need the
+//! `pkcs11` feature as well, [`Swtpm`] the `tpm` feature. [`SoftHsm`] makes a fresh, initialised SoftHSM2 token and gives
 //! you a keyhold backend configuration for it:
 //!
 //! ```no_run
