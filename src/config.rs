@@ -134,8 +134,8 @@ impl TpmConfig {
     /// # Errors
     /// [`Error::Config`] for a handle outside the owner's persistent range, no loaded keys, or a
     /// zero timeout.
-    pub fn settings(&self) -> Result<crate::backend::tpm::device::DeviceSettings> {
-        let mut settings = crate::backend::tpm::device::DeviceSettings::default();
+    pub fn settings(&self) -> Result<crate::backend::tpm_settings::DeviceSettings> {
+        let mut settings = crate::backend::tpm_settings::DeviceSettings::default();
         if let Some(handle) = self.srk_handle {
             if !(0x8100_0000..=0x817F_FFFF).contains(&handle) {
                 return Err(Error::Config(format!(
@@ -687,7 +687,7 @@ mod tests {
         };
         assert_eq!(
             tpm.settings().unwrap(),
-            crate::backend::tpm::device::DeviceSettings::default()
+            crate::backend::tpm_settings::DeviceSettings::default()
         );
         // Invalid TPM settings are refused when the file is read, at their line.
         for (text, expected) in [

@@ -116,6 +116,17 @@ pub enum Error {
         what: String,
     },
 
+    /// A backend or sealer this build of keyhold leaves out (cargo features `pkcs11`, `tpm`): the
+    /// configuration or store names it, and keyhold must be rebuilt to use it.
+    #[error(
+        "keyhold was built without the `{feature}` feature: rebuild it with `cargo build \
+         --features {feature}`"
+    )]
+    NotBuilt {
+        /// The cargo feature that is missing.
+        feature: &'static str,
+    },
+
     /// The backend's device is gone (token removed, TPM unreachable). Retry once it is back:
     /// keyhold reconnects by itself.
     #[error("backend `{backend}` is unavailable: {reason}")]
@@ -251,5 +262,10 @@ impl Error {
     /// A failure of the cryptographic library.
     pub(crate) fn crypto(operation: &'static str) -> Self {
         Self::Crypto { operation }
+    }
+
+    /// [`Error::NotBuilt`] for the cargo feature `feature`.
+    pub fn not_built(feature: &'static str) -> Self {
+        Self::NotBuilt { feature }
     }
 }

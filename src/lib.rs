@@ -1,8 +1,9 @@
 //! keyhold: a hardware-backed keystore.
 //!
 //! Applications use keys without holding them. A [`Keystore`] creates keys inside a [`Backend`]
-//! (a PKCS#11 token through [`backend::pkcs11`], or the encrypted [`backend::software`] backend;
-//! TPM 2.0 comes next) and hands out authenticated key IDs: strings that name a key, hold no secret, and are refused if
+//! (a PKCS#11 token through `backend::pkcs11`, a TPM 2.0 through `backend::tpm`, each behind the
+//! cargo feature of that name, both default; or the encrypted [`backend::software`] backend) and
+//! hands out authenticated key IDs: strings that name a key, hold no secret, and are refused if
 //! changed in any way. Operations take a key ID and input and return output; key material never
 //! leaves the backend.
 //!
@@ -27,6 +28,8 @@
 
 pub mod backend;
 pub mod config;
+// DER encodings of what devices return (EC points, raw ECDSA signatures).
+#[cfg(any(feature = "pkcs11", feature = "tpm"))]
 mod der;
 mod error;
 pub mod hex;
@@ -49,7 +52,11 @@ pub use keystore::{
     Orphan, UncheckedKey, DEFAULT_NAMESPACE, KEY_ID_PREFIX, MAX_ENVELOPE, MAX_INPUT, MAX_RANDOM,
 };
 pub use public_key::PublicKey;
-pub use sealer::{Argon2Params, PassphraseSealer, Pkcs11Sealer, Sealer, TpmSealer};
+#[cfg(feature = "pkcs11")]
+pub use sealer::Pkcs11Sealer;
+#[cfg(feature = "tpm")]
+pub use sealer::TpmSealer;
+pub use sealer::{Argon2Params, PassphraseSealer, Sealer};
 
 /// The README's Rust example is compiled as a doctest, so it cannot drift from the API.
 #[cfg(doctest)]

@@ -2,6 +2,7 @@
 //! SoftHSM2 token: an extractable key replaced by one wrappable under any key (M4), an orphan
 //! removed through a second backend on the same token (M3), and a tampered record reported as a
 //! replaced root. Each failed before its fix.
+#![cfg(feature = "pkcs11")]
 #![allow(clippy::unwrap_used)] // test helpers: a panic is the failure report
 
 mod support;

@@ -3075,6 +3075,7 @@ fn configuration_file_default_locations_and_where_they_were_looked_for() {
 /// A SoftHSM2 token that cannot make RSA decryption keys (SoftHSM 2.6 has no OAEP-SHA256), with
 /// `fallback = "software"`: the key is made in software, and every output says so.
 #[test]
+#[cfg(feature = "pkcs11")]
 fn a_fallback_to_software_is_warned_reported_in_json_and_marked_in_list() {
     use keyhold::testing::SoftHsm;
     let hsm = SoftHsm::new().expect("a SoftHSM2 token");

@@ -1,4 +1,5 @@
 //! The command line with a PKCS#11 backend: the real binary against a real SoftHSM2 token.
+#![cfg(feature = "pkcs11")]
 #![allow(clippy::unwrap_used)] // test helpers: a panic is the failure report
 
 mod support;

@@ -1,5 +1,6 @@
 //! The command line with a TPM: the real binary against a real swtpm, sealing the store in the
 //! TPM, making keys in it, falling back to software, and re-sealing after a PCR change.
+#![cfg(feature = "tpm")]
 #![allow(clippy::unwrap_used)] // test helpers: a panic is the failure report
 
 mod support;

@@ -7,7 +7,10 @@
 mod support;
 
 use keyhold::config::{BackendConfig, Config, Fallback};
-use keyhold::testing::{OpenCryptoki, SoftHsm, Swtpm};
+#[cfg(feature = "tpm")]
+use keyhold::testing::Swtpm;
+#[cfg(feature = "pkcs11")]
+use keyhold::testing::{OpenCryptoki, SoftHsm};
 use keyhold::{
     Algorithm, Error, KeyInfo, KeyRequest, KeySpec, KeyType, Keystore, Purpose, RsaPadding,
     SignatureFormat,
@@ -30,13 +33,13 @@ struct Fixture {
     /// The configuration the store was opened with, and the store, to reopen it with fallback.
     config: Config,
     store: std::path::PathBuf,
-    _hsm: Option<SoftHsm>,
-    _ock: Option<OpenCryptoki>,
-    _tpm: Option<Swtpm>,
+    /// The token or TPM fixture (a `SoftHsm`, `OpenCryptoki` or `Swtpm`), if any.
+    _device: Option<Box<dyn std::any::Any>>,
     _dir: TempDir,
 }
 
 /// SoftHSM 2.6 decrypts RSA-OAEP with SHA-1 only; keyhold's RSA decryption keys are OAEP-SHA-256.
+#[cfg(feature = "pkcs11")]
 const SOFTHSM_REFUSES: &[(KeyType, Purpose, &str)] = &[
     (KeyType::Rsa2048, Purpose::Decrypt, "OAEP"),
     (KeyType::Rsa3072, Purpose::Decrypt, "OAEP"),
@@ -46,6 +49,7 @@ const SOFTHSM_REFUSES: &[(KeyType, Purpose, &str)] = &[
 /// openCryptoki 3.8.1's soft token (Debian 12), as its mechanism list and keyhold's OAEP probe
 /// say: no EC mechanisms at all (`CKM_EC_KEY_PAIR_GEN`, `CKM_EC_EDWARDS_KEY_PAIR_GEN`), no
 /// `CKM_AES_GCM`. Measured, not assumed: a token that gains or loses a type fails this table.
+#[cfg(feature = "pkcs11")]
 const OPENCRYPTOKI_REFUSES: &[(KeyType, Purpose, &str)] = &[
     (KeyType::EcdsaP256, Purpose::Sign, "CKM_EC_KEY_PAIR_GEN"),
     (KeyType::EcdsaP384, Purpose::Sign, "CKM_EC_KEY_PAIR_GEN"),
@@ -59,6 +63,7 @@ const OPENCRYPTOKI_REFUSES: &[(KeyType, Purpose, &str)] = &[
 
 /// What the TPM backend does not make yet (Ed25519, AES-GCM and RSA-4096 are beyond most TPMs;
 /// RSA-3072 and OAEP decryption are not implemented yet), each with a word of its refusal.
+#[cfg(feature = "tpm")]
 const SWTPM_REFUSES: &[(KeyType, Purpose, &str)] = &[
     (KeyType::Ed25519, Purpose::Sign, "Ed25519"),
     (KeyType::Rsa4096, Purpose::Sign, "4096-bit RSA"),
@@ -80,14 +85,13 @@ impl Fixture {
             namespace: "conformance".into(),
             config: Config::default(),
             store,
-            _hsm: None,
-            _ock: None,
-            _tpm: None,
+            _device: None,
             _dir: dir,
         }
     }
 
     /// A store with a fresh SoftHSM2 token as the backend `hsm`.
+    #[cfg(feature = "pkcs11")]
     fn pkcs11() -> Self {
         let hsm = SoftHsm::new().unwrap();
         let dir = tempfile::tempdir().unwrap();
@@ -102,15 +106,14 @@ impl Fixture {
             namespace: "conformance".into(),
             config,
             store,
-            _hsm: Some(hsm),
-            _ock: None,
-            _tpm: None,
+            _device: Some(Box::new(hsm)),
             _dir: dir,
         }
     }
 
     /// A store whose backend `ock` is openCryptoki's soft token, set up by the fixture if this
     /// machine has not yet (root and the `opencryptoki` package needed: without them this fails).
+    #[cfg(feature = "pkcs11")]
     fn opencryptoki() -> Self {
         let ock = OpenCryptoki::new().unwrap();
         let dir = tempfile::tempdir().unwrap();
@@ -125,14 +128,13 @@ impl Fixture {
             namespace: ock.namespace().to_owned(),
             config,
             store,
-            _hsm: None,
-            _ock: Some(ock),
-            _tpm: None,
+            _device: Some(Box::new(ock)),
             _dir: dir,
         }
     }
 
     /// A store whose `tpm` backend is a fresh swtpm.
+    #[cfg(feature = "tpm")]
     fn tpm() -> Self {
         let tpm = Swtpm::new().unwrap();
         let dir = tempfile::tempdir().unwrap();
@@ -147,9 +149,7 @@ impl Fixture {
             namespace: "conformance".into(),
             config,
             store,
-            _hsm: None,
-            _ock: None,
-            _tpm: Some(tpm),
+            _device: Some(Box::new(tpm)),
             _dir: dir,
         }
     }
@@ -312,8 +312,11 @@ macro_rules! conformance_tests {
 }
 
 conformance_tests!(software, Fixture::software());
+#[cfg(feature = "pkcs11")]
 conformance_tests!(pkcs11, Fixture::pkcs11());
+#[cfg(feature = "pkcs11")]
 conformance_tests!(opencryptoki, Fixture::opencryptoki());
+#[cfg(feature = "tpm")]
 conformance_tests!(tpm, Fixture::tpm());
 
 #[test]

@@ -1,5 +1,6 @@
 //! Crash safety (`doctor` finds orphaned and missing token objects) and the `pkcs11` sealer, on
 //! real SoftHSM2 tokens.
+#![cfg(feature = "pkcs11")]
 #![allow(clippy::unwrap_used)] // test helpers: a panic is the failure report
 
 mod support;

@@ -1,6 +1,7 @@
 //! The PKCS#11 backend against a real SoftHSM2 token, no mocks: key values stay in the token, the
 //! PIN is tried once, threads share one token, a vanished token is a typed error, fallback and
 //! refusal, reopening. Every test makes its own token.
+#![cfg(feature = "pkcs11")]
 #![allow(clippy::unwrap_used)] // test helpers: a panic is the failure report
 
 mod support;

@@ -4,6 +4,7 @@
 //!
 //! The token is machine-wide (label `keyhold-ock`, user PIN `12345678`, slot daemon running; see
 //! `../shared/HARDWARE-NOTES.md`): each test uses its own namespace and destroys what it made.
+#![cfg(feature = "pkcs11")]
 #![allow(clippy::unwrap_used)] // test helpers: a panic is the failure report
 
 mod support;

@@ -1,5 +1,6 @@
 //! The PKCS#11 backend recovers by itself when the token forgets its login: another session of the
 //! same application calls `C_Logout`, which logs out every session (PKCS#11 v2.40, section 5.6).
+#![cfg(feature = "pkcs11")]
 #![allow(clippy::unwrap_used)] // test helpers: a panic is the failure report
 
 use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};

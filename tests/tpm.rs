@@ -1,5 +1,6 @@
 //! The TPM backend against a real swtpm, through the `Backend` trait: each test starts its own
 //! swtpm (cargo-nextest runs each test in its own process).
+#![cfg(feature = "tpm")]
 #![allow(clippy::unwrap_used)] // test helpers: a panic is the failure report
 
 mod support;

@@ -5,9 +5,12 @@
 //! opaque *blob* that the keystore stores in the key's record under the record MAC (the software
 //! backend's encrypted key; a TPM's wrapped key). Backends keep no key records of their own.
 
+#[cfg(feature = "pkcs11")]
 pub mod pkcs11;
 pub mod software;
+#[cfg(feature = "tpm")]
 pub mod tpm;
+pub mod tpm_settings;
 
 use std::fmt;
 

@@ -4,12 +4,9 @@ use std::fs::File;
 use std::io::{Read, Write};
 use std::path::Path;
 
-use std::sync::Arc;
-
-use keyhold::backend::pkcs11::Pkcs11Backend;
-use keyhold::backend::tpm::device::TpmDevice;
-use keyhold::config::{BackendConfig, SealerKind, TpmConfig};
-use keyhold::{Keystore, PassphraseSealer, Pkcs11Sealer, TpmSealer, MAX_ENVELOPE, MAX_INPUT};
+use keyhold::config::SealerKind;
+use keyhold::sealer::{SealedRoot, Sealer};
+use keyhold::{Keystore, PassphraseSealer, MAX_ENVELOPE, MAX_INPUT};
 use secrecy::SecretString;
 use zeroize::Zeroizing;
 
@@ -400,34 +397,61 @@ pub fn open_keystore(ctx: &Context) -> Result<Keystore, Failure> {
     // Which backend reaches the token or TPM comes from the store's parameters: they choose only
     // among the configured backends, and are authenticated with the rest of the metadata once the
     // root is unsealed.
-    match stated {
-        SealerKind::Pkcs11 => {
-            let name = Pkcs11Sealer::backend_of(&sealed)?;
-            let sealer = Pkcs11Sealer::new(Arc::new(pkcs11_backend(ctx, &name)?));
-            Ok(Keystore::open_with(&ctx.store, &sealer, &ctx.config)?)
-        }
-        SealerKind::Tpm => {
-            let name = TpmSealer::backend_of(&sealed)?;
-            let (device, name) = tpm_device(ctx, name.as_deref(), true)?;
-            let sealer = TpmSealer::new(device, name);
-            Ok(Keystore::open_with(&ctx.store, &sealer, &ctx.config)?)
-        }
-        SealerKind::Passphrase => {
-            let sealer = PassphraseSealer::new(passphrase(ctx, false)?);
-            Ok(Keystore::open_with(&ctx.store, &sealer, &ctx.config)?)
-        }
-    }
+    let sealer: Box<dyn Sealer> = match stated {
+        SealerKind::Pkcs11 => pkcs11_unsealer(ctx, &sealed)?,
+        SealerKind::Tpm => tpm_unsealer(ctx, &sealed)?,
+        SealerKind::Passphrase => Box::new(PassphraseSealer::new(passphrase(ctx, false)?)),
+    };
+    Ok(Keystore::open_with(
+        &ctx.store,
+        sealer.as_ref(),
+        &ctx.config,
+    )?)
+}
+
+/// The `pkcs11` sealer that opens the store sealed as `sealed` says.
+#[cfg(feature = "pkcs11")]
+fn pkcs11_unsealer(ctx: &Context, sealed: &SealedRoot) -> Result<Box<dyn Sealer>, Failure> {
+    let name = keyhold::Pkcs11Sealer::backend_of(sealed)?;
+    let backend = std::sync::Arc::new(pkcs11_backend(ctx, &name)?);
+    Ok(Box::new(keyhold::Pkcs11Sealer::new(backend)))
+}
+
+#[cfg(not(feature = "pkcs11"))]
+fn pkcs11_unsealer(_ctx: &Context, _sealed: &SealedRoot) -> Result<Box<dyn Sealer>, Failure> {
+    Err(keyhold::Error::not_built("pkcs11").into())
+}
+
+/// The `tpm` sealer that opens the store sealed as `sealed` says.
+#[cfg(feature = "tpm")]
+fn tpm_unsealer(ctx: &Context, sealed: &SealedRoot) -> Result<Box<dyn Sealer>, Failure> {
+    let name = keyhold::TpmSealer::backend_of(sealed)?;
+    let (device, name) = tpm_device(ctx, name.as_deref(), true)?;
+    Ok(Box::new(keyhold::TpmSealer::new(device, name)))
+}
+
+#[cfg(not(feature = "tpm"))]
+fn tpm_unsealer(_ctx: &Context, _sealed: &SealedRoot) -> Result<Box<dyn Sealer>, Failure> {
+    Err(keyhold::Error::not_built("tpm").into())
 }
 
 /// The TPM for the `tpm` sealer, and the name of the configured backend it came from: backend
 /// `name`; without a name, the configuration's only TPM backend, else (none configured) the TPM
 /// that `$TPM2TOOLS_TCTI`, `$TCTI` or `/dev/tpmrm0` names. `sealed` says the store already names
 /// the backend (or none), so no other is guessed.
+#[cfg(feature = "tpm")]
 pub fn tpm_device(
     ctx: &Context,
     name: Option<&str>,
     sealed: bool,
-) -> Result<(Arc<TpmDevice>, Option<String>), Failure> {
+) -> Result<
+    (
+        std::sync::Arc<keyhold::backend::tpm::device::TpmDevice>,
+        Option<String>,
+    ),
+    Failure,
+> {
+    use keyhold::config::{BackendConfig, TpmConfig};
     let tpms: Vec<(&String, &TpmConfig)> = ctx
         .config
         .backends
@@ -470,7 +494,13 @@ pub fn tpm_device(
 }
 
 /// The configured PKCS#11 backend `name`, for the `pkcs11` sealer.
-pub fn pkcs11_backend(ctx: &Context, name: &str) -> Result<Pkcs11Backend, Failure> {
+#[cfg(feature = "pkcs11")]
+pub fn pkcs11_backend(
+    ctx: &Context,
+    name: &str,
+) -> Result<keyhold::backend::pkcs11::Pkcs11Backend, Failure> {
+    use keyhold::backend::pkcs11::Pkcs11Backend;
+    use keyhold::config::BackendConfig;
     match ctx.config.backends.get(name) {
         Some(BackendConfig::Pkcs11(p)) => Ok(Pkcs11Backend::new(name, p)?),
         Some(_) => Err(Failure::Cli(format!(

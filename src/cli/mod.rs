@@ -173,6 +173,7 @@ impl Failure {
                 E::KeyExists { .. } => "key_exists",
                 E::WrongPurpose { .. } => "wrong_purpose",
                 E::Unsupported { .. } => "unsupported",
+                E::NotBuilt { .. } => "not_built",
                 E::BackendUnavailable { .. } => "backend_unavailable",
                 E::Timeout { .. } => "timeout",
                 E::BackendLogin { .. } => "backend_login",

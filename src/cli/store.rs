@@ -1,10 +1,9 @@
 //! `keyhold init` and `keyhold reseal`.
 
 use clap::{Args, ValueEnum};
-use std::sync::Arc;
 
-use keyhold::sealer::tpm::parse_pcrs;
-use keyhold::{Argon2Params, Keystore, PassphraseSealer, Pkcs11Sealer, TpmSealer};
+use keyhold::sealer::{SealedRoot, Sealer};
+use keyhold::{Argon2Params, Keystore, PassphraseSealer};
 
 use super::{io, CmdResult, Context, Failure};
 
@@ -74,27 +73,12 @@ pub fn init(ctx: &Context, args: &InitArgs) -> CmdResult {
             Keystore::create_with(&ctx.store, &sealer, &ctx.config)?
         }
         (SealerKind::Pkcs11, Some(name)) => {
-            let sealer = Pkcs11Sealer::new(Arc::new(io::pkcs11_backend(ctx, name)?));
-            Keystore::create_with(&ctx.store, &sealer, &ctx.config)?
+            let sealer = pkcs11_sealer(ctx, name)?;
+            Keystore::create_with(&ctx.store, sealer.as_ref(), &ctx.config)?
         }
-        (SealerKind::Tpm, name) => {
-            let (device, name) = io::tpm_device(ctx, name.as_deref(), false)?;
-            let pcrs = args.pcrs.as_deref().map(parse_pcrs).transpose()?;
-            let mut sealer =
-                TpmSealer::new(device, name).with_pcrs(pcrs.as_deref().unwrap_or(&[]))?;
-            if pcrs.is_some() {
-                if args.no_recovery {
-                    tracing::warn!(
-                        "sealed to PCRs without a recovery passphrase: if those PCRs change for \
-                         good, the store and its software keys are lost"
-                    );
-                } else {
-                    let recovery =
-                        PassphraseSealer::new(io::passphrase(ctx, true)?).with_params(params)?;
-                    sealer = sealer.with_recovery(recovery);
-                }
-            }
-            Keystore::create_with(&ctx.store, &sealer, &ctx.config)?
+        (SealerKind::Tpm, _) => {
+            let sealer = tpm_sealer(ctx, args, params)?;
+            Keystore::create_with(&ctx.store, sealer.as_ref(), &ctx.config)?
         }
         (SealerKind::Passphrase, Some(_)) => {
             return Err(Failure::Cli(
@@ -132,6 +116,56 @@ pub fn init(ctx: &Context, args: &InitArgs) -> CmdResult {
     }
 }
 
+/// A new `pkcs11` sealer, with a key in the token of backend `name`.
+#[cfg(feature = "pkcs11")]
+fn pkcs11_sealer(ctx: &Context, name: &str) -> Result<Box<dyn Sealer>, Failure> {
+    let backend = std::sync::Arc::new(io::pkcs11_backend(ctx, name)?);
+    Ok(Box::new(keyhold::Pkcs11Sealer::new(backend)))
+}
+
+#[cfg(not(feature = "pkcs11"))]
+fn pkcs11_sealer(_ctx: &Context, _name: &str) -> Result<Box<dyn Sealer>, Failure> {
+    Err(keyhold::Error::not_built("pkcs11").into())
+}
+
+/// A new `tpm` sealer as `init` asks: the TPM of `--backend`, `--pcrs`, a recovery passphrase.
+#[cfg(feature = "tpm")]
+fn tpm_sealer(
+    ctx: &Context,
+    args: &InitArgs,
+    params: Argon2Params,
+) -> Result<Box<dyn Sealer>, Failure> {
+    let (device, name) = io::tpm_device(ctx, args.backend.as_deref(), false)?;
+    let pcrs = args
+        .pcrs
+        .as_deref()
+        .map(keyhold::sealer::tpm::parse_pcrs)
+        .transpose()?;
+    let mut sealer =
+        keyhold::TpmSealer::new(device, name).with_pcrs(pcrs.as_deref().unwrap_or(&[]))?;
+    if pcrs.is_some() {
+        if args.no_recovery {
+            tracing::warn!(
+                "sealed to PCRs without a recovery passphrase: if those PCRs change for good, \
+                 the store and its software keys are lost"
+            );
+        } else {
+            let recovery = PassphraseSealer::new(io::passphrase(ctx, true)?).with_params(params)?;
+            sealer = sealer.with_recovery(recovery);
+        }
+    }
+    Ok(Box::new(sealer))
+}
+
+#[cfg(not(feature = "tpm"))]
+fn tpm_sealer(
+    _ctx: &Context,
+    _args: &InitArgs,
+    _params: Argon2Params,
+) -> Result<Box<dyn Sealer>, Failure> {
+    Err(keyhold::Error::not_built("tpm").into())
+}
+
 #[derive(Debug, Args)]
 pub struct ResealArgs {
     /// Bind the new seal to these SHA-256 PCRs (e.g. 0,7) [default: the PCRs of the old seal]
@@ -160,7 +194,15 @@ pub fn reseal(ctx: &Context, args: &ResealArgs) -> CmdResult {
         )));
     }
     io::check_stated_sealer(ctx, &sealed.sealer)?;
-    let name = TpmSealer::backend_of(&sealed)?;
+    tpm_reseal(ctx, args, &sealed)
+}
+
+/// `reseal` once the store is known to be sealed by a TPM, as the user states.
+#[cfg(feature = "tpm")]
+fn tpm_reseal(ctx: &Context, args: &ResealArgs, sealed: &SealedRoot) -> CmdResult {
+    use keyhold::sealer::tpm::parse_pcrs;
+    use keyhold::TpmSealer;
+    let name = TpmSealer::backend_of(sealed)?;
     let (device, name) = io::tpm_device(ctx, name.as_deref(), true)?;
     let requested = match (&args.pcrs, args.no_pcrs) {
         (Some(list), _) => Some(parse_pcrs(list)?),
@@ -169,21 +211,22 @@ pub fn reseal(ctx: &Context, args: &ResealArgs) -> CmdResult {
     };
     // A PCR list given here is checked (no resettable PCR) before anything is unsealed.
     let checked = match &requested {
-        Some(pcrs) => Some(TpmSealer::new(Arc::clone(&device), name.clone()).with_pcrs(pcrs)?),
+        Some(pcrs) => {
+            Some(TpmSealer::new(std::sync::Arc::clone(&device), name.clone()).with_pcrs(pcrs)?)
+        }
         None => None,
     };
     let file = ctx.passphrase_file.clone();
-    let unsealer = TpmSealer::new(Arc::clone(&device), name.clone()).with_recovery_prompt(
-        Box::new(move || {
+    let unsealer = TpmSealer::new(std::sync::Arc::clone(&device), name.clone())
+        .with_recovery_prompt(Box::new(move || {
             io::passphrase_from(file.as_deref(), false).map_err(|f| keyhold::Error::Unseal {
                 reason: format!("the recovery passphrase is needed: {f}"),
             })
-        }),
-    );
+        }));
     // The new seal is built from the old one as `Keystore::reseal` authenticated it, in the same
     // open of the store: a PCR list or recovery seal changed behind keyhold's back is refused,
     // never carried over, even if the store was swapped between the read above and that open.
-    let first_backend = TpmSealer::backend_of(&sealed)?;
+    let first_backend = TpmSealer::backend_of(sealed)?;
     let (old_pcrs, pcrs) = Keystore::reseal(&ctx.store, &unsealer, |verified| {
         if TpmSealer::backend_of(verified)? != first_backend {
             return Err(keyhold::Error::Integrity {
@@ -221,4 +264,9 @@ pub fn reseal(ctx: &Context, args: &ResealArgs) -> CmdResult {
             list(&pcrs)
         ))
     }
+}
+
+#[cfg(not(feature = "tpm"))]
+fn tpm_reseal(_ctx: &Context, _args: &ResealArgs, _sealed: &SealedRoot) -> CmdResult {
+    Err(keyhold::Error::not_built("tpm").into())
 }

@@ -12,13 +12,11 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use aws_lc_rs::{constant_time, hkdf, hmac};
 
-use crate::backend::pkcs11::Pkcs11Backend;
 use crate::backend::software::SoftwareBackend;
-use crate::backend::tpm::TpmBackend;
 use crate::backend::{
     Backend, BackendReport, Capabilities, KeyContext, KeyOptions, KeyRef, Sealed,
 };
-use crate::config::{BackendConfig, Config, Fallback};
+use crate::config::{BackendConfig, Config, Fallback, Pkcs11Config, TpmConfig};
 use crate::error::{Error, Result};
 use crate::key::{validate_name, Algorithm, KeySpec, KeyState, Purpose, SignatureFormat};
 use crate::public_key::PublicKey;
@@ -845,6 +843,7 @@ impl Keystore {
     }
 
     /// The backend and locator of the token key sealing the root secret, if any.
+    #[cfg(feature = "pkcs11")]
     fn sealer_key_locator(&self) -> Option<(String, String)> {
         let sealed = &self.store.meta().sealed_root;
         if sealed.sealer != "pkcs11" {
@@ -853,6 +852,12 @@ impl Keystore {
         let backend = crate::sealer::Pkcs11Sealer::backend_of(sealed).ok()?;
         let locator = crate::sealer::Pkcs11Sealer::locator_of(sealed).ok()?;
         Some((backend, locator))
+    }
+
+    /// None: without the `pkcs11` feature no store sealed by a token opens, so none is open here.
+    #[cfg(not(feature = "pkcs11"))]
+    fn sealer_key_locator(&self) -> Option<(String, String)> {
+        None
     }
 
     /// The info of the key `id`.
@@ -1085,17 +1090,8 @@ fn build_backends(config: &Config, keys: &DerivedKeys) -> Configured {
         // not take the software keys down with it: its keys report why they cannot be used, and
         // `doctor` shows it.
         let (built, fallback): (Result<Arc<dyn Backend>>, Fallback) = match backend {
-            BackendConfig::Pkcs11(p) => (
-                Pkcs11Backend::new(name, p).map(|b| Arc::new(b) as Arc<dyn Backend>),
-                p.fallback,
-            ),
-            BackendConfig::Tpm(t) => (
-                t.settings()
-                    .and_then(|settings| crate::backend::tpm::device(&t.tcti(), settings))
-                    .and_then(|device| TpmBackend::with_device(name, device, &keys.tpm_auth_kek))
-                    .map(|b| Arc::new(b) as Arc<dyn Backend>),
-                t.fallback,
-            ),
+            BackendConfig::Pkcs11(p) => (pkcs11_backend(name, p), p.fallback),
+            BackendConfig::Tpm(t) => (tpm_backend(name, t, &keys.tpm_auth_kek), t.fallback),
         };
         let built = built.unwrap_or_else(|e| {
             tracing::warn!(backend = %name, "backend unavailable: {e}");
@@ -1108,6 +1104,37 @@ fn build_backends(config: &Config, keys: &DerivedKeys) -> Configured {
         configured.fallbacks.insert(name.clone(), fallback);
     }
     configured
+}
+
+#[cfg(feature = "pkcs11")]
+fn pkcs11_backend(name: &str, config: &Pkcs11Config) -> Result<Arc<dyn Backend>> {
+    crate::backend::pkcs11::Pkcs11Backend::new(name, config)
+        .map(|b| Arc::new(b) as Arc<dyn Backend>)
+}
+
+/// A build without PKCS#11 still reads the configuration (one file serves every build); its
+/// PKCS#11 backends become [`Unavailable`], saying what to rebuild with.
+#[cfg(not(feature = "pkcs11"))]
+fn pkcs11_backend(_name: &str, _config: &Pkcs11Config) -> Result<Arc<dyn Backend>> {
+    Err(Error::not_built("pkcs11"))
+}
+
+#[cfg(feature = "tpm")]
+fn tpm_backend(name: &str, config: &TpmConfig, auth_kek: &SecretBytes) -> Result<Arc<dyn Backend>> {
+    let device = crate::backend::tpm::device(&config.tcti(), config.settings()?)?;
+    crate::backend::tpm::TpmBackend::with_device(name, device, auth_kek)
+        .map(|b| Arc::new(b) as Arc<dyn Backend>)
+}
+
+/// As [`pkcs11_backend`] without PKCS#11. The TPM auth KEK is derived in every build all the
+/// same: the store's keys do not depend on what keyhold was built with.
+#[cfg(not(feature = "tpm"))]
+fn tpm_backend(
+    _name: &str,
+    _config: &TpmConfig,
+    _auth_kek: &SecretBytes,
+) -> Result<Arc<dyn Backend>> {
+    Err(Error::not_built("tpm"))
 }
 
 /// A configured backend that could not be set up; every use reports why.

@@ -6,7 +6,9 @@
 //! in a token) and `tpm` (a TPM sealed-data object, optionally bound to PCRs).
 
 pub mod passphrase;
+#[cfg(feature = "pkcs11")]
 pub mod pkcs11;
+#[cfg(feature = "tpm")]
 pub mod tpm;
 
 use std::fmt;
@@ -15,7 +17,9 @@ use crate::error::{Error, Result};
 use crate::secret::SecretBytes;
 
 pub use passphrase::{Argon2Params, PassphraseSealer};
+#[cfg(feature = "pkcs11")]
 pub use pkcs11::Pkcs11Sealer;
+#[cfg(feature = "tpm")]
 pub use tpm::TpmSealer;
 
 /// The store's root secret: 32 random bytes, in a locked, zeroizing buffer.

@@ -97,7 +97,7 @@ impl OpenCryptoki {
 
     /// A backend configuration for the soft token (PIN from a file; fallback refused).
     pub fn backend_config(&self) -> Pkcs11Config {
-        super::token_config(OPENCRYPTOKI_MODULE, OPENCRYPTOKI_LABEL, &self.pin_file)
+        super::softhsm::token_config(OPENCRYPTOKI_MODULE, OPENCRYPTOKI_LABEL, &self.pin_file)
     }
 
     /// A whole configuration with the soft token as the backend `name`.

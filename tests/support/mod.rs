@@ -232,6 +232,7 @@ pub fn assert_tpm_replaced(err: &keyhold::Error) {
 /// replaces the store's sealed root secret with a TPM seal of a root they chose, and forges the
 /// metadata MAC under that root (keyhold's derivation is public). The seal names `backend` as the
 /// configured TPM backend to reach the TPM through. Returns the chosen root.
+#[cfg(feature = "tpm")]
 pub fn replace_root_with_tpm_seal(store: &Path, tcti: &str, backend: Option<&str>) -> [u8; 32] {
     use aws_lc_rs::{hkdf, hmac};
     use keyhold::sealer::{RootSecret, Sealer};

@@ -16,7 +16,7 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, PoisonError, Weak};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use tss_esapi::tcti_ldr::TctiNameConf;
 
@@ -24,35 +24,8 @@ use super::connection::{Connection, Features, Setup};
 use super::errors::{self, Failure};
 use crate::error::{Error, Result};
 
-/// How long a caller waits for its turn on the TPM by default. Generous: an RSA-3072 key
-/// generation on a slow discrete TPM takes tens of seconds, and everyone else waits for it.
-pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(120);
-
-/// How many keys stay loaded between operations by default: a TPM holds about three transient
-/// objects, and the SRK is one of them.
-pub const DEFAULT_MAX_LOADED: usize = 2;
-
-/// How a device is used: where its SRK lives, how many keys stay loaded, how long callers wait.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct DeviceSettings {
-    /// Keep the SRK at this persistent handle (`0x81000001` by convention) instead of deriving a
-    /// transient copy at every connection.
-    pub srk_handle: Option<u32>,
-    /// The most keys kept loaded between operations (at least 1).
-    pub max_loaded: usize,
-    /// The longest a caller waits for its turn.
-    pub timeout: Duration,
-}
-
-impl Default for DeviceSettings {
-    fn default() -> Self {
-        Self {
-            srk_handle: None,
-            max_loaded: DEFAULT_MAX_LOADED,
-            timeout: DEFAULT_TIMEOUT,
-        }
-    }
-}
+// In a module of their own, built without the `tpm` feature too: the configuration checks them.
+pub use crate::backend::tpm_settings::{DeviceSettings, DEFAULT_MAX_LOADED, DEFAULT_TIMEOUT};
 
 /// A TPM reached through one TCTI.
 pub struct TpmDevice {
