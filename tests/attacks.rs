@@ -9,51 +9,14 @@ mod support;
 
 use std::path::PathBuf;
 
-use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
-use cryptoki::error::{Error as CkError, RvError};
 use cryptoki::mechanism::Mechanism;
 use cryptoki::object::{Attribute, KeyType as CkKeyType, ObjectClass};
-use cryptoki::session::{Session, UserType};
 use keyhold::backend::KeyOptions;
 use keyhold::config::{BackendConfig, Config};
-use keyhold::testing::{SoftHsm, SOFTHSM_MODULE, TEST_USER_PIN};
+use keyhold::testing::SoftHsm;
 use keyhold::{Error, KeyRequest, KeySpec, KeyType, Keystore};
-use secrecy::SecretString;
-use support::{sealer, PASSPHRASE};
+use support::{raw_session, sealer, unhex, PASSPHRASE};
 use tempfile::TempDir;
-
-fn unhex(hex: &str) -> Vec<u8> {
-    (0..hex.len() / 2)
-        .map(|i| u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).unwrap())
-        .collect()
-}
-
-/// A raw cryptoki session on the token labelled `label`, logged in as the user (the attacker
-/// holds the PIN).
-fn raw_session(label: &str) -> Session {
-    let module = Pkcs11::new(SOFTHSM_MODULE).unwrap();
-    match module.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)) {
-        Ok(()) | Err(CkError::Pkcs11(RvError::CryptokiAlreadyInitialized, _)) => {}
-        Err(e) => panic!("C_Initialize: {e}"),
-    }
-    let slot = module
-        .get_slots_with_token()
-        .unwrap()
-        .into_iter()
-        .find(|&s| {
-            module
-                .get_token_info(s)
-                .is_ok_and(|info| info.label().trim_end() == label)
-        })
-        .unwrap();
-    let session = module.open_rw_session(slot).unwrap();
-    let pin = SecretString::from(TEST_USER_PIN.to_owned());
-    match session.login(UserType::User, Some(&pin)) {
-        Ok(()) | Err(CkError::Pkcs11(RvError::UserAlreadyLoggedIn, _)) => {}
-        Err(e) => panic!("C_Login: {e}"),
-    }
-    session
-}
 
 fn store(config: &Config) -> (TempDir, PathBuf, Keystore) {
     let dir = tempfile::tempdir().unwrap();

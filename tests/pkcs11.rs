@@ -17,14 +17,16 @@ use cryptoki::mechanism::Mechanism;
 use cryptoki::object::{
     Attribute, AttributeInfo, AttributeType, KeyType as CkKeyType, ObjectClass, ObjectHandle,
 };
-use cryptoki::session::{Session, UserType};
+use cryptoki::session::Session;
 use keyhold::backend::pkcs11::Pkcs11Backend;
 use keyhold::backend::{Backend, KeyContext, KeyOptions, KeyRef};
 use keyhold::config::{BackendConfig, Config, Fallback};
 use keyhold::testing::{SoftHsm, SOFTHSM_MODULE, TEST_USER_PIN};
 use keyhold::{Error, KeyInfo, KeyRequest, KeySpec, KeyType, Keystore, Purpose, SignatureFormat};
 use secrecy::SecretString;
-use support::{assert_openssl_accepts_public_key, sealer, snapshot, PASSPHRASE};
+use support::{
+    assert_openssl_accepts_public_key, raw_session, sealer, snapshot, unhex, PASSPHRASE,
+};
 use tempfile::TempDir;
 
 /// The backend name every test gives its token.
@@ -79,42 +81,6 @@ impl HsmStore {
     fn reopen(&self) -> Keystore {
         Keystore::open_with(&self.path, &sealer(PASSPHRASE), &self.config).unwrap()
     }
-}
-
-fn unhex(hex: &str) -> Vec<u8> {
-    assert_eq!(hex.len() % 2, 0, "odd hex {hex}");
-    (0..hex.len() / 2)
-        .map(|i| u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).unwrap())
-        .collect()
-}
-
-/// The SoftHSM module opened with raw cryptoki, a session on the token labelled `label`, logged in
-/// as the user. keyhold has usually initialised the module and logged in already in this process:
-/// both are fine. Never logs out (that would log keyhold out too).
-fn raw_session(label: &str) -> Session {
-    let module = Pkcs11::new(SOFTHSM_MODULE).unwrap();
-    match module.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)) {
-        Ok(()) | Err(CkError::Pkcs11(RvError::CryptokiAlreadyInitialized, _)) => {}
-        Err(e) => panic!("C_Initialize: {e}"),
-    }
-    let slot = module
-        .get_slots_with_token()
-        .unwrap()
-        .into_iter()
-        // A token another test deleted answers C_GetTokenInfo with an error: skip it.
-        .find(|&s| {
-            module
-                .get_token_info(s)
-                .is_ok_and(|info| info.label().trim_end() == label)
-        })
-        .unwrap_or_else(|| panic!("no token labelled {label}"));
-    let session = module.open_rw_session(slot).unwrap();
-    let pin = SecretString::from(TEST_USER_PIN.to_owned());
-    match session.login(UserType::User, Some(&pin)) {
-        Ok(()) | Err(CkError::Pkcs11(RvError::UserAlreadyLoggedIn, _)) => {}
-        Err(e) => panic!("C_Login: {e}"),
-    }
-    session
 }
 
 /// The usage attributes a key object may carry.
