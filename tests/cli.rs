@@ -3205,6 +3205,13 @@ fn a_fallback_to_software_is_warned_reported_in_json_and_marked_in_list() {
         Some("hsm"),
         "{v:?}"
     );
+    // …with the reason, recorded at creation (not re-derived from today's token).
+    assert!(
+        v.get("fallback")
+            .and_then(|f| f.str_of("reason"))
+            .is_some_and(|r| r.contains("OAEP")),
+        "{v:?}"
+    );
     let o = run(&["key", "show", "--name", "sig"], &|_| {});
     let text = stdout_str(&o);
     let attributes = text
