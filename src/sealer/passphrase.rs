@@ -136,7 +136,8 @@ impl PassphraseSealer {
         })?;
         // Argon2's working memory holds values derived from the passphrase; argon2 0.6 frees its
         // own without wiping it, so it works in ours, which is wiped on drop (its `zeroize`
-        // feature wipes H0 and the final block).
+        // feature wipes H0 and the final block; `Zeroizing<Vec<Block>>` compiles only with that
+        // feature on, so the build checks that it stays on).
         let mut memory =
             zeroize::Zeroizing::new(vec![argon2::Block::default(); params.block_count()]);
         let kdf = argon2::Argon2::new(argon2::Algorithm::Argon2id, argon2::Version::V0x13, params);
