@@ -4,7 +4,8 @@ use crate::backend::{BackendReport, Capabilities, DeviceObject};
 use crate::error::{Error, Result};
 use crate::key::Algorithm;
 
-use super::{KeyInfo, Keystore, Resolved};
+use super::resolve::Resolved;
+use super::{KeyInfo, Keystore};
 
 /// How many bytes a keyhold locator of a device object decodes to: 8 bytes of the store ID, then
 /// 8 random bytes (`CKA_ID`).

@@ -9,6 +9,25 @@
 use crate::error::{Error, Result};
 use crate::key::Algorithm;
 
+/// The RSA-OAEP label of an envelope whose header and AAD are `binding`:
+/// `"KHL1:" ‖ base64url(SHA-256(binding)) ‖ 0x00`, 49 bytes.
+///
+/// Not `binding` itself: a TPM takes a label only if it ends in 0x00 and fits in 64 bytes, and the
+/// label must be the same whichever backend holds the key. The digest binds the header and AAD as
+/// firmly as the whole would.
+pub(crate) fn oaep_label(binding: &[u8]) -> Vec<u8> {
+    use base64::Engine as _;
+    let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, binding);
+    let mut label = b"KHL1:".to_vec();
+    label.extend_from_slice(
+        base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .encode(digest.as_ref())
+            .as_bytes(),
+    );
+    label.push(0);
+    label
+}
+
 const MAGIC: &[u8; 4] = b"KHE1";
 const HEADER_LEN: usize = 4 + 1 + 16 + 4;
 

@@ -4,19 +4,20 @@
 mod doctor;
 mod envelope;
 mod key_id;
+mod registry;
+mod resolve;
+mod root;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use aws_lc_rs::{constant_time, hkdf, hmac};
+use aws_lc_rs::{constant_time, hmac};
 
 use crate::backend::software::SoftwareBackend;
-use crate::backend::{
-    Backend, BackendReport, Capabilities, KeyContext, KeyOptions, KeyRef, Sealed,
-};
-use crate::config::{BackendConfig, Config, Fallback, Pkcs11Config, TpmConfig};
+use crate::backend::{Backend, KeyContext, KeyOptions, KeyRef, Sealed};
+use crate::config::{Config, Fallback};
 use crate::error::{Error, Result};
 use crate::key::{validate_name, Algorithm, KeySpec, KeyState, Purpose, SignatureFormat};
 use crate::public_key::PublicKey;
@@ -25,8 +26,12 @@ use crate::secret::SecretBytes;
 use crate::store::{KeyRecord, Store, StoreMeta};
 
 pub use doctor::{BackendHealth, Doctor, MissingKey, Orphan, UncheckedKey};
+pub(crate) use envelope::oaep_label;
 use key_id::KeyIdCodec;
 pub use key_id::{KeyIdFields, PREFIX as KEY_ID_PREFIX};
+use registry::build_backends;
+use resolve::{Resolved, ResolvedCache};
+use root::{derive_keys, meta_mac, unseal_root, DerivedKeys};
 
 /// The most bytes any single operation takes as input: 64 MiB.
 pub const MAX_INPUT: usize = 64 * 1024 * 1024;
@@ -95,163 +100,6 @@ pub struct Keystore {
     cache: Mutex<ResolvedCache>,
 }
 
-/// Keys resolved from their IDs, kept while nobody else has written to the store.
-///
-/// Resolving an ID means an HMAC over the ID, a database read and an HMAC over the record: more
-/// than a token's signature costs. A record is cached only after both MACs verified, and the
-/// whole cache is dropped when another process commits to the database (SQLite's
-/// `data_version`, read at most every [`FRESHNESS`]) or this keystore writes to it; a resolution
-/// that raced one of this keystore's writes is not cached. Cached records hold no key material in clear.
-#[derive(Debug, Default)]
-struct ResolvedCache {
-    data_version: i64,
-    /// Bumped by every write of this keystore, so that a resolution that raced a write (whose
-    /// commit `data_version` does not show on this connection) is not cached.
-    generation: u64,
-    /// When `data_version` was last read; `None` before the first read.
-    checked_at: Option<std::time::Instant>,
-    by_id: HashMap<String, Arc<Resolved>>,
-}
-
-/// How long a read of `data_version` is trusted. Asking SQLite costs a read transaction (about
-/// 10 µs of locking syscalls), as much as a token's HMAC; a change committed by another process
-/// is therefore seen here within this window. This keystore's own writes are seen at once.
-const FRESHNESS: std::time::Duration = std::time::Duration::from_millis(1);
-
-/// The most IDs kept resolved; past it the cache starts over.
-const CACHE_LIMIT: usize = 4096;
-
-/// Keys derived from the root secret, each for one job (HKDF-SHA256, salt = store ID).
-struct DerivedKeys {
-    key_id_mac: SecretBytes,
-    record_mac: SecretBytes,
-    software_kek: SecretBytes,
-    tpm_auth_kek: SecretBytes,
-    meta_mac: SecretBytes,
-}
-
-fn derive_keys(root: &RootSecret, store_id: &[u8; 16]) -> Result<DerivedKeys> {
-    let prk = hkdf::Salt::new(hkdf::HKDF_SHA256, store_id).extract(root.expose());
-    let expand = |info: &'static [u8]| -> Result<SecretBytes> {
-        let mut out = SecretBytes::zeroed(32);
-        prk.expand(&[info], hkdf::HKDF_SHA256)
-            .and_then(|okm| okm.fill(out.expose_mut()))
-            .map_err(|_| Error::crypto("derive the store's keys"))?;
-        Ok(out)
-    };
-    Ok(DerivedKeys {
-        key_id_mac: expand(b"keyhold v1 key-id mac")?,
-        record_mac: expand(b"keyhold v1 record mac")?,
-        software_kek: expand(b"keyhold v1 software kek")?,
-        tpm_auth_kek: expand(b"keyhold v1 tpm auth kek")?,
-        meta_mac: expand(b"keyhold v1 store meta mac")?,
-    })
-}
-
-/// The MAC of a store's metadata under the key derived for it.
-fn meta_mac(keys: &DerivedKeys, meta: &StoreMeta) -> Vec<u8> {
-    let key = hmac::Key::new(hmac::HMAC_SHA256, keys.meta_mac.expose());
-    hmac::sign(&key, &meta.mac_input()).as_ref().to_vec()
-}
-
-/// Checks, right after unsealing and before anything is written or re-sealed, that the root
-/// secret is the one the store's records were made under and that the metadata (sealer kind and
-/// parameters: PCRs, SRK Name, recovery seal, KDF settings) is what keyhold wrote.
-///
-/// Whoever can write the store directory can put in a seal of a root they chose, and a MAC under
-/// it: the metadata MAC alone cannot tell that seal from ours. The records can: they were MAC'd
-/// under the old root, so under a replaced one none of them verifies. Every record is checked
-/// (an HMAC each), and any failure refuses the store: a replaced root with one record forged
-/// under it must not open either, or new keys would be made under a key-encryption key the
-/// intruder knows. (A replaced root in a store whose records were all deleted cannot be told
-/// from a new store; the sealer the user states, not the store, is the defence there.)
-fn check_store(store: &Store, keys: &DerivedKeys) -> Result<()> {
-    let meta = store.meta();
-    let record_mac = hmac::Key::new(hmac::HMAC_SHA256, keys.record_mac.expose());
-    let records = store.keys(None)?;
-    let failed: Vec<&KeyRecord> = records
-        .iter()
-        .filter(|r| {
-            let expected = hmac::sign(&record_mac, &r.mac_input(&meta.store_id));
-            constant_time::verify_slices_are_equal(expected.as_ref(), &r.mac).is_err()
-        })
-        .collect();
-    // Every record failing means a root the records were not made under, unless the seal is one
-    // only the user's secret opens: a passphrase seal that opened is genuine, so its records
-    // were changed.
-    if !records.is_empty()
-        && failed.len() == records.len()
-        && meta.sealed_root.sealer != crate::sealer::PassphraseSealer::KIND
-    {
-        return Err(Error::Unseal {
-            reason: format!(
-                "none of the store's {} key records verifies under the root secret the `{}` \
-                 sealer gave back: its sealed root secret was replaced (someone who can write \
-                 the store directory and use the device put in a seal of their own), or every \
-                 record was changed; do not create keys in this store, and restore it from a \
-                 backup",
-                records.len(),
-                meta.sealed_root.sealer
-            ),
-        });
-    }
-    let expected = meta_mac(keys, meta);
-    if meta.mac.is_empty() || constant_time::verify_slices_are_equal(&expected, &meta.mac).is_err()
-    {
-        return Err(Error::Integrity {
-            what: format!(
-                "the store's sealer metadata (sealer `{}`, its parameters such as PCRs, SRK Name \
-                 and recovery seal) {}; nothing was re-sealed",
-                meta.sealed_root.sealer,
-                if meta.mac.is_empty() {
-                    "carries no MAC (stores made by development builds before the metadata MAC \
-                     lack one and do not open with this version; a store made since always has \
-                     one, so a missing MAC was removed)"
-                } else {
-                    "failed its MAC"
-                }
-            ),
-        });
-    }
-    if let Some(first) = failed.first() {
-        return Err(Error::Integrity {
-            what: format!(
-                "{} of the store's {} key records fail their MAC (the first: key {}): they were \
-                 changed outside keyhold, or the sealed root secret was replaced and records \
-                 were added under it",
-                failed.len(),
-                records.len(),
-                crate::hex::encode(&first.uuid)
-            ),
-        });
-    }
-    Ok(())
-}
-
-/// Unseals `store`'s root secret with `sealer`, which must be the kind that sealed it, and checks
-/// the store against it ([`check_store`]).
-///
-/// The caller's sealer is the expectation the store cannot forge: a store that records another
-/// kind is refused before anything is unsealed, whatever its metadata says.
-fn unseal_root(store: &Store, sealer: &dyn Sealer) -> Result<(RootSecret, DerivedKeys)> {
-    let meta = store.meta();
-    if meta.sealed_root.sealer != sealer.kind() {
-        return Err(Error::Unseal {
-            reason: format!(
-                "the store records a `{}` seal, but the caller expects a `{}` seal: keyhold does \
-                 not follow a change of sealer it did not make (`keyhold reseal` makes one); if \
-                 nobody changed it, its sealed root secret was replaced",
-                meta.sealed_root.sealer,
-                sealer.kind()
-            ),
-        });
-    }
-    let root = sealer.unseal(&meta.sealed_root, &meta.store_id)?;
-    let keys = derive_keys(&root, &meta.store_id)?;
-    check_store(store, &keys)?;
-    Ok((root, keys))
-}
-
 fn now() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -278,25 +126,6 @@ fn check_size(data: &[u8], operation: &str, limit: usize) -> Result<()> {
     Ok(())
 }
 
-/// The RSA-OAEP label of an envelope whose header and AAD are `binding`:
-/// `"KHL1:" ‖ base64url(SHA-256(binding)) ‖ 0x00`, 49 bytes.
-///
-/// Not `binding` itself: a TPM takes a label only if it ends in 0x00 and fits in 64 bytes, and the
-/// label must be the same whichever backend holds the key. The digest binds the header and AAD as
-/// firmly as the whole would.
-pub(crate) fn oaep_label(binding: &[u8]) -> Vec<u8> {
-    use base64::Engine as _;
-    let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, binding);
-    let mut label = b"KHL1:".to_vec();
-    label.extend_from_slice(
-        base64::engine::general_purpose::URL_SAFE_NO_PAD
-            .encode(digest.as_ref())
-            .as_bytes(),
-    );
-    label.push(0);
-    label
-}
-
 /// `n` random bytes from the system CSPRNG through aws-lc.
 ///
 /// # Errors
@@ -310,21 +139,6 @@ pub fn random_bytes(n: usize) -> Result<Vec<u8>> {
     let mut out = vec![0u8; n];
     aws_lc_rs::rand::fill(&mut out).map_err(|_| Error::crypto("random generation"))?;
     Ok(out)
-}
-
-/// A resolved key: its verified record and parsed spec.
-#[derive(Debug)]
-struct Resolved {
-    record: KeyRecord,
-    spec: KeySpec,
-    /// `namespace/name`.
-    label: String,
-}
-
-impl Resolved {
-    fn label(&self) -> &str {
-        &self.label
-    }
 }
 
 /// A key made in software because the backend asked for could not make it.
@@ -499,168 +313,6 @@ impl Keystore {
                     .collect::<Vec<_>>()
                     .join(", "),
             })
-    }
-
-    fn seal_record(&self, record: &mut KeyRecord) {
-        let tag = hmac::sign(&self.record_mac, &record.mac_input(&self.store_id));
-        record.mac = tag.as_ref().to_vec();
-    }
-
-    fn check_record(&self, record: &KeyRecord) -> Result<()> {
-        let expected = hmac::sign(&self.record_mac, &record.mac_input(&self.store_id));
-        constant_time::verify_slices_are_equal(expected.as_ref(), &record.mac).map_err(|_| {
-            Error::Integrity {
-                what: format!(
-                    "the record of key {} failed its MAC",
-                    crate::hex::encode(&record.uuid)
-                ),
-            }
-        })
-    }
-
-    fn spec_of(record: &KeyRecord) -> Result<KeySpec> {
-        KeySpec::from_names(&record.key_type, &record.purpose, &record.algorithm)
-    }
-
-    fn info(&self, resolved: &Resolved) -> Result<KeyInfo> {
-        let r = &resolved.record;
-        let id = self.ids.encode(&KeyIdFields {
-            store_id: self.store_id,
-            uuid: r.uuid,
-            namespace: r.namespace.clone(),
-            name: r.name.clone(),
-            backend: r.backend.clone(),
-            locator: r.locator.clone(),
-            spec: resolved.spec,
-        })?;
-        Ok(KeyInfo {
-            id,
-            store_id: self.store_id(),
-            namespace: r.namespace.clone(),
-            name: r.name.clone(),
-            spec: resolved.spec,
-            backend: r.backend.clone(),
-            locator: r.locator.clone(),
-            state: r.state.parse()?,
-            version: r.version,
-            created_at: r.created_at,
-            attributes: serde_json::from_str(&r.attributes).map_err(|_| Error::Integrity {
-                what: format!(
-                    "the record of `{}` has unreadable attributes",
-                    resolved.label()
-                ),
-            })?,
-        })
-    }
-
-    /// Checks a record's MAC and decodes what it says; the one way records come out of the store.
-    fn verified(&self, record: KeyRecord) -> Result<Resolved> {
-        self.check_record(&record)?;
-        let spec = Self::spec_of(&record).map_err(|e| Error::Integrity {
-            what: format!("an authenticated record names an unknown algorithm ({e})"),
-        })?;
-        let label = format!("{}/{}", record.namespace, record.name);
-        Ok(Resolved {
-            record,
-            spec,
-            label,
-        })
-    }
-
-    fn cache(&self) -> std::sync::MutexGuard<'_, ResolvedCache> {
-        self.cache
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-
-    /// Forgets every resolved key (after this keystore changed the store).
-    fn invalidate(&self) {
-        let mut cache = self.cache();
-        cache.by_id.clear();
-        cache.generation += 1;
-    }
-
-    /// Authenticates `id` and loads its key's verified record, from the cache when the store has
-    /// not changed since.
-    fn resolve(&self, id: &str) -> Result<Arc<Resolved>> {
-        let fresh_version = {
-            let cache = self.cache();
-            let fresh = cache.checked_at.is_some_and(|at| at.elapsed() < FRESHNESS);
-            match (fresh, cache.by_id.get(id)) {
-                (true, Some(hit)) => return Ok(Arc::clone(hit)),
-                (true, None) => Some((cache.data_version, cache.generation)),
-                (false, _) => None,
-            }
-        };
-        let (version, generation) = match fresh_version {
-            Some(seen) => seen,
-            None => {
-                let v = self.store.data_version()?;
-                let mut cache = self.cache();
-                if cache.data_version != v {
-                    cache.by_id.clear();
-                    cache.data_version = v;
-                }
-                cache.checked_at = Some(std::time::Instant::now());
-                if let Some(hit) = cache.by_id.get(id) {
-                    return Ok(Arc::clone(hit));
-                }
-                (v, cache.generation)
-            }
-        };
-        let resolved = Arc::new(self.resolve_uncached(id)?);
-        let mut cache = self.cache();
-        // Cache only if nothing was written in between (by this keystore, or seen from others).
-        if cache.data_version == version && cache.generation == generation {
-            if cache.by_id.len() >= CACHE_LIMIT {
-                cache.by_id.clear();
-            }
-            cache.by_id.insert(id.to_owned(), Arc::clone(&resolved));
-        }
-        Ok(resolved)
-    }
-
-    fn resolve_uncached(&self, id: &str) -> Result<Resolved> {
-        let fields = self.ids.decode(id)?;
-        let record = self
-            .store
-            .key(&fields.uuid)?
-            .ok_or_else(|| Error::NoSuchKey {
-                namespace: fields.namespace.clone(),
-                name: fields.name.clone(),
-            })?;
-        let resolved = self.verified(record)?;
-        let r = &resolved.record;
-        let same = r.namespace == fields.namespace
-            && r.name == fields.name
-            && r.backend == fields.backend
-            && r.locator == fields.locator
-            && resolved.spec == fields.spec;
-        if !same {
-            return Err(Error::Integrity {
-                what: "the key's record does not match its key ID".into(),
-            });
-        }
-        let state: KeyState = r.state.parse().map_err(|_| Error::Integrity {
-            what: format!("the record of `{}` has an unknown state", resolved.label()),
-        })?;
-        match state {
-            KeyState::Active => Ok(resolved),
-        }
-    }
-
-    /// What the backend is handed to find and use a resolved key.
-    fn key_ref<'a>(&'a self, resolved: &'a Resolved) -> KeyRef<'a> {
-        KeyRef {
-            context: KeyContext {
-                store_id: &self.store_id,
-                uuid: &resolved.record.uuid,
-                label: &resolved.label,
-                spec: &resolved.spec,
-            },
-            locator: &resolved.record.locator,
-            blob: resolved.record.blob.as_deref(),
-        }
     }
 
     /// Resolves `id`, checks that its purpose is `purpose`, and runs `op` with its backend.
@@ -1071,120 +723,5 @@ impl Keystore {
         deleted?;
         tracing::info!(namespace = %info.namespace, name = %info.name, "destroyed key");
         Ok(info)
-    }
-}
-
-/// Backends built from a configuration, with their fallback policies.
-struct Configured {
-    backends: Vec<Arc<dyn Backend>>,
-    fallbacks: HashMap<String, Fallback>,
-}
-
-fn build_backends(config: &Config, keys: &DerivedKeys) -> Configured {
-    let mut configured = Configured {
-        backends: Vec::new(),
-        fallbacks: HashMap::new(),
-    };
-    for (name, backend) in &config.backends {
-        // A backend that cannot be set up (module missing, PIN source unset, TPM unreachable) must
-        // not take the software keys down with it: its keys report why they cannot be used, and
-        // `doctor` shows it.
-        let (built, fallback): (Result<Arc<dyn Backend>>, Fallback) = match backend {
-            BackendConfig::Pkcs11(p) => (pkcs11_backend(name, p), p.fallback),
-            BackendConfig::Tpm(t) => (tpm_backend(name, t, &keys.tpm_auth_kek), t.fallback),
-        };
-        let built = built.unwrap_or_else(|e| {
-            tracing::warn!(backend = %name, "backend unavailable: {e}");
-            Arc::new(Unavailable {
-                name: name.clone(),
-                reason: e.to_string(),
-            })
-        });
-        configured.backends.push(built);
-        configured.fallbacks.insert(name.clone(), fallback);
-    }
-    configured
-}
-
-#[cfg(feature = "pkcs11")]
-fn pkcs11_backend(name: &str, config: &Pkcs11Config) -> Result<Arc<dyn Backend>> {
-    crate::backend::pkcs11::Pkcs11Backend::new(name, config)
-        .map(|b| Arc::new(b) as Arc<dyn Backend>)
-}
-
-/// A build without PKCS#11 still reads the configuration (one file serves every build); its
-/// PKCS#11 backends become [`Unavailable`], saying what to rebuild with.
-#[cfg(not(feature = "pkcs11"))]
-fn pkcs11_backend(_name: &str, _config: &Pkcs11Config) -> Result<Arc<dyn Backend>> {
-    Err(Error::not_built("pkcs11"))
-}
-
-#[cfg(feature = "tpm")]
-fn tpm_backend(name: &str, config: &TpmConfig, auth_kek: &SecretBytes) -> Result<Arc<dyn Backend>> {
-    let device = crate::backend::tpm::device(&config.tcti(), config.settings()?)?;
-    crate::backend::tpm::TpmBackend::with_device(name, device, auth_kek)
-        .map(|b| Arc::new(b) as Arc<dyn Backend>)
-}
-
-/// As [`pkcs11_backend`] without PKCS#11. The TPM auth KEK is derived in every build all the
-/// same: the store's keys do not depend on what keyhold was built with.
-#[cfg(not(feature = "tpm"))]
-fn tpm_backend(
-    _name: &str,
-    _config: &TpmConfig,
-    _auth_kek: &SecretBytes,
-) -> Result<Arc<dyn Backend>> {
-    Err(Error::not_built("tpm"))
-}
-
-/// A configured backend that could not be set up; every use reports why.
-#[derive(Debug)]
-struct Unavailable {
-    name: String,
-    reason: String,
-}
-
-impl Unavailable {
-    fn error(&self) -> Error {
-        Error::BackendUnavailable {
-            backend: self.name.clone(),
-            reason: self.reason.clone(),
-        }
-    }
-}
-
-impl Backend for Unavailable {
-    fn name(&self) -> &str {
-        &self.name
-    }
-    fn capabilities(&self) -> Result<Capabilities> {
-        Err(self.error())
-    }
-    fn generate(&self, _: KeyContext<'_>, _: &KeyOptions) -> Result<crate::backend::GeneratedKey> {
-        Err(self.error())
-    }
-    fn public_key(&self, _: KeyRef<'_>) -> Result<PublicKey> {
-        Err(self.error())
-    }
-    fn sign(&self, _: KeyRef<'_>, _: &[u8], _: SignatureFormat) -> Result<Vec<u8>> {
-        Err(self.error())
-    }
-    fn encrypt(&self, _: KeyRef<'_>, _: &[u8], _: &[u8]) -> Result<Sealed> {
-        Err(self.error())
-    }
-    fn decrypt(&self, _: KeyRef<'_>, _: &Sealed, _: &[u8]) -> Result<SecretBytes> {
-        Err(self.error())
-    }
-    fn mac(&self, _: KeyRef<'_>, _: &[u8]) -> Result<Vec<u8>> {
-        Err(self.error())
-    }
-    fn report(&self) -> Result<BackendReport> {
-        Err(self.error())
-    }
-    fn destroy_object(&self, _: &str) -> Result<()> {
-        Err(self.error())
-    }
-    fn destroy(&self, _: KeyRef<'_>) -> Result<()> {
-        Err(self.error())
     }
 }

@@ -15,8 +15,11 @@
 mod capabilities;
 mod errors;
 mod ffi;
+mod generate;
 mod module;
+mod objects;
 mod pool;
+mod report;
 mod template;
 mod token_info;
 
@@ -28,15 +31,15 @@ use cryptoki::mechanism::aead::GcmParams;
 use cryptoki::mechanism::eddsa::{EddsaParams, EddsaSignatureScheme};
 use cryptoki::mechanism::rsa::{PkcsMgfType, PkcsOaepParams, PkcsOaepSource, PkcsPssParams};
 use cryptoki::mechanism::{Mechanism, MechanismType};
-use cryptoki::object::{Attribute, AttributeType, KeyType as CkKeyType, ObjectClass, ObjectHandle};
+use cryptoki::object::ObjectHandle;
 use cryptoki::session::Session;
 
 use self::capabilities::Mechanisms;
+use self::objects::{expected, locator_bytes};
 use self::pool::{Disposition, Pool};
-use self::template::{Expected, STAGES};
+use self::template::Expected;
 use crate::backend::{
-    Backend, BackendReport, Capabilities, DeviceObject, GeneratedKey, KeyContext, KeyOptions,
-    KeyRef, Sealed,
+    Backend, BackendReport, Capabilities, GeneratedKey, KeyContext, KeyOptions, KeyRef, Sealed,
 };
 use crate::config::Pkcs11Config;
 use crate::der;
@@ -50,7 +53,7 @@ const DEFAULT_MAX_SESSIONS: usize = 8;
 
 /// The blob recorded (under the record's MAC) for a key made extractable: lookups of it do not
 /// insist on `CKA_NEVER_EXTRACTABLE`. Keys that never leave the token record no blob.
-const EXTRACTABLE_BLOB: &[u8] = b"keyhold-pkcs11:extractable";
+pub(super) const EXTRACTABLE_BLOB: &[u8] = b"keyhold-pkcs11:extractable";
 
 /// A key type with a purpose, and why a token cannot make it.
 type Missing = (KeyType, Purpose, String);
@@ -79,44 +82,6 @@ impl std::fmt::Debug for Pkcs11Backend {
             .finish_non_exhaustive()
     }
 }
-
-fn class_key(class: ObjectClass) -> u64 {
-    if class == ObjectClass::PRIVATE_KEY {
-        1
-    } else if class == ObjectClass::SECRET_KEY {
-        2
-    } else {
-        3
-    }
-}
-
-fn locator_bytes(locator: &str) -> Result<Vec<u8>> {
-    crate::hex::decode(locator)
-        .filter(|id| id.len() == 16)
-        .ok_or_else(|| Error::Integrity {
-            what: format!("PKCS#11 locator `{locator}` is not 32 hex digits"),
-        })
-}
-
-/// How the objects of `key` must look on the token, from its spec and its recorded blob.
-fn expected(key: &KeyRef<'_>) -> Result<Expected> {
-    let extractable = match key.blob {
-        None => false,
-        Some(EXTRACTABLE_BLOB) => true,
-        Some(_) => {
-            return Err(Error::Integrity {
-                what: format!(
-                    "the record of `{}` holds a blob the PKCS#11 backend did not write",
-                    key.context.label
-                ),
-            })
-        }
-    };
-    Ok(Expected::new(key.context.spec, extractable))
-}
-
-/// What the OAEP consistency check decrypts.
-const CHECK_MESSAGE: &[u8] = b"keyhold PKCS#11 new-key check";
 
 impl Pkcs11Backend {
     /// A backend for the token `config` selects. Loads (once per process) and initialises the
@@ -234,173 +199,6 @@ impl Pkcs11Backend {
         }
     }
 
-    /// The handle of the object with `id` and `class` that matches what keyhold made (see
-    /// [`Expected::find_template`]), from the cache or `C_FindObjects`; `None` when the token has
-    /// no such object, or several.
-    fn find(
-        &self,
-        session: &Session,
-        id: &[u8],
-        class: ObjectClass,
-        expected: &Expected,
-    ) -> std::result::Result<Option<ObjectHandle>, cryptoki::error::Error> {
-        let key = (id.to_vec(), class_key(class));
-        if let Some(&h) = self.handles().get(&key) {
-            return Ok(Some(h));
-        }
-        let found = session.find_objects(&expected.find_template(id, class))?;
-        match found.as_slice() {
-            [h] => {
-                self.handles().insert(key, *h);
-                Ok(Some(*h))
-            }
-            [] => Ok(None),
-            several => {
-                tracing::error!(
-                    backend = %self.name,
-                    locator = %crate::hex::encode(id),
-                    count = several.len(),
-                    "several token objects share this key's CKA_ID: using none of them"
-                );
-                Ok(None)
-            }
-        }
-    }
-
-    /// [`Self::find`] for an object that must exist: absence is reported as an invalid key handle
-    /// (the PKCS#11 error for using a key that is not there), and flagged in `absent`.
-    fn find_required(
-        &self,
-        session: &Session,
-        id: &[u8],
-        class: ObjectClass,
-        expected: &Expected,
-        absent: &std::cell::Cell<bool>,
-    ) -> std::result::Result<ObjectHandle, cryptoki::error::Error> {
-        use cryptoki::context::Function;
-        use cryptoki::error::{Error as CkError, RvError};
-        use cryptoki::session::SessionState;
-        if let Some(handle) = self.find(session, id, class, expected)? {
-            absent.set(false);
-            return Ok(handle);
-        }
-        // Private objects are invisible to a session that is no longer logged in (someone called
-        // C_Logout): that is a lost login, to recover from, not a missing key.
-        let state = session.get_session_info()?.session_state();
-        if !matches!(state, SessionState::RoUser | SessionState::RwUser) {
-            return Err(CkError::Pkcs11(
-                RvError::UserNotLoggedIn,
-                Function::FindObjects,
-            ));
-        }
-        absent.set(true);
-        Err(CkError::Pkcs11(
-            RvError::KeyHandleInvalid,
-            Function::FindObjects,
-        ))
-    }
-
-    fn with_key<T>(
-        &self,
-        key: &KeyRef<'_>,
-        operation: &str,
-        op: impl FnMut(&Session, ObjectHandle) -> std::result::Result<T, cryptoki::error::Error>,
-    ) -> Result<T> {
-        let id = locator_bytes(key.locator)?;
-        let expected = expected(key)?;
-        self.with_object(
-            &id,
-            expected.secret_class(),
-            &expected,
-            key.context.label,
-            operation,
-            op,
-        )
-    }
-
-    /// Runs `op` on the object `id` of `class` (of the key labelled `label`); a missing object is
-    /// reported as such, one that does not match its record as that, and either as the token
-    /// having gone when it has.
-    fn with_object<T>(
-        &self,
-        id: &[u8],
-        class: ObjectClass,
-        expected: &Expected,
-        label: &str,
-        operation: &str,
-        mut op: impl FnMut(&Session, ObjectHandle) -> std::result::Result<T, cryptoki::error::Error>,
-    ) -> Result<T> {
-        // Set when the token has no object for the key (not merely a stale cached handle).
-        let absent = std::cell::Cell::new(false);
-        let result = self.run(operation, |me, session| {
-            let handle = me.find_required(session, id, class, expected, &absent)?;
-            op(session, handle)
-        });
-        match result {
-            Err(Error::Backend { .. }) if absent.get() => {
-                if !self.pool.token_present() {
-                    return Err(self.gone());
-                }
-                if let Some(reason) = self.mismatch(id, class, expected)? {
-                    return Err(Error::KeyObjectMismatch {
-                        backend: self.name.clone(),
-                        key: label.to_owned(),
-                        reason,
-                    });
-                }
-                Err(Error::BackendUnavailable {
-                    backend: self.name.clone(),
-                    reason: format!(
-                        "the key object {} is not on the token (was the token re-initialised?)",
-                        crate::hex::encode(id)
-                    ),
-                })
-            }
-            other => other,
-        }
-    }
-
-    /// When no object matches what keyhold made: how the objects that carry the key's `CKA_ID`
-    /// and class differ from it, if there are any.
-    fn mismatch(
-        &self,
-        id: &[u8],
-        class: ObjectClass,
-        expected: &Expected,
-    ) -> Result<Option<String>> {
-        let template = expected.find_template(id, class);
-        let kinds: Vec<AttributeType> = template.iter().map(Attribute::attribute_type).collect();
-        let found = self.run("check the key's objects (C_FindObjects)", |_, session| {
-            let mut found = Vec::new();
-            for handle in
-                session.find_objects(&[Attribute::Id(id.to_vec()), Attribute::Class(class)])?
-            {
-                found.push(session.get_attributes(handle, &kinds)?);
-            }
-            Ok(found)
-        })?;
-        if found.is_empty() {
-            return Ok(None);
-        }
-        if found.len() > 1 {
-            return Ok(Some(format!(
-                "{} objects carry its CKA_ID {}",
-                found.len(),
-                crate::hex::encode(id)
-            )));
-        }
-        let differs: Vec<String> = template
-            .iter()
-            .filter(|want| !found[0].iter().any(|got| got == *want))
-            .map(|want| format!("{}", want.attribute_type()))
-            .collect();
-        Ok(Some(format!(
-            "the object with its CKA_ID {} differs in {}",
-            crate::hex::encode(id),
-            differs.join(", ")
-        )))
-    }
-
     /// What the token's mechanisms allow and lack, asked once per backend.
     fn mechanism_capabilities(&self) -> Result<&MechanismCapabilities> {
         if let Some(c) = self.mechanisms.get() {
@@ -440,288 +238,6 @@ impl Pkcs11Backend {
                 || "the token".to_owned(),
                 |i| format!("token `{}` ({})", i.label, i.model),
             )
-    }
-
-    /// Makes the key's objects; returns their handles and what the token holds for them.
-    fn generate_objects(
-        &self,
-        expected: &Expected,
-        spec: &crate::key::KeySpec,
-        id: &[u8],
-        label: &str,
-    ) -> Result<Made> {
-        let (mechanism, public_extra, secret_extra) = match spec.algorithm() {
-            Algorithm::EcdsaP256Sha256 | Algorithm::EcdsaP384Sha384 | Algorithm::Ed25519 => {
-                let (mechanism, oid) = match spec.key_type() {
-                    KeyType::EcdsaP256 => (Mechanism::EccKeyPairGen, der::P256_OID),
-                    KeyType::EcdsaP384 => (Mechanism::EccKeyPairGen, der::P384_OID),
-                    _ => (Mechanism::EccEdwardsKeyPairGen, der::ED25519_OID),
-                };
-                (
-                    mechanism,
-                    Some(vec![Attribute::EcParams(oid.to_vec())]),
-                    Vec::new(),
-                )
-            }
-            Algorithm::RsaPssSha256 | Algorithm::RsaPkcs1Sha256 | Algorithm::RsaOaepSha256 => {
-                let bits = spec.key_type().rsa_bits().unwrap_or(2048) as u64;
-                (
-                    Mechanism::RsaPkcsKeyPairGen,
-                    Some(vec![
-                        Attribute::ModulusBits(bits.into()),
-                        Attribute::PublicExponent(vec![1, 0, 1]),
-                    ]),
-                    Vec::new(),
-                )
-            }
-            Algorithm::Aes256Gcm | Algorithm::HmacSha256 => {
-                let (mechanism, key_type) = if spec.algorithm() == Algorithm::Aes256Gcm {
-                    (Mechanism::AesKeyGen, CkKeyType::AES)
-                } else {
-                    (Mechanism::GenericSecretKeyGen, CkKeyType::GENERIC_SECRET)
-                };
-                (
-                    mechanism,
-                    None,
-                    vec![
-                        Attribute::Class(ObjectClass::SECRET_KEY),
-                        Attribute::KeyType(key_type),
-                        Attribute::ValueLen(32.into()),
-                    ],
-                )
-            }
-        };
-        let is_pair = public_extra.is_some();
-        let (public_template, secret_template) = expected.templates(
-            id,
-            label.as_bytes(),
-            public_extra.unwrap_or_default(),
-            secret_extra,
-        );
-        let public_template = is_pair.then_some(&public_template);
-        let generated = self.run(
-            "generate a key (C_GenerateKey/C_GenerateKeyPair)",
-            |me, session| {
-                let mut stage = 0;
-                loop {
-                    let made = template::generate_at(
-                        session,
-                        &mechanism,
-                        public_template,
-                        &secret_template,
-                        stage,
-                    );
-                    match made {
-                        Err(e) if template::is_template_refusal(&e) && stage + 1 < STAGES => {
-                            // A token may leave half a pair behind: nothing else carries this
-                            // fresh CKA_ID.
-                            for handle in session.find_objects(&[Attribute::Id(id.to_vec())])? {
-                                session.destroy_object(handle)?;
-                            }
-                            stage += 1;
-                            tracing::debug!(
-                                backend = %me.name,
-                                "the token refused the key template ({e:?}); trying again without {}",
-                                secret_template.dropped_at(stage)
-                            );
-                        }
-                        // The required attributes refused: the token cannot make this key as
-                        // keyhold must (CKR_GENERAL_ERROR is left to `run`: it may be a token
-                        // that has gone).
-                        Err(e @ cryptoki::error::Error::Pkcs11(rv, _))
-                            if template::is_template_refusal(&e)
-                                && rv != cryptoki::error::RvError::GeneralError =>
-                        {
-                            return Ok(Err(rv));
-                        }
-                        other => return other.map(Ok),
-                    }
-                }
-            },
-        )?;
-        let (public_handle, secret_handle) = generated.map_err(|rv| Error::Unsupported {
-            backend: self.name.clone(),
-            what: format!(
-                "{} keys with purpose {}{}: {} refused even the required template ({rv:?})",
-                spec.key_type(),
-                spec.purpose(),
-                if expected.is_extractable() {
-                    ", extractable only under trusted keys (CKA_WRAP_WITH_TRUSTED)"
-                } else {
-                    ""
-                },
-                self.token_name()
-            ),
-        })?;
-        // Keep both handles: finding the public key again would scan every object on the token.
-        let mut cache = self.handles();
-        cache.insert(
-            (id.to_vec(), class_key(expected.secret_class())),
-            secret_handle,
-        );
-        if let Some(public) = public_handle {
-            cache.insert((id.to_vec(), class_key(ObjectClass::PUBLIC_KEY)), public);
-        }
-        drop(cache);
-
-        let inspection = self.run("read key attributes (C_GetAttributeValue)", |_, session| {
-            expected.inspect(session, public_handle, secret_handle)
-        })?;
-        if let Some(problem) = inspection.problem {
-            return Err(Error::Unsupported {
-                backend: self.name.clone(),
-                what: format!(
-                    "{} keys with purpose {} as keyhold makes them: {} made one whose {problem}",
-                    spec.key_type(),
-                    spec.purpose(),
-                    self.token_name()
-                ),
-            });
-        }
-        let public = if spec.key_type().is_asymmetric() {
-            Some(self.read_public_key(spec, expected, id, label)?)
-        } else {
-            None
-        };
-        Ok(Made {
-            public,
-            secret: secret_handle,
-            attributes: inspection.attributes,
-        })
-    }
-
-    /// Decrypts, on the token, a message encrypted to the new key in software exactly as keyhold
-    /// encrypts to it: no mechanism flag tells whether a token does RSA-OAEP with SHA-256 and a
-    /// label, so this learns it on the real key. A refusal marks RSA decryption unsupported on
-    /// this token (and only that); the caller then destroys the key.
-    fn check_oaep(
-        &self,
-        spec: &crate::key::KeySpec,
-        public: &PublicKey,
-        secret: ObjectHandle,
-    ) -> Result<()> {
-        let label = crate::keystore::oaep_label(CHECK_MESSAGE);
-        let ciphertext = public.encrypt_oaep(CHECK_MESSAGE, &label)?;
-        let outcome = self.run(
-            "check the new key (C_Decrypt, CKM_RSA_PKCS_OAEP)",
-            |_, session| {
-                let params = PkcsOaepParams::new(
-                    MechanismType::SHA256,
-                    PkcsMgfType::MGF1_SHA256,
-                    PkcsOaepSource::data_specified(&label),
-                );
-                match session.decrypt(&Mechanism::RsaPkcsOaep(params), secret, &ciphertext) {
-                    Ok(plain) => Ok(Ok(zeroize::Zeroizing::new(plain))),
-                    // The token's answer to the mechanism itself, not a lost session or token.
-                    Err(e) if pool::disposition(&e) == Disposition::Fail => Ok(Err(e)),
-                    Err(e) => Err(e),
-                }
-            },
-        )?;
-        match outcome {
-            Ok(plain) if plain.as_slice() == CHECK_MESSAGE => Ok(()),
-            Ok(_) => Err(Error::ConsistencyTest {
-                key_type: spec.key_type().as_str(),
-            }),
-            Err(e) => {
-                let why = match &e {
-                    cryptoki::error::Error::Pkcs11(rv, f) => format!("{f}: {rv:?}"),
-                    other => other.to_string(),
-                };
-                let lacks = format!(
-                    "{} lacks CKM_RSA_PKCS_OAEP with SHA-256 and a label (it refused a new key's \
-                     check, {why})",
-                    self.token_name()
-                );
-                tracing::info!(backend = %self.name, "{lacks}");
-                let mut learned = self.learned();
-                for key_type in KeyType::ALL {
-                    if key_type.rsa_bits().is_some()
-                        && !learned
-                            .iter()
-                            .any(|(t, p, _)| *t == key_type && *p == Purpose::Decrypt)
-                    {
-                        learned.push((key_type, Purpose::Decrypt, lacks.clone()));
-                    }
-                }
-                drop(learned);
-                Err(Error::Unsupported {
-                    backend: self.name.clone(),
-                    what: format!(
-                        "{} keys with purpose {}: {lacks}",
-                        spec.key_type(),
-                        spec.purpose()
-                    ),
-                })
-            }
-        }
-    }
-
-    fn read_public_key(
-        &self,
-        spec: &crate::key::KeySpec,
-        expected: &Expected,
-        id: &[u8],
-        label: &str,
-    ) -> Result<PublicKey> {
-        let (key_type, algorithm) = (spec.key_type(), spec.algorithm());
-        let attrs = self.with_object(
-            id,
-            ObjectClass::PUBLIC_KEY,
-            expected,
-            label,
-            "read the public key (C_GetAttributeValue)",
-            |session, handle| {
-                session.get_attributes(
-                    handle,
-                    &[
-                        AttributeType::EcPoint,
-                        AttributeType::Modulus,
-                        AttributeType::PublicExponent,
-                    ],
-                )
-            },
-        )?;
-        let mut point = None;
-        let mut modulus = None;
-        let mut exponent = None;
-        for attr in attrs {
-            match attr {
-                Attribute::EcPoint(p) => point = Some(p),
-                Attribute::Modulus(n) => modulus = Some(n),
-                Attribute::PublicExponent(e) => exponent = Some(e),
-                _ => {}
-            }
-        }
-        let spki = match (key_type, point, modulus, exponent) {
-            (KeyType::EcdsaP256 | KeyType::EcdsaP384 | KeyType::Ed25519, Some(point), _, _) => {
-                der::spki_from_point(key_type, &point)?
-            }
-            (KeyType::Rsa2048 | KeyType::Rsa3072 | KeyType::Rsa4096, _, Some(n), Some(e)) => {
-                use aws_lc_rs::encoding::AsDer;
-                aws_lc_rs::rsa::PublicKeyComponents {
-                    n: n.as_slice(),
-                    e: e.as_slice(),
-                }
-                .as_der()
-                .map_err(|_| Error::crypto("encode the token's RSA public key"))?
-                .as_ref()
-                .to_vec()
-            }
-            _ => return Err(Error::crypto("read a public key from the token")),
-        };
-        Ok(PublicKey::from_spki_der(key_type, algorithm, spki))
-    }
-
-    fn destroy_objects(&self, id: &[u8]) -> Result<()> {
-        self.run("destroy key objects (C_DestroyObject)", |_, session| {
-            for handle in session.find_objects(&[Attribute::Id(id.to_vec())])? {
-                session.destroy_object(handle)?;
-            }
-            Ok(())
-        })?;
-        self.handles().retain(|(k, _), _| k != id);
-        Ok(())
     }
 }
 /// Initialises a fresh token with `label` in the first free slot of the module at `module_path`,
@@ -782,16 +298,9 @@ fn is_decrypt_refusal(e: &(dyn std::error::Error + Send + Sync + 'static)) -> bo
     )
 }
 
-/// What generating a key's objects produced.
-struct Made {
-    public: Option<PublicKey>,
-    /// The private or secret object.
-    secret: ObjectHandle,
-    attributes: Vec<(String, String)>,
-}
-
 /// Why a token's RSA decryption is not known to work until a key is made.
-const OAEP_UNKNOWN: &str = "not known until an RSA decrypt key is made (no mechanism flag tells; \
+pub(super) const OAEP_UNKNOWN: &str =
+    "not known until an RSA decrypt key is made (no mechanism flag tells; \
      keyhold checks each new key and falls back or refuses then)";
 
 impl Backend for Pkcs11Backend {
@@ -999,149 +508,7 @@ impl Backend for Pkcs11Backend {
     }
 
     fn report(&self) -> Result<BackendReport> {
-        let module = self.pool.module();
-        let mut details = vec![("module".to_owned(), self.module_path.display().to_string())];
-        if let Ok(info) = module.pkcs11().get_library_info() {
-            details.push((
-                "library".into(),
-                format!(
-                    "{} ({}), PKCS#11 {}",
-                    info.library_description().trim_end(),
-                    info.manufacturer_id().trim_end(),
-                    info.cryptoki_version()
-                ),
-            ));
-        }
-        let slot = self.pool.slot()?;
-        let info = module
-            .token_info(slot)
-            .map_err(|e| errors::map(&self.name, "read token info (C_GetTokenInfo)", e))?;
-        details.push((
-            "token".into(),
-            format!(
-                "`{}` serial {} ({} {})",
-                info.label, info.serial, info.manufacturer, info.model
-            ),
-        ));
-        details.push((
-            "sessions".into(),
-            format!(
-                "token allows {}, keyhold opens at most {}",
-                info.max_sessions,
-                self.pool.effective_max(slot)
-            ),
-        ));
-        if let Ok((supported, _)) = self.mechanism_capabilities() {
-            let learned = self.learned();
-            let oaep = match learned.iter().find(|(_, p, _)| *p == Purpose::Decrypt) {
-                Some((_, _, why)) => Some(why.clone()),
-                None => supported
-                    .iter()
-                    .any(|(_, p)| *p == Purpose::Decrypt)
-                    .then(|| OAEP_UNKNOWN.to_owned()),
-            };
-            drop(learned);
-            if let Some(oaep) = oaep {
-                details.push(("RSA-OAEP with SHA-256".into(), oaep));
-            }
-        }
-        let mut pin = Vec::new();
-        for (flag, text) in [
-            (info.user_pin_initialized(), "initialised"),
-            (
-                info.user_pin_count_low(),
-                "COUNT_LOW (a wrong PIN was entered)",
-            ),
-            (
-                info.user_pin_final_try(),
-                "FINAL_TRY (one more wrong PIN locks it)",
-            ),
-            (info.user_pin_locked(), "LOCKED (unlock with the SO PIN)"),
-            (info.user_pin_to_be_changed(), "TO_BE_CHANGED"),
-            (
-                info.protected_authentication_path(),
-                "PROTECTED_AUTHENTICATION_PATH (entered on the device)",
-            ),
-        ] {
-            if flag {
-                pin.push(text);
-            }
-        }
-        details.push(("user PIN".into(), pin.join(", ")));
-        if let Some(clock) = info.clock() {
-            // Kept as the token gives it: openCryptoki's is not the YYYYMMDDhhmmss00 it should be.
-            details.push(("token clock".into(), clock));
-        }
-        let raw = self.run("list objects (C_FindObjects)", |_, session| {
-            let mut found = Vec::new();
-            for handle in session.find_objects(&[])? {
-                let attrs = session.get_attributes(
-                    handle,
-                    &[
-                        AttributeType::Id,
-                        AttributeType::Label,
-                        AttributeType::Class,
-                    ],
-                )?;
-                let (mut id, mut label, mut class) = (Vec::new(), String::new(), String::new());
-                for attr in attrs {
-                    match attr {
-                        Attribute::Id(v) => id = v,
-                        Attribute::Label(v) => label = String::from_utf8_lossy(&v).into_owned(),
-                        Attribute::Class(c) => {
-                            class = if c == ObjectClass::PRIVATE_KEY {
-                                "private key".into()
-                            } else if c == ObjectClass::PUBLIC_KEY {
-                                "public key".into()
-                            } else if c == ObjectClass::SECRET_KEY {
-                                "secret key".into()
-                            } else {
-                                format!("{c}")
-                            }
-                        }
-                        _ => {}
-                    }
-                }
-                found.push((crate::hex::encode(&id), label, class));
-            }
-            Ok(found)
-        });
-        details.push((
-            "logins by this backend".into(),
-            self.login_attempts().to_string(),
-        ));
-        let raw = match raw {
-            Ok(raw) => raw,
-            Err(e) => {
-                // Token facts need no login: show them even when listing objects failed.
-                details.push(("key objects".into(), format!("cannot be listed: {e}")));
-                return Ok(BackendReport {
-                    kind: "pkcs11".into(),
-                    details,
-                    objects: None,
-                });
-            }
-        };
-        let mut objects: Vec<DeviceObject> = Vec::new();
-        for (locator, label, kind) in raw {
-            match objects.iter_mut().find(|o| o.locator == locator) {
-                Some(o) => {
-                    o.kind.push_str(", ");
-                    o.kind.push_str(&kind);
-                }
-                None => objects.push(DeviceObject {
-                    locator,
-                    label,
-                    kind,
-                }),
-            }
-        }
-        objects.sort_by(|a, b| a.label.cmp(&b.label).then(a.locator.cmp(&b.locator)));
-        Ok(BackendReport {
-            kind: "pkcs11".into(),
-            details,
-            objects: Some(objects),
-        })
+        self.describe()
     }
 
     fn destroy_object(&self, locator: &str) -> Result<()> {

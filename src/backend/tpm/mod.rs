@@ -23,6 +23,7 @@ pub mod device;
 mod errors;
 #[cfg(feature = "testing")]
 pub mod fixture;
+mod srk;
 mod templates;
 
 use std::str::FromStr;
@@ -161,7 +162,7 @@ pub mod raw_templates {
     /// # Errors
     /// As tss-esapi's builders.
     pub fn srk() -> tss_esapi::Result<Public> {
-        super::connection::srk_template()
+        super::srk::srk_template()
     }
 
     /// The template of keyhold's keys of `key_type` and `algorithm`; `None` if the TPM backend

@@ -1,0 +1,218 @@
+//! Key ID → verified record: the ID's MAC, the record's MAC, and a cache of what verified.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use aws_lc_rs::{constant_time, hmac};
+
+use super::key_id::KeyIdFields;
+use super::{KeyInfo, Keystore};
+use crate::backend::{KeyContext, KeyRef};
+use crate::error::{Error, Result};
+use crate::key::{KeySpec, KeyState};
+use crate::store::KeyRecord;
+
+/// Keys resolved from their IDs, kept while nobody else has written to the store.
+///
+/// Resolving an ID means an HMAC over the ID, a database read and an HMAC over the record: more
+/// than a token's signature costs. A record is cached only after both MACs verified, and the
+/// whole cache is dropped when another process commits to the database (SQLite's
+/// `data_version`, read at most every [`FRESHNESS`]) or this keystore writes to it; a resolution
+/// that raced one of this keystore's writes is not cached. Cached records hold no key material in clear.
+#[derive(Debug, Default)]
+pub(super) struct ResolvedCache {
+    data_version: i64,
+    /// Bumped by every write of this keystore, so that a resolution that raced a write (whose
+    /// commit `data_version` does not show on this connection) is not cached.
+    generation: u64,
+    /// When `data_version` was last read; `None` before the first read.
+    checked_at: Option<std::time::Instant>,
+    by_id: HashMap<String, Arc<Resolved>>,
+}
+
+/// How long a read of `data_version` is trusted. Asking SQLite costs a read transaction (about
+/// 10 µs of locking syscalls), as much as a token's HMAC; a change committed by another process
+/// is therefore seen here within this window. This keystore's own writes are seen at once.
+const FRESHNESS: std::time::Duration = std::time::Duration::from_millis(1);
+
+/// The most IDs kept resolved; past it the cache starts over.
+const CACHE_LIMIT: usize = 4096;
+
+/// A resolved key: its verified record and parsed spec.
+#[derive(Debug)]
+pub(super) struct Resolved {
+    pub(super) record: KeyRecord,
+    pub(super) spec: KeySpec,
+    /// `namespace/name`.
+    pub(super) label: String,
+}
+
+impl Resolved {
+    pub(super) fn label(&self) -> &str {
+        &self.label
+    }
+}
+
+impl Keystore {
+    pub(super) fn seal_record(&self, record: &mut KeyRecord) {
+        let tag = hmac::sign(&self.record_mac, &record.mac_input(&self.store_id));
+        record.mac = tag.as_ref().to_vec();
+    }
+
+    pub(super) fn check_record(&self, record: &KeyRecord) -> Result<()> {
+        let expected = hmac::sign(&self.record_mac, &record.mac_input(&self.store_id));
+        constant_time::verify_slices_are_equal(expected.as_ref(), &record.mac).map_err(|_| {
+            Error::Integrity {
+                what: format!(
+                    "the record of key {} failed its MAC",
+                    crate::hex::encode(&record.uuid)
+                ),
+            }
+        })
+    }
+
+    pub(super) fn spec_of(record: &KeyRecord) -> Result<KeySpec> {
+        KeySpec::from_names(&record.key_type, &record.purpose, &record.algorithm)
+    }
+
+    pub(super) fn info(&self, resolved: &Resolved) -> Result<KeyInfo> {
+        let r = &resolved.record;
+        let id = self.ids.encode(&KeyIdFields {
+            store_id: self.store_id,
+            uuid: r.uuid,
+            namespace: r.namespace.clone(),
+            name: r.name.clone(),
+            backend: r.backend.clone(),
+            locator: r.locator.clone(),
+            spec: resolved.spec,
+        })?;
+        Ok(KeyInfo {
+            id,
+            store_id: self.store_id(),
+            namespace: r.namespace.clone(),
+            name: r.name.clone(),
+            spec: resolved.spec,
+            backend: r.backend.clone(),
+            locator: r.locator.clone(),
+            state: r.state.parse()?,
+            version: r.version,
+            created_at: r.created_at,
+            attributes: serde_json::from_str(&r.attributes).map_err(|_| Error::Integrity {
+                what: format!(
+                    "the record of `{}` has unreadable attributes",
+                    resolved.label()
+                ),
+            })?,
+        })
+    }
+
+    /// Checks a record's MAC and decodes what it says; the one way records come out of the store.
+    pub(super) fn verified(&self, record: KeyRecord) -> Result<Resolved> {
+        self.check_record(&record)?;
+        let spec = Self::spec_of(&record).map_err(|e| Error::Integrity {
+            what: format!("an authenticated record names an unknown algorithm ({e})"),
+        })?;
+        let label = format!("{}/{}", record.namespace, record.name);
+        Ok(Resolved {
+            record,
+            spec,
+            label,
+        })
+    }
+
+    pub(super) fn cache(&self) -> std::sync::MutexGuard<'_, ResolvedCache> {
+        self.cache
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Forgets every resolved key (after this keystore changed the store).
+    pub(super) fn invalidate(&self) {
+        let mut cache = self.cache();
+        cache.by_id.clear();
+        cache.generation += 1;
+    }
+
+    /// Authenticates `id` and loads its key's verified record, from the cache when the store has
+    /// not changed since.
+    pub(super) fn resolve(&self, id: &str) -> Result<Arc<Resolved>> {
+        let fresh_version = {
+            let cache = self.cache();
+            let fresh = cache.checked_at.is_some_and(|at| at.elapsed() < FRESHNESS);
+            match (fresh, cache.by_id.get(id)) {
+                (true, Some(hit)) => return Ok(Arc::clone(hit)),
+                (true, None) => Some((cache.data_version, cache.generation)),
+                (false, _) => None,
+            }
+        };
+        let (version, generation) = match fresh_version {
+            Some(seen) => seen,
+            None => {
+                let v = self.store.data_version()?;
+                let mut cache = self.cache();
+                if cache.data_version != v {
+                    cache.by_id.clear();
+                    cache.data_version = v;
+                }
+                cache.checked_at = Some(std::time::Instant::now());
+                if let Some(hit) = cache.by_id.get(id) {
+                    return Ok(Arc::clone(hit));
+                }
+                (v, cache.generation)
+            }
+        };
+        let resolved = Arc::new(self.resolve_uncached(id)?);
+        let mut cache = self.cache();
+        // Cache only if nothing was written in between (by this keystore, or seen from others).
+        if cache.data_version == version && cache.generation == generation {
+            if cache.by_id.len() >= CACHE_LIMIT {
+                cache.by_id.clear();
+            }
+            cache.by_id.insert(id.to_owned(), Arc::clone(&resolved));
+        }
+        Ok(resolved)
+    }
+
+    pub(super) fn resolve_uncached(&self, id: &str) -> Result<Resolved> {
+        let fields = self.ids.decode(id)?;
+        let record = self
+            .store
+            .key(&fields.uuid)?
+            .ok_or_else(|| Error::NoSuchKey {
+                namespace: fields.namespace.clone(),
+                name: fields.name.clone(),
+            })?;
+        let resolved = self.verified(record)?;
+        let r = &resolved.record;
+        let same = r.namespace == fields.namespace
+            && r.name == fields.name
+            && r.backend == fields.backend
+            && r.locator == fields.locator
+            && resolved.spec == fields.spec;
+        if !same {
+            return Err(Error::Integrity {
+                what: "the key's record does not match its key ID".into(),
+            });
+        }
+        let state: KeyState = r.state.parse().map_err(|_| Error::Integrity {
+            what: format!("the record of `{}` has an unknown state", resolved.label()),
+        })?;
+        match state {
+            KeyState::Active => Ok(resolved),
+        }
+    }
+
+    /// What the backend is handed to find and use a resolved key.
+    pub(super) fn key_ref<'a>(&'a self, resolved: &'a Resolved) -> KeyRef<'a> {
+        KeyRef {
+            context: KeyContext {
+                store_id: &self.store_id,
+                uuid: &resolved.record.uuid,
+                label: &resolved.label,
+                spec: &resolved.spec,
+            },
+            locator: &resolved.record.locator,
+            blob: resolved.record.blob.as_deref(),
+        }
+    }
+}
