@@ -72,6 +72,20 @@ pub fn spki_from_point(key_type: KeyType, point: &[u8]) -> Result<Vec<u8>> {
     Ok(spki)
 }
 
+/// A SubjectPublicKeyInfo for an RSA public key given as a device returns it: the modulus and
+/// public exponent, big-endian.
+///
+/// # Errors
+/// [`Error::Crypto`] if aws-lc refuses the components.
+pub fn spki_from_rsa(n: &[u8], e: &[u8]) -> Result<Vec<u8>> {
+    use aws_lc_rs::encoding::AsDer;
+    Ok(aws_lc_rs::rsa::PublicKeyComponents { n, e }
+        .as_der()
+        .map_err(|_| Error::crypto("encode a device's RSA public key"))?
+        .as_ref()
+        .to_vec())
+}
+
 /// Encodes a fixed-width ECDSA signature `r‖s` as X9.62 DER `SEQUENCE { INTEGER r, INTEGER s }`.
 ///
 /// # Errors

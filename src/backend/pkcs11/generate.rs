@@ -282,15 +282,7 @@ impl Pkcs11Backend {
                 der::spki_from_point(key_type, &point)?
             }
             (KeyType::Rsa2048 | KeyType::Rsa3072 | KeyType::Rsa4096, _, Some(n), Some(e)) => {
-                use aws_lc_rs::encoding::AsDer;
-                aws_lc_rs::rsa::PublicKeyComponents {
-                    n: n.as_slice(),
-                    e: e.as_slice(),
-                }
-                .as_der()
-                .map_err(|_| Error::crypto("encode the token's RSA public key"))?
-                .as_ref()
-                .to_vec()
+                der::spki_from_rsa(&n, &e)?
             }
             _ => return Err(Error::crypto("read a public key from the token")),
         };

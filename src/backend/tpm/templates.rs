@@ -9,7 +9,6 @@
 //! - noDA: that authValue cannot be guessed, so dictionary-attack counting protects nothing, and a
 //!   damaged record must not lock out every other user of the TPM.
 
-use aws_lc_rs::encoding::AsDer;
 use tss_esapi::attributes::{ObjectAttributes, ObjectAttributesBuilder};
 use tss_esapi::interface_types::algorithm::{HashingAlgorithm, PublicAlgorithm};
 use tss_esapi::interface_types::ecc::EccCurve;
@@ -186,14 +185,7 @@ pub(super) fn public_key(
                 .into_iter()
                 .skip_while(|&b| b == 0)
                 .collect();
-            aws_lc_rs::rsa::PublicKeyComponents {
-                n: unique.value(),
-                e: e.as_slice(),
-            }
-            .as_der()
-            .map_err(|_| Error::crypto("encode the TPM's RSA public key"))?
-            .as_ref()
-            .to_vec()
+            crate::der::spki_from_rsa(unique.value(), &e)?
         }
         _ => return Err(bad()),
     };
