@@ -95,9 +95,10 @@ pub fn init(ctx: &Context, args: &InitArgs) -> CmdResult {
     // keyhold opens a store only with the sealer the user states, never the one the store names.
     if io::check_stated_sealer(ctx, ks.sealer_kind()).is_err() {
         let kind = ks.sealer_kind();
-        eprintln!(
-            "keyhold: note: to open this store, state its sealer: set KEYHOLD_SEALER={kind}, or \
-             put `sealer = \"{kind}\"` under [store] in the configuration file"
+        // A warning like the others (`-q` silences it): the next command fails without it.
+        tracing::warn!(
+            "to open this store, state its sealer: set KEYHOLD_SEALER={kind}, or put \
+             `sealer = \"{kind}\"` under [store] in the configuration file"
         );
     }
     if ctx.json {
