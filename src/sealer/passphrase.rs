@@ -138,6 +138,8 @@ impl PassphraseSealer {
         // own without wiping it, so it works in ours, which is wiped on drop (its `zeroize`
         // feature wipes H0 and the final block; `Zeroizing<Vec<Block>>` compiles only with that
         // feature on, so the build checks that it stays on).
+        #[cfg(test)]
+        tests::DERIVATIONS.with(|n| n.set(n.get() + 1));
         let mut memory =
             zeroize::Zeroizing::new(vec![argon2::Block::default(); params.block_count()]);
         let kdf = argon2::Argon2::new(argon2::Algorithm::Argon2id, argon2::Version::V0x13, params);
@@ -268,6 +270,12 @@ impl Sealer for PassphraseSealer {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::cell::Cell;
+
+    thread_local! {
+        /// Argon2 derivations run on this thread, so a test can tell that a refusal came first.
+        pub(super) static DERIVATIONS: Cell<u64> = const { Cell::new(0) };
+    }
 
     /// keyhold's floor: the cheapest parameters it accepts.
     const FAST: Argon2Params = Argon2Params {
@@ -291,26 +299,107 @@ mod tests {
         assert!(!format!("{sealed:?}").contains("correct"));
     }
 
+    fn unseal_reason(sealed: &SealedRoot, store_id: &[u8; 16]) -> String {
+        match sealer("correct horse").unseal(sealed, store_id) {
+            Err(Error::Unseal { reason }) => reason,
+            other => panic!("expected Error::Unseal, got {other:?}"),
+        }
+    }
+
     #[test]
-    fn refuses_wrong_passphrase_store_or_params() {
+    fn refuses_wrong_passphrase_or_store() {
         let root = RootSecret::generate().unwrap();
         let sealed = sealer("correct horse").seal(&root, &[1; 16]).unwrap();
         let err = sealer("wrong horse").unseal(&sealed, &[1; 16]).unwrap_err();
-        assert!(err.to_string().contains("wrong passphrase"), "{err}");
-        assert!(sealer("correct horse").unseal(&sealed, &[2; 16]).is_err());
-        let mut doctored = sealed.clone();
-        doctored.params = String::from_utf8(sealed.params.clone())
-            .unwrap()
-            .replace("\"iterations\":2", "\"iterations\":3")
-            .into_bytes();
-        assert_ne!(doctored.params, sealed.params);
-        assert!(sealer("correct horse").unseal(&doctored, &[1; 16]).is_err());
+        assert!(
+            matches!(&err, Error::Unseal { reason } if reason.starts_with("wrong passphrase")),
+            "{err:?}"
+        );
+        // The store ID is in the AAD: a seal moved to another store does not open there.
+        assert!(unseal_reason(&sealed, &[2; 16]).starts_with("wrong passphrase"));
+    }
+
+    /// The stored parameters are authenticated (they are in the AAD), not merely used. A change
+    /// of cost would be caught anyway (a different cost derives a different key), so this test
+    /// changes the parameters' bytes while keeping every value, and with them the derived key:
+    /// only the AAD binding can refuse it.
+    #[test]
+    fn stored_params_are_authenticated_not_just_used() {
+        let root = RootSecret::generate().unwrap();
+        let sealed = sealer("correct horse").seal(&root, &[1; 16]).unwrap();
+        let text = String::from_utf8(sealed.params.clone()).unwrap();
+        let reordered: serde_json::Value = serde_json::from_str(&text).unwrap();
+        for doctored in [
+            text.replacen(',', ", ", 1),
+            format!(" {text}"),
+            // The same fields in another order, through serde_json's sorted map.
+            serde_json::to_string(&reordered).unwrap(),
+        ] {
+            assert_ne!(doctored.as_bytes(), sealed.params, "{doctored}");
+            let same: StoredParams = serde_json::from_str(&doctored).unwrap();
+            let orig: StoredParams = serde_json::from_slice(&sealed.params).unwrap();
+            assert_eq!(
+                (
+                    same.memory_kib,
+                    same.iterations,
+                    same.parallelism,
+                    same.salt
+                ),
+                (
+                    orig.memory_kib,
+                    orig.iterations,
+                    orig.parallelism,
+                    orig.salt
+                )
+            );
+            let mut changed = sealed.clone();
+            changed.params = doctored.into_bytes();
+            let reason = unseal_reason(&changed, &[1; 16]);
+            assert_eq!(
+                reason, "wrong passphrase (or the sealed root secret was modified)",
+                "{reason}"
+            );
+        }
+        // And the untouched seal still opens: the refusals above are the doctoring's doing.
+        let back = sealer("correct horse").unseal(&sealed, &[1; 16]).unwrap();
+        assert_eq!(back.expose(), root.expose());
+    }
+
+    /// The defaults keyhold ships (RFC 9106 §4, second option) are what a default seal records.
+    #[test]
+    fn default_argon2_params_are_64_mib_3_passes_4_lanes_as_stored() {
+        assert_eq!(
+            Argon2Params::default(),
+            Argon2Params {
+                memory_mib: 64,
+                iterations: 3,
+                parallelism: 4
+            }
+        );
+        let root = RootSecret::generate().unwrap();
+        let sealed = PassphraseSealer::new(SecretString::from("correct horse".to_owned()))
+            .seal(&root, &[1; 16])
+            .unwrap();
+        let stored: StoredParams = serde_json::from_slice(&sealed.params).unwrap();
+        assert_eq!(
+            (
+                stored.kdf.as_str(),
+                stored.memory_kib,
+                stored.iterations,
+                stored.parallelism
+            ),
+            ("argon2id-v19", 64 * 1024, 3, 4)
+        );
     }
 
     #[test]
     fn refuses_empty_passphrase_and_bad_params() {
         let root = RootSecret::generate().unwrap();
-        assert!(sealer("").seal(&root, &[1; 16]).is_err());
+        let err = sealer("").seal(&root, &[1; 16]).unwrap_err();
+        assert!(
+            matches!(&err, Error::InvalidInput(m) if m.contains("passphrase is empty")),
+            "{err:?}"
+        );
         for weak in [
             Argon2Params {
                 memory_mib: MIN_MEMORY_MIB - 1,
@@ -344,9 +433,11 @@ mod tests {
             let mut doctored = sealed.clone();
             doctored.params = text.replace(from, to).into_bytes();
             assert_ne!(doctored.params, sealed.params, "{to}");
+            let before = DERIVATIONS.with(Cell::get);
             let err = sealer("correct horse")
                 .unseal(&doctored, &[1; 16])
                 .unwrap_err();
+            assert_eq!(DERIVATIONS.with(Cell::get), before, "{to}: argon2 ran");
             match err {
                 Error::Unseal { reason } => assert!(
                     reason.contains("argon2 parameters were modified")
@@ -356,5 +447,9 @@ mod tests {
                 other => panic!("{to}: expected Error::Unseal, got {other:?}"),
             }
         }
+        // The control: the counter does count a derivation that runs.
+        let before = DERIVATIONS.with(Cell::get);
+        sealer("correct horse").unseal(&sealed, &[1; 16]).unwrap();
+        assert_eq!(DERIVATIONS.with(Cell::get), before + 1);
     }
 }
