@@ -415,7 +415,16 @@ mod tests {
         assert!(err.to_string().contains("--padding"));
         let spec = KeySpec::new(KeyType::Rsa3072, None, Some(RsaPadding::Pkcs1v15)).unwrap();
         assert_eq!(spec.algorithm(), Algorithm::RsaPkcs1Sha256);
-        assert!(KeySpec::from_names("rsa-2048", "decrypt", "rsa-pss-sha256").is_err());
+        let err = KeySpec::from_names("rsa-2048", "decrypt", "rsa-pss-sha256").unwrap_err();
+        assert!(
+            matches!(&err, Error::InvalidInput(m) if m.starts_with("--padding applies to RSA signing keys only")),
+            "{err:?}"
+        );
+        let err = KeySpec::from_names("ecdsa-p256", "sign", "ed25519").unwrap_err();
+        assert!(
+            matches!(&err, Error::InvalidInput(m) if m.contains("does not belong")),
+            "{err:?}"
+        );
     }
 
     #[test]
@@ -424,7 +433,8 @@ mod tests {
             validate_name("name", good).unwrap();
         }
         for bad in ["", "-a", ".a", "a/b", "../x", "é", &"x".repeat(65), "a b"] {
-            assert!(validate_name("name", bad).is_err(), "{bad:?} accepted");
+            let err = validate_name("name", bad).unwrap_err();
+            assert!(matches!(err, Error::InvalidInput(_)), "{bad:?}: {err:?}");
         }
     }
 }

@@ -64,6 +64,17 @@ enum SigningPair {
     Rsa(aws_lc_rs::rsa::KeyPair),
 }
 
+/// The cache's clock: the monotonic clock, which a unit test moves forward instead of sleeping.
+#[cfg(not(test))]
+fn cache_now() -> std::time::Instant {
+    std::time::Instant::now()
+}
+
+#[cfg(test)]
+fn cache_now() -> std::time::Instant {
+    std::time::Instant::now() + tests::CLOCK_AHEAD.with(std::cell::Cell::get)
+}
+
 impl SigningCache {
     /// The key for `id`, parsed by `load` unless a fresh one is kept.
     fn get_or_load(
@@ -71,7 +82,7 @@ impl SigningCache {
         id: [u8; 32],
         load: impl FnOnce() -> Result<SigningPair>,
     ) -> Result<std::sync::Arc<SigningPair>> {
-        let now = std::time::Instant::now();
+        let now = cache_now();
         {
             let mut entries = self
                 .entries
@@ -594,6 +605,12 @@ impl Backend for SoftwareBackend {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    thread_local! {
+        /// How far this thread's signing-cache clock runs ahead of the real one.
+        pub(super) static CLOCK_AHEAD: std::cell::Cell<std::time::Duration> =
+            const { std::cell::Cell::new(std::time::Duration::ZERO) };
+    }
     use crate::key::KeySpec;
 
     fn backend() -> SoftwareBackend {
@@ -629,7 +646,9 @@ mod tests {
     /// and gone once idle longer than the setting.
     #[test]
     fn the_signing_key_cache_keeps_only_fresh_exact_keys() {
-        let be = backend().with_key_cache(std::time::Duration::from_millis(200));
+        // An hour: no run is slow enough to let a key idle out before the clock is moved.
+        let idle = std::time::Duration::from_secs(3600);
+        let be = backend().with_key_cache(idle);
         let cache = be.cache.as_ref().unwrap();
         let count = || cache.entries.lock().unwrap().len();
         let spec = KeySpec::new(KeyType::EcdsaP256, None, None).unwrap();
@@ -665,10 +684,16 @@ mod tests {
         bent[last] ^= 1;
         let err = be.sign(key(&bent), b"m", SignatureFormat::Der).unwrap_err();
         assert!(matches!(err, Error::Integrity { .. }), "{err:?}");
-        // Idle past the setting: dropped at the next operation.
-        std::thread::sleep(std::time::Duration::from_millis(250));
+        // Just within the setting: both kept, and the one used is fresh again.
+        CLOCK_AHEAD.with(|c| c.set(idle - std::time::Duration::from_secs(1)));
+        be.sign(key(&blob), b"m", SignatureFormat::Raw).unwrap();
+        assert_eq!(count(), 2);
+        // Two seconds later the DER key has idled past the setting, the raw one (used a second
+        // before the setting ran out) not yet: one key dropped at the next operation, one kept.
+        CLOCK_AHEAD.with(|c| c.set(idle + std::time::Duration::from_secs(1)));
         be.sign(key(&blob), b"m", SignatureFormat::Raw).unwrap();
         assert_eq!(count(), 1);
+        CLOCK_AHEAD.with(|c| c.set(std::time::Duration::ZERO));
         // Off by default.
         assert!(backend().cache.is_none());
     }

@@ -150,6 +150,12 @@ struct FellBack<'a> {
 }
 
 impl Keystore {
+    /// A change another process (or another `Keystore` on the same store) commits is seen by this
+    /// one within this window: resolved key IDs are cached, and whether the database changed is
+    /// asked at most this often, since asking costs a read transaction (about 10 µs of locking
+    /// syscalls), as much as a token's HMAC. This keystore's own writes are seen at once.
+    pub const OTHERS_SEEN_WITHIN: std::time::Duration = std::time::Duration::from_millis(1);
+
     /// Creates a store in `dir`, sealing a fresh root secret with `sealer`.
     ///
     /// The process is left as it is: an application that wants no core dumps of its secrets calls

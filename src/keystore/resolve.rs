@@ -17,7 +17,7 @@ use crate::store::KeyRecord;
 /// Resolving an ID means an HMAC over the ID, a database read and an HMAC over the record: more
 /// than a token's signature costs. A record is cached only after both MACs verified, and the
 /// whole cache is dropped when another process commits to the database (SQLite's
-/// `data_version`, read at most every [`FRESHNESS`]) or this keystore writes to it; a resolution
+/// `data_version`, read at most every [`Keystore::OTHERS_SEEN_WITHIN`]) or this keystore writes to it; a resolution
 /// that raced one of this keystore's writes is not cached. Cached records hold no key material in clear.
 #[derive(Debug, Default)]
 pub(super) struct ResolvedCache {
@@ -30,10 +30,8 @@ pub(super) struct ResolvedCache {
     by_id: HashMap<String, Arc<Resolved>>,
 }
 
-/// How long a read of `data_version` is trusted. Asking SQLite costs a read transaction (about
-/// 10 µs of locking syscalls), as much as a token's HMAC; a change committed by another process
-/// is therefore seen here within this window. This keystore's own writes are seen at once.
-const FRESHNESS: std::time::Duration = std::time::Duration::from_millis(1);
+/// How long a read of `data_version` is trusted (see [`Keystore::OTHERS_SEEN_WITHIN`]).
+const FRESHNESS: std::time::Duration = Keystore::OTHERS_SEEN_WITHIN;
 
 /// The most IDs kept resolved; past it the cache starts over.
 const CACHE_LIMIT: usize = 4096;
