@@ -258,16 +258,22 @@ impl Pkcs11Config {
     /// # Errors
     /// [`Error::Config`] unless exactly one source is configured and readable.
     pub fn pin(&self) -> Result<SecretString> {
+        self.pin_from(|name| std::env::var_os(name))
+    }
+
+    /// [`Self::pin`] with the environment given: tests pass their own instead of changing the
+    /// process's, which other threads read.
+    fn pin_from(&self, env: impl Fn(&str) -> Option<std::ffi::OsString>) -> Result<SecretString> {
         match (&self.pin_env, &self.pin_file, &self.pin_credential) {
             (Some(var), None, None) => {
-                let value = std::env::var(var).map_err(|_| {
+                let value = env(var).and_then(|v| v.into_string().ok()).ok_or_else(|| {
                     Error::Config(format!("the PIN variable {var} is not set (or not UTF-8)"))
                 })?;
                 Ok(SecretString::from(value))
             }
             (None, Some(path), None) => read_pin_file(path),
             (None, None, Some(name)) => {
-                let dir = std::env::var_os("CREDENTIALS_DIRECTORY").ok_or_else(|| {
+                let dir = env("CREDENTIALS_DIRECTORY").ok_or_else(|| {
                     Error::Config(format!(
                         "pin_credential `{name}` needs $CREDENTIALS_DIRECTORY (systemd LoadCredential=)"
                     ))
@@ -629,16 +635,21 @@ mod tests {
             err.contains("KEYHOLD_TEST_SURELY_UNSET_PIN_VARIABLE is not set"),
             "{err}"
         );
-        // $CREDENTIALS_DIRECTORY is process-wide: set it only in this one test.
-        std::env::set_var("CREDENTIALS_DIRECTORY", dir.path());
+        // The environment is the process's, shared by every test thread: give these their own.
+        let env = |name: &str| match name {
+            "CREDENTIALS_DIRECTORY" => Some(dir.path().as_os_str().to_owned()),
+            "KEYHOLD_TEST_PIN" => Some("8765".into()),
+            _ => None,
+        };
+        let var = pkcs11(("pin_env", "KEYHOLD_TEST_PIN"));
+        assert_eq!(var.pin_from(env).unwrap().expose_secret(), "8765");
         let cred = pkcs11(("pin_credential", "pin"));
-        assert_eq!(cred.pin().unwrap().expose_secret(), "4321");
+        assert_eq!(cred.pin_from(env).unwrap().expose_secret(), "4321");
+        let err = cred.pin_from(|_| None).unwrap_err().to_string();
+        assert!(err.contains("needs $CREDENTIALS_DIRECTORY"), "{err}");
         let path = pkcs11(("pin_credential", "../pin"));
-        assert!(path
-            .pin()
-            .unwrap_err()
-            .to_string()
-            .contains("a name, not a path"));
+        let err = path.pin_from(env).unwrap_err().to_string();
+        assert!(err.contains("a name, not a path"), "{err}");
     }
 
     #[test]

@@ -342,7 +342,16 @@ fn prompt(confirm: bool) -> Result<SecretString, Failure> {
 /// the store is what they cannot change; passphrase, the one sealer that needs the user's secret,
 /// is the default.
 pub fn stated_sealer(ctx: &Context) -> Result<(SealerKind, &'static str), Failure> {
-    if let Some(value) = std::env::var_os("KEYHOLD_SEALER").filter(|v| !v.is_empty()) {
+    sealer_statement(ctx, std::env::var_os("KEYHOLD_SEALER"))
+}
+
+/// [`stated_sealer`] given `$KEYHOLD_SEALER` (tests pass it instead of changing the process's
+/// environment, which every test thread shares).
+fn sealer_statement(
+    ctx: &Context,
+    variable: Option<std::ffi::OsString>,
+) -> Result<(SealerKind, &'static str), Failure> {
+    if let Some(value) = variable.filter(|v| !v.is_empty()) {
         let kind = match value.to_str() {
             Some("passphrase") => SealerKind::Passphrase,
             Some("tpm") => SealerKind::Tpm,
@@ -368,7 +377,13 @@ pub fn stated_sealer(ctx: &Context) -> Result<(SealerKind, &'static str), Failur
 /// The stated sealer, if the store records the same; else a refusal saying what to set if the
 /// store is genuinely sealed the way it records.
 pub fn check_stated_sealer(ctx: &Context, recorded: &str) -> Result<SealerKind, Failure> {
-    let (stated, source) = stated_sealer(ctx)?;
+    same_sealer(recorded, stated_sealer(ctx)?)
+}
+
+fn same_sealer(
+    recorded: &str,
+    (stated, source): (SealerKind, &'static str),
+) -> Result<SealerKind, Failure> {
     if recorded == stated.as_str() {
         return Ok(stated);
     }
@@ -578,8 +593,9 @@ mod passphrase_tests {
     }
 
     /// L4: `KEYHOLD_PASSPHRASE` is read once and gone from the environment afterwards, so nothing
-    /// keyhold starts later inherits it. (Each nextest test is its own process: setting the
-    /// variable here touches no other test.)
+    /// keyhold starts later inherits it. The one test that changes the process's environment
+    /// (that is what it checks): no other test of this binary reads this variable, and Rust's
+    /// own environment calls are serialised, so it is sound under `cargo test`'s threads too.
     #[test]
     fn the_passphrase_variable_is_removed_once_read() {
         std::env::set_var("KEYHOLD_PASSPHRASE", "from the environment");
@@ -605,18 +621,33 @@ mod passphrase_tests {
     /// passphrase; never the store's.
     #[test]
     fn the_stated_sealer_comes_from_the_environment_then_the_configuration() {
-        std::env::remove_var("KEYHOLD_SEALER");
         let (_d, plain) = context(None);
-        assert_eq!(stated_sealer(&plain).unwrap().0, SealerKind::Passphrase);
-        let (_d, stated) = context(Some("[store]\nsealer = \"tpm\"\n"));
-        assert_eq!(stated_sealer(&stated).unwrap().0, SealerKind::Tpm);
-        let err = check_stated_sealer(&plain, "tpm").unwrap_err();
+        let unset = |ctx| sealer_statement(ctx, None).unwrap();
+        assert_eq!(
+            unset(&plain),
+            (
+                SealerKind::Passphrase,
+                "the default, as no sealer was stated"
+            )
+        );
+        let err = same_sealer("tpm", unset(&plain)).unwrap_err();
         assert!(err.to_string().contains("KEYHOLD_SEALER=tpm"), "{err}");
-        check_stated_sealer(&stated, "tpm").unwrap();
-        std::env::set_var("KEYHOLD_SEALER", "pkcs11");
-        assert_eq!(stated_sealer(&stated).unwrap().0, SealerKind::Pkcs11);
-        std::env::set_var("KEYHOLD_SEALER", "tmp");
-        let err = stated_sealer(&stated).unwrap_err();
+        let (_d, stated) = context(Some("[store]\nsealer = \"tpm\"\n"));
+        assert_eq!(same_sealer("tpm", unset(&stated)).unwrap(), SealerKind::Tpm);
+        assert_eq!(
+            unset(&stated),
+            (SealerKind::Tpm, "the configuration's [store] sealer")
+        );
+        // Set but empty counts as unset.
+        assert_eq!(
+            sealer_statement(&stated, Some("".into())).unwrap().0,
+            SealerKind::Tpm
+        );
+        assert_eq!(
+            sealer_statement(&stated, Some("pkcs11".into())).unwrap(),
+            (SealerKind::Pkcs11, "KEYHOLD_SEALER")
+        );
+        let err = sealer_statement(&stated, Some("tmp".into())).unwrap_err();
         assert!(
             err.to_string().contains("passphrase, tpm or pkcs11"),
             "{err}"
