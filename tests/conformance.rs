@@ -545,10 +545,14 @@ mod checks {
                 fx.ks
                     .verify(id, MESSAGE, &raw, SignatureFormat::Raw)
                     .unwrap();
-                assert!(fx
+                let err = fx
                     .ks
                     .verify(id, MESSAGE, &raw, SignatureFormat::Der)
-                    .is_err());
+                    .unwrap_err();
+                assert!(
+                    matches!(err, Error::VerificationFailed { .. }),
+                    "{algorithm}: {err:?}"
+                );
             }
             Algorithm::Ed25519 | Algorithm::RsaPkcs1Sha256 => {
                 // Deterministic schemes: the same message gives the same signature.

@@ -611,7 +611,7 @@ mod tests {
         pub(super) static CLOCK_AHEAD: std::cell::Cell<std::time::Duration> =
             const { std::cell::Cell::new(std::time::Duration::ZERO) };
     }
-    use crate::key::KeySpec;
+    use crate::key::{KeySpec, Purpose};
 
     fn backend() -> SoftwareBackend {
         SoftwareBackend::new(&SecretBytes::copy_from(&[42; 32])).unwrap()
@@ -637,6 +637,52 @@ mod tests {
                 };
                 if t.is_asymmetric() {
                     assert_eq!(Some(be.public_key(key).unwrap()), made.public_key);
+                }
+                let public = made.public_key.as_ref();
+                match p {
+                    Purpose::Sign => {
+                        for format in [SignatureFormat::Der, SignatureFormat::Raw] {
+                            let sig = be.sign(key, b"message", format).unwrap();
+                            public.unwrap().verify(b"message", &sig, format).unwrap();
+                            let err = public.unwrap().verify(b"massage", &sig, format);
+                            assert!(
+                                matches!(err, Err(Error::VerificationFailed { .. })),
+                                "{t}: {err:?}"
+                            );
+                        }
+                    }
+                    Purpose::Decrypt => {
+                        let ct = public.unwrap().encrypt_oaep(b"secret", b"label").unwrap();
+                        let sealed = Sealed {
+                            nonce: Vec::new(),
+                            ciphertext: ct,
+                        };
+                        let pt = be.decrypt(key, &sealed, b"label").unwrap();
+                        assert_eq!(pt.expose(), b"secret", "{t}");
+                        let err = be.decrypt(key, &sealed, b"other").err();
+                        assert!(
+                            matches!(err, Some(Error::DecryptionFailed { .. })),
+                            "{t}: {err:?}"
+                        );
+                    }
+                    Purpose::Encrypt => {
+                        let sealed = be.encrypt(key, b"secret", b"aad").unwrap();
+                        assert_eq!(sealed.nonce.len(), 12);
+                        assert_ne!(&sealed.ciphertext[..6], b"secret");
+                        let pt = be.decrypt(key, &sealed, b"aad").unwrap();
+                        assert_eq!(pt.expose(), b"secret");
+                        let err = be.decrypt(key, &sealed, b"aaD").err();
+                        assert!(
+                            matches!(err, Some(Error::DecryptionFailed { .. })),
+                            "{err:?}"
+                        );
+                    }
+                    Purpose::Mac => {
+                        let tag = be.mac(key, b"data").unwrap();
+                        assert_eq!(tag.len(), 32);
+                        assert_eq!(be.mac(key, b"data").unwrap(), tag);
+                        assert_ne!(be.mac(key, b"datA").unwrap(), tag);
+                    }
                 }
             }
         }
