@@ -24,7 +24,8 @@ use keyhold::testing::{PinFault, SoftHsm, SOFTHSM_MODULE, TEST_USER_PIN};
 use keyhold::{Error, KeyInfo, KeyRequest, KeySpec, KeyType, Keystore, Purpose, SignatureFormat};
 use secrecy::SecretString;
 use support::pkcs11::{
-    is_token_gone, module_under_test, objects, raw_session, so_session, spied, usages,
+    is_token_gone, module_under_test, objects, raw_session, so_session, spied, usages, Spy,
+    SPY_MODULE,
 };
 use support::{assert_openssl_accepts_public_key, sealer, snapshot, unhex, PASSPHRASE};
 use tempfile::TempDir;
@@ -358,6 +359,60 @@ fn a_wrong_pin_is_tried_once_and_never_again() {
     );
     assert_eq!(wrong.login_attempts(), 1);
     right.destroy(key).unwrap();
+}
+
+/// README: "a wrong PIN costs one `C_Login` per process and gives exit code 7". Two `keyhold
+/// sign` processes with a wrong PIN, each through pkcs11-spy with a log of its own: each exits 7
+/// saying so, after exactly one `C_Login`, refused.
+#[test]
+fn the_cli_with_a_wrong_pin_sends_one_c_login_per_process_and_exits_7() {
+    let hsm = SoftHsm::new().unwrap();
+    let t = HsmStore::on(&hsm);
+    let key = t.create("signer", KeyType::EcdsaP256, None);
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("keyhold.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[backends.hsm]\ntype = \"pkcs11\"\nmodule = \"{SPY_MODULE}\"\n\
+             token_label = \"{}\"\npin_env = \"KH_TEST_PIN\"\n",
+            hsm.label()
+        ),
+    )
+    .unwrap();
+    let message = dir.path().join("msg");
+    std::fs::write(&message, b"m").unwrap();
+    for run in ["first", "second"] {
+        let logs = tempfile::tempdir().unwrap();
+        let spy = Spy::new(logs.path());
+        let out = Command::new(env!("CARGO_BIN_EXE_keyhold"))
+            .arg("--store")
+            .arg(&t.path)
+            .arg("--config")
+            .arg(&config)
+            .args(["sign", "--key", &key.id, "--in"])
+            .arg(&message)
+            .env("SOFTHSM2_CONF", SoftHsm::conf_file().unwrap())
+            .env("KH_TEST_PIN", "000000")
+            .env("KEYHOLD_PASSPHRASE", PASSPHRASE)
+            .env_remove("KEYHOLD_STORE")
+            .env_remove("KEYHOLD_CONFIG")
+            .envs(spy.env())
+            .stdin(std::process::Stdio::null())
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(7), "{run}: {stderr}");
+        assert!(
+            stderr.contains("cannot log in to backend `hsm`: wrong user PIN"),
+            "{run}: {stderr}"
+        );
+        assert_eq!(
+            spy.calls().returned("C_Login"),
+            ["CKR_PIN_INCORRECT"],
+            "{run} process"
+        );
+    }
 }
 
 /// README: "no login is tried at all once the token reports its PIN locked or on its final try".

@@ -14,6 +14,7 @@ use std::path::{Path, PathBuf};
 use keyhold::backend::pkcs11::Pkcs11Backend;
 use keyhold::backend::Backend;
 use keyhold::config::{BackendConfig, Config, Fallback, Pkcs11Config};
+use keyhold::testing::{OPENCRYPTOKI_LABEL, OPENCRYPTOKI_MODULE, OPENCRYPTOKI_USER_PIN};
 use keyhold::{
     Error, KeyOptions, KeyRequest, KeySpec, KeyType, Keystore, Purpose, SignatureFormat,
 };
@@ -21,10 +22,10 @@ use support::pkcs11::{objects_under, ock_raw_session};
 use support::{openssl_verifies, sealer, PASSPHRASE};
 use tempfile::TempDir;
 
-const MODULE: &str = "/usr/lib/x86_64-linux-gnu/pkcs11/libopencryptoki.so";
-const LABEL: &str = "keyhold-ock";
+const MODULE: &str = OPENCRYPTOKI_MODULE;
+const LABEL: &str = OPENCRYPTOKI_LABEL;
 const SERIAL: &str = "123";
-const PIN: &str = "12345678";
+const PIN: &str = OPENCRYPTOKI_USER_PIN;
 const OCK: &str = "ock";
 
 /// A backend configuration for the token, selected by label or serial, PIN from a file in `dir`.

@@ -135,8 +135,10 @@ fn a_token_that_comes_back_is_used_again_without_a_restart() {
 /// README: "a bounded pool of sessions". Sixteen threads sign through a backend configured for
 /// at most three sessions: every signature is made and verifies, and no more than three
 /// `C_OpenSession` calls reach the token in the whole run (so never more than three open at
-/// once). The pool's unit tests (`backend::pkcs11::pool`) show a caller beyond the bound
-/// waiting for a returned session, which no timing here could.
+/// once). Counted by pkcs11-spy because no token here counts sessions for us: SoftHSM2 reports
+/// ulSessionCount as CK_UNAVAILABLE_INFORMATION, and openCryptoki's token is shared by the
+/// machine's tests. The pool's unit tests (`backend::pkcs11::pool`) show a caller beyond the
+/// bound waiting for a returned session, which no timing here could.
 #[test]
 fn sixteen_threads_share_three_sessions() {
     const MAX: usize = 3;
