@@ -29,9 +29,10 @@
 //! under a lock). Rust code reading the environment takes the same lock, but C code in another
 //! thread calling `getenv` at that moment (a PKCS#11 module's or TPM library's initialisation, for
 //! instance) does not: a data race, the reason `set_var` is `unsafe` in Rust 2024. With
-//! cargo-nextest (a process per test) the first fixture is made before any other test runs, so
-//! there is none; under `cargo test`'s threads there can be. There, run with `--test-threads=1`,
-//! or make a first `SoftHsm` before starting other threads that load C libraries.
+//! cargo-nextest (a process per test) no other test's threads run beside it, so there is none as
+//! long as a test makes its first `SoftHsm` before starting threads of its own; under `cargo
+//! test`, other tests' threads run meanwhile and there can be. There, run with
+//! `--test-threads=1`, or use cargo-nextest.
 
 #[cfg(feature = "pkcs11")]
 mod opencryptoki;
