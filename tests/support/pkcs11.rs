@@ -164,7 +164,8 @@ pub fn is_token_gone<T: std::fmt::Debug>(result: &keyhold::Result<T>, backend: &
 /// OpenSC's pkcs11-spy: a PKCS#11 module that passes every call on to the module named by
 /// `PKCS11SPY` and logs it, with its arguments and return value, to `PKCS11SPY_OUTPUT`. Pointing
 /// keyhold at it counts the calls that reached the token (`C_Login`, `C_OpenSession`), not what
-/// keyhold believes it did. It logs PIN bytes: test PINs only.
+/// keyhold believes it did. It logs PIN bytes: test PINs only. Debian ships it in
+/// `opensc-pkcs11`, which `opensc` (ci/install.sh) depends on.
 pub const SPY_MODULE: &str = "/usr/lib/x86_64-linux-gnu/pkcs11/pkcs11-spy.so";
 
 /// Set in a child [`spied`] started: the spy's log file.
@@ -254,6 +255,10 @@ pub fn spied(name: &str) -> Option<SpyLog> {
     if std::env::var_os(SPIED).is_some() {
         return None;
     }
+    assert!(
+        Path::new(SPY_MODULE).exists(),
+        "{SPY_MODULE} is missing: install OpenSC (Debian: opensc, opensc-pkcs11)"
+    );
     let dir = tempfile::tempdir().expect("temp dir");
     let spy = Spy::new(dir.path());
     let out = Command::new(std::env::current_exe().expect("this test binary"))
