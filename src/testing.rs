@@ -21,8 +21,18 @@
 //! SoftHSM2 reads its configuration once, when the module is initialised, so every `SoftHsm` in a
 //! process shares one token directory (made on first use, `SOFTHSM2_CONF` pointing at it) and gets
 //! its own token in it, labelled uniquely. Create fixtures before opening keystores on other
-//! SoftHSM configurations in the same process. Fixtures in parallel threads are safe; with
-//! cargo-nextest each test is its own process and gets its own directory.
+//! SoftHSM configurations in the same process. Fixtures in parallel threads share that directory
+//! safely (each has its own token and label).
+//!
+//! One caveat for threads: SoftHSM2 takes its configuration from the environment only, so the
+//! first `SoftHsm` of a process sets `SOFTHSM2_CONF` with `std::env::set_var` (once per process,
+//! under a lock). Rust code reading the environment takes the same lock, but C code in another
+//! thread calling `getenv` at that moment (a PKCS#11 module's or TPM library's initialisation, for
+//! instance) does not: a data race, the reason `set_var` is `unsafe` in Rust 2024. With
+//! cargo-nextest (a process per test) no other test's threads run beside it, so there is none as
+//! long as a test makes its first `SoftHsm` before starting threads of its own; under `cargo
+//! test`, other tests' threads run meanwhile and there can be. There, run with
+//! `--test-threads=1`, or use cargo-nextest.
 
 #[cfg(feature = "pkcs11")]
 mod opencryptoki;
@@ -39,7 +49,7 @@ pub use opencryptoki::{
     OPENCRYPTOKI_USER_PIN,
 };
 #[cfg(feature = "pkcs11")]
-pub use softhsm::{SoftHsm, SOFTHSM_MODULE, TEST_SO_PIN, TEST_USER_PIN};
+pub use softhsm::{PinFault, SoftHsm, SOFTHSM_MODULE, TEST_SO_PIN, TEST_USER_PIN};
 
 /// A whole configuration with `backend` as the backend `name`.
 #[cfg(any(feature = "pkcs11", feature = "tpm"))]

@@ -15,7 +15,8 @@ use keyhold::backend::KeyOptions;
 use keyhold::config::{BackendConfig, Config};
 use keyhold::testing::SoftHsm;
 use keyhold::{Error, KeyRequest, KeySpec, KeyType, Keystore};
-use support::{raw_session, sealer, unhex, PASSPHRASE};
+use support::pkcs11::raw_session;
+use support::{sealer, unhex, PASSPHRASE};
 use tempfile::TempDir;
 
 fn store(config: &Config) -> (TempDir, PathBuf, Keystore) {

@@ -11,22 +11,23 @@ use std::process::Command;
 use std::sync::Arc;
 use std::time::Instant;
 
-use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
+use cryptoki::context::Function;
 use cryptoki::error::{Error as CkError, RvError};
 use cryptoki::mechanism::Mechanism;
 use cryptoki::object::{
-    Attribute, AttributeInfo, AttributeType, KeyType as CkKeyType, ObjectClass, ObjectHandle,
+    Attribute, AttributeInfo, AttributeType, KeyType as CkKeyType, ObjectClass,
 };
-use cryptoki::session::Session;
 use keyhold::backend::pkcs11::Pkcs11Backend;
 use keyhold::backend::{Backend, KeyContext, KeyOptions, KeyRef};
 use keyhold::config::{BackendConfig, Config, Fallback};
-use keyhold::testing::{SoftHsm, SOFTHSM_MODULE, TEST_USER_PIN};
+use keyhold::testing::{PinFault, SoftHsm, SOFTHSM_MODULE, TEST_USER_PIN};
 use keyhold::{Error, KeyInfo, KeyRequest, KeySpec, KeyType, Keystore, Purpose, SignatureFormat};
 use secrecy::SecretString;
-use support::{
-    assert_openssl_accepts_public_key, raw_session, sealer, snapshot, unhex, PASSPHRASE,
+use support::pkcs11::{
+    is_token_gone, module_under_test, objects, raw_session, so_session, spied, usages, Spy,
+    SPY_MODULE,
 };
+use support::{assert_openssl_accepts_public_key, sealer, snapshot, unhex, PASSPHRASE};
 use tempfile::TempDir;
 
 /// The backend name every test gives its token.
@@ -83,32 +84,9 @@ impl HsmStore {
     }
 }
 
-/// The usage attributes a key object may carry.
-const USAGES: [AttributeType; 7] = [
-    AttributeType::Sign,
-    AttributeType::Verify,
-    AttributeType::Encrypt,
-    AttributeType::Decrypt,
-    AttributeType::Wrap,
-    AttributeType::Unwrap,
-    AttributeType::Derive,
-];
-
-/// The objects labelled `label` (keyhold labels them `namespace/name`), of `class` if given.
-fn objects(session: &Session, label: &str, class: Option<ObjectClass>) -> Vec<ObjectHandle> {
-    let mut template = vec![Attribute::Label(label.as_bytes().to_vec())];
-    template.extend(class.map(Attribute::Class));
-    session.find_objects(&template).unwrap()
-}
-
 /// Whether `result` says the token itself is gone (not merely one of its objects).
 fn is_backend_unavailable<T: std::fmt::Debug>(result: &keyhold::Result<T>) -> bool {
-    matches!(
-        result,
-        Err(Error::BackendUnavailable { backend, reason })
-            if backend == HSM
-                && (reason.contains("token is not there") || reason.contains("no token labelled"))
-    )
+    is_token_gone(result, HSM)
 }
 
 #[test]
@@ -189,24 +167,13 @@ fn private_and_secret_values_cannot_be_read_or_wrapped_out() {
             KeyType::Aes256Gcm => &[AttributeType::Encrypt, AttributeType::Decrypt],
             _ => &[AttributeType::Sign, AttributeType::Verify],
         };
-        let usages = session.get_attributes(handle, &USAGES).unwrap();
-        for attr in &usages {
-            let on = match attr {
-                Attribute::Sign(v)
-                | Attribute::Verify(v)
-                | Attribute::Encrypt(v)
-                | Attribute::Decrypt(v)
-                | Attribute::Wrap(v)
-                | Attribute::Unwrap(v)
-                | Attribute::Derive(v) => *v,
-                other => panic!("unasked-for attribute {other:?}"),
-            };
-            let usage = attr.attribute_type();
+        let usages = usages(&session, handle);
+        for &(usage, on) in &usages {
             assert_eq!(on, allowed.contains(&usage), "{label}: {usage}");
         }
         for usage in allowed {
             assert!(
-                usages.iter().any(|a| a.attribute_type() == *usage),
+                usages.iter().any(|(u, _)| u == usage),
                 "{label}: no {usage}"
             );
         }
@@ -314,8 +281,29 @@ fn pkcs11_tool_lists_the_keys_by_label() {
     }
 }
 
+/// What a keystore tells a backend of a key, for tests that use a backend without one.
+fn context<'a>(spec: &'a KeySpec, label: &'a str) -> KeyContext<'a> {
+    KeyContext {
+        store_id: &[7u8; 16],
+        uuid: &[9u8; 16],
+        label,
+        spec,
+    }
+}
+
+/// The wrong PIN's `C_Login` calls are counted where they arrive, at the module: the test runs
+/// again in a child whose wrong-PIN backend reaches SoftHSM2 through pkcs11-spy (the right-PIN
+/// backend, the control, loads SoftHSM2 directly and is not counted).
 #[test]
 fn a_wrong_pin_is_tried_once_and_never_again() {
+    if let Some(spy) = spied("a_wrong_pin_is_tried_once_and_never_again") {
+        assert_eq!(
+            spy.returned("C_Login"),
+            ["CKR_PIN_INCORRECT"],
+            "one refused C_Login, then none"
+        );
+        return;
+    }
     let hsm = SoftHsm::new().unwrap();
     let dir = tempfile::tempdir().unwrap();
     let wrong_pin = "987654";
@@ -324,14 +312,10 @@ fn a_wrong_pin_is_tried_once_and_never_again() {
     std::fs::write(&pin_file, format!("{wrong_pin}\n")).unwrap();
     let mut config = hsm.backend_config();
     config.pin_file = Some(pin_file);
+    config.module = PathBuf::from(module_under_test());
 
     let spec = KeySpec::new(KeyType::EcdsaP256, None, None).unwrap();
-    let context = KeyContext {
-        store_id: &[7u8; 16],
-        uuid: &[9u8; 16],
-        label: "tests/pin",
-        spec: &spec,
-    };
+    let context = context(&spec, "tests/pin");
     let wrong = Pkcs11Backend::new(HSM, &config).unwrap();
     assert_eq!(wrong.login_attempts(), 0, "logged in before being used");
     for attempt in 1..=3 {
@@ -369,9 +353,242 @@ fn a_wrong_pin_is_tried_once_and_never_again() {
 
     // The refused backend stays refused, without another C_Login, for any operation.
     let err = wrong.sign(key, b"m", SignatureFormat::Der).unwrap_err();
-    assert!(matches!(err, Error::BackendLogin { .. }), "{err:?}");
+    assert!(
+        matches!(&err, Error::BackendLogin { reason, .. } if reason.contains("wrong user PIN")),
+        "{err:?}"
+    );
     assert_eq!(wrong.login_attempts(), 1);
     right.destroy(key).unwrap();
+}
+
+/// README: "a wrong PIN costs one `C_Login` per process and gives exit code 7". Two `keyhold
+/// sign` processes with a wrong PIN, each through pkcs11-spy with a log of its own: each exits 7
+/// saying so, after exactly one `C_Login`, refused.
+#[test]
+fn the_cli_with_a_wrong_pin_sends_one_c_login_per_process_and_exits_7() {
+    let hsm = SoftHsm::new().unwrap();
+    let t = HsmStore::on(&hsm);
+    let key = t.create("signer", KeyType::EcdsaP256, None);
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("keyhold.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[backends.hsm]\ntype = \"pkcs11\"\nmodule = \"{SPY_MODULE}\"\n\
+             token_label = \"{}\"\npin_env = \"KH_TEST_PIN\"\n",
+            hsm.label()
+        ),
+    )
+    .unwrap();
+    let message = dir.path().join("msg");
+    std::fs::write(&message, b"m").unwrap();
+    for run in ["first", "second"] {
+        let logs = tempfile::tempdir().unwrap();
+        let spy = Spy::new(logs.path());
+        let out = Command::new(env!("CARGO_BIN_EXE_keyhold"))
+            .arg("--store")
+            .arg(&t.path)
+            .arg("--config")
+            .arg(&config)
+            .args(["sign", "--key", &key.id, "--in"])
+            .arg(&message)
+            .env("SOFTHSM2_CONF", SoftHsm::conf_file().unwrap())
+            .env("KH_TEST_PIN", "000000")
+            .env("KEYHOLD_PASSPHRASE", PASSPHRASE)
+            .env_remove("KEYHOLD_STORE")
+            .env_remove("KEYHOLD_CONFIG")
+            .envs(spy.env())
+            .stdin(std::process::Stdio::null())
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(7), "{run}: {stderr}");
+        assert!(
+            stderr.contains("cannot log in to backend `hsm`: wrong user PIN"),
+            "{run}: {stderr}"
+        );
+        assert_eq!(
+            spy.calls().returned("C_Login"),
+            ["CKR_PIN_INCORRECT"],
+            "{run} process"
+        );
+    }
+}
+
+/// README: "no login is tried at all once the token reports its PIN locked or on its final try".
+///
+/// Why a fault hook: no token here reports either flag on demand. SoftHSM2 never locks a PIN (12
+/// wrong PINs still give CKR_PIN_INCORRECT; it sets only CKF_USER_PIN_COUNT_LOW), and
+/// openCryptoki's one soft token is shared by every test on the machine: locking it breaks them
+/// all, and only re-initialising it (destroying every object) would undo it. So
+/// `SoftHsm::report_pin` makes keyhold read CKF_USER_PIN_FINAL_TRY or CKF_USER_PIN_LOCKED in the
+/// real token's info (C_GetTokenInfo still reaches the token). The right PIN is configured, so a
+/// login, had one been tried, would have worked: the control, with the flag gone, shows one does.
+/// The `C_Login` calls are counted at the module by pkcs11-spy, in a child run of this test.
+#[test]
+fn no_login_is_tried_on_a_token_reporting_its_pin_on_its_final_try_or_locked() {
+    if let Some(spy) =
+        spied("no_login_is_tried_on_a_token_reporting_its_pin_on_its_final_try_or_locked")
+    {
+        // Two faults, each refused without a login; then each control's one login.
+        assert_eq!(spy.returned("C_Login"), ["CKR_OK", "CKR_OK"]);
+        assert!(
+            spy.count("C_GetTokenInfo") > 0,
+            "the flags came from the token"
+        );
+        return;
+    }
+    let spec = KeySpec::new(KeyType::HmacSha256, None, None).unwrap();
+    let context = context(&spec, "tests/flags");
+    for (fault, says) in [
+        (
+            PinFault::FinalTry,
+            "one more wrong PIN would lock the token labelled `{}`: keyhold will not try",
+        ),
+        (
+            PinFault::Locked,
+            "the user PIN of the token labelled `{}` is locked: unlock it with the SO PIN",
+        ),
+    ] {
+        let hsm = SoftHsm::new().unwrap();
+        let says = says.replace("{}", hsm.label());
+        let mut config = hsm.backend_config();
+        config.module = PathBuf::from(module_under_test());
+        hsm.report_pin(Some(fault));
+        let backend = Pkcs11Backend::new(HSM, &config).unwrap();
+        for attempt in 1..=2 {
+            match backend.generate(context, &KeyOptions::default()) {
+                Err(Error::BackendLogin { backend, reason }) => {
+                    assert_eq!(backend, HSM);
+                    assert!(
+                        reason.contains(&says),
+                        "{fault:?}, attempt {attempt}: {reason}"
+                    );
+                }
+                other => {
+                    panic!("{fault:?}, attempt {attempt}: expected BackendLogin, got {other:?}")
+                }
+            }
+        }
+        assert_eq!(backend.login_attempts(), 0, "{fault:?}");
+
+        // The control: the same token and PIN, the flag gone, a new backend logs in once.
+        hsm.report_pin(None);
+        let fine = Pkcs11Backend::new(HSM, &config).unwrap();
+        let made = fine.generate(context, &KeyOptions::default()).unwrap();
+        assert_eq!(fine.login_attempts(), 1, "{fault:?}");
+        fine.destroy(KeyRef {
+            context,
+            locator: &made.locator,
+            blob: made.blob.as_deref(),
+        })
+        .unwrap();
+    }
+}
+
+/// README: an extractable token key can be wrapped only under keys the SO marked trusted
+/// (keyhold makes it with CKA_WRAP_WITH_TRUSTED). Performed with raw cryptoki on SoftHSM2:
+/// C_WrapKey under an AES key the user made is refused with CKR_KEY_NOT_WRAPPABLE; under an AES
+/// key the SO made with CKA_TRUSTED it succeeds, and the wrapped value is keyhold's key (an
+/// envelope keyhold made opens under it): the refusal is about trust, not the mechanism.
+/// openCryptoki 3.8.1 refuses CKA_WRAP_WITH_TRUSTED, so keyhold makes no extractable key there at
+/// all (pkcs11_opencryptoki.rs, `opencryptoki_refuses_extractable_keys_…`): nothing to wrap.
+#[test]
+fn extractable_keys_wrap_only_under_so_trusted_keys() {
+    let hsm = SoftHsm::new().unwrap();
+    // The SO's part first: PKCS#11 logs in an application, not a session, and once keyhold is
+    // logged in as the user, no SO login is possible in this process.
+    let so = so_session(hsm.label());
+    let secret_aes = |token: bool| {
+        vec![
+            Attribute::Token(token),
+            Attribute::Private(false),
+            Attribute::Class(ObjectClass::SECRET_KEY),
+            Attribute::KeyType(CkKeyType::AES),
+            Attribute::ValueLen(32.into()),
+            Attribute::Wrap(true),
+            Attribute::Unwrap(true),
+        ]
+    };
+    let mut trusted_template = secret_aes(true);
+    trusted_template.push(Attribute::Trusted(true));
+    so.generate_key(&Mechanism::AesKeyGen, &trusted_template)
+        .unwrap();
+    so.logout().unwrap();
+    drop(so);
+
+    let t = HsmStore::on(&hsm);
+    let info =
+        t.ks.create_key_with(
+            &KeyRequest {
+                namespace: "tests".into(),
+                name: "vault".into(),
+                spec: KeySpec::new(KeyType::Aes256Gcm, None, None).unwrap(),
+                backend: Some(HSM.into()),
+            },
+            &KeyOptions::new().extractable(true),
+        )
+        .unwrap();
+    assert_eq!(
+        info.attributes.get("wrap_with_trusted").map(String::as_str),
+        Some("true"),
+        "{:?}",
+        info.attributes
+    );
+    let envelope = t.ks.encrypt(&info.id, b"wrapped out", b"aad").unwrap();
+
+    let session = raw_session(hsm.label());
+    let [key] = objects(&session, "tests/vault", Some(ObjectClass::SECRET_KEY))[..] else {
+        panic!("one secret key object expected");
+    };
+    let trusted = session.find_objects(&[Attribute::Trusted(true)]).unwrap();
+    assert_eq!(trusted.len(), 1, "the SO's key");
+    let untrusted = session
+        .generate_key(&Mechanism::AesKeyGen, &secret_aes(false))
+        .unwrap();
+
+    let refused = session.wrap_key(&Mechanism::AesKeyWrap, untrusted, key);
+    assert!(
+        matches!(
+            refused,
+            Err(CkError::Pkcs11(RvError::KeyNotWrappable, Function::WrapKey))
+        ),
+        "C_WrapKey under an untrusted key gave {refused:?}"
+    );
+
+    // The control: under the trusted key it wraps, and what it wraps is keyhold's key.
+    let wrapped = session
+        .wrap_key(&Mechanism::AesKeyWrap, trusted[0], key)
+        .unwrap();
+    let mut copy_template = secret_aes(false);
+    copy_template.retain(|a| a.attribute_type() != AttributeType::ValueLen);
+    copy_template.extend([Attribute::Sensitive(false), Attribute::Extractable(true)]);
+    let copy = session
+        .unwrap_key(&Mechanism::AesKeyWrap, trusted[0], &wrapped, &copy_template)
+        .unwrap();
+    let value = session
+        .get_attributes(copy, &[AttributeType::Value])
+        .unwrap();
+    let [Attribute::Value(value)] = value.as_slice() else {
+        panic!("no CKA_VALUE: {value:?}");
+    };
+    assert_eq!(open_envelope(value, &envelope, b"aad"), b"wrapped out");
+}
+
+/// Opens a keyhold AES-GCM envelope with the raw key `value`: "KHE1", algorithm, uuid, version
+/// (25 bytes), the nonce length, the nonce, the body; the GCM AAD is the 25-byte header then the
+/// caller's AAD.
+fn open_envelope(value: &[u8], envelope: &[u8], aad: &[u8]) -> Vec<u8> {
+    use aws_lc_rs::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM};
+    assert_eq!(envelope[25], 12, "a 12-byte nonce");
+    let key = LessSafeKey::new(UnboundKey::new(&AES_256_GCM, value).unwrap());
+    let nonce = Nonce::try_assume_unique_for_key(&envelope[26..38]).unwrap();
+    let mut full_aad = envelope[..25].to_vec();
+    full_aad.extend_from_slice(aad);
+    let mut body = envelope[38..].to_vec();
+    key.open_in_place(nonce, Aad::from(full_aad), &mut body)
+        .unwrap()
+        .to_vec()
 }
 
 #[test]
@@ -435,9 +652,11 @@ fn eight_threads_sign_a_thousand_times_each_on_one_token() {
     }
     // And a signature is not good for another thread's message.
     let (_, sig) = &signed[0];
-    assert!(public
-        .verify(&signed[1].0, sig, SignatureFormat::Der)
-        .is_err());
+    let other = public.verify(&signed[1].0, sig, SignatureFormat::Der);
+    assert!(
+        matches!(other, Err(Error::VerificationFailed { what: "signature" })),
+        "{other:?}"
+    );
 }
 
 /// A store with a P-256 and an AES key in a token, both used once (so a session is open and logged
@@ -692,11 +911,7 @@ fn a_same_id_replacement_made_with_the_pin_is_never_used() {
 #[test]
 fn two_tokens_with_one_label_are_refused_naming_both_serials() {
     let hsm = SoftHsm::new().unwrap();
-    let module = Pkcs11::new(SOFTHSM_MODULE).unwrap();
-    match module.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)) {
-        Ok(()) | Err(CkError::Pkcs11(RvError::CryptokiAlreadyInitialized, _)) => {}
-        Err(e) => panic!("C_Initialize: {e}"),
-    }
+    let module = support::pkcs11::module(SOFTHSM_MODULE);
     let free = module
         .get_all_slots()
         .unwrap()

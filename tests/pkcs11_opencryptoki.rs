@@ -11,24 +11,21 @@ mod support;
 
 use std::path::{Path, PathBuf};
 
-use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
-use cryptoki::error::{Error as CkError, RvError};
-use cryptoki::object::Attribute;
-use cryptoki::session::{Session, UserType};
 use keyhold::backend::pkcs11::Pkcs11Backend;
 use keyhold::backend::Backend;
 use keyhold::config::{BackendConfig, Config, Fallback, Pkcs11Config};
+use keyhold::testing::{OPENCRYPTOKI_LABEL, OPENCRYPTOKI_MODULE, OPENCRYPTOKI_USER_PIN};
 use keyhold::{
     Error, KeyOptions, KeyRequest, KeySpec, KeyType, Keystore, Purpose, SignatureFormat,
 };
-use secrecy::SecretString;
+use support::pkcs11::{objects_under, ock_raw_session};
 use support::{openssl_verifies, sealer, PASSPHRASE};
 use tempfile::TempDir;
 
-const MODULE: &str = "/usr/lib/x86_64-linux-gnu/pkcs11/libopencryptoki.so";
-const LABEL: &str = "keyhold-ock";
+const MODULE: &str = OPENCRYPTOKI_MODULE;
+const LABEL: &str = OPENCRYPTOKI_LABEL;
 const SERIAL: &str = "123";
-const PIN: &str = "12345678";
+const PIN: &str = OPENCRYPTOKI_USER_PIN;
 const OCK: &str = "ock";
 
 /// A backend configuration for the token, selected by label or serial, PIN from a file in `dir`.
@@ -100,53 +97,11 @@ impl Drop for OckStore {
                 let _ = self.ks.destroy_key(&key.id);
             }
         }
-        let session = raw_session();
-        for handle in objects_in(&session, &format!("{}/", self.namespace)) {
+        let session = ock_raw_session();
+        for handle in objects_under(&session, &format!("{}/", self.namespace)) {
             let _ = session.destroy_object(handle);
         }
     }
-}
-
-/// A logged-in session on the token with raw cryptoki (never logs out: that would log keyhold
-/// out too, in this process).
-fn raw_session() -> Session {
-    let module = Pkcs11::new(MODULE).unwrap();
-    match module.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)) {
-        Ok(()) | Err(CkError::Pkcs11(RvError::CryptokiAlreadyInitialized, _)) => {}
-        Err(e) => panic!("C_Initialize: {e}"),
-    }
-    // cryptoki's own get_token_info fails on this token (its clock field), so it cannot be picked
-    // by label here; openCryptoki lists only initialised tokens, and the soft token is the one.
-    let slot = *module
-        .get_slots_with_token()
-        .unwrap()
-        .first()
-        .unwrap_or_else(|| {
-            panic!("no openCryptoki token: is pkcsslotd running and the token `{LABEL}` made?")
-        });
-    let session = module.open_rw_session(slot).unwrap();
-    let pin = SecretString::from(PIN.to_owned());
-    match session.login(UserType::User, Some(&pin)) {
-        Ok(()) | Err(CkError::Pkcs11(RvError::UserAlreadyLoggedIn, _)) => {}
-        Err(e) => panic!("C_Login: {e}"),
-    }
-    session
-}
-
-/// The objects whose label starts with `prefix`.
-fn objects_in(session: &Session, prefix: &str) -> Vec<cryptoki::object::ObjectHandle> {
-    session
-        .find_objects(&[])
-        .unwrap()
-        .into_iter()
-        .filter(|&h| {
-            session
-                .get_attributes(h, &[cryptoki::object::AttributeType::Label])
-                .unwrap_or_default()
-                .iter()
-                .any(|a| matches!(a, Attribute::Label(l) if l.starts_with(prefix.as_bytes())))
-        })
-        .collect()
 }
 
 #[test]
@@ -289,19 +244,22 @@ fn opencryptoki_makes_keys_without_the_attributes_it_refuses_and_they_work() {
     }
 
     // Destroying removes the token's objects.
-    let session = raw_session();
+    let session = ock_raw_session();
     let prefix = format!("{}/", t.namespace);
     assert_eq!(
-        objects_in(&session, &prefix).len(),
+        objects_under(&session, &prefix).len(),
         5,
         "2 pairs and 1 secret"
     );
     for key in t.ks.list_keys(None).unwrap() {
         t.ks.destroy_key(&key.id).unwrap();
     }
-    assert_eq!(objects_in(&session, &prefix), vec![]);
+    assert_eq!(objects_under(&session, &prefix), vec![]);
 }
 
+/// This is also why the C_WrapKey test of extractable keys (pkcs11.rs,
+/// `extractable_keys_wrap_only_under_so_trusted_keys`) runs on SoftHSM2 only: openCryptoki 3.8.1
+/// refuses CKA_WRAP_WITH_TRUSTED, so keyhold makes no extractable key on it to try to wrap.
 #[test]
 fn opencryptoki_refuses_extractable_keys_it_cannot_restrict_to_trusted_wrapping_keys() {
     let t = OckStore::new(Fallback::Refuse);
@@ -323,7 +281,7 @@ fn opencryptoki_refuses_extractable_keys_it_cannot_restrict_to_trusted_wrapping_
     }
     assert!(t.ks.list_keys(None).unwrap().is_empty());
     assert_eq!(
-        objects_in(&raw_session(), &format!("{}/", t.namespace)),
+        objects_under(&ock_raw_session(), &format!("{}/", t.namespace)),
         vec![],
         "a refused key left objects on the token"
     );

@@ -42,8 +42,12 @@ fn home() -> Result<&'static Path> {
             tokens.display()
         );
         std::fs::write(&conf, text).map_err(|e| format!("write {}: {e}", conf.display()))?;
-        // Set before the module is first loaded: SoftHSM reads it in C_Initialize. Fixtures are
-        // made under `TOKEN_INIT`, and this runs once.
+        // Set before the module is first loaded: SoftHSM reads it in C_Initialize, and from the
+        // environment only (no C_Initialize argument names a configuration). This runs once per
+        // process, under `TOKEN_INIT`: no two fixtures write it. It is still a write to the
+        // environment while other threads may run (the test harness's), which races with a
+        // C-level getenv in one of them; see the module docs (`testing.rs`) for what that means
+        // under `cargo test` and how to avoid it.
         std::env::set_var("SOFTHSM2_CONF", &conf);
         Ok(dir)
     });
@@ -67,6 +71,16 @@ fn remove_stale_homes(base: &Path) {
             let _ = std::fs::remove_dir_all(entry.path());
         }
     }
+}
+
+/// A user-PIN state no SoftHSM2 token can be brought into (SoftHSM2 never locks a PIN), which a
+/// fixture token can be made to report to keyhold: see [`SoftHsm::report_pin`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PinFault {
+    /// `CKF_USER_PIN_FINAL_TRY`: one more wrong PIN would lock it.
+    FinalTry,
+    /// `CKF_USER_PIN_LOCKED`.
+    Locked,
 }
 
 /// A fresh SoftHSM2 token, initialised with [`TEST_USER_PIN`] and [`TEST_SO_PIN`], deleted on drop.
@@ -140,6 +154,41 @@ impl SoftHsm {
         config_with(name, BackendConfig::Pkcs11(self.backend_config()))
     }
 
+    /// From now on keyhold, in this process, reads this token's info with `fault`'s flag set as
+    /// well (`None`: as the token reports it). Only keyhold's reading of `C_GetTokenInfo` is
+    /// changed, nothing on the token: the PIN still works, and other PKCS#11 users see nothing.
+    /// This is fault injection for what real tokens do and SoftHSM2 cannot be made to do (report
+    /// a PIN on its final try, or locked); it ends when the fixture is dropped.
+    pub fn report_pin(&self, fault: Option<PinFault>) {
+        let flags = match fault {
+            None => 0,
+            Some(PinFault::FinalTry) => cryptoki_sys::CKF_USER_PIN_FINAL_TRY,
+            Some(PinFault::Locked) => cryptoki_sys::CKF_USER_PIN_LOCKED,
+        };
+        crate::backend::pkcs11::fault::add_token_flags(&self.label, flags);
+    }
+
+    /// Makes a token with this fixture's label and PINs again, in the module's free slot: after
+    /// [`SoftHsm::delete_token`], a token that comes back in this process (blank, as a wiped or
+    /// replacement device does). The keys cannot come back with it: SoftHSM2 never takes back a
+    /// token whose files went away while the process ran (that slot stays invalid until the
+    /// process ends; returned files are not read again), and a new token's objects are encrypted
+    /// under a key of its own.
+    ///
+    /// # Errors
+    /// As [`SoftHsm::new`].
+    pub fn init_again(&self) -> Result<()> {
+        let _one_at_a_time = TOKEN_INIT
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        crate::backend::pkcs11::init_token(
+            Path::new(SOFTHSM_MODULE),
+            &self.label,
+            &SecretString::from(TEST_SO_PIN.to_owned()),
+            &SecretString::from(TEST_USER_PIN.to_owned()),
+        )
+    }
+
     /// Deletes the token now, as `softhsm2-util --delete-token` does (for token-loss tests).
     ///
     /// # Errors
@@ -164,6 +213,7 @@ impl SoftHsm {
 
 impl Drop for SoftHsm {
     fn drop(&mut self) {
+        self.report_pin(None);
         let _ = self.delete_token();
         let _ = std::fs::remove_file(&self.pin_file);
     }

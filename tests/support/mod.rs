@@ -2,6 +2,9 @@
 //! conformance.rs, pkcs11.rs).
 #![allow(dead_code)]
 
+#[cfg(feature = "pkcs11")]
+pub mod pkcs11;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
@@ -326,38 +329,4 @@ pub fn unhex(hex: &str) -> Vec<u8> {
     (0..hex.len() / 2)
         .map(|i| u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).unwrap())
         .collect()
-}
-
-/// The SoftHSM module opened with raw cryptoki, a session on the token labelled `label`, logged in
-/// as the user (as someone holding the PIN would). keyhold has usually initialised the module and
-/// logged in already in this process: both are fine. Never logs out (that would log keyhold out
-/// too).
-#[cfg(feature = "pkcs11")]
-pub fn raw_session(label: &str) -> cryptoki::session::Session {
-    use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
-    use cryptoki::error::{Error as CkError, RvError};
-    use cryptoki::session::UserType;
-    let module = Pkcs11::new(keyhold::testing::SOFTHSM_MODULE).unwrap();
-    match module.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)) {
-        Ok(()) | Err(CkError::Pkcs11(RvError::CryptokiAlreadyInitialized, _)) => {}
-        Err(e) => panic!("C_Initialize: {e}"),
-    }
-    let slot = module
-        .get_slots_with_token()
-        .unwrap()
-        .into_iter()
-        // A token another test deleted answers C_GetTokenInfo with an error: skip it.
-        .find(|&s| {
-            module
-                .get_token_info(s)
-                .is_ok_and(|info| info.label().trim_end() == label)
-        })
-        .unwrap_or_else(|| panic!("no token labelled {label}"));
-    let session = module.open_rw_session(slot).unwrap();
-    let pin = SecretString::from(keyhold::testing::TEST_USER_PIN.to_owned());
-    match session.login(UserType::User, Some(&pin)) {
-        Ok(()) | Err(CkError::Pkcs11(RvError::UserAlreadyLoggedIn, _)) => {}
-        Err(e) => panic!("C_Login: {e}"),
-    }
-    session
 }

@@ -23,6 +23,9 @@ mod report;
 mod template;
 mod token_info;
 
+#[cfg(feature = "testing")]
+pub(crate) use module::fault;
+
 use std::collections::HashMap;
 use std::sync::{Mutex, OnceLock};
 

@@ -37,12 +37,56 @@ impl Module {
     /// The PKCS#11 error the module returned, as cryptoki reports errors.
     pub(super) fn token_info(&self, slot: Slot) -> std::result::Result<TokenInfo, CkError> {
         match self.raw.token_info(slot.id()) {
+            #[cfg(any(test, feature = "testing"))]
+            Ok(raw) => Ok(fault::apply(TokenInfo::parse(&raw))),
+            #[cfg(not(any(test, feature = "testing")))]
             Ok(raw) => Ok(TokenInfo::parse(&raw)),
             Err(rv) => Err(match Rv::from(rv) {
                 Rv::Error(e) => CkError::Pkcs11(e, Function::GetTokenInfo),
                 // Not reached: the raw call reports only failures.
                 Rv::Ok => CkError::Pkcs11(RvError::GeneralError, Function::GetTokenInfo),
             }),
+        }
+    }
+}
+
+/// A fault no test token produces on demand: a token reporting its user PIN on its final try or
+/// locked. SoftHSM2 never sets either flag (it does not lock PINs), and locking openCryptoki's one
+/// soft token would break every other test on the machine. Tests name a token by label and the
+/// flags it should report; `C_GetTokenInfo` still runs, and only those flags are added to what
+/// the token said.
+#[cfg(any(test, feature = "testing"))]
+pub(crate) mod fault {
+    use std::collections::HashMap;
+    use std::sync::Mutex;
+
+    use super::TokenInfo;
+
+    /// Token label -> `CKF_` flags added to its token info. Keyed by label, so that tests in
+    /// parallel threads, each with its own token, do not see each other's faults.
+    static FLAGS: Mutex<Option<HashMap<String, cryptoki_sys::CK_FLAGS>>> = Mutex::new(None);
+
+    fn flags() -> std::sync::MutexGuard<'static, Option<HashMap<String, cryptoki_sys::CK_FLAGS>>> {
+        FLAGS
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// From now on the token labelled `label` reports `added` in its flags too; `0` ends that.
+    pub(crate) fn add_token_flags(label: &str, added: cryptoki_sys::CK_FLAGS) {
+        let mut flags = flags();
+        let map = flags.get_or_insert_with(HashMap::new);
+        if added == 0 {
+            map.remove(label);
+        } else {
+            map.insert(label.to_owned(), added);
+        }
+    }
+
+    pub(super) fn apply(info: TokenInfo) -> TokenInfo {
+        match flags().as_ref().and_then(|m| m.get(&info.label)) {
+            Some(&added) => info.with_flags(added),
+            None => info,
         }
     }
 }

@@ -64,6 +64,9 @@ struct State {
     generation: u64,
     /// Set after a PIN failure: no further `C_Login` until the process restarts.
     login_refused: Option<String>,
+    /// Callers waiting for a session (so a test can see one is held back, without a sleep).
+    #[cfg(test)]
+    waiting: usize,
 }
 
 /// The session pool of one token.
@@ -154,6 +157,8 @@ impl Pool {
                 logged_in: false,
                 generation: 0,
                 login_refused: None,
+                #[cfg(test)]
+                waiting: 0,
             }),
             available: Condvar::new(),
             login_lock: Mutex::new(()),
@@ -242,11 +247,19 @@ impl Pool {
                     }
                 };
             }
+            #[cfg(test)]
+            {
+                state.waiting += 1;
+            }
             let (next, timeout) = self
                 .available
                 .wait_timeout(state, CHECKOUT_TIMEOUT)
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
             state = next;
+            #[cfg(test)]
+            {
+                state.waiting -= 1;
+            }
             if timeout.timed_out() && state.idle.is_empty() && state.open >= max {
                 return Err(Error::BackendUnavailable {
                     backend: self.backend.clone(),
@@ -400,5 +413,85 @@ impl Pool {
         };
         drop(idle);
         self.available.notify_all();
+    }
+}
+
+#[cfg(all(test, feature = "testing"))]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+    use crate::testing::{SoftHsm, SOFTHSM_MODULE, TEST_USER_PIN};
+
+    fn pool(hsm: &SoftHsm, max: usize) -> Pool {
+        let module =
+            super::super::module::module("test", std::path::Path::new(SOFTHSM_MODULE)).unwrap();
+        let selector = TokenSelector {
+            label: Some(hsm.label().to_owned()),
+            serial: None,
+        };
+        Pool::new(
+            "hsm".into(),
+            module,
+            selector,
+            SecretString::from(TEST_USER_PIN.to_owned()),
+            max,
+        )
+    }
+
+    /// The bound holds against a caller beyond it: with both sessions of a two-session pool leased,
+    /// a third caller waits (seen through the pool's waiting count, not a sleep) and then gets the
+    /// session that came back, not a new one; one login served all three.
+    #[test]
+    fn a_caller_beyond_the_bound_waits_for_a_returned_session() {
+        let hsm = SoftHsm::new().unwrap();
+        let pool = pool(&hsm, 2);
+        let first = pool.checkout().unwrap();
+        let second = pool.checkout().unwrap();
+        assert_ne!(first.session().handle(), second.session().handle());
+        assert_eq!(pool.lock().open, 2);
+        let returned = second.session().handle();
+        std::thread::scope(|s| {
+            let third = s.spawn(|| pool.checkout().map(|lease| lease.session().handle()));
+            // Until it waits or (wrongly) returns: a condition, not a time.
+            while pool.lock().waiting == 0 && !third.is_finished() {
+                std::thread::yield_now();
+            }
+            assert!(!third.is_finished(), "a third session was handed out");
+            assert_eq!(pool.lock().open, 2);
+            drop(second);
+            assert_eq!(third.join().unwrap().unwrap(), returned);
+        });
+        assert_eq!(pool.lock().open, 2);
+        assert_eq!(pool.login_attempts(), 1);
+        drop(first);
+    }
+
+    /// Past the bound a caller gets the session another thread returns, and the count of open
+    /// sessions never passes the bound however many threads ask.
+    #[test]
+    fn many_threads_share_a_bounded_pool() {
+        const MAX: usize = 3;
+        let hsm = SoftHsm::new().unwrap();
+        let pool = pool(&hsm, MAX);
+        let handles = Mutex::new(std::collections::BTreeSet::new());
+        std::thread::scope(|s| {
+            for _ in 0..4 * MAX {
+                s.spawn(|| {
+                    for _ in 0..50 {
+                        let lease = pool.checkout().unwrap();
+                        assert!(pool.lock().open <= MAX);
+                        lease.session().get_session_info().unwrap();
+                        handles.lock().unwrap().insert(lease.session().handle());
+                    }
+                });
+            }
+        });
+        let handles = handles.into_inner().unwrap();
+        assert!(
+            (1..=MAX).contains(&handles.len()),
+            "sessions used: {handles:?}"
+        );
+        assert_eq!(pool.login_attempts(), 1);
     }
 }

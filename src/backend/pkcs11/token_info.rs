@@ -105,6 +105,13 @@ impl TokenInfo {
         }
     }
 
+    /// The same info with `added` set in its flags (the fault hook in `module.rs`).
+    #[cfg(any(test, feature = "testing"))]
+    pub(super) fn with_flags(mut self, added: CK_FLAGS) -> Self {
+        self.flags |= added;
+        self
+    }
+
     fn flag(&self, flag: CK_FLAGS) -> bool {
         self.flags & flag != 0
     }
