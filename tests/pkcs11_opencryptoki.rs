@@ -14,7 +14,9 @@ use std::path::{Path, PathBuf};
 use keyhold::backend::pkcs11::Pkcs11Backend;
 use keyhold::backend::Backend;
 use keyhold::config::{BackendConfig, Config, Fallback, Pkcs11Config};
-use keyhold::testing::{OPENCRYPTOKI_LABEL, OPENCRYPTOKI_MODULE, OPENCRYPTOKI_USER_PIN};
+use keyhold::testing::{
+    OpenCryptoki, OPENCRYPTOKI_LABEL, OPENCRYPTOKI_MODULE, OPENCRYPTOKI_USER_PIN,
+};
 use keyhold::{
     Error, KeyOptions, KeyRequest, KeySpec, KeyType, Keystore, Purpose, SignatureFormat,
 };
@@ -29,7 +31,9 @@ const PIN: &str = OPENCRYPTOKI_USER_PIN;
 const OCK: &str = "ock";
 
 /// A backend configuration for the token, selected by label or serial, PIN from a file in `dir`.
+/// Starts openCryptoki's slot daemon and sets its token up first if no test has yet.
 fn ock_config(dir: &Path, label: Option<&str>, serial: Option<&str>) -> Pkcs11Config {
+    OpenCryptoki::ensure_ready().expect("set up openCryptoki's soft token");
     let pin_file = dir.join("ock.pin");
     std::fs::write(&pin_file, PIN).unwrap();
     Pkcs11Config {

@@ -69,15 +69,7 @@ impl OpenCryptoki {
     /// [`Error::Config`] naming what is missing or failed: the package, root, the daemon, or a
     /// token initialised with another label.
     pub fn new() -> Result<Self> {
-        {
-            let mut ready = READY
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            if !*ready {
-                set_up()?;
-                *ready = true;
-            }
-        }
+        Self::ensure_ready()?;
         let mut suffix = [0u8; 6];
         aws_lc_rs::rand::fill(&mut suffix).map_err(|_| Error::crypto("random namespace"))?;
         let tag = crate::hex::encode(&suffix);
@@ -88,6 +80,22 @@ impl OpenCryptoki {
             namespace: format!("ock-{tag}"),
             pin_file,
         })
+    }
+
+    /// Sets the token up (once per process) without making a fixture: for a test that opens
+    /// the module itself and makes no keys.
+    ///
+    /// # Errors
+    /// As [`Self::new`].
+    pub fn ensure_ready() -> Result<()> {
+        let mut ready = READY
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if !*ready {
+            set_up()?;
+            *ready = true;
+        }
+        Ok(())
     }
 
     /// The namespace this fixture's keys should be created in (unique per fixture).
@@ -153,20 +161,12 @@ fn set_up() -> Result<()> {
     }
     let _lock = lock()?;
     make_directories()?;
-    if daemon_running()? && !Path::new(SLOTD_SOCKET).exists() {
-        // A slot daemon without its socket serves nobody (a second daemon that exited took the
-        // socket with it): every client would fail with CKR_FUNCTION_FAILED. Start afresh.
-        need_root("restart pkcsslotd")?;
-        let _ = Command::new("pkill").args(["-x", "pkcsslotd"]).status();
-        for _ in 0..50 {
-            if !daemon_running()? {
-                break;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(100));
-        }
-    }
-    if !daemon_running()? {
+    if !daemon_serving() {
+        // Whatever is there serves nobody: a daemon whose socket a second daemon took with it
+        // when it exited, a socket left by a daemon that died, or nothing at all. Start afresh.
         need_root("start pkcsslotd")?;
+        let _ = Command::new("pkill").args(["-x", "pkcsslotd"]).status();
+        let _ = std::fs::remove_file(SLOTD_SOCKET);
         // It daemonises: its output is not waited for (the daemon would hold a pipe open).
         let status = Command::new("pkcsslotd")
             .stdin(Stdio::null())
@@ -179,8 +179,17 @@ fn set_up() -> Result<()> {
                 "pkcsslotd failed to start ({status}); run it by hand to see why"
             )));
         }
-        if !daemon_running()? {
-            return Err(fixture_error("pkcsslotd exited right after starting"));
+        // The daemon's child makes the socket after the parent returns.
+        let serving = (0..100).any(|_| {
+            daemon_serving() || {
+                std::thread::sleep(std::time::Duration::from_millis(100));
+                false
+            }
+        });
+        if !serving {
+            return Err(fixture_error(format!(
+                "pkcsslotd started but did not stay up with its socket {SLOTD_SOCKET} for 10 s"
+            )));
         }
     }
     let token = token_state()?;
@@ -325,12 +334,26 @@ fn pkcs11_gid() -> Result<u32> {
         .ok_or_else(|| fixture_error("no `pkcs11` group: install the `opencryptoki` package"))
 }
 
-fn daemon_running() -> Result<bool> {
-    let out = Command::new("pgrep")
-        .args(["-x", "pkcsslotd"])
-        .output()
-        .map_err(|e| fixture_error(format!("run pgrep: {e}")))?;
-    Ok(out.status.success())
+/// Whether a live slot daemon has its socket: what every client needs. A process listing alone
+/// cannot tell (a daemon whose socket a second daemon took away; a zombie, where nothing reaps
+/// it), and trying the socket must not be the test: pkcsslotd 3.8 exits when a client connects
+/// and closes without speaking its protocol (seen on Debian 12).
+fn daemon_serving() -> bool {
+    daemon_alive() && Path::new(SLOTD_SOCKET).exists()
+}
+
+/// A `pkcsslotd` process that is not a zombie.
+fn daemon_alive() -> bool {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return false;
+    };
+    entries.flatten().any(|entry| {
+        // `/proc/PID/stat` is `PID (comm) STATE …`.
+        std::fs::read_to_string(entry.path().join("stat")).is_ok_and(|stat| {
+            stat.split_once(" (pkcsslotd) ")
+                .is_some_and(|(_, rest)| !rest.starts_with(['Z', 'X']))
+        })
+    })
 }
 
 /// What `pkcsconf -t` says about the soft token.
