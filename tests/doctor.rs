@@ -217,7 +217,17 @@ fn a_backend_that_cannot_be_set_up_leaves_software_keys_working() {
 
 #[test]
 fn token_keys_have_exactly_one_usage() {
-    use cryptoki::object::{Attribute, AttributeType};
+    use cryptoki::object::AttributeType;
+    let usage_name = |attr: AttributeType| match attr {
+        AttributeType::Sign => "sign",
+        AttributeType::Verify => "verify",
+        AttributeType::Encrypt => "encrypt",
+        AttributeType::Decrypt => "decrypt",
+        AttributeType::Wrap => "wrap",
+        AttributeType::Unwrap => "unwrap",
+        AttributeType::Derive => "derive",
+        other => panic!("not a usage: {other}"),
+    };
 
     let f = fixture();
     let signer =
@@ -230,43 +240,15 @@ fn token_keys_have_exactly_one_usage() {
         f.ks.create_key(&request("mac", KeyType::HmacSha256))
             .unwrap();
 
-    let session = raw_session(&f.hsm);
+    let session = support::pkcs11::raw_session(f.hsm.label());
+    // The usages switched on, over every object of the key (both halves of a pair).
     let usages = |label: &str| -> Vec<(String, bool)> {
-        let mut out = Vec::new();
-        for handle in session
-            .find_objects(&[Attribute::Label(label.as_bytes().to_vec())])
-            .unwrap()
-        {
-            for attr in session
-                .get_attributes(
-                    handle,
-                    &[
-                        AttributeType::Sign,
-                        AttributeType::Verify,
-                        AttributeType::Encrypt,
-                        AttributeType::Decrypt,
-                        AttributeType::Wrap,
-                        AttributeType::Unwrap,
-                        AttributeType::Derive,
-                    ],
-                )
-                .unwrap()
-            {
-                let (name, on) = match attr {
-                    Attribute::Sign(v) => ("sign", v),
-                    Attribute::Verify(v) => ("verify", v),
-                    Attribute::Encrypt(v) => ("encrypt", v),
-                    Attribute::Decrypt(v) => ("decrypt", v),
-                    Attribute::Wrap(v) => ("wrap", v),
-                    Attribute::Unwrap(v) => ("unwrap", v),
-                    Attribute::Derive(v) => ("derive", v),
-                    _ => continue,
-                };
-                if on {
-                    out.push((name.to_owned(), on));
-                }
-            }
-        }
+        let mut out: Vec<(String, bool)> = support::pkcs11::objects(&session, label, None)
+            .into_iter()
+            .flat_map(|h| support::pkcs11::usages(&session, h))
+            .filter(|&(_, on)| on)
+            .map(|(attr, on)| (usage_name(attr).to_owned(), on))
+            .collect();
         out.sort();
         out
     };
@@ -321,39 +303,10 @@ fn an_empty_pin_is_never_sent() {
     assert_eq!(backend.login_attempts(), 0);
 }
 
-/// A logged-in read-write session on `hsm`'s token, outside keyhold: what another PKCS#11
-/// application (or a person with the PIN and pkcs11-tool) can do.
-fn raw_session(hsm: &SoftHsm) -> cryptoki::session::Session {
-    use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
-    use cryptoki::session::UserType;
-
-    let raw = Pkcs11::new(keyhold::testing::SOFTHSM_MODULE).unwrap();
-    let _ = raw.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK));
-    let slot = raw
-        .get_slots_with_token()
-        .unwrap()
-        .into_iter()
-        .find(|&s| raw.get_token_info(s).unwrap().label().trim_end() == hsm.label())
-        .unwrap();
-    let session = raw.open_rw_session(slot).unwrap();
-    match session.login(
-        UserType::User,
-        Some(&SecretString::from(
-            keyhold::testing::TEST_USER_PIN.to_owned(),
-        )),
-    ) {
-        Ok(())
-        | Err(cryptoki::error::Error::Pkcs11(cryptoki::error::RvError::UserAlreadyLoggedIn, _)) => {
-        }
-        Err(e) => panic!("C_Login: {e}"),
-    }
-    session
-}
-
 /// Destroys only the `class` object of the key at `locator`, leaving its other half.
 fn destroy_half(hsm: &SoftHsm, locator: &str, class: cryptoki::object::ObjectClass) {
     use cryptoki::object::Attribute;
-    let session = raw_session(hsm);
+    let session = support::pkcs11::raw_session(hsm.label());
     let handles = session
         .find_objects(&[
             Attribute::Id(keyhold::hex::decode(locator).unwrap()),
