@@ -17,8 +17,8 @@ use keyhold::{
 };
 use secrecy::SecretString;
 use support::tpm::{
-    assert_in_lockout, drive_into_lockout, flags, holds_any_part_of, loaded_attributes,
-    seal_and_unseal_in_clear, Tap, CC_CREATE, CC_UNSEAL,
+    assert_in_lockout, drive_into_lockout, flags, holds_any_part_of, loaded_attributes, make_srk,
+    seal_and_unseal_in_clear, tpm2_ok, Tap, CC_CREATE, CC_UNSEAL,
 };
 use support::{sealer, PASSPHRASE};
 
@@ -348,6 +348,7 @@ fn the_srk_can_live_at_a_persistent_handle() {
         panic!("no tpm backend")
     };
     t.srk_handle = Some(0x8100_0001);
+    let mut persistent_keys = Vec::new();
     for round in 0..2 {
         let ks = Keystore::open_with(&store, &sealer(PASSPHRASE), &config).unwrap();
         sign_works(&ks, &transient_key);
@@ -360,6 +361,7 @@ fn the_srk_can_live_at_a_persistent_handle() {
             .unwrap()
             .id;
         sign_works(&ks, &id);
+        persistent_keys.push(id);
     }
     let listed = support::tpm2_tool(
         &tpm.tcti(),
@@ -367,6 +369,66 @@ fn the_srk_can_live_at_a_persistent_handle() {
         &["tpm2_getcap", "handles-persistent"],
     );
     assert_eq!(listed.trim(), "- 0x81000001");
+    // And back: keys made under the persistent SRK work with the derived one.
+    let derived = self::config(&tpm, Fallback::Refuse);
+    let ks = Keystore::open_with(&store, &sealer(PASSPHRASE), &derived).unwrap();
+    for id in &persistent_keys {
+        sign_works(&ks, id);
+    }
+}
+
+/// README: on a TPM whose owner hierarchy has a password, keyhold cannot derive its SRK and says
+/// so; "make the SRK once with tpm2-tools (`tpm2_createprimary -C o -P OWNERPW -G ecc256:aes128cfb
+/// -g sha256 -a '…' -c srk.ctx`, then `tpm2_evictcontrol -C o -P OWNERPW -c srk.ctx 0x81000001`)
+/// and set `srk_handle`". Done here as written: keys made before the password was set work again.
+#[test]
+fn with_an_owner_password_the_readme_srk_recipe_works() {
+    let Setup { tpm, dir, store } = Setup::new();
+    let mut config = config(&tpm, Fallback::Refuse);
+    let key = Keystore::create_with(&store, &sealer(PASSPHRASE), &config)
+        .unwrap()
+        .create_key(&request("ec", KeyType::EcdsaP256, None))
+        .unwrap()
+        .id;
+    let (tcti, tools) = (tpm.tcti(), dir.path());
+    const OWNER: &str = "the owner's password";
+    tpm2_ok(&tcti, tools, &["tpm2_changeauth", "-c", "o", OWNER]);
+    {
+        let ks = Keystore::open_with(&store, &sealer(PASSPHRASE), &config).unwrap();
+        match ks.sign(&key, MESSAGE, SignatureFormat::Der).unwrap_err() {
+            Error::BackendLogin { reason, .. } => assert!(
+                reason.contains("owner hierarchy has a password") && reason.contains("srk_handle"),
+                "{reason}"
+            ),
+            other => panic!("expected BackendLogin, got {other:?}"),
+        }
+    }
+    make_srk(&tcti, tools, Some(OWNER));
+    tpm2_ok(
+        &tcti,
+        tools,
+        &[
+            "tpm2_evictcontrol",
+            "-C",
+            "o",
+            "-P",
+            OWNER,
+            "-c",
+            "srk.ctx",
+            "0x81000001",
+        ],
+    );
+    let Some(BackendConfig::Tpm(t)) = config.backends.get_mut("tpm") else {
+        panic!("no tpm backend")
+    };
+    t.srk_handle = Some(0x8100_0001);
+    let ks = Keystore::open_with(&store, &sealer(PASSPHRASE), &config).unwrap();
+    sign_works(&ks, &key);
+    let made = ks
+        .create_key(&request("made-after", KeyType::EcdsaP256, None))
+        .unwrap()
+        .id;
+    sign_works(&ks, &made);
 }
 
 /// Another program's key at the configured SRK handle is never adopted.

@@ -56,31 +56,35 @@ const DA_PASSWORD: &str = "the right password";
 /// A DA-protected signing key (no noDA) made by tpm2-tools, and its password.
 const DA_KEY_PASSWORD: &str = "the key's password";
 
-/// The SRK as the README tells a user with an owner password to make it with tpm2-tools: keyhold's
-/// template.
-const SRK_ARGS: [&str; 11] = [
-    "tpm2_createprimary",
-    "-C",
-    "o",
-    "-G",
-    "ecc256:aes128cfb",
-    "-g",
-    "sha256",
-    "-a",
-    "restricted|decrypt|fixedtpm|fixedparent|sensitivedataorigin|userwithauth|noda",
-    "-c",
-    "srk.ctx",
-];
-
-/// Makes keyhold's SRK with tpm2-tools (saved as `srk.ctx` in `dir`) and returns its Name.
-pub fn tools_srk(tcti: &str, dir: &Path) -> Vec<u8> {
-    tpm2_ok(tcti, dir, &SRK_ARGS);
+/// Makes keyhold's SRK with tpm2-tools as the README tells a user whose owner hierarchy has the
+/// password `owner` to (saved as `srk.ctx` in `dir`), and returns its Name.
+pub fn make_srk(tcti: &str, dir: &Path, owner: Option<&str>) -> Vec<u8> {
+    let mut args = vec!["tpm2_createprimary", "-C", "o"];
+    if let Some(password) = owner {
+        args.extend(["-P", password]);
+    }
+    args.extend([
+        "-G",
+        "ecc256:aes128cfb",
+        "-g",
+        "sha256",
+        "-a",
+        "restricted|decrypt|fixedtpm|fixedparent|sensitivedataorigin|userwithauth|noda",
+        "-c",
+        "srk.ctx",
+    ]);
+    tpm2_ok(tcti, dir, &args);
     let out = tpm2_ok(tcti, dir, &["tpm2_readpublic", "-c", "srk.ctx"]);
     let name = out
         .lines()
         .find_map(|l| l.strip_prefix("name: "))
         .unwrap_or_else(|| panic!("no name in tpm2_readpublic output:\n{out}"));
     super::unhex(name.trim())
+}
+
+/// Makes keyhold's SRK with tpm2-tools (saved as `srk.ctx` in `dir`) and returns its Name.
+pub fn tools_srk(tcti: &str, dir: &Path) -> Vec<u8> {
+    make_srk(tcti, dir, None)
 }
 
 /// Drives the TPM into dictionary-attack lockout the way a password guesser would: defines a
