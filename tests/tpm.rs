@@ -829,3 +829,42 @@ fn keyhold_flushes_its_own_keys_and_retries_when_others_fill_the_tpm() {
     }
     assert_eq!(keyhold::backend::tpm::object_memory_retries(), retries + 2);
 }
+
+/// README: "at most `max_loaded` keys (2 by default) stay loaded between operations, least
+/// recently used flushed first". The default is checked by `no_handle_leaks_after_1000_operations`;
+/// here `max_loaded = 1`: after every operation the TPM holds the SRK and one key, and keyhold
+/// made the room itself (it never ran the TPM out of object memory).
+#[test]
+fn max_loaded_bounds_the_keys_kept_loaded() {
+    use keyhold::backend::tpm::device::DeviceSettings;
+    let tpm = Swtpm::new().unwrap();
+    let settings = DeviceSettings {
+        max_loaded: 1,
+        ..DeviceSettings::default()
+    };
+    let device = keyhold::backend::tpm::device(&tpm.tcti(), settings).unwrap();
+    let backend = TpmBackend::with_device("tpm", device, &kek()).unwrap();
+    let keys = [
+        create(&backend, KeyType::EcdsaP256, Purpose::Sign, None),
+        create(&backend, KeyType::EcdsaP384, Purpose::Sign, None),
+        create(&backend, KeyType::HmacSha256, Purpose::Mac, None),
+    ];
+    let retries = keyhold::backend::tpm::object_memory_retries();
+    for round in 0..3 {
+        for key in &keys {
+            if key.spec.key_type() == KeyType::HmacSha256 {
+                backend.mac(key.at(), MESSAGE).unwrap();
+            } else {
+                backend
+                    .sign(key.at(), MESSAGE, SignatureFormat::Der)
+                    .unwrap();
+            }
+            assert_eq!(
+                backend.transient_handles().unwrap(),
+                2,
+                "round {round}: the SRK and one key"
+            );
+        }
+    }
+    assert_eq!(keyhold::backend::tpm::object_memory_retries(), retries);
+}
