@@ -452,7 +452,7 @@ fn a_killed_tpm_is_unavailable_then_recovers() {
         "{err:?}"
     );
     assert!(err.to_string().contains(&tpm.tcti()), "{err}");
-    // Still down: still unavailable, quickly.
+    // Still down: still unavailable.
     let err = backend
         .sign(key.at(), MESSAGE, SignatureFormat::Der)
         .unwrap_err();

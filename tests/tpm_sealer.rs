@@ -1,6 +1,7 @@
 //! The TPM sealer and TPM-backed stores through the keystore, against real swtpm instances: PCR
 //! binding, recovery and reseal, a fresh TPM, a restarted TPM, the software fallback, the
-//! persistent SRK.
+//! persistent SRK (and an owner password), dictionary-attack lockout, the root secret on the bus,
+//! the sealed object's attributes.
 #![cfg(feature = "tpm")]
 #![allow(clippy::unwrap_used)] // test helpers: a panic is the failure report
 
