@@ -14,9 +14,13 @@ use keyhold::backend::{GeneratedKey, KeyContext, KeyOptions, KeyRef};
 use keyhold::secret::SecretBytes;
 use keyhold::{Algorithm, Backend, Error, KeySpec, KeyType, Purpose, RsaPadding, SignatureFormat};
 use support::openssl_verifies;
+use support::tpm::{flags, holds_any_part_of, loaded_attributes, srk_attributes, Tap, CC_HMAC};
 
 const MESSAGE: &[u8] = b"keyhold TPM backend test message";
 const STORE: [u8; 16] = [0x51; 16];
+/// How long a call may take before the test calls it a hang: far more than any TPM command takes
+/// on swtpm, even on a loaded 2-core machine running ten test processes.
+const HANG: Duration = Duration::from_secs(60);
 
 fn kek() -> SecretBytes {
     SecretBytes::copy_from(&[0x4b; 32])
@@ -93,9 +97,13 @@ fn sign_and_verify(backend: &TpmBackend, key: &Key) {
         .sign(key.at(), MESSAGE, SignatureFormat::Der)
         .unwrap();
     public.verify(MESSAGE, &sig, SignatureFormat::Der).unwrap();
-    assert!(public
+    let err = public
         .verify(b"another message", &sig, SignatureFormat::Der)
-        .is_err());
+        .unwrap_err();
+    assert!(
+        matches!(err, Error::VerificationFailed { what: "signature" }),
+        "{err:?}"
+    );
     assert!(
         openssl_verifies(&public.to_pem(), algorithm, MESSAGE, &sig),
         "openssl refused a {algorithm} signature from the TPM"
@@ -254,7 +262,18 @@ fn capabilities_name_what_the_tpm_backend_lacks() {
     let err = backend
         .generate(context, &KeyOptions::new().extractable(true))
         .unwrap_err();
-    assert!(matches!(err, Error::Unsupported { .. }), "{err:?}");
+    assert!(
+        matches!(&err, Error::Unsupported { what, .. } if what.contains("fixedTPM")),
+        "{err:?}"
+    );
+}
+
+/// A record refused before the TPM is asked: its sealed authValue does not decrypt.
+fn assert_auth_refused(err: &Error, case: &str) {
+    assert!(
+        matches!(err, Error::Integrity { what } if what.contains("does not decrypt under this store's key")),
+        "{case}: {err:?}"
+    );
 }
 
 #[test]
@@ -272,10 +291,7 @@ fn the_auth_value_is_sealed_to_the_store_and_the_record() {
         let err = backend
             .sign(key.with_blob(&bent), MESSAGE, SignatureFormat::Der)
             .unwrap_err();
-        assert!(
-            matches!(err, Error::Integrity { .. }),
-            "byte -{from_end}: {err:?}"
-        );
+        assert_auth_refused(&err, &format!("byte -{from_end}"));
     }
     // The TPM parts are bound too.
     let mut bent = blob.clone();
@@ -283,7 +299,7 @@ fn the_auth_value_is_sealed_to_the_store_and_the_record() {
     let err = backend
         .sign(key.with_blob(&bent), MESSAGE, SignatureFormat::Der)
         .unwrap_err();
-    assert!(matches!(err, Error::Integrity { .. }), "{err:?}");
+    assert_auth_refused(&err, "a bent SRK Name");
     // Another record, another store key: refused.
     let moved = Key {
         uuid: [0xee; 16],
@@ -298,7 +314,7 @@ fn the_auth_value_is_sealed_to_the_store_and_the_record() {
     let err = backend
         .sign(moved.at(), MESSAGE, SignatureFormat::Der)
         .unwrap_err();
-    assert!(matches!(err, Error::Integrity { .. }), "{err:?}");
+    assert_auth_refused(&err, "another record");
     // The untouched record still works.
     backend
         .sign(key.at(), MESSAGE, SignatureFormat::Der)
@@ -310,7 +326,7 @@ fn the_auth_value_is_sealed_to_the_store_and_the_record() {
     let err = other_store
         .sign(key.at(), MESSAGE, SignatureFormat::Der)
         .unwrap_err();
-    assert!(matches!(err, Error::Integrity { .. }), "{err:?}");
+    assert_auth_refused(&err, "another store's key");
 }
 
 /// The most transient objects keyhold leaves in the TPM between operations: the SRK and the
@@ -348,9 +364,10 @@ fn no_handle_leaks_after_1000_operations() {
     let mut bent = keys[0].generated.blob.clone().unwrap();
     bent[12] ^= 1;
     for _ in 0..5 {
-        backend
+        let err = backend
             .sign(keys[0].with_blob(&bent), MESSAGE, SignatureFormat::Der)
             .unwrap_err();
+        assert_auth_refused(&err, "a bent record");
     }
     assert!(high <= MAX_TRANSIENT, "{high} transient objects mid-run");
     assert_eq!(backend.transient_handles().unwrap(), before);
@@ -417,9 +434,9 @@ fn a_killed_tpm_is_unavailable_then_recovers() {
     let key = Arc::new(create(&backend, KeyType::EcdsaP256, Purpose::Sign, None));
     tpm.kill().unwrap();
 
-    // Bounded: the call runs on another thread and must answer within a few seconds.
+    // Bounded: the call runs on another thread and must answer, not hang. The bound is generous
+    // (a loaded 2-core machine running ten test processes meets it every time); a hang never does.
     let (tx, rx) = std::sync::mpsc::channel();
-    let started = Instant::now();
     {
         let (backend, key) = (Arc::clone(&backend), Arc::clone(&key));
         std::thread::spawn(move || {
@@ -427,16 +444,15 @@ fn a_killed_tpm_is_unavailable_then_recovers() {
         });
     }
     let result = rx
-        .recv_timeout(Duration::from_secs(5))
-        .expect("no answer within 5 s from a killed TPM");
+        .recv_timeout(HANG)
+        .expect("no answer from a killed TPM: the call hangs");
     let err = result.unwrap_err();
     assert!(
         matches!(&err, Error::BackendUnavailable { backend, .. } if backend == "tpm"),
         "{err:?}"
     );
-    assert!(started.elapsed() < Duration::from_secs(5));
     assert!(err.to_string().contains(&tpm.tcti()), "{err}");
-    // Still down: still unavailable, quickly.
+    // Still down: still unavailable.
     let err = backend
         .sign(key.at(), MESSAGE, SignatureFormat::Der)
         .unwrap_err();
@@ -464,9 +480,9 @@ fn a_killed_tpm_is_unavailable_then_recovers() {
 }
 
 /// swtpm killed while it works on a command (an RSA-3072 key generation): the caller gets
-/// "unavailable" within a bounded time, not a hang, and the backend recovers once it is back.
+/// "unavailable", not a hang, and the backend recovers once it is back.
 #[test]
-fn a_tpm_killed_mid_command_is_unavailable_within_seconds() {
+fn a_tpm_killed_mid_command_is_unavailable_not_a_hang() {
     let mut tpm = Swtpm::new().unwrap();
     let backend = Arc::new(backend(&tpm));
     let (tx, rx) = std::sync::mpsc::channel();
@@ -486,24 +502,20 @@ fn a_tpm_killed_mid_command_is_unavailable_within_seconds() {
                     spec: &spec,
                 };
                 if let Err(e) = backend.generate(context, &KeyOptions::new()) {
-                    let _ = tx.send((e, Instant::now()));
+                    let _ = tx.send(e);
                     return;
                 }
             }
         });
     }
+    // Not a bound on anything: the generations run back to back, so the kill lands inside one
+    // or between two, and both must end the same way.
     std::thread::sleep(Duration::from_millis(400));
-    let killed = Instant::now();
     tpm.kill().unwrap();
-    let (err, failed) = rx
-        .recv_timeout(Duration::from_secs(10))
-        .expect("no answer within 10 s from a TPM killed mid-command");
+    let err = rx
+        .recv_timeout(HANG)
+        .expect("no answer from a TPM killed mid-command: the call hangs");
     assert!(matches!(err, Error::BackendUnavailable { .. }), "{err:?}");
-    assert!(
-        failed.duration_since(killed) < Duration::from_secs(5),
-        "{:?}",
-        failed.duration_since(killed)
-    );
     tpm.restart().unwrap();
     let key = create(&backend, KeyType::EcdsaP256, Purpose::Sign, None);
     sign_and_verify(&backend, &key);
@@ -559,6 +571,10 @@ fn four_threads_times_200_signatures_without_an_error() {
     assert!(backend.transient_handles().unwrap() <= MAX_TRANSIENT);
 }
 
+/// A caller waits at most the timeout for its turn. Another caller holds the device (the test
+/// hook stands in for a long command such as an RSA-3072 key generation) for as long as the test
+/// likes: the signature must come back with `Timeout` on its own, however long the TPM or the
+/// machine takes for anything, and work once the device is free.
 #[test]
 fn a_caller_waits_a_bounded_time_for_its_turn() {
     use keyhold::backend::tpm::device::DeviceSettings;
@@ -568,52 +584,41 @@ fn a_caller_waits_a_bounded_time_for_its_turn() {
         ..DeviceSettings::default()
     };
     let device = keyhold::backend::tpm::device(&tpm.tcti(), settings).unwrap();
-    let backend = Arc::new(TpmBackend::with_device("tpm", device, &kek()).unwrap());
+    let backend = Arc::new(TpmBackend::with_device("tpm", Arc::clone(&device), &kek()).unwrap());
     let key = Arc::new(create(&backend, KeyType::EcdsaP256, Purpose::Sign, None));
-    // One thread generates RSA-3072 keys (often seconds each on swtpm) while this one signs,
-    // until a signature has timed out (or ten keys were made, which would fail the test).
-    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let generator = {
-        let (backend, stop) = (Arc::clone(&backend), Arc::clone(&stop));
+    let hold = device.hold("another caller").unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    {
+        let (backend, key) = (Arc::clone(&backend), Arc::clone(&key));
         std::thread::spawn(move || {
-            for _ in 0..10 {
-                if stop.load(std::sync::atomic::Ordering::SeqCst) {
-                    break;
-                }
-                create(&backend, KeyType::Rsa3072, Purpose::Sign, None);
-            }
-        })
-    };
-    let mut timeouts = 0;
-    let mut signed = 0;
-    while !generator.is_finished() && timeouts == 0 {
-        let started = Instant::now();
-        match backend.sign(key.at(), MESSAGE, SignatureFormat::Der) {
-            Ok(_) => signed += 1,
-            Err(Error::Timeout {
-                backend, waited, ..
-            }) => {
-                assert_eq!(backend, "tpm");
-                assert_eq!(waited, Duration::from_millis(300));
-                // The wait is bounded: the timeout, plus scheduling slack.
-                assert!(
-                    started.elapsed() < Duration::from_secs(2),
-                    "{:?}",
-                    started.elapsed()
-                );
-                timeouts += 1;
-            }
-            Err(other) => panic!("{other:?}"),
-        }
+            let started = Instant::now();
+            let result = backend.sign(key.at(), MESSAGE, SignatureFormat::Der);
+            let _ = tx.send((result, started.elapsed()));
+        });
     }
-    stop.store(true, std::sync::atomic::Ordering::SeqCst);
-    generator.join().unwrap();
-    assert!(
-        timeouts > 0,
-        "no timeout while RSA-3072 keys were generated ({signed} signed)"
-    );
-    backend
+    // The device stays held until the answer is in: only the timeout can end the wait.
+    let (result, waited_for) = rx
+        .recv_timeout(HANG)
+        .expect("the caller waited without bound for a held TPM");
+    match result {
+        Err(Error::Timeout {
+            backend, waited, ..
+        }) => {
+            assert_eq!(backend, "tpm");
+            assert_eq!(waited, Duration::from_millis(300));
+            assert!(waited_for >= waited, "gave up early: {waited_for:?}");
+        }
+        other => panic!("expected Error::Timeout, got {other:?}"),
+    }
+    drop(hold);
+    let sig = backend
         .sign(key.at(), MESSAGE, SignatureFormat::Der)
+        .unwrap();
+    key.generated
+        .public_key
+        .as_ref()
+        .unwrap()
+        .verify(MESSAGE, &sig, SignatureFormat::Der)
         .unwrap();
 }
 
@@ -646,7 +651,10 @@ fn destroy_keeps_nothing_in_the_tpm() {
     let key = create(&backend, KeyType::EcdsaP256, Purpose::Sign, None);
     backend.destroy(key.at()).unwrap();
     let err = backend.destroy_object(&key.generated.locator).unwrap_err();
-    assert!(matches!(err, Error::InvalidInput(_)), "{err:?}");
+    assert!(
+        matches!(&err, Error::InvalidInput(m) if m.contains("keeps no key objects in the TPM")),
+        "{err:?}"
+    );
     assert_eq!(
         backend.transient_handles().unwrap(),
         2,
@@ -654,78 +662,11 @@ fn destroy_keeps_nothing_in_the_tpm() {
     );
 }
 
-/// A relay between the TPM client and swtpm that records every byte on the command port, both
-/// ways: what someone probing the TPM bus would see.
-mod tap {
-    use std::io::{Read, Write};
-    use std::net::{Ipv4Addr, Shutdown, TcpListener, TcpStream};
-    use std::sync::{Arc, Mutex};
-
-    pub struct Tap {
-        pub port: u16,
-        pub seen: Arc<Mutex<Vec<u8>>>,
-    }
-
-    fn relay(mut from: TcpStream, mut to: TcpStream, seen: Option<Arc<Mutex<Vec<u8>>>>) {
-        let mut buf = [0u8; 4096];
-        loop {
-            match from.read(&mut buf) {
-                Ok(0) | Err(_) => break,
-                Ok(n) => {
-                    if let Some(seen) = &seen {
-                        seen.lock().unwrap().extend_from_slice(&buf[..n]);
-                    }
-                    if to.write_all(&buf[..n]).is_err() {
-                        break;
-                    }
-                }
-            }
-        }
-        let _ = to.shutdown(Shutdown::Write);
-    }
-
-    fn serve(listener: TcpListener, target: u16, seen: Option<Arc<Mutex<Vec<u8>>>>) {
-        std::thread::spawn(move || {
-            for client in listener.incoming() {
-                let Ok(client) = client else { continue };
-                let Ok(server) = TcpStream::connect((Ipv4Addr::LOCALHOST, target)) else {
-                    continue;
-                };
-                let (c2, s2) = (client.try_clone().unwrap(), server.try_clone().unwrap());
-                let (seen_up, seen_down) = (seen.clone(), seen.clone());
-                std::thread::spawn(move || relay(client, server, seen_up));
-                std::thread::spawn(move || relay(s2, c2, seen_down));
-            }
-        });
-    }
-
-    /// A relay on two free consecutive ports in front of the swtpm on `target` and `target + 1`.
-    pub fn new(target: u16) -> Tap {
-        for _ in 0..50 {
-            let first = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
-            let port = first.local_addr().unwrap().port();
-            let Ok(second) = TcpListener::bind((Ipv4Addr::LOCALHOST, port + 1)) else {
-                continue;
-            };
-            let seen = Arc::new(Mutex::new(Vec::new()));
-            serve(first, target, Some(Arc::clone(&seen)));
-            serve(second, target + 1, None);
-            return Tap { port, seen };
-        }
-        panic!("no two free consecutive ports for the tap");
-    }
-}
-
 #[test]
 fn secrets_cross_the_bus_encrypted() {
     let tpm = Swtpm::new().unwrap();
-    let tap = tap::new(tpm.port());
-    let backend = TpmBackend::new(
-        "tpm",
-        &format!("swtpm:host=127.0.0.1,port={}", tap.port),
-        &kek(),
-    )
-    .unwrap();
+    let tap = Tap::new(tpm.port());
+    let backend = TpmBackend::new("tpm", &tap.tcti(), &kek()).unwrap();
     let key = create(&backend, KeyType::HmacSha256, Purpose::Mac, None);
     let marker: Vec<u8> = b"plaintext on the TPM bus! "
         .iter()
@@ -733,21 +674,197 @@ fn secrets_cross_the_bus_encrypted() {
         .cycle()
         .take(MAX_HMAC_INPUT)
         .collect();
-    tap.seen.lock().unwrap().clear();
+    tap.clear();
     let tag = backend.mac(key.at(), &marker).unwrap();
-    let seen = tap.seen.lock().unwrap().clone();
-    // TPM2_HMAC (command code 0x155) went through the tap...
+    // TPM2_HMAC went through the tap...
     assert!(
-        seen.windows(4).any(|w| w == [0, 0, 1, 0x55]),
+        tap.commands().contains(&CC_HMAC),
         "the tap saw no TPM2_HMAC"
     );
-    // ...but neither its input nor its result crossed in clear.
-    assert!(
-        !seen.windows(16).any(|w| marker.windows(16).any(|m| m == w)),
-        "HMAC input crossed the bus in clear"
+    // ...but neither its input nor its result crossed in clear, either way.
+    for (way, seen) in [("to", tap.sent()), ("from", tap.answered())] {
+        assert!(
+            !holds_any_part_of(&seen, &marker),
+            "HMAC input crossed the bus {way} the TPM in clear"
+        );
+        assert!(
+            !holds_any_part_of(&seen, &tag),
+            "the HMAC result crossed the bus {way} the TPM in clear"
+        );
+    }
+}
+
+/// README: "Keys are fixedTPM and fixedParent" and noDA. Every kind of key the backend makes is
+/// loaded from its blob by tpm2-tools, under the SRK tpm2-tools makes from the template the README
+/// gives (the same Name as keyhold's), and tpm2_readpublic reports its attributes: exactly these.
+/// The TPM loads a public area only together with the private part it was made with, so these are
+/// the key's own. The SRK is read back the same way.
+#[test]
+fn every_key_type_is_fixed_tpm_fixed_parent_and_no_da() {
+    let tpm = Swtpm::new().unwrap();
+    let backend = backend(&tpm);
+    let srk_name = backend.srk_name().unwrap();
+    let signing = "fixedtpm|fixedparent|sensitivedataorigin|userwithauth|noda|sign";
+    let decrypting = "fixedtpm|fixedparent|sensitivedataorigin|userwithauth|noda|decrypt";
+    let kinds = [
+        (KeyType::EcdsaP256, Purpose::Sign, None, signing),
+        (KeyType::EcdsaP384, Purpose::Sign, None, signing),
+        (
+            KeyType::Rsa2048,
+            Purpose::Sign,
+            Some(RsaPadding::Pss),
+            signing,
+        ),
+        (
+            KeyType::Rsa2048,
+            Purpose::Sign,
+            Some(RsaPadding::Pkcs1v15),
+            signing,
+        ),
+        (KeyType::Rsa2048, Purpose::Decrypt, None, decrypting),
+        (KeyType::Rsa3072, Purpose::Sign, None, signing),
+        (KeyType::Rsa3072, Purpose::Decrypt, None, decrypting),
+        (KeyType::HmacSha256, Purpose::Mac, None, signing),
+    ];
+    let keys: Vec<(Key, &str)> = kinds
+        .into_iter()
+        .map(|(t, p, padding, expected)| (create(&backend, t, p, padding), expected))
+        .collect();
+    // tpm2-tools needs the TPM to itself.
+    drop(backend);
+    let dir = tempfile::tempdir().unwrap();
+    assert_eq!(
+        srk_attributes(&tpm.tcti(), dir.path()),
+        flags("fixedtpm|fixedparent|sensitivedataorigin|userwithauth|noda|restricted|decrypt"),
+        "the SRK"
     );
-    assert!(
-        !seen.windows(16).any(|w| w == &tag[..16]),
-        "the HMAC result crossed the bus in clear"
+    for (key, expected) in keys {
+        let what = format!("{} {:?}", key.spec.key_type(), key.spec.algorithm());
+        let blob = key.generated.blob.as_deref().unwrap();
+        let (made_under, public, private) = keyhold::backend::tpm::key_blob_parts(blob).unwrap();
+        assert_eq!(made_under, srk_name, "{what}");
+        let attributes = loaded_attributes(&tpm.tcti(), dir.path(), &srk_name, &public, &private);
+        assert_eq!(attributes, flags(expected), "{what}");
+    }
+}
+
+/// README: "If other programs fill the TPM, keyhold flushes its own keys and tries once more,
+/// then fails with exit 7, "out of object memory", naming the resource manager as the cure."
+///
+/// swtpm holds three transient objects. tpm2-tools, as another program, leaves the primary key it
+/// makes loaded. With one slot taken, keyhold's SRK and one cached key fill the TPM; loading a
+/// second key fails with TPM_RC_OBJECT_MEMORY, and keyhold flushes its cached key and loads again
+/// (the retry is counted). With two slots taken there is nothing of keyhold's to flush: the error
+/// says what to do. keyhold never flushes the other program's objects.
+#[test]
+fn keyhold_flushes_its_own_keys_and_retries_when_others_fill_the_tpm() {
+    let tpm = Swtpm::new().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = {
+        let backend = backend(&tpm);
+        (
+            create(&backend, KeyType::EcdsaP256, Purpose::Sign, None),
+            create(&backend, KeyType::EcdsaP384, Purpose::Sign, None),
+        )
+    };
+    let transient = || {
+        support::tpm2_tool(
+            &tpm.tcti(),
+            dir.path(),
+            &["tpm2_getcap", "handles-transient"],
+        )
+        .lines()
+        .count()
+    };
+    let other_program = |name: &str| {
+        support::tpm2_tool(
+            &tpm.tcti(),
+            dir.path(),
+            &["tpm2_createprimary", "-C", "o", "-c", name],
+        );
+    };
+    other_program("other1.ctx");
+    assert_eq!(transient(), 1, "the other program's object");
+
+    let keyhold = backend(&tpm);
+    let signs = |key: &Key| {
+        let sig = keyhold
+            .sign(key.at(), MESSAGE, SignatureFormat::Der)
+            .unwrap();
+        let public = key.generated.public_key.as_ref().unwrap();
+        public.verify(MESSAGE, &sig, SignatureFormat::Der).unwrap();
+    };
+    let retries = keyhold::backend::tpm::object_memory_retries();
+    signs(&a);
+    assert_eq!(keyhold.transient_handles().unwrap(), 3, "the TPM is full");
+    assert_eq!(keyhold::backend::tpm::object_memory_retries(), retries);
+    signs(&b);
+    assert_eq!(
+        keyhold::backend::tpm::object_memory_retries(),
+        retries + 1,
+        "the second key loaded without the TPM running out of object memory"
     );
+    signs(&a);
+    assert_eq!(keyhold::backend::tpm::object_memory_retries(), retries + 2);
+    assert_eq!(keyhold.transient_handles().unwrap(), 3);
+    drop(keyhold);
+    assert_eq!(transient(), 1, "keyhold flushed another program's object");
+
+    other_program("other2.ctx");
+    let keyhold = backend(&tpm);
+    let err = keyhold
+        .sign(a.at(), MESSAGE, SignatureFormat::Der)
+        .unwrap_err();
+    match &err {
+        Error::BackendUnavailable { backend, reason } => {
+            assert_eq!(backend, "tpm");
+            assert!(
+                reason.contains("out of object memory")
+                    && reason.contains("resource manager")
+                    && reason.contains("tpm2_flushcontext"),
+                "{reason}"
+            );
+        }
+        other => panic!("expected BackendUnavailable, got {other:?}"),
+    }
+    assert_eq!(keyhold::backend::tpm::object_memory_retries(), retries + 2);
+}
+
+/// README: "at most `max_loaded` keys (2 by default) stay loaded between operations, least
+/// recently used flushed first". The default is checked by `no_handle_leaks_after_1000_operations`;
+/// here `max_loaded = 1`: after every operation the TPM holds the SRK and one key, and keyhold
+/// made the room itself (it never ran the TPM out of object memory).
+#[test]
+fn max_loaded_bounds_the_keys_kept_loaded() {
+    use keyhold::backend::tpm::device::DeviceSettings;
+    let tpm = Swtpm::new().unwrap();
+    let settings = DeviceSettings {
+        max_loaded: 1,
+        ..DeviceSettings::default()
+    };
+    let device = keyhold::backend::tpm::device(&tpm.tcti(), settings).unwrap();
+    let backend = TpmBackend::with_device("tpm", device, &kek()).unwrap();
+    let keys = [
+        create(&backend, KeyType::EcdsaP256, Purpose::Sign, None),
+        create(&backend, KeyType::EcdsaP384, Purpose::Sign, None),
+        create(&backend, KeyType::HmacSha256, Purpose::Mac, None),
+    ];
+    let retries = keyhold::backend::tpm::object_memory_retries();
+    for round in 0..3 {
+        for key in &keys {
+            if key.spec.key_type() == KeyType::HmacSha256 {
+                backend.mac(key.at(), MESSAGE).unwrap();
+            } else {
+                backend
+                    .sign(key.at(), MESSAGE, SignatureFormat::Der)
+                    .unwrap();
+            }
+            assert_eq!(
+                backend.transient_handles().unwrap(),
+                2,
+                "round {round}: the SRK and one key"
+            );
+        }
+    }
+    assert_eq!(keyhold::backend::tpm::object_memory_retries(), retries);
 }

@@ -1,6 +1,7 @@
 //! The TPM sealer and TPM-backed stores through the keystore, against real swtpm instances: PCR
 //! binding, recovery and reseal, a fresh TPM, a restarted TPM, the software fallback, the
-//! persistent SRK.
+//! persistent SRK (and an owner password), dictionary-attack lockout, the root secret on the bus,
+//! the sealed object's attributes.
 #![cfg(feature = "tpm")]
 #![allow(clippy::unwrap_used)] // test helpers: a panic is the failure report
 
@@ -16,6 +17,10 @@ use keyhold::{
     SignatureFormat, TpmSealer,
 };
 use secrecy::SecretString;
+use support::tpm::{
+    assert_in_lockout, drive_into_lockout, flags, holds_any_part_of, loaded_attributes, make_srk,
+    seal_and_unseal_in_clear, tpm2_ok, Tap, CC_CREATE, CC_UNSEAL,
+};
 use support::{sealer, PASSPHRASE};
 
 const MESSAGE: &[u8] = b"keyhold TPM sealer test";
@@ -25,6 +30,27 @@ const PCR: u8 = 8;
 
 fn device(tpm: &Swtpm) -> Arc<TpmDevice> {
     keyhold::backend::tpm::device(&tpm.tcti(), DeviceSettings::default()).unwrap()
+}
+
+/// A fresh swtpm, and a store path in a temp dir of its own (where tpm2-tools can work too).
+struct Setup {
+    tpm: Swtpm,
+    dir: tempfile::TempDir,
+    store: std::path::PathBuf,
+}
+
+impl Setup {
+    fn new() -> Self {
+        let tpm = Swtpm::new().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let store = dir.path().join("store");
+        Self { tpm, dir, store }
+    }
+}
+
+/// A TPM sealer on `tpm` that records the backend `tpm` of [`config`].
+fn named_sealer(tpm: &Swtpm) -> TpmSealer {
+    TpmSealer::new(device(tpm), Some("tpm".into()))
 }
 
 fn config(tpm: &Swtpm, fallback: Fallback) -> Config {
@@ -81,12 +107,14 @@ fn unseal_reason(err: Error) -> String {
 /// A store sealed by the TPM (no PCRs) opens again, and its TPM and fallback keys work.
 #[test]
 fn a_tpm_sealed_store_opens_again_with_its_keys() {
-    let tpm = Swtpm::new().unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let store = dir.path().join("store");
+    let Setup {
+        tpm,
+        dir: _dir,
+        store,
+    } = Setup::new();
     let config = config(&tpm, Fallback::Software);
     let (ec, aes) = {
-        let tpm_sealer = TpmSealer::new(device(&tpm), Some("tpm".into()));
+        let tpm_sealer = named_sealer(&tpm);
         let ks = Keystore::create_with(&store, &tpm_sealer, &config).unwrap();
         assert_eq!(ks.sealer_kind(), "tpm");
         let ec = ks
@@ -110,7 +138,7 @@ fn a_tpm_sealed_store_opens_again_with_its_keys() {
     assert_eq!(TpmSealer::pcrs_of(&sealed).unwrap(), Vec::<u8>::new());
     assert_eq!(TpmSealer::recovery_of(&sealed).unwrap(), None);
     // The root secret is not in the store in clear: it is the TPM's sealed object.
-    let tpm_sealer = TpmSealer::new(device(&tpm), Some("tpm".into()));
+    let tpm_sealer = named_sealer(&tpm);
     let ks = Keystore::open_with(&store, &tpm_sealer, &config).unwrap();
     sign_works(&ks, &ec);
     let env = ks.encrypt(&aes, MESSAGE, b"aad").unwrap();
@@ -126,19 +154,21 @@ fn a_tpm_sealed_store_opens_again_with_its_keys() {
 /// the new value, and every key ID still works.
 #[test]
 fn a_pcr_bound_seal_breaks_on_change_and_reseal_rebinds_it() {
-    let tpm = Swtpm::new().unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let store = dir.path().join("store");
+    let Setup {
+        tpm,
+        dir: _dir,
+        store,
+    } = Setup::new();
     let config = config(&tpm, Fallback::Refuse);
     let id = pcr_bound_store(&tpm, &store, &config);
     // Unchanged PCRs: it opens.
     {
-        let sealer = TpmSealer::new(device(&tpm), Some("tpm".into()));
+        let sealer = named_sealer(&tpm);
         sign_works(&Keystore::open_with(&store, &sealer, &config).unwrap(), &id);
     }
     let before = support::snapshot(&store);
     extend_pcr(&tpm);
-    let plain = || TpmSealer::new(device(&tpm), Some("tpm".into()));
+    let plain = || named_sealer(&tpm);
     let reason = unseal_reason(Keystore::open_with(&store, &plain(), &config).unwrap_err());
     assert!(reason.contains("PCRs 8 "), "{reason}");
     assert!(reason.contains("keyhold reseal"), "{reason}");
@@ -152,8 +182,8 @@ fn a_pcr_bound_seal_breaks_on_change_and_reseal_rebinds_it() {
         let recovery = TpmSealer::recovery_of(sealed)?;
         Ok((plain().with_pcrs(&[PCR])?.keeping_recovery(recovery), ()))
     };
-    let err = Keystore::reseal(&store, &wrong, resealer).unwrap_err();
-    assert!(matches!(err, Error::Unseal { .. }), "{err:?}");
+    let reason = unseal_reason(Keystore::reseal(&store, &wrong, resealer).unwrap_err());
+    assert!(reason.contains("wrong passphrase"), "{reason}");
     assert_eq!(support::snapshot(&store), before);
 
     // The right one re-binds to the PCR's new value.
@@ -192,9 +222,11 @@ fn a_pcr_bound_seal_breaks_on_change_and_reseal_rebinds_it() {
 /// Sealed to PCRs without a recovery passphrase: a change is final, and the error says so.
 #[test]
 fn without_recovery_a_pcr_change_is_final_and_says_so() {
-    let tpm = Swtpm::new().unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let store = dir.path().join("store");
+    let Setup {
+        tpm,
+        dir: _dir,
+        store,
+    } = Setup::new();
     {
         let sealer = TpmSealer::new(device(&tpm), None)
             .with_pcrs(&[PCR])
@@ -276,7 +308,7 @@ fn a_live_keystore_survives_a_tpm_restart() {
     let mut tpm = Swtpm::new().unwrap();
     let dir = tempfile::tempdir().unwrap();
     let store = dir.path().join("store");
-    let tpm_sealer = TpmSealer::new(device(&tpm), Some("tpm".into()));
+    let tpm_sealer = named_sealer(&tpm);
     let ks = Keystore::create_with(&store, &tpm_sealer, &config(&tpm, Fallback::Refuse)).unwrap();
     let ids: Vec<String> = [KeyType::EcdsaP256, KeyType::EcdsaP384, KeyType::Rsa2048]
         .into_iter()
@@ -305,9 +337,7 @@ fn a_live_keystore_survives_a_tpm_restart() {
 /// same key as the transient SRK (same Name), so keys made either way load under it.
 #[test]
 fn the_srk_can_live_at_a_persistent_handle() {
-    let tpm = Swtpm::new().unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let store = dir.path().join("store");
+    let Setup { tpm, dir, store } = Setup::new();
     let mut config = config(&tpm, Fallback::Refuse);
     let transient_key = {
         let ks = Keystore::create_with(&store, &sealer(PASSPHRASE), &config).unwrap();
@@ -319,6 +349,7 @@ fn the_srk_can_live_at_a_persistent_handle() {
         panic!("no tpm backend")
     };
     t.srk_handle = Some(0x8100_0001);
+    let mut persistent_keys = Vec::new();
     for round in 0..2 {
         let ks = Keystore::open_with(&store, &sealer(PASSPHRASE), &config).unwrap();
         sign_works(&ks, &transient_key);
@@ -331,6 +362,7 @@ fn the_srk_can_live_at_a_persistent_handle() {
             .unwrap()
             .id;
         sign_works(&ks, &id);
+        persistent_keys.push(id);
     }
     let listed = support::tpm2_tool(
         &tpm.tcti(),
@@ -338,6 +370,66 @@ fn the_srk_can_live_at_a_persistent_handle() {
         &["tpm2_getcap", "handles-persistent"],
     );
     assert_eq!(listed.trim(), "- 0x81000001");
+    // And back: keys made under the persistent SRK work with the derived one.
+    let derived = self::config(&tpm, Fallback::Refuse);
+    let ks = Keystore::open_with(&store, &sealer(PASSPHRASE), &derived).unwrap();
+    for id in &persistent_keys {
+        sign_works(&ks, id);
+    }
+}
+
+/// README: on a TPM whose owner hierarchy has a password, keyhold cannot derive its SRK and says
+/// so; "make the SRK once with tpm2-tools (`tpm2_createprimary -C o -P OWNERPW -G ecc256:aes128cfb
+/// -g sha256 -a '…' -c srk.ctx`, then `tpm2_evictcontrol -C o -P OWNERPW -c srk.ctx 0x81000001`)
+/// and set `srk_handle`". Done here as written: keys made before the password was set work again.
+#[test]
+fn with_an_owner_password_the_readme_srk_recipe_works() {
+    let Setup { tpm, dir, store } = Setup::new();
+    let mut config = config(&tpm, Fallback::Refuse);
+    let key = Keystore::create_with(&store, &sealer(PASSPHRASE), &config)
+        .unwrap()
+        .create_key(&request("ec", KeyType::EcdsaP256, None))
+        .unwrap()
+        .id;
+    let (tcti, tools) = (tpm.tcti(), dir.path());
+    const OWNER: &str = "the owner's password";
+    tpm2_ok(&tcti, tools, &["tpm2_changeauth", "-c", "o", OWNER]);
+    {
+        let ks = Keystore::open_with(&store, &sealer(PASSPHRASE), &config).unwrap();
+        match ks.sign(&key, MESSAGE, SignatureFormat::Der).unwrap_err() {
+            Error::BackendLogin { reason, .. } => assert!(
+                reason.contains("owner hierarchy has a password") && reason.contains("srk_handle"),
+                "{reason}"
+            ),
+            other => panic!("expected BackendLogin, got {other:?}"),
+        }
+    }
+    make_srk(&tcti, tools, Some(OWNER));
+    tpm2_ok(
+        &tcti,
+        tools,
+        &[
+            "tpm2_evictcontrol",
+            "-C",
+            "o",
+            "-P",
+            OWNER,
+            "-c",
+            "srk.ctx",
+            "0x81000001",
+        ],
+    );
+    let Some(BackendConfig::Tpm(t)) = config.backends.get_mut("tpm") else {
+        panic!("no tpm backend")
+    };
+    t.srk_handle = Some(0x8100_0001);
+    let ks = Keystore::open_with(&store, &sealer(PASSPHRASE), &config).unwrap();
+    sign_works(&ks, &key);
+    let made = ks
+        .create_key(&request("made-after", KeyType::EcdsaP256, None))
+        .unwrap()
+        .id;
+    sign_works(&ks, &made);
 }
 
 /// Another program's key at the configured SRK handle is never adopted.
@@ -378,34 +470,39 @@ fn a_foreign_object_at_the_srk_handle_is_refused() {
     );
 }
 
+/// The store's sealer metadata failed its MAC (exit 6).
+fn assert_metadata_refused(err: &Error) {
+    assert!(
+        matches!(err, Error::Integrity { what }
+            if what.contains("sealer metadata") && what.contains("failed its MAC")),
+        "{err:?}"
+    );
+}
+
 /// M2: the PCR list in the store is changed (to a PCR the intruder controls); the TPM then
 /// refuses the seal, and the user is told to run `reseal`, which unseals with the recovery
 /// passphrase. The metadata MAC, checked right after the unseal, refuses the store before
 /// anything is re-sealed: nothing in the store changes, and it still opens once the list is back.
 #[test]
 fn seal_parameters_changed_behind_keyholds_back_are_refused_before_resealing() {
-    let tpm = Swtpm::new().unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let store = dir.path().join("store");
+    let Setup {
+        tpm,
+        dir: _dir,
+        store,
+    } = Setup::new();
     let config = config(&tpm, Fallback::Refuse);
     let id = pcr_bound_store(&tpm, &store, &config);
-    let plain = || TpmSealer::new(device(&tpm), Some("tpm".into()));
+    let plain = || named_sealer(&tpm);
     let original = support::edit_seal_params(&store, |p| p["pcrs"] = serde_json::json!([9]));
     let before = support::snapshot(&store);
     // What `keyhold reseal` does: the old seal's (doctored) PCR list, the recovery passphrase.
     let unsealer = plain().with_recovery_prompt(Box::new(|| Ok(SecretString::from(PASSPHRASE))));
     let resealer = plain().with_pcrs(&[9]).unwrap();
     let err = Keystore::reseal(&store, &unsealer, |_| Ok((resealer, ()))).unwrap_err();
-    match &err {
-        Error::Integrity { what } => assert!(
-            what.contains("sealer metadata") && what.contains("failed its MAC"),
-            "{what}"
-        ),
-        other => panic!("expected Error::Integrity, got {other:?}"),
-    }
+    assert_metadata_refused(&err);
     assert_eq!(support::snapshot(&store), before, "something was re-sealed");
     let err = Keystore::open_with(&store, &unsealer, &config).unwrap_err();
-    assert!(matches!(err, Error::Integrity { .. }), "{err:?}");
+    assert_metadata_refused(&err);
     // The recovery seal and the SRK Name are covered too.
     support::set_seal_params(&store, &original);
     sign_works(
@@ -414,7 +511,7 @@ fn seal_parameters_changed_behind_keyholds_back_are_refused_before_resealing() {
     );
     support::edit_seal_params(&store, |p| p["recovery"] = serde_json::Value::Null);
     let err = Keystore::open_with(&store, &plain(), &config).unwrap_err();
-    assert!(matches!(err, Error::Integrity { .. }), "{err:?}");
+    assert_metadata_refused(&err);
 }
 
 /// M2 (reseal race): `keyhold reseal` used to take the old seal's PCR list and recovery seal from
@@ -427,12 +524,14 @@ fn seal_parameters_changed_behind_keyholds_back_are_refused_before_resealing() {
 /// recovery seal, and the store stays bound to the PCR.
 #[test]
 fn a_reseal_builds_the_new_seal_only_from_the_metadata_it_authenticated() {
-    let tpm = Swtpm::new().unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let store = dir.path().join("store");
+    let Setup {
+        tpm,
+        dir: _dir,
+        store,
+    } = Setup::new();
     let config = config(&tpm, Fallback::Refuse);
     let id = pcr_bound_store(&tpm, &store, &config);
-    let plain = || TpmSealer::new(device(&tpm), Some("tpm".into()));
+    let plain = || named_sealer(&tpm);
     extend_pcr(&tpm);
     let swapped = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let unsealer = {
@@ -487,9 +586,11 @@ fn a_reseal_builds_the_new_seal_only_from_the_metadata_it_authenticated() {
 /// before unsealing anything.
 #[test]
 fn a_store_is_opened_only_with_the_sealer_kind_the_caller_passes() {
-    let tpm = Swtpm::new().unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let store = dir.path().join("store");
+    let Setup {
+        tpm,
+        dir: _dir,
+        store,
+    } = Setup::new();
     Keystore::create(&store, &sealer(PASSPHRASE)).unwrap();
     let reason =
         unseal_reason(Keystore::open(&store, &TpmSealer::new(device(&tpm), None)).unwrap_err());
@@ -505,9 +606,11 @@ fn a_store_is_opened_only_with_the_sealer_kind_the_caller_passes() {
 /// talked into stating `tpm` would) is refused too, because no record verifies under the new root.
 #[test]
 fn a_sealed_root_replaced_by_a_tpm_seal_of_a_known_root_is_refused() {
-    let tpm = Swtpm::new().unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let store = dir.path().join("store");
+    let Setup {
+        tpm,
+        dir: _dir,
+        store,
+    } = Setup::new();
     let id = {
         let ks = Keystore::create(&store, &sealer(PASSPHRASE)).unwrap();
         ks.create_key(&KeyRequest {
@@ -543,9 +646,11 @@ fn a_sealed_root_replaced_by_a_tpm_seal_of_a_known_root_is_refused() {
 /// everything through first, to show that the refusal comes from the forgery.
 #[test]
 fn a_man_in_the_middle_answering_create_primary_with_its_own_key_gets_no_session() {
-    let tpm = Swtpm::new().unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let store = dir.path().join("store");
+    let Setup {
+        tpm,
+        dir: _dir,
+        store,
+    } = Setup::new();
     drop(
         Keystore::create_with(
             &store,
@@ -579,6 +684,161 @@ fn a_man_in_the_middle_answering_create_primary_with_its_own_key_gets_no_session
         reason.contains("pinned") && reason.contains("no session was salted"),
         "{reason}"
     );
+}
+
+/// README: keyhold's SRK, keys and sealed root secret are noDA, so "a lockout that other programs
+/// caused does not stop keyhold (checked on a swtpm in lockout: keys sign, the store unseals)".
+///
+/// A password guesser drives swtpm into dictionary-attack lockout (wrong passwords for a
+/// DA-protected NV index until the TPM answers TPM_RC_LOCKOUT); the lockout is shown to be in
+/// effect (the right password and a DA-protected signing key are refused with TPM_RC_LOCKOUT).
+/// Then a TPM-sealed store and a PCR-bound one unseal, every kind of TPM key works (in a
+/// passphrase-sealed store too), a new key is made, and the TPM is still in lockout afterwards:
+/// all of it happened during the lockout.
+#[test]
+fn keys_work_and_stores_unseal_while_the_tpm_is_in_lockout() {
+    let Setup { tpm, dir, store } = Setup::new();
+    let config = config(&tpm, Fallback::Refuse);
+    let pcr_store = dir.path().join("pcr-store");
+    let (ids, pcr_key) = {
+        let ks = Keystore::create_with(&store, &named_sealer(&tpm), &config).unwrap();
+        let ids: Vec<String> = [
+            ("ec", KeyType::EcdsaP256, None),
+            ("rsa", KeyType::Rsa2048, Some(Purpose::Sign)),
+            ("oaep", KeyType::Rsa2048, Some(Purpose::Decrypt)),
+            ("mac", KeyType::HmacSha256, None),
+        ]
+        .into_iter()
+        .map(|(name, t, p)| ks.create_key(&request(name, t, p)).unwrap().id)
+        .collect();
+        (ids, pcr_bound_store(&tpm, &pcr_store, &config))
+    };
+    // A passphrase-sealed store's TPM keys are the same kind of key: they work in lockout too.
+    let pass_store = dir.path().join("pass-store");
+    let pass_key = Keystore::create_with(&pass_store, &sealer(PASSPHRASE), &config)
+        .unwrap()
+        .create_key(&request("ec", KeyType::EcdsaP384, None))
+        .unwrap()
+        .id;
+    let tools = tempfile::tempdir().unwrap();
+    let wrong = drive_into_lockout(&tpm.tcti(), tools.path());
+    assert!(wrong >= 1);
+    assert_in_lockout(&tpm.tcti(), tools.path());
+    {
+        let ks = Keystore::open_with(&store, &named_sealer(&tpm), &config).unwrap();
+        let [ec, rsa, oaep, mac] = &ids[..] else {
+            panic!("{ids:?}")
+        };
+        sign_works(&ks, ec);
+        sign_works(&ks, rsa);
+        let envelope = ks.encrypt(oaep, MESSAGE, b"aad").unwrap();
+        assert_eq!(
+            ks.decrypt(oaep, &envelope, b"aad").unwrap().expose(),
+            MESSAGE
+        );
+        let tag = ks.mac(mac, MESSAGE).unwrap();
+        ks.verify_mac(mac, MESSAGE, &tag).unwrap();
+        let made = ks
+            .create_key(&request("made-in-lockout", KeyType::EcdsaP256, None))
+            .unwrap()
+            .id;
+        sign_works(&ks, &made);
+        let pcr_ks = Keystore::open_with(&pcr_store, &named_sealer(&tpm), &config).unwrap();
+        sign_works(&pcr_ks, &pcr_key);
+        let pass_ks = Keystore::open_with(&pass_store, &sealer(PASSPHRASE), &config).unwrap();
+        sign_works(&pass_ks, &pass_key);
+    }
+    // keyhold neither ended the lockout nor was it over meanwhile.
+    assert_in_lockout(&tpm.tcti(), tools.path());
+}
+
+/// README: the root secret is "unsealed at every open through a salted session with parameter
+/// encryption, so the secret crosses the bus encrypted". A tap between keyhold and swtpm records
+/// each direction while a known root secret is sealed (TPM2_Create) and unsealed (TPM2_Unseal),
+/// without PCRs and bound to a PCR (whose policy session is another path): no 16-byte run of the
+/// root secret crosses either way. The control: the same tap does see a secret sealed and unsealed
+/// without parameter encryption, both ways.
+#[test]
+fn the_root_secret_crosses_the_bus_encrypted_on_seal_and_unseal() {
+    let tpm = Swtpm::new().unwrap();
+    let tap = Tap::new(tpm.port());
+    let root_bytes = *b"keyhold root secret on the bus!!";
+    let store_id = [0x5a; 16];
+    for pcrs in [&[][..], &[PCR]] {
+        let sealer = TpmSealer::new(
+            keyhold::backend::tpm::device(&tap.tcti(), DeviceSettings::default()).unwrap(),
+            None,
+        )
+        .with_pcrs(pcrs)
+        .unwrap();
+        let root = keyhold::sealer::RootSecret::from_bytes(
+            keyhold::secret::SecretBytes::copy_from(&root_bytes),
+        )
+        .unwrap();
+        tap.clear();
+        let sealed = sealer.seal(&root, &store_id).unwrap();
+        assert!(tap.commands().contains(&CC_CREATE), "no TPM2_Create seen");
+        for (way, seen) in [("to", tap.sent()), ("from", tap.answered())] {
+            assert!(
+                !holds_any_part_of(&seen, &root_bytes),
+                "PCRs {pcrs:?}: the root secret crossed the bus {way} the TPM in clear at seal"
+            );
+        }
+        tap.clear();
+        sealer.unseal(&sealed, &store_id).unwrap();
+        assert!(tap.commands().contains(&CC_UNSEAL), "no TPM2_Unseal seen");
+        for (way, seen) in [("to", tap.sent()), ("from", tap.answered())] {
+            assert!(
+                !holds_any_part_of(&seen, &root_bytes),
+                "PCRs {pcrs:?}: the root secret crossed the bus {way} the TPM in clear at unseal"
+            );
+        }
+    }
+
+    // The control, once keyhold's connection is closed (swtpm serves one at a time).
+    tap.clear();
+    assert_eq!(
+        seal_and_unseal_in_clear(&tap.tcti(), &root_bytes),
+        root_bytes
+    );
+    assert!(
+        holds_any_part_of(&tap.sent(), &root_bytes),
+        "the tap does not see a secret sealed in clear"
+    );
+    assert!(
+        holds_any_part_of(&tap.answered(), &root_bytes),
+        "the tap does not see a secret unsealed in clear"
+    );
+}
+
+/// README: "the sealed root secret [is] noDA". The store's sealed object is loaded from what the
+/// store keeps by tpm2-tools under keyhold's SRK and read back with tpm2_readpublic: fixedTPM,
+/// fixedParent, noDA, and userWithAuth only without PCRs (with PCRs only the policy unseals it).
+/// Not sensitiveDataOrigin: the data is the root secret keyhold supplies.
+#[test]
+fn the_sealed_root_secret_is_fixed_tpm_fixed_parent_and_no_da() {
+    let Setup { tpm, dir, store } = Setup::new();
+    let config = config(&tpm, Fallback::Refuse);
+    let pcr_store = dir.path().join("pcr-store");
+    drop(Keystore::create_with(&store, &named_sealer(&tpm), &config).unwrap());
+    pcr_bound_store(&tpm, &pcr_store, &config);
+    let tools = tempfile::tempdir().unwrap();
+    for (store, expected) in [
+        (&store, "fixedtpm|fixedparent|userwithauth|noda"),
+        (&pcr_store, "fixedtpm|fixedparent|noda"),
+    ] {
+        let sealed = keyhold::store::Store::open(store)
+            .unwrap()
+            .meta()
+            .sealed_root
+            .clone();
+        let params: serde_json::Value = serde_json::from_slice(&sealed.params).unwrap();
+        let srk_name = support::unhex(params["srk_name"].as_str().unwrap());
+        let public = support::unhex(params["public"].as_str().unwrap());
+        let attributes =
+            loaded_attributes(&tpm.tcti(), tools.path(), &srk_name, &public, &sealed.blob);
+        assert_eq!(attributes, flags(expected), "{}", store.display());
+    }
 }
 
 /// A TCP relay in front of swtpm's command and control ports that can forge answers to

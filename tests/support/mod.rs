@@ -15,6 +15,9 @@ use keyhold::{
 use secrecy::SecretString;
 use tempfile::TempDir;
 
+#[cfg(feature = "tpm")]
+pub mod tpm;
+
 /// Cheap Argon2 settings: tests check behaviour, not KDF cost.
 pub const FAST: Argon2Params = Argon2Params {
     memory_mib: 19,

@@ -195,14 +195,49 @@ mod tests {
             uuid: &other,
             ..ctx
         };
-        assert!(parse(&blob).unwrap().auth(&kek, &moved).is_err());
-        for at in [1, 5, blob.len() - 30, blob.len() - 1] {
+        let refused = |e: Error| {
+            matches!(&e, Error::Integrity { what }
+                if what.contains("does not decrypt under this store's key"))
+        };
+        let err = parse(&blob).unwrap().auth(&kek, &moved).unwrap_err();
+        assert!(refused(err));
+        // Byte 1 is the SRK Name's length: the blob no longer parses. The others are in the SRK
+        // Name and the sealed authValue: it parses, and the authValue does not decrypt.
+        let err = parse(&{
+            let mut bent = blob.clone();
+            bent[1] ^= 1;
+            bent
+        })
+        .unwrap_err();
+        assert!(
+            matches!(&err, Error::Integrity { what } if what.contains("truncated")),
+            "{err:?}"
+        );
+        for at in [5, blob.len() - 30, blob.len() - 1] {
             let mut bent = blob.clone();
             bent[at] ^= 1;
-            let ok = parse(&bent).and_then(|p| p.auth(&kek, &ctx)).is_ok();
-            assert!(!ok, "byte {at}");
+            let err = parse(&bent).unwrap().auth(&kek, &ctx).unwrap_err();
+            assert!(refused(err), "byte {at}");
         }
-        assert!(parse(&blob[..blob.len() - 1]).is_err());
-        assert!(parse(&[2]).is_err());
+        let err = parse(&blob[..blob.len() - 1]).unwrap_err();
+        assert!(
+            matches!(&err, Error::Integrity { what } if what.contains("truncated")),
+            "{err:?}"
+        );
+        let err = parse(&[2]).unwrap_err();
+        assert!(
+            matches!(&err, Error::Integrity { what } if what.contains("truncated")),
+            "{err:?}"
+        );
+        let err = parse(&[1, 0, 0]).unwrap_err();
+        assert!(
+            matches!(&err, Error::Integrity { what } if what.contains("unknown TPM key blob version 1")),
+            "{err:?}"
+        );
+        let err = parse(&[]).unwrap_err();
+        assert!(
+            matches!(&err, Error::Integrity { what } if what.contains("empty key blob")),
+            "{err:?}"
+        );
     }
 }

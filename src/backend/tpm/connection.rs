@@ -112,6 +112,16 @@ pub(super) fn salted_sessions() -> u64 {
     SALTED_SESSIONS.load(std::sync::atomic::Ordering::SeqCst)
 }
 
+/// How many loads this process retried after flushing its cached keys because the TPM was out
+/// of object memory: lets tests see the retry happen.
+static OBJECT_MEMORY_RETRIES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// The number of loads retried after TPM_RC_OBJECT_MEMORY in this process so far.
+#[cfg(feature = "testing")]
+pub(super) fn object_memory_retries() -> u64 {
+    OBJECT_MEMORY_RETRIES.load(std::sync::atomic::Ordering::SeqCst)
+}
+
 /// A connection whose SRK is loaded but not yet trusted: no session is salted to it until the
 /// caller has compared [`Unverified::srk_name`] with the Name it expects.
 #[derive(Debug)]
@@ -295,6 +305,7 @@ impl Connection {
             Ok(handle) => handle,
             // Another program's objects fill the TPM: give back every cached key and try once more.
             Err(e) if errors::is_object_memory(e) && !self.loaded.is_empty() => {
+                OBJECT_MEMORY_RETRIES.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                 self.flush_cached()?;
                 self.context
                     .load(srk, private, public)

@@ -98,6 +98,19 @@ impl Drop for Turn<'_> {
     }
 }
 
+/// A turn on the device held by a test (see [`TpmDevice::hold`]); released on drop.
+#[cfg(any(test, feature = "testing"))]
+pub struct DeviceHold<'d> {
+    _turn: Turn<'d>,
+}
+
+#[cfg(any(test, feature = "testing"))]
+impl std::fmt::Debug for DeviceHold<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DeviceHold").finish_non_exhaustive()
+    }
+}
+
 impl TpmDevice {
     /// The device for `tcti` in this process, made if nobody holds it. Connects lazily: the TPM
     /// need not be there yet.
@@ -175,6 +188,19 @@ impl TpmDevice {
         Ok(Turn {
             device: self,
             connection,
+        })
+    }
+
+    /// Takes a turn on the device and keeps it until the guard is dropped, as a caller in the
+    /// middle of a long command (an RSA key generation) would: lets tests check the bounded wait
+    /// of everyone else without depending on how long the TPM takes for anything.
+    ///
+    /// # Errors
+    /// [`Error::Timeout`] if the device stays busy past the timeout.
+    #[cfg(any(test, feature = "testing"))]
+    pub fn hold(&self, who: &str) -> Result<DeviceHold<'_>> {
+        Ok(DeviceHold {
+            _turn: self.turn(who)?,
         })
     }
 

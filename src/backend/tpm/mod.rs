@@ -150,6 +150,29 @@ pub fn salted_sessions() -> u64 {
     connection::salted_sessions()
 }
 
+/// How many times this process flushed its cached keys and loaded a key again because the TPM
+/// was out of object memory (another program's objects filled it).
+#[cfg(feature = "testing")]
+pub fn object_memory_retries() -> u64 {
+    connection::object_memory_retries()
+}
+
+/// The parts of a TPM key's blob: the SRK Name it was made under, its public area (a marshalled
+/// TPMT_PUBLIC) and its TPM-wrapped private part (the TPM2B_PRIVATE contents), for tests that
+/// load it with other tools and read its attributes back.
+///
+/// # Errors
+/// [`Error::Integrity`] for a blob that does not parse.
+#[cfg(feature = "testing")]
+pub fn key_blob_parts(blob: &[u8]) -> Result<(Vec<u8>, Vec<u8>, Vec<u8>)> {
+    let parts = blob::parse(blob)?;
+    Ok((
+        parts.srk_name.to_vec(),
+        parts.public.to_vec(),
+        parts.private.to_vec(),
+    ))
+}
+
 /// keyhold's TPM templates, for benches and tests that drive a TPM directly the way keyhold does
 /// (a copy could drift from what keyhold really uses).
 #[cfg(feature = "testing")]
@@ -681,9 +704,19 @@ mod tests {
         let text = e.map(|e| e.to_string()).unwrap_or_default();
         assert!(text.contains("localhost:2321"), "{text}");
         assert!(text.contains("swtpm:host=127.0.0.1,port=P"), "{text}");
-        assert!(parse_tcti("mssim:host=x,bogus=1").is_err());
-        assert!(parse_tcti("swtpm:host=127.0.0.1,port=2321").is_ok());
-        assert!(parse_tcti("device:/dev/tpmrm0").is_ok());
+        let err = parse_tcti("mssim:host=x,bogus=1").unwrap_err();
+        assert!(
+            matches!(&err, Error::Config(m) if m.contains("option `bogus=1` is not supported")
+                && m.contains("only `host=` and `port=` are understood")),
+            "{err:?}"
+        );
+        let err = parse_tcti("no-such-tcti-form:::").unwrap_err();
+        assert!(
+            matches!(&err, Error::Config(m) if m.contains("is not understood")),
+            "{err:?}"
+        );
+        parse_tcti("swtpm:host=127.0.0.1,port=2321").unwrap();
+        parse_tcti("device:/dev/tpmrm0").unwrap();
     }
 
     /// A failed command leaves no handle behind: the key stays cached (one handle), and nothing
@@ -712,7 +745,10 @@ mod tests {
             let err = backend
                 .with_key(&context, &blob, |key| key.sign(&[0u8; 31]))
                 .unwrap_err();
-            assert!(matches!(err, Error::Backend { .. }), "{err:?}");
+            assert!(
+                matches!(&err, Error::Backend { operation, .. } if operation.starts_with("TPM2_Sign")),
+                "{err:?}"
+            );
         }
         assert_eq!(backend.transient_handles().unwrap(), 2);
     }
