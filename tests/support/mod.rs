@@ -83,11 +83,9 @@ pub fn snapshot(dir: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
 
 /// Runs `openssl` with `args` in `dir`; returns whether it succeeded, and its stdout and stderr.
 pub fn openssl(dir: &Path, args: &[&str]) -> (bool, String) {
-    let out = std::process::Command::new("openssl")
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .expect("run openssl (is it installed?)");
+    let mut cmd = std::process::Command::new("openssl");
+    cmd.args(args).current_dir(dir);
+    let out = env::run_command(cmd, None);
     let text = format!(
         "{}{}",
         String::from_utf8_lossy(&out.stdout),
