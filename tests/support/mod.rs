@@ -3,8 +3,6 @@
 //! [`env`].
 #![allow(dead_code)]
 
-pub mod env;
-
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
@@ -80,6 +78,9 @@ pub fn snapshot(dir: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
         })
         .collect()
 }
+
+/// The harness of the command-line tests (tests/cli_*.rs).
+pub mod env;
 
 /// Runs `openssl` with `args` in `dir`; returns whether it succeeded, and its stdout and stderr.
 pub fn openssl(dir: &Path, args: &[&str]) -> (bool, String) {
