@@ -5,27 +5,19 @@
 
 mod support;
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::path::Path;
+use std::process::Output;
 use std::sync::Arc;
 
 use keyhold::backend::pkcs11::Pkcs11Backend;
 use keyhold::backend::{Backend, KeyContext, KeyOptions};
 use keyhold::testing::SoftHsm;
 use keyhold::{
-    Argon2Params, Error, KeyRequest, KeySpec, KeyType, Keystore, PassphraseSealer, Pkcs11Sealer,
-    SignatureFormat,
+    Error, KeyRequest, KeySpec, KeyType, Keystore, PassphraseSealer, Pkcs11Sealer, SignatureFormat,
 };
-use secrecy::SecretString;
 
 fn passphrase() -> PassphraseSealer {
-    PassphraseSealer::new(SecretString::from("doctor tests".to_owned()))
-        .with_params(Argon2Params {
-            memory_mib: 19,
-            iterations: 2,
-            parallelism: 1,
-        })
-        .unwrap()
+    support::sealer(support::PASSPHRASE)
 }
 
 fn request(name: &str, key_type: KeyType) -> KeyRequest {
@@ -482,11 +474,11 @@ fn doctor_reports_keys_of_an_unconfigured_backend_as_unchecked() {
     assert!(!doctor.backend_unavailable());
 }
 
-/// The real binary against a SoftHSM2 token, with the backend `hsm` in its configuration.
+/// The real binary (through the shared harness) against a SoftHSM2 token, with the backend
+/// `hsm` in its configuration.
 struct Cli {
     hsm: SoftHsm,
-    dir: tempfile::TempDir,
-    config: PathBuf,
+    env: support::env::Env,
 }
 
 impl Cli {
@@ -495,9 +487,14 @@ impl Cli {
     }
 
     fn with_token(hsm: SoftHsm) -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let config = dir.path().join("keyhold.toml");
-        let cli = Self { hsm, dir, config };
+        let env = support::env::Env::new()
+            .with_config("")
+            .with_var(
+                "SOFTHSM2_CONF",
+                SoftHsm::conf_file().unwrap().to_str().unwrap(),
+            )
+            .with_var("KH_TEST_PIN", keyhold::testing::TEST_USER_PIN);
+        let cli = Self { hsm, env };
         // NULs padding a label are padding, like spaces: the configured label is without them.
         cli.configure(
             cli.hsm.label().trim_end_matches('\0'),
@@ -517,42 +514,18 @@ impl Cli {
                 c => c.to_string(),
             })
             .collect();
-        std::fs::write(
-            &self.config,
-            format!(
-                "[backends.hsm]\ntype = \"pkcs11\"\nmodule = \"{module}\"\n\
-                 token_label = \"{label}\"\npin_env = \"KH_TEST_PIN\"\n"
-            ),
-        )
-        .unwrap();
+        self.env.set_config(&format!(
+            "[backends.hsm]\ntype = \"pkcs11\"\nmodule = \"{module}\"\n\
+             token_label = \"{label}\"\npin_env = \"KH_TEST_PIN\"\n"
+        ));
     }
 
     fn run(&self, args: &[&str]) -> Output {
-        Command::new(env!("CARGO_BIN_EXE_keyhold"))
-            .arg("--store")
-            .arg(self.dir.path().join("store"))
-            .arg("--config")
-            .arg(&self.config)
-            .args(args)
-            .env("SOFTHSM2_CONF", SoftHsm::conf_file().unwrap())
-            .env("KH_TEST_PIN", keyhold::testing::TEST_USER_PIN)
-            .env("KEYHOLD_PASSPHRASE", "doctor cli tests")
-            .env_remove("KEYHOLD_STORE")
-            .env_remove("KEYHOLD_CONFIG")
-            .stdin(Stdio::null())
-            .output()
-            .unwrap()
+        self.env.run(args, b"")
     }
 
     fn ok(&self, args: &[&str]) -> String {
-        let out = self.run(args);
-        assert!(
-            out.status.success(),
-            "{args:?}: exit {:?}: {}",
-            out.status.code(),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).unwrap()
+        self.env.ok_text(args)
     }
 
     fn init(&self, sealer: &[&str]) -> String {
@@ -567,9 +540,9 @@ impl Cli {
         let out = self.ok(&args);
         if let Some(kind) = sealer.iter().skip_while(|a| **a != "--sealer").nth(1) {
             // A store sealed without a passphrase opens only when the user says so (M1).
-            let mut config = std::fs::read_to_string(&self.config).unwrap();
+            let mut config = self.env.config_text();
             config.push_str(&format!("\n[store]\nsealer = \"{kind}\"\n"));
-            std::fs::write(&self.config, config).unwrap();
+            self.env.set_config(&config);
         }
         let id = out.split("store id ").nth(1).unwrap();
         id[..id.find(',').unwrap()].to_owned()
@@ -639,7 +612,7 @@ fn cli_remove_orphan_in_another_spelling_keeps_the_key_and_the_sealer_key() {
         "{stderr}"
     );
     // The store still opens (through the sealer's key) and the key still signs.
-    let msg = cli.dir.path().join("msg");
+    let msg = cli.env.dir.path().join("msg");
     std::fs::write(&msg, b"still here").unwrap();
     cli.ok(&[
         "sign",
@@ -648,7 +621,7 @@ fn cli_remove_orphan_in_another_spelling_keeps_the_key_and_the_sealer_key() {
         "--in",
         msg.to_str().unwrap(),
         "--out",
-        cli.dir.path().join("sig").to_str().unwrap(),
+        cli.env.dir.path().join("sig").to_str().unwrap(),
     ]);
     let (code, report, _) = cli.doctor();
     assert_eq!(code, Some(0), "{report}");
@@ -669,7 +642,7 @@ fn doctor_exit_codes_say_what_it_found() {
     );
 
     // Keys of a backend the configuration lacks: unchecked, exit 7.
-    std::fs::write(&cli.config, "").unwrap();
+    cli.env.set_config("");
     let (code, report, stderr) = cli.doctor();
     assert_eq!(code, Some(7), "{report}{stderr}");
     assert!(report.contains("unchecked keys: 1\n"), "{report}");
@@ -727,12 +700,12 @@ fn doctor_exit_codes_say_what_it_found() {
     assert_eq!(value["healthy"], serde_json::json!(false));
 
     // Disagreement outranks what could not be checked: 8 with an unchecked key as well.
-    let mut text = std::fs::read_to_string(&cli.config).unwrap();
+    let mut text = cli.env.config_text();
     text.push_str(
         "\n[backends.gone]\ntype = \"pkcs11\"\nmodule = \"/nonexistent/libnothing.so\"\n\
          token_label = \"x\"\npin_env = \"KH_TEST_PIN\"\n",
     );
-    std::fs::write(&cli.config, text).unwrap();
+    cli.env.set_config(&text);
     let (code, report, stderr) = cli.doctor();
     assert_eq!(code, Some(8), "{report}{stderr}");
     assert!(

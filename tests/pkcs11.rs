@@ -369,38 +369,28 @@ fn the_cli_with_a_wrong_pin_sends_one_c_login_per_process_and_exits_7() {
     let hsm = SoftHsm::new().unwrap();
     let t = HsmStore::on(&hsm);
     let key = t.create("signer", KeyType::EcdsaP256, None);
-    let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("keyhold.toml");
-    std::fs::write(
-        &config,
-        format!(
+    // The store was made through the library, under its passphrase.
+    let mut env = support::env::Env::new()
+        .without_passphrase()
+        .with_config(&format!(
             "[backends.hsm]\ntype = \"pkcs11\"\nmodule = \"{SPY_MODULE}\"\n\
              token_label = \"{}\"\npin_env = \"KH_TEST_PIN\"\n",
             hsm.label()
-        ),
-    )
-    .unwrap();
-    let message = dir.path().join("msg");
-    std::fs::write(&message, b"m").unwrap();
+        ))
+        .with_var(
+            "SOFTHSM2_CONF",
+            SoftHsm::conf_file().unwrap().to_str().unwrap(),
+        )
+        .with_var("KH_TEST_PIN", "000000")
+        .with_var("KEYHOLD_PASSPHRASE", PASSPHRASE);
+    env.store = t.path.clone();
+    let message = env.write("msg", b"m");
     for run in ["first", "second"] {
         let logs = tempfile::tempdir().unwrap();
         let spy = Spy::new(logs.path());
-        let out = Command::new(env!("CARGO_BIN_EXE_keyhold"))
-            .arg("--store")
-            .arg(&t.path)
-            .arg("--config")
-            .arg(&config)
-            .args(["sign", "--key", &key.id, "--in"])
-            .arg(&message)
-            .env("SOFTHSM2_CONF", SoftHsm::conf_file().unwrap())
-            .env("KH_TEST_PIN", "000000")
-            .env("KEYHOLD_PASSPHRASE", PASSPHRASE)
-            .env_remove("KEYHOLD_STORE")
-            .env_remove("KEYHOLD_CONFIG")
-            .envs(spy.env())
-            .stdin(std::process::Stdio::null())
-            .output()
-            .unwrap();
+        let out = env.run_with(&["sign", "--key", &key.id, "--in", &message], None, |cmd| {
+            cmd.envs(spy.env());
+        });
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(7), "{run}: {stderr}");
         assert!(
