@@ -394,7 +394,7 @@ fn no_handle_leaks_after_1000_operations() {
     // Closing the backend flushes everything: tpm2-tools (its own connection, which swtpm
     // serves once keyhold's is closed) finds no transient object left.
     drop(backend);
-    let listed = support::tpm2_tool(
+    let listed = support::tpm::tpm2_tool(
         &tpm.tcti(),
         tpm.state_dir(),
         &["tpm2_getcap", "handles-transient"],
@@ -528,7 +528,7 @@ fn a_cleared_tpm_is_refused_clearly() {
     let key = create(&backend, KeyType::EcdsaP256, Purpose::Sign, None);
     // Restart so that the backend's connection is dead and tpm2_clear can connect.
     tpm.restart().unwrap();
-    support::tpm2_tool(&tpm.tcti(), tpm.state_dir(), &["tpm2_clear", "-c", "p"]);
+    support::tpm::tpm2_tool(&tpm.tcti(), tpm.state_dir(), &["tpm2_clear", "-c", "p"]);
     let err = backend
         .sign(key.at(), MESSAGE, SignatureFormat::Der)
         .unwrap_err();
@@ -768,7 +768,7 @@ fn keyhold_flushes_its_own_keys_and_retries_when_others_fill_the_tpm() {
         )
     };
     let transient = || {
-        support::tpm2_tool(
+        support::tpm::tpm2_tool(
             &tpm.tcti(),
             dir.path(),
             &["tpm2_getcap", "handles-transient"],
@@ -777,7 +777,7 @@ fn keyhold_flushes_its_own_keys_and_retries_when_others_fill_the_tpm() {
         .count()
     };
     let other_program = |name: &str| {
-        support::tpm2_tool(
+        support::tpm::tpm2_tool(
             &tpm.tcti(),
             dir.path(),
             &["tpm2_createprimary", "-C", "o", "-c", name],

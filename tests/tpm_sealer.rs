@@ -364,7 +364,7 @@ fn the_srk_can_live_at_a_persistent_handle() {
         sign_works(&ks, &id);
         persistent_keys.push(id);
     }
-    let listed = support::tpm2_tool(
+    let listed = support::tpm::tpm2_tool(
         &tpm.tcti(),
         dir.path(),
         &["tpm2_getcap", "handles-persistent"],
@@ -437,7 +437,7 @@ fn with_an_owner_password_the_readme_srk_recipe_works() {
 fn a_foreign_object_at_the_srk_handle_is_refused() {
     let tpm = Swtpm::new().unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let run = |args: &[&str]| support::tpm2_tool(&tpm.tcti(), dir.path(), args);
+    let run = |args: &[&str]| support::tpm::tpm2_tool(&tpm.tcti(), dir.path(), args);
     // An RSA primary (not keyhold's ECC SRK template) persisted at 0x81000001.
     run(&[
         "tpm2_createprimary",

@@ -193,25 +193,6 @@ pub fn field<'a>(show: &'a str, name: &str) -> &'a str {
         .unwrap_or_else(|| panic!("no `{name}` in key show:\n{show}"))
 }
 
-/// Runs the tpm2-tools command `args` against the TPM at `tcti` in `dir` and returns its stdout;
-/// panics if it fails. swtpm serves one connection at a time: no keyhold connection to the same
-/// TPM may be open meanwhile.
-pub fn tpm2_tool(tcti: &str, dir: &Path, args: &[&str]) -> String {
-    let out = std::process::Command::new(args[0])
-        .args(&args[1..])
-        .args(["-T", tcti])
-        .env("TSS2_LOG", "all+none")
-        .current_dir(dir)
-        .output()
-        .unwrap_or_else(|e| panic!("run {} (tpm2-tools): {e}", args[0]));
-    assert!(
-        out.status.success(),
-        "{args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
 /// Asserts that `err` says the TPM was cleared or replaced since the key was made.
 pub fn assert_tpm_replaced(err: &keyhold::Error) {
     match err {

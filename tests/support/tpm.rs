@@ -20,24 +20,34 @@ pub struct Ran {
 /// Runs the tpm2-tools command `args` against `tcti` in `dir`, then flushes every transient object
 /// (tpm2-tools leaves each context it loads in the TPM, which holds about three).
 pub fn tpm2(tcti: &str, dir: &Path, args: &[&str]) -> Ran {
-    let run = |args: &[&str]| {
-        let out = std::process::Command::new(args[0])
-            .args(&args[1..])
-            .args(["-T", tcti])
-            .env("TSS2_LOG", "all+none")
-            .current_dir(dir)
-            .output()
-            .unwrap_or_else(|e| panic!("run {} (tpm2-tools): {e}", args[0]));
-        Ran {
-            ok: out.status.success(),
-            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-        }
-    };
-    let ran = run(args);
-    let flushed = run(&["tpm2_flushcontext", "-t"]);
+    let ran = tpm2_unflushed(tcti, dir, args);
+    let flushed = tpm2_unflushed(tcti, dir, &["tpm2_flushcontext", "-t"]);
     assert!(flushed.ok, "tpm2_flushcontext -t: {}", flushed.stderr);
     ran
+}
+
+/// Runs one tpm2-tools command (`args[0]`) on `tcti` in `dir`, leaving what it loaded loaded.
+pub fn tpm2_unflushed(tcti: &str, dir: &Path, args: &[&str]) -> Ran {
+    let out = std::process::Command::new(args[0])
+        .args(&args[1..])
+        .args(["-T", tcti])
+        .env("TSS2_LOG", "all+none")
+        .current_dir(dir)
+        .output()
+        .unwrap_or_else(|e| panic!("run {} (tpm2-tools): {e}", args[0]));
+    Ran {
+        ok: out.status.success(),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+/// As [`tpm2_unflushed`], and panics unless the command succeeded; returns its stdout. swtpm
+/// serves one connection at a time: no keyhold connection to the same TPM may be open meanwhile.
+pub fn tpm2_tool(tcti: &str, dir: &Path, args: &[&str]) -> String {
+    let ran = tpm2_unflushed(tcti, dir, args);
+    assert!(ran.ok, "{args:?}: {}", ran.stderr);
+    ran.stdout
 }
 
 /// As [`tpm2`], and panics unless the command succeeded; returns its stdout.
