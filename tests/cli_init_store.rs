@@ -60,6 +60,22 @@ fn init_creates_private_store_and_refuses_a_second_init() {
     check_modes("after key create");
 }
 
+/// The Argon2id cost keyhold ships (RFC 9106 §4, second option): `init` without cost options
+/// seals at 64 MiB, 3 passes, 4 lanes, and the store opens with it.
+#[test]
+fn init_without_cost_options_seals_at_the_shipped_argon2_defaults() {
+    let env = Env::new();
+    env.ok(&["init", "--sealer", "passphrase"], b"", "init");
+    let store = keyhold::store::Store::open(&env.store).unwrap();
+    let params: serde_json::Value =
+        serde_json::from_slice(&store.meta().sealed_root.params).unwrap();
+    assert_eq!(params["kdf"], "argon2id-v19", "{params}");
+    assert_eq!(params["memory_kib"], 64 * 1024, "{params}");
+    assert_eq!(params["iterations"], 3, "{params}");
+    assert_eq!(params["parallelism"], 4, "{params}");
+    env.create_key("k", "hmac-sha256", &[]);
+}
+
 #[test]
 fn init_refuses_argon2_memory_below_19_mib() {
     let env = Env::new();
