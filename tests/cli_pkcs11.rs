@@ -4,104 +4,54 @@
 
 mod support;
 
-use std::path::PathBuf;
-use std::process::{Command, Output, Stdio};
-
-use support::{field, openssl_dgst_verifies};
-
 use keyhold::testing::{SoftHsm, TEST_USER_PIN};
+use keyhold::Algorithm;
+use support::env::*;
+use support::{field, openssl_verifies};
 
-const PASS: &str = "cli pkcs11 test passphrase";
-
-struct Env {
-    hsm: SoftHsm,
-    dir: tempfile::TempDir,
-    store: PathBuf,
-    config: PathBuf,
+/// A fresh SoftHSM2 token, and a store configured with it as backend `hsm` (PIN from
+/// `KH_TEST_PIN`). The token lives as long as the returned `SoftHsm`.
+fn setup() -> (SoftHsm, Env) {
+    let hsm = SoftHsm::new().unwrap();
+    let conf = SoftHsm::conf_file().unwrap();
+    let env = Env::new()
+        .with_config(&format!(
+            "[backends.hsm]\ntype = \"pkcs11\"\nmodule = \"{}\"\ntoken_label = \"{}\"\n\
+             pin_env = \"KH_TEST_PIN\"\n",
+            keyhold::testing::SOFTHSM_MODULE,
+            hsm.label()
+        ))
+        .with_var("SOFTHSM2_CONF", conf.to_str().unwrap())
+        .with_var("KH_TEST_PIN", TEST_USER_PIN);
+    (hsm, env)
 }
 
-impl Env {
-    fn new() -> Self {
-        let hsm = SoftHsm::new().unwrap();
-        let dir = tempfile::tempdir().unwrap();
-        let store = dir.path().join("store");
-        let config = dir.path().join("keyhold.toml");
-        std::fs::write(
-            &config,
-            format!(
-                "[backends.hsm]\ntype = \"pkcs11\"\nmodule = \"{}\"\ntoken_label = \"{}\"\n\
-                 pin_env = \"KH_TEST_PIN\"\n",
-                keyhold::testing::SOFTHSM_MODULE,
-                hsm.label()
-            ),
-        )
-        .unwrap();
-        Self {
-            hsm,
-            dir,
-            store,
-            config,
-        }
-    }
+/// `setup` with an initialised passphrase store.
+fn setup_init() -> (SoftHsm, Env) {
+    let (hsm, env) = setup();
+    env.init_store();
+    (hsm, env)
+}
 
-    fn run_with_pin(&self, pin: &str, args: &[&str]) -> Output {
-        Command::new(env!("CARGO_BIN_EXE_keyhold"))
-            .arg("--store")
-            .arg(&self.store)
-            .arg("--config")
-            .arg(&self.config)
-            .args(args)
-            .env("SOFTHSM2_CONF", SoftHsm::conf_file().unwrap())
-            .env("KH_TEST_PIN", pin)
-            .env("KEYHOLD_PASSPHRASE", PASS)
-            .env_remove("KEYHOLD_STORE")
-            .env_remove("KEYHOLD_CONFIG")
-            .stdin(Stdio::null())
-            .output()
-            .unwrap()
-    }
-
-    fn run(&self, args: &[&str]) -> Output {
-        self.run_with_pin(TEST_USER_PIN, args)
-    }
-
-    fn ok(&self, args: &[&str]) -> String {
-        let out = self.run(args);
-        assert!(
-            out.status.success(),
-            "{args:?}: expected success, got {:?}: {}",
-            out.status.code(),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).unwrap()
-    }
-
-    fn init_passphrase(&self) {
-        self.ok(&[
-            "init",
-            "--sealer",
-            "passphrase",
-            "--argon2-memory-mib",
-            "19",
-            "--argon2-iterations",
-            "2",
-        ]);
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.dir.path().join(name)
-    }
-
-    fn db(&self) -> Vec<u8> {
-        std::fs::read(self.store.join(keyhold::store::DB_FILE)).unwrap()
-    }
+/// Signs `message` with `id` (DER) and asks openssl to verify it with the key's public PEM.
+fn openssl_verifies_signature(env: &Env, id: &str) {
+    let msg = env.write("msg", b"signed inside the token");
+    let sig_path = env.path_str("sig");
+    env.ok_text(&["sign", "--key", id, "--in", &msg, "--out", &sig_path]);
+    let sig = std::fs::read(&sig_path).unwrap();
+    let pem = env.pubkey_pem(id);
+    let alg = Algorithm::EcdsaP256Sha256;
+    assert!(
+        openssl_verifies(&pem, alg, b"signed inside the token", &sig),
+        "openssl rejected the token's signature"
+    );
+    assert!(!openssl_verifies(&pem, alg, b"something else", &sig));
 }
 
 #[test]
 fn a_token_key_signs_and_openssl_dgst_verifies() {
-    let env = Env::new();
-    env.init_passphrase();
-    let id = env.ok(&[
+    let (_hsm, env) = setup_init();
+    let id = env.ok_text(&[
         "key",
         "create",
         "web",
@@ -111,7 +61,7 @@ fn a_token_key_signs_and_openssl_dgst_verifies() {
         "hsm",
     ]);
     let id = id.trim_end();
-    let show = env.ok(&["key", "show", "--key", id]);
+    let show = env.ok_text(&["key", "show", "--key", id]);
     assert_eq!(field(&show, "backend"), "hsm");
     assert_eq!(
         field(&show, "attributes"),
@@ -119,33 +69,13 @@ fn a_token_key_signs_and_openssl_dgst_verifies() {
          modifiable=false, never_extractable=true, private=true, public_usages=verify, \
          sensitive=true, usages=sign"
     );
-    let msg = env.path("msg");
-    std::fs::write(&msg, b"signed inside the token").unwrap();
-    let sig = env.path("sig");
-    let pem = env.path("pub.pem");
-    env.ok(&[
-        "sign",
-        "--key",
-        id,
-        "--in",
-        msg.to_str().unwrap(),
-        "--out",
-        sig.to_str().unwrap(),
-    ]);
-    env.ok(&["key", "pubkey", "--key", id, "--out", pem.to_str().unwrap()]);
-    assert!(
-        openssl_dgst_verifies(&pem, &sig, &msg),
-        "openssl rejected the token's signature"
-    );
-    std::fs::write(&msg, b"something else").unwrap();
-    assert!(!openssl_dgst_verifies(&pem, &sig, &msg));
+    openssl_verifies_signature(&env, id);
 }
 
 #[test]
 fn an_extractable_key_is_recorded_as_such() {
-    let env = Env::new();
-    env.init_passphrase();
-    let id = env.ok(&[
+    let (_hsm, env) = setup_init();
+    let id = env.ok_text(&[
         "key",
         "create",
         "wrap-me",
@@ -155,7 +85,7 @@ fn an_extractable_key_is_recorded_as_such() {
         "hsm",
         "--extractable",
     ]);
-    let show = env.ok(&["key", "show", "--key", id.trim_end()]);
+    let show = env.ok_text(&["key", "show", "--key", id.trim_end()]);
     assert_eq!(
         field(&show, "attributes"),
         "always_sensitive=true, copyable=false, destroyable=true, extractable=true, local=true, \
@@ -166,43 +96,34 @@ fn an_extractable_key_is_recorded_as_such() {
 
 #[test]
 fn what_the_token_cannot_do_is_refused_with_the_reason() {
-    let env = Env::new();
-    env.init_passphrase();
-    let before = env.db();
-    let out = env.run(&[
-        "key",
-        "create",
-        "dec",
-        "--type",
-        "rsa-2048",
-        "--purpose",
-        "decrypt",
-        "--backend",
-        "hsm",
-    ]);
-    assert_eq!(out.status.code(), Some(1));
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("OAEP"), "{stderr}");
-    assert!(stderr.contains(env.hsm.label()), "{stderr}");
-    assert_eq!(env.db(), before, "a refused key must change nothing");
+    let (hsm, env) = setup_init();
+    let before = env.snapshot();
+    let out = env.run(
+        &[
+            "key",
+            "create",
+            "dec",
+            "--type",
+            "rsa-2048",
+            "--purpose",
+            "decrypt",
+            "--backend",
+            "hsm",
+        ],
+        b"",
+    );
+    assert_fail(&out, 1, "OAEP", "an RSA decrypt key on SoftHSM");
+    assert!(stderr(&out).contains(hsm.label()), "{}", show(&out));
+    env.assert_unchanged(&before, "a refused key must change nothing");
 }
 
 #[test]
 fn a_wrong_pin_is_exit_7_and_changes_nothing() {
-    let env = Env::new();
-    env.init_passphrase();
-    env.ok(&[
-        "key",
-        "create",
-        "k",
-        "--type",
-        "ed25519",
-        "--backend",
-        "hsm",
-    ]);
-    let before = env.db();
-    let out = env.run_with_pin(
-        "0000",
+    let (_hsm, env) = setup_init();
+    env.create_key("k", "ed25519", &["--backend", "hsm"]);
+    let before = env.snapshot();
+    let stderr = env.refused(
+        &[("KH_TEST_PIN", "0000")],
         &[
             "key",
             "create",
@@ -212,81 +133,56 @@ fn a_wrong_pin_is_exit_7_and_changes_nothing() {
             "--backend",
             "hsm",
         ],
+        7,
     );
-    assert_eq!(out.status.code(), Some(7));
-    let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("wrong user PIN"), "{stderr}");
     assert!(
         !stderr.contains("0000"),
         "the PIN must not be echoed: {stderr}"
     );
-    assert_eq!(env.db(), before);
+    env.assert_unchanged(&before, "a refused login");
 }
 
 #[test]
 fn a_store_sealed_by_the_token_opens_only_with_it() {
-    let env = Env::new();
-    let out = env.ok(&["init", "--sealer", "pkcs11", "--backend", "hsm"]);
+    let (_hsm, env) = setup();
+    let out = env.ok_text(&["init", "--sealer", "pkcs11", "--backend", "hsm"]);
     assert!(out.contains("sealer pkcs11"), "{out}");
     // keyhold opens a store only with the sealer the user states.
-    let mut config = std::fs::read_to_string(&env.config).unwrap();
-    config.push_str("\n[store]\nsealer = \"pkcs11\"\n");
-    std::fs::write(&env.config, config).unwrap();
-    let id = env.ok(&["key", "create", "sw", "--type", "hmac-sha256"]);
-    let id = id.trim_end();
-    let show = env.ok(&["key", "show", "--key", id]);
+    env.set_config(&format!(
+        "{}\n[store]\nsealer = \"pkcs11\"\n",
+        env.config_text()
+    ));
+    let id = env.create_key("sw", "hmac-sha256", &[]);
+    let show = env.ok_text(&["key", "show", "--key", &id]);
     assert_eq!(field(&show, "backend"), "software (sealed by pkcs11)");
-    let data = env.path("data");
-    std::fs::write(&data, b"data").unwrap();
-    let out = env.run(&["mac", "--key", id, "--in", data.to_str().unwrap()]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert_eq!(out.stdout.len(), 32, "an HMAC-SHA256 tag");
+    let data = env.write("data", b"data");
+    let tag = env.ok(&["mac", "--key", &id, "--in", &data], b"", "mac");
+    assert_eq!(tag.len(), 32, "an HMAC-SHA256 tag");
     // Without the backend's configuration the store cannot be unsealed, and says why.
-    let out = Command::new(env!("CARGO_BIN_EXE_keyhold"))
-        .arg("--store")
+    let mut cmd = env.bare_command();
+    cmd.arg("--store")
         .arg(&env.store)
         .args(["key", "list"])
-        .env_remove("KEYHOLD_CONFIG")
-        .env("KEYHOLD_SEALER", "pkcs11")
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(1));
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        stderr.contains("sealed by the PKCS#11 backend `hsm`"),
-        "{stderr}"
+        .env("KEYHOLD_SEALER", "pkcs11");
+    let out = env.run_cmd(cmd, None);
+    assert_fail(
+        &out,
+        1,
+        "sealed by the PKCS#11 backend `hsm`",
+        "no --config",
     );
     // With the wrong PIN: one refused login, exit 7.
-    let out = env.run_with_pin("0000", &["key", "list"]);
-    assert_eq!(
-        out.status.code(),
-        Some(7),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    env.refused(&[("KH_TEST_PIN", "0000")], &["key", "list"], 7);
 }
 
 #[test]
 fn doctor_shows_the_token_and_no_orphans() {
-    let env = Env::new();
-    env.init_passphrase();
-    env.ok(&[
-        "key",
-        "create",
-        "k",
-        "--type",
-        "ecdsa-p384",
-        "--backend",
-        "hsm",
-    ]);
-    let report = env.ok(&["doctor"]);
+    let (hsm, env) = setup_init();
+    env.create_key("k", "ecdsa-p384", &["--backend", "hsm"]);
+    let report = env.ok_text(&["doctor"]);
     assert!(
-        report.contains(&format!("token: `{}`", env.hsm.label())),
+        report.contains(&format!("token: `{}`", hsm.label())),
         "{report}"
     );
     assert!(report.contains("user PIN: initialised"), "{report}");
@@ -306,35 +202,35 @@ fn doctor_shows_the_token_and_no_orphans() {
     );
     assert!(report.contains("orphaned objects: 0"), "{report}");
     assert!(report.contains("missing objects: 0"), "{report}");
-    let json = env.ok(&["--json", "doctor"]);
-    let value: serde_json::Value = serde_json::from_str(&json).unwrap();
-    assert_eq!(value["orphans"].as_array().unwrap().len(), 0);
+    let value = parse_json(
+        &env.ok(&["--json", "doctor"], b"", "doctor --json"),
+        "doctor --json",
+    );
+    assert_eq!(value["orphans"], serde_json::json!([]), "{value}");
 }
 
 #[test]
 fn an_absent_token_is_exit_7_naming_the_tokens_present() {
-    let env = Env::new();
-    env.init_passphrase();
-    let text = std::fs::read_to_string(&env.config)
-        .unwrap()
-        .replace(env.hsm.label(), "no-such-token");
-    std::fs::write(&env.config, text).unwrap();
-    let out = env.run(&[
-        "key",
-        "create",
-        "k",
-        "--type",
-        "ed25519",
-        "--backend",
-        "hsm",
-    ]);
-    assert_eq!(out.status.code(), Some(7));
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let (hsm, env) = setup_init();
+    env.set_config(&env.config_text().replace(hsm.label(), "no-such-token"));
+    let stderr = env.refused(
+        &[],
+        &[
+            "key",
+            "create",
+            "k",
+            "--type",
+            "ed25519",
+            "--backend",
+            "hsm",
+        ],
+        7,
+    );
     assert!(
         stderr.contains("no token labelled `no-such-token`"),
         "{stderr}"
     );
-    assert!(stderr.contains(env.hsm.label()), "{stderr}");
+    assert!(stderr.contains(hsm.label()), "{stderr}");
     // Software keys still work with the token gone.
-    env.ok(&["key", "create", "sw", "--type", "ed25519"]);
+    env.create_key("sw", "ed25519", &[]);
 }

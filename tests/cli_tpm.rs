@@ -5,328 +5,255 @@
 
 mod support;
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
-
-use support::{field, openssl_dgst_verifies};
-
 use keyhold::backend::tpm::device::DeviceSettings;
 use keyhold::testing::Swtpm;
+use keyhold::Algorithm;
+use support::env::*;
+use support::{field, openssl_verifies};
 
 /// The recovery passphrase of PCR-bound stores (read like a store passphrase).
 const RECOVERY: &str = "cli tpm recovery passphrase";
 
-struct Env {
-    tpm: Swtpm,
-    dir: tempfile::TempDir,
-    store: PathBuf,
-    config: PathBuf,
+/// `KEYHOLD_PASSPHRASE` set to [`RECOVERY`].
+const WITH_RECOVERY: &[(&str, &str)] = &[("KEYHOLD_PASSPHRASE", RECOVERY)];
+
+/// The configuration's TPM backend, with the store's sealer stated as `tpm`.
+fn config(tpm: &Swtpm) -> String {
+    format!(
+        "[backends.tpm]\ntype = \"tpm\"\ntcti = \"{}\"\nfallback = \"software\"\n\n\
+         [store]\nsealer = \"tpm\"\n",
+        tpm.tcti()
+    )
 }
 
-impl Env {
-    fn new() -> Self {
-        let tpm = Swtpm::new().unwrap();
-        let dir = tempfile::tempdir().unwrap();
-        let store = dir.path().join("store");
-        let config = dir.path().join("keyhold.toml");
-        std::fs::write(
-            &config,
-            format!(
-                "[backends.tpm]\ntype = \"tpm\"\ntcti = \"{}\"\nfallback = \"software\"\n\n\
-                 [store]\nsealer = \"tpm\"\n",
-                tpm.tcti()
-            ),
-        )
+/// A fresh swtpm and an Env configured with it as backend `tpm` (the sealer stated as `tpm`),
+/// no passphrase unless a command is given one, and tpm2-tss's own logging off. The TPM lives as
+/// long as the returned `Swtpm`.
+fn setup() -> (Swtpm, Env) {
+    let tpm = Swtpm::new().unwrap();
+    let env = Env::new()
+        .with_config(&config(&tpm))
+        .without_passphrase()
+        .with_secret(RECOVERY)
+        .with_var("TSS2_LOG", "all+none");
+    (tpm, env)
+}
+
+/// `key create NAME --backend tpm ARGS…`; returns the ID.
+fn create(env: &Env, name: &str, args: &[&str]) -> String {
+    let mut all = vec!["key", "create", name, "--backend", "tpm"];
+    all.extend_from_slice(args);
+    parse_id_line(env.ok_text(&all).as_bytes(), name)
+}
+
+/// Encrypts a message to `key` with `aad`, decrypts it, checks it comes back, and returns the
+/// envelope's path.
+fn round_trip(env: &Env, key: &str, aad: &str) -> String {
+    let plain = env.write("plain", b"encrypted under a TPM-sealed store");
+    let (envelope, back) = (env.path_str("env"), env.path_str("back"));
+    for (op, from, to) in [
+        ("encrypt", &plain, &envelope),
+        ("decrypt", &envelope, &back),
+    ] {
+        env.ok_text(&[op, "--key", key, "--aad", aad, "--in", from, "--out", to]);
+    }
+    assert_eq!(
+        std::fs::read(&back).unwrap(),
+        b"encrypted under a TPM-sealed store"
+    );
+    envelope
+}
+
+/// Extends PCR `pcr` between keyhold runs (swtpm serves one connection at a time). Not 16: that
+/// one anybody can reset, and keyhold refuses to bind to it.
+fn extend_pcr(tpm: &Swtpm, pcr: u8, data: &[u8]) {
+    keyhold::backend::tpm::device(&tpm.tcti(), DeviceSettings::default())
+        .unwrap()
+        .extend_pcr(pcr, data)
         .unwrap();
-        Self {
-            tpm,
-            dir,
-            store,
-            config,
-        }
-    }
+}
 
-    fn run_with(&self, passphrase: Option<&str>, args: &[&str]) -> Output {
-        let vars: Vec<(&str, &str)> = passphrase
-            .map(|p| ("KEYHOLD_PASSPHRASE", p))
-            .into_iter()
-            .collect();
-        self.run_vars(&vars, args)
-    }
+/// `init` sealed to PCR 8 with the recovery passphrase [`RECOVERY`].
+fn init_pcr_bound(env: &Env) {
+    env.ok_vars(
+        WITH_RECOVERY,
+        &[
+            "init",
+            "--sealer",
+            "tpm",
+            "--pcrs",
+            "8",
+            "--argon2-memory-mib",
+            "19",
+            "--argon2-iterations",
+            "2",
+        ],
+    );
+}
 
-    /// Runs keyhold with these environment variables set (and keyhold's others removed).
-    fn run_vars(&self, vars: &[(&str, &str)], args: &[&str]) -> Output {
-        let mut command = Command::new(env!("CARGO_BIN_EXE_keyhold"));
-        command
-            .arg("--store")
-            .arg(&self.store)
-            .arg("--config")
-            .arg(&self.config)
-            .args(args)
-            .env_remove("KEYHOLD_STORE")
-            .env_remove("KEYHOLD_CONFIG")
-            .env_remove("KEYHOLD_PASSPHRASE")
-            .env_remove("KEYHOLD_SEALER")
-            .env("TSS2_LOG", "all+none")
-            .envs(vars.iter().copied())
-            .stdin(Stdio::null());
-        command.output().unwrap()
-    }
-
-    /// Runs keyhold with these variables; it must succeed. Returns stdout and stderr.
-    fn ok_vars(&self, vars: &[(&str, &str)], args: &[&str]) -> (Vec<u8>, String) {
-        let out = self.run_vars(vars, args);
-        let stderr = String::from_utf8(out.stderr).unwrap();
-        assert!(out.status.success(), "{args:?}: expected success: {stderr}");
-        (out.stdout, stderr)
-    }
-
-    /// Runs keyhold with these variables; it must exit `code`, printing nothing on stdout.
-    /// Returns stderr.
-    fn refused(&self, vars: &[(&str, &str)], args: &[&str], code: i32) -> String {
-        let out = self.run_vars(vars, args);
-        let stderr = String::from_utf8(out.stderr).unwrap();
-        assert_eq!(out.status.code(), Some(code), "{args:?}: {stderr}");
-        assert!(out.stdout.is_empty(), "{args:?} printed {:?}", out.stdout);
-        stderr
-    }
-
-    fn run(&self, args: &[&str]) -> Output {
-        self.run_with(None, args)
-    }
-
-    fn ok(&self, args: &[&str]) -> String {
-        let out = self.run(args);
-        assert!(
-            out.status.success(),
-            "{args:?}: expected success, got {:?}: {}",
-            out.status.code(),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).unwrap()
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.dir.path().join(name)
-    }
-
-    fn create(&self, name: &str, args: &[&str]) -> String {
-        let mut all = vec!["key", "create", name, "--backend", "tpm"];
-        all.extend_from_slice(args);
-        self.ok(&all).trim_end().to_owned()
-    }
-
-    /// Encrypts a message to `key` with `aad`, decrypts it, checks it comes back, and returns the
-    /// envelope's path.
-    fn round_trip(&self, key: &str, aad: &str) -> PathBuf {
-        let (plain, envelope, back) = (self.path("plain"), self.path("env"), self.path("back"));
-        std::fs::write(&plain, b"encrypted under a TPM-sealed store").unwrap();
-        let p = |p: &Path| p.to_str().unwrap().to_owned();
-        for (op, from, to) in [
-            ("encrypt", &plain, &envelope),
-            ("decrypt", &envelope, &back),
-        ] {
-            self.ok(&[
-                op,
-                "--key",
-                key,
-                "--aad",
-                aad,
-                "--in",
-                &p(from),
-                "--out",
-                &p(to),
-            ]);
-        }
-        assert_eq!(
-            std::fs::read(&back).unwrap(),
-            std::fs::read(&plain).unwrap()
-        );
-        envelope
-    }
-
-    /// Extends PCR 8 between keyhold runs (swtpm serves one connection at a time). Not 16: that
-    /// one anybody can reset, and keyhold refuses to bind to it.
-    fn extend_pcr8(&self) {
-        keyhold::backend::tpm::device(&self.tpm.tcti(), DeviceSettings::default())
-            .unwrap()
-            .extend_pcr(8, b"new firmware")
-            .unwrap();
-    }
-
-    /// `init` sealed to PCR 8 with the recovery passphrase [`RECOVERY`].
-    fn init_pcr_bound(&self) {
-        self.ok_vars(
-            &[("KEYHOLD_PASSPHRASE", RECOVERY)],
-            &[
-                "init",
-                "--sealer",
-                "tpm",
-                "--pcrs",
-                "8",
-                "--argon2-memory-mib",
-                "19",
-                "--argon2-iterations",
-                "2",
-            ],
-        );
-    }
-
-    /// The configuration without the `[store]` statement of the sealer.
-    fn unstate_sealer(&self) {
-        let text = std::fs::read_to_string(&self.config).unwrap();
-        let (backends, _) = text.split_once("[store]").unwrap();
-        std::fs::write(&self.config, backends).unwrap();
-    }
-
-    fn db(&self) -> Vec<u8> {
-        std::fs::read(self.store.join(keyhold::store::DB_FILE)).unwrap()
-    }
+/// The configuration without the `[store]` statement of the sealer.
+fn unstate_sealer(env: &Env) {
+    let text = env.config_text();
+    let (backends, _) = text.split_once("[store]").unwrap();
+    env.set_config(backends);
 }
 
 #[test]
 fn a_tpm_sealed_store_with_a_tpm_key_and_a_software_fallback() {
-    let env = Env::new();
-    let out = env.ok(&["init", "--sealer", "tpm"]);
+    let (_tpm, env) = setup();
+    let out = env.ok_text(&["init", "--sealer", "tpm"]);
     assert!(out.contains("sealer tpm"), "{out}");
 
     // A key made in the TPM: signed there, verified by openssl.
-    let ec = env.create("web", &["--type", "ecdsa-p256"]);
-    let show = env.ok(&["key", "show", "--key", &ec]);
-    assert_eq!(field(&show, "backend"), "tpm");
+    let ec = create(&env, "web", &["--type", "ecdsa-p256"]);
+    let shown = env.ok_text(&["key", "show", "--key", &ec]);
+    assert_eq!(field(&shown, "backend"), "tpm");
     assert!(
-        field(&show, "attributes").contains("never_extractable=true"),
-        "{show}"
+        field(&shown, "attributes").contains("never_extractable=true"),
+        "{shown}"
     );
-    let (msg, sig, pem) = (env.path("msg"), env.path("sig"), env.path("pub.pem"));
-    std::fs::write(&msg, b"signed inside the TPM").unwrap();
-    let p = |p: &Path| p.to_str().unwrap().to_owned();
-    env.ok(&["sign", "--key", &ec, "--in", &p(&msg), "--out", &p(&sig)]);
-    env.ok(&["key", "pubkey", "--key", &ec, "--out", &p(&pem)]);
+    let msg = env.write("msg", b"signed inside the TPM");
+    let sig_path = env.path_str("sig");
+    env.ok_text(&["sign", "--key", &ec, "--in", &msg, "--out", &sig_path]);
+    let sig = std::fs::read(&sig_path).unwrap();
+    let pem = env.pubkey_pem(&ec);
+    let alg = Algorithm::EcdsaP256Sha256;
     assert!(
-        openssl_dgst_verifies(&pem, &sig, &msg),
+        openssl_verifies(&pem, alg, b"signed inside the TPM", &sig),
         "openssl rejected it"
     );
-    std::fs::write(&msg, b"something else").unwrap();
-    assert!(!openssl_dgst_verifies(&pem, &sig, &msg));
+    assert!(!openssl_verifies(&pem, alg, b"something else", &sig));
 
     // AES-GCM is not a TPM algorithm: with fallback = "software" it is made in software, under
     // the root secret the TPM sealed.
-    let aes = env.create("data", &["--type", "aes-256-gcm"]);
-    let show = env.ok(&["key", "show", "--key", &aes]);
+    let aes = create(&env, "data", &["--type", "aes-256-gcm"]);
+    let shown = env.ok_text(&["key", "show", "--key", &aes]);
     assert_eq!(
-        field(&show, "backend"),
+        field(&shown, "backend"),
         "software (sealed by tpm; fallback for tpm)"
     );
-    env.round_trip(&aes, "");
+    round_trip(&env, &aes, "");
 
     // RSA-OAEP decryption inside the TPM.
-    let rsa = env.create("unwrap", &["--type", "rsa-2048", "--purpose", "decrypt"]);
-    let envelope = env.round_trip(&rsa, "ctx");
-    let out = env.run(&[
-        "decrypt",
-        "--key",
-        &rsa,
-        "--aad",
-        "other",
-        "--in",
-        &p(&envelope),
-    ]);
-    assert_eq!(
-        out.status.code(),
-        Some(1),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let rsa = create(
+        &env,
+        "unwrap",
+        &["--type", "rsa-2048", "--purpose", "decrypt"],
     );
+    let envelope = round_trip(&env, &rsa, "ctx");
+    let out = env.run(
+        &[
+            "decrypt", "--key", &rsa, "--aad", "other", "--in", &envelope,
+        ],
+        b"",
+    );
+    assert_fail(&out, 1, "decryption failed", "decrypt with another --aad");
+    assert!(out.stdout.is_empty(), "{}", show(&out));
 
-    let list = env.ok(&["key", "list"]);
+    let list = env.ok_text(&["key", "list"]);
     assert_eq!(list.lines().count(), 4, "{list}");
-    let doctor = env.ok(&["doctor"]);
+    let doctor = env.ok_text(&["doctor"]);
     assert!(doctor.contains("SRK name"), "{doctor}");
 }
 
 #[test]
 fn a_pcr_bound_store_is_refused_after_a_change_until_reseal() {
-    let env = Env::new();
-    env.init_pcr_bound();
-    let ec = env.create("ec", &["--type", "ecdsa-p384"]);
-    env.ok(&["key", "list"]);
+    let (tpm, env) = setup();
+    init_pcr_bound(&env);
+    let ec = create(&env, "ec", &["--type", "ecdsa-p384"]);
+    env.ok_text(&["key", "list"]);
 
-    env.extend_pcr8();
-    let before = env.db();
-    let out = env.run(&["key", "list"]);
-    assert_eq!(out.status.code(), Some(4));
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    extend_pcr(&tpm, 8, b"new firmware");
+    let before = env.snapshot();
+    let stderr = env.refused(&[], &["key", "list"], 4);
     assert!(
         stderr.contains("PCRs 8 ") && stderr.contains("keyhold reseal"),
         "{stderr}"
     );
 
-    // Without the recovery passphrase reseal cannot unseal, and changes nothing.
-    let out = env.run_with(Some("not the recovery passphrase"), &["reseal"]);
-    assert_eq!(
-        out.status.code(),
-        Some(4),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    // Without the recovery passphrase reseal cannot unseal, says so, and changes nothing.
+    let stderr = env.refused(
+        &[("KEYHOLD_PASSPHRASE", "not the recovery passphrase")],
+        &["reseal"],
+        4,
     );
-    assert_eq!(env.db(), before);
-
-    let out = env.run_with(Some(RECOVERY), &["reseal"]);
     assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+        stderr.contains("keyhold: cannot unseal the store: wrong passphrase"),
+        "{stderr}"
     );
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(stdout.contains("PCRs 8 → 8"), "{stdout}");
-    let msg = env.path("msg");
-    std::fs::write(&msg, b"after the reseal").unwrap();
-    let sig = env.path("sig");
-    env.ok(&[
-        "sign",
-        "--key",
-        &ec,
-        "--in",
-        msg.to_str().unwrap(),
-        "--out",
-        sig.to_str().unwrap(),
-    ]);
+    env.assert_unchanged(&before, "reseal with a wrong recovery passphrase");
+
+    let (out, stderr) = env.ok_vars(WITH_RECOVERY, &["reseal"]);
+    // The whole documented line (docs/cli.md, `reseal`), and the WARN that the recovery
+    // passphrase was used.
+    assert_eq!(
+        String::from_utf8(out).unwrap(),
+        format!(
+            "re-sealed keyhold store {} to the TPM: PCRs 8 → 8\n",
+            env.store_str()
+        )
+    );
+    let warnings: Vec<&str> = stderr.lines().collect();
+    assert_eq!(warnings.len(), 1, "one WARN line:\n{stderr}");
+    assert!(
+        warnings[0].contains("WARN")
+            && warnings[0].contains("PCRs 8 no longer hold the values")
+            && warnings[0].ends_with("unsealing with the recovery passphrase"),
+        "{stderr}"
+    );
+    let msg = env.write("msg", b"after the reseal");
+    let sig = env.path_str("sig");
+    env.ok_text(&["sign", "--key", &ec, "--in", &msg, "--out", &sig]);
 }
 
 #[test]
 fn bad_sealer_arguments_are_refused_and_create_nothing() {
-    let env = Env::new();
-    for (args, text) in [
-        (vec!["init", "--sealer", "tpm", "--pcrs", "24"], "PCR"),
-        (vec!["init", "--sealer", "tpm", "--pcrs", "0;7"], "PCR list"),
+    let (_tpm, env) = setup();
+    for (args, code, text) in [
+        (
+            vec!["init", "--sealer", "tpm", "--pcrs", "24"],
+            1,
+            "PCR list `24`: `24` is not a PCR number 0-23",
+        ),
+        (
+            vec!["init", "--sealer", "tpm", "--pcrs", "0;7"],
+            1,
+            "PCR list `0;7`: `0;7` is not a PCR number 0-23",
+        ),
         (
             vec!["init", "--sealer", "tpm", "--pcrs", "16"],
+            1,
             "PCR 16 can be reset by any program",
         ),
         (
             vec!["init", "--sealer", "tpm", "--pcrs", "0,23"],
+            1,
             "PCR 23 can be reset by any program",
         ),
         (
             vec!["init", "--sealer", "passphrase", "--pcrs", "7"],
+            1,
             "--pcrs goes with --sealer tpm",
         ),
-        (vec!["init", "--sealer", "tpm", "--no-recovery"], "--pcrs"),
-        (vec!["init", "--sealer", "tpm", "--backend", "nope"], "nope"),
+        // A usage error (clap): `--no-recovery` requires `--pcrs`.
+        (
+            vec!["init", "--sealer", "tpm", "--no-recovery"],
+            2,
+            "--pcrs",
+        ),
+        (
+            vec!["init", "--sealer", "tpm", "--backend", "nope"],
+            1,
+            "nope",
+        ),
     ] {
-        let out = env.run_with(Some(RECOVERY), &args);
-        assert!(!out.status.success(), "{args:?} succeeded");
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert!(stderr.contains(text), "{args:?}: {stderr}");
-        assert!(
-            !env.store.join(keyhold::store::DB_FILE).exists(),
-            "{args:?} made a store"
-        );
+        let out = env.run_vars(WITH_RECOVERY, &args);
+        assert_fail(&out, code, text, &format!("{args:?}"));
+        env.assert_no_store(&format!("{args:?}"));
     }
     // reseal is for TPM-sealed stores.
-    let out = env.run_with(
-        Some(RECOVERY),
+    env.ok_vars(
+        WITH_RECOVERY,
         &[
             "init",
             "--sealer",
@@ -335,54 +262,29 @@ fn bad_sealer_arguments_are_refused_and_create_nothing() {
             "19",
         ],
     );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let out = env.run_vars(WITH_RECOVERY, &["reseal"]);
+    assert_fail(
+        &out,
+        1,
+        "sealed by `passphrase`",
+        "reseal of a passphrase store",
     );
-    let out = env.run_with(Some(RECOVERY), &["reseal"]);
-    assert_eq!(
-        out.status.code(),
-        Some(1),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(String::from_utf8_lossy(&out.stderr).contains("sealed by `passphrase`"));
 }
 
 /// tpm2-tss logs `ERROR:esys:…` lines of its own for errors keyhold handles and reports itself
 /// (here the PCR policy that no longer holds): keyhold quiets it unless the user set TSS2_LOG.
 #[test]
 fn tpm2_tss_is_quiet_unless_the_user_sets_tss2_log() {
-    let env = Env::new();
-    let out = env.run(&["init", "--sealer", "tpm", "--pcrs", "8", "--no-recovery"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    keyhold::backend::tpm::device(&env.tpm.tcti(), DeviceSettings::default())
-        .unwrap()
-        .extend_pcr(8, b"another boot loader")
-        .unwrap();
+    let (tpm, env) = setup();
+    env.ok_text(&["init", "--sealer", "tpm", "--pcrs", "8", "--no-recovery"]);
+    extend_pcr(&tpm, 8, b"another boot loader");
     let run = |tss2_log: Option<&str>| {
-        let mut command = Command::new(env!("CARGO_BIN_EXE_keyhold"));
-        command
-            .arg("--store")
-            .arg(&env.store)
-            .arg("--config")
-            .arg(&env.config)
-            .args(["key", "list"])
-            .env_remove("KEYHOLD_STORE")
-            .env_remove("KEYHOLD_CONFIG")
-            .env_remove("KEYHOLD_PASSPHRASE")
-            .env_remove("RUST_LOG")
-            .env_remove("TSS2_LOG")
-            .stdin(Stdio::null());
-        if let Some(level) = tss2_log {
-            command.env("TSS2_LOG", level);
-        }
-        command.output().unwrap()
+        env.run_with(&["key", "list"], None, |c| {
+            c.env_remove("TSS2_LOG");
+            if let Some(level) = tss2_log {
+                c.env("TSS2_LOG", level);
+            }
+        })
     };
     let out = run(None);
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -411,8 +313,8 @@ fn tpm2_tss_is_quiet_unless_the_user_sets_tss2_log() {
 #[test]
 fn a_passphrase_store_whose_root_was_replaced_by_a_tpm_seal_is_refused() {
     let pass = [("KEYHOLD_PASSPHRASE", "cli m1 store passphrase")];
-    let env = Env::new();
-    env.unstate_sealer();
+    let (tpm, env) = setup();
+    unstate_sealer(&env);
     env.ok_vars(
         &pass,
         &[
@@ -424,21 +326,14 @@ fn a_passphrase_store_whose_root_was_replaced_by_a_tpm_seal_is_refused() {
         ],
     );
     let (id, _) = env.ok_vars(&pass, &["key", "create", "k", "--type", "hmac-sha256"]);
-    let id = String::from_utf8(id).unwrap();
-    let data = env.path("data");
-    std::fs::write(&data, b"m1").unwrap();
-    let mac = [
-        "mac",
-        "--key",
-        id.trim_end(),
-        "--in",
-        data.to_str().unwrap(),
-    ];
+    let id = parse_id_line(&id, "key create");
+    let data = env.write("data", b"m1");
+    let mac = ["mac", "--key", &id, "--in", &data];
     let (tag, _) = env.ok_vars(&pass, &mac);
 
     let original = support::snapshot(&env.store);
-    support::replace_root_with_tpm_seal(&env.store, &env.tpm.tcti(), Some("tpm"));
-    let attacked = env.db();
+    support::replace_root_with_tpm_seal(&env.store, &tpm.tcti(), Some("tpm"));
+    let attacked = env.snapshot();
     // Nothing stated: keyhold expects a passphrase seal and does not follow the store's `tpm`.
     for vars in [&[][..], &pass[..]] {
         let stderr = env.refused(vars, &mac, 4);
@@ -460,7 +355,7 @@ fn a_passphrase_store_whose_root_was_replaced_by_a_tpm_seal_is_refused() {
         stderr.contains("sealed root secret was replaced"),
         "{stderr}"
     );
-    assert_eq!(env.db(), attacked, "a refused open wrote to the store");
+    env.assert_unchanged(&attacked, "a refused open wrote to the store");
 
     support::restore(&env.store, &original);
     assert_eq!(env.ok_vars(&pass, &mac).0, tag, "the key changed");
@@ -470,8 +365,8 @@ fn a_passphrase_store_whose_root_was_replaced_by_a_tpm_seal_is_refused() {
 /// set; `init` says so up front. Stated through the environment, it opens.
 #[test]
 fn a_tpm_store_tells_its_user_what_to_set() {
-    let env = Env::new();
-    env.unstate_sealer();
+    let (_tpm, env) = setup();
+    unstate_sealer(&env);
     let (_, note) = env.ok_vars(&[], &["init", "--sealer", "tpm"]);
     assert!(note.contains("KEYHOLD_SEALER=tpm"), "{note}");
     let stderr = env.refused(&[], &["key", "list"], 4);
@@ -490,27 +385,26 @@ fn a_tpm_store_tells_its_user_what_to_set() {
 /// metadata, so the doctored list is never carried over, whatever it is. Nothing is re-sealed.
 #[test]
 fn reseal_refuses_a_pcr_list_changed_behind_its_back() {
-    let recovery = [("KEYHOLD_PASSPHRASE", RECOVERY)];
-    let env = Env::new();
-    env.init_pcr_bound();
-    env.ok(&["key", "list"]);
+    let (_tpm, env) = setup();
+    init_pcr_bound(&env);
+    env.ok_text(&["key", "list"]);
 
     let original = support::edit_seal_params(&env.store, |p| p["pcrs"] = serde_json::json!([16]));
     for doctored in [16, 9] {
         support::edit_seal_params(&env.store, |p| p["pcrs"] = serde_json::json!([doctored]));
-        let before = env.db();
+        let before = env.snapshot();
         env.refused(&[], &["key", "list"], 4);
-        let stderr = env.refused(&recovery, &["reseal"], 6);
+        let stderr = env.refused(WITH_RECOVERY, &["reseal"], 6);
         assert!(
             stderr.contains("sealer metadata") && stderr.contains("nothing was re-sealed"),
             "{stderr}"
         );
-        assert_eq!(env.db(), before, "reseal wrote to the store");
+        env.assert_unchanged(&before, "reseal wrote to the store");
     }
 
     // A resettable PCR asked for at reseal is refused too.
     support::set_seal_params(&env.store, &original);
-    let stderr = env.refused(&recovery, &["reseal", "--pcrs", "23"], 1);
+    let stderr = env.refused(WITH_RECOVERY, &["reseal", "--pcrs", "23"], 1);
     assert!(stderr.contains("PCR 23 can be reset"), "{stderr}");
-    env.ok(&["key", "list"]);
+    env.ok_text(&["key", "list"]);
 }

@@ -1,6 +1,9 @@
-//! Shared helpers for the library-level integration tests (keystore.rs, properties.rs,
-//! conformance.rs, pkcs11.rs).
+//! Shared helpers for the integration tests: the library-level ones (keystore.rs, properties.rs,
+//! conformance.rs, pkcs11.rs, …) use this module; the command-line ones (cli_*.rs) the harness in
+//! [`env`].
 #![allow(dead_code)]
+
+pub mod env;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -80,11 +83,9 @@ pub fn snapshot(dir: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
 
 /// Runs `openssl` with `args` in `dir`; returns whether it succeeded, and its stdout and stderr.
 pub fn openssl(dir: &Path, args: &[&str]) -> (bool, String) {
-    let out = std::process::Command::new("openssl")
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .expect("run openssl (is it installed?)");
+    let mut cmd = std::process::Command::new("openssl");
+    cmd.args(args).current_dir(dir);
+    let out = env::run_command(cmd, None);
     let text = format!(
         "{}{}",
         String::from_utf8_lossy(&out.stdout),
@@ -183,20 +184,6 @@ pub fn field<'a>(show: &'a str, name: &str) -> &'a str {
     show.lines()
         .find_map(|l| l.strip_prefix(&format!("{name}: ")))
         .unwrap_or_else(|| panic!("no `{name}` in key show:\n{show}"))
-}
-
-/// Whether `openssl dgst -sha256 -verify` accepts the signature file `sig` of the file `msg`.
-pub fn openssl_dgst_verifies(pem: &Path, sig: &Path, msg: &Path) -> bool {
-    std::process::Command::new("openssl")
-        .args(["dgst", "-sha256", "-verify"])
-        .arg(pem)
-        .arg("-signature")
-        .arg(sig)
-        .arg(msg)
-        .output()
-        .expect("run openssl")
-        .status
-        .success()
 }
 
 /// Runs the tpm2-tools command `args` against the TPM at `tcti` in `dir` and returns its stdout;
