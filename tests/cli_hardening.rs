@@ -1,6 +1,7 @@
 //! The `keyhold` process itself (README, threat model): it is not dumpable and writes no core
 //! files (`RLIMIT_CORE` 0, hard), observed from outside on a live process that has unsealed its
-//! store and waits for its input.
+//! store and waits for its input; and secrets (passphrases, PINs, plaintexts) never reach its
+//! logs or messages, at the most verbose log level, in any encoding.
 #![allow(clippy::unwrap_used)] // test helpers: a panic is the failure report
 
 mod support;
@@ -275,4 +276,173 @@ fn a_running_keyhold_is_not_dumpable_and_writes_no_core_file() {
     // The envelope is private to that user (umask 077), like every file keyhold writes.
     let mode = std::fs::metadata(&envelope).unwrap().permissions().mode();
     assert_eq!(mode & 0o777, 0o600, "{envelope}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Secrets never in logs
+// ---------------------------------------------------------------------------------------------
+
+/// A plaintext no output may show but `decrypt`'s.
+const PLAINTEXT: &str = "plaintext: the vault opens with 8675309-zebra-quasar";
+
+/// Every form `secret` could take in a log line or message: as is, hex in either case, the
+/// decimal bytes of a `{:?}` of a byte slice, and base64 (standard and URL-safe) as it reads when
+/// the secret starts at any of the three byte alignments inside a longer encoded buffer (the
+/// encoded characters that mix in neighbouring bytes, and the last group, left out).
+fn forms(secret: &str) -> Vec<(&'static str, String)> {
+    use base64::Engine as _;
+    let bytes = secret.as_bytes();
+    let hex = keyhold::hex::encode(bytes);
+    let debug = format!("{bytes:?}");
+    let mut forms = vec![
+        ("text", secret.to_owned()),
+        ("hex", hex.clone()),
+        ("HEX", hex.to_uppercase()),
+        ("bytes", debug[1..debug.len() - 1].to_owned()),
+    ];
+    for (skip, offset) in [(0, 0), (2, 1), (3, 2)] {
+        let mut buffer = vec![0u8; offset];
+        buffer.extend_from_slice(bytes);
+        let standard = base64::engine::general_purpose::STANDARD.encode(&buffer);
+        let core = standard[skip..standard.len() - 4].to_owned();
+        assert!(core.len() >= 16, "{secret:?} is too short to look for");
+        forms.push(("base64url", core.replace('+', "-").replace('/', "_")));
+        forms.push(("base64", core));
+    }
+    forms
+}
+
+/// Asserts that no form of any of `secrets` is in the stderr of `out`, nor, unless it is
+/// `decrypt`'s plaintext output, in its stdout.
+fn assert_no_secret_in(out: &Output, secrets: &[&str], stdout_too: bool, ctx: &str) {
+    for secret in secrets {
+        for (form, text) in forms(secret) {
+            let mut streams = vec![("stderr", &out.stderr)];
+            if stdout_too {
+                streams.push(("stdout", &out.stdout));
+            }
+            for (name, bytes) in streams {
+                assert!(
+                    !bytes.windows(text.len()).any(|w| w == text.as_bytes()),
+                    "{ctx}: a secret ({secret:?}, as {form} {text:?}) is in its {name}\n{}",
+                    show(out)
+                );
+            }
+        }
+    }
+}
+
+/// The log levels every command runs at: tracing's most verbose through `RUST_LOG`, and
+/// keyhold's own most verbose flag (`-vv`, which overrides `RUST_LOG`).
+#[derive(Debug, Clone, Copy)]
+enum Level {
+    RustLogTrace,
+    Vv,
+}
+
+impl Level {
+    const ALL: [Self; 2] = [Self::RustLogTrace, Self::Vv];
+
+    /// An Env whose commands log at this level.
+    fn env(self) -> Env {
+        match self {
+            Self::RustLogTrace => Env::new().with_var("RUST_LOG", "trace"),
+            Self::Vv => Env::new(),
+        }
+    }
+
+    /// `args` with this level's global flags first.
+    fn args<'a>(self, args: &[&'a str]) -> Vec<&'a str> {
+        let flags: &[&str] = match self {
+            Self::RustLogTrace => &[],
+            Self::Vv => &["-vv"],
+        };
+        flags.iter().chain(args).copied().collect()
+    }
+}
+
+/// Runs keyhold with `args` at `level`, `vars` set, feeding `stdin`; expects exit `code` and no
+/// form of `secrets` in its output (but in a successful `decrypt`'s stdout). Returns the output.
+fn run_checked(
+    env: &Env,
+    level: Level,
+    vars: &[(&str, &str)],
+    args: &[&str],
+    stdin: &[u8],
+    code: i32,
+    secrets: &[&str],
+) -> Output {
+    let args = level.args(args);
+    let ctx = format!("{args:?} at {level:?}");
+    let out = env.run_with(&args, Some(stdin), |cmd| {
+        cmd.envs(vars.iter().copied());
+    });
+    assert_eq!(out.status.code(), Some(code), "{ctx}\n{}", show(&out));
+    let plaintext_out = args.contains(&"decrypt") && code == 0;
+    assert_no_secret_in(&out, secrets, !plaintext_out, &ctx);
+    out
+}
+
+/// A passphrase store at the most verbose log levels: init, key create, sign, verify, encrypt,
+/// decrypt (and a failed one), mac, mac-verify (a good and a bad tag), key destroy, and a wrong
+/// passphrase. Neither the passphrase, the wrong one, nor the plaintext shows in any output (but
+/// decrypt's stdout), in any form. The logs are really on: init and destroy log at info level.
+#[test]
+fn a_passphrase_and_plaintext_never_reach_the_logs() {
+    const WRONG: &str = "not-the-passphrase-but-close-Tr0ub4dor";
+    let secrets = [PASS, WRONG, PLAINTEXT];
+    let plain = PLAINTEXT.as_bytes();
+    for level in Level::ALL {
+        // The plaintext is looked for here, not by the harness: decrypt must print it.
+        let env = level.env().with_secret(WRONG);
+        let run = |args: &[&str], stdin: &[u8], code| {
+            run_checked(&env, level, &[], args, stdin, code, &secrets)
+        };
+        let logged = |out: &Output, line: &str| {
+            assert!(
+                stderr(out).contains(line),
+                "{level:?}: expected the log line {line:?}\n{}",
+                show(out)
+            );
+        };
+        logged(&run(INIT_ARGS, b"", 0), " INFO created store");
+        let id = |out: Output| parse_id_line(&out.stdout, "key create");
+        let signer = id(run(&["key", "create", "s", "--type", "ed25519"], b"", 0));
+        let aes = id(run(
+            &["key", "create", "e", "--type", "aes-256-gcm"],
+            b"",
+            0,
+        ));
+        let mac = id(run(
+            &["key", "create", "m", "--type", "hmac-sha256"],
+            b"",
+            0,
+        ));
+
+        let sig = env.write("sig", &run(&["sign", "--key", &signer], plain, 0).stdout);
+        run(&["verify", "--key", &signer, "--signature", &sig], plain, 0);
+        let envelope = run(&["encrypt", "--key", &aes, "--aad", "ctx"], plain, 0).stdout;
+        let back = run(&["decrypt", "--key", &aes, "--aad", "ctx"], &envelope, 0);
+        assert_eq!(back.stdout, plain);
+        run(&["decrypt", "--key", &aes, "--aad", "other"], &envelope, 1);
+        let tag = run(&["mac", "--key", &mac], plain, 0).stdout;
+        let good = env.write("tag", &tag);
+        run(&["mac-verify", "--key", &mac, "--tag", &good], plain, 0);
+        let bad = env.write("bad-tag", &flip(&tag, 0));
+        run(&["mac-verify", "--key", &mac, "--tag", &bad], plain, 1);
+        let wrong = run_checked(
+            &env,
+            level,
+            &[("KEYHOLD_PASSPHRASE", WRONG)],
+            &["sign", "--key", &signer],
+            plain,
+            4,
+            &secrets,
+        );
+        assert!(stderr(&wrong).contains("keyhold: cannot unseal the store: wrong passphrase"));
+        logged(
+            &run(&["key", "destroy", "--key", &mac], b"", 0),
+            " INFO destroyed key",
+        );
+    }
 }
