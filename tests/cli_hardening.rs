@@ -343,11 +343,11 @@ enum Level {
 impl Level {
     const ALL: [Self; 2] = [Self::RustLogTrace, Self::Vv];
 
-    /// An Env whose commands log at this level.
-    fn env(self) -> Env {
+    /// `env` with its commands logging at this level.
+    fn env(self, env: Env) -> Env {
         match self {
-            Self::RustLogTrace => Env::new().with_var("RUST_LOG", "trace"),
-            Self::Vv => Env::new(),
+            Self::RustLogTrace => env.with_var("RUST_LOG", "trace"),
+            Self::Vv => env,
         }
     }
 
@@ -394,7 +394,7 @@ fn a_passphrase_and_plaintext_never_reach_the_logs() {
     let plain = PLAINTEXT.as_bytes();
     for level in Level::ALL {
         // The plaintext is looked for here, not by the harness: decrypt must print it.
-        let env = level.env().with_secret(WRONG);
+        let env = level.env(Env::new()).with_secret(WRONG);
         let run = |args: &[&str], stdin: &[u8], code| {
             run_checked(&env, level, &[], args, stdin, code, &secrets)
         };
@@ -444,5 +444,162 @@ fn a_passphrase_and_plaintext_never_reach_the_logs() {
             &run(&["key", "destroy", "--key", &mac], b"", 0),
             " INFO destroyed key",
         );
+    }
+}
+
+/// A token's PIN at the most verbose log levels, through every operation that logs in (key
+/// create, sign, encrypt, decrypt, mac, mac-verify on token keys; doctor) and a wrong PIN (exit 7):
+/// neither PIN, the passphrase nor the plaintext shows in any form. The fixture's PIN (`1234`) is
+/// too short to look for, so the token gets a long one first (pkcs11-tool --change-pin).
+#[cfg(feature = "pkcs11")]
+#[test]
+fn a_token_pin_never_reaches_the_logs() {
+    use keyhold::testing::{SoftHsm, SOFTHSM_MODULE, TEST_USER_PIN};
+    const PIN: &str = "token-pin-Zq81x-not-a-secret";
+    const WRONG_PIN: &str = "token-pin-Zq81y-almost-it";
+    let secrets = [PASS, PIN, WRONG_PIN, PLAINTEXT];
+    let plain = PLAINTEXT.as_bytes();
+    let hsm = SoftHsm::new().unwrap();
+    let conf = SoftHsm::conf_file().unwrap();
+    let tool = require_tool("pkcs11-tool", "OpenSC: it changes the token's PIN");
+    let mut change = Command::new(tool);
+    change
+        .args(["--module", SOFTHSM_MODULE, "--token-label", hsm.label()])
+        .args([
+            "--login",
+            "--pin",
+            TEST_USER_PIN,
+            "--change-pin",
+            "--new-pin",
+            PIN,
+        ])
+        .env("SOFTHSM2_CONF", &conf);
+    let out = run_command(change, None);
+    assert!(
+        out.status.success(),
+        "pkcs11-tool --change-pin\n{}",
+        show(&out)
+    );
+
+    for level in Level::ALL {
+        let env = level
+            .env(Env::new())
+            .with_config(&format!(
+                "[backends.hsm]\ntype = \"pkcs11\"\nmodule = \"{SOFTHSM_MODULE}\"\n\
+                 token_label = \"{}\"\npin_env = \"KH_TEST_PIN\"\n",
+                hsm.label()
+            ))
+            .with_var("SOFTHSM2_CONF", conf.to_str().unwrap())
+            .with_var("KH_TEST_PIN", PIN)
+            .with_secret(PIN)
+            .with_secret(WRONG_PIN);
+        let run = |args: &[&str], stdin: &[u8], code| {
+            run_checked(&env, level, &[], args, stdin, code, &secrets)
+        };
+        run(INIT_ARGS, b"", 0);
+        let create = |name, ty| {
+            let out = run(
+                &["key", "create", name, "--type", ty, "--backend", "hsm"],
+                b"",
+                0,
+            );
+            parse_id_line(&out.stdout, "key create")
+        };
+        let signer = create("s", "ecdsa-p256");
+        let aes = create("e", "aes-256-gcm");
+        let mac = create("m", "hmac-sha256");
+        run(&["sign", "--key", &signer], plain, 0);
+        let envelope = run(&["encrypt", "--key", &aes], plain, 0).stdout;
+        assert_eq!(run(&["decrypt", "--key", &aes], &envelope, 0).stdout, plain);
+        let tag = env.write("tag", &run(&["mac", "--key", &mac], plain, 0).stdout);
+        run(&["mac-verify", "--key", &mac, "--tag", &tag], plain, 0);
+        let doctor = run(&["doctor"], b"", 0);
+        assert!(
+            stdout_str(&doctor).contains(hsm.label()),
+            "{}",
+            show(&doctor)
+        );
+        let wrong = run_checked(
+            &env,
+            level,
+            &[("KH_TEST_PIN", WRONG_PIN)],
+            &["sign", "--key", &signer],
+            plain,
+            7,
+            &secrets,
+        );
+        assert!(
+            stderr(&wrong).contains("keyhold: cannot log in to backend `hsm`"),
+            "{}",
+            show(&wrong)
+        );
+    }
+}
+
+/// A TPM-sealed store's recovery passphrase at the most verbose log levels: init with it, and
+/// after a PCR change a reseal with a wrong one (exit 4) and with the right one (which logs a
+/// WARN that it is used): neither shows in any form, nor does the plaintext signed in the TPM.
+#[cfg(feature = "tpm")]
+#[test]
+fn a_recovery_passphrase_never_reaches_the_logs() {
+    use keyhold::backend::tpm::device::DeviceSettings;
+    use keyhold::testing::Swtpm;
+    const RECOVERY: &str = "recovery-passphrase-kept-off-the-machine";
+    const WRONG: &str = "recovery-passphrase-kept-off-the-machinE";
+    let secrets = [RECOVERY, WRONG, PLAINTEXT];
+    let plain = PLAINTEXT.as_bytes();
+    let tpm = Swtpm::new().unwrap();
+    for level in Level::ALL {
+        let env = level
+            .env(Env::new())
+            .with_config(&format!(
+                "[backends.tpm]\ntype = \"tpm\"\ntcti = \"{}\"\n\n[store]\nsealer = \"tpm\"\n",
+                tpm.tcti()
+            ))
+            .without_passphrase()
+            .with_secret(RECOVERY)
+            .with_secret(WRONG)
+            .with_var("TSS2_LOG", "all+none");
+        let run = |vars: &[(&str, &str)], args: &[&str], code| {
+            run_checked(&env, level, vars, args, plain, code, &secrets)
+        };
+        let recovery = [("KEYHOLD_PASSPHRASE", RECOVERY)];
+        let mut init = vec!["init", "--sealer", "tpm", "--pcrs", "8"];
+        init.extend_from_slice(&INIT_ARGS[3..]);
+        run(&recovery, &init, 0);
+        let key = run(
+            &[],
+            &[
+                "key",
+                "create",
+                "k",
+                "--type",
+                "ecdsa-p256",
+                "--backend",
+                "tpm",
+            ],
+            0,
+        );
+        let key = parse_id_line(&key.stdout, "key create");
+        run(&[], &["sign", "--key", &key], 0);
+
+        keyhold::backend::tpm::device(&tpm.tcti(), DeviceSettings::default())
+            .unwrap()
+            .extend_pcr(8, b"a new boot loader")
+            .unwrap();
+        run(&[], &["sign", "--key", &key], 4);
+        let wrong = run(&[("KEYHOLD_PASSPHRASE", WRONG)], &["reseal"], 4);
+        assert!(
+            stderr(&wrong).contains("wrong passphrase"),
+            "{}",
+            show(&wrong)
+        );
+        let resealed = run(&recovery, &["reseal"], 0);
+        assert!(
+            stderr(&resealed).contains("unsealing with the recovery passphrase"),
+            "{}",
+            show(&resealed)
+        );
+        run(&[], &["sign", "--key", &key], 0);
     }
 }
