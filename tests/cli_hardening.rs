@@ -550,16 +550,9 @@ fn a_recovery_passphrase_never_reaches_the_logs() {
     let plain = PLAINTEXT.as_bytes();
     let tpm = Swtpm::new().unwrap();
     for level in Level::ALL {
-        let env = level
-            .env(Env::new())
-            .with_config(&format!(
-                "[backends.tpm]\ntype = \"tpm\"\ntcti = \"{}\"\n\n[store]\nsealer = \"tpm\"\n",
-                tpm.tcti()
-            ))
-            .without_passphrase()
+        let env = support::claims::tpm_env(level.env(Env::new()), &tpm.tcti(), "")
             .with_secret(RECOVERY)
-            .with_secret(WRONG)
-            .with_var("TSS2_LOG", "all+none");
+            .with_secret(WRONG);
         let run = |vars: &[(&str, &str)], args: &[&str], code| {
             run_checked(&env, level, vars, args, plain, code, &secrets)
         };
@@ -567,19 +560,7 @@ fn a_recovery_passphrase_never_reaches_the_logs() {
         let mut init = vec!["init", "--sealer", "tpm", "--pcrs", "8"];
         init.extend_from_slice(&INIT_ARGS[3..]);
         run(&recovery, &init, 0);
-        let key = run(
-            &[],
-            &[
-                "key",
-                "create",
-                "k",
-                "--type",
-                "ecdsa-p256",
-                "--backend",
-                "tpm",
-            ],
-            0,
-        );
+        let key = run(&[], support::claims::CREATE_TPM_KEY, 0);
         let key = parse_id_line(&key.stdout, "key create");
         run(&[], &["sign", "--key", &key], 0);
 

@@ -3,6 +3,7 @@
 //! [`env`].
 #![allow(dead_code)]
 
+pub mod claims;
 pub mod env;
 
 use std::collections::BTreeMap;
