@@ -174,6 +174,17 @@ fn a_running_keyhold_is_not_dumpable_and_writes_no_core_file() {
     let inherited = allow_core_files();
     assert_ne!(inherited, 0);
 
+    // The user must be able to run the binary at all (a checkout under a private home is not).
+    let mut version = Command::new(BIN);
+    version.arg("--version");
+    user.apply(&mut version);
+    if let Err(e) = version.output() {
+        panic!(
+            "cannot run {BIN} as uid {}: {e}: every directory on its path must be searchable by \
+             others for this test",
+            user.uid
+        );
+    }
     // Everything keyhold touches belongs to that user: the store must be its own.
     let env = Env::new();
     user.own(env.dir.path());
