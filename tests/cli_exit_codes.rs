@@ -5,6 +5,7 @@
 
 mod support;
 
+#[cfg(feature = "tpm")]
 use support::claims::*;
 use support::env::*;
 
