@@ -8,10 +8,10 @@
 mod support;
 
 use std::path::Path;
-use std::process::{Command, Output};
 
 use keyhold::config::{BackendConfig, Config};
 use keyhold::{Error, KeyRequest, KeySpec, KeyType, Keystore};
+use support::env::*;
 use support::{sealer, PASSPHRASE};
 
 /// A configuration naming both device kinds, as a machine with an HSM and a TPM would have it.
@@ -104,42 +104,18 @@ fn a_pkcs11_backend_says_the_pkcs11_feature_is_missing() {
     assert_backend_not_built("hsm", &missing("pkcs11"));
 }
 
-/// The real binary with `--store DIR/store --config DIR/keyhold.toml` and the passphrase set.
-fn keyhold(dir: &Path, args: &[&str], adjust: impl FnOnce(&mut Command)) -> Output {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_keyhold"));
-    cmd.arg("--store")
-        .arg(dir.join("store"))
-        .arg("--config")
-        .arg(dir.join("keyhold.toml"))
-        .args(args)
-        .env("KEYHOLD_PASSPHRASE", PASSPHRASE)
-        .env_remove("KEYHOLD_SEALER")
-        .env_remove("RUST_LOG")
-        .env("HOME", dir);
-    adjust(&mut cmd);
-    cmd.output().unwrap()
-}
-
-fn stderr(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stderr).into_owned()
-}
-
-/// A passphrase store made by the binary, with the two-backend configuration beside it.
-fn cli_store() -> tempfile::TempDir {
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("keyhold.toml"), CONFIG).unwrap();
-    // The cheapest Argon2 settings keyhold takes: this tests what the build lacks, not the KDF.
-    let init = "init --sealer passphrase --argon2-memory-mib 19 --argon2-iterations 2";
-    let args: Vec<&str> = init.split(' ').collect();
-    let out = keyhold(dir.path(), &args, |_| {});
-    assert!(out.status.success(), "init: {}", stderr(&out));
-    dir
+/// A passphrase store made by the binary, with the two-backend configuration beside it (passed
+/// as `--config` to every command).
+fn cli_store() -> Env {
+    let env = Env::new().with_config(CONFIG);
+    env.init_store();
+    env
 }
 
 /// The store's metadata made to record `sealer`, as a store made by a build with that feature
 /// records it (only the recorded kind matters: the build refuses before unsealing).
-fn record_sealer(dir: &Path, sealer: &str) {
-    let db = dir.join("store").join(keyhold::store::DB_FILE);
+fn record_sealer(store: &Path, sealer: &str) {
+    let db = store.join(keyhold::store::DB_FILE);
     let conn = rusqlite::Connection::open(db).unwrap();
     let n = conn
         .execute(
@@ -153,29 +129,19 @@ fn record_sealer(dir: &Path, sealer: &str) {
 /// `init --sealer KIND`, opening a store sealed by KIND, and `doctor` on a configuration naming
 /// a backend of KIND, in a build without the feature KIND needs.
 fn assert_cli_not_built(kind: &str, backend: &str, message: &str) {
-    let dir = cli_store();
-    let d = dir.path();
+    let env = cli_store();
 
-    let fresh = tempfile::tempdir().unwrap();
-    std::fs::write(fresh.path().join("keyhold.toml"), CONFIG).unwrap();
-    let out = keyhold(
-        fresh.path(),
-        &["init", "--sealer", kind, "--backend", backend],
-        |_| {},
-    );
+    let fresh = Env::new().with_config(CONFIG);
+    let out = fresh.run(&["init", "--sealer", kind, "--backend", backend], b"");
     assert_eq!(out.status.code(), Some(1), "init: {}", stderr(&out));
     assert_eq!(stderr(&out), format!("keyhold: {message}\n"));
-    assert!(!fresh
-        .path()
-        .join("store")
-        .join(keyhold::store::DB_FILE)
-        .exists());
+    fresh.assert_no_store("init with a sealer the build lacks");
 
-    let out = keyhold(d, &["--json", "doctor"], |_| {});
+    let out = env.run(&["--json", "doctor"], b"");
     assert_eq!(out.status.code(), Some(7), "doctor: {}", stderr(&out));
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(stdout.contains(message), "doctor --json: {stdout}");
-    let out = keyhold(d, &["doctor"], |_| {});
+    let out = env.run(&["doctor"], b"");
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         stdout.contains(&format!(
@@ -184,10 +150,8 @@ fn assert_cli_not_built(kind: &str, backend: &str, message: &str) {
         "doctor: {stdout}"
     );
 
-    record_sealer(d, kind);
-    let out = keyhold(d, &["--json", "key", "list"], |c| {
-        c.env("KEYHOLD_SEALER", kind);
-    });
+    record_sealer(&env.store, kind);
+    let out = env.run_vars(&[("KEYHOLD_SEALER", kind)], &["--json", "key", "list"]);
     assert_eq!(out.status.code(), Some(1), "key list: {}", stderr(&out));
     let error: serde_json::Value = serde_json::from_slice(&out.stderr).unwrap();
     assert_eq!(error["error"]["kind"], "not_built");
