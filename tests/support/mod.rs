@@ -88,6 +88,9 @@ pub fn snapshot(dir: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
 /// The harness of the command-line tests (tests/cli_*.rs).
 pub mod env;
 
+/// Helpers of the CLI tests of README claims (cli_hardening, cli_exit_codes, cli_reseal, …).
+pub mod claims;
+
 /// Runs `openssl` with `args` in `dir`; returns whether it succeeded, and its stdout and stderr.
 pub fn openssl(dir: &Path, args: &[&str]) -> (bool, String) {
     let mut cmd = std::process::Command::new("openssl");
