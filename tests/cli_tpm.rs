@@ -396,7 +396,7 @@ fn reseal_refuses_a_pcr_list_changed_behind_its_back() {
         env.refused(&[], &["key", "list"], 4);
         let stderr = env.refused(WITH_RECOVERY, &["reseal"], 6);
         assert!(
-            stderr.contains("sealer metadata") && stderr.contains("nothing was re-sealed"),
+            stderr.contains("sealer metadata") && stderr.contains("keyhold changed nothing"),
             "{stderr}"
         );
         env.assert_unchanged(&before, "reseal wrote to the store");

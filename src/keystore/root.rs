@@ -88,7 +88,7 @@ pub(super) fn check_store(store: &Store, keys: &DerivedKeys) -> Result<()> {
         return Err(Error::Integrity {
             what: format!(
                 "the store's sealer metadata (sealer `{}`, its parameters such as PCRs, SRK Name \
-                 and recovery seal) {}; nothing was re-sealed",
+                 and recovery seal) {}; keyhold changed nothing: restore the store from a backup",
                 meta.sealed_root.sealer,
                 if meta.mac.is_empty() {
                     "carries no MAC (stores made by development builds before the metadata MAC \
