@@ -93,6 +93,20 @@ fn allow_core_files() -> u64 {
         .map_or(u64::MAX, |limit| limit)
 }
 
+/// A copy of the keyhold binary in a directory every user can search, and that directory.
+fn binary_others_can_run() -> (tempfile::TempDir, std::path::PathBuf) {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::Builder::new()
+        .prefix("keyhold-bin-")
+        .tempdir()
+        .unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let bin = dir.path().join("keyhold");
+    std::fs::copy(BIN, &bin).unwrap();
+    std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).unwrap();
+    (dir, bin)
+}
+
 /// `Max core file size` of process `pid` as /proc/PID/limits shows it: (soft, hard).
 fn core_limit(pid: u32) -> (String, String) {
     let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
@@ -174,22 +188,21 @@ fn a_running_keyhold_is_not_dumpable_and_writes_no_core_file() {
     let inherited = allow_core_files();
     assert_ne!(inherited, 0);
 
-    // The user must be able to run the binary at all (a checkout under a private home is not).
-    let mut version = Command::new(BIN);
+    // The user must be able to run the binary: the build's own may lie under directories only
+    // root can search (a clone in a private temp dir, as CI makes), so a copy in one it can.
+    let (_bin_dir, bin) = binary_others_can_run();
+    let mut version = Command::new(&bin);
     version.arg("--version");
     user.apply(&mut version);
-    if let Err(e) = version.output() {
-        panic!(
-            "cannot run {BIN} as uid {}: {e}: every directory on its path must be searchable by \
-             others for this test",
-            user.uid
-        );
-    }
+    let out = run_command(version, None);
+    assert_ok(&out, "keyhold --version as the unprivileged user");
     // Everything keyhold touches belongs to that user: the store must be its own.
     let env = Env::new();
     user.own(env.dir.path());
     let as_user = |args: &[&str]| {
-        let out = env.run_with(args, Some(b""), |cmd| user.apply(cmd));
+        let mut cmd = env.command_via(Command::new(&bin), args);
+        user.apply(&mut cmd);
+        let out = env.run_cmd(cmd, Some(b""));
         assert_ok(&out, &format!("{args:?} as uid {}", user.uid));
         out.stdout
     };
@@ -210,15 +223,18 @@ fn a_running_keyhold_is_not_dumpable_and_writes_no_core_file() {
     .unwrap();
     user.own(&fifo);
     let envelope = env.path_str("envelope");
-    let mut cmd = env.command(&[
-        "encrypt",
-        "--key",
-        &id,
-        "--in",
-        fifo.to_str().unwrap(),
-        "--out",
-        &envelope,
-    ]);
+    let mut cmd = env.command_via(
+        Command::new(&bin),
+        &[
+            "encrypt",
+            "--key",
+            &id,
+            "--in",
+            fifo.to_str().unwrap(),
+            "--out",
+            &envelope,
+        ],
+    );
     user.apply(&mut cmd);
     let mut keyhold = cmd
         .stdin(Stdio::null())

@@ -228,20 +228,19 @@ fn pkcs11_tool_lists_the_keys_by_label() {
     let t = HsmStore::on(&hsm);
     let signer = t.create("signer", KeyType::EcdsaP256, None);
     let sealer_key = t.create("sealer", KeyType::Aes256Gcm, None);
-    let out = Command::new("pkcs11-tool")
-        .args([
-            "--module",
-            SOFTHSM_MODULE,
-            "--token-label",
-            hsm.label(),
-            "--login",
-            "--pin",
-            TEST_USER_PIN,
-            "-O",
-        ])
-        .env("SOFTHSM2_CONF", SoftHsm::conf_file().unwrap())
-        .output()
-        .unwrap();
+    let mut cmd = Command::new("pkcs11-tool");
+    cmd.args([
+        "--module",
+        SOFTHSM_MODULE,
+        "--token-label",
+        hsm.label(),
+        "--login",
+        "--pin",
+        TEST_USER_PIN,
+        "-O",
+    ])
+    .env("SOFTHSM2_CONF", SoftHsm::conf_file().unwrap());
+    let out = support::env::run_command(cmd, None);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
@@ -924,11 +923,10 @@ fn two_tokens_with_one_label_are_refused_naming_both_serials() {
         .collect();
     assert_eq!(serials.len(), 2, "{serials:?}");
     let delete_twin = || {
-        let out = Command::new("softhsm2-util")
-            .args(["--delete-token", "--serial", &serials[1]])
-            .env("SOFTHSM2_CONF", SoftHsm::conf_file().unwrap())
-            .output()
-            .unwrap();
+        let mut cmd = Command::new("softhsm2-util");
+        cmd.args(["--delete-token", "--serial", &serials[1]])
+            .env("SOFTHSM2_CONF", SoftHsm::conf_file().unwrap());
+        let out = support::env::run_command(cmd, None);
         assert!(out.status.success(), "{out:?}");
     };
 

@@ -730,13 +730,13 @@ mod tests {
         bent[last] ^= 1;
         let err = be.sign(key(&bent), b"m", SignatureFormat::Der).unwrap_err();
         assert!(matches!(err, Error::Integrity { .. }), "{err:?}");
-        // Just within the setting: both kept, and the one used is fresh again.
-        CLOCK_AHEAD.with(|c| c.set(idle - std::time::Duration::from_secs(1)));
+        // Half the setting later: both kept, and the one used is fresh again.
+        CLOCK_AHEAD.with(|c| c.set(idle / 2));
         be.sign(key(&blob), b"m", SignatureFormat::Raw).unwrap();
         assert_eq!(count(), 2);
-        // Two seconds later the DER key has idled past the setting, the raw one (used a second
-        // before the setting ran out) not yet: one key dropped at the next operation, one kept.
-        CLOCK_AHEAD.with(|c| c.set(idle + std::time::Duration::from_secs(1)));
+        // Another 0.6 of it later the DER key has idled past the setting (1.1), the raw one not
+        // (0.6): one key dropped at the next operation, one kept.
+        CLOCK_AHEAD.with(|c| c.set(idle * 11 / 10));
         be.sign(key(&blob), b"m", SignatureFormat::Raw).unwrap();
         assert_eq!(count(), 1);
         CLOCK_AHEAD.with(|c| c.set(std::time::Duration::ZERO));

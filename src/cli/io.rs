@@ -594,8 +594,9 @@ mod passphrase_tests {
 
     /// L4: `KEYHOLD_PASSPHRASE` is read once and gone from the environment afterwards, so nothing
     /// keyhold starts later inherits it. The one test that changes the process's environment
-    /// (that is what it checks): no other test of this binary reads this variable, and Rust's
-    /// own environment calls are serialised, so it is sound under `cargo test`'s threads too.
+    /// (that is what it checks). No other test reads this variable, and Rust's own environment
+    /// calls are serialised; C code reading the environment in another test's thread is not
+    /// (see the README on `cargo test`): run under nextest, as `ci/test.sh` does, or one thread.
     #[test]
     fn the_passphrase_variable_is_removed_once_read() {
         std::env::set_var("KEYHOLD_PASSPHRASE", "from the environment");

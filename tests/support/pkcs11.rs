@@ -261,11 +261,10 @@ pub fn spied(name: &str) -> Option<SpyLog> {
     );
     let dir = tempfile::tempdir().expect("temp dir");
     let spy = Spy::new(dir.path());
-    let out = Command::new(std::env::current_exe().expect("this test binary"))
-        .args([name, "--exact", "--nocapture", "--test-threads=1"])
-        .envs(spy.env())
-        .output()
-        .expect("run this test binary again");
+    let mut cmd = Command::new(std::env::current_exe().expect("this test binary"));
+    cmd.args([name, "--exact", "--nocapture", "--test-threads=1"])
+        .envs(spy.env());
+    let out = super::env::run_command(cmd, None);
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(

@@ -28,13 +28,13 @@ pub fn tpm2(tcti: &str, dir: &Path, args: &[&str]) -> Ran {
 
 /// Runs one tpm2-tools command (`args[0]`) on `tcti` in `dir`, leaving what it loaded loaded.
 pub fn tpm2_unflushed(tcti: &str, dir: &Path, args: &[&str]) -> Ran {
-    let out = std::process::Command::new(args[0])
-        .args(&args[1..])
+    let mut cmd = std::process::Command::new(args[0]);
+    cmd.args(&args[1..])
         .args(["-T", tcti])
         .env("TSS2_LOG", "all+none")
-        .current_dir(dir)
-        .output()
-        .unwrap_or_else(|e| panic!("run {} (tpm2-tools): {e}", args[0]));
+        .current_dir(dir);
+    // swtpm serves one connection at a time: a keyhold connection left open would hang it.
+    let out = super::env::run_command(cmd, None);
     Ran {
         ok: out.status.success(),
         stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
