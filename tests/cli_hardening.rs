@@ -523,7 +523,13 @@ fn a_token_pin_never_reaches_the_logs() {
         let run = |args: &[&str], stdin: &[u8], code| {
             run_checked(&env, level, &[], args, stdin, code, &secrets)
         };
-        run(INIT_ARGS, b"", 0);
+        let init = run(INIT_ARGS, b"", 0);
+        // The logs are really on at this level.
+        assert!(
+            stderr(&init).contains(" INFO created store"),
+            "{level:?}\n{}",
+            show(&init)
+        );
         let create = |name, ty| {
             let out = run(
                 &["key", "create", name, "--type", ty, "--backend", "hsm"],
@@ -586,7 +592,13 @@ fn a_recovery_passphrase_never_reaches_the_logs() {
         let recovery = [("KEYHOLD_PASSPHRASE", RECOVERY)];
         let mut init = vec!["init", "--sealer", "tpm", "--pcrs", "8"];
         init.extend_from_slice(&INIT_ARGS[3..]);
-        run(&recovery, &init, 0);
+        let made = run(&recovery, &init, 0);
+        // The logs are really on at this level.
+        assert!(
+            stderr(&made).contains(" INFO created store"),
+            "{level:?}\n{}",
+            show(&made)
+        );
         let key = run(&[], support::claims::CREATE_TPM_KEY, 0);
         let key = parse_id_line(&key.stdout, "key create");
         run(&[], &["sign", "--key", &key], 0);

@@ -480,42 +480,54 @@ fn a_killed_tpm_is_unavailable_then_recovers() {
 }
 
 /// swtpm killed while it works on a command (an RSA-3072 key generation): the caller gets
-/// "unavailable", not a hang, and the backend recovers once it is back.
+/// "unavailable", not a hang, and the backend recovers once it is back. The backend reaches the
+/// TPM through a tap, which shows the TPM2_Create sent and not yet answered when the kill comes;
+/// the generation takes the TPM tens of milliseconds at least, the check and the kill
+/// microseconds, and the test checks afterwards that no answer slipped in between.
 #[test]
 fn a_tpm_killed_mid_command_is_unavailable_not_a_hang() {
+    const TPM2_CC_CREATE: u32 = 0x153;
     let mut tpm = Swtpm::new().unwrap();
-    let backend = Arc::new(backend(&tpm));
+    let tap = support::tpm::Tap::new(tpm.port());
+    let backend = Arc::new(TpmBackend::new("tpm", &tap.tcti(), &kek()).unwrap());
     let (tx, rx) = std::sync::mpsc::channel();
     {
         let backend = Arc::clone(&backend);
         std::thread::spawn(move || {
             let spec = KeySpec::new(KeyType::Rsa3072, None, None).unwrap();
-            // Key generations back to back until one fails: nearly all of the TPM's time goes
-            // to them, so the kill almost always lands inside one (between two, it is the
-            // killed-TPM case above, with the same expected outcome).
-            for n in 0u8..=255 {
-                let uuid = [n; 16];
-                let context = KeyContext {
-                    store_id: &STORE,
-                    uuid: &uuid,
-                    label: "test/rsa",
-                    spec: &spec,
-                };
-                if let Err(e) = backend.generate(context, &KeyOptions::new()) {
-                    let _ = tx.send(e);
-                    return;
-                }
-            }
+            let context = KeyContext {
+                store_id: &STORE,
+                uuid: &[7; 16],
+                label: "test/rsa",
+                spec: &spec,
+            };
+            let _ = tx.send(backend.generate(context, &KeyOptions::new()));
         });
     }
-    // Not a bound on anything: the generations run back to back, so the kill lands inside one
-    // or between two, and both must end the same way.
-    std::thread::sleep(Duration::from_millis(400));
+    let deadline = std::time::Instant::now() + HANG;
+    while tap.in_flight() != Some(TPM2_CC_CREATE) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no TPM2_Create was sent: {:x?}",
+            tap.commands()
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let answers = tap.answers();
     tpm.kill().unwrap();
-    let err = rx
+    let result = rx
         .recv_timeout(HANG)
         .expect("no answer from a TPM killed mid-command: the call hangs");
-    assert!(matches!(err, Error::BackendUnavailable { .. }), "{err:?}");
+    assert_eq!(
+        tap.answers(),
+        answers,
+        "the TPM answered the TPM2_Create before it was killed: not mid-command"
+    );
+    let err = result.err();
+    assert!(
+        matches!(err, Some(Error::BackendUnavailable { .. })),
+        "{err:?}"
+    );
     tpm.restart().unwrap();
     let key = create(&backend, KeyType::EcdsaP256, Purpose::Sign, None);
     sign_and_verify(&backend, &key);
