@@ -225,6 +225,20 @@ fn a_fallback_to_software_is_warned_reported_in_json_and_marked_in_list() {
         "{}",
         show(&o)
     );
+    // key show --json: the documented key object, `fallback` and `attributes` included, for
+    // the fallback key and for a key the token made (attributes reported by the token).
+    for (name, fallback_for) in [("dec", Some("hsm")), ("sig", None)] {
+        let text = run(&["key", "show", "--name", name], &|_| {});
+        assert_ok(&text, "key show");
+        let o = run(&["--json", "key", "show", "--name", name], &|_| {});
+        assert_ok(&o, "key show --json");
+        let v = parse_json(&o.stdout, "key show --json");
+        let ctx = format!("key show --json of {name}");
+        assert_key_object(&v, &stdout_str(&text), fallback_for, &ctx);
+        if fallback_for.is_none() {
+            assert_eq!(v["attributes"]["never_extractable"], "true", "{ctx}: {v}");
+        }
+    }
     // key show --json carries `fallback` too, and every attribute, sorted.
     let o = run(&["--json", "key", "show", "--key", &id], &|_| {});
     let v = parse_json(&o.stdout, "show --json");

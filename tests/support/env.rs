@@ -778,3 +778,91 @@ pub fn is_lower_hex(s: &str) -> bool {
         && s.bytes()
             .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
+
+/// The members of a key object (docs/cli.md, `--json`), sorted.
+pub const KEY_FIELDS: [&str; 14] = [
+    "algorithm",
+    "attributes",
+    "backend",
+    "created",
+    "fallback",
+    "id",
+    "locator",
+    "name",
+    "namespace",
+    "purpose",
+    "state",
+    "store_id",
+    "type",
+    "version",
+];
+
+/// A key object has exactly the documented members, each of its type; its `attributes` are those
+/// `key show` lists for the key (`show_text`: its output); `fallback` is null, or for a key made
+/// in software in place of backend `fallback_for`, exactly `for` (that backend) and `reason`.
+pub fn assert_key_object(
+    v: &serde_json::Value,
+    show_text: &str,
+    fallback_for: Option<&str>,
+    ctx: &str,
+) {
+    assert_eq!(json_keys(v, ctx), KEY_FIELDS, "{ctx}: the members of {v}");
+    // Every member but these three is a string.
+    for f in KEY_FIELDS
+        .iter()
+        .filter(|f| !["attributes", "fallback", "version"].contains(f))
+    {
+        assert!(v[f].is_string(), "{ctx}: `{f}` is a string in {v}");
+    }
+    assert!(v["version"].is_u64(), "{ctx}: `version` is a number in {v}");
+    let created = v["created"].as_str().unwrap_or_default();
+    assert!(
+        created.len() == 20
+            && created.ends_with('Z')
+            && created.as_bytes()[10] == b'T'
+            && created
+                .bytes()
+                .enumerate()
+                .all(|(i, b)| matches!(i, 4 | 7 | 10 | 13 | 16 | 19) || b.is_ascii_digit()),
+        "{ctx}: `created` is an RFC 3339 UTC time (YYYY-MM-DDTHH:MM:SSZ): {created:?}"
+    );
+    let attributes = v["attributes"]
+        .as_object()
+        .unwrap_or_else(|| panic!("{ctx}: `attributes` is an object in {v}"));
+    // key show lists them sorted as `name=value, …` (`-` for none); a value may itself hold
+    // ", " (a fallback's reason), so the JSON is spelled that way and compared whole.
+    let spelled: Vec<String> = attributes
+        .iter()
+        .map(|(k, v)| {
+            let v = v
+                .as_str()
+                .unwrap_or_else(|| panic!("{ctx}: attribute `{k}` is a string in {v}"));
+            format!("{k}={v}")
+        })
+        .collect();
+    let spelled = if spelled.is_empty() {
+        "-".to_owned()
+    } else {
+        spelled.join(", ")
+    };
+    assert_eq!(
+        spelled,
+        super::field(show_text, "attributes"),
+        "{ctx}: the attributes are key show's"
+    );
+    match fallback_for {
+        None => assert!(
+            v["fallback"].is_null(),
+            "{ctx}: `fallback` is null for a key made where it was asked for: {v}"
+        ),
+        Some(backend) => {
+            let fallback = &v["fallback"];
+            assert_eq!(json_keys(fallback, ctx), ["for", "reason"], "{ctx}: {v}");
+            assert_eq!(fallback["for"], backend, "{ctx}: {v}");
+            assert!(
+                fallback["reason"].as_str().is_some_and(|r| !r.is_empty()),
+                "{ctx}: `reason` is a non-empty string in {v}"
+            );
+        }
+    }
+}
