@@ -434,7 +434,11 @@ mod tests {
         }
         for bad in ["", "-a", ".a", "a/b", "../x", "é", &"x".repeat(65), "a b"] {
             let err = validate_name("name", bad).unwrap_err();
-            assert!(matches!(err, Error::InvalidInput(_)), "{bad:?}: {err:?}");
+            assert!(
+                matches!(&err, Error::InvalidInput(m) if m.starts_with("invalid name `")
+                    && m.ends_with("`: use 1-64 characters from A-Z a-z 0-9 . _ -, not starting with . or -")),
+                "{bad:?}: {err:?}"
+            );
         }
     }
 }

@@ -91,7 +91,12 @@ fn init_refuses_argon2_memory_below_19_mib() {
         ],
         b"",
     );
-    assert_clean_failure(&out, 1, "init with 18 MiB Argon2 memory (minimum is 19)");
+    assert_fail(
+        &out,
+        1,
+        "argon2 memory (MiB) must be between 19 and 4096, not 18",
+        "init with 18 MiB Argon2 memory (minimum is 19)",
+    );
     env.assert_no_store("init with 18 MiB Argon2 memory");
 }
 

@@ -188,7 +188,12 @@ fn bad_names_and_namespaces_are_refused() {
             vec!["key", "create", name, "--type", "ed25519"]
         };
         let o = env.run(&args, b"");
-        assert_clean_failure(&o, 1, &format!("key create with bad name {name:?}"));
+        assert_fail(
+            &o,
+            1,
+            "keyhold: invalid key name `",
+            &format!("key create with bad name {name:?}"),
+        );
         assert!(
             o.stdout.is_empty(),
             "bad name {name:?}: expected no ID on stdout"
@@ -199,7 +204,12 @@ fn bad_names_and_namespaces_are_refused() {
             &["--namespace", ns, "key", "create", "k", "--type", "ed25519"],
             b"",
         );
-        assert_clean_failure(&o, 1, &format!("key create in bad namespace {ns:?}"));
+        assert_fail(
+            &o,
+            1,
+            "keyhold: invalid namespace `",
+            &format!("key create in bad namespace {ns:?}"),
+        );
     }
     env.assert_unchanged(&before, "bad names");
     assert!(

@@ -173,7 +173,11 @@ fn a_store_sealed_by_the_token_opens_only_with_it() {
         "no --config",
     );
     // With the wrong PIN: one refused login, exit 7.
-    env.refused(&[("KH_TEST_PIN", "0000")], &["key", "list"], 7);
+    let stderr = env.refused(&[("KH_TEST_PIN", "0000")], &["key", "list"], 7);
+    assert!(
+        stderr.contains("cannot log in to backend `hsm`: wrong user PIN"),
+        "{stderr}"
+    );
 }
 
 #[test]

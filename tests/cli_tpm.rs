@@ -393,7 +393,11 @@ fn reseal_refuses_a_pcr_list_changed_behind_its_back() {
     for doctored in [16, 9] {
         support::edit_seal_params(&env.store, |p| p["pcrs"] = serde_json::json!([doctored]));
         let before = env.snapshot();
-        env.refused(&[], &["key", "list"], 4);
+        let refused = env.refused(&[], &["key", "list"], 4);
+        assert!(
+            refused.starts_with("keyhold: cannot unseal the store: "),
+            "{refused}"
+        );
         let stderr = env.refused(WITH_RECOVERY, &["reseal"], 6);
         assert!(
             stderr.contains("sealer metadata") && stderr.contains("keyhold changed nothing"),

@@ -400,20 +400,36 @@ mod tests {
             matches!(&err, Error::InvalidInput(m) if m.contains("passphrase is empty")),
             "{err:?}"
         );
-        for weak in [
-            Argon2Params {
-                memory_mib: MIN_MEMORY_MIB - 1,
-                ..FAST
-            },
-            Argon2Params {
-                iterations: MIN_ITERATIONS - 1,
-                ..FAST
-            },
+        for (weak, says) in [
+            (
+                Argon2Params {
+                    memory_mib: MIN_MEMORY_MIB - 1,
+                    ..FAST
+                },
+                "argon2 memory (MiB) must be between 19 and 4096, not 18",
+            ),
+            (
+                Argon2Params {
+                    iterations: MIN_ITERATIONS - 1,
+                    ..FAST
+                },
+                "argon2 iterations must be between 2 and 64, not 1",
+            ),
+            (
+                Argon2Params {
+                    parallelism: 0,
+                    ..FAST
+                },
+                "argon2 parallelism must be between 1 and 64, not 0",
+            ),
         ] {
             let err = PassphraseSealer::new(SecretString::from("x".to_owned()))
                 .with_params(weak)
                 .unwrap_err();
-            assert!(matches!(err, Error::InvalidInput(_)), "{err:?}");
+            assert!(
+                matches!(&err, Error::InvalidInput(m) if m == says),
+                "{err:?}"
+            );
         }
     }
 
