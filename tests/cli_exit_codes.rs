@@ -201,19 +201,12 @@ fn a_tpm_sealed_store_whose_tpm_is_gone_is_exit_7_until_it_is_back() {
 /// docs/cli.md: exit 7 also when a backend "stayed busy past its timeout" (`backend … is busy`),
 /// and README: swtpm serves one client connection at a time. Here another client holds swtpm's
 /// one connection (a raw TCP connection that sends nothing) while keyhold, configured with
-/// `timeout_secs = 2`, opens a TPM-sealed store.
-///
-/// Ignored because it fails: keyhold does not exit 7 after 2 s, it waits for as long as the other
-/// client holds the TPM (seen: still waiting after 30 s, killed by the harness' timeout here).
-/// `timeout_secs` bounds only the wait for a turn among the threads of one process; tss-esapi
-/// 7.7 waits for the TPM's answer without a timeout (ESAPI's Esys_SetTimeout is not wrapped). So
-/// the busy exit 7 cannot be provoked through the CLI at all: one keyhold command uses its TPM
-/// from one thread, so there is never a turn to wait for. What is checked instead: the mapping
-/// `Error::Timeout` → exit 7, kind `timeout` (src/cli/mod.rs unit test) and the library's bounded
-/// wait (tests/tpm.rs). Run it with `--run-ignored only` once keyhold bounds that wait.
+/// `timeout_secs = 2`, opens a TPM-sealed store: swtpm accepts keyhold's connection and never
+/// answers it, so without a bound on the connection keyhold would wait for as long as the other
+/// client stays (it did, before the bound: killed by the harness' timeout). It exits 7 instead,
+/// and the store is left as it was; once the other client is gone, the store opens.
 #[cfg(feature = "tpm")]
 #[test]
-#[ignore = "keyhold waits without bound for a TPM another client holds: timeout_secs does not apply"]
 fn a_tpm_held_by_another_client_is_exit_7_busy_after_the_timeout() {
     let tpm = keyhold::testing::Swtpm::new().unwrap();
     let env = tpm_env(
@@ -222,13 +215,21 @@ fn a_tpm_held_by_another_client_is_exit_7_busy_after_the_timeout() {
         "timeout_secs = 2",
     );
     env.ok_text(&["init", "--sealer", "tpm"]);
+    let before = env.snapshot();
     let holder = std::net::TcpStream::connect(("127.0.0.1", tpm.port())).unwrap();
     let out = env.run(&["key", "list"], b"");
     drop(holder);
     assert_fail(
         &out,
         7,
-        "backend `tpm sealer` is busy",
+        "backend `tpm sealer` is busy: waited 2s for the TPM at `",
         "key list while another client holds the TPM",
     );
+    assert!(
+        stderr(&out).contains("another program may hold it"),
+        "{}",
+        show(&out)
+    );
+    env.assert_unchanged(&before, "key list while the TPM was held");
+    env.ok_text(&["key", "list"]);
 }

@@ -20,7 +20,7 @@ use std::time::Instant;
 
 use tss_esapi::tcti_ldr::TctiNameConf;
 
-use super::connection::{Connection, Features, Setup};
+use super::connection::{Connection, Features, Setup, Unverified};
 use super::errors::{self, Failure};
 use crate::error::{Error, Result};
 
@@ -212,7 +212,7 @@ impl TpmDevice {
             max_loaded: self.settings.max_loaded,
         };
         let map = |f| errors::map_connect(who, &self.tcti, self.settings.srk_handle, f);
-        let connection = Connection::open(&self.tcti_conf, setup).map_err(map)?;
+        let connection = self.open_bounded(who, setup)?.map_err(map)?;
         let first = self.srk_name.get_or_init(|| connection.srk_name().to_vec());
         if connection.srk_name() != first.as_slice() && self.pinned.load(Ordering::SeqCst) {
             return Err(self.not_pinned(first, connection.srk_name()));
@@ -232,6 +232,41 @@ impl TpmDevice {
         let connection = connection.salt_session().map_err(map)?;
         tracing::debug!(tcti = %self.tcti, "connected to the TPM");
         Ok(connection)
+    }
+
+    /// [`Connection::open`], waiting at most the timeout for it. A TPM that accepts the
+    /// connection and then does not answer (swtpm serves one client at a time and queues the
+    /// rest; a TPM stuck in a long command for another program) would otherwise hold the caller
+    /// for as long as that lasts: tss-esapi waits for an answer without a limit. Past the
+    /// timeout the opening thread is left to finish on its own (it then drops the connection).
+    fn open_bounded(&self, who: &str, setup: Setup) -> Result<Result<Unverified, Failure>> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let conf = self.tcti_conf.clone();
+        std::thread::Builder::new()
+            .name("keyhold-tpm-connect".into())
+            .spawn(move || {
+                // The caller may have stopped waiting: then nobody wants the connection.
+                let _ = tx.send(Connection::open(&conf, setup));
+            })
+            .map_err(|e| Error::BackendUnavailable {
+                backend: who.to_owned(),
+                reason: format!("cannot start a thread to connect to the TPM: {e}"),
+            })?;
+        rx.recv_timeout(self.settings.timeout).map_err(|e| match e {
+            std::sync::mpsc::RecvTimeoutError::Timeout => Error::Timeout {
+                backend: who.to_owned(),
+                waited: self.settings.timeout,
+                what: format!(
+                    "the TPM at `{}` to answer (it accepted the connection: another program may \
+                     hold it, and swtpm serves one client at a time)",
+                    self.tcti
+                ),
+            },
+            std::sync::mpsc::RecvTimeoutError::Disconnected => Error::BackendUnavailable {
+                backend: who.to_owned(),
+                reason: "the thread connecting to the TPM ended without an answer".into(),
+            },
+        })
     }
 
     fn not_pinned(&self, pinned: &[u8], found: &[u8]) -> Error {
