@@ -293,13 +293,8 @@ fn a_running_keyhold_is_not_dumpable_and_writes_no_core_file() {
     drop(input);
     let out = finish(keyhold);
     assert_ok(&out, "encrypt from the FIFO");
-    let plain = env.run_with(
-        &["decrypt", "--key", &id, "--in", &envelope],
-        Some(b""),
-        |cmd| user.apply(cmd),
-    );
-    assert_ok(&plain, "decrypt");
-    assert_eq!(plain.stdout, b"held by a process that cannot be dumped");
+    let plain = as_user(&["decrypt", "--key", &id, "--in", &envelope]);
+    assert_eq!(plain, b"held by a process that cannot be dumped");
     // The envelope is private to that user (umask 077), like every file keyhold writes.
     let mode = std::fs::metadata(&envelope).unwrap().permissions().mode();
     assert_eq!(mode & 0o777, 0o600, "{envelope}");
