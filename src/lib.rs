@@ -26,8 +26,8 @@
 //! # }
 //! ```
 
-pub mod backend;
 pub mod audit;
+pub mod backend;
 pub mod config;
 // DER encodings of what devices return (EC points, raw ECDSA signatures).
 #[cfg(any(feature = "pkcs11", feature = "tpm"))]
