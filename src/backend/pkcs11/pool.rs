@@ -416,7 +416,8 @@ impl Pool {
     }
 }
 
-#[cfg(all(test, feature = "testing"))]
+#[cfg(test)]
+#[cfg(feature = "testing")]
 mod tests {
     #![allow(clippy::unwrap_used)]
 

@@ -507,7 +507,8 @@ impl Expected {
     }
 }
 
-#[cfg(all(test, feature = "testing"))]
+#[cfg(test)]
+#[cfg(feature = "testing")]
 mod tests {
     #![allow(clippy::unwrap_used)]
 

@@ -197,7 +197,8 @@ pub(super) fn empty_token_info() -> CK_TOKEN_INFO {
 }
 
 // The byte images are what the modules wrote on x86_64 Linux (CK_ULONG = 8 bytes, little-endian).
-#[cfg(all(test, target_pointer_width = "64", target_endian = "little"))]
+#[cfg(test)]
+#[cfg(all(target_pointer_width = "64", target_endian = "little"))]
 mod tests {
     #![allow(clippy::unwrap_used)]
 

@@ -195,7 +195,8 @@ pub(super) fn salting_name(
     Ok(name)
 }
 
-#[cfg(all(test, feature = "testing"))]
+#[cfg(test)]
+#[cfg(feature = "testing")]
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
