@@ -110,16 +110,12 @@ fn configuration_file_default_locations_and_where_they_were_looked_for() {
 fn a_fallback_to_software_is_warned_reported_in_json_and_marked_in_list() {
     use keyhold::testing::SoftHsm;
     let hsm = SoftHsm::new().expect("a SoftHSM2 token");
-    let conf_file = SoftHsm::conf_file().expect("SOFTHSM2_CONF");
-    let env = Env::new()
-        .with_config(&format!(
-            "[backends.hsm]\ntype = \"pkcs11\"\nmodule = \"{}\"\ntoken_label = \"{}\"\n\
-             pin_env = \"KH_TEST_PIN\"\nfallback = \"software\"\n",
-            keyhold::testing::SOFTHSM_MODULE,
-            hsm.label()
-        ))
-        .with_var("SOFTHSM2_CONF", conf_file.to_str().expect("UTF-8 path"))
-        .with_var("KH_TEST_PIN", keyhold::testing::TEST_USER_PIN);
+    let env = Env::new().with_softhsm(
+        keyhold::testing::SOFTHSM_MODULE,
+        hsm.label(),
+        keyhold::testing::TEST_USER_PIN,
+        "fallback = \"software\"\n",
+    );
     env.init_store();
     let run = |args: &[&str], adjust: &dyn Fn(&mut std::process::Command)| {
         env.run_with(args, Some(b""), adjust)

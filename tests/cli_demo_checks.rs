@@ -56,17 +56,7 @@ fn value<'a>(object: &'a str, name: &str) -> &'a str {
 fn pkcs11_tool_sees_a_keyhold_token_key_as_never_extractable() {
     use keyhold::testing::{SoftHsm, SOFTHSM_MODULE, TEST_USER_PIN};
     let hsm = SoftHsm::new().unwrap();
-    let env = Env::new()
-        .with_config(&format!(
-            "[backends.hsm]\ntype = \"pkcs11\"\nmodule = \"{SOFTHSM_MODULE}\"\n\
-             token_label = \"{}\"\npin_env = \"KH_TEST_PIN\"\n",
-            hsm.label()
-        ))
-        .with_var(
-            "SOFTHSM2_CONF",
-            SoftHsm::conf_file().unwrap().to_str().unwrap(),
-        )
-        .with_var("KH_TEST_PIN", TEST_USER_PIN);
+    let env = Env::new().with_softhsm(SOFTHSM_MODULE, hsm.label(), TEST_USER_PIN, "");
     env.init_store();
     let web = env.create_key("web", "ecdsa-p256", &["--backend", "hsm"]);
     let wrap = env.create_key("wrap", "ecdsa-p256", &["--backend", "hsm", "--extractable"]);

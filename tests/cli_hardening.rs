@@ -506,13 +506,7 @@ fn a_token_pin_never_reaches_the_logs() {
     for level in Level::ALL {
         let env = level
             .env(Env::new())
-            .with_config(&format!(
-                "[backends.hsm]\ntype = \"pkcs11\"\nmodule = \"{SOFTHSM_MODULE}\"\n\
-                 token_label = \"{}\"\npin_env = \"KH_TEST_PIN\"\n",
-                hsm.label()
-            ))
-            .with_var("SOFTHSM2_CONF", conf.to_str().unwrap())
-            .with_var("KH_TEST_PIN", PIN)
+            .with_softhsm(SOFTHSM_MODULE, hsm.label(), PIN, "")
             .with_secret(PIN)
             .with_secret(WRONG_PIN);
         let run = |args: &[&str], stdin: &[u8], code| {

@@ -13,16 +13,12 @@ use support::{field, openssl_verifies};
 /// `KH_TEST_PIN`). The token lives as long as the returned `SoftHsm`.
 fn setup() -> (SoftHsm, Env) {
     let hsm = SoftHsm::new().unwrap();
-    let conf = SoftHsm::conf_file().unwrap();
-    let env = Env::new()
-        .with_config(&format!(
-            "[backends.hsm]\ntype = \"pkcs11\"\nmodule = \"{}\"\ntoken_label = \"{}\"\n\
-             pin_env = \"KH_TEST_PIN\"\n",
-            keyhold::testing::SOFTHSM_MODULE,
-            hsm.label()
-        ))
-        .with_var("SOFTHSM2_CONF", conf.to_str().unwrap())
-        .with_var("KH_TEST_PIN", TEST_USER_PIN);
+    let env = Env::new().with_softhsm(
+        keyhold::testing::SOFTHSM_MODULE,
+        hsm.label(),
+        TEST_USER_PIN,
+        "",
+    );
     (hsm, env)
 }
 

@@ -514,10 +514,8 @@ impl Cli {
                 c => c.to_string(),
             })
             .collect();
-        self.env.set_config(&format!(
-            "[backends.hsm]\ntype = \"pkcs11\"\nmodule = \"{module}\"\n\
-             token_label = \"{label}\"\npin_env = \"KH_TEST_PIN\"\n"
-        ));
+        self.env
+            .set_config(&support::env::hsm_config(module, &label, ""));
     }
 
     fn run(&self, args: &[&str]) -> Output {

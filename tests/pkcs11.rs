@@ -371,16 +371,7 @@ fn the_cli_with_a_wrong_pin_sends_one_c_login_per_process_and_exits_7() {
     // The store was made through the library, under its passphrase.
     let mut env = support::env::Env::new()
         .without_passphrase()
-        .with_config(&format!(
-            "[backends.hsm]\ntype = \"pkcs11\"\nmodule = \"{SPY_MODULE}\"\n\
-             token_label = \"{}\"\npin_env = \"KH_TEST_PIN\"\n",
-            hsm.label()
-        ))
-        .with_var(
-            "SOFTHSM2_CONF",
-            SoftHsm::conf_file().unwrap().to_str().unwrap(),
-        )
-        .with_var("KH_TEST_PIN", "000000")
+        .with_softhsm(SPY_MODULE, hsm.label(), "000000", "")
         .with_var("KEYHOLD_PASSPHRASE", PASSPHRASE);
     env.store = t.path.clone();
     let message = env.write("msg", b"m");

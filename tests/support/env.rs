@@ -100,6 +100,20 @@ impl Env {
         self
     }
 
+    /// Backend `hsm` is the SoftHSM2 token `label`, reached through `module` (SoftHSM2's, or
+    /// pkcs11-spy in front of it), with user PIN `pin`: the configuration ([`hsm_config`] with
+    /// `extra`), `SOFTHSM2_CONF` and `KH_TEST_PIN` for every command.
+    #[cfg(feature = "pkcs11")]
+    pub fn with_softhsm(self, module: &str, label: &str, pin: &str, extra: &str) -> Self {
+        let conf = keyhold::testing::SoftHsm::conf_file().expect("SOFTHSM2_CONF");
+        self.with_config(&hsm_config(module, label, extra))
+            .with_var(
+                "SOFTHSM2_CONF",
+                conf.to_str().expect("temp paths are UTF-8"),
+            )
+            .with_var("KH_TEST_PIN", pin)
+    }
+
     /// Sets `name=value` for every command (a later per-command value wins).
     pub fn with_var(mut self, name: &str, value: &str) -> Self {
         self.vars.push((name.to_owned(), value.to_owned()));
@@ -777,6 +791,15 @@ pub fn is_lower_hex(s: &str) -> bool {
     !s.is_empty()
         && s.bytes()
             .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
+/// A configuration whose backend `hsm` is the PKCS#11 token `label` (a TOML string's contents)
+/// of `module`, its PIN read from `$KH_TEST_PIN`; then the lines `extra`.
+pub fn hsm_config(module: &str, label: &str, extra: &str) -> String {
+    format!(
+        "[backends.hsm]\ntype = \"pkcs11\"\nmodule = \"{module}\"\ntoken_label = \"{label}\"\n\
+         pin_env = \"KH_TEST_PIN\"\n{extra}"
+    )
 }
 
 /// The members of a key object (docs/cli.md, `--json`), sorted.
