@@ -164,12 +164,12 @@ impl Pkcs11Backend {
                         }
                         // An unexpected failure can leave the session mid-operation (SoftHSM leaves
                         // a failed C_FindObjectsInit active): never hand that session out again.
-                        // Nor trust a cached handle after it: the next use finds (and so checks)
-                        // the object again.
+                        // (The failing key's cached handle is dropped by `with_object`; other
+                        // keys' handles stay: a wrong GCM tag is such a failure, and any caller
+                        // can provoke one.)
                         Disposition::Fail => {
                             lease.discard();
                             drop(lease);
-                            self.handles().clear();
                             return Err(self.failure(operation, e));
                         }
                     }

@@ -167,7 +167,13 @@ impl Pkcs11Backend {
                     ),
                 })
             }
-            other => other,
+            Err(e) => {
+                // Do not trust this key's cached handle after a failure: the next use finds (and
+                // so checks) the object again.
+                self.handles().retain(|(k, _), _| k != id);
+                Err(e)
+            }
+            ok => ok,
         }
     }
 
