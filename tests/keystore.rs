@@ -477,11 +477,6 @@ fn init_refuses_a_directory_that_holds_other_things() {
 }
 
 /// Changes meta entries behind keyhold's back.
-fn tamper_meta(path: &std::path::Path, sql: &str) {
-    let conn = rusqlite::Connection::open(path.join(keyhold::store::DB_FILE)).unwrap();
-    assert_eq!(conn.execute(sql, []).unwrap(), 1, "{sql}");
-}
-
 /// Every key record is checked under the unsealed root at open: one that fails refuses the store
 /// (a replaced root with one record forged under it must not open). In a passphrase store, which
 /// the user's passphrase opened, every record failing is still changed records, not a replaced
@@ -527,7 +522,7 @@ fn store_metadata_is_authenticated_under_the_root() {
     ] {
         let t = TestStore::new();
         t.create("k", KeyType::HmacSha256, None);
-        tamper_meta(&t.path, sql);
+        tamper(&t, sql);
         let before = t.snapshot();
         match t.reopen().unwrap_err() {
             Error::Integrity { what } => {

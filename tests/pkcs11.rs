@@ -939,14 +939,21 @@ fn two_tokens_with_one_label_are_refused_naming_both_serials() {
         }
         other => panic!("expected BackendUnavailable, got {other:?}"),
     }
-    // Nor through the keystore, and no PIN was sent to either.
+    // Generating on that backend (which would log in) is refused before any login.
+    let spec = KeySpec::new(KeyType::EcdsaP256, None, None).unwrap();
+    let generated = backend.generate(context(&spec, "tests/k"), &KeyOptions::new());
+    assert!(
+        matches!(&generated, Err(Error::BackendUnavailable { reason, .. }) if reason.contains("2 tokens match")),
+        "{generated:?}"
+    );
+    assert_eq!(backend.login_attempts(), 0, "a PIN was sent");
+    // Nor through the keystore.
     let t = HsmStore::on(&hsm);
     let created = t.create_in(Some(HSM), "k", KeyType::EcdsaP256, None);
     assert!(
         matches!(&created, Err(Error::BackendUnavailable { reason, .. }) if reason.contains("2 tokens match")),
         "{created:?}"
     );
-    assert_eq!(backend.login_attempts(), 0);
 
     let mut by_serial = hsm.backend_config();
     by_serial.token_label = None;

@@ -489,7 +489,6 @@ fn a_killed_tpm_is_unavailable_then_recovers() {
 /// microseconds, and the test checks afterwards that no answer slipped in between.
 #[test]
 fn a_tpm_killed_mid_command_is_unavailable_not_a_hang() {
-    const TPM2_CC_CREATE: u32 = 0x153;
     let mut tpm = Swtpm::new().unwrap();
     let tap = support::tpm::Tap::new(tpm.port());
     let backend = Arc::new(TpmBackend::new("tpm", &tap.tcti(), &kek()).unwrap());
@@ -508,7 +507,7 @@ fn a_tpm_killed_mid_command_is_unavailable_not_a_hang() {
         });
     }
     let deadline = std::time::Instant::now() + HANG;
-    while tap.in_flight() != Some(TPM2_CC_CREATE) {
+    while tap.in_flight() != Some(support::tpm::CC_CREATE) {
         assert!(
             std::time::Instant::now() < deadline,
             "no TPM2_Create was sent: {:x?}",

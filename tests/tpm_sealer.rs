@@ -721,8 +721,7 @@ fn keys_work_and_stores_unseal_while_the_tpm_is_in_lockout() {
         .unwrap()
         .id;
     let tools = tempfile::tempdir().unwrap();
-    let wrong = drive_into_lockout(&tpm.tcti(), tools.path());
-    assert!(wrong >= 1);
+    drive_into_lockout(&tpm.tcti(), tools.path());
     assert_in_lockout(&tpm.tcti(), tools.path());
     {
         let ks = Keystore::open_with(&store, &named_sealer(&tpm), &config).unwrap();

@@ -389,11 +389,17 @@ impl Tap {
     /// The command codes of the TPM commands sent since the last [`Tap::clear`].
     pub fn commands(&self) -> Vec<u32> {
         frames(&self.sent())
+            .into_iter()
+            .map(|(code, _)| code)
+            .collect()
     }
 
     /// How many whole answers the TPM gave since the last [`Tap::clear`].
     pub fn answers(&self) -> usize {
-        complete_frames(&self.answered())
+        frames(&self.answered())
+            .into_iter()
+            .filter(|&(_, whole)| whole)
+            .count()
     }
 
     /// The code of the command the TPM was sent and has not answered yet, if there is one.
@@ -405,31 +411,19 @@ impl Tap {
     }
 }
 
-/// Bytes 6..10 of each TPM command or response in `seen` (the code of a command, the response
-/// code of an answer): each is a 10-byte header, whose bytes 2..6 give its size, and its body.
-fn frames(seen: &[u8]) -> Vec<u32> {
-    let mut codes = Vec::new();
+/// Each TPM command or response in `seen`: bytes 6..10 of its header (a command's code, a
+/// response's code), and whether it arrived whole. Each is a 10-byte header, whose bytes 2..6
+/// give its size, and its body.
+fn frames(seen: &[u8]) -> Vec<(u32, bool)> {
+    let mut out = Vec::new();
     let mut at = 0;
     while at + 10 <= seen.len() {
         let word = |i: usize| u32::from_be_bytes(seen[i..i + 4].try_into().unwrap());
-        codes.push(word(at + 6));
+        let code = word(at + 6);
         at += usize::try_from(word(at + 2)).unwrap().max(10);
+        out.push((code, at <= seen.len()));
     }
-    codes
-}
-
-/// How many frames of `seen` arrived whole.
-fn complete_frames(seen: &[u8]) -> usize {
-    let mut count = 0;
-    let mut at = 0;
-    while at + 10 <= seen.len() {
-        let size = u32::from_be_bytes(seen[at + 2..at + 6].try_into().unwrap());
-        at += usize::try_from(size).unwrap().max(10);
-        if at <= seen.len() {
-            count += 1;
-        }
-    }
-    count
+    out
 }
 
 /// Whether `seen` contains any 16-byte run of `secret`: finding none means no part of it long
