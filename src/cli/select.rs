@@ -5,8 +5,7 @@ use keyhold::Keystore;
 
 use super::{Context, Failure};
 
-/// The prefix every keyhold key ID starts with.
-const ID_PREFIX: &str = "kh1_";
+use keyhold::KEY_ID_PREFIX as ID_PREFIX;
 
 /// `--key ID` or `--name NAME`, exactly one.
 #[derive(Debug, Args)]

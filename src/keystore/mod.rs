@@ -384,12 +384,11 @@ impl Keystore {
             // Some limits show only when the device tries (a token's RSA-OAEP hash): the
             // fallback applies to those as to any the capabilities told.
             Err(Error::Unsupported { what, .. })
-                if fallback.is_none()
-                    && matches!(self.fallbacks.get(asked), Some(Fallback::Software)) =>
+                if fallback.is_none() && self.may_fall_back(asked) =>
             {
-                tracing::info!(backend = asked, "{what}; creating the key in software");
-                backend = self.backend(SoftwareBackend::NAME)?;
-                fallback = Some(FellBack { from: asked, what });
+                let (software, fell_back) = self.fall_back(asked, what)?;
+                backend = software;
+                fallback = Some(fell_back);
                 backend.generate(context, options)?
             }
             other => other?,
@@ -479,19 +478,32 @@ impl Keystore {
                     )
                 },
             );
-        match self.fallbacks.get(asked) {
-            Some(Fallback::Software) => {
-                tracing::info!(backend = asked, "{what}; creating the key in software");
-                Ok((
-                    self.backend(SoftwareBackend::NAME)?,
-                    Some(FellBack { from: asked, what }),
-                ))
-            }
-            _ => Err(Error::Unsupported {
+        if !self.may_fall_back(asked) {
+            return Err(Error::Unsupported {
                 backend: asked.to_owned(),
                 what,
-            }),
+            });
         }
+        let (software, fell_back) = self.fall_back(asked, what)?;
+        Ok((software, Some(fell_back)))
+    }
+
+    /// Whether backend `asked` is configured to let software make what it cannot.
+    fn may_fall_back(&self, asked: &str) -> bool {
+        matches!(self.fallbacks.get(asked), Some(Fallback::Software))
+    }
+
+    /// The software backend, making a key `asked` cannot (`what` it lacks), said in the log.
+    fn fall_back<'a>(
+        &'a self,
+        asked: &'a str,
+        what: String,
+    ) -> Result<(&'a Arc<dyn Backend>, FellBack<'a>)> {
+        tracing::info!(backend = asked, "{what}; creating the key in software");
+        Ok((
+            self.backend(SoftwareBackend::NAME)?,
+            FellBack { from: asked, what },
+        ))
     }
 
     /// How this store's device objects begin: the hex of the store ID's first 8 bytes (backends

@@ -3,7 +3,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use aws_lc_rs::{constant_time, hmac};
+use aws_lc_rs::hmac;
 
 use super::key_id::KeyIdFields;
 use super::{KeyInfo, Keystore};
@@ -58,14 +58,14 @@ impl Keystore {
     }
 
     pub(super) fn check_record(&self, record: &KeyRecord) -> Result<()> {
-        let expected = hmac::sign(&self.record_mac, &record.mac_input(&self.store_id));
-        constant_time::verify_slices_are_equal(expected.as_ref(), &record.mac).map_err(|_| {
-            Error::Integrity {
-                what: format!(
-                    "the record of key {} failed its MAC",
-                    crate::hex::encode(&record.uuid)
-                ),
-            }
+        if super::root::record_mac_ok(&self.record_mac, &self.store_id, record) {
+            return Ok(());
+        }
+        Err(Error::Integrity {
+            what: format!(
+                "the record of key {} failed its MAC",
+                crate::hex::encode(&record.uuid)
+            ),
         })
     }
 

@@ -41,6 +41,12 @@ pub(super) fn meta_mac(keys: &DerivedKeys, meta: &StoreMeta) -> Vec<u8> {
     hmac::sign(&key, &meta.mac_input()).as_ref().to_vec()
 }
 
+/// Whether `record` carries its MAC under `key` (the record-MAC key) for store `store_id`.
+pub(super) fn record_mac_ok(key: &hmac::Key, store_id: &[u8; 16], record: &KeyRecord) -> bool {
+    let expected = hmac::sign(key, &record.mac_input(store_id));
+    constant_time::verify_slices_are_equal(expected.as_ref(), &record.mac).is_ok()
+}
+
 /// Checks, right after unsealing and before anything is written or re-sealed, that the root
 /// secret is the one the store's records were made under and that the metadata (sealer kind and
 /// parameters: PCRs, SRK Name, recovery seal, KDF settings) is what keyhold wrote.
@@ -58,10 +64,7 @@ pub(super) fn check_store(store: &Store, keys: &DerivedKeys) -> Result<()> {
     let records = store.keys(None)?;
     let failed: Vec<&KeyRecord> = records
         .iter()
-        .filter(|r| {
-            let expected = hmac::sign(&record_mac, &r.mac_input(&meta.store_id));
-            constant_time::verify_slices_are_equal(expected.as_ref(), &r.mac).is_err()
-        })
+        .filter(|r| !record_mac_ok(&record_mac, &meta.store_id, r))
         .collect();
     // Every record failing means a root the records were not made under, unless the seal is one
     // only the user's secret opens: a passphrase seal that opened is genuine, so its records
