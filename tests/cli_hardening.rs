@@ -531,6 +531,7 @@ fn a_token_pin_never_reaches_the_logs() {
         let aes = create("e", "aes-256-gcm");
         let mac = create("m", "hmac-sha256");
         run(&["sign", "--key", &signer], plain, 0);
+        // (Nothing on this path logs below info; the info line at init shows the logs are on.)
         let envelope = run(&["encrypt", "--key", &aes], plain, 0).stdout;
         assert_eq!(run(&["decrypt", "--key", &aes], &envelope, 0).stdout, plain);
         let tag = env.write("tag", &run(&["mac", "--key", &mac], plain, 0).stdout);
@@ -590,7 +591,13 @@ fn a_recovery_passphrase_never_reaches_the_logs() {
         );
         let key = run(&[], support::claims::CREATE_TPM_KEY, 0);
         let key = parse_id_line(&key.stdout, "key create");
-        run(&[], &["sign", "--key", &key], 0);
+        let signed = run(&[], &["sign", "--key", &key], 0);
+        // Debug lines are on too (connecting to the TPM is logged at debug level).
+        assert!(
+            stderr(&signed).contains(" DEBUG "),
+            "{level:?}: no debug line\n{}",
+            show(&signed)
+        );
 
         keyhold::backend::tpm::device(&tpm.tcti(), DeviceSettings::default())
             .unwrap()
