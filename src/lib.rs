@@ -42,6 +42,7 @@ pub mod secret;
 pub mod store;
 #[cfg(feature = "testing")]
 pub mod testing;
+pub mod time;
 
 pub use backend::{Backend, KeyOptions};
 pub use error::{Error, Result};

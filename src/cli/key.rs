@@ -7,6 +7,7 @@ use keyhold::{KeyInfo, KeyOptions, KeyRequest, KeySpec, KeyType, Purpose, RsaPad
 
 use super::select::{self, KeySelector};
 use super::{io, CmdResult, Context};
+use keyhold::time::format_utc;
 
 #[derive(Debug, Subcommand)]
 pub enum KeyCommand {
@@ -250,7 +251,7 @@ fn show(ctx: &Context, args: &KeyArg) -> CmdResult {
         ("locator", info.locator.clone()),
         ("state", info.state.to_string()),
         ("version", info.version.to_string()),
-        ("created", utc(info.created_at)),
+        ("created", format_utc(info.created_at)),
         ("attributes", attributes_text(&info)),
     ];
     let mut out = String::new();
@@ -333,40 +334,8 @@ fn info_json(info: &KeyInfo) -> serde_json::Value {
         "locator": info.locator,
         "state": info.state.as_str(),
         "version": info.version,
-        "created": utc(info.created_at),
+        "created": format_utc(info.created_at),
         "attributes": info.attributes,
         "fallback": fallback_json(info),
     })
-}
-
-/// Seconds since the epoch as an RFC 3339 UTC timestamp (days-to-civil from H. Hinnant's
-/// `chrono`-compatible algorithms).
-fn utc(secs: i64) -> String {
-    let days = secs.div_euclid(86_400);
-    let rem = secs.rem_euclid(86_400);
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn utc_formats() {
-        assert_eq!(super::utc(0), "1970-01-01T00:00:00Z");
-        assert_eq!(super::utc(951_782_400), "2000-02-29T00:00:00Z");
-        assert_eq!(super::utc(1_795_443_561), "2026-11-23T14:19:21Z");
-    }
 }
