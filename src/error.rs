@@ -107,6 +107,21 @@ pub enum Error {
         operation: &'static str,
     },
 
+    /// The key's lifecycle state (NIST SP 800-57 Part 1 §7) does not allow the operation: a
+    /// suspended, deactivated or compromised key only decrypts and verifies, a pre-activation key
+    /// does nothing yet, a destroyed key nothing ever again.
+    #[error("key `{key}` is {state}: it cannot {operation}{hint}")]
+    WrongState {
+        /// `namespace/name` of the key.
+        key: String,
+        /// The state, with its date where it has one (`destroyed on 2026-12-01T10:00:00Z`).
+        state: String,
+        /// What was asked.
+        operation: &'static str,
+        /// What the state allows and how to leave it, starting with `; ` (or empty).
+        hint: String,
+    },
+
     /// A backend cannot do what was asked.
     #[error("backend `{backend}` does not support {what}")]
     Unsupported {
@@ -262,6 +277,38 @@ impl Error {
     /// A failure of the cryptographic library.
     pub(crate) fn crypto(operation: &'static str) -> Self {
         Self::Crypto { operation }
+    }
+
+    /// A stable machine-readable name of the error's kind (the CLI's `--json` errors and the audit
+    /// log's outcomes use it): never the message, which may name keys and paths.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::KeyIdAuthentication { .. } => "key_id_authentication",
+            Self::NoSuchKey { .. } => "no_such_key",
+            Self::Unseal { .. } => "unseal",
+            Self::Integrity { .. } => "integrity",
+            Self::KeyObjectMismatch { .. } => "key_object_mismatch",
+            Self::StoreNotFound { .. } => "store_not_found",
+            Self::StoreExists { .. } => "store_exists",
+            Self::StoreUnusable { .. } => "store_unusable",
+            Self::KeyExists { .. } => "key_exists",
+            Self::WrongPurpose { .. } => "wrong_purpose",
+            Self::WrongState { .. } => "wrong_state",
+            Self::Unsupported { .. } => "unsupported",
+            Self::NotBuilt { .. } => "not_built",
+            Self::BackendUnavailable { .. } => "backend_unavailable",
+            Self::Timeout { .. } => "timeout",
+            Self::BackendLogin { .. } => "backend_login",
+            Self::Backend { .. } => "backend",
+            Self::Config(_) => "config",
+            Self::NoSuchBackend { .. } => "no_such_backend",
+            Self::InvalidInput(_) => "invalid_input",
+            Self::VerificationFailed { .. } => "verification_failed",
+            Self::DecryptionFailed { .. } => "decryption_failed",
+            Self::Crypto { .. } | Self::ConsistencyTest { .. } => "crypto",
+            Self::Storage { .. } => "storage",
+            Self::Io { .. } => "io",
+        }
     }
 
     /// [`Error::NotBuilt`] for the cargo feature `feature`.

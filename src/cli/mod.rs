@@ -147,6 +147,7 @@ impl Failure {
             Self::Keyhold(E::KeyIdAuthentication { .. }) => 3,
             Self::Keyhold(E::Unseal { .. }) => 4,
             Self::Keyhold(E::NoSuchKey { .. }) => 5,
+            Self::Keyhold(E::WrongState { .. }) => 9,
             // A device object that does not match its record failed an integrity check too.
             Self::Keyhold(E::Integrity { .. } | E::KeyObjectMismatch { .. }) => 6,
             Self::Keyhold(
@@ -159,40 +160,13 @@ impl Failure {
 
     /// A stable machine-readable name of what failed, for `--json` errors (docs/cli.md).
     fn kind(&self) -> &'static str {
-        use keyhold::Error as E;
         match self {
             Self::Cli(_) | Self::Quiet => "cli",
             Self::Usage(_) => "usage",
             Self::NoSuchName(_) => "no_such_key",
             Self::Findings { .. } => "doctor_findings",
             Self::Hinted(inner, _) => inner.kind(),
-            Self::Keyhold(e) => match e {
-                E::KeyIdAuthentication { .. } => "key_id_authentication",
-                E::NoSuchKey { .. } => "no_such_key",
-                E::Unseal { .. } => "unseal",
-                E::Integrity { .. } => "integrity",
-                E::KeyObjectMismatch { .. } => "key_object_mismatch",
-                E::StoreNotFound { .. } => "store_not_found",
-                E::StoreExists { .. } => "store_exists",
-                E::StoreUnusable { .. } => "store_unusable",
-                E::KeyExists { .. } => "key_exists",
-                E::WrongPurpose { .. } => "wrong_purpose",
-                E::Unsupported { .. } => "unsupported",
-                E::NotBuilt { .. } => "not_built",
-                E::BackendUnavailable { .. } => "backend_unavailable",
-                E::Timeout { .. } => "timeout",
-                E::BackendLogin { .. } => "backend_login",
-                E::Backend { .. } => "backend",
-                E::Config(_) => "config",
-                E::NoSuchBackend { .. } => "no_such_backend",
-                E::InvalidInput(_) => "invalid_input",
-                E::VerificationFailed { .. } => "verification_failed",
-                E::DecryptionFailed { .. } => "decryption_failed",
-                E::Crypto { .. } | E::ConsistencyTest { .. } => "crypto",
-                E::Storage { .. } => "storage",
-                E::Io { .. } => "io",
-                _ => "other",
-            },
+            Self::Keyhold(e) => e.kind(),
         }
     }
 
@@ -489,6 +463,16 @@ mod tests {
                 "no_such_key",
             ),
             e(
+                E::WrongState {
+                    key: "default/k".into(),
+                    state: "suspended".into(),
+                    operation: "sign",
+                    hint: String::new(),
+                },
+                9,
+                "wrong_state",
+            ),
+            e(
                 E::Unseal {
                     reason: "wrong passphrase".into(),
                 },
@@ -718,7 +702,7 @@ mod tests {
                 "docs/cli.md documents kind `{kind}`, which no failure produces"
             );
         }
-        // And every exit code of the table, 0 (success, and a broken pipe) through 8.
+        // And every exit code of the table, 0 (success, and a broken pipe) through 9.
         let mut codes: std::collections::BTreeSet<u8> =
             failures.iter().map(|(_, code, _)| *code).collect();
         assert_eq!(exit_code_of(&Ok(())), 0);
@@ -728,9 +712,9 @@ mod tests {
             "a broken pipe is success"
         );
         codes.insert(0);
-        assert_eq!(codes, (0..=8).collect());
+        assert_eq!(codes, (0..=9).collect());
         let docs = include_str!("../../docs/cli.md");
-        for code in 0..=8 {
+        for code in 0..=9 {
             assert!(
                 docs.contains(&format!("\n| {code} | ")),
                 "docs/cli.md's exit code table has no row {code}"
