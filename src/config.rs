@@ -33,6 +33,31 @@ pub struct Config {
     /// The store (`[store]`).
     #[serde(default)]
     pub store: StoreConfig,
+    /// The key lifecycle (`[lifecycle]`).
+    #[serde(default)]
+    pub lifecycle: LifecycleConfig,
+}
+
+/// The key lifecycle (`[lifecycle]`).
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct LifecycleConfig {
+    /// (Optional) How many AES-GCM encryptions one key version makes before the key rotates
+    /// itself: at most, and by default, 2^32 (NIST SP 800-38D §8.3 for random 96-bit nonces).
+    /// Lower it to rotate sooner.
+    #[serde(default)]
+    pub gcm_invocation_limit: Option<u64>,
+}
+
+impl LifecycleConfig {
+    /// The most AES-GCM invocations NIST SP 800-38D allows one key with random nonces.
+    pub const MAX_GCM_INVOCATIONS: u64 = 1 << 32;
+
+    /// The limit in force.
+    pub fn gcm_limit(&self) -> u64 {
+        self.gcm_invocation_limit
+            .unwrap_or(Self::MAX_GCM_INVOCATIONS)
+    }
 }
 
 /// The store (`[store]`).
@@ -385,6 +410,18 @@ impl Config {
     /// The checks serde cannot make, each naming the backend and (where one key is to blame) the
     /// key, so that the message can give its line.
     fn validate(&self) -> std::result::Result<(), Invalid> {
+        if let Some(limit) = self.lifecycle.gcm_invocation_limit {
+            if limit == 0 || limit > LifecycleConfig::MAX_GCM_INVOCATIONS {
+                return Err(Invalid {
+                    backend: "lifecycle".into(),
+                    key: Some("gcm_invocation_limit"),
+                    message: format!(
+                        "lifecycle.gcm_invocation_limit = {limit}: give 1 to 4294967296 (2^32, \
+                         the most NIST SP 800-38D allows with random nonces)"
+                    ),
+                });
+            }
+        }
         for (name, backend) in &self.backends {
             let invalid = |key: Option<&'static str>, message: String| Invalid {
                 backend: name.clone(),

@@ -328,19 +328,70 @@ impl KeySpec {
     }
 }
 
-/// Where a key is in its life (NIST SP 800-57 part 1, section 5.3). Only `Active` keys are used.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Where a key is in its life (NIST SP 800-57 Part 1 §7).
+///
+/// A key *protects* (signs, encrypts, computes MACs) only when active; it *processes* (verifies,
+/// decrypts, checks MACs) when active, suspended, deactivated, or compromised when the caller
+/// says so. A key scheduled for destruction is not a state of its own: it keeps its state and
+/// only processes until then.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 #[non_exhaustive]
 pub enum KeyState {
-    /// The key may be used for its purpose.
+    /// Made, not yet to be used (until its activation time).
+    PreActivation,
+    /// In use.
     Active,
+    /// Taken out of use for a while: processes only, until resumed.
+    Suspended,
+    /// Retired (by hand or at its expiry time): processes only.
+    Deactivated,
+    /// Known or suspected to be in someone else's hands: processes only when the caller accepts
+    /// it, and every use says so.
+    Compromised,
+    /// Its material is gone; the record remains so the ID says when.
+    Destroyed,
+}
+
+/// What a use of a key does to data, for the state rules.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyUse {
+    /// Makes something new: signs, encrypts, computes a MAC.
+    Protect,
+    /// Checks or opens something already made: verifies, decrypts, checks a MAC.
+    Process,
 }
 
 impl KeyState {
-    /// The name used in records.
+    /// Every state, in lifecycle order.
+    pub const ALL: [KeyState; 6] = [
+        KeyState::PreActivation,
+        KeyState::Active,
+        KeyState::Suspended,
+        KeyState::Deactivated,
+        KeyState::Compromised,
+        KeyState::Destroyed,
+    ];
+
+    /// The name used in records and output.
     pub fn as_str(self) -> &'static str {
         match self {
+            Self::PreActivation => "pre-activation",
             Self::Active => "active",
+            Self::Suspended => "suspended",
+            Self::Deactivated => "deactivated",
+            Self::Compromised => "compromised",
+            Self::Destroyed => "destroyed",
+        }
+    }
+
+    /// Whether a key in this state may be used so (compromised keys process only when
+    /// `allow_compromised`).
+    pub fn allows(self, key_use: KeyUse, allow_compromised: bool) -> bool {
+        match (self, key_use) {
+            (Self::Active, _) => true,
+            (Self::Suspended | Self::Deactivated, KeyUse::Process) => true,
+            (Self::Compromised, KeyUse::Process) => allow_compromised,
+            _ => false,
         }
     }
 }
@@ -349,10 +400,12 @@ impl FromStr for KeyState {
     type Err = Error;
 
     fn from_str(s: &str) -> Result<Self> {
-        match s {
-            "active" => Ok(Self::Active),
-            other => Err(Error::InvalidInput(format!("unknown key state `{other}`"))),
-        }
+        Self::ALL
+            .into_iter()
+            .find(|state| state.as_str() == s)
+            .ok_or_else(|| {
+                Error::InvalidInput(format!("unknown key state `{}`", s.escape_default()))
+            })
     }
 }
 

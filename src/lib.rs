@@ -47,11 +47,13 @@ pub mod time;
 pub use backend::{Backend, KeyOptions};
 pub use error::{Error, Result};
 pub use key::{
-    validate_name, Algorithm, KeySpec, KeyState, KeyType, Purpose, RsaPadding, SignatureFormat,
+    validate_name, Algorithm, KeySpec, KeyState, KeyType, KeyUse, Purpose, RsaPadding,
+    SignatureFormat,
 };
 pub use keystore::{
-    random_bytes, BackendHealth, Doctor, KeyIdFields, KeyInfo, KeyRequest, Keystore, MissingKey,
-    Orphan, UncheckedKey, DEFAULT_NAMESPACE, KEY_ID_PREFIX, MAX_ENVELOPE, MAX_INPUT, MAX_RANDOM,
+    random_bytes, BackendHealth, Doctor, Done, KeyEvent, KeyIdFields, KeyInfo, KeyRequest,
+    Keystore, MissingKey, Orphan, PolicyChange, Transition, UncheckedKey, UseOptions, Used,
+    VersionInfo, DEFAULT_NAMESPACE, KEY_ID_PREFIX, MAX_ENVELOPE, MAX_INPUT, MAX_RANDOM,
 };
 pub use public_key::PublicKey;
 #[cfg(feature = "pkcs11")]

@@ -226,7 +226,6 @@ fn binary_output_to_a_terminal_is_refused_unless_out_is_given() {
         "encrypt",
     );
     let env_path = env.write("envelope", &envelope);
-    let before = env.snapshot();
     for (args, what) in [
         (vec!["sign", "--key", &sig, "--in", &msg], "signature"),
         (vec!["mac", "--key", &mac, "--in", &msg], "tag"),
@@ -240,7 +239,10 @@ fn binary_output_to_a_terminal_is_refused_unless_out_is_given() {
             "DER public key",
         ),
     ] {
+        // Refused before anything is done: not even an AES-GCM invocation is reserved.
+        let before = env.snapshot();
         let o = env.on_terminal(&args);
+        env.assert_unchanged(&before, "refused terminal output");
         assert_eq!(
             o.status.code(),
             Some(2),
@@ -280,7 +282,6 @@ fn binary_output_to_a_terminal_is_refused_unless_out_is_given() {
         "pubkey PEM on a terminal\n{}",
         show(&o)
     );
-    env.assert_unchanged(&before, "refused terminal output");
 }
 
 #[test]

@@ -165,7 +165,7 @@ fn key_id_from_another_store_fails_authentication() {
 }
 
 #[test]
-fn destroyed_key_gives_no_such_key() {
+fn a_destroyed_keys_id_says_when() {
     let env = Env::init();
     let id = env.create_key("doomed", "ecdsa-p256", &[]);
     let keep = env.create_key("keeper", "ecdsa-p256", &[]);
@@ -176,18 +176,25 @@ fn destroyed_key_gives_no_such_key() {
         "key destroy: expected `destroyed NS/NAME`"
     );
     let before = env.snapshot();
-    let o = env.run(&["key", "show", "--key", &id], b"");
-    assert_fail(&o, 5, "no such key", "key show of a destroyed key");
+    let show = String::from_utf8_lossy(&env.ok(&["key", "show", "--key", &id], b"", "key show"))
+        .into_owned();
+    assert!(show.contains("\nstate: destroyed\n"), "{show}");
+    let destroyed = show
+        .lines()
+        .find_map(|l| l.strip_prefix("destroyed: "))
+        .unwrap_or_else(|| panic!("key show of a tombstone names no destruction date: {show}"))
+        .to_owned();
+    let says = format!("key `default/doomed` is destroyed on {destroyed}");
     let o = env.run(&["sign", "--key", &id], b"payload");
-    assert_fail(&o, 5, "no such key", "sign with a destroyed key");
+    assert_fail(&o, 9, &says, "sign with a destroyed key");
     assert!(
         o.stdout.is_empty(),
         "sign with a destroyed key: expected no signature"
     );
     let o = env.run(&["key", "pubkey", "--key", &id], b"");
-    assert_fail(&o, 5, "no such key", "pubkey of a destroyed key");
+    assert_fail(&o, 9, &says, "pubkey of a destroyed key");
     let o = env.run(&["key", "destroy", "--key", &id], b"");
-    assert_fail(&o, 5, "no such key", "destroying a destroyed key again");
+    assert_fail(&o, 9, &says, "destroying a destroyed key again");
     env.assert_unchanged(&before, "uses of a destroyed key");
     env.ok(
         &["sign", "--key", &keep],

@@ -569,8 +569,13 @@ fn keys_can_be_named_with_name_and_key_id() {
         "destroy --name",
     );
     assert_eq!(String::from_utf8_lossy(&out), "destroyed other/web-tls\n");
-    let o = env.run(&["key", "show", "--key", &other], b"");
-    assert_fail(&o, 5, "no such key", "the destroyed key's ID");
+    let o = env.run(&["sign", "--key", &other], b"m");
+    assert_fail(
+        &o,
+        9,
+        "key `other/web-tls` is destroyed on ",
+        "the destroyed key's ID",
+    );
     env.ok(
         &["key", "show", "--name", "web-tls"],
         b"",

@@ -12,8 +12,8 @@ use keyhold::testing::Swtpm;
 #[cfg(feature = "pkcs11")]
 use keyhold::testing::{OpenCryptoki, SoftHsm};
 use keyhold::{
-    Algorithm, Error, KeyInfo, KeyRequest, KeySpec, KeyType, Keystore, Purpose, RsaPadding,
-    SignatureFormat,
+    Algorithm, Error, KeyInfo, KeyRequest, KeySpec, KeyState, KeyType, Keystore, Purpose,
+    RsaPadding, SignatureFormat,
 };
 use support::{assert_openssl_accepts_public_key, openssl_verifies, sealer, PASSPHRASE};
 use tempfile::TempDir;
@@ -731,18 +731,23 @@ mod checks {
         }
     }
 
-    /// After `destroy_key`, the same ID names a key that no longer exists.
+    /// After `destroy_key`, the same ID names a tombstone: every use is refused with the date
+    /// of destruction, the key is not listed, and its info says destroyed.
     fn destroy(fx: &Fixture, info: &KeyInfo) {
         let id = &info.id;
         let destroyed = fx.ks.destroy_key(id).unwrap();
-        assert_eq!(&destroyed, info);
+        assert_eq!(destroyed.id, info.id);
+        assert_eq!(destroyed.state, KeyState::Destroyed);
+        assert!(destroyed.destroyed_at.is_some() && destroyed.versions.is_empty());
+        let label = format!("{}/{}", info.namespace, info.name);
         let gone = |what: &str, result: keyhold::Result<()>| {
             let err = result.unwrap_err();
             match &err {
-                Error::NoSuchKey { namespace, name } => {
-                    assert_eq!((namespace, name), (&info.namespace, &info.name), "{what}")
+                Error::WrongState { key, state, .. } => {
+                    assert_eq!(key, &label, "{what}");
+                    assert!(state.starts_with("destroyed on "), "{what}: {err}");
                 }
-                other => panic!("{what} after destroy_key: expected NoSuchKey, got {other:?}"),
+                other => panic!("{what} after destroy_key: expected WrongState, got {other:?}"),
             }
         };
         match info.spec.purpose() {
@@ -755,7 +760,7 @@ mod checks {
             Purpose::Mac => gone("mac", fx.ks.mac(id, MESSAGE).map(drop)),
             other => panic!("no conformance check for purpose {other}"),
         }
-        gone("key_info", fx.ks.key_info(id).map(drop));
+        assert_eq!(fx.ks.key_info(id).unwrap().state, KeyState::Destroyed);
         gone("destroy_key", fx.ks.destroy_key(id).map(drop));
         assert!(
             fx.ks.list_keys(None).unwrap().iter().all(|k| k.id != *id),

@@ -112,18 +112,26 @@ fn an_id_from_another_store_is_refused() {
 }
 
 #[test]
-fn destroyed_keys_are_no_such_key_not_bad_ids() {
+fn destroyed_keys_say_when_not_bad_ids() {
     let t = TestStore::new();
     let key = t.create("gone", KeyType::Aes256Gcm, None);
-    t.ks.destroy_key(&key.id).unwrap();
+    let tombstone = t.ks.destroy_key(&key.id).unwrap();
+    let on = keyhold::time::format_utc(tombstone.destroyed_at.unwrap());
     let err = t.ks.encrypt(&key.id, b"x", b"").unwrap_err();
-    assert!(matches!(err, Error::NoSuchKey { .. }), "{err}");
-    assert!(err.to_string().contains("default/gone"), "{err}");
-    // The name is free again, and the new key has a new ID.
+    assert!(matches!(err, Error::WrongState { .. }), "{err}");
+    assert_eq!(
+        err.to_string(),
+        format!("key `default/gone` is destroyed on {on}: it cannot encrypt")
+    );
+    // The name is free again, and the new key has a new ID; the old ID still names the
+    // tombstone, and the name the new key.
     let again = t.create("gone", KeyType::Aes256Gcm, None);
     assert_ne!(again.id, key.id);
     let err = t.ks.encrypt(&key.id, b"x", b"").unwrap_err();
-    assert!(matches!(err, Error::NoSuchKey { .. }), "{err}");
+    assert!(matches!(err, Error::WrongState { .. }), "{err}");
+    let by_name = t.ks.key_info_by_name("default", "gone").unwrap().unwrap();
+    assert_eq!(by_name.id, again.id);
+    t.ks.encrypt(&again.id, b"x", b"").unwrap();
 }
 
 #[test]
@@ -196,11 +204,11 @@ fn empty_and_oversized_input_is_refused_before_use() {
     ] {
         assert!(err.to_string().contains("64 MiB limit"), "{err}");
     }
+    assert_eq!(t.snapshot(), before);
     // Exactly the limit is accepted.
     let max = vec![7u8; keyhold::MAX_INPUT];
     let env = t.ks.encrypt(&aes.id, &max, b"").unwrap();
     assert_eq!(t.ks.decrypt(&aes.id, &env, b"").unwrap().expose(), &max[..]);
-    assert_eq!(t.snapshot(), before);
 }
 
 #[test]
@@ -445,7 +453,10 @@ fn a_key_destroyed_by_another_process_is_gone_here_too() {
     // Another connection's commit is seen within the keystore's documented window.
     std::thread::sleep(Keystore::OTHERS_SEEN_WITHIN * 2);
     let err = t.ks.sign(&key.id, b"m", SignatureFormat::Der).unwrap_err();
-    assert!(matches!(err, Error::NoSuchKey { .. }), "{err}");
+    assert!(
+        matches!(&err, Error::WrongState { state, .. } if state.starts_with("destroyed on ")),
+        "{err}"
+    );
     // And a record changed behind both keystores' backs is re-verified, not served from a cache.
     let kept = t.create("kept", KeyType::Ed25519, None);
     t.ks.sign(&kept.id, b"m", SignatureFormat::Der).unwrap();

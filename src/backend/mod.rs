@@ -113,13 +113,20 @@ pub struct KeyContext<'a> {
     pub spec: &'a KeySpec,
 }
 
-/// Choices made once, when a key is created.
+/// Choices made when a key is created. Backends read only [`KeyOptions::extractable`]; the rest
+/// is the keystore's schedule for the key (changeable later with `Keystore::set_policy`).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct KeyOptions {
     /// Let the key leave its device wrapped under another key (`CKA_EXTRACTABLE`). Off by
     /// default: keys never leave. Never in clear: extractable token keys stay sensitive.
     pub extractable: bool,
+    /// Start in pre-activation, becoming active at this time (seconds since the epoch).
+    pub activate_at: Option<i64>,
+    /// Become deactivated at this time.
+    pub deactivate_at: Option<i64>,
+    /// Rotate when the current version is this old.
+    pub rotate_after: Option<std::time::Duration>,
 }
 
 impl KeyOptions {
@@ -131,6 +138,24 @@ impl KeyOptions {
     /// Sets [`KeyOptions::extractable`].
     pub fn extractable(mut self, extractable: bool) -> Self {
         self.extractable = extractable;
+        self
+    }
+
+    /// Sets [`KeyOptions::activate_at`].
+    pub fn activate_at(mut self, at: Option<i64>) -> Self {
+        self.activate_at = at;
+        self
+    }
+
+    /// Sets [`KeyOptions::deactivate_at`].
+    pub fn deactivate_at(mut self, at: Option<i64>) -> Self {
+        self.deactivate_at = at;
+        self
+    }
+
+    /// Sets [`KeyOptions::rotate_after`].
+    pub fn rotate_after(mut self, after: Option<std::time::Duration>) -> Self {
+        self.rotate_after = after;
         self
     }
 }

@@ -254,6 +254,10 @@ fn show(ctx: &Context, args: &KeyArg) -> CmdResult {
         ("created", format_utc(info.created_at)),
         ("attributes", attributes_text(&info)),
     ];
+    let mut fields = fields.to_vec();
+    if let Some(at) = info.destroyed_at {
+        fields.push(("destroyed", format_utc(at)));
+    }
     let mut out = String::new();
     for (field, value) in fields {
         out.push_str(&format!("{field}: {value}\n"));

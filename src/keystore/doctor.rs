@@ -2,7 +2,7 @@
 
 use crate::backend::{BackendReport, Capabilities, DeviceObject};
 use crate::error::{Error, Result};
-use crate::key::Algorithm;
+use crate::key::{Algorithm, KeyState};
 
 use super::resolve::Resolved;
 use super::{KeyInfo, Keystore};
@@ -70,11 +70,13 @@ pub struct Orphan {
     pub label: String,
 }
 
-/// A recorded key whose device lacks some of the objects it needs.
+/// A recorded key one of whose versions lacks some of the objects it needs on its device.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MissingKey {
     /// The key.
     pub key: KeyInfo,
+    /// The version whose objects are absent.
+    pub version: u32,
     /// The object classes it needs that are not on the device (`private key`, `public key`,
     /// `secret key`).
     pub absent: Vec<&'static str>,
@@ -123,12 +125,7 @@ impl Keystore {
     /// # Errors
     /// [`Error::Integrity`] if a record fails its MAC; backend failures are reported per backend.
     pub fn doctor(&self) -> Result<Doctor> {
-        let records = self
-            .store
-            .keys(None)?
-            .into_iter()
-            .map(|r| self.verified(r))
-            .collect::<Result<Vec<_>>>()?;
+        let records = self.all_verified()?;
         let sealer_key = self.sealer_key_locator();
         let mut doctor = Doctor {
             backends: Vec::new(),
@@ -141,7 +138,12 @@ impl Keystore {
         for backend in &self.backends {
             let name = backend.name();
             let report = backend.report();
-            let of_backend = || records.iter().filter(|r| r.record.backend == name);
+            // Tombstones have nothing left to check.
+            let of_backend = || {
+                records
+                    .iter()
+                    .filter(|r| r.record.backend == name && !r.material_destroyed())
+            };
             match &report {
                 Ok(BackendReport {
                     objects: Some(objects),
@@ -153,7 +155,8 @@ impl Keystore {
                     let recorded = |locator: &str| {
                         records
                             .iter()
-                            .any(|r| same_object(&r.record.locator, locator))
+                            .flat_map(Resolved::materials)
+                            .any(|m| same_object(m.locator, locator))
                             || sealer_key
                                 .as_ref()
                                 .is_some_and(|(_, l)| same_object(l, locator))
@@ -172,13 +175,18 @@ impl Keystore {
                             label: object.label.clone(),
                         });
                     }
-                    for r in of_backend() {
-                        let absent = absent_objects(r, objects);
-                        if !absent.is_empty() {
-                            doctor.missing.push(MissingKey {
-                                key: self.info(r)?,
-                                absent,
-                            });
+                    // A key being destroyed may already lack objects: that is no loss.
+                    let live = of_backend().filter(|r| r.state != KeyState::Destroyed);
+                    for r in live {
+                        for material in r.materials() {
+                            let absent = absent_objects(r, material.locator, objects);
+                            if !absent.is_empty() {
+                                doctor.missing.push(MissingKey {
+                                    key: self.info(r)?,
+                                    version: material.version,
+                                    absent,
+                                });
+                            }
                         }
                     }
                 }
@@ -208,7 +216,7 @@ impl Keystore {
                 report,
             });
         }
-        for r in &records {
+        for r in records.iter().filter(|r| !r.material_destroyed()) {
             let backend = &r.record.backend;
             if !self.backends.iter().any(|b| b.name() == backend) {
                 doctor.unchecked.push(UncheckedKey {
@@ -250,11 +258,14 @@ impl Keystore {
                  secret: it is not an orphan, and destroying it would lose the whole store"
             )));
         }
+        let versions = self.store.versions(None)?;
         let used = self
             .store
             .keys(None)?
             .into_iter()
-            .any(|r| names(&r.locator));
+            .filter(|r| r.destroyed_at.is_none())
+            .any(|r| names(&r.locator))
+            || versions.iter().any(|v| names(&v.locator));
         if used {
             return Err(Error::InvalidInput(format!(
                 "object {locator} in backend `{backend}` belongs to a key of this store: \
@@ -267,11 +278,11 @@ impl Keystore {
     }
 }
 
-/// The object classes `record` needs that `objects` lack.
-fn absent_objects(record: &Resolved, objects: &[DeviceObject]) -> Vec<&'static str> {
+/// The object classes the version of `record` at `locator` needs that `objects` lack.
+fn absent_objects(record: &Resolved, locator: &str, objects: &[DeviceObject]) -> Vec<&'static str> {
     let present: Vec<&str> = objects
         .iter()
-        .filter(|o| same_object(&o.locator, &record.record.locator))
+        .filter(|o| same_object(&o.locator, locator))
         .flat_map(|o| o.kind.split(", "))
         .collect();
     needed_objects(record.spec.algorithm())

@@ -4,34 +4,39 @@
 mod doctor;
 mod envelope;
 mod key_id;
+mod lifecycle;
+mod ops;
 mod registry;
 mod resolve;
 mod root;
+mod rotation;
 
+use crate::time::now;
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use aws_lc_rs::{constant_time, hmac};
 
 use crate::backend::software::SoftwareBackend;
-use crate::backend::{Backend, KeyContext, KeyOptions, KeyRef, Sealed};
+use crate::backend::{Backend, KeyContext, KeyOptions, KeyRef};
 use crate::config::{Config, Fallback};
 use crate::error::{Error, Result};
-use crate::key::{validate_name, Algorithm, KeySpec, KeyState, Purpose, SignatureFormat};
+use crate::key::{validate_name, KeySpec, KeyState, KeyUse};
 use crate::public_key::PublicKey;
 use crate::sealer::{RootSecret, Sealer};
-use crate::secret::SecretBytes;
 use crate::store::{KeyRecord, Store, StoreMeta};
 
 pub use doctor::{BackendHealth, Doctor, MissingKey, Orphan, UncheckedKey};
 pub(crate) use envelope::oaep_label;
 use key_id::KeyIdCodec;
 pub use key_id::{KeyIdFields, PREFIX as KEY_ID_PREFIX};
+pub use lifecycle::{Done, KeyEvent, PolicyChange, Transition};
+pub use ops::{UseOptions, Used};
 use registry::build_backends;
-use resolve::{Resolved, ResolvedCache};
+use resolve::ResolvedCache;
 use root::{derive_keys, meta_mac, unseal_root, DerivedKeys};
+use rotation::Reservations;
 
 /// The most bytes any single operation takes as input: 64 MiB.
 pub const MAX_INPUT: usize = 64 * 1024 * 1024;
@@ -78,13 +83,38 @@ pub struct KeyInfo {
     pub locator: String,
     /// Lifecycle state.
     pub state: KeyState,
-    /// Key version.
+    /// The current (newest) version.
     pub version: u32,
+    /// Every version the key has, oldest first (none once destroyed).
+    pub versions: Vec<VersionInfo>,
+    /// The oldest version that still decrypts and verifies.
+    pub min_decrypt_version: u32,
+    /// Rotate when the current version is this many seconds old.
+    pub rotate_after: Option<i64>,
+    /// Pre-activation until this time.
+    pub activate_at: Option<i64>,
+    /// Deactivated from this time.
+    pub deactivate_at: Option<i64>,
+    /// Destruction scheduled for this time (or, for a destroyed key, when it was due).
+    pub destroy_at: Option<i64>,
+    /// When its material was destroyed.
+    pub destroyed_at: Option<i64>,
     /// Creation time, seconds since the Unix epoch.
     pub created_at: i64,
     /// What the backend reported about the key (`never_extractable`, …) and, for a software key
     /// made in place of a hardware backend's, `fallback_for`.
     pub attributes: BTreeMap<String, String>,
+}
+
+/// One version of a key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VersionInfo {
+    /// Its number, from 1.
+    pub version: u32,
+    /// When it was made.
+    pub created_at: i64,
+    /// Where the backend finds it.
+    pub locator: String,
 }
 
 /// An open, unsealed keystore. `Send + Sync`: share it between threads behind an `Arc`.
@@ -98,12 +128,10 @@ pub struct Keystore {
     fallbacks: HashMap<String, Fallback>,
     sealer_kind: String,
     cache: Mutex<ResolvedCache>,
-}
-
-fn now() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+    /// AES-GCM invocations this process has reserved, per key version.
+    reservations: Mutex<Reservations>,
+    /// The most AES-GCM invocations per key version (`[lifecycle] gcm_invocation_limit`).
+    gcm_limit: u64,
 }
 
 /// Refuses empty and oversized input before any key is touched.
@@ -139,6 +167,11 @@ pub fn random_bytes(n: usize) -> Result<Vec<u8>> {
     let mut out = vec![0u8; n];
     aws_lc_rs::rand::fill(&mut out).map_err(|_| Error::crypto("random generation"))?;
     Ok(out)
+}
+
+/// A new key's schedule, checked.
+struct Schedule {
+    rotate_after: Option<i64>,
 }
 
 /// A key made in software because the backend asked for could not make it.
@@ -283,6 +316,8 @@ impl Keystore {
             backends,
             fallbacks: configured.fallbacks,
             cache: Mutex::new(ResolvedCache::default()),
+            reservations: Mutex::new(Reservations::default()),
+            gcm_limit: config.lifecycle.gcm_limit(),
         })
     }
 
@@ -321,37 +356,6 @@ impl Keystore {
             })
     }
 
-    /// Resolves `id`, checks that its purpose is `purpose`, and runs `op` with its backend.
-    fn use_key<T>(
-        &self,
-        id: &str,
-        purpose: Purpose,
-        operation: &'static str,
-        op: impl FnOnce(&dyn Backend, KeyRef<'_>, &Resolved) -> Result<T>,
-    ) -> Result<T> {
-        let resolved = self.resolve(id)?;
-        self.use_resolved(&resolved, purpose, operation, op)
-    }
-
-    /// [`Self::use_key`] for a key already resolved.
-    fn use_resolved<T>(
-        &self,
-        resolved: &Resolved,
-        purpose: Purpose,
-        operation: &'static str,
-        op: impl FnOnce(&dyn Backend, KeyRef<'_>, &Resolved) -> Result<T>,
-    ) -> Result<T> {
-        if resolved.spec.purpose() != purpose {
-            return Err(Error::WrongPurpose {
-                key: resolved.label().to_owned(),
-                purpose: resolved.spec.purpose().as_str(),
-                operation,
-            });
-        }
-        let backend = self.backend(&resolved.record.backend)?;
-        op(backend.as_ref(), self.key_ref(resolved), resolved)
-    }
-
     /// Creates a key in its backend and records it; returns its info with the key ID.
     ///
     /// # Errors
@@ -368,6 +372,7 @@ impl Keystore {
     pub fn create_key_with(&self, request: &KeyRequest, options: &KeyOptions) -> Result<KeyInfo> {
         validate_name("namespace", &request.namespace)?;
         validate_name("key name", &request.name)?;
+        let schedule = Self::check_schedule(options)?;
         let asked = request.backend.as_deref().unwrap_or(SoftwareBackend::NAME);
         let spec = request.spec;
         let (mut backend, mut fallback) = self.choose_backend(asked, &spec)?;
@@ -405,6 +410,10 @@ impl Keystore {
         let attributes =
             serde_json::to_string(&attributes).map_err(|_| Error::crypto("encode attributes"))?;
         let created_at = now();
+        let state = match options.activate_at {
+            Some(at) if at > created_at => KeyState::PreActivation,
+            _ => KeyState::Active,
+        };
         let mut record = KeyRecord {
             uuid,
             namespace: request.namespace.clone(),
@@ -414,7 +423,7 @@ impl Keystore {
             algorithm: spec.algorithm().as_str().to_owned(),
             backend: backend.name().to_owned(),
             locator: generated.locator.clone(),
-            state: KeyState::Active.as_str().to_owned(),
+            state: state.as_str().to_owned(),
             version: 1,
             created_at,
             updated_at: created_at,
@@ -422,35 +431,87 @@ impl Keystore {
             public_key: generated.public_key.map(|p| p.spki_der().to_vec()),
             attributes,
             mac: Vec::new(),
+            mac_format: 2,
+            min_decrypt_version: 1,
+            rotate_after: schedule.rotate_after,
+            activate_at: (state == KeyState::PreActivation)
+                .then_some(options.activate_at)
+                .flatten(),
+            deactivate_at: options.deactivate_at,
+            destroy_at: None,
+            destroyed_at: None,
         };
         self.seal_record(&mut record);
-        let inserted = self.store.insert_key(&record);
+        // The record and the first entry of its history, in one transaction.
+        let inserted = self.store.write(|tx| {
+            tx.insert_key(&record)?;
+            let none = KeyRecord {
+                state: "none".into(),
+                ..record.clone()
+            };
+            self.record_event(tx, &none, &record, "created", None)
+        });
         self.invalidate();
         if let Err(e) = inserted {
-            // Never leave a key in the backend that no record points to.
-            let key = KeyRef {
-                context,
-                locator: &record.locator,
-                blob: record.blob.as_deref(),
-            };
-            if let Err(cleanup) = backend.destroy(key) {
-                tracing::error!(
-                    backend = backend.name(),
-                    locator = %record.locator,
-                    "could not destroy a key whose record was not stored: {cleanup}"
-                );
-            }
+            Self::discard(
+                backend.as_ref(),
+                KeyRef {
+                    context,
+                    locator: &record.locator,
+                    blob: record.blob.as_deref(),
+                },
+            );
             return Err(e);
         }
         tracing::info!(
             namespace = %record.namespace, name = %record.name,
             key_type = %spec.key_type(), backend = %record.backend, "created key"
         );
-        self.info(&Resolved {
-            record,
-            spec,
-            label,
-        })
+        let resolved = self.verified_with(record, Vec::new())?;
+        self.audit_lifecycle(&resolved, "created");
+        self.info(&resolved)
+    }
+
+    /// Destroys a key (or version) just made whose record was not stored: never leave one in
+    /// the backend that no record names. A failure is logged (doctor then lists the orphan).
+    fn discard(backend: &dyn Backend, key: KeyRef<'_>) {
+        if let Err(cleanup) = backend.destroy(key) {
+            tracing::error!(
+                backend = backend.name(),
+                locator = %key.locator,
+                "could not destroy a key that was made but not recorded: {cleanup}"
+            );
+        }
+    }
+
+    /// Every key's record, verified (with its versions).
+    fn all_verified(&self) -> Result<Vec<resolve::Resolved>> {
+        self.store
+            .keys(None)?
+            .into_iter()
+            .map(|r| self.verified(r))
+            .collect()
+    }
+
+    /// Checks a new key's schedule before anything is made.
+    fn check_schedule(options: &KeyOptions) -> Result<Schedule> {
+        let rotate_after = match options.rotate_after {
+            Some(d) if d.as_secs() == 0 => {
+                return Err(Error::InvalidInput(
+                    "--rotate-after must be at least one second".into(),
+                ))
+            }
+            Some(d) => Some(crate::time::duration_secs(d)?),
+            None => None,
+        };
+        if let (Some(on), Some(off)) = (options.activate_at, options.deactivate_at) {
+            if off <= on {
+                return Err(Error::InvalidInput(
+                    "the deactivation time must come after the activation time".into(),
+                ));
+            }
+        }
+        Ok(Schedule { rotate_after })
     }
 
     /// The backend to create a `spec` key in when `asked` was asked for: `asked` itself if it can,
@@ -551,22 +612,40 @@ impl Keystore {
     pub fn key_info_by_name(&self, namespace: &str, name: &str) -> Result<Option<KeyInfo>> {
         validate_name("namespace", namespace)?;
         validate_name("key name", name)?;
+        // A live key of that name, else the newest destroyed one (so that the name says when).
         let found = self
             .store
             .keys(Some(namespace))?
             .into_iter()
-            .find(|record| record.name == name);
+            .filter(|record| record.name == name)
+            .max_by_key(|record| {
+                (
+                    record.state != KeyState::Destroyed.as_str(),
+                    record.created_at,
+                )
+            });
         match found {
             Some(record) => Ok(Some(self.info(&self.verified(record)?)?)),
             None => Ok(None),
         }
     }
 
-    /// Every key of `namespace` (or of every namespace), sorted by namespace and name.
+    /// Every key of `namespace` (or of every namespace) but destroyed ones, sorted by namespace
+    /// and name.
     ///
     /// # Errors
     /// [`Error::Integrity`] if any record fails its MAC: a listing never shows forged keys.
     pub fn list_keys(&self, namespace: Option<&str>) -> Result<Vec<KeyInfo>> {
+        let mut keys = self.list_all_keys(namespace)?;
+        keys.retain(|k| k.state != KeyState::Destroyed);
+        Ok(keys)
+    }
+
+    /// Every key of `namespace` (or of every namespace), destroyed ones (tombstones) too.
+    ///
+    /// # Errors
+    /// As [`Self::list_keys`].
+    pub fn list_all_keys(&self, namespace: Option<&str>) -> Result<Vec<KeyInfo>> {
         self.store
             .keys(namespace)?
             .into_iter()
@@ -574,172 +653,42 @@ impl Keystore {
             .collect()
     }
 
-    /// The recorded public key of the asymmetric key `id`.
+    /// The recorded public key of the asymmetric key `id` (its current version's).
     ///
     /// # Errors
     /// [`Error::InvalidInput`] for a symmetric key; resolution errors.
     pub fn public_key(&self, id: &str) -> Result<PublicKey> {
-        let resolved = self.resolve(id)?;
-        Self::recorded_public_key(&resolved)
+        self.public_key_version(id, None)
     }
 
-    fn recorded_public_key(resolved: &Resolved) -> Result<PublicKey> {
-        let der = resolved.record.public_key.clone().ok_or_else(|| {
+    /// The recorded public key of one version (`None`: the current one) of the key `id`.
+    ///
+    /// # Errors
+    /// [`Error::InvalidInput`] for a symmetric key or a version the key does not have;
+    /// [`Error::WrongState`] for a destroyed key; resolution errors.
+    pub fn public_key_version(&self, id: &str, version: Option<u32>) -> Result<PublicKey> {
+        let resolved = self.resolve_current(id)?;
+        if resolved.material_destroyed() {
+            return Err(self.wrong_state(&resolved, "give its public key", KeyUse::Process));
+        }
+        let version = version.unwrap_or(resolved.record.version);
+        let material = resolved.material(version).ok_or_else(|| {
             Error::InvalidInput(format!(
-                "key `{}` is a {} secret key: it has no public key",
-                resolved.label(),
-                resolved.spec.key_type()
+                "key `{}` has versions 1 to {}, not {version}",
+                resolved.label, resolved.record.version
             ))
         })?;
-        Ok(PublicKey::from_spki_der(
-            resolved.spec.key_type(),
-            resolved.spec.algorithm(),
-            der,
-        ))
+        Self::public_key_of(&resolved, material)
     }
 
-    /// Asks the key's backend for its public key (the recorded one is what [`Self::public_key`]
-    /// returns); for consistency checks.
+    /// Asks the key's backend for the public key of its current version (the recorded one is
+    /// what [`Self::public_key`] returns); for consistency checks.
     ///
     /// # Errors
     /// Resolution and backend errors.
     pub fn backend_public_key(&self, id: &str) -> Result<PublicKey> {
-        let resolved = self.resolve(id)?;
+        let resolved = self.resolve_current(id)?;
         let backend = self.backend(&resolved.record.backend)?;
-        backend.public_key(self.key_ref(&resolved))
-    }
-
-    /// Signs `message` with the signing key `id`.
-    ///
-    /// # Errors
-    /// [`Error::WrongPurpose`], [`Error::InvalidInput`] for empty or oversized input, resolution
-    /// and backend errors.
-    pub fn sign(&self, id: &str, message: &[u8], format: SignatureFormat) -> Result<Vec<u8>> {
-        self.use_key(id, Purpose::Sign, "sign", |backend, key, _| {
-            check_input(message, "sign")?;
-            backend.sign(key, message, format)
-        })
-    }
-
-    /// Checks `signature` over `message` with the public half of the signing key `id`.
-    ///
-    /// # Errors
-    /// [`Error::VerificationFailed`] for an invalid signature; [`Error::WrongPurpose`]; resolution
-    /// errors.
-    pub fn verify(
-        &self,
-        id: &str,
-        message: &[u8],
-        signature: &[u8],
-        format: SignatureFormat,
-    ) -> Result<()> {
-        self.use_key(id, Purpose::Sign, "verify", |_, _, resolved| {
-            check_input(message, "verify")?;
-            Self::recorded_public_key(resolved)?.verify(message, signature, format)
-        })
-    }
-
-    /// Encrypts `plaintext` to the key `id`: AES-256-GCM in the backend for `encrypt` keys,
-    /// RSA-OAEP on the public key for RSA `decrypt` keys. Returns an envelope.
-    ///
-    /// # Errors
-    /// [`Error::WrongPurpose`], [`Error::InvalidInput`] (empty, oversized, or too long for OAEP).
-    pub fn encrypt(&self, id: &str, plaintext: &[u8], aad: &[u8]) -> Result<Vec<u8>> {
-        let resolved = self.resolve(id)?;
-        let header = |algorithm| envelope::Header {
-            algorithm,
-            uuid: resolved.record.uuid,
-            version: resolved.record.version,
-        };
-        match resolved.spec.algorithm() {
-            Algorithm::RsaOaepSha256 => {
-                check_input(plaintext, "encrypt")?;
-                let header = header(Algorithm::RsaOaepSha256);
-                let body = Self::recorded_public_key(&resolved)?
-                    .encrypt_oaep(plaintext, &oaep_label(&header.aad(aad)))?;
-                Ok(envelope::encode(header, &[], &body))
-            }
-            _ => self.use_resolved(&resolved, Purpose::Encrypt, "encrypt", |backend, key, _| {
-                check_input(plaintext, "encrypt")?;
-                let header = header(Algorithm::Aes256Gcm);
-                let sealed = backend.encrypt(key, plaintext, &header.aad(aad))?;
-                Ok(envelope::encode_into(
-                    header,
-                    &sealed.nonce,
-                    sealed.ciphertext,
-                ))
-            }),
-        }
-    }
-
-    /// Decrypts an envelope made by [`Self::encrypt`] for the key `id`, with the same `aad`.
-    ///
-    /// # Errors
-    /// [`Error::DecryptionFailed`] for anything that does not authenticate (deliberately
-    /// undetailed); [`Error::WrongPurpose`].
-    pub fn decrypt(&self, id: &str, input: &[u8], aad: &[u8]) -> Result<SecretBytes> {
-        let resolved = self.resolve(id)?;
-        let purpose = match resolved.spec.algorithm() {
-            Algorithm::RsaOaepSha256 => Purpose::Decrypt,
-            _ => Purpose::Encrypt,
-        };
-        self.use_resolved(&resolved, purpose, "decrypt", |backend, key, resolved| {
-            check_size(input, "decrypt", MAX_ENVELOPE)?;
-            let env = envelope::decode(input)?;
-            if env.header.uuid != resolved.record.uuid
-                || env.header.algorithm != resolved.spec.algorithm()
-            {
-                return Err(Error::DecryptionFailed {
-                    reason: "the envelope was made for another key",
-                });
-            }
-            let sealed = Sealed {
-                nonce: env.nonce.to_vec(),
-                ciphertext: env.body.to_vec(),
-            };
-            let binding = env.header.aad(aad);
-            match resolved.spec.algorithm() {
-                Algorithm::RsaOaepSha256 => backend.decrypt(key, &sealed, &oaep_label(&binding)),
-                _ => backend.decrypt(key, &sealed, &binding),
-            }
-        })
-    }
-
-    /// Computes the HMAC-SHA256 tag of `data` with the MAC key `id`.
-    ///
-    /// # Errors
-    /// [`Error::WrongPurpose`], [`Error::InvalidInput`]; resolution and backend errors.
-    pub fn mac(&self, id: &str, data: &[u8]) -> Result<Vec<u8>> {
-        self.use_key(id, Purpose::Mac, "compute a MAC", |backend, key, _| {
-            check_input(data, "mac")?;
-            backend.mac(key, data)
-        })
-    }
-
-    /// Checks `tag` over `data` in constant time.
-    ///
-    /// # Errors
-    /// [`Error::VerificationFailed`] for a wrong tag; as [`Self::mac`] otherwise.
-    pub fn verify_mac(&self, id: &str, data: &[u8], tag: &[u8]) -> Result<()> {
-        let expected = self.mac(id, data)?;
-        constant_time::verify_slices_are_equal(&expected, tag)
-            .map_err(|_| Error::VerificationFailed { what: "tag" })
-    }
-
-    /// Destroys the key `id` in its backend and deletes its record; its ID then gives
-    /// [`Error::NoSuchKey`].
-    ///
-    /// # Errors
-    /// Resolution, backend and storage errors.
-    pub fn destroy_key(&self, id: &str) -> Result<KeyInfo> {
-        let resolved = self.resolve(id)?;
-        let info = self.info(&resolved)?;
-        let backend = self.backend(&resolved.record.backend)?;
-        backend.destroy(self.key_ref(&resolved))?;
-        let deleted = self.store.delete_key(&resolved.record.uuid);
-        self.invalidate();
-        deleted?;
-        tracing::info!(namespace = %info.namespace, name = %info.name, "destroyed key");
-        Ok(info)
+        backend.public_key(self.key_ref(&resolved, resolved.current()?))
     }
 }

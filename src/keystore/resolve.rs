@@ -10,7 +10,7 @@ use super::{KeyInfo, Keystore};
 use crate::backend::{KeyContext, KeyRef};
 use crate::error::{Error, Result};
 use crate::key::{KeySpec, KeyState};
-use crate::store::KeyRecord;
+use crate::store::{KeyRecord, VersionRecord};
 
 /// Keys resolved from their IDs, kept while nobody else has written to the store.
 ///
@@ -36,25 +36,100 @@ const FRESHNESS: std::time::Duration = Keystore::OTHERS_SEEN_WITHIN;
 /// The most IDs kept resolved; past it the cache starts over.
 const CACHE_LIMIT: usize = 4096;
 
-/// A resolved key: its verified record and parsed spec.
+/// A resolved key: its verified record, versions and parsed spec and state.
 #[derive(Debug)]
 pub(super) struct Resolved {
     pub(super) record: KeyRecord,
     pub(super) spec: KeySpec,
     /// `namespace/name`.
     pub(super) label: String,
+    /// The state the record holds.
+    pub(super) state: KeyState,
+    /// Versions 2..=current, verified (none once the key's material is destroyed).
+    pub(super) versions: Vec<VersionRecord>,
+}
+
+/// One version's material, as the backend finds it.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Material<'a> {
+    pub(super) version: u32,
+    pub(super) locator: &'a str,
+    pub(super) blob: Option<&'a [u8]>,
+    pub(super) public_key: Option<&'a [u8]>,
+    pub(super) attributes: &'a str,
+    pub(super) created_at: i64,
 }
 
 impl Resolved {
     pub(super) fn label(&self) -> &str {
         &self.label
     }
+
+    /// Whether the key's material is gone (a tombstone).
+    pub(super) fn material_destroyed(&self) -> bool {
+        self.record.destroyed_at.is_some()
+    }
+
+    /// Version `version`'s material, if the key has it.
+    pub(super) fn material(&self, version: u32) -> Option<Material<'_>> {
+        if self.material_destroyed() {
+            return None;
+        }
+        if version == 1 {
+            let r = &self.record;
+            return Some(Material {
+                version: 1,
+                locator: &r.locator,
+                blob: r.blob.as_deref(),
+                public_key: r.public_key.as_deref(),
+                attributes: &r.attributes,
+                created_at: r.created_at,
+            });
+        }
+        self.versions
+            .iter()
+            .find(|v| v.version == version)
+            .map(|v| Material {
+                version: v.version,
+                locator: &v.locator,
+                blob: v.blob.as_deref(),
+                public_key: v.public_key.as_deref(),
+                attributes: &v.attributes,
+                created_at: v.created_at,
+            })
+    }
+
+    /// Every version's material, oldest first.
+    pub(super) fn materials(&self) -> impl Iterator<Item = Material<'_>> {
+        (1..=self.record.version).filter_map(|v| self.material(v))
+    }
+
+    /// The newest version's material.
+    pub(super) fn current(&self) -> Result<Material<'_>> {
+        self.material(self.record.version)
+            .ok_or_else(|| Error::Integrity {
+                what: format!(
+                    "the current version {} of `{}` is missing",
+                    self.record.version, self.label
+                ),
+            })
+    }
 }
 
 impl Keystore {
+    /// MACs `record` in the current format (2).
     pub(super) fn seal_record(&self, record: &mut KeyRecord) {
-        let tag = hmac::sign(&self.record_mac, &record.mac_input(&self.store_id));
-        record.mac = tag.as_ref().to_vec();
+        record.mac_format = 2;
+        let input = record.mac_input(&self.store_id).unwrap_or_default();
+        record.mac = hmac::sign(&self.record_mac, &input).as_ref().to_vec();
+    }
+
+    pub(super) fn sign_row(&self, input: &[u8]) -> Vec<u8> {
+        hmac::sign(&self.record_mac, input).as_ref().to_vec()
+    }
+
+    pub(super) fn row_ok(&self, input: &[u8], mac: &[u8]) -> bool {
+        super::root::mac_ok(&self.record_mac, input, mac)
     }
 
     pub(super) fn check_record(&self, record: &KeyRecord) -> Result<()> {
@@ -84,6 +159,12 @@ impl Keystore {
             locator: r.locator.clone(),
             spec: resolved.spec,
         })?;
+        let attributes = serde_json::from_str(&r.attributes).map_err(|_| Error::Integrity {
+            what: format!(
+                "the record of `{}` has unreadable attributes",
+                resolved.label()
+            ),
+        })?;
         Ok(KeyInfo {
             id,
             store_id: self.store_id(),
@@ -92,29 +173,82 @@ impl Keystore {
             spec: resolved.spec,
             backend: r.backend.clone(),
             locator: r.locator.clone(),
-            state: r.state.parse()?,
+            state: resolved.state,
             version: r.version,
+            versions: resolved
+                .materials()
+                .map(|m| super::VersionInfo {
+                    version: m.version,
+                    created_at: m.created_at,
+                    locator: m.locator.to_owned(),
+                })
+                .collect(),
+            min_decrypt_version: r.min_decrypt_version,
+            rotate_after: r.rotate_after,
+            activate_at: r.activate_at,
+            deactivate_at: r.deactivate_at,
+            destroy_at: r.destroy_at,
+            destroyed_at: r.destroyed_at,
             created_at: r.created_at,
-            attributes: serde_json::from_str(&r.attributes).map_err(|_| Error::Integrity {
-                what: format!(
-                    "the record of `{}` has unreadable attributes",
-                    resolved.label()
-                ),
-            })?,
+            attributes,
         })
     }
 
-    /// Checks a record's MAC and decodes what it says; the one way records come out of the store.
+    /// Checks a record's MAC and its versions' and decodes what they say; the one way records
+    /// come out of the store.
     pub(super) fn verified(&self, record: KeyRecord) -> Result<Resolved> {
+        self.check_record(&record)?;
+        let versions = if record.version > 1 && record.destroyed_at.is_none() {
+            self.store.versions(Some(&record.uuid))?
+        } else {
+            Vec::new()
+        };
+        self.verified_with(record, versions)
+    }
+
+    /// [`Self::verified`] with the versions already read (in a write transaction).
+    pub(super) fn verified_with(
+        &self,
+        record: KeyRecord,
+        versions: Vec<VersionRecord>,
+    ) -> Result<Resolved> {
         self.check_record(&record)?;
         let spec = Self::spec_of(&record).map_err(|e| Error::Integrity {
             what: format!("an authenticated record names an unknown algorithm ({e})"),
         })?;
         let label = format!("{}/{}", record.namespace, record.name);
+        let state: KeyState = record.state.parse().map_err(|_| Error::Integrity {
+            what: format!("the record of `{label}` has an unknown state"),
+        })?;
+        let expected: Vec<u32> = if record.destroyed_at.is_some() {
+            Vec::new()
+        } else {
+            (2..=record.version).collect()
+        };
+        let found: Vec<u32> = versions.iter().map(|v| v.version).collect();
+        let forged = versions
+            .iter()
+            .find(|v| v.uuid != record.uuid || !self.row_ok(&v.mac_input(&self.store_id), &v.mac));
+        if let Some(v) = forged {
+            return Err(Error::Integrity {
+                what: format!("version {} of `{label}` failed its MAC", v.version),
+            });
+        }
+        if found != expected {
+            return Err(Error::Integrity {
+                what: format!(
+                    "`{label}` is at version {} but the store holds versions {found:?} of it \
+                     besides the first",
+                    record.version
+                ),
+            });
+        }
         Ok(Resolved {
             record,
             spec,
             label,
+            state,
+            versions,
         })
     }
 
@@ -192,25 +326,28 @@ impl Keystore {
                 what: "the key's record does not match its key ID".into(),
             });
         }
-        let state: KeyState = r.state.parse().map_err(|_| Error::Integrity {
-            what: format!("the record of `{}` has an unknown state", resolved.label()),
-        })?;
-        match state {
-            KeyState::Active => Ok(resolved),
+        Ok(resolved)
+    }
+
+    /// What the backend is handed to find and use one version of a resolved key.
+    pub(super) fn key_ref<'a>(
+        &'a self,
+        resolved: &'a Resolved,
+        material: Material<'a>,
+    ) -> KeyRef<'a> {
+        KeyRef {
+            context: self.context(resolved),
+            locator: material.locator,
+            blob: material.blob,
         }
     }
 
-    /// What the backend is handed to find and use a resolved key.
-    pub(super) fn key_ref<'a>(&'a self, resolved: &'a Resolved) -> KeyRef<'a> {
-        KeyRef {
-            context: KeyContext {
-                store_id: &self.store_id,
-                uuid: &resolved.record.uuid,
-                label: &resolved.label,
-                spec: &resolved.spec,
-            },
-            locator: &resolved.record.locator,
-            blob: resolved.record.blob.as_deref(),
+    pub(super) fn context<'a>(&'a self, resolved: &'a Resolved) -> KeyContext<'a> {
+        KeyContext {
+            store_id: &self.store_id,
+            uuid: &resolved.record.uuid,
+            label: &resolved.label,
+            spec: &resolved.spec,
         }
     }
 }

@@ -43,8 +43,15 @@ pub(super) fn meta_mac(keys: &DerivedKeys, meta: &StoreMeta) -> Vec<u8> {
 
 /// Whether `record` carries its MAC under `key` (the record-MAC key) for store `store_id`.
 pub(super) fn record_mac_ok(key: &hmac::Key, store_id: &[u8; 16], record: &KeyRecord) -> bool {
-    let expected = hmac::sign(key, &record.mac_input(store_id));
-    constant_time::verify_slices_are_equal(expected.as_ref(), &record.mac).is_ok()
+    record
+        .mac_input(store_id)
+        .is_some_and(|input| mac_ok(key, &input, &record.mac))
+}
+
+/// Whether `mac` is the MAC of `input` under `key`, compared in constant time.
+pub(super) fn mac_ok(key: &hmac::Key, input: &[u8], mac: &[u8]) -> bool {
+    let expected = hmac::sign(key, input);
+    constant_time::verify_slices_are_equal(expected.as_ref(), mac).is_ok()
 }
 
 /// Checks, right after unsealing and before anything is written or re-sealed, that the root
@@ -100,6 +107,46 @@ pub(super) fn check_store(store: &Store, keys: &DerivedKeys) -> Result<()> {
                 } else {
                     "failed its MAC"
                 }
+            ),
+        });
+    }
+    // The lifecycle's rows: a key's later versions, its history, its AES-GCM counters.
+    let id = &meta.store_id;
+    let ok = |input: Vec<u8>, mac: &[u8]| mac_ok(&record_mac, &input, mac);
+    let mut bad: Vec<String> = Vec::new();
+    for v in store.versions(None)? {
+        if !ok(v.mac_input(id), &v.mac) {
+            bad.push(format!(
+                "version {} of key {}",
+                v.version,
+                crate::hex::encode(&v.uuid)
+            ));
+        }
+    }
+    for e in store.events(None)? {
+        if !ok(e.mac_input(id), &e.mac) {
+            bad.push(format!(
+                "history entry {} of key {}",
+                e.seq,
+                crate::hex::encode(&e.uuid)
+            ));
+        }
+    }
+    for c in store.counters()? {
+        if !ok(c.mac_input(id), &c.mac) {
+            bad.push(format!(
+                "the AES-GCM counter of version {} of key {}",
+                c.version,
+                crate::hex::encode(&c.uuid)
+            ));
+        }
+    }
+    if let Some(first) = bad.first() {
+        return Err(Error::Integrity {
+            what: format!(
+                "{} of the store's version, history and counter rows fail their MAC (the first: \
+                 {first})",
+                bad.len()
             ),
         });
     }

@@ -5,6 +5,7 @@
 //! unless its schema must be migrated, so a failed command leaves the file byte-for-byte unchanged.
 
 mod record;
+mod rows;
 mod schema;
 
 use std::fs;
@@ -18,6 +19,7 @@ use crate::error::{Error, Result};
 use crate::sealer::SealedRoot;
 
 pub use record::KeyRecord;
+pub use rows::{CounterRecord, EventRecord, VersionRecord};
 
 /// The database file's name inside the store directory.
 pub const DB_FILE: &str = "keyhold.db";
@@ -248,42 +250,23 @@ impl Store {
     /// # Errors
     /// [`Error::KeyExists`] if the namespace already has a key of that name; storage errors.
     pub fn insert_key(&self, rec: &KeyRecord) -> Result<()> {
-        let conn = self.conn();
-        let result = conn.execute(
-            "INSERT INTO keys (uuid, namespace, name, key_type, purpose, algorithm, backend, \
-             locator, state, version, created_at, updated_at, blob, public_key, attributes, mac) \
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)",
-            params![
-                rec.uuid,
-                rec.namespace,
-                rec.name,
-                rec.key_type,
-                rec.purpose,
-                rec.algorithm,
-                rec.backend,
-                rec.locator,
-                rec.state,
-                rec.version,
-                rec.created_at,
-                rec.updated_at,
-                rec.blob,
-                rec.public_key,
-                rec.attributes,
-                rec.mac,
-            ],
-        );
-        match result {
-            Ok(_) => Ok(()),
-            Err(rusqlite::Error::SqliteFailure(e, _))
-                if e.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_UNIQUE =>
-            {
-                Err(Error::KeyExists {
-                    namespace: rec.namespace.clone(),
-                    name: rec.name.clone(),
-                })
-            }
-            Err(e) => Err(Error::storage("insert a key record", e)),
-        }
+        insert_key(&self.conn(), rec)
+    }
+
+    /// Runs `f` in one write transaction (taken at once, so that what `f` reads is what it
+    /// changes: another process waits): all of its changes are committed, or none.
+    ///
+    /// # Errors
+    /// `f`'s error (nothing is changed then); storage errors.
+    pub fn write<T>(&self, f: impl FnOnce(&Tx<'_>) -> Result<T>) -> Result<T> {
+        let mut conn = self.conn();
+        let tx = conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+            .map_err(|e| Error::storage("begin a change of the store", e))?;
+        let out = f(&Tx { tx: &tx })?;
+        tx.commit()
+            .map_err(|e| Error::storage("commit a change of the store", e))?;
+        Ok(out)
     }
 
     /// The record with identifier `uuid`, if any. The caller checks its MAC.
@@ -291,16 +274,7 @@ impl Store {
     /// # Errors
     /// Storage errors; [`Error::Integrity`] if the row cannot be decoded.
     pub fn key(&self, uuid: &[u8; 16]) -> Result<Option<KeyRecord>> {
-        let conn = self.conn();
-        let mut stmt = conn
-            .prepare_cached(&format!(
-                "SELECT {} FROM keys WHERE uuid = ?1",
-                record::COLUMNS
-            ))
-            .map_err(|e| Error::storage("read a key record", e))?;
-        stmt.query_row(params![uuid.as_slice()], record::from_row)
-            .optional()
-            .map_err(record::decode_error)
+        read_key(&self.conn(), uuid)
     }
 
     /// Every record, or those of one namespace, ordered by namespace and name.
@@ -313,13 +287,51 @@ impl Store {
             "SELECT {} FROM keys WHERE ?1 IS NULL OR namespace = ?1 ORDER BY namespace, name",
             record::COLUMNS
         );
-        let mut stmt = conn
-            .prepare_cached(&sql)
-            .map_err(|e| Error::storage("list key records", e))?;
-        let rows = stmt
-            .query_map(params![namespace], record::from_row)
-            .map_err(|e| Error::storage("list key records", e))?;
-        rows.map(|r| r.map_err(record::decode_error)).collect()
+        query(&conn, &sql, params![namespace], record::from_row)
+    }
+
+    /// The versions (from 2) of the key `uuid`, or of every key, in order. The caller checks
+    /// their MACs.
+    ///
+    /// # Errors
+    /// Storage errors; [`Error::Integrity`] if a row cannot be decoded.
+    pub fn versions(&self, uuid: Option<&[u8; 16]>) -> Result<Vec<VersionRecord>> {
+        let sql = format!(
+            "SELECT {} FROM key_versions WHERE ?1 IS NULL OR uuid = ?1 ORDER BY uuid, version",
+            rows::VERSION_COLUMNS
+        );
+        query(
+            &self.conn(),
+            &sql,
+            params![uuid.map(<[u8; 16]>::as_slice)],
+            rows::version_from_row,
+        )
+    }
+
+    /// The history of the key `uuid`, or of every key, in order. The caller checks the MACs.
+    ///
+    /// # Errors
+    /// Storage errors; [`Error::Integrity`] if a row cannot be decoded.
+    pub fn events(&self, uuid: Option<&[u8; 16]>) -> Result<Vec<EventRecord>> {
+        let sql = format!(
+            "SELECT {} FROM key_events WHERE ?1 IS NULL OR uuid = ?1 ORDER BY uuid, seq",
+            rows::EVENT_COLUMNS
+        );
+        query(
+            &self.conn(),
+            &sql,
+            params![uuid.map(<[u8; 16]>::as_slice)],
+            rows::event_from_row,
+        )
+    }
+
+    /// Every AES-GCM invocation counter. The caller checks the MACs.
+    ///
+    /// # Errors
+    /// Storage errors; [`Error::Integrity`] if a row cannot be decoded.
+    pub fn counters(&self) -> Result<Vec<CounterRecord>> {
+        let sql = format!("SELECT {} FROM gcm_counters", rows::COUNTER_COLUMNS);
+        query(&self.conn(), &sql, [], rows::counter_from_row)
     }
 
     /// Deletes the record `uuid`; returns whether there was one.
@@ -332,6 +344,282 @@ impl Store {
             .execute("DELETE FROM keys WHERE uuid = ?1", params![uuid.as_slice()])
             .map_err(|e| Error::storage("delete a key record", e))?;
         Ok(n > 0)
+    }
+}
+
+/// A write transaction of [`Store::write`].
+#[derive(Debug)]
+pub struct Tx<'a> {
+    tx: &'a rusqlite::Transaction<'a>,
+}
+
+impl Tx<'_> {
+    /// The record `uuid` as it is now, under the write lock. The caller checks its MAC.
+    ///
+    /// # Errors
+    /// Storage errors; [`Error::Integrity`] if the row cannot be decoded.
+    pub fn key(&self, uuid: &[u8; 16]) -> Result<Option<KeyRecord>> {
+        read_key(self.tx, uuid)
+    }
+
+    /// Adds a key record.
+    ///
+    /// # Errors
+    /// [`Error::KeyExists`]; storage errors.
+    pub fn insert_key(&self, rec: &KeyRecord) -> Result<()> {
+        insert_key(self.tx, rec)
+    }
+
+    /// Replaces the record with `rec.uuid`.
+    ///
+    /// # Errors
+    /// Storage errors; [`Error::Integrity`] if there is no such record (it was deleted under us).
+    pub fn update_key(&self, rec: &KeyRecord) -> Result<()> {
+        let n = self
+            .tx
+            .execute(
+                "UPDATE keys SET state = ?2, version = ?3, updated_at = ?4, blob = ?5, \
+                 public_key = ?6, attributes = ?7, mac = ?8, mac_format = ?9, \
+                 min_decrypt_version = ?10, rotate_after = ?11, activate_at = ?12, \
+                 deactivate_at = ?13, destroy_at = ?14, destroyed_at = ?15 WHERE uuid = ?1",
+                params![
+                    rec.uuid.as_slice(),
+                    rec.state,
+                    rec.version,
+                    rec.updated_at,
+                    rec.blob,
+                    rec.public_key,
+                    rec.attributes,
+                    rec.mac,
+                    rec.mac_format,
+                    rec.min_decrypt_version,
+                    rec.rotate_after,
+                    rec.activate_at,
+                    rec.deactivate_at,
+                    rec.destroy_at,
+                    rec.destroyed_at,
+                ],
+            )
+            .map_err(|e| Error::storage("update a key record", e))?;
+        if n != 1 {
+            return Err(Error::Integrity {
+                what: format!(
+                    "the record of key {} vanished while it was being changed",
+                    crate::hex::encode(&rec.uuid)
+                ),
+            });
+        }
+        Ok(())
+    }
+
+    /// Adds a version.
+    ///
+    /// # Errors
+    /// Storage errors (also if the version exists).
+    pub fn insert_version(&self, v: &VersionRecord) -> Result<()> {
+        self.tx
+            .execute(
+                &format!(
+                    "INSERT INTO key_versions ({}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                    rows::VERSION_COLUMNS
+                ),
+                params![
+                    v.uuid.as_slice(),
+                    v.version,
+                    v.locator,
+                    v.blob,
+                    v.public_key,
+                    v.attributes,
+                    v.created_at,
+                    v.mac
+                ],
+            )
+            .map_err(|e| Error::storage("insert a key version", e))?;
+        Ok(())
+    }
+
+    /// The versions (from 2) of the key `uuid`, in order, under the write lock.
+    ///
+    /// # Errors
+    /// Storage errors; [`Error::Integrity`] if a row cannot be decoded.
+    pub fn versions(&self, uuid: &[u8; 16]) -> Result<Vec<VersionRecord>> {
+        let sql = format!(
+            "SELECT {} FROM key_versions WHERE uuid = ?1 ORDER BY version",
+            rows::VERSION_COLUMNS
+        );
+        query(
+            self.tx,
+            &sql,
+            params![uuid.as_slice()],
+            rows::version_from_row,
+        )
+    }
+
+    /// Deletes every version row and counter of the key `uuid` (their blobs are overwritten:
+    /// `secure_delete`).
+    ///
+    /// # Errors
+    /// Storage errors.
+    pub fn delete_material(&self, uuid: &[u8; 16]) -> Result<()> {
+        for sql in [
+            "DELETE FROM key_versions WHERE uuid = ?1",
+            "DELETE FROM gcm_counters WHERE uuid = ?1",
+        ] {
+            self.tx
+                .execute(sql, params![uuid.as_slice()])
+                .map_err(|e| Error::storage("erase a key's versions", e))?;
+        }
+        Ok(())
+    }
+
+    /// The next free place in the key's history.
+    ///
+    /// # Errors
+    /// Storage errors.
+    pub fn next_event_seq(&self, uuid: &[u8; 16]) -> Result<u32> {
+        self.tx
+            .query_row(
+                "SELECT COALESCE(MAX(seq), 0) + 1 FROM key_events WHERE uuid = ?1",
+                params![uuid.as_slice()],
+                |r| r.get(0),
+            )
+            .map_err(|e| Error::storage("read a key's history", e))
+    }
+
+    /// Adds an entry to a key's history.
+    ///
+    /// # Errors
+    /// Storage errors.
+    pub fn insert_event(&self, e: &EventRecord) -> Result<()> {
+        self.tx
+            .execute(
+                &format!(
+                    "INSERT INTO key_events ({}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+                    rows::EVENT_COLUMNS
+                ),
+                params![
+                    e.uuid.as_slice(),
+                    e.seq,
+                    e.at,
+                    e.event,
+                    e.from_state,
+                    e.to_state,
+                    e.version,
+                    e.reason,
+                    e.mac
+                ],
+            )
+            .map_err(|e| Error::storage("record a key's history", e))?;
+        Ok(())
+    }
+
+    /// The invocation counter of one key version, if any. The caller checks its MAC.
+    ///
+    /// # Errors
+    /// Storage errors; [`Error::Integrity`] if the row cannot be decoded.
+    pub fn counter(&self, uuid: &[u8; 16], version: u32) -> Result<Option<CounterRecord>> {
+        let sql = format!(
+            "SELECT {} FROM gcm_counters WHERE uuid = ?1 AND version = ?2",
+            rows::COUNTER_COLUMNS
+        );
+        Ok(query(
+            self.tx,
+            &sql,
+            params![uuid.as_slice(), version],
+            rows::counter_from_row,
+        )?
+        .pop())
+    }
+
+    /// Writes the invocation counter of one key version.
+    ///
+    /// # Errors
+    /// Storage errors.
+    pub fn put_counter(&self, c: &CounterRecord) -> Result<()> {
+        self.tx
+            .execute(
+                &format!(
+                    "INSERT OR REPLACE INTO gcm_counters ({}) VALUES (?1, ?2, ?3, ?4)",
+                    rows::COUNTER_COLUMNS
+                ),
+                params![c.uuid.as_slice(), c.version, c.reserved, c.mac],
+            )
+            .map_err(|e| Error::storage("reserve AES-GCM invocations", e))?;
+        Ok(())
+    }
+}
+
+fn query<T, P: rusqlite::Params>(
+    conn: &Connection,
+    sql: &str,
+    params: P,
+    row: impl FnMut(&rusqlite::Row<'_>) -> rusqlite::Result<T>,
+) -> Result<Vec<T>> {
+    let mut stmt = conn
+        .prepare_cached(sql)
+        .map_err(|e| Error::storage("read the store", e))?;
+    let rows = stmt
+        .query_map(params, row)
+        .map_err(|e| Error::storage("read the store", e))?;
+    rows.map(|r| r.map_err(record::decode_error)).collect()
+}
+
+fn read_key(conn: &Connection, uuid: &[u8; 16]) -> Result<Option<KeyRecord>> {
+    let mut stmt = conn
+        .prepare_cached(&format!(
+            "SELECT {} FROM keys WHERE uuid = ?1",
+            record::COLUMNS
+        ))
+        .map_err(|e| Error::storage("read a key record", e))?;
+    stmt.query_row(params![uuid.as_slice()], record::from_row)
+        .optional()
+        .map_err(record::decode_error)
+}
+
+fn insert_key(conn: &Connection, rec: &KeyRecord) -> Result<()> {
+    let result = conn.execute(
+        &format!(
+            "INSERT INTO keys ({}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, \
+             ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21, ?22, ?23)",
+            record::COLUMNS
+        ),
+        params![
+            rec.uuid,
+            rec.namespace,
+            rec.name,
+            rec.key_type,
+            rec.purpose,
+            rec.algorithm,
+            rec.backend,
+            rec.locator,
+            rec.state,
+            rec.version,
+            rec.created_at,
+            rec.updated_at,
+            rec.blob,
+            rec.public_key,
+            rec.attributes,
+            rec.mac,
+            rec.mac_format,
+            rec.min_decrypt_version,
+            rec.rotate_after,
+            rec.activate_at,
+            rec.deactivate_at,
+            rec.destroy_at,
+            rec.destroyed_at,
+        ],
+    );
+    match result {
+        Ok(_) => Ok(()),
+        Err(rusqlite::Error::SqliteFailure(e, _))
+            if e.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_UNIQUE =>
+        {
+            Err(Error::KeyExists {
+                namespace: rec.namespace.clone(),
+                name: rec.name.clone(),
+            })
+        }
+        Err(e) => Err(Error::storage("insert a key record", e)),
     }
 }
 

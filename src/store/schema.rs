@@ -15,7 +15,7 @@ const APPLICATION_ID: i64 = 0x6b68_6c64;
 
 /// Migration `i` takes the schema from version `i` to `i + 1`.
 const MIGRATIONS: &[&str] = &[
-    // 1: the first schema. `version` and `state` leave room for rotation and the SP 800-57 states;
+    // 1: the first schema. `version` and `state` left room for rotation and the SP 800-57 states;
     // `attributes` (a JSON object of strings) holds what a backend reports about a key.
     "CREATE TABLE meta (
         key   TEXT PRIMARY KEY NOT NULL,
@@ -39,6 +39,72 @@ const MIGRATIONS: &[&str] = &[
         attributes TEXT NOT NULL,
         mac        BLOB NOT NULL,
         UNIQUE (namespace, name)
+    ) STRICT;",
+    // 2: the key lifecycle. Records of schema 1 keep their MAC (format 1, which the new fields'
+    // defaults leave valid); a record keyhold rewrites gets format 2, which covers them. A name
+    // is unique among keys not destroyed: a destroyed key's record stays (a tombstone, so its ID
+    // says when it was destroyed) and its name may be given to a new key.
+    "CREATE TABLE keys_v2 (
+        uuid                BLOB PRIMARY KEY NOT NULL,
+        namespace           TEXT NOT NULL,
+        name                TEXT NOT NULL,
+        key_type            TEXT NOT NULL,
+        purpose             TEXT NOT NULL,
+        algorithm           TEXT NOT NULL,
+        backend             TEXT NOT NULL,
+        locator             TEXT NOT NULL,
+        state               TEXT NOT NULL,
+        version             INTEGER NOT NULL,
+        created_at          INTEGER NOT NULL,
+        updated_at          INTEGER NOT NULL,
+        blob                BLOB,
+        public_key          BLOB,
+        attributes          TEXT NOT NULL,
+        mac                 BLOB NOT NULL,
+        mac_format          INTEGER NOT NULL DEFAULT 1,
+        min_decrypt_version INTEGER NOT NULL DEFAULT 1,
+        rotate_after        INTEGER,
+        activate_at         INTEGER,
+        deactivate_at       INTEGER,
+        destroy_at          INTEGER,
+        destroyed_at        INTEGER
+    ) STRICT;
+    INSERT INTO keys_v2 (uuid, namespace, name, key_type, purpose, algorithm, backend, locator,
+        state, version, created_at, updated_at, blob, public_key, attributes, mac)
+        SELECT uuid, namespace, name, key_type, purpose, algorithm, backend, locator, state,
+        version, created_at, updated_at, blob, public_key, attributes, mac FROM keys;
+    DROP TABLE keys;
+    ALTER TABLE keys_v2 RENAME TO keys;
+    CREATE UNIQUE INDEX keys_live_name ON keys (namespace, name) WHERE state != 'destroyed';
+    CREATE TABLE key_versions (
+        uuid       BLOB NOT NULL,
+        version    INTEGER NOT NULL,
+        locator    TEXT NOT NULL,
+        blob       BLOB,
+        public_key BLOB,
+        attributes TEXT NOT NULL,
+        created_at INTEGER NOT NULL,
+        mac        BLOB NOT NULL,
+        PRIMARY KEY (uuid, version)
+    ) STRICT;
+    CREATE TABLE key_events (
+        uuid       BLOB NOT NULL,
+        seq        INTEGER NOT NULL,
+        at         INTEGER NOT NULL,
+        event      TEXT NOT NULL,
+        from_state TEXT NOT NULL,
+        to_state   TEXT NOT NULL,
+        version    INTEGER NOT NULL,
+        reason     TEXT,
+        mac        BLOB NOT NULL,
+        PRIMARY KEY (uuid, seq)
+    ) STRICT;
+    CREATE TABLE gcm_counters (
+        uuid     BLOB NOT NULL,
+        version  INTEGER NOT NULL,
+        reserved INTEGER NOT NULL,
+        mac      BLOB NOT NULL,
+        PRIMARY KEY (uuid, version)
     ) STRICT;",
 ];
 

@@ -69,18 +69,48 @@ impl TestStore {
     }
 
     /// Every file in the store directory with its bytes.
-    pub fn snapshot(&self) -> BTreeMap<PathBuf, Vec<u8>> {
+    pub fn snapshot(&self) -> BTreeMap<PathBuf, FileBytes> {
         snapshot(&self.path)
     }
 }
 
-pub fn snapshot(dir: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
+/// A file's bytes, shown by a failed `assert_eq!` as length and SHA-256 (a store file is too big
+/// to print).
+#[derive(Clone, PartialEq, Eq)]
+pub struct FileBytes(pub Vec<u8>);
+
+impl std::fmt::Debug for FileBytes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, &self.0);
+        write!(
+            f,
+            "{} bytes, sha256 {}",
+            self.0.len(),
+            keyhold::hex::encode(digest.as_ref())
+        )
+    }
+}
+
+impl std::ops::Deref for FileBytes {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl AsRef<[u8]> for FileBytes {
+    fn as_ref(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+pub fn snapshot(dir: &Path) -> BTreeMap<PathBuf, FileBytes> {
     std::fs::read_dir(dir)
         .expect("read store dir")
         .map(|e| {
             let p = e.expect("dir entry").path();
             let bytes = std::fs::read(&p).expect("read store file");
-            (p, bytes)
+            (p, FileBytes(bytes))
         })
         .collect()
 }
@@ -257,7 +287,7 @@ pub fn replace_root_with_tpm_seal(store: &Path, tcti: &str, backend: Option<&str
 }
 
 /// Puts a store directory back as `snapshot` holds it.
-pub fn restore(dir: &Path, snapshot: &BTreeMap<PathBuf, Vec<u8>>) {
+pub fn restore(dir: &Path, snapshot: &BTreeMap<PathBuf, FileBytes>) {
     for entry in std::fs::read_dir(dir).expect("read store dir") {
         let path = entry.expect("dir entry").path();
         if !snapshot.contains_key(&path) {
