@@ -13,7 +13,7 @@ use keyhold::testing::Swtpm;
 use keyhold::testing::{OpenCryptoki, SoftHsm};
 use keyhold::{
     Algorithm, Error, KeyInfo, KeyRequest, KeySpec, KeyState, KeyType, Keystore, Purpose,
-    RsaPadding, SignatureFormat,
+    RsaPadding, SignatureFormat, UseOptions,
 };
 use support::{assert_openssl_accepts_public_key, openssl_verifies, sealer, PASSPHRASE};
 use tempfile::TempDir;
@@ -508,6 +508,7 @@ mod checks {
                         other => panic!("no conformance check for purpose {other}"),
                     }
                     other_purposes_refused(fx, &info);
+                    rotate(fx, &info);
                     destroy(fx, &info);
                 }
             }
@@ -702,6 +703,97 @@ mod checks {
         assert!(matches!(err, Error::VerificationFailed { .. }), "{err}");
     }
 
+    /// Rotation makes version 2 in the same backend under the same ID: version 1's outputs still
+    /// verify and decrypt (and say so), new ones are version 2's.
+    fn rotate(fx: &Fixture, info: &KeyInfo) {
+        let id = &info.id;
+        let options = UseOptions::new();
+        let purpose = info.spec.purpose();
+        // Something made by version 1, and how to check it.
+        let made: Vec<u8> = match purpose {
+            Purpose::Sign => fx.ks.sign(id, MESSAGE, SignatureFormat::Der).unwrap(),
+            Purpose::Decrypt | Purpose::Encrypt => fx.ks.encrypt(id, MESSAGE, b"v1").unwrap(),
+            Purpose::Mac => fx.ks.mac(id, MESSAGE).unwrap(),
+            other => panic!("no conformance check for purpose {other}"),
+        };
+        let old_public = fx.ks.public_key(id).ok();
+        let rotated = fx.ks.rotate_key(id, Some("conformance")).unwrap();
+        assert_eq!(rotated.id, info.id, "rotation changed the key ID");
+        assert_eq!((rotated.version, rotated.versions.len()), (2, 2));
+        assert_eq!(rotated.backend, fx.backend, "version 2 was made elsewhere");
+        // A software key's locator is its uuid (its material is the version's blob); a device's
+        // versions are objects of their own.
+        if fx.backend != "software" {
+            assert_ne!(
+                rotated.versions[0].locator, rotated.versions[1].locator,
+                "version 2 is not a new object"
+            );
+        }
+        if let Some(old) = &old_public {
+            assert_ne!(&fx.ks.public_key(id).unwrap(), old, "same public key");
+            assert_eq!(&fx.ks.public_key_version(id, Some(1)).unwrap(), old);
+            assert_eq!(
+                fx.ks.public_key(id).unwrap(),
+                fx.ks.backend_public_key(id).unwrap()
+            );
+        }
+        let old_version = |used: u32, what: &str| assert_eq!(used, 1, "{what} of version 1");
+        match purpose {
+            Purpose::Sign => {
+                let v = fx
+                    .ks
+                    .verify_with(id, MESSAGE, &made, SignatureFormat::Der, &options)
+                    .unwrap();
+                old_version(v.version, "signature");
+                let new = fx
+                    .ks
+                    .sign_with(id, MESSAGE, SignatureFormat::Der, &options)
+                    .unwrap();
+                assert_eq!(new.version, 2);
+                let v = fx
+                    .ks
+                    .verify_with(id, MESSAGE, &new.output, SignatureFormat::Der, &options)
+                    .unwrap();
+                assert_eq!(v.version, 2);
+            }
+            Purpose::Decrypt | Purpose::Encrypt => {
+                let d = fx.ks.decrypt_with(id, &made, b"v1", &options).unwrap();
+                old_version(d.version, "envelope");
+                assert_eq!(d.output.expose(), MESSAGE);
+                let new = fx.ks.encrypt_with(id, MESSAGE, b"v2", &options).unwrap();
+                assert_eq!(new.version, 2);
+                let d = fx
+                    .ks
+                    .decrypt_with(id, &new.output, b"v2", &options)
+                    .unwrap();
+                assert_eq!((d.version, d.output.expose()), (2, MESSAGE));
+                let again = fx.ks.rewrap(id, &made, b"v1", &options).unwrap();
+                assert_eq!(again.version, 2);
+                let d = fx
+                    .ks
+                    .decrypt_with(id, &again.output, b"v1", &options)
+                    .unwrap();
+                assert_eq!((d.version, d.output.expose()), (2, MESSAGE));
+            }
+            Purpose::Mac => {
+                let v = fx.ks.verify_mac_with(id, MESSAGE, &made, &options).unwrap();
+                old_version(v.version, "tag");
+                let new = fx.ks.mac_with(id, MESSAGE, &options).unwrap();
+                assert_eq!(new.version, 2);
+                assert_ne!(new.output, made, "version 2 computes the same tag");
+            }
+            other => panic!("no conformance check for purpose {other}"),
+        }
+        // Devices hold both versions, and nothing else of the key.
+        let doctor = fx.ks.doctor().unwrap();
+        assert!(
+            doctor.missing.is_empty() && doctor.orphans.is_empty(),
+            "{:?} {:?}",
+            doctor.missing,
+            doctor.orphans
+        );
+    }
+
     /// A key does its one job only.
     fn other_purposes_refused(fx: &Fixture, info: &KeyInfo) {
         let id = &info.id;
@@ -766,5 +858,8 @@ mod checks {
             fx.ks.list_keys(None).unwrap().iter().all(|k| k.id != *id),
             "a destroyed key is still listed"
         );
+        // Every version's objects are gone from the device: none is left as an orphan.
+        let doctor = fx.ks.doctor().unwrap();
+        assert!(doctor.orphans.is_empty(), "{:?}", doctor.orphans);
     }
 }
