@@ -2,6 +2,7 @@
 //! `min_decrypt_version`, schedules (activation, expiry, rotation, destruction), the AES-GCM
 //! invocation limit, the history, the authentication of every lifecycle row, and stores made
 //! before the lifecycle existed. (Rotation on every backend is in conformance.rs.)
+#![allow(clippy::unwrap_used)] // test helpers: a panic is the failure report
 
 mod support;
 
