@@ -663,6 +663,12 @@ fn destroy_keeps_nothing_in_the_tpm() {
     let tpm = Swtpm::new().unwrap();
     let backend = backend(&tpm);
     let key = create(&backend, KeyType::EcdsaP256, Purpose::Sign, None);
+    sign_and_verify(&backend, &key);
+    assert_eq!(
+        backend.transient_handles().unwrap(),
+        2,
+        "the SRK and the key kept loaded for its next use"
+    );
     backend.destroy(key.at()).unwrap();
     let err = backend.destroy_object(&key.generated.locator).unwrap_err();
     assert!(
@@ -671,8 +677,8 @@ fn destroy_keeps_nothing_in_the_tpm() {
     );
     assert_eq!(
         backend.transient_handles().unwrap(),
-        2,
-        "the SRK and the cached key"
+        1,
+        "the destroyed key is still loaded: only the SRK should be"
     );
 }
 

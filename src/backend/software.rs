@@ -596,8 +596,18 @@ impl Backend for SoftwareBackend {
         ))
     }
 
-    fn destroy(&self, _key: KeyRef<'_>) -> Result<()> {
-        // The sealed material lives only in the key's record; deleting the record destroys it.
+    fn destroy(&self, key: KeyRef<'_>) -> Result<()> {
+        // The sealed material lives only in the key's record, which the keystore erases; a parsed
+        // copy kept for signing goes now, not when it would have expired.
+        if let (Some(cache), Some(blob)) = (&self.cache, key.blob) {
+            let mut entries = cache
+                .entries
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            for format in [SignatureFormat::Der, SignatureFormat::Raw] {
+                entries.remove(&Self::cache_id(&key, blob, format));
+            }
+        }
         Ok(())
     }
 }
@@ -740,6 +750,11 @@ mod tests {
         be.sign(key(&blob), b"m", SignatureFormat::Raw).unwrap();
         assert_eq!(count(), 1);
         CLOCK_AHEAD.with(|c| c.set(std::time::Duration::ZERO));
+        // Destroying the key drops its parsed copies at once, not when they would idle out.
+        be.sign(key(&blob), b"m", SignatureFormat::Der).unwrap();
+        assert_eq!(count(), 2);
+        be.destroy(key(&blob)).unwrap();
+        assert_eq!(count(), 0);
         // Off by default.
         assert!(backend().cache.is_none());
     }

@@ -596,7 +596,8 @@ impl Keystore {
     /// # Errors
     /// [`Error::KeyIdAuthentication`], [`Error::NoSuchKey`], [`Error::Integrity`].
     pub fn key_info(&self, id: &str) -> Result<KeyInfo> {
-        let resolved = self.resolve(id)?;
+        // Like every command on a key, showing it first runs the work its schedule makes due.
+        let resolved = self.resolve_current(id)?;
         self.info(&resolved)
     }
 

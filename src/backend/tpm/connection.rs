@@ -267,6 +267,17 @@ impl Connection {
         Ok(())
     }
 
+    /// Flushes the cached key `key` if it is loaded (its key was destroyed).
+    pub(super) fn forget(&mut self, key: CacheKey) -> Result<(), Failure> {
+        if let Some(at) = self.loaded.iter().position(|c| c.key == key) {
+            let gone = self.loaded.remove(at);
+            self.context
+                .flush_context(gone.handle.into())
+                .during("TPM2_FlushContext (a destroyed key)")?;
+        }
+        Ok(())
+    }
+
     /// Flushes every cached key (when the TPM ran out of object memory).
     pub(super) fn flush_cached(&mut self) -> Result<(), Failure> {
         let keep = self.max_loaded;

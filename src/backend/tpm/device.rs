@@ -312,6 +312,20 @@ impl TpmDevice {
     /// still not there, the error is [`Error::BackendUnavailable`]. Nothing else is retried: in
     /// particular not a refused authorisation, which would count towards a dictionary-attack
     /// lockout. `who` names the backend (or sealer) in errors.
+    /// Runs `op` on this process's connection if it has one (a TPM it never reached, or lost,
+    /// holds nothing it loaded); connects to nobody.
+    pub(super) fn run_if_connected(
+        &self,
+        who: &str,
+        op: impl FnOnce(&mut Connection) -> Result<(), Failure>,
+    ) -> Result<()> {
+        let mut turn = self.turn(who)?;
+        match turn.connection.as_mut() {
+            Some(connection) => op(connection).map_err(|failure| errors::map(who, failure)),
+            None => Ok(()),
+        }
+    }
+
     pub(super) fn run<T>(
         &self,
         who: &str,

@@ -685,11 +685,20 @@ impl Backend for TpmBackend {
         )))
     }
 
-    fn destroy(&self, _key: KeyRef<'_>) -> Result<()> {
-        // Nothing of the key is stored in the TPM: it exists only as the blob in its record, and
-        // the keystore deleting the record destroys it. (Without the SRK's seed the blob is
-        // useless; a TPM clear destroys every key at once.)
-        Ok(())
+    fn destroy(&self, key: KeyRef<'_>) -> Result<()> {
+        // Nothing of the key is stored in the TPM: it exists as the blob in its record, which the
+        // keystore erases, and, while this process keeps it loaded for its next use, as a
+        // transient object, flushed here. (Without the SRK's seed the blob is useless; a TPM
+        // clear destroys every key at once.)
+        let Some(blob) = key.blob else {
+            return Ok(());
+        };
+        let cached = CacheKey {
+            owner: self.owner,
+            digest: cache_digest(&key.context, blob),
+        };
+        self.device
+            .run_if_connected(&self.name, |connection| connection.forget(cached))
     }
 }
 
