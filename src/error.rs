@@ -268,4 +268,36 @@ impl Error {
     pub fn not_built(feature: &'static str) -> Self {
         Self::NotBuilt { feature }
     }
+
+    /// A stable machine-readable name of the variant (`no_such_key`, `integrity`, …): the `kind`
+    /// of the command line's JSON errors (docs/cli.md) and the outcome the audit log records. It
+    /// names what failed, never with what: no message, ID or input.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::KeyIdAuthentication { .. } => "key_id_authentication",
+            Self::NoSuchKey { .. } => "no_such_key",
+            Self::Unseal { .. } => "unseal",
+            Self::Integrity { .. } => "integrity",
+            Self::KeyObjectMismatch { .. } => "key_object_mismatch",
+            Self::StoreNotFound { .. } => "store_not_found",
+            Self::StoreExists { .. } => "store_exists",
+            Self::StoreUnusable { .. } => "store_unusable",
+            Self::KeyExists { .. } => "key_exists",
+            Self::WrongPurpose { .. } => "wrong_purpose",
+            Self::Unsupported { .. } => "unsupported",
+            Self::NotBuilt { .. } => "not_built",
+            Self::BackendUnavailable { .. } => "backend_unavailable",
+            Self::Timeout { .. } => "timeout",
+            Self::BackendLogin { .. } => "backend_login",
+            Self::Backend { .. } => "backend",
+            Self::Config(_) => "config",
+            Self::NoSuchBackend { .. } => "no_such_backend",
+            Self::InvalidInput(_) => "invalid_input",
+            Self::VerificationFailed { .. } => "verification_failed",
+            Self::DecryptionFailed { .. } => "decryption_failed",
+            Self::Crypto { .. } | Self::ConsistencyTest { .. } => "crypto",
+            Self::Storage { .. } => "storage",
+            Self::Io { .. } => "io",
+        }
+    }
 }

@@ -159,40 +159,13 @@ impl Failure {
 
     /// A stable machine-readable name of what failed, for `--json` errors (docs/cli.md).
     fn kind(&self) -> &'static str {
-        use keyhold::Error as E;
         match self {
             Self::Cli(_) | Self::Quiet => "cli",
             Self::Usage(_) => "usage",
             Self::NoSuchName(_) => "no_such_key",
             Self::Findings { .. } => "doctor_findings",
             Self::Hinted(inner, _) => inner.kind(),
-            Self::Keyhold(e) => match e {
-                E::KeyIdAuthentication { .. } => "key_id_authentication",
-                E::NoSuchKey { .. } => "no_such_key",
-                E::Unseal { .. } => "unseal",
-                E::Integrity { .. } => "integrity",
-                E::KeyObjectMismatch { .. } => "key_object_mismatch",
-                E::StoreNotFound { .. } => "store_not_found",
-                E::StoreExists { .. } => "store_exists",
-                E::StoreUnusable { .. } => "store_unusable",
-                E::KeyExists { .. } => "key_exists",
-                E::WrongPurpose { .. } => "wrong_purpose",
-                E::Unsupported { .. } => "unsupported",
-                E::NotBuilt { .. } => "not_built",
-                E::BackendUnavailable { .. } => "backend_unavailable",
-                E::Timeout { .. } => "timeout",
-                E::BackendLogin { .. } => "backend_login",
-                E::Backend { .. } => "backend",
-                E::Config(_) => "config",
-                E::NoSuchBackend { .. } => "no_such_backend",
-                E::InvalidInput(_) => "invalid_input",
-                E::VerificationFailed { .. } => "verification_failed",
-                E::DecryptionFailed { .. } => "decryption_failed",
-                E::Crypto { .. } | E::ConsistencyTest { .. } => "crypto",
-                E::Storage { .. } => "storage",
-                E::Io { .. } => "io",
-                _ => "other",
-            },
+            Self::Keyhold(e) => e.kind(),
         }
     }
 
