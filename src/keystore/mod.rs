@@ -1,6 +1,7 @@
 //! The application-facing keystore: creates keys, resolves authenticated key IDs, enforces each
 //! key's one purpose, and calls the backend that holds the key.
 
+mod audit;
 mod doctor;
 mod envelope;
 mod key_id;
@@ -98,6 +99,7 @@ pub struct Keystore {
     fallbacks: HashMap<String, Fallback>,
     sealer_kind: String,
     cache: Mutex<ResolvedCache>,
+    audit: audit::KeystoreAudit,
 }
 
 fn now() -> i64 {
@@ -275,6 +277,7 @@ impl Keystore {
         let mut backends = vec![software];
         backends.extend(configured.backends);
         Ok(Self {
+            audit: audit::KeystoreAudit::new(store.dir(), keys, &config.audit),
             ids: KeyIdCodec::new(store_id, keys.key_id_mac.expose()),
             record_mac: hmac::Key::new(hmac::HMAC_SHA256, keys.record_mac.expose()),
             sealer_kind: store.meta().sealed_root.sealer.clone(),
@@ -329,12 +332,24 @@ impl Keystore {
         operation: &'static str,
         op: impl FnOnce(&dyn Backend, KeyRef<'_>, &Resolved) -> Result<T>,
     ) -> Result<T> {
-        let resolved = self.resolve(id)?;
+        let resolved = self.resolve_audited(id, operation)?;
         self.use_resolved(&resolved, purpose, operation, op)
     }
 
     /// [`Self::use_key`] for a key already resolved.
     fn use_resolved<T>(
+        &self,
+        resolved: &Resolved,
+        purpose: Purpose,
+        operation: &'static str,
+        op: impl FnOnce(&dyn Backend, KeyRef<'_>, &Resolved) -> Result<T>,
+    ) -> Result<T> {
+        let result = self.use_resolved_unaudited(resolved, purpose, operation, op);
+        self.audit_use(resolved, operation, audit::outcome(&result));
+        result
+    }
+
+    fn use_resolved_unaudited<T>(
         &self,
         resolved: &Resolved,
         purpose: Purpose,
@@ -366,6 +381,11 @@ impl Keystore {
     /// # Errors
     /// As [`Self::create_key`].
     pub fn create_key_with(&self, request: &KeyRequest, options: &KeyOptions) -> Result<KeyInfo> {
+        let created = self.create_key_unaudited(request, options);
+        self.audit_created(request, created)
+    }
+
+    fn create_key_unaudited(&self, request: &KeyRequest, options: &KeyOptions) -> Result<KeyInfo> {
         validate_name("namespace", &request.namespace)?;
         validate_name("key name", &request.name)?;
         let asked = request.backend.as_deref().unwrap_or(SoftwareBackend::NAME);
@@ -645,7 +665,7 @@ impl Keystore {
     /// # Errors
     /// [`Error::WrongPurpose`], [`Error::InvalidInput`] (empty, oversized, or too long for OAEP).
     pub fn encrypt(&self, id: &str, plaintext: &[u8], aad: &[u8]) -> Result<Vec<u8>> {
-        let resolved = self.resolve(id)?;
+        let resolved = self.resolve_audited(id, "encrypt")?;
         let header = |algorithm| envelope::Header {
             algorithm,
             uuid: resolved.record.uuid,
@@ -653,11 +673,15 @@ impl Keystore {
         };
         match resolved.spec.algorithm() {
             Algorithm::RsaOaepSha256 => {
-                check_input(plaintext, "encrypt")?;
-                let header = header(Algorithm::RsaOaepSha256);
-                let body = Self::recorded_public_key(&resolved)?
-                    .encrypt_oaep(plaintext, &oaep_label(&header.aad(aad)))?;
-                Ok(envelope::encode(header, &[], &body))
+                let sealed = (|| {
+                    check_input(plaintext, "encrypt")?;
+                    let header = header(Algorithm::RsaOaepSha256);
+                    let body = Self::recorded_public_key(&resolved)?
+                        .encrypt_oaep(plaintext, &oaep_label(&header.aad(aad)))?;
+                    Ok(envelope::encode(header, &[], &body))
+                })();
+                self.audit_use(&resolved, "encrypt", audit::outcome(&sealed));
+                sealed
             }
             _ => self.use_resolved(&resolved, Purpose::Encrypt, "encrypt", |backend, key, _| {
                 check_input(plaintext, "encrypt")?;
@@ -678,7 +702,7 @@ impl Keystore {
     /// [`Error::DecryptionFailed`] for anything that does not authenticate (deliberately
     /// undetailed); [`Error::WrongPurpose`].
     pub fn decrypt(&self, id: &str, input: &[u8], aad: &[u8]) -> Result<SecretBytes> {
-        let resolved = self.resolve(id)?;
+        let resolved = self.resolve_audited(id, "decrypt")?;
         let purpose = match resolved.spec.algorithm() {
             Algorithm::RsaOaepSha256 => Purpose::Decrypt,
             _ => Purpose::Encrypt,
@@ -732,6 +756,11 @@ impl Keystore {
     /// # Errors
     /// Resolution, backend and storage errors.
     pub fn destroy_key(&self, id: &str) -> Result<KeyInfo> {
+        let destroyed = self.destroy_key_unaudited(id);
+        self.audit_destroyed(id, destroyed)
+    }
+
+    fn destroy_key_unaudited(&self, id: &str) -> Result<KeyInfo> {
         let resolved = self.resolve(id)?;
         let info = self.info(&resolved)?;
         let backend = self.backend(&resolved.record.backend)?;
