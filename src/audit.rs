@@ -32,6 +32,9 @@ use serde::{Deserialize, Serialize};
 use crate::error::{Error, Result};
 use crate::secret::SecretBytes;
 
+/// The audit log's file name in the store directory.
+pub const FILE: &str = "audit.log";
+
 /// The longest line [`AuditLog`] reads: far above any entry it writes.
 const MAX_LINE: usize = 16 * 1024;
 
