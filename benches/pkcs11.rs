@@ -28,8 +28,8 @@
 mod common;
 
 use common::{
-    describe, loadavg, median, round_and_warmup, BoxResult, OpResult, ENVELOPE_HEADER_LEN, ROUNDS,
-    USER_AAD,
+    audit_on_and_off, compare_audit, describe, encrypted, loadavg, median, round_and_warmup,
+    signed, AuditCase, BoxResult, OpResult, ENVELOPE_HEADER_LEN, ROUNDS, USER_AAD,
 };
 
 use std::sync::{Arc, Barrier};
@@ -721,6 +721,58 @@ fn breakdown(bench: &mut Bench<'_>, ctx: &Pkcs11, slot: Slot, d: Duration) {
     }
 }
 
+/// Whether `KEYHOLD_BENCH_CASES` is unset or names `what`.
+fn cases_asked(what: &str) -> bool {
+    match std::env::var("KEYHOLD_BENCH_CASES") {
+        Ok(filter) if !filter.trim().is_empty() => filter.split(',').any(|f| f.trim() == what),
+        _ => true,
+    }
+}
+
+/// keyhold with its audit log on beside keyhold with it off, on the same token: signing and
+/// AES-GCM (1 KiB) on one thread, each store with its own token keys.
+fn audit_on_off(
+    hsm: &SoftHsm,
+    inputs: &Inputs,
+    round: Duration,
+    warmup: Duration,
+) -> BoxResult<()> {
+    let dir = tempfile::tempdir()?;
+    let (on, off) = audit_on_and_off(dir.path(), &hsm.config(BACKEND))?;
+    let keys = |ks: &Keystore| -> BoxResult<(String, String)> {
+        Ok((
+            ks.create_key(&kh_request("audit-ec".into(), KeyType::EcdsaP256)?)?
+                .id,
+            ks.create_key(&kh_request("audit-aes".into(), KeyType::Aes256Gcm)?)?
+                .id,
+        ))
+    };
+    let ((on_ec, on_aes), (off_ec, off_aes)) = (keys(&on)?, keys(&off)?);
+    let cases = vec![
+        AuditCase {
+            name: "pkcs11-ecdsa-p256-sign-32",
+            on: Box::new(|| signed(&on, &on_ec, &inputs.msg32)),
+            off: Box::new(|| signed(&off, &off_ec, &inputs.msg32)),
+        },
+        AuditCase {
+            name: "pkcs11-aes256gcm-encrypt-1k",
+            on: Box::new(|| encrypted(&on, &on_aes, &inputs.msg1k)),
+            off: Box::new(|| encrypted(&off, &off_aes, &inputs.msg1k)),
+        },
+    ];
+    compare_audit(cases, round, warmup);
+    println!(
+        "audit log of the audit-on store: {} entries, verified",
+        on.verify_audit()?.entries
+    );
+    for ks in [&on, &off] {
+        for info in ks.list_keys(None)? {
+            ks.destroy_key(&info.id)?;
+        }
+    }
+    Ok(())
+}
+
 fn selected_cases() -> Vec<Case> {
     match std::env::var("KEYHOLD_BENCH_CASES") {
         Ok(filter) if !filter.trim().is_empty() => Case::ALL
@@ -895,6 +947,9 @@ fn main() -> BoxResult<()> {
 
     if std::env::var("KEYHOLD_BENCH_BREAKDOWN").is_ok_and(|v| v == "1") {
         breakdown(&mut bench, &ctx, slot, round);
+    }
+    if cases_asked("audit") {
+        audit_on_off(&hsm, &inputs, round, warmup)?;
     }
     eprintln!("# load average at the end: {}", loadavg());
 

@@ -8,14 +8,23 @@
 //! What it cannot find alone is the end cut off: a log that lost its last entries is a shorter
 //! valid log. Anchoring the head outside the log (a TPM counter, a state file) closes that.
 //!
+//! Lifecycle changes are written at once ([`AuditSink::lifecycle`] returns once its entry is on
+//! disk); key uses, the hot path, are buffered by [`AuditSink::key_use`] and written in batches at
+//! least every window (`[audit] flush_ms`, default 1 s). So the **durability window**: key uses
+//! made in the last window before a crash or `SIGKILL` may be missing from the log; lifecycle
+//! changes never are, and the log keeps the order in which things happened.
+//!
 //! Entries hold what was done, to which key, by whom and how it ended: never key material,
 //! plaintext, PINs or passphrases. The types keep it that way: an [`Event`] has no free-form
 //! field but the key's ID and namespace.
 
+use std::collections::VecDeque;
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
 
 use aws_lc_rs::{constant_time, digest, hmac};
 use serde::{Deserialize, Serialize};
@@ -23,11 +32,14 @@ use serde::{Deserialize, Serialize};
 use crate::error::{Error, Result};
 use crate::secret::SecretBytes;
 
+/// The audit log's file name in the store directory.
+pub const FILE: &str = "audit.log";
+
 /// The longest line [`AuditLog`] reads: far above any entry it writes.
 const MAX_LINE: usize = 16 * 1024;
 
 /// Who asked: the process, and for the service (later) its client.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Caller {
     /// The real user ID of the process.
     pub uid: u32,
@@ -86,7 +98,7 @@ pub struct Entry {
 }
 
 /// A line: the entry's exact bytes and their MAC.
-#[derive(Serialize, Deserialize)]
+#[derive(Deserialize)]
 struct Line<'a> {
     #[serde(borrow)]
     entry: &'a serde_json::value::RawValue,
@@ -134,6 +146,20 @@ impl AuditLog {
     /// # Errors
     /// [`Error::Io`]; [`Error::Integrity`] if the last line is not one this log wrote.
     pub fn append(&self, event: &Event<'_>, time: i64) -> Result<u64> {
+        self.append_batch(std::slice::from_ref(&(event.clone(), time)))
+    }
+
+    /// Appends `events` (each with its time) as the next entries, in order, with one lock, one
+    /// write and one flush to disk; returns the last one's `seq` (0 for no events: nothing is
+    /// written).
+    ///
+    /// # Errors
+    /// As [`Self::append`]; on an error none of the entries is in the log (a write the kernel
+    /// cut short leaves a last line that does not parse, which [`Self::verify`] names).
+    pub fn append_batch(&self, events: &[(Event<'_>, i64)]) -> Result<u64> {
+        if events.is_empty() {
+            return Ok(0);
+        }
         let io = |what: &str, e| Error::io(format!("{what} {}", self.path.display()), e);
         let mut file = OpenOptions::new()
             .read(true)
@@ -145,37 +171,72 @@ impl AuditLog {
         // Held until the file is closed, at the end of this call.
         rustix::fs::flock(&file, rustix::fs::FlockOperation::LockExclusive)
             .map_err(|e| io("lock the audit log", e.into()))?;
-        let (seq, prev) = match last_line(&mut file).map_err(|e| io("read the audit log", e))? {
-            None => (1, [0u8; 32]),
-            Some(line) => {
-                let entry = self.check_line(&line, 0)?;
-                (entry.seq + 1, line_hash(&line))
-            }
-        };
-        let entry = Entry {
-            seq,
-            time,
-            operation: event.operation.to_owned(),
-            key_id: event.key_id.map(str::to_owned),
-            version: event.version,
-            namespace: event.namespace.map(str::to_owned),
-            outcome: event.outcome.to_owned(),
-            caller: event.caller.clone(),
-            prev: crate::hex::encode(&prev),
-        };
-        // Encoding keyhold's own plain structs cannot fail; the errors are mapped all the same.
-        let entry =
-            serde_json::to_string(&entry).map_err(|_| Error::crypto("encode an audit entry"))?;
-        let raw = serde_json::value::RawValue::from_string(entry)
-            .map_err(|_| Error::crypto("encode an audit entry"))?;
-        let mac = crate::hex::encode(hmac::sign(&self.mac, raw.get().as_bytes()).as_ref());
-        let mut line = serde_json::to_vec(&Line { entry: &raw, mac })
-            .map_err(|_| Error::crypto("encode an audit line"))?;
-        line.push(b'\n');
-        file.write_all(&line)
+        let (mut seq, mut prev) =
+            match last_line(&mut file).map_err(|e| io("read the audit log", e))? {
+                None => (0, [0u8; 32]),
+                Some(line) => {
+                    let entry = self.check_line(&line, 0)?;
+                    (entry.seq, line_hash(&line))
+                }
+            };
+        let mut out = Vec::with_capacity(events.len() * 400);
+        for (event, time) in events {
+            seq += 1;
+            let start = out.len();
+            self.encode_line(&mut out, seq, *time, event, &prev)?;
+            prev = line_hash(&out[start..]);
+            out.push(b'\n');
+        }
+        file.write_all(&out)
             .and_then(|()| file.sync_data())
             .map_err(|e| io("append to the audit log", e))?;
         Ok(seq)
+    }
+
+    /// Writes the line of entry `seq` (without its newline) at the end of `out`.
+    fn encode_line(
+        &self,
+        out: &mut Vec<u8>,
+        seq: u64,
+        time: i64,
+        event: &Event<'_>,
+        prev: &[u8; 32],
+    ) -> Result<()> {
+        // Borrowed, in `Entry`'s field order: no copy of the strings per entry.
+        #[derive(Serialize)]
+        struct EntryRef<'a> {
+            seq: u64,
+            time: i64,
+            operation: &'a str,
+            key_id: Option<&'a str>,
+            version: Option<u32>,
+            namespace: Option<&'a str>,
+            outcome: &'a str,
+            caller: &'a Caller,
+            prev: &'a str,
+        }
+        let prev = crate::hex::encode(prev);
+        let entry = EntryRef {
+            seq,
+            time,
+            operation: event.operation,
+            key_id: event.key_id,
+            version: event.version,
+            namespace: event.namespace,
+            outcome: event.outcome,
+            caller: &event.caller,
+            prev: &prev,
+        };
+        // Encoding keyhold's own plain structs cannot fail; the error is mapped all the same.
+        let encode = |_| Error::crypto("encode an audit entry");
+        out.extend_from_slice(b"{\"entry\":");
+        let start = out.len();
+        serde_json::to_writer(&mut *out, &entry).map_err(encode)?;
+        let mac = hmac::sign(&self.mac, &out[start..]);
+        out.extend_from_slice(b",\"mac\":\"");
+        out.extend_from_slice(crate::hex::encode(mac.as_ref()).as_bytes());
+        out.extend_from_slice(b"\"}");
+        Ok(())
     }
 
     /// Checks every line: its MAC, that `seq` counts up from 1 and that `prev` is the hash of
@@ -282,6 +343,320 @@ impl AuditLog {
             fail("it fails its MAC: it was changed, or written without the store's root")
         })?;
         serde_json::from_str(parsed.entry.get()).map_err(|_| fail("its entry cannot be read"))
+    }
+}
+
+/// A lifecycle change, as the keystore states it to [`AuditSink::lifecycle`]: the sink adds who
+/// and when.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Record<'a> {
+    /// `create`, `destroy`, …
+    pub operation: &'static str,
+    /// The key's ID; `None` when there is no genuine one (never an ID that failed
+    /// authentication).
+    pub key_id: Option<&'a str>,
+    /// The key version made or changed, if any.
+    pub version: Option<u32>,
+    /// The key's namespace, if known.
+    pub namespace: Option<&'a str>,
+    /// `ok`, or the error's kind ([`Error::kind`]).
+    pub outcome: &'static str,
+}
+
+/// A key use, as the keystore states it to [`AuditSink::key_use`]: owned and small, so that
+/// buffering it costs a move (the strings are shared, not copied).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyUse {
+    /// `sign`, `verify`, `encrypt`, `decrypt`, `mac`.
+    pub operation: &'static str,
+    /// The key's ID; `None` when there is no genuine one.
+    pub key_id: Option<Arc<str>>,
+    /// The key version used, if known.
+    pub version: Option<u32>,
+    /// The key's namespace, if known.
+    pub namespace: Option<Arc<str>>,
+    /// `ok`, or the error's kind ([`Error::kind`]).
+    pub outcome: &'static str,
+}
+
+/// How long key uses may wait in memory before they are written, unless configured otherwise.
+pub const DEFAULT_WINDOW: Duration = Duration::from_secs(1);
+
+/// Buffered key uses past this many wake the writer before its window is up.
+const EARLY_FLUSH: usize = 10_000;
+
+/// Buffered key uses past this many are written by the caller that adds one (back-pressure when
+/// the writer cannot keep up), and while writing fails, the oldest past it are dropped (and
+/// counted in the error log): memory stays bounded whatever happens to the disk.
+const MAX_PENDING: usize = 100_000;
+
+/// Where the audit log is written from: lifecycle changes at once, key uses in batches.
+///
+/// Key uses are the hot path (every signature, every encryption): [`Self::key_use`] only adds a
+/// small owned struct to a buffer under a mutex. A writer thread turns the buffer into one
+/// batch ([`AuditLog::append_batch`]: one lock, one write, one `fsync`) every window (default
+/// [`DEFAULT_WINDOW`]), sooner when it grows past 10 000 entries; the caller that finds 100 000
+/// waiting writes them itself. [`Self::lifecycle`] writes what is buffered and then its own
+/// entry, synchronously, so the log keeps the order in which things happened.
+///
+/// **Durability window**: key uses made in the last window before the process dies without
+/// dropping the sink (a crash, `SIGKILL`, `std::process::exit`) may be missing from the log.
+/// Lifecycle changes never are: [`Self::lifecycle`] returns only once its entry is on disk.
+/// Dropping the sink (and so the [`crate::Keystore`]) writes everything and stops the thread.
+///
+/// A write that fails in the background is reported with `tracing::error!` (the log's path and
+/// the I/O error, nothing else) and its entries are kept for the next try, up to 100 000.
+#[derive(Debug)]
+pub struct AuditSink {
+    inner: Option<Enabled>,
+}
+
+#[derive(Debug)]
+struct Enabled {
+    shared: Arc<Shared>,
+    writer: Option<std::thread::JoinHandle<()>>,
+}
+
+#[derive(Debug)]
+struct Shared {
+    log: AuditLog,
+    caller: Caller,
+    window: Duration,
+    /// Key uses not yet written, and whether the sink is going away.
+    pending: Mutex<Pending>,
+    /// Wakes the writer thread early (sink dropped, buffer large).
+    wake: Condvar,
+    /// Held while a batch is taken from `pending` and written: batches reach the file in the
+    /// order they were taken, so entries keep the order of the calls that made them.
+    writing: Mutex<()>,
+}
+
+#[derive(Debug, Default)]
+struct Pending {
+    uses: VecDeque<(i64, KeyUse)>,
+    stop: bool,
+    /// Whether the last write failed: the callers then leave retries to the writer thread.
+    failing: bool,
+    /// Key uses dropped since the last successful write (writes failing, buffer full).
+    dropped: u64,
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    // What the mutexes guard stays consistent if a holder panicked: a vector and flags.
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl AuditSink {
+    /// A sink writing to `log` for `caller`, buffering key uses for at most `window`; starts the
+    /// writer thread (`keyhold-audit`).
+    ///
+    /// A window of zero is taken as 1 ms.
+    pub fn open(log: AuditLog, caller: Caller, window: Duration) -> Self {
+        let shared = Arc::new(Shared {
+            log,
+            caller,
+            window: window.max(Duration::from_millis(1)),
+            pending: Mutex::new(Pending::default()),
+            wake: Condvar::new(),
+            writing: Mutex::new(()),
+        });
+        let worker = Arc::clone(&shared);
+        let writer = std::thread::Builder::new()
+            .name("keyhold-audit".into())
+            .spawn(move || worker.run())
+            .map_err(|e| {
+                // Without the thread, key uses are written when the buffer fills, at lifecycle
+                // changes and on drop: later, but not lost.
+                tracing::error!("cannot start the audit log writer thread: {e}");
+            })
+            .ok();
+        Self {
+            inner: Some(Enabled { shared, writer }),
+        }
+    }
+
+    /// A sink that records nothing (`[audit] enabled = false`).
+    pub fn disabled() -> Self {
+        Self { inner: None }
+    }
+
+    /// Whether entries are recorded.
+    pub fn is_enabled(&self) -> bool {
+        self.inner.is_some()
+    }
+
+    /// The log written to, if enabled.
+    pub fn log(&self) -> Option<&AuditLog> {
+        self.inner.as_ref().map(|e| &e.shared.log)
+    }
+
+    /// Writes the buffered key uses, then `record`, stamped with the caller and the time, and
+    /// flushes them to disk; returns the record's `seq` (0 when disabled).
+    ///
+    /// # Errors
+    /// As [`AuditLog::append_batch`]; the key uses are then kept for the next write.
+    pub fn lifecycle(&self, record: Record<'_>) -> Result<u64> {
+        let Some(enabled) = &self.inner else {
+            return Ok(0);
+        };
+        let shared = &enabled.shared;
+        let event = Event {
+            operation: record.operation,
+            key_id: record.key_id,
+            version: record.version,
+            namespace: record.namespace,
+            outcome: record.outcome,
+            caller: shared.caller,
+        };
+        shared.write(Some((event, crate::time::now())))
+    }
+
+    /// Records a key use: buffered, written within the window (see the type's documentation).
+    pub fn key_use(&self, key_use: KeyUse) {
+        let Some(enabled) = &self.inner else {
+            return;
+        };
+        let shared = &enabled.shared;
+        let time = crate::time::now();
+        let len = {
+            let mut pending = lock(&shared.pending);
+            if pending.failing && pending.uses.len() >= MAX_PENDING {
+                // Writing fails: keep the newest, and count what is lost.
+                pending.uses.pop_front();
+                pending.dropped += 1;
+            }
+            pending.uses.push_back((time, key_use));
+            if pending.failing {
+                return;
+            }
+            pending.uses.len()
+        };
+        if len >= MAX_PENDING {
+            if let Err(e) = shared.write(None) {
+                shared.report(&e);
+            }
+        } else if len == EARLY_FLUSH {
+            shared.wake.notify_one();
+        }
+    }
+
+    /// Writes the buffered key uses now.
+    ///
+    /// # Errors
+    /// As [`AuditLog::append_batch`]; the key uses are then kept for the next write.
+    pub fn flush(&self) -> Result<()> {
+        match &self.inner {
+            Some(enabled) => enabled.shared.write(None).map(drop),
+            None => Ok(()),
+        }
+    }
+
+    /// The shared state, to see that the writer thread let go of it.
+    #[cfg(test)]
+    fn shared(&self) -> Option<std::sync::Weak<Shared>> {
+        self.inner.as_ref().map(|e| Arc::downgrade(&e.shared))
+    }
+}
+
+impl Drop for AuditSink {
+    fn drop(&mut self) {
+        let Some(enabled) = &mut self.inner else {
+            return;
+        };
+        lock(&enabled.shared.pending).stop = true;
+        enabled.shared.wake.notify_one();
+        if let Some(writer) = enabled.writer.take() {
+            // A panicked writer has nothing more to say; what it left is written below.
+            let _ = writer.join();
+        }
+        if let Err(e) = enabled.shared.write(None) {
+            enabled.shared.report(&e);
+        }
+    }
+}
+
+impl Shared {
+    /// The writer thread: a batch every window, or sooner when woken, until the sink drops.
+    fn run(&self) {
+        loop {
+            {
+                let pending = lock(&self.pending);
+                if pending.stop {
+                    return;
+                }
+                let (pending, _) = self
+                    .wake
+                    .wait_timeout(pending, self.window)
+                    .unwrap_or_else(PoisonError::into_inner);
+                if pending.stop {
+                    // The sink's drop writes what is left, after this thread is gone.
+                    return;
+                }
+            }
+            if let Err(e) = self.write(None) {
+                self.report(&e);
+            }
+        }
+    }
+
+    /// Takes every buffered key use, adds `last` (a lifecycle entry) after them, and appends
+    /// them as one batch. On failure the key uses go back to the front of the buffer.
+    fn write(&self, last: Option<(Event<'_>, i64)>) -> Result<u64> {
+        let _turn = lock(&self.writing);
+        let (uses, dropped) = {
+            let mut pending = lock(&self.pending);
+            (
+                std::mem::take(&mut pending.uses),
+                std::mem::take(&mut pending.dropped),
+            )
+        };
+        if uses.is_empty() && last.is_none() {
+            return Ok(0);
+        }
+        if dropped > 0 {
+            tracing::error!(
+                "{dropped} key uses could not be written to the audit log {} and were dropped",
+                self.log.path.display()
+            );
+        }
+        let mut batch: Vec<(Event<'_>, i64)> = uses
+            .iter()
+            .map(|(time, u)| {
+                let event = Event {
+                    operation: u.operation,
+                    key_id: u.key_id.as_deref(),
+                    version: u.version,
+                    namespace: u.namespace.as_deref(),
+                    outcome: u.outcome,
+                    caller: self.caller,
+                };
+                (event, *time)
+            })
+            .collect();
+        batch.extend(last);
+        let written = self.log.append_batch(&batch);
+        drop(batch);
+        let mut pending = lock(&self.pending);
+        match &written {
+            Ok(_) => pending.failing = false,
+            Err(_) => {
+                pending.failing = true;
+                // Back in front of what came in meanwhile, the oldest dropped past the bound.
+                let newer = std::mem::replace(&mut pending.uses, uses);
+                pending.uses.extend(newer);
+                let excess = pending.uses.len().saturating_sub(MAX_PENDING);
+                if excess > 0 {
+                    pending.uses.drain(..excess);
+                    pending.dropped += excess as u64;
+                }
+            }
+        }
+        written
+    }
+
+    fn report(&self, e: &Error) {
+        let pending = lock(&self.pending).uses.len();
+        tracing::error!("cannot write {pending} key uses to the audit log (kept, retried): {e}");
     }
 }
 
@@ -497,5 +872,221 @@ mod tests {
             t.join().unwrap();
         }
         assert_eq!(log.verify().unwrap().entries, 100);
+    }
+    fn key_use(operation: &'static str, id: &Arc<str>) -> KeyUse {
+        KeyUse {
+            operation,
+            key_id: Some(Arc::clone(id)),
+            version: Some(1),
+            namespace: Some(Arc::from("default")),
+            outcome: "ok",
+        }
+    }
+
+    /// A sink whose window is far longer than any test: only flushes, lifecycle changes and drops
+    /// write.
+    fn sink_of(log: AuditLog) -> AuditSink {
+        AuditSink::open(log, Caller::this_process(), Duration::from_secs(3600))
+    }
+
+    #[test]
+    fn a_lifecycle_change_comes_after_the_uses_before_it() {
+        let (dir, log) = log_of(0);
+        let sink = sink_of(log);
+        let id: Arc<str> = Arc::from("kh1_a");
+        for _ in 0..3 {
+            sink.key_use(key_use("sign", &id));
+        }
+        let reader = AuditLog::new(&dir.path().join("audit.log"), &key(1));
+        assert_eq!(reader.verify().unwrap().entries, 0, "uses are buffered");
+        let seq = sink
+            .lifecycle(Record {
+                operation: "destroy",
+                key_id: Some("kh1_a"),
+                version: Some(1),
+                namespace: Some("default"),
+                outcome: "ok",
+            })
+            .unwrap();
+        assert_eq!(seq, 4, "written after the three uses");
+        let entries = reader.entries().unwrap();
+        let ops: Vec<&str> = entries.iter().map(|e| e.operation.as_str()).collect();
+        assert_eq!(ops, ["sign", "sign", "sign", "destroy"]);
+        assert_eq!(entries[3].caller, Caller::this_process());
+        assert_eq!(reader.verify().unwrap().entries, 4);
+    }
+
+    #[test]
+    fn a_batch_chains_to_what_is_there_and_verifies() {
+        let (_dir, log) = log_of(2);
+        let events: Vec<(Event<'_>, i64)> = (0..5)
+            .map(|i| {
+                (
+                    event("mac", if i % 2 == 0 { "ok" } else { "wrong_purpose" }),
+                    i,
+                )
+            })
+            .collect();
+        assert_eq!(log.append_batch(&events).unwrap(), 7);
+        assert_eq!(log.append_batch(&[]).unwrap(), 0, "nothing to write");
+        assert_eq!(log.append(&event("sign", "ok"), 9).unwrap(), 8);
+        let verified = log.verify().unwrap();
+        assert_eq!(verified.entries, 8);
+        let entries = log.entries().unwrap();
+        assert_eq!(entries[3].outcome, "wrong_purpose");
+        assert_eq!(entries[6].time, 4);
+        // Each entry of the batch chains to the one before it, the first to the old last line.
+        let all = lines(&log);
+        for i in 2..7 {
+            assert_eq!(
+                entries[i].prev,
+                crate::hex::encode(&line_hash(all[i - 1].as_bytes()))
+            );
+        }
+    }
+
+    #[test]
+    fn dropping_the_sink_writes_the_uses_and_stops_its_thread() {
+        let (dir, log) = log_of(0);
+        let sink = sink_of(log);
+        let shared = sink.shared().unwrap();
+        let id: Arc<str> = Arc::from("kh1_b");
+        for _ in 0..5 {
+            sink.key_use(key_use("encrypt", &id));
+        }
+        assert_eq!(shared.strong_count(), 2, "the sink and its writer thread");
+        drop(sink);
+        assert_eq!(
+            shared.strong_count(),
+            0,
+            "the writer thread is gone with the sink"
+        );
+        let reader = AuditLog::new(&dir.path().join("audit.log"), &key(1));
+        assert_eq!(reader.verify().unwrap().entries, 5);
+        assert!(reader
+            .entries()
+            .unwrap()
+            .iter()
+            .all(|e| e.operation == "encrypt"
+                && e.key_id.as_deref() == Some("kh1_b")
+                && e.caller.pid == std::process::id()));
+    }
+
+    /// The writer thread writes by itself, within its window (the wait is bounded generously:
+    /// its window is 10 ms).
+    #[test]
+    fn the_writer_thread_writes_within_its_window() {
+        let (dir, log) = log_of(0);
+        let sink = AuditSink::open(log, Caller::this_process(), Duration::from_millis(10));
+        sink.key_use(key_use("verify", &Arc::from("kh1_c")));
+        let reader = AuditLog::new(&dir.path().join("audit.log"), &key(1));
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while reader.verify().unwrap().entries == 0 {
+            assert!(std::time::Instant::now() < deadline, "nothing written");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert_eq!(reader.entries().unwrap()[0].operation, "verify");
+        drop(sink);
+    }
+
+    #[test]
+    fn uses_from_eight_threads_all_land_in_one_chain() {
+        let (dir, log) = log_of(0);
+        let sink = Arc::new(AuditSink::open(
+            log,
+            Caller::this_process(),
+            Duration::from_millis(2),
+        ));
+        let threads: Vec<_> = (0..8)
+            .map(|t| {
+                let sink = Arc::clone(&sink);
+                std::thread::spawn(move || {
+                    let id: Arc<str> = Arc::from(format!("kh1_thread{t}"));
+                    for i in 0..500 {
+                        sink.key_use(key_use("sign", &id));
+                        if i % 100 == 0 {
+                            sink.lifecycle(Record {
+                                operation: "create",
+                                key_id: Some(&id),
+                                version: Some(1),
+                                namespace: None,
+                                outcome: "ok",
+                            })
+                            .unwrap();
+                        }
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        drop(Arc::into_inner(sink).expect("the threads are done"));
+        let reader = AuditLog::new(&dir.path().join("audit.log"), &key(1));
+        assert_eq!(reader.verify().unwrap().entries, 8 * 500 + 8 * 5);
+        let entries = reader.entries().unwrap();
+        for t in 0..8 {
+            let id = format!("kh1_thread{t}");
+            let mine: Vec<&Entry> = entries
+                .iter()
+                .filter(|e| e.key_id.as_deref() == Some(&id))
+                .collect();
+            assert_eq!(mine.iter().filter(|e| e.operation == "sign").count(), 500);
+            // Each thread's entries are in the order it made them: a create every 100 uses.
+            let ops: Vec<&str> = mine.iter().map(|e| e.operation.as_str()).collect();
+            for (k, chunk) in ops.chunks(101).enumerate() {
+                assert_eq!(chunk[0], "sign", "thread {t} chunk {k}");
+                assert_eq!(chunk[1], "create", "thread {t} chunk {k}");
+            }
+        }
+    }
+
+    /// A failed write keeps the uses, and the next one writes them, in order, before what came
+    /// after.
+    #[test]
+    fn uses_a_failed_write_could_not_write_are_kept_for_the_next() {
+        let dir = tempfile::tempdir().unwrap();
+        let blocked = dir.path().join("sub");
+        // A directory where the log's parent should be: opening the log fails.
+        let log = AuditLog::new(&blocked.join("audit.log"), &key(1));
+        std::fs::write(&blocked, b"not a directory").unwrap();
+        let sink = sink_of(log);
+        let id: Arc<str> = Arc::from("kh1_d");
+        sink.key_use(key_use("sign", &id));
+        let err = sink.flush().unwrap_err();
+        assert!(matches!(err, Error::Io { .. }), "{err:?}");
+        sink.key_use(key_use("decrypt", &id));
+        std::fs::remove_file(&blocked).unwrap();
+        std::fs::create_dir(&blocked).unwrap();
+        sink.flush().unwrap();
+        let reader = AuditLog::new(&blocked.join("audit.log"), &key(1));
+        let ops: Vec<String> = reader
+            .entries()
+            .unwrap()
+            .into_iter()
+            .map(|e| e.operation)
+            .collect();
+        assert_eq!(ops, ["sign", "decrypt"]);
+        assert_eq!(reader.verify().unwrap().entries, 2);
+    }
+
+    #[test]
+    fn a_disabled_sink_records_nothing() {
+        let sink = AuditSink::disabled();
+        assert!(!sink.is_enabled());
+        sink.key_use(key_use("sign", &Arc::from("kh1_e")));
+        assert_eq!(
+            sink.lifecycle(Record {
+                operation: "create",
+                key_id: None,
+                version: None,
+                namespace: None,
+                outcome: "ok",
+            })
+            .unwrap(),
+            0
+        );
+        sink.flush().unwrap();
+        assert!(sink.log().is_none());
     }
 }

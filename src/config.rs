@@ -36,6 +36,9 @@ pub struct Config {
     /// The key lifecycle (`[lifecycle]`).
     #[serde(default)]
     pub lifecycle: LifecycleConfig,
+    /// The audit log (`[audit]`).
+    #[serde(default)]
+    pub audit: AuditConfig,
 }
 
 /// The key lifecycle (`[lifecycle]`).
@@ -57,6 +60,61 @@ impl LifecycleConfig {
     pub fn gcm_limit(&self) -> u64 {
         self.gcm_invocation_limit
             .unwrap_or(Self::MAX_GCM_INVOCATIONS)
+    }
+}
+
+/// The audit log (`[audit]`): `STORE_DIR/audit.log`, see [`crate::audit`].
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct AuditConfig {
+    /// (Optional) Record every lifecycle change and key use; default `true`. Turned off, nothing
+    /// records who used which key, and `keyhold audit verify` cannot tell a gap from a quiet
+    /// period: misuse of a key leaves no trace.
+    #[serde(default = "AuditConfig::default_enabled")]
+    pub enabled: bool,
+    /// (Optional) Key uses are written in batches at least this often, in milliseconds: those of
+    /// the last `flush_ms` before a crash may be missing from the log (lifecycle changes never
+    /// are); 1 to 60000, default 1000.
+    #[serde(
+        default = "AuditConfig::default_flush_ms",
+        deserialize_with = "AuditConfig::flush_ms_in_range"
+    )]
+    pub flush_ms: u64,
+}
+
+impl Default for AuditConfig {
+    fn default() -> Self {
+        Self {
+            enabled: Self::default_enabled(),
+            flush_ms: Self::default_flush_ms(),
+        }
+    }
+}
+
+impl AuditConfig {
+    /// The longest `flush_ms` taken: a minute of key uses is as much as may be lost.
+    pub const MAX_FLUSH_MS: u64 = 60_000;
+
+    fn default_enabled() -> bool {
+        true
+    }
+
+    fn default_flush_ms() -> u64 {
+        1000
+    }
+
+    /// Checked while parsing, so that the error names the line of the value.
+    fn flush_ms_in_range<'de, D: serde::Deserializer<'de>>(
+        d: D,
+    ) -> std::result::Result<u64, D::Error> {
+        let ms = u64::deserialize(d)?;
+        if !(1..=Self::MAX_FLUSH_MS).contains(&ms) {
+            return Err(serde::de::Error::custom(format!(
+                "flush_ms must be between 1 and {} (milliseconds), not {ms}",
+                Self::MAX_FLUSH_MS
+            )));
+        }
+        Ok(ms)
     }
 }
 
@@ -748,6 +806,34 @@ mod tests {
                 .to_string();
             assert!(err.contains(expected), "{text}: {err}");
             assert!(err.contains("line 3, column 1: "), "{text}: {err}");
+        }
+    }
+
+    #[test]
+    fn the_audit_log_is_on_unless_turned_off_and_its_window_is_bounded() {
+        let config = Config::from_toml("").unwrap();
+        assert_eq!(
+            config.audit,
+            AuditConfig {
+                enabled: true,
+                flush_ms: 1000
+            }
+        );
+        let config = Config::from_toml("[audit]\nenabled = false\nflush_ms = 250\n").unwrap();
+        assert!(!config.audit.enabled);
+        assert_eq!(config.audit.flush_ms, 250);
+        for (text, says) in [
+            ("flush_ms = 0", "flush_ms must be between 1 and 60000"),
+            ("flush_ms = 60001", "flush_ms must be between 1 and 60000"),
+            ("flush_ms = -5", ""),
+            ("enabled = \"yes\"", "invalid type"),
+            ("window = 3", "unknown field `window`"),
+        ] {
+            let err = Config::from_toml(&format!("\n[audit]\n{text}\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("line 3, column "), "{text}: {err}");
+            assert!(err.contains(says), "{text}: {err}");
         }
     }
 

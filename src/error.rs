@@ -279,8 +279,9 @@ impl Error {
         Self::Crypto { operation }
     }
 
-    /// A stable machine-readable name of the error's kind (the CLI's `--json` errors and the audit
-    /// log's outcomes use it): never the message, which may name keys and paths.
+    /// A stable machine-readable name of the variant (`no_such_key`, `integrity`, …): the `kind`
+    /// of the command line's JSON errors (docs/cli.md) and the outcome the audit log records. It
+    /// names what failed, never with what: no message, ID or input.
     pub fn kind(&self) -> &'static str {
         match self {
             Self::KeyIdAuthentication { .. } => "key_id_authentication",

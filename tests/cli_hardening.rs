@@ -307,38 +307,11 @@ fn a_running_keyhold_is_not_dumpable_and_writes_no_core_file() {
 /// A plaintext no output may show but `decrypt`'s.
 const PLAINTEXT: &str = "plaintext: the vault opens with 8675309-zebra-quasar";
 
-/// Every form `secret` could take in a log line or message: as is, hex in either case, the
-/// decimal bytes of a `{:?}` of a byte slice, and base64 (standard and URL-safe) as it reads when
-/// the secret starts at any of the three byte alignments inside a longer encoded buffer (the
-/// encoded characters that mix in neighbouring bytes, and the last group, left out).
-fn forms(secret: &str) -> Vec<(&'static str, String)> {
-    use base64::Engine as _;
-    let bytes = secret.as_bytes();
-    let hex = keyhold::hex::encode(bytes);
-    let debug = format!("{bytes:?}");
-    let mut forms = vec![
-        ("text", secret.to_owned()),
-        ("hex", hex.clone()),
-        ("HEX", hex.to_uppercase()),
-        ("bytes", debug[1..debug.len() - 1].to_owned()),
-    ];
-    for (skip, offset) in [(0, 0), (2, 1), (3, 2)] {
-        let mut buffer = vec![0u8; offset];
-        buffer.extend_from_slice(bytes);
-        let standard = base64::engine::general_purpose::STANDARD.encode(&buffer);
-        let core = standard[skip..standard.len() - 4].to_owned();
-        assert!(core.len() >= 16, "{secret:?} is too short to look for");
-        forms.push(("base64url", core.replace('+', "-").replace('/', "_")));
-        forms.push(("base64", core));
-    }
-    forms
-}
-
 /// Asserts that no form of any of `secrets` is in the stderr of `out`, nor, unless it is
 /// `decrypt`'s plaintext output, in its stdout.
 fn assert_no_secret_in(out: &Output, secrets: &[&str], stdout_too: bool, ctx: &str) {
     for secret in secrets {
-        for (form, text) in forms(secret) {
+        for (form, text) in secret_forms(secret) {
             let mut streams = vec![("stderr", &out.stderr)];
             if stdout_too {
                 streams.push(("stdout", &out.stdout));

@@ -55,3 +55,136 @@ pub fn loadavg() -> String {
         .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
         .unwrap_or_else(|_| "?".into())
 }
+
+/// Ratio target of keyhold with its audit log on against the same with it off (issue 10).
+pub const AUDIT_RATIO_TARGET: f64 = 0.9;
+
+/// Successful operations per second of `op` run in a loop on this thread for `d`, the failures
+/// and the first failure.
+pub fn rate_of(op: &mut dyn FnMut() -> OpResult, d: Duration) -> (f64, u64, Option<String>) {
+    let start = std::time::Instant::now();
+    let deadline = start + d;
+    let (mut ops, mut failed, mut first_error) = (0u64, 0u64, None);
+    loop {
+        match op() {
+            Ok(()) => ops += 1,
+            Err(e) => {
+                failed += 1;
+                first_error.get_or_insert(e);
+            }
+        }
+        let now = std::time::Instant::now();
+        if now >= deadline {
+            return (
+                ops as f64 / now.duration_since(start).as_secs_f64(),
+                failed,
+                first_error,
+            );
+        }
+    }
+}
+
+/// One case of the audit comparison: the same operation through two keystores, one recording
+/// every use in its audit log, one with `[audit] enabled = false`.
+pub struct AuditCase<'a> {
+    pub name: &'static str,
+    pub on: Box<dyn FnMut() -> OpResult + 'a>,
+    pub off: Box<dyn FnMut() -> OpResult + 'a>,
+}
+
+/// Times each case on one thread, audit on and off in alternating rounds after a warm-up
+/// (medians of [`ROUNDS`]), prints `name audit_on_ops_per_s audit_off_ops_per_s ratio` per case
+/// and whether every ratio meets [`AUDIT_RATIO_TARGET`]; failures are listed, not fatal.
+pub fn compare_audit(cases: Vec<AuditCase<'_>>, round: Duration, warmup: Duration) {
+    println!();
+    println!("audit name audit_on_ops_per_s audit_off_ops_per_s ratio");
+    let (mut missed, mut errors) = (Vec::new(), Vec::new());
+    for mut case in cases {
+        let mut note = |side: &str, (rate, failed, first): (f64, u64, Option<String>)| {
+            if failed > 0 {
+                errors.push(format!(
+                    "{} audit {side}: {failed} failed, first: {}",
+                    case.name,
+                    first.unwrap_or_default()
+                ));
+            }
+            rate
+        };
+        note("on", rate_of(&mut case.on, warmup));
+        note("off", rate_of(&mut case.off, warmup));
+        let (mut on, mut off) = (Vec::new(), Vec::new());
+        for r in 0..ROUNDS {
+            if r % 2 == 0 {
+                off.push(note("off", rate_of(&mut case.off, round)));
+                on.push(note("on", rate_of(&mut case.on, round)));
+            } else {
+                on.push(note("on", rate_of(&mut case.on, round)));
+                off.push(note("off", rate_of(&mut case.off, round)));
+            }
+        }
+        eprintln!(
+            "#   audit {} rounds: on {:?} off {:?}",
+            case.name,
+            on.iter().map(|x| x.round()).collect::<Vec<_>>(),
+            off.iter().map(|x| x.round()).collect::<Vec<_>>()
+        );
+        let (on, off) = (median(on), median(off));
+        let ratio = on / off;
+        println!("audit {} {on:.0} {off:.0} {ratio:.2}", case.name);
+        if ratio < AUDIT_RATIO_TARGET {
+            missed.push(format!("{} ({ratio:.2})", case.name));
+        }
+    }
+    if missed.is_empty() {
+        println!("audit ratio >= {AUDIT_RATIO_TARGET}: met");
+    } else {
+        println!(
+            "audit ratio >= {AUDIT_RATIO_TARGET}: MISSED by {}",
+            missed.join(", ")
+        );
+    }
+    for e in &errors {
+        println!("  audit error: {e}");
+    }
+}
+
+/// A passphrase sealer at Argon2's documented minimum: the benches time keys, not unsealing.
+pub fn bench_sealer() -> BoxResult<keyhold::PassphraseSealer> {
+    Ok(keyhold::PassphraseSealer::new(secrecy::SecretString::from(
+        "keyhold bench passphrase".to_owned(),
+    ))
+    .with_params(keyhold::Argon2Params {
+        memory_mib: 19,
+        iterations: 2,
+        parallelism: 1,
+    })?)
+}
+
+/// Two stores under `dir` with the backends of `config`: the first records every key use in its
+/// audit log (`[audit]` as configured, on by default), the second has `enabled = false`.
+pub fn audit_on_and_off(
+    dir: &std::path::Path,
+    config: &keyhold::config::Config,
+) -> BoxResult<(keyhold::Keystore, keyhold::Keystore)> {
+    let sealer = bench_sealer()?;
+    let mut off = config.clone();
+    off.audit.enabled = false;
+    Ok((
+        keyhold::Keystore::create_with(&dir.join("audit-on"), &sealer, config)?,
+        keyhold::Keystore::create_with(&dir.join("audit-off"), &sealer, &off)?,
+    ))
+}
+
+/// `sign` of `msg` (raw format) with the key `id`, for [`AuditCase`].
+pub fn signed(ks: &keyhold::Keystore, id: &str, msg: &[u8]) -> OpResult {
+    ks.sign(id, msg, keyhold::SignatureFormat::Raw)
+        .map(drop)
+        .map_err(|e| describe(&e))
+}
+
+/// `encrypt` of `msg` (AAD [`USER_AAD`]) with the key `id`, for [`AuditCase`].
+pub fn encrypted(ks: &keyhold::Keystore, id: &str, msg: &[u8]) -> OpResult {
+    ks.encrypt(id, msg, USER_AAD)
+        .map(drop)
+        .map_err(|e| describe(&e))
+}

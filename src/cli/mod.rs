@@ -1,5 +1,6 @@
 //! Argument parsing, dispatch, output and exit codes. One file per group of subcommands.
 
+mod audit;
 mod doctor;
 mod io;
 mod key;
@@ -82,6 +83,9 @@ enum Command {
     Doctor(doctor::DoctorArgs),
     /// Re-bind a TPM-sealed store to the PCRs as they are now (after an intended change)
     Reseal(store::ResealArgs),
+    /// Verify the audit log's hash chain, or show its entries
+    #[command(subcommand)]
+    Audit(audit::AuditCommand),
 }
 
 /// Why a command failed, and so its exit code.
@@ -409,6 +413,7 @@ fn dispatch(ctx: &Context, args: &Args) -> CmdResult {
         Command::Random(a) => ops::random(ctx, a),
         Command::Doctor(a) => doctor::run(ctx, a),
         Command::Reseal(a) => store::reseal(ctx, a),
+        Command::Audit(c) => audit::run(ctx, c),
     }
 }
 

@@ -65,6 +65,16 @@ impl Transition {
         }
     }
 
+    /// The audit log's name of the command.
+    fn operation(self) -> &'static str {
+        match self {
+            Self::Suspend => "suspend",
+            Self::Resume => "resume",
+            Self::Deactivate => "deactivate",
+            Self::Compromise => "compromise",
+        }
+    }
+
     fn verb(self) -> &'static str {
         match self {
             Self::Suspend => "be suspended",
@@ -298,6 +308,21 @@ impl Keystore {
         }
     }
 
+    /// Runs the lifecycle command `operation` on the key `id`; a failure is recorded in the audit
+    /// log (a success is recorded by the change itself).
+    pub(super) fn audited<T>(
+        &self,
+        id: &str,
+        operation: &'static str,
+        command: impl FnOnce() -> Result<T>,
+    ) -> Result<T> {
+        let result = command();
+        if let Err(e) = &result {
+            self.audit_lifecycle_failed(id, operation, e);
+        }
+        result
+    }
+
     /// The error for a use the key's state forbids.
     pub(super) fn wrong_state(
         &self,
@@ -388,12 +413,13 @@ impl Keystore {
             } else {
                 Vec::new()
             };
-            self.verified_with(after, versions)
+            let changed = self.verified_with(after, versions)?;
+            // Written before the commit: no change is made that the log does not show.
+            self.audit_lifecycle(&changed, event)?;
+            Ok(changed)
         });
         self.invalidate();
-        let changed = result?;
-        self.audit_lifecycle(&changed, event);
-        Ok(changed)
+        result
     }
 
     /// Appends one entry to a key's history (in the caller's transaction).
@@ -451,6 +477,17 @@ impl Keystore {
         transition: Transition,
         reason: Option<&str>,
     ) -> Result<KeyInfo> {
+        self.audited(id, transition.operation(), || {
+            self.change_state_unaudited(id, transition, reason)
+        })
+    }
+
+    fn change_state_unaudited(
+        &self,
+        id: &str,
+        transition: Transition,
+        reason: Option<&str>,
+    ) -> Result<KeyInfo> {
         let r = self.resolve_current(id)?;
         let changed = self.change(&r.record.uuid, transition.event(), reason, |_, now| {
             if !transition.allowed_from(now.state) {
@@ -485,6 +522,17 @@ impl Keystore {
     /// activation time for a key already active; [`Error::WrongState`] for a destroyed key;
     /// resolution and storage errors.
     pub fn set_policy(
+        &self,
+        id: &str,
+        policy: &PolicyChange,
+        reason: Option<&str>,
+    ) -> Result<KeyInfo> {
+        self.audited(id, "set-policy", || {
+            self.set_policy_unaudited(id, policy, reason)
+        })
+    }
+
+    fn set_policy_unaudited(
         &self,
         id: &str,
         policy: &PolicyChange,
@@ -541,7 +589,23 @@ impl Keystore {
     /// # Errors
     /// [`Error::WrongState`] for a destroyed key; resolution, backend and storage errors.
     pub fn schedule_destroy(&self, id: &str, at: i64, reason: Option<&str>) -> Result<KeyInfo> {
+        self.audited(id, "schedule-destroy", || {
+            self.schedule_destroy_unaudited(id, at, reason)
+        })
+    }
+
+    fn schedule_destroy_unaudited(
+        &self,
+        id: &str,
+        at: i64,
+        reason: Option<&str>,
+    ) -> Result<KeyInfo> {
         let r = self.resolve_current(id)?;
+        if at <= crate::time::now() && r.state != KeyState::Destroyed {
+            // Due now: no schedule to record, the destruction itself is.
+            let destroyed = self.destroy_now(&r, reason)?;
+            return self.info(&destroyed);
+        }
         let scheduled = self.change(&r.record.uuid, "destroy-scheduled", reason, |_, now| {
             if now.state == KeyState::Destroyed {
                 return Err(self.cannot(now, "be destroyed again"));
@@ -561,7 +625,9 @@ impl Keystore {
     /// # Errors
     /// [`Error::WrongState`] for a key already destroyed; resolution, backend and storage errors.
     pub fn destroy_key(&self, id: &str) -> Result<KeyInfo> {
-        self.schedule_destroy(id, crate::time::now(), None)
+        self.audited(id, "destroy", || {
+            self.schedule_destroy_unaudited(id, crate::time::now(), None)
+        })
     }
 
     /// Cancels the scheduled destruction of the key `id`.
@@ -570,6 +636,12 @@ impl Keystore {
     /// [`Error::InvalidInput`] if none is scheduled; [`Error::WrongState`] once destruction has
     /// begun; resolution and storage errors.
     pub fn cancel_destroy(&self, id: &str, reason: Option<&str>) -> Result<KeyInfo> {
+        self.audited(id, "cancel-destroy", || {
+            self.cancel_destroy_unaudited(id, reason)
+        })
+    }
+
+    fn cancel_destroy_unaudited(&self, id: &str, reason: Option<&str>) -> Result<KeyInfo> {
         let r = self.resolve_current(id)?;
         let changed = self.change(&r.record.uuid, "destroy-cancelled", reason, |_, now| {
             if now.state == KeyState::Destroyed {

@@ -1,6 +1,7 @@
 //! The application-facing keystore: creates keys, resolves authenticated key IDs, enforces each
 //! key's one purpose, and calls the backend that holds the key.
 
+mod audit;
 mod doctor;
 mod envelope;
 mod key_id;
@@ -132,6 +133,7 @@ pub struct Keystore {
     reservations: Mutex<Reservations>,
     /// The most AES-GCM invocations per key version (`[lifecycle] gcm_invocation_limit`).
     gcm_limit: u64,
+    audit: audit::KeystoreAudit,
 }
 
 /// Refuses empty and oversized input before any key is touched.
@@ -308,6 +310,7 @@ impl Keystore {
         let mut backends = vec![software];
         backends.extend(configured.backends);
         Ok(Self {
+            audit: audit::KeystoreAudit::new(store.dir(), keys, &config.audit),
             ids: KeyIdCodec::new(store_id, keys.key_id_mac.expose()),
             record_mac: hmac::Key::new(hmac::HMAC_SHA256, keys.record_mac.expose()),
             sealer_kind: store.meta().sealed_root.sealer.clone(),
@@ -370,6 +373,14 @@ impl Keystore {
     /// # Errors
     /// As [`Self::create_key`].
     pub fn create_key_with(&self, request: &KeyRequest, options: &KeyOptions) -> Result<KeyInfo> {
+        let created = self.create_key_unaudited(request, options);
+        if let Err(e) = &created {
+            self.audit_create_failed(request, e);
+        }
+        created
+    }
+
+    fn create_key_unaudited(&self, request: &KeyRequest, options: &KeyOptions) -> Result<KeyInfo> {
         validate_name("namespace", &request.namespace)?;
         validate_name("key name", &request.name)?;
         let schedule = Self::check_schedule(options)?;
@@ -449,7 +460,9 @@ impl Keystore {
                 state: "none".into(),
                 ..record.clone()
             };
-            self.record_event(tx, &none, &record, "created", None)
+            self.record_event(tx, &none, &record, "created", None)?;
+            // Written before the commit: a key the log cannot show is never made.
+            self.audit_lifecycle(&self.verified_with(record.clone(), Vec::new())?, "created")
         });
         self.invalidate();
         if let Err(e) = inserted {
@@ -468,7 +481,6 @@ impl Keystore {
             key_type = %spec.key_type(), backend = %record.backend, "created key"
         );
         let resolved = self.verified_with(record, Vec::new())?;
-        self.audit_lifecycle(&resolved, "created");
         self.info(&resolved)
     }
 

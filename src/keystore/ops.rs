@@ -89,7 +89,7 @@ impl Keystore {
         let resolved = match self.resolve_current(id) {
             Ok(resolved) => resolved,
             Err(e) => {
-                self.audit_refused(need.operation, &e);
+                self.audit_refused(id, need.operation, &e);
                 return Err(e);
             }
         };
@@ -493,26 +493,5 @@ impl Keystore {
                     .map_err(|_| Error::VerificationFailed { what: "tag" })
             })
         })
-    }
-
-    /// Records a use of a key (what, which version, how it ended) in the audit log.
-    pub(super) fn audit_use(
-        &self,
-        r: &Resolved,
-        operation: &'static str,
-        version: Option<u32>,
-        outcome: &'static str,
-    ) {
-        tracing::debug!(key = %r.label, operation, version, outcome, "key use");
-    }
-
-    /// Records a use refused before its key was known (an ID that failed authentication).
-    pub(super) fn audit_refused(&self, operation: &'static str, error: &Error) {
-        tracing::debug!(operation, outcome = error.kind(), "key use refused");
-    }
-
-    /// Records a lifecycle change of a key in the audit log.
-    pub(super) fn audit_lifecycle(&self, r: &Resolved, event: &'static str) {
-        tracing::debug!(key = %r.label, event, version = r.record.version, "lifecycle");
     }
 }

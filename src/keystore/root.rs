@@ -15,6 +15,7 @@ pub(super) struct DerivedKeys {
     pub(super) software_kek: SecretBytes,
     pub(super) tpm_auth_kek: SecretBytes,
     pub(super) meta_mac: SecretBytes,
+    pub(super) audit_mac: SecretBytes,
 }
 
 pub(super) fn derive_keys(root: &RootSecret, store_id: &[u8; 16]) -> Result<DerivedKeys> {
@@ -32,6 +33,7 @@ pub(super) fn derive_keys(root: &RootSecret, store_id: &[u8; 16]) -> Result<Deri
         software_kek: expand(b"keyhold v1 software kek")?,
         tpm_auth_kek: expand(b"keyhold v1 tpm auth kek")?,
         meta_mac: expand(b"keyhold v1 store meta mac")?,
+        audit_mac: expand(b"keyhold v1 audit mac")?,
     })
 }
 

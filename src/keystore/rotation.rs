@@ -43,9 +43,11 @@ impl Keystore {
     /// [`Error::WrongState`] unless the key is active; backend and storage errors (nothing is
     /// left in the backend then).
     pub fn rotate_key(&self, id: &str, reason: Option<&str>) -> Result<KeyInfo> {
-        let r = self.resolve_current(id)?;
-        let rotated = self.rotate_resolved(&r, reason)?;
-        self.info(&rotated)
+        self.audited(id, "rotate", || {
+            let r = self.resolve_current(id)?;
+            let rotated = self.rotate_resolved(&r, reason)?;
+            self.info(&rotated)
+        })
     }
 
     /// Rotates a resolved key: generates the next version in the backend, then records it in

@@ -429,6 +429,10 @@ fn walk(root: &Path, dir: &Path, snap: &mut Snapshot) {
         let meta = std::fs::symlink_metadata(&path).expect("stat store entry");
         if meta.is_dir() {
             walk(root, &path, snap);
+        } else if path == root.join(keyhold::audit::FILE) {
+            // The audit log records every attempt, failed ones too: it grows by design, and
+            // tests/cli_audit.rs checks what it holds.
+            continue;
         } else {
             let rel = path
                 .strip_prefix(root)
@@ -507,6 +511,33 @@ pub fn assert_no_secrets(out: &Output, secrets: &[String], line: &str) {
             );
         }
     }
+}
+
+/// Every form `secret` could take in a log line or message: as is, hex in either case, the
+/// decimal bytes of a `{:?}` of a byte slice, and base64 (standard and URL-safe) as it reads when
+/// the secret starts at any of the three byte alignments inside a longer encoded buffer (the
+/// encoded characters that mix in neighbouring bytes, and the last group, left out).
+pub fn secret_forms(secret: &str) -> Vec<(&'static str, String)> {
+    use base64::Engine as _;
+    let bytes = secret.as_bytes();
+    let hex = keyhold::hex::encode(bytes);
+    let debug = format!("{bytes:?}");
+    let mut forms = vec![
+        ("text", secret.to_owned()),
+        ("hex", hex.clone()),
+        ("HEX", hex.to_uppercase()),
+        ("bytes", debug[1..debug.len() - 1].to_owned()),
+    ];
+    for (skip, offset) in [(0, 0), (2, 1), (3, 2)] {
+        let mut buffer = vec![0u8; offset];
+        buffer.extend_from_slice(bytes);
+        let standard = base64::engine::general_purpose::STANDARD.encode(&buffer);
+        let core = standard[skip..standard.len() - 4].to_owned();
+        assert!(core.len() >= 16, "{secret:?} is too short to look for");
+        forms.push(("base64url", core.replace('+', "-").replace('/', "_")));
+        forms.push(("base64", core));
+    }
+    forms
 }
 
 fn contains(haystack: &[u8], needle: &[u8]) -> bool {

@@ -104,11 +104,15 @@ impl AsRef<[u8]> for FileBytes {
     }
 }
 
+/// Every file in `dir` with its bytes, but the audit log: it records failed attempts too, so it
+/// grows by design (its writer thread may add to it at any time), and tests/cli_audit.rs checks
+/// what it holds.
 pub fn snapshot(dir: &Path) -> BTreeMap<PathBuf, FileBytes> {
     std::fs::read_dir(dir)
         .expect("read store dir")
-        .map(|e| {
-            let p = e.expect("dir entry").path();
+        .map(|e| e.expect("dir entry").path())
+        .filter(|p| p.file_name() != Some(std::ffi::OsStr::new(keyhold::audit::FILE)))
+        .map(|p| {
             let bytes = std::fs::read(&p).expect("read store file");
             (p, FileBytes(bytes))
         })
