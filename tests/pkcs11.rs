@@ -21,7 +21,9 @@ use keyhold::backend::pkcs11::Pkcs11Backend;
 use keyhold::backend::{Backend, KeyContext, KeyOptions, KeyRef};
 use keyhold::config::{BackendConfig, Config, Fallback};
 use keyhold::testing::{PinFault, SoftHsm, SOFTHSM_MODULE, TEST_USER_PIN};
-use keyhold::{Error, KeyInfo, KeyRequest, KeySpec, KeyType, Keystore, Purpose, SignatureFormat};
+use keyhold::{
+    Error, KeyInfo, KeyRequest, KeySpec, KeyState, KeyType, Keystore, Purpose, SignatureFormat,
+};
 use secrecy::SecretString;
 use support::pkcs11::{
     is_token_gone, module_under_test, objects, raw_session, so_session, spied, usages, Spy,
@@ -1047,4 +1049,69 @@ fn token_keys_work_after_reopening() {
     for info in [&signer, &sealer_key, &macer] {
         assert_eq!(&again.key_info(&info.id).unwrap(), info);
     }
+}
+
+/// A key whose destruction is due while its token is away is destroyed all the same: nothing uses
+/// it again (its ID says destroyed, not "unavailable"), `maintain` says what it could not finish,
+/// and finishes once the token is back, removing every version's objects.
+#[test]
+fn a_destruction_due_while_the_token_is_away_is_finished_when_it_is_back() {
+    let hsm = SoftHsm::new().unwrap();
+    let t = HsmStore::on(&hsm);
+    let key = t.create("doomed", KeyType::EcdsaP256, None);
+    let rotated = t.ks.rotate_key(&key.id, None).unwrap();
+    let locators: Vec<String> = rotated.versions.iter().map(|v| v.locator.clone()).collect();
+    let session = raw_session(hsm.label());
+    let on_token = |locator: &str| {
+        session
+            .find_objects(&[Attribute::Id(unhex(locator))])
+            .unwrap()
+            .len()
+    };
+    assert!(
+        locators.iter().all(|l| on_token(l) == 2),
+        "both halves of both versions"
+    );
+    let soon = keyhold::time::now() + 1;
+    t.ks.schedule_destroy(&key.id, soon, None).unwrap();
+
+    // Another process whose configuration names a token that is not there.
+    let mut away = t.config.clone();
+    let BackendConfig::Pkcs11(p) = away.backends.get_mut(HSM).unwrap() else {
+        panic!("{HSM} is a PKCS#11 backend");
+    };
+    p.token_label = Some("keyhold-no-such-token".into());
+    let elsewhere = Keystore::open_with(&t.path, &sealer(PASSPHRASE), &away).unwrap();
+    while keyhold::time::now() < soon {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let err = elsewhere
+        .sign(&key.id, b"m", SignatureFormat::Der)
+        .unwrap_err();
+    assert!(
+        matches!(&err, Error::WrongState { state, .. } if state.starts_with("destroyed on ")),
+        "{err}"
+    );
+    let err = elsewhere.maintain().unwrap_err();
+    assert!(matches!(err, Error::BackendUnavailable { .. }), "{err}");
+    let tombstone = elsewhere.key_info(&key.id).unwrap();
+    assert_eq!(tombstone.state, KeyState::Destroyed);
+    assert_eq!(tombstone.destroyed_at, None, "erased without its token");
+    assert!(
+        locators.iter().all(|l| on_token(l) == 2),
+        "objects went without the token"
+    );
+
+    // With the token: finished, every version's objects gone.
+    let done = t.ks.maintain().unwrap();
+    assert_eq!(done.len(), 1, "{done:?}");
+    assert!(t.ks.key_info(&key.id).unwrap().destroyed_at.is_some());
+    for locator in &locators {
+        assert_eq!(
+            on_token(locator),
+            0,
+            "version object {locator} is still on the token"
+        );
+    }
+    assert!(t.ks.doctor().unwrap().orphans.is_empty());
 }
