@@ -69,3 +69,32 @@ impl Swtpm {
         )
     }
 }
+
+/// What [`reveal_software_key`] gives: secrets a test looks for where they must never be.
+#[derive(Debug)]
+pub struct Revealed {
+    /// The store's root secret.
+    pub root: crate::secret::SecretBytes,
+    /// The key's material as the software backend seals it: 32 raw bytes for AES and HMAC keys,
+    /// PKCS#8 DER for key pairs.
+    pub material: crate::secret::SecretBytes,
+}
+
+/// The root secret of the passphrase store in `dir` and the material of its software key `id`
+/// (current version): for tests that look for key material in outputs, logs and files (a canary).
+/// It needs what anyone who can read the key needs anyway (the store and its passphrase); it is
+/// here, in the `testing` feature only, so that no production build has it. Never enable
+/// `testing` in a build you ship.
+///
+/// # Errors
+/// As [`crate::Keystore::open`]; [`crate::Error::InvalidInput`] for a key of another backend.
+pub fn reveal_software_key(
+    dir: &std::path::Path,
+    passphrase: &str,
+    id: &str,
+) -> crate::Result<Revealed> {
+    let sealer =
+        crate::sealer::PassphraseSealer::new(secrecy::SecretString::from(passphrase.to_owned()));
+    let (root, material) = crate::keystore::Keystore::reveal_software_key(dir, &sealer, id)?;
+    Ok(Revealed { root, material })
+}

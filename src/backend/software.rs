@@ -196,6 +196,12 @@ impl SoftwareBackend {
         Ok(blob)
     }
 
+    /// Test builds only: the material of `key` (see `keyhold::testing::reveal_software_key`).
+    #[cfg(feature = "testing")]
+    pub(crate) fn reveal(&self, key: &KeyRef<'_>) -> Result<SecretBytes> {
+        self.unseal(key)
+    }
+
     /// Decrypts a key's blob into a locked buffer.
     fn unseal(&self, key: &KeyRef<'_>) -> Result<SecretBytes> {
         let damaged = || Error::Integrity {

@@ -300,6 +300,32 @@ impl Keystore {
         Ok(told)
     }
 
+    /// Test builds only: the root secret of the store in `dir` and the material of the current
+    /// version of its software key `id` (see `keyhold::testing::reveal_software_key`).
+    #[cfg(feature = "testing")]
+    pub(crate) fn reveal_software_key(
+        dir: &Path,
+        sealer: &dyn Sealer,
+        id: &str,
+    ) -> Result<(crate::secret::SecretBytes, crate::secret::SecretBytes)> {
+        let store = Store::open(dir)?;
+        let (root, keys) = unseal_root(&store, sealer)?;
+        let ks = Self::with_root(store, &keys, &Config::default())?;
+        let resolved = ks.resolve(id)?;
+        if resolved.record.backend != SoftwareBackend::NAME {
+            return Err(Error::InvalidInput(format!(
+                "key `{}` is not a software key: its material is not in the store",
+                resolved.label
+            )));
+        }
+        let software = SoftwareBackend::new(&keys.software_kek)?;
+        let material = software.reveal(&ks.key_ref(&resolved, resolved.current()?))?;
+        Ok((
+            crate::secret::SecretBytes::copy_from(root.expose()),
+            material,
+        ))
+    }
+
     fn with_root(store: Store, keys: &DerivedKeys, config: &Config) -> Result<Self> {
         let store_id = store.meta().store_id;
         let configured = build_backends(config, keys);

@@ -518,26 +518,54 @@ pub fn assert_no_secrets(out: &Output, secrets: &[String], line: &str) {
 /// the secret starts at any of the three byte alignments inside a longer encoded buffer (the
 /// encoded characters that mix in neighbouring bytes, and the last group, left out).
 pub fn secret_forms(secret: &str) -> Vec<(&'static str, String)> {
+    binary_forms(secret.as_bytes())
+        .into_iter()
+        .map(|(form, bytes)| {
+            (
+                form,
+                String::from_utf8(bytes).expect("a text secret's forms are text"),
+            )
+        })
+        .collect()
+}
+
+/// [`secret_forms`] of secret bytes (key material, a root secret): the raw bytes, and each text
+/// form as bytes.
+pub fn binary_forms(bytes: &[u8]) -> Vec<(&'static str, Vec<u8>)> {
     use base64::Engine as _;
-    let bytes = secret.as_bytes();
     let hex = keyhold::hex::encode(bytes);
     let debug = format!("{bytes:?}");
     let mut forms = vec![
-        ("text", secret.to_owned()),
-        ("hex", hex.clone()),
-        ("HEX", hex.to_uppercase()),
-        ("bytes", debug[1..debug.len() - 1].to_owned()),
+        ("raw", bytes.to_vec()),
+        ("hex", hex.clone().into_bytes()),
+        ("HEX", hex.to_uppercase().into_bytes()),
+        ("bytes", debug[1..debug.len() - 1].as_bytes().to_vec()),
     ];
     for (skip, offset) in [(0, 0), (2, 1), (3, 2)] {
         let mut buffer = vec![0u8; offset];
         buffer.extend_from_slice(bytes);
         let standard = base64::engine::general_purpose::STANDARD.encode(&buffer);
         let core = standard[skip..standard.len() - 4].to_owned();
-        assert!(core.len() >= 16, "{secret:?} is too short to look for");
-        forms.push(("base64url", core.replace('+', "-").replace('/', "_")));
-        forms.push(("base64", core));
+        assert!(
+            core.len() >= 16,
+            "a secret of {} bytes is too short to look for",
+            bytes.len()
+        );
+        forms.push((
+            "base64url",
+            core.replace('+', "-").replace('/', "_").into_bytes(),
+        ));
+        forms.push(("base64", core.into_bytes()));
     }
     forms
+}
+
+/// Whether `haystack` holds any form of `secret` ([`binary_forms`]); the form found, if any.
+pub fn holds_secret(haystack: &[u8], secret: &[u8]) -> Option<&'static str> {
+    binary_forms(secret)
+        .into_iter()
+        .find(|(_, form)| contains(haystack, form))
+        .map(|(name, _)| name)
 }
 
 fn contains(haystack: &[u8], needle: &[u8]) -> bool {
