@@ -539,7 +539,7 @@ pub fn binary_forms(bytes: &[u8]) -> Vec<(&'static str, Vec<u8>)> {
         ("raw", bytes.to_vec()),
         ("hex", hex.clone().into_bytes()),
         ("HEX", hex.to_uppercase().into_bytes()),
-        ("bytes", debug[1..debug.len() - 1].as_bytes().to_vec()),
+        ("bytes", debug.as_bytes()[1..debug.len() - 1].to_vec()),
     ];
     for (skip, offset) in [(0, 0), (2, 1), (3, 2)] {
         let mut buffer = vec![0u8; offset];
