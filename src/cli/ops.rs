@@ -95,7 +95,7 @@ pub struct VerifyArgs {
 pub struct EncryptArgs {
     #[command(flatten)]
     key: KeySelector,
-    /// Additional authenticated data (must be the same to decrypt)
+    /// Additional authenticated data (the same to encrypt and to decrypt)
     #[arg(long, value_name = "TEXT", default_value = "")]
     aad: String,
     #[arg(long = "in", value_name = "FILE", help = IN_HELP)]
@@ -105,18 +105,11 @@ pub struct EncryptArgs {
     out: Option<PathBuf>,
 }
 
+/// `decrypt` and `rewrap`: encrypt's options, and the use of a compromised key.
 #[derive(Debug, Args)]
 pub struct DecryptArgs {
     #[command(flatten)]
-    key: KeySelector,
-    /// Additional authenticated data (the same as when encrypted)
-    #[arg(long, value_name = "TEXT", default_value = "")]
-    aad: String,
-    #[arg(long = "in", value_name = "FILE", help = IN_HELP)]
-    input: Option<PathBuf>,
-    /// Write to FILE; - is stdout [default: stdout, refused if a terminal]
-    #[arg(long, value_name = "FILE")]
-    out: Option<PathBuf>,
+    envelope: EncryptArgs,
     #[command(flatten)]
     process: ProcessOptions,
 }
@@ -284,12 +277,13 @@ fn open_envelope<T>(
     op: impl FnOnce(&Keystore, &str, &[u8], &[u8], &UseOptions) -> keyhold::Result<Used<T>>,
     bytes: impl FnOnce(&T) -> &[u8],
 ) -> CmdResult {
+    let options = args.process.use_options();
+    let args = &args.envelope;
     args.key.check()?;
     io::check_binary_output(args.out.as_deref(), what, "")?;
     let ks = io::open_keystore(ctx)?;
     let id = args.key.resolve(ctx, &ks)?;
     let envelope = io::read_envelope(io::std_or(args.input.as_deref()))?;
-    let options = args.process.use_options();
     let used = op(&ks, &id, &envelope, args.aad.as_bytes(), &options)?;
     io::write_output(io::std_or(args.out.as_deref()), bytes(&used.output))?;
     report_binary_use(ctx, args.out.as_deref(), used.version, used.state)
