@@ -311,7 +311,8 @@ fn each_state_allows_only_its_uses_and_says_which_state_refused() {
     let o = env.run(&["key", "resume", "--key", &key], b"");
     assert_fail(&o, 9, "is deactivated", "resume a deactivated key");
 
-    // A reason is the operator's text: control characters are refused.
+    // A reason is the operator's text: control characters are refused, and what may pass (a
+    // bidirectional override, which reorders what a terminal shows) is escaped in the history.
     let o = env.run(
         &[
             "key",
@@ -328,6 +329,30 @@ fn each_state_allows_only_its_uses_and_says_which_state_refused() {
         1,
         "without control characters",
         "a reason with an escape",
+    );
+    env.ok_text(&[
+        "key",
+        "compromise",
+        "--key",
+        &key,
+        "--reason",
+        "lost \u{202e}txt.exe",
+    ]);
+    let history = env.ok_text(&["key", "history", "--key", &key]);
+    let last = history.lines().last().unwrap();
+    assert!(
+        last.contains(" compromised ") && last.ends_with("  lost \\u{202e}txt.exe"),
+        "the override escaped in the text history:\n{history}"
+    );
+    let v = parse_json(
+        &env.ok(&["--json", "key", "history", "--key", &key], b"", "h"),
+        "h",
+    );
+    let reasons: Vec<&Json> = v.as_array().unwrap().iter().map(|e| &e["reason"]).collect();
+    assert_eq!(
+        reasons.last().copied(),
+        Some(&Json::from("lost \u{202e}txt.exe")),
+        "JSON keeps the reason as given (escaped by JSON's own rules)"
     );
 }
 
@@ -982,4 +1007,43 @@ fn a_delay_counts_from_when_the_store_is_open() {
         v["destroyed_at"].is_null() && v["destroy_at"].is_string(),
         "{v}"
     );
+}
+
+/// openCryptoki's soft token (shared, machine-wide: this test works in a namespace of its own,
+/// and the fixture destroys what is left in it): an RSA key rotates to a second key pair made in
+/// the token under the same ID, the old signature verifies, and destruction removes both pairs.
+#[cfg(feature = "pkcs11")]
+#[test]
+fn an_opencryptoki_key_rotates_in_the_token() {
+    use keyhold::testing::{OpenCryptoki, OPENCRYPTOKI_LABEL, OPENCRYPTOKI_MODULE};
+    let ock = OpenCryptoki::new().unwrap();
+    let ns = ock.namespace().to_owned();
+    let env = Env::new()
+        .with_config(&hsm_config(OPENCRYPTOKI_MODULE, OPENCRYPTOKI_LABEL, ""))
+        .with_var("KH_TEST_PIN", keyhold::testing::OPENCRYPTOKI_USER_PIN)
+        .with_var("KEYHOLD_NAMESPACE", &ns);
+    env.init_store();
+    let id = env.create_key("r", "rsa-2048", &["--backend", "hsm"]);
+    let s1 = env.write(
+        "s1",
+        &env.ok(&["sign", "--key", &id, "--out", "-"], b"m", "sign"),
+    );
+    let session = support::pkcs11::ock_raw_session();
+    let label = format!("{ns}/r");
+    let count = || support::pkcs11::objects(&session, &label, None).len();
+    let v1 = count();
+    assert!(v1 >= 2, "the key pair is on the token: {v1}");
+    let out = env.ok_text(&["key", "rotate", "--key", &id]);
+    assert_eq!(out, format!("rotated {ns}/r to version 2\n"));
+    assert_eq!(count(), 2 * v1, "version 2 is a key pair made in the token");
+    let out = env.ok(
+        &["--json", "verify", "--key", &id, "--signature", &s1],
+        b"m",
+        "verify v1",
+    );
+    assert_eq!(version_of(&out, "verify"), 1);
+    let out = env.ok(&["--json", "sign", "--key", &id], b"m", "sign v2");
+    assert_eq!(version_of(&out, "sign"), 2);
+    env.ok_text(&["key", "destroy", "--now", "--yes", "--key", &id]);
+    assert_eq!(count(), 0, "every version's objects destroyed");
 }
