@@ -692,6 +692,7 @@ fn due_work_is_done_by_maintain_and_by_any_command_on_the_key() {
     let by_use = env.create_key("u", "aes-256-gcm", &[]);
     let e1 = encrypt(&env, &by_use, b"plain", "e1");
     let expiring = env.create_key("x", "aes-256-gcm", &["--deactivate-at", "+1s"]);
+    let shown_expiring = env.create_key("y", "aes-256-gcm", &["--deactivate-at", "+1s"]);
     let rotating = env.create_key("r", "hmac-sha256", &["--rotate-after", "1s"]);
     let shown = show(&env, &rotating);
     assert_eq!(field(&shown, "rotate after"), "1s");
@@ -713,6 +714,8 @@ fn due_work_is_done_by_maintain_and_by_any_command_on_the_key() {
     );
     let o = env.run(&["encrypt", "--key", &expiring, "--out", "-"], b"x");
     assert_fail(&o, 9, "is deactivated", "encrypt after --deactivate-at");
+    // key show too: it tells the key as it is now, not as its record was.
+    assert_eq!(field(&show(&env, &shown_expiring), "state"), "deactivated");
     let out = env.ok(
         &["--json", "mac", "--key", &rotating],
         b"m",
@@ -731,8 +734,8 @@ fn due_work_is_done_by_maintain_and_by_any_command_on_the_key() {
         "done already by the decrypt:\n{out}"
     );
     assert!(
-        !out.contains("default/x"),
-        "done already by the encrypt:\n{out}"
+        !out.contains("default/x") && !out.contains("default/y"),
+        "done already by the encrypt and the key show:\n{out}"
     );
 
     let history = env.ok_text(&["key", "history", "--key", &rotating]);
