@@ -4,7 +4,9 @@
 # use a key inside a PKCS#11 token (SoftHSM2) and see what the token cannot do; then a second store
 # whose root secret a TPM 2.0 (swtpm) seals to PCR 8: keys made and used inside the TPM (ECDSA,
 # RSA-OAEP), an AES key the TPM cannot make falling back to software, and a PCR change that locks the
-# store until `keyhold reseal` re-binds it with the recovery passphrase.
+# store until `keyhold reseal` re-binds it with the recovery passphrase. On a software key, a token
+# key and a TPM key: the lifecycle — rotate, the old envelope still decrypts, rewrap, suspend,
+# a scheduled destruction, cancelled.
 #
 #   bash ci/demo.sh
 #
@@ -304,6 +306,79 @@ demo_tampered_id() {
   ok "signed with the genuine ID"
 }
 
+# --- key lifecycle ----------------------------------------------------------------------------
+
+# The version an encrypt/decrypt/rewrap --json report names (the report printed by COMMAND...).
+reported_version() {
+  local report
+  report=$("$@") || die "failed: $*"
+  printf '    report: %s\n' "$report" >&3
+  sed -n 's/.*"version":\([0-9]*\).*/\1/p' <<<"$report"
+}
+
+# lifecycle_story NAME: the lifecycle of the encryption key NAME (in ID): rotate, the old envelope
+# still decrypts (version 1), rewrap to version 2, suspend (encrypt refused, decrypt works),
+# resume, a scheduled destruction (shown, encrypt refused), cancelled: the key works again.
+lifecycle_story() {
+  local name=$1 key=${ID[$1]} details out history
+  step "$name: an envelope under version 1, then key rotate: a new version, the same key ID"
+  kh encrypt --key "$key" --aad "order 42" --in secret.txt --out "$name.v1.khe"
+  expect_output "rotated default/$name to version 2" kh key rotate --key "$key" --reason "demo: yearly rotation"
+  details=$(kh key show --key "$key")
+  printf '%s\n' "$details" | grep -E '^(id|state|version|versions|min decrypt version):' | sed 's/^/    /'
+  expect_lines "$details" "^id: $key\$" '^version: 2$' '^versions: 1 \([^)]*\), 2 \([^)]*\)$'
+
+  step "$name: the version-1 envelope still decrypts, and the report says version 1"
+  [ "$(reported_version kh --json decrypt --key "$key" --aad "order 42" --in "$name.v1.khe" --out "$name.v1.out")" = 1 ] ||
+    die "decrypt did not report version 1"
+  ok "decrypted with version 1"
+  same_file secret.txt "$name.v1.out"
+
+  step "$name: rewrap moves the envelope to version 2 (the plaintext never leaves keyhold)"
+  [ "$(reported_version kh --json rewrap --key "$key" --aad "order 42" --in "$name.v1.khe" --out "$name.v2.khe")" = 2 ] ||
+    die "rewrap did not report version 2"
+  ok "rewrapped under version 2"
+  [ "$(reported_version kh --json decrypt --key "$key" --aad "order 42" --in "$name.v2.khe" --out "$name.v2.out")" = 2 ] ||
+    die "the rewrapped envelope did not decrypt with version 2"
+  ok "decrypted with version 2"
+  same_file secret.txt "$name.v2.out"
+
+  step "$name: suspended, it only decrypts: encrypt is refused with exit 9, naming the state"
+  expect_output "suspended default/$name" kh key suspend --key "$key" --reason "demo: incident 42"
+  expect_refusal 9 "is suspended: it cannot encrypt" kh encrypt --key "$key" --in secret.txt --out "$name.refused.khe"
+  kh decrypt --key "$key" --aad "order 42" --in "$name.v2.khe" --out "$name.suspended.out"
+  same_file secret.txt "$name.suspended.out"
+  expect_output "resumed default/$name" kh key resume --key "$key"
+
+  step "$name: key destroy schedules the destruction 7 days ahead; until then the key only decrypts"
+  out=$(kh key destroy --key "$key" --reason "demo: project ended") || die "key destroy failed"
+  printf '    %s\n' "$out"
+  [[ $out == "default/$name will be destroyed on "*" (keyhold key cancel-destroy --key $key keeps it)" ]] ||
+    die "unexpected key destroy output"
+  ok "scheduled"
+  details=$(kh key show --key "$key")
+  printf '%s\n' "$details" | grep -E '^state:' | sed 's/^/    /'
+  expect_lines "$details" '^state: active, destruction scheduled for [0-9]{4}-[0-9]{2}-[0-9]{2}T'
+  expect_refusal 9 "is scheduled for destruction on" kh encrypt --key "$key" --in secret.txt --out "$name.refused.khe"
+
+  step "$name: key cancel-destroy keeps it, and it encrypts again"
+  expect_output "kept default/$name: its destruction is cancelled" kh key cancel-destroy --key "$key" --reason "demo: still needed"
+  kh encrypt --key "$key" --aad "order 42" --in secret.txt --out "$name.v2b.khe"
+  kh decrypt --key "$key" --aad "order 42" --in "$name.v2b.khe" --out "$name.v2b.out"
+  same_file secret.txt "$name.v2b.out"
+
+  step "$name: key history: every transition, with its reason"
+  history=$(kh key history --key "$key") || die "key history failed"
+  printf '%s\n' "$history" | sed 's/^/    /'
+  expect_lines "$history" ' rotated .* v2  demo: yearly rotation$' ' suspended .*demo: incident 42$' ' resumed ' \
+    ' destroy-scheduled .*demo: project ended$' ' destroy-cancelled .*demo: still needed$'
+}
+
+demo_lifecycle() {
+  section "The key lifecycle (software key): versions, rotation, rewrap, states, scheduled destruction"
+  lifecycle_story aes
+}
+
 # --- hardware backends ------------------------------------------------------------------------
 # The PKCS#11 backend on a SoftHSM2 token, then the TPM 2.0 backend and sealer on a swtpm.
 
@@ -374,8 +449,8 @@ demo_softhsm() {
   local details locator
   details=$(kh key show --key "${ID[hsm-p256]}")
   printf '%s\n' "$details" | sed 's/^/    /'
-  expect_lines "$details" '^backend: hsm$' '^attributes: .*always_sensitive=true' \
-    '^attributes: .*never_extractable=true'
+  expect_lines "$details" '^backend: hsm$' '^attribute always_sensitive: true$' \
+    '^attribute never_extractable: true$'
   locator=$(sed -n 's/^locator: //p' <<<"$details")
   [[ $locator =~ ^[0-9a-f]{32}$ ]] || die "expected a 32-hex-digit locator (the object's CKA_ID), got '$locator'"
 
@@ -424,6 +499,16 @@ demo_softhsm() {
   objects=$(token_objects) || die "pkcs11-tool --list-objects failed"
   [ "$(grep -cE '^[[:space:]]+label:' <<<"$objects")" -eq 2 ] || die "the fallback key is on the token"
   ok "the token still holds only the P-256 key pair"
+
+  step "the lifecycle of a token key: an AES-256-GCM key made inside the token"
+  KH_CONFIG=hsm.toml
+  create_key hsm-aes --type aes-256-gcm --backend hsm
+  lifecycle_story hsm-aes
+  step "both versions of hsm-aes are objects in the token (a rotation makes the new one there)"
+  objects=$(token_objects) || die "pkcs11-tool --list-objects failed"
+  [ "$(grep -cE '^[[:space:]]+label:[[:space:]]+default/hsm-aes$' <<<"$objects")" -eq 2 ] ||
+    die "expected 2 secret key objects labelled default/hsm-aes"
+  ok "two secret key objects labelled default/hsm-aes"
   KH_CONFIG=
 }
 
@@ -521,7 +606,7 @@ demo_tpm() {
   local details
   details=$(kh key show --key "${ID[tpm-p256]}")
   printf '%s\n' "$details" | sed 's/^/    /'
-  expect_lines "$details" '^backend: tpm$' '^attributes: .*never_extractable=true' '^attributes: .*srk_name=[0-9a-f]{68}'
+  expect_lines "$details" '^backend: tpm$' '^attribute never_extractable: true$' '^attribute srk_name: [0-9a-f]{68}$'
 
   sign_and_verify tpm-p256 openssl_dgst -sha256
 
@@ -598,6 +683,10 @@ demo_tpm() {
   kh decrypt --key "${ID[tpm-aes]}" --aad "order 42" --in secret.tpm-aes.khe --out secret.tpm-aes.resealed
   same_file secret.txt secret.tpm-aes.resealed
 
+  step "the lifecycle of a TPM key: the RSA-OAEP key rotates to a new key made inside the TPM"
+  lifecycle_story tpm-rsa-oaep
+  expect_lines "$(kh key show --key "${ID[tpm-rsa-oaep]}")" '^backend: tpm$'
+
   step "stopping the swtpm (its state is deleted with the temp dir)"
   run "$REPO/tpm/swtpm-stop.sh" "$WORK/tpm" 2>&1 | sed 's/^/    /'
   [ ! -f "$WORK/tpm/swtpm.pid" ] || die "swtpm-stop.sh left its pid file"
@@ -633,6 +722,7 @@ demo_encryption
 demo_mac
 demo_random
 demo_tampered_id
+demo_lifecycle
 demo_softhsm
 demo_tpm
 

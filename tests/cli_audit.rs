@@ -150,7 +150,11 @@ fn every_use_and_lifecycle_change_is_recorded_as_it_happened() {
         "key ID failed authentication",
         "sign with a modified ID",
     );
-    env.ok(&["key", "destroy", "--key", &aes], b"", "destroy");
+    env.ok(
+        &["key", "destroy", "--key", &aes, "--now", "--yes"],
+        b"",
+        "destroy",
+    );
     assert_fail(
         &env.run(&["encrypt", "--key", &aes], b"m"),
         9,
@@ -268,7 +272,11 @@ fn store_with_entries() -> (Env, Vec<String>) {
     for _ in 0..4 {
         env.ok(&["mac", "--key", &id, "--encoding", "hex"], b"data", "mac");
     }
-    env.ok(&["key", "destroy", "--key", &id], b"", "destroy");
+    env.ok(
+        &["key", "destroy", "--key", &id, "--now", "--yes"],
+        b"",
+        "destroy",
+    );
     let lines = lines(&env);
     assert_eq!(lines.len(), 7);
     (env, lines)

@@ -252,20 +252,21 @@ fn a_fallback_to_software_is_warned_reported_in_json_and_marked_in_list() {
     );
     let o = run(&["key", "show", "--name", "sig"], &|_| {});
     let text = stdout_str(&o);
-    let attributes = text
+    // One `attribute NAME: VALUE` line each, in the order shown.
+    let attributes: Vec<&str> = text
         .lines()
-        .find_map(|l| l.strip_prefix("attributes: "))
-        .unwrap_or_else(|| panic!("no attributes line in\n{text}"));
+        .filter_map(|l| l.strip_prefix("attribute "))
+        .collect();
     let names: Vec<&str> = attributes
-        .split(", ")
-        .filter_map(|a| a.split_once('='))
+        .iter()
+        .filter_map(|a| a.split_once(": "))
         .map(|(k, _)| k)
         .collect();
     let mut sorted = names.clone();
     sorted.sort_unstable();
     assert!(
         names.len() >= 2 && names == sorted,
-        "attributes sorted: {attributes}"
+        "attributes sorted: {attributes:?}"
     );
     let o = run(&["--json", "key", "show", "--name", "sig"], &|_| {});
     let v = parse_json(&o.stdout, "show --json");

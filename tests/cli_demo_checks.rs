@@ -111,7 +111,7 @@ fn a_tpm_key_names_its_srk_and_doctor_shows_what_the_tpm_makes() {
     );
     let shown = env.ok_text(&["key", "show", "--key", &id]);
     assert_eq!(field(&shown, "backend"), "tpm");
-    let attributes = field(&shown, "attributes");
+    let attributes = support::attributes(&shown);
     let srk = attributes
         .strip_prefix("never_extractable=true, srk_name=")
         .unwrap_or_else(|| panic!("attributes: {attributes}"));

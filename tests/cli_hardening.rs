@@ -436,7 +436,7 @@ fn a_passphrase_and_plaintext_never_reach_the_logs() {
         );
         assert!(stderr(&wrong).contains("keyhold: cannot unseal the store: wrong passphrase"));
         logged(
-            &run(&["key", "destroy", "--key", &mac], b"", 0),
+            &run(&["key", "destroy", "--now", "--yes", "--key", &mac], b"", 0),
             " INFO destroyed key",
         );
     }

@@ -111,12 +111,52 @@ fn json_outputs_are_json_with_the_documented_fields() {
         assert_key_object(item, &show_text, None, "key list --json");
     }
 
-    // Binary outputs are never wrapped.
-    let sig = env.ok(&["--json", "sign", "--key", &id], b"payload", "sign --json");
+    // sign and mac with --json: the value as text (base64, or hex with --encoding hex), the
+    // version that made it and the key's state; with --out FILE the bytes go to the file.
+    let out = env.ok(&["--json", "sign", "--key", &id], b"payload", "sign --json");
+    let v = parse_json(&out, "sign --json");
+    assert_eq!(
+        json_keys(&v, "sign --json"),
+        ["compromised", "signature", "state", "version"],
+        "sign --json: {v}"
+    );
+    assert_eq!(
+        (&v["version"], &v["state"], &v["compromised"]),
+        (&Json::from(1), &Json::from("active"), &Json::from(false)),
+        "sign --json: {v}"
+    );
+    let sig = b64(v["signature"].as_str().expect("signature is a string"));
     assert_eq!(
         sig.first(),
         Some(&0x30),
-        "sign --json: expected the raw DER signature, not JSON"
+        "sign --json: a base64 DER signature"
+    );
+    let out = env.ok(
+        &["--json", "sign", "--key", &id, "--encoding", "hex"],
+        b"payload",
+        "sign --json --encoding hex",
+    );
+    let v = parse_json(&out, "sign --json --encoding hex");
+    assert!(
+        v["signature"].as_str().is_some_and(is_lower_hex),
+        "sign --json --encoding hex: {v}"
+    );
+    let file = env.path_str("sig-file");
+    let out = env.ok(
+        &["--json", "sign", "--key", &id, "--out", &file],
+        b"payload",
+        "sign --json --out FILE",
+    );
+    let v = parse_json(&out, "sign --json --out FILE");
+    assert_eq!(
+        json_keys(&v, "sign --json --out FILE"),
+        ["compromised", "state", "version"],
+        "sign --json --out FILE: the value is in the file, not the JSON: {v}"
+    );
+    assert_eq!(
+        std::fs::read(&file).unwrap().first(),
+        Some(&0x30),
+        "sign --json --out FILE: the raw DER signature in the file"
     );
     let sig_path = env.write("sig", &sig);
     let out = env.ok(
@@ -126,13 +166,20 @@ fn json_outputs_are_json_with_the_documented_fields() {
     );
     assert_eq!(
         parse_json(&out, "verify --json"),
-        serde_json::json!({"valid": true}),
-        "verify --json: expected {{\"valid\":true}}"
+        serde_json::json!({"valid": true, "version": 1, "state": "active", "compromised": false}),
+        "verify --json: expected valid, with the version"
     );
 
     let mac = env.create_key("m", "hmac-sha256", &[]);
-    let tag = env.ok(&["--json", "mac", "--key", &mac], b"payload", "mac --json");
-    assert_eq!(tag.len(), 32, "mac --json: expected the raw 32-byte tag");
+    let out = env.ok(&["--json", "mac", "--key", &mac], b"payload", "mac --json");
+    let v = parse_json(&out, "mac --json");
+    assert_eq!(
+        json_keys(&v, "mac --json"),
+        ["compromised", "state", "tag", "version"],
+        "mac --json: {v}"
+    );
+    let tag = b64(v["tag"].as_str().expect("tag is a string"));
+    assert_eq!(tag.len(), 32, "mac --json: a base64 32-byte tag");
     let tag_path = env.write("tag", &tag);
     let out = env.ok(
         &["--json", "mac-verify", "--key", &mac, "--tag", &tag_path],
@@ -141,8 +188,8 @@ fn json_outputs_are_json_with_the_documented_fields() {
     );
     assert_eq!(
         parse_json(&out, "mac-verify --json"),
-        serde_json::json!({"valid": true}),
-        "mac-verify --json: expected {{\"valid\":true}}"
+        serde_json::json!({"valid": true, "version": 1, "state": "active", "compromised": false}),
+        "mac-verify --json: expected valid, with the version"
     );
 
     let out = env.ok(&["--json", "random", "16"], b"", "random --json");
@@ -285,14 +332,14 @@ fn json_errors_verify_results_and_destroyed_state() {
         let o = env.run(&["--json", check, "--key", key, flag, &path], b"signed");
         assert_ok(&o, &format!("{check} --json, valid"));
         assert_eq!(
-            parse_json(&o.stdout, check),
-            serde_json::json!({"valid": true}),
+            parse_json(&o.stdout, check)["valid"],
+            Json::from(true),
             "{check} --json, valid"
         );
     }
 
     let out = env.ok(
-        &["--json", "key", "destroy", "--key", &id],
+        &["--json", "key", "destroy", "--now", "--yes", "--key", &id],
         b"",
         "destroy --json",
     );

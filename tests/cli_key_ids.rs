@@ -169,7 +169,11 @@ fn a_destroyed_keys_id_says_when() {
     let env = Env::init();
     let id = env.create_key("doomed", "ecdsa-p256", &[]);
     let keep = env.create_key("keeper", "ecdsa-p256", &[]);
-    let out = env.ok(&["key", "destroy", "--key", &id], b"", "key destroy");
+    let out = env.ok(
+        &["key", "destroy", "--now", "--yes", "--key", &id],
+        b"",
+        "key destroy",
+    );
     assert_eq!(
         String::from_utf8_lossy(&out),
         "destroyed default/doomed\n",

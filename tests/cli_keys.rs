@@ -305,8 +305,12 @@ fn key_show_prints_the_documented_fields() {
             "locator",
             "state",
             "version",
+            "versions",
+            "min decrypt version",
+            "rotate after",
+            "activate at",
+            "deactivate at",
             "created",
-            "attributes"
         ],
         "key show: expected the documented fields in order"
     );
@@ -327,11 +331,19 @@ fn key_show_prints_the_documented_fields() {
         "software (sealed by passphrase)",
         "key show: backend"
     );
-    assert_eq!(
-        get("attributes"),
-        "-",
-        "key show: a software key has no attributes"
+    assert!(
+        !text.contains("\nattribute "),
+        "key show: a software key has no attributes\n{text}"
     );
+    assert_eq!(get("state"), "active", "key show: state");
+    assert_eq!(get("version"), "1", "key show: version");
+    assert_eq!(
+        get("min decrypt version"),
+        "1",
+        "key show: min decrypt version"
+    );
+    assert_eq!(get("rotate after"), "never", "key show: rotate after");
+    assert_eq!(get("deactivate at"), "never", "key show: deactivate at");
     assert!(!text.contains(PASS), "key show: expected no passphrase");
 }
 
@@ -396,7 +408,16 @@ fn namespaces_isolate_listing() {
         "KEYHOLD_NAMESPACE=a: expected namespace a's key"
     );
     let out = env.ok(
-        &["--namespace", "a", "key", "destroy", "--key", &ida],
+        &[
+            "--namespace",
+            "a",
+            "key",
+            "destroy",
+            "--now",
+            "--yes",
+            "--key",
+            &ida,
+        ],
         b"",
         "destroy in a",
     );
@@ -562,6 +583,8 @@ fn keys_can_be_named_with_name_and_key_id() {
             "other",
             "key",
             "destroy",
+            "--now",
+            "--yes",
             "--name",
             "web-tls",
         ],

@@ -7,7 +7,7 @@ mod support;
 use keyhold::testing::{SoftHsm, TEST_USER_PIN};
 use keyhold::Algorithm;
 use support::env::*;
-use support::{field, openssl_verifies};
+use support::{attributes, field, openssl_verifies};
 
 /// A fresh SoftHSM2 token, and a store configured with it as backend `hsm` (PIN from
 /// `KH_TEST_PIN`). The token lives as long as the returned `SoftHsm`.
@@ -60,7 +60,7 @@ fn a_token_key_signs_and_openssl_dgst_verifies() {
     let show = env.ok_text(&["key", "show", "--key", id]);
     assert_eq!(field(&show, "backend"), "hsm");
     assert_eq!(
-        field(&show, "attributes"),
+        attributes(&show),
         "always_sensitive=true, copyable=false, destroyable=true, extractable=false, local=true, \
          modifiable=false, never_extractable=true, private=true, public_usages=verify, \
          sensitive=true, usages=sign"
@@ -83,7 +83,7 @@ fn an_extractable_key_is_recorded_as_such() {
     ]);
     let show = env.ok_text(&["key", "show", "--key", id.trim_end()]);
     assert_eq!(
-        field(&show, "attributes"),
+        attributes(&show),
         "always_sensitive=true, copyable=false, destroyable=true, extractable=true, local=true, \
          modifiable=false, never_extractable=false, private=true, sensitive=true, \
          usages=encrypt+decrypt, wrap_with_trusted=true"

@@ -109,7 +109,7 @@ fn a_tpm_sealed_store_with_a_tpm_key_and_a_software_fallback() {
     let shown = env.ok_text(&["key", "show", "--key", &ec]);
     assert_eq!(field(&shown, "backend"), "tpm");
     assert!(
-        field(&shown, "attributes").contains("never_extractable=true"),
+        support::attributes(&shown).contains("never_extractable=true"),
         "{shown}"
     );
     let msg = env.write("msg", b"signed inside the TPM");

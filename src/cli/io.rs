@@ -177,6 +177,15 @@ impl Encoding {
         out
     }
 
+    /// `bytes` as a JSON string: hex with `--encoding hex`, base64 otherwise (JSON holds text).
+    pub fn json_text(self, bytes: &[u8]) -> String {
+        use base64::Engine as _;
+        match self {
+            Self::Hex => keyhold::hex::encode(bytes),
+            Self::Raw | Self::Base64 => BASE64.encode(bytes),
+        }
+    }
+
     /// Decodes a signature or tag (`what`) read from a file; surrounding whitespace is ignored in
     /// the text encodings.
     pub fn decode(self, data: Vec<u8>, what: &str) -> Result<Vec<u8>, Failure> {
@@ -331,6 +340,35 @@ fn prompt(confirm: bool) -> Result<SecretString, Failure> {
         }
     }
     secret_from_utf8(&first, || "the passphrase is not valid UTF-8".into())
+}
+
+/// Whether there is a controlling terminal to ask on.
+pub fn has_terminal() -> bool {
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/tty")
+        .is_ok()
+}
+
+/// Asks `question` on the controlling terminal (echo on) and returns the line typed, or `None`
+/// when there is no terminal to ask on.
+pub fn ask_terminal(question: &str) -> Result<Option<String>, Failure> {
+    let Ok(tty) = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/tty")
+    else {
+        return Ok(None);
+    };
+    let mut out = &tty;
+    out.write_all(question.as_bytes())
+        .map_err(|e| Failure::Cli(format!("cannot write to the terminal: {e}")))?;
+    // The answer is not secret; the passphrase reader's bounds serve it as well.
+    let line =
+        read_secret_line(&tty).map_err(|e| Failure::Cli(format!("cannot read the answer: {e}")))?;
+    let line = line.strip_suffix(b"\r").unwrap_or(&line);
+    Ok(Some(String::from_utf8_lossy(line).into_owned()))
 }
 
 /// The sealer the user states for the store: `$KEYHOLD_SEALER`, else `sealer` under `[store]` in

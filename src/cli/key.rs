@@ -1,10 +1,12 @@
-//! `keyhold key …`: create, list, show, pubkey, destroy.
+//! `keyhold key …`: create, list, show, id, pubkey; the lifecycle commands (rotate, states,
+//! destroy, set, history) are in `lifecycle.rs`.
 
 use std::path::PathBuf;
 
 use clap::{Args, Subcommand, ValueEnum};
-use keyhold::{KeyInfo, KeyOptions, KeyRequest, KeySpec, KeyType, Purpose, RsaPadding};
+use keyhold::{KeyInfo, KeyOptions, KeyRequest, KeySpec, KeyState, KeyType, Purpose, RsaPadding};
 
+use super::lifecycle::{self, DestroyArgs, ReasonArgs, SetArgs};
 use super::select::{self, KeySelector};
 use super::{io, CmdResult, Context};
 use keyhold::time::format_utc;
@@ -13,16 +15,41 @@ use keyhold::time::format_utc;
 pub enum KeyCommand {
     /// Create a key; prints its key ID
     Create(CreateArgs),
-    /// List the keys of the namespace
-    List,
+    /// List the keys of the namespace (destroyed ones too with --all)
+    List(ListArgs),
     /// Show a key's record, with every attribute it records
     Show(KeyArg),
     /// Print the key ID of the key NAME in --namespace
     Id(IdArgs),
     /// Export a key's public key
     Pubkey(PubkeyArgs),
-    /// Destroy a key; its ID then gives "no such key"
-    Destroy(KeyArg),
+    /// Make a new version of a key (same ID; older versions still decrypt and verify)
+    Rotate(ReasonArgs),
+    /// Suspend an active key: it only decrypts and verifies until resumed
+    Suspend(ReasonArgs),
+    /// Make a suspended key active again
+    Resume(ReasonArgs),
+    /// Deactivate a key for good: it only decrypts and verifies
+    Deactivate(ReasonArgs),
+    /// Mark a key compromised: it never protects again, and processes only with
+    /// --allow-compromised
+    Compromise(ReasonArgs),
+    /// Schedule a key's destruction (in 7 days by default), or destroy it now with --now; its ID
+    /// then answers "destroyed on DATE"
+    Destroy(DestroyArgs),
+    /// Cancel a key's scheduled destruction
+    CancelDestroy(ReasonArgs),
+    /// Change a key's schedule or version policy
+    Set(SetArgs),
+    /// Show every lifecycle event of a key, oldest first
+    History(KeyArg),
+}
+
+#[derive(Debug, Args)]
+pub struct ListArgs {
+    /// Also list destroyed keys (tombstones)
+    #[arg(long)]
+    all: bool,
 }
 
 #[derive(Debug, Args)]
@@ -56,6 +83,18 @@ pub struct CreateArgs {
     /// Let the key leave its device wrapped under another key (never in clear); off by default
     #[arg(long)]
     extractable: bool,
+
+    /// Create the key in pre-activation, active from TIME (RFC 3339 UTC, or +DURATION from now)
+    #[arg(long, value_name = "TIME")]
+    activate_at: Option<String>,
+
+    /// Deactivate the key at TIME (RFC 3339 UTC, or +DURATION from now)
+    #[arg(long, value_name = "TIME")]
+    deactivate_at: Option<String>,
+
+    /// Rotate the key when its current version is DURATION old (e.g. 90d)
+    #[arg(long, value_name = "DURATION")]
+    rotate_after: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -67,7 +106,7 @@ enum PaddingArg {
 #[derive(Debug, Args)]
 pub struct KeyArg {
     #[command(flatten)]
-    key: KeySelector,
+    pub key: KeySelector,
 }
 
 #[derive(Debug, Clone, Copy, Default, ValueEnum)]
@@ -103,11 +142,19 @@ fn parse_purpose(s: &str) -> Result<Purpose, String> {
 pub fn run(ctx: &Context, command: &KeyCommand) -> CmdResult {
     match command {
         KeyCommand::Create(a) => create(ctx, a),
-        KeyCommand::List => list(ctx),
+        KeyCommand::List(a) => list(ctx, a),
         KeyCommand::Show(a) => show(ctx, a),
         KeyCommand::Id(a) => id(ctx, a),
         KeyCommand::Pubkey(a) => pubkey(ctx, a),
-        KeyCommand::Destroy(a) => destroy(ctx, a),
+        KeyCommand::Rotate(a) => lifecycle::rotate(ctx, a),
+        KeyCommand::Suspend(a) => lifecycle::transition(ctx, a, keyhold::Transition::Suspend),
+        KeyCommand::Resume(a) => lifecycle::transition(ctx, a, keyhold::Transition::Resume),
+        KeyCommand::Deactivate(a) => lifecycle::transition(ctx, a, keyhold::Transition::Deactivate),
+        KeyCommand::Compromise(a) => lifecycle::transition(ctx, a, keyhold::Transition::Compromise),
+        KeyCommand::Destroy(a) => lifecycle::destroy(ctx, a),
+        KeyCommand::CancelDestroy(a) => lifecycle::cancel_destroy(ctx, a),
+        KeyCommand::Set(a) => lifecycle::set(ctx, a),
+        KeyCommand::History(a) => lifecycle::history(ctx, a),
     }
 }
 
@@ -120,7 +167,11 @@ fn create(ctx: &Context, args: &CreateArgs) -> CmdResult {
     let spec = KeySpec::new(args.key_type, args.purpose, padding)?;
     keyhold::validate_name("namespace", &ctx.namespace)?;
     keyhold::validate_name("key name", &args.name)?;
+    // Times `+DURATION` count from when the store is open (unsealing may take seconds): the
+    // options are checked now and made again then.
+    create_options(args, keyhold::time::now())?;
     let ks = io::open_keystore(ctx)?;
+    let options = create_options(args, keyhold::time::now())?;
     let info = ks.create_key_with(
         &KeyRequest {
             namespace: ctx.namespace.clone(),
@@ -128,7 +179,7 @@ fn create(ctx: &Context, args: &CreateArgs) -> CmdResult {
             spec,
             backend: Some(args.backend.clone()),
         },
-        &KeyOptions::new().extractable(args.extractable),
+        &options,
     )?;
     // A key made in software in place of the backend asked for is weaker than asked (its
     // material lives in this process, not in the device): never only an ID.
@@ -154,6 +205,25 @@ fn create(ctx: &Context, args: &CreateArgs) -> CmdResult {
     }
 }
 
+/// The options of `key create`, with times counted from `now`.
+fn create_options(args: &CreateArgs, now: i64) -> keyhold::Result<KeyOptions> {
+    let instant = |text: &Option<String>| {
+        text.as_deref()
+            .map(|t| keyhold::time::parse_instant(t, now))
+            .transpose()
+    };
+    Ok(KeyOptions::new()
+        .extractable(args.extractable)
+        .activate_at(instant(&args.activate_at)?)
+        .deactivate_at(instant(&args.deactivate_at)?)
+        .rotate_after(
+            args.rotate_after
+                .as_deref()
+                .map(keyhold::time::parse_duration)
+                .transpose()?,
+        ))
+}
+
 /// The attribute a software key made in place of another backend's records that backend in.
 const FALLBACK_FOR: &str = "fallback_for";
 /// Why it could not make the key there, recorded beside [`FALLBACK_FOR`].
@@ -177,9 +247,13 @@ fn fallback_json(info: &KeyInfo) -> serde_json::Value {
     )
 }
 
-fn list(ctx: &Context) -> CmdResult {
+fn list(ctx: &Context, args: &ListArgs) -> CmdResult {
     let ks = io::open_keystore(ctx)?;
-    let keys = ks.list_keys(Some(&ctx.namespace))?;
+    let keys = if args.all {
+        ks.list_all_keys(Some(&ctx.namespace))?
+    } else {
+        ks.list_keys(Some(&ctx.namespace))?
+    };
     if ctx.json {
         return io::print_json(&serde_json::Value::Array(
             keys.iter().map(info_json).collect(),
@@ -189,21 +263,30 @@ fn list(ctx: &Context) -> CmdResult {
     let backends: Vec<String> = keys.iter().map(backend_cell).collect();
     let backend_width = backends.iter().map(String::len).max().unwrap_or(0).max(8);
     let mut out = format!(
-        "{:name_width$}  {:11}  {:7}  {:backend_width$}  {:6}  ID\n",
+        "{:name_width$}  {:11}  {:7}  {:backend_width$}  {:15}  ID\n",
         "NAME", "TYPE", "PURPOSE", "BACKEND", "STATE"
     );
     for (k, backend) in keys.iter().zip(&backends) {
         out.push_str(&format!(
-            "{:name_width$}  {:11}  {:7}  {:backend_width$}  {:6}  {}\n",
+            "{:name_width$}  {:11}  {:7}  {:backend_width$}  {:15}  {}\n",
             k.name,
             k.spec.key_type().as_str(),
             k.spec.purpose().as_str(),
             backend,
-            k.state.as_str(),
+            state_cell(k),
             k.id
         ));
     }
     io::write_output(None, out.as_bytes())
+}
+
+/// `key list`'s STATE cell: the state, or `destroy-pending` while a destruction is scheduled.
+fn state_cell(info: &KeyInfo) -> &'static str {
+    if info.destroy_at.is_some() && info.state != KeyState::Destroyed {
+        "destroy-pending"
+    } else {
+        info.state.as_str()
+    }
 }
 
 /// `key list`'s BACKEND cell: the backend, or `software(fallback:tpm)` for a key made in software
@@ -249,10 +332,20 @@ fn show(ctx: &Context, args: &KeyArg) -> CmdResult {
         ("algorithm", info.spec.algorithm().to_string()),
         ("backend", backend_text(&info, ks.sealer_kind())),
         ("locator", info.locator.clone()),
-        ("state", info.state.to_string()),
+        ("state", state_text(&info)),
         ("version", info.version.to_string()),
+        ("versions", versions_text(&info)),
+        ("min decrypt version", info.min_decrypt_version.to_string()),
+        ("rotate after", duration_text(info.rotate_after)),
+        (
+            "activate at",
+            info.activate_at.map_or("-".into(), format_utc),
+        ),
+        (
+            "deactivate at",
+            info.deactivate_at.map_or("never".into(), format_utc),
+        ),
         ("created", format_utc(info.created_at)),
-        ("attributes", attributes_text(&info)),
     ];
     let mut fields = fields.to_vec();
     if let Some(at) = info.destroyed_at {
@@ -262,7 +355,50 @@ fn show(ctx: &Context, args: &KeyArg) -> CmdResult {
     for (field, value) in fields {
         out.push_str(&format!("{field}: {value}\n"));
     }
+    // One line per attribute: a value may hold any text (a fallback's reason has ", "), and
+    // device text is escaped so that it can neither drive the terminal nor start a line.
+    for (name, value) in &info.attributes {
+        out.push_str(&format!(
+            "attribute {}: {}\n",
+            io::terminal_safe(name),
+            io::terminal_safe(value)
+        ));
+    }
     io::write_output(None, out.as_bytes())
+}
+
+/// `active`, `active, destruction scheduled for DATE`, `destroyed`.
+fn state_text(info: &KeyInfo) -> String {
+    match info.destroy_at {
+        Some(at) if info.state != KeyState::Destroyed => {
+            format!(
+                "{}, destruction scheduled for {}",
+                info.state,
+                format_utc(at)
+            )
+        }
+        _ => info.state.to_string(),
+    }
+}
+
+/// `1 (DATE), 2 (DATE)`; `-` for a destroyed key, whose versions are gone.
+fn versions_text(info: &KeyInfo) -> String {
+    if info.versions.is_empty() {
+        return "-".into();
+    }
+    info.versions
+        .iter()
+        .map(|v| format!("{} ({})", v.version, format_utc(v.created_at)))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// A duration in seconds as people write it (`90days`, `1h 30m`), or `never`.
+pub(super) fn duration_text(secs: Option<i64>) -> String {
+    match secs.and_then(|s| u64::try_from(s).ok()) {
+        Some(s) => humantime::format_duration(std::time::Duration::from_secs(s)).to_string(),
+        None => "never".into(),
+    }
 }
 
 fn pubkey(ctx: &Context, args: &PubkeyArgs) -> CmdResult {
@@ -285,23 +421,6 @@ fn pubkey(ctx: &Context, args: &PubkeyArgs) -> CmdResult {
     io::write_output(io::std_or(args.out.as_deref()), &bytes)
 }
 
-fn destroy(ctx: &Context, args: &KeyArg) -> CmdResult {
-    args.key.check()?;
-    let ks = io::open_keystore(ctx)?;
-    let id = args.key.resolve(ctx, &ks)?;
-    let info = ks.destroy_key(&id)?;
-    if ctx.json {
-        // The info is the record as it was before: what is true now is that it is destroyed.
-        let mut json = info_json(&info);
-        if let Some(object) = json.as_object_mut() {
-            object.insert("state".into(), "destroyed".into());
-        }
-        io::print_json(&json)
-    } else {
-        io::print_line(&format!("destroyed {}/{}", info.namespace, info.name))
-    }
-}
-
 /// `hsm`, or `software (sealed by passphrase)`, or `software (sealed by tpm; fallback for tpm)`.
 fn backend_text(info: &KeyInfo, sealer: &str) -> String {
     if info.backend != "software" {
@@ -313,19 +432,9 @@ fn backend_text(info: &KeyInfo, sealer: &str) -> String {
     }
 }
 
-/// Every attribute the record holds, sorted by name: `name=value, …`, or `-` for none.
-fn attributes_text(info: &KeyInfo) -> String {
-    if info.attributes.is_empty() {
-        return "-".into();
-    }
-    info.attributes
-        .iter()
-        .map(|(k, v)| format!("{k}={v}"))
-        .collect::<Vec<_>>()
-        .join(", ")
-}
-
-fn info_json(info: &KeyInfo) -> serde_json::Value {
+/// The key object of `--json` outputs (docs/cli.md).
+pub(super) fn info_json(info: &KeyInfo) -> serde_json::Value {
+    let at = |secs: Option<i64>| secs.map(format_utc);
     serde_json::json!({
         "id": info.id,
         "store_id": info.store_id,
@@ -338,6 +447,21 @@ fn info_json(info: &KeyInfo) -> serde_json::Value {
         "locator": info.locator,
         "state": info.state.as_str(),
         "version": info.version,
+        "versions": info
+            .versions
+            .iter()
+            .map(|v| serde_json::json!({
+                "version": v.version,
+                "created": format_utc(v.created_at),
+                "locator": v.locator,
+            }))
+            .collect::<Vec<_>>(),
+        "min_decrypt_version": info.min_decrypt_version,
+        "rotate_after_secs": info.rotate_after,
+        "activate_at": at(info.activate_at),
+        "deactivate_at": at(info.deactivate_at),
+        "destroy_at": at(info.destroy_at),
+        "destroyed_at": at(info.destroyed_at),
         "created": format_utc(info.created_at),
         "attributes": info.attributes,
         "fallback": fallback_json(info),

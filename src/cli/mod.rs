@@ -4,6 +4,7 @@ mod audit;
 mod doctor;
 mod io;
 mod key;
+mod lifecycle;
 mod ops;
 mod select;
 mod store;
@@ -62,7 +63,7 @@ pub struct Args {
 enum Command {
     /// Create a new store
     Init(store::InitArgs),
-    /// Create, list, show, export and destroy keys
+    /// Create, list, show and export keys; rotate them, change their state, destroy them
     #[command(subcommand)]
     Key(key::KeyCommand),
     /// Sign input with a signing key
@@ -72,7 +73,9 @@ enum Command {
     /// Encrypt input into an envelope
     Encrypt(ops::EncryptArgs),
     /// Decrypt an envelope
-    Decrypt(ops::EncryptArgs),
+    Decrypt(ops::DecryptArgs),
+    /// Re-encrypt an envelope under the key's newest version (the plaintext stays inside)
+    Rewrap(ops::DecryptArgs),
     /// Compute an HMAC-SHA256 tag
     Mac(ops::MacArgs),
     /// Verify an HMAC-SHA256 tag (exit 0 valid, 1 invalid)
@@ -86,6 +89,8 @@ enum Command {
     /// Verify the audit log's hash chain, or show its entries
     #[command(subcommand)]
     Audit(audit::AuditCommand),
+    /// Run the lifecycle work that is due (activations, expiries, rotations, destructions)
+    Maintain(lifecycle::MaintainArgs),
 }
 
 /// Why a command failed, and so its exit code.
@@ -408,12 +413,14 @@ fn dispatch(ctx: &Context, args: &Args) -> CmdResult {
         Command::Verify(a) => ops::verify(ctx, a),
         Command::Encrypt(a) => ops::encrypt(ctx, a),
         Command::Decrypt(a) => ops::decrypt(ctx, a),
+        Command::Rewrap(a) => ops::rewrap(ctx, a),
         Command::Mac(a) => ops::mac(ctx, a),
         Command::MacVerify(a) => ops::mac_verify(ctx, a),
         Command::Random(a) => ops::random(ctx, a),
         Command::Doctor(a) => doctor::run(ctx, a),
         Command::Reseal(a) => store::reseal(ctx, a),
         Command::Audit(c) => audit::run(ctx, c),
+        Command::Maintain(a) => lifecycle::maintain(ctx, a),
     }
 }
 

@@ -1,9 +1,14 @@
-//! The operations: sign, verify, encrypt, decrypt, mac, mac-verify, random.
+//! The operations: sign, verify, encrypt, decrypt, rewrap, mac, mac-verify, random.
+//!
+//! With `--json`, what a use reports (the key version used, the key's state, whether it is
+//! compromised) is JSON; binary outputs (envelopes, plaintexts) are never wrapped in it: they go
+//! to `--out` or stdout as without `--json`, and the report goes to stdout when `--out` names a
+//! file, else to stderr.
 
 use std::path::PathBuf;
 
 use clap::{Args, ValueEnum};
-use keyhold::SignatureFormat;
+use keyhold::{KeyState, Keystore, SignatureFormat, UseOptions, Used};
 
 use super::io::{self, Encoding};
 use super::select::KeySelector;
@@ -43,9 +48,24 @@ pub struct SignArgs {
     /// ECDSA signature encoding
     #[arg(long, value_enum, default_value = "der")]
     format: FormatArg,
-    /// How the signature bytes are written: raw, hex or base64 (text, with a newline)
+    /// How the signature bytes are written: raw, hex or base64 (text, with a newline); with
+    /// --json and no --out, the JSON's `signature` is hex with hex, else base64
     #[arg(long, value_enum, default_value = "raw")]
     encoding: Encoding,
+}
+
+/// What a check (verify, mac-verify, decrypt) may use beyond the defaults.
+#[derive(Debug, Args)]
+pub struct ProcessOptions {
+    /// Use a compromised key anyway (the output says so, and a warning is logged)
+    #[arg(long)]
+    allow_compromised: bool,
+}
+
+impl ProcessOptions {
+    fn use_options(&self) -> UseOptions {
+        UseOptions::new().allow_compromised(self.allow_compromised)
+    }
 }
 
 #[derive(Debug, Args)]
@@ -63,13 +83,19 @@ pub struct VerifyArgs {
     /// How the signature file holds the signature: raw, hex or base64
     #[arg(long, value_enum, default_value = "raw")]
     encoding: Encoding,
+    /// Verify with key version N only [default: every version from the key's min decrypt
+    /// version up, newest first]
+    #[arg(long, value_name = "N")]
+    version: Option<u32>,
+    #[command(flatten)]
+    process: ProcessOptions,
 }
 
 #[derive(Debug, Args)]
 pub struct EncryptArgs {
     #[command(flatten)]
     key: KeySelector,
-    /// Additional authenticated data (must be the same to decrypt)
+    /// Additional authenticated data (the same to encrypt and to decrypt)
     #[arg(long, value_name = "TEXT", default_value = "")]
     aad: String,
     #[arg(long = "in", value_name = "FILE", help = IN_HELP)]
@@ -77,6 +103,15 @@ pub struct EncryptArgs {
     /// Write to FILE; - is stdout [default: stdout, refused if a terminal]
     #[arg(long, value_name = "FILE")]
     out: Option<PathBuf>,
+}
+
+/// `decrypt` and `rewrap`: encrypt's options, and the use of a compromised key.
+#[derive(Debug, Args)]
+pub struct DecryptArgs {
+    #[command(flatten)]
+    envelope: EncryptArgs,
+    #[command(flatten)]
+    process: ProcessOptions,
 }
 
 #[derive(Debug, Args)]
@@ -89,7 +124,8 @@ pub struct MacArgs {
     /// raw]
     #[arg(long, value_name = "FILE")]
     out: Option<PathBuf>,
-    /// How the tag bytes are written: raw, hex or base64 (text, with a newline)
+    /// How the tag bytes are written: raw, hex or base64 (text, with a newline); with --json and
+    /// no --out, the JSON's `tag` is hex with hex, else base64
     #[arg(long, value_enum, default_value = "raw")]
     encoding: Encoding,
 }
@@ -106,6 +142,12 @@ pub struct MacVerifyArgs {
     /// How the tag file holds the tag: raw, hex or base64
     #[arg(long, value_enum, default_value = "raw")]
     encoding: Encoding,
+    /// Check with key version N only [default: every version from the key's min decrypt
+    /// version up, newest first]
+    #[arg(long, value_name = "N")]
+    version: Option<u32>,
+    #[command(flatten)]
+    process: ProcessOptions,
 }
 
 #[derive(Debug, Args)]
@@ -119,14 +161,66 @@ const AS_TEXT: &str = ", or --encoding hex|base64 for text";
 
 pub fn sign(ctx: &Context, args: &SignArgs) -> CmdResult {
     args.key.check()?;
-    if args.encoding.is_binary() {
+    if args.encoding.is_binary() && !ctx.json {
         io::check_binary_output(args.out.as_deref(), "signature", AS_TEXT)?;
     }
     let ks = io::open_keystore(ctx)?;
     let id = args.key.resolve(ctx, &ks)?;
     let message = io::read_input(io::std_or(args.input.as_deref()))?;
-    let sig = ks.sign(&id, &message, args.format.into())?;
-    io::write_output(io::std_or(args.out.as_deref()), &args.encoding.encode(&sig))
+    let used = ks.sign_with(&id, &message, args.format.into(), &UseOptions::new())?;
+    protected(ctx, &used, "signature", args.out.as_deref(), args.encoding)
+}
+
+/// Writes a signature or tag (`what`): to `out`, or as `--json` says (docs/cli.md): without
+/// `--out FILE` a JSON object holding it as text, the version and the state; with it, the bytes
+/// to the file and the JSON without them.
+fn protected(
+    ctx: &Context,
+    used: &Used<Vec<u8>>,
+    what: &str,
+    out: Option<&std::path::Path>,
+    encoding: Encoding,
+) -> CmdResult {
+    let out = io::std_or(out);
+    if !ctx.json {
+        return io::write_output(out, &encoding.encode(&used.output));
+    }
+    let mut json = use_json(used.version, used.state);
+    if out.is_some() {
+        io::write_output(out, &encoding.encode(&used.output))?;
+    } else if let Some(object) = json.as_object_mut() {
+        object.insert(what.into(), encoding.json_text(&used.output).into());
+    }
+    io::print_json(&json)
+}
+
+/// `{"version": N, "state": "…", "compromised": bool}`: what every `--json` report of a use says.
+fn use_json(version: u32, state: KeyState) -> serde_json::Value {
+    serde_json::json!({
+        "version": version,
+        "state": state.as_str(),
+        "compromised": state == KeyState::Compromised,
+    })
+}
+
+/// With `--json`, reports a use whose output is binary (encrypt, decrypt, rewrap): on stdout when
+/// the output went to a file, else on stderr, so that stdout holds only the bytes.
+fn report_binary_use(
+    ctx: &Context,
+    out: Option<&std::path::Path>,
+    version: u32,
+    state: KeyState,
+) -> CmdResult {
+    if !ctx.json {
+        return Ok(());
+    }
+    let json = use_json(version, state);
+    if io::std_or(out).is_some() {
+        io::print_json(&json)
+    } else {
+        eprintln!("{json}");
+        Ok(())
+    }
 }
 
 pub fn verify(ctx: &Context, args: &VerifyArgs) -> CmdResult {
@@ -136,7 +230,8 @@ pub fn verify(ctx: &Context, args: &VerifyArgs) -> CmdResult {
     let ks = io::open_keystore(ctx)?;
     let id = args.key.resolve(ctx, &ks)?;
     let message = io::read_input(io::std_or(args.input.as_deref()))?;
-    let outcome = ks.verify(&id, &message, &signature, args.format.into());
+    let options = args.process.use_options().version(args.version);
+    let outcome = ks.verify_with(&id, &message, &signature, args.format.into(), &options);
     valid(ctx, outcome, "signature valid")
 }
 
@@ -146,30 +241,64 @@ pub fn encrypt(ctx: &Context, args: &EncryptArgs) -> CmdResult {
     let ks = io::open_keystore(ctx)?;
     let id = args.key.resolve(ctx, &ks)?;
     let plaintext = io::read_input(io::std_or(args.input.as_deref()))?;
-    let envelope = ks.encrypt(&id, &plaintext, args.aad.as_bytes())?;
-    io::write_output(io::std_or(args.out.as_deref()), &envelope)
+    let used = ks.encrypt_with(&id, &plaintext, args.aad.as_bytes(), &UseOptions::new())?;
+    io::write_output(io::std_or(args.out.as_deref()), &used.output)?;
+    report_binary_use(ctx, args.out.as_deref(), used.version, used.state)
 }
 
-pub fn decrypt(ctx: &Context, args: &EncryptArgs) -> CmdResult {
+pub fn decrypt(ctx: &Context, args: &DecryptArgs) -> CmdResult {
+    open_envelope(
+        ctx,
+        args,
+        "plaintext",
+        |ks, id, envelope, aad, options| ks.decrypt_with(id, envelope, aad, options),
+        |plaintext| plaintext.expose(),
+    )
+}
+
+/// `keyhold rewrap`: an envelope in, the same plaintext under the key's newest version out; the
+/// plaintext stays inside the library.
+pub fn rewrap(ctx: &Context, args: &DecryptArgs) -> CmdResult {
+    open_envelope(
+        ctx,
+        args,
+        "envelope",
+        |ks, id, envelope, aad, options| ks.rewrap(id, envelope, aad, options),
+        |envelope| envelope.as_slice(),
+    )
+}
+
+/// Runs `op` on the envelope `args` name and writes its output (`what`, binary; `bytes` gives
+/// it) as `decrypt` and `rewrap` do, with the `--json` report of the version and state.
+fn open_envelope<T>(
+    ctx: &Context,
+    args: &DecryptArgs,
+    what: &str,
+    op: impl FnOnce(&Keystore, &str, &[u8], &[u8], &UseOptions) -> keyhold::Result<Used<T>>,
+    bytes: impl FnOnce(&T) -> &[u8],
+) -> CmdResult {
+    let options = args.process.use_options();
+    let args = &args.envelope;
     args.key.check()?;
-    io::check_binary_output(args.out.as_deref(), "plaintext", "")?;
+    io::check_binary_output(args.out.as_deref(), what, "")?;
     let ks = io::open_keystore(ctx)?;
     let id = args.key.resolve(ctx, &ks)?;
     let envelope = io::read_envelope(io::std_or(args.input.as_deref()))?;
-    let plaintext = ks.decrypt(&id, &envelope, args.aad.as_bytes())?;
-    io::write_output(io::std_or(args.out.as_deref()), plaintext.expose())
+    let used = op(&ks, &id, &envelope, args.aad.as_bytes(), &options)?;
+    io::write_output(io::std_or(args.out.as_deref()), bytes(&used.output))?;
+    report_binary_use(ctx, args.out.as_deref(), used.version, used.state)
 }
 
 pub fn mac(ctx: &Context, args: &MacArgs) -> CmdResult {
     args.key.check()?;
-    if args.encoding.is_binary() {
+    if args.encoding.is_binary() && !ctx.json {
         io::check_binary_output(args.out.as_deref(), "tag", AS_TEXT)?;
     }
     let ks = io::open_keystore(ctx)?;
     let id = args.key.resolve(ctx, &ks)?;
     let data = io::read_input(io::std_or(args.input.as_deref()))?;
-    let tag = ks.mac(&id, &data)?;
-    io::write_output(io::std_or(args.out.as_deref()), &args.encoding.encode(&tag))
+    let used = ks.mac_with(&id, &data, &UseOptions::new())?;
+    protected(ctx, &used, "tag", args.out.as_deref(), args.encoding)
 }
 
 pub fn mac_verify(ctx: &Context, args: &MacVerifyArgs) -> CmdResult {
@@ -179,7 +308,8 @@ pub fn mac_verify(ctx: &Context, args: &MacVerifyArgs) -> CmdResult {
     let ks = io::open_keystore(ctx)?;
     let id = args.key.resolve(ctx, &ks)?;
     let data = io::read_input(io::std_or(args.input.as_deref()))?;
-    let outcome = ks.verify_mac(&id, &data, &tag);
+    let options = args.process.use_options().version(args.version);
+    let outcome = ks.verify_mac_with(&id, &data, &tag, &options);
     valid(ctx, outcome, "tag valid")
 }
 
@@ -211,12 +341,19 @@ pub fn random(ctx: &Context, args: &RandomArgs) -> CmdResult {
     }
 }
 
-/// Reports a verification: valid (exit 0), or invalid (exit 1) as `keyhold: … invalid` on stderr,
-/// or with `--json` as `{"valid":false}` on stdout.
-fn valid(ctx: &Context, outcome: keyhold::Result<()>, text: &str) -> CmdResult {
+/// Reports a verification: valid (exit 0; with `--json` also the version that verified and the
+/// key's state), or invalid (exit 1) as `keyhold: … invalid` on stderr, or with `--json` as
+/// `{"valid":false}` on stdout.
+fn valid(ctx: &Context, outcome: keyhold::Result<Used<()>>, text: &str) -> CmdResult {
     match outcome {
-        Ok(()) if ctx.json => io::print_json(&serde_json::json!({ "valid": true })),
-        Ok(()) => io::print_line(text),
+        Ok(used) if ctx.json => {
+            let mut json = use_json(used.version, used.state);
+            if let Some(object) = json.as_object_mut() {
+                object.insert("valid".into(), true.into());
+            }
+            io::print_json(&json)
+        }
+        Ok(_) => io::print_line(text),
         Err(keyhold::Error::VerificationFailed { .. }) if ctx.json => {
             io::print_json(&serde_json::json!({ "valid": false }))?;
             Err(Failure::Quiet)

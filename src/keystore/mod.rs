@@ -629,10 +629,12 @@ impl Keystore {
         None
     }
 
-    /// The info of the key `id`.
+    /// The info of the key `id`, after the work its schedule makes due now (so that it tells the
+    /// key as it is: activated, expired, rotated or destroyed on time).
     ///
     /// # Errors
-    /// [`Error::KeyIdAuthentication`], [`Error::NoSuchKey`], [`Error::Integrity`].
+    /// [`Error::KeyIdAuthentication`], [`Error::NoSuchKey`], [`Error::Integrity`]; the errors of
+    /// due work (a destruction whose device is away).
     pub fn key_info(&self, id: &str) -> Result<KeyInfo> {
         // Like every command on a key, showing it first runs the work its schedule makes due.
         let resolved = self.resolve_current(id)?;

@@ -102,6 +102,7 @@ impl Keystore {
         };
         self.audit_use(&resolved, need.operation, version, outcome);
         let (output, version) = result?;
+        tracing::debug!(key = %resolved.label, operation = need.operation, version, "used key");
         if resolved.state == KeyState::Compromised {
             tracing::warn!(key = %resolved.label, "used a compromised key ({})", need.operation);
         }

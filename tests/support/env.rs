@@ -155,6 +155,18 @@ impl Env {
         std::fs::read_to_string(self.config_path()).expect("read the configuration file")
     }
 
+    /// The text of the configuration file, or empty without one.
+    pub fn config_text_or_empty(&self) -> String {
+        self.config
+            .as_ref()
+            .map_or_else(String::new, |_| self.config_text())
+    }
+
+    /// The variables this Env sets for every command (a token's PIN and SoftHSM2 configuration).
+    pub fn vars(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.vars.iter().map(|(k, v)| (k.as_str(), v.as_str()))
+    }
+
     /// Replaces the configuration file's text (it stays the one passed to every command).
     pub fn set_config(&self, toml: &str) {
         std::fs::write(self.config_path(), toml).expect("write the configuration file");
@@ -281,6 +293,11 @@ impl Env {
     /// arrive in the output's stdout. Panics if script(1) is missing: the test would otherwise
     /// check nothing.
     pub fn on_terminal(&self, args: &[&str]) -> Output {
+        self.on_terminal_typing(args, None)
+    }
+
+    /// As [`Env::on_terminal`], with `typed` arriving on the terminal as if typed there.
+    pub fn on_terminal_typing(&self, args: &[&str], typed: Option<&[u8]>) -> Output {
         let script = require_tool("script", "util-linux: it gives keyhold a terminal");
         let quote = |s: &str| format!("'{}'", s.replace('\'', "'\\''"));
         let mut line = vec![quote(BIN), "--store".into(), quote(self.store_str())];
@@ -291,7 +308,7 @@ impl Env {
         line.extend(args.iter().map(|a| quote(a)));
         let mut cmd = self.clean(Command::new(script));
         cmd.args(["-qec", &line.join(" "), "/dev/null"]);
-        self.run_cmd(cmd, None)
+        self.run_cmd(cmd, typed)
     }
 
     /// Runs keyhold in a new session, with no controlling terminal (setsid(1)) and stdin
@@ -862,22 +879,32 @@ pub fn hsm_config(module: &str, label: &str, extra: &str) -> String {
 }
 
 /// The members of a key object (docs/cli.md, `--json`), sorted.
-pub const KEY_FIELDS: [&str; 14] = [
+pub const KEY_FIELDS: [&str; 21] = [
+    "activate_at",
     "algorithm",
     "attributes",
     "backend",
     "created",
+    "deactivate_at",
+    "destroy_at",
+    "destroyed_at",
     "fallback",
     "id",
     "locator",
+    "min_decrypt_version",
     "name",
     "namespace",
     "purpose",
+    "rotate_after_secs",
     "state",
     "store_id",
     "type",
     "version",
+    "versions",
 ];
+
+/// The members of a key object that are an RFC 3339 time or null.
+const KEY_TIMES: [&str; 4] = ["activate_at", "deactivate_at", "destroy_at", "destroyed_at"];
 
 /// A key object has exactly the documented members, each of its type; its `attributes` are those
 /// `key show` lists for the key (`show_text`: its output); `fallback` is null, or for a key made
@@ -889,14 +916,54 @@ pub fn assert_key_object(
     ctx: &str,
 ) {
     assert_eq!(json_keys(v, ctx), KEY_FIELDS, "{ctx}: the members of {v}");
-    // Every member but these three is a string.
+    // Every member but these is a string.
+    let not_strings = [
+        "attributes",
+        "fallback",
+        "version",
+        "versions",
+        "min_decrypt_version",
+        "rotate_after_secs",
+    ];
     for f in KEY_FIELDS
         .iter()
-        .filter(|f| !["attributes", "fallback", "version"].contains(f))
+        .filter(|f| !not_strings.contains(f) && !KEY_TIMES.contains(f))
     {
         assert!(v[f].is_string(), "{ctx}: `{f}` is a string in {v}");
     }
     assert!(v["version"].is_u64(), "{ctx}: `version` is a number in {v}");
+    assert!(
+        v["min_decrypt_version"].is_u64(),
+        "{ctx}: `min_decrypt_version` is a number in {v}"
+    );
+    assert!(
+        v["rotate_after_secs"].is_null() || v["rotate_after_secs"].is_u64(),
+        "{ctx}: `rotate_after_secs` is a number or null in {v}"
+    );
+    for f in KEY_TIMES {
+        assert!(
+            v[f].is_null()
+                || v[f]
+                    .as_str()
+                    .is_some_and(|t| t.len() == 20 && t.ends_with('Z')),
+            "{ctx}: `{f}` is an RFC 3339 UTC time or null in {v}"
+        );
+    }
+    let versions = v["versions"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{ctx}: `versions` is an array in {v}"));
+    for (i, version) in versions.iter().enumerate() {
+        assert_eq!(
+            json_keys(version, ctx),
+            ["created", "locator", "version"],
+            "{ctx}: a version in {v}"
+        );
+        assert_eq!(
+            version["version"].as_u64(),
+            Some(i as u64 + 1),
+            "{ctx}: {v}"
+        );
+    }
     let created = v["created"].as_str().unwrap_or_default();
     assert!(
         created.len() == 20
@@ -911,25 +978,19 @@ pub fn assert_key_object(
     let attributes = v["attributes"]
         .as_object()
         .unwrap_or_else(|| panic!("{ctx}: `attributes` is an object in {v}"));
-    // key show lists them sorted as `name=value, …` (`-` for none); a value may itself hold
-    // ", " (a fallback's reason), so the JSON is spelled that way and compared whole.
-    let spelled: Vec<String> = attributes
+    // key show lists them one `attribute NAME: VALUE` line each.
+    let from_json: std::collections::BTreeMap<String, String> = attributes
         .iter()
         .map(|(k, v)| {
             let v = v
                 .as_str()
                 .unwrap_or_else(|| panic!("{ctx}: attribute `{k}` is a string in {v}"));
-            format!("{k}={v}")
+            (k.clone(), v.to_owned())
         })
         .collect();
-    let spelled = if spelled.is_empty() {
-        "-".to_owned()
-    } else {
-        spelled.join(", ")
-    };
     assert_eq!(
-        spelled,
-        super::field(show_text, "attributes"),
+        from_json,
+        super::attribute_map(show_text),
         "{ctx}: the attributes are key show's"
     );
     match fallback_for {

@@ -230,6 +230,32 @@ pub fn field<'a>(show: &'a str, name: &str) -> &'a str {
         .unwrap_or_else(|| panic!("no `{name}` in key show:\n{show}"))
 }
 
+/// The `attribute NAME: VALUE` lines of `keyhold key show` output, by name.
+pub fn attribute_map(show: &str) -> BTreeMap<String, String> {
+    show.lines()
+        .filter_map(|l| l.strip_prefix("attribute "))
+        .map(|l| {
+            let (name, value) = l
+                .split_once(": ")
+                .unwrap_or_else(|| panic!("an attribute line without `: `: {l}"));
+            (name.to_owned(), value.to_owned())
+        })
+        .collect()
+}
+
+/// [`attribute_map`] spelled `name=value, …` sorted by name (`-` for none), for comparisons
+/// with a known list.
+pub fn attributes(show: &str) -> String {
+    let map = attribute_map(show);
+    if map.is_empty() {
+        return "-".into();
+    }
+    map.iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// Asserts that `err` says the TPM was cleared or replaced since the key was made.
 pub fn assert_tpm_replaced(err: &keyhold::Error) {
     match err {
