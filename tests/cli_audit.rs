@@ -122,9 +122,24 @@ fn every_use_and_lifecycle_change_is_recorded_as_it_happened() {
         "decrypt of a tampered envelope",
     );
     env.ok(
-        &["--namespace", "team-a", "mac", "--key", &mac, "--in", &msg],
+        &["mac", "--key", &mac, "--in", &msg, "--out", "tag"],
         b"",
         "mac",
+    );
+    env.ok(
+        &["mac-verify", "--key", &mac, "--tag", "tag", "--in", &msg],
+        b"",
+        "mac-verify",
+    );
+    let bent = env.write("bent", &flip(&std::fs::read(env.file("tag")).unwrap(), 0));
+    assert_fail(
+        &env.run(
+            &["mac-verify", "--key", &mac, "--tag", &bent, "--in", &msg],
+            b"",
+        ),
+        1,
+        "tag invalid",
+        "mac-verify of a wrong tag",
     );
     let sealed = env.ok(&["encrypt", "--key", &rsa, "--in", &msg], b"", "RSA-OAEP");
     env.ok(
@@ -180,6 +195,14 @@ fn every_use_and_lifecycle_change_is_recorded_as_it_happened() {
             "decryption_failed",
         ),
         ("mac", some(&mac), v1, some("team-a"), "ok"),
+        ("mac-verify", some(&mac), v1, some("team-a"), "ok"),
+        (
+            "mac-verify",
+            some(&mac),
+            None,
+            some("team-a"),
+            "verification_failed",
+        ),
         ("encrypt", some(&rsa), v1, default.clone(), "ok"),
         ("decrypt", some(&rsa), v1, default.clone(), "ok"),
         ("sign", some(&aes), None, default.clone(), "wrong_purpose"),
@@ -222,8 +245,8 @@ fn every_use_and_lifecycle_change_is_recorded_as_it_happened() {
             uid()
         )
     );
-    assert!(text_lines[13].contains(" sign outcome=key_id_authentication namespace=- version=- "));
-    assert!(text_lines[13].ends_with(" key=-"));
+    assert!(text_lines[15].contains(" sign outcome=key_id_authentication namespace=- version=- "));
+    assert!(text_lines[15].ends_with(" key=-"));
 
     // Nothing secret in the file: not the plaintext, not the passphrase, not the modified ID.
     let file = std::fs::read(audit_log(&env)).unwrap();
@@ -252,13 +275,13 @@ fn every_use_and_lifecycle_change_is_recorded_as_it_happened() {
     );
     assert_eq!(
         verified,
-        format!("audit log verified: 17 entries, head {head}\n")
+        format!("audit log verified: 19 entries, head {head}\n")
     );
     let json = parse_json(
         &env.ok(&["audit", "verify", "--json"], b"", "audit verify --json"),
         "audit verify --json",
     );
-    assert_eq!(json, serde_json::json!({ "entries": 17, "head": head }));
+    assert_eq!(json, serde_json::json!({ "entries": 19, "head": head }));
 }
 
 /// A store with a few entries, and its audit log's lines.
