@@ -502,3 +502,59 @@ fn a_disabled_audit_log_records_nothing() {
         format!("audit log verified: 0 entries, head {}\n", "0".repeat(64))
     );
 }
+
+/// The same on a SoftHSM2 token: a token key's uses and lifecycle are recorded as a software
+/// key's are (the log is the keystore's, whatever the backend).
+#[cfg(feature = "pkcs11")]
+#[test]
+fn a_token_key_is_recorded_as_any_other() {
+    use keyhold::testing::{SoftHsm, SOFTHSM_MODULE, TEST_USER_PIN};
+    let hsm = SoftHsm::new().unwrap();
+    let env = Env::new().with_softhsm(SOFTHSM_MODULE, hsm.label(), TEST_USER_PIN, "");
+    env.init_store();
+    let ec = env.create_key("t-ec", "ecdsa-p256", &["--backend", "hsm"]);
+    let aes = env.create_key("t-aes", "aes-256-gcm", &["--backend", "hsm"]);
+    env.ok(&["sign", "--key", &ec, "--encoding", "hex"], b"m", "sign");
+    let envelope = env.ok(&["encrypt", "--key", &aes], b"m", "encrypt");
+    assert_fail(
+        &env.run(
+            &["decrypt", "--key", &aes],
+            &flip(&envelope, envelope.len() - 1),
+        ),
+        1,
+        "decryption failed",
+        "decrypt of a tampered envelope on the token",
+    );
+    env.ok(&["key", "destroy", "--key", &ec], b"", "destroy");
+    let got: Vec<_> = entries(&env, &[]).iter().map(summary).collect();
+    let entry = |op: &str, id: &str, outcome: &str| {
+        (
+            op.to_owned(),
+            Some(id.to_owned()),
+            Some(1),
+            Some("default".to_owned()),
+            outcome.to_owned(),
+        )
+    };
+    assert_eq!(
+        got,
+        [
+            entry("create", &ec, "ok"),
+            entry("create", &aes, "ok"),
+            entry("sign", &ec, "ok"),
+            entry("encrypt", &aes, "ok"),
+            (
+                "decrypt".to_owned(),
+                Some(aes.clone()),
+                None,
+                Some("default".to_owned()),
+                "decryption_failed".to_owned(),
+            ),
+            entry("begin-destroy", &ec, "ok"),
+            entry("destroy", &ec, "ok"),
+        ]
+    );
+    assert!(env
+        .ok_text(&["audit", "verify"])
+        .starts_with("audit log verified: 7 entries, head "));
+}
