@@ -39,6 +39,9 @@ use crate::secret::SecretBytes;
 /// The audit log's file name in the store directory.
 pub const FILE: &str = "audit.log";
 
+/// Appends write this much at a time (a batch of a busy second is tens of megabytes).
+const WRITE_CHUNK: usize = 1 << 20;
+
 /// The longest line [`AuditLog`] reads: far above any entry it writes.
 const MAX_LINE: usize = 16 * 1024;
 
@@ -163,12 +166,24 @@ impl AuditLog {
     /// entry, so nothing is lost that was acknowledged, and the drop stays on the record.
     ///
     /// # Errors
-    /// As [`Self::append`]; on an error none of the entries is in the log (or, after a crash in
-    /// the write, a cut line the next append drops).
+    /// As [`Self::append`]; on an error none of the entries is in the log (what was written is
+    /// cut off again; after a crash in the write, a cut line the next append drops).
     pub fn append_batch(&self, events: &[(Event<'_>, i64)]) -> Result<u64> {
-        if events.is_empty() {
+        self.append_events(events.iter().cloned(), &mut Vec::new())
+    }
+
+    /// [`Self::append_batch`] of an iterator, encoding into `out` (cleared first; its capacity
+    /// kept for the next call) and writing it a megabyte at a time.
+    fn append_events<'e>(
+        &self,
+        events: impl Iterator<Item = (Event<'e>, i64)>,
+        out: &mut Vec<u8>,
+    ) -> Result<u64> {
+        let mut events = events.peekable();
+        let Some((first, first_time)) = events.peek().map(|(e, t)| (e.caller, *t)) else {
             return Ok(0);
-        }
+        };
+        out.clear();
         let io = |what: &str, e| Error::io(format!("{what} {}", self.path.display()), e);
         let mut file = OpenOptions::new()
             .read(true)
@@ -181,8 +196,8 @@ impl AuditLog {
         rustix::fs::flock(&file, rustix::fs::FlockOperation::LockExclusive)
             .map_err(|e| io("lock the audit log", e.into()))?;
         let tail = read_tail(&mut file).map_err(|e| io("read the audit log", e))?;
-        let mut out = Vec::with_capacity((events.len() + 1) * 512);
         let mut repair = None;
+        let mut dropped_line = None;
         let last = match tail.unterminated {
             None => tail.last,
             // Whole but for its newline: the write stopped just before it.
@@ -193,12 +208,12 @@ impl AuditLog {
             Some((start, line)) if line.len() <= MAX_LINE => {
                 file.set_len(start)
                     .map_err(|e| io("drop the cut last line of the audit log", e))?;
+                dropped_line = Some(line);
                 tracing::warn!(
                     "the audit log {} ended in a line cut short (a write interrupted by a crash): \
                      it was dropped, and an audit-repair entry records that",
                     self.path.display()
                 );
-                let (first, time) = &events[0];
                 repair = Some((
                     Event {
                         operation: "audit-repair",
@@ -206,9 +221,9 @@ impl AuditLog {
                         version: None,
                         namespace: None,
                         outcome: "cut_short_line_dropped",
-                        caller: first.caller,
+                        caller: first,
                     },
-                    *time,
+                    first_time,
                 ));
                 tail.last
             }
@@ -228,16 +243,41 @@ impl AuditLog {
                 (entry.seq, line_hash(&line))
             }
         };
-        for (event, time) in repair.iter().chain(events) {
-            seq += 1;
-            let start = out.len();
-            self.encode_line(&mut out, seq, *time, event, &prev)?;
-            prev = line_hash(&out[start..]);
-            out.push(b'\n');
+        let end = file
+            .seek(SeekFrom::End(0))
+            .map_err(|e| io("read the audit log", e))?;
+        let written = (|| {
+            for (event, time) in repair.into_iter().chain(events) {
+                seq += 1;
+                let start = out.len();
+                self.encode_line(out, seq, time, &event, &prev)?;
+                prev = line_hash(&out[start..]);
+                out.push(b'\n');
+                if out.len() >= WRITE_CHUNK {
+                    file.write_all(out)
+                        .map_err(|e| io("append to the audit log", e))?;
+                    out.clear();
+                }
+            }
+            file.write_all(out)
+                .and_then(|()| file.sync_data())
+                .map_err(|e| io("append to the audit log", e))
+        })();
+        out.clear();
+        if let Err(e) = written {
+            // All or nothing: a retry must not write entries twice.
+            let restored = file.set_len(end).and_then(|()| match &dropped_line {
+                Some(line) => file.write_all(line),
+                None => Ok(()),
+            });
+            if let Err(undo) = restored {
+                tracing::error!(
+                    "could not cut a failed append off the audit log {}: {undo}",
+                    self.path.display()
+                );
+            }
+            return Err(e);
         }
-        file.write_all(&out)
-            .and_then(|()| file.sync_data())
-            .map_err(|e| io("append to the audit log", e))?;
         Ok(seq)
     }
 
@@ -482,8 +522,19 @@ struct Shared {
     /// Wakes the writer thread early (sink dropped, buffer large).
     wake: Condvar,
     /// Held while a batch is taken from `pending` and written: batches reach the file in the
-    /// order they were taken, so entries keep the order of the calls that made them.
-    writing: Mutex<()>,
+    /// order they were taken, so entries keep the order of the calls that made them. Holds the
+    /// buffers a write reuses.
+    writing: Mutex<Scratch>,
+}
+
+/// What one write leaves for the next, so that a busy sink does not allocate (and fault in)
+/// megabytes every window.
+#[derive(Debug, Default)]
+struct Scratch {
+    /// The encoded lines.
+    out: Vec<u8>,
+    /// An empty buffer with the capacity of the last batch, swapped in for the one taken.
+    spare: VecDeque<(i64, KeyUse)>,
 }
 
 #[derive(Debug, Default)]
@@ -513,7 +564,7 @@ impl AuditSink {
             window: window.max(Duration::from_millis(1)),
             pending: Mutex::new(Pending::default()),
             wake: Condvar::new(),
-            writing: Mutex::new(()),
+            writing: Mutex::new(Scratch::default()),
         });
         let worker = Arc::clone(&shared);
         let writer = std::thread::Builder::new()
@@ -657,11 +708,13 @@ impl Shared {
     /// Takes every buffered key use, adds `last` (a lifecycle entry) after them, and appends
     /// them as one batch. On failure the key uses go back to the front of the buffer.
     fn write(&self, last: Option<(Event<'_>, i64)>) -> Result<u64> {
-        let _turn = lock(&self.writing);
-        let (uses, dropped) = {
+        let mut scratch = lock(&self.writing);
+        let scratch = &mut *scratch;
+        let (mut uses, dropped) = {
             let mut pending = lock(&self.pending);
+            let spare = std::mem::take(&mut scratch.spare);
             (
-                std::mem::take(&mut pending.uses),
+                std::mem::replace(&mut pending.uses, spare),
                 std::mem::take(&mut pending.dropped),
             )
         };
@@ -674,26 +727,28 @@ impl Shared {
                 self.log.path.display()
             );
         }
-        let mut batch: Vec<(Event<'_>, i64)> = uses
-            .iter()
-            .map(|(time, u)| {
-                let event = Event {
-                    operation: u.operation,
-                    key_id: u.key_id.as_deref(),
-                    version: u.version,
-                    namespace: u.namespace.as_deref(),
-                    outcome: u.outcome,
-                    caller: self.caller,
-                };
-                (event, *time)
-            })
-            .collect();
-        batch.extend(last);
-        let written = self.log.append_batch(&batch);
-        drop(batch);
+        let events = uses.iter().map(|(time, u)| {
+            let event = Event {
+                operation: u.operation,
+                key_id: u.key_id.as_deref(),
+                version: u.version,
+                namespace: u.namespace.as_deref(),
+                outcome: u.outcome,
+                caller: self.caller,
+            };
+            (event, *time)
+        });
+        let written = self.log.append_events(events.chain(last), &mut scratch.out);
         let mut pending = lock(&self.pending);
         match &written {
-            Ok(_) => pending.failing = false,
+            Ok(_) => {
+                pending.failing = false;
+                drop(pending);
+                uses.clear();
+                if uses.capacity() <= MAX_PENDING {
+                    scratch.spare = uses;
+                }
+            }
             Err(_) => {
                 pending.failing = true;
                 // Back in front of what came in meanwhile, the oldest dropped past the bound.
