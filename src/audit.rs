@@ -254,7 +254,10 @@ impl AuditLog {
                 prev = line_hash(&out[start..]);
                 out.push(b'\n');
                 if out.len() >= WRITE_CHUNK {
+                    // Flushed chunk by chunk: another file's fsync on the same filesystem (the
+                    // store's own commits) may have to wait for this file's unflushed data.
                     file.write_all(out)
+                        .and_then(|()| file.sync_data())
                         .map_err(|e| io("append to the audit log", e))?;
                     out.clear();
                 }
