@@ -22,7 +22,9 @@
 //! filesystem matters (`TMPDIR=/dev/shm` takes the disk out).
 //!
 //! Output (stdout): a header line, one line per case `name keyhold_ops_per_s raw_ops_per_s ratio`,
-//! then the 2-thread/1-thread scaling of each side, the targets and whether they are met. A missed
+//! then the 2-thread/1-thread scaling of each side, the targets and whether they are met; then
+//! (unless `KEYHOLD_BENCH_CASES` leaves out `audit`) keyhold with its audit log on beside keyhold
+//! with it off, one line per case `audit NAME on_ops_per_s off_ops_per_s ratio`. A missed
 //! target does not fail the process: this is a measurement.
 
 mod common;

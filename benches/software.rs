@@ -6,7 +6,7 @@
 //! default: key uses buffered, written by a background thread every second as one batch with one
 //! `fsync`), one with `[audit] enabled = false`, each with its own key of every kind. Each case
 //! runs on one thread; on and off rounds alternate (off first, then on first, ...) after a
-//! warm-up, and each side's result is the median of its rounds.
+//! warm-up, and each side's result is the median of its 9 rounds.
 //!
 //! Environment: `KEYHOLD_BENCH_SECS` (measured seconds per side and case, split over the rounds;
 //! default 3).
@@ -18,7 +18,7 @@
 mod common;
 
 use common::{audit_on_and_off, compare_audit, encrypted, loadavg, round_and_warmup, signed};
-use common::{AuditCase, BoxResult, ROUNDS, USER_AAD};
+use common::{AuditCase, BoxResult, AUDIT_ROUNDS, USER_AAD};
 
 use keyhold::{KeyRequest, KeySpec, KeyType, Keystore, SignatureFormat};
 
@@ -72,11 +72,12 @@ fn main() -> BoxResult<()> {
 
     eprintln!(
         "# keyhold software bench, audit on/off: stores in {}; {} CPUs, load average {}; {secs} s \
-         per side per case ({ROUNDS} alternating rounds of {:.2} s, median; warm-up {:.2} s)",
+         per side per case ({AUDIT_ROUNDS} alternating rounds of {:.2} s, median; warm-up {:.2} \
+         s)",
         std::env::temp_dir().display(),
         std::thread::available_parallelism().map_or(0, |n| n.get()),
         loadavg(),
-        round.as_secs_f64(),
+        round.as_secs_f64() / 3.0,
         warmup.as_secs_f64()
     );
     let cases = vec![

@@ -14,6 +14,10 @@
 //! made in the last window before a crash or `SIGKILL` may be missing from the log; lifecycle
 //! changes never are, and the log keeps the order in which things happened.
 //!
+//! A crash or `SIGKILL` in the middle of a write can leave the last line cut short: `verify`
+//! names it, and the next append drops it and records an `audit-repair` entry saying so. Appends
+//! hold the file's exclusive lock and readers a shared one, so no reader sees half a batch.
+//!
 //! Entries hold what was done, to which key, by whom and how it ended: never key material,
 //! plaintext, PINs or passphrases. The types keep it that way: an [`Event`] has no free-form
 //! field but the key's ID and namespace.
@@ -34,6 +38,9 @@ use crate::secret::SecretBytes;
 
 /// The audit log's file name in the store directory.
 pub const FILE: &str = "audit.log";
+
+/// Appends write this much at a time (a batch of a busy second is tens of megabytes).
+const WRITE_CHUNK: usize = 1 << 20;
 
 /// The longest line [`AuditLog`] reads: far above any entry it writes.
 const MAX_LINE: usize = 16 * 1024;
@@ -153,13 +160,30 @@ impl AuditLog {
     /// write and one flush to disk; returns the last one's `seq` (0 for no events: nothing is
     /// written).
     ///
+    /// A last line cut short (a write interrupted by a crash or `SIGKILL`: the kernel may stop a
+    /// write between pages) is dropped first, and an `audit-repair` entry with outcome
+    /// `cut_short_line_dropped` says so before the new entries: such a line never held a whole
+    /// entry, so nothing is lost that was acknowledged, and the drop stays on the record.
+    ///
     /// # Errors
-    /// As [`Self::append`]; on an error none of the entries is in the log (a write the kernel
-    /// cut short leaves a last line that does not parse, which [`Self::verify`] names).
+    /// As [`Self::append`]; on an error none of the entries is in the log (what was written is
+    /// cut off again; after a crash in the write, a cut line the next append drops).
     pub fn append_batch(&self, events: &[(Event<'_>, i64)]) -> Result<u64> {
-        if events.is_empty() {
+        self.append_events(events.iter().cloned(), &mut Vec::new())
+    }
+
+    /// [`Self::append_batch`] of an iterator, encoding into `out` (cleared first; its capacity
+    /// kept for the next call) and writing it a megabyte at a time.
+    fn append_events<'e>(
+        &self,
+        events: impl Iterator<Item = (Event<'e>, i64)>,
+        out: &mut Vec<u8>,
+    ) -> Result<u64> {
+        let mut events = events.peekable();
+        let Some((first, first_time)) = events.peek().map(|(e, t)| (e.caller, *t)) else {
             return Ok(0);
-        }
+        };
+        out.clear();
         let io = |what: &str, e| Error::io(format!("{what} {}", self.path.display()), e);
         let mut file = OpenOptions::new()
             .read(true)
@@ -171,25 +195,92 @@ impl AuditLog {
         // Held until the file is closed, at the end of this call.
         rustix::fs::flock(&file, rustix::fs::FlockOperation::LockExclusive)
             .map_err(|e| io("lock the audit log", e.into()))?;
-        let (mut seq, mut prev) =
-            match last_line(&mut file).map_err(|e| io("read the audit log", e))? {
-                None => (0, [0u8; 32]),
-                Some(line) => {
-                    let entry = self.check_line(&line, 0)?;
-                    (entry.seq, line_hash(&line))
+        let tail = read_tail(&mut file).map_err(|e| io("read the audit log", e))?;
+        let mut repair = None;
+        let mut dropped_line = None;
+        let last = match tail.unterminated {
+            None => tail.last,
+            // Whole but for its newline: the write stopped just before it.
+            Some((_, line)) if self.check_line(&line, 0).is_ok() => {
+                out.push(b'\n');
+                Some(line)
+            }
+            Some((start, line)) if line.len() <= MAX_LINE => {
+                file.set_len(start)
+                    .map_err(|e| io("drop the cut last line of the audit log", e))?;
+                dropped_line = Some(line);
+                tracing::warn!(
+                    "the audit log {} ended in a line cut short (a write interrupted by a crash): \
+                     it was dropped, and an audit-repair entry records that",
+                    self.path.display()
+                );
+                repair = Some((
+                    Event {
+                        operation: "audit-repair",
+                        key_id: None,
+                        version: None,
+                        namespace: None,
+                        outcome: "cut_short_line_dropped",
+                        caller: first,
+                    },
+                    first_time,
+                ));
+                tail.last
+            }
+            Some(_) => {
+                return Err(Error::Integrity {
+                    what: format!(
+                        "audit log the last line: it is longer than {MAX_LINE} bytes: not a line \
+                         this log wrote"
+                    ),
+                })
+            }
+        };
+        let (mut seq, mut prev) = match last {
+            None => (0, [0u8; 32]),
+            Some(line) => {
+                let entry = self.check_line(&line, 0)?;
+                (entry.seq, line_hash(&line))
+            }
+        };
+        let end = file
+            .seek(SeekFrom::End(0))
+            .map_err(|e| io("read the audit log", e))?;
+        let written = (|| {
+            for (event, time) in repair.into_iter().chain(events) {
+                seq += 1;
+                let start = out.len();
+                self.encode_line(out, seq, time, &event, &prev)?;
+                prev = line_hash(&out[start..]);
+                out.push(b'\n');
+                if out.len() >= WRITE_CHUNK {
+                    // Flushed chunk by chunk: another file's fsync on the same filesystem (the
+                    // store's own commits) may have to wait for this file's unflushed data.
+                    file.write_all(out)
+                        .and_then(|()| file.sync_data())
+                        .map_err(|e| io("append to the audit log", e))?;
+                    out.clear();
                 }
-            };
-        let mut out = Vec::with_capacity(events.len() * 400);
-        for (event, time) in events {
-            seq += 1;
-            let start = out.len();
-            self.encode_line(&mut out, seq, *time, event, &prev)?;
-            prev = line_hash(&out[start..]);
-            out.push(b'\n');
+            }
+            file.write_all(out)
+                .and_then(|()| file.sync_data())
+                .map_err(|e| io("append to the audit log", e))
+        })();
+        out.clear();
+        if let Err(e) = written {
+            // All or nothing: a retry must not write entries twice.
+            let restored = file.set_len(end).and_then(|()| match &dropped_line {
+                Some(line) => file.write_all(line),
+                None => Ok(()),
+            });
+            if let Err(undo) = restored {
+                tracing::error!(
+                    "could not cut a failed append off the audit log {}: {undo}",
+                    self.path.display()
+                );
+            }
+            return Err(e);
         }
-        file.write_all(&out)
-            .and_then(|()| file.sync_data())
-            .map_err(|e| io("append to the audit log", e))?;
         Ok(seq)
     }
 
@@ -298,6 +389,13 @@ impl AuditLog {
                 ))
             }
         };
+        // Shared with other readers; appends (exclusive) wait, so no half-written batch is read.
+        rustix::fs::flock(&file, rustix::fs::FlockOperation::LockShared).map_err(|e| {
+            Error::io(
+                format!("lock the audit log {}", self.path.display()),
+                e.into(),
+            )
+        })?;
         let mut reader = BufReader::new(file);
         let mut line = Vec::new();
         let mut number = 0u64;
@@ -427,8 +525,19 @@ struct Shared {
     /// Wakes the writer thread early (sink dropped, buffer large).
     wake: Condvar,
     /// Held while a batch is taken from `pending` and written: batches reach the file in the
-    /// order they were taken, so entries keep the order of the calls that made them.
-    writing: Mutex<()>,
+    /// order they were taken, so entries keep the order of the calls that made them. Holds the
+    /// buffers a write reuses.
+    writing: Mutex<Scratch>,
+}
+
+/// What one write leaves for the next, so that a busy sink does not allocate (and fault in)
+/// megabytes every window.
+#[derive(Debug, Default)]
+struct Scratch {
+    /// The encoded lines.
+    out: Vec<u8>,
+    /// An empty buffer with the capacity of the last batch, swapped in for the one taken.
+    spare: VecDeque<(i64, KeyUse)>,
 }
 
 #[derive(Debug, Default)]
@@ -458,7 +567,7 @@ impl AuditSink {
             window: window.max(Duration::from_millis(1)),
             pending: Mutex::new(Pending::default()),
             wake: Condvar::new(),
-            writing: Mutex::new(()),
+            writing: Mutex::new(Scratch::default()),
         });
         let worker = Arc::clone(&shared);
         let writer = std::thread::Builder::new()
@@ -602,11 +711,13 @@ impl Shared {
     /// Takes every buffered key use, adds `last` (a lifecycle entry) after them, and appends
     /// them as one batch. On failure the key uses go back to the front of the buffer.
     fn write(&self, last: Option<(Event<'_>, i64)>) -> Result<u64> {
-        let _turn = lock(&self.writing);
-        let (uses, dropped) = {
+        let mut scratch = lock(&self.writing);
+        let scratch = &mut *scratch;
+        let (mut uses, dropped) = {
             let mut pending = lock(&self.pending);
+            let spare = std::mem::take(&mut scratch.spare);
             (
-                std::mem::take(&mut pending.uses),
+                std::mem::replace(&mut pending.uses, spare),
                 std::mem::take(&mut pending.dropped),
             )
         };
@@ -619,26 +730,28 @@ impl Shared {
                 self.log.path.display()
             );
         }
-        let mut batch: Vec<(Event<'_>, i64)> = uses
-            .iter()
-            .map(|(time, u)| {
-                let event = Event {
-                    operation: u.operation,
-                    key_id: u.key_id.as_deref(),
-                    version: u.version,
-                    namespace: u.namespace.as_deref(),
-                    outcome: u.outcome,
-                    caller: self.caller,
-                };
-                (event, *time)
-            })
-            .collect();
-        batch.extend(last);
-        let written = self.log.append_batch(&batch);
-        drop(batch);
+        let events = uses.iter().map(|(time, u)| {
+            let event = Event {
+                operation: u.operation,
+                key_id: u.key_id.as_deref(),
+                version: u.version,
+                namespace: u.namespace.as_deref(),
+                outcome: u.outcome,
+                caller: self.caller,
+            };
+            (event, *time)
+        });
+        let written = self.log.append_events(events.chain(last), &mut scratch.out);
         let mut pending = lock(&self.pending);
         match &written {
-            Ok(_) => pending.failing = false,
+            Ok(_) => {
+                pending.failing = false;
+                drop(pending);
+                uses.clear();
+                if uses.capacity() <= MAX_PENDING {
+                    scratch.spare = uses;
+                }
+            }
             Err(_) => {
                 pending.failing = true;
                 // Back in front of what came in meanwhile, the oldest dropped past the bound.
@@ -660,23 +773,41 @@ impl Shared {
     }
 }
 
-/// The file's last line (without its newline), if it has one; the file is left at its end.
-fn last_line(file: &mut File) -> std::io::Result<Option<Vec<u8>>> {
+/// The end of the log, as an append finds it.
+struct Tail {
+    /// The last line ended by a newline (without it), if any.
+    last: Option<Vec<u8>>,
+    /// Bytes after that line's newline, where the file ends without one: where they start, and
+    /// the bytes (at most one line and a byte).
+    unterminated: Option<(u64, Vec<u8>)>,
+}
+
+/// Reads the end of the log (the last complete line, and an unterminated rest); the file is left
+/// at its end.
+fn read_tail(file: &mut File) -> std::io::Result<Tail> {
     let len = file.seek(SeekFrom::End(0))?;
-    if len == 0 {
-        return Ok(None);
-    }
-    let start = len.saturating_sub(MAX_LINE as u64 + 1);
+    // Room for an unterminated line and the whole line before it.
+    let start = len.saturating_sub(2 * (MAX_LINE as u64 + 1));
     file.seek(SeekFrom::Start(start))?;
     let mut tail = Vec::new();
     file.read_to_end(&mut tail)?;
-    let body = tail.strip_suffix(b"\n").unwrap_or(&tail);
-    let line = match body.iter().rposition(|&b| b == b'\n') {
-        Some(at) => &body[at + 1..],
-        None => body,
-    };
     file.seek(SeekFrom::End(0))?;
-    Ok(Some(line.to_vec()))
+    let (complete, unterminated) = match tail.iter().rposition(|&b| b == b'\n') {
+        _ if tail.is_empty() => (&tail[..0], None),
+        Some(at) if at + 1 == tail.len() => (&tail[..at], None),
+        Some(at) => (
+            &tail[..at],
+            Some((start + at as u64 + 1, tail[at + 1..].to_vec())),
+        ),
+        // No newline: one unterminated line from the start, or one too long to be ours.
+        None => (&tail[..0], Some((start, tail.clone()))),
+    };
+    let last = match complete.iter().rposition(|&b| b == b'\n') {
+        _ if complete.is_empty() && (tail.first() != Some(&b'\n')) => None,
+        Some(at) => Some(complete[at + 1..].to_vec()),
+        None => Some(complete.to_vec()),
+    };
+    Ok(Tail { last, unterminated })
 }
 
 #[cfg(test)]
@@ -827,8 +958,10 @@ mod tests {
         assert!(integrity(&forger).starts_with("audit log line 1: it fails its MAC"));
     }
 
+    /// A write interrupted by a crash leaves a cut last line: `verify` names it, and the next
+    /// append drops it and records that it did, so the log goes on (and verifies) after a crash.
     #[test]
-    fn a_cut_last_line_is_found_and_appending_stops() {
+    fn a_cut_last_line_is_found_and_the_next_append_drops_it_on_the_record() {
         let (_dir, log) = log_of(3);
         let mut text = std::fs::read(&log.path).unwrap();
         text.truncate(text.len() - 10);
@@ -837,8 +970,69 @@ mod tests {
             integrity(&log),
             "audit log line 3: it is cut short (or longer than 16384 bytes)"
         );
+        assert_eq!(log.append(&event("sign", "ok"), 1).unwrap(), 4);
+        let entries = log.entries().unwrap();
+        let ops: Vec<(&str, &str)> = entries
+            .iter()
+            .map(|e| (e.operation.as_str(), e.outcome.as_str()))
+            .collect();
+        assert_eq!(
+            ops,
+            [
+                ("sign", "ok"),
+                ("sign", "ok"),
+                ("audit-repair", "cut_short_line_dropped"),
+                ("sign", "ok")
+            ]
+        );
+        assert_eq!(log.verify().unwrap().entries, 4);
+    }
+
+    /// A reader waits for an append in progress (which holds the file's exclusive lock), so that
+    /// it never reads half a batch and reports a cut line that is still being written.
+    #[test]
+    fn a_reader_waits_for_an_append_in_progress() {
+        let (_dir, log) = log_of(2);
+        let writer = File::open(&log.path).unwrap();
+        rustix::fs::flock(&writer, rustix::fs::FlockOperation::LockExclusive).unwrap();
+        let log = Arc::new(log);
+        let (done, finished) = std::sync::mpsc::channel();
+        let reader = Arc::clone(&log);
+        let thread = std::thread::spawn(move || done.send(reader.verify().map(|v| v.entries)));
+        assert!(
+            finished.recv_timeout(Duration::from_millis(200)).is_err(),
+            "verify read the log while it was locked for an append"
+        );
+        drop(writer);
+        assert_eq!(finished.recv().unwrap().unwrap(), 2);
+        thread.join().unwrap().unwrap();
+    }
+
+    /// A last line whole but for its newline (the write stopped just before it) is kept.
+    #[test]
+    fn a_last_line_without_its_newline_is_kept() {
+        let (_dir, log) = log_of(2);
+        let mut text = std::fs::read(&log.path).unwrap();
+        assert_eq!(text.pop(), Some(b'\n'));
+        std::fs::write(&log.path, &text).unwrap();
+        assert_eq!(log.append(&event("mac", "ok"), 1).unwrap(), 3);
+        assert_eq!(log.verify().unwrap().entries, 3);
+        assert_eq!(lines(&log).len(), 3);
+    }
+
+    /// What no crash leaves: a last line longer than any entry is not cut away.
+    #[test]
+    fn a_last_line_too_long_to_be_an_entry_stops_appending() {
+        let (_dir, log) = log_of(1);
+        let mut text = std::fs::read(&log.path).unwrap();
+        text.extend(std::iter::repeat_n(b'x', MAX_LINE + 1));
+        std::fs::write(&log.path, &text).unwrap();
         let err = log.append(&event("sign", "ok"), 1).unwrap_err();
-        assert!(matches!(err, Error::Integrity { .. }), "{err:?}");
+        assert!(
+            matches!(&err, Error::Integrity { what } if what.contains("longer than 16384 bytes")),
+            "{err:?}"
+        );
+        assert_eq!(std::fs::read(&log.path).unwrap(), text, "nothing cut");
     }
 
     /// The limit the module documents: entries cut off at the end leave a shorter valid log.

@@ -122,9 +122,24 @@ fn every_use_and_lifecycle_change_is_recorded_as_it_happened() {
         "decrypt of a tampered envelope",
     );
     env.ok(
-        &["--namespace", "team-a", "mac", "--key", &mac, "--in", &msg],
+        &["mac", "--key", &mac, "--in", &msg, "--out", "tag"],
         b"",
         "mac",
+    );
+    env.ok(
+        &["mac-verify", "--key", &mac, "--tag", "tag", "--in", &msg],
+        b"",
+        "mac-verify",
+    );
+    let bent = env.write("bent", &flip(&std::fs::read(env.file("tag")).unwrap(), 0));
+    assert_fail(
+        &env.run(
+            &["mac-verify", "--key", &mac, "--tag", &bent, "--in", &msg],
+            b"",
+        ),
+        1,
+        "tag invalid",
+        "mac-verify of a wrong tag",
     );
     let sealed = env.ok(&["encrypt", "--key", &rsa, "--in", &msg], b"", "RSA-OAEP");
     env.ok(
@@ -184,6 +199,14 @@ fn every_use_and_lifecycle_change_is_recorded_as_it_happened() {
             "decryption_failed",
         ),
         ("mac", some(&mac), v1, some("team-a"), "ok"),
+        ("mac-verify", some(&mac), v1, some("team-a"), "ok"),
+        (
+            "mac-verify",
+            some(&mac),
+            None,
+            some("team-a"),
+            "verification_failed",
+        ),
         ("encrypt", some(&rsa), v1, default.clone(), "ok"),
         ("decrypt", some(&rsa), v1, default.clone(), "ok"),
         ("sign", some(&aes), None, default.clone(), "wrong_purpose"),
@@ -226,8 +249,8 @@ fn every_use_and_lifecycle_change_is_recorded_as_it_happened() {
             uid()
         )
     );
-    assert!(text_lines[13].contains(" sign outcome=key_id_authentication namespace=- version=- "));
-    assert!(text_lines[13].ends_with(" key=-"));
+    assert!(text_lines[15].contains(" sign outcome=key_id_authentication namespace=- version=- "));
+    assert!(text_lines[15].ends_with(" key=-"));
 
     // Nothing secret in the file: not the plaintext, not the passphrase, not the modified ID.
     let file = std::fs::read(audit_log(&env)).unwrap();
@@ -256,13 +279,13 @@ fn every_use_and_lifecycle_change_is_recorded_as_it_happened() {
     );
     assert_eq!(
         verified,
-        format!("audit log verified: 17 entries, head {head}\n")
+        format!("audit log verified: 19 entries, head {head}\n")
     );
     let json = parse_json(
         &env.ok(&["audit", "verify", "--json"], b"", "audit verify --json"),
         "audit verify --json",
     );
-    assert_eq!(json, serde_json::json!({ "entries": 17, "head": head }));
+    assert_eq!(json, serde_json::json!({ "entries": 19, "head": head }));
 }
 
 /// A store with a few entries, and its audit log's lines.
@@ -486,4 +509,60 @@ fn a_disabled_audit_log_records_nothing() {
         env.ok_text(&["audit", "verify"]),
         format!("audit log verified: 0 entries, head {}\n", "0".repeat(64))
     );
+}
+
+/// The same on a SoftHSM2 token: a token key's uses and lifecycle are recorded as a software
+/// key's are (the log is the keystore's, whatever the backend).
+#[cfg(feature = "pkcs11")]
+#[test]
+fn a_token_key_is_recorded_as_any_other() {
+    use keyhold::testing::{SoftHsm, SOFTHSM_MODULE, TEST_USER_PIN};
+    let hsm = SoftHsm::new().unwrap();
+    let env = Env::new().with_softhsm(SOFTHSM_MODULE, hsm.label(), TEST_USER_PIN, "");
+    env.init_store();
+    let ec = env.create_key("t-ec", "ecdsa-p256", &["--backend", "hsm"]);
+    let aes = env.create_key("t-aes", "aes-256-gcm", &["--backend", "hsm"]);
+    env.ok(&["sign", "--key", &ec, "--encoding", "hex"], b"m", "sign");
+    let envelope = env.ok(&["encrypt", "--key", &aes], b"m", "encrypt");
+    assert_fail(
+        &env.run(
+            &["decrypt", "--key", &aes],
+            &flip(&envelope, envelope.len() - 1),
+        ),
+        1,
+        "decryption failed",
+        "decrypt of a tampered envelope on the token",
+    );
+    env.ok(&["key", "destroy", "--key", &ec], b"", "destroy");
+    let got: Vec<_> = entries(&env, &[]).iter().map(summary).collect();
+    let entry = |op: &str, id: &str, outcome: &str| {
+        (
+            op.to_owned(),
+            Some(id.to_owned()),
+            Some(1),
+            Some("default".to_owned()),
+            outcome.to_owned(),
+        )
+    };
+    assert_eq!(
+        got,
+        [
+            entry("create", &ec, "ok"),
+            entry("create", &aes, "ok"),
+            entry("sign", &ec, "ok"),
+            entry("encrypt", &aes, "ok"),
+            (
+                "decrypt".to_owned(),
+                Some(aes.clone()),
+                None,
+                Some("default".to_owned()),
+                "decryption_failed".to_owned(),
+            ),
+            entry("begin-destroy", &ec, "ok"),
+            entry("destroy", &ec, "ok"),
+        ]
+    );
+    assert!(env
+        .ok_text(&["audit", "verify"])
+        .starts_with("audit log verified: 7 entries, head "));
 }

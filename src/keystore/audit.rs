@@ -77,6 +77,7 @@ fn lifecycle_name(event: &'static str) -> &'static str {
 fn operation_name(operation: &'static str) -> &'static str {
     match operation {
         "compute a MAC" => "mac",
+        "check a MAC" => "mac-verify",
         other => other,
     }
 }
