@@ -285,7 +285,10 @@ fn every_use_and_lifecycle_change_is_recorded_as_it_happened() {
         &env.ok(&["audit", "verify", "--json"], b"", "audit verify --json"),
         "audit verify --json",
     );
-    assert_eq!(json, serde_json::json!({ "entries": 19, "head": head }));
+    assert_eq!(
+        json,
+        serde_json::json!({ "entries": 19, "head": head, "cut_short": false })
+    );
 }
 
 /// A store with a few entries, and its audit log's lines.
@@ -533,7 +536,7 @@ fn a_token_key_is_recorded_as_any_other() {
         "decryption failed",
         "decrypt of a tampered envelope on the token",
     );
-    env.ok(&["key", "destroy", "--key", &ec], b"", "destroy");
+    env.ok(&["key", "destroy", "--key", &ec, "--now", "--yes"], b"", "destroy");
     let got: Vec<_> = entries(&env, &[]).iter().map(summary).collect();
     let entry = |op: &str, id: &str, outcome: &str| {
         (

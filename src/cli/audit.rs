@@ -40,8 +40,18 @@ fn verify(ctx: &Context) -> CmdResult {
     let ks = io::open_keystore(ctx)?;
     let verified = ks.verify_audit()?;
     let head = keyhold::hex::encode(&verified.head);
+    if verified.cut_short {
+        tracing::warn!(
+            "the audit log ends in a line cut short by a crash mid-write; it is not an entry, \
+             and the next write drops it"
+        );
+    }
     if ctx.json {
-        io::print_json(&serde_json::json!({ "entries": verified.entries, "head": head }))
+        io::print_json(&serde_json::json!({
+            "entries": verified.entries,
+            "head": head,
+            "cut_short": verified.cut_short,
+        }))
     } else {
         io::print_line(&format!(
             "audit log verified: {} entries, head {head}",
