@@ -536,7 +536,11 @@ fn a_token_key_is_recorded_as_any_other() {
         "decryption failed",
         "decrypt of a tampered envelope on the token",
     );
-    env.ok(&["key", "destroy", "--key", &ec, "--now", "--yes"], b"", "destroy");
+    env.ok(
+        &["key", "destroy", "--key", &ec, "--now", "--yes"],
+        b"",
+        "destroy",
+    );
     let got: Vec<_> = entries(&env, &[]).iter().map(summary).collect();
     let entry = |op: &str, id: &str, outcome: &str| {
         (
