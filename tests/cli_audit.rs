@@ -519,9 +519,9 @@ fn a_disabled_audit_log_records_nothing() {
 #[cfg(feature = "pkcs11")]
 #[test]
 fn a_token_key_is_recorded_as_any_other() {
-    use keyhold::testing::{SoftHsm, SOFTHSM_MODULE, TEST_USER_PIN};
+    use keyhold::testing::SoftHsm;
     let hsm = SoftHsm::new().unwrap();
-    let env = Env::new().with_softhsm(SOFTHSM_MODULE, hsm.label(), TEST_USER_PIN, "");
+    let env = Env::on_softhsm(&hsm);
     env.init_store();
     let ec = env.create_key("t-ec", "ecdsa-p256", &["--backend", "hsm"]);
     let aes = env.create_key("t-aes", "aes-256-gcm", &["--backend", "hsm"]);

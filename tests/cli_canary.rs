@@ -12,7 +12,7 @@ mod support;
 
 use std::process::{Command, Output};
 
-use keyhold::testing::{reveal_software_key, SoftHsm, SOFTHSM_MODULE, TEST_USER_PIN};
+use keyhold::testing::{reveal_software_key, SOFTHSM_MODULE};
 use support::env::*;
 
 const PIN: &str = "canary-token-pin-Qx7-not-a-secret";
@@ -71,34 +71,9 @@ impl Canary {
     }
 }
 
-/// The token's user PIN changed to [`PIN`] (the fixture's is too short to look for).
-fn token_with_long_pin() -> SoftHsm {
-    let hsm = SoftHsm::new().unwrap();
-    let tool = require_tool("pkcs11-tool", "OpenSC: it changes the token's PIN");
-    let mut change = Command::new(tool);
-    change
-        .args(["--module", SOFTHSM_MODULE, "--token-label", hsm.label()])
-        .args([
-            "--login",
-            "--pin",
-            TEST_USER_PIN,
-            "--change-pin",
-            "--new-pin",
-            PIN,
-        ])
-        .env("SOFTHSM2_CONF", SoftHsm::conf_file().unwrap());
-    let out = run_command(change, None);
-    assert!(
-        out.status.success(),
-        "pkcs11-tool --change-pin\n{}",
-        show(&out)
-    );
-    hsm
-}
-
 #[test]
 fn no_secret_reaches_any_output_log_or_the_audit_log() {
-    let hsm = token_with_long_pin();
+    let hsm = softhsm_with_pin(PIN);
     let env = Env::new()
         .with_softhsm(SOFTHSM_MODULE, hsm.label(), PIN, "")
         .with_var("RUST_LOG", "trace")

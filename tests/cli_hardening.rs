@@ -449,32 +449,12 @@ fn a_passphrase_and_plaintext_never_reach_the_logs() {
 #[cfg(feature = "pkcs11")]
 #[test]
 fn a_token_pin_never_reaches_the_logs() {
-    use keyhold::testing::{SoftHsm, SOFTHSM_MODULE, TEST_USER_PIN};
+    use keyhold::testing::SOFTHSM_MODULE;
     const PIN: &str = "token-pin-Zq81x-not-a-secret";
     const WRONG_PIN: &str = "token-pin-Zq81y-almost-it";
     let secrets = [PASS, PIN, WRONG_PIN, PLAINTEXT];
     let plain = PLAINTEXT.as_bytes();
-    let hsm = SoftHsm::new().unwrap();
-    let conf = SoftHsm::conf_file().unwrap();
-    let tool = require_tool("pkcs11-tool", "OpenSC: it changes the token's PIN");
-    let mut change = Command::new(tool);
-    change
-        .args(["--module", SOFTHSM_MODULE, "--token-label", hsm.label()])
-        .args([
-            "--login",
-            "--pin",
-            TEST_USER_PIN,
-            "--change-pin",
-            "--new-pin",
-            PIN,
-        ])
-        .env("SOFTHSM2_CONF", &conf);
-    let out = run_command(change, None);
-    assert!(
-        out.status.success(),
-        "pkcs11-tool --change-pin\n{}",
-        show(&out)
-    );
+    let hsm = softhsm_with_pin(PIN);
 
     for level in Level::ALL {
         let env = level

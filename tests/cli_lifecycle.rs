@@ -858,14 +858,9 @@ fn the_gcm_invocation_limit_rotates_before_it_is_passed() {
 #[cfg(feature = "pkcs11")]
 #[test]
 fn a_token_key_rotates_in_the_token_and_destruction_removes_every_version() {
-    use keyhold::testing::{SoftHsm, TEST_USER_PIN};
+    use keyhold::testing::SoftHsm;
     let hsm = SoftHsm::new().unwrap();
-    let env = Env::new().with_softhsm(
-        keyhold::testing::SOFTHSM_MODULE,
-        hsm.label(),
-        TEST_USER_PIN,
-        "",
-    );
+    let env = Env::on_softhsm(&hsm);
     env.init_store();
     let key = env.create_key("t", "ecdsa-p256", &["--backend", "hsm"]);
     let aes = env.create_key("ta", "aes-256-gcm", &["--backend", "hsm"]);

@@ -4,7 +4,7 @@
 
 mod support;
 
-use keyhold::testing::{SoftHsm, TEST_USER_PIN};
+use keyhold::testing::SoftHsm;
 use keyhold::Algorithm;
 use support::env::*;
 use support::{attributes, field, openssl_verifies};
@@ -13,12 +13,7 @@ use support::{attributes, field, openssl_verifies};
 /// `KH_TEST_PIN`). The token lives as long as the returned `SoftHsm`.
 fn setup() -> (SoftHsm, Env) {
     let hsm = SoftHsm::new().unwrap();
-    let env = Env::new().with_softhsm(
-        keyhold::testing::SOFTHSM_MODULE,
-        hsm.label(),
-        TEST_USER_PIN,
-        "",
-    );
+    let env = Env::on_softhsm(&hsm);
     (hsm, env)
 }
 

@@ -645,12 +645,7 @@ fn killed_at_random_points_the_software_backend_loses_nothing_acknowledged() {
 #[test]
 fn killed_at_random_points_a_token_loses_nothing_acknowledged_and_leaks_nothing_unreported() {
     let hsm = keyhold::testing::SoftHsm::new().unwrap();
-    let env = Env::new().with_softhsm(
-        keyhold::testing::SOFTHSM_MODULE,
-        hsm.label(),
-        keyhold::testing::TEST_USER_PIN,
-        "",
-    );
+    let env = Env::on_softhsm(&hsm);
     env.init_store();
     let tally = Loop {
         env: &env,

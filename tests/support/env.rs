@@ -114,6 +114,18 @@ impl Env {
             .with_var("KH_TEST_PIN", pin)
     }
 
+    /// A new Env whose backend `hsm` is the SoftHSM2 fixture token `hsm`, with its user PIN
+    /// [`keyhold::testing::TEST_USER_PIN`] (see [`Env::with_softhsm`]).
+    #[cfg(feature = "pkcs11")]
+    pub fn on_softhsm(hsm: &keyhold::testing::SoftHsm) -> Self {
+        Self::new().with_softhsm(
+            keyhold::testing::SOFTHSM_MODULE,
+            hsm.label(),
+            keyhold::testing::TEST_USER_PIN,
+            "",
+        )
+    }
+
     /// Sets `name=value` for every command (a later per-command value wins).
     pub fn with_var(mut self, name: &str, value: &str) -> Self {
         self.vars.push((name.to_owned(), value.to_owned()));
@@ -1008,4 +1020,35 @@ pub fn assert_key_object(
             );
         }
     }
+}
+
+/// A SoftHSM2 fixture token whose user PIN is changed to `pin` with OpenSC's pkcs11-tool: for
+/// tests that look for the PIN in outputs (the fixture's `1234` is too short to look for).
+#[cfg(feature = "pkcs11")]
+pub fn softhsm_with_pin(pin: &str) -> keyhold::testing::SoftHsm {
+    use keyhold::testing::{SoftHsm, SOFTHSM_MODULE, TEST_USER_PIN};
+    let hsm = SoftHsm::new().expect("a SoftHSM2 fixture token");
+    let tool = require_tool("pkcs11-tool", "OpenSC: it changes the token's PIN");
+    let mut change = Command::new(tool);
+    change
+        .args(["--module", SOFTHSM_MODULE, "--token-label", hsm.label()])
+        .args([
+            "--login",
+            "--pin",
+            TEST_USER_PIN,
+            "--change-pin",
+            "--new-pin",
+            pin,
+        ])
+        .env(
+            "SOFTHSM2_CONF",
+            SoftHsm::conf_file().expect("SOFTHSM2_CONF"),
+        );
+    let out = run_command(change, None);
+    assert!(
+        out.status.success(),
+        "pkcs11-tool --change-pin\n{}",
+        show(&out)
+    );
+    hsm
 }
