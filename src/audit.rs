@@ -42,6 +42,25 @@ pub const FILE: &str = "audit.log";
 /// Appends write this much at a time (a batch of a busy second is tens of megabytes).
 const WRITE_CHUNK: usize = 1 << 20;
 
+/// How long an append waits for another process's append to end: less than the store's busy
+/// timeout (10 s), so that a lifecycle change waiting here gives up (and is rolled back) before
+/// other processes waiting for the store do.
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(8);
+
+/// Takes `file`'s exclusive lock, waiting at most `wait`.
+fn lock_exclusive(file: &File, wait: std::time::Duration) -> std::io::Result<()> {
+    let until = std::time::Instant::now() + wait;
+    loop {
+        match rustix::fs::flock(file, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+            Ok(()) => return Ok(()),
+            Err(e) if e == rustix::io::Errno::WOULDBLOCK && std::time::Instant::now() < until => {
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
 /// The longest line [`AuditLog`] reads: far above any entry it writes.
 const MAX_LINE: usize = 16 * 1024;
 
@@ -196,9 +215,18 @@ impl AuditLog {
             .mode(0o600)
             .open(&self.path)
             .map_err(|e| io("open the audit log", e))?;
-        // Held until the file is closed, at the end of this call.
-        rustix::fs::flock(&file, rustix::fs::FlockOperation::LockExclusive)
-            .map_err(|e| io("lock the audit log", e.into()))?;
+        // Held until the file is closed, at the end of this call. Waited for a bounded time: a
+        // lifecycle change writes its entry while it holds the store's write lock, which other
+        // processes wait for only so long (the store's busy timeout).
+        lock_exclusive(&file, LOCK_WAIT).map_err(|e| {
+            io(
+                &format!(
+                    "another process held the lock of the audit log for {}s:",
+                    LOCK_WAIT.as_secs()
+                ),
+                e,
+            )
+        })?;
         let tail = read_tail(&mut file).map_err(|e| io("read the audit log", e))?;
         let mut repair = None;
         let mut dropped_line = None;
@@ -972,6 +1000,22 @@ mod tests {
         );
         assert_eq!(lines(&log).len(), 2, "nothing appended");
         assert!(integrity(&forger).starts_with("audit log line 1: it fails its MAC"));
+    }
+
+    /// Waiting for another append's lock is bounded: a holder that never lets go makes the
+    /// append fail (and the lifecycle change that wrote it roll back), not hang.
+    #[test]
+    fn the_wait_for_another_appends_lock_is_bounded() {
+        let (_dir, log) = log_of(1);
+        let holder = File::open(&log.path).unwrap();
+        rustix::fs::flock(&holder, rustix::fs::FlockOperation::LockExclusive).unwrap();
+        let other = File::open(&log.path).unwrap();
+        let started = std::time::Instant::now();
+        let err = lock_exclusive(&other, std::time::Duration::from_millis(100)).unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::WouldBlock, "{err}");
+        assert!(started.elapsed() >= std::time::Duration::from_millis(100));
+        drop(holder);
+        lock_exclusive(&other, std::time::Duration::from_millis(100)).unwrap();
     }
 
     /// A write interrupted by a crash leaves a cut last line: `verify` verifies the entries

@@ -52,8 +52,8 @@ pub use key::{
 };
 pub use keystore::{
     random_bytes, BackendHealth, Doctor, Done, KeyEvent, KeyIdFields, KeyInfo, KeyRequest,
-    Keystore, MissingKey, Orphan, PolicyChange, Transition, UncheckedKey, UseOptions, Used,
-    VersionInfo, DEFAULT_NAMESPACE, KEY_ID_PREFIX, MAX_ENVELOPE, MAX_INPUT, MAX_RANDOM,
+    Keystore, Maintenance, MissingKey, Orphan, PolicyChange, Transition, UncheckedKey, UseOptions,
+    Used, VersionInfo, DEFAULT_NAMESPACE, KEY_ID_PREFIX, MAX_ENVELOPE, MAX_INPUT, MAX_RANDOM,
 };
 pub use public_key::PublicKey;
 #[cfg(feature = "pkcs11")]

@@ -414,8 +414,14 @@ fn check_here(request: CheckRequest) -> CheckAnswer {
         .filter(|k| k.state == KeyState::Destroyed && k.destroyed_at.is_none())
         .count();
     if unfinished > 0 {
-        ks.maintain()
+        let report = ks
+            .maintain()
             .unwrap_or_else(|e| panic!("{ctx}: maintain: {e}"));
+        assert!(
+            report.failed.is_empty(),
+            "{ctx}: maintain: {:?}",
+            report.failed
+        );
     }
     let options = UseOptions::new();
     let mut keys = request.keys;

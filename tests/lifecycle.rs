@@ -241,9 +241,10 @@ fn pre_activation_then_active_then_expired_on_schedule() {
     assert_eq!(events(&t, &key.id), ["created", "activated", "expired"]);
 
     // The schedule is checked before anything is made.
+    let later = keyhold::time::now();
     let bad = KeyOptions::new()
-        .activate_at(Some(now + 10))
-        .deactivate_at(Some(now + 5));
+        .activate_at(Some(later + 20))
+        .deactivate_at(Some(later + 10));
     let before = t.snapshot();
     let err =
         t.ks.create_key_with(&request("never", KeyType::Ed25519), &bad)
@@ -251,6 +252,16 @@ fn pre_activation_then_active_then_expired_on_schedule() {
     assert_eq!(
         err.to_string(),
         "the deactivation time must come after the activation time"
+    );
+    let err =
+        t.ks.create_key_with(
+            &request("never", KeyType::Ed25519),
+            &KeyOptions::new().deactivate_at(Some(later - 1)),
+        )
+        .unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "the deactivation time is past: give a time to come"
     );
     assert_eq!(t.snapshot(), before);
 }
@@ -273,7 +284,7 @@ fn rotate_after_rotates_on_use_and_by_maintenance() {
         t.ks.verify_mac_with(&on_use.id, b"m", &tag, &UseOptions::new())
             .unwrap();
     assert_eq!(checked.version, 1);
-    let done = t.ks.maintain().unwrap();
+    let done = t.ks.maintain().unwrap().done;
     let actions: Vec<(&str, &str)> = done
         .iter()
         .map(|d| (d.key.as_str(), d.action.as_str()))
@@ -288,7 +299,7 @@ fn rotate_after_rotates_on_use_and_by_maintenance() {
         Some("rotate-after reached")
     );
     // Nothing more is due.
-    assert!(t.ks.maintain().unwrap().is_empty());
+    assert!(t.ks.maintain().unwrap().done.is_empty());
     let err =
         t.ks.set_policy(
             &on_use.id,
@@ -344,7 +355,7 @@ fn a_scheduled_destruction_waits_can_be_cancelled_and_then_is_final() {
     let soon = keyhold::time::now() + 1;
     t.ks.schedule_destroy(&key.id, soon, None).unwrap();
     wait_until(soon);
-    let done = t.ks.maintain().unwrap();
+    let done = t.ks.maintain().unwrap().done;
     assert_eq!(done.len(), 1);
     assert_eq!(
         (done[0].key.as_str(), done[0].action.as_str()),
@@ -651,4 +662,41 @@ fn two_processes_rotating_at_once_make_one_version_each_in_turn() {
         // Only the newest signs; older versions are there to verify what they signed.
         assert_eq!(used.is_ok(), v == info.version, "version {v}");
     }
+}
+
+/// Maintenance reads every record, then works key by key: a destruction cancelled by another
+/// process in between is not carried out, even once its time has passed (each step decides again
+/// under the write lock). The key is due for activation when maintenance reads it, and its
+/// destruction is cancelled, then its time waited out, just before maintenance gets to it.
+#[test]
+fn a_destruction_cancelled_while_maintenance_runs_is_not_carried_out() {
+    let t = TestStore::new();
+    let now = keyhold::time::now();
+    let options = KeyOptions::new().activate_at(Some(now + 1));
+    let key =
+        t.ks.create_key_with(&request("zz", KeyType::Ed25519), &options)
+            .unwrap();
+    let destroy_at = now + 2;
+    t.ks.schedule_destroy(&key.id, destroy_at, None).unwrap();
+    wait_until(now + 1);
+    let maintainer = t.reopen().unwrap();
+    let mut cancelled = false;
+    let report = maintainer
+        .maintain_then(|label| {
+            assert_eq!(label, "default/zz");
+            t.ks.cancel_destroy(&key.id, Some("still needed")).unwrap();
+            cancelled = true;
+            wait_until(destroy_at);
+        })
+        .unwrap();
+    assert!(cancelled, "maintenance found nothing due");
+    assert!(report.failed.is_empty(), "{:?}", report.failed);
+    assert!(
+        report.done.iter().all(|d| d.action != "destroyed"),
+        "{:?}",
+        report.done
+    );
+    let info = t.ks.key_info(&key.id).unwrap();
+    assert_eq!((info.state, info.destroy_at), (KeyState::Active, None));
+    t.ks.sign(&key.id, b"m", DER).unwrap();
 }

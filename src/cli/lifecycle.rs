@@ -305,23 +305,35 @@ pub fn history(ctx: &Context, args: &KeyArg) -> CmdResult {
 #[derive(Debug, Args)]
 pub struct MaintainArgs {}
 
-/// `keyhold maintain`: runs the work every key's schedule makes due now.
+/// `keyhold maintain`: runs the work every key's schedule makes due now. What was done goes to
+/// stdout; each key whose work failed is named on stderr, and the command exits with the first
+/// failure's code (after the other keys' work was done).
 pub fn maintain(ctx: &Context, _args: &MaintainArgs) -> CmdResult {
     let ks = io::open_keystore(ctx)?;
-    let done = ks.maintain()?;
+    let report = ks.maintain()?;
+    let done = &report.done;
     if ctx.json {
-        return io::print_json(&serde_json::Value::Array(
+        io::print_json(&serde_json::Value::Array(
             done.iter()
                 .map(|d| serde_json::json!({ "key": d.key, "action": d.action }))
                 .collect(),
-        ));
+        ))?;
+    } else if done.is_empty() && report.failed.is_empty() {
+        io::print_line("nothing due")?;
+    } else {
+        let mut out = String::new();
+        for d in done {
+            out.push_str(&format!("{}: {}\n", d.key, d.action));
+        }
+        io::write_output(None, out.as_bytes())?;
     }
-    if done.is_empty() {
-        return io::print_line("nothing due");
+    let mut failed = report.failed.into_iter();
+    let Some((key, first)) = failed.next() else {
+        return Ok(());
+    };
+    for (key, e) in failed {
+        tracing::error!("{key}: {e}");
     }
-    let mut out = String::new();
-    for d in &done {
-        out.push_str(&format!("{}: {}\n", d.key, d.action));
-    }
-    io::write_output(None, out.as_bytes())
+    tracing::error!("{key}: its due work failed");
+    Err(first.into())
 }

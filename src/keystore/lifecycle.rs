@@ -160,6 +160,16 @@ pub struct Done {
     pub action: String,
 }
 
+/// What [`Keystore::maintain`] did and what it could not do.
+#[derive(Debug, Default)]
+#[non_exhaustive]
+pub struct Maintenance {
+    /// What was done, key by key.
+    pub done: Vec<Done>,
+    /// Keys whose due work failed (`namespace/name`, why): a device away, a failed rotation.
+    pub failed: Vec<(String, Error)>,
+}
+
 /// Work a key's schedule makes due at a given time, in the order it is done.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Due {
@@ -193,7 +203,7 @@ impl Keystore {
         if Self::due(&resolved, crate::time::now()).is_none() {
             return Ok(resolved);
         }
-        match self.run_due(resolved, &mut Vec::new()) {
+        match self.run_due(resolved, &mut Vec::new(), false) {
             Ok(current) => Ok(current),
             Err(e) => {
                 // A destruction begun whose device is away: the key is destroyed all the same
@@ -227,7 +237,7 @@ impl Keystore {
         if live && rec.deactivate_at.is_some_and(|at| at <= now) {
             return Some(Due::Expire);
         }
-        if r.state == KeyState::Active {
+        if r.state == KeyState::Active && rec.destroy_at.is_none() {
             if let (Some(after), Ok(current)) = (rec.rotate_after, r.current()) {
                 if now.saturating_sub(current.created_at) >= after {
                     return Some(Due::Rotate);
@@ -237,8 +247,18 @@ impl Keystore {
         None
     }
 
-    /// Runs every piece of work due for `r`, noting each in `done`; the key as it then is.
-    fn run_due(&self, mut r: Arc<Resolved>, done: &mut Vec<Done>) -> Result<Arc<Resolved>> {
+    /// Runs every piece of work due for `r`, noting each in `done`; the key as it then is. Each
+    /// step decides again, under the write lock, from the record as it is then: a schedule
+    /// cancelled or moved meanwhile (by another process, or after `maintain` read every record)
+    /// is not acted on. A failed automatic rotation is an error when `strict` (maintenance, which
+    /// must say so), else said and left for the next command (a use goes on with the current
+    /// version).
+    fn run_due(
+        &self,
+        mut r: Arc<Resolved>,
+        done: &mut Vec<Done>,
+        strict: bool,
+    ) -> Result<Arc<Resolved>> {
         // Each step changes what is due; a handful of steps covers every schedule (activation,
         // expiry, one rotation, destruction).
         for _ in 0..6 {
@@ -246,47 +266,45 @@ impl Keystore {
                 break;
             };
             let key = r.label.clone();
-            let action = match due {
-                Due::FinishDestruction | Due::Destroy => {
-                    r = Arc::new(self.destroy_now(&r, None)?);
-                    "destroyed".to_owned()
-                }
-                Due::Activate => {
-                    r = Arc::new(self.set_state(
-                        &r,
-                        KeyState::Active,
-                        "activated",
-                        Some("activation time reached"),
-                        &[KeyState::PreActivation],
-                    )?);
-                    "activated".to_owned()
-                }
-                Due::Expire => {
-                    r = Arc::new(self.set_state(
-                        &r,
-                        KeyState::Deactivated,
-                        "expired",
-                        Some("deactivation time reached"),
-                        &[
-                            KeyState::PreActivation,
-                            KeyState::Active,
-                            KeyState::Suspended,
-                        ],
-                    )?);
-                    "expired (deactivated)".to_owned()
-                }
+            let before = (r.state, r.record.version);
+            r = Arc::new(match due {
+                Due::FinishDestruction | Due::Destroy => self.destroy_now(&r, None, false)?,
+                Due::Activate => self.scheduled_state(
+                    &r,
+                    due,
+                    KeyState::Active,
+                    "activated",
+                    "activation time reached",
+                )?,
+                Due::Expire => self.scheduled_state(
+                    &r,
+                    due,
+                    KeyState::Deactivated,
+                    "expired",
+                    "deactivation time reached",
+                )?,
                 Due::Rotate => match self.rotate_resolved(&r, Some("rotate-after reached")) {
-                    Ok(rotated) => {
-                        r = Arc::new(rotated);
-                        format!("rotated to version {}", r.record.version)
-                    }
-                    // An overdue rotation that fails (a device away) must not stop the key's
-                    // use: it is retried by the next command and by `maintain`, and said.
+                    Ok(rotated) => rotated,
+                    Err(e) if strict => return Err(e),
                     Err(e) => {
                         tracing::warn!(key = %key, "automatic rotation failed: {e}");
                         break;
                     }
                 },
+            });
+            let action = match (due, r.state) {
+                (Due::FinishDestruction | Due::Destroy, KeyState::Destroyed) => "destroyed".into(),
+                (Due::Activate, KeyState::Active) if before.0 != KeyState::Active => {
+                    "activated".into()
+                }
+                (Due::Expire, KeyState::Deactivated) if before.0 != KeyState::Deactivated => {
+                    "expired (deactivated)".into()
+                }
+                (Due::Rotate, _) if r.record.version > before.1 => {
+                    format!("rotated to version {}", r.record.version)
+                }
+                // No longer due when looked at under the lock: nothing was done.
+                _ => break,
             };
             tracing::info!(key = %key, "{action}");
             done.push(Done { key, action });
@@ -294,30 +312,61 @@ impl Keystore {
         Ok(r)
     }
 
+    /// Moves the key to `to` if, under the write lock, `due` is still what its schedule makes
+    /// due.
+    fn scheduled_state(
+        &self,
+        r: &Resolved,
+        due: Due,
+        to: KeyState,
+        event: &'static str,
+        reason: &str,
+    ) -> Result<Resolved> {
+        self.change(&r.record.uuid, event, Some(reason), |_, now| {
+            if Self::due(now, crate::time::now()) != Some(due) {
+                return Ok(None);
+            }
+            let mut rec = now.record.clone();
+            rec.state = to.as_str().to_owned();
+            Ok(Some(rec))
+        })
+    }
+
     /// Runs the work every key's schedule makes due now (activations, expiries, rotations,
-    /// destructions); what was done, key by key. Run it from a timer (docs/cli.md shows a systemd
+    /// destructions): what was done, key by key, and each key whose work failed, with why (the
+    /// other keys' work is done all the same). Run it from a timer (docs/cli.md shows a systemd
     /// timer); every command also runs it for the key it touches.
     ///
     /// # Errors
-    /// [`Error::Integrity`] if a record fails its MAC (nothing is done then); the first error of a
-    /// key's due work, after the other keys' work was done.
-    pub fn maintain(&self) -> Result<Vec<Done>> {
+    /// [`Error::Integrity`] if a record fails its MAC (nothing is done then); storage errors.
+    pub fn maintain(&self) -> Result<Maintenance> {
+        self.maintain_observed(|_| {})
+    }
+
+    /// [`Self::maintain`], calling `before_each` with each due key's `namespace/name` before
+    /// its work: tests use it to change a key between maintenance's first read and its work.
+    #[cfg(any(test, feature = "testing"))]
+    #[doc(hidden)]
+    pub fn maintain_then(&self, before_each: impl FnMut(&str)) -> Result<Maintenance> {
+        self.maintain_observed(before_each)
+    }
+
+    fn maintain_observed(&self, mut before_each: impl FnMut(&str)) -> Result<Maintenance> {
         let records = self.all_verified()?;
         let now = crate::time::now();
-        let mut done = Vec::new();
-        let mut first_error = None;
+        let mut report = Maintenance::default();
         for r in records {
             if Self::due(&r, now).is_none() {
                 continue;
             }
-            if let Err(e) = self.run_due(Arc::new(r), &mut done) {
-                first_error.get_or_insert(e);
+            let key = r.label.clone();
+            before_each(&key);
+            if let Err(e) = self.run_due(Arc::new(r), &mut report.done, true) {
+                tracing::error!(key = %key, "due lifecycle work failed: {e}");
+                report.failed.push((key, e));
             }
         }
-        match first_error {
-            Some(e) => Err(e),
-            None => Ok(done),
-        }
+        Ok(report)
     }
 
     /// Runs the lifecycle command `operation` on the key `id`; a failure is recorded in the audit
@@ -458,25 +507,6 @@ impl Keystore {
         tx.insert_event(&row)
     }
 
-    /// Moves the key to `to` if it is (still, under the write lock) in one of `from`.
-    fn set_state(
-        &self,
-        r: &Resolved,
-        to: KeyState,
-        event: &'static str,
-        reason: Option<&str>,
-        from: &[KeyState],
-    ) -> Result<Resolved> {
-        self.change(&r.record.uuid, event, reason, |_, now| {
-            if !from.contains(&now.state) {
-                return Ok(None);
-            }
-            let mut rec = now.record.clone();
-            rec.state = to.as_str().to_owned();
-            Ok(Some(rec))
-        })
-    }
-
     /// Suspends, resumes, deactivates or marks compromised the key `id`, with an optional
     /// reason recorded in its history.
     ///
@@ -591,6 +621,8 @@ impl Keystore {
             }
             Ok(Some(rec))
         })?;
+        // A time now past (`--activate-at now`, an expiry in the past) takes effect at once.
+        let changed = self.run_due(Arc::new(changed), &mut Vec::new(), false)?;
         self.info(&changed)
     }
 
@@ -615,7 +647,7 @@ impl Keystore {
         let r = self.resolve_current(id)?;
         if at <= crate::time::now() && r.state != KeyState::Destroyed {
             // Due now: no schedule to record, the destruction itself is.
-            let destroyed = self.destroy_now(&r, reason)?;
+            let destroyed = self.destroy_now(&r, reason, true)?;
             return self.info(&destroyed);
         }
         let scheduled = self.change(&r.record.uuid, "destroy-scheduled", reason, |_, now| {
@@ -627,7 +659,7 @@ impl Keystore {
             Ok(Some(rec))
         })?;
         tracing::info!(key = %scheduled.label, at = %format_utc(at), "destruction scheduled");
-        let r = self.run_due(Arc::new(scheduled), &mut Vec::new())?;
+        let r = self.run_due(Arc::new(scheduled), &mut Vec::new(), false)?;
         self.info(&r)
     }
 
@@ -675,9 +707,16 @@ impl Keystore {
 
     /// Destroys a key whose destruction is due (or was begun): marks it destroyed, destroys
     /// every version's objects in the backend, then erases its material from the store.
-    fn destroy_now(&self, r: &Resolved, reason: Option<&str>) -> Result<Resolved> {
+    /// `immediate`: asked for now (`destroy_key`); otherwise only if, under the write lock, the
+    /// key's scheduled destruction is still due (it may have been cancelled meanwhile). A key
+    /// whose destruction began is finished either way.
+    fn destroy_now(&self, r: &Resolved, reason: Option<&str>, immediate: bool) -> Result<Resolved> {
         let marked = self.change(&r.record.uuid, "destroying", reason, |_, now| {
-            if now.state == KeyState::Destroyed {
+            let due = now
+                .record
+                .destroy_at
+                .is_some_and(|at| at <= crate::time::now());
+            if now.state == KeyState::Destroyed || !(immediate || due) {
                 return Ok(None);
             }
             let mut rec = now.record.clone();
@@ -685,7 +724,7 @@ impl Keystore {
             rec.destroy_at = Some(rec.destroy_at.unwrap_or_else(crate::time::now));
             Ok(Some(rec))
         })?;
-        if marked.material_destroyed() {
+        if marked.state != KeyState::Destroyed || marked.material_destroyed() {
             return Ok(marked);
         }
         let backend = self.backend(&marked.record.backend)?;

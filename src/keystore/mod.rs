@@ -32,7 +32,7 @@ pub use doctor::{BackendHealth, Doctor, MissingKey, Orphan, UncheckedKey};
 pub(crate) use envelope::oaep_label;
 use key_id::KeyIdCodec;
 pub use key_id::{KeyIdFields, PREFIX as KEY_ID_PREFIX};
-pub use lifecycle::{Done, KeyEvent, PolicyChange, Transition};
+pub use lifecycle::{Done, KeyEvent, Maintenance, PolicyChange, Transition};
 pub use ops::{UseOptions, Used};
 use registry::build_backends;
 use resolve::ResolvedCache;
@@ -542,6 +542,11 @@ impl Keystore {
             Some(d) => Some(crate::time::duration_secs(d)?),
             None => None,
         };
+        if options.deactivate_at.is_some_and(|off| off <= now()) {
+            return Err(Error::InvalidInput(
+                "the deactivation time is past: give a time to come".into(),
+            ));
+        }
         if let (Some(on), Some(off)) = (options.activate_at, options.deactivate_at) {
             if off <= on {
                 return Err(Error::InvalidInput(

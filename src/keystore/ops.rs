@@ -228,17 +228,22 @@ impl Keystore {
                 .rev()
                 .collect(),
         };
-        let mut last = Error::VerificationFailed { what };
+        // A version that could not be checked (a device away) must not read as "invalid": its
+        // error wins over another version's mismatch.
+        let mut failure = None;
         for version in versions {
             let Some(material) = resolved.material(version) else {
                 continue;
             };
             match check(material) {
                 Ok(()) => return Ok(((), version)),
-                Err(e) => last = e,
+                Err(Error::VerificationFailed { .. }) => {}
+                Err(e) => {
+                    failure.get_or_insert(e);
+                }
             }
         }
-        Err(last)
+        Err(failure.unwrap_or(Error::VerificationFailed { what }))
     }
 
     /// The material of `version` for processing: refused below `min_decrypt_version`.
@@ -260,8 +265,14 @@ impl Keystore {
                 ),
             });
         }
-        resolved.material(version).ok_or(Error::DecryptionFailed {
-            reason: "the input names a version the key does not have",
+        resolved.material(version).ok_or_else(|| match operation {
+            "decrypt" => Error::DecryptionFailed {
+                reason: "the envelope names a version the key does not have",
+            },
+            _ => Error::InvalidInput(format!(
+                "key `{}` has versions 1 to {}, not {version}",
+                resolved.label, resolved.record.version
+            )),
         })
     }
 

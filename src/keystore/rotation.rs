@@ -91,7 +91,12 @@ impl Keystore {
         };
         row.mac = self.sign_row(&row.mac_input(&self.store_id));
         let recorded = self.change(&r.record.uuid, "rotated", reason, |tx, now| {
-            if now.record.version != r.record.version || now.state != KeyState::Active {
+            // Another process rotated it, changed its state or scheduled its destruction
+            // meanwhile: no new version then.
+            if now.record.version != r.record.version
+                || now.state != KeyState::Active
+                || now.record.destroy_at.is_some()
+            {
                 return Ok(None);
             }
             tx.insert_version(&row)?;
@@ -99,8 +104,12 @@ impl Keystore {
             rec.version = version;
             Ok(Some(rec))
         });
+        // Ours if the version recorded is the one made here (a software key's versions share a
+        // locator: their blobs differ).
         let won = matches!(&recorded, Ok(now) if now.record.version == version
-            && now.material(version).is_some_and(|m| m.locator == row.locator));
+        && now.material(version).is_some_and(|m| {
+            m.locator == row.locator && m.blob == row.blob.as_deref()
+        }));
         if !won {
             Self::discard(
                 backend.as_ref(),
