@@ -30,7 +30,7 @@ pub struct KeyRecord {
     /// Lifecycle state name.
     pub state: String,
     /// The current (newest) version. Version 1's material is in this record (`locator`, `blob`,
-    /// `public_key`); later versions are [`VersionRecord`]s.
+    /// `public_key`); later versions are [`VersionRecord`](super::VersionRecord)s.
     pub version: u32,
     /// Creation time, seconds since the Unix epoch.
     pub created_at: i64,
