@@ -60,7 +60,9 @@ pub struct Used<T> {
 /// What an operation needs of the key.
 #[derive(Debug, Clone, Copy)]
 pub(super) struct Need {
-    pub(super) purpose: Purpose,
+    /// The purpose; `None` for envelopes, whose purpose depends on the key (see
+    /// [`envelope_purpose`]).
+    pub(super) purpose: Option<Purpose>,
     pub(super) key_use: KeyUse,
     pub(super) operation: &'static str,
 }
@@ -68,10 +70,28 @@ pub(super) struct Need {
 impl Need {
     const fn new(purpose: Purpose, key_use: KeyUse, operation: &'static str) -> Self {
         Self {
-            purpose,
+            purpose: Some(purpose),
             key_use,
             operation,
         }
+    }
+
+    /// An envelope operation (`encrypt`, `decrypt`).
+    const fn envelope(key_use: KeyUse, operation: &'static str) -> Self {
+        Self {
+            purpose: None,
+            key_use,
+            operation,
+        }
+    }
+}
+
+/// The purpose envelopes need of a key: `decrypt` for an RSA-OAEP key (which encrypts with its
+/// public half), `encrypt` otherwise.
+fn envelope_purpose(resolved: &Resolved) -> Purpose {
+    match resolved.spec.algorithm() {
+        Algorithm::RsaOaepSha256 => Purpose::Decrypt,
+        _ => Purpose::Encrypt,
     }
 }
 
@@ -116,7 +136,8 @@ impl Keystore {
     /// Whether the resolved key may be used as `need` says: its purpose, its state, and a pending
     /// destruction (which leaves only processing).
     fn permit(&self, resolved: &Resolved, need: Need, options: &UseOptions) -> Result<()> {
-        if resolved.spec.purpose() != need.purpose {
+        let purpose = need.purpose.unwrap_or_else(|| envelope_purpose(resolved));
+        if resolved.spec.purpose() != purpose {
             return Err(Error::WrongPurpose {
                 key: resolved.label().to_owned(),
                 purpose: resolved.spec.purpose().as_str(),
@@ -316,21 +337,11 @@ impl Keystore {
         options: &UseOptions,
     ) -> Result<Used<Vec<u8>>> {
         // An RSA `decrypt` key encrypts with its public half: the purpose check is decrypt's.
-        let need = Need::new(self.envelope_purpose(id), KeyUse::Protect, "encrypt");
+        let need = Need::envelope(KeyUse::Protect, "encrypt");
         self.act(id, need, options, |resolved| {
             check_input(plaintext, "encrypt")?;
             self.encrypt_resolved(resolved, plaintext, aad)
         })
-    }
-
-    /// The purpose envelopes need of the key `id`: `decrypt` for an RSA-OAEP key (which encrypts
-    /// with its public half), `encrypt` otherwise, and for an ID that does not resolve (the gate
-    /// then reports why, and records it).
-    fn envelope_purpose(&self, id: &str) -> Purpose {
-        match self.resolve(id) {
-            Ok(r) if r.spec.algorithm() == Algorithm::RsaOaepSha256 => Purpose::Decrypt,
-            _ => Purpose::Encrypt,
-        }
     }
 
     /// Encrypts under the current version of an authorised key; returns the envelope and version.
@@ -396,7 +407,7 @@ impl Keystore {
         aad: &[u8],
         options: &UseOptions,
     ) -> Result<Used<SecretBytes>> {
-        let need = Need::new(self.envelope_purpose(id), KeyUse::Process, "decrypt");
+        let need = Need::envelope(KeyUse::Process, "decrypt");
         self.act(id, need, options, |resolved| {
             self.decrypt_resolved(resolved, input, aad)
         })
