@@ -119,7 +119,7 @@ impl AuditConfig {
 }
 
 /// The store (`[store]`).
-#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct StoreConfig {
     /// (Optional) How the store's root secret is sealed: `"passphrase"` (the default), `"tpm"` or
@@ -128,6 +128,22 @@ pub struct StoreConfig {
     /// could otherwise swap a passphrase seal for a TPM seal of a root secret they chose.
     #[serde(default)]
     pub sealer: Option<SealerKind>,
+    /// (Optional) Where keyhold keeps state outside the store: the anchor files that record each
+    /// store's generation, so that a store put back from an older copy is refused. Default:
+    /// `$XDG_STATE_HOME/keyhold`, else `~/.local/state/keyhold`. Keep it off the store's disk
+    /// where you can: a copy of both together is not detected.
+    #[serde(default)]
+    pub state_dir: Option<PathBuf>,
+}
+
+impl StoreConfig {
+    /// The directory of anchor files: `state_dir/anchors`, or the default.
+    pub fn anchor_dir(&self) -> Option<PathBuf> {
+        match &self.state_dir {
+            Some(dir) => Some(dir.join("anchors")),
+            None => crate::store::FileAnchor::default_dir(),
+        }
+    }
 }
 
 /// A kind of sealer, as the user states it.

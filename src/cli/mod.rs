@@ -157,6 +157,7 @@ impl Failure {
             Self::Keyhold(E::Unseal { .. }) => 4,
             Self::Keyhold(E::NoSuchKey { .. }) => 5,
             Self::Keyhold(E::WrongState { .. }) => 9,
+            Self::Keyhold(E::StoreTampered { .. }) => 10,
             // A device object that does not match its record failed an integrity check too.
             Self::Keyhold(E::Integrity { .. } | E::KeyObjectMismatch { .. }) => 6,
             Self::Keyhold(
@@ -485,6 +486,13 @@ mod tests {
                 "wrong_state",
             ),
             e(
+                E::StoreTampered {
+                    what: "key `default/k`: its record was deleted".into(),
+                },
+                10,
+                "store_tampered",
+            ),
+            e(
                 E::Unseal {
                     reason: "wrong passphrase".into(),
                 },
@@ -714,7 +722,7 @@ mod tests {
                 "docs/cli.md documents kind `{kind}`, which no failure produces"
             );
         }
-        // And every exit code of the table, 0 (success, and a broken pipe) through 9.
+        // And every exit code of the table, 0 (success, and a broken pipe) through 10.
         let mut codes: std::collections::BTreeSet<u8> =
             failures.iter().map(|(_, code, _)| *code).collect();
         assert_eq!(exit_code_of(&Ok(())), 0);
@@ -724,9 +732,9 @@ mod tests {
             "a broken pipe is success"
         );
         codes.insert(0);
-        assert_eq!(codes, (0..=9).collect());
+        assert_eq!(codes, (0..=10).collect());
         let docs = include_str!("../../docs/cli.md");
-        for code in 0..=9 {
+        for code in 0..=10 {
             assert!(
                 docs.contains(&format!("\n| {code} | ")),
                 "docs/cli.md's exit code table has no row {code}"

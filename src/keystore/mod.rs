@@ -36,7 +36,7 @@ pub use lifecycle::{Done, KeyEvent, Maintenance, PolicyChange, Transition};
 pub use ops::{UseOptions, Used};
 use registry::build_backends;
 use resolve::ResolvedCache;
-use root::{derive_keys, meta_mac, unseal_root, DerivedKeys};
+use root::{derive_keys, initial_state, meta_mac, unseal_root, DerivedKeys};
 use rotation::Reservations;
 
 /// The most bytes any single operation takes as input: 64 MiB.
@@ -223,9 +223,22 @@ impl Keystore {
             sealed_root,
             created_at: now(),
             mac: Vec::new(),
+            state: None,
         };
         meta.mac = meta_mac(&keys, &meta);
-        let store = Store::create(dir, &meta)?;
+        let state = initial_state(&keys, store_id, &meta.mac);
+        meta.state = Some(state.clone());
+        let mut store = Store::create(dir, &meta)?;
+        let anchor = config
+            .store
+            .anchor_dir()
+            .map(|d| crate::store::FileAnchor::new(&d, &store_id));
+        if let Some(anchor) = &anchor {
+            if let Err(e) = anchor.advance(state.generation) {
+                tracing::warn!(error = %e, "cannot write the store's anchor file");
+            }
+        }
+        store.attach(keys.commit_keys(store_id), &state, anchor);
         tracing::info!(store = %dir.display(), sealer = sealer.kind(), "created store");
         Self::with_root(store, &keys, config)
     }
@@ -253,8 +266,8 @@ impl Keystore {
     /// opening: its keys report why they cannot be used ([`Error::BackendUnavailable`]), and
     /// [`Self::doctor`] shows it.
     pub fn open_with(dir: &Path, sealer: &dyn Sealer, config: &Config) -> Result<Self> {
-        let store = Store::open(dir)?;
-        let (_root, keys) = unseal_root(&store, sealer)?;
+        let mut store = Store::open(dir)?;
+        let (_root, keys) = unseal_root(&mut store, sealer, config.store.anchor_dir().as_deref())?;
         Self::with_root(store, &keys, config)
     }
 
@@ -280,7 +293,8 @@ impl Keystore {
         resealer: impl FnOnce(&crate::sealer::SealedRoot) -> Result<(S, T)>,
     ) -> Result<T> {
         let mut store = Store::open(dir)?;
-        let (root, keys) = unseal_root(&store, unsealer)?;
+        let anchor_dir = crate::store::FileAnchor::default_dir();
+        let (root, keys) = unseal_root(&mut store, unsealer, anchor_dir.as_deref())?;
         let meta = store.meta().clone();
         let (resealer, told) = resealer(&meta.sealed_root)?;
         let sealed = resealer.seal(&root, &meta.store_id)?;
@@ -308,8 +322,9 @@ impl Keystore {
         sealer: &dyn Sealer,
         id: &str,
     ) -> Result<(crate::secret::SecretBytes, crate::secret::SecretBytes)> {
-        let store = Store::open(dir)?;
-        let (root, keys) = unseal_root(&store, sealer)?;
+        let mut store = Store::open(dir)?;
+        let anchor_dir = crate::store::FileAnchor::default_dir();
+        let (root, keys) = unseal_root(&mut store, sealer, anchor_dir.as_deref())?;
         let ks = Self::with_root(store, &keys, &Config::default())?;
         let resolved = ks.resolve(id)?;
         if resolved.record.backend != SoftwareBackend::NAME {
