@@ -1,6 +1,7 @@
 //! The application-facing keystore: creates keys, resolves authenticated key IDs, enforces each
 //! key's one purpose, and calls the backend that holds the key.
 
+mod anchor;
 mod audit;
 mod doctor;
 mod envelope;
@@ -239,6 +240,7 @@ impl Keystore {
             }
         }
         store.attach(keys.commit_keys(store_id), &state, anchor);
+        anchor::bind(&mut store, Some(sealer), config, &keys)?;
         tracing::info!(store = %dir.display(), sealer = sealer.kind(), "created store");
         Self::with_root(store, &keys, config)
     }
@@ -268,6 +270,7 @@ impl Keystore {
     pub fn open_with(dir: &Path, sealer: &dyn Sealer, config: &Config) -> Result<Self> {
         let mut store = Store::open(dir)?;
         let (_root, keys) = unseal_root(&mut store, sealer, config.store.anchor_dir().as_deref())?;
+        anchor::bind(&mut store, Some(sealer), config, &keys)?;
         Self::with_root(store, &keys, config)
     }
 
@@ -295,6 +298,7 @@ impl Keystore {
         let mut store = Store::open(dir)?;
         let anchor_dir = crate::store::FileAnchor::default_dir();
         let (root, keys) = unseal_root(&mut store, unsealer, anchor_dir.as_deref())?;
+        anchor::bind(&mut store, Some(unsealer), &Config::default(), &keys)?;
         let meta = store.meta().clone();
         let (resealer, told) = resealer(&meta.sealed_root)?;
         let sealed = resealer.seal(&root, &meta.store_id)?;

@@ -21,6 +21,8 @@ pub(super) struct DerivedKeys {
     pub(super) audit_mac: SecretBytes,
     pub(super) commit_prf: SecretBytes,
     pub(super) state_mac: SecretBytes,
+    #[cfg_attr(not(feature = "tpm"), allow(dead_code))]
+    pub(super) counter_auth: SecretBytes,
 }
 
 impl DerivedKeys {
@@ -48,6 +50,7 @@ pub(super) fn derive_keys(root: &RootSecret, store_id: &[u8; 16]) -> Result<Deri
         audit_mac: expand(b"keyhold v1 audit mac")?,
         commit_prf: expand(b"keyhold v1 commitment prf")?,
         state_mac: expand(b"keyhold v1 store state mac")?,
+        counter_auth: expand(b"keyhold v1 tpm counter auth")?,
     })
 }
 
@@ -69,6 +72,7 @@ pub(super) fn initial_state(keys: &DerivedKeys, store_id: [u8; 16], meta_mac: &[
     keys.commit_keys(store_id).state(
         0,
         Recomputed::default().total(&keys.commit_keys(store_id)),
+        None,
         meta_mac,
     )
 }

@@ -97,4 +97,16 @@ pub trait Sealer: Send + Sync + fmt::Debug {
     /// # Errors
     /// [`Error::Unseal`] when the secret cannot be recovered (wrong passphrase, changed blob).
     fn unseal(&self, sealed: &SealedRoot, store_id: &[u8; 16]) -> Result<RootSecret>;
+
+    /// The TPM this sealer uses, and its name for messages: a TPM-sealed store anchors its
+    /// generation in that TPM's NV counter.
+    #[cfg(feature = "tpm")]
+    fn tpm(
+        &self,
+    ) -> Option<(
+        std::sync::Arc<crate::backend::tpm::device::TpmDevice>,
+        String,
+    )> {
+        None
+    }
 }

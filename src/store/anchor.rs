@@ -13,6 +13,39 @@ use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result};
 
+/// What a counter outside the store shows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CounterValue {
+    /// There is none.
+    Absent,
+    /// Something is there, but not keyhold's counter for this store.
+    Foreign,
+    /// keyhold's counter, at this count.
+    Count(u64),
+}
+
+/// A monotonic counter outside the store that follows its generation: a TPM NV counter. Only
+/// keyhold with the store's root can advance it (its authorisation is derived from the root).
+pub trait Counter: Send + Sync + std::fmt::Debug {
+    /// How messages name it (`the TPM NV counter 0x01234567 of TPM `tpm``).
+    fn describe(&self) -> String;
+    /// What it shows now.
+    ///
+    /// # Errors
+    /// Device errors.
+    fn read(&self) -> Result<CounterValue>;
+    /// Makes it (it then reads as a count: wherever the device's counters have got to).
+    ///
+    /// # Errors
+    /// Device errors.
+    fn create(&self) -> Result<()>;
+    /// Adds one.
+    ///
+    /// # Errors
+    /// Device errors.
+    fn increment(&self) -> Result<()>;
+}
+
 /// How long an update waits for another process's update of the same anchor.
 const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(8);
 

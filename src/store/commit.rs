@@ -102,32 +102,85 @@ pub struct StoreState {
     pub generation: u64,
     /// The total over every key's digest (see the module documentation), big-endian.
     pub total: [u8; 32],
-    /// HMAC-SHA256 over the generation, the total and the metadata MAC.
+    /// The counter outside the store that follows the generation, once there is one.
+    pub counter: Option<CounterBinding>,
+    /// HMAC-SHA256 over all of the above and the metadata MAC.
     pub mac: Vec<u8>,
 }
 
+/// Which counter follows a store's generation, and how: `count = generation + offset` (mod
+/// 2^64). A counter starts where the TPM's counters have got to, not at the generation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CounterBinding {
+    /// The TPM NV index.
+    pub index: u32,
+    /// `None` while the counter is being made (a crash then leaves the binding to finish).
+    pub offset: Option<u64>,
+}
+
+impl CounterBinding {
+    /// The count the counter must show at `generation`.
+    pub fn expected(&self, generation: u64) -> Option<u64> {
+        self.offset.map(|o| generation.wrapping_add(o))
+    }
+
+    fn encode(binding: Option<&Self>, out: &mut Vec<u8>) {
+        match binding {
+            None => out.push(0),
+            Some(b) => {
+                out.push(if b.offset.is_some() { 2 } else { 1 });
+                out.extend_from_slice(&b.index.to_be_bytes());
+                out.extend_from_slice(&b.offset.unwrap_or_default().to_be_bytes());
+            }
+        }
+    }
+}
+
 impl StoreState {
-    const LEN: usize = 8 + 32 + 32;
+    const LEN: usize = 8 + 32 + 1 + 32;
+    const BOUND_LEN: usize = Self::LEN + 4 + 8;
 
     pub(super) fn encode(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(Self::LEN);
+        let mut out = Vec::with_capacity(Self::BOUND_LEN);
         out.extend_from_slice(&self.generation.to_be_bytes());
         out.extend_from_slice(&self.total);
+        CounterBinding::encode(self.counter.as_ref(), &mut out);
         out.extend_from_slice(&self.mac);
         out
     }
 
     pub(super) fn decode(bytes: &[u8]) -> Option<Self> {
-        if bytes.len() != Self::LEN {
+        if bytes.len() != Self::LEN && bytes.len() != Self::BOUND_LEN {
             return None;
         }
         let (generation, rest) = bytes.split_at(8);
-        let (total, mac) = rest.split_at(32);
+        let (total, rest) = rest.split_at(32);
+        let (tag, rest) = rest.split_first()?;
+        let (counter, mac) = match (*tag, rest.len()) {
+            (0, 32) => (None, rest),
+            (1 | 2, 44) => {
+                let (index, rest) = rest.split_at(4);
+                let (offset, mac) = rest.split_at(8);
+                let offset = u64::from_be_bytes(offset.try_into().ok()?);
+                let binding = CounterBinding {
+                    index: u32::from_be_bytes(index.try_into().ok()?),
+                    offset: (*tag == 2).then_some(offset),
+                };
+                (Some(binding), mac)
+            }
+            _ => return None,
+        };
         Some(Self {
             generation: u64::from_be_bytes(generation.try_into().ok()?),
             total: total.try_into().ok()?,
+            counter,
             mac: mac.to_vec(),
         })
+    }
+
+    /// The total as a number.
+    pub(crate) fn total_sum(&self) -> Sum {
+        Sum::from_bytes(&self.total).unwrap_or_default()
     }
 }
 
@@ -179,24 +232,39 @@ impl CommitKeys {
         Sum::from_bytes(tag.as_ref()).unwrap_or_default()
     }
 
-    fn state_input(&self, generation: u64, total: &[u8; 32], meta_mac: &[u8]) -> Vec<u8> {
+    fn state_input(
+        &self,
+        generation: u64,
+        total: &[u8; 32],
+        counter: Option<&CounterBinding>,
+        meta_mac: &[u8],
+    ) -> Vec<u8> {
         let mut input = Vec::with_capacity(128);
         input.extend_from_slice(b"keyhold store state v1\0");
         input.extend_from_slice(&self.store_id);
         input.extend_from_slice(&generation.to_be_bytes());
         input.extend_from_slice(total);
+        CounterBinding::encode(counter, &mut input);
         input.extend_from_slice(&(meta_mac.len() as u32).to_be_bytes());
         input.extend_from_slice(meta_mac);
         input
     }
 
-    /// The state for `generation` and `total`, MAC'd together with the metadata MAC.
-    pub(crate) fn state(&self, generation: u64, total: Sum, meta_mac: &[u8]) -> StoreState {
+    /// The state for `generation`, `total` and `counter`, MAC'd with the metadata MAC.
+    pub(crate) fn state(
+        &self,
+        generation: u64,
+        total: Sum,
+        counter: Option<CounterBinding>,
+        meta_mac: &[u8],
+    ) -> StoreState {
         let total = total.to_bytes();
-        let mac = hmac::sign(&self.state, &self.state_input(generation, &total, meta_mac));
+        let input = self.state_input(generation, &total, counter.as_ref(), meta_mac);
+        let mac = hmac::sign(&self.state, &input);
         StoreState {
             generation,
             total,
+            counter,
             mac: mac.as_ref().to_vec(),
         }
     }
@@ -205,7 +273,12 @@ impl CommitKeys {
     pub(crate) fn state_ok(&self, state: &StoreState, meta_mac: &[u8]) -> bool {
         let expected = hmac::sign(
             &self.state,
-            &self.state_input(state.generation, &state.total, meta_mac),
+            &self.state_input(
+                state.generation,
+                &state.total,
+                state.counter.as_ref(),
+                meta_mac,
+            ),
         );
         constant_time::verify_slices_are_equal(expected.as_ref(), &state.mac).is_ok()
     }
@@ -424,7 +497,7 @@ mod tests {
         present.add(&k, RowKind::Event, &a, b"ae1");
         present.add(&k, RowKind::Key, &b, b"b1");
         assert_eq!(present.total(&k), total);
-        let state = k.state(4, total, b"meta");
+        let state = k.state(4, total, None, b"meta");
         assert!(present.compare(&k, &digests, &state).is_empty());
         assert!(k.state_ok(&state, b"meta"));
         assert!(
@@ -466,8 +539,28 @@ mod tests {
 
     #[test]
     fn state_round_trips_and_rejects_other_lengths() {
-        let s = keys().state(7, Sum::default(), b"m");
-        assert_eq!(StoreState::decode(&s.encode()), Some(s.clone()));
-        assert_eq!(StoreState::decode(&s.encode()[1..]), None);
+        for counter in [
+            None,
+            Some(CounterBinding {
+                index: 0x0100_0001,
+                offset: None,
+            }),
+            Some(CounterBinding {
+                index: 0x0100_0001,
+                offset: Some(u64::MAX),
+            }),
+        ] {
+            let s = keys().state(7, Sum::default(), counter, b"m");
+            assert_eq!(StoreState::decode(&s.encode()), Some(s.clone()));
+            assert_eq!(StoreState::decode(&s.encode()[1..]), None);
+            assert!(keys().state_ok(&s, b"m"));
+        }
+        let a = keys().state(7, Sum::default(), None, b"m");
+        let mut b = a.clone();
+        b.counter = Some(CounterBinding {
+            index: 1,
+            offset: Some(0),
+        });
+        assert!(!keys().state_ok(&b, b"m"), "the binding is under the MAC");
     }
 }

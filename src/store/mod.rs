@@ -23,10 +23,10 @@ use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
 use crate::error::{Error, Result};
 use crate::sealer::SealedRoot;
 
-pub use anchor::FileAnchor;
+pub use anchor::{Counter, CounterValue, FileAnchor};
 use commit::Change;
 pub(crate) use commit::{tampered, Mismatch, Recomputed, RowKind, Sum};
-pub use commit::{CommitKeys, StoreState};
+pub use commit::{CommitKeys, CounterBinding, StoreState};
 pub use record::KeyRecord;
 pub use rows::{CounterRecord, EventRecord, VersionRecord};
 
@@ -88,6 +88,8 @@ pub struct Store {
     /// The latest generation this process has seen: a write refuses a state older than it.
     seen: AtomicU64,
     anchor: Option<FileAnchor>,
+    /// The counter that follows the generation (a TPM's), once the state is bound to one.
+    counter: Option<Box<dyn Counter>>,
 }
 
 impl Store {
@@ -200,6 +202,7 @@ impl Store {
             commit: None,
             seen: AtomicU64::new(0),
             anchor: None,
+            counter: None,
         })
     }
 
@@ -211,6 +214,110 @@ impl Store {
         self.meta.state = Some(state.clone());
         self.commit = Some(keys);
         self.anchor = anchor;
+    }
+
+    /// Checks the store's generation against `counter` (which the keystore made for the index
+    /// the state names, or for a new binding) and keeps it: every change from now on is checked
+    /// against it first and advances it after. A state not yet bound to a counter is bound now
+    /// (the counter is made if absent); a crash while binding is finished here.
+    ///
+    /// # Errors
+    /// [`Error::StoreTampered`] for a store older than the counter (restored from a copy), a
+    /// counter behind the store by more than one change, gone, or not keyhold's; the counter's
+    /// device errors; storage errors.
+    pub fn bind_counter(&mut self, counter: Box<dyn Counter>, index: u32) -> Result<()> {
+        let state = self.meta.state.clone().ok_or_else(|| Error::Integrity {
+            what: "a counter was bound to a store before its state was checked (a keyhold bug)"
+                .into(),
+        })?;
+        self.counter = Some(counter);
+        let bound = match state.counter {
+            Some(binding) if binding.offset.is_some() => return self.check_counter(&state),
+            Some(binding) => binding,
+            None => {
+                // Say which counter first, so that a crash before the binding is complete leaves
+                // a state that names it: the next open finishes the binding rather than finding
+                // a counter the store does not know of.
+                let pending = CounterBinding {
+                    index,
+                    offset: None,
+                };
+                self.transact(|_| Ok(()), |_| Ok(Some(pending)))?;
+                pending
+            }
+        };
+        let counter = self.counter.as_deref().ok_or_else(|| Error::Integrity {
+            what: "the counter vanished while it was being bound (a keyhold bug)".into(),
+        })?;
+        let count = match counter.read()? {
+            CounterValue::Count(count) => count,
+            CounterValue::Absent => {
+                counter.create()?;
+                match counter.read()? {
+                    CounterValue::Count(count) => count,
+                    _ => {
+                        return Err(tampered(format!(
+                            "{} was made but does not read back as keyhold's",
+                            counter.describe()
+                        )))
+                    }
+                }
+            }
+            CounterValue::Foreign => return Err(foreign(counter)),
+        };
+        tracing::info!(counter = %counter.describe(), "the store's generation is now anchored in a counter");
+        self.transact(
+            |_| Ok(()),
+            |current| {
+                // The change being made takes the generation to current + 1 and then advances the
+                // counter from `count`: so `count = current + offset`.
+                Ok(Some(CounterBinding {
+                    index: bound.index,
+                    offset: Some(count.wrapping_sub(current.generation)),
+                }))
+            },
+        )
+    }
+
+    /// The state against its counter: equal; one behind (a crash between a commit and the
+    /// counter's increment: repaired); anything else refused.
+    fn check_counter(&self, state: &StoreState) -> Result<()> {
+        let (Some(counter), Some(expected)) = (
+            self.counter.as_deref(),
+            state.counter.and_then(|b| b.expected(state.generation)),
+        ) else {
+            return Ok(());
+        };
+        match counter.read()? {
+            CounterValue::Count(count) if count == expected => Ok(()),
+            CounterValue::Count(count) if count.wrapping_add(1) == expected => {
+                tracing::info!(
+                    counter = %counter.describe(),
+                    "the store is one change ahead of its counter (interrupted after a change): \
+                     advancing the counter"
+                );
+                counter.increment()
+            }
+            CounterValue::Count(count) if count > expected => Err(tampered(format!(
+                "the store is older than {}: it is at generation {}, for which the counter \
+                 should be at {expected}, but it is at {count}: it was restored from a copy",
+                counter.describe(),
+                state.generation
+            ))),
+            CounterValue::Count(count) => Err(tampered(format!(
+                "{} is at {count}, {} behind the store (at generation {}, for which it should be \
+                 at {expected}): it is not the counter this store was anchored in",
+                counter.describe(),
+                expected.wrapping_sub(count),
+                state.generation
+            ))),
+            CounterValue::Absent => Err(tampered(format!(
+                "{} that anchors this store is gone: it was deleted with the TPM owner's \
+                 authorisation, or the TPM was cleared",
+                counter.describe()
+            ))),
+            CounterValue::Foreign => Err(foreign(counter)),
+        }
     }
 
     /// The anchor this store records its generations in, if any.
@@ -268,7 +375,7 @@ impl Store {
             put_digest(&tx, &uuid, digest)?;
         }
         let total = rows.total(keys);
-        let state = keys.state(1, total, meta_mac);
+        let state = keys.state(1, total, None, meta_mac);
         put_meta(&tx, commit::STATE_ENTRY, &state.encode())?;
         put_meta(&tx, "meta_mac", meta_mac)?;
         tx.commit()
@@ -310,8 +417,8 @@ impl Store {
         let (keys, state) = self.current_state(&tx)?;
         // The state's MAC covers the metadata MAC: the new seal and the next generation go in
         // together.
-        let total = Sum::from_bytes(&state.total).unwrap_or_default();
-        let next = keys.state(state.generation + 1, total, mac);
+        self.check_counter(&state)?;
+        let next = keys.state(state.generation + 1, state.total_sum(), state.counter, mac);
         for (key, value) in [
             ("sealer", sealed.sealer.as_bytes()),
             ("sealer_params", sealed.params.as_slice()),
@@ -386,6 +493,19 @@ impl Store {
     /// ahead of its anchor file and brings the file up to date.
     fn committed(&self, state: &StoreState) {
         self.seen.fetch_max(state.generation, Ordering::SeqCst);
+        if state.counter.is_some_and(|b| b.offset.is_some()) {
+            if let Some(counter) = &self.counter {
+                #[cfg(feature = "testing")]
+                crate::testing::fault_point("after-commit-before-counter");
+                if let Err(e) = counter.increment() {
+                    tracing::warn!(
+                        error = %e,
+                        "could not advance the store's counter after a change: the next change or \
+                         open does"
+                    );
+                }
+            }
+        }
         if let Some(anchor) = &self.anchor {
             if let Err(e) = anchor.advance(state.generation) {
                 tracing::warn!(error = %e, "could not record the store's generation in its anchor");
@@ -414,23 +534,36 @@ impl Store {
     /// changes update their keys' digests and the total, and the state goes to the next
     /// generation, in the same transaction.
     pub fn write<T>(&self, f: impl FnOnce(&Tx<'_>) -> Result<T>) -> Result<T> {
+        self.transact(f, |state| Ok(state.counter))
+    }
+
+    /// [`Self::write`], with the next state's counter binding chosen by `binding` from the
+    /// current state.
+    fn transact<T>(
+        &self,
+        f: impl FnOnce(&Tx<'_>) -> Result<T>,
+        binding: impl FnOnce(&StoreState) -> Result<Option<CounterBinding>>,
+    ) -> Result<T> {
         let mut conn = self.conn();
         let tx = conn
             .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
             .map_err(|e| Error::storage("begin a change of the store", e))?;
         let (keys, state) = self.current_state(&tx)?;
+        self.check_counter(&state)?;
         let writer = Tx {
             tx: &tx,
             changes: RefCell::new(Vec::new()),
         };
         let out = f(&writer)?;
         let changes = writer.changes.into_inner();
-        let total = Sum::from_bytes(&state.total).unwrap_or_default();
-        let (digests, total) = commit::apply(keys, &changes, total, |uuid| read_digest(&tx, uuid))?;
+        let (digests, total) = commit::apply(keys, &changes, state.total_sum(), |uuid| {
+            read_digest(&tx, uuid)
+        })?;
         for (uuid, digest) in digests {
             put_digest(&tx, &uuid, digest)?;
         }
-        let next = keys.state(state.generation + 1, total, &self.meta.mac);
+        let counter = binding(&state)?;
+        let next = keys.state(state.generation + 1, total, counter, &self.meta.mac);
         put_meta(&tx, commit::STATE_ENTRY, &next.encode())?;
         tx.commit()
             .map_err(|e| Error::storage("commit a change of the store", e))?;
@@ -824,6 +957,14 @@ fn insert_key(conn: &Connection, rec: &KeyRecord) -> Result<()> {
         }
         Err(e) => Err(Error::storage("insert a key record", e)),
     }
+}
+
+fn foreign(counter: &dyn Counter) -> Error {
+    tampered(format!(
+        "{} holds something other than keyhold's counter for this store (other attributes, or \
+         an authorisation value keyhold did not set)",
+        counter.describe()
+    ))
 }
 
 fn read_state(conn: &Connection, dir: &Path) -> Result<Option<StoreState>> {
