@@ -179,3 +179,305 @@ fn init_no_recovery_warns_that_the_store_is_lost_with_its_pcrs() {
     );
     env.assert_unchanged(&before, "refused commands");
 }
+
+/// The store's passphrases in the `reseal --to` tests: each distinctive, so a leak shows.
+const SECOND: &str = "second passphrase: mauve-lantern-7731";
+const THIRD: &str = "third passphrase: quiet-harbour-0408";
+
+/// A message, an ed25519 signature and an AES-GCM envelope made before a reseal, checked after.
+struct Before {
+    signer: String,
+    aes: String,
+    signature: String,
+    envelope: Vec<u8>,
+    ids: String,
+}
+
+const SIGNED: &[u8] = b"signed before the reseal";
+const SEALED: &[u8] = b"encrypted before the reseal";
+
+/// Keys and what they made, in the Env's store (opened with `vars`).
+fn before_reseal(env: &Env, vars: &[(&str, &str)]) -> Before {
+    let create = |name: &str, ty: &str| {
+        let (out, _) = env.ok_vars(vars, &["key", "create", name, "--type", ty]);
+        parse_id_line(&out, name)
+    };
+    let signer = create("signer", "ed25519");
+    let aes = create("data", "aes-256-gcm");
+    let msg = env.write("signed", SIGNED);
+    let plain = env.write("plain", SEALED);
+    let signature = env.path_str("signature");
+    env.ok_vars(
+        vars,
+        &["sign", "--key", &signer, "--in", &msg, "--out", &signature],
+    );
+    let envelope = env.path_str("envelope");
+    env.ok_vars(
+        vars,
+        &["encrypt", "--key", &aes, "--in", &plain, "--out", &envelope],
+    );
+    let ids = String::from_utf8(env.ok_vars(vars, &["--json", "key", "list"]).0).unwrap();
+    Before {
+        envelope: std::fs::read(&envelope).unwrap(),
+        signer,
+        aes,
+        signature,
+        ids,
+    }
+}
+
+/// The signature still verifies, the envelope still decrypts, the keys and their IDs are the
+/// same (`key list --json` byte for byte), and the keys still work (opened with `vars`).
+fn still_valid(env: &Env, vars: &[(&str, &str)], b: &Before, ctx: &str) {
+    let msg = env.path_str("signed");
+    let (out, _) = env.ok_vars(
+        vars,
+        &[
+            "verify",
+            "--key",
+            &b.signer,
+            "--signature",
+            &b.signature,
+            "--in",
+            &msg,
+        ],
+    );
+    assert_eq!(stdout_str_of(&out), "signature valid\n", "{ctx}: verify");
+    let envelope = env.write("envelope-copy", &b.envelope);
+    let (plain, _) = env.ok_vars(
+        vars,
+        &["decrypt", "--key", &b.aes, "--in", &envelope, "--out", "-"],
+    );
+    assert_eq!(plain, SEALED, "{ctx}: decrypt");
+    let (ids, _) = env.ok_vars(vars, &["--json", "key", "list"]);
+    assert_eq!(stdout_str_of(&ids), b.ids, "{ctx}: the keys and their IDs");
+    env.ok_vars(
+        vars,
+        &["sign", "--key", &b.signer, "--in", &msg, "--out", "-"],
+    );
+}
+
+fn stdout_str_of(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// `reseal --to`'s line: `re-sealed keyhold store DIR: OLD → NEW`.
+fn moved(env: &Env, old: &str, new: &str) -> String {
+    format!(
+        "re-sealed keyhold store {}: {old} → {new}\n",
+        env.store_str()
+    )
+}
+
+/// The sealer parameters the store records (its metadata, as keyhold reads it).
+fn seal_params(env: &Env) -> (String, serde_json::Value) {
+    let store = keyhold::store::Store::open(&env.store).unwrap();
+    let sealed = &store.meta().sealed_root;
+    (
+        sealed.sealer.clone(),
+        serde_json::from_slice(&sealed.params).unwrap(),
+    )
+}
+
+/// One store moved through every sealer and back, each step checked by what then opens it and by
+/// the keys made at the start (signature verifies, envelope decrypts, IDs unchanged):
+/// - passphrase → passphrase with a new passphrase (`KEYHOLD_NEW_PASSPHRASE`) and a new Argon2
+///   cost (recorded: 20 MiB, 3 passes, 2 lanes): the old passphrase is refused after (exit 4,
+///   `wrong passphrase`);
+/// - passphrase → tpm (swtpm): a warning says how to state the new sealer; stated as
+///   passphrase, the store is refused (exit 4, it records a `tpm` seal);
+/// - tpm → pkcs11 (SoftHSM2), `--json` (`{"store","old_sealer","sealer"}`);
+/// - pkcs11 → passphrase with `--new-passphrase-file`: the store opens with it and no token.
+#[cfg(feature = "pkcs11")]
+#[test]
+fn reseal_to_moves_a_store_through_every_sealer_keeping_its_keys() {
+    let tpm = Swtpm::new().unwrap();
+    let hsm = keyhold::testing::SoftHsm::new().unwrap();
+    let tpm_table = format!(
+        "[backends.tpm]\ntype = \"tpm\"\ntcti = \"{}\"\n",
+        tpm.tcti()
+    );
+    let env = Env::new()
+        .with_softhsm(
+            keyhold::testing::SOFTHSM_MODULE,
+            hsm.label(),
+            keyhold::testing::TEST_USER_PIN,
+            &tpm_table,
+        )
+        .with_var("TSS2_LOG", "all+none")
+        .with_secret(SECOND)
+        .with_secret(THIRD);
+    env.init_store();
+    let first = [("KEYHOLD_PASSPHRASE", PASS)];
+    let b = before_reseal(&env, &first);
+
+    // passphrase → passphrase: a new passphrase and a new Argon2 cost.
+    let (out, err) = env.ok_vars(
+        &[("KEYHOLD_NEW_PASSPHRASE", SECOND)],
+        &[
+            "reseal",
+            "--to",
+            "passphrase",
+            "--argon2-memory-mib",
+            "20",
+            "--argon2-iterations",
+            "3",
+            "--argon2-parallelism",
+            "2",
+        ],
+    );
+    assert_eq!(stdout_str_of(&out), moved(&env, "passphrase", "passphrase"));
+    assert_eq!(err, "", "the stated sealer is still right: no warning");
+    let (kind, params) = seal_params(&env);
+    assert_eq!(kind, "passphrase");
+    assert_eq!(
+        (
+            &params["memory_kib"],
+            &params["iterations"],
+            &params["parallelism"]
+        ),
+        (
+            &serde_json::json!(20 * 1024),
+            &serde_json::json!(3),
+            &serde_json::json!(2)
+        ),
+        "{params}"
+    );
+    let err = env.refused(&first, &["key", "list"], 4);
+    assert!(
+        err.contains("wrong passphrase"),
+        "the old passphrase: {err}"
+    );
+    let second = [("KEYHOLD_PASSPHRASE", SECOND)];
+    still_valid(&env, &second, &b, "new passphrase");
+
+    // passphrase → tpm.
+    let (out, err) = env.ok_vars(&second, &["reseal", "--to", "tpm"]);
+    assert_eq!(stdout_str_of(&out), moved(&env, "passphrase", "tpm"));
+    assert!(
+        err.contains("to open this store, state its sealer: set KEYHOLD_SEALER=tpm"),
+        "{err}"
+    );
+    let err = env.refused(&second, &["key", "list"], 4);
+    assert!(err.contains("the store records a `tpm` seal"), "{err}");
+    let tpm_stated = [("KEYHOLD_SEALER", "tpm")];
+    still_valid(&env, &tpm_stated, &b, "sealed by the TPM");
+
+    // tpm → pkcs11, as JSON.
+    let (out, err) = env.ok_vars(
+        &tpm_stated,
+        &["--json", "reseal", "--to", "pkcs11", "--backend", "hsm"],
+    );
+    assert_eq!(
+        parse_json(&out, "reseal --to --json"),
+        serde_json::json!({"store": env.store_str(), "old_sealer": "tpm", "sealer": "pkcs11"})
+    );
+    assert!(err.contains("KEYHOLD_SEALER=pkcs11"), "{err}");
+    assert_eq!(seal_params(&env).0, "pkcs11");
+    env.refused(&tpm_stated, &["key", "list"], 4);
+    let token_stated = [("KEYHOLD_SEALER", "pkcs11")];
+    still_valid(&env, &token_stated, &b, "sealed by the token");
+
+    // pkcs11 → passphrase, the new one from a file; then neither token nor TPM is needed.
+    let file = env.write("third", format!("{THIRD}\n").as_bytes());
+    let (out, _) = env.ok_vars(
+        &token_stated,
+        &[
+            "reseal",
+            "--to",
+            "passphrase",
+            "--new-passphrase-file",
+            &file,
+        ],
+    );
+    assert_eq!(stdout_str_of(&out), moved(&env, "pkcs11", "passphrase"));
+    drop(tpm);
+    let third = [("KEYHOLD_PASSPHRASE", THIRD)];
+    still_valid(&env, &third, &b, "back to a passphrase");
+    let err = env.refused(&second, &["key", "list"], 4);
+    assert!(err.contains("wrong passphrase"), "{err}");
+}
+
+/// A reseal that cannot finish leaves the store as it was (byte for byte) and opening with the
+/// old passphrase: the new sealer's device absent (exit 7), the new passphrase empty (exit 1) or
+/// nowhere to be found (no variable, no file, no terminal: exit 1), the old passphrase wrong
+/// (exit 4), `--to pkcs11` without a backend (exit 1), `--no-pcrs` with `--to` (exit 2).
+#[test]
+fn an_interrupted_reseal_leaves_the_old_seal_in_place() {
+    // A TPM nobody listens for: port 9 (discard) on loopback refuses the connection.
+    let env = Env::new()
+        .with_config("[backends.tpm]\ntype = \"tpm\"\ntcti = \"swtpm:host=127.0.0.1,port=9\"\n")
+        .with_var("TSS2_LOG", "all+none")
+        .with_secret(SECOND);
+    env.init_store();
+    let b = before_reseal(&env, &[]);
+    let before = env.snapshot();
+    let new = [("KEYHOLD_NEW_PASSPHRASE", SECOND)];
+
+    let err = env.refused(&new, &["reseal", "--to", "tpm"], 7);
+    assert!(err.contains("unavailable"), "{err}");
+    env.assert_unchanged(&before, "the new sealer's device is absent");
+
+    let err = env.refused(
+        &[("KEYHOLD_NEW_PASSPHRASE", "")],
+        &["reseal", "--to", "passphrase"],
+        1,
+    );
+    assert!(
+        err.contains("the new passphrase is empty: choose a long one; nothing was changed"),
+        "{err}"
+    );
+    env.assert_unchanged(&before, "an empty new passphrase");
+
+    let out = env.detached(&["reseal", "--to", "passphrase"], |_| {});
+    assert_fail(
+        &out,
+        1,
+        "no new passphrase: set KEYHOLD_NEW_PASSPHRASE, pass --new-passphrase-file FILE, or run \
+         keyhold in a terminal",
+        "no new passphrase anywhere",
+    );
+    env.assert_unchanged(&before, "no new passphrase");
+
+    let wrong = [
+        ("KEYHOLD_PASSPHRASE", "not the passphrase at all"),
+        ("KEYHOLD_NEW_PASSPHRASE", SECOND),
+    ];
+    let err = env.refused(&wrong, &["reseal", "--to", "passphrase"], 4);
+    assert!(err.contains("wrong passphrase"), "{err}");
+    env.assert_unchanged(&before, "a wrong old passphrase");
+
+    let err = env.refused(&new, &["reseal", "--to", "pkcs11"], 1);
+    assert!(err.contains("--to pkcs11 needs --backend NAME"), "{err}");
+    let out = env.run_vars(&new, &["reseal", "--to", "tpm", "--no-pcrs"]);
+    assert_fail(&out, 2, "cannot be used with", "--to with --no-pcrs");
+    env.assert_unchanged(&before, "refused arguments");
+
+    still_valid(
+        &env,
+        &[],
+        &b,
+        "after every refusal, with the old passphrase",
+    );
+}
+
+/// docs/cli.md: opening a passphrase store whose unsealing takes longer than a second says
+/// `keyhold: unlocking…` on stderr when it is a terminal, and nothing otherwise. The threshold is
+/// set to 0 ms here (a test build's `KEYHOLD_TEST_UNLOCKING_AFTER_MS`), so that the only thing
+/// deciding is whether stderr is a terminal: captured, stderr stays empty; on a terminal (a pty
+/// from script(1)) the notice is there. (The timing itself is a unit test of src/cli/io.rs, with
+/// the threshold injected.)
+#[test]
+fn unlocking_is_said_on_a_terminal_and_nowhere_else() {
+    let env = Env::init().with_var("KEYHOLD_TEST_UNLOCKING_AFTER_MS", "0");
+    let out = env.run(&["key", "list"], b"");
+    assert_ok(&out, "key list, stderr captured");
+    assert_eq!(stderr(&out), "", "not a terminal: silent");
+    let out = env.on_terminal(&["key", "list"]);
+    assert_ok(&out, "key list on a terminal");
+    assert!(
+        stdout_str(&out).contains("keyhold: unlocking…"),
+        "{}",
+        show(&out)
+    );
+}

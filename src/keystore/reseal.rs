@@ -1,0 +1,143 @@
+//! Changing how a store's root secret is sealed: re-binding a TPM seal to PCRs, moving a store to
+//! another sealer or passphrase, and break-glass recovery from Shamir shares of the root secret.
+//!
+//! Every path ends the same way ([`replace_seal`]): the root secret, checked against the store
+//! (its metadata and records verify under it), is sealed with the new sealer, the new seal is
+//! unsealed once and must give back the same root, and only then does one transaction replace
+//! the old seal. Keys, records and key IDs never change: they hang off the root secret, not off
+//! its seal.
+
+use std::path::Path;
+
+use aws_lc_rs::{constant_time, hmac};
+
+use super::root::DerivedKeys;
+use super::root::{check_store, derive_keys, mac_ok, meta_mac, record_mac_ok, unseal_root};
+use super::Keystore;
+use crate::error::{Error, Result};
+use crate::sealer::shares::{self, Share};
+use crate::sealer::{RootSecret, SealedRoot, Sealer};
+use crate::store::{Store, StoreMeta};
+
+impl Keystore {
+    /// Re-seals the root secret of the store in `dir`: unseals it with `unsealer`, builds the new
+    /// sealer with `resealer`, seals with it, checks that it unseals the new seal, and only then
+    /// replaces the old one (in one transaction). Keys, records and key IDs are unchanged. Used to
+    /// re-bind a TPM seal to PCRs after an intended change, or to move a store to another sealer
+    /// (or passphrase, or Argon2 cost).
+    ///
+    /// The store's metadata and records are checked under the unsealed root before anything is
+    /// sealed: parameters changed behind keyhold's back (a PCR list) are refused, never re-sealed
+    /// to. `resealer` is given the old seal from that authenticated metadata, read in the same
+    /// open: whatever the new seal keeps of the old one (its PCR list, its recovery seal) must come
+    /// from there, never from an earlier read of the store, which someone who can write the store
+    /// may have answered differently. It returns the new sealer and what the caller wants to know
+    /// of the old seal (returned once the new seal is in place).
+    ///
+    /// # Errors
+    /// As [`Self::open`] for the unsealing; the errors of `resealer`; sealer errors;
+    /// [`Error::Unseal`] if the new seal does not unseal (nothing is changed then); storage errors.
+    pub fn reseal<S: Sealer, T>(
+        dir: &Path,
+        unsealer: &dyn Sealer,
+        resealer: impl FnOnce(&SealedRoot) -> Result<(S, T)>,
+    ) -> Result<T> {
+        let mut store = Store::open(dir)?;
+        let (root, keys) = unseal_root(&store, unsealer)?;
+        let (resealer, told) = resealer(&store.meta().sealed_root)?;
+        replace_seal(&mut store, &root, &keys, &resealer)?;
+        Ok(told)
+    }
+
+    /// Splits the root secret of the store in `dir`, unsealed with `unsealer` (and the store
+    /// checked under it, as [`Self::open`] does), into `count` recovery shares, any `threshold`
+    /// of which rebuild it ([`Self::recover`]). Nothing is written to the store.
+    ///
+    /// # Errors
+    /// As [`Self::open`]; [`Error::InvalidInput`] unless `2 <= threshold <= count`.
+    pub fn split_root(
+        dir: &Path,
+        unsealer: &dyn Sealer,
+        count: u8,
+        threshold: u8,
+    ) -> Result<Vec<Share>> {
+        let store = Store::open(dir)?;
+        let (root, _keys) = unseal_root(&store, unsealer)?;
+        shares::split(&root, &store.meta().store_id, count, threshold)
+    }
+
+    /// Break-glass recovery: rebuilds the root secret of the store in `dir` from recovery
+    /// `shares` (without its old sealer, whose device may be gone), checks it against the store,
+    /// and seals it with `resealer` as [`Self::reseal`] does.
+    ///
+    /// # Errors
+    /// [`Error::InvalidInput`] for shares that are mistyped, of another store or split, repeated,
+    /// or too few; [`Error::Unseal`] if the shares rebuild a root secret under which the store
+    /// does not verify (nothing is changed then); [`Error::Integrity`] for a store changed outside
+    /// keyhold; sealer and storage errors.
+    pub fn recover(dir: &Path, shares: &[Share], resealer: &dyn Sealer) -> Result<()> {
+        let mut store = Store::open(dir)?;
+        let root = shares::combine(shares, &store.meta().store_id)?;
+        let keys = derive_keys(&root, &store.meta().store_id)?;
+        check_rebuilt_root(&store, &keys)?;
+        check_store(&store, &keys)?;
+        replace_seal(&mut store, &root, &keys, resealer)
+    }
+}
+
+/// Refuses a root rebuilt from shares unless the store was made under it: its metadata MAC, or
+/// else one of its key records, verifies. (Wrong but well-formed shares give a root secret all
+/// the same, just not this store's; [`check_store`] would then blame the store.)
+fn check_rebuilt_root(store: &Store, keys: &DerivedKeys) -> Result<()> {
+    let meta = store.meta();
+    let meta_key = hmac::Key::new(hmac::HMAC_SHA256, keys.meta_mac.expose());
+    if mac_ok(&meta_key, &meta.mac_input(), &meta.mac) {
+        return Ok(());
+    }
+    let record_key = hmac::Key::new(hmac::HMAC_SHA256, keys.record_mac.expose());
+    let records = store.keys(None)?;
+    if records
+        .iter()
+        .any(|r| record_mac_ok(&record_key, &meta.store_id, r))
+    {
+        return Ok(());
+    }
+    Err(Error::Unseal {
+        reason: format!(
+            "the recovery shares do not rebuild this store's root secret: neither its metadata \
+             nor any of its {} key records verifies under what they give (a share was changed \
+             in a way its checksum cannot tell, or the store was replaced since the split); \
+             nothing was changed",
+            records.len()
+        ),
+    })
+}
+
+/// Seals `root` (checked against `store`) with `resealer`, unseals the new seal to check it gives
+/// back `root`, and only then replaces the old seal and the metadata MAC in one transaction.
+fn replace_seal(
+    store: &mut Store,
+    root: &RootSecret,
+    keys: &DerivedKeys,
+    resealer: &dyn Sealer,
+) -> Result<()> {
+    let meta = store.meta().clone();
+    let sealed = resealer.seal(root, &meta.store_id)?;
+    let check = resealer.unseal(&sealed, &meta.store_id)?;
+    if constant_time::verify_slices_are_equal(check.expose(), root.expose()).is_err() {
+        return Err(Error::Unseal {
+            reason: "the new seal did not give back the root secret: nothing was changed".into(),
+        });
+    }
+    let new_meta = StoreMeta {
+        sealed_root: sealed,
+        ..meta
+    };
+    store.replace_sealed_root(&new_meta.sealed_root, &meta_mac(keys, &new_meta))?;
+    tracing::info!(
+        store = %store.dir().display(),
+        sealer = resealer.kind(),
+        "re-sealed the store"
+    );
+    Ok(())
+}
