@@ -141,3 +141,75 @@ fn replace_seal(
     );
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use crate::sealer::{Argon2Params, PassphraseSealer};
+    use secrecy::SecretString;
+
+    fn passphrase(p: &str) -> PassphraseSealer {
+        let cheap = Argon2Params {
+            memory_mib: 19,
+            iterations: 2,
+            parallelism: 1,
+        };
+        PassphraseSealer::new(SecretString::from(p.to_owned()))
+            .with_params(cheap)
+            .unwrap()
+    }
+
+    /// A sealer whose seals unseal to another root secret: the fault the check before the
+    /// replacement exists for (a device that answers wrongly), which no real sealer gives on
+    /// demand.
+    #[derive(Debug)]
+    struct Forgetful(PassphraseSealer);
+
+    impl Sealer for Forgetful {
+        fn kind(&self) -> &'static str {
+            PassphraseSealer::KIND
+        }
+        fn seal(&self, root: &RootSecret, store_id: &[u8; 16]) -> Result<SealedRoot> {
+            self.0.seal(root, store_id)
+        }
+        fn unseal(&self, sealed: &SealedRoot, store_id: &[u8; 16]) -> Result<RootSecret> {
+            self.0.unseal(sealed, store_id)?;
+            RootSecret::generate()
+        }
+    }
+
+    /// A new seal is unsealed before it replaces the old one: one that gives back another root
+    /// is refused, the database is byte for byte as it was, and the old passphrase still opens
+    /// the store while the new one does not.
+    #[test]
+    fn a_new_seal_that_does_not_give_back_the_root_replaces_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store");
+        drop(Keystore::create(&path, &passphrase("the old one")).unwrap());
+        let db = path.join(crate::store::DB_FILE);
+        let before = std::fs::read(&db).unwrap();
+        let err = Keystore::reseal(&path, &passphrase("the old one"), |_| {
+            Ok((Forgetful(passphrase("the new one")), ()))
+        })
+        .unwrap_err();
+        assert!(
+            matches!(&err, Error::Unseal { reason }
+                if reason == "the new seal did not give back the root secret: nothing was changed"),
+            "{err:?}"
+        );
+        assert_eq!(std::fs::read(&db).unwrap(), before);
+        Keystore::open(&path, &passphrase("the old one")).unwrap();
+        let err = Keystore::open(&path, &passphrase("the new one")).unwrap_err();
+        assert!(
+            matches!(&err, Error::Unseal { reason } if reason.starts_with("wrong passphrase")),
+            "{err:?}"
+        );
+        // The control: the same reseal with an honest sealer does replace the seal.
+        Keystore::reseal(&path, &passphrase("the old one"), |_| {
+            Ok((passphrase("the new one"), ()))
+        })
+        .unwrap();
+        Keystore::open(&path, &passphrase("the new one")).unwrap();
+    }
+}
