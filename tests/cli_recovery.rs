@@ -31,20 +31,15 @@ fn shares_file(env: &Env, name: &str, shares: &[&String]) -> String {
     env.write(name, text.as_bytes())
 }
 
-/// `recovery restore --to passphrase --shares-file FILE`, the new passphrase [`RESTORED`].
-fn restore_args(file: &str) -> Vec<&str> {
-    vec![
-        "recovery",
-        "restore",
-        "--to",
-        "passphrase",
-        "--argon2-memory-mib",
-        "19",
-        "--argon2-iterations",
-        "2",
-        "--shares-file",
-        file,
-    ]
+/// `recovery restore --to passphrase` at the cheapest Argon2 cost, with `--shares-file FILE` if
+/// given (else the shares are asked for on the terminal).
+fn restore_args(file: Option<&str>) -> Vec<&str> {
+    let mut args = vec!["recovery", "restore", "--to", "passphrase"];
+    args.extend_from_slice(&INIT_ARGS[3..]);
+    if let Some(file) = file {
+        args.extend(["--shares-file", file]);
+    }
+    args
 }
 
 const NEW_PASS: [(&str, &str); 1] = [("KEYHOLD_NEW_PASSPHRASE", RESTORED)];
@@ -108,7 +103,7 @@ fn a_tpm_store_whose_tpm_is_gone_is_restored_from_two_of_three_shares() {
     env.assert_unchanged(&before, "a store whose TPM is gone");
 
     let file = shares_file(&env, "two-of-three", &[&shares[0], &shares[2]]);
-    let out = env.run_vars(&NEW_PASS, &restore_args(&file));
+    let out = env.run_vars(&NEW_PASS, &restore_args(Some(&file)));
     assert_ok(&out, "recovery restore");
     assert_eq!(
         stdout_str(&out),
@@ -192,7 +187,7 @@ fn bad_shares_are_refused_and_change_nothing() {
     let before = env.snapshot();
     let refuse = |name: &str, set: &[&String], code: i32, needle: &str| {
         let file = shares_file(&env, name, set);
-        let err = env.refused(&NEW_PASS, &restore_args(&file), code);
+        let err = env.refused(&NEW_PASS, &restore_args(Some(&file)), code);
         assert!(err.contains(needle), "{name}: {err}");
         env.assert_unchanged(&before, name);
     };
@@ -285,7 +280,7 @@ fn split_json_and_restore_to_a_new_passphrase() {
         .collect();
     assert_eq!(shares.len(), 3);
     let file = shares_file(&env, "shares", &[&shares[1], &shares[2]]);
-    env.ok_vars(&NEW_PASS, &restore_args(&file));
+    env.ok_vars(&NEW_PASS, &restore_args(Some(&file)));
     let err = env.refused(&[], &["key", "list"], 4);
     assert!(err.contains("wrong passphrase"), "{err}");
     let (out, _) = env.ok_vars(
@@ -293,4 +288,36 @@ fn split_json_and_restore_to_a_new_passphrase() {
         &["key", "id", "signer"],
     );
     assert_eq!(String::from_utf8(out).unwrap(), format!("{id}\n"));
+}
+
+/// Shares typed on a terminal (no `--shares-file`) are asked for one at a time, echo off, until
+/// the first share's threshold is reached: a mistyped first share is refused at once, naming it
+/// (exit 1, store unchanged); two good ones restore the store. No share shows on the terminal.
+#[test]
+fn shares_typed_on_a_terminal_restore_the_store() {
+    use support::pty::converse;
+    let Split { env, shares, .. } = split_store();
+    let before = env.snapshot();
+    let args = restore_args(None);
+    let typo = shares[2].replacen("-", "-f", 2).replacen("-f", "-", 1);
+    assert_ne!(typo, shares[2]);
+    let (code, shown) = converse(&env, &NEW_PASS, &args, &[("recovery share 1: ", &typo)]);
+    assert_eq!(code, Some(1), "{shown}");
+    assert!(shown.contains("keyhold: share 1 "), "{shown}");
+    env.assert_unchanged(&before, "a mistyped share");
+
+    let dialogue = [
+        ("recovery share 1: ", shares[2].as_str()),
+        ("recovery share 2: ", shares[0].as_str()),
+    ];
+    let (code, shown) = converse(&env, &NEW_PASS, &args, &dialogue);
+    assert_eq!(code, Some(0), "{shown}");
+    assert!(
+        shown.contains("from 2 recovery shares: sealed by passphrase"),
+        "{shown}"
+    );
+    for share in &shares {
+        assert!(!shown.contains(share.as_str()), "a share shows:\n{shown}");
+    }
+    env.ok_vars(&[("KEYHOLD_PASSPHRASE", RESTORED)], &["key", "list"]);
 }

@@ -481,3 +481,46 @@ fn unlocking_is_said_on_a_terminal_and_nowhere_else() {
         show(&out)
     );
 }
+
+/// The new passphrase typed on a terminal (no `KEYHOLD_NEW_PASSPHRASE`, no file) is asked for
+/// twice, echo off: two different answers are refused (exit 1, `the passphrases differ: nothing
+/// was changed`) and leave the store byte for byte as it was, opening with the old passphrase;
+/// the same answer twice re-seals, and that passphrase then opens the store. Nothing typed shows.
+#[test]
+fn a_new_passphrase_typed_on_a_terminal_is_asked_twice() {
+    use support::pty::converse;
+    let env = Env::new().with_secret(SECOND).with_secret(THIRD);
+    env.init_store();
+    let b = before_reseal(&env, &[]);
+    let before = env.snapshot();
+    let reseal = [&["reseal", "--to", "passphrase"][..], &INIT_ARGS[3..]].concat();
+    let asked = |first: &'static str, second: &'static str| {
+        [
+            ("keyhold new passphrase: ", first),
+            ("repeat the new passphrase: ", second),
+        ]
+    };
+    let (code, shown) = converse(&env, &[], &reseal, &asked(SECOND, THIRD));
+    assert_eq!(code, Some(1), "{shown}");
+    assert!(
+        shown.contains("keyhold: the passphrases differ: nothing was changed"),
+        "{shown}"
+    );
+    assert!(!shown.contains(SECOND) && !shown.contains(THIRD), "{shown}");
+    env.assert_unchanged(&before, "two different new passphrases");
+    still_valid(&env, &[], &b, "after the refusal, with the old passphrase");
+
+    let (code, shown) = converse(&env, &[], &reseal, &asked(SECOND, SECOND));
+    assert_eq!(code, Some(0), "{shown}");
+    assert!(
+        shown.contains(moved(&env, "passphrase", "passphrase").trim_end()),
+        "{shown}"
+    );
+    assert!(!shown.contains(SECOND), "{shown}");
+    still_valid(
+        &env,
+        &[("KEYHOLD_PASSPHRASE", SECOND)],
+        &b,
+        "typed new passphrase",
+    );
+}

@@ -398,10 +398,12 @@ impl HiddenTerminal {
     /// Shows `label` and reads one line with echo off (`what` names it in errors).
     pub fn ask(&self, label: &str, what: &str) -> Result<Zeroizing<Vec<u8>>, Failure> {
         use rustix::termios::{tcsetattr, OptionalActions};
-        let mut out = &self.tty;
-        let _ = out.write_all(label.as_bytes());
+        // Echo off (and what was typed ahead, echoed, discarded) before the label shows: once it
+        // shows, what is typed is read, unseen.
         tcsetattr(&self.tty, OptionalActions::Flush, &self.quiet)
             .map_err(|e| Failure::Cli(format!("cannot turn terminal echo off: {e}")))?;
+        let mut out = &self.tty;
+        let _ = out.write_all(label.as_bytes());
         let read = read_secret_line(&self.tty);
         let _ = tcsetattr(&self.tty, OptionalActions::Flush, &self.saved);
         read.map_err(|e| Failure::Cli(format!("cannot read the {what}: {e}")))
