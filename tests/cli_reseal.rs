@@ -283,11 +283,14 @@ fn seal_params(env: &Env) -> (String, serde_json::Value) {
 /// the keys made at the start (signature verifies, envelope decrypts, IDs unchanged):
 /// - passphrase → passphrase with a new passphrase (`KEYHOLD_NEW_PASSPHRASE`) and a new Argon2
 ///   cost (recorded: 20 MiB, 3 passes, 2 lanes): the old passphrase is refused after (exit 4,
-///   `wrong passphrase`);
+///   `wrong passphrase`), while a copy of the store made before still opens with it (README:
+///   a passphrase change does not revoke old copies);
 /// - passphrase → tpm (swtpm): a warning says how to state the new sealer; stated as
 ///   passphrase, the store is refused (exit 4, it records a `tpm` seal);
 /// - tpm → pkcs11 (SoftHSM2), `--json` (`{"store","old_sealer","sealer"}`);
-/// - pkcs11 → passphrase with `--new-passphrase-file`: the store opens with it and no token.
+/// - pkcs11 → passphrase with `--new-passphrase-file`: the old seal's token key is left in the
+///   token, which `doctor` lists as an orphan (exit 8) and `--remove-orphan` removes; the store
+///   then opens with the new passphrase and no TPM.
 #[cfg(feature = "pkcs11")]
 #[test]
 fn reseal_to_moves_a_store_through_every_sealer_keeping_its_keys() {
@@ -310,6 +313,12 @@ fn reseal_to_moves_a_store_through_every_sealer_keeping_its_keys() {
     env.init_store();
     let first = [("KEYHOLD_PASSPHRASE", PASS)];
     let b = before_reseal(&env, &first);
+    // A copy of the store as it is now, sealed under the first passphrase.
+    let copy = env.file("old-copy");
+    std::fs::create_dir(&copy).unwrap();
+    for (name, bytes) in env.snapshot() {
+        std::fs::write(copy.join(name), bytes).unwrap();
+    }
 
     // passphrase → passphrase: a new passphrase and a new Argon2 cost.
     let (out, err) = env.ok_vars(
@@ -350,6 +359,17 @@ fn reseal_to_moves_a_store_through_every_sealer_keeping_its_keys() {
     );
     let second = [("KEYHOLD_PASSPHRASE", SECOND)];
     still_valid(&env, &second, &b, "new passphrase");
+    // README's threat model: the change does not revoke the copy made before it, which still
+    // opens with the old passphrase.
+    let mut old_copy = env.bare_command();
+    old_copy
+        .arg("--store")
+        .arg(&copy)
+        .args(["key", "id", "signer"])
+        .env("KEYHOLD_PASSPHRASE", PASS);
+    let out = env.run_cmd(old_copy, None);
+    assert_ok(&out, "the copy made before the passphrase change");
+    assert_eq!(stdout_str(&out), format!("{}\n", b.signer));
 
     // passphrase → tpm.
     let (out, err) = env.ok_vars(&second, &["reseal", "--to", "tpm"]);
@@ -391,8 +411,24 @@ fn reseal_to_moves_a_store_through_every_sealer_keeping_its_keys() {
         ],
     );
     assert_eq!(stdout_str_of(&out), moved(&env, "pkcs11", "passphrase"));
-    drop(tpm);
     let third = [("KEYHOLD_PASSPHRASE", THIRD)];
+    // docs/cli.md: the old seal's token key is left in the token (a copy of the store made
+    // before still opens with it); doctor lists it as an orphan (exit 8) and removes it on demand.
+    let out = env.run_vars(&third, &["--json", "doctor"]);
+    assert_eq!(out.status.code(), Some(8), "{}", show(&out));
+    let orphans = parse_json(&out.stdout, "doctor --json")["orphans"].clone();
+    let orphans = orphans.as_array().unwrap();
+    assert_eq!(orphans.len(), 1, "{orphans:?}");
+    assert!(
+        orphans[0]["label"]
+            .as_str()
+            .unwrap()
+            .starts_with("keyhold-root-secret/"),
+        "{orphans:?}"
+    );
+    let target = format!("hsm:{}", orphans[0]["locator"].as_str().unwrap());
+    env.ok_vars(&third, &["doctor", "--remove-orphan", &target]);
+    drop(tpm);
     still_valid(&env, &third, &b, "back to a passphrase");
     let err = env.refused(&second, &["key", "list"], 4);
     assert!(err.contains("wrong passphrase"), "{err}");
