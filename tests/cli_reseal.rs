@@ -560,3 +560,32 @@ fn a_new_passphrase_typed_on_a_terminal_is_asked_twice() {
         "typed new passphrase",
     );
 }
+
+/// `reseal --to tpm --pcrs LIST` on a TPM-sealed store: a fresh seal bound to those PCRs, whose
+/// recovery passphrase is the *new* passphrase (`KEYHOLD_NEW_PASSPHRASE`). After PCR 8 changes,
+/// the store is refused (exit 4, pointing to `keyhold reseal`), and the plain `reseal` re-binds it
+/// with that recovery passphrase; the envelope made at the start still decrypts.
+#[test]
+fn reseal_to_tpm_with_pcrs_takes_the_new_passphrase_as_recovery() {
+    let (tpm, env) = setup();
+    let env = env.with_secret(SECOND);
+    env.ok_text(&["init", "--sealer", "tpm"]);
+    let aes = env.create_key("data", "aes-256-gcm", &[]);
+    let envelope = env.ok(&["encrypt", "--key", &aes], b"kept across", "encrypt");
+    let mut args = vec!["reseal", "--to", "tpm", "--pcrs", "8"];
+    args.extend_from_slice(&INIT_ARGS[3..]);
+    let (out, _) = env.ok_vars(&[("KEYHOLD_NEW_PASSPHRASE", SECOND)], &args);
+    assert_eq!(stdout_str_of(&out), moved(&env, "tpm", "tpm"));
+    extend_pcr(&tpm, 8);
+    let err = env.refused(&[], &["decrypt", "--key", &aes], 4);
+    assert!(
+        err.contains("PCRs 8 no longer hold the values") && err.contains("run `keyhold reseal`"),
+        "{err}"
+    );
+    let (out, _) = env.ok_vars(&[("KEYHOLD_PASSPHRASE", SECOND)], &["reseal"]);
+    assert_eq!(stdout_str_of(&out), resealed(&env, "8", "8"));
+    assert_eq!(
+        env.ok(&["decrypt", "--key", &aes], &envelope, "decrypt"),
+        b"kept across"
+    );
+}
