@@ -808,6 +808,35 @@ mod passphrase_tests {
         let secret = passphrase_from(None, false).unwrap();
         assert_eq!(secret.expose_secret(), "from the environment");
         assert_eq!(std::env::var_os("KEYHOLD_PASSPHRASE"), None);
+        // The new passphrase's variable too (`reseal --to`, `recovery restore --to`).
+        std::env::set_var("KEYHOLD_NEW_PASSPHRASE", "the new one");
+        let secret = new_passphrase(None).unwrap();
+        assert_eq!(secret.expose_secret(), "the new one");
+        assert_eq!(std::env::var_os("KEYHOLD_NEW_PASSPHRASE"), None);
+    }
+
+    /// `--new-passphrase-file` is read as `--passphrase-file` is (its first line); an empty new
+    /// passphrase is refused before anything is sealed.
+    #[test]
+    fn a_new_passphrase_file_gives_its_first_line_and_empty_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("new");
+        std::fs::write(&path, b"new one\r\nignored\n").unwrap();
+        assert_eq!(
+            new_passphrase(Some(&path)).unwrap().expose_secret(),
+            "new one"
+        );
+        std::fs::write(&path, b"\nsecond line\n").unwrap();
+        match new_passphrase(Some(&path)) {
+            Err(Failure::Keyhold(keyhold::Error::InvalidInput(m))) => assert_eq!(
+                m,
+                "the new passphrase is empty: choose a long one; nothing was changed"
+            ),
+            other => panic!(
+                "expected a refusal, got {:?}",
+                other.map(|_| "a passphrase")
+            ),
+        }
     }
 
     /// The file's first line, without its line ending (a CRLF file too), and nothing after it.

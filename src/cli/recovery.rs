@@ -62,17 +62,14 @@ fn split(ctx: &Context, args: &SplitArgs) -> CmdResult {
             args.threshold, args.shares
         )));
     }
-    let sealed = keyhold::store::Store::open(&ctx.store)?
-        .meta()
-        .sealed_root
-        .clone();
-    let unsealer = io::unsealer(ctx, &sealed)?;
+    let meta = keyhold::store::Store::open(&ctx.store)?.meta().clone();
+    let unsealer = io::unsealer(ctx, &meta.sealed_root)?;
     let shares = {
-        let _notice = io::UnlockingNotice::start(&sealed);
+        let _notice = io::UnlockingNotice::start(&meta.sealed_root);
         Keystore::split_root(&ctx.store, unsealer.as_ref(), args.shares, args.threshold)?
     };
-    let store_id = keyhold::store::Store::open(&ctx.store)?.meta().store_id;
-    let store_id = keyhold::hex::encode(&store_id);
+    // The shares themselves carry the ID of the store split_root unsealed and checked.
+    let store_id = keyhold::hex::encode(&meta.store_id);
     // Built in a zeroizing buffer and written in one go: the shares are the root secret.
     let mut out = Zeroizing::new(String::new());
     if ctx.json {
