@@ -589,3 +589,69 @@ fn reseal_to_tpm_with_pcrs_takes_the_new_passphrase_as_recovery() {
         b"kept across"
     );
 }
+
+/// `reseal --to passphrase` killed (SIGKILL) at points spread over its whole running time — while
+/// it unseals, seals, checks the new seal, or commits — alternating between two passphrases: after
+/// every kill exactly one of the two opens the store (the old one, or the new one once the commit
+/// happened; never neither, never both), and the signature and envelope made at the start still
+/// verify and decrypt under it. The kill points are a fixed sweep (no clock decides the outcome:
+/// every point must give that result).
+#[test]
+fn a_reseal_killed_at_any_point_leaves_one_passphrase_that_opens_the_store() {
+    use std::process::Stdio;
+    use std::time::Instant;
+    let env = Env::new().with_secret(SECOND).with_secret(THIRD);
+    env.init_store();
+    let b = before_reseal(&env, &[]);
+    let reseal = [&["reseal", "--to", "passphrase"][..], &INIT_ARGS[3..]].concat();
+    let opens = |pass: &str| {
+        let out = env.run_vars(&[("KEYHOLD_PASSPHRASE", pass)], &["key", "id", "signer"]);
+        match out.status.code() {
+            Some(0) => true,
+            Some(4) if stderr(&out).contains("wrong passphrase") => false,
+            _ => panic!("opening after a kill\n{}", show(&out)),
+        }
+    };
+    // One run to completion measures how long a reseal takes here.
+    let mut current = PASS;
+    let start = Instant::now();
+    env.ok_vars(
+        &[
+            ("KEYHOLD_PASSPHRASE", current),
+            ("KEYHOLD_NEW_PASSPHRASE", SECOND),
+        ],
+        &reseal,
+    );
+    let took = start.elapsed();
+    current = SECOND;
+    const POINTS: u32 = 16;
+    let (mut old_kept, mut new_took) = (0, 0);
+    for point in 0..=POINTS {
+        let next = if current == SECOND { THIRD } else { SECOND };
+        let mut cmd = env.command(&reseal);
+        cmd.env("KEYHOLD_PASSPHRASE", current)
+            .env("KEYHOLD_NEW_PASSPHRASE", next)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        let mut child = cmd.spawn().unwrap();
+        let delay = took.mul_f64(1.2 * f64::from(point) / f64::from(POINTS));
+        std::thread::sleep(delay);
+        let _ = child.kill();
+        child.wait().unwrap();
+        let (old, new) = (opens(current), opens(next));
+        assert!(
+            old != new,
+            "killed {delay:?} in (a reseal takes {took:?}): the old passphrase opens: {old}, the \
+             new one: {new}"
+        );
+        if new {
+            new_took += 1;
+            current = next;
+        } else {
+            old_kept += 1;
+        }
+        still_valid(&env, &[("KEYHOLD_PASSPHRASE", current)], &b, "after a kill");
+    }
+    println!("kills: {old_kept} left the old seal, {new_took} had replaced it");
+}
