@@ -6,6 +6,7 @@ mod io;
 mod key;
 mod lifecycle;
 mod ops;
+mod recovery;
 mod select;
 mod store;
 
@@ -84,8 +85,12 @@ enum Command {
     Random(ops::RandomArgs),
     /// Check backends and tokens; find orphaned or missing key objects
     Doctor(doctor::DoctorArgs),
-    /// Re-bind a TPM-sealed store to the PCRs as they are now (after an intended change)
+    /// Re-bind a TPM-sealed store to the PCRs as they are now (after an intended change), or move
+    /// the store to another sealer, passphrase or Argon2 cost (--to)
     Reseal(store::ResealArgs),
+    /// Break-glass recovery: split the root secret into shares, or restore the store from them
+    #[command(subcommand)]
+    Recovery(recovery::RecoveryCommand),
     /// Verify the audit log's hash chain, or show its entries
     #[command(subcommand)]
     Audit(audit::AuditCommand),
@@ -420,6 +425,7 @@ fn dispatch(ctx: &Context, args: &Args) -> CmdResult {
         Command::Random(a) => ops::random(ctx, a),
         Command::Doctor(a) => doctor::run(ctx, a),
         Command::Reseal(a) => store::reseal(ctx, a),
+        Command::Recovery(c) => recovery::run(ctx, c),
         Command::Audit(c) => audit::run(ctx, c),
         Command::Maintain(a) => lifecycle::maintain(ctx, a),
     }

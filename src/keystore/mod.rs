@@ -9,6 +9,7 @@ mod key_id;
 mod lifecycle;
 mod ops;
 mod registry;
+mod reseal;
 mod resolve;
 mod root;
 mod rotation;
@@ -18,7 +19,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
-use aws_lc_rs::{constant_time, hmac};
+use aws_lc_rs::hmac;
 
 use crate::backend::software::SoftwareBackend;
 use crate::backend::{Backend, KeyContext, KeyOptions, KeyRef};
@@ -272,50 +273,6 @@ impl Keystore {
         let (_root, keys) = unseal_root(&mut store, sealer, config.store.anchor_dir().as_deref())?;
         anchor::bind(&mut store, Some(sealer), config, &keys)?;
         Self::with_root(store, &keys, config)
-    }
-
-    /// Re-seals the root secret of the store in `dir`: unseals it with `unsealer`, builds the new
-    /// sealer with `resealer`, seals with it, checks that it unseals the new seal, and only then
-    /// replaces the old one (in one transaction). Keys, records and key IDs are unchanged. Used to
-    /// re-bind a TPM seal to PCRs after an intended change, or to move a store to another sealer.
-    ///
-    /// The store's metadata and records are checked under the unsealed root before anything is
-    /// sealed: parameters changed behind keyhold's back (a PCR list) are refused, never re-sealed
-    /// to. `resealer` is given the old seal from that authenticated metadata, read in the same
-    /// open: whatever the new seal keeps of the old one (its PCR list, its recovery seal) must come
-    /// from there, never from an earlier read of the store, which someone who can write the store
-    /// may have answered differently. It returns the new sealer and what the caller wants to know
-    /// of the old seal (returned once the new seal is in place).
-    ///
-    /// # Errors
-    /// As [`Self::open`] for the unsealing; the errors of `resealer`; sealer errors;
-    /// [`Error::Unseal`] if the new seal does not unseal (nothing is changed then); storage errors.
-    pub fn reseal<S: Sealer, T>(
-        dir: &Path,
-        unsealer: &dyn Sealer,
-        resealer: impl FnOnce(&crate::sealer::SealedRoot) -> Result<(S, T)>,
-    ) -> Result<T> {
-        let mut store = Store::open(dir)?;
-        let anchor_dir = crate::store::FileAnchor::default_dir();
-        let (root, keys) = unseal_root(&mut store, unsealer, anchor_dir.as_deref())?;
-        anchor::bind(&mut store, Some(unsealer), &Config::default(), &keys)?;
-        let meta = store.meta().clone();
-        let (resealer, told) = resealer(&meta.sealed_root)?;
-        let sealed = resealer.seal(&root, &meta.store_id)?;
-        let check = resealer.unseal(&sealed, &meta.store_id)?;
-        if constant_time::verify_slices_are_equal(check.expose(), root.expose()).is_err() {
-            return Err(Error::Unseal {
-                reason: "the new seal did not give back the root secret: nothing was changed"
-                    .into(),
-            });
-        }
-        let new_meta = StoreMeta {
-            sealed_root: sealed,
-            ..meta
-        };
-        store.replace_sealed_root(&new_meta.sealed_root, &meta_mac(&keys, &new_meta))?;
-        tracing::info!(store = %dir.display(), sealer = resealer.kind(), "re-sealed the store");
-        Ok(told)
     }
 
     /// Test builds only: the root secret of the store in `dir` and the material of the current

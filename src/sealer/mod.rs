@@ -8,6 +8,7 @@
 pub mod passphrase;
 #[cfg(feature = "pkcs11")]
 pub mod pkcs11;
+pub mod shares;
 #[cfg(feature = "tpm")]
 pub mod tpm;
 
@@ -108,5 +109,21 @@ pub trait Sealer: Send + Sync + fmt::Debug {
         String,
     )> {
         None
+    }
+}
+
+/// A borrowed sealer seals as the sealer does: `Keystore::reseal` takes the new sealer by value,
+/// and a caller holding a `Box<dyn Sealer>` (chosen at run time) passes `&*boxed`.
+impl<T: Sealer + ?Sized> Sealer for &T {
+    fn kind(&self) -> &'static str {
+        (**self).kind()
+    }
+
+    fn seal(&self, root: &RootSecret, store_id: &[u8; 16]) -> Result<SealedRoot> {
+        (**self).seal(root, store_id)
+    }
+
+    fn unseal(&self, sealed: &SealedRoot, store_id: &[u8; 16]) -> Result<RootSecret> {
+        (**self).unseal(sealed, store_id)
     }
 }

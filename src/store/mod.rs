@@ -405,7 +405,8 @@ impl Store {
 
     /// Replaces the sealed root secret and the metadata MAC `mac` that covers it (after
     /// `keyhold reseal`), in one transaction: the old seal stays in place until the new one is
-    /// committed.
+    /// committed. The state's counter binding is dropped with it (the caller anchors the store
+    /// again, to the new sealer's TPM or the configuration's).
     ///
     /// # Errors
     /// Storage errors; nothing is changed then.
@@ -418,7 +419,9 @@ impl Store {
         // The state's MAC covers the metadata MAC: the new seal and the next generation go in
         // together.
         self.check_counter(&state)?;
-        let next = keys.state(state.generation + 1, state.total_sum(), state.counter, mac);
+        // The new seal may come with another TPM (or none): the counter binding is dropped, and
+        // the keystore anchors the store again right after, with the new sealer.
+        let next = keys.state(state.generation + 1, state.total_sum(), None, mac);
         for (key, value) in [
             ("sealer", sealed.sealer.as_bytes()),
             ("sealer_params", sealed.params.as_slice()),
@@ -449,7 +452,9 @@ impl Store {
         drop(conn);
         self.meta.sealed_root = sealed.clone();
         self.meta.mac = mac.to_vec();
+        self.meta.state = Some(next.clone());
         self.committed(&next);
+        self.counter = None;
         Ok(())
     }
 

@@ -5,6 +5,7 @@
 
 #[cfg(feature = "pkcs11")]
 pub mod pkcs11;
+pub mod pty;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
