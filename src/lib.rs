@@ -51,9 +51,10 @@ pub use key::{
     SignatureFormat,
 };
 pub use keystore::{
-    random_bytes, BackendHealth, Doctor, Done, KeyEvent, KeyIdFields, KeyInfo, KeyRequest,
-    Keystore, Maintenance, MissingKey, Orphan, PolicyChange, Transition, UncheckedKey, UseOptions,
-    Used, VersionInfo, DEFAULT_NAMESPACE, KEY_ID_PREFIX, MAX_ENVELOPE, MAX_INPUT, MAX_RANDOM,
+    random_bytes, BackendHealth, Backup, BackupInfo, Doctor, Done, KeyEvent, KeyIdFields, KeyInfo,
+    KeyRequest, Keystore, Maintenance, MissingKey, Orphan, PolicyChange, Restored, RootSource,
+    Transition, UncheckedKey, UseOptions, Used, VersionInfo, BACKUP_EXTENSION, DEFAULT_NAMESPACE,
+    KEY_ID_PREFIX, MAX_ENVELOPE, MAX_INPUT, MAX_RANDOM,
 };
 pub use public_key::PublicKey;
 #[cfg(feature = "pkcs11")]

@@ -1,6 +1,7 @@
 //! Argument parsing, dispatch, output and exit codes. One file per group of subcommands.
 
 mod audit;
+mod backup;
 mod doctor;
 mod io;
 mod key;
@@ -88,6 +89,10 @@ enum Command {
     /// Re-bind a TPM-sealed store to the PCRs as they are now (after an intended change), or move
     /// the store to another sealer, passphrase or Argon2 cost (--to)
     Reseal(store::ResealArgs),
+    /// Write an encrypted, authenticated backup of the store into a directory
+    Backup(backup::BackupArgs),
+    /// Restore the store from a backup, verified whole before anything is replaced
+    Restore(backup::RestoreArgs),
     /// Break-glass recovery: split the root secret into shares, or restore the store from them
     #[command(subcommand)]
     Recovery(recovery::RecoveryCommand),
@@ -426,6 +431,8 @@ fn dispatch(ctx: &Context, args: &Args) -> CmdResult {
         Command::Doctor(a) => doctor::run(ctx, a),
         Command::Reseal(a) => store::reseal(ctx, a),
         Command::Recovery(c) => recovery::run(ctx, c),
+        Command::Backup(a) => backup::backup(ctx, a),
+        Command::Restore(a) => backup::restore(ctx, a),
         Command::Audit(c) => audit::run(ctx, c),
         Command::Maintain(a) => lifecycle::maintain(ctx, a),
     }

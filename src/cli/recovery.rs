@@ -144,7 +144,7 @@ const MAX_SHARES_FILE: u64 = 256 * 1024;
 
 /// Every share in `path`, one per line; blank lines and `#` comments (as `split` prints them)
 /// are skipped, every other line is a share (`share N` in errors, counting shares only).
-fn shares_from_file(path: &Path) -> Result<Vec<Share>, Failure> {
+pub(super) fn shares_from_file(path: &Path) -> Result<Vec<Share>, Failure> {
     let file = std::fs::File::open(path).map_err(|e| {
         Failure::Cli(format!(
             "cannot read the shares file {}: {e}",

@@ -3,6 +3,7 @@
 
 mod anchor;
 mod audit;
+mod backup;
 mod doctor;
 mod envelope;
 mod key_id;
@@ -30,6 +31,7 @@ use crate::public_key::PublicKey;
 use crate::sealer::{RootSecret, Sealer};
 use crate::store::{KeyRecord, Store, StoreMeta};
 
+pub use backup::{Backup, BackupInfo, Restored, RootSource, EXTENSION as BACKUP_EXTENSION};
 pub use doctor::{BackendHealth, Doctor, MissingKey, Orphan, UncheckedKey};
 pub(crate) use envelope::oaep_label;
 use key_id::KeyIdCodec;
@@ -136,6 +138,8 @@ pub struct Keystore {
     /// The most AES-GCM invocations per key version (`[lifecycle] gcm_invocation_limit`).
     gcm_limit: u64,
     audit: audit::KeystoreAudit,
+    /// The key backups are encrypted under.
+    backup_key: crate::secret::SecretBytes,
 }
 
 /// Refuses empty and oversized input before any key is touched.
@@ -313,6 +317,7 @@ impl Keystore {
         backends.extend(configured.backends);
         Ok(Self {
             audit: audit::KeystoreAudit::new(store.dir(), keys, &config.audit),
+            backup_key: crate::secret::SecretBytes::copy_from(keys.backup_key.expose()),
             ids: KeyIdCodec::new(store_id, keys.key_id_mac.expose()),
             record_mac: hmac::Key::new(hmac::HMAC_SHA256, keys.record_mac.expose()),
             sealer_kind: store.meta().sealed_root.sealer.clone(),

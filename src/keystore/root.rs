@@ -23,6 +23,7 @@ pub(super) struct DerivedKeys {
     pub(super) state_mac: SecretBytes,
     #[cfg_attr(not(feature = "tpm"), allow(dead_code))]
     pub(super) counter_auth: SecretBytes,
+    pub(super) backup_key: SecretBytes,
 }
 
 impl DerivedKeys {
@@ -51,6 +52,7 @@ pub(super) fn derive_keys(root: &RootSecret, store_id: &[u8; 16]) -> Result<Deri
         commit_prf: expand(b"keyhold v1 commitment prf")?,
         state_mac: expand(b"keyhold v1 store state mac")?,
         counter_auth: expand(b"keyhold v1 tpm counter auth")?,
+        backup_key: expand(b"keyhold v1 backup key")?,
     })
 }
 

@@ -518,6 +518,37 @@ impl Store {
         }
     }
 
+    /// The whole database as one consistent image (a read transaction around SQLite's
+    /// serialisation), for a backup, with what it holds.
+    ///
+    /// # Errors
+    /// Storage errors.
+    pub(crate) fn image(&self) -> Result<(Vec<u8>, ImageFacts)> {
+        let mut conn = self.conn();
+        let read = |e| Error::storage("read the store for a backup", e);
+        conn.execute_batch("BEGIN DEFERRED").map_err(read)?;
+        // The first read takes the shared lock: no writer commits until the image is taken.
+        let facts = (|| -> Result<ImageFacts> {
+            let meta = read_meta(&conn, &self.dir)?;
+            let keys = conn
+                .query_row("SELECT count(*) FROM keys", [], |r| r.get::<_, i64>(0))
+                .map_err(read)?;
+            Ok(ImageFacts {
+                generation: meta.state.map_or(0, |s| s.generation),
+                keys: usize::try_from(keys).unwrap_or_default(),
+                sealed_root: meta.sealed_root,
+            })
+        })();
+        let image = facts.and_then(|facts| {
+            let image = conn.serialize(rusqlite::MAIN_DB).map_err(read)?.to_vec();
+            Ok((image, facts))
+        });
+        let ended = conn.execute_batch("COMMIT");
+        let image = image?;
+        ended.map_err(read)?;
+        Ok(image)
+    }
+
     /// SQLite's `data_version`: changes whenever another connection (another process) commits a
     /// change to the database. Lets the keystore keep verified records cached safely.
     ///
@@ -542,12 +573,35 @@ impl Store {
         self.transact(f, |state| Ok(state.counter))
     }
 
+    /// Takes the store's generation to at least `at_least` (and one past the current), dropping
+    /// its counter binding: a store restored from a backup must not be older than its anchor,
+    /// and is anchored afresh. No row changes.
+    ///
+    /// # Errors
+    /// As [`Self::write`].
+    pub(crate) fn restart_generation(&self, at_least: u64) -> Result<u64> {
+        self.transact_to(
+            |_| Ok(()),
+            |state| Ok((state.generation.saturating_add(1).max(at_least), None)),
+        )?;
+        Ok(self.seen.load(Ordering::SeqCst))
+    }
+
     /// [`Self::write`], with the next state's counter binding chosen by `binding` from the
     /// current state.
     fn transact<T>(
         &self,
         f: impl FnOnce(&Tx<'_>) -> Result<T>,
         binding: impl FnOnce(&StoreState) -> Result<Option<CounterBinding>>,
+    ) -> Result<T> {
+        self.transact_to(f, |state| Ok((state.generation + 1, binding(state)?)))
+    }
+
+    /// [`Self::write`], with the next state's generation and counter binding chosen by `next`.
+    fn transact_to<T>(
+        &self,
+        f: impl FnOnce(&Tx<'_>) -> Result<T>,
+        next: impl FnOnce(&StoreState) -> Result<(u64, Option<CounterBinding>)>,
     ) -> Result<T> {
         let mut conn = self.conn();
         let tx = conn
@@ -567,8 +621,8 @@ impl Store {
         for (uuid, digest) in digests {
             put_digest(&tx, &uuid, digest)?;
         }
-        let counter = binding(&state)?;
-        let next = keys.state(state.generation + 1, total, counter, &self.meta.mac);
+        let (generation, counter) = next(&state)?;
+        let next = keys.state(generation, total, counter, &self.meta.mac);
         put_meta(&tx, commit::STATE_ENTRY, &next.encode())?;
         tx.commit()
             .map_err(|e| Error::storage("commit a change of the store", e))?;
@@ -1085,6 +1139,89 @@ fn read_meta(conn: &Connection, dir: &Path) -> Result<StoreMeta> {
         mac,
         state: read_state(conn, dir)?,
     })
+}
+
+/// What a database image holds, read in the transaction that took it.
+#[derive(Debug)]
+pub(crate) struct ImageFacts {
+    pub(crate) generation: u64,
+    pub(crate) keys: usize,
+    pub(crate) sealed_root: SealedRoot,
+}
+
+/// A database image being restored: written into a private directory beside the store's
+/// database (so that the final rename stays on one filesystem), opened and checked from there,
+/// and moved into place only by [`Staged::install`]. Dropped before, it is removed.
+#[derive(Debug)]
+pub struct Staged {
+    dir: PathBuf,
+    target: PathBuf,
+}
+
+impl Staged {
+    /// Stages `image` for the store directory `target` (made private if new: it must then be
+    /// absent or empty, as for `init`).
+    ///
+    /// # Errors
+    /// I/O errors; [`Error::InvalidInput`] for a directory that is not empty and holds no store.
+    pub fn new(target: &Path, image: &[u8]) -> Result<Self> {
+        if !target.join(DB_FILE).is_file() {
+            make_private_dir(target)?;
+        }
+        let dir = target.join(format!(".restore-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&dir)
+            .map_err(|e| Error::io(format!("create {}", dir.display()), e))?;
+        let staged = Self {
+            dir,
+            target: target.to_path_buf(),
+        };
+        let db = staged.dir.join(DB_FILE);
+        let mut file = fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&db)
+            .map_err(|e| Error::io(format!("create {}", db.display()), e))?;
+        std::io::Write::write_all(&mut file, image)
+            .and_then(|()| file.sync_all())
+            .map_err(|e| Error::io(format!("write {}", db.display()), e))?;
+        Ok(staged)
+    }
+
+    /// The directory to open the staged store from.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Moves the staged database into the store directory in one rename, replacing the store's
+    /// (and dropping its rollback journal, which belongs to the database replaced).
+    ///
+    /// # Errors
+    /// I/O errors; the store is then as it was.
+    pub fn install(self) -> Result<()> {
+        let db = self.target.join(DB_FILE);
+        let journal = self.target.join(format!("{DB_FILE}-journal"));
+        match fs::remove_file(&journal) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(Error::io(format!("remove {}", journal.display()), e)),
+        }
+        fs::rename(self.dir.join(DB_FILE), &db)
+            .map_err(|e| Error::io(format!("move the restored database to {}", db.display()), e))?;
+        if let Ok(dir) = fs::File::open(&self.target) {
+            let _ = dir.sync_all();
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Staged {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.dir);
+    }
 }
 
 /// Destroyed keys' sealed blobs must not linger in the file's free pages, where a copy of the

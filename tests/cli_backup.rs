@@ -1,0 +1,223 @@
+//! `keyhold backup` and `keyhold restore` (docs/cli.md, "Backups"): a backup holds no key material
+//! or record in clear, restores a destroyed key (the legitimate way back, past the store's
+//! anchor), restores on "another machine" (another state directory), from recovery shares, and
+//! refuses a changed backup, another store's directory and a wrong passphrase, changing nothing.
+#![allow(clippy::unwrap_used)] // test helpers: a panic is the failure report
+
+mod support;
+
+use support::env::*;
+
+fn backup(env: &Env, dir: &str) -> std::path::PathBuf {
+    let out = env.ok(&["--json", "backup", "--to", dir], b"", "backup");
+    let report = parse_json(&out, "backup --json");
+    std::path::PathBuf::from(report["backup"].as_str().unwrap())
+}
+
+/// Runs keyhold on the store at `store` with `vars`; asserts success; returns stdout.
+fn at(env: &Env, store: &str, vars: &[(&str, &str)], args: &[&str], stdin: &[u8]) -> Vec<u8> {
+    let mut cmd = env.bare_command();
+    cmd.arg("--store").arg(store).args(args);
+    for (k, v) in vars {
+        cmd.env(k, v);
+    }
+    let out = env.run_cmd(cmd, Some(stdin));
+    assert_ok(&out, &format!("{args:?} on {store}"));
+    out.stdout
+}
+
+fn signs(env: &Env, id: &str) {
+    let sig = env.path_str("sig");
+    let msg = env.write("msg", b"restored");
+    env.ok(
+        &["sign", "--key", id, "--in", &msg, "--out", &sig],
+        b"",
+        "sign",
+    );
+    env.ok(
+        &["verify", "--key", id, "--in", &msg, "--signature", &sig],
+        b"",
+        "verify",
+    );
+}
+
+#[test]
+fn a_backup_holds_nothing_in_clear_and_restores_a_destroyed_key_past_the_anchor() {
+    let env = Env::init();
+    let id = env.create_key("victim-key-name", "ed25519", &[]);
+    signs(&env, &id);
+    let dir = env.path_str("backups");
+    let file = backup(&env, &dir);
+    use std::os::unix::fs::PermissionsExt;
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&file), 0o600);
+    assert_eq!(mode(std::path::Path::new(&dir)), 0o700);
+    let bytes = std::fs::read(&file).unwrap();
+    let revealed = keyhold::testing::reveal_software_key(&env.store, PASS, &id).unwrap();
+    for (what, secret) in [
+        ("the key's material", revealed.material.expose().to_vec()),
+        ("the root secret", revealed.root.expose().to_vec()),
+        ("the key's name", b"victim-key-name".to_vec()),
+    ] {
+        assert_eq!(
+            holds_secret(&bytes, &secret),
+            None,
+            "{what} is in the backup"
+        );
+    }
+    for (form, text) in secret_forms(PASS) {
+        assert_eq!(
+            holds_secret(&bytes, text.as_bytes()),
+            None,
+            "passphrase ({form})"
+        );
+    }
+
+    let before_destruction = env.db();
+    env.ok(
+        &["key", "destroy", "--key", &id, "--now", "--yes"],
+        b"",
+        "destroy",
+    );
+    env.refused(&[], &["sign", "--key", &id], 9);
+    let (out, _) = env.ok_vars(&[], &["--json", "restore", "--from", &dir]);
+    let report = parse_json(&out, "restore --json");
+    assert_eq!(report["keys"], 1);
+    assert_eq!(
+        report["audit_log_restored"], false,
+        "the store's own log is kept"
+    );
+    let generation = report["generation"].as_u64().unwrap();
+    assert!(
+        generation > report["backup_generation"].as_u64().unwrap() + 1,
+        "past the destruction's generation too: {report}"
+    );
+    signs(&env, &id);
+    // A copy of the store from before the restore is older than it: refused.
+    let restored = env.db();
+    std::fs::write(env.database_file(), &before_destruction).unwrap();
+    env.refused(&[], &["sign", "--key", &id], 10);
+    std::fs::write(env.database_file(), &restored).unwrap();
+    signs(&env, &id);
+}
+
+#[test]
+fn a_backup_restores_on_another_machine_into_a_new_directory() {
+    let env = Env::init();
+    let id = env.create_key("k", "ed25519", &[]);
+    let aes = env.create_key("data", "aes-256-gcm", &[]);
+    let envelope = env.path_str("envelope");
+    env.ok(
+        &["encrypt", "--key", &aes, "--out", &envelope],
+        b"secret data",
+        "encrypt",
+    );
+    let dir = env.path_str("backups");
+    backup(&env, &dir);
+    // Another machine: another state directory, another store path, nothing of the first.
+    let elsewhere = env.path_str("elsewhere");
+    let other = [("XDG_STATE_HOME", env.path_str("other-state"))];
+    let other: Vec<(&str, &str)> = other.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let (out, _) = env.ok_vars(
+        &other,
+        &["--json", "restore", "--from", &dir, "--to", &elsewhere],
+    );
+    let report = parse_json(&out, "restore --json");
+    assert_eq!(report["keys"], 2);
+    assert_eq!(
+        report["audit_log_restored"], true,
+        "a new store gets the backup's log"
+    );
+    let there = |args: &[&str]| at(&env, &elsewhere, &other, args, b"");
+    let plain = there(&["decrypt", "--key", &aes, "--in", &envelope, "--out", "-"]);
+    assert_eq!(plain, b"secret data");
+    at(&env, &elsewhere, &other, &["sign", "--key", &id], b"m");
+    there(&["audit", "verify"]);
+}
+
+#[test]
+fn a_changed_backup_another_store_or_a_wrong_passphrase_change_nothing() {
+    let env = Env::init();
+    let id = env.create_key("k", "ed25519", &[]);
+    let dir = env.path_str("backups");
+    let file = backup(&env, &dir);
+    env.ok(&["key", "suspend", "--key", &id], b"", "suspend");
+    let before = env.snapshot();
+    let good = std::fs::read(&file).unwrap();
+    // One byte of the encrypted body; the header's generation, still valid JSON (a digit one
+    // higher): both fail the backup's authentication.
+    let generation_digit = {
+        let key = b"\"generation\":";
+        good.windows(key.len()).position(|w| w == key).unwrap() + key.len()
+    };
+    let digit = good[generation_digit];
+    assert!(digit.is_ascii_digit());
+    for (what, at, value) in [
+        ("the body", good.len() - 40, good[good.len() - 40] ^ 0x01),
+        (
+            "the header's generation",
+            generation_digit,
+            if digit == b'9' { b'8' } else { digit + 1 },
+        ),
+    ] {
+        let mut bad = good.clone();
+        bad[at] = value;
+        std::fs::write(&file, &bad).unwrap();
+        let err = env.refused(&[], &["restore", "--from", file.to_str().unwrap()], 6);
+        assert!(err.contains("fails its authentication"), "{what}: {err}");
+        env.assert_unchanged(&before, what);
+    }
+    std::fs::write(&file, &good).unwrap();
+    // Another store's directory.
+    let other = Env::init();
+    let err = other.refused(&[], &["restore", "--from", file.to_str().unwrap()], 1);
+    assert!(err.contains("holds another store"), "{err}");
+    // The wrong passphrase.
+    env.refused(
+        &[("KEYHOLD_PASSPHRASE", "not the passphrase")],
+        &["restore", "--from", &dir],
+        4,
+    );
+    env.assert_unchanged(&before, "a wrong passphrase");
+    // And the good backup restores.
+    env.ok(&["restore", "--from", &dir], b"", "restore");
+    signs(&env, &id);
+}
+
+#[test]
+fn a_backup_restores_from_recovery_shares() {
+    let env = Env::init();
+    let id = env.create_key("k", "ed25519", &[]);
+    let out = env.ok(
+        &["recovery", "split", "--shares", "3", "--threshold", "2"],
+        b"",
+        "split",
+    );
+    let shares: Vec<String> = String::from_utf8(out)
+        .unwrap()
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .map(str::to_owned)
+        .collect();
+    let shares_file = env.write(
+        "shares",
+        format!("{}\n{}\n", shares[0], shares[2]).as_bytes(),
+    );
+    let dir = env.path_str("backups");
+    backup(&env, &dir);
+    let elsewhere = env.path_str("elsewhere");
+    env.ok(
+        &[
+            "restore",
+            "--from",
+            &dir,
+            "--to",
+            &elsewhere,
+            "--shares-file",
+            &shares_file,
+        ],
+        b"",
+        "restore from shares",
+    );
+    at(&env, &elsewhere, &[], &["sign", "--key", &id], b"m");
+}
