@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 use aws_lc_rs::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM, NONCE_LEN};
 use serde::{Deserialize, Serialize};
 
-use super::root::{check_store, derive_keys, settle, DerivedKeys};
+use super::root::{check_and_settle, check_store, derive_keys, settle, DerivedKeys};
 use super::{anchor, Keystore};
 use crate::config::Config;
 use crate::error::{Error, Result};
@@ -343,13 +343,7 @@ impl Backup {
         // Opened as every command opens it: the commitment again, the anchor file (now behind
         // it), and a TPM counter bound afresh.
         let mut store = Store::open(to)?;
-        let checked = check_store(&store, &keys)?;
-        settle(
-            &mut store,
-            &keys,
-            checked,
-            config.store.anchor_dir().as_deref(),
-        )?;
+        check_and_settle(&mut store, &keys, config.store.anchor_dir().as_deref())?;
         anchor::bind(&mut store, sealer, config, &keys)?;
         tracing::info!(
             store = %to.display(),

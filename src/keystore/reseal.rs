@@ -12,7 +12,7 @@ use std::path::Path;
 use aws_lc_rs::{constant_time, hmac};
 
 use super::root::DerivedKeys;
-use super::root::{check_store, derive_keys, mac_ok, meta_mac, record_mac_ok, settle, unseal_root};
+use super::root::{check_and_settle, derive_keys, mac_ok, meta_mac, record_mac_ok, unseal_root};
 use super::{anchor, Keystore};
 use crate::config::Config;
 use crate::error::{Error, Result};
@@ -109,13 +109,7 @@ impl Keystore {
         let root = shares::combine(shares, &store.meta().store_id)?;
         let keys = derive_keys(&root, &store.meta().store_id)?;
         check_rebuilt_root(&store, &keys)?;
-        let checked = check_store(&store, &keys)?;
-        settle(
-            &mut store,
-            &keys,
-            checked,
-            config.store.anchor_dir().as_deref(),
-        )?;
+        check_and_settle(&mut store, &keys, config.store.anchor_dir().as_deref())?;
         replace_seal(&mut store, &root, &keys, resealer)?;
         anchor::bind(&mut store, Some(resealer), config, &keys)
     }

@@ -225,6 +225,19 @@ pub(super) fn check_store(store: &Store, keys: &DerivedKeys) -> Result<Checked> 
     })
 }
 
+/// [`check_store`] then [`settle`]: the store checked whole under `keys`, and made writable.
+///
+/// # Errors
+/// As those two.
+pub(super) fn check_and_settle(
+    store: &mut Store,
+    keys: &DerivedKeys,
+    anchor_dir: Option<&std::path::Path>,
+) -> Result<()> {
+    let checked = check_store(store, keys)?;
+    settle(store, keys, checked, anchor_dir)
+}
+
 /// What [`check_store`] found, for [`settle`].
 pub(super) struct Checked {
     /// The format of the metadata MAC that verified (1: made before the commitment).
@@ -425,7 +438,6 @@ pub(super) fn unseal_root(
     }
     let root = sealer.unseal(&meta.sealed_root, &meta.store_id)?;
     let keys = derive_keys(&root, &meta.store_id)?;
-    let checked = check_store(store, &keys)?;
-    settle(store, &keys, checked, anchor_dir)?;
+    check_and_settle(store, &keys, anchor_dir)?;
     Ok((root, keys))
 }
