@@ -323,3 +323,61 @@ fn a_store_made_before_the_commitment_is_adopted_once_and_then_guarded() {
     Keystore::open_with(&store, &seal, &config).unwrap();
     let _ = PASSPHRASE;
 }
+
+/// The audit log as lines.
+fn log_lines(t: &TestStore) -> Vec<String> {
+    std::fs::read_to_string(t.path.join("audit.log"))
+        .unwrap()
+        .lines()
+        .map(str::to_owned)
+        .collect()
+}
+
+fn cut_log(t: &TestStore, keep: usize) {
+    let lines = log_lines(t);
+    let kept: String = lines[..keep].iter().map(|l| format!("{l}\n")).collect();
+    std::fs::write(t.path.join("audit.log"), kept).unwrap();
+}
+
+fn audit_refused(ks: &Keystore, fragment: &str) {
+    let err = ks.verify_audit().unwrap_err();
+    assert!(matches!(err, Error::StoreTampered { .. }), "{err:?}");
+    assert!(
+        err.to_string().contains(fragment),
+        "expected `{fragment}` in: {err}"
+    );
+}
+
+#[test]
+fn an_audit_log_cut_before_the_last_change_is_refused_even_when_written_on_since() {
+    let t = TestStore::new();
+    let key = t.create("k", KeyType::Ed25519, None);
+    t.ks.change_state(&key.id, Transition::Suspend, None)
+        .unwrap();
+    t.ks.change_state(&key.id, Transition::Resume, None)
+        .unwrap();
+    t.ks.verify_audit().unwrap();
+    let whole = log_lines(&t).len();
+    assert!(whole >= 3, "create, suspend, resume: {whole}");
+    // The resume's entry cut off.
+    cut_log(&t, whole - 1);
+    let ks = t.reopen().unwrap();
+    audit_refused(&ks, "its end was cut off");
+    // Written on since: as long as before again, but not the entries keyhold wrote.
+    ks.sign(&key.id, b"m", DER).unwrap();
+    ks.sign(&key.id, b"m", DER).unwrap();
+    audit_refused(&ks, "is not the one keyhold wrote");
+}
+
+#[test]
+fn key_uses_cut_off_the_end_of_the_audit_log_are_caught_by_the_anchor_file() {
+    let t = TestStore::new();
+    let key = t.create("k", KeyType::Ed25519, None);
+    for _ in 0..3 {
+        t.ks.sign(&key.id, b"m", DER).unwrap();
+    }
+    t.ks.verify_audit().unwrap();
+    let whole = log_lines(&t).len();
+    cut_log(&t, whole - 2);
+    audit_refused(&t.ks, "its end was cut off");
+}

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use aws_lc_rs::{constant_time, digest, hmac};
 use serde::{Deserialize, Serialize};
 
-use super::{Caller, Entry, Event, Verified};
+use super::{Caller, Entry, Event, Head, Verified};
 use crate::error::{Error, Result};
 use crate::secret::SecretBytes;
 
@@ -93,6 +93,7 @@ impl AuditLog {
     /// cut off again; after a crash in the write, a cut line the next append drops).
     pub fn append_batch(&self, events: &[(Event<'_>, i64)]) -> Result<u64> {
         self.append_events(events.iter().cloned(), &mut Vec::new())
+            .map(|head| head.map_or(0, |h| h.seq))
     }
 
     /// [`Self::append_batch`] of an iterator, encoding into `out` (cleared first; its capacity
@@ -101,10 +102,10 @@ impl AuditLog {
         &self,
         events: impl Iterator<Item = (Event<'e>, i64)>,
         out: &mut Vec<u8>,
-    ) -> Result<u64> {
+    ) -> Result<Option<Head>> {
         let mut events = events.peekable();
         let Some((first, first_time)) = events.peek().map(|(e, t)| (e.caller, *t)) else {
-            return Ok(0);
+            return Ok(None);
         };
         out.clear();
         let io = |what: &str, e| Error::io(format!("{what} {}", self.path.display()), e);
@@ -213,7 +214,7 @@ impl AuditLog {
             }
             return Err(e);
         }
-        Ok(seq)
+        Ok(Some(Head { seq, hash: prev }))
     }
 
     /// Writes the line of entry `seq` (without its newline) at the end of `out`.
@@ -268,11 +269,22 @@ impl AuditLog {
     /// # Errors
     /// [`Error::Integrity`] naming the first line that fails, and how; [`Error::Io`].
     pub fn verify(&self) -> Result<Verified> {
+        self.verify_through(None)
+    }
+
+    /// [`Self::verify`], checking too that the log holds `anchored` (an entry an anchor outside
+    /// the log recorded: its `seq` and line hash): a log cut before it, even if written on
+    /// since, is refused.
+    ///
+    /// # Errors
+    /// As [`Self::verify`]; [`Error::StoreTampered`] for a log without the anchored entry.
+    pub fn verify_through(&self, anchored: Option<Head>) -> Result<Verified> {
         let mut verified = Verified {
             entries: 0,
             head: [0u8; 32],
             cut_short: false,
         };
+        let mut found = None;
         verified.cut_short = self.for_each(|number, line, entry| {
             let fail = |what: String| Error::Integrity {
                 what: format!("audit log line {number}: {what}"),
@@ -293,8 +305,37 @@ impl AuditLog {
             }
             verified.entries += 1;
             verified.head = line_hash(line);
+            if anchored.is_some_and(|a| a.seq == entry.seq) {
+                found = Some(verified.head);
+            }
             Ok(())
         })?;
+        if let Some(anchored) = anchored {
+            match found {
+                Some(hash) if hash == anchored.hash => {}
+                Some(_) => {
+                    return Err(Error::StoreTampered {
+                        what: format!(
+                            "entry {} of the audit log {} is not the one keyhold wrote (its \
+                             anchor recorded another): the log was cut and written on since",
+                            anchored.seq,
+                            self.path.display()
+                        ),
+                    })
+                }
+                None => {
+                    return Err(Error::StoreTampered {
+                        what: format!(
+                            "the audit log {} ends at entry {}, but keyhold wrote entry {} and \
+                             recorded it outside the log: its end was cut off",
+                            self.path.display(),
+                            verified.entries,
+                            anchored.seq
+                        ),
+                    })
+                }
+            }
+        }
         Ok(verified)
     }
 

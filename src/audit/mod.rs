@@ -93,6 +93,15 @@ pub struct Entry {
     pub prev: String,
 }
 
+/// An entry as an anchor outside the log records it: its `seq` and the SHA-256 of its line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Head {
+    /// The entry's sequence number.
+    pub seq: u64,
+    /// SHA-256 of its whole line.
+    pub hash: [u8; 32],
+}
+
 /// What a verified log holds.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Verified {

@@ -4,7 +4,7 @@ use std::collections::VecDeque;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
-use super::{AuditLog, Caller, Event};
+use super::{AuditLog, Caller, Event, Head};
 use crate::error::{Error, Result};
 
 /// A lifecycle change, as the keystore states it to [`AuditSink::lifecycle`]: the sink adds who
@@ -91,6 +91,8 @@ struct Shared {
     /// order they were taken, so entries keep the order of the calls that made them. Holds the
     /// buffers a write reuses.
     writing: Mutex<Scratch>,
+    /// Where the head of every write is recorded outside the log, if anywhere.
+    anchor: Option<crate::store::FileAnchor>,
 }
 
 /// What one write leaves for the next, so that a busy sink does not allocate (and fault in)
@@ -124,6 +126,17 @@ impl AuditSink {
     ///
     /// A window of zero is taken as 1 ms.
     pub fn open(log: AuditLog, caller: Caller, window: Duration) -> Self {
+        Self::open_anchored(log, caller, window, None)
+    }
+
+    /// [`Self::open`], recording the head of every write in `anchor` (a tripwire for a log whose
+    /// end is cut off: see [`AuditLog::verify_through`]).
+    pub fn open_anchored(
+        log: AuditLog,
+        caller: Caller,
+        window: Duration,
+        anchor: Option<crate::store::FileAnchor>,
+    ) -> Self {
         let shared = Arc::new(Shared {
             log,
             caller,
@@ -131,6 +144,7 @@ impl AuditSink {
             pending: Mutex::new(Pending::default()),
             wake: Condvar::new(),
             writing: Mutex::new(Scratch::default()),
+            anchor,
         });
         let worker = Arc::clone(&shared);
         let writer = std::thread::Builder::new()
@@ -163,13 +177,13 @@ impl AuditSink {
     }
 
     /// Writes the buffered key uses, then `record`, stamped with the caller and the time, and
-    /// flushes them to disk; returns the record's `seq` (0 when disabled).
+    /// flushes them to disk; returns the record's entry (`None` when disabled).
     ///
     /// # Errors
     /// As [`AuditLog::append_batch`]; the key uses are then kept for the next write.
-    pub fn lifecycle(&self, record: Record<'_>) -> Result<u64> {
+    pub fn lifecycle(&self, record: Record<'_>) -> Result<Option<Head>> {
         let Some(enabled) = &self.inner else {
-            return Ok(0);
+            return Ok(None);
         };
         let shared = &enabled.shared;
         let event = Event {
@@ -273,7 +287,7 @@ impl Shared {
 
     /// Takes every buffered key use, adds `last` (a lifecycle entry) after them, and appends
     /// them as one batch. On failure the key uses go back to the front of the buffer.
-    fn write(&self, last: Option<(Event<'_>, i64)>) -> Result<u64> {
+    fn write(&self, last: Option<(Event<'_>, i64)>) -> Result<Option<Head>> {
         let mut scratch = lock(&self.writing);
         let scratch = &mut *scratch;
         let (mut uses, dropped) = {
@@ -285,7 +299,7 @@ impl Shared {
             )
         };
         if uses.is_empty() && last.is_none() {
-            return Ok(0);
+            return Ok(None);
         }
         if dropped > 0 {
             tracing::error!(
@@ -307,9 +321,14 @@ impl Shared {
         let written = self.log.append_events(events.chain(last), &mut scratch.out);
         let mut pending = lock(&self.pending);
         match &written {
-            Ok(_) => {
+            Ok(head) => {
                 pending.failing = false;
                 drop(pending);
+                if let (Some(anchor), Some(head)) = (&self.anchor, head) {
+                    if let Err(e) = anchor.record_audit(*head) {
+                        tracing::warn!(error = %e, "cannot record the audit log's head in the anchor file");
+                    }
+                }
                 uses.clear();
                 if uses.capacity() <= MAX_PENDING {
                     scratch.spare = uses;
@@ -378,7 +397,7 @@ mod tests {
                 outcome: "ok",
             })
             .unwrap();
-        assert_eq!(seq, 4, "written after the three uses");
+        assert_eq!(seq.map(|h| h.seq), Some(4), "written after the three uses");
         let entries = reader.entries().unwrap();
         let ops: Vec<&str> = entries.iter().map(|e| e.operation.as_str()).collect();
         assert_eq!(ops, ["sign", "sign", "sign", "destroy"]);
@@ -554,7 +573,7 @@ mod tests {
                 outcome: "ok",
             })
             .unwrap(),
-            0
+            None
         );
         sink.flush().unwrap();
         assert!(sink.log().is_none());

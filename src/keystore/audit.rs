@@ -34,13 +34,19 @@ struct Names {
 
 impl KeystoreAudit {
     /// The audit log of the store in `dir`, MAC'd under the root-derived audit key.
-    pub(super) fn new(dir: &Path, keys: &DerivedKeys, config: &AuditConfig) -> Self {
+    pub(super) fn new(
+        dir: &Path,
+        keys: &DerivedKeys,
+        config: &AuditConfig,
+        anchor: Option<crate::store::FileAnchor>,
+    ) -> Self {
         let path = dir.join(audit::FILE);
         let sink = if config.enabled {
-            AuditSink::open(
+            AuditSink::open_anchored(
                 AuditLog::new(&path, &keys.audit_mac),
                 Caller::this_process(),
                 Duration::from_millis(config.flush_ms),
+                anchor,
             )
         } else {
             AuditSink::disabled()
@@ -88,9 +94,24 @@ impl Keystore {
     ///
     /// # Errors
     /// [`Error::Integrity`] naming the first line that fails; [`Error::Io`].
+    ///
+    /// The log must hold the entries recorded outside it: the last lifecycle change's entry, in
+    /// the store's committed state (anchored like the store's generation), and the last entry
+    /// written, in the anchor file (a tripwire). A log whose end was cut off is refused
+    /// ([`Error::StoreTampered`]).
     pub fn verify_audit(&self) -> Result<audit::Verified> {
         self.audit_sink().flush()?;
-        self.audit.reader.verify()
+        let committed = self.store.committed_audit_head()?;
+        let verified = self.audit.reader.verify_through(committed)?;
+        let anchored = self
+            .store
+            .anchor()
+            .and_then(|a| a.read_audit().ok().flatten())
+            .filter(|a| committed.is_none_or(|c| a.seq > c.seq));
+        if anchored.is_some() {
+            return self.audit.reader.verify_through(anchored);
+        }
+        Ok(verified)
     }
 
     /// Every entry of the audit log, in order, each checked by its MAC (after writing the key
@@ -159,21 +180,22 @@ impl Keystore {
 
     /// Records a lifecycle change of `changed` (the key as it now is), synchronously: the caller
     /// writes it before committing the change, so that no change the log does not show is made.
-    pub(super) fn audit_lifecycle(&self, changed: &Resolved, event: &'static str) -> Result<()> {
+    pub(super) fn audit_lifecycle(
+        &self,
+        changed: &Resolved,
+        event: &'static str,
+    ) -> Result<Option<audit::Head>> {
         if !self.audit.sink.is_enabled() {
-            return Ok(());
+            return Ok(None);
         }
         let names = self.names_of(changed);
-        self.audit
-            .sink
-            .lifecycle(Record {
-                operation: lifecycle_name(event),
-                key_id: names.as_ref().map(|n| &*n.id),
-                version: Some(changed.record.version),
-                namespace: Some(&changed.record.namespace),
-                outcome: "ok",
-            })
-            .map(drop)
+        self.audit.sink.lifecycle(Record {
+            operation: lifecycle_name(event),
+            key_id: names.as_ref().map(|n| &*n.id),
+            version: Some(changed.record.version),
+            namespace: Some(&changed.record.namespace),
+            outcome: "ok",
+        })
     }
 
     /// Records a creation that failed.

@@ -476,7 +476,7 @@ impl Keystore {
             };
             let changed = self.verified_with(after, versions)?;
             // Written before the commit: no change is made that the log does not show.
-            self.audit_lifecycle(&changed, event)?;
+            tx.note_audit(self.audit_lifecycle(&changed, event)?);
             Ok(changed)
         });
         self.invalidate();

@@ -316,7 +316,12 @@ impl Keystore {
         let mut backends = vec![software];
         backends.extend(configured.backends);
         Ok(Self {
-            audit: audit::KeystoreAudit::new(store.dir(), keys, &config.audit),
+            audit: audit::KeystoreAudit::new(
+                store.dir(),
+                keys,
+                &config.audit,
+                store.anchor().cloned(),
+            ),
             backup_key: crate::secret::SecretBytes::copy_from(keys.backup_key.expose()),
             ids: KeyIdCodec::new(store_id, keys.key_id_mac.expose()),
             record_mac: hmac::Key::new(hmac::HMAC_SHA256, keys.record_mac.expose()),
@@ -469,7 +474,10 @@ impl Keystore {
             };
             self.record_event(tx, &none, &record, "created", None)?;
             // Written before the commit: a key the log cannot show is never made.
-            self.audit_lifecycle(&self.verified_with(record.clone(), Vec::new())?, "created")
+            let head =
+                self.audit_lifecycle(&self.verified_with(record.clone(), Vec::new())?, "created")?;
+            tx.note_audit(head);
+            Ok(())
         });
         self.invalidate();
         if let Err(e) = inserted {

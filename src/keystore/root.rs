@@ -75,6 +75,7 @@ pub(super) fn initial_state(keys: &DerivedKeys, store_id: [u8; 16], meta_mac: &[
         0,
         Recomputed::default().total(&keys.commit_keys(store_id)),
         None,
+        None,
         meta_mac,
     )
 }

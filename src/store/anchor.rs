@@ -11,6 +11,7 @@ use std::io::{Read, Seek, Write};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
+use crate::audit::Head;
 use crate::error::{Error, Result};
 
 /// What a counter outside the store shows.
@@ -91,9 +92,21 @@ impl FileAnchor {
     /// I/O errors other than the file's absence. A file that does not parse reads as absent (a
     /// torn write after a crash): it is rewritten at the next change.
     pub fn read(&self) -> Result<Option<u64>> {
+        Ok(self.read_all()?.generation)
+    }
+
+    /// The audit log's last entry recorded, if any.
+    ///
+    /// # Errors
+    /// As [`Self::read`].
+    pub fn read_audit(&self) -> Result<Option<Head>> {
+        Ok(self.read_all()?.audit)
+    }
+
+    fn read_all(&self) -> Result<Recorded> {
         match fs::read_to_string(&self.path) {
             Ok(text) => Ok(parse(&text)),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Recorded::default()),
             Err(e) => Err(Error::io(format!("read {}", self.path.display()), e)),
         }
     }
@@ -104,6 +117,32 @@ impl FileAnchor {
     /// # Errors
     /// I/O errors.
     pub fn advance(&self, generation: u64) -> Result<()> {
+        self.update(|recorded| {
+            if recorded.generation.is_some_and(|g| g >= generation) {
+                return false;
+            }
+            recorded.generation = Some(generation);
+            true
+        })
+    }
+
+    /// Records `head` as the audit log's last entry unless a later one is recorded.
+    ///
+    /// # Errors
+    /// I/O errors.
+    pub fn record_audit(&self, head: Head) -> Result<()> {
+        self.update(|recorded| {
+            if recorded.audit.is_some_and(|a| a.seq >= head.seq) {
+                return false;
+            }
+            recorded.audit = Some(head);
+            true
+        })
+    }
+
+    /// Reads the file under its lock, lets `change` change what it records, and writes it back
+    /// if `change` says so.
+    fn update(&self, change: impl FnOnce(&mut Recorded) -> bool) -> Result<()> {
         let io = |what: &str, e: std::io::Error| {
             Error::io(
                 format!("{what} the store anchor {}", self.path.display()),
@@ -129,10 +168,11 @@ impl FileAnchor {
         let mut text = String::new();
         // Unreadable content is replaced (see `read`).
         let _ = file.read_to_string(&mut text);
-        if parse(&text).is_some_and(|recorded| recorded >= generation) {
+        let mut recorded = parse(&text);
+        if !change(&mut recorded) {
             return Ok(());
         }
-        write_whole(&mut file, &format!("{HEADER}\n{generation}\n")).map_err(|e| io("write", e))
+        write_whole(&mut file, &recorded.render()).map_err(|e| io("write", e))
     }
 }
 
@@ -143,12 +183,41 @@ fn write_whole(file: &mut File, text: &str) -> std::io::Result<()> {
     file.sync_data()
 }
 
-fn parse(text: &str) -> Option<u64> {
-    let mut lines = text.lines();
-    if lines.next()? != HEADER {
-        return None;
+/// What an anchor file records: the store's generation (line 2) and the audit log's last entry
+/// (line 3, `audit SEQ HASH`).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+struct Recorded {
+    generation: Option<u64>,
+    audit: Option<Head>,
+}
+
+impl Recorded {
+    fn render(&self) -> String {
+        let mut text = format!("{HEADER}\n{}\n", self.generation.unwrap_or_default());
+        if let Some(head) = self.audit {
+            text.push_str(&format!(
+                "audit {} {}\n",
+                head.seq,
+                crate::hex::encode(&head.hash)
+            ));
+        }
+        text
     }
-    lines.next()?.trim().parse().ok()
+}
+
+fn parse(text: &str) -> Recorded {
+    let mut lines = text.lines();
+    if lines.next() != Some(HEADER) {
+        return Recorded::default();
+    }
+    let generation = lines.next().and_then(|l| l.trim().parse().ok());
+    let audit = lines.next().and_then(|l| {
+        let mut parts = l.strip_prefix("audit ")?.split(' ');
+        let seq = parts.next()?.parse().ok()?;
+        let hash = crate::hex::decode(parts.next()?)?.try_into().ok()?;
+        Some(Head { seq, hash })
+    });
+    Recorded { generation, audit }
 }
 
 #[cfg(test)]
@@ -175,6 +244,23 @@ mod tests {
         assert_eq!(anchor.read().unwrap(), None, "a torn file reads as absent");
         anchor.advance(2).unwrap();
         assert_eq!(anchor.read().unwrap(), Some(2));
+        let head = |seq| Head {
+            seq,
+            hash: [seq as u8; 32],
+        };
+        anchor.record_audit(head(4)).unwrap();
+        anchor.record_audit(head(3)).unwrap();
+        anchor.advance(3).unwrap();
+        assert_eq!(
+            anchor.read().unwrap(),
+            Some(3),
+            "the audit line kept the generation"
+        );
+        assert_eq!(
+            anchor.read_audit().unwrap(),
+            Some(head(4)),
+            "kept by the generation's update, never lowered"
+        );
         use std::os::unix::fs::PermissionsExt;
         let mode = fs::metadata(anchor.path()).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o600);

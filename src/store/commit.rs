@@ -23,6 +23,7 @@ use std::collections::BTreeMap;
 
 use aws_lc_rs::{constant_time, hmac};
 
+use crate::audit::Head;
 use crate::error::{Error, Result};
 
 /// The metadata entry holding the [`StoreState`].
@@ -104,6 +105,8 @@ pub struct StoreState {
     pub total: [u8; 32],
     /// The counter outside the store that follows the generation, once there is one.
     pub counter: Option<CounterBinding>,
+    /// The audit log's entry of the last change that wrote one: a log cut before it is refused.
+    pub audit: Option<Head>,
     /// HMAC-SHA256 over all of the above and the metadata MAC.
     pub mac: Vec<u8>,
 }
@@ -136,45 +139,76 @@ impl CounterBinding {
     }
 }
 
-impl StoreState {
-    const LEN: usize = 8 + 32 + 1 + 32;
-    const BOUND_LEN: usize = Self::LEN + 4 + 8;
+fn encode_audit(audit: Option<&Head>, out: &mut Vec<u8>) {
+    match audit {
+        None => out.push(0),
+        Some(head) => {
+            out.push(1);
+            out.extend_from_slice(&head.seq.to_be_bytes());
+            out.extend_from_slice(&head.hash);
+        }
+    }
+}
 
+/// Reads `n` bytes off the front of `bytes`.
+fn take<'a>(bytes: &mut &'a [u8], n: usize) -> Option<&'a [u8]> {
+    if bytes.len() < n {
+        return None;
+    }
+    let (front, rest) = bytes.split_at(n);
+    *bytes = rest;
+    Some(front)
+}
+
+fn be_u64(bytes: &[u8]) -> Option<u64> {
+    Some(u64::from_be_bytes(bytes.try_into().ok()?))
+}
+
+impl StoreState {
     pub(super) fn encode(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(Self::BOUND_LEN);
+        let mut out = Vec::with_capacity(8 + 32 + 13 + 41 + 32);
         out.extend_from_slice(&self.generation.to_be_bytes());
         out.extend_from_slice(&self.total);
         CounterBinding::encode(self.counter.as_ref(), &mut out);
+        encode_audit(self.audit.as_ref(), &mut out);
         out.extend_from_slice(&self.mac);
         out
     }
 
-    pub(super) fn decode(bytes: &[u8]) -> Option<Self> {
-        if bytes.len() != Self::LEN && bytes.len() != Self::BOUND_LEN {
-            return None;
-        }
-        let (generation, rest) = bytes.split_at(8);
-        let (total, rest) = rest.split_at(32);
-        let (tag, rest) = rest.split_first()?;
-        let (counter, mac) = match (*tag, rest.len()) {
-            (0, 32) => (None, rest),
-            (1 | 2, 44) => {
-                let (index, rest) = rest.split_at(4);
-                let (offset, mac) = rest.split_at(8);
-                let offset = u64::from_be_bytes(offset.try_into().ok()?);
-                let binding = CounterBinding {
-                    index: u32::from_be_bytes(index.try_into().ok()?),
-                    offset: (*tag == 2).then_some(offset),
-                };
-                (Some(binding), mac)
+    pub(super) fn decode(mut bytes: &[u8]) -> Option<Self> {
+        let b = &mut bytes;
+        let generation = be_u64(take(b, 8)?)?;
+        let total: [u8; 32] = take(b, 32)?.try_into().ok()?;
+        let counter = match take(b, 1)?[0] {
+            0 => None,
+            tag @ (1 | 2) => {
+                let index = u32::from_be_bytes(take(b, 4)?.try_into().ok()?);
+                let offset = be_u64(take(b, 8)?)?;
+                Some(CounterBinding {
+                    index,
+                    offset: (tag == 2).then_some(offset),
+                })
             }
             _ => return None,
         };
+        let audit = match take(b, 1)?[0] {
+            0 => None,
+            1 => Some(Head {
+                seq: be_u64(take(b, 8)?)?,
+                hash: take(b, 32)?.try_into().ok()?,
+            }),
+            _ => return None,
+        };
+        let mac = take(b, 32)?.to_vec();
+        if !b.is_empty() {
+            return None;
+        }
         Some(Self {
-            generation: u64::from_be_bytes(generation.try_into().ok()?),
-            total: total.try_into().ok()?,
+            generation,
+            total,
             counter,
-            mac: mac.to_vec(),
+            audit,
+            mac,
         })
     }
 
@@ -237,34 +271,44 @@ impl CommitKeys {
         generation: u64,
         total: &[u8; 32],
         counter: Option<&CounterBinding>,
+        audit: Option<&Head>,
         meta_mac: &[u8],
     ) -> Vec<u8> {
-        let mut input = Vec::with_capacity(128);
+        let mut input = Vec::with_capacity(192);
         input.extend_from_slice(b"keyhold store state v1\0");
         input.extend_from_slice(&self.store_id);
         input.extend_from_slice(&generation.to_be_bytes());
         input.extend_from_slice(total);
         CounterBinding::encode(counter, &mut input);
+        encode_audit(audit, &mut input);
         input.extend_from_slice(&(meta_mac.len() as u32).to_be_bytes());
         input.extend_from_slice(meta_mac);
         input
     }
 
-    /// The state for `generation`, `total` and `counter`, MAC'd with the metadata MAC.
+    /// The state for `generation`, `total`, `counter` and `audit`, MAC'd with the metadata MAC.
     pub(crate) fn state(
         &self,
         generation: u64,
         total: Sum,
         counter: Option<CounterBinding>,
+        audit: Option<Head>,
         meta_mac: &[u8],
     ) -> StoreState {
         let total = total.to_bytes();
-        let input = self.state_input(generation, &total, counter.as_ref(), meta_mac);
+        let input = self.state_input(
+            generation,
+            &total,
+            counter.as_ref(),
+            audit.as_ref(),
+            meta_mac,
+        );
         let mac = hmac::sign(&self.state, &input);
         StoreState {
             generation,
             total,
             counter,
+            audit,
             mac: mac.as_ref().to_vec(),
         }
     }
@@ -277,6 +321,7 @@ impl CommitKeys {
                 state.generation,
                 &state.total,
                 state.counter.as_ref(),
+                state.audit.as_ref(),
                 meta_mac,
             ),
         );
@@ -497,7 +542,7 @@ mod tests {
         present.add(&k, RowKind::Event, &a, b"ae1");
         present.add(&k, RowKind::Key, &b, b"b1");
         assert_eq!(present.total(&k), total);
-        let state = k.state(4, total, None, b"meta");
+        let state = k.state(4, total, None, None, b"meta");
         assert!(present.compare(&k, &digests, &state).is_empty());
         assert!(k.state_ok(&state, b"meta"));
         assert!(
@@ -550,17 +595,30 @@ mod tests {
                 offset: Some(u64::MAX),
             }),
         ] {
-            let s = keys().state(7, Sum::default(), counter, b"m");
+            let audit = counter.map(|_| Head {
+                seq: 9,
+                hash: [5; 32],
+            });
+            let s = keys().state(7, Sum::default(), counter, audit, b"m");
             assert_eq!(StoreState::decode(&s.encode()), Some(s.clone()));
             assert_eq!(StoreState::decode(&s.encode()[1..]), None);
             assert!(keys().state_ok(&s, b"m"));
         }
-        let a = keys().state(7, Sum::default(), None, b"m");
+        let a = keys().state(7, Sum::default(), None, None, b"m");
         let mut b = a.clone();
         b.counter = Some(CounterBinding {
             index: 1,
             offset: Some(0),
         });
         assert!(!keys().state_ok(&b, b"m"), "the binding is under the MAC");
+        let mut c = a.clone();
+        c.audit = Some(Head {
+            seq: 1,
+            hash: [0; 32],
+        });
+        assert!(
+            !keys().state_ok(&c, b"m"),
+            "the audit head is under the MAC"
+        );
     }
 }

@@ -320,6 +320,26 @@ impl Store {
         }
     }
 
+    /// The audit entry of the last change, as the committed state holds it now (read, and its MAC
+    /// checked, under a read lock).
+    ///
+    /// # Errors
+    /// [`Error::StoreTampered`] for a state missing or failing its MAC; storage errors.
+    pub fn committed_audit_head(&self) -> Result<Option<crate::audit::Head>> {
+        let Some(keys) = &self.commit else {
+            return Ok(None);
+        };
+        let conn = self.conn();
+        let state = read_state(&conn, &self.dir)?
+            .ok_or_else(|| tampered("the store's committed state was deleted".into()))?;
+        if !keys.state_ok(&state, &self.meta.mac) {
+            return Err(tampered(
+                "the store's committed state (its generation and commitment) fails its MAC".into(),
+            ));
+        }
+        Ok(state.audit)
+    }
+
     /// The anchor this store records its generations in, if any.
     pub fn anchor(&self) -> Option<&FileAnchor> {
         self.anchor.as_ref()
@@ -375,7 +395,7 @@ impl Store {
             put_digest(&tx, &uuid, digest)?;
         }
         let total = rows.total(keys);
-        let state = keys.state(1, total, None, meta_mac);
+        let state = keys.state(1, total, None, None, meta_mac);
         put_meta(&tx, commit::STATE_ENTRY, &state.encode())?;
         put_meta(&tx, "meta_mac", meta_mac)?;
         tx.commit()
@@ -421,7 +441,13 @@ impl Store {
         self.check_counter(&state)?;
         // The new seal may come with another TPM (or none): the counter binding is dropped, and
         // the keystore anchors the store again right after, with the new sealer.
-        let next = keys.state(state.generation + 1, state.total_sum(), None, mac);
+        let next = keys.state(
+            state.generation + 1,
+            state.total_sum(),
+            None,
+            state.audit,
+            mac,
+        );
         for (key, value) in [
             ("sealer", sealed.sealer.as_bytes()),
             ("sealer_params", sealed.params.as_slice()),
@@ -612,8 +638,10 @@ impl Store {
         let writer = Tx {
             tx: &tx,
             changes: RefCell::new(Vec::new()),
+            audit: std::cell::Cell::new(None),
         };
         let out = f(&writer)?;
+        let audit = writer.audit.get().or(state.audit);
         let changes = writer.changes.into_inner();
         let (digests, total) = commit::apply(keys, &changes, state.total_sum(), |uuid| {
             read_digest(&tx, uuid)
@@ -622,7 +650,7 @@ impl Store {
             put_digest(&tx, &uuid, digest)?;
         }
         let (generation, counter) = next(&state)?;
-        let next = keys.state(generation, total, counter, &self.meta.mac);
+        let next = keys.state(generation, total, counter, audit, &self.meta.mac);
         put_meta(&tx, commit::STATE_ENTRY, &next.encode())?;
         tx.commit()
             .map_err(|e| Error::storage("commit a change of the store", e))?;
@@ -703,6 +731,8 @@ pub struct Tx<'a> {
     tx: &'a rusqlite::Transaction<'a>,
     /// The rows changed so far, for the commitment.
     changes: RefCell<Vec<Change>>,
+    /// The audit entry this change wrote, for the next state.
+    audit: std::cell::Cell<Option<crate::audit::Head>>,
 }
 
 impl Tx<'_> {
@@ -722,6 +752,14 @@ impl Tx<'_> {
         insert_key(self.tx, rec)?;
         self.changed(RowKind::Key, &rec.uuid, None, Some(&rec.mac));
         Ok(())
+    }
+
+    /// Notes the audit log entry that records this change (written before the commit): the
+    /// committed state keeps it, so that a log cut before it is refused.
+    pub fn note_audit(&self, head: Option<crate::audit::Head>) {
+        if head.is_some() {
+            self.audit.set(head);
+        }
     }
 
     /// Notes a changed row for the commitment.
