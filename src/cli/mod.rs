@@ -8,6 +8,7 @@ mod lifecycle;
 mod ops;
 mod select;
 mod store;
+mod transport;
 
 use std::fmt;
 use std::path::PathBuf;

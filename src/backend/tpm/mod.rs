@@ -42,6 +42,7 @@ use self::device::{DeviceSettings, TpmDevice};
 use self::errors::{During, Failure};
 use crate::backend::{
     Backend, BackendReport, Capabilities, GeneratedKey, KeyContext, KeyOptions, KeyRef, Sealed,
+    Wrapping,
 };
 use crate::der;
 use crate::error::{Error, Result};
@@ -699,6 +700,41 @@ impl Backend for TpmBackend {
         };
         self.device
             .run_if_connected(&self.name, |connection| connection.forget(cached))
+    }
+
+    fn wrap_key(&self, _key: KeyRef<'_>, _wrapping: Wrapping<'_>) -> Result<Vec<u8>> {
+        Err(Error::Unsupported {
+            backend: self.name.clone(),
+            what: "exporting keys: keyhold's TPM keys are fixedTPM and fixedParent, so the TPM \
+                   never lets them out, wrapped or not (TPM2_Duplicate refuses them)"
+                .into(),
+        })
+    }
+
+    fn unwrap_key(&self, _unwrapping: KeyRef<'_>, _wrapped: &[u8]) -> Result<SecretBytes> {
+        Err(Error::Unsupported {
+            backend: self.name.clone(),
+            what: "unwrapping into this process: a TPM key decrypts only keyhold envelopes; \
+                   unwrap with a software key"
+                .into(),
+        })
+    }
+
+    fn import_key(
+        &self,
+        _context: KeyContext<'_>,
+        _material: &SecretBytes,
+        _options: &KeyOptions,
+    ) -> Result<GeneratedKey> {
+        // TPM2_Import of an external key under the SRK makes a key that is not fixedTPM (a TPM
+        // imports only duplicable objects), unlike every key templates.rs makes; importing needs
+        // that second kind of TPM key recorded and loaded as such, which is not written yet.
+        Err(Error::Unsupported {
+            backend: self.name.clone(),
+            what: "importing keys yet (TPM2_Import makes only keys that are not fixedTPM, \
+                   and keyhold's TPM keys all are): import into software or a PKCS#11 token"
+                .into(),
+        })
     }
 }
 
