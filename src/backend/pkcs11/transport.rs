@@ -6,8 +6,9 @@
 //! key from it: so the token itself parses the PKCS#8 of a private key, and the key's value is
 //! never an attribute in a template. The session key is destroyed right after.
 
+use cryptoki::error::{Error as CkError, RvError};
 use cryptoki::mechanism::Mechanism;
-use cryptoki::object::{Attribute, KeyType as CkKeyType, ObjectClass, ObjectHandle};
+use cryptoki::object::{Attribute, AttributeType, KeyType as CkKeyType, ObjectClass, ObjectHandle};
 use cryptoki::session::Session;
 use zeroize::Zeroize;
 
@@ -74,8 +75,9 @@ impl Pkcs11Backend {
         aws_lc_rs::rand::fill(transit.expose_mut())
             .map_err(|_| Error::crypto("make a transport key"))?;
         let wrapped = crate::backend::wrap::kwp_wrap(transit.expose(), material.expose())?;
+        let (iv, encrypted) = cbc_pad_encrypt(transit.expose(), material.expose())?;
         let made = self.run(
-            "import a key (C_UnwrapKey, CKM_AES_KEY_WRAP_PAD)",
+            "import a key (C_UnwrapKey, CKM_AES_KEY_WRAP_PAD or CKM_AES_CBC_PAD)",
             |_, session| {
                 let mut kek_template = vec![
                     Attribute::Class(ObjectClass::SECRET_KEY),
@@ -104,12 +106,34 @@ impl Pkcs11Backend {
                 // with neither CKA_ID nor label, which nothing can find again. Usages the token adds
                 // are cleared afterwards, as for generated keys (`Expected::inspect`).
                 let template = secret_template.at(STAGES - 1);
-                let secret = session.unwrap_key(
+                // RFC 5649 where the token has it; else AES-CBC with PKCS#7 padding, which
+                // openCryptoki 3.8 has (the transport key is fresh and used once, and the key
+                // made is checked against its material right after: no integrity is lost).
+                let secret = match session.unwrap_key(
                     &Mechanism::AesKeyWrapPad,
                     kek.handle,
                     &wrapped,
                     &template,
-                )?;
+                ) {
+                    Err(CkError::Pkcs11(RvError::MechanismInvalid, _)) => session.unwrap_key(
+                        &Mechanism::AesCbcPad(iv),
+                        kek.handle,
+                        &encrypted,
+                        &template,
+                    )?,
+                    other => other?,
+                };
+                // openCryptoki 3.8 makes an unwrapped key neither sensitive nor unextractable
+                // whatever the template says: set what is not so (a one-way change tokens allow;
+                // SoftHSM refuses to set either again once it is so).
+                let wanted = [Attribute::Sensitive(true), Attribute::Extractable(false)];
+                let kinds = [AttributeType::Sensitive, AttributeType::Extractable];
+                let now = session.get_attributes(secret, &kinds)?;
+                let unset: Vec<Attribute> =
+                    wanted.into_iter().filter(|w| !now.contains(w)).collect();
+                if !unset.is_empty() {
+                    session.update_attributes(secret, &unset)?;
+                }
                 // The public half as a generated key has it: `key pubkey` reads it back, and
                 // `doctor` finds both halves.
                 if let Some(public) = &public_template {
@@ -123,8 +147,8 @@ impl Pkcs11Backend {
                 Error::Unsupported {
                     backend: self.name.clone(),
                     what: format!(
-                        "importing keys: {} lacks CKM_AES_KEY_WRAP_PAD (C_UnwrapKey), which \
-                         keyhold imports with",
+                        "importing keys: {} lacks both CKM_AES_KEY_WRAP_PAD and CKM_AES_CBC_PAD \
+                         for C_UnwrapKey, which keyhold imports with",
                         self.token_name()
                     ),
                 }
@@ -288,6 +312,22 @@ impl Pkcs11Backend {
             what: why,
         }
     }
+}
+
+/// `material` encrypted with AES-256-CBC and PKCS#7 padding under `key`, with a random IV.
+fn cbc_pad_encrypt(key: &[u8], material: &[u8]) -> Result<([u8; 16], Vec<u8>)> {
+    use aws_lc_rs::cipher::{PaddedBlockEncryptingKey, UnboundCipherKey, AES_256};
+    let failed = || Error::crypto("AES-CBC encryption of a key for import");
+    let cipher = UnboundCipherKey::new(&AES_256, key)
+        .and_then(PaddedBlockEncryptingKey::cbc_pkcs7)
+        .map_err(|_| failed())?;
+    // Room for the padding up front: the buffer must not reallocate and leave a plaintext copy.
+    let mut buf = zeroize::Zeroizing::new(Vec::with_capacity(material.len() + 16));
+    buf.extend_from_slice(material);
+    let context = cipher.encrypt(&mut *buf).map_err(|_| failed())?;
+    let iv: &[u8] = (&context).try_into().map_err(|_| failed())?;
+    let iv: [u8; 16] = iv.try_into().map_err(|_| failed())?;
+    Ok((iv, buf.to_vec()))
 }
 
 /// The attributes of the public key object of an imported private key (`material`, PKCS#8,
