@@ -137,34 +137,93 @@ fn a_software_key_exported_and_imported_again_is_the_same_key() {
 }
 
 #[cfg(feature = "tpm")]
-#[test]
-fn a_tpm_refuses_imports_with_the_reason_and_nothing_is_recorded() {
-    let tpm = keyhold::testing::Swtpm::new().unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let ks = Keystore::create_with(
-        &dir.path().join("store"),
-        &sealer(PASSPHRASE),
-        &tpm.config("tpm"),
-    )
-    .unwrap();
-    let (pkcs8, _) = outside_p256();
-    let refused = ks.import_key(
-        &request("default", "in-tpm", KeyType::EcdsaP256, "tpm"),
-        &pkcs8,
-        None,
-        &KeyOptions::new(),
-    );
-    match refused {
-        Err(Error::Unsupported { backend, what }) => {
-            assert_eq!(backend, "tpm");
-            assert!(
-                what.starts_with("importing keys yet (TPM2_Import"),
-                "{what}"
-            );
-        }
-        other => panic!("expected the TPM to refuse the import: {other:?}"),
+mod tpm {
+    use super::*;
+
+    fn setup() -> (keyhold::testing::Swtpm, tempfile::TempDir, Keystore) {
+        let tpm = keyhold::testing::Swtpm::new().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let ks = Keystore::create_with(
+            &dir.path().join("store"),
+            &sealer(PASSPHRASE),
+            &tpm.config("tpm"),
+        )
+        .unwrap();
+        (tpm, dir, ks)
     }
-    assert!(ks.list_all_keys(None).unwrap().is_empty());
+
+    /// Software → TPM: a P-256 key exported from software, wrapped, is imported into the TPM
+    /// (TPM2_Import) and signs there as the software key; an HMAC key gives the same tags.
+    #[test]
+    fn software_keys_move_into_the_tpm_and_work_there_as_before() {
+        let (_tpm, _dir, ks) = setup();
+        let kek = ks
+            .create_key(&request("default", "kek", KeyType::Aes256Gcm, "software"))
+            .unwrap();
+        for (name, key_type) in [("signer", KeyType::EcdsaP256), ("mac", KeyType::HmacSha256)] {
+            let original = ks
+                .create_key_with(
+                    &request("default", name, key_type, "software"),
+                    &KeyOptions::new().extractable(true),
+                )
+                .unwrap();
+            let wrapped = ks.export_key(&original.id, ExportTo::Key(&kek.id)).unwrap();
+            let moved = ks
+                .import_key(
+                    &request("default", &format!("{name}-tpm"), key_type, "tpm"),
+                    &wrapped,
+                    Some(&kek.id),
+                    &KeyOptions::new(),
+                )
+                .unwrap();
+            assert_eq!(moved.backend, "tpm");
+            assert_eq!(
+                moved.attributes.get("origin").map(String::as_str),
+                Some("imported")
+            );
+            assert_eq!(
+                moved.attributes.get("fixed_tpm").map(String::as_str),
+                Some("false")
+            );
+            if key_type == KeyType::HmacSha256 {
+                assert_eq!(
+                    ks.mac(&moved.id, b"data").unwrap(),
+                    ks.mac(&original.id, b"data").unwrap()
+                );
+            } else {
+                assert_eq!(
+                    ks.public_key(&moved.id).unwrap(),
+                    ks.public_key(&original.id).unwrap()
+                );
+                let sig = ks.sign(&moved.id, b"m", SignatureFormat::Der).unwrap();
+                ks.verify(&original.id, b"m", &sig, SignatureFormat::Der)
+                    .unwrap();
+            }
+        }
+    }
+
+    #[test]
+    fn a_tpm_refuses_rsa_imports_with_the_reason_and_nothing_is_recorded() {
+        let (_tpm, _dir, ks) = setup();
+        let pair = aws_lc_rs::rsa::KeyPair::generate(aws_lc_rs::rsa::KeySize::Rsa2048).unwrap();
+        let refused = ks.import_key(
+            &request("default", "in-tpm", KeyType::Rsa2048, "tpm"),
+            pair.as_der().unwrap().as_ref(),
+            None,
+            &KeyOptions::new(),
+        );
+        match refused {
+            Err(Error::Unsupported { backend, what }) => {
+                assert_eq!(backend, "tpm");
+                assert!(
+                    what.starts_with("importing rsa-2048 keys: the TPM takes an RSA private key"),
+                    "{what}"
+                );
+            }
+            other => panic!("expected the TPM to refuse the import: {other:?}"),
+        }
+        assert!(ks.list_all_keys(None).unwrap().is_empty());
+    }
 }
 
 #[cfg(feature = "pkcs11")]
