@@ -500,6 +500,16 @@ fn only_active_keys_export_and_wrap() {
             env.ok_text(&["key", back, "--key", id]);
         }
     }
+    // A key whose destruction is scheduled does not leave either.
+    let other = env.create_key("other", "hmac-sha256", &["--exportable"]);
+    env.ok_text(&["key", "destroy", "--key", &other, "--after", "1d"]);
+    let out = env.run(&export_under(&other, &kek_id, "-"), b"");
+    assert_fail(
+        &out,
+        9,
+        "key `default/other` is scheduled for destruction on ",
+        "destroy scheduled",
+    );
 }
 
 #[test]
@@ -655,5 +665,81 @@ mod softhsm {
             assert_eq!(token_objects(&hsm), 0, "{cmd:?}: nothing left on the token");
         }
         env.ok_text(&["doctor"]);
+    }
+}
+
+#[cfg(feature = "tpm")]
+mod tpm {
+    use super::*;
+    use keyhold::testing::Swtpm;
+
+    /// OpenSSL → TPM: a P-256 key made by OpenSSL is imported into swtpm (TPM2_Import), signs
+    /// there, and OpenSSL verifies with the original's public key.
+    #[test]
+    fn an_openssl_key_imported_into_the_tpm_signs_for_openssl() {
+        let tpm = Swtpm::new().unwrap();
+        let config = format!(
+            "[backends.tpm]\ntype = \"tpm\"\ntcti = \"{}\"\n",
+            tpm.tcti()
+        );
+        let env = Env::new()
+            .with_config(&config)
+            .with_var("TSS2_LOG", "all+none");
+        env.init_store();
+        openssl_ok(
+            &env,
+            &[
+                "genpkey",
+                "-algorithm",
+                "EC",
+                "-pkeyopt",
+                "ec_paramgen_curve:P-256",
+                "-out",
+                "ec.pem",
+            ],
+        );
+        let pem = env.path_str("ec.pem");
+        let id = env.ok_text(&[
+            "key",
+            "import",
+            "edge",
+            "--type",
+            "ecdsa-p256",
+            "--in",
+            &pem,
+            "--backend",
+            "tpm",
+        ]);
+        let id = id.trim_end();
+        let show = env.ok_text(&["key", "show", "--key", id]);
+        assert_eq!(support::field(&show, "backend"), "tpm");
+        let attributes = attribute_map(&show);
+        assert_eq!(
+            attributes.get("origin").map(String::as_str),
+            Some("imported")
+        );
+        assert_eq!(
+            attributes.get("fixed_tpm").map(String::as_str),
+            Some("false")
+        );
+        let msg = env.write("msg", b"signed inside the TPM");
+        let sig = env.path_str("msg.sig");
+        env.ok_text(&["sign", "--key", id, "--in", &msg, "--out", &sig]);
+        openssl_ok(
+            &env,
+            &["pkey", "-in", "ec.pem", "-pubout", "-out", "ec.pub"],
+        );
+        openssl_ok(
+            &env,
+            &[
+                "dgst",
+                "-sha256",
+                "-verify",
+                "ec.pub",
+                "-signature",
+                &sig,
+                &msg,
+            ],
+        );
     }
 }
