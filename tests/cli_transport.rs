@@ -142,6 +142,20 @@ fn openssl_tag(env: &Env, key: &[u8], data: &str) -> Vec<u8> {
     std::fs::read(env.file("tag")).unwrap()
 }
 
+/// Asserts that `key show` says the key `id` is in `backend` with these attributes.
+fn assert_imported_into(env: &Env, id: &str, backend: &str, attributes: &[(&str, &str)]) {
+    let show = env.ok_text(&["key", "show", "--key", id]);
+    assert_eq!(support::field(&show, "backend"), backend);
+    let recorded = attribute_map(&show);
+    for (name, value) in attributes {
+        assert_eq!(
+            recorded.get(*name).map(String::as_str),
+            Some(*value),
+            "{name}: {show}"
+        );
+    }
+}
+
 /// Keys of the namespace as `key list` names them.
 fn key_names(env: &Env) -> Vec<String> {
     env.ok_text(&["key", "list"])
@@ -574,24 +588,20 @@ mod softhsm {
             "hsm",
         ]);
         let id = id.trim_end();
-        let show = env.ok_text(&["key", "show", "--key", id]);
-        assert_eq!(support::field(&show, "backend"), "hsm");
-        let attributes = attribute_map(&show);
-        for (name, value) in [
-            ("origin", "imported"),
-            ("sensitive", "true"),
-            ("extractable", "false"),
-            ("always_sensitive", "false"),
-            ("never_extractable", "false"),
-            ("local", "false"),
-            ("usages", "sign"),
-        ] {
-            assert_eq!(
-                attributes.get(name).map(String::as_str),
-                Some(value),
-                "{name}: {show}"
-            );
-        }
+        assert_imported_into(
+            &env,
+            id,
+            "hsm",
+            &[
+                ("origin", "imported"),
+                ("sensitive", "true"),
+                ("extractable", "false"),
+                ("always_sensitive", "false"),
+                ("never_extractable", "false"),
+                ("local", "false"),
+                ("usages", "sign"),
+            ],
+        );
         // The same key: the token's signature verifies under the software key's public key,
         // and the token's public object is that key.
         assert_eq!(env.pubkey_pem(id), env.pubkey_pem(&software));
@@ -711,16 +721,11 @@ mod tpm {
             "tpm",
         ]);
         let id = id.trim_end();
-        let show = env.ok_text(&["key", "show", "--key", id]);
-        assert_eq!(support::field(&show, "backend"), "tpm");
-        let attributes = attribute_map(&show);
-        assert_eq!(
-            attributes.get("origin").map(String::as_str),
-            Some("imported")
-        );
-        assert_eq!(
-            attributes.get("fixed_tpm").map(String::as_str),
-            Some("false")
+        assert_imported_into(
+            &env,
+            id,
+            "tpm",
+            &[("origin", "imported"), ("fixed_tpm", "false")],
         );
         let msg = env.write("msg", b"signed inside the TPM");
         let sig = env.path_str("msg.sig");
