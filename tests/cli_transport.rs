@@ -143,6 +143,7 @@ fn openssl_tag(env: &Env, key: &[u8], data: &str) -> Vec<u8> {
 }
 
 /// Asserts that `key show` says the key `id` is in `backend` with these attributes.
+#[cfg(any(feature = "pkcs11", feature = "tpm"))]
 fn assert_imported_into(env: &Env, id: &str, backend: &str, attributes: &[(&str, &str)]) {
     let show = env.ok_text(&["key", "show", "--key", id]);
     assert_eq!(support::field(&show, "backend"), backend);
