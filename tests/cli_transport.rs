@@ -397,6 +397,17 @@ fn a_pem_private_key_from_openssl_is_imported_as_is_and_signs() {
         b"",
     );
     assert_fail(&out, 1, "openssl pkcs8 -topk8 -nocrypt", "a SEC1 PEM");
+    // A name taken is refused before anything is imported.
+    let out = env.run(
+        &["key", "import", "byok", "--type", "ed25519", "--in", &pem],
+        b"",
+    );
+    assert_fail(
+        &out,
+        1,
+        "a key named `default/byok` already exists",
+        "a name taken",
+    );
     assert_eq!(key_names(&env), vec!["byok".to_owned()]);
 }
 
