@@ -50,6 +50,7 @@ pub use key::{
     validate_name, Algorithm, KeySpec, KeyState, KeyType, KeyUse, Purpose, RsaPadding,
     SignatureFormat,
 };
+pub use keystore::ExportTo;
 pub use keystore::{
     random_bytes, BackendHealth, Backup, BackupInfo, Doctor, Done, KeyEvent, KeyIdFields, KeyInfo,
     KeyRequest, Keystore, Maintenance, MissingKey, Orphan, PolicyChange, Restored, RootSource,

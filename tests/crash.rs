@@ -1,5 +1,5 @@
 //! Crash safety (issue 10): `keyhold` processes are SIGKILLed at random points of multi-step
-//! changes — key creation (backend, then record), rotation, state changes, destruction, AES-GCM
+//! changes — key creation and import (backend, then record), rotation, state changes, destruction, AES-GCM
 //! encryption (which reserves invocations in the store) — in a loop, on the software backend and
 //! on a SoftHSM2 token. After every kill: the store opens (every MAC checks), the audit log
 //! verifies, every key whose creation or rotation was acknowledged works at its newest
@@ -69,10 +69,13 @@ enum Op {
     Resume,
     Encrypt,
     Destroy,
+    /// `key import` of key material from a file: a creation, as far as the checks go.
+    Import,
 }
 
-const OPS: [Op; 6] = [
+const OPS: [Op; 7] = [
     Op::Create,
+    Op::Import,
     Op::Rotate,
     Op::Suspend,
     Op::Resume,
@@ -119,6 +122,28 @@ struct Loop<'a> {
     token: Option<String>,
 }
 
+/// Fresh key material of type `ty` for `key import`: PKCS#8 DER for a private key, 32 raw
+/// bytes for an AES key.
+fn material(ty: &str) -> Vec<u8> {
+    use aws_lc_rs::signature::{EcdsaKeyPair, Ed25519KeyPair, ECDSA_P256_SHA256_ASN1_SIGNING};
+    let rng = aws_lc_rs::rand::SystemRandom::new();
+    match ty {
+        "ecdsa-p256" => EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_ASN1_SIGNING, &rng)
+            .unwrap()
+            .as_ref()
+            .to_vec(),
+        "ed25519" => Ed25519KeyPair::generate_pkcs8(&rng)
+            .unwrap()
+            .as_ref()
+            .to_vec(),
+        _ => {
+            let mut key = vec![0u8; 32];
+            aws_lc_rs::rand::fill(&mut key).unwrap();
+            key
+        }
+    }
+}
+
 fn name_of(op: Op) -> &'static str {
     match op {
         Op::Create => "create",
@@ -127,6 +152,7 @@ fn name_of(op: Op) -> &'static str {
         Op::Resume => "resume",
         Op::Encrypt => "encrypt",
         Op::Destroy => "destroy",
+        Op::Import => "import",
     }
 }
 
@@ -211,7 +237,7 @@ impl Loop<'_> {
     /// operation it is (an encryption asked of a signing key is a rotation).
     fn command(&mut self, op: Op, i: usize, target: Option<usize>) -> (Vec<String>, usize, Op) {
         let s = |v: &[&str]| v.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>();
-        if op == Op::Create {
+        if matches!(op, Op::Create | Op::Import) {
             let aes = self.rng.below(2) == 0;
             let name = format!("k{i}");
             let ty = match (aes, self.backend.is_some()) {
@@ -220,6 +246,10 @@ impl Loop<'_> {
                 (false, false) => "ed25519",
             };
             let mut args = s(&["key", "create", &name, "--type", ty]);
+            if op == Op::Import {
+                let file = self.env.write("import.key", &material(ty));
+                args = s(&["key", "import", &name, "--type", ty, "--in", &file]);
+            }
             if let Some(b) = self.backend {
                 args.extend(s(&["--backend", b]));
             }
@@ -247,7 +277,7 @@ impl Loop<'_> {
             Op::Resume => s(&["key", "resume", "--key", &id]),
             Op::Encrypt => s(&["encrypt", "--key", &id]),
             Op::Destroy => s(&["key", "destroy", "--key", &id, "--now", "--yes"]),
-            Op::Create => unreachable!("handled above"),
+            Op::Create | Op::Import => unreachable!("handled above"),
         };
         (args, k, op)
     }
@@ -273,7 +303,7 @@ impl Loop<'_> {
                 assert_eq!(code, 9, "{op:?} on {} failed: {stderr}", key.name);
             }
             Some(_) => match op {
-                Op::Create => {
+                Op::Create | Op::Import => {
                     key.id = Some(text.trim().to_owned());
                     key.acked_version = 1;
                     key.expected = Some("active".into());

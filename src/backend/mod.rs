@@ -11,6 +11,7 @@ pub mod software;
 #[cfg(feature = "tpm")]
 pub mod tpm;
 pub mod tpm_settings;
+pub(crate) mod wrap;
 
 use std::fmt;
 
@@ -295,4 +296,50 @@ pub trait Backend: Send + Sync + fmt::Debug {
     /// # Errors
     /// A backend error.
     fn destroy(&self, key: KeyRef<'_>) -> Result<()>;
+
+    /// Wraps the key's material for transport, inside the backend, under `wrapping` (see
+    /// [`Wrapping`] for the formats). The keystore has checked that the key is exportable and
+    /// that its state allows the export; the material never leaves the backend in clear.
+    ///
+    /// # Errors
+    /// [`crate::Error::Unsupported`] with the reason when the backend cannot wrap this key under
+    /// that key; backend errors.
+    fn wrap_key(&self, key: KeyRef<'_>, wrapping: Wrapping<'_>) -> Result<Vec<u8>>;
+
+    /// Unwraps `wrapped` with the key `unwrapping` of this backend (an AES-256 key: RFC 5649;
+    /// an RSA decrypt key: `CKM_RSA_AES_KEY_WRAP`) into this process, for
+    /// [`Backend::import_key`] into whichever backend is to hold it.
+    ///
+    /// # Errors
+    /// [`crate::Error::DecryptionFailed`] for anything that does not unwrap (a wrong key and
+    /// changed data look the same); [`crate::Error::Unsupported`] for a backend that keeps what
+    /// it unwraps.
+    fn unwrap_key(&self, unwrapping: KeyRef<'_>, wrapped: &[u8]) -> Result<SecretBytes>;
+
+    /// Makes a key in the backend from material that came from outside it (PKCS#8 DER for a
+    /// private key, the raw 32 bytes for AES and HMAC keys), checked against `context.spec`
+    /// and tested once before it is returned. The key is recorded as imported, never as
+    /// always sensitive.
+    ///
+    /// # Errors
+    /// [`crate::Error::InvalidInput`] for material that is not a key of the spec's type;
+    /// [`crate::Error::Unsupported`] with the reason when the backend cannot hold it. Nothing
+    /// is left in the backend on failure.
+    fn import_key(
+        &self,
+        context: KeyContext<'_>,
+        material: &SecretBytes,
+        options: &KeyOptions,
+    ) -> Result<GeneratedKey>;
+}
+
+/// What [`Backend::wrap_key`] wraps a key under.
+#[derive(Debug, Clone, Copy)]
+pub enum Wrapping<'a> {
+    /// An AES-256 key of the same backend (the key-encryption key): RFC 5649 AES key wrap with
+    /// padding (`CKM_AES_KEY_WRAP_PAD`).
+    Kek(KeyRef<'a>),
+    /// An RSA public key (SPKI DER) of whoever receives the key: `CKM_RSA_AES_KEY_WRAP` with
+    /// RSA-OAEP-SHA256 and an ephemeral AES-256 key.
+    RsaPublic(&'a [u8]),
 }

@@ -21,7 +21,8 @@ use aws_lc_rs::signature::{self, EcdsaKeyPair, Ed25519KeyPair, KeyPair as _};
 use aws_lc_rs::{hmac, rand};
 
 use crate::backend::{
-    Backend, BackendReport, Capabilities, GeneratedKey, KeyContext, KeyOptions, KeyRef, Sealed,
+    wrap, Backend, BackendReport, Capabilities, GeneratedKey, KeyContext, KeyOptions, KeyRef,
+    Sealed, Wrapping,
 };
 use crate::error::{Error, Result};
 use crate::key::{Algorithm, KeyType, SignatureFormat};
@@ -225,10 +226,12 @@ impl SoftwareBackend {
     }
 }
 
-/// A freshly generated key: its secret encoding and its public key.
-struct Fresh {
-    material: SecretBytes,
-    public: Option<PublicKey>,
+/// A freshly generated (or imported) key: its secret encoding and its public key.
+pub(crate) struct Fresh {
+    /// PKCS#8 DER for private keys, the raw key for AES and HMAC.
+    pub(crate) material: SecretBytes,
+    /// The public key, for asymmetric types.
+    pub(crate) public: Option<PublicKey>,
 }
 
 fn generate_material(key_type: KeyType, algorithm: Algorithm) -> Result<Fresh> {
@@ -283,6 +286,100 @@ fn generate_material(key_type: KeyType, algorithm: Algorithm) -> Result<Fresh> {
         }
     };
     Ok(fresh)
+}
+
+/// Material that came from outside, checked to be a key of `key_type` for `algorithm` (and used
+/// once, as a new key is), with its public key.
+pub(crate) fn imported_material(
+    key_type: KeyType,
+    algorithm: Algorithm,
+    material: &[u8],
+) -> Result<Fresh> {
+    let not_it = || {
+        Error::InvalidInput(format!(
+            "the key given is not a key of type {key_type} (private keys are taken as PKCS#8 \
+             `PRIVATE KEY`, PEM or DER: `openssl pkcs8 -topk8 -nocrypt` converts others; AES \
+             and HMAC keys as their 32 raw bytes)"
+        ))
+    };
+    let fresh = match algorithm {
+        Algorithm::Aes256Gcm | Algorithm::HmacSha256 => {
+            if material.len() != 32 {
+                return Err(Error::InvalidInput(format!(
+                    "a {key_type} key is 32 bytes, and the key given is {} bytes",
+                    material.len()
+                )));
+            }
+            Fresh {
+                material: SecretBytes::copy_from(material),
+                public: None,
+            }
+        }
+        // The PKCS#8 as given (parsed here, and again at each use, as a generated key's).
+        _ => {
+            let public = public_of(key_type, algorithm, material).map_err(|_| not_it())?;
+            if let Some(bits) = key_type.rsa_bits() {
+                let given = aws_lc_rs::rsa::PublicEncryptingKey::from_der(public.spki_der())
+                    .map_err(|_| not_it())?
+                    .key_size_bits();
+                if given != bits {
+                    return Err(Error::InvalidInput(format!(
+                        "the key given is a {given}-bit RSA key, not a {key_type} key"
+                    )));
+                }
+            }
+            Fresh {
+                material: SecretBytes::copy_from(material),
+                public: Some(public),
+            }
+        }
+    };
+    consistency_test(&fresh, key_type, algorithm)?;
+    Ok(fresh)
+}
+
+/// The public key of the private key `bytes` (PKCS#8) of `key_type` for `algorithm`.
+fn public_of(key_type: KeyType, algorithm: Algorithm, bytes: &[u8]) -> Result<PublicKey> {
+    let failed = || Error::crypto("derive the public key");
+    let der = match algorithm {
+        Algorithm::EcdsaP256Sha256 | Algorithm::EcdsaP384Sha384 => {
+            let alg = ecdsa_signing(algorithm, SignatureFormat::Der)?;
+            let pair = EcdsaKeyPair::from_pkcs8(alg, bytes).map_err(|_| failed())?;
+            pair.public_key()
+                .as_der()
+                .map_err(|_| failed())?
+                .as_ref()
+                .to_vec()
+        }
+        Algorithm::Ed25519 => {
+            let pair = Ed25519KeyPair::from_pkcs8(bytes).map_err(|_| failed())?;
+            pair.public_key()
+                .as_der()
+                .map_err(|_| failed())?
+                .as_ref()
+                .to_vec()
+        }
+        Algorithm::RsaPssSha256 | Algorithm::RsaPkcs1Sha256 => {
+            let pair = aws_lc_rs::rsa::KeyPair::from_pkcs8(bytes).map_err(|_| failed())?;
+            pair.public_key()
+                .as_der()
+                .map_err(|_| failed())?
+                .as_ref()
+                .to_vec()
+        }
+        Algorithm::RsaOaepSha256 => {
+            let key = PrivateDecryptingKey::from_pkcs8(bytes).map_err(|_| failed())?;
+            key.public_key()
+                .as_der()
+                .map_err(|_| failed())?
+                .as_ref()
+                .to_vec()
+        }
+        Algorithm::Aes256Gcm | Algorithm::HmacSha256 => {
+            return Err(crate::backend::no_public_key(key_type))
+        }
+    };
+    Ok(PublicKey::from_spki_der(key_type, algorithm, der))
 }
 
 fn rsa_size(key_type: KeyType) -> Result<KeySize> {
@@ -403,7 +500,8 @@ fn aes_key(material: &[u8]) -> Result<RandomizedNonceKey> {
     })
 }
 
-fn aes_open(material: &[u8], sealed: &Sealed, aad: &[u8]) -> Result<SecretBytes> {
+/// Opens an AES-256-GCM `sealed` with the raw key `material` (also a token import's check).
+pub(crate) fn aes_open(material: &[u8], sealed: &Sealed, aad: &[u8]) -> Result<SecretBytes> {
     let failed = || Error::DecryptionFailed {
         reason: "the ciphertext, its AAD or the key does not match",
     };
@@ -498,52 +596,8 @@ impl Backend for SoftwareBackend {
 
     fn public_key(&self, key: KeyRef<'_>) -> Result<PublicKey> {
         let spec = key.context.spec;
-        let failed = || Error::crypto("derive the public key");
         let material = self.unseal(&key)?;
-        let bytes = material.expose();
-        let der = match spec.algorithm() {
-            Algorithm::EcdsaP256Sha256 | Algorithm::EcdsaP384Sha384 => {
-                let alg = ecdsa_signing(spec.algorithm(), SignatureFormat::Der)?;
-                let pair = EcdsaKeyPair::from_pkcs8(alg, bytes).map_err(|_| failed())?;
-                pair.public_key()
-                    .as_der()
-                    .map_err(|_| failed())?
-                    .as_ref()
-                    .to_vec()
-            }
-            Algorithm::Ed25519 => {
-                let pair = Ed25519KeyPair::from_pkcs8(bytes).map_err(|_| failed())?;
-                pair.public_key()
-                    .as_der()
-                    .map_err(|_| failed())?
-                    .as_ref()
-                    .to_vec()
-            }
-            Algorithm::RsaPssSha256 | Algorithm::RsaPkcs1Sha256 => {
-                let pair = aws_lc_rs::rsa::KeyPair::from_pkcs8(bytes).map_err(|_| failed())?;
-                pair.public_key()
-                    .as_der()
-                    .map_err(|_| failed())?
-                    .as_ref()
-                    .to_vec()
-            }
-            Algorithm::RsaOaepSha256 => {
-                let key = PrivateDecryptingKey::from_pkcs8(bytes).map_err(|_| failed())?;
-                key.public_key()
-                    .as_der()
-                    .map_err(|_| failed())?
-                    .as_ref()
-                    .to_vec()
-            }
-            Algorithm::Aes256Gcm | Algorithm::HmacSha256 => {
-                return Err(crate::backend::no_public_key(spec.key_type()))
-            }
-        };
-        Ok(PublicKey::from_spki_der(
-            spec.key_type(),
-            spec.algorithm(),
-            der,
-        ))
+        public_of(spec.key_type(), spec.algorithm(), material.expose())
     }
 
     fn sign(&self, key: KeyRef<'_>, message: &[u8], format: SignatureFormat) -> Result<Vec<u8>> {
@@ -600,6 +654,44 @@ impl Backend for SoftwareBackend {
         Err(Error::InvalidInput(
             "software keys live only in their records: destroy them with `key destroy`".into(),
         ))
+    }
+
+    fn wrap_key(&self, key: KeyRef<'_>, wrapping: Wrapping<'_>) -> Result<Vec<u8>> {
+        let material = self.unseal(&key)?;
+        match wrapping {
+            Wrapping::Kek(kek) => {
+                if kek.context.spec.algorithm() != Algorithm::Aes256Gcm {
+                    return Err(Error::crypto("key wrap under a key that is not AES"));
+                }
+                wrap::kwp_wrap(self.unseal(&kek)?.expose(), material.expose())
+            }
+            Wrapping::RsaPublic(spki) => wrap::rsa_aes_wrap(spki, material.expose()),
+        }
+    }
+
+    fn unwrap_key(&self, unwrapping: KeyRef<'_>, wrapped: &[u8]) -> Result<SecretBytes> {
+        let key = self.unseal(&unwrapping)?;
+        match unwrapping.context.spec.algorithm() {
+            Algorithm::Aes256Gcm => wrap::kwp_unwrap(key.expose(), wrapped),
+            Algorithm::RsaOaepSha256 => wrap::rsa_aes_unwrap(key.expose(), wrapped),
+            _ => Err(Error::crypto("key unwrap with a key that does not decrypt")),
+        }
+    }
+
+    fn import_key(
+        &self,
+        context: KeyContext<'_>,
+        material: &SecretBytes,
+        _options: &KeyOptions,
+    ) -> Result<GeneratedKey> {
+        let spec = context.spec;
+        let fresh = imported_material(spec.key_type(), spec.algorithm(), material.expose())?;
+        Ok(GeneratedKey {
+            locator: crate::hex::encode(context.uuid),
+            blob: Some(self.seal(&context, fresh.material.expose())?),
+            public_key: fresh.public,
+            attributes: Vec::new(),
+        })
     }
 
     fn destroy(&self, key: KeyRef<'_>) -> Result<()> {

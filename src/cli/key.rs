@@ -43,6 +43,10 @@ pub enum KeyCommand {
     Set(SetArgs),
     /// Show every lifecycle event of a key, oldest first
     History(KeyArg),
+    /// Export an exportable key, wrapped under a key of the store or to an RSA public key
+    Export(super::transport::ExportArgs),
+    /// Import a key: wrapped (--unwrap-with), or a PKCS#8 private key or raw AES/HMAC key
+    Import(super::transport::ImportArgs),
 }
 
 #[derive(Debug, Args)]
@@ -63,25 +67,17 @@ pub struct CreateArgs {
     /// The key's name, unique in its namespace
     name: String,
 
-    /// ecdsa-p256, ecdsa-p384, ed25519, rsa-2048, rsa-3072, rsa-4096, aes-256-gcm, hmac-sha256
-    #[arg(long = "type", value_name = "TYPE", value_parser = parse_key_type)]
-    key_type: KeyType,
-
-    /// sign, decrypt, encrypt or mac [default: the type's first purpose]
-    #[arg(long, value_parser = parse_purpose)]
-    purpose: Option<Purpose>,
-
-    /// RSA signature padding [default: pss]
-    #[arg(long, value_enum)]
-    padding: Option<PaddingArg>,
+    #[command(flatten)]
+    spec: SpecArgs,
 
     /// The backend to create the key in (a name from the configuration); a backend configured
     /// with fallback = "software" may make the key in software instead, with a warning
     #[arg(long, default_value = "software")]
     backend: String,
 
-    /// Let the key leave its device wrapped under another key (never in clear); off by default
-    #[arg(long)]
+    /// Let the key leave its device wrapped under another key (never in clear; `key export`);
+    /// off by default
+    #[arg(long, visible_alias = "exportable")]
     extractable: bool,
 
     /// Create the key in pre-activation, active from TIME (RFC 3339 UTC, or +DURATION from now)
@@ -95,6 +91,33 @@ pub struct CreateArgs {
     /// Rotate the key when its current version is DURATION old (e.g. 90d)
     #[arg(long, value_name = "DURATION")]
     rotate_after: Option<String>,
+}
+
+/// A key's type, purpose and padding, as `key create` and `key import` take them.
+#[derive(Debug, Args)]
+pub struct SpecArgs {
+    /// ecdsa-p256, ecdsa-p384, ed25519, rsa-2048, rsa-3072, rsa-4096, aes-256-gcm, hmac-sha256
+    #[arg(long = "type", value_name = "TYPE", value_parser = parse_key_type)]
+    key_type: KeyType,
+
+    /// sign, decrypt, encrypt or mac [default: the type's first purpose]
+    #[arg(long, value_parser = parse_purpose)]
+    purpose: Option<Purpose>,
+
+    /// RSA signature padding [default: pss]
+    #[arg(long, value_enum)]
+    padding: Option<PaddingArg>,
+}
+
+impl SpecArgs {
+    /// The spec asked for, checked.
+    pub fn spec(&self) -> keyhold::Result<KeySpec> {
+        let padding = self.padding.map(|p| match p {
+            PaddingArg::Pss => RsaPadding::Pss,
+            PaddingArg::Pkcs1v15 => RsaPadding::Pkcs1v15,
+        });
+        KeySpec::new(self.key_type, self.purpose, padding)
+    }
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -155,16 +178,14 @@ pub fn run(ctx: &Context, command: &KeyCommand) -> CmdResult {
         KeyCommand::CancelDestroy(a) => lifecycle::cancel_destroy(ctx, a),
         KeyCommand::Set(a) => lifecycle::set(ctx, a),
         KeyCommand::History(a) => lifecycle::history(ctx, a),
+        KeyCommand::Export(a) => super::transport::export(ctx, a),
+        KeyCommand::Import(a) => super::transport::import(ctx, a),
     }
 }
 
 fn create(ctx: &Context, args: &CreateArgs) -> CmdResult {
-    let padding = args.padding.map(|p| match p {
-        PaddingArg::Pss => RsaPadding::Pss,
-        PaddingArg::Pkcs1v15 => RsaPadding::Pkcs1v15,
-    });
     // Check the request before unsealing anything.
-    let spec = KeySpec::new(args.key_type, args.purpose, padding)?;
+    let spec = args.spec.spec()?;
     keyhold::validate_name("namespace", &ctx.namespace)?;
     keyhold::validate_name("key name", &args.name)?;
     // Times `+DURATION` count from when the store is open (unsealing may take seconds): the

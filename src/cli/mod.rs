@@ -10,6 +10,7 @@ mod ops;
 mod recovery;
 mod select;
 mod store;
+mod transport;
 
 use std::fmt;
 use std::path::PathBuf;

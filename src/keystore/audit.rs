@@ -63,6 +63,7 @@ impl KeystoreAudit {
 fn lifecycle_name(event: &'static str) -> &'static str {
     match event {
         "created" => "create",
+        "imported" => "import",
         "rotated" => "rotate",
         "suspended" => "suspend",
         "resumed" => "resume",
@@ -200,10 +201,20 @@ impl Keystore {
 
     /// Records a creation that failed.
     pub(super) fn audit_create_failed(&self, request: &KeyRequest, error: &Error) {
+        self.audit_new_key_failed("create", request, error);
+    }
+
+    /// Records a creation or import (`operation`) that failed.
+    pub(super) fn audit_new_key_failed(
+        &self,
+        operation: &'static str,
+        request: &KeyRequest,
+        error: &Error,
+    ) {
         let namespace = crate::key::validate_name("namespace", &request.namespace)
             .ok()
             .map(|()| request.namespace.as_str());
-        self.record_failure("create", None, namespace, error);
+        self.record_failure(operation, None, namespace, error);
     }
 
     /// Records a lifecycle command on the key `id` that failed as `operation`.

@@ -14,6 +14,7 @@ mod reseal;
 mod resolve;
 mod root;
 mod rotation;
+mod transport;
 
 use crate::time::now;
 use std::collections::{BTreeMap, HashMap};
@@ -42,6 +43,7 @@ use registry::build_backends;
 use resolve::ResolvedCache;
 use root::{derive_keys, initial_state, meta_mac, unseal_root, DerivedKeys};
 use rotation::Reservations;
+pub use transport::ExportTo;
 
 /// The most bytes any single operation takes as input: 64 MiB.
 pub const MAX_INPUT: usize = 64 * 1024 * 1024;
@@ -180,6 +182,17 @@ pub fn random_bytes(n: usize) -> Result<Vec<u8>> {
 /// A new key's schedule, checked.
 struct Schedule {
     rotate_after: Option<i64>,
+}
+
+/// A key just made or imported, for [`Keystore::record_new_key`] to record.
+struct Made<'a> {
+    backend: &'a dyn Backend,
+    context: KeyContext<'a>,
+    generated: crate::backend::GeneratedKey,
+    /// Attributes the keystore records beside the backend's.
+    extra: BTreeMap<String, String>,
+    /// The history event (`created`, `imported`).
+    event: &'static str,
 }
 
 /// A key made in software because the backend asked for could not make it.
@@ -399,9 +412,7 @@ impl Keystore {
         let asked = request.backend.as_deref().unwrap_or(SoftwareBackend::NAME);
         let spec = request.spec;
         let (mut backend, mut fallback) = self.choose_backend(asked, &spec)?;
-        let mut uuid = [0u8; 16];
-        aws_lc_rs::rand::fill(&mut uuid).map_err(|_| Error::crypto("make a key uuid"))?;
-        let label = format!("{}/{}", request.namespace, request.name);
+        let (uuid, label) = Self::new_identity(request)?;
         let context = KeyContext {
             store_id: &self.store_id,
             uuid: &uuid,
@@ -421,15 +432,53 @@ impl Keystore {
             }
             other => other?,
         };
+        let mut extra = BTreeMap::new();
+        if let Some(FellBack { from, what }) = fallback {
+            // Recorded (under the record MAC) so that `key show` can say why, not only where.
+            extra.insert("fallback_for".into(), from.to_owned());
+            extra.insert("fallback_reason".into(), what);
+        }
+        let made = Made {
+            backend: backend.as_ref(),
+            context,
+            generated,
+            extra,
+            event: "created",
+        };
+        self.record_new_key(request, options, &schedule, made)
+    }
+
+    /// A new key's record identifier (random) and its `namespace/name` label.
+    fn new_identity(request: &KeyRequest) -> Result<([u8; 16], String)> {
+        let mut uuid = [0u8; 16];
+        aws_lc_rs::rand::fill(&mut uuid).map_err(|_| Error::crypto("make a key uuid"))?;
+        Ok((uuid, format!("{}/{}", request.namespace, request.name)))
+    }
+
+    /// Records a key just made (or imported) in `made.backend`: its record and the first entry
+    /// of its history, in one transaction, written to the audit log before the commit. A key
+    /// whose record could not be stored is destroyed in the backend.
+    fn record_new_key(
+        &self,
+        request: &KeyRequest,
+        options: &KeyOptions,
+        schedule: &Schedule,
+        made: Made<'_>,
+    ) -> Result<KeyInfo> {
+        let Made {
+            backend,
+            context,
+            generated,
+            extra,
+            event,
+        } = made;
+        let spec = *context.spec;
+        let uuid = *context.uuid;
         let mut attributes: BTreeMap<String, String> = generated.attributes.into_iter().collect();
         if options.extractable {
             attributes.insert("extractable".into(), "true".into());
         }
-        if let Some(FellBack { from, what }) = fallback {
-            // Recorded (under the record MAC) so that `key show` can say why, not only where.
-            attributes.insert("fallback_for".into(), from.to_owned());
-            attributes.insert("fallback_reason".into(), what);
-        }
+        attributes.extend(extra);
         let attributes =
             serde_json::to_string(&attributes).map_err(|_| Error::crypto("encode attributes"))?;
         let created_at = now();
@@ -472,17 +521,17 @@ impl Keystore {
                 state: "none".into(),
                 ..record.clone()
             };
-            self.record_event(tx, &none, &record, "created", None)?;
+            self.record_event(tx, &none, &record, event, None)?;
             // Written before the commit: a key the log cannot show is never made.
             let head =
-                self.audit_lifecycle(&self.verified_with(record.clone(), Vec::new())?, "created")?;
+                self.audit_lifecycle(&self.verified_with(record.clone(), Vec::new())?, event)?;
             tx.note_audit(head);
             Ok(())
         });
         self.invalidate();
         if let Err(e) = inserted {
             Self::discard(
-                backend.as_ref(),
+                backend,
                 KeyRef {
                     context,
                     locator: &record.locator,

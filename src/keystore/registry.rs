@@ -128,4 +128,18 @@ impl Backend for Unavailable {
     fn destroy(&self, _: KeyRef<'_>) -> Result<()> {
         Err(self.error())
     }
+    fn wrap_key(&self, _: KeyRef<'_>, _: crate::backend::Wrapping<'_>) -> Result<Vec<u8>> {
+        Err(self.error())
+    }
+    fn unwrap_key(&self, _: KeyRef<'_>, _: &[u8]) -> Result<SecretBytes> {
+        Err(self.error())
+    }
+    fn import_key(
+        &self,
+        _: KeyContext<'_>,
+        _: &SecretBytes,
+        _: &KeyOptions,
+    ) -> Result<crate::backend::GeneratedKey> {
+        Err(self.error())
+    }
 }

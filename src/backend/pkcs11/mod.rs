@@ -22,6 +22,7 @@ mod pool;
 mod report;
 mod template;
 mod token_info;
+mod transport;
 
 #[cfg(feature = "testing")]
 pub(crate) use module::fault;
@@ -43,6 +44,7 @@ use self::pool::{Disposition, Pool};
 use self::template::Expected;
 use crate::backend::{
     Backend, BackendReport, Capabilities, GeneratedKey, KeyContext, KeyOptions, KeyRef, Sealed,
+    Wrapping,
 };
 use crate::config::Pkcs11Config;
 use crate::der;
@@ -57,6 +59,10 @@ const DEFAULT_MAX_SESSIONS: usize = 8;
 /// The blob recorded (under the record's MAC) for a key made extractable: lookups of it do not
 /// insist on `CKA_NEVER_EXTRACTABLE`. Keys that never leave the token record no blob.
 pub(super) const EXTRACTABLE_BLOB: &[u8] = b"keyhold-pkcs11:extractable";
+
+/// The blob recorded for a key imported into the token (`key import`): lookups of it do not
+/// insist on `CKA_LOCAL` or `CKA_ALWAYS_SENSITIVE`, which an imported key cannot have.
+pub(super) const IMPORTED_BLOB: &[u8] = b"keyhold-pkcs11:imported";
 
 /// A key type with a purpose, and why a token cannot make it.
 type Missing = (KeyType, Purpose, String);
@@ -526,5 +532,28 @@ impl Backend for Pkcs11Backend {
 
     fn destroy(&self, key: KeyRef<'_>) -> Result<()> {
         self.destroy_objects(&locator_bytes(key.locator)?)
+    }
+
+    fn wrap_key(&self, key: KeyRef<'_>, _wrapping: Wrapping<'_>) -> Result<Vec<u8>> {
+        Err(self.cannot_wrap(&key))
+    }
+
+    fn unwrap_key(&self, _unwrapping: KeyRef<'_>, _wrapped: &[u8]) -> Result<SecretBytes> {
+        Err(Error::Unsupported {
+            backend: self.name.clone(),
+            what: "unwrapping into this process: a token does not hand out what it unwraps; \
+                   unwrap with a software key (`--unwrap-with` a software aes-256-gcm or RSA \
+                   decrypt key)"
+                .into(),
+        })
+    }
+
+    fn import_key(
+        &self,
+        context: KeyContext<'_>,
+        material: &SecretBytes,
+        options: &KeyOptions,
+    ) -> Result<GeneratedKey> {
+        self.import(context, material, options)
     }
 }

@@ -5,7 +5,7 @@ use cryptoki::object::{Attribute, AttributeType, ObjectClass, ObjectHandle};
 use cryptoki::session::Session;
 
 use super::template::Expected;
-use super::{Pkcs11Backend, EXTRACTABLE_BLOB};
+use super::{Pkcs11Backend, EXTRACTABLE_BLOB, IMPORTED_BLOB};
 use crate::backend::KeyRef;
 use crate::error::{Error, Result};
 
@@ -32,6 +32,7 @@ pub(super) fn expected(key: &KeyRef<'_>) -> Result<Expected> {
     let extractable = match key.blob {
         None => false,
         Some(EXTRACTABLE_BLOB) => true,
+        Some(IMPORTED_BLOB) => return Ok(Expected::imported(key.context.spec)),
         Some(_) => {
             return Err(Error::Integrity {
                 what: format!(

@@ -110,6 +110,9 @@ pub(super) struct Expected {
     key_type: KeyType,
     purpose: Purpose,
     extractable: bool,
+    /// Made from material that came from outside (`C_UnwrapKey`): not `CKA_LOCAL`, not always
+    /// sensitive, and never extractable again.
+    imported: bool,
 }
 
 impl Expected {
@@ -119,6 +122,15 @@ impl Expected {
             key_type: spec.key_type(),
             purpose: spec.purpose(),
             extractable,
+            imported: false,
+        }
+    }
+
+    /// The objects of a `spec` key imported into the token: sensitive, not extractable.
+    pub(super) fn imported(spec: &KeySpec) -> Self {
+        Self {
+            imported: true,
+            ..Self::new(spec, false)
         }
     }
 
@@ -195,8 +207,24 @@ impl Expected {
             Attribute::Class(class),
             Attribute::KeyType(self.ck_key_type()),
             Attribute::Token(true),
-            Attribute::Local(true),
         ];
+        if self.imported {
+            // An imported key is what keyhold unwrapped into the token: sensitive from then on
+            // and never extractable, but neither local nor always sensitive (PKCS#11 says so).
+            if class == ObjectClass::PUBLIC_KEY {
+                return template;
+            }
+            // No CKA_VALUE_LEN: a token need not fill it in for a key it unwraps (SoftHSM 2.6
+            // does not); the import checked the key against its material instead.
+            template.extend([
+                Attribute::Private(true),
+                Attribute::Sensitive(true),
+                Attribute::Extractable(false),
+            ]);
+            template.extend(self.used_usages().iter().filter_map(|&u| flag(u, true)));
+            return template;
+        }
+        template.push(Attribute::Local(true));
         if class == ObjectClass::PUBLIC_KEY {
             template.extend(flag(self.public_usage(), true));
             return template;
@@ -480,11 +508,16 @@ impl Expected {
         let mut must = vec![
             (AttributeType::Private, true),
             (AttributeType::Sensitive, true),
-            (AttributeType::AlwaysSensitive, true),
-            (AttributeType::Local, true),
             (AttributeType::Extractable, self.extractable),
-            (AttributeType::NeverExtractable, !self.extractable),
         ];
+        if !self.imported {
+            // An imported key is by definition neither local nor always sensitive.
+            must.extend([
+                (AttributeType::AlwaysSensitive, true),
+                (AttributeType::Local, true),
+                (AttributeType::NeverExtractable, !self.extractable),
+            ]);
+        }
         if self.extractable {
             must.push((AttributeType::WrapWithTrusted, true));
         }

@@ -261,6 +261,26 @@ impl Connection {
             .during("TPM2_Create")
     }
 
+    /// Imports `duplicate` (an unwrapped sensitive area) with `public` under the SRK
+    /// (TPM2_Import, no inner or outer wrapper); returns the private part under the SRK.
+    pub(super) fn import(
+        &mut self,
+        public: Public,
+        duplicate: Private,
+    ) -> Result<Private, Failure> {
+        let srk = self.srk;
+        self.context
+            .import(
+                srk.into(),
+                None,
+                public,
+                duplicate,
+                tss_esapi::structures::EncryptedSecret::default(),
+                tss_esapi::structures::SymmetricDefinitionObject::Null,
+            )
+            .during("TPM2_Import")
+    }
+
     /// Flushes least recently used keys until `free` more can be loaded.
     fn make_room(&mut self, free: usize) -> Result<(), Failure> {
         while !self.loaded.is_empty() && self.loaded.len() + free > self.max_loaded {

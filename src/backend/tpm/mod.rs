@@ -23,6 +23,7 @@ pub mod device;
 mod errors;
 #[cfg(feature = "testing")]
 pub mod fixture;
+mod import;
 mod nv;
 mod srk;
 mod templates;
@@ -44,6 +45,7 @@ use self::errors::{During, Failure};
 pub use self::nv::{counter_index, TpmCounter};
 use crate::backend::{
     Backend, BackendReport, Capabilities, GeneratedKey, KeyContext, KeyOptions, KeyRef, Sealed,
+    Wrapping,
 };
 use crate::der;
 use crate::error::{Error, Result};
@@ -60,6 +62,14 @@ pub const MAX_OAEP_LABEL: usize = 64;
 
 /// Signed once after generation, to prove the blob loads with its sealed authValue.
 const PCT_MESSAGE: &[u8] = b"keyhold TPM pairwise consistency test";
+
+/// A new key's authValue: 32 random bytes.
+fn new_auth() -> Result<SecretBytes> {
+    let mut auth = SecretBytes::zeroed(32);
+    aws_lc_rs::rand::fill(auth.expose_mut())
+        .map_err(|_| Error::crypto("make a TPM key's authValue"))?;
+    Ok(auth)
+}
 
 /// Tells the backend instances apart in the shared cache of loaded keys.
 static NEXT_OWNER: AtomicU64 = AtomicU64::new(1);
@@ -430,6 +440,23 @@ impl TpmBackend {
         }
     }
 
+    /// The blob of a key the TPM made or imported: its public area, its private part under
+    /// the SRK, and its authValue sealed for `context`.
+    fn seal_blob(
+        &self,
+        context: &KeyContext<'_>,
+        srk_name: &[u8],
+        public: &tss_esapi::structures::Public,
+        private: &[u8],
+        auth: &SecretBytes,
+    ) -> Result<Vec<u8>> {
+        let public = public
+            .marshall()
+            .during("marshal TPMT_PUBLIC")
+            .map_err(|f| errors::map(&self.name, f))?;
+        blob::seal(&self.auth_kek, context, srk_name, &public, private, auth)
+    }
+
     /// Proves a new key works through the same path every later use takes: the blob loads with
     /// its sealed authValue, and the key signs for (or decrypts to) its public key.
     fn consistency_test(
@@ -544,23 +571,15 @@ impl Backend for TpmBackend {
         let template = template
             .during("TPM2_Create (template)")
             .map_err(|f| errors::map(&self.name, f))?;
-        let mut auth = SecretBytes::zeroed(32);
-        aws_lc_rs::rand::fill(auth.expose_mut())
-            .map_err(|_| Error::crypto("make a TPM key's authValue"))?;
+        let auth = new_auth()?;
         let srk_name = self.srk_name()?;
         let created = self.device.run(&self.name, |connection| {
             connection.create(template.clone(), &auth)
         })?;
-        let public = created
-            .out_public
-            .marshall()
-            .during("marshal TPMT_PUBLIC")
-            .map_err(|f| errors::map(&self.name, f))?;
-        let blob = blob::seal(
-            &self.auth_kek,
+        let blob = self.seal_blob(
             &context,
             &srk_name,
-            &public,
+            &created.out_public,
             created.out_private.value(),
             &auth,
         )?;
@@ -701,6 +720,93 @@ impl Backend for TpmBackend {
         };
         self.device
             .run_if_connected(&self.name, |connection| connection.forget(cached))
+    }
+
+    fn wrap_key(&self, _key: KeyRef<'_>, _wrapping: Wrapping<'_>) -> Result<Vec<u8>> {
+        Err(Error::Unsupported {
+            backend: self.name.clone(),
+            what: "exporting keys: keyhold's TPM keys are fixedTPM and fixedParent, so the TPM \
+                   never lets them out, wrapped or not (TPM2_Duplicate refuses them)"
+                .into(),
+        })
+    }
+
+    fn unwrap_key(&self, _unwrapping: KeyRef<'_>, _wrapped: &[u8]) -> Result<SecretBytes> {
+        Err(Error::Unsupported {
+            backend: self.name.clone(),
+            what: "unwrapping into this process: a TPM key decrypts only keyhold envelopes; \
+                   unwrap with a software key"
+                .into(),
+        })
+    }
+
+    fn import_key(
+        &self,
+        context: KeyContext<'_>,
+        material: &SecretBytes,
+        options: &KeyOptions,
+    ) -> Result<GeneratedKey> {
+        let spec = context.spec;
+        let (key_type, algorithm) = (spec.key_type(), spec.algorithm());
+        self.capabilities()?
+            .require(&self.name, key_type, spec.purpose())?;
+        if options.extractable {
+            return Err(Error::Unsupported {
+                backend: self.name.clone(),
+                what: "exportable keys: a key imported into the TPM stays in it".into(),
+            });
+        }
+        let fresh =
+            crate::backend::software::imported_material(key_type, algorithm, material.expose())?;
+        let auth = new_auth()?;
+        let prepared = import::prepare(&self.name, key_type, algorithm, &fresh.material, &auth)?;
+        let srk_name = self.srk_name()?;
+        let private = self.device.run(&self.name, |connection| {
+            connection.import(prepared.public.clone(), prepared.duplicate.clone())
+        })?;
+        let blob = self.seal_blob(
+            &context,
+            &srk_name,
+            &prepared.public,
+            private.value(),
+            &auth,
+        )?;
+        drop(auth);
+        // Used once through the path every later use takes, and checked against the material.
+        match &fresh.public {
+            Some(expected) => {
+                let public_key = templates::public_key(&prepared.public, key_type, algorithm)?;
+                if &public_key != expected {
+                    return Err(Error::ConsistencyTest {
+                        key_type: key_type.as_str(),
+                    });
+                }
+                self.consistency_test(&context, &blob, &public_key)?;
+            }
+            None => {
+                let tag = self.with_key(&context, &blob, |key| key.hmac(PCT_MESSAGE))?;
+                let key = aws_lc_rs::hmac::Key::new(
+                    aws_lc_rs::hmac::HMAC_SHA256,
+                    fresh.material.expose(),
+                );
+                aws_lc_rs::hmac::verify(&key, PCT_MESSAGE, &tag).map_err(|_| {
+                    Error::ConsistencyTest {
+                        key_type: key_type.as_str(),
+                    }
+                })?;
+            }
+        }
+        let mut locator = [0u8; 16];
+        aws_lc_rs::rand::fill(&mut locator).map_err(|_| Error::crypto("make a locator"))?;
+        Ok(GeneratedKey {
+            locator: crate::hex::encode(&locator),
+            blob: Some(blob),
+            public_key: fresh.public,
+            attributes: vec![
+                ("srk_name".into(), crate::hex::encode(&srk_name)),
+                ("fixed_tpm".into(), "false".into()),
+            ],
+        })
     }
 }
 
