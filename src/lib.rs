@@ -55,6 +55,12 @@ pub use keystore::{
     Keystore, Maintenance, MissingKey, Orphan, PolicyChange, Transition, UncheckedKey, UseOptions,
     Used, VersionInfo, DEFAULT_NAMESPACE, KEY_ID_PREFIX, MAX_ENVELOPE, MAX_INPUT, MAX_RANDOM,
 };
+/// `keyhold store verify`'s report, and its periodic run.
+pub mod verify {
+    pub use crate::keystore::{
+        CheckKind, Finding, KeyName, PeriodicVerify, Section, Status, VerifyProgress, VerifyReport,
+    };
+}
 pub use public_key::PublicKey;
 #[cfg(feature = "pkcs11")]
 pub use sealer::Pkcs11Sealer;

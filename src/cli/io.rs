@@ -441,6 +441,17 @@ fn same_sealer(
 /// Opens and unseals the store named by the context, with the sealer the user stated (see
 /// [`stated_sealer`]); a store that records another kind is refused.
 pub fn open_keystore(ctx: &Context) -> Result<Keystore, Failure> {
+    let sealer = stated_unsealer(ctx)?;
+    Ok(Keystore::open_with(
+        &ctx.store,
+        sealer.as_ref(),
+        &ctx.config,
+    )?)
+}
+
+/// The sealer that unseals the store named by the context, of the kind the user stated (see
+/// [`stated_sealer`]); a store that records another kind is refused.
+pub fn stated_unsealer(ctx: &Context) -> Result<Box<dyn Sealer>, Failure> {
     // Look for the store (and its sealer) before asking for a passphrase nobody can use.
     let sealed = keyhold::store::Store::open(&ctx.store)?
         .meta()
@@ -455,11 +466,7 @@ pub fn open_keystore(ctx: &Context) -> Result<Keystore, Failure> {
         SealerKind::Tpm => tpm_unsealer(ctx, &sealed)?,
         SealerKind::Passphrase => Box::new(PassphraseSealer::new(passphrase(ctx, false)?)),
     };
-    Ok(Keystore::open_with(
-        &ctx.store,
-        sealer.as_ref(),
-        &ctx.config,
-    )?)
+    Ok(sealer)
 }
 
 /// The `pkcs11` sealer that opens the store sealed as `sealed` says.

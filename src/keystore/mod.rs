@@ -11,6 +11,7 @@ mod registry;
 mod resolve;
 mod root;
 mod rotation;
+mod verify;
 
 use crate::time::now;
 use std::collections::{BTreeMap, HashMap};
@@ -38,6 +39,9 @@ use registry::build_backends;
 use resolve::ResolvedCache;
 use root::{derive_keys, meta_mac, unseal_root, DerivedKeys};
 use rotation::Reservations;
+pub use verify::{
+    CheckKind, Finding, KeyName, PeriodicVerify, Section, Status, VerifyProgress, VerifyReport,
+};
 
 /// The most bytes any single operation takes as input: 64 MiB.
 pub const MAX_INPUT: usize = 64 * 1024 * 1024;

@@ -113,36 +113,16 @@ pub(super) fn check_store(store: &Store, keys: &DerivedKeys) -> Result<()> {
         });
     }
     // The lifecycle's rows: a key's later versions, its history, its AES-GCM counters.
-    let id = &meta.store_id;
-    let ok = |input: Vec<u8>, mac: &[u8]| mac_ok(&record_mac, &input, mac);
-    let mut bad: Vec<String> = Vec::new();
-    for v in store.versions(None)? {
-        if !ok(v.mac_input(id), &v.mac) {
-            bad.push(format!(
-                "version {} of key {}",
-                v.version,
-                crate::hex::encode(&v.uuid)
-            ));
-        }
-    }
-    for e in store.events(None)? {
-        if !ok(e.mac_input(id), &e.mac) {
-            bad.push(format!(
-                "history entry {} of key {}",
-                e.seq,
-                crate::hex::encode(&e.uuid)
-            ));
-        }
-    }
-    for c in store.counters()? {
-        if !ok(c.mac_input(id), &c.mac) {
-            bad.push(format!(
-                "the AES-GCM counter of version {} of key {}",
-                c.version,
-                crate::hex::encode(&c.uuid)
-            ));
-        }
-    }
+    let bad: Vec<String> = super::verify::failing_rows(
+        &record_mac,
+        &meta.store_id,
+        &store.versions(None)?,
+        &store.events(None)?,
+        &store.counters()?,
+    )
+    .iter()
+    .map(ToString::to_string)
+    .collect();
     if let Some(first) = bad.first() {
         return Err(Error::Integrity {
             what: format!(
@@ -173,6 +153,17 @@ pub(super) fn check_store(store: &Store, keys: &DerivedKeys) -> Result<()> {
 /// The caller's sealer is the expectation the store cannot forge: a store that records another
 /// kind is refused before anything is unsealed, whatever its metadata says.
 pub(super) fn unseal_root(store: &Store, sealer: &dyn Sealer) -> Result<(RootSecret, DerivedKeys)> {
+    let (root, keys) = unseal_unchecked(store, sealer)?;
+    check_store(store, &keys)?;
+    Ok((root, keys))
+}
+
+/// [`unseal_root`] without [`check_store`]: for `store verify` alone, which reports every record
+/// that fails rather than refusing the store at the first, and writes nothing.
+pub(super) fn unseal_unchecked(
+    store: &Store,
+    sealer: &dyn Sealer,
+) -> Result<(RootSecret, DerivedKeys)> {
     let meta = store.meta();
     if meta.sealed_root.sealer != sealer.kind() {
         return Err(Error::Unseal {
@@ -187,6 +178,5 @@ pub(super) fn unseal_root(store: &Store, sealer: &dyn Sealer) -> Result<(RootSec
     }
     let root = sealer.unseal(&meta.sealed_root, &meta.store_id)?;
     let keys = derive_keys(&root, &meta.store_id)?;
-    check_store(store, &keys)?;
     Ok((root, keys))
 }
