@@ -163,9 +163,9 @@ impl Bar {
 
     fn show(&self, p: VerifyProgress) {
         let Some(bar) = &self.0 else { return };
-        bar.set_message(p.check.as_str());
         bar.set_length(p.total);
         bar.set_position(p.done);
+        bar.set_message(p.check.as_str());
     }
 
     fn finish(&self) {
