@@ -380,6 +380,45 @@ fn the_periodic_verify_reports_a_tampered_record_and_logs_it() {
     assert!(rx.recv_timeout(Duration::from_secs(3)).is_err());
 }
 
+/// Verifying while another process's keystore rotates keys: the rows are read in one
+/// transaction, so no run sees a record from before a rotation and its versions from after
+/// (which would be reported as missing or extra versions). Stops after a bounded number of runs.
+#[test]
+fn verify_during_rotations_sees_one_state_of_the_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("store");
+    let (writer, keys) = software_store(&path);
+    for n in 0..300 {
+        writer
+            .create_key(&request(
+                "bulk",
+                &format!("k{n}"),
+                KeyType::HmacSha256,
+                None,
+            ))
+            .unwrap();
+    }
+    let reader = Keystore::open(&path, &support::sealer(support::PASSPHRASE)).unwrap();
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let rotations = std::thread::scope(|scope| {
+        let rotating = scope.spawn(|| {
+            let mut n = 0u32;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) && n < 400 {
+                writer.rotate_key(&keys[1].id, None).unwrap();
+                n += 1;
+            }
+            n
+        });
+        for _ in 0..60 {
+            let report = reader.verify_store(&|_| {}).unwrap();
+            assert_eq!(report.status(), Status::Passed, "{report:#?}");
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        rotating.join().unwrap()
+    });
+    assert!(rotations > 0);
+}
+
 #[test]
 fn a_zero_interval_is_refused() {
     let dir = tempfile::tempdir().unwrap();
@@ -444,6 +483,47 @@ mod pkcs11 {
         );
         assert!(about(&report, CheckKind::Objects, "default/kept").is_empty());
         assert_eq!(section(&report, CheckKind::Records).status, Status::Passed);
+    }
+
+    /// A key destroyed by another process after the rows were read, before its objects are
+    /// looked for, lost them for good reason: no finding, and the summary says so. (The
+    /// progress report at the start of the objects check is where the other process acts.)
+    #[test]
+    fn a_key_destroyed_while_verifying_is_not_a_finding() {
+        let hsm = SoftHsm::new().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store");
+        let config = hsm.config("hsm");
+        let writer =
+            Keystore::create_with(&path, &support::sealer(support::PASSPHRASE), &config).unwrap();
+        let key = writer
+            .create_key(&request(
+                "default",
+                "gone",
+                KeyType::HmacSha256,
+                Some("hsm"),
+            ))
+            .unwrap();
+        let reader =
+            Keystore::open_with(&path, &support::sealer(support::PASSPHRASE), &config).unwrap();
+        let destroyed = Mutex::new(false);
+        let report = reader
+            .verify_store(&|p| {
+                let mut done = destroyed.lock().unwrap();
+                if p.check == CheckKind::Objects && !*done {
+                    writer.destroy_key(&key.id).unwrap();
+                    *done = true;
+                }
+            })
+            .unwrap();
+        assert!(*destroyed.lock().unwrap());
+        assert_eq!(report.status(), Status::Passed, "{report:#?}");
+        assert!(
+            section(&report, CheckKind::Objects)
+                .summary
+                .ends_with("1 rotated or destroyed by another process meanwhile"),
+            "{report:#?}"
+        );
     }
 
     /// A token that cannot be reached leaves its keys unchecked, not failed; software keys are

@@ -281,11 +281,12 @@ struct Rows {
 
 impl Rows {
     fn read(store: &Store) -> Result<Self> {
+        let all = store.all_rows()?;
         let mut unreadable = Vec::new();
-        let keys = table(store.keys(None), "key records", &mut unreadable)?;
-        let versions = table(store.versions(None), "key versions", &mut unreadable)?;
-        let events = table(store.events(None), "history entries", &mut unreadable)?;
-        let counters = table(store.counters(), "AES-GCM counters", &mut unreadable)?;
+        let keys = table(all.keys, "key records", &mut unreadable)?;
+        let versions = table(all.versions, "key versions", &mut unreadable)?;
+        let events = table(all.events, "history entries", &mut unreadable)?;
+        let counters = table(all.counters, "AES-GCM counters", &mut unreadable)?;
         Ok(Self {
             keys,
             versions,
@@ -590,7 +591,7 @@ impl Keystore {
         tell(0);
         let mut findings = Vec::new();
         let mut unreachable: HashMap<&str, String> = HashMap::new();
-        let (mut done, mut passed) = (0u64, 0u64);
+        let (mut done, mut passed, mut changed) = (0u64, 0u64, 0u64);
         for c in live {
             let spec = match Self::spec_of(c.record) {
                 Ok(spec) => spec,
@@ -629,6 +630,9 @@ impl Keystore {
                 let outcome = self.check_material(&r.backend, &mut unreachable, key);
                 match outcome {
                     None => passed += 1,
+                    // A key rotated or destroyed by another process since the rows were read
+                    // has lost this material for good reason: not a finding.
+                    Some((Status::Failed, _)) if self.changed_since_read(r) => changed += 1,
                     Some((status, what)) => findings.push(Finding {
                         status,
                         key: Some(self.key_name(c, Some(version))),
@@ -642,11 +646,21 @@ impl Keystore {
             .iter()
             .filter(|f| f.status == Status::Unchecked)
             .count();
-        let summary = format!(
+        let mut summary = format!(
             "{total} key versions: {passed} found as recorded, {} failed, {unchecked} unchecked",
             findings.len() - unchecked
         );
+        if changed > 0 {
+            summary.push_str(&format!(
+                ", {changed} rotated or destroyed by another process meanwhile"
+            ));
+        }
         Section::new(CheckKind::Objects, summary, findings)
+    }
+
+    /// Whether the record `read` is no longer in the store as it was read.
+    fn changed_since_read(&self, read: &KeyRecord) -> bool {
+        !matches!(self.store.key(&read.uuid), Ok(Some(now)) if now == *read)
     }
 
     /// One version's check in backend `backend`: `None` if it passed, else its status and why.
