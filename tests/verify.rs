@@ -419,6 +419,39 @@ fn verify_during_rotations_sees_one_state_of_the_store() {
     assert!(rotations > 0);
 }
 
+/// Every record changed: the run reports all of them, but logs a line for the first 50 only and
+/// says how many more there are.
+#[test]
+fn a_run_with_many_findings_logs_the_first_fifty() {
+    let logs = captured_logs();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("store");
+    let ks = Keystore::create(&path, &support::sealer(support::PASSPHRASE)).unwrap();
+    for n in 0..60 {
+        ks.create_key(&request(
+            "default",
+            &format!("k{n}"),
+            KeyType::HmacSha256,
+            None,
+        ))
+        .unwrap();
+    }
+    assert_eq!(sql(&path, "UPDATE keys SET name = name || 'x'"), 60);
+    let report = ks.verify_store_and_log().unwrap();
+    // 60 records, and that none verifies.
+    assert_eq!(section(&report, CheckKind::Records).findings.len(), 61);
+    let logged = String::from_utf8_lossy(&logs.0.lock().unwrap()).into_owned();
+    let lines = logged
+        .lines()
+        .filter(|l| l.contains("ERROR") && l.contains("check=\"records\""))
+        .count();
+    assert_eq!(lines, 50, "{logged}");
+    assert!(
+        logged.contains("store verify: 11 more findings not logged"),
+        "{logged}"
+    );
+}
+
 #[test]
 fn a_zero_interval_is_refused() {
     let dir = tempfile::tempdir().unwrap();

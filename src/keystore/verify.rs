@@ -752,7 +752,8 @@ impl Keystore {
 
     /// Verifies the store ([`Self::verify_store`]) and logs the outcome: one `INFO` line when every
     /// check passed; otherwise an `ERROR` line per failure and a `WARN` line per key left
-    /// unchecked, each naming its key, then a summary at the level of the worst. For
+    /// unchecked, each naming its key (the first 50; then one line says how many more), then a
+    /// summary at the level of the worst. For
     /// long-running processes ([`Self::spawn_periodic_verify`], or their own loop).
     ///
     /// # Errors
@@ -822,9 +823,13 @@ impl Keystore {
     }
 }
 
+/// The most findings one periodic run logs a line each for: a replaced root fails every record,
+/// and 100k lines every interval would bury the log, not inform it.
+const MAX_LOGGED: usize = 50;
+
 /// Logs a report: see [`Keystore::verify_store_and_log`].
 fn log_report(report: &VerifyReport) {
-    for (check, finding) in report.findings() {
+    for (check, finding) in report.findings().take(MAX_LOGGED) {
         let key = finding.key.as_ref();
         let label = key.map_or("", |k| k.label.as_str());
         let uuid = key.map_or("", |k| k.uuid.as_str());
@@ -855,6 +860,13 @@ fn log_report(report: &VerifyReport) {
             Status::Failed => (f + 1, u),
             _ => (f, u + 1),
         });
+    let total = failed + unchecked;
+    if total > MAX_LOGGED {
+        tracing::error!(
+            "store verify: {} more findings not logged (run `keyhold store verify` for all)",
+            total - MAX_LOGGED
+        );
+    }
     match report.status() {
         Status::Passed => tracing::info!(
             store_id = %report.store_id, keys = report.keys,
