@@ -47,6 +47,12 @@ if ! command -v cargo >/dev/null 2>&1 && [ -f "$HOME/.cargo/env" ]; then
 fi
 command -v cargo >/dev/null 2>&1 || die "cargo not found: install a Rust toolchain with rustup first"
 
+# Library tests that open stores with the default configuration record each store's generation
+# in an anchor file under $XDG_STATE_HOME (README, "rollback"): keep those out of the user's own.
+XDG_STATE_HOME=$(mktemp -d "${TMPDIR:-/tmp}/keyhold-test-state.XXXXXX")
+export XDG_STATE_HOME
+trap 'rm -rf "$XDG_STATE_HOME"' EXIT
+
 step "install" bash ci/install.sh --test-tools
 step "format" cargo fmt --all --check
 step "clippy" cargo clippy --all-targets --all-features -- -D warnings

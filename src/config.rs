@@ -119,7 +119,7 @@ impl AuditConfig {
 }
 
 /// The store (`[store]`).
-#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct StoreConfig {
     /// (Optional) How the store's root secret is sealed: `"passphrase"` (the default), `"tpm"` or
@@ -133,9 +133,23 @@ pub struct StoreConfig {
     /// `"30m"`, at least one second; default: never.
     #[serde(default, deserialize_with = "StoreConfig::interval")]
     pub verify_interval: Option<std::time::Duration>,
+    /// (Optional) Where keyhold keeps state outside the store: the anchor files that record each
+    /// store's generation, so that a store put back from an older copy is refused. Default:
+    /// `$XDG_STATE_HOME/keyhold`, else `~/.local/state/keyhold`. Keep it off the store's disk
+    /// where you can: a copy of both together is not detected.
+    #[serde(default)]
+    pub state_dir: Option<PathBuf>,
 }
 
 impl StoreConfig {
+    /// The directory of anchor files: `state_dir/anchors`, or the default.
+    pub fn anchor_dir(&self) -> Option<PathBuf> {
+        match &self.state_dir {
+            Some(dir) => Some(dir.join("anchors")),
+            None => crate::store::FileAnchor::default_dir(),
+        }
+    }
+
     /// Parsed as `keyhold` parses durations everywhere ([`crate::time::parse_duration`]), while
     /// reading, so that the error names the line of the value.
     fn interval<'de, D: serde::Deserializer<'de>>(

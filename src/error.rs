@@ -45,6 +45,17 @@ pub enum Error {
         what: String,
     },
 
+    /// The store's rows are not the ones keyhold committed (a row deleted, put back from an older
+    /// copy, duplicated or added), or the whole store is older than its anchor (the TPM's counter
+    /// or the anchor file): it was restored from a copy. Every row may still pass its own MAC.
+    #[error(
+        "the store was tampered with: {what}; keyhold changed nothing: restore it from a backup"
+    )]
+    StoreTampered {
+        /// What was found, naming the keys where the store can tell.
+        what: String,
+    },
+
     /// A key's object on a device is not the one keyhold made: it was replaced or altered by
     /// someone holding the device's PIN (e.g. a same-`CKA_ID` key that is extractable or not
     /// sensitive). keyhold never uses such an object.
@@ -288,6 +299,7 @@ impl Error {
             Self::NoSuchKey { .. } => "no_such_key",
             Self::Unseal { .. } => "unseal",
             Self::Integrity { .. } => "integrity",
+            Self::StoreTampered { .. } => "store_tampered",
             Self::KeyObjectMismatch { .. } => "key_object_mismatch",
             Self::StoreNotFound { .. } => "store_not_found",
             Self::StoreExists { .. } => "store_exists",

@@ -98,3 +98,15 @@ pub fn reveal_software_key(
     let (root, material) = crate::keystore::Keystore::reveal_software_key(dir, &sealer, id)?;
     Ok(Revealed { root, material })
 }
+
+/// The variable that names a fault point at which a process ends at once, as if killed there:
+/// [`fault_point`]. For crash tests of orderings a random kill rarely hits (a change committed to
+/// the store, its counter not yet advanced).
+pub const FAULT_VAR: &str = "KEYHOLD_TEST_FAULT";
+
+/// Ends the process at once (no destructors, no flushing) when [`FAULT_VAR`] names `point`.
+pub(crate) fn fault_point(point: &str) {
+    if std::env::var_os(FAULT_VAR).is_some_and(|v| v == point) {
+        std::process::abort();
+    }
+}

@@ -19,6 +19,8 @@ const PIN: &str = "canary-token-pin-Qx7-not-a-secret";
 const WRONG_PIN: &str = "canary-token-pin-Qx8-close-to-it";
 const WRONG_PASS: &str = "canary-wrong-passphrase-Tr0ub4dor-4";
 const PLAINTEXT: &[u8] = b"canary plaintext: the vault opens with 8675309-zebra-quasar";
+const NEW_PASS: &str = "canary-new-passphrase-Wx3-ocelot-drift";
+const RESTORED_PASS: &str = "canary-restored-passphrase-Jq9-tundra";
 
 /// One command's run, kept to be searched once every secret is known.
 struct Ran {
@@ -26,6 +28,8 @@ struct Ran {
     out: Output,
     /// `decrypt`'s stdout is the plaintext by design.
     plaintext_out: bool,
+    /// `recovery split`'s stdout is the recovery shares by design.
+    shares_out: bool,
 }
 
 struct Canary {
@@ -54,6 +58,7 @@ impl Canary {
         self.ran.push(Ran {
             line,
             plaintext_out: args.first() == Some(&"decrypt") && code == 0,
+            shares_out: args.starts_with(&["recovery", "split"]) && code == 0,
             out: out.clone(),
         });
         out
@@ -79,7 +84,9 @@ fn no_secret_reaches_any_output_log_or_the_audit_log() {
         .with_var("RUST_LOG", "trace")
         .with_secret(PIN)
         .with_secret(WRONG_PIN)
-        .with_secret(WRONG_PASS);
+        .with_secret(WRONG_PASS)
+        .with_secret(NEW_PASS)
+        .with_secret(RESTORED_PASS);
     let mut c = Canary {
         env,
         ran: Vec::new(),
@@ -328,6 +335,65 @@ fn no_secret_reaches_any_output_log_or_the_audit_log() {
     c.ok(&["audit", "show", "--key", &aes], b"");
     c.ok(&["--json", "audit", "show", "--since", "+0s"], b"");
 
+    // Changing the seal and break-glass recovery: a new passphrase, shares split from it, a
+    // mistyped share refused, then two shares restore the store to another passphrase. `split`
+    // prints the shares by design; they are looked for in every other output and in the store.
+    let cheap = ["--argon2-memory-mib", "19", "--argon2-iterations", "2"];
+    let reseal = [&["reseal", "--to", "passphrase"][..], &cheap].concat();
+    c.run_vars(&[("KEYHOLD_NEW_PASSPHRASE", NEW_PASS)], &reseal, b"", 0);
+    let new_pass = [("KEYHOLD_PASSPHRASE", NEW_PASS)];
+    let split = ["recovery", "split", "--shares", "3", "--threshold", "2"];
+    let out = c.run_vars(&new_pass, &split, b"", 0);
+    let shares: Vec<String> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .map(str::to_owned)
+        .collect();
+    assert_eq!(shares.len(), 3);
+    c.run_vars(&new_pass, &[&["--json"][..], &split].concat(), b"", 0);
+    let typo = shares[1].replacen("khs1-", "khs1-0", 1);
+    fn restore<'a>(file: &'a str, cheap: &[&'a str]) -> Vec<&'a str> {
+        [
+            &[
+                "recovery",
+                "restore",
+                "--to",
+                "passphrase",
+                "--shares-file",
+                file,
+            ][..],
+            cheap,
+        ]
+        .concat()
+    }
+    let bad = c
+        .env
+        .write("bad-shares", format!("{}\n{typo}\n", shares[0]).as_bytes());
+    let restored = [("KEYHOLD_NEW_PASSPHRASE", RESTORED_PASS)];
+    c.run_vars(&restored, &restore(&bad, &cheap), b"", 1);
+    let good = c.env.write(
+        "shares",
+        format!("{}\n{}\n", shares[0], shares[2]).as_bytes(),
+    );
+    c.run_vars(&restored, &restore(&good, &cheap), b"", 0);
+    c.run_vars(
+        &[("KEYHOLD_PASSPHRASE", RESTORED_PASS)],
+        &["key", "list"],
+        b"",
+        0,
+    );
+    std::fs::remove_file(&bad).unwrap();
+    std::fs::remove_file(&good).unwrap();
+    secrets.push(("new passphrase".into(), NEW_PASS.as_bytes().to_vec()));
+    secrets.push((
+        "restored passphrase".into(),
+        RESTORED_PASS.as_bytes().to_vec(),
+    ));
+    for (i, share) in shares.iter().enumerate() {
+        secrets.push((format!("share {}", i + 1), share.as_bytes().to_vec()));
+    }
+
     // The logs were really on, down to debug (every key use logs one line there).
     let debug_lines = c
         .ran
@@ -348,7 +414,8 @@ fn no_secret_reaches_any_output_log_or_the_audit_log() {
                 );
             }
             let plaintext_by_design = ran.plaintext_out && name == "plaintext";
-            if !plaintext_by_design {
+            let share_by_design = ran.shares_out && name.starts_with("share ");
+            if !plaintext_by_design && !share_by_design {
                 if let Some(form) = holds_secret(&ran.out.stdout, secret) {
                     panic!(
                         "`{}`: the {name} is in its stdout ({form})\n{}",

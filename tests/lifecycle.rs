@@ -504,17 +504,17 @@ fn every_lifecycle_row_is_authenticated() {
         let err = t.reopen().unwrap_err();
         assert!(matches!(err, Error::Integrity { .. }), "{what}: {err}");
     }
-    // A deleted version row is no MAC failure, but the record names it: using the key says so.
+    // A deleted version row is no MAC failure, but the commitment misses it: the store does not
+    // open, and says which key.
     let t = TestStore::new();
     let key = t.create("aes", KeyType::Aes256Gcm, None);
     t.ks.rotate_key(&key.id, None).unwrap();
     assert_eq!(tamper(&t, "DELETE FROM key_versions"), 1);
-    let ks = t.reopen().unwrap();
-    let err = ks.encrypt(&key.id, b"m", b"").unwrap_err();
-    assert_eq!(
-        err.to_string(),
-        "integrity check failed: `default/aes` is at version 2 but the store holds versions [] \
-         of it besides the first: the store was modified outside keyhold; restore it from a backup"
+    let err = t.reopen().unwrap_err();
+    assert!(matches!(err, Error::StoreTampered { .. }), "{err}");
+    assert!(
+        err.to_string().contains("key `default/aes` (record "),
+        "names the key: {err}"
     );
 }
 
@@ -572,8 +572,9 @@ fn a_store_of_schema_1_keeps_every_key_and_output() {
     };
     assert_eq!(user_version(&store), 1);
     let seal = sealer("fixture-passphrase");
-    let ks = Keystore::open(&store, &seal).unwrap();
-    assert_eq!(user_version(&store), 2);
+    // The fixture's store ID is always the same: its anchor file goes in the temp dir.
+    let ks = Keystore::open_with(&store, &seal, &support::state_config(dir.path())).unwrap();
+    assert_eq!(user_version(&store), 3, "migrated to the current schema");
     let msg = read("msg");
     ks.verify(&id("sig"), &msg, &read("sig.sig"), DER).unwrap();
     ks.verify(&id("ec"), &msg, &read("ec.sig"), DER).unwrap();
@@ -606,7 +607,7 @@ fn a_store_of_schema_1_keeps_every_key_and_output() {
         &msg[..]
     );
     drop(ks);
-    let ks = Keystore::open(&store, &seal).unwrap();
+    let ks = Keystore::open_with(&store, &seal, &support::state_config(dir.path())).unwrap();
     ks.sign(&id("sig"), b"after", DER).unwrap();
     drop(ks);
     // An untouched schema-1 record keeps its old MAC, which covers none of the lifecycle
@@ -616,7 +617,7 @@ fn a_store_of_schema_1_keeps_every_key_and_output() {
         .execute("UPDATE keys SET destroy_at = 1 WHERE name = 'ec'", [])
         .unwrap();
     assert_eq!(n, 1);
-    let err = Keystore::open(&store, &seal).unwrap_err();
+    let err = Keystore::open_with(&store, &seal, &support::state_config(dir.path())).unwrap_err();
     assert!(matches!(err, Error::Integrity { .. }), "{err}");
 }
 

@@ -21,7 +21,7 @@ const WRITE_CHUNK: usize = 1 << 20;
 const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(8);
 
 /// Takes `file`'s exclusive lock, waiting at most `wait`.
-fn lock_exclusive(file: &File, wait: std::time::Duration) -> std::io::Result<()> {
+pub(crate) fn lock_exclusive(file: &File, wait: std::time::Duration) -> std::io::Result<()> {
     let until = std::time::Instant::now() + wait;
     loop {
         match rustix::fs::flock(file, rustix::fs::FlockOperation::NonBlockingLockExclusive) {

@@ -27,6 +27,7 @@ mod sink;
 
 use serde::{Deserialize, Serialize};
 
+pub(crate) use log::lock_exclusive;
 pub use log::AuditLog;
 pub use sink::{AuditSink, KeyUse, Record, DEFAULT_WINDOW};
 

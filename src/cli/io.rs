@@ -233,16 +233,64 @@ pub fn passphrase(ctx: &Context, confirm: bool) -> Result<SecretString, Failure>
 /// The longest passphrase read from a file or the terminal.
 const MAX_PASSPHRASE: usize = 4096;
 
+/// Where one passphrase comes from, and how the terminal asks for it.
+struct PassphraseSource {
+    /// The environment variable read when no file is given.
+    variable: &'static str,
+    /// What the prompt and messages call it.
+    what: &'static str,
+    /// The option naming its file.
+    file_option: &'static str,
+}
+
+/// The store's passphrase (or a TPM store's recovery passphrase).
+const CURRENT: PassphraseSource = PassphraseSource {
+    variable: "KEYHOLD_PASSPHRASE",
+    what: "passphrase",
+    file_option: "--passphrase-file",
+};
+
+/// The passphrase a store is re-sealed under (`reseal --to`, `recovery restore --to`).
+const NEW: PassphraseSource = PassphraseSource {
+    variable: "KEYHOLD_NEW_PASSPHRASE",
+    what: "new passphrase",
+    file_option: "--new-passphrase-file",
+};
+
 /// [`passphrase`] with the file given directly.
 ///
 /// No copy is left behind: the file and the terminal are read without a `BufReader` (whose buffer
 /// would keep the bytes after it is freed) into zeroizing buffers, and `KEYHOLD_PASSPHRASE` is
 /// removed from the process environment once read, so that nothing started later inherits it.
 pub fn passphrase_from(file: Option<&Path>, confirm: bool) -> Result<SecretString, Failure> {
+    read_passphrase(&CURRENT, file, confirm)
+}
+
+/// The new passphrase of `reseal --to passphrase` (or the recovery passphrase of `--to tpm
+/// --pcrs`): `--new-passphrase-file`, then `$KEYHOLD_NEW_PASSPHRASE`, then the terminal (asked
+/// twice), read as [`passphrase_from`] reads the current one. An empty one is refused here,
+/// before anything is unsealed.
+pub fn new_passphrase(file: Option<&Path>) -> Result<SecretString, Failure> {
+    let passphrase = read_passphrase(&NEW, file, true)?;
+    if secrecy::ExposeSecret::expose_secret(&passphrase).is_empty() {
+        return Err(keyhold::Error::InvalidInput(
+            "the new passphrase is empty: choose a long one; nothing was changed".into(),
+        )
+        .into());
+    }
+    Ok(passphrase)
+}
+
+fn read_passphrase(
+    source: &PassphraseSource,
+    file: Option<&Path>,
+    confirm: bool,
+) -> Result<SecretString, Failure> {
+    let what = source.what;
     if let Some(path) = file {
         let file = File::open(path).map_err(|e| {
             Failure::Cli(format!(
-                "cannot read the passphrase file {}: {e}",
+                "cannot read the {what} file {}: {e}",
                 path.display()
             ))
         })?;
@@ -252,23 +300,23 @@ pub fn passphrase_from(file: Option<&Path>, confirm: bool) -> Result<SecretStrin
         let line = data.split(|&b| b == b'\n').next().unwrap_or_default();
         if line.len() > MAX_PASSPHRASE {
             return Err(Failure::Cli(format!(
-                "the passphrase in {} is longer than {MAX_PASSPHRASE} bytes",
+                "the {what} in {} is longer than {MAX_PASSPHRASE} bytes",
                 path.display()
             )));
         }
         return secret_from_utf8(line, || {
-            format!("the passphrase file {} is not valid UTF-8", path.display())
+            format!("the {what} file {} is not valid UTF-8", path.display())
         });
     }
-    if let Some(value) = std::env::var_os("KEYHOLD_PASSPHRASE") {
+    if let Some(value) = std::env::var_os(source.variable) {
         // The variable is read once per process. Removing it is sound only while no other
         // thread reads the environment: the command reads the passphrase before it starts any
         // (backends, which may, are built after the store is unsealed).
-        std::env::remove_var("KEYHOLD_PASSPHRASE");
+        std::env::remove_var(source.variable);
         let value = Zeroizing::new(std::os::unix::ffi::OsStringExt::into_vec(value));
-        return secret_from_utf8(&value, || "KEYHOLD_PASSPHRASE is not valid UTF-8".into());
+        return secret_from_utf8(&value, || format!("{} is not valid UTF-8", source.variable));
     }
-    prompt(confirm)
+    prompt(source, confirm)
 }
 
 /// A passphrase from bytes (without a trailing `\r`), copied once into its `SecretString`.
@@ -303,43 +351,69 @@ fn read_secret_line(mut tty: &File) -> std::io::Result<Zeroizing<Vec<u8>>> {
 }
 
 /// Asks on the controlling terminal with echo off; twice when `confirm`.
-fn prompt(confirm: bool) -> Result<SecretString, Failure> {
-    use rustix::termios::{tcgetattr, tcsetattr, LocalModes, OptionalActions};
+fn prompt(source: &PassphraseSource, confirm: bool) -> Result<SecretString, Failure> {
+    let what = source.what;
     let no_source = || {
-        Failure::Cli(
-            "no passphrase: set KEYHOLD_PASSPHRASE, pass --passphrase-file FILE, \
-             or run keyhold in a terminal"
-                .into(),
-        )
+        Failure::Cli(format!(
+            "no {what}: set {}, pass {} FILE, or run keyhold in a terminal",
+            source.variable, source.file_option
+        ))
     };
-    let tty = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/tty")
-        .map_err(|_| no_source())?;
-    let saved = tcgetattr(&tty).map_err(|_| no_source())?;
-    let mut quiet = saved.clone();
-    quiet.local_modes.remove(LocalModes::ECHO);
-    quiet.local_modes.insert(LocalModes::ECHONL);
-    let ask = |label: &str| -> Result<Zeroizing<Vec<u8>>, Failure> {
-        let mut out = &tty;
-        let _ = out.write_all(label.as_bytes());
-        tcsetattr(&tty, OptionalActions::Flush, &quiet)
-            .map_err(|e| Failure::Cli(format!("cannot turn terminal echo off: {e}")))?;
-        let read = read_secret_line(&tty);
-        let _ = tcsetattr(&tty, OptionalActions::Flush, &saved);
-        read.map_err(|e| Failure::Cli(format!("cannot read the passphrase: {e}")))
-    };
-    let first = ask("keyhold passphrase: ")?;
+    let tty = HiddenTerminal::open().ok_or_else(no_source)?;
+    let first = tty.ask(&format!("keyhold {what}: "), what)?;
     if confirm {
-        let second = ask("repeat the passphrase: ")?;
+        let second = tty.ask(&format!("repeat the {what}: "), what)?;
         if *first != *second {
             return Err(Failure::Cli(
                 "the passphrases differ: nothing was changed".into(),
             ));
         }
     }
-    secret_from_utf8(&first, || "the passphrase is not valid UTF-8".into())
+    secret_from_utf8(&first, || format!("the {what} is not valid UTF-8"))
+}
+
+/// The controlling terminal, for reading secrets with echo off.
+pub struct HiddenTerminal {
+    tty: File,
+    saved: rustix::termios::Termios,
+    quiet: rustix::termios::Termios,
+}
+
+impl HiddenTerminal {
+    /// The controlling terminal, or `None` when there is none (or it is not a terminal).
+    pub fn open() -> Option<Self> {
+        use rustix::termios::{tcgetattr, LocalModes};
+        let tty = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/tty")
+            .ok()?;
+        let saved = tcgetattr(&tty).ok()?;
+        let mut quiet = saved.clone();
+        quiet.local_modes.remove(LocalModes::ECHO);
+        quiet.local_modes.insert(LocalModes::ECHONL);
+        Some(Self { tty, saved, quiet })
+    }
+
+    /// Shows `label` and reads one line with echo off (`what` names it in errors).
+    pub fn ask(&self, label: &str, what: &str) -> Result<Zeroizing<Vec<u8>>, Failure> {
+        use rustix::termios::{tcsetattr, OptionalActions};
+        // Echo off (and what was typed ahead, echoed, discarded) before the label shows: once it
+        // shows, what is typed is read, unseen.
+        tcsetattr(&self.tty, OptionalActions::Flush, &self.quiet)
+            .map_err(|e| Failure::Cli(format!("cannot turn terminal echo off: {e}")))?;
+        let mut out = &self.tty;
+        let _ = out.write_all(label.as_bytes());
+        let read = read_secret_line(&self.tty);
+        let _ = tcsetattr(&self.tty, OptionalActions::Flush, &self.saved);
+        read.map_err(|e| Failure::Cli(format!("cannot read the {what}: {e}")))
+    }
+}
+
+impl std::fmt::Debug for HiddenTerminal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("HiddenTerminal")
+    }
 }
 
 /// Whether there is a controlling terminal to ask on.
@@ -441,7 +515,13 @@ fn same_sealer(
 /// Opens and unseals the store named by the context, with the sealer the user stated (see
 /// [`stated_sealer`]); a store that records another kind is refused.
 pub fn open_keystore(ctx: &Context) -> Result<Keystore, Failure> {
-    let sealer = stated_unsealer(ctx)?;
+    // Look for the store (and its sealer) before asking for a passphrase nobody can use.
+    let sealed = keyhold::store::Store::open(&ctx.store)?
+        .meta()
+        .sealed_root
+        .clone();
+    let sealer = unsealer(ctx, &sealed)?;
+    let _notice = UnlockingNotice::start(&sealed);
     Ok(Keystore::open_with(
         &ctx.store,
         sealer.as_ref(),
@@ -449,24 +529,104 @@ pub fn open_keystore(ctx: &Context) -> Result<Keystore, Failure> {
     )?)
 }
 
-/// The sealer that unseals the store named by the context, of the kind the user stated (see
-/// [`stated_sealer`]); a store that records another kind is refused.
-pub fn stated_unsealer(ctx: &Context) -> Result<Box<dyn Sealer>, Failure> {
-    // Look for the store (and its sealer) before asking for a passphrase nobody can use.
-    let sealed = keyhold::store::Store::open(&ctx.store)?
-        .meta()
-        .sealed_root
-        .clone();
+/// The sealer that unseals the store sealed as `sealed` says, of the kind the user stated (see
+/// [`stated_sealer`]): a store that records another kind is refused. Asks for the passphrase of a
+/// passphrase store.
+pub fn unsealer(ctx: &Context, sealed: &SealedRoot) -> Result<Box<dyn Sealer>, Failure> {
     let stated = check_stated_sealer(ctx, &sealed.sealer)?;
     // Which backend reaches the token or TPM comes from the store's parameters: they choose only
     // among the configured backends, and are authenticated with the rest of the metadata once the
     // root is unsealed.
-    let sealer: Box<dyn Sealer> = match stated {
-        SealerKind::Pkcs11 => pkcs11_unsealer(ctx, &sealed)?,
-        SealerKind::Tpm => tpm_unsealer(ctx, &sealed)?,
+    Ok(match stated {
+        SealerKind::Pkcs11 => pkcs11_unsealer(ctx, sealed)?,
+        SealerKind::Tpm => tpm_unsealer(ctx, sealed)?,
         SealerKind::Passphrase => Box::new(PassphraseSealer::new(passphrase(ctx, false)?)),
-    };
-    Ok(sealer)
+    })
+}
+
+/// How long unsealing may take before a terminal is told `unlocking…`.
+const UNLOCKING_AFTER: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// While alive, says `keyhold: unlocking…` on stderr if unsealing a passphrase store (its Argon2
+/// cost) takes longer than [`UNLOCKING_AFTER`] — only when stderr is a terminal: a script's
+/// captured stderr gets nothing.
+#[derive(Debug)]
+pub struct UnlockingNotice {
+    done: Option<std::sync::mpsc::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl UnlockingNotice {
+    /// The notice for unsealing `sealed` (none unless it is a passphrase seal).
+    pub fn start(sealed: &SealedRoot) -> Self {
+        use std::io::IsTerminal;
+        let terminal = sealed.sealer == PassphraseSealer::KIND && std::io::stderr().is_terminal();
+        Self::start_with(terminal, unlocking_after(), || {
+            Box::new(std::io::stderr()) as Box<dyn Write + Send>
+        })
+    }
+
+    /// The notice written to `out` after `after`, if `terminal`; at once if `after` is zero.
+    fn start_with(
+        terminal: bool,
+        after: std::time::Duration,
+        out: impl FnOnce() -> Box<dyn Write + Send> + Send + 'static,
+    ) -> Self {
+        let say = |out: Box<dyn Write + Send>| {
+            let mut out = out;
+            let _ = out.write_all("keyhold: unlocking…\n".as_bytes());
+            let _ = out.flush();
+        };
+        if !terminal {
+            return Self {
+                done: None,
+                thread: None,
+            };
+        }
+        if after.is_zero() {
+            say(out());
+            return Self {
+                done: None,
+                thread: None,
+            };
+        }
+        let (done, wait) = std::sync::mpsc::channel::<()>();
+        let thread = std::thread::Builder::new()
+            .name("unlocking notice".into())
+            .spawn(move || {
+                // Dropping the sender (unsealing finished) ends the wait early, with nothing said.
+                if let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = wait.recv_timeout(after) {
+                    say(out());
+                }
+            })
+            .ok();
+        Self {
+            done: Some(done),
+            thread,
+        }
+    }
+}
+
+impl Drop for UnlockingNotice {
+    fn drop(&mut self) {
+        drop(self.done.take());
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// [`UNLOCKING_AFTER`]; test builds take `KEYHOLD_TEST_UNLOCKING_AFTER_MS` instead, so that tests
+/// need no store slow to open to see (or not see) the notice.
+fn unlocking_after() -> std::time::Duration {
+    #[cfg(feature = "testing")]
+    if let Some(ms) = std::env::var("KEYHOLD_TEST_UNLOCKING_AFTER_MS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        return std::time::Duration::from_millis(ms);
+    }
+    UNLOCKING_AFTER
 }
 
 /// The `pkcs11` sealer that opens the store sealed as `sealed` says.
@@ -648,6 +808,35 @@ mod passphrase_tests {
         let secret = passphrase_from(None, false).unwrap();
         assert_eq!(secret.expose_secret(), "from the environment");
         assert_eq!(std::env::var_os("KEYHOLD_PASSPHRASE"), None);
+        // The new passphrase's variable too (`reseal --to`, `recovery restore --to`).
+        std::env::set_var("KEYHOLD_NEW_PASSPHRASE", "the new one");
+        let secret = new_passphrase(None).unwrap();
+        assert_eq!(secret.expose_secret(), "the new one");
+        assert_eq!(std::env::var_os("KEYHOLD_NEW_PASSPHRASE"), None);
+    }
+
+    /// `--new-passphrase-file` is read as `--passphrase-file` is (its first line); an empty new
+    /// passphrase is refused before anything is sealed.
+    #[test]
+    fn a_new_passphrase_file_gives_its_first_line_and_empty_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("new");
+        std::fs::write(&path, b"new one\r\nignored\n").unwrap();
+        assert_eq!(
+            new_passphrase(Some(&path)).unwrap().expose_secret(),
+            "new one"
+        );
+        std::fs::write(&path, b"\nsecond line\n").unwrap();
+        match new_passphrase(Some(&path)) {
+            Err(Failure::Keyhold(keyhold::Error::InvalidInput(m))) => assert_eq!(
+                m,
+                "the new passphrase is empty: choose a long one; nothing was changed"
+            ),
+            other => panic!(
+                "expected a refusal, got {:?}",
+                other.map(|_| "a passphrase")
+            ),
+        }
     }
 
     /// The file's first line, without its line ending (a CRLF file too), and nothing after it.
@@ -708,6 +897,72 @@ mod passphrase_tests {
             "no token labelled `evil\\u{1b}]0;owned\\u{7}\\u{202e}txt` is present:\nnext"
         );
         assert_eq!(terminal_safe("a\nb\0\0"), "a\\u{a}b");
+    }
+
+    /// A writer the notice thread can own while the test reads what it wrote.
+    #[derive(Clone, Default)]
+    struct Shared(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+    impl Write for Shared {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl Shared {
+        fn text(&self) -> String {
+            String::from_utf8(self.0.lock().unwrap().clone()).unwrap()
+        }
+        fn out(&self) -> impl FnOnce() -> Box<dyn Write + Send> + Send + 'static {
+            let me = self.clone();
+            move || Box::new(me) as Box<dyn Write + Send>
+        }
+    }
+
+    /// The timing decision, with the threshold injected: unsealing that outlasts it says
+    /// `unlocking…` (a zero threshold: at once, no clock involved), unsealing that ends first
+    /// says nothing (an hour's threshold, ended at once), and without a terminal nothing is said
+    /// and no thread waits, whatever the threshold.
+    #[test]
+    fn unlocking_is_said_on_a_terminal_only_once_the_threshold_passes() {
+        let out = Shared::default();
+        drop(UnlockingNotice::start_with(
+            true,
+            std::time::Duration::ZERO,
+            out.out(),
+        ));
+        assert_eq!(out.text(), "keyhold: unlocking…\n");
+
+        let out = Shared::default();
+        let hour = std::time::Duration::from_secs(3600);
+        let notice = UnlockingNotice::start_with(true, hour, out.out());
+        assert!(
+            notice.thread.is_some(),
+            "a terminal waits for the threshold"
+        );
+        drop(notice);
+        assert_eq!(out.text(), "", "unsealing ended before the threshold");
+
+        let out = Shared::default();
+        let notice = UnlockingNotice::start_with(false, std::time::Duration::ZERO, out.out());
+        assert!(notice.thread.is_none() && notice.done.is_none());
+        drop(notice);
+        assert_eq!(out.text(), "", "not a terminal: silent");
+
+        // And a waiting notice does speak once its threshold passes (polled, not timed: the
+        // thread may be slow to run on a loaded machine, never too fast).
+        let out = Shared::default();
+        let notice =
+            UnlockingNotice::start_with(true, std::time::Duration::from_millis(1), out.out());
+        while out.text().is_empty() {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        drop(notice);
+        assert_eq!(out.text(), "keyhold: unlocking…\n");
     }
 
     #[test]

@@ -6,6 +6,7 @@ mod io;
 mod key;
 mod lifecycle;
 mod ops;
+mod recovery;
 mod select;
 mod store;
 mod verify;
@@ -85,8 +86,12 @@ enum Command {
     Random(ops::RandomArgs),
     /// Check backends and tokens; find orphaned or missing key objects
     Doctor(doctor::DoctorArgs),
-    /// Re-bind a TPM-sealed store to the PCRs as they are now (after an intended change)
+    /// Re-bind a TPM-sealed store to the PCRs as they are now (after an intended change), or move
+    /// the store to another sealer, passphrase or Argon2 cost (--to)
     Reseal(store::ResealArgs),
+    /// Break-glass recovery: split the root secret into shares, or restore the store from them
+    #[command(subcommand)]
+    Recovery(recovery::RecoveryCommand),
     /// Verify the audit log's hash chain, or show its entries
     #[command(subcommand)]
     Audit(audit::AuditCommand),
@@ -166,6 +171,7 @@ impl Failure {
             Self::Keyhold(E::Unseal { .. }) => 4,
             Self::Keyhold(E::NoSuchKey { .. }) => 5,
             Self::Keyhold(E::WrongState { .. }) => 9,
+            Self::Keyhold(E::StoreTampered { .. }) => 10,
             // A device object that does not match its record failed an integrity check too.
             Self::Keyhold(E::Integrity { .. } | E::KeyObjectMismatch { .. }) => 6,
             Self::Keyhold(
@@ -428,6 +434,7 @@ fn dispatch(ctx: &Context, args: &Args) -> CmdResult {
         Command::Random(a) => ops::random(ctx, a),
         Command::Doctor(a) => doctor::run(ctx, a),
         Command::Reseal(a) => store::reseal(ctx, a),
+        Command::Recovery(c) => recovery::run(ctx, c),
         Command::Audit(c) => audit::run(ctx, c),
         Command::Maintain(a) => lifecycle::maintain(ctx, a),
         Command::Store(c) => verify::run(ctx, c),
@@ -493,6 +500,13 @@ mod tests {
                 },
                 9,
                 "wrong_state",
+            ),
+            e(
+                E::StoreTampered {
+                    what: "key `default/k`: its record was deleted".into(),
+                },
+                10,
+                "store_tampered",
             ),
             e(
                 E::Unseal {
@@ -744,7 +758,7 @@ mod tests {
                 "docs/cli.md documents kind `{kind}`, which no failure produces"
             );
         }
-        // And every exit code of the table, 0 (success, and a broken pipe) through 9.
+        // And every exit code of the table, 0 (success, and a broken pipe) through 10.
         let mut codes: std::collections::BTreeSet<u8> =
             failures.iter().map(|(_, code, _)| *code).collect();
         assert_eq!(exit_code_of(&Ok(())), 0);
@@ -754,9 +768,9 @@ mod tests {
             "a broken pipe is success"
         );
         codes.insert(0);
-        assert_eq!(codes, (0..=9).collect());
+        assert_eq!(codes, (0..=10).collect());
         let docs = include_str!("../../docs/cli.md");
-        for code in 0..=9 {
+        for code in 0..=10 {
             assert!(
                 docs.contains(&format!("\n| {code} | ")),
                 "docs/cli.md's exit code table has no row {code}"

@@ -38,6 +38,13 @@ pub struct InitArgs {
     #[arg(long, requires = "pcrs")]
     no_recovery: bool,
 
+    #[command(flatten)]
+    argon2: Argon2Args,
+}
+
+/// The Argon2id cost of a passphrase seal (`init`, `reseal --to`, `recovery restore --to`).
+#[derive(Debug, Args)]
+pub struct Argon2Args {
     /// Argon2id memory in MiB (at least 19)
     #[arg(long, value_name = "MIB", default_value_t = Argon2Params::default().memory_mib)]
     argon2_memory_mib: u32,
@@ -51,13 +58,21 @@ pub struct InitArgs {
     argon2_parallelism: u32,
 }
 
+impl Argon2Args {
+    /// The parameters, checked.
+    pub(super) fn params(&self) -> Result<Argon2Params, Failure> {
+        let params = Argon2Params {
+            memory_mib: self.argon2_memory_mib,
+            iterations: self.argon2_iterations,
+            parallelism: self.argon2_parallelism,
+        };
+        params.validate()?;
+        Ok(params)
+    }
+}
+
 pub fn init(ctx: &Context, args: &InitArgs) -> CmdResult {
-    let params = Argon2Params {
-        memory_mib: args.argon2_memory_mib,
-        iterations: args.argon2_iterations,
-        parallelism: args.argon2_parallelism,
-    };
-    params.validate()?;
+    let params = args.argon2.params()?;
     if ctx.store.join(keyhold::store::DB_FILE).exists() {
         return Err(keyhold::Error::StoreExists {
             path: ctx.store.clone(),
@@ -67,40 +82,17 @@ pub fn init(ctx: &Context, args: &InitArgs) -> CmdResult {
     if args.pcrs.is_some() && !matches!(args.sealer, SealerKind::Tpm) {
         return Err(Failure::Cli("--pcrs goes with --sealer tpm".into()));
     }
-    let ks = match (args.sealer, &args.backend) {
-        (SealerKind::Passphrase, None) => {
-            let sealer = PassphraseSealer::new(io::passphrase(ctx, true)?).with_params(params)?;
-            Keystore::create_with(&ctx.store, &sealer, &ctx.config)?
-        }
-        (SealerKind::Pkcs11, Some(name)) => {
-            let sealer = pkcs11_sealer(ctx, name)?;
-            Keystore::create_with(&ctx.store, sealer.as_ref(), &ctx.config)?
-        }
-        (SealerKind::Tpm, _) => {
-            let sealer = tpm_sealer(ctx, args, params)?;
-            Keystore::create_with(&ctx.store, sealer.as_ref(), &ctx.config)?
-        }
-        (SealerKind::Passphrase, Some(_)) => {
-            return Err(Failure::Cli(
-                "--backend goes with --sealer pkcs11 or tpm, not with a passphrase".into(),
-            ))
-        }
-        (SealerKind::Pkcs11, None) => {
-            return Err(Failure::Cli(
-                "--sealer pkcs11 needs --backend NAME, a PKCS#11 backend of the configuration"
-                    .into(),
-            ))
-        }
+    let new = NewSeal {
+        kind: args.sealer,
+        option: "--sealer",
+        backend: args.backend.as_deref(),
+        pcrs: args.pcrs.as_deref(),
+        no_recovery: args.no_recovery,
+        params,
     };
-    // keyhold opens a store only with the sealer the user states, never the one the store names.
-    if io::check_stated_sealer(ctx, ks.sealer_kind()).is_err() {
-        let kind = ks.sealer_kind();
-        // A warning like the others (`-q` silences it): the next command fails without it.
-        tracing::warn!(
-            "to open this store, state its sealer: set KEYHOLD_SEALER={kind}, or put \
-             `sealer = \"{kind}\"` under [store] in the configuration file"
-        );
-    }
+    let sealer = new_sealer(ctx, &new, || io::passphrase(ctx, true))?;
+    let ks = Keystore::create_with(&ctx.store, sealer.as_ref(), &ctx.config)?;
+    warn_unless_stated(ctx, ks.sealer_kind());
     if ctx.json {
         io::print_json(&serde_json::json!({
             "store": ctx.store.display().to_string(),
@@ -117,6 +109,55 @@ pub fn init(ctx: &Context, args: &InitArgs) -> CmdResult {
     }
 }
 
+/// keyhold opens a store only with the sealer the user states, never the one the store names: a
+/// store just sealed by `kind` says how to state it, unless it already is.
+pub(super) fn warn_unless_stated(ctx: &Context, kind: &str) {
+    if io::check_stated_sealer(ctx, kind).is_err() {
+        // A warning like the others (`-q` silences it): the next command fails without it.
+        tracing::warn!(
+            "to open this store, state its sealer: set KEYHOLD_SEALER={kind}, or put \
+             `sealer = \"{kind}\"` under [store] in the configuration file"
+        );
+    }
+}
+
+/// How a store is to be sealed: by `init`, `reseal --to` or `recovery restore --to`.
+pub(super) struct NewSeal<'a> {
+    pub kind: SealerKind,
+    /// The option that chose `kind` (`--sealer`, `--to`), for messages.
+    pub option: &'static str,
+    pub backend: Option<&'a str>,
+    pub pcrs: Option<&'a str>,
+    pub no_recovery: bool,
+    pub params: Argon2Params,
+}
+
+/// The sealer `new` describes; `passphrase` gives the passphrase (of a passphrase seal, or the
+/// recovery passphrase of a TPM seal bound to PCRs), asked only when one is needed.
+pub(super) fn new_sealer(
+    ctx: &Context,
+    new: &NewSeal<'_>,
+    passphrase: impl FnOnce() -> Result<secrecy::SecretString, Failure>,
+) -> Result<Box<dyn Sealer>, Failure> {
+    let option = new.option;
+    if (new.pcrs.is_some() || new.no_recovery) && !matches!(new.kind, SealerKind::Tpm) {
+        return Err(Failure::Cli(format!("--pcrs goes with {option} tpm")));
+    }
+    match (new.kind, new.backend) {
+        (SealerKind::Passphrase, None) => Ok(Box::new(
+            PassphraseSealer::new(passphrase()?).with_params(new.params)?,
+        )),
+        (SealerKind::Pkcs11, Some(name)) => pkcs11_sealer(ctx, name),
+        (SealerKind::Tpm, _) => tpm_sealer(ctx, new, passphrase),
+        (SealerKind::Passphrase, Some(_)) => Err(Failure::Cli(format!(
+            "--backend goes with {option} pkcs11 or tpm, not with a passphrase"
+        ))),
+        (SealerKind::Pkcs11, None) => Err(Failure::Cli(format!(
+            "{option} pkcs11 needs --backend NAME, a PKCS#11 backend of the configuration"
+        ))),
+    }
+}
+
 /// A new `pkcs11` sealer, with a key in the token of backend `name`.
 #[cfg(feature = "pkcs11")]
 fn pkcs11_sealer(ctx: &Context, name: &str) -> Result<Box<dyn Sealer>, Failure> {
@@ -129,29 +170,25 @@ fn pkcs11_sealer(_ctx: &Context, _name: &str) -> Result<Box<dyn Sealer>, Failure
     Err(keyhold::Error::not_built("pkcs11").into())
 }
 
-/// A new `tpm` sealer as `init` asks: the TPM of `--backend`, `--pcrs`, a recovery passphrase.
+/// A new `tpm` sealer as `new` asks: the TPM of `--backend`, `--pcrs`, a recovery passphrase.
 #[cfg(feature = "tpm")]
 fn tpm_sealer(
     ctx: &Context,
-    args: &InitArgs,
-    params: Argon2Params,
+    new: &NewSeal<'_>,
+    passphrase: impl FnOnce() -> Result<secrecy::SecretString, Failure>,
 ) -> Result<Box<dyn Sealer>, Failure> {
-    let (device, name) = io::tpm_device(ctx, args.backend.as_deref(), false)?;
-    let pcrs = args
-        .pcrs
-        .as_deref()
-        .map(keyhold::sealer::tpm::parse_pcrs)
-        .transpose()?;
+    let (device, name) = io::tpm_device(ctx, new.backend, false)?;
+    let pcrs = new.pcrs.map(keyhold::sealer::tpm::parse_pcrs).transpose()?;
     let mut sealer =
         keyhold::TpmSealer::new(device, name).with_pcrs(pcrs.as_deref().unwrap_or(&[]))?;
     if pcrs.is_some() {
-        if args.no_recovery {
+        if new.no_recovery {
             tracing::warn!(
                 "sealed to PCRs without a recovery passphrase: if those PCRs change for good, \
                  the store and its software keys are lost"
             );
         } else {
-            let recovery = PassphraseSealer::new(io::passphrase(ctx, true)?).with_params(params)?;
+            let recovery = PassphraseSealer::new(passphrase()?).with_params(new.params)?;
             sealer = sealer.with_recovery(recovery);
         }
     }
@@ -161,25 +198,79 @@ fn tpm_sealer(
 #[cfg(not(feature = "tpm"))]
 fn tpm_sealer(
     _ctx: &Context,
-    _args: &InitArgs,
-    _params: Argon2Params,
+    _new: &NewSeal<'_>,
+    _passphrase: impl FnOnce() -> Result<secrecy::SecretString, Failure>,
 ) -> Result<Box<dyn Sealer>, Failure> {
     Err(keyhold::Error::not_built("tpm").into())
 }
 
 #[derive(Debug, Args)]
 pub struct ResealArgs {
-    /// Bind the new seal to these SHA-256 PCRs (e.g. 0,7) [default: the PCRs of the old seal]
-    #[arg(long, value_name = "LIST", conflicts_with = "no_pcrs")]
-    pcrs: Option<String>,
+    /// Move the store to this sealer, or give it a new passphrase or Argon2 cost (`--to
+    /// passphrase`) [default: re-bind a TPM-sealed store to its PCRs]
+    #[arg(long, value_enum, value_name = "SEALER")]
+    to: Option<SealerKind>,
 
     /// Bind the new seal to no PCRs
-    #[arg(long)]
+    #[arg(long, conflicts_with_all = ["to", "pcrs"])]
     no_pcrs: bool,
+
+    #[command(flatten)]
+    seal: NewSealArgs,
 }
 
-/// `keyhold reseal`: re-binds a TPM-sealed store to the PCRs as they are now. When the TPM refuses
-/// the old seal (the PCRs changed), the recovery passphrase unseals it.
+/// How `reseal --to` and `recovery restore --to` seal the store (`--to` is theirs).
+#[derive(Debug, Args)]
+pub struct NewSealArgs {
+    /// With --to pkcs11 or tpm: the configured backend that seals the store (for tpm, default:
+    /// the configuration's TPM backend, else $TPM2TOOLS_TCTI or /dev/tpmrm0)
+    #[arg(long, value_name = "NAME", requires = "to")]
+    backend: Option<String>,
+
+    /// Bind the new seal to these SHA-256 PCRs (e.g. 0,7) [default: the PCRs of the old seal;
+    /// with --to tpm, none]
+    #[arg(long, value_name = "LIST")]
+    pcrs: Option<String>,
+
+    /// With --to tpm --pcrs: no recovery passphrase; the store is lost if those PCRs change for
+    /// good
+    #[arg(long, requires_all = ["to", "pcrs"])]
+    no_recovery: bool,
+
+    /// Read the new passphrase (--to passphrase; with --to tpm --pcrs, the recovery passphrase)
+    /// from the first line of FILE [default: $KEYHOLD_NEW_PASSPHRASE, else the terminal]
+    #[arg(long, value_name = "FILE", requires = "to")]
+    new_passphrase_file: Option<std::path::PathBuf>,
+
+    #[command(flatten)]
+    argon2: Argon2Args,
+}
+
+impl NewSealArgs {
+    /// The sealer these options describe with `--to kind`; the new passphrase is asked for (from
+    /// `--new-passphrase-file`, `$KEYHOLD_NEW_PASSPHRASE` or the terminal) if one is needed.
+    pub(super) fn sealer(
+        &self,
+        ctx: &Context,
+        kind: SealerKind,
+    ) -> Result<Box<dyn Sealer>, Failure> {
+        let new = NewSeal {
+            kind,
+            option: "--to",
+            backend: self.backend.as_deref(),
+            pcrs: self.pcrs.as_deref(),
+            no_recovery: self.no_recovery,
+            params: self.argon2.params()?,
+        };
+        new_sealer(ctx, &new, || {
+            io::new_passphrase(self.new_passphrase_file.as_deref())
+        })
+    }
+}
+
+/// `keyhold reseal`: with `--to`, moves the store to that sealer (a new passphrase, Argon2 cost,
+/// TPM or token); without, re-binds a TPM-sealed store to the PCRs as they are now (when the TPM
+/// refuses the old seal because the PCRs changed, the recovery passphrase unseals it).
 pub fn reseal(ctx: &Context, args: &ResealArgs) -> CmdResult {
     // Read only to find the sealer kind and the TPM: this read is not authenticated, so nothing
     // from it goes into the new seal (see the closure below).
@@ -187,10 +278,13 @@ pub fn reseal(ctx: &Context, args: &ResealArgs) -> CmdResult {
         .meta()
         .sealed_root
         .clone();
+    if let Some(kind) = args.to {
+        return reseal_to(ctx, args, kind, &sealed);
+    }
     if sealed.sealer != "tpm" {
         return Err(Failure::Cli(format!(
             "keyhold reseal re-binds a TPM-sealed store to the TPM's PCRs; this store is sealed by \
-             `{}`",
+             `{}` (to change its passphrase or sealer: keyhold reseal --to SEALER)",
             sealed.sealer
         )));
     }
@@ -205,7 +299,7 @@ fn tpm_reseal(ctx: &Context, args: &ResealArgs, sealed: &SealedRoot) -> CmdResul
     use keyhold::TpmSealer;
     let name = TpmSealer::backend_of(sealed)?;
     let (device, name) = io::tpm_device(ctx, name.as_deref(), true)?;
-    let requested = match (&args.pcrs, args.no_pcrs) {
+    let requested = match (&args.seal.pcrs, args.no_pcrs) {
         (Some(list), _) => Some(parse_pcrs(list)?),
         (None, true) => Some(Vec::new()),
         (None, false) => None,
@@ -228,7 +322,7 @@ fn tpm_reseal(ctx: &Context, args: &ResealArgs, sealed: &SealedRoot) -> CmdResul
     // open of the store: a PCR list or recovery seal changed behind keyhold's back is refused,
     // never carried over, even if the store was swapped between the read above and that open.
     let first_backend = TpmSealer::backend_of(sealed)?;
-    let (old_pcrs, pcrs) = Keystore::reseal(&ctx.store, &unsealer, |verified| {
+    let (old_pcrs, pcrs) = Keystore::reseal_with(&ctx.store, &unsealer, &ctx.config, |verified| {
         if TpmSealer::backend_of(verified)? != first_backend {
             return Err(keyhold::Error::Integrity {
                 what: "the TPM backend the seal names changed while keyhold reseal ran".into(),
@@ -270,4 +364,34 @@ fn tpm_reseal(ctx: &Context, args: &ResealArgs, sealed: &SealedRoot) -> CmdResul
 #[cfg(not(feature = "tpm"))]
 fn tpm_reseal(_ctx: &Context, _args: &ResealArgs, _sealed: &SealedRoot) -> CmdResult {
     Err(keyhold::Error::not_built("tpm").into())
+}
+
+/// `reseal --to KIND`: unseals with the sealer the user states for the store (as every command
+/// opens it), seals with the new one (asking for the new passphrase before anything is unsealed),
+/// checks the new seal, and replaces the old one in one transaction.
+fn reseal_to(ctx: &Context, args: &ResealArgs, kind: SealerKind, sealed: &SealedRoot) -> CmdResult {
+    // The current passphrase first, then the new one: as a person expects to be asked.
+    let unsealer = io::unsealer(ctx, sealed)?;
+    let resealer = args.seal.sealer(ctx, kind)?;
+    {
+        let _notice = io::UnlockingNotice::start(sealed);
+        Keystore::reseal_with(&ctx.store, unsealer.as_ref(), &ctx.config, |_| {
+            Ok((&*resealer, ()))
+        })?;
+    }
+    let old = sealed.sealer.as_str();
+    let kind = resealer.kind();
+    warn_unless_stated(ctx, kind);
+    if ctx.json {
+        io::print_json(&serde_json::json!({
+            "store": ctx.store.display().to_string(),
+            "old_sealer": old,
+            "sealer": kind,
+        }))
+    } else {
+        io::print_line(&format!(
+            "re-sealed keyhold store {}: {old} → {kind}",
+            ctx.store.display()
+        ))
+    }
 }

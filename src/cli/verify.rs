@@ -29,10 +29,20 @@ const FAILED: u8 = 6;
 const UNCHECKED: u8 = 7;
 
 fn verify(ctx: &Context, _args: &VerifyArgs) -> CmdResult {
-    let sealer = io::stated_unsealer(ctx)?;
+    // Look for the store (and its sealer) before asking for a passphrase nobody can use.
+    let sealed = keyhold::store::Store::open(&ctx.store)?
+        .meta()
+        .sealed_root
+        .clone();
+    let sealer = io::unsealer(ctx, &sealed)?;
+    // Said while unsealing only: the first progress report means the root is unsealed.
+    let unlocking = std::cell::RefCell::new(Some(io::UnlockingNotice::start(&sealed)));
     let bar = Bar::on_terminal();
-    let report =
-        Keystore::open_and_verify(&ctx.store, sealer.as_ref(), &ctx.config, &|p| bar.show(p));
+    let report = Keystore::open_and_verify(&ctx.store, sealer.as_ref(), &ctx.config, &|p| {
+        drop(unlocking.borrow_mut().take());
+        bar.show(p);
+    });
+    drop(unlocking.take());
     bar.finish();
     let report = report?;
     if ctx.json {

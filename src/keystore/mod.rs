@@ -1,6 +1,7 @@
 //! The application-facing keystore: creates keys, resolves authenticated key IDs, enforces each
 //! key's one purpose, and calls the backend that holds the key.
 
+mod anchor;
 mod audit;
 mod doctor;
 mod envelope;
@@ -8,6 +9,7 @@ mod key_id;
 mod lifecycle;
 mod ops;
 mod registry;
+mod reseal;
 mod resolve;
 mod root;
 mod rotation;
@@ -18,7 +20,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
-use aws_lc_rs::{constant_time, hmac};
+use aws_lc_rs::hmac;
 
 use crate::backend::software::SoftwareBackend;
 use crate::backend::{Backend, KeyContext, KeyOptions, KeyRef};
@@ -37,7 +39,7 @@ pub use lifecycle::{Done, KeyEvent, Maintenance, PolicyChange, Transition};
 pub use ops::{UseOptions, Used};
 use registry::build_backends;
 use resolve::ResolvedCache;
-use root::{derive_keys, meta_mac, unseal_root, DerivedKeys};
+use root::{derive_keys, initial_state, meta_mac, unseal_root, DerivedKeys};
 use rotation::Reservations;
 pub use verify::{
     CheckKind, Finding, KeyName, PeriodicVerify, Section, Status, VerifyProgress, VerifyReport,
@@ -227,9 +229,23 @@ impl Keystore {
             sealed_root,
             created_at: now(),
             mac: Vec::new(),
+            state: None,
         };
         meta.mac = meta_mac(&keys, &meta);
-        let store = Store::create(dir, &meta)?;
+        let state = initial_state(&keys, store_id, &meta.mac);
+        meta.state = Some(state.clone());
+        let mut store = Store::create(dir, &meta)?;
+        let anchor = config
+            .store
+            .anchor_dir()
+            .map(|d| crate::store::FileAnchor::new(&d, &store_id));
+        if let Some(anchor) = &anchor {
+            if let Err(e) = anchor.advance(state.generation) {
+                tracing::warn!(error = %e, "cannot write the store's anchor file");
+            }
+        }
+        store.attach(keys.commit_keys(store_id), &state, anchor);
+        anchor::bind(&mut store, Some(sealer), config, &keys)?;
         tracing::info!(store = %dir.display(), sealer = sealer.kind(), "created store");
         Self::with_root(store, &keys, config)
     }
@@ -257,51 +273,10 @@ impl Keystore {
     /// opening: its keys report why they cannot be used ([`Error::BackendUnavailable`]), and
     /// [`Self::doctor`] shows it.
     pub fn open_with(dir: &Path, sealer: &dyn Sealer, config: &Config) -> Result<Self> {
-        let store = Store::open(dir)?;
-        let (_root, keys) = unseal_root(&store, sealer)?;
-        Self::with_root(store, &keys, config)
-    }
-
-    /// Re-seals the root secret of the store in `dir`: unseals it with `unsealer`, builds the new
-    /// sealer with `resealer`, seals with it, checks that it unseals the new seal, and only then
-    /// replaces the old one (in one transaction). Keys, records and key IDs are unchanged. Used to
-    /// re-bind a TPM seal to PCRs after an intended change, or to move a store to another sealer.
-    ///
-    /// The store's metadata and records are checked under the unsealed root before anything is
-    /// sealed: parameters changed behind keyhold's back (a PCR list) are refused, never re-sealed
-    /// to. `resealer` is given the old seal from that authenticated metadata, read in the same
-    /// open: whatever the new seal keeps of the old one (its PCR list, its recovery seal) must come
-    /// from there, never from an earlier read of the store, which someone who can write the store
-    /// may have answered differently. It returns the new sealer and what the caller wants to know
-    /// of the old seal (returned once the new seal is in place).
-    ///
-    /// # Errors
-    /// As [`Self::open`] for the unsealing; the errors of `resealer`; sealer errors;
-    /// [`Error::Unseal`] if the new seal does not unseal (nothing is changed then); storage errors.
-    pub fn reseal<S: Sealer, T>(
-        dir: &Path,
-        unsealer: &dyn Sealer,
-        resealer: impl FnOnce(&crate::sealer::SealedRoot) -> Result<(S, T)>,
-    ) -> Result<T> {
         let mut store = Store::open(dir)?;
-        let (root, keys) = unseal_root(&store, unsealer)?;
-        let meta = store.meta().clone();
-        let (resealer, told) = resealer(&meta.sealed_root)?;
-        let sealed = resealer.seal(&root, &meta.store_id)?;
-        let check = resealer.unseal(&sealed, &meta.store_id)?;
-        if constant_time::verify_slices_are_equal(check.expose(), root.expose()).is_err() {
-            return Err(Error::Unseal {
-                reason: "the new seal did not give back the root secret: nothing was changed"
-                    .into(),
-            });
-        }
-        let new_meta = StoreMeta {
-            sealed_root: sealed,
-            ..meta
-        };
-        store.replace_sealed_root(&new_meta.sealed_root, &meta_mac(&keys, &new_meta))?;
-        tracing::info!(store = %dir.display(), sealer = resealer.kind(), "re-sealed the store");
-        Ok(told)
+        let (_root, keys) = unseal_root(&mut store, sealer, config.store.anchor_dir().as_deref())?;
+        anchor::bind(&mut store, Some(sealer), config, &keys)?;
+        Self::with_root(store, &keys, config)
     }
 
     /// Test builds only: the root secret of the store in `dir` and the material of the current
@@ -312,8 +287,9 @@ impl Keystore {
         sealer: &dyn Sealer,
         id: &str,
     ) -> Result<(crate::secret::SecretBytes, crate::secret::SecretBytes)> {
-        let store = Store::open(dir)?;
-        let (root, keys) = unseal_root(&store, sealer)?;
+        let mut store = Store::open(dir)?;
+        let anchor_dir = crate::store::FileAnchor::default_dir();
+        let (root, keys) = unseal_root(&mut store, sealer, anchor_dir.as_deref())?;
         let ks = Self::with_root(store, &keys, &Config::default())?;
         let resolved = ks.resolve(id)?;
         if resolved.record.backend != SoftwareBackend::NAME {

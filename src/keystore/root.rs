@@ -6,7 +6,10 @@ use aws_lc_rs::{constant_time, hkdf, hmac};
 use crate::error::{Error, Result};
 use crate::sealer::{RootSecret, Sealer};
 use crate::secret::SecretBytes;
-use crate::store::{KeyRecord, Store, StoreMeta};
+use crate::store::{
+    tampered, CommitKeys, FileAnchor, KeyRecord, Mismatch, Recomputed, RowKind, Store, StoreMeta,
+    StoreState,
+};
 
 /// Keys derived from the root secret, each for one job (HKDF-SHA256, salt = store ID).
 pub(super) struct DerivedKeys {
@@ -16,6 +19,17 @@ pub(super) struct DerivedKeys {
     pub(super) tpm_auth_kek: SecretBytes,
     pub(super) meta_mac: SecretBytes,
     pub(super) audit_mac: SecretBytes,
+    pub(super) commit_prf: SecretBytes,
+    pub(super) state_mac: SecretBytes,
+    #[cfg_attr(not(feature = "tpm"), allow(dead_code))]
+    pub(super) counter_auth: SecretBytes,
+}
+
+impl DerivedKeys {
+    /// The keys of the store's commitment.
+    pub(super) fn commit_keys(&self, store_id: [u8; 16]) -> CommitKeys {
+        CommitKeys::new(self.commit_prf.expose(), self.state_mac.expose(), store_id)
+    }
 }
 
 pub(super) fn derive_keys(root: &RootSecret, store_id: &[u8; 16]) -> Result<DerivedKeys> {
@@ -34,13 +48,42 @@ pub(super) fn derive_keys(root: &RootSecret, store_id: &[u8; 16]) -> Result<Deri
         tpm_auth_kek: expand(b"keyhold v1 tpm auth kek")?,
         meta_mac: expand(b"keyhold v1 store meta mac")?,
         audit_mac: expand(b"keyhold v1 audit mac")?,
+        commit_prf: expand(b"keyhold v1 commitment prf")?,
+        state_mac: expand(b"keyhold v1 store state mac")?,
+        counter_auth: expand(b"keyhold v1 tpm counter auth")?,
     })
 }
 
-/// The MAC of a store's metadata under the key derived for it.
+/// The metadata MAC format keyhold writes: 2, "the store has a committed state".
+const META_FORMAT: u8 = 2;
+
+/// The MAC of a store's metadata under the key derived for it (format 2).
 pub(super) fn meta_mac(keys: &DerivedKeys, meta: &StoreMeta) -> Vec<u8> {
+    meta_mac_in(keys, meta, META_FORMAT)
+}
+
+/// The format of the metadata MAC `meta` carries, if it is one keyhold made under `keys`.
+pub(super) fn meta_format(keys: &DerivedKeys, meta: &StoreMeta) -> Option<u8> {
+    [META_FORMAT, 1].into_iter().find(|&format| {
+        !meta.mac.is_empty()
+            && constant_time::verify_slices_are_equal(&meta_mac_in(keys, meta, format), &meta.mac)
+                .is_ok()
+    })
+}
+
+fn meta_mac_in(keys: &DerivedKeys, meta: &StoreMeta, format: u8) -> Vec<u8> {
     let key = hmac::Key::new(hmac::HMAC_SHA256, keys.meta_mac.expose());
-    hmac::sign(&key, &meta.mac_input()).as_ref().to_vec()
+    hmac::sign(&key, &meta.mac_input(format)).as_ref().to_vec()
+}
+
+/// A new store's first state: generation 0, no rows.
+pub(super) fn initial_state(keys: &DerivedKeys, store_id: [u8; 16], meta_mac: &[u8]) -> StoreState {
+    keys.commit_keys(store_id).state(
+        0,
+        Recomputed::default().total(&keys.commit_keys(store_id)),
+        None,
+        meta_mac,
+    )
 }
 
 /// Whether `record` carries its MAC under `key` (the record-MAC key) for store `store_id`.
@@ -67,9 +110,14 @@ pub(super) fn mac_ok(key: &hmac::Key, input: &[u8], mac: &[u8]) -> bool {
 /// under it must not open either, or new keys would be made under a key-encryption key the
 /// intruder knows. (A replaced root in a store whose records were all deleted cannot be told
 /// from a new store; the sealer the user states, not the store, is the defence there.)
-pub(super) fn check_store(store: &Store, keys: &DerivedKeys) -> Result<()> {
+///
+/// Returns what the commitment check ([`settle`]) needs: the metadata MAC's format and every
+/// row's term, computed in the same pass.
+pub(super) fn check_store(store: &Store, keys: &DerivedKeys) -> Result<Checked> {
     let meta = store.meta();
     let record_mac = hmac::Key::new(hmac::HMAC_SHA256, keys.record_mac.expose());
+    let commit = keys.commit_keys(meta.store_id);
+    let mut rows = Recomputed::default();
     let records = store.keys(None)?;
     let failed: Vec<&KeyRecord> = records
         .iter()
@@ -94,9 +142,7 @@ pub(super) fn check_store(store: &Store, keys: &DerivedKeys) -> Result<()> {
             ),
         });
     }
-    let expected = meta_mac(keys, meta);
-    if meta.mac.is_empty() || constant_time::verify_slices_are_equal(&expected, &meta.mac).is_err()
-    {
+    let Some(meta_format) = meta_format(keys, meta) else {
         return Err(Error::Integrity {
             what: format!(
                 "the store's sealer metadata (sealer `{}`, its parameters such as PCRs, SRK Name \
@@ -111,18 +157,30 @@ pub(super) fn check_store(store: &Store, keys: &DerivedKeys) -> Result<()> {
                 }
             ),
         });
+    };
+    for r in &records {
+        rows.add(&commit, RowKind::Key, &r.uuid, &r.mac);
     }
     // The lifecycle's rows: a key's later versions, its history, its AES-GCM counters.
-    let bad: Vec<String> = super::verify::failing_rows(
-        &record_mac,
-        &meta.store_id,
-        &store.versions(None)?,
-        &store.events(None)?,
-        &store.counters()?,
-    )
-    .iter()
-    .map(ToString::to_string)
-    .collect();
+    let (versions, events, counters) = (
+        store.versions(None)?,
+        store.events(None)?,
+        store.counters()?,
+    );
+    for v in &versions {
+        rows.add(&commit, RowKind::Version, &v.uuid, &v.mac);
+    }
+    for e in &events {
+        rows.add(&commit, RowKind::Event, &e.uuid, &e.mac);
+    }
+    for c in &counters {
+        rows.add(&commit, RowKind::Counter, &c.uuid, &c.mac);
+    }
+    let bad: Vec<String> =
+        super::verify::failing_rows(&record_mac, &meta.store_id, &versions, &events, &counters)
+            .iter()
+            .map(ToString::to_string)
+            .collect();
     if let Some(first) = bad.first() {
         return Err(Error::Integrity {
             what: format!(
@@ -144,7 +202,191 @@ pub(super) fn check_store(store: &Store, keys: &DerivedKeys) -> Result<()> {
             ),
         });
     }
+    let names = records
+        .into_iter()
+        .map(|r| (r.uuid, format!("{}/{}", r.namespace, r.name)))
+        .collect();
+    Ok(Checked {
+        meta_format,
+        rows,
+        names,
+    })
+}
+
+/// What [`check_store`] found, for [`settle`].
+pub(super) struct Checked {
+    /// The format of the metadata MAC that verified (1: made before the commitment).
+    meta_format: u8,
+    /// Every row's term, by key.
+    rows: Recomputed,
+    /// `namespace/name` by uuid, for messages.
+    names: std::collections::BTreeMap<[u8; 16], String>,
+}
+
+/// Checks that the rows present are exactly those committed and that the store is not older
+/// than its anchor, then lets the store be written ([`Store::attach`]). A store made before the
+/// commitment (metadata MAC format 1, no state) is adopted: its rows, all just verified, become
+/// the committed set at generation 1.
+pub(super) fn settle(
+    store: &mut Store,
+    keys: &DerivedKeys,
+    checked: Checked,
+    anchor_dir: Option<&std::path::Path>,
+) -> Result<()> {
+    let store_id = store.meta().store_id;
+    let commit = keys.commit_keys(store_id);
+    let anchor = anchor_dir.map(|dir| FileAnchor::new(dir, &store_id));
+    let anchored = match anchor.as_ref().map(FileAnchor::read).transpose() {
+        Ok(recorded) => recorded.flatten(),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read the store's anchor file: rollback not checked");
+            None
+        }
+    };
+    let state =
+        match (store.meta().state.clone(), checked.meta_format) {
+            (Some(state), META_FORMAT) => {
+                if !commit.state_ok(&state, &store.meta().mac) {
+                    return Err(tampered(
+                        "the store's committed state (its generation and commitment) fails its MAC"
+                            .into(),
+                    ));
+                }
+                let found = checked.rows.compare(&commit, &store.digests()?, &state);
+                if !found.is_empty() {
+                    return Err(tampered(describe(&found, &checked.names)));
+                }
+                state
+            }
+            (None, 1) if anchored.is_some() => {
+                // Adopted before on this machine: the state was deleted and the old metadata MAC put
+                // back, to have a tampered set of rows adopted.
+                return Err(tampered(format!(
+                    "its committed state (generation and commitment) was deleted and its metadata \
+                 put back from before keyhold kept one, but this machine recorded generation {} \
+                 for it",
+                    anchored.unwrap_or_default()
+                )));
+            }
+            (None, 1) => {
+                let mac = meta_mac_in(keys, store.meta(), META_FORMAT);
+                let Some(state) = store.adopt(&commit, &checked.rows, &mac)? else {
+                    return Err(Error::StoreUnusable {
+                        path: store.dir().to_path_buf(),
+                        reason: "another keyhold process was upgrading it at the same moment: run \
+                             the command again"
+                            .into(),
+                        source: None,
+                    });
+                };
+                tracing::info!(
+                    store = %store.dir().display(),
+                    keys = checked.names.len(),
+                    "the store now has a committed state: rows deleted or put back from now on are \
+                     detected"
+                );
+                state
+            }
+            (None, _) => {
+                return Err(tampered(
+                    "its committed state (generation and commitment) was deleted, though its \
+                 metadata says it has one"
+                        .into(),
+                ))
+            }
+            (Some(_), _) => return Err(tampered(
+                "it has a committed state, but its metadata MAC is of the format written before \
+                 there was one: the metadata was put back from an older copy"
+                    .into(),
+            )),
+        };
+    if let Some(anchor) = &anchor {
+        check_anchor(anchor, anchored, state.generation)?;
+    }
+    store.attach(commit, &state, anchor);
     Ok(())
+}
+
+/// The store at `generation` against its anchor file: older is refused; newer (a crash between
+/// a change and the anchor's update, or changes made with another state directory) brings the
+/// file up to date.
+fn check_anchor(anchor: &FileAnchor, recorded: Option<u64>, generation: u64) -> Result<()> {
+    match recorded {
+        Some(recorded) if generation < recorded => Err(tampered(format!(
+            "it is older than its anchor: it is at generation {generation}, but {} \
+             recorded generation {recorded} here: it was restored from a copy (or the anchor \
+             file was changed); if you put an older copy back on purpose, delete that file",
+            anchor.path().display()
+        ))),
+        Some(recorded) if generation == recorded => Ok(()),
+        recorded => {
+            match recorded {
+                Some(r) if generation > r + 1 => tracing::info!(
+                    generation,
+                    anchor = r,
+                    "the store is ahead of its anchor file by more than one change (changed with \
+                     another state directory?): bringing the file up to date"
+                ),
+                None if generation > 0 => tracing::info!(
+                    generation,
+                    anchor = %anchor.path().display(),
+                    "no anchor file for this store here: starting one"
+                ),
+                _ => {}
+            }
+            if let Err(e) = anchor.advance(generation) {
+                tracing::warn!(error = %e, "cannot write the store's anchor file");
+            }
+            Ok(())
+        }
+    }
+}
+
+/// The message naming what differs.
+fn describe(found: &[Mismatch], names: &std::collections::BTreeMap<[u8; 16], String>) -> String {
+    let key = |uuid: &[u8; 16]| match names.get(uuid) {
+        Some(name) => format!("key `{name}` (record {})", crate::hex::encode(uuid)),
+        None => format!("key record {}", crate::hex::encode(uuid)),
+    };
+    let parts: Vec<String> = found
+        .iter()
+        .map(|m| match m {
+            Mismatch::Changed {
+                uuid,
+                has_record: true,
+            } => format!(
+                "{}: its rows are not the ones committed (one deleted, put back from an older \
+                 copy, or duplicated)",
+                key(uuid)
+            ),
+            Mismatch::Changed {
+                uuid,
+                has_record: false,
+            } => format!(
+                "{}: its record was deleted (some of its other rows are left)",
+                key(uuid)
+            ),
+            Mismatch::Uncommitted { uuid } => format!(
+                "{}: its rows were never committed by this store (added from elsewhere)",
+                key(uuid)
+            ),
+            Mismatch::Vanished { uuid } => {
+                format!("{}: every row of it was deleted", key(uuid))
+            }
+            Mismatch::Digests => "the keys' digests were changed too (rows and digests put back \
+                                  together from an older copy): the store cannot tell which key"
+                .into(),
+        })
+        .collect();
+    format!(
+        "{} that the store's rows are not the ones keyhold committed: {}",
+        if parts.len() == 1 {
+            "1 finding says".to_owned()
+        } else {
+            format!("{} findings say", parts.len())
+        },
+        parts.join("; ")
+    )
 }
 
 /// Unseals `store`'s root secret with `sealer`, which must be the kind that sealed it, and checks
@@ -152,14 +394,19 @@ pub(super) fn check_store(store: &Store, keys: &DerivedKeys) -> Result<()> {
 ///
 /// The caller's sealer is the expectation the store cannot forge: a store that records another
 /// kind is refused before anything is unsealed, whatever its metadata says.
-pub(super) fn unseal_root(store: &Store, sealer: &dyn Sealer) -> Result<(RootSecret, DerivedKeys)> {
+pub(super) fn unseal_root(
+    store: &mut Store,
+    sealer: &dyn Sealer,
+    anchor_dir: Option<&std::path::Path>,
+) -> Result<(RootSecret, DerivedKeys)> {
     let (root, keys) = unseal_unchecked(store, sealer)?;
-    check_store(store, &keys)?;
+    let checked = check_store(store, &keys)?;
+    settle(store, &keys, checked, anchor_dir)?;
     Ok((root, keys))
 }
 
-/// [`unseal_root`] without [`check_store`]: for `store verify` alone, which reports every record
-/// that fails rather than refusing the store at the first, and writes nothing.
+/// [`unseal_root`] without [`check_store`] and [`settle`]: for `store verify` alone, which reports
+/// every record that fails rather than refusing the store at the first, and writes nothing.
 pub(super) fn unseal_unchecked(
     store: &Store,
     sealer: &dyn Sealer,

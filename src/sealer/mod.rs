@@ -8,6 +8,7 @@
 pub mod passphrase;
 #[cfg(feature = "pkcs11")]
 pub mod pkcs11;
+pub mod shares;
 #[cfg(feature = "tpm")]
 pub mod tpm;
 
@@ -97,4 +98,32 @@ pub trait Sealer: Send + Sync + fmt::Debug {
     /// # Errors
     /// [`Error::Unseal`] when the secret cannot be recovered (wrong passphrase, changed blob).
     fn unseal(&self, sealed: &SealedRoot, store_id: &[u8; 16]) -> Result<RootSecret>;
+
+    /// The TPM this sealer uses, and its name for messages: a TPM-sealed store anchors its
+    /// generation in that TPM's NV counter.
+    #[cfg(feature = "tpm")]
+    fn tpm(
+        &self,
+    ) -> Option<(
+        std::sync::Arc<crate::backend::tpm::device::TpmDevice>,
+        String,
+    )> {
+        None
+    }
+}
+
+/// A borrowed sealer seals as the sealer does: `Keystore::reseal` takes the new sealer by value,
+/// and a caller holding a `Box<dyn Sealer>` (chosen at run time) passes `&*boxed`.
+impl<T: Sealer + ?Sized> Sealer for &T {
+    fn kind(&self) -> &'static str {
+        (**self).kind()
+    }
+
+    fn seal(&self, root: &RootSecret, store_id: &[u8; 16]) -> Result<SealedRoot> {
+        (**self).seal(root, store_id)
+    }
+
+    fn unseal(&self, sealed: &SealedRoot, store_id: &[u8; 16]) -> Result<RootSecret> {
+        (**self).unseal(sealed, store_id)
+    }
 }

@@ -255,6 +255,13 @@ impl Sealer for TpmSealer {
         KIND
     }
 
+    fn tpm(&self) -> Option<(Arc<TpmDevice>, String)> {
+        Some((
+            Arc::clone(&self.device),
+            self.backend.clone().unwrap_or_else(|| "tpm".to_owned()),
+        ))
+    }
+
     fn seal(&self, root: &RootSecret, store_id: &[u8; 16]) -> Result<SealedRoot> {
         let mut data = SecretBytes::zeroed(RootSecret::LEN + store_id.len());
         data.expose_mut()[..RootSecret::LEN].copy_from_slice(root.expose());

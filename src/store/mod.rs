@@ -4,13 +4,18 @@
 //! MAC, and the sealer authenticates the sealed root secret. Opening a store never writes to it
 //! unless its schema must be migrated, so a failed command leaves the file byte-for-byte unchanged.
 
+mod anchor;
+mod commit;
 mod record;
 mod rows;
 mod schema;
 
+use std::cell::RefCell;
+use std::collections::BTreeMap;
 use std::fs;
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
 
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
@@ -18,6 +23,10 @@ use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
 use crate::error::{Error, Result};
 use crate::sealer::SealedRoot;
 
+pub use anchor::{Counter, CounterValue, FileAnchor};
+use commit::Change;
+pub(crate) use commit::{tampered, Mismatch, Recomputed, RowKind, Sum};
+pub use commit::{CommitKeys, CounterBinding, StoreState};
 pub use record::KeyRecord;
 pub use rows::{CounterRecord, EventRecord, VersionRecord};
 
@@ -37,16 +46,26 @@ pub struct StoreMeta {
     /// sealer's kind and parameters (PCRs, SRK Name, recovery seal, KDF settings) are checked
     /// once the root is unsealed. Empty when the store holds none.
     pub mac: Vec<u8>,
+    /// The generation and commitment (absent in a store made before them, until the keystore
+    /// adopts it).
+    pub state: Option<StoreState>,
 }
 
 impl StoreMeta {
-    /// The canonical bytes [`StoreMeta::mac`] covers: every metadata entry but the MAC itself,
-    /// each length-prefixed so that no two different metadata give the same bytes.
-    pub fn mac_input(&self) -> Vec<u8> {
+    /// The canonical bytes [`StoreMeta::mac`] covers in `format`: every metadata entry but the
+    /// MAC itself, each length-prefixed so that no two different metadata give the same bytes.
+    ///
+    /// Format 2 is format 1 under another domain string: its MAC says "this store has a committed
+    /// state", so that deleting the state cannot pass the store off as one made before it.
+    pub fn mac_input(&self, format: u8) -> Vec<u8> {
         let sealed = &self.sealed_root;
         let mut out =
             Vec::with_capacity(64 + sealed.sealer.len() + sealed.params.len() + sealed.blob.len());
-        out.extend_from_slice(b"keyhold store metadata v1\0");
+        out.extend_from_slice(if format >= 2 {
+            b"keyhold store metadata v2\0"
+        } else {
+            b"keyhold store metadata v1\0"
+        });
         out.extend_from_slice(&self.store_id);
         for field in [sealed.sealer.as_bytes(), &sealed.params, &sealed.blob] {
             // Metadata entries are far below 4 GiB.
@@ -64,6 +83,13 @@ pub struct Store {
     dir: PathBuf,
     conn: Mutex<Connection>,
     meta: StoreMeta,
+    /// The commitment's keys, once the keystore has unsealed the root: no write without them.
+    commit: Option<CommitKeys>,
+    /// The latest generation this process has seen: a write refuses a state older than it.
+    seen: AtomicU64,
+    anchor: Option<FileAnchor>,
+    /// The counter that follows the generation (a TPM's), once the state is bound to one.
+    counter: Option<Box<dyn Counter>>,
 }
 
 impl Store {
@@ -131,6 +157,9 @@ impl Store {
         put("sealed_root", &meta.sealed_root.blob)?;
         put("created_at", meta.created_at.to_string().as_bytes())?;
         put("meta_mac", &meta.mac)?;
+        if let Some(state) = &meta.state {
+            put(commit::STATE_ENTRY, &state.encode())?;
+        }
         tx.commit()
             .map_err(|e| Error::storage("commit store metadata", e))?;
         conn.close()
@@ -170,7 +199,190 @@ impl Store {
             dir: dir.to_path_buf(),
             conn: Mutex::new(conn),
             meta,
+            commit: None,
+            seen: AtomicU64::new(0),
+            anchor: None,
+            counter: None,
         })
+    }
+
+    /// Lets this store be written: `keys` are the commitment's, `state` the state the keystore
+    /// verified at open (its generation is the oldest any later write accepts), `anchor` where
+    /// each change's generation is recorded outside the store.
+    pub fn attach(&mut self, keys: CommitKeys, state: &StoreState, anchor: Option<FileAnchor>) {
+        self.seen.store(state.generation, Ordering::SeqCst);
+        self.meta.state = Some(state.clone());
+        self.commit = Some(keys);
+        self.anchor = anchor;
+    }
+
+    /// Checks the store's generation against `counter` (which the keystore made for the index
+    /// the state names, or for a new binding) and keeps it: every change from now on is checked
+    /// against it first and advances it after. A state not yet bound to a counter is bound now
+    /// (the counter is made if absent); a crash while binding is finished here.
+    ///
+    /// # Errors
+    /// [`Error::StoreTampered`] for a store older than the counter (restored from a copy), a
+    /// counter behind the store by more than one change, gone, or not keyhold's; the counter's
+    /// device errors; storage errors.
+    pub fn bind_counter(&mut self, counter: Box<dyn Counter>, index: u32) -> Result<()> {
+        let state = self.meta.state.clone().ok_or_else(|| Error::Integrity {
+            what: "a counter was bound to a store before its state was checked (a keyhold bug)"
+                .into(),
+        })?;
+        self.counter = Some(counter);
+        let bound = match state.counter {
+            Some(binding) if binding.offset.is_some() => return self.check_counter(&state),
+            Some(binding) => binding,
+            None => {
+                // Say which counter first, so that a crash before the binding is complete leaves
+                // a state that names it: the next open finishes the binding rather than finding
+                // a counter the store does not know of.
+                let pending = CounterBinding {
+                    index,
+                    offset: None,
+                };
+                self.transact(|_| Ok(()), |_| Ok(Some(pending)))?;
+                pending
+            }
+        };
+        let counter = self.counter.as_deref().ok_or_else(|| Error::Integrity {
+            what: "the counter vanished while it was being bound (a keyhold bug)".into(),
+        })?;
+        let count = match counter.read()? {
+            CounterValue::Count(count) => count,
+            CounterValue::Absent => {
+                counter.create()?;
+                match counter.read()? {
+                    CounterValue::Count(count) => count,
+                    _ => {
+                        return Err(tampered(format!(
+                            "{} was made but does not read back as keyhold's",
+                            counter.describe()
+                        )))
+                    }
+                }
+            }
+            CounterValue::Foreign => return Err(foreign(counter)),
+        };
+        tracing::info!(counter = %counter.describe(), "the store's generation is now anchored in a counter");
+        self.transact(
+            |_| Ok(()),
+            |current| {
+                // The change being made takes the generation to current + 1 and then advances the
+                // counter from `count`: so `count = current + offset`.
+                Ok(Some(CounterBinding {
+                    index: bound.index,
+                    offset: Some(count.wrapping_sub(current.generation)),
+                }))
+            },
+        )
+    }
+
+    /// The state against its counter: equal; one behind (a crash between a commit and the
+    /// counter's increment: repaired); anything else refused.
+    fn check_counter(&self, state: &StoreState) -> Result<()> {
+        let (Some(counter), Some(expected)) = (
+            self.counter.as_deref(),
+            state.counter.and_then(|b| b.expected(state.generation)),
+        ) else {
+            return Ok(());
+        };
+        match counter.read()? {
+            CounterValue::Count(count) if count == expected => Ok(()),
+            CounterValue::Count(count) if count.wrapping_add(1) == expected => {
+                tracing::info!(
+                    counter = %counter.describe(),
+                    "the store is one change ahead of its counter (interrupted after a change): \
+                     advancing the counter"
+                );
+                counter.increment()
+            }
+            CounterValue::Count(count) if count > expected => Err(tampered(format!(
+                "the store is older than {}: it is at generation {}, for which the counter \
+                 should be at {expected}, but it is at {count}: it was restored from a copy",
+                counter.describe(),
+                state.generation
+            ))),
+            CounterValue::Count(count) => Err(tampered(format!(
+                "{} is at {count}, {} behind the store (at generation {}, for which it should be \
+                 at {expected}): it is not the counter this store was anchored in",
+                counter.describe(),
+                expected.wrapping_sub(count),
+                state.generation
+            ))),
+            CounterValue::Absent => Err(tampered(format!(
+                "{} that anchors this store is gone: it was deleted with the TPM owner's \
+                 authorisation, or the TPM was cleared",
+                counter.describe()
+            ))),
+            CounterValue::Foreign => Err(foreign(counter)),
+        }
+    }
+
+    /// The anchor this store records its generations in, if any.
+    pub fn anchor(&self) -> Option<&FileAnchor> {
+        self.anchor.as_ref()
+    }
+
+    /// Every key's digest as stored (the keystore compares them with the rows at open).
+    ///
+    /// # Errors
+    /// Storage errors; [`Error::Integrity`] for a digest of the wrong length.
+    pub(crate) fn digests(&self) -> Result<BTreeMap<[u8; 16], Sum>> {
+        let conn = self.conn();
+        let mut stmt = conn
+            .prepare("SELECT uuid, digest FROM key_digests")
+            .map_err(|e| Error::storage("read the store's digests", e))?;
+        let rows = stmt
+            .query_map([], |r| {
+                Ok((r.get::<_, Vec<u8>>(0)?, r.get::<_, Vec<u8>>(1)?))
+            })
+            .map_err(|e| Error::storage("read the store's digests", e))?;
+        let mut out = BTreeMap::new();
+        for row in rows {
+            let (uuid, digest) = row.map_err(|e| Error::storage("read the store's digests", e))?;
+            let (Ok(uuid), Some(digest)) = (<[u8; 16]>::try_from(uuid), Sum::from_bytes(&digest))
+            else {
+                return Err(tampered("a row of `key_digests` is malformed".into()));
+            };
+            out.insert(uuid, digest);
+        }
+        Ok(out)
+    }
+
+    /// Gives a store made before the commitment its first state, computed by the keystore from
+    /// rows it has just verified: writes every digest, the state at generation 1 and the metadata
+    /// MAC `meta_mac` (format 2), in one transaction. Returns the state; if another process
+    /// adopted the store meanwhile, returns `None` (the caller opens the store again).
+    ///
+    /// # Errors
+    /// Storage errors; nothing is changed then.
+    pub(crate) fn adopt(
+        &mut self,
+        keys: &CommitKeys,
+        rows: &Recomputed,
+        meta_mac: &[u8],
+    ) -> Result<Option<StoreState>> {
+        let mut conn = self.conn();
+        let tx = conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+            .map_err(|e| Error::storage("begin adopting the store", e))?;
+        if read_state(&tx, &self.dir)?.is_some() {
+            return Ok(None);
+        }
+        for (uuid, digest) in rows.digests() {
+            put_digest(&tx, &uuid, digest)?;
+        }
+        let total = rows.total(keys);
+        let state = keys.state(1, total, None, meta_mac);
+        put_meta(&tx, commit::STATE_ENTRY, &state.encode())?;
+        put_meta(&tx, "meta_mac", meta_mac)?;
+        tx.commit()
+            .map_err(|e| Error::storage("commit adopting the store", e))?;
+        drop(conn);
+        self.meta.mac = meta_mac.to_vec();
+        Ok(Some(state))
     }
 
     /// The store's directory.
@@ -193,7 +405,8 @@ impl Store {
 
     /// Replaces the sealed root secret and the metadata MAC `mac` that covers it (after
     /// `keyhold reseal`), in one transaction: the old seal stays in place until the new one is
-    /// committed.
+    /// committed. The state's counter binding is dropped with it (the caller anchors the store
+    /// again, to the new sealer's TPM or the configuration's).
     ///
     /// # Errors
     /// Storage errors; nothing is changed then.
@@ -202,6 +415,13 @@ impl Store {
         let tx = conn
             .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
             .map_err(|e| Error::storage("begin replacing the sealed root secret", e))?;
+        let (keys, state) = self.current_state(&tx)?;
+        // The state's MAC covers the metadata MAC: the new seal and the next generation go in
+        // together.
+        self.check_counter(&state)?;
+        // The new seal may come with another TPM (or none): the counter binding is dropped, and
+        // the keystore anchors the store again right after, with the new sealer.
+        let next = keys.state(state.generation + 1, state.total_sum(), None, mac);
         for (key, value) in [
             ("sealer", sealed.sealer.as_bytes()),
             ("sealer_params", sealed.params.as_slice()),
@@ -226,12 +446,76 @@ impl Store {
             params![mac],
         )
         .map_err(|e| Error::storage("write the metadata MAC", e))?;
+        put_meta(&tx, commit::STATE_ENTRY, &next.encode())?;
         tx.commit()
             .map_err(|e| Error::storage("commit the sealed root secret", e))?;
         drop(conn);
         self.meta.sealed_root = sealed.clone();
         self.meta.mac = mac.to_vec();
+        self.meta.state = Some(next.clone());
+        self.committed(&next);
+        self.counter = None;
         Ok(())
+    }
+
+    /// Under a write transaction: the commitment's keys and the state as stored, checked (its
+    /// MAC, and that it is not older than a state this process has seen).
+    fn current_state(&self, tx: &rusqlite::Transaction<'_>) -> Result<(&CommitKeys, StoreState)> {
+        let Some(keys) = &self.commit else {
+            return Err(Error::Integrity {
+                what: "the store was about to be changed before its root secret was unsealed and \
+                       its commitment checked (a keyhold bug: nothing was written)"
+                    .into(),
+            });
+        };
+        let state = read_state(tx, &self.dir)?.ok_or_else(|| {
+            tampered(
+                "the store's committed state (its generation and commitment) was deleted while \
+                 keyhold had it open"
+                    .into(),
+            )
+        })?;
+        if !keys.state_ok(&state, &self.meta.mac) {
+            return Err(tampered(
+                "the store's committed state (its generation and commitment) fails its MAC: it \
+                 was changed while keyhold had it open"
+                    .into(),
+            ));
+        }
+        let seen = self.seen.load(Ordering::SeqCst);
+        if state.generation < seen {
+            return Err(tampered(format!(
+                "the store went back from generation {seen} to {} while keyhold had it open: an \
+                 older copy was put in its place",
+                state.generation
+            )));
+        }
+        Ok((keys, state))
+    }
+
+    /// After a commit: remembers the generation and records it in the anchor. A failure to write
+    /// the anchor is logged, not returned: the change is made, and the next open accepts a store
+    /// ahead of its anchor file and brings the file up to date.
+    fn committed(&self, state: &StoreState) {
+        self.seen.fetch_max(state.generation, Ordering::SeqCst);
+        if state.counter.is_some_and(|b| b.offset.is_some()) {
+            if let Some(counter) = &self.counter {
+                #[cfg(feature = "testing")]
+                crate::testing::fault_point("after-commit-before-counter");
+                if let Err(e) = counter.increment() {
+                    tracing::warn!(
+                        error = %e,
+                        "could not advance the store's counter after a change: the next change or \
+                         open does"
+                    );
+                }
+            }
+        }
+        if let Some(anchor) = &self.anchor {
+            if let Err(e) = anchor.advance(state.generation) {
+                tracing::warn!(error = %e, "could not record the store's generation in its anchor");
+            }
+        }
     }
 
     /// SQLite's `data_version`: changes whenever another connection (another process) commits a
@@ -245,27 +529,51 @@ impl Store {
             .map_err(|e| Error::storage("read the database's data version", e))
     }
 
-    /// Adds a key record.
-    ///
-    /// # Errors
-    /// [`Error::KeyExists`] if the namespace already has a key of that name; storage errors.
-    pub fn insert_key(&self, rec: &KeyRecord) -> Result<()> {
-        insert_key(&self.conn(), rec)
-    }
-
     /// Runs `f` in one write transaction (taken at once, so that what `f` reads is what it
     /// changes: another process waits): all of its changes are committed, or none.
     ///
     /// # Errors
     /// `f`'s error (nothing is changed then); storage errors.
+    ///
+    /// Before `f` runs, the committed state is read under the lock and checked; the rows `f`
+    /// changes update their keys' digests and the total, and the state goes to the next
+    /// generation, in the same transaction.
     pub fn write<T>(&self, f: impl FnOnce(&Tx<'_>) -> Result<T>) -> Result<T> {
+        self.transact(f, |state| Ok(state.counter))
+    }
+
+    /// [`Self::write`], with the next state's counter binding chosen by `binding` from the
+    /// current state.
+    fn transact<T>(
+        &self,
+        f: impl FnOnce(&Tx<'_>) -> Result<T>,
+        binding: impl FnOnce(&StoreState) -> Result<Option<CounterBinding>>,
+    ) -> Result<T> {
         let mut conn = self.conn();
         let tx = conn
             .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
             .map_err(|e| Error::storage("begin a change of the store", e))?;
-        let out = f(&Tx { tx: &tx })?;
+        let (keys, state) = self.current_state(&tx)?;
+        self.check_counter(&state)?;
+        let writer = Tx {
+            tx: &tx,
+            changes: RefCell::new(Vec::new()),
+        };
+        let out = f(&writer)?;
+        let changes = writer.changes.into_inner();
+        let (digests, total) = commit::apply(keys, &changes, state.total_sum(), |uuid| {
+            read_digest(&tx, uuid)
+        })?;
+        for (uuid, digest) in digests {
+            put_digest(&tx, &uuid, digest)?;
+        }
+        let counter = binding(&state)?;
+        let next = keys.state(state.generation + 1, total, counter, &self.meta.mac);
+        put_meta(&tx, commit::STATE_ENTRY, &next.encode())?;
         tx.commit()
             .map_err(|e| Error::storage("commit a change of the store", e))?;
+        drop(conn);
+        self.committed(&next);
         Ok(out)
     }
 
@@ -332,18 +640,6 @@ impl Store {
     pub fn counters(&self) -> Result<Vec<CounterRecord>> {
         let sql = format!("SELECT {} FROM gcm_counters", rows::COUNTER_COLUMNS);
         query(&self.conn(), &sql, [], rows::counter_from_row)
-    }
-
-    /// Deletes the record `uuid`; returns whether there was one.
-    ///
-    /// # Errors
-    /// Storage errors.
-    pub fn delete_key(&self, uuid: &[u8; 16]) -> Result<bool> {
-        let conn = self.conn();
-        let n = conn
-            .execute("DELETE FROM keys WHERE uuid = ?1", params![uuid.as_slice()])
-            .map_err(|e| Error::storage("delete a key record", e))?;
-        Ok(n > 0)
     }
 
     /// Every key record, version, history entry and AES-GCM counter, read in one transaction:
@@ -416,6 +712,8 @@ pub struct AllRows {
 #[derive(Debug)]
 pub struct Tx<'a> {
     tx: &'a rusqlite::Transaction<'a>,
+    /// The rows changed so far, for the commitment.
+    changes: RefCell<Vec<Change>>,
 }
 
 impl Tx<'_> {
@@ -432,7 +730,24 @@ impl Tx<'_> {
     /// # Errors
     /// [`Error::KeyExists`]; storage errors.
     pub fn insert_key(&self, rec: &KeyRecord) -> Result<()> {
-        insert_key(self.tx, rec)
+        insert_key(self.tx, rec)?;
+        self.changed(RowKind::Key, &rec.uuid, None, Some(&rec.mac));
+        Ok(())
+    }
+
+    /// Notes a changed row for the commitment.
+    fn changed(&self, kind: RowKind, uuid: &[u8; 16], old: Option<Vec<u8>>, new: Option<&[u8]>) {
+        self.changes.borrow_mut().push(Change {
+            kind,
+            uuid: *uuid,
+            old,
+            new: new.map(<[u8]>::to_vec),
+        });
+    }
+
+    /// The MACs of the rows `sql` selects (`mac` of a table, by uuid and more).
+    fn macs<P: rusqlite::Params>(&self, sql: &str, params: P) -> Result<Vec<Vec<u8>>> {
+        query(self.tx, sql, params, |r| r.get::<_, Vec<u8>>(0))
     }
 
     /// Replaces the record with `rec.uuid`.
@@ -440,6 +755,12 @@ impl Tx<'_> {
     /// # Errors
     /// Storage errors; [`Error::Integrity`] if there is no such record (it was deleted under us).
     pub fn update_key(&self, rec: &KeyRecord) -> Result<()> {
+        let old = self
+            .macs(
+                "SELECT mac FROM keys WHERE uuid = ?1",
+                params![rec.uuid.as_slice()],
+            )?
+            .pop();
         let n = self
             .tx
             .execute(
@@ -474,6 +795,7 @@ impl Tx<'_> {
                 ),
             });
         }
+        self.changed(RowKind::Key, &rec.uuid, old, Some(&rec.mac));
         Ok(())
     }
 
@@ -500,6 +822,7 @@ impl Tx<'_> {
                 ],
             )
             .map_err(|e| Error::storage("insert a key version", e))?;
+        self.changed(RowKind::Version, &v.uuid, None, Some(&v.mac));
         Ok(())
     }
 
@@ -526,13 +849,23 @@ impl Tx<'_> {
     /// # Errors
     /// Storage errors.
     pub fn delete_material(&self, uuid: &[u8; 16]) -> Result<()> {
-        for sql in [
-            "DELETE FROM key_versions WHERE uuid = ?1",
-            "DELETE FROM gcm_counters WHERE uuid = ?1",
+        for (kind, table) in [
+            (RowKind::Version, "key_versions"),
+            (RowKind::Counter, "gcm_counters"),
         ] {
+            let macs = self.macs(
+                &format!("SELECT mac FROM {table} WHERE uuid = ?1"),
+                params![uuid.as_slice()],
+            )?;
             self.tx
-                .execute(sql, params![uuid.as_slice()])
+                .execute(
+                    &format!("DELETE FROM {table} WHERE uuid = ?1"),
+                    params![uuid.as_slice()],
+                )
                 .map_err(|e| Error::storage("erase a key's versions", e))?;
+            for mac in macs {
+                self.changed(kind, uuid, Some(mac), None);
+            }
         }
         Ok(())
     }
@@ -575,6 +908,7 @@ impl Tx<'_> {
                 ],
             )
             .map_err(|e| Error::storage("record a key's history", e))?;
+        self.changed(RowKind::Event, &e.uuid, None, Some(&e.mac));
         Ok(())
     }
 
@@ -601,6 +935,12 @@ impl Tx<'_> {
     /// # Errors
     /// Storage errors.
     pub fn put_counter(&self, c: &CounterRecord) -> Result<()> {
+        let old = self
+            .macs(
+                "SELECT mac FROM gcm_counters WHERE uuid = ?1 AND version = ?2",
+                params![c.uuid.as_slice(), c.version],
+            )?
+            .pop();
         self.tx
             .execute(
                 &format!(
@@ -610,6 +950,7 @@ impl Tx<'_> {
                 params![c.uuid.as_slice(), c.version, c.reserved, c.mac],
             )
             .map_err(|e| Error::storage("reserve AES-GCM invocations", e))?;
+        self.changed(RowKind::Counter, &c.uuid, old, Some(&c.mac));
         Ok(())
     }
 }
@@ -688,6 +1029,78 @@ fn insert_key(conn: &Connection, rec: &KeyRecord) -> Result<()> {
     }
 }
 
+fn foreign(counter: &dyn Counter) -> Error {
+    tampered(format!(
+        "{} holds something other than keyhold's counter for this store (other attributes, or \
+         an authorisation value keyhold did not set)",
+        counter.describe()
+    ))
+}
+
+fn read_state(conn: &Connection, dir: &Path) -> Result<Option<StoreState>> {
+    let value = conn
+        .query_row(
+            "SELECT value FROM meta WHERE key = ?1",
+            params![commit::STATE_ENTRY],
+            |row| row.get::<_, Vec<u8>>(0),
+        )
+        .optional()
+        .map_err(|e| Error::StoreUnusable {
+            path: dir.to_path_buf(),
+            reason: format!("its metadata entry `{}` is damaged", commit::STATE_ENTRY),
+            source: Some(Box::new(e)),
+        })?;
+    value
+        .map(|bytes| {
+            StoreState::decode(&bytes).ok_or_else(|| {
+                tampered(
+                    "the store's committed state (its generation and commitment) is malformed"
+                        .into(),
+                )
+            })
+        })
+        .transpose()
+}
+
+fn read_digest(conn: &Connection, uuid: &[u8; 16]) -> Result<Option<Sum>> {
+    let digest = conn
+        .query_row(
+            "SELECT digest FROM key_digests WHERE uuid = ?1",
+            params![uuid.as_slice()],
+            |r| r.get::<_, Vec<u8>>(0),
+        )
+        .optional()
+        .map_err(|e| Error::storage("read a key's digest", e))?;
+    digest
+        .map(|d| {
+            Sum::from_bytes(&d).ok_or_else(|| {
+                tampered(format!(
+                    "the digest of key {} is malformed",
+                    crate::hex::encode(uuid)
+                ))
+            })
+        })
+        .transpose()
+}
+
+fn put_digest(conn: &Connection, uuid: &[u8; 16], digest: Sum) -> Result<()> {
+    conn.execute(
+        "INSERT OR REPLACE INTO key_digests (uuid, digest) VALUES (?1, ?2)",
+        params![uuid.as_slice(), digest.to_bytes().as_slice()],
+    )
+    .map_err(|e| Error::storage("write a key's digest", e))?;
+    Ok(())
+}
+
+fn put_meta(conn: &Connection, key: &str, value: &[u8]) -> Result<()> {
+    conn.execute(
+        "INSERT OR REPLACE INTO meta (key, value) VALUES (?1, ?2)",
+        params![key, value],
+    )
+    .map_err(|e| Error::storage("write the store's metadata", e))?;
+    Ok(())
+}
+
 fn read_meta(conn: &Connection, dir: &Path) -> Result<StoreMeta> {
     let get = |key: &str| -> Result<Vec<u8>> {
         conn.query_row(
@@ -735,6 +1148,7 @@ fn read_meta(conn: &Connection, dir: &Path) -> Result<StoreMeta> {
         },
         created_at,
         mac,
+        state: read_state(conn, dir)?,
     })
 }
 

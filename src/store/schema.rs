@@ -106,6 +106,13 @@ const MIGRATIONS: &[&str] = &[
         mac      BLOB NOT NULL,
         PRIMARY KEY (uuid, version)
     ) STRICT;",
+    // 3: the store as one authenticated whole (see commit.rs): each key's digest over its rows.
+    // The generation and total live in the `store_state` metadata entry, written by the keystore
+    // when it first opens the store under its root (it adopts a store made before this schema).
+    "CREATE TABLE key_digests (
+        uuid   BLOB PRIMARY KEY NOT NULL,
+        digest BLOB NOT NULL
+    ) STRICT;",
 ];
 
 /// The schema version this keyhold writes.

@@ -5,6 +5,7 @@
 
 #[cfg(feature = "pkcs11")]
 pub mod pkcs11;
+pub mod pty;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -45,12 +46,19 @@ impl TestStore {
     pub fn new() -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
         let path = dir.path().join("store");
-        let ks = Keystore::create(&path, &sealer(PASSPHRASE)).expect("create store");
+        let ks = Keystore::create_with(&path, &sealer(PASSPHRASE), &state_config(dir.path()))
+            .expect("create store");
         Self { dir, path, ks }
     }
 
+    /// The configuration the store is opened with: the defaults, with the anchor files in the
+    /// temp dir (not in the user's state directory).
+    pub fn config(&self) -> keyhold::config::Config {
+        state_config(self.dir.path())
+    }
+
     pub fn reopen(&self) -> keyhold::Result<Keystore> {
-        Keystore::open(&self.path, &sealer(PASSPHRASE))
+        Keystore::open_with(&self.path, &sealer(PASSPHRASE), &self.config())
     }
 
     pub fn create(&self, name: &str, key_type: KeyType, purpose: Option<Purpose>) -> KeyInfo {
@@ -72,6 +80,13 @@ impl TestStore {
     pub fn snapshot(&self) -> BTreeMap<PathBuf, FileBytes> {
         snapshot(&self.path)
     }
+}
+
+/// The default configuration with keyhold's state directory (anchor files) under `dir`.
+pub fn state_config(dir: &Path) -> keyhold::config::Config {
+    let mut config = keyhold::config::Config::default();
+    config.store.state_dir = Some(dir.join("state"));
+    config
 }
 
 /// A file's bytes, shown by a failed `assert_eq!` as length and SHA-256 (a store file is too big
@@ -296,7 +311,7 @@ pub fn replace_root_with_tpm_seal(store: &Path, tcti: &str, backend: Option<&str
         .expect("hkdf");
     let tag = hmac::sign(
         &hmac::Key::new(hmac::HMAC_SHA256, &mac_key),
-        &meta.mac_input(),
+        &meta.mac_input(2),
     );
     let conn = rusqlite::Connection::open(store.join(keyhold::store::DB_FILE)).expect("open db");
     for (key, value) in [

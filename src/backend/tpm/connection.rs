@@ -236,6 +236,11 @@ impl Connection {
         }
     }
 
+    /// The ESAPI context, for commands kept in their own module (nv.rs).
+    pub(super) fn context_mut(&mut self) -> &mut Context {
+        &mut self.context
+    }
+
     /// The SRK's Name (nameAlg ‖ SHA-256 of its public area): the identity of this TPM's owner seed.
     pub(super) fn srk_name(&self) -> &[u8] {
         &self.srk_name

@@ -326,6 +326,30 @@ impl TpmDevice {
         }
     }
 
+    /// Runs `op` once, connecting first if there is no connection, never again: for commands
+    /// whose repetition would count twice (an NV counter's increment, whose answer may be lost
+    /// after the TPM carried it out). A lost connection is dropped, for the next command to
+    /// rebuild.
+    pub(super) fn run_once<T>(
+        &self,
+        who: &str,
+        op: impl FnOnce(&mut Connection) -> Result<T, Failure>,
+    ) -> Result<T> {
+        let mut turn = self.turn(who)?;
+        let connection = match turn.connection.as_mut() {
+            Some(c) => c,
+            None => turn.connection.insert(self.connect(who)?),
+        };
+        op(connection).map_err(|failure| {
+            if errors::is_disconnect(failure.error) || errors::is_reset(failure.error) {
+                if let Some(stale) = turn.connection.take() {
+                    stale.abandon();
+                }
+            }
+            errors::map(who, failure)
+        })
+    }
+
     pub(super) fn run<T>(
         &self,
         who: &str,

@@ -23,6 +23,7 @@ pub mod device;
 mod errors;
 #[cfg(feature = "testing")]
 pub mod fixture;
+mod nv;
 mod srk;
 mod templates;
 
@@ -40,6 +41,7 @@ use tss_esapi::traits::Marshall;
 use self::connection::{CacheKey, Connection};
 use self::device::{DeviceSettings, TpmDevice};
 use self::errors::{During, Failure};
+pub use self::nv::{counter_index, TpmCounter};
 use crate::backend::{
     Backend, BackendReport, Capabilities, GeneratedKey, KeyContext, KeyOptions, KeyRef, Sealed,
 };

@@ -1,0 +1,90 @@
+//! Which counter anchors a store's generation: the TPM of a TPM-sealed store, else the first TPM
+//! the configuration names. Without one, the anchor file alone (store/anchor.rs) does.
+
+use crate::config::Config;
+use crate::error::Result;
+use crate::sealer::Sealer;
+use crate::store::Store;
+
+use super::root::DerivedKeys;
+
+/// Binds the store's generation to its TPM's counter, if it has a TPM (see the module docs), and
+/// checks it. A store already bound needs its TPM: it does not open without it. One not yet
+/// bound opens without it (and is bound at an open that reaches it), with a warning.
+///
+/// # Errors
+/// As [`Store::bind_counter`]; [`crate::Error::Config`] for a bound store whose configuration
+/// names no TPM.
+#[cfg(feature = "tpm")]
+pub(super) fn bind(
+    store: &mut Store,
+    sealer: Option<&dyn Sealer>,
+    config: &Config,
+    keys: &DerivedKeys,
+) -> Result<()> {
+    use crate::backend::tpm::{counter_index, TpmCounter};
+    use crate::config::BackendConfig;
+    let bound = store.meta().state.as_ref().and_then(|s| s.counter);
+    let tpm = match sealer.and_then(Sealer::tpm) {
+        Some(tpm) => Some(tpm),
+        None => config
+            .backends
+            .iter()
+            .find_map(|(name, backend)| match backend {
+                BackendConfig::Tpm(t) => Some((name, t)),
+                _ => None,
+            })
+            .map(|(name, t)| -> Result<_> {
+                Ok((
+                    crate::backend::tpm::device(&t.tcti(), t.settings()?)?,
+                    name.clone(),
+                ))
+            })
+            .transpose()?,
+    };
+    let Some((device, name)) = tpm else {
+        return match bound.filter(|b| b.offset.is_some()) {
+            Some(binding) => Err(crate::Error::Config(format!(
+                "this store's generation is anchored in the NV counter {:#010x} of a TPM, but \
+                 no TPM is configured: add the TPM back to the configuration (a [backends.NAME] \
+                 table with type = \"tpm\")",
+                binding.index
+            ))),
+            None => Ok(()),
+        };
+    };
+    let index = bound.map_or_else(|| counter_index(&store.meta().store_id), |b| b.index);
+    let counter = TpmCounter::new(device, &name, index, &keys.counter_auth);
+    match store.bind_counter(Box::new(counter), index) {
+        // Only a completed binding makes the TPM necessary: one interrupted (or never begun)
+        // waits for an open that reaches the TPM.
+        Err(
+            e @ (crate::Error::BackendUnavailable { .. }
+            | crate::Error::Timeout { .. }
+            | crate::Error::BackendLogin { .. }),
+        ) if bound.is_none_or(|b| b.offset.is_none()) => {
+            tracing::warn!(
+                error = %e,
+                "the store's generation is not anchored in TPM `{name}` yet (the TPM is \
+                 unavailable or refused the owner's authorisation): only the anchor file guards \
+                 against a copy put back"
+            );
+            Ok(())
+        }
+        other => other,
+    }
+}
+
+/// Without TPM support, a store bound to a TPM counter cannot be checked.
+#[cfg(not(feature = "tpm"))]
+pub(super) fn bind(
+    store: &mut Store,
+    _sealer: Option<&dyn Sealer>,
+    _config: &Config,
+    _keys: &DerivedKeys,
+) -> Result<()> {
+    match store.meta().state.as_ref().and_then(|s| s.counter) {
+        Some(_) => Err(crate::Error::not_built("tpm")),
+        None => Ok(()),
+    }
+}

@@ -1,0 +1,182 @@
+//! The store's generation, kept outside the store: a copy of the whole store put back (every row
+//! and the commitment together, all genuine) is older than what was seen here before.
+//!
+//! The anchor file lives in the user's state directory (`$XDG_STATE_HOME/keyhold/anchors`, else
+//! `~/.local/state/keyhold/anchors`), one file per store, named by the store's ID. Whoever can
+//! write the store directory can usually write there too: it is a tripwire that catches a restored
+//! copy, a mistake or a careless intruder, not a guarantee. (A TPM's counter is the guarantee.)
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{Read, Seek, Write};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+use crate::error::{Error, Result};
+
+/// What a counter outside the store shows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CounterValue {
+    /// There is none.
+    Absent,
+    /// Something is there, but not keyhold's counter for this store.
+    Foreign,
+    /// keyhold's counter, at this count.
+    Count(u64),
+}
+
+/// A monotonic counter outside the store that follows its generation: a TPM NV counter. Only
+/// keyhold with the store's root can advance it (its authorisation is derived from the root).
+pub trait Counter: Send + Sync + std::fmt::Debug {
+    /// How messages name it (`the TPM NV counter 0x01234567 of TPM `tpm``).
+    fn describe(&self) -> String;
+    /// What it shows now.
+    ///
+    /// # Errors
+    /// Device errors.
+    fn read(&self) -> Result<CounterValue>;
+    /// Makes it (it then reads as a count: wherever the device's counters have got to).
+    ///
+    /// # Errors
+    /// Device errors.
+    fn create(&self) -> Result<()>;
+    /// Adds one.
+    ///
+    /// # Errors
+    /// Device errors.
+    fn increment(&self) -> Result<()>;
+}
+
+/// How long an update waits for another process's update of the same anchor.
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(8);
+
+/// The file's first line.
+const HEADER: &str = "keyhold store anchor v1";
+
+/// One store's anchor file.
+#[derive(Debug, Clone)]
+pub struct FileAnchor {
+    path: PathBuf,
+}
+
+impl FileAnchor {
+    /// The directory anchors live in when the configuration names none: `$XDG_STATE_HOME/keyhold/
+    /// anchors`, else `$HOME/.local/state/keyhold/anchors`; `None` without either variable.
+    pub fn default_dir() -> Option<PathBuf> {
+        let absolute = |v: std::ffi::OsString| Some(PathBuf::from(v)).filter(|p| p.is_absolute());
+        let base = std::env::var_os("XDG_STATE_HOME")
+            .and_then(absolute)
+            .or_else(|| {
+                std::env::var_os("HOME")
+                    .and_then(absolute)
+                    .map(|home| home.join(".local/state"))
+            })?;
+        Some(base.join("keyhold").join("anchors"))
+    }
+
+    /// The anchor of the store `store_id` in `dir`.
+    pub fn new(dir: &Path, store_id: &[u8; 16]) -> Self {
+        Self {
+            path: dir.join(crate::hex::encode(store_id)),
+        }
+    }
+
+    /// Where the file is.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The generation recorded, if there is a readable anchor.
+    ///
+    /// # Errors
+    /// I/O errors other than the file's absence. A file that does not parse reads as absent (a
+    /// torn write after a crash): it is rewritten at the next change.
+    pub fn read(&self) -> Result<Option<u64>> {
+        match fs::read_to_string(&self.path) {
+            Ok(text) => Ok(parse(&text)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(Error::io(format!("read {}", self.path.display()), e)),
+        }
+    }
+
+    /// Records `generation` unless the file already holds a later one (two processes may finish
+    /// their changes in either order).
+    ///
+    /// # Errors
+    /// I/O errors.
+    pub fn advance(&self, generation: u64) -> Result<()> {
+        let io = |what: &str, e: std::io::Error| {
+            Error::io(
+                format!("{what} the store anchor {}", self.path.display()),
+                e,
+            )
+        };
+        if let Some(dir) = self.path.parent() {
+            fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)
+                .map_err(|e| io("create the directory of", e))?;
+        }
+        let mut file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(&self.path)
+            .map_err(|e| io("open", e))?;
+        crate::audit::lock_exclusive(&file, LOCK_WAIT).map_err(|e| io("lock", e))?;
+        let mut text = String::new();
+        // Unreadable content is replaced (see `read`).
+        let _ = file.read_to_string(&mut text);
+        if parse(&text).is_some_and(|recorded| recorded >= generation) {
+            return Ok(());
+        }
+        write_whole(&mut file, &format!("{HEADER}\n{generation}\n")).map_err(|e| io("write", e))
+    }
+}
+
+fn write_whole(file: &mut File, text: &str) -> std::io::Result<()> {
+    file.set_len(0)?;
+    file.rewind()?;
+    file.write_all(text.as_bytes())?;
+    file.sync_data()
+}
+
+fn parse(text: &str) -> Option<u64> {
+    let mut lines = text.lines();
+    if lines.next()? != HEADER {
+        return None;
+    }
+    lines.next()?.trim().parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn advances_only_forward_and_survives_a_torn_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let anchor = FileAnchor::new(&dir.path().join("a/b"), &[7; 16]);
+        assert_eq!(anchor.read().unwrap(), None);
+        anchor.advance(5).unwrap();
+        assert_eq!(anchor.read().unwrap(), Some(5));
+        anchor.advance(3).unwrap();
+        assert_eq!(
+            anchor.read().unwrap(),
+            Some(5),
+            "an earlier generation never lowers it"
+        );
+        anchor.advance(6).unwrap();
+        assert_eq!(anchor.read().unwrap(), Some(6));
+        fs::write(anchor.path(), "keyhold store anch").unwrap();
+        assert_eq!(anchor.read().unwrap(), None, "a torn file reads as absent");
+        anchor.advance(2).unwrap();
+        assert_eq!(anchor.read().unwrap(), Some(2));
+        use std::os::unix::fs::PermissionsExt;
+        let mode = fs::metadata(anchor.path()).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
+}

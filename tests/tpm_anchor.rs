@@ -1,0 +1,207 @@
+//! A store's generation anchored in a TPM NV counter (swtpm): a whole store copied back is
+//! refused even with its anchor file gone; only the store's root advances the counter; a crash
+//! between a change and the counter's increment is repaired; a counter deleted, a TPM missing
+//! from the configuration or unreachable are refused.
+#![cfg(feature = "tpm")]
+#![allow(clippy::unwrap_used)] // test helpers: a panic is the failure report
+
+mod support;
+
+use keyhold::backend::tpm::{counter_index, TpmCounter};
+use keyhold::config::Config;
+use keyhold::secret::SecretBytes;
+use keyhold::store::{Counter, CounterValue};
+use keyhold::testing::Swtpm;
+use keyhold::{Error, KeyRequest, KeySpec, KeyType, Keystore, SignatureFormat};
+use support::env::{assert_ok, stderr, Env};
+use support::{sealer, PASSPHRASE};
+
+struct Fixture {
+    tpm: Swtpm,
+    dir: tempfile::TempDir,
+    store: std::path::PathBuf,
+}
+
+impl Fixture {
+    fn new() -> Self {
+        let tpm = Swtpm::new().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let store = dir.path().join("store");
+        Self { tpm, dir, store }
+    }
+
+    fn config(&self) -> Config {
+        let mut config = self.tpm.config("tpm");
+        config.store.state_dir = Some(self.dir.path().join("state"));
+        config
+    }
+
+    fn create(&self) -> Keystore {
+        Keystore::create_with(&self.store, &sealer(PASSPHRASE), &self.config()).unwrap()
+    }
+
+    fn open(&self) -> keyhold::Result<Keystore> {
+        Keystore::open_with(&self.store, &sealer(PASSPHRASE), &self.config())
+    }
+
+    fn forget_anchor_files(&self) {
+        let _ = std::fs::remove_dir_all(self.dir.path().join("state"));
+    }
+
+    fn store_id(&self, ks: &Keystore) -> [u8; 16] {
+        keyhold::hex::decode(&ks.store_id())
+            .unwrap()
+            .try_into()
+            .unwrap()
+    }
+
+    /// The store's counter as someone without the root would reach it.
+    fn counter_with(&self, store_id: &[u8; 16], auth: &[u8]) -> TpmCounter {
+        let device = keyhold::backend::tpm::device(&self.tpm.tcti(), Default::default()).unwrap();
+        TpmCounter::new(
+            device,
+            "tpm",
+            counter_index(store_id),
+            &SecretBytes::copy_from(auth),
+        )
+    }
+}
+
+fn key(ks: &Keystore, name: &str) -> String {
+    ks.create_key(&KeyRequest {
+        namespace: "default".into(),
+        name: name.into(),
+        spec: KeySpec::new(KeyType::Ed25519, None, None).unwrap(),
+        backend: None,
+    })
+    .unwrap()
+    .id
+}
+
+fn tampered(result: keyhold::Result<Keystore>, fragments: &[&str]) {
+    let err = result.unwrap_err();
+    assert!(matches!(err, Error::StoreTampered { .. }), "{err:?}");
+    for f in fragments {
+        assert!(err.to_string().contains(f), "expected `{f}` in: {err}");
+    }
+}
+
+#[test]
+fn a_whole_store_copied_back_is_refused_by_the_tpm_counter_without_its_anchor_file() {
+    let f = Fixture::new();
+    let ks = f.create();
+    let id = key(&ks, "victim");
+    ks.sign(&id, b"before", SignatureFormat::Der).unwrap();
+    let before = support::snapshot(&f.store);
+    ks.destroy_key(&id).unwrap();
+    drop(ks);
+    support::restore(&f.store, &before);
+    // The intruder deletes the tripwire too; the TPM's counter still says.
+    f.forget_anchor_files();
+    tampered(
+        f.open(),
+        &[
+            "older than the NV counter",
+            "of TPM `tpm`",
+            "restored from a copy",
+        ],
+    );
+}
+
+#[test]
+fn only_the_store_s_root_reads_or_advances_its_counter() {
+    let f = Fixture::new();
+    let ks = f.create();
+    key(&ks, "k");
+    let id = f.store_id(&ks);
+    let stranger = f.counter_with(&id, &[0x42; 32]);
+    assert_eq!(stranger.read().unwrap(), CounterValue::Foreign);
+    let err = stranger.increment().unwrap_err();
+    assert!(
+        err.to_string().contains("TPM2_NV_Increment"),
+        "a wrong authValue is refused: {err}"
+    );
+    // Nothing moved: the store still opens, and changes as before.
+    drop(ks);
+    let ks = f.open().unwrap();
+    key(&ks, "k2");
+}
+
+#[test]
+fn a_deleted_counter_or_a_tpm_gone_from_the_configuration_is_refused() {
+    let f = Fixture::new();
+    let ks = f.create();
+    key(&ks, "k");
+    let index = counter_index(&f.store_id(&ks));
+    drop(ks);
+    // Without the TPM in the configuration, the store cannot be checked: refused, saying why.
+    let mut without = Config::default();
+    without.store.state_dir = Some(f.dir.path().join("state"));
+    let err = Keystore::open_with(&f.store, &sealer(PASSPHRASE), &without).unwrap_err();
+    assert!(matches!(err, Error::Config(_)), "{err:?}");
+    assert!(err.to_string().contains("no TPM is configured"), "{err}");
+    // The TPM's owner deletes the counter.
+    let out = std::process::Command::new("tpm2_nvundefine")
+        .args(["-T", &f.tpm.tcti(), &format!("{index:#010x}")])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "tpm2_nvundefine: {out:?}");
+    tampered(f.open(), &["that anchors this store is gone"]);
+}
+
+#[test]
+fn a_bound_store_does_not_open_while_its_tpm_is_unreachable() {
+    let mut f = Fixture::new();
+    let ks = f.create();
+    key(&ks, "k");
+    drop(ks);
+    f.tpm.kill().unwrap();
+    let err = f.open().unwrap_err();
+    assert!(matches!(err, Error::BackendUnavailable { .. }), "{err:?}");
+    f.tpm.restart().unwrap();
+    f.open().unwrap();
+}
+
+#[test]
+fn a_crash_between_a_change_and_the_counter_is_repaired_at_the_next_command() {
+    let f = Fixture::new();
+    let config = format!(
+        "[backends.tpm]\ntype = \"tpm\"\ntcti = \"{}\"\n",
+        f.tpm.tcti()
+    );
+    let env = Env::new().with_config(&config);
+    env.init_store();
+    let id = env.create_key("k", "ed25519", &[]);
+    // The change commits, then the process ends before the counter's increment, twice in a row:
+    // each next command first brings the counter up to the store.
+    for round in 0..2 {
+        let out = env.run_vars(
+            &[(keyhold::testing::FAULT_VAR, "after-commit-before-counter")],
+            &["key", "rotate", "--key", &id],
+        );
+        assert!(
+            !out.status.success(),
+            "round {round}: the fault point ended the process"
+        );
+    }
+    let out = env.run(&["-v", "key", "show", "--key", &id], b"");
+    assert_ok(&out, "the next command");
+    assert!(
+        stderr(&out).contains("one change ahead of its counter"),
+        "{}",
+        stderr(&out)
+    );
+    let shown = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        shown.contains("version: 3"),
+        "both rotations are in: {shown}"
+    );
+    // A command that changes nothing afterwards finds store and counter in step.
+    let out = env.run(&["-v", "key", "show", "--key", &id], b"");
+    assert_ok(&out, "again");
+    assert!(
+        !stderr(&out).contains("one change ahead"),
+        "{}",
+        stderr(&out)
+    );
+}
