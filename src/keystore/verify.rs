@@ -244,28 +244,30 @@ pub(super) fn failing_rows(
     events: &[EventRecord],
     counters: &[CounterRecord],
 ) -> Vec<FailingRow> {
-    let ok = |input: Vec<u8>, mac: &[u8]| super::root::mac_ok(key, &input, mac);
-    let versions = versions
-        .iter()
-        .filter(|v| !ok(v.mac_input(store_id), &v.mac))
-        .map(|v| FailingRow::Version {
+    let failing = |input: Vec<u8>, mac: &[u8], row: FailingRow| {
+        (!super::root::mac_ok(key, &input, mac)).then_some(row)
+    };
+    let versions = versions.iter().filter_map(|v| {
+        let row = FailingRow::Version {
             uuid: v.uuid,
             version: v.version,
-        });
-    let events = events
-        .iter()
-        .filter(|e| !ok(e.mac_input(store_id), &e.mac))
-        .map(|e| FailingRow::Event {
+        };
+        failing(v.mac_input(store_id), &v.mac, row)
+    });
+    let events = events.iter().filter_map(|e| {
+        let row = FailingRow::Event {
             uuid: e.uuid,
             seq: e.seq,
-        });
-    let counters = counters
-        .iter()
-        .filter(|c| !ok(c.mac_input(store_id), &c.mac))
-        .map(|c| FailingRow::Counter {
+        };
+        failing(e.mac_input(store_id), &e.mac, row)
+    });
+    let counters = counters.iter().filter_map(|c| {
+        let row = FailingRow::Counter {
             uuid: c.uuid,
             version: c.version,
-        });
+        };
+        failing(c.mac_input(store_id), &c.mac, row)
+    });
     versions.chain(events).chain(counters).collect()
 }
 
