@@ -198,6 +198,39 @@ fn every_tampered_row_is_reported_naming_its_key_and_nothing_is_written() {
     assert_eq!(section(&report, CheckKind::Audit).status, Status::Passed);
 }
 
+/// The sealer metadata's MAC replaced: opening refuses the store; verifying reports it and
+/// checks the rest.
+#[test]
+fn a_forged_metadata_mac_is_reported() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("store");
+    let (ks, _) = software_store(&path);
+    drop(ks);
+    assert_eq!(
+        sql(
+            &path,
+            "UPDATE meta SET value = zeroblob(32) WHERE key = 'meta_mac'"
+        ),
+        1
+    );
+    match Keystore::open(&path, &support::sealer(support::PASSPHRASE)) {
+        Err(Error::Integrity { what }) => assert!(what.contains("sealer metadata"), "{what}"),
+        other => panic!("open must refuse forged metadata: {other:?}"),
+    }
+    let report = open_and_verify(&path, &Config::default());
+    let records = section(&report, CheckKind::Records);
+    assert_eq!(records.findings.len(), 1, "{report:#?}");
+    assert!(
+        records.findings[0]
+            .what
+            .starts_with("the store's sealer metadata (sealer `passphrase`")
+            && records.findings[0].what.ends_with("fails its MAC"),
+        "{:?}",
+        records.findings[0]
+    );
+    assert_eq!(section(&report, CheckKind::Objects).status, Status::Passed);
+}
+
 /// A software blob changed in place: its record fails its MAC, and its material no longer
 /// decrypts under the store's key; both are said, naming the key.
 #[test]

@@ -405,7 +405,7 @@ impl Keystore {
     /// unchecked, not failed. Nothing is written (but the key uses this keystore buffered for
     /// the audit log, which are written first so that the log is verified whole).
     ///
-    /// The store's sealer metadata was checked when this keystore opened; [`Self::verify_store`]
+    /// The store's sealer metadata was checked when this keystore opened; [`Self::open_and_verify`]
     /// checks it too.
     ///
     /// # Errors
