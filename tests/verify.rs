@@ -551,6 +551,77 @@ mod pkcs11 {
         assert_eq!(section(&report, CheckKind::Records).status, Status::Passed);
     }
 
+    const P256_PARAMS: &[u8] = &[0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07];
+
+    /// Someone with the PIN destroys a key's objects and generates, on the token, a key pair
+    /// with the same CKA_ID: `sensitive` false gives one keyhold would never use (its attributes
+    /// differ from the record's); true gives one that matches every attribute, which only the
+    /// recorded public key tells apart.
+    fn replace_key_pair(hsm: &SoftHsm, label: &str, locator: &str, sensitive: bool) {
+        use cryptoki::mechanism::Mechanism;
+        use cryptoki::object::Attribute;
+        let session = support::pkcs11::raw_session(hsm.label());
+        for handle in support::pkcs11::objects(&session, label, None) {
+            session.destroy_object(handle).unwrap();
+        }
+        let id = keyhold::hex::decode(locator).unwrap();
+        session
+            .generate_key_pair(
+                &Mechanism::EccKeyPairGen,
+                &[
+                    Attribute::Token(true),
+                    Attribute::Verify(true),
+                    Attribute::EcParams(P256_PARAMS.to_vec()),
+                    Attribute::Id(id.clone()),
+                    Attribute::Label(label.as_bytes().to_vec()),
+                ],
+                &[
+                    Attribute::Token(true),
+                    Attribute::Private(true),
+                    Attribute::Sensitive(sensitive),
+                    Attribute::Extractable(!sensitive),
+                    Attribute::Sign(true),
+                    Attribute::Id(id),
+                    Attribute::Label(label.as_bytes().to_vec()),
+                ],
+            )
+            .unwrap();
+    }
+
+    #[test]
+    fn a_token_key_pair_replaced_with_the_pin_is_reported() {
+        let hsm = SoftHsm::new().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store");
+        let config = hsm.config("hsm");
+        let ks =
+            Keystore::create_with(&path, &support::sealer(support::PASSPHRASE), &config).unwrap();
+        let weak = ks
+            .create_key(&request("default", "weak", KeyType::EcdsaP256, Some("hsm")))
+            .unwrap();
+        let twin = ks
+            .create_key(&request("default", "twin", KeyType::EcdsaP256, Some("hsm")))
+            .unwrap();
+        assert_eq!(ks.verify_store(&|_| {}).unwrap().status(), Status::Passed);
+        replace_key_pair(&hsm, "default/weak", &weak.locator, false);
+        replace_key_pair(&hsm, "default/twin", &twin.locator, true);
+
+        let report = ks.verify_store(&|_| {}).unwrap();
+        let found = about(&report, CheckKind::Objects, "default/weak");
+        assert_eq!(found.len(), 1, "{report:#?}");
+        for differs in ["CKA_SENSITIVE", "CKA_NEVER_EXTRACTABLE"] {
+            assert!(found[0].what.contains(differs), "{:?}", found[0]);
+        }
+        let found = about(&report, CheckKind::Objects, "default/twin");
+        assert_eq!(found.len(), 1, "{report:#?}");
+        assert_eq!(
+            found[0].what,
+            "its device object does not match its record: its public key on the device is not \
+             the one recorded: the key pair was replaced"
+        );
+        assert_eq!(found[0].status, Status::Failed);
+    }
+
     /// A key destroyed by another process after the rows were read, before its objects are
     /// looked for, lost them for good reason: no finding, and the summary says so. (The
     /// progress report at the start of the objects check is where the other process acts.)

@@ -12,6 +12,7 @@ use serde::Serialize;
 
 use super::root::{meta_format, record_mac_ok, unseal_unchecked};
 use super::Keystore;
+use crate::backend::software::SoftwareBackend;
 use crate::backend::{KeyContext, KeyRef};
 use crate::config::Config;
 use crate::error::{Error, Result};
@@ -606,12 +607,21 @@ impl Keystore {
             };
             let label = c.label();
             let r = c.record;
-            let materials = std::iter::once((1, r.locator.as_str(), r.blob.as_deref())).chain(
-                c.versions
-                    .iter()
-                    .map(|v| (v.version, v.locator.as_str(), v.blob.as_deref())),
+            let first = (
+                1,
+                r.locator.as_str(),
+                r.blob.as_deref(),
+                r.public_key.as_deref(),
             );
-            for (version, locator, blob) in materials {
+            let materials = std::iter::once(first).chain(c.versions.iter().map(|v| {
+                (
+                    v.version,
+                    v.locator.as_str(),
+                    v.blob.as_deref(),
+                    v.public_key.as_deref(),
+                )
+            }));
+            for (version, locator, blob, public_key) in materials {
                 done += 1;
                 if done % PROGRESS_EVERY == 0 {
                     tell(done);
@@ -626,7 +636,7 @@ impl Keystore {
                     locator,
                     blob,
                 };
-                let outcome = self.check_material(&r.backend, &mut unreachable, key);
+                let outcome = self.check_material(&r.backend, &mut unreachable, key, public_key);
                 match outcome {
                     None => passed += 1,
                     // A key rotated or destroyed by another process since the rows were read
@@ -668,6 +678,7 @@ impl Keystore {
         backend: &'b str,
         unreachable: &mut HashMap<&'b str, String>,
         key: KeyRef<'_>,
+        public_key: Option<&[u8]>,
     ) -> Option<(Status, String)> {
         if let Some(reason) = unreachable.get(backend) {
             return Some((Status::Unchecked, reason.clone()));
@@ -677,7 +688,27 @@ impl Keystore {
             unreachable.insert(backend, reason.clone());
             return Some((Status::Unchecked, reason));
         };
-        match b.check_key(key) {
+        let checked = b.check_key(key).and_then(|()| match public_key {
+            // A key pair replaced whole by someone with the PIN (generated on the token, as
+            // sensitive as keyhold's) matches every template: only its public key tells. A
+            // software key's blob is bound to its record, which holds the public key too.
+            Some(recorded) if backend != SoftwareBackend::NAME => {
+                let device = b.public_key(key)?;
+                if device.spki_der() == recorded {
+                    Ok(())
+                } else {
+                    Err(Error::KeyObjectMismatch {
+                        backend: backend.to_owned(),
+                        key: key.context.label.to_owned(),
+                        reason: "its public key on the device is not the one recorded: the key \
+                                 pair was replaced"
+                            .into(),
+                    })
+                }
+            }
+            _ => Ok(()),
+        });
+        match checked {
             Ok(()) => None,
             Err(e) if is_unreachable(&e) => {
                 let reason = format!("not checked: {e}");
