@@ -41,6 +41,22 @@ fn software_store(path: &Path) -> (Keystore, Vec<KeyInfo>) {
     (ks, keys)
 }
 
+/// [`software_store`], closed again: for tests that change it behind keyhold's back.
+fn closed_store() -> (tempfile::TempDir, std::path::PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("store");
+    drop(software_store(&path));
+    (dir, path)
+}
+
+/// A new store with the backends of `config`.
+fn store_on(config: &Config) -> (tempfile::TempDir, std::path::PathBuf, Keystore) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("store");
+    let ks = Keystore::create_with(&path, &support::sealer(support::PASSPHRASE), config).unwrap();
+    (dir, path, ks)
+}
+
 fn open_and_verify(path: &Path, config: &Config) -> VerifyReport {
     Keystore::open_and_verify(path, &support::sealer(support::PASSPHRASE), config, &|_| {}).unwrap()
 }
@@ -202,10 +218,7 @@ fn every_tampered_row_is_reported_naming_its_key_and_nothing_is_written() {
 /// checks the rest.
 #[test]
 fn a_forged_metadata_mac_is_reported() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("store");
-    let (ks, _) = software_store(&path);
-    drop(ks);
+    let (_dir, path) = closed_store();
     assert_eq!(
         sql(
             &path,
@@ -235,10 +248,7 @@ fn a_forged_metadata_mac_is_reported() {
 /// decrypts under the store's key; both are said, naming the key.
 #[test]
 fn a_corrupted_software_blob_is_reported() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("store");
-    let (ks, _) = software_store(&path);
-    drop(ks);
+    let (_dir, path) = closed_store();
     assert_eq!(
         sql(
             &path,
@@ -262,10 +272,7 @@ fn a_corrupted_software_blob_is_reported() {
 /// A record deleted outside keyhold leaves its history behind: named by the key's uuid.
 #[test]
 fn rows_of_a_deleted_record_are_reported() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("store");
-    let (ks, _) = software_store(&path);
-    drop(ks);
+    let (_dir, path) = closed_store();
     assert_eq!(sql(&path, "DELETE FROM keys WHERE name = 'signer'"), 1);
     let report = open_and_verify(&path, &Config::default());
     let orphaned: Vec<&Finding> = section(&report, CheckKind::Records)
@@ -285,10 +292,7 @@ fn rows_of_a_deleted_record_are_reported() {
 /// An edited audit line and a removed one are each reported by line, as `audit verify` does.
 #[test]
 fn an_altered_or_cut_audit_log_is_reported() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("store");
-    let (ks, _) = software_store(&path);
-    drop(ks);
+    let (_dir, path) = closed_store();
     let log = path.join(keyhold::audit::FILE);
     let text = std::fs::read_to_string(&log).unwrap();
     let lines: Vec<&str> = text.lines().collect();
@@ -507,11 +511,7 @@ mod pkcs11 {
     #[test]
     fn a_token_object_deleted_behind_keyholds_back_is_reported() {
         let hsm = SoftHsm::new().unwrap();
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("store");
-        let config = hsm.config("hsm");
-        let ks =
-            Keystore::create_with(&path, &support::sealer(support::PASSPHRASE), &config).unwrap();
+        let (_dir, _path, ks) = store_on(&hsm.config("hsm"));
         let doomed = ks
             .create_key(&request(
                 "default",
@@ -591,11 +591,7 @@ mod pkcs11 {
     #[test]
     fn a_token_key_pair_replaced_with_the_pin_is_reported() {
         let hsm = SoftHsm::new().unwrap();
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("store");
-        let config = hsm.config("hsm");
-        let ks =
-            Keystore::create_with(&path, &support::sealer(support::PASSPHRASE), &config).unwrap();
+        let (_dir, _path, ks) = store_on(&hsm.config("hsm"));
         let weak = ks
             .create_key(&request("default", "weak", KeyType::EcdsaP256, Some("hsm")))
             .unwrap();
