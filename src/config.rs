@@ -128,6 +128,11 @@ pub struct StoreConfig {
     /// could otherwise swap a passphrase seal for a TPM seal of a root secret they chose.
     #[serde(default)]
     pub sealer: Option<SealerKind>,
+    /// (Optional) How often long-running processes (the service) verify the whole store, as
+    /// `keyhold store verify` does, and log the outcome: a duration such as `"6h"`, `"1d"` or
+    /// `"30m"`, at least one second; default: never.
+    #[serde(default, deserialize_with = "StoreConfig::interval")]
+    pub verify_interval: Option<std::time::Duration>,
     /// (Optional) Where keyhold keeps state outside the store: the anchor files that record each
     /// store's generation, so that a store put back from an older copy is refused. Default:
     /// `$XDG_STATE_HOME/keyhold`, else `~/.local/state/keyhold`. Keep it off the store's disk
@@ -143,6 +148,21 @@ impl StoreConfig {
             Some(dir) => Some(dir.join("anchors")),
             None => crate::store::FileAnchor::default_dir(),
         }
+    }
+
+    /// Parsed as `keyhold` parses durations everywhere ([`crate::time::parse_duration`]), while
+    /// reading, so that the error names the line of the value.
+    fn interval<'de, D: serde::Deserializer<'de>>(
+        d: D,
+    ) -> std::result::Result<Option<std::time::Duration>, D::Error> {
+        let text = String::deserialize(d)?;
+        let interval = crate::time::parse_duration(&text).map_err(serde::de::Error::custom)?;
+        if interval.is_zero() {
+            return Err(serde::de::Error::custom(
+                "verify_interval must be at least one second (e.g. \"6h\")",
+            ));
+        }
+        Ok(Some(interval))
     }
 }
 
@@ -904,5 +924,27 @@ mod tests {
                 path.display()
             )
         );
+    }
+
+    #[test]
+    fn verify_interval_is_a_duration_of_at_least_a_second() {
+        let read = |text: &str| Config::from_toml(&format!("[store]\nverify_interval = {text}\n"));
+        assert_eq!(Config::default().store.verify_interval, None);
+        assert_eq!(
+            read("\"6h\"").unwrap().store.verify_interval,
+            Some(std::time::Duration::from_secs(6 * 3600))
+        );
+        assert_eq!(
+            read("\"1d 30m\"").unwrap().store.verify_interval,
+            Some(std::time::Duration::from_secs(86400 + 1800))
+        );
+        for (bad, says) in [
+            ("\"0s\"", "at least one second"),
+            ("\"soon\"", "is not a duration"),
+            ("60", "invalid type"),
+        ] {
+            let err = read(bad).unwrap_err().to_string();
+            assert!(err.contains("line 2") && err.contains(says), "{bad}: {err}");
+        }
     }
 }

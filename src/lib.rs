@@ -57,6 +57,12 @@ pub use keystore::{
     Transition, UncheckedKey, UseOptions, Used, VersionInfo, BACKUP_EXTENSION, DEFAULT_NAMESPACE,
     KEY_ID_PREFIX, MAX_ENVELOPE, MAX_INPUT, MAX_RANDOM,
 };
+/// `keyhold store verify`'s report, and its periodic run.
+pub mod verify {
+    pub use crate::keystore::{
+        CheckKind, Finding, KeyName, PeriodicVerify, Section, Status, VerifyProgress, VerifyReport,
+    };
+}
 pub use public_key::PublicKey;
 #[cfg(feature = "pkcs11")]
 pub use sealer::Pkcs11Sealer;

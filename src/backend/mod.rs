@@ -284,6 +284,18 @@ pub trait Backend: Send + Sync + fmt::Debug {
     /// [`crate::Error::BackendUnavailable`] and device errors.
     fn report(&self) -> Result<BackendReport>;
 
+    /// Checks, for `keyhold store verify`, that the key's material is where its record says and
+    /// is what keyhold made: a token's objects present with the attributes they were made with, a
+    /// TPM blob that loads under the store's key, a software blob that authenticates under the
+    /// store's key. The key is used for nothing, and no material is kept or logged.
+    ///
+    /// # Errors
+    /// [`crate::Error::KeyObjectMismatch`] or [`crate::Error::Integrity`] if the material is
+    /// missing, differs from its record or does not authenticate: a failure of the key.
+    /// [`crate::Error::BackendUnavailable`], [`crate::Error::BackendLogin`] and
+    /// [`crate::Error::Timeout`] if the device could not be asked: the key is unchecked.
+    fn check_key(&self, key: KeyRef<'_>) -> Result<()>;
+
     /// Destroys every object with `locator` on the device, whether or not a record names it (for
     /// objects left behind by a crash between generation and recording).
     ///

@@ -68,6 +68,7 @@ fn verdict(doctor: &Doctor) -> CmdResult {
     };
     Err(Failure::Findings {
         code,
+        kind: "doctor_findings",
         summary: format!("doctor found problems: {}", found.join(", ")),
     })
 }

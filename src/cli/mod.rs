@@ -11,6 +11,7 @@ mod recovery;
 mod select;
 mod store;
 mod transport;
+mod verify;
 
 use std::fmt;
 use std::path::PathBuf;
@@ -102,6 +103,9 @@ enum Command {
     Audit(audit::AuditCommand),
     /// Run the lifecycle work that is due (activations, expiries, rotations, destructions)
     Maintain(lifecycle::MaintainArgs),
+    /// Verify the whole store: records, audit log, key material in the backends
+    #[command(subcommand)]
+    Store(verify::StoreCommand),
 }
 
 /// Why a command failed, and so its exit code.
@@ -119,8 +123,13 @@ pub enum Failure {
     Quiet,
     /// A failure with where to look next appended (e.g. where the configuration is looked for).
     Hinted(Box<Failure>, String),
-    /// The command ran and found problems (`doctor`): its documented exit code and a summary.
-    Findings { code: u8, summary: String },
+    /// The command ran and found problems (`doctor`, `store verify`): its documented exit code,
+    /// the JSON error `kind` (`doctor_findings`, `verify_findings`) and a summary.
+    Findings {
+        code: u8,
+        kind: &'static str,
+        summary: String,
+    },
 }
 
 impl From<keyhold::Error> for Failure {
@@ -185,7 +194,7 @@ impl Failure {
             Self::Cli(_) | Self::Quiet => "cli",
             Self::Usage(_) => "usage",
             Self::NoSuchName(_) => "no_such_key",
-            Self::Findings { .. } => "doctor_findings",
+            Self::Findings { kind, .. } => kind,
             Self::Hinted(inner, _) => inner.kind(),
             Self::Keyhold(e) => e.kind(),
         }
@@ -436,6 +445,7 @@ fn dispatch(ctx: &Context, args: &Args) -> CmdResult {
         Command::Restore(a) => backup::restore(ctx, a),
         Command::Audit(c) => audit::run(ctx, c),
         Command::Maintain(a) => lifecycle::maintain(ctx, a),
+        Command::Store(c) => verify::run(ctx, c),
     }
 }
 
@@ -633,6 +643,7 @@ mod tests {
             (
                 Failure::Findings {
                     code: 7,
+                    kind: "doctor_findings",
                     summary: "1 backend unavailable".into(),
                 },
                 7,
@@ -641,10 +652,29 @@ mod tests {
             (
                 Failure::Findings {
                     code: 8,
+                    kind: "doctor_findings",
                     summary: "1 key with missing objects".into(),
                 },
                 8,
                 "doctor_findings",
+            ),
+            (
+                Failure::Findings {
+                    code: 6,
+                    kind: "verify_findings",
+                    summary: "store verify found problems: 1 problem (records)".into(),
+                },
+                6,
+                "verify_findings",
+            ),
+            (
+                Failure::Findings {
+                    code: 7,
+                    kind: "verify_findings",
+                    summary: "store verify found problems: 1 unchecked".into(),
+                },
+                7,
+                "verify_findings",
             ),
             // A hint appended changes neither the code nor the kind.
             (

@@ -15,6 +15,7 @@ mod resolve;
 mod root;
 mod rotation;
 mod transport;
+mod verify;
 
 use crate::time::now;
 use std::collections::{BTreeMap, HashMap};
@@ -44,6 +45,9 @@ use resolve::ResolvedCache;
 use root::{derive_keys, initial_state, meta_mac, unseal_root, DerivedKeys};
 use rotation::Reservations;
 pub use transport::ExportTo;
+pub use verify::{
+    CheckKind, Finding, KeyName, PeriodicVerify, Section, Status, VerifyProgress, VerifyReport,
+};
 
 /// The most bytes any single operation takes as input: 64 MiB.
 pub const MAX_INPUT: usize = 64 * 1024 * 1024;

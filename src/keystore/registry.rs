@@ -122,6 +122,9 @@ impl Backend for Unavailable {
     fn report(&self) -> Result<BackendReport> {
         Err(self.error())
     }
+    fn check_key(&self, _: KeyRef<'_>) -> Result<()> {
+        Err(self.error())
+    }
     fn destroy_object(&self, _: &str) -> Result<()> {
         Err(self.error())
     }

@@ -148,17 +148,22 @@ impl Keystore {
         KeySpec::from_names(&record.key_type, &record.purpose, &record.algorithm)
     }
 
-    pub(super) fn info(&self, resolved: &Resolved) -> Result<KeyInfo> {
-        let r = &resolved.record;
-        let id = self.ids.encode(&KeyIdFields {
+    /// The key ID of `record` (whose MAC the caller checked), of type `spec`.
+    pub(super) fn id_of(&self, r: &KeyRecord, spec: KeySpec) -> Result<String> {
+        self.ids.encode(&KeyIdFields {
             store_id: self.store_id,
             uuid: r.uuid,
             namespace: r.namespace.clone(),
             name: r.name.clone(),
             backend: r.backend.clone(),
             locator: r.locator.clone(),
-            spec: resolved.spec,
-        })?;
+            spec,
+        })
+    }
+
+    pub(super) fn info(&self, resolved: &Resolved) -> Result<KeyInfo> {
+        let r = &resolved.record;
+        let id = self.id_of(r, resolved.spec)?;
         let attributes = serde_json::from_str(&r.attributes).map_err(|_| Error::Integrity {
             what: format!(
                 "the record of `{}` has unreadable attributes",

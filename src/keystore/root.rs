@@ -64,6 +64,15 @@ pub(super) fn meta_mac(keys: &DerivedKeys, meta: &StoreMeta) -> Vec<u8> {
     meta_mac_in(keys, meta, META_FORMAT)
 }
 
+/// The format of the metadata MAC `meta` carries, if it is one keyhold made under `keys`.
+pub(super) fn meta_format(keys: &DerivedKeys, meta: &StoreMeta) -> Option<u8> {
+    [META_FORMAT, 1].into_iter().find(|&format| {
+        !meta.mac.is_empty()
+            && constant_time::verify_slices_are_equal(&meta_mac_in(keys, meta, format), &meta.mac)
+                .is_ok()
+    })
+}
+
 fn meta_mac_in(keys: &DerivedKeys, meta: &StoreMeta, format: u8) -> Vec<u8> {
     let key = hmac::Key::new(hmac::HMAC_SHA256, keys.meta_mac.expose());
     hmac::sign(&key, &meta.mac_input(format)).as_ref().to_vec()
@@ -136,12 +145,7 @@ pub(super) fn check_store(store: &Store, keys: &DerivedKeys) -> Result<Checked> 
             ),
         });
     }
-    let meta_format = [META_FORMAT, 1].into_iter().find(|&format| {
-        !meta.mac.is_empty()
-            && constant_time::verify_slices_are_equal(&meta_mac_in(keys, meta, format), &meta.mac)
-                .is_ok()
-    });
-    let Some(meta_format) = meta_format else {
+    let Some(meta_format) = meta_format(keys, meta) else {
         return Err(Error::Integrity {
             what: format!(
                 "the store's sealer metadata (sealer `{}`, its parameters such as PCRs, SRK Name \
@@ -161,39 +165,25 @@ pub(super) fn check_store(store: &Store, keys: &DerivedKeys) -> Result<Checked> 
         rows.add(&commit, RowKind::Key, &r.uuid, &r.mac);
     }
     // The lifecycle's rows: a key's later versions, its history, its AES-GCM counters.
-    let id = &meta.store_id;
-    let ok = |input: Vec<u8>, mac: &[u8]| mac_ok(&record_mac, &input, mac);
-    let mut bad: Vec<String> = Vec::new();
-    for v in store.versions(None)? {
+    let (versions, events, counters) = (
+        store.versions(None)?,
+        store.events(None)?,
+        store.counters()?,
+    );
+    for v in &versions {
         rows.add(&commit, RowKind::Version, &v.uuid, &v.mac);
-        if !ok(v.mac_input(id), &v.mac) {
-            bad.push(format!(
-                "version {} of key {}",
-                v.version,
-                crate::hex::encode(&v.uuid)
-            ));
-        }
     }
-    for e in store.events(None)? {
+    for e in &events {
         rows.add(&commit, RowKind::Event, &e.uuid, &e.mac);
-        if !ok(e.mac_input(id), &e.mac) {
-            bad.push(format!(
-                "history entry {} of key {}",
-                e.seq,
-                crate::hex::encode(&e.uuid)
-            ));
-        }
     }
-    for c in store.counters()? {
+    for c in &counters {
         rows.add(&commit, RowKind::Counter, &c.uuid, &c.mac);
-        if !ok(c.mac_input(id), &c.mac) {
-            bad.push(format!(
-                "the AES-GCM counter of version {} of key {}",
-                c.version,
-                crate::hex::encode(&c.uuid)
-            ));
-        }
     }
+    let bad: Vec<String> =
+        super::verify::failing_rows(&record_mac, &meta.store_id, &versions, &events, &counters)
+            .iter()
+            .map(ToString::to_string)
+            .collect();
     if let Some(first) = bad.first() {
         return Err(Error::Integrity {
             what: format!(
@@ -425,6 +415,17 @@ pub(super) fn unseal_root(
     sealer: &dyn Sealer,
     anchor_dir: Option<&std::path::Path>,
 ) -> Result<(RootSecret, DerivedKeys)> {
+    let (root, keys) = unseal_unchecked(store, sealer)?;
+    check_and_settle(store, &keys, anchor_dir)?;
+    Ok((root, keys))
+}
+
+/// [`unseal_root`] without [`check_store`] and [`settle`]: for `store verify` alone, which reports
+/// every record that fails rather than refusing the store at the first, and writes nothing.
+pub(super) fn unseal_unchecked(
+    store: &Store,
+    sealer: &dyn Sealer,
+) -> Result<(RootSecret, DerivedKeys)> {
     let meta = store.meta();
     if meta.sealed_root.sealer != sealer.kind() {
         return Err(Error::Unseal {
@@ -439,6 +440,5 @@ pub(super) fn unseal_root(
     }
     let root = sealer.unseal(&meta.sealed_root, &meta.store_id)?;
     let keys = derive_keys(&root, &meta.store_id)?;
-    check_and_settle(store, &keys, anchor_dir)?;
     Ok((root, keys))
 }

@@ -723,6 +723,71 @@ impl Store {
         let sql = format!("SELECT {} FROM gcm_counters", rows::COUNTER_COLUMNS);
         query(&self.conn(), &sql, [], rows::counter_from_row)
     }
+
+    /// Every key record, version, history entry and AES-GCM counter, read in one transaction:
+    /// one state of the store, even while other processes write to it (for `store verify`,
+    /// which would otherwise see a rotation half: the record before, its versions after). Each
+    /// table comes back on its own, so that rows that cannot be decoded hide no other table.
+    ///
+    /// # Errors
+    /// Storage errors beginning or ending the read.
+    pub fn all_rows(&self) -> Result<AllRows> {
+        let mut conn = self.conn();
+        let tx = conn
+            .transaction()
+            .map_err(|e| Error::storage("begin reading the store", e))?;
+        let rows = AllRows {
+            keys: query(
+                &tx,
+                &format!(
+                    "SELECT {} FROM keys ORDER BY namespace, name",
+                    record::COLUMNS
+                ),
+                [],
+                record::from_row,
+            ),
+            versions: query(
+                &tx,
+                &format!(
+                    "SELECT {} FROM key_versions ORDER BY uuid, version",
+                    rows::VERSION_COLUMNS
+                ),
+                [],
+                rows::version_from_row,
+            ),
+            events: query(
+                &tx,
+                &format!(
+                    "SELECT {} FROM key_events ORDER BY uuid, seq",
+                    rows::EVENT_COLUMNS
+                ),
+                [],
+                rows::event_from_row,
+            ),
+            counters: query(
+                &tx,
+                &format!("SELECT {} FROM gcm_counters", rows::COUNTER_COLUMNS),
+                [],
+                rows::counter_from_row,
+            ),
+        };
+        tx.commit()
+            .map_err(|e| Error::storage("end reading the store", e))?;
+        Ok(rows)
+    }
+}
+
+/// What [`Store::all_rows`] read, table by table (the caller checks every MAC).
+#[derive(Debug)]
+pub struct AllRows {
+    /// The key records, ordered by namespace and name.
+    pub keys: Result<Vec<KeyRecord>>,
+    /// Every later version, by key and version.
+    pub versions: Result<Vec<VersionRecord>>,
+    /// Every history entry, by key and sequence.
+    pub events: Result<Vec<EventRecord>>,
+    /// Every AES-GCM counter.
+    pub counters: Result<Vec<CounterRecord>>,
 }
 
 /// A write transaction of [`Store::write`].

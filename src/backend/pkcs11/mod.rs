@@ -13,6 +13,7 @@
 //! attributes, recording what it made (`template.rs`).
 
 mod capabilities;
+mod check;
 mod errors;
 mod ffi;
 mod generate;
@@ -518,6 +519,10 @@ impl Backend for Pkcs11Backend {
 
     fn report(&self) -> Result<BackendReport> {
         self.describe()
+    }
+
+    fn check_key(&self, key: KeyRef<'_>) -> Result<()> {
+        self.check_objects(&key)
     }
 
     fn destroy_object(&self, locator: &str) -> Result<()> {

@@ -698,6 +698,13 @@ impl Backend for TpmBackend {
         })
     }
 
+    fn check_key(&self, key: KeyRef<'_>) -> Result<()> {
+        // Loading proves the blob: its authValue decrypts under this store's key for this record,
+        // it was made under this TPM's SRK, and the TPM accepts its integrity.
+        let blob = self.key_blob(&key)?;
+        self.with_key(&key.context, blob, |loaded| loaded.public().map(drop))
+    }
+
     fn destroy_object(&self, locator: &str) -> Result<()> {
         Err(Error::InvalidInput(format!(
             "backend `{}` keeps no key objects in the TPM (keys are blobs in their records): \

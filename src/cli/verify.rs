@@ -1,0 +1,186 @@
+//! `keyhold store verify`: the whole store checked, every problem reported.
+
+use std::io::IsTerminal;
+
+use clap::{Args, Subcommand};
+use keyhold::verify::{Finding, Status, VerifyProgress, VerifyReport};
+use keyhold::Keystore;
+
+use super::{io, CmdResult, Context, Failure};
+
+#[derive(Debug, Subcommand)]
+pub enum StoreCommand {
+    /// Check every record's MAC, the audit log's chain and every key's material in its backend
+    Verify(VerifyArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct VerifyArgs {}
+
+pub fn run(ctx: &Context, command: &StoreCommand) -> CmdResult {
+    match command {
+        StoreCommand::Verify(a) => verify(ctx, a),
+    }
+}
+
+/// Exit codes beyond the common ones (docs/cli.md, "Store verify exit codes"): 6 when a check
+/// failed, before 7 when something could not be checked.
+const FAILED: u8 = 6;
+const UNCHECKED: u8 = 7;
+
+fn verify(ctx: &Context, _args: &VerifyArgs) -> CmdResult {
+    // Look for the store (and its sealer) before asking for a passphrase nobody can use.
+    let sealed = keyhold::store::Store::open(&ctx.store)?
+        .meta()
+        .sealed_root
+        .clone();
+    let sealer = io::unsealer(ctx, &sealed)?;
+    // Said while unsealing only: the first progress report means the root is unsealed.
+    let unlocking = std::cell::RefCell::new(Some(io::UnlockingNotice::start(&sealed)));
+    let bar = Bar::on_terminal();
+    let report = Keystore::open_and_verify(&ctx.store, sealer.as_ref(), &ctx.config, &|p| {
+        drop(unlocking.borrow_mut().take());
+        bar.show(p);
+    });
+    drop(unlocking.take());
+    bar.finish();
+    let report = report?;
+    if ctx.json {
+        let mut value = serde_json::to_value(&report)
+            .map_err(|e| Failure::Cli(format!("cannot encode the report: {e}")))?;
+        if let Some(object) = value.as_object_mut() {
+            object.insert("status".into(), report.status().as_str().into());
+            object.insert("healthy".into(), (report.status() == Status::Passed).into());
+        }
+        io::print_json(&value)?;
+    } else {
+        io::write_output(None, text(&ctx.store, &report).as_bytes())?;
+    }
+    verdict(&report)
+}
+
+fn verdict(report: &VerifyReport) -> CmdResult {
+    let count = |status| {
+        report
+            .findings()
+            .filter(|(_, f)| f.status == status)
+            .count()
+    };
+    let (failed, unchecked) = (count(Status::Failed), count(Status::Unchecked));
+    let code = match report.status() {
+        Status::Passed => return Ok(()),
+        Status::Failed => FAILED,
+        Status::Unchecked => UNCHECKED,
+    };
+    let failing: Vec<&str> = report
+        .sections
+        .iter()
+        .filter(|s| s.status == Status::Failed)
+        .map(|s| s.kind.as_str())
+        .collect();
+    let mut found = Vec::new();
+    if failed > 0 {
+        found.push(format!(
+            "{failed} {} ({})",
+            if failed == 1 { "problem" } else { "problems" },
+            failing.join(", ")
+        ));
+    }
+    if unchecked > 0 {
+        found.push(format!("{unchecked} unchecked"));
+    }
+    Err(Failure::Findings {
+        code,
+        kind: "verify_findings",
+        summary: format!("store verify found problems: {}", found.join(", ")),
+    })
+}
+
+/// `store: DIR (id …)`, then per check its status, summary and findings, then the verdict.
+fn text(dir: &std::path::Path, report: &VerifyReport) -> String {
+    let mut out = format!(
+        "store: {} (id {}, {} keys)\n",
+        dir.display(),
+        report.store_id,
+        report.keys
+    );
+    for section in &report.sections {
+        out.push_str(&format!(
+            "\n{}: {}\n  {}\n",
+            section.kind.title(),
+            section.status.as_str().to_uppercase(),
+            section.summary
+        ));
+        for finding in &section.findings {
+            out.push_str(&format!("  {}\n", finding_line(finding)));
+        }
+    }
+    out.push_str(&format!(
+        "\nstore verify: {}\n",
+        match report.status() {
+            Status::Passed => "every check passed",
+            Status::Unchecked => "nothing failed, but not everything could be checked",
+            Status::Failed => "problems found",
+        }
+    ));
+    out
+}
+
+/// `FAILED NS/NAME v2 (uuid …, id kh1_…): what`.
+fn finding_line(finding: &Finding) -> String {
+    let status = match finding.status {
+        Status::Failed => "FAILED",
+        _ => "UNCHECKED",
+    };
+    let key = finding.key.as_ref().map_or_else(String::new, |k| {
+        let mut name = if k.label.is_empty() {
+            "a key with no record".to_owned()
+        } else {
+            k.label.clone()
+        };
+        if let Some(v) = k.version {
+            name.push_str(&format!(" v{v}"));
+        }
+        let mut ids = format!("uuid {}", k.uuid);
+        if let Some(id) = &k.id {
+            ids.push_str(&format!(", id {id}"));
+        }
+        if let Some(backend) = &k.backend {
+            ids.push_str(&format!(", backend {backend}"));
+        }
+        format!("{name} ({ids}): ")
+    });
+    // Names and reasons come from records and devices: never let them drive the terminal.
+    io::terminal_safe(&format!("{status} {key}{}", finding.what))
+}
+
+/// The progress bar: on stderr, only when it is a terminal.
+struct Bar(Option<indicatif::ProgressBar>);
+
+impl Bar {
+    fn on_terminal() -> Self {
+        if !std::io::stderr().is_terminal() {
+            return Self(None);
+        }
+        let bar = indicatif::ProgressBar::new(0);
+        if let Ok(style) =
+            indicatif::ProgressStyle::with_template("{msg:>8} [{bar:40}] {pos}/{len} {elapsed}")
+        {
+            bar.set_style(style.progress_chars("=> "));
+        }
+        Self(Some(bar))
+    }
+
+    fn show(&self, p: VerifyProgress) {
+        let Some(bar) = &self.0 else { return };
+        bar.set_length(p.total);
+        bar.set_position(p.done);
+        bar.set_message(p.check.as_str());
+    }
+
+    fn finish(&self) {
+        if let Some(bar) = &self.0 {
+            bar.finish_and_clear();
+        }
+    }
+}
