@@ -78,3 +78,61 @@ fn a_deleted_record_is_refused_with_exit_10_naming_its_record() {
         "{err}"
     );
 }
+
+#[test]
+fn store_verify_reports_the_commitment_and_the_anchor_with_exit_10() {
+    let env = Env::init();
+    let id = env.create_key("victim", "ed25519", &[]);
+    env.create_key("other", "ed25519", &[]);
+    let out = env.run(&["--json", "store", "verify"], b"");
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let report = parse_json(&out.stdout, "store verify --json");
+    let commitment = report["sections"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["kind"] == "commitment")
+        .unwrap()
+        .clone();
+    assert_eq!(commitment["status"], "passed", "{commitment}");
+    assert!(
+        commitment["summary"]
+            .as_str()
+            .unwrap()
+            .contains("anchor file at generation"),
+        "{commitment}"
+    );
+
+    // A whole copy from before a change: every MAC and the commitment agree; the anchor does not.
+    let old = env.db();
+    env.ok(&["key", "suspend", "--key", &id], b"", "suspend");
+    let now = env.db();
+    std::fs::write(env.database_file(), &old).unwrap();
+    let before = env.snapshot();
+    let out = env.run(&["store", "verify"], b"");
+    assert_eq!(out.status.code(), Some(10), "{}", stderr(&out));
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(text.contains("it is older than its anchor"), "{text}");
+    env.assert_unchanged(&before, "store verify writes nothing");
+
+    // A deleted record: named in the commitment section.
+    std::fs::write(env.database_file(), &now).unwrap();
+    let conn = rusqlite::Connection::open(env.database_file()).unwrap();
+    conn.execute("DELETE FROM keys WHERE name = 'victim'", [])
+        .unwrap();
+    drop(conn);
+    let out = env.run(&["--json", "store", "verify"], b"");
+    assert_eq!(out.status.code(), Some(10), "{}", stderr(&out));
+    let report = parse_json(&out.stdout, "store verify --json");
+    let findings = report["sections"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["kind"] == "commitment")
+        .unwrap()["findings"]
+        .clone();
+    assert!(
+        findings.to_string().contains("its record was deleted"),
+        "{findings}"
+    );
+}

@@ -64,7 +64,7 @@ fn a_clean_store_verifies_with_exit_0() {
         .iter()
         .map(|s| s["kind"].as_str().unwrap())
         .collect();
-    assert_eq!(kinds, ["records", "objects", "audit"]);
+    assert_eq!(kinds, ["records", "commitment", "objects", "audit"]);
 }
 
 /// On a terminal (one that can redraw a line: TERM set, not `dumb`), a progress bar on stderr

@@ -205,3 +205,37 @@ fn a_crash_between_a_change_and_the_counter_is_repaired_at_the_next_command() {
         stderr(&out)
     );
 }
+
+#[test]
+fn store_verify_reads_the_counter_and_names_a_copy_put_back() {
+    use keyhold::verify::{CheckKind, Status};
+    let f = Fixture::new();
+    let ks = f.create();
+    let id = key(&ks, "k");
+    let before = support::snapshot(&f.store);
+    ks.change_state(&id, keyhold::Transition::Suspend, None)
+        .unwrap();
+    let clean = ks.verify_store(&|_| {}).unwrap();
+    let section = |r: &keyhold::verify::VerifyReport| {
+        r.sections
+            .iter()
+            .find(|s| s.kind == CheckKind::Commitment)
+            .unwrap()
+            .clone()
+    };
+    assert_eq!(section(&clean).status, Status::Passed, "{clean:#?}");
+    assert!(section(&clean).summary.contains("in step"), "{clean:#?}");
+    drop(ks);
+    support::restore(&f.store, &before);
+    f.forget_anchor_files();
+    let report =
+        Keystore::open_and_verify(&f.store, &sealer(PASSPHRASE), &f.config(), &|_| {}).unwrap();
+    let commitment = section(&report);
+    assert_eq!(commitment.status, Status::Failed, "{report:#?}");
+    assert!(
+        commitment.findings[0]
+            .what
+            .contains("the store is older than the NV counter"),
+        "{report:#?}"
+    );
+}

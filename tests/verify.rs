@@ -104,7 +104,12 @@ fn a_clean_store_passes_every_check() {
     let kinds: Vec<CheckKind> = report.sections.iter().map(|s| s.kind).collect();
     assert_eq!(
         kinds,
-        [CheckKind::Records, CheckKind::Objects, CheckKind::Audit]
+        [
+            CheckKind::Records,
+            CheckKind::Commitment,
+            CheckKind::Objects,
+            CheckKind::Audit
+        ]
     );
     // Four version-1 materials and the rotated key's version 2, each decrypted.
     assert!(

@@ -3,7 +3,7 @@
 use std::io::IsTerminal;
 
 use clap::{Args, Subcommand};
-use keyhold::verify::{Finding, Status, VerifyProgress, VerifyReport};
+use keyhold::verify::{CheckKind, Finding, Status, VerifyProgress, VerifyReport};
 use keyhold::Keystore;
 
 use super::{io, CmdResult, Context, Failure};
@@ -27,6 +27,9 @@ pub fn run(ctx: &Context, command: &StoreCommand) -> CmdResult {
 /// failed, before 7 when something could not be checked.
 const FAILED: u8 = 6;
 const UNCHECKED: u8 = 7;
+/// The commitment, the state or an anchor failed: the store was tampered with or rolled back
+/// (as every command's exit 10), whatever else failed.
+const TAMPERED: u8 = 10;
 
 fn verify(ctx: &Context, _args: &VerifyArgs) -> CmdResult {
     // Look for the store (and its sealer) before asking for a passphrase nobody can use.
@@ -67,8 +70,13 @@ fn verdict(report: &VerifyReport) -> CmdResult {
             .count()
     };
     let (failed, unchecked) = (count(Status::Failed), count(Status::Unchecked));
+    let tampered = report
+        .sections
+        .iter()
+        .any(|s| s.kind == CheckKind::Commitment && s.status == Status::Failed);
     let code = match report.status() {
         Status::Passed => return Ok(()),
+        Status::Failed if tampered => TAMPERED,
         Status::Failed => FAILED,
         Status::Unchecked => UNCHECKED,
     };

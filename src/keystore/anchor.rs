@@ -4,7 +4,7 @@
 use crate::config::Config;
 use crate::error::Result;
 use crate::sealer::Sealer;
-use crate::store::Store;
+use crate::store::{Counter, Store};
 
 use super::root::DerivedKeys;
 
@@ -22,6 +22,55 @@ pub(super) fn bind(
     config: &Config,
     keys: &DerivedKeys,
 ) -> Result<()> {
+    let bound = store.meta().state.as_ref().and_then(|s| s.counter);
+    let Some((counter, index, name)) = counter_for(store, sealer, config, keys)? else {
+        return match bound.filter(|b| b.offset.is_some()) {
+            Some(binding) => Err(crate::Error::Config(format!(
+                "this store's generation is anchored in the NV counter {:#010x} of a TPM, but \
+                 no TPM is configured: add the TPM back to the configuration (a [backends.NAME] \
+                 table with type = \"tpm\")",
+                binding.index
+            ))),
+            None => Ok(()),
+        };
+    };
+    match store.bind_counter(counter, index) {
+        // Only a completed binding makes the TPM necessary: one interrupted (or never begun)
+        // waits for an open that reaches the TPM.
+        Err(
+            e @ (crate::Error::BackendUnavailable { .. }
+            | crate::Error::Timeout { .. }
+            | crate::Error::BackendLogin { .. }
+            | crate::Error::StoreTampered { .. }),
+        ) if bound.is_none_or(|b| b.offset.is_none()) => {
+            tracing::info!(
+                error = %e,
+                "the store's generation is not anchored in TPM `{name}` yet (the TPM is \
+                 unavailable, refused the owner's authorisation, or holds something else at the \
+                 store's NV index): only the anchor file guards against a copy put back"
+            );
+            Ok(())
+        }
+        other => other,
+    }
+}
+
+/// A store's counter, its NV index and its TPM's name.
+pub(super) type CounterFor = (Box<dyn Counter>, u32, String);
+
+/// The counter that anchors (or would anchor) the store: on the sealer's TPM, else on the
+/// configuration's first TPM; at the index the state names, else the store's own; with its
+/// index and its TPM's name. `None` without a TPM. Reaches nothing yet.
+///
+/// # Errors
+/// [`crate::Error::Config`] for a TPM the configuration cannot describe.
+#[cfg(feature = "tpm")]
+pub(super) fn counter_for(
+    store: &Store,
+    sealer: Option<&dyn Sealer>,
+    config: &Config,
+    keys: &DerivedKeys,
+) -> Result<Option<CounterFor>> {
     use crate::backend::tpm::{counter_index, TpmCounter};
     use crate::config::BackendConfig;
     let bound = store.meta().state.as_ref().and_then(|s| s.counter);
@@ -43,36 +92,22 @@ pub(super) fn bind(
             .transpose()?,
     };
     let Some((device, name)) = tpm else {
-        return match bound.filter(|b| b.offset.is_some()) {
-            Some(binding) => Err(crate::Error::Config(format!(
-                "this store's generation is anchored in the NV counter {:#010x} of a TPM, but \
-                 no TPM is configured: add the TPM back to the configuration (a [backends.NAME] \
-                 table with type = \"tpm\")",
-                binding.index
-            ))),
-            None => Ok(()),
-        };
+        return Ok(None);
     };
     let index = bound.map_or_else(|| counter_index(&store.meta().store_id), |b| b.index);
     let counter = TpmCounter::new(device, &name, index, &keys.counter_auth);
-    match store.bind_counter(Box::new(counter), index) {
-        // Only a completed binding makes the TPM necessary: one interrupted (or never begun)
-        // waits for an open that reaches the TPM.
-        Err(
-            e @ (crate::Error::BackendUnavailable { .. }
-            | crate::Error::Timeout { .. }
-            | crate::Error::BackendLogin { .. }),
-        ) if bound.is_none_or(|b| b.offset.is_none()) => {
-            tracing::warn!(
-                error = %e,
-                "the store's generation is not anchored in TPM `{name}` yet (the TPM is \
-                 unavailable or refused the owner's authorisation): only the anchor file guards \
-                 against a copy put back"
-            );
-            Ok(())
-        }
-        other => other,
-    }
+    Ok(Some((Box::new(counter), index, name)))
+}
+
+/// Without TPM support there is no counter.
+#[cfg(not(feature = "tpm"))]
+pub(super) fn counter_for(
+    _store: &Store,
+    _sealer: Option<&dyn Sealer>,
+    _config: &Config,
+    _keys: &DerivedKeys,
+) -> Result<Option<CounterFor>> {
+    Ok(None)
 }
 
 /// Without TPM support, a store bound to a TPM counter cannot be checked.

@@ -146,6 +146,11 @@ pub struct Keystore {
     audit: audit::KeystoreAudit,
     /// The key backups are encrypted under.
     backup_key: crate::secret::SecretBytes,
+    /// What `store verify` checks the commitment with: its keys, the metadata MAC's format at
+    /// open, and the anchor file the configuration names.
+    commit_keys: crate::store::CommitKeys,
+    meta_format: Option<u8>,
+    anchor: Option<crate::store::FileAnchor>,
 }
 
 /// Refuses empty and oversized input before any key is touched.
@@ -340,6 +345,12 @@ impl Keystore {
                 store.anchor().cloned(),
             ),
             backup_key: crate::secret::SecretBytes::copy_from(keys.backup_key.expose()),
+            commit_keys: keys.commit_keys(store_id),
+            meta_format: root::meta_format(keys, store.meta()),
+            anchor: config
+                .store
+                .anchor_dir()
+                .map(|d| crate::store::FileAnchor::new(&d, &store_id)),
             ids: KeyIdCodec::new(store_id, keys.key_id_mac.expose()),
             record_mac: hmac::Key::new(hmac::HMAC_SHA256, keys.record_mac.expose()),
             sealer_kind: store.meta().sealed_root.sealer.clone(),

@@ -360,40 +360,7 @@ fn check_anchor(anchor: &FileAnchor, recorded: Option<u64>, generation: u64) -> 
 
 /// The message naming what differs.
 fn describe(found: &[Mismatch], names: &std::collections::BTreeMap<[u8; 16], String>) -> String {
-    let key = |uuid: &[u8; 16]| match names.get(uuid) {
-        Some(name) => format!("key `{name}` (record {})", crate::hex::encode(uuid)),
-        None => format!("key record {}", crate::hex::encode(uuid)),
-    };
-    let parts: Vec<String> = found
-        .iter()
-        .map(|m| match m {
-            Mismatch::Changed {
-                uuid,
-                has_record: true,
-            } => format!(
-                "{}: its rows are not the ones committed (one deleted, put back from an older \
-                 copy, or duplicated)",
-                key(uuid)
-            ),
-            Mismatch::Changed {
-                uuid,
-                has_record: false,
-            } => format!(
-                "{}: its record was deleted (some of its other rows are left)",
-                key(uuid)
-            ),
-            Mismatch::Uncommitted { uuid } => format!(
-                "{}: its rows were never committed by this store (added from elsewhere)",
-                key(uuid)
-            ),
-            Mismatch::Vanished { uuid } => {
-                format!("{}: every row of it was deleted", key(uuid))
-            }
-            Mismatch::Digests => "the keys' digests were changed too (rows and digests put back \
-                                  together from an older copy): the store cannot tell which key"
-                .into(),
-        })
-        .collect();
+    let parts: Vec<String> = found.iter().map(|m| describe_one(m, names)).collect();
     format!(
         "{} that the store's rows are not the ones keyhold committed: {}",
         if parts.len() == 1 {
@@ -405,6 +372,167 @@ fn describe(found: &[Mismatch], names: &std::collections::BTreeMap<[u8; 16], Str
     )
 }
 
+/// One difference, naming its key.
+fn describe_one(m: &Mismatch, names: &std::collections::BTreeMap<[u8; 16], String>) -> String {
+    let key = |uuid: &[u8; 16]| match names.get(uuid) {
+        Some(name) => format!("key `{name}` (record {})", crate::hex::encode(uuid)),
+        None => format!("key record {}", crate::hex::encode(uuid)),
+    };
+    match m {
+        Mismatch::Changed {
+            uuid,
+            has_record: true,
+        } => format!(
+            "{}: its rows are not the ones committed (one deleted, put back from an older copy, \
+             or duplicated)",
+            key(uuid)
+        ),
+        Mismatch::Changed {
+            uuid,
+            has_record: false,
+        } => format!(
+            "{}: its record was deleted (some of its other rows are left)",
+            key(uuid)
+        ),
+        Mismatch::Uncommitted { uuid } => format!(
+            "{}: its rows were never committed by this store (added from elsewhere)",
+            key(uuid)
+        ),
+        Mismatch::Vanished { uuid } => format!("{}: every row of it was deleted", key(uuid)),
+        Mismatch::Digests => "the keys' digests were changed too (rows and digests put back \
+                              together from an older copy): the store cannot tell which key"
+            .into(),
+    }
+}
+
+/// What the commitment check of `store verify` found: each problem with its key's uuid when it
+/// is about one.
+pub(super) struct CommitmentReport {
+    /// What was compared.
+    pub(super) summary: String,
+    /// Problems, each with its key's uuid if it is about one.
+    pub(super) problems: Vec<(Option<[u8; 16]>, String)>,
+    /// The state, when it is present and carries keyhold's MAC (for the counter's check).
+    pub(super) state: Option<StoreState>,
+}
+
+/// What the commitment check reads, all from one read transaction ([`Store::all_rows`]).
+pub(super) struct CommitInputs<'a> {
+    pub(super) state: Option<StoreState>,
+    pub(super) digests: &'a std::collections::BTreeMap<[u8; 16], crate::store::Sum>,
+    pub(super) keys: &'a [KeyRecord],
+    pub(super) versions: &'a [crate::store::VersionRecord],
+    pub(super) events: &'a [crate::store::EventRecord],
+    pub(super) counters: &'a [crate::store::CounterRecord],
+}
+
+/// [`settle`]'s checks, reporting instead of refusing and writing nothing: the metadata MAC's
+/// format against the state, the state's MAC, the rows against the commitment, the generation
+/// against the anchor file's value (`anchored`: read before the rows, so that a change made in
+/// between cannot make the rows look older than it). (The TPM counter is the caller's.)
+pub(super) fn check_commitment(
+    meta: &StoreMeta,
+    commit: &CommitKeys,
+    meta_format: Option<u8>,
+    anchored: Option<(std::path::PathBuf, Result<Option<u64>>)>,
+    inputs: CommitInputs<'_>,
+) -> CommitmentReport {
+    let mut report = CommitmentReport {
+        summary: String::new(),
+        problems: Vec::new(),
+        state: None,
+    };
+    let state = match (inputs.state, meta_format) {
+        (None, Some(1)) => {
+            report.summary = "made before keyhold kept a commitment: it is adopted at its next \
+                              open, then checked"
+                .into();
+            return report;
+        }
+        (None, _) => {
+            report.problems.push((
+                None,
+                "its committed state (generation and commitment) was deleted, though its metadata \
+                 says it has one"
+                    .into(),
+            ));
+            return report;
+        }
+        (Some(_), Some(1)) => {
+            report.problems.push((
+                None,
+                "it has a committed state, but its metadata MAC is of the format written before \
+                 there was one: the metadata was put back from an older copy"
+                    .into(),
+            ));
+            return report;
+        }
+        (Some(state), _) if !commit.state_ok(&state, &meta.mac) => {
+            report.problems.push((
+                None,
+                "the store's committed state (its generation and commitment) fails its MAC".into(),
+            ));
+            return report;
+        }
+        (Some(state), _) => state,
+    };
+    let mut rows = Recomputed::default();
+    let records = inputs.keys;
+    for r in records {
+        rows.add(commit, RowKind::Key, &r.uuid, &r.mac);
+    }
+    for v in inputs.versions {
+        rows.add(commit, RowKind::Version, &v.uuid, &v.mac);
+    }
+    for e in inputs.events {
+        rows.add(commit, RowKind::Event, &e.uuid, &e.mac);
+    }
+    for c in inputs.counters {
+        rows.add(commit, RowKind::Counter, &c.uuid, &c.mac);
+    }
+    let names: std::collections::BTreeMap<[u8; 16], String> = records
+        .iter()
+        .map(|r| (r.uuid, format!("{}/{}", r.namespace, r.name)))
+        .collect();
+    for m in rows.compare(commit, inputs.digests, &state) {
+        let uuid = match &m {
+            Mismatch::Changed { uuid, .. }
+            | Mismatch::Uncommitted { uuid }
+            | Mismatch::Vanished { uuid } => Some(*uuid),
+            Mismatch::Digests => None,
+        };
+        report.problems.push((uuid, describe_one(&m, &names)));
+    }
+    report.summary = format!(
+        "generation {}, {} keys' digests against the committed total",
+        state.generation,
+        names.len()
+    );
+    if let Some((path, recorded)) = anchored {
+        match recorded {
+            Ok(Some(recorded)) if state.generation < recorded => report.problems.push((
+                None,
+                format!(
+                    "it is older than its anchor: it is at generation {}, but {} recorded \
+                     generation {recorded} here: it was restored from a copy",
+                    state.generation,
+                    path.display()
+                ),
+            )),
+            Ok(Some(recorded)) => {
+                report
+                    .summary
+                    .push_str(&format!("; anchor file at generation {recorded}"));
+            }
+            Ok(None) => report.summary.push_str("; no anchor file here"),
+            Err(e) => report
+                .summary
+                .push_str(&format!("; the anchor file could not be read ({e})")),
+        }
+    }
+    report.state = Some(state);
+    report
+}
 /// Unseals `store`'s root secret with `sealer`, which must be the kind that sealed it, and checks
 /// the store against it ([`check_store`]).
 ///

@@ -32,9 +32,9 @@ pub enum CheckKind {
     Objects,
     /// The audit log: every line's MAC and the hash chain.
     Audit,
-    /// The store-wide commitment over the records, the store generation and its anchor outside
-    /// the store (TPM NV counter or state file). Reserved for that check: this version makes no
-    /// such section.
+    /// The store-wide commitment over the records (deleted, put back, duplicated or added rows),
+    /// the state's MAC, and the store's generation against its anchors outside the store (the
+    /// anchor file and the TPM NV counter).
     Commitment,
 }
 
@@ -279,6 +279,11 @@ struct Rows {
     versions: Vec<VersionRecord>,
     events: Vec<EventRecord>,
     counters: Vec<CounterRecord>,
+    /// The committed state and the keys' digests, read with the rows (a finding in
+    /// `commitment_unreadable` if they cannot be).
+    state: Option<crate::store::StoreState>,
+    digests: std::collections::BTreeMap<[u8; 16], crate::store::Sum>,
+    commitment_unreadable: Vec<Finding>,
     unreadable: Vec<Finding>,
 }
 
@@ -290,11 +295,40 @@ impl Rows {
         let versions = table(all.versions, "key versions", &mut unreadable)?;
         let events = table(all.events, "history entries", &mut unreadable)?;
         let counters = table(all.counters, "AES-GCM counters", &mut unreadable)?;
+        let mut commitment_unreadable = Vec::new();
+        let mut unreadable_commitment = |e: Error| match e {
+            Error::Storage { .. } | Error::Io { .. } => Err(e),
+            other => {
+                commitment_unreadable.push(Finding {
+                    status: Status::Failed,
+                    key: None,
+                    what: describe(&other),
+                });
+                Ok(())
+            }
+        };
+        let state = match all.state {
+            Ok(state) => state,
+            Err(e) => {
+                unreadable_commitment(e)?;
+                None
+            }
+        };
+        let digests = match all.digests {
+            Ok(digests) => digests,
+            Err(e) => {
+                unreadable_commitment(e)?;
+                std::collections::BTreeMap::new()
+            }
+        };
         Ok(Self {
             keys,
             versions,
             events,
             counters,
+            state,
+            digests,
+            commitment_unreadable,
             unreadable,
         })
     }
@@ -392,11 +426,17 @@ impl Keystore {
                 ),
             });
         }
+        // The TPM counter the store is (or would be) anchored in, read and never advanced.
+        let counter = super::anchor::counter_for(&store, Some(sealer), config, &keys)?;
         let mut config = config.clone();
         // Verifying writes nothing, not even an audit entry.
         config.audit.enabled = false;
         let ks = Self::with_root(store, &keys, &config)?;
-        ks.verify_store_with(opening, progress)
+        ks.verify_store_with(
+            opening,
+            counter.as_ref().map(|(c, _, _)| c.as_ref()),
+            progress,
+        )
     }
 
     /// Verifies the whole store: every record's MAC (key records, later versions, history
@@ -412,23 +452,148 @@ impl Keystore {
     /// # Errors
     /// Storage errors that stop the reading of the store. What fails a check is in the report.
     pub fn verify_store(&self, progress: &dyn Fn(VerifyProgress)) -> Result<VerifyReport> {
-        self.verify_store_with(Vec::new(), progress)
+        self.verify_store_with(Vec::new(), None, progress)
     }
 
     fn verify_store_with(
         &self,
         opening: Vec<Finding>,
+        counter: Option<&dyn crate::store::Counter>,
         progress: &dyn Fn(VerifyProgress),
     ) -> Result<VerifyReport> {
+        // Before the rows: the anchor file is written after each commit, so rows read after it
+        // are at least as new.
+        let anchored = self
+            .anchor
+            .as_ref()
+            .map(|a| (a.path().to_path_buf(), a.read()));
         let rows = Rows::read(&self.store)?;
         let (records, checked) = self.verify_records(&rows, opening, progress);
+        let commitment = self.verify_commitment(&rows, anchored, counter)?;
         let objects = self.verify_objects(&checked, progress);
         let audit = self.verify_audit_log();
         Ok(VerifyReport {
             store_id: self.store_id(),
             keys: rows.keys.len(),
-            sections: vec![records, objects, audit],
+            sections: vec![records, commitment, objects, audit],
         })
+    }
+
+    /// The commitment section: the rows against the committed set, the state's MAC, the
+    /// generation against the anchor file and the TPM counter (read, never advanced).
+    fn verify_commitment(
+        &self,
+        rows: &Rows,
+        anchored: Option<(std::path::PathBuf, Result<Option<u64>>)>,
+        counter: Option<&dyn crate::store::Counter>,
+    ) -> Result<Section> {
+        let report = super::root::check_commitment(
+            self.store.meta(),
+            &self.commit_keys,
+            self.meta_format,
+            anchored,
+            super::root::CommitInputs {
+                state: rows.state.clone(),
+                digests: &rows.digests,
+                keys: &rows.keys,
+                versions: &rows.versions,
+                events: &rows.events,
+                counters: &rows.counters,
+            },
+        );
+        let label_of = |uuid: &[u8; 16]| {
+            rows.keys
+                .iter()
+                .find(|r| &r.uuid == uuid)
+                .map(|r| format!("{}/{}", r.namespace, r.name))
+                .unwrap_or_default()
+        };
+        let mut findings: Vec<Finding> = rows.commitment_unreadable.clone();
+        findings.extend(report.problems.into_iter().map(|(uuid, what)| Finding {
+            status: Status::Failed,
+            key: uuid.map(|uuid| KeyName {
+                label: label_of(&uuid),
+                uuid: crate::hex::encode(&uuid),
+                id: None,
+                backend: None,
+                version: None,
+                authenticated: false,
+            }),
+            what,
+        }));
+        let mut summary = report.summary;
+        if let (None, Some(binding)) = (
+            counter.or(self.store.counter()),
+            report
+                .state
+                .as_ref()
+                .and_then(|s| s.counter)
+                .filter(|b| b.offset.is_some()),
+        ) {
+            findings.push(Finding {
+                status: Status::Unchecked,
+                key: None,
+                what: format!(
+                    "the store is anchored in the NV counter {:#010x} of a TPM, which is not \
+                     configured here: not checked",
+                    binding.index
+                ),
+            });
+        }
+        let judged = match counter {
+            // A counter of this verification's own: read first, then the state (a change
+            // committed in between leaves the counter one behind at most, never ahead).
+            Some(counter) => Some(counter.read().and_then(|value| {
+                let state = self.store.state_as_stored()?;
+                Ok((
+                    state
+                        .as_ref()
+                        .map(|state| crate::store::judge_counter(value, counter, state)),
+                    counter.describe(),
+                ))
+            })),
+            // The store's own, bound at open: read with the state under the writers' lock.
+            None => match self.store.counter_and_state() {
+                Ok(Some((check, state))) => Some(Ok((
+                    state.map(|_| check),
+                    self.store
+                        .counter()
+                        .map(|c| c.describe())
+                        .unwrap_or_default(),
+                ))),
+                Ok(None) => None,
+                Err(e) => Some(Err(e)),
+            },
+        };
+        let described = |r: &Result<(Option<crate::store::CounterCheck>, String)>| match r {
+            Ok((_, d)) => d.clone(),
+            Err(_) => String::new(),
+        };
+        if let (Some(judged), Some(state)) = (judged, &report.state) {
+            let name = described(&judged);
+            if state.counter.is_some() {
+                match judged.map(|(check, _)| check.unwrap_or(crate::store::CounterCheck::InStep)) {
+                    Ok(crate::store::CounterCheck::InStep) => {
+                        summary.push_str(&format!("; {name} in step"));
+                    }
+                    Ok(crate::store::CounterCheck::OneBehind) => summary.push_str(&format!(
+                        "; {name} one behind (a change interrupted before its increment: the next \
+                         change or open advances it)"
+                    )),
+                    Ok(crate::store::CounterCheck::Refused(what)) => findings.push(Finding {
+                        status: Status::Failed,
+                        key: None,
+                        what,
+                    }),
+                    Err(e) => findings.push(Finding {
+                        status: Status::Unchecked,
+                        key: None,
+                        what: format!("the store's TPM counter was not checked: {e}"),
+                    }),
+                }
+            }
+        }
+        Ok(Section::new(CheckKind::Commitment, summary, findings))
     }
 
     /// The records section, and each key record with whether it authenticated and its versions.

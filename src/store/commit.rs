@@ -219,6 +219,7 @@ impl StoreState {
 }
 
 /// The keys of the commitment, derived from the root secret by the keystore.
+#[derive(Clone)]
 pub struct CommitKeys {
     prf: hmac::Key,
     state: hmac::Key,

@@ -226,13 +226,29 @@ impl Store {
     /// counter behind the store by more than one change, gone, or not keyhold's; the counter's
     /// device errors; storage errors.
     pub fn bind_counter(&mut self, counter: Box<dyn Counter>, index: u32) -> Result<()> {
-        let state = self.meta.state.clone().ok_or_else(|| Error::Integrity {
-            what: "a counter was bound to a store before its state was checked (a keyhold bug)"
-                .into(),
-        })?;
+        self.counter = Some(counter);
+        let _lock = self.counter_lock()?;
+        // Read again under the lock: another process may have changed the store (and advanced
+        // the counter) since it was opened.
+        let state = {
+            let conn = self.conn();
+            let (_, state) = self.current_state(&conn)?;
+            state
+        };
+        if state.counter.is_some_and(|b| b.offset.is_some()) {
+            return self.check_counter(&state);
+        }
+        let Some(counter) = self.counter.take() else {
+            return Ok(());
+        };
+        // Asked first: a counter that cannot be reached, or an index someone else holds, changes
+        // nothing, not even the state.
+        let first = counter.read()?;
+        if first == CounterValue::Foreign {
+            return Err(foreign(counter.as_ref()));
+        }
         self.counter = Some(counter);
         let bound = match state.counter {
-            Some(binding) if binding.offset.is_some() => return self.check_counter(&state),
             Some(binding) => binding,
             None => {
                 // Say which counter first, so that a crash before the binding is complete leaves
@@ -249,7 +265,7 @@ impl Store {
         let counter = self.counter.as_deref().ok_or_else(|| Error::Integrity {
             what: "the counter vanished while it was being bound (a keyhold bug)".into(),
         })?;
-        let count = match counter.read()? {
+        let count = match first {
             CounterValue::Count(count) => count,
             CounterValue::Absent => {
                 counter.create()?;
@@ -282,15 +298,12 @@ impl Store {
     /// The state against its counter: equal; one behind (a crash between a commit and the
     /// counter's increment: repaired); anything else refused.
     fn check_counter(&self, state: &StoreState) -> Result<()> {
-        let (Some(counter), Some(expected)) = (
-            self.counter.as_deref(),
-            state.counter.and_then(|b| b.expected(state.generation)),
-        ) else {
+        let Some(counter) = self.counter.as_deref() else {
             return Ok(());
         };
-        match counter.read()? {
-            CounterValue::Count(count) if count == expected => Ok(()),
-            CounterValue::Count(count) if count.wrapping_add(1) == expected => {
+        match compare_counter(counter, state)? {
+            CounterCheck::InStep => Ok(()),
+            CounterCheck::OneBehind => {
                 tracing::info!(
                     counter = %counter.describe(),
                     "the store is one change ahead of its counter (interrupted after a change): \
@@ -298,25 +311,7 @@ impl Store {
                 );
                 counter.increment()
             }
-            CounterValue::Count(count) if count > expected => Err(tampered(format!(
-                "the store is older than {}: it is at generation {}, for which the counter \
-                 should be at {expected}, but it is at {count}: it was restored from a copy",
-                counter.describe(),
-                state.generation
-            ))),
-            CounterValue::Count(count) => Err(tampered(format!(
-                "{} is at {count}, {} behind the store (at generation {}, for which it should be \
-                 at {expected}): it is not the counter this store was anchored in",
-                counter.describe(),
-                expected.wrapping_sub(count),
-                state.generation
-            ))),
-            CounterValue::Absent => Err(tampered(format!(
-                "{} that anchors this store is gone: it was deleted with the TPM owner's \
-                 authorisation, or the TPM was cleared",
-                counter.describe()
-            ))),
-            CounterValue::Foreign => Err(foreign(counter)),
+            CounterCheck::Refused(what) => Err(tampered(what)),
         }
     }
 
@@ -340,6 +335,11 @@ impl Store {
         Ok(state.audit)
     }
 
+    /// The counter this store's generation is bound to in this process, if any.
+    pub fn counter(&self) -> Option<&dyn Counter> {
+        self.counter.as_deref()
+    }
+
     /// The anchor this store records its generations in, if any.
     pub fn anchor(&self) -> Option<&FileAnchor> {
         self.anchor.as_ref()
@@ -350,25 +350,7 @@ impl Store {
     /// # Errors
     /// Storage errors; [`Error::Integrity`] for a digest of the wrong length.
     pub(crate) fn digests(&self) -> Result<BTreeMap<[u8; 16], Sum>> {
-        let conn = self.conn();
-        let mut stmt = conn
-            .prepare("SELECT uuid, digest FROM key_digests")
-            .map_err(|e| Error::storage("read the store's digests", e))?;
-        let rows = stmt
-            .query_map([], |r| {
-                Ok((r.get::<_, Vec<u8>>(0)?, r.get::<_, Vec<u8>>(1)?))
-            })
-            .map_err(|e| Error::storage("read the store's digests", e))?;
-        let mut out = BTreeMap::new();
-        for row in rows {
-            let (uuid, digest) = row.map_err(|e| Error::storage("read the store's digests", e))?;
-            let (Ok(uuid), Some(digest)) = (<[u8; 16]>::try_from(uuid), Sum::from_bytes(&digest))
-            else {
-                return Err(tampered("a row of `key_digests` is malformed".into()));
-            };
-            out.insert(uuid, digest);
-        }
-        Ok(out)
+        read_digests(&self.conn())
     }
 
     /// Gives a store made before the commitment its first state, computed by the keystore from
@@ -431,6 +413,7 @@ impl Store {
     /// # Errors
     /// Storage errors; nothing is changed then.
     pub fn replace_sealed_root(&mut self, sealed: &SealedRoot, mac: &[u8]) -> Result<()> {
+        let lock = self.counter_lock()?;
         let mut conn = self.conn();
         let tx = conn
             .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
@@ -480,13 +463,14 @@ impl Store {
         self.meta.mac = mac.to_vec();
         self.meta.state = Some(next.clone());
         self.committed(&next);
+        drop(lock);
         self.counter = None;
         Ok(())
     }
 
     /// Under a write transaction: the commitment's keys and the state as stored, checked (its
     /// MAC, and that it is not older than a state this process has seen).
-    fn current_state(&self, tx: &rusqlite::Transaction<'_>) -> Result<(&CommitKeys, StoreState)> {
+    fn current_state(&self, tx: &Connection) -> Result<(&CommitKeys, StoreState)> {
         let Some(keys) = &self.commit else {
             return Err(Error::Integrity {
                 what: "the store was about to be changed before its root secret was unsealed and \
@@ -596,7 +580,59 @@ impl Store {
     /// changes update their keys' digests and the total, and the state goes to the next
     /// generation, in the same transaction.
     pub fn write<T>(&self, f: impl FnOnce(&Tx<'_>) -> Result<T>) -> Result<T> {
+        let _lock = self.counter_lock()?;
         self.transact(f, |state| Ok(state.counter))
+    }
+
+    /// With a counter bound: the lock that keeps a change's commit and its counter increment
+    /// together, across threads and processes, so that no one reads the counter between the two
+    /// (it would take the missing increment for a crash and add one too many). An exclusive
+    /// `flock` on the store directory (never on the database file: closing another descriptor of
+    /// it would drop SQLite's own locks), waited for at most the store's busy timeout. `None`
+    /// without a counter.
+    fn counter_lock(&self) -> Result<Option<fs::File>> {
+        if self.counter.is_none() {
+            return Ok(None);
+        }
+        let dir = fs::File::open(&self.dir)
+            .map_err(|e| Error::io(format!("open {}", self.dir.display()), e))?;
+        crate::audit::lock_exclusive(&dir, std::time::Duration::from_secs(10)).map_err(|e| {
+            Error::io(
+                format!(
+                    "lock {} (another keyhold process held it for 10 s)",
+                    self.dir.display()
+                ),
+                e,
+            )
+        })?;
+        Ok(Some(dir))
+    }
+
+    /// The committed state as stored now, its MAC not checked (the caller checks it).
+    ///
+    /// # Errors
+    /// Storage errors; [`Error::StoreTampered`] for a malformed state.
+    pub fn state_as_stored(&self) -> Result<Option<StoreState>> {
+        read_state(&self.conn(), &self.dir)
+    }
+
+    /// The counter's value and the committed state read together, under the counter lock (so
+    /// that no change is between its commit and its increment), for `store verify`. `None`
+    /// without a counter bound in this process.
+    ///
+    /// # Errors
+    /// The counter's device errors; storage errors.
+    pub fn counter_and_state(&self) -> Result<Option<(CounterCheck, Option<StoreState>)>> {
+        let Some(counter) = self.counter.as_deref() else {
+            return Ok(None);
+        };
+        let _lock = self.counter_lock()?;
+        let state = read_state(&self.conn(), &self.dir)?;
+        let check = match &state {
+            Some(state) => compare_counter(counter, state)?,
+            None => CounterCheck::InStep,
+        };
+        Ok(Some((check, state)))
     }
 
     /// Takes the store's generation to at least `at_least` (and one past the current), dropping
@@ -770,6 +806,8 @@ impl Store {
                 [],
                 rows::counter_from_row,
             ),
+            state: read_state(&tx, &self.dir),
+            digests: read_digests(&tx),
         };
         tx.commit()
             .map_err(|e| Error::storage("end reading the store", e))?;
@@ -788,6 +826,10 @@ pub struct AllRows {
     pub events: Result<Vec<EventRecord>>,
     /// Every AES-GCM counter.
     pub counters: Result<Vec<CounterRecord>>,
+    /// The committed state, as read (its MAC not checked).
+    pub state: Result<Option<StoreState>>,
+    /// Every key's digest, as stored.
+    pub(crate) digests: Result<BTreeMap<[u8; 16], Sum>>,
 }
 
 /// A write transaction of [`Store::write`].
@@ -1121,12 +1163,70 @@ fn insert_key(conn: &Connection, rec: &KeyRecord) -> Result<()> {
     }
 }
 
-fn foreign(counter: &dyn Counter) -> Error {
-    tampered(format!(
+/// How a store's state and its counter compare.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CounterCheck {
+    /// The counter is where the state says (or the state is not bound to it yet).
+    InStep,
+    /// One behind: a crash between a change and the counter's increment; the next change or open
+    /// advances it.
+    OneBehind,
+    /// Anything else, and why.
+    Refused(String),
+}
+
+/// Reads `counter` and compares it with `state` (nothing is written).
+///
+/// # Errors
+/// The counter's device errors.
+pub fn compare_counter(counter: &dyn Counter, state: &StoreState) -> Result<CounterCheck> {
+    Ok(judge_counter(counter.read()?, counter, state))
+}
+
+/// How `value`, read from `counter`, compares with `state`.
+pub fn judge_counter(
+    value: CounterValue,
+    counter: &dyn Counter,
+    state: &StoreState,
+) -> CounterCheck {
+    let Some(expected) = state.counter.and_then(|b| b.expected(state.generation)) else {
+        return CounterCheck::InStep;
+    };
+    match value {
+        CounterValue::Count(count) if count == expected => CounterCheck::InStep,
+        CounterValue::Count(count) if count.wrapping_add(1) == expected => CounterCheck::OneBehind,
+        CounterValue::Count(count) if count > expected => CounterCheck::Refused(format!(
+            "the store is older than {}: it is at generation {}, for which the counter should be \
+             at {expected}, but it is at {count}: it was restored from a copy",
+            counter.describe(),
+            state.generation
+        )),
+        CounterValue::Count(count) => CounterCheck::Refused(format!(
+            "{} is at {count}, {} behind the store (at generation {}, for which it should be at \
+             {expected}): it is not the counter this store was anchored in",
+            counter.describe(),
+            expected.wrapping_sub(count),
+            state.generation
+        )),
+        CounterValue::Absent => CounterCheck::Refused(format!(
+            "{} that anchors this store is gone: it was deleted with the TPM owner's \
+             authorisation, or the TPM was cleared",
+            counter.describe()
+        )),
+        CounterValue::Foreign => CounterCheck::Refused(foreign_text(counter)),
+    }
+}
+
+fn foreign_text(counter: &dyn Counter) -> String {
+    format!(
         "{} holds something other than keyhold's counter for this store (other attributes, or \
          an authorisation value keyhold did not set)",
         counter.describe()
-    ))
+    )
+}
+
+fn foreign(counter: &dyn Counter) -> Error {
+    tampered(foreign_text(counter))
 }
 
 fn read_state(conn: &Connection, dir: &Path) -> Result<Option<StoreState>> {
@@ -1152,6 +1252,27 @@ fn read_state(conn: &Connection, dir: &Path) -> Result<Option<StoreState>> {
             })
         })
         .transpose()
+}
+
+fn read_digests(conn: &Connection) -> Result<BTreeMap<[u8; 16], Sum>> {
+    let mut stmt = conn
+        .prepare("SELECT uuid, digest FROM key_digests")
+        .map_err(|e| Error::storage("read the store's digests", e))?;
+    let rows = stmt
+        .query_map([], |r| {
+            Ok((r.get::<_, Vec<u8>>(0)?, r.get::<_, Vec<u8>>(1)?))
+        })
+        .map_err(|e| Error::storage("read the store's digests", e))?;
+    let mut out = BTreeMap::new();
+    for row in rows {
+        let (uuid, digest) = row.map_err(|e| Error::storage("read the store's digests", e))?;
+        let (Ok(uuid), Some(digest)) = (<[u8; 16]>::try_from(uuid), Sum::from_bytes(&digest))
+        else {
+            return Err(tampered("a row of `key_digests` is malformed".into()));
+        };
+        out.insert(uuid, digest);
+    }
+    Ok(out)
 }
 
 fn read_digest(conn: &Connection, uuid: &[u8; 16]) -> Result<Option<Sum>> {
