@@ -104,9 +104,23 @@ pub fn reveal_software_key(
 /// the store, its counter not yet advanced).
 pub const FAULT_VAR: &str = "KEYHOLD_TEST_FAULT";
 
-/// Ends the process at once (no destructors, no flushing) when [`FAULT_VAR`] names `point`.
+/// With [`FAULT_VAR`] = `pause-POINT`, the file this variable names is created when the process
+/// reaches POINT, which then waits two seconds: another process can act at that very point.
+pub const FAULT_MARK_VAR: &str = "KEYHOLD_TEST_FAULT_MARK";
+
+/// Ends the process at once (no destructors, no flushing) when [`FAULT_VAR`] names `point`; with
+/// `pause-` before `point`, says so in [`FAULT_MARK_VAR`]'s file and waits two seconds.
 pub(crate) fn fault_point(point: &str) {
-    if std::env::var_os(FAULT_VAR).is_some_and(|v| v == point) {
+    let Some(fault) = std::env::var_os(FAULT_VAR) else {
+        return;
+    };
+    if fault == point {
         std::process::abort();
+    }
+    if fault.to_str().and_then(|f| f.strip_prefix("pause-")) == Some(point) {
+        if let Some(mark) = std::env::var_os(FAULT_MARK_VAR) {
+            let _ = std::fs::write(mark, point);
+        }
+        std::thread::sleep(std::time::Duration::from_secs(2));
     }
 }

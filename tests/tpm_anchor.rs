@@ -239,3 +239,72 @@ fn store_verify_reads_the_counter_and_names_a_copy_put_back() {
         "{report:#?}"
     );
 }
+
+/// Two keystores on one store changing it at once, many times: store and counter end in step
+/// (the exact interleaving the counter lock is for is forced in the next test).
+#[test]
+fn concurrent_changes_keep_the_counter_in_step() {
+    let f = Fixture::new();
+    let first = f.create();
+    let a = key(&first, "a");
+    let b = key(&first, "b");
+    let second = f.open().unwrap();
+    std::thread::scope(|scope| {
+        for (ks, id) in [(&first, &a), (&second, &b)] {
+            scope.spawn(move || {
+                for _ in 0..40 {
+                    ks.rotate_key(id, None).unwrap();
+                }
+            });
+        }
+    });
+    drop((first, second));
+    let ks = f.open().unwrap();
+    let report = ks.verify_store(&|_| {}).unwrap();
+    assert_eq!(
+        report.status(),
+        keyhold::verify::Status::Passed,
+        "{report:#?}"
+    );
+}
+
+/// The moment the lock is for: one process has committed a change and not yet advanced the
+/// counter (held there by a fault point) when another changes the store. The second waits for
+/// the first; without the lock it would take the counter one behind for a crash, advance it, and
+/// leave it ahead of the store for good.
+#[test]
+fn a_change_between_another_s_commit_and_its_increment_waits_for_it() {
+    let f = Fixture::new();
+    let config = format!(
+        "[backends.tpm]\ntype = \"tpm\"\ntcti = \"{}\"\n",
+        f.tpm.tcti()
+    );
+    let env = Env::new().with_config(&config);
+    env.init_store();
+    let a = env.create_key("a", "ed25519", &[]);
+    let b = env.create_key("b", "ed25519", &[]);
+    let mark = env.path_str("paused");
+    let mut first = env.command(&["key", "rotate", "--key", &a]);
+    first
+        .env(
+            keyhold::testing::FAULT_VAR,
+            "pause-after-commit-before-counter",
+        )
+        .env(keyhold::testing::FAULT_MARK_VAR, &mark)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    let mut first = first.spawn().unwrap();
+    let waited = std::time::Instant::now();
+    while !std::path::Path::new(&mark).exists() {
+        assert!(
+            waited.elapsed() < std::time::Duration::from_secs(120),
+            "the first process never reached its fault point"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    env.ok(&["key", "rotate", "--key", &b], b"", "the second change");
+    assert!(first.wait().unwrap().success());
+    let out = env.run(&["key", "list"], b"");
+    assert_ok(&out, "the store opens: counter and store in step");
+    env.ok(&["store", "verify"], b"", "store verify");
+}
