@@ -221,3 +221,116 @@ fn a_backup_restores_from_recovery_shares() {
     );
     at(&env, &elsewhere, &[], &["sign", "--key", &id], b"m");
 }
+
+/// `backup` and `restore` SIGKILLed at random points, 24 times each: after every kill the store
+/// opens and verifies whole (`store verify` exit 0), as it was or as restored (a restore is one
+/// rename), never in between; and every backup file in the directory restores (a backup is
+/// written under a temporary name, renamed once complete).
+#[test]
+fn killed_backups_and_restores_lose_nothing() {
+    const ROUNDS: usize = 24;
+    let env = Env::init();
+    let kept = env.create_key("kept", "ed25519", &[]);
+    let original = backup(&env, &env.path_str("original"));
+    let original = original.to_str().unwrap().to_owned();
+    let dir = env.path_str("backups");
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64;
+    println!("seed {seed}");
+    let mut rng = seed | 1;
+    let mut next = move || {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        rng
+    };
+    let timed = |args: &[&str]| {
+        let started = std::time::Instant::now();
+        let (code, _, err) = run_killed_after(env.command(args), None);
+        assert_eq!(code, Some(0), "{args:?}: {err}");
+        started.elapsed()
+    };
+    // Each command's running time, measured uninterrupted.
+    let restore_time = timed(&["restore", "--from", &original]);
+    let backup_time = timed(&["backup", "--to", &dir]);
+    // Since the backup: `kept` destroyed and a key `newN` made. A restore brings back `kept` and
+    // drops `newN`; after one, the loop makes the difference again.
+    let diverge = |n: usize| {
+        env.ok(
+            &["key", "destroy", "--key", &kept, "--now", "--yes"],
+            b"",
+            "destroy",
+        );
+        env.create_key(&format!("new{n}"), "ed25519", &[])
+    };
+    let mut new = diverge(0);
+    let restore_args = ["restore", "--from", original.as_str()];
+    let backup_args = ["backup", "--to", dir.as_str()];
+    let (mut restored, mut as_before, mut killed) = (0, 0, 0);
+    for round in 0..ROUNDS {
+        if env.run(&["sign", "--key", &kept], b"m").status.success() {
+            new = diverge(round + 1);
+        }
+        let (args, took): (&[&str], _) = if round % 2 == 0 {
+            (&restore_args, restore_time)
+        } else {
+            (&backup_args, backup_time)
+        };
+        // Uniform over twice the command's time: about half the runs are killed, anywhere.
+        let delay = took.mul_f64((next() % 1000) as f64 / 500.0);
+        let (code, _, err) = run_killed_after(env.command(args), Some(delay));
+        if code.is_none() {
+            killed += 1;
+        } else {
+            assert_eq!(code, Some(0), "round {round} {args:?}: {err}");
+        }
+        let out = env.run(&["--json", "store", "verify"], b"");
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "round {round}: {args:?} killed after {delay:?}: {}\n{}",
+            stderr(&out),
+            String::from_utf8_lossy(&out.stdout)
+        );
+        let kept_signs = env.run(&["sign", "--key", &kept], b"m").status.success();
+        let new_signs = env.run(&["sign", "--key", &new], b"m").status.success();
+        assert!(
+            kept_signs != new_signs,
+            "round {round}: either the backup's state (kept) or the later one (new), not both \
+             nor neither: kept {kept_signs}, new {new_signs}"
+        );
+        if kept_signs {
+            restored += 1;
+        } else {
+            as_before += 1;
+        }
+    }
+    // Every backup file left restores, into a directory of its own.
+    let mut files = 0;
+    assert!(
+        restored > 0,
+        "no restore completed: the loop tested nothing of it"
+    );
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "khbackup") {
+            files += 1;
+            let to = env.path_str(&format!("check-{files}"));
+            env.ok(
+                &["restore", "--from", path.to_str().unwrap(), "--to", &to],
+                b"",
+                "a backup left by the loop",
+            );
+        }
+    }
+    println!(
+        "{ROUNDS} rounds: {killed} killed, store as restored {restored} times, as before \
+         {as_before} times; {files} backup files, each restores"
+    );
+    assert!(
+        killed >= ROUNDS / 4,
+        "too few kills to mean anything: {killed}"
+    );
+}

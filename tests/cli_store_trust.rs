@@ -136,3 +136,28 @@ fn store_verify_reports_the_commitment_and_the_anchor_with_exit_10() {
         "{findings}"
     );
 }
+
+#[test]
+fn store_reanchor_accepts_a_copy_put_back_on_purpose_and_says_so_in_the_audit_log() {
+    let env = Env::init();
+    let id = env.create_key("k", "ed25519", &[]);
+    let old = env.db();
+    env.ok(&["key", "suspend", "--key", &id], b"", "suspend");
+    std::fs::write(env.database_file(), &old).unwrap();
+    env.refused(&[], &["sign", "--key", &id], 10);
+    let before = env.snapshot();
+    let err = env.refused(&[], &["store", "reanchor"], 2);
+    assert!(err.contains("--yes"), "{err}");
+    env.assert_unchanged(&before, "no --yes");
+    let out = env.ok(&["--json", "store", "reanchor", "--yes"], b"", "reanchor");
+    let report = parse_json(&out, "store reanchor --json");
+    assert!(
+        report["generation"].as_u64().unwrap() > report["from_generation"].as_u64().unwrap(),
+        "{report}"
+    );
+    // The copy is the store now: the key is active as it was in it.
+    env.ok(&["sign", "--key", &id], b"m", "sign in the accepted copy");
+    let audit = env.ok_text(&["audit", "show"]);
+    assert!(audit.contains("store-reanchor"), "{audit}");
+    env.ok(&["store", "verify"], b"", "verify after reanchor");
+}

@@ -15,13 +15,13 @@
 mod support;
 
 use std::collections::HashMap;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use keyhold::config::Config;
 use keyhold::{KeyState, Keystore, PassphraseSealer, SignatureFormat, UseOptions};
 use secrecy::SecretString;
-use support::env::{Env, PASS};
+use support::env::{run_killed_after, Env, PASS};
 
 /// Kill-loop iterations per backend.
 const ITERATIONS: usize = 150;
@@ -611,33 +611,6 @@ fn token_record(env: &Env) -> Option<std::path::PathBuf> {
         .flatten()
         .find(|e| e.path().is_dir())?;
     Some(token.path().join("token.object"))
-}
-
-/// Starts `cmd`, SIGKILLs it after `delay` (if given) if it is still running; its exit code if it
-/// ended by itself (`None` when killed), its stdout and its stderr.
-fn run_killed_after(mut cmd: Command, delay: Option<Duration>) -> (Option<i32>, Vec<u8>, String) {
-    cmd.stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let mut child: Child = cmd.spawn().unwrap();
-    let deadline = delay.map(|d| Instant::now() + d);
-    let killed = loop {
-        if child.try_wait().unwrap().is_some() {
-            break false;
-        }
-        if deadline.is_some_and(|d| Instant::now() >= d) {
-            child.kill().unwrap();
-            break true;
-        }
-        std::thread::sleep(Duration::from_micros(500));
-    };
-    let out = child.wait_with_output().unwrap();
-    let code = if killed { None } else { out.status.code() };
-    (
-        code,
-        out.stdout,
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
 }
 
 fn report(backend: &str, tally: &Tally) {

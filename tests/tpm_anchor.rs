@@ -308,3 +308,29 @@ fn a_change_between_another_s_commit_and_its_increment_waits_for_it() {
     assert_ok(&out, "the store opens: counter and store in step");
     env.ok(&["store", "verify"], b"", "store verify");
 }
+
+#[test]
+fn a_store_whose_tpm_was_cleared_is_reanchored_on_purpose_and_then_guarded_again() {
+    let f = Fixture::new();
+    let ks = f.create();
+    let id = key(&ks, "k");
+    drop(ks);
+    // The TPM is cleared (its owner hierarchy's NV indices go with it).
+    let out = std::process::Command::new("tpm2_clear")
+        .args(["-T", &f.tpm.tcti()])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "tpm2_clear: {out:?}");
+    tampered(f.open(), &["is gone", "the TPM was cleared"]);
+    let done = Keystore::reanchor(&f.store, &sealer(PASSPHRASE), &f.config()).unwrap();
+    assert!(done.tpm_counter, "{done:?}");
+    let ks = f.open().unwrap();
+    let before = support::snapshot(&f.store);
+    ks.sign(&id, b"m", SignatureFormat::Der).unwrap();
+    ks.change_state(&id, keyhold::Transition::Suspend, None)
+        .unwrap();
+    drop(ks);
+    support::restore(&f.store, &before);
+    f.forget_anchor_files();
+    tampered(f.open(), &["older than the NV counter"]);
+}

@@ -12,6 +12,16 @@ use super::{io, CmdResult, Context, Failure};
 pub enum StoreCommand {
     /// Check every record's MAC, the audit log's chain and every key's material in its backend
     Verify(VerifyArgs),
+    /// Accept the store as it is and anchor it afresh (its TPM was cleared or replaced, or you
+    /// put an older copy back on purpose)
+    Reanchor(ReanchorArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ReanchorArgs {
+    /// Confirm: the store is accepted as it is now, even if it is an older copy
+    #[arg(long)]
+    yes: bool,
 }
 
 #[derive(Debug, Args)]
@@ -20,6 +30,7 @@ pub struct VerifyArgs {}
 pub fn run(ctx: &Context, command: &StoreCommand) -> CmdResult {
     match command {
         StoreCommand::Verify(a) => verify(ctx, a),
+        StoreCommand::Reanchor(a) => reanchor(ctx, a),
     }
 }
 
@@ -60,6 +71,46 @@ fn verify(ctx: &Context, _args: &VerifyArgs) -> CmdResult {
         io::write_output(None, text(&ctx.store, &report).as_bytes())?;
     }
     verdict(&report)
+}
+
+/// `keyhold store reanchor --yes`.
+fn reanchor(ctx: &Context, args: &ReanchorArgs) -> CmdResult {
+    if !args.yes {
+        return Err(Failure::Usage(
+            "store reanchor accepts the store as it is now, even an older copy put back (a \
+             rollback keyhold would otherwise refuse): add --yes if that is what you mean"
+                .into(),
+        ));
+    }
+    let sealed = keyhold::store::Store::open(&ctx.store)?
+        .meta()
+        .sealed_root
+        .clone();
+    let sealer = io::unsealer(ctx, &sealed)?;
+    let done = {
+        let _notice = io::UnlockingNotice::start(&sealed);
+        Keystore::reanchor(&ctx.store, sealer.as_ref(), &ctx.config)?
+    };
+    if ctx.json {
+        io::print_json(&serde_json::json!({
+            "store": ctx.store.display().to_string(),
+            "from_generation": done.from_generation,
+            "generation": done.generation,
+            "tpm_counter": done.tpm_counter,
+        }))
+    } else {
+        io::print_line(&format!(
+            "re-anchored keyhold store {}: accepted at generation {}, now {}{}",
+            ctx.store.display(),
+            done.from_generation,
+            done.generation,
+            if done.tpm_counter {
+                ", bound to its TPM counter anew"
+            } else {
+                ""
+            }
+        ))
+    }
 }
 
 fn verdict(report: &VerifyReport) -> CmdResult {

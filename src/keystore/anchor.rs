@@ -1,10 +1,12 @@
 //! Which counter anchors a store's generation: the TPM of a TPM-sealed store, else the first TPM
 //! the configuration names. Without one, the anchor file alone (store/anchor.rs) does.
 
+use std::path::Path;
+
 use crate::config::Config;
 use crate::error::Result;
 use crate::sealer::Sealer;
-use crate::store::{Counter, Store};
+use crate::store::{Counter, FileAnchor, Store};
 
 use super::root::DerivedKeys;
 
@@ -121,5 +123,81 @@ pub(super) fn bind(
     match store.meta().state.as_ref().and_then(|s| s.counter) {
         Some(_) => Err(crate::Error::not_built("tpm")),
         None => Ok(()),
+    }
+}
+
+/// What [`super::Keystore::reanchor`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reanchored {
+    /// The generation the store was at.
+    pub from_generation: u64,
+    /// The generation it is at now: past its anchor file's.
+    pub generation: u64,
+    /// Whether it is bound to a TPM counter now.
+    pub tpm_counter: bool,
+}
+
+impl super::Keystore {
+    /// Accepts the store in `dir` as it is now and anchors it afresh: for a store refused because
+    /// its TPM counter is gone (the TPM was cleared or replaced) or its anchor is ahead of it (a
+    /// copy put back on purpose). Everything else is checked as at every open — the sealer, every
+    /// row's MAC, the commitment — and only the anchors are not: the store's generation is taken
+    /// past its anchor file's, its counter binding dropped and, where there is a TPM, bound to its
+    /// counter anew. An audit entry (`store-reanchor`) records it.
+    ///
+    /// This is the one way to accept an older copy as current: use it only for a copy you put
+    /// back yourself, or for a TPM you know was cleared.
+    ///
+    /// # Errors
+    /// As [`Self::open_with`], but for the anchors.
+    pub fn reanchor(dir: &Path, sealer: &dyn Sealer, config: &Config) -> Result<Reanchored> {
+        let mut store = Store::open(dir)?;
+        let (_root, keys) = super::root::unseal_unchecked(&store, sealer)?;
+        let checked = super::root::check_store(&store, &keys)?;
+        // The commitment, not the anchors.
+        super::root::settle(&mut store, &keys, checked, None)?;
+        let from_generation = store.meta().state.as_ref().map_or(0, |s| s.generation);
+        let anchor_dir = config.store.anchor_dir();
+        let anchored = anchor_dir
+            .as_ref()
+            .and_then(|d| {
+                FileAnchor::new(d, &store.meta().store_id)
+                    .read()
+                    .ok()
+                    .flatten()
+            })
+            .unwrap_or(0);
+        let generation = store.restart_generation(anchored.saturating_add(1))?;
+        if let Some(anchor) = anchor_dir.map(|d| FileAnchor::new(&d, &store.meta().store_id)) {
+            anchor.advance(generation)?;
+            store.set_anchor(anchor);
+        }
+        bind(&mut store, Some(sealer), config, &keys)?;
+        let tpm_counter = store
+            .meta()
+            .state
+            .as_ref()
+            .is_some_and(|s| s.counter.is_some_and(|b| b.offset.is_some()))
+            || store.counter().is_some();
+        tracing::warn!(
+            store = %dir.display(),
+            from_generation,
+            generation,
+            "re-anchored the store: accepted as it is, its generation past its anchor file's{}",
+            if tpm_counter { ", bound to its TPM counter anew" } else { "" }
+        );
+        let ks = Self::with_root(store, &keys, config)?;
+        ks.audit_sink().lifecycle(crate::audit::Record {
+            operation: "store-reanchor",
+            key_id: None,
+            version: None,
+            namespace: None,
+            outcome: "ok",
+        })?;
+        Ok(Reanchored {
+            from_generation,
+            generation,
+            tpm_counter,
+        })
     }
 }

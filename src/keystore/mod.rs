@@ -33,6 +33,7 @@ use crate::public_key::PublicKey;
 use crate::sealer::{RootSecret, Sealer};
 use crate::store::{KeyRecord, Store, StoreMeta};
 
+pub use anchor::Reanchored;
 pub use backup::{Backup, BackupInfo, Restored, RootSource, EXTENSION as BACKUP_EXTENSION};
 pub use doctor::{BackendHealth, Doctor, MissingKey, Orphan, UncheckedKey};
 pub(crate) use envelope::oaep_label;

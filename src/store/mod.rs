@@ -340,6 +340,11 @@ impl Store {
         self.counter.as_deref()
     }
 
+    /// Records this store's generations in `anchor` from now on.
+    pub fn set_anchor(&mut self, anchor: FileAnchor) {
+        self.anchor = Some(anchor);
+    }
+
     /// The anchor this store records its generations in, if any.
     pub fn anchor(&self) -> Option<&FileAnchor> {
         self.anchor.as_ref()
@@ -1392,8 +1397,16 @@ impl Staged {
         if !target.join(DB_FILE).is_file() {
             make_private_dir(target)?;
         }
+        // What an interrupted restore left behind (its staging directory: a database image and
+        // nothing else) goes first.
+        if let Ok(entries) = fs::read_dir(target) {
+            for entry in entries.flatten() {
+                if entry.file_name().to_string_lossy().starts_with(".restore-") {
+                    let _ = fs::remove_dir_all(entry.path());
+                }
+            }
+        }
         let dir = target.join(format!(".restore-{}", std::process::id()));
-        let _ = fs::remove_dir_all(&dir);
         fs::DirBuilder::new()
             .mode(0o700)
             .create(&dir)

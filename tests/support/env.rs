@@ -1052,3 +1052,33 @@ pub fn softhsm_with_pin(pin: &str) -> keyhold::testing::SoftHsm {
     );
     hsm
 }
+
+/// Starts `cmd`, SIGKILLs it after `delay` (if given) if it is still running; its exit code if it
+/// ended by itself (`None` when killed), its stdout and its stderr.
+pub fn run_killed_after(
+    mut cmd: Command,
+    delay: Option<Duration>,
+) -> (Option<i32>, Vec<u8>, String) {
+    cmd.stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let mut child: std::process::Child = cmd.spawn().unwrap();
+    let deadline = delay.map(|d| std::time::Instant::now() + d);
+    let killed = loop {
+        if child.try_wait().unwrap().is_some() {
+            break false;
+        }
+        if deadline.is_some_and(|d| std::time::Instant::now() >= d) {
+            child.kill().unwrap();
+            break true;
+        }
+        std::thread::sleep(Duration::from_micros(500));
+    };
+    let out = child.wait_with_output().unwrap();
+    let code = if killed { None } else { out.status.code() };
+    (
+        code,
+        out.stdout,
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
