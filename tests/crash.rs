@@ -548,12 +548,14 @@ fn check_device(ks: &Keystore, token: Option<&str>, ctx: &str) -> usize {
         assert!(
             recorded.contains(&locator) || orphans.contains(&locator),
             "{ctx}: object {locator} on the token is neither recorded nor reported\n\
-             doctor's objects: {:?}\nrecorded: {recorded:?}\nall keys: {:?}",
+             doctor's reports: {:?}\nrecorded: {recorded:?}\nall keys: {:?}",
             doctor
                 .backends
                 .iter()
-                .filter_map(|b| b.report.as_ref().ok())
-                .filter_map(|r| r.objects.clone())
+                .map(|b| b
+                    .report
+                    .as_ref()
+                    .map(|r| (r.objects.clone(), r.details.clone())))
                 .collect::<Vec<_>>(),
             ks.list_all_keys(None)
                 .unwrap()

@@ -86,14 +86,25 @@ impl Pkcs11Backend {
         let raw = self.run("list objects (C_FindObjects)", |_, session| {
             let mut found = Vec::new();
             for handle in session.find_objects(&[])? {
-                let attrs = session.get_attributes(
-                    handle,
-                    &[
-                        AttributeType::Id,
-                        AttributeType::Label,
-                        AttributeType::Class,
-                    ],
-                )?;
+                let wanted = [
+                    AttributeType::Id,
+                    AttributeType::Label,
+                    AttributeType::Class,
+                ];
+                // One object the token cannot read whole (SoftHSM 2.6 leaves one half-written
+                // when a process is killed while it rewrites the object's file) must not hide
+                // the others: it is listed with what can be read of it, its ID if anything.
+                let attrs = match session.get_attributes(handle, &wanted) {
+                    Ok(attrs) => attrs,
+                    Err(e) => {
+                        let id = session
+                            .get_attributes(handle, &[AttributeType::Id])
+                            .unwrap_or_default();
+                        let mut attrs = id;
+                        attrs.push(Attribute::Label(format!("(unreadable: {e})").into_bytes()));
+                        attrs
+                    }
+                };
                 let (mut id, mut label, mut class) = (Vec::new(), String::new(), String::new());
                 for attr in attrs {
                     match attr {
@@ -125,7 +136,13 @@ impl Pkcs11Backend {
             Ok(raw) => raw,
             Err(e) => {
                 // Token facts need no login: show them even when listing objects failed.
-                details.push(("key objects".into(), format!("cannot be listed: {e}")));
+                let source = std::error::Error::source(&e)
+                    .map(|s| format!(" ({s})"))
+                    .unwrap_or_default();
+                details.push((
+                    "key objects".into(),
+                    format!("cannot be listed: {e}{source}"),
+                ));
                 return Ok(BackendReport {
                     kind: "pkcs11".into(),
                     details,
