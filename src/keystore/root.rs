@@ -331,7 +331,8 @@ fn check_anchor(anchor: &FileAnchor, recorded: Option<u64>, generation: u64) -> 
         Some(recorded) if generation < recorded => Err(tampered(format!(
             "it is older than its anchor: it is at generation {generation}, but {} \
              recorded generation {recorded} here: it was restored from a copy (or the anchor \
-             file was changed); if you put an older copy back on purpose, delete that file",
+             file was changed); if you put this copy back on purpose, `keyhold store reanchor \
+             --yes` accepts it",
             anchor.path().display()
         ))),
         Some(recorded) if generation == recorded => Ok(()),
