@@ -334,3 +334,38 @@ fn killed_backups_and_restores_lose_nothing() {
         "too few kills to mean anything: {killed}"
     );
 }
+
+/// Review F6 and F7: `restore --from DIR` picks the newest backup by its authenticated header,
+/// not by a file name anyone can change; a store whose audit log was lost gets the backup's, and
+/// the log verifies though the anchor file had recorded a later entry of the lost one.
+#[test]
+fn restore_picks_by_the_header_and_a_restored_log_verifies() {
+    let env = Env::init();
+    let id = env.create_key("k", "ed25519", &[]);
+    let dir = env.path_str("backups");
+    let older = backup(&env, &dir);
+    env.ok(&["key", "suspend", "--key", &id], b"", "suspend");
+    let newer = backup(&env, &dir);
+    // The older file renamed to look newest.
+    let forged = std::path::Path::new(&dir).join(format!(
+        "keyhold-{}-g99999999-99999999T999999Z.khbackup",
+        "0".repeat(32)
+    ));
+    std::fs::rename(&older, &forged).unwrap();
+    let (out, _) = env.ok_vars(&[], &["--json", "restore", "--from", &dir]);
+    let report = parse_json(&out, "restore --json");
+    assert_eq!(report["backup"], newer.to_str().unwrap(), "{report}");
+    // More entries, then the log is lost: the restore brings the backup's back.
+    env.ok(&["key", "resume", "--key", &id], b"", "resume");
+    env.ok(&["sign", "--key", &id], b"m", "sign");
+    std::fs::remove_file(env.store.join("audit.log")).unwrap();
+    let (out, _) = env.ok_vars(
+        &[],
+        &["--json", "restore", "--from", newer.to_str().unwrap()],
+    );
+    assert_eq!(
+        parse_json(&out, "restore --json")["audit_log_restored"],
+        true
+    );
+    env.ok(&["audit", "verify"], b"", "the restored log verifies");
+}

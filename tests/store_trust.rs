@@ -381,3 +381,26 @@ fn key_uses_cut_off_the_end_of_the_audit_log_are_caught_by_the_anchor_file() {
     cut_log(&t, whole - 2);
     audit_refused(&t.ks, "its end was cut off");
 }
+
+/// Review F4: an anchor file claiming a generation no store reaches is read as absent (and
+/// rewritten), not taken as a reason to refuse the store for good or to wrap its generation.
+#[test]
+fn an_anchor_file_with_an_absurd_generation_is_ignored() {
+    let t = TestStore::new();
+    let key = t.create("k", KeyType::Ed25519, None);
+    let anchor_file = std::fs::read_dir(t.dir.path().join("state/anchors"))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    std::fs::write(
+        &anchor_file,
+        format!("keyhold store anchor v1\n{}\n", u64::MAX),
+    )
+    .unwrap();
+    let ks = t.reopen().unwrap();
+    ks.rotate_key(&key.id, None).unwrap();
+    let text = std::fs::read_to_string(&anchor_file).unwrap();
+    assert!(!text.contains(&u64::MAX.to_string()), "rewritten: {text}");
+}

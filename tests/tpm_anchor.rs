@@ -334,3 +334,57 @@ fn a_store_whose_tpm_was_cleared_is_reanchored_on_purpose_and_then_guarded_again
     f.forget_anchor_files();
     tampered(f.open(), &["older than the NV counter"]);
 }
+
+/// Review F1: a copy from before the store was anchored in the TPM (its state knows no counter)
+/// is refused once the counter exists, even with the anchor file gone; reanchor accepts it.
+#[test]
+fn a_copy_from_before_the_store_was_anchored_is_refused_by_the_existing_counter() {
+    let f = Fixture::new();
+    let mut plain = Config::default();
+    plain.store.state_dir = Some(f.dir.path().join("state"));
+    let ks = Keystore::create_with(&f.store, &sealer(PASSPHRASE), &plain).unwrap();
+    let id = key(&ks, "k");
+    drop(ks);
+    let unanchored = support::snapshot(&f.store);
+    // Anchored from the first open with the TPM configured; then the key is destroyed.
+    let ks = f.open().unwrap();
+    ks.destroy_key(&id).unwrap();
+    drop(ks);
+    support::restore(&f.store, &unanchored);
+    f.forget_anchor_files();
+    tampered(
+        f.open(),
+        &["has counted this store's changes", "older copy"],
+    );
+    Keystore::reanchor(&f.store, &sealer(PASSPHRASE), &f.config()).unwrap();
+    let ks = f.open().unwrap();
+    ks.sign(&id, b"m", SignatureFormat::Der).unwrap();
+}
+
+/// Review F2: a keystore that could not bind the store (its TPM was down when it opened it)
+/// does not change the store once another process has bound it: it would neither check nor
+/// advance the counter.
+#[test]
+fn a_keystore_without_the_counter_does_not_write_to_a_store_bound_since() {
+    let mut f = Fixture::new();
+    let mut plain = Config::default();
+    plain.store.state_dir = Some(f.dir.path().join("state"));
+    drop(Keystore::create_with(&f.store, &sealer(PASSPHRASE), &plain).unwrap());
+    f.tpm.kill().unwrap();
+    let unbound = f.open().unwrap();
+    f.tpm.restart().unwrap();
+    let bound = f.open().unwrap();
+    key(&bound, "made-by-the-bound-one");
+    let err = unbound
+        .create_key(&KeyRequest {
+            namespace: "default".into(),
+            name: "k".into(),
+            spec: KeySpec::new(KeyType::Ed25519, None, None).unwrap(),
+            backend: None,
+        })
+        .unwrap_err();
+    assert!(matches!(err, Error::StoreUnusable { .. }), "{err:?}");
+    assert!(err.to_string().contains("open it again"), "{err}");
+    drop((unbound, bound));
+    f.open().unwrap();
+}

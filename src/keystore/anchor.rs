@@ -39,17 +39,22 @@ pub(super) fn bind(
     match store.bind_counter(counter, index) {
         // Only a completed binding makes the TPM necessary: one interrupted (or never begun)
         // waits for an open that reaches the TPM.
-        Err(
-            e @ (crate::Error::BackendUnavailable { .. }
-            | crate::Error::Timeout { .. }
-            | crate::Error::BackendLogin { .. }
-            | crate::Error::StoreTampered { .. }),
-        ) if bound.is_none_or(|b| b.offset.is_none()) => {
+        Err(e @ (crate::Error::BackendUnavailable { .. } | crate::Error::Timeout { .. }))
+            if bound.is_none_or(|b| b.offset.is_none()) =>
+        {
             tracing::info!(
                 error = %e,
                 "the store's generation is not anchored in TPM `{name}` yet (the TPM is \
-                 unavailable, refused the owner's authorisation, or holds something else at the \
-                 store's NV index): only the anchor file guards against a copy put back"
+                 unavailable): only the anchor file guards against a copy put back"
+            );
+            Ok(())
+        }
+        Err(e @ crate::Error::BackendLogin { .. }) if bound.is_none_or(|b| b.offset.is_none()) => {
+            tracing::warn!(
+                error = %e,
+                "the store's generation cannot be anchored in TPM `{name}` (the TPM refused the \
+                 owner's authorisation, which defining its counter takes): only the anchor file \
+                 guards against a copy put back"
             );
             Ok(())
         }
@@ -167,7 +172,11 @@ impl super::Keystore {
                     .flatten()
             })
             .unwrap_or(0);
-        let generation = store.restart_generation(anchored.saturating_add(1))?;
+        // With a TPM, the binding is made pending at the store's index: accepted as it is, the
+        // store is bound to the counter wherever it now stands.
+        let rebind_at =
+            counter_for(&store, Some(sealer), config, &keys)?.map(|(_, index, _)| index);
+        let generation = store.restart_generation(anchored.saturating_add(1), rebind_at)?;
         if let Some(anchor) = anchor_dir.map(|d| FileAnchor::new(&d, &store.meta().store_id)) {
             anchor.advance(generation)?;
             store.set_anchor(anchor);

@@ -315,7 +315,9 @@ impl Backup {
             .filter(|&n| n <= body.len())
             .ok_or_else(|| self.damaged("its lengths do not add up"))?;
         let (image, audit) = body.split_at(database_bytes);
-        if let Ok(existing) = Store::open(to) {
+        if to.join(crate::store::DB_FILE).exists() {
+            // A database that does not open is not replaced blindly: it may be another store's.
+            let existing = Store::open(to)?;
             if existing.meta().store_id != self.store_id {
                 return Err(Error::InvalidInput(format!(
                     "{} holds another store ({}), not the one backed up ({}): restore into a new \
@@ -327,7 +329,7 @@ impl Backup {
             }
         }
         let staged = Staged::new(to, image)?;
-        let (keys_count, generation) = self.check_staged(&staged, &keys, to, config)?;
+        let (keys_count, generation) = self.check_staged(&staged, &keys, to, config, sealer)?;
         let audit_path = to.join(crate::audit::FILE);
         let audit_log_restored = !audit.is_empty() && !audit_path.exists();
         if audit_log_restored {
@@ -345,6 +347,17 @@ impl Backup {
         let mut store = Store::open(to)?;
         check_and_settle(&mut store, &keys, config.store.anchor_dir().as_deref())?;
         anchor::bind(&mut store, sealer, config, &keys)?;
+        if audit_log_restored {
+            // The log put back ends where the backup's did, before what the anchor file may
+            // recorded of the lost one: its head is the one to compare with from now on.
+            let verified = crate::audit::AuditLog::new(&audit_path, &keys.audit_mac).verify()?;
+            if let (Some(anchor), true) = (store.anchor(), verified.entries > 0) {
+                anchor.set_audit(crate::audit::Head {
+                    seq: verified.entries,
+                    hash: verified.head,
+                })?;
+            }
+        }
         tracing::info!(
             store = %to.display(),
             backup = %self.path.display(),
@@ -368,6 +381,7 @@ impl Backup {
         keys: &DerivedKeys,
         to: &Path,
         config: &Config,
+        sealer: Option<&dyn Sealer>,
     ) -> Result<(usize, u64)> {
         let mut store = Store::open(staged.dir())?;
         let meta = store.meta();
@@ -390,7 +404,11 @@ impl Backup {
             .ok()
             .and_then(|s| s.meta().state.as_ref().map(|st| st.generation))
             .unwrap_or(0);
-        let generation = store.restart_generation(anchored.max(replaced).saturating_add(1))?;
+        // A restore is accepted as current: with a TPM, bound to the counter where it stands.
+        let rebind_at =
+            super::anchor::counter_for(&store, sealer, config, keys)?.map(|(_, index, _)| index);
+        let generation =
+            store.restart_generation(anchored.max(replaced).saturating_add(1), rebind_at)?;
         Ok((store.keys(None)?.len(), generation))
     }
 
@@ -427,31 +445,27 @@ impl Backup {
     }
 }
 
-/// The newest backup in `dir`.
+/// The newest backup in `dir`: the highest generation its header states (authenticated when it is
+/// opened, unlike the file's name), then the latest time.
 fn newest_in(dir: &Path) -> Result<PathBuf> {
-    let mut best: Option<((u64, String), PathBuf)> = None;
+    let mut best: Option<((u64, i64), PathBuf)> = None;
     for entry in fs::read_dir(dir).map_err(|e| Error::io(format!("read {}", dir.display()), e))? {
         let path = entry
             .map_err(|e| Error::io(format!("read {}", dir.display()), e))?
             .path();
-        let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
+        let named = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| n.starts_with("keyhold-") && n.ends_with(&format!(".{EXTENSION}")));
+        if !named {
+            continue;
+        }
+        // A file that is not a backup (or is damaged) is passed over here; restoring it by name
+        // says what is wrong with it.
+        let Ok(backup) = Backup::open(&path) else {
             continue;
         };
-        let Some(stem) = name
-            .strip_prefix("keyhold-")
-            .and_then(|n| n.strip_suffix(&format!(".{EXTENSION}")))
-        else {
-            continue;
-        };
-        // keyhold-STOREID-gGENERATION-TIME
-        let mut parts = stem.splitn(3, '-');
-        let (_, Some(generation), Some(time)) = (parts.next(), parts.next(), parts.next()) else {
-            continue;
-        };
-        let Some(generation) = generation.strip_prefix('g').and_then(|g| g.parse().ok()) else {
-            continue;
-        };
-        let key = (generation, time.to_owned());
+        let key = (backup.header.generation, backup.header.created_at);
         if best.as_ref().is_none_or(|(k, _)| key > *k) {
             best = Some((key, path));
         }

@@ -541,9 +541,10 @@ impl Keystore {
             });
         }
         let judged = match counter {
-            // A counter of this verification's own: read first, then the state (a change
-            // committed in between leaves the counter one behind at most, never ahead).
-            Some(counter) => Some(counter.read().and_then(|value| {
+            // A counter of this verification's own: read with the state under the lock that
+            // changes hold from their commit to their counter's increment.
+            Some(counter) => Some(self.store.dir_lock().and_then(|_lock| {
+                let value = counter.read()?;
                 let state = self.store.state_as_stored()?;
                 Ok((
                     state

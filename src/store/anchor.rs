@@ -140,6 +140,18 @@ impl FileAnchor {
         })
     }
 
+    /// Records `head` as the audit log's last entry, replacing any later one: for a log put back
+    /// on purpose (a restore), whose end is earlier than what the file recorded.
+    ///
+    /// # Errors
+    /// I/O errors.
+    pub fn set_audit(&self, head: Head) -> Result<()> {
+        self.update(|recorded| {
+            recorded.audit = Some(head);
+            true
+        })
+    }
+
     /// Reads the file under its lock, lets `change` change what it records, and writes it back
     /// if `change` says so.
     fn update(&self, change: impl FnOnce(&mut Recorded) -> bool) -> Result<()> {
@@ -213,7 +225,12 @@ fn parse(text: &str) -> Recorded {
     if lines.next() != Some(HEADER) {
         return Recorded::default();
     }
-    let generation = lines.next().and_then(|l| l.trim().parse().ok());
+    // A generation no store reaches (2^62 changes) is a forged file: read as absent, so that it
+    // can neither wrap a store's generation around nor keep it refused for good.
+    let generation = lines
+        .next()
+        .and_then(|l| l.trim().parse::<u64>().ok())
+        .filter(|g| *g < 1 << 62);
     let audit = lines.next().and_then(|l| {
         let mut parts = l.strip_prefix("audit ")?.split(' ');
         let seq = parts.next()?.parse().ok()?;

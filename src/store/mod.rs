@@ -245,7 +245,25 @@ impl Store {
         // nothing, not even the state.
         let first = counter.read()?;
         if first == CounterValue::Foreign {
-            return Err(foreign(counter.as_ref()));
+            // Someone else holds the store's index (it takes the TPM owner's authorisation): the
+            // store cannot be anchored there. Not fatal for a store never bound (the anchor file
+            // still guards it), but said.
+            tracing::warn!(
+                "{}: the store's generation stays anchored in its anchor file only",
+                foreign_text(counter.as_ref())
+            );
+            return Ok(());
+        }
+        if let (None, CounterValue::Count(count)) = (state.counter, first) {
+            // The counter exists, with this store's authorisation: the store was bound to it
+            // before. A state that knows nothing of it is from before (or had its binding cut
+            // out, which its MAC forbids): an older copy.
+            return Err(tampered(format!(
+                "{} has counted this store's changes (it is at {count}), but the store does not \
+                 know it: it is an older copy, from before it was anchored in that counter; if \
+                 you put it back on purpose, `keyhold store reanchor --yes` accepts it",
+                counter.describe()
+            )));
         }
         self.counter = Some(counter);
         let bound = match state.counter {
@@ -418,7 +436,7 @@ impl Store {
     /// # Errors
     /// Storage errors; nothing is changed then.
     pub fn replace_sealed_root(&mut self, sealed: &SealedRoot, mac: &[u8]) -> Result<()> {
-        let lock = self.counter_lock()?;
+        let lock = self.dir_lock()?;
         let mut conn = self.conn();
         let tx = conn
             .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
@@ -427,12 +445,12 @@ impl Store {
         // The state's MAC covers the metadata MAC: the new seal and the next generation go in
         // together.
         self.check_counter(&state)?;
-        // The new seal may come with another TPM (or none): the counter binding is dropped, and
-        // the keystore anchors the store again right after, with the new sealer.
+        // The new seal may come with another TPM (or none): a binding becomes pending, and the
+        // keystore completes it right after, with the new sealer's TPM or the configuration's.
         let next = keys.state(
-            state.generation + 1,
+            next_generation(&state)?,
             state.total_sum(),
-            None,
+            pending_of(&state, None),
             state.audit,
             mac,
         );
@@ -599,6 +617,15 @@ impl Store {
         if self.counter.is_none() {
             return Ok(None);
         }
+        self.dir_lock().map(Some)
+    }
+
+    /// The exclusive lock on the store directory that changes of a counter-bound store hold from
+    /// before their transaction to after their counter's increment (see `counter_lock`).
+    ///
+    /// # Errors
+    /// I/O errors, and another process holding it for 10 s.
+    pub(crate) fn dir_lock(&self) -> Result<fs::File> {
         let dir = fs::File::open(&self.dir)
             .map_err(|e| Error::io(format!("open {}", self.dir.display()), e))?;
         crate::audit::lock_exclusive(&dir, std::time::Duration::from_secs(10)).map_err(|e| {
@@ -610,7 +637,7 @@ impl Store {
                 e,
             )
         })?;
-        Ok(Some(dir))
+        Ok(dir)
     }
 
     /// The committed state as stored now, its MAC not checked (the caller checks it).
@@ -646,10 +673,20 @@ impl Store {
     ///
     /// # Errors
     /// As [`Self::write`].
-    pub(crate) fn restart_generation(&self, at_least: u64) -> Result<u64> {
-        self.transact_to(
+    ///
+    /// `rebind_at`: the NV index a counter should be bound at by the next bind (a pending
+    /// binding), whatever the state says; else a binding the state has becomes pending.
+    pub(crate) fn restart_generation(&self, at_least: u64, rebind_at: Option<u32>) -> Result<u64> {
+        let _lock = self.dir_lock()?;
+        self.transact_inner(
             |_| Ok(()),
-            |state| Ok((state.generation.saturating_add(1).max(at_least), None)),
+            |state| {
+                Ok((
+                    next_generation(state)?.max(at_least),
+                    pending_of(state, rebind_at),
+                ))
+            },
+            true,
         )?;
         Ok(self.seen.load(Ordering::SeqCst))
     }
@@ -661,20 +698,38 @@ impl Store {
         f: impl FnOnce(&Tx<'_>) -> Result<T>,
         binding: impl FnOnce(&StoreState) -> Result<Option<CounterBinding>>,
     ) -> Result<T> {
-        self.transact_to(f, |state| Ok((state.generation + 1, binding(state)?)))
+        self.transact_inner(
+            f,
+            |state| Ok((next_generation(state)?, binding(state)?)),
+            false,
+        )
     }
 
     /// [`Self::write`], with the next state's generation and counter binding chosen by `next`.
-    fn transact_to<T>(
+    /// `admin`: a change that re-anchors the store (restore, reanchor), allowed where this
+    /// process has no counter for a state bound to one.
+    fn transact_inner<T>(
         &self,
         f: impl FnOnce(&Tx<'_>) -> Result<T>,
         next: impl FnOnce(&StoreState) -> Result<(u64, Option<CounterBinding>)>,
+        admin: bool,
     ) -> Result<T> {
         let mut conn = self.conn();
         let tx = conn
             .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
             .map_err(|e| Error::storage("begin a change of the store", e))?;
         let (keys, state) = self.current_state(&tx)?;
+        if !admin && self.counter.is_none() && state.counter.is_some_and(|b| b.offset.is_some()) {
+            // Bound by another process since this one opened the store: a change here would
+            // neither be checked against the counter nor advance it.
+            return Err(Error::StoreUnusable {
+                path: self.dir.clone(),
+                reason: "another keyhold process anchored it in a TPM counter after this one \
+                         opened it: open it again to change it"
+                    .into(),
+                source: None,
+            });
+        }
         self.check_counter(&state)?;
         let writer = Tx {
             tx: &tx,
@@ -1168,6 +1223,23 @@ fn insert_key(conn: &Connection, rec: &KeyRecord) -> Result<()> {
     }
 }
 
+/// The generation after `state`'s.
+fn next_generation(state: &StoreState) -> Result<u64> {
+    state.generation.checked_add(1).ok_or_else(|| {
+        tampered("its generation is at the largest number there is: it was forged".into())
+    })
+}
+
+/// `state`'s binding made pending (bound again at the next bind), at `index` if given.
+fn pending_of(state: &StoreState, index: Option<u32>) -> Option<CounterBinding> {
+    index
+        .or(state.counter.map(|b| b.index))
+        .map(|index| CounterBinding {
+            index,
+            offset: None,
+        })
+}
+
 /// How a store's state and its counter compare.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum CounterCheck {
@@ -1441,13 +1513,23 @@ impl Staged {
     pub fn install(self) -> Result<()> {
         let db = self.target.join(DB_FILE);
         let journal = self.target.join(format!("{DB_FILE}-journal"));
-        match fs::remove_file(&journal) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(Error::io(format!("remove {}", journal.display()), e)),
+        // Moved aside (not deleted) first: if the rename below fails, it goes back with the
+        // database it belongs to.
+        let aside = self.dir.join(format!("{DB_FILE}-journal.replaced"));
+        let moved_aside = match fs::rename(&journal, &aside) {
+            Ok(()) => true,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
+            Err(e) => return Err(Error::io(format!("move {} aside", journal.display()), e)),
+        };
+        if let Err(e) = fs::rename(self.dir.join(DB_FILE), &db) {
+            if moved_aside {
+                let _ = fs::rename(&aside, &journal);
+            }
+            return Err(Error::io(
+                format!("move the restored database to {}", db.display()),
+                e,
+            ));
         }
-        fs::rename(self.dir.join(DB_FILE), &db)
-            .map_err(|e| Error::io(format!("move the restored database to {}", db.display()), e))?;
         if let Ok(dir) = fs::File::open(&self.target) {
             let _ = dir.sync_all();
         }
