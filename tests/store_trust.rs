@@ -404,3 +404,29 @@ fn an_anchor_file_with_an_absurd_generation_is_ignored() {
     let text = std::fs::read_to_string(&anchor_file).unwrap();
     assert!(!text.contains(&u64::MAX.to_string()), "rewritten: {text}");
 }
+
+/// Review F3: a keystore kept open (a service) refuses a key whose rows were put back behind its
+/// back at the key's next use, not only at the next open; and no change is built on such rows.
+#[test]
+fn an_open_keystore_refuses_a_destroyed_key_put_back_at_its_next_use() {
+    let t = TestStore::new();
+    let victim = t.create("victim", KeyType::Ed25519, None);
+    let other = t.create("other", KeyType::Ed25519, None);
+    let old = copy_db(&t, "old.db");
+    t.ks.destroy_key(&victim.id).unwrap();
+    sql(
+        &t,
+        &format!(
+            "ATTACH '{}' AS old;
+             DELETE FROM keys WHERE name = 'victim';
+             INSERT INTO keys SELECT * FROM old.keys WHERE name = 'victim';",
+            old.display()
+        ),
+    );
+    let err = t.ks.sign(&victim.id, b"m", DER).unwrap_err();
+    assert!(matches!(err, Error::StoreTampered { .. }), "{err:?}");
+    // The other key is untouched and still works; a change of the victim is refused too.
+    t.ks.sign(&other.id, b"m", DER).unwrap();
+    let err = t.ks.rotate_key(&victim.id, None).unwrap_err();
+    assert!(matches!(err, Error::StoreTampered { .. }), "{err:?}");
+}

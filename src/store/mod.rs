@@ -353,6 +353,36 @@ impl Store {
         Ok(state.audit)
     }
 
+    /// Before a key is used: the committed state (its MAC, and not older than this process has
+    /// seen) and the key's rows against its digest, read together. A process that keeps the
+    /// store open so finds a key's rows deleted or put back, or the store put back whole, at the
+    /// key's next use, not only at its next open. Nothing without the commitment's keys.
+    ///
+    /// # Errors
+    /// [`Error::StoreTampered`] naming the key; storage errors.
+    pub fn check_key(&self, uuid: &[u8; 16]) -> Result<()> {
+        let Some(keys) = &self.commit else {
+            return Ok(());
+        };
+        let mut conn = self.conn();
+        let tx = conn
+            .transaction()
+            .map_err(|e| Error::storage("begin reading a key", e))?;
+        self.current_state(&tx)?;
+        let stored = read_digest(&tx, uuid)?;
+        let present = key_rows_sum(&tx, keys, uuid)?;
+        tx.commit()
+            .map_err(|e| Error::storage("end reading a key", e))?;
+        if stored != Some(present) {
+            return Err(tampered(format!(
+                "key record {}: its rows are not the ones committed (one deleted, put back from \
+                 an older copy, or duplicated)",
+                crate::hex::encode(uuid)
+            )));
+        }
+        Ok(())
+    }
+
     /// The counter this store's generation is bound to in this process, if any.
     pub fn counter(&self) -> Option<&dyn Counter> {
         self.counter.as_deref()
@@ -743,6 +773,16 @@ impl Store {
             read_digest(&tx, uuid)
         })?;
         for (uuid, digest) in digests {
+            // Before every write: the rows of each key it changes are exactly those committed,
+            // plus this change (a row deleted or put back before it would otherwise be carried
+            // into the new commitment's digest of that key, and found only at the next open).
+            if key_rows_sum(&tx, keys, &uuid)? != digest {
+                return Err(tampered(format!(
+                    "key record {}: its rows are not the ones committed (one deleted, put back \
+                     from an older copy, or duplicated); nothing was changed",
+                    crate::hex::encode(&uuid)
+                )));
+            }
             put_digest(&tx, &uuid, digest)?;
         }
         let (generation, counter) = next(&state)?;
@@ -1329,6 +1369,29 @@ fn read_state(conn: &Connection, dir: &Path) -> Result<Option<StoreState>> {
             })
         })
         .transpose()
+}
+
+/// The digest of the rows of key `uuid` as they are now.
+fn key_rows_sum(conn: &Connection, keys: &CommitKeys, uuid: &[u8; 16]) -> Result<Sum> {
+    let mut rows = Recomputed::default();
+    for (kind, table) in [
+        (RowKind::Key, "keys"),
+        (RowKind::Version, "key_versions"),
+        (RowKind::Event, "key_events"),
+        (RowKind::Counter, "gcm_counters"),
+    ] {
+        let macs = query(
+            conn,
+            &format!("SELECT mac FROM {table} WHERE uuid = ?1"),
+            params![uuid.as_slice()],
+            |r| r.get::<_, Vec<u8>>(0),
+        )?;
+        for mac in macs {
+            rows.add(keys, kind, uuid, &mac);
+        }
+    }
+    let digest = rows.digests().next().map(|(_, digest)| digest);
+    Ok(digest.unwrap_or_default())
 }
 
 fn read_digests(conn: &Connection) -> Result<BTreeMap<[u8; 16], Sum>> {
