@@ -369,3 +369,25 @@ fn restore_picks_by_the_header_and_a_restored_log_verifies() {
     );
     env.ok(&["audit", "verify"], b"", "the restored log verifies");
 }
+
+/// Changes of the store as a whole leave an entry in the audit log: backup, restore, reseal.
+#[test]
+fn backup_restore_and_reseal_are_in_the_audit_log() {
+    let env = Env::init();
+    env.create_key("k", "ed25519", &[]);
+    let dir = env.path_str("backups");
+    backup(&env, &dir);
+    env.ok(&["restore", "--from", &dir], b"", "restore");
+    let new_passphrase = "a new passphrase for the audit test";
+    env.ok_vars(
+        &[("KEYHOLD_NEW_PASSPHRASE", new_passphrase)],
+        &["reseal", "--to", "passphrase"],
+    );
+    let vars = [("KEYHOLD_PASSPHRASE", new_passphrase)];
+    let (out, _) = env.ok_vars(&vars, &["audit", "show"]);
+    let shown = String::from_utf8(out).unwrap();
+    for op in ["store-backup", "store-restore", "store-reseal"] {
+        assert!(shown.contains(op), "no {op} entry:\n{shown}");
+    }
+    env.ok_vars(&vars, &["audit", "verify"]);
+}

@@ -195,14 +195,7 @@ impl super::Keystore {
             "re-anchored the store: accepted as it is, its generation past its anchor file's{}",
             if tpm_counter { ", bound to its TPM counter anew" } else { "" }
         );
-        let ks = Self::with_root(store, &keys, config)?;
-        ks.audit_sink().lifecycle(crate::audit::Record {
-            operation: "store-reanchor",
-            key_id: None,
-            version: None,
-            namespace: None,
-            outcome: "ok",
-        })?;
+        Self::with_root(store, &keys, config)?.audit_store_event("store-reanchor")?;
         Ok(Reanchored {
             from_generation,
             generation,

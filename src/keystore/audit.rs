@@ -137,6 +137,24 @@ impl Keystore {
         Ok(entries)
     }
 
+    /// Records a change of the store as a whole (`store-backup`, `store-restore`, `store-reseal`,
+    /// `store-recover`, `store-reanchor`), synchronously.
+    ///
+    /// # Errors
+    /// As [`AuditSink::lifecycle`].
+    pub(super) fn audit_store_event(&self, operation: &'static str) -> Result<()> {
+        self.audit
+            .sink
+            .lifecycle(Record {
+                operation,
+                key_id: None,
+                version: None,
+                namespace: None,
+                outcome: "ok",
+            })
+            .map(drop)
+    }
+
     /// The sink lifecycle changes are recorded through.
     pub(crate) fn audit_sink(&self) -> &AuditSink {
         &self.audit.sink

@@ -153,6 +153,7 @@ impl Keystore {
             let _ = d.sync_all();
         }
         tracing::info!(backup = %path.display(), generation = header.generation, "backed up the store");
+        self.audit_store_event("store-backup")?;
         Ok(BackupInfo {
             path,
             store_id: header.store_id,
@@ -364,6 +365,7 @@ impl Backup {
             generation,
             "restored the store from a backup"
         );
+        Keystore::with_root(store, &keys, config)?.audit_store_event("store-restore")?;
         Ok(Restored {
             store: to.to_path_buf(),
             backup_generation: self.header.generation,

@@ -64,6 +64,7 @@ impl Keystore {
         let (resealer, told) = resealer(&store.meta().sealed_root)?;
         replace_seal(&mut store, &root, &keys, &resealer)?;
         anchor::bind(&mut store, Some(&resealer), config, &keys)?;
+        Self::with_root(store, &keys, config)?.audit_store_event("store-reseal")?;
         Ok(told)
     }
 
@@ -111,7 +112,8 @@ impl Keystore {
         check_rebuilt_root(&store, &keys)?;
         check_and_settle(&mut store, &keys, config.store.anchor_dir().as_deref())?;
         replace_seal(&mut store, &root, &keys, resealer)?;
-        anchor::bind(&mut store, Some(resealer), config, &keys)
+        anchor::bind(&mut store, Some(resealer), config, &keys)?;
+        Self::with_root(store, &keys, config)?.audit_store_event("store-recover")
     }
 }
 
