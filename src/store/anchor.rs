@@ -11,6 +11,7 @@ use std::io::{Read, Seek, Write};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
+use super::{tampered, StoreState};
 use crate::audit::Head;
 use crate::error::{Error, Result};
 
@@ -45,6 +46,72 @@ pub trait Counter: Send + Sync + std::fmt::Debug {
     /// # Errors
     /// Device errors.
     fn increment(&self) -> Result<()>;
+}
+
+/// How a store's state and its counter compare.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CounterCheck {
+    /// The counter is where the state says (or the state is not bound to it yet).
+    InStep,
+    /// One behind: a crash between a change and the counter's increment; the next change or open
+    /// advances it.
+    OneBehind,
+    /// Anything else, and why.
+    Refused(String),
+}
+
+/// Reads `counter` and compares it with `state` (nothing is written).
+///
+/// # Errors
+/// The counter's device errors.
+pub fn compare_counter(counter: &dyn Counter, state: &StoreState) -> Result<CounterCheck> {
+    Ok(judge_counter(counter.read()?, counter, state))
+}
+
+/// How `value`, read from `counter`, compares with `state`.
+pub fn judge_counter(
+    value: CounterValue,
+    counter: &dyn Counter,
+    state: &StoreState,
+) -> CounterCheck {
+    let Some(expected) = state.counter.and_then(|b| b.expected(state.generation)) else {
+        return CounterCheck::InStep;
+    };
+    match value {
+        CounterValue::Count(count) if count == expected => CounterCheck::InStep,
+        CounterValue::Count(count) if count.wrapping_add(1) == expected => CounterCheck::OneBehind,
+        CounterValue::Count(count) if count > expected => CounterCheck::Refused(format!(
+            "the store is older than {}: it is at generation {}, for which the counter should be \
+             at {expected}, but it is at {count}: it was restored from a copy",
+            counter.describe(),
+            state.generation
+        )),
+        CounterValue::Count(count) => CounterCheck::Refused(format!(
+            "{} is at {count}, {} behind the store (at generation {}, for which it should be at \
+             {expected}): it is not the counter this store was anchored in",
+            counter.describe(),
+            expected.wrapping_sub(count),
+            state.generation
+        )),
+        CounterValue::Absent => CounterCheck::Refused(format!(
+            "{} that anchors this store is gone: it was deleted with the TPM owner's \
+             authorisation, or the TPM was cleared",
+            counter.describe()
+        )),
+        CounterValue::Foreign => CounterCheck::Refused(foreign_text(counter)),
+    }
+}
+
+pub(super) fn foreign_text(counter: &dyn Counter) -> String {
+    format!(
+        "{} holds something other than keyhold's counter for this store (other attributes, or \
+         an authorisation value keyhold did not set)",
+        counter.describe()
+    )
+}
+
+pub(super) fn foreign(counter: &dyn Counter) -> Error {
+    tampered(foreign_text(counter))
 }
 
 /// How long an update waits for another process's update of the same anchor.

@@ -9,6 +9,7 @@ mod commit;
 mod record;
 mod rows;
 mod schema;
+mod staged;
 
 use std::cell::RefCell;
 use std::collections::BTreeMap;
@@ -23,12 +24,14 @@ use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
 use crate::error::{Error, Result};
 use crate::sealer::SealedRoot;
 
-pub use anchor::{Counter, CounterValue, FileAnchor};
+pub use anchor::{compare_counter, judge_counter, Counter, CounterCheck, CounterValue, FileAnchor};
+use anchor::{foreign, foreign_text};
 use commit::Change;
 pub(crate) use commit::{tampered, Mismatch, Recomputed, RowKind, Sum};
 pub use commit::{CommitKeys, CounterBinding, StoreState};
 pub use record::KeyRecord;
 pub use rows::{CounterRecord, EventRecord, VersionRecord};
+pub use staged::Staged;
 
 /// The database file's name inside the store directory.
 pub const DB_FILE: &str = "keyhold.db";
@@ -1280,72 +1283,6 @@ fn pending_of(state: &StoreState, index: Option<u32>) -> Option<CounterBinding> 
         })
 }
 
-/// How a store's state and its counter compare.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum CounterCheck {
-    /// The counter is where the state says (or the state is not bound to it yet).
-    InStep,
-    /// One behind: a crash between a change and the counter's increment; the next change or open
-    /// advances it.
-    OneBehind,
-    /// Anything else, and why.
-    Refused(String),
-}
-
-/// Reads `counter` and compares it with `state` (nothing is written).
-///
-/// # Errors
-/// The counter's device errors.
-pub fn compare_counter(counter: &dyn Counter, state: &StoreState) -> Result<CounterCheck> {
-    Ok(judge_counter(counter.read()?, counter, state))
-}
-
-/// How `value`, read from `counter`, compares with `state`.
-pub fn judge_counter(
-    value: CounterValue,
-    counter: &dyn Counter,
-    state: &StoreState,
-) -> CounterCheck {
-    let Some(expected) = state.counter.and_then(|b| b.expected(state.generation)) else {
-        return CounterCheck::InStep;
-    };
-    match value {
-        CounterValue::Count(count) if count == expected => CounterCheck::InStep,
-        CounterValue::Count(count) if count.wrapping_add(1) == expected => CounterCheck::OneBehind,
-        CounterValue::Count(count) if count > expected => CounterCheck::Refused(format!(
-            "the store is older than {}: it is at generation {}, for which the counter should be \
-             at {expected}, but it is at {count}: it was restored from a copy",
-            counter.describe(),
-            state.generation
-        )),
-        CounterValue::Count(count) => CounterCheck::Refused(format!(
-            "{} is at {count}, {} behind the store (at generation {}, for which it should be at \
-             {expected}): it is not the counter this store was anchored in",
-            counter.describe(),
-            expected.wrapping_sub(count),
-            state.generation
-        )),
-        CounterValue::Absent => CounterCheck::Refused(format!(
-            "{} that anchors this store is gone: it was deleted with the TPM owner's \
-             authorisation, or the TPM was cleared",
-            counter.describe()
-        )),
-        CounterValue::Foreign => CounterCheck::Refused(foreign_text(counter)),
-    }
-}
-
-fn foreign_text(counter: &dyn Counter) -> String {
-    format!(
-        "{} holds something other than keyhold's counter for this store (other attributes, or \
-         an authorisation value keyhold did not set)",
-        counter.describe()
-    )
-}
-
-fn foreign(counter: &dyn Counter) -> Error {
-    tampered(foreign_text(counter))
-}
-
 fn read_state(conn: &Connection, dir: &Path) -> Result<Option<StoreState>> {
     let value = conn
         .query_row(
@@ -1511,99 +1448,6 @@ pub(crate) struct ImageFacts {
     pub(crate) generation: u64,
     pub(crate) keys: usize,
     pub(crate) sealed_root: SealedRoot,
-}
-
-/// A database image being restored: written into a private directory beside the store's
-/// database (so that the final rename stays on one filesystem), opened and checked from there,
-/// and moved into place only by [`Staged::install`]. Dropped before, it is removed.
-#[derive(Debug)]
-pub struct Staged {
-    dir: PathBuf,
-    target: PathBuf,
-}
-
-impl Staged {
-    /// Stages `image` for the store directory `target` (made private if new: it must then be
-    /// absent or empty, as for `init`).
-    ///
-    /// # Errors
-    /// I/O errors; [`Error::InvalidInput`] for a directory that is not empty and holds no store.
-    pub fn new(target: &Path, image: &[u8]) -> Result<Self> {
-        if !target.join(DB_FILE).is_file() {
-            make_private_dir(target)?;
-        }
-        // What an interrupted restore left behind (its staging directory: a database image and
-        // nothing else) goes first.
-        if let Ok(entries) = fs::read_dir(target) {
-            for entry in entries.flatten() {
-                if entry.file_name().to_string_lossy().starts_with(".restore-") {
-                    let _ = fs::remove_dir_all(entry.path());
-                }
-            }
-        }
-        let dir = target.join(format!(".restore-{}", std::process::id()));
-        fs::DirBuilder::new()
-            .mode(0o700)
-            .create(&dir)
-            .map_err(|e| Error::io(format!("create {}", dir.display()), e))?;
-        let staged = Self {
-            dir,
-            target: target.to_path_buf(),
-        };
-        let db = staged.dir.join(DB_FILE);
-        let mut file = fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&db)
-            .map_err(|e| Error::io(format!("create {}", db.display()), e))?;
-        std::io::Write::write_all(&mut file, image)
-            .and_then(|()| file.sync_all())
-            .map_err(|e| Error::io(format!("write {}", db.display()), e))?;
-        Ok(staged)
-    }
-
-    /// The directory to open the staged store from.
-    pub fn dir(&self) -> &Path {
-        &self.dir
-    }
-
-    /// Moves the staged database into the store directory in one rename, replacing the store's
-    /// (and dropping its rollback journal, which belongs to the database replaced).
-    ///
-    /// # Errors
-    /// I/O errors; the store is then as it was.
-    pub fn install(self) -> Result<()> {
-        let db = self.target.join(DB_FILE);
-        let journal = self.target.join(format!("{DB_FILE}-journal"));
-        // Moved aside (not deleted) first: if the rename below fails, it goes back with the
-        // database it belongs to.
-        let aside = self.dir.join(format!("{DB_FILE}-journal.replaced"));
-        let moved_aside = match fs::rename(&journal, &aside) {
-            Ok(()) => true,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
-            Err(e) => return Err(Error::io(format!("move {} aside", journal.display()), e)),
-        };
-        if let Err(e) = fs::rename(self.dir.join(DB_FILE), &db) {
-            if moved_aside {
-                let _ = fs::rename(&aside, &journal);
-            }
-            return Err(Error::io(
-                format!("move the restored database to {}", db.display()),
-                e,
-            ));
-        }
-        if let Ok(dir) = fs::File::open(&self.target) {
-            let _ = dir.sync_all();
-        }
-        Ok(())
-    }
-}
-
-impl Drop for Staged {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.dir);
-    }
 }
 
 /// Destroyed keys' sealed blobs must not linger in the file's free pages, where a copy of the
