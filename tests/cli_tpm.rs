@@ -233,13 +233,24 @@ fn bad_sealer_arguments_are_refused_and_create_nothing() {
         (
             vec!["init", "--sealer", "passphrase", "--pcrs", "7"],
             1,
-            "--pcrs goes with --sealer tpm",
+            "--pcrs, --recovery and --no-recovery go with --sealer tpm",
         ),
-        // A usage error (clap): `--no-recovery` requires `--pcrs`.
+        (
+            vec!["init", "--sealer", "passphrase", "--recovery"],
+            1,
+            "--pcrs, --recovery and --no-recovery go with --sealer tpm",
+        ),
+        // Usage errors (clap): `--no-recovery` requires `--pcrs`; `--recovery` is the default
+        // with `--pcrs`, and contradicts `--no-recovery`.
         (
             vec!["init", "--sealer", "tpm", "--no-recovery"],
             2,
             "--pcrs",
+        ),
+        (
+            vec!["init", "--sealer", "tpm", "--pcrs", "7", "--recovery"],
+            2,
+            "--recovery",
         ),
         (
             vec!["init", "--sealer", "tpm", "--backend", "nope"],

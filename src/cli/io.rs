@@ -647,7 +647,16 @@ fn pkcs11_unsealer(_ctx: &Context, _sealed: &SealedRoot) -> Result<Box<dyn Seale
 fn tpm_unsealer(ctx: &Context, sealed: &SealedRoot) -> Result<Box<dyn Sealer>, Failure> {
     let name = keyhold::TpmSealer::backend_of(sealed)?;
     let (device, name) = tpm_device(ctx, name.as_deref(), true)?;
-    Ok(Box::new(keyhold::TpmSealer::new(device, name)))
+    let file = ctx.passphrase_file.clone();
+    Ok(Box::new(
+        keyhold::TpmSealer::new(device, name).with_recovery_prompt_on_another_tpm(Box::new(
+            move || {
+                passphrase_from(file.as_deref(), false).map_err(|f| keyhold::Error::Unseal {
+                    reason: format!("the recovery passphrase is needed: {f}"),
+                })
+            },
+        )),
+    ))
 }
 
 #[cfg(not(feature = "tpm"))]

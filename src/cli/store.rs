@@ -38,6 +38,12 @@ pub struct InitArgs {
     #[arg(long, requires = "pcrs")]
     no_recovery: bool,
 
+    /// With --sealer tpm and no --pcrs: a recovery passphrase too (asked for as the store
+    /// passphrase is), which opens the store where this TPM is not: a backup restored on another
+    /// machine, or this TPM cleared
+    #[arg(long, conflicts_with_all = ["pcrs", "no_recovery"])]
+    recovery: bool,
+
     #[command(flatten)]
     argon2: Argon2Args,
 }
@@ -79,15 +85,13 @@ pub fn init(ctx: &Context, args: &InitArgs) -> CmdResult {
         }
         .into());
     }
-    if args.pcrs.is_some() && !matches!(args.sealer, SealerKind::Tpm) {
-        return Err(Failure::Cli("--pcrs goes with --sealer tpm".into()));
-    }
     let new = NewSeal {
         kind: args.sealer,
         option: "--sealer",
         backend: args.backend.as_deref(),
         pcrs: args.pcrs.as_deref(),
         no_recovery: args.no_recovery,
+        recovery: args.recovery,
         params,
     };
     let sealer = new_sealer(ctx, &new, || io::passphrase(ctx, true))?;
@@ -129,6 +133,8 @@ pub(super) struct NewSeal<'a> {
     pub backend: Option<&'a str>,
     pub pcrs: Option<&'a str>,
     pub no_recovery: bool,
+    /// A recovery passphrase without PCRs.
+    pub recovery: bool,
     pub params: Argon2Params,
 }
 
@@ -140,8 +146,12 @@ pub(super) fn new_sealer(
     passphrase: impl FnOnce() -> Result<secrecy::SecretString, Failure>,
 ) -> Result<Box<dyn Sealer>, Failure> {
     let option = new.option;
-    if (new.pcrs.is_some() || new.no_recovery) && !matches!(new.kind, SealerKind::Tpm) {
-        return Err(Failure::Cli(format!("--pcrs goes with {option} tpm")));
+    if (new.pcrs.is_some() || new.no_recovery || new.recovery)
+        && !matches!(new.kind, SealerKind::Tpm)
+    {
+        return Err(Failure::Cli(format!(
+            "--pcrs, --recovery and --no-recovery go with {option} tpm"
+        )));
     }
     match (new.kind, new.backend) {
         (SealerKind::Passphrase, None) => Ok(Box::new(
@@ -181,7 +191,7 @@ fn tpm_sealer(
     let pcrs = new.pcrs.map(keyhold::sealer::tpm::parse_pcrs).transpose()?;
     let mut sealer =
         keyhold::TpmSealer::new(device, name).with_pcrs(pcrs.as_deref().unwrap_or(&[]))?;
-    if pcrs.is_some() {
+    if pcrs.is_some() || new.recovery {
         if new.no_recovery {
             tracing::warn!(
                 "sealed to PCRs without a recovery passphrase: if those PCRs change for good, \
@@ -237,7 +247,13 @@ pub struct NewSealArgs {
     #[arg(long, requires_all = ["to", "pcrs"])]
     no_recovery: bool,
 
-    /// Read the new passphrase (--to passphrase; with --to tpm --pcrs, the recovery passphrase)
+    /// With --to tpm and no --pcrs: a recovery passphrase too, which opens the store where this
+    /// TPM is not (a backup restored on another machine, or this TPM cleared)
+    #[arg(long, requires = "to", conflicts_with_all = ["pcrs", "no_recovery"])]
+    recovery: bool,
+
+    /// Read the new passphrase (--to passphrase; with --to tpm --pcrs or --recovery, the
+    /// recovery passphrase)
     /// from the first line of FILE [default: $KEYHOLD_NEW_PASSPHRASE, else the terminal]
     #[arg(long, value_name = "FILE", requires = "to")]
     new_passphrase_file: Option<std::path::PathBuf>,
@@ -260,6 +276,7 @@ impl NewSealArgs {
             backend: self.backend.as_deref(),
             pcrs: self.pcrs.as_deref(),
             no_recovery: self.no_recovery,
+            recovery: self.recovery,
             params: self.argon2.params()?,
         };
         new_sealer(ctx, &new, || {

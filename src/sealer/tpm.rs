@@ -63,6 +63,9 @@ enum Recovery {
     Passphrase(PassphraseSealer),
     /// Unsealing asks for the recovery passphrase if the TPM refuses; sealing records none.
     Prompt(RecoveryPrompt),
+    /// As `Prompt`, but only on another TPM than the one that sealed the store: changed PCRs
+    /// are for `keyhold reseal`, which re-binds them.
+    PromptOnAnotherTpm(RecoveryPrompt),
     /// Sealing keeps this recovery seal as it is (re-binding to PCRs without the passphrase).
     Keep(RecoverySeal),
 }
@@ -73,6 +76,7 @@ impl std::fmt::Debug for Recovery {
             Self::None => "None",
             Self::Passphrase(_) => "Passphrase",
             Self::Prompt(_) => "Prompt",
+            Self::PromptOnAnotherTpm(_) => "PromptOnAnotherTpm",
             Self::Keep(_) => "Keep",
         })
     }
@@ -183,6 +187,13 @@ impl TpmSealer {
         self
     }
 
+    /// On another TPM than the one that sealed the store (restored on another machine, or this
+    /// TPM cleared), unsealing asks `prompt` for the recovery passphrase (and only then).
+    pub fn with_recovery_prompt_on_another_tpm(mut self, prompt: RecoveryPrompt) -> Self {
+        self.recovery = Recovery::PromptOnAnotherTpm(prompt);
+        self
+    }
+
     /// New seals keep `seal` as their recovery seal (no passphrase needed to re-bind).
     pub fn keeping_recovery(mut self, seal: Option<RecoverySeal>) -> Self {
         self.recovery = seal.map_or(Recovery::None, Recovery::Keep);
@@ -213,23 +224,42 @@ impl TpmSealer {
         Ok(parse_params(sealed)?.recovery)
     }
 
+    /// Unseals the recovery seal, for the reason `why`: the PCRs changed, or (`another_tpm`) the
+    /// TPM here is not the one that sealed the store.
     fn recover(
         &self,
         params: &StoredParams,
         store_id: &[u8; 16],
         why: String,
+        another_tpm: bool,
     ) -> Result<RootSecret> {
+        // A prompt that gets no passphrase says why one was asked for.
+        let asked = |ask: &RecoveryPrompt| {
+            ask().map(PassphraseSealer::new).map_err(|e| match e {
+                Error::Unseal { reason } => Error::Unseal {
+                    reason: format!("{why}: {reason}"),
+                },
+                other => other,
+            })
+        };
         let prompted;
         let passphrase = match &self.recovery {
             Recovery::Passphrase(p) => Some(p),
             Recovery::Prompt(ask) if params.recovery.is_some() => {
-                prompted = PassphraseSealer::new(ask()?);
+                prompted = asked(ask)?;
+                Some(&prompted)
+            }
+            Recovery::PromptOnAnotherTpm(ask) if another_tpm && params.recovery.is_some() => {
+                prompted = asked(ask)?;
                 Some(&prompted)
             }
             _ => None,
         };
         let (Some(passphrase), Some(seal)) = (passphrase, &params.recovery) else {
-            let hint = if params.recovery.is_some() {
+            let hint = if another_tpm {
+                "give the recovery passphrase (on the terminal, or with --passphrase-file or \
+                 $KEYHOLD_PASSPHRASE), then `keyhold reseal --to tpm` seals the store to this TPM"
+            } else if params.recovery.is_some() {
                 "run `keyhold reseal`: it asks for the recovery passphrase and re-binds the store \
                  to the PCRs as they are now"
             } else {
@@ -269,7 +299,7 @@ impl Sealer for TpmSealer {
         let srk_name = self.device.srk_name(WHO)?;
         let object = self.device.seal(WHO, &data, &self.pcrs)?;
         let recovery = match &self.recovery {
-            Recovery::None | Recovery::Prompt(_) => None,
+            Recovery::None | Recovery::Prompt(_) | Recovery::PromptOnAnotherTpm(_) => None,
             Recovery::Keep(seal) => Some(seal.clone()),
             Recovery::Passphrase(passphrase) => {
                 let sealed = passphrase.seal(root, store_id)?;
@@ -301,6 +331,21 @@ impl Sealer for TpmSealer {
         // (and authenticated with the rest of the metadata right after): a changed Name can only
         // make the unseal fail, never succeed with another TPM's SRK.
         let pinned = hex::decode(&params.srk_name).ok_or_else(damaged)?;
+        // Another TPM (another machine, or this TPM cleared) cannot unseal the root: with a
+        // recovery seal, the recovery passphrase opens the store instead. The device is then left
+        // unpinned, so that `reseal --to tpm` can bind the store to the TPM that is here now.
+        if params.recovery.is_some() {
+            let present = self.device.present_srk_name(WHO)?;
+            if present != pinned {
+                let why = format!(
+                    "the TPM here (storage root key Name {}) is not the one that sealed the store \
+                     (Name {}): another machine's, or this one's before it was cleared",
+                    hex::encode(&present),
+                    hex::encode(&pinned)
+                );
+                return self.recover(&params, store_id, why, true);
+            }
+        }
         self.device.pin_srk_name(&pinned)?;
         self.device.connect_now(WHO)?;
         let object = SealedObject {
@@ -318,7 +363,7 @@ impl Sealer for TpmSealer {
                     .collect::<Vec<_>>()
                     .join(",")
             );
-            return self.recover(&params, store_id, why);
+            return self.recover(&params, store_id, why, false);
         };
         let bytes = data.expose();
         if bytes.len() != RootSecret::LEN + store_id.len()

@@ -305,13 +305,28 @@ impl TpmDevice {
         self.run(who, |_| Ok(()))
     }
 
-    /// Runs `op` on the connection, connecting first if there is none.
+    /// The Name of the SRK of the TPM there now, learnt before any session is salted to it and
+    /// without pinning or learning it: how the `tpm` sealer tells a store sealed by another TPM
+    /// (or by this one before it was cleared) from a seal this TPM refuses. This process's
+    /// connection answers if it has one; otherwise a connection is opened for the question only.
     ///
-    /// A lost connection, or a TPM that was reset and lost the SRK, session and loaded keys, is
-    /// rebuilt and `op` run once more: blobs reload under the re-created SRK. If the TPM is
-    /// still not there, the error is [`Error::BackendUnavailable`]. Nothing else is retried: in
-    /// particular not a refused authorisation, which would count towards a dictionary-attack
-    /// lockout. `who` names the backend (or sealer) in errors.
+    /// # Errors
+    /// [`Error::BackendUnavailable`] if the TPM cannot be reached; [`Error::Timeout`].
+    pub fn present_srk_name(&self, who: &str) -> Result<Vec<u8>> {
+        let turn = self.turn(who)?;
+        if let Some(connection) = turn.connection.as_ref() {
+            return Ok(connection.srk_name().to_vec());
+        }
+        let setup = Setup {
+            srk_handle: self.settings.srk_handle,
+            max_loaded: self.settings.max_loaded,
+        };
+        let map = |f| errors::map_connect(who, &self.tcti, self.settings.srk_handle, f);
+        // Dropped unsalted: the context flushes the SRK it made.
+        let unverified = self.open_bounded(who, setup)?.map_err(map)?;
+        Ok(unverified.srk_name().to_vec())
+    }
+
     /// Runs `op` on this process's connection if it has one (a TPM it never reached, or lost,
     /// holds nothing it loaded); connects to nobody.
     pub(super) fn run_if_connected(
@@ -350,6 +365,13 @@ impl TpmDevice {
         })
     }
 
+    /// Runs `op` on the connection, connecting first if there is none.
+    ///
+    /// A lost connection, or a TPM that was reset and lost the SRK, session and loaded keys, is
+    /// rebuilt and `op` run once more: blobs reload under the re-created SRK. If the TPM is
+    /// still not there, the error is [`Error::BackendUnavailable`]. Nothing else is retried: in
+    /// particular not a refused authorisation, which would count towards a dictionary-attack
+    /// lockout. `who` names the backend (or sealer) in errors.
     pub(super) fn run<T>(
         &self,
         who: &str,
