@@ -201,7 +201,7 @@ fn a_duplicated_row_is_refused() {
 fn a_key_rolled_back_together_with_its_digest_is_detected() {
     let t = TestStore::new();
     let key = t.create("victim", KeyType::Ed25519, None);
-    t.create("other", KeyType::Ed25519, None);
+    let other = t.create("other", KeyType::Ed25519, None);
     let old = copy_db(&t, "old.db");
     t.ks.destroy_key(&key.id).unwrap();
     let uuid = uuid_hex(&t, "victim");
@@ -219,7 +219,51 @@ fn a_key_rolled_back_together_with_its_digest_is_detected() {
             old.display()
         ),
     );
+    // The keystore that stayed open (a service) refuses the next use of either key, and the
+    // next change, as the next open does: the digests no longer add up to the total.
+    for err in [
+        t.ks.sign(&key.id, b"m", DER).unwrap_err(),
+        t.ks.sign(&other.id, b"m", DER).unwrap_err(),
+        t.ks.rotate_key(&other.id, None).unwrap_err(),
+    ] {
+        assert!(matches!(err, Error::StoreTampered { .. }), "{err:?}");
+        assert!(err.to_string().contains("cannot tell which key"), "{err}");
+    }
     refused(&t, &["the store cannot tell which key"]);
+}
+
+/// Review (2026-12-02): opening a store while another keystore writes to it read the state, the
+/// rows and the digests in separate reads, and took a change in between for tampering (exit 10).
+/// The open reads them in one read transaction, the anchor file before them.
+#[test]
+fn opens_while_another_keystore_writes_see_one_state_of_the_store() {
+    let t = TestStore::new();
+    t.create("first", KeyType::Ed25519, None);
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let opened = std::thread::scope(|scope| {
+        let writer = scope.spawn(|| {
+            let mut made = 0;
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) && made < 200 {
+                t.create(&format!("k{made}"), KeyType::Ed25519, None);
+                made += 1;
+            }
+            made
+        });
+        let mut opened = 0;
+        for _ in 0..30 {
+            let ks = t.reopen().unwrap_or_else(|e| panic!("open {opened}: {e}"));
+            ks.list_keys(None).unwrap();
+            opened += 1;
+        }
+        stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        let made = writer.join().unwrap();
+        assert!(
+            made > 0,
+            "the writer made no key while the store was opened"
+        );
+        opened
+    });
+    assert_eq!(opened, 30);
 }
 
 #[test]

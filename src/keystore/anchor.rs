@@ -158,9 +158,9 @@ impl super::Keystore {
     pub fn reanchor(dir: &Path, sealer: &dyn Sealer, config: &Config) -> Result<Reanchored> {
         let mut store = Store::open(dir)?;
         let (_root, keys) = super::root::unseal_unchecked(&store, sealer)?;
-        let checked = super::root::check_store(&store, &keys)?;
+        let checked = super::root::check_store(&store, &keys, None)?;
         // The commitment, not the anchors.
-        super::root::settle(&mut store, &keys, checked, None)?;
+        super::root::settle(&mut store, &keys, checked)?;
         let from_generation = store.meta().state.as_ref().map_or(0, |s| s.generation);
         let anchor_dir = config.store.anchor_dir();
         let anchored = anchor_dir

@@ -390,8 +390,8 @@ impl Backup {
         if meta.store_id != self.store_id || meta.sealed_root != self.sealed_root {
             return Err(self.damaged("its header and its database disagree"));
         }
-        let checked = check_store(&store, keys)?;
-        settle(&mut store, keys, checked, None)?;
+        let checked = check_store(&store, keys, None)?;
+        settle(&mut store, keys, checked)?;
         if store.meta().state.as_ref().map(|s| s.generation) != Some(self.header.generation) {
             return Err(self.damaged("its header and its database disagree"));
         }

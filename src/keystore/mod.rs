@@ -267,7 +267,7 @@ impl Keystore {
                 tracing::warn!(error = %e, "cannot write the store's anchor file");
             }
         }
-        store.attach(keys.commit_keys(store_id), &state, anchor);
+        store.attach(keys.commit_keys(store_id), &state, anchor, None);
         anchor::bind(&mut store, Some(sealer), config, &keys)?;
         tracing::info!(store = %dir.display(), sealer = sealer.kind(), "created store");
         Self::with_root(store, &keys, config)

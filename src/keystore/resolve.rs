@@ -313,10 +313,9 @@ impl Keystore {
     pub(super) fn resolve_uncached(&self, id: &str) -> Result<Resolved> {
         let fields = self.ids.decode(id)?;
         // The store as a whole, as far as this key goes: its rows are the committed ones.
-        self.store.check_key(&fields.uuid)?;
         let record = self
             .store
-            .key(&fields.uuid)?
+            .checked_key(&fields.uuid)?
             .ok_or_else(|| Error::NoSuchKey {
                 namespace: fields.namespace.clone(),
                 name: fields.name.clone(),

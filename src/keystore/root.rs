@@ -115,13 +115,29 @@ pub(super) fn mac_ok(key: &hmac::Key, input: &[u8], mac: &[u8]) -> bool {
 /// from a new store; the sealer the user states, not the store, is the defence there.)
 ///
 /// Returns what the commitment check ([`settle`]) needs: the metadata MAC's format and every
-/// row's term, computed in the same pass.
-pub(super) fn check_store(store: &Store, keys: &DerivedKeys) -> Result<Checked> {
+/// row's term, computed in the same pass, with the state and digests read in the same read
+/// transaction as the rows (another process may be writing: the rows, digests and state it
+/// sees are one state of the store), and the anchor file in `anchor_dir` read before them (so
+/// that a change made in between cannot make the rows look older than their anchor).
+pub(super) fn check_store(
+    store: &Store,
+    keys: &DerivedKeys,
+    anchor_dir: Option<&std::path::Path>,
+) -> Result<Checked> {
     let meta = store.meta();
     let record_mac = hmac::Key::new(hmac::HMAC_SHA256, keys.record_mac.expose());
     let commit = keys.commit_keys(meta.store_id);
     let mut rows = Recomputed::default();
-    let records = store.keys(None)?;
+    let anchor = anchor_dir.map(|dir| FileAnchor::new(dir, &meta.store_id));
+    let anchored = match anchor.as_ref().map(FileAnchor::read).transpose() {
+        Ok(recorded) => recorded.flatten(),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read the store's anchor file: rollback not checked");
+            None
+        }
+    };
+    let all = store.all_rows()?;
+    let records = all.keys?;
     let failed: Vec<&KeyRecord> = records
         .iter()
         .filter(|r| !record_mac_ok(&record_mac, &meta.store_id, r))
@@ -165,11 +181,7 @@ pub(super) fn check_store(store: &Store, keys: &DerivedKeys) -> Result<Checked> 
         rows.add(&commit, RowKind::Key, &r.uuid, &r.mac);
     }
     // The lifecycle's rows: a key's later versions, its history, its AES-GCM counters.
-    let (versions, events, counters) = (
-        store.versions(None)?,
-        store.events(None)?,
-        store.counters()?,
-    );
+    let (versions, events, counters) = (all.versions?, all.events?, all.counters?);
     for v in &versions {
         rows.add(&commit, RowKind::Version, &v.uuid, &v.mac);
     }
@@ -213,6 +225,11 @@ pub(super) fn check_store(store: &Store, keys: &DerivedKeys) -> Result<Checked> 
         meta_format,
         rows,
         names,
+        state: all.state?,
+        digests: all.digests?,
+        data_version: all.data_version?,
+        anchor,
+        anchored,
     })
 }
 
@@ -225,8 +242,8 @@ pub(super) fn check_and_settle(
     keys: &DerivedKeys,
     anchor_dir: Option<&std::path::Path>,
 ) -> Result<()> {
-    let checked = check_store(store, keys)?;
-    settle(store, keys, checked, anchor_dir)
+    let checked = check_store(store, keys, anchor_dir)?;
+    settle(store, keys, checked)
 }
 
 /// What [`check_store`] found, for [`settle`].
@@ -237,30 +254,26 @@ pub(super) struct Checked {
     rows: Recomputed,
     /// `namespace/name` by uuid, for messages.
     names: std::collections::BTreeMap<[u8; 16], String>,
+    /// The committed state, read with the rows (its MAC not checked yet).
+    state: Option<StoreState>,
+    /// Every key's digest, read with the rows.
+    digests: std::collections::BTreeMap<[u8; 16], crate::store::Sum>,
+    /// SQLite's `data_version` in that read.
+    data_version: i64,
+    /// The anchor file, if there is one, and the generation it recorded (read before the rows).
+    anchor: Option<FileAnchor>,
+    anchored: Option<u64>,
 }
 
 /// Checks that the rows present are exactly those committed and that the store is not older
 /// than its anchor, then lets the store be written ([`Store::attach`]). A store made before the
 /// commitment (metadata MAC format 1, no state) is adopted: its rows, all just verified, become
 /// the committed set at generation 1.
-pub(super) fn settle(
-    store: &mut Store,
-    keys: &DerivedKeys,
-    checked: Checked,
-    anchor_dir: Option<&std::path::Path>,
-) -> Result<()> {
-    let store_id = store.meta().store_id;
-    let commit = keys.commit_keys(store_id);
-    let anchor = anchor_dir.map(|dir| FileAnchor::new(dir, &store_id));
-    let anchored = match anchor.as_ref().map(FileAnchor::read).transpose() {
-        Ok(recorded) => recorded.flatten(),
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot read the store's anchor file: rollback not checked");
-            None
-        }
-    };
+pub(super) fn settle(store: &mut Store, keys: &DerivedKeys, mut checked: Checked) -> Result<()> {
+    let commit = keys.commit_keys(store.meta().store_id);
+    let (anchor, anchored) = (checked.anchor.take(), checked.anchored);
     let state =
-        match (store.meta().state.clone(), checked.meta_format) {
+        match (checked.state.clone(), checked.meta_format) {
             (Some(state), META_FORMAT) => {
                 if !commit.state_ok(&state, &store.meta().mac) {
                     return Err(tampered(
@@ -268,7 +281,7 @@ pub(super) fn settle(
                             .into(),
                     ));
                 }
-                let found = checked.rows.compare(&commit, &store.digests()?, &state);
+                let found = checked.rows.compare(&commit, &checked.digests, &state);
                 if !found.is_empty() {
                     return Err(tampered(describe(&found, &checked.names)));
                 }
@@ -319,7 +332,9 @@ pub(super) fn settle(
     if let Some(anchor) = &anchor {
         check_anchor(anchor, anchored, state.generation)?;
     }
-    store.attach(commit, &state, anchor);
+    // Adopted or compared, the digests add up to the state's total as read (an adopted store's
+    // were written by this connection, which leaves `data_version` as it is).
+    store.attach(commit, &state, anchor, Some(checked.data_version));
     Ok(())
 }
 

@@ -262,6 +262,15 @@ impl CommitKeys {
         Self::sum_of(&ctx.sign())
     }
 
+    /// The total that `digests` (every key's) add up to.
+    pub(crate) fn total_of(&self, digests: &BTreeMap<[u8; 16], Sum>) -> Sum {
+        let mut total = Sum::default();
+        for (uuid, digest) in digests {
+            total.add(self.key_term(uuid, *digest));
+        }
+        total
+    }
+
     fn sum_of(tag: &hmac::Tag) -> Sum {
         // HMAC-SHA256 tags are 32 bytes.
         Sum::from_bytes(tag.as_ref()).unwrap_or_default()

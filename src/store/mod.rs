@@ -16,7 +16,7 @@ use std::collections::BTreeMap;
 use std::fs;
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
 
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
@@ -90,6 +90,10 @@ pub struct Store {
     commit: Option<CommitKeys>,
     /// The latest generation this process has seen: a write refuses a state older than it.
     seen: AtomicU64,
+    /// The `data_version` at which this process last found every key's digest adding up to the
+    /// state's total ([`NOT_TOTALLED`]: none): once another connection has written (another
+    /// keyhold process, or anyone with sqlite3), key uses and writes add them up again.
+    totalled: AtomicI64,
     anchor: Option<FileAnchor>,
     /// The counter that follows the generation (a TPM's), once the state is bound to one.
     counter: Option<Box<dyn Counter>>,
@@ -204,6 +208,7 @@ impl Store {
             meta,
             commit: None,
             seen: AtomicU64::new(0),
+            totalled: AtomicI64::new(NOT_TOTALLED),
             anchor: None,
             counter: None,
         })
@@ -211,9 +216,19 @@ impl Store {
 
     /// Lets this store be written: `keys` are the commitment's, `state` the state the keystore
     /// verified at open (its generation is the oldest any later write accepts), `anchor` where
-    /// each change's generation is recorded outside the store.
-    pub fn attach(&mut self, keys: CommitKeys, state: &StoreState, anchor: Option<FileAnchor>) {
+    /// each change's generation is recorded outside the store, `totalled` the `data_version` of
+    /// the read in which the keystore found every digest adding up to the state's total, if it
+    /// did.
+    pub fn attach(
+        &mut self,
+        keys: CommitKeys,
+        state: &StoreState,
+        anchor: Option<FileAnchor>,
+        totalled: Option<i64>,
+    ) {
         self.seen.store(state.generation, Ordering::SeqCst);
+        self.totalled
+            .store(totalled.unwrap_or(NOT_TOTALLED), Ordering::SeqCst);
         self.meta.state = Some(state.clone());
         self.commit = Some(keys);
         self.anchor = anchor;
@@ -356,24 +371,30 @@ impl Store {
         Ok(state.audit)
     }
 
-    /// Before a key is used: the committed state (its MAC, and not older than this process has
-    /// seen) and the key's rows against its digest, read together. A process that keeps the
-    /// store open so finds a key's rows deleted or put back, or the store put back whole, at the
-    /// key's next use, not only at its next open. Nothing without the commitment's keys.
+    /// The record with identifier `uuid`, if any, for a use of its key (the caller checks its
+    /// MAC), read with what vouches for it, in one read transaction: the committed state (its
+    /// MAC, and not older than this process has seen); once per generation, every key's digest
+    /// against the state's total; and the key's rows against its digest. A process that keeps
+    /// the store open so finds a key's rows deleted or put back (with its digest or without), or
+    /// the store put back whole, at the key's next use, not only at its next open. Without the
+    /// commitment's keys, the record alone.
     ///
     /// # Errors
-    /// [`Error::StoreTampered`] naming the key; storage errors.
-    pub fn check_key(&self, uuid: &[u8; 16]) -> Result<()> {
+    /// [`Error::StoreTampered`] naming the key; storage errors; [`Error::Integrity`] if the row
+    /// cannot be decoded.
+    pub fn checked_key(&self, uuid: &[u8; 16]) -> Result<Option<KeyRecord>> {
         let Some(keys) = &self.commit else {
-            return Ok(());
+            return self.key(uuid);
         };
         let mut conn = self.conn();
         let tx = conn
             .transaction()
             .map_err(|e| Error::storage("begin reading a key", e))?;
-        self.current_state(&tx)?;
+        let (_, state) = self.current_state(&tx)?;
+        self.check_total(&tx, keys, &state)?;
         let stored = read_digest(&tx, uuid)?;
         let present = key_rows_sum(&tx, keys, uuid)?;
+        let record = read_key(&tx, uuid)?;
         tx.commit()
             .map_err(|e| Error::storage("end reading a key", e))?;
         if stored != Some(present) {
@@ -383,6 +404,27 @@ impl Store {
                 crate::hex::encode(uuid)
             )));
         }
+        Ok(record)
+    }
+
+    /// Every key's digest against `state`'s total, unless this process found them adding up at
+    /// this generation already: a key's rows put back together with its digest change the sum.
+    fn check_total(&self, tx: &Connection, keys: &CommitKeys, state: &StoreState) -> Result<()> {
+        let version = read_data_version(tx)?;
+        if self.totalled.load(Ordering::SeqCst) == version {
+            return Ok(());
+        }
+        if keys.total_of(&read_digests(tx)?) != state.total_sum() {
+            return Err(tampered(
+                "the keys' digests do not add up to the committed total (a key's rows and digest \
+                 put back together from an older copy): the store cannot tell which key; \
+                 `keyhold store verify` reports the keys as they are"
+                    .into(),
+            ));
+        }
+        // This connection's own commits leave `data_version` as it is: each changes every digest
+        // it touches and the total by the same amounts, so the digests still add up after them.
+        self.totalled.store(version, Ordering::SeqCst);
         Ok(())
     }
 
@@ -399,14 +441,6 @@ impl Store {
     /// The anchor this store records its generations in, if any.
     pub fn anchor(&self) -> Option<&FileAnchor> {
         self.anchor.as_ref()
-    }
-
-    /// Every key's digest as stored (the keystore compares them with the rows at open).
-    ///
-    /// # Errors
-    /// Storage errors; [`Error::Integrity`] for a digest of the wrong length.
-    pub(crate) fn digests(&self) -> Result<BTreeMap<[u8; 16], Sum>> {
-        read_digests(&self.conn())
     }
 
     /// Gives a store made before the commitment its first state, computed by the keystore from
@@ -764,6 +798,7 @@ impl Store {
             });
         }
         self.check_counter(&state)?;
+        self.check_total(&tx, keys, &state)?;
         let writer = Tx {
             tx: &tx,
             changes: RefCell::new(Vec::new()),
@@ -911,6 +946,7 @@ impl Store {
             ),
             state: read_state(&tx, &self.dir),
             digests: read_digests(&tx),
+            data_version: read_data_version(&tx),
         };
         tx.commit()
             .map_err(|e| Error::storage("end reading the store", e))?;
@@ -933,6 +969,8 @@ pub struct AllRows {
     pub state: Result<Option<StoreState>>,
     /// Every key's digest, as stored.
     pub(crate) digests: Result<BTreeMap<[u8; 16], Sum>>,
+    /// SQLite's `data_version` in that read.
+    pub(crate) data_version: Result<i64>,
 }
 
 /// A write transaction of [`Store::write`].
@@ -1329,6 +1367,14 @@ fn key_rows_sum(conn: &Connection, keys: &CommitKeys, uuid: &[u8; 16]) -> Result
     }
     let digest = rows.digests().next().map(|(_, digest)| digest);
     Ok(digest.unwrap_or_default())
+}
+
+/// [`Store::totalled`] before the digests were added up.
+const NOT_TOTALLED: i64 = i64::MIN;
+
+fn read_data_version(conn: &Connection) -> Result<i64> {
+    conn.pragma_query_value(None, "data_version", |r| r.get(0))
+        .map_err(|e| Error::storage("read the store's data version", e))
 }
 
 fn read_digests(conn: &Connection) -> Result<BTreeMap<[u8; 16], Sum>> {
