@@ -166,6 +166,35 @@ fn an_altered_audit_log_exits_6() {
     );
 }
 
+/// Review (2026-12-02): the log's last entries cut off (each entry still verifies, the chain is
+/// whole up to the cut) is tampering: the state records the last change's entry and the anchor
+/// file the last entry, so `store verify` fails the audit section with exit 10, as `audit
+/// verify` does.
+#[test]
+fn an_audit_log_cut_at_its_end_exits_10() {
+    let env = Env::init();
+    let id = env.create_key("a", "ed25519", &[]);
+    env.create_key("b", "ed25519", &[]);
+    env.ok(&["sign", "--key", &id], b"m", "sign");
+    let log = env.store.join(keyhold::audit::FILE);
+    let text = std::fs::read_to_string(&log).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    for keep in [lines.len() - 1, lines.len() - 2] {
+        std::fs::write(&log, lines[..keep].join("\n") + "\n").unwrap();
+        let (code, report, err) = verify(&env, &[]);
+        assert_eq!(code, Some(10), "keep {keep}: {report}{err}");
+        assert!(
+            report.contains("audit log (MACs and hash chain): FAILED\n  the log does not verify"),
+            "{report}"
+        );
+        assert!(report.contains("cut off"), "{report}");
+        assert!(
+            err.ends_with("store verify found problems: 1 problem (audit)\n"),
+            "{err}"
+        );
+    }
+}
+
 #[cfg(feature = "pkcs11")]
 mod pkcs11 {
     use super::*;

@@ -3,7 +3,7 @@
 use std::io::IsTerminal;
 
 use clap::{Args, Subcommand};
-use keyhold::verify::{CheckKind, Finding, Status, VerifyProgress, VerifyReport};
+use keyhold::verify::{Finding, Section, Status, VerifyProgress, VerifyReport};
 use keyhold::Keystore;
 
 use super::{io, CmdResult, Context, Failure};
@@ -121,10 +121,7 @@ fn verdict(report: &VerifyReport) -> CmdResult {
             .count()
     };
     let (failed, unchecked) = (count(Status::Failed), count(Status::Unchecked));
-    let tampered = report
-        .sections
-        .iter()
-        .any(|s| s.kind == CheckKind::Commitment && s.status == Status::Failed);
+    let tampered = report.sections.iter().any(Section::is_tampered);
     let code = match report.status() {
         Status::Passed => return Ok(()),
         Status::Failed if tampered => TAMPERED,

@@ -103,10 +103,19 @@ impl Keystore {
     pub fn verify_audit(&self) -> Result<audit::Verified> {
         self.audit_sink().flush()?;
         let committed = self.store.committed_audit_head()?;
+        self.verify_audit_through(committed, self.store.anchor())
+    }
+
+    /// The audit log verified through `committed` (the last entry the store's state records)
+    /// and, where it records a later one, through the last entry `anchor` records: a log whose
+    /// end was cut off is refused ([`Error::StoreTampered`]).
+    pub(super) fn verify_audit_through(
+        &self,
+        committed: Option<audit::Head>,
+        anchor: Option<&crate::store::FileAnchor>,
+    ) -> Result<audit::Verified> {
         let verified = self.audit.reader.verify_through(committed)?;
-        let anchored = self
-            .store
-            .anchor()
+        let anchored = anchor
             .and_then(|a| a.read_audit().ok().flatten())
             .filter(|a| committed.is_none_or(|c| a.seq > c.seq));
         if anchored.is_some() {

@@ -124,6 +124,10 @@ pub struct Section {
     pub summary: String,
     /// Every problem found, and everything left unchecked.
     pub findings: Vec<Finding>,
+    /// Whether what failed says the store was tampered with or rolled back (`store verify`
+    /// exits 10): every failure of the commitment, an audit log cut short.
+    #[serde(skip)]
+    tampered: bool,
 }
 
 impl Section {
@@ -139,7 +143,19 @@ impl Section {
             status,
             summary,
             findings,
+            tampered: kind == CheckKind::Commitment && status == Status::Failed,
         }
+    }
+
+    /// This section, marked as saying the store was tampered with if `yes` and it failed.
+    fn tampered(mut self, yes: bool) -> Self {
+        self.tampered |= yes && self.status == Status::Failed;
+        self
+    }
+
+    /// Whether it failed in a way that says the store was tampered with or rolled back.
+    pub fn is_tampered(&self) -> bool {
+        self.tampered
     }
 }
 
@@ -469,9 +485,9 @@ impl Keystore {
             .map(|a| (a.path().to_path_buf(), a.read()));
         let rows = Rows::read(&self.store)?;
         let (records, checked) = self.verify_records(&rows, opening, progress);
-        let commitment = self.verify_commitment(&rows, anchored, counter)?;
+        let (commitment, committed_audit) = self.verify_commitment(&rows, anchored, counter)?;
         let objects = self.verify_objects(&checked, progress);
-        let audit = self.verify_audit_log();
+        let audit = self.verify_audit_log(committed_audit);
         Ok(VerifyReport {
             store_id: self.store_id(),
             keys: rows.keys.len(),
@@ -480,13 +496,14 @@ impl Keystore {
     }
 
     /// The commitment section: the rows against the committed set, the state's MAC, the
-    /// generation against the anchor file and the TPM counter (read, never advanced).
+    /// generation against the anchor file and the TPM counter (read, never advanced); with the
+    /// last audit entry the state records, if its MAC verifies.
     fn verify_commitment(
         &self,
         rows: &Rows,
         anchored: Option<(std::path::PathBuf, Result<Option<u64>>)>,
         counter: Option<&dyn crate::store::Counter>,
-    ) -> Result<Section> {
+    ) -> Result<(Section, Option<crate::audit::Head>)> {
         let report = super::root::check_commitment(
             self.store.meta(),
             &self.commit_keys,
@@ -594,7 +611,11 @@ impl Keystore {
                 }
             }
         }
-        Ok(Section::new(CheckKind::Commitment, summary, findings))
+        let committed_audit = report.state.as_ref().and_then(|s| s.audit);
+        Ok((
+            Section::new(CheckKind::Commitment, summary, findings),
+            committed_audit,
+        ))
     }
 
     /// The records section, and each key record with whether it authenticated and its versions.
@@ -886,8 +907,14 @@ impl Keystore {
     }
 
     /// The audit section: the log's MACs and chain.
-    fn verify_audit_log(&self) -> Section {
-        match self.verify_audit() {
+    /// The audit section: the log's MACs and chain, through the last entry the state records
+    /// (`committed`) and the anchor file's, if later. A log cut short of them is tampering.
+    fn verify_audit_log(&self, committed: Option<crate::audit::Head>) -> Section {
+        let verified = self
+            .audit_sink()
+            .flush()
+            .and_then(|()| self.verify_audit_through(committed, self.anchor.as_ref()));
+        match verified {
             Ok(v) => {
                 let mut summary = format!(
                     "{} entries, head {}",
@@ -910,7 +937,8 @@ impl Keystore {
                     key: None,
                     what: describe(&e),
                 }],
-            ),
+            )
+            .tampered(matches!(e, Error::StoreTampered { .. })),
         }
     }
 
