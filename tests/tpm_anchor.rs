@@ -13,7 +13,7 @@ use keyhold::secret::SecretBytes;
 use keyhold::store::{Counter, CounterValue};
 use keyhold::testing::Swtpm;
 use keyhold::{Error, KeyRequest, KeySpec, KeyType, Keystore, SignatureFormat};
-use support::env::{assert_ok, stderr, Env};
+use support::env::{assert_ok, Env};
 use support::{sealer, PASSPHRASE};
 
 struct Fixture {
@@ -89,13 +89,7 @@ fn tampered(result: keyhold::Result<Keystore>, fragments: &[&str]) {
 #[test]
 fn a_whole_store_copied_back_is_refused_by_the_tpm_counter_without_its_anchor_file() {
     let f = Fixture::new();
-    let ks = f.create();
-    let id = key(&ks, "victim");
-    ks.sign(&id, b"before", SignatureFormat::Der).unwrap();
-    let before = support::snapshot(&f.store);
-    ks.destroy_key(&id).unwrap();
-    drop(ks);
-    support::restore(&f.store, &before);
+    support::destroy_then_put_back(f.create(), &f.store);
     // The intruder deletes the tripwire too; the TPM's counter still says.
     f.forget_anchor_files();
     tampered(
@@ -172,38 +166,7 @@ fn a_crash_between_a_change_and_the_counter_is_repaired_at_the_next_command() {
     let env = Env::new().with_config(&config);
     env.init_store();
     let id = env.create_key("k", "ed25519", &[]);
-    // The change commits, then the process ends before the counter's increment, twice in a row:
-    // each next command first brings the counter up to the store.
-    for round in 0..2 {
-        let out = env.run_vars(
-            &[(keyhold::testing::FAULT_VAR, "after-commit-before-counter")],
-            &["key", "rotate", "--key", &id],
-        );
-        assert!(
-            !out.status.success(),
-            "round {round}: the fault point ended the process"
-        );
-    }
-    let out = env.run(&["-v", "key", "show", "--key", &id], b"");
-    assert_ok(&out, "the next command");
-    assert!(
-        stderr(&out).contains("one change ahead of its counter"),
-        "{}",
-        stderr(&out)
-    );
-    let shown = String::from_utf8(out.stdout).unwrap();
-    assert!(
-        shown.contains("version: 3"),
-        "both rotations are in: {shown}"
-    );
-    // A command that changes nothing afterwards finds store and counter in step.
-    let out = env.run(&["-v", "key", "show", "--key", &id], b"");
-    assert_ok(&out, "again");
-    assert!(
-        !stderr(&out).contains("one change ahead"),
-        "{}",
-        stderr(&out)
-    );
+    support::env::crashes_before_the_counter_are_repaired(&env, &id);
 }
 
 #[test]
@@ -323,7 +286,7 @@ fn a_store_whose_tpm_was_cleared_is_reanchored_on_purpose_and_then_guarded_again
     assert!(out.status.success(), "tpm2_clear: {out:?}");
     tampered(f.open(), &["is gone", "the TPM was cleared"]);
     let done = Keystore::reanchor(&f.store, &sealer(PASSPHRASE), &f.config()).unwrap();
-    assert!(done.tpm_counter, "{done:?}");
+    assert!(done.counter, "{done:?}");
     let ks = f.open().unwrap();
     let before = support::snapshot(&f.store);
     ks.sign(&id, b"m", SignatureFormat::Der).unwrap();

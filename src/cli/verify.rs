@@ -96,7 +96,7 @@ fn reanchor(ctx: &Context, args: &ReanchorArgs) -> CmdResult {
             "store": ctx.store.display().to_string(),
             "from_generation": done.from_generation,
             "generation": done.generation,
-            "tpm_counter": done.tpm_counter,
+            "counter": done.counter,
         }))
     } else {
         io::print_line(&format!(
@@ -104,8 +104,8 @@ fn reanchor(ctx: &Context, args: &ReanchorArgs) -> CmdResult {
             ctx.store.display(),
             done.from_generation,
             done.generation,
-            if done.tpm_counter {
-                ", bound to its TPM counter anew"
+            if done.counter {
+                ", bound to its counter anew"
             } else {
                 ""
             }

@@ -1,23 +1,23 @@
 //! Which counter anchors a store's generation: the TPM of a TPM-sealed store, else the first TPM
-//! the configuration names. Without one, the anchor file alone (store/anchor.rs) does.
+//! the configuration names, else the token of a token-sealed store (backend/pkcs11/counter.rs).
+//! Without one, the anchor file alone (store/anchor.rs) does.
 
 use std::path::Path;
 
 use crate::config::Config;
 use crate::error::Result;
 use crate::sealer::Sealer;
-use crate::store::{Counter, FileAnchor, Store};
+use crate::store::{Counter, CounterAt, FileAnchor, Store};
 
 use super::root::DerivedKeys;
 
-/// Binds the store's generation to its TPM's counter, if it has a TPM (see the module docs), and
-/// checks it. A store already bound needs its TPM: it does not open without it. One not yet
-/// bound opens without it (and is bound at an open that reaches it), with a warning.
+/// Binds the store's generation to its counter, if it has one (see [`counter_for`]), and checks
+/// it. A store already bound needs that device: it does not open without it. One not yet bound
+/// opens without it (and is bound at an open that reaches it), with a warning.
 ///
 /// # Errors
-/// As [`Store::bind_counter`]; [`crate::Error::Config`] for a bound store whose configuration
-/// names no TPM.
-#[cfg(feature = "tpm")]
+/// As [`Store::bind_counter`]; [`crate::Error::Config`] for a bound store whose counter's device
+/// is not there to ask.
 pub(super) fn bind(
     store: &mut Store,
     sealer: Option<&dyn Sealer>,
@@ -25,36 +25,63 @@ pub(super) fn bind(
     keys: &DerivedKeys,
 ) -> Result<()> {
     let bound = store.meta().state.as_ref().and_then(|s| s.counter);
-    let Some((counter, index, name)) = counter_for(store, sealer, config, keys)? else {
-        return match bound.filter(|b| b.offset.is_some()) {
-            Some(binding) => Err(crate::Error::Config(format!(
-                "this store's generation is anchored in the NV counter {:#010x} of a TPM, but \
-                 no TPM is configured: add the TPM back to the configuration (a [backends.NAME] \
-                 table with type = \"tpm\")",
-                binding.index
-            ))),
-            None => Ok(()),
-        };
+    let completed = bound.filter(|b| b.offset.is_some());
+    let tolerated = |e: &crate::Error| {
+        completed.is_none()
+            && matches!(
+                e,
+                crate::Error::BackendUnavailable { .. }
+                    | crate::Error::Timeout { .. }
+                    | crate::Error::BackendLogin { .. }
+            )
     };
-    match store.bind_counter(counter, index) {
-        // Only a completed binding makes the TPM necessary: one interrupted (or never begun)
-        // waits for an open that reaches the TPM.
+    let counter = match counter_for(store, sealer, config, keys) {
+        Ok(Some(counter)) => counter,
+        Ok(None) => {
+            return match completed {
+                Some(binding) => Err(crate::Error::Config(format!(
+                    "this store's generation is anchored in {}, but {}",
+                    binding.at,
+                    match binding.at {
+                        CounterAt::TpmNv(_) => {
+                            "no TPM is configured: add the TPM back to the configuration (a \
+                             [backends.NAME] table with type = \"tpm\")"
+                        }
+                        CounterAt::Token => {
+                            "the store is not opened with that token's sealer (`pkcs11`), or \
+                             this build has no PKCS#11 support"
+                        }
+                    }
+                ))),
+                None => Ok(()),
+            }
+        }
+        Err(e) if tolerated(&e) => {
+            tracing::warn!(error = %e, "the store's generation cannot be anchored in a counter now: only the anchor file guards against a copy put back");
+            return Ok(());
+        }
+        Err(e) => return Err(e),
+    };
+    let describe = counter.describe();
+    match store.bind_counter(counter) {
+        // Only a completed binding makes the device necessary: one interrupted (or never begun)
+        // waits for an open that reaches it.
         Err(e @ (crate::Error::BackendUnavailable { .. } | crate::Error::Timeout { .. }))
-            if bound.is_none_or(|b| b.offset.is_none()) =>
+            if completed.is_none() =>
         {
             tracing::info!(
                 error = %e,
-                "the store's generation is not anchored in TPM `{name}` yet (the TPM is \
-                 unavailable): only the anchor file guards against a copy put back"
+                "the store's generation is not anchored in {describe} yet (it is unavailable): \
+                 only the anchor file guards against a copy put back"
             );
             Ok(())
         }
-        Err(e @ crate::Error::BackendLogin { .. }) if bound.is_none_or(|b| b.offset.is_none()) => {
+        Err(e @ crate::Error::BackendLogin { .. }) if completed.is_none() => {
             tracing::warn!(
                 error = %e,
-                "the store's generation cannot be anchored in TPM `{name}` (the TPM refused the \
-                 owner's authorisation, which defining its counter takes): only the anchor file \
-                 guards against a copy put back"
+                "the store's generation cannot be anchored in {describe} (the device refused \
+                 the authorisation that making the counter takes): only the anchor file guards \
+                 against a copy put back"
             );
             Ok(())
         }
@@ -62,25 +89,49 @@ pub(super) fn bind(
     }
 }
 
-/// A store's counter, its NV index and its TPM's name.
-pub(super) type CounterFor = (Box<dyn Counter>, u32, String);
-
-/// The counter that anchors (or would anchor) the store: on the sealer's TPM, else on the
-/// configuration's first TPM; at the index the state names, else the store's own; with its
-/// index and its TPM's name. `None` without a TPM. Reaches nothing yet.
+/// The counter that anchors (or would anchor) the store. A completed binding names its device
+/// (and TPM NV index). Otherwise, the first that is there: the sealer's TPM, else the
+/// configuration's first TPM (at the store's own index), else the token of a `pkcs11`-sealed
+/// store. (A token that only holds keys is not used: binding would make the store refuse to open
+/// while the token is away, which its software keys do not need.) `None` without one. Reaches
+/// nothing yet.
 ///
 /// # Errors
 /// [`crate::Error::Config`] for a TPM the configuration cannot describe.
-#[cfg(feature = "tpm")]
 pub(super) fn counter_for(
     store: &Store,
     sealer: Option<&dyn Sealer>,
     config: &Config,
     keys: &DerivedKeys,
-) -> Result<Option<CounterFor>> {
+) -> Result<Option<Box<dyn Counter>>> {
+    let completed = store
+        .meta()
+        .state
+        .as_ref()
+        .and_then(|s| s.counter)
+        .filter(|b| b.offset.is_some());
+    match completed.map(|b| b.at) {
+        Some(CounterAt::TpmNv(index)) => tpm_counter(store, sealer, config, keys, Some(index)),
+        Some(CounterAt::Token) => Ok(token_counter(store, sealer, keys)),
+        None => match tpm_counter(store, sealer, config, keys, None)? {
+            Some(counter) => Ok(Some(counter)),
+            None => Ok(token_counter(store, sealer, keys)),
+        },
+    }
+}
+
+/// The store's counter on the sealer's TPM, else on the configuration's first TPM; at `index`,
+/// else the store's own.
+#[cfg(feature = "tpm")]
+fn tpm_counter(
+    store: &Store,
+    sealer: Option<&dyn Sealer>,
+    config: &Config,
+    keys: &DerivedKeys,
+    index: Option<u32>,
+) -> Result<Option<Box<dyn Counter>>> {
     use crate::backend::tpm::{counter_index, TpmCounter};
     use crate::config::BackendConfig;
-    let bound = store.meta().state.as_ref().and_then(|s| s.counter);
     let tpm = match sealer.and_then(Sealer::tpm) {
         Some(tpm) => Some(tpm),
         None => config
@@ -101,34 +152,48 @@ pub(super) fn counter_for(
     let Some((device, name)) = tpm else {
         return Ok(None);
     };
-    let index = bound.map_or_else(|| counter_index(&store.meta().store_id), |b| b.index);
-    let counter = TpmCounter::new(device, &name, index, &keys.counter_auth);
-    Ok(Some((Box::new(counter), index, name)))
+    let index = index.unwrap_or_else(|| counter_index(&store.meta().store_id));
+    Ok(Some(Box::new(TpmCounter::new(
+        device,
+        &name,
+        index,
+        &keys.counter_auth,
+    ))))
 }
 
-/// Without TPM support there is no counter.
 #[cfg(not(feature = "tpm"))]
-pub(super) fn counter_for(
+fn tpm_counter(
     _store: &Store,
     _sealer: Option<&dyn Sealer>,
     _config: &Config,
     _keys: &DerivedKeys,
-) -> Result<Option<CounterFor>> {
+    _index: Option<u32>,
+) -> Result<Option<Box<dyn Counter>>> {
     Ok(None)
 }
 
-/// Without TPM support, a store bound to a TPM counter cannot be checked.
-#[cfg(not(feature = "tpm"))]
-pub(super) fn bind(
-    store: &mut Store,
+/// The store's counter object on the token of a `pkcs11`-sealed store.
+#[cfg(feature = "pkcs11")]
+fn token_counter(
+    store: &Store,
+    sealer: Option<&dyn Sealer>,
+    keys: &DerivedKeys,
+) -> Option<Box<dyn Counter>> {
+    let backend = sealer.and_then(Sealer::pkcs11)?;
+    Some(Box::new(crate::backend::pkcs11::TokenCounter::new(
+        backend,
+        &store.meta().store_id,
+        &keys.token_counter_mac,
+    )))
+}
+
+#[cfg(not(feature = "pkcs11"))]
+fn token_counter(
+    _store: &Store,
     _sealer: Option<&dyn Sealer>,
-    _config: &Config,
     _keys: &DerivedKeys,
-) -> Result<()> {
-    match store.meta().state.as_ref().and_then(|s| s.counter) {
-        Some(_) => Err(crate::Error::not_built("tpm")),
-        None => Ok(()),
-    }
+) -> Option<Box<dyn Counter>> {
+    None
 }
 
 /// What [`super::Keystore::reanchor`] did.
@@ -138,8 +203,8 @@ pub struct Reanchored {
     pub from_generation: u64,
     /// The generation it is at now: past its anchor file's.
     pub generation: u64,
-    /// Whether it is bound to a TPM counter now.
-    pub tpm_counter: bool,
+    /// Whether it is bound to a counter (a TPM's, or its token's) now.
+    pub counter: bool,
 }
 
 impl super::Keystore {
@@ -174,15 +239,14 @@ impl super::Keystore {
             .unwrap_or(0);
         // With a TPM, the binding is made pending at the store's index: accepted as it is, the
         // store is bound to the counter wherever it now stands.
-        let rebind_at =
-            counter_for(&store, Some(sealer), config, &keys)?.map(|(_, index, _)| index);
+        let rebind_at = counter_for(&store, Some(sealer), config, &keys)?.map(|c| c.at());
         let generation = store.restart_generation(anchored.saturating_add(1), rebind_at)?;
         if let Some(anchor) = anchor_dir.map(|d| FileAnchor::new(&d, &store.meta().store_id)) {
             anchor.advance(generation)?;
             store.set_anchor(anchor);
         }
         bind(&mut store, Some(sealer), config, &keys)?;
-        let tpm_counter = store
+        let counter = store
             .meta()
             .state
             .as_ref()
@@ -193,13 +257,13 @@ impl super::Keystore {
             from_generation,
             generation,
             "re-anchored the store: accepted as it is, its generation past its anchor file's{}",
-            if tpm_counter { ", bound to its TPM counter anew" } else { "" }
+            if counter { ", bound to its counter anew" } else { "" }
         );
         Self::with_root(store, &keys, config)?.audit_store_event("store-reanchor")?;
         Ok(Reanchored {
             from_generation,
             generation,
-            tpm_counter,
+            counter,
         })
     }
 }

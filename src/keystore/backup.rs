@@ -407,8 +407,7 @@ impl Backup {
             .and_then(|s| s.meta().state.as_ref().map(|st| st.generation))
             .unwrap_or(0);
         // A restore is accepted as current: with a TPM, bound to the counter where it stands.
-        let rebind_at =
-            super::anchor::counter_for(&store, sealer, config, keys)?.map(|(_, index, _)| index);
+        let rebind_at = super::anchor::counter_for(&store, sealer, config, keys)?.map(|c| c.at());
         let generation =
             store.restart_generation(anchored.max(replaced).saturating_add(1), rebind_at)?;
         Ok((store.keys(None)?.len(), generation))

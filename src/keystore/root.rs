@@ -23,6 +23,8 @@ pub(super) struct DerivedKeys {
     pub(super) state_mac: SecretBytes,
     #[cfg_attr(not(feature = "tpm"), allow(dead_code))]
     pub(super) counter_auth: SecretBytes,
+    #[cfg_attr(not(feature = "pkcs11"), allow(dead_code))]
+    pub(super) token_counter_mac: SecretBytes,
     pub(super) backup_key: SecretBytes,
 }
 
@@ -52,6 +54,7 @@ pub(super) fn derive_keys(root: &RootSecret, store_id: &[u8; 16]) -> Result<Deri
         commit_prf: expand(b"keyhold v1 commitment prf")?,
         state_mac: expand(b"keyhold v1 store state mac")?,
         counter_auth: expand(b"keyhold v1 tpm counter auth")?,
+        token_counter_mac: expand(b"keyhold v1 token counter mac")?,
         backup_key: expand(b"keyhold v1 backup key")?,
     })
 }

@@ -448,11 +448,7 @@ impl Keystore {
         // Verifying writes nothing, not even an audit entry.
         config.audit.enabled = false;
         let ks = Self::with_root(store, &keys, &config)?;
-        ks.verify_store_with(
-            opening,
-            counter.as_ref().map(|(c, _, _)| c.as_ref()),
-            progress,
-        )
+        ks.verify_store_with(opening, counter.as_deref(), progress)
     }
 
     /// Verifies the whole store: every record's MAC (key records, later versions, history
@@ -551,9 +547,9 @@ impl Keystore {
                 status: Status::Unchecked,
                 key: None,
                 what: format!(
-                    "the store is anchored in the NV counter {:#010x} of a TPM, which is not \
-                     configured here: not checked",
-                    binding.index
+                    "the store is anchored in {}, which is not reachable from here (not \
+                     configured, or not this store's sealer): not checked",
+                    binding.at
                 ),
             });
         }

@@ -102,15 +102,24 @@ pub trait Sealer: Send + Sync + fmt::Debug {
     /// The TPM this sealer uses, and its name for messages: a TPM-sealed store anchors its
     /// generation in that TPM's NV counter.
     #[cfg(feature = "tpm")]
-    fn tpm(
-        &self,
-    ) -> Option<(
-        std::sync::Arc<crate::backend::tpm::device::TpmDevice>,
-        String,
-    )> {
+    fn tpm(&self) -> Option<SealerTpm> {
+        None
+    }
+
+    /// The token this sealer uses: a token-sealed store without a TPM anchors its generation in
+    /// a counter object there.
+    #[cfg(feature = "pkcs11")]
+    fn pkcs11(&self) -> Option<std::sync::Arc<crate::backend::pkcs11::Pkcs11Backend>> {
         None
     }
 }
+
+/// What [`Sealer::tpm`] gives: the TPM, and the name of its configured backend for messages.
+#[cfg(feature = "tpm")]
+pub type SealerTpm = (
+    std::sync::Arc<crate::backend::tpm::device::TpmDevice>,
+    String,
+);
 
 /// A borrowed sealer seals as the sealer does: `Keystore::reseal` takes the new sealer by value,
 /// and a caller holding a `Box<dyn Sealer>` (chosen at run time) passes `&*boxed`.
@@ -125,5 +134,15 @@ impl<T: Sealer + ?Sized> Sealer for &T {
 
     fn unseal(&self, sealed: &SealedRoot, store_id: &[u8; 16]) -> Result<RootSecret> {
         (**self).unseal(sealed, store_id)
+    }
+
+    #[cfg(feature = "tpm")]
+    fn tpm(&self) -> Option<SealerTpm> {
+        (**self).tpm()
+    }
+
+    #[cfg(feature = "pkcs11")]
+    fn pkcs11(&self) -> Option<std::sync::Arc<crate::backend::pkcs11::Pkcs11Backend>> {
+        (**self).pkcs11()
     }
 }

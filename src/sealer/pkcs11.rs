@@ -79,6 +79,10 @@ impl Sealer for Pkcs11Sealer {
         KIND
     }
 
+    fn pkcs11(&self) -> Option<Arc<Pkcs11Backend>> {
+        Some(Arc::clone(&self.backend))
+    }
+
     fn seal(&self, root: &RootSecret, store_id: &[u8; 16]) -> Result<SealedRoot> {
         let spec = spec()?;
         let mut uuid = [0u8; 16];

@@ -31,6 +31,8 @@ pub enum CounterValue {
 pub trait Counter: Send + Sync + std::fmt::Debug {
     /// How messages name it (`the TPM NV counter 0x01234567 of TPM `tpm``).
     fn describe(&self) -> String;
+    /// Where it is, as the store's state records it.
+    fn at(&self) -> crate::store::CounterAt;
     /// What it shows now.
     ///
     /// # Errors

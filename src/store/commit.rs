@@ -111,12 +111,31 @@ pub struct StoreState {
     pub mac: Vec<u8>,
 }
 
+/// Where a store's counter is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CounterAt {
+    /// The TPM NV counter at this index.
+    TpmNv(u32),
+    /// The store's counter object on a PKCS#11 token (a private data object, found by a label
+    /// made from the store ID).
+    Token,
+}
+
+impl std::fmt::Display for CounterAt {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::TpmNv(index) => write!(f, "the NV counter {index:#010x} of a TPM"),
+            Self::Token => f.write_str("its counter object on a PKCS#11 token"),
+        }
+    }
+}
+
 /// Which counter follows a store's generation, and how: `count = generation + offset` (mod
 /// 2^64). A counter starts where the TPM's counters have got to, not at the generation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct CounterBinding {
-    /// The TPM NV index.
-    pub index: u32,
+    /// Where the counter is.
+    pub at: CounterAt,
     /// `None` while the counter is being made (a crash then leaves the binding to finish).
     pub offset: Option<u64>,
 }
@@ -131,8 +150,12 @@ impl CounterBinding {
         match binding {
             None => out.push(0),
             Some(b) => {
-                out.push(if b.offset.is_some() { 2 } else { 1 });
-                out.extend_from_slice(&b.index.to_be_bytes());
+                let (tag, index) = match b.at {
+                    CounterAt::TpmNv(index) => (1, index),
+                    CounterAt::Token => (3, 0),
+                };
+                out.push(if b.offset.is_some() { tag + 1 } else { tag });
+                out.extend_from_slice(&index.to_be_bytes());
                 out.extend_from_slice(&b.offset.unwrap_or_default().to_be_bytes());
             }
         }
@@ -181,12 +204,16 @@ impl StoreState {
         let total: [u8; 32] = take(b, 32)?.try_into().ok()?;
         let counter = match take(b, 1)?[0] {
             0 => None,
-            tag @ (1 | 2) => {
+            tag @ 1..=4 => {
                 let index = u32::from_be_bytes(take(b, 4)?.try_into().ok()?);
                 let offset = be_u64(take(b, 8)?)?;
                 Some(CounterBinding {
-                    index,
-                    offset: (tag == 2).then_some(offset),
+                    at: if tag <= 2 {
+                        CounterAt::TpmNv(index)
+                    } else {
+                        CounterAt::Token
+                    },
+                    offset: (tag % 2 == 0).then_some(offset),
                 })
             }
             _ => return None,
@@ -597,12 +624,20 @@ mod tests {
         for counter in [
             None,
             Some(CounterBinding {
-                index: 0x0100_0001,
+                at: CounterAt::TpmNv(0x0100_0001),
                 offset: None,
             }),
             Some(CounterBinding {
-                index: 0x0100_0001,
+                at: CounterAt::TpmNv(0x0100_0001),
                 offset: Some(u64::MAX),
+            }),
+            Some(CounterBinding {
+                at: CounterAt::Token,
+                offset: None,
+            }),
+            Some(CounterBinding {
+                at: CounterAt::Token,
+                offset: Some(3),
             }),
         ] {
             let audit = counter.map(|_| Head {
@@ -617,10 +652,21 @@ mod tests {
         let a = keys().state(7, Sum::default(), None, None, b"m");
         let mut b = a.clone();
         b.counter = Some(CounterBinding {
-            index: 1,
+            at: CounterAt::TpmNv(1),
             offset: Some(0),
         });
         assert!(!keys().state_ok(&b, b"m"), "the binding is under the MAC");
+        // Which device, too: the same offset on a token is another binding.
+        let tpm = keys().state(7, Sum::default(), b.counter, None, b"m");
+        let mut token = tpm.clone();
+        token.counter = Some(CounterBinding {
+            at: CounterAt::Token,
+            offset: Some(0),
+        });
+        assert!(
+            !keys().state_ok(&token, b"m"),
+            "the device is under the MAC"
+        );
         let mut c = a.clone();
         c.audit = Some(Head {
             seq: 1,

@@ -28,7 +28,7 @@ pub use anchor::{compare_counter, judge_counter, Counter, CounterCheck, CounterV
 use anchor::{foreign, foreign_text};
 use commit::Change;
 pub(crate) use commit::{tampered, Mismatch, Recomputed, RowKind, Sum};
-pub use commit::{CommitKeys, CounterBinding, StoreState};
+pub use commit::{CommitKeys, CounterAt, CounterBinding, StoreState};
 pub use record::KeyRecord;
 pub use rows::{CounterRecord, EventRecord, VersionRecord};
 pub use staged::Staged;
@@ -243,7 +243,7 @@ impl Store {
     /// [`Error::StoreTampered`] for a store older than the counter (restored from a copy), a
     /// counter behind the store by more than one change, gone, or not keyhold's; the counter's
     /// device errors; storage errors.
-    pub fn bind_counter(&mut self, counter: Box<dyn Counter>, index: u32) -> Result<()> {
+    pub fn bind_counter(&mut self, counter: Box<dyn Counter>) -> Result<()> {
         self.counter = Some(counter);
         let _lock = self.counter_lock()?;
         // Read again under the lock: another process may have changed the store (and advanced
@@ -283,17 +283,17 @@ impl Store {
                 counter.describe()
             )));
         }
+        let at = counter.at();
         self.counter = Some(counter);
         let bound = match state.counter {
-            Some(binding) => binding,
-            None => {
+            // Pending at this counter: a binding interrupted, to finish.
+            Some(binding) if binding.at == at => binding,
+            // Pending at another counter, or not begun.
+            _ => {
                 // Say which counter first, so that a crash before the binding is complete leaves
                 // a state that names it: the next open finishes the binding rather than finding
                 // a counter the store does not know of.
-                let pending = CounterBinding {
-                    index,
-                    offset: None,
-                };
+                let pending = CounterBinding { at, offset: None };
                 self.transact(|_| Ok(()), |_| Ok(Some(pending)))?;
                 pending
             }
@@ -324,7 +324,7 @@ impl Store {
                 // The change being made takes the generation to current + 1 and then advances the
                 // counter from `count`: so `count = current + offset`.
                 Ok(Some(CounterBinding {
-                    index: bound.index,
+                    at: bound.at,
                     offset: Some(count.wrapping_sub(current.generation)),
                 }))
             },
@@ -743,7 +743,11 @@ impl Store {
     ///
     /// `rebind_at`: the NV index a counter should be bound at by the next bind (a pending
     /// binding), whatever the state says; else a binding the state has becomes pending.
-    pub(crate) fn restart_generation(&self, at_least: u64, rebind_at: Option<u32>) -> Result<u64> {
+    pub(crate) fn restart_generation(
+        &self,
+        at_least: u64,
+        rebind_at: Option<CounterAt>,
+    ) -> Result<u64> {
         let _lock = self.dir_lock()?;
         self.transact_inner(
             |_| Ok(()),
@@ -1311,14 +1315,10 @@ fn next_generation(state: &StoreState) -> Result<u64> {
     })
 }
 
-/// `state`'s binding made pending (bound again at the next bind), at `index` if given.
-fn pending_of(state: &StoreState, index: Option<u32>) -> Option<CounterBinding> {
-    index
-        .or(state.counter.map(|b| b.index))
-        .map(|index| CounterBinding {
-            index,
-            offset: None,
-        })
+/// `state`'s binding made pending (bound again at the next bind), at `at` if given.
+fn pending_of(state: &StoreState, at: Option<CounterAt>) -> Option<CounterBinding> {
+    at.or(state.counter.map(|b| b.at))
+        .map(|at| CounterBinding { at, offset: None })
 }
 
 fn read_state(conn: &Connection, dir: &Path) -> Result<Option<StoreState>> {

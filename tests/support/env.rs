@@ -1053,6 +1053,42 @@ pub fn softhsm_with_pin(pin: &str) -> keyhold::testing::SoftHsm {
     hsm
 }
 
+/// A crash between a change's commit and its counter's increment, twice in a row (the fault
+/// point ends `key rotate` there): the next command brings the counter up to the store (logged
+/// with `-v`) and both rotations are in; the command after it finds store and counter in step.
+#[allow(dead_code)] // used by the counter tests only
+pub fn crashes_before_the_counter_are_repaired(env: &Env, id: &str) {
+    for round in 0..2 {
+        let out = env.run_vars(
+            &[(keyhold::testing::FAULT_VAR, "after-commit-before-counter")],
+            &["key", "rotate", "--key", id],
+        );
+        assert!(
+            !out.status.success(),
+            "round {round}: the fault point ended the process"
+        );
+    }
+    let out = env.run(&["-v", "key", "show", "--key", id], b"");
+    assert_ok(&out, "the next command");
+    assert!(
+        stderr(&out).contains("one change ahead of its counter"),
+        "{}",
+        stderr(&out)
+    );
+    let shown = String::from_utf8(out.stdout).unwrap_or_default();
+    assert!(
+        shown.contains("version: 3"),
+        "both rotations are in: {shown}"
+    );
+    let out = env.run(&["-v", "key", "show", "--key", id], b"");
+    assert_ok(&out, "again");
+    assert!(
+        !stderr(&out).contains("one change ahead"),
+        "{}",
+        stderr(&out)
+    );
+}
+
 /// Starts `cmd`, SIGKILLs it after `delay` (if given) if it is still running; its exit code if it
 /// ended by itself (`None` when killed), its stdout and its stderr.
 pub fn run_killed_after(

@@ -331,6 +331,28 @@ pub fn replace_root_with_tpm_seal(store: &Path, tcti: &str, backend: Option<&str
     chosen
 }
 
+/// The copy-back attack: a software key `victim` made and used in `ks` (whose store is in
+/// `dir`), the store's files copied, the key destroyed, the keystore closed, and the copy put
+/// back — the destroyed key's rows with it.
+#[allow(dead_code)] // used by the anchor tests only
+pub fn destroy_then_put_back(ks: Keystore, dir: &Path) {
+    let id = ks
+        .create_key(&keyhold::KeyRequest {
+            namespace: "default".into(),
+            name: "victim".into(),
+            spec: keyhold::KeySpec::new(keyhold::KeyType::Ed25519, None, None).unwrap(),
+            backend: Some("software".into()),
+        })
+        .unwrap()
+        .id;
+    ks.sign(&id, b"before", keyhold::SignatureFormat::Der)
+        .unwrap();
+    let before = snapshot(dir);
+    ks.destroy_key(&id).unwrap();
+    drop(ks);
+    restore(dir, &before);
+}
+
 /// Puts a store directory back as `snapshot` holds it.
 pub fn restore(dir: &Path, snapshot: &BTreeMap<PathBuf, FileBytes>) {
     for entry in std::fs::read_dir(dir).expect("read store dir") {

@@ -14,6 +14,8 @@
 
 mod capabilities;
 mod check;
+mod counter;
+pub use counter::TokenCounter;
 mod errors;
 mod ffi;
 mod generate;

@@ -77,6 +77,10 @@ impl Counter for TpmCounter {
         format!("the NV counter {:#010x} of TPM `{}`", self.index, self.who)
     }
 
+    fn at(&self) -> crate::store::CounterAt {
+        crate::store::CounterAt::TpmNv(self.index)
+    }
+
     fn read(&self) -> Result<CounterValue> {
         let state = self
             .device
