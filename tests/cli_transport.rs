@@ -638,13 +638,14 @@ mod softhsm {
     const TRUSTED_LABEL: &str = "transport-kek";
 
     /// An AES-256 key with the known `value`, labelled `label`, made on the token as the given
-    /// session makes it: a public token object with CKA_WRAP (and CKA_UNWRAP), CKA_TRUSTED only
-    /// when `trusted` (which only an SO session may set).
+    /// session makes it: a public token object with CKA_WRAP (and CKA_UNWRAP), sensitive and
+    /// not extractable unless `readable`, CKA_TRUSTED only when `trusted` (which only an SO
+    /// session may set: SoftHSM answers a user's with CKR_ATTRIBUTE_READ_ONLY).
     fn make_wrapping_key(
         session: &cryptoki::session::Session,
         label: &str,
         value: &[u8],
-        trusted: bool,
+        (trusted, readable): (bool, bool),
     ) {
         use cryptoki::object::{Attribute, KeyType, ObjectClass};
         let mut template = vec![
@@ -652,7 +653,7 @@ mod softhsm {
             Attribute::KeyType(KeyType::AES),
             Attribute::Token(true),
             Attribute::Private(false),
-            Attribute::Sensitive(true),
+            Attribute::Sensitive(!readable),
             Attribute::Extractable(false),
             Attribute::Wrap(true),
             Attribute::Unwrap(true),
@@ -666,13 +667,15 @@ mod softhsm {
     }
 
     /// The security officer's part, done once before anything logs in as the user: the trusted
-    /// wrapping key [`TRUSTED_LABEL`] with the value `kek`, and two trusted keys labelled
-    /// `twin` (a label that names no one key).
+    /// wrapping key [`TRUSTED_LABEL`] with the value `kek`; two trusted keys labelled `twin` (a
+    /// label that names no one key); and a trusted key whose value is readable (`readable`).
+    /// SoftHSM lets the SO make only public objects (CKA_PRIVATE true: CKR_USER_NOT_LOGGED_IN).
     fn provision_as_so(hsm: &SoftHsm, kek: &[u8]) {
         let so = support::pkcs11::so_session(hsm.label());
-        make_wrapping_key(&so, TRUSTED_LABEL, kek, true);
-        make_wrapping_key(&so, "twin", kek, true);
-        make_wrapping_key(&so, "twin", kek, true);
+        make_wrapping_key(&so, TRUSTED_LABEL, kek, (true, false));
+        make_wrapping_key(&so, "twin", kek, (true, false));
+        make_wrapping_key(&so, "twin", kek, (true, false));
+        make_wrapping_key(&so, "readable", kek, (true, true));
         so.logout().unwrap();
     }
 
@@ -852,7 +855,7 @@ mod softhsm {
     fn a_token_key_is_wrapped_only_under_a_trusted_key_and_each_refusal_says_why() {
         let (hsm, env, kek, software_kek) = provisioned();
         // A wrapping key made by someone with the user PIN: not trusted, whatever else it is.
-        make_wrapping_key(&raw_session(hsm.label()), "user-kek", &kek, false);
+        make_wrapping_key(&raw_session(hsm.label()), "user-kek", &kek, (false, false));
         let token_kek = env.create_key("token-kek", "aes-256-gcm", &["--backend", "hsm"]);
         let key = env.create_key("k", "hmac-sha256", &["--backend", "hsm", "--exportable"]);
         let kept = env.create_key("kept", "hmac-sha256", &["--backend", "hsm"]);
@@ -877,7 +880,7 @@ mod softhsm {
             "--out",
             &out,
         ];
-        let cases: [(&[&str], &str); 8] = [
+        let cases: [(&[&str], &str); 9] = [
             (
                 &export_under(&key, &token_kek, &out),
                 "backend `hsm` does not support wrapping its keys under a keyhold key: an \
@@ -910,6 +913,11 @@ mod softhsm {
             (
                 &export_trusted(&key, "twin", &out),
                 "2 trusted wrapping keys are labelled `twin` on token",
+            ),
+            (
+                &export_trusted(&key, "readable", &out),
+                "can be read or taken out of the token (it is not CKA_SENSITIVE, or is \
+                 CKA_EXTRACTABLE): a key wrapped under it would be as good as in clear",
             ),
             (
                 &export_trusted(&software, TRUSTED_LABEL, &out),
@@ -945,7 +953,7 @@ mod softhsm {
             log.lines()
                 .filter(|l| l.contains(" export outcome=") && !l.contains("outcome=ok"))
                 .count()
-                >= 6,
+                >= 7,
             "{log}"
         );
         // And the key still leaves under the trusted key.

@@ -16,8 +16,8 @@ use crate::error::{Error, Result};
 
 /// What the security officer must provision, for messages.
 const PROVISION: &str = "the token's security officer makes it once: an AES-256 secret key \
-    (CKO_SECRET_KEY, CKK_AES, CKA_VALUE_LEN 32) with CKA_WRAP and CKA_TRUSTED true, a public \
-    token object (docs/cli.md, \"Key transport\")";
+    (CKO_SECRET_KEY, CKK_AES, CKA_VALUE_LEN 32) with CKA_WRAP, CKA_TRUSTED and CKA_SENSITIVE \
+    true and CKA_EXTRACTABLE false, a public token object (docs/cli.md, \"Key transport\")";
 
 /// The length of an AES-256 key in bytes (`CKA_VALUE_LEN`).
 const AES_256_LEN: u64 = 32;
@@ -30,13 +30,20 @@ const CHECKED: [AttributeType; 4] = [
     AttributeType::Trusted,
 ];
 
-/// The objects a token holds under a label: those that are trusted wrapping keys, and what each
-/// of the others is (its [`CHECKED`] attributes) when not exactly one is.
+/// What is read of the one trusted wrapping key before it is used.
+const USED: [AttributeType; 3] = [
+    AttributeType::ValueLen,
+    AttributeType::Sensitive,
+    AttributeType::Extractable,
+];
+
+/// The objects a token holds under a label: those that are trusted wrapping keys, the [`USED`]
+/// attributes of the one, or what each of the others is (its [`CHECKED`] attributes) when not
+/// exactly one is.
 struct Search {
     trusted: Vec<ObjectHandle>,
+    one: Vec<Attribute>,
     others: Vec<Vec<Attribute>>,
-    /// `CKA_VALUE_LEN` of the one trusted key, if the token reports it.
-    length: Option<u64>,
 }
 
 impl Pkcs11Backend {
@@ -102,16 +109,9 @@ impl Pkcs11Backend {
             "find the trusted wrapping key (C_FindObjects)",
             |_, session| {
                 let trusted = session.find_objects(&wanted)?;
-                let mut others = Vec::new();
-                let mut length = None;
-                if let [one] = trusted.as_slice() {
-                    length = session
-                        .get_attributes(*one, &[AttributeType::ValueLen])?
-                        .into_iter()
-                        .find_map(|a| match a {
-                            Attribute::ValueLen(n) => Some(u64::from(n)),
-                            _ => None,
-                        });
+                let (mut one, mut others) = (Vec::new(), Vec::new());
+                if let [handle] = trusted.as_slice() {
+                    one = session.get_attributes(*handle, &USED)?;
                 } else {
                     let labelled = [Attribute::Label(label.as_bytes().to_vec())];
                     for handle in session.find_objects(&labelled)? {
@@ -120,23 +120,18 @@ impl Pkcs11Backend {
                 }
                 Ok(Search {
                     trusted,
+                    one,
                     others,
-                    length,
                 })
             },
         )?;
         let token = self.token_name();
         let refused = |why: String| Error::InvalidInput(format!("{why}; {PROVISION}"));
         match search.trusted.as_slice() {
-            [one] => match search.length {
-                Some(AES_256_LEN) => Ok(*one),
-                Some(n) => Err(refused(format!(
-                    "the trusted wrapping key `{label}` on {token} is {n} bytes long \
-                     (CKA_VALUE_LEN): keyhold wraps under AES-256 keys only"
-                ))),
-                None => Err(refused(format!(
-                    "the trusted wrapping key `{label}` on {token} does not say its length \
-                     (CKA_VALUE_LEN): keyhold wraps under AES-256 keys only"
+            [one] => match unfit(&search.one) {
+                None => Ok(*one),
+                Some(why) => Err(refused(format!(
+                    "the trusted wrapping key `{label}` on {token} {why}"
                 ))),
             },
             [] if search.others.is_empty() => Err(refused(format!(
@@ -187,6 +182,39 @@ impl Pkcs11Backend {
             what,
         }
     }
+}
+
+/// Why the trusted key whose [`USED`] attributes are `attributes` is not one to wrap under, if
+/// it is not: not AES-256, or its value readable (a key wrapped under it would then be as good
+/// as in clear to whoever reads it, and a public object is read without a login).
+fn unfit(attributes: &[Attribute]) -> Option<String> {
+    let has = |wanted: &Attribute| attributes.iter().any(|a| a == wanted);
+    let length = attributes.iter().find_map(|a| match a {
+        Attribute::ValueLen(n) => Some(u64::from(*n)),
+        _ => None,
+    });
+    match length {
+        Some(AES_256_LEN) => {}
+        Some(n) => {
+            return Some(format!(
+                "is {n} bytes long (CKA_VALUE_LEN): keyhold wraps under AES-256 keys only"
+            ))
+        }
+        None => {
+            return Some(
+                "does not say its length (CKA_VALUE_LEN): keyhold wraps under AES-256 keys only"
+                    .into(),
+            )
+        }
+    }
+    if !has(&Attribute::Sensitive(true)) || !has(&Attribute::Extractable(false)) {
+        return Some(
+            "can be read or taken out of the token (it is not CKA_SENSITIVE, or is \
+             CKA_EXTRACTABLE): a key wrapped under it would be as good as in clear"
+                .into(),
+        );
+    }
+    None
 }
 
 /// What the objects in `others` lack to be a trusted wrapping key, each shortfall once.
