@@ -732,21 +732,6 @@ mod softhsm {
         id.trim_end().to_owned()
     }
 
-    /// Opens a keyhold envelope (docs/cli.md: `KHE1`, algorithm, key uuid, version, nonce
-    /// length, nonce, AES-GCM body; the first 25 bytes are the AAD) with the raw AES key `key`.
-    fn open_envelope(key: &[u8], envelope: &[u8]) -> Vec<u8> {
-        use aws_lc_rs::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM};
-        assert_eq!(&envelope[..4], b"KHE1");
-        let nonce_len = usize::from(envelope[25]);
-        let nonce = Nonce::try_assume_unique_for_key(&envelope[26..26 + nonce_len]).unwrap();
-        let key = LessSafeKey::new(UnboundKey::new(&AES_256_GCM, key).unwrap());
-        let mut body = envelope[26 + nonce_len..].to_vec();
-        let plain = key
-            .open_in_place(nonce, Aad::from(&envelope[..25]), &mut body)
-            .expect("the envelope opens under the key");
-        plain.to_vec()
-    }
-
     /// SoftHSM2 → software: token keys made exportable leave the token wrapped inside it under
     /// the key the SO marked trusted, OpenSSL unwraps them under the KEK's bytes, and keyhold
     /// imports them into software under a software key of the same bytes: the same keys.
@@ -827,13 +812,13 @@ mod softhsm {
         env.ok_text(&["encrypt", "--key", &aes, "--in", &plain, "--out", &sealed]);
         let envelope = std::fs::read(&sealed).unwrap();
         assert_eq!(
-            open_envelope(material.material.expose(), &envelope),
+            support::open_envelope(material.material.expose(), &envelope, b""),
             b"sealed on one side, opened on the other"
         );
         env.ok_text(&["encrypt", "--key", &moved, "--in", &plain, "--out", &sealed]);
         let envelope = std::fs::read(&sealed).unwrap();
         assert_eq!(
-            open_envelope(&raw, &envelope),
+            support::open_envelope(&raw, &envelope, b""),
             b"sealed on one side, opened on the other"
         );
 
