@@ -634,20 +634,321 @@ mod softhsm {
         env.ok_text(&["doctor"]);
     }
 
-    #[test]
-    fn a_token_key_is_not_exported_and_says_why() {
+    /// The label of the wrapping key the SO provisions in these tests.
+    const TRUSTED_LABEL: &str = "transport-kek";
+
+    /// An AES-256 key with the known `value`, labelled `label`, made on the token as the given
+    /// session makes it: a public token object with CKA_WRAP (and CKA_UNWRAP), sensitive and
+    /// not extractable unless `readable`, CKA_TRUSTED only when `trusted` (which only an SO
+    /// session may set: SoftHSM answers a user's with CKR_ATTRIBUTE_READ_ONLY).
+    fn make_wrapping_key(
+        session: &cryptoki::session::Session,
+        label: &str,
+        value: &[u8],
+        (trusted, readable): (bool, bool),
+    ) {
+        use cryptoki::object::{Attribute, KeyType, ObjectClass};
+        let mut template = vec![
+            Attribute::Class(ObjectClass::SECRET_KEY),
+            Attribute::KeyType(KeyType::AES),
+            Attribute::Token(true),
+            Attribute::Private(false),
+            Attribute::Sensitive(!readable),
+            Attribute::Extractable(false),
+            Attribute::Wrap(true),
+            Attribute::Unwrap(true),
+            Attribute::Label(label.as_bytes().to_vec()),
+            Attribute::Value(value.to_vec()),
+        ];
+        if trusted {
+            template.push(Attribute::Trusted(true));
+        }
+        session.create_object(&template).unwrap();
+    }
+
+    /// The security officer's part, done once before anything logs in as the user: the trusted
+    /// wrapping key [`TRUSTED_LABEL`] with the value `kek`; two trusted keys labelled `twin` (a
+    /// label that names no one key); and a trusted key whose value is readable (`readable`).
+    /// SoftHSM lets the SO make only public objects (CKA_PRIVATE true: CKR_USER_NOT_LOGGED_IN).
+    fn provision_as_so(hsm: &SoftHsm, kek: &[u8]) {
+        let so = support::pkcs11::so_session(hsm.label());
+        make_wrapping_key(&so, TRUSTED_LABEL, kek, (true, false));
+        make_wrapping_key(&so, "twin", kek, (true, false));
+        make_wrapping_key(&so, "twin", kek, (true, false));
+        make_wrapping_key(&so, "readable", kek, (true, true));
+        so.logout().unwrap();
+    }
+
+    /// A store on a fresh token whose SO provisioned the trusted wrapping keys
+    /// ([`provision_as_so`]) with the bytes of the store's software key `kek` ([`shared_kek`]):
+    /// the token, the env, the bytes and the software key's ID.
+    fn provisioned() -> (SoftHsm, Env, Vec<u8>, String) {
         let hsm = SoftHsm::new().unwrap();
         let env = Env::on_softhsm(&hsm);
         env.init_store();
-        let kek = env.create_key("kek", "aes-256-gcm", &["--backend", "hsm"]);
+        let (kek, kek_id) = shared_kek(&env);
+        provision_as_so(&hsm, &kek);
+        (hsm, env, kek, kek_id)
+    }
+
+    /// `key export --key KEY --wrap-with-trusted LABEL --out OUT`.
+    fn export_trusted<'a>(key: &'a str, label: &'a str, out: &'a str) -> [&'a str; 8] {
+        [
+            "key",
+            "export",
+            "--key",
+            key,
+            "--wrap-with-trusted",
+            label,
+            "--out",
+            out,
+        ]
+    }
+
+    /// A token key of type `ty` made exportable and exported under [`TRUSTED_LABEL`]: its ID and
+    /// the file holding it wrapped.
+    fn exported_token_key(env: &Env, name: &str, ty: &str) -> (String, String) {
+        let id = env.create_key(name, ty, &["--backend", "hsm", "--exportable"]);
+        let out = env.path_str(&format!("{name}.kwp"));
+        env.ok_text(&export_trusted(&id, TRUSTED_LABEL, &out));
+        (id, out)
+    }
+
+    /// `key import NAME --type TY --in FILE --unwrap-with KEK --backend software`: the new ID.
+    fn import_into_software(env: &Env, name: &str, ty: &str, file: &str, kek: &str) -> String {
+        let id = env.ok_text(&[
+            "key",
+            "import",
+            name,
+            "--type",
+            ty,
+            "--in",
+            file,
+            "--unwrap-with",
+            kek,
+            "--backend",
+            "software",
+        ]);
+        id.trim_end().to_owned()
+    }
+
+    /// SoftHSM2 → software: token keys made exportable leave the token wrapped inside it under
+    /// the key the SO marked trusted, OpenSSL unwraps them under the KEK's bytes, and keyhold
+    /// imports them into software under a software key of the same bytes: the same keys.
+    #[test]
+    fn token_keys_exported_under_the_so_trusted_key_are_the_same_keys_in_software() {
+        let (hsm, env, kek, kek_id) = provisioned();
+        let before = token_objects(&hsm);
+
+        // An ECDSA P-256 signing key.
+        let (signer, out) = exported_token_key(&env, "signer", "ecdsa-p256");
+        // What OpenSSL unwraps is the key's PKCS#8, whose public key is the token key's.
+        openssl_kwp(&env, true, &kek, &out, "signer.der");
+        openssl_ok(
+            &env,
+            &[
+                "pkey",
+                "-inform",
+                "DER",
+                "-in",
+                "signer.der",
+                "-pubout",
+                "-out",
+                "signer.pub",
+            ],
+        );
+        let (_, p8) = openssl(
+            env.dir.path(),
+            &["asn1parse", "-inform", "DER", "-in", "signer.der"],
+        );
+        assert!(
+            p8.contains("id-ecPublicKey") && p8.contains("prime256v1"),
+            "{p8}"
+        );
+        let pem = std::fs::read_to_string(env.file("signer.pub")).unwrap();
+        assert_eq!(pem, env.pubkey_pem(&signer));
+        let moved = import_into_software(&env, "moved-signer", "ecdsa-p256", &out, &kek_id);
+        assert_imported_into(
+            &env,
+            &moved,
+            "software (sealed by passphrase)",
+            &[("origin", "imported")],
+        );
+        assert_eq!(env.pubkey_pem(&moved), env.pubkey_pem(&signer));
+        // Each signs for the other.
+        let msg = env.write("msg", b"signed on one side, verified on the other");
+        for (signs, verifies) in [(&signer, &moved), (&moved, &signer)] {
+            let sig = env.path_str("msg.sig");
+            env.ok_text(&["sign", "--key", signs, "--in", &msg, "--out", &sig]);
+            env.ok_text(&[
+                "verify",
+                "--key",
+                verifies,
+                "--signature",
+                &sig,
+                "--in",
+                &msg,
+            ]);
+        }
+
+        // An AES-256-GCM key.
+        let (aes, out) = exported_token_key(&env, "sealer", "aes-256-gcm");
+        assert_eq!(
+            std::fs::read(&out).unwrap().len(),
+            40,
+            "RFC 5649 of 32 bytes"
+        );
+        openssl_kwp(&env, true, &kek, &out, "sealer.key");
+        let raw = std::fs::read(env.file("sealer.key")).unwrap();
+        assert_eq!(raw.len(), 32);
+        let moved = import_into_software(&env, "moved-sealer", "aes-256-gcm", &out, &kek_id);
+        let material = keyhold::testing::reveal_software_key(&env.store, PASS, &moved).unwrap();
+        assert_eq!(material.material.expose(), &raw[..]);
+        // An envelope names its key (its uuid is authenticated), so each key's envelope is
+        // opened with the other key's bytes: the token's under the imported key's material,
+        // the imported key's under the bytes the token exported.
+        let plain = env.write("plain", b"sealed on one side, opened on the other");
+        let sealed = env.path_str("sealed");
+        env.ok_text(&["encrypt", "--key", &aes, "--in", &plain, "--out", &sealed]);
+        let envelope = std::fs::read(&sealed).unwrap();
+        assert_eq!(
+            support::open_envelope(material.material.expose(), &envelope, b""),
+            b"sealed on one side, opened on the other"
+        );
+        env.ok_text(&["encrypt", "--key", &moved, "--in", &plain, "--out", &sealed]);
+        let envelope = std::fs::read(&sealed).unwrap();
+        assert_eq!(
+            support::open_envelope(&raw, &envelope, b""),
+            b"sealed on one side, opened on the other"
+        );
+
+        // Each export is a use of the key in the audit log; the token's KEK is no store key.
+        let log = env.ok_text(&["audit", "show"]);
+        for key in [&signer, &aes] {
+            assert!(
+                log.lines()
+                    .any(|l| l.contains(" export outcome=ok ") && l.contains(key.as_str())),
+                "{log}"
+            );
+        }
+        // The token holds what it held, plus the two keys (a pair and a secret key): the
+        // export made nothing on it.
+        assert_eq!(token_objects(&hsm), before + 3);
+    }
+
+    #[test]
+    fn a_token_key_is_wrapped_only_under_a_trusted_key_and_each_refusal_says_why() {
+        let (hsm, env, kek, software_kek) = provisioned();
+        // A wrapping key made by someone with the user PIN: not trusted, whatever else it is.
+        make_wrapping_key(&raw_session(hsm.label()), "user-kek", &kek, (false, false));
+        let token_kek = env.create_key("token-kek", "aes-256-gcm", &["--backend", "hsm"]);
         let key = env.create_key("k", "hmac-sha256", &["--backend", "hsm", "--exportable"]);
-        let out = env.run(&export_under(&key, &kek, "-"), b"");
-        assert_fail(
+        let kept = env.create_key("kept", "hmac-sha256", &["--backend", "hsm"]);
+        let software = env.create_key("soft", "hmac-sha256", &["--exportable"]);
+        let rcpt = {
+            openssl_rsa_key(&env, "rcpt.pem");
+            openssl_ok(
+                &env,
+                &["pkey", "-in", "rcpt.pem", "-pubout", "-out", "rcpt.pub"],
+            );
+            env.path_str("rcpt.pub")
+        };
+        let out = env.path_str("refused.kwp");
+        let before = (token_objects(&hsm), key_names(&env));
+        let to_public = [
+            "key",
+            "export",
+            "--key",
+            &key,
+            "--to-public",
+            &rcpt,
+            "--out",
             &out,
+        ];
+        let cases: [(&[&str], &str); 9] = [
+            (
+                &export_under(&key, &token_kek, &out),
+                "backend `hsm` does not support wrapping its keys under a keyhold key: an \
+                 exportable token key is wrappable only under a key the token's security \
+                 officer marked trusted (CKA_WRAP_WITH_TRUSTED), which keyhold's own keys are \
+                 not: export it with --wrap-with-trusted LABEL",
+            ),
+            (
+                &export_under(&key, &software_kek, &out),
+                "(a token key: with --wrap-with-trusted LABEL, under an AES-256 key on its \
+                 token that the token's security officer made with CKA_WRAP and CKA_TRUSTED \
+                 true)",
+            ),
+            (
+                &to_public,
+                "does not support wrapping its keys to a public key",
+            ),
+            (
+                &export_trusted(&kept, TRUSTED_LABEL, &out),
+                "key `default/kept` is not exportable",
+            ),
+            (
+                &export_trusted(&key, "nope", &out),
+                "no object labelled `nope` is on token",
+            ),
+            (
+                &export_trusted(&key, "user-kek", &out),
+                "no object labelled `user-kek` on token",
+            ),
+            (
+                &export_trusted(&key, "twin", &out),
+                "2 trusted wrapping keys are labelled `twin` on token",
+            ),
+            (
+                &export_trusted(&key, "readable", &out),
+                "can be read or taken out of the token (it is not CKA_SENSITIVE, or is \
+                 CKA_EXTRACTABLE): a key wrapped under it would be as good as in clear",
+            ),
+            (
+                &export_trusted(&software, TRUSTED_LABEL, &out),
+                "backend `software` does not support wrapping under a token's trusted key",
+            ),
+        ];
+        for (args, needle) in cases {
+            let run = env.run(args, b"");
+            assert_fail(&run, 1, needle, &format!("{args:?}"));
+            assert!(!std::path::Path::new(&out).exists(), "{args:?}: no output");
+        }
+        // The untrusted key is refused for what it lacks, and the SO is named.
+        let run = env.run(&export_trusted(&key, "user-kek", &out), b"");
+        assert_fail(
+            &run,
             1,
-            "backend `hsm` does not support wrapping its keys: keyhold makes a token key \
-             exportable only under wrapping keys the token's security officer marked trusted",
-            "export of a token key",
+            "is a trusted wrapping key: CKA_TRUSTED is not true (only the security officer can \
+             set it); the token's security officer makes it once: an AES-256 secret key",
+            "untrusted wrapping key",
+        );
+        // An empty label is a usage error, before the store is opened.
+        let run = env.run(&export_trusted(&key, "", &out), b"");
+        assert_fail(
+            &run,
+            2,
+            "--wrap-with-trusted takes the CKA_LABEL",
+            "empty label",
+        );
+        // Nothing changed on the token or in the store; each refused export is in the log.
+        assert_eq!((token_objects(&hsm), key_names(&env)), before);
+        let log = env.ok_text(&["audit", "show", "--key", &key]);
+        assert!(
+            log.lines()
+                .filter(|l| l.contains(" export outcome=") && !l.contains("outcome=ok"))
+                .count()
+                >= 7,
+            "{log}"
+        );
+        // And the key still leaves under the trusted key.
+        env.ok_text(&export_trusted(&key, TRUSTED_LABEL, &out));
+        openssl_kwp(&env, true, &kek, &out, "k.key");
+        let data = env.write("body", b"a body");
+        let raw = std::fs::read(env.file("k.key")).unwrap();
+        assert_eq!(
+            openssl_tag(&env, &raw, &data),
+            keyhold_tag(&env, &key, &data)
         );
     }
 

@@ -29,7 +29,9 @@ use support::pkcs11::{
     is_token_gone, module_under_test, objects, raw_session, so_session, spied, usages, Spy,
     SPY_MODULE,
 };
-use support::{assert_openssl_accepts_public_key, sealer, snapshot, unhex, PASSPHRASE};
+use support::{
+    assert_openssl_accepts_public_key, open_envelope, sealer, snapshot, unhex, PASSPHRASE,
+};
 use tempfile::TempDir;
 
 /// The backend name every test gives its token.
@@ -555,22 +557,6 @@ fn extractable_keys_wrap_only_under_so_trusted_keys() {
         panic!("no CKA_VALUE: {value:?}");
     };
     assert_eq!(open_envelope(value, &envelope, b"aad"), b"wrapped out");
-}
-
-/// Opens a keyhold AES-GCM envelope with the raw key `value`: "KHE1", algorithm, uuid, version
-/// (25 bytes), the nonce length, the nonce, the body; the GCM AAD is the 25-byte header then the
-/// caller's AAD.
-fn open_envelope(value: &[u8], envelope: &[u8], aad: &[u8]) -> Vec<u8> {
-    use aws_lc_rs::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM};
-    assert_eq!(envelope[25], 12, "a 12-byte nonce");
-    let key = LessSafeKey::new(UnboundKey::new(&AES_256_GCM, value).unwrap());
-    let nonce = Nonce::try_assume_unique_for_key(&envelope[26..38]).unwrap();
-    let mut full_aad = envelope[..25].to_vec();
-    full_aad.extend_from_slice(aad);
-    let mut body = envelope[38..].to_vec();
-    key.open_in_place(nonce, Aad::from(full_aad), &mut body)
-        .unwrap()
-        .to_vec()
 }
 
 #[test]

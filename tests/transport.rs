@@ -111,6 +111,15 @@ fn a_software_key_exported_and_imported_again_is_the_same_key() {
         store.ks.mac(&copy.id, b"data").unwrap(),
         store.ks.mac(&original.id, b"data").unwrap()
     );
+    // A software key is not wrapped under a token's trusted key: refused before anything else.
+    let trusted = store
+        .ks
+        .export_key(&original.id, ExportTo::Trusted("transport-kek"));
+    assert!(
+        matches!(&trusted, Err(Error::Unsupported { backend, what })
+            if backend == "software" && what.contains("--wrap-with-trusted is for token keys")),
+        "{trusted:?}"
+    );
     // Not exportable again unless asked.
     let again = store.ks.export_key(&copy.id, ExportTo::Key(&kek.id));
     assert!(
@@ -270,6 +279,40 @@ mod opencryptoki {
             info.attributes.get("sensitive").map(String::as_str),
             Some("true")
         );
+    }
+
+    /// openCryptoki 3.8's soft token cannot take part in a trusted export, for two reasons,
+    /// each refused clearly: it knows no CKA_WRAP_WITH_TRUSTED, so keyhold makes no exportable
+    /// key there (an exportable key would be wrappable under any key a PIN holder makes), and it
+    /// has no CKM_AES_KEY_WRAP_PAD, which the export wraps with (that refusal's own test is in
+    /// src/backend/pkcs11/export.rs, as no key can reach it here).
+    #[test]
+    fn opencryptoki_makes_no_exportable_key_and_has_no_rfc_5649_wrap() {
+        use support::pkcs11::{module, objects_under, ock_raw_session};
+        let (ock, _dir, ks) = setup();
+        let refused = ks.create_key_with(
+            &request(ock.namespace(), "mac", KeyType::HmacSha256, "ock"),
+            &KeyOptions::new().extractable(true),
+        );
+        assert!(
+            matches!(&refused, Err(Error::Unsupported { backend, what })
+                if backend == "ock"
+                    && what.contains("extractable only under trusted keys (CKA_WRAP_WITH_TRUSTED)")
+                    && what.contains("token `keyhold-ock`")),
+            "{refused:?}"
+        );
+        // Nothing recorded, nothing left on the token.
+        assert!(ks
+            .key_info_by_name(ock.namespace(), "mac")
+            .unwrap()
+            .is_none());
+        let session = ock_raw_session();
+        assert!(objects_under(&session, &format!("{}/", ock.namespace())).is_empty());
+        let slot = session.get_session_info().unwrap().slot_id();
+        let mechanisms = module(keyhold::testing::OPENCRYPTOKI_MODULE)
+            .get_mechanism_list(slot)
+            .unwrap();
+        assert!(!mechanisms.contains(&cryptoki::mechanism::MechanismType::AES_KEY_WRAP_PAD));
     }
 
     #[test]

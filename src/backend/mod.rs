@@ -354,4 +354,9 @@ pub enum Wrapping<'a> {
     /// An RSA public key (SPKI DER) of whoever receives the key: `CKM_RSA_AES_KEY_WRAP` with
     /// RSA-OAEP-SHA256 and an ephemeral AES-256 key.
     RsaPublic(&'a [u8]),
+    /// The AES-256 key labelled so (`CKA_LABEL`) on the key's own token, which the token's
+    /// security officer marked trusted (`CKA_TRUSTED`): RFC 5649 inside the token
+    /// (`C_WrapKey`, `CKM_AES_KEY_WRAP_PAD`). Only token keys are wrapped so: an exportable
+    /// token key is wrappable under trusted keys only (`CKA_WRAP_WITH_TRUSTED`).
+    Trusted(&'a str),
 }

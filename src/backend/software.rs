@@ -662,15 +662,22 @@ impl Backend for SoftwareBackend {
     }
 
     fn wrap_key(&self, key: KeyRef<'_>, wrapping: Wrapping<'_>) -> Result<Vec<u8>> {
-        let material = self.unseal(&key)?;
         match wrapping {
             Wrapping::Kek(kek) => {
                 if kek.context.spec.algorithm() != Algorithm::Aes256Gcm {
                     return Err(Error::crypto("key wrap under a key that is not AES"));
                 }
+                let material = self.unseal(&key)?;
                 wrap::kwp_wrap(self.unseal(&kek)?.expose(), material.expose())
             }
-            Wrapping::RsaPublic(spki) => wrap::rsa_aes_wrap(spki, material.expose()),
+            Wrapping::RsaPublic(spki) => wrap::rsa_aes_wrap(spki, self.unseal(&key)?.expose()),
+            Wrapping::Trusted(_) => Err(Error::Unsupported {
+                backend: self.name().to_owned(),
+                what: "wrapping under a token's trusted key (--wrap-with-trusted is for token \
+                       keys, wrapped inside their token): export a software key with \
+                       --wrap-with ID or --to-public PEM"
+                    .into(),
+            }),
         }
     }
 

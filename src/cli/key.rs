@@ -43,7 +43,8 @@ pub enum KeyCommand {
     Set(SetArgs),
     /// Show every lifecycle event of a key, oldest first
     History(KeyArg),
-    /// Export an exportable key, wrapped under a key of the store or to an RSA public key
+    /// Export an exportable key, wrapped under a key of the store (a token key: under a key its
+    /// security officer marked trusted) or to an RSA public key
     Export(super::transport::ExportArgs),
     /// Import a key: wrapped (--unwrap-with), or a PKCS#8 private key or raw AES/HMAC key
     Import(super::transport::ImportArgs),

@@ -14,7 +14,11 @@ use super::{CmdResult, Context, Failure};
 const MAX_KEY_FILE: usize = 1024 * 1024;
 
 #[derive(Debug, Args)]
-#[command(group(clap::ArgGroup::new("wrapping").required(true).args(["wrap_with", "to_public"])))]
+#[command(group(
+    clap::ArgGroup::new("wrapping")
+        .required(true)
+        .args(["wrap_with", "to_public", "wrap_with_trusted"])
+))]
 pub struct ExportArgs {
     #[command(flatten)]
     key: KeySelector,
@@ -28,6 +32,11 @@ pub struct ExportArgs {
     /// fresh AES-256 key followed by RFC 5649 under it
     #[arg(long, value_name = "PEM")]
     to_public: Option<PathBuf>,
+
+    /// Token keys: wrap inside the token under the AES-256 key with this CKA_LABEL that the
+    /// token's security officer marked trusted (CKA_TRUSTED): RFC 5649, as --wrap-with
+    #[arg(long, value_name = "LABEL")]
+    wrap_with_trusted: Option<String>,
 
     /// Write the wrapped key to FILE; - is stdout [default: stdout, refused if a terminal]
     #[arg(long, value_name = "FILE")]
@@ -77,6 +86,13 @@ pub fn export(ctx: &Context, args: &ExportArgs) -> CmdResult {
     if let Some(kek) = &args.wrap_with {
         check_id("--wrap-with", kek)?;
     }
+    if args.wrap_with_trusted.as_deref() == Some("") {
+        return Err(Failure::Usage(
+            "--wrap-with-trusted takes the CKA_LABEL of a wrapping key on the token, not an \
+             empty string"
+                .into(),
+        ));
+    }
     let out = io::std_or(args.out.as_deref());
     io::check_binary_output(args.out.as_deref(), "wrapped key", "")?;
     let public = args
@@ -86,12 +102,15 @@ pub fn export(ctx: &Context, args: &ExportArgs) -> CmdResult {
         .transpose()?;
     let ks = io::open_keystore(ctx)?;
     let id = args.key.resolve(ctx, &ks)?;
-    let to = match (&args.wrap_with, &public) {
-        (Some(kek), _) => ExportTo::Key(kek),
-        (None, Some(public)) => ExportTo::Public(public),
-        (None, None) => {
+    let to = match (&args.wrap_with, &public, &args.wrap_with_trusted) {
+        (Some(kek), _, _) => ExportTo::Key(kek),
+        (None, Some(public), _) => ExportTo::Public(public),
+        (None, None, Some(label)) => ExportTo::Trusted(label),
+        (None, None, None) => {
             return Err(Failure::Usage(
-                "say what to wrap the key under: --wrap-with ID or --to-public PEM".into(),
+                "say what to wrap the key under: --wrap-with ID, --to-public PEM or \
+                 --wrap-with-trusted LABEL"
+                    .into(),
             ))
         }
     };

@@ -1,11 +1,14 @@
-//! Key transport: exporting an exportable key wrapped (RFC 5649 under a key of the store, or
-//! `CKM_RSA_AES_KEY_WRAP` to an RSA public key), and importing a key — wrapped, or a private key
-//! or raw secret brought from outside — into any backend that can hold it.
+//! Key transport: exporting an exportable key wrapped (RFC 5649 under a key of the store or, for
+//! a token key, under a key its security officer marked trusted; or `CKM_RSA_AES_KEY_WRAP` to
+//! an RSA public key), and importing a key — wrapped, or a private key or raw secret brought from
+//! outside — into any backend that can hold it.
 //!
 //! The rules: only keys created or imported with `--exportable` leave, and only wrapped, by their
 //! own backend. An export is a use of the key and of the wrapping key, each audited; both must be
 //! active (a suspended, deactivated, compromised, pre-activation or destroyed key, or one whose
 //! destruction is scheduled, is refused: an export hands out the power to protect with the key).
+//! A token's trusted wrapping key is no key of the store: it has no state, and only the export
+//! is audited.
 //! An import unwraps with a key that may process (active, suspended or deactivated), goes through
 //! the same recording path as a creation, and is recorded `origin: imported` (never always
 //! sensitive). A failed import records nothing and leaves nothing in the backend.
@@ -30,6 +33,10 @@ pub enum ExportTo<'a> {
     /// Wrapped to this RSA public key (PEM `PUBLIC KEY` or SPKI DER) as `CKM_RSA_AES_KEY_WRAP`
     /// does: RSA-OAEP-SHA256 of a fresh AES-256 key, then RFC 5649 under it.
     Public(&'a [u8]),
+    /// Wrapped inside the key's token under the AES-256 key with this label (`CKA_LABEL`) that
+    /// the token's security officer marked trusted (`CKA_TRUSTED`): RFC 5649, as [`Self::Key`].
+    /// For token keys only.
+    Trusted(&'a str),
 }
 
 /// The attribute recorded for an imported key.
@@ -42,9 +49,11 @@ impl Keystore {
     ///
     /// # Errors
     /// [`Error::InvalidInput`] for a key not created exportable, a wrapping key that is not an
-    /// AES-256 key, or a public key that is not RSA of at least 2048 bits; [`Error::WrongState`]
-    /// unless both keys are active; [`Error::Unsupported`] when the key's backend cannot wrap it
-    /// (a token or TPM key, or a wrapping key in another backend); resolution errors.
+    /// AES-256 key, a public key that is not RSA of at least 2048 bits, or a label that names
+    /// no trusted wrapping key (or several) on the key's token; [`Error::WrongState`] unless
+    /// both keys are active; [`Error::Unsupported`] when the key's backend cannot wrap it so (a
+    /// token key under a store key or to a public key, a software key under a trusted label, a
+    /// TPM key, a wrapping key in another backend, a token without RFC 5649); resolution errors.
     pub fn export_key(&self, id: &str, to: ExportTo<'_>) -> Result<Vec<u8>> {
         self.transport_use(id, "export", |key| self.export_resolved(key, to))
     }
@@ -97,6 +106,17 @@ impl Keystore {
             ExportTo::Key(kek_id) => {
                 self.transport_use(kek_id, "wrap", |kek| self.wrap_under(key, kek))
             }
+            ExportTo::Trusted(label) => {
+                if label.is_empty() {
+                    return Err(Error::InvalidInput(
+                        "the trusted wrapping key's label is empty: give the CKA_LABEL the \
+                         token's security officer gave it"
+                            .into(),
+                    ));
+                }
+                let backend = self.backend(&key.record.backend)?;
+                backend.wrap_key(self.key_ref(key, key.current()?), Wrapping::Trusted(label))
+            }
         }
     }
 
@@ -121,7 +141,9 @@ impl Keystore {
                 backend: key.record.backend.clone(),
                 what: format!(
                     "wrapping under a key of backend `{}`: a key is wrapped inside its own \
-                     backend, under an aes-256-gcm key of the same backend",
+                     backend, under an aes-256-gcm key of the same backend (a token key: with \
+                     --wrap-with-trusted LABEL, under an AES-256 key on its token that the \
+                     token's security officer made with CKA_WRAP and CKA_TRUSTED true)",
                     kek.record.backend
                 ),
             });

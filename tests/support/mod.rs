@@ -395,6 +395,22 @@ pub fn set_seal_params(store: &Path, params: &[u8]) {
     assert_eq!(n, 1);
 }
 
+/// Opens a keyhold AES-GCM envelope with the raw key `value`: "KHE1", algorithm, uuid, version
+/// (25 bytes), the nonce length, the nonce, the body; the GCM AAD is the 25-byte header then the
+/// caller's AAD.
+pub fn open_envelope(value: &[u8], envelope: &[u8], aad: &[u8]) -> Vec<u8> {
+    use aws_lc_rs::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM};
+    assert_eq!(envelope[25], 12, "a 12-byte nonce");
+    let key = LessSafeKey::new(UnboundKey::new(&AES_256_GCM, value).unwrap());
+    let nonce = Nonce::try_assume_unique_for_key(&envelope[26..38]).unwrap();
+    let mut full_aad = envelope[..25].to_vec();
+    full_aad.extend_from_slice(aad);
+    let mut body = envelope[38..].to_vec();
+    key.open_in_place(nonce, Aad::from(full_aad), &mut body)
+        .unwrap()
+        .to_vec()
+}
+
 /// Hex to bytes (the tests' own, so that keyhold's decoder is not what checks keyhold).
 pub fn unhex(hex: &str) -> Vec<u8> {
     assert_eq!(hex.len() % 2, 0, "odd hex {hex}");

@@ -20,6 +20,7 @@ enum Op {
     Sign,
     Encrypt,
     Decrypt,
+    Wrap,
 }
 
 impl Op {
@@ -30,6 +31,7 @@ impl Op {
             Self::Sign => info.sign(),
             Self::Encrypt => info.encrypt(),
             Self::Decrypt => info.decrypt(),
+            Self::Wrap => info.wrap(),
         }
     }
 
@@ -40,6 +42,7 @@ impl Op {
             Self::Sign => "CKF_SIGN",
             Self::Encrypt => "CKF_ENCRYPT",
             Self::Decrypt => "CKF_DECRYPT",
+            Self::Wrap => "CKF_WRAP",
         }
     }
 }
@@ -109,6 +112,10 @@ fn needs(key_type: KeyType, purpose: Purpose) -> Vec<Need> {
     }
 }
 
+/// What the export of a key under a trusted key needs: `C_WrapKey` with RFC 5649 under an
+/// AES-256 key (tokens give AES sizes in bytes; some in bits).
+const WRAP: Need = need(MechanismType::AES_KEY_WRAP_PAD, &[Op::Wrap], &[32, 256]);
+
 /// The token's mechanisms and what it says about each keyhold uses.
 #[derive(Debug)]
 pub(super) struct Mechanisms {
@@ -130,19 +137,33 @@ impl Mechanisms {
             for &purpose in key_type.purposes() {
                 for n in needs(key_type, purpose) {
                     if list.contains(&n.mechanism) && !info.iter().any(|(m, _)| *m == n.mechanism) {
-                        let got =
-                            module
-                                .get_mechanism_info(slot, n.mechanism)
-                                .map_err(|e| match e {
-                                    CkError::Pkcs11(rv, _) => format!("C_GetMechanismInfo: {rv:?}"),
-                                    other => other.to_string(),
-                                });
-                        info.push((n.mechanism, got));
+                        info.push((n.mechanism, mechanism_info(module, slot, n.mechanism)));
                     }
                 }
             }
         }
         Ok(Self { list, info })
+    }
+
+    /// Asks the token about the one mechanism an export needs (exports are rare: not asked
+    /// with the others, when the backend first answers for its capabilities).
+    ///
+    /// # Errors
+    /// `C_GetMechanismList`'s error; a failed `C_GetMechanismInfo` is reported by
+    /// [`Self::check_wrap`].
+    pub(super) fn read_wrap(module: &Pkcs11, slot: Slot) -> Result<Self, CkError> {
+        let list = module.get_mechanism_list(slot)?;
+        let mut info = Vec::new();
+        if list.contains(&WRAP.mechanism) {
+            info.push((WRAP.mechanism, mechanism_info(module, slot, WRAP.mechanism)));
+        }
+        Ok(Self { list, info })
+    }
+
+    /// `Ok` if the token wraps keys with RFC 5649 under an AES-256 key, else what it lacks (to
+    /// follow "the token lacks").
+    pub(super) fn check_wrap(&self) -> Result<(), String> {
+        self.check_one(&WRAP)
     }
 
     /// `Ok` if the token can make and use `key_type` keys for `purpose`, else what it lacks
@@ -188,4 +209,18 @@ impl Mechanisms {
         }
         Ok(())
     }
+}
+
+/// `C_GetMechanismInfo` of `mechanism`, or why it could not be read.
+fn mechanism_info(
+    module: &Pkcs11,
+    slot: Slot,
+    mechanism: MechanismType,
+) -> Result<MechanismInfo, String> {
+    module
+        .get_mechanism_info(slot, mechanism)
+        .map_err(|e| match e {
+            CkError::Pkcs11(rv, _) => format!("C_GetMechanismInfo: {rv:?}"),
+            other => other.to_string(),
+        })
 }

@@ -2,10 +2,10 @@
 //!
 //! Keys are token objects with `CKA_ID` = 8 bytes of the store ID then 8 random bytes (the
 //! locator, in hex) and `CKA_LABEL` = `namespace/name`, private and sensitive, not extractable
-//! unless asked for at creation (then only under trusted wrapping keys), with one usage each. Messages are
-//! hashed in software and signed with the raw mechanisms (`CKM_ECDSA`, `CKM_RSA_PKCS_PSS`,
-//! `CKM_RSA_PKCS` over a DigestInfo), which every token has, including SoftHSM 2.6 that lacks
-//! `CKM_ECDSA_SHA256`.
+//! unless asked for at creation (then wrapped only under keys the token's security officer
+//! marked trusted: `export.rs`), with one usage each. Messages are hashed in software and signed
+//! with the raw mechanisms (`CKM_ECDSA`, `CKM_RSA_PKCS_PSS`, `CKM_RSA_PKCS` over a DigestInfo),
+//! which every token has, including SoftHSM 2.6 that lacks `CKM_ECDSA_SHA256`.
 //!
 //! Any conformant token should do, not only SoftHSM2: token info is read without failing on odd
 //! fields (`token_info.rs`), capabilities come from what the token says of its mechanisms
@@ -17,6 +17,7 @@ mod check;
 mod counter;
 pub use counter::TokenCounter;
 mod errors;
+mod export;
 mod ffi;
 mod generate;
 mod module;
@@ -541,8 +542,8 @@ impl Backend for Pkcs11Backend {
         self.destroy_objects(&locator_bytes(key.locator)?)
     }
 
-    fn wrap_key(&self, key: KeyRef<'_>, _wrapping: Wrapping<'_>) -> Result<Vec<u8>> {
-        Err(self.cannot_wrap(&key))
+    fn wrap_key(&self, key: KeyRef<'_>, wrapping: Wrapping<'_>) -> Result<Vec<u8>> {
+        self.export(&key, wrapping)
     }
 
     fn unwrap_key(&self, _unwrapping: KeyRef<'_>, _wrapped: &[u8]) -> Result<SecretBytes> {

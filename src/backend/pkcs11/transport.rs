@@ -1,5 +1,5 @@
-//! Key transport with a token: importing material that came from outside, and why a token key
-//! does not leave.
+//! Key transport with a token: importing material that came from outside (its export is in
+//! `export.rs`).
 //!
 //! Import: the material is wrapped in this process (RFC 5649) under a fresh AES key that keyhold
 //! puts into the token as a session object, and `C_UnwrapKey` (`CKM_AES_KEY_WRAP_PAD`) makes the
@@ -290,26 +290,6 @@ impl Pkcs11Backend {
                 }
                 Err(e)
             }
-        }
-    }
-
-    /// Why a token key is not wrapped by keyhold: what [`crate::backend::Backend::wrap_key`]
-    /// answers.
-    pub(super) fn cannot_wrap(&self, key: &KeyRef<'_>) -> Error {
-        let why = if key.blob == Some(IMPORTED_BLOB) {
-            "a key imported into a token is not extractable".to_owned()
-        } else {
-            format!(
-                "wrapping its keys: keyhold makes a token key exportable only under wrapping keys \
-                 the token's security officer marked trusted (CKA_WRAP_WITH_TRUSTED), and holds no \
-                 SO PIN to make one; {} may also lack CKM_RSA_AES_KEY_WRAP with SHA-256 (SoftHSM \
-                 2.6 does): keep keys that must travel in software (`key create --exportable`)",
-                self.token_name()
-            )
-        };
-        Error::Unsupported {
-            backend: self.name.clone(),
-            what: why,
         }
     }
 }
