@@ -385,7 +385,7 @@ fn the_periodic_verify_reports_a_tampered_record_and_logs_it() {
     assert_eq!(first.status(), Status::Passed, "{first:#?}");
     assert!(
         String::from_utf8_lossy(&logs.0.lock().unwrap())
-            .contains("INFO keyhold::keystore::verify: store verify: every check passed"),
+            .contains("INFO keyhold::keystore::verify::periodic: store verify: every check passed"),
         "{}",
         String::from_utf8_lossy(&logs.0.lock().unwrap())
     );
