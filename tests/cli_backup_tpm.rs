@@ -15,6 +15,8 @@ use support::env::*;
 /// The recovery passphrase of the stores here, and the one `reseal --to tpm --recovery` sets.
 const RECOVERY: &str = "backup on another machine recovery";
 const NEW_RECOVERY: &str = "the second machine's recovery passphrase";
+/// The passphrase of the store between the two re-seals that move it to another TPM.
+const INTERIM: &str = "passphrase while moving to this TPM";
 
 /// The cheapest Argon2id cost, for the recovery seals.
 const CHEAP: &[&str] = &["--argon2-memory-mib", "19", "--argon2-iterations", "2"];
@@ -24,6 +26,7 @@ fn machine(tpm: &Swtpm) -> Env {
     tpm_env(Env::new(), &tpm.tcti(), "fallback = \"software\"")
         .with_secret(RECOVERY)
         .with_secret(NEW_RECOVERY)
+        .with_secret(INTERIM)
 }
 
 fn with_recovery(pass: &str) -> [(&str, &str); 1] {
@@ -96,25 +99,34 @@ fn a_tpm_sealed_backup_restores_on_another_machine_with_the_recovery_passphrase(
         &["key", "pubkey", "--key", &signer],
     );
     assert_eq!(String::from_utf8(public).unwrap(), pem);
-    // The TPM key lives in the first TPM only.
+    // The TPM key lives in the first TPM only; the TPM here is not used in its place, nor for
+    // anything else while the store is open without it (it might be an impostor).
     let err = b.refused(
         &with_recovery(RECOVERY),
         &["sign", "--key", &tpm_key, "--in", &envelope_b],
         7,
     );
     assert!(
-        err.contains("the key is gone with its old owner seed"),
+        err.contains("is not the one the store was sealed by")
+            && err.contains("keyhold uses no other TPM in its place"),
         "{err}"
     );
-
-    // Sealed to the second machine's TPM, the store opens there without a passphrase.
-    b.ok_vars(
+    // Not even to seal the store to it in the same breath: that is an explicit step.
+    let err = b.refused(
         &[
             ("KEYHOLD_PASSPHRASE", RECOVERY),
             ("KEYHOLD_NEW_PASSPHRASE", NEW_RECOVERY),
         ],
         &[&["reseal", "--to", "tpm", "--recovery"], CHEAP].concat(),
+        7,
     );
+    assert!(
+        err.contains("keyhold uses no other TPM in its place"),
+        "{err}"
+    );
+
+    // Moved to the second machine's TPM, the store opens there without a passphrase.
+    move_to_this_tpm(&b);
     let (plain, err) = b.ok_vars(
         &[],
         &["decrypt", "--key", &aes, "--in", &envelope_b, "--out", "-"],
@@ -130,6 +142,61 @@ fn a_tpm_sealed_backup_restores_on_another_machine_with_the_recovery_passphrase(
     );
     assert_eq!(plain, b"kept across machines");
     a.ok_vars(&[], &["sign", "--key", &tpm_key, "--in", &envelope]);
+}
+
+/// The documented way to the TPM that is here: `reseal --to passphrase` with the recovery
+/// passphrase, then `reseal --to tpm --recovery` from the passphrase store (stated as such),
+/// which trusts the TPM here as `init` does.
+fn move_to_this_tpm(env: &Env) {
+    env.ok_vars(
+        &[
+            ("KEYHOLD_PASSPHRASE", RECOVERY),
+            ("KEYHOLD_NEW_PASSPHRASE", INTERIM),
+        ],
+        &[&["reseal", "--to", "passphrase"], CHEAP].concat(),
+    );
+    env.ok_vars(
+        &[
+            ("KEYHOLD_SEALER", "passphrase"),
+            ("KEYHOLD_PASSPHRASE", INTERIM),
+            ("KEYHOLD_NEW_PASSPHRASE", NEW_RECOVERY),
+        ],
+        &[&["reseal", "--to", "tpm", "--recovery"], CHEAP].concat(),
+    );
+}
+
+/// The store's directory copied to the second machine (not restored from a backup): it is
+/// anchored in the first TPM's counter, so it is refused there until `store reanchor --yes`
+/// accepts it (with the recovery passphrase); then it moves to the TPM here as above.
+#[test]
+fn a_copied_tpm_store_opens_elsewhere_after_reanchor_with_the_recovery_passphrase() {
+    let (tpm_a, tpm_b) = (Swtpm::new().unwrap(), Swtpm::new().unwrap());
+    let a = machine(&tpm_a);
+    a.ok_vars(
+        &with_recovery(RECOVERY),
+        &[&["init", "--sealer", "tpm", "--recovery"], CHEAP].concat(),
+    );
+    let aes = a.create_key("data", "aes-256-gcm", &["--backend", "software"]);
+    let b = machine(&tpm_b);
+    std::fs::create_dir_all(&b.store).unwrap();
+    for entry in std::fs::read_dir(&a.store).unwrap() {
+        let path = entry.unwrap().path();
+        std::fs::copy(&path, b.store.join(path.file_name().unwrap())).unwrap();
+    }
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&b.store, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let err = b.refused(&with_recovery(RECOVERY), &["key", "list"], 7);
+    assert!(err.contains("keyhold store reanchor --yes"), "{err}");
+    b.ok_vars(&with_recovery(RECOVERY), &["store", "reanchor", "--yes"]);
+    move_to_this_tpm(&b);
+    let out = b.ok_vars(&[], &["key", "list"]).0;
+    assert!(String::from_utf8(out).unwrap().contains("data"));
+    let sealed = b.ok(
+        &["encrypt", "--key", &aes, "--out", "-"],
+        b"after the move",
+        "encrypt",
+    );
+    assert!(!sealed.is_empty());
 }
 
 #[test]

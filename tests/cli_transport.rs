@@ -638,14 +638,15 @@ mod softhsm {
     const TRUSTED_LABEL: &str = "transport-kek";
 
     /// An AES-256 key with the known `value`, labelled `label`, made on the token as the given
-    /// session makes it: a public token object with CKA_WRAP (and CKA_UNWRAP), sensitive and
-    /// not extractable unless `readable`, CKA_TRUSTED only when `trusted` (which only an SO
-    /// session may set: SoftHSM answers a user's with CKR_ATTRIBUTE_READ_ONLY).
+    /// session makes it: a public token object with CKA_WRAP, sensitive and not extractable
+    /// unless `readable`, CKA_TRUSTED only when `trusted` (which only an SO session may set:
+    /// SoftHSM answers a user's with CKR_ATTRIBUTE_READ_ONLY), CKA_UNWRAP and CKA_DECRYPT only
+    /// when `two_way`.
     fn make_wrapping_key(
         session: &cryptoki::session::Session,
         label: &str,
         value: &[u8],
-        (trusted, readable): (bool, bool),
+        (trusted, readable, two_way): (bool, bool, bool),
     ) {
         use cryptoki::object::{Attribute, KeyType, ObjectClass};
         let mut template = vec![
@@ -656,7 +657,8 @@ mod softhsm {
             Attribute::Sensitive(!readable),
             Attribute::Extractable(false),
             Attribute::Wrap(true),
-            Attribute::Unwrap(true),
+            Attribute::Unwrap(two_way),
+            Attribute::Decrypt(two_way),
             Attribute::Label(label.as_bytes().to_vec()),
             Attribute::Value(value.to_vec()),
         ];
@@ -672,10 +674,11 @@ mod softhsm {
     /// SoftHSM lets the SO make only public objects (CKA_PRIVATE true: CKR_USER_NOT_LOGGED_IN).
     fn provision_as_so(hsm: &SoftHsm, kek: &[u8]) {
         let so = support::pkcs11::so_session(hsm.label());
-        make_wrapping_key(&so, TRUSTED_LABEL, kek, (true, false));
-        make_wrapping_key(&so, "twin", kek, (true, false));
-        make_wrapping_key(&so, "twin", kek, (true, false));
-        make_wrapping_key(&so, "readable", kek, (true, true));
+        make_wrapping_key(&so, TRUSTED_LABEL, kek, (true, false, false));
+        make_wrapping_key(&so, "twin", kek, (true, false, false));
+        make_wrapping_key(&so, "twin", kek, (true, false, false));
+        make_wrapping_key(&so, "readable", kek, (true, true, false));
+        make_wrapping_key(&so, "two-way", kek, (true, false, true));
         so.logout().unwrap();
     }
 
@@ -840,7 +843,12 @@ mod softhsm {
     fn a_token_key_is_wrapped_only_under_a_trusted_key_and_each_refusal_says_why() {
         let (hsm, env, kek, software_kek) = provisioned();
         // A wrapping key made by someone with the user PIN: not trusted, whatever else it is.
-        make_wrapping_key(&raw_session(hsm.label()), "user-kek", &kek, (false, false));
+        make_wrapping_key(
+            &raw_session(hsm.label()),
+            "user-kek",
+            &kek,
+            (false, false, false),
+        );
         let token_kek = env.create_key("token-kek", "aes-256-gcm", &["--backend", "hsm"]);
         let key = env.create_key("k", "hmac-sha256", &["--backend", "hsm", "--exportable"]);
         let kept = env.create_key("kept", "hmac-sha256", &["--backend", "hsm"]);
@@ -865,7 +873,7 @@ mod softhsm {
             "--out",
             &out,
         ];
-        let cases: [(&[&str], &str); 9] = [
+        let cases: [(&[&str], &str); 10] = [
             (
                 &export_under(&key, &token_kek, &out),
                 "backend `hsm` does not support wrapping its keys under a keyhold key: an \
@@ -903,6 +911,13 @@ mod softhsm {
                 &export_trusted(&key, "readable", &out),
                 "can be read or taken out of the token (it is not CKA_SENSITIVE, or is \
                  CKA_EXTRACTABLE): a key wrapped under it would be as good as in clear",
+            ),
+            // Review: a trusted key that also unwraps (or decrypts) lets anyone with the user
+            // PIN unwrap the export back into the token as a readable key.
+            (
+                &export_trusted(&key, "two-way", &out),
+                "also unwraps or decrypts (CKA_UNWRAP or CKA_DECRYPT): whoever has the user PIN \
+                 could unwrap what is wrapped under it back into the token as a readable key",
             ),
             (
                 &export_trusted(&software, TRUSTED_LABEL, &out),

@@ -232,6 +232,47 @@ fn a_key_rolled_back_together_with_its_digest_is_detected() {
     refused(&t, &["the store cannot tell which key"]);
 }
 
+/// Review (2026-12-02, second): an open that another process's re-seal overtakes (between the
+/// open's first read and its check of the rows) is told to run again, never called tampered.
+#[test]
+fn opens_while_another_process_reseals_are_never_called_tampered() {
+    let t = TestStore::new();
+    t.create("k", KeyType::Ed25519, None);
+    let config = t.config();
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|scope| {
+        let resealer = scope.spawn(|| {
+            let mut resealed = 0;
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) && resealed < 40 {
+                Keystore::reseal_with(&t.path, &sealer(PASSPHRASE), &config, |_| {
+                    Ok((sealer(PASSPHRASE), ()))
+                })
+                .unwrap();
+                resealed += 1;
+            }
+            resealed
+        });
+        let mut again = 0;
+        for n in 0..30 {
+            match t.reopen() {
+                Ok(_) => {}
+                Err(Error::StoreUnusable { reason, .. })
+                    if reason.contains("run the command again") =>
+                {
+                    again += 1;
+                }
+                Err(e) => panic!("open {n}: {e}"),
+            }
+        }
+        stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        assert!(
+            resealer.join().unwrap() > 0,
+            "no re-seal ran beside the opens"
+        );
+        println!("30 opens beside re-seals: {again} told to run again");
+    });
+}
+
 /// Review (2026-12-02): opening a store while another keystore writes to it read the state, the
 /// rows and the digests in separate reads, and took a change in between for tampering (exit 10).
 /// The open reads them in one read transaction, the anchor file before them.

@@ -241,6 +241,7 @@ impl super::Keystore {
         // store is bound to the counter wherever it now stands.
         let rebind_at = counter_for(&store, Some(sealer), config, &keys)?.map(|c| c.at());
         let generation = store.restart_generation(anchored.saturating_add(1), rebind_at)?;
+        store.reload_state()?;
         if let Some(anchor) = anchor_dir.map(|d| FileAnchor::new(&d, &store.meta().store_id)) {
             anchor.advance(generation)?;
             store.set_anchor(anchor);

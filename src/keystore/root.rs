@@ -140,6 +140,19 @@ pub(super) fn check_store(
         }
     };
     let all = store.all_rows()?;
+    // The seal that was unsealed, and the metadata MAC checked below, are those the store had
+    // at open: another process that re-sealed the store (or adopted an older one) since then
+    // changed both, and the rows read now are under its metadata. Nothing is wrong: open again.
+    let now = all.meta?;
+    if now.mac != meta.mac || now.sealed_root != meta.sealed_root {
+        return Err(Error::StoreUnusable {
+            path: store.dir().to_path_buf(),
+            reason: "its seal or metadata changed while keyhold was opening it (another keyhold \
+                     process re-sealed or upgraded it): run the command again"
+                .into(),
+            source: None,
+        });
+    }
     let records = all.keys?;
     let failed: Vec<&KeyRecord> = records
         .iter()

@@ -258,7 +258,8 @@ impl TpmSealer {
         let (Some(passphrase), Some(seal)) = (passphrase, &params.recovery) else {
             let hint = if another_tpm {
                 "give the recovery passphrase (on the terminal, or with --passphrase-file or \
-                 $KEYHOLD_PASSPHRASE), then `keyhold reseal --to tpm` seals the store to this TPM"
+                 $KEYHOLD_PASSPHRASE); to move the store to this TPM, then run `keyhold reseal \
+                 --to passphrase` and `keyhold reseal --to tpm`"
             } else if params.recovery.is_some() {
                 "run `keyhold reseal`: it asks for the recovery passphrase and re-binds the store \
                  to the PCRs as they are now"
@@ -331,18 +332,22 @@ impl Sealer for TpmSealer {
         // (and authenticated with the rest of the metadata right after): a changed Name can only
         // make the unseal fail, never succeed with another TPM's SRK.
         let pinned = hex::decode(&params.srk_name).ok_or_else(damaged)?;
-        // Another TPM (another machine, or this TPM cleared) cannot unseal the root: with a
-        // recovery seal, the recovery passphrase opens the store instead. The device is then left
-        // unpinned, so that `reseal --to tpm` can bind the store to the TPM that is here now.
+        // Another TPM (another machine, this TPM cleared, or an impostor on the way to it)
+        // cannot unseal the root: with a recovery seal, the recovery passphrase opens the store
+        // instead. The TPM found is then refused for the rest of the process (nothing is salted
+        // to it, sealed by it or counted on it): moving the store to it is an explicit step,
+        // `reseal --to passphrase` and then `reseal --to tpm` as for a new store.
         if params.recovery.is_some() {
             let present = self.device.present_srk_name(WHO)?;
             if present != pinned {
                 let why = format!(
                     "the TPM here (storage root key Name {}) is not the one that sealed the store \
-                     (Name {}): another machine's, or this one's before it was cleared",
+                     (Name {}): another machine's, this one's before it was cleared, or \
+                     something between keyhold and the TPM answering in its place",
                     hex::encode(&present),
                     hex::encode(&pinned)
                 );
+                self.device.pin_elsewhere(&pinned)?;
                 return self.recover(&params, store_id, why, true);
             }
         }

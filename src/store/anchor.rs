@@ -33,6 +33,10 @@ pub trait Counter: Send + Sync + std::fmt::Debug {
     fn describe(&self) -> String;
     /// Where it is, as the store's state records it.
     fn at(&self) -> crate::store::CounterAt;
+    /// How a counter of this kind can be gone (`it was deleted with …`), for messages.
+    fn gone_how(&self) -> &'static str;
+    /// What else its place can hold (`other attributes, or …`), for messages.
+    fn foreign_how(&self) -> &'static str;
     /// What it shows now.
     ///
     /// # Errors
@@ -96,9 +100,9 @@ pub fn judge_counter(
             state.generation
         )),
         CounterValue::Absent => CounterCheck::Refused(format!(
-            "{} that anchors this store is gone: it was deleted with the TPM owner's \
-             authorisation, or the TPM was cleared",
-            counter.describe()
+            "{} that anchors this store is gone: {}",
+            counter.describe(),
+            counter.gone_how()
         )),
         CounterValue::Foreign => CounterCheck::Refused(foreign_text(counter)),
     }
@@ -106,9 +110,9 @@ pub fn judge_counter(
 
 pub(super) fn foreign_text(counter: &dyn Counter) -> String {
     format!(
-        "{} holds something other than keyhold's counter for this store (other attributes, or \
-         an authorisation value keyhold did not set)",
-        counter.describe()
+        "{} holds something other than keyhold's counter for this store ({})",
+        counter.describe(),
+        counter.foreign_how()
     )
 }
 

@@ -263,7 +263,8 @@ impl Store {
         // nothing, not even the state.
         let first = counter.read()?;
         if first == CounterValue::Foreign {
-            // Someone else holds the store's index (it takes the TPM owner's authorisation): the
+            // Someone else holds the counter's place (a TPM index, which takes the owner's
+            // authorisation; objects under the label on a token, which take its PIN): the
             // store cannot be anchored there. Not fatal for a store never bound (the anchor file
             // still guards it), but said.
             tracing::warn!(
@@ -373,8 +374,9 @@ impl Store {
 
     /// The record with identifier `uuid`, if any, for a use of its key (the caller checks its
     /// MAC), read with what vouches for it, in one read transaction: the committed state (its
-    /// MAC, and not older than this process has seen); once per generation, every key's digest
-    /// against the state's total; and the key's rows against its digest. A process that keeps
+    /// MAC, and not older than this process has seen); every key's digest against the state's
+    /// total, whenever another connection has written since this one last added them up
+    /// (SQLite's `data_version`); and the key's rows against its digest. A process that keeps
     /// the store open so finds a key's rows deleted or put back (with its digest or without), or
     /// the store put back whole, at the key's next use, not only at its next open. Without the
     /// commitment's keys, the record alone.
@@ -707,6 +709,21 @@ impl Store {
         Ok(dir)
     }
 
+    /// Reads the committed state again, its MAC checked, into [`Self::meta`]: after changes
+    /// this process made through `&self` (a restart of the generation), whose binding the
+    /// keystore decides by.
+    ///
+    /// # Errors
+    /// [`Error::StoreTampered`] for a state that fails its MAC; storage errors.
+    pub(crate) fn reload_state(&mut self) -> Result<()> {
+        let state = {
+            let conn = self.conn();
+            self.current_state(&conn)?.1
+        };
+        self.meta.state = Some(state);
+        Ok(())
+    }
+
     /// The committed state as stored now, its MAC not checked (the caller checks it).
     ///
     /// # Errors
@@ -951,6 +968,7 @@ impl Store {
             state: read_state(&tx, &self.dir),
             digests: read_digests(&tx),
             data_version: read_data_version(&tx),
+            meta: read_meta(&tx, &self.dir),
         };
         tx.commit()
             .map_err(|e| Error::storage("end reading the store", e))?;
@@ -975,6 +993,8 @@ pub struct AllRows {
     pub(crate) digests: Result<BTreeMap<[u8; 16], Sum>>,
     /// SQLite's `data_version` in that read.
     pub(crate) data_version: Result<i64>,
+    /// The metadata (seal, MAC) in that read.
+    pub meta: Result<StoreMeta>,
 }
 
 /// A write transaction of [`Store::write`].

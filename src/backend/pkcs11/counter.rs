@@ -89,10 +89,13 @@ impl TokenCounter {
         input
     }
 
+    /// What finds the counter's objects, and what each is made with (with its value). Private:
+    /// a public object under the label, which anyone may make without logging in, is not one.
     fn template(&self) -> Vec<Attribute> {
         vec![
             Attribute::Class(ObjectClass::DATA),
             Attribute::Token(true),
+            Attribute::Private(true),
             Attribute::Label(self.label.as_bytes().to_vec()),
             Attribute::Application(APPLICATION.to_vec()),
         ]
@@ -123,7 +126,6 @@ impl TokenCounter {
         count: u64,
     ) -> std::result::Result<(), cryptoki::error::Error> {
         let mut template = self.template();
-        template.push(Attribute::Private(true));
         template.push(Attribute::Value(self.value(count)));
         session.create_object(&template).map(|_| ())
     }
@@ -141,6 +143,16 @@ impl Counter for TokenCounter {
 
     fn at(&self) -> CounterAt {
         CounterAt::Token
+    }
+
+    fn gone_how(&self) -> &'static str {
+        "its objects were destroyed by someone logged in to the token, or the token was \
+         initialised again"
+    }
+
+    fn foreign_how(&self) -> &'static str {
+        "objects under its label that keyhold did not make for this store: no valid MAC under \
+         the store's root"
     }
 
     fn read(&self) -> Result<CounterValue> {

@@ -17,7 +17,8 @@ use crate::error::{Error, Result};
 /// What the security officer must provision, for messages.
 const PROVISION: &str = "the token's security officer makes it once: an AES-256 secret key \
     (CKO_SECRET_KEY, CKK_AES, CKA_VALUE_LEN 32) with CKA_WRAP, CKA_TRUSTED and CKA_SENSITIVE \
-    true and CKA_EXTRACTABLE false, a public token object (docs/cli.md, \"Key transport\")";
+    true and CKA_EXTRACTABLE, CKA_UNWRAP and CKA_DECRYPT false, a public token object \
+    (docs/cli.md, \"Key transport\")";
 
 /// The length of an AES-256 key in bytes (`CKA_VALUE_LEN`).
 const AES_256_LEN: u64 = 32;
@@ -31,10 +32,12 @@ const CHECKED: [AttributeType; 4] = [
 ];
 
 /// What is read of the one trusted wrapping key before it is used.
-const USED: [AttributeType; 3] = [
+const USED: [AttributeType; 5] = [
     AttributeType::ValueLen,
     AttributeType::Sensitive,
     AttributeType::Extractable,
+    AttributeType::Unwrap,
+    AttributeType::Decrypt,
 ];
 
 /// The objects a token holds under a label: those that are trusted wrapping keys, the [`USED`]
@@ -185,8 +188,9 @@ impl Pkcs11Backend {
 }
 
 /// Why the trusted key whose [`USED`] attributes are `attributes` is not one to wrap under, if
-/// it is not: not AES-256, or its value readable (a key wrapped under it would then be as good
-/// as in clear to whoever reads it, and a public object is read without a login).
+/// it is not: not AES-256, its value readable (a key wrapped under it would then be as good as
+/// in clear to whoever reads it, and a public object is read without a login), or able to
+/// unwrap or decrypt (an export unwrapped back into the token as a readable key).
 fn unfit(attributes: &[Attribute]) -> Option<String> {
     let has = |wanted: &Attribute| attributes.iter().any(|a| a == wanted);
     let length = attributes.iter().find_map(|a| match a {
@@ -211,6 +215,14 @@ fn unfit(attributes: &[Attribute]) -> Option<String> {
         return Some(
             "can be read or taken out of the token (it is not CKA_SENSITIVE, or is \
              CKA_EXTRACTABLE): a key wrapped under it would be as good as in clear"
+                .into(),
+        );
+    }
+    // A missing attribute counts as true: only a key that says it does neither is used.
+    if !has(&Attribute::Unwrap(false)) || !has(&Attribute::Decrypt(false)) {
+        return Some(
+            "also unwraps or decrypts (CKA_UNWRAP or CKA_DECRYPT): whoever has the user PIN \
+             could unwrap what is wrapped under it back into the token as a readable key"
                 .into(),
         );
     }

@@ -41,6 +41,10 @@ pub struct TpmDevice {
     srk_name: OnceLock<Vec<u8>>,
     /// Whether `srk_name` was pinned by a store (rather than learnt at the first connection).
     pinned: AtomicBool,
+    /// Whether another TPM than the pinned one was found in its place (the `tpm` sealer then
+    /// opened the store with its recovery passphrase): connections to it are refused as
+    /// unavailable, never salted, for the rest of the process.
+    elsewhere: AtomicBool,
     features: OnceLock<Features>,
 }
 
@@ -141,6 +145,7 @@ impl TpmDevice {
             freed: Condvar::new(),
             srk_name: OnceLock::new(),
             pinned: AtomicBool::new(false),
+            elsewhere: AtomicBool::new(false),
             features: OnceLock::new(),
         });
         devices.insert(tcti.to_owned(), Arc::downgrade(&device));
@@ -214,6 +219,9 @@ impl TpmDevice {
         let map = |f| errors::map_connect(who, &self.tcti, self.settings.srk_handle, f);
         let connection = self.open_bounded(who, setup)?.map_err(map)?;
         let first = self.srk_name.get_or_init(|| connection.srk_name().to_vec());
+        if connection.srk_name() != first.as_slice() && self.elsewhere.load(Ordering::SeqCst) {
+            return Err(self.not_the_store_s(who, first, connection.srk_name()));
+        }
         if connection.srk_name() != first.as_slice() && self.pinned.load(Ordering::SeqCst) {
             return Err(self.not_pinned(first, connection.srk_name()));
         }
@@ -283,6 +291,38 @@ impl TpmDevice {
         }
     }
 
+    /// The TPM here is not the store's, which was opened without it: unavailable, and how to move
+    /// the store to it.
+    fn not_the_store_s(&self, who: &str, pinned: &[u8], found: &[u8]) -> Error {
+        Error::BackendUnavailable {
+            backend: who.to_owned(),
+            reason: format!(
+                "the TPM at `{}` (storage root key Name {}) is not the one the store was sealed \
+                 by (Name {}), and keyhold uses no other TPM in its place: an impostor between \
+                 keyhold and the TPM would look the same. To move the store to this TPM, open it \
+                 with its recovery passphrase: `keyhold store reanchor --yes` if it is refused \
+                 for its old TPM's counter, then `keyhold reseal --to passphrase`, then \
+                 `keyhold reseal --to tpm`",
+                self.tcti,
+                crate::hex::encode(found),
+                crate::hex::encode(pinned)
+            ),
+        }
+    }
+
+    /// Pins `name` (the SRK Name the store recorded, which another TPM is found in place of):
+    /// every connection this process makes to a TPM with another Name is refused as unavailable
+    /// ([`Error::BackendUnavailable`]), so that nothing is salted to, sealed by or counted on
+    /// it. The store was opened without the TPM (its recovery passphrase).
+    ///
+    /// # Errors
+    /// [`Error::Unseal`] if this device already reached a TPM whose SRK has another Name.
+    pub fn pin_elsewhere(&self, name: &[u8]) -> Result<()> {
+        self.pin_srk_name(name)?;
+        self.elsewhere.store(true, Ordering::SeqCst);
+        Ok(())
+    }
+
     /// Pins the SRK Name a store recorded: every connection from now on must find an SRK with
     /// this Name (computed from its public area) before a session is salted to it.
     ///
@@ -307,7 +347,7 @@ impl TpmDevice {
 
     /// The Name of the SRK of the TPM there now, learnt before any session is salted to it and
     /// without pinning or learning it: how the `tpm` sealer tells a store sealed by another TPM
-    /// (or by this one before it was cleared) from a seal this TPM refuses. This process's
+    /// (or by this one before it was cleared, or an impostor) from a seal this TPM refuses. This process's
     /// connection answers if it has one; otherwise a connection is opened for the question only.
     ///
     /// # Errors

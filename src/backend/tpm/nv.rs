@@ -81,6 +81,14 @@ impl Counter for TpmCounter {
         crate::store::CounterAt::TpmNv(self.index)
     }
 
+    fn gone_how(&self) -> &'static str {
+        "it was deleted with the TPM owner's authorisation, or the TPM was cleared"
+    }
+
+    fn foreign_how(&self) -> &'static str {
+        "other attributes, or an authorisation value keyhold did not set"
+    }
+
     fn read(&self) -> Result<CounterValue> {
         let state = self
             .device
