@@ -140,19 +140,13 @@ pub(super) fn check_store(
         }
     };
     let all = store.all_rows()?;
-    // The seal that was unsealed, and the metadata MAC checked below, are those the store had
-    // at open: another process that re-sealed the store (or adopted an older one) since then
-    // changed both, and the rows read now are under its metadata. Nothing is wrong: open again.
+    // The metadata read with the rows. Another process that re-sealed the store (or adopted one
+    // made before the commitment) since the open's first read wrote new metadata, under a MAC
+    // of the same root, and the state read now is bound to it: go on with it. Metadata changed
+    // without the root counts for nothing: the metadata as first read is checked, as before.
     let now = all.meta?;
-    if now.mac != meta.mac || now.sealed_root != meta.sealed_root {
-        return Err(Error::StoreUnusable {
-            path: store.dir().to_path_buf(),
-            reason: "its seal or metadata changed while keyhold was opening it (another keyhold \
-                     process re-sealed or upgraded it): run the command again"
-                .into(),
-            source: None,
-        });
-    }
+    let newer = (now.mac != store.meta().mac && meta_format(keys, &now).is_some()).then_some(now);
+    let meta = newer.as_ref().unwrap_or(store.meta());
     let records = all.keys?;
     let failed: Vec<&KeyRecord> = records
         .iter()
@@ -244,6 +238,7 @@ pub(super) fn check_store(
         state: all.state?,
         digests: all.digests?,
         data_version: all.data_version?,
+        newer_meta: newer,
         anchor,
         anchored,
     })
@@ -276,6 +271,8 @@ pub(super) struct Checked {
     digests: std::collections::BTreeMap<[u8; 16], crate::store::Sum>,
     /// SQLite's `data_version` in that read.
     data_version: i64,
+    /// Metadata that another process wrote under the same root since the open's first read.
+    newer_meta: Option<StoreMeta>,
     /// The anchor file, if there is one, and the generation it recorded (read before the rows).
     anchor: Option<FileAnchor>,
     anchored: Option<u64>,
@@ -286,6 +283,9 @@ pub(super) struct Checked {
 /// commitment (metadata MAC format 1, no state) is adopted: its rows, all just verified, become
 /// the committed set at generation 1.
 pub(super) fn settle(store: &mut Store, keys: &DerivedKeys, mut checked: Checked) -> Result<()> {
+    if let Some(meta) = checked.newer_meta.take() {
+        store.replace_meta(meta);
+    }
     let commit = keys.commit_keys(store.meta().store_id);
     let (anchor, anchored) = (checked.anchor.take(), checked.anchored);
     let state =

@@ -709,6 +709,12 @@ impl Store {
         Ok(dir)
     }
 
+    /// Takes `meta` as the store's metadata: written under the same root by another process
+    /// since this one first read it (the keystore checked its MAC).
+    pub(crate) fn replace_meta(&mut self, meta: StoreMeta) {
+        self.meta = meta;
+    }
+
     /// Reads the committed state again, its MAC checked, into [`Self::meta`]: after changes
     /// this process made through `&self` (a restart of the generation), whose binding the
     /// keystore decides by.
