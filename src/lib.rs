@@ -39,6 +39,8 @@ mod keystore;
 mod public_key;
 pub mod sealer;
 pub mod secret;
+#[cfg(feature = "serve")]
+pub mod service;
 pub mod store;
 #[cfg(feature = "testing")]
 pub mod testing;

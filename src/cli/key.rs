@@ -205,7 +205,6 @@ fn create(ctx: &Context, args: &CreateArgs) -> CmdResult {
     )?;
     // A key made in software in place of the backend asked for is weaker than asked (its
     // material lives in this process, not in the device): never only an ID.
-    let fallback = fallback_json(&info);
     if let Some((original, reason)) = fallback_of(&info) {
         tracing::warn!(
             "backend `{original}` cannot make {} keys for {} ({reason}): key `{}/{}` was created \
@@ -217,11 +216,7 @@ fn create(ctx: &Context, args: &CreateArgs) -> CmdResult {
         );
     }
     if ctx.json {
-        let mut json = info_json(&info);
-        if let Some(object) = json.as_object_mut() {
-            object.insert("fallback".into(), fallback);
-        }
-        io::print_json(&json)
+        io::print_json(&info_json(&info))
     } else {
         io::print_line(&info.id)
     }
@@ -246,27 +241,9 @@ fn create_options(args: &CreateArgs, now: i64) -> keyhold::Result<KeyOptions> {
         ))
 }
 
-/// The attribute a software key made in place of another backend's records that backend in.
-const FALLBACK_FOR: &str = "fallback_for";
-/// Why it could not make the key there, recorded beside [`FALLBACK_FOR`].
-const FALLBACK_REASON: &str = "fallback_reason";
-
-/// The backend a software key was made in place of, and why (as recorded when it was made).
+/// The backend a software key was made in place of, and why.
 fn fallback_of(info: &KeyInfo) -> Option<(&str, &str)> {
-    let original = info.attributes.get(FALLBACK_FOR)?;
-    let reason = info
-        .attributes
-        .get(FALLBACK_REASON)
-        .map_or("it could not make them", String::as_str);
-    Some((original, reason))
-}
-
-/// `{"for": BACKEND, "reason": WHY}` for a fallback key, `null` for any other.
-fn fallback_json(info: &KeyInfo) -> serde_json::Value {
-    fallback_of(info).map_or(
-        serde_json::Value::Null,
-        |(original, reason)| serde_json::json!({ "for": original, "reason": reason }),
-    )
+    info.fallback()
 }
 
 fn list(ctx: &Context, args: &ListArgs) -> CmdResult {
@@ -314,7 +291,7 @@ fn state_cell(info: &KeyInfo) -> &'static str {
 /// `key list`'s BACKEND cell: the backend, or `software(fallback:tpm)` for a key made in software
 /// in place of backend `tpm` (one word, so that the table still splits on whitespace).
 fn backend_cell(info: &KeyInfo) -> String {
-    match info.attributes.get(FALLBACK_FOR) {
+    match info.fallback().map(|(original, _)| original) {
         Some(original) => format!("{}(fallback:{original})", info.backend),
         None => info.backend.clone(),
     }
@@ -448,7 +425,7 @@ fn backend_text(info: &KeyInfo, sealer: &str) -> String {
     if info.backend != "software" {
         return info.backend.clone();
     }
-    match info.attributes.get(FALLBACK_FOR) {
+    match info.fallback().map(|(original, _)| original) {
         Some(original) => format!("software (sealed by {sealer}; fallback for {original})"),
         None => format!("software (sealed by {sealer})"),
     }
@@ -456,36 +433,5 @@ fn backend_text(info: &KeyInfo, sealer: &str) -> String {
 
 /// The key object of `--json` outputs (docs/cli.md).
 pub(super) fn info_json(info: &KeyInfo) -> serde_json::Value {
-    let at = |secs: Option<i64>| secs.map(format_utc);
-    serde_json::json!({
-        "id": info.id,
-        "store_id": info.store_id,
-        "namespace": info.namespace,
-        "name": info.name,
-        "type": info.spec.key_type().as_str(),
-        "purpose": info.spec.purpose().as_str(),
-        "algorithm": info.spec.algorithm().as_str(),
-        "backend": info.backend,
-        "locator": info.locator,
-        "state": info.state.as_str(),
-        "version": info.version,
-        "versions": info
-            .versions
-            .iter()
-            .map(|v| serde_json::json!({
-                "version": v.version,
-                "created": format_utc(v.created_at),
-                "locator": v.locator,
-            }))
-            .collect::<Vec<_>>(),
-        "min_decrypt_version": info.min_decrypt_version,
-        "rotate_after_secs": info.rotate_after,
-        "activate_at": at(info.activate_at),
-        "deactivate_at": at(info.deactivate_at),
-        "destroy_at": at(info.destroy_at),
-        "destroyed_at": at(info.destroyed_at),
-        "created": format_utc(info.created_at),
-        "attributes": info.attributes,
-        "fallback": fallback_json(info),
-    })
+    info.to_json()
 }

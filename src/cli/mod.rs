@@ -11,6 +11,7 @@ mod ops;
 mod passphrase;
 mod recovery;
 mod select;
+mod serve;
 mod store;
 mod transport;
 mod verify;
@@ -108,6 +109,8 @@ enum Command {
     /// Verify the whole store: records, audit log, key material in the backends
     #[command(subcommand)]
     Store(verify::StoreCommand),
+    /// Hold the store open and serve its cryptography to configured clients over a Unix socket
+    Serve(serve::ServeArgs),
 }
 
 /// Why a command failed, and so its exit code.
@@ -448,6 +451,7 @@ fn dispatch(ctx: &Context, args: &Args) -> CmdResult {
         Command::Audit(c) => audit::run(ctx, c),
         Command::Maintain(a) => lifecycle::maintain(ctx, a),
         Command::Store(c) => verify::run(ctx, c),
+        Command::Serve(a) => serve::serve(ctx, a),
     }
 }
 

@@ -19,9 +19,11 @@ use serde::Deserialize;
 use crate::error::{Error, Result};
 
 mod backends;
+mod clients;
 mod locate;
 
 pub use backends::{BackendConfig, Fallback, Pkcs11Config, TokenSelector, TpmConfig};
+pub use clients::{ClientConfig, Operation};
 
 /// The whole configuration.
 #[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
@@ -42,6 +44,9 @@ pub struct Config {
     /// The audit log (`[audit]`).
     #[serde(default)]
     pub audit: AuditConfig,
+    /// The clients of `keyhold serve`, by name (`[clients.NAME]`).
+    #[serde(default)]
+    pub clients: BTreeMap<String, ClientConfig>,
 }
 
 /// The key lifecycle (`[lifecycle]`).
@@ -242,6 +247,13 @@ impl Config {
     /// The checks serde cannot make, each naming the backend and (where one key is to blame) the
     /// key, so that the message can give its line.
     fn validate(&self) -> std::result::Result<(), Invalid> {
+        if let Some((name, key, message)) = clients::problems(&self.clients) {
+            return Err(Invalid {
+                backend: format!("clients.{name}"),
+                key: Some(key),
+                message: format!("clients.{name}.{key}: {message}"),
+            });
+        }
         if let Some(limit) = self.lifecycle.gcm_invocation_limit {
             if limit == 0 || limit > LifecycleConfig::MAX_GCM_INVOCATIONS {
                 return Err(Invalid {

@@ -6,6 +6,7 @@ mod audit;
 mod backup;
 mod doctor;
 mod envelope;
+mod info;
 mod key_id;
 mod lifecycle;
 mod ops;
@@ -451,8 +452,8 @@ impl Keystore {
         let mut extra = BTreeMap::new();
         if let Some(FellBack { from, what }) = fallback {
             // Recorded (under the record MAC) so that `key show` can say why, not only where.
-            extra.insert("fallback_for".into(), from.to_owned());
-            extra.insert("fallback_reason".into(), what);
+            extra.insert(info::FALLBACK_FOR.into(), from.to_owned());
+            extra.insert(info::FALLBACK_REASON.into(), what);
         }
         let made = Made {
             backend: backend.as_ref(),

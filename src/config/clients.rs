@@ -1,0 +1,109 @@
+//! The clients of `keyhold serve` (`[clients.NAME]`): who a connection is, and what it may do.
+//!
+//! ```toml
+//! [clients.web]
+//! uid = 1001                 # connections over the Unix socket from this user are `web`
+//! namespaces = ["web"]       # the keys it may see and use: those of these namespaces
+//! operations = ["sign", "pubkey", "show", "list"]   # default: every operation
+//! ```
+
+use serde::Deserialize;
+
+/// One client of the service.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ClientConfig {
+    /// The Unix user whose connections to the service's socket are this client (its peer
+    /// credentials, `SO_PEERCRED`).
+    #[serde(default)]
+    pub uid: Option<u32>,
+    /// The namespaces whose keys the client sees and uses; a key of any other namespace is, to
+    /// it, a key that does not exist.
+    pub namespaces: Vec<String>,
+    /// The operations the client may ask for; every one when absent.
+    #[serde(default)]
+    pub operations: Option<Vec<Operation>>,
+}
+
+impl ClientConfig {
+    /// Whether the client may do `operation`.
+    pub fn may(&self, operation: Operation) -> bool {
+        self.operations
+            .as_ref()
+            .is_none_or(|allowed| allowed.contains(&operation))
+    }
+
+    /// Whether the client sees the keys of `namespace`.
+    pub fn sees(&self, namespace: &str) -> bool {
+        self.namespaces.iter().any(|n| n == namespace)
+    }
+}
+
+/// What a client asks the service to do.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Hash)]
+#[serde(rename_all = "lowercase")]
+#[non_exhaustive]
+pub enum Operation {
+    /// Make a key.
+    Create,
+    /// List keys.
+    List,
+    /// Show one key.
+    Show,
+    /// Read a key's public key.
+    Pubkey,
+    /// Sign.
+    Sign,
+    /// Verify a signature.
+    Verify,
+    /// Encrypt.
+    Encrypt,
+    /// Decrypt.
+    Decrypt,
+    /// Random bytes.
+    Random,
+}
+
+impl Operation {
+    /// The name used in the configuration and in messages.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Create => "create",
+            Self::List => "list",
+            Self::Show => "show",
+            Self::Pubkey => "pubkey",
+            Self::Sign => "sign",
+            Self::Verify => "verify",
+            Self::Encrypt => "encrypt",
+            Self::Decrypt => "decrypt",
+            Self::Random => "random",
+        }
+    }
+}
+
+/// What is wrong with the clients' tables, if anything: a client without namespaces, or two
+/// clients for one user.
+pub(super) fn problems(
+    clients: &std::collections::BTreeMap<String, ClientConfig>,
+) -> Option<(String, &'static str, String)> {
+    let mut by_uid = std::collections::BTreeMap::new();
+    for (name, client) in clients {
+        if client.namespaces.is_empty() {
+            return Some((
+                name.clone(),
+                "namespaces",
+                "a client needs at least one namespace (the keys it may use)".into(),
+            ));
+        }
+        if let Some(uid) = client.uid {
+            if let Some(other) = by_uid.insert(uid, name) {
+                return Some((
+                    name.clone(),
+                    "uid",
+                    format!("uid {uid} is client `{other}` already: one client per user"),
+                ));
+            }
+        }
+    }
+    None
+}

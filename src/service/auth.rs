@@ -1,0 +1,128 @@
+//! Who is asking: a connection's peer credentials, mapped to a configured client.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use axum::extract::connect_info::Connected;
+use axum::extract::{ConnectInfo, FromRequestParts};
+use axum::http::request::Parts;
+use axum::serve::IncomingStream;
+use tokio::net::UnixListener;
+
+use super::api::ApiError;
+use super::routes::State;
+use crate::config::{ClientConfig, Config, Operation};
+use crate::error::{Error, Result};
+
+/// The other end of a Unix-socket connection, as the kernel says (`SO_PEERCRED`).
+#[derive(Debug, Clone, Copy)]
+pub struct Peer {
+    /// Its effective user ID, if the kernel gave one.
+    uid: Option<u32>,
+}
+
+impl Connected<IncomingStream<'_, UnixListener>> for Peer {
+    fn connect_info(stream: IncomingStream<'_, UnixListener>) -> Self {
+        Self {
+            uid: stream.io().peer_cred().ok().map(|c| c.uid()),
+        }
+    }
+}
+
+/// The configured clients, by user ID.
+#[derive(Debug, Clone)]
+pub struct Clients {
+    by_uid: HashMap<u32, Arc<Client>>,
+}
+
+impl Clients {
+    /// The clients of `config` (`[clients.NAME]`).
+    ///
+    /// # Errors
+    /// [`Error::Config`] when there is none that a connection can be: the service would refuse
+    /// everyone.
+    pub fn from_config(config: &Config) -> Result<Self> {
+        let by_uid: HashMap<u32, Arc<Client>> = config
+            .clients
+            .iter()
+            .filter_map(|(name, c)| {
+                c.uid.map(|uid| {
+                    (
+                        uid,
+                        Arc::new(Client {
+                            name: name.clone(),
+                            grant: c.clone(),
+                        }),
+                    )
+                })
+            })
+            .collect();
+        if by_uid.is_empty() {
+            return Err(Error::Config(
+                "keyhold serve answers configured clients only, and the configuration has none \
+                 with a uid: add a [clients.NAME] table with uid = N and namespaces = [...]"
+                    .into(),
+            ));
+        }
+        Ok(Self { by_uid })
+    }
+}
+
+/// A client, authenticated for this request.
+#[derive(Debug)]
+pub struct Client {
+    /// Its name in the configuration.
+    pub name: String,
+    grant: ClientConfig,
+}
+
+impl Client {
+    /// `Ok` if the client may do `operation`, else 403 naming it.
+    pub fn may(&self, operation: Operation) -> std::result::Result<(), ApiError> {
+        if self.grant.may(operation) {
+            Ok(())
+        } else {
+            Err(ApiError::forbidden(format!(
+                "client `{}` may not {}",
+                self.name,
+                operation.as_str()
+            )))
+        }
+    }
+
+    /// Whether the client sees the keys of `namespace`.
+    pub fn sees(&self, namespace: &str) -> bool {
+        self.grant.sees(namespace)
+    }
+
+    /// The namespaces it sees.
+    pub fn namespaces(&self) -> &[String] {
+        &self.grant.namespaces
+    }
+}
+
+/// The caller of a request: 401 for a connection that is no configured client.
+#[derive(Debug)]
+pub struct Caller(pub Arc<Client>);
+
+impl FromRequestParts<State> for Caller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &State,
+    ) -> std::result::Result<Self, Self::Rejection> {
+        let peer = parts
+            .extensions
+            .get::<ConnectInfo<Peer>>()
+            .map(|ConnectInfo(peer)| *peer);
+        let uid = peer.and_then(|p| p.uid);
+        match uid.and_then(|uid| state.clients.by_uid.get(&uid)) {
+            Some(client) => Ok(Self(Arc::clone(client))),
+            None => {
+                tracing::warn!(uid = ?uid, "refused a connection from no configured client");
+                Err(ApiError::unauthenticated())
+            }
+        }
+    }
+}

@@ -1,0 +1,348 @@
+//! `keyhold serve` as a real process on a temporary Unix socket, asked over raw HTTP/1.1
+//! (docs/service.md): who may ask (peer credentials → configured client, else 401), what a client
+//! sees (its namespaces: other keys are 404 as keys that do not exist) and may do (403), every
+//! operation's round trip (signatures checked by OpenSSL), bad bodies answered 4xx with the
+//! server still answering, and SIGTERM ending it cleanly.
+#![cfg(feature = "serve")]
+#![allow(clippy::unwrap_used)] // test helpers: a panic is the failure report
+
+mod support;
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use serde_json::{json, Value};
+use support::env::*;
+
+/// A running `keyhold serve` on the Env's store, killed (SIGKILL) if the test did not stop it.
+struct Server {
+    child: Option<Child>,
+    socket: PathBuf,
+}
+
+impl Server {
+    /// Starts the service with `clients` (TOML `[clients.*]` tables) as the configuration, and
+    /// waits until its socket answers.
+    fn start(env: &Env, clients: &str) -> Self {
+        env.set_config(clients);
+        let socket = env.file("keyhold.sock");
+        let mut cmd = env.command(&["serve", "--listen", &format!("unix:{}", socket.display())]);
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        let child = cmd.spawn().unwrap();
+        let server = Self {
+            child: Some(child),
+            socket,
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while UnixStream::connect(&server.socket).is_err() {
+            assert!(Instant::now() < deadline, "the service never listened");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        server
+    }
+
+    /// `METHOD path` with a JSON `body`: the status and the JSON answer.
+    fn ask(&self, method: &str, path: &str, body: Option<&Value>) -> (u16, Value) {
+        let body = body.map(Value::to_string);
+        self.raw(method, path, body.as_deref().map(str::as_bytes))
+    }
+
+    /// `METHOD path` with `body` sent as it is (JSON content type).
+    fn raw(&self, method: &str, path: &str, body: Option<&[u8]>) -> (u16, Value) {
+        let mut stream = UnixStream::connect(&self.socket).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(30)))
+            .unwrap();
+        let body = body.unwrap_or_default();
+        write!(
+            stream,
+            "{method} {path} HTTP/1.1\r\nHost: keyhold\r\nContent-Type: application/json\r\n\
+             Content-Length: {}\r\nConnection: close\r\n\r\n",
+            body.len()
+        )
+        .unwrap();
+        // A server that answers before the whole body is read may close the connection first.
+        let _ = stream.write_all(body);
+        let mut answer = Vec::new();
+        stream.read_to_end(&mut answer).unwrap();
+        let text = String::from_utf8_lossy(&answer);
+        let (head, rest) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+        let status = head
+            .split(' ')
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| panic!("no status line in: {text}"));
+        (status, serde_json::from_str(rest).unwrap_or(Value::Null))
+    }
+
+    /// SIGTERM, then its exit status and stderr.
+    fn stop(mut self) -> (std::process::ExitStatus, String) {
+        let mut child = self.child.take().unwrap();
+        let pid = rustix::process::Pid::from_raw(child.id() as i32).unwrap();
+        rustix::process::kill_process(pid, rustix::process::Signal::TERM).unwrap();
+        let status = child.wait().unwrap();
+        let mut err = String::new();
+        child
+            .stderr
+            .take()
+            .unwrap()
+            .read_to_string(&mut err)
+            .unwrap();
+        (status, err)
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+fn b64(bytes: &[u8]) -> String {
+    base64::engine::general_purpose::STANDARD.encode(bytes)
+}
+
+fn unb64(value: &Value) -> Vec<u8> {
+    base64::engine::general_purpose::STANDARD
+        .decode(value.as_str().unwrap())
+        .unwrap()
+}
+
+/// This process's user: the client the tests configure.
+fn uid() -> u32 {
+    rustix::process::geteuid().as_raw()
+}
+
+/// An initialised store whose commands get a configuration file (empty until a server starts).
+fn env() -> Env {
+    let env = Env::new().with_config("");
+    env.init_store();
+    env
+}
+
+fn client(namespaces: &str, extra: &str) -> String {
+    format!(
+        "[clients.app]\nuid = {}\nnamespaces = [{namespaces}]\n{extra}\n",
+        uid()
+    )
+}
+
+#[test]
+fn a_client_creates_signs_verifies_encrypts_and_decrypts_in_its_namespace() {
+    let env = env();
+    let server = Server::start(&env, &client("\"app\"", ""));
+    assert_eq!(
+        server.ask("GET", "/v1/health", None),
+        (200, json!({"status": "ok", "client": "app"}))
+    );
+    let (status, key) = server.ask(
+        "POST",
+        "/v1/keys",
+        Some(&json!({"namespace": "app", "name": "signer", "type": "ecdsa-p256"})),
+    );
+    assert_eq!(status, 201, "{key}");
+    let id = key["id"].as_str().unwrap().to_owned();
+    assert_eq!(key["namespace"], "app");
+
+    let message = b"served, not held";
+    let (status, signed) = server.ask(
+        "POST",
+        &format!("/v1/keys/{id}/sign"),
+        Some(&json!({"data": b64(message)})),
+    );
+    assert_eq!(status, 200, "{signed}");
+    let signature = unb64(&signed["signature"]);
+    let (status, public) = server.ask("GET", &format!("/v1/keys/{id}/public"), None);
+    assert_eq!(status, 200, "{public}");
+    assert!(support::openssl_verifies(
+        public["pem"].as_str().unwrap(),
+        keyhold::Algorithm::EcdsaP256Sha256,
+        message,
+        &signature
+    ));
+    for (data, valid) in [(&message[..], true), (&b"another message"[..], false)] {
+        let (status, verdict) = server.ask(
+            "POST",
+            &format!("/v1/keys/{id}/verify"),
+            Some(&json!({"data": b64(data), "signature": b64(&signature)})),
+        );
+        assert_eq!(
+            (status, &verdict["valid"]),
+            (200, &json!(valid)),
+            "{verdict}"
+        );
+    }
+
+    let (_, aes) = server.ask(
+        "POST",
+        "/v1/keys",
+        Some(&json!({"namespace": "app", "name": "box", "type": "aes-256-gcm"})),
+    );
+    let aes = aes["id"].as_str().unwrap().to_owned();
+    let (status, sealed) = server.ask(
+        "POST",
+        &format!("/v1/keys/{aes}/encrypt"),
+        Some(&json!({"plaintext": b64(b"secret"), "aad": b64(b"context")})),
+    );
+    assert_eq!(status, 200, "{sealed}");
+    let (status, opened) = server.ask(
+        "POST",
+        &format!("/v1/keys/{aes}/decrypt"),
+        Some(&json!({"envelope": sealed["envelope"], "aad": b64(b"context")})),
+    );
+    assert_eq!(
+        (status, unb64(&opened["plaintext"])),
+        (200, b"secret".to_vec())
+    );
+    // The envelope is the CLI's: `keyhold decrypt` opens it too.
+    let envelope = env.write("envelope", &unb64(&sealed["envelope"]));
+    let plain = env.ok(
+        &[
+            "decrypt", "--key", &aes, "--in", &envelope, "--aad", "context", "--out", "-",
+        ],
+        b"",
+        "keyhold decrypt of the service's envelope",
+    );
+    assert_eq!(plain, b"secret");
+
+    let (status, listed) = server.ask("GET", "/v1/keys", None);
+    assert_eq!(status, 200);
+    assert_eq!(listed.as_array().unwrap().len(), 2, "{listed}");
+    let (status, random) = server.ask("POST", "/v1/random", Some(&json!({"bytes": 32})));
+    assert_eq!((status, unb64(&random["data"]).len()), (200, 32));
+
+    let (status, err) = server.stop();
+    assert!(
+        status.success(),
+        "SIGTERM ends the service cleanly: {status:?}\n{err}"
+    );
+    assert!(!env.file("keyhold.sock").exists(), "the socket is removed");
+}
+
+#[test]
+fn another_namespace_s_key_is_a_key_that_does_not_exist_and_operations_are_granted() {
+    let env = env();
+    let other = env.create_key("theirs", "ed25519", &["--namespace", "other"]);
+    let gone = env.create_key("gone", "ed25519", &["--namespace", "app"]);
+    env.ok(
+        &["key", "destroy", "--key", &gone, "--now", "--yes"],
+        b"",
+        "destroy",
+    );
+    let server = Server::start(
+        &env,
+        &client("\"app\"", "operations = [\"sign\", \"list\"]"),
+    );
+    let sign = |id: &str| {
+        server.ask(
+            "POST",
+            &format!("/v1/keys/{id}/sign"),
+            Some(&json!({"data": b64(b"m")})),
+        )
+    };
+    // Another namespace's key: the answer for a key that does not exist, word for word.
+    let (status, theirs) = sign(&other);
+    assert_eq!(
+        (status, theirs),
+        (
+            404,
+            json!({"error": {"code": "no_such_key", "message": "no such key"}})
+        )
+    );
+    // A destroyed key of its own namespace exists, and says why it cannot sign.
+    let (status, gone) = sign(&gone);
+    assert_eq!(
+        (status, &gone["error"]["code"]),
+        (409, &json!("wrong_state")),
+        "{gone}"
+    );
+    // A key of another namespace is not listed, nor listable by name.
+    let (_, listed) = server.ask("GET", "/v1/keys?namespace=other", None);
+    assert_eq!(listed, json!([]));
+    // Operations not granted: 403, naming the client and the operation.
+    let (status, refused) = server.ask("POST", "/v1/random", Some(&json!({"bytes": 8})));
+    assert_eq!(status, 403, "{refused}");
+    assert!(refused["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("client `app` may not random"));
+    // A tampered ID is refused as such.
+    let mut tampered = other.clone();
+    tampered.replace_range(10..11, if &other[10..11] == "A" { "B" } else { "A" });
+    let (status, err) = sign(&tampered);
+    assert_eq!(
+        (status, &err["error"]["code"]),
+        (400, &json!("key_id_authentication"))
+    );
+}
+
+#[test]
+fn a_connection_from_no_configured_client_is_401_and_bad_bodies_are_4xx() {
+    let env = env();
+    // The only client is another user: this process is nobody to the service.
+    let server = Server::start(
+        &env,
+        &format!(
+            "[clients.someone]\nuid = {}\nnamespaces = [\"x\"]\n",
+            uid().wrapping_add(4242)
+        ),
+    );
+    let (status, err) = server.ask("GET", "/v1/health", None);
+    assert_eq!(
+        (status, &err["error"]["code"]),
+        (401, &json!("unauthenticated"))
+    );
+    drop(server);
+
+    let server = Server::start(&env, &client("\"default\"", ""));
+    let id = env.create_key("k", "ed25519", &[]);
+    let path = format!("/v1/keys/{id}/sign");
+    for (body, what) in [
+        (&b"{not json"[..], "malformed JSON"),
+        (&br#"{"data": 5}"#[..], "a number for bytes"),
+        (&br#"{"data": "not base64!"}"#[..], "bad base64"),
+        (&br#"{"data": "", "extra": 1}"#[..], "an unknown field"),
+    ] {
+        let (status, answer) = server.raw("POST", &path, Some(body));
+        assert!(
+            (400..500).contains(&status),
+            "{what}: expected 4xx, got {status} {answer}"
+        );
+    }
+    let big = vec![b'a'; keyhold::service::MAX_BODY + 1];
+    let (status, _) = server.raw("POST", &path, Some(&big));
+    assert_eq!(status, 413, "an oversized body");
+    // Still answering.
+    assert_eq!(server.ask("GET", "/v1/health", None).0, 200);
+    let (status, _) = server.ask("GET", "/elsewhere", None);
+    assert_eq!(status, 400);
+}
+
+#[test]
+fn serve_refuses_a_configuration_without_clients_and_a_path_that_is_not_a_socket() {
+    let env = env();
+    env.set_config("");
+    let out = env.run(&["serve", "--listen", "unix:/nonexistent/x.sock"], b"");
+    assert_fail(
+        &out,
+        1,
+        "keyhold serve answers configured clients only",
+        "no clients",
+    );
+    env.set_config(&client("\"default\"", ""));
+    let file = env.write("not-a-socket", b"keep me");
+    let out = env.run(&["serve", "--listen", &format!("unix:{file}")], b"");
+    assert_fail(&out, 1, "exists and is not a socket", "a regular file");
+    assert_eq!(std::fs::read(&file).unwrap(), b"keep me");
+    let out = env.run(&["serve", "--listen", "tcp:127.0.0.1:1"], b"");
+    assert_fail(&out, 1, "give unix:PATH", "tcp is not served yet");
+}
