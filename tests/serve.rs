@@ -314,13 +314,17 @@ fn a_connection_from_no_configured_client_is_401_and_bad_bodies_are_4xx() {
     ] {
         let (status, answer) = server.raw("POST", &path, Some(body));
         assert!(
-            (400..500).contains(&status),
-            "{what}: expected 4xx, got {status} {answer}"
+            (400..500).contains(&status) && answer["error"]["message"].is_string(),
+            "{what}: expected 4xx with a JSON error, got {status} {answer}"
         );
     }
     let big = vec![b'a'; keyhold::service::MAX_BODY + 1];
-    let (status, _) = server.raw("POST", &path, Some(&big));
-    assert_eq!(status, 413, "an oversized body");
+    let (status, answer) = server.raw("POST", &path, Some(&big));
+    assert_eq!(
+        (status, &answer["error"]["code"]),
+        (413, &json!("too_large")),
+        "an oversized body: {answer}"
+    );
     // Still answering.
     assert_eq!(server.ask("GET", "/v1/health", None).0, 200);
     let (status, _) = server.ask("GET", "/elsewhere", None);

@@ -108,6 +108,37 @@ impl IntoResponse for ApiError {
     }
 }
 
+/// A JSON body whose refusals (malformed, wrong types, unknown fields, too large, not JSON) are
+/// answered as every error is, with axum's status and message.
+#[derive(Debug)]
+pub struct Body<T>(pub T);
+
+impl<S, T> axum::extract::FromRequest<S> for Body<T>
+where
+    S: Send + Sync,
+    T: serde::de::DeserializeOwned,
+{
+    type Rejection = ApiError;
+
+    async fn from_request(
+        request: axum::extract::Request,
+        state: &S,
+    ) -> Result<Self, Self::Rejection> {
+        match Json::<T>::from_request(request, state).await {
+            Ok(Json(value)) => Ok(Self(value)),
+            Err(rejection) => Err(ApiError {
+                status: rejection.status(),
+                code: if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                    "too_large"
+                } else {
+                    "invalid_input"
+                },
+                message: rejection.body_text(),
+            }),
+        }
+    }
+}
+
 /// Bytes carried as standard base64 in a JSON string.
 #[derive(Debug, Default, Deserialize)]
 #[serde(transparent)]

@@ -9,7 +9,7 @@ use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use super::api::{b64, ApiError, B64};
+use super::api::{b64, ApiError, Body, B64};
 use super::auth::{Caller, Client, Clients};
 use crate::config::Operation;
 use crate::keystore::{KeyInfo, KeyRequest, Keystore};
@@ -96,9 +96,10 @@ struct ListQuery {
 async fn list(
     axum::extract::State(state): axum::extract::State<State>,
     Caller(client): Caller,
-    Query(query): Query<ListQuery>,
+    query: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Answer {
     client.may(Operation::List)?;
+    let Query(query) = query.map_err(|e| ApiError::bad_request(e.body_text()))?;
     let namespaces: Vec<String> = match query.namespace {
         Some(ns) if client.sees(&ns) => vec![ns],
         Some(_) => Vec::new(),
@@ -131,7 +132,7 @@ struct CreateBody {
 async fn create(
     axum::extract::State(state): axum::extract::State<State>,
     Caller(client): Caller,
-    Json(body): Json<CreateBody>,
+    Body(body): Body<CreateBody>,
 ) -> Result<(axum::http::StatusCode, Json<Value>), ApiError> {
     client.may(Operation::Create)?;
     if !client.sees(&body.namespace) {
@@ -198,7 +199,7 @@ async fn sign(
     axum::extract::State(state): axum::extract::State<State>,
     Caller(client): Caller,
     Path(id): Path<String>,
-    Json(body): Json<SignBody>,
+    Body(body): Body<SignBody>,
 ) -> Answer {
     let format = signature_format(body.format.as_deref())?;
     let data = body.data.decode("data")?;
@@ -220,7 +221,7 @@ async fn verify(
     axum::extract::State(state): axum::extract::State<State>,
     Caller(client): Caller,
     Path(id): Path<String>,
-    Json(body): Json<VerifyBody>,
+    Body(body): Body<VerifyBody>,
 ) -> Answer {
     let format = signature_format(body.format.as_deref())?;
     let (data, signature) = (
@@ -251,7 +252,7 @@ async fn encrypt(
     axum::extract::State(state): axum::extract::State<State>,
     Caller(client): Caller,
     Path(id): Path<String>,
-    Json(body): Json<EncryptBody>,
+    Body(body): Body<EncryptBody>,
 ) -> Answer {
     let (plaintext, aad) = (body.plaintext.decode("plaintext")?, body.aad.decode("aad")?);
     visible(&state, &client, Operation::Encrypt, &id).await?;
@@ -271,7 +272,7 @@ async fn decrypt(
     axum::extract::State(state): axum::extract::State<State>,
     Caller(client): Caller,
     Path(id): Path<String>,
-    Json(body): Json<DecryptBody>,
+    Body(body): Body<DecryptBody>,
 ) -> Answer {
     let (envelope, aad) = (body.envelope.decode("envelope")?, body.aad.decode("aad")?);
     visible(&state, &client, Operation::Decrypt, &id).await?;
@@ -285,7 +286,7 @@ struct RandomBody {
     bytes: usize,
 }
 
-async fn random(Caller(client): Caller, Json(body): Json<RandomBody>) -> Answer {
+async fn random(Caller(client): Caller, Body(body): Body<RandomBody>) -> Answer {
     client.may(Operation::Random)?;
     let data = crate::keystore::random_bytes(body.bytes)?;
     Ok(Json(json!({ "data": b64(&data) })))
