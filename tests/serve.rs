@@ -11,7 +11,7 @@ mod support;
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
-use std::process::{Child, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use base64::Engine;
@@ -329,6 +329,88 @@ fn a_connection_from_no_configured_client_is_401_and_bad_bodies_are_4xx() {
     assert_eq!(server.ask("GET", "/v1/health", None).0, 200);
     let (status, _) = server.ask("GET", "/elsewhere", None);
     assert_eq!(status, 400);
+}
+
+/// Review (serve, first): a key of another namespace is not looked up at all, so its due
+/// schedule is not run by a client that does not see it; a wrong method and an unknown path are
+/// JSON errors, and only for a client.
+#[test]
+fn a_key_the_client_does_not_see_is_not_touched_and_every_refusal_is_json() {
+    let env = env();
+    let theirs = env.create_key(
+        "theirs",
+        "hmac-sha256",
+        &["--namespace", "other", "--rotate-after", "1s"],
+    );
+    std::thread::sleep(Duration::from_millis(1100));
+    let server = Server::start(&env, &client("\"app\"", ""));
+    let (status, _) = server.ask(
+        "POST",
+        &format!("/v1/keys/{theirs}/sign"),
+        Some(&json!({"data": b64(b"m")})),
+    );
+    assert_eq!(status, 404);
+    // Read from the database itself: `key show` would run the due rotation.
+    let db = rusqlite::Connection::open(env.database_file()).unwrap();
+    let later: i64 = db
+        .query_row("SELECT count(*) FROM key_versions", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(
+        later, 0,
+        "the other namespace's key was rotated by the request"
+    );
+    let (status, err) = server.ask("GET", "/v1/random", None);
+    assert_eq!(
+        (status, &err["error"]["code"]),
+        (405, &json!("method_not_allowed"))
+    );
+    let (status, err) = server.ask("GET", "/v1/keys/%FF%FE/public", None);
+    assert!(
+        (400..500).contains(&status) && err["error"]["code"].is_string(),
+        "{err}"
+    );
+}
+
+/// The socket answers any local user's connection, and the service tells users apart by their
+/// peer credentials: a configured client of another uid (`nobody`, through setpriv) is served.
+#[test]
+fn another_user_s_configured_client_is_served_over_the_socket() {
+    let setpriv = require_tool("setpriv", "util-linux: it runs the client as another user");
+    let curl = require_tool(
+        "curl",
+        "it speaks HTTP over a Unix socket as the other user",
+    );
+    let env = env();
+    use std::os::unix::fs::PermissionsExt;
+    // The socket's directory must let the other user reach the socket.
+    let dir = env.file("keyhold.sock").parent().unwrap().to_path_buf();
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let server = Server::start(
+        &env,
+        "[clients.nobody]\nuid = 65534\nnamespaces = [\"app\"]\n",
+    );
+    let mode = std::fs::metadata(&server.socket)
+        .unwrap()
+        .permissions()
+        .mode()
+        & 0o777;
+    assert_eq!(mode, 0o666);
+    let out = Command::new(setpriv)
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(curl)
+        .args(["-s", "--unix-socket"])
+        .arg(&server.socket)
+        .arg("http://keyhold/v1/health")
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        r#"{"client":"nobody","status":"ok"}"#,
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // This process (root) is no client of it.
+    assert_eq!(server.ask("GET", "/v1/health", None).0, 401);
 }
 
 #[test]

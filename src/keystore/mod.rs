@@ -689,6 +689,15 @@ impl Keystore {
         None
     }
 
+    /// The fields of `id`, an ID this store issued, authenticated (its MAC checked) without
+    /// reading the store: which namespace a key is in, before anything about it is looked up.
+    ///
+    /// # Errors
+    /// [`Error::KeyIdAuthentication`] for an ID that is malformed, changed, or another store's.
+    pub fn authenticate_id(&self, id: &str) -> Result<KeyIdFields> {
+        self.ids.decode(id)
+    }
+
     /// The info of the key `id`, after the work its schedule makes due now (so that it tells the
     /// key as it is: activated, expired, rotated or destroyed on time).
     ///

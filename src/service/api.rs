@@ -59,6 +59,15 @@ impl ApiError {
         self.status == StatusCode::NOT_FOUND
     }
 
+    /// 405: the path takes other methods.
+    pub fn method_not_allowed() -> Self {
+        Self {
+            status: StatusCode::METHOD_NOT_ALLOWED,
+            code: "method_not_allowed",
+            message: "this path does not take that method (docs/service.md)".into(),
+        }
+    }
+
     /// 500: the service itself failed (a task that did not finish).
     pub fn internal(message: String) -> Self {
         Self {
@@ -136,6 +145,24 @@ where
                 message: rejection.body_text(),
             }),
         }
+    }
+}
+
+/// The `{id}` of a key's path; a path that cannot be read is answered as every error is.
+#[derive(Debug)]
+pub struct KeyId(pub String);
+
+impl<S: Send + Sync> axum::extract::FromRequestParts<S> for KeyId {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        state: &S,
+    ) -> Result<Self, Self::Rejection> {
+        axum::extract::Path::<String>::from_request_parts(parts, state)
+            .await
+            .map(|axum::extract::Path(id)| Self(id))
+            .map_err(|e| ApiError::bad_request(e.body_text()))
     }
 }
 

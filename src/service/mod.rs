@@ -27,7 +27,7 @@ pub const MAX_BODY: usize = crate::MAX_INPUT / 3 * 4 + 64 * 1024;
 /// Where the service listens.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Listen {
-    /// A Unix socket at this path (made 0600; its directory must exist).
+    /// A Unix socket at this path (its directory must exist).
     Unix(PathBuf),
 }
 
@@ -94,8 +94,10 @@ pub fn serve(
     })
 }
 
-/// Listens on a new socket at `path`, 0600: a socket left by a service that ended is replaced;
-/// one that answers is another service's, and refused.
+/// Listens on a new socket at `path`: a socket left by a service that ended is replaced; one
+/// that answers is another service's, and refused. The socket is 0666: connecting to a Unix
+/// socket takes write permission on it, and every connection is authenticated by its peer
+/// credentials (its user must be a configured client), not by the file's mode.
 fn bind_unix(path: &Path) -> Result<tokio::net::UnixListener> {
     use std::os::unix::fs::{FileTypeExt, PermissionsExt};
     if let Ok(meta) = std::fs::symlink_metadata(path) {
@@ -115,8 +117,8 @@ fn bind_unix(path: &Path) -> Result<tokio::net::UnixListener> {
     }
     let listener =
         tokio::net::UnixListener::bind(path).map_err(|e| io_error("make the socket", e))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-        .map_err(|e| io_error("make the socket private (0600)", e))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666))
+        .map_err(|e| io_error("open the socket to every local user (0666)", e))?;
     Ok(listener)
 }
 

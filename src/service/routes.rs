@@ -3,13 +3,13 @@
 
 use std::sync::Arc;
 
-use axum::extract::{DefaultBodyLimit, Path, Query};
+use axum::extract::{DefaultBodyLimit, Query};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use super::api::{b64, ApiError, Body, B64};
+use super::api::{b64, ApiError, Body, KeyId, B64};
 use super::auth::{Caller, Client, Clients};
 use crate::config::Operation;
 use crate::keystore::{KeyInfo, KeyRequest, Keystore};
@@ -42,9 +42,10 @@ pub fn router(state: State) -> Router {
         .route("/v1/keys/{id}/encrypt", post(encrypt))
         .route("/v1/keys/{id}/decrypt", post(decrypt))
         .route("/v1/random", post(random))
-        .fallback(|| async {
+        .fallback(|_: Caller| async {
             ApiError::bad_request("no such endpoint: the service's paths begin /v1/".into())
         })
+        .method_not_allowed_fallback(|_: Caller| async { ApiError::method_not_allowed() })
         .layer(DefaultBodyLimit::max(super::MAX_BODY))
         .with_state(state)
 }
@@ -62,7 +63,9 @@ async fn blocking<T: Send + 'static>(
 }
 
 /// The key `id` if the caller may do `operation` and sees its namespace; a key it does not see
-/// is answered as one that does not exist.
+/// is answered as one that does not exist. The namespace is the ID's, authenticated without
+/// reading the store: nothing about a key the caller does not see is looked up (no due work
+/// run, no device asked, no other error told).
 async fn visible(
     state: &State,
     client: &Client,
@@ -70,6 +73,10 @@ async fn visible(
     id: &str,
 ) -> Result<KeyInfo, ApiError> {
     client.may(operation)?;
+    let fields = state.keystore.authenticate_id(id)?;
+    if !client.sees(&fields.namespace) {
+        return Err(ApiError::no_such_key());
+    }
     let owned = id.to_owned();
     let info = blocking(state, move |ks| ks.key_info(&owned))
         .await
@@ -77,11 +84,7 @@ async fn visible(
             true => ApiError::no_such_key(),
             false => e,
         })?;
-    if client.sees(&info.namespace) {
-        Ok(info)
-    } else {
-        Err(ApiError::no_such_key())
-    }
+    Ok(info)
 }
 
 async fn health(Caller(client): Caller) -> Answer {
@@ -161,7 +164,7 @@ async fn create(
 async fn show(
     axum::extract::State(state): axum::extract::State<State>,
     Caller(client): Caller,
-    Path(id): Path<String>,
+    KeyId(id): KeyId,
 ) -> Answer {
     let info = visible(&state, &client, Operation::Show, &id).await?;
     Ok(Json(info.to_json()))
@@ -170,7 +173,7 @@ async fn show(
 async fn public(
     axum::extract::State(state): axum::extract::State<State>,
     Caller(client): Caller,
-    Path(id): Path<String>,
+    KeyId(id): KeyId,
 ) -> Answer {
     visible(&state, &client, Operation::Pubkey, &id).await?;
     let key = blocking(&state, move |ks| ks.public_key(&id)).await?;
@@ -198,7 +201,7 @@ fn signature_format(format: Option<&str>) -> Result<SignatureFormat, ApiError> {
 async fn sign(
     axum::extract::State(state): axum::extract::State<State>,
     Caller(client): Caller,
-    Path(id): Path<String>,
+    KeyId(id): KeyId,
     Body(body): Body<SignBody>,
 ) -> Answer {
     let format = signature_format(body.format.as_deref())?;
@@ -220,7 +223,7 @@ struct VerifyBody {
 async fn verify(
     axum::extract::State(state): axum::extract::State<State>,
     Caller(client): Caller,
-    Path(id): Path<String>,
+    KeyId(id): KeyId,
     Body(body): Body<VerifyBody>,
 ) -> Answer {
     let format = signature_format(body.format.as_deref())?;
@@ -251,7 +254,7 @@ struct EncryptBody {
 async fn encrypt(
     axum::extract::State(state): axum::extract::State<State>,
     Caller(client): Caller,
-    Path(id): Path<String>,
+    KeyId(id): KeyId,
     Body(body): Body<EncryptBody>,
 ) -> Answer {
     let (plaintext, aad) = (body.plaintext.decode("plaintext")?, body.aad.decode("aad")?);
@@ -271,7 +274,7 @@ struct DecryptBody {
 async fn decrypt(
     axum::extract::State(state): axum::extract::State<State>,
     Caller(client): Caller,
-    Path(id): Path<String>,
+    KeyId(id): KeyId,
     Body(body): Body<DecryptBody>,
 ) -> Answer {
     let (envelope, aad) = (body.envelope.decode("envelope")?, body.aad.decode("aad")?);
