@@ -6,7 +6,7 @@
 
 mod support;
 
-use keyhold::{Error, KeyType, Keystore, SignatureFormat, Transition};
+use keyhold::{Error, KeyInfo, KeyType, Keystore, SignatureFormat, Transition};
 use support::{sealer, TestStore, PASSPHRASE};
 
 const DER: SignatureFormat = SignatureFormat::Der;
@@ -197,13 +197,19 @@ fn a_duplicated_row_is_refused() {
     refused(&t, &["key `default/victim`", "duplicated"]);
 }
 
+/// Keys `victim` and `other` made, the database copied to `old.db`, then `victim` destroyed.
+fn destroyed_after_a_copy(t: &TestStore) -> (KeyInfo, KeyInfo, std::path::PathBuf) {
+    let victim = t.create("victim", KeyType::Ed25519, None);
+    let other = t.create("other", KeyType::Ed25519, None);
+    let old = copy_db(t, "old.db");
+    t.ks.destroy_key(&victim.id).unwrap();
+    (victim, other, old)
+}
+
 #[test]
 fn a_key_rolled_back_together_with_its_digest_is_detected() {
     let t = TestStore::new();
-    let key = t.create("victim", KeyType::Ed25519, None);
-    let other = t.create("other", KeyType::Ed25519, None);
-    let old = copy_db(&t, "old.db");
-    t.ks.destroy_key(&key.id).unwrap();
+    let (key, other, old) = destroyed_after_a_copy(&t);
     let uuid = uuid_hex(&t, "victim");
     // Every row of the key and its digest, as the older copy had them; the state is today's.
     sql(
@@ -488,10 +494,7 @@ fn an_anchor_file_with_an_absurd_generation_is_ignored() {
 #[test]
 fn an_open_keystore_refuses_a_destroyed_key_put_back_at_its_next_use() {
     let t = TestStore::new();
-    let victim = t.create("victim", KeyType::Ed25519, None);
-    let other = t.create("other", KeyType::Ed25519, None);
-    let old = copy_db(&t, "old.db");
-    t.ks.destroy_key(&victim.id).unwrap();
+    let (victim, other, old) = destroyed_after_a_copy(&t);
     sql(
         &t,
         &format!(

@@ -54,11 +54,6 @@ impl ApiError {
         }
     }
 
-    /// Whether it is a 404 (the key does not exist).
-    pub fn is_not_found(&self) -> bool {
-        self.status == StatusCode::NOT_FOUND
-    }
-
     /// 405: the path takes other methods.
     pub fn method_not_allowed() -> Self {
         Self {

@@ -78,12 +78,8 @@ async fn visible(
         return Err(ApiError::no_such_key());
     }
     let owned = id.to_owned();
-    let info = blocking(state, move |ks| ks.key_info(&owned))
-        .await
-        .map_err(|e| match e.is_not_found() {
-            true => ApiError::no_such_key(),
-            false => e,
-        })?;
+    // A key that does not exist is answered as `ApiError::no_such_key` by the conversion.
+    let info = blocking(state, move |ks| ks.key_info(&owned)).await?;
     Ok(info)
 }
 

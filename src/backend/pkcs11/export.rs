@@ -274,7 +274,8 @@ fn wrap_refusal(e: &(dyn std::error::Error + Send + Sync + 'static)) -> Option<&
     }
 }
 
-#[cfg(all(test, feature = "testing"))]
+#[cfg(test)]
+#[cfg(feature = "testing")]
 mod tests {
     use super::*;
     use crate::testing::OpenCryptoki;
