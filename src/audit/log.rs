@@ -155,6 +155,7 @@ impl AuditLog {
                         namespace: None,
                         outcome: "cut_short_line_dropped",
                         caller: first,
+                        client: None,
                     },
                     first_time,
                 ));
@@ -237,6 +238,8 @@ impl AuditLog {
             namespace: Option<&'a str>,
             outcome: &'a str,
             caller: &'a Caller,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            client: Option<&'a str>,
             prev: &'a str,
         }
         let prev = crate::hex::encode(prev);
@@ -249,6 +252,7 @@ impl AuditLog {
             namespace: event.namespace,
             outcome: event.outcome,
             caller: &event.caller,
+            client: event.client,
             prev: &prev,
         };
         // Encoding keyhold's own plain structs cannot fail; the error is mapped all the same.

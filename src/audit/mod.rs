@@ -31,6 +31,36 @@ pub(crate) use log::lock_exclusive;
 pub use log::AuditLog;
 pub use sink::{AuditSink, KeyUse, Record, DEFAULT_WINDOW};
 
+use std::cell::RefCell;
+use std::sync::Arc;
+
+thread_local! {
+    /// The service's client this thread works for, if any (see [`on_behalf_of`]).
+    static CLIENT: RefCell<Option<Arc<str>>> = const { RefCell::new(None) };
+}
+
+/// Runs `f` on behalf of the service's client `client`: every audit entry `f` makes on this
+/// thread names it (`"client"`). The service runs each request's keystore calls so; the keystore
+/// API stays free of who asks, and an entry made outside such a call names no client.
+pub fn on_behalf_of<T>(client: &Arc<str>, f: impl FnOnce() -> T) -> T {
+    /// Puts back what was there when dropped, also when `f` panics.
+    struct Restore(Option<Arc<str>>);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            let before = self.0.take();
+            CLIENT.with(|c| *c.borrow_mut() = before);
+        }
+    }
+    let before = CLIENT.with(|c| c.borrow_mut().replace(Arc::clone(client)));
+    let _restore = Restore(before);
+    f()
+}
+
+/// The client the current thread works for ([`on_behalf_of`]), if any.
+pub(crate) fn current_client() -> Option<Arc<str>> {
+    CLIENT.with(|c| c.borrow().clone())
+}
+
 /// The audit log's file name in the store directory.
 pub const FILE: &str = "audit.log";
 
@@ -68,6 +98,8 @@ pub struct Event<'a> {
     pub outcome: &'static str,
     /// Who asked.
     pub caller: Caller,
+    /// The service's client it asked for, if it asked through `keyhold serve`.
+    pub client: Option<&'a str>,
 }
 
 /// An entry as written and read back.
@@ -89,6 +121,9 @@ pub struct Entry {
     pub outcome: String,
     /// See [`Event::caller`].
     pub caller: Caller,
+    /// See [`Event::client`]; absent from entries made outside the service.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client: Option<String>,
     /// Lowercase hex SHA-256 of the whole previous line (without its newline).
     pub prev: String,
 }
@@ -135,6 +170,7 @@ mod test_support {
             namespace: Some("default"),
             outcome,
             caller: Caller::this_process(),
+            client: None,
         }
     }
 

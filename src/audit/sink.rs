@@ -22,6 +22,8 @@ pub struct Record<'a> {
     pub namespace: Option<&'a str>,
     /// `ok`, or the error's kind ([`Error::kind`]).
     pub outcome: &'static str,
+    /// The service's client it was done for, if any ([`super::on_behalf_of`]).
+    pub client: Option<&'a str>,
 }
 
 /// A key use, as the keystore states it to [`AuditSink::key_use`]: owned and small, so that
@@ -38,6 +40,8 @@ pub struct KeyUse {
     pub namespace: Option<Arc<str>>,
     /// `ok`, or the error's kind ([`Error::kind`]).
     pub outcome: &'static str,
+    /// The service's client it was done for, if any ([`super::on_behalf_of`]).
+    pub client: Option<Arc<str>>,
 }
 
 /// How long key uses may wait in memory before they are written, unless configured otherwise.
@@ -193,6 +197,7 @@ impl AuditSink {
             namespace: record.namespace,
             outcome: record.outcome,
             caller: shared.caller,
+            client: record.client,
         };
         shared.write(Some((event, crate::time::now())))
     }
@@ -315,6 +320,7 @@ impl Shared {
                 namespace: u.namespace.as_deref(),
                 outcome: u.outcome,
                 caller: self.caller,
+                client: u.client.as_deref(),
             };
             (event, *time)
         });
@@ -369,6 +375,7 @@ mod tests {
             version: Some(1),
             namespace: Some(Arc::from("default")),
             outcome: "ok",
+            client: None,
         }
     }
 
@@ -395,6 +402,7 @@ mod tests {
                 version: Some(1),
                 namespace: Some("default"),
                 outcome: "ok",
+                client: None,
             })
             .unwrap();
         assert_eq!(seq.map(|h| h.seq), Some(4), "written after the three uses");
@@ -500,6 +508,7 @@ mod tests {
                                 version: Some(1),
                                 namespace: None,
                                 outcome: "ok",
+                                client: None,
                             })
                             .unwrap();
                         }
@@ -571,6 +580,7 @@ mod tests {
                 version: None,
                 namespace: None,
                 outcome: "ok",
+                client: None,
             })
             .unwrap(),
             None

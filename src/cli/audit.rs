@@ -92,13 +92,19 @@ fn show(ctx: &Context, args: &ShowArgs) -> CmdResult {
     io::write_output(None, out.as_bytes())
 }
 
-/// `TIME seq=N OPERATION outcome=… namespace=… version=… uid=… pid=… key=…` (`-` for none).
+/// `TIME seq=N OPERATION outcome=… namespace=… version=… uid=… pid=…[ client=…] key=…` (`-` for
+/// none; `client=` only for what the service did for a client).
 fn entry_line(e: &Entry) -> String {
     let or_dash = |v: Option<&str>| v.unwrap_or("-").to_owned();
+    let client = e
+        .client
+        .as_deref()
+        .map(|c| format!(" client={c}"))
+        .unwrap_or_default();
     // Entries are MAC'd, but a MAC says who wrote them, not that their text is harmless to a
     // terminal.
     io::terminal_safe(&format!(
-        "{} seq={} {} outcome={} namespace={} version={} uid={} pid={} key={}",
+        "{} seq={} {} outcome={} namespace={} version={} uid={} pid={}{client} key={}",
         format_utc(e.time),
         e.seq,
         e.operation,
@@ -121,6 +127,7 @@ fn entry_json(e: &Entry) -> serde_json::Value {
         "namespace": e.namespace,
         "outcome": e.outcome,
         "caller": { "uid": e.caller.uid, "pid": e.caller.pid },
+        "client": e.client,
         "prev": e.prev,
     })
 }

@@ -4,9 +4,9 @@
 
 use clap::Args;
 use keyhold::time::format_utc;
-use keyhold::{KeyInfo, PolicyChange, Transition};
+use keyhold::{KeyInfo, PolicyText, Transition};
 
-use super::key::{duration_text, info_json, KeyArg};
+use super::key::{info_json, KeyArg};
 use super::select::KeySelector;
 use super::{io, CmdResult, Context, Failure};
 
@@ -186,23 +186,12 @@ pub fn cancel_destroy(ctx: &Context, args: &ReasonArgs) -> CmdResult {
     report(ctx, &info, &text)
 }
 
-/// `never` for the settings that can be turned off, else what `parse` makes of the text.
-fn or_never<T>(
-    text: &str,
-    parse: impl FnOnce(&str) -> keyhold::Result<T>,
-) -> keyhold::Result<Option<T>> {
-    if text.trim() == "never" {
-        Ok(None)
-    } else {
-        parse(text).map(Some)
-    }
-}
-
 pub fn set(ctx: &Context, args: &SetArgs) -> CmdResult {
     args.key.check()?;
     // Every value is checked before the store is opened; times `+DURATION` count from when the
     // store is open (unsealing may take seconds), so the policy is made again then.
-    let (_, said) = policy_of(args, keyhold::time::now())?;
+    let text = policy_text(args);
+    let (_, said) = text.parse(keyhold::time::now())?;
     if said.is_empty() {
         return Err(Failure::Usage(
             "nothing to set: pass --rotate-after, --deactivate-at, --activate-at or \
@@ -212,48 +201,20 @@ pub fn set(ctx: &Context, args: &SetArgs) -> CmdResult {
     }
     let ks = io::open_keystore(ctx)?;
     let id = args.key.resolve(ctx, &ks)?;
-    let (policy, said) = policy_of(args, keyhold::time::now())?;
+    let (policy, said) = text.parse(keyhold::time::now())?;
     let info = ks.set_policy(&id, &policy, args.reason.as_deref())?;
     let text = format!("updated {}: {}", label(&info), said.join(", "));
     report(ctx, &info, &text)
 }
 
-/// The change `key set` asks for, with times counted from `now`, and how to say each part.
-fn policy_of(args: &SetArgs, now: i64) -> keyhold::Result<(PolicyChange, Vec<String>)> {
-    let instant = |t: &str| keyhold::time::parse_instant(t, now);
-    let mut policy = PolicyChange::new();
-    let mut said = Vec::new();
-    if let Some(text) = &args.rotate_after {
-        let after = or_never(text, keyhold::time::parse_duration)?;
-        let secs = after.map(keyhold::time::duration_secs).transpose()?;
-        said.push(format!("rotate after {}", duration_text(secs)));
-        policy = policy.rotate_after(after);
+/// The change `key set` asks for, as the library reads it.
+fn policy_text(args: &SetArgs) -> PolicyText {
+    PolicyText {
+        rotate_after: args.rotate_after.clone(),
+        deactivate_at: args.deactivate_at.clone(),
+        activate_at: args.activate_at.clone(),
+        min_decrypt_version: args.min_decrypt_version,
     }
-    if let Some(text) = &args.deactivate_at {
-        let at = or_never(text, instant)?;
-        said.push(format!(
-            "deactivate at {}",
-            at.map_or("never".into(), format_utc)
-        ));
-        policy = policy.deactivate_at(at);
-    }
-    if let Some(text) = &args.activate_at {
-        let at = if text.trim() == "now" {
-            None
-        } else {
-            Some(instant(text)?)
-        };
-        said.push(format!(
-            "activate at {}",
-            at.map_or("now".into(), format_utc)
-        ));
-        policy = policy.activate_at(at);
-    }
-    if let Some(min) = args.min_decrypt_version {
-        said.push(format!("min decrypt version {min}"));
-        policy = policy.min_decrypt_version(min);
-    }
-    Ok((policy, said))
 }
 
 pub fn history(ctx: &Context, args: &KeyArg) -> CmdResult {
@@ -263,20 +224,7 @@ pub fn history(ctx: &Context, args: &KeyArg) -> CmdResult {
     let events = ks.history(&id)?;
     if ctx.json {
         return io::print_json(&serde_json::Value::Array(
-            events
-                .iter()
-                .map(|e| {
-                    serde_json::json!({
-                        "seq": e.seq,
-                        "at": format_utc(e.at),
-                        "event": e.event,
-                        "from": e.from,
-                        "to": e.to,
-                        "version": e.version,
-                        "reason": e.reason,
-                    })
-                })
-                .collect(),
+            events.iter().map(keyhold::KeyEvent::to_json).collect(),
         ));
     }
     let mut out = String::new();

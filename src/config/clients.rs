@@ -26,11 +26,14 @@ pub struct ClientConfig {
 }
 
 impl ClientConfig {
-    /// Whether the client may do `operation`.
+    /// Whether the client may do `operation`: one of its `operations`, or, when it has no such
+    /// list, any but those that see past its namespaces (`admin`, `metrics`), which are granted
+    /// by name only.
     pub fn may(&self, operation: Operation) -> bool {
-        self.operations
-            .as_ref()
-            .is_none_or(|allowed| allowed.contains(&operation))
+        match &self.operations {
+            Some(allowed) => allowed.contains(&operation),
+            None => !matches!(operation, Operation::Admin | Operation::Metrics),
+        }
     }
 
     /// Whether the client sees the keys of `namespace`.
@@ -41,7 +44,7 @@ impl ClientConfig {
 
 /// What a client asks the service to do.
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Hash)]
-#[serde(rename_all = "lowercase")]
+#[serde(rename_all = "kebab-case")]
 #[non_exhaustive]
 pub enum Operation {
     /// Make a key.
@@ -62,6 +65,30 @@ pub enum Operation {
     Decrypt,
     /// Random bytes.
     Random,
+    /// Compute a MAC.
+    Mac,
+    /// Check a MAC.
+    MacVerify,
+    /// Re-encrypt an envelope under the key's newest version.
+    Rewrap,
+    /// Make a data key and have it both in plaintext and wrapped (envelope encryption).
+    Datakey,
+    /// Make a data key and have it wrapped only: the plaintext never leaves the service.
+    DatakeyWrapped,
+    /// Rotate a key.
+    Rotate,
+    /// Suspend, resume, deactivate or mark compromised a key.
+    State,
+    /// Schedule, cancel or carry out a key's destruction.
+    Destroy,
+    /// Change a key's schedule or version policy.
+    Policy,
+    /// Read a key's history.
+    History,
+    /// Read the service's metrics.
+    Metrics,
+    /// List the service's clients.
+    Admin,
 }
 
 impl Operation {
@@ -77,6 +104,18 @@ impl Operation {
             Self::Encrypt => "encrypt",
             Self::Decrypt => "decrypt",
             Self::Random => "random",
+            Self::Mac => "mac",
+            Self::MacVerify => "mac-verify",
+            Self::Rewrap => "rewrap",
+            Self::Datakey => "datakey",
+            Self::DatakeyWrapped => "datakey-wrapped",
+            Self::Rotate => "rotate",
+            Self::State => "state",
+            Self::Destroy => "destroy",
+            Self::Policy => "policy",
+            Self::History => "history",
+            Self::Metrics => "metrics",
+            Self::Admin => "admin",
         }
     }
 }

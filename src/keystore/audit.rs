@@ -160,6 +160,7 @@ impl Keystore {
                 version: None,
                 namespace: None,
                 outcome: "ok",
+                client: crate::audit::current_client().as_deref(),
             })
             .map(drop)
     }
@@ -187,6 +188,7 @@ impl Keystore {
             version,
             namespace: names.map(|n| n.namespace),
             outcome,
+            client: crate::audit::current_client(),
         });
     }
 
@@ -203,6 +205,7 @@ impl Keystore {
             version: None,
             namespace: genuine.map(|f| Arc::from(f.namespace)),
             outcome: error.kind(),
+            client: crate::audit::current_client(),
         });
     }
 
@@ -223,6 +226,7 @@ impl Keystore {
             version: Some(changed.record.version),
             namespace: Some(&changed.record.namespace),
             outcome: "ok",
+            client: crate::audit::current_client().as_deref(),
         })
     }
 
@@ -266,6 +270,7 @@ impl Keystore {
             version: None,
             namespace,
             outcome: error.kind(),
+            client: crate::audit::current_client().as_deref(),
         });
         if let Err(e) = recorded {
             tracing::error!("the audit log could not record a failed {operation}: {e}");

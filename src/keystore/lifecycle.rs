@@ -130,6 +130,78 @@ impl PolicyChange {
     }
 }
 
+/// A [`PolicyChange`] as text, as `keyhold key set` and the service take it: each setting absent
+/// (left as it is) or its text.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyText {
+    /// `DURATION` (`90d`) or `never`.
+    pub rotate_after: Option<String>,
+    /// An RFC 3339 UTC time, `+DURATION` from now, or `never`.
+    pub deactivate_at: Option<String>,
+    /// An RFC 3339 UTC time, `+DURATION` from now, or `now`.
+    pub activate_at: Option<String>,
+    /// From 1 to the key's current version.
+    pub min_decrypt_version: Option<u32>,
+}
+
+impl PolicyText {
+    /// The change, with times counted from `now`, and how to say each part of it (empty: nothing
+    /// to change).
+    ///
+    /// # Errors
+    /// [`Error::InvalidInput`] for a duration or time that cannot be read.
+    pub fn parse(&self, now: i64) -> Result<(PolicyChange, Vec<String>)> {
+        /// `never` for the settings that can be turned off, else what `parse` makes of the text.
+        fn or_never<T>(text: &str, parse: impl FnOnce(&str) -> Result<T>) -> Result<Option<T>> {
+            if text.trim() == "never" {
+                Ok(None)
+            } else {
+                parse(text).map(Some)
+            }
+        }
+        let instant = |t: &str| crate::time::parse_instant(t, now);
+        let mut policy = PolicyChange::new();
+        let mut said = Vec::new();
+        if let Some(text) = &self.rotate_after {
+            let after = or_never(text, crate::time::parse_duration)?;
+            // Checked to fit the store's seconds, and said as they will be kept.
+            let secs = after.map(crate::time::duration_secs).transpose()?;
+            let said_after = match secs.and_then(|s| u64::try_from(s).ok()) {
+                Some(s) => humantime::format_duration(Duration::from_secs(s)).to_string(),
+                None => "never".into(),
+            };
+            said.push(format!("rotate after {said_after}"));
+            policy = policy.rotate_after(after);
+        }
+        if let Some(text) = &self.deactivate_at {
+            let at = or_never(text, instant)?;
+            said.push(format!(
+                "deactivate at {}",
+                at.map_or("never".into(), format_utc)
+            ));
+            policy = policy.deactivate_at(at);
+        }
+        if let Some(text) = &self.activate_at {
+            let at = if text.trim() == "now" {
+                None
+            } else {
+                Some(instant(text)?)
+            };
+            said.push(format!(
+                "activate at {}",
+                at.map_or("now".into(), format_utc)
+            ));
+            policy = policy.activate_at(at);
+        }
+        if let Some(min) = self.min_decrypt_version {
+            said.push(format!("min decrypt version {min}"));
+            policy = policy.min_decrypt_version(min);
+        }
+        Ok((policy, said))
+    }
+}
+
 /// One entry of a key's history.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KeyEvent {
@@ -149,6 +221,21 @@ pub struct KeyEvent {
     pub version: u32,
     /// Why: the operator's words, or what keyhold did on its own (`rotate-after reached`).
     pub reason: Option<String>,
+}
+
+impl KeyEvent {
+    /// The entry as JSON (docs/cli.md, `key history --json`), its time in UTC.
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "seq": self.seq,
+            "at": format_utc(self.at),
+            "event": self.event,
+            "from": self.from,
+            "to": self.to,
+            "version": self.version,
+            "reason": self.reason,
+        })
+    }
 }
 
 /// Something [`Keystore::maintain`] (or a command's due work) did.

@@ -40,7 +40,7 @@ pub use doctor::{BackendHealth, Doctor, MissingKey, Orphan, UncheckedKey};
 pub(crate) use envelope::oaep_label;
 use key_id::KeyIdCodec;
 pub use key_id::{KeyIdFields, PREFIX as KEY_ID_PREFIX};
-pub use lifecycle::{Done, KeyEvent, Maintenance, PolicyChange, Transition};
+pub use lifecycle::{Done, KeyEvent, Maintenance, PolicyChange, PolicyText, Transition};
 pub use ops::{UseOptions, Used};
 use registry::build_backends;
 use resolve::ResolvedCache;

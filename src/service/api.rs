@@ -6,6 +6,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use base64::Engine;
 use serde::Deserialize;
+use zeroize::Zeroizing;
 
 use crate::error::Error;
 
@@ -50,6 +51,61 @@ impl ApiError {
         Self {
             status: StatusCode::BAD_REQUEST,
             code: "invalid_input",
+            message,
+        }
+    }
+
+    /// 404: a path the service does not have.
+    pub fn no_endpoint(message: String) -> Self {
+        Self {
+            status: StatusCode::NOT_FOUND,
+            code: "no_such_endpoint",
+            message,
+        }
+    }
+
+    /// A JSON body that cannot be read: 400 if it is not JSON, 422 if it does not say what the
+    /// operation needs (a field missing, of the wrong type, or unknown), as axum's extractor.
+    pub fn body(e: &serde_json::Error) -> Self {
+        use serde_json::error::Category;
+        let status = match e.classify() {
+            Category::Data => StatusCode::UNPROCESSABLE_ENTITY,
+            Category::Io | Category::Syntax | Category::Eof => StatusCode::BAD_REQUEST,
+        };
+        Self {
+            status,
+            code: "invalid_input",
+            message: format!("the request's JSON body: {e}"),
+        }
+    }
+
+    /// Its HTTP status.
+    pub fn status(&self) -> StatusCode {
+        self.status
+    }
+
+    /// Its error code (`no_such_key`, `forbidden`, …).
+    pub fn code(&self) -> &'static str {
+        self.code
+    }
+
+    /// `{"error":{"code","message"}}`.
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "error": { "code": self.code, "message": self.message }
+        })
+    }
+
+    /// An axum rejection of the request (its body unreadable, too large, of another type),
+    /// with axum's status and message.
+    pub fn rejection(status: StatusCode, message: String) -> Self {
+        Self {
+            status,
+            code: if status == StatusCode::PAYLOAD_TOO_LARGE {
+                "too_large"
+            } else {
+                "invalid_input"
+            },
             message,
         }
     }
@@ -105,10 +161,7 @@ impl From<Error> for ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let body = serde_json::json!({
-            "error": { "code": self.code, "message": self.message }
-        });
-        (self.status, Json(body)).into_response()
+        (self.status, Json(self.to_json())).into_response()
     }
 }
 
@@ -130,47 +183,60 @@ where
     ) -> Result<Self, Self::Rejection> {
         match Json::<T>::from_request(request, state).await {
             Ok(Json(value)) => Ok(Self(value)),
-            Err(rejection) => Err(ApiError {
-                status: rejection.status(),
-                code: if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
-                    "too_large"
-                } else {
-                    "invalid_input"
-                },
-                message: rejection.body_text(),
-            }),
+            Err(rejection) => Err(ApiError::rejection(
+                rejection.status(),
+                rejection.body_text(),
+            )),
         }
     }
 }
 
-/// The `{id}` of a key's path; a path that cannot be read is answered as every error is.
+/// The parameters of a path (`{id}`, `{id}/{what}`); a path that cannot be read is answered as
+/// every error is.
 #[derive(Debug)]
-pub struct KeyId(pub String);
+pub struct PathOf<T>(pub T);
 
-impl<S: Send + Sync> axum::extract::FromRequestParts<S> for KeyId {
+impl<S, T> axum::extract::FromRequestParts<S> for PathOf<T>
+where
+    S: Send + Sync,
+    T: serde::de::DeserializeOwned + Send,
+{
     type Rejection = ApiError;
 
     async fn from_request_parts(
         parts: &mut axum::http::request::Parts,
         state: &S,
     ) -> Result<Self, Self::Rejection> {
-        axum::extract::Path::<String>::from_request_parts(parts, state)
+        axum::extract::Path::<T>::from_request_parts(parts, state)
             .await
-            .map(|axum::extract::Path(id)| Self(id))
+            .map(|axum::extract::Path(value)| Self(value))
             .map_err(|e| ApiError::bad_request(e.body_text()))
     }
 }
 
-/// Bytes carried as standard base64 in a JSON string.
-#[derive(Debug, Default, Deserialize)]
-#[serde(transparent)]
-pub struct B64(String);
+/// Bytes carried as standard base64 in a JSON string: a plaintext, perhaps, so the text and
+/// the bytes are zeroized when dropped.
+#[derive(Default)]
+pub struct B64(Zeroizing<String>);
+
+impl<'de> Deserialize<'de> for B64 {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d).map(|text| Self(Zeroizing::new(text)))
+    }
+}
+
+impl std::fmt::Debug for B64 {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "B64({} characters)", self.0.len())
+    }
+}
 
 impl B64 {
     /// The bytes, or 400 naming `field`.
-    pub fn decode(&self, field: &str) -> Result<Vec<u8>, ApiError> {
+    pub fn decode(&self, field: &str) -> Result<Zeroizing<Vec<u8>>, ApiError> {
         base64::engine::general_purpose::STANDARD
-            .decode(&self.0)
+            .decode(self.0.as_bytes())
+            .map(Zeroizing::new)
             .map_err(|e| ApiError::bad_request(format!("`{field}` is not base64: {e}")))
     }
 }

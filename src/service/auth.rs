@@ -68,6 +68,30 @@ impl Clients {
     }
 }
 
+impl Clients {
+    /// The clients as `GET /v1/clients` lists them: name, how it is known, namespaces and
+    /// operations (`null`: every one but `admin` and `metrics`).
+    pub fn to_json(&self) -> serde_json::Value {
+        let mut clients: Vec<(&u32, &Arc<Client>)> = self.by_uid.iter().collect();
+        clients.sort_by(|a, b| a.1.name.cmp(&b.1.name));
+        serde_json::Value::Array(
+            clients
+                .into_iter()
+                .map(|(uid, c)| {
+                    serde_json::json!({
+                        "name": c.name,
+                        "uid": uid,
+                        "namespaces": c.grant.namespaces,
+                        "operations": c.grant.operations.as_ref().map(|ops| {
+                            ops.iter().map(|op| op.as_str()).collect::<Vec<_>>()
+                        }),
+                    })
+                })
+                .collect(),
+        )
+    }
+}
+
 /// A client, authenticated for this request.
 #[derive(Debug)]
 pub struct Client {

@@ -10,6 +10,8 @@
 
 mod api;
 mod auth;
+mod metrics;
+mod ops;
 mod routes;
 
 use std::path::{Path, PathBuf};

@@ -418,3 +418,6 @@ pub fn unhex(hex: &str) -> Vec<u8> {
         .map(|i| u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).unwrap())
         .collect()
 }
+
+#[cfg(feature = "serve")]
+pub mod server;

@@ -1,0 +1,177 @@
+//! The service's metrics, in Prometheus' text format (`GET /v1/metrics`): requests answered by
+//! operation, backend, client and outcome, and their latency as a histogram by operation,
+//! backend and client.
+//!
+//! The label sets are bounded: operations and outcomes are fixed names, backends and clients
+//! come from the configuration (and the store's token clients), so memory does not grow with
+//! traffic. Written by hand: the format is a few lines of text, and a metrics crate would bring
+//! a registry this does not need.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+/// The upper bounds of the latency buckets, in seconds.
+const BUCKETS: [f64; 14] = [
+    0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0,
+];
+
+/// What is counted for one operation on one backend for one client.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+struct Series {
+    operation: &'static str,
+    backend: Arc<str>,
+    client: Arc<str>,
+}
+
+#[derive(Debug, Default)]
+struct Stats {
+    /// Answers by outcome (`ok` or the error's code).
+    outcomes: BTreeMap<&'static str, u64>,
+    /// Answers by latency bucket (not cumulative; the last counts those over every bound).
+    buckets: [u64; BUCKETS.len() + 1],
+    count: u64,
+    sum: f64,
+}
+
+/// The service's counters and histograms.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    series: Mutex<BTreeMap<Series, Stats>>,
+}
+
+impl Metrics {
+    /// Counts one answer to `client` for `operation` on `backend` (`-` for none), its outcome
+    /// (`ok` or the error's code) and how long it took.
+    pub fn record(
+        &self,
+        operation: &'static str,
+        backend: &Arc<str>,
+        client: &Arc<str>,
+        outcome: &'static str,
+        took: Duration,
+    ) {
+        let secs = took.as_secs_f64();
+        let bucket = BUCKETS
+            .iter()
+            .position(|bound| secs <= *bound)
+            .unwrap_or(BUCKETS.len());
+        let mut series = self.series.lock().unwrap_or_else(PoisonError::into_inner);
+        // The names are shared, not copied: a lookup allocates nothing.
+        let stats = series
+            .entry(Series {
+                operation,
+                backend: Arc::clone(backend),
+                client: Arc::clone(client),
+            })
+            .or_default();
+        *stats.outcomes.entry(outcome).or_default() += 1;
+        stats.buckets[bucket] += 1;
+        stats.count += 1;
+        stats.sum += secs;
+    }
+
+    /// Everything counted so far, in Prometheus' text exposition format (version 0.0.4).
+    pub fn render(&self) -> String {
+        let series = self.series.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut out = String::new();
+        out.push_str(
+            "# HELP keyhold_requests_total Requests answered, by operation, backend, client and \
+             outcome (ok, or the error's code).\n# TYPE keyhold_requests_total counter\n",
+        );
+        for (s, stats) in series.iter() {
+            for (outcome, n) in &stats.outcomes {
+                let _ = writeln!(
+                    out,
+                    "keyhold_requests_total{{{},outcome=\"{outcome}\"}} {n}",
+                    labels(s)
+                );
+            }
+        }
+        out.push_str(
+            "# HELP keyhold_request_duration_seconds How long requests took to answer, by \
+             operation, backend and client.\n# TYPE keyhold_request_duration_seconds histogram\n",
+        );
+        for (s, stats) in series.iter() {
+            let labels = labels(s);
+            let mut cumulative = 0;
+            for (bound, n) in BUCKETS.iter().zip(stats.buckets) {
+                cumulative += n;
+                let _ = writeln!(
+                    out,
+                    "keyhold_request_duration_seconds_bucket{{{labels},le=\"{bound}\"}} {cumulative}"
+                );
+            }
+            let _ = writeln!(
+                out,
+                "keyhold_request_duration_seconds_bucket{{{labels},le=\"+Inf\"}} {}\n\
+                 keyhold_request_duration_seconds_sum{{{labels}}} {}\n\
+                 keyhold_request_duration_seconds_count{{{labels}}} {}",
+                stats.count, stats.sum, stats.count
+            );
+        }
+        out
+    }
+}
+
+/// `operation="…",backend="…",client="…"`, escaped as the format asks.
+fn labels(s: &Series) -> String {
+    format!(
+        "operation=\"{}\",backend=\"{}\",client=\"{}\"",
+        escape(s.operation),
+        escape(&s.backend),
+        escape(&s.client)
+    )
+}
+
+fn escape(value: &str) -> String {
+    value
+        .replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counts_outcomes_and_buckets_cumulatively_with_escaped_labels() {
+        let metrics = Metrics::default();
+        let web: Arc<str> = Arc::from("we\"b");
+        let software: Arc<str> = Arc::from("software");
+        metrics.record("sign", &software, &web, "ok", Duration::from_micros(50));
+        metrics.record("sign", &software, &web, "ok", Duration::from_millis(3));
+        metrics.record(
+            "sign",
+            &software,
+            &web,
+            "no_such_key",
+            Duration::from_secs(9),
+        );
+        let text = metrics.render();
+        let labels = r#"operation="sign",backend="software",client="we\"b""#;
+        assert!(text.contains(&format!(
+            "keyhold_requests_total{{{labels},outcome=\"ok\"}} 2\n"
+        )));
+        assert!(text.contains(&format!(
+            "keyhold_requests_total{{{labels},outcome=\"no_such_key\"}} 1\n"
+        )));
+        assert!(text.contains(&format!(
+            "keyhold_request_duration_seconds_bucket{{{labels},le=\"0.0001\"}} 1\n"
+        )));
+        assert!(text.contains(&format!(
+            "keyhold_request_duration_seconds_bucket{{{labels},le=\"0.005\"}} 2\n"
+        )));
+        assert!(text.contains(&format!(
+            "keyhold_request_duration_seconds_bucket{{{labels},le=\"5\"}} 2\n"
+        )));
+        assert!(text.contains(&format!(
+            "keyhold_request_duration_seconds_bucket{{{labels},le=\"+Inf\"}} 3\n"
+        )));
+        assert!(text.contains(&format!(
+            "keyhold_request_duration_seconds_count{{{labels}}} 3\n"
+        )));
+    }
+}

@@ -1,0 +1,418 @@
+//! What a client asks of one key (`POST /v1/keys/{id}/ACTION`, or an item of `/v1/batch`): each
+//! action's body, the operation a client must be granted for it, and running it on the keystore.
+//!
+//! Everything here is synchronous and runs on the blocking pool: reading the JSON body, decoding
+//! its base64, the keystore call, encoding the answer. Plaintexts and data keys are zeroized once
+//! answered; the HTTP layer's own buffers (the request as read, the answer as written) are not.
+
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
+use serde_json::{json, Value};
+use zeroize::Zeroizing;
+
+use super::api::{b64, ApiError, B64};
+use crate::config::Operation;
+use crate::key::KeyState;
+use crate::keystore::{Keystore, PolicyText, Transition, UseOptions, Used};
+use crate::SignatureFormat;
+
+/// The bytes of a data key: AES-256.
+const DATA_KEY_BYTES: usize = 32;
+
+/// How long `destroy` waits unless told (as `keyhold key destroy`).
+const DEFAULT_DESTROY_AFTER: &str = "7d";
+
+/// An action on a key, by the last segment of its path (or a batch item's `op`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    Sign,
+    Verify,
+    Encrypt,
+    Decrypt,
+    Rewrap,
+    Mac,
+    MacVerify,
+    Datakey,
+    DatakeyWrapped,
+    Rotate,
+    State(Transition),
+    Destroy,
+    CancelDestroy,
+    Policy,
+}
+
+impl Action {
+    /// Every action, for the names.
+    const ALL: [Action; 17] = [
+        Self::Sign,
+        Self::Verify,
+        Self::Encrypt,
+        Self::Decrypt,
+        Self::Rewrap,
+        Self::Mac,
+        Self::MacVerify,
+        Self::Datakey,
+        Self::DatakeyWrapped,
+        Self::Rotate,
+        Self::State(Transition::Suspend),
+        Self::State(Transition::Resume),
+        Self::State(Transition::Deactivate),
+        Self::State(Transition::Compromise),
+        Self::Destroy,
+        Self::CancelDestroy,
+        Self::Policy,
+    ];
+
+    /// The action called `name`, or 404 naming those there are.
+    pub fn parse(name: &str) -> Result<Self, ApiError> {
+        Self::ALL
+            .into_iter()
+            .find(|a| a.name() == name)
+            .ok_or_else(|| {
+                let names: Vec<&str> = Self::ALL.iter().map(|a| a.name()).collect();
+                ApiError::no_endpoint(format!(
+                    "no key action `{name}`: the actions are {}",
+                    names.join(", ")
+                ))
+            })
+    }
+
+    /// Its name in paths and batches.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Sign => "sign",
+            Self::Verify => "verify",
+            Self::Encrypt => "encrypt",
+            Self::Decrypt => "decrypt",
+            Self::Rewrap => "rewrap",
+            Self::Mac => "mac",
+            Self::MacVerify => "mac-verify",
+            Self::Datakey => "datakey",
+            Self::DatakeyWrapped => "datakey-wrapped",
+            Self::Rotate => "rotate",
+            Self::State(Transition::Suspend) => "suspend",
+            Self::State(Transition::Resume) => "resume",
+            Self::State(Transition::Deactivate) => "deactivate",
+            Self::State(Transition::Compromise) => "compromise",
+            Self::Destroy => "destroy",
+            Self::CancelDestroy => "cancel-destroy",
+            Self::Policy => "policy",
+        }
+    }
+
+    /// What a client must be granted to ask for it.
+    pub fn operation(self) -> Operation {
+        match self {
+            Self::Sign => Operation::Sign,
+            Self::Verify => Operation::Verify,
+            Self::Encrypt => Operation::Encrypt,
+            Self::Decrypt => Operation::Decrypt,
+            Self::Rewrap => Operation::Rewrap,
+            Self::Mac => Operation::Mac,
+            Self::MacVerify => Operation::MacVerify,
+            Self::Datakey => Operation::Datakey,
+            Self::DatakeyWrapped => Operation::DatakeyWrapped,
+            Self::Rotate => Operation::Rotate,
+            Self::State(_) => Operation::State,
+            Self::Destroy | Self::CancelDestroy => Operation::Destroy,
+            Self::Policy => Operation::Policy,
+        }
+    }
+
+    /// Runs the action on the key `id` with its JSON body `input`: the answer's JSON.
+    pub fn run(self, ks: &Keystore, id: &str, input: Input<'_>) -> Result<Value, ApiError> {
+        match self {
+            Self::Sign => {
+                let body: SignBody = input.parse()?;
+                let format = signature_format(body.format.as_deref())?;
+                let data = body.data.decode("data")?;
+                let used = ks.sign_with(id, &data, format, &UseOptions::new())?;
+                Ok(with_use(&used, "signature", &b64(&used.output)))
+            }
+            Self::Verify => {
+                let body: VerifyBody = input.parse()?;
+                let format = signature_format(body.format.as_deref())?;
+                let data = body.data.decode("data")?;
+                let signature = body.signature.decode("signature")?;
+                let options = process(body.version, body.allow_compromised);
+                let checked = ks.verify_with(id, &data, &signature, format, &options);
+                validity(checked)
+            }
+            Self::Encrypt => {
+                let body: EncryptBody = input.parse()?;
+                let plaintext = body.plaintext.decode("plaintext")?;
+                let aad = body.aad.decode("aad")?;
+                let used = ks.encrypt_with(id, &plaintext, &aad, &UseOptions::new())?;
+                Ok(with_use(&used, "envelope", &b64(&used.output)))
+            }
+            Self::Decrypt => {
+                let body: EnvelopeBody = input.parse()?;
+                let (envelope, aad) = (body.envelope.decode("envelope")?, body.aad.decode("aad")?);
+                let used =
+                    ks.decrypt_with(id, &envelope, &aad, &process(None, body.allow_compromised))?;
+                let text = Zeroizing::new(b64(used.output.expose()));
+                Ok(with_use(&used, "plaintext", &text))
+            }
+            Self::Rewrap => {
+                let body: EnvelopeBody = input.parse()?;
+                let (envelope, aad) = (body.envelope.decode("envelope")?, body.aad.decode("aad")?);
+                let used =
+                    ks.rewrap(id, &envelope, &aad, &process(None, body.allow_compromised))?;
+                Ok(with_use(&used, "envelope", &b64(&used.output)))
+            }
+            Self::Mac => {
+                let body: MacBody = input.parse()?;
+                let data = body.data.decode("data")?;
+                let used = ks.mac_with(id, &data, &UseOptions::new())?;
+                Ok(with_use(&used, "mac", &b64(&used.output)))
+            }
+            Self::MacVerify => {
+                let body: MacVerifyBody = input.parse()?;
+                let (data, tag) = (body.data.decode("data")?, body.mac.decode("mac")?);
+                let options = process(body.version, body.allow_compromised);
+                validity(ks.verify_mac_with(id, &data, &tag, &options))
+            }
+            Self::Datakey | Self::DatakeyWrapped => {
+                let body: DatakeyBody = input.parse()?;
+                let aad = body.aad.decode("aad")?;
+                let key = Zeroizing::new(crate::keystore::random_bytes(DATA_KEY_BYTES)?);
+                let used = ks.encrypt_with(id, &key, &aad, &UseOptions::new())?;
+                let mut answer = with_use(&used, "envelope", &b64(&used.output));
+                if self == Self::Datakey {
+                    let text = Zeroizing::new(b64(&key));
+                    answer["plaintext"] = Value::String(text.as_str().to_owned());
+                }
+                Ok(answer)
+            }
+            Self::Rotate => {
+                let body: ReasonBody = input.parse()?;
+                Ok(ks.rotate_key(id, body.reason.as_deref())?.to_json())
+            }
+            Self::State(transition) => {
+                let body: ReasonBody = input.parse()?;
+                Ok(ks
+                    .change_state(id, transition, body.reason.as_deref())?
+                    .to_json())
+            }
+            Self::Destroy => destroy(ks, id, input.parse()?),
+            Self::CancelDestroy => {
+                let body: ReasonBody = input.parse()?;
+                Ok(ks.cancel_destroy(id, body.reason.as_deref())?.to_json())
+            }
+            Self::Policy => {
+                let body: PolicyBody = input.parse()?;
+                let reason = body.reason.clone();
+                let text = body.policy();
+                let (policy, said) = text.parse(crate::time::now())?;
+                if said.is_empty() {
+                    return Err(ApiError::bad_request(
+                        "nothing to set: give rotate_after, deactivate_at, activate_at or \
+                         min_decrypt_version"
+                            .into(),
+                    ));
+                }
+                Ok(ks.set_policy(id, &policy, reason.as_deref())?.to_json())
+            }
+        }
+    }
+}
+
+/// An action's body: the bytes of a request, or an item of a batch.
+#[derive(Debug)]
+pub enum Input<'a> {
+    /// A request's body; empty is `{}`.
+    Bytes(&'a [u8]),
+    /// A batch item, without its `op` and `key`.
+    Value(Value),
+}
+
+impl Input<'_> {
+    /// The body as `T`: 400 for malformed JSON, 422 for JSON that does not say what `T` needs
+    /// (as axum's JSON extractor answers).
+    pub fn parse<T: DeserializeOwned>(self) -> Result<T, ApiError> {
+        let parsed = match self {
+            Self::Bytes(bytes) if bytes.iter().all(u8::is_ascii_whitespace) => {
+                serde_json::from_value(Value::Object(serde_json::Map::new()))
+            }
+            Self::Bytes(bytes) => serde_json::from_slice(bytes),
+            Self::Value(value) => serde_json::from_value(value),
+        };
+        parsed.map_err(|e| ApiError::body(&e))
+    }
+}
+
+/// `{…, "version": N, "state": "…", "compromised": bool}`: what a use answers besides its output
+/// (`field`: `text`), as the CLI's `--json` says it.
+fn with_use<T>(used: &Used<T>, field: &str, text: &str) -> Value {
+    json!({
+        field: text,
+        "version": used.version,
+        "state": used.state.as_str(),
+        "compromised": used.state == KeyState::Compromised,
+    })
+}
+
+/// A check's answer: `{"valid": true, "version", …}` or `{"valid": false}`.
+fn validity(checked: crate::Result<Used<()>>) -> Result<Value, ApiError> {
+    match checked {
+        Ok(used) => {
+            let mut answer = with_use(&used, "valid", "");
+            answer["valid"] = Value::Bool(true);
+            Ok(answer)
+        }
+        Err(crate::Error::VerificationFailed { .. }) => Ok(json!({ "valid": false })),
+        Err(e) => Err(e.into()),
+    }
+}
+
+fn signature_format(format: Option<&str>) -> Result<SignatureFormat, ApiError> {
+    match format {
+        None | Some("der") => Ok(SignatureFormat::Der),
+        Some("raw") => Ok(SignatureFormat::Raw),
+        Some(other) => Err(ApiError::bad_request(format!(
+            "`format` is `der` or `raw`, not `{other}`"
+        ))),
+    }
+}
+
+/// `destroy`: `{"now": true}` at once, else after `after` (default 7 days, at least 1s).
+fn destroy(ks: &Keystore, id: &str, body: DestroyBody) -> Result<Value, ApiError> {
+    let reason = body.reason.as_deref();
+    let at = if body.now {
+        if body.after.is_some() {
+            return Err(ApiError::bad_request(
+                "give `now` or `after`, not both".into(),
+            ));
+        }
+        crate::time::now()
+    } else {
+        let after = body.after.as_deref().unwrap_or(DEFAULT_DESTROY_AFTER);
+        let after = crate::time::duration_secs(crate::time::parse_duration(after)?)?;
+        if after == 0 {
+            return Err(ApiError::bad_request(
+                "`after` must be at least 1s: to destroy the key at once, give \"now\": true"
+                    .into(),
+            ));
+        }
+        crate::time::now()
+            .checked_add(after)
+            .ok_or_else(|| ApiError::bad_request("`after` is too far in the future".into()))?
+    };
+    Ok(ks.schedule_destroy(id, at, reason)?.to_json())
+}
+
+/// The options of a use that checks or opens (verify, decrypt, rewrap, mac-verify): only the
+/// given version (verify, mac-verify), and whether a compromised key may be used all the same
+/// (every answer then says it was).
+fn process(version: Option<u32>, allow_compromised: bool) -> UseOptions {
+    UseOptions::new()
+        .allow_compromised(allow_compromised)
+        .version(version)
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SignBody {
+    data: B64,
+    #[serde(default)]
+    format: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct VerifyBody {
+    data: B64,
+    signature: B64,
+    #[serde(default)]
+    format: Option<String>,
+    #[serde(default)]
+    version: Option<u32>,
+    #[serde(default)]
+    allow_compromised: bool,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EncryptBody {
+    plaintext: B64,
+    #[serde(default)]
+    aad: B64,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EnvelopeBody {
+    envelope: B64,
+    #[serde(default)]
+    aad: B64,
+    #[serde(default)]
+    allow_compromised: bool,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MacBody {
+    data: B64,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MacVerifyBody {
+    data: B64,
+    mac: B64,
+    #[serde(default)]
+    version: Option<u32>,
+    #[serde(default)]
+    allow_compromised: bool,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DatakeyBody {
+    #[serde(default)]
+    aad: B64,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ReasonBody {
+    #[serde(default)]
+    reason: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DestroyBody {
+    #[serde(default)]
+    now: bool,
+    #[serde(default)]
+    after: Option<String>,
+    #[serde(default)]
+    reason: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PolicyBody {
+    #[serde(default)]
+    rotate_after: Option<String>,
+    #[serde(default)]
+    deactivate_at: Option<String>,
+    #[serde(default)]
+    activate_at: Option<String>,
+    #[serde(default)]
+    min_decrypt_version: Option<u32>,
+    #[serde(default)]
+    reason: Option<String>,
+}
+
+impl PolicyBody {
+    fn policy(self) -> PolicyText {
+        PolicyText {
+            rotate_after: self.rotate_after,
+            deactivate_at: self.deactivate_at,
+            activate_at: self.activate_at,
+            min_decrypt_version: self.min_decrypt_version,
+        }
+    }
+}
