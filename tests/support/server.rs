@@ -23,7 +23,12 @@ impl Server {
     /// Starts the service with `clients` (TOML `[clients.*]` tables) as the configuration, and
     /// waits until its socket answers.
     pub fn start(env: &Env, clients: &str) -> Self {
-        env.set_config(clients);
+        Self::start_with(env, "", clients)
+    }
+
+    /// [`Server::start`] with `base` (backends, …) in the configuration before the clients.
+    pub fn start_with(env: &Env, base: &str, clients: &str) -> Self {
+        env.set_config(&format!("{base}\n{clients}"));
         let socket = env.file("keyhold.sock");
         let mut cmd = env.command(&["serve", "--listen", &format!("unix:{}", socket.display())]);
         cmd.stdin(Stdio::null())

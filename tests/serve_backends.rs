@@ -1,0 +1,118 @@
+//! `keyhold serve` over several devices at once: a TPM kept busy making RSA-3072 keys does not
+//! hold up signatures of software and SoftHSM2 keys (each backend has its own gate, and nothing
+//! the service shares waits on the TPM).
+#![cfg(all(feature = "serve", feature = "tpm", feature = "pkcs11"))]
+#![allow(clippy::unwrap_used)] // test helpers: a panic is the failure report
+
+mod support;
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use keyhold::testing::{SoftHsm, Swtpm};
+use serde_json::json;
+use support::env::{hsm_config, Env};
+use support::server::{b64, client, Server};
+
+/// The stated bound: the 99th percentile of a signature's round trip through the service while
+/// the TPM is busy. A TPM's RSA-3072 generation takes seconds; a signature that waited for one
+/// would be far past this.
+const P99_BOUND: Duration = Duration::from_millis(250);
+
+#[test]
+fn a_tpm_busy_making_rsa_keys_does_not_hold_up_software_and_token_signatures() {
+    let tpm = Swtpm::new().unwrap();
+    let hsm = SoftHsm::new().unwrap();
+    let base = format!(
+        "{}\n[backends.tpm]\ntype = \"tpm\"\ntcti = \"{}\"\n",
+        hsm_config(keyhold::testing::SOFTHSM_MODULE, hsm.label(), ""),
+        tpm.tcti()
+    );
+    let env = Env::new()
+        .with_softhsm(
+            keyhold::testing::SOFTHSM_MODULE,
+            hsm.label(),
+            keyhold::testing::TEST_USER_PIN,
+            "",
+        )
+        .with_var("TSS2_LOG", "all+none");
+    env.set_config(&base);
+    env.init_store();
+    let server = Server::start_with(&env, &base, &client("\"app\"", ""));
+    let create = |name: &str, ty: &str, backend: &str| {
+        let (status, key) = server.ask(
+            "POST",
+            "/v1/keys",
+            Some(&json!({"namespace": "app", "name": name, "type": ty, "backend": backend})),
+        );
+        assert_eq!(status, 201, "{key}");
+        key["id"].as_str().unwrap().to_owned()
+    };
+    let soft = create("soft", "ecdsa-p256", "software");
+    let token = create("token", "ecdsa-p256", "hsm");
+
+    let busy = AtomicBool::new(true);
+    let made = AtomicUsize::new(0);
+    let latencies = std::thread::scope(|s| {
+        // The TPM: RSA-3072 keys, one after another, until the signers have their samples.
+        let generator = s.spawn(|| {
+            let mut i = 0;
+            while busy.load(Ordering::SeqCst) {
+                i += 1;
+                let (status, key) = server.ask(
+                    "POST",
+                    "/v1/keys",
+                    Some(&json!({"namespace": "app", "name": format!("rsa{i}"),
+                                 "type": "rsa-3072", "backend": "tpm"})),
+                );
+                assert_eq!(status, 201, "{key}");
+                made.fetch_add(1, Ordering::SeqCst);
+            }
+        });
+        // Give the first generation time to be in the TPM.
+        std::thread::sleep(Duration::from_millis(200));
+        let signers: Vec<_> = [&soft, &token]
+            .into_iter()
+            .map(|id| {
+                let (server, made) = (&server, &made);
+                s.spawn(move || {
+                    let mut took = Vec::new();
+                    // Samples while at least one RSA key is made, and 200 at least.
+                    while took.len() < 200 || made.load(Ordering::SeqCst) < 1 {
+                        let started = Instant::now();
+                        let (status, signed) = server.ask(
+                            "POST",
+                            &format!("/v1/keys/{id}/sign"),
+                            Some(&json!({"data": b64(b"while the TPM is busy")})),
+                        );
+                        took.push(started.elapsed());
+                        assert_eq!(status, 200, "{signed}");
+                        assert!(took.len() < 100_000, "the TPM never made a key");
+                    }
+                    took
+                })
+            })
+            .collect();
+        let latencies: Vec<Vec<Duration>> =
+            signers.into_iter().map(|s| s.join().unwrap()).collect();
+        busy.store(false, Ordering::SeqCst);
+        generator.join().unwrap();
+        latencies
+    });
+    assert!(made.load(Ordering::SeqCst) >= 1);
+    for (name, mut took) in ["software", "SoftHSM2"].into_iter().zip(latencies) {
+        took.sort();
+        let p99 = took[took.len() * 99 / 100];
+        eprintln!(
+            "{name}: {} signatures while the TPM made RSA-3072 keys; p50 {:?}, p99 {p99:?}",
+            took.len(),
+            took[took.len() / 2]
+        );
+        assert!(
+            p99 < P99_BOUND,
+            "{name} signatures waited on the TPM: p99 {p99:?} (bound {P99_BOUND:?})"
+        );
+    }
+    let (status, err) = server.stop();
+    assert!(status.success(), "{err}");
+}
