@@ -263,9 +263,67 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+
+    /// `keyhold serve` refused or failed a request: its error as the service said it.
+    #[error("{message}")]
+    Remote {
+        /// The error's kind as the service named it ([`Error::kind`] of the error it had, one of
+        /// [`Error::KINDS`]; `remote` for one this build does not know).
+        kind: &'static str,
+        /// The HTTP status.
+        status: u16,
+        /// The service's message.
+        message: String,
+    },
 }
 
 impl Error {
+    /// Every [`Error::kind`] there is.
+    pub const KINDS: [&'static str; 27] = [
+        "key_id_authentication",
+        "no_such_key",
+        "unseal",
+        "integrity",
+        "store_tampered",
+        "key_object_mismatch",
+        "store_not_found",
+        "store_exists",
+        "store_unusable",
+        "key_exists",
+        "wrong_purpose",
+        "wrong_state",
+        "unsupported",
+        "not_built",
+        "backend_unavailable",
+        "timeout",
+        "backend_login",
+        "backend",
+        "config",
+        "no_such_backend",
+        "invalid_input",
+        "verification_failed",
+        "decryption_failed",
+        "crypto",
+        "storage",
+        "io",
+        "remote",
+    ];
+
+    /// The error the service answered: `code` is its kind (a kind this build does not know
+    /// becomes `remote`).
+    pub fn remote(code: &str, status: u16, message: String) -> Self {
+        let kind = Self::KINDS
+            .iter()
+            .find(|k| **k == code)
+            .copied()
+            .unwrap_or("remote");
+        Self::Remote {
+            kind,
+            status,
+            message,
+        }
+    }
+
     /// Wraps an I/O error with what was being done.
     pub(crate) fn io(context: impl Into<String>, source: std::io::Error) -> Self {
         Self::Io {
@@ -321,6 +379,7 @@ impl Error {
             Self::Crypto { .. } | Self::ConsistencyTest { .. } => "crypto",
             Self::Storage { .. } => "storage",
             Self::Io { .. } => "io",
+            Self::Remote { kind, .. } => kind,
         }
     }
 

@@ -43,6 +43,11 @@ impl PublicKey {
         self.key_type
     }
 
+    /// The algorithm the key is used with.
+    pub fn algorithm(&self) -> Algorithm {
+        self.algorithm
+    }
+
     /// The DER SubjectPublicKeyInfo.
     pub fn spki_der(&self) -> &[u8] {
         &self.spki_der

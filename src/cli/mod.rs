@@ -173,21 +173,23 @@ impl Failure {
 
     /// The documented exit code (docs/cli.md).
     fn exit_code(&self) -> u8 {
-        use keyhold::Error as E;
         match self {
             Self::Usage(_) => 2,
             Self::NoSuchName(_) => 5,
             Self::Hinted(inner, _) => inner.exit_code(),
-            Self::Keyhold(E::KeyIdAuthentication { .. }) => 3,
-            Self::Keyhold(E::Unseal { .. }) => 4,
-            Self::Keyhold(E::NoSuchKey { .. }) => 5,
-            Self::Keyhold(E::WrongState { .. }) => 9,
-            Self::Keyhold(E::StoreTampered { .. }) => 10,
-            // A device object that does not match its record failed an integrity check too.
-            Self::Keyhold(E::Integrity { .. } | E::KeyObjectMismatch { .. }) => 6,
-            Self::Keyhold(
-                E::BackendUnavailable { .. } | E::BackendLogin { .. } | E::Timeout { .. },
-            ) => 7,
+            // By kind: an error `keyhold serve` answered (`--remote`) exits as the same error
+            // would have here.
+            Self::Keyhold(e) => match e.kind() {
+                "key_id_authentication" => 3,
+                "unseal" => 4,
+                "no_such_key" => 5,
+                "wrong_state" => 9,
+                "store_tampered" => 10,
+                // A device object that does not match its record failed an integrity check too.
+                "integrity" | "key_object_mismatch" => 6,
+                "backend_unavailable" | "backend_login" | "timeout" => 7,
+                _ => 1,
+            },
             Self::Findings { code, .. } => *code,
             _ => 1,
         }

@@ -15,6 +15,7 @@ mod reseal;
 mod resolve;
 mod root;
 mod rotation;
+mod service;
 mod transport;
 mod verify;
 
@@ -46,6 +47,7 @@ use registry::build_backends;
 use resolve::ResolvedCache;
 use root::{derive_keys, initial_state, meta_mac, unseal_root, DerivedKeys};
 use rotation::Reservations;
+pub use service::KeyService;
 pub use transport::ExportTo;
 pub use verify::{
     CheckKind, Finding, KeyName, PeriodicVerify, Section, Status, VerifyProgress, VerifyReport,

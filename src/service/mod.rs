@@ -10,6 +10,7 @@
 
 mod api;
 mod auth;
+mod client;
 mod metrics;
 mod ops;
 mod routes;
@@ -22,6 +23,7 @@ use crate::error::{Error, Result};
 use crate::keystore::Keystore;
 
 pub use auth::Clients;
+pub use client::{Remote, RemoteKeystore};
 
 /// The largest request body: an operation's input ([`crate::MAX_INPUT`]) in base64, and room.
 pub const MAX_BODY: usize = crate::MAX_INPUT / 3 * 4 + 64 * 1024;

@@ -275,16 +275,20 @@ fn signature_format(format: Option<&str>) -> Result<SignatureFormat, ApiError> {
     }
 }
 
-/// `destroy`: `{"now": true}` at once, else after `after` (default 7 days, at least 1s).
+/// `destroy`: `{"now": true}` at once, `{"at": SECONDS}` then (now, if not in the future), else
+/// after `after` (default 7 days, at least 1s).
 fn destroy(ks: &Keystore, id: &str, body: DestroyBody) -> Result<Value, ApiError> {
     let reason = body.reason.as_deref();
+    let given = [body.now, body.after.is_some(), body.at.is_some()];
+    if given.iter().filter(|g| **g).count() > 1 {
+        return Err(ApiError::bad_request(
+            "give one of `now`, `after` and `at`".into(),
+        ));
+    }
     let at = if body.now {
-        if body.after.is_some() {
-            return Err(ApiError::bad_request(
-                "give `now` or `after`, not both".into(),
-            ));
-        }
         crate::time::now()
+    } else if let Some(at) = body.at {
+        at
     } else {
         let after = body.after.as_deref().unwrap_or(DEFAULT_DESTROY_AFTER);
         let after = crate::time::duration_secs(crate::time::parse_duration(after)?)?;
@@ -385,6 +389,9 @@ struct ReasonBody {
 struct DestroyBody {
     #[serde(default)]
     now: bool,
+    /// Seconds since the epoch; a time not in the future destroys the key now.
+    #[serde(default)]
+    at: Option<i64>,
     #[serde(default)]
     after: Option<String>,
     #[serde(default)]

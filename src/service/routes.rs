@@ -19,9 +19,10 @@ use super::api::{b64, ApiError, Body, PathOf};
 use super::auth::{Caller, Client, Clients};
 use super::metrics::Metrics;
 use super::ops::{Action, Input};
+use crate::backend::KeyOptions;
 use crate::config::Operation;
 use crate::keystore::{KeyInfo, KeyRequest, Keystore};
-use crate::{KeySpec, KeyType, Purpose};
+use crate::{KeySpec, KeyType, Purpose, RsaPadding};
 
 type Answer = Result<Json<Value>, ApiError>;
 
@@ -184,6 +185,9 @@ async fn clients(
 struct ListQuery {
     namespace: Option<String>,
     name: Option<String>,
+    /// Destroyed keys too.
+    #[serde(default)]
+    all: bool,
 }
 
 async fn list(
@@ -208,6 +212,7 @@ async fn list(
         for ns in &namespaces {
             match &query.name {
                 Some(name) => all.extend(ks.key_info_by_name(ns, name)?),
+                None if query.all => all.extend(ks.list_all_keys(Some(ns))?),
                 None => all.extend(ks.list_keys(Some(ns))?),
             }
         }
@@ -228,6 +233,57 @@ struct CreateBody {
     key_type: String,
     purpose: Option<String>,
     backend: Option<String>,
+    /// `pss` (default) or `pkcs1v15`, for RSA signing keys.
+    padding: Option<String>,
+    /// `DURATION` (`90d`): rotate when the current version is this old.
+    rotate_after: Option<String>,
+    /// An RFC 3339 UTC time or `+DURATION`: start in pre-activation until then.
+    activate_at: Option<String>,
+    /// An RFC 3339 UTC time or `+DURATION`: deactivate then.
+    deactivate_at: Option<String>,
+    /// Let the key leave its device wrapped (never in clear).
+    #[serde(default)]
+    extractable: bool,
+}
+
+impl CreateBody {
+    /// The request and its options, times counted from `now`.
+    fn request(self, now: i64) -> Result<(KeyRequest, KeyOptions), ApiError> {
+        let key_type: KeyType = self.key_type.parse()?;
+        let purpose: Option<Purpose> = self.purpose.as_deref().map(str::parse).transpose()?;
+        let padding = match self.padding.as_deref() {
+            None => None,
+            Some("pss") => Some(RsaPadding::Pss),
+            Some("pkcs1v15") => Some(RsaPadding::Pkcs1v15),
+            Some(other) => {
+                return Err(ApiError::bad_request(format!(
+                    "`padding` is `pss` or `pkcs1v15`, not `{other}`"
+                )))
+            }
+        };
+        let instant = |t: &Option<String>| {
+            t.as_deref()
+                .map(|t| crate::time::parse_instant(t, now))
+                .transpose()
+        };
+        let options = KeyOptions::new()
+            .extractable(self.extractable)
+            .activate_at(instant(&self.activate_at)?)
+            .deactivate_at(instant(&self.deactivate_at)?)
+            .rotate_after(
+                self.rotate_after
+                    .as_deref()
+                    .map(crate::time::parse_duration)
+                    .transpose()?,
+            );
+        let request = KeyRequest {
+            namespace: self.namespace,
+            name: self.name,
+            spec: KeySpec::new(key_type, purpose, padding)?,
+            backend: self.backend,
+        };
+        Ok((request, options))
+    }
 }
 
 async fn create(
@@ -243,17 +299,10 @@ async fn create(
             client.name, body.namespace
         )));
     }
-    let key_type: KeyType = body.key_type.parse()?;
-    let purpose: Option<Purpose> = body.purpose.as_deref().map(str::parse).transpose()?;
     let backend = body.backend.as_deref().and_then(|b| state.backend(b));
-    let request = KeyRequest {
-        namespace: body.namespace,
-        name: body.name,
-        spec: KeySpec::new(key_type, purpose, None)?,
-        backend: body.backend,
-    };
+    let (request, options) = body.request(crate::time::now())?;
     let info = run(&state, &client, "create", backend, move |ks| {
-        Ok(ks.create_key(&request)?)
+        Ok(ks.create_key_with(&request, &options)?)
     })
     .await?;
     Ok((StatusCode::CREATED, Json(info.to_json())))
@@ -289,11 +338,16 @@ async fn read(
     match what.as_str() {
         "public" => {
             let backend = authorize(&state, &client, Operation::Pubkey, &id)?;
-            let pem = run(&state, &client, "pubkey", backend, move |ks| {
-                Ok(ks.public_key_version(&id, query.version)?.to_pem())
+            let key = run(&state, &client, "pubkey", backend, move |ks| {
+                Ok(ks.public_key_version(&id, query.version)?)
             })
             .await?;
-            Ok(Json(json!({ "pem": pem })))
+            Ok(Json(json!({
+                "pem": key.to_pem(),
+                "der": b64(key.spki_der()),
+                "type": key.key_type().as_str(),
+                "algorithm": key.algorithm().as_str(),
+            })))
         }
         "history" => {
             let backend = authorize(&state, &client, Operation::History, &id)?;

@@ -1,0 +1,556 @@
+//! A client of `keyhold serve`: [`RemoteKeystore`] does what a [`Keystore`](crate::Keystore)
+//! does ([`KeyService`]) by asking the service, so an application holds key IDs and, at most, a
+//! credential; never a key, a PIN or the root secret.
+//!
+//! Blocking, like the keystore: each call is one HTTP/1.1 request on a kept-alive connection
+//! (one per concurrent caller, reused). The service's refusals come back as
+//! [`Error::Remote`], whose kind is the service's error kind (so the command line exits as it
+//! would have on the store itself).
+
+use std::path::PathBuf;
+use std::sync::{Mutex, PoisonError};
+
+use base64::Engine as _;
+use http_body_util::{BodyExt as _, Full};
+use hyper::body::Bytes;
+use hyper::client::conn::http1::SendRequest;
+use hyper::{Method, Request};
+use serde_json::{json, Value};
+use zeroize::Zeroizing;
+
+use crate::backend::KeyOptions;
+use crate::error::{Error, Result};
+use crate::key::{Algorithm, KeyState, KeyType, SignatureFormat};
+use crate::keystore::{
+    KeyEvent, KeyInfo, KeyRequest, KeyService, PolicyChange, Transition, UseOptions, Used,
+};
+use crate::public_key::PublicKey;
+use crate::secret::SecretBytes;
+use crate::time::format_utc;
+
+/// Where a service is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Remote {
+    /// Its Unix socket.
+    Unix(PathBuf),
+}
+
+impl Remote {
+    /// Parses `unix:PATH`.
+    ///
+    /// # Errors
+    /// [`Error::InvalidInput`] for anything else.
+    pub fn parse(text: &str) -> Result<Self> {
+        match text.split_once(':') {
+            Some(("unix", path)) if !path.is_empty() => Ok(Self::Unix(PathBuf::from(path))),
+            _ => Err(Error::InvalidInput(format!(
+                "remote `{text}`: give unix:PATH, the socket of `keyhold serve`"
+            ))),
+        }
+    }
+}
+
+impl std::fmt::Display for Remote {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Unix(path) => write!(f, "unix:{}", path.display()),
+        }
+    }
+}
+
+/// The keys of a `keyhold serve`, used through it.
+pub struct RemoteKeystore {
+    remote: Remote,
+    runtime: tokio::runtime::Runtime,
+    /// Connections not in use, kept alive for the next call.
+    idle: Mutex<Vec<SendRequest<Full<Bytes>>>>,
+}
+
+impl std::fmt::Debug for RemoteKeystore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RemoteKeystore")
+            .field("remote", &self.remote)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The connections kept for reuse at most.
+const MAX_IDLE: usize = 16;
+
+impl RemoteKeystore {
+    /// A client of the service at `remote`. Nothing is sent until the first call.
+    ///
+    /// # Errors
+    /// [`Error::Io`] if the client's runtime cannot start.
+    pub fn new(remote: Remote) -> Result<Self> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("keyhold-client")
+            .enable_io()
+            .enable_time()
+            .build()
+            .map_err(|e| Error::io("start the client's runtime", e))?;
+        Ok(Self {
+            remote,
+            runtime,
+            idle: Mutex::new(Vec::new()),
+        })
+    }
+
+    /// Where the service is.
+    pub fn remote(&self) -> &Remote {
+        &self.remote
+    }
+
+    /// Asks `GET /v1/health`: the client name the service knows this caller by.
+    ///
+    /// # Errors
+    /// As every call: the service unreachable ([`Error::Io`]) or refusing ([`Error::Remote`]).
+    pub fn health(&self) -> Result<String> {
+        let answer = self.call(Method::GET, "/v1/health", None)?;
+        Ok(text(&answer, "client")?.to_owned())
+    }
+
+    /// `METHOD path` with `body`: the JSON answer, or the service's error.
+    fn call(&self, method: Method, path: &str, body: Option<&Value>) -> Result<Value> {
+        // The body may hold a plaintext: its bytes are zeroized once sent (hyper's copy of them
+        // in its write buffer is not).
+        let bytes = Zeroizing::new(match body {
+            Some(body) => serde_json::to_vec(body)
+                .map_err(|e| Error::InvalidInput(format!("a request's JSON: {e}")))?,
+            None => Vec::new(),
+        });
+        let mut request = Request::builder()
+            .method(method)
+            .uri(path)
+            .header(hyper::header::HOST, "keyhold");
+        if body.is_some() {
+            request = request.header(hyper::header::CONTENT_TYPE, "application/json");
+        }
+        let request = request
+            .body(Full::new(Bytes::copy_from_slice(&bytes)))
+            .map_err(|e| Error::InvalidInput(format!("a request to the service: {e}")))?;
+        let (status, answer) = self.runtime.block_on(self.send(request))?;
+        let value: Value = if answer.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_slice(&answer).map_err(|e| {
+                Error::InvalidInput(format!(
+                    "the service at {} answered {status} with something that is not JSON: {e}",
+                    self.remote
+                ))
+            })?
+        };
+        if status >= 400 {
+            let code = value["error"]["code"].as_str().unwrap_or("remote");
+            let message = value["error"]["message"]
+                .as_str()
+                .map_or_else(|| format!("the service answered {status}"), str::to_owned);
+            return Err(Error::remote(code, status, message));
+        }
+        Ok(value)
+    }
+
+    /// Sends `request` on an idle connection (or a new one) and reads the whole answer.
+    async fn send(&self, request: Request<Full<Bytes>>) -> Result<(u16, Zeroizing<Vec<u8>>)> {
+        let reused = self
+            .idle
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .pop();
+        // A kept connection the service has closed since is given up for a new one: nothing
+        // was sent on it yet.
+        let mut sender = match reused {
+            Some(mut sender) => match sender.ready().await {
+                Ok(()) => sender,
+                Err(_) => self.connect().await?,
+            },
+            None => self.connect().await?,
+        };
+        let lost = |e: hyper::Error| {
+            Error::io(
+                format!("ask the service at {}", self.remote),
+                std::io::Error::other(e),
+            )
+        };
+        let response = sender.send_request(request).await.map_err(lost)?;
+        let status = response.status().as_u16();
+        let body = response.into_body().collect().await.map_err(lost)?;
+        let body = Zeroizing::new(body.to_bytes().to_vec());
+        let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
+        if idle.len() < MAX_IDLE && !sender.is_closed() {
+            idle.push(sender);
+        }
+        Ok((status, body))
+    }
+
+    async fn connect(&self) -> Result<SendRequest<Full<Bytes>>> {
+        let Remote::Unix(path) = &self.remote;
+        let stream = tokio::net::UnixStream::connect(path).await.map_err(|e| {
+            Error::io(
+                format!(
+                    "connect to keyhold serve at {}: is it running, and may this user reach its \
+                     socket?",
+                    self.remote
+                ),
+                e,
+            )
+        })?;
+        let (sender, connection) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+                .await
+                .map_err(|e| {
+                    Error::io(
+                        format!("speak HTTP to {}", self.remote),
+                        std::io::Error::other(e),
+                    )
+                })?;
+        // Runs the connection until it closes; its end is seen by the sender.
+        tokio::spawn(async move {
+            let _ = connection.await;
+        });
+        Ok(sender)
+    }
+
+    /// `POST /v1/keys/{id}/{action}` with `body`.
+    fn act(&self, id: &str, action: &str, body: &Value) -> Result<Value> {
+        check_id(id)?;
+        self.call(Method::POST, &format!("/v1/keys/{id}/{action}"), Some(body))
+    }
+
+    /// A use's answer: its output in `field` (base64), version and state.
+    fn used(&self, answer: &Value, field: &str) -> Result<Used<Vec<u8>>> {
+        let (version, state) = use_of(answer)?;
+        Ok(Used {
+            output: unb64(answer, field)?,
+            version,
+            state,
+        })
+    }
+
+    /// A check's answer: `valid` true is its version and state; false is `what` failing.
+    fn checked(answer: &Value, what: &'static str) -> Result<Used<()>> {
+        if answer["valid"] == Value::Bool(true) {
+            let (version, state) = use_of(answer)?;
+            Ok(Used {
+                output: (),
+                version,
+                state,
+            })
+        } else {
+            Err(Error::VerificationFailed { what })
+        }
+    }
+
+    fn keys(&self, namespace: Option<&str>, all: bool) -> Result<Vec<KeyInfo>> {
+        let mut query: Vec<(&str, &str)> = Vec::new();
+        if let Some(ns) = namespace {
+            query.push(("namespace", ns));
+        }
+        if all {
+            query.push(("all", "true"));
+        }
+        let answer = self.call(Method::GET, &with_query("/v1/keys", &query)?, None)?;
+        key_list(&answer)
+    }
+}
+
+/// Refuses, before anything is sent, an ID that could not be one (it would change the path).
+fn check_id(id: &str) -> Result<()> {
+    if id.is_empty()
+        || !id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+    {
+        return Err(Error::KeyIdAuthentication {
+            reason: "not a key ID's characters",
+        });
+    }
+    Ok(())
+}
+
+fn with_query(path: &str, query: &[(&str, &str)]) -> Result<String> {
+    if query.is_empty() {
+        return Ok(path.to_owned());
+    }
+    let encoded = serde_urlencoded::to_string(query)
+        .map_err(|e| Error::InvalidInput(format!("a query: {e}")))?;
+    Ok(format!("{path}?{encoded}"))
+}
+
+fn b64(bytes: &[u8]) -> String {
+    base64::engine::general_purpose::STANDARD.encode(bytes)
+}
+
+/// The service answered something other than its documented answer.
+fn malformed(what: &str) -> Error {
+    Error::InvalidInput(format!(
+        "the service's answer has no valid `{what}`: is it a keyhold serve of this version?"
+    ))
+}
+
+fn text<'a>(answer: &'a Value, field: &str) -> Result<&'a str> {
+    answer[field].as_str().ok_or_else(|| malformed(field))
+}
+
+fn unb64(answer: &Value, field: &str) -> Result<Vec<u8>> {
+    base64::engine::general_purpose::STANDARD
+        .decode(text(answer, field)?)
+        .map_err(|_| malformed(field))
+}
+
+fn use_of(answer: &Value) -> Result<(u32, KeyState)> {
+    let version = answer["version"]
+        .as_u64()
+        .and_then(|v| u32::try_from(v).ok())
+        .ok_or_else(|| malformed("version"))?;
+    let state = text(answer, "state")?.parse()?;
+    Ok((version, state))
+}
+
+fn key_list(answer: &Value) -> Result<Vec<KeyInfo>> {
+    answer
+        .as_array()
+        .ok_or_else(|| malformed("keys"))?
+        .iter()
+        .map(KeyInfo::from_json)
+        .collect()
+}
+
+/// `{"reason"}`, or `{}`.
+fn reason(reason: Option<&str>) -> Value {
+    match reason {
+        Some(r) => json!({ "reason": r }),
+        None => json!({}),
+    }
+}
+
+fn format_name(format: SignatureFormat) -> &'static str {
+    match format {
+        SignatureFormat::Der => "der",
+        SignatureFormat::Raw => "raw",
+    }
+}
+
+impl KeyService for RemoteKeystore {
+    fn create_key_with(&self, request: &KeyRequest, options: &KeyOptions) -> Result<KeyInfo> {
+        let spec = request.spec;
+        let mut body = json!({
+            "namespace": request.namespace,
+            "name": request.name,
+            "type": spec.key_type().as_str(),
+            "purpose": spec.purpose().as_str(),
+            "extractable": options.extractable,
+        });
+        let mut set = |field: &str, value: Option<String>| {
+            if let Some(value) = value {
+                body[field] = Value::String(value);
+            }
+        };
+        set("backend", request.backend.clone());
+        set(
+            "padding",
+            match spec.algorithm() {
+                Algorithm::RsaPkcs1Sha256 => Some("pkcs1v15".to_owned()),
+                Algorithm::RsaPssSha256 => Some("pss".to_owned()),
+                _ => None,
+            },
+        );
+        set(
+            "rotate_after",
+            options.rotate_after.map(|d| format!("{}s", d.as_secs())),
+        );
+        set("activate_at", options.activate_at.map(format_utc));
+        set("deactivate_at", options.deactivate_at.map(format_utc));
+        KeyInfo::from_json(&self.call(Method::POST, "/v1/keys", Some(&body))?)
+    }
+
+    fn key_info(&self, id: &str) -> Result<KeyInfo> {
+        check_id(id)?;
+        KeyInfo::from_json(&self.call(Method::GET, &format!("/v1/keys/{id}"), None)?)
+    }
+
+    fn key_info_by_name(&self, namespace: &str, name: &str) -> Result<Option<KeyInfo>> {
+        let path = with_query("/v1/keys", &[("namespace", namespace), ("name", name)])?;
+        Ok(key_list(&self.call(Method::GET, &path, None)?)?
+            .into_iter()
+            .next())
+    }
+
+    fn list_keys(&self, namespace: Option<&str>) -> Result<Vec<KeyInfo>> {
+        self.keys(namespace, false)
+    }
+
+    fn list_all_keys(&self, namespace: Option<&str>) -> Result<Vec<KeyInfo>> {
+        self.keys(namespace, true)
+    }
+
+    fn public_key_version(&self, id: &str, version: Option<u32>) -> Result<PublicKey> {
+        check_id(id)?;
+        let version = version.map(|v| v.to_string());
+        let query: Vec<(&str, &str)> = version.iter().map(|v| ("version", v.as_str())).collect();
+        let path = with_query(&format!("/v1/keys/{id}/public"), &query)?;
+        let answer = self.call(Method::GET, &path, None)?;
+        let key_type: KeyType = text(&answer, "type")?.parse()?;
+        let algorithm: Algorithm = text(&answer, "algorithm")?.parse()?;
+        Ok(PublicKey::from_spki_der(
+            key_type,
+            algorithm,
+            unb64(&answer, "der")?,
+        ))
+    }
+
+    fn sign_with(
+        &self,
+        id: &str,
+        message: &[u8],
+        format: SignatureFormat,
+        _options: &UseOptions,
+    ) -> Result<Used<Vec<u8>>> {
+        let body = json!({ "data": b64(message), "format": format_name(format) });
+        self.used(&self.act(id, "sign", &body)?, "signature")
+    }
+
+    fn verify_with(
+        &self,
+        id: &str,
+        message: &[u8],
+        signature: &[u8],
+        format: SignatureFormat,
+        options: &UseOptions,
+    ) -> Result<Used<()>> {
+        let body = json!({
+            "data": b64(message),
+            "signature": b64(signature),
+            "format": format_name(format),
+            "version": options.version,
+            "allow_compromised": options.allow_compromised,
+        });
+        Self::checked(&self.act(id, "verify", &body)?, "signature")
+    }
+
+    fn encrypt_with(
+        &self,
+        id: &str,
+        plaintext: &[u8],
+        aad: &[u8],
+        _options: &UseOptions,
+    ) -> Result<Used<Vec<u8>>> {
+        let body = json!({ "plaintext": b64(plaintext), "aad": b64(aad) });
+        self.used(&self.act(id, "encrypt", &body)?, "envelope")
+    }
+
+    fn decrypt_with(
+        &self,
+        id: &str,
+        input: &[u8],
+        aad: &[u8],
+        options: &UseOptions,
+    ) -> Result<Used<SecretBytes>> {
+        let body = json!({
+            "envelope": b64(input),
+            "aad": b64(aad),
+            "allow_compromised": options.allow_compromised,
+        });
+        let answer = self.act(id, "decrypt", &body)?;
+        let (version, state) = use_of(&answer)?;
+        Ok(Used {
+            output: SecretBytes::from_zeroizing(Zeroizing::new(unb64(&answer, "plaintext")?)),
+            version,
+            state,
+        })
+    }
+
+    fn rewrap(
+        &self,
+        id: &str,
+        input: &[u8],
+        aad: &[u8],
+        options: &UseOptions,
+    ) -> Result<Used<Vec<u8>>> {
+        let body = json!({
+            "envelope": b64(input),
+            "aad": b64(aad),
+            "allow_compromised": options.allow_compromised,
+        });
+        self.used(&self.act(id, "rewrap", &body)?, "envelope")
+    }
+
+    fn mac_with(&self, id: &str, data: &[u8], _options: &UseOptions) -> Result<Used<Vec<u8>>> {
+        self.used(&self.act(id, "mac", &json!({ "data": b64(data) }))?, "mac")
+    }
+
+    fn verify_mac_with(
+        &self,
+        id: &str,
+        data: &[u8],
+        tag: &[u8],
+        options: &UseOptions,
+    ) -> Result<Used<()>> {
+        let body = json!({
+            "data": b64(data),
+            "mac": b64(tag),
+            "version": options.version,
+            "allow_compromised": options.allow_compromised,
+        });
+        Self::checked(&self.act(id, "mac-verify", &body)?, "tag")
+    }
+
+    fn rotate_key(&self, id: &str, why: Option<&str>) -> Result<KeyInfo> {
+        KeyInfo::from_json(&self.act(id, "rotate", &reason(why))?)
+    }
+
+    fn change_state(&self, id: &str, transition: Transition, why: Option<&str>) -> Result<KeyInfo> {
+        let action = match transition {
+            Transition::Suspend => "suspend",
+            Transition::Resume => "resume",
+            Transition::Deactivate => "deactivate",
+            Transition::Compromise => "compromise",
+        };
+        KeyInfo::from_json(&self.act(id, action, &reason(why))?)
+    }
+
+    fn schedule_destroy(&self, id: &str, at: i64, why: Option<&str>) -> Result<KeyInfo> {
+        let mut body = reason(why);
+        body["at"] = json!(at);
+        KeyInfo::from_json(&self.act(id, "destroy", &body)?)
+    }
+
+    fn cancel_destroy(&self, id: &str, why: Option<&str>) -> Result<KeyInfo> {
+        KeyInfo::from_json(&self.act(id, "cancel-destroy", &reason(why))?)
+    }
+
+    fn set_policy(&self, id: &str, policy: &PolicyChange, why: Option<&str>) -> Result<KeyInfo> {
+        let mut body = reason(why);
+        if let Some(after) = policy.rotate_after {
+            body["rotate_after"] =
+                json!(after.map_or("never".to_owned(), |d| format!("{}s", d.as_secs())));
+        }
+        if let Some(at) = policy.activate_at {
+            body["activate_at"] = json!(at.map_or("now".to_owned(), format_utc));
+        }
+        if let Some(at) = policy.deactivate_at {
+            body["deactivate_at"] = json!(at.map_or("never".to_owned(), format_utc));
+        }
+        if let Some(min) = policy.min_decrypt_version {
+            body["min_decrypt_version"] = json!(min);
+        }
+        KeyInfo::from_json(&self.act(id, "policy", &body)?)
+    }
+
+    fn history(&self, id: &str) -> Result<Vec<KeyEvent>> {
+        check_id(id)?;
+        let answer = self.call(Method::GET, &format!("/v1/keys/{id}/history"), None)?;
+        answer
+            .as_array()
+            .ok_or_else(|| malformed("history"))?
+            .iter()
+            .map(KeyEvent::from_json)
+            .collect()
+    }
+
+    fn random(&self, n: usize) -> Result<Vec<u8>> {
+        let answer = self.call(Method::POST, "/v1/random", Some(&json!({ "bytes": n })))?;
+        unb64(&answer, "data")
+    }
+}

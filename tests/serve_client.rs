@@ -1,0 +1,202 @@
+//! One application, two keystores: the same code, written against `KeyService`, runs on a
+//! keystore open in this process and on a `keyhold serve` (a real process on a temporary
+//! socket) through `RemoteKeystore`, and sees the same results and the same kinds of error.
+#![cfg(feature = "serve")]
+#![allow(clippy::unwrap_used)] // test helpers: a panic is the failure report
+
+mod support;
+
+use std::time::Duration;
+
+use keyhold::backend::KeyOptions;
+use keyhold::service::{Remote, RemoteKeystore};
+use keyhold::{
+    Algorithm, Error, KeyRequest, KeyService, KeySpec, KeyState, KeyType, PolicyChange,
+    SignatureFormat, Transition, UseOptions,
+};
+use support::server::{client, env, Server};
+
+fn request(namespace: &str, name: &str, key_type: KeyType) -> KeyRequest {
+    KeyRequest {
+        namespace: namespace.into(),
+        name: name.into(),
+        spec: KeySpec::new(key_type, None, None).unwrap(),
+        backend: None,
+    }
+}
+
+fn kind<T: std::fmt::Debug>(outcome: keyhold::Result<T>) -> &'static str {
+    outcome.unwrap_err().kind()
+}
+
+/// What an application does with its keys, through either keystore.
+fn application(ks: &dyn KeyService, ns: &str) {
+    let none = UseOptions::new();
+    // A signing key, with a rotation schedule from the start.
+    let options = KeyOptions::new().rotate_after(Some(Duration::from_secs(86_400 * 90)));
+    let signer = ks
+        .create_key_with(&request(ns, "signer", KeyType::EcdsaP256), &options)
+        .unwrap();
+    assert_eq!(signer.rotate_after, Some(86_400 * 90));
+    assert_eq!(
+        kind(ks.create_key_with(&request(ns, "signer", KeyType::EcdsaP256), &options)),
+        "key_exists"
+    );
+    let id = signer.id.as_str();
+    let signed = ks
+        .sign_with(id, b"message", SignatureFormat::Der, &none)
+        .unwrap();
+    assert_eq!((signed.version, signed.state), (1, KeyState::Active));
+    let public = ks.public_key_version(id, None).unwrap();
+    assert!(support::openssl_verifies(
+        &public.to_pem(),
+        Algorithm::EcdsaP256Sha256,
+        b"message",
+        &signed.output
+    ));
+    ks.verify_with(id, b"message", &signed.output, SignatureFormat::Der, &none)
+        .unwrap();
+    assert!(matches!(
+        ks.verify_with(id, b"other", &signed.output, SignatureFormat::Der, &none),
+        Err(Error::VerificationFailed { what: "signature" })
+    ));
+
+    // Rotation: the old version still verifies, and its public key is kept.
+    let rotated = ks.rotate_key(id, Some("yearly")).unwrap();
+    assert_eq!(rotated.version, 2);
+    assert_eq!(ks.public_key_version(id, Some(1)).unwrap(), public);
+    let old = ks
+        .verify_with(id, b"message", &signed.output, SignatureFormat::Der, &none)
+        .unwrap();
+    assert_eq!(old.version, 1);
+
+    // Envelopes, rewrap, MACs.
+    let aes = ks
+        .create_key_with(&request(ns, "box", KeyType::Aes256Gcm), &KeyOptions::new())
+        .unwrap();
+    let sealed = ks.encrypt_with(&aes.id, b"secret", b"ctx", &none).unwrap();
+    let opened = ks
+        .decrypt_with(&aes.id, &sealed.output, b"ctx", &none)
+        .unwrap();
+    assert_eq!(opened.output.expose(), b"secret");
+    assert_eq!(
+        kind(ks.decrypt_with(&aes.id, &sealed.output, b"other", &none)),
+        "decryption_failed"
+    );
+    ks.rotate_key(&aes.id, None).unwrap();
+    let rewrapped = ks.rewrap(&aes.id, &sealed.output, b"ctx", &none).unwrap();
+    assert_eq!(rewrapped.version, 2);
+    let hmac = ks
+        .create_key_with(
+            &request(ns, "tags", KeyType::HmacSha256),
+            &KeyOptions::new(),
+        )
+        .unwrap();
+    let tag = ks.mac_with(&hmac.id, b"data", &none).unwrap();
+    ks.verify_mac_with(&hmac.id, b"data", &tag.output, &none)
+        .unwrap();
+    assert!(matches!(
+        ks.verify_mac_with(&hmac.id, b"datum", &tag.output, &none),
+        Err(Error::VerificationFailed { what: "tag" })
+    ));
+    assert_eq!(kind(ks.mac_with(&aes.id, b"data", &none)), "wrong_purpose");
+
+    // States, policy, destruction, history.
+    let suspended = ks
+        .change_state(id, Transition::Suspend, Some("audit"))
+        .unwrap();
+    assert_eq!(suspended.state, KeyState::Suspended);
+    assert_eq!(
+        kind(ks.sign_with(id, b"m", SignatureFormat::Der, &none)),
+        "wrong_state"
+    );
+    ks.change_state(id, Transition::Resume, None).unwrap();
+    let set = ks
+        .set_policy(
+            id,
+            &PolicyChange::new()
+                .rotate_after(None)
+                .min_decrypt_version(2),
+            None,
+        )
+        .unwrap();
+    assert_eq!((set.rotate_after, set.min_decrypt_version), (None, 2));
+    let at = keyhold::time::now() + 3600;
+    assert_eq!(
+        ks.schedule_destroy(id, at, None).unwrap().destroy_at,
+        Some(at)
+    );
+    assert_eq!(
+        ks.cancel_destroy(id, Some("kept")).unwrap().destroy_at,
+        None
+    );
+    let events: Vec<String> = ks
+        .history(id)
+        .unwrap()
+        .into_iter()
+        .map(|e| e.event)
+        .collect();
+    assert_eq!(
+        events,
+        [
+            "created",
+            "rotated",
+            "suspended",
+            "resumed",
+            "policy-changed",
+            "destroy-scheduled",
+            "destroy-cancelled"
+        ]
+    );
+    ks.schedule_destroy(&hmac.id, keyhold::time::now(), None)
+        .unwrap();
+
+    // Finding keys.
+    assert_eq!(ks.key_info_by_name(ns, "box").unwrap().unwrap().id, aes.id);
+    assert!(ks.key_info_by_name(ns, "nothing").unwrap().is_none());
+    assert_eq!(
+        ks.key_info(&aes.id).unwrap(),
+        ks.key_info_by_name(ns, "box").unwrap().unwrap()
+    );
+    let names =
+        |keys: Vec<keyhold::KeyInfo>| -> Vec<String> { keys.into_iter().map(|k| k.name).collect() };
+    assert_eq!(names(ks.list_keys(Some(ns)).unwrap()), ["box", "signer"]);
+    assert_eq!(
+        names(ks.list_all_keys(Some(ns)).unwrap()),
+        ["box", "signer", "tags"]
+    );
+    let mut tampered = aes.id.clone();
+    tampered.replace_range(12..13, if &aes.id[12..13] == "A" { "B" } else { "A" });
+    assert_eq!(kind(ks.key_info(&tampered)), "key_id_authentication");
+    assert_eq!(ks.random(16).unwrap().len(), 16);
+}
+
+#[test]
+fn the_same_application_runs_on_a_local_keystore_and_through_the_service() {
+    let local = support::TestStore::new();
+    application(&local.ks, "app");
+
+    let env = env();
+    let server = Server::start(&env, &client("\"app\"", ""));
+    let remote = RemoteKeystore::new(Remote::Unix(server.socket.clone())).unwrap();
+    assert_eq!(remote.health().unwrap(), "app");
+    application(&remote, "app");
+
+    // The service's own refusals: a namespace the client does not see, an operation it may not.
+    let theirs = env.create_key("theirs", "ed25519", &["--namespace", "other"]);
+    assert_eq!(kind(remote.key_info(&theirs)), "no_such_key");
+    assert_eq!(
+        kind(remote.create_key_with(&request("other", "x", KeyType::Ed25519), &KeyOptions::new())),
+        "remote"
+    );
+    let (status, err) = server.stop();
+    assert!(status.success(), "{err}");
+    // No service: said so, naming where it was looked for.
+    let gone = remote.key_info(&theirs).unwrap_err();
+    assert!(matches!(gone, Error::Io { .. }), "{gone:?}");
+    assert!(
+        gone.to_string()
+            .contains("connect to keyhold serve at unix:"),
+        "{gone}"
+    );
+}
