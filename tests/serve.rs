@@ -8,104 +8,12 @@
 
 mod support;
 
-use std::io::{Read, Write};
-use std::os::unix::net::UnixStream;
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use base64::Engine;
 use serde_json::{json, Value};
 use support::env::*;
-
-/// A running `keyhold serve` on the Env's store, killed (SIGKILL) if the test did not stop it.
-struct Server {
-    child: Option<Child>,
-    socket: PathBuf,
-}
-
-impl Server {
-    /// Starts the service with `clients` (TOML `[clients.*]` tables) as the configuration, and
-    /// waits until its socket answers.
-    fn start(env: &Env, clients: &str) -> Self {
-        env.set_config(clients);
-        let socket = env.file("keyhold.sock");
-        let mut cmd = env.command(&["serve", "--listen", &format!("unix:{}", socket.display())]);
-        cmd.stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
-        let child = cmd.spawn().unwrap();
-        let server = Self {
-            child: Some(child),
-            socket,
-        };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while UnixStream::connect(&server.socket).is_err() {
-            assert!(Instant::now() < deadline, "the service never listened");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        server
-    }
-
-    /// `METHOD path` with a JSON `body`: the status and the JSON answer.
-    fn ask(&self, method: &str, path: &str, body: Option<&Value>) -> (u16, Value) {
-        let body = body.map(Value::to_string);
-        self.raw(method, path, body.as_deref().map(str::as_bytes))
-    }
-
-    /// `METHOD path` with `body` sent as it is (JSON content type).
-    fn raw(&self, method: &str, path: &str, body: Option<&[u8]>) -> (u16, Value) {
-        let mut stream = UnixStream::connect(&self.socket).unwrap();
-        stream
-            .set_read_timeout(Some(Duration::from_secs(30)))
-            .unwrap();
-        let body = body.unwrap_or_default();
-        write!(
-            stream,
-            "{method} {path} HTTP/1.1\r\nHost: keyhold\r\nContent-Type: application/json\r\n\
-             Content-Length: {}\r\nConnection: close\r\n\r\n",
-            body.len()
-        )
-        .unwrap();
-        // A server that answers before the whole body is read may close the connection first.
-        let _ = stream.write_all(body);
-        let mut answer = Vec::new();
-        stream.read_to_end(&mut answer).unwrap();
-        let text = String::from_utf8_lossy(&answer);
-        let (head, rest) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-        let status = head
-            .split(' ')
-            .nth(1)
-            .and_then(|s| s.parse().ok())
-            .unwrap_or_else(|| panic!("no status line in: {text}"));
-        (status, serde_json::from_str(rest).unwrap_or(Value::Null))
-    }
-
-    /// SIGTERM, then its exit status and stderr.
-    fn stop(mut self) -> (std::process::ExitStatus, String) {
-        let mut child = self.child.take().unwrap();
-        let pid = rustix::process::Pid::from_raw(child.id() as i32).unwrap();
-        rustix::process::kill_process(pid, rustix::process::Signal::TERM).unwrap();
-        let status = child.wait().unwrap();
-        let mut err = String::new();
-        child
-            .stderr
-            .take()
-            .unwrap()
-            .read_to_string(&mut err)
-            .unwrap();
-        (status, err)
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
+use support::serve::{AsNobody, Server};
 
 fn b64(bytes: &[u8]) -> String {
     base64::engine::general_purpose::STANDARD.encode(bytes)
@@ -375,39 +283,23 @@ fn a_key_the_client_does_not_see_is_not_touched_and_every_refusal_is_json() {
 /// peer credentials: a configured client of another uid (`nobody`, through setpriv) is served.
 #[test]
 fn another_user_s_configured_client_is_served_over_the_socket() {
-    let setpriv = require_tool("setpriv", "util-linux: it runs the client as another user");
-    let curl = require_tool(
-        "curl",
-        "it speaks HTTP over a Unix socket as the other user",
-    );
     let env = env();
-    use std::os::unix::fs::PermissionsExt;
     // The socket's directory must let the other user reach the socket.
-    let dir = env.file("keyhold.sock").parent().unwrap().to_path_buf();
-    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let nobody = AsNobody::new(&env);
     let server = Server::start(
         &env,
         "[clients.nobody]\nuid = 65534\nnamespaces = [\"app\"]\n",
     );
+    use std::os::unix::fs::PermissionsExt;
     let mode = std::fs::metadata(&server.socket)
         .unwrap()
         .permissions()
         .mode()
         & 0o777;
     assert_eq!(mode, 0o666);
-    let out = Command::new(setpriv)
-        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
-        .arg(curl)
-        .args(["-s", "--unix-socket"])
-        .arg(&server.socket)
-        .arg("http://keyhold/v1/health")
-        .output()
-        .unwrap();
     assert_eq!(
-        String::from_utf8_lossy(&out.stdout),
-        r#"{"client":"nobody","status":"ok"}"#,
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+        nobody.get(&server, "/v1/health", &[]),
+        r#"{"client":"nobody","status":"ok"}"#
     );
     // This process (root) is no client of it.
     assert_eq!(server.ask("GET", "/v1/health", None).0, 401);

@@ -63,6 +63,15 @@ impl ApiError {
         }
     }
 
+    /// 429: too many failed authentications from the request's source.
+    pub fn rate_limited(message: String) -> Self {
+        Self {
+            status: StatusCode::TOO_MANY_REQUESTS,
+            code: "rate_limited",
+            message,
+        }
+    }
+
     /// 500: the service itself failed (a task that did not finish).
     pub fn internal(message: String) -> Self {
         Self {

@@ -28,6 +28,10 @@ impl State {
     pub(super) fn new(keystore: Arc<Keystore>, clients: Clients) -> Self {
         Self { keystore, clients }
     }
+
+    pub(super) fn keystore(&self) -> &Arc<Keystore> {
+        &self.keystore
+    }
 }
 
 /// The service's routes.
