@@ -54,10 +54,11 @@ pub use key::{
 };
 pub use keystore::ExportTo;
 pub use keystore::{
-    random_bytes, BackendHealth, Backup, BackupInfo, Doctor, Done, KeyEvent, KeyIdFields, KeyInfo,
-    KeyRequest, KeyService, Keystore, Maintenance, MissingKey, Orphan, PolicyChange, PolicyText,
-    Reanchored, Restored, RootSource, Transition, UncheckedKey, UseOptions, Used, VersionInfo,
-    BACKUP_EXTENSION, DEFAULT_NAMESPACE, KEY_ID_PREFIX, MAX_ENVELOPE, MAX_INPUT, MAX_RANDOM,
+    random_bytes, BackendHealth, Backup, BackupInfo, ClientGrant, ClientToken, Doctor, Done,
+    KeyEvent, KeyIdFields, KeyInfo, KeyRequest, KeyService, Keystore, Maintenance, MissingKey,
+    Orphan, PolicyChange, PolicyText, Reanchored, Restored, RootSource, TokenClient, Transition,
+    UncheckedKey, UseOptions, Used, VersionInfo, BACKUP_EXTENSION, DEFAULT_NAMESPACE,
+    KEY_ID_PREFIX, MAX_ENVELOPE, MAX_INPUT, MAX_RANDOM, TOKEN_PREFIX,
 };
 /// `keyhold store verify`'s report, and its periodic run.
 pub mod verify {

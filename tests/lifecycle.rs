@@ -574,7 +574,7 @@ fn a_store_of_schema_1_keeps_every_key_and_output() {
     let seal = sealer("fixture-passphrase");
     // The fixture's store ID is always the same: its anchor file goes in the temp dir.
     let ks = Keystore::open_with(&store, &seal, &support::state_config(dir.path())).unwrap();
-    assert_eq!(user_version(&store), 3, "migrated to the current schema");
+    assert_eq!(user_version(&store), 4, "migrated to the current schema");
     let msg = read("msg");
     ks.verify(&id("sig"), &msg, &read("sig.sig"), DER).unwrap();
     ks.verify(&id("ec"), &msg, &read("ec.sig"), DER).unwrap();
@@ -609,6 +609,13 @@ fn a_store_of_schema_1_keeps_every_key_and_output() {
     drop(ks);
     let ks = Keystore::open_with(&store, &seal, &support::state_config(dir.path())).unwrap();
     ks.sign(&id("sig"), b"after", DER).unwrap();
+    // The migrated store takes the service's token clients too (schema 4).
+    let grant = keyhold::ClientGrant {
+        namespaces: vec!["default".into()],
+        operations: None,
+    };
+    let (client, token) = ks.add_client("app", &grant).unwrap();
+    assert_eq!(ks.client_by_token(token.expose()).unwrap(), Some(client));
     drop(ks);
     // An untouched schema-1 record keeps its old MAC, which covers none of the lifecycle
     // fields: setting one behind keyhold's back is refused.

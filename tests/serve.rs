@@ -8,12 +8,11 @@
 
 mod support;
 
-use std::process::Command;
 use std::time::Duration;
 
 use serde_json::json;
 use support::env::*;
-use support::server::{b64, client, env, uid, unb64, Server};
+use support::serve::{b64, client, env, uid, unb64, AsNobody, Server};
 
 #[test]
 fn a_client_creates_signs_verifies_encrypts_and_decrypts_in_its_namespace() {
@@ -257,39 +256,23 @@ fn a_key_the_client_does_not_see_is_not_touched_and_every_refusal_is_json() {
 /// peer credentials: a configured client of another uid (`nobody`, through setpriv) is served.
 #[test]
 fn another_user_s_configured_client_is_served_over_the_socket() {
-    let setpriv = require_tool("setpriv", "util-linux: it runs the client as another user");
-    let curl = require_tool(
-        "curl",
-        "it speaks HTTP over a Unix socket as the other user",
-    );
     let env = env();
-    use std::os::unix::fs::PermissionsExt;
     // The socket's directory must let the other user reach the socket.
-    let dir = env.file("keyhold.sock").parent().unwrap().to_path_buf();
-    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let nobody = AsNobody::new(&env);
     let server = Server::start(
         &env,
         "[clients.nobody]\nuid = 65534\nnamespaces = [\"app\"]\n",
     );
+    use std::os::unix::fs::PermissionsExt;
     let mode = std::fs::metadata(&server.socket)
         .unwrap()
         .permissions()
         .mode()
         & 0o777;
     assert_eq!(mode, 0o666);
-    let out = Command::new(setpriv)
-        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
-        .arg(curl)
-        .args(["-s", "--unix-socket"])
-        .arg(&server.socket)
-        .arg("http://keyhold/v1/health")
-        .output()
-        .unwrap();
     assert_eq!(
-        String::from_utf8_lossy(&out.stdout),
-        r#"{"client":"nobody","status":"ok"}"#,
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+        nobody.get(&server, "/v1/health", &[]),
+        r#"{"client":"nobody","status":"ok"}"#
     );
     // This process (root) is no client of it.
     assert_eq!(server.ask("GET", "/v1/health", None).0, 401);

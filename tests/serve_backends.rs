@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use keyhold::testing::{SoftHsm, Swtpm};
 use serde_json::json;
 use support::env::{hsm_config, Env};
-use support::server::{b64, client, Server};
+use support::serve::{b64, client, Server};
 
 /// The stated bound: the 99th percentile of a signature's round trip through the service while
 /// the TPM is busy. A TPM's RSA-3072 generation takes seconds; a signature that waited for one

@@ -14,7 +14,7 @@ use keyhold::{
     Algorithm, Error, KeyRequest, KeyService, KeySpec, KeyState, KeyType, PolicyChange,
     SignatureFormat, Transition, UseOptions,
 };
-use support::server::{client, env, Server};
+use support::serve::{client, env, Server};
 
 fn request(namespace: &str, name: &str, key_type: KeyType) -> KeyRequest {
     KeyRequest {

@@ -9,7 +9,7 @@ mod support;
 
 use serde_json::{json, Value};
 use support::env::Env;
-use support::server::{b64, client, env, unb64, Server};
+use support::serve::{b64, client, env, unb64, Server};
 
 /// `POST /v1/keys/{id}/{action}` with `body`.
 fn act(server: &Server, id: &str, action: &str, body: Value) -> (u16, Value) {
@@ -349,7 +349,8 @@ fn the_audit_log_names_the_client_and_the_metrics_count_its_answers() {
         (400, "invalid_input")
     );
     let made_there = create(&server, "served", "ed25519");
-    let (status, text) = server.exchange("GET", "/v1/metrics", "", None);
+    let metrics = server.request("GET", "/v1/metrics", &[], None);
+    let (status, text) = (metrics.status, metrics.text);
     assert_eq!(status, 200, "{text}");
     let labels = r#"operation="sign",backend="software",client="app""#;
     for line in [
@@ -451,7 +452,7 @@ fn a_request_refused_before_its_body_is_read_gets_its_answer_not_a_reset() {
     // Nobody to the service: 401, after the body.
     let other = format!(
         "[clients.someone]\nuid = {}\nnamespaces = [\"x\"]\n",
-        support::server::uid().wrapping_add(4242)
+        support::serve::uid().wrapping_add(4242)
     );
     let server = Server::start(&env, &other);
     for _ in 0..5 {

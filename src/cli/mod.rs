@@ -2,6 +2,7 @@
 
 mod audit;
 mod backup;
+mod client;
 mod doctor;
 mod io;
 mod key;
@@ -111,6 +112,9 @@ enum Command {
     Store(verify::StoreCommand),
     /// Hold the store open and serve its cryptography to configured clients over a Unix socket
     Serve(serve::ServeArgs),
+    /// Add, list and remove the service's token clients (bearer tokens)
+    #[command(subcommand)]
+    Client(client::ClientCommand),
 }
 
 /// Why a command failed, and so its exit code.
@@ -454,6 +458,7 @@ fn dispatch(ctx: &Context, args: &Args) -> CmdResult {
         Command::Maintain(a) => lifecycle::maintain(ctx, a),
         Command::Store(c) => verify::run(ctx, c),
         Command::Serve(a) => serve::serve(ctx, a),
+        Command::Client(c) => client::run(ctx, c),
     }
 }
 

@@ -23,7 +23,7 @@ pub fn serve(ctx: &Context, args: &ServeArgs) -> CmdResult {
         None => Listen::default_path(),
     };
     // Refused before the store is unsealed: a service nobody may use is a mistake.
-    keyhold::service::Clients::from_config(&ctx.config)?;
+    keyhold::service::Clients::precheck(&ctx.config, &ctx.store)?;
     let keystore = io::open_keystore(ctx)?;
     keyhold::service::serve(keystore, &ctx.config, &listen, |at| {
         tracing::info!("keyhold serve: listening on {at}");

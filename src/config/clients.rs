@@ -92,6 +92,19 @@ pub enum Operation {
 }
 
 impl Operation {
+    /// Every operation, in the order of the documentation.
+    pub const ALL: [Self; 9] = [
+        Self::Create,
+        Self::List,
+        Self::Show,
+        Self::Pubkey,
+        Self::Sign,
+        Self::Verify,
+        Self::Encrypt,
+        Self::Decrypt,
+        Self::Random,
+    ];
+
     /// The name used in the configuration and in messages.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -117,6 +130,23 @@ impl Operation {
             Self::Metrics => "metrics",
             Self::Admin => "admin",
         }
+    }
+}
+
+impl std::str::FromStr for Operation {
+    type Err = crate::error::Error;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        Self::ALL
+            .into_iter()
+            .find(|op| op.as_str() == text)
+            .ok_or_else(|| {
+                let all: Vec<&str> = Self::ALL.iter().map(|op| op.as_str()).collect();
+                crate::error::Error::InvalidInput(format!(
+                    "no operation `{text}`: the operations are {}",
+                    all.join(", ")
+                ))
+            })
     }
 }
 

@@ -4,6 +4,7 @@
 mod anchor;
 mod audit;
 mod backup;
+mod clients;
 mod doctor;
 mod envelope;
 mod info;
@@ -37,6 +38,7 @@ use crate::store::{KeyRecord, Store, StoreMeta};
 
 pub use anchor::Reanchored;
 pub use backup::{Backup, BackupInfo, Restored, RootSource, EXTENSION as BACKUP_EXTENSION};
+pub use clients::{ClientGrant, ClientToken, TokenClient, TOKEN_PREFIX};
 pub use doctor::{BackendHealth, Doctor, MissingKey, Orphan, UncheckedKey};
 pub(crate) use envelope::oaep_label;
 use key_id::KeyIdCodec;
@@ -155,6 +157,8 @@ pub struct Keystore {
     commit_keys: crate::store::CommitKeys,
     meta_format: Option<u8>,
     anchor: Option<crate::store::FileAnchor>,
+    /// What the service's bearer tokens are hashed with.
+    client_tokens: clients::TokenHasher,
 }
 
 /// Refuses empty and oversized input before any key is touched.
@@ -357,6 +361,7 @@ impl Keystore {
                 .map(|d| crate::store::FileAnchor::new(&d, &store_id)),
             ids: KeyIdCodec::new(store_id, keys.key_id_mac.expose()),
             record_mac: hmac::Key::new(hmac::HMAC_SHA256, keys.record_mac.expose()),
+            client_tokens: clients::TokenHasher::new(keys.client_token.expose()),
             sealer_kind: store.meta().sealed_root.sealer.clone(),
             store,
             store_id,

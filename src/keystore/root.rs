@@ -26,6 +26,8 @@ pub(super) struct DerivedKeys {
     #[cfg_attr(not(feature = "pkcs11"), allow(dead_code))]
     pub(super) token_counter_mac: SecretBytes,
     pub(super) backup_key: SecretBytes,
+    /// The key a service's bearer tokens are hashed under (only the hash is stored).
+    pub(super) client_token: SecretBytes,
 }
 
 impl DerivedKeys {
@@ -56,6 +58,7 @@ pub(super) fn derive_keys(root: &RootSecret, store_id: &[u8; 16]) -> Result<Deri
         counter_auth: expand(b"keyhold v1 tpm counter auth")?,
         token_counter_mac: expand(b"keyhold v1 token counter mac")?,
         backup_key: expand(b"keyhold v1 backup key")?,
+        client_token: expand(b"keyhold v1 client token hash")?,
     })
 }
 
@@ -201,16 +204,25 @@ pub(super) fn check_store(
     for c in &counters {
         rows.add(&commit, RowKind::Counter, &c.uuid, &c.mac);
     }
-    let bad: Vec<String> =
+    let clients = all.clients?;
+    for c in &clients {
+        rows.add(&commit, RowKind::Client, &c.uuid, &c.mac);
+    }
+    let mut bad: Vec<String> =
         super::verify::failing_rows(&record_mac, &meta.store_id, &versions, &events, &counters)
             .iter()
             .map(ToString::to_string)
             .collect();
+    bad.extend(super::clients::failing_clients(
+        &record_mac,
+        &meta.store_id,
+        &clients,
+    ));
     if let Some(first) = bad.first() {
         return Err(Error::Integrity {
             what: format!(
-                "{} of the store's version, history and counter rows fail their MAC (the first: \
-                 {first})",
+                "{} of the store's version, history, counter and token client rows fail their \
+                 MAC (the first: {first})",
                 bad.len()
             ),
         });
@@ -227,10 +239,7 @@ pub(super) fn check_store(
             ),
         });
     }
-    let names = records
-        .into_iter()
-        .map(|r| (r.uuid, format!("{}/{}", r.namespace, r.name)))
-        .collect();
+    let names = labels(&records, &clients);
     Ok(Checked {
         meta_format,
         rows,
@@ -257,13 +266,27 @@ pub(super) fn check_and_settle(
     settle(store, keys, checked)
 }
 
+/// How messages name each uuid of the commitment: ``key `NS/NAME` `` or ``token client `NAME` ``.
+fn labels(
+    records: &[KeyRecord],
+    clients: &[crate::store::ClientRecord],
+) -> std::collections::BTreeMap<[u8; 16], String> {
+    let keys = records
+        .iter()
+        .map(|r| (r.uuid, format!("key `{}/{}`", r.namespace, r.name)));
+    let clients = clients
+        .iter()
+        .map(|c| (c.uuid, format!("token client `{}`", c.name)));
+    keys.chain(clients).collect()
+}
+
 /// What [`check_store`] found, for [`settle`].
 pub(super) struct Checked {
     /// The format of the metadata MAC that verified (1: made before the commitment).
     meta_format: u8,
     /// Every row's term, by key.
     rows: Recomputed,
-    /// `namespace/name` by uuid, for messages.
+    /// What each uuid is (``key `NS/NAME` ``, ``token client `NAME` ``), for messages.
     names: std::collections::BTreeMap<[u8; 16], String>,
     /// The committed state, read with the rows (its MAC not checked yet).
     state: Option<StoreState>,
@@ -407,7 +430,7 @@ fn describe(found: &[Mismatch], names: &std::collections::BTreeMap<[u8; 16], Str
 /// One difference, naming its key.
 fn describe_one(m: &Mismatch, names: &std::collections::BTreeMap<[u8; 16], String>) -> String {
     let key = |uuid: &[u8; 16]| match names.get(uuid) {
-        Some(name) => format!("key `{name}` (record {})", crate::hex::encode(uuid)),
+        Some(label) => format!("{label} (record {})", crate::hex::encode(uuid)),
         None => format!("key record {}", crate::hex::encode(uuid)),
     };
     match m {
@@ -456,6 +479,7 @@ pub(super) struct CommitInputs<'a> {
     pub(super) versions: &'a [crate::store::VersionRecord],
     pub(super) events: &'a [crate::store::EventRecord],
     pub(super) counters: &'a [crate::store::CounterRecord],
+    pub(super) clients: &'a [crate::store::ClientRecord],
 }
 
 /// [`settle`]'s checks, reporting instead of refusing and writing nothing: the metadata MAC's
@@ -522,10 +546,10 @@ pub(super) fn check_commitment(
     for c in inputs.counters {
         rows.add(commit, RowKind::Counter, &c.uuid, &c.mac);
     }
-    let names: std::collections::BTreeMap<[u8; 16], String> = records
-        .iter()
-        .map(|r| (r.uuid, format!("{}/{}", r.namespace, r.name)))
-        .collect();
+    for c in inputs.clients {
+        rows.add(commit, RowKind::Client, &c.uuid, &c.mac);
+    }
+    let names = labels(records, inputs.clients);
     for m in rows.compare(commit, inputs.digests, &state) {
         let uuid = match &m {
             Mismatch::Changed { uuid, .. }
@@ -538,7 +562,7 @@ pub(super) fn check_commitment(
     report.summary = format!(
         "generation {}, {} keys' digests against the committed total",
         state.generation,
-        names.len()
+        records.len()
     );
     if let Some((path, recorded)) = anchored {
         match recorded {

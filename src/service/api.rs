@@ -16,6 +16,8 @@ pub struct ApiError {
     status: StatusCode,
     code: &'static str,
     message: String,
+    /// `Retry-After`, in seconds, for a refusal that ends.
+    retry_after: Option<u64>,
 }
 
 impl ApiError {
@@ -25,6 +27,7 @@ impl ApiError {
             status: StatusCode::UNAUTHORIZED,
             code: "unauthenticated",
             message: "this connection is no client of the service".into(),
+            retry_after: None,
         }
     }
 
@@ -34,6 +37,7 @@ impl ApiError {
             status: StatusCode::FORBIDDEN,
             code: "forbidden",
             message,
+            retry_after: None,
         }
     }
 
@@ -43,6 +47,7 @@ impl ApiError {
             status: StatusCode::NOT_FOUND,
             code: "no_such_key",
             message: "no such key".into(),
+            retry_after: None,
         }
     }
 
@@ -52,6 +57,7 @@ impl ApiError {
             status: StatusCode::BAD_REQUEST,
             code: "invalid_input",
             message,
+            retry_after: None,
         }
     }
 
@@ -61,6 +67,7 @@ impl ApiError {
             status: StatusCode::NOT_FOUND,
             code: "no_such_endpoint",
             message,
+            retry_after: None,
         }
     }
 
@@ -76,6 +83,7 @@ impl ApiError {
             status,
             code: "invalid_input",
             message: format!("the request's JSON body: {e}"),
+            retry_after: None,
         }
     }
 
@@ -107,6 +115,7 @@ impl ApiError {
                 "invalid_input"
             },
             message,
+            retry_after: None,
         }
     }
 
@@ -116,6 +125,18 @@ impl ApiError {
             status: StatusCode::METHOD_NOT_ALLOWED,
             code: "method_not_allowed",
             message: "this path does not take that method (docs/service.md)".into(),
+            retry_after: None,
+        }
+    }
+
+    /// 429: too many failed authentications from the request's source; try again in
+    /// `retry_after` seconds.
+    pub fn rate_limited(message: String, retry_after: u64) -> Self {
+        Self {
+            status: StatusCode::TOO_MANY_REQUESTS,
+            code: "rate_limited",
+            message,
+            retry_after: Some(retry_after),
         }
     }
 
@@ -125,6 +146,7 @@ impl ApiError {
             status: StatusCode::INTERNAL_SERVER_ERROR,
             code: "internal",
             message,
+            retry_after: None,
         }
     }
 }
@@ -155,13 +177,21 @@ impl From<Error> for ApiError {
             status,
             code: e.kind(),
             message: e.to_string(),
+            retry_after: None,
         }
     }
 }
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (self.status, Json(self.to_json())).into_response()
+        let mut response = (self.status, Json(self.to_json())).into_response();
+        if let Some(secs) = self.retry_after {
+            response.headers_mut().insert(
+                axum::http::header::RETRY_AFTER,
+                axum::http::HeaderValue::from(secs),
+            );
+        }
+        response
     }
 }
 

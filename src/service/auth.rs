@@ -1,4 +1,5 @@
-//! Who is asking: a connection's peer credentials, mapped to a configured client.
+//! Who is asking: a bearer token's client (see `token.rs`), else the connection's peer
+//! credentials, mapped to a configured client.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -11,8 +12,9 @@ use tokio::net::UnixListener;
 
 use super::api::ApiError;
 use super::routes::State;
+use super::token::{self, Limiter, Source};
 use crate::config::{ClientConfig, Config, Operation};
-use crate::error::{Error, Result};
+use crate::error::Result;
 
 /// The other end of a Unix-socket connection, as the kernel says (`SO_PEERCRED`).
 #[derive(Debug, Clone, Copy)]
@@ -29,18 +31,19 @@ impl Connected<IncomingStream<'_, UnixListener>> for Peer {
     }
 }
 
-/// The configured clients, by user ID.
+/// The configured clients, by user ID, and the rate limit of bearer tokens.
 #[derive(Debug, Clone)]
 pub struct Clients {
-    by_uid: HashMap<u32, Arc<Client>>,
+    pub(super) by_uid: HashMap<u32, Arc<Client>>,
+    pub(super) limiter: Arc<Limiter>,
 }
 
 impl Clients {
-    /// The clients of `config` (`[clients.NAME]`).
+    /// The clients of `config` (`[clients.NAME]`); [`Self::for_service`] adds the store's token
+    /// clients and refuses a service without any client.
     ///
     /// # Errors
-    /// [`Error::Config`] when there is none that a connection can be: the service would refuse
-    /// everyone.
+    /// None yet: kept fallible for the clients that the configuration will name otherwise.
     pub fn from_config(config: &Config) -> Result<Self> {
         let by_uid: HashMap<u32, Arc<Client>> = config
             .clients
@@ -57,14 +60,10 @@ impl Clients {
                 })
             })
             .collect();
-        if by_uid.is_empty() {
-            return Err(Error::Config(
-                "keyhold serve answers configured clients only, and the configuration has none \
-                 with a uid: add a [clients.NAME] table with uid = N and namespaces = [...]"
-                    .into(),
-            ));
-        }
-        Ok(Self { by_uid })
+        Ok(Self {
+            by_uid,
+            limiter: Arc::new(Limiter::new(token::Limits::default())),
+        })
     }
 }
 
@@ -101,6 +100,11 @@ pub struct Client {
 }
 
 impl Client {
+    /// The client `name` with `grant`.
+    pub(super) fn new(name: String, grant: ClientConfig) -> Self {
+        Self { name, grant }
+    }
+
     /// `Ok` if the client may do `operation`, else 403 naming it.
     pub fn may(&self, operation: Operation) -> std::result::Result<(), ApiError> {
         if self.grant.may(operation) {
@@ -125,7 +129,8 @@ impl Client {
     }
 }
 
-/// The caller of a request: 401 for a connection that is no configured client.
+/// The caller of a request: the client its bearer token names (a wrong token is 401 whoever
+/// the peer is), else the configured client of its peer credentials, else 401.
 #[derive(Debug)]
 pub struct Caller(pub Arc<Client>);
 
@@ -141,6 +146,11 @@ impl FromRequestParts<State> for Caller {
             .get::<ConnectInfo<Peer>>()
             .map(|ConnectInfo(peer)| *peer);
         let uid = peer.and_then(|p| p.uid);
+        if let Some(header) = parts.headers.get(axum::http::header::AUTHORIZATION) {
+            return token::authenticate(state, Source::of_uid(uid), header)
+                .await
+                .map(Self);
+        }
         match uid.and_then(|uid| state.clients.by_uid.get(&uid)) {
             Some(client) => Ok(Self(Arc::clone(client))),
             None => {

@@ -14,6 +14,7 @@ mod client;
 mod metrics;
 mod ops;
 mod routes;
+mod token;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -78,7 +79,7 @@ pub fn serve(
     listen: &Listen,
     ready: impl FnOnce(&Listen),
 ) -> Result<()> {
-    let clients = Clients::from_config(config)?;
+    let clients = Clients::for_service(config, &keystore)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("keyhold-serve")

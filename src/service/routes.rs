@@ -62,6 +62,10 @@ impl State {
     fn backend(&self, name: &str) -> Option<Arc<str>> {
         self.gates.get_key_value(name).map(|(k, _)| Arc::clone(k))
     }
+
+    pub(super) fn keystore(&self) -> &Arc<Keystore> {
+        &self.keystore
+    }
 }
 
 /// The service's routes.

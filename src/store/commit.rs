@@ -40,6 +40,8 @@ pub(crate) enum RowKind {
     Event = 3,
     /// An AES-GCM invocation counter (`gcm_counters`).
     Counter = 4,
+    /// A token client of the service (`clients`), under its own uuid.
+    Client = 5,
 }
 
 /// A number mod 2^256, big-endian on disk.
@@ -376,11 +378,13 @@ pub(super) struct Change {
     pub(super) new: Option<Vec<u8>>,
 }
 
-/// A key's uuid and digest.
-pub(super) type Digest = ([u8; 16], Sum);
+/// A key's (or token client's) uuid and its digest; `None` once none of its rows is left (a
+/// client removed): the digest is deleted and adds nothing to the total, as for a uuid the store
+/// never held.
+pub(super) type Digest = ([u8; 16], Option<Sum>);
 
 /// Applies `changes` to the digests (read with `digest`) and to `total`; returns the new digests
-/// to write and the new total.
+/// to write (or delete) and the new total.
 pub(super) fn apply(
     keys: &CommitKeys,
     changes: &[Change],
@@ -398,7 +402,7 @@ pub(super) fn apply(
         if let Some(old) = old {
             total.sub(keys.key_term(&uuid, old));
         }
-        for change in changes {
+        for change in &changes {
             if let Some(mac) = &change.old {
                 new.sub(keys.row_term(change.kind, &uuid, mac));
             }
@@ -406,8 +410,15 @@ pub(super) fn apply(
                 new.add(keys.row_term(change.kind, &uuid, mac));
             }
         }
-        total.add(keys.key_term(&uuid, new));
-        digests.push((uuid, new));
+        // Every row gone: only a removal makes the rows' terms add up to zero (else a chance of
+        // 2^-256).
+        let gone = new == Sum::default() && changes.iter().any(|c| c.new.is_none());
+        if gone {
+            digests.push((uuid, None));
+        } else {
+            total.add(keys.key_term(&uuid, new));
+            digests.push((uuid, Some(new)));
+        }
     }
     Ok((digests, total))
 }
@@ -572,7 +583,12 @@ mod tests {
         ] {
             let (new, t) = apply(&k, &batch, total, |u| Ok(digests.get(u).copied())).unwrap();
             total = t;
-            digests.extend(new);
+            for (uuid, digest) in new {
+                match digest {
+                    Some(d) => digests.insert(uuid, d),
+                    None => digests.remove(&uuid),
+                };
+            }
         }
         let mut present = Recomputed::default();
         present.add(&k, RowKind::Key, &a, b"a2");
@@ -617,6 +633,30 @@ mod tests {
             rolled.compare(&k, &old_digests, &state),
             vec![Mismatch::Digests]
         );
+    }
+
+    #[test]
+    fn a_uuid_whose_every_row_is_removed_leaves_no_digest_and_nothing_in_the_total() {
+        let k = keys();
+        let client = [7; 16];
+        let add = vec![Change {
+            kind: RowKind::Client,
+            uuid: client,
+            old: None,
+            new: Some(b"c1".to_vec()),
+        }];
+        let (added, total) = apply(&k, &add, Sum::default(), |_| Ok(None)).unwrap();
+        let digest = added[0].1.unwrap();
+        assert_ne!(total, Sum::default());
+        let remove = vec![Change {
+            kind: RowKind::Client,
+            uuid: client,
+            old: Some(b"c1".to_vec()),
+            new: None,
+        }];
+        let (removed, total) = apply(&k, &remove, total, |_| Ok(Some(digest))).unwrap();
+        assert_eq!(removed, vec![(client, None)]);
+        assert_eq!(total, Recomputed::default().total(&k), "as if never added");
     }
 
     #[test]

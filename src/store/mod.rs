@@ -31,7 +31,7 @@ use commit::Change;
 pub(crate) use commit::{tampered, Mismatch, Recomputed, RowKind, Sum};
 pub use commit::{CommitKeys, CounterAt, CounterBinding, StoreState};
 pub use record::KeyRecord;
-pub use rows::{CounterRecord, EventRecord, VersionRecord};
+pub use rows::{ClientRecord, CounterRecord, EventRecord, VersionRecord};
 pub use staged::Staged;
 pub use tx::Tx;
 
@@ -387,28 +387,70 @@ impl Store {
     /// [`Error::StoreTampered`] naming the key; storage errors; [`Error::Integrity`] if the row
     /// cannot be decoded.
     pub fn checked_key(&self, uuid: &[u8; 16]) -> Result<Option<KeyRecord>> {
+        self.checked_read(
+            |conn| Ok((*uuid, read_key(conn, uuid)?)),
+            |uuid| format!("key record {}", crate::hex::encode(uuid)),
+        )
+    }
+
+    /// The token client whose token hashes to `token_hash`, if any (the caller checks its MAC),
+    /// read with what vouches for it as [`Self::checked_key`] reads a key: the committed state,
+    /// the digests against the total, and the client's row against its digest. So a client
+    /// removed and its row put back (from an older copy of the store) is refused at its
+    /// token's next use.
+    ///
+    /// # Errors
+    /// [`Error::StoreTampered`] naming the client; storage errors; [`Error::Integrity`] if the
+    /// row cannot be decoded.
+    pub fn checked_client(&self, token_hash: &[u8]) -> Result<Option<ClientRecord>> {
+        self.checked_read(
+            |conn| {
+                let client = read_client(conn, "token_hash", &token_hash)?;
+                Ok((client.as_ref().map(|c| c.uuid).unwrap_or_default(), client))
+            },
+            |uuid| format!("token client {}", crate::hex::encode(uuid)),
+        )
+    }
+
+    /// `read` (a row and the uuid it is committed under) in one read transaction with the checks
+    /// [`Self::checked_key`] describes; `what` names the uuid in the error.
+    fn checked_read<T>(
+        &self,
+        read: impl FnOnce(&Connection) -> Result<([u8; 16], Option<T>)>,
+        what: impl FnOnce(&[u8; 16]) -> String,
+    ) -> Result<Option<T>> {
         let Some(keys) = &self.commit else {
-            return self.key(uuid);
+            return Ok(read(&self.conn())?.1);
         };
         let mut conn = self.conn();
         let tx = conn
             .transaction()
-            .map_err(|e| Error::storage("begin reading a key", e))?;
+            .map_err(|e| Error::storage("begin reading the store", e))?;
         let (_, state) = self.current_state(&tx)?;
         self.check_total(&tx, keys, &state)?;
-        let stored = read_digest(&tx, uuid)?;
-        let present = key_rows_sum(&tx, keys, uuid)?;
-        let record = read_key(&tx, uuid)?;
+        let (uuid, row) = read(&tx)?;
+        let stored = read_digest(&tx, &uuid)?;
+        let present = key_rows_sum(&tx, keys, &uuid)?;
         tx.commit()
-            .map_err(|e| Error::storage("end reading a key", e))?;
-        if stored != Some(present) {
+            .map_err(|e| Error::storage("end reading the store", e))?;
+        // A uuid without rows has no digest (the zero uuid of a token no client has, too).
+        if stored.unwrap_or_default() != present {
             return Err(tampered(format!(
-                "key record {}: its rows are not the ones committed (one deleted, put back from \
-                 an older copy, or duplicated)",
-                crate::hex::encode(uuid)
+                "{}: its rows are not the ones committed (one deleted, put back from an older \
+                 copy, or duplicated)",
+                what(&uuid)
             )));
         }
-        Ok(record)
+        Ok(row)
+    }
+
+    /// Every token client, by name (the caller checks their MACs).
+    ///
+    /// # Errors
+    /// Storage errors; [`Error::Integrity`] if a row cannot be decoded.
+    pub fn clients(&self) -> Result<Vec<ClientRecord>> {
+        let sql = format!("SELECT {} FROM clients ORDER BY name", rows::CLIENT_COLUMNS);
+        query(&self.conn(), &sql, [], rows::client_from_row)
     }
 
     /// Every key's digest against `state`'s total, unless this process found them adding up at
@@ -843,14 +885,17 @@ impl Store {
             // Before every write: the rows of each key it changes are exactly those committed,
             // plus this change (a row deleted or put back before it would otherwise be carried
             // into the new commitment's digest of that key, and found only at the next open).
-            if key_rows_sum(&tx, keys, &uuid)? != digest {
+            if key_rows_sum(&tx, keys, &uuid)? != digest.unwrap_or_default() {
                 return Err(tampered(format!(
                     "key record {}: its rows are not the ones committed (one deleted, put back \
                      from an older copy, or duplicated); nothing was changed",
                     crate::hex::encode(&uuid)
                 )));
             }
-            put_digest(&tx, &uuid, digest)?;
+            match digest {
+                Some(digest) => put_digest(&tx, &uuid, digest)?,
+                None => delete_digest(&tx, &uuid)?,
+            }
         }
         let (generation, counter) = next(&state)?;
         let next = keys.state(generation, total, counter, audit, &self.meta.mac);
@@ -973,6 +1018,12 @@ impl Store {
                 [],
                 rows::counter_from_row,
             ),
+            clients: query(
+                &tx,
+                &format!("SELECT {} FROM clients ORDER BY name", rows::CLIENT_COLUMNS),
+                [],
+                rows::client_from_row,
+            ),
             state: read_state(&tx, &self.dir),
             digests: read_digests(&tx),
             data_version: read_data_version(&tx),
@@ -995,6 +1046,8 @@ pub struct AllRows {
     pub events: Result<Vec<EventRecord>>,
     /// Every AES-GCM counter.
     pub counters: Result<Vec<CounterRecord>>,
+    /// Every token client, by name.
+    pub clients: Result<Vec<ClientRecord>>,
     /// The committed state, as read (its MAC not checked).
     pub state: Result<Option<StoreState>>,
     /// Every key's digest, as stored.
@@ -1030,6 +1083,19 @@ fn read_key(conn: &Connection, uuid: &[u8; 16]) -> Result<Option<KeyRecord>> {
     stmt.query_row(params![uuid.as_slice()], record::from_row)
         .optional()
         .map_err(record::decode_error)
+}
+
+/// The token client whose `column` (`name` or `token_hash`, both unique) is `value`.
+fn read_client(
+    conn: &Connection,
+    column: &str,
+    value: &dyn rusqlite::ToSql,
+) -> Result<Option<ClientRecord>> {
+    let sql = format!(
+        "SELECT {} FROM clients WHERE {column} = ?1",
+        rows::CLIENT_COLUMNS
+    );
+    Ok(query(conn, &sql, params![value], rows::client_from_row)?.pop())
 }
 
 fn insert_key(conn: &Connection, rec: &KeyRecord) -> Result<()> {
@@ -1125,6 +1191,7 @@ fn key_rows_sum(conn: &Connection, keys: &CommitKeys, uuid: &[u8; 16]) -> Result
         (RowKind::Version, "key_versions"),
         (RowKind::Event, "key_events"),
         (RowKind::Counter, "gcm_counters"),
+        (RowKind::Client, "clients"),
     ] {
         let macs = query(
             conn,
@@ -1196,6 +1263,15 @@ fn put_digest(conn: &Connection, uuid: &[u8; 16], digest: Sum) -> Result<()> {
         params![uuid.as_slice(), digest.to_bytes().as_slice()],
     )
     .map_err(|e| Error::storage("write a key's digest", e))?;
+    Ok(())
+}
+
+fn delete_digest(conn: &Connection, uuid: &[u8; 16]) -> Result<()> {
+    conn.execute(
+        "DELETE FROM key_digests WHERE uuid = ?1",
+        params![uuid.as_slice()],
+    )
+    .map_err(|e| Error::storage("delete a client's digest", e))?;
     Ok(())
 }
 

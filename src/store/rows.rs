@@ -118,6 +118,53 @@ impl CounterRecord {
     }
 }
 
+/// A client of the service that authenticates with a bearer token (`keyhold client add`): the
+/// token's keyed hash, never the token, and what the client is granted.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ClientRecord {
+    /// Random record identifier: the client's place in the commitment.
+    pub uuid: [u8; 16],
+    /// The client's name, unique among token clients.
+    pub name: String,
+    /// HMAC-SHA256 of the token under a key derived from the root secret.
+    pub token_hash: Vec<u8>,
+    /// The namespaces granted, a JSON array of strings.
+    pub namespaces: String,
+    /// The operations granted, a JSON array of strings; `None`: every operation.
+    pub operations: Option<String>,
+    /// When the client was added.
+    pub created_at: i64,
+    /// HMAC-SHA256 over [`ClientRecord::mac_input`].
+    pub mac: Vec<u8>,
+}
+
+impl std::fmt::Debug for ClientRecord {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Not the token's hash: it is what a presented token is looked up by.
+        f.debug_struct("ClientRecord")
+            .field("uuid", &crate::hex::encode(&self.uuid))
+            .field("name", &self.name)
+            .field("namespaces", &self.namespaces)
+            .field("operations", &self.operations)
+            .field("created_at", &self.created_at)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ClientRecord {
+    /// The canonical bytes its MAC covers.
+    pub fn mac_input(&self, store_id: &[u8; 16]) -> Vec<u8> {
+        let mut c = Canonical::new(b"keyhold token client v1\0", store_id);
+        c.field(Some(&self.uuid))
+            .text(&self.name)
+            .field(Some(&self.token_hash))
+            .text(&self.namespaces)
+            .field(self.operations.as_deref().map(str::as_bytes))
+            .int(self.created_at);
+        c.into_bytes()
+    }
+}
+
 pub(super) fn uuid_at(row: &rusqlite::Row<'_>, i: usize) -> rusqlite::Result<[u8; 16]> {
     let uuid: Vec<u8> = row.get(i)?;
     uuid.try_into().map_err(|_| {
@@ -170,5 +217,20 @@ pub(super) fn counter_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Coun
         version: row.get(1)?,
         reserved: row.get(2)?,
         mac: row.get(3)?,
+    })
+}
+
+pub(super) const CLIENT_COLUMNS: &str =
+    "uuid, name, token_hash, namespaces, operations, created_at, mac";
+
+pub(super) fn client_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<ClientRecord> {
+    Ok(ClientRecord {
+        uuid: uuid_at(row, 0)?,
+        name: row.get(1)?,
+        token_hash: row.get(2)?,
+        namespaces: row.get(3)?,
+        operations: row.get(4)?,
+        created_at: row.get(5)?,
+        mac: row.get(6)?,
     })
 }

@@ -113,6 +113,19 @@ const MIGRATIONS: &[&str] = &[
         uuid   BLOB PRIMARY KEY NOT NULL,
         digest BLOB NOT NULL
     ) STRICT;",
+    // 4: the service's token clients (`keyhold client add`): a keyed hash of each token, never
+    // the token, and its grant, under a MAC, each client's row in the commitment under its uuid
+    // (its digest in `key_digests`, as a key's). `namespaces` and `operations` are JSON arrays
+    // (`operations` NULL: every operation).
+    "CREATE TABLE clients (
+        uuid       BLOB PRIMARY KEY NOT NULL,
+        name       TEXT NOT NULL UNIQUE,
+        token_hash BLOB NOT NULL UNIQUE,
+        namespaces TEXT NOT NULL,
+        operations TEXT,
+        created_at INTEGER NOT NULL,
+        mac        BLOB NOT NULL
+    ) STRICT;",
 ];
 
 /// The schema version this keyhold writes.

@@ -262,4 +262,70 @@ impl Tx<'_> {
         self.changed(RowKind::Counter, &c.uuid, old, Some(&c.mac));
         Ok(())
     }
+
+    /// The token client named `name`, under the write lock. The caller checks its MAC.
+    ///
+    /// # Errors
+    /// Storage errors; [`Error::Integrity`] if the row cannot be decoded.
+    pub fn client(&self, name: &str) -> Result<Option<ClientRecord>> {
+        read_client(self.tx, "name", &name)
+    }
+
+    /// Adds a token client.
+    ///
+    /// # Errors
+    /// [`Error::InvalidInput`] if a client of that name exists; storage errors.
+    pub fn insert_client(&self, c: &ClientRecord) -> Result<()> {
+        let inserted = self.tx.execute(
+            &format!(
+                "INSERT INTO clients ({}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                rows::CLIENT_COLUMNS
+            ),
+            params![
+                c.uuid.as_slice(),
+                c.name,
+                c.token_hash,
+                c.namespaces,
+                c.operations,
+                c.created_at,
+                c.mac
+            ],
+        );
+        match inserted {
+            Ok(_) => {}
+            Err(rusqlite::Error::SqliteFailure(e, _))
+                if e.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_UNIQUE =>
+            {
+                return Err(Error::InvalidInput(format!(
+                    "a token client named `{}` exists already: choose another name, or `keyhold \
+                     client remove {}` first",
+                    c.name, c.name
+                )));
+            }
+            Err(e) => return Err(Error::storage("insert a token client", e)),
+        }
+        self.changed(RowKind::Client, &c.uuid, None, Some(&c.mac));
+        Ok(())
+    }
+
+    /// Deletes the token client `c` (as read under this lock).
+    ///
+    /// # Errors
+    /// Storage errors; [`Error::Integrity`] if it is not there any more.
+    pub fn delete_client(&self, c: &ClientRecord) -> Result<()> {
+        let n = self
+            .tx
+            .execute(
+                "DELETE FROM clients WHERE uuid = ?1",
+                params![c.uuid.as_slice()],
+            )
+            .map_err(|e| Error::storage("remove a token client", e))?;
+        if n != 1 {
+            return Err(Error::Integrity {
+                what: format!("token client `{}` vanished while it was removed", c.name),
+            });
+        }
+        self.changed(RowKind::Client, &c.uuid, Some(c.mac.clone()), None);
+        Ok(())
+    }
 }

@@ -136,6 +136,8 @@ pub fn snapshot(dir: &Path) -> BTreeMap<PathBuf, FileBytes> {
 
 /// The harness of the command-line tests (tests/cli_*.rs).
 pub mod env;
+#[cfg(feature = "serve")]
+pub mod serve;
 
 /// Helpers of the CLI tests of README claims (cli_hardening, cli_exit_codes, cli_reseal, …).
 pub mod claims;
@@ -418,6 +420,3 @@ pub fn unhex(hex: &str) -> Vec<u8> {
         .map(|i| u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).unwrap())
         .collect()
 }
-
-#[cfg(feature = "serve")]
-pub mod server;

@@ -114,6 +114,7 @@ struct Rows {
     versions: Vec<VersionRecord>,
     events: Vec<EventRecord>,
     counters: Vec<CounterRecord>,
+    clients: Vec<crate::store::ClientRecord>,
     /// The committed state and the keys' digests, read with the rows (a finding in
     /// `commitment_unreadable` if they cannot be).
     state: Option<crate::store::StoreState>,
@@ -130,6 +131,7 @@ impl Rows {
         let versions = table(all.versions, "key versions", &mut unreadable)?;
         let events = table(all.events, "history entries", &mut unreadable)?;
         let counters = table(all.counters, "AES-GCM counters", &mut unreadable)?;
+        let clients = table(all.clients, "token clients", &mut unreadable)?;
         let mut commitment_unreadable = Vec::new();
         let mut unreadable_commitment = |e: Error| match e {
             Error::Storage { .. } | Error::Io { .. } => Err(e),
@@ -161,6 +163,7 @@ impl Rows {
             versions,
             events,
             counters,
+            clients,
             state,
             digests,
             commitment_unreadable,
@@ -331,16 +334,26 @@ impl Keystore {
                 versions: &rows.versions,
                 events: &rows.events,
                 counters: &rows.counters,
+                clients: &rows.clients,
             },
         );
         let label_of = |uuid: &[u8; 16]| {
-            rows.keys
-                .iter()
-                .find(|r| &r.uuid == uuid)
-                .map(|r| format!("{}/{}", r.namespace, r.name))
+            let key = rows.keys.iter().find(|r| &r.uuid == uuid);
+            let client = rows.clients.iter().find(|c| &c.uuid == uuid);
+            key.map(|r| format!("{}/{}", r.namespace, r.name))
+                .or_else(|| client.map(|c| format!("token client {}", c.name)))
                 .unwrap_or_default()
         };
         let mut findings: Vec<Finding> = rows.commitment_unreadable.clone();
+        findings.extend(
+            super::clients::failing_clients(&self.record_mac, &self.store_id, &rows.clients)
+                .into_iter()
+                .map(|what| Finding {
+                    status: Status::Failed,
+                    key: None,
+                    what,
+                }),
+        );
         findings.extend(report.problems.into_iter().map(|(uuid, what)| Finding {
             status: Status::Failed,
             key: uuid.map(|uuid| KeyName {

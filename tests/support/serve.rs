@@ -1,0 +1,243 @@
+//! A real `keyhold serve` on a temporary Unix socket, asked over raw HTTP/1.1: what the service's
+//! tests (tests/serve*.rs) share.
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+use serde_json::Value;
+
+use super::env::{require_tool, Env};
+
+/// A running `keyhold serve` on the Env's store, killed (SIGKILL) if the test did not stop it.
+pub struct Server {
+    child: Option<Child>,
+    pub socket: PathBuf,
+}
+
+/// An answer: its status, its headers (lowercase names), its body as text and as JSON (null
+/// if it is not JSON).
+#[derive(Debug)]
+pub struct Answer {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub text: String,
+    pub body: Value,
+}
+
+impl Answer {
+    /// The value of header `name` (lowercase), if any.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+impl Server {
+    /// Starts the service with `clients` (TOML `[clients.*]` tables) as the configuration, and
+    /// waits until its socket answers.
+    pub fn start(env: &Env, clients: &str) -> Self {
+        Self::start_with(env, "", clients)
+    }
+
+    /// [`Server::start`] with `base` (backends, …) in the configuration before the clients.
+    pub fn start_with(env: &Env, base: &str, clients: &str) -> Self {
+        env.set_config(&format!("{base}\n{clients}"));
+        let socket = env.file("keyhold.sock");
+        let mut cmd = env.command(&["serve", "--listen", &format!("unix:{}", socket.display())]);
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        let child = cmd.spawn().unwrap();
+        let mut server = Self {
+            child: Some(child),
+            socket,
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while UnixStream::connect(&server.socket).is_err() {
+            if let Some(status) = server.child.as_mut().and_then(|c| c.try_wait().unwrap()) {
+                let (_, err) = server.stop_with(None);
+                panic!("the service ended before it listened: {status:?}\n{err}");
+            }
+            assert!(Instant::now() < deadline, "the service never listened");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        server
+    }
+
+    /// `METHOD path` with a JSON `body`: the status and the JSON answer.
+    pub fn ask(&self, method: &str, path: &str, body: Option<&Value>) -> (u16, Value) {
+        let body = body.map(Value::to_string);
+        self.raw(method, path, body.as_deref().map(str::as_bytes))
+    }
+
+    /// `METHOD path` with `body` sent as it is (JSON content type).
+    pub fn raw(&self, method: &str, path: &str, body: Option<&[u8]>) -> (u16, Value) {
+        let answer = self.request(method, path, &[], body);
+        (answer.status, answer.body)
+    }
+
+    /// `METHOD path` with `headers` (`Name: value` lines) and `body` (JSON content type).
+    pub fn request(
+        &self,
+        method: &str,
+        path: &str,
+        headers: &[&str],
+        body: Option<&[u8]>,
+    ) -> Answer {
+        let mut stream = UnixStream::connect(&self.socket).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(30)))
+            .unwrap();
+        let body = body.unwrap_or_default();
+        let mut head = format!(
+            "{method} {path} HTTP/1.1\r\nHost: keyhold\r\nContent-Type: application/json\r\n\
+             Content-Length: {}\r\nConnection: close\r\n",
+            body.len()
+        );
+        for header in headers {
+            head.push_str(header);
+            head.push_str("\r\n");
+        }
+        head.push_str("\r\n");
+        // One write: a server that refuses the request before reading its body reads it with
+        // the head, rather than closing the connection on unread bytes (a reset).
+        let mut request = head.into_bytes();
+        request.extend_from_slice(body);
+        // A server that answers before the whole body is read may close the connection first.
+        let _ = stream.write_all(&request);
+        let mut answer = Vec::new();
+        // A reset after the answer (a body not read) keeps what was read; no answer at all is
+        // reported below.
+        let _ = stream.read_to_end(&mut answer);
+        let text = String::from_utf8_lossy(&answer);
+        let (head, rest) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+        let mut lines = head.split("\r\n");
+        let status = lines
+            .next()
+            .and_then(|line| line.split(' ').nth(1))
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| panic!("no status line in: {text}"));
+        let headers = lines
+            .filter_map(|line| line.split_once(':'))
+            .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_owned()))
+            .collect();
+        Answer {
+            status,
+            headers,
+            text: rest.to_owned(),
+            body: serde_json::from_str(rest).unwrap_or(Value::Null),
+        }
+    }
+
+    /// SIGTERM, then its exit status and stderr.
+    pub fn stop(mut self) -> (std::process::ExitStatus, String) {
+        self.stop_with(Some(rustix::process::Signal::TERM))
+    }
+
+    fn stop_with(
+        &mut self,
+        signal: Option<rustix::process::Signal>,
+    ) -> (std::process::ExitStatus, String) {
+        let mut child = self.child.take().unwrap();
+        if let Some(signal) = signal {
+            let pid = rustix::process::Pid::from_raw(child.id() as i32).unwrap();
+            rustix::process::kill_process(pid, signal).unwrap();
+        }
+        let status = child.wait().unwrap();
+        let mut err = String::new();
+        child
+            .stderr
+            .take()
+            .unwrap()
+            .read_to_string(&mut err)
+            .unwrap();
+        (status, err)
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// curl run as `nobody` (uid 65534, through setpriv) against a service's socket: another
+/// source than this process. Making it lets other users reach the socket's directory.
+pub struct AsNobody {
+    setpriv: PathBuf,
+    curl: PathBuf,
+}
+
+impl AsNobody {
+    /// Needs setpriv and curl; opens `env`'s socket directory to other users (0755).
+    pub fn new(env: &Env) -> Self {
+        use std::os::unix::fs::PermissionsExt;
+        let setpriv = require_tool("setpriv", "util-linux: it runs a client as another user");
+        let curl = require_tool(
+            "curl",
+            "it speaks HTTP over a Unix socket as the other user",
+        );
+        let dir = env.file("keyhold.sock").parent().unwrap().to_path_buf();
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        Self { setpriv, curl }
+    }
+
+    /// `GET path` with `headers` (`Name: value`): curl's stdout (the body), or its stderr as
+    /// the failure's report.
+    pub fn get(&self, server: &Server, path: &str, headers: &[&str]) -> String {
+        let mut cmd = std::process::Command::new(&self.setpriv);
+        cmd.args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+            .arg(&self.curl)
+            .args(["-s", "--unix-socket"])
+            .arg(&server.socket);
+        for header in headers {
+            cmd.args(["-H", header]);
+        }
+        let out = cmd.arg(format!("http://keyhold{path}")).output().unwrap();
+        assert!(
+            out.status.success(),
+            "curl as nobody: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+}
+
+pub fn b64(bytes: &[u8]) -> String {
+    base64::engine::general_purpose::STANDARD.encode(bytes)
+}
+
+pub fn unb64(value: &Value) -> Vec<u8> {
+    base64::engine::general_purpose::STANDARD
+        .decode(value.as_str().unwrap())
+        .unwrap()
+}
+
+/// This process's user: the client the tests configure.
+pub fn uid() -> u32 {
+    rustix::process::geteuid().as_raw()
+}
+
+/// An initialised store whose commands get a configuration file (empty until a server starts).
+pub fn env() -> Env {
+    let env = Env::new().with_config("");
+    env.init_store();
+    env
+}
+
+/// `[clients.app]`: this process's user, seeing `namespaces` (TOML strings), with `extra`.
+pub fn client(namespaces: &str, extra: &str) -> String {
+    format!(
+        "[clients.app]\nuid = {}\nnamespaces = [{namespaces}]\n{extra}\n",
+        uid()
+    )
+}
