@@ -20,7 +20,10 @@ fn a_client_creates_signs_verifies_encrypts_and_decrypts_in_its_namespace() {
     let server = Server::start(&env, &client("\"app\"", ""));
     assert_eq!(
         server.ask("GET", "/v1/health", None),
-        (200, json!({"status": "ok", "client": "app"}))
+        (
+            200,
+            json!({"status": "ok", "client": "app", "sealer": "passphrase"})
+        )
     );
     let (status, key) = server.ask(
         "POST",
@@ -272,7 +275,7 @@ fn another_user_s_configured_client_is_served_over_the_socket() {
     assert_eq!(mode, 0o666);
     assert_eq!(
         nobody.get(&server, "/v1/health", &[]),
-        r#"{"client":"nobody","status":"ok"}"#
+        r#"{"client":"nobody","sealer":"passphrase","status":"ok"}"#
     );
     // This process (root) is no client of it.
     assert_eq!(server.ask("GET", "/v1/health", None).0, 401);

@@ -108,7 +108,10 @@ fn a_token_client_is_served_its_namespaces_and_operations_and_nothing_else() {
     let answer = health(&server, &token);
     assert_eq!(
         (answer.status, &answer.body),
-        (200, &json!({"status": "ok", "client": "app"}))
+        (
+            200,
+            &json!({"status": "ok", "client": "app", "sealer": "passphrase"})
+        )
     );
     for id in [&mine, &second] {
         let signed = sign(&server, &token, id);
@@ -346,7 +349,10 @@ fn repeated_wrong_tokens_are_rate_limited_per_source_and_other_sources_are_serve
     // Another source (uid 65534) with its token is served, one of its own failures notwithstanding.
     let as_nobody = |token: &str| nobody.get(&server, "/v1/health", &[&bearer(token)]);
     assert!(as_nobody(&wrong).contains("unauthenticated"));
-    assert_eq!(as_nobody(&theirs), r#"{"client":"theirs","status":"ok"}"#);
+    assert_eq!(
+        as_nobody(&theirs),
+        r#"{"client":"theirs","sealer":"passphrase","status":"ok"}"#
+    );
     let (status, err) = server.stop();
     assert!(status.success(), "{status:?}\n{err}");
     // One warning at the source's first failure and one when it is blocked, not one per request.

@@ -192,7 +192,7 @@ fn create(ctx: &Context, args: &CreateArgs) -> CmdResult {
     // Times `+DURATION` count from when the store is open (unsealing may take seconds): the
     // options are checked now and made again then.
     create_options(args, keyhold::time::now())?;
-    let ks = io::open_keystore(ctx)?;
+    let ks = io::open_keys(ctx)?;
     let options = create_options(args, keyhold::time::now())?;
     let info = ks.create_key_with(
         &KeyRequest {
@@ -247,7 +247,7 @@ fn fallback_of(info: &KeyInfo) -> Option<(&str, &str)> {
 }
 
 fn list(ctx: &Context, args: &ListArgs) -> CmdResult {
-    let ks = io::open_keystore(ctx)?;
+    let ks = io::open_keys(ctx)?;
     let keys = if args.all {
         ks.list_all_keys(Some(&ctx.namespace))?
     } else {
@@ -300,8 +300,8 @@ fn backend_cell(info: &KeyInfo) -> String {
 fn id(ctx: &Context, args: &IdArgs) -> CmdResult {
     keyhold::validate_name("namespace", &ctx.namespace)?;
     keyhold::validate_name("key name", &args.name)?;
-    let ks = io::open_keystore(ctx)?;
-    let id = select::id_of_name(ctx, &ks, &args.name)?;
+    let ks = io::open_keys(ctx)?;
+    let id = select::id_of_name(ctx, &*ks, &args.name)?;
     if ctx.json {
         io::print_json(&serde_json::json!({
             "id": id,
@@ -315,8 +315,8 @@ fn id(ctx: &Context, args: &IdArgs) -> CmdResult {
 
 fn show(ctx: &Context, args: &KeyArg) -> CmdResult {
     args.key.check()?;
-    let ks = io::open_keystore(ctx)?;
-    let id = args.key.resolve(ctx, &ks)?;
+    let ks = io::open_keys(ctx)?;
+    let id = args.key.resolve(ctx, &*ks)?;
     let info = ks.key_info(&id)?;
     if ctx.json {
         return io::print_json(&info_json(&info));
@@ -329,7 +329,7 @@ fn show(ctx: &Context, args: &KeyArg) -> CmdResult {
         ("type", info.spec.key_type().to_string()),
         ("purpose", info.spec.purpose().to_string()),
         ("algorithm", info.spec.algorithm().to_string()),
-        ("backend", backend_text(&info, ks.sealer_kind())),
+        ("backend", backend_text(&info, &ks.sealer_kind()?)),
         ("locator", info.locator.clone()),
         ("state", state_text(&info)),
         ("version", info.version.to_string()),
@@ -405,9 +405,9 @@ fn pubkey(ctx: &Context, args: &PubkeyArgs) -> CmdResult {
     if matches!(args.format, PubkeyFormat::Der) {
         io::check_binary_output(args.out.as_deref(), "DER public key", ", or --format pem")?;
     }
-    let ks = io::open_keystore(ctx)?;
-    let id = args.key.resolve(ctx, &ks)?;
-    let public = ks.public_key(&id)?;
+    let ks = io::open_keys(ctx)?;
+    let id = args.key.resolve(ctx, &*ks)?;
+    let public = ks.public_key_version(&id, None)?;
     let bytes = match args.format {
         PubkeyFormat::Pem => public.to_pem().into_bytes(),
         PubkeyFormat::Der => public.spki_der().to_vec(),

@@ -89,8 +89,8 @@ fn report(ctx: &Context, info: &KeyInfo, text: &str) -> CmdResult {
 
 pub fn rotate(ctx: &Context, args: &ReasonArgs) -> CmdResult {
     args.key.check()?;
-    let ks = io::open_keystore(ctx)?;
-    let id = args.key.resolve(ctx, &ks)?;
+    let ks = io::open_keys(ctx)?;
+    let id = args.key.resolve(ctx, &*ks)?;
     let info = ks.rotate_key(&id, args.reason.as_deref())?;
     let text = format!("rotated {} to version {}", label(&info), info.version);
     report(ctx, &info, &text)
@@ -98,8 +98,8 @@ pub fn rotate(ctx: &Context, args: &ReasonArgs) -> CmdResult {
 
 pub fn transition(ctx: &Context, args: &ReasonArgs, transition: Transition) -> CmdResult {
     args.key.check()?;
-    let ks = io::open_keystore(ctx)?;
-    let id = args.key.resolve(ctx, &ks)?;
+    let ks = io::open_keys(ctx)?;
+    let id = args.key.resolve(ctx, &*ks)?;
     let info = ks.change_state(&id, transition, args.reason.as_deref())?;
     let key = label(&info);
     let text = match transition {
@@ -125,8 +125,8 @@ pub fn destroy(ctx: &Context, args: &DestroyArgs) -> CmdResult {
         ));
     }
     let after = keyhold::time::duration_secs(after)?;
-    let ks = io::open_keystore(ctx)?;
-    let id = args.key.resolve(ctx, &ks)?;
+    let ks = io::open_keys(ctx)?;
+    let id = args.key.resolve(ctx, &*ks)?;
     // From now, not from when the command started: unsealing may take seconds.
     let at = keyhold::time::now()
         .checked_add(after)
@@ -156,8 +156,8 @@ fn destroy_now(ctx: &Context, args: &DestroyArgs) -> CmdResult {
                 .into(),
         ));
     }
-    let ks = io::open_keystore(ctx)?;
-    let id = args.key.resolve(ctx, &ks)?;
+    let ks = io::open_keys(ctx)?;
+    let id = args.key.resolve(ctx, &*ks)?;
     if !args.yes {
         let info = ks.key_info(&id)?;
         let question = format!(
@@ -179,8 +179,8 @@ fn destroy_now(ctx: &Context, args: &DestroyArgs) -> CmdResult {
 
 pub fn cancel_destroy(ctx: &Context, args: &ReasonArgs) -> CmdResult {
     args.key.check()?;
-    let ks = io::open_keystore(ctx)?;
-    let id = args.key.resolve(ctx, &ks)?;
+    let ks = io::open_keys(ctx)?;
+    let id = args.key.resolve(ctx, &*ks)?;
     let info = ks.cancel_destroy(&id, args.reason.as_deref())?;
     let text = format!("kept {}: its destruction is cancelled", label(&info));
     report(ctx, &info, &text)
@@ -199,8 +199,8 @@ pub fn set(ctx: &Context, args: &SetArgs) -> CmdResult {
                 .into(),
         ));
     }
-    let ks = io::open_keystore(ctx)?;
-    let id = args.key.resolve(ctx, &ks)?;
+    let ks = io::open_keys(ctx)?;
+    let id = args.key.resolve(ctx, &*ks)?;
     let (policy, said) = text.parse(keyhold::time::now())?;
     let info = ks.set_policy(&id, &policy, args.reason.as_deref())?;
     let text = format!("updated {}: {}", label(&info), said.join(", "));
@@ -219,8 +219,8 @@ fn policy_text(args: &SetArgs) -> PolicyText {
 
 pub fn history(ctx: &Context, args: &KeyArg) -> CmdResult {
     args.key.check()?;
-    let ks = io::open_keystore(ctx)?;
-    let id = args.key.resolve(ctx, &ks)?;
+    let ks = io::open_keys(ctx)?;
+    let id = args.key.resolve(ctx, &*ks)?;
     let events = ks.history(&id)?;
     if ctx.json {
         return io::print_json(&serde_json::Value::Array(

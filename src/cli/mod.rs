@@ -51,6 +51,16 @@ pub struct Args {
     #[arg(long, global = true, value_name = "FILE")]
     passphrase_file: Option<PathBuf>,
 
+    /// Run key and cryptographic commands through `keyhold serve` at REMOTE (unix:PATH), which
+    /// holds the store, instead of opening it here
+    #[arg(long, global = true, value_name = "REMOTE", env = "KEYHOLD_REMOTE")]
+    remote: Option<String>,
+
+    /// With --remote: the bearer token is the first line of FILE [default: $KEYHOLD_TOKEN, else
+    /// none: the service knows this user by its peer credentials]
+    #[arg(long, global = true, value_name = "FILE")]
+    token_file: Option<PathBuf>,
+
     /// Machine-readable output (JSON) on stdout; errors as a JSON object on stderr
     #[arg(long, global = true)]
     json: bool,
@@ -245,13 +255,19 @@ pub struct Context {
     config_source: ConfigSource,
     namespace: String,
     passphrase_file: Option<PathBuf>,
+    /// `--remote`: the service that holds the store, if commands go through one.
+    remote: Option<String>,
+    token_file: Option<PathBuf>,
     json: bool,
 }
 
 impl Context {
     fn from_args(args: &Args) -> Result<Self, Failure> {
+        let remote = args.remote.clone().filter(|r| !r.is_empty());
         let store = match &args.store {
             Some(dir) => dir.clone(),
+            // Through a service, no store is opened here: one that cannot be found is no error.
+            None if remote.is_some() => default_store().unwrap_or_default(),
             None => default_store()?,
         };
         let config_source = ConfigSource::locate(args.config.as_deref());
@@ -265,6 +281,8 @@ impl Context {
             config_source,
             namespace: args.namespace.clone(),
             passphrase_file: args.passphrase_file.clone(),
+            remote,
+            token_file: args.token_file.clone(),
             json: args.json,
         })
     }
@@ -437,7 +455,29 @@ fn run(args: &Args) -> CmdResult {
     })
 }
 
+/// Whether `command` may run through `--remote`: key and cryptographic commands. The others
+/// administer the store (or are the service) and run where it is.
+fn runs_remotely(command: &Command) -> bool {
+    match command {
+        Command::Key(c) => !matches!(c, key::KeyCommand::Export(_) | key::KeyCommand::Import(_)),
+        Command::Sign(_)
+        | Command::Verify(_)
+        | Command::Encrypt(_)
+        | Command::Decrypt(_)
+        | Command::Rewrap(_)
+        | Command::Mac(_)
+        | Command::MacVerify(_)
+        | Command::Random(_) => true,
+        _ => false,
+    }
+}
+
 fn dispatch(ctx: &Context, args: &Args) -> CmdResult {
+    if let Some(remote) = &ctx.remote {
+        if !runs_remotely(&args.command) {
+            return Err(io::not_remote(remote));
+        }
+    }
     match &args.command {
         Command::Init(a) => store::init(ctx, a),
         Command::Key(c) => key::run(ctx, c),

@@ -5,7 +5,7 @@ use std::io::Write;
 
 use keyhold::config::SealerKind;
 use keyhold::sealer::{SealedRoot, Sealer};
-use keyhold::{Keystore, PassphraseSealer};
+use keyhold::{KeyService, Keystore, PassphraseSealer};
 
 use super::passphrase::passphrase;
 use super::{Context, Failure};
@@ -80,6 +80,9 @@ fn same_sealer(
 /// Opens and unseals the store named by the context, with the sealer the user stated (see
 /// [`stated_sealer`]); a store that records another kind is refused.
 pub fn open_keystore(ctx: &Context) -> Result<Keystore, Failure> {
+    if let Some(remote) = &ctx.remote {
+        return Err(not_remote(remote));
+    }
     // Look for the store (and its sealer) before asking for a passphrase nobody can use.
     let sealed = keyhold::store::Store::open(&ctx.store)?
         .meta()
@@ -92,6 +95,40 @@ pub fn open_keystore(ctx: &Context) -> Result<Keystore, Failure> {
         sealer.as_ref(),
         &ctx.config,
     )?)
+}
+
+/// The refusal of a command that cannot run through `--remote REMOTE`.
+pub fn not_remote(remote: &str) -> Failure {
+    Failure::Usage(format!(
+        "this command runs where the store is, not through --remote {remote}: the service runs \
+         key and cryptographic commands (key create, list, show, id, pubkey, rotate, suspend, \
+         resume, deactivate, compromise, destroy, cancel-destroy, set, history; sign, verify, \
+         encrypt, decrypt, rewrap, mac, mac-verify, random)"
+    ))
+}
+
+/// The keys a key or cryptographic command works on: the service's with `--remote` (or
+/// `$KEYHOLD_REMOTE`), else the store's, opened here.
+pub fn open_keys(ctx: &Context) -> Result<Box<dyn KeyService>, Failure> {
+    match &ctx.remote {
+        Some(remote) => remote_keys(ctx, remote),
+        None => Ok(Box::new(open_keystore(ctx)?)),
+    }
+}
+
+#[cfg(feature = "serve")]
+fn remote_keys(ctx: &Context, remote: &str) -> Result<Box<dyn KeyService>, Failure> {
+    use keyhold::service::{Remote, RemoteKeystore};
+    let mut keys = RemoteKeystore::new(Remote::parse(remote)?)?;
+    if let Some(token) = super::passphrase::token(ctx.token_file.as_deref())? {
+        keys = keys.with_token(token);
+    }
+    Ok(Box::new(keys))
+}
+
+#[cfg(not(feature = "serve"))]
+fn remote_keys(_: &Context, _: &str) -> Result<Box<dyn KeyService>, Failure> {
+    Err(keyhold::Error::not_built("serve").into())
 }
 
 /// The sealer that unseals the store sealed as `sealed` says, of the kind the user stated (see

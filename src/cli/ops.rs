@@ -8,7 +8,7 @@
 use std::path::PathBuf;
 
 use clap::{Args, ValueEnum};
-use keyhold::{KeyState, Keystore, SignatureFormat, UseOptions, Used};
+use keyhold::{KeyService, KeyState, SignatureFormat, UseOptions, Used};
 
 use super::io::{self, Encoding};
 use super::select::KeySelector;
@@ -164,8 +164,8 @@ pub fn sign(ctx: &Context, args: &SignArgs) -> CmdResult {
     if args.encoding.is_binary() && !ctx.json {
         io::check_binary_output(args.out.as_deref(), "signature", AS_TEXT)?;
     }
-    let ks = io::open_keystore(ctx)?;
-    let id = args.key.resolve(ctx, &ks)?;
+    let ks = io::open_keys(ctx)?;
+    let id = args.key.resolve(ctx, &*ks)?;
     let message = io::read_input(io::std_or(args.input.as_deref()))?;
     let used = ks.sign_with(&id, &message, args.format.into(), &UseOptions::new())?;
     protected(ctx, &used, "signature", args.out.as_deref(), args.encoding)
@@ -227,8 +227,8 @@ pub fn verify(ctx: &Context, args: &VerifyArgs) -> CmdResult {
     args.key.check()?;
     let signature = read_check_value(&args.signature, args.input.as_deref(), "signature")?;
     let signature = args.encoding.decode(signature, "signature")?;
-    let ks = io::open_keystore(ctx)?;
-    let id = args.key.resolve(ctx, &ks)?;
+    let ks = io::open_keys(ctx)?;
+    let id = args.key.resolve(ctx, &*ks)?;
     let message = io::read_input(io::std_or(args.input.as_deref()))?;
     let options = args.process.use_options().version(args.version);
     let outcome = ks.verify_with(&id, &message, &signature, args.format.into(), &options);
@@ -238,8 +238,8 @@ pub fn verify(ctx: &Context, args: &VerifyArgs) -> CmdResult {
 pub fn encrypt(ctx: &Context, args: &EncryptArgs) -> CmdResult {
     args.key.check()?;
     io::check_binary_output(args.out.as_deref(), "envelope", "")?;
-    let ks = io::open_keystore(ctx)?;
-    let id = args.key.resolve(ctx, &ks)?;
+    let ks = io::open_keys(ctx)?;
+    let id = args.key.resolve(ctx, &*ks)?;
     let plaintext = io::read_input(io::std_or(args.input.as_deref()))?;
     let used = ks.encrypt_with(&id, &plaintext, args.aad.as_bytes(), &UseOptions::new())?;
     io::write_output(io::std_or(args.out.as_deref()), &used.output)?;
@@ -274,17 +274,17 @@ fn open_envelope<T>(
     ctx: &Context,
     args: &DecryptArgs,
     what: &str,
-    op: impl FnOnce(&Keystore, &str, &[u8], &[u8], &UseOptions) -> keyhold::Result<Used<T>>,
+    op: impl FnOnce(&dyn KeyService, &str, &[u8], &[u8], &UseOptions) -> keyhold::Result<Used<T>>,
     bytes: impl FnOnce(&T) -> &[u8],
 ) -> CmdResult {
     let options = args.process.use_options();
     let args = &args.envelope;
     args.key.check()?;
     io::check_binary_output(args.out.as_deref(), what, "")?;
-    let ks = io::open_keystore(ctx)?;
-    let id = args.key.resolve(ctx, &ks)?;
+    let ks = io::open_keys(ctx)?;
+    let id = args.key.resolve(ctx, &*ks)?;
     let envelope = io::read_envelope(io::std_or(args.input.as_deref()))?;
-    let used = op(&ks, &id, &envelope, args.aad.as_bytes(), &options)?;
+    let used = op(&*ks, &id, &envelope, args.aad.as_bytes(), &options)?;
     io::write_output(io::std_or(args.out.as_deref()), bytes(&used.output))?;
     report_binary_use(ctx, args.out.as_deref(), used.version, used.state)
 }
@@ -294,8 +294,8 @@ pub fn mac(ctx: &Context, args: &MacArgs) -> CmdResult {
     if args.encoding.is_binary() && !ctx.json {
         io::check_binary_output(args.out.as_deref(), "tag", AS_TEXT)?;
     }
-    let ks = io::open_keystore(ctx)?;
-    let id = args.key.resolve(ctx, &ks)?;
+    let ks = io::open_keys(ctx)?;
+    let id = args.key.resolve(ctx, &*ks)?;
     let data = io::read_input(io::std_or(args.input.as_deref()))?;
     let used = ks.mac_with(&id, &data, &UseOptions::new())?;
     protected(ctx, &used, "tag", args.out.as_deref(), args.encoding)
@@ -305,8 +305,8 @@ pub fn mac_verify(ctx: &Context, args: &MacVerifyArgs) -> CmdResult {
     args.key.check()?;
     let tag = read_check_value(&args.tag, args.input.as_deref(), "tag")?;
     let tag = args.encoding.decode(tag, "tag")?;
-    let ks = io::open_keystore(ctx)?;
-    let id = args.key.resolve(ctx, &ks)?;
+    let ks = io::open_keys(ctx)?;
+    let id = args.key.resolve(ctx, &*ks)?;
     let data = io::read_input(io::std_or(args.input.as_deref()))?;
     let options = args.process.use_options().version(args.version);
     let outcome = ks.verify_mac_with(&id, &data, &tag, &options);
@@ -332,7 +332,11 @@ fn read_check_value(
 }
 
 pub fn random(ctx: &Context, args: &RandomArgs) -> CmdResult {
-    let bytes = keyhold::random_bytes(args.n)?;
+    // Here, from this process's generator, unless a service is asked: no store is opened.
+    let bytes = match ctx.remote {
+        Some(_) => io::open_keys(ctx)?.random(args.n)?,
+        None => keyhold::random_bytes(args.n)?,
+    };
     let hex = keyhold::hex::encode(&bytes);
     if ctx.json {
         io::print_json(&serde_json::json!({ "hex": hex }))

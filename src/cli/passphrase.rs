@@ -67,11 +67,33 @@ pub fn new_passphrase(file: Option<&Path>) -> Result<SecretString, Failure> {
     Ok(passphrase)
 }
 
+/// The bearer token of `--remote`: `--token-file`, then `$KEYHOLD_TOKEN`, else none (the
+/// service then knows the caller by its user). Never from the command line, where other users
+/// see it; read as [`passphrase_from`] reads a passphrase.
+const TOKEN: PassphraseSource = PassphraseSource {
+    variable: "KEYHOLD_TOKEN",
+    what: "bearer token",
+    file_option: "--token-file",
+};
+
+/// The bearer token for `--remote`, if one is given ([`TOKEN`]).
+pub fn token(file: Option<&Path>) -> Result<Option<SecretString>, Failure> {
+    given(&TOKEN, file)
+}
+
 fn read_passphrase(
     source: &PassphraseSource,
     file: Option<&Path>,
     confirm: bool,
 ) -> Result<SecretString, Failure> {
+    match given(source, file)? {
+        Some(secret) => Ok(secret),
+        None => prompt(source, confirm),
+    }
+}
+
+/// The secret from `file`, else from the source's variable (removed once read), else none.
+fn given(source: &PassphraseSource, file: Option<&Path>) -> Result<Option<SecretString>, Failure> {
     let what = source.what;
     if let Some(path) = file {
         let file = File::open(path).map_err(|e| {
@@ -92,7 +114,8 @@ fn read_passphrase(
         }
         return secret_from_utf8(line, || {
             format!("the {what} file {} is not valid UTF-8", path.display())
-        });
+        })
+        .map(Some);
     }
     if let Some(value) = std::env::var_os(source.variable) {
         // The variable is read once per process. Removing it is sound only while no other
@@ -100,9 +123,10 @@ fn read_passphrase(
         // (backends, which may, are built after the store is unsealed).
         std::env::remove_var(source.variable);
         let value = Zeroizing::new(std::os::unix::ffi::OsStringExt::into_vec(value));
-        return secret_from_utf8(&value, || format!("{} is not valid UTF-8", source.variable));
+        return secret_from_utf8(&value, || format!("{} is not valid UTF-8", source.variable))
+            .map(Some);
     }
-    prompt(source, confirm)
+    Ok(None)
 }
 
 /// A passphrase from bytes (without a trailing `\r`), copied once into its `SecretString`.

@@ -1,7 +1,7 @@
 //! Which key a command uses: `--key ID`, or `--name NAME` looked up in `--namespace`.
 
 use clap::Args;
-use keyhold::Keystore;
+use keyhold::KeyService;
 
 use super::{Context, Failure};
 
@@ -41,7 +41,7 @@ impl KeySelector {
 
     /// The key ID to use: `--key` as given, or the ID of the key named `--name` in the context's
     /// namespace, taken from its record after the record's MAC is verified.
-    pub fn resolve(&self, ctx: &Context, ks: &Keystore) -> Result<String, Failure> {
+    pub fn resolve(&self, ctx: &Context, ks: &dyn KeyService) -> Result<String, Failure> {
         self.check()?;
         match (&self.key, &self.name) {
             (Some(id), _) => Ok(id.clone()),
@@ -54,7 +54,7 @@ impl KeySelector {
 }
 
 /// The ID of the key `name` in the context's namespace.
-pub fn id_of_name(ctx: &Context, ks: &Keystore, name: &str) -> Result<String, Failure> {
+pub fn id_of_name(ctx: &Context, ks: &dyn KeyService, name: &str) -> Result<String, Failure> {
     keyhold::validate_name("namespace", &ctx.namespace)?;
     keyhold::validate_name("key name", name)?;
     match ks.key_info_by_name(&ctx.namespace, name)? {

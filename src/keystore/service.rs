@@ -175,6 +175,13 @@ pub trait KeyService: Send + Sync {
     /// As [`Keystore::history`].
     fn history(&self, id: &str) -> Result<Vec<KeyEvent>>;
 
+    /// How the store's root secret is sealed (`passphrase`, `tpm`, `pkcs11`):
+    /// [`Keystore::sealer_kind`].
+    ///
+    /// # Errors
+    /// For a service, not reaching it.
+    fn sealer_kind(&self) -> Result<String>;
+
     /// `n` random bytes ([`super::random_bytes`]).
     ///
     /// # Errors
@@ -299,6 +306,10 @@ impl KeyService for Keystore {
 
     fn history(&self, id: &str) -> Result<Vec<KeyEvent>> {
         Keystore::history(self, id)
+    }
+
+    fn sealer_kind(&self) -> Result<String> {
+        Ok(Keystore::sealer_kind(self).to_owned())
     }
 
     fn random(&self, n: usize) -> Result<Vec<u8>> {

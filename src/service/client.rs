@@ -15,6 +15,7 @@ use http_body_util::{BodyExt as _, Full};
 use hyper::body::Bytes;
 use hyper::client::conn::http1::SendRequest;
 use hyper::{Method, Request};
+use secrecy::{ExposeSecret as _, SecretString};
 use serde_json::{json, Value};
 use zeroize::Zeroizing;
 
@@ -61,6 +62,9 @@ impl std::fmt::Display for Remote {
 /// The keys of a `keyhold serve`, used through it.
 pub struct RemoteKeystore {
     remote: Remote,
+    /// The bearer token sent with every request, if any (else the service knows the caller by
+    /// its peer credentials).
+    token: Option<SecretString>,
     runtime: tokio::runtime::Runtime,
     /// Connections not in use, kept alive for the next call.
     idle: Mutex<Vec<SendRequest<Full<Bytes>>>>,
@@ -92,9 +96,18 @@ impl RemoteKeystore {
             .map_err(|e| Error::io("start the client's runtime", e))?;
         Ok(Self {
             remote,
+            token: None,
             runtime,
             idle: Mutex::new(Vec::new()),
         })
+    }
+
+    /// Sends `token` as `Authorization: Bearer` with every request (`keyhold client add` made
+    /// it).
+    #[must_use]
+    pub fn with_token(mut self, token: SecretString) -> Self {
+        self.token = Some(token);
+        self
     }
 
     /// Where the service is.
@@ -126,6 +139,14 @@ impl RemoteKeystore {
             .header(hyper::header::HOST, "keyhold");
         if body.is_some() {
             request = request.header(hyper::header::CONTENT_TYPE, "application/json");
+        }
+        if let Some(token) = &self.token {
+            let value = Zeroizing::new(format!("Bearer {}", token.expose_secret()));
+            let mut value = hyper::header::HeaderValue::from_str(&value).map_err(|_| {
+                Error::InvalidInput("the bearer token has characters a header cannot carry".into())
+            })?;
+            value.set_sensitive(true);
+            request = request.header(hyper::header::AUTHORIZATION, value);
         }
         let request = request
             .body(Full::new(Bytes::copy_from_slice(&bytes)))
@@ -547,6 +568,11 @@ impl KeyService for RemoteKeystore {
             .iter()
             .map(KeyEvent::from_json)
             .collect()
+    }
+
+    fn sealer_kind(&self) -> Result<String> {
+        let answer = self.call(Method::GET, "/v1/health", None)?;
+        Ok(text(&answer, "sealer")?.to_owned())
     }
 
     fn random(&self, n: usize) -> Result<Vec<u8>> {

@@ -160,8 +160,15 @@ fn authorize(
     Ok(state.backend(&fields.backend))
 }
 
-async fn health(Caller(client): Caller) -> Answer {
-    Ok(Json(json!({ "status": "ok", "client": client.name })))
+async fn health(
+    axum::extract::State(state): axum::extract::State<State>,
+    Caller(client): Caller,
+) -> Answer {
+    Ok(Json(json!({
+        "status": "ok",
+        "client": client.name,
+        "sealer": state.keystore.sealer_kind(),
+    })))
 }
 
 async fn metrics(

@@ -1,0 +1,341 @@
+//! `keyhold --remote unix:PATH`: the command line's key and cryptographic commands through a
+//! running `keyhold serve`, which holds the store. Each is run both ways on the same store: the
+//! output and exit code through the service are the command's own, and what one way makes the
+//! other uses (signatures, envelopes, tags, lifecycle changes).
+#![cfg(feature = "serve")]
+#![allow(clippy::unwrap_used)] // test helpers: a panic is the failure report
+
+mod support;
+
+use std::process::Output;
+
+use support::env::*;
+use support::serve::{client, env, Server};
+
+/// `--remote unix:SOCKET` then `args`.
+fn remote_args<'a>(remote: &'a str, args: &[&'a str]) -> Vec<&'a str> {
+    let mut all = vec!["--remote", remote];
+    all.extend_from_slice(args);
+    all
+}
+
+/// Runs `args` here and through the service: both outputs.
+fn both(env: &Env, remote: &str, args: &[&str], stdin: &[u8]) -> (Output, Output) {
+    (
+        env.run(args, stdin),
+        env.run(&remote_args(remote, args), stdin),
+    )
+}
+
+/// `args` give the same exit code and stdout both ways.
+fn same(env: &Env, remote: &str, args: &[&str]) -> String {
+    let (local, served) = both(env, remote, args, b"");
+    assert_eq!(
+        (local.status.code(), &local.stdout),
+        (served.status.code(), &served.stdout),
+        "{args:?}: here\n{}\nthrough the service\n{}",
+        show(&local),
+        show(&served)
+    );
+    String::from_utf8(local.stdout).unwrap()
+}
+
+/// `args` exit with `code` both ways, with the same JSON error kind.
+fn same_refusal(env: &Env, remote: &str, args: &[&str], code: i32) {
+    let mut json = vec!["--json"];
+    json.extend_from_slice(args);
+    let (local, served) = both(env, remote, &json, b"");
+    let kind = |out: &Output| -> serde_json::Value {
+        let err: serde_json::Value = serde_json::from_slice(&out.stderr)
+            .unwrap_or_else(|_| panic!("{args:?}: not a JSON error\n{}", show(out)));
+        err["error"]["kind"].clone()
+    };
+    assert_eq!(
+        local.status.code(),
+        Some(code),
+        "{args:?}\n{}",
+        show(&local)
+    );
+    assert_eq!(
+        served.status.code(),
+        Some(code),
+        "{args:?}\n{}",
+        show(&served)
+    );
+    assert_eq!(kind(&local), kind(&served), "{args:?}");
+}
+
+#[test]
+fn key_and_cryptographic_commands_run_through_the_service_with_the_same_output_and_exit_codes() {
+    let env = env();
+    let server = Server::start(&env, &client("\"default\"", ""));
+    let remote = format!("unix:{}", server.socket.display());
+    let r = remote.as_str();
+
+    // Keys made either way are the same store's keys.
+    let here = parse_id_line(
+        &env.ok(
+            &["key", "create", "here", "--type", "ecdsa-p256"],
+            b"",
+            "create",
+        ),
+        "here",
+    );
+    let there = parse_id_line(
+        &env.ok(
+            &remote_args(r, &["key", "create", "there", "--type", "ecdsa-p256"]),
+            b"",
+            "create --remote",
+        ),
+        "there",
+    );
+    for args in [
+        &["key", "list"][..],
+        &["--json", "key", "list"],
+        &["key", "show", "--name", "there"],
+        &["--json", "key", "show", "--key", &here],
+        &["key", "id", "here"],
+        &["key", "pubkey", "--key", &there],
+    ] {
+        same(&env, r, args);
+    }
+
+    // Signatures made one way verify the other way, and by OpenSSL.
+    let message = env.write("message", b"signed through the service");
+    let signature = env.path_str("sig");
+    env.ok(
+        &remote_args(
+            r,
+            &[
+                "sign", "--key", &there, "--in", &message, "--out", &signature,
+            ],
+        ),
+        b"",
+        "sign --remote",
+    );
+    let pem = env.pubkey_pem(&there);
+    assert!(support::openssl_verifies(
+        &pem,
+        keyhold::Algorithm::EcdsaP256Sha256,
+        b"signed through the service",
+        &std::fs::read(&signature).unwrap()
+    ));
+    let verify = [
+        "verify",
+        "--key",
+        &there,
+        "--in",
+        &message,
+        "--signature",
+        &signature,
+    ];
+    same(&env, r, &verify);
+    let other = env.write("other", b"not what was signed");
+    let forged = [
+        "verify",
+        "--key",
+        &there,
+        "--in",
+        &other,
+        "--signature",
+        &signature,
+    ];
+    same(&env, r, &forged);
+    let mut json = vec!["--json"];
+    json.extend_from_slice(&forged);
+    assert_eq!(same(&env, r, &json).trim(), r#"{"valid":false}"#);
+
+    // Envelopes and tags, across.
+    let aes = parse_id_line(
+        &env.ok(
+            &remote_args(r, &["key", "create", "box", "--type", "aes-256-gcm"]),
+            b"",
+            "aes",
+        ),
+        "box",
+    );
+    let plain = env.write("plain", b"a secret");
+    let sealed = env.path_str("sealed");
+    env.ok(
+        &remote_args(
+            r,
+            &[
+                "encrypt", "--key", &aes, "--aad", "ctx", "--in", &plain, "--out", &sealed,
+            ],
+        ),
+        b"",
+        "encrypt --remote",
+    );
+    let opened = same(
+        &env,
+        r,
+        &[
+            "decrypt", "--key", &aes, "--aad", "ctx", "--in", &sealed, "--out", "-",
+        ],
+    );
+    assert_eq!(opened, "a secret");
+    same_refusal(
+        &env,
+        r,
+        &[
+            "decrypt", "--key", &aes, "--aad", "other", "--in", &sealed, "--out", "-",
+        ],
+        1,
+    );
+    let hmac = parse_id_line(
+        &env.ok(
+            &["key", "create", "tags", "--type", "hmac-sha256"],
+            b"",
+            "hmac",
+        ),
+        "tags",
+    );
+    let tag = same(
+        &env,
+        r,
+        &["mac", "--key", &hmac, "--in", &plain, "--encoding", "hex"],
+    );
+    let tag_file = env.write("tag", tag.trim().as_bytes());
+    same(
+        &env,
+        r,
+        &[
+            "mac-verify",
+            "--key",
+            &hmac,
+            "--in",
+            &plain,
+            "--tag",
+            &tag_file,
+            "--encoding",
+            "hex",
+        ],
+    );
+
+    // The lifecycle through the service, seen here.
+    env.ok(
+        &remote_args(r, &["key", "rotate", "--key", &aes, "--reason", "yearly"]),
+        b"",
+        "rotate",
+    );
+    let rewrapped = env.path_str("rewrapped");
+    env.ok(
+        &remote_args(
+            r,
+            &[
+                "rewrap", "--key", &aes, "--aad", "ctx", "--in", &sealed, "--out", &rewrapped,
+            ],
+        ),
+        b"",
+        "rewrap --remote",
+    );
+    assert_eq!(
+        same(
+            &env,
+            r,
+            &["decrypt", "--key", &aes, "--aad", "ctx", "--in", &rewrapped, "--out", "-"]
+        ),
+        "a secret"
+    );
+    env.ok(
+        &remote_args(r, &["key", "suspend", "--key", &there]),
+        b"",
+        "suspend",
+    );
+    same_refusal(
+        &env,
+        r,
+        &[
+            "sign", "--key", &there, "--in", &message, "--out", &signature,
+        ],
+        9,
+    );
+    env.ok(
+        &remote_args(r, &["key", "resume", "--key", &there]),
+        b"",
+        "resume",
+    );
+    env.ok(
+        &remote_args(r, &["key", "set", "--key", &there, "--rotate-after", "90d"]),
+        b"",
+        "set",
+    );
+    env.ok(
+        &remote_args(r, &["key", "destroy", "--key", &here, "--after", "1h"]),
+        b"",
+        "destroy",
+    );
+    env.ok(
+        &remote_args(r, &["key", "cancel-destroy", "--key", &here]),
+        b"",
+        "cancel",
+    );
+    same(&env, r, &["key", "history", "--key", &there]);
+    same(&env, r, &["--json", "key", "history", "--key", &here]);
+    same(&env, r, &["key", "show", "--key", &there]);
+
+    // Refusals exit as they would here.
+    same_refusal(&env, r, &["key", "show", "--name", "nothing"], 5);
+    let mut tampered = there.clone();
+    tampered.replace_range(12..13, if &there[12..13] == "A" { "B" } else { "A" });
+    same_refusal(&env, r, &["key", "show", "--key", &tampered], 3);
+    same_refusal(&env, r, &["mac", "--key", &aes, "--in", &plain], 1);
+
+    // Random bytes from the service.
+    let random = env.ok_text(&remote_args(r, &["random", "16"]));
+    assert_eq!(random.trim().len(), 32);
+
+    // Administering the store is not for a client: exit 2, naming why.
+    for args in [&["store", "verify"][..], &["audit", "show"], &["maintain"]] {
+        let out = env.run(&remote_args(r, args), b"");
+        assert_fail(&out, 2, "runs where the store is", &format!("{args:?}"));
+    }
+    let (status, err) = server.stop();
+    assert!(status.success(), "{err}");
+    // No service: said so, exit 1.
+    let out = env.run(&remote_args(r, &["key", "list"]), b"");
+    assert_fail(&out, 1, "connect to keyhold serve at unix:", "no service");
+}
+
+/// A client known by a bearer token: from `--token-file` or `$KEYHOLD_TOKEN`, never the command
+/// line; a wrong one is refused as unauthenticated.
+#[test]
+fn a_token_client_reaches_the_service_with_a_token_file_or_keyhold_token() {
+    let env = env();
+    let json = env.ok(
+        &["--json", "client", "add", "ci", "--namespace", "default"],
+        b"",
+        "client add",
+    );
+    let token = serde_json::from_slice::<serde_json::Value>(&json).unwrap()["token"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    // A configuration with no uid client: only the token lets this process in.
+    let server = Server::start(&env, "");
+    let remote = format!("unix:{}", server.socket.display());
+    let token_file = env.write("token", format!("{token}\n").as_bytes());
+    let listed = env.ok_text(&[
+        "--remote",
+        &remote,
+        "--token-file",
+        &token_file,
+        "key",
+        "list",
+    ]);
+    assert!(listed.starts_with("NAME "), "{listed}");
+    let (made, _) = env.ok_vars(
+        &[("KEYHOLD_TOKEN", &token)],
+        &[
+            "--remote", &remote, "key", "create", "ci-key", "--type", "ed25519",
+        ],
+    );
+    parse_id_line(&made, "ci-key");
+    let out = env.run(&["--remote", &remote, "key", "list"], b"");
+    assert_fail(&out, 1, "no client", "no token, and this user is no client");
+    let out = env.run_vars(
+        &[("KEYHOLD_TOKEN", "kht1_not-a-token")],
+        &["--remote", &remote, "key", "list"],
+    );
+    assert_fail(&out, 1, "no client", "a wrong token");
+}
