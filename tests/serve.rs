@@ -8,104 +8,13 @@
 
 mod support;
 
-use std::io::{Read, Write};
-use std::os::unix::net::UnixStream;
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 
 use base64::Engine;
 use serde_json::{json, Value};
 use support::env::*;
-
-/// A running `keyhold serve` on the Env's store, killed (SIGKILL) if the test did not stop it.
-struct Server {
-    child: Option<Child>,
-    socket: PathBuf,
-}
-
-impl Server {
-    /// Starts the service with `clients` (TOML `[clients.*]` tables) as the configuration, and
-    /// waits until its socket answers.
-    fn start(env: &Env, clients: &str) -> Self {
-        env.set_config(clients);
-        let socket = env.file("keyhold.sock");
-        let mut cmd = env.command(&["serve", "--listen", &format!("unix:{}", socket.display())]);
-        cmd.stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
-        let child = cmd.spawn().unwrap();
-        let server = Self {
-            child: Some(child),
-            socket,
-        };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while UnixStream::connect(&server.socket).is_err() {
-            assert!(Instant::now() < deadline, "the service never listened");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        server
-    }
-
-    /// `METHOD path` with a JSON `body`: the status and the JSON answer.
-    fn ask(&self, method: &str, path: &str, body: Option<&Value>) -> (u16, Value) {
-        let body = body.map(Value::to_string);
-        self.raw(method, path, body.as_deref().map(str::as_bytes))
-    }
-
-    /// `METHOD path` with `body` sent as it is (JSON content type).
-    fn raw(&self, method: &str, path: &str, body: Option<&[u8]>) -> (u16, Value) {
-        let mut stream = UnixStream::connect(&self.socket).unwrap();
-        stream
-            .set_read_timeout(Some(Duration::from_secs(30)))
-            .unwrap();
-        let body = body.unwrap_or_default();
-        write!(
-            stream,
-            "{method} {path} HTTP/1.1\r\nHost: keyhold\r\nContent-Type: application/json\r\n\
-             Content-Length: {}\r\nConnection: close\r\n\r\n",
-            body.len()
-        )
-        .unwrap();
-        // A server that answers before the whole body is read may close the connection first.
-        let _ = stream.write_all(body);
-        let mut answer = Vec::new();
-        stream.read_to_end(&mut answer).unwrap();
-        let text = String::from_utf8_lossy(&answer);
-        let (head, rest) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-        let status = head
-            .split(' ')
-            .nth(1)
-            .and_then(|s| s.parse().ok())
-            .unwrap_or_else(|| panic!("no status line in: {text}"));
-        (status, serde_json::from_str(rest).unwrap_or(Value::Null))
-    }
-
-    /// SIGTERM, then its exit status and stderr.
-    fn stop(mut self) -> (std::process::ExitStatus, String) {
-        let mut child = self.child.take().unwrap();
-        let pid = rustix::process::Pid::from_raw(child.id() as i32).unwrap();
-        rustix::process::kill_process(pid, rustix::process::Signal::TERM).unwrap();
-        let status = child.wait().unwrap();
-        let mut err = String::new();
-        child
-            .stderr
-            .take()
-            .unwrap()
-            .read_to_string(&mut err)
-            .unwrap();
-        (status, err)
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
+use support::server::{env, uid, Server};
 
 fn b64(bytes: &[u8]) -> String {
     base64::engine::general_purpose::STANDARD.encode(bytes)
@@ -115,18 +24,6 @@ fn unb64(value: &Value) -> Vec<u8> {
     base64::engine::general_purpose::STANDARD
         .decode(value.as_str().unwrap())
         .unwrap()
-}
-
-/// This process's user: the client the tests configure.
-fn uid() -> u32 {
-    rustix::process::geteuid().as_raw()
-}
-
-/// An initialised store whose commands get a configuration file (empty until a server starts).
-fn env() -> Env {
-    let env = Env::new().with_config("");
-    env.init_store();
-    env
 }
 
 fn client(namespaces: &str, extra: &str) -> String {
@@ -430,5 +327,7 @@ fn serve_refuses_a_configuration_without_clients_and_a_path_that_is_not_a_socket
     assert_fail(&out, 1, "exists and is not a socket", "a regular file");
     assert_eq!(std::fs::read(&file).unwrap(), b"keep me");
     let out = env.run(&["serve", "--listen", "tcp:127.0.0.1:1"], b"");
-    assert_fail(&out, 1, "give unix:PATH", "tcp is not served yet");
+    assert_fail(&out, 2, "TCP is served with TLS only", "plain TCP");
+    let out = env.run(&["serve", "--listen", "udp:127.0.0.1:1"], b"");
+    assert_fail(&out, 1, "give unix:PATH", "neither unix nor tcp");
 }

@@ -3,6 +3,7 @@
 //! ```toml
 //! [clients.web]
 //! uid = 1001                 # connections over the Unix socket from this user are `web`
+//! tls_name = "web.example"   # and TLS connections whose client certificate names it
 //! namespaces = ["web"]       # the keys it may see and use: those of these namespaces
 //! operations = ["sign", "pubkey", "show", "list"]   # default: every operation
 //! ```
@@ -17,6 +18,14 @@ pub struct ClientConfig {
     /// credentials, `SO_PEERCRED`).
     #[serde(default)]
     pub uid: Option<u32>,
+    /// The name a TLS client certificate (verified against `--client-ca`) gives in its subject
+    /// alternative names (DNS or URI) or its subject common name, for this client.
+    #[serde(default)]
+    pub tls_name: Option<String>,
+    /// How many of the client's requests are served at once; more are refused with 429 `busy`
+    /// (default [`ClientConfig::DEFAULT_MAX_CONCURRENT`]).
+    #[serde(default)]
+    pub max_concurrent: Option<usize>,
     /// The namespaces whose keys the client sees and uses; a key of any other namespace is, to
     /// it, a key that does not exist.
     pub namespaces: Vec<String>,
@@ -26,6 +35,14 @@ pub struct ClientConfig {
 }
 
 impl ClientConfig {
+    /// The requests one client has in flight at most, unless it says otherwise.
+    pub const DEFAULT_MAX_CONCURRENT: usize = 64;
+
+    /// How many of its requests are served at once.
+    pub fn concurrency(&self) -> usize {
+        self.max_concurrent.unwrap_or(Self::DEFAULT_MAX_CONCURRENT)
+    }
+
     /// Whether the client may do `operation`.
     pub fn may(&self, operation: Operation) -> bool {
         self.operations
@@ -81,13 +98,39 @@ impl Operation {
     }
 }
 
-/// What is wrong with the clients' tables, if anything: a client without namespaces, or two
-/// clients for one user.
+/// What is wrong with the clients' tables, if anything: a client without namespaces, two
+/// clients for one user or one certificate name, a limit of no request.
 pub(super) fn problems(
     clients: &std::collections::BTreeMap<String, ClientConfig>,
 ) -> Option<(String, &'static str, String)> {
     let mut by_uid = std::collections::BTreeMap::new();
+    let mut by_tls_name = std::collections::BTreeMap::new();
     for (name, client) in clients {
+        if client.max_concurrent == Some(0) {
+            return Some((
+                name.clone(),
+                "max_concurrent",
+                "a client is served at least one request at a time: give 1 or more".into(),
+            ));
+        }
+        if let Some(tls_name) = &client.tls_name {
+            if tls_name.is_empty() {
+                return Some((
+                    name.clone(),
+                    "tls_name",
+                    "give the name its client certificate carries (a DNS or URI subject \
+                     alternative name, or the subject's common name)"
+                        .into(),
+                ));
+            }
+            if let Some(other) = by_tls_name.insert(tls_name.as_str(), name) {
+                return Some((
+                    name.clone(),
+                    "tls_name",
+                    format!("`{tls_name}` is client `{other}` already: one client per name"),
+                ));
+            }
+        }
         if client.namespaces.is_empty() {
             return Some((
                 name.clone(),

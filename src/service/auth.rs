@@ -1,38 +1,41 @@
-//! Who is asking: a connection's peer credentials, mapped to a configured client.
+//! Who is asking: how a connection came (a Unix socket's peer credentials, a TLS client
+//! certificate), mapped to a configured client.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use axum::extract::connect_info::Connected;
-use axum::extract::{ConnectInfo, FromRequestParts};
+use axum::extract::FromRequestParts;
 use axum::http::request::Parts;
-use axum::serve::IncomingStream;
-use tokio::net::UnixListener;
+use tokio::sync::Semaphore;
 
 use super::api::ApiError;
 use super::routes::State;
 use crate::config::{ClientConfig, Config, Operation};
 use crate::error::{Error, Result};
 
-/// The other end of a Unix-socket connection, as the kernel says (`SO_PEERCRED`).
-#[derive(Debug, Clone, Copy)]
-pub struct Peer {
-    /// Its effective user ID, if the kernel gave one.
-    uid: Option<u32>,
+/// How a connection came, as the kernel or the TLS handshake says; every request of the
+/// connection carries it (as axum's `ConnectInfo<Peer>`).
+#[derive(Debug, Clone)]
+pub enum Peer {
+    /// A Unix-socket connection: its effective user ID (`SO_PEERCRED`), if the kernel gave one.
+    Unix {
+        /// The peer's user ID.
+        uid: Option<u32>,
+    },
+    /// A TLS connection: the names of its client certificate, verified against `--client-ca`
+    /// (subject alternative URIs and DNS names, then the subject's common name); none without a
+    /// certificate.
+    Tls {
+        /// The certificate's names.
+        names: Arc<[String]>,
+    },
 }
 
-impl Connected<IncomingStream<'_, UnixListener>> for Peer {
-    fn connect_info(stream: IncomingStream<'_, UnixListener>) -> Self {
-        Self {
-            uid: stream.io().peer_cred().ok().map(|c| c.uid()),
-        }
-    }
-}
-
-/// The configured clients, by user ID.
+/// The configured clients, by user ID and by certificate name.
 #[derive(Debug, Clone)]
 pub struct Clients {
     by_uid: HashMap<u32, Arc<Client>>,
+    by_tls_name: HashMap<String, Arc<Client>>,
 }
 
 impl Clients {
@@ -42,29 +45,51 @@ impl Clients {
     /// [`Error::Config`] when there is none that a connection can be: the service would refuse
     /// everyone.
     pub fn from_config(config: &Config) -> Result<Self> {
-        let by_uid: HashMap<u32, Arc<Client>> = config
-            .clients
-            .iter()
-            .filter_map(|(name, c)| {
-                c.uid.map(|uid| {
-                    (
-                        uid,
-                        Arc::new(Client {
-                            name: name.clone(),
-                            grant: c.clone(),
-                        }),
-                    )
-                })
-            })
-            .collect();
-        if by_uid.is_empty() {
+        let mut by_uid = HashMap::new();
+        let mut by_tls_name = HashMap::new();
+        for (name, c) in &config.clients {
+            let client = Arc::new(Client {
+                name: name.clone(),
+                grant: c.clone(),
+                busy: Arc::new(Semaphore::new(c.concurrency())),
+            });
+            if let Some(uid) = c.uid {
+                by_uid.insert(uid, Arc::clone(&client));
+            }
+            if let Some(tls_name) = &c.tls_name {
+                by_tls_name.insert(tls_name.clone(), client);
+            }
+        }
+        if by_uid.is_empty() && by_tls_name.is_empty() {
             return Err(Error::Config(
                 "keyhold serve answers configured clients only, and the configuration has none \
-                 with a uid: add a [clients.NAME] table with uid = N and namespaces = [...]"
+                 with a uid or a tls_name: add a [clients.NAME] table with uid = N (or \
+                 tls_name = \"...\") and namespaces = [...]"
                     .into(),
             ));
         }
-        Ok(Self { by_uid })
+        Ok(Self {
+            by_uid,
+            by_tls_name,
+        })
+    }
+
+    /// The client a connection is, if it is one. A certificate whose names are two different
+    /// clients is none of them: which one it meant is not for the service to guess.
+    pub(super) fn identify(&self, peer: &Peer) -> Option<Arc<Client>> {
+        match peer {
+            Peer::Unix { uid } => uid.and_then(|uid| self.by_uid.get(&uid)).cloned(),
+            Peer::Tls { names } => {
+                let mut found = names.iter().filter_map(|n| self.by_tls_name.get(n));
+                let first = found.next()?;
+                if found.all(|other| Arc::ptr_eq(first, other)) {
+                    Some(Arc::clone(first))
+                } else {
+                    tracing::warn!(?names, "a client certificate names two clients");
+                    None
+                }
+            }
+        }
     }
 }
 
@@ -74,6 +99,8 @@ pub struct Client {
     /// Its name in the configuration.
     pub name: String,
     grant: ClientConfig,
+    /// Its requests in flight hold permits of this (`max_concurrent`).
+    pub(super) busy: Arc<Semaphore>,
 }
 
 impl Client {
@@ -101,7 +128,8 @@ impl Client {
     }
 }
 
-/// The caller of a request: 401 for a connection that is no configured client.
+/// The caller of a request, authenticated by the service's transport before any route (which
+/// answers 401 for a connection that is no configured client): 401 if it did not.
 #[derive(Debug)]
 pub struct Caller(pub Arc<Client>);
 
@@ -110,19 +138,12 @@ impl FromRequestParts<State> for Caller {
 
     async fn from_request_parts(
         parts: &mut Parts,
-        state: &State,
+        _state: &State,
     ) -> std::result::Result<Self, Self::Rejection> {
-        let peer = parts
+        parts
             .extensions
-            .get::<ConnectInfo<Peer>>()
-            .map(|ConnectInfo(peer)| *peer);
-        let uid = peer.and_then(|p| p.uid);
-        match uid.and_then(|uid| state.clients.by_uid.get(&uid)) {
-            Some(client) => Ok(Self(Arc::clone(client))),
-            None => {
-                tracing::warn!(uid = ?uid, "refused a connection from no configured client");
-                Err(ApiError::unauthenticated())
-            }
-        }
+            .get::<Arc<Client>>()
+            .map(|client| Self(Arc::clone(client)))
+            .ok_or_else(ApiError::unauthenticated)
     }
 }

@@ -6,6 +6,8 @@
 #[cfg(feature = "pkcs11")]
 pub mod pkcs11;
 pub mod pty;
+#[cfg(feature = "serve")]
+pub mod server;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
