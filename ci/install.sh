@@ -20,6 +20,8 @@ readonly APT_PACKAGES=(
   openssl
   # the C compiler and libc headers that aws-lc-rs and rusqlite's bundled SQLite build with
   gcc libc6-dev
+  # systemd-analyze verify checks dist/systemd/ (it runs without systemd as PID 1, in containers)
+  systemd
 )
 
 die() {

@@ -53,6 +53,24 @@ XDG_STATE_HOME=$(mktemp -d "${TMPDIR:-/tmp}/keyhold-test-state.XXXXXX")
 export XDG_STATE_HOME
 trap 'rm -rf "$XDG_STATE_HOME"' EXIT
 
+# dist/systemd/'s units, as `systemd-analyze verify` reads them. It needs no running systemd (it
+# works in a container), checks that ExecStart= runs (pointed at the binary just built) and that
+# every directive parses, but exits 0 on many warnings ("Failed to parse…, ignoring"): any line
+# it prints fails the step.
+verify_systemd_units() {
+  local dir out
+  dir=$(mktemp -d "${TMPDIR:-/tmp}/keyhold-units.XXXXXX")
+  cargo build --quiet --bin keyhold
+  sed "s|/usr/bin/keyhold|$PWD/target/debug/keyhold|" dist/systemd/keyhold.service >"$dir/keyhold.service"
+  cp dist/systemd/keyhold.socket "$dir/"
+  if ! out=$(systemd-analyze verify "$dir/keyhold.socket" "$dir/keyhold.service" 2>&1) || [ -n "$out" ]; then
+    printf '%s\n' "$out" >&2
+    rm -rf "$dir"
+    return 1
+  fi
+  rm -rf "$dir"
+}
+
 step "install" bash ci/install.sh --test-tools
 step "format" cargo fmt --all --check
 step "clippy" cargo clippy --all-targets --all-features -- -D warnings
@@ -65,5 +83,6 @@ step "tests-minimal" cargo nextest run --no-default-features --profile ci --lib 
 # Benches are measurements (cargo bench), not tests: leave them out of the test run.
 step "tests" cargo nextest run --all-features --lib --bins --tests --profile ci
 step "doctests" cargo test --doc --all-features
+step "systemd-units" verify_systemd_units
 
 banner "all checks passed in $((SECONDS - started)) s"

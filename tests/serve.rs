@@ -298,5 +298,7 @@ fn serve_refuses_a_configuration_without_clients_and_a_path_that_is_not_a_socket
     assert_fail(&out, 1, "exists and is not a socket", "a regular file");
     assert_eq!(std::fs::read(&file).unwrap(), b"keep me");
     let out = env.run(&["serve", "--listen", "tcp:127.0.0.1:1"], b"");
-    assert_fail(&out, 1, "give unix:PATH", "tcp is not served yet");
+    assert_fail(&out, 2, "TCP is served with TLS only", "plain TCP");
+    let out = env.run(&["serve", "--listen", "udp:127.0.0.1:1"], b"");
+    assert_fail(&out, 1, "give unix:PATH", "neither unix nor tcp");
 }

@@ -257,6 +257,8 @@ pub struct Context {
     passphrase_file: Option<PathBuf>,
     /// `--remote`: the service that holds the store, if commands go through one.
     remote: Option<String>,
+    /// `--token-file` (read only by `--remote`, which the `serve` feature builds).
+    #[cfg_attr(not(feature = "serve"), allow(dead_code))]
     token_file: Option<PathBuf>,
     json: bool,
 }

@@ -70,6 +70,7 @@ pub fn new_passphrase(file: Option<&Path>) -> Result<SecretString, Failure> {
 /// The bearer token of `--remote`: `--token-file`, then `$KEYHOLD_TOKEN`, else none (the
 /// service then knows the caller by its user). Never from the command line, where other users
 /// see it; read as [`passphrase_from`] reads a passphrase.
+#[cfg(feature = "serve")]
 const TOKEN: PassphraseSource = PassphraseSource {
     variable: "KEYHOLD_TOKEN",
     what: "bearer token",
@@ -77,6 +78,7 @@ const TOKEN: PassphraseSource = PassphraseSource {
 };
 
 /// The bearer token for `--remote`, if one is given ([`TOKEN`]).
+#[cfg(feature = "serve")]
 pub fn token(file: Option<&Path>) -> Result<Option<SecretString>, Failure> {
     given(&TOKEN, file)
 }

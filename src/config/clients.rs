@@ -3,6 +3,7 @@
 //! ```toml
 //! [clients.web]
 //! uid = 1001                 # connections over the Unix socket from this user are `web`
+//! tls_name = "web.example"   # and TLS connections whose client certificate names it
 //! namespaces = ["web"]       # the keys it may see and use: those of these namespaces
 //! operations = ["sign", "pubkey", "show", "list"]   # default: every operation
 //! ```
@@ -17,6 +18,14 @@ pub struct ClientConfig {
     /// credentials, `SO_PEERCRED`).
     #[serde(default)]
     pub uid: Option<u32>,
+    /// The name a TLS client certificate (verified against `--client-ca`) gives in its subject
+    /// alternative names (DNS or URI) or its subject common name, for this client.
+    #[serde(default)]
+    pub tls_name: Option<String>,
+    /// How many of the client's requests are served at once; more are refused with 429 `busy`
+    /// (default [`ClientConfig::DEFAULT_MAX_CONCURRENT`]).
+    #[serde(default)]
+    pub max_concurrent: Option<usize>,
     /// The namespaces whose keys the client sees and uses; a key of any other namespace is, to
     /// it, a key that does not exist.
     pub namespaces: Vec<String>,
@@ -26,6 +35,14 @@ pub struct ClientConfig {
 }
 
 impl ClientConfig {
+    /// The requests one client has in flight at most, unless it says otherwise.
+    pub const DEFAULT_MAX_CONCURRENT: usize = 64;
+
+    /// How many of its requests are served at once.
+    pub fn concurrency(&self) -> usize {
+        self.max_concurrent.unwrap_or(Self::DEFAULT_MAX_CONCURRENT)
+    }
+
     /// Whether the client may do `operation`: one of its `operations`, or, when it has no such
     /// list, any but those that see past its namespaces (`admin`, `metrics`), which are granted
     /// by name only.
@@ -93,7 +110,7 @@ pub enum Operation {
 
 impl Operation {
     /// Every operation, in the order of the documentation.
-    pub const ALL: [Self; 9] = [
+    pub const ALL: [Self; 21] = [
         Self::Create,
         Self::List,
         Self::Show,
@@ -103,6 +120,18 @@ impl Operation {
         Self::Encrypt,
         Self::Decrypt,
         Self::Random,
+        Self::Mac,
+        Self::MacVerify,
+        Self::Rewrap,
+        Self::Datakey,
+        Self::DatakeyWrapped,
+        Self::Rotate,
+        Self::State,
+        Self::Destroy,
+        Self::Policy,
+        Self::History,
+        Self::Metrics,
+        Self::Admin,
     ];
 
     /// The name used in the configuration and in messages.
@@ -150,13 +179,39 @@ impl std::str::FromStr for Operation {
     }
 }
 
-/// What is wrong with the clients' tables, if anything: a client without namespaces, or two
-/// clients for one user.
+/// What is wrong with the clients' tables, if anything: a client without namespaces, two
+/// clients for one user or one certificate name, a limit of no request.
 pub(super) fn problems(
     clients: &std::collections::BTreeMap<String, ClientConfig>,
 ) -> Option<(String, &'static str, String)> {
     let mut by_uid = std::collections::BTreeMap::new();
+    let mut by_tls_name = std::collections::BTreeMap::new();
     for (name, client) in clients {
+        if client.max_concurrent == Some(0) {
+            return Some((
+                name.clone(),
+                "max_concurrent",
+                "a client is served at least one request at a time: give 1 or more".into(),
+            ));
+        }
+        if let Some(tls_name) = &client.tls_name {
+            if tls_name.is_empty() {
+                return Some((
+                    name.clone(),
+                    "tls_name",
+                    "give the name its client certificate carries (a DNS or URI subject \
+                     alternative name, or the subject's common name)"
+                        .into(),
+                ));
+            }
+            if let Some(other) = by_tls_name.insert(tls_name.as_str(), name) {
+                return Some((
+                    name.clone(),
+                    "tls_name",
+                    format!("`{tls_name}` is client `{other}` already: one client per name"),
+                ));
+            }
+        }
         if client.namespaces.is_empty() {
             return Some((
                 name.clone(),
@@ -175,4 +230,48 @@ pub(super) fn problems(
         }
     }
     None
+}
+
+#[cfg(test)]
+mod operation_tests {
+    use super::Operation;
+
+    /// Its place in [`Operation::ALL`]: a match over every variant, so that a new one that is
+    /// not listed there does not compile.
+    fn place(op: Operation) -> usize {
+        match op {
+            Operation::Create => 0,
+            Operation::List => 1,
+            Operation::Show => 2,
+            Operation::Pubkey => 3,
+            Operation::Sign => 4,
+            Operation::Verify => 5,
+            Operation::Encrypt => 6,
+            Operation::Decrypt => 7,
+            Operation::Random => 8,
+            Operation::Mac => 9,
+            Operation::MacVerify => 10,
+            Operation::Rewrap => 11,
+            Operation::Datakey => 12,
+            Operation::DatakeyWrapped => 13,
+            Operation::Rotate => 14,
+            Operation::State => 15,
+            Operation::Destroy => 16,
+            Operation::Policy => 17,
+            Operation::History => 18,
+            Operation::Metrics => 19,
+            Operation::Admin => 20,
+        }
+    }
+
+    #[test]
+    fn every_operation_is_listed_once_and_its_name_reads_back_in_the_configuration_too() {
+        for (i, op) in Operation::ALL.into_iter().enumerate() {
+            assert_eq!(place(op), i, "{op:?}");
+            assert_eq!(op.as_str().parse::<Operation>().unwrap(), op);
+            let toml: Operation =
+                serde_json::from_value(serde_json::Value::String(op.as_str().into())).unwrap();
+            assert_eq!(toml, op);
+        }
+    }
 }

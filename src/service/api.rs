@@ -21,6 +21,16 @@ pub struct ApiError {
 }
 
 impl ApiError {
+    /// Any refusal: the transport's own (429 `busy`) are made so.
+    pub(super) fn new(status: StatusCode, code: &'static str, message: String) -> Self {
+        Self {
+            status,
+            code,
+            message,
+            retry_after: None,
+        }
+    }
+
     /// 401: no configured client.
     pub fn unauthenticated() -> Self {
         Self {

@@ -1,41 +1,51 @@
-//! Who is asking: a bearer token's client (see `token.rs`), else the connection's peer
-//! credentials, mapped to a configured client.
+//! Who is asking: the client a request's bearer token names (see `token.rs`), else the client
+//! its connection is (a Unix socket's peer credentials, a TLS client certificate). Decided once
+//! per request, before any route, by the transport's middleware (`listen.rs`).
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex, PoisonError};
 
-use axum::extract::connect_info::Connected;
-use axum::extract::{ConnectInfo, FromRequestParts};
+use axum::extract::FromRequestParts;
 use axum::http::request::Parts;
-use axum::serve::IncomingStream;
-use tokio::net::UnixListener;
+use tokio::sync::Semaphore;
 
 use super::api::ApiError;
 use super::routes::State;
-use super::token::{self, Limiter, Source};
+use super::token::{self, Limiter};
 use crate::config::{ClientConfig, Config, Operation};
 use crate::error::Result;
 
-/// The other end of a Unix-socket connection, as the kernel says (`SO_PEERCRED`).
-#[derive(Debug, Clone, Copy)]
-pub struct Peer {
-    /// Its effective user ID, if the kernel gave one.
-    uid: Option<u32>,
+/// How a connection came, as the kernel or the TLS handshake says; every request of the
+/// connection carries it.
+#[derive(Debug, Clone)]
+pub enum Peer {
+    /// A Unix-socket connection: its effective user ID (`SO_PEERCRED`), if the kernel gave one.
+    Unix {
+        /// The peer's user ID.
+        uid: Option<u32>,
+    },
+    /// A TLS connection: the names of its client certificate, verified against `--client-ca`
+    /// (subject alternative URIs and DNS names, then the subject's common name); none without a
+    /// certificate.
+    Tls {
+        /// The certificate's names.
+        names: Arc<[String]>,
+        /// The peer's address, if known: where failed bearer tokens are counted.
+        addr: Option<IpAddr>,
+    },
 }
 
-impl Connected<IncomingStream<'_, UnixListener>> for Peer {
-    fn connect_info(stream: IncomingStream<'_, UnixListener>) -> Self {
-        Self {
-            uid: stream.io().peer_cred().ok().map(|c| c.uid()),
-        }
-    }
-}
-
-/// The configured clients, by user ID, and the rate limit of bearer tokens.
+/// The configured clients, by user ID and by certificate name; the rate limit of bearer tokens;
+/// the concurrency gates of token clients, by name.
 #[derive(Debug, Clone)]
 pub struct Clients {
-    pub(super) by_uid: HashMap<u32, Arc<Client>>,
+    by_uid: HashMap<u32, Arc<Client>>,
+    by_tls_name: HashMap<String, Arc<Client>>,
     pub(super) limiter: Arc<Limiter>,
+    /// A token client's gate outlives the request that made it: its `max_concurrent` holds
+    /// across requests. One per token client name seen, so bounded by the store's clients.
+    token_gates: Arc<Mutex<HashMap<String, Arc<Semaphore>>>>,
 }
 
 impl Clients {
@@ -45,64 +55,94 @@ impl Clients {
     /// # Errors
     /// None yet: kept fallible for the clients that the configuration will name otherwise.
     pub fn from_config(config: &Config) -> Result<Self> {
-        let by_uid: HashMap<u32, Arc<Client>> = config
-            .clients
-            .iter()
-            .filter_map(|(name, c)| {
-                c.uid.map(|uid| {
-                    (
-                        uid,
-                        Arc::new(Client {
-                            name: name.clone(),
-                            grant: c.clone(),
-                        }),
-                    )
-                })
-            })
-            .collect();
+        let mut by_uid = HashMap::new();
+        let mut by_tls_name = HashMap::new();
+        for (name, c) in &config.clients {
+            let client = Arc::new(Client::new(name.clone(), c.clone()));
+            if let Some(uid) = c.uid {
+                by_uid.insert(uid, Arc::clone(&client));
+            }
+            if let Some(tls_name) = &c.tls_name {
+                by_tls_name.insert(tls_name.clone(), client);
+            }
+        }
         Ok(Self {
             by_uid,
+            by_tls_name,
             limiter: Arc::new(Limiter::new(token::Limits::default())),
+            token_gates: Arc::default(),
         })
     }
-}
 
-impl Clients {
-    /// The clients as `GET /v1/clients` lists them: name, how it is known, namespaces and
-    /// operations (`null`: every one but `admin` and `metrics`).
+    /// Whether the configuration names no client a connection can be.
+    pub(super) fn no_connection_clients(&self) -> bool {
+        self.by_uid.is_empty() && self.by_tls_name.is_empty()
+    }
+
+    /// The client a connection is, if it is one. A certificate whose names are two different
+    /// clients is none of them: which one it meant is not for the service to guess.
+    pub(super) fn identify(&self, peer: &Peer) -> Option<Arc<Client>> {
+        match peer {
+            Peer::Unix { uid } => uid.and_then(|uid| self.by_uid.get(&uid)).cloned(),
+            Peer::Tls { names, .. } => {
+                let mut found = names.iter().filter_map(|n| self.by_tls_name.get(n));
+                let first = found.next()?;
+                if found.all(|other| Arc::ptr_eq(first, other)) {
+                    Some(Arc::clone(first))
+                } else {
+                    tracing::warn!(?names, "a client certificate names two clients");
+                    None
+                }
+            }
+        }
+    }
+
+    /// The token client `name` with `grant`, sharing its concurrency gate with its other
+    /// requests.
+    pub(super) fn token_client(&self, name: String, grant: ClientConfig) -> Client {
+        let busy = {
+            let mut gates = self
+                .token_gates
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            Arc::clone(
+                gates
+                    .entry(name.clone())
+                    .or_insert_with(|| Arc::new(Semaphore::new(grant.concurrency()))),
+            )
+        };
+        Client { name, grant, busy }
+    }
+
+    /// The configured clients as `GET /v1/clients` lists them: name, how a connection is known
+    /// as it, namespaces and operations (`null`: every one but `admin` and `metrics`).
     pub fn to_json(&self) -> serde_json::Value {
-        let mut clients: Vec<(&u32, &Arc<Client>)> = self.by_uid.iter().collect();
-        clients.sort_by(|a, b| a.1.name.cmp(&b.1.name));
-        serde_json::Value::Array(
-            clients
-                .into_iter()
-                .map(|(uid, c)| {
-                    serde_json::json!({
-                        "name": c.name,
-                        "uid": uid,
-                        "namespaces": c.grant.namespaces,
-                        "operations": c.grant.operations.as_ref().map(|ops| {
-                            ops.iter().map(|op| op.as_str()).collect::<Vec<_>>()
-                        }),
-                    })
-                })
-                .collect(),
-        )
+        let mut clients: Vec<&Arc<Client>> = self
+            .by_uid
+            .values()
+            .chain(self.by_tls_name.values())
+            .collect();
+        clients.sort_by(|a, b| a.name.cmp(&b.name));
+        clients.dedup_by(|a, b| Arc::ptr_eq(a, b));
+        serde_json::Value::Array(clients.into_iter().map(|c| c.to_json()).collect())
     }
 }
 
 /// A client, authenticated for this request.
 #[derive(Debug)]
 pub struct Client {
-    /// Its name in the configuration.
+    /// Its name in the configuration (or the store's, for a token client).
     pub name: String,
     grant: ClientConfig,
+    /// Its requests in flight hold one permit each (`max_concurrent`).
+    pub(super) busy: Arc<Semaphore>,
 }
 
 impl Client {
-    /// The client `name` with `grant`.
+    /// A client of its own, with a gate of its own.
     pub(super) fn new(name: String, grant: ClientConfig) -> Self {
-        Self { name, grant }
+        let busy = Arc::new(Semaphore::new(grant.concurrency()));
+        Self { name, grant, busy }
     }
 
     /// `Ok` if the client may do `operation`, else 403 naming it.
@@ -127,10 +167,22 @@ impl Client {
     pub fn namespaces(&self) -> &[String] {
         &self.grant.namespaces
     }
+
+    fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "name": self.name,
+            "uid": self.grant.uid,
+            "tls_name": self.grant.tls_name,
+            "namespaces": self.grant.namespaces,
+            "operations": self.grant.operations.as_ref().map(|ops| {
+                ops.iter().map(|op| op.as_str()).collect::<Vec<_>>()
+            }),
+        })
+    }
 }
 
-/// The caller of a request: the client its bearer token names (a wrong token is 401 whoever
-/// the peer is), else the configured client of its peer credentials, else 401.
+/// The caller of a request, authenticated by the service's transport before any route (which
+/// answers 401 for a request that is no client's): 401 if it was not.
 #[derive(Debug)]
 pub struct Caller(pub Arc<Client>);
 
@@ -139,24 +191,12 @@ impl FromRequestParts<State> for Caller {
 
     async fn from_request_parts(
         parts: &mut Parts,
-        state: &State,
+        _state: &State,
     ) -> std::result::Result<Self, Self::Rejection> {
-        let peer = parts
+        parts
             .extensions
-            .get::<ConnectInfo<Peer>>()
-            .map(|ConnectInfo(peer)| *peer);
-        let uid = peer.and_then(|p| p.uid);
-        if let Some(header) = parts.headers.get(axum::http::header::AUTHORIZATION) {
-            return token::authenticate(state, Source::of_uid(uid), header)
-                .await
-                .map(Self);
-        }
-        match uid.and_then(|uid| state.clients.by_uid.get(&uid)) {
-            Some(client) => Ok(Self(Arc::clone(client))),
-            None => {
-                tracing::warn!(uid = ?uid, "refused a connection from no configured client");
-                Err(ApiError::unauthenticated())
-            }
-        }
+            .get::<Arc<Client>>()
+            .map(|client| Self(Arc::clone(client)))
+            .ok_or_else(ApiError::unauthenticated)
     }
 }

@@ -420,7 +420,7 @@ async fn granted(
 /// `e`, once the request's body is read and dropped (at most [`super::MAX_BODY`] bytes): a
 /// request refused before its body was read would otherwise be closed on with the body unread,
 /// and the client see its connection reset instead of the answer.
-async fn refuse(request: Request, e: ApiError) -> ApiError {
+pub(super) async fn refuse(request: Request, e: ApiError) -> ApiError {
     use axum::body::HttpBody;
     let mut body = request.into_body();
     let mut seen = 0usize;

@@ -21,7 +21,7 @@ use axum::http::header::HeaderValue;
 use zeroize::Zeroizing;
 
 use super::api::ApiError;
-use super::auth::{Client, Clients};
+use super::auth::{Client, Clients, Peer};
 use super::routes::State;
 use crate::config::{ClientConfig, Config};
 use crate::error::{Error, Result};
@@ -33,7 +33,6 @@ pub enum Source {
     /// A Unix-socket peer's user ID (`SO_PEERCRED`).
     Uid(u32),
     /// A TCP peer's address.
-    #[allow(dead_code)] // made by the TCP listener, which comes with TLS (issue 12)
     Addr(IpAddr),
     /// A peer the kernel did not name.
     Unknown,
@@ -42,9 +41,15 @@ pub enum Source {
 }
 
 impl Source {
-    /// The source of a Unix-socket peer whose uid is `uid`.
-    pub fn of_uid(uid: Option<u32>) -> Self {
-        uid.map_or(Self::Unknown, Self::Uid)
+    /// Where a connection from `peer` comes from.
+    pub fn of(peer: Option<&Peer>) -> Self {
+        match peer {
+            Some(Peer::Unix { uid: Some(uid) }) => Self::Uid(*uid),
+            Some(Peer::Tls {
+                addr: Some(addr), ..
+            }) => Self::Addr(*addr),
+            _ => Self::Unknown,
+        }
     }
 }
 
@@ -209,7 +214,7 @@ pub(super) async fn authenticate(
         .await
         .map_err(|e| ApiError::internal(format!("the token lookup did not finish: {e}")))?;
     match found {
-        Ok(Some(client)) => Ok(Arc::new(client_of(client))),
+        Ok(Some(client)) => Ok(Arc::new(client_of(state, client))),
         Ok(None) => Err(refuse()),
         Err(e) => {
             tracing::error!(error = %e, "a bearer token's client could not be read");
@@ -239,21 +244,35 @@ fn too_many(wait: Duration) -> ApiError {
 }
 
 /// A token client as the routes see a configured one.
-fn client_of(client: TokenClient) -> Client {
-    Client::new(
+fn client_of(state: &State, client: TokenClient) -> Client {
+    state.clients.token_client(
         client.name,
         ClientConfig {
             uid: None,
+            tls_name: None,
             namespaces: client.grant.namespaces,
             operations: client.grant.operations,
+            max_concurrent: None,
         },
     )
 }
 
+/// Refuses a token client named as a configured client: which one a name means would depend
+/// on how it asked.
+fn check_names(config: &Config, tokens: &[&str]) -> Result<()> {
+    match tokens.iter().find(|t| config.clients.contains_key(**t)) {
+        Some(both) => Err(Error::Config(format!(
+            "client `{both}` is both a [clients.{both}] of the configuration and a token client of \
+             the store: rename the table, or `keyhold client remove {both}`"
+        ))),
+        None => Ok(()),
+    }
+}
+
 const NO_CLIENTS: &str = "keyhold serve answers configured clients only, and there is none: \
-     the configuration has no [clients.NAME] table with a uid, and the store no token client: \
-     add a [clients.NAME] table with uid = N and namespaces = [...], or run `keyhold client add \
-     NAME --namespace NS`";
+     the configuration has no [clients.NAME] table with a uid or a tls_name, and the store no \
+     token client: add a [clients.NAME] table with uid = N (or tls_name = \"...\") and \
+     namespaces = [...], or run `keyhold client add NAME --namespace NS`";
 
 impl Clients {
     /// Refuses, before the store is unsealed, a service nobody could use: no configured client
@@ -263,9 +282,10 @@ impl Clients {
     /// # Errors
     /// [`Error::Config`] for a service without clients; the store's errors when it must be read.
     pub fn precheck(config: &Config, dir: &std::path::Path) -> Result<()> {
-        if Self::from_config(config)?.by_uid.is_empty()
-            && crate::store::Store::open(dir)?.clients()?.is_empty()
-        {
+        let tokens = crate::store::Store::open(dir)?.clients()?;
+        let names: Vec<&str> = tokens.iter().map(|t| t.name.as_str()).collect();
+        check_names(config, &names)?;
+        if Self::from_config(config)?.no_connection_clients() && tokens.is_empty() {
             return Err(Error::Config(NO_CLIENTS.into()));
         }
         Ok(())
@@ -280,14 +300,9 @@ impl Clients {
     pub fn for_service(config: &Config, keystore: &Keystore) -> Result<Self> {
         let clients = Self::from_config(config)?;
         let tokens = keystore.clients()?;
-        if let Some(both) = tokens.iter().find(|t| config.clients.contains_key(&t.name)) {
-            return Err(Error::Config(format!(
-                "client `{0}` is both a [clients.{0}] of the configuration and a token client of \
-                 the store: rename the table, or `keyhold client remove {0}`",
-                both.name
-            )));
-        }
-        if clients.by_uid.is_empty() && tokens.is_empty() {
+        let names: Vec<&str> = tokens.iter().map(|t| t.name.as_str()).collect();
+        check_names(config, &names)?;
+        if clients.no_connection_clients() && tokens.is_empty() {
             return Err(Error::Config(NO_CLIENTS.into()));
         }
         Ok(clients)

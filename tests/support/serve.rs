@@ -39,17 +39,42 @@ impl Answer {
 }
 
 impl Server {
-    /// Starts the service with `clients` (TOML `[clients.*]` tables) as the configuration, and
-    /// waits until its socket answers.
+    /// Starts the service with `clients` (TOML `[clients.*]` tables) as the configuration on
+    /// `DIR/keyhold.sock`, and waits until its socket answers.
     pub fn start(env: &Env, clients: &str) -> Self {
         Self::start_with(env, "", clients)
     }
 
     /// [`Server::start`] with `base` (backends, …) in the configuration before the clients.
     pub fn start_with(env: &Env, base: &str, clients: &str) -> Self {
-        env.set_config(&format!("{base}\n{clients}"));
         let socket = env.file("keyhold.sock");
-        let mut cmd = env.command(&["serve", "--listen", &format!("unix:{}", socket.display())]);
+        Self::start_listening(
+            env,
+            &format!("{base}\n{clients}"),
+            &[&format!("unix:{}", socket.display())],
+            &[],
+        )
+    }
+
+    /// Starts the service with `config`, one `--listen` per entry of `listen` (the first is a
+    /// `unix:` socket, waited for) and `extra` arguments.
+    pub fn start_listening(env: &Env, config: &str, listen: &[&str], extra: &[&str]) -> Self {
+        env.set_config(config);
+        let mut args = vec!["serve"];
+        for l in listen {
+            args.extend(["--listen", l]);
+        }
+        args.extend(extra);
+        let socket = listen
+            .first()
+            .and_then(|l| l.strip_prefix("unix:"))
+            .map(PathBuf::from)
+            .expect("the first listener is a unix: socket");
+        Self::spawn(env.command(&args), socket)
+    }
+
+    /// Spawns `cmd` (a `keyhold serve` command) and waits until `socket` answers.
+    pub fn spawn(mut cmd: std::process::Command, socket: PathBuf) -> Self {
         cmd.stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
@@ -60,9 +85,9 @@ impl Server {
         };
         let deadline = Instant::now() + Duration::from_secs(20);
         while UnixStream::connect(&server.socket).is_err() {
-            if let Some(status) = server.child.as_mut().and_then(|c| c.try_wait().unwrap()) {
-                let (_, err) = server.stop_with(None);
-                panic!("the service ended before it listened: {status:?}\n{err}");
+            if let Some(status) = server.child.as_mut().unwrap().try_wait().unwrap() {
+                let (_, err) = server.finish();
+                panic!("the service ended ({status}) before it listened:\n{err}");
             }
             assert!(Instant::now() < deadline, "the service never listened");
             std::thread::sleep(Duration::from_millis(20));
@@ -135,20 +160,26 @@ impl Server {
         }
     }
 
-    /// SIGTERM, then its exit status and stderr.
-    pub fn stop(mut self) -> (std::process::ExitStatus, String) {
-        self.stop_with(Some(rustix::process::Signal::TERM))
+    /// The process ID.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
     }
 
-    fn stop_with(
-        &mut self,
-        signal: Option<rustix::process::Signal>,
-    ) -> (std::process::ExitStatus, String) {
+    /// Sends SIGTERM.
+    pub fn terminate(&self) {
+        let pid = rustix::process::Pid::from_raw(self.pid() as i32).unwrap();
+        rustix::process::kill_process(pid, rustix::process::Signal::TERM).unwrap();
+    }
+
+    /// SIGTERM, then its exit status and stderr.
+    pub fn stop(self) -> (std::process::ExitStatus, String) {
+        self.terminate();
+        self.finish()
+    }
+
+    /// Waits for the process to end: its exit status and stderr.
+    pub fn finish(mut self) -> (std::process::ExitStatus, String) {
         let mut child = self.child.take().unwrap();
-        if let Some(signal) = signal {
-            let pid = rustix::process::Pid::from_raw(child.id() as i32).unwrap();
-            rustix::process::kill_process(pid, signal).unwrap();
-        }
         let status = child.wait().unwrap();
         let mut err = String::new();
         child
@@ -240,4 +271,37 @@ pub fn client(namespaces: &str, extra: &str) -> String {
         "[clients.app]\nuid = {}\nnamespaces = [{namespaces}]\n{extra}\n",
         uid()
     )
+}
+
+/// One request on `stream` (which the server closes after it: `Connection: close`): the status
+/// and the JSON answer, or what went wrong reading it.
+pub fn exchange(
+    mut stream: impl Read + Write,
+    method: &str,
+    path: &str,
+    body: Option<&[u8]>,
+) -> Result<(u16, Value), String> {
+    let body = body.unwrap_or_default();
+    write!(
+        stream,
+        "{method} {path} HTTP/1.1\r\nHost: keyhold\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    )
+    .map_err(|e| e.to_string())?;
+    // A server that answers before the whole body is read may close the connection first.
+    let _ = stream.write_all(body);
+    let _ = stream.flush();
+    let mut answer = Vec::new();
+    stream
+        .read_to_end(&mut answer)
+        .map_err(|e| format!("reading the answer: {e}"))?;
+    let text = String::from_utf8_lossy(&answer);
+    let (head, rest) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| format!("no status line in: {text:?}"))?;
+    Ok((status, serde_json::from_str(rest).unwrap_or(Value::Null)))
 }
