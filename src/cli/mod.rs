@@ -691,6 +691,17 @@ mod tests {
                 1,
                 "io",
             ),
+            // `--remote`: the service's errors keep the kind, and so the code, they had there.
+            e(
+                E::remote("wrong_state", 409, "key `default/k` is suspended".into()),
+                9,
+                "wrong_state",
+            ),
+            e(
+                E::remote("forbidden", 403, "client `web` may not sign".into()),
+                1,
+                "remote",
+            ),
             (Failure::Cli("cannot read x".into()), 1, "cli"),
             (Failure::Usage("pass --name web".into()), 2, "usage"),
             (Failure::NoSuchName("no such key".into()), 5, "no_such_key"),
