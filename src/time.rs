@@ -37,6 +37,23 @@ pub fn duration_secs(d: Duration) -> Result<i64> {
         .map_err(|_| Error::InvalidInput(format!("the duration {d:?} is too long")))
 }
 
+/// The last instant keyhold keeps: 9999-12-31T23:59:59Z, the last one RFC 3339 can write.
+pub const LAST_INSTANT: i64 = 253_402_300_799;
+
+/// `at` if it is an instant keyhold can keep and write (the epoch to [`LAST_INSTANT`]).
+///
+/// # Errors
+/// [`Error::InvalidInput`] naming `what` and the range.
+pub fn check_instant(at: i64, what: &str) -> Result<i64> {
+    if (0..=LAST_INSTANT).contains(&at) {
+        Ok(at)
+    } else {
+        Err(Error::InvalidInput(format!(
+            "{what} must be between 1970-01-01T00:00:00Z and 9999-12-31T23:59:59Z"
+        )))
+    }
+}
+
 /// An instant: an RFC 3339 UTC time (`2026-12-31T00:00:00Z`) or a duration from `now` (`+7d`).
 ///
 /// # Errors
@@ -46,7 +63,13 @@ pub fn parse_instant(text: &str, now: i64) -> Result<i64> {
     if let Some(rest) = text.strip_prefix('+') {
         return now
             .checked_add(duration_secs(parse_duration(rest)?)?)
-            .ok_or_else(|| Error::InvalidInput(format!("`{text}` is too far in the future")));
+            .filter(|at| *at <= LAST_INSTANT)
+            .ok_or_else(|| {
+                Error::InvalidInput(format!(
+                    "`{text}` is too far in the future: the last time keyhold keeps is \
+                     9999-12-31T23:59:59Z"
+                ))
+            });
     }
     let at = humantime::parse_rfc3339_weak(text).map_err(|e| {
         Error::InvalidInput(format!(
@@ -63,19 +86,44 @@ pub fn parse_instant(text: &str, now: i64) -> Result<i64> {
     }
 }
 
-/// `secs` since the epoch as an RFC 3339 UTC timestamp (`2026-11-23T14:19:21Z`).
+/// `secs` since the epoch as an RFC 3339 UTC timestamp (`2026-11-23T14:19:21Z`); an instant
+/// RFC 3339 cannot write (before 1970, after 9999) as `@SECS`, never a panic.
 pub fn format_utc(secs: i64) -> String {
-    let at = if secs >= 0 {
-        UNIX_EPOCH + Duration::from_secs(secs.unsigned_abs())
-    } else {
-        UNIX_EPOCH - Duration::from_secs(secs.unsigned_abs())
-    };
-    humantime::format_rfc3339_seconds(at).to_string()
+    if !(0..=LAST_INSTANT).contains(&secs) {
+        return format!("@{secs}");
+    }
+    let at = UNIX_EPOCH + Duration::from_secs(secs.unsigned_abs());
+    let mut text = String::new();
+    match std::fmt::Write::write_fmt(
+        &mut text,
+        format_args!("{}", humantime::format_rfc3339_seconds(at)),
+    ) {
+        Ok(()) => text,
+        Err(_) => format!("@{secs}"),
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Review: a time past 9999 made `format_utc` panic (humantime's Display fails there), after
+    /// a key with it was committed. Such times are refused when read, and written as `@SECS`.
+    #[test]
+    fn times_past_9999_are_refused_and_never_panic_when_written() {
+        assert_eq!(format_utc(LAST_INSTANT), "9999-12-31T23:59:59Z");
+        assert_eq!(format_utc(LAST_INSTANT + 1), "@253402300800");
+        assert_eq!(format_utc(i64::MAX), format!("@{}", i64::MAX));
+        assert_eq!(format_utc(-1), "@-1");
+        assert!(parse_instant("+10000y", now()).is_err());
+        assert_eq!(
+            parse_instant("9999-12-31T23:59:59Z", 0).unwrap(),
+            LAST_INSTANT
+        );
+        assert!(check_instant(LAST_INSTANT + 1, "`at`").is_err());
+        assert!(check_instant(-5, "`at`").is_err());
+        assert_eq!(check_instant(0, "`at`").unwrap(), 0);
+    }
 
     #[test]
     fn formats_utc() {

@@ -270,14 +270,23 @@ fn mutual_tls_names_clients_by_certificate_beside_the_unix_socket() {
     // Both listeners, one process: the Unix socket by peer credentials…
     assert_eq!(
         server.ask("GET", "/v1/health", None),
-        (200, json!({"status": "ok", "client": "app", "sealer": "passphrase"}))
+        (
+            200,
+            json!({"status": "ok", "client": "app", "sealer": "passphrase"})
+        )
     );
     // …TCP by the certificate's DNS name, URI name, or common name.
     let app = pki
         .client_ca
         .issue("app", "someone", "DNS:app.example", "clientAuth");
     let health = ask_tls(addr, &pki, Some(&app), "/v1/health").unwrap();
-    assert_eq!(health, (200, json!({"status": "ok", "client": "app", "sealer": "passphrase"})));
+    assert_eq!(
+        health,
+        (
+            200,
+            json!({"status": "ok", "client": "app", "sealer": "passphrase"})
+        )
+    );
     let other = pki
         .client_ca
         .issue("other", "x", "URI:spiffe://example/other", "clientAuth");
@@ -639,7 +648,10 @@ fn a_socket_systemd_passes_is_served_and_left_in_place() {
     drop(listener);
     assert_eq!(
         server.ask("GET", "/v1/health", None),
-        (200, json!({"status": "ok", "client": "app", "sealer": "passphrase"}))
+        (
+            200,
+            json!({"status": "ok", "client": "app", "sealer": "passphrase"})
+        )
     );
     let (status, err) = server.stop();
     assert!(status.success(), "{err}");

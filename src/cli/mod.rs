@@ -52,8 +52,9 @@ pub struct Args {
     passphrase_file: Option<PathBuf>,
 
     /// Run key and cryptographic commands through `keyhold serve` at REMOTE (unix:PATH), which
-    /// holds the store, instead of opening it here
-    #[arg(long, global = true, value_name = "REMOTE", env = "KEYHOLD_REMOTE")]
+    /// holds the store, instead of opening it here [default: $KEYHOLD_REMOTE, for those
+    /// commands only]
+    #[arg(long, global = true, value_name = "REMOTE")]
     remote: Option<String>,
 
     /// With --remote: the bearer token is the first line of FILE [default: $KEYHOLD_TOKEN, else
@@ -265,7 +266,15 @@ pub struct Context {
 
 impl Context {
     fn from_args(args: &Args) -> Result<Self, Failure> {
-        let remote = args.remote.clone().filter(|r| !r.is_empty());
+        // `--remote` is said for this command; `$KEYHOLD_REMOTE` is a default for the commands
+        // that run through a service, and leaves the others (`serve` itself, `client add`, …)
+        // where the store is.
+        let remote = match &args.remote {
+            Some(remote) => Some(remote.clone()),
+            None if runs_remotely(&args.command) => std::env::var("KEYHOLD_REMOTE").ok(),
+            None => None,
+        }
+        .filter(|r| !r.is_empty());
         let store = match &args.store {
             Some(dir) => dir.clone(),
             // Through a service, no store is opened here: one that cannot be found is no error.
@@ -475,7 +484,7 @@ fn runs_remotely(command: &Command) -> bool {
 }
 
 fn dispatch(ctx: &Context, args: &Args) -> CmdResult {
-    if let Some(remote) = &ctx.remote {
+    if let Some(remote) = &args.remote {
         if !runs_remotely(&args.command) {
             return Err(io::not_remote(remote));
         }

@@ -119,8 +119,11 @@ pub fn open_keys(ctx: &Context) -> Result<Box<dyn KeyService>, Failure> {
 #[cfg(feature = "serve")]
 fn remote_keys(ctx: &Context, remote: &str) -> Result<Box<dyn KeyService>, Failure> {
     use keyhold::service::{Remote, RemoteKeystore};
+    // Read (and `$KEYHOLD_TOKEN` removed) before the client starts its runtime's thread: the
+    // environment is changed only while this is the one thread.
+    let token = super::passphrase::token(ctx.token_file.as_deref())?;
     let mut keys = RemoteKeystore::new(Remote::parse(remote)?)?;
-    if let Some(token) = super::passphrase::token(ctx.token_file.as_deref())? {
+    if let Some(token) = token {
         keys = keys.with_token(token);
     }
     Ok(Box::new(keys))

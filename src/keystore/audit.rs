@@ -192,6 +192,25 @@ impl Keystore {
         });
     }
 
+    /// Records that a service refused its client `operation` on the key `id` before anything
+    /// about the key was looked up (`outcome`: the refusal's code, `forbidden`, `no_such_key`,
+    /// …), buffered as key uses are. The key's ID and namespace are written only if the ID is
+    /// genuine. Runs on behalf of the client ([`crate::audit::on_behalf_of`]), who is named.
+    pub fn audit_refusal(&self, operation: &'static str, id: &str, outcome: &'static str) {
+        if !self.audit.sink.is_enabled() {
+            return;
+        }
+        let genuine = self.ids.decode(id).ok();
+        self.audit.sink.key_use(KeyUse {
+            operation,
+            key_id: genuine.as_ref().map(|_| Arc::from(id)),
+            version: None,
+            namespace: genuine.map(|f| Arc::from(f.namespace)),
+            outcome,
+            client: crate::audit::current_client(),
+        });
+    }
+
     /// Records a use of `operation` that went nowhere because `id` did not resolve: with the
     /// key's ID only if the ID is genuine (one that failed authentication is never written).
     pub(super) fn audit_refused(&self, id: &str, operation: &'static str, error: &Error) {

@@ -667,6 +667,14 @@ impl Keystore {
         policy: &PolicyChange,
         reason: Option<&str>,
     ) -> Result<KeyInfo> {
+        for (at, what) in [
+            (policy.activate_at.flatten(), "the activation time"),
+            (policy.deactivate_at.flatten(), "the deactivation time"),
+        ] {
+            if let Some(at) = at {
+                crate::time::check_instant(at, what)?;
+            }
+        }
         let r = self.resolve_current(id)?;
         let changed = self.change(&r.record.uuid, "policy-changed", reason, |_, now| {
             if now.state == KeyState::Destroyed {
@@ -720,6 +728,10 @@ impl Keystore {
     /// # Errors
     /// [`Error::WrongState`] for a destroyed key; resolution, backend and storage errors.
     pub fn schedule_destroy(&self, id: &str, at: i64, reason: Option<&str>) -> Result<KeyInfo> {
+        // A time past what can be kept is refused; one before now (even before 1970) is now.
+        if at > crate::time::LAST_INSTANT {
+            crate::time::check_instant(at, "the destruction time")?;
+        }
         self.audited(id, "schedule-destroy", || {
             self.schedule_destroy_unaudited(id, at, reason)
         })

@@ -595,6 +595,14 @@ impl Keystore {
 
     /// Checks a new key's schedule before anything is made.
     fn check_schedule(options: &KeyOptions) -> Result<Schedule> {
+        for (at, what) in [
+            (options.activate_at, "the activation time"),
+            (options.deactivate_at, "the deactivation time"),
+        ] {
+            if let Some(at) = at {
+                crate::time::check_instant(at, what)?;
+            }
+        }
         let rotate_after = match options.rotate_after {
             Some(d) if d.as_secs() == 0 => {
                 return Err(Error::InvalidInput(

@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use axum::extract::FromRequestParts;
 use axum::http::request::Parts;
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::api::ApiError;
 use super::routes::State;
@@ -42,6 +42,8 @@ pub enum Peer {
 pub struct Clients {
     by_uid: HashMap<u32, Arc<Client>>,
     by_tls_name: HashMap<String, Arc<Client>>,
+    /// Every configured client's name: no token client may take one.
+    configured: Arc<std::collections::HashSet<String>>,
     pub(super) limiter: Arc<Limiter>,
     /// A token client's gate outlives the request that made it: its `max_concurrent` holds
     /// across requests. One per token client name seen, so bounded by the store's clients.
@@ -69,9 +71,15 @@ impl Clients {
         Ok(Self {
             by_uid,
             by_tls_name,
+            configured: Arc::new(config.clients.keys().cloned().collect()),
             limiter: Arc::new(Limiter::new(token::Limits::default())),
             token_gates: Arc::default(),
         })
+    }
+
+    /// Whether `name` is a configured client's.
+    pub(super) fn is_configured(&self, name: &str) -> bool {
+        self.configured.contains(name)
     }
 
     /// Whether the configuration names no client a connection can be.
@@ -181,10 +189,49 @@ impl Client {
     }
 }
 
+/// A client's turn: one of its `max_concurrent` permits, held by its request until the work it
+/// asked for has ended (also when the client went away before the answer).
+#[derive(Debug, Clone)]
+pub struct Turn {
+    /// Held for its drop: the permit returns when the last holder lets go.
+    _permit: Arc<OwnedSemaphorePermit>,
+}
+
+impl Turn {
+    pub(super) fn new(permit: OwnedSemaphorePermit) -> Self {
+        Self {
+            _permit: Arc::new(permit),
+        }
+    }
+}
+
 /// The caller of a request, authenticated by the service's transport before any route (which
-/// answers 401 for a request that is no client's): 401 if it was not.
+/// answers 401 for a request that is no client's): 401 if it was not. Derefs to its client.
 #[derive(Debug)]
-pub struct Caller(pub Arc<Client>);
+pub struct Caller {
+    client: Arc<Client>,
+    turn: Option<Turn>,
+}
+
+impl Caller {
+    /// Its turn, for the work that outlives the request's future.
+    pub(super) fn turn(&self) -> Option<Turn> {
+        self.turn.clone()
+    }
+
+    /// Its name, shared.
+    pub(super) fn name_arc(&self) -> Arc<str> {
+        Arc::from(self.client.name.as_str())
+    }
+}
+
+impl std::ops::Deref for Caller {
+    type Target = Client;
+
+    fn deref(&self) -> &Client {
+        &self.client
+    }
+}
 
 impl FromRequestParts<State> for Caller {
     type Rejection = ApiError;
@@ -193,10 +240,12 @@ impl FromRequestParts<State> for Caller {
         parts: &mut Parts,
         _state: &State,
     ) -> std::result::Result<Self, Self::Rejection> {
-        parts
+        let client = parts
             .extensions
             .get::<Arc<Client>>()
-            .map(|client| Self(Arc::clone(client)))
-            .ok_or_else(ApiError::unauthenticated)
+            .cloned()
+            .ok_or_else(ApiError::unauthenticated)?;
+        let turn = parts.extensions.get::<Turn>().cloned();
+        Ok(Self { client, turn })
     }
 }

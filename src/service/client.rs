@@ -68,6 +68,8 @@ pub struct RemoteKeystore {
     runtime: tokio::runtime::Runtime,
     /// Connections not in use, kept alive for the next call.
     idle: Mutex<Vec<SendRequest<Full<Bytes>>>>,
+    /// How long a call may take, from sending to the whole answer.
+    timeout: std::time::Duration,
 }
 
 impl std::fmt::Debug for RemoteKeystore {
@@ -80,6 +82,10 @@ impl std::fmt::Debug for RemoteKeystore {
 
 /// The connections kept for reuse at most.
 const MAX_IDLE: usize = 16;
+
+/// How long a call may take unless [`RemoteKeystore::with_timeout`] says otherwise: above the
+/// service's own body and drain timeouts, so that it is the service that says why.
+pub const DEFAULT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
 
 impl RemoteKeystore {
     /// A client of the service at `remote`. Nothing is sent until the first call.
@@ -99,6 +105,7 @@ impl RemoteKeystore {
             token: None,
             runtime,
             idle: Mutex::new(Vec::new()),
+            timeout: DEFAULT_TIMEOUT,
         })
     }
 
@@ -107,6 +114,14 @@ impl RemoteKeystore {
     #[must_use]
     pub fn with_token(mut self, token: SecretString) -> Self {
         self.token = Some(token);
+        self
+    }
+
+    /// Gives up a call that takes longer than `timeout` ([`Error::Timeout`]); the service may
+    /// still carry it out.
+    #[must_use]
+    pub fn with_timeout(mut self, timeout: std::time::Duration) -> Self {
+        self.timeout = timeout;
         self
     }
 
@@ -151,7 +166,22 @@ impl RemoteKeystore {
         let request = request
             .body(Full::new(Bytes::copy_from_slice(&bytes)))
             .map_err(|e| Error::InvalidInput(format!("a request to the service: {e}")))?;
-        let (status, answer) = self.runtime.block_on(self.send(request))?;
+        if tokio::runtime::Handle::try_current().is_ok() {
+            return Err(Error::InvalidInput(
+                "RemoteKeystore blocks: call it from a thread of its own (in tokio, through \
+                 spawn_blocking), not from an async task"
+                    .into(),
+            ));
+        }
+        let (status, answer) = self.runtime.block_on(async {
+            tokio::time::timeout(self.timeout, self.send(request))
+                .await
+                .map_err(|_| Error::Timeout {
+                    backend: format!("keyhold serve at {}", self.remote),
+                    waited: self.timeout,
+                    what: "its answer".into(),
+                })?
+        })?;
         let value: Value = if answer.is_empty() {
             Value::Null
         } else {
@@ -179,22 +209,44 @@ impl RemoteKeystore {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .pop();
-        // A kept connection the service has closed since is given up for a new one: nothing
-        // was sent on it yet.
-        let mut sender = match reused {
-            Some(mut sender) => match sender.ready().await {
-                Ok(()) => sender,
-                Err(_) => self.connect().await?,
-            },
-            None => self.connect().await?,
-        };
         let lost = |e: hyper::Error| {
             Error::io(
                 format!("ask the service at {}", self.remote),
                 std::io::Error::other(e),
             )
         };
+        // A kept connection may have been closed by the service since (its idle timeout): the
+        // request then goes on a new one, which is safe only because hyper hands back a request
+        // it did not send. One it sent is never sent again (a second sign is still a sign).
+        let (mut sender, request) = match reused {
+            Some(mut sender) => match sender.ready().await {
+                Ok(()) => match sender.try_send_request(request).await {
+                    Ok(response) => return self.answer(sender, response).await,
+                    Err(mut e) => match e.take_message() {
+                        Some(unsent) => (self.connect().await?, unsent),
+                        None => return Err(lost(e.into_error())),
+                    },
+                },
+                Err(_) => (self.connect().await?, request),
+            },
+            None => (self.connect().await?, request),
+        };
         let response = sender.send_request(request).await.map_err(lost)?;
+        self.answer(sender, response).await
+    }
+
+    /// Reads the whole of `response`, then keeps its connection for the next call.
+    async fn answer(
+        &self,
+        sender: SendRequest<Full<Bytes>>,
+        response: hyper::Response<hyper::body::Incoming>,
+    ) -> Result<(u16, Zeroizing<Vec<u8>>)> {
+        let lost = |e: hyper::Error| {
+            Error::io(
+                format!("read the answer of the service at {}", self.remote),
+                std::io::Error::other(e),
+            )
+        };
         let status = response.status().as_u16();
         let body = response.into_body().collect().await.map_err(lost)?;
         let body = Zeroizing::new(body.to_bytes().to_vec());

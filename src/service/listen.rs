@@ -29,7 +29,7 @@ use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::TlsAcceptor;
 
 use super::api::ApiError;
-use super::auth::{Clients, Peer};
+use super::auth::{Clients, Peer, Turn};
 use super::token::{self, Source};
 use super::{io_error, routes, tls, Limits, Listen, Settings};
 use crate::config::Config;
@@ -60,6 +60,8 @@ pub struct Prepared {
     tls: Option<TlsAcceptor>,
     limits: Limits,
     planned: Vec<Planned>,
+    /// `[store] verify_interval`: the whole store verified this often while the service runs.
+    verify_interval: Option<Duration>,
 }
 
 impl std::fmt::Debug for Prepared {
@@ -127,6 +129,7 @@ impl Prepared {
             tls,
             limits: settings.limits,
             planned,
+            verify_interval: config.store.verify_interval,
         })
     }
 }
@@ -150,8 +153,27 @@ pub fn serve(prepared: Prepared, keystore: Keystore, ready: impl FnOnce(&[Listen
         tls,
         limits,
         planned,
+        verify_interval,
     } = prepared;
+    let keystore = Arc::new(keystore);
+    // Integrity verified periodically (each run logged, and its outcome in /v1/health); stopped
+    // when the service ends.
+    let verified = Arc::new(std::sync::Mutex::new(None));
+    let _periodic = match verify_interval {
+        Some(interval) => {
+            let record = Arc::clone(&verified);
+            Some(keystore.spawn_periodic_verify(interval, move |report| {
+                let outcome = routes::Verified::of(report);
+                *record
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(outcome);
+            })?)
+        }
+        None => None,
+    };
+    let served_keystore = Arc::clone(&keystore);
     let served = runtime.block_on(async move {
+        let keystore = served_keystore;
         // Before any socket accepts: a signal from then on is a clean stop, never a kill.
         let stop_signal = stop_signal()?;
         let mut bound = Vec::with_capacity(planned.len());
@@ -160,7 +182,7 @@ pub fn serve(prepared: Prepared, keystore: Keystore, ready: impl FnOnce(&[Listen
             bound.push(bind(plan, &mut locks)?);
         }
         ready(&bound.iter().map(Bound::listen).collect::<Vec<_>>());
-        let state = routes::State::new(Arc::new(keystore), clients);
+        let state = routes::State::new(Arc::clone(&keystore), clients, verified);
         let router = routes::router(state.clone())
             .layer(axum::middleware::from_fn_with_state(state, authenticate));
         let shared = Arc::new(Shared {
@@ -204,6 +226,11 @@ pub fn serve(prepared: Prepared, keystore: Keystore, ready: impl FnOnce(&[Listen
         drop(locks);
         Ok(())
     });
+    // What the keystore buffered for the audit log is written now: a call still running past
+    // the drain keeps the keystore alive, and with it the buffer its drop would write.
+    if let Err(e) = keystore.audit_sink().flush() {
+        tracing::error!("the audit log could not be written at exit: {e}");
+    }
     // Connections left past the drain deadline are dropped with the runtime; a keystore call on
     // the blocking pool is given a moment to return, not waited for.
     runtime.shutdown_timeout(Duration::from_secs(1));
@@ -330,6 +357,9 @@ fn lock_socket_path(path: &Path) -> Result<File> {
         .truncate(false)
         .write(true)
         .mode(0o600)
+        // Not through a symbolic link: one planted beside the socket would have the service
+        // lock (and hold open) whatever file it names.
+        .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
         .open(&lock_path)
         .map_err(|e| io_error(&format!("make the lock {}", lock_path.display()), e))?;
     match rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
@@ -603,15 +633,22 @@ async fn authenticate(
             .as_ref()
             .and_then(|p| state.clients.identify(p))
             .ok_or_else(|| {
-                tracing::warn!(?peer, "refused a request from no configured client");
+                if REFUSALS.due() {
+                    tracing::warn!(
+                        ?peer,
+                        "refused a request from no configured client (and any others in the \
+                         next {}s)",
+                        WARN_EVERY.as_secs()
+                    );
+                }
                 ApiError::unauthenticated()
             }),
     };
     let client = match client {
         Ok(client) => client,
-        Err(e) => return routes::refuse(request, e).await.into_response(),
+        Err(e) => return unauthenticated(request, e).await,
     };
-    let Ok(_permit) = Arc::clone(&client.busy).try_acquire_owned() else {
+    let Ok(permit) = Arc::clone(&client.busy).try_acquire_owned() else {
         let busy = ApiError::new(
             axum::http::StatusCode::TOO_MANY_REQUESTS,
             "busy",
@@ -623,8 +660,65 @@ async fn authenticate(
         );
         return routes::refuse(request, busy).await.into_response();
     };
+    // The turn goes with the request: the work it starts holds it until it ends.
     request.extensions_mut().insert(client);
+    request.extensions_mut().insert(Turn::new(permit));
     next.run(request).await
+}
+
+/// What of a body the service reads for a request it does not know the sender of: enough that
+/// a small request gets its answer rather than a reset, and no more.
+const UNAUTHENTICATED_BODY: usize = 64 * 1024;
+
+/// How often the refusal of an unknown peer is logged at most.
+const WARN_EVERY: Duration = Duration::from_secs(10);
+
+/// When an unknown peer's refusal was last logged.
+static REFUSALS: Throttle = Throttle::new();
+
+/// `e` for a request from no client: its body read up to [`UNAUTHENTICATED_BODY`], and the
+/// connection closed after the answer (a larger body is not read for a stranger).
+async fn unauthenticated(request: Request, e: ApiError) -> Response {
+    let whole = routes::drain(request, UNAUTHENTICATED_BODY).await;
+    let mut response = e.into_response();
+    if !whole {
+        response.headers_mut().insert(
+            axum::http::header::CONNECTION,
+            axum::http::HeaderValue::from_static("close"),
+        );
+    }
+    response
+}
+
+/// Lets something happen at most once per [`WARN_EVERY`].
+struct Throttle {
+    /// Milliseconds since the process's first use of it, when it last let through (+1; 0 never).
+    last: std::sync::atomic::AtomicU64,
+}
+
+impl Throttle {
+    const fn new() -> Self {
+        Self {
+            last: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    /// Whether it may happen now (and, if so, it is counted as happened).
+    fn due(&self) -> bool {
+        use std::sync::atomic::Ordering;
+        static START: std::sync::OnceLock<tokio::time::Instant> = std::sync::OnceLock::new();
+        let start = *START.get_or_init(tokio::time::Instant::now);
+        let now = u64::try_from(start.elapsed().as_millis())
+            .unwrap_or(u64::MAX)
+            .saturating_add(1);
+        let last = self.last.load(Ordering::Relaxed);
+        let every = u64::try_from(WARN_EVERY.as_millis()).unwrap_or(u64::MAX);
+        (last == 0 || now.saturating_sub(last) >= every)
+            && self
+                .last
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+    }
 }
 
 /// A request body that must arrive whole within a time from the request's head: a client that

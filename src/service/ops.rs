@@ -2,8 +2,9 @@
 //! action's body, the operation a client must be granted for it, and running it on the keystore.
 //!
 //! Everything here is synchronous and runs on the blocking pool: reading the JSON body, decoding
-//! its base64, the keystore call, encoding the answer. Plaintexts and data keys are zeroized once
-//! answered; the HTTP layer's own buffers (the request as read, the answer as written) are not.
+//! its base64, the keystore call, encoding the answer. Decoded inputs, decrypted plaintexts and
+//! data keys are held in zeroizing buffers; the answer's JSON strings (a plaintext or data key in
+//! base64) and the HTTP layer's buffers are not zeroized (docs/service.md, What stays in memory).
 
 use serde::de::DeserializeOwned;
 use serde::Deserialize;

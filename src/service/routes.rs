@@ -5,7 +5,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use axum::extract::{DefaultBodyLimit, FromRequest, Query, Request};
 use axum::http::{header, StatusCode};
@@ -16,7 +16,7 @@ use serde_json::{json, Value};
 use tokio::sync::Semaphore;
 
 use super::api::{b64, ApiError, Body, PathOf};
-use super::auth::{Caller, Client, Clients};
+use super::auth::{Caller, Clients};
 use super::metrics::Metrics;
 use super::ops::{Action, Input};
 use crate::backend::KeyOptions;
@@ -42,10 +42,41 @@ pub struct State {
     /// A gate per backend, by name.
     gates: Arc<HashMap<Arc<str>, Arc<Semaphore>>>,
     metrics: Arc<Metrics>,
+    /// The last periodic verification's outcome, if one ran.
+    verified: Arc<std::sync::Mutex<Option<Verified>>>,
+}
+
+/// What the last periodic verification found.
+#[derive(Debug, Clone, Copy)]
+pub struct Verified {
+    /// When it ended, seconds since the epoch.
+    at: i64,
+    /// `passed`, `unchecked` (something could not be checked), `failed`, or `error` (the run
+    /// itself could not be made).
+    status: &'static str,
+}
+
+impl Verified {
+    /// The outcome of a run.
+    pub fn of(report: &crate::Result<crate::verify::VerifyReport>) -> Self {
+        Self {
+            at: crate::time::now(),
+            status: report.as_ref().map_or("error", |r| r.status().as_str()),
+        }
+    }
+
+    /// Whether it found something wrong, or could not run.
+    fn failed(self) -> bool {
+        matches!(self.status, "failed" | "error")
+    }
 }
 
 impl State {
-    pub(super) fn new(keystore: Arc<Keystore>, clients: Clients) -> Self {
+    pub(super) fn new(
+        keystore: Arc<Keystore>,
+        clients: Clients,
+        verified: Arc<std::sync::Mutex<Option<Verified>>>,
+    ) -> Self {
         let gates = keystore
             .backends()
             .map(|b| (Arc::from(b.name()), Arc::new(Semaphore::new(PER_BACKEND))))
@@ -55,6 +86,7 @@ impl State {
             clients,
             gates: Arc::new(gates),
             metrics: Arc::new(Metrics::default()),
+            verified,
         }
     }
 
@@ -101,45 +133,41 @@ pub fn router(state: State) -> Router {
 }
 
 /// Runs `op` on the keystore on the blocking pool, behind `backend`'s gate (if any), on behalf
-/// of `client`, and counts it as `operation` in the metrics.
+/// of `client`, and counts it as `operation` in the metrics. The client's turn and the
+/// backend's gate are held by the work itself: a client that goes away before the answer does
+/// not free them while the work it asked for still runs.
 async fn run<T: Send + 'static>(
     state: &State,
-    client: &Client,
+    client: &Caller,
     operation: &'static str,
     backend: Option<Arc<str>>,
     op: impl FnOnce(&Keystore) -> Result<T, ApiError> + Send + 'static,
 ) -> Result<T, ApiError> {
     let started = Instant::now();
-    let who: Arc<str> = Arc::from(client.name.as_str());
-    let gate = backend.as_ref().and_then(|b| state.gates.get(b)).cloned();
-    let done = async {
+    let who = client.name_arc();
+    let client_turn = client.turn();
+    let backend_turn = match backend.as_ref().and_then(|b| state.gates.get(b)) {
         // The gate is never closed: acquiring fails only if it were.
-        let _turn = match gate {
-            Some(gate) => Some(
-                gate.acquire_owned()
-                    .await
-                    .map_err(|_| ApiError::internal("the backend's gate closed".into()))?,
-            ),
-            None => None,
-        };
-        let keystore = Arc::clone(&state.keystore);
-        let on_behalf = Arc::clone(&who);
-        tokio::task::spawn_blocking(move || {
-            crate::audit::on_behalf_of(&on_behalf, || op(&keystore))
-        })
-        .await
-        .map_err(|e| ApiError::internal(format!("the operation did not finish: {e}")))?
-    }
-    .await;
-    let none: Arc<str> = Arc::from("-");
-    state.metrics.record(
-        operation,
-        backend.as_ref().unwrap_or(&none),
-        &who,
-        done.as_ref().map_or_else(ApiError::code, |_| "ok"),
-        started.elapsed(),
-    );
-    done
+        Some(gate) => Some(
+            Arc::clone(gate)
+                .acquire_owned()
+                .await
+                .map_err(|_| ApiError::internal("the backend's gate closed".into()))?,
+        ),
+        None => None,
+    };
+    let keystore = Arc::clone(&state.keystore);
+    let metrics = Arc::clone(&state.metrics);
+    let backend = backend.unwrap_or_else(|| Arc::from("-"));
+    tokio::task::spawn_blocking(move || {
+        let _turns = (client_turn, backend_turn);
+        let done = crate::audit::on_behalf_of(&who, || op(&keystore));
+        let outcome = done.as_ref().map_or_else(ApiError::code, |_| "ok");
+        metrics.record(operation, &backend, &who, outcome, started.elapsed());
+        done
+    })
+    .await
+    .map_err(|e| ApiError::internal(format!("the operation did not finish: {e}")))?
 }
 
 /// The backend of the key `id` if the caller may do `operation` and sees its namespace; a key
@@ -148,32 +176,59 @@ async fn run<T: Send + 'static>(
 /// looked up (no due work run, no device asked, no other error told), and no body read.
 fn authorize(
     state: &State,
-    client: &Client,
+    client: &Caller,
     operation: Operation,
     id: &str,
 ) -> Result<Option<Arc<str>>, ApiError> {
-    client.may(operation)?;
-    let fields = state.keystore.authenticate_id(id)?;
-    if !client.sees(&fields.namespace) {
-        return Err(ApiError::no_such_key());
+    let checked = client.may(operation).and_then(|()| {
+        let fields = state.keystore.authenticate_id(id)?;
+        if client.sees(&fields.namespace) {
+            Ok(state.backend(&fields.backend))
+        } else {
+            Err(ApiError::no_such_key())
+        }
+    });
+    if let Err(e) = &checked {
+        // Refused here, the keystore never saw it: the audit log and the metrics are told.
+        let who = client.name_arc();
+        crate::audit::on_behalf_of(&who, || {
+            state
+                .keystore
+                .audit_refusal(operation.as_str(), id, e.code());
+        });
+        let none: Arc<str> = Arc::from("-");
+        state
+            .metrics
+            .record(operation.as_str(), &none, &who, e.code(), Duration::ZERO);
     }
-    Ok(state.backend(&fields.backend))
+    checked
 }
 
 async fn health(
     axum::extract::State(state): axum::extract::State<State>,
-    Caller(client): Caller,
+    client: Caller,
 ) -> Answer {
-    Ok(Json(json!({
-        "status": "ok",
+    let verified = *state
+        .verified
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let mut answer = json!({
+        "status": if verified.is_some_and(Verified::failed) { "degraded" } else { "ok" },
         "client": client.name,
         "sealer": state.keystore.sealer_kind(),
-    })))
+    });
+    if let Some(v) = verified {
+        answer["verified"] = json!({
+            "at": crate::time::format_utc(v.at),
+            "status": v.status,
+        });
+    }
+    Ok(Json(answer))
 }
 
 async fn metrics(
     axum::extract::State(state): axum::extract::State<State>,
-    Caller(client): Caller,
+    client: Caller,
 ) -> Result<(StatusCode, [(header::HeaderName, &'static str); 1], String), ApiError> {
     client.may(Operation::Metrics)?;
     Ok((
@@ -185,7 +240,7 @@ async fn metrics(
 
 async fn clients(
     axum::extract::State(state): axum::extract::State<State>,
-    Caller(client): Caller,
+    client: Caller,
 ) -> Answer {
     client.may(Operation::Admin)?;
     Ok(Json(state.clients.to_json()))
@@ -203,7 +258,7 @@ struct ListQuery {
 
 async fn list(
     axum::extract::State(state): axum::extract::State<State>,
-    Caller(client): Caller,
+    client: Caller,
     query: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Answer {
     client.may(Operation::List)?;
@@ -321,7 +376,7 @@ async fn create(
 
 async fn show(
     axum::extract::State(state): axum::extract::State<State>,
-    Caller(client): Caller,
+    client: Caller,
     PathOf(id): PathOf<String>,
 ) -> Answer {
     let backend = authorize(&state, &client, Operation::Show, &id)?;
@@ -341,7 +396,7 @@ struct ReadQuery {
 /// `GET /v1/keys/{id}/public[?version=N]` and `GET /v1/keys/{id}/history`.
 async fn read(
     axum::extract::State(state): axum::extract::State<State>,
-    Caller(client): Caller,
+    client: Caller,
     PathOf((id, what)): PathOf<(String, String)>,
     query: Result<Query<ReadQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Answer {
@@ -406,8 +461,8 @@ async fn granted(
     caller: Result<Caller, ApiError>,
     request: Request,
     operation: Option<Operation>,
-) -> Result<(Arc<Client>, Request), ApiError> {
-    let checked = caller.and_then(|Caller(client)| {
+) -> Result<(Caller, Request), ApiError> {
+    let checked = caller.and_then(|client| {
         operation.map_or(Ok(()), |op| client.may(op))?;
         Ok(client)
     });
@@ -421,6 +476,12 @@ async fn granted(
 /// request refused before its body was read would otherwise be closed on with the body unread,
 /// and the client see its connection reset instead of the answer.
 pub(super) async fn refuse(request: Request, e: ApiError) -> ApiError {
+    drain(request, super::MAX_BODY).await;
+    e
+}
+
+/// Reads and drops at most `limit` bytes of the request's body; whether it ended within them.
+pub(super) async fn drain(request: Request, limit: usize) -> bool {
     use axum::body::HttpBody;
     let mut body = request.into_body();
     let mut seen = 0usize;
@@ -428,11 +489,11 @@ pub(super) async fn refuse(request: Request, e: ApiError) -> ApiError {
         std::future::poll_fn(|cx| std::pin::Pin::new(&mut body).poll_frame(cx)).await
     {
         seen = seen.saturating_add(frame.data_ref().map_or(0, |d| d.len()));
-        if seen > super::MAX_BODY {
-            break;
+        if seen > limit {
+            return false;
         }
     }
-    e
+    true
 }
 
 /// A request's body, at most [`super::MAX_BODY`] bytes, which must be JSON unless empty.
@@ -459,18 +520,14 @@ async fn json_bytes(request: Request, state: &State) -> Result<axum::body::Bytes
     Ok(bytes)
 }
 
-/// An operation of a batch, checked and ready to run.
-struct Item {
-    action: Action,
-    key: String,
-    backend: Option<Arc<str>>,
-    input: Value,
-}
-
 /// `POST /v1/batch`: `{"operations":[{"op":ACTION,"key":ID,…its body's fields}, …]}`, at most
 /// [`MAX_BATCH`]; each answered in order as `{"status":N,"result":…}` or
-/// `{"status":N,"error":{…}}`. Each is checked as its own request would be; those refused are
-/// not run, the others are, one after the other, on one thread of the blocking pool.
+/// `{"status":N,"error":{…}}`. Each is checked and run as its own request would be (grant,
+/// namespace, its backend's gate taken for it alone), one after the other.
+///
+/// The body is read once, off the threads that serve connections, for where each operation is
+/// and its `op` and `key`; an operation's own fields are read only when it runs, so a batch
+/// costs the memory of its bytes and of one operation at a time.
 async fn batch(
     axum::extract::State(state): axum::extract::State<State>,
     caller: Result<Caller, ApiError>,
@@ -478,114 +535,124 @@ async fn batch(
 ) -> Answer {
     let (client, request) = granted(caller, request, None).await?;
     let body = json_bytes(request, &state).await?;
-    let who: Arc<str> = Arc::from(client.name.as_str());
-    // Parsed off the threads that serve connections: a batch may be tens of megabytes.
-    let items = tokio::task::spawn_blocking(move || parse_batch(&body))
+    let read = body.clone();
+    let items = tokio::task::spawn_blocking(move || batch_items(&read))
         .await
         .map_err(|e| ApiError::internal(format!("the batch was not read: {e}")))??;
-    let mut results: Vec<Option<Value>> = vec![None; items.len()];
-    let mut ready = Vec::new();
-    for (i, item) in items.into_iter().enumerate() {
-        match item.and_then(|(action, key, input)| {
-            let backend = authorize(&state, &client, action.operation(), &key)?;
-            Ok(Item {
-                action,
-                key,
-                backend,
-                input,
-            })
-        }) {
-            Ok(item) => ready.push((i, item)),
-            Err(e) => results[i] = Some(item_error(&e)),
-        }
-    }
-    // One turn of each backend the batch uses, taken in name order (no two batches wait on
-    // each other's).
-    let mut backends: Vec<Arc<str>> = ready
-        .iter()
-        .filter_map(|(_, it)| it.backend.clone())
-        .collect();
-    backends.sort();
-    backends.dedup();
-    let mut turns = Vec::with_capacity(backends.len());
-    for backend in &backends {
-        if let Some(gate) = state.gates.get(backend) {
-            turns.push(
-                Arc::clone(gate)
-                    .acquire_owned()
-                    .await
-                    .map_err(|_| ApiError::internal("the backend's gate closed".into()))?,
-            );
-        }
-    }
-    let keystore = Arc::clone(&state.keystore);
-    let metrics = Arc::clone(&state.metrics);
-    let done = tokio::task::spawn_blocking(move || {
-        let none: Arc<str> = Arc::from("-");
-        crate::audit::on_behalf_of(&who, || {
-            ready
-                .into_iter()
-                .map(|(i, item)| {
-                    let started = Instant::now();
-                    let outcome = item
-                        .action
-                        .run(&keystore, &item.key, Input::Value(item.input));
-                    metrics.record(
-                        item.action.name(),
-                        item.backend.as_ref().unwrap_or(&none),
-                        &who,
-                        outcome.as_ref().map_or_else(ApiError::code, |_| "ok"),
-                        started.elapsed(),
-                    );
-                    let result = match outcome {
-                        Ok(value) => json!({ "status": 200, "result": value }),
-                        Err(e) => item_error(&e),
-                    };
-                    (i, result)
-                })
-                .collect::<Vec<_>>()
-        })
-    })
-    .await
-    .map_err(|e| ApiError::internal(format!("the batch did not finish: {e}")))?;
-    drop(turns);
-    for (i, result) in done {
-        results[i] = Some(result);
+    let mut results = Vec::with_capacity(items.len());
+    for item in items {
+        let answered = match item {
+            Ok(item) => run_item(&state, &client, item, &body).await,
+            Err(e) => Err(e),
+        };
+        results.push(match answered {
+            Ok(value) => json!({ "status": 200, "result": value }),
+            Err(e) => item_error(&e),
+        });
     }
     Ok(Json(json!({ "results": results })))
 }
 
-/// A batch's items: each its action, key and body, or why it cannot be run.
-#[allow(clippy::type_complexity)]
-fn parse_batch(body: &[u8]) -> Result<Vec<Result<(Action, String, Value), ApiError>>, ApiError> {
+/// An operation of a batch: its action, its key, and where its JSON is in the body.
+struct Item {
+    action: Action,
+    key: String,
+    at: std::ops::Range<usize>,
+}
+
+/// Checks and runs one operation of a batch, as its own request.
+async fn run_item(
+    state: &State,
+    client: &Caller,
+    item: Item,
+    body: &axum::body::Bytes,
+) -> Result<Value, ApiError> {
+    let Item { action, key, at } = item;
+    let backend = authorize(state, client, action.operation(), &key)?;
+    let fields = body.slice(at);
+    run(state, client, action.name(), backend, move |ks| {
+        let mut fields: serde_json::Map<String, Value> = Input::Bytes(&fields).parse()?;
+        fields.remove("op");
+        fields.remove("key");
+        action.run(ks, &key, Input::Value(Value::Object(fields)))
+    })
+    .await
+}
+
+/// The operations of a batch's body, each as an [`Item`] or why it cannot be run; more than
+/// [`MAX_BATCH`] is refused while reading, before the rest is.
+fn batch_items(body: &[u8]) -> Result<Vec<Result<Item, ApiError>>, ApiError> {
+    use serde::de::{Error as _, SeqAccess, Visitor};
+    use serde_json::value::RawValue;
+
+    /// The operations, each its JSON text in the body, at most [`MAX_BATCH`].
+    struct Operations<'a>(Vec<&'a RawValue>);
+
+    impl<'de: 'a, 'a> Deserialize<'de> for Operations<'a> {
+        fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            struct Each<'a>(std::marker::PhantomData<&'a ()>);
+            impl<'de: 'a, 'a> Visitor<'de> for Each<'a> {
+                type Value = Operations<'a>;
+
+                fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                    write!(f, "a list of at most {MAX_BATCH} operations")
+                }
+
+                fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+                    let mut all = Vec::new();
+                    while let Some(op) = seq.next_element::<&'a RawValue>()? {
+                        if all.len() == MAX_BATCH {
+                            return Err(A::Error::custom(format!(
+                                "a batch holds at most {MAX_BATCH} operations"
+                            )));
+                        }
+                        all.push(op);
+                    }
+                    Ok(Operations(all))
+                }
+            }
+            d.deserialize_seq(Each(std::marker::PhantomData))
+        }
+    }
+
     #[derive(Deserialize)]
     #[serde(deny_unknown_fields)]
-    struct Batch {
-        operations: Vec<serde_json::Map<String, Value>>,
+    struct Batch<'a> {
+        #[serde(borrow)]
+        operations: Operations<'a>,
     }
-    let batch: Batch = Input::Bytes(body).parse()?;
-    if batch.operations.len() > MAX_BATCH {
-        return Err(ApiError::rejection(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            format!(
-                "a batch holds at most {MAX_BATCH} operations, not {}",
-                batch.operations.len()
-            ),
-        ));
+
+    /// An operation's `op` and `key`; its other fields are skipped, not read.
+    #[derive(Deserialize)]
+    struct Head {
+        op: Option<String>,
+        key: Option<String>,
     }
+
+    let batch: Batch<'_> = serde_json::from_slice(body).map_err(|e| ApiError::body(&e))?;
+    let base = body.as_ptr() as usize;
     Ok(batch
         .operations
+        .0
         .into_iter()
-        .map(|mut fields| {
-            let mut take = |name: &str| match fields.remove(name) {
-                Some(Value::String(text)) => Ok(text),
-                _ => Err(ApiError::bad_request(format!(
-                    "each operation of a batch needs `{name}`, a string"
-                ))),
+        .map(|raw| {
+            let text = raw.get();
+            // The operation's text is a slice of the body: its place in it.
+            let start = (text.as_ptr() as usize).saturating_sub(base);
+            let head: Head = serde_json::from_str(text).map_err(|e| ApiError::body(&e))?;
+            let need = |field: Option<String>, name: &str| {
+                field.ok_or_else(|| {
+                    ApiError::bad_request(format!(
+                        "each operation of a batch needs `{name}`, a string"
+                    ))
+                })
             };
-            let action = Action::parse(&take("op")?)?;
-            let key = take("key")?;
-            Ok((action, key, Value::Object(fields)))
+            let action = Action::parse(&need(head.op, "op")?)?;
+            Ok(Item {
+                action,
+                key: need(head.key, "key")?,
+                at: start..start + text.len(),
+            })
         })
         .collect())
 }
