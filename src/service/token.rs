@@ -207,9 +207,7 @@ pub(super) async fn authenticate(
     let keystore = Arc::clone(state.keystore());
     let found = tokio::task::spawn_blocking(move || keystore.client_by_token(&token))
         .await
-        .map_err(|e| {
-            ApiError::internal(format!("the token lookup did not finish: {e}"))
-        })?;
+        .map_err(|e| ApiError::internal(format!("the token lookup did not finish: {e}")))?;
     match found {
         Ok(Some(client)) => Ok(Arc::new(client_of(client))),
         Ok(None) => Err(refuse()),
