@@ -14,6 +14,8 @@
 //! - `inproc`: [`Keystore`] in this process (`KeyService`);
 //! - `remote`: one shared [`RemoteKeystore`] (a kept-alive connection per concurrent caller);
 //! - `raw` (software signing only): aws-lc-rs signing with a parsed key, the floor;
+//! - `http` (software signing only): `POST /v1/keys/{id}/sign` as hand-written HTTP/1.1 on a
+//!   kept-alive `UnixStream` per thread: the service without `RemoteKeystore`'s client side;
 //! - `batch100` (signing only): `POST /v1/batch` of 100 signatures, hand-written HTTP/1.1 on a
 //!   kept-alive `UnixStream` per thread; its rate counts signatures, its latency is per batch.
 //!
@@ -82,6 +84,7 @@ enum SideKind {
     InProcess,
     Remote,
     Raw,
+    Http,
     Batch,
 }
 
@@ -91,6 +94,7 @@ impl SideKind {
             Self::InProcess => "inproc",
             Self::Remote => "remote",
             Self::Raw => "raw",
+            Self::Http => "http",
             Self::Batch => "batch100",
         }
     }
@@ -485,6 +489,12 @@ fn encrypted(ks: &dyn KeyService, id: &str, msg: &[u8]) -> Result<u64, String> {
         .map_err(|e| describe(&e))
 }
 
+/// The body of a raw-format signature of `msg`.
+fn sign_body(msg: &[u8]) -> Vec<u8> {
+    let data = base64::engine::general_purpose::STANDARD.encode(msg);
+    serde_json::to_vec(&serde_json::json!({"data": data, "format": "raw"})).unwrap()
+}
+
 /// The body of a batch of [`BATCH`] raw-format signatures of `msg` with `id`.
 fn batch_body(id: &str, msg: &[u8]) -> Vec<u8> {
     let data = base64::engine::general_purpose::STANDARD.encode(msg);
@@ -604,22 +614,30 @@ fn main() -> BoxResult<()> {
          signed in raw (r||s) format; AES-256-GCM of 1 KiB with a {}-byte AAD; remote: one \
          shared RemoteKeystore; batch100: POST /v1/batch of {BATCH} signatures on a kept-alive \
          connection per thread, rate in signatures/s, latency per batch; raw: aws-lc-rs \
-         EcdsaKeyPair::sign with a parsed key",
+         EcdsaKeyPair::sign with a parsed key; http: POST /v1/keys/ID/sign, hand-written, on a \
+         kept-alive connection per thread",
         hsm.label(),
         USER_AAD.len()
     );
     println!("case/clients side ops_per_s p50_us p99_us");
 
     let socket = server.socket.as_path();
-    let batch_side = |id: &str| {
-        let request = RawHttp::post("/v1/batch", &batch_body(id, &msg32));
-        side(SideKind::Batch, move |w: &mut Worker| {
+    // `request` written whole on the thread's own connection, its answer checked by `check`.
+    let http_side = |kind, request: Vec<u8>, check: fn(u16, &[u8]) -> Result<u64, String>| {
+        side(kind, move |w: &mut Worker| {
             if w.conn.is_none() {
                 w.conn = Some(RawHttp::connect(socket).map_err(|e| e.to_string())?);
             }
             let (status, body) = w.conn.as_mut().unwrap().send(&request)?;
-            batch_ok(status, body)
+            check(status, body)
         })
+    };
+    let batch_side = |id: &str| {
+        http_side(
+            SideKind::Batch,
+            RawHttp::post("/v1/batch", &batch_body(id, &msg32)),
+            batch_ok,
+        )
     };
     let (local, remote): (&dyn KeyService, &dyn KeyService) = (&local, &remote);
     let (lk, rk) = (&local_keys, &remote_keys);
@@ -631,6 +649,14 @@ fn main() -> BoxResult<()> {
             .map(|_| 1)
             .map_err(|_| "aws-lc-rs sign failed".to_owned())
     }));
+    sw_sign.push(http_side(
+        SideKind::Http,
+        RawHttp::post(&format!("/v1/keys/{}/sign", rk.sw_ec), &sign_body(msg)),
+        |status, body| match status {
+            200 => Ok(1),
+            _ => Err(format!("{status}: {}", String::from_utf8_lossy(body))),
+        },
+    ));
     sw_sign.push(batch_side(&rk.sw_ec));
     let mut hsm_sign = both((local, &lk.hsm_ec), (remote, &rk.hsm_ec), signed, msg);
     hsm_sign.push(batch_side(&rk.hsm_ec));
