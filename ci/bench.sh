@@ -302,6 +302,9 @@ library_rows() {
   done
 }
 
+LIBRARY_ROWS=$(library_rows)
+if grep -q 'not met' <<<"$LIBRARY_ROWS"; then library_verdict="not met"; else library_verdict="met"; fi
+
 {
   cat <<EOF
 # Benchmarks
@@ -319,6 +322,17 @@ hand: run the script again.
   (KEYHOLD_BENCH_SECS=${KEYHOLD_BENCH_SECS:-3}), \`parsec-tool sign\` and \`keyhold sign\` ($RUNS runs per
   process, median; $PROCS processes × $PARALLEL signatures in parallel) and
   \`ci/parsec-peer\` (parsec-client, $PEER_SECS s per thread count).
+
+## Targets (issue 12)
+
+EOF
+  sed -n '/^targets (issue 12):/,/^errors:/p' "$SERVE_OUT" | sed -e '1d' -e '$d' -e 's/^ *\(.*\): \([a-z ]*\)$/- \1: **\2**/'
+  awk '/^remote at 16 clients against Cosmian/ { on = 1; next } on && NF == 0 { on = 0 }
+    on { printf "- keyhold serve beats Cosmian KMS 5.28 at 16 clients, %s: **%s** (%s/s against %s/s)\n", $1, $7 == "beaten" ? "met" : "not met", $3, $5 }' "$SERVE_OUT"
+  cat <<EOF
+- keyhold's client library ≥ 2× parsec-client from threads (1, 4, 16): **$library_verdict**
+- \`keyhold --remote … sign\` ≤ 10 ms median as a whole process: **not measured yet** (no \`--remote\` in the CLI)
+- \`keyhold --remote … sign\` ≥ 2× \`parsec-tool sign\` per process: **not measured yet** (the same)
 
 ## keyhold serve: in process vs over the Unix socket
 
@@ -379,7 +393,7 @@ keyhold ≥ 2× Parsec, against the better of Parsec's two settings.
 | threads | keyhold RemoteKeystore | parsec-client (sleep 10 ms) | parsec-client (sleep 1 ms) | ratio | ≥ 2× |
 |---|---|---|---|---|---|
 EOF
-  library_rows
+  echo "$LIBRARY_ROWS"
   cat <<EOF
 
 parsec-client's p50 and p99 latencies (µs), as ci/parsec-peer printed them
