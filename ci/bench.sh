@@ -42,6 +42,8 @@ readonly RUNS=${BENCH_RUNS:-30}
 readonly PARALLEL=${BENCH_PARALLEL:-25}
 readonly PEER_SECS=${BENCH_PEER_SECS:-3}
 readonly PROCS=8
+LOAD_START=$(cut -d' ' -f1-3 /proc/loadavg)
+readonly LOAD_START
 
 banner() {
   printf '\n==> [%s] %s\n' "$(date -u +%H:%M:%SZ)" "$*"
@@ -316,8 +318,10 @@ hand: run the script again.
 - **Commit**: $commit$dirty
 - **Machine**: $cpu, $(nproc) CPUs, $mem, $os, kernel $(uname -r); SoftHSM2 $softhsm
 - **Sharing**: client and server run on the same $(nproc) CPUs (the client threads, the in-process
-  keystore, \`keyhold serve\`, Parsec and their clients); other work on the machine during the run
-  is not controlled (load averages are in the raw output below).
+  keystore, \`keyhold serve\`, Parsec and their clients). Other work on the machine is not
+  controlled: load average (1, 5, 15 min) $LOAD_START when the script started, $(cut -d' ' -f1-3 /proc/loadavg)
+  when it wrote this file. On a loaded machine the figures move between runs, and a verdict
+  within a few percent of its target can flip.
 - **Commands**: \`bash ci/bench.sh\`, which runs \`cargo bench --features testing --bench serve\`
   (KEYHOLD_BENCH_SECS=${KEYHOLD_BENCH_SECS:-3}), \`parsec-tool sign\` and \`keyhold sign\` ($RUNS runs per
   process, median; $PROCS processes × $PARALLEL signatures in parallel) and
