@@ -5,6 +5,7 @@
 #
 #   bash ci/install.sh               # system packages: emulators, tools, the C toolchain and headers
 #   bash ci/install.sh --test-tools  # the same, plus rustfmt, clippy and cargo-nextest
+#   bash ci/install.sh --bench-tools # the same, plus what the benchmark's peers build with (ci/bench.sh)
 #
 # Installs only what is missing; needs root (or sudo) when something is.
 set -euo pipefail
@@ -23,6 +24,9 @@ readonly APT_PACKAGES=(
   # systemd-analyze verify checks dist/systemd/ (it runs without systemd as PID 1, in containers)
   systemd
 )
+
+# Parsec (ci/bench.sh builds parsec-service and parsec-client): psa-crypto's C build and bindgen
+readonly BENCH_APT_PACKAGES=(cmake clang libclang-dev)
 
 die() {
   printf 'ci/install.sh: %s\n' "$*" >&2
@@ -44,9 +48,10 @@ is_installed() {
   [ "$(dpkg-query -W -f='${Status}' "$1" 2>/dev/null || true)" = "install ok installed" ]
 }
 
+# Installs the packages named, those of them that are missing.
 install_apt_packages() {
   local missing=() p
-  for p in "${APT_PACKAGES[@]}"; do
+  for p in "$@"; do
     is_installed "$p" || missing+=("$p")
   done
   if [ ${#missing[@]} -eq 0 ]; then
@@ -77,10 +82,11 @@ fi
 command -v cargo >/dev/null 2>&1 || die "cargo not found: install a Rust toolchain with rustup first"
 
 case "${1:-}" in
-  "") install_apt_packages ;;
+  "") install_apt_packages "${APT_PACKAGES[@]}" ;;
   --test-tools)
-    install_apt_packages
+    install_apt_packages "${APT_PACKAGES[@]}"
     install_rust_tools
     ;;
-  *) die "unknown argument \`$1\` (expected nothing or --test-tools)" ;;
+  --bench-tools) install_apt_packages "${APT_PACKAGES[@]}" "${BENCH_APT_PACKAGES[@]}" ;;
+  *) die "unknown argument \`$1\` (expected nothing, --test-tools or --bench-tools)" ;;
 esac

@@ -154,16 +154,19 @@ pub fn compare_audit(cases: Vec<AuditCase<'_>>, round: Duration, warmup: Duratio
     }
 }
 
+/// The passphrase of every bench store.
+pub const BENCH_PASSPHRASE: &str = "keyhold bench passphrase";
+
 /// A passphrase sealer at Argon2's documented minimum: the benches time keys, not unsealing.
 pub fn bench_sealer() -> BoxResult<keyhold::PassphraseSealer> {
-    Ok(keyhold::PassphraseSealer::new(secrecy::SecretString::from(
-        "keyhold bench passphrase".to_owned(),
-    ))
-    .with_params(keyhold::Argon2Params {
-        memory_mib: 19,
-        iterations: 2,
-        parallelism: 1,
-    })?)
+    Ok(
+        keyhold::PassphraseSealer::new(secrecy::SecretString::from(BENCH_PASSPHRASE.to_owned()))
+            .with_params(keyhold::Argon2Params {
+                memory_mib: 19,
+                iterations: 2,
+                parallelism: 1,
+            })?,
+    )
 }
 
 /// Two stores under `dir` with the backends of `config`: the first records every key use in its

@@ -1,0 +1,855 @@
+//! `keyhold serve` over its Unix socket beside the same keystore in process, in the same run.
+//!
+//! `cargo bench --bench serve --features testing`
+//!
+//! The real binary (`CARGO_BIN_EXE_keyhold`, which cargo builds with the bench) serves a
+//! passphrase store (Argon2 at its documented minimum) on a socket in `TMPDIR`; beside it this
+//! process opens a second store with the same configuration: software keys kept parsed
+//! (`[software] key_cache_secs`, as a service is meant to run), one SoftHSM2 token (the
+//! `keyhold::testing` fixture) shared by both stores, audit log on. Each store has an ECDSA P-256
+//! software key, an ECDSA P-256 key on the token and an AES-256-GCM software key.
+//!
+//! Every case runs with 1, 4 and 16 client threads, on these sides, whose rounds alternate so that
+//! drift of the machine affects all of them:
+//! - `inproc`: [`Keystore`] in this process (`KeyService`);
+//! - `remote`: one shared [`RemoteKeystore`] (a kept-alive connection per concurrent caller);
+//! - `raw` (software signing only): aws-lc-rs signing with a parsed key, the floor;
+//! - `http` (software signing only): `POST /v1/keys/{id}/sign` as hand-written HTTP/1.1 on a
+//!   kept-alive `UnixStream` per thread: the service without `RemoteKeystore`'s client side;
+//! - `batch100` (signing only): `POST /v1/batch` of 100 signatures, hand-written HTTP/1.1 on a
+//!   kept-alive `UnixStream` per thread; its rate counts signatures, its latency is per batch.
+//!
+//! Ops/s = successful operations of all threads / wall time, the median of the rounds; p50 and
+//! p99 are of every call of every round. The client threads, the in-process keystore and the
+//! service all share this machine's CPUs: on a 2-core machine the service's figures include the
+//! clients' cost.
+//!
+//! Environment:
+//! - `KEYHOLD_BENCH_SECS`: measured seconds per side, per case and client count (split over the
+//!   rounds; default 3, so the whole bench takes about 2 minutes);
+//! - `KEYHOLD_BENCH_CASES`: comma-separated substrings; only cases whose name contains one run.
+//!
+//! Output (stdout): notes on the setup, one line per case, client count and side, the ratios
+//! against the issue's targets (issue 12) and whether each is met. A missed target does not fail
+//! the process: this is a measurement.
+#![allow(clippy::unwrap_used)] // a bench: a panic is the failure report
+
+mod common;
+
+use common::{
+    bench_sealer, describe, loadavg, median, round_and_warmup, BoxResult, BENCH_PASSPHRASE, ROUNDS,
+    USER_AAD,
+};
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Barrier;
+use std::time::{Duration, Instant};
+
+use aws_lc_rs::rand::SystemRandom;
+use aws_lc_rs::signature::{EcdsaKeyPair, ECDSA_P256_SHA256_FIXED_SIGNING};
+use base64::Engine as _;
+use keyhold::backend::KeyOptions;
+use keyhold::service::{Remote, RemoteKeystore};
+use keyhold::testing::{SoftHsm, SOFTHSM_MODULE, TEST_USER_PIN};
+use keyhold::{KeyRequest, KeyService, KeySpec, KeyType, Keystore, SignatureFormat, UseOptions};
+
+const CLIENTS: [usize; 3] = [1, 4, 16];
+const MAX_CLIENTS: usize = 16;
+const BATCH: usize = 100;
+const NAMESPACE: &str = "bench";
+/// The token's backend name in both stores.
+const HSM: &str = "hsm";
+/// How long software keys stay parsed, in both stores.
+const KEY_CACHE_SECS: u64 = 300;
+
+// Issue 12's targets.
+const THROUGHPUT_TARGET: f64 = 0.7;
+const P99_OVERHEAD_TARGET_US: f64 = 200.0;
+const BATCH_TARGET: f64 = 2.0;
+const RAW_TARGET: f64 = 0.85;
+/// Cosmian KMS 5.28 on this machine kind at 16 connections, client and server on the same 2
+/// cores (issue 12): (case, req/s).
+const COSMIAN_16: [(&str, f64); 2] = [
+    ("ecdsa-p256-sign-sw", 8_400.0),
+    ("aes256gcm-encrypt-1k", 11_500.0),
+];
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum SideKind {
+    InProcess,
+    Remote,
+    Raw,
+    Http,
+    Batch,
+}
+
+impl SideKind {
+    fn name(self) -> &'static str {
+        match self {
+            Self::InProcess => "inproc",
+            Self::Remote => "remote",
+            Self::Raw => "raw",
+            Self::Http => "http",
+            Self::Batch => "batch100",
+        }
+    }
+}
+
+/// One client thread's state: its own connection for hand-written requests, opened on first use.
+#[derive(Default)]
+struct Worker {
+    conn: Option<RawHttp>,
+}
+
+/// One call: the operations it completed (1, or a batch's [`BATCH`]), or why it failed.
+type Op<'a> = Box<dyn Fn(&mut Worker) -> Result<u64, String> + Sync + 'a>;
+
+/// One way of doing a case, and what its rounds measured.
+struct Side<'a> {
+    kind: SideKind,
+    op: Op<'a>,
+    workers: Vec<Worker>,
+}
+
+/// What a side measured at one client count.
+#[derive(Default)]
+struct Measured {
+    rates: Vec<f64>,
+    latencies_us: Vec<f64>,
+    failed: u64,
+    first_error: Option<String>,
+}
+
+impl Measured {
+    fn rate(&self) -> f64 {
+        median(self.rates.clone())
+    }
+
+    fn percentile(&self, p: f64) -> f64 {
+        percentile(&self.latencies_us, p)
+    }
+}
+
+/// The `p` quantile (0..=1) of `v`, sorted (NaN for none).
+fn percentile(v: &[f64], p: f64) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    let rank = ((p * v.len() as f64).ceil() as usize).clamp(1, v.len());
+    v[rank - 1]
+}
+
+/// Runs `side` on `threads` threads for `d`; records the rate and, if `keep`, the latencies.
+fn round(side: &mut Side<'_>, threads: usize, d: Duration, into: &mut Measured, keep: bool) {
+    let barrier = Barrier::new(threads);
+    let op = &side.op;
+    let results: Vec<_> = std::thread::scope(|s| {
+        let handles: Vec<_> = side.workers[..threads]
+            .iter_mut()
+            .map(|worker| {
+                let barrier = &barrier;
+                s.spawn(move || {
+                    barrier.wait();
+                    let start = Instant::now();
+                    let deadline = start + d;
+                    let (mut ops, mut failed, mut first_error) = (0u64, 0u64, None);
+                    let mut latencies = Vec::new();
+                    loop {
+                        let t0 = Instant::now();
+                        let outcome = op(worker);
+                        let now = Instant::now();
+                        match outcome {
+                            Ok(n) => {
+                                ops += n;
+                                latencies.push(now.duration_since(t0).as_secs_f64() * 1e6);
+                            }
+                            Err(e) => {
+                                failed += 1;
+                                first_error.get_or_insert(e);
+                                // A broken connection is opened again on the next call.
+                                worker.conn = None;
+                            }
+                        }
+                        if now >= deadline {
+                            return (start, now, ops, latencies, failed, first_error);
+                        }
+                    }
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let first = results.iter().map(|r| r.0).min().unwrap();
+    let last = results.iter().map(|r| r.1).max().unwrap();
+    let ops: u64 = results.iter().map(|r| r.2).sum();
+    if keep {
+        into.rates
+            .push(ops as f64 / last.duration_since(first).as_secs_f64());
+    }
+    for (_, _, _, latencies, failed, first_error) in results {
+        if keep {
+            into.latencies_us.extend(latencies);
+        }
+        into.failed += failed;
+        if into.first_error.is_none() {
+            into.first_error = first_error;
+        }
+    }
+}
+
+fn side<'a>(
+    kind: SideKind,
+    op: impl Fn(&mut Worker) -> Result<u64, String> + Sync + 'a,
+) -> Side<'a> {
+    Side {
+        kind,
+        op: Box::new(op),
+        workers: (0..MAX_CLIENTS).map(|_| Worker::default()).collect(),
+    }
+}
+
+/// A case: its sides, each measured at every client count.
+struct Case<'a> {
+    name: &'static str,
+    sides: Vec<Side<'a>>,
+}
+
+/// Results by (case, clients, side).
+type Results = BTreeMap<(&'static str, usize, SideKind), Measured>;
+
+fn measure(case: &mut Case<'_>, round_len: Duration, warmup: Duration, results: &mut Results) {
+    for threads in CLIENTS {
+        let mut measured: Vec<Measured> = case.sides.iter().map(|_| Measured::default()).collect();
+        for (side, m) in case.sides.iter_mut().zip(&mut measured) {
+            round(side, threads, warmup, m, false);
+        }
+        // Alternate the order: first side first, then last side first, ...
+        for r in 0..ROUNDS {
+            let mut order: Vec<usize> = (0..case.sides.len()).collect();
+            if r % 2 == 1 {
+                order.reverse();
+            }
+            for i in order {
+                round(
+                    &mut case.sides[i],
+                    threads,
+                    round_len,
+                    &mut measured[i],
+                    true,
+                );
+            }
+        }
+        for (side, mut m) in case.sides.iter().zip(measured) {
+            m.latencies_us.sort_by(f64::total_cmp);
+            eprintln!(
+                "#   {}/{threads}c {} rounds: {:?}",
+                case.name,
+                side.kind.name(),
+                m.rates.iter().map(|x| x.round()).collect::<Vec<_>>()
+            );
+            print_line(case.name, threads, side.kind, &m);
+            results.insert((case.name, threads, side.kind), m);
+        }
+    }
+}
+
+fn print_line(case: &str, threads: usize, kind: SideKind, m: &Measured) {
+    let errors = match &m.first_error {
+        Some(e) => format!(" ({} failed, first: {e})", m.failed),
+        None => String::new(),
+    };
+    println!(
+        "{case}/{threads}c {} {:.0} {:.0} {:.0}{errors}",
+        kind.name(),
+        m.rate(),
+        m.percentile(0.5),
+        m.percentile(0.99)
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// The service, and hand-written HTTP/1.1 to it
+
+/// A running `keyhold serve`: SIGTERM on drop, SIGKILL if it has not exited 5 s later.
+struct Server {
+    child: Child,
+    socket: PathBuf,
+    log: PathBuf,
+}
+
+impl Server {
+    fn start(dir: &Path, store: &Path, config: &Path) -> BoxResult<Self> {
+        let socket = dir.join("keyhold.sock");
+        let log = dir.join("serve.log");
+        let child = Command::new(env!("CARGO_BIN_EXE_keyhold"))
+            .arg("--store")
+            .arg(store)
+            .arg("--config")
+            .arg(config)
+            .args(["serve", "--listen"])
+            .arg(format!("unix:{}", socket.display()))
+            .env("KEYHOLD_PASSPHRASE", BENCH_PASSPHRASE)
+            .env("SOFTHSM2_CONF", SoftHsm::conf_file()?)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log)?)
+            .spawn()?;
+        let mut server = Self { child, socket, log };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while UnixStream::connect(&server.socket).is_err() {
+            if let Some(status) = server.child.try_wait()? {
+                return Err(format!(
+                    "keyhold serve ended before it listened ({status}): {}",
+                    std::fs::read_to_string(&server.log).unwrap_or_default()
+                )
+                .into());
+            }
+            if Instant::now() > deadline {
+                return Err("keyhold serve did not listen within 30 s".into());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(server)
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Some(pid) = rustix::process::Pid::from_raw(self.child.id() as i32) {
+            let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
+        }
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while matches!(self.child.try_wait(), Ok(None)) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// One kept-alive HTTP/1.1 connection, as little of a client as a measuring tool needs:
+/// a request written whole, an answer with `Content-Length` read whole.
+struct RawHttp {
+    stream: UnixStream,
+    buf: Vec<u8>,
+}
+
+impl RawHttp {
+    fn connect(socket: &Path) -> std::io::Result<Self> {
+        Ok(Self {
+            stream: UnixStream::connect(socket)?,
+            buf: Vec::with_capacity(64 * 1024),
+        })
+    }
+
+    /// `POST path` of a JSON `body`, as the bytes to write.
+    fn post(path: &str, body: &[u8]) -> Vec<u8> {
+        let mut request = format!(
+            "POST {path} HTTP/1.1\r\nHost: keyhold\r\nContent-Type: application/json\r\n\
+             Content-Length: {}\r\n\r\n",
+            body.len()
+        )
+        .into_bytes();
+        request.extend_from_slice(body);
+        request
+    }
+
+    /// Writes `request`; the answer's status and body.
+    fn send(&mut self, request: &[u8]) -> Result<(u16, &[u8]), String> {
+        let io = |e: std::io::Error| format!("service connection: {e}");
+        self.stream.write_all(request).map_err(io)?;
+        self.buf.clear();
+        let mut chunk = [0u8; 16 * 1024];
+        let head_end = loop {
+            if let Some(at) = find(&self.buf, b"\r\n\r\n") {
+                break at + 4;
+            }
+            let n = self.stream.read(&mut chunk).map_err(io)?;
+            if n == 0 {
+                return Err("the service closed the connection".into());
+            }
+            self.buf.extend_from_slice(&chunk[..n]);
+        };
+        let head = String::from_utf8_lossy(&self.buf[..head_end]).into_owned();
+        let status = head
+            .split(' ')
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| format!("no status in {head:?}"))?;
+        let length: usize = head
+            .split("\r\n")
+            .filter_map(|line| line.split_once(':'))
+            .find(|(name, _)| name.eq_ignore_ascii_case("content-length"))
+            .and_then(|(_, v)| v.trim().parse().ok())
+            .ok_or_else(|| format!("no Content-Length in {head:?}"))?;
+        while self.buf.len() < head_end + length {
+            let n = self.stream.read(&mut chunk).map_err(io)?;
+            if n == 0 {
+                return Err("the service closed the connection mid-answer".into());
+            }
+            self.buf.extend_from_slice(&chunk[..n]);
+        }
+        Ok((status, &self.buf[head_end..head_end + length]))
+    }
+}
+
+fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    haystack.windows(needle.len()).position(|w| w == needle)
+}
+
+/// A batch answer of [`BATCH`] successes, each `{…,"status":200}`.
+fn batch_ok(status: u16, body: &[u8]) -> Result<u64, String> {
+    let ok = body
+        .windows(br#""status":200"#.len())
+        .filter(|w| w == br#""status":200"#)
+        .count();
+    if status == 200 && ok == BATCH {
+        Ok(BATCH as u64)
+    } else {
+        Err(format!(
+            "batch answered {status} with {ok} of {BATCH} successes: {}",
+            String::from_utf8_lossy(&body[..body.len().min(300)])
+        ))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Setup
+
+/// The configuration of both stores.
+fn config_text(dir: &Path, hsm: &SoftHsm, pin_file: &Path) -> String {
+    format!(
+        "[software]\nkey_cache_secs = {KEY_CACHE_SECS}\n\n\
+         [store]\nstate_dir = \"{}\"\n\n\
+         [backends.{HSM}]\ntype = \"pkcs11\"\nmodule = \"{SOFTHSM_MODULE}\"\n\
+         token_label = \"{}\"\npin_file = \"{}\"\n\n\
+         [clients.bench]\nuid = {}\nnamespaces = [\"{NAMESPACE}\"]\n",
+        dir.join("state").display(),
+        hsm.label(),
+        pin_file.display(),
+        rustix::process::geteuid().as_raw()
+    )
+}
+
+/// The keys of one store.
+struct Keys {
+    sw_ec: String,
+    hsm_ec: String,
+    aes: String,
+}
+
+fn keys_of(ks: &dyn KeyService) -> BoxResult<Keys> {
+    let create = |name: &str, key_type, backend: Option<&str>| -> BoxResult<String> {
+        let request = KeyRequest {
+            namespace: NAMESPACE.into(),
+            name: name.into(),
+            spec: KeySpec::new(key_type, None, None)?,
+            backend: backend.map(str::to_owned),
+        };
+        Ok(ks.create_key_with(&request, &KeyOptions::new())?.id)
+    };
+    Ok(Keys {
+        sw_ec: create("sw-ec", KeyType::EcdsaP256, None)?,
+        hsm_ec: create("hsm-ec", KeyType::EcdsaP256, Some(HSM))?,
+        aes: create("aes", KeyType::Aes256Gcm, None)?,
+    })
+}
+
+/// The in-process and remote sides of `op` on `input`, each a service and its key.
+fn both<'a>(
+    local: (&'a dyn KeyService, &'a str),
+    remote: (&'a dyn KeyService, &'a str),
+    op: fn(&dyn KeyService, &str, &[u8]) -> Result<u64, String>,
+    input: &'a [u8],
+) -> Vec<Side<'a>> {
+    vec![
+        side(SideKind::InProcess, move |_: &mut Worker| {
+            op(local.0, local.1, input)
+        }),
+        side(SideKind::Remote, move |_: &mut Worker| {
+            op(remote.0, remote.1, input)
+        }),
+    ]
+}
+
+fn signed(ks: &dyn KeyService, id: &str, msg: &[u8]) -> Result<u64, String> {
+    ks.sign_with(id, msg, SignatureFormat::Raw, &UseOptions::new())
+        .map(|_| 1)
+        .map_err(|e| describe(&e))
+}
+
+fn encrypted(ks: &dyn KeyService, id: &str, msg: &[u8]) -> Result<u64, String> {
+    ks.encrypt_with(id, msg, USER_AAD, &UseOptions::new())
+        .map(|_| 1)
+        .map_err(|e| describe(&e))
+}
+
+/// The body of a raw-format signature of `msg`.
+fn sign_body(msg: &[u8]) -> Vec<u8> {
+    let data = base64::engine::general_purpose::STANDARD.encode(msg);
+    serde_json::to_vec(&serde_json::json!({"data": data, "format": "raw"})).unwrap()
+}
+
+/// The body of a batch of [`BATCH`] raw-format signatures of `msg` with `id`.
+fn batch_body(id: &str, msg: &[u8]) -> Vec<u8> {
+    let data = base64::engine::general_purpose::STANDARD.encode(msg);
+    let operations: Vec<_> = (0..BATCH)
+        .map(|_| serde_json::json!({"op": "sign", "key": id, "data": data, "format": "raw"}))
+        .collect();
+    serde_json::to_vec(&serde_json::json!({ "operations": operations })).unwrap()
+}
+
+/// Signatures verify and envelopes open on both sides, and a batch answers 100 signatures that
+/// verify.
+fn sanity_checks(
+    sides: [(&dyn KeyService, &Keys); 2],
+    remote: (&RemoteKeystore, &Keys),
+    socket: &Path,
+    msg: &[u8],
+    data1k: &[u8],
+) -> BoxResult<()> {
+    let none = UseOptions::new();
+    for (ks, keys) in sides {
+        for id in [&keys.sw_ec, &keys.hsm_ec] {
+            let sig = ks.sign_with(id, msg, SignatureFormat::Raw, &none)?.output;
+            ks.verify_with(id, msg, &sig, SignatureFormat::Raw, &none)?;
+        }
+        let env = ks.encrypt_with(&keys.aes, data1k, USER_AAD, &none)?.output;
+        if ks
+            .decrypt_with(&keys.aes, &env, USER_AAD, &none)?
+            .output
+            .expose()
+            != data1k
+        {
+            return Err("AES-GCM round trip".into());
+        }
+    }
+    let (ks, keys) = remote;
+    let mut conn = RawHttp::connect(socket)?;
+    for id in [&keys.sw_ec, &keys.hsm_ec] {
+        let request = RawHttp::post("/v1/batch", &batch_body(id, msg));
+        let (status, body) = conn.send(&request)?;
+        batch_ok(status, body)?;
+        let answer: serde_json::Value = serde_json::from_slice(body)?;
+        for result in answer["results"].as_array().ok_or("no results")? {
+            let sig = base64::engine::general_purpose::STANDARD.decode(
+                result["result"]["signature"]
+                    .as_str()
+                    .ok_or("no signature")?,
+            )?;
+            ks.verify_with(id, msg, &sig, SignatureFormat::Raw, &none)?;
+        }
+    }
+    Ok(())
+}
+
+fn cases_asked(name: &str) -> bool {
+    match std::env::var("KEYHOLD_BENCH_CASES") {
+        Ok(filter) if !filter.trim().is_empty() => {
+            filter.split(',').any(|f| name.contains(f.trim()))
+        }
+        _ => true,
+    }
+}
+
+fn main() -> BoxResult<()> {
+    let (secs, round_len, warmup) = round_and_warmup()?;
+    // The fixture first: it sets SOFTHSM2_CONF before the module is loaded.
+    let hsm = SoftHsm::new()?;
+    let dir = tempfile::tempdir()?;
+    let pin_file = dir.path().join("pin");
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&pin_file)?
+        .write_all(TEST_USER_PIN.as_bytes())?;
+    let config_file = dir.path().join("keyhold.toml");
+    std::fs::write(&config_file, config_text(dir.path(), &hsm, &pin_file))?;
+    let config = keyhold::config::Config::from_toml(&std::fs::read_to_string(&config_file)?)?;
+
+    let sealer = bench_sealer()?;
+    let local = Keystore::create_with(&dir.path().join("inproc"), &sealer, &config)?;
+    let served = dir.path().join("served");
+    drop(Keystore::create_with(&served, &sealer, &config)?);
+    let server = Server::start(dir.path(), &served, &config_file)?;
+    let remote = RemoteKeystore::new(Remote::Unix(server.socket.clone()))?;
+    let local_keys = keys_of(&local)?;
+    let remote_keys = keys_of(&remote)?;
+
+    let msg32 = [0x5au8; 32];
+    let data1k = [0xa5u8; 1024];
+    sanity_checks(
+        [(&local, &local_keys), (&remote, &remote_keys)],
+        (&remote, &remote_keys),
+        &server.socket,
+        &msg32,
+        &data1k,
+    )?;
+    let raw_key = EcdsaKeyPair::generate(&ECDSA_P256_SHA256_FIXED_SIGNING)?;
+    let rng = SystemRandom::new();
+
+    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
+    eprintln!(
+        "# keyhold serve bench: {cpus} CPUs, load average {}; {secs} s per side per case and \
+         client count ({ROUNDS} alternating rounds of {:.2} s, median; warm-up {:.2} s)",
+        loadavg(),
+        round_len.as_secs_f64(),
+        warmup.as_secs_f64()
+    );
+    println!(
+        "note: {cpus} CPUs, shared by the client threads, the in-process keystore and keyhold \
+         serve (a separate process on a Unix socket in {}); load average at the start {}",
+        std::env::temp_dir().display(),
+        loadavg()
+    );
+    println!(
+        "note: both stores: passphrase sealer, audit log on, [software] key_cache_secs = \
+         {KEY_CACHE_SECS}, one SoftHSM2 token `{}` (backend `{HSM}`); messages of 32 bytes \
+         signed in raw (r||s) format; AES-256-GCM of 1 KiB with a {}-byte AAD; remote: one \
+         shared RemoteKeystore; batch100: POST /v1/batch of {BATCH} signatures on a kept-alive \
+         connection per thread, rate in signatures/s, latency per batch; raw: aws-lc-rs \
+         EcdsaKeyPair::sign with a parsed key; http: POST /v1/keys/ID/sign, hand-written, on a \
+         kept-alive connection per thread",
+        hsm.label(),
+        USER_AAD.len()
+    );
+    println!("case/clients side ops_per_s p50_us p99_us");
+
+    let socket = server.socket.as_path();
+    // `request` written whole on the thread's own connection, its answer checked by `check`.
+    let http_side = |kind, request: Vec<u8>, check: fn(u16, &[u8]) -> Result<u64, String>| {
+        side(kind, move |w: &mut Worker| {
+            if w.conn.is_none() {
+                w.conn = Some(RawHttp::connect(socket).map_err(|e| e.to_string())?);
+            }
+            let (status, body) = w.conn.as_mut().unwrap().send(&request)?;
+            check(status, body)
+        })
+    };
+    let batch_side = |id: &str| {
+        http_side(
+            SideKind::Batch,
+            RawHttp::post("/v1/batch", &batch_body(id, &msg32)),
+            batch_ok,
+        )
+    };
+    let (local, remote): (&dyn KeyService, &dyn KeyService) = (&local, &remote);
+    let (lk, rk) = (&local_keys, &remote_keys);
+    let (msg, raw_key, rng) = (&msg32, &raw_key, &rng);
+    let mut sw_sign = both((local, &lk.sw_ec), (remote, &rk.sw_ec), signed, msg);
+    sw_sign.push(side(SideKind::Raw, move |_: &mut Worker| {
+        raw_key
+            .sign(rng, msg)
+            .map(|_| 1)
+            .map_err(|_| "aws-lc-rs sign failed".to_owned())
+    }));
+    sw_sign.push(http_side(
+        SideKind::Http,
+        RawHttp::post(&format!("/v1/keys/{}/sign", rk.sw_ec), &sign_body(msg)),
+        |status, body| match status {
+            200 => Ok(1),
+            _ => Err(format!("{status}: {}", String::from_utf8_lossy(body))),
+        },
+    ));
+    sw_sign.push(batch_side(&rk.sw_ec));
+    let mut hsm_sign = both((local, &lk.hsm_ec), (remote, &rk.hsm_ec), signed, msg);
+    hsm_sign.push(batch_side(&rk.hsm_ec));
+    let mut cases = vec![
+        Case {
+            name: "ecdsa-p256-sign-sw",
+            sides: sw_sign,
+        },
+        Case {
+            name: "ecdsa-p256-sign-softhsm",
+            sides: hsm_sign,
+        },
+        Case {
+            name: "aes256gcm-encrypt-1k",
+            sides: both((local, &lk.aes), (remote, &rk.aes), encrypted, &data1k),
+        },
+    ];
+    let mut results = Results::new();
+    for case in cases.iter_mut().filter(|c| cases_asked(c.name)) {
+        measure(case, round_len, warmup, &mut results);
+    }
+    drop(cases);
+    report(&results);
+    eprintln!("# load average at the end: {}", loadavg());
+    drop(server);
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Report
+
+fn verdict(ok: bool) -> &'static str {
+    if ok {
+        "met"
+    } else {
+        "not met"
+    }
+}
+
+/// Whether every comparison met its target: `None` until one is made.
+#[derive(Default)]
+struct Target(Option<bool>);
+
+impl Target {
+    /// Records one comparison; its verdict.
+    fn check(&mut self, ok: bool) -> &'static str {
+        self.0 = Some(self.0.unwrap_or(true) && ok);
+        verdict(ok)
+    }
+
+    fn summary(&self) -> &'static str {
+        self.0.map_or("not measured (case left out)", verdict)
+    }
+}
+
+fn report(results: &Results) {
+    let get = |case: &str, clients: usize, kind: SideKind| {
+        results
+            .iter()
+            .find(|((c, n, k), _)| *c == case && *n == clients && *k == kind)
+            .map(|(_, m)| m)
+    };
+    let cases: Vec<&str> = {
+        let mut v: Vec<&str> = results.keys().map(|k| k.0).collect();
+        v.dedup();
+        v
+    };
+    println!();
+    println!(
+        "remote/inproc case/clients throughput_ratio p99_overhead_us (targets: >= \
+         {THROUGHPUT_TARGET} at 16 clients; p99 overhead < {P99_OVERHEAD_TARGET_US:.0} us)"
+    );
+    let (mut all_throughput, mut all_p99) = (Target::default(), Target::default());
+    for &case in &cases {
+        for clients in CLIENTS {
+            let (Some(local), Some(remote)) = (
+                get(case, clients, SideKind::InProcess),
+                get(case, clients, SideKind::Remote),
+            ) else {
+                continue;
+            };
+            let ratio = remote.rate() / local.rate();
+            let overhead = remote.percentile(0.99) - local.percentile(0.99);
+            let throughput = if clients == 16 {
+                format!(
+                    " throughput {}",
+                    all_throughput.check(ratio >= THROUGHPUT_TARGET)
+                )
+            } else {
+                String::new()
+            };
+            println!(
+                "{case}/{clients}c {ratio:.2} {overhead:.0}{throughput} p99 {}",
+                all_p99.check(overhead < P99_OVERHEAD_TARGET_US)
+            );
+        }
+    }
+
+    println!();
+    println!("batch100/remote case/clients ratio (target: >= {BATCH_TARGET})");
+    let mut all_batch = Target::default();
+    for &case in &cases {
+        for clients in CLIENTS {
+            let (Some(batch), Some(remote)) = (
+                get(case, clients, SideKind::Batch),
+                get(case, clients, SideKind::Remote),
+            ) else {
+                continue;
+            };
+            let ratio = batch.rate() / remote.rate();
+            println!(
+                "{case}/{clients}c {ratio:.2} {}",
+                all_batch.check(ratio >= BATCH_TARGET)
+            );
+        }
+    }
+
+    println!();
+    println!("remote/raw aws-lc-rs case/clients ratio (target: >= {RAW_TARGET})");
+    let mut all_raw = Target::default();
+    for clients in CLIENTS {
+        let case = "ecdsa-p256-sign-sw";
+        let (Some(raw), Some(remote), Some(local)) = (
+            get(case, clients, SideKind::Raw),
+            get(case, clients, SideKind::Remote),
+            get(case, clients, SideKind::InProcess),
+        ) else {
+            continue;
+        };
+        let ratio = remote.rate() / raw.rate();
+        println!(
+            "{case}/{clients}c {ratio:.2} {} (inproc/raw {:.2})",
+            all_raw.check(ratio >= RAW_TARGET),
+            local.rate() / raw.rate()
+        );
+    }
+
+    println!();
+    println!(
+        "remote at 16 clients against Cosmian KMS 5.28 at 16 connections (issue 12's figures)"
+    );
+    for (case, cosmian) in COSMIAN_16 {
+        if let Some(remote) = get(case, 16, SideKind::Remote) {
+            let rate = remote.rate();
+            println!(
+                "{case}/16c keyhold {rate:.0} cosmian {cosmian:.0} {:.2} {}",
+                rate / cosmian,
+                if rate > cosmian {
+                    "beaten"
+                } else {
+                    "not beaten"
+                }
+            );
+        }
+    }
+
+    println!();
+    println!("targets (issue 12):");
+    println!(
+        "  remote >= {THROUGHPUT_TARGET}x in-process throughput at 16 clients: {}",
+        all_throughput.summary()
+    );
+    println!(
+        "  p99 overhead < {P99_OVERHEAD_TARGET_US:.0} us at every client count: {}",
+        all_p99.summary()
+    );
+    println!(
+        "  batches >= {BATCH_TARGET}x the unbatched remote rate: {}",
+        all_batch.summary()
+    );
+    println!(
+        "  software ECDSA P-256 through the service >= {RAW_TARGET}x raw aws-lc-rs at every \
+         client count: {}",
+        all_raw.summary()
+    );
+    let failures: Vec<String> = results
+        .iter()
+        .filter(|(_, m)| m.failed > 0)
+        .map(|((case, clients, kind), m)| {
+            format!(
+                "{case}/{clients}c {}: {} failed, first: {}",
+                kind.name(),
+                m.failed,
+                m.first_error.as_deref().unwrap_or_default()
+            )
+        })
+        .collect();
+    if failures.is_empty() {
+        println!("errors: none");
+    } else {
+        println!("errors (rates count successful operations only):");
+        for f in failures {
+            println!("  {f}");
+        }
+    }
+}
