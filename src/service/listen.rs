@@ -660,10 +660,14 @@ async fn authenticate(
         );
         return routes::refuse(request, busy).await.into_response();
     };
-    // The turn goes with the request: the work it starts holds it until it ends.
+    // The turn is held until the answer, and by the work the request starts until that ends
+    // (which may be later: a client that went away does not end its work).
+    let turn = Turn::new(permit);
     request.extensions_mut().insert(client);
-    request.extensions_mut().insert(Turn::new(permit));
-    next.run(request).await
+    request.extensions_mut().insert(turn.clone());
+    let response = next.run(request).await;
+    drop(turn);
+    response
 }
 
 /// What of a body the service reads for a request it does not know the sender of: enough that

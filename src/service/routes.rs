@@ -145,6 +145,26 @@ async fn run<T: Send + 'static>(
 ) -> Result<T, ApiError> {
     let started = Instant::now();
     let who = client.name_arc();
+    let metrics = Arc::clone(&state.metrics);
+    let label = backend.clone().unwrap_or_else(|| Arc::from("-"));
+    run_blocking(state, client, backend, move |ks| {
+        let done = op(ks);
+        let outcome = done.as_ref().map_or_else(ApiError::code, |_| "ok");
+        metrics.record(operation, &label, &who, outcome, started.elapsed());
+        done
+    })
+    .await?
+}
+
+/// Runs `work` on the keystore on the blocking pool, behind `backend`'s gate (if any), on
+/// behalf of `client`, holding the client's turn and the gate until it ends.
+async fn run_blocking<T: Send + 'static>(
+    state: &State,
+    client: &Caller,
+    backend: Option<Arc<str>>,
+    work: impl FnOnce(&Keystore) -> T + Send + 'static,
+) -> Result<T, ApiError> {
+    let who = client.name_arc();
     let client_turn = client.turn();
     let backend_turn = match backend.as_ref().and_then(|b| state.gates.get(b)) {
         // The gate is never closed: acquiring fails only if it were.
@@ -157,17 +177,12 @@ async fn run<T: Send + 'static>(
         None => None,
     };
     let keystore = Arc::clone(&state.keystore);
-    let metrics = Arc::clone(&state.metrics);
-    let backend = backend.unwrap_or_else(|| Arc::from("-"));
     tokio::task::spawn_blocking(move || {
         let _turns = (client_turn, backend_turn);
-        let done = crate::audit::on_behalf_of(&who, || op(&keystore));
-        let outcome = done.as_ref().map_or_else(ApiError::code, |_| "ok");
-        metrics.record(operation, &backend, &who, outcome, started.elapsed());
-        done
+        crate::audit::on_behalf_of(&who, || work(&keystore))
     })
     .await
-    .map_err(|e| ApiError::internal(format!("the operation did not finish: {e}")))?
+    .map_err(|e| ApiError::internal(format!("the operation did not finish: {e}")))
 }
 
 /// The backend of the key `id` if the caller may do `operation` and sees its namespace; a key
@@ -522,8 +537,9 @@ async fn json_bytes(request: Request, state: &State) -> Result<axum::body::Bytes
 
 /// `POST /v1/batch`: `{"operations":[{"op":ACTION,"key":ID,…its body's fields}, …]}`, at most
 /// [`MAX_BATCH`]; each answered in order as `{"status":N,"result":…}` or
-/// `{"status":N,"error":{…}}`. Each is checked and run as its own request would be (grant,
-/// namespace, its backend's gate taken for it alone), one after the other.
+/// `{"status":N,"error":{…}}`. Each is checked as its own request would be (grant, namespace);
+/// those allowed run in order, a run of consecutive operations on one backend at a time behind
+/// that backend's gate alone.
 ///
 /// The body is read once, off the threads that serve connections, for where each operation is
 /// and its `op` and `key`; an operation's own fields are read only when it runs, so a batch
@@ -539,16 +555,49 @@ async fn batch(
     let items = tokio::task::spawn_blocking(move || batch_items(&read))
         .await
         .map_err(|e| ApiError::internal(format!("the batch was not read: {e}")))??;
-    let mut results = Vec::with_capacity(items.len());
-    for item in items {
-        let answered = match item {
-            Ok(item) => run_item(&state, &client, item, &body).await,
-            Err(e) => Err(e),
-        };
-        results.push(match answered {
-            Ok(value) => json!({ "status": 200, "result": value }),
-            Err(e) => item_error(&e),
+    // Each operation checked as its own request; those refused are answered at once.
+    let mut results: Vec<Option<Value>> = vec![None; items.len()];
+    let mut ready = Vec::new();
+    for (i, item) in items.into_iter().enumerate() {
+        let checked = item.and_then(|item| {
+            let backend = authorize(&state, &client, item.action.operation(), &item.key)?;
+            Ok((i, item, backend))
         });
+        match checked {
+            Ok(ready_item) => ready.push(ready_item),
+            Err(e) => results[i] = Some(item_error(&e)),
+        }
+    }
+    // Then run in order, a run of consecutive operations on one backend at a time, each run
+    // behind its backend's gate alone and on one thread of the blocking pool.
+    let mut ready = ready.into_iter().peekable();
+    while let Some(first) = ready.next() {
+        let backend = first.2.clone();
+        let mut group = vec![first];
+        while let Some(next) = ready.next_if(|next| next.2 == backend) {
+            group.push(next);
+        }
+        let (body, metrics, who) = (body.clone(), Arc::clone(&state.metrics), client.name_arc());
+        let label = backend.clone().unwrap_or_else(|| Arc::from("-"));
+        let answered = run_blocking(&state, &client, backend, move |ks| {
+            group
+                .into_iter()
+                .map(|(i, item, _)| {
+                    let started = Instant::now();
+                    let outcome = run_item(ks, item.action, &item.key, &body.slice(item.at));
+                    let code = outcome.as_ref().map_or_else(ApiError::code, |_| "ok");
+                    metrics.record(item.action.name(), &label, &who, code, started.elapsed());
+                    (i, outcome)
+                })
+                .collect::<Vec<_>>()
+        })
+        .await?;
+        for (i, outcome) in answered {
+            results[i] = Some(match outcome {
+                Ok(value) => json!({ "status": 200, "result": value }),
+                Err(e) => item_error(&e),
+            });
+        }
     }
     Ok(Json(json!({ "results": results })))
 }
@@ -560,23 +609,12 @@ struct Item {
     at: std::ops::Range<usize>,
 }
 
-/// Checks and runs one operation of a batch, as its own request.
-async fn run_item(
-    state: &State,
-    client: &Caller,
-    item: Item,
-    body: &axum::body::Bytes,
-) -> Result<Value, ApiError> {
-    let Item { action, key, at } = item;
-    let backend = authorize(state, client, action.operation(), &key)?;
-    let fields = body.slice(at);
-    run(state, client, action.name(), backend, move |ks| {
-        let mut fields: serde_json::Map<String, Value> = Input::Bytes(&fields).parse()?;
-        fields.remove("op");
-        fields.remove("key");
-        action.run(ks, &key, Input::Value(Value::Object(fields)))
-    })
-    .await
+/// Runs one operation of a batch on its JSON `fields` (`op` and `key` among them).
+fn run_item(ks: &Keystore, action: Action, key: &str, fields: &[u8]) -> Result<Value, ApiError> {
+    let mut fields: serde_json::Map<String, Value> = Input::Bytes(fields).parse()?;
+    fields.remove("op");
+    fields.remove("key");
+    action.run(ks, key, Input::Value(Value::Object(fields)))
 }
 
 /// The operations of a batch's body, each as an [`Item`] or why it cannot be run; more than
