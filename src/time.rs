@@ -14,6 +14,16 @@ pub fn now() -> i64 {
         .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
 }
 
+/// Now, rounded up to the next whole second: what a delay counts from, so that a time `after`
+/// it is at least `after` away (with [`now`], a delay of 1s could come due a moment later, at
+/// the next whole second).
+pub fn now_ceil() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| {
+        let secs = i64::try_from(d.as_secs()).unwrap_or(i64::MAX);
+        secs.saturating_add(i64::from(d.subsec_nanos() > 0))
+    })
+}
+
 /// A duration such as `7d`, `90days`, `12h 30m`, `45s` (humantime's syntax), in whole seconds.
 ///
 /// # Errors

@@ -128,7 +128,7 @@ pub fn destroy(ctx: &Context, args: &DestroyArgs) -> CmdResult {
     let ks = io::open_keys(ctx)?;
     let id = args.key.resolve(ctx, &*ks)?;
     // From now, not from when the command started: unsealing may take seconds.
-    let at = keyhold::time::now()
+    let at = keyhold::time::now_ceil()
         .checked_add(after)
         .ok_or_else(|| Failure::Usage("--after is too far in the future".into()))?;
     let info = ks.schedule_destroy(&id, at, args.reason.as_deref())?;

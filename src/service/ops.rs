@@ -299,7 +299,7 @@ fn destroy(ks: &Keystore, id: &str, body: DestroyBody) -> Result<Value, ApiError
                     .into(),
             ));
         }
-        crate::time::now()
+        crate::time::now_ceil()
             .checked_add(after)
             .ok_or_else(|| ApiError::bad_request("`after` is too far in the future".into()))?
     };
