@@ -115,13 +115,25 @@ impl Server {
         headers: &[&str],
         body: Option<&[u8]>,
     ) -> Answer {
+        self.request_as(method, path, "application/json", headers, body)
+    }
+
+    /// [`Server::request`] with `body` sent as `content_type`.
+    pub fn request_as(
+        &self,
+        method: &str,
+        path: &str,
+        content_type: &str,
+        headers: &[&str],
+        body: Option<&[u8]>,
+    ) -> Answer {
         let mut stream = UnixStream::connect(&self.socket).unwrap();
         stream
             .set_read_timeout(Some(Duration::from_secs(30)))
             .unwrap();
         let body = body.unwrap_or_default();
         let mut head = format!(
-            "{method} {path} HTTP/1.1\r\nHost: keyhold\r\nContent-Type: application/json\r\n\
+            "{method} {path} HTTP/1.1\r\nHost: keyhold\r\nContent-Type: {content_type}\r\n\
              Content-Length: {}\r\nConnection: close\r\n",
             body.len()
         );
