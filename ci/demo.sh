@@ -417,6 +417,63 @@ demo_store_trust() {
   ok "the key is back as the backup had it: it signs"
 }
 
+# --- the service ------------------------------------------------------------------------------
+
+demo_service() {
+  section "Cryptography as a service: keyhold serve on a Unix socket"
+  step "the configuration names the service's clients: this user, granted the namespace default"
+  printf '[clients.demo]\nuid = %s\nnamespaces = ["default"]\n' "$(id -u)" >"$WORK/serve.toml"
+  sed 's/^/    /' "$WORK/serve.toml"
+  local sock="$WORK/keyhold.sock" pid out sig i
+  echo "  \$ keyhold --config serve.toml serve --listen unix:$sock &"
+  "$KEYHOLD" --store "$STORE" --config "$WORK/serve.toml" serve --listen "unix:$sock" \
+    2>"$WORK/serve.log" &
+  pid=$!
+  for ((i = 0; i < 200; i++)); do
+    [ -S "$sock" ] && break
+    sleep 0.05
+  done
+  [ -S "$sock" ] || die "keyhold serve did not listen: $(cat "$WORK/serve.log")"
+  ok "listening on unix:$sock (the store unsealed once, by the service)"
+
+  step "an application signs over HTTP/JSON: it holds the key ID, never the key or the passphrase"
+  out=$(run curl -s --unix-socket "$sock" -H 'content-type: application/json' \
+    -d "{\"data\":\"$(base64 -w0 "$WORK/msg")\"}" "http://keyhold/v1/keys/${ID[p256]}/sign")
+  printf '    %s\n' "${out:0:100}..."
+  sig=$(sed -n 's/.*"signature":"\([^"]*\)".*/\1/p' <<<"$out")
+  [ -n "$sig" ] || die "no signature in the service's answer"
+  base64 -d <<<"$sig" >"$WORK/service.sig"
+  kh verify --key "${ID[p256]}" --in "$WORK/msg" --signature "$WORK/service.sig" >/dev/null ||
+    die "the service's signature does not verify"
+  kh key pubkey --key "${ID[p256]}" --out "$WORK/p256.pem" >/dev/null
+  run openssl dgst -sha256 -verify "$WORK/p256.pem" -signature "$WORK/service.sig" "$WORK/msg" >/dev/null ||
+    die "OpenSSL refuses the service's signature"
+  ok "the service's signature verifies, with keyhold and with OpenSSL"
+
+  step "the CLI through the service (--remote): the same command, the same output, no store opened"
+  run "$KEYHOLD" --remote "unix:$sock" sign --key "${ID[ed25519]}" --in "$WORK/msg" \
+    --out "$WORK/remote.sig" || die "keyhold --remote sign failed"
+  kh verify --key "${ID[ed25519]}" --in "$WORK/msg" --signature "$WORK/remote.sig" >/dev/null ||
+    die "the remote signature does not verify"
+  ok "signed through the service, verified here"
+
+  step "namespaces are a tenant boundary: another namespace's key does not exist for this client"
+  local other
+  other=$(kh --namespace other key create elsewhere --type ed25519)
+  out=$(run curl -s --unix-socket "$sock" -H 'content-type: application/json' \
+    -d '{"data":"bQ=="}' "http://keyhold/v1/keys/$other/sign")
+  printf '    %s\n' "$out"
+  [ "$out" = '{"error":{"code":"no_such_key","message":"no such key"}}' ] ||
+    die "another namespace's key was not answered as one that does not exist"
+  ok "404, word for word the answer for a key that does not exist"
+
+  step "SIGTERM: requests in flight finish, the socket is removed"
+  kill -TERM "$pid"
+  wait "$pid" || die "keyhold serve did not exit 0 on SIGTERM: $(cat "$WORK/serve.log")"
+  [ ! -e "$sock" ] || die "the socket is still there"
+  ok "stopped cleanly"
+}
+
 # --- hardware backends ------------------------------------------------------------------------
 # The PKCS#11 backend on a SoftHSM2 token, then the TPM 2.0 backend and sealer on a swtpm.
 
@@ -764,6 +821,7 @@ demo_random
 demo_tampered_id
 demo_lifecycle
 demo_store_trust
+demo_service
 demo_softhsm
 demo_tpm
 

@@ -23,6 +23,8 @@ readonly APT_PACKAGES=(
   gcc libc6-dev
   # systemd-analyze verify checks dist/systemd/ (it runs without systemd as PID 1, in containers)
   systemd
+  # curl speaks HTTP over keyhold serve's Unix socket in the demo and the service's tests
+  curl
 )
 
 # Parsec (ci/bench.sh builds parsec-service and parsec-client): psa-crypto's C build and bindgen
