@@ -568,7 +568,11 @@ fn a_stalled_body_is_refused_at_the_body_timeout() {
         .unwrap();
     let mut answer = String::new();
     let _ = stalled.read_to_string(&mut answer);
-    assert!(start.elapsed() >= Duration::from_millis(950), "{:?}", start.elapsed());
+    assert!(
+        start.elapsed() >= Duration::from_millis(950),
+        "{:?}",
+        start.elapsed()
+    );
     assert!(
         answer.starts_with("HTTP/1.1 400") && answer.contains("did not arrive within 1s"),
         "{answer}"
