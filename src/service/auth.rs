@@ -119,7 +119,7 @@ impl Clients {
                     .or_insert_with(|| Arc::new(Semaphore::new(grant.concurrency()))),
             )
         };
-        Client { name, grant, busy }
+        Client::with_gate(name, grant, busy)
     }
 
     /// The configured clients as `GET /v1/clients` lists them: name, how a connection is known
@@ -141,6 +141,9 @@ impl Clients {
 pub struct Client {
     /// Its name in the configuration (or the store's, for a token client).
     pub name: String,
+    /// The name, shared by the audit entries and metrics of its requests (made once, not per
+    /// request).
+    label: Arc<str>,
     grant: ClientConfig,
     /// Its requests in flight hold one permit each (`max_concurrent`).
     pub(super) busy: Arc<Semaphore>,
@@ -150,7 +153,18 @@ impl Client {
     /// A client of its own, with a gate of its own.
     pub(super) fn new(name: String, grant: ClientConfig) -> Self {
         let busy = Arc::new(Semaphore::new(grant.concurrency()));
-        Self { name, grant, busy }
+        Self::with_gate(name, grant, busy)
+    }
+
+    /// A client whose requests share the gate `busy`.
+    fn with_gate(name: String, grant: ClientConfig, busy: Arc<Semaphore>) -> Self {
+        let label = Arc::from(name.as_str());
+        Self {
+            name,
+            label,
+            grant,
+            busy,
+        }
     }
 
     /// `Ok` if the client may do `operation`, else 403 naming it.
@@ -221,7 +235,7 @@ impl Caller {
 
     /// Its name, shared.
     pub(super) fn name_arc(&self) -> Arc<str> {
-        Arc::from(self.client.name.as_str())
+        Arc::clone(&self.client.label)
     }
 }
 

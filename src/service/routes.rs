@@ -42,6 +42,8 @@ pub struct State {
     /// A gate per backend, by name.
     gates: Arc<HashMap<Arc<str>, Arc<Semaphore>>>,
     metrics: Arc<Metrics>,
+    /// The metrics' backend label of a request on no backend: `-`.
+    no_backend: Arc<str>,
     /// The last periodic verification's outcome, if one ran.
     verified: Arc<std::sync::Mutex<Option<Verified>>>,
 }
@@ -86,6 +88,7 @@ impl State {
             clients,
             gates: Arc::new(gates),
             metrics: Arc::new(Metrics::default()),
+            no_backend: Arc::from("-"),
             verified,
         }
     }
@@ -146,7 +149,9 @@ async fn run<T: Send + 'static>(
     let started = Instant::now();
     let who = client.name_arc();
     let metrics = Arc::clone(&state.metrics);
-    let label = backend.clone().unwrap_or_else(|| Arc::from("-"));
+    let label = backend
+        .clone()
+        .unwrap_or_else(|| Arc::clone(&state.no_backend));
     run_blocking(state, client, backend, move |ks| {
         let done = op(ks);
         let outcome = done.as_ref().map_or_else(ApiError::code, |_| "ok");
@@ -211,10 +216,13 @@ fn authorize(
                 .keystore
                 .audit_refusal(operation.as_str(), id, e.code());
         });
-        let none: Arc<str> = Arc::from("-");
-        state
-            .metrics
-            .record(operation.as_str(), &none, &who, e.code(), Duration::ZERO);
+        state.metrics.record(
+            operation.as_str(),
+            &state.no_backend,
+            &who,
+            e.code(),
+            Duration::ZERO,
+        );
     }
     checked
 }
@@ -578,7 +586,9 @@ async fn batch(
             group.push(next);
         }
         let (body, metrics, who) = (body.clone(), Arc::clone(&state.metrics), client.name_arc());
-        let label = backend.clone().unwrap_or_else(|| Arc::from("-"));
+        let label = backend
+            .clone()
+            .unwrap_or_else(|| Arc::clone(&state.no_backend));
         let answered = run_blocking(&state, &client, backend, move |ks| {
             group
                 .into_iter()
