@@ -200,3 +200,25 @@ fn the_same_application_runs_on_a_local_keystore_and_through_the_service() {
         "{gone}"
     );
 }
+
+#[test]
+fn a_kept_connection_the_service_closed_is_replaced_and_the_call_goes_through() {
+    let env = env();
+    let socket = env.file("keyhold.sock");
+    let server = Server::start_listening(
+        &env,
+        &client("\"app\"", ""),
+        &[&format!("unix:{}", socket.display())],
+        &["--header-timeout", "1s"],
+    );
+    let remote = RemoteKeystore::new(Remote::Unix(server.socket.clone())).unwrap();
+    assert_eq!(remote.health().unwrap(), "app");
+    // Idle past its header timeout, the kept connection is closed by the service; the client
+    // notices before sending, and connects anew.
+    std::thread::sleep(Duration::from_millis(2500));
+    for _ in 0..3 {
+        assert_eq!(remote.health().unwrap(), "app");
+    }
+    let (status, err) = server.stop();
+    assert!(status.success(), "{err}");
+}

@@ -3,10 +3,12 @@
 //! credential; never a key, a PIN or the root secret.
 //!
 //! Blocking, like the keystore: each call is one HTTP/1.1 request on a kept-alive connection
-//! (one per concurrent caller, reused). The service's refusals come back as
+//! (one per concurrent caller, reused), driven on the caller's own thread: no thread is woken
+//! to carry a request or its answer. The service's refusals come back as
 //! [`Error::Remote`], whose kind is the service's error kind (so the command line exits as it
 //! would have on the store itself).
 
+use std::future::Future;
 use std::path::PathBuf;
 use std::sync::{Mutex, PoisonError};
 
@@ -65,9 +67,8 @@ pub struct RemoteKeystore {
     /// The bearer token sent with every request, if any (else the service knows the caller by
     /// its peer credentials).
     token: Option<SecretString>,
-    runtime: tokio::runtime::Runtime,
     /// Connections not in use, kept alive for the next call.
-    idle: Mutex<Vec<SendRequest<Full<Bytes>>>>,
+    idle: Mutex<Vec<Conn>>,
     /// How long a call may take, from sending to the whole answer.
     timeout: std::time::Duration,
 }
@@ -87,24 +88,112 @@ const MAX_IDLE: usize = 16;
 /// service's own body and drain timeouts, so that it is the service that says why.
 pub const DEFAULT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
 
+/// A connection to the service and the runtime that drives it: a current-thread runtime, run by
+/// whichever caller holds it (callers take one each from the pool), so that the request, the
+/// answer and the socket are all handled on the caller's thread.
+struct Conn {
+    runtime: tokio::runtime::Runtime,
+    /// None until the first call connects, and after a failed exchange.
+    link: Option<Link>,
+}
+
+impl Conn {
+    fn new() -> Result<Self> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_io()
+            .enable_time()
+            .build()
+            .map_err(|e| Error::io("start the client's runtime", e))?;
+        Ok(Self {
+            runtime,
+            link: None,
+        })
+    }
+}
+
+/// One HTTP/1.1 connection: where requests are sent, and the future that carries them (it runs
+/// only while a call drives it; between calls the connection waits, kept alive, in the pool).
+struct Link {
+    sender: SendRequest<Full<Bytes>>,
+    connection: Connection,
+}
+
+/// hyper's connection future, whatever the stream under it.
+type Connection = std::pin::Pin<Box<dyn Future<Output = hyper::Result<()>> + Send>>;
+
+/// Runs `work` while driving `connection`: `work`'s outcome.
+async fn drive<T>(connection: &mut Connection, work: impl Future<Output = T>) -> T {
+    let mut work = std::pin::pin!(work);
+    tokio::select! {
+        biased;
+        done = &mut work => done,
+        _ = connection.as_mut() => {
+            // The connection ended first. Dropping it ends what it carried, so the work fails
+            // now (or, its answer read whole, succeeds) rather than waiting on a dead link; the
+            // sender is closed, so the link is not used again.
+            *connection = Box::pin(std::future::pending());
+            work.await
+        }
+    }
+}
+
+/// Lets a kept connection see what happened while no call drove it (the service closing it, for
+/// one): a turn of the runtime's driver, then a poll. A closed one is dropped, which closes its
+/// sender, so the call connects anew rather than sending on it.
+async fn settle(connection: &mut Connection) {
+    // A yield lets the driver read the socket's events without waiting.
+    tokio::task::yield_now().await;
+    std::future::poll_fn(|cx| {
+        if connection.as_mut().poll(cx).is_ready() {
+            *connection = Box::pin(std::future::pending());
+        }
+        std::task::Poll::Ready(())
+    })
+    .await;
+}
+
+/// Why a request on a kept connection failed.
+enum Failed {
+    /// hyper gave it back unsent: it may go on a new connection.
+    Unsent(Box<Request<Full<Bytes>>>),
+    /// It was sent, or may have been: it is never sent again.
+    Lost(hyper::Error),
+}
+
+/// Sends `request` on `sender` and reads the whole answer.
+async fn exchange(
+    sender: &mut SendRequest<Full<Bytes>>,
+    request: Request<Full<Bytes>>,
+) -> std::result::Result<(u16, Zeroizing<Vec<u8>>), Failed> {
+    if sender.ready().await.is_err() {
+        return Err(Failed::Unsent(Box::new(request)));
+    }
+    let response = match sender.try_send_request(request).await {
+        Ok(response) => response,
+        Err(mut e) => {
+            return Err(match e.take_message() {
+                Some(unsent) => Failed::Unsent(Box::new(unsent)),
+                None => Failed::Lost(e.into_error()),
+            })
+        }
+    };
+    let status = response.status().as_u16();
+    let body = response.into_body().collect().await.map_err(Failed::Lost)?;
+    Ok((status, Zeroizing::new(body.to_bytes().to_vec())))
+}
+
 impl RemoteKeystore {
     /// A client of the service at `remote`. Nothing is sent until the first call.
     ///
     /// # Errors
     /// [`Error::Io`] if the client's runtime cannot start.
     pub fn new(remote: Remote) -> Result<Self> {
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .thread_name("keyhold-client")
-            .enable_io()
-            .enable_time()
-            .build()
-            .map_err(|e| Error::io("start the client's runtime", e))?;
+        // The first call's runtime, made now so that a client that cannot run says so here.
+        let first = Conn::new()?;
         Ok(Self {
             remote,
             token: None,
-            runtime,
-            idle: Mutex::new(Vec::new()),
+            idle: Mutex::new(vec![first]),
             timeout: DEFAULT_TIMEOUT,
         })
     }
@@ -173,15 +262,37 @@ impl RemoteKeystore {
                     .into(),
             ));
         }
-        let (status, answer) = self.runtime.block_on(async {
-            tokio::time::timeout(self.timeout, self.send(request))
+        let reused = self
+            .idle
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .pop();
+        let mut conn = match reused {
+            Some(conn) => conn,
+            None => Conn::new()?,
+        };
+        let Conn { runtime, link } = &mut conn;
+        let exchanged = runtime.block_on(async {
+            tokio::time::timeout(self.timeout, self.exchange(link, request))
                 .await
                 .map_err(|_| Error::Timeout {
                     backend: format!("keyhold serve at {}", self.remote),
                     waited: self.timeout,
                     what: "its answer".into(),
                 })?
-        })?;
+        });
+        // A connection whose exchange failed or timed out may be mid-answer: it is not kept
+        // (its runtime is, for the next call).
+        if exchanged.is_err() {
+            conn.link = None;
+        }
+        {
+            let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
+            if idle.len() < MAX_IDLE {
+                idle.push(conn);
+            }
+        }
+        let (status, answer) = exchanged?;
         let value: Value = if answer.is_empty() {
             Value::Null
         } else {
@@ -202,13 +313,13 @@ impl RemoteKeystore {
         Ok(value)
     }
 
-    /// Sends `request` on an idle connection (or a new one) and reads the whole answer.
-    async fn send(&self, request: Request<Full<Bytes>>) -> Result<(u16, Zeroizing<Vec<u8>>)> {
-        let reused = self
-            .idle
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .pop();
+    /// Sends `request` on `link` (or a new connection, if it has none or the service closed
+    /// it) and reads the whole answer, driving the connection meanwhile.
+    async fn exchange(
+        &self,
+        link: &mut Option<Link>,
+        request: Request<Full<Bytes>>,
+    ) -> Result<(u16, Zeroizing<Vec<u8>>)> {
         let lost = |e: hyper::Error| {
             Error::io(
                 format!("ask the service at {}", self.remote),
@@ -218,46 +329,45 @@ impl RemoteKeystore {
         // A kept connection may have been closed by the service since (its idle timeout): the
         // request then goes on a new one, which is safe only because hyper hands back a request
         // it did not send. One it sent is never sent again (a second sign is still a sign).
-        let (mut sender, request) = match reused {
-            Some(mut sender) => match sender.ready().await {
-                Ok(()) => match sender.try_send_request(request).await {
-                    Ok(response) => return self.answer(sender, response).await,
-                    Err(mut e) => match e.take_message() {
-                        Some(unsent) => (self.connect().await?, unsent),
-                        None => return Err(lost(e.into_error())),
-                    },
-                },
-                Err(_) => (self.connect().await?, request),
-            },
-            None => (self.connect().await?, request),
-        };
-        let response = sender.send_request(request).await.map_err(lost)?;
-        self.answer(sender, response).await
-    }
-
-    /// Reads the whole of `response`, then keeps its connection for the next call.
-    async fn answer(
-        &self,
-        sender: SendRequest<Full<Bytes>>,
-        response: hyper::Response<hyper::body::Incoming>,
-    ) -> Result<(u16, Zeroizing<Vec<u8>>)> {
-        let lost = |e: hyper::Error| {
-            Error::io(
-                format!("read the answer of the service at {}", self.remote),
-                std::io::Error::other(e),
-            )
-        };
-        let status = response.status().as_u16();
-        let body = response.into_body().collect().await.map_err(lost)?;
-        let body = Zeroizing::new(body.to_bytes().to_vec());
-        let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
-        if idle.len() < MAX_IDLE && !sender.is_closed() {
-            idle.push(sender);
+        if let Some(kept) = link {
+            settle(&mut kept.connection).await;
         }
-        Ok((status, body))
+        let mut request = Some(request);
+        let mut fresh = false;
+        loop {
+            let current = match link {
+                Some(current) if !current.sender.is_closed() => current,
+                _ => {
+                    fresh = true;
+                    link.insert(self.connect().await?)
+                }
+            };
+            let Some(sending) = request.take() else {
+                return Err(Error::InvalidInput(
+                    "a request was lost before it was sent".into(),
+                ));
+            };
+            let Link { sender, connection } = current;
+            match drive(connection, exchange(sender, sending)).await {
+                Ok(answer) => return Ok(answer),
+                Err(Failed::Unsent(unsent)) if !fresh => {
+                    *link = None;
+                    request = Some(*unsent);
+                }
+                Err(Failed::Unsent(_)) => {
+                    return Err(Error::io(
+                        format!("ask the service at {}", self.remote),
+                        std::io::Error::other(
+                            "a new connection closed before the request was sent",
+                        ),
+                    ));
+                }
+                Err(Failed::Lost(e)) => return Err(lost(e)),
+            }
+        }
     }
 
-    async fn connect(&self) -> Result<SendRequest<Full<Bytes>>> {
+    async fn connect(&self) -> Result<Link> {
         let Remote::Unix(path) = &self.remote;
         let stream = tokio::net::UnixStream::connect(path).await.map_err(|e| {
             Error::io(
@@ -278,11 +388,10 @@ impl RemoteKeystore {
                         std::io::Error::other(e),
                     )
                 })?;
-        // Runs the connection until it closes; its end is seen by the sender.
-        tokio::spawn(async move {
-            let _ = connection.await;
-        });
-        Ok(sender)
+        Ok(Link {
+            sender,
+            connection: Box::pin(connection),
+        })
     }
 
     /// `POST /v1/keys/{id}/{action}` with `body`.
