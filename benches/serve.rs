@@ -27,7 +27,9 @@
 //! Environment:
 //! - `KEYHOLD_BENCH_SECS`: measured seconds per side, per case and client count (split over the
 //!   rounds; default 3, so the whole bench takes about 2 minutes);
-//! - `KEYHOLD_BENCH_CASES`: comma-separated substrings; only cases whose name contains one run.
+//! - `KEYHOLD_BENCH_CASES`: comma-separated substrings; only cases whose name contains one run;
+//! - `KEYHOLD_BENCH_BIN`: the `keyhold` that serves (default: the one cargo built), to compare
+//!   two builds of the service with the same client.
 //!
 //! Output (stdout): notes on the setup, one line per case, client count and side, the ratios
 //! against the issue's targets (issue 12) and whether each is met. A missed target does not fail
@@ -123,6 +125,10 @@ struct Measured {
     latencies_us: Vec<f64>,
     failed: u64,
     first_error: Option<String>,
+    /// CPU time of this process and of the service over the kept rounds, in clock ticks, and
+    /// the operations done meanwhile.
+    cpu_ticks: u64,
+    ops: u64,
 }
 
 impl Measured {
@@ -133,6 +139,44 @@ impl Measured {
     fn percentile(&self, p: f64) -> f64 {
         percentile(&self.latencies_us, p)
     }
+
+    /// CPU time per operation, in µs: the client's and the service's together.
+    fn cpu_per_op_us(&self) -> f64 {
+        let tick_us = 1e6 / rustix::param::clock_ticks_per_second() as f64;
+        self.cpu_ticks as f64 * tick_us / self.ops as f64
+    }
+}
+
+/// The pid of the running `keyhold serve`, whose CPU time each round counts.
+static SERVER_PID: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+
+/// User plus system CPU time, in clock ticks, of process `pid` (all its threads), from
+/// `/proc/PID/stat`; 0 if it cannot be read.
+fn cpu_ticks(pid: &str) -> u64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0;
+    };
+    // After the command name (which may hold spaces, in parentheses): state is field 3, utime
+    // and stime fields 14 and 15.
+    let Some((_, rest)) = stat.rsplit_once(')') else {
+        return 0;
+    };
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let field = |n: usize| {
+        fields
+            .get(n - 3)
+            .and_then(|f| f.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    field(14) + field(15)
+}
+
+/// This process's and the service's CPU time so far, in clock ticks.
+fn cpu_now() -> u64 {
+    let server = SERVER_PID
+        .get()
+        .map_or(0, |pid| cpu_ticks(&pid.to_string()));
+    cpu_ticks("self") + server
 }
 
 /// The `p` quantile (0..=1) of `v`, sorted (NaN for none).
@@ -148,6 +192,7 @@ fn percentile(v: &[f64], p: f64) -> f64 {
 fn round(side: &mut Side<'_>, threads: usize, d: Duration, into: &mut Measured, keep: bool) {
     let barrier = Barrier::new(threads);
     let op = &side.op;
+    let cpu_before = cpu_now();
     let results: Vec<_> = std::thread::scope(|s| {
         let handles: Vec<_> = side.workers[..threads]
             .iter_mut()
@@ -187,9 +232,12 @@ fn round(side: &mut Side<'_>, threads: usize, d: Duration, into: &mut Measured, 
     let first = results.iter().map(|r| r.0).min().unwrap();
     let last = results.iter().map(|r| r.1).max().unwrap();
     let ops: u64 = results.iter().map(|r| r.2).sum();
+    let cpu = cpu_now().saturating_sub(cpu_before);
     if keep {
         into.rates
             .push(ops as f64 / last.duration_since(first).as_secs_f64());
+        into.cpu_ticks += cpu;
+        into.ops += ops;
     }
     for (_, _, _, latencies, failed, first_error) in results {
         if keep {
@@ -286,7 +334,9 @@ impl Server {
     fn start(dir: &Path, store: &Path, config: &Path) -> BoxResult<Self> {
         let socket = dir.join("keyhold.sock");
         let log = dir.join("serve.log");
-        let child = Command::new(env!("CARGO_BIN_EXE_keyhold"))
+        let binary = std::env::var_os("KEYHOLD_BENCH_BIN")
+            .unwrap_or_else(|| env!("CARGO_BIN_EXE_keyhold").into());
+        let child = Command::new(binary)
             .arg("--store")
             .arg(store)
             .arg("--config")
@@ -299,6 +349,7 @@ impl Server {
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log)?)
             .spawn()?;
+        let _ = SERVER_PID.set(child.id());
         let mut server = Self { child, socket, log };
         let deadline = Instant::now() + Duration::from_secs(30);
         while UnixStream::connect(&server.socket).is_err() {
@@ -791,6 +842,24 @@ fn report(results: &Results) {
             "{case}/{clients}c {ratio:.2} {} (inproc/raw {:.2})",
             all_raw.check(ratio >= RAW_TARGET),
             local.rate() / raw.rate()
+        );
+    }
+
+    println!();
+    let cpus = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
+    println!(
+        "CPU per operation, client and service together, us (case/clients side cpu_us; the \
+         rate {cpus} CPUs could reach at that cost)"
+    );
+    for ((case, clients, kind), m) in results {
+        if m.ops == 0 {
+            continue;
+        }
+        let per_op = m.cpu_per_op_us();
+        println!(
+            "{case}/{clients}c {} {per_op:.1} {:.0}/s",
+            kind.name(),
+            cpus as f64 * 1e6 / per_op
         );
     }
 
