@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 use support::env::*;
-use support::serve::{env, exchange, uid, Server};
+use support::serve::{env, exchange, pki, start_tls, uid, Ca, Pki, Server};
 
 /// `app` is this process's user on the Unix socket and `app.example` with a certificate.
 fn clients(extra: &str) -> String {
@@ -26,171 +26,6 @@ fn clients(extra: &str) -> String {
         "[clients.app]\nuid = {}\ntls_name = \"app.example\"\nnamespaces = [\"app\"]\n{extra}\n",
         uid()
     )
-}
-
-/// A TCP port nobody listens on now.
-fn free_port() -> SocketAddr {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-}
-
-fn openssl(dir: &Path, args: &[&str]) {
-    let out = Command::new("openssl")
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "openssl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// A certificate authority in `dir`: NAME.pem and NAME.key (P-256).
-struct Ca {
-    dir: PathBuf,
-    name: String,
-}
-
-impl Ca {
-    fn new(dir: &Path, name: &str) -> Self {
-        openssl(
-            dir,
-            &[
-                "req",
-                "-x509",
-                "-newkey",
-                "ec",
-                "-pkeyopt",
-                "ec_paramgen_curve:P-256",
-                "-nodes",
-                "-keyout",
-                &format!("{name}.key"),
-                "-out",
-                &format!("{name}.pem"),
-                "-subj",
-                &format!("/CN={name}"),
-                "-days",
-                "2",
-                "-addext",
-                "basicConstraints=critical,CA:TRUE",
-                "-addext",
-                "keyUsage=critical,keyCertSign,cRLSign",
-            ],
-        );
-        Self {
-            dir: dir.to_path_buf(),
-            name: name.into(),
-        }
-    }
-
-    fn pem(&self) -> PathBuf {
-        self.dir.join(format!("{}.pem", self.name))
-    }
-
-    /// A certificate this CA signs: NAME.pem and NAME.key (mode 0600), for `usage`
-    /// (`serverAuth` or `clientAuth`), with subject CN `cn` and subject alternative names `san`.
-    fn issue(&self, name: &str, cn: &str, san: &str, usage: &str) -> (PathBuf, PathBuf) {
-        let ext = self.dir.join(format!("{name}.ext"));
-        std::fs::write(
-            &ext,
-            format!(
-                "basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature\n\
-                 extendedKeyUsage={usage}\nsubjectAltName={san}\n"
-            ),
-        )
-        .unwrap();
-        let (key, csr, pem) = (
-            format!("{name}.key"),
-            format!("{name}.csr"),
-            format!("{name}.pem"),
-        );
-        openssl(
-            &self.dir,
-            &[
-                "req",
-                "-new",
-                "-newkey",
-                "ec",
-                "-pkeyopt",
-                "ec_paramgen_curve:P-256",
-                "-nodes",
-                "-keyout",
-                &key,
-                "-out",
-                &csr,
-                "-subj",
-                &format!("/CN={cn}"),
-            ],
-        );
-        openssl(
-            &self.dir,
-            &[
-                "x509",
-                "-req",
-                "-in",
-                &csr,
-                "-CA",
-                &format!("{}.pem", self.name),
-                "-CAkey",
-                &format!("{}.key", self.name),
-                "-CAcreateserial",
-                "-days",
-                "2",
-                "-out",
-                &pem,
-                "-extfile",
-                &format!("{name}.ext"),
-            ],
-        );
-        let key = self.dir.join(key);
-        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
-        (self.dir.join(pem), key)
-    }
-}
-
-/// The server's PKI: a CA for clients, a server certificate for localhost.
-struct Pki {
-    client_ca: Ca,
-    server_cert: PathBuf,
-    server_key: PathBuf,
-    server_ca: Ca,
-}
-
-fn pki(env: &Env) -> Pki {
-    let dir = env.dir.path();
-    let server_ca = Ca::new(dir, "server-ca");
-    let (server_cert, server_key) = server_ca.issue(
-        "server",
-        "localhost",
-        "DNS:localhost,IP:127.0.0.1",
-        "serverAuth",
-    );
-    Pki {
-        client_ca: Ca::new(dir, "client-ca"),
-        server_cert,
-        server_key,
-        server_ca,
-    }
-}
-
-fn tls_args(pki: &Pki, client_ca: bool) -> Vec<String> {
-    let mut args = vec![
-        "--tls-cert".into(),
-        pki.server_cert.display().to_string(),
-        "--tls-key".into(),
-        pki.server_key.display().to_string(),
-    ];
-    if client_ca {
-        args.extend([
-            "--client-ca".into(),
-            pki.client_ca.pem().display().to_string(),
-        ]);
-    }
-    args
 }
 
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
@@ -230,30 +65,6 @@ fn ask_tls(
     let tcp = TcpStream::connect(addr).map_err(|e| e.to_string())?;
     tcp.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
     exchange(rustls::StreamOwned::new(connection, tcp), "GET", path, None)
-}
-
-/// The service on `DIR/keyhold.sock` and on a free TCP port with TLS (mutual with
-/// `client_ca`), once both answer: the server and the TCP address.
-fn start_tls(env: &Env, pki: &Pki, clients: &str, client_ca: bool) -> (Server, SocketAddr) {
-    let addr = free_port();
-    let socket = env.file("keyhold.sock");
-    let args = tls_args(pki, client_ca);
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let server = Server::start_listening(
-        env,
-        clients,
-        &[
-            &format!("unix:{}", socket.display()),
-            &format!("tcp:{addr}"),
-        ],
-        &args,
-    );
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while TcpStream::connect(addr).is_err() {
-        assert!(Instant::now() < deadline, "tcp:{addr} never listened");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    (server, addr)
 }
 
 #[test]

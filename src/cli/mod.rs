@@ -51,9 +51,9 @@ pub struct Args {
     #[arg(long, global = true, value_name = "FILE")]
     passphrase_file: Option<PathBuf>,
 
-    /// Run key and cryptographic commands through `keyhold serve` at REMOTE (unix:PATH), which
-    /// holds the store, instead of opening it here [default: $KEYHOLD_REMOTE, for those
-    /// commands only]
+    /// Run key and cryptographic commands through `keyhold serve` at REMOTE (unix:PATH, or
+    /// https://HOST:PORT with --remote-ca), which holds the store, instead of opening it here
+    /// [default: $KEYHOLD_REMOTE, for those commands only]
     #[arg(long, global = true, value_name = "REMOTE")]
     remote: Option<String>,
 
@@ -61,6 +61,21 @@ pub struct Args {
     /// none: the service knows this user by its peer credentials]
     #[arg(long, global = true, value_name = "FILE")]
     token_file: Option<PathBuf>,
+
+    /// With --remote https://…: the CA certificate(s) (PEM) the service's certificate must chain
+    /// to; the system's CA roots are never used [default: $KEYHOLD_REMOTE_CA]
+    #[arg(long, global = true, value_name = "FILE")]
+    remote_ca: Option<PathBuf>,
+
+    /// With --remote https://…: this client's certificate (PEM), for a service that knows its
+    /// clients by certificate (mutual TLS); with --remote-key [default: $KEYHOLD_REMOTE_CERT]
+    #[arg(long, global = true, value_name = "FILE", requires = "remote_key")]
+    remote_cert: Option<PathBuf>,
+
+    /// The private key (PEM) of --remote-cert, readable by its owner (and group) only
+    /// [default: $KEYHOLD_REMOTE_KEY]
+    #[arg(long, global = true, value_name = "FILE", requires = "remote_cert")]
+    remote_key: Option<PathBuf>,
 
     /// Machine-readable output (JSON) on stdout; errors as a JSON object on stderr
     #[arg(long, global = true)]
@@ -261,7 +276,55 @@ pub struct Context {
     /// `--token-file` (read only by `--remote`, which the `serve` feature builds).
     #[cfg_attr(not(feature = "serve"), allow(dead_code))]
     token_file: Option<PathBuf>,
+    /// `--remote-ca`, `--remote-cert`, `--remote-key`, for an https remote.
+    #[cfg_attr(not(feature = "serve"), allow(dead_code))]
+    remote_tls: RemoteTls,
     json: bool,
+}
+
+/// The TLS files of an https remote: from `--remote-ca`, `--remote-cert` and `--remote-key`,
+/// else `$KEYHOLD_REMOTE_CA`, `$KEYHOLD_REMOTE_CERT` and `$KEYHOLD_REMOTE_KEY`.
+#[cfg_attr(not(feature = "serve"), allow(dead_code))]
+#[derive(Debug, Default)]
+struct RemoteTls {
+    ca: Option<PathBuf>,
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
+    /// Whether any came from the command line: with a unix: remote that is a mistake to say,
+    /// while the variables may be set for the https remotes of other commands.
+    by_flag: bool,
+}
+
+impl RemoteTls {
+    fn from_args(args: &Args, remote: bool) -> Result<Self, Failure> {
+        let by_flag = args.remote_ca.is_some() || args.remote_cert.is_some();
+        if by_flag && !remote {
+            return Err(Failure::Usage(
+                "--remote-ca, --remote-cert and --remote-key are for --remote https://HOST:PORT \
+                 (or $KEYHOLD_REMOTE): give it too"
+                    .into(),
+            ));
+        }
+        if !remote {
+            return Ok(Self::default());
+        }
+        let var = |name: &str| {
+            std::env::var_os(name)
+                .filter(|v| !v.is_empty())
+                .map(PathBuf::from)
+        };
+        let ca = args.remote_ca.clone().or_else(|| var("KEYHOLD_REMOTE_CA"));
+        let (cert, key) = match (&args.remote_cert, &args.remote_key) {
+            (Some(cert), Some(key)) => (Some(cert.clone()), Some(key.clone())),
+            _ => (var("KEYHOLD_REMOTE_CERT"), var("KEYHOLD_REMOTE_KEY")),
+        };
+        Ok(Self {
+            ca,
+            cert,
+            key,
+            by_flag,
+        })
+    }
 }
 
 impl Context {
@@ -292,6 +355,7 @@ impl Context {
             config_source,
             namespace: args.namespace.clone(),
             passphrase_file: args.passphrase_file.clone(),
+            remote_tls: RemoteTls::from_args(args, remote.is_some())?,
             remote,
             token_file: args.token_file.clone(),
             json: args.json,

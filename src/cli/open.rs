@@ -119,14 +119,58 @@ pub fn open_keys(ctx: &Context) -> Result<Box<dyn KeyService>, Failure> {
 #[cfg(feature = "serve")]
 fn remote_keys(ctx: &Context, remote: &str) -> Result<Box<dyn KeyService>, Failure> {
     use keyhold::service::{Remote, RemoteKeystore};
+    // A remote that is no remote is a usage error, as any malformed argument.
+    let remote = Remote::parse(remote).map_err(|e| Failure::Usage(e.to_string()))?;
+    let tls = match &remote {
+        Remote::Unix(_) if ctx.remote_tls.by_flag => {
+            return Err(Failure::Usage(format!(
+                "--remote-ca, --remote-cert and --remote-key are for an https:// remote; \
+                 {remote} is a local socket"
+            )))
+        }
+        Remote::Unix(_) => None,
+        Remote::Https { .. } => Some(remote_tls(ctx, &remote)?),
+    };
     // Read (and `$KEYHOLD_TOKEN` removed) before the client starts its runtime's thread: the
     // environment is changed only while this is the one thread.
     let token = super::passphrase::token(ctx.token_file.as_deref())?;
-    let mut keys = RemoteKeystore::new(Remote::parse(remote)?)?;
+    let mut keys = RemoteKeystore::new(remote)?;
+    if let Some(tls) = tls {
+        keys = keys.with_tls(tls);
+    }
     if let Some(token) = token {
         keys = keys.with_token(token);
     }
     Ok(Box::new(keys))
+}
+
+/// The TLS of an https `remote`: its CA is required (the system's roots are not used), a client
+/// certificate and key go together.
+#[cfg(feature = "serve")]
+fn remote_tls(
+    ctx: &Context,
+    remote: &keyhold::service::Remote,
+) -> Result<keyhold::service::ClientTls, Failure> {
+    let tls = &ctx.remote_tls;
+    let Some(ca) = &tls.ca else {
+        return Err(Failure::Usage(format!(
+            "--remote {remote} needs --remote-ca FILE (or $KEYHOLD_REMOTE_CA): the CA \
+             certificate (PEM) the service's certificate must chain to; the system's CA roots \
+             are not used"
+        )));
+    };
+    let identity = match (&tls.cert, &tls.key) {
+        (Some(cert), Some(key)) => Some((cert.as_path(), key.as_path())),
+        (None, None) => None,
+        _ => {
+            return Err(Failure::Usage(
+                "a client certificate and its key go together: give both $KEYHOLD_REMOTE_CERT \
+                 and $KEYHOLD_REMOTE_KEY (or --remote-cert and --remote-key), or neither"
+                    .into(),
+            ))
+        }
+    };
+    Ok(keyhold::service::ClientTls::load(ca, identity)?)
 }
 
 #[cfg(not(feature = "serve"))]

@@ -36,20 +36,117 @@ use crate::time::format_utc;
 pub enum Remote {
     /// Its Unix socket.
     Unix(PathBuf),
+    /// Its TCP listener, over TLS (`keyhold serve --listen tcp:… --tls-cert …`): the client
+    /// needs [`RemoteKeystore::with_tls`].
+    Https {
+        /// A DNS name or an IP address (an IPv6 one without brackets): the service's certificate
+        /// must name it.
+        host: String,
+        /// The TCP port.
+        port: u16,
+    },
 }
 
+/// The port of `https://HOST` without one, as for any https URL.
+pub const DEFAULT_HTTPS_PORT: u16 = 443;
+
 impl Remote {
-    /// Parses `unix:PATH`.
+    /// Parses `unix:PATH` or `https://HOST[:PORT]` (HOST a DNS name, an IPv4 address or an
+    /// IPv6 one in brackets, `https://[::1]:8443`; PORT 443 if not given). `http://` is
+    /// refused: the service speaks TCP with TLS only.
     ///
     /// # Errors
-    /// [`Error::InvalidInput`] for anything else.
+    /// [`Error::InvalidInput`] for anything else, and for an https remote with a path, a query,
+    /// a fragment or a user.
     pub fn parse(text: &str) -> Result<Self> {
+        let scheme = |prefix: &str| {
+            text.get(..prefix.len())
+                .filter(|s| s.eq_ignore_ascii_case(prefix))
+                .map(|_| &text[prefix.len()..])
+        };
+        if let Some(rest) = scheme("https://") {
+            return Self::parse_https(text, rest);
+        }
+        if scheme("http://").is_some() {
+            return Err(Error::InvalidInput(format!(
+                "remote `{text}`: plaintext HTTP over TCP is not offered (keyhold serve speaks \
+                 TCP with TLS only, and a token or key would cross the network in the clear): \
+                 give https://HOST:PORT, or unix:PATH for the service's local socket"
+            )));
+        }
         match text.split_once(':') {
             Some(("unix", path)) if !path.is_empty() => Ok(Self::Unix(PathBuf::from(path))),
             _ => Err(Error::InvalidInput(format!(
-                "remote `{text}`: give unix:PATH, the socket of `keyhold serve`"
+                "remote `{text}`: give unix:PATH, the socket of `keyhold serve`, or \
+                 https://HOST:PORT, its TLS listener"
             ))),
         }
+    }
+
+    /// `HOST[:PORT]` of `https://HOST[:PORT]` (`rest`), `text` being the whole remote.
+    fn parse_https(text: &str, rest: &str) -> Result<Self> {
+        let bad = |why: String| {
+            Error::InvalidInput(format!(
+                "remote `{text}`: {why}: give https://HOST:PORT (HOST a DNS name or an IP \
+                 address, an IPv6 one in brackets: https://[::1]:8443)"
+            ))
+        };
+        // A lone trailing slash is the root path, as an address bar writes it: nothing else.
+        let authority = rest.strip_suffix('/').unwrap_or(rest);
+        if authority.contains(['/', '?', '#']) {
+            return Err(bad(
+                "no path, query or fragment: the service's paths are its own (/v1/…)".into(),
+            ));
+        }
+        if authority.contains('@') {
+            return Err(bad(
+                "no user or password: a bearer token or a client certificate says who the client \
+                 is"
+                .into(),
+            ));
+        }
+        let (host, port) = if let Some(bracketed) = authority.strip_prefix('[') {
+            let (address, after) = bracketed
+                .split_once(']')
+                .ok_or_else(|| bad("an IPv6 address's `[` is not closed".into()))?;
+            let address: std::net::Ipv6Addr = address
+                .parse()
+                .map_err(|_| bad(format!("`{address}` is not an IPv6 address")))?;
+            let port = match after {
+                "" => None,
+                _ => Some(
+                    after
+                        .strip_prefix(':')
+                        .ok_or_else(|| bad(format!("`{after}` after the address")))?,
+                ),
+            };
+            (address.to_string(), port)
+        } else {
+            let (host, port) = match authority.rsplit_once(':') {
+                Some((host, port)) => (host, Some(port)),
+                None => (authority, None),
+            };
+            if host.contains(':') {
+                return Err(bad("an IPv6 address goes in brackets".into()));
+            }
+            if host.is_empty() {
+                return Err(bad("no host".into()));
+            }
+            // A DNS name or an IPv4 address, as a certificate can name it.
+            if rustls::pki_types::ServerName::try_from(host.to_owned()).is_err() {
+                return Err(bad(format!("`{host}` is not a host name or an IP address")));
+            }
+            (host.to_owned(), port)
+        };
+        let port = match port {
+            None => DEFAULT_HTTPS_PORT,
+            Some(port) => port
+                .parse::<u16>()
+                .ok()
+                .filter(|p| *p != 0)
+                .ok_or_else(|| bad(format!("`{port}` is not a port (1 to 65535)")))?,
+        };
+        Ok(Self::Https { host, port })
     }
 }
 
@@ -57,6 +154,11 @@ impl std::fmt::Display for Remote {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Self::Unix(path) => write!(f, "unix:{}", path.display()),
+            // Always with its port, in brackets if IPv6: what `parse` reads back as the same.
+            Self::Https { host, port } if host.contains(':') => {
+                write!(f, "https://[{host}]:{port}")
+            }
+            Self::Https { host, port } => write!(f, "https://{host}:{port}"),
         }
     }
 }
@@ -67,6 +169,8 @@ pub struct RemoteKeystore {
     /// The bearer token sent with every request, if any (else the service knows the caller by
     /// its peer credentials).
     token: Option<SecretString>,
+    /// The TLS an https remote is reached with.
+    tls: Option<super::tls::ClientTls>,
     /// Connections not in use, kept alive for the next call.
     idle: Mutex<Vec<Conn>>,
     /// How long a call may take, from sending to the whole answer.
@@ -193,6 +297,7 @@ impl RemoteKeystore {
         Ok(Self {
             remote,
             token: None,
+            tls: None,
             idle: Mutex::new(vec![first]),
             timeout: DEFAULT_TIMEOUT,
         })
@@ -203,6 +308,14 @@ impl RemoteKeystore {
     #[must_use]
     pub fn with_token(mut self, token: SecretString) -> Self {
         self.token = Some(token);
+        self
+    }
+
+    /// Reaches an https remote with `tls`: the CA its certificate is verified against, and this
+    /// client's certificate if any (an https remote without it is refused at the first call).
+    #[must_use]
+    pub fn with_tls(mut self, tls: super::tls::ClientTls) -> Self {
+        self.tls = Some(tls);
         self
     }
 
@@ -368,17 +481,80 @@ impl RemoteKeystore {
     }
 
     async fn connect(&self) -> Result<Link> {
-        let Remote::Unix(path) = &self.remote;
-        let stream = tokio::net::UnixStream::connect(path).await.map_err(|e| {
-            Error::io(
-                format!(
-                    "connect to keyhold serve at {}: is it running, and may this user reach its \
-                     socket?",
-                    self.remote
-                ),
-                e,
-            )
+        match &self.remote {
+            Remote::Unix(path) => {
+                let stream = tokio::net::UnixStream::connect(path).await.map_err(|e| {
+                    Error::io(
+                        format!(
+                            "connect to keyhold serve at {}: is it running, and may this user \
+                             reach its socket?",
+                            self.remote
+                        ),
+                        e,
+                    )
+                })?;
+                self.handshake(stream).await
+            }
+            Remote::Https { host, port } => {
+                let stream = self.connect_tls(host, *port).await?;
+                self.handshake(stream).await
+            }
+        }
+    }
+
+    /// A TCP connection to `host:port` and a TLS 1.3 handshake on it, the service's certificate
+    /// verified for `host`.
+    async fn connect_tls(
+        &self,
+        host: &str,
+        port: u16,
+    ) -> Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
+        let Some(tls) = &self.tls else {
+            return Err(Error::InvalidInput(format!(
+                "the service at {} is reached over TLS: give the CA its certificate is checked \
+                 against (keyhold --remote-ca FILE; RemoteKeystore::with_tls)",
+                self.remote
+            )));
+        };
+        let name = rustls::pki_types::ServerName::try_from(host.to_owned()).map_err(|_| {
+            Error::InvalidInput(format!(
+                "remote {}: `{host}` is not a host name or an IP address",
+                self.remote
+            ))
         })?;
+        let tcp = tokio::net::TcpStream::connect((host, port))
+            .await
+            .map_err(|e| {
+                Error::io(
+                    format!(
+                        "connect to keyhold serve at {}: is it running, and listening on TCP \
+                         port {port} of {host}?",
+                        self.remote
+                    ),
+                    e,
+                )
+            })?;
+        // A request is a few small writes and then a wait for the answer: Nagle's algorithm
+        // would hold the last one back until the service acknowledged the first (delayed ACK).
+        tcp.set_nodelay(true)
+            .map_err(|e| Error::io("set TCP_NODELAY", e))?;
+        let mut stream = tokio_rustls::TlsConnector::from(tls.config())
+            .connect(name, tcp)
+            .await
+            .map_err(|e| tls_refused(&self.remote, host, e, false))?;
+        if tls.shows_certificate() {
+            verdict(&mut stream)
+                .await
+                .map_err(|e| tls_refused(&self.remote, host, e, true))?;
+        }
+        Ok(stream)
+    }
+
+    /// HTTP/1.1 on `stream`: the connection, which runs while a call drives it.
+    async fn handshake<S>(&self, stream: S) -> Result<Link>
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
         let (sender, connection) =
             hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
                 .await
@@ -435,6 +611,88 @@ impl RemoteKeystore {
         let answer = self.call(Method::GET, &with_query("/v1/keys", &query)?, None)?;
         key_list(&answer)
     }
+}
+
+/// How long [`verdict`] waits for the service's answer to this client's certificate before it
+/// takes the certificate as accepted.
+const VERDICT_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// The service's answer to the certificate this client showed. In TLS 1.3 the client finishes
+/// its handshake first: a service that refuses its certificate says so (an alert) only once the
+/// handshake is over here, and the first request would then meet a closed connection, saying
+/// only that. So the answer is read before the connection is used: the service's session tickets
+/// (rustls sends them once it has accepted the client's Finished, certificate included) or its
+/// alert. A service that sends neither within [`VERDICT_WAIT`] is taken to have accepted (the
+/// request then finds out).
+async fn verdict(
+    stream: &mut tokio_rustls::client::TlsStream<tokio::net::TcpStream>,
+) -> std::io::Result<()> {
+    /// rustls reads records through `std::io::Read`: the socket's non-blocking read.
+    struct TryRead<'a>(&'a tokio::net::TcpStream);
+    impl std::io::Read for TryRead<'_> {
+        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+            self.0.try_read(buf)
+        }
+    }
+    let answer = async {
+        loop {
+            let (tcp, connection) = stream.get_mut();
+            if connection.tls13_tickets_received() > 0 {
+                return Ok(());
+            }
+            tcp.readable().await?;
+            match connection.read_tls(&mut TryRead(tcp)) {
+                Ok(0) => {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::UnexpectedEof,
+                        "the service closed the connection after the handshake",
+                    ))
+                }
+                // Records read: any plaintext stays in rustls for the next read of the stream.
+                Ok(_) => {
+                    connection
+                        .process_new_packets()
+                        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err(e),
+            }
+        }
+    };
+    tokio::time::timeout(VERDICT_WAIT, answer)
+        .await
+        .unwrap_or(Ok(()))
+}
+
+/// A failed TLS handshake with the service at `remote` (`after`: the service's answer to this
+/// client's certificate, see [`verdict`]), said in words where rustls knows why (its error
+/// follows in the chain).
+fn tls_refused(remote: &Remote, host: &str, e: std::io::Error, after: bool) -> Error {
+    use rustls::CertificateError as C;
+    let why = match e
+        .get_ref()
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+    {
+        Some(rustls::Error::InvalidCertificate(C::UnknownIssuer)) => {
+            ": its certificate is not issued by the CA this client trusts (--remote-ca)".to_owned()
+        }
+        Some(rustls::Error::InvalidCertificate(
+            C::NotValidForName | C::NotValidForNameContext { .. },
+        )) => {
+            format!(": its certificate is not for `{host}`; connect by a name or address it names")
+        }
+        Some(rustls::Error::AlertReceived(_)) if after => {
+            ": the service refused this client's certificate (--remote-cert): is it issued by \
+             the CA of the service's --client-ca, and still valid?"
+                .to_owned()
+        }
+        Some(rustls::Error::AlertReceived(_)) => ": the service refused the handshake".to_owned(),
+        _ => String::new(),
+    };
+    Error::io(
+        format!("TLS handshake with keyhold serve at {remote} failed{why}"),
+        e,
+    )
 }
 
 /// Refuses, before anything is sent, an ID that could not be one (it would change the path).

@@ -31,7 +31,7 @@ use crate::error::{Error, Result};
 pub use auth::{Clients, Peer};
 pub use client::{Remote, RemoteKeystore};
 pub use listen::{inherited_sockets, serve, Prepared};
-pub use tls::{certificate_names, TlsFiles};
+pub use tls::{certificate_names, ClientTls, TlsFiles};
 
 /// The largest request body: an operation's input ([`crate::MAX_INPUT`]) in base64, and room.
 pub const MAX_BODY: usize = crate::MAX_INPUT / 3 * 4 + 64 * 1024;

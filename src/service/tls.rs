@@ -1,5 +1,8 @@
 //! TLS for `--listen tcp:…`: rustls with the aws-lc-rs provider, TLS 1.3 only, and mutual TLS
 //! when a client CA is given. A client certificate names its client (see [`certificate_names`]).
+//! And the client's side, for `--remote https://…` ([`ClientTls`]): the same provider and
+//! version, the service verified against a CA file (never the system's roots), and a client
+//! certificate for mutual TLS.
 
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -8,7 +11,8 @@ use std::sync::Arc;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::WebPkiClientVerifier;
-use rustls::{RootCertStore, ServerConfig};
+use rustls::{ClientConfig, RootCertStore, ServerConfig};
+use zeroize::Zeroizing;
 
 use crate::error::{Error, Result};
 
@@ -36,28 +40,14 @@ impl TlsFiles {
     pub fn server_config(&self) -> Result<Arc<ServerConfig>> {
         let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
         let certs = read_certificates(&self.cert, "--tls-cert")?;
-        check_key_private(&self.key)?;
-        let key = PrivateKeyDer::from_pem_file(&self.key).map_err(|e| {
-            invalid(format!(
-                "--tls-key {}: no private key read: {e} (give a PEM private key)",
-                self.key.display()
-            ))
-        })?;
+        let key = read_private_key(&self.key, "--tls-key", "this service")?;
         let builder = ServerConfig::builder_with_provider(Arc::clone(&provider))
             .with_protocol_versions(&[&rustls::version::TLS13])
             .map_err(|e| invalid(format!("TLS 1.3 with aws-lc-rs: {e}")))?;
         let builder = match &self.client_ca {
             None => builder.with_no_client_auth(),
             Some(path) => {
-                let mut roots = RootCertStore::empty();
-                for ca in read_certificates(path, "--client-ca")? {
-                    roots.add(ca).map_err(|e| {
-                        invalid(format!(
-                            "--client-ca {}: not a CA certificate: {e}",
-                            path.display()
-                        ))
-                    })?;
-                }
+                let roots = read_roots(path, "--client-ca")?;
                 let verifier =
                     WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
                         .allow_unauthenticated()
@@ -95,21 +85,115 @@ fn read_certificates(path: &Path, flag: &str) -> Result<Vec<CertificateDer<'stat
     Ok(certs)
 }
 
+/// The certificates of a CA file (`flag` names it in messages), as trust anchors.
+fn read_roots(path: &Path, flag: &str) -> Result<RootCertStore> {
+    let mut roots = RootCertStore::empty();
+    for ca in read_certificates(path, flag)? {
+        roots.add(ca).map_err(|e| {
+            invalid(format!(
+                "{flag} {}: not a CA certificate: {e}",
+                path.display()
+            ))
+        })?;
+    }
+    Ok(roots)
+}
+
+/// The private key of `flag` (PEM: PKCS#8, SEC1 or PKCS#1), once [`check_key_private`] passed.
+/// The file's bytes are read into memory zeroized when dropped (a `BufReader` would leave a
+/// copy), and so is the DER this returns (rustls zeroizes it when it loads the key).
+fn read_private_key(path: &Path, flag: &str, whom: &str) -> Result<PrivateKeyDer<'static>> {
+    check_key_private(path, flag, whom)?;
+    let pem = Zeroizing::new(
+        std::fs::read(path).map_err(|e| invalid(format!("{flag} {}: {e}", path.display())))?,
+    );
+    PrivateKeyDer::from_pem_slice(&pem).map_err(|e| {
+        invalid(format!(
+            "{flag} {}: no private key read: {e} (give a PEM private key)",
+            path.display()
+        ))
+    })
+}
+
 /// Refuses a private key that others may read, or group members write: whoever reads it can
-/// be the service to its clients. Group read is allowed (`ssl-cert` and the like).
-fn check_key_private(path: &Path) -> Result<()> {
-    let meta = std::fs::metadata(path)
-        .map_err(|e| invalid(format!("--tls-key {}: {e}", path.display())))?;
+/// be `whom` (the service to its clients, a client to the service). Group read is allowed
+/// (`ssl-cert` and the like).
+fn check_key_private(path: &Path, flag: &str, whom: &str) -> Result<()> {
+    let meta =
+        std::fs::metadata(path).map_err(|e| invalid(format!("{flag} {}: {e}", path.display())))?;
     let mode = meta.mode() & 0o7777;
     if mode & 0o027 != 0 {
         return Err(invalid(format!(
-            "--tls-key {} is open to others (mode {mode:o}): anyone who reads it can pose as \
-             this service; run `chmod 600 {}`",
+            "{flag} {} is open to others (mode {mode:o}): anyone who reads it can pose as \
+             {whom}; run `chmod 600 {}`",
             path.display(),
             path.display()
         )));
     }
     Ok(())
+}
+
+/// The client's TLS for a service at `https://…` (`keyhold --remote`): rustls with the aws-lc-rs
+/// provider, TLS 1.3 only, HTTP/1.1. The service's certificate must chain to the CA file given
+/// (the system's roots are not used: a keystore's service is a private one, and trusting every
+/// public CA would let any of them vouch for it) and be for the host connected to. With a
+/// client certificate and key, the service may know the client by it (mutual TLS).
+///
+/// Messages name the command line's flags (`--remote-ca`, `--remote-cert`, `--remote-key`), as
+/// [`TlsFiles`]' name the server's.
+#[derive(Debug, Clone)]
+pub struct ClientTls {
+    config: Arc<ClientConfig>,
+    /// Whether a client certificate is shown (when the service asks for one).
+    certificate: bool,
+}
+
+impl ClientTls {
+    /// Reads `ca` (PEM, one or more CA certificates the service's must chain to) and, if given,
+    /// `identity`: this client's certificate chain (PEM, its own first) and its private key
+    /// (PEM, readable by its owner and group only, as the server's `--tls-key`).
+    ///
+    /// # Errors
+    /// [`Error::InvalidInput`] for a file that cannot be read or parsed, a key that others may
+    /// read, or a certificate that does not go with the key.
+    pub fn load(ca: &Path, identity: Option<(&Path, &Path)>) -> Result<Self> {
+        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let roots = read_roots(ca, "--remote-ca")?;
+        let builder = ClientConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(|e| invalid(format!("TLS 1.3 with aws-lc-rs: {e}")))?
+            .with_root_certificates(roots);
+        let mut config = match identity {
+            None => builder.with_no_client_auth(),
+            Some((cert_file, key_file)) => {
+                let certs = read_certificates(cert_file, "--remote-cert")?;
+                let key = read_private_key(key_file, "--remote-key", "this client")?;
+                builder.with_client_auth_cert(certs, key).map_err(|e| {
+                    invalid(format!(
+                        "--remote-cert {} and --remote-key {}: {e} (the certificate must be the \
+                         key's)",
+                        cert_file.display(),
+                        key_file.display()
+                    ))
+                })?
+            }
+        };
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        Ok(Self {
+            config: Arc::new(config),
+            certificate: identity.is_some(),
+        })
+    }
+
+    /// The rustls configuration.
+    pub(crate) fn config(&self) -> Arc<ClientConfig> {
+        Arc::clone(&self.config)
+    }
+
+    /// Whether this client shows a certificate (and so must hear the service's answer to it).
+    pub(crate) fn shows_certificate(&self) -> bool {
+        self.certificate
+    }
 }
 
 /// The names a verified client certificate gives: its subject alternative names of type URI,

@@ -1,10 +1,13 @@
 //! A real `keyhold serve` on a temporary Unix socket, asked over raw HTTP/1.1: what the service's
-//! tests (tests/serve*.rs) share.
+//! tests (tests/serve*.rs) share. And its TLS listener with certificates made per test with the
+//! openssl command (tests/serve_transport.rs, tests/cli_remote_tls.rs).
 
 use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixStream;
-use std::path::PathBuf;
-use std::process::{Child, Stdio};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
@@ -277,6 +280,19 @@ pub fn env() -> Env {
     env
 }
 
+/// A token client `name` of the store granted `namespace` (`keyhold client add`): its token.
+pub fn token_client(env: &Env, name: &str, namespace: &str) -> String {
+    let json = env.ok(
+        &["--json", "client", "add", name, "--namespace", namespace],
+        b"",
+        "client add",
+    );
+    serde_json::from_slice::<Value>(&json).unwrap()["token"]
+        .as_str()
+        .unwrap()
+        .to_owned()
+}
+
 /// `[clients.app]`: this process's user, seeing `namespaces` (TOML strings), with `extra`.
 pub fn client(namespaces: &str, extra: &str) -> String {
     format!(
@@ -316,4 +332,193 @@ pub fn exchange(
         .and_then(|s| s.parse().ok())
         .ok_or_else(|| format!("no status line in: {text:?}"))?;
     Ok((status, serde_json::from_str(rest).unwrap_or(Value::Null)))
+}
+
+/// A TCP port nobody listens on now.
+pub fn free_port() -> SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
+pub fn openssl(dir: &Path, args: &[&str]) {
+    let out = Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A certificate authority in `dir`: NAME.pem and NAME.key (P-256).
+pub struct Ca {
+    pub dir: PathBuf,
+    pub name: String,
+}
+
+impl Ca {
+    pub fn new(dir: &Path, name: &str) -> Self {
+        openssl(
+            dir,
+            &[
+                "req",
+                "-x509",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:P-256",
+                "-nodes",
+                "-keyout",
+                &format!("{name}.key"),
+                "-out",
+                &format!("{name}.pem"),
+                "-subj",
+                &format!("/CN={name}"),
+                "-days",
+                "2",
+                "-addext",
+                "basicConstraints=critical,CA:TRUE",
+                "-addext",
+                "keyUsage=critical,keyCertSign,cRLSign",
+            ],
+        );
+        Self {
+            dir: dir.to_path_buf(),
+            name: name.into(),
+        }
+    }
+
+    pub fn pem(&self) -> PathBuf {
+        self.dir.join(format!("{}.pem", self.name))
+    }
+
+    /// A certificate this CA signs: NAME.pem and NAME.key (mode 0600), for `usage`
+    /// (`serverAuth` or `clientAuth`), with subject CN `cn` and subject alternative names `san`.
+    pub fn issue(&self, name: &str, cn: &str, san: &str, usage: &str) -> (PathBuf, PathBuf) {
+        let ext = self.dir.join(format!("{name}.ext"));
+        std::fs::write(
+            &ext,
+            format!(
+                "basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature\n\
+                 extendedKeyUsage={usage}\nsubjectAltName={san}\n"
+            ),
+        )
+        .unwrap();
+        let (key, csr, pem) = (
+            format!("{name}.key"),
+            format!("{name}.csr"),
+            format!("{name}.pem"),
+        );
+        openssl(
+            &self.dir,
+            &[
+                "req",
+                "-new",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:P-256",
+                "-nodes",
+                "-keyout",
+                &key,
+                "-out",
+                &csr,
+                "-subj",
+                &format!("/CN={cn}"),
+            ],
+        );
+        openssl(
+            &self.dir,
+            &[
+                "x509",
+                "-req",
+                "-in",
+                &csr,
+                "-CA",
+                &format!("{}.pem", self.name),
+                "-CAkey",
+                &format!("{}.key", self.name),
+                "-CAcreateserial",
+                "-days",
+                "2",
+                "-out",
+                &pem,
+                "-extfile",
+                &format!("{name}.ext"),
+            ],
+        );
+        let key = self.dir.join(key);
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+        (self.dir.join(pem), key)
+    }
+}
+
+/// The server's PKI: a CA for clients, a server certificate for localhost.
+pub struct Pki {
+    pub client_ca: Ca,
+    pub server_cert: PathBuf,
+    pub server_key: PathBuf,
+    pub server_ca: Ca,
+}
+
+pub fn pki(env: &Env) -> Pki {
+    let dir = env.dir.path();
+    let server_ca = Ca::new(dir, "server-ca");
+    let (server_cert, server_key) = server_ca.issue(
+        "server",
+        "localhost",
+        "DNS:localhost,IP:127.0.0.1",
+        "serverAuth",
+    );
+    Pki {
+        client_ca: Ca::new(dir, "client-ca"),
+        server_cert,
+        server_key,
+        server_ca,
+    }
+}
+
+pub fn tls_args(pki: &Pki, client_ca: bool) -> Vec<String> {
+    let mut args = vec![
+        "--tls-cert".into(),
+        pki.server_cert.display().to_string(),
+        "--tls-key".into(),
+        pki.server_key.display().to_string(),
+    ];
+    if client_ca {
+        args.extend([
+            "--client-ca".into(),
+            pki.client_ca.pem().display().to_string(),
+        ]);
+    }
+    args
+}
+
+/// The service on `DIR/keyhold.sock` and on a free TCP port with TLS (mutual with
+/// `client_ca`), once both answer: the server and the TCP address.
+pub fn start_tls(env: &Env, pki: &Pki, clients: &str, client_ca: bool) -> (Server, SocketAddr) {
+    let addr = free_port();
+    let socket = env.file("keyhold.sock");
+    let args = tls_args(pki, client_ca);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let server = Server::start_listening(
+        env,
+        clients,
+        &[
+            &format!("unix:{}", socket.display()),
+            &format!("tcp:{addr}"),
+        ],
+        &args,
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while TcpStream::connect(addr).is_err() {
+        assert!(Instant::now() < deadline, "tcp:{addr} never listened");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    (server, addr)
 }
