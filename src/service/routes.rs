@@ -311,19 +311,19 @@ async fn namespaces(
     _: NoQuery,
 ) -> Answer {
     client.may(Operation::Admin)?;
-    let keys = run(&state, &client, "namespaces", None, |ks| {
-        Ok(ks.list_all_keys(None)?)
+    let counts = run(&state, &client, "namespaces", None, |ks| {
+        let mut counts = std::collections::BTreeMap::<String, (u64, u64)>::new();
+        for key in ks.list_all_keys(None)? {
+            let (live, destroyed) = counts.entry(key.namespace).or_default();
+            if key.state == crate::KeyState::Destroyed {
+                *destroyed += 1;
+            } else {
+                *live += 1;
+            }
+        }
+        Ok(counts)
     })
     .await?;
-    let mut counts: std::collections::BTreeMap<&str, (u64, u64)> = Default::default();
-    for key in &keys {
-        let (live, destroyed) = counts.entry(key.namespace.as_str()).or_default();
-        if key.state == crate::KeyState::Destroyed {
-            *destroyed += 1;
-        } else {
-            *live += 1;
-        }
-    }
     Ok(Json(Value::Array(
         counts
             .into_iter()
