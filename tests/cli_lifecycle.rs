@@ -597,6 +597,9 @@ fn destruction_is_scheduled_shown_refuses_protection_and_can_be_cancelled() {
     assert_eq!(v[1]["event"], "destroy-scheduled", "{v}");
     assert_eq!(v[1]["reason"], "project ended", "{v}");
     assert_eq!(v[0]["reason"], Json::Null, "{v}");
+    // The entry that made the key comes from no state: null (it said "none"), as the service's.
+    assert_eq!(v[0]["from"], Json::Null, "{v}");
+    assert_eq!(v[1]["from"], "active", "{v}");
     assert_eq!(
         json_keys(&v[0], "history"),
         ["at", "event", "from", "reason", "seq", "to", "version"]

@@ -135,7 +135,7 @@ fn each_state_allows_what_sp_800_57_says() {
         .map(|e| {
             (
                 e.event.as_str(),
-                e.from.as_str(),
+                e.from.as_deref().unwrap_or("-"),
                 e.to.as_str(),
                 e.reason.as_deref(),
             )
@@ -144,7 +144,7 @@ fn each_state_allows_what_sp_800_57_says() {
     assert_eq!(
         seen,
         [
-            ("created", "none", "active", None),
+            ("created", "-", "active", None),
             ("suspended", "active", "suspended", Some("audit")),
             ("resumed", "suspended", "active", None),
             (

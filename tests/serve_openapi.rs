@@ -764,36 +764,59 @@ fn the_server_answers_as_the_document_says() {
     );
     failures.extend(judge(sign, "a body too large", &answer, Some(413)));
 
-    // Not in the document: not served. A method a path does not take: 405.
+    // Not in the document: not served. A method a path does not take: 405, with `Allow` the
+    // methods the document gives the path (GET with HEAD): on every path, a key action's too.
     let method_not_allowed = json!({"$ref": "#/components/responses/MethodNotAllowed"});
     let not_allowed = v.resolve(&method_not_allowed);
+    let key = &fixtures[&sign.id()];
     for op in &ops {
-        let path = match fixtures.get(&op.id()) {
-            Some(id) => op.path.replace("{id}", id),
-            None => op.path.clone(),
-        };
-        let answer = send(&server, "DELETE", &path, &[], None);
-        let body_ok = v.check(
-            &not_allowed["content"]["application/json"]["schema"],
-            &answer.body,
-            "$",
-        );
-        if answer.status != 405
-            || answer.body["error"]["code"] != "method_not_allowed"
-            || body_ok.is_err()
-        {
-            failures.push(format!(
-                "DELETE {}: {} {}",
-                op.path, answer.status, answer.text
-            ));
+        let path = op.path.replace("{id}", key);
+        let mut documented: Vec<&str> = ops
+            .iter()
+            .filter(|o| o.path == op.path)
+            .flat_map(|o| match o.method.as_str() {
+                "GET" => vec!["GET", "HEAD"],
+                other => vec![other],
+            })
+            .collect();
+        documented.sort_unstable();
+        let other_methods = ["DELETE", "PUT", "GET", "POST"]
+            .into_iter()
+            .filter(|m| !documented.contains(m));
+        for method in other_methods {
+            let answer = send(&server, method, &path, &[], None);
+            let body_ok = v.check(
+                &not_allowed["content"]["application/json"]["schema"],
+                &answer.body,
+                "$",
+            );
+            let mut allowed: Vec<&str> = answer
+                .header("allow")
+                .unwrap_or("")
+                .split(',')
+                .map(str::trim)
+                .collect();
+            allowed.sort_unstable();
+            if answer.status != 405
+                || answer.body["error"]["code"] != "method_not_allowed"
+                || body_ok.is_err()
+                || allowed != documented
+            {
+                failures.push(format!(
+                    "{method} {}: {} (Allow: {:?}, documented {documented:?}) {}",
+                    op.path,
+                    answer.status,
+                    answer.header("allow"),
+                    answer.text
+                ));
+            }
         }
     }
-    let key = &fixtures[&sign.id()];
     for (method, path) in [
         ("GET", "/v1/nowhere".to_owned()),
         ("POST", format!("/v1/keys/{key}/bake")),
-        ("GET", format!("/v1/keys/{key}/sign")),
-        ("POST", format!("/v1/keys/{key}/public")),
+        ("GET", format!("/v1/keys/{key}/bake")),
+        ("DELETE", format!("/v1/keys/{key}/bake")),
         ("GET", "/v2/health".to_owned()),
     ] {
         let answer = send(&server, method, &path, &[], Some(&json!({})));

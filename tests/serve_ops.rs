@@ -122,6 +122,15 @@ fn macs_rewrap_data_keys_and_the_lifecycle_run_through_the_service() {
         .collect();
     assert_eq!(events, ["created", "rotated"]);
     assert_eq!(history[1]["reason"], "yearly");
+    // Review: the entry that made the key said `"from": "none"`; it came from no state.
+    assert_eq!(history[0]["from"], Value::Null, "{history}");
+    assert_eq!(history[1]["from"], "active", "{history}");
+    let cli = env.ok(&["--json", "key", "history", "--key", &aes], b"", "history");
+    let cli: Value = serde_json::from_slice(&cli).unwrap();
+    assert_eq!(
+        cli, history,
+        "the CLI's `key history --json` and the service's"
+    );
     let (_, found) = server.ask("GET", "/v1/keys?namespace=app&name=box", None);
     assert_eq!(found.as_array().unwrap().len(), 1, "{found}");
     assert_eq!(found[0]["id"], aes.as_str());
@@ -282,6 +291,10 @@ fn a_batch_answers_each_operation_in_order_as_its_own_request_would() {
             {"op": "bake", "key": signer},
             {"key": signer, "data": b64(b"one")},
             {"op": "sign", "key": signer, "data": b64(b"two"), "format": "raw"},
+            {"op": 5, "key": signer, "data": b64(b"one")},
+            {"op": "sign", "data": b64(b"one")},
+            {"op": "sign", "key": 7, "data": b64(b"one")},
+            {"op": "sign", "key": "kh1_forged", "data": b64(b"one")},
         ]})),
     );
     assert_eq!(status, 200, "{answer}");
@@ -290,9 +303,36 @@ fn a_batch_answers_each_operation_in_order_as_its_own_request_would() {
         .iter()
         .map(|r| r["status"].as_u64().unwrap())
         .collect();
-    assert_eq!(statuses, [200, 404, 403, 422, 404, 400, 200], "{answer}");
+    // Review: an operation without `op` was 400 and one with a number for `op` 422. Both are
+    // JSON of the wrong shape, as a request's body without a required field: 422.
+    assert_eq!(
+        statuses,
+        [200, 404, 403, 422, 404, 422, 200, 422, 422, 422, 400],
+        "{answer}"
+    );
     assert_eq!(results[1]["error"]["code"], "no_such_key");
     assert_eq!(results[2]["error"]["code"], "forbidden");
+    assert_eq!(results[4]["error"]["code"], "no_such_endpoint");
+    for (i, fragment) in [
+        (5, "needs `op`, a string"),
+        (7, "expected a string"),
+        (8, "needs `key`, a string"),
+        (9, "expected a string"),
+    ] {
+        assert_eq!(results[i]["error"]["code"], "invalid_input", "{answer}");
+        let message = results[i]["error"]["message"].as_str().unwrap();
+        assert!(message.contains(fragment), "{i}: {message}");
+    }
+    // As the same operation's own request: a forged ID is 400.
+    assert_eq!(
+        error_code(&act(
+            &server,
+            "kh1_forged",
+            "sign",
+            json!({"data": b64(b"one")})
+        )),
+        (400, results[10]["error"]["code"].as_str().unwrap())
+    );
     assert_eq!(unb64(&results[6]["result"]["signature"]).len(), 64);
     // Each signature is the key's: checked by a batch of verifications and by OpenSSL.
     let public = env.pubkey_pem(&signer);
@@ -367,7 +407,9 @@ fn the_audit_log_names_the_client_and_the_metrics_count_its_answers() {
         format!("keyhold_requests_total{{{labels},outcome=\"invalid_input\"}} 1"),
         format!("keyhold_request_duration_seconds_count{{{labels}}} 4"),
         format!("keyhold_request_duration_seconds_bucket{{{labels},le=\"+Inf\"}} 4"),
-        r#"keyhold_requests_total{operation="create",backend="-",client="app",outcome="ok"} 1"#
+        // Review: a creation without `backend` took no backend's gate (and was counted on none);
+        // it is the default backend's, `software`.
+        r#"keyhold_requests_total{operation="create",backend="software",client="app",outcome="ok"} 1"#
             .to_owned(),
     ] {
         assert!(text.lines().any(|l| l == line), "no `{line}` in:\n{text}");
@@ -594,4 +636,251 @@ fn a_client_that_goes_away_keeps_its_turn_until_its_work_ends() {
     }
     let (_, found) = server.ask("GET", "/v1/keys?namespace=app&name=big", None);
     assert_eq!(found.as_array().map(Vec::len), Some(1), "{found}");
+}
+
+/// Review: a data key was audited as `encrypt`. It is audited as what it is, `datakey` or
+/// `datakey-wrapped` (`audit show` says so), with the client; the grants are as before.
+#[test]
+fn a_data_key_is_audited_as_a_data_key() {
+    let env = env();
+    let aes = env.create_key("box", "aes-256-gcm", &["--namespace", "app"]);
+    let signer = env.create_key("signer", "ecdsa-p256", &["--namespace", "app"]);
+    let server = Server::start(
+        &env,
+        &client(
+            "\"app\"",
+            "operations = [\"datakey\", \"datakey-wrapped\", \"state\"]",
+        ),
+    );
+    assert_eq!(act(&server, &aes, "datakey", json!({})).0, 200);
+    assert_eq!(act(&server, &aes, "datakey-wrapped", json!({})).0, 200);
+    // Refused by the key, the message says what was asked.
+    let refused = act(&server, &signer, "datakey", json!({}));
+    assert_eq!(
+        error_code(&refused),
+        (400, "wrong_purpose"),
+        "{}",
+        refused.1
+    );
+    let message = refused.1["error"]["message"].as_str().unwrap();
+    assert!(message.contains("it cannot make a data key"), "{message}");
+    act(&server, &aes, "suspend", json!({}));
+    let refused = act(&server, &aes, "datakey-wrapped", json!({}));
+    assert_eq!(error_code(&refused), (409, "wrong_state"), "{}", refused.1);
+    // Not granted: refused before anything, and audited under the operation asked for.
+    assert_eq!(
+        error_code(&act(
+            &server,
+            &aes,
+            "encrypt",
+            json!({"plaintext": b64(b"x")})
+        )),
+        (403, "forbidden")
+    );
+    let (status, err) = server.stop();
+    assert!(status.success(), "{err}");
+
+    let log = env.ok(&["--json", "audit", "show"], b"", "audit show");
+    let entries: Vec<Value> = serde_json::from_slice(&log).unwrap();
+    let uses: Vec<(&str, &str, &str)> = entries
+        .iter()
+        .filter(|e| e["client"] == "app")
+        .map(|e| {
+            (
+                e["operation"].as_str().unwrap(),
+                e["outcome"].as_str().unwrap(),
+                if e["key_id"] == aes.as_str() {
+                    "aes"
+                } else {
+                    "signer"
+                },
+            )
+        })
+        .collect();
+    assert_eq!(
+        uses,
+        [
+            ("datakey", "ok", "aes"),
+            ("datakey-wrapped", "ok", "aes"),
+            ("datakey", "wrong_purpose", "signer"),
+            ("suspend", "ok", "aes"),
+            ("datakey-wrapped", "wrong_state", "aes"),
+            ("encrypt", "forbidden", "aes"),
+        ],
+        "{entries:?}"
+    );
+    let text = String::from_utf8(env.ok(&["audit", "show"], b"", "audit show")).unwrap();
+    for operation in [" datakey ", " datakey-wrapped "] {
+        assert!(
+            text.lines()
+                .any(|l| l.contains(operation) && l.contains(" client=app ")),
+            "no `{operation}` in:\n{text}"
+        );
+    }
+}
+
+/// Review: `GET /v1/keys/{id}/sign` answered 404 `no_such_endpoint`. A key's action takes POST
+/// and its readable parts GET: another method is 405 with `Allow` saying which, as on every
+/// other path; a part or action the service does not have is 404 whatever the method.
+#[test]
+fn a_key_path_with_another_method_is_405_with_allow() {
+    let env = env();
+    let signer = env.create_key("signer", "ecdsa-p256", &["--namespace", "app"]);
+    let server = Server::start(&env, &client("\"app\"", ""));
+    for (method, what, allow, message) in [
+        ("GET", "sign", "POST", "takes POST only"),
+        ("GET", "datakey-wrapped", "POST", "takes POST only"),
+        ("DELETE", "sign", "POST", "takes POST only"),
+        ("PUT", "rotate", "POST", "takes POST only"),
+        ("POST", "public", "GET,HEAD", "takes GET and HEAD only"),
+        ("POST", "history", "GET,HEAD", "takes GET and HEAD only"),
+        ("DELETE", "history", "GET,HEAD", "takes GET and HEAD only"),
+    ] {
+        let path = format!("/v1/keys/{signer}/{what}");
+        let answer = server.request(method, &path, &[], Some(b"{}"));
+        assert_eq!(
+            (answer.status, &answer.body["error"]["code"]),
+            (405, &json!("method_not_allowed")),
+            "{method} {what}: {}",
+            answer.text
+        );
+        assert_eq!(answer.header("allow"), Some(allow), "{method} {what}");
+        assert_eq!(
+            answer.header("content-type"),
+            Some("application/json"),
+            "{method} {what}"
+        );
+        let said = answer.body["error"]["message"].as_str().unwrap();
+        assert!(said.contains(message), "{method} {what}: {said}");
+    }
+    // A part or action that is not there: 404, whatever the method.
+    for method in ["GET", "POST", "DELETE"] {
+        let answer = server.request(method, &format!("/v1/keys/{signer}/bake"), &[], None);
+        assert_eq!(
+            (answer.status, &answer.body["error"]["code"]),
+            (404, &json!("no_such_endpoint")),
+            "{method}: {}",
+            answer.text
+        );
+    }
+    // The other paths as before: the router says `Allow`.
+    let answer = server.request("DELETE", "/v1/random", &[], None);
+    assert_eq!((answer.status, answer.header("allow")), (405, Some("POST")));
+    // And the right methods still work.
+    assert_eq!(
+        server
+            .ask("GET", &format!("/v1/keys/{signer}/public"), None)
+            .0,
+        200
+    );
+    assert_eq!(
+        act(&server, &signer, "sign", json!({"data": b64(b"m")})).0,
+        200
+    );
+}
+
+/// Review: `?version=` was accepted and ignored on a key's history. A query parameter a GET path
+/// does not take is 400 naming it, on every GET path.
+#[test]
+fn a_query_parameter_a_path_does_not_take_is_refused_by_name() {
+    let env = env();
+    let signer = env.create_key("signer", "ecdsa-p256", &["--namespace", "app"]);
+    let server = Server::start(
+        &env,
+        &client(
+            "\"app\"",
+            "operations = [\"history\", \"show\", \"pubkey\", \"list\", \"metrics\", \"admin\"]",
+        ),
+    );
+    for (path, name) in [
+        (format!("/v1/keys/{signer}/history?version=1"), "version"),
+        (format!("/v1/keys/{signer}/history?all=true"), "all"),
+        (format!("/v1/keys/{signer}?version=1"), "version"),
+        (format!("/v1/keys/{signer}/public?versoin=1"), "versoin"),
+        ("/v1/keys?namespace=app&sort=name".to_owned(), "sort"),
+        ("/v1/health?verbose".to_owned(), "verbose"),
+        ("/v1/metrics?format=json".to_owned(), "format"),
+        ("/v1/clients?name=app".to_owned(), "name"),
+        ("/v1/namespaces?all=true".to_owned(), "all"),
+    ] {
+        let answer = server.ask("GET", &path, None);
+        assert_eq!(
+            error_code(&answer),
+            (400, "invalid_input"),
+            "{path}: {}",
+            answer.1
+        );
+        let message = answer.1["error"]["message"].as_str().unwrap();
+        assert!(message.contains(&format!("`{name}`")), "{path}: {message}");
+    }
+    // What each takes is still taken.
+    for path in [
+        format!("/v1/keys/{signer}/history"),
+        format!("/v1/keys/{signer}/public?version=1"),
+        format!("/v1/keys/{signer}"),
+        "/v1/keys?namespace=app&all=true".to_owned(),
+        "/v1/health".to_owned(),
+        "/v1/clients".to_owned(),
+        "/v1/namespaces".to_owned(),
+    ] {
+        let (status, answer) = server.ask("GET", &path, None);
+        assert_eq!(status, 200, "{path}: {answer}");
+    }
+    assert_eq!(server.request("GET", "/v1/metrics", &[], None).status, 200);
+}
+
+/// Review: key actions took an empty body as `{}`, but creation and random answered 400. Every
+/// body is read alike: empty is `{}`, so an action whose fields are all optional runs, and one
+/// with required fields answers what `{}` answers (422, the missing field).
+#[test]
+fn an_empty_body_is_read_as_an_empty_object_everywhere() {
+    let env = env();
+    let aes = env.create_key("box", "aes-256-gcm", &["--namespace", "app"]);
+    let server = Server::start(&env, &client("\"app\"", ""));
+    let key = |action: &str| format!("/v1/keys/{aes}/{action}");
+    for (path, field) in [
+        ("/v1/keys".to_owned(), "namespace"),
+        ("/v1/random".to_owned(), "bytes"),
+        ("/v1/batch".to_owned(), "operations"),
+        (key("encrypt"), "plaintext"),
+    ] {
+        let empty = server.raw("POST", &path, None);
+        let object = server.raw("POST", &path, Some(b"{}"));
+        assert_eq!(
+            error_code(&empty),
+            (422, "invalid_input"),
+            "{path}: {}",
+            empty.1
+        );
+        assert_eq!(
+            error_code(&object),
+            (422, "invalid_input"),
+            "{path}: {}",
+            object.1
+        );
+        for answer in [&empty, &object] {
+            let message = answer.1["error"]["message"].as_str().unwrap();
+            assert!(
+                message.contains(&format!("missing field `{field}`")),
+                "{path}: {message}"
+            );
+        }
+    }
+    // Every field optional: an empty body runs.
+    let (status, wrapped) = server.raw("POST", &key("datakey-wrapped"), None);
+    assert_eq!(status, 200, "{wrapped}");
+    assert!(wrapped["envelope"].is_string(), "{wrapped}");
+    let (status, rotated) = server.raw("POST", &key("rotate"), None);
+    assert_eq!((status, &rotated["version"]), (200, &json!(2)), "{rotated}");
+    // A body that is there must still be JSON, and said so.
+    let typed = server.request_as(
+        "POST",
+        "/v1/random",
+        "text/plain",
+        &[],
+        Some(b"{\"bytes\":4}"),
+    );
+    assert_eq!(typed.status, 415, "{}", typed.text);
+    let (status, random) = server.ask("POST", "/v1/random", Some(&json!({"bytes": 4})));
+    assert_eq!((status, unb64(&random["data"]).len()), (200, 4));
 }

@@ -437,3 +437,88 @@ fn names_are_kept_apart_and_a_service_needs_some_client() {
         "no clients",
     );
 }
+
+/// Review: `GET /v1/clients` listed the configured clients only. It lists the token clients too
+/// (never a token or its hash), each saying how it authenticates; `GET /v1/namespaces` lists the
+/// namespaces that hold keys, with their counts. Both are for `admin` only.
+#[test]
+fn an_admin_lists_every_client_and_the_namespaces_with_their_keys() {
+    let env = env();
+    let token = add_client(
+        &env,
+        "web",
+        &["--namespace", "web", "--operations", "sign,pubkey"],
+    );
+    let everything = add_client(&env, "ops", &["--namespace", "app", "--namespace", "web"]);
+    for (name, ns) in [("a", "app"), ("b", "app"), ("c", "web"), ("d", "web")] {
+        env.create_key(name, "ed25519", &["--namespace", ns]);
+    }
+    let gone = env.create_key("gone", "ed25519", &["--namespace", "old"]);
+    env.ok(
+        &["key", "destroy", "--now", "--yes", "--key", &gone],
+        b"",
+        "destroy",
+    );
+    let server = Server::start(
+        &env,
+        &format!(
+            "[clients.admin]\nuid = {}\nnamespaces = [\"app\"]\noperations = [\"admin\"]\n\
+             [clients.edge]\ntls_name = \"edge.example\"\nnamespaces = [\"web\"]\n",
+            uid()
+        ),
+    );
+    let listed = server.request("GET", "/v1/clients", &[], None);
+    assert_eq!(listed.status, 200, "{}", listed.text);
+    assert_eq!(
+        listed.body,
+        json!([
+            {"name": "admin", "authenticates_by": ["uid"], "uid": uid(), "tls_name": null,
+             "namespaces": ["app"], "operations": ["admin"], "added": null},
+            {"name": "edge", "authenticates_by": ["tls_name"], "uid": null,
+             "tls_name": "edge.example", "namespaces": ["web"], "operations": null,
+             "added": null},
+            {"name": "ops", "authenticates_by": ["token"], "uid": null, "tls_name": null,
+             "namespaces": ["app", "web"], "operations": null,
+             "added": listed.body[2]["added"]},
+            {"name": "web", "authenticates_by": ["token"], "uid": null, "tls_name": null,
+             "namespaces": ["web"], "operations": ["sign", "pubkey"],
+             "added": listed.body[3]["added"]},
+        ]),
+        "{}",
+        listed.text
+    );
+    for added in [&listed.body[2]["added"], &listed.body[3]["added"]] {
+        keyhold::time::parse_instant(added.as_str().unwrap(), 0).unwrap();
+    }
+    // Never the token, nor anything of its hash.
+    for secret in [&token, &everything] {
+        assert!(!listed.text.contains(&secret[5..]), "{}", listed.text);
+    }
+    assert!(!listed.text.contains("hash"), "{}", listed.text);
+
+    let (status, namespaces) = server.ask("GET", "/v1/namespaces", None);
+    assert_eq!(
+        (status, namespaces),
+        (
+            200,
+            json!([
+                {"namespace": "app", "keys": 2, "destroyed": 0},
+                {"namespace": "old", "keys": 0, "destroyed": 1},
+                {"namespace": "web", "keys": 2, "destroyed": 0},
+            ])
+        )
+    );
+    // Without `admin`: 403, whatever else the client may do.
+    for path in ["/v1/clients", "/v1/namespaces"] {
+        let refused = ask(&server, &everything, "GET", path, None);
+        assert_eq!(code(&refused), (403, &json!("forbidden")), "{path}");
+        assert!(
+            refused.body["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("may not admin"),
+            "{}",
+            refused.text
+        );
+    }
+}

@@ -240,7 +240,7 @@ pub fn history(ctx: &Context, args: &KeyArg) -> CmdResult {
             e.seq,
             format_utc(e.at),
             e.event,
-            e.from,
+            e.from.as_deref().unwrap_or("none"),
             e.to,
             e.version
         );

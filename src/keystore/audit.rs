@@ -85,6 +85,8 @@ fn operation_name(operation: &'static str) -> &'static str {
     match operation {
         "compute a MAC" => "mac",
         "check a MAC" => "mac-verify",
+        "make a data key" => "datakey",
+        "make a wrapped data key" => "datakey-wrapped",
         other => other,
     }
 }

@@ -152,7 +152,7 @@ impl super::KeyEvent {
             seq: u32,
             at: String,
             event: String,
-            from: String,
+            from: Option<String>,
             to: String,
             version: u32,
             reason: Option<String>,
@@ -217,7 +217,7 @@ mod tests {
             seq: 3,
             at: 1_700_000_200,
             event: "rotated".into(),
-            from: "active".into(),
+            from: Some("active".into()),
             to: "active".into(),
             version: 2,
             reason: Some("yearly".into()),
@@ -225,6 +225,18 @@ mod tests {
         assert_eq!(
             super::super::KeyEvent::from_json(&event.to_json()).unwrap(),
             event
+        );
+        // The entry that made a key comes from no state: `null`, read back as none.
+        let first = super::super::KeyEvent {
+            seq: 1,
+            event: "created".into(),
+            from: None,
+            ..event
+        };
+        assert_eq!(first.to_json()["from"], serde_json::Value::Null);
+        assert_eq!(
+            super::super::KeyEvent::from_json(&first.to_json()).unwrap(),
+            first
         );
         assert!(KeyInfo::from_json(&serde_json::json!({"id": 1})).is_err());
     }

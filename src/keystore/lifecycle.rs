@@ -202,6 +202,9 @@ impl PolicyText {
     }
 }
 
+/// The state a key's first history entry is stored as coming from: it had none.
+pub(super) const NO_STATE: &str = "none";
+
 /// One entry of a key's history.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KeyEvent {
@@ -213,8 +216,8 @@ pub struct KeyEvent {
     /// `activated`, `compromised`, `destroy-scheduled`, `destroy-cancelled`, `destroying`,
     /// `destroyed`, `policy-changed`.
     pub event: String,
-    /// The state before.
-    pub from: String,
+    /// The state before; `None` for the entry that made the key (`created`, `imported`).
+    pub from: Option<String>,
     /// The state after.
     pub to: String,
     /// The current version after it.
@@ -867,7 +870,8 @@ impl Keystore {
                 seq: row.seq,
                 at: row.at,
                 event: row.event,
-                from: row.from_state,
+                // Stored as `none` (under the row's MAC): no state, said as such.
+                from: Some(row.from_state).filter(|s| s != NO_STATE),
                 to: row.to_state,
                 version: row.version,
                 reason: row.reason,

@@ -81,6 +81,14 @@ pub struct KeyRequest {
     pub backend: Option<String>,
 }
 
+impl KeyRequest {
+    /// The backend the key is asked of: the one named, else `software` (a backend configured
+    /// with `fallback = "software"` may still have it made in software).
+    pub fn backend_name(&self) -> &str {
+        self.backend.as_deref().unwrap_or(SoftwareBackend::NAME)
+    }
+}
+
 /// What the keystore tells about a key: everything but its material.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KeyInfo {
@@ -433,7 +441,7 @@ impl Keystore {
         validate_name("namespace", &request.namespace)?;
         validate_name("key name", &request.name)?;
         let schedule = Self::check_schedule(options)?;
-        let asked = request.backend.as_deref().unwrap_or(SoftwareBackend::NAME);
+        let asked = request.backend_name();
         let spec = request.spec;
         let (mut backend, mut fallback) = self.choose_backend(asked, &spec)?;
         let (uuid, label) = Self::new_identity(request)?;
@@ -542,7 +550,7 @@ impl Keystore {
         let inserted = self.store.write(|tx| {
             tx.insert_key(&record)?;
             let none = KeyRecord {
-                state: "none".into(),
+                state: lifecycle::NO_STATE.into(),
                 ..record.clone()
             };
             self.record_event(tx, &none, &record, event, None)?;

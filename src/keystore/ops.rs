@@ -14,6 +14,9 @@ use crate::key::{Algorithm, KeyState, KeyUse, Purpose, SignatureFormat};
 use crate::public_key::PublicKey;
 use crate::secret::SecretBytes;
 
+/// The bytes of a data key ([`Keystore::data_key_with`]): AES-256.
+const DATA_KEY_BYTES: usize = 32;
+
 /// How a caller wants a key used, beyond the operation itself.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 #[non_exhaustive]
@@ -341,6 +344,37 @@ impl Keystore {
         self.act(id, need, options, |resolved| {
             check_input(plaintext, "encrypt")?;
             self.encrypt_resolved(resolved, plaintext, aad)
+        })
+    }
+
+    /// A fresh data key (AES-256, 32 bytes from aws-lc's generator) and its envelope under the
+    /// key `id`, with `aad` (envelope encryption, as AWS KMS's `GenerateDataKey`): the key is
+    /// checked as for [`Self::encrypt_with`], and the use is audited as `datakey`, or as
+    /// `datakey-wrapped` when `wrapped_only` says the caller keeps the envelope only.
+    ///
+    /// # Errors
+    /// As [`Self::encrypt`].
+    pub fn data_key_with(
+        &self,
+        id: &str,
+        aad: &[u8],
+        wrapped_only: bool,
+        options: &UseOptions,
+    ) -> Result<Used<(SecretBytes, Vec<u8>)>> {
+        // The names of the service's operations, which the audit log takes as they are (and a
+        // refused data key says "it cannot make a data key").
+        let operation = if wrapped_only {
+            "make a wrapped data key"
+        } else {
+            "make a data key"
+        };
+        let need = Need::envelope(KeyUse::Protect, operation);
+        self.act(id, need, options, |resolved| {
+            let mut key = SecretBytes::zeroed(DATA_KEY_BYTES);
+            aws_lc_rs::rand::fill(key.expose_mut())
+                .map_err(|_| Error::crypto("make a data key"))?;
+            let (envelope, version) = self.encrypt_resolved(resolved, key.expose(), aad)?;
+            Ok(((key, envelope), version))
         })
     }
 

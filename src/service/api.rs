@@ -18,6 +18,8 @@ pub struct ApiError {
     message: String,
     /// `Retry-After`, in seconds, for a refusal that ends.
     retry_after: Option<u64>,
+    /// `Allow`, for a method the path does not take, when the router cannot say it.
+    allow: Option<&'static str>,
 }
 
 impl ApiError {
@@ -28,6 +30,7 @@ impl ApiError {
             code,
             message,
             retry_after: None,
+            allow: None,
         }
     }
 
@@ -38,6 +41,7 @@ impl ApiError {
             code: "unauthenticated",
             message: "this connection is no client of the service".into(),
             retry_after: None,
+            allow: None,
         }
     }
 
@@ -48,6 +52,7 @@ impl ApiError {
             code: "forbidden",
             message,
             retry_after: None,
+            allow: None,
         }
     }
 
@@ -58,6 +63,7 @@ impl ApiError {
             code: "no_such_key",
             message: "no such key".into(),
             retry_after: None,
+            allow: None,
         }
     }
 
@@ -68,6 +74,7 @@ impl ApiError {
             code: "invalid_input",
             message,
             retry_after: None,
+            allow: None,
         }
     }
 
@@ -78,6 +85,7 @@ impl ApiError {
             code: "no_such_endpoint",
             message,
             retry_after: None,
+            allow: None,
         }
     }
 
@@ -94,6 +102,7 @@ impl ApiError {
             code: "invalid_input",
             message: format!("the request's JSON body: {e}"),
             retry_after: None,
+            allow: None,
         }
     }
 
@@ -126,6 +135,7 @@ impl ApiError {
             },
             message,
             retry_after: None,
+            allow: None,
         }
     }
 
@@ -136,6 +146,33 @@ impl ApiError {
             code: "method_not_allowed",
             message: "this path does not take that method (docs/service.md)".into(),
             retry_after: None,
+            allow: None,
+        }
+    }
+
+    /// 405 on a path that takes `allow` only (`POST`, `GET,HEAD`), said in `Allow`: for the
+    /// paths the router cannot tell apart (`/v1/keys/{id}/{what}`).
+    pub fn method_not_allowed_but(allow: &'static str) -> Self {
+        Self {
+            status: StatusCode::METHOD_NOT_ALLOWED,
+            code: "method_not_allowed",
+            message: format!(
+                "this path takes {} only (docs/service.md)",
+                allow.replace(',', " and ")
+            ),
+            retry_after: None,
+            allow: Some(allow),
+        }
+    }
+
+    /// 422: a body that is JSON of the wrong shape (a field missing, of the wrong type).
+    pub fn unprocessable(message: String) -> Self {
+        Self {
+            status: StatusCode::UNPROCESSABLE_ENTITY,
+            code: "invalid_input",
+            message,
+            retry_after: None,
+            allow: None,
         }
     }
 
@@ -147,6 +184,7 @@ impl ApiError {
             code: "rate_limited",
             message,
             retry_after: Some(retry_after),
+            allow: None,
         }
     }
 
@@ -157,6 +195,7 @@ impl ApiError {
             code: "internal",
             message,
             retry_after: None,
+            allow: None,
         }
     }
 }
@@ -188,6 +227,7 @@ impl From<Error> for ApiError {
             code: e.kind(),
             message: e.to_string(),
             retry_after: None,
+            allow: None,
         }
     }
 }
@@ -201,34 +241,48 @@ impl IntoResponse for ApiError {
                 axum::http::HeaderValue::from(secs),
             );
         }
+        if let Some(allow) = self.allow {
+            response.headers_mut().insert(
+                axum::http::header::ALLOW,
+                axum::http::HeaderValue::from_static(allow),
+            );
+        }
         response
     }
 }
 
-/// A JSON body whose refusals (malformed, wrong types, unknown fields, too large, not JSON) are
-/// answered as every error is, with axum's status and message.
+/// A request without query parameters: one given is 400 naming it, for a path that takes none
+/// (a parameter is refused, never ignored).
 #[derive(Debug)]
-pub struct Body<T>(pub T);
+pub struct NoQuery;
 
-impl<S, T> axum::extract::FromRequest<S> for Body<T>
-where
-    S: Send + Sync,
-    T: serde::de::DeserializeOwned,
-{
+impl<S: Send + Sync> axum::extract::FromRequestParts<S> for NoQuery {
     type Rejection = ApiError;
 
-    async fn from_request(
-        request: axum::extract::Request,
-        state: &S,
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        _state: &S,
     ) -> Result<Self, Self::Rejection> {
-        match Json::<T>::from_request(request, state).await {
-            Ok(Json(value)) => Ok(Self(value)),
-            Err(rejection) => Err(ApiError::rejection(
-                rejection.status(),
-                rejection.body_text(),
-            )),
-        }
+        no_query(parts.uri.query()).map(|()| Self)
     }
+}
+
+/// `Ok` for no query (or an empty one), else 400 naming its first parameter.
+pub fn no_query(query: Option<&str>) -> Result<(), ApiError> {
+    let names: Vec<(String, String)> = serde_urlencoded::from_str(query.unwrap_or(""))
+        .map_err(|e| ApiError::bad_request(format!("the query string: {e}")))?;
+    match names.first() {
+        None => Ok(()),
+        Some((name, _)) => Err(ApiError::bad_request(format!(
+            "`{name}` is not a query parameter of this path: it takes none"
+        ))),
+    }
+}
+
+/// The query parameters as `T` (which refuses unknown ones): 400 naming what is wrong.
+pub fn query<T: serde::de::DeserializeOwned>(query: Option<&str>) -> Result<T, ApiError> {
+    serde_urlencoded::from_str(query.unwrap_or(""))
+        .map_err(|e| ApiError::bad_request(format!("the query string: {e}")))
 }
 
 /// The parameters of a path (`{id}`, `{id}/{what}`); a path that cannot be read is answered as

@@ -15,6 +15,7 @@ use super::routes::State;
 use super::token::{self, Limiter};
 use crate::config::{ClientConfig, Config, Operation};
 use crate::error::Result;
+use crate::keystore::TokenClient;
 
 /// How a connection came, as the kernel or the TLS handshake says; every request of the
 /// connection carries it.
@@ -122,9 +123,11 @@ impl Clients {
         Client::with_gate(name, grant, busy)
     }
 
-    /// The configured clients as `GET /v1/clients` lists them: name, how a connection is known
-    /// as it, namespaces and operations (`null`: every one but `admin` and `metrics`).
-    pub fn to_json(&self) -> serde_json::Value {
+    /// The configured clients and the token clients `tokens` as `GET /v1/clients` lists them, by
+    /// name: how each authenticates (`uid`, `tls_name`, `token`), its uid and certificate name,
+    /// namespaces, operations (`null`: every one but `admin` and `metrics`), and when a token
+    /// client was added. Never a token or its hash: the store gives neither.
+    pub fn to_json(&self, tokens: &[TokenClient]) -> serde_json::Value {
         let mut clients: Vec<&Arc<Client>> = self
             .by_uid
             .values()
@@ -132,7 +135,25 @@ impl Clients {
             .collect();
         clients.sort_by(|a, b| a.name.cmp(&b.name));
         clients.dedup_by(|a, b| Arc::ptr_eq(a, b));
-        serde_json::Value::Array(clients.into_iter().map(|c| c.to_json()).collect())
+        let mut all: Vec<(&str, serde_json::Value)> = clients
+            .into_iter()
+            .map(|c| (c.name.as_str(), c.to_json()))
+            .collect();
+        all.extend(tokens.iter().map(|t| {
+            let json = serde_json::json!({
+                "name": t.name,
+                "authenticates_by": ["token"],
+                "uid": null,
+                "tls_name": null,
+                "namespaces": t.grant.namespaces,
+                "operations": operation_names(t.grant.operations.as_deref()),
+                "added": crate::time::format_utc(t.created_at),
+            });
+            (t.name.as_str(), json)
+        }));
+        // Stable: a token client named as a configured one (refused, see token.rs) comes after it.
+        all.sort_by(|a, b| a.0.cmp(b.0));
+        serde_json::Value::Array(all.into_iter().map(|(_, json)| json).collect())
     }
 }
 
@@ -190,17 +211,30 @@ impl Client {
         &self.grant.namespaces
     }
 
+    /// A configured client as `GET /v1/clients` lists it.
     fn to_json(&self) -> serde_json::Value {
+        let by: Vec<&str> = [
+            self.grant.uid.map(|_| "uid"),
+            self.grant.tls_name.as_ref().map(|_| "tls_name"),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
         serde_json::json!({
             "name": self.name,
+            "authenticates_by": by,
             "uid": self.grant.uid,
             "tls_name": self.grant.tls_name,
             "namespaces": self.grant.namespaces,
-            "operations": self.grant.operations.as_ref().map(|ops| {
-                ops.iter().map(|op| op.as_str()).collect::<Vec<_>>()
-            }),
+            "operations": operation_names(self.grant.operations.as_deref()),
+            "added": null,
         })
     }
+}
+
+/// The names of `operations` (`None`: the default grant, said `null`).
+fn operation_names(operations: Option<&[Operation]>) -> Option<Vec<&'static str>> {
+    operations.map(|ops| ops.iter().map(|op| op.as_str()).collect())
 }
 
 /// A client's turn: one of its `max_concurrent` permits, held by its request until the work it

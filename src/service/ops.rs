@@ -17,9 +17,6 @@ use crate::key::KeyState;
 use crate::keystore::{Keystore, PolicyText, Transition, UseOptions, Used};
 use crate::SignatureFormat;
 
-/// The bytes of a data key: AES-256.
-const DATA_KEY_BYTES: usize = 32;
-
 /// How long `destroy` waits unless told (as `keyhold key destroy`).
 const DEFAULT_DESTROY_AFTER: &str = "7d";
 
@@ -176,11 +173,12 @@ impl Action {
             Self::Datakey | Self::DatakeyWrapped => {
                 let body: DatakeyBody = input.parse()?;
                 let aad = body.aad.decode("aad")?;
-                let key = Zeroizing::new(crate::keystore::random_bytes(DATA_KEY_BYTES)?);
-                let used = ks.encrypt_with(id, &key, &aad, &UseOptions::new())?;
-                let mut answer = with_use(&used, "envelope", &b64(&used.output));
-                if self == Self::Datakey {
-                    let text = Zeroizing::new(b64(&key));
+                let wrapped_only = self == Self::DatakeyWrapped;
+                let used = ks.data_key_with(id, &aad, wrapped_only, &UseOptions::new())?;
+                let (key, envelope) = &used.output;
+                let mut answer = with_use(&used, "envelope", &b64(envelope));
+                if !wrapped_only {
+                    let text = Zeroizing::new(b64(key.expose()));
                     answer["plaintext"] = Value::String(text.as_str().to_owned());
                 }
                 Ok(answer)

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use axum::extract::{DefaultBodyLimit, FromRequest, Query, Request};
+use axum::extract::{DefaultBodyLimit, FromRequest, Query, RawPathParams, RawQuery, Request};
 use axum::http::{header, StatusCode};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -16,7 +16,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 use tokio::sync::Semaphore;
 
-use super::api::{b64, ApiError, Body, PathOf};
+use super::api::{b64, ApiError, NoQuery, PathOf};
 use super::auth::{Caller, Clients};
 use super::metrics::Metrics;
 use super::ops::{Action, Input};
@@ -122,6 +122,7 @@ pub fn router(state: State) -> Router {
         .route("/v1/health", get(health))
         .route("/v1/metrics", get(metrics))
         .route("/v1/clients", get(clients))
+        .route("/v1/namespaces", get(namespaces))
         .route("/v1/keys", get(list).post(create))
         .route("/v1/keys/{id}", get(show))
         .route("/v1/keys/{id}/{what}", get(read).post(act))
@@ -139,13 +140,40 @@ pub fn router(state: State) -> Router {
             },
         )
         .method_not_allowed_fallback(
-            |caller: Result<Caller, ApiError>, request: Request| async move {
-                let e = caller.err().unwrap_or_else(ApiError::method_not_allowed);
+            |caller: Result<Caller, ApiError>,
+             params: Result<RawPathParams, axum::extract::rejection::RawPathParamsRejection>,
+             request: Request| async move {
+                let e = caller
+                    .err()
+                    .unwrap_or_else(|| method_not_allowed(params.ok().as_ref()));
                 refuse(request, e).await
             },
         )
         .layer(DefaultBodyLimit::max(super::MAX_BODY))
         .with_state(state)
+}
+
+/// A method the path does not take: 405; on `/v1/keys/{id}/{what}`, which the router serves
+/// with both methods, with the one `what` takes in `Allow` (or 404 for a `what` the service does
+/// not have); elsewhere the router says `Allow`.
+fn method_not_allowed(params: Option<&RawPathParams>) -> ApiError {
+    let what = params.and_then(|p| p.iter().find(|(name, _)| *name == "what"));
+    match what {
+        Some((_, what)) => match key_path_allows(what) {
+            Ok(allow) => ApiError::method_not_allowed_but(allow),
+            Err(e) => e,
+        },
+        None => ApiError::method_not_allowed(),
+    }
+}
+
+/// The methods `/v1/keys/{id}/{what}` takes (`Allow`): `GET` for a key's readable parts, `POST`
+/// for its actions; 404 for a `what` the service does not have.
+fn key_path_allows(what: &str) -> Result<&'static str, ApiError> {
+    match what {
+        "public" | "history" => Ok("GET,HEAD"),
+        action => Action::parse(action).map(|_| "POST"),
+    }
 }
 
 /// Runs `op` on the keystore on the blocking pool, behind `backend`'s gate (if any), on behalf
@@ -259,6 +287,7 @@ fn authorize(
 async fn health(
     axum::extract::State(state): axum::extract::State<State>,
     client: Caller,
+    _: NoQuery,
 ) -> Answer {
     let verified = *state
         .verified
@@ -281,6 +310,7 @@ async fn health(
 async fn metrics(
     axum::extract::State(state): axum::extract::State<State>,
     client: Caller,
+    _: NoQuery,
 ) -> Result<(StatusCode, [(header::HeaderName, &'static str); 1], String), ApiError> {
     client.may(Operation::Metrics)?;
     Ok((
@@ -290,12 +320,47 @@ async fn metrics(
     ))
 }
 
+/// `GET /v1/clients` (admin): the configured clients and the store's token clients.
 async fn clients(
     axum::extract::State(state): axum::extract::State<State>,
     client: Caller,
+    _: NoQuery,
 ) -> Answer {
     client.may(Operation::Admin)?;
-    Ok(Json(state.clients.to_json()))
+    let tokens = run(&state, &client, "clients", None, |ks| Ok(ks.clients()?)).await?;
+    Ok(Json(state.clients.to_json(&tokens)))
+}
+
+/// `GET /v1/namespaces` (admin): every namespace that holds a key (destroyed ones too), by name,
+/// with its count of keys, destroyed ones apart:
+/// `[{"namespace":NS,"keys":N,"destroyed":M}, …]`. Every record's MAC is checked, as a listing's.
+async fn namespaces(
+    axum::extract::State(state): axum::extract::State<State>,
+    client: Caller,
+    _: NoQuery,
+) -> Answer {
+    client.may(Operation::Admin)?;
+    let counts = run(&state, &client, "namespaces", None, |ks| {
+        let mut counts = std::collections::BTreeMap::<String, (u64, u64)>::new();
+        for key in ks.list_all_keys(None)? {
+            let (live, destroyed) = counts.entry(key.namespace).or_default();
+            if key.state == crate::KeyState::Destroyed {
+                *destroyed += 1;
+            } else {
+                *live += 1;
+            }
+        }
+        Ok(counts)
+    })
+    .await?;
+    Ok(Json(Value::Array(
+        counts
+            .into_iter()
+            .map(|(namespace, (keys, destroyed))| {
+                json!({ "namespace": namespace, "keys": keys, "destroyed": destroyed })
+            })
+            .collect(),
+    )))
 }
 
 #[derive(Debug, Deserialize)]
@@ -410,15 +475,17 @@ async fn create(
     request: Request,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
     let (client, request) = granted(caller, request, Some(Operation::Create)).await?;
-    let Body(body) = Body::<CreateBody>::from_request(request, &state).await?;
+    // Read as a key action's body: an empty one is `{}` (and so lacks the required fields).
+    let body: CreateBody = Input::Bytes(&json_bytes(request, &state).await?).parse()?;
     if !client.sees(&body.namespace) {
         return Err(ApiError::forbidden(format!(
             "client `{}` may not make keys in namespace `{}`",
             client.name, body.namespace
         )));
     }
-    let backend = body.backend.as_deref().and_then(|b| state.backend(b));
     let (request, options) = body.request(crate::time::now())?;
+    // The backend the keystore is asked of, named or not: its gate, as every call on it.
+    let backend = state.backend(request.backend_name());
     let info = run(&state, &client, "create", backend, move |ks| {
         Ok(ks.create_key_with(&request, &options)?)
     })
@@ -430,6 +497,7 @@ async fn show(
     axum::extract::State(state): axum::extract::State<State>,
     client: Caller,
     PathOf(id): PathOf<String>,
+    _: NoQuery,
 ) -> Answer {
     let backend = authorize(&state, &client, Operation::Show, &id)?;
     let info = run(&state, &client, "show", backend, move |ks| {
@@ -445,16 +513,17 @@ struct ReadQuery {
     version: Option<u32>,
 }
 
-/// `GET /v1/keys/{id}/public[?version=N]` and `GET /v1/keys/{id}/history`.
+/// `GET /v1/keys/{id}/public[?version=N]` and `GET /v1/keys/{id}/history` (no query); a key
+/// action is 405 (`Allow: POST`).
 async fn read(
     axum::extract::State(state): axum::extract::State<State>,
     client: Caller,
     PathOf((id, what)): PathOf<(String, String)>,
-    query: Result<Query<ReadQuery>, axum::extract::rejection::QueryRejection>,
+    RawQuery(raw): RawQuery,
 ) -> Answer {
-    let Query(query) = query.map_err(|e| ApiError::bad_request(e.body_text()))?;
     match what.as_str() {
         "public" => {
+            let query: ReadQuery = super::api::query(raw.as_deref())?;
             let backend = authorize(&state, &client, Operation::Pubkey, &id)?;
             let key = run(&state, &client, "pubkey", backend, move |ks| {
                 Ok(ks.public_key_version(&id, query.version)?)
@@ -468,6 +537,7 @@ async fn read(
             })))
         }
         "history" => {
+            super::api::no_query(raw.as_deref())?;
             let backend = authorize(&state, &client, Operation::History, &id)?;
             let events = run(&state, &client, "history", backend, move |ks| {
                 Ok(ks.history(&id)?)
@@ -477,9 +547,12 @@ async fn read(
                 events.iter().map(crate::KeyEvent::to_json).collect(),
             )))
         }
-        other => Err(ApiError::no_endpoint(format!(
-            "GET /v1/keys/ID/{other}: a key's readable parts are `public` and `history`"
-        ))),
+        other => Err(match key_path_allows(other) {
+            Ok(allow) => ApiError::method_not_allowed_but(allow),
+            Err(_) => ApiError::no_endpoint(format!(
+                "GET /v1/keys/ID/{other}: a key's readable parts are `public` and `history`"
+            )),
+        }),
     }
 }
 
@@ -491,7 +564,12 @@ async fn act(
     request: Request,
 ) -> Answer {
     let (client, request) = granted(caller, request, None).await?;
-    let checked = Action::parse(&action).and_then(|action| {
+    let parsed = Action::parse(&action).map_err(|e| match key_path_allows(&action) {
+        // A readable part: it is there, for GET.
+        Ok(allow) => ApiError::method_not_allowed_but(allow),
+        Err(_) => e,
+    });
+    let checked = parsed.and_then(|action| {
         let backend = authorize(&state, &client, action.operation(), &id)?;
         Ok((action, backend))
     });
@@ -706,6 +784,12 @@ fn batch_items(body: &[u8]) -> Result<Vec<Result<Item, ApiError>>, ApiError> {
         key: Option<String>,
     }
 
+    // An empty body is `{}`, as a key action's: it lacks `operations`.
+    let body: &[u8] = if body.iter().all(u8::is_ascii_whitespace) {
+        b"{}"
+    } else {
+        body
+    };
     let batch: Batch<'_> = serde_json::from_slice(body).map_err(|e| ApiError::body(&e))?;
     let base = body.as_ptr() as usize;
     Ok(batch
@@ -717,9 +801,10 @@ fn batch_items(body: &[u8]) -> Result<Vec<Result<Item, ApiError>>, ApiError> {
             // The operation's text is a slice of the body: its place in it.
             let start = (text.as_ptr() as usize).saturating_sub(base);
             let head: Head = serde_json::from_str(text).map_err(|e| ApiError::body(&e))?;
+            // As a request's body without a required field: JSON of the wrong shape.
             let need = |field: Option<String>, name: &str| {
                 field.ok_or_else(|| {
-                    ApiError::bad_request(format!(
+                    ApiError::unprocessable(format!(
                         "each operation of a batch needs `{name}`, a string"
                     ))
                 })
@@ -753,7 +838,7 @@ async fn random(
     request: Request,
 ) -> Answer {
     let (_, request) = granted(caller, request, Some(Operation::Random)).await?;
-    let Body(body) = Body::<RandomBody>::from_request(request, &state).await?;
+    let body: RandomBody = Input::Bytes(&json_bytes(request, &state).await?).parse()?;
     let data = crate::keystore::random_bytes(body.bytes)?;
     Ok(Json(json!({ "data": b64(&data) })))
 }
