@@ -123,19 +123,29 @@ fn remote_mode_runs_key_and_cryptographic_commands_through_the_service() {
     let lines = audit_lines(&env);
     let client = format!(" client={} ", support::remote::CLIENT);
     let by_client: Vec<&String> = lines.iter().filter(|l| l.contains(&client)).collect();
-    assert_eq!(by_client.len(), 2, "create and sign by the client: {lines:#?}");
+    assert_eq!(
+        by_client.len(),
+        2,
+        "create and sign by the client: {lines:#?}"
+    );
     assert!(
         by_client[0].contains(" create ") && by_client[1].contains(" sign "),
         "{by_client:#?}"
     );
     // key show and list are not audited; create's and sign's entries are the only ones.
     assert!(
-        lines.iter().all(|l| l.contains(&client) || l.contains(" init ")),
+        lines
+            .iter()
+            .all(|l| l.contains(&client) || l.contains(" init ")),
         "nothing else was audited, and nothing by the service without its client: {lines:#?}"
     );
     // `audit show` and the local commands stopped the service; a key command restarts it.
     let second = env.create_key("after", "ed25519", &[]);
-    assert_eq!(env.remote_starts(), 2, "started again after the local commands");
+    assert_eq!(
+        env.remote_starts(),
+        2,
+        "started again after the local commands"
+    );
     let last = audit_lines(&env).pop().unwrap();
     assert!(
         last.contains(" create ") && last.contains(&client) && last.contains(&second),

@@ -256,7 +256,7 @@ impl Env {
         #[cfg(feature = "serve")]
         if let Some(remote) = &self.remote {
             if !super::remote::may_run_remotely(args) {
-                remote.stop();
+                remote.stop(&self.store);
             }
         }
         let mut cmd = self.clean(cmd);
@@ -274,7 +274,7 @@ impl Env {
     pub fn run_cmd(&self, mut cmd: Command, stdin: Option<&[u8]>) -> Output {
         // Held while the command runs: the service stays up for it.
         #[cfg(feature = "serve")]
-        let _route = self.route(&mut cmd);
+        let route = self.route(&mut cmd);
         #[cfg(not(feature = "serve"))]
         let _ = &mut cmd;
         let mut secrets = self.secrets.clone();
@@ -287,6 +287,21 @@ impl Env {
         let line = command_line(&cmd);
         let out = run_command_timeout(cmd, stdin, self.timeout);
         assert_no_secrets(&out, &secrets, &line);
+        // Through the service, the secrets it holds must stay out of its own log too.
+        #[cfg(feature = "serve")]
+        if let (Some(super::remote::Route::Remote(address, state)), Some(remote)) =
+            (&route, &self.remote)
+        {
+            remote.settled(state, &self.store);
+            let log = remote.log();
+            for secret in &secrets {
+                assert!(
+                    !contains(log.as_bytes(), secret.as_bytes()),
+                    "`{line}`: a secret it was given appears in the log of `keyhold serve` at \
+                     {address}:\n{log}"
+                );
+            }
+        }
         out
     }
 
@@ -295,30 +310,27 @@ impl Env {
     fn route(&self, cmd: &mut Command) -> Option<super::remote::Route<'_>> {
         let remote = self.remote.as_ref()?;
         let mut base = vec![
-            (
-                "PATH".to_owned(),
-                std::env::var("PATH").unwrap_or_default(),
-            ),
+            ("PATH".to_owned(), std::env::var("PATH").unwrap_or_default()),
             (
                 "HOME".to_owned(),
-                self.dir.path().to_str().expect("temp paths are UTF-8").to_owned(),
+                self.dir
+                    .path()
+                    .to_str()
+                    .expect("temp paths are UTF-8")
+                    .to_owned(),
             ),
         ];
         if let Some(pass) = &self.passphrase {
             base.push(("KEYHOLD_PASSPHRASE".to_owned(), pass.clone()));
         }
         base.extend(self.vars.iter().cloned());
-        Some(remote.route(
-            cmd,
-            &base,
-            &self.store,
-            self.config.as_deref(),
-            || {
+        Some(
+            remote.route(cmd, &base, &self.store, self.config.as_deref(), || {
                 let mut serve = self.bare_command();
                 serve.arg("--store").arg(&self.store);
                 serve
-            },
-        ))
+            }),
+        )
     }
 
     /// Runs keyhold with `args` after `--store`, feeding `stdin`.

@@ -7,23 +7,35 @@
 //!
 //! - The service starts at the Env's first remote command, with the Env's store, passphrase and
 //!   variables, and the Env's configuration plus one client (`[clients.harness]`, this user,
-//!   every operation, the namespaces the Env's commands named so far); the command gets
+//!   every operation but `admin` and `metrics`, the namespaces the Env's commands named so far); the command gets
 //!   `KEYHOLD_REMOTE=unix:SOCKET` (the documented default of `--remote`, for those commands
 //!   only). It is stopped (SIGTERM, so backends close cleanly) when the Env drops.
 //! - Before any other command of the Env runs, the service is stopped, and it starts again at the
 //!   next remote command: the command may write the store (init, reseal, restore, recovery,
 //!   maintain, backup, key import…) or need a device the service holds open (a TPM, a token
-//!   session), and one service that was started on the store as it is now is the same as the
-//!   store for a client. Stopping before rather than after also keeps the two from ever running
-//!   at once. A new configuration text or a new namespace restarts it too.
+//!   session), and a service started on the store as it is now is, to a client, the same as
+//!   the store. Stopping before rather than after also keeps the two from ever running at once,
+//!   and flushes the key uses the service buffers for the audit log (`[audit] flush_ms`) before
+//!   a command here reads it. A new configuration text or a new namespace restarts it too.
+//! - A store changed behind the service's back (a test that edits, deletes or copies back its
+//!   files: each file's length, mtime and inode differ from when the service last left it)
+//!   restarts the service at the next remote command. A service that cannot open the store, then
+//!   or at any start (a record that fails its MAC, a wrong passphrase after a reseal, a TPM gone
+//!   or busy, PCRs changed), lets that command run here, which is what the test is about (said
+//!   on the test's stderr, and counted apart in the statistics below); before a command
+//!   here, such a service is killed rather than stopped, so that the key uses it still buffers
+//!   are not written over the change (run here, they would have been in the files before it).
 //! - A command whose test shows what only a process holding the store can show runs locally:
 //!   another program than keyhold (a pty, setsid), flags that point elsewhere or change how the
 //!   store is unlocked or logged (`--store`, `--config`, `--passphrase-file`, `--remote`,
 //!   `--token-file`, `-v`), a variable set for that command only (a wrong or new passphrase,
-//!   a fault point, another sealer or PIN, logging), a store not made yet, a configuration
-//!   keyhold does not load (the test is about its error) or that has its own `[clients.*]` (the
-//!   test runs its own service), or an Env that opted out with
-//!   [`super::env::Env::local_only`].
+//!   a fault point, another sealer or PIN, logging), an Env whose commands log (`RUST_LOG`: the
+//!   test reads each command's own log), a store not made yet, a configuration keyhold does not
+//!   load (the test is about its error) or that has its own `[clients.*]` (the test runs its own
+//!   service), or an Env that opted out with [`super::env::Env::local_only`], saying why.
+//! - Through the service, the Env's secrets must not reach the service's log either.
+//! - `KEYHOLD_TEST_REMOTE_STATS=FILE` appends, per Env, how many commands ran through the
+//!   service and how many here, by reason.
 
 use std::collections::BTreeSet;
 use std::ffi::OsStr;
@@ -38,6 +50,10 @@ use tempfile::TempDir;
 
 /// The variable that turns remote mode on for every Env.
 pub const VAR: &str = "KEYHOLD_TEST_REMOTE";
+
+/// A file to which each Env appends how many of its commands ran through the service and how
+/// many here, by reason (to see what remote mode covers).
+pub const STATS_VAR: &str = "KEYHOLD_TEST_REMOTE_STATS";
 
 /// The name of the harness's client in the service's configuration (the audit log's `client=`).
 pub const CLIENT: &str = "harness";
@@ -88,10 +104,48 @@ struct Wanted {
     namespaces: BTreeSet<String>,
 }
 
-struct Running {
+pub struct Running {
     child: Child,
     socket: PathBuf,
     wanted: Wanted,
+    /// The store's files as the service left them: another change is one made behind its back.
+    seen: std::sync::Mutex<Fingerprint>,
+}
+
+/// Each file under a store: its length, modification time and inode.
+type Fingerprint = std::collections::BTreeMap<PathBuf, (u64, i64, i64, u64)>;
+
+fn fingerprint(store: &Path) -> Fingerprint {
+    fn walk(dir: &Path, out: &mut Fingerprint) {
+        use std::os::unix::fs::MetadataExt;
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            let Ok(meta) = std::fs::symlink_metadata(&path) else {
+                continue;
+            };
+            if meta.is_dir() {
+                walk(&path, out);
+            } else {
+                out.insert(
+                    path,
+                    (meta.len(), meta.mtime(), meta.mtime_nsec(), meta.ino()),
+                );
+            }
+        }
+    }
+    let mut out = Fingerprint::new();
+    walk(store, &mut out);
+    out
+}
+
+impl Running {
+    fn current(&self, wanted: &Wanted, store: &Path) -> bool {
+        self.wanted == *wanted
+            && *self.seen.lock().unwrap_or_else(|e| e.into_inner()) == fingerprint(store)
+    }
 }
 
 #[derive(Default)]
@@ -108,6 +162,8 @@ pub struct Remote {
     state: RwLock<State>,
     /// Why the Env's commands all run locally, if a test said so.
     local_only: Option<&'static str>,
+    /// How many commands ran where, and why here: for `KEYHOLD_TEST_REMOTE_STATS`.
+    counts: std::sync::Mutex<std::collections::BTreeMap<&'static str, usize>>,
 }
 
 impl std::fmt::Debug for Remote {
@@ -148,6 +204,7 @@ impl Remote {
             dir,
             state: RwLock::new(State::default()),
             local_only: None,
+            counts: std::sync::Mutex::default(),
         }
     }
 
@@ -174,10 +231,19 @@ impl Remote {
     }
 
     /// Stops the service, if one runs: another command is about to run on the store here.
-    pub fn stop(&self) {
+    /// If the store changed behind the service's back (the test changed its files), the service
+    /// is killed, not asked to stop: the key uses it still buffers for the audit log (written
+    /// within `[audit] flush_ms`) would have been in the files before the change had the
+    /// commands run here, and must not be written over it.
+    pub fn stop(&self, store: &Path) {
         let running = self.write().running.take();
-        if let Some(running) = running {
-            stop(running);
+        if let Some(mut running) = running {
+            if *running.seen.lock().unwrap_or_else(|e| e.into_inner()) != fingerprint(store) {
+                let _ = running.child.kill();
+                let _ = running.child.wait();
+            } else {
+                stop(running);
+            }
         }
     }
 
@@ -197,19 +263,32 @@ impl Remote {
         for ns in namespaces(&args, cmd) {
             self.write().namespaces.insert(ns);
         }
-        let remote = self.local_only.is_none()
-            && cmd.get_program() == OsStr::new(super::env::BIN)
-            && store.join(keyhold::store::DB_FILE).is_file()
-            && own_args(&args, store, config)
-                .and_then(|own| own.iter().map(|a| a.to_str()).collect::<Option<Vec<_>>>())
-                .is_some_and(|own| may_run_remotely(&own))
-            && only_env_vars(cmd, base)
-            && config.is_none_or(|c| {
-                keyhold::config::Config::load(c).is_ok()
-                    && !std::fs::read_to_string(c).is_ok_and(|text| text.contains("[clients."))
-            });
-        if !remote {
-            self.stop();
+        let local = if let Some(why) = self.local_only {
+            Some(why)
+        } else if cmd.get_program() != OsStr::new(super::env::BIN) {
+            Some("another program (a pty, setsid)")
+        } else if !store.join(keyhold::store::DB_FILE).is_file() {
+            Some("no store yet")
+        } else if !own_args(&args, store, config)
+            .and_then(|own| own.iter().map(|a| a.to_str()).collect::<Option<Vec<_>>>())
+            .is_some_and(|own| may_run_remotely(&own))
+        {
+            Some("not a remote command, or a flag of its own")
+        } else if base.iter().any(|(name, _)| name == "RUST_LOG") {
+            Some("the test reads each command's own log (RUST_LOG)")
+        } else if !only_env_vars(cmd, base) {
+            Some("a variable of its own")
+        } else if config.is_some_and(|c| {
+            keyhold::config::Config::load(c).is_err()
+                || std::fs::read_to_string(c).is_ok_and(|text| text.contains("[clients."))
+        }) {
+            Some("a configuration with errors or clients")
+        } else {
+            None
+        };
+        if let Some(why) = local {
+            self.count(why);
+            self.stop(store);
             return Route::Local;
         }
         let config_text = config
@@ -223,9 +302,10 @@ impl Remote {
                     namespaces: state.namespaces.clone(),
                 };
                 if let Some(running) = &state.running {
-                    if running.wanted == wanted {
+                    if running.current(&wanted, store) {
                         let address = format!("unix:{}", running.socket.display());
                         cmd.env("KEYHOLD_REMOTE", &address);
+                        self.count("remote");
                         return Route::Remote(address, state);
                     }
                 }
@@ -235,20 +315,55 @@ impl Remote {
                 config: config_text.clone(),
                 namespaces: state.namespaces.clone(),
             };
-            if state.running.as_ref().is_some_and(|r| r.wanted == wanted) {
+            if state
+                .running
+                .as_ref()
+                .is_some_and(|r| r.current(&wanted, store))
+            {
                 continue;
             }
             if let Some(old) = state.running.take() {
                 stop(old);
             }
-            state.running = Some(self.start(wanted, serve()));
-            state.starts += 1;
+            match self.start(wanted, serve(), store) {
+                Ok(running) => {
+                    state.running = Some(running);
+                    state.starts += 1;
+                }
+                // What the command would find opening the store here (a wrong passphrase, a
+                // store changed behind keyhold's back, a TPM gone or busy, PCRs changed): it is
+                // what the test is about, and only a command run here shows it.
+                Err(why) => {
+                    eprintln!(
+                        "remote test mode: `keyhold serve` could not open the store ({why}): \
+                         this command runs here"
+                    );
+                    self.count("the service cannot open the store");
+                    return Route::Local;
+                }
+            }
         }
+    }
+
+    /// After a command through the service: the store as it left it.
+    pub fn settled(&self, state: &State, store: &Path) {
+        if let Some(running) = &state.running {
+            *running.seen.lock().unwrap_or_else(|e| e.into_inner()) = fingerprint(store);
+        }
+    }
+
+    fn count(&self, what: &'static str) {
+        *self
+            .counts
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(what)
+            .or_default() += 1;
     }
 
     /// Starts `keyhold serve` (`serve`) on a socket in the harness's directory, with the Env's
     /// configuration and the harness's client, and waits until it answers.
-    fn start(&self, wanted: Wanted, mut serve: Command) -> Running {
+    fn start(&self, wanted: Wanted, mut serve: Command, store: &Path) -> Result<Running, String> {
         let dir = self.dir.path();
         let socket = dir.join("s.sock");
         let _ = std::fs::remove_file(&socket);
@@ -285,11 +400,11 @@ impl Remote {
         let deadline = Instant::now() + Duration::from_secs(60);
         while UnixStream::connect(&socket).is_err() {
             if let Some(status) = child.try_wait().expect("wait for keyhold serve") {
-                panic!(
-                    "remote test mode: `keyhold serve` on the test's store ended ({status}) before \
-                     it listened; its log:\n{}",
-                    self.log()
-                );
+                let log = self.log();
+                return Err(format!(
+                    "{status}: {}",
+                    log.lines().last().unwrap_or_default()
+                ));
             }
             if Instant::now() > deadline {
                 let _ = child.kill();
@@ -298,11 +413,12 @@ impl Remote {
             }
             std::thread::sleep(Duration::from_millis(10));
         }
-        Running {
+        Ok(Running {
             child,
             socket,
             wanted,
-        }
+            seen: std::sync::Mutex::new(fingerprint(store)),
+        })
     }
 }
 
@@ -310,6 +426,25 @@ impl Drop for Remote {
     fn drop(&mut self) {
         if let Some(running) = self.write().running.take() {
             stop(running);
+        }
+        // One line per Env: the test, then how many of its commands ran where (and why here).
+        if let Some(path) = std::env::var_os(STATS_VAR) {
+            let counts = self.counts.lock().unwrap_or_else(|e| e.into_inner());
+            let line = format!(
+                "{}\tstarts={}\t{}\n",
+                std::thread::current().name().unwrap_or("?"),
+                self.read().starts,
+                counts
+                    .iter()
+                    .map(|(k, v)| format!("{k}={v}"))
+                    .collect::<Vec<_>>()
+                    .join("\t")
+            );
+            let _ = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .and_then(|mut f| std::io::Write::write_all(&mut f, line.as_bytes()));
         }
     }
 }
@@ -432,6 +567,10 @@ fn only_env_vars(cmd: &Command, base: &[(String, String)]) -> bool {
         }
         let value = value.and_then(OsStr::to_str);
         // The last value given for a name is the one the command gets.
-        base.iter().rev().find(|(n, _)| n == name).map(|(_, v)| v.as_str()) == value
+        base.iter()
+            .rev()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+            == value
     })
 }
