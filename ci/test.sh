@@ -82,6 +82,11 @@ step "tests-minimal" cargo nextest run --no-default-features --profile ci --lib 
   --test built_without --test keystore --test conformance
 # Benches are measurements (cargo bench), not tests: leave them out of the test run.
 step "tests" cargo nextest run --all-features --lib --bins --tests --profile ci
+# The command-line tests again, with their key and cryptographic commands through a real
+# `keyhold serve` on each test's store (tests/support/remote.rs; issue 12: the remote CLI gives
+# the same output and exit codes). The other commands run here, as in the step above.
+step "tests-remote" env KEYHOLD_TEST_REMOTE=1 cargo nextest run --all-features --profile ci \
+  -E 'binary(/^cli_/)'
 step "doctests" cargo test --doc --all-features
 step "systemd-units" verify_systemd_units
 

@@ -82,6 +82,9 @@ fn run_with_pid(env: &Env, args: &[&str], stdin: &[u8]) -> (std::process::Output
 #[test]
 fn every_use_and_lifecycle_change_is_recorded_as_it_happened() {
     let env = Env::init().with_secret(PLAINTEXT);
+    // Here even in remote mode: it checks that each entry's caller is the command's own process,
+    // and through `keyhold serve` the caller is the service's process (the client is `client=`).
+    let env = env.local_only("each entry's caller pid is the command's process");
     let signer = env.create_key("signer", "ed25519", &[]);
     let aes = env.create_key("vault", "aes-256-gcm", &[]);
     let mac = env.create_key("hooks", "hmac-sha256", &["--namespace", "team-a"]);

@@ -19,6 +19,9 @@ fn assert_read_from(o: &std::process::Output, path: &std::path::Path) {
 #[test]
 fn configuration_file_default_locations_and_where_they_were_looked_for() {
     let env = Env::init();
+    // Here even in remote mode: where this process looked for a configuration is what it
+    // shows, and through `keyhold serve` the backends are the service's.
+    let env = env.local_only("it shows where the command itself looked for its configuration");
     let home = env.dir.path();
     let xdg = home.join("xdg");
     let write = |path: &std::path::Path, text: &str| {

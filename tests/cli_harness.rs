@@ -89,3 +89,89 @@ fn with_config_passes_the_file_to_every_command() {
         "an invalid --config",
     );
 }
+
+/// The audit log's entries (`audit show`, run here), one line each.
+#[cfg(feature = "serve")]
+fn audit_lines(env: &Env) -> Vec<String> {
+    env.ok_text(&["audit", "show"])
+        .lines()
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Remote mode (tests/support/remote.rs) really goes through `keyhold serve`: key and
+/// cryptographic commands are in the audit log as the harness's client (only the service writes
+/// `client=`), the others (and those with a flag or a variable of their own) are not; a command
+/// here stops the service, the next remote one starts it again on the store as it is.
+#[cfg(feature = "serve")]
+#[test]
+fn remote_mode_runs_key_and_cryptographic_commands_through_the_service() {
+    let env = Env::init().remote();
+    assert_eq!(env.remote_starts(), 0, "init runs here: no service yet");
+    let id = env.create_key("served", "ecdsa-p256", &[]);
+    assert_eq!(env.remote_starts(), 1, "the first key command starts it");
+    let message = env.write("m", b"through the service");
+    let sig = env.path_str("sig");
+    env.ok(
+        &["sign", "--key", &id, "--in", &message, "--out", &sig],
+        b"",
+        "sign",
+    );
+    // A variable of its own, and -v: both here.
+    env.ok_vars(&[("RUST_LOG", "warn")], &["key", "show", "--key", &id]);
+    env.ok(&["-v", "key", "list"], b"", "key list -v");
+    let lines = audit_lines(&env);
+    let client = format!(" client={} ", support::remote::CLIENT);
+    let by_client: Vec<&String> = lines.iter().filter(|l| l.contains(&client)).collect();
+    assert_eq!(
+        by_client.len(),
+        2,
+        "create and sign by the client: {lines:#?}"
+    );
+    assert!(
+        by_client[0].contains(" create ") && by_client[1].contains(" sign "),
+        "{by_client:#?}"
+    );
+    // key show and list are not audited; create's and sign's entries are the only ones.
+    assert!(
+        lines
+            .iter()
+            .all(|l| l.contains(&client) || l.contains(" init ")),
+        "nothing else was audited, and nothing by the service without its client: {lines:#?}"
+    );
+    // `audit show` and the local commands stopped the service; a key command restarts it.
+    let second = env.create_key("after", "ed25519", &[]);
+    assert_eq!(
+        env.remote_starts(),
+        2,
+        "started again after the local commands"
+    );
+    let last = audit_lines(&env).pop().unwrap();
+    assert!(
+        last.contains(" create ") && last.contains(&client) && last.contains(&second),
+        "{last}"
+    );
+}
+
+/// `KEYHOLD_TEST_REMOTE=1` turns remote mode on for every Env, without a word from the test:
+/// a key made by a plain Env is in the audit log with the harness's client then, and without
+/// one otherwise. Run both ways by CI (ci/test.sh), it cannot pass with the harness silently
+/// running everything here.
+#[cfg(feature = "serve")]
+#[test]
+fn keyhold_test_remote_sends_every_env_through_the_service() {
+    let env = Env::init();
+    let id = env.create_key("k", "ed25519", &[]);
+    let lines = audit_lines(&env);
+    let created = lines
+        .iter()
+        .find(|l| l.contains(" create ") && l.contains(&id))
+        .unwrap();
+    let client = format!(" client={} ", support::remote::CLIENT);
+    assert_eq!(
+        created.contains(&client),
+        support::remote::enabled(),
+        "KEYHOLD_TEST_REMOTE={:?}: {created}",
+        std::env::var(support::remote::VAR).ok()
+    );
+}

@@ -339,3 +339,68 @@ fn a_token_client_reaches_the_service_with_a_token_file_or_keyhold_token() {
     );
     assert_fail(&out, 1, "no client", "a wrong token");
 }
+
+/// A compromised key used with `--allow-compromised` through the service: the command warns on
+/// its own stderr, naming the key, as it does run here (the keystore that logs the warning is
+/// the service's; before, a remote `verify` or `decrypt` said nothing).
+#[test]
+fn a_compromised_key_used_through_the_service_is_warned_about_on_the_commands_stderr() {
+    let env = env();
+    let server = Server::start(&env, &client("\"default\"", ""));
+    let remote = format!("unix:{}", server.socket.display());
+    let r = remote.as_str();
+    let sig = env.create_key("s", "ed25519", &[]);
+    let aes = env.create_key("a", "aes-256-gcm", &[]);
+    let signature = env.ok(&["sign", "--key", &sig, "--out", "-"], b"m", "sign");
+    let signature = env.write("sig", &signature);
+    let sealed = env.ok(
+        &["encrypt", "--key", &aes, "--out", "-"],
+        b"plain",
+        "encrypt",
+    );
+    let sealed = env.write("sealed", &sealed);
+    for key in [&sig, &aes] {
+        env.ok_text(&["key", "compromise", "--key", key, "--reason", "lost"]);
+    }
+    for (args, name) in [
+        (
+            vec![
+                "verify",
+                "--key",
+                &sig,
+                "--signature",
+                &signature,
+                "--allow-compromised",
+            ],
+            "default/s",
+        ),
+        (
+            vec![
+                "decrypt",
+                "--key",
+                &aes,
+                "--in",
+                &sealed,
+                "--out",
+                "-",
+                "--allow-compromised",
+            ],
+            "default/a",
+        ),
+    ] {
+        let (local, served) = both(&env, r, &args, b"m");
+        assert_ok(&local, "here");
+        assert_ok(&served, "through the service");
+        assert_eq!(local.stdout, served.stdout, "{args:?}");
+        for out in [&local, &served] {
+            let err = stderr(out);
+            assert!(
+                err.contains("WARN")
+                    && err.contains("used a compromised key")
+                    && err.contains(name),
+                "{args:?}: a warning naming {name}:\n{}",
+                show(out)
+            );
+        }
+    }
+}

@@ -80,6 +80,9 @@ fn assert_reseal_json(env: &Env, stdout: &[u8], old: &[u8], new: &[u8]) {
 #[test]
 fn reseal_no_pcrs_pcrs_list_and_json_rebind_the_store() {
     let (tpm, env) = setup();
+    // Here even in remote mode: PCR 8 changes behind keyhold's back, and a service started
+    // before has the store unsealed already (it does not unseal again until restarted).
+    let env = env.local_only("PCRs change under a running service");
     let mut init = vec!["init", "--sealer", "tpm", "--pcrs", "8"];
     init.extend_from_slice(&INIT_ARGS[3..]);
     env.ok_vars(&[("KEYHOLD_PASSPHRASE", RECOVERY)], &init);
@@ -138,6 +141,9 @@ fn reseal_no_pcrs_pcrs_list_and_json_rebind_the_store() {
 #[test]
 fn init_no_recovery_warns_that_the_store_is_lost_with_its_pcrs() {
     let (tpm, env) = setup();
+    // Here even in remote mode: PCR 8 changes behind keyhold's back, and a service started
+    // before has the store unsealed already (it does not unseal again until restarted).
+    let env = env.local_only("PCRs change under a running service");
     let init = ["init", "--sealer", "tpm", "--pcrs", "8", "--no-recovery"];
     // No passphrase anywhere and no terminal: init must not ask for one.
     let out = env.detached(&init, |_| {});

@@ -194,6 +194,35 @@ fn protected(
     io::print_json(&json)
 }
 
+/// Through `--remote`, the keystore that used a compromised key (and logged the warning that it
+/// did, src/keystore/ops.rs) is the service's: the command says so on its own stderr too, as it
+/// does run here, naming the key as `namespace/name` (asked of the service: only on this path).
+fn warn_remote_compromised(
+    ctx: &Context,
+    ks: &dyn KeyService,
+    id: &str,
+    operation: &str,
+    state: KeyState,
+) {
+    if ctx.remote.is_none() || state != KeyState::Compromised {
+        return;
+    }
+    let label = ks
+        .key_info(id)
+        .map(|info| format!("{}/{}", info.namespace, info.name))
+        .unwrap_or_else(|_| id.to_owned());
+    tracing::warn!(key = %label, "used a compromised key ({operation})");
+}
+
+/// The operation `open_envelope` ran, by the output it names.
+fn what_operation(what: &str) -> &'static str {
+    if what == "plaintext" {
+        "decrypt"
+    } else {
+        "rewrap"
+    }
+}
+
 /// `{"version": N, "state": "…", "compromised": bool}`: what every `--json` report of a use says.
 fn use_json(version: u32, state: KeyState) -> serde_json::Value {
     serde_json::json!({
@@ -232,6 +261,9 @@ pub fn verify(ctx: &Context, args: &VerifyArgs) -> CmdResult {
     let message = io::read_input(io::std_or(args.input.as_deref()))?;
     let options = args.process.use_options().version(args.version);
     let outcome = ks.verify_with(&id, &message, &signature, args.format.into(), &options);
+    if let Ok(used) = &outcome {
+        warn_remote_compromised(ctx, &*ks, &id, "verify", used.state);
+    }
     valid(ctx, outcome, "signature valid")
 }
 
@@ -285,6 +317,7 @@ fn open_envelope<T>(
     let id = args.key.resolve(ctx, &*ks)?;
     let envelope = io::read_envelope(io::std_or(args.input.as_deref()))?;
     let used = op(&*ks, &id, &envelope, args.aad.as_bytes(), &options)?;
+    warn_remote_compromised(ctx, &*ks, &id, what_operation(what), used.state);
     io::write_output(io::std_or(args.out.as_deref()), bytes(&used.output))?;
     report_binary_use(ctx, args.out.as_deref(), used.version, used.state)
 }

@@ -51,6 +51,10 @@ pub type Snapshot = BTreeMap<String, Vec<u8>>;
 /// files (`DIR/*`) and, with [`Env::with_config`], a configuration file passed to every command.
 #[derive(Debug)]
 pub struct Env {
+    /// Remote mode (tests/support/remote.rs), if on. First, so that its service is stopped
+    /// before the temp dir holding the store is removed.
+    #[cfg(feature = "serve")]
+    remote: Option<super::remote::Remote>,
     pub dir: TempDir,
     pub store: PathBuf,
     config: Option<PathBuf>,
@@ -69,6 +73,8 @@ impl Env {
             .expect("create a temp dir");
         let store = dir.path().join("store");
         Env {
+            #[cfg(feature = "serve")]
+            remote: super::remote::enabled().then(super::remote::Remote::new),
             dir,
             store,
             config: None,
@@ -149,6 +155,35 @@ impl Env {
         self
     }
 
+    /// Remote mode for this Env whatever `KEYHOLD_TEST_REMOTE` says (tests/support/remote.rs).
+    #[cfg(feature = "serve")]
+    pub fn remote(mut self) -> Self {
+        if self.remote.is_none() {
+            self.remote = Some(super::remote::Remote::new());
+        }
+        self
+    }
+
+    /// Every command of this Env runs here, even in remote mode: `why` says what the test shows
+    /// that a client of `keyhold serve` cannot (it is kept for the Env's debug output).
+    #[allow(unused_mut, unused_variables)]
+    pub fn local_only(mut self, why: &'static str) -> Self {
+        #[cfg(feature = "serve")]
+        if let Some(remote) = &mut self.remote {
+            remote.set_local_only(why);
+        }
+        self
+    }
+
+    /// In remote mode, how many times a service was started for this Env (0 otherwise).
+    pub fn remote_starts(&self) -> usize {
+        #[cfg(feature = "serve")]
+        if let Some(remote) = &self.remote {
+            return remote.starts();
+        }
+        0
+    }
+
     /// The per-command timeout (default [`DEFAULT_TIMEOUT`]).
     pub fn with_timeout(mut self, timeout: Duration) -> Self {
         self.timeout = timeout;
@@ -216,6 +251,14 @@ impl Env {
 
     /// As [`Env::command`], but `cmd` (e.g. `setsid --wait BIN`) is the process to start.
     pub fn command_via(&self, cmd: Command, args: &[&str]) -> Command {
+        // Remote mode: a command that will run here may write the store, or need a device the
+        // service holds, even if the test starts it itself rather than through run_cmd.
+        #[cfg(feature = "serve")]
+        if let Some(remote) = &self.remote {
+            if !super::remote::may_run_remotely(args) {
+                remote.stop(&self.store);
+            }
+        }
         let mut cmd = self.clean(cmd);
         cmd.arg("--store").arg(&self.store);
         if let Some(config) = &self.config {
@@ -228,7 +271,12 @@ impl Env {
     /// Runs `cmd` (built by this Env) with the timeout, then checks that the passphrase it was
     /// given (`KEYHOLD_PASSPHRASE`, as set on the command) and the Env's secrets appear in neither
     /// its stdout nor its stderr.
-    pub fn run_cmd(&self, cmd: Command, stdin: Option<&[u8]>) -> Output {
+    pub fn run_cmd(&self, mut cmd: Command, stdin: Option<&[u8]>) -> Output {
+        // Held while the command runs: the service stays up for it.
+        #[cfg(feature = "serve")]
+        let route = self.route(&mut cmd);
+        #[cfg(not(feature = "serve"))]
+        let _ = &mut cmd;
         let mut secrets = self.secrets.clone();
         secrets.extend(
             cmd.get_envs()
@@ -239,7 +287,50 @@ impl Env {
         let line = command_line(&cmd);
         let out = run_command_timeout(cmd, stdin, self.timeout);
         assert_no_secrets(&out, &secrets, &line);
+        // Through the service, the secrets it holds must stay out of its own log too.
+        #[cfg(feature = "serve")]
+        if let (Some(super::remote::Route::Remote(address, state)), Some(remote)) =
+            (&route, &self.remote)
+        {
+            remote.settled(state, &self.store);
+            let log = remote.log();
+            for secret in &secrets {
+                assert!(
+                    !contains(log.as_bytes(), secret.as_bytes()),
+                    "`{line}`: a secret it was given appears in the log of `keyhold serve` at \
+                     {address}:\n{log}"
+                );
+            }
+        }
         out
+    }
+
+    /// Remote mode: runs `cmd` through the service or here (tests/support/remote.rs).
+    #[cfg(feature = "serve")]
+    fn route(&self, cmd: &mut Command) -> Option<super::remote::Route<'_>> {
+        let remote = self.remote.as_ref()?;
+        let mut base = vec![
+            ("PATH".to_owned(), std::env::var("PATH").unwrap_or_default()),
+            (
+                "HOME".to_owned(),
+                self.dir
+                    .path()
+                    .to_str()
+                    .expect("temp paths are UTF-8")
+                    .to_owned(),
+            ),
+        ];
+        if let Some(pass) = &self.passphrase {
+            base.push(("KEYHOLD_PASSPHRASE".to_owned(), pass.clone()));
+        }
+        base.extend(self.vars.iter().cloned());
+        Some(
+            remote.route(cmd, &base, &self.store, self.config.as_deref(), || {
+                let mut serve = self.bare_command();
+                serve.arg("--store").arg(&self.store);
+                serve
+            }),
+        )
     }
 
     /// Runs keyhold with `args` after `--store`, feeding `stdin`.

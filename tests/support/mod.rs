@@ -137,6 +137,8 @@ pub fn snapshot(dir: &Path) -> BTreeMap<PathBuf, FileBytes> {
 /// The harness of the command-line tests (tests/cli_*.rs).
 pub mod env;
 #[cfg(feature = "serve")]
+pub mod remote;
+#[cfg(feature = "serve")]
 pub mod serve;
 
 /// Helpers of the CLI tests of README claims (cli_hardening, cli_exit_codes, cli_reseal, …).
