@@ -385,8 +385,8 @@ fn remote_keystore_over_https_with_a_client_certificate() {
         .unwrap()
         .with_tls(tls.clone());
     assert_eq!(keys.health().unwrap(), "app");
-    // A second client with the same TLS settings resumes the TLS session (its tickets are
-    // shared): the service still knows it by its certificate.
+    // A second client with the same TLS settings makes its own full handshake (no session is
+    // resumed): the service knows it by its certificate.
     let resumed = RemoteKeystore::new(remote).unwrap().with_tls(tls);
     assert_eq!(resumed.health().unwrap(), "app");
     let spec = keyhold::KeySpec::new(keyhold::KeyType::EcdsaP256, None, None).unwrap();

@@ -222,3 +222,35 @@ fn a_kept_connection_the_service_closed_is_replaced_and_the_call_goes_through() 
     let (status, err) = server.stop();
     assert!(status.success(), "{err}");
 }
+
+#[test]
+fn a_tokio_application_calls_the_client_from_its_blocking_pool_and_may_drop_it_in_a_task() {
+    let env = env();
+    let server = Server::start(&env, &client("\"app\"", ""));
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let socket = server.socket.clone();
+    let names = runtime.block_on(async move {
+        let remote = std::sync::Arc::new(RemoteKeystore::new(Remote::Unix(socket)).unwrap());
+        // As the documentation says to: through spawn_blocking (a thread in tokio's context).
+        let shared = std::sync::Arc::clone(&remote);
+        let first = tokio::task::spawn_blocking(move || shared.health())
+            .await
+            .unwrap()
+            .unwrap();
+        let shared = std::sync::Arc::clone(&remote);
+        let second = tokio::task::spawn_blocking(move || shared.random(8))
+            .await
+            .unwrap()
+            .unwrap();
+        // The last handle dropped inside an async task: its runtimes shut down, no panic.
+        drop(remote);
+        (first, second.len())
+    });
+    assert_eq!(names, ("app".to_owned(), 8));
+    let (status, err) = server.stop();
+    assert!(status.success(), "{err}");
+}

@@ -781,6 +781,18 @@ fn a_key_path_with_another_method_is_405_with_allow() {
 
 /// Review: `?version=` was accepted and ignored on a key's history. A query parameter a GET path
 /// does not take is 400 naming it, on every GET path.
+/// `answer` (to `path`) is 400 `invalid_input` naming the query parameter `name`.
+fn refused_naming(answer: &(u16, Value), path: &str, name: &str) {
+    assert_eq!(
+        error_code(answer),
+        (400, "invalid_input"),
+        "{path}: {}",
+        answer.1
+    );
+    let message = answer.1["error"]["message"].as_str().unwrap();
+    assert!(message.contains(&format!("`{name}`")), "{path}: {message}");
+}
+
 #[test]
 fn a_query_parameter_a_path_does_not_take_is_refused_by_name() {
     let env = env();
@@ -803,15 +815,7 @@ fn a_query_parameter_a_path_does_not_take_is_refused_by_name() {
         ("/v1/clients?name=app".to_owned(), "name"),
         ("/v1/namespaces?all=true".to_owned(), "all"),
     ] {
-        let answer = server.ask("GET", &path, None);
-        assert_eq!(
-            error_code(&answer),
-            (400, "invalid_input"),
-            "{path}: {}",
-            answer.1
-        );
-        let message = answer.1["error"]["message"].as_str().unwrap();
-        assert!(message.contains(&format!("`{name}`")), "{path}: {message}");
+        refused_naming(&server.ask("GET", &path, None), &path, name);
     }
     // What each takes is still taken.
     for path in [
@@ -827,6 +831,44 @@ fn a_query_parameter_a_path_does_not_take_is_refused_by_name() {
         assert_eq!(status, 200, "{path}: {answer}");
     }
     assert_eq!(server.request("GET", "/v1/metrics", &[], None).status, 200);
+}
+
+#[test]
+fn a_query_parameter_on_a_post_path_is_refused_by_name_and_nothing_is_done() {
+    let env = env();
+    let signer = env.create_key("signer", "ecdsa-p256", &["--namespace", "app"]);
+    let server = Server::start(&env, &client("\"app\"", ""));
+    let sign = json!({ "data": b64(b"m") });
+    let create = json!({ "namespace": "app", "name": "made", "type": "ed25519" });
+    let batch = json!({ "operations": [{ "op": "sign", "key": signer, "data": b64(b"m") }] });
+    for (path, body, name) in [
+        // `format` is a body field of sign: as a parameter it would be ignored.
+        (
+            format!("/v1/keys/{signer}/sign?format=raw"),
+            &sign,
+            "format",
+        ),
+        ("/v1/keys?backend=software".to_owned(), &create, "backend"),
+        (
+            "/v1/batch?stop_on_error=true".to_owned(),
+            &batch,
+            "stop_on_error",
+        ),
+        (
+            "/v1/random?bytes=8".to_owned(),
+            &json!({ "bytes": 8 }),
+            "bytes",
+        ),
+    ] {
+        refused_naming(&server.ask("POST", &path, Some(body)), &path, name);
+    }
+    // Refused before anything was done: no key was made, and the same requests without the
+    // parameter are answered.
+    let (status, keys) = server.ask("GET", "/v1/keys?namespace=app", None);
+    assert_eq!(status, 200);
+    assert_eq!(keys.as_array().unwrap().len(), 1, "{keys}");
+    let (status, answer) = server.ask("POST", &format!("/v1/keys/{signer}/sign"), Some(&sign));
+    assert_eq!(status, 200, "{answer}");
 }
 
 /// Review: key actions took an empty body as `{}`, but creation and random answered 400. Every

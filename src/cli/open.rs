@@ -131,8 +131,8 @@ fn remote_keys(ctx: &Context, remote: &str) -> Result<Box<dyn KeyService>, Failu
         Remote::Unix(_) => None,
         Remote::Https { .. } => Some(remote_tls(ctx, &remote)?),
     };
-    // Read (and `$KEYHOLD_TOKEN` removed) before the client starts its runtime's thread: the
-    // environment is changed only while this is the one thread.
+    // Read (and `$KEYHOLD_TOKEN` removed) before the client exists: the environment is changed
+    // only while this is the one thread (a name lookup for an https remote starts one).
     let token = super::passphrase::token(ctx.token_file.as_deref())?;
     let mut keys = RemoteKeystore::new(remote)?;
     if let Some(tls) = tls {

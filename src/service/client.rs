@@ -188,6 +188,11 @@ impl std::fmt::Debug for RemoteKeystore {
 /// The connections kept for reuse at most.
 const MAX_IDLE: usize = 16;
 
+/// How long a connection may wait unused and still be used: well below the service's default
+/// idle limit (its header timeout, 10 s), so that the service does not close it as a request
+/// goes out on it (a request that crosses the close is lost, and never sent again).
+const KEEP_IDLE: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// How long a call may take unless [`RemoteKeystore::with_timeout`] says otherwise: above the
 /// service's own body and drain timeouts, so that it is the service that says why.
 pub const DEFAULT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
@@ -196,9 +201,12 @@ pub const DEFAULT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(
 /// whichever caller holds it (callers take one each from the pool), so that the request, the
 /// answer and the socket are all handled on the caller's thread.
 struct Conn {
-    runtime: tokio::runtime::Runtime,
+    /// Always there until the connection is dropped ([`Drop`] takes it).
+    runtime: Option<tokio::runtime::Runtime>,
     /// None until the first call connects, and after a failed exchange.
     link: Option<Link>,
+    /// When its last call ended.
+    last_used: std::time::Instant,
 }
 
 impl Conn {
@@ -209,9 +217,20 @@ impl Conn {
             .build()
             .map_err(|e| Error::io("start the client's runtime", e))?;
         Ok(Self {
-            runtime,
+            runtime: Some(runtime),
             link: None,
+            last_used: std::time::Instant::now(),
         })
+    }
+}
+
+impl Drop for Conn {
+    fn drop(&mut self) {
+        // Neither waits (for a name lookup still running, say) nor panics where a runtime may
+        // not block (a client dropped inside an async task).
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_background();
+        }
     }
 }
 
@@ -368,13 +387,6 @@ impl RemoteKeystore {
         let request = request
             .body(Full::new(Bytes::copy_from_slice(&bytes)))
             .map_err(|e| Error::InvalidInput(format!("a request to the service: {e}")))?;
-        if tokio::runtime::Handle::try_current().is_ok() {
-            return Err(Error::InvalidInput(
-                "RemoteKeystore blocks: call it from a thread of its own (in tokio, through \
-                 spawn_blocking), not from an async task"
-                    .into(),
-            ));
-        }
         let reused = self
             .idle
             .lock()
@@ -384,16 +396,23 @@ impl RemoteKeystore {
             Some(conn) => conn,
             None => Conn::new()?,
         };
-        let Conn { runtime, link } = &mut conn;
-        let exchanged = runtime.block_on(async {
-            tokio::time::timeout(self.timeout, self.exchange(link, request))
-                .await
-                .map_err(|_| Error::Timeout {
-                    backend: format!("keyhold serve at {}", self.remote),
-                    waited: self.timeout,
-                    what: "its answer".into(),
-                })?
-        });
+        let exchanged = if tokio::runtime::Handle::try_current().is_ok() {
+            // On a thread of a tokio runtime (its blocking pool, or, misused, an async task),
+            // whose context forbids running another runtime here: on a thread of its own.
+            std::thread::scope(|scope| {
+                scope
+                    .spawn(|| self.exchange_on(&mut conn, request))
+                    .join()
+                    .unwrap_or_else(|_| {
+                        Err(Error::io(
+                            format!("ask the service at {}", self.remote),
+                            std::io::Error::other("the client's thread panicked"),
+                        ))
+                    })
+            })
+        } else {
+            self.exchange_on(&mut conn, request)
+        };
         // A connection whose exchange failed or timed out may be mid-answer: it is not kept
         // (its runtime is, for the next call).
         if exchanged.is_err() {
@@ -424,6 +443,39 @@ impl RemoteKeystore {
             return Err(Error::remote(code, status, message));
         }
         Ok(value)
+    }
+
+    /// [`Self::exchange`] on `conn`, driven on this thread, within the call's timeout.
+    fn exchange_on(
+        &self,
+        conn: &mut Conn,
+        request: Request<Full<Bytes>>,
+    ) -> Result<(u16, Zeroizing<Vec<u8>>)> {
+        if conn.link.is_some() && conn.last_used.elapsed() > KEEP_IDLE {
+            // Idle this long, the service may be closing it as the request goes out: a new one
+            // rather than a request lost in the crossing.
+            conn.link = None;
+        }
+        let runtime = conn.runtime.take();
+        let link = &mut conn.link;
+        let done = match &runtime {
+            Some(runtime) => runtime.block_on(async {
+                tokio::time::timeout(self.timeout, self.exchange(link, request))
+                    .await
+                    .map_err(|_| Error::Timeout {
+                        backend: format!("keyhold serve at {}", self.remote),
+                        waited: self.timeout,
+                        what: "its answer".into(),
+                    })?
+            }),
+            None => Err(Error::io(
+                "call the service",
+                std::io::Error::other("the connection has no runtime"),
+            )),
+        };
+        conn.runtime = runtime;
+        conn.last_used = std::time::Instant::now();
+        done
     }
 
     /// Sends `request` on `link` (or a new connection, if it has none or the service closed

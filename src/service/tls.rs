@@ -179,6 +179,11 @@ impl ClientTls {
             }
         };
         config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        // A resumed session is not verified again: the service would take this client by a
+        // certificate checked when the ticket was issued, even one expired since. Every
+        // connection makes a full handshake. (The service still sends its tickets, which the
+        // check of this client's certificate waits for.)
+        config.resumption = rustls::client::Resumption::disabled();
         Ok(Self {
             config: Arc::new(config),
             certificate: identity.is_some(),
