@@ -848,8 +848,8 @@ fn report(results: &Results) {
     println!();
     let cpus = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
     println!(
-        "CPU per operation, client and service together, us (case/clients side cpu_us; the \
-         rate {cpus} CPUs could reach at that cost)"
+        "CPU per operation, client and service together, us (cpu case/clients side cpu_us; \
+         the rate {cpus} CPUs could reach at that cost)"
     );
     for ((case, clients, kind), m) in results {
         if m.ops == 0 {
@@ -857,7 +857,7 @@ fn report(results: &Results) {
         }
         let per_op = m.cpu_per_op_us();
         println!(
-            "{case}/{clients}c {} {per_op:.1} {:.0}/s",
+            "cpu {case}/{clients}c {} {per_op:.1} {:.0}/s",
             kind.name(),
             cpus as f64 * 1e6 / per_op
         );
