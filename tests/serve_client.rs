@@ -254,3 +254,20 @@ fn a_tokio_application_calls_the_client_from_its_blocking_pool_and_may_drop_it_i
     let (status, err) = server.stop();
     assert!(status.success(), "{err}");
 }
+
+#[test]
+fn a_token_a_header_cannot_carry_is_refused_before_anything_is_sent() {
+    let dir = tempfile::tempdir().unwrap();
+    // No service there: had the request been sent, the error would be the connection's.
+    let remote = RemoteKeystore::new(Remote::Unix(dir.path().join("none.sock")))
+        .unwrap()
+        .with_token(secrecy::SecretString::from(
+            "kh-token\r\nX-Injected: 1".to_owned(),
+        ));
+    let refused = remote.health().unwrap_err();
+    assert!(
+        matches!(&refused, Error::InvalidInput(m) if m.contains("header cannot carry")),
+        "{refused:?}"
+    );
+    assert!(!format!("{refused}").contains("kh-token"), "{refused}");
+}

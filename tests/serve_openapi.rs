@@ -821,9 +821,11 @@ fn the_server_answers_as_the_document_says() {
     ] {
         let answer = send(&server, method, &path, &[], Some(&json!({})));
         let valid = v.check(&error, &answer.body, "$");
+        // `Allow` belongs to a 405 only: on a 404 it would name methods of another answer.
         if answer.status != 404
             || answer.body["error"]["code"] != "no_such_endpoint"
             || valid.is_err()
+            || answer.header("allow").is_some()
         {
             failures.push(format!(
                 "{method} {path}: {} {}",

@@ -166,9 +166,10 @@ impl std::fmt::Display for Remote {
 /// The keys of a `keyhold serve`, used through it.
 pub struct RemoteKeystore {
     remote: Remote,
-    /// The bearer token sent with every request, if any (else the service knows the caller by
-    /// its peer credentials).
-    token: Option<SecretString>,
+    /// `Authorization: Bearer TOKEN`, sent with every request if there is a token (else the
+    /// service knows the caller by its peer credentials or certificate): made once, marked
+    /// sensitive; `Err` for a token a header cannot carry, said at the first call.
+    bearer: Option<std::result::Result<hyper::header::HeaderValue, ()>>,
     /// The TLS an https remote is reached with.
     tls: Option<super::tls::ClientTls>,
     /// Connections not in use, kept alive for the next call.
@@ -315,7 +316,7 @@ impl RemoteKeystore {
         let first = Conn::new()?;
         Ok(Self {
             remote,
-            token: None,
+            bearer: None,
             tls: None,
             idle: Mutex::new(vec![first]),
             timeout: DEFAULT_TIMEOUT,
@@ -326,7 +327,15 @@ impl RemoteKeystore {
     /// it).
     #[must_use]
     pub fn with_token(mut self, token: SecretString) -> Self {
-        self.token = Some(token);
+        let value = Zeroizing::new(format!("Bearer {}", token.expose_secret()));
+        self.bearer = Some(
+            hyper::header::HeaderValue::from_str(&value)
+                .map(|mut value| {
+                    value.set_sensitive(true);
+                    value
+                })
+                .map_err(|_| ()),
+        );
         self
     }
 
@@ -376,13 +385,11 @@ impl RemoteKeystore {
         if body.is_some() {
             request = request.header(hyper::header::CONTENT_TYPE, "application/json");
         }
-        if let Some(token) = &self.token {
-            let value = Zeroizing::new(format!("Bearer {}", token.expose_secret()));
-            let mut value = hyper::header::HeaderValue::from_str(&value).map_err(|_| {
+        if let Some(bearer) = &self.bearer {
+            let value = bearer.as_ref().map_err(|()| {
                 Error::InvalidInput("the bearer token has characters a header cannot carry".into())
             })?;
-            value.set_sensitive(true);
-            request = request.header(hyper::header::AUTHORIZATION, value);
+            request = request.header(hyper::header::AUTHORIZATION, value.clone());
         }
         let request = request
             .body(Full::new(Bytes::copy_from_slice(&bytes)))

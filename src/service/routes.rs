@@ -118,7 +118,7 @@ impl State {
 
 /// The service's routes.
 pub fn router(state: State) -> Router {
-    Router::new()
+    let routes = Router::new()
         .route("/v1/health", get(health))
         .route("/v1/metrics", get(metrics))
         .route("/v1/clients", get(clients))
@@ -150,7 +150,21 @@ pub fn router(state: State) -> Router {
             },
         )
         .layer(DefaultBodyLimit::max(super::MAX_BODY))
-        .with_state(state)
+        .with_state(state);
+    // Around the whole router: a layer on its routes runs inside what adds `Allow`.
+    Router::new()
+        .fallback_service(routes)
+        .layer(axum::middleware::map_response(allow_on_405_only))
+}
+
+/// Removes `Allow` from every answer but a 405: axum adds a route's methods to whatever its
+/// method fallback answers (a 404 for a key action that does not exist, a 401), where it would
+/// tell of methods the request was not refused for.
+async fn allow_on_405_only(mut response: axum::response::Response) -> axum::response::Response {
+    if response.status() != StatusCode::METHOD_NOT_ALLOWED {
+        response.headers_mut().remove(header::ALLOW);
+    }
+    response
 }
 
 /// A method the path does not take: 405; on `/v1/keys/{id}/{what}`, which the router serves
