@@ -6,6 +6,8 @@
 
 mod anchor;
 mod commit;
+mod files;
+mod read;
 mod record;
 mod rows;
 mod schema;
@@ -15,7 +17,7 @@ mod tx;
 use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::fs;
-use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
@@ -30,6 +32,9 @@ use anchor::{foreign, foreign_text};
 use commit::Change;
 pub(crate) use commit::{tampered, Mismatch, Recomputed, RowKind, Sum};
 pub use commit::{CommitKeys, CounterAt, CounterBinding, StoreState};
+use files::{check_private, make_private_dir, secure_delete};
+pub use read::AllRows;
+use read::{query, read_client, read_key};
 pub use record::KeyRecord;
 pub use rows::{ClientRecord, CounterRecord, EventRecord, VersionRecord};
 pub use staged::Staged;
@@ -906,196 +911,6 @@ impl Store {
         self.committed(&next);
         Ok(out)
     }
-
-    /// The record with identifier `uuid`, if any. The caller checks its MAC.
-    ///
-    /// # Errors
-    /// Storage errors; [`Error::Integrity`] if the row cannot be decoded.
-    pub fn key(&self, uuid: &[u8; 16]) -> Result<Option<KeyRecord>> {
-        read_key(&self.conn(), uuid)
-    }
-
-    /// Every record, or those of one namespace, ordered by namespace and name.
-    ///
-    /// # Errors
-    /// Storage errors; [`Error::Integrity`] if a row cannot be decoded.
-    pub fn keys(&self, namespace: Option<&str>) -> Result<Vec<KeyRecord>> {
-        let conn = self.conn();
-        let sql = format!(
-            "SELECT {} FROM keys WHERE ?1 IS NULL OR namespace = ?1 ORDER BY namespace, name",
-            record::COLUMNS
-        );
-        query(&conn, &sql, params![namespace], record::from_row)
-    }
-
-    /// The versions (from 2) of the key `uuid`, or of every key, in order. The caller checks
-    /// their MACs.
-    ///
-    /// # Errors
-    /// Storage errors; [`Error::Integrity`] if a row cannot be decoded.
-    pub fn versions(&self, uuid: Option<&[u8; 16]>) -> Result<Vec<VersionRecord>> {
-        let sql = format!(
-            "SELECT {} FROM key_versions WHERE ?1 IS NULL OR uuid = ?1 ORDER BY uuid, version",
-            rows::VERSION_COLUMNS
-        );
-        query(
-            &self.conn(),
-            &sql,
-            params![uuid.map(<[u8; 16]>::as_slice)],
-            rows::version_from_row,
-        )
-    }
-
-    /// The history of the key `uuid`, or of every key, in order. The caller checks the MACs.
-    ///
-    /// # Errors
-    /// Storage errors; [`Error::Integrity`] if a row cannot be decoded.
-    pub fn events(&self, uuid: Option<&[u8; 16]>) -> Result<Vec<EventRecord>> {
-        let sql = format!(
-            "SELECT {} FROM key_events WHERE ?1 IS NULL OR uuid = ?1 ORDER BY uuid, seq",
-            rows::EVENT_COLUMNS
-        );
-        query(
-            &self.conn(),
-            &sql,
-            params![uuid.map(<[u8; 16]>::as_slice)],
-            rows::event_from_row,
-        )
-    }
-
-    /// Every AES-GCM invocation counter. The caller checks the MACs.
-    ///
-    /// # Errors
-    /// Storage errors; [`Error::Integrity`] if a row cannot be decoded.
-    pub fn counters(&self) -> Result<Vec<CounterRecord>> {
-        let sql = format!("SELECT {} FROM gcm_counters", rows::COUNTER_COLUMNS);
-        query(&self.conn(), &sql, [], rows::counter_from_row)
-    }
-
-    /// Every key record, version, history entry and AES-GCM counter, read in one transaction:
-    /// one state of the store, even while other processes write to it (for `store verify`,
-    /// which would otherwise see a rotation half: the record before, its versions after). Each
-    /// table comes back on its own, so that rows that cannot be decoded hide no other table.
-    ///
-    /// # Errors
-    /// Storage errors beginning or ending the read.
-    pub fn all_rows(&self) -> Result<AllRows> {
-        let mut conn = self.conn();
-        let tx = conn
-            .transaction()
-            .map_err(|e| Error::storage("begin reading the store", e))?;
-        let rows = AllRows {
-            keys: query(
-                &tx,
-                &format!(
-                    "SELECT {} FROM keys ORDER BY namespace, name",
-                    record::COLUMNS
-                ),
-                [],
-                record::from_row,
-            ),
-            versions: query(
-                &tx,
-                &format!(
-                    "SELECT {} FROM key_versions ORDER BY uuid, version",
-                    rows::VERSION_COLUMNS
-                ),
-                [],
-                rows::version_from_row,
-            ),
-            events: query(
-                &tx,
-                &format!(
-                    "SELECT {} FROM key_events ORDER BY uuid, seq",
-                    rows::EVENT_COLUMNS
-                ),
-                [],
-                rows::event_from_row,
-            ),
-            counters: query(
-                &tx,
-                &format!("SELECT {} FROM gcm_counters", rows::COUNTER_COLUMNS),
-                [],
-                rows::counter_from_row,
-            ),
-            clients: query(
-                &tx,
-                &format!("SELECT {} FROM clients ORDER BY name", rows::CLIENT_COLUMNS),
-                [],
-                rows::client_from_row,
-            ),
-            state: read_state(&tx, &self.dir),
-            digests: read_digests(&tx),
-            data_version: read_data_version(&tx),
-            meta: read_meta(&tx, &self.dir),
-        };
-        tx.commit()
-            .map_err(|e| Error::storage("end reading the store", e))?;
-        Ok(rows)
-    }
-}
-
-/// What [`Store::all_rows`] read, table by table (the caller checks every MAC).
-#[derive(Debug)]
-pub struct AllRows {
-    /// The key records, ordered by namespace and name.
-    pub keys: Result<Vec<KeyRecord>>,
-    /// Every later version, by key and version.
-    pub versions: Result<Vec<VersionRecord>>,
-    /// Every history entry, by key and sequence.
-    pub events: Result<Vec<EventRecord>>,
-    /// Every AES-GCM counter.
-    pub counters: Result<Vec<CounterRecord>>,
-    /// Every token client, by name.
-    pub clients: Result<Vec<ClientRecord>>,
-    /// The committed state, as read (its MAC not checked).
-    pub state: Result<Option<StoreState>>,
-    /// Every key's digest, as stored.
-    pub(crate) digests: Result<BTreeMap<[u8; 16], Sum>>,
-    /// SQLite's `data_version` in that read.
-    pub(crate) data_version: Result<i64>,
-    /// The metadata (seal, MAC) in that read.
-    pub meta: Result<StoreMeta>,
-}
-
-fn query<T, P: rusqlite::Params>(
-    conn: &Connection,
-    sql: &str,
-    params: P,
-    row: impl FnMut(&rusqlite::Row<'_>) -> rusqlite::Result<T>,
-) -> Result<Vec<T>> {
-    let mut stmt = conn
-        .prepare_cached(sql)
-        .map_err(|e| Error::storage("read the store", e))?;
-    let rows = stmt
-        .query_map(params, row)
-        .map_err(|e| Error::storage("read the store", e))?;
-    rows.map(|r| r.map_err(record::decode_error)).collect()
-}
-
-fn read_key(conn: &Connection, uuid: &[u8; 16]) -> Result<Option<KeyRecord>> {
-    let mut stmt = conn
-        .prepare_cached(&format!(
-            "SELECT {} FROM keys WHERE uuid = ?1",
-            record::COLUMNS
-        ))
-        .map_err(|e| Error::storage("read a key record", e))?;
-    stmt.query_row(params![uuid.as_slice()], record::from_row)
-        .optional()
-        .map_err(record::decode_error)
-}
-
-/// The token client whose `column` (`name` or `token_hash`, both unique) is `value`.
-fn read_client(
-    conn: &Connection,
-    column: &str,
-    value: &dyn rusqlite::ToSql,
-) -> Result<Option<ClientRecord>> {
-    let sql = format!(
-        "SELECT {} FROM clients WHERE {column} = ?1",
-        rows::CLIENT_COLUMNS
-    );
-    Ok(query(conn, &sql, params![value], rows::client_from_row)?.pop())
 }
 
 fn insert_key(conn: &Connection, rec: &KeyRecord) -> Result<()> {
@@ -1341,95 +1156,4 @@ pub(crate) struct ImageFacts {
     pub(crate) generation: u64,
     pub(crate) keys: usize,
     pub(crate) sealed_root: SealedRoot,
-}
-
-/// Destroyed keys' sealed blobs must not linger in the file's free pages, where a copy of the
-/// file (a backup, a stolen disk) would still hold them: SQLite overwrites deleted content with
-/// zeros. Set on every connection, as SQLite keeps it per connection.
-fn secure_delete(conn: &Connection) -> rusqlite::Result<()> {
-    conn.pragma_update(None, "secure_delete", "ON")
-}
-
-/// Makes `dir` the store's private directory: created 0700 by one `mkdir` (its parents as usual),
-/// or, if it already exists, accepted only when it is a real directory of this user and empty,
-/// then made 0700.
-///
-/// One `mkdir` of the final directory, not a check followed by a create: under a shared parent,
-/// someone else could create the directory in between and own it.
-fn make_private_dir(dir: &Path) -> Result<()> {
-    if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
-        fs::create_dir_all(parent)
-            .map_err(|e| Error::io(format!("create {}", parent.display()), e))?;
-    }
-    match fs::DirBuilder::new().mode(0o700).create(dir) {
-        Ok(()) => return Ok(()),
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
-        Err(e) => {
-            return Err(Error::io(
-                format!("create store directory {}", dir.display()),
-                e,
-            ))
-        }
-    }
-    let meta =
-        fs::symlink_metadata(dir).map_err(|e| Error::io(format!("read {}", dir.display()), e))?;
-    if !meta.is_dir() {
-        return Err(Error::io(
-            format!("{} exists and is not a directory", dir.display()),
-            std::io::Error::from(std::io::ErrorKind::AlreadyExists),
-        ));
-    }
-    let me = rustix::process::geteuid().as_raw();
-    if meta.uid() != me {
-        return Err(Error::InvalidInput(format!(
-            "{} belongs to uid {}, not to you (uid {me}): give init a directory of your own",
-            dir.display(),
-            meta.uid()
-        )));
-    }
-    // Only an empty directory becomes a store (and private): `init --store ~` must not change
-    // the permissions of a directory that holds other things.
-    let empty = fs::read_dir(dir)
-        .map_err(|e| Error::io(format!("read {}", dir.display()), e))?
-        .next()
-        .is_none();
-    if !empty {
-        return Err(Error::InvalidInput(format!(
-            "{} is not empty: give init a new or empty directory for the store",
-            dir.display()
-        )));
-    }
-    fs::set_permissions(dir, fs::Permissions::from_mode(0o700))
-        .map_err(|e| Error::io(format!("make {} private", dir.display()), e))
-}
-
-/// Refuses a store directory or database that another user owns or that group or others may
-/// write: whoever can write them can replace the sealed root secret or the records.
-fn check_private(dir: &Path, path: &Path, what: &str, mode: &str) -> Result<()> {
-    let meta = fs::metadata(path).map_err(|e| Error::io(format!("read {}", path.display()), e))?;
-    let me = rustix::process::geteuid().as_raw();
-    let reason = if meta.uid() != me {
-        format!(
-            "the {what} {} belongs to uid {}, not to you (uid {me}): run keyhold as its owner, \
-             or `chown {me} {}` if the store is yours",
-            path.display(),
-            meta.uid(),
-            path.display()
-        )
-    } else if meta.mode() & 0o022 != 0 {
-        format!(
-            "the {what} {} is writable by group or others (mode {:o}): anyone who can write it \
-             can replace the store's keys; run `chmod {mode} {}`",
-            path.display(),
-            meta.mode() & 0o7777,
-            path.display()
-        )
-    } else {
-        return Ok(());
-    };
-    Err(Error::StoreUnusable {
-        path: dir.to_path_buf(),
-        reason,
-        source: None,
-    })
 }
