@@ -229,3 +229,58 @@ fn an_absent_token_is_exit_7_naming_the_tokens_present() {
     // Software keys still work with the token gone.
     env.create_key("sw", "ed25519", &[]);
 }
+
+/// Eight `keyhold sign` processes at once, each opening the token, logging in and unsealing a
+/// pkcs11-sealed store: every one succeeds. SoftHSM2 rewrites its token file on every login and
+/// another process reading it meanwhile finds no token (SoftHSMv2 issue #757); keyhold serialises
+/// its processes' token opening and login per module, so none of them sees that.
+#[test]
+fn concurrent_processes_on_one_token_all_succeed() {
+    const PROCESSES: usize = 8;
+    const RUNS: usize = 12;
+    let (_hsm, env) = setup();
+    let env = env.local_only("each process opens the token itself");
+    env.ok_text(&["init", "--sealer", "pkcs11", "--backend", "hsm"]);
+    env.set_config(&format!(
+        "{}\n[store]\nsealer = \"pkcs11\"\n",
+        env.config_text()
+    ));
+    let id = env.create_key("web", "ecdsa-p256", &["--backend", "hsm"]);
+    let msg = env.write("msg", b"signed by many processes");
+    let batches: Vec<Vec<std::process::Command>> = (0..PROCESSES)
+        .map(|_| {
+            (0..RUNS)
+                .map(|_| env.command(&["sign", "--key", &id, "--in", &msg, "--encoding", "base64"]))
+                .collect()
+        })
+        .collect();
+    let failures: Vec<String> = std::thread::scope(|scope| {
+        let workers: Vec<_> = batches
+            .into_iter()
+            .map(|batch| {
+                scope.spawn(move || {
+                    batch
+                        .into_iter()
+                        .filter_map(|mut cmd| {
+                            let out = cmd.output().unwrap();
+                            (!out.status.success()).then(|| {
+                                format!("{}: {}", out.status, String::from_utf8_lossy(&out.stderr))
+                            })
+                        })
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .flat_map(|w| w.join().unwrap())
+            .collect()
+    });
+    assert!(
+        failures.is_empty(),
+        "{} of {} runs failed, the first: {}",
+        failures.len(),
+        PROCESSES * RUNS,
+        failures[0]
+    );
+}

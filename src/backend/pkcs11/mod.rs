@@ -269,6 +269,7 @@ pub(crate) fn init_token(
     const NAME: &str = "token setup";
     let module = module::module(NAME, module_path)?;
     let ck = |what: &str, e: cryptoki::error::Error| errors::map(NAME, what, e);
+    let _turn = module.turn();
     let slot = module
         .pkcs11()
         .get_all_slots()

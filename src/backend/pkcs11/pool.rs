@@ -314,6 +314,9 @@ impl Pool {
         if self.pin.expose_secret().is_empty() {
             return refuse("the configured PIN is empty: keyhold will not send it".into());
         }
+        // The token's flags and the login in one turn: a software token may rewrite its state
+        // on disk as it logs in, and another process must not read it meanwhile.
+        let _turn = self.module.turn();
         let flags = self
             .lock()
             .slot
