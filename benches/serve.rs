@@ -674,12 +674,25 @@ fn main() -> BoxResult<()> {
 
     let socket = server.socket.as_path();
     // `request` written whole on the thread's own connection, its answer checked by `check`.
+    // A kept connection the service closed while it idled (its 10 s keep-alive timeout, reached
+    // while other sides run) is replaced and the request sent again, once, as HTTP clients do.
     let http_side = |kind, request: Vec<u8>, check: fn(u16, &[u8]) -> Result<u64, String>| {
         side(kind, move |w: &mut Worker| {
-            if w.conn.is_none() {
-                w.conn = Some(RawHttp::connect(socket).map_err(|e| e.to_string())?);
-            }
-            let (status, body) = w.conn.as_mut().unwrap().send(&request)?;
+            let kept = w.conn.is_some();
+            let conn = match &mut w.conn {
+                Some(conn) => conn,
+                None => w
+                    .conn
+                    .insert(RawHttp::connect(socket).map_err(|e| e.to_string())?),
+            };
+            let answer = match conn.send(&request) {
+                Err(_) if kept => {
+                    *conn = RawHttp::connect(socket).map_err(|e| e.to_string())?;
+                    conn.send(&request)
+                }
+                answer => answer,
+            };
+            let (status, body) = answer?;
             check(status, body)
         })
     };

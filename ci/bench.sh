@@ -261,7 +261,10 @@ cat >>"$WORK/keyhold.toml" <<EOF
 uid = $(id -u)
 namespaces = ["bench"]
 EOF
-kh serve --listen "unix:$WORK/keyhold.sock" >"$WORK/serve-cli.log" 2>&1 &
+# Not through kh: a function put in the background runs in a subshell, and $! would be that
+# subshell, leaving keyhold running when it is killed.
+"$KEYHOLD" --config "$WORK/keyhold.toml" --store "$WORK/store" serve --listen "unix:$WORK/keyhold.sock" \
+  >"$WORK/serve-cli.log" 2>&1 &
 SERVE_PID=$!
 for ((i = 0; i < 200; i++)); do
   [ -S "$WORK/keyhold.sock" ] && break
