@@ -361,31 +361,34 @@ pub struct Ca {
     pub name: String,
 }
 
+/// `openssl req` arguments for a new, unencrypted ECDSA P-256 key.
+const NEW_P256_KEY: &[&str] = &[
+    "-newkey",
+    "ec",
+    "-pkeyopt",
+    "ec_paramgen_curve:P-256",
+    "-nodes",
+];
+
 impl Ca {
     pub fn new(dir: &Path, name: &str) -> Self {
+        let (key, pem, subject) = (
+            format!("{name}.key"),
+            format!("{name}.pem"),
+            format!("/CN={name}"),
+        );
         openssl(
             dir,
             &[
-                "req",
-                "-x509",
-                "-newkey",
-                "ec",
-                "-pkeyopt",
-                "ec_paramgen_curve:P-256",
-                "-nodes",
-                "-keyout",
-                &format!("{name}.key"),
-                "-out",
-                &format!("{name}.pem"),
-                "-subj",
-                &format!("/CN={name}"),
-                "-days",
-                "2",
-                "-addext",
-                "basicConstraints=critical,CA:TRUE",
-                "-addext",
-                "keyUsage=critical,keyCertSign,cRLSign",
-            ],
+                &["req", "-x509"],
+                NEW_P256_KEY,
+                &[
+                    "-keyout", &key, "-out", &pem, "-subj", &subject, "-days", "2",
+                ],
+                &["-addext", "basicConstraints=critical,CA:TRUE"],
+                &["-addext", "keyUsage=critical,keyCertSign,cRLSign"],
+            ]
+            .concat(),
         );
         Self {
             dir: dir.to_path_buf(),
@@ -414,23 +417,15 @@ impl Ca {
             format!("{name}.csr"),
             format!("{name}.pem"),
         );
+        let subject = format!("/CN={cn}");
         openssl(
             &self.dir,
             &[
-                "req",
-                "-new",
-                "-newkey",
-                "ec",
-                "-pkeyopt",
-                "ec_paramgen_curve:P-256",
-                "-nodes",
-                "-keyout",
-                &key,
-                "-out",
-                &csr,
-                "-subj",
-                &format!("/CN={cn}"),
-            ],
+                &["req", "-new"],
+                NEW_P256_KEY,
+                &["-keyout", &key, "-out", &csr, "-subj", &subject],
+            ]
+            .concat(),
         );
         openssl(
             &self.dir,
