@@ -5,6 +5,7 @@
 //! unless its schema must be migrated, so a failed command leaves the file byte-for-byte unchanged.
 
 mod anchor;
+mod binding;
 mod commit;
 mod files;
 mod read;
@@ -12,23 +13,22 @@ mod record;
 mod rows;
 mod schema;
 mod staged;
+mod state;
 mod tx;
 
 use std::cell::RefCell;
-use std::collections::BTreeMap;
 use std::fs;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
 
-use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
+use rusqlite::{params, Connection, OpenFlags};
 
 use crate::error::{Error, Result};
 use crate::sealer::SealedRoot;
 
 pub use anchor::{compare_counter, judge_counter, Counter, CounterCheck, CounterValue, FileAnchor};
-use anchor::{foreign, foreign_text};
 use commit::Change;
 pub(crate) use commit::{tampered, Mismatch, Recomputed, RowKind, Sum};
 pub use commit::{CommitKeys, CounterAt, CounterBinding, StoreState};
@@ -38,6 +38,10 @@ use read::{query, read_client, read_key};
 pub use record::KeyRecord;
 pub use rows::{ClientRecord, CounterRecord, EventRecord, VersionRecord};
 pub use staged::Staged;
+use state::{
+    delete_digest, key_rows_sum, next_generation, pending_of, put_digest, put_meta,
+    read_data_version, read_digest, read_digests, read_meta, read_state,
+};
 pub use tx::Tx;
 
 /// The database file's name inside the store directory.
@@ -241,124 +245,6 @@ impl Store {
         self.anchor = anchor;
     }
 
-    /// Checks the store's generation against `counter` (which the keystore made for the index
-    /// the state names, or for a new binding) and keeps it: every change from now on is checked
-    /// against it first and advances it after. A state not yet bound to a counter is bound now
-    /// (the counter is made if absent); a crash while binding is finished here.
-    ///
-    /// # Errors
-    /// [`Error::StoreTampered`] for a store older than the counter (restored from a copy), a
-    /// counter behind the store by more than one change, gone, or not keyhold's; the counter's
-    /// device errors; storage errors.
-    pub fn bind_counter(&mut self, counter: Box<dyn Counter>) -> Result<()> {
-        self.counter = Some(counter);
-        let _lock = self.counter_lock()?;
-        // Read again under the lock: another process may have changed the store (and advanced
-        // the counter) since it was opened.
-        let state = {
-            let conn = self.conn();
-            let (_, state) = self.current_state(&conn)?;
-            state
-        };
-        if state.counter.is_some_and(|b| b.offset.is_some()) {
-            return self.check_counter(&state);
-        }
-        let Some(counter) = self.counter.take() else {
-            return Ok(());
-        };
-        // Asked first: a counter that cannot be reached, or an index someone else holds, changes
-        // nothing, not even the state.
-        let first = counter.read()?;
-        if first == CounterValue::Foreign {
-            // Someone else holds the counter's place (a TPM index, which takes the owner's
-            // authorisation; objects under the label on a token, which take its PIN): the
-            // store cannot be anchored there. Not fatal for a store never bound (the anchor file
-            // still guards it), but said.
-            tracing::warn!(
-                "{}: the store's generation stays anchored in its anchor file only",
-                foreign_text(counter.as_ref())
-            );
-            return Ok(());
-        }
-        if let (None, CounterValue::Count(count)) = (state.counter, first) {
-            // The counter exists, with this store's authorisation: the store was bound to it
-            // before. A state that knows nothing of it is from before (or had its binding cut
-            // out, which its MAC forbids): an older copy.
-            return Err(tampered(format!(
-                "{} has counted this store's changes (it is at {count}), but the store does not \
-                 know it: it is an older copy, from before it was anchored in that counter; if \
-                 you put it back on purpose, `keyhold store reanchor --yes` accepts it",
-                counter.describe()
-            )));
-        }
-        let at = counter.at();
-        self.counter = Some(counter);
-        let bound = match state.counter {
-            // Pending at this counter: a binding interrupted, to finish.
-            Some(binding) if binding.at == at => binding,
-            // Pending at another counter, or not begun.
-            _ => {
-                // Say which counter first, so that a crash before the binding is complete leaves
-                // a state that names it: the next open finishes the binding rather than finding
-                // a counter the store does not know of.
-                let pending = CounterBinding { at, offset: None };
-                self.transact(|_| Ok(()), |_| Ok(Some(pending)))?;
-                pending
-            }
-        };
-        let counter = self.counter.as_deref().ok_or_else(|| Error::Integrity {
-            what: "the counter vanished while it was being bound (a keyhold bug)".into(),
-        })?;
-        let count = match first {
-            CounterValue::Count(count) => count,
-            CounterValue::Absent => {
-                counter.create()?;
-                match counter.read()? {
-                    CounterValue::Count(count) => count,
-                    _ => {
-                        return Err(tampered(format!(
-                            "{} was made but does not read back as keyhold's",
-                            counter.describe()
-                        )))
-                    }
-                }
-            }
-            CounterValue::Foreign => return Err(foreign(counter)),
-        };
-        tracing::info!(counter = %counter.describe(), "the store's generation is now anchored in a counter");
-        self.transact(
-            |_| Ok(()),
-            |current| {
-                // The change being made takes the generation to current + 1 and then advances the
-                // counter from `count`: so `count = current + offset`.
-                Ok(Some(CounterBinding {
-                    at: bound.at,
-                    offset: Some(count.wrapping_sub(current.generation)),
-                }))
-            },
-        )
-    }
-
-    /// The state against its counter: equal; one behind (a crash between a commit and the
-    /// counter's increment: repaired); anything else refused.
-    fn check_counter(&self, state: &StoreState) -> Result<()> {
-        let Some(counter) = self.counter.as_deref() else {
-            return Ok(());
-        };
-        match compare_counter(counter, state)? {
-            CounterCheck::InStep => Ok(()),
-            CounterCheck::OneBehind => {
-                tracing::info!(
-                    counter = %counter.describe(),
-                    "the store is one change ahead of its counter (interrupted after a change): \
-                     advancing the counter"
-                );
-                counter.increment()
-            }
-            CounterCheck::Refused(what) => Err(tampered(what)),
-        }
-    }
-
     /// The audit entry of the last change, as the committed state holds it now (read, and its MAC
     /// checked, under a read lock).
     ///
@@ -477,55 +363,6 @@ impl Store {
         // it touches and the total by the same amounts, so the digests still add up after them.
         self.totalled.store(version, Ordering::SeqCst);
         Ok(())
-    }
-
-    /// The counter this store's generation is bound to in this process, if any.
-    pub fn counter(&self) -> Option<&dyn Counter> {
-        self.counter.as_deref()
-    }
-
-    /// Records this store's generations in `anchor` from now on.
-    pub fn set_anchor(&mut self, anchor: FileAnchor) {
-        self.anchor = Some(anchor);
-    }
-
-    /// The anchor this store records its generations in, if any.
-    pub fn anchor(&self) -> Option<&FileAnchor> {
-        self.anchor.as_ref()
-    }
-
-    /// Gives a store made before the commitment its first state, computed by the keystore from
-    /// rows it has just verified: writes every digest, the state at generation 1 and the metadata
-    /// MAC `meta_mac` (format 2), in one transaction. Returns the state; if another process
-    /// adopted the store meanwhile, returns `None` (the caller opens the store again).
-    ///
-    /// # Errors
-    /// Storage errors; nothing is changed then.
-    pub(crate) fn adopt(
-        &mut self,
-        keys: &CommitKeys,
-        rows: &Recomputed,
-        meta_mac: &[u8],
-    ) -> Result<Option<StoreState>> {
-        let mut conn = self.conn();
-        let tx = conn
-            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
-            .map_err(|e| Error::storage("begin adopting the store", e))?;
-        if read_state(&tx, &self.dir)?.is_some() {
-            return Ok(None);
-        }
-        for (uuid, digest) in rows.digests() {
-            put_digest(&tx, &uuid, digest)?;
-        }
-        let total = rows.total(keys);
-        let state = keys.state(1, total, None, None, meta_mac);
-        put_meta(&tx, commit::STATE_ENTRY, &state.encode())?;
-        put_meta(&tx, "meta_mac", meta_mac)?;
-        tx.commit()
-            .map_err(|e| Error::storage("commit adopting the store", e))?;
-        drop(conn);
-        self.meta.mac = meta_mac.to_vec();
-        Ok(Some(state))
     }
 
     /// The store's directory.
@@ -725,39 +562,6 @@ impl Store {
         self.transact(f, |state| Ok(state.counter))
     }
 
-    /// With a counter bound: the lock that keeps a change's commit and its counter increment
-    /// together, across threads and processes, so that no one reads the counter between the two
-    /// (it would take the missing increment for a crash and add one too many). An exclusive
-    /// `flock` on the store directory (never on the database file: closing another descriptor of
-    /// it would drop SQLite's own locks), waited for at most the store's busy timeout. `None`
-    /// without a counter.
-    fn counter_lock(&self) -> Result<Option<fs::File>> {
-        if self.counter.is_none() {
-            return Ok(None);
-        }
-        self.dir_lock().map(Some)
-    }
-
-    /// The exclusive lock on the store directory that changes of a counter-bound store hold from
-    /// before their transaction to after their counter's increment (see `counter_lock`).
-    ///
-    /// # Errors
-    /// I/O errors, and another process holding it for 10 s.
-    pub(crate) fn dir_lock(&self) -> Result<fs::File> {
-        let dir = fs::File::open(&self.dir)
-            .map_err(|e| Error::io(format!("open {}", self.dir.display()), e))?;
-        crate::audit::lock_exclusive(&dir, std::time::Duration::from_secs(10)).map_err(|e| {
-            Error::io(
-                format!(
-                    "lock {} (another keyhold process held it for 10 s)",
-                    self.dir.display()
-                ),
-                e,
-            )
-        })?;
-        Ok(dir)
-    }
-
     /// Takes `meta` as the store's metadata: written under the same root by another process
     /// since this one first read it (the keystore checked its MAC).
     pub(crate) fn replace_meta(&mut self, meta: StoreMeta) {
@@ -785,53 +589,6 @@ impl Store {
     /// Storage errors; [`Error::StoreTampered`] for a malformed state.
     pub fn state_as_stored(&self) -> Result<Option<StoreState>> {
         read_state(&self.conn(), &self.dir)
-    }
-
-    /// The counter's value and the committed state read together, under the counter lock (so
-    /// that no change is between its commit and its increment), for `store verify`. `None`
-    /// without a counter bound in this process.
-    ///
-    /// # Errors
-    /// The counter's device errors; storage errors.
-    pub fn counter_and_state(&self) -> Result<Option<(CounterCheck, Option<StoreState>)>> {
-        let Some(counter) = self.counter.as_deref() else {
-            return Ok(None);
-        };
-        let _lock = self.counter_lock()?;
-        let state = read_state(&self.conn(), &self.dir)?;
-        let check = match &state {
-            Some(state) => compare_counter(counter, state)?,
-            None => CounterCheck::InStep,
-        };
-        Ok(Some((check, state)))
-    }
-
-    /// Takes the store's generation to at least `at_least` (and one past the current), dropping
-    /// its counter binding: a store restored from a backup must not be older than its anchor,
-    /// and is anchored afresh. No row changes.
-    ///
-    /// # Errors
-    /// As [`Self::write`].
-    ///
-    /// `rebind_at`: the NV index a counter should be bound at by the next bind (a pending
-    /// binding), whatever the state says; else a binding the state has becomes pending.
-    pub(crate) fn restart_generation(
-        &self,
-        at_least: u64,
-        rebind_at: Option<CounterAt>,
-    ) -> Result<u64> {
-        let _lock = self.dir_lock()?;
-        self.transact_inner(
-            |_| Ok(()),
-            |state| {
-                Ok((
-                    next_generation(state)?.max(at_least),
-                    pending_of(state, rebind_at),
-                ))
-            },
-            true,
-        )?;
-        Ok(self.seen.load(Ordering::SeqCst))
     }
 
     /// [`Self::write`], with the next state's counter binding chosen by `binding` from the
@@ -960,195 +717,8 @@ fn insert_key(conn: &Connection, rec: &KeyRecord) -> Result<()> {
     }
 }
 
-/// The generation after `state`'s.
-fn next_generation(state: &StoreState) -> Result<u64> {
-    state.generation.checked_add(1).ok_or_else(|| {
-        tampered("its generation is at the largest number there is: it was forged".into())
-    })
-}
-
-/// `state`'s binding made pending (bound again at the next bind), at `at` if given.
-fn pending_of(state: &StoreState, at: Option<CounterAt>) -> Option<CounterBinding> {
-    at.or(state.counter.map(|b| b.at))
-        .map(|at| CounterBinding { at, offset: None })
-}
-
-fn read_state(conn: &Connection, dir: &Path) -> Result<Option<StoreState>> {
-    let value = conn
-        .query_row(
-            "SELECT value FROM meta WHERE key = ?1",
-            params![commit::STATE_ENTRY],
-            |row| row.get::<_, Vec<u8>>(0),
-        )
-        .optional()
-        .map_err(|e| Error::StoreUnusable {
-            path: dir.to_path_buf(),
-            reason: format!("its metadata entry `{}` is damaged", commit::STATE_ENTRY),
-            source: Some(Box::new(e)),
-        })?;
-    value
-        .map(|bytes| {
-            StoreState::decode(&bytes).ok_or_else(|| {
-                tampered(
-                    "the store's committed state (its generation and commitment) is malformed"
-                        .into(),
-                )
-            })
-        })
-        .transpose()
-}
-
-/// The digest of the rows of key `uuid` as they are now.
-fn key_rows_sum(conn: &Connection, keys: &CommitKeys, uuid: &[u8; 16]) -> Result<Sum> {
-    let mut rows = Recomputed::default();
-    for (kind, table) in [
-        (RowKind::Key, "keys"),
-        (RowKind::Version, "key_versions"),
-        (RowKind::Event, "key_events"),
-        (RowKind::Counter, "gcm_counters"),
-        (RowKind::Client, "clients"),
-    ] {
-        let macs = query(
-            conn,
-            &format!("SELECT mac FROM {table} WHERE uuid = ?1"),
-            params![uuid.as_slice()],
-            |r| r.get::<_, Vec<u8>>(0),
-        )?;
-        for mac in macs {
-            rows.add(keys, kind, uuid, &mac);
-        }
-    }
-    let digest = rows.digests().next().map(|(_, digest)| digest);
-    Ok(digest.unwrap_or_default())
-}
-
 /// [`Store::totalled`] before the digests were added up.
 const NOT_TOTALLED: i64 = i64::MIN;
-
-fn read_data_version(conn: &Connection) -> Result<i64> {
-    conn.pragma_query_value(None, "data_version", |r| r.get(0))
-        .map_err(|e| Error::storage("read the store's data version", e))
-}
-
-fn read_digests(conn: &Connection) -> Result<BTreeMap<[u8; 16], Sum>> {
-    let mut stmt = conn
-        .prepare("SELECT uuid, digest FROM key_digests")
-        .map_err(|e| Error::storage("read the store's digests", e))?;
-    let rows = stmt
-        .query_map([], |r| {
-            Ok((r.get::<_, Vec<u8>>(0)?, r.get::<_, Vec<u8>>(1)?))
-        })
-        .map_err(|e| Error::storage("read the store's digests", e))?;
-    let mut out = BTreeMap::new();
-    for row in rows {
-        let (uuid, digest) = row.map_err(|e| Error::storage("read the store's digests", e))?;
-        let (Ok(uuid), Some(digest)) = (<[u8; 16]>::try_from(uuid), Sum::from_bytes(&digest))
-        else {
-            return Err(tampered("a row of `key_digests` is malformed".into()));
-        };
-        out.insert(uuid, digest);
-    }
-    Ok(out)
-}
-
-fn read_digest(conn: &Connection, uuid: &[u8; 16]) -> Result<Option<Sum>> {
-    let digest = conn
-        .query_row(
-            "SELECT digest FROM key_digests WHERE uuid = ?1",
-            params![uuid.as_slice()],
-            |r| r.get::<_, Vec<u8>>(0),
-        )
-        .optional()
-        .map_err(|e| Error::storage("read a key's digest", e))?;
-    digest
-        .map(|d| {
-            Sum::from_bytes(&d).ok_or_else(|| {
-                tampered(format!(
-                    "the digest of key {} is malformed",
-                    crate::hex::encode(uuid)
-                ))
-            })
-        })
-        .transpose()
-}
-
-fn put_digest(conn: &Connection, uuid: &[u8; 16], digest: Sum) -> Result<()> {
-    conn.execute(
-        "INSERT OR REPLACE INTO key_digests (uuid, digest) VALUES (?1, ?2)",
-        params![uuid.as_slice(), digest.to_bytes().as_slice()],
-    )
-    .map_err(|e| Error::storage("write a key's digest", e))?;
-    Ok(())
-}
-
-fn delete_digest(conn: &Connection, uuid: &[u8; 16]) -> Result<()> {
-    conn.execute(
-        "DELETE FROM key_digests WHERE uuid = ?1",
-        params![uuid.as_slice()],
-    )
-    .map_err(|e| Error::storage("delete a client's digest", e))?;
-    Ok(())
-}
-
-fn put_meta(conn: &Connection, key: &str, value: &[u8]) -> Result<()> {
-    conn.execute(
-        "INSERT OR REPLACE INTO meta (key, value) VALUES (?1, ?2)",
-        params![key, value],
-    )
-    .map_err(|e| Error::storage("write the store's metadata", e))?;
-    Ok(())
-}
-
-fn read_meta(conn: &Connection, dir: &Path) -> Result<StoreMeta> {
-    let get = |key: &str| -> Result<Vec<u8>> {
-        conn.query_row(
-            "SELECT value FROM meta WHERE key = ?1",
-            params![key],
-            |row| row.get::<_, Vec<u8>>(0),
-        )
-        .map_err(|e| Error::StoreUnusable {
-            path: dir.to_path_buf(),
-            reason: format!("its metadata entry `{key}` is missing or damaged"),
-            source: Some(Box::new(e)),
-        })
-    };
-    let damaged = |what: &str| Error::StoreUnusable {
-        path: dir.to_path_buf(),
-        reason: format!("its metadata entry `{what}` is damaged"),
-        source: None,
-    };
-    let store_id: [u8; 16] = get("store_id")?
-        .try_into()
-        .map_err(|_| damaged("store_id"))?;
-    let sealer = String::from_utf8(get("sealer")?).map_err(|_| damaged("sealer"))?;
-    let created_at = String::from_utf8(get("created_at")?)
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| damaged("created_at"))?;
-    // A missing MAC reads as empty: the keystore refuses it once it can say why.
-    let mac = conn
-        .query_row("SELECT value FROM meta WHERE key = 'meta_mac'", [], |row| {
-            row.get::<_, Vec<u8>>(0)
-        })
-        .optional()
-        .map_err(|e| Error::StoreUnusable {
-            path: dir.to_path_buf(),
-            reason: "its metadata entry `meta_mac` is damaged".into(),
-            source: Some(Box::new(e)),
-        })?
-        .unwrap_or_default();
-    Ok(StoreMeta {
-        store_id,
-        sealed_root: SealedRoot {
-            sealer,
-            params: get("sealer_params")?,
-            blob: get("sealed_root")?,
-        },
-        created_at,
-        mac,
-        state: read_state(conn, dir)?,
-    })
-}
 
 /// What a database image holds, read in the transaction that took it.
 #[derive(Debug)]
