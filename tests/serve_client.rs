@@ -224,7 +224,7 @@ fn a_kept_connection_the_service_closed_is_replaced_and_the_call_goes_through() 
 }
 
 #[test]
-fn a_tokio_application_calls_the_client_from_its_blocking_pool_and_may_drop_it_in_a_task() {
+fn a_tokio_application_calls_the_client_from_its_blocking_pool_or_a_task_and_may_drop_it_in_one() {
     let env = env();
     let server = Server::start(&env, &client("\"app\"", ""));
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -246,6 +246,15 @@ fn a_tokio_application_calls_the_client_from_its_blocking_pool_and_may_drop_it_i
             .await
             .unwrap()
             .unwrap();
+        // Against the documentation, but it must not panic ("cannot start a runtime from within
+        // a runtime"): called in an async task on a worker, and in the future block_on runs.
+        let shared = std::sync::Arc::clone(&remote);
+        let in_task = tokio::spawn(async move { shared.health() })
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(in_task, "app");
+        assert_eq!(remote.health().unwrap(), "app");
         // The last handle dropped inside an async task: its runtimes shut down, no panic.
         drop(remote);
         (first, second.len())
