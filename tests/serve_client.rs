@@ -280,3 +280,69 @@ fn a_token_a_header_cannot_carry_is_refused_before_anything_is_sent() {
     );
     assert!(!format!("{refused}").contains("kh-token"), "{refused}");
 }
+
+/// An input the service would refuse as too large is refused by the client before it is sent:
+/// 64 MiB would otherwise cross the socket as 85 MiB of base64 only to be turned away. No
+/// service is there, so a request sent would fail on the connection instead; at the limit
+/// itself (checked for one operation of each limit: each takes seconds in a debug build), it does.
+#[test]
+fn an_oversized_input_is_refused_before_anything_is_sent() {
+    let dir = tempfile::tempdir().unwrap();
+    let remote = RemoteKeystore::new(Remote::Unix(dir.path().join("none.sock"))).unwrap();
+    let (id, opts, der) = ("kh1-any", UseOptions::default(), SignatureFormat::Der);
+    let over = vec![0x5a_u8; keyhold::MAX_ENVELOPE + 1];
+    let (input_over, envelope_over) = (&over[..=keyhold::MAX_INPUT], &over[..]);
+    type Call<'a> = Box<dyn Fn(&[u8]) -> keyhold::Result<()> + 'a>;
+    let calls: Vec<(&str, &[u8], Call)> = vec![
+        (
+            "sign",
+            input_over,
+            Box::new(|d| remote.sign_with(id, d, der, &opts).map(drop)),
+        ),
+        (
+            "verify",
+            input_over,
+            Box::new(|d| remote.verify_with(id, d, b"s", der, &opts).map(drop)),
+        ),
+        (
+            "encrypt",
+            input_over,
+            Box::new(|d| remote.encrypt_with(id, d, b"", &opts).map(drop)),
+        ),
+        (
+            "mac",
+            input_over,
+            Box::new(|d| remote.mac_with(id, d, &opts).map(drop)),
+        ),
+        (
+            "mac-verify",
+            input_over,
+            Box::new(|d| remote.verify_mac_with(id, d, b"t", &opts).map(drop)),
+        ),
+        (
+            "decrypt",
+            envelope_over,
+            Box::new(|d| remote.decrypt_with(id, d, b"", &opts).map(drop)),
+        ),
+        (
+            "rewrap",
+            envelope_over,
+            Box::new(|d| remote.rewrap(id, d, b"", &opts).map(drop)),
+        ),
+    ];
+    for (what, too_big, call) in &calls {
+        let refused = call(too_big).unwrap_err();
+        assert!(
+            matches!(&refused, Error::InvalidInput(m) if m.contains("larger than the 64 MiB limit")),
+            "{what} of {} bytes: {refused:?}",
+            too_big.len()
+        );
+        if matches!(*what, "sign" | "decrypt") {
+            let sent = call(&too_big[..too_big.len() - 1]).unwrap_err();
+            assert!(
+                matches!(sent, Error::Io { .. }),
+                "{what} at the limit: {sent:?}"
+            );
+        }
+    }
+}

@@ -180,10 +180,15 @@ fn check_size(data: &[u8], operation: &str, limit: usize) -> Result<()> {
             "input is empty: nothing to {operation}"
         )));
     }
-    if data.len() > limit {
+    check_not_oversized(data.len(), limit)
+}
+
+/// Refuses `len` bytes of input over `limit`. The service's client checks this before it sends
+/// anything: an input the service would refuse is not uploaded first.
+pub(crate) fn check_not_oversized(len: usize, limit: usize) -> Result<()> {
+    if len > limit {
         return Err(Error::InvalidInput(format!(
-            "input is larger than the 64 MiB limit ({} bytes)",
-            data.len()
+            "input is larger than the 64 MiB limit ({len} bytes)"
         )));
     }
     Ok(())

@@ -22,7 +22,8 @@ use crate::backend::KeyOptions;
 use crate::error::{Error, Result};
 use crate::key::{Algorithm, KeyState, KeyType, SignatureFormat};
 use crate::keystore::{
-    KeyEvent, KeyInfo, KeyRequest, KeyService, PolicyChange, Transition, UseOptions, Used,
+    check_not_oversized, KeyEvent, KeyInfo, KeyRequest, KeyService, PolicyChange, Transition,
+    UseOptions, Used, MAX_ENVELOPE, MAX_INPUT,
 };
 use crate::public_key::PublicKey;
 use crate::secret::SecretBytes;
@@ -405,6 +406,7 @@ impl KeyService for RemoteKeystore {
         format: SignatureFormat,
         _options: &UseOptions,
     ) -> Result<Used<Vec<u8>>> {
+        check_not_oversized(message.len(), MAX_INPUT)?;
         let body = json!({ "data": b64(message), "format": format_name(format) });
         self.used(&self.act(id, "sign", &body)?, "signature")
     }
@@ -417,6 +419,7 @@ impl KeyService for RemoteKeystore {
         format: SignatureFormat,
         options: &UseOptions,
     ) -> Result<Used<()>> {
+        check_not_oversized(message.len(), MAX_INPUT)?;
         let body = json!({
             "data": b64(message),
             "signature": b64(signature),
@@ -434,6 +437,7 @@ impl KeyService for RemoteKeystore {
         aad: &[u8],
         _options: &UseOptions,
     ) -> Result<Used<Vec<u8>>> {
+        check_not_oversized(plaintext.len(), MAX_INPUT)?;
         let body = json!({ "plaintext": b64(plaintext), "aad": b64(aad) });
         self.used(&self.act(id, "encrypt", &body)?, "envelope")
     }
@@ -445,6 +449,7 @@ impl KeyService for RemoteKeystore {
         aad: &[u8],
         options: &UseOptions,
     ) -> Result<Used<SecretBytes>> {
+        check_not_oversized(input.len(), MAX_ENVELOPE)?;
         let body = json!({
             "envelope": b64(input),
             "aad": b64(aad),
@@ -466,6 +471,7 @@ impl KeyService for RemoteKeystore {
         aad: &[u8],
         options: &UseOptions,
     ) -> Result<Used<Vec<u8>>> {
+        check_not_oversized(input.len(), MAX_ENVELOPE)?;
         let body = json!({
             "envelope": b64(input),
             "aad": b64(aad),
@@ -475,6 +481,7 @@ impl KeyService for RemoteKeystore {
     }
 
     fn mac_with(&self, id: &str, data: &[u8], _options: &UseOptions) -> Result<Used<Vec<u8>>> {
+        check_not_oversized(data.len(), MAX_INPUT)?;
         self.used(&self.act(id, "mac", &json!({ "data": b64(data) }))?, "mac")
     }
 
@@ -485,6 +492,7 @@ impl KeyService for RemoteKeystore {
         tag: &[u8],
         options: &UseOptions,
     ) -> Result<Used<()>> {
+        check_not_oversized(data.len(), MAX_INPUT)?;
         let body = json!({
             "data": b64(data),
             "mac": b64(tag),
