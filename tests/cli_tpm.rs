@@ -426,3 +426,48 @@ fn reseal_refuses_a_pcr_list_changed_behind_its_back() {
     assert!(stderr.contains("PCR 23 can be reset"), "{stderr}");
     env.ok_text(&["key", "list"]);
 }
+
+/// tpm2-tss, and the OpenSSL it links, are loaded when a TPM is first used, not when keyhold
+/// starts (src/backend/tpm/library.rs; issue 12: every process paid about 3.4 ms for them).
+/// The dynamic loader names each library it loads (`LD_DEBUG=libs`, on stderr): signing with a
+/// software key loads none of tpm2-tss; initialising a TPM-sealed store loads it.
+#[test]
+fn tpm2_tss_is_loaded_only_when_a_tpm_is_used() {
+    const LOADER_REPORT: &[(&str, &str)] = &[("LD_DEBUG", "libs")];
+    const WHY: &str = "the loader reports on the process it runs in, not on a service's";
+    let software = Env::init().local_only(WHY);
+    let ec = software.create_key("ec", "ecdsa-p256", &[]);
+    let msg = software.write("msg", b"signed in software");
+    for args in [
+        &["--version"][..],
+        &["sign", "--key", &ec, "--in", &msg][..],
+    ] {
+        let out = software.run_vars(LOADER_REPORT, args);
+        assert!(out.status.success(), "{args:?}\n{}", show(&out));
+        let report = stderr(&out);
+        assert!(
+            report.contains("libc.so.6"),
+            "{args:?}: the loader reported nothing (LD_DEBUG ignored?):\n{report}"
+        );
+        assert!(
+            !report.contains("libtss2"),
+            "{args:?} loaded tpm2-tss without using a TPM:\n{report}"
+        );
+    }
+
+    let (_tpm, env) = setup();
+    let env = env.local_only(WHY);
+    let out = env.run_vars(LOADER_REPORT, &["init", "--sealer", "tpm"]);
+    assert!(out.status.success(), "init --sealer tpm\n{}", show(&out));
+    let report = stderr(&out);
+    for library in [
+        "libtss2-esys.so.0",
+        "libtss2-tctildr.so.0",
+        "libtss2-mu.so.0",
+    ] {
+        assert!(
+            report.contains(library),
+            "init --sealer tpm did not load {library}:\n{report}"
+        );
+    }
+}

@@ -217,6 +217,10 @@ impl TpmDevice {
             max_loaded: self.settings.max_loaded,
         };
         let map = |f| errors::map_connect(who, &self.tcti, self.settings.srk_handle, f);
+        super::library::load().map_err(|reason| Error::BackendUnavailable {
+            backend: who.to_owned(),
+            reason,
+        })?;
         let connection = self.open_bounded(who, setup)?.map_err(map)?;
         let first = self.srk_name.get_or_init(|| connection.srk_name().to_vec());
         if connection.srk_name() != first.as_slice() && self.elsewhere.load(Ordering::SeqCst) {

@@ -24,6 +24,7 @@ mod errors;
 #[cfg(feature = "testing")]
 pub mod fixture;
 mod import;
+mod library;
 mod nv;
 mod srk;
 mod templates;
