@@ -14,7 +14,9 @@ use std::path::Path;
 use keyhold::service::{ClientTls, Remote, RemoteKeystore};
 use keyhold::{KeyService, SignatureFormat, UseOptions};
 use support::env::*;
-use support::serve::{env, pki, start_tls, token_client, uid, Ca, Pki};
+use support::serve::{
+    connections_served, env, metrics_reader, pki, start_tls, token_client, uid, Ca, Pki,
+};
 
 /// `app` is this process's user on the Unix socket and `app.example` by certificate.
 fn clients() -> String {
@@ -359,7 +361,8 @@ fn a_service_certificate_of_another_ca_or_for_another_name_is_refused() {
 fn remote_keystore_over_https_with_a_client_certificate() {
     let env = env();
     let pki = pki(&env);
-    let (_server, addr) = start_tls(&env, &pki, &clients(), true);
+    let reader = metrics_reader(&env);
+    let (server, addr) = start_tls(&env, &pki, &clients(), true);
     let remote = Remote::parse(&format!("https://localhost:{}", addr.port())).unwrap();
     assert_eq!(
         remote,
@@ -403,6 +406,7 @@ fn remote_keystore_over_https_with_a_client_certificate() {
         .unwrap();
     let none = UseOptions::new();
     // Several calls: the kept-alive TLS connection is reused.
+    let before = connections_served(&server, &reader);
     for message in [&b"one"[..], b"two", b"three"] {
         let signed = keys
             .sign_with(&info.id, message, SignatureFormat::Der, &none)
@@ -417,6 +421,8 @@ fn remote_keystore_over_https_with_a_client_certificate() {
         .unwrap();
     }
     assert_eq!(keys.list_keys(Some("app")).unwrap().len(), 1);
+    // Seven calls on the connection kept since the first: no new one but the reading's own.
+    assert_eq!(connections_served(&server, &reader), before + 1);
 
     // Without a client certificate the service knows no client (401 on its connection).
     let anonymous = RemoteKeystore::new(keys.remote().clone())

@@ -14,7 +14,7 @@ use keyhold::{
     Algorithm, Error, KeyRequest, KeyService, KeySpec, KeyState, KeyType, PolicyChange,
     SignatureFormat, Transition, UseOptions,
 };
-use support::serve::{client, env, Server};
+use support::serve::{client, connections_served, env, metrics_reader, Server};
 
 fn request(namespace: &str, name: &str, key_type: KeyType) -> KeyRequest {
     KeyRequest {
@@ -204,6 +204,7 @@ fn the_same_application_runs_on_a_local_keystore_and_through_the_service() {
 #[test]
 fn a_kept_connection_the_service_closed_is_replaced_and_the_call_goes_through() {
     let env = env();
+    let reader = metrics_reader(&env);
     let socket = env.file("keyhold.sock");
     let server = Server::start_listening(
         &env,
@@ -211,14 +212,20 @@ fn a_kept_connection_the_service_closed_is_replaced_and_the_call_goes_through() 
         &[&format!("unix:{}", socket.display())],
         &["--header-timeout", "1s"],
     );
+    let before = connections_served(&server, &reader);
     let remote = RemoteKeystore::new(Remote::Unix(server.socket.clone())).unwrap();
-    assert_eq!(remote.health().unwrap(), "app");
+    for _ in 0..3 {
+        assert_eq!(remote.health().unwrap(), "app");
+    }
+    // Three calls, one connection (and the reading's own).
+    assert_eq!(connections_served(&server, &reader), before + 2);
     // Idle past its header timeout, the kept connection is closed by the service; the client
-    // notices before sending, and connects anew.
+    // notices before sending, and connects anew, once.
     std::thread::sleep(Duration::from_millis(2500));
     for _ in 0..3 {
         assert_eq!(remote.health().unwrap(), "app");
     }
+    assert_eq!(connections_served(&server, &reader), before + 4);
     let (status, err) = server.stop();
     assert!(status.success(), "{err}");
 }

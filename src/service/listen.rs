@@ -183,10 +183,12 @@ pub fn serve(prepared: Prepared, keystore: Keystore, ready: impl FnOnce(&[Listen
         }
         ready(&bound.iter().map(Bound::listen).collect::<Vec<_>>());
         let state = routes::State::new(Arc::clone(&keystore), clients, verified);
+        let metrics = Arc::clone(state.metrics());
         let router = routes::router(state.clone())
             .layer(axum::middleware::from_fn_with_state(state, authenticate));
         let shared = Arc::new(Shared {
             router,
+            metrics,
             tls,
             limits,
             connections: Arc::new(Semaphore::new(limits.max_connections)),
@@ -240,6 +242,8 @@ pub fn serve(prepared: Prepared, keystore: Keystore, ready: impl FnOnce(&[Listen
 /// What every connection shares.
 struct Shared {
     router: axum::Router,
+    /// The router's metrics, which count connections too.
+    metrics: Arc<super::metrics::Metrics>,
     tls: Option<TlsAcceptor>,
     limits: Limits,
     connections: Arc<Semaphore>,
@@ -583,6 +587,7 @@ async fn serve_http<I>(io: I, peer: Peer, shared: &Shared, mut stop: watch::Rece
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    let _counted = shared.metrics.connection();
     let router = shared.router.clone();
     let body_timeout = shared.limits.body_timeout;
     let service = hyper::service::service_fn(move |request: hyper::Request<Incoming>| {

@@ -1,6 +1,6 @@
 //! The service's metrics, in Prometheus' text format (`GET /v1/metrics`): requests answered by
 //! operation, backend, client and outcome, and their latency as a histogram by operation,
-//! backend and client.
+//! backend and client; connections served, and open.
 //!
 //! The label sets are bounded: operations and outcomes are fixed names, backends and clients
 //! come from the configuration (and the store's token clients), so memory does not grow with
@@ -9,6 +9,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -39,6 +40,20 @@ struct Stats {
 #[derive(Debug, Default)]
 pub struct Metrics {
     series: Mutex<BTreeMap<Series, Stats>>,
+    /// Connections served: accepted and, on TCP, past the TLS handshake.
+    connections: AtomicU64,
+    /// Of those, the ones open now.
+    open: AtomicU64,
+}
+
+/// A connection being served: counted as open until dropped.
+#[derive(Debug)]
+pub struct Connection<'a>(&'a Metrics);
+
+impl Drop for Connection<'_> {
+    fn drop(&mut self) {
+        self.0.open.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl Metrics {
@@ -70,6 +85,13 @@ impl Metrics {
         stats.buckets[bucket] += 1;
         stats.count += 1;
         stats.sum += secs;
+    }
+
+    /// Counts a connection served, open as long as the value returned is kept.
+    pub fn connection(&self) -> Connection<'_> {
+        self.connections.fetch_add(1, Ordering::Relaxed);
+        self.open.fetch_add(1, Ordering::Relaxed);
+        Connection(self)
     }
 
     /// Everything counted so far, in Prometheus' text exposition format (version 0.0.4).
@@ -111,6 +133,16 @@ impl Metrics {
                 stats.count, stats.sum, stats.count
             );
         }
+        let _ = write!(
+            out,
+            "# HELP keyhold_connections_total Connections served: accepted and, on TCP, past the \
+             TLS handshake.\n# TYPE keyhold_connections_total counter\n\
+             keyhold_connections_total {}\n\
+             # HELP keyhold_connections_open Connections open now.\n\
+             # TYPE keyhold_connections_open gauge\nkeyhold_connections_open {}\n",
+            self.connections.load(Ordering::Relaxed),
+            self.open.load(Ordering::Relaxed)
+        );
         out
     }
 }
@@ -173,5 +205,18 @@ mod tests {
         assert!(text.contains(&format!(
             "keyhold_request_duration_seconds_count{{{labels}}} 3\n"
         )));
+    }
+
+    #[test]
+    fn counts_connections_served_and_open() {
+        let metrics = Metrics::default();
+        let first = metrics.connection();
+        let second = metrics.connection();
+        drop(first);
+        let text = metrics.render();
+        assert!(text.contains("\nkeyhold_connections_total 2\n"), "{text}");
+        assert!(text.contains("\nkeyhold_connections_open 1\n"), "{text}");
+        drop(second);
+        assert!(metrics.render().contains("\nkeyhold_connections_open 0\n"));
     }
 }

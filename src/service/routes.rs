@@ -114,6 +114,10 @@ impl State {
     pub(super) fn keystore(&self) -> &Arc<Keystore> {
         &self.keystore
     }
+
+    pub(super) fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
 }
 
 /// The service's routes.

@@ -293,6 +293,47 @@ pub fn token_client(env: &Env, name: &str, namespace: &str) -> String {
         .to_owned()
 }
 
+/// A token client `metrics-reader` of the store allowed only `metrics`: its token. Reading the
+/// metrics with it adds no request of the client under test.
+pub fn metrics_reader(env: &Env) -> String {
+    let json = env.ok(
+        &[
+            "--json",
+            "client",
+            "add",
+            "metrics-reader",
+            "--namespace",
+            "app",
+            "--operations",
+            "metrics",
+        ],
+        b"",
+        "client add metrics-reader",
+    );
+    serde_json::from_slice::<Value>(&json).unwrap()["token"]
+        .as_str()
+        .unwrap()
+        .to_owned()
+}
+
+/// The connections the service has served (`keyhold_connections_total`), read over its Unix
+/// socket with `token` ([`metrics_reader`]): the reading's own connection is counted.
+pub fn connections_served(server: &Server, token: &str) -> u64 {
+    let answer = server.request(
+        "GET",
+        "/v1/metrics",
+        &[&format!("Authorization: Bearer {token}")],
+        None,
+    );
+    assert_eq!(answer.status, 200, "GET /v1/metrics: {}", answer.text);
+    answer
+        .text
+        .lines()
+        .find_map(|line| line.strip_prefix("keyhold_connections_total "))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no keyhold_connections_total in:\n{}", answer.text))
+}
+
 /// `[clients.app]`: this process's user, seeing `namespaces` (TOML strings), with `extra`.
 pub fn client(namespaces: &str, extra: &str) -> String {
     format!(
