@@ -421,7 +421,7 @@ fn remote_keystore_over_https_with_a_client_certificate() {
         .unwrap();
     }
     assert_eq!(keys.list_keys(Some("app")).unwrap().len(), 1);
-    // Seven calls on the connection kept since the first: no new one but the reading's own.
+    // Seven calls, and no new connection but the reading's own: the kept one served them.
     assert_eq!(connections_served(&server, &reader), before + 1);
 
     // Without a client certificate the service knows no client (401 on its connection).

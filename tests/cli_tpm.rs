@@ -474,41 +474,20 @@ fn tpm2_tss_is_loaded_only_when_a_tpm_is_used() {
 
 /// Where tpm2-tss cannot be loaded, keyhold still starts and signs with software keys, and a
 /// command that needs the TPM says what is missing: backend unavailable (exit 7), no store
-/// made. The library is hidden from one command by mounting /dev/null over it in a mount
-/// namespace of its own (`unshare -m`, as root, which the suite's openCryptoki fixture needs too).
+/// made. The library is hidden from one command by an empty `libtss2-esys.so.0` in a directory
+/// of `LD_LIBRARY_PATH`, which the dynamic loader searches first ("file too short").
 #[test]
 fn without_tpm2_tss_software_keys_work_and_a_tpm_command_says_what_is_missing() {
-    let unshare = require_tool("unshare", "hides tpm2-tss from one command");
-    let ldconfig = std::process::Command::new("ldconfig")
-        .arg("-p")
-        .output()
-        .expect("ldconfig -p lists the libraries the loader finds");
-    let listing = String::from_utf8_lossy(&ldconfig.stdout).into_owned();
-    let esys = listing
-        .lines()
-        .filter(|l| l.trim_start().starts_with("libtss2-esys.so.0 "))
-        .find_map(|l| l.split("=> ").nth(1))
-        .unwrap_or_else(|| panic!("libtss2-esys.so.0 is not in ldconfig -p:\n{listing}"));
-    let esys = std::fs::canonicalize(esys.trim()).unwrap();
-    let hidden = |env: &Env, args: &[&str]| {
-        let mut wrapper = std::process::Command::new(&unshare);
-        wrapper
-            .args([
-                "-m",
-                "sh",
-                "-c",
-                "mount --bind /dev/null \"$0\" && exec \"$@\"",
-            ])
-            .arg(&esys)
-            .arg(BIN);
-        env.run_cmd(env.command_via(wrapper, args), None)
-    };
     const WHY: &str = "the library is hidden from the process run here, not from a service";
-
     let software = Env::init().local_only(WHY);
+    let broken = software.file("broken-libs");
+    std::fs::create_dir(&broken).unwrap();
+    std::fs::write(broken.join("libtss2-esys.so.0"), b"").unwrap();
+    let hidden: &[(&str, &str)] = &[("LD_LIBRARY_PATH", broken.to_str().unwrap())];
+
     let ec = software.create_key("ec", "ecdsa-p256", &[]);
     let msg = software.write("msg", b"signed without tpm2-tss");
-    let out = hidden(&software, &["sign", "--key", &ec, "--in", &msg]);
+    let out = software.run_vars(hidden, &["sign", "--key", &ec, "--in", &msg]);
     assert!(
         out.status.success(),
         "sign without tpm2-tss\n{}",
@@ -517,7 +496,7 @@ fn without_tpm2_tss_software_keys_work_and_a_tpm_command_says_what_is_missing() 
 
     let (_tpm, env) = setup();
     let env = env.local_only(WHY);
-    let out = hidden(&env, &["init", "--sealer", "tpm"]);
+    let out = env.run_vars(hidden, &["init", "--sealer", "tpm"]);
     assert_fail(
         &out,
         7,
@@ -525,7 +504,10 @@ fn without_tpm2_tss_software_keys_work_and_a_tpm_command_says_what_is_missing() 
         "init --sealer tpm without tpm2-tss",
     );
     let err = stderr(&out);
-    assert!(err.contains("install its runtime libraries"), "{err}");
+    assert!(
+        err.contains("libtss2-esys.so.0") && err.contains("install its runtime libraries"),
+        "{err}"
+    );
     env.assert_no_store("init --sealer tpm without tpm2-tss");
     // The same Env, with the library where it was: the TPM is used.
     env.ok_text(&["init", "--sealer", "tpm"]);

@@ -30,6 +30,7 @@ use tokio_rustls::TlsAcceptor;
 
 use super::api::ApiError;
 use super::auth::{Clients, Peer, Turn};
+use super::metrics::{Connection, Metrics};
 use super::token::{self, Source};
 use super::{io_error, routes, tls, Limits, Listen, Settings};
 use crate::config::Config;
@@ -243,7 +244,7 @@ pub fn serve(prepared: Prepared, keystore: Keystore, ready: impl FnOnce(&[Listen
 struct Shared {
     router: axum::Router,
     /// The router's metrics, which count connections too.
-    metrics: Arc<super::metrics::Metrics>,
+    metrics: Arc<Metrics>,
     tls: Option<TlsAcceptor>,
     limits: Limits,
     connections: Arc<Semaphore>,
@@ -497,11 +498,16 @@ async fn accept_loop(
         };
         match accepted {
             Ok(connection) => {
+                // A Unix connection is served from here on: counted before the next is accepted,
+                // so that the metrics count connections in the order they came. A TCP one is
+                // counted once its TLS handshake is done.
+                let counted =
+                    matches!(connection, Accepted::Unix(_)).then(|| shared.metrics.connection());
                 tokio::spawn(connection_task(
                     connection,
                     Arc::clone(&shared),
                     stop.clone(),
-                    (alive.clone(), permit),
+                    (alive.clone(), permit, counted),
                 ));
             }
             Err(e) => {
@@ -526,12 +532,12 @@ async fn accept(listener: &Bound) -> std::io::Result<Accepted> {
 }
 
 /// One connection, from its TLS handshake (on TCP) to its end. `_held` is its place among the
-/// connections served and in the drain.
+/// connections served and in the drain, and its count in the metrics (Unix).
 async fn connection_task(
     connection: Accepted,
     shared: Arc<Shared>,
     mut stop: watch::Receiver<bool>,
-    _held: (mpsc::Sender<()>, OwnedSemaphorePermit),
+    _held: (mpsc::Sender<()>, OwnedSemaphorePermit, Option<Connection>),
 ) {
     match connection {
         Accepted::Unix(stream) => {
@@ -560,6 +566,7 @@ async fn connection_task(
                     return;
                 }
             };
+            let _counted = shared.metrics.connection();
             let names = stream
                 .get_ref()
                 .1
@@ -587,7 +594,6 @@ async fn serve_http<I>(io: I, peer: Peer, shared: &Shared, mut stop: watch::Rece
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let _counted = shared.metrics.connection();
     let router = shared.router.clone();
     let body_timeout = shared.limits.body_timeout;
     let service = hyper::service::service_fn(move |request: hyper::Request<Incoming>| {

@@ -48,9 +48,9 @@ pub struct Metrics {
 
 /// A connection being served: counted as open until dropped.
 #[derive(Debug)]
-pub struct Connection<'a>(&'a Metrics);
+pub struct Connection(Arc<Metrics>);
 
-impl Drop for Connection<'_> {
+impl Drop for Connection {
     fn drop(&mut self) {
         self.0.open.fetch_sub(1, Ordering::Relaxed);
     }
@@ -88,10 +88,10 @@ impl Metrics {
     }
 
     /// Counts a connection served, open as long as the value returned is kept.
-    pub fn connection(&self) -> Connection<'_> {
+    pub fn connection(self: &Arc<Self>) -> Connection {
         self.connections.fetch_add(1, Ordering::Relaxed);
         self.open.fetch_add(1, Ordering::Relaxed);
-        Connection(self)
+        Connection(Arc::clone(self))
     }
 
     /// Everything counted so far, in Prometheus' text exposition format (version 0.0.4).
@@ -209,7 +209,7 @@ mod tests {
 
     #[test]
     fn counts_connections_served_and_open() {
-        let metrics = Metrics::default();
+        let metrics = Arc::new(Metrics::default());
         let first = metrics.connection();
         let second = metrics.connection();
         drop(first);

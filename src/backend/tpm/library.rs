@@ -9,6 +9,14 @@
 //! `--as-needed`, leaves them out of the binary's needs. Each definition calls the real function,
 //! looked up in the libraries once, on first use (`dlopen` with `RTLD_NOW | RTLD_LOCAL`).
 //!
+//! - This relies on the linker leaving out a library that only discarded code refers to:
+//!   tss-esapi's object files name more tpm2-tss functions than keyhold's binary keeps. LLD does
+//!   (rust-lld is rustc's default linker on x86_64 Linux since Rust 1.90); GNU ld keeps the
+//!   libraries needed, and the binary then loads them at start as before: correct, only slower,
+//!   and tpm2-tss must be installed to run it.
+//! - The definitions are in the binary's dynamic symbol table, so tpm2-tss's own calls between
+//!   its libraries (`Esys_TR_Close`, `Tss2_MU_*`) also pass through them. They cannot loop: each
+//!   calls the address `dlsym` found in the library itself, never the binary's.
 //! - A keyhold built with the `tpm` feature now starts, and serves software and PKCS#11 keys, on
 //!   a machine without tpm2-tss; using a TPM there fails with [`load`]'s message.
 //! - A tpm2-tss function that tss-esapi calls but is not listed here is taken from the library at
@@ -23,7 +31,7 @@
 #![allow(non_snake_case)] // the functions and the table's fields carry tpm2-tss's C names
 
 use std::os::raw::c_char;
-use std::sync::OnceLock;
+use std::sync::{Mutex, OnceLock, PoisonError};
 
 use libloading::os::unix::{Library, RTLD_LOCAL, RTLD_NOW};
 use tss_esapi::tss2_esys::{
@@ -71,24 +79,41 @@ struct Loaded {
     _libraries: [Library; 3],
 }
 
-static LOADED: OnceLock<Result<Loaded, String>> = OnceLock::new();
+/// The libraries once loaded. A failure is not kept: a service started before tpm2-tss was
+/// installed finds it at its next use of the TPM.
+static LOADED: OnceLock<Loaded> = OnceLock::new();
+
+/// Held while the libraries are being loaded, so that threads do not load them twice.
+static LOADING: Mutex<()> = Mutex::new(());
 
 /// Loads tpm2-tss if it is not loaded yet.
 ///
 /// # Errors
 /// What the dynamic loader said, and which packages provide the libraries.
 pub(super) fn load() -> Result<(), String> {
-    match LOADED.get_or_init(open_all) {
-        Ok(_) => Ok(()),
-        Err(why) => Err(format!(
-            "tpm2-tss cannot be loaded ({why}): install its runtime libraries (Debian and \
-             Ubuntu: libtss2-esys-3.0.2-0, libtss2-mu0 and libtss2-tctildr0; Fedora: tpm2-tss)"
-        )),
+    loaded().map(drop).map_err(|why| {
+        format!(
+            "tpm2-tss cannot be loaded ({why}): install its runtime libraries (Debian 12: \
+             libtss2-esys-3.0.2-0, libtss2-mu0 and libtss2-tctildr0; elsewhere the tpm2-tss \
+             package)"
+        )
+    })
+}
+
+fn loaded() -> Result<&'static Loaded, String> {
+    if let Some(loaded) = LOADED.get() {
+        return Ok(loaded);
     }
+    let _loading = LOADING.lock().unwrap_or_else(PoisonError::into_inner);
+    if let Some(loaded) = LOADED.get() {
+        return Ok(loaded);
+    }
+    let loaded = open_all()?;
+    Ok(LOADED.get_or_init(|| loaded))
 }
 
 fn table() -> Option<&'static Table> {
-    match LOADED.get_or_init(open_all) {
+    match loaded() {
         Ok(loaded) => Some(&loaded.table),
         Err(why) => {
             tracing::debug!(error = %why, "tpm2-tss is not loaded");
