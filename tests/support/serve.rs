@@ -282,11 +282,14 @@ pub fn env() -> Env {
 
 /// A token client `name` of the store granted `namespace` (`keyhold client add`): its token.
 pub fn token_client(env: &Env, name: &str, namespace: &str) -> String {
-    let json = env.ok(
-        &["--json", "client", "add", name, "--namespace", namespace],
-        b"",
-        "client add",
-    );
+    token_client_with(env, name, namespace, &[])
+}
+
+/// [`token_client`] with more `client add` arguments (`--operations …`).
+fn token_client_with(env: &Env, name: &str, namespace: &str, extra: &[&str]) -> String {
+    let mut args = vec!["--json", "client", "add", name, "--namespace", namespace];
+    args.extend_from_slice(extra);
+    let json = env.ok(&args, b"", "client add");
     serde_json::from_slice::<Value>(&json).unwrap()["token"]
         .as_str()
         .unwrap()
@@ -296,24 +299,7 @@ pub fn token_client(env: &Env, name: &str, namespace: &str) -> String {
 /// A token client `metrics-reader` of the store allowed only `metrics`: its token. Reading the
 /// metrics with it adds no request of the client under test.
 pub fn metrics_reader(env: &Env) -> String {
-    let json = env.ok(
-        &[
-            "--json",
-            "client",
-            "add",
-            "metrics-reader",
-            "--namespace",
-            "app",
-            "--operations",
-            "metrics",
-        ],
-        b"",
-        "client add metrics-reader",
-    );
-    serde_json::from_slice::<Value>(&json).unwrap()["token"]
-        .as_str()
-        .unwrap()
-        .to_owned()
+    token_client_with(env, "metrics-reader", "app", &["--operations", "metrics"])
 }
 
 /// The connections the service has served (`keyhold_connections_total`), read over its Unix
