@@ -355,6 +355,24 @@ fn a_batch_answers_each_operation_in_order_as_its_own_request_would() {
     assert_eq!(checked["results"][0]["result"]["valid"], true, "{checked}");
     assert_eq!(checked["results"][1]["result"]["valid"], false, "{checked}");
 
+    // A body past 64 KiB is read off the thread that serves the connection: answered alike.
+    let large: Vec<Value> = (0..600)
+        .map(|i| json!({"op": "sign", "key": signer, "data": b64(format!("m{i}").as_bytes())}))
+        .collect();
+    let large = json!({ "operations": large });
+    assert!(large.to_string().len() > 64 * 1024);
+    let (status, answer) = server.ask("POST", "/v1/batch", Some(&large));
+    assert_eq!(status, 200, "{answer}");
+    let results = answer["results"].as_array().unwrap();
+    assert_eq!(results.len(), 600);
+    assert!(results.iter().all(|r| r["status"] == 200), "{answer}");
+    assert!(support::openssl_verifies(
+        &public,
+        keyhold::Algorithm::EcdsaP256Sha256,
+        b"m599",
+        &unb64(&results[599]["result"]["signature"])
+    ));
+
     // Too many operations: refused whole, and nothing is signed.
     let many: Vec<Value> = (0..1001)
         .map(|_| json!({"op": "sign", "key": signer, "data": b64(b"m")}))

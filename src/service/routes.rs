@@ -35,6 +35,9 @@ pub const PER_BACKEND: usize = 32;
 /// The most operations one `/v1/batch` request may hold.
 pub const MAX_BATCH: usize = 1000;
 
+/// A batch's body up to this size is read on the thread that serves its connection.
+const INLINE_BATCH_BODY: usize = 64 * 1024;
+
 /// What every request shares.
 #[derive(Debug, Clone)]
 pub struct State {
@@ -681,9 +684,10 @@ async fn json_bytes(request: Request, state: &State) -> Result<axum::body::Bytes
 /// those allowed run in order, a run of consecutive operations on one backend at a time behind
 /// that backend's gate alone.
 ///
-/// The body is read once, off the threads that serve connections, for where each operation is
-/// and its `op` and `key`; an operation's own fields are read only when it runs, so a batch
-/// costs the memory of its bytes and of one operation at a time.
+/// The body is read once for where each operation is and its `op` and `key` (up to
+/// [`INLINE_BATCH_BODY`] on the thread that serves the connection, a larger one off it); an
+/// operation's own fields are read only when it runs, so a batch costs the memory of its bytes
+/// and of one operation at a time.
 async fn batch(
     axum::extract::State(state): axum::extract::State<State>,
     caller: Result<Caller, ApiError>,
@@ -691,10 +695,16 @@ async fn batch(
 ) -> Answer {
     let (client, request) = granted(caller, request, None).await?;
     let body = json_bytes(request, &state).await?;
-    let read = body.clone();
-    let items = tokio::task::spawn_blocking(move || batch_items(&read))
-        .await
-        .map_err(|e| ApiError::internal(format!("the batch was not read: {e}")))??;
+    // A small body is read where it is (a few operations take microseconds); a large one off
+    // the threads that serve connections.
+    let items = if body.len() <= INLINE_BATCH_BODY {
+        batch_items(&body)?
+    } else {
+        let read = body.clone();
+        tokio::task::spawn_blocking(move || batch_items(&read))
+            .await
+            .map_err(|e| ApiError::internal(format!("the batch was not read: {e}")))??
+    };
     // Each operation checked as its own request; those refused are answered at once.
     let mut results: Vec<Option<Value>> = vec![None; items.len()];
     let mut ready = Vec::new();
