@@ -352,4 +352,16 @@ fn an_oversized_input_is_refused_before_anything_is_sent() {
             );
         }
     }
+    // An input within its limit with an `aad` that takes the request past the service's.
+    let aad = vec![0x5a_u8; keyhold::MAX_INPUT + 64 * 1024];
+    let refused = remote.encrypt_with(id, b"small", &aad, &opts).unwrap_err();
+    assert!(
+        matches!(&refused, Error::InvalidInput(m) if m.contains("more than keyhold serve reads")
+            && m.contains("nothing was sent")),
+        "{refused:?}"
+    );
+    let sent = remote
+        .encrypt_with(id, b"small", &aad[..keyhold::MAX_INPUT / 2], &opts)
+        .unwrap_err();
+    assert!(matches!(sent, Error::Io { .. }), "{sent:?}");
 }

@@ -137,6 +137,16 @@ impl RemoteKeystore {
                 .map_err(|e| Error::InvalidInput(format!("a request's JSON: {e}")))?,
             None => Vec::new(),
         });
+        // The inputs are checked against their limits; this catches the rest (a large `aad`)
+        // before it is uploaded to be refused.
+        if bytes.len() > super::MAX_BODY {
+            return Err(Error::InvalidInput(format!(
+                "the request would be {} bytes of JSON, more than keyhold serve reads ({} bytes: \
+                 a 64 MiB input in base64 and 64 KiB more): nothing was sent",
+                bytes.len(),
+                super::MAX_BODY
+            )));
+        }
         let mut request = Request::builder()
             .method(method)
             .uri(path)
