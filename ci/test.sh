@@ -68,8 +68,10 @@ verify_systemd_units() {
   dir=$(mktemp -d "${TMPDIR:-/tmp}/keyhold-units.XXXXXX")
   # The binary the test step built: `systemd-analyze` only checks that it is there and
   # executable, and `cargo build` would build it again (without the dev-dependencies' features).
-  [ -x target/debug/keyhold ] || cargo build --quiet --bin keyhold
-  sed "s|/usr/bin/keyhold|$PWD/target/debug/keyhold|" dist/systemd/keyhold.service >"$dir/keyhold.service"
+  local bin
+  bin=$(realpath -m "${CARGO_TARGET_DIR:-target}/debug/keyhold")
+  [ -x "$bin" ] || cargo build --quiet --bin keyhold
+  sed "s|/usr/bin/keyhold|$bin|" dist/systemd/keyhold.service >"$dir/keyhold.service"
   cp dist/systemd/keyhold.socket "$dir/"
   if ! out=$(systemd-analyze verify "$dir/keyhold.socket" "$dir/keyhold.service" 2>&1) || [ -n "$out" ]; then
     printf '%s\n' "$out" >&2
