@@ -812,8 +812,12 @@ fn report(results: &Results) {
             } else {
                 String::new()
             };
+            // Not a verdict: what the same clients reach through the service with batches.
+            let batched = get(case, clients, SideKind::Batch).map_or_else(String::new, |b| {
+                format!(" (batch100/inproc {:.2})", b.rate() / local.rate())
+            });
             println!(
-                "{case}/{clients}c {ratio:.2} {overhead:.0}{throughput} p99 {}",
+                "{case}/{clients}c {ratio:.2} {overhead:.0}{throughput} p99 {}{batched}",
                 all_p99.check(overhead < P99_OVERHEAD_TARGET_US)
             );
         }
@@ -851,8 +855,11 @@ fn report(results: &Results) {
             continue;
         };
         let ratio = remote.rate() / raw.rate();
+        let batched = get(case, clients, SideKind::Batch).map_or_else(String::new, |b| {
+            format!(", batch100/raw {:.2}", b.rate() / raw.rate())
+        });
         println!(
-            "{case}/{clients}c {ratio:.2} {} (inproc/raw {:.2})",
+            "{case}/{clients}c {ratio:.2} {} (inproc/raw {:.2}{batched})",
             all_raw.check(ratio >= RAW_TARGET),
             local.rate() / raw.rate()
         );
