@@ -4,6 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, Once, PoisonError};
 
 use zeroize::Zeroizing;
@@ -11,11 +12,48 @@ use zeroize::Zeroizing;
 /// Secret bytes (key material, a root secret, a derived key).
 ///
 /// The heap allocation is fixed at creation, locked with `mlock` when the OS allows it (so it is not
-/// written to swap), zeroized and unlocked on drop. `Debug` prints only the length.
+/// written to swap), zeroized and unlocked on drop. In a process whose memory is locked whole
+/// ([`lock_all_memory`]) it takes no lock of its own and releases none. `Debug` prints only the
+/// length.
 pub struct SecretBytes {
     bytes: Zeroizing<Vec<u8>>,
-    /// The pages this secret holds a lock on, if `mlock` succeeded.
-    locked: Option<Pages>,
+    /// How it is locked, if it is.
+    locked: Option<Lock>,
+}
+
+/// How a secret's pages are kept in memory.
+#[derive(Debug, Clone, Copy)]
+enum Lock {
+    /// By this secret's own `mlock` of these pages.
+    Pages(Pages),
+    /// By the process's `mlockall` ([`lock_all_memory`]).
+    Process,
+}
+
+/// Set once [`lock_all_memory`] has locked the process's memory, now and to come; never unset.
+static ALL_LOCKED: AtomicBool = AtomicBool::new(false);
+
+/// Locks all of this process's memory, now and to come (`mlockall` with `MCL_CURRENT`,
+/// `MCL_FUTURE` and `MCL_ONFAULT`: pages are locked as they are first touched, so thread stacks
+/// cost what they use), so that nothing it holds (keys, plaintexts in buffers, PINs) is written to
+/// swap.
+///
+/// From then on [`SecretBytes`] take no lock of their own and, above all, release none: a
+/// `munlock` would take a secret's pages, and whatever else the allocator put on them, out of the
+/// process-wide lock (and every lock and unlock splits and merges the process's mappings). Call it
+/// before starting threads that make secrets.
+///
+/// It needs `CAP_IPC_LOCK` or an unlimited `RLIMIT_MEMLOCK`: under a finite limit, a process
+/// locked with `MCL_FUTURE` has its allocations fail once it reaches the limit, so check that
+/// first (as `keyhold serve` does).
+///
+/// # Errors
+/// The OS's refusal of `mlockall`; nothing is changed then.
+pub fn lock_all_memory() -> std::io::Result<()> {
+    use rustix::mm::{mlockall, MlockAllFlags};
+    mlockall(MlockAllFlags::CURRENT | MlockAllFlags::FUTURE | MlockAllFlags::ONFAULT)?;
+    ALL_LOCKED.store(true, Ordering::Release);
+    Ok(())
 }
 
 /// A run of whole pages: the first page's address and how many.
@@ -107,11 +145,15 @@ impl SecretBytes {
         self.locked.is_some()
     }
 
-    /// Locks the pages of the allocation and counts this secret as one of their holders.
+    /// Locks the pages of the allocation and counts this secret as one of their holders, unless
+    /// the whole process is locked.
     #[allow(unsafe_code)]
-    fn lock(&mut self) -> Option<Pages> {
+    fn lock(&mut self) -> Option<Lock> {
         if self.bytes.capacity() == 0 {
             return None;
+        }
+        if ALL_LOCKED.load(Ordering::Acquire) {
+            return Some(Lock::Process);
         }
         let pages = Pages::covering(self.bytes.as_ptr() as usize, self.bytes.capacity());
         let mut locks = page_locks();
@@ -129,7 +171,7 @@ impl SecretBytes {
         for page in pages.addresses() {
             *locks.entry(page).or_insert(0) += 1;
         }
-        Some(pages)
+        Some(Lock::Pages(pages))
     }
 }
 
@@ -140,9 +182,12 @@ impl Drop for SecretBytes {
         // Zeroize clears the full capacity and frees nothing: the pages are unlocked below,
         // before the vector's buffer goes back to the allocator.
         self.bytes.zeroize();
-        let Some(pages) = self.locked.take() else {
+        let Some(Lock::Pages(pages)) = self.locked.take() else {
             return;
         };
+        // A secret made before the whole process was locked: its count goes, its pages stay
+        // locked (an munlock now would unlock them for everything on them).
+        let all_locked = ALL_LOCKED.load(Ordering::Acquire);
         let mut locks = page_locks();
         let size = rustix::param::page_size();
         for page in pages.addresses() {
@@ -152,6 +197,9 @@ impl Drop for SecretBytes {
             *count -= 1;
             if *count == 0 {
                 locks.remove(&page);
+                if all_locked {
+                    continue;
+                }
                 // SAFETY: one whole page that this secret locked and that no live secret holds
                 // any more (the count, under the map's lock, says so); munlock only changes
                 // paging, never memory contents.

@@ -540,3 +540,74 @@ fn memory_is_locked_where_permitted_and_a_warning_says_why_not_otherwise() {
         "a warning exactly when the limit is finite: {err}"
     );
 }
+
+/// The mappings of process `pid` that are writable but not locked (`wr` without `lo` in their
+/// VmFlags, /proc/PID/smaps): their address ranges.
+fn writable_unlocked(pid: u32) -> Vec<String> {
+    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).unwrap();
+    let mut range = String::new();
+    let mut found = Vec::new();
+    for line in smaps.lines() {
+        if let Some(flags) = line.strip_prefix("VmFlags:") {
+            let flags: Vec<&str> = flags.split_whitespace().collect();
+            if flags.contains(&"wr") && !flags.contains(&"lo") {
+                found.push(range.clone());
+            }
+        } else if line.split_whitespace().next().is_some_and(|r| {
+            r.split_once('-').is_some_and(|(a, b)| {
+                usize::from_str_radix(a, 16).is_ok() && usize::from_str_radix(b, 16).is_ok()
+            })
+        }) {
+            range = line.to_owned();
+        }
+    }
+    found
+}
+
+/// In a service whose memory is locked whole (mlockall), secrets come and go (decrypted
+/// plaintexts, the root secret's derivations) and the memory stays locked: a secret's own
+/// `munlock` would take its pages, and whatever else the allocator put on them, out of the
+/// process-wide lock.
+#[test]
+fn secrets_dropped_in_a_locked_service_leave_its_memory_locked() {
+    if !may_lock_all() {
+        eprintln!(
+            "skipped: mlockall is not permitted here (no CAP_IPC_LOCK, finite RLIMIT_MEMLOCK)"
+        );
+        return;
+    }
+    let env = env();
+    env.set_config(&clients(""));
+    let aes = env.create_key("box", "aes-256-gcm", &["--namespace", "app"]);
+    let socket = env.file("keyhold.sock");
+    let listen = format!("unix:{}", socket.display());
+    let server = Server::spawn(env.command(&["serve", "--listen", &listen]), socket);
+    let before = writable_unlocked(server.pid());
+    for i in 0..200 {
+        let plaintext = support::serve::b64(format!("plaintext {i}").as_bytes());
+        let (status, sealed) = server.ask(
+            "POST",
+            &format!("/v1/keys/{aes}/encrypt"),
+            Some(&json!({ "plaintext": plaintext })),
+        );
+        assert_eq!(status, 200, "{sealed}");
+        let (status, opened) = server.ask(
+            "POST",
+            &format!("/v1/keys/{aes}/decrypt"),
+            Some(&json!({ "envelope": sealed["envelope"] })),
+        );
+        assert_eq!(status, 200, "{opened}");
+        assert_eq!(opened["plaintext"], json!(plaintext));
+    }
+    let after = writable_unlocked(server.pid());
+    let (status, err) = server.stop();
+    assert!(status.success(), "{err}");
+    assert!(
+        before.is_empty(),
+        "unlocked before any request: {before:#?}"
+    );
+    assert!(
+        after.is_empty(),
+        "writable mappings unlocked after 200 decryptions: {after:#?}"
+    );
+}

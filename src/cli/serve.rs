@@ -112,7 +112,6 @@ pub fn serve(ctx: &Context, args: &ServeArgs) -> CmdResult {
 /// ([`keyhold::secret::SecretBytes`]).
 #[cfg(feature = "serve")]
 fn lock_memory() {
-    use rustix::mm::{mlockall, MlockAllFlags};
     use rustix::process::{getrlimit, Resource};
     use rustix::thread::{capabilities, CapabilitySet};
     let limit = getrlimit(Resource::Memlock).current;
@@ -126,8 +125,7 @@ fn lock_memory() {
         );
         return;
     }
-    let flags = MlockAllFlags::CURRENT | MlockAllFlags::FUTURE | MlockAllFlags::ONFAULT;
-    if let Err(e) = mlockall(flags) {
+    if let Err(e) = keyhold::secret::lock_all_memory() {
         tracing::warn!("memory not locked: mlockall: {e}; secrets are still locked one by one");
     }
 }
