@@ -31,6 +31,9 @@ enum Lock {
 }
 
 /// Set once [`lock_all_memory`] has locked the process's memory, now and to come; never unset.
+/// Set and read under [`page_locks`]'s mutex wherever a page lock is taken or released, so that no
+/// secret unlocks a page after `mlockall` (a read outside the mutex may only skip work once it is
+/// set: it is never unset). The mutex orders everything; the atomic only lets it be read without.
 static ALL_LOCKED: AtomicBool = AtomicBool::new(false);
 
 /// Locks all of this process's memory, now and to come (`mlockall` with `MCL_CURRENT`,
@@ -47,13 +50,34 @@ static ALL_LOCKED: AtomicBool = AtomicBool::new(false);
 /// locked with `MCL_FUTURE` has its allocations fail once it reaches the limit, so check that
 /// first (as `keyhold serve` does).
 ///
+/// What keeps the memory locked afterwards is the process's own conduct: an `munlock` or
+/// `munlockall` by other code in it (a PKCS#11 module, say) unlocks pages without keyhold
+/// knowing, and a child made by `fork` without `exec` inherits no memory locks.
+///
 /// # Errors
-/// The OS's refusal of `mlockall`; nothing is changed then.
+/// The OS's refusal of `mlockall` (nothing is changed then); `Unsupported` outside Linux.
+#[cfg(target_os = "linux")]
 pub fn lock_all_memory() -> std::io::Result<()> {
     use rustix::mm::{mlockall, MlockAllFlags};
+    // Under the map's mutex: a secret dropped on another thread meanwhile either unlocks its
+    // pages before `mlockall` (which locks them again) or sees the flag and leaves them.
+    let _locks = page_locks();
     mlockall(MlockAllFlags::CURRENT | MlockAllFlags::FUTURE | MlockAllFlags::ONFAULT)?;
-    ALL_LOCKED.store(true, Ordering::Release);
+    ALL_LOCKED.store(true, Ordering::Relaxed);
     Ok(())
+}
+
+/// Outside Linux there is no `MCL_ONFAULT`: the process's memory is not locked whole, and
+/// secrets keep locking their own pages.
+///
+/// # Errors
+/// Always `Unsupported`.
+#[cfg(not(target_os = "linux"))]
+pub fn lock_all_memory() -> std::io::Result<()> {
+    Err(std::io::Error::new(
+        std::io::ErrorKind::Unsupported,
+        "locking the whole process's memory is implemented on Linux only",
+    ))
 }
 
 /// A run of whole pages: the first page's address and how many.
@@ -140,7 +164,10 @@ impl SecretBytes {
         self.bytes.is_empty()
     }
 
-    /// Whether the pages are locked in memory (false where `RLIMIT_MEMLOCK` or the OS refused).
+    /// Whether the pages are locked in memory: by this secret's own `mlock` (false where
+    /// `RLIMIT_MEMLOCK` or the OS refused it), or, for a secret made after
+    /// [`lock_all_memory`], by the process's lock (true for as long as that lock holds: see
+    /// there).
     pub fn is_locked(&self) -> bool {
         self.locked.is_some()
     }
@@ -152,11 +179,11 @@ impl SecretBytes {
         if self.bytes.capacity() == 0 {
             return None;
         }
-        if ALL_LOCKED.load(Ordering::Acquire) {
+        let mut locks = page_locks();
+        if ALL_LOCKED.load(Ordering::Relaxed) {
             return Some(Lock::Process);
         }
         let pages = Pages::covering(self.bytes.as_ptr() as usize, self.bytes.capacity());
-        let mut locks = page_locks();
         let size = rustix::param::page_size();
         // SAFETY: the range is whole pages that hold part of one live allocation owned by
         // `self.bytes`, whose buffer never moves or changes size (no method grows or shrinks the
@@ -179,16 +206,16 @@ impl Drop for SecretBytes {
     #[allow(unsafe_code)]
     fn drop(&mut self) {
         use zeroize::Zeroize;
-        // Zeroize clears the full capacity and frees nothing: the pages are unlocked below,
-        // before the vector's buffer goes back to the allocator.
+        // Zeroize clears the full capacity and frees nothing: the pages are unlocked below (unless
+        // the whole process is locked), before the vector's buffer goes back to the allocator.
         self.bytes.zeroize();
         let Some(Lock::Pages(pages)) = self.locked.take() else {
             return;
         };
+        let mut locks = page_locks();
         // A secret made before the whole process was locked: its count goes, its pages stay
         // locked (an munlock now would unlock them for everything on them).
-        let all_locked = ALL_LOCKED.load(Ordering::Acquire);
-        let mut locks = page_locks();
+        let all_locked = ALL_LOCKED.load(Ordering::Relaxed);
         let size = rustix::param::page_size();
         for page in pages.addresses() {
             let Some(count) = locks.get_mut(&page) else {
