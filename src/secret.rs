@@ -31,9 +31,9 @@ enum Lock {
 }
 
 /// Set once [`lock_all_memory`] has locked the process's memory, now and to come; never unset.
-/// Set and read under [`page_locks`]'s mutex wherever a page lock is taken or released, so that no
-/// secret unlocks a page after `mlockall` (a read outside the mutex may only skip work once it is
-/// set: it is never unset). The mutex orders everything; the atomic only lets it be read without.
+/// Set, and read where a page lock is released, under [`page_locks`]'s mutex, so that no secret
+/// unlocks a page after `mlockall`; read without it where a secret is made (a secret that misses
+/// it only locks its own pages, which is harmless).
 static ALL_LOCKED: AtomicBool = AtomicBool::new(false);
 
 /// Locks all of this process's memory, now and to come (`mlockall` with `MCL_CURRENT`,
@@ -63,7 +63,8 @@ pub fn lock_all_memory() -> std::io::Result<()> {
     // pages before `mlockall` (which locks them again) or sees the flag and leaves them.
     let _locks = page_locks();
     mlockall(MlockAllFlags::CURRENT | MlockAllFlags::FUTURE | MlockAllFlags::ONFAULT)?;
-    ALL_LOCKED.store(true, Ordering::Relaxed);
+    // Release: a secret that sees the flag without the mutex sees `mlockall` done.
+    ALL_LOCKED.store(true, Ordering::Release);
     Ok(())
 }
 
@@ -179,10 +180,12 @@ impl SecretBytes {
         if self.bytes.capacity() == 0 {
             return None;
         }
-        let mut locks = page_locks();
-        if ALL_LOCKED.load(Ordering::Relaxed) {
+        // Without the mutex: a secret that misses the flag as it is set locks its own pages,
+        // which is harmless (its drop, under the mutex, sees the flag and leaves them locked).
+        if ALL_LOCKED.load(Ordering::Acquire) {
             return Some(Lock::Process);
         }
+        let mut locks = page_locks();
         let pages = Pages::covering(self.bytes.as_ptr() as usize, self.bytes.capacity());
         let size = rustix::param::page_size();
         // SAFETY: the range is whole pages that hold part of one live allocation owned by
