@@ -544,10 +544,11 @@ fn memory_is_locked_where_permitted_and_a_warning_says_why_not_otherwise() {
 /// The heap mappings of process `pid` (`[heap]` and anonymous private writable ones, where
 /// malloc's arenas are) that are not locked (no `lo` in their VmFlags, /proc/PID/smaps): their
 /// header lines. Droppable mappings (`dp`: glibc's getrandom state, which the kernel never locks)
-/// are not the heap.
+/// are not the heap. Panics if it finds no heap at all: then it would not be looking.
 fn heap_unlocked(pid: u32) -> Vec<String> {
     let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).unwrap();
     let mut header: Option<&str> = None;
+    let mut heaps = 0;
     let mut found = Vec::new();
     for line in smaps.lines() {
         let fields: Vec<&str> = line.split_whitespace().collect();
@@ -563,16 +564,21 @@ fn heap_unlocked(pid: u32) -> Vec<String> {
             header = heap.then_some(line);
         } else if let (Some(flags), Some(mapping)) = (line.strip_prefix("VmFlags:"), header) {
             let flags: Vec<&str> = flags.split_whitespace().collect();
-            if !flags.contains(&"lo") && !flags.contains(&"dp") {
+            if flags.contains(&"dp") {
+                continue;
+            }
+            heaps += 1;
+            if !flags.contains(&"lo") {
                 found.push(mapping.to_owned());
             }
         }
     }
+    assert!(heaps > 0, "no heap mapping found in /proc/{pid}/smaps");
     found
 }
 
 /// In a service whose memory is locked whole (mlockall), secrets come and go (decrypted
-/// plaintexts, the root secret's derivations) and the memory stays locked: a secret's own
+/// plaintexts among them) and the memory stays locked: a secret's own
 /// `munlock` would take its pages, and whatever else the allocator put on them, out of the
 /// process-wide lock.
 #[test]
