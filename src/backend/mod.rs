@@ -241,6 +241,15 @@ pub trait Backend: Send + Sync + fmt::Debug {
     /// [`crate::Error::BackendUnavailable`] if the device cannot be reached.
     fn capabilities(&self) -> Result<Capabilities>;
 
+    /// Whether this backend's key operations are computation on material held in this process's
+    /// memory, with no device, file or lock of another process to wait for (the software
+    /// backend): a caller serving many requests may then run a short one (not RSA's private
+    /// operations, not key generation) where it is instead of handing it to another thread.
+    /// Backends with a device answer `false`, the default.
+    fn computes_in_process(&self) -> bool {
+        false
+    }
+
     /// Creates a key inside the backend.
     ///
     /// # Errors

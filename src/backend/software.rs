@@ -578,6 +578,10 @@ impl Backend for SoftwareBackend {
         Ok(self.capabilities.clone())
     }
 
+    fn computes_in_process(&self) -> bool {
+        true
+    }
+
     fn generate(&self, context: KeyContext<'_>, _options: &KeyOptions) -> Result<GeneratedKey> {
         // Software keys live sealed in their records either way; `extractable` is recorded by the
         // keystore for the wrapped export to come.

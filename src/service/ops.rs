@@ -1,8 +1,9 @@
 //! What a client asks of one key (`POST /v1/keys/{id}/ACTION`, or an item of `/v1/batch`): each
 //! action's body, the operation a client must be granted for it, and running it on the keystore.
 //!
-//! Everything here is synchronous and runs on the blocking pool: reading the JSON body, decoding
-//! its base64, the keystore call, encoding the answer. Decoded inputs, decrypted plaintexts and
+//! Everything here is synchronous and runs where the service places the call (`routes::Placement`:
+//! a quick use of a software key where its request was read, anything else on the blocking pool):
+//! reading the JSON body, decoding its base64, the keystore call, encoding the answer. Decoded inputs, decrypted plaintexts and
 //! data keys are held in zeroizing buffers; the answer's JSON strings (a plaintext or data key in
 //! base64) and the HTTP layer's buffers are not zeroized (docs/service.md, What stays in memory).
 
