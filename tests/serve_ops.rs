@@ -27,6 +27,21 @@ fn create(server: &Server, name: &str, ty: &str) -> String {
     key["id"].as_str().unwrap().to_owned()
 }
 
+/// The store's audit log, as `keyhold --json audit show` prints it.
+fn audit_entries(env: &Env) -> Vec<Value> {
+    let log = env.ok(&["--json", "audit", "show"], b"", "audit show");
+    serde_json::from_slice(&log).unwrap()
+}
+
+/// `field` of each entry of `operation` on `key`, in order.
+fn field_of(entries: &[Value], operation: &str, key: &str, field: &str) -> Vec<Value> {
+    entries
+        .iter()
+        .filter(|e| e["operation"] == operation && e["key_id"] == key)
+        .map(|e| e[field].clone())
+        .collect()
+}
+
 fn error_code(answer: &(u16, Value)) -> (u16, &str) {
     (answer.0, answer.1["error"]["code"].as_str().unwrap_or("-"))
 }
@@ -441,15 +456,8 @@ fn the_audit_log_names_the_client_and_the_metrics_count_its_answers() {
 
     let (status, err) = server.stop();
     assert!(status.success(), "{err}");
-    let log = env.ok(&["--json", "audit", "show"], b"", "audit show");
-    let entries: Vec<Value> = serde_json::from_slice(&log).unwrap();
-    let client_of = |operation: &str, key: &str| -> Vec<Value> {
-        entries
-            .iter()
-            .filter(|e| e["operation"] == operation && e["key_id"] == key)
-            .map(|e| e["client"].clone())
-            .collect()
-    };
+    let entries = audit_entries(&env);
+    let client_of = |operation: &str, key: &str| field_of(&entries, operation, key, "client");
     assert_eq!(client_of("sign", &made_here), vec![json!("app"); 3]);
     assert_eq!(client_of("create", &made_there), [json!("app")]);
     assert_eq!(
@@ -462,6 +470,108 @@ fn the_audit_log_names_the_client_and_the_metrics_count_its_answers() {
     assert!(text
         .lines()
         .any(|l| l.contains(" sign ") && l.contains(" client=app ")));
+}
+
+/// A quick use of a software key runs from memory where its request was read; one that would have
+/// to wait (a key not seen yet, AES-GCM invocations to reserve in the store, an activation due)
+/// stops before doing anything and runs on the pool instead. Each is done, audited and counted
+/// once, alone or in a batch.
+#[test]
+fn quick_uses_that_would_wait_run_on_the_pool_once() {
+    let env = env();
+    // Made by the CLI: the service has not read them.
+    let signer = env.create_key("signer", "ecdsa-p256", &["--namespace", "app"]);
+    let sealer = env.create_key("sealer", "aes-256-gcm", &["--namespace", "app"]);
+    let server = Server::start(
+        &env,
+        &client(
+            "\"app\"",
+            "operations = [\"sign\", \"encrypt\", \"create\", \"metrics\"]",
+        ),
+    );
+    let (status, later) = server.ask(
+        "POST",
+        "/v1/keys",
+        Some(
+            &json!({"namespace": "app", "name": "later", "type": "ecdsa-p256",
+                     "activate_at": "+2s"}),
+        ),
+    );
+    assert_eq!(status, 201, "{later}");
+    let later = later["id"].as_str().unwrap().to_owned();
+    // The AES key reserves 1, 2, 4, 8 invocations in the store: the 1st, 2nd, 4th and 8th
+    // encryptions would wait, the others take their invocation from memory.
+    for i in 0..10 {
+        let (status, sealed) = act(&server, &sealer, "encrypt", json!({"plaintext": b64(b"m")}));
+        assert_eq!(status, 200, "encryption {i}: {sealed}");
+        let (status, signed) = act(&server, &signer, "sign", json!({"data": b64(b"m")}));
+        assert_eq!(status, 200, "signature {i}: {signed}");
+    }
+    let (status, batch) = server.ask(
+        "POST",
+        "/v1/batch",
+        // Encryptions 11 to 16 after a signature: the 16th, 7th of the batch, needs the next
+        // reservation, and it and the 8th go on to the pool.
+        Some(&json!({"operations": [
+            {"op": "sign", "key": signer, "data": b64(b"m")},
+            {"op": "encrypt", "key": sealer, "plaintext": b64(b"m")},
+            {"op": "encrypt", "key": sealer, "plaintext": b64(b"m")},
+            {"op": "encrypt", "key": sealer, "plaintext": b64(b"m")},
+            {"op": "encrypt", "key": sealer, "plaintext": b64(b"m")},
+            {"op": "encrypt", "key": sealer, "plaintext": b64(b"m")},
+            {"op": "encrypt", "key": sealer, "plaintext": b64(b"m")},
+            {"op": "sign", "key": signer, "data": b64(b"m")},
+        ]})),
+    );
+    assert_eq!(status, 200, "{batch}");
+    let statuses: Vec<&Value> = batch["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| &r["status"])
+        .collect();
+    assert_eq!(statuses, [&json!(200); 8], "{batch}");
+    // Due work: the key activates at its first use after its time, on the pool.
+    std::thread::sleep(std::time::Duration::from_millis(2100));
+    let (status, signed) = act(&server, &later, "sign", json!({"data": b64(b"m")}));
+    assert_eq!(status, 200, "{signed}");
+
+    let metrics = server.request("GET", "/v1/metrics", &[], None);
+    assert_eq!(metrics.status, 200, "{}", metrics.text);
+    for line in [
+        r#"keyhold_requests_total{operation="encrypt",backend="software",client="app",outcome="ok"} 16"#,
+        r#"keyhold_requests_total{operation="sign",backend="software",client="app",outcome="ok"} 13"#,
+    ] {
+        assert!(
+            metrics.text.lines().any(|l| l == line),
+            "no `{line}` in:\n{}",
+            metrics.text
+        );
+    }
+    assert!(
+        !metrics.text.contains("outcome=\"timeout\""),
+        "an attempt that would have waited was counted:\n{}",
+        metrics.text
+    );
+    let (status, err) = server.stop();
+    assert!(status.success(), "{err}");
+    let entries = audit_entries(&env);
+    let outcomes = |operation: &str, key: &str| field_of(&entries, operation, key, "outcome");
+    assert_eq!(outcomes("encrypt", &sealer), vec![json!("ok"); 16]);
+    assert_eq!(outcomes("sign", &signer), vec![json!("ok"); 12]);
+    assert_eq!(outcomes("sign", &later), vec![json!("ok")]);
+    // Made, activated once (its due work), used once.
+    let of_later: Vec<&Value> = entries
+        .iter()
+        .filter(|e| e["key_id"] == later.as_str())
+        .map(|e| &e["operation"])
+        .collect();
+    assert_eq!(of_later.len(), 3, "{of_later:?}");
+    assert_eq!(
+        (of_later[0], of_later[2]),
+        (&json!("create"), &json!("sign"))
+    );
+    env.ok(&["audit", "verify"], b"", "the log verifies");
 }
 
 /// 16 clients at once, 500 requests each, over the socket: every one answered, every signature
@@ -606,8 +716,7 @@ fn refusals_by_the_service_are_in_the_audit_log_and_the_metrics() {
     }
     let (status, err) = server.stop();
     assert!(status.success(), "{err}");
-    let log = env.ok(&["--json", "audit", "show"], b"", "audit show");
-    let entries: Vec<Value> = serde_json::from_slice(&log).unwrap();
+    let entries = audit_entries(&env);
     let refused = |operation: &str, key: &str, outcome: &str| {
         entries.iter().any(|e| {
             e["operation"] == operation
@@ -698,8 +807,7 @@ fn a_data_key_is_audited_as_a_data_key() {
     let (status, err) = server.stop();
     assert!(status.success(), "{err}");
 
-    let log = env.ok(&["--json", "audit", "show"], b"", "audit show");
-    let entries: Vec<Value> = serde_json::from_slice(&log).unwrap();
+    let entries = audit_entries(&env);
     let uses: Vec<(&str, &str, &str)> = entries
         .iter()
         .filter(|e| e["client"] == "app")

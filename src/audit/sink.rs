@@ -231,6 +231,15 @@ impl AuditSink {
         }
     }
 
+    /// Whether so many key uses wait to be written that the next ones may be written by their
+    /// callers ([`MAX_PENDING`], less a margin for callers adding theirs meanwhile).
+    pub fn backlogged(&self) -> bool {
+        const MARGIN: usize = 1024;
+        self.inner
+            .as_ref()
+            .is_some_and(|enabled| lock(&enabled.shared.pending).uses.len() + MARGIN >= MAX_PENDING)
+    }
+
     /// Writes the buffered key uses now.
     ///
     /// # Errors

@@ -213,6 +213,12 @@ impl Keystore {
         });
     }
 
+    /// Whether the audit log's backlog is such that the next key use may be written by its
+    /// caller ([`crate::audit::AuditSink::backlogged`]).
+    pub(super) fn audit_backlogged(&self) -> bool {
+        self.audit.sink.backlogged()
+    }
+
     /// Records a use of `operation` that went nowhere because `id` did not resolve: with the
     /// key's ID only if the ID is genuine (one that failed authentication is never written).
     pub(super) fn audit_refused(&self, id: &str, operation: &'static str, error: &Error) {

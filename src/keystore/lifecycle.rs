@@ -293,6 +293,7 @@ impl Keystore {
         if Self::due(&resolved, crate::time::now()).is_none() {
             return Ok(resolved);
         }
+        super::memory_only::may_wait("run the key's due work")?;
         match self.run_due(resolved, &mut Vec::new(), false) {
             Ok(current) => Ok(current),
             Err(e) => {

@@ -10,6 +10,7 @@ mod envelope;
 mod info;
 mod key_id;
 mod lifecycle;
+mod memory_only;
 mod ops;
 mod registry;
 mod reseal;
@@ -44,6 +45,8 @@ pub(crate) use envelope::oaep_label;
 use key_id::KeyIdCodec;
 pub use key_id::{KeyIdFields, PREFIX as KEY_ID_PREFIX};
 pub use lifecycle::{Done, KeyEvent, Maintenance, PolicyChange, PolicyText, Transition};
+#[cfg(feature = "serve")]
+pub(crate) use memory_only::{from_memory_only, would_wait, WouldWait};
 pub use ops::{UseOptions, Used};
 use registry::build_backends;
 use resolve::ResolvedCache;

@@ -270,6 +270,18 @@ impl Keystore {
         cache.generation += 1;
     }
 
+    /// Notes that the store is at `version` now (a changed version empties the cache): the
+    /// cached key `id`, if any, and the keystore's generation.
+    fn observed(&self, version: i64, id: &str) -> (Option<Arc<Resolved>>, u64) {
+        let mut cache = self.cache();
+        if cache.data_version != version {
+            cache.by_id.clear();
+            cache.data_version = version;
+        }
+        cache.checked_at = Some(std::time::Instant::now());
+        (cache.by_id.get(id).map(Arc::clone), cache.generation)
+    }
+
     /// Authenticates `id` and loads its key's verified record, from the cache when the store has
     /// not changed since.
     pub(super) fn resolve(&self, id: &str) -> Result<Arc<Resolved>> {
@@ -282,20 +294,29 @@ impl Keystore {
                 (false, _) => None,
             }
         };
+        if super::memory_only::in_scope() {
+            // From memory only: whether the store changed, if that can be read at once; a key
+            // the cache does not hold is read from the store, which may wait.
+            if fresh_version.is_none() {
+                match self.store.try_data_version()? {
+                    Some(v) => {
+                        if let (Some(hit), _) = self.observed(v, id) {
+                            return Ok(hit);
+                        }
+                    }
+                    None => super::memory_only::may_wait("read the store")?,
+                }
+            }
+            super::memory_only::may_wait("read the key's record")?;
+        }
         let (version, generation) = match fresh_version {
             Some(seen) => seen,
             None => {
                 let v = self.store.data_version()?;
-                let mut cache = self.cache();
-                if cache.data_version != v {
-                    cache.by_id.clear();
-                    cache.data_version = v;
+                match self.observed(v, id) {
+                    (Some(hit), _) => return Ok(hit),
+                    (None, generation) => (v, generation),
                 }
-                cache.checked_at = Some(std::time::Instant::now());
-                if let Some(hit) = cache.by_id.get(id) {
-                    return Ok(Arc::clone(hit));
-                }
-                (v, cache.generation)
             }
         };
         let resolved = Arc::new(self.resolve_uncached(id)?);

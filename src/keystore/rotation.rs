@@ -147,15 +147,23 @@ impl Keystore {
     pub(super) fn take_invocation(&self, r: &Resolved) -> Result<bool> {
         let version = r.record.version;
         let slot = (r.record.uuid, version);
-        let mut reservations = self
-            .reservations
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut reservations = match self.reservations.try_lock() {
+            Ok(reservations) => reservations,
+            Err(std::sync::TryLockError::Poisoned(poisoned)) => poisoned.into_inner(),
+            // Another thread holds it, perhaps while it reserves in the store.
+            Err(std::sync::TryLockError::WouldBlock) => {
+                super::memory_only::may_wait("the AES-GCM reservations")?;
+                self.reservations
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+            }
+        };
         let held = reservations.entry(slot).or_default();
         if held.next < held.end {
             held.next += 1;
             return Ok(true);
         }
+        super::memory_only::may_wait("reserve AES-GCM invocations in the store")?;
         let block = (held.block * 2).clamp(1, MAX_BLOCK);
         let limit = i64::try_from(self.gcm_limit).unwrap_or(i64::MAX);
         let reserved = self.store.write(|tx| {

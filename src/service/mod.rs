@@ -9,8 +9,9 @@
 //! granted namespaces and operations. A key outside a client's namespaces does not exist for it
 //! (404, as a key that does not exist). Keystore calls block (devices, the store's writes), so
 //! they run on tokio's blocking pool, never on the threads that serve connections; only a quick
-//! use of a key held in memory (a software key, not RSA) runs where its request was read, as it
-//! costs less than the hand-over to another thread and back (`routes::Placement`). The
+//! use of a key held in memory (a software key, not RSA) runs where its request was read, from
+//! memory only, as it costs less than the hand-over to another thread and back; if it would have
+//! to wait, it runs on the pool instead (`routes::Placement`). The
 //! transport (`listen`) bounds what a client can hold: connections, time to send a request,
 //! requests in flight per client, and SIGTERM's drain.
 

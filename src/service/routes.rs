@@ -43,6 +43,11 @@ const INLINE_BATCH_BODY: usize = 64 * 1024;
 /// quarter of a millisecond.
 const QUICK_RUN: usize = 8;
 
+/// A call whose JSON is larger than this is not quick, whatever it asks ([`Placement::quick`]):
+/// hashing, encrypting or encoding 64 KiB takes tens of microseconds, 64 MiB tens of
+/// milliseconds.
+const QUICK_BODY: usize = 64 * 1024;
+
 /// What every request shares.
 #[derive(Debug, Clone)]
 pub struct State {
@@ -67,19 +72,19 @@ struct Gate {
 }
 
 /// Where a keystore call runs: behind its backend's gate (if it is about a key), and, if
-/// `quick`, on the thread that serves its request.
+/// `quick`, first on the thread that serves its request.
 ///
 /// A call is quick when it is a use of a key (sign, verify, encrypt, decrypt, rewrap, MAC, data
-/// key: nothing written to the store unless the key's schedule makes work due) held by a backend
-/// that computes in process, by an algorithm that takes microseconds: every key type but RSA,
-/// whose private operations take milliseconds. Handing such a call to another thread and its
-/// answer back costs more than the call: in the serve bench, the CPU of a software signature over
-/// the socket (client and service together) fell from 174 to 118 µs at one client and from 145 to
-/// 106 µs at sixteen when it ran where it was read. Such a call asks the store at most once a
-/// millisecond whether it changed, and reads the key's record again only if it did (both wait
-/// only while another process commits); it writes only when the key's schedule makes work due (a
-/// rotation, a destruction). Everything else (devices, RSA, lifecycle changes, key
-/// generation, listing and showing keys) goes to the blocking pool.
+/// key) held by a backend that computes in process, by an algorithm that takes microseconds
+/// (every key type but RSA, whose private operations take milliseconds), on at most
+/// [`QUICK_BODY`] of JSON. Handing such a call to another thread and its answer back costs more
+/// than the call. It runs where it was read, from memory only
+/// ([`crate::keystore::from_memory_only`]): if it would have to wait for anything (read a key's
+/// record the keystore has not cached, read whether the store changed while this process's
+/// connection is in use or another process's lock is in the way, run the key's due work, reserve
+/// AES-GCM invocations or wait for the thread that does, write a backlogged audit log), it stops
+/// before it has done anything and runs on the blocking pool as any other call. Everything else (devices, RSA, lifecycle changes, key generation, listing and
+/// showing keys) goes to the blocking pool.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Placement {
     backend: Option<Arc<str>>,
@@ -283,7 +288,7 @@ async fn run<T: Send + 'static>(
     client: &Caller,
     operation: &'static str,
     placement: Placement,
-    op: impl FnOnce(&Keystore) -> Result<T, ApiError> + Send + 'static,
+    mut op: impl FnMut(&Keystore) -> Result<T, ApiError> + Send + 'static,
 ) -> Result<T, ApiError> {
     let started = Instant::now();
     let who = client.name_arc();
@@ -294,21 +299,25 @@ async fn run<T: Send + 'static>(
         .unwrap_or_else(|| Arc::clone(&state.no_backend));
     run_blocking(state, client, placement, move |ks| {
         let done = op(ks);
-        let outcome = done.as_ref().map_or_else(ApiError::code, |_| "ok");
-        metrics.record(operation, &label, &who, outcome, started.elapsed());
+        // A quick call that would have waited is no outcome: it is made again on the pool.
+        if !crate::keystore::would_wait() {
+            let outcome = done.as_ref().map_or_else(ApiError::code, |_| "ok");
+            metrics.record(operation, &label, &who, outcome, started.elapsed());
+        }
         done
     })
     .await?
 }
 
-/// Runs `work` on the keystore where `placement` says (quick: here; else off the executor),
-/// behind its backend's gate (if any), on behalf of `client`, holding the client's turn and the
-/// gate until it ends.
+/// Runs `work` on the keystore where `placement` says, behind its backend's gate (if any), on
+/// behalf of `client`, holding the client's turn and the gate until it ends. A quick call runs
+/// here from memory only ([`crate::keystore::from_memory_only`]); if it would have had to wait,
+/// it stopped before doing anything, and runs again off the executor as any other call.
 async fn run_blocking<T: Send + 'static>(
     state: &State,
     client: &Caller,
     placement: Placement,
-    work: impl FnOnce(&Keystore) -> T + Send + 'static,
+    mut work: impl FnMut(&Keystore) -> T + Send + 'static,
 ) -> Result<T, ApiError> {
     let who = client.name_arc();
     let client_turn = client.turn();
@@ -324,17 +333,26 @@ async fn run_blocking<T: Send + 'static>(
         None => None,
     };
     let keystore = Arc::clone(&state.keystore);
+    // A panic is the request's 500, as the pool makes it, not its connection's end.
+    let panicked = |_| ApiError::internal("the operation did not finish: it panicked".into());
+    if placement.quick {
+        let here = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            crate::keystore::from_memory_only(|| {
+                crate::audit::on_behalf_of(&who, || work(&keystore))
+            })
+        }));
+        match here {
+            Ok(Ok(done)) => return Ok(done),
+            Ok(Err(crate::keystore::WouldWait)) => {}
+            Err(e) => return Err(panicked(e)),
+        }
+    }
     let alone = state.in_flight.fetch_add(1, Ordering::Relaxed) == 0;
     let in_flight = InFlight(Arc::clone(&state.in_flight));
     let blocking = move || {
         let _turns = (client_turn, backend_turn, in_flight);
         crate::audit::on_behalf_of(&who, || work(&keystore))
     };
-    // A panic is the request's 500, as the pool makes it, not its connection's end.
-    let panicked = |_| ApiError::internal("the operation did not finish: it panicked".into());
-    if placement.quick {
-        return std::panic::catch_unwind(std::panic::AssertUnwindSafe(blocking)).map_err(panicked);
-    }
     // Work alone in the service runs on this thread, which hands its other tasks to another
     // worker for as long as it blocks: no thread is woken to carry the work there and its
     // answer back (in the serve bench, one client's p50 fell from about 130 to 80 us). Work
@@ -696,7 +714,11 @@ async fn act(
         Err(e) => return Err(refuse(request, e).await),
     };
     let body = json_bytes(request, &state).await?;
-    let answer = run(&state, &client, action.name(), backend, move |ks| {
+    let placement = Placement {
+        quick: backend.quick && body.len() <= QUICK_BODY,
+        ..backend
+    };
+    let answer = run(&state, &client, action.name(), placement, move |ks| {
         action.run(ks, &id, Input::Bytes(&body))
     })
     .await?;
@@ -802,8 +824,9 @@ async fn batch(
     let mut ready = Vec::new();
     for (i, item) in items.into_iter().enumerate() {
         let checked = item.and_then(|item| {
-            let backend = authorize(&state, &client, item.action.operation(), &item.key)?;
-            Ok((i, item, backend))
+            let mut placement = authorize(&state, &client, item.action.operation(), &item.key)?;
+            placement.quick &= item.at.len() <= QUICK_BODY;
+            Ok((i, item, placement))
         });
         match checked {
             Ok(ready_item) => ready.push(ready_item),
@@ -811,9 +834,10 @@ async fn batch(
         }
     }
     // Then run in order, a run of consecutive operations on one backend at a time, each run
-    // behind its backend's gate alone: on one thread of the blocking pool, or, quick ones, at
-    // most QUICK_RUN at a time where the batch is read, letting the thread's other tasks run
-    // between two runs.
+    // behind its backend's gate alone. A run of quick operations (at most QUICK_RUN, then the
+    // thread's other tasks may run) runs here from memory only, one after the other, until one
+    // would have to wait: that one and the rest of the run go on to the pool. Other runs go to
+    // one thread of the blocking pool.
     let mut ready = ready.into_iter().peekable();
     while let Some(first) = ready.next() {
         let placement = first.2.clone();
@@ -829,17 +853,22 @@ async fn batch(
             .clone()
             .unwrap_or_else(|| Arc::clone(&state.no_backend));
         let quick = placement.quick;
+        // What is done survives an attempt here that stopped, for the pool to go on from.
+        let (mut done, mut next) = (Vec::with_capacity(group.len()), 0);
         let answered = run_blocking(&state, &client, placement, move |ks| {
-            group
-                .into_iter()
-                .map(|(i, item, _)| {
-                    let started = Instant::now();
-                    let outcome = run_item(ks, item.action, &item.key, &body.slice(item.at));
-                    let code = outcome.as_ref().map_or_else(ApiError::code, |_| "ok");
-                    metrics.record(item.action.name(), &label, &who, code, started.elapsed());
-                    (i, outcome)
-                })
-                .collect::<Vec<_>>()
+            while let Some((i, item, _)) = group.get(next) {
+                let started = Instant::now();
+                let outcome = run_item(ks, item.action, &item.key, &body.slice(item.at.clone()));
+                if crate::keystore::would_wait() {
+                    // Not done: this one again, and those after it, on the pool.
+                    return Vec::new();
+                }
+                let code = outcome.as_ref().map_or_else(ApiError::code, |_| "ok");
+                metrics.record(item.action.name(), &label, &who, code, started.elapsed());
+                done.push((*i, outcome));
+                next += 1;
+            }
+            std::mem::take(&mut done)
         })
         .await?;
         if quick {

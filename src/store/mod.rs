@@ -28,6 +28,9 @@ use rusqlite::{params, Connection, OpenFlags};
 use crate::error::{Error, Result};
 use crate::sealer::SealedRoot;
 
+/// How long a statement waits for another process's lock on the database before it fails.
+const BUSY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 pub use anchor::{compare_counter, judge_counter, Counter, CounterCheck, CounterValue, FileAnchor};
 use commit::Change;
 pub(crate) use commit::{tampered, Mismatch, Recomputed, RowKind, Sum};
@@ -208,7 +211,7 @@ impl Store {
             OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
         )
         .map_err(|e| unusable("cannot open the database", e))?;
-        conn.busy_timeout(std::time::Duration::from_secs(10))
+        conn.busy_timeout(BUSY_TIMEOUT)
             .map_err(|e| unusable("cannot configure the database", e))?;
         schema::check_and_migrate(&mut conn, dir)?;
         secure_delete(&conn).map_err(|e| unusable("cannot configure the database", e))?;
@@ -546,6 +549,37 @@ impl Store {
         self.conn()
             .pragma_query_value(None, "data_version", |r| r.get(0))
             .map_err(|e| Error::storage("read the database's data version", e))
+    }
+
+    /// [`Self::data_version`] if it can be read without waiting: `None` if this process's
+    /// connection is in use or another process holds a lock that keeps it from being read
+    /// (nothing waited then).
+    ///
+    /// # Errors
+    /// Storage errors.
+    pub fn try_data_version(&self) -> Result<Option<i64>> {
+        let conn = match self.conn.try_lock() {
+            Ok(conn) => conn,
+            Err(std::sync::TryLockError::Poisoned(poisoned)) => poisoned.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => return Ok(None),
+        };
+        let configure = |e| Error::storage("set the database's busy timeout", e);
+        conn.busy_timeout(std::time::Duration::ZERO)
+            .map_err(configure)?;
+        let read = conn.pragma_query_value(None, "data_version", |r| r.get(0));
+        conn.busy_timeout(BUSY_TIMEOUT).map_err(configure)?;
+        match read {
+            Ok(version) => Ok(Some(version)),
+            Err(rusqlite::Error::SqliteFailure(e, _))
+                if matches!(
+                    e.code,
+                    rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked
+                ) =>
+            {
+                Ok(None)
+            }
+            Err(e) => Err(Error::storage("read the database's data version", e)),
+        }
     }
 
     /// Runs `f` in one write transaction (taken at once, so that what `f` reads is what it
