@@ -475,7 +475,7 @@ fn the_audit_log_names_the_client_and_the_metrics_count_its_answers() {
 /// A quick use of a software key runs from memory where its request was read; one that would have
 /// to wait (a key not seen yet, AES-GCM invocations to reserve in the store, an activation due)
 /// stops before doing anything and runs on the pool instead. Each is done, audited and counted
-/// once, alone or in a batch.
+/// once, alone or in a batch; a rewrap, two uses, is not quick.
 #[test]
 fn quick_uses_that_would_wait_run_on_the_pool_once() {
     let env = env();
@@ -486,7 +486,7 @@ fn quick_uses_that_would_wait_run_on_the_pool_once() {
         &env,
         &client(
             "\"app\"",
-            "operations = [\"sign\", \"encrypt\", \"create\", \"metrics\"]",
+            "operations = [\"sign\", \"encrypt\", \"rewrap\", \"create\", \"metrics\"]",
         ),
     );
     let (status, later) = server.ask(
@@ -499,8 +499,19 @@ fn quick_uses_that_would_wait_run_on_the_pool_once() {
     );
     assert_eq!(status, 201, "{later}");
     let later = later["id"].as_str().unwrap().to_owned();
-    // The AES key reserves 1, 2, 4, 8 invocations in the store: the 1st, 2nd, 4th and 8th
-    // encryptions would wait, the others take their invocation from memory.
+    // The AES key reserves 1, 2, 4, 8, 16 invocations in the store: the 1st, 2nd, 4th, 8th and
+    // 16th encryptions would wait, the others take their invocation from memory.
+    let (status, sealed) = act(&server, &sealer, "encrypt", json!({"plaintext": b64(b"m")}));
+    assert_eq!(status, 200, "{sealed}");
+    // A rewrap decrypts (audited), then encrypts: the 2nd encryption, which waits. It is not
+    // quick, so its decryption is not audited twice.
+    let (status, rewrapped) = act(
+        &server,
+        &sealer,
+        "rewrap",
+        json!({"envelope": sealed["envelope"]}),
+    );
+    assert_eq!(status, 200, "{rewrapped}");
     for i in 0..10 {
         let (status, sealed) = act(&server, &sealer, "encrypt", json!({"plaintext": b64(b"m")}));
         assert_eq!(status, 200, "encryption {i}: {sealed}");
@@ -510,8 +521,8 @@ fn quick_uses_that_would_wait_run_on_the_pool_once() {
     let (status, batch) = server.ask(
         "POST",
         "/v1/batch",
-        // Encryptions 11 to 16 after a signature: the 16th, 7th of the batch, needs the next
-        // reservation, and it and the 8th go on to the pool.
+        // Encryptions 13 to 18 after a signature: the 16th, 5th operation of the batch, needs
+        // the next reservation, and it and those after it go on to the pool.
         Some(&json!({"operations": [
             {"op": "sign", "key": signer, "data": b64(b"m")},
             {"op": "encrypt", "key": sealer, "plaintext": b64(b"m")},
@@ -539,7 +550,7 @@ fn quick_uses_that_would_wait_run_on_the_pool_once() {
     let metrics = server.request("GET", "/v1/metrics", &[], None);
     assert_eq!(metrics.status, 200, "{}", metrics.text);
     for line in [
-        r#"keyhold_requests_total{operation="encrypt",backend="software",client="app",outcome="ok"} 16"#,
+        r#"keyhold_requests_total{operation="encrypt",backend="software",client="app",outcome="ok"} 17"#,
         r#"keyhold_requests_total{operation="sign",backend="software",client="app",outcome="ok"} 13"#,
     ] {
         assert!(
@@ -557,7 +568,8 @@ fn quick_uses_that_would_wait_run_on_the_pool_once() {
     assert!(status.success(), "{err}");
     let entries = audit_entries(&env);
     let outcomes = |operation: &str, key: &str| field_of(&entries, operation, key, "outcome");
-    assert_eq!(outcomes("encrypt", &sealer), vec![json!("ok"); 16]);
+    assert_eq!(outcomes("encrypt", &sealer), vec![json!("ok"); 18]);
+    assert_eq!(outcomes("decrypt", &sealer), [json!("ok")], "the rewrap's");
     assert_eq!(outcomes("sign", &signer), vec![json!("ok"); 12]);
     assert_eq!(outcomes("sign", &later), vec![json!("ok")]);
     // Made, activated once (its due work), used once.

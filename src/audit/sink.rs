@@ -222,11 +222,13 @@ impl AuditSink {
             }
             pending.uses.len()
         };
-        if len >= MAX_PENDING {
+        // A caller that must not wait (`keyhold serve`'s quick calls, which do not start past
+        // `backlogged`) leaves the writing to the writer thread.
+        if len >= MAX_PENDING && !crate::keystore::in_memory_only_scope() {
             if let Err(e) = shared.write(None) {
                 shared.report(&e);
             }
-        } else if len == EARLY_FLUSH {
+        } else if len == EARLY_FLUSH || len >= MAX_PENDING {
             shared.wake.notify_one();
         }
     }

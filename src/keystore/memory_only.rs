@@ -1,9 +1,10 @@
 //! Calls that answer from memory or not at all: what lets `keyhold serve` run a quick use of a
 //! software key on the thread that read its request, which must not wait.
 //!
-//! Inside [`from_memory_only`], a keystore call that would have to wait (read or write the store,
-//! run a key's due work, take the lock another thread reserves AES-GCM invocations under, write a
-//! backlogged audit log) stops there instead, before it has done anything that shows: no key is
+//! Inside [`from_memory_only`], a keystore call that would have to wait (read a key's record or
+//! write the store, read whether the store changed while another thread or process holds its
+//! lock, run a key's due work, take the lock another thread reserves AES-GCM invocations under,
+//! write a backlogged audit log) stops there instead, before it has done anything that shows: no key is
 //! used, nothing is audited, no invocation is taken. The scope then answers [`WouldWait`], and
 //! the caller makes the same call again where waiting is allowed. The places that may wait call
 //! [`may_wait`].
@@ -86,6 +87,7 @@ mod tests {
 
     #[test]
     fn a_scope_says_whether_a_call_would_have_waited_and_is_undone_after() {
+        assert!(!in_scope());
         assert!(
             may_wait("the store").is_ok(),
             "outside a scope, waiting is allowed"
@@ -100,6 +102,14 @@ mod tests {
             may_wait("the store").is_ok(),
             "the scope ended with its call"
         );
+        // A scope within a scope answers for its own calls only.
+        let outer = from_memory_only(|| {
+            let inner = from_memory_only(|| may_wait("the store").is_err());
+            assert_eq!(inner, Err(WouldWait));
+            assert!(in_scope() && !would_wait());
+            7
+        });
+        assert_eq!(outer, Ok(7));
         // A panic in the scope leaves the thread as it was.
         let panicked = std::panic::catch_unwind(|| {
             from_memory_only(|| {

@@ -45,6 +45,7 @@ pub(crate) use envelope::oaep_label;
 use key_id::KeyIdCodec;
 pub use key_id::{KeyIdFields, PREFIX as KEY_ID_PREFIX};
 pub use lifecycle::{Done, KeyEvent, Maintenance, PolicyChange, PolicyText, Transition};
+pub(crate) use memory_only::in_scope as in_memory_only_scope;
 #[cfg(feature = "serve")]
 pub(crate) use memory_only::{from_memory_only, would_wait, WouldWait};
 pub use ops::{UseOptions, Used};

@@ -552,11 +552,11 @@ impl Store {
     }
 
     /// [`Self::data_version`] if it can be read without waiting: `None` if this process's
-    /// connection is in use or another process holds a lock that keeps it from being read
-    /// (nothing waited then).
+    /// connection is in use, another process holds a lock that keeps it from being read, or the
+    /// read fails (nothing waited then).
     ///
     /// # Errors
-    /// Storage errors.
+    /// Storage errors setting the connection's busy timeout.
     pub fn try_data_version(&self) -> Result<Option<i64>> {
         let conn = match self.conn.try_lock() {
             Ok(conn) => conn,
@@ -568,18 +568,9 @@ impl Store {
             .map_err(configure)?;
         let read = conn.pragma_query_value(None, "data_version", |r| r.get(0));
         conn.busy_timeout(BUSY_TIMEOUT).map_err(configure)?;
-        match read {
-            Ok(version) => Ok(Some(version)),
-            Err(rusqlite::Error::SqliteFailure(e, _))
-                if matches!(
-                    e.code,
-                    rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked
-                ) =>
-            {
-                Ok(None)
-            }
-            Err(e) => Err(Error::storage("read the database's data version", e)),
-        }
+        // Locked by another process, or anything else: read again where waiting is allowed,
+        // and any error said there.
+        Ok(read.ok())
     }
 
     /// Runs `f` in one write transaction (taken at once, so that what `f` reads is what it
