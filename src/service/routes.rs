@@ -25,23 +25,16 @@ use crate::config::Operation;
 use crate::keystore::{KeyIdFields, KeyInfo, KeyRequest, Keystore};
 use crate::{KeySpec, KeyType, Purpose, RsaPadding};
 
+mod batch;
+
+use batch::batch;
+
 type Answer = Result<Json<Value>, ApiError>;
 
 /// How many calls of one backend may run at once on the blocking pool; more wait for a turn
 /// without holding a thread, so a slow device (a TPM making RSA keys) cannot take the threads
 /// every other backend's requests need.
 pub const PER_BACKEND: usize = 32;
-
-/// The most operations one `/v1/batch` request may hold.
-pub const MAX_BATCH: usize = 1000;
-
-/// A batch's body up to this size is read on the thread that serves its connection.
-const INLINE_BATCH_BODY: usize = 64 * 1024;
-
-/// The most quick operations of a batch run one after the other before the thread serving the
-/// batch lets its other tasks run ([`Placement::quick`]): 8 ECDSA P-256 signatures take about a
-/// quarter of a millisecond.
-const QUICK_RUN: usize = 8;
 
 /// A call whose JSON is larger than this is not quick, whatever it asks ([`Placement::quick`]):
 /// hashing, encrypting or encoding 64 KiB takes tens of microseconds, 64 MiB tens of
@@ -790,205 +783,6 @@ async fn json_bytes(request: Request, state: &State) -> Result<axum::body::Bytes
         ));
     }
     Ok(bytes)
-}
-
-/// `POST /v1/batch`: `{"operations":[{"op":ACTION,"key":ID,…its body's fields}, …]}`, at most
-/// [`MAX_BATCH`]; each answered in order as `{"status":N,"result":…}` or
-/// `{"status":N,"error":{…}}`. Each is checked as its own request would be (grant, namespace);
-/// those allowed run in order, a run of consecutive operations on one backend at a time behind
-/// that backend's gate alone.
-///
-/// The body is read once for where each operation is and its `op` and `key` (up to
-/// [`INLINE_BATCH_BODY`] on the thread that serves the connection, a larger one off it); an
-/// operation's own fields are read only when it runs, so a batch costs the memory of its bytes
-/// and of one operation at a time.
-async fn batch(
-    axum::extract::State(state): axum::extract::State<State>,
-    caller: Result<Caller, ApiError>,
-    request: Request,
-) -> Answer {
-    let (client, request) = granted(caller, request, None).await?;
-    let body = json_bytes(request, &state).await?;
-    // A small body is read where it is (a few operations take microseconds); a large one off
-    // the threads that serve connections.
-    let items = if body.len() <= INLINE_BATCH_BODY {
-        batch_items(&body)?
-    } else {
-        let read = body.clone();
-        tokio::task::spawn_blocking(move || batch_items(&read))
-            .await
-            .map_err(|e| ApiError::internal(format!("the batch was not read: {e}")))??
-    };
-    // Each operation checked as its own request; those refused are answered at once.
-    let mut results: Vec<Option<Value>> = vec![None; items.len()];
-    let mut ready = Vec::new();
-    for (i, item) in items.into_iter().enumerate() {
-        let checked = item.and_then(|item| {
-            let mut placement = authorize(&state, &client, item.action.operation(), &item.key)?;
-            placement.quick &= item.at.len() <= QUICK_BODY;
-            Ok((i, item, placement))
-        });
-        match checked {
-            Ok(ready_item) => ready.push(ready_item),
-            Err(e) => results[i] = Some(item_error(&e)),
-        }
-    }
-    // Then run in order, a run of consecutive operations on one backend at a time, each run
-    // behind its backend's gate alone. A run of quick operations (at most QUICK_RUN, then the
-    // thread's other tasks may run) runs here from memory only, one after the other, until one
-    // would have to wait: that one and the rest of the run go on to the pool. Other runs go to
-    // one thread of the blocking pool.
-    let mut ready = ready.into_iter().peekable();
-    while let Some(first) = ready.next() {
-        let placement = first.2.clone();
-        let mut group = vec![first];
-        while let Some(next) = ready
-            .next_if(|next| next.2 == placement && !(placement.quick && group.len() >= QUICK_RUN))
-        {
-            group.push(next);
-        }
-        let (body, metrics, who) = (body.clone(), Arc::clone(&state.metrics), client.name_arc());
-        let label = placement
-            .backend
-            .clone()
-            .unwrap_or_else(|| Arc::clone(&state.no_backend));
-        let quick = placement.quick;
-        // What is done survives an attempt here that stopped, for the pool to go on from.
-        let (mut done, mut next) = (Vec::with_capacity(group.len()), 0);
-        let answered = run_blocking(&state, &client, placement, move |ks| {
-            while let Some((i, item, _)) = group.get(next) {
-                let started = Instant::now();
-                let outcome = run_item(ks, item.action, &item.key, &body.slice(item.at.clone()));
-                if crate::keystore::would_wait() {
-                    // Not done: this one again, and those after it, on the pool.
-                    return Vec::new();
-                }
-                let code = outcome.as_ref().map_or_else(ApiError::code, |_| "ok");
-                metrics.record(item.action.name(), &label, &who, code, started.elapsed());
-                done.push((*i, outcome));
-                next += 1;
-            }
-            std::mem::take(&mut done)
-        })
-        .await?;
-        if quick {
-            tokio::task::yield_now().await;
-        }
-        for (i, outcome) in answered {
-            results[i] = Some(match outcome {
-                Ok(value) => json!({ "status": 200, "result": value }),
-                Err(e) => item_error(&e),
-            });
-        }
-    }
-    Ok(Json(json!({ "results": results })))
-}
-
-/// An operation of a batch: its action, its key, and where its JSON is in the body.
-struct Item {
-    action: Action,
-    key: String,
-    at: std::ops::Range<usize>,
-}
-
-/// Runs one operation of a batch on its JSON `fields` (`op` and `key` among them).
-fn run_item(ks: &Keystore, action: Action, key: &str, fields: &[u8]) -> Result<Value, ApiError> {
-    let mut fields: serde_json::Map<String, Value> = Input::Bytes(fields).parse()?;
-    fields.remove("op");
-    fields.remove("key");
-    action.run(ks, key, Input::Value(Value::Object(fields)))
-}
-
-/// The operations of a batch's body, each as an [`Item`] or why it cannot be run; more than
-/// [`MAX_BATCH`] is refused while reading, before the rest is.
-fn batch_items(body: &[u8]) -> Result<Vec<Result<Item, ApiError>>, ApiError> {
-    use serde::de::{Error as _, SeqAccess, Visitor};
-    use serde_json::value::RawValue;
-
-    /// The operations, each its JSON text in the body, at most [`MAX_BATCH`].
-    struct Operations<'a>(Vec<&'a RawValue>);
-
-    impl<'de: 'a, 'a> Deserialize<'de> for Operations<'a> {
-        fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-            struct Each<'a>(std::marker::PhantomData<&'a ()>);
-            impl<'de: 'a, 'a> Visitor<'de> for Each<'a> {
-                type Value = Operations<'a>;
-
-                fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-                    write!(f, "a list of at most {MAX_BATCH} operations")
-                }
-
-                fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
-                    let mut all = Vec::new();
-                    while let Some(op) = seq.next_element::<&'a RawValue>()? {
-                        if all.len() == MAX_BATCH {
-                            return Err(A::Error::custom(format!(
-                                "a batch holds at most {MAX_BATCH} operations"
-                            )));
-                        }
-                        all.push(op);
-                    }
-                    Ok(Operations(all))
-                }
-            }
-            d.deserialize_seq(Each(std::marker::PhantomData))
-        }
-    }
-
-    #[derive(Deserialize)]
-    #[serde(deny_unknown_fields)]
-    struct Batch<'a> {
-        #[serde(borrow)]
-        operations: Operations<'a>,
-    }
-
-    /// An operation's `op` and `key`; its other fields are skipped, not read.
-    #[derive(Deserialize)]
-    struct Head {
-        op: Option<String>,
-        key: Option<String>,
-    }
-
-    // An empty body is `{}`, as a key action's: it lacks `operations`.
-    let body: &[u8] = if body.iter().all(u8::is_ascii_whitespace) {
-        b"{}"
-    } else {
-        body
-    };
-    let batch: Batch<'_> = serde_json::from_slice(body).map_err(|e| ApiError::body(&e))?;
-    let base = body.as_ptr() as usize;
-    Ok(batch
-        .operations
-        .0
-        .into_iter()
-        .map(|raw| {
-            let text = raw.get();
-            // The operation's text is a slice of the body: its place in it.
-            let start = (text.as_ptr() as usize).saturating_sub(base);
-            let head: Head = serde_json::from_str(text).map_err(|e| ApiError::body(&e))?;
-            // As a request's body without a required field: JSON of the wrong shape.
-            let need = |field: Option<String>, name: &str| {
-                field.ok_or_else(|| {
-                    ApiError::unprocessable(format!(
-                        "each operation of a batch needs `{name}`, a string"
-                    ))
-                })
-            };
-            let action = Action::parse(&need(head.op, "op")?)?;
-            Ok(Item {
-                action,
-                key: need(head.key, "key")?,
-                at: start..start + text.len(),
-            })
-        })
-        .collect())
-}
-
-/// A batch item's failure: `{"status":N,"error":{…}}`.
-fn item_error(e: &ApiError) -> Value {
-    let mut value = e.to_json();
-    value["status"] = json!(e.status().as_u16());
-    value
 }
 
 #[derive(Debug, Deserialize)]
