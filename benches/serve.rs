@@ -17,7 +17,12 @@
 //! - `http` (software signing only): `POST /v1/keys/{id}/sign` as hand-written HTTP/1.1 on a
 //!   kept-alive `UnixStream` per thread: the service without `RemoteKeystore`'s client side;
 //! - `batch100` (signing only): `POST /v1/batch` of 100 signatures, hand-written HTTP/1.1 on a
-//!   kept-alive `UnixStream` per thread; its rate counts signatures, its latency is per batch.
+//!   kept-alive `UnixStream` per thread; its rate counts signatures, its latency is per batch;
+//! - `floor` (software signing and AES-GCM): the same request's bytes over a Unix socket to a
+//!   thread of this process that reads them and writes back the service's answer to it, as
+//!   bytes, without looking at either: what one round trip costs before any service does
+//!   anything. The report bounds from it what any service answering each operation in its own
+//!   round trip could reach ("What one round trip per operation leaves").
 //!
 //! Ops/s = successful operations of all threads / wall time, the median of the rounds; p50 and
 //! p99 are of every call of every round. The client threads, the in-process keystore and the
@@ -28,6 +33,8 @@
 //! - `KEYHOLD_BENCH_SECS`: measured seconds per side, per case and client count (split over the
 //!   rounds; default 3, so the whole bench takes about 2 minutes);
 //! - `KEYHOLD_BENCH_CASES`: comma-separated substrings; only cases whose name contains one run;
+//! - `KEYHOLD_BENCH_SIDES`: comma-separated side names (`inproc`, `remote`, `raw`, `http`,
+//!   `batch100`); only those run (to profile one of them);
 //! - `KEYHOLD_BENCH_BIN`: the `keyhold` that serves (default: the one cargo built), to compare
 //!   two builds of the service with the same client.
 //!
@@ -88,6 +95,7 @@ enum SideKind {
     Raw,
     Http,
     Batch,
+    Floor,
 }
 
 impl SideKind {
@@ -98,6 +106,7 @@ impl SideKind {
             Self::Raw => "raw",
             Self::Http => "http",
             Self::Batch => "batch100",
+            Self::Floor => "floor",
         }
     }
 }
@@ -106,6 +115,8 @@ impl SideKind {
 #[derive(Default)]
 struct Worker {
     conn: Option<RawHttp>,
+    /// The `floor` side's connection to its echo thread.
+    echo: Option<UnixStream>,
 }
 
 /// One call: the operations it completed (1, or a batch's [`BATCH`]), or why it failed.
@@ -218,6 +229,7 @@ fn round(side: &mut Side<'_>, threads: usize, d: Duration, into: &mut Measured, 
                                 first_error.get_or_insert(e);
                                 // A broken connection is opened again on the next call.
                                 worker.conn = None;
+                                worker.echo = None;
                             }
                         }
                         if now >= deadline {
@@ -449,6 +461,54 @@ impl RawHttp {
     }
 }
 
+/// The answer the service gives `request`, whole (status line, headers and body), as bytes.
+fn answer_bytes(socket: &Path, request: &[u8]) -> BoxResult<Vec<u8>> {
+    let mut conn = RawHttp::connect(socket)?;
+    let (status, _) = conn.send(request)?;
+    if status != 200 {
+        return Err(format!("the floor's request was answered {status}").into());
+    }
+    Ok(conn.buf.clone())
+}
+
+/// A socket at `path` whose every connection has a thread of its own that reads
+/// `request_len` bytes and writes `answer`, again and again, until the connection ends.
+fn echo_server(path: &Path, request_len: usize, answer: Vec<u8>) -> BoxResult<()> {
+    let listener = std::os::unix::net::UnixListener::bind(path)?;
+    let answer = std::sync::Arc::new(answer);
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { return };
+            let answer = std::sync::Arc::clone(&answer);
+            std::thread::spawn(move || {
+                let mut request = vec![0u8; request_len];
+                while stream.read_exact(&mut request).is_ok() {
+                    if stream.write_all(&answer).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    Ok(())
+}
+
+/// The `floor` side of `request`: its bytes over a socket to an [`echo_server`] at `path`
+/// that answers with the `answer_len` bytes the service answered it with.
+fn floor_side<'a>(path: &'a Path, request: Vec<u8>, answer_len: usize) -> Side<'a> {
+    side(SideKind::Floor, move |w: &mut Worker| {
+        let io = |e: std::io::Error| format!("echo connection: {e}");
+        let stream = match &mut w.echo {
+            Some(stream) => stream,
+            None => w.echo.insert(UnixStream::connect(path).map_err(io)?),
+        };
+        stream.write_all(&request).map_err(io)?;
+        let mut answer = vec![0u8; answer_len];
+        stream.read_exact(&mut answer).map_err(io)?;
+        Ok(1)
+    })
+}
+
 fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
     haystack.windows(needle.len()).position(|w| w == needle)
 }
@@ -546,6 +606,12 @@ fn sign_body(msg: &[u8]) -> Vec<u8> {
     serde_json::to_vec(&serde_json::json!({"data": data, "format": "raw"})).unwrap()
 }
 
+/// The body of an encryption of `msg` with the AAD [`USER_AAD`].
+fn encrypt_body(msg: &[u8]) -> Vec<u8> {
+    let b64 = |b: &[u8]| base64::engine::general_purpose::STANDARD.encode(b);
+    serde_json::to_vec(&serde_json::json!({"plaintext": b64(msg), "aad": b64(USER_AAD)})).unwrap()
+}
+
 /// The body of a batch of [`BATCH`] raw-format signatures of `msg` with `id`.
 fn batch_body(id: &str, msg: &[u8]) -> Vec<u8> {
     let data = base64::engine::general_purpose::STANDARD.encode(msg);
@@ -599,10 +665,11 @@ fn sanity_checks(
     Ok(())
 }
 
-fn cases_asked(name: &str) -> bool {
-    match std::env::var("KEYHOLD_BENCH_CASES") {
+/// Whether `name` is asked for by the comma-separated filter in `var` (no filter: all are).
+fn asked(var: &str, name: &str, matches: fn(&str, &str) -> bool) -> bool {
+    match std::env::var(var) {
         Ok(filter) if !filter.trim().is_empty() => {
-            filter.split(',').any(|f| name.contains(f.trim()))
+            filter.split(',').any(|f| matches(name, f.trim()))
         }
         _ => true,
     }
@@ -673,6 +740,25 @@ fn main() -> BoxResult<()> {
     println!("case/clients side ops_per_s p50_us p99_us");
 
     let socket = server.socket.as_path();
+    // The floor's requests, and the answers the service gives them, echoed by threads here.
+    let sign_request = RawHttp::post(
+        &format!("/v1/keys/{}/sign", remote_keys.sw_ec),
+        &sign_body(&msg32),
+    );
+    let encrypt_request = RawHttp::post(
+        &format!("/v1/keys/{}/encrypt", remote_keys.aes),
+        &encrypt_body(&data1k),
+    );
+    let (sign_echo, encrypt_echo) = (
+        dir.path().join("floor-sign.sock"),
+        dir.path().join("floor-encrypt.sock"),
+    );
+    let answer = answer_bytes(socket, &sign_request)?;
+    let sign_answer = answer.len();
+    echo_server(&sign_echo, sign_request.len(), answer)?;
+    let answer = answer_bytes(socket, &encrypt_request)?;
+    let encrypt_answer = answer.len();
+    echo_server(&encrypt_echo, encrypt_request.len(), answer)?;
     // `request` written whole on the thread's own connection, its answer checked by `check`.
     // A kept connection the service closed while it idled (its 10 s keep-alive timeout, reached
     // while other sides run) is replaced and the request sent again, once, as HTTP clients do.
@@ -715,13 +801,14 @@ fn main() -> BoxResult<()> {
     }));
     sw_sign.push(http_side(
         SideKind::Http,
-        RawHttp::post(&format!("/v1/keys/{}/sign", rk.sw_ec), &sign_body(msg)),
+        sign_request.clone(),
         |status, body| match status {
             200 => Ok(1),
             _ => Err(format!("{status}: {}", String::from_utf8_lossy(body))),
         },
     ));
     sw_sign.push(batch_side(&rk.sw_ec));
+    sw_sign.push(floor_side(&sign_echo, sign_request, sign_answer));
     let mut hsm_sign = both((local, &lk.hsm_ec), (remote, &rk.hsm_ec), signed, msg);
     hsm_sign.push(batch_side(&rk.hsm_ec));
     let mut cases = vec![
@@ -735,11 +822,22 @@ fn main() -> BoxResult<()> {
         },
         Case {
             name: "aes256gcm-encrypt-1k",
-            sides: both((local, &lk.aes), (remote, &rk.aes), encrypted, &data1k),
+            sides: {
+                let mut sides = both((local, &lk.aes), (remote, &rk.aes), encrypted, &data1k);
+                sides.push(floor_side(&encrypt_echo, encrypt_request, encrypt_answer));
+                sides
+            },
         },
     ];
     let mut results = Results::new();
-    for case in cases.iter_mut().filter(|c| cases_asked(c.name)) {
+    for case in &mut cases {
+        case.sides
+            .retain(|s| asked("KEYHOLD_BENCH_SIDES", s.kind.name(), |n, f| n == f));
+    }
+    for case in cases
+        .iter_mut()
+        .filter(|c| asked("KEYHOLD_BENCH_CASES", c.name, |n, f| n.contains(f)))
+    {
         measure(case, round_len, warmup, &mut results);
     }
     drop(cases);
@@ -773,6 +871,61 @@ impl Target {
 
     fn summary(&self) -> &'static str {
         self.0.map_or("not measured (case left out)", verdict)
+    }
+}
+
+/// What one round trip per operation leaves: the `floor` side's cost added to the in-process
+/// side's (a service does at least what the keystore does, and the trip) bounds the rate of any
+/// service answering each operation in its own round trip: by CPU (the machine's CPUs over the
+/// two costs) at every client count, and at 1 client also by time (one call after the other).
+fn floor_report(results: &Results, cpus: usize) {
+    let mut printed_head = false;
+    for ((case, clients, kind), floor) in results {
+        if *kind != SideKind::Floor || floor.ops == 0 {
+            continue;
+        }
+        let get = |kind| results.get(&(*case, *clients, kind));
+        let Some(local) = get(SideKind::InProcess).filter(|m| m.ops > 0) else {
+            continue;
+        };
+        if !printed_head {
+            println!();
+            println!(
+                "What one round trip per operation leaves (floor case/clients: the round trip's \
+                 CPU us, p50 us, p99 us; the bound on any such service's rate; that bound over \
+                 in-process, and over raw aws-lc-rs where measured, against issue 12's targets)"
+            );
+            printed_head = true;
+        }
+        let by_cpu = cpus as f64 * 1e6 / (local.cpu_per_op_us() + floor.cpu_per_op_us());
+        let bound = if *clients == 1 {
+            by_cpu.min(1.0 / (1.0 / local.rate() + 1.0 / floor.rate()))
+        } else {
+            by_cpu
+        };
+        let of = |reference: f64, target: f64| {
+            let ratio = bound / reference;
+            let reach = if ratio < target {
+                "out of reach"
+            } else {
+                "within reach"
+            };
+            format!("{ratio:.2} ({target} {reach})")
+        };
+        let raw = get(SideKind::Raw).map_or_else(String::new, |raw| {
+            format!(", /raw {}", of(raw.rate(), RAW_TARGET))
+        });
+        let inproc = if *clients == 16 {
+            of(local.rate(), THROUGHPUT_TARGET)
+        } else {
+            format!("{:.2}", bound / local.rate())
+        };
+        println!(
+            "floor {case}/{clients}c {:.1} {:.0} {:.0}; bound {bound:.0}/s, /inproc {inproc}{raw}",
+            floor.cpu_per_op_us(),
+            floor.percentile(0.5),
+            floor.percentile(0.99),
+        );
     }
 }
 
@@ -882,6 +1035,8 @@ fn report(results: &Results) {
             cpus as f64 * 1e6 / per_op
         );
     }
+
+    floor_report(results, cpus);
 
     println!();
     println!(
