@@ -42,6 +42,22 @@ fn field_of(entries: &[Value], operation: &str, key: &str, field: &str) -> Vec<V
         .collect()
 }
 
+/// The service's `keyhold_keystore_calls_total` by `ran`: (here, moved, pool).
+fn calls_ran(server: &Server) -> (u64, u64, u64) {
+    let metrics = server.request("GET", "/v1/metrics", &[], None);
+    assert_eq!(metrics.status, 200, "{}", metrics.text);
+    let count = |ran: &str| {
+        let name = format!("keyhold_keystore_calls_total{{ran=\"{ran}\"}} ");
+        let line = metrics
+            .text
+            .lines()
+            .find_map(|l| l.strip_prefix(name.as_str()));
+        line.and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("no `{name}` in:\n{}", metrics.text))
+    };
+    (count("here"), count("moved"), count("pool"))
+}
+
 fn error_code(answer: &(u16, Value)) -> (u16, &str) {
     (answer.0, answer.1["error"]["code"].as_str().unwrap_or("-"))
 }
@@ -564,6 +580,11 @@ fn quick_uses_that_would_wait_run_on_the_pool_once() {
         "an attempt that would have waited was counted:\n{}",
         metrics.text
     );
+    // These six began as quick calls and were moved to the pool: the first encryption and the
+    // first signature (keys not cached), the 4th and 8th encryptions, the batch's run from its
+    // 16th encryption on, the activation.
+    let (_, moved, _) = calls_ran(&server);
+    assert_eq!(moved, 6, "quick calls moved to the pool");
     let (status, err) = server.stop();
     assert!(status.success(), "{err}");
     let entries = audit_entries(&env);
@@ -584,6 +605,68 @@ fn quick_uses_that_would_wait_run_on_the_pool_once() {
         (&json!("create"), &json!("sign"))
     );
     env.ok(&["audit", "verify"], b"", "the log verifies");
+}
+
+/// A use of a software key the service holds, of any type but RSA, runs on the thread that read
+/// its request (a batch's quick operations 8 at a time); a key it has not read yet is read on
+/// the pool; RSA and everything else run there from the start.
+#[test]
+fn quick_uses_run_on_the_thread_that_read_them() {
+    let env = env();
+    // Made by the CLI: the service has not read them.
+    let signer = env.create_key("signer", "ecdsa-p256", &["--namespace", "app"]);
+    let rsa = env.create_key("rsa", "rsa-2048", &["--namespace", "app"]);
+    let server = Server::start(
+        &env,
+        &client("\"app\"", "operations = [\"sign\", \"show\", \"metrics\"]"),
+    );
+    assert_eq!(calls_ran(&server), (0, 0, 0));
+    let sign = |id: &str| {
+        let (status, signed) = act(&server, id, "sign", json!({"data": b64(b"m")}));
+        assert_eq!(status, 200, "{signed}");
+    };
+    sign(&signer);
+    assert_eq!(calls_ran(&server), (0, 1, 0), "the key was not cached yet");
+    for _ in 0..10 {
+        sign(&signer);
+    }
+    assert_eq!(calls_ran(&server), (10, 1, 0));
+    let signs = |n: usize| {
+        let operations = vec![json!({"op": "sign", "key": signer, "data": b64(b"m")}); n];
+        let (status, batch) = server.ask(
+            "POST",
+            "/v1/batch",
+            Some(&json!({ "operations": operations })),
+        );
+        assert_eq!(status, 200, "{batch}");
+        assert!(
+            batch["results"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .all(|r| r["status"] == 200),
+            "{batch}"
+        );
+    };
+    signs(8);
+    assert_eq!(
+        calls_ran(&server),
+        (11, 1, 0),
+        "8 quick operations, one run"
+    );
+    signs(17);
+    assert_eq!(
+        calls_ran(&server),
+        (14, 1, 0),
+        "17 quick operations, three runs"
+    );
+    sign(&rsa);
+    sign(&rsa);
+    let (status, shown) = server.ask("GET", &format!("/v1/keys/{signer}"), None);
+    assert_eq!(status, 200, "{shown}");
+    assert_eq!(calls_ran(&server), (14, 1, 3), "RSA and `show` on the pool");
+    let (status, err) = server.stop();
+    assert!(status.success(), "{err}");
 }
 
 /// 16 clients at once, 500 requests each, over the socket: every one answered, every signature

@@ -1,6 +1,6 @@
 //! The service's metrics, in Prometheus' text format (`GET /v1/metrics`): requests answered by
 //! operation, backend, client and outcome, and their latency as a histogram by operation,
-//! backend and client; connections served, and open.
+//! backend and client; where the service ran its keystore calls; connections served, and open.
 //!
 //! The label sets are bounded: operations and outcomes are fixed names, backends and clients
 //! come from the configuration (and the store's token clients), so memory does not grow with
@@ -36,10 +36,36 @@ struct Stats {
     sum: f64,
 }
 
+/// Where a keystore call (a request's, or a run of a batch's operations) ran.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ran {
+    /// On the thread that read its request, from memory only (a quick use of a key).
+    Here,
+    /// Begun there, stopped before it would have waited, and run again on the blocking pool.
+    Moved,
+    /// Off the threads that read requests from the start: on the blocking pool, or on a thread
+    /// that handed its other tasks away for as long as the call ran.
+    Pool,
+}
+
+impl Ran {
+    const ALL: [Ran; 3] = [Ran::Here, Ran::Moved, Ran::Pool];
+
+    fn name(self) -> &'static str {
+        match self {
+            Ran::Here => "here",
+            Ran::Moved => "moved",
+            Ran::Pool => "pool",
+        }
+    }
+}
+
 /// The service's counters and histograms.
 #[derive(Debug, Default)]
 pub struct Metrics {
     series: Mutex<BTreeMap<Series, Stats>>,
+    /// Keystore calls by where they ran, in the order of [`Ran::ALL`].
+    ran: [AtomicU64; 3],
     /// Connections served: accepted and, on TCP, past the TLS handshake.
     connections: AtomicU64,
     /// Of those, the ones open now.
@@ -87,6 +113,11 @@ impl Metrics {
         stats.sum += secs;
     }
 
+    /// Counts a keystore call that ran where `ran` says.
+    pub fn ran(&self, ran: Ran) {
+        self.ran[ran as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
     /// Counts a connection served, open as long as the value returned is kept.
     pub fn connection(self: &Arc<Self>) -> Connection {
         self.connections.fetch_add(1, Ordering::Relaxed);
@@ -131,6 +162,21 @@ impl Metrics {
                  keyhold_request_duration_seconds_sum{{{labels}}} {}\n\
                  keyhold_request_duration_seconds_count{{{labels}}} {}",
                 stats.count, stats.sum, stats.count
+            );
+        }
+        out.push_str(
+            "# HELP keyhold_keystore_calls_total Keystore calls (a request's, or a run of a \
+             batch's operations), by where they ran: here (on the thread that read the request, \
+             from memory only), moved (begun there, stopped before it would have waited, run on \
+             the blocking pool), pool (off the threads that read requests from the start).\n\
+             # TYPE keyhold_keystore_calls_total counter\n",
+        );
+        for ran in Ran::ALL {
+            let _ = writeln!(
+                out,
+                "keyhold_keystore_calls_total{{ran=\"{}\"}} {}",
+                ran.name(),
+                self.ran[ran as usize].load(Ordering::Relaxed)
             );
         }
         let _ = write!(
@@ -205,6 +251,22 @@ mod tests {
         assert!(text.contains(&format!(
             "keyhold_request_duration_seconds_count{{{labels}}} 3\n"
         )));
+    }
+
+    #[test]
+    fn counts_keystore_calls_by_where_they_ran() {
+        let metrics = Metrics::default();
+        metrics.ran(Ran::Here);
+        metrics.ran(Ran::Here);
+        metrics.ran(Ran::Pool);
+        let text = metrics.render();
+        for line in [
+            "keyhold_keystore_calls_total{ran=\"here\"} 2",
+            "keyhold_keystore_calls_total{ran=\"moved\"} 0",
+            "keyhold_keystore_calls_total{ran=\"pool\"} 1",
+        ] {
+            assert!(text.lines().any(|l| l == line), "no `{line}` in {text}");
+        }
     }
 
     #[test]

@@ -18,7 +18,7 @@ use tokio::sync::Semaphore;
 
 use super::api::{b64, ApiError, NoQuery, PathOf};
 use super::auth::{Caller, Clients};
-use super::metrics::Metrics;
+use super::metrics::{Metrics, Ran};
 use super::ops::{Action, Input};
 use crate::backend::KeyOptions;
 use crate::config::Operation;
@@ -335,10 +335,15 @@ async fn run_blocking<T: Send + 'static>(
             })
         }));
         match here {
-            Ok(Ok(done)) => return Ok(done),
-            Ok(Err(crate::keystore::WouldWait)) => {}
+            Ok(Ok(done)) => {
+                state.metrics.ran(Ran::Here);
+                return Ok(done);
+            }
+            Ok(Err(crate::keystore::WouldWait)) => state.metrics.ran(Ran::Moved),
             Err(e) => return Err(panicked(e)),
         }
+    } else {
+        state.metrics.ran(Ran::Pool);
     }
     let alone = state.in_flight.fetch_add(1, Ordering::Relaxed) == 0;
     let in_flight = InFlight(Arc::clone(&state.in_flight));
