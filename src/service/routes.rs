@@ -45,7 +45,8 @@ const QUICK_BODY: usize = 64 * 1024;
 #[derive(Debug, Clone)]
 pub struct State {
     keystore: Arc<Keystore>,
-    pub(super) clients: Clients,
+    /// Shared, not copied: axum clones the state for every request.
+    pub(super) clients: Arc<Clients>,
     /// A gate per backend, by name.
     gates: Arc<HashMap<Arc<str>, Gate>>,
     metrics: Arc<Metrics>,
@@ -164,7 +165,7 @@ impl State {
             .collect();
         Self {
             keystore,
-            clients,
+            clients: Arc::new(clients),
             gates: Arc::new(gates),
             metrics: Arc::new(Metrics::default()),
             no_backend: Arc::from("-"),
