@@ -22,7 +22,11 @@
 //!   thread of this process that reads them and writes back the service's answer to it, as
 //!   bytes, without looking at either: what one round trip costs before any service does
 //!   anything. The report bounds from it what any service answering each operation in its own
-//!   round trip could reach ("What one round trip per operation leaves").
+//!   round trip could reach ("What one round trip per operation leaves");
+//! - `hyper` (the same cases): the same request, hand-written, to a hyper HTTP/1.1 server on
+//!   tokio's multi-thread runtime in this process (the stack `keyhold serve` is built on) that
+//!   reads the request's body whole and answers with the service's answer's body, parsing
+//!   nothing: the floor of that stack.
 //!
 //! Ops/s = successful operations of all threads / wall time, the median of the rounds; p50 and
 //! p99 are of every call of every round. The client threads, the in-process keystore and the
@@ -96,6 +100,7 @@ enum SideKind {
     Http,
     Batch,
     Floor,
+    Hyper,
 }
 
 impl SideKind {
@@ -107,6 +112,7 @@ impl SideKind {
             Self::Http => "http",
             Self::Batch => "batch100",
             Self::Floor => "floor",
+            Self::Hyper => "hyper",
         }
     }
 }
@@ -471,6 +477,12 @@ fn answer_bytes(socket: &Path, request: &[u8]) -> BoxResult<Vec<u8>> {
     Ok(conn.buf.clone())
 }
 
+/// The body of a whole HTTP answer.
+fn body_of(answer: &[u8]) -> BoxResult<Vec<u8>> {
+    let at = find(answer, b"\r\n\r\n").ok_or("an answer without its head's end")?;
+    Ok(answer[at + 4..].to_vec())
+}
+
 /// A socket at `path` whose every connection has a thread of its own that reads
 /// `request_len` bytes and writes `answer`, again and again, until the connection ends.
 fn echo_server(path: &Path, request_len: usize, answer: Vec<u8>) -> BoxResult<()> {
@@ -491,6 +503,65 @@ fn echo_server(path: &Path, request_len: usize, answer: Vec<u8>) -> BoxResult<()
         }
     });
     Ok(())
+}
+
+/// A hyper HTTP/1.1 server at `path`, on a tokio multi-thread runtime of its own (as
+/// `keyhold serve`'s), that reads each request's body whole and answers 200 with `body` as JSON.
+fn hyper_server(path: &Path, body: Vec<u8>) -> BoxResult<()> {
+    use http_body_util::{BodyExt as _, Full};
+    use hyper::body::Bytes;
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let listener = {
+        let _entered = runtime.enter();
+        tokio::net::UnixListener::bind(path)?
+    };
+    let body = Bytes::from(body);
+    std::thread::spawn(move || {
+        runtime.block_on(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let body = body.clone();
+                tokio::spawn(async move {
+                    let service = hyper::service::service_fn(
+                        move |request: hyper::Request<hyper::body::Incoming>| {
+                            let body = body.clone();
+                            async move {
+                                let _read = request.into_body().collect().await?;
+                                let mut answer = hyper::Response::new(Full::new(body));
+                                answer.headers_mut().insert(
+                                    hyper::header::CONTENT_TYPE,
+                                    hyper::header::HeaderValue::from_static("application/json"),
+                                );
+                                Ok::<_, hyper::Error>(answer)
+                            }
+                        },
+                    );
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+    });
+    Ok(())
+}
+
+/// The `hyper` side of `request`: sent hand-written to a [`hyper_server`] at `path`.
+fn hyper_side<'a>(path: &'a Path, request: Vec<u8>) -> Side<'a> {
+    side(SideKind::Hyper, move |w: &mut Worker| {
+        let conn = match &mut w.conn {
+            Some(conn) => conn,
+            None => w
+                .conn
+                .insert(RawHttp::connect(path).map_err(|e| e.to_string())?),
+        };
+        match conn.send(&request)? {
+            (200, _) => Ok(1),
+            (status, body) => Err(format!("{status}: {}", String::from_utf8_lossy(body))),
+        }
+    })
 }
 
 /// The `floor` side of `request`: its bytes over a socket to an [`echo_server`] at `path`
@@ -753,11 +824,17 @@ fn main() -> BoxResult<()> {
         dir.path().join("floor-sign.sock"),
         dir.path().join("floor-encrypt.sock"),
     );
+    let (sign_hyper, encrypt_hyper) = (
+        dir.path().join("hyper-sign.sock"),
+        dir.path().join("hyper-encrypt.sock"),
+    );
     let answer = answer_bytes(socket, &sign_request)?;
     let sign_answer = answer.len();
+    hyper_server(&sign_hyper, body_of(&answer)?)?;
     echo_server(&sign_echo, sign_request.len(), answer)?;
     let answer = answer_bytes(socket, &encrypt_request)?;
     let encrypt_answer = answer.len();
+    hyper_server(&encrypt_hyper, body_of(&answer)?)?;
     echo_server(&encrypt_echo, encrypt_request.len(), answer)?;
     // `request` written whole on the thread's own connection, its answer checked by `check`.
     // A kept connection the service closed while it idled (its 10 s keep-alive timeout, reached
@@ -808,7 +885,8 @@ fn main() -> BoxResult<()> {
         },
     ));
     sw_sign.push(batch_side(&rk.sw_ec));
-    sw_sign.push(floor_side(&sign_echo, sign_request, sign_answer));
+    sw_sign.push(floor_side(&sign_echo, sign_request.clone(), sign_answer));
+    sw_sign.push(hyper_side(&sign_hyper, sign_request));
     let mut hsm_sign = both((local, &lk.hsm_ec), (remote, &rk.hsm_ec), signed, msg);
     hsm_sign.push(batch_side(&rk.hsm_ec));
     let mut cases = vec![
@@ -824,7 +902,12 @@ fn main() -> BoxResult<()> {
             name: "aes256gcm-encrypt-1k",
             sides: {
                 let mut sides = both((local, &lk.aes), (remote, &rk.aes), encrypted, &data1k);
-                sides.push(floor_side(&encrypt_echo, encrypt_request, encrypt_answer));
+                sides.push(floor_side(
+                    &encrypt_echo,
+                    encrypt_request.clone(),
+                    encrypt_answer,
+                ));
+                sides.push(hyper_side(&encrypt_hyper, encrypt_request));
                 sides
             },
         },
@@ -878,10 +961,11 @@ impl Target {
 /// side's (a service does at least what the keystore does, and the trip) bounds the rate of any
 /// service answering each operation in its own round trip: by CPU (the machine's CPUs over the
 /// two costs) at every client count, and at 1 client also by time (one call after the other).
+/// The `hyper` side's cost in its place bounds a service built on hyper and tokio.
 fn floor_report(results: &Results, cpus: usize) {
     let mut printed_head = false;
     for ((case, clients, kind), floor) in results {
-        if *kind != SideKind::Floor || floor.ops == 0 {
+        if !matches!(kind, SideKind::Floor | SideKind::Hyper) || floor.ops == 0 {
             continue;
         }
         let get = |kind| results.get(&(*case, *clients, kind));
@@ -891,9 +975,10 @@ fn floor_report(results: &Results, cpus: usize) {
         if !printed_head {
             println!();
             println!(
-                "What one round trip per operation leaves (floor case/clients: the round trip's \
-                 CPU us, p50 us, p99 us; the bound on any such service's rate; that bound over \
-                 in-process, and over raw aws-lc-rs where measured, against issue 12's targets)"
+                "What one round trip per operation leaves (floor|hyper case/clients: the round \
+                 trip's CPU us, p50 us, p99 us; the bound on any such service's rate, or on one \
+                 built on hyper; that bound over in-process, and over raw aws-lc-rs where \
+                 measured, against issue 12's targets)"
             );
             printed_head = true;
         }
@@ -921,7 +1006,8 @@ fn floor_report(results: &Results, cpus: usize) {
             format!("{:.2}", bound / local.rate())
         };
         println!(
-            "floor {case}/{clients}c {:.1} {:.0} {:.0}; bound {bound:.0}/s, /inproc {inproc}{raw}",
+            "{} {case}/{clients}c {:.1} {:.0} {:.0}; bound {bound:.0}/s, /inproc {inproc}{raw}",
+            kind.name(),
             floor.cpu_per_op_us(),
             floor.percentile(0.5),
             floor.percentile(0.99),

@@ -309,7 +309,7 @@ dirty=$(git status --porcelain -- . ':!BENCHMARKS.md' 2>/dev/null | grep -qv '^?
 # The serve bench's `case/Nc side ops p50 p99` lines as table rows, a row per case and count.
 serve_table() {
   awk '
-    $2 ~ /^(inproc|remote|http|raw|batch100|floor)$/ && $1 ~ /\/[0-9]+c$/ {
+    $2 ~ /^(inproc|remote|http|raw|batch100|floor|hyper)$/ && $1 ~ /\/[0-9]+c$/ {
       key = $1; if (!(key in seen)) { seen[key] = 1; order[++n] = key }
       cell[key, $2] = sprintf("%s (%s / %s)", $3, $4, $5)
       if ($6 != "") cell[key, $2] = cell[key, $2] " **errors**"
@@ -318,8 +318,8 @@ serve_table() {
       for (i = 1; i <= n; i++) {
         k = order[i]; split(k, parts, "/"); sub(/c$/, "", parts[2])
         row = "| " parts[1] " | " parts[2]
-        split("inproc remote http raw batch100 floor", sides, " ")
-        for (j = 1; j <= 6; j++) row = row " | " ((k, sides[j]) in cell ? cell[k, sides[j]] : "")
+        split("inproc remote http raw batch100 floor hyper", sides, " ")
+        for (j = 1; j <= 7; j++) row = row " | " ((k, sides[j]) in cell ? cell[k, sides[j]] : "")
         print row " |"
       }
     }' "$SERVE_OUT"
@@ -391,10 +391,13 @@ the client library's cost); \`raw\` is aws-lc-rs signing with a parsed key; \`ba
 \`POST /v1/batch\` of 100 signatures per request (hand-written HTTP/1.1 on a kept-alive connection
 per thread): signatures/s, and the latency of a whole batch; \`floor\` is the hand-written
 request's bytes over a Unix socket to a thread of the bench that answers each with the bytes of
-the service's answer to it, without parsing or doing anything: one round trip and nothing else.
+the service's answer to it, without parsing or doing anything: one round trip and nothing else;
+\`hyper\` is the same request to a hyper HTTP/1.1 server on tokio's multi-thread runtime in the
+bench's process that reads the body whole and answers the service's answer's body: the floor of
+the stack \`keyhold serve\` is built on.
 
-| case | clients | in process | remote | hand-written HTTP | raw aws-lc-rs | batch of 100 | floor |
-|---|---|---|---|---|---|---|---|
+| case | clients | in process | remote | hand-written HTTP | raw aws-lc-rs | batch of 100 | floor | hyper |
+|---|---|---|---|---|---|---|---|---|
 EOF
   serve_table
   cat <<EOF
@@ -410,7 +413,8 @@ costs k times an in-process call's CPU cannot reach more than 1/k of its rate.
 each operation in a round trip of its own does at least the in-process keystore's work and the
 round trip, so its rate is at most the CPUs over those two costs together (and, at 1 client, one
 over the two latencies). Where that bound is below a target, no such service reaches it on this
-machine: only more operations per round trip (a batch) can.
+machine: only more operations per round trip (a batch) can. The \`hyper\` lines bound a service
+built on hyper and tokio the same way.
 
 \`\`\`
 EOF
