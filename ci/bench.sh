@@ -414,7 +414,13 @@ each operation in a round trip of its own does at least the in-process keystore'
 round trip, so its rate is at most the CPUs over those two costs together (and, at 1 client, one
 over the two latencies). Where that bound is below a target, no such service reaches it on this
 machine: only more operations per round trip (a batch) can. The \`hyper\` lines bound a service
-built on hyper and tokio the same way.
+built on hyper and tokio the same way, and the \`client\` lines one called through keyhold's
+client library (\`RemoteKeystore\` to that hyper server).
+
+"Both targets at 16 clients" checks whether the batch target and the throughput target can hold
+together: batches at 2x the unbatched rate, unbatched at 0.7x in-process, ask batches for 1.4x
+the in-process rate at 16 clients. Where no side of the case (raw aws-lc-rs doing nothing else,
+the keystore in process, batches) went that fast at any client count, they cannot both hold.
 
 \`\`\`
 EOF
