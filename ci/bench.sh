@@ -309,7 +309,7 @@ dirty=$(git status --porcelain -- . ':!BENCHMARKS.md' 2>/dev/null | grep -qv '^?
 # The serve bench's `case/Nc side ops p50 p99` lines as table rows, a row per case and count.
 serve_table() {
   awk '
-    $2 ~ /^(inproc|remote|http|raw|batch100|floor|hyper)$/ && $1 ~ /\/[0-9]+c$/ {
+    $2 ~ /^(inproc|remote|http|raw|batch100|floor|hyper|client)$/ && $1 ~ /\/[0-9]+c$/ {
       key = $1; if (!(key in seen)) { seen[key] = 1; order[++n] = key }
       cell[key, $2] = sprintf("%s (%s / %s)", $3, $4, $5)
       if ($6 != "") cell[key, $2] = cell[key, $2] " **errors**"
@@ -318,8 +318,8 @@ serve_table() {
       for (i = 1; i <= n; i++) {
         k = order[i]; split(k, parts, "/"); sub(/c$/, "", parts[2])
         row = "| " parts[1] " | " parts[2]
-        split("inproc remote http raw batch100 floor hyper", sides, " ")
-        for (j = 1; j <= 7; j++) row = row " | " ((k, sides[j]) in cell ? cell[k, sides[j]] : "")
+        split("inproc remote http raw batch100 floor hyper client", sides, " ")
+        for (j = 1; j <= 8; j++) row = row " | " ((k, sides[j]) in cell ? cell[k, sides[j]] : "")
         print row " |"
       }
     }' "$SERVE_OUT"
@@ -394,10 +394,11 @@ request's bytes over a Unix socket to a thread of the bench that answers each wi
 the service's answer to it, without parsing or doing anything: one round trip and nothing else;
 \`hyper\` is the same request to a hyper HTTP/1.1 server on tokio's multi-thread runtime in the
 bench's process that reads the body whole and answers the service's answer's body: the floor of
-the stack \`keyhold serve\` is built on.
+the stack \`keyhold serve\` is built on; \`client\` is a \`RemoteKeystore\` calling that hyper
+server: the floor of \`remote\`.
 
-| case | clients | in process | remote | hand-written HTTP | raw aws-lc-rs | batch of 100 | floor | hyper |
-|---|---|---|---|---|---|---|---|---|
+| case | clients | in process | remote | hand-written HTTP | raw aws-lc-rs | batch of 100 | floor | hyper | client |
+|---|---|---|---|---|---|---|---|---|---|
 EOF
   serve_table
   cat <<EOF
