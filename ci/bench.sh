@@ -410,18 +410,20 @@ together, and so the rate the machine's CPUs could reach at that cost if the wor
 all of them. When the CPUs are the limit (16 clients on 2 CPUs), a request over the socket that
 costs k times an in-process call's CPU cannot reach more than 1/k of its rate.
 
-"What one round trip per operation leaves" applies this to the floor: a service that answers
-each operation in a round trip of its own does at least the in-process keystore's work and the
-round trip, so its rate is at most the CPUs over those two costs together (and, at 1 client, one
-over the two latencies). Where that bound is below a target, no such service reaches it on this
-machine: only more operations per round trip (a batch) can. The \`hyper\` lines bound a service
-built on hyper and tokio the same way, and the \`client\` lines one called through keyhold's
-client library (\`RemoteKeystore\` to that hyper server).
+"What one round trip per operation leaves" applies this to the floors. A service that answers
+each operation in a round trip of its own does at least the keystore's work (its lowest CPU per
+operation in process, at any client count) and the round trip, so its rate is at most the CPUs
+over those two costs together (and, at 1 client, one over the two latencies). Where that bound is
+below a target, the target is excluded for a service on that floor: \`floor\` is a thread per
+connection echoing bytes (a server reading many connections per wake-up may pay less),
+\`hyper\` a service on hyper and tokio, \`client\` one called through keyhold's client library
+(the \`remote\` side's path). Only more operations per round trip (a batch) escape the bound.
 
 "Both targets at 16 clients" checks whether the batch target and the throughput target can hold
 together: batches at 2x the unbatched rate, unbatched at 0.7x in-process, ask batches for 1.4x
-the in-process rate at 16 clients. Where no side of the case (raw aws-lc-rs doing nothing else,
-the keystore in process, batches) went that fast at any client count, they cannot both hold.
+the in-process rate at 16 clients. A batch does at least the keystore's work per operation, so
+its rate is at most the CPUs over the keystore's lowest in-process CPU per operation; where that
+is below what is needed, they cannot both hold.
 
 \`\`\`
 EOF

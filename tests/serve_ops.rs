@@ -620,6 +620,8 @@ fn quick_uses_run_on_the_thread_that_read_them() {
         &env,
         &client("\"app\"", "operations = [\"sign\", \"show\", \"metrics\"]"),
     );
+    // Exact counts: nothing else in this service uses the store (no `verify_interval`), so a
+    // quick call finds it free. A background task that held it would move quick calls.
     assert_eq!(calls_ran(&server), (0, 0, 0));
     let sign = |id: &str| {
         let (status, signed) = act(&server, id, "sign", json!({"data": b64(b"m")}));

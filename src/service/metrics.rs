@@ -41,10 +41,11 @@ struct Stats {
 pub enum Ran {
     /// On the thread that read its request, from memory only (a quick use of a key).
     Here,
-    /// Begun there, stopped before it would have waited, and run again on the blocking pool.
+    /// Begun there, stopped before it would have waited, and run again where waiting is
+    /// allowed (as [`Ran::Pool`]).
     Moved,
-    /// Off the threads that read requests from the start: on the blocking pool, or on a thread
-    /// that handed its other tasks away for as long as the call ran.
+    /// Where waiting is allowed from the start: on the blocking pool, or, for a call alone in
+    /// the service, on the thread that read it after it handed its other tasks away.
     Pool,
 }
 
@@ -167,8 +168,9 @@ impl Metrics {
         out.push_str(
             "# HELP keyhold_keystore_calls_total Keystore calls (a request's, or a run of a \
              batch's operations), by where they ran: here (on the thread that read the request, \
-             from memory only), moved (begun there, stopped before it would have waited, run on \
-             the blocking pool), pool (off the threads that read requests from the start).\n\
+             from memory only), moved (begun there, stopped before it would have waited, run \
+             again where waiting is allowed), pool (where waiting is allowed from the start: the \
+             blocking pool, or a thread that handed its other tasks away).\n\
              # TYPE keyhold_keystore_calls_total counter\n",
         );
         for ran in Ran::ALL {
