@@ -126,8 +126,9 @@ impl SideKind {
 #[derive(Default)]
 struct Worker {
     conn: Option<RawHttp>,
-    /// The `floor` side's connection to its echo thread.
-    echo: Option<UnixStream>,
+    /// The `floor` side's connection to its echo thread, and the buffer its answers are read
+    /// into.
+    echo: Option<(UnixStream, Vec<u8>)>,
 }
 
 /// One call: the operations it completed (1, or a batch's [`BATCH`]), or why it failed.
@@ -482,6 +483,40 @@ fn answer_bytes(socket: &Path, request: &[u8]) -> BoxResult<Vec<u8>> {
     Ok(conn.buf.clone())
 }
 
+/// The floors of one request: an [`echo_server`] and a [`hyper_server`] that answer it as the
+/// service at `socket` did, and that answer's length.
+struct Floors {
+    request: Vec<u8>,
+    echo: PathBuf,
+    hyper: PathBuf,
+    answer_len: usize,
+}
+
+impl Floors {
+    /// Asks the service `request` once, then serves its answer at `DIR/floor-NAME.sock` and
+    /// `DIR/hyper-NAME.sock`.
+    fn start(dir: &Path, name: &str, socket: &Path, request: Vec<u8>) -> BoxResult<Self> {
+        let answer = answer_bytes(socket, &request)?;
+        let floors = Self {
+            echo: dir.join(format!("floor-{name}.sock")),
+            hyper: dir.join(format!("hyper-{name}.sock")),
+            answer_len: answer.len(),
+            request,
+        };
+        hyper_server(&floors.hyper, body_of(&answer)?)?;
+        echo_server(&floors.echo, floors.request.len(), answer)?;
+        Ok(floors)
+    }
+
+    /// The `floor` and `hyper` sides.
+    fn sides(&self) -> [Side<'_>; 2] {
+        [
+            floor_side(&self.echo, self.request.clone(), self.answer_len),
+            http_side(SideKind::Hyper, &self.hyper, self.request.clone(), one_ok),
+        ]
+    }
+}
+
 /// The body of a whole HTTP answer.
 fn body_of(answer: &[u8]) -> BoxResult<Vec<u8>> {
     let at = find(answer, b"\r\n\r\n").ok_or("an answer without its head's end")?;
@@ -553,20 +588,42 @@ fn hyper_server(path: &Path, body: Vec<u8>) -> BoxResult<()> {
     Ok(())
 }
 
-/// The `hyper` side of `request`: sent hand-written to a [`hyper_server`] at `path`.
-fn hyper_side<'a>(path: &'a Path, request: Vec<u8>) -> Side<'a> {
-    side(SideKind::Hyper, move |w: &mut Worker| {
+/// A side that writes `request` whole on the thread's own connection to `socket` and checks
+/// the answer with `check`. A kept connection the server closed while it idled (the service's
+/// 10 s keep-alive timeout, reached while other sides run) is replaced and the request sent
+/// again, once, as HTTP clients do.
+fn http_side<'a>(
+    kind: SideKind,
+    socket: &'a Path,
+    request: Vec<u8>,
+    check: fn(u16, &[u8]) -> Result<u64, String>,
+) -> Side<'a> {
+    side(kind, move |w: &mut Worker| {
+        let kept = w.conn.is_some();
         let conn = match &mut w.conn {
             Some(conn) => conn,
             None => w
                 .conn
-                .insert(RawHttp::connect(path).map_err(|e| e.to_string())?),
+                .insert(RawHttp::connect(socket).map_err(|e| e.to_string())?),
         };
-        match conn.send(&request)? {
-            (200, _) => Ok(1),
-            (status, body) => Err(format!("{status}: {}", String::from_utf8_lossy(body))),
-        }
+        let answer = match conn.send(&request) {
+            Err(_) if kept => {
+                *conn = RawHttp::connect(socket).map_err(|e| e.to_string())?;
+                conn.send(&request)
+            }
+            answer => answer,
+        };
+        let (status, body) = answer?;
+        check(status, body)
     })
+}
+
+/// An answer of 200 is one operation done.
+fn one_ok(status: u16, body: &[u8]) -> Result<u64, String> {
+    match status {
+        200 => Ok(1),
+        _ => Err(format!("{status}: {}", String::from_utf8_lossy(body))),
+    }
 }
 
 /// The `floor` side of `request`: its bytes over a socket to an [`echo_server`] at `path`
@@ -574,13 +631,15 @@ fn hyper_side<'a>(path: &'a Path, request: Vec<u8>) -> Side<'a> {
 fn floor_side<'a>(path: &'a Path, request: Vec<u8>, answer_len: usize) -> Side<'a> {
     side(SideKind::Floor, move |w: &mut Worker| {
         let io = |e: std::io::Error| format!("echo connection: {e}");
-        let stream = match &mut w.echo {
-            Some(stream) => stream,
-            None => w.echo.insert(UnixStream::connect(path).map_err(io)?),
+        let (stream, answer) = match &mut w.echo {
+            Some(echo) => echo,
+            None => w.echo.insert((
+                UnixStream::connect(path).map_err(io)?,
+                vec![0u8; answer_len],
+            )),
         };
         stream.write_all(&request).map_err(io)?;
-        let mut answer = vec![0u8; answer_len];
-        stream.read_exact(&mut answer).map_err(io)?;
+        stream.read_exact(answer).map_err(io)?;
         Ok(1)
     })
 }
@@ -816,7 +875,7 @@ fn main() -> BoxResult<()> {
     println!("case/clients side ops_per_s p50_us p99_us");
 
     let socket = server.socket.as_path();
-    // The floor's requests, and the answers the service gives them, echoed by threads here.
+    // The floors: the service's answers to these requests, served by threads here.
     let sign_request = RawHttp::post(
         &format!("/v1/keys/{}/sign", remote_keys.sw_ec),
         &sign_body(&msg32),
@@ -825,55 +884,19 @@ fn main() -> BoxResult<()> {
         &format!("/v1/keys/{}/encrypt", remote_keys.aes),
         &encrypt_body(&data1k),
     );
-    let (sign_echo, encrypt_echo) = (
-        dir.path().join("floor-sign.sock"),
-        dir.path().join("floor-encrypt.sock"),
-    );
-    let (sign_hyper, encrypt_hyper) = (
-        dir.path().join("hyper-sign.sock"),
-        dir.path().join("hyper-encrypt.sock"),
-    );
-    let answer = answer_bytes(socket, &sign_request)?;
-    let sign_answer = answer.len();
-    hyper_server(&sign_hyper, body_of(&answer)?)?;
-    echo_server(&sign_echo, sign_request.len(), answer)?;
-    let answer = answer_bytes(socket, &encrypt_request)?;
-    let encrypt_answer = answer.len();
-    hyper_server(&encrypt_hyper, body_of(&answer)?)?;
-    echo_server(&encrypt_echo, encrypt_request.len(), answer)?;
-    // `request` written whole on the thread's own connection, its answer checked by `check`.
-    // A kept connection the service closed while it idled (its 10 s keep-alive timeout, reached
-    // while other sides run) is replaced and the request sent again, once, as HTTP clients do.
-    let http_side = |kind, request: Vec<u8>, check: fn(u16, &[u8]) -> Result<u64, String>| {
-        side(kind, move |w: &mut Worker| {
-            let kept = w.conn.is_some();
-            let conn = match &mut w.conn {
-                Some(conn) => conn,
-                None => w
-                    .conn
-                    .insert(RawHttp::connect(socket).map_err(|e| e.to_string())?),
-            };
-            let answer = match conn.send(&request) {
-                Err(_) if kept => {
-                    *conn = RawHttp::connect(socket).map_err(|e| e.to_string())?;
-                    conn.send(&request)
-                }
-                answer => answer,
-            };
-            let (status, body) = answer?;
-            check(status, body)
-        })
-    };
+    let sign_floors = Floors::start(dir.path(), "sign", socket, sign_request)?;
+    let encrypt_floors = Floors::start(dir.path(), "encrypt", socket, encrypt_request)?;
     let batch_side = |id: &str| {
         http_side(
             SideKind::Batch,
+            socket,
             RawHttp::post("/v1/batch", &batch_body(id, &msg32)),
             batch_ok,
         )
     };
     // keyhold's client library to the hyper floor: what `remote` costs without the service.
-    let sign_client = RemoteKeystore::new(Remote::Unix(sign_hyper.clone()))?;
-    let encrypt_client = RemoteKeystore::new(Remote::Unix(encrypt_hyper.clone()))?;
+    let sign_client = RemoteKeystore::new(Remote::Unix(sign_floors.hyper.clone()))?;
+    let encrypt_client = RemoteKeystore::new(Remote::Unix(encrypt_floors.hyper.clone()))?;
     let (sign_client, encrypt_client) = (&sign_client, &encrypt_client);
     let (local, remote): (&dyn KeyService, &dyn KeyService) = (&local, &remote);
     let (lk, rk) = (&local_keys, &remote_keys);
@@ -887,15 +910,12 @@ fn main() -> BoxResult<()> {
     }));
     sw_sign.push(http_side(
         SideKind::Http,
-        sign_request.clone(),
-        |status, body| match status {
-            200 => Ok(1),
-            _ => Err(format!("{status}: {}", String::from_utf8_lossy(body))),
-        },
+        socket,
+        sign_floors.request.clone(),
+        one_ok,
     ));
     sw_sign.push(batch_side(&rk.sw_ec));
-    sw_sign.push(floor_side(&sign_echo, sign_request.clone(), sign_answer));
-    sw_sign.push(hyper_side(&sign_hyper, sign_request));
+    sw_sign.extend(sign_floors.sides());
     sw_sign.push(side(SideKind::Client, move |_: &mut Worker| {
         signed(sign_client, &rk.sw_ec, msg)
     }));
@@ -914,12 +934,7 @@ fn main() -> BoxResult<()> {
             name: "aes256gcm-encrypt-1k",
             sides: {
                 let mut sides = both((local, &lk.aes), (remote, &rk.aes), encrypted, &data1k);
-                sides.push(floor_side(
-                    &encrypt_echo,
-                    encrypt_request.clone(),
-                    encrypt_answer,
-                ));
-                sides.push(hyper_side(&encrypt_hyper, encrypt_request));
+                sides.extend(encrypt_floors.sides());
                 let aes = &rk.aes;
                 sides.push(side(SideKind::Client, move |_: &mut Worker| {
                     encrypted(encrypt_client, aes, &data1k)

@@ -65,8 +65,9 @@ impl Ran {
 #[derive(Debug, Default)]
 pub struct Metrics {
     series: Mutex<BTreeMap<Series, Stats>>,
-    /// Keystore calls by where they ran, in the order of [`Ran::ALL`].
-    ran: [AtomicU64; 3],
+    /// Keystore calls by where they ran, indexed by [`Ran`] (declared in the order of
+    /// [`Ran::ALL`]).
+    ran: [AtomicU64; Ran::ALL.len()],
     /// Connections served: accepted and, on TCP, past the TLS handshake.
     connections: AtomicU64,
     /// Of those, the ones open now.
