@@ -386,6 +386,39 @@ fn a_batch_answers_each_operation_in_order_as_its_own_request_would() {
     assert_eq!(checked["results"][0]["result"]["valid"], true, "{checked}");
     assert_eq!(checked["results"][1]["result"]["valid"], false, "{checked}");
 
+    // An operation's own fields are read as its request's body, without `op` and `key`: a
+    // field the body does not have, or one given twice, is 422 there and here alike.
+    let odd = [
+        format!(r#"{{"op":"sign","key":"{signer}","data":"b25l","colour":"blue"}}"#),
+        format!(r#"{{"op":"sign","data":"b25l","key":"{signer}","data":"dHdv"}}"#),
+    ];
+    let (status, answer) = server.raw(
+        "POST",
+        "/v1/batch",
+        Some(format!(r#"{{"operations":[{},{}]}}"#, odd[0], odd[1]).as_bytes()),
+    );
+    assert_eq!(status, 200, "{answer}");
+    for (i, fragment) in [(0, "unknown field `colour`"), (1, "duplicate field `data`")] {
+        let own: Value = serde_json::from_str(&odd[i]).unwrap();
+        let body = if i == 0 {
+            r#"{"data":"b25l","colour":"blue"}"#.to_owned()
+        } else {
+            r#"{"data":"b25l","data":"dHdv"}"#.to_owned()
+        };
+        let alone = server.raw(
+            "POST",
+            &format!("/v1/keys/{}/sign", own["key"].as_str().unwrap()),
+            Some(body.as_bytes()),
+        );
+        let item = &answer["results"][i];
+        assert_eq!(alone.0, 422, "{}", alone.1);
+        assert_eq!(item["status"], 422, "{answer}");
+        assert_eq!(item["error"]["code"], alone.1["error"]["code"], "{answer}");
+        for message in [&item["error"]["message"], &alone.1["error"]["message"]] {
+            assert!(message.as_str().unwrap().contains(fragment), "{message}");
+        }
+    }
+
     // A body past 64 KiB is read off the thread that serves the connection: answered alike.
     let large: Vec<Value> = (0..600)
         .map(|i| json!({"op": "sign", "key": signer, "data": b64(format!("m{i}").as_bytes())}))
@@ -667,6 +700,54 @@ fn quick_uses_run_on_the_thread_that_read_them() {
     let (status, shown) = server.ask("GET", &format!("/v1/keys/{signer}"), None);
     assert_eq!(status, 200, "{shown}");
     assert_eq!(calls_ran(&server), (14, 1, 3), "RSA and `show` on the pool");
+    let (status, err) = server.stop();
+    assert!(status.success(), "{err}");
+}
+
+/// A rotation in a batch runs after every operation before it and before those after it: the
+/// signatures before it are version 1's, those after version 2's, each good under its version.
+#[test]
+fn a_change_of_key_in_a_batch_runs_between_the_operations_around_it() {
+    let env = env();
+    let signer = env.create_key("signer", "ecdsa-p256", &["--namespace", "app"]);
+    let server = Server::start(
+        &env,
+        &client("\"app\"", "operations = [\"sign\", \"verify\", \"rotate\"]"),
+    );
+    let sign =
+        |i: usize| json!({"op": "sign", "key": signer, "data": b64(format!("m{i}").as_bytes())});
+    let mut operations: Vec<Value> = (0..40).map(sign).collect();
+    operations.push(json!({"op": "rotate", "key": signer, "reason": "in a batch"}));
+    operations.extend((41..81).map(sign));
+    let (status, batch) = server.ask(
+        "POST",
+        "/v1/batch",
+        Some(&json!({ "operations": operations })),
+    );
+    assert_eq!(status, 200, "{batch}");
+    let results = batch["results"].as_array().unwrap();
+    assert_eq!(results.len(), 81);
+    assert!(results.iter().all(|r| r["status"] == 200), "{batch}");
+    assert_eq!(results[40]["result"]["version"], 2, "{batch}");
+    for (i, result) in results.iter().enumerate().filter(|(i, _)| *i != 40) {
+        let version = if i < 40 { 1 } else { 2 };
+        assert_eq!(
+            result["result"]["version"], version,
+            "operation {i}: {batch}"
+        );
+        let (status, checked) = act(
+            &server,
+            &signer,
+            "verify",
+            json!({"data": b64(format!("m{i}").as_bytes()),
+                   "signature": result["result"]["signature"], "version": version}),
+        );
+        assert_eq!(
+            (status, &checked["valid"]),
+            (200, &json!(true)),
+            "{i}: {checked}"
+        );
+    }
     let (status, err) = server.stop();
     assert!(status.success(), "{err}");
 }

@@ -207,7 +207,7 @@ impl Keystore {
             operation,
             key_id: genuine.as_ref().map(|_| Arc::from(id)),
             version: None,
-            namespace: genuine.map(|f| Arc::from(f.namespace)),
+            namespace: genuine.map(|f| Arc::from(f.namespace.as_str())),
             outcome,
             client: crate::audit::current_client(),
         });
@@ -230,7 +230,7 @@ impl Keystore {
             operation: operation_name(operation),
             key_id: genuine.as_ref().map(|_| Arc::from(id)),
             version: None,
-            namespace: genuine.map(|f| Arc::from(f.namespace)),
+            namespace: genuine.map(|f| Arc::from(f.namespace.as_str())),
             outcome: error.kind(),
             client: crate::audit::current_client(),
         });

@@ -157,6 +157,9 @@ pub struct Keystore {
     fallbacks: HashMap<String, Fallback>,
     sealer_kind: String,
     cache: Mutex<ResolvedCache>,
+    /// Held by the one call at a time that asks, from memory only, whether the store changed
+    /// (see `Keystore::resolve`).
+    checking: Mutex<()>,
     /// AES-GCM invocations this process has reserved, per key version.
     reservations: Mutex<Reservations>,
     /// The most AES-GCM invocations per key version (`[lifecycle] gcm_invocation_limit`).
@@ -385,6 +388,7 @@ impl Keystore {
             backends,
             fallbacks: configured.fallbacks,
             cache: Mutex::new(ResolvedCache::default()),
+            checking: Mutex::new(()),
             reservations: Mutex::new(Reservations::default()),
             gcm_limit: config.lifecycle.gcm_limit(),
         })
@@ -723,10 +727,11 @@ impl Keystore {
 
     /// The fields of `id`, an ID this store issued, authenticated (its MAC checked) without
     /// reading the store: which namespace a key is in, before anything about it is looked up.
+    /// An ID that checked out before is remembered (up to 4096), and answered without its MAC.
     ///
     /// # Errors
     /// [`Error::KeyIdAuthentication`] for an ID that is malformed, changed, or another store's.
-    pub fn authenticate_id(&self, id: &str) -> Result<KeyIdFields> {
+    pub fn authenticate_id(&self, id: &str) -> Result<Arc<KeyIdFields>> {
         self.ids.decode(id)
     }
 

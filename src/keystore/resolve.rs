@@ -36,6 +36,17 @@ const FRESHNESS: std::time::Duration = Keystore::OTHERS_SEEN_WITHIN;
 /// The most IDs kept resolved; past it the cache starts over.
 const CACHE_LIMIT: usize = 4096;
 
+/// What the cache says of a key ID while whether the store changed was asked within
+/// [`FRESHNESS`].
+enum Fresh {
+    /// Its resolved key.
+    Hit(Arc<Resolved>),
+    /// Not held: the store's `data_version` and the keystore's generation it was asked at.
+    Miss((i64, u64)),
+    /// Not asked within [`FRESHNESS`].
+    Stale,
+}
+
 /// A resolved key: its verified record, versions and parsed spec and state.
 #[derive(Debug)]
 pub(super) struct Resolved {
@@ -282,29 +293,47 @@ impl Keystore {
         (cache.by_id.get(id).map(Arc::clone), cache.generation)
     }
 
+    /// What the cache says of `id` without asking the store.
+    fn fresh(&self, id: &str) -> Fresh {
+        let cache = self.cache();
+        let fresh = cache.checked_at.is_some_and(|at| at.elapsed() < FRESHNESS);
+        match (fresh, cache.by_id.get(id)) {
+            (true, Some(hit)) => Fresh::Hit(Arc::clone(hit)),
+            (true, None) => Fresh::Miss((cache.data_version, cache.generation)),
+            (false, _) => Fresh::Stale,
+        }
+    }
+
     /// Authenticates `id` and loads its key's verified record, from the cache when the store has
     /// not changed since.
     pub(super) fn resolve(&self, id: &str) -> Result<Arc<Resolved>> {
-        let fresh_version = {
-            let cache = self.cache();
-            let fresh = cache.checked_at.is_some_and(|at| at.elapsed() < FRESHNESS);
-            match (fresh, cache.by_id.get(id)) {
-                (true, Some(hit)) => return Ok(Arc::clone(hit)),
-                (true, None) => Some((cache.data_version, cache.generation)),
-                (false, _) => None,
-            }
+        let mut fresh_version = match self.fresh(id) {
+            Fresh::Hit(hit) => return Ok(hit),
+            Fresh::Miss(seen) => Some(seen),
+            Fresh::Stale => None,
         };
         if super::memory_only::in_scope() {
             // From memory only: whether the store changed, if that can be read at once; a key
             // the cache does not hold is read from the store, which may wait.
             if fresh_version.is_none() {
-                match self.store.try_data_version()? {
-                    Some(v) => {
-                        if let (Some(hit), _) = self.observed(v, id) {
-                            return Ok(hit);
+                // One call at a time asks, the others wait for its answer (a read that never
+                // waits on the database) rather than find the connection in use and move.
+                let _asking = self
+                    .checking
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                match self.fresh(id) {
+                    // Asked meanwhile: its answer is this call's.
+                    Fresh::Hit(hit) => return Ok(hit),
+                    Fresh::Miss(seen) => fresh_version = Some(seen),
+                    Fresh::Stale => match self.store.try_data_version()? {
+                        Some(v) => {
+                            if let (Some(hit), _) = self.observed(v, id) {
+                                return Ok(hit);
+                            }
                         }
-                    }
-                    None => super::memory_only::may_wait("read the store")?,
+                        None => super::memory_only::may_wait("read the store")?,
+                    },
                 }
             }
             super::memory_only::may_wait("read the key's record")?;

@@ -255,7 +255,7 @@ impl Turn {
 
 /// The caller of a request, authenticated by the service's transport before any route (which
 /// answers 401 for a request that is no client's): 401 if it was not. Derefs to its client.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Caller {
     client: Arc<Client>,
     turn: Option<Turn>,

@@ -99,6 +99,24 @@ impl Action {
         }
     }
 
+    /// Whether it changes its key (its versions, state or schedule), rather than using it.
+    pub fn changes_key(self) -> bool {
+        match self {
+            Self::Sign
+            | Self::Verify
+            | Self::Encrypt
+            | Self::Decrypt
+            | Self::Rewrap
+            | Self::Mac
+            | Self::MacVerify
+            | Self::Datakey
+            | Self::DatakeyWrapped => false,
+            Self::Rotate | Self::State(_) | Self::Destroy | Self::CancelDestroy | Self::Policy => {
+                true
+            }
+        }
+    }
+
     /// What a client must be granted to ask for it.
     pub fn operation(self) -> Operation {
         match self {
@@ -222,8 +240,9 @@ impl Action {
 pub enum Input<'a> {
     /// A request's body; empty is `{}`.
     Bytes(&'a [u8]),
-    /// A batch item, without its `op` and `key`.
-    Value(Value),
+    /// A batch item's JSON object, read as its own request's body: its `op` and `key` are
+    /// skipped (the batch read them).
+    Item(&'a [u8]),
 }
 
 impl Input<'_> {
@@ -235,9 +254,83 @@ impl Input<'_> {
                 serde_json::from_value(Value::Object(serde_json::Map::new()))
             }
             Self::Bytes(bytes) => serde_json::from_slice(bytes),
-            Self::Value(value) => serde_json::from_value(value),
+            Self::Item(bytes) => {
+                let mut json = serde_json::Deserializer::from_slice(bytes);
+                T::deserialize(WithoutHead(&mut json)).and_then(|body| json.end().map(|()| body))
+            }
         };
         parsed.map_err(|e| ApiError::body(&e))
+    }
+}
+
+/// A batch item's object as the body it carries: `op` and `key` are skipped, every other field
+/// is read as the body's type reads it (an unknown one refused, as in its own request), straight
+/// from the batch's bytes.
+struct WithoutHead<D>(D);
+
+impl<'de, D: serde::Deserializer<'de>> serde::Deserializer<'de> for WithoutHead<D> {
+    type Error = D::Error;
+
+    fn deserialize_any<V: serde::de::Visitor<'de>>(self, visitor: V) -> Result<V::Value, D::Error> {
+        self.0.deserialize_map(HeadSkipped(visitor))
+    }
+
+    fn deserialize_struct<V: serde::de::Visitor<'de>>(
+        self,
+        _name: &'static str,
+        _fields: &'static [&'static str],
+        visitor: V,
+    ) -> Result<V::Value, D::Error> {
+        self.0.deserialize_map(HeadSkipped(visitor))
+    }
+
+    serde::forward_to_deserialize_any! {
+        bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char str string bytes byte_buf
+        option unit unit_struct newtype_struct seq tuple tuple_struct map enum identifier
+        ignored_any
+    }
+}
+
+/// Hands the body's visitor the object's entries but `op` and `key`.
+struct HeadSkipped<V>(V);
+
+impl<'de, V: serde::de::Visitor<'de>> serde::de::Visitor<'de> for HeadSkipped<V> {
+    type Value = V::Value;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.expecting(f)
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<V::Value, A::Error> {
+        self.0.visit_map(Entries(map))
+    }
+}
+
+struct Entries<A>(A);
+
+impl<'de, A: serde::de::MapAccess<'de>> serde::de::MapAccess<'de> for Entries<A> {
+    type Error = A::Error;
+
+    fn next_key_seed<K: serde::de::DeserializeSeed<'de>>(
+        &mut self,
+        seed: K,
+    ) -> Result<Option<K::Value>, A::Error> {
+        use serde::de::IntoDeserializer as _;
+        while let Some(key) = self.0.next_key::<std::borrow::Cow<'de, str>>()? {
+            if key == "op" || key == "key" {
+                self.0.next_value::<serde::de::IgnoredAny>()?;
+                continue;
+            }
+            return seed.deserialize(key.into_deserializer()).map(Some);
+        }
+        Ok(None)
+    }
+
+    fn next_value_seed<S: serde::de::DeserializeSeed<'de>>(
+        &mut self,
+        seed: S,
+    ) -> Result<S::Value, A::Error> {
+        self.0.next_value_seed(seed)
     }
 }
 

@@ -9,7 +9,7 @@ use axum::Json;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use super::{authorize, granted, json_bytes, run_blocking, Answer, State, QUICK_BODY};
+use super::{authorize, granted, json_bytes, run_blocking, Answer, Placement, State, QUICK_BODY};
 use crate::keystore::Keystore;
 use crate::service::api::ApiError;
 use crate::service::auth::Caller;
@@ -29,13 +29,15 @@ const QUICK_RUN: usize = 8;
 /// `POST /v1/batch`: `{"operations":[{"op":ACTION,"key":ID,…its body's fields}, …]}`, at most
 /// [`MAX_BATCH`]; each answered in order as `{"status":N,"result":…}` or
 /// `{"status":N,"error":{…}}`. Each is checked as its own request would be (grant, namespace);
-/// those allowed run in order, a run of consecutive operations on one backend at a time behind
-/// that backend's gate alone.
+/// those allowed run in runs of consecutive operations on one backend, each behind that
+/// backend's gate alone. Runs of uses may run at once (on as many threads as are free); an
+/// operation that changes its key runs alone, after every operation before it and before any
+/// after it.
 ///
 /// The body is read once for where each operation is and its `op` and `key` (up to
 /// [`INLINE_BATCH_BODY`] on the thread that serves the connection, a larger one off it); an
 /// operation's own fields are read only when it runs, so a batch costs the memory of its bytes
-/// and of one operation at a time.
+/// and of one operation per thread running it.
 pub(super) async fn batch(
     axum::extract::State(state): axum::extract::State<State>,
     caller: Result<Caller, ApiError>,
@@ -67,55 +69,99 @@ pub(super) async fn batch(
             Err(e) => results[i] = Some(item_error(&e)),
         }
     }
-    // Then run in order, a run of consecutive operations on one backend at a time, each run
-    // behind its backend's gate alone. A run of quick operations (at most QUICK_RUN, then the
-    // thread's other tasks may run) runs here from memory only, one after the other, until one
-    // would have to wait: that one and the rest of the run go on to the pool. Other runs go to
-    // one thread of the blocking pool.
+    // Then run, a run of consecutive operations on one backend at a time, each run behind its
+    // backend's gate alone. A run of quick operations (at most QUICK_RUN) runs where a worker
+    // takes it, from memory only, one after the other, until one would have to wait: that one
+    // and the rest of the run go on to the pool. Other runs go to one thread of the blocking
+    // pool. Runs of uses are tasks of their own, taken by whichever worker is free, so that one
+    // batch may use every CPU; an operation that changes its key (rotate, state, destroy,
+    // policy) waits for those before it to end and runs alone, before any after it.
     let mut ready = ready.into_iter().peekable();
+    let mut running = tokio::task::JoinSet::new();
     while let Some(first) = ready.next() {
         let placement = first.2.clone();
+        let alone = first.1.action.changes_key();
         let mut group = vec![first];
-        while let Some(next) = ready
-            .next_if(|next| next.2 == placement && !(placement.quick && group.len() >= QUICK_RUN))
-        {
+        let full = |len: usize| alone || (placement.quick && len >= QUICK_RUN);
+        while let Some(next) = ready.next_if(|next| {
+            !full(group.len()) && !next.1.action.changes_key() && next.2 == placement
+        }) {
             group.push(next);
         }
-        let (body, metrics, who) = (body.clone(), Arc::clone(&state.metrics), client.name_arc());
-        let label = placement
-            .backend
-            .clone()
-            .unwrap_or_else(|| Arc::clone(&state.no_backend));
-        let quick = placement.quick;
-        // What is done survives an attempt here that stopped, for the pool to go on from.
-        let (mut done, mut next) = (Vec::with_capacity(group.len()), 0);
-        let answered = run_blocking(&state, &client, placement, move |ks| {
-            while let Some((i, item, _)) = group.get(next) {
-                let started = Instant::now();
-                let outcome = run_item(ks, item.action, &item.key, &body.slice(item.at.clone()));
-                if crate::keystore::would_wait() {
-                    // Not done: this one again, and those after it, on the pool.
-                    return Vec::new();
-                }
-                let code = outcome.as_ref().map_or_else(ApiError::code, |_| "ok");
-                metrics.record(item.action.name(), &label, &who, code, started.elapsed());
-                done.push((*i, outcome));
-                next += 1;
+        let run = run_group(
+            state.clone(),
+            client.clone(),
+            body.clone(),
+            placement,
+            group,
+        );
+        if alone {
+            while let Some(answered) = running.join_next().await {
+                answer(&mut results, joined(answered)?);
             }
-            std::mem::take(&mut done)
-        })
-        .await?;
-        if quick {
-            tokio::task::yield_now().await;
-        }
-        for (i, outcome) in answered {
-            results[i] = Some(match outcome {
-                Ok(value) => json!({ "status": 200, "result": value }),
-                Err(e) => item_error(&e),
-            });
+            answer(&mut results, run.await?);
+        } else {
+            running.spawn(run);
         }
     }
+    while let Some(answered) = running.join_next().await {
+        answer(&mut results, joined(answered)?);
+    }
     Ok(Json(json!({ "results": results })))
+}
+
+/// Each operation's outcome, by its place in the batch.
+type Answered = Vec<(usize, Result<Value, ApiError>)>;
+
+/// Runs `group`, operations of `body` on one backend with one placement, one after the other
+/// ([`run_blocking`]): their outcomes.
+async fn run_group(
+    state: State,
+    client: Caller,
+    body: axum::body::Bytes,
+    placement: Placement,
+    group: Vec<(usize, Item, Placement)>,
+) -> Result<Answered, ApiError> {
+    let (metrics, who) = (Arc::clone(&state.metrics), client.name_arc());
+    let label = placement
+        .backend
+        .clone()
+        .unwrap_or_else(|| Arc::clone(&state.no_backend));
+    // What is done survives an attempt here that stopped, for the pool to go on from.
+    let (mut done, mut next) = (Vec::with_capacity(group.len()), 0);
+    run_blocking(&state, &client, placement, move |ks| {
+        while let Some((i, item, _)) = group.get(next) {
+            let started = Instant::now();
+            let outcome = run_item(ks, item.action, &item.key, &body.slice(item.at.clone()));
+            if crate::keystore::would_wait() {
+                // Not done: this one again, and those after it, on the pool.
+                return Vec::new();
+            }
+            let code = outcome.as_ref().map_or_else(ApiError::code, |_| "ok");
+            metrics.record(item.action.name(), &label, &who, code, started.elapsed());
+            done.push((*i, outcome));
+            next += 1;
+        }
+        std::mem::take(&mut done)
+    })
+    .await
+}
+
+/// A run's outcomes, or why its task did not end.
+fn joined(
+    ended: Result<Result<Answered, ApiError>, tokio::task::JoinError>,
+) -> Result<Answered, ApiError> {
+    ended.map_err(|e| ApiError::internal(format!("a run of the batch did not finish: {e}")))?
+}
+
+/// Puts `answered` in its places of `results`.
+fn answer(results: &mut [Option<Value>], answered: Answered) {
+    for (i, outcome) in answered {
+        results[i] = Some(match outcome {
+            Ok(value) => json!({ "status": 200, "result": value }),
+            Err(e) => item_error(&e),
+        });
+    }
 }
 
 /// An operation of a batch: its action, its key, and where its JSON is in the body.
@@ -127,10 +173,7 @@ struct Item {
 
 /// Runs one operation of a batch on its JSON `fields` (`op` and `key` among them).
 fn run_item(ks: &Keystore, action: Action, key: &str, fields: &[u8]) -> Result<Value, ApiError> {
-    let mut fields: serde_json::Map<String, Value> = Input::Bytes(fields).parse()?;
-    fields.remove("op");
-    fields.remove("key");
-    action.run(ks, key, Input::Value(Value::Object(fields)))
+    action.run(ks, key, Input::Item(fields))
 }
 
 /// The operations of a batch's body, each as an [`Item`] or why it cannot be run; more than
