@@ -9,7 +9,7 @@
 
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
-use serde_json::{json, Value};
+use serde_json::Value;
 use zeroize::Zeroizing;
 
 use super::api::{b64, ApiError, B64};
@@ -137,14 +137,14 @@ impl Action {
     }
 
     /// Runs the action on the key `id` with its JSON body `input`: the answer's JSON.
-    pub fn run(self, ks: &Keystore, id: &str, input: Input<'_>) -> Result<Value, ApiError> {
+    pub fn run(self, ks: &Keystore, id: &str, input: Input<'_>) -> Result<Reply, ApiError> {
         match self {
             Self::Sign => {
                 let body: SignBody = input.parse()?;
                 let format = signature_format(body.format.as_deref())?;
                 let data = body.data.decode("data")?;
                 let used = ks.sign_with(id, &data, format, &UseOptions::new())?;
-                Ok(with_use(&used, "signature", &b64(&used.output)))
+                Ok(Reply::used(&used, "signature", b64(&used.output)))
             }
             Self::Verify => {
                 let body: VerifyBody = input.parse()?;
@@ -160,28 +160,28 @@ impl Action {
                 let plaintext = body.plaintext.decode("plaintext")?;
                 let aad = body.aad.decode("aad")?;
                 let used = ks.encrypt_with(id, &plaintext, &aad, &UseOptions::new())?;
-                Ok(with_use(&used, "envelope", &b64(&used.output)))
+                Ok(Reply::used(&used, "envelope", b64(&used.output)))
             }
             Self::Decrypt => {
                 let body: EnvelopeBody = input.parse()?;
                 let (envelope, aad) = (body.envelope.decode("envelope")?, body.aad.decode("aad")?);
                 let used =
                     ks.decrypt_with(id, &envelope, &aad, &process(None, body.allow_compromised))?;
-                let text = Zeroizing::new(b64(used.output.expose()));
-                Ok(with_use(&used, "plaintext", &text))
+                let text = b64(used.output.expose());
+                Ok(Reply::used(&used, "plaintext", text))
             }
             Self::Rewrap => {
                 let body: EnvelopeBody = input.parse()?;
                 let (envelope, aad) = (body.envelope.decode("envelope")?, body.aad.decode("aad")?);
                 let used =
                     ks.rewrap(id, &envelope, &aad, &process(None, body.allow_compromised))?;
-                Ok(with_use(&used, "envelope", &b64(&used.output)))
+                Ok(Reply::used(&used, "envelope", b64(&used.output)))
             }
             Self::Mac => {
                 let body: MacBody = input.parse()?;
                 let data = body.data.decode("data")?;
                 let used = ks.mac_with(id, &data, &UseOptions::new())?;
-                Ok(with_use(&used, "mac", &b64(&used.output)))
+                Ok(Reply::used(&used, "mac", b64(&used.output)))
             }
             Self::MacVerify => {
                 let body: MacVerifyBody = input.parse()?;
@@ -195,27 +195,31 @@ impl Action {
                 let wrapped_only = self == Self::DatakeyWrapped;
                 let used = ks.data_key_with(id, &aad, wrapped_only, &UseOptions::new())?;
                 let (key, envelope) = &used.output;
-                let mut answer = with_use(&used, "envelope", &b64(envelope));
-                if !wrapped_only {
-                    let text = Zeroizing::new(b64(key.expose()));
-                    answer["plaintext"] = Value::String(text.as_str().to_owned());
+                let mut answer = Reply::used(&used, "envelope", b64(envelope));
+                if let (false, Reply::Used { plaintext, .. }) = (wrapped_only, &mut answer) {
+                    *plaintext = Some(Zeroizing::new(b64(key.expose())));
                 }
                 Ok(answer)
             }
             Self::Rotate => {
                 let body: ReasonBody = input.parse()?;
-                Ok(ks.rotate_key(id, body.reason.as_deref())?.to_json())
+                Ok(Reply::Changed(
+                    ks.rotate_key(id, body.reason.as_deref())?.to_json(),
+                ))
             }
             Self::State(transition) => {
                 let body: ReasonBody = input.parse()?;
-                Ok(ks
-                    .change_state(id, transition, body.reason.as_deref())?
-                    .to_json())
+                Ok(Reply::Changed(
+                    ks.change_state(id, transition, body.reason.as_deref())?
+                        .to_json(),
+                ))
             }
-            Self::Destroy => destroy(ks, id, input.parse()?),
+            Self::Destroy => destroy(ks, id, input.parse()?).map(Reply::Changed),
             Self::CancelDestroy => {
                 let body: ReasonBody = input.parse()?;
-                Ok(ks.cancel_destroy(id, body.reason.as_deref())?.to_json())
+                Ok(Reply::Changed(
+                    ks.cancel_destroy(id, body.reason.as_deref())?.to_json(),
+                ))
             }
             Self::Policy => {
                 let body: PolicyBody = input.parse()?;
@@ -229,7 +233,9 @@ impl Action {
                             .into(),
                     ));
                 }
-                Ok(ks.set_policy(id, &policy, reason.as_deref())?.to_json())
+                Ok(Reply::Changed(
+                    ks.set_policy(id, &policy, reason.as_deref())?.to_json(),
+                ))
             }
         }
     }
@@ -334,26 +340,110 @@ impl<'de, A: serde::de::MapAccess<'de>> serde::de::MapAccess<'de> for Entries<A>
     }
 }
 
-/// `{…, "version": N, "state": "…", "compromised": bool}`: what a use answers besides its output
-/// (`field`: `text`), as the CLI's `--json` says it.
-fn with_use<T>(used: &Used<T>, field: &str, text: &str) -> Value {
-    json!({
-        field: text,
-        "version": used.version,
-        "state": used.state.as_str(),
-        "compromised": used.state == KeyState::Compromised,
-    })
+/// What an action answers, written as JSON straight from here (no tree of JSON values built
+/// for each answer). Its `Debug` leaves the texts out.
+pub enum Reply {
+    /// A use: `{"compromised": bool, FIELD: TEXT, "state": "…", "version": N}` (its output, and
+    /// what it answers besides, as the CLI's `--json` says it), with a data key's `plaintext`.
+    /// The texts are zeroized once dropped (a plaintext or a data key in base64).
+    Used {
+        field: &'static str,
+        text: Zeroizing<String>,
+        plaintext: Option<Zeroizing<String>>,
+        version: u32,
+        state: KeyState,
+    },
+    /// A check: `{"compromised", "state", "valid": true, "version"}` with the version that
+    /// passed, or `{"valid": false}`.
+    Valid(Option<(u32, KeyState)>),
+    /// A change of the key (rotate, a state change, destroy, its policy): what it answers.
+    Changed(Value),
 }
 
-/// A check's answer: `{"valid": true, "version", …}` or `{"valid": false}`.
-fn validity(checked: crate::Result<Used<()>>) -> Result<Value, ApiError> {
-    match checked {
-        Ok(used) => {
-            let mut answer = with_use(&used, "valid", "");
-            answer["valid"] = Value::Bool(true);
-            Ok(answer)
+impl std::fmt::Debug for Reply {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Used {
+                field,
+                plaintext,
+                version,
+                state,
+                ..
+            } => f
+                .debug_struct("Used")
+                .field("field", field)
+                .field("text", &"[redacted]")
+                .field("plaintext", &plaintext.as_ref().map(|_| "[redacted]"))
+                .field("version", version)
+                .field("state", state)
+                .finish(),
+            Self::Valid(valid) => f.debug_tuple("Valid").field(valid).finish(),
+            Self::Changed(value) => f.debug_tuple("Changed").field(value).finish(),
         }
-        Err(crate::Error::VerificationFailed { .. }) => Ok(json!({ "valid": false })),
+    }
+}
+
+impl Reply {
+    fn used<T>(used: &Used<T>, field: &'static str, text: String) -> Self {
+        Self::Used {
+            field,
+            text: Zeroizing::new(text),
+            plaintext: None,
+            version: used.version,
+            state: used.state,
+        }
+    }
+}
+
+impl serde::Serialize for Reply {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap as _;
+        // The keys in the order a JSON object of serde_json sorts them, as answers had them.
+        let used = |map: &mut S::SerializeMap, version: u32, state: KeyState| {
+            map.serialize_entry("state", state.as_str())?;
+            map.serialize_entry("version", &version)
+        };
+        match self {
+            Self::Used {
+                field,
+                text,
+                plaintext,
+                version,
+                state,
+            } => {
+                let mut map = s.serialize_map(None)?;
+                map.serialize_entry("compromised", &(*state == KeyState::Compromised))?;
+                map.serialize_entry(field, text.as_str())?;
+                if let Some(plaintext) = plaintext {
+                    // After `envelope`, its only companion.
+                    map.serialize_entry("plaintext", plaintext.as_str())?;
+                }
+                used(&mut map, *version, *state)?;
+                map.end()
+            }
+            Self::Valid(Some((version, state))) => {
+                let mut map = s.serialize_map(None)?;
+                map.serialize_entry("compromised", &(*state == KeyState::Compromised))?;
+                map.serialize_entry("state", state.as_str())?;
+                map.serialize_entry("valid", &true)?;
+                map.serialize_entry("version", version)?;
+                map.end()
+            }
+            Self::Valid(None) => {
+                let mut map = s.serialize_map(Some(1))?;
+                map.serialize_entry("valid", &false)?;
+                map.end()
+            }
+            Self::Changed(value) => value.serialize(s),
+        }
+    }
+}
+
+/// A check's answer ([`Reply::Valid`]).
+fn validity(checked: crate::Result<Used<()>>) -> Result<Reply, ApiError> {
+    match checked {
+        Ok(used) => Ok(Reply::Valid(Some((used.version, used.state)))),
+        Err(crate::Error::VerificationFailed { .. }) => Ok(Reply::Valid(None)),
         Err(e) => Err(e.into()),
     }
 }
@@ -513,6 +603,63 @@ impl PolicyBody {
             deactivate_at: self.deactivate_at,
             activate_at: self.activate_at,
             min_decrypt_version: self.min_decrypt_version,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    /// Each reply is written as the JSON value the service answered before replies were typed
+    /// (serde_json sorts an object's keys): the same bytes.
+    #[test]
+    fn replies_are_written_as_their_json_values_were() {
+        let used = |field, plaintext: Option<&str>, state| Reply::Used {
+            field,
+            text: Zeroizing::new("dGV4dA".into()),
+            plaintext: plaintext.map(|p| Zeroizing::new(p.to_owned())),
+            version: 3,
+            state,
+        };
+        let cases = [
+            (
+                used("signature", None, KeyState::Active),
+                json!({"signature": "dGV4dA", "version": 3, "state": "active", "compromised": false}),
+            ),
+            (
+                used("plaintext", None, KeyState::Compromised),
+                json!({"plaintext": "dGV4dA", "version": 3, "state": "compromised",
+                       "compromised": true}),
+            ),
+            (
+                used("envelope", Some("a2V5"), KeyState::Active),
+                json!({"envelope": "dGV4dA", "plaintext": "a2V5", "version": 3,
+                       "state": "active", "compromised": false}),
+            ),
+            (
+                Reply::Valid(Some((2, KeyState::Deactivated))),
+                json!({"valid": true, "version": 2, "state": "deactivated", "compromised": false}),
+            ),
+            (Reply::Valid(None), json!({"valid": false})),
+            (
+                Reply::Changed(json!({"version": 4, "event": "rotated"})),
+                json!({"version": 4, "event": "rotated"}),
+            ),
+        ];
+        let shown = format!("{:?}", cases[2].0);
+        assert!(
+            !shown.contains("dGV4dA") && !shown.contains("a2V5"),
+            "{shown}"
+        );
+        for (reply, value) in cases {
+            assert_eq!(
+                serde_json::to_string(&reply).unwrap(),
+                value.to_string(),
+                "{reply:?}"
+            );
         }
     }
 }

@@ -19,7 +19,7 @@ use tokio::sync::Semaphore;
 use super::api::{b64, ApiError, NoQuery, PathOf};
 use super::auth::{Caller, Clients};
 use super::metrics::{Metrics, Ran};
-use super::ops::{Action, Input};
+use super::ops::{Action, Input, Reply};
 use crate::backend::KeyOptions;
 use crate::config::Operation;
 use crate::keystore::{KeyIdFields, KeyInfo, KeyRequest, Keystore};
@@ -697,7 +697,7 @@ async fn act(
     caller: Result<Caller, ApiError>,
     PathOf((id, action)): PathOf<(String, String)>,
     request: Request,
-) -> Answer {
+) -> Result<Json<Reply>, ApiError> {
     let (client, request) = granted(caller, request, None).await?;
     let parsed = Action::parse(&action).map_err(|e| match key_path_allows(&action) {
         // A readable part: it is there, for GET.

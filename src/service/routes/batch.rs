@@ -9,11 +9,11 @@ use axum::Json;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use super::{authorize, granted, json_bytes, run_blocking, Answer, Placement, State, QUICK_BODY};
+use super::{authorize, granted, json_bytes, run_blocking, Placement, State, QUICK_BODY};
 use crate::keystore::Keystore;
 use crate::service::api::ApiError;
 use crate::service::auth::Caller;
-use crate::service::ops::{Action, Input};
+use crate::service::ops::{Action, Input, Reply};
 
 /// The most operations one `/v1/batch` request may hold.
 pub const MAX_BATCH: usize = 1000;
@@ -42,7 +42,7 @@ pub(super) async fn batch(
     axum::extract::State(state): axum::extract::State<State>,
     caller: Result<Caller, ApiError>,
     request: Request,
-) -> Answer {
+) -> Result<Json<Results>, ApiError> {
     let (client, request) = granted(caller, request, None).await?;
     let body = json_bytes(request, &state).await?;
     // A small body is read where it is (a few operations take microseconds); a large one off
@@ -56,7 +56,8 @@ pub(super) async fn batch(
             .map_err(|e| ApiError::internal(format!("the batch was not read: {e}")))??
     };
     // Each operation checked as its own request; those refused are answered at once.
-    let mut results: Vec<Option<Value>> = vec![None; items.len()];
+    let mut results: Vec<Option<ItemReply>> =
+        std::iter::repeat_with(|| None).take(items.len()).collect();
     let mut ready = Vec::new();
     for (i, item) in items.into_iter().enumerate() {
         let checked = item.and_then(|item| {
@@ -66,7 +67,7 @@ pub(super) async fn batch(
         });
         match checked {
             Ok(ready_item) => ready.push(ready_item),
-            Err(e) => results[i] = Some(item_error(&e)),
+            Err(e) => results[i] = Some(ItemReply::Failed(item_error(&e))),
         }
     }
     // Then run, a run of consecutive operations on one backend at a time, each run behind its
@@ -107,11 +108,11 @@ pub(super) async fn batch(
     while let Some(answered) = running.join_next().await {
         answer(&mut results, joined(answered)?);
     }
-    Ok(Json(json!({ "results": results })))
+    Ok(Json(Results { results }))
 }
 
 /// Each operation's outcome, by its place in the batch.
-type Answered = Vec<(usize, Result<Value, ApiError>)>;
+type Answered = Vec<(usize, Result<Reply, ApiError>)>;
 
 /// Runs `group`, operations of `body` on one backend with one placement, one after the other
 /// ([`run_blocking`]): their outcomes.
@@ -155,13 +156,41 @@ fn joined(
 }
 
 /// Puts `answered` in its places of `results`.
-fn answer(results: &mut [Option<Value>], answered: Answered) {
+fn answer(results: &mut [Option<ItemReply>], answered: Answered) {
     for (i, outcome) in answered {
         results[i] = Some(match outcome {
-            Ok(value) => json!({ "status": 200, "result": value }),
-            Err(e) => item_error(&e),
+            Ok(reply) => ItemReply::Done(reply),
+            Err(e) => ItemReply::Failed(item_error(&e)),
         });
     }
+}
+
+/// What a batch answers for one operation: `{"status":200,"result":REPLY}`, or its failure
+/// ([`item_error`]).
+pub(super) enum ItemReply {
+    Done(Reply),
+    Failed(Value),
+}
+
+impl serde::Serialize for ItemReply {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap as _;
+        match self {
+            Self::Done(reply) => {
+                let mut map = s.serialize_map(Some(2))?;
+                map.serialize_entry("result", reply)?;
+                map.serialize_entry("status", &200)?;
+                map.end()
+            }
+            Self::Failed(value) => value.serialize(s),
+        }
+    }
+}
+
+/// A batch's answer: `{"results":[…]}`, one per operation, in order.
+#[derive(serde::Serialize)]
+pub(super) struct Results {
+    results: Vec<Option<ItemReply>>,
 }
 
 /// An operation of a batch: its action, its key, and where its JSON is in the body.
@@ -172,7 +201,7 @@ struct Item {
 }
 
 /// Runs one operation of a batch on its JSON `fields` (`op` and `key` among them).
-fn run_item(ks: &Keystore, action: Action, key: &str, fields: &[u8]) -> Result<Value, ApiError> {
+fn run_item(ks: &Keystore, action: Action, key: &str, fields: &[u8]) -> Result<Reply, ApiError> {
     action.run(ks, key, Input::Item(fields))
 }
 
