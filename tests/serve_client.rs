@@ -365,3 +365,121 @@ fn an_oversized_input_is_refused_before_anything_is_sent() {
         .unwrap_err();
     assert!(matches!(sent, Error::Io { .. }), "{sent:?}");
 }
+
+/// A fake service on a Unix socket of the test: each connection it accepts is handed to
+/// `answer`, with its number (from 0); the number of connections accepted so far is counted.
+fn fake_service(
+    answer: impl Fn(usize, std::os::unix::net::UnixStream) + Send + 'static,
+) -> (
+    tempfile::TempDir,
+    RemoteKeystore,
+    std::sync::Arc<std::sync::atomic::AtomicUsize>,
+) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("fake.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+    let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = std::sync::Arc::clone(&accepted);
+    std::thread::spawn(move || {
+        for (n, stream) in listener.incoming().enumerate() {
+            counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            answer(n, stream.unwrap());
+        }
+    });
+    (
+        dir,
+        RemoteKeystore::new(Remote::Unix(path)).unwrap(),
+        accepted,
+    )
+}
+
+/// Reads one request's head and body (`Content-Length`) from `stream`.
+fn read_request(stream: &mut std::os::unix::net::UnixStream) {
+    use std::io::Read as _;
+    let mut got = Vec::new();
+    let mut byte = [0u8; 1];
+    while !got.ends_with(b"\r\n\r\n") {
+        assert_eq!(stream.read(&mut byte).unwrap(), 1, "{got:?}");
+        got.push(byte[0]);
+    }
+    let head = String::from_utf8(got).unwrap();
+    let length: usize = head
+        .lines()
+        .find_map(|l| l.strip_prefix("Content-Length: "))
+        .unwrap()
+        .parse()
+        .unwrap();
+    let mut body = vec![0u8; length];
+    stream.read_exact(&mut body).unwrap();
+}
+
+/// A service that reads the request and never answers: the call gives up at the client's
+/// timeout with `Error::Timeout`, and the next call does not read the late answer on that
+/// connection: it connects anew.
+#[test]
+fn a_call_the_service_never_answers_times_out_and_its_connection_is_not_reused() {
+    let (_dir, remote, accepted) = fake_service(|_, mut stream| {
+        read_request(&mut stream);
+        // Held open, unanswered, until the test ends.
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_secs(60));
+            drop(stream);
+        });
+    });
+    let remote = remote.with_timeout(Duration::from_millis(300));
+    for call in 1..=2 {
+        let started = std::time::Instant::now();
+        let refused = remote.health().unwrap_err();
+        assert!(matches!(refused, Error::Timeout { .. }), "{refused:?}");
+        // Well under the default (120 s): the given timeout ended it.
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "{:?}",
+            started.elapsed()
+        );
+        assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), call);
+    }
+}
+
+/// Answers framed as HTTP/1.1 allows: chunked, with `Connection: close` (the client reads it
+/// whole and connects anew for the next call), then with a length on a kept connection (reused).
+#[test]
+fn chunked_and_closing_answers_are_read_whole_and_a_closed_connection_is_not_reused() {
+    use std::io::Write as _;
+    let (_dir, remote, accepted) = fake_service(|n, mut stream| {
+        std::thread::spawn(move || {
+            if n == 0 {
+                read_request(&mut stream);
+                stream
+                    .write_all(
+                        b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: \
+                          chunked\r\nConnection: close\r\n\r\n9\r\n{\"client\"\r\n\
+                          a;x=1\r\n:\"chunked\"\r\n1\r\n}\r\n0\r\nTrailer: t\r\n\r\n",
+                    )
+                    .unwrap();
+                // Left open: only its `Connection: close` says not to use it again.
+                std::thread::sleep(Duration::from_secs(60));
+                return;
+            }
+            // Kept alive: every request on it answered with a length.
+            for _ in 0..2 {
+                read_request(&mut stream);
+                let body = br#"{"client":"kept"}"#;
+                write!(
+                    stream,
+                    "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n",
+                    body.len()
+                )
+                .unwrap();
+                stream.write_all(body).unwrap();
+            }
+        });
+    });
+    let count = || accepted.load(std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(remote.health().unwrap(), "chunked");
+    assert_eq!(count(), 1);
+    assert_eq!(remote.health().unwrap(), "kept");
+    assert_eq!(count(), 2, "a connection the service closed is not reused");
+    assert_eq!(remote.health().unwrap(), "kept");
+    assert_eq!(count(), 2, "a kept connection is reused");
+}

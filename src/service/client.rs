@@ -3,17 +3,15 @@
 //! credential; never a key, a PIN or the root secret.
 //!
 //! Blocking, like the keystore: each call is one HTTP/1.1 request on a kept-alive connection
-//! (one per concurrent caller, reused), driven on the caller's own thread: no thread is woken
-//! to carry a request or its answer. The service's refusals come back as
+//! (one per concurrent caller, reused), written and read on the caller's own thread with
+//! blocking socket calls: no runtime, and no thread is woken to carry a request or its answer. The service's refusals come back as
 //! [`Error::Remote`], whose kind is the service's error kind (so the command line exits as it
 //! would have on the store itself).
 
 use std::sync::{Mutex, PoisonError};
 
 use base64::Engine as _;
-use http_body_util::Full;
-use hyper::body::Bytes;
-use hyper::{Method, Request};
+use hyper::Method;
 use secrecy::{ExposeSecret as _, SecretString};
 use serde_json::{json, Value};
 use zeroize::Zeroizing;
@@ -39,9 +37,9 @@ pub use remote::Remote;
 pub struct RemoteKeystore {
     remote: Remote,
     /// `Authorization: Bearer TOKEN`, sent with every request if there is a token (else the
-    /// service knows the caller by its peer credentials or certificate): made once, marked
-    /// sensitive; `Err` for a token a header cannot carry, said at the first call.
-    bearer: Option<std::result::Result<hyper::header::HeaderValue, ()>>,
+    /// service knows the caller by its peer credentials or certificate): made once; `Err` for a
+    /// token a header cannot carry, said at the first call.
+    bearer: Option<std::result::Result<Zeroizing<String>, ()>>,
     /// The TLS an https remote is reached with.
     tls: Option<super::tls::ClientTls>,
     /// Connections not in use, kept alive for the next call.
@@ -69,15 +67,13 @@ impl RemoteKeystore {
     /// A client of the service at `remote`. Nothing is sent until the first call.
     ///
     /// # Errors
-    /// [`Error::Io`] if the client's runtime cannot start.
+    /// None: a client that cannot reach its service says so at its first call.
     pub fn new(remote: Remote) -> Result<Self> {
-        // The first call's runtime, made now so that a client that cannot run says so here.
-        let first = Conn::new()?;
         Ok(Self {
             remote,
             bearer: None,
             tls: None,
-            idle: Mutex::new(vec![first]),
+            idle: Mutex::new(Vec::new()),
             timeout: DEFAULT_TIMEOUT,
         })
     }
@@ -87,14 +83,12 @@ impl RemoteKeystore {
     #[must_use]
     pub fn with_token(mut self, token: SecretString) -> Self {
         let value = Zeroizing::new(format!("Bearer {}", token.expose_secret()));
-        self.bearer = Some(
-            hyper::header::HeaderValue::from_str(&value)
-                .map(|mut value| {
-                    value.set_sensitive(true);
-                    value
-                })
-                .map_err(|_| ()),
-        );
+        // What a header's value may hold (RFC 9110 §5.5): visible ASCII, spaces and tabs; no
+        // line break that would end it and start another.
+        let carried = value
+            .bytes()
+            .all(|b| b == b'\t' || (b' '..=b'~').contains(&b));
+        self.bearer = Some(if carried { Ok(value) } else { Err(()) });
         self
     }
 
@@ -130,8 +124,8 @@ impl RemoteKeystore {
 
     /// `METHOD path` with `body`: the JSON answer, or the service's error.
     fn call(&self, method: Method, path: &str, body: Option<&Value>) -> Result<Value> {
-        // The body may hold a plaintext: its bytes are zeroized once sent (hyper's copy of them
-        // in its write buffer is not).
+        // The body may hold a plaintext: its bytes, and the request's, are zeroized once sent
+        // (the kernel's copy in the socket's buffer is not this process's to clear).
         let bytes = Zeroizing::new(match body {
             Some(body) => serde_json::to_vec(body)
                 .map_err(|e| Error::InvalidInput(format!("a request's JSON: {e}")))?,
@@ -147,53 +141,14 @@ impl RemoteKeystore {
                 super::MAX_BODY
             )));
         }
-        let mut request = Request::builder()
-            .method(method)
-            .uri(path)
-            .header(hyper::header::HOST, "keyhold");
-        if body.is_some() {
-            request = request.header(hyper::header::CONTENT_TYPE, "application/json");
-        }
-        if let Some(bearer) = &self.bearer {
-            let value = bearer.as_ref().map_err(|()| {
-                Error::InvalidInput("the bearer token has characters a header cannot carry".into())
-            })?;
-            request = request.header(hyper::header::AUTHORIZATION, value.clone());
-        }
-        let request = request
-            .body(Full::new(Bytes::copy_from_slice(&bytes)))
-            .map_err(|e| Error::InvalidInput(format!("a request to the service: {e}")))?;
+        let request = self.request(&method, path, body.is_some(), &bytes)?;
         let reused = self
             .idle
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .pop();
-        let mut conn = match reused {
-            Some(conn) => conn,
-            None => Conn::new()?,
-        };
-        let exchanged = if tokio::runtime::Handle::try_current().is_ok() {
-            // On a thread of a tokio runtime (its blocking pool, or, misused, an async task),
-            // whose context forbids running another runtime here: on a thread of its own.
-            std::thread::scope(|scope| {
-                scope
-                    .spawn(|| self.exchange_on(&mut conn, request))
-                    .join()
-                    .unwrap_or_else(|_| {
-                        Err(Error::io(
-                            format!("ask the service at {}", self.remote),
-                            std::io::Error::other("the client's thread panicked"),
-                        ))
-                    })
-            })
-        } else {
-            self.exchange_on(&mut conn, request)
-        };
-        // A connection whose exchange failed or timed out may be mid-answer: it is not kept
-        // (its runtime is, for the next call).
-        if exchanged.is_err() {
-            conn.link = None;
-        }
+        let mut conn = reused.unwrap_or_else(Conn::new);
+        let exchanged = self.exchange_on(&mut conn, &request);
         {
             let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
             if idle.len() < MAX_IDLE {
@@ -219,6 +174,43 @@ impl RemoteKeystore {
             return Err(Error::remote(code, status, message));
         }
         Ok(value)
+    }
+
+    /// The bytes of `METHOD path` with `body` (JSON if `json`), zeroized once sent.
+    fn request(
+        &self,
+        method: &Method,
+        path: &str,
+        json: bool,
+        body: &[u8],
+    ) -> Result<Zeroizing<Vec<u8>>> {
+        // Paths are made here, from checked IDs and encoded queries: never a byte that would
+        // end the request line.
+        if !path.starts_with('/') || !path.bytes().all(|b| (b'!'..=b'~').contains(&b)) {
+            return Err(Error::InvalidInput(format!(
+                "`{path}` is not a path a request can carry"
+            )));
+        }
+        let mut request = Zeroizing::new(Vec::with_capacity(256 + body.len()));
+        let head = format!(
+            "{method} {path} HTTP/1.1\r\nHost: keyhold\r\nContent-Length: {}\r\n",
+            body.len()
+        );
+        request.extend_from_slice(head.as_bytes());
+        if json {
+            request.extend_from_slice(b"Content-Type: application/json\r\n");
+        }
+        if let Some(bearer) = &self.bearer {
+            let value = bearer.as_ref().map_err(|()| {
+                Error::InvalidInput("the bearer token has characters a header cannot carry".into())
+            })?;
+            request.extend_from_slice(b"Authorization: ");
+            request.extend_from_slice(value.as_bytes());
+            request.extend_from_slice(b"\r\n");
+        }
+        request.extend_from_slice(b"\r\n");
+        request.extend_from_slice(body);
+        Ok(request)
     }
 
     /// `POST /v1/keys/{id}/{action}` with `body`.

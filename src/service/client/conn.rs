@@ -1,247 +1,225 @@
-//! The client's connections: each driven on the calling thread by a runtime of its own, kept
-//! for the next call, reached over the Unix socket or TCP with TLS 1.3.
+//! The client's connections: blocking sockets, each used by one call at a time on the caller's
+//! own thread and kept for the next call, reached over the Unix socket or TCP with TLS 1.3. A
+//! call writes its request and reads the answer; no runtime, no poller, no other thread.
 
-use std::future::Future;
+use std::io::{Read, Write};
+use std::net::{TcpStream, ToSocketAddrs as _};
+use std::os::fd::{AsFd, BorrowedFd};
+use std::os::unix::net::UnixStream;
+use std::time::{Duration, Instant};
 
-use http_body_util::{BodyExt as _, Full};
-use hyper::body::Bytes;
-use hyper::client::conn::http1::SendRequest;
-use hyper::Request;
-use zeroize::Zeroizing;
+use zeroize::{Zeroize as _, Zeroizing};
 
 use super::{Remote, RemoteKeystore};
 use crate::error::{Error, Result};
 
+mod answer;
+
+use answer::read_answer;
+
 /// How long a connection may wait unused and still be used: well below the service's default
 /// idle limit (its header timeout, 10 s), so that the service does not close it as a request
 /// goes out on it (a request that crosses the close is lost, and never sent again).
-const KEEP_IDLE: std::time::Duration = std::time::Duration::from_secs(5);
+const KEEP_IDLE: Duration = Duration::from_secs(5);
 
-/// A connection to the service and the runtime that drives it: a current-thread runtime, run by
-/// whichever caller holds it (callers take one each from the pool), so that the request, the
-/// answer and the socket are all handled on the caller's thread.
+/// A connection to the service, kept between calls.
 pub(super) struct Conn {
-    /// Always there until the connection is dropped ([`Drop`] takes it).
-    runtime: Option<tokio::runtime::Runtime>,
     /// None until the first call connects, and after a failed exchange.
     pub(super) link: Option<Link>,
     /// When its last call ended.
-    last_used: std::time::Instant,
+    last_used: Instant,
 }
 
 impl Conn {
-    pub(super) fn new() -> Result<Self> {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_io()
-            .enable_time()
-            .build()
-            .map_err(|e| Error::io("start the client's runtime", e))?;
-        Ok(Self {
-            runtime: Some(runtime),
+    pub(super) fn new() -> Self {
+        Self {
             link: None,
-            last_used: std::time::Instant::now(),
-        })
-    }
-}
-
-impl Drop for Conn {
-    fn drop(&mut self) {
-        // Neither waits (for a name lookup still running, say) nor panics where a runtime may
-        // not block (a client dropped inside an async task).
-        if let Some(runtime) = self.runtime.take() {
-            runtime.shutdown_background();
+            last_used: Instant::now(),
         }
     }
 }
 
-/// One HTTP/1.1 connection: where requests are sent, and the future that carries them (it runs
-/// only while a call drives it; between calls the connection waits, kept alive, in the pool).
+/// One HTTP/1.1 connection and what was read on it.
 pub(super) struct Link {
-    sender: SendRequest<Full<Bytes>>,
-    connection: Connection,
+    stream: Stream,
+    /// The timeout set on the socket (reads and writes), changed only when a call's deadline
+    /// comes closer than it.
+    timeout: Duration,
+    /// What was read and not yet taken: zeroized, as an answer may hold a plaintext.
+    read: Zeroizing<Vec<u8>>,
 }
 
-/// hyper's connection future, whatever the stream under it.
-type Connection = std::pin::Pin<Box<dyn Future<Output = hyper::Result<()>> + Send>>;
+enum Stream {
+    Unix(UnixStream),
+    Tls(Box<rustls::StreamOwned<rustls::ClientConnection, TcpStream>>),
+}
 
-/// Runs `work` while driving `connection`: `work`'s outcome.
-async fn drive<T>(connection: &mut Connection, work: impl Future<Output = T>) -> T {
-    let mut work = std::pin::pin!(work);
-    tokio::select! {
-        biased;
-        done = &mut work => done,
-        _ = connection.as_mut() => {
-            // The connection ended first. Dropping it ends what it carried, so the work fails
-            // now (or, its answer read whole, succeeds) rather than waiting on a dead link; the
-            // sender is closed, so the link is not used again.
-            *connection = Box::pin(std::future::pending());
-            work.await
+impl Stream {
+    fn socket(&self) -> BorrowedFd<'_> {
+        match self {
+            Self::Unix(s) => s.as_fd(),
+            Self::Tls(s) => s.sock.as_fd(),
+        }
+    }
+
+    fn set_timeout(&self, timeout: Duration) -> std::io::Result<()> {
+        let timeout = Some(timeout.max(Duration::from_millis(1)));
+        match self {
+            Self::Unix(s) => {
+                s.set_read_timeout(timeout)?;
+                s.set_write_timeout(timeout)
+            }
+            Self::Tls(s) => {
+                s.sock.set_read_timeout(timeout)?;
+                s.sock.set_write_timeout(timeout)
+            }
         }
     }
 }
 
-/// Lets a kept connection see what happened while no call drove it (the service closing it, for
-/// one): a turn of the runtime's driver, then a poll. A closed one is dropped, which closes its
-/// sender, so the call connects anew rather than sending on it.
-async fn settle(connection: &mut Connection) {
-    // A yield lets the driver read the socket's events without waiting.
-    tokio::task::yield_now().await;
-    std::future::poll_fn(|cx| {
-        if connection.as_mut().poll(cx).is_ready() {
-            *connection = Box::pin(std::future::pending());
+impl Read for Stream {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        match self {
+            Self::Unix(s) => s.read(buf),
+            Self::Tls(s) => s.read(buf),
         }
-        std::task::Poll::Ready(())
-    })
-    .await;
+    }
 }
 
-/// Why a request on a kept connection failed.
+impl Write for Stream {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match self {
+            // Without SIGPIPE on a socket the service closed (a program embedding the client
+            // may not ignore it); std's TcpStream already sends so.
+            Self::Unix(s) => rustix::net::send(s, buf, rustix::net::SendFlags::NOSIGNAL)
+                .map_err(std::io::Error::from),
+            Self::Tls(s) => s.write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        match self {
+            Self::Unix(_) => Ok(()),
+            Self::Tls(s) => s.flush(),
+        }
+    }
+}
+
+/// Whether a kept connection is still open: nothing to read on it, without waiting. The
+/// service sends nothing unasked; a close (or anything else) means it is not to be used.
+fn still_open(stream: &Stream) -> bool {
+    use rustix::net::RecvFlags;
+    let mut probe = [0u8; 1];
+    matches!(
+        rustix::net::recv(
+            stream.socket(),
+            &mut probe,
+            RecvFlags::PEEK | RecvFlags::DONTWAIT
+        ),
+        Err(rustix::io::Errno::AGAIN)
+    )
+}
+
+/// Why an exchange failed.
 enum Failed {
-    /// hyper gave it back unsent: it may go on a new connection.
-    Unsent(Box<Request<Full<Bytes>>>),
-    /// It was sent, or may have been: it is never sent again.
-    Lost(hyper::Error),
-}
-
-/// Sends `request` on `sender` and reads the whole answer.
-async fn exchange(
-    sender: &mut SendRequest<Full<Bytes>>,
-    request: Request<Full<Bytes>>,
-) -> std::result::Result<(u16, Zeroizing<Vec<u8>>), Failed> {
-    if sender.ready().await.is_err() {
-        return Err(Failed::Unsent(Box::new(request)));
-    }
-    let response = match sender.try_send_request(request).await {
-        Ok(response) => response,
-        Err(mut e) => {
-            return Err(match e.take_message() {
-                Some(unsent) => Failed::Unsent(Box::new(unsent)),
-                None => Failed::Lost(e.into_error()),
-            })
-        }
-    };
-    let status = response.status().as_u16();
-    let body = response.into_body().collect().await.map_err(Failed::Lost)?;
-    Ok((status, Zeroizing::new(body.to_bytes().to_vec())))
+    /// Nothing of the request was written: it may go on a new connection.
+    Unsent(std::io::Error),
+    /// It was sent, or may have been: it is never sent again (a second sign is still a sign).
+    Lost(std::io::Error),
+    /// The call's time ran out.
+    TimedOut,
 }
 
 impl RemoteKeystore {
-    /// [`Self::exchange`] on `conn`, driven on this thread, within the call's timeout.
+    /// Sends `request` (a whole HTTP/1.1 request) on `conn`, or on a new connection if it has
+    /// none or the service closed it, and reads the whole answer, within the call's timeout:
+    /// its status and body.
     pub(super) fn exchange_on(
         &self,
         conn: &mut Conn,
-        request: Request<Full<Bytes>>,
+        request: &[u8],
     ) -> Result<(u16, Zeroizing<Vec<u8>>)> {
-        if conn.link.is_some() && conn.last_used.elapsed() > KEEP_IDLE {
-            // Idle this long, the service may be closing it as the request goes out: a new one
-            // rather than a request lost in the crossing.
+        let deadline = Instant::now() + self.timeout;
+        if conn.last_used.elapsed() > KEEP_IDLE
+            || conn.link.as_ref().is_some_and(|l| !still_open(&l.stream))
+        {
+            // Idle this long, the service may be closing it as the request goes out; closed,
+            // it is of no use: a new one rather than a request lost in the crossing.
             conn.link = None;
         }
-        let runtime = conn.runtime.take();
-        let link = &mut conn.link;
-        let done = match &runtime {
-            Some(runtime) => runtime.block_on(async {
-                tokio::time::timeout(self.timeout, self.exchange(link, request))
-                    .await
-                    .map_err(|_| Error::Timeout {
-                        backend: format!("keyhold serve at {}", self.remote),
-                        waited: self.timeout,
-                        what: "its answer".into(),
-                    })?
-            }),
-            None => Err(Error::io(
-                "call the service",
-                std::io::Error::other("the connection has no runtime"),
-            )),
+        let done = loop {
+            let fresh = conn.link.is_none();
+            let link = match &mut conn.link {
+                Some(link) => link,
+                None => conn.link.insert(self.connect(deadline)?),
+            };
+            match exchange(link, request, deadline) {
+                Err(Failed::Unsent(_)) if !fresh => conn.link = None,
+                Err(Failed::Unsent(e) | Failed::Lost(e)) => {
+                    break Err(Error::io(format!("ask the service at {}", self.remote), e))
+                }
+                Err(Failed::TimedOut) => break Err(self.timed_out()),
+                Ok((status, body, keep)) => {
+                    if !keep {
+                        conn.link = None;
+                    }
+                    break Ok((status, body));
+                }
+            }
         };
-        conn.runtime = runtime;
-        conn.last_used = std::time::Instant::now();
+        match &mut conn.link {
+            // What was read may hold a plaintext: cleared, not left for the next call.
+            Some(link) if done.is_ok() => link.read.zeroize(),
+            // It may be mid-answer: not used again.
+            _ => conn.link = None,
+        }
+        conn.last_used = Instant::now();
         done
     }
 
-    /// Sends `request` on `link` (or a new connection, if it has none or the service closed
-    /// it) and reads the whole answer, driving the connection meanwhile.
-    async fn exchange(
-        &self,
-        link: &mut Option<Link>,
-        request: Request<Full<Bytes>>,
-    ) -> Result<(u16, Zeroizing<Vec<u8>>)> {
-        let lost = |e: hyper::Error| {
-            Error::io(
-                format!("ask the service at {}", self.remote),
-                std::io::Error::other(e),
-            )
-        };
-        // A kept connection may have been closed by the service since (its idle timeout): the
-        // request then goes on a new one, which is safe only because hyper hands back a request
-        // it did not send. One it sent is never sent again (a second sign is still a sign).
-        if let Some(kept) = link {
-            settle(&mut kept.connection).await;
-        }
-        let mut request = Some(request);
-        let mut fresh = false;
-        loop {
-            let current = match link {
-                Some(current) if !current.sender.is_closed() => current,
-                _ => {
-                    fresh = true;
-                    link.insert(self.connect().await?)
-                }
-            };
-            let Some(sending) = request.take() else {
-                return Err(Error::InvalidInput(
-                    "a request was lost before it was sent".into(),
-                ));
-            };
-            let Link { sender, connection } = current;
-            match drive(connection, exchange(sender, sending)).await {
-                Ok(answer) => return Ok(answer),
-                Err(Failed::Unsent(unsent)) if !fresh => {
-                    *link = None;
-                    request = Some(*unsent);
-                }
-                Err(Failed::Unsent(_)) => {
-                    return Err(Error::io(
-                        format!("ask the service at {}", self.remote),
-                        std::io::Error::other(
-                            "a new connection closed before the request was sent",
-                        ),
-                    ));
-                }
-                Err(Failed::Lost(e)) => return Err(lost(e)),
-            }
+    fn timed_out(&self) -> Error {
+        Error::Timeout {
+            backend: format!("keyhold serve at {}", self.remote),
+            waited: self.timeout,
+            what: "its answer".into(),
         }
     }
 
-    async fn connect(&self) -> Result<Link> {
-        match &self.remote {
-            Remote::Unix(path) => {
-                let stream = tokio::net::UnixStream::connect(path).await.map_err(|e| {
-                    Error::io(
-                        format!(
-                            "connect to keyhold serve at {}: is it running, and may this user \
-                             reach its socket?",
-                            self.remote
-                        ),
-                        e,
-                    )
-                })?;
-                self.handshake(stream).await
-            }
+    fn connect(&self, deadline: Instant) -> Result<Link> {
+        let stream = match &self.remote {
+            Remote::Unix(path) => Stream::Unix(UnixStream::connect(path).map_err(|e| {
+                Error::io(
+                    format!(
+                        "connect to keyhold serve at {}: is it running, and may this user reach \
+                         its socket?",
+                        self.remote
+                    ),
+                    e,
+                )
+            })?),
             Remote::Https { host, port } => {
-                let stream = self.connect_tls(host, *port).await?;
-                self.handshake(stream).await
+                Stream::Tls(Box::new(self.connect_tls(host, *port, deadline)?))
             }
-        }
+        };
+        let timeout = left(deadline).ok_or_else(|| self.timed_out())?;
+        stream
+            .set_timeout(timeout)
+            .map_err(|e| Error::io("set the connection's timeout", e))?;
+        Ok(Link {
+            stream,
+            timeout,
+            read: Zeroizing::new(Vec::with_capacity(4096)),
+        })
     }
 
     /// A TCP connection to `host:port` and a TLS 1.3 handshake on it, the service's certificate
     /// verified for `host`.
-    async fn connect_tls(
+    fn connect_tls(
         &self,
         host: &str,
         port: u16,
-    ) -> Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
+        deadline: Instant,
+    ) -> Result<rustls::StreamOwned<rustls::ClientConnection, TcpStream>> {
         let Some(tls) = &self.tls else {
             return Err(Error::InvalidInput(format!(
                 "the service at {} is reached over TLS: give the CA its certificate is checked \
@@ -255,58 +233,122 @@ impl RemoteKeystore {
                 self.remote
             ))
         })?;
-        let tcp = tokio::net::TcpStream::connect((host, port))
-            .await
-            .map_err(|e| {
-                Error::io(
-                    format!(
-                        "connect to keyhold serve at {}: is it running, and listening on TCP \
-                         port {port} of {host}?",
-                        self.remote
-                    ),
-                    e,
-                )
-            })?;
+        let unreachable = |e| {
+            Error::io(
+                format!(
+                    "connect to keyhold serve at {}: is it running, and listening on TCP port \
+                     {port} of {host}?",
+                    self.remote
+                ),
+                e,
+            )
+        };
+        let mut tcp = None;
+        let mut last = std::io::Error::new(
+            std::io::ErrorKind::NotFound,
+            format!("`{host}` has no address"),
+        );
+        for address in (host, port).to_socket_addrs().map_err(unreachable)? {
+            let Some(time) = left(deadline) else {
+                return Err(self.timed_out());
+            };
+            match TcpStream::connect_timeout(&address, time) {
+                Ok(stream) => {
+                    tcp = Some(stream);
+                    break;
+                }
+                Err(e) => last = e,
+            }
+        }
+        let mut tcp = tcp.ok_or_else(|| unreachable(last))?;
         // A request is a few small writes and then a wait for the answer: Nagle's algorithm
         // would hold the last one back until the service acknowledged the first (delayed ACK).
         tcp.set_nodelay(true)
             .map_err(|e| Error::io("set TCP_NODELAY", e))?;
-        let mut stream = tokio_rustls::TlsConnector::from(tls.config())
-            .connect(name, tcp)
-            .await
-            .map_err(|e| tls_refused(&self.remote, host, e, false))?;
+        let time = left(deadline).ok_or_else(|| self.timed_out())?;
+        tcp.set_read_timeout(Some(time))
+            .and_then(|()| tcp.set_write_timeout(Some(time)))
+            .map_err(|e| Error::io("set the connection's timeout", e))?;
+        let mut connection = rustls::ClientConnection::new(tls.config(), name)
+            .map_err(|e| Error::io("start a TLS handshake", std::io::Error::other(e)))?;
+        while connection.is_handshaking() {
+            connection
+                .complete_io(&mut tcp)
+                .map_err(|e| tls_refused(&self.remote, host, e, false))?;
+        }
         if tls.shows_certificate() {
-            verdict(&mut stream)
-                .await
+            verdict(&mut connection, &mut tcp)
                 .map_err(|e| tls_refused(&self.remote, host, e, true))?;
         }
-        Ok(stream)
+        Ok(rustls::StreamOwned::new(connection, tcp))
     }
+}
 
-    /// HTTP/1.1 on `stream`: the connection, which runs while a call drives it.
-    async fn handshake<S>(&self, stream: S) -> Result<Link>
-    where
-        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
-    {
-        let (sender, connection) =
-            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-                .await
-                .map_err(|e| {
-                    Error::io(
-                        format!("speak HTTP to {}", self.remote),
-                        std::io::Error::other(e),
-                    )
-                })?;
-        Ok(Link {
-            sender,
-            connection: Box::pin(connection),
-        })
+/// The time left until `deadline`, if any.
+fn left(deadline: Instant) -> Option<Duration> {
+    Some(deadline.saturating_duration_since(Instant::now())).filter(|d| !d.is_zero())
+}
+
+/// Whether an I/O error is a socket timeout.
+fn timed_out(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+    )
+}
+
+/// Writes `request` on `link` and reads the answer: its status, its body, and whether the
+/// connection may be used again.
+fn exchange(
+    link: &mut Link,
+    request: &[u8],
+    deadline: Instant,
+) -> std::result::Result<(u16, Zeroizing<Vec<u8>>, bool), Failed> {
+    link.read.clear();
+    let mut written = 0;
+    while written < request.len() {
+        narrow_timeout(link, deadline)?;
+        match link.stream.write(&request[written..]) {
+            Ok(0) => {
+                let e =
+                    std::io::Error::new(std::io::ErrorKind::WriteZero, "the socket took nothing");
+                return Err(if written == 0 {
+                    Failed::Unsent(e)
+                } else {
+                    Failed::Lost(e)
+                });
+            }
+            Ok(n) => written += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) if timed_out(&e) => return Err(Failed::TimedOut),
+            Err(e) if written == 0 => return Err(Failed::Unsent(e)),
+            Err(e) => return Err(Failed::Lost(e)),
+        }
     }
+    narrow_timeout(link, deadline)?;
+    link.stream.flush().map_err(|e| {
+        if timed_out(&e) {
+            Failed::TimedOut
+        } else {
+            Failed::Lost(e)
+        }
+    })?;
+    read_answer(link, deadline)
+}
+
+/// Sets the socket's timeout to the time left, where that is less than it.
+fn narrow_timeout(link: &mut Link, deadline: Instant) -> std::result::Result<(), Failed> {
+    let time = left(deadline).ok_or(Failed::TimedOut)?;
+    if time < link.timeout {
+        link.stream.set_timeout(time).map_err(Failed::Lost)?;
+        link.timeout = time;
+    }
+    Ok(())
 }
 
 /// How long [`verdict`] waits for the service's answer to this client's certificate before it
 /// takes the certificate as accepted.
-const VERDICT_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+const VERDICT_WAIT: Duration = Duration::from_secs(5);
 
 /// The service's answer to the certificate this client showed. In TLS 1.3 the client finishes
 /// its handshake first: a service that refuses its certificate says so (an alert) only once the
@@ -315,44 +357,37 @@ const VERDICT_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 /// (rustls sends them once it has accepted the client's Finished, certificate included) or its
 /// alert. A service that sends neither within [`VERDICT_WAIT`] is taken to have accepted (the
 /// request then finds out).
-async fn verdict(
-    stream: &mut tokio_rustls::client::TlsStream<tokio::net::TcpStream>,
-) -> std::io::Result<()> {
-    /// rustls reads records through `std::io::Read`: the socket's non-blocking read.
-    struct TryRead<'a>(&'a tokio::net::TcpStream);
-    impl std::io::Read for TryRead<'_> {
-        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-            self.0.try_read(buf)
+fn verdict(connection: &mut rustls::ClientConnection, tcp: &mut TcpStream) -> std::io::Result<()> {
+    let deadline = Instant::now() + VERDICT_WAIT;
+    let before = tcp.read_timeout()?;
+    let answer = loop {
+        if connection.tls13_tickets_received() > 0 {
+            break Ok(());
         }
-    }
-    let answer = async {
-        loop {
-            let (tcp, connection) = stream.get_mut();
-            if connection.tls13_tickets_received() > 0 {
-                return Ok(());
+        let Some(time) = left(deadline) else {
+            break Ok(());
+        };
+        tcp.set_read_timeout(Some(time))?;
+        match connection.read_tls(tcp) {
+            Ok(0) => {
+                break Err(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    "the service closed the connection after the handshake",
+                ))
             }
-            tcp.readable().await?;
-            match connection.read_tls(&mut TryRead(tcp)) {
-                Ok(0) => {
-                    return Err(std::io::Error::new(
-                        std::io::ErrorKind::UnexpectedEof,
-                        "the service closed the connection after the handshake",
-                    ))
+            // Records read: any plaintext stays in rustls for the next read of the stream.
+            Ok(_) => {
+                if let Err(e) = connection.process_new_packets() {
+                    break Err(std::io::Error::new(std::io::ErrorKind::InvalidData, e));
                 }
-                // Records read: any plaintext stays in rustls for the next read of the stream.
-                Ok(_) => {
-                    connection
-                        .process_new_packets()
-                        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-                Err(e) => return Err(e),
             }
+            Err(e) if timed_out(&e) => break Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => break Err(e),
         }
     };
-    tokio::time::timeout(VERDICT_WAIT, answer)
-        .await
-        .unwrap_or(Ok(()))
+    tcp.set_read_timeout(before)?;
+    answer
 }
 
 /// A failed TLS handshake with the service at `remote` (`after`: the service's answer to this

@@ -1,0 +1,216 @@
+//! Reading the service's HTTP/1.1 answer on a connection: its head (httparse), and its body
+//! as the head frames it (a length, chunks, or up to the connection's end).
+
+use std::io::Read as _;
+use std::time::Instant;
+
+use zeroize::Zeroizing;
+
+use super::{narrow_timeout, timed_out, Failed, Link};
+
+/// The largest answer read: a decryption of the largest input, in base64, is under a third of
+/// it.
+const MAX_ANSWER: usize = 256 << 20;
+
+/// The most header lines an answer's head may have.
+const MAX_HEADERS: usize = 32;
+
+/// The most read from the socket at once.
+const READ_CHUNK: usize = 64 * 1024;
+
+/// Makes room in `link.read` for `more` bytes after those it holds. It never grows in place:
+/// a larger buffer is made and the bytes copied, and the old one zeroized as it is dropped, so no
+/// reallocation leaves a copy of an answer behind.
+fn reserve(link: &mut Link, more: usize) {
+    let len = link.read.len();
+    if link.read.capacity() - len < more {
+        let mut larger = Zeroizing::new(Vec::with_capacity((len + more).max(2 * len)));
+        larger.extend_from_slice(&link.read);
+        link.read = larger;
+    }
+}
+
+/// Reads more of the answer into `link.read`: false at the end of the stream.
+fn read_more(link: &mut Link, deadline: Instant) -> std::result::Result<bool, Failed> {
+    narrow_timeout(link, deadline)?;
+    let start = link.read.len();
+    if start >= MAX_ANSWER {
+        return Err(Failed::Lost(std::io::Error::other(format!(
+            "the answer is larger than {} MiB",
+            MAX_ANSWER >> 20
+        ))));
+    }
+    reserve(link, 4096);
+    let chunk = (link.read.capacity() - start).min(READ_CHUNK);
+    link.read.resize(start + chunk, 0);
+    loop {
+        match link.stream.read(&mut link.read[start..]) {
+            Ok(n) => {
+                link.read.truncate(start + n);
+                return Ok(n > 0);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => {
+                link.read.truncate(start);
+                return Err(if timed_out(&e) {
+                    Failed::TimedOut
+                } else {
+                    Failed::Lost(e)
+                });
+            }
+        }
+    }
+}
+
+/// Reads an HTTP/1.1 answer on `link`: its status, body, and whether the connection may be
+/// kept (not if the service closes it, or the answer's length is the connection's).
+pub(super) fn read_answer(
+    link: &mut Link,
+    deadline: Instant,
+) -> std::result::Result<(u16, Zeroizing<Vec<u8>>, bool), Failed> {
+    let malformed = |what: String| Failed::Lost(std::io::Error::other(what));
+    loop {
+        // The head: a 1xx answer is skipped, as HTTP/1.1 says.
+        let (status, head_len, length, keep) = loop {
+            let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+            let mut answer = httparse::Response::new(&mut headers);
+            match answer.parse(&link.read) {
+                Ok(httparse::Status::Complete(head_len)) => {
+                    let status = answer.code.unwrap_or(0);
+                    let (length, keep) = framing(&answer).map_err(malformed)?;
+                    break (status, head_len, length, keep);
+                }
+                Ok(httparse::Status::Partial) => {
+                    if !read_more(link, deadline)? {
+                        return Err(malformed(
+                            "the service closed the connection before it answered".into(),
+                        ));
+                    }
+                }
+                Err(e) => return Err(malformed(format!("the service's answer: {e}"))),
+            }
+        };
+        link.read.drain(..head_len);
+        if (100..200).contains(&status) {
+            continue;
+        }
+        let body = match length {
+            Length::Known(n) => {
+                // Room for the whole body at once: no copy for every doubling of a large one.
+                reserve(link, n.saturating_sub(link.read.len()));
+                while link.read.len() < n {
+                    if !read_more(link, deadline)? {
+                        return Err(malformed("the service's answer was cut short".into()));
+                    }
+                }
+                let body = Zeroizing::new(link.read[..n].to_vec());
+                link.read.drain(..n);
+                body
+            }
+            Length::Chunked => read_chunked(link, deadline)?,
+            Length::ToEnd => {
+                while read_more(link, deadline)? {}
+                Zeroizing::new(std::mem::take(&mut *link.read))
+            }
+        };
+        // Anything left over was not asked for: the connection is not used again.
+        let keep = keep && length != Length::ToEnd && link.read.is_empty();
+        return Ok((status, body, keep));
+    }
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum Length {
+    Known(usize),
+    Chunked,
+    ToEnd,
+}
+
+/// How an answer's body is delimited, and whether the service keeps the connection.
+fn framing(answer: &httparse::Response<'_, '_>) -> std::result::Result<(Length, bool), String> {
+    let mut length = Length::ToEnd;
+    let mut keep = answer.version == Some(1);
+    for header in answer.headers.iter() {
+        let value = std::str::from_utf8(header.value).unwrap_or("").trim();
+        if header.name.eq_ignore_ascii_case("content-length") && length != Length::Chunked {
+            let n: usize = value
+                .parse()
+                .map_err(|_| format!("the service's answer has a Content-Length of `{value}`"))?;
+            if n > MAX_ANSWER {
+                return Err(format!(
+                    "the service's answer is {n} bytes, more than {} MiB",
+                    MAX_ANSWER >> 20
+                ));
+            }
+            length = Length::Known(n);
+        } else if header.name.eq_ignore_ascii_case("transfer-encoding") {
+            if !value.eq_ignore_ascii_case("chunked") {
+                return Err(format!(
+                    "the service's answer has a Transfer-Encoding of `{value}`"
+                ));
+            }
+            length = Length::Chunked;
+        } else if header.name.eq_ignore_ascii_case("connection") {
+            keep = !value
+                .split(',')
+                .any(|token| token.trim().eq_ignore_ascii_case("close"));
+        }
+    }
+    if matches!(answer.code, Some(204 | 304)) {
+        length = Length::Known(0);
+    }
+    Ok((length, keep))
+}
+
+/// A chunked body (RFC 9112 §7.1), its trailer skipped.
+fn read_chunked(
+    link: &mut Link,
+    deadline: Instant,
+) -> std::result::Result<Zeroizing<Vec<u8>>, Failed> {
+    let malformed = |what: &str| Failed::Lost(std::io::Error::other(what.to_owned()));
+    let mut body = Zeroizing::new(Vec::new());
+    loop {
+        let (start, size) = loop {
+            match httparse::parse_chunk_size(&link.read) {
+                Ok(httparse::Status::Complete(found)) => break found,
+                Ok(httparse::Status::Partial) => {
+                    if !read_more(link, deadline)? {
+                        return Err(malformed("the service's answer was cut short"));
+                    }
+                }
+                Err(_) => return Err(malformed("the service's answer has a malformed chunk")),
+            }
+        };
+        let size = usize::try_from(size)
+            .ok()
+            .filter(|n| body.len().saturating_add(*n) <= MAX_ANSWER)
+            .ok_or_else(|| malformed("the service's answer is too large"))?;
+        link.read.drain(..start);
+        if size == 0 {
+            // The trailer: header lines up to an empty one.
+            loop {
+                if let Some(end) = link.read.windows(2).position(|w| w == b"\r\n") {
+                    link.read.drain(..end + 2);
+                    if end == 0 {
+                        return Ok(body);
+                    }
+                } else if !read_more(link, deadline)? {
+                    return Err(malformed("the service's answer was cut short"));
+                }
+            }
+        }
+        while link.read.len() < size + 2 {
+            if !read_more(link, deadline)? {
+                return Err(malformed("the service's answer was cut short"));
+            }
+        }
+        if &link.read[size..size + 2] != b"\r\n" {
+            return Err(malformed("the service's answer has a malformed chunk"));
+        }
+        let mut grown = Zeroizing::new(Vec::with_capacity(body.len() + size));
+        grown.extend_from_slice(&body);
+        grown.extend_from_slice(&link.read[..size]);
+        body = grown;
+        link.read.drain(..size + 2);
+    }
+}
