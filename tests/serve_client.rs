@@ -483,3 +483,80 @@ fn chunked_and_closing_answers_are_read_whole_and_a_closed_connection_is_not_reu
     assert_eq!(remote.health().unwrap(), "kept");
     assert_eq!(count(), 2, "a kept connection is reused");
 }
+
+/// A service that refuses a request before reading its body (as `keyhold serve` refuses a bad
+/// token: it answers 401, `Connection: close`, and closes) is heard: the call fails with the
+/// service's error, not with the broken pipe its large body met.
+#[test]
+fn an_answer_sent_before_the_whole_request_was_read_is_the_calls_error() {
+    use std::io::{Read as _, Write as _};
+    let (_dir, remote, _) = fake_service(|_, mut stream| {
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            assert_eq!(stream.read(&mut byte).unwrap(), 1);
+            head.push(byte[0]);
+        }
+        let body = br#"{"error":{"code":"unauthenticated","message":"no such token"}}"#;
+        write!(
+            stream,
+            "HTTP/1.1 401 Unauthorized\r\nConnection: close\r\nContent-Length: {}\r\n\r\n",
+            body.len()
+        )
+        .unwrap();
+        stream.write_all(body).unwrap();
+        drop(stream);
+    });
+    // 8 MiB: far more than the socket's buffers hold, so the write meets the closed socket.
+    let large = vec![7u8; 8 << 20];
+    let refused = remote
+        .encrypt_with("kh1_any", &large, b"", &UseOptions::default())
+        .unwrap_err();
+    assert!(
+        matches!(&refused, Error::Remote { status: 401, message, .. }
+            if message == "no such token"),
+        "{refused:?}"
+    );
+}
+
+/// A service whose queue of connections to accept is full (it stopped accepting): connecting
+/// waits, and the call's timeout ends the wait (without it, the connect would wait for ever).
+#[test]
+fn connecting_to_a_service_that_accepts_nothing_ends_at_the_timeout() {
+    use rustix::net::{AddressFamily, SocketAddrUnix, SocketFlags, SocketType};
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("full.sock");
+    let address = SocketAddrUnix::new(&path).unwrap();
+    let listener = rustix::net::socket(AddressFamily::UNIX, SocketType::STREAM, None).unwrap();
+    rustix::net::bind(&listener, &address).unwrap();
+    rustix::net::listen(&listener, 0).unwrap();
+    // Connections that do not wait, until the queue takes no more: nothing is ever accepted.
+    let mut queued = Vec::new();
+    loop {
+        let socket = rustix::net::socket_with(
+            AddressFamily::UNIX,
+            SocketType::STREAM,
+            SocketFlags::NONBLOCK,
+            None,
+        )
+        .unwrap();
+        match rustix::net::connect(&socket, &address) {
+            Ok(()) => queued.push(socket),
+            Err(rustix::io::Errno::AGAIN) => break,
+            Err(e) => panic!("{e}"),
+        }
+        assert!(queued.len() < 1000, "the queue never filled");
+    }
+    let remote = RemoteKeystore::new(Remote::Unix(path))
+        .unwrap()
+        .with_timeout(Duration::from_millis(300));
+    let started = std::time::Instant::now();
+    let refused = remote.health().unwrap_err();
+    assert!(matches!(refused, Error::Timeout { .. }), "{refused:?}");
+    // Well under the default (120 s): the given timeout ended it.
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "{:?}",
+        started.elapsed()
+    );
+}

@@ -4,9 +4,9 @@
 //!
 //! Blocking, like the keystore: each call is one HTTP/1.1 request on a kept-alive connection
 //! (one per concurrent caller, reused), written and read on the caller's own thread with
-//! blocking socket calls: no runtime, and no thread is woken to carry a request or its answer. The service's refusals come back as
-//! [`Error::Remote`], whose kind is the service's error kind (so the command line exits as it
-//! would have on the store itself).
+//! blocking socket calls: no runtime, and no thread is woken to carry a request or its answer.
+//! The service's refusals come back as [`Error::Remote`], whose kind is the service's error kind
+//! (so the command line exits as it would have on the store itself).
 
 use std::sync::{Mutex, PoisonError};
 
@@ -191,14 +191,24 @@ impl RemoteKeystore {
                 "`{path}` is not a path a request can carry"
             )));
         }
-        let mut request = Zeroizing::new(Vec::with_capacity(256 + body.len()));
         let head = format!(
             "{method} {path} HTTP/1.1\r\nHost: keyhold\r\nContent-Length: {}\r\n",
             body.len()
         );
+        const JSON: &[u8] = b"Content-Type: application/json\r\n";
+        // Sized exactly: a vector that grew would leave a copy of the token (or the body) in
+        // the memory it gave back.
+        let bearer_len = self
+            .bearer
+            .as_ref()
+            .and_then(|b| b.as_ref().ok())
+            .map_or(0, |b| b"Authorization: \r\n".len() + b.len());
+        let mut request = Zeroizing::new(Vec::with_capacity(
+            head.len() + JSON.len() + bearer_len + 2 + body.len(),
+        ));
         request.extend_from_slice(head.as_bytes());
         if json {
-            request.extend_from_slice(b"Content-Type: application/json\r\n");
+            request.extend_from_slice(JSON);
         }
         if let Some(bearer) = &self.bearer {
             let value = bearer.as_ref().map_err(|()| {

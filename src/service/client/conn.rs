@@ -2,7 +2,7 @@
 //! own thread and kept for the next call, reached over the Unix socket or TCP with TLS 1.3. A
 //! call writes its request and reads the answer; no runtime, no poller, no other thread.
 
-use std::io::{Read, Write};
+use std::io::{Read as _, Write as _};
 use std::net::{TcpStream, ToSocketAddrs as _};
 use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::net::UnixStream;
@@ -77,38 +77,17 @@ impl Stream {
     }
 }
 
-impl Read for Stream {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        match self {
-            Self::Unix(s) => s.read(buf),
-            Self::Tls(s) => s.read(buf),
-        }
-    }
-}
-
-impl Write for Stream {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        match self {
-            // Without SIGPIPE on a socket the service closed (a program embedding the client
-            // may not ignore it); std's TcpStream already sends so.
-            Self::Unix(s) => rustix::net::send(s, buf, rustix::net::SendFlags::NOSIGNAL)
-                .map_err(std::io::Error::from),
-            Self::Tls(s) => s.write(buf),
-        }
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        match self {
-            Self::Unix(_) => Ok(()),
-            Self::Tls(s) => s.flush(),
-        }
-    }
-}
-
 /// Whether a kept connection is still open: nothing to read on it, without waiting. The
 /// service sends nothing unasked; a close (or anything else) means it is not to be used.
-fn still_open(stream: &Stream) -> bool {
+fn still_open(stream: &mut Stream) -> bool {
     use rustix::net::RecvFlags;
+    if let Stream::Tls(s) = stream {
+        // Nor anything rustls already holds: plaintext, or the service's close_notify.
+        match s.conn.process_new_packets() {
+            Ok(state) if state.plaintext_bytes_to_read() == 0 && !state.peer_has_closed() => {}
+            _ => return false,
+        }
+    }
     let mut probe = [0u8; 1];
     matches!(
         rustix::net::recv(
@@ -139,9 +118,16 @@ impl RemoteKeystore {
         conn: &mut Conn,
         request: &[u8],
     ) -> Result<(u16, Zeroizing<Vec<u8>>)> {
-        let deadline = Instant::now() + self.timeout;
+        // A timeout too long to add is no deadline at all: a year stands for it.
+        let deadline = Instant::now()
+            .checked_add(self.timeout)
+            .or_else(|| Instant::now().checked_add(Duration::from_secs(365 * 86_400)))
+            .unwrap_or_else(Instant::now);
         if conn.last_used.elapsed() > KEEP_IDLE
-            || conn.link.as_ref().is_some_and(|l| !still_open(&l.stream))
+            || conn
+                .link
+                .as_mut()
+                .is_some_and(|l| !still_open(&mut l.stream))
         {
             // Idle this long, the service may be closing it as the request goes out; closed,
             // it is of no use: a new one rather than a request lost in the crossing.
@@ -158,7 +144,7 @@ impl RemoteKeystore {
                 Err(Failed::Unsent(e) | Failed::Lost(e)) => {
                     break Err(Error::io(format!("ask the service at {}", self.remote), e))
                 }
-                Err(Failed::TimedOut) => break Err(self.timed_out()),
+                Err(Failed::TimedOut) => break Err(self.call_timed_out()),
                 Ok((status, body, keep)) => {
                     if !keep {
                         conn.link = None;
@@ -177,7 +163,7 @@ impl RemoteKeystore {
         done
     }
 
-    fn timed_out(&self) -> Error {
+    fn call_timed_out(&self) -> Error {
         Error::Timeout {
             backend: format!("keyhold serve at {}", self.remote),
             waited: self.timeout,
@@ -187,21 +173,12 @@ impl RemoteKeystore {
 
     fn connect(&self, deadline: Instant) -> Result<Link> {
         let stream = match &self.remote {
-            Remote::Unix(path) => Stream::Unix(UnixStream::connect(path).map_err(|e| {
-                Error::io(
-                    format!(
-                        "connect to keyhold serve at {}: is it running, and may this user reach \
-                         its socket?",
-                        self.remote
-                    ),
-                    e,
-                )
-            })?),
+            Remote::Unix(path) => Stream::Unix(self.connect_unix(path, deadline)?),
             Remote::Https { host, port } => {
                 Stream::Tls(Box::new(self.connect_tls(host, *port, deadline)?))
             }
         };
-        let timeout = left(deadline).ok_or_else(|| self.timed_out())?;
+        let timeout = left(deadline).ok_or_else(|| self.call_timed_out())?;
         stream
             .set_timeout(timeout)
             .map_err(|e| Error::io("set the connection's timeout", e))?;
@@ -210,6 +187,71 @@ impl RemoteKeystore {
             timeout,
             read: Zeroizing::new(Vec::with_capacity(4096)),
         })
+    }
+
+    /// A connection to the socket at `path`, within the deadline: a connect to a service whose
+    /// queue of connections to accept is full waits, and would otherwise wait for ever.
+    fn connect_unix(&self, path: &std::path::Path, deadline: Instant) -> Result<UnixStream> {
+        use rustix::net::{sockopt, AddressFamily, SocketAddrUnix, SocketFlags, SocketType};
+        let refused = |e: std::io::Error| {
+            Error::io(
+                format!(
+                    "connect to keyhold serve at {}: is it running, and may this user reach its \
+                     socket?",
+                    self.remote
+                ),
+                e,
+            )
+        };
+        let address = SocketAddrUnix::new(path).map_err(|e| refused(e.into()))?;
+        let socket = rustix::net::socket_with(
+            AddressFamily::UNIX,
+            SocketType::STREAM,
+            SocketFlags::CLOEXEC,
+            None,
+        )
+        .map_err(|e| refused(e.into()))?;
+        let time = left(deadline).ok_or_else(|| self.call_timed_out())?;
+        // Linux bounds a blocking connect of a Unix socket by its send timeout.
+        sockopt::set_socket_timeout(&socket, sockopt::Timeout::Send, Some(time))
+            .map_err(|e| refused(e.into()))?;
+        loop {
+            match rustix::net::connect(&socket, &address) {
+                Ok(()) => return Ok(UnixStream::from(socket)),
+                Err(rustix::io::Errno::INTR) => {}
+                Err(rustix::io::Errno::AGAIN) => return Err(self.call_timed_out()),
+                Err(e) => return Err(refused(e.into())),
+            }
+        }
+    }
+
+    /// The addresses of `host` (an IP address as it is; a name looked up on a thread of its
+    /// own, waited for until the deadline: a resolver that does not answer does not hold the
+    /// call past it).
+    fn addresses(
+        &self,
+        host: &str,
+        port: u16,
+        deadline: Instant,
+    ) -> Result<std::io::Result<Vec<std::net::SocketAddr>>> {
+        if let Ok(ip) = host.parse::<std::net::IpAddr>() {
+            return Ok(Ok(vec![std::net::SocketAddr::new(ip, port)]));
+        }
+        let (tell, told) = std::sync::mpsc::channel();
+        let name = host.to_owned();
+        std::thread::Builder::new()
+            .name("keyhold-resolve".into())
+            .spawn(move || {
+                // The caller may have stopped waiting: nobody to tell then.
+                let _ = tell.send(
+                    (name.as_str(), port)
+                        .to_socket_addrs()
+                        .map(Iterator::collect),
+                );
+            })
+            .map_err(|e| Error::io("start a name lookup", e))?;
+        let time = left(deadline).ok_or_else(|| self.call_timed_out())?;
+        told.recv_timeout(time).map_err(|_| self.call_timed_out())
     }
 
     /// A TCP connection to `host:port` and a TLS 1.3 handshake on it, the service's certificate
@@ -248,9 +290,9 @@ impl RemoteKeystore {
             std::io::ErrorKind::NotFound,
             format!("`{host}` has no address"),
         );
-        for address in (host, port).to_socket_addrs().map_err(unreachable)? {
+        for address in self.addresses(host, port, deadline)?.map_err(unreachable)? {
             let Some(time) = left(deadline) else {
-                return Err(self.timed_out());
+                return Err(self.call_timed_out());
             };
             match TcpStream::connect_timeout(&address, time) {
                 Ok(stream) => {
@@ -265,19 +307,24 @@ impl RemoteKeystore {
         // would hold the last one back until the service acknowledged the first (delayed ACK).
         tcp.set_nodelay(true)
             .map_err(|e| Error::io("set TCP_NODELAY", e))?;
-        let time = left(deadline).ok_or_else(|| self.timed_out())?;
-        tcp.set_read_timeout(Some(time))
-            .and_then(|()| tcp.set_write_timeout(Some(time)))
-            .map_err(|e| Error::io("set the connection's timeout", e))?;
         let mut connection = rustls::ClientConnection::new(tls.config(), name)
             .map_err(|e| Error::io("start a TLS handshake", std::io::Error::other(e)))?;
         while connection.is_handshaking() {
-            connection
-                .complete_io(&mut tcp)
-                .map_err(|e| tls_refused(&self.remote, host, e, false))?;
+            // Each step's reads and writes within what is left of the call's time.
+            let time = left(deadline).ok_or_else(|| self.call_timed_out())?;
+            tcp.set_read_timeout(Some(time))
+                .and_then(|()| tcp.set_write_timeout(Some(time)))
+                .map_err(|e| Error::io("set the connection's timeout", e))?;
+            match connection.complete_io(&mut tcp) {
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) if timed_out(&e) => return Err(self.call_timed_out()),
+                Err(e) => return Err(tls_refused(&self.remote, host, e, false)),
+            }
         }
         if tls.shows_certificate() {
-            verdict(&mut connection, &mut tcp)
+            let until = deadline.min(Instant::now() + VERDICT_WAIT);
+            verdict(&mut connection, &mut tcp, until)
                 .map_err(|e| tls_refused(&self.remote, host, e, true))?;
         }
         Ok(rustls::StreamOwned::new(connection, tcp))
@@ -305,43 +352,130 @@ fn exchange(
     deadline: Instant,
 ) -> std::result::Result<(u16, Zeroizing<Vec<u8>>, bool), Failed> {
     link.read.clear();
-    let mut written = 0;
-    while written < request.len() {
+    match send(link, request, deadline) {
+        Ok(()) => read_answer(link, deadline),
+        // Refused before it read the whole request (a wrong token, with a large body): the
+        // service may have answered and closed; its answer, if there, says why.
+        Err(Failed::Lost(e)) => match read_answer(link, deadline) {
+            Ok((status, body, _)) => Ok((status, body, false)),
+            Err(_) => Err(Failed::Lost(e)),
+        },
+        Err(failed) => Err(failed),
+    }
+}
+
+/// Writes `request` on `link`: [`Failed::Unsent`] if none of its bytes reached the socket.
+fn send(link: &mut Link, request: &[u8], deadline: Instant) -> std::result::Result<(), Failed> {
+    let mut sent = false;
+    let failed = |e: std::io::Error, sent: bool| {
+        if timed_out(&e) {
+            Failed::TimedOut
+        } else if sent {
+            Failed::Lost(e)
+        } else {
+            Failed::Unsent(e)
+        }
+    };
+    let mut taken = 0;
+    loop {
+        let tls_pending = match &link.stream {
+            Stream::Unix(_) => false,
+            Stream::Tls(s) => s.conn.wants_write(),
+        };
+        if taken == request.len() && !tls_pending {
+            return Ok(());
+        }
         narrow_timeout(link, deadline)?;
-        match link.stream.write(&request[written..]) {
+        let wrote = match &mut link.stream {
+            // Without SIGPIPE on a socket the service closed (a program embedding the client
+            // may not ignore it).
+            Stream::Unix(s) => {
+                rustix::net::send(&*s, &request[taken..], rustix::net::SendFlags::NOSIGNAL)
+                    .map_err(std::io::Error::from)
+                    .inspect(|&n| taken += n)
+            }
+            // The request into rustls (as much as its buffer takes), then its records out.
+            Stream::Tls(s) => {
+                if taken < request.len() {
+                    taken += s
+                        .conn
+                        .writer()
+                        .write(&request[taken..])
+                        .map_err(|e| failed(e, sent))?;
+                }
+                if s.conn.wants_write() {
+                    s.conn.write_tls(&mut s.sock)
+                } else {
+                    Ok(1)
+                }
+            }
+        };
+        match wrote {
             Ok(0) => {
                 let e =
                     std::io::Error::new(std::io::ErrorKind::WriteZero, "the socket took nothing");
-                return Err(if written == 0 {
-                    Failed::Unsent(e)
-                } else {
-                    Failed::Lost(e)
-                });
+                return Err(failed(e, sent));
             }
-            Ok(n) => written += n,
+            Ok(_) => sent = true,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(failed(e, sent)),
+        }
+    }
+}
+
+/// Reads what the service sent into `buf`, within the deadline however many socket reads it
+/// takes: 0 at the end of the stream.
+fn receive(
+    stream: &mut Stream,
+    timeout: &mut Duration,
+    deadline: Instant,
+    buf: &mut [u8],
+) -> std::result::Result<usize, Failed> {
+    loop {
+        if let Stream::Tls(s) = stream {
+            match s.conn.reader().read(buf) {
+                Ok(n) => return Ok(n),
+                // No plaintext yet: more records to read.
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                // Closed without close_notify, or anything else.
+                Err(e) => return Err(Failed::Lost(e)),
+            }
+        }
+        narrow(stream, timeout, deadline)?;
+        let got = match stream {
+            Stream::Unix(s) => s.read(buf),
+            Stream::Tls(s) => s.conn.read_tls(&mut s.sock).and_then(|n| {
+                // At the end (n = 0), rustls' reader says how: close_notify or cut short.
+                s.conn
+                    .process_new_packets()
+                    .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
+                Ok(n)
+            }),
+        };
+        match got {
+            Ok(n) if matches!(stream, Stream::Unix(_)) => return Ok(n),
+            Ok(_) => {}
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
             Err(e) if timed_out(&e) => return Err(Failed::TimedOut),
-            Err(e) if written == 0 => return Err(Failed::Unsent(e)),
             Err(e) => return Err(Failed::Lost(e)),
         }
     }
-    narrow_timeout(link, deadline)?;
-    link.stream.flush().map_err(|e| {
-        if timed_out(&e) {
-            Failed::TimedOut
-        } else {
-            Failed::Lost(e)
-        }
-    })?;
-    read_answer(link, deadline)
 }
 
 /// Sets the socket's timeout to the time left, where that is less than it.
 fn narrow_timeout(link: &mut Link, deadline: Instant) -> std::result::Result<(), Failed> {
+    narrow(&link.stream, &mut link.timeout, deadline)
+}
+
+fn narrow(
+    stream: &Stream,
+    timeout: &mut Duration,
+    deadline: Instant,
+) -> std::result::Result<(), Failed> {
     let time = left(deadline).ok_or(Failed::TimedOut)?;
-    if time < link.timeout {
-        link.stream.set_timeout(time).map_err(Failed::Lost)?;
-        link.timeout = time;
+    if time < *timeout {
+        stream.set_timeout(time).map_err(Failed::Lost)?;
+        *timeout = time;
     }
     Ok(())
 }
@@ -355,10 +489,13 @@ const VERDICT_WAIT: Duration = Duration::from_secs(5);
 /// handshake is over here, and the first request would then meet a closed connection, saying
 /// only that. So the answer is read before the connection is used: the service's session tickets
 /// (rustls sends them once it has accepted the client's Finished, certificate included) or its
-/// alert. A service that sends neither within [`VERDICT_WAIT`] is taken to have accepted (the
-/// request then finds out).
-fn verdict(connection: &mut rustls::ClientConnection, tcp: &mut TcpStream) -> std::io::Result<()> {
-    let deadline = Instant::now() + VERDICT_WAIT;
+/// alert. A service that sends neither within [`VERDICT_WAIT`] (or by `deadline`, the call's,
+/// if sooner) is taken to have accepted (the request then finds out).
+fn verdict(
+    connection: &mut rustls::ClientConnection,
+    tcp: &mut TcpStream,
+    deadline: Instant,
+) -> std::io::Result<()> {
     let before = tcp.read_timeout()?;
     let answer = loop {
         if connection.tls13_tickets_received() > 0 {

@@ -1,16 +1,18 @@
 //! Reading the service's HTTP/1.1 answer on a connection: its head (httparse), and its body
 //! as the head frames it (a length, chunks, or up to the connection's end).
 
-use std::io::Read as _;
 use std::time::Instant;
 
 use zeroize::Zeroizing;
 
-use super::{narrow_timeout, timed_out, Failed, Link};
+use super::{receive, Failed, Link};
 
 /// The largest answer read: a decryption of the largest input, in base64, is under a third of
 /// it.
 const MAX_ANSWER: usize = 256 << 20;
+
+/// The longest head an answer may have (hyper's client read up to about 400 KiB).
+const MAX_HEAD: usize = 64 * 1024;
 
 /// The most header lines an answer's head may have.
 const MAX_HEADERS: usize = 32;
@@ -24,7 +26,7 @@ const READ_CHUNK: usize = 64 * 1024;
 fn reserve(link: &mut Link, more: usize) {
     let len = link.read.len();
     if link.read.capacity() - len < more {
-        let mut larger = Zeroizing::new(Vec::with_capacity((len + more).max(2 * len)));
+        let mut larger = Zeroizing::new(Vec::with_capacity((len + more).max(2 * len).max(4096)));
         larger.extend_from_slice(&link.read);
         link.read = larger;
     }
@@ -32,7 +34,6 @@ fn reserve(link: &mut Link, more: usize) {
 
 /// Reads more of the answer into `link.read`: false at the end of the stream.
 fn read_more(link: &mut Link, deadline: Instant) -> std::result::Result<bool, Failed> {
-    narrow_timeout(link, deadline)?;
     let start = link.read.len();
     if start >= MAX_ANSWER {
         return Err(Failed::Lost(std::io::Error::other(format!(
@@ -40,26 +41,17 @@ fn read_more(link: &mut Link, deadline: Instant) -> std::result::Result<bool, Fa
             MAX_ANSWER >> 20
         ))));
     }
-    reserve(link, 4096);
+    reserve(link, 1);
     let chunk = (link.read.capacity() - start).min(READ_CHUNK);
     link.read.resize(start + chunk, 0);
-    loop {
-        match link.stream.read(&mut link.read[start..]) {
-            Ok(n) => {
-                link.read.truncate(start + n);
-                return Ok(n > 0);
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => {
-                link.read.truncate(start);
-                return Err(if timed_out(&e) {
-                    Failed::TimedOut
-                } else {
-                    Failed::Lost(e)
-                });
-            }
-        }
-    }
+    let Link {
+        stream,
+        timeout,
+        read,
+    } = link;
+    let got = receive(stream, timeout, deadline, &mut read[start..]);
+    read.truncate(start + *got.as_ref().unwrap_or(&0));
+    got.map(|n| n > 0)
 }
 
 /// Reads an HTTP/1.1 answer on `link`: its status, body, and whether the connection may be
@@ -79,6 +71,12 @@ pub(super) fn read_answer(
                     let status = answer.code.unwrap_or(0);
                     let (length, keep) = framing(&answer).map_err(malformed)?;
                     break (status, head_len, length, keep);
+                }
+                Ok(httparse::Status::Partial) if link.read.len() > MAX_HEAD => {
+                    return Err(malformed(format!(
+                        "the service's answer has a head of more than {} KiB",
+                        MAX_HEAD >> 10
+                    )));
                 }
                 Ok(httparse::Status::Partial) => {
                     if !read_more(link, deadline)? {
@@ -103,9 +101,14 @@ pub(super) fn read_answer(
                         return Err(malformed("the service's answer was cut short".into()));
                     }
                 }
-                let body = Zeroizing::new(link.read[..n].to_vec());
-                link.read.drain(..n);
-                body
+                if link.read.len() == n {
+                    // The body is all that was read: taken as it is, not copied.
+                    Zeroizing::new(std::mem::take(&mut *link.read))
+                } else {
+                    let body = Zeroizing::new(link.read[..n].to_vec());
+                    link.read.drain(..n);
+                    body
+                }
             }
             Length::Chunked => read_chunked(link, deadline)?,
             Length::ToEnd => {
