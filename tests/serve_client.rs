@@ -553,10 +553,40 @@ fn connecting_to_a_service_that_accepts_nothing_ends_at_the_timeout() {
     let started = std::time::Instant::now();
     let refused = remote.health().unwrap_err();
     assert!(matches!(refused, Error::Timeout { .. }), "{refused:?}");
-    // Well under the default (120 s): the given timeout ended it.
+    // It waited (a connect refused at once would not test the wait), and the given timeout,
+    // well under the default (120 s), ended it.
+    let waited = started.elapsed();
     assert!(
-        started.elapsed() < Duration::from_secs(30),
-        "{:?}",
-        started.elapsed()
+        (Duration::from_millis(250)..Duration::from_secs(30)).contains(&waited),
+        "{waited:?}"
     );
+}
+
+/// A call that took most of its time leaves the next call on its connection the whole of its
+/// own: the socket's timeout, narrowed as the first call's deadline neared, is widened again.
+#[test]
+fn a_slow_answer_does_not_shorten_the_next_calls_time() {
+    use std::io::Write as _;
+    let (_dir, remote, accepted) = fake_service(|_, mut stream| {
+        std::thread::spawn(move || {
+            let body = br#"{"client":"slow"}"#;
+            let head = format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n", body.len());
+            // The first answer in two parts, its body when less than 7/8 of the time is left.
+            read_request(&mut stream);
+            std::thread::sleep(Duration::from_millis(300));
+            stream.write_all(head.as_bytes()).unwrap();
+            std::thread::sleep(Duration::from_millis(100));
+            stream.write_all(body).unwrap();
+            // The second after 450 ms: past the time the first left, within the call's own.
+            read_request(&mut stream);
+            std::thread::sleep(Duration::from_millis(450));
+            stream.write_all(head.as_bytes()).unwrap();
+            stream.write_all(body).unwrap();
+            std::thread::sleep(Duration::from_secs(5));
+        });
+    });
+    let remote = remote.with_timeout(Duration::from_millis(600));
+    assert_eq!(remote.health().unwrap(), "slow");
+    assert_eq!(remote.health().unwrap(), "slow");
+    assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 1);
 }

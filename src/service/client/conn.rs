@@ -211,11 +211,12 @@ impl RemoteKeystore {
             None,
         )
         .map_err(|e| refused(e.into()))?;
-        let time = left(deadline).ok_or_else(|| self.call_timed_out())?;
-        // Linux bounds a blocking connect of a Unix socket by its send timeout.
-        sockopt::set_socket_timeout(&socket, sockopt::Timeout::Send, Some(time))
-            .map_err(|e| refused(e.into()))?;
         loop {
+            // Linux bounds a blocking connect of a Unix socket by its send timeout: what is
+            // left of the call's time, again after a signal interrupted the wait.
+            let time = left(deadline).ok_or_else(|| self.call_timed_out())?;
+            sockopt::set_socket_timeout(&socket, sockopt::Timeout::Send, Some(time))
+                .map_err(|e| refused(e.into()))?;
             match rustix::net::connect(&socket, &address) {
                 Ok(()) => return Ok(UnixStream::from(socket)),
                 Err(rustix::io::Errno::INTR) => {}
@@ -310,12 +311,11 @@ impl RemoteKeystore {
         let mut connection = rustls::ClientConnection::new(tls.config(), name)
             .map_err(|e| Error::io("start a TLS handshake", std::io::Error::other(e)))?;
         while connection.is_handshaking() {
-            // Each step's reads and writes within what is left of the call's time.
-            let time = left(deadline).ok_or_else(|| self.call_timed_out())?;
-            tcp.set_read_timeout(Some(time))
-                .and_then(|()| tcp.set_write_timeout(Some(time)))
-                .map_err(|e| Error::io("set the connection's timeout", e))?;
-            match connection.complete_io(&mut tcp) {
+            // Each of its reads and writes within what is left of the call's time.
+            match connection.complete_io(&mut Bounded {
+                tcp: &tcp,
+                deadline,
+            }) {
                 Ok(_) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
                 Err(e) if timed_out(&e) => return Err(self.call_timed_out()),
@@ -352,16 +352,77 @@ fn exchange(
     deadline: Instant,
 ) -> std::result::Result<(u16, Zeroizing<Vec<u8>>, bool), Failed> {
     link.read.clear();
+    // The socket's timeout back to this call's time, where an earlier call narrowed it.
+    let time = left(deadline).ok_or(Failed::TimedOut)?;
+    if link.timeout < time - time / 8 {
+        link.stream.set_timeout(time).map_err(Failed::Lost)?;
+        link.timeout = time;
+    }
     match send(link, request, deadline) {
         Ok(()) => read_answer(link, deadline),
         // Refused before it read the whole request (a wrong token, with a large body): the
         // service may have answered and closed; its answer, if there, says why.
-        Err(Failed::Lost(e)) => match read_answer(link, deadline) {
-            Ok((status, body, _)) => Ok((status, body, false)),
-            Err(_) => Err(Failed::Lost(e)),
+        Err(Failed::Lost(e)) if closed_by_peer(&e) => match read_answer(link, deadline) {
+            Ok((status, body, _)) if status >= 400 => Ok((status, body, false)),
+            _ => Err(Failed::Lost(e)),
         },
         Err(failed) => Err(failed),
     }
+}
+
+/// A TCP socket whose reads and writes each wait only what is left until `deadline` (the
+/// TLS handshake's, which rustls drives through many of them), and whose writes raise no
+/// SIGPIPE.
+struct Bounded<'a> {
+    tcp: &'a TcpStream,
+    deadline: Instant,
+}
+
+impl Bounded<'_> {
+    fn time(&self) -> std::io::Result<Duration> {
+        left(self.deadline).ok_or_else(|| std::io::ErrorKind::TimedOut.into())
+    }
+}
+
+impl std::io::Read for Bounded<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.tcp.set_read_timeout(Some(self.time()?))?;
+        (&mut &*self.tcp).read(buf)
+    }
+}
+
+impl std::io::Write for Bounded<'_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.tcp.set_write_timeout(Some(self.time()?))?;
+        NoSignal(self.tcp).write(buf)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Writes to a TCP socket with send(MSG_NOSIGNAL), one buffer at a time: std's vectored write
+/// (writev, which rustls uses) would raise SIGPIPE on a connection the service reset.
+struct NoSignal<'a>(&'a TcpStream);
+
+impl std::io::Write for NoSignal<'_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        rustix::net::send(self.0, buf, rustix::net::SendFlags::NOSIGNAL).map_err(Into::into)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Whether a write failed because the service closed the connection.
+fn closed_by_peer(e: &std::io::Error) -> bool {
+    use std::io::ErrorKind as K;
+    matches!(
+        e.kind(),
+        K::BrokenPipe | K::ConnectionReset | K::ConnectionAborted
+    )
 }
 
 /// Writes `request` on `link`: [`Failed::Unsent`] if none of its bytes reached the socket.
@@ -404,7 +465,7 @@ fn send(link: &mut Link, request: &[u8], deadline: Instant) -> std::result::Resu
                         .map_err(|e| failed(e, sent))?;
                 }
                 if s.conn.wants_write() {
-                    s.conn.write_tls(&mut s.sock)
+                    s.conn.write_tls(&mut NoSignal(&s.sock))
                 } else {
                     Ok(1)
                 }
@@ -462,7 +523,9 @@ fn receive(
     }
 }
 
-/// Sets the socket's timeout to the time left, where that is less than it.
+/// Sets the socket's timeout to the time left, where that is well less than it (by more than
+/// an eighth: a socket call then ends at most a seventh of the time left past the deadline, and
+/// a call that is quick sets no timeout at all).
 fn narrow_timeout(link: &mut Link, deadline: Instant) -> std::result::Result<(), Failed> {
     narrow(&link.stream, &mut link.timeout, deadline)
 }
@@ -473,7 +536,7 @@ fn narrow(
     deadline: Instant,
 ) -> std::result::Result<(), Failed> {
     let time = left(deadline).ok_or(Failed::TimedOut)?;
-    if time < *timeout {
+    if time < *timeout - *timeout / 8 {
         stream.set_timeout(time).map_err(Failed::Lost)?;
         *timeout = time;
     }
