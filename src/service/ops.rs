@@ -195,11 +195,13 @@ impl Action {
                 let wrapped_only = self == Self::DatakeyWrapped;
                 let used = ks.data_key_with(id, &aad, wrapped_only, &UseOptions::new())?;
                 let (key, envelope) = &used.output;
-                let mut answer = Reply::used(&used, "envelope", b64(envelope));
-                if let (false, Reply::Used { plaintext, .. }) = (wrapped_only, &mut answer) {
-                    *plaintext = Some(Zeroizing::new(b64(key.expose())));
-                }
-                Ok(answer)
+                Ok(Reply::Used {
+                    field: "envelope",
+                    text: Zeroizing::new(b64(envelope)),
+                    plaintext: (!wrapped_only).then(|| Zeroizing::new(b64(key.expose()))),
+                    version: used.version,
+                    state: used.state,
+                })
             }
             Self::Rotate => {
                 let body: ReasonBody = input.parse()?;
@@ -322,7 +324,7 @@ impl<'de, A: serde::de::MapAccess<'de>> serde::de::MapAccess<'de> for Entries<A>
         seed: K,
     ) -> Result<Option<K::Value>, A::Error> {
         use serde::de::IntoDeserializer as _;
-        while let Some(key) = self.0.next_key::<std::borrow::Cow<'de, str>>()? {
+        while let Some(key) = self.0.next_key::<String>()? {
             if key == "op" || key == "key" {
                 self.0.next_value::<serde::de::IgnoredAny>()?;
                 continue;
@@ -399,10 +401,6 @@ impl serde::Serialize for Reply {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         use serde::ser::SerializeMap as _;
         // The keys in the order a JSON object of serde_json sorts them, as answers had them.
-        let used = |map: &mut S::SerializeMap, version: u32, state: KeyState| {
-            map.serialize_entry("state", state.as_str())?;
-            map.serialize_entry("version", &version)
-        };
         match self {
             Self::Used {
                 field,
@@ -418,7 +416,8 @@ impl serde::Serialize for Reply {
                     // After `envelope`, its only companion.
                     map.serialize_entry("plaintext", plaintext.as_str())?;
                 }
-                used(&mut map, *version, *state)?;
+                map.serialize_entry("state", state.as_str())?;
+                map.serialize_entry("version", version)?;
                 map.end()
             }
             Self::Valid(Some((version, state))) => {

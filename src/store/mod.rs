@@ -546,8 +546,7 @@ impl Store {
     /// # Errors
     /// Storage errors.
     pub fn data_version(&self) -> Result<i64> {
-        read_data_version_cached(&self.conn())
-            .map_err(|e| Error::storage("read the database's data version", e))
+        read_data_version(&self.conn())
     }
 
     /// [`Self::data_version`] if it can be read without waiting: `None` if this process's
@@ -565,7 +564,7 @@ impl Store {
         let configure = |e| Error::storage("set the database's busy timeout", e);
         conn.busy_timeout(std::time::Duration::ZERO)
             .map_err(configure)?;
-        let read = read_data_version_cached(&conn);
+        let read = read_data_version(&conn);
         conn.busy_timeout(BUSY_TIMEOUT).map_err(configure)?;
         // Locked by another process, or anything else: read again where waiting is allowed,
         // and any error said there.
@@ -692,14 +691,6 @@ impl Store {
         self.committed(&next);
         Ok(out)
     }
-}
-
-/// `PRAGMA data_version` through the connection's statement cache: the keystore reads it often
-/// (at most every millisecond), and preparing it each time was a third of its cost (a profile
-/// of the serve bench).
-fn read_data_version_cached(conn: &Connection) -> rusqlite::Result<i64> {
-    conn.prepare_cached("PRAGMA data_version")?
-        .query_row([], |r| r.get(0))
 }
 
 fn insert_key(conn: &Connection, rec: &KeyRecord) -> Result<()> {

@@ -77,8 +77,12 @@ pub(super) fn key_rows_sum(conn: &Connection, keys: &CommitKeys, uuid: &[u8; 16]
     Ok(digest.unwrap_or_default())
 }
 
+/// `PRAGMA data_version`, through the connection's statement cache: the keystore reads it often
+/// (at most every millisecond), and preparing it each time was a third of its cost (a profile
+/// of the serve bench).
 pub(super) fn read_data_version(conn: &Connection) -> Result<i64> {
-    conn.pragma_query_value(None, "data_version", |r| r.get(0))
+    conn.prepare_cached("PRAGMA data_version")
+        .and_then(|mut statement| statement.query_row([], |r| r.get(0)))
         .map_err(|e| Error::storage("read the store's data version", e))
 }
 

@@ -25,7 +25,7 @@ const KEEP_IDLE: Duration = Duration::from_secs(5);
 /// A connection to the service, kept between calls.
 pub(super) struct Conn {
     /// None until the first call connects, and after a failed exchange.
-    pub(super) link: Option<Link>,
+    link: Option<Link>,
     /// When its last call ended.
     last_used: Instant,
 }
@@ -40,10 +40,10 @@ impl Conn {
 }
 
 /// One HTTP/1.1 connection and what was read on it.
-pub(super) struct Link {
+struct Link {
     stream: Stream,
-    /// The timeout set on the socket (reads and writes), changed only when a call's deadline
-    /// comes closer than it.
+    /// The timeout set on the socket (reads and writes): a call's whole time, narrowed as its
+    /// deadline nears (see [`narrow_timeout`]) and widened again by the next call.
     timeout: Duration,
     /// What was read and not yet taken: zeroized, as an answer may hold a plaintext.
     read: Zeroizing<Vec<u8>>,
@@ -51,7 +51,14 @@ pub(super) struct Link {
 
 enum Stream {
     Unix(UnixStream),
-    Tls(Box<rustls::StreamOwned<rustls::ClientConnection, TcpStream>>),
+    Tls(Box<Tls>),
+}
+
+/// A TLS connection: rustls' state, and the socket its records cross (read and written here,
+/// each socket call within the deadline: see [`send`] and [`receive`]).
+struct Tls {
+    conn: rustls::ClientConnection,
+    sock: TcpStream,
 }
 
 impl Stream {
@@ -257,12 +264,7 @@ impl RemoteKeystore {
 
     /// A TCP connection to `host:port` and a TLS 1.3 handshake on it, the service's certificate
     /// verified for `host`.
-    fn connect_tls(
-        &self,
-        host: &str,
-        port: u16,
-        deadline: Instant,
-    ) -> Result<rustls::StreamOwned<rustls::ClientConnection, TcpStream>> {
+    fn connect_tls(&self, host: &str, port: u16, deadline: Instant) -> Result<Tls> {
         let Some(tls) = &self.tls else {
             return Err(Error::InvalidInput(format!(
                 "the service at {} is reached over TLS: give the CA its certificate is checked \
@@ -327,7 +329,10 @@ impl RemoteKeystore {
             verdict(&mut connection, &mut tcp, until)
                 .map_err(|e| tls_refused(&self.remote, host, e, true))?;
         }
-        Ok(rustls::StreamOwned::new(connection, tcp))
+        Ok(Tls {
+            conn: connection,
+            sock: tcp,
+        })
     }
 }
 
@@ -394,7 +399,7 @@ impl std::io::Read for Bounded<'_> {
 impl std::io::Write for Bounded<'_> {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
         self.tcp.set_write_timeout(Some(self.time()?))?;
-        NoSignal(self.tcp).write(buf)
+        NoSignal(self.tcp.as_fd()).write(buf)
     }
 
     fn flush(&mut self) -> std::io::Result<()> {
@@ -402,9 +407,10 @@ impl std::io::Write for Bounded<'_> {
     }
 }
 
-/// Writes to a TCP socket with send(MSG_NOSIGNAL), one buffer at a time: std's vectored write
-/// (writev, which rustls uses) would raise SIGPIPE on a connection the service reset.
-struct NoSignal<'a>(&'a TcpStream);
+/// Writes to a socket with send(MSG_NOSIGNAL), one buffer at a time: a write (or std's
+/// vectored write, writev, which rustls uses) would raise SIGPIPE on a connection the service
+/// closed, in a program that does not ignore it.
+struct NoSignal<'a>(BorrowedFd<'a>);
 
 impl std::io::Write for NoSignal<'_> {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
@@ -448,13 +454,9 @@ fn send(link: &mut Link, request: &[u8], deadline: Instant) -> std::result::Resu
         }
         narrow_timeout(link, deadline)?;
         let wrote = match &mut link.stream {
-            // Without SIGPIPE on a socket the service closed (a program embedding the client
-            // may not ignore it).
-            Stream::Unix(s) => {
-                rustix::net::send(&*s, &request[taken..], rustix::net::SendFlags::NOSIGNAL)
-                    .map_err(std::io::Error::from)
-                    .inspect(|&n| taken += n)
-            }
+            Stream::Unix(s) => NoSignal(s.as_fd())
+                .write(&request[taken..])
+                .inspect(|&n| taken += n),
             // The request into rustls (as much as its buffer takes), then its records out.
             Stream::Tls(s) => {
                 if taken < request.len() {
@@ -464,11 +466,9 @@ fn send(link: &mut Link, request: &[u8], deadline: Instant) -> std::result::Resu
                         .write(&request[taken..])
                         .map_err(|e| failed(e, sent))?;
                 }
-                if s.conn.wants_write() {
-                    s.conn.write_tls(&mut NoSignal(&s.sock))
-                } else {
-                    Ok(1)
-                }
+                // There are records to write: those of what rustls just took, or those that
+                // kept it from taking more (or, all taken, those the loop found waiting).
+                s.conn.write_tls(&mut NoSignal(s.sock.as_fd()))
             }
         };
         match wrote {

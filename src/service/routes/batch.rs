@@ -10,7 +10,6 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::{authorize, granted, json_bytes, run_blocking, Placement, State, QUICK_BODY};
-use crate::keystore::Keystore;
 use crate::service::api::ApiError;
 use crate::service::auth::Caller;
 use crate::service::ops::{Action, Input, Reply};
@@ -133,7 +132,8 @@ async fn run_group(
     run_blocking(&state, &client, placement, move |ks| {
         while let Some((i, item, _)) = group.get(next) {
             let started = Instant::now();
-            let outcome = run_item(ks, item.action, &item.key, &body.slice(item.at.clone()));
+            let fields = &body[item.at.clone()];
+            let outcome = item.action.run(ks, &item.key, Input::Item(fields));
             if crate::keystore::would_wait() {
                 // Not done: this one again, and those after it, on the pool.
                 return Vec::new();
@@ -198,11 +198,6 @@ struct Item {
     action: Action,
     key: String,
     at: std::ops::Range<usize>,
-}
-
-/// Runs one operation of a batch on its JSON `fields` (`op` and `key` among them).
-fn run_item(ks: &Keystore, action: Action, key: &str, fields: &[u8]) -> Result<Reply, ApiError> {
-    action.run(ks, key, Input::Item(fields))
 }
 
 /// The operations of a batch's body, each as an [`Item`] or why it cannot be run; more than
