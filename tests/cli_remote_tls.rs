@@ -562,3 +562,104 @@ fn plaintext_and_malformed_remotes_and_missing_tls_files_are_usage_errors() {
         assert_fail(&env.run(&all, b""), code, says, &format!("{args:?}"));
     }
 }
+
+/// Inputs and answers far larger than a TLS record (16 KiB) cross the connection whole, in
+/// both directions, and the connection is kept for the next call.
+#[test]
+fn large_inputs_and_answers_cross_many_tls_records_on_one_kept_connection() {
+    let env = env();
+    let token = token_client(&env, "ci", "default");
+    let reader = metrics_reader(&env);
+    let pki = pki(&env);
+    let (server, addr) = start_tls(&env, &pki, &clients(), false);
+    let keys =
+        RemoteKeystore::new(Remote::parse(&format!("https://127.0.0.1:{}", addr.port())).unwrap())
+            .unwrap()
+            .with_tls(ClientTls::load(&pki.server_ca.pem(), None).unwrap())
+            .with_token(token.into());
+    let create = |name: &str, key_type| {
+        keys.create_key_with(
+            &keyhold::KeyRequest {
+                namespace: "default".into(),
+                name: name.into(),
+                spec: keyhold::KeySpec::new(key_type, None, None).unwrap(),
+                backend: None,
+            },
+            &keyhold::backend::KeyOptions::new(),
+        )
+        .unwrap()
+        .id
+    };
+    let aes = create("box", keyhold::KeyType::Aes256Gcm);
+    let ecdsa = create("signer", keyhold::KeyType::EcdsaP256);
+    let before = connections_served(&server, &reader);
+    let none = UseOptions::new();
+    // 3 MiB, every byte value, not a repeating record's worth.
+    let large: Vec<u8> = (0u32..3 << 20)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    for size in [16 * 1024 - 1, 16 * 1024 + 1, 1 << 20, large.len()] {
+        let plaintext = &large[..size];
+        let sealed = keys.encrypt_with(&aes, plaintext, b"aad", &none).unwrap();
+        assert!(sealed.output.len() > size);
+        let opened = keys
+            .decrypt_with(&aes, &sealed.output, b"aad", &none)
+            .unwrap();
+        assert!(
+            opened.output.expose() == plaintext,
+            "{size} bytes came back changed"
+        );
+        let signed = keys
+            .sign_with(&ecdsa, plaintext, SignatureFormat::Der, &none)
+            .unwrap();
+        keys.verify_with(
+            &ecdsa,
+            plaintext,
+            &signed.output,
+            SignatureFormat::Der,
+            &none,
+        )
+        .unwrap();
+    }
+    // Sixteen calls on the one kept connection; the reading's own is the only new one.
+    assert_eq!(connections_served(&server, &reader), before + 1);
+}
+
+/// A TLS handshake the service never answers (a TCP listener that accepts and says nothing)
+/// ends at the call's timeout, not the default's two minutes, and the next call tries again.
+#[test]
+fn a_tls_handshake_nobody_answers_ends_at_the_timeout() {
+    let env = env();
+    let pki = pki(&env);
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = std::sync::Arc::clone(&accepted);
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for stream in listener.incoming() {
+            counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            // Held open, silent: the client's hello is read by nobody.
+            held.push(stream.unwrap());
+        }
+    });
+    let keys = RemoteKeystore::new(Remote::parse(&format!("https://127.0.0.1:{port}")).unwrap())
+        .unwrap()
+        .with_tls(ClientTls::load(&pki.server_ca.pem(), None).unwrap())
+        .with_timeout(std::time::Duration::from_millis(300));
+    for call in 1..=2 {
+        let started = std::time::Instant::now();
+        let refused = keys.health().unwrap_err();
+        assert!(
+            matches!(refused, keyhold::Error::Timeout { .. }),
+            "{refused:?}"
+        );
+        let waited = started.elapsed();
+        assert!(
+            (std::time::Duration::from_millis(250)..std::time::Duration::from_secs(30))
+                .contains(&waited),
+            "{waited:?}"
+        );
+        assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), call);
+    }
+}

@@ -590,3 +590,57 @@ fn a_slow_answer_does_not_shorten_the_next_calls_time() {
     assert_eq!(remote.health().unwrap(), "slow");
     assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 1);
 }
+
+/// Large answers are read whole, however framed: a length beyond what the client reserves
+/// before the body arrives (8 MiB), and thousands of chunks.
+#[test]
+fn large_answers_are_read_whole_by_length_and_in_many_chunks() {
+    use std::io::Write as _;
+    // 20 MiB of JSON, the same answer both ways.
+    let name: String = (0..20 << 20)
+        .map(|i| char::from(b'a' + (i % 26) as u8))
+        .collect();
+    let body = format!(r#"{{"client":"{name}"}}"#).into_bytes();
+    let sent = body.clone();
+    let (_dir, remote, accepted) = fake_service(move |_, mut stream| {
+        let body = sent.clone();
+        std::thread::spawn(move || {
+            read_request(&mut stream);
+            write!(
+                stream,
+                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n",
+                body.len()
+            )
+            .unwrap();
+            stream.write_all(&body).unwrap();
+            read_request(&mut stream);
+            stream
+                .write_all(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+                .unwrap();
+            // Chunks of 1 to 4093 bytes: about 10000 of them.
+            let mut rest = &body[..];
+            let mut n = 0usize;
+            while !rest.is_empty() {
+                let (chunk, after) = rest.split_at(rest.len().min(1 + n * 37 % 4093));
+                write!(stream, "{:x}\r\n", chunk.len()).unwrap();
+                stream.write_all(chunk).unwrap();
+                stream.write_all(b"\r\n").unwrap();
+                rest = after;
+                n += 1;
+            }
+            assert!(n > 5000, "{n} chunks");
+            stream.write_all(b"0\r\n\r\n").unwrap();
+            std::thread::sleep(Duration::from_secs(5));
+        });
+    });
+    // Compared, not printed: 20 MiB in a failure's message would bury it.
+    let by_length = remote.health().unwrap();
+    assert!(
+        by_length == name,
+        "by length: {} bytes read",
+        by_length.len()
+    );
+    let chunked = remote.health().unwrap();
+    assert!(chunked == name, "in chunks: {} bytes read", chunked.len());
+    assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 1);
+}

@@ -20,15 +20,19 @@ const MAX_HEADERS: usize = 32;
 /// The most read from the socket at once.
 const READ_CHUNK: usize = 64 * 1024;
 
-/// Makes room in `link.read` for `more` bytes after those it holds. It never grows in place:
-/// a larger buffer is made and the bytes copied, and the old one zeroized as it is dropped, so no
-/// reallocation leaves a copy of an answer behind.
-fn reserve(link: &mut Link, more: usize) {
-    let len = link.read.len();
-    if link.read.capacity() - len < more {
+/// The most room made for a body before its bytes arrive: a Content-Length is the service's
+/// word, and a larger body grows the buffer as it comes (doubling, so it is copied about once).
+const MAX_RESERVE: usize = 8 << 20;
+
+/// Makes room in `buf` for `more` bytes after those it holds, at least doubling it. It never
+/// grows in place: a larger buffer is made and the bytes copied, and the old one zeroized as it
+/// is dropped, so no reallocation leaves a copy of an answer behind.
+fn reserve(buf: &mut Zeroizing<Vec<u8>>, more: usize) {
+    let len = buf.len();
+    if buf.capacity() - len < more {
         let mut larger = Zeroizing::new(Vec::with_capacity((len + more).max(2 * len).max(4096)));
-        larger.extend_from_slice(&link.read);
-        link.read = larger;
+        larger.extend_from_slice(buf);
+        *buf = larger;
     }
 }
 
@@ -41,7 +45,7 @@ fn read_more(link: &mut Link, deadline: Instant) -> std::result::Result<bool, Fa
             MAX_ANSWER >> 20
         ))));
     }
-    reserve(link, 1);
+    reserve(&mut link.read, 1);
     let chunk = (link.read.capacity() - start).min(READ_CHUNK);
     link.read.resize(start + chunk, 0);
     let Link {
@@ -94,8 +98,10 @@ pub(super) fn read_answer(
         }
         let body = match length {
             Length::Known(n) => {
-                // Room for the whole body at once: no copy for every doubling of a large one.
-                reserve(link, n.saturating_sub(link.read.len()));
+                // Room for the whole body at once (up to MAX_RESERVE): no copy for every
+                // doubling of a large one.
+                let missing = n.saturating_sub(link.read.len());
+                reserve(&mut link.read, missing.min(MAX_RESERVE));
                 while link.read.len() < n {
                     if !read_more(link, deadline)? {
                         return Err(malformed("the service's answer was cut short".into()));
@@ -210,10 +216,8 @@ fn read_chunked(
         if &link.read[size..size + 2] != b"\r\n" {
             return Err(malformed("the service's answer has a malformed chunk"));
         }
-        let mut grown = Zeroizing::new(Vec::with_capacity(body.len() + size));
-        grown.extend_from_slice(&body);
-        grown.extend_from_slice(&link.read[..size]);
-        body = grown;
+        reserve(&mut body, size);
+        body.extend_from_slice(&link.read[..size]);
         link.read.drain(..size + 2);
     }
 }
