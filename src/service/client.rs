@@ -13,6 +13,7 @@ use std::sync::{Mutex, PoisonError};
 use base64::Engine as _;
 use hyper::Method;
 use secrecy::{ExposeSecret as _, SecretString};
+use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use zeroize::Zeroizing;
 
@@ -124,24 +125,22 @@ impl RemoteKeystore {
 
     /// `METHOD path` with `body`: the JSON answer, or the service's error.
     fn call(&self, method: Method, path: &str, body: Option<&Value>) -> Result<Value> {
-        // The body may hold a plaintext: its bytes, and the request's, are zeroized once sent
-        // (the kernel's copy in the socket's buffer is not this process's to clear).
-        let bytes = Zeroizing::new(match body {
-            Some(body) => serde_json::to_vec(body)
-                .map_err(|e| Error::InvalidInput(format!("a request's JSON: {e}")))?,
-            None => Vec::new(),
-        });
-        // The inputs are checked against their limits; this catches the rest (a large `aad`)
-        // before it is uploaded to be refused.
-        if bytes.len() > super::MAX_BODY {
-            return Err(Error::InvalidInput(format!(
-                "the request would be {} bytes of JSON, more than keyhold serve reads ({} bytes: \
-                 a 64 MiB input in base64 and 64 KiB more): nothing was sent",
-                bytes.len(),
-                super::MAX_BODY
-            )));
+        let answer = self.ask(method, path, body)?;
+        if answer.is_empty() {
+            return Ok(Value::Null);
         }
-        let request = self.request(&method, path, body.is_some(), &bytes)?;
+        serde_json::from_slice(&answer).map_err(|e| self.not_json(e))
+    }
+
+    /// `METHOD path` with `body`: the answer's bytes (zeroized when dropped, as they may hold a
+    /// plaintext) if the service did it, else the service's error.
+    fn ask<B: Serialize + ?Sized>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&B>,
+    ) -> Result<Zeroizing<Vec<u8>>> {
+        let request = self.request(&method, path, body)?;
         let reused = self
             .idle
             .lock()
@@ -156,33 +155,41 @@ impl RemoteKeystore {
             }
         }
         let (status, answer) = exchanged?;
-        let value: Value = if answer.is_empty() {
-            Value::Null
-        } else {
-            serde_json::from_slice(&answer).map_err(|e| {
-                Error::InvalidInput(format!(
-                    "the service at {} answered {status} with something that is not JSON: {e}",
-                    self.remote
-                ))
-            })?
-        };
         if status >= 400 {
+            let value: Value = if answer.is_empty() {
+                Value::Null
+            } else {
+                serde_json::from_slice(&answer).map_err(|e| {
+                    Error::InvalidInput(format!(
+                        "the service at {} answered {status} with something that is not JSON: {e}",
+                        self.remote
+                    ))
+                })?
+            };
             let code = value["error"]["code"].as_str().unwrap_or("remote");
             let message = value["error"]["message"]
                 .as_str()
                 .map_or_else(|| format!("the service answered {status}"), str::to_owned);
             return Err(Error::remote(code, status, message));
         }
-        Ok(value)
+        Ok(answer)
     }
 
-    /// The bytes of `METHOD path` with `body` (JSON if `json`), zeroized once sent.
-    fn request(
+    fn not_json(&self, e: serde_json::Error) -> Error {
+        Error::InvalidInput(format!(
+            "the service at {} answered with something that is not JSON: {e}",
+            self.remote
+        ))
+    }
+
+    /// The bytes of `METHOD path` with `body` as JSON, zeroized once sent: the body, which may
+    /// hold a plaintext, is written once, into a buffer made its exact size (a buffer that grew
+    /// would leave copies of the body, or the token, in the memory it gave back).
+    fn request<B: Serialize + ?Sized>(
         &self,
         method: &Method,
         path: &str,
-        json: bool,
-        body: &[u8],
+        body: Option<&B>,
     ) -> Result<Zeroizing<Vec<u8>>> {
         // Paths are made here, from checked IDs and encoded queries: never a byte that would
         // end the request line.
@@ -191,23 +198,39 @@ impl RemoteKeystore {
                 "`{path}` is not a path a request can carry"
             )));
         }
-        let head = format!(
-            "{method} {path} HTTP/1.1\r\nHost: keyhold\r\nContent-Length: {}\r\n",
-            body.len()
-        );
+        let unwritable =
+            |e: serde_json::Error| Error::InvalidInput(format!("a request's JSON: {e}"));
+        // The body's length, counted without writing it anywhere.
+        let body_len = match body {
+            Some(body) => {
+                let mut counted = Counted(0);
+                serde_json::to_writer(&mut counted, body).map_err(unwritable)?;
+                counted.0
+            }
+            None => 0,
+        };
+        // The inputs are checked against their limits; this catches the rest (a large `aad`)
+        // before it is uploaded to be refused.
+        if body_len > super::MAX_BODY {
+            return Err(Error::InvalidInput(format!(
+                "the request would be {body_len} bytes of JSON, more than keyhold serve reads \
+                 ({} bytes: a 64 MiB input in base64 and 64 KiB more): nothing was sent",
+                super::MAX_BODY
+            )));
+        }
+        let head =
+            format!("{method} {path} HTTP/1.1\r\nHost: keyhold\r\nContent-Length: {body_len}\r\n");
         const JSON: &[u8] = b"Content-Type: application/json\r\n";
-        // Sized exactly: a vector that grew would leave a copy of the token (or the body) in
-        // the memory it gave back.
         let bearer_len = self
             .bearer
             .as_ref()
             .and_then(|b| b.as_ref().ok())
             .map_or(0, |b| b"Authorization: \r\n".len() + b.len());
-        let mut request = Zeroizing::new(Vec::with_capacity(
-            head.len() + JSON.len() + bearer_len + 2 + body.len(),
-        ));
+        let json_len = if body.is_some() { JSON.len() } else { 0 };
+        let size = head.len() + json_len + bearer_len + 2 + body_len;
+        let mut request = Zeroizing::new(Vec::with_capacity(size));
         request.extend_from_slice(head.as_bytes());
-        if json {
+        if body.is_some() {
             request.extend_from_slice(JSON);
         }
         if let Some(bearer) = &self.bearer {
@@ -219,14 +242,33 @@ impl RemoteKeystore {
             request.extend_from_slice(b"\r\n");
         }
         request.extend_from_slice(b"\r\n");
-        request.extend_from_slice(body);
+        if let Some(body) = body {
+            serde_json::to_writer(&mut *request, body).map_err(unwritable)?;
+        }
+        // Serializing is deterministic: the second writing is the length the first counted.
+        if request.len() != size {
+            return Err(Error::InvalidInput(
+                "a request's JSON changed between its counting and its writing".into(),
+            ));
+        }
         Ok(request)
     }
 
     /// `POST /v1/keys/{id}/{action}` with `body`.
-    fn act(&self, id: &str, action: &str, body: &Value) -> Result<Value> {
+    fn act<B: Serialize + ?Sized>(&self, id: &str, action: &str, body: &B) -> Result<Value> {
+        let answer = self.act_bytes(id, action, body)?;
+        serde_json::from_slice(&answer).map_err(|e| self.not_json(e))
+    }
+
+    /// [`Self::act`]'s answer as bytes, for an answer that holds a plaintext.
+    fn act_bytes<B: Serialize + ?Sized>(
+        &self,
+        id: &str,
+        action: &str,
+        body: &B,
+    ) -> Result<Zeroizing<Vec<u8>>> {
         check_id(id)?;
-        self.call(Method::POST, &format!("/v1/keys/{id}/{action}"), Some(body))
+        self.ask(Method::POST, &format!("/v1/keys/{id}/{action}"), Some(body))
     }
 
     /// A use's answer: its output in `field` (base64), version and state.
@@ -291,6 +333,78 @@ fn with_query(path: &str, query: &[(&str, &str)]) -> Result<String> {
 
 fn b64(bytes: &[u8]) -> String {
     base64::engine::general_purpose::STANDARD.encode(bytes)
+}
+
+/// Base64 of `bytes` that may be secret (a plaintext, data to sign or MAC), zeroized when
+/// dropped; made its exact size, so no larger string leaves a copy behind as it grows.
+fn secret_b64(bytes: &[u8]) -> Zeroizing<String> {
+    let engine = &base64::engine::general_purpose::STANDARD;
+    let mut text = Zeroizing::new(String::with_capacity(
+        base64::encoded_len(bytes.len(), true).unwrap_or(0),
+    ));
+    engine.encode_string(bytes, &mut text);
+    text
+}
+
+/// Counts what a serializer writes, and keeps none of it.
+struct Counted(usize);
+
+impl std::io::Write for Counted {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0 += buf.len();
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// A JSON string from the service that may hold a secret in base64 (a plaintext, random
+/// bytes), zeroized when dropped.
+struct SecretText(Zeroizing<String>);
+
+impl<'de> Deserialize<'de> for SecretText {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        String::deserialize(d).map(|text| Self(Zeroizing::new(text)))
+    }
+}
+
+impl SecretText {
+    /// Its bytes, or a malformed answer naming `field`.
+    fn decode(&self, field: &str) -> Result<Zeroizing<Vec<u8>>> {
+        base64::engine::general_purpose::STANDARD
+            .decode(self.0.as_bytes())
+            .map(Zeroizing::new)
+            .map_err(|_| malformed(field))
+    }
+}
+
+/// An answer that holds a secret in `plaintext` (decrypt) or `data` (random), its version and
+/// state (where it has them): read straight from the answer's bytes, never into a JSON value
+/// whose strings would be freed without being zeroized. Other fields are not read.
+#[derive(Deserialize)]
+struct SecretAnswer {
+    plaintext: Option<SecretText>,
+    data: Option<SecretText>,
+    version: Option<u32>,
+    state: Option<String>,
+}
+
+impl SecretAnswer {
+    fn read(answer: &[u8]) -> Result<Self> {
+        serde_json::from_slice(answer).map_err(|_| malformed("plaintext"))
+    }
+
+    fn use_of(&self) -> Result<(u32, KeyState)> {
+        let version = self.version.ok_or_else(|| malformed("version"))?;
+        let state = self
+            .state
+            .as_deref()
+            .ok_or_else(|| malformed("state"))?
+            .parse()?;
+        Ok((version, state))
+    }
 }
 
 /// The service answered something other than its documented answer.
@@ -419,7 +533,11 @@ impl KeyService for RemoteKeystore {
         _options: &UseOptions,
     ) -> Result<Used<Vec<u8>>> {
         check_not_oversized(message.len(), MAX_INPUT)?;
-        let body = json!({ "data": b64(message), "format": format_name(format) });
+        let data = secret_b64(message);
+        let body = SignBody {
+            data: &data,
+            format: format_name(format),
+        };
         self.used(&self.act(id, "sign", &body)?, "signature")
     }
 
@@ -432,13 +550,14 @@ impl KeyService for RemoteKeystore {
         options: &UseOptions,
     ) -> Result<Used<()>> {
         check_not_oversized(message.len(), MAX_INPUT)?;
-        let body = json!({
-            "data": b64(message),
-            "signature": b64(signature),
-            "format": format_name(format),
-            "version": options.version,
-            "allow_compromised": options.allow_compromised,
-        });
+        let data = secret_b64(message);
+        let body = VerifyBody {
+            data: &data,
+            signature: &b64(signature),
+            format: format_name(format),
+            version: options.version,
+            allow_compromised: options.allow_compromised,
+        };
         Self::checked(&self.act(id, "verify", &body)?, "signature")
     }
 
@@ -450,7 +569,11 @@ impl KeyService for RemoteKeystore {
         _options: &UseOptions,
     ) -> Result<Used<Vec<u8>>> {
         check_not_oversized(plaintext.len(), MAX_INPUT)?;
-        let body = json!({ "plaintext": b64(plaintext), "aad": b64(aad) });
+        let plaintext = secret_b64(plaintext);
+        let body = EncryptBody {
+            plaintext: &plaintext,
+            aad: &b64(aad),
+        };
         self.used(&self.act(id, "encrypt", &body)?, "envelope")
     }
 
@@ -467,10 +590,11 @@ impl KeyService for RemoteKeystore {
             "aad": b64(aad),
             "allow_compromised": options.allow_compromised,
         });
-        let answer = self.act(id, "decrypt", &body)?;
-        let (version, state) = use_of(&answer)?;
+        let answer = SecretAnswer::read(&self.act_bytes(id, "decrypt", &body)?)?;
+        let (version, state) = answer.use_of()?;
+        let plaintext = answer.plaintext.ok_or_else(|| malformed("plaintext"))?;
         Ok(Used {
-            output: SecretBytes::from_zeroizing(Zeroizing::new(unb64(&answer, "plaintext")?)),
+            output: SecretBytes::from_zeroizing(plaintext.decode("plaintext")?),
             version,
             state,
         })
@@ -494,7 +618,8 @@ impl KeyService for RemoteKeystore {
 
     fn mac_with(&self, id: &str, data: &[u8], _options: &UseOptions) -> Result<Used<Vec<u8>>> {
         check_not_oversized(data.len(), MAX_INPUT)?;
-        self.used(&self.act(id, "mac", &json!({ "data": b64(data) }))?, "mac")
+        let data = secret_b64(data);
+        self.used(&self.act(id, "mac", &MacBody { data: &data })?, "mac")
     }
 
     fn verify_mac_with(
@@ -505,12 +630,13 @@ impl KeyService for RemoteKeystore {
         options: &UseOptions,
     ) -> Result<Used<()>> {
         check_not_oversized(data.len(), MAX_INPUT)?;
-        let body = json!({
-            "data": b64(data),
-            "mac": b64(tag),
-            "version": options.version,
-            "allow_compromised": options.allow_compromised,
-        });
+        let data = secret_b64(data);
+        let body = MacVerifyBody {
+            data: &data,
+            mac: &b64(tag),
+            version: options.version,
+            allow_compromised: options.allow_compromised,
+        };
         Self::checked(&self.act(id, "mac-verify", &body)?, "tag")
     }
 
@@ -573,7 +699,134 @@ impl KeyService for RemoteKeystore {
     }
 
     fn random(&self, n: usize) -> Result<Vec<u8>> {
-        let answer = self.call(Method::POST, "/v1/random", Some(&json!({ "bytes": n })))?;
-        unb64(&answer, "data")
+        let answer = self.ask(Method::POST, "/v1/random", Some(&json!({ "bytes": n })))?;
+        let data = SecretAnswer::read(&answer)?
+            .data
+            .ok_or_else(|| malformed("data"))?;
+        // The caller's own, as the keystore's `random` gives it.
+        Ok(data.decode("data")?.to_vec())
+    }
+}
+
+/// `sign`'s body; `data` is the message in base64, zeroized by its owner.
+#[derive(Serialize)]
+struct SignBody<'a> {
+    data: &'a str,
+    format: &'static str,
+}
+
+/// `verify`'s body.
+#[derive(Serialize)]
+struct VerifyBody<'a> {
+    data: &'a str,
+    signature: &'a str,
+    format: &'static str,
+    version: Option<u32>,
+    allow_compromised: bool,
+}
+
+/// `encrypt`'s body.
+#[derive(Serialize)]
+struct EncryptBody<'a> {
+    plaintext: &'a str,
+    aad: &'a str,
+}
+
+/// `mac`'s body.
+#[derive(Serialize)]
+struct MacBody<'a> {
+    data: &'a str,
+}
+
+/// `mac-verify`'s body.
+#[derive(Serialize)]
+struct MacVerifyBody<'a> {
+    data: &'a str,
+    mac: &'a str,
+    version: Option<u32>,
+    allow_compromised: bool,
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // tests: a panic is the failure report
+mod tests {
+    use super::*;
+
+    fn client() -> RemoteKeystore {
+        RemoteKeystore::new(Remote::Unix("/nonexistent/keyhold.sock".into()))
+            .unwrap()
+            .with_token(SecretString::from("kh_token_123"))
+    }
+
+    /// A request carrying a plaintext is written once, into a buffer of its exact size (no
+    /// growth leaves a copy behind), and its body is the JSON the service reads.
+    #[test]
+    fn a_request_is_made_at_its_exact_size_with_the_json_of_its_body() {
+        let plaintext = secret_b64(b"attack at dawn");
+        assert_eq!(plaintext.len(), plaintext.capacity());
+        let body = EncryptBody {
+            plaintext: &plaintext,
+            aad: &b64(b"aad"),
+        };
+        let request = client()
+            .request(&Method::POST, "/v1/keys/kh1_x/encrypt", Some(&body))
+            .unwrap();
+        assert_eq!(request.len(), request.capacity());
+        let text = std::str::from_utf8(&request).unwrap();
+        let (head, json) = text.split_once("\r\n\r\n").unwrap();
+        assert_eq!(
+            head,
+            format!(
+                "POST /v1/keys/kh1_x/encrypt HTTP/1.1\r\nHost: keyhold\r\nContent-Length: {}\r\n\
+                 Content-Type: application/json\r\nAuthorization: Bearer kh_token_123",
+                json.len()
+            )
+        );
+        let read: Value = serde_json::from_str(json).unwrap();
+        assert_eq!(
+            read,
+            json!({ "plaintext": b64(b"attack at dawn"), "aad": b64(b"aad") })
+        );
+        // Without a body: no JSON header, nothing after the head.
+        let bare = client()
+            .request::<Value>(&Method::GET, "/v1/health", None)
+            .unwrap();
+        assert_eq!(bare.len(), bare.capacity());
+        assert!(bare.ends_with(b"Content-Length: 0\r\nAuthorization: Bearer kh_token_123\r\n\r\n"));
+    }
+
+    /// An answer holding a plaintext is read without a JSON value; what it lacks is said.
+    #[test]
+    fn an_answer_with_a_plaintext_is_read_field_by_field() {
+        let answer = SecretAnswer::read(
+            br#"{"compromised":false,"plaintext":"aGVsbG8=","state":"active","version":2}"#,
+        )
+        .unwrap();
+        assert_eq!(answer.use_of().unwrap(), (2, KeyState::Active));
+        assert_eq!(
+            &answer.plaintext.unwrap().decode("plaintext").unwrap()[..],
+            b"hello"
+        );
+        for (bad, field) in [
+            (
+                &br#"{"plaintext":"aGVsbG8=","state":"active"}"#[..],
+                "version",
+            ),
+            (br#"{"plaintext":"aGVsbG8=","version":2}"#, "state"),
+            (
+                br#"{"plaintext":"not base64!","version":2,"state":"active"}"#,
+                "plaintext",
+            ),
+            (br#"{"plaintext":7}"#, "plaintext"),
+        ] {
+            let refused = SecretAnswer::read(bad).and_then(|a| {
+                a.use_of()?;
+                a.plaintext
+                    .ok_or_else(|| malformed("plaintext"))?
+                    .decode("plaintext")
+            });
+            let e = refused.unwrap_err().to_string();
+            assert!(e.contains(&format!("no valid `{field}`")), "{e}");
+        }
     }
 }

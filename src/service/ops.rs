@@ -3,9 +3,10 @@
 //!
 //! Everything here is synchronous and runs where the service places the call (`routes::Placement`:
 //! a quick use of a software key where its request was read, anything else on the blocking pool):
-//! reading the JSON body, decoding its base64, the keystore call, encoding the answer. Decoded inputs, decrypted plaintexts and
-//! data keys are held in zeroizing buffers; the answer's JSON strings (a plaintext or data key in
-//! base64) and the HTTP layer's buffers are not zeroized (docs/service.md, What stays in memory).
+//! reading the JSON body, decoding its base64, the keystore call, encoding the answer. Decoded
+//! inputs, decrypted plaintexts and data keys, and the base64 strings of an answer, are held in
+//! zeroizing buffers; the HTTP layer's buffers are not zeroized (docs/service.md, What stays in
+//! memory).
 
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
