@@ -47,6 +47,8 @@ pub struct RemoteKeystore {
     idle: Mutex<Vec<Conn>>,
     /// How long a call may take, from sending to the whole answer.
     timeout: std::time::Duration,
+    /// The lookup of an https remote's host name under way, shared by the calls that need it.
+    lookups: conn::Lookups,
 }
 
 impl std::fmt::Debug for RemoteKeystore {
@@ -76,6 +78,7 @@ impl RemoteKeystore {
             tls: None,
             idle: Mutex::new(Vec::new()),
             timeout: DEFAULT_TIMEOUT,
+            lookups: conn::Lookups::new(),
         })
     }
 

@@ -3,7 +3,7 @@
 //! call writes its request and reads the answer; no runtime, no poller, no other thread.
 
 use std::io::{Read as _, Write as _};
-use std::net::{TcpStream, ToSocketAddrs as _};
+use std::net::TcpStream;
 use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
@@ -14,8 +14,10 @@ use super::{Remote, RemoteKeystore};
 use crate::error::{Error, Result};
 
 mod answer;
+mod lookup;
 
 use answer::read_answer;
+pub(super) use lookup::Lookups;
 
 /// How long a connection may wait unused and still be used: well below the service's default
 /// idle limit (its header timeout, 10 s), so that the service does not close it as a request
@@ -235,7 +237,7 @@ impl RemoteKeystore {
 
     /// The addresses of `host` (an IP address as it is; a name looked up on a thread of its
     /// own, waited for until the deadline: a resolver that does not answer does not hold the
-    /// call past it).
+    /// call past it, and one lookup serves every call that waits while it runs: [`Lookups`]).
     fn addresses(
         &self,
         host: &str,
@@ -245,21 +247,10 @@ impl RemoteKeystore {
         if let Ok(ip) = host.parse::<std::net::IpAddr>() {
             return Ok(Ok(vec![std::net::SocketAddr::new(ip, port)]));
         }
-        let (tell, told) = std::sync::mpsc::channel();
-        let name = host.to_owned();
-        std::thread::Builder::new()
-            .name("keyhold-resolve".into())
-            .spawn(move || {
-                // The caller may have stopped waiting: nobody to tell then.
-                let _ = tell.send(
-                    (name.as_str(), port)
-                        .to_socket_addrs()
-                        .map(Iterator::collect),
-                );
-            })
-            .map_err(|e| Error::io("start a name lookup", e))?;
-        let time = left(deadline).ok_or_else(|| self.call_timed_out())?;
-        told.recv_timeout(time).map_err(|_| self.call_timed_out())
+        self.lookups
+            .addresses(host, port, deadline)
+            .map_err(|e| Error::io("start a name lookup", e))?
+            .ok_or_else(|| self.call_timed_out())
     }
 
     /// A TCP connection to `host:port` and a TLS 1.3 handshake on it, the service's certificate
