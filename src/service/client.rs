@@ -17,6 +17,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use zeroize::Zeroizing;
 
+use super::api::B64;
 use crate::backend::KeyOptions;
 use crate::error::{Error, Result};
 use crate::key::{Algorithm, KeyState, KeyType, SignatureFormat};
@@ -363,40 +364,30 @@ impl std::io::Write for Counted {
     }
 }
 
-/// A JSON string from the service that may hold a secret in base64 (a plaintext, random
-/// bytes), zeroized when dropped.
-struct SecretText(Zeroizing<String>);
-
-impl<'de> Deserialize<'de> for SecretText {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
-        String::deserialize(d).map(|text| Self(Zeroizing::new(text)))
-    }
-}
-
-impl SecretText {
-    /// Its bytes, or a malformed answer naming `field`.
-    fn decode(&self, field: &str) -> Result<Zeroizing<Vec<u8>>> {
-        base64::engine::general_purpose::STANDARD
-            .decode(self.0.as_bytes())
-            .map(Zeroizing::new)
-            .map_err(|_| malformed(field))
-    }
-}
-
 /// An answer that holds a secret in `plaintext` (decrypt) or `data` (random), its version and
 /// state (where it has them): read straight from the answer's bytes, never into a JSON value
 /// whose strings would be freed without being zeroized. Other fields are not read.
+/// Its base64 strings are the service's own `B64`: zeroized when dropped.
 #[derive(Deserialize)]
 struct SecretAnswer {
-    plaintext: Option<SecretText>,
-    data: Option<SecretText>,
+    plaintext: Option<B64>,
+    data: Option<B64>,
     version: Option<u32>,
     state: Option<String>,
 }
 
 impl SecretAnswer {
-    fn read(answer: &[u8]) -> Result<Self> {
-        serde_json::from_slice(answer).map_err(|_| malformed("plaintext"))
+    /// The answer, or a malformed one naming `field`, the secret it was to hold.
+    fn read(answer: &[u8], field: &str) -> Result<Self> {
+        serde_json::from_slice(answer).map_err(|_| malformed(field))
+    }
+
+    /// The bytes of `secret`, the answer's `field`, or a malformed answer naming it.
+    fn secret(secret: Option<B64>, field: &str) -> Result<Zeroizing<Vec<u8>>> {
+        secret
+            .ok_or_else(|| malformed(field))?
+            .decode(field)
+            .map_err(|_| malformed(field))
     }
 
     fn use_of(&self) -> Result<(u32, KeyState)> {
@@ -593,11 +584,11 @@ impl KeyService for RemoteKeystore {
             "aad": b64(aad),
             "allow_compromised": options.allow_compromised,
         });
-        let answer = SecretAnswer::read(&self.act_bytes(id, "decrypt", &body)?)?;
+        let answer = SecretAnswer::read(&self.act_bytes(id, "decrypt", &body)?, "plaintext")?;
         let (version, state) = answer.use_of()?;
-        let plaintext = answer.plaintext.ok_or_else(|| malformed("plaintext"))?;
+        let plaintext = SecretAnswer::secret(answer.plaintext, "plaintext")?;
         Ok(Used {
-            output: SecretBytes::from_zeroizing(plaintext.decode("plaintext")?),
+            output: SecretBytes::from_zeroizing(plaintext),
             version,
             state,
         })
@@ -703,11 +694,9 @@ impl KeyService for RemoteKeystore {
 
     fn random(&self, n: usize) -> Result<Vec<u8>> {
         let answer = self.ask(Method::POST, "/v1/random", Some(&json!({ "bytes": n })))?;
-        let data = SecretAnswer::read(&answer)?
-            .data
-            .ok_or_else(|| malformed("data"))?;
+        let data = SecretAnswer::secret(SecretAnswer::read(&answer, "data")?.data, "data")?;
         // The caller's own, as the keystore's `random` gives it.
-        Ok(data.decode("data")?.to_vec())
+        Ok(data.to_vec())
     }
 }
 
@@ -803,11 +792,12 @@ mod tests {
     fn an_answer_with_a_plaintext_is_read_field_by_field() {
         let answer = SecretAnswer::read(
             br#"{"compromised":false,"plaintext":"aGVsbG8=","state":"active","version":2}"#,
+            "plaintext",
         )
         .unwrap();
         assert_eq!(answer.use_of().unwrap(), (2, KeyState::Active));
         assert_eq!(
-            &answer.plaintext.unwrap().decode("plaintext").unwrap()[..],
+            &SecretAnswer::secret(answer.plaintext, "plaintext").unwrap()[..],
             b"hello"
         );
         for (bad, field) in [
@@ -822,11 +812,9 @@ mod tests {
             ),
             (br#"{"plaintext":7}"#, "plaintext"),
         ] {
-            let refused = SecretAnswer::read(bad).and_then(|a| {
+            let refused = SecretAnswer::read(bad, "plaintext").and_then(|a| {
                 a.use_of()?;
-                a.plaintext
-                    .ok_or_else(|| malformed("plaintext"))?
-                    .decode("plaintext")
+                SecretAnswer::secret(a.plaintext, "plaintext")
             });
             let e = refused.unwrap_err().to_string();
             assert!(e.contains(&format!("no valid `{field}`")), "{e}");
