@@ -53,8 +53,8 @@
 mod common;
 
 use common::{
-    bench_sealer, describe, loadavg, median, round_and_warmup, BoxResult, BENCH_PASSPHRASE, ROUNDS,
-    USER_AAD,
+    bench_sealer, describe, loadavg, machine_ticks, median, round_and_warmup, steal_percent,
+    BoxResult, BENCH_PASSPHRASE, ROUNDS, USER_AAD,
 };
 
 use std::collections::BTreeMap;
@@ -294,8 +294,18 @@ struct Case<'a> {
 /// Results by (case, clients, side).
 type Results = BTreeMap<(&'static str, usize, SideKind), Measured>;
 
-fn measure(case: &mut Case<'_>, round_len: Duration, warmup: Duration, results: &mut Results) {
+/// The host's steal while each case and client count was measured, in percent of the CPU time.
+type Steals = BTreeMap<(&'static str, usize), Option<f64>>;
+
+fn measure(
+    case: &mut Case<'_>,
+    round_len: Duration,
+    warmup: Duration,
+    results: &mut Results,
+    steals: &mut Steals,
+) {
     for threads in CLIENTS {
+        let ticks = machine_ticks();
         let mut measured: Vec<Measured> = case.sides.iter().map(|_| Measured::default()).collect();
         for (side, m) in case.sides.iter_mut().zip(&mut measured) {
             round(side, threads, warmup, m, false);
@@ -316,6 +326,7 @@ fn measure(case: &mut Case<'_>, round_len: Duration, warmup: Duration, results: 
                 );
             }
         }
+        steals.insert((case.name, threads), steal_percent(ticks, machine_ticks()));
         for (side, mut m) in case.sides.iter().zip(measured) {
             m.latencies_us.sort_by(f64::total_cmp);
             eprintln!(
@@ -943,7 +954,7 @@ fn main() -> BoxResult<()> {
             },
         },
     ];
-    let mut results = Results::new();
+    let (mut results, mut steals) = (Results::new(), Steals::new());
     for case in &mut cases {
         case.sides
             .retain(|s| asked("KEYHOLD_BENCH_SIDES", s.kind.name(), |n, f| n == f));
@@ -952,10 +963,10 @@ fn main() -> BoxResult<()> {
         .iter_mut()
         .filter(|c| asked("KEYHOLD_BENCH_CASES", c.name, |n, f| n.contains(f)))
     {
-        measure(case, round_len, warmup, &mut results);
+        measure(case, round_len, warmup, &mut results, &mut steals);
     }
     drop(cases);
-    report(&results);
+    report(&results, &steals);
     eprintln!("# load average at the end: {}", loadavg());
     drop(server);
     Ok(())
@@ -1107,7 +1118,7 @@ fn together_report(results: &Results, cpus: usize) {
     }
 }
 
-fn report(results: &Results) {
+fn report(results: &Results, steals: &Steals) {
     let get = |case: &str, clients: usize, kind: SideKind| {
         results
             .iter()
@@ -1236,6 +1247,19 @@ fn report(results: &Results) {
                     "not beaten"
                 }
             );
+        }
+    }
+
+    println!();
+    println!(
+        "host steal while each case/clients was measured, warm-up included (CPU time the \
+         hypervisor ran something else while this machine wanted its CPUs, from /proc/stat; \
+         a run with more than a few percent is disturbed, and its rates are low)"
+    );
+    for ((case, clients), steal) in steals {
+        match steal {
+            Some(p) => println!("steal {case}/{clients}c {p:.1}%"),
+            None => println!("steal {case}/{clients}c unknown (/proc/stat not read)"),
         }
     }
 

@@ -44,6 +44,18 @@ readonly PEER_SECS=${BENCH_PEER_SECS:-3}
 readonly PROCS=8
 LOAD_START=$(cut -d' ' -f1-3 /proc/loadavg)
 readonly LOAD_START
+# The machine's steal and all CPU time so far, in clock ticks (/proc/stat's first line: steal is
+# the time the hypervisor ran something else while this machine wanted its CPUs).
+cpu_ticks() { awk '$1 == "cpu" { print $9, $2 + $3 + $4 + $5 + $6 + $7 + $8 + $9; exit }' /proc/stat; }
+TICKS_START=$(cpu_ticks)
+readonly TICKS_START
+# The share of the CPU time since the script started that the host took, in percent.
+steal_since_start() {
+  awk -v a="$TICKS_START" -v b="$(cpu_ticks)" 'BEGIN {
+    split(a, x, " "); split(b, y, " ")
+    if (y[2] > x[2]) printf "%.1f%%", 100 * (y[1] - x[1]) / (y[2] - x[2]); else printf "unknown"
+  }'
+}
 
 banner() {
   printf '\n==> [%s] %s\n' "$(date -u +%H:%M:%SZ)" "$*"
@@ -361,8 +373,10 @@ hand: run the script again.
 - **Sharing**: client and server run on the same $(nproc) CPUs (the client threads, the in-process
   keystore, \`keyhold serve\`, Parsec and their clients). Other work on the machine is not
   controlled: load average (1, 5, 15 min) $LOAD_START when the script started, $(cut -d' ' -f1-3 /proc/loadavg)
-  when it wrote this file. On a loaded machine the figures move between runs, and a verdict
-  within a few percent of its target can flip.
+  when it wrote this file; the host took $(steal_since_start) of the CPUs' time (steal, from
+  /proc/stat) while the script ran, and the serve bench gives its share for each case and
+  client count. On a loaded machine the figures move between runs, and a verdict within a few
+  percent of its target can flip.
 - **Commands**: \`bash ci/bench.sh\`, which runs \`cargo bench --features testing --bench serve\`
   (KEYHOLD_BENCH_SECS=${KEYHOLD_BENCH_SECS:-3}), \`parsec-tool sign\` and \`keyhold sign\` ($RUNS runs per
   process, median; $PROCS processes × $PARALLEL signatures in parallel) and

@@ -49,6 +49,30 @@ pub fn median(mut v: Vec<f64>) -> f64 {
     v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
 }
 
+/// The machine's CPU time so far, from the first line of `/proc/stat`, in clock ticks: (steal,
+/// all). Steal is time the hypervisor ran something else while this machine wanted its CPUs.
+pub fn machine_ticks() -> Option<(u64, u64)> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let fields: Vec<u64> = stat
+        .lines()
+        .next()?
+        .strip_prefix("cpu ")?
+        .split_whitespace()
+        .map(str::parse)
+        .collect::<Result<_, _>>()
+        .ok()?;
+    // user nice system idle iowait irq softirq steal [guest guest_nice, counted in user and nice]
+    Some((*fields.get(7)?, fields.iter().take(8).sum()))
+}
+
+/// The share of the CPU time between two [`machine_ticks`] readings that the host took (steal), in
+/// percent; `None` where `/proc/stat` could not be read or no time passed.
+pub fn steal_percent(from: Option<(u64, u64)>, to: Option<(u64, u64)>) -> Option<f64> {
+    let ((s0, t0), (s1, t1)) = (from?, to?);
+    let all = t1.checked_sub(t0).filter(|&t| t > 0)?;
+    Some(100.0 * s1.saturating_sub(s0) as f64 / all as f64)
+}
+
 /// The 1, 5 and 15 minute load averages.
 pub fn loadavg() -> String {
     std::fs::read_to_string("/proc/loadavg")
