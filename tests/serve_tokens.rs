@@ -375,6 +375,36 @@ fn repeated_wrong_tokens_are_rate_limited_per_source_and_other_sources_are_serve
     }
 }
 
+/// The race a reviewer found: wrong tokens sent at once all passed the block check before the
+/// first failure was counted, so a source got as many guesses per window as it had connections.
+#[test]
+fn wrong_tokens_sent_at_once_are_no_more_guesses_than_the_limit() {
+    let env = env();
+    let server = Server::start(
+        &env,
+        &format!("[clients.local]\nuid = {}\nnamespaces = [\"app\"]\n", uid()),
+    );
+    let wrong = format!("kht1_{}", "B".repeat(43));
+    let at_once = 40;
+    let start = std::sync::Barrier::new(at_once);
+    let statuses: Vec<u16> = std::thread::scope(|s| {
+        let asks: Vec<_> = (0..at_once)
+            .map(|_| {
+                s.spawn(|| {
+                    start.wait();
+                    health(&server, &wrong).status
+                })
+            })
+            .collect();
+        asks.into_iter().map(|t| t.join().unwrap()).collect()
+    });
+    let checked = statuses.iter().filter(|&&s| s == 401).count();
+    let limited = statuses.iter().filter(|&&s| s == 429).count();
+    assert_eq!((checked, limited), (10, at_once - 10), "{statuses:?}");
+    let (status, err) = server.stop();
+    assert!(status.success(), "{status:?}\n{err}");
+}
+
 #[test]
 fn names_are_kept_apart_and_a_service_needs_some_client() {
     let env = env();

@@ -340,14 +340,26 @@ fn b64(bytes: &[u8]) -> String {
 }
 
 /// Base64 of `bytes` that may be secret (a plaintext, data to sign or MAC), zeroized when
-/// dropped; made its exact size, so no larger string leaves a copy behind as it grows.
-fn secret_b64(bytes: &[u8]) -> Zeroizing<String> {
+/// dropped; written straight into memory of its exact size, so no larger string leaves a copy
+/// behind as it grows and no buffer between holds a part of it (`encode_string` encodes
+/// through one on the stack, left as it was).
+fn secret_b64(bytes: &[u8]) -> Result<Zeroizing<String>> {
     let engine = &base64::engine::general_purpose::STANDARD;
-    let mut text = Zeroizing::new(String::with_capacity(
-        base64::encoded_len(bytes.len(), true).unwrap_or(0),
-    ));
-    engine.encode_string(bytes, &mut text);
-    text
+    let too_large = || Error::InvalidInput(format!("{} bytes are too many to send", bytes.len()));
+    let len = base64::encoded_len(bytes.len(), true).ok_or_else(too_large)?;
+    let mut text = Zeroizing::new(vec![0u8; len]);
+    let written = engine
+        .encode_slice(bytes, &mut text[..])
+        .map_err(|_| too_large())?;
+    text.truncate(written);
+    // Base64 is ASCII: the bytes become the string's in place.
+    match String::from_utf8(std::mem::take(&mut *text)) {
+        Ok(text) => Ok(Zeroizing::new(text)),
+        Err(e) => {
+            zeroize::Zeroize::zeroize(&mut e.into_bytes());
+            Err(Error::InvalidInput("base64 that is not text".into()))
+        }
+    }
 }
 
 /// Counts what a serializer writes, and keeps none of it.
@@ -527,7 +539,7 @@ impl KeyService for RemoteKeystore {
         _options: &UseOptions,
     ) -> Result<Used<Vec<u8>>> {
         check_not_oversized(message.len(), MAX_INPUT)?;
-        let data = secret_b64(message);
+        let data = secret_b64(message)?;
         let body = SignBody {
             data: &data,
             format: format_name(format),
@@ -544,7 +556,7 @@ impl KeyService for RemoteKeystore {
         options: &UseOptions,
     ) -> Result<Used<()>> {
         check_not_oversized(message.len(), MAX_INPUT)?;
-        let data = secret_b64(message);
+        let data = secret_b64(message)?;
         let body = VerifyBody {
             data: &data,
             signature: &b64(signature),
@@ -563,7 +575,7 @@ impl KeyService for RemoteKeystore {
         _options: &UseOptions,
     ) -> Result<Used<Vec<u8>>> {
         check_not_oversized(plaintext.len(), MAX_INPUT)?;
-        let plaintext = secret_b64(plaintext);
+        let plaintext = secret_b64(plaintext)?;
         let body = EncryptBody {
             plaintext: &plaintext,
             aad: &b64(aad),
@@ -612,7 +624,7 @@ impl KeyService for RemoteKeystore {
 
     fn mac_with(&self, id: &str, data: &[u8], _options: &UseOptions) -> Result<Used<Vec<u8>>> {
         check_not_oversized(data.len(), MAX_INPUT)?;
-        let data = secret_b64(data);
+        let data = secret_b64(data)?;
         self.used(&self.act(id, "mac", &MacBody { data: &data })?, "mac")
     }
 
@@ -624,7 +636,7 @@ impl KeyService for RemoteKeystore {
         options: &UseOptions,
     ) -> Result<Used<()>> {
         check_not_oversized(data.len(), MAX_INPUT)?;
-        let data = secret_b64(data);
+        let data = secret_b64(data)?;
         let body = MacVerifyBody {
             data: &data,
             mac: &b64(tag),
@@ -754,7 +766,7 @@ mod tests {
     /// growth leaves a copy behind), and its body is the JSON the service reads.
     #[test]
     fn a_request_is_made_at_its_exact_size_with_the_json_of_its_body() {
-        let plaintext = secret_b64(b"attack at dawn");
+        let plaintext = secret_b64(b"attack at dawn").unwrap();
         assert_eq!(plaintext.len(), plaintext.capacity());
         let body = EncryptBody {
             plaintext: &plaintext,

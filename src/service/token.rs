@@ -54,14 +54,19 @@ impl Source {
 }
 
 /// The source an address counts as: itself for IPv4, its /64 for IPv6 (one host has a whole
-/// /64 to send from).
+/// /64 to send from). An IPv4 peer of a dual-stack listener (`tcp:[::]:PORT`) arrives as an
+/// IPv4-mapped IPv6 address (`::ffff:a.b.c.d`), and counts as its IPv4 address: its /64 is the
+/// same for every IPv4 peer, and ten wrong tokens from any of them would block them all.
 fn network_of(addr: IpAddr) -> IpAddr {
     match addr {
         IpAddr::V4(_) => addr,
-        IpAddr::V6(v6) => {
-            let bits = u128::from(v6) & !((1u128 << 64) - 1);
-            IpAddr::V6(std::net::Ipv6Addr::from(bits))
-        }
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => {
+                let bits = u128::from(v6) & !((1u128 << 64) - 1);
+                IpAddr::V6(std::net::Ipv6Addr::from(bits))
+            }
+        },
     }
 }
 
@@ -106,6 +111,8 @@ struct Count {
     since: Instant,
     failures: u32,
     blocked_until: Option<Instant>,
+    /// Its tokens being checked now: each may be one more failure.
+    checking: u32,
 }
 
 impl Count {
@@ -114,6 +121,27 @@ impl Count {
         let window_over = now.duration_since(self.since) >= limits.window;
         window_over && self.blocked_until.is_none_or(|until| now >= until)
     }
+
+    /// A count that says nothing yet, from `now`.
+    fn new(now: Instant) -> Self {
+        Self {
+            since: now,
+            failures: 0,
+            blocked_until: None,
+            checking: 0,
+        }
+    }
+}
+
+/// Whether a source's token may be checked now ([`Limiter::begin`]).
+#[derive(Debug, PartialEq, Eq)]
+pub enum Begin {
+    /// Checked: the caller holds one of the source's checks until [`Limiter::end`].
+    Check,
+    /// Blocked for this long: 429.
+    Blocked(Duration),
+    /// As many of its tokens are being checked as it has failures left: wait for one to end.
+    Wait,
 }
 
 /// The failures of every source.
@@ -121,6 +149,8 @@ impl Count {
 pub struct Limiter {
     limits: Limits,
     counts: Mutex<HashMap<Source, Count>>,
+    /// Told when a check ends, for the checks that [`Begin::Wait`].
+    ended: tokio::sync::Notify,
 }
 
 impl Limiter {
@@ -129,6 +159,7 @@ impl Limiter {
         Self {
             limits,
             counts: Mutex::new(HashMap::new()),
+            ended: tokio::sync::Notify::new(),
         }
     }
 
@@ -138,7 +169,8 @@ impl Limiter {
     }
 
     /// How long `source` must still wait, if it is blocked at `now`.
-    pub fn blocked(&self, source: Source, now: Instant) -> Option<Duration> {
+    #[cfg(test)]
+    fn blocked(&self, source: Source, now: Instant) -> Option<Duration> {
         // Only a source of its own is blocked. Sources past the table share a count for the
         // log, never a block: one that did (review) let anyone who fills the table with
         // addresses lock every other newcomer out, right token or not. Guessing stays
@@ -151,28 +183,82 @@ impl Limiter {
             .map(|until| until - now)
     }
 
-    /// Counts a wrong token from `source` at `now`. Logs one warning at a source's first failure
-    /// in a window, and one when it is blocked: never one per request.
-    pub fn failed(&self, source: Source, now: Instant) {
+    /// Whether a token of `source` may be checked at `now`. A source has no more of its tokens
+    /// checked at once than it has failures left in its window: each check may be a failure,
+    /// so however many it sends at once, no more than [`Limits::failures`] wrong tokens are
+    /// hashed before it is blocked. A source the table has no room for is checked at once (its
+    /// failures are counted with [`Source::Overflow`]'s, never blocked).
+    pub fn begin(&self, source: Source, now: Instant) -> Begin {
         let limits = self.limits;
         let mut counts = self.counts();
+        if !counts.contains_key(&source) && counts.len() >= limits.sources {
+            counts.retain(|_, count| !count.expired(&limits, now) || count.checking > 0);
+            if counts.len() >= limits.sources {
+                return Begin::Check;
+            }
+        }
+        let count = counts.entry(source).or_insert_with(|| Count::new(now));
+        if count.checking == 0 && count.expired(&limits, now) {
+            *count = Count::new(now);
+        }
+        if let Some(until) = count.blocked_until.filter(|until| *until > now) {
+            return Begin::Blocked(until - now);
+        }
+        if count.failures.saturating_add(count.checking) >= limits.failures {
+            return Begin::Wait;
+        }
+        count.checking += 1;
+        Begin::Check
+    }
+
+    /// Ends a check [`Limiter::begin`] allowed, a failure if `failed`, and lets the checks that
+    /// wait for it go on.
+    pub fn end(&self, source: Source, failed: bool, now: Instant) {
+        {
+            // One lock: a check that ends as a failure is never counted as neither.
+            let mut counts = self.counts();
+            if let Some(count) = counts.get_mut(&source) {
+                count.checking = count.checking.saturating_sub(1);
+                // A source that never failed is not kept: the table holds those that did.
+                if count.checking == 0 && count.failures == 0 && !failed {
+                    counts.remove(&source);
+                }
+            }
+            if failed {
+                self.count_failure(&mut counts, source, now);
+            }
+        }
+        self.ended.notify_waiters();
+    }
+
+    /// Waits until a check of a source ends ([`Begin::Wait`]). `ended` must have been made,
+    /// and enabled, before the [`Limiter::begin`] that said to wait, so that no end is missed.
+    pub fn ended(&self) -> tokio::sync::futures::Notified<'_> {
+        self.ended.notified()
+    }
+
+    /// Counts a wrong token from `source` at `now`. Logs one warning at a source's first failure
+    /// in a window, and one when it is blocked: never one per request.
+    #[cfg(test)]
+    fn failed(&self, source: Source, now: Instant) {
+        let mut counts = self.counts();
+        self.count_failure(&mut counts, source, now);
+    }
+
+    fn count_failure(&self, counts: &mut HashMap<Source, Count>, source: Source, now: Instant) {
+        let limits = self.limits;
         let mut source = source;
         if !counts.contains_key(&source) && counts.len() >= limits.sources {
-            counts.retain(|_, count| !count.expired(&limits, now));
+            counts.retain(|_, count| !count.expired(&limits, now) || count.checking > 0);
             if counts.len() >= limits.sources {
                 source = Source::Overflow;
             }
         }
-        let count = counts.entry(source).or_insert(Count {
-            since: now,
-            failures: 0,
-            blocked_until: None,
-        });
+        let count = counts.entry(source).or_insert_with(|| Count::new(now));
         if count.expired(&limits, now) {
             *count = Count {
-                since: now,
-                failures: 0,
-                blocked_until: None,
+                checking: count.checking,
+                ..Count::new(now)
             };
         }
         count.failures = count.failures.saturating_add(1);
@@ -211,15 +297,27 @@ pub(super) async fn authenticate(
     header: &HeaderValue,
 ) -> std::result::Result<Arc<Client>, ApiError> {
     let limiter = Arc::clone(&state.clients.limiter);
-    if let Some(wait) = limiter.blocked(source, Instant::now()) {
-        return Err(too_many(wait));
+    loop {
+        // Made before asking, so that a check ending in between is not missed.
+        let ended = limiter.ended();
+        tokio::pin!(ended);
+        ended.as_mut().enable();
+        match limiter.begin(source, Instant::now()) {
+            Begin::Check => break,
+            Begin::Blocked(wait) => return Err(too_many(wait)),
+            Begin::Wait => ended.await,
+        }
     }
-    let refuse = || {
-        limiter.failed(source, Instant::now());
-        ApiError::unauthenticated()
+    // The check ends however this returns (a failure only where it says so), even if the
+    // request is dropped while the token is looked up.
+    let mut check = Check {
+        limiter: &limiter,
+        source,
+        failed: false,
     };
     let Some(token) = bearer(header) else {
-        return Err(refuse());
+        check.failed = true;
+        return Err(ApiError::unauthenticated());
     };
     let keystore = Arc::clone(state.keystore());
     let found = tokio::task::spawn_blocking(move || keystore.client_by_token(&token))
@@ -237,11 +335,27 @@ pub(super) async fn authenticate(
             Err(ApiError::unauthenticated())
         }
         Ok(Some(client)) => Ok(Arc::new(client_of(state, client))),
-        Ok(None) => Err(refuse()),
+        Ok(None) => {
+            check.failed = true;
+            Err(ApiError::unauthenticated())
+        }
         Err(e) => {
             tracing::error!(error = %e, "a bearer token's client could not be read");
             Err(ApiError::from(e))
         }
+    }
+}
+
+/// A token check [`Limiter::begin`] allowed, ended when dropped.
+struct Check<'a> {
+    limiter: &'a Limiter,
+    source: Source,
+    failed: bool,
+}
+
+impl Drop for Check<'_> {
+    fn drop(&mut self) {
+        self.limiter.end(self.source, self.failed, Instant::now());
     }
 }
 
@@ -343,6 +457,52 @@ mod tests {
             block: Duration::from_secs(5),
             sources: 4,
         }
+    }
+
+    #[test]
+    fn ipv4_peers_of_a_dual_stack_listener_count_as_their_ipv4_addresses() {
+        let source = |a: &str| {
+            Source::of(Some(&Peer::Tls {
+                names: Vec::new().into(),
+                addr: Some(a.parse().unwrap()),
+            }))
+        };
+        // How a listener on [::] sees IPv4 peers: each its own source, as on an IPv4 listener.
+        assert_eq!(source("::ffff:192.0.2.1"), source("192.0.2.1"));
+        assert_ne!(source("::ffff:192.0.2.1"), source("::ffff:192.0.2.2"));
+        // IPv6 peers: one source per /64.
+        assert_eq!(source("2001:db8::1"), source("2001:db8::ffff:1"));
+        assert_ne!(source("2001:db8::1"), source("2001:db8:0:1::1"));
+    }
+
+    #[test]
+    fn a_source_has_no_more_tokens_checked_at_once_than_it_has_failures_left() {
+        let limiter = Limiter::new(limits());
+        let t0 = Instant::now();
+        let (a, b) = (Source::Uid(1), Source::Uid(2));
+        // A right token: checked, and the source is not kept.
+        assert_eq!(limiter.begin(a, t0), Begin::Check);
+        limiter.end(a, false, t0);
+        assert_eq!(limiter.len(), 0);
+        // One failure: two checks left at once; a third waits, another source does not.
+        assert_eq!(limiter.begin(a, t0), Begin::Check);
+        limiter.end(a, true, t0);
+        assert_eq!(limiter.begin(a, t0), Begin::Check);
+        assert_eq!(limiter.begin(a, t0), Begin::Check);
+        assert_eq!(limiter.begin(a, t0), Begin::Wait);
+        assert_eq!(limiter.begin(b, t0), Begin::Check);
+        limiter.end(b, false, t0);
+        // One ends right: the one waiting goes on.
+        limiter.end(a, false, t0);
+        assert_eq!(limiter.begin(a, t0), Begin::Check);
+        // Both that are under way fail: the third failure blocks the source.
+        limiter.end(a, true, t0);
+        assert_eq!(limiter.begin(a, t0), Begin::Wait);
+        limiter.end(a, true, t0);
+        assert_eq!(
+            limiter.begin(a, t0 + Duration::from_secs(1)),
+            Begin::Blocked(Duration::from_secs(4))
+        );
     }
 
     #[test]

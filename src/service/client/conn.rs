@@ -279,24 +279,16 @@ impl RemoteKeystore {
                 e,
             )
         };
-        let mut tcp = None;
-        let mut last = std::io::Error::new(
+        let none = std::io::Error::new(
             std::io::ErrorKind::NotFound,
             format!("`{host}` has no address"),
         );
-        for address in self.addresses(host, port, deadline)?.map_err(unreachable)? {
-            let Some(time) = left(deadline) else {
-                return Err(self.call_timed_out());
-            };
-            match TcpStream::connect_timeout(&address, time) {
-                Ok(stream) => {
-                    tcp = Some(stream);
-                    break;
-                }
-                Err(e) => last = e,
-            }
-        }
-        let mut tcp = tcp.ok_or_else(|| unreachable(last))?;
+        let addresses = self.addresses(host, port, deadline)?.map_err(unreachable)?;
+        let mut tcp = match connect_first(&addresses, deadline, none) {
+            Ok(tcp) => tcp,
+            Err(Some(e)) => return Err(unreachable(e)),
+            Err(None) => return Err(self.call_timed_out()),
+        };
         // A request is a few small writes and then a wait for the answer: Nagle's algorithm
         // would hold the last one back until the service acknowledged the first (delayed ACK).
         tcp.set_nodelay(true)
@@ -325,6 +317,39 @@ impl RemoteKeystore {
             sock: tcp,
         })
     }
+}
+
+/// The least time an address of several is given to accept a connection (unless less is left).
+const MIN_ATTEMPT: Duration = Duration::from_secs(2);
+
+/// A TCP connection to the first of `addresses` that accepts one by `deadline`. Each is given an
+/// equal share of the time left, at least [`MIN_ATTEMPT`]: an address that never answers (a host
+/// whose IPv6 route drops packets) does not take the time in which the next would connect.
+/// `Err(None)` if the deadline passed before an address could be tried; else the last
+/// address's error (`none` if there is no address).
+fn connect_first(
+    addresses: &[std::net::SocketAddr],
+    deadline: Instant,
+    none: std::io::Error,
+) -> std::result::Result<TcpStream, Option<std::io::Error>> {
+    let mut last = none;
+    for (tried, address) in addresses.iter().enumerate() {
+        let time = left(deadline).ok_or(None)?;
+        match TcpStream::connect_timeout(address, attempt_time(time, addresses.len() - tried)) {
+            Ok(stream) => return Ok(stream),
+            Err(e) => last = e,
+        }
+    }
+    Err(Some(last))
+}
+
+/// The time one of `untried` addresses is given, of `left`.
+fn attempt_time(left: Duration, untried: usize) -> Duration {
+    if untried <= 1 {
+        return left;
+    }
+    let share = left / u32::try_from(untried).unwrap_or(u32::MAX);
+    share.max(MIN_ATTEMPT).min(left)
 }
 
 /// The time left until `deadline`, if any.
@@ -610,4 +635,59 @@ fn tls_refused(remote: &Remote, host: &str, e: std::io::Error, after: bool) -> E
         format!("TLS handshake with keyhold serve at {remote} failed{why}"),
         e,
     )
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use std::net::{SocketAddr, TcpListener};
+
+    #[test]
+    fn several_addresses_share_the_time_left() {
+        let s = Duration::from_secs;
+        assert_eq!(attempt_time(s(120), 1), s(120), "the last gets all");
+        assert_eq!(attempt_time(s(120), 2), s(60));
+        assert_eq!(attempt_time(s(3), 2), MIN_ATTEMPT, "at least MIN_ATTEMPT");
+        assert_eq!(
+            attempt_time(Duration::from_millis(500), 3),
+            Duration::from_millis(500)
+        );
+    }
+
+    /// A listener whose queue of connections waiting to be accepted is full, and a connection
+    /// to it that waits: the kernel drops its SYN, as a route that drops packets does. `None` where
+    /// the network stack does not (some accept more than the backlog).
+    fn silent_address() -> Option<(TcpListener, Vec<TcpStream>, SocketAddr)> {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let address = listener.local_addr().unwrap();
+        let mut queued = Vec::new();
+        for _ in 0..1000 {
+            match TcpStream::connect_timeout(&address, Duration::from_millis(200)) {
+                Ok(stream) => queued.push(stream),
+                Err(e) if timed_out(&e) => return Some((listener, queued, address)),
+                Err(_) => return None,
+            }
+        }
+        None
+    }
+
+    #[test]
+    fn an_address_that_never_answers_leaves_time_for_the_next() {
+        let Some((_full, _queued, silent)) = silent_address() else {
+            eprintln!("skipped: this network stack never drops a SYN to a full listener");
+            return;
+        };
+        let open = TcpListener::bind("127.0.0.1:0").unwrap();
+        let reachable = open.local_addr().unwrap();
+        let started = Instant::now();
+        let deadline = started + Duration::from_secs(5);
+        let none = std::io::Error::other("no address");
+        let stream = connect_first(&[silent, reachable], deadline, none).unwrap();
+        assert_eq!(stream.peer_addr().unwrap(), reachable);
+        // The silent address had half the time, 2.5 s: the next was tried after it.
+        let took = started.elapsed();
+        assert!(took >= Duration::from_secs(2), "took {took:?}");
+        assert!(took < Duration::from_secs(4), "took {took:?}");
+    }
 }
