@@ -135,39 +135,54 @@ enum Length {
     ToEnd,
 }
 
-/// How an answer's body is delimited, and whether the service keeps the connection.
+/// How an answer's body is delimited, and whether the service keeps the connection (RFC 9112
+/// §6.3, §9.3): strictly, as a request smuggled into an answer would need it lenient. A
+/// Content-Length must be digits, the same in every header that gives one; one beside a
+/// Transfer-Encoding is ignored and the connection closed after the answer; `close` in any
+/// Connection header closes it.
 fn framing(answer: &httparse::Response<'_, '_>) -> std::result::Result<(Length, bool), String> {
-    let mut length = Length::ToEnd;
-    let mut keep = answer.version == Some(1);
+    let mut known: Option<usize> = None;
+    let mut chunked = false;
+    let (mut close, mut keep_alive) = (false, false);
     for header in answer.headers.iter() {
         let value = std::str::from_utf8(header.value).unwrap_or("").trim();
-        if header.name.eq_ignore_ascii_case("content-length") && length != Length::Chunked {
-            let n: usize = value
-                .parse()
-                .map_err(|_| format!("the service's answer has a Content-Length of `{value}`"))?;
+        if header.name.eq_ignore_ascii_case("content-length") {
+            let n = Some(value)
+                .filter(|v| !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()))
+                .and_then(|v| v.parse::<usize>().ok())
+                .ok_or_else(|| format!("the service's answer has a Content-Length of `{value}`"))?;
+            if known.is_some_and(|k| k != n) {
+                return Err("the service's answer has two different Content-Lengths".into());
+            }
             if n > MAX_ANSWER {
                 return Err(format!(
                     "the service's answer is {n} bytes, more than {} MiB",
                     MAX_ANSWER >> 20
                 ));
             }
-            length = Length::Known(n);
+            known = Some(n);
         } else if header.name.eq_ignore_ascii_case("transfer-encoding") {
-            if !value.eq_ignore_ascii_case("chunked") {
+            if chunked || !value.eq_ignore_ascii_case("chunked") {
                 return Err(format!(
                     "the service's answer has a Transfer-Encoding of `{value}`"
                 ));
             }
-            length = Length::Chunked;
+            chunked = true;
         } else if header.name.eq_ignore_ascii_case("connection") {
-            keep = !value
-                .split(',')
-                .any(|token| token.trim().eq_ignore_ascii_case("close"));
+            for token in value.split(',').map(str::trim) {
+                close |= token.eq_ignore_ascii_case("close");
+                keep_alive |= token.eq_ignore_ascii_case("keep-alive");
+            }
         }
     }
-    if matches!(answer.code, Some(204 | 304)) {
-        length = Length::Known(0);
-    }
+    let keep = !close && (answer.version == Some(1) || keep_alive) && !(chunked && known.is_some());
+    let length = if matches!(answer.code, Some(204 | 304)) {
+        Length::Known(0)
+    } else if chunked {
+        Length::Chunked
+    } else {
+        known.map_or(Length::ToEnd, Length::Known)
+    };
     Ok((length, keep))
 }
 
@@ -180,8 +195,17 @@ fn read_chunked(
     let mut body = Zeroizing::new(Vec::new());
     loop {
         let (start, size) = loop {
+            // httparse reads a size line without digits as 0: the end, were it believed.
+            if link.read.first().is_some_and(|b| !b.is_ascii_hexdigit()) {
+                return Err(malformed("the service's answer has a malformed chunk"));
+            }
             match httparse::parse_chunk_size(&link.read) {
                 Ok(httparse::Status::Complete(found)) => break found,
+                Ok(httparse::Status::Partial) if link.read.len() > MAX_HEAD => {
+                    return Err(malformed(
+                        "the service's answer has a chunk size line too long",
+                    ));
+                }
                 Ok(httparse::Status::Partial) => {
                     if !read_more(link, deadline)? {
                         return Err(malformed("the service's answer was cut short"));
@@ -196,15 +220,32 @@ fn read_chunked(
             .ok_or_else(|| malformed("the service's answer is too large"))?;
         link.read.drain(..start);
         if size == 0 {
-            // The trailer: header lines up to an empty one.
+            // The trailer: header lines up to an empty one, at most MAX_HEAD bytes in all, each
+            // byte looked at once.
+            let (mut trailer, mut seen) = (0usize, 0usize);
             loop {
-                if let Some(end) = link.read.windows(2).position(|w| w == b"\r\n") {
+                let found = link.read[seen.saturating_sub(1)..]
+                    .windows(2)
+                    .position(|w| w == b"\r\n")
+                    .map(|at| at + seen.saturating_sub(1));
+                if let Some(end) = found {
                     link.read.drain(..end + 2);
+                    trailer += end + 2;
+                    seen = 0;
                     if end == 0 {
                         return Ok(body);
                     }
-                } else if !read_more(link, deadline)? {
-                    return Err(malformed("the service's answer was cut short"));
+                } else {
+                    seen = link.read.len();
+                    if trailer + seen > MAX_HEAD {
+                        return Err(malformed("the service's answer has a trailer too long"));
+                    }
+                    if !read_more(link, deadline)? {
+                        return Err(malformed("the service's answer was cut short"));
+                    }
+                }
+                if trailer > MAX_HEAD {
+                    return Err(malformed("the service's answer has a trailer too long"));
                 }
             }
         }
@@ -219,5 +260,120 @@ fn read_chunked(
         reserve(&mut body, size);
         body.extend_from_slice(&link.read[..size]);
         link.read.drain(..size + 2);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::super::Stream;
+    use super::*;
+    use std::io::Write as _;
+    use std::os::unix::net::UnixStream;
+    use std::time::Duration;
+
+    /// The answer read from a connection on which the service sent `bytes` and closed: its
+    /// status, body and whether the connection is kept, or why it was refused.
+    fn answer_of(bytes: &[u8]) -> std::result::Result<(u16, Vec<u8>, bool), String> {
+        let (mut service, ours) = UnixStream::pair().unwrap();
+        service.write_all(bytes).unwrap();
+        drop(service);
+        let mut link = Link {
+            stream: Stream::Unix(ours),
+            timeout: Duration::from_secs(5),
+            read: Zeroizing::new(Vec::new()),
+        };
+        match read_answer(&mut link, Instant::now() + Duration::from_secs(5)) {
+            Ok((status, body, keep)) => Ok((status, body.to_vec(), keep)),
+            Err(Failed::Lost(e) | Failed::Unsent(e)) => Err(e.to_string()),
+            Err(Failed::TimedOut) => Err("timed out".into()),
+        }
+    }
+
+    #[test]
+    fn an_answer_is_kept_only_if_nothing_says_close() {
+        let ok = |connection: &str| {
+            answer_of(
+                format!("HTTP/1.1 200 OK\r\n{connection}content-length: 2\r\n\r\nok").as_bytes(),
+            )
+        };
+        assert_eq!(ok(""), Ok((200, b"ok".to_vec(), true)));
+        assert!(ok("connection: keep-alive\r\n").unwrap().2);
+        // `close` in any Connection header, whatever comes after it.
+        assert!(
+            !ok("connection: close\r\nconnection: keep-alive\r\n")
+                .unwrap()
+                .2
+        );
+        assert!(!ok("connection: keep-alive, close\r\n").unwrap().2);
+        // HTTP/1.0: kept only when it says keep-alive.
+        let old = |connection: &str| {
+            answer_of(
+                format!("HTTP/1.0 200 OK\r\n{connection}content-length: 2\r\n\r\nok").as_bytes(),
+            )
+            .unwrap()
+            .2
+        };
+        assert!(!old(""));
+        assert!(!old("connection: te\r\n"));
+        assert!(old("connection: keep-alive\r\n"));
+    }
+
+    #[test]
+    fn a_content_length_must_be_digits_and_agree_with_any_other() {
+        let with =
+            |lengths: &str| answer_of(format!("HTTP/1.1 200 OK\r\n{lengths}\r\nok").as_bytes());
+        assert_eq!(
+            with("content-length: 2\r\ncontent-length: 2\r\n")
+                .unwrap()
+                .1,
+            b"ok"
+        );
+        for bad in [
+            "content-length: 2\r\ncontent-length: 1\r\n",
+            "content-length: +2\r\n",
+            "content-length: 2, 2\r\n",
+            "content-length: \r\n",
+        ] {
+            let refused = with(bad).unwrap_err();
+            assert!(refused.contains("Content-Length"), "{bad:?}: {refused}");
+        }
+    }
+
+    #[test]
+    fn a_length_beside_chunks_is_ignored_and_the_connection_closed() {
+        let answer = answer_of(
+            b"HTTP/1.1 200 OK\r\ncontent-length: 1\r\ntransfer-encoding: chunked\r\n\r\n\
+              2\r\nok\r\n0\r\n\r\n",
+        );
+        assert_eq!(answer, Ok((200, b"ok".to_vec(), false)));
+    }
+
+    #[test]
+    fn a_chunk_size_without_digits_is_refused_not_read_as_the_end() {
+        let answer =
+            answer_of(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n2\r\nok\r\n\r\nmore");
+        assert!(answer.unwrap_err().contains("malformed chunk"));
+        // With its digits, the same answer is read.
+        let answer =
+            answer_of(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n");
+        assert_eq!(answer, Ok((200, b"ok".to_vec(), true)));
+    }
+
+    #[test]
+    fn a_trailer_counts_against_the_head_limit() {
+        let mut bytes =
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n".to_vec();
+        // Short lines, each taken off as it is read: the whole trailer still counts.
+        while bytes.len() < 2 * MAX_HEAD {
+            bytes.extend_from_slice(b"x-filler: 0123456789\r\n");
+        }
+        bytes.extend_from_slice(b"\r\n");
+        assert!(answer_of(&bytes).unwrap_err().contains("trailer too long"));
+        // A trailer of a few lines is read past.
+        let answer = answer_of(
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n2\r\nok\r\n0\r\nx-a: 1\r\nx-b: 2\r\n\r\n",
+        );
+        assert_eq!(answer, Ok((200, b"ok".to_vec(), true)));
     }
 }
