@@ -201,17 +201,22 @@ fn the_same_application_runs_on_a_local_keystore_and_through_the_service() {
     );
 }
 
+/// The service on a socket of `env`, for a client of namespace `app`, with `--header-timeout`.
+fn with_header_timeout(env: &support::env::Env, timeout: &str) -> Server {
+    let socket = env.file("keyhold.sock");
+    Server::start_listening(
+        env,
+        &client("\"app\"", ""),
+        &[&format!("unix:{}", socket.display())],
+        &["--header-timeout", timeout],
+    )
+}
+
 #[test]
 fn a_kept_connection_the_service_closed_is_replaced_and_the_call_goes_through() {
     let env = env();
     let reader = metrics_reader(&env);
-    let socket = env.file("keyhold.sock");
-    let server = Server::start_listening(
-        &env,
-        &client("\"app\"", ""),
-        &[&format!("unix:{}", socket.display())],
-        &["--header-timeout", "1s"],
-    );
+    let server = with_header_timeout(&env, "1s");
     let before = connections_served(&server, &reader);
     let remote = RemoteKeystore::new(Remote::Unix(server.socket.clone())).unwrap();
     for _ in 0..3 {
@@ -226,6 +231,33 @@ fn a_kept_connection_the_service_closed_is_replaced_and_the_call_goes_through() 
         assert_eq!(remote.health().unwrap(), "app");
     }
     assert_eq!(connections_served(&server, &reader), before + 4);
+    let (status, err) = server.stop();
+    assert!(status.success(), "{err}");
+}
+
+/// A service whose header timeout is shorter than the client's default idle reuse (5 s) says so
+/// (`Keep-Alive: timeout=2`), and the client uses a connection idle for half of that at most: a
+/// request sent as the service closes the connection would be lost (it is never sent again).
+#[test]
+fn a_connection_idle_for_half_what_the_service_keeps_it_is_not_used_again() {
+    let env = env();
+    let reader = metrics_reader(&env);
+    let server = with_header_timeout(&env, "2s");
+    let answer = server.request("GET", "/v1/health", &[], None);
+    assert_eq!(answer.header("keep-alive"), Some("timeout=2"));
+    let before = connections_served(&server, &reader);
+    let remote = RemoteKeystore::new(Remote::Unix(server.socket.clone())).unwrap();
+    for _ in 0..2 {
+        assert_eq!(remote.health().unwrap(), "app");
+    }
+    assert_eq!(connections_served(&server, &reader), before + 2);
+    // Idle 1.3 s: the service would keep it for 0.7 s more, but the client no longer uses it.
+    std::thread::sleep(Duration::from_millis(1300));
+    assert_eq!(remote.health().unwrap(), "app");
+    assert_eq!(connections_served(&server, &reader), before + 4);
+    // Used again at once, it is kept.
+    assert_eq!(remote.health().unwrap(), "app");
+    assert_eq!(connections_served(&server, &reader), before + 5);
     let (status, err) = server.stop();
     assert!(status.success(), "{err}");
 }

@@ -193,6 +193,7 @@ pub fn serve(prepared: Prepared, keystore: Keystore, ready: impl FnOnce(&[Listen
             tls,
             limits,
             connections: Arc::new(Semaphore::new(limits.max_connections)),
+            keep_alive: keep_alive_header(limits.header_timeout),
         });
         let (stop, stopped) = watch::channel(false);
         let (alive, mut drained) = mpsc::channel::<()>(1);
@@ -248,6 +249,18 @@ struct Shared {
     tls: Option<TlsAcceptor>,
     limits: Limits,
     connections: Arc<Semaphore>,
+    /// Every answer's `Keep-Alive`: how long the service keeps an idle connection.
+    keep_alive: axum::http::HeaderValue,
+}
+
+/// `Keep-Alive: timeout=N` (whole seconds, rounded down): a connection that waits this long for
+/// a request is closed ([`Limits::header_timeout`]: hyper times an idle connection's next head).
+/// keyhold's client uses a connection idle for at most half of it, so that its next request
+/// does not cross the service's close.
+fn keep_alive_header(header_timeout: Duration) -> axum::http::HeaderValue {
+    // Digits and `timeout=` are always a header value: the fallback is never taken.
+    axum::http::HeaderValue::from_str(&format!("timeout={}", header_timeout.as_secs()))
+        .unwrap_or_else(|_| axum::http::HeaderValue::from_static("timeout=0"))
 }
 
 /// A listener that accepts.
@@ -596,11 +609,21 @@ where
 {
     let router = shared.router.clone();
     let body_timeout = shared.limits.body_timeout;
+    let keep_alive = shared.keep_alive.clone();
     let service = hyper::service::service_fn(move |request: hyper::Request<Incoming>| {
         let mut request = request.map(|body| TimedBody::new(body, body_timeout));
         request.extensions_mut().insert(peer.clone());
         let mut router = router.clone();
-        tower_service::Service::call(&mut router, request)
+        let answered = tower_service::Service::call(&mut router, request);
+        let keep_alive = keep_alive.clone();
+        async move {
+            let mut response = answered.await?;
+            response.headers_mut().insert(
+                axum::http::header::HeaderName::from_static("keep-alive"),
+                keep_alive,
+            );
+            Ok::<_, std::convert::Infallible>(response)
+        }
     });
     let mut builder = hyper::server::conn::http1::Builder::new();
     builder

@@ -21,7 +21,8 @@ pub(super) use lookup::Lookups;
 
 /// How long a connection may wait unused and still be used: well below the service's default
 /// idle limit (its header timeout, 10 s), so that the service does not close it as a request
-/// goes out on it (a request that crosses the close is lost, and never sent again).
+/// goes out on it (a request that crosses the close is lost, and never sent again). A service
+/// that says it closes sooner (`Keep-Alive: timeout=N`) has its connections used for half that.
 const KEEP_IDLE: Duration = Duration::from_secs(5);
 
 /// A connection to the service, kept between calls.
@@ -49,6 +50,9 @@ struct Link {
     timeout: Duration,
     /// What was read and not yet taken: zeroized, as an answer may hold a plaintext.
     read: Zeroizing<Vec<u8>>,
+    /// How long it may wait unused and still be used: [`KEEP_IDLE`], or less if the service's
+    /// last answer said it closes idle connections sooner ([`answer::keep_idle`]).
+    keep_idle: Duration,
 }
 
 enum Stream {
@@ -132,7 +136,8 @@ impl RemoteKeystore {
             .checked_add(self.timeout)
             .or_else(|| Instant::now().checked_add(Duration::from_secs(365 * 86_400)))
             .unwrap_or_else(Instant::now);
-        if conn.last_used.elapsed() > KEEP_IDLE
+        let keep_idle = conn.link.as_ref().map_or(KEEP_IDLE, |l| l.keep_idle);
+        if conn.last_used.elapsed() > keep_idle
             || conn
                 .link
                 .as_mut()
@@ -195,6 +200,7 @@ impl RemoteKeystore {
             stream,
             timeout,
             read: Zeroizing::new(Vec::with_capacity(4096)),
+            keep_idle: KEEP_IDLE,
         })
     }
 

@@ -5,7 +5,7 @@ use std::time::Instant;
 
 use zeroize::Zeroizing;
 
-use super::{receive, Failed, Link};
+use super::{receive, Failed, Link, KEEP_IDLE};
 
 /// The largest answer read: a decryption of the largest input, in base64, is under a third of
 /// it.
@@ -52,6 +52,7 @@ fn read_more(link: &mut Link, deadline: Instant) -> std::result::Result<bool, Fa
         stream,
         timeout,
         read,
+        ..
     } = link;
     let got = receive(stream, timeout, deadline, &mut read[start..]);
     read.truncate(start + *got.as_ref().unwrap_or(&0));
@@ -74,6 +75,7 @@ pub(super) fn read_answer(
                 Ok(httparse::Status::Complete(head_len)) => {
                     let status = answer.code.unwrap_or(0);
                     let (length, keep) = framing(&answer).map_err(malformed)?;
+                    link.keep_idle = keep_idle(&answer);
                     break (status, head_len, length, keep);
                 }
                 Ok(httparse::Status::Partial) if link.read.len() > MAX_HEAD => {
@@ -186,6 +188,27 @@ fn framing(answer: &httparse::Response<'_, '_>) -> std::result::Result<(Length, 
     Ok((length, keep))
 }
 
+/// How long the connection an answer came on may wait unused and still be used: half of what
+/// its `Keep-Alive: timeout=N` says the service waits (so that a request does not cross the
+/// service's close), and at most [`KEEP_IDLE`].
+pub(super) fn keep_idle(answer: &httparse::Response<'_, '_>) -> std::time::Duration {
+    let said = answer
+        .headers
+        .iter()
+        .filter(|h| h.name.eq_ignore_ascii_case("keep-alive"))
+        .filter_map(|h| std::str::from_utf8(h.value).ok())
+        .flat_map(|value| value.split(','))
+        .filter_map(|param| {
+            let (name, secs) = param.split_once('=')?;
+            name.trim().eq_ignore_ascii_case("timeout").then_some(())?;
+            secs.trim().parse::<u64>().ok()
+        })
+        .min();
+    said.map_or(KEEP_IDLE, |secs| {
+        (std::time::Duration::from_secs(secs) / 2).min(KEEP_IDLE)
+    })
+}
+
 /// A chunked body (RFC 9112 §7.1), its trailer skipped.
 fn read_chunked(
     link: &mut Link,
@@ -282,6 +305,7 @@ mod tests {
             stream: Stream::Unix(ours),
             timeout: Duration::from_secs(5),
             read: Zeroizing::new(Vec::new()),
+            keep_idle: super::super::KEEP_IDLE,
         };
         match read_answer(&mut link, Instant::now() + Duration::from_secs(5)) {
             Ok((status, body, keep)) => Ok((status, body.to_vec(), keep)),
@@ -317,6 +341,35 @@ mod tests {
         assert!(!old(""));
         assert!(!old("connection: te\r\n"));
         assert!(old("connection: keep-alive\r\n"));
+    }
+
+    #[test]
+    fn a_connection_is_used_idle_for_half_what_the_service_says_it_waits() {
+        let idle = |keep_alive: &str| {
+            let head = format!("HTTP/1.1 200 OK\r\n{keep_alive}content-length: 0\r\n\r\n");
+            let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+            let mut answer = httparse::Response::new(&mut headers);
+            answer.parse(head.as_bytes()).unwrap();
+            keep_idle(&answer)
+        };
+        let s = Duration::from_secs;
+        assert_eq!(idle(""), KEEP_IDLE, "nothing said");
+        assert_eq!(idle("keep-alive: timeout=10\r\n"), s(5));
+        assert_eq!(
+            idle("keep-alive: timeout=3\r\n"),
+            Duration::from_millis(1500)
+        );
+        assert_eq!(
+            idle("keep-alive: max=100, timeout=1\r\n"),
+            Duration::from_millis(500)
+        );
+        assert_eq!(idle("keep-alive: timeout=0\r\n"), Duration::ZERO);
+        assert_eq!(idle("keep-alive: timeout=600\r\n"), KEEP_IDLE, "never more");
+        assert_eq!(
+            idle("keep-alive: timeout=soon\r\n"),
+            KEEP_IDLE,
+            "not a number"
+        );
     }
 
     #[test]
