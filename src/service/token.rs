@@ -204,7 +204,9 @@ impl Limiter {
         if let Some(until) = count.blocked_until.filter(|until| *until > now) {
             return Begin::Blocked(until - now);
         }
-        if count.failures.saturating_add(count.checking) >= limits.failures {
+        // At least one check at a time, whatever the limit: none would be a source that waits
+        // for ever.
+        if count.failures.saturating_add(count.checking) >= limits.failures.max(1) {
             return Begin::Wait;
         }
         count.checking += 1;
