@@ -501,6 +501,8 @@ fn send(link: &mut Link, request: &[u8], deadline: Instant) -> std::result::Resu
             }
             Ok(_) => sent = true,
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            // As in `receive`: a socket timeout before the deadline is not the call's.
+            Err(e) if timed_out(&e) && left(deadline).is_some() => {}
             Err(e) => return Err(failed(e, sent)),
         }
     }
@@ -539,6 +541,9 @@ fn receive(
             Ok(n) if matches!(stream, Stream::Unix(_)) => return Ok(n),
             Ok(_) => {}
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            // The socket's timeout, set for an earlier call, may end a read before this call's
+            // deadline: read on until the deadline itself.
+            Err(e) if timed_out(&e) && left(deadline).is_some() => {}
             Err(e) if timed_out(&e) => return Err(Failed::TimedOut),
             Err(e) => return Err(Failed::Lost(e)),
         }

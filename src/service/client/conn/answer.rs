@@ -314,6 +314,42 @@ mod tests {
         }
     }
 
+    /// A connection whose socket timeout an earlier call left shorter than this call's time (a
+    /// slow connect sets it to what was left then): the answer is read until the call's own
+    /// deadline, not given up at the socket's timeout.
+    #[test]
+    fn a_socket_timeout_shorter_than_the_call_does_not_end_it() {
+        let (mut service, ours) = UnixStream::pair().unwrap();
+        ours.set_read_timeout(Some(Duration::from_millis(100)))
+            .unwrap();
+        let mut link = Link {
+            stream: Stream::Unix(ours),
+            timeout: Duration::from_millis(100),
+            read: Zeroizing::new(Vec::new()),
+            keep_idle: KEEP_IDLE,
+        };
+        let answering = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(350));
+            service
+                .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                .unwrap();
+            service
+        });
+        let started = Instant::now();
+        let read = read_answer(&mut link, started + Duration::from_secs(2));
+        let (status, body, _) = read.map_err(|_| "not read").unwrap();
+        assert_eq!((status, body.as_slice()), (200, &b"ok"[..]));
+        assert!(started.elapsed() >= Duration::from_millis(300));
+        // At the deadline itself, the call ends: none of the answer comes.
+        let _service = answering.join().unwrap();
+        let started = Instant::now();
+        let read = read_answer(&mut link, started + Duration::from_millis(250));
+        assert!(matches!(read, Err(Failed::TimedOut)));
+        let took = started.elapsed();
+        assert!(took >= Duration::from_millis(250), "{took:?}");
+        assert!(took < Duration::from_millis(1500), "{took:?}");
+    }
+
     #[test]
     fn an_answer_is_kept_only_if_nothing_says_close() {
         let ok = |connection: &str| {
