@@ -654,6 +654,36 @@ mod tests {
     use super::*;
     use std::net::{SocketAddr, TcpListener};
 
+    /// As `answer::tests::a_socket_timeout_shorter_than_the_call_does_not_end_it`, for the
+    /// request: a write the socket's timeout ends before the deadline goes on.
+    #[test]
+    fn a_request_is_written_past_a_socket_timeout_shorter_than_the_call() {
+        use std::io::Read as _;
+        let (mut service, ours) = UnixStream::pair().unwrap();
+        ours.set_write_timeout(Some(Duration::from_millis(100)))
+            .unwrap();
+        let mut link = Link {
+            stream: Stream::Unix(ours),
+            timeout: Duration::from_millis(100),
+            read: Zeroizing::new(Vec::new()),
+            keep_idle: KEEP_IDLE,
+        };
+        // More than the socket's buffers hold: the write waits for the service to read.
+        let request = vec![b'x'; 4 << 20];
+        let reading = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(350));
+            let mut got = Vec::new();
+            service.read_to_end(&mut got).unwrap();
+            got.len()
+        });
+        let started = Instant::now();
+        let sent = send(&mut link, &request, started + Duration::from_secs(5));
+        assert!(sent.is_ok(), "not written whole");
+        assert!(started.elapsed() >= Duration::from_millis(300));
+        drop(link);
+        assert_eq!(reading.join().unwrap(), request.len());
+    }
+
     #[test]
     fn several_addresses_share_the_time_left() {
         let s = Duration::from_secs;
