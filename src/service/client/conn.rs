@@ -60,6 +60,22 @@ enum Stream {
     Tls(Box<Tls>),
 }
 
+#[cfg(test)]
+impl Link {
+    /// A link on `stream` whose socket calls time out after `timeout`, as an earlier call may
+    /// have left them.
+    fn on_unix(stream: UnixStream, timeout: Duration) -> std::io::Result<Self> {
+        let stream = Stream::Unix(stream);
+        stream.set_timeout(timeout)?;
+        Ok(Self {
+            stream,
+            timeout,
+            read: Zeroizing::new(Vec::new()),
+            keep_idle: KEEP_IDLE,
+        })
+    }
+}
+
 /// A TLS connection: rustls' state, and the socket its records cross (read and written here,
 /// each socket call within the deadline: see [`send`] and [`receive`]).
 struct Tls {
@@ -660,14 +676,7 @@ mod tests {
     fn a_request_is_written_past_a_socket_timeout_shorter_than_the_call() {
         use std::io::Read as _;
         let (mut service, ours) = UnixStream::pair().unwrap();
-        ours.set_write_timeout(Some(Duration::from_millis(100)))
-            .unwrap();
-        let mut link = Link {
-            stream: Stream::Unix(ours),
-            timeout: Duration::from_millis(100),
-            read: Zeroizing::new(Vec::new()),
-            keep_idle: KEEP_IDLE,
-        };
+        let mut link = Link::on_unix(ours, Duration::from_millis(100)).unwrap();
         // More than the socket's buffers hold: the write waits for the service to read.
         let request = vec![b'x'; 4 << 20];
         let reading = std::thread::spawn(move || {

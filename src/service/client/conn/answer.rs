@@ -289,7 +289,6 @@ fn read_chunked(
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
-    use super::super::Stream;
     use super::*;
     use std::io::Write as _;
     use std::os::unix::net::UnixStream;
@@ -301,12 +300,7 @@ mod tests {
         let (mut service, ours) = UnixStream::pair().unwrap();
         service.write_all(bytes).unwrap();
         drop(service);
-        let mut link = Link {
-            stream: Stream::Unix(ours),
-            timeout: Duration::from_secs(5),
-            read: Zeroizing::new(Vec::new()),
-            keep_idle: super::super::KEEP_IDLE,
-        };
+        let mut link = Link::on_unix(ours, Duration::from_secs(5)).unwrap();
         match read_answer(&mut link, Instant::now() + Duration::from_secs(5)) {
             Ok((status, body, keep)) => Ok((status, body.to_vec(), keep)),
             Err(Failed::Lost(e) | Failed::Unsent(e)) => Err(e.to_string()),
@@ -320,14 +314,7 @@ mod tests {
     #[test]
     fn a_socket_timeout_shorter_than_the_call_does_not_end_it() {
         let (mut service, ours) = UnixStream::pair().unwrap();
-        ours.set_read_timeout(Some(Duration::from_millis(100)))
-            .unwrap();
-        let mut link = Link {
-            stream: Stream::Unix(ours),
-            timeout: Duration::from_millis(100),
-            read: Zeroizing::new(Vec::new()),
-            keep_idle: KEEP_IDLE,
-        };
+        let mut link = Link::on_unix(ours, Duration::from_millis(100)).unwrap();
         let answering = std::thread::spawn(move || {
             std::thread::sleep(Duration::from_millis(350));
             service
