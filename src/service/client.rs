@@ -340,26 +340,11 @@ fn b64(bytes: &[u8]) -> String {
 }
 
 /// Base64 of `bytes` that may be secret (a plaintext, data to sign or MAC), zeroized when
-/// dropped; written straight into memory of its exact size, so no larger string leaves a copy
-/// behind as it grows and no buffer between holds a part of it (`encode_string` encodes
-/// through one on the stack, left as it was).
-fn secret_b64(bytes: &[u8]) -> Result<Zeroizing<String>> {
-    let engine = &base64::engine::general_purpose::STANDARD;
-    let too_large = || Error::InvalidInput(format!("{} bytes are too many to send", bytes.len()));
-    let len = base64::encoded_len(bytes.len(), true).ok_or_else(too_large)?;
-    let mut text = Zeroizing::new(vec![0u8; len]);
-    let written = engine
-        .encode_slice(bytes, &mut text[..])
-        .map_err(|_| too_large())?;
-    text.truncate(written);
-    // Base64 is ASCII: the bytes become the string's in place.
-    match String::from_utf8(std::mem::take(&mut *text)) {
-        Ok(text) => Ok(Zeroizing::new(text)),
-        Err(e) => {
-            zeroize::Zeroize::zeroize(&mut e.into_bytes());
-            Err(Error::InvalidInput("base64 that is not text".into()))
-        }
-    }
+/// dropped. base64's `encode` writes straight into a buffer of the exact size, which becomes the
+/// string: no larger one leaves a copy behind as it grows, and no buffer between holds a part of
+/// it (`encode_string`, by contrast, encodes through one on the stack, left as it was).
+fn secret_b64(bytes: &[u8]) -> Zeroizing<String> {
+    Zeroizing::new(b64(bytes))
 }
 
 /// Counts what a serializer writes, and keeps none of it.
@@ -539,7 +524,7 @@ impl KeyService for RemoteKeystore {
         _options: &UseOptions,
     ) -> Result<Used<Vec<u8>>> {
         check_not_oversized(message.len(), MAX_INPUT)?;
-        let data = secret_b64(message)?;
+        let data = secret_b64(message);
         let body = SignBody {
             data: &data,
             format: format_name(format),
@@ -556,7 +541,7 @@ impl KeyService for RemoteKeystore {
         options: &UseOptions,
     ) -> Result<Used<()>> {
         check_not_oversized(message.len(), MAX_INPUT)?;
-        let data = secret_b64(message)?;
+        let data = secret_b64(message);
         let body = VerifyBody {
             data: &data,
             signature: &b64(signature),
@@ -575,7 +560,7 @@ impl KeyService for RemoteKeystore {
         _options: &UseOptions,
     ) -> Result<Used<Vec<u8>>> {
         check_not_oversized(plaintext.len(), MAX_INPUT)?;
-        let plaintext = secret_b64(plaintext)?;
+        let plaintext = secret_b64(plaintext);
         let body = EncryptBody {
             plaintext: &plaintext,
             aad: &b64(aad),
@@ -624,7 +609,7 @@ impl KeyService for RemoteKeystore {
 
     fn mac_with(&self, id: &str, data: &[u8], _options: &UseOptions) -> Result<Used<Vec<u8>>> {
         check_not_oversized(data.len(), MAX_INPUT)?;
-        let data = secret_b64(data)?;
+        let data = secret_b64(data);
         self.used(&self.act(id, "mac", &MacBody { data: &data })?, "mac")
     }
 
@@ -636,7 +621,7 @@ impl KeyService for RemoteKeystore {
         options: &UseOptions,
     ) -> Result<Used<()>> {
         check_not_oversized(data.len(), MAX_INPUT)?;
-        let data = secret_b64(data)?;
+        let data = secret_b64(data);
         let body = MacVerifyBody {
             data: &data,
             mac: &b64(tag),
@@ -766,7 +751,7 @@ mod tests {
     /// growth leaves a copy behind), and its body is the JSON the service reads.
     #[test]
     fn a_request_is_made_at_its_exact_size_with_the_json_of_its_body() {
-        let plaintext = secret_b64(b"attack at dawn").unwrap();
+        let plaintext = secret_b64(b"attack at dawn");
         assert_eq!(plaintext.len(), plaintext.capacity());
         let body = EncryptBody {
             plaintext: &plaintext,

@@ -51,7 +51,8 @@ struct Link {
     /// What was read and not yet taken: zeroized, as an answer may hold a plaintext.
     read: Zeroizing<Vec<u8>>,
     /// How long it may wait unused and still be used: [`KEEP_IDLE`], or less if the service's
-    /// last answer said it closes idle connections sooner ([`answer::keep_idle`]).
+    /// last answer said it closes idle connections sooner (`Keep-Alive: timeout=N`, read with its
+    /// framing).
     keep_idle: Duration,
 }
 
@@ -707,7 +708,7 @@ mod tests {
 
     /// A listener whose queue of connections waiting to be accepted is full, and a connection
     /// to it that waits: the kernel drops its SYN, as a route that drops packets does. `None` where
-    /// the network stack does not (some accept more than the backlog).
+    /// the network stack does not.
     fn silent_address() -> Option<(TcpListener, Vec<TcpStream>, SocketAddr)> {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let address = listener.local_addr().unwrap();
@@ -724,10 +725,10 @@ mod tests {
 
     #[test]
     fn an_address_that_never_answers_leaves_time_for_the_next() {
-        let Some((_full, _queued, silent)) = silent_address() else {
-            eprintln!("skipped: this network stack never drops a SYN to a full listener");
-            return;
-        };
+        // This machine kind's stack (and Linux's) drops it: a test that skipped here would pass
+        // without the fallback being tried.
+        let (_full, _queued, silent) =
+            silent_address().expect("a full listener accepted 1000 connections: no silent address");
         let open = TcpListener::bind("127.0.0.1:0").unwrap();
         let reachable = open.local_addr().unwrap();
         let started = Instant::now();

@@ -1,7 +1,7 @@
 //! Reading the service's HTTP/1.1 answer on a connection: its head (httparse), and its body
 //! as the head frames it (a length, chunks, or up to the connection's end).
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use zeroize::Zeroizing;
 
@@ -74,8 +74,8 @@ pub(super) fn read_answer(
             match answer.parse(&link.read) {
                 Ok(httparse::Status::Complete(head_len)) => {
                     let status = answer.code.unwrap_or(0);
-                    let (length, keep) = framing(&answer).map_err(malformed)?;
-                    link.keep_idle = keep_idle(&answer);
+                    let (length, keep, keep_idle) = framing(&answer).map_err(malformed)?;
+                    link.keep_idle = keep_idle;
                     break (status, head_len, length, keep);
                 }
                 Ok(httparse::Status::Partial) if link.read.len() > MAX_HEAD => {
@@ -141,11 +141,16 @@ enum Length {
 /// §6.3, §9.3): strictly, as a request smuggled into an answer would need it lenient. A
 /// Content-Length must be digits, the same in every header that gives one; one beside a
 /// Transfer-Encoding is ignored and the connection closed after the answer; `close` in any
-/// Connection header closes it.
-fn framing(answer: &httparse::Response<'_, '_>) -> std::result::Result<(Length, bool), String> {
+/// Connection header closes it. Also how long the connection may then wait unused and still be
+/// used: half of what `Keep-Alive: timeout=N` says the service waits (so that a request does not
+/// cross the service's close), and at most [`KEEP_IDLE`].
+fn framing(
+    answer: &httparse::Response<'_, '_>,
+) -> std::result::Result<(Length, bool, Duration), String> {
     let mut known: Option<usize> = None;
     let mut chunked = false;
     let (mut close, mut keep_alive) = (false, false);
+    let mut keep_idle = KEEP_IDLE;
     for header in answer.headers.iter() {
         let value = std::str::from_utf8(header.value).unwrap_or("").trim();
         if header.name.eq_ignore_ascii_case("content-length") {
@@ -175,6 +180,15 @@ fn framing(answer: &httparse::Response<'_, '_>) -> std::result::Result<(Length, 
                 close |= token.eq_ignore_ascii_case("close");
                 keep_alive |= token.eq_ignore_ascii_case("keep-alive");
             }
+        } else if header.name.eq_ignore_ascii_case("keep-alive") {
+            for (name, secs) in value.split(',').filter_map(|param| param.split_once('=')) {
+                if let (true, Ok(secs)) = (
+                    name.trim().eq_ignore_ascii_case("timeout"),
+                    secs.trim().parse::<u64>(),
+                ) {
+                    keep_idle = keep_idle.min(Duration::from_secs(secs) / 2);
+                }
+            }
         }
     }
     let keep = !close && (answer.version == Some(1) || keep_alive) && !(chunked && known.is_some());
@@ -185,28 +199,7 @@ fn framing(answer: &httparse::Response<'_, '_>) -> std::result::Result<(Length, 
     } else {
         known.map_or(Length::ToEnd, Length::Known)
     };
-    Ok((length, keep))
-}
-
-/// How long the connection an answer came on may wait unused and still be used: half of what
-/// its `Keep-Alive: timeout=N` says the service waits (so that a request does not cross the
-/// service's close), and at most [`KEEP_IDLE`].
-pub(super) fn keep_idle(answer: &httparse::Response<'_, '_>) -> std::time::Duration {
-    let said = answer
-        .headers
-        .iter()
-        .filter(|h| h.name.eq_ignore_ascii_case("keep-alive"))
-        .filter_map(|h| std::str::from_utf8(h.value).ok())
-        .flat_map(|value| value.split(','))
-        .filter_map(|param| {
-            let (name, secs) = param.split_once('=')?;
-            name.trim().eq_ignore_ascii_case("timeout").then_some(())?;
-            secs.trim().parse::<u64>().ok()
-        })
-        .min();
-    said.map_or(KEEP_IDLE, |secs| {
-        (std::time::Duration::from_secs(secs) / 2).min(KEEP_IDLE)
-    })
+    Ok((length, keep, keep_idle))
 }
 
 /// A chunked body (RFC 9112 §7.1), its trailer skipped.
@@ -243,32 +236,28 @@ fn read_chunked(
             .ok_or_else(|| malformed("the service's answer is too large"))?;
         link.read.drain(..start);
         if size == 0 {
-            // The trailer: header lines up to an empty one, at most MAX_HEAD bytes in all, each
-            // byte looked at once.
-            let (mut trailer, mut seen) = (0usize, 0usize);
+            // The trailer: header lines up to an empty one, at most MAX_HEAD bytes, each byte
+            // looked at about once.
+            let mut from = 0;
             loop {
-                let found = link.read[seen.saturating_sub(1)..]
-                    .windows(2)
-                    .position(|w| w == b"\r\n")
-                    .map(|at| at + seen.saturating_sub(1));
-                if let Some(end) = found {
-                    link.read.drain(..end + 2);
-                    trailer += end + 2;
-                    seen = 0;
-                    if end == 0 {
-                        return Ok(body);
-                    }
+                let end = if link.read.starts_with(b"\r\n") {
+                    Some(2)
                 } else {
-                    seen = link.read.len();
-                    if trailer + seen > MAX_HEAD {
-                        return Err(malformed("the service's answer has a trailer too long"));
-                    }
-                    if !read_more(link, deadline)? {
-                        return Err(malformed("the service's answer was cut short"));
-                    }
-                }
-                if trailer > MAX_HEAD {
+                    link.read[from..]
+                        .windows(4)
+                        .position(|w| w == b"\r\n\r\n")
+                        .map(|at| from + at + 4)
+                };
+                if end.unwrap_or(link.read.len()) > MAX_HEAD {
                     return Err(malformed("the service's answer has a trailer too long"));
+                }
+                if let Some(end) = end {
+                    link.read.drain(..end);
+                    return Ok(body);
+                }
+                from = link.read.len().saturating_sub(3);
+                if !read_more(link, deadline)? {
+                    return Err(malformed("the service's answer was cut short"));
                 }
             }
         }
@@ -292,7 +281,6 @@ mod tests {
     use super::*;
     use std::io::Write as _;
     use std::os::unix::net::UnixStream;
-    use std::time::Duration;
 
     /// The answer read from a connection on which the service sent `bytes` and closed: its
     /// status, body and whether the connection is kept, or why it was refused.
@@ -373,7 +361,7 @@ mod tests {
             let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
             let mut answer = httparse::Response::new(&mut headers);
             answer.parse(head.as_bytes()).unwrap();
-            keep_idle(&answer)
+            framing(&answer).unwrap().2
         };
         let s = Duration::from_secs;
         assert_eq!(idle(""), KEEP_IDLE, "nothing said");
