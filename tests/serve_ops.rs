@@ -18,13 +18,7 @@ fn act(server: &Server, id: &str, action: &str, body: Value) -> (u16, Value) {
 
 /// A key made through the service: its ID.
 fn create(server: &Server, name: &str, ty: &str) -> String {
-    let (status, key) = server.ask(
-        "POST",
-        "/v1/keys",
-        Some(&json!({"namespace": "app", "name": name, "type": ty})),
-    );
-    assert_eq!(status, 201, "{key}");
-    key["id"].as_str().unwrap().to_owned()
+    server.create(&json!({"namespace": "app", "name": name, "type": ty}))
 }
 
 /// The store's audit log, as `keyhold --json audit show` prints it.
@@ -40,22 +34,6 @@ fn field_of(entries: &[Value], operation: &str, key: &str, field: &str) -> Vec<V
         .filter(|e| e["operation"] == operation && e["key_id"] == key)
         .map(|e| e[field].clone())
         .collect()
-}
-
-/// The service's `keyhold_keystore_calls_total` by `ran`: (here, moved, pool).
-fn calls_ran(server: &Server) -> (u64, u64, u64) {
-    let metrics = server.request("GET", "/v1/metrics", &[], None);
-    assert_eq!(metrics.status, 200, "{}", metrics.text);
-    let count = |ran: &str| {
-        let name = format!("keyhold_keystore_calls_total{{ran=\"{ran}\"}} ");
-        let line = metrics
-            .text
-            .lines()
-            .find_map(|l| l.strip_prefix(name.as_str()));
-        line.and_then(|n| n.parse().ok())
-            .unwrap_or_else(|| panic!("no `{name}` in:\n{}", metrics.text))
-    };
-    (count("here"), count("moved"), count("pool"))
 }
 
 fn error_code(answer: &(u16, Value)) -> (u16, &str) {
@@ -616,7 +594,7 @@ fn quick_uses_that_would_wait_run_on_the_pool_once() {
     // These six began as quick calls and were moved to the pool: the first encryption and the
     // first signature (keys not cached), the 4th and 8th encryptions, the batch's run from its
     // 16th encryption on, the activation.
-    let (_, moved, _) = calls_ran(&server);
+    let (_, moved, _) = server.calls_ran();
     assert_eq!(moved, 6, "quick calls moved to the pool");
     let (status, err) = server.stop();
     assert!(status.success(), "{err}");
@@ -655,43 +633,32 @@ fn quick_uses_run_on_the_thread_that_read_them() {
     );
     // Exact counts: nothing else in this service uses the store (no `verify_interval`), so a
     // quick call finds it free. A background task that held it would move quick calls.
-    assert_eq!(calls_ran(&server), (0, 0, 0));
+    assert_eq!(server.calls_ran(), (0, 0, 0));
     let sign = |id: &str| {
         let (status, signed) = act(&server, id, "sign", json!({"data": b64(b"m")}));
         assert_eq!(status, 200, "{signed}");
     };
     sign(&signer);
-    assert_eq!(calls_ran(&server), (0, 1, 0), "the key was not cached yet");
+    assert_eq!(server.calls_ran(), (0, 1, 0), "the key was not cached yet");
     for _ in 0..10 {
         sign(&signer);
     }
-    assert_eq!(calls_ran(&server), (10, 1, 0));
+    assert_eq!(server.calls_ran(), (10, 1, 0));
     let signs = |n: usize| {
-        let operations = vec![json!({"op": "sign", "key": signer, "data": b64(b"m")}); n];
-        let (status, batch) = server.ask(
-            "POST",
-            "/v1/batch",
-            Some(&json!({ "operations": operations })),
-        );
-        assert_eq!(status, 200, "{batch}");
-        assert!(
-            batch["results"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .all(|r| r["status"] == 200),
-            "{batch}"
-        );
+        server.batch_ok(&vec![
+            json!({"op": "sign", "key": signer, "data": b64(b"m")});
+            n
+        ]);
     };
     signs(8);
     assert_eq!(
-        calls_ran(&server),
+        server.calls_ran(),
         (11, 1, 0),
         "8 quick operations, one run"
     );
     signs(17);
     assert_eq!(
-        calls_ran(&server),
+        server.calls_ran(),
         (14, 1, 0),
         "17 quick operations, three runs"
     );
@@ -699,7 +666,7 @@ fn quick_uses_run_on_the_thread_that_read_them() {
     sign(&rsa);
     let (status, shown) = server.ask("GET", &format!("/v1/keys/{signer}"), None);
     assert_eq!(status, 200, "{shown}");
-    assert_eq!(calls_ran(&server), (14, 1, 3), "RSA and `show` on the pool");
+    assert_eq!(server.calls_ran(), (14, 1, 3), "RSA and `show` on the pool");
     let (status, err) = server.stop();
     assert!(status.success(), "{err}");
 }

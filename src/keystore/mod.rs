@@ -47,7 +47,7 @@ pub use key_id::{KeyIdFields, PREFIX as KEY_ID_PREFIX};
 pub use lifecycle::{Done, KeyEvent, Maintenance, PolicyChange, PolicyText, Transition};
 pub(crate) use memory_only::in_scope as in_memory_only_scope;
 #[cfg(feature = "serve")]
-pub(crate) use memory_only::{from_memory_only, would_wait, WouldWait};
+pub(crate) use memory_only::{from_memory_only, would_wait};
 pub use ops::{UseOptions, Used};
 use registry::build_backends;
 use resolve::ResolvedCache;

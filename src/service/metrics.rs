@@ -39,7 +39,8 @@ struct Stats {
 /// Where a keystore call (a request's, or a run of a batch's operations) ran.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Ran {
-    /// On the thread that read its request, from memory only (a quick use of a key).
+    /// On the thread that read its request, from memory only (a quick use of a key, or a short
+    /// device use alone in the service).
     Here,
     /// Begun there, stopped before it would have waited, and run again where waiting is
     /// allowed (as [`Ran::Pool`]).

@@ -186,6 +186,43 @@ impl Server {
         rustix::process::kill_process(pid, rustix::process::Signal::TERM).unwrap();
     }
 
+    /// `POST /v1/keys` with `body`, answered 201: the new key's ID.
+    pub fn create(&self, body: &Value) -> String {
+        let (status, key) = self.ask("POST", "/v1/keys", Some(body));
+        assert_eq!(status, 201, "{key}");
+        key["id"].as_str().unwrap().to_owned()
+    }
+
+    /// `POST /v1/batch` of `operations`, each of them answered 200: the results.
+    pub fn batch_ok(&self, operations: &[Value]) -> Vec<Value> {
+        let (status, batch) = self.ask(
+            "POST",
+            "/v1/batch",
+            Some(&serde_json::json!({ "operations": operations })),
+        );
+        assert_eq!(status, 200, "{batch}");
+        let results = batch["results"].as_array().unwrap().clone();
+        assert_eq!(results.len(), operations.len(), "{batch}");
+        assert!(results.iter().all(|r| r["status"] == 200), "{batch}");
+        results
+    }
+
+    /// The service's `keyhold_keystore_calls_total` by `ran`: (here, moved, pool).
+    pub fn calls_ran(&self) -> (u64, u64, u64) {
+        let metrics = self.request("GET", "/v1/metrics", &[], None);
+        assert_eq!(metrics.status, 200, "{}", metrics.text);
+        let count = |ran: &str| {
+            let name = format!("keyhold_keystore_calls_total{{ran=\"{ran}\"}} ");
+            let line = metrics
+                .text
+                .lines()
+                .find_map(|l| l.strip_prefix(name.as_str()));
+            line.and_then(|n| n.parse().ok())
+                .unwrap_or_else(|| panic!("no `{name}` in:\n{}", metrics.text))
+        };
+        (count("here"), count("moved"), count("pool"))
+    }
+
     /// SIGTERM, then its exit status and stderr.
     pub fn stop(self) -> (std::process::ExitStatus, String) {
         self.terminate();

@@ -9,7 +9,7 @@ use axum::Json;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use super::{authorize, granted, json_bytes, run_blocking, Placement, State, QUICK_BODY};
+use super::{authorize, granted, json_bytes, run_blocking, Placement, State};
 use crate::service::api::ApiError;
 use crate::service::auth::Caller;
 use crate::service::ops::{Action, Input, Reply};
@@ -60,8 +60,13 @@ pub(super) async fn batch(
     let mut ready = Vec::new();
     for (i, item) in items.into_iter().enumerate() {
         let checked = item.and_then(|item| {
-            let mut placement = authorize(&state, &client, item.action.operation(), &item.key)?;
-            placement.quick &= item.at.len() <= QUICK_BODY;
+            let placement = authorize(&state, &client, item.action.operation(), &item.key)?
+                .for_body(item.at.len());
+            // A run holds many uses: a device's are never run where the batch was read.
+            let placement = Placement {
+                device_use: false,
+                ..placement
+            };
             Ok((i, item, placement))
         });
         match checked {
