@@ -1,13 +1,16 @@
 //! Calls that answer from memory or not at all: what lets `keyhold serve` run a quick use of a
-//! software key on the thread that read its request, which must not wait.
+//! software key on the thread that read its request, which must not wait, and a short use of a
+//! device there, which waits for nothing but the device's answer.
 //!
 //! Inside [`from_memory_only`], a keystore call that would have to wait (read a key's record or
 //! write the store, read whether the store changed while another thread or process holds its
 //! lock, run a key's due work, take the lock another thread reserves AES-GCM invocations under,
-//! write a backlogged audit log) stops there instead, before it has done anything that shows: no key is
-//! used, nothing is audited, no invocation is taken. The scope then answers [`WouldWait`], and
-//! the caller makes the same call again where waiting is allowed. The places that may wait call
-//! [`may_wait`].
+//! write a backlogged audit log; for a device, find a token, wait for one of its sessions or open
+//! one, wait for a TPM's turn or connect to it) stops there instead, before it has done anything
+//! that shows: no key is used (a device whose first attempt failed and would be retried on a new
+//! session or connection stops before the retry), nothing is audited, no invocation is taken.
+//! The scope then answers [`WouldWait`], and the caller makes the same call again where waiting
+//! is allowed. The places that may wait call [`may_wait`].
 // Only `keyhold serve` opens a scope; without it, every call is free to wait.
 #![cfg_attr(not(feature = "serve"), allow(dead_code))]
 

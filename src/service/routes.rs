@@ -59,10 +59,11 @@ pub struct State {
     in_flight: Arc<AtomicUsize>,
 }
 
-/// A device use that took longer than this on average ([`Gate::typical_use`]) is not run on the
-/// thread that read its request: that thread's other tasks would wait for it. Handing a call to
-/// another thread and its answer back costs about 100 µs of CPU here (a SoftHSM2 signature alone
-/// in the service: 160 µs of CPU per request run there, 240–310 µs handed over).
+/// Device uses whose keystore calls took longer than this on average ([`UseTimes`]) are not run
+/// on the thread that read their request: that thread's other tasks would wait for them. Handing
+/// a call to another thread and its answer back costs about 100 µs of CPU here: in the serve
+/// bench, a SoftHSM2 signature at one client cost 160 µs of CPU (client and service) run there,
+/// 240–310 µs handed over.
 const SHORT_USE: Duration = Duration::from_micros(500);
 
 /// A backend's gate, whether it computes in process ([`crate::Backend::computes_in_process`]),
@@ -95,16 +96,29 @@ impl UseTimes {
         u128::from(self.0.load(Ordering::Relaxed)) < SHORT_USE.as_nanos()
     }
 
-    /// Counts one that took `took`. Two counted at once may lose one: the average is a hint.
+    /// Counts one that took `took`.
     fn took(&self, took: Duration) {
         let took = u64::try_from(took.as_nanos()).unwrap_or(u64::MAX - 1);
-        let old = self.0.load(Ordering::Relaxed);
-        let new = if old == u64::MAX {
-            took
-        } else {
-            old - old / 4 + took / 4
-        };
-        self.0.store(new, Ordering::Relaxed);
+        // The closure always gives a value: the update cannot fail.
+        let _ = self
+            .0
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |old| {
+                Some(if old == u64::MAX {
+                    took
+                } else {
+                    old - old / 4 + took / 4
+                })
+            });
+    }
+}
+
+/// A device use under way on the blocking pool: counted in its backend's [`UseTimes`] when
+/// dropped, however it ended.
+struct Measured(Arc<UseTimes>, Instant);
+
+impl Drop for Measured {
+    fn drop(&mut self) {
+        self.0.took(self.1.elapsed());
     }
 }
 
@@ -122,16 +136,20 @@ impl UseTimes {
 /// a key's record the keystore has not cached, that read while this process's connection is in
 /// use or another process's lock is in the way, run the key's due work, reserve
 /// AES-GCM invocations or wait for the thread that does, write a backlogged audit log), it stops
-/// before it has done anything and runs on the blocking pool as any other call. Everything else (devices, RSA, lifecycle changes, key generation, listing and
-/// showing keys) goes to the blocking pool.
+/// before it has done anything and runs on the blocking pool as any other call.
 ///
 /// A device use is the same use of a key held by a device (a backend that does not compute in
 /// process), on at most [`QUICK_BODY`] of JSON. It waits for the device, so it runs on the
-/// thread that read it only when it is the one keystore call under way in the service, its
-/// backend's uses have taken under [`SHORT_USE`] of late, and the runtime has another worker to
-/// serve the other connections meanwhile; from memory only as a quick call, the device aside.
-/// Otherwise it is handed over as any other call (and measured there). A batch's runs never are:
-/// a run holds many uses.
+/// thread that read it only when no other call is under way in the service (quick calls, which
+/// never wait, are not counted), its backend's device uses have taken under [`SHORT_USE`] of late
+/// (their whole keystore calls), and the runtime has another worker to serve the other
+/// connections meanwhile; from memory only as a quick call, the device call aside: a device
+/// that would first have to be waited for (a session of a token, or one opened and logged in; a
+/// TPM's turn or connection) stops it there, as the store would. Otherwise it is handed over as
+/// any other call (and measured there). A batch's runs never run there: a run holds many uses.
+///
+/// Everything else (RSA, lifecycle changes, key generation, listing and showing keys) goes to the
+/// blocking pool.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Placement {
     backend: Option<Arc<str>>,
@@ -417,20 +435,21 @@ async fn run_blocking<T: Send + 'static>(
                     return Ok(done);
                 }
                 Ok(None) => state.metrics.ran(Ran::Moved),
-                Err(e) => return Err(panicked(e)),
+                Err(e) => {
+                    uses.took(started.elapsed());
+                    state.metrics.ran(Ran::Here);
+                    return Err(panicked(e));
+                }
             }
         }
         _ if !placement.quick => state.metrics.ran(Ran::Pool),
         _ => {}
     }
     let blocking = move || {
+        // Measured however the call ends, a panic included.
+        let _measured = uses.map(|uses| Measured(uses, Instant::now()));
         let _turns = (client_turn, backend_turn, in_flight);
-        let started = Instant::now();
-        let done = crate::audit::on_behalf_of(&who, || work(&keystore));
-        if let Some(uses) = uses {
-            uses.took(started.elapsed());
-        }
-        done
+        crate::audit::on_behalf_of(&who, || work(&keystore))
     };
     // Work alone in the service runs on this thread, which hands its other tasks to another
     // worker for as long as it blocks: no thread is woken to carry the work there and its

@@ -192,6 +192,8 @@ impl Pool {
         if let Some(found) = self.lock().slot {
             return Ok(found);
         }
+        // Asking the module for its slots is a device's wait ([`crate::keystore::may_wait`]).
+        crate::keystore::may_wait("find the token")?;
         let slot = find_token(&self.backend, &self.module, &self.selector)?;
         let found = (slot, self.effective_max(slot));
         self.lock().slot = Some(found);
@@ -229,6 +231,9 @@ impl Pool {
                     broken: false,
                 });
             }
+            // Opening a session (and logging in, under the token's cross-process turn) or waiting
+            // for one is not done from memory only: the caller goes where waiting is allowed.
+            crate::keystore::may_wait("a session of the token")?;
             if state.open < max {
                 state.open += 1;
                 let generation = state.generation;
@@ -469,6 +474,32 @@ mod tests {
         assert_eq!(pool.lock().open, 2);
         assert_eq!(pool.login_attempts(), 1);
         drop(first);
+    }
+
+    /// From memory only (a use `keyhold serve` runs on the thread that read it), a session is
+    /// taken only if one is idle: finding the token, opening a session (and logging in) or
+    /// waiting for one stops the call instead, before anything is opened.
+    #[cfg(feature = "serve")]
+    #[test]
+    fn from_memory_only_a_session_is_taken_only_if_one_is_idle() {
+        use crate::keystore::from_memory_only;
+        let hsm = SoftHsm::new().unwrap();
+        let pool = pool(&hsm, 1);
+        let handle = |pool: &Pool| pool.checkout().map(|lease| lease.session().handle());
+        assert!(from_memory_only(|| handle(&pool)).is_err(), "token found");
+        pool.slot_and_max().unwrap();
+        assert!(
+            from_memory_only(|| handle(&pool)).is_err(),
+            "session opened"
+        );
+        assert_eq!((pool.lock().open, pool.login_attempts()), (0, 0));
+        let lease = pool.checkout().unwrap();
+        let first = lease.session().handle();
+        assert!(from_memory_only(|| handle(&pool)).is_err(), "waited");
+        assert_eq!(pool.lock().waiting, 0, "waited");
+        drop(lease);
+        assert_eq!(from_memory_only(|| handle(&pool).unwrap()), Ok(first));
+        assert_eq!((pool.lock().open, pool.login_attempts()), (1, 1));
     }
 
     /// Past the bound a caller gets the session another thread returns, and the count of open

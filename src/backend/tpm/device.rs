@@ -165,6 +165,11 @@ impl TpmDevice {
     fn turn(&self, who: &str) -> Result<Turn<'_>> {
         let deadline = Instant::now() + self.settings.timeout;
         let mut slot = self.lock_slot();
+        if slot.busy || !slot.queue.is_empty() {
+            // Waiting for the TPM is not done from memory only: the caller goes where waiting is
+            // allowed ([`crate::keystore::may_wait`]).
+            crate::keystore::may_wait("its turn on the TPM")?;
+        }
         let ticket = slot.next_ticket;
         slot.next_ticket = slot.next_ticket.wrapping_add(1);
         slot.queue.push_back(ticket);
@@ -426,7 +431,10 @@ impl TpmDevice {
         for _attempt in 0..2 {
             let connection = match turn.connection.as_mut() {
                 Some(c) => c,
-                None => turn.connection.insert(self.connect(who)?),
+                None => {
+                    crate::keystore::may_wait("connect to the TPM")?;
+                    turn.connection.insert(self.connect(who)?)
+                }
             };
             match op(connection) {
                 Ok(value) => return Ok(value),
@@ -470,5 +478,42 @@ impl TpmDevice {
         }
         let features = self.run(who, Connection::features)?;
         Ok(*self.features.get_or_init(|| features))
+    }
+}
+
+#[cfg(all(test, feature = "testing", feature = "serve"))]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+    use crate::keystore::from_memory_only;
+    use crate::testing::Swtpm;
+    use std::time::Duration;
+
+    /// From memory only (a use `keyhold serve` runs on the thread that read it), a TPM not yet
+    /// connected to, or busy with another caller's command, stops the call at once instead of
+    /// connecting or waiting for its turn; a connected, free TPM is used.
+    #[test]
+    fn from_memory_only_an_unconnected_or_busy_tpm_stops_the_call() {
+        let tpm = Swtpm::new().unwrap();
+        let settings = DeviceSettings {
+            timeout: Duration::from_millis(300),
+            ..DeviceSettings::default()
+        };
+        let device = super::super::device(&tpm.tcti(), settings).unwrap();
+        let name = |c: &mut Connection| Ok(c.srk_name().to_vec());
+        let stopped = from_memory_only(|| device.run("tpm", name));
+        assert!(stopped.is_err(), "connected from memory only");
+        let connected = device.run("tpm", name).unwrap();
+        let used = from_memory_only(|| device.run("tpm", name));
+        assert_eq!(used.unwrap().unwrap(), connected);
+
+        let hold = device.hold("another caller").unwrap();
+        let started = Instant::now();
+        let stopped = from_memory_only(|| device.run("tpm", name));
+        assert!(stopped.is_err(), "waited for its turn: {stopped:?}");
+        assert!(started.elapsed() < Duration::from_millis(300));
+        drop(hold);
+        assert!(from_memory_only(|| device.run("tpm", name)).is_ok());
     }
 }
