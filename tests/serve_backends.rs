@@ -133,7 +133,7 @@ fn short_token_uses_alone_run_on_the_thread_that_read_them() {
         &base,
         &client(
             "\"app\"",
-            "operations = [\"create\", \"sign\", \"metrics\"]",
+            "operations = [\"create\", \"sign\", \"verify\", \"encrypt\", \"decrypt\", \"metrics\"]",
         ),
     );
     let id = server.create(
@@ -147,6 +147,7 @@ fn short_token_uses_alone_run_on_the_thread_that_read_them() {
             Some(&json!({"data": b64(b"m")})),
         );
         assert_eq!(status, 200, "{signed}");
+        signed["signature"].clone()
     };
     let delta = |before: (u64, u64, u64)| {
         let now = server.calls_ran();
@@ -177,9 +178,68 @@ fn short_token_uses_alone_run_on_the_thread_that_read_them() {
     ]);
     assert_eq!(delta(before), (0, 0, 1), "a batch's run is handed over");
 
+    // A signature is checked with the recorded public key, in process: quick, alone or not.
+    let signature = sign();
+    let before = server.calls_ran();
+    let (status, checked) = server.ask(
+        "POST",
+        &format!("/v1/keys/{id}/verify"),
+        Some(&json!({"data": b64(b"m"), "signature": signature})),
+    );
+    assert_eq!(
+        (status, &checked["valid"]),
+        (200, &json!(true)),
+        "{checked}"
+    );
+    assert_eq!(
+        delta(before),
+        (1, 0, 0),
+        "a check of a token's signature is quick"
+    );
+
+    // A use the token refuses (an envelope whose tag was changed) would ask whether the token is
+    // still there, under the module's turn: it stops, and is made again on the pool.
+    let aes = server.create(
+        &json!({"namespace": "app", "name": "box", "type": "aes-256-gcm",
+                                    "backend": "hsm"}),
+    );
+    let seal = || {
+        let (status, sealed) = server.ask(
+            "POST",
+            &format!("/v1/keys/{aes}/encrypt"),
+            Some(&json!({"plaintext": b64(b"m")})),
+        );
+        assert_eq!(status, 200, "{sealed}");
+        sealed
+    };
+    // The first use of a new key finds its object on the token: the average comes back down.
+    for _ in 0..20 {
+        seal();
+    }
+    let sealed = seal();
+    let mut envelope = support::serve::unb64(&sealed["envelope"]);
+    *envelope.last_mut().unwrap() ^= 1;
+    let before = server.calls_ran();
+    let (status, refused) = server.ask(
+        "POST",
+        &format!("/v1/keys/{aes}/decrypt"),
+        Some(&json!({"envelope": b64(&envelope)})),
+    );
+    assert_eq!(status, 400, "{refused}");
+    // Stopped there and moved; or, if a slow use had just lifted the average, handed over from
+    // the start. Never answered there.
+    let (here, moved, pool) = delta(before);
+    eprintln!("the refused decryption: {here} here, {moved} moved, {pool} handed over");
+    assert_eq!(
+        (here, moved + pool),
+        (0, 1),
+        "asked whether the token is still there, here"
+    );
+
     // Beside another call under way (RSA-4096 keys made one after another, for hundreds of
     // milliseconds each), they are handed over: at most one can fall between two of them.
     let busy = AtomicBool::new(true);
+    let made = AtomicUsize::new(0);
     let here = std::thread::scope(|s| {
         let generator = s.spawn(|| {
             let mut i = 0;
@@ -187,9 +247,13 @@ fn short_token_uses_alone_run_on_the_thread_that_read_them() {
                 i += 1;
                 server.create(&json!({"namespace": "app", "name": format!("rsa{i}"),
                                       "type": "rsa-4096", "backend": "software"}));
+                made.fetch_add(1, Ordering::SeqCst);
             }
         });
-        std::thread::sleep(Duration::from_millis(100));
+        // The second is asked for at once after the first is made.
+        while made.load(Ordering::SeqCst) == 0 {
+            std::thread::sleep(Duration::from_millis(5));
+        }
         let before = server.calls_ran();
         for _ in 0..20 {
             sign();

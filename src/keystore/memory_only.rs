@@ -6,9 +6,10 @@
 //! write the store, read whether the store changed while another thread or process holds its
 //! lock, run a key's due work, take the lock another thread reserves AES-GCM invocations under,
 //! write a backlogged audit log; for a device, find a token, wait for one of its sessions or open
-//! one, wait for a TPM's turn or connect to it) stops there instead, before it has done anything
-//! that shows: no key is used (a device whose first attempt failed and would be retried on a new
-//! session or connection stops before the retry), nothing is audited, no invocation is taken.
+//! one, ask whether a token that refused a use is still there, wait for a TPM's turn or connect
+//! to it) stops there instead, before it has done anything that shows: no key is used to any
+//! effect (a device use that failed, and would be retried or looked into, stops there, and the
+//! call made again repeats it), nothing is audited, no invocation is taken.
 //! The scope then answers [`WouldWait`], and the caller makes the same call again where waiting
 //! is allowed. The places that may wait call [`may_wait`].
 // Only `keyhold serve` opens a scope; without it, every call is free to wait.

@@ -45,11 +45,13 @@ pub(crate) use envelope::oaep_label;
 use key_id::KeyIdCodec;
 pub use key_id::{KeyIdFields, PREFIX as KEY_ID_PREFIX};
 pub use lifecycle::{Done, KeyEvent, Maintenance, PolicyChange, PolicyText, Transition};
+#[cfg(feature = "serve")]
+pub(crate) use memory_only::from_memory_only;
 pub(crate) use memory_only::in_scope as in_memory_only_scope;
 #[cfg(any(feature = "pkcs11", feature = "tpm"))]
 pub(crate) use memory_only::may_wait;
-#[cfg(feature = "serve")]
-pub(crate) use memory_only::{from_memory_only, would_wait};
+#[cfg(any(feature = "serve", feature = "pkcs11"))]
+pub(crate) use memory_only::would_wait;
 pub use ops::{UseOptions, Used};
 use registry::build_backends;
 use resolve::ResolvedCache;

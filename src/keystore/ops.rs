@@ -274,6 +274,8 @@ impl Keystore {
             match check(material) {
                 Ok(()) => return Ok(((), version)),
                 Err(Error::VerificationFailed { .. }) => {}
+                // Stopped where it would have waited: no other version is tried from memory.
+                Err(e) if super::memory_only::would_wait() => return Err(e),
                 Err(e) => {
                     failure.get_or_insert(e);
                 }

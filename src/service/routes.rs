@@ -138,15 +138,19 @@ impl Drop for Measured {
 /// AES-GCM invocations or wait for the thread that does, write a backlogged audit log), it stops
 /// before it has done anything and runs on the blocking pool as any other call.
 ///
-/// A device use is the same use of a key held by a device (a backend that does not compute in
-/// process), on at most [`QUICK_BODY`] of JSON. It waits for the device, so it runs on the
-/// thread that read it only when no other call is under way in the service (quick calls, which
-/// never wait, are not counted), its backend's device uses have taken under [`SHORT_USE`] of late
-/// (their whole keystore calls), and the runtime has another worker to serve the other
-/// connections meanwhile; from memory only as a quick call, the device call aside: a device
-/// that would first have to be waited for (a session of a token, or one opened and logged in; a
-/// TPM's turn or connection) stops it there, as the store would. Otherwise it is handed over as
-/// any other call (and measured there). A batch's runs never run there: a run holds many uses.
+/// A signature check is quick whoever holds the key: it uses the recorded public key.
+///
+/// A device use is any other such use of a key held by a device (a backend that does not
+/// compute in process), on at most [`QUICK_BODY`] of JSON. It waits for the device, so it runs
+/// on the thread that read it only when no other call is under way in the service (quick calls,
+/// which never wait, are not counted; nor are the periodic verification's thread and bearer
+/// tokens' lookups), its backend's device uses have taken under [`SHORT_USE`] of late (their
+/// whole keystore calls), and the runtime has another worker to serve the other connections
+/// meanwhile; from memory only as a quick call, the device's answer aside: a device that would
+/// first have to be waited for (a session of a token, or one opened and logged in; a TPM's turn
+/// or connection), or asked whether it is still there after it refused the use, stops it there,
+/// as the store would. Otherwise it is handed over as any other call (and measured there). A
+/// batch's runs never run there: a run holds many uses.
 ///
 /// Everything else (RSA, lifecycle changes, key generation, listing and showing keys) goes to the
 /// blocking pool.
@@ -260,10 +264,13 @@ impl State {
         match self.gates.get_key_value(fields.backend.as_str()) {
             Some((name, gate)) => {
                 let key_use = quick_use(operation, fields.spec.key_type());
+                // A signature is checked in process with the recorded public key, whoever holds
+                // the private one.
+                let in_process = gate.in_process || operation == Operation::Verify;
                 Placement {
                     backend: Some(Arc::clone(name)),
-                    quick: gate.in_process && key_use,
-                    device_use: !gate.in_process && key_use,
+                    quick: in_process && key_use,
+                    device_use: !in_process && key_use,
                 }
             }
             None => Placement::pool(None),
@@ -417,7 +424,10 @@ async fn run_blocking<T: Send + 'static>(
                 return Ok(done);
             }
             Ok(None) => state.metrics.ran(Ran::Moved),
-            Err(e) => return Err(panicked(e)),
+            Err(e) => {
+                state.metrics.ran(Ran::Here);
+                return Err(panicked(e));
+            }
         }
     }
     let alone = state.in_flight.fetch_add(1, Ordering::Relaxed) == 0;
@@ -446,9 +456,9 @@ async fn run_blocking<T: Send + 'static>(
         _ => {}
     }
     let blocking = move || {
-        // Measured however the call ends, a panic included.
-        let _measured = uses.map(|uses| Measured(uses, Instant::now()));
         let _turns = (client_turn, backend_turn, in_flight);
+        // Measured however the call ends, a panic included; dropped first, before the turns.
+        let _measured = uses.map(|uses| Measured(uses, Instant::now()));
         crate::audit::on_behalf_of(&who, || work(&keystore))
     };
     // Work alone in the service runs on this thread, which hands its other tasks to another

@@ -196,6 +196,11 @@ impl Pkcs11Backend {
     /// The error for a failed operation: "unavailable" if the token itself has gone (some modules
     /// say only `CKR_GENERAL_ERROR` then), the mapped PKCS#11 error otherwise.
     fn failure(&self, operation: &str, e: cryptoki::error::Error) -> Error {
+        // Asking takes the module's turn, which other processes share: not from memory only
+        // ([`crate::keystore::may_wait`]). The call is then made again where it may wait.
+        if let Err(stop) = crate::keystore::may_wait("ask whether the token is still there") {
+            return stop;
+        }
         if self.pool.token_present() {
             return errors::map(&self.name, operation, e);
         }

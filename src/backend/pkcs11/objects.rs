@@ -150,6 +150,8 @@ impl Pkcs11Backend {
         });
         match result {
             Err(Error::Backend { .. }) if absent.get() => {
+                // As in `failure`: asking takes the module's turn.
+                crate::keystore::may_wait("ask whether the token is still there")?;
                 if !self.pool.token_present() {
                     return Err(self.gone());
                 }
@@ -168,6 +170,8 @@ impl Pkcs11Backend {
                     ),
                 })
             }
+            // Stopped where it would have waited: the handle is as good as it was.
+            Err(e) if crate::keystore::would_wait() => Err(e),
             Err(e) => {
                 // Do not trust this key's cached handle after a failure: the next use finds (and
                 // so checks) the object again.
