@@ -881,22 +881,43 @@ fn a_client_that_goes_away_keeps_its_turn_until_its_work_ends() {
     use std::io::Write;
     let env = env();
     let server = Server::start(&env, &client("\"app\"", "max_concurrent = 1"));
-    // RSA-4096 generation takes a while (seconds in a debug build).
-    let body = json!({"namespace": "app", "name": "big", "type": "rsa-4096"}).to_string();
-    let mut stream = std::os::unix::net::UnixStream::connect(&server.socket).unwrap();
-    write!(
-        stream,
-        "POST /v1/keys HTTP/1.1\r\nHost: keyhold\r\nContent-Type: application/json\r\n\
-         Content-Length: {}\r\n\r\n{body}",
-        body.len()
-    )
-    .unwrap();
-    std::thread::sleep(std::time::Duration::from_millis(150));
-    drop(stream);
-    std::thread::sleep(std::time::Duration::from_millis(100));
-    // Its work still runs: the client's one turn is still taken.
-    let busy = server.ask("GET", "/v1/health", None);
-    assert_eq!(error_code(&busy), (429, "busy"), "{}", busy.1);
+    let found = |name: &str| {
+        let (_, found) = server.ask("GET", &format!("/v1/keys?namespace=app&name={name}"), None);
+        found.as_array().map_or(0, Vec::len)
+    };
+    // RSA-4096 generation takes from a tenth of a second to seconds (a random search for
+    // primes): a key made before the check below proves nothing, and another is asked for.
+    let mut seen_busy = false;
+    for attempt in 0..8 {
+        let name = format!("big{attempt}");
+        let body = json!({"namespace": "app", "name": name, "type": "rsa-4096"}).to_string();
+        let mut stream = std::os::unix::net::UnixStream::connect(&server.socket).unwrap();
+        write!(
+            stream,
+            "POST /v1/keys HTTP/1.1\r\nHost: keyhold\r\nContent-Type: application/json\r\n\
+             Content-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(150));
+        drop(stream);
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        // While its work still runs, the client's one turn is still taken.
+        let health = server.ask("GET", "/v1/health", None);
+        match error_code(&health) {
+            (429, "busy") => {
+                seen_busy = true;
+                break;
+            }
+            // The turn is free: only because the key is made.
+            (200, _) => assert_eq!(found(&name), 1, "the turn came back before the work ended"),
+            other => panic!("{other:?}: {}", health.1),
+        }
+    }
+    assert!(
+        seen_busy,
+        "eight RSA-4096 keys were each made within 250 ms"
+    );
     // Once it ends, the key is made and the turn free again.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
     while server.ask("GET", "/v1/health", None).0 != 200 {
@@ -906,8 +927,8 @@ fn a_client_that_goes_away_keeps_its_turn_until_its_work_ends() {
         );
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
-    let (_, found) = server.ask("GET", "/v1/keys?namespace=app&name=big", None);
-    assert_eq!(found.as_array().map(Vec::len), Some(1), "{found}");
+    let made = (0..8).map(|i| found(&format!("big{i}"))).sum::<usize>();
+    assert!(made >= 1, "no key was made");
 }
 
 /// Review: a data key was audited as `encrypt`. It is audited as what it is, `datakey` or
