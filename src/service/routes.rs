@@ -61,9 +61,10 @@ pub struct State {
 
 /// Device uses whose keystore calls took longer than this on average ([`UseTimes`]) are not run
 /// on the thread that read their request: that thread's other tasks would wait for them. Handing
-/// a call to another thread and its answer back costs about 100 µs of CPU here: in the serve
-/// bench, a SoftHSM2 signature at one client cost 160 µs of CPU (client and service) run there,
-/// 240–310 µs handed over.
+/// over costs 65–110 µs of CPU here, whether the call goes to the blocking pool or, alone, stays
+/// on this thread while its other work goes to another (`block_in_place`): in the serve bench, a
+/// SoftHSM2 signature at one client cost 160 and 243 µs of CPU (client and service) run here
+/// without either, 271 and 308 µs with `block_in_place`, 240 and 308 µs on the pool.
 const SHORT_USE: Duration = Duration::from_micros(500);
 
 /// A backend's gate, whether it computes in process ([`crate::Backend::computes_in_process`]),
