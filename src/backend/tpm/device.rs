@@ -481,7 +481,8 @@ impl TpmDevice {
     }
 }
 
-#[cfg(all(test, feature = "testing", feature = "serve"))]
+#[cfg(test)]
+#[cfg(all(feature = "testing", feature = "serve"))]
 mod tests {
     #![allow(clippy::unwrap_used)]
 

@@ -9,7 +9,8 @@ use axum::Json;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use super::{authorize, granted, json_bytes, run_blocking, Placement, State};
+use super::placement::{run_blocking, Placement};
+use super::{authorize, granted, json_bytes, State};
 use crate::service::api::ApiError;
 use crate::service::auth::Caller;
 use crate::service::ops::{Action, Input, Reply};
