@@ -931,6 +931,59 @@ fn a_client_that_goes_away_keeps_its_turn_until_its_work_ends() {
     assert!(made >= 1, "no key was made");
 }
 
+/// Review (stop 26): one batch could hold every turn of a backend's gate, whatever its client's
+/// `max_concurrent`. Runs of a batch at once beyond its first now each hold a turn of the
+/// client's, taken only while more than half are free: with one turn or two, the runs go one at
+/// a time; with four, two at once. The signatures alternate between an RSA key (a run on the
+/// pool, milliseconds) and an ECDSA key (a quick run, microseconds), each a run of its own: run
+/// at once, quick ones end, and are audited, before the RSA ones begun before them.
+#[test]
+fn a_batch_runs_at_once_only_the_runs_its_clients_turns_allow() {
+    let env = env();
+    let rsa = env.create_key("rsa", "rsa-2048", &["--namespace", "app"]);
+    let ec = env.create_key("ec", "ecdsa-p256", &["--namespace", "app"]);
+    let in_order: Vec<&str> = (0..12).flat_map(|_| ["rsa", "ec"]).collect();
+    let mut audited = audit_entries(&env).len();
+    for (max, one_at_a_time) in [(1, true), (2, true), (4, false)] {
+        let config = client("\"app\"", &format!("max_concurrent = {max}"));
+        let server = Server::start(&env, &config);
+        let operations: Vec<Value> = (0..12)
+            .flat_map(|i| {
+                let data = b64(format!("{max}-{i}").as_bytes());
+                [
+                    json!({"op": "sign", "key": rsa, "data": data}),
+                    json!({"op": "sign", "key": ec, "data": data}),
+                ]
+            })
+            .collect();
+        server.batch_ok(&operations);
+        let (status, err) = server.stop();
+        assert!(status.success(), "{err}");
+        let entries = audit_entries(&env);
+        let signed: Vec<&str> = entries[audited..]
+            .iter()
+            .filter(|e| e["client"] == "app" && e["operation"] == "sign")
+            .map(|e| {
+                if e["key_id"] == rsa.as_str() {
+                    "rsa"
+                } else {
+                    "ec"
+                }
+            })
+            .collect();
+        audited = entries.len();
+        assert_eq!(signed.len(), in_order.len(), "max_concurrent = {max}");
+        if one_at_a_time {
+            assert_eq!(signed, in_order, "max_concurrent = {max}: runs ran at once");
+        } else {
+            assert_ne!(
+                signed, in_order,
+                "max_concurrent = {max}: no run ran beside another"
+            );
+        }
+    }
+}
+
 /// Review: a data key was audited as `encrypt`. It is audited as what it is, `datakey` or
 /// `datakey-wrapped` (`audit show` says so), with the client; the grants are as before.
 #[test]

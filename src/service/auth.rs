@@ -267,6 +267,23 @@ impl Caller {
         self.turn.clone()
     }
 
+    /// The same caller with one more of its client's `max_concurrent` turns, for work of its
+    /// request beside the work its own turn holds (a batch's runs at once): taken only if free
+    /// now (never waited for), and only while more than half of the client's turns are free, so
+    /// that such work alone does not make the client `busy`. (The count is read, then a turn
+    /// taken: requests doing this at the same instant may each take one past the half.)
+    pub(super) fn spare_turn(&self) -> Option<Self> {
+        let busy = &self.client.busy;
+        if busy.available_permits() <= self.client.grant.concurrency() / 2 {
+            return None;
+        }
+        let permit = Arc::clone(busy).try_acquire_owned().ok()?;
+        Some(Self {
+            client: Arc::clone(&self.client),
+            turn: Some(Turn::new(permit)),
+        })
+    }
+
     /// Its name, shared.
     pub(super) fn name_arc(&self) -> Arc<str> {
         Arc::clone(&self.client.label)

@@ -30,9 +30,10 @@ const QUICK_RUN: usize = 8;
 /// [`MAX_BATCH`]; each answered in order as `{"status":N,"result":…}` or
 /// `{"status":N,"error":{…}}`. Each is checked as its own request would be (grant, namespace);
 /// those allowed run in runs of consecutive operations on one backend, each behind that
-/// backend's gate alone. Runs of uses may run at once (on as many threads as are free); an
-/// operation that changes its key runs alone, after every operation before it and before any
-/// after it.
+/// backend's gate alone. Runs of uses may run at once (on as many threads as are free), one on
+/// the request's turn and each other on a turn its client has to spare ([`Caller::spare_turn`]);
+/// an operation that changes its key runs alone, after every operation before it and before
+/// any after it.
 ///
 /// The body is read once for where each operation is and its `op` and `key` (up to
 /// [`INLINE_BATCH_BODY`] on the thread that serves the connection, a larger one off it); an
@@ -80,10 +81,14 @@ pub(super) async fn batch(
     // takes it, from memory only, one after the other, until one would have to wait: that one
     // and the rest of the run go on to the pool. Other runs go to one thread of the blocking
     // pool. Runs of uses are tasks of their own, taken by whichever worker is free, so that one
-    // batch may use every CPU; an operation that changes its key (rotate, state, destroy,
-    // policy) waits for those before it to end and runs alone, before any after it.
+    // batch may use every CPU, as far as its client's turns allow; an operation that changes its
+    // key (rotate, state, destroy, policy) waits for those before it to end and runs alone,
+    // before any after it.
     let mut ready = ready.into_iter().peekable();
     let mut running = tokio::task::JoinSet::new();
+    // The request's own turn runs one run at a time; each other run at once holds a turn of
+    // the client's to spare (`max_concurrent`), or waits for a run to end.
+    let mut own_turn_free = true;
     while let Some(first) = ready.next() {
         let placement = first.2.clone();
         let alone = first.1.action.changes_key();
@@ -94,24 +99,44 @@ pub(super) async fn batch(
         }) {
             group.push(next);
         }
-        let run = run_group(
-            state.clone(),
-            client.clone(),
-            body.clone(),
-            placement,
-            group,
-        );
         if alone {
             while let Some(answered) = running.join_next().await {
-                answer(&mut results, joined(answered)?);
+                answer(&mut results, joined(answered)?.0);
             }
+            own_turn_free = true;
+            let run = run_group(
+                state.clone(),
+                client.clone(),
+                body.clone(),
+                placement,
+                group,
+            );
             answer(&mut results, run.await?);
-        } else {
-            running.spawn(run);
+            continue;
         }
+        let (caller, own) = loop {
+            if own_turn_free {
+                own_turn_free = false;
+                break (client.clone(), true);
+            }
+            if let Some(spare) = client.spare_turn() {
+                break (spare, false);
+            }
+            // Every turn this batch may hold is in use: the next run waits for one to end.
+            match running.join_next().await {
+                Some(ended) => {
+                    let (answered, own) = joined(ended)?;
+                    own_turn_free |= own;
+                    answer(&mut results, answered);
+                }
+                None => own_turn_free = true,
+            }
+        };
+        let run = run_group(state.clone(), caller, body.clone(), placement, group);
+        running.spawn(async move { run.await.map(|answered| (answered, own)) });
     }
     while let Some(answered) = running.join_next().await {
-        answer(&mut results, joined(answered)?);
+        answer(&mut results, joined(answered)?.0);
     }
     Ok(Json(Results { results }))
 }
@@ -154,10 +179,10 @@ async fn run_group(
     .await
 }
 
-/// A run's outcomes, or why its task did not end.
+/// A run's outcomes and whether it held the request's own turn, or why its task did not end.
 fn joined(
-    ended: Result<Result<Answered, ApiError>, tokio::task::JoinError>,
-) -> Result<Answered, ApiError> {
+    ended: Result<Result<(Answered, bool), ApiError>, tokio::task::JoinError>,
+) -> Result<(Answered, bool), ApiError> {
     ended.map_err(|e| ApiError::internal(format!("a run of the batch did not finish: {e}")))?
 }
 
