@@ -276,6 +276,7 @@ fn moved(env: &Env, old: &str, new: &str) -> String {
 }
 
 /// The sealer parameters the store records (its metadata, as keyhold reads it).
+#[cfg(feature = "pkcs11")]
 fn seal_params(env: &Env) -> (String, serde_json::Value) {
     let store = keyhold::store::Store::open(&env.store).unwrap();
     let sealed = &store.meta().sealed_root;
