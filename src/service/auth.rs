@@ -269,9 +269,10 @@ impl Caller {
 
     /// The same caller with one more of its client's `max_concurrent` turns, for work of its
     /// request beside the work its own turn holds (a batch's runs at once): taken only if free
-    /// now (never waited for), and only while more than half of the client's turns are free, so
-    /// that such work alone does not make the client `busy`. (The count is read, then a turn
-    /// taken: requests doing this at the same instant may each take one past the half.)
+    /// now (never waited for), and only while more than half of the client's turns are free.
+    /// Held until that work ends, it leaves the client's other requests the rest. (The count is
+    /// read, then a turn taken: another request of the client taking one at that instant leaves
+    /// it one past the half.)
     pub(super) fn spare_turn(&self) -> Option<Self> {
         let busy = &self.client.busy;
         if busy.available_permits() <= self.client.grant.concurrency() / 2 {
