@@ -100,7 +100,7 @@ pub fn reveal_software_key(
 }
 
 /// The variable that names a fault point at which a process ends at once, as if killed there:
-/// [`fault_point`]. For crash tests of orderings a random kill rarely hits (a change committed to
+/// `fault_point`. For crash tests of orderings a random kill rarely hits (a change committed to
 /// the store, its counter not yet advanced).
 pub const FAULT_VAR: &str = "KEYHOLD_TEST_FAULT";
 

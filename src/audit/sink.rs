@@ -234,7 +234,7 @@ impl AuditSink {
     }
 
     /// Whether so many key uses wait to be written that the next ones may be written by their
-    /// callers ([`MAX_PENDING`], less a margin for callers adding theirs meanwhile).
+    /// callers (`MAX_PENDING`, less a margin for callers adding theirs meanwhile).
     pub fn backlogged(&self) -> bool {
         const MARGIN: usize = 1024;
         self.inner

@@ -10,7 +10,7 @@ pub enum Remote {
     /// Its Unix socket.
     Unix(PathBuf),
     /// Its TCP listener, over TLS (`keyhold serve --listen tcp:… --tls-cert …`): the client
-    /// needs [`RemoteKeystore::with_tls`].
+    /// needs [`RemoteKeystore::with_tls`](crate::service::RemoteKeystore::with_tls).
     Https {
         /// A DNS name or an IP address (an IPv6 one without brackets): the service's certificate
         /// must name it.
