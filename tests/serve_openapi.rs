@@ -669,11 +669,18 @@ fn the_server_answers_as_the_document_says() {
         let mut answers: BTreeMap<String, Value> = BTreeMap::new();
         let mut path = op.path.clone();
         if let Some(fixture) = test.get("fixture").and_then(Value::as_str) {
-            let (status, key) = server.ask(
-                "POST",
-                "/v1/keys",
-                Some(&json!({"namespace": "app", "name": format!("fixture-{n}"), "type": fixture})),
-            );
+            let mut create =
+                json!({"namespace": "app", "name": format!("fixture-{n}"), "type": fixture});
+            // What else the fixture is made with (an exportable key, for `export`).
+            for (field, value) in test
+                .get("fixture_body")
+                .and_then(Value::as_object)
+                .into_iter()
+                .flatten()
+            {
+                create[field] = value.clone();
+            }
+            let (status, key) = server.ask("POST", "/v1/keys", Some(&create));
             assert_eq!(status, 201, "{}: its fixture: {key}", op.id());
             let id = key["id"].as_str().unwrap().to_owned();
             path = path.replace("{id}", &id);

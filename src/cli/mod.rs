@@ -533,18 +533,18 @@ fn run(args: &Args) -> CmdResult {
 /// Whether `command` may run through `--remote`: key and cryptographic commands. The others
 /// administer the store (or are the service) and run where it is.
 fn runs_remotely(command: &Command) -> bool {
-    match command {
-        Command::Key(c) => !matches!(c, key::KeyCommand::Export(_) | key::KeyCommand::Import(_)),
-        Command::Sign(_)
-        | Command::Verify(_)
-        | Command::Encrypt(_)
-        | Command::Decrypt(_)
-        | Command::Rewrap(_)
-        | Command::Mac(_)
-        | Command::MacVerify(_)
-        | Command::Random(_) => true,
-        _ => false,
-    }
+    matches!(
+        command,
+        Command::Key(_)
+            | Command::Sign(_)
+            | Command::Verify(_)
+            | Command::Encrypt(_)
+            | Command::Decrypt(_)
+            | Command::Rewrap(_)
+            | Command::Mac(_)
+            | Command::MacVerify(_)
+            | Command::Random(_)
+    )
 }
 
 fn dispatch(ctx: &Context, args: &Args) -> CmdResult {

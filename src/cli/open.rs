@@ -102,7 +102,8 @@ pub fn not_remote(remote: &str) -> Failure {
     Failure::Usage(format!(
         "this command runs where the store is, not through --remote {remote}: the service runs \
          key and cryptographic commands (key create, list, show, id, pubkey, rotate, suspend, \
-         resume, deactivate, compromise, destroy, cancel-destroy, set, history; sign, verify, \
+         resume, deactivate, compromise, destroy, cancel-destroy, set, history, export, import; \
+         sign, verify, \
          encrypt, decrypt, rewrap, mac, mac-verify, random)"
     ))
 }

@@ -100,8 +100,8 @@ pub fn export(ctx: &Context, args: &ExportArgs) -> CmdResult {
         .as_deref()
         .map(|path| read_file(path, "public key"))
         .transpose()?;
-    let ks = io::open_keystore(ctx)?;
-    let id = args.key.resolve(ctx, &ks)?;
+    let ks = io::open_keys(ctx)?;
+    let id = args.key.resolve(ctx, ks.as_ref())?;
     let to = match (&args.wrap_with, &public, &args.wrap_with_trusted) {
         (Some(kek), _, _) => ExportTo::Key(kek),
         (None, Some(public), _) => ExportTo::Public(public),
@@ -127,7 +127,7 @@ pub fn import(ctx: &Context, args: &ImportArgs) -> CmdResult {
         check_id("--unwrap-with", id)?;
     }
     let input = read_file(&args.input, "key file")?;
-    let ks = io::open_keystore(ctx)?;
+    let ks = io::open_keys(ctx)?;
     let info = ks.import_key(
         &KeyRequest {
             namespace: ctx.namespace.clone(),

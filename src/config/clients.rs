@@ -102,6 +102,12 @@ pub enum Operation {
     Policy,
     /// Read a key's history.
     History,
+    /// Export an exportable key, wrapped (under a key the client sees, to a public key, or
+    /// under a token's trusted wrapping key).
+    Export,
+    /// Bring a key in: wrapped (unwrapped with a key the client sees), or a private key or raw
+    /// secret.
+    Import,
     /// Read the service's metrics.
     Metrics,
     /// List the service's clients.
@@ -110,7 +116,7 @@ pub enum Operation {
 
 impl Operation {
     /// Every operation, in the order of the documentation.
-    pub const ALL: [Self; 21] = [
+    pub const ALL: [Self; 23] = [
         Self::Create,
         Self::List,
         Self::Show,
@@ -130,6 +136,8 @@ impl Operation {
         Self::Destroy,
         Self::Policy,
         Self::History,
+        Self::Export,
+        Self::Import,
         Self::Metrics,
         Self::Admin,
     ];
@@ -156,6 +164,8 @@ impl Operation {
             Self::Destroy => "destroy",
             Self::Policy => "policy",
             Self::History => "history",
+            Self::Export => "export",
+            Self::Import => "import",
             Self::Metrics => "metrics",
             Self::Admin => "admin",
         }
@@ -259,8 +269,10 @@ mod operation_tests {
             Operation::Destroy => 16,
             Operation::Policy => 17,
             Operation::History => 18,
-            Operation::Metrics => 19,
-            Operation::Admin => 20,
+            Operation::Export => 19,
+            Operation::Import => 20,
+            Operation::Metrics => 21,
+            Operation::Admin => 22,
         }
     }
 

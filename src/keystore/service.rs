@@ -6,7 +6,9 @@
 //! The store's own administration (backups, re-sealing, verification, the audit log) is not
 //! here: it runs where the store is.
 
-use super::{KeyEvent, KeyInfo, KeyRequest, Keystore, PolicyChange, Transition, UseOptions, Used};
+use super::{
+    ExportTo, KeyEvent, KeyInfo, KeyRequest, Keystore, PolicyChange, Transition, UseOptions, Used,
+};
 use crate::backend::KeyOptions;
 use crate::error::Result;
 use crate::key::SignatureFormat;
@@ -175,6 +177,26 @@ pub trait KeyService: Send + Sync {
     /// As [`Keystore::history`].
     fn history(&self, id: &str) -> Result<Vec<KeyEvent>>;
 
+    /// The exportable key `id`, wrapped as `to` says ([`Keystore::export_key`]).
+    ///
+    /// # Errors
+    /// As [`Keystore::export_key`]; for a service, a wrapping key it does not let the caller see
+    /// is one that does not exist.
+    fn export_key(&self, id: &str, to: ExportTo<'_>) -> Result<Vec<u8>>;
+
+    /// Brings a key in: `input` wrapped (unwrapped with the key `unwrap_with`), or a private key
+    /// or raw secret ([`Keystore::import_key`]).
+    ///
+    /// # Errors
+    /// As [`Keystore::import_key`]; for a service, its refusals too.
+    fn import_key(
+        &self,
+        request: &KeyRequest,
+        input: &[u8],
+        unwrap_with: Option<&str>,
+        options: &KeyOptions,
+    ) -> Result<KeyInfo>;
+
     /// How the store's root secret is sealed (`passphrase`, `tpm`, `pkcs11`):
     /// [`Keystore::sealer_kind`].
     ///
@@ -306,6 +328,20 @@ impl KeyService for Keystore {
 
     fn history(&self, id: &str) -> Result<Vec<KeyEvent>> {
         Keystore::history(self, id)
+    }
+
+    fn export_key(&self, id: &str, to: ExportTo<'_>) -> Result<Vec<u8>> {
+        Keystore::export_key(self, id, to)
+    }
+
+    fn import_key(
+        &self,
+        request: &KeyRequest,
+        input: &[u8],
+        unwrap_with: Option<&str>,
+        options: &KeyOptions,
+    ) -> Result<KeyInfo> {
+        Keystore::import_key(self, request, input, unwrap_with, options)
     }
 
     fn sealer_kind(&self) -> Result<String> {

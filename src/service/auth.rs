@@ -285,6 +285,12 @@ impl Caller {
         })
     }
 
+    /// Its client, shared: for work that checks what the client sees after the request's
+    /// future gave it away.
+    pub(super) fn client(&self) -> Arc<Client> {
+        Arc::clone(&self.client)
+    }
+
     /// Its name, shared.
     pub(super) fn name_arc(&self) -> Arc<str> {
         Arc::clone(&self.client.label)

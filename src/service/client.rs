@@ -22,8 +22,8 @@ use crate::backend::KeyOptions;
 use crate::error::{Error, Result};
 use crate::key::{Algorithm, KeyState, KeyType, SignatureFormat};
 use crate::keystore::{
-    check_not_oversized, KeyEvent, KeyInfo, KeyRequest, KeyService, PolicyChange, Transition,
-    UseOptions, Used, MAX_ENVELOPE, MAX_INPUT,
+    check_not_oversized, ExportTo, KeyEvent, KeyInfo, KeyRequest, KeyService, PolicyChange,
+    Transition, UseOptions, Used, MAX_ENVELOPE, MAX_INPUT,
 };
 use crate::public_key::PublicKey;
 use crate::secret::SecretBytes;
@@ -464,20 +464,11 @@ impl KeyService for RemoteKeystore {
             }
         };
         set("backend", request.backend.clone());
-        set(
-            "padding",
-            match spec.algorithm() {
-                Algorithm::RsaPkcs1Sha256 => Some("pkcs1v15".to_owned()),
-                Algorithm::RsaPssSha256 => Some("pss".to_owned()),
-                _ => None,
-            },
-        );
-        set(
-            "rotate_after",
-            options.rotate_after.map(|d| format!("{}s", d.as_secs())),
-        );
-        set("activate_at", options.activate_at.map(format_utc));
-        set("deactivate_at", options.deactivate_at.map(format_utc));
+        set("padding", padding_name(spec.algorithm()).map(str::to_owned));
+        let schedule = Schedule::of(options);
+        set("rotate_after", schedule.rotate_after);
+        set("activate_at", schedule.activate_at);
+        set("deactivate_at", schedule.deactivate_at);
         KeyInfo::from_json(&self.call(Method::POST, "/v1/keys", Some(&body))?)
     }
 
@@ -684,6 +675,49 @@ impl KeyService for RemoteKeystore {
             .collect()
     }
 
+    fn export_key(&self, id: &str, to: ExportTo<'_>) -> Result<Vec<u8>> {
+        let body = match to {
+            ExportTo::Key(kek) => {
+                check_id(kek)?;
+                json!({ "wrap_with": kek })
+            }
+            ExportTo::Public(public) => json!({ "to_public": b64(public) }),
+            ExportTo::Trusted(label) => json!({ "wrap_with_trusted": label }),
+        };
+        unb64(&self.act(id, "export", &body)?, "wrapped")
+    }
+
+    fn import_key(
+        &self,
+        request: &KeyRequest,
+        input: &[u8],
+        unwrap_with: Option<&str>,
+        options: &KeyOptions,
+    ) -> Result<KeyInfo> {
+        if let Some(id) = unwrap_with {
+            check_id(id)?;
+        }
+        check_not_oversized(input.len(), MAX_INPUT)?;
+        let key = secret_b64(input);
+        let spec = request.spec;
+        let body = ImportBody {
+            namespace: &request.namespace,
+            name: &request.name,
+            key_type: spec.key_type().as_str(),
+            purpose: spec.purpose().as_str(),
+            backend: request.backend.as_deref(),
+            padding: padding_name(spec.algorithm()),
+            schedule: Schedule::of(options),
+            extractable: options.extractable,
+            key: &key,
+            unwrap_with,
+        };
+        KeyInfo::from_json(
+            &serde_json::from_slice(&self.ask(Method::POST, "/v1/keys/import", Some(&body))?)
+                .map_err(|e| self.not_json(e))?,
+        )
+    }
+
     fn sealer_kind(&self) -> Result<String> {
         let answer = self.call(Method::GET, "/v1/health", None)?;
         Ok(text(&answer, "sealer")?.to_owned())
@@ -695,6 +729,57 @@ impl KeyService for RemoteKeystore {
         // The caller's own, as the keystore's `random` gives it.
         Ok(data.to_vec())
     }
+}
+
+/// The `padding` of a key's creation or import, for an RSA signing key.
+fn padding_name(algorithm: Algorithm) -> Option<&'static str> {
+    match algorithm {
+        Algorithm::RsaPkcs1Sha256 => Some("pkcs1v15"),
+        Algorithm::RsaPssSha256 => Some("pss"),
+        _ => None,
+    }
+}
+
+/// A key's schedule as its creation or import says it: `rotate_after` in seconds, the times in
+/// RFC 3339 UTC.
+#[derive(Serialize)]
+struct Schedule {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    rotate_after: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    activate_at: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    deactivate_at: Option<String>,
+}
+
+impl Schedule {
+    fn of(options: &KeyOptions) -> Self {
+        Self {
+            rotate_after: options.rotate_after.map(|d| format!("{}s", d.as_secs())),
+            activate_at: options.activate_at.map(format_utc),
+            deactivate_at: options.deactivate_at.map(format_utc),
+        }
+    }
+}
+
+/// `POST /v1/keys/import`'s body; `key` is the key file in base64, zeroized by its owner.
+#[derive(Serialize)]
+struct ImportBody<'a> {
+    namespace: &'a str,
+    name: &'a str,
+    #[serde(rename = "type")]
+    key_type: &'static str,
+    purpose: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    backend: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    padding: Option<&'static str>,
+    #[serde(flatten)]
+    schedule: Schedule,
+    extractable: bool,
+    key: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    unwrap_with: Option<&'a str>,
 }
 
 /// `sign`'s body; `data` is the message in base64, zeroized by its owner.

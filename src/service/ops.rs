@@ -14,9 +14,10 @@ use serde_json::Value;
 use zeroize::Zeroizing;
 
 use super::api::{b64, ApiError, B64};
+use super::auth::Client;
 use crate::config::Operation;
 use crate::key::KeyState;
-use crate::keystore::{Keystore, PolicyText, Transition, UseOptions, Used};
+use crate::keystore::{ExportTo, Keystore, PolicyText, Transition, UseOptions, Used};
 use crate::SignatureFormat;
 
 /// How long `destroy` waits unless told (as `keyhold key destroy`).
@@ -34,6 +35,7 @@ pub enum Action {
     MacVerify,
     Datakey,
     DatakeyWrapped,
+    Export,
     Rotate,
     State(Transition),
     Destroy,
@@ -43,7 +45,7 @@ pub enum Action {
 
 impl Action {
     /// Every action, for the names.
-    const ALL: [Action; 17] = [
+    const ALL: [Action; 18] = [
         Self::Sign,
         Self::Verify,
         Self::Encrypt,
@@ -53,6 +55,7 @@ impl Action {
         Self::MacVerify,
         Self::Datakey,
         Self::DatakeyWrapped,
+        Self::Export,
         Self::Rotate,
         Self::State(Transition::Suspend),
         Self::State(Transition::Resume),
@@ -89,6 +92,7 @@ impl Action {
             Self::MacVerify => "mac-verify",
             Self::Datakey => "datakey",
             Self::DatakeyWrapped => "datakey-wrapped",
+            Self::Export => "export",
             Self::Rotate => "rotate",
             Self::State(Transition::Suspend) => "suspend",
             Self::State(Transition::Resume) => "resume",
@@ -111,7 +115,8 @@ impl Action {
             | Self::Mac
             | Self::MacVerify
             | Self::Datakey
-            | Self::DatakeyWrapped => false,
+            | Self::DatakeyWrapped
+            | Self::Export => false,
             Self::Rotate | Self::State(_) | Self::Destroy | Self::CancelDestroy | Self::Policy => {
                 true
             }
@@ -130,6 +135,7 @@ impl Action {
             Self::MacVerify => Operation::MacVerify,
             Self::Datakey => Operation::Datakey,
             Self::DatakeyWrapped => Operation::DatakeyWrapped,
+            Self::Export => Operation::Export,
             Self::Rotate => Operation::Rotate,
             Self::State(_) => Operation::State,
             Self::Destroy | Self::CancelDestroy => Operation::Destroy,
@@ -137,8 +143,16 @@ impl Action {
         }
     }
 
-    /// Runs the action on the key `id` with its JSON body `input`: the answer's JSON.
-    pub fn run(self, ks: &Keystore, id: &str, input: Input<'_>) -> Result<Reply, ApiError> {
+    /// Runs the action of `client` on the key `id` with its JSON body `input`: the answer's
+    /// JSON. The client is checked to see the key already; another key its body names (an
+    /// export's wrapping key) is checked here.
+    pub fn run(
+        self,
+        ks: &Keystore,
+        client: &Client,
+        id: &str,
+        input: Input<'_>,
+    ) -> Result<Reply, ApiError> {
         match self {
             Self::Sign => {
                 let body: SignBody = input.parse()?;
@@ -204,6 +218,7 @@ impl Action {
                     state: used.state,
                 })
             }
+            Self::Export => export(ks, client, id, input.parse()?),
             Self::Rotate => {
                 let body: ReasonBody = input.parse()?;
                 Ok(Reply::Changed(
@@ -361,6 +376,8 @@ pub enum Reply {
     Valid(Option<(u32, KeyState)>),
     /// A change of the key (rotate, a state change, destroy, its policy): what it answers.
     Changed(Value),
+    /// An export: `{"wrapped": TEXT}`, the wrapped key in base64.
+    Wrapped(String),
 }
 
 impl std::fmt::Debug for Reply {
@@ -382,6 +399,7 @@ impl std::fmt::Debug for Reply {
                 .finish(),
             Self::Valid(valid) => f.debug_tuple("Valid").field(valid).finish(),
             Self::Changed(value) => f.debug_tuple("Changed").field(value).finish(),
+            Self::Wrapped(_) => f.debug_tuple("Wrapped").finish_non_exhaustive(),
         }
     }
 }
@@ -435,6 +453,11 @@ impl serde::Serialize for Reply {
                 map.end()
             }
             Self::Changed(value) => value.serialize(s),
+            Self::Wrapped(text) => {
+                let mut map = s.serialize_map(Some(1))?;
+                map.serialize_entry("wrapped", text)?;
+                map.end()
+            }
         }
     }
 }
@@ -456,6 +479,55 @@ fn signature_format(format: Option<&str>) -> Result<SignatureFormat, ApiError> {
             "`format` is `der` or `raw`, not `{other}`"
         ))),
     }
+}
+
+/// `export`: the key `id` wrapped under the key `wrap_with` (which the client must see: one it
+/// does not is answered, and audited, as one that does not exist), to the RSA public key
+/// `to_public` (PEM or DER, in base64), or under the token's trusted key `wrap_with_trusted`;
+/// exactly one of them.
+fn export(ks: &Keystore, client: &Client, id: &str, body: ExportBody) -> Result<Reply, ApiError> {
+    let public = body
+        .to_public
+        .as_ref()
+        .map(|p| p.decode("to_public"))
+        .transpose()?;
+    let to = match (&body.wrap_with, &public, &body.wrap_with_trusted) {
+        (Some(kek), None, None) => {
+            sees_other_key(ks, client, "wrap", kek)?;
+            ExportTo::Key(kek)
+        }
+        (None, Some(public), None) => ExportTo::Public(public),
+        (None, None, Some(label)) => ExportTo::Trusted(label),
+        _ => {
+            return Err(ApiError::unprocessable(
+                "give exactly one of `wrap_with` (a key ID), `to_public` (an RSA public key, \
+                 PEM or DER, in base64) and `wrap_with_trusted` (a token key's label)"
+                    .into(),
+            ))
+        }
+    };
+    Ok(Reply::Wrapped(b64(&ks.export_key(id, to)?)))
+}
+
+/// Whether `client` sees the key `id` that a request names besides the key it acts on (an
+/// export's wrapping key, an import's unwrapping key), for `operation`: a key it does not see,
+/// or an ID that fails authentication, is refused before the keystore is asked, and the
+/// refusal audited, as the request's own key is (`routes::authorize`).
+pub fn sees_other_key(
+    ks: &Keystore,
+    client: &Client,
+    operation: &'static str,
+    id: &str,
+) -> Result<(), ApiError> {
+    let seen = match ks.authenticate_id(id) {
+        Ok(fields) if client.sees(&fields.namespace) => Ok(()),
+        Ok(_) => Err(ApiError::no_such_key()),
+        Err(e) => Err(ApiError::from(e)),
+    };
+    if let Err(refused) = &seen {
+        ks.audit_refusal(operation, id, refused.code());
+    }
+    seen
 }
 
 /// `destroy`: `{"now": true}` at once, `{"at": SECONDS}` then (now, if not in the future), else
@@ -562,6 +634,17 @@ struct DatakeyBody {
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
+struct ExportBody {
+    #[serde(default)]
+    wrap_with: Option<String>,
+    #[serde(default)]
+    to_public: Option<B64>,
+    #[serde(default)]
+    wrap_with_trusted: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 struct ReasonBody {
     #[serde(default)]
     reason: Option<String>,
@@ -647,6 +730,10 @@ mod tests {
             (
                 Reply::Changed(json!({"version": 4, "event": "rotated"})),
                 json!({"version": 4, "event": "rotated"}),
+            ),
+            (
+                Reply::Wrapped("d3JhcHBlZA".into()),
+                json!({"wrapped": "d3JhcHBlZA"}),
             ),
         ];
         let shown = format!("{:?}", cases[2].0);

@@ -16,7 +16,7 @@ use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use super::api::{b64, ApiError, NoQuery, PathOf};
+use super::api::{b64, ApiError, NoQuery, PathOf, B64};
 use super::auth::{Caller, Clients};
 use super::metrics::Metrics;
 use super::ops::{Action, Input, Reply};
@@ -141,6 +141,7 @@ pub fn router(state: State) -> Router {
         .route("/v1/clients", get(clients))
         .route("/v1/namespaces", get(namespaces))
         .route("/v1/keys", get(list).post(create))
+        .route("/v1/keys/import", post(import))
         .route("/v1/keys/{id}", get(show))
         .route("/v1/keys/{id}/{what}", get(read).post(act))
         .route("/v1/batch", post(batch))
@@ -491,6 +492,75 @@ async fn create(
     Ok((StatusCode::CREATED, Json(info.to_json())))
 }
 
+/// `POST /v1/keys/import`: a key brought in, as a creation with `key` (in base64) the key file:
+/// wrapped, unwrapped with the key `unwrap_with` (which the client must see), else a PKCS#8
+/// private key (PEM or DER) or an AES or HMAC key's 32 raw bytes.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ImportBody {
+    namespace: String,
+    name: String,
+    #[serde(rename = "type")]
+    key_type: String,
+    purpose: Option<String>,
+    backend: Option<String>,
+    padding: Option<String>,
+    rotate_after: Option<String>,
+    activate_at: Option<String>,
+    deactivate_at: Option<String>,
+    /// Let the key leave again, wrapped.
+    #[serde(default)]
+    extractable: bool,
+    key: B64,
+    unwrap_with: Option<String>,
+}
+
+async fn import(
+    axum::extract::State(state): axum::extract::State<State>,
+    caller: Result<Caller, ApiError>,
+    request: Request,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    let (client, request) = granted(caller, request, Some(Operation::Import)).await?;
+    let body: ImportBody = Input::Bytes(&json_bytes(request, &state).await?).parse()?;
+    if !client.sees(&body.namespace) {
+        return Err(ApiError::forbidden(format!(
+            "client `{}` may not import keys into namespace `{}`",
+            client.name, body.namespace
+        )));
+    }
+    let (key, unwrap_with) = (body.key, body.unwrap_with);
+    let (request, options) = CreateBody {
+        namespace: body.namespace,
+        name: body.name,
+        key_type: body.key_type,
+        purpose: body.purpose,
+        backend: body.backend,
+        padding: body.padding,
+        rotate_after: body.rotate_after,
+        activate_at: body.activate_at,
+        deactivate_at: body.deactivate_at,
+        extractable: body.extractable,
+    }
+    .request(crate::time::now())?;
+    let key = key.decode("key")?;
+    let backend = state.backend(request.backend_name());
+    let asker = client.client();
+    let info = run(
+        &state,
+        &client,
+        "import",
+        Placement::pool(backend),
+        move |ks| {
+            if let Some(id) = &unwrap_with {
+                super::ops::sees_other_key(ks, &asker, "unwrap", id)?;
+            }
+            Ok(ks.import_key(&request, &key, unwrap_with.as_deref(), &options)?)
+        },
+    )
+    .await?;
+    Ok((StatusCode::CREATED, Json(info.to_json())))
+}
+
 async fn show(
     axum::extract::State(state): axum::extract::State<State>,
     client: Caller,
@@ -577,8 +647,9 @@ async fn act(
     };
     let body = json_bytes(request, &state).await?;
     let placement = backend.for_body(body.len());
+    let asker = client.client();
     let answer = run(&state, &client, action.name(), placement, move |ks| {
-        action.run(ks, &id, Input::Bytes(&body))
+        action.run(ks, &asker, &id, Input::Bytes(&body))
     })
     .await?;
     Ok(Json(answer))

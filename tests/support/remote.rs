@@ -1,6 +1,6 @@
 //! The CLI tests' remote mode (`KEYHOLD_TEST_REMOTE=1`, or [`super::env::Env::remote`]): every
 //! command a test runs that may run through `keyhold --remote` (`runs_remotely()` in
-//! src/cli/mod.rs: key commands but export and import, and the cryptographic ones) goes through a
+//! src/cli/mod.rs: key commands and the cryptographic ones) goes through a
 //! real `keyhold serve` holding the test's store, so that the tests' assertions on output and exit
 //! codes hold for the remote CLI too (issue 12: "the CLI's whole test suite also run through
 //! `--remote`").
@@ -12,7 +12,7 @@
 //!   only). It is stopped (SIGTERM, so backends close cleanly) when the Env drops.
 //! - Before any other command of the Env runs, the service is stopped, and it starts again at the
 //!   next remote command: the command may write the store (init, reseal, restore, recovery,
-//!   maintain, backup, key import…) or need a device the service holds open (a TPM, a token
+//!   maintain, backup…) or need a device the service holds open (a TPM, a token
 //!   session), and a service started on the store as it is now is, to a client, the same as
 //!   the store. Stopping before rather than after also keeps the two from ever running at once,
 //!   and flushes the key uses the service buffers for the audit log (`[audit] flush_ms`) before
@@ -521,7 +521,7 @@ pub fn may_run_remotely(text: &[&str]) -> bool {
     match command {
         "key" => {
             let sub = words.find(|w| !w.starts_with('-'));
-            !matches!(sub, Some("export" | "import") | None)
+            sub.is_some()
         }
         other => REMOTE_COMMANDS.contains(&other),
     }

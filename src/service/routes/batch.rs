@@ -153,7 +153,11 @@ async fn run_group(
     placement: Placement,
     group: Vec<(usize, Item, Placement)>,
 ) -> Result<Answered, ApiError> {
-    let (metrics, who) = (Arc::clone(&state.metrics), client.name_arc());
+    let (metrics, who, asker) = (
+        Arc::clone(&state.metrics),
+        client.name_arc(),
+        client.client(),
+    );
     let label = placement
         .backend
         .clone()
@@ -164,7 +168,7 @@ async fn run_group(
         while let Some((i, item, _)) = group.get(next) {
             let started = Instant::now();
             let fields = &body[item.at.clone()];
-            let outcome = item.action.run(ks, &item.key, Input::Item(fields));
+            let outcome = item.action.run(ks, &asker, &item.key, Input::Item(fields));
             if crate::keystore::would_wait() {
                 // Not done: this one again, and those after it, on the pool.
                 return Vec::new();

@@ -324,6 +324,9 @@ mod tests {
             (Operation::Show, EcdsaP256),
             (Operation::Pubkey, EcdsaP256),
             (Operation::History, Aes256Gcm),
+            // A wrapping is two uses, each audited; an import writes the store.
+            (Operation::Export, Aes256Gcm),
+            (Operation::Import, EcdsaP256),
         ];
         for (operation, key_type) in pooled {
             assert!(
