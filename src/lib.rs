@@ -56,8 +56,8 @@ pub use keystore::ExportTo;
 pub use keystore::{
     random_bytes, BackendHealth, Backup, BackupInfo, ClientGrant, ClientToken, Doctor, Done,
     KeyEvent, KeyIdFields, KeyInfo, KeyRequest, KeyService, Keystore, Maintenance, MissingKey,
-    Orphan, PolicyChange, PolicyText, Reanchored, Restored, RootSource, TokenClient, Transition,
-    UncheckedKey, UseOptions, Used, VersionInfo, BACKUP_EXTENSION, DEFAULT_NAMESPACE,
+    Orphan, PolicyChange, PolicyText, Reanchored, Restored, RootSource, StoreAdmin, TokenClient,
+    Transition, UncheckedKey, UseOptions, Used, VersionInfo, BACKUP_EXTENSION, DEFAULT_NAMESPACE,
     KEY_ID_PREFIX, MAX_ENVELOPE, MAX_INPUT, MAX_RANDOM, TOKEN_PREFIX,
 };
 /// `keyhold store verify`'s report, and its periodic run.

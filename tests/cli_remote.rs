@@ -1,5 +1,6 @@
-//! `keyhold --remote unix:PATH`: the command line's key and cryptographic commands through a
-//! running `keyhold serve`, which holds the store. Each is run both ways on the same store: the
+//! `keyhold --remote unix:PATH`: the command line's key and cryptographic commands, and for an
+//! admin client the store's checks and audit log, through a running `keyhold serve`, which
+//! holds the store. Each is run both ways on the same store: the
 //! output and exit code through the service are the command's own, and what one way makes the
 //! other uses (signatures, envelopes, tags, lifecycle changes).
 #![cfg(feature = "serve")]
@@ -285,8 +286,17 @@ fn key_and_cryptographic_commands_run_through_the_service_with_the_same_output_a
     let random = env.ok_text(&remote_args(r, &["random", "16"]));
     assert_eq!(random.trim().len(), 32);
 
-    // Administering the store is not for a client: exit 2, naming why.
-    for args in [&["store", "verify"][..], &["audit", "show"], &["maintain"]] {
+    // The store's checks need the `admin` grant, which this client lacks.
+    for args in [
+        &["store", "verify"][..],
+        &["audit", "show"],
+        &["audit", "verify"],
+    ] {
+        let out = env.run(&remote_args(r, args), b"");
+        assert_fail(&out, 1, "may not admin", &format!("{args:?}"));
+    }
+    // Changing the store as a whole is not for a client: exit 2, naming why.
+    for args in [&["maintain"][..], &["reseal"], &["backup", "--to", "x"]] {
         let out = env.run(&remote_args(r, args), b"");
         assert_fail(&out, 2, "runs where the store is", &format!("{args:?}"));
     }
@@ -295,6 +305,102 @@ fn key_and_cryptographic_commands_run_through_the_service_with_the_same_output_a
     // No service: said so, exit 1.
     let out = env.run(&remote_args(r, &["key", "list"]), b"");
     assert_fail(&out, 1, "connect to keyhold serve at unix:", "no service");
+}
+
+/// `audit verify`, `audit show` and `store verify` through the service, for a client granted
+/// `admin`: what the store's own commands say, and the entries of the service's key uses name
+/// their client.
+#[test]
+fn the_stores_checks_and_audit_log_run_through_the_service_for_an_admin_client() {
+    let env = env();
+    let signer = env.create_key("signer", "ecdsa-p256", &[]);
+    let other = env.create_key("other", "hmac-sha256", &[]);
+    let server = Server::start(
+        &env,
+        &client(
+            "\"default\"",
+            "operations = [\"admin\", \"sign\", \"list\"]",
+        ),
+    );
+    let remote = format!("unix:{}", server.socket.display());
+    let r = remote.as_str();
+    std::fs::write(env.file("msg"), b"m").unwrap();
+    let msg = env.path_str("msg");
+    env.ok(
+        &remote_args(r, &["sign", "--key", &signer, "--in", &msg, "--out", "-"]),
+        b"",
+        "sign",
+    );
+
+    // Through the service first (it writes out the key uses it buffers), then here.
+    let entries = |args: &[&str]| -> Vec<serde_json::Value> {
+        let mut all = vec!["--json", "audit", "show"];
+        all.extend_from_slice(args);
+        let served = env.ok(&remote_args(r, &all), b"", "audit show, served");
+        let here = env.ok(&all, b"", "audit show, here");
+        assert_eq!(
+            String::from_utf8_lossy(&served),
+            String::from_utf8_lossy(&here),
+            "{args:?}"
+        );
+        serde_json::from_slice(&served).unwrap()
+    };
+    let all = entries(&[]);
+    assert!(
+        all.iter().any(|e| e["operation"] == "sign"
+            && e["key_id"] == signer.as_str()
+            && e["client"] == "app"),
+        "{all:?}"
+    );
+    let of_signer = entries(&["--key", &signer]);
+    assert!(!of_signer.is_empty());
+    assert!(of_signer.iter().all(|e| e["key_id"] == signer.as_str()));
+    assert_eq!(entries(&["--name", "signer"]), of_signer);
+    assert!(entries(&["--key", &other])
+        .iter()
+        .all(|e| e["key_id"] == other.as_str()));
+    assert_eq!(
+        entries(&["--since", "+1d"]),
+        Vec::<serde_json::Value>::new()
+    );
+    // The text form too.
+    same(&env, r, &["audit", "show", "--key", &signer]);
+    same(&env, r, &["--json", "audit", "verify"]);
+    same(&env, r, &["audit", "verify"]);
+
+    // The whole store: every check passes, as here; the report names the service.
+    let verify = |args: &[&str]| -> serde_json::Value {
+        let out = env.ok(args, b"", "store verify");
+        serde_json::from_slice(&out).unwrap()
+    };
+    let served = verify(&remote_args(r, &["--json", "store", "verify"]));
+    let here = verify(&["--json", "store", "verify"]);
+    for field in ["status", "healthy", "store_id", "keys"] {
+        assert_eq!(served[field], here[field], "{field}: {served}");
+    }
+    assert_eq!(served["status"], "passed", "{served}");
+    let kinds = |report: &serde_json::Value| -> Vec<serde_json::Value> {
+        report["sections"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s["kind"].clone())
+            .collect()
+    };
+    assert_eq!(kinds(&served), kinds(&here));
+    let text = env.ok_text(&remote_args(r, &["store", "verify"]));
+    assert!(text.starts_with(&format!("store: {r} (id ")), "{text}");
+    assert!(
+        text.ends_with("store verify: every check passed\n"),
+        "{text}"
+    );
+
+    // A tampered key ID is refused as here (exit 3).
+    let mut tampered = signer.clone();
+    tampered.replace_range(12..13, if &signer[12..13] == "A" { "B" } else { "A" });
+    same_refusal(&env, r, &["audit", "show", "--key", &tampered], 3);
+    let (status, err) = server.stop();
+    assert!(status.success(), "{err}");
 }
 
 /// A client known by a bearer token: from `--token-file` or `$KEYHOLD_TOKEN`, never the command

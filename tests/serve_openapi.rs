@@ -403,7 +403,11 @@ fn struct_fields(name: &str) -> (BTreeMap<String, bool>, bool) {
         fields.insert(serde_name.to_owned(), !optional);
         attributes.clear();
     }
-    assert!(!fields.is_empty(), "read no field of `struct {name}`");
+    // A struct of no field is written `struct NAME {}`.
+    assert!(
+        !fields.is_empty() || body.starts_with('}'),
+        "read no field of `struct {name}`"
+    );
     (fields, deny)
 }
 

@@ -151,6 +151,77 @@ pub struct Verified {
     pub cut_short: bool,
 }
 
+impl Entry {
+    /// The entry as `keyhold audit show --json` and the service's `GET /v1/audit` give it: its
+    /// time in RFC 3339 UTC.
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "seq": self.seq,
+            "time": crate::time::format_utc(self.time),
+            "operation": self.operation,
+            "key_id": self.key_id,
+            "version": self.version,
+            "namespace": self.namespace,
+            "outcome": self.outcome,
+            "caller": { "uid": self.caller.uid, "pid": self.caller.pid },
+            "client": self.client,
+            "prev": self.prev,
+        })
+    }
+
+    /// An entry as [`Self::to_json`] gives it (a service's answer).
+    ///
+    /// # Errors
+    /// [`crate::Error::InvalidInput`] for JSON that is not such an entry.
+    pub fn from_json(value: &serde_json::Value) -> crate::Result<Self> {
+        let mut value = value.clone();
+        let time = value["time"]
+            .as_str()
+            .and_then(|t| crate::time::parse_instant(t, 0).ok())
+            .ok_or_else(|| crate::Error::InvalidInput("an audit entry without its time".into()))?;
+        value["time"] = time.into();
+        serde_json::from_value(value)
+            .map_err(|e| crate::Error::InvalidInput(format!("an audit entry: {e}")))
+    }
+}
+
+impl Verified {
+    /// As `keyhold audit verify --json` and the service's `POST /v1/audit/verify` say it: the
+    /// head in hex.
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "entries": self.entries,
+            "head": crate::hex::encode(&self.head),
+            "cut_short": self.cut_short,
+        })
+    }
+
+    /// A verification as [`Self::to_json`] gives it.
+    ///
+    /// # Errors
+    /// [`crate::Error::InvalidInput`] for JSON that is not one.
+    pub fn from_json(value: &serde_json::Value) -> crate::Result<Self> {
+        let head = value["head"]
+            .as_str()
+            .and_then(crate::hex::decode)
+            .and_then(|h| <[u8; 32]>::try_from(h).ok());
+        match (
+            value["entries"].as_u64(),
+            head,
+            value["cut_short"].as_bool(),
+        ) {
+            (Some(entries), Some(head), Some(cut_short)) => Ok(Self {
+                entries,
+                head,
+                cut_short,
+            }),
+            _ => Err(crate::Error::InvalidInput(format!(
+                "not an audit log's verification: {value}"
+            ))),
+        }
+    }
+}
+
 /// Test helpers of the log's and the sink's tests.
 #[cfg(test)]
 mod test_support {

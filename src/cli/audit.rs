@@ -37,7 +37,7 @@ pub fn run(ctx: &Context, command: &AuditCommand) -> CmdResult {
 }
 
 fn verify(ctx: &Context) -> CmdResult {
-    let ks = io::open_keystore(ctx)?;
+    let ks = io::open_store_keys(ctx)?;
     let verified = ks.verify_audit()?;
     let head = keyhold::hex::encode(&verified.head);
     if verified.cut_short {
@@ -47,11 +47,7 @@ fn verify(ctx: &Context) -> CmdResult {
         );
     }
     if ctx.json {
-        io::print_json(&serde_json::json!({
-            "entries": verified.entries,
-            "head": head,
-            "cut_short": verified.cut_short,
-        }))
+        io::print_json(&verified.to_json())
     } else {
         io::print_line(&format!(
             "audit log verified: {} entries, head {head}",
@@ -70,18 +66,16 @@ fn show(ctx: &Context, args: &ShowArgs) -> CmdResult {
     if let Some(name) = &args.name {
         keyhold::validate_name("key name", name)?;
     }
-    let ks = io::open_keystore(ctx)?;
-    let mut entries = match (&args.key, &args.name) {
-        (Some(id), _) => ks.audit_entries_of_key(id)?,
-        (None, Some(name)) => ks.audit_entries_of_key(&select::id_of_name(ctx, &ks, name)?)?,
-        (None, None) => ks.audit_entries()?,
+    let ks = io::open_store_keys(ctx)?;
+    let id = match (&args.key, &args.name) {
+        (Some(id), _) => Some(id.clone()),
+        (None, Some(name)) => Some(select::id_of_name(ctx, ks.keys(), name)?),
+        (None, None) => None,
     };
-    if let Some(since) = since {
-        entries.retain(|e| e.time >= since);
-    }
+    let entries = ks.audit_entries(id.as_deref(), since)?;
     if ctx.json {
         return io::print_json(&serde_json::Value::Array(
-            entries.iter().map(entry_json).collect(),
+            entries.iter().map(Entry::to_json).collect(),
         ));
     }
     let mut out = String::new();
@@ -115,19 +109,4 @@ fn entry_line(e: &Entry) -> String {
         e.caller.pid,
         or_dash(e.key_id.as_deref()),
     ))
-}
-
-fn entry_json(e: &Entry) -> serde_json::Value {
-    serde_json::json!({
-        "seq": e.seq,
-        "time": format_utc(e.time),
-        "operation": e.operation,
-        "key_id": e.key_id,
-        "version": e.version,
-        "namespace": e.namespace,
-        "outcome": e.outcome,
-        "caller": { "uid": e.caller.uid, "pid": e.caller.pid },
-        "client": e.client,
-        "prev": e.prev,
-    })
 }

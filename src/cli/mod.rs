@@ -530,12 +530,15 @@ fn run(args: &Args) -> CmdResult {
     })
 }
 
-/// Whether `command` may run through `--remote`: key and cryptographic commands. The others
-/// administer the store (or are the service) and run where it is.
+/// Whether `command` may run through `--remote`: key and cryptographic commands, and the
+/// store's checks and audit log (`audit`, `store verify`: for a client granted `admin`). The
+/// others change the store as a whole (or are the service) and run where it is.
 fn runs_remotely(command: &Command) -> bool {
     matches!(
         command,
         Command::Key(_)
+            | Command::Audit(_)
+            | Command::Store(verify::StoreCommand::Verify(_))
             | Command::Sign(_)
             | Command::Verify(_)
             | Command::Encrypt(_)

@@ -5,7 +5,7 @@ use std::io::Write;
 
 use keyhold::config::SealerKind;
 use keyhold::sealer::{SealedRoot, Sealer};
-use keyhold::{KeyService, Keystore, PassphraseSealer};
+use keyhold::{KeyService, Keystore, PassphraseSealer, StoreAdmin};
 
 use super::passphrase::passphrase;
 use super::{Context, Failure};
@@ -101,24 +101,50 @@ pub fn open_keystore(ctx: &Context) -> Result<Keystore, Failure> {
 pub fn not_remote(remote: &str) -> Failure {
     Failure::Usage(format!(
         "this command runs where the store is, not through --remote {remote}: the service runs \
-         key and cryptographic commands (key create, list, show, id, pubkey, rotate, suspend, \
-         resume, deactivate, compromise, destroy, cancel-destroy, set, history, export, import; \
-         sign, verify, \
-         encrypt, decrypt, rewrap, mac, mac-verify, random)"
+         key commands (key create, list, show, id, pubkey, rotate, suspend, resume, deactivate, \
+         compromise, destroy, cancel-destroy, set, history, export, import), cryptographic ones \
+         (sign, verify, encrypt, decrypt, rewrap, mac, mac-verify, random) and, for a client \
+         granted admin, the store's checks (audit verify, audit show, store verify)"
     ))
 }
 
 /// The keys a key or cryptographic command works on: the service's with `--remote` (or
 /// `$KEYHOLD_REMOTE`), else the store's, opened here.
 pub fn open_keys(ctx: &Context) -> Result<Box<dyn KeyService>, Failure> {
+    Ok(open_store_keys(ctx)?.into_keys())
+}
+
+/// The store's keys and its checks and audit log ([`StoreAdmin`]), for the commands that read or
+/// verify the store: the service's with `--remote` (which needs the `admin` grant), else the
+/// store's, opened here.
+pub fn open_store_keys(ctx: &Context) -> Result<Box<dyn StoreKeys>, Failure> {
     match &ctx.remote {
         Some(remote) => remote_keys(ctx, remote),
         None => Ok(Box::new(open_keystore(ctx)?)),
     }
 }
 
+/// A store's keys and its administration, here or through a service.
+pub trait StoreKeys: KeyService + StoreAdmin {
+    /// The same, as its keys.
+    fn keys(&self) -> &dyn KeyService;
+
+    /// The same, as its keys only.
+    fn into_keys(self: Box<Self>) -> Box<dyn KeyService>;
+}
+
+impl<T: KeyService + StoreAdmin + 'static> StoreKeys for T {
+    fn keys(&self) -> &dyn KeyService {
+        self
+    }
+
+    fn into_keys(self: Box<Self>) -> Box<dyn KeyService> {
+        self
+    }
+}
+
 #[cfg(feature = "serve")]
-fn remote_keys(ctx: &Context, remote: &str) -> Result<Box<dyn KeyService>, Failure> {
+fn remote_keys(ctx: &Context, remote: &str) -> Result<Box<dyn StoreKeys>, Failure> {
     use keyhold::service::{Remote, RemoteKeystore};
     // A remote that is no remote is a usage error, as any malformed argument.
     let remote = Remote::parse(remote).map_err(|e| Failure::Usage(e.to_string()))?;
@@ -175,7 +201,7 @@ fn remote_tls(
 }
 
 #[cfg(not(feature = "serve"))]
-fn remote_keys(_: &Context, _: &str) -> Result<Box<dyn KeyService>, Failure> {
+fn remote_keys(_: &Context, _: &str) -> Result<Box<dyn StoreKeys>, Failure> {
     Err(keyhold::Error::not_built("serve").into())
 }
 

@@ -43,6 +43,21 @@ const UNCHECKED: u8 = 7;
 const TAMPERED: u8 = 10;
 
 fn verify(ctx: &Context, _args: &VerifyArgs) -> CmdResult {
+    let (report, place) = match &ctx.remote {
+        // The service verifies the store it holds open (its opening was checked then).
+        Some(remote) => (io::open_store_keys(ctx)?.verify_store()?, remote.clone()),
+        None => (verify_here(ctx)?, ctx.store.display().to_string()),
+    };
+    if ctx.json {
+        io::print_json(&report.to_json())?;
+    } else {
+        io::write_output(None, text(&place, &report).as_bytes())?;
+    }
+    verdict(&report)
+}
+
+/// The store opened here and verified, its opening too, with a progress bar on a terminal.
+fn verify_here(ctx: &Context) -> Result<VerifyReport, Failure> {
     // Look for the store (and its sealer) before asking for a passphrase nobody can use.
     let sealed = keyhold::store::Store::open(&ctx.store)?
         .meta()
@@ -58,19 +73,7 @@ fn verify(ctx: &Context, _args: &VerifyArgs) -> CmdResult {
     });
     drop(unlocking.take());
     bar.finish();
-    let report = report?;
-    if ctx.json {
-        let mut value = serde_json::to_value(&report)
-            .map_err(|e| Failure::Cli(format!("cannot encode the report: {e}")))?;
-        if let Some(object) = value.as_object_mut() {
-            object.insert("status".into(), report.status().as_str().into());
-            object.insert("healthy".into(), (report.status() == Status::Passed).into());
-        }
-        io::print_json(&value)?;
-    } else {
-        io::write_output(None, text(&ctx.store, &report).as_bytes())?;
-    }
-    verdict(&report)
+    Ok(report?)
 }
 
 /// `keyhold store reanchor --yes`.
@@ -152,13 +155,12 @@ fn verdict(report: &VerifyReport) -> CmdResult {
     })
 }
 
-/// `store: DIR (id …)`, then per check its status, summary and findings, then the verdict.
-fn text(dir: &std::path::Path, report: &VerifyReport) -> String {
+/// `store: WHERE (id …)` (its directory, or the service that holds it), then per check its
+/// status, summary and findings, then the verdict.
+fn text(place: &str, report: &VerifyReport) -> String {
     let mut out = format!(
         "store: {} (id {}, {} keys)\n",
-        dir.display(),
-        report.store_id,
-        report.keys
+        place, report.store_id, report.keys
     );
     for section in &report.sections {
         out.push_str(&format!(

@@ -57,7 +57,7 @@ use registry::build_backends;
 use resolve::ResolvedCache;
 use root::{derive_keys, initial_state, meta_mac, unseal_root, DerivedKeys};
 use rotation::Reservations;
-pub use service::KeyService;
+pub use service::{KeyService, StoreAdmin};
 pub use transport::ExportTo;
 pub use verify::{
     CheckKind, Finding, KeyName, PeriodicVerify, Section, Status, VerifyProgress, VerifyReport,

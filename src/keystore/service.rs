@@ -3,8 +3,9 @@
 //! `crate::service::RemoteKeystore`): applications and the command line use either through
 //! [`KeyService`] without knowing which.
 //!
-//! The store's own administration (backups, re-sealing, verification, the audit log) is not
-//! here: it runs where the store is.
+//! The store's checks and its audit log are [`StoreAdmin`]'s, done where the store is or, for a
+//! client granted `admin`, by a service. Changing the store as a whole (backups, restores,
+//! re-sealing, recovery) is in neither: it runs where the store is.
 
 use super::{
     ExportTo, KeyEvent, KeyInfo, KeyRequest, Keystore, PolicyChange, Transition, UseOptions, Used,
@@ -350,5 +351,59 @@ impl KeyService for Keystore {
 
     fn random(&self, n: usize) -> Result<Vec<u8>> {
         super::random_bytes(n)
+    }
+}
+
+/// The store's checks and its audit log, for its administrator: by [`Keystore`] where the store
+/// is, or by a service (`crate::service::RemoteKeystore`) for a client granted `admin`.
+pub trait StoreAdmin: Send + Sync {
+    /// The audit log's MACs and hash chain verified ([`Keystore::verify_audit`]).
+    ///
+    /// # Errors
+    /// As [`Keystore::verify_audit`].
+    fn verify_audit(&self) -> Result<crate::audit::Verified>;
+
+    /// The audit log's entries, oldest first: those of the key `key` only, if given (a genuine
+    /// ID; the key may be destroyed), and those at or after `since` (seconds since the epoch)
+    /// only, if given ([`Keystore::audit_entries`], [`Keystore::audit_entries_of_key`]).
+    ///
+    /// # Errors
+    /// As those.
+    fn audit_entries(
+        &self,
+        key: Option<&str>,
+        since: Option<i64>,
+    ) -> Result<Vec<crate::audit::Entry>>;
+
+    /// The whole store verified: records, audit log, key material, commitment
+    /// ([`Keystore::verify_store`]).
+    ///
+    /// # Errors
+    /// As [`Keystore::verify_store`]: what fails a check is in the report.
+    fn verify_store(&self) -> Result<crate::verify::VerifyReport>;
+}
+
+impl StoreAdmin for Keystore {
+    fn verify_audit(&self) -> Result<crate::audit::Verified> {
+        Keystore::verify_audit(self)
+    }
+
+    fn audit_entries(
+        &self,
+        key: Option<&str>,
+        since: Option<i64>,
+    ) -> Result<Vec<crate::audit::Entry>> {
+        let mut entries = match key {
+            Some(id) => self.audit_entries_of_key(id)?,
+            None => Keystore::audit_entries(self)?,
+        };
+        if let Some(since) = since {
+            entries.retain(|e| e.time >= since);
+        }
+        Ok(entries)
+    }
+
+    fn verify_store(&self) -> Result<crate::verify::VerifyReport> {
+        Keystore::verify_store(self, &|_| {})
     }
 }

@@ -731,6 +731,43 @@ impl KeyService for RemoteKeystore {
     }
 }
 
+impl crate::keystore::StoreAdmin for RemoteKeystore {
+    fn verify_audit(&self) -> Result<crate::audit::Verified> {
+        crate::audit::Verified::from_json(&self.call(Method::POST, "/v1/audit/verify", None)?)
+    }
+
+    fn audit_entries(
+        &self,
+        key: Option<&str>,
+        since: Option<i64>,
+    ) -> Result<Vec<crate::audit::Entry>> {
+        let since = since.map(format_utc);
+        let mut query: Vec<(&str, &str)> = Vec::new();
+        if let Some(id) = key {
+            check_id(id)?;
+            query.push(("key", id));
+        }
+        if let Some(since) = &since {
+            query.push(("since", since));
+        }
+        let answer = self.call(Method::GET, &with_query("/v1/audit", &query)?, None)?;
+        answer
+            .as_array()
+            .ok_or_else(|| malformed("audit entries"))?
+            .iter()
+            .map(crate::audit::Entry::from_json)
+            .collect()
+    }
+
+    fn verify_store(&self) -> Result<crate::verify::VerifyReport> {
+        crate::verify::VerifyReport::from_json(&self.call(
+            Method::POST,
+            "/v1/store/verify",
+            None,
+        )?)
+    }
+}
+
 /// The `padding` of a key's creation or import, for an RSA signing key.
 fn padding_name(algorithm: Algorithm) -> Option<&'static str> {
     match algorithm {

@@ -140,6 +140,9 @@ pub fn router(state: State) -> Router {
         .route("/v1/metrics", get(metrics))
         .route("/v1/clients", get(clients))
         .route("/v1/namespaces", get(namespaces))
+        .route("/v1/audit", get(audit))
+        .route("/v1/audit/verify", post(audit_verify))
+        .route("/v1/store/verify", post(store_verify))
         .route("/v1/keys", get(list).post(create))
         .route("/v1/keys/import", post(import))
         .route("/v1/keys/{id}", get(show))
@@ -356,6 +359,87 @@ async fn namespaces(
             })
             .collect(),
     )))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AuditQuery {
+    /// The entries of this key only (a genuine ID; the key may be destroyed).
+    key: Option<String>,
+    /// Entries at or after this time only: RFC 3339 UTC.
+    since: Option<String>,
+}
+
+/// `GET /v1/audit[?key=ID][&since=TIME]` (admin): the audit log's entries, oldest first, each as
+/// `keyhold audit show --json` gives it.
+async fn audit(
+    axum::extract::State(state): axum::extract::State<State>,
+    client: Caller,
+    RawQuery(raw): RawQuery,
+) -> Answer {
+    client.may(Operation::Admin)?;
+    let query: AuditQuery = super::api::query(raw.as_deref())?;
+    let since = query
+        .since
+        .as_deref()
+        .map(|t| crate::time::parse_instant(t, crate::time::now()))
+        .transpose()?;
+    let entries = run(&state, &client, "audit", Placement::pool(None), move |ks| {
+        Ok(crate::StoreAdmin::audit_entries(
+            ks,
+            query.key.as_deref(),
+            since,
+        )?)
+    })
+    .await?;
+    Ok(Json(Value::Array(
+        entries.iter().map(crate::audit::Entry::to_json).collect(),
+    )))
+}
+
+/// A body that says nothing: empty, or `{}`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NoBody {}
+
+/// `POST /v1/audit/verify` (admin): the audit log's MACs and chain verified, as `keyhold audit
+/// verify --json` says it; a log that fails is the error it is.
+async fn audit_verify(
+    axum::extract::State(state): axum::extract::State<State>,
+    caller: Result<Caller, ApiError>,
+    request: Request,
+) -> Answer {
+    let verified = admin_check(&state, caller, request, "audit-verify", |ks| {
+        Ok(ks.verify_audit()?)
+    });
+    Ok(Json(verified.await?.to_json()))
+}
+
+/// `POST /v1/store/verify` (admin): the whole store verified (records, audit log, key material,
+/// commitment), the report as `keyhold store verify --json` gives it. What fails a check is in
+/// the report, not an error.
+async fn store_verify(
+    axum::extract::State(state): axum::extract::State<State>,
+    caller: Result<Caller, ApiError>,
+    request: Request,
+) -> Answer {
+    let report = admin_check(&state, caller, request, "store-verify", |ks| {
+        Ok(ks.verify_store(&|_| {})?)
+    });
+    Ok(Json(report.await?.to_json()))
+}
+
+/// An admin's check of the store (a POST of no body), run on the pool as `operation`.
+async fn admin_check<T: Send + 'static>(
+    state: &State,
+    caller: Result<Caller, ApiError>,
+    request: Request,
+    operation: &'static str,
+    check: fn(&Keystore) -> Result<T, ApiError>,
+) -> Result<T, ApiError> {
+    let (client, request) = granted(caller, request, Some(Operation::Admin)).await?;
+    let _: NoBody = Input::Bytes(&json_bytes(request, state).await?).parse()?;
+    run(state, &client, operation, Placement::pool(None), check).await
 }
 
 #[derive(Debug, Deserialize)]

@@ -1,13 +1,13 @@
 //! The CLI tests' remote mode (`KEYHOLD_TEST_REMOTE=1`, or [`super::env::Env::remote`]): every
 //! command a test runs that may run through `keyhold --remote` (`runs_remotely()` in
-//! src/cli/mod.rs: key commands and the cryptographic ones) goes through a
+//! src/cli/mod.rs: key commands, the cryptographic ones, `audit` and `store verify`) goes through a
 //! real `keyhold serve` holding the test's store, so that the tests' assertions on output and exit
 //! codes hold for the remote CLI too (issue 12: "the CLI's whole test suite also run through
 //! `--remote`").
 //!
 //! - The service starts at the Env's first remote command, with the Env's store, passphrase and
 //!   variables, and the Env's configuration plus one client (`[clients.harness]`, this user,
-//!   every operation but `admin` and `metrics`, the namespaces the Env's commands named so far); the command gets
+//!   every operation but `metrics` (`admin` too, for `audit` and `store verify`), the namespaces the Env's commands named so far); the command gets
 //!   `KEYHOLD_REMOTE=unix:SOCKET` (the documented default of `--remote`, for those commands
 //!   only). It is stopped (SIGTERM, so backends close cleanly) when the Env drops.
 //! - Before any other command of the Env runs, the service is stopped, and it starts again at the
@@ -58,7 +58,35 @@ pub const STATS_VAR: &str = "KEYHOLD_TEST_REMOTE_STATS";
 /// The name of the harness's client in the service's configuration (the audit log's `client=`).
 pub const CLIENT: &str = "harness";
 
-/// The commands that run through `--remote` (src/cli/mod.rs `runs_remotely`).
+/// The harness client's operations: every one but `metrics` (src/config/clients.rs), so that
+/// `admin`'s commands (`audit`, `store verify`) run through the service too.
+const GRANTED: [&str; 22] = [
+    "create",
+    "list",
+    "show",
+    "pubkey",
+    "sign",
+    "verify",
+    "encrypt",
+    "decrypt",
+    "random",
+    "mac",
+    "mac-verify",
+    "rewrap",
+    "datakey",
+    "datakey-wrapped",
+    "rotate",
+    "state",
+    "destroy",
+    "policy",
+    "history",
+    "export",
+    "import",
+    "admin",
+];
+
+/// The commands that run through `--remote` (src/cli/mod.rs `runs_remotely`), but `key`,
+/// `audit` and `store verify`.
 const REMOTE_COMMANDS: [&str; 8] = [
     "sign",
     "verify",
@@ -376,10 +404,15 @@ impl Remote {
             .collect();
         // TOML basic strings take JSON's escapes.
         let text = format!(
-            "{}\n[clients.{CLIENT}]\nuid = {}\nnamespaces = [{}]\n",
+            "{}\n[clients.{CLIENT}]\nuid = {}\nnamespaces = [{}]\noperations = [{}]\n",
             wanted.config,
             rustix::process::geteuid().as_raw(),
-            namespaces.join(", ")
+            namespaces.join(", "),
+            GRANTED
+                .iter()
+                .map(|op| format!("\"{op}\""))
+                .collect::<Vec<_>>()
+                .join(", ")
         );
         std::fs::write(&config, text).expect("write the service's configuration");
         let log_path = dir.join("serve.log");
@@ -523,6 +556,8 @@ pub fn may_run_remotely(text: &[&str]) -> bool {
             let sub = words.find(|w| !w.starts_with('-'));
             sub.is_some()
         }
+        "audit" => words.any(|w| w == "verify" || w == "show"),
+        "store" => words.find(|w| !w.starts_with('-')) == Some("verify"),
         other => REMOTE_COMMANDS.contains(&other),
     }
 }

@@ -1,9 +1,9 @@
 //! What `store verify` reports: a section per check, each finding naming its key.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// A kind of check `store verify` makes: one section of its report each.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 #[non_exhaustive]
 pub enum CheckKind {
@@ -43,7 +43,7 @@ impl CheckKind {
 }
 
 /// How a check, or the whole report, came out; ordered from best to worst.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Status {
     /// Everything was checked and found as recorded.
@@ -67,7 +67,7 @@ impl Status {
 }
 
 /// The key a finding is about.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct KeyName {
     /// `namespace/name`, as the record says (see [`KeyName::authenticated`]); empty for a row
     /// whose key record is missing.
@@ -85,7 +85,7 @@ pub struct KeyName {
 }
 
 /// One problem, or one thing that could not be checked.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Finding {
     /// [`Status::Failed`] or [`Status::Unchecked`].
     pub status: Status,
@@ -96,7 +96,7 @@ pub struct Finding {
 }
 
 /// One check's outcome.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Section {
     /// Which check.
     pub kind: CheckKind,
@@ -107,8 +107,9 @@ pub struct Section {
     /// Every problem found, and everything left unchecked.
     pub findings: Vec<Finding>,
     /// Whether what failed says the store was tampered with or rolled back (`store verify`
-    /// exits 10): every failure of the commitment, an audit log cut short.
-    #[serde(skip)]
+    /// exits 10): every failure of the commitment, an audit log cut short. In the JSON only
+    /// when true (a service's report carries it to its client).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     tampered: bool,
 }
 
@@ -142,7 +143,7 @@ impl Section {
 }
 
 /// What `store verify` found.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VerifyReport {
     /// The store's identity, hex.
     pub store_id: String,
@@ -153,6 +154,40 @@ pub struct VerifyReport {
 }
 
 impl VerifyReport {
+    /// The report as `keyhold store verify --json` and the service's `POST /v1/store/verify`
+    /// give it: its fields, with `status` (the worst section's) and `healthy` (every check
+    /// passed).
+    pub fn to_json(&self) -> serde_json::Value {
+        let status = self.status();
+        serde_json::json!({
+            "store_id": self.store_id,
+            "keys": self.keys,
+            "sections": self.sections,
+            "status": status.as_str(),
+            "healthy": status == Status::Passed,
+        })
+    }
+
+    /// A report as [`Self::to_json`] gives it (a service's answer).
+    ///
+    /// # Errors
+    /// [`crate::Error::InvalidInput`] for JSON that is not a report.
+    pub fn from_json(value: &serde_json::Value) -> crate::Result<Self> {
+        #[derive(Deserialize)]
+        struct ReportJson {
+            store_id: String,
+            keys: usize,
+            sections: Vec<Section>,
+        }
+        let r = ReportJson::deserialize(value)
+            .map_err(|e| crate::Error::InvalidInput(format!("not a store's report: {e}")))?;
+        Ok(Self {
+            store_id: r.store_id,
+            keys: r.keys,
+            sections: r.sections,
+        })
+    }
+
     /// The worst status of any section.
     pub fn status(&self) -> Status {
         self.sections
