@@ -291,12 +291,13 @@ fn key_and_cryptographic_commands_run_through_the_service_with_the_same_output_a
         &["store", "verify"][..],
         &["audit", "show"],
         &["audit", "verify"],
+        &["maintain"],
     ] {
         let out = env.run(&remote_args(r, args), b"");
         assert_fail(&out, 1, "may not admin", &format!("{args:?}"));
     }
     // Changing the store as a whole is not for a client: exit 2, naming why.
-    for args in [&["maintain"][..], &["reseal"], &["backup", "--to", "x"]] {
+    for args in [&["doctor"][..], &["reseal"], &["backup", "--to", "x"]] {
         let out = env.run(&remote_args(r, args), b"");
         assert_fail(&out, 2, "runs where the store is", &format!("{args:?}"));
     }
@@ -395,10 +396,74 @@ fn the_stores_checks_and_audit_log_run_through_the_service_for_an_admin_client()
         "{text}"
     );
 
+    // Due work: none, then a key's scheduled destruction, done by the service.
+    assert_eq!(env.ok_text(&remote_args(r, &["maintain"])), "nothing due\n");
+    let doomed = env.create_key("doomed", "aes-256-gcm", &[]);
+    env.ok(
+        &["key", "destroy", "--key", &doomed, "--after", "1s"],
+        b"",
+        "destroy",
+    );
+    std::thread::sleep(std::time::Duration::from_millis(2100));
+    let done = env.ok(&remote_args(r, &["--json", "maintain"]), b"", "maintain");
+    let done: serde_json::Value = serde_json::from_slice(&done).unwrap();
+    assert_eq!(
+        done,
+        serde_json::json!([{"key": "default/doomed", "action": "destroyed"}])
+    );
+    same(&env, r, &["maintain"]);
+
     // A tampered key ID is refused as here (exit 3).
     let mut tampered = signer.clone();
     tampered.replace_range(12..13, if &signer[12..13] == "A" { "B" } else { "A" });
     same_refusal(&env, r, &["audit", "show", "--key", &tampered], 3);
+    let (status, err) = server.stop();
+    assert!(status.success(), "{err}");
+}
+
+/// Due work that fails through the service fails as it does here: a key scheduled for
+/// destruction whose token is gone exits 7 (`backend_unavailable`) both ways, and the service
+/// says which key.
+#[cfg(feature = "pkcs11")]
+#[test]
+fn due_work_that_fails_through_the_service_exits_as_here() {
+    let hsm = keyhold::testing::SoftHsm::new().unwrap();
+    let env = Env::on_softhsm(&hsm);
+    env.init_store();
+    let doomed = env.create_key("doomed", "hmac-sha256", &["--backend", "hsm"]);
+    env.ok(
+        &["key", "destroy", "--key", &doomed, "--after", "1s"],
+        b"",
+        "destroy",
+    );
+    let base = env.config_text();
+    hsm.delete_token().unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(2100));
+    let server = Server::start_with(
+        &env,
+        &base,
+        &client("\"default\"", "operations = [\"admin\"]"),
+    );
+    let remote = format!("unix:{}", server.socket.display());
+    // The key's failure is logged, the first one's error is the command's (its JSON last).
+    let (local, served) = both(&env, &remote, &["--json", "maintain"], b"");
+    for out in [&local, &served] {
+        assert_eq!(out.status.code(), Some(7), "{}", show(out));
+        assert_eq!(out.stdout, b"[]\n", "{}", show(out));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("default/doomed: its due work failed"), "{err}");
+        let last: serde_json::Value = serde_json::from_str(err.lines().last().unwrap()).unwrap();
+        assert_eq!(last["error"]["kind"], "backend_unavailable", "{err}");
+    }
+    let (status, answer) = server.ask("POST", "/v1/maintain", None);
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["done"], serde_json::json!([]), "{answer}");
+    assert_eq!(answer["failed"][0]["key"], "default/doomed", "{answer}");
+    assert_eq!(answer["failed"][0]["status"], 503, "{answer}");
+    assert_eq!(
+        answer["failed"][0]["error"]["code"], "backend_unavailable",
+        "{answer}"
+    );
     let (status, err) = server.stop();
     assert!(status.success(), "{err}");
 }

@@ -531,7 +531,8 @@ fn run(args: &Args) -> CmdResult {
 }
 
 /// Whether `command` may run through `--remote`: key and cryptographic commands, and the
-/// store's checks and audit log (`audit`, `store verify`: for a client granted `admin`). The
+/// store's checks, audit log and due work (`audit`, `store verify`, `maintain`: for a client
+/// granted `admin`). The
 /// others change the store as a whole (or are the service) and run where it is.
 fn runs_remotely(command: &Command) -> bool {
     matches!(
@@ -539,6 +540,7 @@ fn runs_remotely(command: &Command) -> bool {
         Command::Key(_)
             | Command::Audit(_)
             | Command::Store(verify::StoreCommand::Verify(_))
+            | Command::Maintain(_)
             | Command::Sign(_)
             | Command::Verify(_)
             | Command::Encrypt(_)

@@ -3,8 +3,8 @@
 //! `crate::service::RemoteKeystore`): applications and the command line use either through
 //! [`KeyService`] without knowing which.
 //!
-//! The store's checks and its audit log are [`StoreAdmin`]'s, done where the store is or, for a
-//! client granted `admin`, by a service. Changing the store as a whole (backups, restores,
+//! The store's checks, its audit log and the lifecycle's due work are [`StoreAdmin`]'s, done
+//! where the store is or, for a client granted `admin`, by a service. Changing the store as a whole (backups, restores,
 //! re-sealing, recovery) is in neither: it runs where the store is.
 
 use super::{
@@ -354,7 +354,7 @@ impl KeyService for Keystore {
     }
 }
 
-/// The store's checks and its audit log, for its administrator: by [`Keystore`] where the store
+/// The store's checks, its audit log and the lifecycle's due work, for its administrator: by [`Keystore`] where the store
 /// is, or by a service (`crate::service::RemoteKeystore`) for a client granted `admin`.
 pub trait StoreAdmin: Send + Sync {
     /// The audit log's MACs and hash chain verified ([`Keystore::verify_audit`]).
@@ -381,6 +381,12 @@ pub trait StoreAdmin: Send + Sync {
     /// # Errors
     /// As [`Keystore::verify_store`]: what fails a check is in the report.
     fn verify_store(&self) -> Result<crate::verify::VerifyReport>;
+
+    /// The work every key's schedule makes due now, done ([`Keystore::maintain`]).
+    ///
+    /// # Errors
+    /// As [`Keystore::maintain`]; a key whose work failed is in the answer.
+    fn maintain(&self) -> Result<super::Maintenance>;
 }
 
 impl StoreAdmin for Keystore {
@@ -405,5 +411,9 @@ impl StoreAdmin for Keystore {
 
     fn verify_store(&self) -> Result<crate::verify::VerifyReport> {
         Keystore::verify_store(self, &|_| {})
+    }
+
+    fn maintain(&self) -> Result<super::Maintenance> {
+        Keystore::maintain(self)
     }
 }

@@ -766,6 +766,35 @@ impl crate::keystore::StoreAdmin for RemoteKeystore {
             None,
         )?)
     }
+
+    fn maintain(&self) -> Result<crate::Maintenance> {
+        let answer = self.call(Method::POST, "/v1/maintain", None)?;
+        let list = |field: &str| {
+            answer[field]
+                .as_array()
+                .ok_or_else(|| malformed("maintenance"))
+        };
+        let mut report = crate::Maintenance::default();
+        for d in list("done")? {
+            report.done.push(crate::Done {
+                key: text(d, "key")?.to_owned(),
+                action: text(d, "action")?.to_owned(),
+            });
+        }
+        for f in list("failed")? {
+            let status = f["status"]
+                .as_u64()
+                .and_then(|s| u16::try_from(s).ok())
+                .ok_or_else(|| malformed("maintenance"))?;
+            let error = Error::remote(
+                text(&f["error"], "code")?,
+                status,
+                text(&f["error"], "message")?.to_owned(),
+            );
+            report.failed.push((text(f, "key")?.to_owned(), error));
+        }
+        Ok(report)
+    }
 }
 
 /// The `padding` of a key's creation or import, for an RSA signing key.

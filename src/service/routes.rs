@@ -143,6 +143,7 @@ pub fn router(state: State) -> Router {
         .route("/v1/audit", get(audit))
         .route("/v1/audit/verify", post(audit_verify))
         .route("/v1/store/verify", post(store_verify))
+        .route("/v1/maintain", post(maintain))
         .route("/v1/keys", get(list).post(create))
         .route("/v1/keys/import", post(import))
         .route("/v1/keys/{id}", get(show))
@@ -429,7 +430,37 @@ async fn store_verify(
     Ok(Json(report.await?.to_json()))
 }
 
-/// An admin's check of the store (a POST of no body), run on the pool as `operation`.
+/// `POST /v1/maintain` (admin): the work every key's schedule makes due now, done, as `keyhold
+/// maintain` does it: `{"done":[{"key","action"}],"failed":[{"key","status","error":{"code",
+/// "message"}}]}`;
+/// a key whose work failed is in `failed`, and the others' work is done all the same.
+async fn maintain(
+    axum::extract::State(state): axum::extract::State<State>,
+    caller: Result<Caller, ApiError>,
+    request: Request,
+) -> Answer {
+    let report = admin_check(&state, caller, request, "maintain", |ks| Ok(ks.maintain()?));
+    let report = report.await?;
+    let done: Vec<Value> = report
+        .done
+        .iter()
+        .map(|d| json!({ "key": d.key, "action": d.action }))
+        .collect();
+    let failed: Vec<Value> = report
+        .failed
+        .into_iter()
+        .map(|(key, e)| {
+            let e = ApiError::from(e);
+            let mut failure = e.to_json();
+            failure["key"] = key.into();
+            failure["status"] = e.status().as_u16().into();
+            failure
+        })
+        .collect();
+    Ok(Json(json!({ "done": done, "failed": failed })))
+}
+
+/// An admin's check or work on the store (a POST of no body), run on the pool as `operation`.
 async fn admin_check<T: Send + 'static>(
     state: &State,
     caller: Result<Caller, ApiError>,

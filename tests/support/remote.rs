@@ -1,6 +1,7 @@
 //! The CLI tests' remote mode (`KEYHOLD_TEST_REMOTE=1`, or [`super::env::Env::remote`]): every
 //! command a test runs that may run through `keyhold --remote` (`runs_remotely()` in
-//! src/cli/mod.rs: key commands, the cryptographic ones, `audit` and `store verify`) goes through a
+//! src/cli/mod.rs: key commands, the cryptographic ones, `audit`, `store verify` and `maintain`)
+//! goes through a
 //! real `keyhold serve` holding the test's store, so that the tests' assertions on output and exit
 //! codes hold for the remote CLI too (issue 12: "the CLI's whole test suite also run through
 //! `--remote`").
@@ -12,7 +13,7 @@
 //!   only). It is stopped (SIGTERM, so backends close cleanly) when the Env drops.
 //! - Before any other command of the Env runs, the service is stopped, and it starts again at the
 //!   next remote command: the command may write the store (init, reseal, restore, recovery,
-//!   maintain, backup…) or need a device the service holds open (a TPM, a token
+//!   backup…) or need a device the service holds open (a TPM, a token
 //!   session), and a service started on the store as it is now is, to a client, the same as
 //!   the store. Stopping before rather than after also keeps the two from ever running at once,
 //!   and flushes the key uses the service buffers for the audit log (`[audit] flush_ms`) before
@@ -59,7 +60,7 @@ pub const STATS_VAR: &str = "KEYHOLD_TEST_REMOTE_STATS";
 pub const CLIENT: &str = "harness";
 
 /// The harness client's operations: every one but `metrics` (src/config/clients.rs), so that
-/// `admin`'s commands (`audit`, `store verify`) run through the service too.
+/// `admin`'s commands (`audit`, `store verify`, `maintain`) run through the service too.
 const GRANTED: [&str; 22] = [
     "create",
     "list",
@@ -86,7 +87,7 @@ const GRANTED: [&str; 22] = [
 ];
 
 /// The commands that run through `--remote` (src/cli/mod.rs `runs_remotely`), but `key`,
-/// `audit` and `store verify`.
+/// `audit`, `store verify` and `maintain`.
 const REMOTE_COMMANDS: [&str; 8] = [
     "sign",
     "verify",
@@ -558,6 +559,7 @@ pub fn may_run_remotely(text: &[&str]) -> bool {
         }
         "audit" => words.any(|w| w == "verify" || w == "show"),
         "store" => words.find(|w| !w.starts_with('-')) == Some("verify"),
+        "maintain" => true,
         other => REMOTE_COMMANDS.contains(&other),
     }
 }
