@@ -292,12 +292,18 @@ fn key_and_cryptographic_commands_run_through_the_service_with_the_same_output_a
         &["audit", "show"],
         &["audit", "verify"],
         &["maintain"],
+        &["client", "list"],
     ] {
         let out = env.run(&remote_args(r, args), b"");
         assert_fail(&out, 1, "may not admin", &format!("{args:?}"));
     }
     // Changing the store as a whole is not for a client: exit 2, naming why.
-    for args in [&["doctor"][..], &["reseal"], &["backup", "--to", "x"]] {
+    for args in [
+        &["doctor"][..],
+        &["reseal"],
+        &["backup", "--to", "x"],
+        &["client", "add", "x", "--namespace", "default"],
+    ] {
         let out = env.run(&remote_args(r, args), b"");
         assert_fail(&out, 2, "runs where the store is", &format!("{args:?}"));
     }
@@ -395,6 +401,33 @@ fn the_stores_checks_and_audit_log_run_through_the_service_for_an_admin_client()
         text.ends_with("store verify: every check passed\n"),
         "{text}"
     );
+
+    // The store's token clients (the service's configured one is not the store's).
+    env.ok(
+        &[
+            "client",
+            "add",
+            "reader",
+            "--namespace",
+            "default",
+            "--operations",
+            "list,show",
+        ],
+        b"",
+        "client add",
+    );
+    env.ok(
+        &["client", "add", "any", "--namespace", "x"],
+        b"",
+        "client add",
+    );
+    let listed = same(&env, r, &["client", "list"]);
+    assert_eq!(listed.lines().count(), 2, "{listed}");
+    assert!(
+        listed.starts_with("any namespaces=x operations=all created="),
+        "{listed}"
+    );
+    same(&env, r, &["--json", "client", "list"]);
 
     // Due work: none, then a key's scheduled destruction, done by the service.
     assert_eq!(env.ok_text(&remote_args(r, &["maintain"])), "nothing due\n");

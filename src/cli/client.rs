@@ -97,8 +97,8 @@ fn add(ctx: &Context, args: &AddArgs) -> CmdResult {
 }
 
 fn list(ctx: &Context) -> CmdResult {
-    let ks = io::open_keystore(ctx)?;
-    let clients = ks.clients()?;
+    let ks = io::open_store_keys(ctx)?;
+    let clients = ks.token_clients()?;
     if ctx.json {
         return io::print_json(&serde_json::Value::Array(
             clients.iter().map(client_json).collect(),

@@ -531,8 +531,8 @@ fn run(args: &Args) -> CmdResult {
 }
 
 /// Whether `command` may run through `--remote`: key and cryptographic commands, and the
-/// store's checks, audit log and due work (`audit`, `store verify`, `maintain`: for a client
-/// granted `admin`). The
+/// store's checks, audit log, due work and token clients (`audit`, `store verify`, `maintain`,
+/// `client list`: for a client granted `admin`). The
 /// others change the store as a whole (or are the service) and run where it is.
 fn runs_remotely(command: &Command) -> bool {
     matches!(
@@ -541,6 +541,7 @@ fn runs_remotely(command: &Command) -> bool {
             | Command::Audit(_)
             | Command::Store(verify::StoreCommand::Verify(_))
             | Command::Maintain(_)
+            | Command::Client(client::ClientCommand::List)
             | Command::Sign(_)
             | Command::Verify(_)
             | Command::Encrypt(_)

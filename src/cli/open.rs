@@ -104,8 +104,8 @@ pub fn not_remote(remote: &str) -> Failure {
          key commands (key create, list, show, id, pubkey, rotate, suspend, resume, deactivate, \
          compromise, destroy, cancel-destroy, set, history, export, import), cryptographic ones \
          (sign, verify, encrypt, decrypt, rewrap, mac, mac-verify, random) and, for a client \
-         granted admin, the store's checks and due work (audit verify, audit show, store verify, \
-         maintain)"
+         granted admin, the store's checks, due work and token clients (audit verify, audit show, \
+         store verify, maintain, client list)"
     ))
 }
 

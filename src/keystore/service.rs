@@ -387,6 +387,13 @@ pub trait StoreAdmin: Send + Sync {
     /// # Errors
     /// As [`Keystore::maintain`]; a key whose work failed is in the answer.
     fn maintain(&self) -> Result<super::Maintenance>;
+
+    /// The store's token clients, by name ([`Keystore::clients`]); a service's configured
+    /// clients are not the store's.
+    ///
+    /// # Errors
+    /// As [`Keystore::clients`].
+    fn token_clients(&self) -> Result<Vec<super::TokenClient>>;
 }
 
 impl StoreAdmin for Keystore {
@@ -415,5 +422,9 @@ impl StoreAdmin for Keystore {
 
     fn maintain(&self) -> Result<super::Maintenance> {
         Keystore::maintain(self)
+    }
+
+    fn token_clients(&self) -> Result<Vec<super::TokenClient>> {
+        Keystore::clients(self)
     }
 }

@@ -767,6 +767,46 @@ impl crate::keystore::StoreAdmin for RemoteKeystore {
         )?)
     }
 
+    fn token_clients(&self) -> Result<Vec<crate::TokenClient>> {
+        let answer = self.call(Method::GET, "/v1/clients", None)?;
+        let mut tokens = Vec::new();
+        for c in answer.as_array().ok_or_else(|| malformed("clients"))? {
+            if c["authenticates_by"] != json!(["token"]) {
+                continue;
+            }
+            let strings = |field: &str| -> Result<Vec<String>> {
+                c[field]
+                    .as_array()
+                    .ok_or_else(|| malformed("clients"))?
+                    .iter()
+                    .map(|v| {
+                        v.as_str()
+                            .map(str::to_owned)
+                            .ok_or_else(|| malformed("clients"))
+                    })
+                    .collect()
+            };
+            let operations = match &c["operations"] {
+                Value::Null => None,
+                _ => Some(
+                    strings("operations")?
+                        .iter()
+                        .map(|op| op.parse())
+                        .collect::<Result<_>>()?,
+                ),
+            };
+            tokens.push(crate::TokenClient {
+                name: text(c, "name")?.to_owned(),
+                grant: crate::ClientGrant {
+                    namespaces: strings("namespaces")?,
+                    operations,
+                },
+                created_at: crate::time::parse_instant(text(c, "added")?, 0)?,
+            });
+        }
+        Ok(tokens)
+    }
+
     fn maintain(&self) -> Result<crate::Maintenance> {
         let answer = self.call(Method::POST, "/v1/maintain", None)?;
         let list = |field: &str| {

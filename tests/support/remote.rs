@@ -1,6 +1,7 @@
 //! The CLI tests' remote mode (`KEYHOLD_TEST_REMOTE=1`, or [`super::env::Env::remote`]): every
 //! command a test runs that may run through `keyhold --remote` (`runs_remotely()` in
-//! src/cli/mod.rs: key commands, the cryptographic ones, `audit`, `store verify` and `maintain`)
+//! src/cli/mod.rs: key commands, the cryptographic ones, `audit`, `store verify`, `maintain` and
+//! `client list`)
 //! goes through a
 //! real `keyhold serve` holding the test's store, so that the tests' assertions on output and exit
 //! codes hold for the remote CLI too (issue 12: "the CLI's whole test suite also run through
@@ -60,7 +61,8 @@ pub const STATS_VAR: &str = "KEYHOLD_TEST_REMOTE_STATS";
 pub const CLIENT: &str = "harness";
 
 /// The harness client's operations: every one but `metrics` (src/config/clients.rs), so that
-/// `admin`'s commands (`audit`, `store verify`, `maintain`) run through the service too.
+/// `admin`'s commands (`audit`, `store verify`, `maintain`, `client list`) run through the
+/// service too.
 const GRANTED: [&str; 22] = [
     "create",
     "list",
@@ -87,7 +89,7 @@ const GRANTED: [&str; 22] = [
 ];
 
 /// The commands that run through `--remote` (src/cli/mod.rs `runs_remotely`), but `key`,
-/// `audit`, `store verify` and `maintain`.
+/// `audit`, `store verify`, `maintain` and `client list`.
 const REMOTE_COMMANDS: [&str; 8] = [
     "sign",
     "verify",
@@ -560,6 +562,7 @@ pub fn may_run_remotely(text: &[&str]) -> bool {
         "audit" => words.any(|w| w == "verify" || w == "show"),
         "store" => words.find(|w| !w.starts_with('-')) == Some("verify"),
         "maintain" => true,
+        "client" => words.find(|w| !w.starts_with('-')) == Some("list"),
         other => REMOTE_COMMANDS.contains(&other),
     }
 }
