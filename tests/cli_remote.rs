@@ -286,16 +286,22 @@ fn key_and_cryptographic_commands_run_through_the_service_with_the_same_output_a
     let random = env.ok_text(&remote_args(r, &["random", "16"]));
     assert_eq!(random.trim().len(), 32);
 
-    // The store's checks need the `admin` grant, which this client lacks.
-    for args in [
-        &["store", "verify"][..],
-        &["audit", "show"],
-        &["audit", "verify"],
-        &["maintain"],
-        &["client", "list"],
+    // The commands on the whole store need operations granted by name only, which this
+    // client (the default grant) lacks.
+    for (args, operation) in [
+        (&["store", "verify"][..], "audit"),
+        (&["audit", "show"], "audit"),
+        (&["audit", "verify"], "audit"),
+        (&["maintain"], "maintain"),
+        (&["client", "list"], "admin"),
     ] {
         let out = env.run(&remote_args(r, args), b"");
-        assert_fail(&out, 1, "may not admin", &format!("{args:?}"));
+        assert_fail(
+            &out,
+            1,
+            &format!("may not {operation}"),
+            &format!("{args:?}"),
+        );
     }
     // Changing the store as a whole is not for a client: exit 2, naming why.
     for args in [
@@ -326,13 +332,15 @@ fn the_stores_checks_and_audit_log_run_through_the_service_for_an_admin_client()
         &env,
         &client(
             "\"default\"",
-            "operations = [\"admin\", \"sign\", \"list\"]",
+            "operations = [\"admin\", \"audit\", \"maintain\", \"sign\", \"list\"]",
         ),
     );
     let remote = format!("unix:{}", server.socket.display());
     let r = remote.as_str();
     std::fs::write(env.file("msg"), b"m").unwrap();
     let msg = env.path_str("msg");
+    // In a later second than the keys' creations, for `--since` to tell them apart.
+    std::thread::sleep(std::time::Duration::from_millis(1100));
     env.ok(
         &remote_args(r, &["sign", "--key", &signer, "--in", &msg, "--out", "-"]),
         b"",
@@ -369,6 +377,14 @@ fn the_stores_checks_and_audit_log_run_through_the_service_for_an_admin_client()
     assert_eq!(
         entries(&["--since", "+1d"]),
         Vec::<serde_json::Value>::new()
+    );
+    // From the signature's second on: the signature, not the creations before it.
+    let signed = all.iter().find(|e| e["operation"] == "sign").unwrap();
+    let since = entries(&["--since", signed["time"].as_str().unwrap()]);
+    assert!(since.contains(signed), "{since:?}");
+    assert!(
+        since.len() < all.len() && since.iter().all(|e| e["operation"] != "create"),
+        "{since:?}"
     );
     // The text form too.
     same(&env, r, &["audit", "show", "--key", &signer]);
@@ -424,7 +440,7 @@ fn the_stores_checks_and_audit_log_run_through_the_service_for_an_admin_client()
     let listed = same(&env, r, &["client", "list"]);
     assert_eq!(listed.lines().count(), 2, "{listed}");
     assert!(
-        listed.starts_with("any namespaces=x operations=all created="),
+        listed.starts_with("any namespaces=x operations=default created="),
         "{listed}"
     );
     same(&env, r, &["--json", "client", "list"]);
@@ -445,6 +461,18 @@ fn the_stores_checks_and_audit_log_run_through_the_service_for_an_admin_client()
         serde_json::json!([{"key": "default/doomed", "action": "destroyed"}])
     );
     same(&env, r, &["maintain"]);
+    // The text form of work done.
+    let doomed = env.create_key("doomed-too", "aes-256-gcm", &[]);
+    env.ok(
+        &["key", "destroy", "--key", &doomed, "--after", "1s"],
+        b"",
+        "destroy",
+    );
+    std::thread::sleep(std::time::Duration::from_millis(2100));
+    assert_eq!(
+        env.ok_text(&remote_args(r, &["maintain"])),
+        "default/doomed-too: destroyed\n"
+    );
 
     // A tampered key ID is refused as here (exit 3).
     let mut tampered = signer.clone();
@@ -475,7 +503,7 @@ fn due_work_that_fails_through_the_service_exits_as_here() {
     let server = Server::start_with(
         &env,
         &base,
-        &client("\"default\"", "operations = [\"admin\"]"),
+        &client("\"default\"", "operations = [\"maintain\"]"),
     );
     let remote = format!("unix:{}", server.socket.display());
     // The key's failure is logged, the first one's error is the command's (its JSON last).

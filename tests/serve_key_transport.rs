@@ -2,8 +2,8 @@
 //! (`POST /v1/keys/{id}/export`, `POST /v1/keys/import`; docs/service.md): a key leaves only
 //! wrapped and comes back the same key; a wrapping or unwrapping key of a namespace the client
 //! does not see is one that does not exist (and the refusal is audited); an import into such a
-//! namespace is forbidden; the grants are checked before the body is read; bad requests are
-//! refused and leave nothing behind.
+//! namespace is forbidden, and each refusal is audited; the grants, by name only, are checked
+//! before the body is read; bad requests are refused and leave nothing behind.
 #![cfg(feature = "serve")]
 #![allow(clippy::unwrap_used)] // test helpers: a panic is the failure report
 
@@ -67,7 +67,35 @@ fn openssl_hmac(env: &Env, key: &[u8], data: &[u8]) -> Vec<u8> {
 fn a_key_leaves_wrapped_and_comes_back_the_same_key_within_the_clients_namespaces() {
     let env = env();
     let theirs = env.create_key("theirs-kek", "aes-256-gcm", &["--namespace", "other"]);
-    let server = Server::start(&env, &client("\"app\"", ""));
+    // A key wrapped under the other tenant's key, there: what an unwrap with it would open.
+    let their_secret = env.create_key(
+        "their-secret",
+        "hmac-sha256",
+        &["--namespace", "other", "--exportable"],
+    );
+    let under_theirs = env.file("under-theirs");
+    env.ok(
+        &[
+            "key",
+            "export",
+            "--key",
+            &their_secret,
+            "--wrap-with",
+            &theirs,
+            "--out",
+            under_theirs.to_str().unwrap(),
+        ],
+        b"",
+        "export there",
+    );
+    let under_theirs = std::fs::read(&under_theirs).unwrap();
+    let server = Server::start(
+        &env,
+        &client(
+            "\"app\"",
+            "operations = [\"create\", \"mac\", \"export\", \"import\", \"list\"]",
+        ),
+    );
     let hmac = server.create(&json!({
         "namespace": "app", "name": "tags", "type": "hmac-sha256", "extractable": true
     }));
@@ -105,7 +133,7 @@ fn a_key_leaves_wrapped_and_comes_back_the_same_key_within_the_clients_namespace
     let answer = import(
         &server,
         json!({"namespace": "app", "name": "smuggled", "type": "hmac-sha256",
-               "key": b64(&wrapped), "unwrap_with": theirs}),
+               "key": b64(&under_theirs), "unwrap_with": theirs}),
     );
     assert_eq!(error_code(&answer), (404, "no_such_key"), "{}", answer.1);
     // And a key cannot be brought into a namespace the client does not see.
@@ -178,6 +206,21 @@ fn a_key_leaves_wrapped_and_comes_back_the_same_key_within_the_clients_namespace
     };
     assert!(refused("wrap"), "{entries:?}");
     assert!(refused("unwrap"), "{entries:?}");
+    // And the export and import they were for.
+    assert!(
+        entries.iter().any(|e| e["operation"] == "export"
+            && e["key_id"] == hmac.as_str()
+            && e["outcome"] == "no_such_key"
+            && e["client"] == "app"),
+        "{entries:?}"
+    );
+    assert!(
+        entries.iter().any(|e| e["operation"] == "import"
+            && e["namespace"] == "app"
+            && e["outcome"] == "no_such_key"
+            && e["client"] == "app"),
+        "{entries:?}"
+    );
     assert!(
         entries.iter().any(|e| e["operation"] == "export"
             && e["key_id"] == hmac.as_str()
@@ -187,13 +230,11 @@ fn a_key_leaves_wrapped_and_comes_back_the_same_key_within_the_clients_namespace
     );
 }
 
+/// Export and import are granted by name only: a client with the default grant has neither.
 #[test]
 fn export_and_import_need_their_grants_and_are_refused_before_the_body_is_read() {
     let env = env();
-    let server = Server::start(
-        &env,
-        &client("\"app\"", "operations = [\"create\", \"mac\"]"),
-    );
+    let server = Server::start(&env, &client("\"app\"", ""));
     let hmac = server.create(&json!({
         "namespace": "app", "name": "tags", "type": "hmac-sha256", "extractable": true
     }));

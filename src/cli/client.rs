@@ -30,7 +30,8 @@ pub struct AddArgs {
     namespace: Vec<String>,
 
     /// The operations it may ask for, comma-separated (create, list, show, pubkey, sign, verify,
-    /// encrypt, decrypt, random) [default: every operation]
+    /// encrypt, decrypt, random, …) [default: every operation but those granted by name only:
+    /// export, import, audit, maintain, metrics, admin]
     #[arg(long, value_name = "OP,…", value_delimiter = ',')]
     operations: Option<Vec<String>>,
 }
@@ -132,13 +133,13 @@ fn operation_names(c: &TokenClient) -> Option<Vec<&'static str>> {
         .map(|ops| ops.iter().map(|op| op.as_str()).collect())
 }
 
-/// `NAME namespaces=A,B operations=OP,…|all created=TIME`.
+/// `NAME namespaces=A,B operations=OP,…|default created=TIME` (`default`: the default grant).
 fn client_line(c: &TokenClient) -> String {
     io::terminal_safe(&format!(
         "{} namespaces={} operations={} created={}",
         c.name,
         c.grant.namespaces.join(","),
-        operation_names(c).map_or_else(|| "all".to_owned(), |ops| ops.join(",")),
+        operation_names(c).map_or_else(|| "default".to_owned(), |ops| ops.join(",")),
         format_utc(c.created_at),
     ))
 }

@@ -532,7 +532,7 @@ fn run(args: &Args) -> CmdResult {
 
 /// Whether `command` may run through `--remote`: key and cryptographic commands, and the
 /// store's checks, audit log, due work and token clients (`audit`, `store verify`, `maintain`,
-/// `client list`: for a client granted `admin`). The
+/// `client list`: for a client granted `audit`, `maintain` or `admin`). The
 /// others change the store as a whole (or are the service) and run where it is.
 fn runs_remotely(command: &Command) -> bool {
     matches!(

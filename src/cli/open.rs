@@ -104,7 +104,7 @@ pub fn not_remote(remote: &str) -> Failure {
          key commands (key create, list, show, id, pubkey, rotate, suspend, resume, deactivate, \
          compromise, destroy, cancel-destroy, set, history, export, import), cryptographic ones \
          (sign, verify, encrypt, decrypt, rewrap, mac, mac-verify, random) and, for a client \
-         granted admin, the store's checks, due work and token clients (audit verify, audit show, \
+         granted their operation, the commands on the whole store (audit verify, audit show, \
          store verify, maintain, client list)"
     ))
 }
@@ -112,15 +112,23 @@ pub fn not_remote(remote: &str) -> Failure {
 /// The keys a key or cryptographic command works on: the service's with `--remote` (or
 /// `$KEYHOLD_REMOTE`), else the store's, opened here.
 pub fn open_keys(ctx: &Context) -> Result<Box<dyn KeyService>, Failure> {
-    Ok(open_store_keys(ctx)?.into_keys())
+    match &ctx.remote {
+        Some(remote) => Ok(remote_keys(ctx, remote, None)?.into_keys()),
+        None => Ok(Box::new(open_keystore(ctx)?)),
+    }
 }
+
+/// How long a command on the whole store may wait for a service's answer: verifying every key's
+/// material, or the due work of every key, takes as long as the devices do (the key commands'
+/// calls keep the client's default, 120 s).
+const STORE_WIDE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3600);
 
 /// The store's keys and its checks and audit log ([`StoreAdmin`]), for the commands that read or
 /// verify the store: the service's with `--remote` (which needs the `admin` grant), else the
 /// store's, opened here.
 pub fn open_store_keys(ctx: &Context) -> Result<Box<dyn StoreKeys>, Failure> {
     match &ctx.remote {
-        Some(remote) => remote_keys(ctx, remote),
+        Some(remote) => remote_keys(ctx, remote, Some(STORE_WIDE_TIMEOUT)),
         None => Ok(Box::new(open_keystore(ctx)?)),
     }
 }
@@ -145,7 +153,11 @@ impl<T: KeyService + StoreAdmin + 'static> StoreKeys for T {
 }
 
 #[cfg(feature = "serve")]
-fn remote_keys(ctx: &Context, remote: &str) -> Result<Box<dyn StoreKeys>, Failure> {
+fn remote_keys(
+    ctx: &Context,
+    remote: &str,
+    timeout: Option<std::time::Duration>,
+) -> Result<Box<dyn StoreKeys>, Failure> {
     use keyhold::service::{Remote, RemoteKeystore};
     // A remote that is no remote is a usage error, as any malformed argument.
     let remote = Remote::parse(remote).map_err(|e| Failure::Usage(e.to_string()))?;
@@ -168,6 +180,9 @@ fn remote_keys(ctx: &Context, remote: &str) -> Result<Box<dyn StoreKeys>, Failur
     }
     if let Some(token) = token {
         keys = keys.with_token(token);
+    }
+    if let Some(timeout) = timeout {
+        keys = keys.with_timeout(timeout);
     }
     Ok(Box::new(keys))
 }
@@ -202,7 +217,11 @@ fn remote_tls(
 }
 
 #[cfg(not(feature = "serve"))]
-fn remote_keys(_: &Context, _: &str) -> Result<Box<dyn StoreKeys>, Failure> {
+fn remote_keys(
+    _: &Context,
+    _: &str,
+    _: Option<std::time::Duration>,
+) -> Result<Box<dyn StoreKeys>, Failure> {
     Err(keyhold::Error::not_built("serve").into())
 }
 

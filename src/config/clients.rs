@@ -44,12 +44,11 @@ impl ClientConfig {
     }
 
     /// Whether the client may do `operation`: one of its `operations`, or, when it has no such
-    /// list, any but those that see past its namespaces (`admin`, `metrics`), which are granted
-    /// by name only.
+    /// list, any but [`Operation::BY_NAME_ONLY`].
     pub fn may(&self, operation: Operation) -> bool {
         match &self.operations {
             Some(allowed) => allowed.contains(&operation),
-            None => !matches!(operation, Operation::Admin | Operation::Metrics),
+            None => !Operation::BY_NAME_ONLY.contains(&operation),
         }
     }
 
@@ -108,6 +107,10 @@ pub enum Operation {
     /// Bring a key in: wrapped (unwrapped with a key the client sees), or a private key or raw
     /// secret.
     Import,
+    /// Read and verify the audit log, and verify the whole store (every namespace's records).
+    Audit,
+    /// Run the work every key's schedule makes due (in every namespace).
+    Maintain,
     /// Read the service's metrics.
     Metrics,
     /// List the service's clients.
@@ -115,8 +118,21 @@ pub enum Operation {
 }
 
 impl Operation {
+    /// The operations a client without an `operations` list is not granted: those that see or
+    /// act past its namespaces (`audit`, `maintain`, `metrics`, `admin`) and those that move
+    /// keys in or out (`export`: an exportable key wrapped to a public key of the client's
+    /// choosing is the key in its hands; `import`).
+    pub const BY_NAME_ONLY: [Self; 6] = [
+        Self::Export,
+        Self::Import,
+        Self::Audit,
+        Self::Maintain,
+        Self::Metrics,
+        Self::Admin,
+    ];
+
     /// Every operation, in the order of the documentation.
-    pub const ALL: [Self; 23] = [
+    pub const ALL: [Self; 25] = [
         Self::Create,
         Self::List,
         Self::Show,
@@ -138,6 +154,8 @@ impl Operation {
         Self::History,
         Self::Export,
         Self::Import,
+        Self::Audit,
+        Self::Maintain,
         Self::Metrics,
         Self::Admin,
     ];
@@ -166,6 +184,8 @@ impl Operation {
             Self::History => "history",
             Self::Export => "export",
             Self::Import => "import",
+            Self::Audit => "audit",
+            Self::Maintain => "maintain",
             Self::Metrics => "metrics",
             Self::Admin => "admin",
         }
@@ -271,8 +291,10 @@ mod operation_tests {
             Operation::History => 18,
             Operation::Export => 19,
             Operation::Import => 20,
-            Operation::Metrics => 21,
-            Operation::Admin => 22,
+            Operation::Audit => 21,
+            Operation::Maintain => 22,
+            Operation::Metrics => 23,
+            Operation::Admin => 24,
         }
     }
 

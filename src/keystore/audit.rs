@@ -213,6 +213,31 @@ impl Keystore {
         });
     }
 
+    /// Records that a service refused its client the making of a key (`operation`, `import`) in
+    /// `namespace` before the keystore was asked (`outcome`: the refusal's code), as
+    /// [`Self::audit_refusal`] records a refused use.
+    pub fn audit_new_key_refusal(
+        &self,
+        operation: &'static str,
+        namespace: &str,
+        outcome: &'static str,
+    ) {
+        if !self.audit.sink.is_enabled() {
+            return;
+        }
+        let namespace = crate::key::validate_name("namespace", namespace)
+            .ok()
+            .map(|()| Arc::from(namespace));
+        self.audit.sink.key_use(KeyUse {
+            operation,
+            key_id: None,
+            version: None,
+            namespace,
+            outcome,
+            client: crate::audit::current_client(),
+        });
+    }
+
     /// Whether the audit log's backlog is such that the next key use may be written by its
     /// caller ([`crate::audit::AuditSink::backlogged`]).
     pub(super) fn audit_backlogged(&self) -> bool {

@@ -493,7 +493,10 @@ fn export(ks: &Keystore, client: &Client, id: &str, body: ExportBody) -> Result<
         .transpose()?;
     let to = match (&body.wrap_with, &public, &body.wrap_with_trusted) {
         (Some(kek), None, None) => {
-            sees_other_key(ks, client, "wrap", kek)?;
+            // Refused, the export is audited as refused too, as the keystore audits an export
+            // whose wrapping key does not resolve.
+            sees_other_key(ks, client, "wrap", kek)
+                .inspect_err(|e| ks.audit_refusal("export", id, e.code()))?;
             ExportTo::Key(kek)
         }
         (None, Some(public), None) => ExportTo::Public(public),

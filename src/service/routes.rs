@@ -371,14 +371,14 @@ struct AuditQuery {
     since: Option<String>,
 }
 
-/// `GET /v1/audit[?key=ID][&since=TIME]` (admin): the audit log's entries, oldest first, each as
+/// `GET /v1/audit[?key=ID][&since=TIME]` (`audit`): the audit log's entries, oldest first, each as
 /// `keyhold audit show --json` gives it.
 async fn audit(
     axum::extract::State(state): axum::extract::State<State>,
     client: Caller,
     RawQuery(raw): RawQuery,
 ) -> Answer {
-    client.may(Operation::Admin)?;
+    client.may(Operation::Audit)?;
     let query: AuditQuery = super::api::query(raw.as_deref())?;
     let since = query
         .since
@@ -403,20 +403,25 @@ async fn audit(
 #[serde(deny_unknown_fields)]
 struct NoBody {}
 
-/// `POST /v1/audit/verify` (admin): the audit log's MACs and chain verified, as `keyhold audit
+/// `POST /v1/audit/verify` (`audit`): the audit log's MACs and chain verified, as `keyhold audit
 /// verify --json` says it; a log that fails is the error it is.
 async fn audit_verify(
     axum::extract::State(state): axum::extract::State<State>,
     caller: Result<Caller, ApiError>,
     request: Request,
 ) -> Answer {
-    let verified = admin_check(&state, caller, request, "audit-verify", |ks| {
-        Ok(ks.verify_audit()?)
-    });
+    let verified = admin_check(
+        &state,
+        caller,
+        request,
+        Operation::Audit,
+        "audit-verify",
+        |ks| Ok(ks.verify_audit()?),
+    );
     Ok(Json(verified.await?.to_json()))
 }
 
-/// `POST /v1/store/verify` (admin): the whole store verified (records, audit log, key material,
+/// `POST /v1/store/verify` (`audit`): the whole store verified (records, audit log, key material,
 /// commitment), the report as `keyhold store verify --json` gives it. What fails a check is in
 /// the report, not an error.
 async fn store_verify(
@@ -424,13 +429,18 @@ async fn store_verify(
     caller: Result<Caller, ApiError>,
     request: Request,
 ) -> Answer {
-    let report = admin_check(&state, caller, request, "store-verify", |ks| {
-        Ok(ks.verify_store(&|_| {})?)
-    });
+    let report = admin_check(
+        &state,
+        caller,
+        request,
+        Operation::Audit,
+        "store-verify",
+        |ks| Ok(ks.verify_store(&|_| {})?),
+    );
     Ok(Json(report.await?.to_json()))
 }
 
-/// `POST /v1/maintain` (admin): the work every key's schedule makes due now, done, as `keyhold
+/// `POST /v1/maintain` (`maintain`): the work every key's schedule makes due now, done, as `keyhold
 /// maintain` does it: `{"done":[{"key","action"}],"failed":[{"key","status","error":{"code",
 /// "message"}}]}`;
 /// a key whose work failed is in `failed`, and the others' work is done all the same.
@@ -439,7 +449,14 @@ async fn maintain(
     caller: Result<Caller, ApiError>,
     request: Request,
 ) -> Answer {
-    let report = admin_check(&state, caller, request, "maintain", |ks| Ok(ks.maintain()?));
+    let report = admin_check(
+        &state,
+        caller,
+        request,
+        Operation::Maintain,
+        "maintain",
+        |ks| Ok(ks.maintain()?),
+    );
     let report = report.await?;
     let done: Vec<Value> = report
         .done
@@ -460,15 +477,17 @@ async fn maintain(
     Ok(Json(json!({ "done": done, "failed": failed })))
 }
 
-/// An admin's check or work on the store (a POST of no body), run on the pool as `operation`.
+/// A check or work on the whole store (a POST of no body) by a client granted `grant`, run on
+/// the pool as `operation`.
 async fn admin_check<T: Send + 'static>(
     state: &State,
     caller: Result<Caller, ApiError>,
     request: Request,
+    grant: Operation,
     operation: &'static str,
     check: fn(&Keystore) -> Result<T, ApiError>,
 ) -> Result<T, ApiError> {
-    let (client, request) = granted(caller, request, Some(Operation::Admin)).await?;
+    let (client, request) = granted(caller, request, Some(grant)).await?;
     let _: NoBody = Input::Bytes(&json_bytes(request, state).await?).parse()?;
     run(state, &client, operation, Placement::pool(None), check).await
 }
@@ -667,7 +686,9 @@ async fn import(
         Placement::pool(backend),
         move |ks| {
             if let Some(id) = &unwrap_with {
-                super::ops::sees_other_key(ks, &asker, "unwrap", id)?;
+                super::ops::sees_other_key(ks, &asker, "unwrap", id).inspect_err(|e| {
+                    ks.audit_new_key_refusal("import", &request.namespace, e.code());
+                })?;
             }
             Ok(ks.import_key(&request, &key, unwrap_with.as_deref(), &options)?)
         },

@@ -9,7 +9,7 @@
 //!
 //! - The service starts at the Env's first remote command, with the Env's store, passphrase and
 //!   variables, and the Env's configuration plus one client (`[clients.harness]`, this user,
-//!   every operation but `metrics` (`admin` too, for `audit` and `store verify`), the namespaces the Env's commands named so far); the command gets
+//!   every operation but `metrics`, the namespaces the Env's commands named so far); the command gets
 //!   `KEYHOLD_REMOTE=unix:SOCKET` (the documented default of `--remote`, for those commands
 //!   only). It is stopped (SIGTERM, so backends close cleanly) when the Env drops.
 //! - Before any other command of the Env runs, the service is stopped, and it starts again at the
@@ -60,10 +60,10 @@ pub const STATS_VAR: &str = "KEYHOLD_TEST_REMOTE_STATS";
 /// The name of the harness's client in the service's configuration (the audit log's `client=`).
 pub const CLIENT: &str = "harness";
 
-/// The harness client's operations: every one but `metrics` (src/config/clients.rs), so that
-/// `admin`'s commands (`audit`, `store verify`, `maintain`, `client list`) run through the
-/// service too.
-const GRANTED: [&str; 22] = [
+/// The harness client's operations: every one but `metrics` (src/config/clients.rs), those
+/// granted by name only too, so that `key export`, `key import`, `audit`, `store verify`,
+/// `maintain` and `client list` run through the service.
+const GRANTED: [&str; 24] = [
     "create",
     "list",
     "show",
@@ -85,6 +85,8 @@ const GRANTED: [&str; 22] = [
     "history",
     "export",
     "import",
+    "audit",
+    "maintain",
     "admin",
 ];
 
