@@ -320,11 +320,11 @@ fn key_and_cryptographic_commands_run_through_the_service_with_the_same_output_a
     assert_fail(&out, 1, "connect to keyhold serve at unix:", "no service");
 }
 
-/// `audit verify`, `audit show` and `store verify` through the service, for a client granted
-/// `admin`: what the store's own commands say, and the entries of the service's key uses name
+/// `audit verify`, `audit show`, `store verify`, `maintain` and `client list` through the
+/// service, for a client granted `audit`, `maintain` and `admin`: what the store's own commands say, and the entries of the service's key uses name
 /// their client.
 #[test]
-fn the_stores_checks_and_audit_log_run_through_the_service_for_an_admin_client() {
+fn the_store_wide_commands_run_through_the_service_for_a_client_granted_them() {
     let env = env();
     let signer = env.create_key("signer", "ecdsa-p256", &[]);
     let other = env.create_key("other", "hmac-sha256", &[]);

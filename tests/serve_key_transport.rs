@@ -206,6 +206,14 @@ fn a_key_leaves_wrapped_and_comes_back_the_same_key_within_the_clients_namespace
     };
     assert!(refused("wrap"), "{entries:?}");
     assert!(refused("unwrap"), "{entries:?}");
+    // The import into a namespace the client does not see.
+    assert!(
+        entries.iter().any(|e| e["operation"] == "import"
+            && e["namespace"] == "other"
+            && e["outcome"] == "forbidden"
+            && e["client"] == "app"),
+        "{entries:?}"
+    );
     // And the export and import they were for.
     assert!(
         entries.iter().any(|e| e["operation"] == "export"
@@ -250,4 +258,14 @@ fn export_and_import_need_their_grants_and_are_refused_before_the_body_is_read()
     let (status, err) = server.stop();
     assert!(status.success(), "{err}");
     assert_eq!(names(&env), ["tags"]);
+    let log = env.ok(&["--json", "audit", "show"], b"", "audit show");
+    let entries: Vec<Value> = serde_json::from_slice(&log).unwrap();
+    for operation in ["export", "import"] {
+        assert!(
+            entries.iter().any(|e| e["operation"] == operation
+                && e["outcome"] == "forbidden"
+                && e["client"] == "app"),
+            "{operation}: {entries:?}"
+        );
+    }
 }

@@ -257,7 +257,7 @@ pub struct MaintainArgs {}
 /// stdout; each key whose work failed is named on stderr, and the command exits with the first
 /// failure's code (after the other keys' work was done).
 pub fn maintain(ctx: &Context, _args: &MaintainArgs) -> CmdResult {
-    let ks = io::open_store_keys(ctx)?;
+    let ks = io::open_store_wide(ctx)?;
     let report = ks.maintain()?;
     let done = &report.done;
     if ctx.json {

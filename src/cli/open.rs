@@ -123,10 +123,19 @@ pub fn open_keys(ctx: &Context) -> Result<Box<dyn KeyService>, Failure> {
 /// calls keep the client's default, 120 s).
 const STORE_WIDE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3600);
 
-/// The store's keys and its checks and audit log ([`StoreAdmin`]), for the commands that read or
-/// verify the store: the service's with `--remote` (which needs the `admin` grant), else the
-/// store's, opened here.
+/// The store's keys and its administration ([`StoreAdmin`]), for the commands that read the
+/// audit log or the token clients: the service's with `--remote` (which needs `audit` or
+/// `admin`), else the store's, opened here.
 pub fn open_store_keys(ctx: &Context) -> Result<Box<dyn StoreKeys>, Failure> {
+    match &ctx.remote {
+        Some(remote) => remote_keys(ctx, remote, None),
+        None => Ok(Box::new(open_keystore(ctx)?)),
+    }
+}
+
+/// [`open_store_keys`] for the commands on every key of the store (`store verify`,
+/// `maintain`): through a service, they wait up to an hour for its answer.
+pub fn open_store_wide(ctx: &Context) -> Result<Box<dyn StoreKeys>, Failure> {
     match &ctx.remote {
         Some(remote) => remote_keys(ctx, remote, Some(STORE_WIDE_TIMEOUT)),
         None => Ok(Box::new(open_keystore(ctx)?)),

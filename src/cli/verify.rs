@@ -45,7 +45,7 @@ const TAMPERED: u8 = 10;
 fn verify(ctx: &Context, _args: &VerifyArgs) -> CmdResult {
     let (report, place) = match &ctx.remote {
         // The service verifies the store it holds open (its opening was checked then).
-        Some(remote) => (io::open_store_keys(ctx)?.verify_store()?, remote.clone()),
+        Some(remote) => (io::open_store_wide(ctx)?.verify_store()?, remote.clone()),
         None => (verify_here(ctx)?, ctx.store.display().to_string()),
     };
     if ctx.json {

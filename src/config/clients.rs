@@ -5,7 +5,7 @@
 //! uid = 1001                 # connections over the Unix socket from this user are `web`
 //! tls_name = "web.example"   # and TLS connections whose client certificate names it
 //! namespaces = ["web"]       # the keys it may see and use: those of these namespaces
-//! operations = ["sign", "pubkey", "show", "list"]   # default: every operation
+//! operations = ["sign", "pubkey", "show", "list"]   # default: all but those by name only
 //! ```
 
 use serde::Deserialize;
@@ -29,7 +29,8 @@ pub struct ClientConfig {
     /// The namespaces whose keys the client sees and uses; a key of any other namespace is, to
     /// it, a key that does not exist.
     pub namespaces: Vec<String>,
-    /// The operations the client may ask for; every one when absent.
+    /// The operations the client may ask for; when absent, every one but
+    /// [`Operation::BY_NAME_ONLY`].
     #[serde(default)]
     pub operations: Option<Vec<Operation>>,
 }

@@ -45,13 +45,13 @@ impl ClientToken {
     }
 }
 
-/// What a token client may do: the keys of its namespaces, and its operations (every one when
-/// `None`).
+/// What a token client may do: the keys of its namespaces, and its operations (when `None`,
+/// every one but `Operation::BY_NAME_ONLY`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ClientGrant {
     /// The namespaces whose keys it sees (at least one).
     pub namespaces: Vec<String>,
-    /// The operations it may ask for; `None`: every operation.
+    /// The operations it may ask for; `None`: every one but `Operation::BY_NAME_ONLY`.
     pub operations: Option<Vec<Operation>>,
 }
 
@@ -146,7 +146,8 @@ impl ClientGrant {
             Some(ops) if ops.is_empty() => {
                 return Err(Error::InvalidInput(
                     "--operations lists no operation: give at least one, or leave it out for \
-                     every operation"
+                     the default grant (every operation but export, import, audit, maintain, \
+                     metrics and admin)"
                         .into(),
                 ))
             }

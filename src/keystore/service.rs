@@ -3,9 +3,10 @@
 //! `crate::service::RemoteKeystore`): applications and the command line use either through
 //! [`KeyService`] without knowing which.
 //!
-//! The store's checks, its audit log and the lifecycle's due work are [`StoreAdmin`]'s, done
-//! where the store is or, for a client granted `admin`, by a service. Changing the store as a whole (backups, restores,
-//! re-sealing, recovery) is in neither: it runs where the store is.
+//! The store's checks, its audit log, the lifecycle's due work and its token clients are
+//! [`StoreAdmin`]'s, done where the store is or, for a client granted `audit`, `maintain` or
+//! `admin`, by a service. Changing the store as a whole (backups, restores, re-sealing,
+//! recovery) is in neither: it runs where the store is.
 
 use super::{
     ExportTo, KeyEvent, KeyInfo, KeyRequest, Keystore, PolicyChange, Transition, UseOptions, Used,
@@ -354,8 +355,9 @@ impl KeyService for Keystore {
     }
 }
 
-/// The store's checks, its audit log and the lifecycle's due work, for its administrator: by [`Keystore`] where the store
-/// is, or by a service (`crate::service::RemoteKeystore`) for a client granted `admin`.
+/// The store's checks, its audit log, the lifecycle's due work and its token clients, for its
+/// administrator: by [`Keystore`] where the store is, or by a service
+/// (`crate::service::RemoteKeystore`) for a client granted `audit`, `maintain` or `admin`.
 pub trait StoreAdmin: Send + Sync {
     /// The audit log's MACs and hash chain verified ([`Keystore::verify_audit`]).
     ///

@@ -125,8 +125,8 @@ impl Clients {
 
     /// The configured clients and the token clients `tokens` as `GET /v1/clients` lists them, by
     /// name: how each authenticates (`uid`, `tls_name`, `token`), its uid and certificate name,
-    /// namespaces, operations (`null`: every one but those granted by name only, `Operation::BY_NAME_ONLY`), and when a token
-    /// client was added. Never a token or its hash: the store gives neither.
+    /// namespaces, operations (`null`: every one but `Operation::BY_NAME_ONLY`), and when a
+    /// token client was added. Never a token or its hash: the store gives neither.
     pub fn to_json(&self, tokens: &[TokenClient]) -> serde_json::Value {
         let mut clients: Vec<&Arc<Client>> = self
             .by_uid

@@ -654,13 +654,26 @@ async fn import(
     caller: Result<Caller, ApiError>,
     request: Request,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
-    let (client, request) = granted(caller, request, Some(Operation::Import)).await?;
+    let (client, request) = granted(caller, request, None).await?;
+    // Refused, an import is audited as the keystore audits a failed one.
+    let refused = |namespace: &str, e: ApiError| {
+        crate::audit::on_behalf_of(&client.name_arc(), || {
+            state
+                .keystore
+                .audit_new_key_refusal("import", namespace, e.code());
+        });
+        e
+    };
+    if let Err(e) = client.may(Operation::Import) {
+        return Err(refuse(request, refused("", e)).await);
+    }
     let body: ImportBody = Input::Bytes(&json_bytes(request, &state).await?).parse()?;
     if !client.sees(&body.namespace) {
-        return Err(ApiError::forbidden(format!(
+        let e = ApiError::forbidden(format!(
             "client `{}` may not import keys into namespace `{}`",
             client.name, body.namespace
-        )));
+        ));
+        return Err(refused(&body.namespace, e));
     }
     let (key, unwrap_with) = (body.key, body.unwrap_with);
     let (request, options) = CreateBody {

@@ -130,7 +130,7 @@ pub struct ClientRecord {
     pub token_hash: Vec<u8>,
     /// The namespaces granted, a JSON array of strings.
     pub namespaces: String,
-    /// The operations granted, a JSON array of strings; `None`: every operation.
+    /// The operations granted, a JSON array of strings; `None`: the default grant.
     pub operations: Option<String>,
     /// When the client was added.
     pub created_at: i64,

@@ -116,7 +116,7 @@ const MIGRATIONS: &[&str] = &[
     // 4: the service's token clients (`keyhold client add`): a keyed hash of each token, never
     // the token, and its grant, under a MAC, each client's row in the commitment under its uuid
     // (its digest in `key_digests`, as a key's). `namespaces` and `operations` are JSON arrays
-    // (`operations` NULL: every operation).
+    // (`operations` NULL: the default grant, every operation but those granted by name only).
     "CREATE TABLE clients (
         uuid       BLOB PRIMARY KEY NOT NULL,
         name       TEXT NOT NULL UNIQUE,

@@ -168,7 +168,15 @@ impl RemoteKeystore {
             let fresh = conn.link.is_none();
             let link = match &mut conn.link {
                 Some(link) => link,
-                None => conn.link.insert(self.connect(deadline)?),
+                // Connecting (and a TLS handshake) never waits longer than a call by default,
+                // whatever the call's own deadline.
+                None => conn.link.insert(
+                    self.connect(
+                        Instant::now()
+                            .checked_add(super::DEFAULT_TIMEOUT)
+                            .map_or(deadline, |by| deadline.min(by)),
+                    )?,
+                ),
             };
             match exchange(link, request, deadline) {
                 Err(Failed::Unsent(_)) if !fresh => conn.link = None,
