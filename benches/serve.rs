@@ -14,8 +14,9 @@
 //! - `inproc`: [`Keystore`] in this process (`KeyService`);
 //! - `remote`: one shared [`RemoteKeystore`] (a kept-alive connection per concurrent caller);
 //! - `raw` (software signing only): aws-lc-rs signing with a parsed key, the floor;
-//! - `http` (software signing only): `POST /v1/keys/{id}/sign` as hand-written HTTP/1.1 on a
-//!   kept-alive `UnixStream` per thread: the service without `RemoteKeystore`'s client side;
+//! - `http` (software signing and AES-GCM): `POST /v1/keys/{id}/sign` (or `encrypt`) as
+//!   hand-written HTTP/1.1 on a kept-alive `UnixStream` per thread: the service without
+//!   `RemoteKeystore`'s client side;
 //! - `batch100` (signing only): `POST /v1/batch` of 100 signatures, hand-written HTTP/1.1 on a
 //!   kept-alive `UnixStream` per thread; its rate counts signatures, its latency is per batch;
 //! - `floor` (software signing and AES-GCM): the same request's bytes over a Unix socket to a
@@ -28,6 +29,10 @@
 //!   tokio's multi-thread runtime in this process (the stack `keyhold serve` is built on) that
 //!   reads the request's body whole and answers with the service's answer's body, parsing
 //!   nothing: the floor of that stack;
+//! - `hyperwork` (the same cases): a second such hyper server that, before each answer, does the
+//!   case's work with aws-lc-rs (the signature with a parsed key; AES-256-GCM of the 1 KiB):
+//!   a service on that stack with no keyhold code, measured ("What a service doing only the
+//!   work reaches");
 //! - `client` (the same cases): a [`RemoteKeystore`] of its own calling that hyper server: the
 //!   floor of the `remote` side (keyhold's client library, on the same stack).
 //!
@@ -41,7 +46,8 @@
 //!   rounds; default 3, so the whole bench takes about 2 minutes);
 //! - `KEYHOLD_BENCH_CASES`: comma-separated substrings; only cases whose name contains one run;
 //! - `KEYHOLD_BENCH_SIDES`: comma-separated side names (`inproc`, `remote`, `raw`, `http`,
-//!   `batch100`, `floor`, `hyper`, `client`); only those run (to profile one of them);
+//!   `batch100`, `floor`, `hyper`, `hyperwork`, `client`); only those run (to profile one of
+//!   them);
 //! - `KEYHOLD_BENCH_BIN`: the `keyhold` that serves (default: the one cargo built), to compare
 //!   two builds of the service with the same client.
 //!
@@ -104,6 +110,7 @@ enum SideKind {
     Batch,
     Floor,
     Hyper,
+    HyperWork,
     Client,
 }
 
@@ -117,6 +124,7 @@ impl SideKind {
             Self::Batch => "batch100",
             Self::Floor => "floor",
             Self::Hyper => "hyper",
+            Self::HyperWork => "hyperwork",
             Self::Client => "client",
         }
     }
@@ -494,36 +502,55 @@ fn answer_bytes(socket: &Path, request: &[u8]) -> BoxResult<Vec<u8>> {
     Ok(conn.buf.clone())
 }
 
-/// The floors of one request: an [`echo_server`] and a [`hyper_server`] that answer it as the
-/// service at `socket` did, and that answer's length.
+/// The case's work done with aws-lc-rs, as a `hyperwork` server does it for each request.
+type Work = std::sync::Arc<dyn Fn() + Send + Sync>;
+
+/// The floors of one request: an [`echo_server`] and two [`hyper_server`]s that answer it as
+/// the service at `socket` did (one of them doing the case's work first), and that answer's
+/// length.
 struct Floors {
     request: Vec<u8>,
     echo: PathBuf,
     hyper: PathBuf,
+    hyper_work: PathBuf,
     answer_len: usize,
 }
 
 impl Floors {
-    /// Asks the service `request` once, then serves its answer at `DIR/floor-NAME.sock` and
-    /// `DIR/hyper-NAME.sock`.
-    fn start(dir: &Path, name: &str, socket: &Path, request: Vec<u8>) -> BoxResult<Self> {
+    /// Asks the service `request` once, then serves its answer at `DIR/floor-NAME.sock`,
+    /// `DIR/hyper-NAME.sock` and, doing `work` before each answer, `DIR/work-NAME.sock`.
+    fn start(
+        dir: &Path,
+        name: &str,
+        socket: &Path,
+        request: Vec<u8>,
+        work: Work,
+    ) -> BoxResult<Self> {
         let answer = answer_bytes(socket, &request)?;
         let floors = Self {
             echo: dir.join(format!("floor-{name}.sock")),
             hyper: dir.join(format!("hyper-{name}.sock")),
+            hyper_work: dir.join(format!("work-{name}.sock")),
             answer_len: answer.len(),
             request,
         };
-        hyper_server(&floors.hyper, body_of(&answer)?)?;
+        hyper_server(&floors.hyper, body_of(&answer)?, None)?;
+        hyper_server(&floors.hyper_work, body_of(&answer)?, Some(work))?;
         echo_server(&floors.echo, floors.request.len(), answer)?;
         Ok(floors)
     }
 
-    /// The `floor` and `hyper` sides.
-    fn sides(&self) -> [Side<'_>; 2] {
+    /// The `floor`, `hyper` and `hyperwork` sides.
+    fn sides(&self) -> [Side<'_>; 3] {
         [
             floor_side(&self.echo, self.request.clone(), self.answer_len),
             http_side(SideKind::Hyper, &self.hyper, self.request.clone(), one_ok),
+            http_side(
+                SideKind::HyperWork,
+                &self.hyper_work,
+                self.request.clone(),
+                one_ok,
+            ),
         ]
     }
 }
@@ -532,6 +559,30 @@ impl Floors {
 fn body_of(answer: &[u8]) -> BoxResult<Vec<u8>> {
     let at = find(answer, b"\r\n\r\n").ok_or("an answer without its head's end")?;
     Ok(answer[at + 4..].to_vec())
+}
+
+/// An ECDSA P-256 signature of `msg` with a parsed key, by aws-lc-rs: the `hyperwork` sign
+/// server's work.
+fn sign_work(msg: [u8; 32]) -> Work {
+    let key = EcdsaKeyPair::generate(&ECDSA_P256_SHA256_FIXED_SIGNING).unwrap();
+    let rng = SystemRandom::new();
+    std::sync::Arc::new(move || {
+        key.sign(&rng, &msg).unwrap();
+    })
+}
+
+/// AES-256-GCM of `data` with [`USER_AAD`] and a random nonce, by aws-lc-rs: the `hyperwork`
+/// encrypt server's work.
+fn encrypt_work(data: [u8; 1024]) -> BoxResult<Work> {
+    use aws_lc_rs::aead::{Aad, RandomizedNonceKey, AES_256_GCM};
+    let mut secret = [0u8; 32];
+    aws_lc_rs::rand::fill(&mut secret)?;
+    let key = RandomizedNonceKey::new(&AES_256_GCM, &secret)?;
+    Ok(std::sync::Arc::new(move || {
+        let mut sealed = data.to_vec();
+        key.seal_in_place_append_tag(Aad::from(USER_AAD), &mut sealed)
+            .unwrap();
+    }))
 }
 
 /// A socket at `path` whose every connection has a thread of its own that reads
@@ -557,8 +608,9 @@ fn echo_server(path: &Path, request_len: usize, answer: Vec<u8>) -> BoxResult<()
 }
 
 /// A hyper HTTP/1.1 server at `path`, on a tokio multi-thread runtime of its own (as
-/// `keyhold serve`'s), that reads each request's body whole and answers 200 with `body` as JSON.
-fn hyper_server(path: &Path, body: Vec<u8>) -> BoxResult<()> {
+/// `keyhold serve`'s), that reads each request's body whole, does `work` if any (on the thread
+/// that read it, as `keyhold serve` runs a quick call), and answers 200 with `body` as JSON.
+fn hyper_server(path: &Path, body: Vec<u8>, work: Option<Work>) -> BoxResult<()> {
     use http_body_util::{BodyExt as _, Full};
     use hyper::body::Bytes;
 
@@ -574,12 +626,17 @@ fn hyper_server(path: &Path, body: Vec<u8>) -> BoxResult<()> {
         runtime.block_on(async move {
             while let Ok((stream, _)) = listener.accept().await {
                 let body = body.clone();
+                let work = work.clone();
                 tokio::spawn(async move {
                     let service = hyper::service::service_fn(
                         move |request: hyper::Request<hyper::body::Incoming>| {
                             let body = body.clone();
+                            let work = work.clone();
                             async move {
                                 let _read = request.into_body().collect().await?;
+                                if let Some(work) = work {
+                                    work();
+                                }
                                 let mut answer = hyper::Response::new(Full::new(body));
                                 answer.headers_mut().insert(
                                     hyper::header::CONTENT_TYPE,
@@ -878,8 +935,9 @@ fn main() -> BoxResult<()> {
          signed in raw (r||s) format; AES-256-GCM of 1 KiB with a {}-byte AAD; remote: one \
          shared RemoteKeystore; batch100: POST /v1/batch of {BATCH} signatures on a kept-alive \
          connection per thread, rate in signatures/s, latency per batch; raw: aws-lc-rs \
-         EcdsaKeyPair::sign with a parsed key; http: POST /v1/keys/ID/sign, hand-written, on a \
-         kept-alive connection per thread",
+         EcdsaKeyPair::sign with a parsed key; http: POST /v1/keys/ID/sign (or encrypt), \
+         hand-written, on a kept-alive connection per thread; hyperwork: a hyper server doing \
+         the work with aws-lc-rs before each answer, no keyhold code",
         hsm.label(),
         USER_AAD.len()
     );
@@ -895,8 +953,14 @@ fn main() -> BoxResult<()> {
         &format!("/v1/keys/{}/encrypt", remote_keys.aes),
         &encrypt_body(&data1k),
     );
-    let sign_floors = Floors::start(dir.path(), "sign", socket, sign_request)?;
-    let encrypt_floors = Floors::start(dir.path(), "encrypt", socket, encrypt_request)?;
+    let sign_floors = Floors::start(dir.path(), "sign", socket, sign_request, sign_work(msg32))?;
+    let encrypt_floors = Floors::start(
+        dir.path(),
+        "encrypt",
+        socket,
+        encrypt_request,
+        encrypt_work(data1k)?,
+    )?;
     let batch_side = |id: &str| {
         http_side(
             SideKind::Batch,
@@ -945,6 +1009,12 @@ fn main() -> BoxResult<()> {
             name: "aes256gcm-encrypt-1k",
             sides: {
                 let mut sides = both((local, &lk.aes), (remote, &rk.aes), encrypted, &data1k);
+                sides.push(http_side(
+                    SideKind::Http,
+                    socket,
+                    encrypt_floors.request.clone(),
+                    one_ok,
+                ));
                 sides.extend(encrypt_floors.sides());
                 let aes = &rk.aes;
                 sides.push(side(SideKind::Client, move |_: &mut Worker| {
@@ -1074,6 +1144,66 @@ fn floor_report(results: &Results, cpus: usize) {
             floor.cpu_per_op_us(),
             floor.percentile(0.5),
             floor.percentile(0.99),
+        );
+    }
+}
+
+/// What a service on keyhold's stack reaches when it does nothing but the case's work: the
+/// `hyperwork` side, a hyper server on tokio that reads each request's body, does the work with
+/// aws-lc-rs on the thread that read it, and answers the service's answer. No keyhold code runs
+/// on it: no routing, parsing, authentication, key lookup, audit or metrics. Its rate over the
+/// in-process rate at 16 clients, and over raw aws-lc-rs, measured rather than bounded: a target
+/// above them is excluded for any service that answers each operation in a round trip of its
+/// own on hyper and tokio, here. Its p99 over the in-process p99 shows whether the p99 target is.
+fn work_report(results: &Results) {
+    let mut printed_head = false;
+    for ((case, clients, kind), work) in results {
+        if *kind != SideKind::HyperWork || work.ops == 0 {
+            continue;
+        }
+        let get = |kind| results.get(&(*case, *clients, kind)).filter(|m| m.ops > 0);
+        let Some(local) = get(SideKind::InProcess) else {
+            continue;
+        };
+        if !printed_head {
+            println!();
+            println!(
+                "What a service doing only the work reaches (hyperwork case/clients: ops/s, CPU us \
+                 per operation, p50 us, p99 us; that rate over the in-process rate, and over raw \
+                 aws-lc-rs where measured; its p99 over the in-process p99; against issue 12's \
+                 targets: excluded, or not)"
+            );
+            printed_head = true;
+        }
+        let of = |ratio: f64, target: f64| {
+            let verdict = if ratio < target {
+                "excluded"
+            } else {
+                "not excluded"
+            };
+            format!("{ratio:.2} ({target} {verdict})")
+        };
+        let inproc = if *clients == 16 {
+            of(work.rate() / local.rate(), THROUGHPUT_TARGET)
+        } else {
+            format!("{:.2}", work.rate() / local.rate())
+        };
+        let raw = get(SideKind::Raw).map_or_else(String::new, |raw| {
+            format!(", /raw {}", of(work.rate() / raw.rate(), RAW_TARGET))
+        });
+        let overhead = work.percentile(0.99) - local.percentile(0.99);
+        let p99 = if overhead < P99_OVERHEAD_TARGET_US {
+            "not excluded"
+        } else {
+            "excluded"
+        };
+        println!(
+            "hyperwork {case}/{clients}c {:.0} {:.1} {:.0} {:.0}; /inproc {inproc}{raw}; p99 \
+             overhead {overhead:.0} ({P99_OVERHEAD_TARGET_US:.0} {p99})",
+            work.rate(),
+            work.cpu_per_op_us(),
+            work.percentile(0.5),
+            work.percentile(0.99),
         );
     }
 }
@@ -1229,6 +1359,7 @@ fn report(results: &Results, steals: &Steals) {
     }
 
     floor_report(results, cpus);
+    work_report(results);
     together_report(results, cpus);
 
     println!();
