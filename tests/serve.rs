@@ -10,7 +10,7 @@ mod support;
 
 use std::time::Duration;
 
-use serde_json::json;
+use serde_json::{json, Value};
 use support::env::*;
 use support::serve::{b64, client, env, uid, unb64, AsNobody, Server};
 
@@ -164,6 +164,59 @@ fn another_namespace_s_key_is_a_key_that_does_not_exist_and_operations_are_grant
         (status, &err["error"]["code"]),
         (400, &json!("key_id_authentication"))
     );
+    // Making a key is not granted: refused, and audited with the client.
+    let (status, refused) = server.ask(
+        "POST",
+        "/v1/keys",
+        Some(&json!({"namespace": "app", "name": "new", "type": "ed25519"})),
+    );
+    assert_eq!(status, 403, "{refused}");
+    let (status, err) = server.stop();
+    assert!(status.success(), "{err}");
+    assert!(
+        created_refused(&env, ""),
+        "the refused creation is in the audit log"
+    );
+}
+
+/// Whether the audit log records a creation that client `app` was refused (`forbidden`), in
+/// `namespace` (empty: refused before its body was read).
+fn created_refused(env: &Env, namespace: &str) -> bool {
+    let log = env.ok(&["--json", "audit", "show"], b"", "audit show");
+    let entries: Vec<Value> = serde_json::from_slice(&log).unwrap();
+    entries.iter().any(|e| {
+        e["operation"] == "create"
+            && e["outcome"] == "forbidden"
+            && e["client"] == "app"
+            && e.get("namespace").and_then(Value::as_str).unwrap_or("") == namespace
+    })
+}
+
+/// A key made in a namespace the client does not see: 403, nothing made, and the refusal
+/// audited with the client and the namespace.
+#[test]
+fn a_key_made_in_another_namespace_is_refused_and_audited() {
+    let env = env();
+    let server = Server::start(&env, &client("\"app\"", ""));
+    let (status, refused) = server.ask(
+        "POST",
+        "/v1/keys",
+        Some(&json!({"namespace": "other", "name": "new", "type": "ed25519"})),
+    );
+    assert_eq!(
+        (status, &refused["error"]["code"]),
+        (403, &json!("forbidden")),
+        "{refused}"
+    );
+    let (status, err) = server.stop();
+    assert!(status.success(), "{err}");
+    let listed = env.ok(
+        &["--json", "--namespace", "other", "key", "list"],
+        b"",
+        "key list",
+    );
+    assert_eq!(serde_json::from_slice::<Value>(&listed).unwrap(), json!([]));
+    assert!(created_refused(&env, "other"), "the refusal is audited");
 }
 
 #[test]

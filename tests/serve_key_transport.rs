@@ -233,7 +233,8 @@ fn a_key_leaves_wrapped_and_comes_back_the_same_key_within_the_clients_namespace
     }
 }
 
-/// Export and import are granted by name only: a client with the default grant has neither.
+/// Export and import are granted by name only: a client with the default grant has neither, in
+/// a batch either.
 #[test]
 fn export_and_import_need_their_grants_and_are_refused_before_the_body_is_read() {
     let env = env();
@@ -250,6 +251,24 @@ fn export_and_import_need_their_grants_and_are_refused_before_the_body_is_read()
     assert_eq!(error_code(&answer), (403, "forbidden"), "{}", answer.1);
     let answer = server.raw("POST", "/v1/keys/import", Some(b"{ not json"));
     assert_eq!(error_code(&answer), (403, "forbidden"), "{}", answer.1);
+    // In a batch: that operation is refused, the others run.
+    let (status, answer) = server.ask(
+        "POST",
+        "/v1/batch",
+        Some(&json!({"operations": [
+            {"op": "export", "key": hmac, "wrap_with": hmac},
+            {"op": "mac", "key": hmac, "data": b64(b"m")},
+        ]})),
+    );
+    assert_eq!(status, 200, "{answer}");
+    let results = &answer["results"];
+    assert_eq!(
+        (&results[0]["status"], &results[0]["error"]["code"]),
+        (&json!(403), &json!("forbidden")),
+        "{answer}"
+    );
+    assert_eq!(results[1]["status"], 200, "{answer}");
+    assert!(results[0].get("result").is_none(), "{answer}");
     let (status, err) = server.stop();
     assert!(status.success(), "{err}");
     assert_eq!(names(&env), ["tags"]);
@@ -260,4 +279,10 @@ fn export_and_import_need_their_grants_and_are_refused_before_the_body_is_read()
             "{operation}: {entries:?}"
         );
     }
+    // The export refused alone and the one refused in the batch.
+    let exports = entries
+        .iter()
+        .filter(|e| e["operation"] == "export" && e["outcome"] == "forbidden")
+        .count();
+    assert_eq!(exports, 2, "{entries:?}");
 }

@@ -213,9 +213,9 @@ impl Keystore {
         });
     }
 
-    /// Records that a service refused its client the making of a key (`operation`, `import`) in
-    /// `namespace` before the keystore was asked (`outcome`: the refusal's code), as
-    /// [`Self::audit_refusal`] records a refused use.
+    /// Records that a service refused its client the making of a key (`operation`: `create` or
+    /// `import`) in `namespace` before the keystore was asked (`outcome`: the refusal's code),
+    /// as [`Self::audit_refusal`] records a refused use.
     pub fn audit_new_key_refusal(
         &self,
         operation: &'static str,

@@ -603,14 +603,25 @@ async fn create(
     caller: Result<Caller, ApiError>,
     request: Request,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
-    let (client, request) = granted(caller, request, Some(Operation::Create)).await?;
+    let (client, request) = granted(caller, request, None).await?;
+    if let Err(e) = client.may(Operation::Create) {
+        let e = refused_new_key(&state, &client, "create", "", e);
+        return Err(refuse(request, e).await);
+    }
     // Read as a key action's body: an empty one is `{}` (and so lacks the required fields).
     let body: CreateBody = Input::Bytes(&json_bytes(request, &state).await?).parse()?;
     if !client.sees(&body.namespace) {
-        return Err(ApiError::forbidden(format!(
+        let e = ApiError::forbidden(format!(
             "client `{}` may not make keys in namespace `{}`",
             client.name, body.namespace
-        )));
+        ));
+        return Err(refused_new_key(
+            &state,
+            &client,
+            "create",
+            &body.namespace,
+            e,
+        ));
     }
     let (request, options) = body.request(crate::time::now())?;
     // The backend the keystore is asked of, named or not: its gate, as every call on it.
@@ -624,6 +635,23 @@ async fn create(
     )
     .await?;
     Ok((StatusCode::CREATED, Json(info.to_json())))
+}
+
+/// `e`, the refusal of a new key (`operation`: `create`, `import`) in `namespace` (empty if not
+/// read yet) before the keystore is asked, audited as the keystore audits a failed one.
+fn refused_new_key(
+    state: &State,
+    client: &Caller,
+    operation: &'static str,
+    namespace: &str,
+    e: ApiError,
+) -> ApiError {
+    crate::audit::on_behalf_of(&client.name_arc(), || {
+        state
+            .keystore
+            .audit_new_key_refusal(operation, namespace, e.code());
+    });
+    e
 }
 
 /// `POST /v1/keys/import`: a key brought in, as a creation with `key` (in base64) the key file:
@@ -655,17 +683,9 @@ async fn import(
     request: Request,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
     let (client, request) = granted(caller, request, None).await?;
-    // Refused, an import is audited as the keystore audits a failed one.
-    let refused = |namespace: &str, e: ApiError| {
-        crate::audit::on_behalf_of(&client.name_arc(), || {
-            state
-                .keystore
-                .audit_new_key_refusal("import", namespace, e.code());
-        });
-        e
-    };
     if let Err(e) = client.may(Operation::Import) {
-        return Err(refuse(request, refused("", e)).await);
+        let e = refused_new_key(&state, &client, "import", "", e);
+        return Err(refuse(request, e).await);
     }
     let body: ImportBody = Input::Bytes(&json_bytes(request, &state).await?).parse()?;
     if !client.sees(&body.namespace) {
@@ -673,7 +693,13 @@ async fn import(
             "client `{}` may not import keys into namespace `{}`",
             client.name, body.namespace
         ));
-        return Err(refused(&body.namespace, e));
+        return Err(refused_new_key(
+            &state,
+            &client,
+            "import",
+            &body.namespace,
+            e,
+        ));
     }
     let (key, unwrap_with) = (body.key, body.unwrap_with);
     let (request, options) = CreateBody {
