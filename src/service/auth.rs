@@ -1,6 +1,6 @@
 //! Who is asking: the client a request's bearer token names (see `token.rs`), else the client
 //! its connection is (a Unix socket's peer credentials, a TLS client certificate). Decided once
-//! per request, before any route, by the transport's middleware (`listen.rs`).
+//! per request, before any route, by the transport (`admit` in `listen.rs`).
 
 use std::collections::HashMap;
 use std::net::IpAddr;

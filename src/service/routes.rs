@@ -133,9 +133,10 @@ impl State {
     }
 }
 
-/// The service's routes.
+/// The service's routes. The service admits each request before them and passes each answer
+/// through [`allow_on_405_only`] (`src/service/listen.rs`).
 pub fn router(state: State) -> Router {
-    let routes = Router::new()
+    Router::new()
         .route("/v1/health", get(health))
         .route("/v1/metrics", get(metrics))
         .route("/v1/clients", get(clients))
@@ -172,21 +173,17 @@ pub fn router(state: State) -> Router {
             },
         )
         .layer(DefaultBodyLimit::max(super::MAX_BODY))
-        .with_state(state);
-    // Around the whole router: a layer on its routes runs inside what adds `Allow`.
-    Router::new()
-        .fallback_service(routes)
-        .layer(axum::middleware::map_response(allow_on_405_only))
+        .with_state(state)
 }
 
 /// Removes `Allow` from every answer but a 405: axum adds a route's methods to whatever its
 /// method fallback answers (a 404 for a key action that does not exist, a 401), where it would
-/// tell of methods the request was not refused for.
-async fn allow_on_405_only(mut response: axum::response::Response) -> axum::response::Response {
+/// tell of methods the request was not refused for. Done to the router's answer: a layer on its
+/// routes runs inside what adds `Allow`.
+pub(super) fn allow_on_405_only(response: &mut axum::response::Response) {
     if response.status() != StatusCode::METHOD_NOT_ALLOWED {
         response.headers_mut().remove(header::ALLOW);
     }
-    response
 }
 
 /// A method the path does not take: 405; on `/v1/keys/{id}/{what}`, which the router serves
