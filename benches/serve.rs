@@ -4,8 +4,8 @@
 //!
 //! The real binary (`CARGO_BIN_EXE_keyhold`, which cargo builds with the bench) serves a
 //! passphrase store (Argon2 at its documented minimum) on a socket in `TMPDIR`; beside it this
-//! process opens a second store with the same configuration: software keys kept parsed
-//! (`[software] key_cache_secs`, as a service is meant to run), one SoftHSM2 token (the
+//! process opens a second store with the same configuration: software signing and AES-GCM keys
+//! kept loaded (`[software] key_cache_secs`, as a service is meant to run), one SoftHSM2 token (the
 //! `keyhold::testing` fixture) shared by both stores, audit log on. Each store has an ECDSA P-256
 //! software key, an ECDSA P-256 key on the token and an AES-256-GCM software key.
 //!

@@ -7,10 +7,14 @@
 //! both.
 //!
 //! Loading a private key costs more than using it (parsing PKCS#8 and checking the key pair takes
-//! longer than an ECDSA signature), so a store may opt in to keeping parsed **signing** keys for a
-//! while: `[software] key_cache_secs = N` keeps each for N seconds after its last use. They then
-//! live in aws-lc's memory (freed, and cleared by aws-lc, when they expire or the keystore is
-//! dropped; expired entries go at the next operation), not in locked pages. Off by default.
+//! longer than an ECDSA signature; unsealing an AES key and expanding its schedule, longer than
+//! encrypting a kilobyte), so a store may opt in to keeping **signing** and **AES-GCM** keys
+//! loaded for a while: `[software] key_cache_secs = N` keeps each for N seconds after its last
+//! use. They then live in aws-lc's memory (freed, and cleared by aws-lc, when they expire or the
+//! keystore is dropped; expired entries go at the next operation), not in locked pages. Off by
+//! default. HMAC keys are not kept: aws-lc-rs holds an HMAC key's state in the key value itself,
+//! which moving it into the cache would copy, leaving the copy uncleared; signing and AES keys
+//! are pointers to aws-lc's memory, and moving them copies only the pointer.
 
 use aws_lc_rs::aead::{self, Aad, Nonce, RandomizedNonceKey, AES_256_GCM};
 use aws_lc_rs::encoding::AsDer;
@@ -40,22 +44,35 @@ pub struct SoftwareBackend {
     name: String,
     kek: RandomizedNonceKey,
     capabilities: Capabilities,
-    /// Parsed signing keys kept after use; `None` unless the configuration asks for it.
-    cache: Option<SigningCache>,
+    /// Loaded keys kept after use; `None` unless the configuration asks for it.
+    cache: Option<KeyCache>,
 }
 
-/// The most parsed signing keys kept at once.
+/// The most loaded keys kept at once.
 const CACHE_LIMIT: usize = 256;
 
-/// Parsed signing keys, each kept until `idle` has passed since its last use.
-struct SigningCache {
+/// Loaded keys, each kept until `idle` has passed since its last use.
+struct KeyCache {
     idle: std::time::Duration,
     entries: std::sync::Mutex<std::collections::HashMap<[u8; 32], Cached>>,
 }
 
 struct Cached {
-    pair: std::sync::Arc<SigningPair>,
+    key: std::sync::Arc<Loaded>,
     used: std::time::Instant,
+}
+
+/// A key loaded for one use, as [`KeyCache`] keeps it.
+enum Loaded {
+    Signing(SigningPair),
+    Aes(RandomizedNonceKey),
+}
+
+/// What a kept key is loaded for: part of its place in the cache.
+#[derive(Clone, Copy)]
+enum Use {
+    Sign(SignatureFormat),
+    Aes,
 }
 
 /// A private key ready to sign.
@@ -76,13 +93,13 @@ fn cache_now() -> std::time::Instant {
     std::time::Instant::now() + tests::CLOCK_AHEAD.with(std::cell::Cell::get)
 }
 
-impl SigningCache {
-    /// The key for `id`, parsed by `load` unless a fresh one is kept.
+impl KeyCache {
+    /// The key for `id`, loaded by `load` unless a fresh one is kept.
     fn get_or_load(
         &self,
         id: [u8; 32],
-        load: impl FnOnce() -> Result<SigningPair>,
-    ) -> Result<std::sync::Arc<SigningPair>> {
+        load: impl FnOnce() -> Result<Loaded>,
+    ) -> Result<std::sync::Arc<Loaded>> {
         let now = cache_now();
         {
             let mut entries = self
@@ -92,11 +109,11 @@ impl SigningCache {
             entries.retain(|_, c| now.duration_since(c.used) < self.idle);
             if let Some(hit) = entries.get_mut(&id) {
                 hit.used = now;
-                return Ok(std::sync::Arc::clone(&hit.pair));
+                return Ok(std::sync::Arc::clone(&hit.key));
             }
         }
-        // Parsed outside the lock: other threads' keys need not wait for this one.
-        let pair = std::sync::Arc::new(load()?);
+        // Loaded outside the lock: other threads' keys need not wait for this one.
+        let key = std::sync::Arc::new(load()?);
         let mut entries = self
             .entries
             .lock()
@@ -107,11 +124,26 @@ impl SigningCache {
         entries.insert(
             id,
             Cached {
-                pair: std::sync::Arc::clone(&pair),
+                key: std::sync::Arc::clone(&key),
                 used: now,
             },
         );
-        Ok(pair)
+        Ok(key)
+    }
+
+    /// Drops every kept copy of `key` (its blob `blob`), whatever it was loaded for.
+    fn forget(&self, key: &KeyRef<'_>, blob: &[u8]) {
+        let mut entries = self
+            .entries
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        for the_use in [
+            Use::Sign(SignatureFormat::Der),
+            Use::Sign(SignatureFormat::Raw),
+            Use::Aes,
+        ] {
+            entries.remove(&SoftwareBackend::cache_id(key, blob, the_use));
+        }
     }
 }
 
@@ -146,24 +178,28 @@ impl SoftwareBackend {
         })
     }
 
-    /// Keeps parsed signing keys for `idle` after their last use (zero: never, the default).
+    /// Keeps loaded signing and AES keys for `idle` after their last use (zero: never, the
+    /// default).
     #[must_use]
     pub fn with_key_cache(mut self, idle: std::time::Duration) -> Self {
-        self.cache = (!idle.is_zero()).then(|| SigningCache {
+        self.cache = (!idle.is_zero()).then(|| KeyCache {
             idle,
             entries: std::sync::Mutex::default(),
         });
         self
     }
 
-    /// Which cached signing key serves `key` in `format`: its record and its sealed blob.
-    fn cache_id(key: &KeyRef<'_>, blob: &[u8], format: SignatureFormat) -> [u8; 32] {
+    /// Which kept key serves `key` for `the_use`: its record, its sealed blob and the use.
+    fn cache_id(key: &KeyRef<'_>, blob: &[u8], the_use: Use) -> [u8; 32] {
         let mut d = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);
-        d.update(b"keyhold software signing key\0");
+        d.update(b"keyhold software key in use\0");
         d.update(key.context.store_id);
         d.update(key.context.uuid);
         d.update(key.context.spec.algorithm().as_str().as_bytes());
-        d.update(&[0, u8::from(format == SignatureFormat::Der)]);
+        d.update(&match the_use {
+            Use::Sign(format) => [0, u8::from(format == SignatureFormat::Der)],
+            Use::Aes => [1, 0],
+        });
         d.update(blob);
         let mut id = [0u8; 32];
         id.copy_from_slice(d.finish().as_ref());
@@ -201,6 +237,26 @@ impl SoftwareBackend {
     #[cfg(feature = "testing")]
     pub(crate) fn reveal(&self, key: &KeyRef<'_>) -> Result<SecretBytes> {
         self.unseal(key)
+    }
+
+    /// Runs `f` with `key`'s AES-256-GCM key: the one kept if the cache is on (loaded and kept
+    /// if none is), else one unsealed and loaded for this use.
+    fn with_aes_key<T>(
+        &self,
+        key: &KeyRef<'_>,
+        f: impl FnOnce(&RandomizedNonceKey) -> Result<T>,
+    ) -> Result<T> {
+        let (Some(cache), Some(blob)) = (&self.cache, key.blob) else {
+            return f(&aes_key(self.unseal(key)?.expose())?);
+        };
+        let loaded = cache.get_or_load(Self::cache_id(key, blob, Use::Aes), || {
+            Ok(Loaded::Aes(aes_key(self.unseal(key)?.expose())?))
+        })?;
+        match &*loaded {
+            Loaded::Aes(aes) => f(aes),
+            // Kept under the AES use's ID: never a signing key.
+            Loaded::Signing(_) => Err(Error::crypto("AES-GCM with a kept signing key")),
+        }
     }
 
     /// Decrypts a key's blob into a locked buffer.
@@ -502,10 +558,14 @@ fn aes_key(material: &[u8]) -> Result<RandomizedNonceKey> {
 
 /// Opens an AES-256-GCM `sealed` with the raw key `material` (also a token import's check).
 pub(crate) fn aes_open(material: &[u8], sealed: &Sealed, aad: &[u8]) -> Result<SecretBytes> {
+    aes_open_with(&aes_key(material)?, sealed, aad)
+}
+
+/// Opens an AES-256-GCM `sealed` with `key`.
+fn aes_open_with(key: &RandomizedNonceKey, sealed: &Sealed, aad: &[u8]) -> Result<SecretBytes> {
     let failed = || Error::DecryptionFailed {
         reason: "the ciphertext, its AAD or the key does not match",
     };
-    let key = aes_key(material)?;
     let nonce = Nonce::try_assume_unique_for_key(&sealed.nonce).map_err(|_| failed())?;
     let mut buf = SecretBytes::copy_from(&sealed.ciphertext);
     let len = key
@@ -515,8 +575,8 @@ pub(crate) fn aes_open(material: &[u8], sealed: &Sealed, aad: &[u8]) -> Result<S
     Ok(SecretBytes::copy_from(&buf.expose()[..len]))
 }
 
-fn aes_seal(material: &[u8], plaintext: &[u8], aad: &[u8]) -> Result<Sealed> {
-    let key = aes_key(material)?;
+/// Seals `plaintext` with `key` under a random nonce.
+fn aes_seal(key: &RandomizedNonceKey, plaintext: &[u8], aad: &[u8]) -> Result<Sealed> {
     // Room for the tag, and for the envelope's header and nonce in front: the keystore prefixes
     // them in place instead of copying the ciphertext into a new buffer.
     let mut buf = Vec::with_capacity(plaintext.len() + TAG_LEN + crate::backend::ENVELOPE_ROOM);
@@ -545,7 +605,8 @@ fn consistency_test(fresh: &Fresh, key_type: KeyType, algorithm: Algorithm) -> R
             }
         }
         (Algorithm::Aes256Gcm, _) => {
-            let sealed = aes_seal(material, PCT_MESSAGE, b"pct")?;
+            // Sealed and opened by two loads of the key, as a kept key and a new one would be.
+            let sealed = aes_seal(&aes_key(material)?, PCT_MESSAGE, b"pct")?;
             let pt = aes_open(material, &sealed, b"pct").map_err(|_| failed())?;
             if pt.expose() != PCT_MESSAGE {
                 return Err(failed());
@@ -607,11 +668,16 @@ impl Backend for SoftwareBackend {
     fn sign(&self, key: KeyRef<'_>, message: &[u8], format: SignatureFormat) -> Result<Vec<u8>> {
         let algorithm = key.context.spec.algorithm();
         if let (Some(cache), Some(blob)) = (&self.cache, key.blob) {
-            let pair = cache.get_or_load(Self::cache_id(&key, blob, format), || {
-                let material = self.unseal(&key)?;
-                SigningPair::parse(algorithm, format, material.expose())
-            })?;
-            return pair.sign(algorithm, message);
+            let loaded =
+                cache.get_or_load(Self::cache_id(&key, blob, Use::Sign(format)), || {
+                    let material = self.unseal(&key)?;
+                    SigningPair::parse(algorithm, format, material.expose()).map(Loaded::Signing)
+                })?;
+            return match &*loaded {
+                Loaded::Signing(pair) => pair.sign(algorithm, message),
+                // Kept under a signing use's ID: never an AES key.
+                Loaded::Aes(_) => Err(Error::crypto("signing with a kept AES key")),
+            };
         }
         let material = self.unseal(&key)?;
         sign_with(algorithm, material.expose(), message, format)
@@ -621,15 +687,15 @@ impl Backend for SoftwareBackend {
         if key.context.spec.algorithm() != Algorithm::Aes256Gcm {
             return Err(Error::crypto("symmetric encryption with a non-AES key"));
         }
-        let material = self.unseal(&key)?;
-        aes_seal(material.expose(), plaintext, aad)
+        self.with_aes_key(&key, |aes| aes_seal(aes, plaintext, aad))
     }
 
     fn decrypt(&self, key: KeyRef<'_>, sealed: &Sealed, aad: &[u8]) -> Result<SecretBytes> {
-        let material = self.unseal(&key)?;
         match key.context.spec.algorithm() {
-            Algorithm::Aes256Gcm => aes_open(material.expose(), sealed, aad),
-            Algorithm::RsaOaepSha256 => oaep_decrypt(material.expose(), &sealed.ciphertext, aad),
+            Algorithm::Aes256Gcm => self.with_aes_key(&key, |aes| aes_open_with(aes, sealed, aad)),
+            Algorithm::RsaOaepSha256 => {
+                oaep_decrypt(self.unseal(&key)?.expose(), &sealed.ciphertext, aad)
+            }
             _ => Err(Error::crypto("decryption with a key that does not decrypt")),
         }
     }
@@ -711,16 +777,10 @@ impl Backend for SoftwareBackend {
     }
 
     fn destroy(&self, key: KeyRef<'_>) -> Result<()> {
-        // The sealed material lives only in the key's record, which the keystore erases; a parsed
-        // copy kept for signing goes now, not when it would have expired.
+        // The sealed material lives only in the key's record, which the keystore erases; a loaded
+        // copy kept for use goes now, not when it would have expired.
         if let (Some(cache), Some(blob)) = (&self.cache, key.blob) {
-            let mut entries = cache
-                .entries
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            for format in [SignatureFormat::Der, SignatureFormat::Raw] {
-                entries.remove(&Self::cache_id(&key, blob, format));
-            }
+            cache.forget(&key, blob);
         }
         Ok(())
     }
@@ -812,6 +872,16 @@ mod tests {
         }
     }
 
+    /// The record of the key the key-cache tests keep.
+    fn cached_key_context(spec: &KeySpec) -> KeyContext<'_> {
+        KeyContext {
+            store_id: &[1; 16],
+            uuid: &[2; 16],
+            label: "default/k",
+            spec,
+        }
+    }
+
     /// Kept signing keys: used again while fresh, never for a changed blob or another format,
     /// and gone once idle longer than the setting.
     #[test]
@@ -822,12 +892,7 @@ mod tests {
         let cache = be.cache.as_ref().unwrap();
         let count = || cache.entries.lock().unwrap().len();
         let spec = KeySpec::new(KeyType::EcdsaP256, None, None).unwrap();
-        let ctx = KeyContext {
-            store_id: &[1; 16],
-            uuid: &[2; 16],
-            label: "default/k",
-            spec: &spec,
-        };
+        let ctx = cached_key_context(&spec);
         let made = be.generate(ctx, &KeyOptions::default()).unwrap();
         let public = made.public_key.clone().unwrap();
         fn key<'a>(ctx: KeyContext<'a>, locator: &'a str, blob: &'a [u8]) -> KeyRef<'a> {
@@ -871,6 +936,60 @@ mod tests {
         assert_eq!(count(), 0);
         // Off by default.
         assert!(backend().cache.is_none());
+    }
+
+    /// Kept AES keys: one per key for encrypting and decrypting alike, never serving a changed
+    /// blob, dropped when the key is destroyed; HMAC keys are not kept.
+    #[test]
+    fn the_key_cache_keeps_aes_keys_and_not_hmac_keys() {
+        let be = backend().with_key_cache(std::time::Duration::from_secs(3600));
+        let cache = be.cache.as_ref().unwrap();
+        let count = || cache.entries.lock().unwrap().len();
+        let aes = KeySpec::new(KeyType::Aes256Gcm, None, None).unwrap();
+        let ctx = cached_key_context(&aes);
+        let made = be.generate(ctx, &KeyOptions::default()).unwrap();
+        let blob = made.blob.clone().unwrap();
+        let key = |blob| KeyRef {
+            context: ctx,
+            locator: &made.locator,
+            blob: Some(blob),
+        };
+        let sealed = be.encrypt(key(&blob), b"plain", b"aad").unwrap();
+        let again = be.encrypt(key(&blob), b"plain", b"aad").unwrap();
+        assert_ne!(sealed.nonce, again.nonce, "a fresh nonce each time");
+        let opened = be.decrypt(key(&blob), &sealed, b"aad").unwrap();
+        assert_eq!(opened.expose(), b"plain");
+        assert_eq!(count(), 1, "one kept key serves both directions");
+        // What the kept key sealed, a key loaded anew from the blob opens: the same key.
+        let fresh = backend();
+        let opened = fresh.decrypt(key(&blob), &again, b"aad").unwrap();
+        assert_eq!(opened.expose(), b"plain");
+        let err = be.decrypt(key(&blob), &sealed, b"other").unwrap_err();
+        assert!(matches!(err, Error::DecryptionFailed { .. }), "{err:?}");
+        // A changed blob is not served from the cache: it is unsealed, and refused.
+        let mut bent = blob.clone();
+        let last = bent.len() - 1;
+        bent[last] ^= 1;
+        let err = be.encrypt(key(&bent), b"plain", b"aad").unwrap_err();
+        assert!(matches!(err, Error::Integrity { .. }), "{err:?}");
+        be.destroy(key(&blob)).unwrap();
+        assert_eq!(count(), 0, "destroying the key drops it at once");
+        // An HMAC key is used without being kept.
+        let hmac = KeySpec::new(KeyType::HmacSha256, None, None).unwrap();
+        let ctx = KeyContext { spec: &hmac, ..ctx };
+        let made = be.generate(ctx, &KeyOptions::default()).unwrap();
+        let tag = be
+            .mac(
+                KeyRef {
+                    context: ctx,
+                    locator: &made.locator,
+                    blob: made.blob.as_deref(),
+                },
+                b"m",
+            )
+            .unwrap();
+        assert_eq!(tag.len(), 32);
+        assert_eq!(count(), 0);
     }
 
     #[test]

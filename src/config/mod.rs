@@ -202,9 +202,10 @@ impl SealerKind {
 #[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct SoftwareConfig {
-    /// (Optional) Keep a parsed signing key this many seconds after its last use instead of
-    /// unsealing and parsing it for every signature; default 0 (never). Parsing costs more than an
-    /// ECDSA signature, but a kept key lives in ordinary (unlocked) memory until it expires.
+    /// (Optional) Keep a loaded signing or AES-GCM key this many seconds after its last use
+    /// instead of unsealing and loading it for every use; default 0 (never). Loading costs more
+    /// than an ECDSA signature or an AES-GCM encryption of a kilobyte, but a kept key lives in
+    /// ordinary (unlocked) memory until it expires. HMAC keys are never kept.
     #[serde(default)]
     pub key_cache_secs: u64,
 }
