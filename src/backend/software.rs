@@ -33,6 +33,10 @@ use crate::key::{Algorithm, KeyType, SignatureFormat};
 use crate::public_key::PublicKey;
 use crate::secret::SecretBytes;
 
+mod cache;
+
+use cache::{KeyCache, Loaded, Use};
+
 const BLOB_VERSION: u8 = 1;
 const NONCE_LEN: usize = aead::NONCE_LEN;
 const TAG_LEN: usize = 16;
@@ -48,103 +52,11 @@ pub struct SoftwareBackend {
     cache: Option<KeyCache>,
 }
 
-/// The most loaded keys kept at once.
-const CACHE_LIMIT: usize = 256;
-
-/// Loaded keys, each kept until `idle` has passed since its last use.
-struct KeyCache {
-    idle: std::time::Duration,
-    entries: std::sync::Mutex<std::collections::HashMap<[u8; 32], Cached>>,
-}
-
-struct Cached {
-    key: std::sync::Arc<Loaded>,
-    used: std::time::Instant,
-}
-
-/// A key loaded for one use, as [`KeyCache`] keeps it.
-enum Loaded {
-    Signing(SigningPair),
-    Aes(RandomizedNonceKey),
-}
-
-/// What a kept key is loaded for: part of its place in the cache.
-#[derive(Clone, Copy)]
-enum Use {
-    Sign(SignatureFormat),
-    Aes,
-}
-
 /// A private key ready to sign.
 enum SigningPair {
     Ecdsa(EcdsaKeyPair),
     Ed25519(Ed25519KeyPair),
     Rsa(aws_lc_rs::rsa::KeyPair),
-}
-
-/// The cache's clock: the monotonic clock, which a unit test moves forward instead of sleeping.
-#[cfg(not(test))]
-fn cache_now() -> std::time::Instant {
-    std::time::Instant::now()
-}
-
-#[cfg(test)]
-fn cache_now() -> std::time::Instant {
-    std::time::Instant::now() + tests::CLOCK_AHEAD.with(std::cell::Cell::get)
-}
-
-impl KeyCache {
-    /// The key for `id`, loaded by `load` unless a fresh one is kept.
-    fn get_or_load(
-        &self,
-        id: [u8; 32],
-        load: impl FnOnce() -> Result<Loaded>,
-    ) -> Result<std::sync::Arc<Loaded>> {
-        let now = cache_now();
-        {
-            let mut entries = self
-                .entries
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            entries.retain(|_, c| now.duration_since(c.used) < self.idle);
-            if let Some(hit) = entries.get_mut(&id) {
-                hit.used = now;
-                return Ok(std::sync::Arc::clone(&hit.key));
-            }
-        }
-        // Loaded outside the lock: other threads' keys need not wait for this one.
-        let key = std::sync::Arc::new(load()?);
-        let mut entries = self
-            .entries
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if entries.len() >= CACHE_LIMIT {
-            entries.clear();
-        }
-        entries.insert(
-            id,
-            Cached {
-                key: std::sync::Arc::clone(&key),
-                used: now,
-            },
-        );
-        Ok(key)
-    }
-
-    /// Drops every kept copy of `key` (its blob `blob`), whatever it was loaded for.
-    fn forget(&self, key: &KeyRef<'_>, blob: &[u8]) {
-        let mut entries = self
-            .entries
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        for the_use in [
-            Use::Sign(SignatureFormat::Der),
-            Use::Sign(SignatureFormat::Raw),
-            Use::Aes,
-        ] {
-            entries.remove(&SoftwareBackend::cache_id(key, blob, the_use));
-        }
-    }
 }
 
 impl std::fmt::Debug for SoftwareBackend {
@@ -182,28 +94,8 @@ impl SoftwareBackend {
     /// default).
     #[must_use]
     pub fn with_key_cache(mut self, idle: std::time::Duration) -> Self {
-        self.cache = (!idle.is_zero()).then(|| KeyCache {
-            idle,
-            entries: std::sync::Mutex::default(),
-        });
+        self.cache = (!idle.is_zero()).then(|| KeyCache::new(idle));
         self
-    }
-
-    /// Which kept key serves `key` for `the_use`: its record, its sealed blob and the use.
-    fn cache_id(key: &KeyRef<'_>, blob: &[u8], the_use: Use) -> [u8; 32] {
-        let mut d = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);
-        d.update(b"keyhold software key in use\0");
-        d.update(key.context.store_id);
-        d.update(key.context.uuid);
-        d.update(key.context.spec.algorithm().as_str().as_bytes());
-        d.update(&match the_use {
-            Use::Sign(format) => [0, u8::from(format == SignatureFormat::Der)],
-            Use::Aes => [1, 0],
-        });
-        d.update(blob);
-        let mut id = [0u8; 32];
-        id.copy_from_slice(d.finish().as_ref());
-        id
     }
 
     fn aad(context: &KeyContext<'_>) -> Vec<u8> {
@@ -249,7 +141,7 @@ impl SoftwareBackend {
         let (Some(cache), Some(blob)) = (&self.cache, key.blob) else {
             return f(&aes_key(self.unseal(key)?.expose())?);
         };
-        let loaded = cache.get_or_load(Self::cache_id(key, blob, Use::Aes), || {
+        let loaded = cache.get_or_load(cache::id(key, blob, Use::Aes), || {
             Ok(Loaded::Aes(aes_key(self.unseal(key)?.expose())?))
         })?;
         match &*loaded {
@@ -668,11 +560,10 @@ impl Backend for SoftwareBackend {
     fn sign(&self, key: KeyRef<'_>, message: &[u8], format: SignatureFormat) -> Result<Vec<u8>> {
         let algorithm = key.context.spec.algorithm();
         if let (Some(cache), Some(blob)) = (&self.cache, key.blob) {
-            let loaded =
-                cache.get_or_load(Self::cache_id(&key, blob, Use::Sign(format)), || {
-                    let material = self.unseal(&key)?;
-                    SigningPair::parse(algorithm, format, material.expose()).map(Loaded::Signing)
-                })?;
+            let loaded = cache.get_or_load(cache::id(&key, blob, Use::Sign(format)), || {
+                let material = self.unseal(&key)?;
+                SigningPair::parse(algorithm, format, material.expose()).map(Loaded::Signing)
+            })?;
             return match &*loaded {
                 Loaded::Signing(pair) => pair.sign(algorithm, message),
                 // Kept under a signing use's ID: never an AES key.
@@ -790,11 +681,6 @@ impl Backend for SoftwareBackend {
 mod tests {
     use super::*;
 
-    thread_local! {
-        /// How far this thread's signing-cache clock runs ahead of the real one.
-        pub(super) static CLOCK_AHEAD: std::cell::Cell<std::time::Duration> =
-            const { std::cell::Cell::new(std::time::Duration::ZERO) };
-    }
     use crate::key::{KeySpec, Purpose};
 
     fn backend() -> SoftwareBackend {
@@ -872,6 +758,15 @@ mod tests {
         }
     }
 
+    /// The key at `locator` with the sealed `blob`, in the record `ctx`.
+    fn key_ref<'a>(ctx: KeyContext<'a>, locator: &'a str, blob: &'a [u8]) -> KeyRef<'a> {
+        KeyRef {
+            context: ctx,
+            locator,
+            blob: Some(blob),
+        }
+    }
+
     /// The record of the key the key-cache tests keep.
     fn cached_key_context(spec: &KeySpec) -> KeyContext<'_> {
         KeyContext {
@@ -895,14 +790,7 @@ mod tests {
         let ctx = cached_key_context(&spec);
         let made = be.generate(ctx, &KeyOptions::default()).unwrap();
         let public = made.public_key.clone().unwrap();
-        fn key<'a>(ctx: KeyContext<'a>, locator: &'a str, blob: &'a [u8]) -> KeyRef<'a> {
-            KeyRef {
-                context: ctx,
-                locator,
-                blob: Some(blob),
-            }
-        }
-        let key = |blob| key(ctx, &made.locator, blob);
+        let key = |blob| key_ref(ctx, &made.locator, blob);
         let blob = made.blob.clone().unwrap();
         for format in [
             SignatureFormat::Der,
@@ -920,15 +808,15 @@ mod tests {
         let err = be.sign(key(&bent), b"m", SignatureFormat::Der).unwrap_err();
         assert!(matches!(err, Error::Integrity { .. }), "{err:?}");
         // Half the setting later: both kept, and the one used is fresh again.
-        CLOCK_AHEAD.with(|c| c.set(idle / 2));
+        cache::CLOCK_AHEAD.with(|c| c.set(idle / 2));
         be.sign(key(&blob), b"m", SignatureFormat::Raw).unwrap();
         assert_eq!(count(), 2);
         // Another 0.6 of it later the DER key has idled past the setting (1.1), the raw one not
         // (0.6): one key dropped at the next operation, one kept.
-        CLOCK_AHEAD.with(|c| c.set(idle * 11 / 10));
+        cache::CLOCK_AHEAD.with(|c| c.set(idle * 11 / 10));
         be.sign(key(&blob), b"m", SignatureFormat::Raw).unwrap();
         assert_eq!(count(), 1);
-        CLOCK_AHEAD.with(|c| c.set(std::time::Duration::ZERO));
+        cache::CLOCK_AHEAD.with(|c| c.set(std::time::Duration::ZERO));
         // Destroying the key drops its parsed copies at once, not when they would idle out.
         be.sign(key(&blob), b"m", SignatureFormat::Der).unwrap();
         assert_eq!(count(), 2);
@@ -949,11 +837,7 @@ mod tests {
         let ctx = cached_key_context(&aes);
         let made = be.generate(ctx, &KeyOptions::default()).unwrap();
         let blob = made.blob.clone().unwrap();
-        let key = |blob| KeyRef {
-            context: ctx,
-            locator: &made.locator,
-            blob: Some(blob),
-        };
+        let key = |blob| key_ref(ctx, &made.locator, blob);
         let sealed = be.encrypt(key(&blob), b"plain", b"aad").unwrap();
         let again = be.encrypt(key(&blob), b"plain", b"aad").unwrap();
         assert_ne!(sealed.nonce, again.nonce, "a fresh nonce each time");

@@ -600,26 +600,10 @@ async fn create(
     caller: Result<Caller, ApiError>,
     request: Request,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
-    let (client, request) = granted(caller, request, None).await?;
-    if let Err(e) = client.may(Operation::Create) {
-        let e = refused_new_key(&state, &client, "create", "", e);
-        return Err(refuse(request, e).await);
-    }
+    let (client, request) = new_key_granted(&state, caller, request, Operation::Create).await?;
     // Read as a key action's body: an empty one is `{}` (and so lacks the required fields).
     let body: CreateBody = Input::Bytes(&json_bytes(request, &state).await?).parse()?;
-    if !client.sees(&body.namespace) {
-        let e = ApiError::forbidden(format!(
-            "client `{}` may not make keys in namespace `{}`",
-            client.name, body.namespace
-        ));
-        return Err(refused_new_key(
-            &state,
-            &client,
-            "create",
-            &body.namespace,
-            e,
-        ));
-    }
+    new_key_namespace(&state, &client, Operation::Create, &body.namespace)?;
     let (request, options) = body.request(crate::time::now())?;
     // The backend the keystore is asked of, named or not: its gate, as every call on it.
     let backend = state.backend(request.backend_name());
@@ -634,19 +618,60 @@ async fn create(
     Ok((StatusCode::CREATED, Json(info.to_json())))
 }
 
-/// `e`, the refusal of a new key (`operation`: `create`, `import`) in `namespace` (empty if not
-/// read yet) before the keystore is asked, audited as the keystore audits a failed one.
+/// The client asking for a new key (`operation`: create or import), if it is granted it (else
+/// 403, as [`granted`]); a refusal for the grant is audited as the keystore audits a failed
+/// creation.
+async fn new_key_granted(
+    state: &State,
+    caller: Result<Caller, ApiError>,
+    request: Request,
+    operation: Operation,
+) -> Result<(Caller, Request), ApiError> {
+    let (client, request) = granted(caller, request, None).await?;
+    match client.may(operation) {
+        Ok(()) => Ok((client, request)),
+        Err(e) => {
+            let e = refused_new_key(state, &client, operation, "", e);
+            Err(refuse(request, e).await)
+        }
+    }
+}
+
+/// Whether `client` sees `namespace`, where it asks for a new key (`operation`: create or
+/// import): 403 if not, audited as the keystore audits a failed creation.
+fn new_key_namespace(
+    state: &State,
+    client: &Caller,
+    operation: Operation,
+    namespace: &str,
+) -> Result<(), ApiError> {
+    if client.sees(namespace) {
+        return Ok(());
+    }
+    let verb = match operation {
+        Operation::Import => "import keys into",
+        _ => "make keys in",
+    };
+    let e = ApiError::forbidden(format!(
+        "client `{}` may not {verb} namespace `{namespace}`",
+        client.name
+    ));
+    Err(refused_new_key(state, client, operation, namespace, e))
+}
+
+/// `e`, the refusal of a new key in `namespace` (empty if not read yet) before the keystore is
+/// asked, audited.
 fn refused_new_key(
     state: &State,
     client: &Caller,
-    operation: &'static str,
+    operation: Operation,
     namespace: &str,
     e: ApiError,
 ) -> ApiError {
     crate::audit::on_behalf_of(&client.name_arc(), || {
         state
             .keystore
-            .audit_new_key_refusal(operation, namespace, e.code());
+            .audit_new_key_refusal(operation.as_str(), namespace, e.code());
     });
     e
 }
@@ -679,25 +704,9 @@ async fn import(
     caller: Result<Caller, ApiError>,
     request: Request,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
-    let (client, request) = granted(caller, request, None).await?;
-    if let Err(e) = client.may(Operation::Import) {
-        let e = refused_new_key(&state, &client, "import", "", e);
-        return Err(refuse(request, e).await);
-    }
+    let (client, request) = new_key_granted(&state, caller, request, Operation::Import).await?;
     let body: ImportBody = Input::Bytes(&json_bytes(request, &state).await?).parse()?;
-    if !client.sees(&body.namespace) {
-        let e = ApiError::forbidden(format!(
-            "client `{}` may not import keys into namespace `{}`",
-            client.name, body.namespace
-        ));
-        return Err(refused_new_key(
-            &state,
-            &client,
-            "import",
-            &body.namespace,
-            e,
-        ));
-    }
+    new_key_namespace(&state, &client, Operation::Import, &body.namespace)?;
     let (key, unwrap_with) = (body.key, body.unwrap_with);
     let (request, options) = CreateBody {
         namespace: body.namespace,
