@@ -20,13 +20,14 @@
 //! - `batch100` (signing only): `POST /v1/batch` of 100 signatures, hand-written HTTP/1.1 on a
 //!   kept-alive `UnixStream` per thread; its rate counts signatures, its latency is per batch;
 //! - `floor` (software signing and AES-GCM): the same request's bytes over a Unix socket to a
-//!   thread of this process (one per connection) that reads them and writes back the service's
+//!   thread (one per connection) of a second process, the floors' own (this bench run again),
+//!   that reads them and writes back the service's
 //!   answer to it, as bytes, without looking at either: what one round trip costs before a
 //!   service does anything. The report bounds from it, and from the next two, what a service
 //!   answering each operation in its own round trip could reach ("What one round trip per
 //!   operation leaves");
 //! - `hyper` (the same cases): the same request, hand-written, to a hyper HTTP/1.1 server on
-//!   tokio's multi-thread runtime in this process (the stack `keyhold serve` is built on) that
+//!   tokio's multi-thread runtime in the floors' process (the stack `keyhold serve` is built on) that
 //!   reads the request's body whole and answers with the service's answer's body, parsing
 //!   nothing: the floor of that stack;
 //! - `hyperwork` (the same cases): a second such hyper server that, before each answer, does the
@@ -156,7 +157,8 @@ struct Measured {
     latencies_us: Vec<f64>,
     failed: u64,
     first_error: Option<String>,
-    /// CPU time of this process and of the service over the kept rounds, in clock ticks, and
+    /// CPU time of this process, the service and the floors' processes over the kept rounds, in
+    /// clock ticks, and
     /// the operations done meanwhile.
     cpu_ticks: u64,
     ops: u64,
@@ -202,12 +204,18 @@ fn cpu_ticks(pid: &str) -> u64 {
     field(14) + field(15)
 }
 
-/// This process's and the service's CPU time so far, in clock ticks.
+/// This process's, the service's and the floors' processes' CPU time so far, in clock ticks.
 fn cpu_now() -> u64 {
     let server = SERVER_PID
         .get()
         .map_or(0, |pid| cpu_ticks(&pid.to_string()));
-    cpu_ticks("self") + server
+    let floors: u64 = FLOOR_PIDS
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|pid| cpu_ticks(&pid.to_string()))
+        .sum();
+    cpu_ticks("self") + server + floors
 }
 
 /// The `p` quantile (0..=1) of `v`, sorted (NaN for none).
@@ -505,38 +513,71 @@ fn answer_bytes(socket: &Path, request: &[u8]) -> BoxResult<Vec<u8>> {
 /// The case's work done with aws-lc-rs, as a `hyperwork` server does it for each request.
 type Work = std::sync::Arc<dyn Fn() + Send + Sync>;
 
+/// The message every case signs, and the data every case encrypts.
+const MSG32: [u8; 32] = [0x5a; 32];
+const DATA1K: [u8; 1024] = [0xa5; 1024];
+
+/// Set (to the directory of its files) in the bench run again as the floors' own process.
+const FLOOR_PROCESS: &str = "KEYHOLD_BENCH_FLOOR_DIR";
+/// The case whose floors that process serves: `sign` or `encrypt`.
+const FLOOR_CASE: &str = "KEYHOLD_BENCH_FLOOR_CASE";
+
+/// The pids of the floors' processes, whose CPU time each round counts as the service's.
+static FLOOR_PIDS: std::sync::Mutex<Vec<u32>> = std::sync::Mutex::new(Vec::new());
+
 /// The floors of one request: an [`echo_server`] and two [`hyper_server`]s that answer it as
 /// the service at `socket` did (one of them doing the case's work first), and that answer's
-/// length.
+/// length. They run in a process of their own, as a service does: a floor in this process
+/// would leave out what switching between two processes costs (measured at 3311987's bench,
+/// in process, hyperwork's signing took 63.3 µs of CPU at 16 clients).
 struct Floors {
     request: Vec<u8>,
     echo: PathBuf,
     hyper: PathBuf,
     hyper_work: PathBuf,
     answer_len: usize,
+    process: Child,
 }
 
 impl Floors {
-    /// Asks the service `request` once, then serves its answer at `DIR/floor-NAME.sock`,
-    /// `DIR/hyper-NAME.sock` and, doing `work` before each answer, `DIR/work-NAME.sock`.
-    fn start(
-        dir: &Path,
-        name: &str,
-        socket: &Path,
-        request: Vec<u8>,
-        work: Work,
-    ) -> BoxResult<Self> {
+    /// Asks the service `request` once, then starts the floors' process for `case` (`sign` or
+    /// `encrypt`), which serves that answer at `DIR/floor-CASE.sock`, `DIR/hyper-CASE.sock`
+    /// and, doing the case's work before each answer, `DIR/work-CASE.sock`.
+    fn start(dir: &Path, case: &str, socket: &Path, request: Vec<u8>) -> BoxResult<Self> {
         let answer = answer_bytes(socket, &request)?;
-        let floors = Self {
-            echo: dir.join(format!("floor-{name}.sock")),
-            hyper: dir.join(format!("hyper-{name}.sock")),
-            hyper_work: dir.join(format!("work-{name}.sock")),
+        std::fs::write(dir.join(format!("{case}.request")), &request)?;
+        std::fs::write(dir.join(format!("{case}.answer")), &answer)?;
+        let (echo, hyper, hyper_work) = floor_sockets(dir, case);
+        // Its stdin is a pipe this process holds: it ends when this process does.
+        let process = Command::new(std::env::current_exe()?)
+            .env(FLOOR_PROCESS, dir)
+            .env(FLOOR_CASE, case)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .spawn()?;
+        FLOOR_PIDS.lock().unwrap().push(process.id());
+        let mut floors = Self {
+            echo,
+            hyper,
+            hyper_work,
             answer_len: answer.len(),
             request,
+            process,
         };
-        hyper_server(&floors.hyper, body_of(&answer)?, None)?;
-        hyper_server(&floors.hyper_work, body_of(&answer)?, Some(work))?;
-        echo_server(&floors.echo, floors.request.len(), answer)?;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        for path in [&floors.echo, &floors.hyper, &floors.hyper_work] {
+            while UnixStream::connect(path).is_err() {
+                if let Some(status) = floors.process.try_wait()? {
+                    return Err(
+                        format!("the {case} floors ended before they listened: {status}").into(),
+                    );
+                }
+                if Instant::now() > deadline {
+                    return Err(format!("the {case} floors did not listen within 30 s").into());
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
         Ok(floors)
     }
 
@@ -553,6 +594,40 @@ impl Floors {
             ),
         ]
     }
+}
+
+impl Drop for Floors {
+    fn drop(&mut self) {
+        let _ = self.process.kill();
+        let _ = self.process.wait();
+    }
+}
+
+/// The sockets of `case`'s floors in `dir`: echo, hyper, hyperwork.
+fn floor_sockets(dir: &Path, case: &str) -> (PathBuf, PathBuf, PathBuf) {
+    (
+        dir.join(format!("floor-{case}.sock")),
+        dir.join(format!("hyper-{case}.sock")),
+        dir.join(format!("work-{case}.sock")),
+    )
+}
+
+/// The floors' process ([`Floors::start`]): serves them until its stdin ends.
+fn floor_process(dir: &Path) -> BoxResult<()> {
+    let case = std::env::var(FLOOR_CASE)?;
+    let request = std::fs::read(dir.join(format!("{case}.request")))?;
+    let answer = std::fs::read(dir.join(format!("{case}.answer")))?;
+    let work = match case.as_str() {
+        "sign" => sign_work(MSG32),
+        "encrypt" => encrypt_work(DATA1K)?,
+        other => return Err(format!("no floors for case `{other}`").into()),
+    };
+    let (echo, hyper, hyper_work) = floor_sockets(dir, &case);
+    hyper_server(&hyper, body_of(&answer)?, None)?;
+    hyper_server(&hyper_work, body_of(&answer)?, Some(work))?;
+    echo_server(&echo, request.len(), answer)?;
+    std::io::copy(&mut std::io::stdin(), &mut std::io::sink())?;
+    Ok(())
 }
 
 /// The body of a whole HTTP answer.
@@ -879,6 +954,9 @@ fn asked(var: &str, name: &str, matches: fn(&str, &str) -> bool) -> bool {
 }
 
 fn main() -> BoxResult<()> {
+    if let Some(dir) = std::env::var_os(FLOOR_PROCESS) {
+        return floor_process(Path::new(&dir));
+    }
     let (secs, round_len, warmup) = round_and_warmup()?;
     // The fixture first: it sets SOFTHSM2_CONF before the module is loaded.
     let hsm = SoftHsm::new()?;
@@ -903,8 +981,7 @@ fn main() -> BoxResult<()> {
     let local_keys = keys_of(&local)?;
     let remote_keys = keys_of(&remote)?;
 
-    let msg32 = [0x5au8; 32];
-    let data1k = [0xa5u8; 1024];
+    let (msg32, data1k) = (MSG32, DATA1K);
     sanity_checks(
         [(&local, &local_keys), (&remote, &remote_keys)],
         (&remote, &remote_keys),
@@ -944,7 +1021,7 @@ fn main() -> BoxResult<()> {
     println!("case/clients side ops_per_s p50_us p99_us");
 
     let socket = server.socket.as_path();
-    // The floors: the service's answers to these requests, served by threads here.
+    // The floors: the service's answers to these requests, served by a process of their own.
     let sign_request = RawHttp::post(
         &format!("/v1/keys/{}/sign", remote_keys.sw_ec),
         &sign_body(&msg32),
@@ -953,14 +1030,8 @@ fn main() -> BoxResult<()> {
         &format!("/v1/keys/{}/encrypt", remote_keys.aes),
         &encrypt_body(&data1k),
     );
-    let sign_floors = Floors::start(dir.path(), "sign", socket, sign_request, sign_work(msg32))?;
-    let encrypt_floors = Floors::start(
-        dir.path(),
-        "encrypt",
-        socket,
-        encrypt_request,
-        encrypt_work(data1k)?,
-    )?;
+    let sign_floors = Floors::start(dir.path(), "sign", socket, sign_request)?;
+    let encrypt_floors = Floors::start(dir.path(), "encrypt", socket, encrypt_request)?;
     let batch_side = |id: &str| {
         http_side(
             SideKind::Batch,

@@ -404,10 +404,11 @@ request hand-written (HTTP/1.1 on a kept-alive \`UnixStream\` per thread: the se
 the client library's cost); \`raw\` is aws-lc-rs signing with a parsed key; \`batch100\` is
 \`POST /v1/batch\` of 100 signatures per request (hand-written HTTP/1.1 on a kept-alive connection
 per thread): signatures/s, and the latency of a whole batch; \`floor\` is the hand-written
-request's bytes over a Unix socket to a thread of the bench that answers each with the bytes of
-the service's answer to it, without parsing or doing anything: one round trip and nothing else;
+request's bytes over a Unix socket to a thread of a second process (the floors' own: the bench
+run again, as a service is a process of its own) that answers each with the bytes of the
+service's answer to it, without parsing or doing anything: one round trip and nothing else;
 \`hyper\` is the same request to a hyper HTTP/1.1 server on tokio's multi-thread runtime in the
-bench's process that reads the body whole and answers the service's answer's body: the floor of
+floors' process that reads the body whole and answers the service's answer's body: the floor of
 the stack \`keyhold serve\` is built on; \`hyperwork\` is a second such server that, before
 each answer, does the case's work with aws-lc-rs on the thread that read the request (the
 signature with a parsed key; AES-256-GCM of the 1 KiB): a service on that stack with no keyhold
@@ -421,7 +422,7 @@ EOF
   cat <<EOF
 
 Ratios and targets, as the bench printed them. "CPU per operation" is the CPU time of the
-bench's process and of \`keyhold serve\` (from \`/proc/PID/stat\`) over a side's measured rounds,
+bench's process, of \`keyhold serve\` and of the floors' process (from \`/proc/PID/stat\`) over a side's measured rounds,
 divided by the operations done: what one operation costs the machine, client and service
 together, and so the rate the machine's CPUs could reach at that cost if the work spread over
 all of them. When the CPUs are the limit (16 clients on 2 CPUs), a request over the socket that
