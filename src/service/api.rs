@@ -308,31 +308,86 @@ where
     }
 }
 
-/// Bytes carried as standard base64 in a JSON string: a plaintext, perhaps, so the text and
-/// the bytes are zeroized when dropped.
-#[derive(Default)]
-pub struct B64(Zeroizing<String>);
+/// Bytes carried as standard base64 in a JSON string: a plaintext, perhaps, so the bytes are
+/// zeroized when dropped. Decoded as the JSON is read, straight from its text (no copy of the
+/// string is made, unless it holds escapes); text that is not base64 is an error only when the
+/// field is asked for ([`B64::decode`]), which names it.
+pub struct B64(Result<Zeroizing<Vec<u8>>, base64::DecodeError>);
+
+impl Default for B64 {
+    fn default() -> Self {
+        Self(Ok(Zeroizing::new(Vec::new())))
+    }
+}
 
 impl<'de> Deserialize<'de> for B64 {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        String::deserialize(d).map(|text| Self(Zeroizing::new(text)))
+        struct Text;
+
+        impl serde::de::Visitor<'_> for Text {
+            type Value = B64;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a string (base64)")
+            }
+
+            fn visit_str<E: serde::de::Error>(self, text: &str) -> Result<B64, E> {
+                Ok(B64(base64::engine::general_purpose::STANDARD
+                    .decode(text)
+                    .map(Zeroizing::new)))
+            }
+
+            fn visit_string<E: serde::de::Error>(self, text: String) -> Result<B64, E> {
+                let text = Zeroizing::new(text);
+                self.visit_str(&text)
+            }
+        }
+
+        d.deserialize_str(Text)
     }
 }
 
 impl std::fmt::Debug for B64 {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "B64({} characters)", self.0.len())
+        match &self.0 {
+            Ok(bytes) => write!(f, "B64({} bytes)", bytes.len()),
+            Err(_) => f.write_str("B64(not base64)"),
+        }
     }
 }
 
 impl B64 {
     /// The bytes, or 400 naming `field`.
-    pub fn decode(&self, field: &str) -> Result<Zeroizing<Vec<u8>>, ApiError> {
-        base64::engine::general_purpose::STANDARD
-            .decode(self.0.as_bytes())
-            .map(Zeroizing::new)
+    pub fn decode(self, field: &str) -> Result<Zeroizing<Vec<u8>>, ApiError> {
+        self.0
             .map_err(|e| ApiError::bad_request(format!("`{field}` is not base64: {e}")))
     }
+}
+
+/// Appends the standard base64 of `bytes` to `out`, encoded in place: no buffer between holds
+/// any of it (the bytes may be a plaintext or a data key).
+pub fn push_b64(out: &mut Vec<u8>, bytes: &[u8]) -> Result<(), ApiError> {
+    let too_long = || ApiError::internal("an answer too long to encode".into());
+    let len = base64::encoded_len(bytes.len(), true).ok_or_else(too_long)?;
+    let at = out.len();
+    out.resize(at.checked_add(len).ok_or_else(too_long)?, 0);
+    let written = base64::engine::general_purpose::STANDARD
+        .encode_slice(bytes, &mut out[at..])
+        .map_err(|_| too_long())?;
+    out.truncate(at + written);
+    Ok(())
+}
+
+/// A JSON answer of `body`'s bytes, with its `Content-Type`.
+pub fn json_response(body: Vec<u8>) -> Response {
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            axum::http::HeaderValue::from_static("application/json"),
+        )],
+        body,
+    )
+        .into_response()
 }
 
 /// Standard base64 of `bytes`.

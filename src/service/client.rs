@@ -276,11 +276,26 @@ impl RemoteKeystore {
         self.ask(Method::POST, &format!("/v1/keys/{id}/{action}"), Some(body))
     }
 
-    /// A use's answer: its output in `field` (base64), version and state.
-    fn used(&self, answer: &Value, field: &str) -> Result<Used<Vec<u8>>> {
-        let (version, state) = use_of(answer)?;
+    /// A use's answer (to `POST /v1/keys/{id}/{action}` with `body`): its output in `field`
+    /// (base64), version and state, read straight from the answer's bytes.
+    fn used<B: Serialize + ?Sized>(
+        &self,
+        id: &str,
+        action: &str,
+        body: &B,
+        field: &str,
+    ) -> Result<Used<Vec<u8>>> {
+        let mut answer = SecretAnswer::read(&self.act_bytes(id, action, body)?, field)?;
+        let (version, state) = answer.use_of()?;
+        let output = match field {
+            "signature" => answer.signature.take(),
+            "envelope" => answer.envelope.take(),
+            _ => answer.mac.take(),
+        };
+        // Not a secret: moved out of its zeroizing buffer, which is left empty.
+        let output = std::mem::take(&mut *SecretAnswer::secret(output, field)?);
         Ok(Used {
-            output: unb64(answer, field)?,
+            output,
             version,
             state,
         })
@@ -362,14 +377,17 @@ impl std::io::Write for Counted {
     }
 }
 
-/// An answer that holds a secret in `plaintext` (decrypt) or `data` (random), its version and
-/// state (where it has them): read straight from the answer's bytes, never into a JSON value
-/// whose strings would be freed without being zeroized. Other fields are not read.
-/// Its base64 strings are the service's own `B64`: zeroized when dropped.
+/// A use's answer: its output (a secret in `plaintext` (decrypt) or `data` (random)), its
+/// version and state (where it has them), read straight from the answer's bytes, never into a
+/// JSON value whose strings would be freed without being zeroized. Other fields are not read.
+/// Its base64 is the service's own `B64`, decoded as read: zeroized when dropped.
 #[derive(Deserialize)]
 struct SecretAnswer {
     plaintext: Option<B64>,
     data: Option<B64>,
+    signature: Option<B64>,
+    envelope: Option<B64>,
+    mac: Option<B64>,
     version: Option<u32>,
     state: Option<String>,
 }
@@ -521,7 +539,7 @@ impl KeyService for RemoteKeystore {
             data: &data,
             format: format_name(format),
         };
-        self.used(&self.act(id, "sign", &body)?, "signature")
+        self.used(id, "sign", &body, "signature")
     }
 
     fn verify_with(
@@ -557,7 +575,7 @@ impl KeyService for RemoteKeystore {
             plaintext: &plaintext,
             aad: &b64(aad),
         };
-        self.used(&self.act(id, "encrypt", &body)?, "envelope")
+        self.used(id, "encrypt", &body, "envelope")
     }
 
     fn decrypt_with(
@@ -596,13 +614,13 @@ impl KeyService for RemoteKeystore {
             "aad": b64(aad),
             "allow_compromised": options.allow_compromised,
         });
-        self.used(&self.act(id, "rewrap", &body)?, "envelope")
+        self.used(id, "rewrap", &body, "envelope")
     }
 
     fn mac_with(&self, id: &str, data: &[u8], _options: &UseOptions) -> Result<Used<Vec<u8>>> {
         check_not_oversized(data.len(), MAX_INPUT)?;
         let data = secret_b64(data);
-        self.used(&self.act(id, "mac", &MacBody { data: &data })?, "mac")
+        self.used(id, "mac", &MacBody { data: &data }, "mac")
     }
 
     fn verify_mac_with(

@@ -3,21 +3,21 @@
 //!
 //! Everything here is synchronous and runs where the service places the call (`routes::Placement`:
 //! a quick use of a software key where its request was read, anything else on the blocking pool):
-//! reading the JSON body, decoding its base64, the keystore call, encoding the answer. Decoded
-//! inputs, decrypted plaintexts and data keys, and the base64 strings of an answer, are held in
-//! zeroizing buffers; the HTTP layer's buffers are not zeroized (docs/service.md, What stays in
-//! memory).
+//! reading the JSON body and decoding its base64 (in one step), the keystore call. The answer
+//! ([`Reply`]) is written where it is sent from, its base64 encoded straight into the answer.
+//! Decoded inputs, decrypted plaintexts and data keys are held in zeroizing buffers; the HTTP
+//! layer's buffers are not zeroized (docs/service.md, What stays in memory).
 
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use serde_json::Value;
-use zeroize::Zeroizing;
 
-use super::api::{b64, ApiError, B64};
+use super::api::{push_b64, ApiError, B64};
 use super::auth::Client;
 use crate::config::Operation;
 use crate::key::KeyState;
 use crate::keystore::{ExportTo, Keystore, PolicyText, Transition, UseOptions, Used};
+use crate::secret::SecretBytes;
 use crate::SignatureFormat;
 
 /// How long `destroy` waits unless told (as `keyhold key destroy`).
@@ -159,7 +159,7 @@ impl Action {
                 let format = signature_format(body.format.as_deref())?;
                 let data = body.data.decode("data")?;
                 let used = ks.sign_with(id, &data, format, &UseOptions::new())?;
-                Ok(Reply::used(&used, "signature", b64(&used.output)))
+                Ok(Reply::used(used, "signature", Output::Public))
             }
             Self::Verify => {
                 let body: VerifyBody = input.parse()?;
@@ -175,28 +175,27 @@ impl Action {
                 let plaintext = body.plaintext.decode("plaintext")?;
                 let aad = body.aad.decode("aad")?;
                 let used = ks.encrypt_with(id, &plaintext, &aad, &UseOptions::new())?;
-                Ok(Reply::used(&used, "envelope", b64(&used.output)))
+                Ok(Reply::used(used, "envelope", Output::Public))
             }
             Self::Decrypt => {
                 let body: EnvelopeBody = input.parse()?;
                 let (envelope, aad) = (body.envelope.decode("envelope")?, body.aad.decode("aad")?);
                 let used =
                     ks.decrypt_with(id, &envelope, &aad, &process(None, body.allow_compromised))?;
-                let text = b64(used.output.expose());
-                Ok(Reply::used(&used, "plaintext", text))
+                Ok(Reply::used(used, "plaintext", Output::Secret))
             }
             Self::Rewrap => {
                 let body: EnvelopeBody = input.parse()?;
                 let (envelope, aad) = (body.envelope.decode("envelope")?, body.aad.decode("aad")?);
                 let used =
                     ks.rewrap(id, &envelope, &aad, &process(None, body.allow_compromised))?;
-                Ok(Reply::used(&used, "envelope", b64(&used.output)))
+                Ok(Reply::used(used, "envelope", Output::Public))
             }
             Self::Mac => {
                 let body: MacBody = input.parse()?;
                 let data = body.data.decode("data")?;
                 let used = ks.mac_with(id, &data, &UseOptions::new())?;
-                Ok(Reply::used(&used, "mac", b64(&used.output)))
+                Ok(Reply::used(used, "mac", Output::Public))
             }
             Self::MacVerify => {
                 let body: MacVerifyBody = input.parse()?;
@@ -209,11 +208,11 @@ impl Action {
                 let aad = body.aad.decode("aad")?;
                 let wrapped_only = self == Self::DatakeyWrapped;
                 let used = ks.data_key_with(id, &aad, wrapped_only, &UseOptions::new())?;
-                let (key, envelope) = &used.output;
+                let (key, envelope) = used.output;
                 Ok(Reply::Used {
                     field: "envelope",
-                    text: Zeroizing::new(b64(envelope)),
-                    plaintext: (!wrapped_only).then(|| Zeroizing::new(b64(key.expose()))),
+                    output: Output::Public(envelope),
+                    plaintext: (!wrapped_only).then_some(key),
                     version: used.version,
                     state: used.state,
                 })
@@ -358,16 +357,17 @@ impl<'de, A: serde::de::MapAccess<'de>> serde::de::MapAccess<'de> for Entries<A>
     }
 }
 
-/// What an action answers, written as JSON straight from here (no tree of JSON values built
-/// for each answer). Its `Debug` leaves the texts out.
+/// What an action answers, written as JSON straight from here ([`Reply::write_json`]: no tree
+/// of JSON values, and the outputs encoded in base64 into the answer itself). Its `Debug` leaves
+/// the outputs out.
 pub enum Reply {
-    /// A use: `{"compromised": bool, FIELD: TEXT, "state": "…", "version": N}` (its output, and
-    /// what it answers besides, as the CLI's `--json` says it), with a data key's `plaintext`.
-    /// The texts are zeroized once dropped (a plaintext or a data key in base64).
+    /// A use: `{"compromised": bool, FIELD: OUTPUT, "state": "…", "version": N}` (its output in
+    /// base64, and what it answers besides, as the CLI's `--json` says it), with a data key's
+    /// `plaintext`.
     Used {
         field: &'static str,
-        text: Zeroizing<String>,
-        plaintext: Option<Zeroizing<String>>,
+        output: Output,
+        plaintext: Option<SecretBytes>,
         version: u32,
         state: KeyState,
     },
@@ -376,8 +376,24 @@ pub enum Reply {
     Valid(Option<(u32, KeyState)>),
     /// A change of the key (rotate, a state change, destroy, its policy): what it answers.
     Changed(Value),
-    /// An export: `{"wrapped": TEXT}`, the wrapped key in base64.
-    Wrapped(String),
+    /// An export: `{"wrapped": BASE64}`, the wrapped key.
+    Wrapped(Vec<u8>),
+}
+
+/// A use's output: a signature, an envelope or a tag, or a plaintext (kept as the keystore
+/// gave it, zeroized when dropped).
+pub enum Output {
+    Public(Vec<u8>),
+    Secret(SecretBytes),
+}
+
+impl Output {
+    fn bytes(&self) -> &[u8] {
+        match self {
+            Self::Public(bytes) => bytes,
+            Self::Secret(secret) => secret.expose(),
+        }
+    }
 }
 
 impl std::fmt::Debug for Reply {
@@ -392,7 +408,7 @@ impl std::fmt::Debug for Reply {
             } => f
                 .debug_struct("Used")
                 .field("field", field)
-                .field("text", &"[redacted]")
+                .field("output", &"[redacted]")
                 .field("plaintext", &plaintext.as_ref().map(|_| "[redacted]"))
                 .field("version", version)
                 .field("state", state)
@@ -405,60 +421,73 @@ impl std::fmt::Debug for Reply {
 }
 
 impl Reply {
-    fn used<T>(used: &Used<T>, field: &'static str, text: String) -> Self {
+    fn used<T>(used: Used<T>, field: &'static str, output: fn(T) -> Output) -> Self {
         Self::Used {
             field,
-            text: Zeroizing::new(text),
+            output: output(used.output),
             plaintext: None,
             version: used.version,
             state: used.state,
         }
     }
-}
 
-impl serde::Serialize for Reply {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        use serde::ser::SerializeMap as _;
-        // The keys in the order a JSON object of serde_json sorts them, as answers had them.
+    /// Appends its JSON to `out`: an object whose keys are in the order serde_json sorts them,
+    /// as answers had them. The names and states are ASCII words and base64 needs no escape:
+    /// only a change's answer goes through serde_json.
+    pub fn write_json(&self, out: &mut Vec<u8>) -> Result<(), ApiError> {
+        let compromised = |out: &mut Vec<u8>, state: KeyState| {
+            out.extend_from_slice(if state == KeyState::Compromised {
+                br#"{"compromised":true,"#
+            } else {
+                br#"{"compromised":false,"#
+            });
+        };
+        // `"state":"S",` then `between`, then `"version":N}`.
+        let state_version = |out: &mut Vec<u8>, state: KeyState, between: &[u8], version: u32| {
+            out.extend_from_slice(br#""state":""#);
+            out.extend_from_slice(state.as_str().as_bytes());
+            out.extend_from_slice(br#"","#);
+            out.extend_from_slice(between);
+            out.extend_from_slice(br#""version":"#);
+            out.extend_from_slice(version.to_string().as_bytes());
+            out.push(b'}');
+        };
         match self {
             Self::Used {
                 field,
-                text,
+                output,
                 plaintext,
                 version,
                 state,
             } => {
-                let mut map = s.serialize_map(None)?;
-                map.serialize_entry("compromised", &(*state == KeyState::Compromised))?;
-                map.serialize_entry(field, text.as_str())?;
+                compromised(out, *state);
+                out.push(b'"');
+                out.extend_from_slice(field.as_bytes());
+                out.extend_from_slice(b"\":\"");
+                push_b64(out, output.bytes())?;
+                out.extend_from_slice(b"\",");
                 if let Some(plaintext) = plaintext {
                     // After `envelope`, its only companion.
-                    map.serialize_entry("plaintext", plaintext.as_str())?;
+                    out.extend_from_slice(br#""plaintext":""#);
+                    push_b64(out, plaintext.expose())?;
+                    out.extend_from_slice(b"\",");
                 }
-                map.serialize_entry("state", state.as_str())?;
-                map.serialize_entry("version", version)?;
-                map.end()
+                state_version(out, *state, b"", *version);
             }
             Self::Valid(Some((version, state))) => {
-                let mut map = s.serialize_map(None)?;
-                map.serialize_entry("compromised", &(*state == KeyState::Compromised))?;
-                map.serialize_entry("state", state.as_str())?;
-                map.serialize_entry("valid", &true)?;
-                map.serialize_entry("version", version)?;
-                map.end()
+                compromised(out, *state);
+                state_version(out, *state, br#""valid":true,"#, *version);
             }
-            Self::Valid(None) => {
-                let mut map = s.serialize_map(Some(1))?;
-                map.serialize_entry("valid", &false)?;
-                map.end()
-            }
-            Self::Changed(value) => value.serialize(s),
-            Self::Wrapped(text) => {
-                let mut map = s.serialize_map(Some(1))?;
-                map.serialize_entry("wrapped", text)?;
-                map.end()
+            Self::Valid(None) => out.extend_from_slice(br#"{"valid":false}"#),
+            Self::Changed(value) => serde_json::to_writer(&mut *out, value)
+                .map_err(|e| ApiError::internal(format!("an answer not written: {e}")))?,
+            Self::Wrapped(wrapped) => {
+                out.extend_from_slice(br#"{"wrapped":""#);
+                push_b64(out, wrapped)?;
+                out.extend_from_slice(br#""}"#);
             }
         }
+        Ok(())
     }
 }
 
@@ -486,11 +515,7 @@ fn signature_format(format: Option<&str>) -> Result<SignatureFormat, ApiError> {
 /// `to_public` (PEM or DER, in base64), or under the token's trusted key `wrap_with_trusted`;
 /// exactly one of them.
 fn export(ks: &Keystore, client: &Client, id: &str, body: ExportBody) -> Result<Reply, ApiError> {
-    let public = body
-        .to_public
-        .as_ref()
-        .map(|p| p.decode("to_public"))
-        .transpose()?;
+    let public = body.to_public.map(|p| p.decode("to_public")).transpose()?;
     let to = match (&body.wrap_with, &public, &body.wrap_with_trusted) {
         (Some(kek), None, None) => {
             // Refused, the export is audited as refused too, as the keystore audits an export
@@ -509,7 +534,7 @@ fn export(ks: &Keystore, client: &Client, id: &str, body: ExportBody) -> Result<
             ))
         }
     };
-    Ok(Reply::Wrapped(b64(&ks.export_key(id, to)?)))
+    Ok(Reply::Wrapped(ks.export_key(id, to)?))
 }
 
 /// Whether `client` sees the key `id` that a request names besides the key it acts on (an
@@ -703,26 +728,31 @@ mod tests {
     /// (serde_json sorts an object's keys): the same bytes.
     #[test]
     fn replies_are_written_as_their_json_values_were() {
+        // "dGV4dA==" is "text" in base64, "a2V5" "key".
         let used = |field, plaintext: Option<&str>, state| Reply::Used {
             field,
-            text: Zeroizing::new("dGV4dA".into()),
-            plaintext: plaintext.map(|p| Zeroizing::new(p.to_owned())),
+            output: if field == "plaintext" {
+                Output::Secret(SecretBytes::copy_from(b"text"))
+            } else {
+                Output::Public(b"text".to_vec())
+            },
+            plaintext: plaintext.map(|p| SecretBytes::copy_from(p.as_bytes())),
             version: 3,
             state,
         };
         let cases = [
             (
                 used("signature", None, KeyState::Active),
-                json!({"signature": "dGV4dA", "version": 3, "state": "active", "compromised": false}),
+                json!({"signature": "dGV4dA==", "version": 3, "state": "active", "compromised": false}),
             ),
             (
                 used("plaintext", None, KeyState::Compromised),
-                json!({"plaintext": "dGV4dA", "version": 3, "state": "compromised",
+                json!({"plaintext": "dGV4dA==", "version": 3, "state": "compromised",
                        "compromised": true}),
             ),
             (
-                used("envelope", Some("a2V5"), KeyState::Active),
-                json!({"envelope": "dGV4dA", "plaintext": "a2V5", "version": 3,
+                used("envelope", Some("key"), KeyState::Active),
+                json!({"envelope": "dGV4dA==", "plaintext": "a2V5", "version": 3,
                        "state": "active", "compromised": false}),
             ),
             (
@@ -735,8 +765,8 @@ mod tests {
                 json!({"version": 4, "event": "rotated"}),
             ),
             (
-                Reply::Wrapped("d3JhcHBlZA".into()),
-                json!({"wrapped": "d3JhcHBlZA"}),
+                Reply::Wrapped(b"wrapped".to_vec()),
+                json!({"wrapped": "d3JhcHBlZA=="}),
             ),
         ];
         let shown = format!("{:?}", cases[2].0);
@@ -745,11 +775,42 @@ mod tests {
             "{shown}"
         );
         for (reply, value) in cases {
+            let mut written = Vec::new();
+            reply.write_json(&mut written).unwrap();
             assert_eq!(
-                serde_json::to_string(&reply).unwrap(),
+                String::from_utf8(written).unwrap(),
                 value.to_string(),
                 "{reply:?}"
             );
         }
+    }
+
+    /// Base64 is decoded as the body is read, escapes and all; text that is not base64 is
+    /// refused when its field is asked for, naming it; a field of another type is JSON of the
+    /// wrong shape (422).
+    #[test]
+    fn base64_fields_are_decoded_as_read() {
+        // "aGk/" is "hi?"; JSON may escape its `/`.
+        for body in [&br#"{"data":"aGk/"}"#[..], br#"{"data":"aGk\/"}"#] {
+            let sign: SignBody = Input::Bytes(body).parse().unwrap();
+            assert_eq!(&*sign.data.decode("data").unwrap(), b"hi?");
+        }
+        let sign: SignBody = Input::Bytes(br#"{"data":"not base64!"}"#).parse().unwrap();
+        let refused = sign.data.decode("data").unwrap_err();
+        assert_eq!(refused.status(), axum::http::StatusCode::BAD_REQUEST);
+        assert!(
+            refused
+                .to_json()
+                .to_string()
+                .contains("`data` is not base64"),
+            "{refused:?}"
+        );
+        let wrong = Input::Bytes(br#"{"data":7}"#)
+            .parse::<SignBody>()
+            .unwrap_err();
+        assert_eq!(wrong.status(), axum::http::StatusCode::UNPROCESSABLE_ENTITY);
+        // An omitted `aad` is empty.
+        let encrypt: EncryptBody = Input::Bytes(br#"{"plaintext":""}"#).parse().unwrap();
+        assert!(encrypt.aad.decode("aad").unwrap().is_empty());
     }
 }

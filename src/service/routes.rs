@@ -19,7 +19,7 @@ use serde_json::{json, Value};
 use super::api::{b64, ApiError, NoQuery, PathOf, B64};
 use super::auth::{Caller, Clients};
 use super::metrics::Metrics;
-use super::ops::{Action, Input, Reply};
+use super::ops::{Action, Input};
 use crate::backend::KeyOptions;
 use crate::config::Operation;
 use crate::keystore::{KeyIdFields, KeyInfo, KeyRequest, Keystore};
@@ -32,6 +32,10 @@ use batch::batch;
 use placement::{quick_use, run_blocking, Gate, Placement};
 
 type Answer = Result<Json<Value>, ApiError>;
+
+/// The room made for a key action's answer before it is written: a signature's or a 1 KiB
+/// envelope's answer fits.
+const ANSWER_CAPACITY: usize = 2048;
 
 /// How many calls of one backend may run at once on the blocking pool; more wait for a turn
 /// without holding a thread, so a slow device (a TPM making RSA keys) cannot take the threads
@@ -811,7 +815,7 @@ async fn act(
     caller: Result<Caller, ApiError>,
     PathOf((id, action)): PathOf<(String, String)>,
     request: Request,
-) -> Result<Json<Reply>, ApiError> {
+) -> Result<axum::response::Response, ApiError> {
     let (client, request) = granted(caller, request, None).await?;
     let parsed = Action::parse(&action).map_err(|e| match key_path_allows(&action) {
         // A readable part: it is there, for GET.
@@ -833,7 +837,9 @@ async fn act(
         action.run(ks, &asker, &id, Input::Bytes(&body))
     })
     .await?;
-    Ok(Json(answer))
+    let mut written = Vec::with_capacity(ANSWER_CAPACITY);
+    answer.write_json(&mut written)?;
+    Ok(super::api::json_response(written))
 }
 
 /// The client asking, if it is one and is granted `operation` (any, for `None`), on a POST

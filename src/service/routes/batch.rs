@@ -5,7 +5,6 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use axum::extract::Request;
-use axum::Json;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
@@ -43,7 +42,7 @@ pub(super) async fn batch(
     axum::extract::State(state): axum::extract::State<State>,
     caller: Result<Caller, ApiError>,
     request: Request,
-) -> Result<Json<Results>, ApiError> {
+) -> Result<axum::response::Response, ApiError> {
     let (client, request) = granted(caller, request, None).await?;
     let body = json_bytes(request, &state).await?;
     // A small body is read where it is (a few operations take microseconds); a large one off
@@ -138,7 +137,7 @@ pub(super) async fn batch(
     while let Some(answered) = running.join_next().await {
         answer(&mut results, joined(answered)?.0);
     }
-    Ok(Json(Results { results }))
+    Ok(crate::service::api::json_response(written(&results)?))
 }
 
 /// Each operation's outcome, by its place in the batch.
@@ -207,25 +206,30 @@ pub(super) enum ItemReply {
     Failed(Value),
 }
 
-impl serde::Serialize for ItemReply {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        use serde::ser::SerializeMap as _;
-        match self {
-            Self::Done(reply) => {
-                let mut map = s.serialize_map(Some(2))?;
-                map.serialize_entry("result", reply)?;
-                map.serialize_entry("status", &200)?;
-                map.end()
+/// A batch's answer: `{"results":[…]}`, one per operation, in order.
+fn written(results: &[Option<ItemReply>]) -> Result<Vec<u8>, ApiError> {
+    let unwritten =
+        |e: serde_json::Error| ApiError::internal(format!("an answer not written: {e}"));
+    let mut out = Vec::with_capacity(results.len().saturating_mul(160).saturating_add(16));
+    out.extend_from_slice(br#"{"results":["#);
+    for (i, result) in results.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        match result {
+            Some(ItemReply::Done(reply)) => {
+                out.extend_from_slice(br#"{"result":"#);
+                reply.write_json(&mut out)?;
+                out.extend_from_slice(br#","status":200}"#);
             }
-            Self::Failed(value) => value.serialize(s),
+            Some(ItemReply::Failed(value)) => {
+                serde_json::to_writer(&mut out, value).map_err(unwritten)?;
+            }
+            None => out.extend_from_slice(b"null"),
         }
     }
-}
-
-/// A batch's answer: `{"results":[…]}`, one per operation, in order.
-#[derive(serde::Serialize)]
-pub(super) struct Results {
-    results: Vec<Option<ItemReply>>,
+    out.extend_from_slice(b"]}");
+    Ok(out)
 }
 
 /// An operation of a batch: its action, its key, and where its JSON is in the body.
