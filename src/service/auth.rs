@@ -262,6 +262,14 @@ pub struct Caller {
 }
 
 impl Caller {
+    /// `client`, admitted with `turn`: what the routes are handed (a request's one extension).
+    pub(super) fn admitted(client: Arc<Client>, turn: Turn) -> Self {
+        Self {
+            client,
+            turn: Some(turn),
+        }
+    }
+
     /// Its turn, for the work that outlives the request's future.
     pub(super) fn turn(&self) -> Option<Turn> {
         self.turn.clone()
@@ -312,12 +320,10 @@ impl FromRequestParts<State> for Caller {
         parts: &mut Parts,
         _state: &State,
     ) -> std::result::Result<Self, Self::Rejection> {
-        let client = parts
+        parts
             .extensions
-            .get::<Arc<Client>>()
+            .get::<Self>()
             .cloned()
-            .ok_or_else(ApiError::unauthenticated)?;
-        let turn = parts.extensions.get::<Turn>().cloned();
-        Ok(Self { client, turn })
+            .ok_or_else(ApiError::unauthenticated)
     }
 }

@@ -28,7 +28,7 @@ use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::TlsAcceptor;
 
 use super::api::ApiError;
-use super::auth::{Clients, Peer, Turn};
+use super::auth::{Caller, Clients, Peer, Turn};
 use super::metrics::{Connection, Metrics};
 use super::token::{self, Source};
 use super::{io_error, routes, tls, Limits, Listen, Settings};
@@ -618,10 +618,8 @@ where
     // body that is waited for, a `GET /v1/health` at 16 clients took 41 us of CPU instead of 49
     // (client and service together; the serve bench's `http` side sending that request).
     let service = hyper::service::service_fn(move |request: hyper::Request<Incoming>| {
-        let mut request =
-            request.map(|body| axum::body::Body::new(TimedBody::new(body, body_timeout)));
-        request.extensions_mut().insert(peer.clone());
-        let answered = admit(state.clone(), request, router.clone());
+        let request = request.map(|body| axum::body::Body::new(TimedBody::new(body, body_timeout)));
+        let answered = admit(state.clone(), peer.clone(), request, router.clone());
         let keep_alive = keep_alive.clone();
         async move {
             let mut response = answered.await;
@@ -662,25 +660,26 @@ where
 /// none), holding one of the client's `max_concurrent` permits while `router` serves it (429
 /// `busy` when it has none left: refused at once, not queued, so that one client's flood cannot
 /// hold others' connections or memory).
-async fn admit(state: routes::State, mut request: Request, mut router: axum::Router) -> Response {
-    let peer = request.extensions().get::<Peer>().cloned();
+async fn admit(
+    state: routes::State,
+    peer: Peer,
+    mut request: Request,
+    mut router: axum::Router,
+) -> Response {
     let client = match request.headers().get(axum::http::header::AUTHORIZATION) {
         // A bearer token decides alone: a wrong one is 401 whoever the peer is.
-        Some(header) => token::authenticate(&state, Source::of(peer.as_ref()), header).await,
-        None => peer
-            .as_ref()
-            .and_then(|p| state.clients.identify(p))
-            .ok_or_else(|| {
-                if REFUSALS.due() {
-                    tracing::warn!(
-                        ?peer,
-                        "refused a request from no configured client (and any others in the \
+        Some(header) => token::authenticate(&state, Source::of(Some(&peer)), header).await,
+        None => state.clients.identify(&peer).ok_or_else(|| {
+            if REFUSALS.due() {
+                tracing::warn!(
+                    ?peer,
+                    "refused a request from no configured client (and any others in the \
                          next {}s)",
-                        WARN_EVERY.as_secs()
-                    );
-                }
-                ApiError::unauthenticated()
-            }),
+                    WARN_EVERY.as_secs()
+                );
+            }
+            ApiError::unauthenticated()
+        }),
     };
     let client = match client {
         Ok(client) => client,
@@ -701,8 +700,9 @@ async fn admit(state: routes::State, mut request: Request, mut router: axum::Rou
     // The turn is held until the answer, and by the work the request starts until that ends
     // (which may be later: a client that went away does not end its work).
     let turn = Turn::new(permit);
-    request.extensions_mut().insert(client);
-    request.extensions_mut().insert(turn.clone());
+    request
+        .extensions_mut()
+        .insert(Caller::admitted(client, turn.clone()));
     let response = match tower_service::Service::call(&mut router, request).await {
         Ok(response) => response,
         Err(never) => match never {},

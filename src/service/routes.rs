@@ -42,11 +42,22 @@ const ANSWER_CAPACITY: usize = 2048;
 /// every other backend's requests need.
 pub const PER_BACKEND: usize = 32;
 
-/// What every request shares.
+/// What every request shares: one `Arc`, which axum clones for every request.
 #[derive(Debug, Clone)]
-pub struct State {
+pub struct State(Arc<Common>);
+
+impl std::ops::Deref for State {
+    type Target = Common;
+
+    fn deref(&self) -> &Common {
+        &self.0
+    }
+}
+
+/// The state itself ([`State`]).
+#[derive(Debug)]
+pub struct Common {
     keystore: Arc<Keystore>,
-    /// Shared, not copied: axum clones the state for every request.
     pub(super) clients: Arc<Clients>,
     /// A gate per backend, by name.
     gates: Arc<HashMap<Arc<str>, Gate>>,
@@ -94,7 +105,7 @@ impl State {
             .backends()
             .map(|b| (Arc::from(b.name()), Gate::new(b.computes_in_process())))
             .collect();
-        Self {
+        Self(Arc::new(Common {
             keystore,
             clients: Arc::new(clients),
             gates: Arc::new(gates),
@@ -102,7 +113,7 @@ impl State {
             no_backend: Arc::from("-"),
             verified,
             in_flight: Arc::new(AtomicUsize::new(0)),
-        }
+        }))
     }
 
     /// The backend's shared name, if the keystore has it.
