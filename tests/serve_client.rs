@@ -678,3 +678,50 @@ fn large_answers_are_read_whole_by_length_and_in_many_chunks() {
     assert!(chunked == name, "in chunks: {} bytes read", chunked.len());
     assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 1);
 }
+
+/// A use's answer is read straight from its bytes: one that is not JSON says so and names the
+/// service; JSON without a valid output (here a signature of another type, or none) is a
+/// malformed answer naming the field. Nothing panics, and the connection serves the next call.
+#[test]
+fn a_use_answered_with_other_than_its_json_is_a_clear_error() {
+    use std::io::Write as _;
+    let answers: [&[u8]; 3] = [
+        b"not json at all",
+        br#"{"signature":7,"version":1,"state":"active"}"#,
+        br#"{"version":1,"state":"active"}"#,
+    ];
+    let (_dir, remote, _) = fake_service(move |_, mut stream| {
+        for body in answers {
+            read_request(&mut stream);
+            let head = format!(
+                "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+                body.len()
+            );
+            stream.write_all(head.as_bytes()).unwrap();
+            stream.write_all(body).unwrap();
+        }
+    });
+    let id = "kh1_AAAA";
+    let opts = UseOptions::new();
+    let said = |e: Error| e.to_string();
+    let not_json = said(
+        remote
+            .sign_with(id, b"m", SignatureFormat::Raw, &opts)
+            .unwrap_err(),
+    );
+    assert!(
+        not_json.contains("is not JSON") && not_json.contains("fake.sock"),
+        "{not_json}"
+    );
+    for _ in 0..2 {
+        let malformed = said(
+            remote
+                .sign_with(id, b"m", SignatureFormat::Raw, &opts)
+                .unwrap_err(),
+        );
+        assert!(
+            malformed.contains("has no valid `signature`"),
+            "{malformed}"
+        );
+    }
+}

@@ -265,7 +265,7 @@ impl RemoteKeystore {
         serde_json::from_slice(&answer).map_err(|e| self.not_json(e))
     }
 
-    /// [`Self::act`]'s answer as bytes, for an answer that holds a plaintext.
+    /// [`Self::act`]'s answer as bytes, for an answer read straight from them (a use's).
     fn act_bytes<B: Serialize + ?Sized>(
         &self,
         id: &str,
@@ -285,12 +285,22 @@ impl RemoteKeystore {
         body: &B,
         field: &str,
     ) -> Result<Used<Vec<u8>>> {
-        let mut answer = SecretAnswer::read(&self.act_bytes(id, action, body)?, field)?;
+        let bytes = self.act_bytes(id, action, body)?;
+        // An answer that is not JSON says so, naming the service; JSON of another shape is an
+        // answer without a valid `field`.
+        let mut answer: SecretAnswer = serde_json::from_slice(&bytes).map_err(|e| {
+            if e.is_data() {
+                malformed(field)
+            } else {
+                self.not_json(e)
+            }
+        })?;
         let (version, state) = answer.use_of()?;
         let output = match field {
             "signature" => answer.signature.take(),
             "envelope" => answer.envelope.take(),
-            _ => answer.mac.take(),
+            "mac" => answer.mac.take(),
+            _ => None,
         };
         // Not a secret: moved out of its zeroizing buffer, which is left empty.
         let output = std::mem::take(&mut *SecretAnswer::secret(output, field)?);
