@@ -3,7 +3,8 @@
 //! accepts; refusals (a key of another namespace, malformed, unknown and missing fields, a wrong
 //! content type, an operation not granted, a wrong token, a body too large, a method a path does
 //! not take) are `Error`s with statuses the operation documents; and the document names exactly
-//! the routes and key actions the source has (src/service/routes.rs, routes/batch.rs,
+//! the routes and key actions the source has (src/service/routes.rs, routes/admin.rs,
+//! routes/batch.rs,
 //! src/service/ops.rs), with the fields of the structs the bodies and queries are read into.
 #![cfg(feature = "serve")]
 #![allow(clippy::unwrap_used)] // test helpers: a panic is the failure report
@@ -19,6 +20,7 @@ use support::serve::{client, env, Answer, Server};
 const DOC: &str = include_str!("../docs/openapi.json");
 const ROUTES: &str = concat!(
     include_str!("../src/service/routes.rs"),
+    include_str!("../src/service/routes/admin.rs"),
     include_str!("../src/service/routes/batch.rs")
 );
 const OPS: &str = include_str!("../src/service/ops.rs");
